@@ -1,0 +1,141 @@
+"""Shared benchmark harness: timing with device events, peak memory, environment facts, sizes per backend.
+
+Every bench script is a pytest-benchmark file. ``timed`` runs ``benchmark.pedantic`` with a wrapper that
+records CUDA events around each call and synchronises inside it, so pytest-benchmark's wall-clock stats and
+the device-event median land in the same JSON (``extra_info``). Ratios (engine / bare, engine / PEFT) are
+computed from one run's JSON by ``bench/report.py``, never across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> str:
+    return "cuda" if on_gpu() else "cpu"
+
+
+def pick(gpu_value, cpu_value):
+    """Full-size parameter on a GPU, a tiny one on CPU (the smoke-test tier)."""
+    return gpu_value if on_gpu() else cpu_value
+
+
+def rounds(gpu_rounds: int = 30) -> int:
+    return gpu_rounds if on_gpu() else 1
+
+
+def git_revision() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment_info() -> dict:
+    import triton
+    import transformers
+
+    info = {
+        "device_name": torch.cuda.get_device_name() if on_gpu() else f"cpu ({platform.processor() or 'unknown'})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "git_revision": git_revision(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        info["peft"] = None
+    return info
+
+
+def synchronize() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def timed(benchmark, fn: Callable[[], object], *, setup: Callable[[], object] | None = None, n_rounds=None,
+          warmup: int | None = None, **extra) -> float:
+    """Time ``fn`` under pytest-benchmark; return the median device time in ms and store it in extra_info.
+
+    ``setup`` runs untimed before every call (for example undoing an in-place merge). Peak memory is measured
+    over one extra call after the timed rounds, relative to the memory allocated before it.
+    """
+    n_rounds = n_rounds or rounds()
+    warmup = pick(3, 0) if warmup is None else warmup
+    device_ms: list[float] = []
+
+    def call():
+        if on_gpu():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            device_ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            device_ms.append((time.perf_counter() - t0) * 1e3)
+
+    benchmark.pedantic(call, setup=setup, rounds=n_rounds, warmup_rounds=warmup, iterations=1)
+    timed_ms = device_ms[warmup:] if len(device_ms) > warmup else device_ms
+    median = statistics.median(timed_ms)
+    peak = peak_memory_bytes(fn, setup)
+    benchmark.extra_info.update(extra)
+    benchmark.extra_info.update({"median_ms": median, "peak_mem_bytes": peak, "device": environment_info()["device_name"]})
+    return median
+
+
+def peak_memory_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int | None:
+    if not on_gpu():
+        return None
+    if setup is not None:
+        setup()
+    synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def copy_bandwidth(nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), measured now on this device."""
+    nbytes = nbytes or pick(1 << 30, 1 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device())
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize()
+    times = []
+    for _ in range(pick(20, 3)):
+        if on_gpu():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)

@@ -1,0 +1,52 @@
+"""Where each op runs, and the per-backend facts the kernels need.
+
+Dispatch rule for every op in this package: the Triton kernel runs on CUDA tensors, and on CPU tensors when
+the Triton interpreter is on (``TRITON_INTERPRET=1`` set before this package is imported); the torch reference
+twin runs otherwise. The interpreter mode is read once at import because ``@triton.jit`` itself decides at
+decoration time whether a kernel is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a hard dependency, but keep the reference path alive
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when the Triton kernel (not the torch reference) should handle ``tensor``'s device."""
+    if not HAS_TRITON:
+        return False
+    if tensor.device.type == "cuda":
+        return True
+    return INTERPRET and tensor.device.type == "cpu"
+
+
+def dot_in_fp32(tensor: torch.Tensor) -> bool:
+    """The interpreter computes bf16 arithmetic and ``tl.dot`` wrongly: feed it fp32 operands there."""
+    return tensor.device.type != "cuda"
+
+
+TORCH_TO_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype} (shape {tuple(tensor.shape)})")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")

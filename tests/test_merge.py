@@ -1,0 +1,263 @@
+"""In-place merge kernels (kernels/merge.py) against an fp64 reference.
+
+Tolerance: the kernel accumulates in fp32 and rounds once, so every merged element lies within one ulp (of the
+weight dtype) of the fp64 result rounded to that dtype, plus the fp32 accumulation error of the sum of
+``rank + 1`` terms, bounded by ``(rank + 2) * 2**-24 * (|W| + sum |s| |B| |A|)``. That second term only matters
+where the terms cancel (results near zero) or for fp32 weights; PEFT's double rounding in bf16 misses the
+one-ulp bound everywhere, not just there.
+"""
+
+import pytest
+import torch
+
+from adapter_engine.kernels import (
+    INTERPRET,
+    merge_lora_,
+    merge_lora_reference_,
+    scale_ia3_,
+    unmerge_lora_,
+    use_triton,
+)
+
+MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers around ``values`` (flushed to the smallest normal spacing near zero)."""
+    finfo = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(values.double().abs().clamp_min(finfo.tiny)))
+    return torch.exp2(exponent - MANTISSA_BITS[dtype])
+
+
+def fp64_merge(weight, pairs, fan_in_fan_out=False):
+    """The exact merge in fp64 and the bound on fp32 accumulation error (see the module docstring)."""
+    merged, magnitude, rank = weight.double(), weight.double().abs(), 0
+    for a, b, s in pairs:
+        delta = s * (b.double() @ a.double())
+        size = abs(s) * (b.double().abs() @ a.double().abs())
+        merged += delta.t() if fan_in_fan_out else delta
+        magnitude += size.t() if fan_in_fan_out else size
+        rank += a.shape[0]
+    return merged, (rank + 2) * 2.0**-24 * magnitude
+
+
+def assert_within_one_ulp(result: torch.Tensor, expected):
+    exact64, accumulation_bound = expected if isinstance(expected, tuple) else (expected, 0.0)
+    rounded = exact64.to(result.dtype)
+    err = (result.double() - rounded.double()).abs()
+    bound = ulp(rounded, result.dtype) + accumulation_bound
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error of {worst:.2f} x (1 ulp + fp32 accumulation bound) against the fp64 result"
+
+
+def make_adapter(out_f, in_f, rank, dtype, device="cpu", magnitude=0.5):
+    a = (torch.randn(rank, in_f, device=device) * magnitude).to(dtype)
+    b = (torch.randn(out_f, rank, device=device) * magnitude).to(dtype)
+    return a, b
+
+
+def test_cpu_tier_runs_the_triton_kernel():
+    # Without the interpreter the CPU tier would compare the reference with itself.
+    assert INTERPRET and use_triton(torch.empty(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (61, 97), (130, 67)])
+@pytest.mark.parametrize("rank", [1, 8, 64])
+def test_merge_one_adapter_is_correctly_rounded(dtype, shape, rank):
+    weight = torch.randn(shape).to(dtype)
+    a, b = make_adapter(*shape, rank, dtype)
+    expected = fp64_merge(weight, [(a, b, 0.75)])
+    out = weight.clone()
+    assert merge_lora_(out, a, b, 0.75) is out
+    assert_within_one_ulp(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_several_adapters_in_one_pass(dtype):
+    shape = (45, 83)
+    adapters = [make_adapter(*shape, r, dtype) for r in (1, 8, 64, 3)]
+    scales = [0.5, -1.25, 2.0, 0.125]
+    weight = torch.randn(shape).to(dtype)
+    expected = fp64_merge(weight, [(a, b, s) for (a, b), s in zip(adapters, scales)])
+    out = weight.clone()
+    merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
+    assert_within_one_ulp(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_matches_reference_twin(dtype):
+    weight = torch.randn(33, 70).to(dtype)
+    a, b = make_adapter(33, 70, 8, dtype)
+    kernel, reference = weight.clone(), weight.clone()
+    merge_lora_(kernel, a, b, 2.0)
+    merge_lora_reference_(reference, a, b, 2.0)
+    _, accumulation_bound = fp64_merge(weight, [(a, b, 2.0)])
+    # Both are within (1 ulp + accumulation) of the exact result, hence within twice that of each other.
+    assert_within_one_ulp(kernel, (reference.double(), ulp(reference, dtype) + 2 * accumulation_bound))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmerge_restores_within_one_ulp(dtype):
+    weight = torch.randn(50, 29).to(dtype)
+    adapters = [make_adapter(50, 29, r, dtype) for r in (8, 2)]
+    out = weight.clone()
+    lora_a, lora_b, scales = [a for a, _ in adapters], [b for _, b in adapters], [0.3, 1.5]
+    merge_lora_(out, lora_a, lora_b, scales)
+    assert not torch.equal(out, weight)
+    merged = out.clone()
+    unmerge_lora_(out, lora_a, lora_b, scales)
+    # Two roundings (merge, unmerge): one ulp of the merged value plus one of the original, plus accumulation.
+    _, accumulation_bound = fp64_merge(weight, [(a, b, s) for a, b, s in zip(lora_a, lora_b, scales)])
+    assert_within_one_ulp(out, (weight.double(), ulp(merged, dtype) + 2 * accumulation_bound))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fan_in_fan_out_weight(dtype):
+    out_f, in_f = 31, 18
+    conv1d_weight = torch.randn(in_f, out_f).to(dtype)  # GPT-2 Conv1D stores (in, out)
+    a, b = make_adapter(out_f, in_f, 8, dtype)
+    expected = fp64_merge(conv1d_weight, [(a, b, 0.5)], fan_in_fan_out=True)
+    out = conv1d_weight.clone()
+    merge_lora_(out, a, b, 0.5, fan_in_fan_out=True)
+    assert_within_one_ulp(out, expected)
+
+
+def test_strided_view_is_merged_and_neighbours_untouched():
+    storage = torch.randn(40, 90)
+    view = storage[3:36:2, 5:80]  # offset, row step 2: not contiguous
+    a, b = make_adapter(view.shape[0], view.shape[1], 8, torch.float32)
+    expected = fp64_merge(view, [(a, b, 1.0)])
+    before = storage.clone()
+    merge_lora_(view, a, b, 1.0)
+    assert_within_one_ulp(view, expected)
+    untouched = torch.ones_like(storage, dtype=torch.bool)
+    untouched[3:36:2, 5:80] = False
+    assert torch.equal(storage[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_ia3_scaling_and_inverse(dtype, dim):
+    weight = torch.randn(23, 41).to(dtype)
+    vec = (torch.rand(weight.shape[dim]) + 0.5).to(dtype)
+    out = weight.clone()
+    scale_ia3_(out, vec, dim=dim)
+    shape = (-1, 1) if dim == 0 else (1, -1)
+    assert_within_one_ulp(out, weight.double() * vec.double().reshape(shape))
+    scale_ia3_(out, vec, dim=dim, inverse=True)
+    torch.testing.assert_close(out.float(), weight.float(), rtol=2 * 2.0 ** -MANTISSA_BITS[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_safe_merge_refuses_overflow_and_leaves_weight_untouched(dtype):
+    weight = torch.randn(20, 30).to(dtype)
+    a, b = make_adapter(20, 30, 4, dtype)
+    b[3, :] = torch.finfo(dtype).max / 2  # the product overflows
+    out = weight.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_lora_(out, a, b, 4.0, safe=True)
+    assert torch.equal(out, weight)
+
+
+def test_safe_merge_refuses_nan_adapter_and_ia3():
+    weight = torch.randn(9, 11)
+    a, b = make_adapter(9, 11, 2, torch.float32)
+    a[1, 4] = float("nan")
+    out = weight.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_lora_(out, a, b, 1.0, safe=True)
+    vec = torch.rand(11) + 0.5
+    vec[2] = 0.0
+    with pytest.raises(ValueError, match="non-finite"):
+        scale_ia3_(out, vec, dim=1, inverse=True, safe=True)
+    assert torch.equal(out, weight)
+
+
+def test_unsafe_merge_writes_what_it_computes():
+    weight = torch.randn(5, 6)
+    a, b = make_adapter(5, 6, 2, torch.float32)
+    a[0, 0] = float("inf")
+    merge_lora_(weight, a, b, 1.0)
+    assert not torch.isfinite(weight).all()
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("in_features", ValueError, r"lora_A \(4, 17\)"),
+        ("out_features", ValueError, r"lora_B \(12, 4\)"),
+        ("rank", ValueError, r"lora_A \(4, 16\) and lora_B \(10, 3\)"),
+        ("lengths", ValueError, "same non-zero length"),
+        ("int_weight", TypeError, "torch.int32"),
+        ("int_adapter", TypeError, r"lora_A\[0\].*torch.int64"),
+        ("device", ValueError, "meta"),
+        ("weight_3d", ValueError, r"\(2, 10, 16\)"),
+        ("nan_scale", ValueError, "finite"),
+    ],
+)
+def test_bad_input_is_rejected_and_nothing_written(case, error, message):
+    weight = torch.randn(10, 16)
+    a, b = make_adapter(10, 16, 4, torch.float32)
+    scale = 1.0
+    if case == "in_features":
+        a = torch.randn(4, 17)
+    elif case == "out_features":
+        b = torch.randn(12, 4)
+    elif case == "rank":
+        b = torch.randn(10, 3)
+    elif case == "lengths":
+        a, b, scale = [a, a], [b], [1.0, 1.0]
+    elif case == "int_weight":
+        weight = torch.randint(0, 5, (10, 16), dtype=torch.int32)
+    elif case == "int_adapter":
+        a = torch.randint(0, 5, (4, 16))
+    elif case == "device":
+        a = a.to("meta")
+    elif case == "weight_3d":
+        weight = torch.randn(2, 10, 16)
+    elif case == "nan_scale":
+        scale = float("nan")
+    before = weight.clone()
+    with pytest.raises(error, match=message):
+        merge_lora_(weight, a, b, scale)
+    assert torch.equal(weight, before)
+
+
+def test_ia3_bad_input():
+    weight = torch.randn(6, 8)
+    with pytest.raises(ValueError, match=r"7 elements.*\(6, 8\)"):
+        scale_ia3_(weight, torch.rand(7), dim=1)
+    with pytest.raises(ValueError, match="dim must be 0"):
+        scale_ia3_(weight, torch.rand(6), dim=2)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA tier
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (4099, 1031)])
+def test_cuda_bf16_merge_is_correctly_rounded(shape):
+    weight = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    adapters = [make_adapter(*shape, 16, torch.bfloat16, device="cuda", magnitude=0.05) for _ in range(4)]
+    scales = [2.0, 0.5, 1.0, -1.0]
+    for n in (1, 4):
+        used = adapters[:n]
+        expected = fp64_merge(weight, [(a, b, s) for (a, b), s in zip(used, scales)])
+        out = weight.clone()
+        merge_lora_(out, [a for a, _ in used], [b for _, b in used], scales[:n])
+        assert_within_one_ulp(out, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_and_fp16_merge_and_safe_mode():
+    for dtype in (torch.float32, torch.float16):
+        weight = torch.randn(2048, 3001, device="cuda").to(dtype)
+        a, b = make_adapter(2048, 3001, 64, dtype, device="cuda", magnitude=0.1)
+        out = weight.clone()
+        merge_lora_(out, a, b, 0.5, safe=True)
+        assert_within_one_ulp(out, fp64_merge(weight, [(a, b, 0.5)]))
+    b[0, 0] = float("inf")
+    before = out.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_lora_(out, a, b, 0.5, safe=True)
+    assert torch.equal(out, before)
