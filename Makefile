@@ -23,10 +23,11 @@ demo: $(STAMP)
 
 # CPU tier: every Triton kernel in the interpreter at small shapes, plus the bench scripts at tiny sizes.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests bench
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests bench --benchmark-json=$(VENV)/bench-smoke.json
+	$(PY) bench/report.py $(VENV)/bench-smoke.json --out $(VENV)/bench-smoke > /dev/null
 
 test-cuda: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m cuda tests
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -p no:cacheprovider -m cuda tests
 
 bench: $(STAMP)
 	bash bench/gpu_check.sh bench/results/latest
