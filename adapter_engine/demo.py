@@ -52,8 +52,9 @@ def run_merge_demo(out_dir: str = "demo_out", rank: int = 8, alpha: int = 16) ->
     backend = "Triton (GPU)" if device == "cuda" else ("Triton interpreter (CPU)" if INTERPRET else "torch reference")
     log.info("all-MiniLM-L6-v2: %.1fM parameters, merge backend: %s", model.num_parameters() / 1e6, backend)
 
-    peft_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(ATTENTION_PROJECTIONS),
-                             init_lora_weights=False)
+    peft_config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(ATTENTION_PROJECTIONS), init_lora_weights=False
+    )
     peft_model = get_peft_model(model, peft_config)  # random A and B: a stand-in for a trained adapter
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt").to(device)
     mask = batch["attention_mask"].bool()
@@ -75,8 +76,14 @@ def run_merge_demo(out_dir: str = "demo_out", rank: int = 8, alpha: int = 16) ->
             if device == "cuda":
                 torch.cuda.synchronize()
             t_merge += time.perf_counter() - t0
-            rows.append((name.replace("encoder.layer.", "L"), tuple(weight.shape), (weight - before).abs().max().item(),
-                         _rounding_error(weight, exact, magnitude, rank)))
+            rows.append(
+                (
+                    name.replace("encoder.layer.", "L"),
+                    tuple(weight.shape),
+                    (weight - before).abs().max().item(),
+                    _rounding_error(weight, exact, magnitude, rank),
+                )
+            )
         # The weights now hold the merge: run the plain model (adapters bypassed) and compare with PEFT.
         with peft_model.disable_adapter():
             merged_out = peft_model(**batch).last_hidden_state[mask]
@@ -87,16 +94,17 @@ def run_merge_demo(out_dir: str = "demo_out", rank: int = 8, alpha: int = 16) ->
             restored_out = peft_model(**batch).last_hidden_state[mask]
     base_out = AutoModel.from_pretrained(path).to(device).eval()(**batch).last_hidden_state[mask]
 
-    print(f"\nMerged a rank-{rank} LoRA into {len(rows)} attention projections of all-MiniLM-L6-v2 "
-          f"({'Triton kernel' if use_triton(before) else 'torch reference'}, {backend}):")
+    print(
+        f"\nMerged a rank-{rank} LoRA into {len(rows)} attention projections of all-MiniLM-L6-v2 "
+        f"({'Triton kernel' if use_triton(before) else 'torch reference'}, {backend}):"
+    )
     print(f"{'module':44s} {'shape':>12s} {'max |delta W|':>14s} {'error vs fp64':>16s}")
     for name, shape, change, err in rows:
         print(f"{name:44s} {str(shape):>12s} {change:14.3e} {err:16.3f}")
     diff_peft = (merged_out - unmerged_out).abs().max().item()
     diff_restore = (restored_out - base_out).abs().max().item()
     worst = max(r[3] for r in rows)
-    print(f"\nworst merged element: {worst:.3f} x (1 ulp + fp32 accumulation bound) from the fp64 result: "
-          "rounded once")
+    print(f"\nworst merged element: {worst:.3f} x (1 ulp + fp32 accumulation bound) from the fp64 result: rounded once")
     print(f"merged model vs PEFT running the adapter unmerged: max |diff| {diff_peft:.2e} on real tokens")
     print(f"after unmerge_lora_, vs the original model: max |diff| {diff_restore:.2e}")
     print(f"merge time for {len(rows)} weights: {t_merge * 1e3:.1f} ms on {device}")

@@ -1,15 +1,16 @@
 """Merge benchmark: fold 1 or 4 LoRA adapters into the Llama-shaped weights of the NOTES.md baseline.
 
 Weights: hidden 4096, intermediate 11008, 4 layers, q/k/v/o/gate/up/down, r=16, bf16 (1.62 GB of targets).
-Providers: engine (``merge_lora_``), torch (``W.addmm_(B, A)`` per adapter) and PEFT (``merge_adapter``).
+Providers: engine (``merge_lora_many_``: the whole model in one launch, validation included), engine_plan (a
+prepared ``LoraMergePlan``: the launch alone), engine_per_weight (``merge_lora_`` per weight), torch_addmm
+(``W.addmm_(B, A)`` per adapter) and PEFT (``merge_adapter``).
 Physical floor: read and write every target weight once at the copy bandwidth measured in the same run.
 """
 
 import pytest
 import torch
+from adapter_engine.kernels import merge_lora_, merge_lora_many_, prepare_lora_merge
 from harness import copy_bandwidth, device, on_gpu, pick, timed
-
-from adapter_engine.kernels import merge_lora_
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
@@ -65,12 +66,24 @@ def _peft_model(llama, n_adapters):
 
 
 @pytest.mark.parametrize("n_adapters", [1, 4])
-@pytest.mark.parametrize("provider", ["engine", "torch_addmm", "peft"])
+@pytest.mark.parametrize("provider", ["engine", "engine_plan", "engine_per_weight", "torch_addmm", "peft"])
 def bench_merge(benchmark, llama, floor_ms, provider, n_adapters):
     scale = LORA_ALPHA / RANK
     targets, adapters = llama["targets"], llama["adapters"][:n_adapters]
     setup = None
+    weights = [m.weight for m in targets]
+    lora_a = [[a[i][0] for a in adapters] for i in range(len(targets))]
+    lora_b = [[a[i][1] for a in adapters] for i in range(len(targets))]
+    scales = [[scale] * n_adapters for _ in targets]
     if provider == "engine":
+
+        def run():
+            merge_lora_many_(weights, lora_a, lora_b, scales)
+
+    elif provider == "engine_plan":
+        run = prepare_lora_merge(weights, lora_a, lora_b, scales).merge_
+
+    elif provider == "engine_per_weight":
 
         def run():
             for i, m in enumerate(targets):
@@ -93,8 +106,15 @@ def bench_merge(benchmark, llama, floor_ms, provider, n_adapters):
             peft_model.base_model.unmerge_adapter()
 
     with torch.no_grad():
-        median = timed(benchmark, run, setup=setup, provider=provider, case=f"{n_adapters} adapter(s)",
-                       weight_bytes=llama["weight_bytes"], floor_ms=floor_ms)
+        median = timed(
+            benchmark,
+            run,
+            setup=setup,
+            provider=provider,
+            case=f"{n_adapters} adapter(s)",
+            weight_bytes=llama["weight_bytes"],
+            floor_ms=floor_ms,
+        )
     benchmark.extra_info["fraction_of_floor"] = floor_ms / median
     if provider == "peft":
         peft_model.base_model.unmerge_adapter()

@@ -45,8 +45,8 @@ def git_revision() -> str:
 
 
 def environment_info() -> dict:
-    import triton
     import transformers
+    import triton
 
     info = {
         "device_name": torch.cuda.get_device_name() if on_gpu() else f"cpu ({platform.processor() or 'unknown'})",
@@ -71,8 +71,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(benchmark, fn: Callable[[], object], *, setup: Callable[[], object] | None = None, n_rounds=None,
-          warmup: int | None = None, **extra) -> float:
+def timed(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    setup: Callable[[], object] | None = None,
+    n_rounds=None,
+    warmup: int | None = None,
+    **extra,
+) -> float:
     """Time ``fn`` under pytest-benchmark; return the median device time in ms and store it in extra_info.
 
     ``setup`` runs untimed before every call (for example undoing an in-place merge). Peak memory is measured
@@ -100,7 +107,9 @@ def timed(benchmark, fn: Callable[[], object], *, setup: Callable[[], object] | 
     median = statistics.median(timed_ms)
     peak = peak_memory_bytes(fn, setup)
     benchmark.extra_info.update(extra)
-    benchmark.extra_info.update({"median_ms": median, "peak_mem_bytes": peak, "device": environment_info()["device_name"]})
+    benchmark.extra_info.update(
+        {"median_ms": median, "peak_mem_bytes": peak, "device": environment_info()["device_name"]}
+    )
     return median
 
 

@@ -88,7 +88,9 @@ def _plot(rows: list[dict], machine: dict, path: str) -> None:
     labels = [f"{r['bench'].removeprefix('bench_')}\n{r['case']}\n{r['provider']}" for r in plotted]
     values = [r.get("vs_bare") if r.get("vs_bare") is not None else r["vs_peft"] for r in plotted]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(plotted)), 4.5))
-    ax.bar(range(len(values)), values, color=["tab:green" if "engine" in r["provider"] else "tab:gray" for r in plotted])
+    ax.bar(
+        range(len(values)), values, color=["tab:green" if "engine" in r["provider"] else "tab:gray" for r in plotted]
+    )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=6)
     ax.set_ylabel("time / baseline (bare, else PEFT)")

@@ -42,7 +42,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype} (shape {tuple(tensor.shape)})")
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {tensor.dtype} (shape {tuple(tensor.shape)})"
+        )
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

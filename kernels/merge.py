@@ -1,30 +1,32 @@
-"""In-place weight merging: fold LoRA (and IA3) adapters into a base weight with one read and one write.
+"""In-place weight merging: fold LoRA (and IA3) adapters into base weights with one read and one write.
 
-    merge_lora_:   W += sum_i s_i * B_i @ A_i          W (out, in), A_i (r_i, in), B_i (out, r_i)
-    unmerge_lora_: W -= sum_i s_i * B_i @ A_i
-    scale_ia3_:    W *= l  (per row or per column; ``inverse`` divides)
+    merge_lora_:       W += sum_i s_i * B_i @ A_i        W (out, in), A_i (r_i, in), B_i (out, r_i)
+    merge_lora_many_:  the same for many weights (a whole model) in a single launch
+    unmerge_lora_:     W -= sum_i s_i * B_i @ A_i
+    scale_ia3_:        W *= l  (per row or per column; ``inverse`` divides)
 
-Physical limit: merging is memory bound. The floor is reading and writing W once (2 x W bytes at copy
-bandwidth); the factors (r x (in + out) elements) are small and stay in L2. One program owns one
-(BLOCK_N, BLOCK_K) tile of W: it loads the tile, adds the low-rank product of the matching rows of B and columns
-of A (all adapters, accumulated in fp32), and stores the tile once. No full-size delta is ever materialised,
-whatever the number of adapters, and every element is rounded once (PEFT builds ``B @ A`` in the weight dtype
-per adapter and rounds twice).
+Physical limit: merging is memory bound. The floor is reading and writing every weight once (2 x W bytes at
+copy bandwidth); the factors (r x (in + out) elements per weight) are small and stay in L2. One program owns
+one (BLOCK_N, BLOCK_K) tile of one weight: it loads the tile, adds the low-rank products of the matching rows
+of every B_i and columns of every A_i (fp32 accumulation), and stores the tile once. No full-size delta and no
+concatenated factors are ever built, whatever the number of adapters, and every element is rounded once
+(PEFT builds ``B @ A`` in the weight dtype per adapter and rounds twice).
 
-Precision of the low-rank product on the GPU:
-- one adapter with fp16/bf16 factors: ``tl.dot`` on native operands (products exact in fp32, fp32
-  accumulation), the scale applied to the fp32 result;
-- several adapters: each rank column of B is multiplied by its adapter's scale in fp32 and split into a
-  high and a low half-precision part, so two native dots give ~16 (bf16) / ~22 (fp16) significant bits;
-- fp32 factors: ``tf32x3`` dots (about fp32 accuracy on tensor cores).
-The interpreter gets fp32 operands and ``ieee`` dots (its bf16 arithmetic is wrong, see NOTES.md).
+A whole model is one launch: the weights and their adapters are described by small pointer tables, and each
+program finds its weight by a binary search over the weights' first-tile offsets. On an H100 the Python
+launch path of a per-weight launch (~80 us) costs more than the GPU time of a 4096 x 4096 bf16 merge (23 us),
+which is why ``merge_lora_many_`` exists (figures in bench/results/2026-11-26-h100-merge-v1/NOTES.md).
+
+Precision of the low-rank products: on the GPU, fp16/bf16 factors go to ``tl.dot`` as they are (products exact
+in fp32, fp32 accumulation) and each adapter's scale multiplies its fp32 product; fp32 factors use ``tf32x3``
+dots (about fp32 accuracy on tensor cores). The interpreter gets fp32 operands and ``ieee`` dots (its bf16
+arithmetic is wrong, see NOTES.md).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,109 +34,106 @@ import triton.language as tl
 
 from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
 
-# --------------------------------------------------------------------------------------------------- tuning
-# Each program handles one tile of W and no K loop, so num_stages does not matter; the tile must be large
-# enough to stream at full bandwidth and small enough to keep enough programs in flight.
+# ----------------------------------------------------------------------------------------------------- tuning
+# Measured on an H100 (bf16, r=16, per-weight launches): 64 x 128 tiles with 4 warps were the fastest of six
+# configurations for 4096x4096, 11008x4096 and 4096x11008 (bench/results/2026-11-26-h100-merge-v1). The
+# grouped kernel cannot be autotuned by re-running it: it updates weights behind pointer tables in place.
+BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 4
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_WEIGHT_FIELDS = 7  # w_ptr, n_rows, n_cols, stride_n, stride_k, first_tile, n_adapters
+_ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
 
 
-def _merge_configs() -> list[triton.Config]:
-    if INTERPRET:  # one large tile: interpreter cost grows with the number of programs
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-        for bn, bk, w in [(32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (128, 256, 8)]
-    ]
-
-
-# --------------------------------------------------------------------------------------------------- kernel
-@triton.autotune(configs=_merge_configs(), key=["n_rows", "n_cols", "rank", "MODE"], restore_value=["w_ptr"])
+# ----------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _merge_fwd_kernel(
+def _merge_lora_kernel(
     # pointers
-    w_ptr,  # W: (n_rows, n_cols), updated in place
-    a_ptr,  # A: (rank, n_cols)   all adapters' A stacked along the rank axis
-    b_ptr,  # B: (n_rows, rank)   all adapters' B stacked along the rank axis
-    rank_scale_ptr,  # (rank,) fp32 scale of each rank column (PER_RANK_SCALE only)
-    vec_ptr,  # IA3 scale: (n_rows,) when SCALE_ROWS, (n_cols,) when SCALE_COLS
-    bad_ptr,  # (1,) int32 flag set to 1 when a merged value is not finite (CHECK_ONLY)
+    table,  # int64, three sections (one host-to-device copy per launch):
+    #   weights  (n_weights, 7): w_ptr, n_rows, n_cols, stride_n, stride_k, first_tile, n_adapters
+    #   adapters (n_weights, max_adapters, 7) at adapter_offset: a_ptr, b_ptr, rank, stride_ar, stride_ak,
+    #            stride_bn, stride_br
+    #   scales   (n_weights, max_adapters) at scale_offset: fp32 bit patterns
+    bad_ptr,  # (1,) int32, set to 1 when a merged value is not finite (CHECK_ONLY)
     # sizes
-    n_rows,
-    n_cols,
-    rank,
-    scale,  # fp32 scalar scale of the single adapter (not PER_RANK_SCALE)
-    # strides
-    stride_wn,
-    stride_wk,
-    stride_ar,
-    stride_ak,
-    stride_bn,
-    stride_br,
+    n_weights,
+    max_adapters,
+    adapter_offset,
+    scale_offset,
+    sign,  # +1.0 merges, -1.0 unmerges
     # compile-time switches
-    MODE: tl.constexpr,  # 0: LoRA add, 1: IA3 scale rows, 2: IA3 scale columns
-    PER_RANK_SCALE: tl.constexpr,  # several adapters: scale per rank column, split-precision dots
-    DIVIDE: tl.constexpr,  # IA3 inverse
+    W_DTYPE: tl.constexpr,  # element type of every weight in the launch
+    F_DTYPE: tl.constexpr,  # element type of every factor in the launch
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
-    DOT_FP32: tl.constexpr,  # give tl.dot fp32 operands (interpreter, fp32 factors)
-    DOT_PRECISION: tl.constexpr,  # input_precision for fp32 dots
+    DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
+    DOT_PRECISION: tl.constexpr,  # input_precision of fp32 dots
+    SEARCH_STEPS: tl.constexpr,  # ceil(log2(n_weights)) + 1
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    # Which weight does this tile belong to? Largest g with first_tile[g] <= pid.
+    lo = pid * 0
+    hi = lo + n_weights
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(table + mid * 7 + 5) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    row = table + lo * 7
+    w_ptr = tl.load(row).to(tl.pointer_type(W_DTYPE))
+    n_rows = tl.load(row + 1)
+    n_cols = tl.load(row + 2)
+    stride_n = tl.load(row + 3)
+    stride_k = tl.load(row + 4)
+    tile = pid - tl.load(row + 5)
+    n_adapters = tl.load(row + 6)
+
     tiles_k = tl.cdiv(n_cols, BLOCK_K)
-    # Row-major tile order: neighbouring programs stream neighbouring memory and share the B rows.
-    offs_n = (pid // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    # Row-major tile order: neighbouring programs stream neighbouring memory and share the rows of B.
+    offs_n = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < n_rows
     mask_k = offs_k < n_cols
     mask = mask_n[:, None] & mask_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    if MODE == 0:
+    for j in range(n_adapters):
+        meta = table + adapter_offset + (lo * max_adapters + j) * 7
+        a_ptr = tl.load(meta).to(tl.pointer_type(F_DTYPE))
+        b_ptr = tl.load(meta + 1).to(tl.pointer_type(F_DTYPE))
+        rank = tl.load(meta + 2)
+        stride_ar = tl.load(meta + 3)
+        stride_ak = tl.load(meta + 4)
+        stride_bn = tl.load(meta + 5)
+        stride_br = tl.load(meta + 6)
+        scale = sign * tl.load(table + scale_offset + lo * max_adapters + j).to(tl.int32).to(tl.float32, bitcast=True)
         delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            if PER_RANK_SCALE:
-                s = tl.load(rank_scale_ptr + offs_r, mask=mask_r, other=0.0)
-                b_scaled = b.to(tl.float32) * s[None, :]
-                if DOT_FP32:
-                    delta += tl.dot(b_scaled, a.to(tl.float32), input_precision=DOT_PRECISION)
-                else:  # hi + lo split: two native dots recover ~2x the mantissa bits of the scaled factor
-                    b_hi = b_scaled.to(a.dtype)
-                    b_lo = (b_scaled - b_hi.to(tl.float32)).to(a.dtype)
-                    delta += tl.dot(b_hi, a)
-                    delta += tl.dot(b_lo, a)
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=mask_n[:, None] & mask_r[None, :],
+                other=0.0,
+            )
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=mask_r[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                delta += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
             else:
-                if DOT_FP32:
-                    delta += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
-                else:
-                    delta += tl.dot(b, a)
-        if PER_RANK_SCALE:
-            merged = w + delta
-        else:
-            merged = w + scale * delta
-    elif MODE == 1:
-        v = tl.load(vec_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
-        if DIVIDE:
-            merged = w / v
-        else:
-            merged = w * v
-    else:
-        v = tl.load(vec_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)[None, :]
-        if DIVIDE:
-            merged = w / v
-        else:
-            merged = w * v
+                delta += tl.dot(b, a)
+        w += scale * delta
 
-    out = merged.to(w_ptr.dtype.element_ty)  # the single rounding
+    out = w.to(W_DTYPE)  # the single rounding
     if CHECK_ONLY:
-        finite = (out.to(tl.float32) == out.to(tl.float32)) & (tl.abs(out.to(tl.float32)) < float("inf"))
+        value = out.to(tl.float32)
+        finite = (value == value) & (tl.abs(value) < float("inf"))
         n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
         if n_bad > 0:
             tl.store(bad_ptr, 1)
@@ -142,17 +141,49 @@ def _merge_fwd_kernel(
         tl.store(w_ptrs, out, mask=mask)
 
 
-# --------------------------------------------------------------------------------------------------- launchers
-@dataclass(frozen=True)
-class _LoraFactors:
-    """The adapters of one merge call, stacked along the rank axis (views when there is one adapter)."""
+@triton.jit
+def _scale_ia3_kernel(
+    w_ptr,  # W: (n_rows, n_cols), updated in place
+    vec_ptr,  # (n_rows,) when SCALE_ROWS else (n_cols,)
+    bad_ptr,  # (1,) int32 (CHECK_ONLY)
+    n_rows,
+    n_cols,
+    stride_n,
+    stride_k,
+    SCALE_ROWS: tl.constexpr,
+    DIVIDE: tl.constexpr,
+    CHECK_ONLY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tiles_k = tl.cdiv(n_cols, BLOCK_K)
+    offs_n = (pid // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < n_rows
+    mask_k = offs_k < n_cols
+    mask = mask_n[:, None] & mask_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if SCALE_ROWS:
+        v = tl.load(vec_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
+    else:
+        v = tl.load(vec_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)[None, :]
+    if DIVIDE:
+        out = (w / v).to(w_ptr.dtype.element_ty)
+    else:
+        out = (w * v).to(w_ptr.dtype.element_ty)
+    if CHECK_ONLY:
+        value = out.to(tl.float32)
+        finite = (value == value) & (tl.abs(value) < float("inf"))
+        n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
+        if n_bad > 0:
+            tl.store(bad_ptr, 1)
+    else:
+        tl.store(w_ptrs, out, mask=mask)
 
-    a: torch.Tensor  # (R, in)
-    b: torch.Tensor  # (out, R)
-    scale: float  # used when there is one adapter
-    rank_scale: torch.Tensor | None  # (R,) fp32 when there are several
 
-
+# ----------------------------------------------------------------------------------------------------- validation
 def _as_list(value, name: str) -> list:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -163,127 +194,188 @@ def _as_list(value, name: str) -> list:
     raise TypeError(f"{name} must be a tensor/number or a sequence of them, got {type(value).__name__}")
 
 
-def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool):
-    """Check the user's arguments and return (a_list, b_list, scales), with W viewed as (out, in)."""
+def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, where: str = ""):
+    """Check one weight's arguments; return (a_list, b_list, scales) with the factors in W's own layout.
+
+    With ``fan_in_fan_out`` W is stored (in, out) and ``W += s * A^T @ B^T``: the roles of A and B swap, so
+    the returned "A" is B^T and "B" is A^T, and the kernel streams W in its own memory order.
+    """
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    check_float_dtype("weight", weight)
+        raise TypeError(f"{where}weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_float_dtype(f"{where}weight", weight)
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{where}weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     a_list, b_list, scales = _as_list(lora_A, "lora_A"), _as_list(lora_B, "lora_B"), _as_list(scale, "scale")
     if not (len(a_list) == len(b_list) == len(scales)) or not a_list:
         raise ValueError(
-            f"lora_A, lora_B and scale must have the same non-zero length, got {len(a_list)}, {len(b_list)}, "
-            f"{len(scales)}"
+            f"{where}lora_A, lora_B and scale must have the same non-zero length, got {len(a_list)}, "
+            f"{len(b_list)}, {len(scales)}"
         )
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
     for i, (a, b, s) in enumerate(zip(a_list, b_list, scales)):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise TypeError(f"adapter {i}: lora_A and lora_B must be tensors")
-        check_float_dtype(f"lora_A[{i}]", a)
-        check_float_dtype(f"lora_B[{i}]", b)
-        check_same_device(weight=weight, lora_A=a, lora_B=b)
+            raise TypeError(f"{where}adapter {i}: lora_A and lora_B must be tensors")
+        check_float_dtype(f"{where}lora_A[{i}]", a)
+        check_float_dtype(f"{where}lora_B[{i}]", b)
+        if a.device != weight.device or b.device != weight.device:
+            check_same_device(weight=weight, lora_A=a, lora_B=b)
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
             raise ValueError(
-                f"adapter {i}: expected lora_A (r, {in_f}) and lora_B ({out_f}, r) for weight "
+                f"{where}adapter {i}: expected lora_A (r, {in_f}) and lora_B ({out_f}, r) for weight "
                 f"{tuple(weight.shape)}{' (fan_in_fan_out)' if fan_in_fan_out else ''}, got lora_A "
                 f"{tuple(a.shape)} and lora_B {tuple(b.shape)}"
             )
         if a.shape[0] == 0:
-            raise ValueError(f"adapter {i}: rank must be at least 1, got lora_A {tuple(a.shape)}")
+            raise ValueError(f"{where}adapter {i}: rank must be at least 1, got lora_A {tuple(a.shape)}")
         if not isinstance(s, (int, float)) or not math.isfinite(float(s)):
-            raise ValueError(f"adapter {i}: scale must be a finite number, got {s!r}")
+            raise ValueError(f"{where}adapter {i}: scale must be a finite number, got {s!r}")
+    if fan_in_fan_out:
+        a_list, b_list = [b.t() for b in b_list], [a.t() for a in a_list]
     return a_list, b_list, [float(s) for s in scales]
 
 
-def _stack_factors(a_list, b_list, scales, fan_in_fan_out: bool) -> _LoraFactors:
-    dtype = a_list[0].dtype
-    if any(t.dtype != dtype for t in a_list + b_list):  # mixed factor dtypes: compute in the widest one
-        dtype = torch.float32
-    if fan_in_fan_out:  # W is (in, out): W += s * A^T @ B^T, i.e. the roles of A and B swap
-        a_list, b_list = [b.t() for b in b_list], [a.t() for a in a_list]
-    if len(a_list) == 1:
-        return _LoraFactors(a_list[0].to(dtype), b_list[0].to(dtype), scales[0], None)
-    a = torch.cat([t.to(dtype) for t in a_list], dim=0)
-    b = torch.cat([t.to(dtype) for t in b_list], dim=1)
-    device = a.device  # torch.full on the device: no host-to-device copy, so no stream synchronisation
-    rank_scale = torch.cat(
-        [torch.full((t.shape[0],), s, dtype=torch.float32, device=device) for t, s in zip(a_list, scales)]
-    )
-    return _LoraFactors(a, b, 1.0, rank_scale)
+# ----------------------------------------------------------------------------------------------------- launchers
+class LoraMergePlan:
+    """Validated weights and adapters with their pointer tables already on the device, ready to be merged.
+
+    Building the plan costs host time (validation, tables: a few microseconds per weight); ``merge_`` and
+    ``unmerge_`` then cost one launch per weight dtype. Keep a plan to switch an adapter in and out by merging.
+    The plan holds references to every tensor it points to; it is stale if a weight or factor tensor is
+    replaced (in-place updates of their values are fine).
+    """
+
+    def __init__(self, jobs: list):
+        groups: dict[tuple, list] = {}
+        for weight, a_list, b_list, scales in jobs:
+            factor_dtype = a_list[0].dtype
+            if any(t.dtype != factor_dtype for t in a_list + b_list):  # mixed: compute in fp32
+                a_list, b_list, factor_dtype = [t.float() for t in a_list], [t.float() for t in b_list], torch.float32
+            if weight.numel():
+                groups.setdefault((weight.dtype, factor_dtype, weight.device), []).append(
+                    (weight, a_list, b_list, scales)
+                )
+        self.weights = [job[0] for job in jobs]
+        self._launches = [_pack(group, *key) for key, group in groups.items()]
+
+    def merge_(self, safe: bool = False) -> None:
+        """Add the adapters to the weights; with ``safe``, check everything first and write nothing on failure."""
+        self._apply(1.0, safe)
+
+    def unmerge_(self, safe: bool = False) -> None:
+        """Subtract the adapters from the weights (the inverse of :meth:`merge_`)."""
+        self._apply(-1.0, safe)
+
+    def _apply(self, sign: float, safe: bool) -> None:
+        if safe:
+            flags = [_run(launch, sign, check_only=True) for launch in self._launches]
+            if any(bool(flag.item()) for flag in flags):
+                shapes = ", ".join(str(tuple(w.shape)) for w in self.weights[:4])
+                raise ValueError(
+                    f"merge would produce non-finite values (weights {shapes}{', ...' if len(self.weights) > 4 else ''}"
+                    "); every weight was left unchanged"
+                )
+        for launch in self._launches:
+            _run(launch, sign, check_only=False)
 
 
-def _launch(w, a, b, rank_scale, vec, scale, rank, mode, divide, check_only) -> bool:
-    """Run the kernel over W (a 2-D view with any strides); return True if a value was not finite."""
-    dot_fp32 = INTERPRET or a is None or a.dtype == torch.float32
-    bad = torch.zeros(1, dtype=torch.int32, device=w.device) if check_only else w
-    dummy = w
-    block_r = min(64, max(16, triton.next_power_of_2(max(rank, 1))))
-    grid = lambda meta: (triton.cdiv(w.shape[0], meta["BLOCK_N"]) * triton.cdiv(w.shape[1], meta["BLOCK_K"]),)
-    _merge_fwd_kernel[grid](
-        w,
-        a if a is not None else dummy,
-        b if b is not None else dummy,
-        rank_scale if rank_scale is not None else dummy,
-        vec if vec is not None else dummy,
+def _float_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
+def _pack(jobs, weight_dtype, factor_dtype, device) -> dict:
+    """Build the single int64 table of one launch (see ``_merge_lora_kernel``)."""
+    max_adapters = max(len(job[1]) for job in jobs)
+    weight_rows, adapter_rows, scale_rows, first_tile, max_rank = [], [], [], 0, 1
+    padding = [0] * _ADAPTER_FIELDS
+    for weight, a_list, b_list, scales in jobs:
+        n_rows, n_cols = weight.shape
+        weight_rows += [weight.data_ptr(), n_rows, n_cols, *weight.stride(), first_tile, len(a_list)]
+        first_tile += triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(n_cols, BLOCK_K)
+        for a, b in zip(a_list, b_list):
+            adapter_rows += [a.data_ptr(), b.data_ptr(), a.shape[0], *a.stride(), *b.stride()]
+            max_rank = max(max_rank, a.shape[0])
+        adapter_rows += padding * (max_adapters - len(a_list))
+        scale_rows += [_float_bits(s) for s in scales] + [0] * (max_adapters - len(scales))
+    pin = device.type == "cuda"  # pinned + non_blocking: the copy does not stall the host
+    table = torch.tensor(weight_rows + adapter_rows + scale_rows, dtype=torch.int64, pin_memory=pin)
+    return {
+        "table": table.to(device, non_blocking=True),
+        "jobs": jobs,  # keeps every tensor behind the pointers alive
+        "n_weights": len(jobs),
+        "max_adapters": max_adapters,
+        "adapter_offset": len(weight_rows),
+        "scale_offset": len(weight_rows) + len(adapter_rows),
+        "n_tiles": first_tile,
+        "max_rank": max_rank,
+        "weight_dtype": weight_dtype,
+        "factor_dtype": factor_dtype,
+        "device": device,
+    }
+
+
+def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
+    bad = torch.zeros(1, dtype=torch.int32, device=launch["device"]) if check_only else launch["table"]
+    _merge_lora_kernel[(launch["n_tiles"],)](
+        launch["table"],
         bad,
-        w.shape[0],
-        w.shape[1],
-        rank,
-        scale,
-        w.stride(0),
-        w.stride(1),
-        a.stride(0) if a is not None else 0,
-        a.stride(1) if a is not None else 0,
-        b.stride(0) if b is not None else 0,
-        b.stride(1) if b is not None else 0,
-        MODE=mode,
-        PER_RANK_SCALE=rank_scale is not None,
-        DIVIDE=divide,
+        launch["n_weights"],
+        launch["max_adapters"],
+        launch["adapter_offset"],
+        launch["scale_offset"],
+        sign,
+        W_DTYPE=_TL_DTYPE[launch["weight_dtype"]],
+        F_DTYPE=_TL_DTYPE[launch["factor_dtype"]],
         CHECK_ONLY=check_only,
-        DOT_FP32=dot_fp32,
+        DOT_FP32=INTERPRET or launch["factor_dtype"] == torch.float32,
         DOT_PRECISION="ieee" if INTERPRET else "tf32x3",
-        BLOCK_R=block_r,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(launch["n_weights"])) + 1),
+        BLOCK_R=min(64, max(16, triton.next_power_of_2(launch["max_rank"]))),
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
     )
-    return bool(bad.item()) if check_only else False
+    return bad
 
 
-def _lora_fwd(weight, factors: _LoraFactors, safe: bool) -> None:
-    # With fan_in_fan_out the factors were already swapped, so W is used in its own (coalesced) layout.
-    args = (weight, factors.a, factors.b, factors.rank_scale, None, factors.scale, factors.a.shape[0], 0, False)
-    if safe and _launch(*args, check_only=True):
-        raise ValueError(
-            f"merge would produce non-finite values in weight {tuple(weight.shape)} ({weight.dtype}); "
-            "the weight was left unchanged"
-        )
-    _launch(*args, check_only=False)
-
-
-# --------------------------------------------------------------------------------------------------- references
+# ----------------------------------------------------------------------------------------------------- references
 @torch.no_grad()
 def merge_lora_reference_(weight, lora_A, lora_B, scale, *, fan_in_fan_out=False, safe=False):
     """Torch twin of :func:`merge_lora_`: fp32 delta, one rounding (builds the full delta: reference only)."""
     a_list, b_list, scales = _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out)
     merged = weight.float()
     for a, b, s in zip(a_list, b_list, scales):
-        delta = (b.float() @ a.float()) * s
-        merged = merged + (delta.t() if fan_in_fan_out else delta)
+        merged = merged + (b.float() @ a.float()) * s
     out = merged.to(weight.dtype)
     if safe and not torch.isfinite(out).all():
         raise ValueError(
-            f"merge would produce non-finite values in weight {tuple(weight.shape)} ({weight.dtype}); "
-            "the weight was left unchanged"
+            f"merge would produce non-finite values (weights {tuple(weight.shape)}); every weight was left unchanged"
         )
     weight.copy_(out)
     return weight
 
 
 @torch.no_grad()
+def merge_lora_many_reference_(weights, lora_A, lora_B, scale, *, fan_in_fan_out=False, safe=False):
+    """Torch twin of :func:`merge_lora_many_`."""
+    jobs = _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out)
+    results = []
+    for weight, a_list, b_list, scales in jobs:
+        merged = weight.float()
+        for a, b, s in zip(a_list, b_list, scales):
+            merged = merged + (b.float() @ a.float()) * s
+        results.append(merged.to(weight.dtype))
+    if safe and not all(torch.isfinite(r).all() for r in results):
+        raise ValueError("merge would produce non-finite values; every weight was left unchanged")
+    for (weight, *_), result in zip(jobs, results):
+        weight.copy_(result)
+    return list(weights)
+
+
+@torch.no_grad()
 def scale_ia3_reference_(weight, ia3_scale, *, dim, inverse=False, safe=False):
     """Torch twin of :func:`scale_ia3_`."""
     vec = _validate_ia3(weight, ia3_scale, dim)
-    shape = (-1, 1) if dim == 0 else (1, -1)
-    v = vec.float().reshape(shape)
+    v = vec.float().reshape((-1, 1) if dim == 0 else (1, -1))
     out = (weight.float() / v if inverse else weight.float() * v).to(weight.dtype)
     if safe and not torch.isfinite(out).all():
         raise ValueError(f"IA3 scaling would produce non-finite values in weight {tuple(weight.shape)}; unchanged")
@@ -291,12 +383,17 @@ def scale_ia3_reference_(weight, ia3_scale, *, dim, inverse=False, safe=False):
     return weight
 
 
-# --------------------------------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------------------------------- public API
+Factors = torch.Tensor | Sequence[torch.Tensor]
+Scales = float | Sequence[float]
+
+
+@torch.no_grad()
 def merge_lora_(
     weight: torch.Tensor,
-    lora_A: torch.Tensor | Sequence[torch.Tensor],
-    lora_B: torch.Tensor | Sequence[torch.Tensor],
-    scale: float | Sequence[float],
+    lora_A: Factors,
+    lora_B: Factors,
+    scale: Scales,
     *,
     fan_in_fan_out: bool = False,
     safe: bool = False,
@@ -314,33 +411,101 @@ def merge_lora_(
     The result is computed in fp32 and rounded once to ``weight.dtype``; W is read and written once whatever
     the number of adapters. Returns ``weight``.
     """
-    return _merge_lora(weight, lora_A, lora_B, scale, fan_in_fan_out, safe, sign=1.0)
+    a_list, b_list, scales = _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out)
+    if not use_triton(weight):
+        return merge_lora_reference_(weight, lora_A, lora_B, scale, fan_in_fan_out=fan_in_fan_out, safe=safe)
+    LoraMergePlan([(weight, a_list, b_list, scales)]).merge_(safe)
+    return weight
 
 
+@torch.no_grad()
 def unmerge_lora_(
     weight: torch.Tensor,
-    lora_A: torch.Tensor | Sequence[torch.Tensor],
-    lora_B: torch.Tensor | Sequence[torch.Tensor],
-    scale: float | Sequence[float],
+    lora_A: Factors,
+    lora_B: Factors,
+    scale: Scales,
     *,
     fan_in_fan_out: bool = False,
     safe: bool = False,
 ) -> torch.Tensor:
-    """Inverse of :func:`merge_lora_`: ``weight -= sum_i scale_i * lora_B_i @ lora_A_i`` (within 1 ulp of the
-    weight before the merge: each direction rounds once)."""
-    return _merge_lora(weight, lora_A, lora_B, scale, fan_in_fan_out, safe, sign=-1.0)
+    """Inverse of :func:`merge_lora_`: ``weight -= sum_i scale_i * lora_B_i @ lora_A_i``. Each direction rounds
+    once, so the weight comes back within one ulp of the merged value plus one of the original."""
+    return merge_lora_(weight, lora_A, lora_B, _negate(scale), fan_in_fan_out=fan_in_fan_out, safe=safe)
+
+
+def _negate(scale):
+    values = _as_list(scale, "scale")
+    if not all(isinstance(s, (int, float)) for s in values):
+        raise ValueError(f"scale must be a number or a sequence of numbers, got {scale!r}")
+    return [-float(s) for s in values]
+
+
+def _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out):
+    n = len(weights)
+    per_weight = [lora_A, lora_B, scale] + ([fan_in_fan_out] if not isinstance(fan_in_fan_out, bool) else [])
+    if any(not isinstance(arg, Sequence) or len(arg) != n for arg in per_weight):
+        lengths = [len(arg) if isinstance(arg, Sequence) else type(arg).__name__ for arg in per_weight]
+        raise ValueError(f"merge_lora_many_ needs one entry per weight ({n} weights), got lengths {lengths}")
+    fifo = [fan_in_fan_out] * n if isinstance(fan_in_fan_out, bool) else list(fan_in_fan_out)
+    jobs = []
+    for i in range(n):
+        a_list, b_list, scales = _validate_lora(weights[i], lora_A[i], lora_B[i], scale[i], fifo[i], f"weights[{i}]: ")
+        jobs.append((weights[i], a_list, b_list, scales))
+    return jobs
 
 
 @torch.no_grad()
-def _merge_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, safe: bool, sign: float) -> torch.Tensor:
-    a_list, b_list, scales = _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out)
-    scales = [sign * s for s in scales]
-    if not use_triton(weight):
-        return merge_lora_reference_(weight, a_list, b_list, scales, fan_in_fan_out=fan_in_fan_out, safe=safe)
-    if weight.numel() == 0:
-        return weight
-    _lora_fwd(weight, _stack_factors(a_list, b_list, scales, fan_in_fan_out), safe)
-    return weight
+def merge_lora_many_(
+    weights: Sequence[torch.Tensor],
+    lora_A: Sequence[Factors],
+    lora_B: Sequence[Factors],
+    scale: Sequence[Scales],
+    *,
+    fan_in_fan_out: bool | Sequence[bool] = False,
+    safe: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`merge_lora_` for many weights at once (a whole model): one launch per weight dtype.
+
+    ``lora_A[i]``, ``lora_B[i]`` and ``scale[i]`` describe the adapters of ``weights[i]`` exactly as the
+    arguments of :func:`merge_lora_` do. With ``safe``, every weight is checked before any is written, so a
+    failure anywhere leaves all of them unchanged.
+    """
+    jobs = _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out)
+    if not jobs or not use_triton(jobs[0][0]):
+        return merge_lora_many_reference_(weights, lora_A, lora_B, scale, fan_in_fan_out=fan_in_fan_out, safe=safe)
+    LoraMergePlan(jobs).merge_(safe)
+    return list(weights)
+
+
+def prepare_lora_merge(
+    weights: Sequence[torch.Tensor],
+    lora_A: Sequence[Factors],
+    lora_B: Sequence[Factors],
+    scale: Sequence[Scales],
+    *,
+    fan_in_fan_out: bool | Sequence[bool] = False,
+) -> LoraMergePlan:
+    """Validate once and build a :class:`LoraMergePlan` (arguments as in :func:`merge_lora_many_`); its
+    ``merge_()`` / ``unmerge_()`` then cost only the launch. Triton devices only (CUDA, or CPU when interpreting)."""
+    jobs = _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out)
+    if jobs and not use_triton(jobs[0][0]):
+        raise ValueError(f"prepare_lora_merge needs CUDA tensors (or TRITON_INTERPRET=1), got {jobs[0][0].device}")
+    return LoraMergePlan(jobs)
+
+
+@torch.no_grad()
+def unmerge_lora_many_(
+    weights: Sequence[torch.Tensor],
+    lora_A: Sequence[Factors],
+    lora_B: Sequence[Factors],
+    scale: Sequence[Scales],
+    *,
+    fan_in_fan_out: bool | Sequence[bool] = False,
+    safe: bool = False,
+) -> list[torch.Tensor]:
+    """Inverse of :func:`merge_lora_many_`."""
+    negated = [_negate(s) for s in scale] if isinstance(scale, Sequence) else scale
+    return merge_lora_many_(weights, lora_A, lora_B, negated, fan_in_fan_out=fan_in_fan_out, safe=safe)
 
 
 def _validate_ia3(weight, ia3_scale, dim) -> torch.Tensor:
@@ -374,8 +539,28 @@ def scale_ia3_(
         return scale_ia3_reference_(weight, ia3_scale, dim=dim, inverse=inverse, safe=safe)
     if weight.numel() == 0:
         return weight
-    args = (weight, None, None, None, vec, 1.0, 0, 1 if dim == 0 else 2, inverse)
-    if safe and _launch(*args, check_only=True):
+    grid = (triton.cdiv(weight.shape[0], BLOCK_N) * triton.cdiv(weight.shape[1], BLOCK_K),)
+
+    def run(check_only: bool) -> torch.Tensor:
+        bad = torch.zeros(1, dtype=torch.int32, device=weight.device)
+        _scale_ia3_kernel[grid](
+            weight,
+            vec,
+            bad,
+            weight.shape[0],
+            weight.shape[1],
+            weight.stride(0),
+            weight.stride(1),
+            SCALE_ROWS=dim == 0,
+            DIVIDE=inverse,
+            CHECK_ONLY=check_only,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            num_warps=NUM_WARPS,
+        )
+        return bad
+
+    if safe and run(check_only=True).item():
         raise ValueError(f"IA3 scaling would produce non-finite values in weight {tuple(weight.shape)}; unchanged")
-    _launch(*args, check_only=False)
+    run(check_only=False)
     return weight

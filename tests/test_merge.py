@@ -9,7 +9,6 @@ one-ulp bound everywhere, not just there.
 
 import pytest
 import torch
-
 from adapter_engine.kernels import (
     INTERPRET,
     merge_lora_,
@@ -261,3 +260,117 @@ def test_cuda_fp32_and_fp16_merge_and_safe_mode():
     with pytest.raises(ValueError, match="non-finite"):
         merge_lora_(out, a, b, 0.5, safe=True)
     assert torch.equal(out, before)
+
+
+# ----------------------------------------------------------------------------------------------- many weights
+def _model_like_weights(dtype=torch.float32):
+    shapes = [(24, 40), (40, 24), (1, 33), (67, 130)]
+    weights = [torch.randn(s).to(dtype) for s in shapes]
+    ranks = [[8], [1, 16], [64, 2, 3], [4]]
+    adapters = [[make_adapter(*s, r, dtype) for r in rs] for s, rs in zip(shapes, ranks)]
+    scales = [[0.5 * (j + 1) for j in range(len(rs))] for rs in ranks]
+    return weights, adapters, scales
+
+
+def test_merge_many_weights_in_one_call():
+    from adapter_engine.kernels import merge_lora_many_
+
+    weights, adapters, scales = _model_like_weights()
+    expected = [fp64_merge(w, [(a, b, s) for (a, b), s in zip(ad, sc)]) for w, ad, sc in zip(weights, adapters, scales)]
+    outs = [w.clone() for w in weights]
+    merge_lora_many_(outs, [[a for a, _ in ad] for ad in adapters], [[b for _, b in ad] for ad in adapters], scales)
+    for out, exp in zip(outs, expected):
+        assert_within_one_ulp(out, exp)
+
+
+def test_merge_many_mixed_dtypes_layouts_and_unmerge():
+    from adapter_engine.kernels import merge_lora_many_, unmerge_lora_many_
+
+    w16 = torch.randn(30, 20).to(torch.float16)
+    conv = torch.randn(20, 30)  # fan_in_fan_out: (in, out)
+    (a16, b16), (a32, b32) = make_adapter(30, 20, 8, torch.float16), make_adapter(30, 20, 8, torch.float32)
+    outs = [w16.clone(), conv.clone()]
+    args = ([a16, a32], [b16, b32], [1.5, -0.5])
+    merge_lora_many_(outs, *args, fan_in_fan_out=[False, True])
+    assert_within_one_ulp(outs[0], fp64_merge(w16, [(a16, b16, 1.5)]))
+    assert_within_one_ulp(outs[1], fp64_merge(conv, [(a32, b32, -0.5)], fan_in_fan_out=True))
+    unmerge_lora_many_(outs, *args, fan_in_fan_out=[False, True])
+    torch.testing.assert_close(outs[0], w16, rtol=2e-3, atol=2e-3)  # two fp16 roundings
+    torch.testing.assert_close(outs[1], conv, rtol=1e-5, atol=1e-5)
+
+
+def test_safe_merge_many_is_all_or_nothing():
+    from adapter_engine.kernels import merge_lora_many_
+
+    weights, adapters, scales = _model_like_weights(torch.float16)
+    adapters[-1][0][1][0, 0] = 6e4  # only the last weight overflows
+    outs = [w.clone() for w in weights]
+    with pytest.raises(ValueError, match="every weight was left unchanged"):
+        merge_lora_many_(
+            outs,
+            [[a for a, _ in ad] for ad in adapters],
+            [[b for _, b in ad] for ad in adapters],
+            [[s * 100 for s in sc] for sc in scales],
+            safe=True,
+        )
+    for out, weight in zip(outs, weights):
+        assert torch.equal(out, weight)
+
+
+def test_merge_many_names_the_bad_weight():
+    from adapter_engine.kernels import merge_lora_many_
+
+    weights, adapters, scales = _model_like_weights()
+    lora_a = [[a for a, _ in ad] for ad in adapters]
+    lora_a[2][1] = torch.randn(2, 34)
+    with pytest.raises(ValueError, match=r"weights\[2\]: adapter 1: expected lora_A \(r, 33\)"):
+        merge_lora_many_(weights, lora_a, [[b for _, b in ad] for ad in adapters], scales)
+    with pytest.raises(ValueError, match="one entry per weight"):
+        merge_lora_many_(weights, lora_a[:2], [[b for _, b in ad] for ad in adapters], scales)
+
+
+def test_bound_rejects_double_rounding():
+    # The one-ulp check can fail: PEFT's order (delta rounded to bf16, then added and rounded) violates it.
+    weight = torch.randn(61, 97).to(torch.bfloat16)
+    a, b = make_adapter(61, 97, 16, torch.bfloat16)
+    twice = (weight.float() + ((b.float() @ a.float()) * 2.0).to(torch.bfloat16).float()).to(torch.bfloat16)
+    with pytest.raises(AssertionError, match="fp32 accumulation bound"):
+        assert_within_one_ulp(twice, fp64_merge(weight, [(a, b, 2.0)]))
+
+
+@pytest.mark.cuda
+def test_cuda_merge_many_llama_layer():
+    from adapter_engine.kernels import merge_lora_many_
+
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    weights = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+    adapters = [[make_adapter(*s, 16, torch.bfloat16, "cuda", 0.05) for _ in range(4)] for s in shapes]
+    outs = [w.clone() for w in weights]
+    merge_lora_many_(
+        outs,
+        [[a for a, _ in ad] for ad in adapters],
+        [[b for _, b in ad] for ad in adapters],
+        [[2.0, 1.0, 0.5, -1.0]] * len(shapes),
+        safe=True,
+    )
+    for out, w, ad in zip(outs, weights, adapters):
+        assert_within_one_ulp(out, fp64_merge(w, [(a, b, s) for (a, b), s in zip(ad, [2.0, 1.0, 0.5, -1.0])]))
+
+
+def test_prepared_plan_merges_and_unmerges_repeatedly():
+    from adapter_engine.kernels import prepare_lora_merge
+
+    weights, adapters, scales = _model_like_weights()
+    outs = [w.clone() for w in weights]
+    lora_a = [[a for a, _ in ad] for ad in adapters]
+    lora_b = [[b for _, b in ad] for ad in adapters]
+    plan = prepare_lora_merge(outs, lora_a, lora_b, scales)
+    for _ in range(3):
+        plan.merge_()
+        plan.unmerge_()
+    for out, weight in zip(outs, weights):
+        torch.testing.assert_close(out, weight, rtol=1e-5, atol=1e-5)
+    lora_b[0][0].mul_(2)  # the plan points at the factors: in-place updates are seen
+    plan.merge_()
+    expected = fp64_merge(weights[0], [(lora_a[0][0], lora_b[0][0], scales[0][0])])
+    assert_within_one_ulp(outs[0], (expected[0], expected[1] + 4 * ulp(expected[0], torch.float32)))

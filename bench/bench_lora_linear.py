@@ -1,0 +1,164 @@
+"""Fused LoRA linear benchmark (issue 3): one layer, bf16, r=16, against the bare matmul, PEFT and torch.
+
+Shapes (in -> out): 4096 -> 4096 and 4096 -> 11008; M in {1, 16, 256, 4096, 16384} rows.
+Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, shape dispatch), ``engine_<path>``
+(each forced path, to tune ``DISPATCH`` in kernels/lora_linear.py), ``composition`` (``F.linear`` then an in-place
+``addmm_`` of the low-rank term: the best plain-torch order) and ``peft`` (a PEFT ``lora.Linear``).
+Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B); a mixed batch
+of 4 resident adapters with per-row ids incl. -1 (PEFT: ``adapter_names=``). Each row stores its ratio to the
+bare op measured in the same run (``vs_bare``); bench/report.py recomputes ratios from the JSON as well.
+On CPU everything runs at tiny sizes in the interpreter as a smoke test.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from adapter_engine.kernels import lora_linear
+from harness import device, on_gpu, pick, timed
+
+RANK, ALPHA = 16, 32
+SCALE = ALPHA / RANK
+DTYPE = torch.bfloat16 if on_gpu() else torch.float32
+SHAPES = pick([(4096, 4096), (4096, 11008)], [(64, 48)])
+ROWS = pick([1, 16, 256, 4096, 16384], [1, 16])
+TRAIN_ROWS = pick([256, 4096, 16384], [16])
+MIXED_ROWS = pick([16, 256, 4096], [16])
+FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "composition", "peft"]
+TRAIN_PROVIDERS = ["bare", "engine", "composition", "peft"]
+_BARE_MS: dict[tuple, float] = {}
+
+
+def _quick_ms(fn, reps: int = 20) -> float:
+    """Median time of ``fn`` (device events on a GPU): the bare baseline each row is divided by."""
+    for _ in range(pick(3, 1)):
+        fn()
+    times = []
+    for _ in range(pick(reps, 2)):
+        if on_gpu():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def layer_cache():
+    return {}
+
+
+def _layer(cache, shape, n_adapters=1):
+    """Weights of one layer (no bias, as in Llama) and a PEFT lora.Linear holding the same adapters."""
+    key = (shape, n_adapters)
+    if key not in cache:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLoraLinear
+
+        k, n = shape
+        g = torch.Generator(device=device()).manual_seed(0)
+        rand = lambda *s, scale: (torch.randn(*s, device=device(), generator=g) * scale).to(DTYPE)
+        base = torch.nn.Linear(k, n, bias=False, device=device(), dtype=DTYPE).requires_grad_(False)
+        base.weight.copy_(rand(n, k, scale=k**-0.5))
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+        peft_layer = PeftLoraLinear(base, "a0", cfg, r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+        for i in range(1, n_adapters):
+            peft_layer.update_layer(f"a{i}", r=RANK, lora_alpha=ALPHA, config=cfg, init_lora_weights=False)
+        peft_layer.to(device=device(), dtype=DTYPE)
+        As, Bs = [], []
+        for i in range(n_adapters):
+            a, b = peft_layer.lora_A[f"a{i}"].weight, peft_layer.lora_B[f"a{i}"].weight
+            with torch.no_grad():
+                a.copy_(rand(RANK, k, scale=k**-0.5))
+                b.copy_(rand(n, RANK, scale=RANK**-0.5))
+            As.append(a)
+            Bs.append(b)
+        peft_layer.set_adapter([f"a{i}" for i in range(n_adapters)])
+        cache[key] = (base.weight, As, Bs, peft_layer)
+    return cache[key]
+
+
+def _record(benchmark, fn, bare_fn, key, **extra):
+    if key not in _BARE_MS:
+        _BARE_MS[key] = _quick_ms(bare_fn)
+    median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
+    benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
+
+
+@pytest.mark.parametrize("provider", FWD_PROVIDERS)
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def bench_lora_linear_forward(benchmark, layer_cache, shape, M, provider):
+    w, As, Bs, peft_layer = _layer(layer_cache, shape)
+    A, B = As[0].detach(), Bs[0].detach()
+    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
+    bare = lambda: F.linear(x, w)
+    if provider == "bare":
+        fn = bare
+    elif provider.startswith("engine"):
+        path = provider.split("_", 1)[1] if "_" in provider else "auto"
+        fn = lambda: lora_linear(x, w, A, B, SCALE, path=path)
+    elif provider == "composition":
+        fn = lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE)
+    else:
+        fn = lambda: peft_layer(x)
+    case = f"fwd {shape[0]}x{shape[1]} M={M} r={RANK}"
+    with torch.no_grad():
+        _record(benchmark, fn, bare, ("fwd", shape, M), provider=provider, case=case, M=M, shape=list(shape))
+
+
+@pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
+@pytest.mark.parametrize("M", TRAIN_ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def bench_lora_linear_train(benchmark, layer_cache, shape, M, provider):
+    """Forward + backward with a frozen base: gradients for x (the previous layer needs it), A and B."""
+    w, As, Bs, peft_layer = _layer(layer_cache, shape)
+    A, B = As[0], Bs[0]
+    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(M, shape[1], device=device(), dtype=DTYPE)
+    bare = lambda: torch.autograd.grad(F.linear(x, w), [x], dy)
+    if provider == "bare":
+        fn = bare
+    elif provider == "engine":
+        fn = lambda: torch.autograd.grad(lora_linear(x, w, A, B, SCALE), [x, A, B], dy)
+    elif provider == "composition":
+        fn = lambda: torch.autograd.grad(F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE), [x, A, B], dy)
+    else:
+        fn = lambda: torch.autograd.grad(peft_layer(x), [x, A, B], dy)
+    case = f"fwd+bwd {shape[0]}x{shape[1]} M={M} r={RANK}"
+    _record(benchmark, fn, bare, ("train", shape, M), provider=provider, case=case, M=M, shape=list(shape))
+
+
+@pytest.mark.parametrize("provider", ["bare", "engine_one", "engine", "peft"])
+@pytest.mark.parametrize("M", MIXED_ROWS)
+def bench_lora_linear_mixed_batch(benchmark, layer_cache, M, provider):
+    """4 resident adapters, each row picks one (or -1, base only); ``engine_one``: one adapter for all rows."""
+    shape = SHAPES[0]
+    w, As, Bs, peft_layer = _layer(layer_cache, shape, n_adapters=4)
+    As, Bs = [a.detach() for a in As], [b.detach() for b in Bs]
+    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
+    ids = torch.arange(M, device=device()) % 5 - 1  # -1, 0, 1, 2, 3, -1, ...
+    names = ["__base__" if i < 0 else f"a{i}" for i in ids.tolist()]
+    bare = lambda: F.linear(x, w)
+    if provider == "bare":
+        fn = bare
+    elif provider == "engine_one":
+        fn = lambda: lora_linear(x, w, As[0], Bs[0], SCALE)
+    elif provider == "engine":
+        fn = lambda: lora_linear(x, w, As, Bs, [SCALE] * 4, adapter_ids=ids)
+    else:
+        fn = lambda: peft_layer(x, adapter_names=names)
+    case = f"mixed 4 adapters {shape[0]}x{shape[1]} M={M} r={RANK}"
+    with torch.no_grad():
+        _record(benchmark, fn, bare, ("mixed", shape, M), provider=provider, case=case, M=M, shape=list(shape))

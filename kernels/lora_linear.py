@@ -1,0 +1,754 @@
+"""Fused LoRA linear: ``y = x W^T + b + sum_i scale_i * (x A_i^T) B_i^T`` with the base matmul and the low-rank
+update accumulated in one output tile.
+
+One formulation covers one adapter, several summed adapters (PEFT's multi-adapter semantics) and mixed batches
+(``adapter_ids`` per row). The N resident adapters are stacked along the rank axis::
+
+    A_cat (R, K) = cat(A_i)      B_cat (N_out, R) = cat(B_i, dim=1)      R = sum r_i
+    rank_scale[r] = scale of the adapter owning rank column r, rank_adapter[r] = its index
+    C[m, r] = rank_scale[r] if rank_adapter[r] is active for row m else 0
+    u = (x_lora A_cat^T) * C           (M, R)   rounded to the input dtype, as PEFT rounds x A^T
+    y = x W^T + b + u B_cat^T          (M, N_out)
+
+Without ``adapter_ids`` every adapter is active for every row; ``adapter_ids[m] == -1`` means base only.
+
+Layers, as everywhere in this package: the Triton kernel and its launchers (``lora_linear_fwd`` /
+``lora_linear_bwd``, each with a torch twin of the same signature), then the autograd Function and a torch
+custom op (used under ``torch.compile``), then the functional API ``lora_linear`` and its twin
+``lora_linear_reference``.
+
+Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
+  * ``"fused"``: one launch; the K loop also accumulates ``x A_cat^T`` (recomputed per N tile: cheap while M is
+    small and the op is memory bound).
+  * ``"epilogue"``: ``u`` from one torch matmul, then one Triton GEMM adds ``u B_cat^T`` in its epilogue.
+  * ``"addmm"``: the low-rank term (+ bias) is written first, then cuBLAS accumulates ``x W^T`` onto it with
+    ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``.
+  * ``"composition"``: ``F.linear`` then ``y.addmm_(u, B^T)``, the best plain-torch order (benchmark provider).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
+
+PATHS = ("auto", "fused", "epilogue", "addmm", "composition")
+
+
+@dataclass
+class LoraLinearDispatch:
+    """Shape dispatch of ``path="auto"`` (tune on the GPU from ``bench/bench_lora_linear.py``).
+
+    fused_max_m: rows up to which the single fused launch is used.
+    large_m_path: the path used above ``fused_max_m`` (``"addmm"``, ``"epilogue"`` or ``"composition"``).
+    """
+
+    fused_max_m: int = 64
+    large_m_path: str = "addmm"
+
+
+DISPATCH = LoraLinearDispatch()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_linear_fwd_kernel(
+    # pointers
+    x_ptr,  # x: (M, K)
+    w_ptr,  # weight: (N, K), any strides (fan_in_fan_out and the backward pass transposed views)
+    a_ptr,  # A_cat: (R, K)
+    b_ptr,  # B_cat: (N, R)
+    u_in_ptr,  # u precomputed (M, R), unscaled; read only when not FUSE_SHRINK
+    bias_ptr,  # bias: (N,)
+    ids_ptr,  # adapter id per row: (M,) int32
+    rank_adapter_ptr,  # (R,) int32: adapter index of each rank column
+    rank_scale_ptr,  # (R,) fp32: scale of each rank column
+    y_ptr,  # y: (M, N) output
+    u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotune key only
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_uim,
+    stride_uir,
+    stride_ym,
+    stride_yn,
+    stride_uom,
+    stride_uor,
+    # meta
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    STORE_U: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs on the GPU (no silent TF32)
+    EVEN_K: tl.constexpr,
+):
+    # Grouped ordering (Triton tutorial 03): GROUP_M row blocks sweep the N tiles together so W stays in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # W^T tile (BLOCK_K, BLOCK_N)
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # A^T tile (BLOCK_K, BLOCK_R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        if FUSE_SHRINK:
+            if EVEN_K:
+                at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            else:
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if DOT_FP32:
+                at = at.to(tl.float32)
+            u = tl.dot(xt, at, u, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
+    mr_mask = m_mask[:, None] & r_mask[None, :]
+    if not FUSE_SHRINK:
+        u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+        u = tl.load(u_in, mask=mr_mask, other=0.0).to(tl.float32)
+    rank_scale = tl.load(rank_scale_ptr + offs_r, mask=r_mask, other=0.0)
+    if HAS_IDS:
+        ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
+        owner = tl.load(rank_adapter_ptr + offs_r, mask=r_mask, other=-2)
+        u = u * tl.where(ids[:, None] == owner[None, :], rank_scale[None, :], 0.0)
+    else:
+        u = u * rank_scale[None, :]
+    u_lo = u.to(y_ptr.dtype.element_ty)
+    if STORE_U:
+        if pid_n == 0:
+            u_out = u_out_ptr + offs_m[:, None] * stride_uom + offs_r[None, :] * stride_uor
+            tl.store(u_out, u_lo, mask=mr_mask)
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile (BLOCK_R, BLOCK_N)
+    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    if DOT_FP32:
+        acc = tl.dot(u_lo.to(tl.float32), bt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(u_lo, bt, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_fwd_kernel_fixed = _even_k(_lora_linear_fwd_kernel)
+
+
+def _gpu_configs() -> list[triton.Config]:
+    """Candidate tiles per M regime; ``_prune_configs`` keeps those of the call's regime."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        # M <= 16: memory bound, stream W with long K blocks and enough N tiles to fill 132 SMs
+        (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 128, 4, 5), (16, 128, 128, 4, 4), (16, 32, 512, 4, 3),
+        (16, 64, 64, 4, 3), (16, 32, 64, 4, 4),  # shorter K blocks leave shared memory for a large A_cat tile
+        # M <= 64
+        (32, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+        # M <= 256 and above
+        (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+    ]  # fmt: skip
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs of the call's M regime whose pipelined tiles fit in shared memory (~200 KB on H100)."""
+    get = lambda name, default: kwargs.get(name, named_args.get(name, default))
+    m, block_r, fuse = get("M_BUCKET", 16), get("BLOCK_R", 16), get("FUSE_SHRINK", True)
+    lo, hi = (16, 16) if m <= 16 else (16, 64) if m <= 64 else (64, 128) if m <= 256 else (128, 256)
+
+    def smem(c):  # bytes per stage of x, W (and A_cat when fused) tiles in 16-bit, times the stages
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return 2 * c.num_stages * bk * (bm + bn + (block_r if fuse else 0))
+
+    keep = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi and smem(c) <= 200_000]
+    if keep:
+        return keep
+    bm = min(max(lo, 16), 64)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
+
+
+_fwd_kernel_tuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_SHRINK", "HAS_IDS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_fwd_kernel_fixed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers and their torch twins
+# ----------------------------------------------------------------------------------------------------------------
+def coefficients(rank_scale: torch.Tensor, rank_adapter: torch.Tensor, adapter_ids: torch.Tensor | None):
+    """C: (M, R) fp32 (or (1, R) without ids) = rank_scale where the column's adapter is active for the row."""
+    if adapter_ids is None:
+        return rank_scale[None, :]
+    return torch.where(adapter_ids[:, None] == rank_adapter[None, :], rank_scale[None, :], 0.0)
+
+
+def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Kernel outputs (tests replace this to hand the kernel NaN-poisoned buffers)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def _pick_path(path: str, m: int, fusable: bool) -> str:
+    if path == "auto":
+        path = "fused" if m <= DISPATCH.fused_max_m else DISPATCH.large_m_path
+    if path == "fused" and not fusable:
+        path = "epilogue"
+    return path
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: torch.Tensor,
+    rank_adapter: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
+    x_lora: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+    store_u: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward launcher on 2-D operands (already validated by the functional API).
+
+    x: (M, K); weight: (N, K) any strides; lora_A: (R, K); lora_B: (N, R); rank_scale: (R,) fp32;
+    rank_adapter: (R,) int32; bias: (N,); adapter_ids: (M,) int32; x_lora: (M, K) adapter input (dropout) or
+    None for x. Returns y (M, N) and u = (x_lora A^T) * C (M, R) in x's dtype (None unless ``store_u``).
+    """
+    if not use_triton(x):
+        return lora_linear_fwd_reference(
+            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path, store_u=store_u
+        )
+    M, K = x.shape
+    N, R = lora_B.shape
+    path = _pick_path(path, M, fusable=x_lora is None)
+    if path in ("addmm", "composition"):
+        return _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path)
+    y = _alloc((M, N), x)
+    u_out = _alloc((M, R), x) if store_u else None
+    if M == 0:
+        return y, u_out
+    fuse = path == "fused"
+    u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
+    interp = x.device.type != "cuda"
+    kernel = _fwd_kernel_fixed if interp else _fwd_kernel_tuned
+    dummy = y  # never dereferenced: the matching constexpr switch is off
+    u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
+    meta = dict(
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        FUSE_SHRINK=fuse,
+        HAS_BIAS=bias is not None,
+        HAS_IDS=adapter_ids is not None,
+        STORE_U=store_u,
+        DOT_FP32=interp,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    if interp:  # one config under the interpreter: large blocks, few programs
+        meta.update(BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    kernel[grid](
+        x, weight, lora_A, lora_B, u_in_t, bias if bias is not None else dummy,
+        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
+        M, N, K, R, min(triton.next_power_of_2(M), 4096),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
+        u_out_t.stride(0), u_out_t.stride(1),
+        **meta,
+    )  # fmt: skip
+    return y, u_out
+
+
+def _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path):
+    """``"addmm"``: y = b + u B^T, then y += x W^T inside cuBLAS (beta=1). ``"composition"``: the reverse."""
+    u = (x if x_lora is None else x_lora) @ lora_A.t()
+    u = (u.float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(x.dtype)
+    if path == "addmm":
+        y = torch.addmm(bias, u, lora_B.t()) if bias is not None else u @ lora_B.t()
+        return y.addmm_(x, weight.t()), u
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y.addmm_(u, lora_B.t()), u
+
+
+def lora_linear_fwd_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: torch.Tensor,
+    rank_adapter: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    adapter_ids: torch.Tensor | None = None,
+    x_lora: torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+    store_u: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Torch twin of ``lora_linear_fwd``: fp32 accumulation, u rounded to the input dtype, y rounded once."""
+    del path  # one torch formulation serves every path
+    if x.dtype == torch.float32 or x.device.type == "cuda":
+        u = (x if x_lora is None else x_lora) @ lora_A.t()
+        u = (u.float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(x.dtype)
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        return y.addmm_(u, lora_B.t()), (u if store_u else None)
+    f = lambda t: None if t is None else t.float()  # CPU half matmuls: upcast, round once
+    u = f(x if x_lora is None else x_lora) @ f(lora_A).t()
+    u = (u * coefficients(rank_scale, rank_adapter, adapter_ids)).to(x.dtype)
+    y = torch.addmm(f(bias), f(x), f(weight).t()) if bias is not None else f(x) @ f(weight).t()
+    return y.addmm_(u.float(), f(lora_B).t()).to(x.dtype), (u if store_u else None)
+
+
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: torch.Tensor,
+    rank_adapter: torch.Tensor,
+    adapter_ids: torch.Tensor | None,
+    u: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+    *,
+    path: str = "auto",
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward launcher. ``needs`` = which of (dx, dx_lora, dweight, dbias, dA_cat, dB_cat) to compute.
+
+    dy: (M, N); x, x_lora: (M, K) (x_lora None: the adapter read x); u: (M, R), the forward's ``u * C``.
+    With ``du = (dy B_cat) * C`` (M, R): ``dB_cat = dy^T u``, ``dA_cat = du^T x_lora``, ``dx = dy W + du A_cat``
+    (without dropout; with it ``dx = dy W`` and ``dx_lora = du A_cat``), ``dW = dy^T x``, ``db = sum_m dy``.
+    ``dx`` has the forward's form on transposed views (x' = dy, W' = W^T, A' = B_cat^T, B' = A_cat^T), so the
+    fused forward kernel computes it, writing ``du`` as its ``u``. Returns the six gradients (None if unneeded).
+    """
+    if not use_triton(dy):
+        return lora_linear_bwd_reference(
+            dy, x, x_lora, weight, lora_A, lora_B, rank_scale, rank_adapter, adapter_ids, u, needs, path=path
+        )
+    need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
+    dx = dxl = du = None
+    if need_dx and x_lora is None:
+        dx, du = lora_linear_fwd(
+            dy, weight.t(), lora_B.t(), lora_A.t(), rank_scale, rank_adapter, None, adapter_ids, path=path
+        )
+    elif need_dx:
+        dx = dy @ weight
+    if du is None and (need_da or need_dxl):
+        du = ((dy @ lora_B).float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(dy.dtype)
+    if need_dxl:
+        dxl = du @ lora_A
+    dA = du.t() @ (x if x_lora is None else x_lora) if need_da else None
+    dB = dy.t() @ u if need_dbb else None
+    dW = dy.t() @ x if need_dw else None
+    db = dy.sum(0) if need_db else None
+    return dx, dxl, dW, db, dA, dB
+
+
+def lora_linear_bwd_reference(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: torch.Tensor,
+    rank_adapter: torch.Tensor,
+    adapter_ids: torch.Tensor | None,
+    u: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool, bool, bool],
+    *,
+    path: str = "auto",
+) -> tuple[torch.Tensor | None, ...]:
+    """Torch twin of ``lora_linear_bwd`` (same formulas; CPU half precision upcast to fp32, rounded once)."""
+    del path
+    need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
+    dt = dy.dtype
+    up = (lambda t: t) if (dt == torch.float32 or dy.device.type == "cuda") else (lambda t: t.float())
+    out = lambda t: None if t is None else t.to(dt)
+    dyf, Af, Bf = up(dy), up(lora_A), up(lora_B)
+    du = None
+    if need_dx or need_dxl or need_da:
+        du = ((dyf @ Bf).float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(dt)
+    dx = dxl = None
+    if need_dx:
+        dx = dyf @ up(weight)
+        if x_lora is None:
+            dx = dx.addmm_(up(du), Af)
+    if need_dxl:
+        dxl = up(du) @ Af
+    dA = up(du).t() @ up(x if x_lora is None else x_lora) if need_da else None
+    dB = dyf.t() @ up(u) if need_dbb else None
+    dW = dyf.t() @ up(x) if need_dw else None
+    db = dyf.sum(0) if need_db else None
+    return out(dx), out(dxl), out(dW), out(db), out(dA), out(dB)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd Function (eager) and torch custom ops (torch.compile)
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _rank_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
+    """(rank_scale (R,) fp32, rank_adapter (R,) int32), cached so no host-to-device copy happens per call."""
+    rank_scale = torch.tensor([s for s, r in zip(scales, ranks, strict=True) for _ in range(r)], dtype=torch.float32)
+    rank_adapter = torch.tensor([i for i, r in enumerate(ranks) for _ in range(r)], dtype=torch.int32)
+    return rank_scale.to(device), rank_adapter.to(device)
+
+
+def _stack(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(lora_As) == 1:  # one adapter: no concatenation, no copy
+        return lora_As[0], lora_Bs[0]
+    return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Non-tensor settings of one call: each adapter's rank and scale, and the forward path."""
+
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+    path: str = "auto"
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Fused LoRA linear on 2-D operands; inputs ``(settings, x, x_lora, weight, bias, adapter_ids, *As, *Bs)``.
+
+    Saved for backward: x (only for dW, or for dA without dropout), x_lora (dropout only), u = (x_lora A^T) * C
+    (M, R) for dB, and references to the weights; never an (M, N) or (N, K) temporary. Gradients are derived
+    in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a slice of dA_cat / dB_cat.
+    """
+
+    @staticmethod
+    def forward(ctx, settings: LoraSettings, x, x_lora, weight, bias, adapter_ids, *factors):
+        n = len(settings.ranks)
+        A, B = _stack(factors[:n], factors[n:])
+        rank_scale, rank_adapter = _rank_tables(settings.ranks, settings.scales, x.device)
+        g = ctx.needs_input_grad
+        need_da, need_dbb = any(g[6 : 6 + n]), any(g[6 + n :])
+        y, u = lora_linear_fwd(
+            x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=settings.path, store_u=need_dbb
+        )
+        ctx.needs = (g[1], g[2] and x_lora is not None, g[3], bias is not None and g[4], need_da, need_dbb)
+        keep_x = g[3] or (need_da and x_lora is None)
+        ctx.save_for_backward(x if keep_x else None, x_lora if need_da else None, weight, adapter_ids, u, *factors)
+        ctx.settings = settings
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_lora, weight, adapter_ids, u, *factors = ctx.saved_tensors
+        s: LoraSettings = ctx.settings
+        n = len(s.ranks)
+        A, B = _stack(factors[:n], factors[n:])
+        rank_scale, rank_adapter = _rank_tables(s.ranks, s.scales, dy.device)
+        dx, dxl, dW, db, dA, dB = lora_linear_bwd(
+            dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, ctx.needs, path=s.path
+        )
+        dAs = dA.split(list(s.ranks), 0) if dA is not None else (None,) * n
+        dBs = dB.split(list(s.ranks), 1) if dB is not None else (None,) * n
+        return (None, dx, dxl, dW, db, None, *dAs, *dBs)
+
+
+@torch.library.custom_op("adapter_engine::lora_linear_fwd", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapter_ids: torch.Tensor | None,
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scales: list[float],
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    A, B = _stack(lora_As, lora_Bs)
+    ranks = tuple(a.shape[0] for a in lora_As)
+    rank_scale, rank_adapter = _rank_tables(ranks, tuple(scales), x.device)
+    return lora_linear_fwd(x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path)
+
+
+@_lora_linear_op.register_fake
+def _(x, x_lora, weight, bias, adapter_ids, lora_As, lora_Bs, scales, path):
+    R = sum(a.shape[0] for a in lora_As)
+    return x.new_empty((x.shape[0], lora_Bs[0].shape[0])), x.new_empty((x.shape[0], R))
+
+
+@torch.library.custom_op("adapter_engine::lora_linear_bwd", mutates_args=())
+def _lora_linear_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor | None,
+    x_lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    adapter_ids: torch.Tensor | None,
+    u: torch.Tensor,
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scales: list[float],
+    path: str,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    A, B = _stack(lora_As, lora_Bs)
+    ranks = tuple(a.shape[0] for a in lora_As)
+    rank_scale, rank_adapter = _rank_tables(ranks, tuple(scales), dy.device)
+    grads = lora_linear_bwd(
+        dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, tuple(needs), path=path
+    )
+    return [g if g is not None else dy.new_empty(0) for g in grads]
+
+
+@_lora_linear_bwd_op.register_fake
+def _(dy, x, x_lora, weight, adapter_ids, u, lora_As, lora_Bs, scales, path, needs):
+    M, N = dy.shape
+    K, R = weight.shape[1], u.shape[1]
+    shapes = [(M, K), (M, K), (N, K), (N,), (R, K), (N, R)]
+    return [dy.new_empty(s if need else (0,)) for s, need in zip(shapes, needs, strict=True)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, x_lora, weight, bias, adapter_ids, lora_As, lora_Bs, scales, path = inputs
+    need_da, need_dbb = any(a.requires_grad for a in lora_As), any(b.requires_grad for b in lora_Bs)
+    ctx.needs = [
+        x.requires_grad,
+        x_lora is not None and x_lora.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+        need_da,
+        need_dbb,
+    ]
+    keep_x = weight.requires_grad or (need_da and x_lora is None)
+    ctx.save_for_backward(x if keep_x else None, x_lora, weight, adapter_ids, output[1], *lora_As, *lora_Bs)
+    ctx.n, ctx.scales, ctx.path = len(lora_As), list(scales), path
+
+
+def _op_backward(ctx, dy, du_unused):
+    x, x_lora, weight, adapter_ids, u, *factors = ctx.saved_tensors
+    n = ctx.n
+    As, Bs = list(factors[:n]), list(factors[n:])
+    grads = _lora_linear_bwd_op(dy, x, x_lora, weight, adapter_ids, u, As, Bs, ctx.scales, ctx.path, ctx.needs)
+    dx, dxl, dW, db, dA, dB = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
+    ranks = [a.shape[0] for a in As]
+    dAs = list(dA.split(ranks, 0)) if dA is not None else None
+    dBs = list(dB.split(ranks, 1)) if dB is not None else None
+    return dx, dxl, dW, db, None, dAs, dBs, None, None
+
+
+torch.library.register_autograd("adapter_engine::lora_linear_fwd", _op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------------------------
+def _adapter_lists(lora_A, lora_B, scale):
+    if isinstance(lora_A, torch.Tensor):
+        if not isinstance(lora_B, torch.Tensor) or isinstance(scale, (list, tuple)):
+            raise TypeError("lora_A, lora_B and scale must all be single (tensor, tensor, float) or all sequences")
+        return [lora_A], [lora_B], [float(scale)]
+    As, Bs, scales = list(lora_A), list(lora_B), list(scale)
+    if not (len(As) == len(Bs) == len(scales)) or not As:
+        raise ValueError(
+            f"need equal, non-zero numbers of lora_A, lora_B and scale, got {len(As)}, {len(Bs)}, {len(scales)}"
+        )
+    return As, Bs, [float(s) for s in scales]
+
+
+def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False):
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    tensors.update({f"lora_A[{i}]": a for i, a in enumerate(As)})
+    tensors.update({f"lora_B[{i}]": b for i, b in enumerate(Bs)})
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None and not (allow_fp64 and t.dtype == torch.float64):  # fp64: the reference's oracle mode
+            check_float_dtype(name, t)
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"x, weight, bias and the LoRA factors must share one dtype, got {listing}")
+    check_same_device(**tensors)
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"x must be (..., in) and weight 2-D, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+    layout = "(in, out) (fan_in_fan_out=True)" if fan_in_fan_out else "(out, in)"
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x {tuple(x.shape)} has {x.shape[-1]} features, weight {tuple(weight.shape)} {layout} wants {in_f}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias {tuple(bias.shape)} must be ({out_f},) for weight {tuple(weight.shape)} {layout}")
+    for i, (a, b) in enumerate(zip(As, Bs, strict=True)):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"adapter {i}: lora_A {tuple(a.shape)} must be (r, {in_f}) and lora_B {tuple(b.shape)} must be "
+                f"({out_f}, r) with the same r"
+            )
+        if a.shape[0] < 1:
+            raise ValueError(f"adapter {i}: rank must be >= 1, got lora_A {tuple(a.shape)}")
+    return out_f, in_f
+
+
+def _row_ids(adapter_ids, x, n_adapters):
+    if adapter_ids is None:
+        return None
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex():
+        got = getattr(adapter_ids, "dtype", type(adapter_ids))
+        raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
+    lead = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) == lead:
+        ids = adapter_ids
+    elif adapter_ids.dim() == 1 and len(lead) >= 1 and adapter_ids.shape[0] == lead[0]:
+        ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)  # per sequence
+    else:
+        raise ValueError(
+            f"adapter_ids {tuple(adapter_ids.shape)} must be shaped like x.shape[:-1] {lead} (per token) "
+            f"or x.shape[:1] {lead[:1]} (per sequence)"
+        )
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids on {ids.device} but x on {x.device}")
+    # On CUDA a range check would sync the stream (and it is data-dependent under torch.compile): there, ids
+    # outside [-1, n) match no adapter and act as -1.
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= n_adapters:
+            raise ValueError(f"adapter_ids must lie in [-1, {n_adapters}) for {n_adapters} adapters, got [{lo}, {hi}]")
+    return ids.reshape(-1).to(torch.int32)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor | Sequence[torch.Tensor],
+    lora_B: torch.Tensor | Sequence[torch.Tensor],
+    scale: float | Sequence[float],
+    bias: torch.Tensor | None = None,
+    *,
+    adapter_ids: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+    path: str = "auto",
+) -> torch.Tensor:
+    """``y = x W^T + b + sum_i scale_i * (dropout(x) A_i^T) B_i^T`` with the base and low-rank terms fused.
+
+    x: (..., in). weight: (out, in), or (in, out) with ``fan_in_fan_out=True`` (GPT-2 Conv1D; no copy is made).
+    lora_A: (r, in) and lora_B: (out, r) with a float ``scale``, or equal-length sequences of them for several
+    adapters (ranks may differ). bias: (out,). adapter_ids: None (every adapter is summed into every row, PEFT's
+    multi-adapter semantics) or an integer tensor shaped like ``x.shape[:-1]`` (per token) or ``x.shape[:1]``
+    (per sequence): row m gets adapter ``adapter_ids[m]`` only, -1 means base only. dropout (applied when
+    ``training``) acts on the adapter input only, one mask shared by the adapters. All tensors share one dtype
+    (fp32/fp16/bf16) and device. path: see the module docstring. Returns (..., out) in x's dtype.
+    """
+    As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
+    out_f, in_f = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    ids = _row_ids(adapter_ids, x, len(As))
+    lead = x.shape[:-1]
+    w = weight.t() if fan_in_fan_out else weight  # (out, in) view
+    x_lora = torch.nn.functional.dropout(x, dropout, True).reshape(-1, in_f) if training and dropout > 0 else None
+    x2 = x.reshape(-1, in_f)
+    if torch.compiler.is_compiling():
+        y = _lora_linear_op(x2, x_lora, w, bias, ids, As, Bs, scales, path)[0]
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias, *As, *Bs)):
+        settings = LoraSettings(tuple(a.shape[0] for a in As), tuple(scales), path)
+        y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
+    else:
+        A, B = _stack(As, Bs)
+        rank_scale, rank_adapter = _rank_tables(tuple(a.shape[0] for a in As), tuple(scales), x.device)
+        y = lora_linear_fwd(x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False)[0]
+    return y.reshape(*lead, out_f)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor | Sequence[torch.Tensor],
+    lora_B: torch.Tensor | Sequence[torch.Tensor],
+    scale: float | Sequence[float],
+    bias: torch.Tensor | None = None,
+    *,
+    adapter_ids: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+    path: str = "auto",
+) -> torch.Tensor:
+    """Pure-torch twin of ``lora_linear`` (PEFT's eager formulation, autograd does the backward).
+
+    Same arguments and result; adapters are added one at a time in order, as PEFT does; a mixed batch masks
+    each adapter's term to its rows. ``path`` is accepted for signature parity and ignored.
+    """
+    del path
+    As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
+    _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=True)
+    ids = _row_ids(adapter_ids, x, len(As))
+    w = weight.t() if fan_in_fan_out else weight
+    x_lora = torch.nn.functional.dropout(x, dropout, True) if training and dropout > 0 else x
+    y = torch.nn.functional.linear(x, w, bias)
+    for i, (a, b, s) in enumerate(zip(As, Bs, scales, strict=True)):
+        term = torch.nn.functional.linear(torch.nn.functional.linear(x_lora, a), b) * s
+        if ids is not None:
+            term = term * (ids == i).reshape(*x.shape[:-1], 1).to(term.dtype)
+        y = y + term
+    return y

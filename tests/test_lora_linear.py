@@ -1,0 +1,314 @@
+"""Fused LoRA linear (``adapter_engine.kernels.lora_linear``) against its torch reference, forward and every gradient.
+
+CPU tier: the Triton kernel runs in the interpreter (tests/conftest.py) at small, odd shapes. CUDA tier: bf16 at
+Llama-like sizes, where the fused op's error against fp64 must not exceed plain torch bf16's (PEFT's eager order).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from adapter_engine.kernels import lora_linear, lora_linear_reference
+
+# the module itself (its attribute name on the package is taken by the function of the same name)
+ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+
+# Max |error| against the fp64 oracle, relative to max |oracle|, per dtype, with the reason:
+#  fp32: only summation order differs (K <= 70 terms, ~1e-7 each), 1e-5 leaves margin.
+#  fp16: inputs are exact, the output and u are rounded once each (unit roundoff 4.9e-4) -> 2e-3.
+#  bf16: same two roundings with unit roundoff 3.9e-3 (gradients add the rounding of du) -> 2e-2.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+PATHS = ["fused", "epilogue", "addmm"]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel outputs start as NaN: any element the kernel does not write shows up in the comparison."""
+
+    def alloc(shape, like):
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
+
+    monkeypatch.setattr(ll, "_alloc", alloc)
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, grad=True):
+    t = (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _make(lead, K, N, ranks, dtype, bias=True, fifo=False):
+    x = _rand(*lead, K, dtype=dtype)
+    w = _rand(*((K, N) if fifo else (N, K)), dtype=dtype, scale=K**-0.5)
+    b = _rand(N, dtype=dtype) if bias else None
+    As = [_rand(r, K, dtype=dtype, scale=K**-0.5) for r in ranks]
+    Bs = [_rand(N, r, dtype=dtype, scale=r**-0.5) for r in ranks]  # random B (PEFT starts at 0; tests never do)
+    return x, w, b, As, Bs
+
+
+def _run(fn, x, w, b, As, Bs, scales, dy, **kw):
+    """Output and the gradients of every tensor that requires grad, in a fixed order."""
+    factors = [*As, *Bs] if isinstance(As, list) else [As, Bs]
+    leaves = [t for t in (x, w, b, *factors) if t is not None and t.requires_grad]
+    y = fn(x, w, As, Bs, scales, b, **kw)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype), allow_unused=True) if leaves else []
+    return y, list(grads)
+
+
+def _oracle(x, w, b, As, Bs, scales, dy, **kw):
+    up = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+    As, Bs = ([up(a) for a in As], [up(b_) for b_ in Bs]) if isinstance(As, list) else (up(As), up(Bs))
+    return _run(lora_linear_reference, up(x), up(w), up(b), As, Bs, scales, dy, **kw)
+
+
+def _close(got, want, dtype, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN (unwritten or poisoned output)"
+    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+    ref = want.abs().max().item() if want.numel() else 1.0
+    assert err <= TOL[dtype] * max(ref, 1e-3), f"{what}: max error {err:.3g} vs max |ref| {ref:.3g} ({dtype})"
+
+
+def _check(x, w, b, As, Bs, scales, dtype, **kw):
+    n_out = (Bs if isinstance(Bs, torch.Tensor) else Bs[0]).shape[0]
+    y_shape = (*x.shape[:-1], n_out)
+    dy = torch.randn(y_shape, dtype=torch.float64)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, scales, dy, **kw)
+    y64, grads64 = _oracle(x, w, b, As, Bs, scales, dy, **kw)
+    assert y.dtype == dtype
+    _close(y, y64, dtype, "y")
+    assert len(grads) == len(grads64)
+    for i, (g, g64) in enumerate(zip(grads, grads64, strict=True)):
+        assert (g is None) == (g64 is None), f"grad {i}: presence differs"
+        if g is not None:
+            _close(g, g64, dtype, f"grad {i}")
+    return y, grads
+
+
+# ------------------------------------------------------------------------------------------------ interpreter tier
+CASES = [  # (rows, K, N, rank, bias)
+    ((1,), 19, 45, 1, True),
+    ((7,), 45, 19, 8, False),
+    ((3, 11), 70, 33, 64, True),
+    ((33,), 64, 70, 8, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}r{c[3]}{'b' if c[4] else ''}")
+def test_single_adapter_fused(poison, case, dtype):
+    lead, K, N, r, bias = case
+    x, w, b, As, Bs = _make(lead, K, N, [r], dtype, bias)
+    _check(x, w, b, As[0], Bs[0], 0.75, dtype, path="fused")
+
+
+@pytest.mark.parametrize("path", ["epilogue", "addmm", "composition", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_adapter_other_paths(poison, path, dtype):
+    x, w, b, As, Bs = _make((2, 9), 45, 37, [8], dtype)
+    _check(x, w, b, As, Bs, [2.0], dtype, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_several_adapters_summed(poison, path):
+    x, w, b, As, Bs = _make((13,), 40, 29, [1, 8, 5], torch.float32)
+    _check(x, w, b, As, Bs, [0.5, 2.0, -1.0], torch.float32, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_mixed_batch_ids(poison, path, dtype):
+    # four resident adapters, adapter 2 absent from the batch, -1 and 1 repeated, rows in no particular order
+    x, w, b, As, Bs = _make((2, 9), 35, 27, [8, 1, 4, 16], dtype)
+    ids = torch.tensor([[1, -1, 3, 1, -1, 0, 1, 3, 3], [-1, 0, 0, 1, -1, -1, 3, 1, 0]])
+    _, grads = _check(x, w, b, As, Bs, [0.5, 2.0, 1.5, -0.25], dtype, adapter_ids=ids, path=path)
+    # the absent adapter gets exactly zero gradients
+    n_lead = 3  # x, w, b
+    assert torch.count_nonzero(grads[n_lead + 2]) == 0 and torch.count_nonzero(grads[n_lead + 4 + 2]) == 0
+
+
+def test_mixed_batch_per_sequence_ids_and_all_base(poison):
+    x, w, b, As, Bs = _make((3, 5), 24, 18, [8, 8], torch.float32)
+    _check(x, w, b, As, Bs, [1.0, 3.0], torch.float32, adapter_ids=torch.tensor([1, -1, 0]), path="fused")
+    # every row base-only: exactly the base linear, zero adapter gradients
+    ids = torch.full((3, 5), -1)
+    y, grads = _check(x, w, b, As, Bs, [1.0, 3.0], torch.float32, adapter_ids=ids, path="fused")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-6, atol=1e-6)
+    assert all(torch.count_nonzero(g) == 0 for g in grads[3:])
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_empty_batch(lead):
+    x, w, b, As, Bs = _make(lead, 19, 23, [8], torch.float32)
+    y = lora_linear(x, w, As[0], Bs[0], 2.0, b)
+    assert y.shape == (*lead, 23)
+    y.sum().backward()
+    for t in (w, b, As[0], Bs[0]):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("path", ["fused", "addmm"])
+def test_fan_in_fan_out(poison, path):
+    x, w, b, As, Bs = _make((2, 7), 30, 21, [8], torch.float32, fifo=True)
+    _check(x, w, b, As[0], Bs[0], 0.5, torch.float32, fan_in_fan_out=True, path=path)
+    y = lora_linear(x, w, As[0], Bs[0], 0.5, b, fan_in_fan_out=True)
+    y.sum().backward()
+    assert w.grad.shape == (30, 21)
+
+
+def test_frozen_base_and_no_grad_paths(poison):
+    x, w, b, As, Bs = _make((9,), 33, 17, [8], torch.float32)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    x.requires_grad_(False)
+    _check(x, w, b, As, Bs, [1.5], torch.float32, path="fused")
+    y = lora_linear(x, w, As, Bs, [1.5], b)
+    y.square().sum().backward()
+    assert w.grad is None and b.grad is None and x.grad is None
+    assert As[0].grad is not None and Bs[0].grad is not None
+    with torch.no_grad():  # inference launch: no u stored, same output
+        torch.testing.assert_close(lora_linear(x, w, As, Bs, [1.5], b), y.detach(), rtol=0, atol=0)
+
+
+def test_strided_input(poison):
+    base = _rand(6, 50, grad=False)
+    x = base[:, ::2].requires_grad_(False)  # (6, 25), stride 2 along features
+    _, w, b, As, Bs = _make((6,), 25, 31, [8], torch.float32)
+    _check(x, w, b, As, Bs, [1.0], torch.float32, path="fused")
+
+
+@pytest.mark.parametrize("path", ["fused", "addmm"])
+def test_dropout_same_mask_as_reference(path):
+    x, w, b, As, Bs = _make((4, 6), 28, 20, [8, 4], torch.float32)
+    dy = torch.randn(4, 6, 20, dtype=torch.float64)
+    kw = dict(dropout=0.3, training=True)
+    torch.manual_seed(123)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, [1.0, 0.5], dy, path=path, **kw)
+    torch.manual_seed(123)
+    y_ref, grads_ref = _run(lora_linear_reference, x, w, b, As, Bs, [1.0, 0.5], dy, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    # the mask really drops: a different seed changes the result; eval mode ignores dropout
+    torch.manual_seed(7)
+    assert not torch.allclose(lora_linear(x, w, As, Bs, [1.0, 0.5], b, **kw), y)
+    torch.testing.assert_close(
+        lora_linear(x, w, As, Bs, [1.0, 0.5], b, dropout=0.3, training=False), lora_linear(x, w, As, Bs, [1.0, 0.5], b)
+    )
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, As, Bs = _make((2, 5), 24, 20, [8, 4], torch.float32)
+    ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
+
+    def f(x, w, b, a0, a1, b0, b1):
+        return lora_linear(x, w, [a0, a1], [b0, b1], [2.0, 0.5], b, adapter_ids=ids, path="fused").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # traces the custom ops and their autograd
+    args = (x, w, b, *As, *Bs)
+    loss, loss_c = f(*args), compiled(*args)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    for g, g_c in zip(torch.autograd.grad(loss, args), torch.autograd.grad(compiled(*args), args), strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """The default backend (inductor, ~20 s of C++ compilation on CPU) around the opaque custom ops."""
+    x, w, b, As, Bs = _make((2, 5), 24, 20, [8], torch.float32)
+    w.requires_grad_(False)
+    f = lambda x, a, b_: torch.relu(lora_linear(x, w, [a], [b_], [2.0], b)).square().mean()
+    compiled = torch.compile(f, fullgraph=True)
+    args = (x, As[0], Bs[0])
+    loss, loss_c = f(*args), compiled(*args)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    for g, g_c in zip(torch.autograd.grad(loss, args), torch.autograd.grad(compiled(*args), args), strict=True):
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_dispatch_threshold(monkeypatch):
+    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=16, large_m_path="epilogue"))
+    assert ll._pick_path("auto", 16, fusable=True) == "fused"
+    assert ll._pick_path("auto", 17, fusable=True) == "epilogue"
+    assert ll._pick_path("fused", 4, fusable=False) == "epilogue"  # dropout: the adapter input differs from x
+    assert ll._pick_path("addmm", 4, fusable=True) == "addmm"
+
+
+def test_validation_errors():
+    x, w, b, As, Bs = _make((4,), 16, 12, [8], torch.float32)
+    A, B = As[0], Bs[0]
+    with pytest.raises(ValueError, match=r"x \(4, 15\).*weight \(12, 16\)"):
+        lora_linear(x[:, :15], w, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A \(8, 16\).*lora_B \(12, 4\)"):
+        lora_linear(x, w, A, B[:, :4], 1.0)
+    with pytest.raises(ValueError, match=r"bias \(11,\)"):
+        lora_linear(x, w, A, B, 1.0, b[:11])
+    with pytest.raises(TypeError, match=r"x torch.float16.*weight torch.float32"):
+        lora_linear(x.half(), w, A, B, 1.0)
+    with pytest.raises(TypeError, match="int64"):
+        lora_linear(x.long(), w, A, B, 1.0)
+    with pytest.raises(ValueError, match="equal"):
+        lora_linear(x, w, [A, A], [B], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"\[-1, 2\).*\[-1, 2\]"):
+        lora_linear(x, w, [A, A], [B, B], [1.0, 1.0], adapter_ids=torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=r"\[-1, 1\).*\[-3, 0\]"):
+        lora_linear(x, w, A, B, 1.0, adapter_ids=torch.tensor([0, -3, 0, 0]))
+    with pytest.raises(TypeError, match="integer"):
+        lora_linear(x, w, A, B, 1.0, adapter_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"adapter_ids \(3,\)"):
+        lora_linear(x, w, A, B, 1.0, adapter_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="path"):
+        lora_linear(x, w, A, B, 1.0, path="fast")
+    with pytest.raises(ValueError, match="dropout"):
+        lora_linear(x, w, A, B, 1.0, dropout=1.0, training=True)
+    with pytest.raises(ValueError, match="one device"):
+        lora_linear(x, w.to("meta"), A, B, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA tier
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm"])
+@pytest.mark.parametrize("M", [1, 16, 256, 2048])
+def test_cuda_bf16_no_worse_than_torch(M, path):
+    """bf16, Llama-like 4096 -> 4096 with 4 resident adapters (r=16, two of rank 8/64) and mixed ids incl. -1:
+    the fused op's relative error against fp64 (forward and every gradient) is at most plain torch bf16's
+    (PEFT's eager order, ``lora_linear_reference`` in bf16) plus 2% of it."""
+    dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
+    ranks, scales = [16, 8, 64, 16], [2.0, 0.5, 0.25, 1.0]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, dt)
+    x, w, b = (t.detach().to(dev).requires_grad_(g) for t, g in ((x, True), (w, False), (b, False)))
+    As = [a.detach().to(dev).requires_grad_() for a in As]
+    Bs = [b_.detach().to(dev).requires_grad_() for b_ in Bs]
+    ids = torch.randint(-1, len(ranks), (M,), device=dev)
+    dy = torch.randn(M, N, device=dev, dtype=torch.float64)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, scales, dy, adapter_ids=ids, path=path)
+    y_t, grads_t = _run(lora_linear_reference, x, w, b, As, Bs, scales, dy, adapter_ids=ids)
+    y64, grads64 = _oracle(x, w, b, As, Bs, scales, dy, adapter_ids=ids)
+    pairs = [("y", y, y_t, y64)] + [(f"grad {i}", *t) for i, t in enumerate(zip(grads, grads_t, grads64, strict=True))]
+    for what, got, torch_bf16, want in pairs:
+        if want.norm() == 0:
+            assert got.double().norm() == 0, what
+            continue
+        e, e_t = _rel_err(got, want), _rel_err(torch_bf16, want)
+        assert e <= e_t * 1.02 + 1e-6, f"{what}: fused error {e:.3g} > torch bf16 error {e_t:.3g} (M={M}, {path})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "epilogue", "addmm"])
+def test_cuda_fp32_and_fan_in_fan_out(path):
+    """fp32 on the GPU uses IEEE dots (no silent TF32): tight agreement with the fp64 oracle; Conv1D layout."""
+    x, w, b, As, Bs = _make((3, 37), 1000, 1500, [16], torch.float32, fifo=True)
+    cuda = lambda t: t.detach().cuda().requires_grad_()
+    x, w, b, As, Bs = cuda(x), cuda(w), cuda(b), [cuda(a) for a in As], [cuda(b_) for b_ in Bs]
+    dy = torch.randn(3, 37, 1500, device="cuda", dtype=torch.float64)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, [2.0], dy, fan_in_fan_out=True, path=path)
+    y64, grads64 = _oracle(x, w, b, As, Bs, [2.0], dy, fan_in_fan_out=True)
+    assert _rel_err(y, y64) < 1e-5
+    for g, g64 in zip(grads, grads64, strict=True):
+        assert _rel_err(g, g64) < 1e-5
