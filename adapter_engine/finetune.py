@@ -1,0 +1,117 @@
+"""Full fine-tuning with ``transformers.Trainer`` and sensible defaults (the "FFT" of Merge and FFT)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def accuracy_metrics(eval_prediction) -> dict[str, float]:
+    """``compute_metrics`` for classification: accuracy of the arg-max logits."""
+    logits, labels = eval_prediction
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def default_training_arguments(output_dir: str, has_eval: bool, metric: str | None, **overrides: Any):
+    """The defaults: 3 epochs, batch 16, lr 5e-5 with 6% warmup, weight decay 0.01, evaluation and saving per
+    epoch with the best model (by ``metric``, else eval loss) restored at the end, bf16 (else fp16) mixed
+    precision on a GPU, no external loggers. ``overrides`` are any ``TrainingArguments`` fields."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    warmup = {"warmup_ratio": 0.06} if "warmup_ratio" in fields else {"warmup_steps": 0.06}
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    values: dict[str, Any] = dict(
+        output_dir=output_dir,
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-5,
+        **warmup,
+        weight_decay=0.01,
+        gradient_accumulation_steps=1,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="epoch" if has_eval else "no",
+        load_best_model_at_end=has_eval,
+        metric_for_best_model=(metric or "loss") if has_eval else None,
+        greater_is_better=None if not has_eval else (metric not in (None, "loss", "eval_loss")),
+        save_total_limit=1 if has_eval else None,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        logging_steps=10,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def full_finetune(
+    model: torch.nn.Module,
+    train_dataset,
+    eval_dataset=None,
+    args=None,
+    compute_metrics: Callable | None = None,
+    *,
+    data_collator=None,
+    metric_for_best_model: str | None = None,
+) -> dict[str, float]:
+    """Train every parameter of ``model`` with ``transformers.Trainer``; return the train and eval metrics.
+
+    Args:
+        model: any HF model (for example one whose adapter was just merged with ``merge_adapter``).
+        train_dataset / eval_dataset: datasets of dicts the model accepts (``labels`` included).
+        args: a ``TrainingArguments``, a dict of overrides of :func:`default_training_arguments`, or None.
+        compute_metrics: as in ``Trainer``; classification models default to :func:`accuracy_metrics`.
+        metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss).
+
+    Runs unchanged under ``torchrun`` (DDP; the gloo backend on CPU).
+    """
+    from transformers import Trainer, TrainingArguments
+
+    if compute_metrics is None and hasattr(getattr(model, "config", None), "num_labels") and eval_dataset is not None:
+        if "ForSequenceClassification" in type(model).__name__:
+            compute_metrics = accuracy_metrics
+    if metric_for_best_model is None and compute_metrics is accuracy_metrics:
+        metric_for_best_model = "accuracy"
+    if not isinstance(args, TrainingArguments):
+        overrides = dict(args or {})
+        output_dir = overrides.pop("output_dir", None) or tempfile.mkdtemp(prefix="adapter-engine-fft-")
+        args = default_training_arguments(output_dir, eval_dataset is not None, metric_for_best_model, **overrides)
+    trainable = 0
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.requires_grad_(True)
+            trainable += param.numel()
+    log.info("full fine-tuning: %.2fM trainable parameters", trainable / 1e6)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+    )
+    train_output = trainer.train()
+    metrics: dict[str, float] = dict(train_output.metrics)
+    metrics["trainable_parameters"] = trainable
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return _plain(metrics)
+
+
+def _plain(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))}
