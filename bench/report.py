@@ -1,7 +1,8 @@
-"""Turn one pytest-benchmark JSON into a table (Markdown + CSV) and a plot; ratios come from that run only.
+"""Turn pytest-benchmark JSON files of one GPU session into a table (Markdown + CSV) and a plot.
 
-    python bench/report.py RESULTS.json --out DIR
+    python bench/report.py RESULTS.json [MORE.json ...] --out DIR
 
+Ratios are taken between rows of the same file only (one pytest run, one device).
 Each benchmark stores ``provider``, ``case`` and ``median_ms`` (device-event median) in ``extra_info``. Rows
 with the same benchmark function and case are compared with the ``bare`` provider when present, else with
 ``peft``; ``fraction_of_floor`` is printed where a benchmark records it.
@@ -17,6 +18,7 @@ from collections import defaultdict
 
 
 def load_rows(path: str) -> tuple[dict, list[dict]]:
+    """Rows of one JSON file, with ``vs_bare`` / ``vs_peft`` computed inside that file."""
     with open(path) as f:
         data = json.load(f)
     rows = []
@@ -102,11 +104,17 @@ def _plot(rows: list[dict], machine: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="pytest-benchmark JSON file")
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files")
     parser.add_argument("--out", default=None, help="folder for report.md, results.csv, ratios.png")
     args = parser.parse_args(argv)
-    machine, rows = load_rows(args.results)
-    print(write_outputs(machine, rows, args.out or os.path.dirname(os.path.abspath(args.results))))
+    machine, rows = {}, []
+    for path in args.results:
+        if os.path.getsize(path) == 0:
+            continue
+        file_machine, file_rows = load_rows(path)
+        machine = machine or file_machine
+        rows += file_rows
+    print(write_outputs(machine, rows, args.out or os.path.dirname(os.path.abspath(args.results[0]))))
 
 
 if __name__ == "__main__":
