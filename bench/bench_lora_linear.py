@@ -17,8 +17,9 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_engine.kernels import lora_linear
 from harness import device, on_gpu, pick, timed
+
+from adapter_engine.kernels import lora_linear
 
 RANK, ALPHA = 16, 32
 SCALE = ALPHA / RANK

@@ -9,8 +9,9 @@ Physical floor: read and write every target weight once at the copy bandwidth me
 
 import pytest
 import torch
-from adapter_engine.kernels import merge_lora_, merge_lora_many_, prepare_lora_merge
 from harness import copy_bandwidth, device, on_gpu, pick, timed
+
+from adapter_engine.kernels import merge_lora_, merge_lora_many_, prepare_lora_merge
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16

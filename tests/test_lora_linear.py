@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+
 from adapter_engine.kernels import lora_linear, lora_linear_reference
 
 # the module itself (its attribute name on the package is taken by the function of the same name)

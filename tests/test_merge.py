@@ -9,6 +9,7 @@ one-ulp bound everywhere, not just there.
 
 import pytest
 import torch
+
 from adapter_engine.kernels import (
     INTERPRET,
     merge_lora_,

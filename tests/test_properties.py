@@ -1,0 +1,132 @@
+"""Property tests (hypothesis): every kernel against its reference on random shapes (1, primes, odd sizes),
+strided and offset views, dtypes, ranks, adapter counts and mixed-batch ids. At least 200 examples per op in
+the CPU tier (the interpreter); the CUDA tier repeats them on the GPU with larger shapes."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapter_engine.kernels import lora_linear, lora_linear_reference, merge_lora_, scale_ia3_
+
+SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 31, 37, 64, 67, 97])
+RANKS = st.sampled_from([1, 2, 7, 8, 16, 33, 64])
+CPU_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+CUDA_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def _view(shape, dtype, device, strided):
+    """A tensor of ``shape``, either contiguous or a strided, offset view into a larger buffer."""
+    if not strided:
+        return torch.randn(shape, device=device).to(dtype)
+    big = torch.randn(shape[0] * 2 + 3, shape[1] + 5, device=device).to(dtype)
+    return big[3::2, 2 : 2 + shape[1]]
+
+
+def _check_merge(data, device, dtype_choices, big):
+    dtype = data.draw(st.sampled_from(dtype_choices))
+    out_f, in_f = (data.draw(SIZES) * (41 if big else 1), data.draw(SIZES) * (29 if big else 1))
+    fan_in_fan_out = data.draw(st.booleans())
+    shape = (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+    weight = _view(shape, dtype, device, data.draw(st.booleans()))
+    n = data.draw(st.integers(1, 4))
+    ranks = [data.draw(RANKS) for _ in range(n)]
+    lora_a = [torch.randn(r, in_f, device=device).to(dtype) * 0.3 for r in ranks]
+    lora_b = [torch.randn(out_f, r, device=device).to(dtype) * 0.3 for r in ranks]
+    scales = [data.draw(st.floats(-4, 4, allow_nan=False, width=32)) for _ in ranks]
+    exact = weight.double()
+    magnitude = weight.double().abs()
+    for a, b, s in zip(lora_a, lora_b, scales):
+        delta, size = s * (b.double() @ a.double()), abs(s) * (b.double().abs() @ a.double().abs())
+        exact, magnitude = (
+            exact + (delta.t() if fan_in_fan_out else delta),
+            magnitude + (size.t() if fan_in_fan_out else size),
+        )
+    merge_lora_(weight, lora_a, lora_b, scales, fan_in_fan_out=fan_in_fan_out)
+    rounded = exact.to(dtype).double()
+    mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    ulp = torch.exp2(torch.floor(torch.log2(rounded.abs().clamp_min(torch.finfo(dtype).tiny))) - mantissa)
+    bound = ulp + (sum(ranks) + 2) * 2.0**-24 * magnitude  # one rounding + fp32 accumulation (see test_merge)
+    assert ((weight.double() - rounded).abs() <= bound).all()
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_merge_property(data):
+    _check_merge(data, "cpu", [torch.float32, torch.float16, torch.bfloat16], big=False)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_ia3_property(data):
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    shape = (data.draw(SIZES), data.draw(SIZES))
+    dim = data.draw(st.sampled_from([0, 1]))
+    weight = _view(shape, dtype, "cpu", data.draw(st.booleans()))
+    vec = (torch.rand(shape[dim]) + 0.5).to(dtype)
+    expected = (weight.double() * vec.double().reshape((-1, 1) if dim == 0 else (1, -1))).to(dtype)
+    scale_ia3_(weight, vec, dim=dim)
+    if dtype == torch.bfloat16:
+        # The interpreter converts fp32 to bf16 by truncation (GPUs round to nearest): within one ulp here.
+        ulp = torch.exp2(torch.floor(torch.log2(expected.double().abs().clamp_min(1e-30))) - 7)
+        assert ((weight.double() - expected.double()).abs() <= ulp).all()
+    else:
+        assert torch.equal(weight, expected)  # one product of exact inputs, rounded once in both
+
+
+def _check_lora(data, device, dtype, big):
+    m = data.draw(st.sampled_from([0, 1, 2, 5, 16, 33])) * (9 if big else 1)
+    k, n_out = data.draw(SIZES) * (23 if big else 1), data.draw(SIZES) * (19 if big else 1)
+    n = data.draw(st.integers(1, 3))
+    ranks = [data.draw(RANKS) for _ in range(n)]
+    x_shape = (m, k) if not data.draw(st.booleans()) else (1, m, k)
+    x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(n_out, k, device=device, dtype=dtype) * k**-0.5
+    bias = torch.randn(n_out, device=device, dtype=dtype) if data.draw(st.booleans()) else None
+    lora_a = [(torch.randn(r, k, device=device, dtype=dtype) * k**-0.5).requires_grad_() for r in ranks]
+    lora_b = [(torch.randn(n_out, r, device=device, dtype=dtype) * r**-0.5).requires_grad_() for r in ranks]
+    scales = [data.draw(st.floats(0.125, 4, width=32)) for _ in ranks]
+    ids = None
+    if data.draw(st.booleans()):
+        ids = torch.randint(-1, n, x_shape[:-1], device=device)
+    y = lora_linear(x, weight, lora_a, lora_b, scales, bias, adapter_ids=ids)
+    leaves = [x, *lora_a, *lora_b]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = lora_linear_reference(
+        ref_leaves[0], weight.double(), ref_leaves[1 : 1 + n], ref_leaves[1 + n :], scales,
+        None if bias is None else bias.double(), adapter_ids=ids,
+    )  # fmt: skip
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]  # fp32 accumulation vs fp64; fp16 output rounding
+    scale_of = lambda t: max(t.abs().max().item(), 1e-3) if t.numel() else 1.0
+    assert y.shape == y_ref.shape
+    assert (y.double() - y_ref).abs().max().item() <= tol * scale_of(y_ref) if y.numel() else True
+    if m == 0:
+        return
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double(), allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        g = torch.zeros_like(r) if g is None else g.double()
+        r = torch.zeros_like(g) if r is None else r
+        assert (g - r).abs().max().item() <= 4 * tol * scale_of(r)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_lora_linear_property(data):
+    _check_lora(data, "cpu", data.draw(st.sampled_from([torch.float32, torch.float16])), big=False)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_merge_property(data):
+    _check_merge(data, "cuda", [torch.float32, torch.float16, torch.bfloat16], big=True)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_lora_linear_property(data):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp64 oracle comparison needs IEEE fp32 on both sides
+    _check_lora(data, "cuda", data.draw(st.sampled_from([torch.float32, torch.float16])), big=True)
