@@ -30,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job: the engine on the real all-MiniLM-L6-v2, offline")
     demo.add_argument("--out", default="demo_out", help="folder for the report")
 
+    mg = sub.add_parser("merge", help="load adapters, merge them in place, save a plain HF checkpoint")
+    mg.add_argument("--model", required=True, help="base model folder")
+    mg.add_argument("--adapter", required=True, action="append", help="adapter folder (PEFT or AdapterHub); repeat")
+    mg.add_argument("--weight", type=float, action="append", help="merge weight per --adapter (default 1.0)")
+    mg.add_argument("--combination", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
+    mg.add_argument("--density", type=float, default=0.5, help="TIES / DARE density")
+    mg.add_argument("--out", required=True, help="output folder for the merged model (and its tokenizer)")
+    mg.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
+
     mc = sub.add_parser("merge-checkpoint", help="stream a sharded safetensors checkpoint through a LoRA/IA3 merge")
     mc.add_argument("--model", required=True, help="base model folder (model.safetensors or sharded + index)")
     mc.add_argument("--adapter", required=True, help="PEFT or AdapterHub LoRA/IA3 adapter folder")
@@ -55,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_merge_demo
 
         return run_merge_demo(out_dir=args.out)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "merge-checkpoint":
         from .checkpoint import merge_checkpoint
 
@@ -68,6 +79,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "finetune":
         return _finetune(args)
     return 2
+
+
+def _model_class(path: str):
+    """The checkpoint's own architecture class (so the saved model has the same heads), else AutoModel."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _merge(args) -> int:
+    import shutil
+
+    import torch
+
+    from . import api
+    from .merging import merge_adapter
+
+    weights = args.weight or [1.0] * len(args.adapter)
+    if len(weights) != len(args.adapter):
+        raise SystemExit(f"give one --weight per --adapter ({len(args.adapter)} adapters, {len(weights)} weights)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _model_class(args.model).from_pretrained(args.model).to(device)
+    params = model.num_parameters()
+    names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
+    merge_adapter(model, names, weights, combination=args.combination, density=args.density)
+    model.save_pretrained(args.out)
+    for name in os.listdir(args.model):  # tokenizer and other side files
+        src = os.path.join(args.model, name)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(args.out, name)) and "safetensors" not in name:
+            shutil.copy2(src, os.path.join(args.out, name))
+    print(
+        f"merged {len(names)} adapter(s) ({args.combination}, weights {weights}) into {type(model).__name__} on "
+        f"{device}: {params / 1e6:.2f}M parameters before and {model.num_parameters() / 1e6:.2f}M after -> {args.out}"
+    )
+    return 0
 
 
 def _finetune(args) -> int:

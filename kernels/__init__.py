@@ -10,9 +10,9 @@ __all__ = ["INTERPRET", "use_triton"]
 # Each op appends its exports below (one line block per op file).
 
 from .merge import (  # noqa: E402
+    LoraMergePlan,
     merge_lora_,
     merge_lora_many_,
-    LoraMergePlan,
     merge_lora_many_reference_,
     merge_lora_reference_,
     prepare_lora_merge,
@@ -30,7 +30,6 @@ from .lora_linear import lora_linear, lora_linear_reference  # noqa: E402
 
 __all__ += ["lora_linear", "lora_linear_reference"]
 from .bottleneck import (  # noqa: E402
-    BottleneckStackFunction,
     PackedStack,
     StackOptions,
     bottleneck_stack,
@@ -40,4 +39,4 @@ from .bottleneck import (  # noqa: E402
 )
 
 __all__ += ["bottleneck_stack", "bottleneck_stack_fwd", "bottleneck_stack_ref", "pack_adapters", "PackedStack"]
-__all__ += ["StackOptions", "BottleneckStackFunction"]
+__all__ += ["StackOptions"]

@@ -1,0 +1,513 @@
+"""The public adapter API, as functions and (after :func:`~adapter_engine.patch`) as methods of the model.
+
+    name = load_adapter(model, "path/to/adapter")          # PEFT or AdapterHub folder, format detected
+    add_adapter(model, "mine", LoraConfig(r=8))              # fresh initialisation
+    set_active_adapters(model, "mine" | ["a", "b"] | Stack("a", "b") | None)
+    save_adapter(model, "mine", "out/", format="peft" | "adapterhub")
+    delete_adapter(model, "mine"); list_adapters(model); merge_adapter(model); unmerge_adapter(model)
+
+Loading is all-or-nothing: every key, layer and shape is checked (errors name the layer and both shapes) before
+the model is touched. A function called on an unpatched model patches it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import patching as pt
+from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
+from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
+from .lora import LoraLinear, is_linear_like
+from .patching import AdapterRecord, PatchState, base_prefix, get_state, is_patched, match_targets, patch, wrap_linear
+
+logger = logging.getLogger(__name__)
+
+
+def _state(model: nn.Module) -> PatchState:
+    if not is_patched(model):
+        patch(model)
+    state = get_state(model)
+    if state.model_type == "peft":
+        raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")
+    return state
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or LoraLinear."""
+    if isinstance(module, LoraLinear):
+        return module.in_features, module.out_features
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if not isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+
+
+def _check_name(state: PatchState, name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in state.adapters:
+        raise ValueError(f"adapter name {name!r} is already taken (adapters: {list(state.adapters)})")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- planning
+def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: AnyConfig) -> list[tuple]:
+    """Validate a LoRA / IA3 file against the model; returns [(module name, tensors...)] without touching it."""
+    modules = dict(model.named_modules())
+    plan, unknown = [], []
+    want = ("lora_A", "lora_B") if isinstance(cfg, LoraConfig) else ("ia3_l",)
+    ff_names = set()
+    if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
+        ff_names = set(match_targets(model, cfg.feedforward_modules))
+    for saved, params in sorted(file.entries.items()):
+        name = pt.resolve_module(model, saved, modules)
+        if name is None:
+            unknown.append(saved)
+            continue
+        mod = modules[name]
+        if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
+            raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a Linear/Conv1D: wrong architecture?")
+        missing = [p for p in want if p not in params]
+        extra = [p for p in params if p not in want]
+        if missing or extra:
+            raise ValueError(f"layer {name!r}: missing weights {missing}, unexpected weights {extra} for {cfg!r}")
+        fin, fout = _dims(mod)
+        if isinstance(cfg, LoraConfig):
+            a, b = params["lora_A"], params["lora_B"]
+            exp_a, exp_b = (cfg.r, fin), (fout, cfg.r)
+            for label, t, exp in (("lora_A", a, exp_a), ("lora_B", b, exp_b)):
+                if tuple(t.shape) != exp:
+                    raise ValueError(
+                        f"layer {name!r}: {label} has shape {tuple(t.shape)} but the model needs {exp} "
+                        f"(layer in={fin}, out={fout}, r={cfg.r}): adapter made for another architecture or size?"
+                    )
+            plan.append((name, a, b))
+        else:
+            vec = params["ia3_l"]
+            ff = name in ff_names
+            size = fin if ff else fout
+            if vec.numel() != size or vec.dim() > 2:
+                raise ValueError(
+                    f"layer {name!r}: ia3_l has shape {tuple(vec.shape)} but the model needs {size} values "
+                    f"({'input' if ff else 'output'} features of a ({fout}, {fin}) layer)"
+                )
+            plan.append((name, vec.reshape(-1), ff))
+    if unknown:
+        made_for = file.meta.get("model_type")
+        hint = f"; the adapter was made for model_type {made_for!r}" if made_for else ""
+        raise ValueError(
+            f"adapter weights for layers the model does not have: {unknown[:4]}"
+            f"{' ...' if len(unknown) > 4 else ''} ({type(model).__name__}, model_type {state.model_type!r}{hint})"
+        )
+    _check_missing(model, state, file, cfg, {p[0] for p in plan})
+    return plan
+
+
+def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[str]) -> None:
+    """Layers the config says are adapted but the file has no weights for."""
+    expected: set[str] = set()
+    if file.format == "peft" and cfg.target_modules is not None:
+        try:
+            expected = set(match_targets(model, cfg.target_modules))
+        except ValueError:
+            return  # regex written against another wrapper's names: the per-layer checks still hold
+        prefix = base_prefix(model)
+        if prefix and all(n.startswith(prefix + ".") for n in found):
+            expected = {n for n in expected if n.startswith(prefix + ".")}
+    elif file.format == "adapterhub" and isinstance(cfg, LoraConfig) and state.spec is not None:
+        expected = set(pt.adapterhub_lora_modules(model, state.spec, file.meta.get("config", {})))
+    missing = sorted(expected - found)
+    if missing:
+        raise ValueError(f"missing adapter weights for layers {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    config: Any = None,
+    *,
+    set_active: bool = False,
+) -> str:
+    """Load a PEFT or AdapterHub adapter folder into ``model``; returns its name.
+
+    ``name`` defaults to the name AdapterHub saved, else the folder's name. ``config`` overrides the saved config.
+    Raises ``ValueError`` naming the layer and both shapes when the adapter does not fit the model; nothing is
+    loaded unless everything fits.
+    """
+    state = _state(model)
+    file = read_adapter(path, name=name, config=config)
+    name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
+    _check_name(state, name)
+    cfg = file.config
+    if isinstance(cfg, BottleneckConfig):
+        plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
+        modules = pt.apply_bottleneck(model, state, name, cfg, plan)
+    else:
+        plan = _plan_linear(model, state, file, cfg)
+        modules = _apply_linear(model, state, name, cfg, plan)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
+    logger.info("loaded %s adapter %r from %s (%d layers)", file.format, name, file.path, len(modules))
+    if set_active:
+        set_active_adapters(model, name)
+    return name
+
+
+def _kind(cfg: AnyConfig) -> str:
+    return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
+
+
+@torch.no_grad()
+def _apply_linear(model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple]) -> list[str]:
+    for entry in plan:
+        wrapper = wrap_linear(model, state, entry[0])
+        if isinstance(cfg, LoraConfig):
+            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout)
+            wrapper.lora_A[name].weight.copy_(entry[1])
+            wrapper.lora_B[name].weight.copy_(entry[2])
+        else:
+            wrapper.add_ia3(name, feedforward=entry[2])
+            wrapper.ia3_l[name].copy_(entry[1])
+    return [entry[0] for entry in plan]
+
+
+def add_adapter(model: nn.Module, name: str, config: Any) -> None:
+    """Add a freshly initialised adapter (LoRA: B = 0, so outputs start unchanged; bottleneck: AdapterHub's init).
+
+    config: :class:`LoraConfig`, :class:`IA3Config`, :class:`BottleneckConfig`, a tutorial :class:`AdapterConfig`,
+    a preset name (``"seq_bn"``, ``"double_seq_bn"``, ``"par_bn"``, ``"lora"``) or a config dict of either library.
+    """
+    state = _state(model)
+    _check_name(state, name)
+    cfg = coerce_config(config)
+    if isinstance(cfg, BottleneckConfig):
+        modules = pt.add_bottleneck(model, state, name, cfg)
+    else:
+        spec = state.spec
+        default = (spec.lora_targets if isinstance(cfg, LoraConfig) else spec.ia3_targets) if spec else None
+        targets = cfg.target_modules if cfg.target_modules is not None else default
+        if targets is None:
+            raise ValueError(f"model_type {state.model_type!r} is not registered: set target_modules in the config")
+        names = match_targets(model, targets)
+        ff: set[str] = set()
+        if isinstance(cfg, IA3Config):
+            ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
+                spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
+            ff = set(match_targets(model, ff_targets)) if ff_targets else set()
+        for n in names:
+            wrapper = wrap_linear(model, state, n)
+            if isinstance(cfg, LoraConfig):
+                wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, init=cfg.init_lora_weights)
+            else:
+                wrapper.add_ia3(name, feedforward=n in ff, init=cfg.init_ia3_weights)
+        modules = names
+    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
+
+
+def _parse_active(adapters: Any) -> tuple[str, ...]:
+    if adapters is None:
+        return ()
+    if isinstance(adapters, str):
+        return (adapters,)
+    if isinstance(adapters, Stack):
+        return adapters.children
+    if isinstance(adapters, Sequence) and all(isinstance(a, str) for a in adapters):
+        return tuple(adapters)
+    raise TypeError(f"active adapters must be a name, a list of names, a Stack or None, got {adapters!r}")
+
+
+def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack | None) -> None:
+    """Activate adapters: LoRA/IA3 terms are summed in the given order (PEFT); bottleneck adapters run as a
+    ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all."""
+    state = _state(model)
+    names = _parse_active(adapters)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"an adapter appears twice in {names}")
+    state.active = names
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.active_adapters = [n for n in names if module.has_adapter(n)]
+    pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if merged)."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    record = state.adapters.pop(name)
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        module.delete_adapter(name)
+    state.active = tuple(n for n in state.active if n != name)
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters in ``model``, in the order they were added."""
+    return list(_state(model).adapters)
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    return _state(model).active
+
+
+def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:
+    """Fold LoRA / IA3 adapters into the base weights in place and drop them (see
+    :func:`adapter_engine.merging.merge_adapter` for ``weights``, ``combination``, ``exact``, ``absorb``)."""
+    from .merging import merge_adapter as _merge
+
+    _state(model)
+    return _merge(model, names, weights, **options)
+
+
+def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Undo the merge of ``name`` (default: the last merge); see :func:`adapter_engine.merging.unmerge_adapter`."""
+    from .merging import unmerge_adapter as _unmerge
+
+    return _unmerge(model, name)
+
+
+def save_adapter(
+    model: nn.Module,
+    name: str,
+    path: str | os.PathLike,
+    format: str = "peft",
+    *,
+    safe_serialization: bool | None = None,
+) -> str:
+    """Save adapter ``name`` so that its home library loads it: ``"peft"`` (LoRA, IA3; ``PeftModel.from_pretrained``)
+    or ``"adapterhub"`` (bottleneck, LoRA; ``model.load_adapter`` of ``adapters``). Returns the folder."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    if format not in ("peft", "adapterhub"):
+        raise ValueError(f"unknown adapter format {format!r}; supported: 'peft', 'adapterhub'")
+    record = state.adapters[name]
+    if record.kind == "bottleneck":
+        if format != "adapterhub":
+            raise ValueError(f"{name!r} is a bottleneck adapter: PEFT has no such format, use format='adapterhub'")
+        meta, tensors = _export_bottleneck(model, state, name, record)
+    elif format == "peft":
+        meta, tensors = _export_peft(model, name, record)
+    else:
+        meta, tensors = _export_adapterhub_lora(model, state, name, record)
+    return write_adapter(path, format, meta, tensors, safe_serialization=safe_serialization)
+
+
+def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[dict, dict]:
+    cfg = record.config
+    tensors: dict[str, torch.Tensor] = {}
+    ff_modules = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        key = f"base_model.model.{module_name}"
+        if record.kind == "lora":
+            tensors[f"{key}.lora_A.weight"] = module.lora_A[name].weight
+            tensors[f"{key}.lora_B.weight"] = module.lora_B[name].weight
+        else:
+            ff = module.ia3_feedforward[name]
+            ff_modules += [module_name] if ff else []
+            vec = module.ia3_l[name]
+            tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
+    meta = cfg.to_dict()
+    targets = cfg.target_modules
+    try:
+        same = (
+            targets is not None
+            and not isinstance(targets, str)
+            and set(match_targets(model, targets)) == set(record.modules)
+        )
+    except ValueError:
+        same = False
+    meta["target_modules"] = list(targets) if same else sorted(record.modules)
+    if record.kind == "ia3":  # PEFT wants feedforward_modules written like target_modules (a subset of them)
+        ff_cfg = cfg.feedforward_modules
+        keep_ff = same and ff_cfg is not None and not isinstance(ff_cfg, str)
+        meta["feedforward_modules"] = list(ff_cfg) if keep_ff else sorted(ff_modules)
+        if keep_ff and set(match_targets(model, ff_cfg)) != set(ff_modules):
+            meta["target_modules"], meta["feedforward_modules"] = sorted(record.modules), sorted(ff_modules)
+    return meta, tensors
+
+
+def _adapterhub_meta(model: nn.Module, state: PatchState, name: str, config: dict) -> dict:
+    base = getattr(model, base_prefix(model)) if base_prefix(model) else model
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return {
+        "config": config,
+        "hidden_size": hidden,
+        "model_class": type(base).__name__,
+        "model_name": "",
+        "model_type": state.model_type,
+        "name": name,
+        "version": ADAPTERHUB_VERSION,
+    }
+
+
+def _relative(model: nn.Module, module_name: str) -> str:
+    """AdapterHub keys are relative to the base model (``encoder.layer.0...`` in a BertModel)."""
+    prefix = base_prefix(model)
+    return module_name[len(prefix) + 1 :] if prefix and module_name.startswith(prefix + ".") else module_name
+
+
+def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
+    cfg: LoraConfig = record.config
+    spec = state.spec
+    if spec is None:
+        raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
+    if cfg.use_rslora:
+        raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
+    blocks = pt.block_paths(model, spec)
+    kinds = {v: k for k, v in spec.attn_matrices.items()}
+    kinds |= {spec.intermediate: "intermediate", spec.output: "output"}
+    per_layer: dict[int, set[str]] = {}
+    for module_name in record.modules:
+        owners = [(i, module_name[len(b) + 1 :]) for i, b in enumerate(blocks) if module_name.startswith(b + ".")]
+        hit = owners[0] if owners else None
+        if hit is None or hit[1] not in kinds:
+            raise ValueError(f"layer {module_name!r} is not one AdapterHub's LoRAConfig can adapt: use format='peft'")
+        per_layer.setdefault(hit[0], set()).add(kinds[hit[1]])
+    shapes = {frozenset(v) for v in per_layer.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"AdapterHub LoRA adapts the same layers in every block; {name!r} has {per_layer}")
+    kinds_used = next(iter(shapes))
+    letters = sorted(k for k in kinds_used if k in spec.attn_matrices)
+    config = {
+        "architecture": "lora", "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+        "attn_matrices": letters, "selfattn_lora": bool(letters), "intermediate_lora": "intermediate" in kinds_used,
+        "output_lora": "output" in kinds_used, "composition_mode": "add", "init_weights": "lora",
+        "init_weights_seed": None, "use_gating": False, "use_dora": False, "dtype": None, "vera_b": None,
+        "vera_d": None, "leave_out": [i for i in range(len(blocks)) if i not in per_layer],
+    }  # fmt: skip
+    tensors = {}
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        key = f"{_relative(model, module_name)}.loras.{name}"
+        tensors[f"{key}.lora_A"] = module.lora_A[name].weight
+        tensors[f"{key}.lora_B"] = module.lora_B[name].weight
+    return _adapterhub_meta(model, state, name, config), tensors
+
+
+def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
+    cfg: BottleneckConfig = record.config
+    config = cfg.to_dict()
+    if cfg.bottleneck_size is not None:  # tutorial AdapterConfig: AdapterHub only knows reduction factors
+        hidden = pt.hidden_size_of(model)
+        rf = hidden / cfg.bottleneck_size
+        if int(hidden // rf) != cfg.bottleneck_size:
+            raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
+        config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
+    tensors = {}
+    for module_name in record.modules:
+        adapter = model.get_submodule(module_name).adapters[name]
+        for key, value in adapter.state_dict().items():
+            tensors[f"{_relative(model, module_name)}.adapters.{name}.{key}"] = value
+    return _adapterhub_meta(model, state, name, config), tensors
+
+
+# ----------------------------------------------------------------------------------------------- residency
+@dataclass
+class AdapterSnapshot:
+    """An adapter's weights and placement outside the model (for offloading and reloading it).
+
+    ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
+    ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked).
+    """
+
+    config: AnyConfig
+    kind: str
+    modules: list[str]
+    entries: list[tuple]
+    nbytes: int
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The Parameters of adapter ``name`` in ``model`` (in module order)."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    record = state.adapters[name]
+    params: list[nn.Parameter] = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        if record.kind == "lora":
+            params += [module.lora_A[name].weight, module.lora_B[name].weight]
+        elif record.kind == "ia3":
+            params.append(module.ia3_l[name])
+        else:
+            params += list(module.adapters[name].parameters())
+    return params
+
+
+def adapter_nbytes(model: nn.Module, name: str) -> int:
+    """Bytes the weights of adapter ``name`` take in ``model`` (its device memory footprint)."""
+    return sum(p.numel() * p.element_size() for p in adapter_parameters(model, name))
+
+
+@torch.no_grad()
+def snapshot_adapter(
+    model: nn.Module, name: str, *, device: str | torch.device = "cpu", pin_memory: bool = False
+) -> AdapterSnapshot:
+    """Copy adapter ``name`` out of ``model`` (to ``device``, pinned host memory with ``pin_memory``)."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    record = state.adapters[name]
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().to(device, copy=True)
+        return out.pin_memory() if pin_memory and out.device.type == "cpu" else out
+
+    entries: list[tuple] = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        if record.kind == "lora":
+            entries.append((module_name, copy(module.lora_A[name].weight), copy(module.lora_B[name].weight)))
+        elif record.kind == "ia3":
+            entries.append((module_name, copy(module.ia3_l[name]), module.ia3_feedforward[name]))
+        else:
+            entries.append((module_name, {k: copy(v) for k, v in module.adapters[name].state_dict().items()}))
+    return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name))
+
+
+def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
+    """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes)."""
+    state = _state(model)
+    _check_name(state, name)
+    cfg = snapshot.config
+    if snapshot.kind == "bottleneck":
+        where = {p.name: p for p in pt.placements(model, state, cfg)}
+        missing = [m for m, _ in snapshot.entries if m not in where]
+        if missing:
+            raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
+        modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
+    else:
+        modules = _apply_linear(model, state, name, cfg, snapshot.entries)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
+
+
+__all__ = [
+    "AdapterSnapshot",
+    "adapter_parameters",
+    "adapter_nbytes",
+    "snapshot_adapter",
+    "restore_adapter",
+    "load_adapter",
+    "add_adapter",
+    "set_active_adapters",
+    "delete_adapter",
+    "list_adapters",
+    "active_adapters",
+    "save_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "ADAPTERHUB_VERSION",
+]

@@ -1,0 +1,452 @@
+"""Bottleneck adapter modules and the sublayer wrappers that run a stack of them through the fused op.
+
+``BottleneckAdapter`` holds one adapter with AdapterHub's parameter names (``adapter_down.0.weight``, ...).
+A wrapper replaces one Hugging Face sublayer instance and keeps its children under their own names, so the
+base weights' state_dict keys do not change and the adapters appear as ``<sublayer>.adapters.<name>.*``,
+AdapterHub's keys. Two wrapper forms:
+
+- ``OutputWithAdapters``: the sublayer adds its residual itself (``BertOutput``/``BertSelfOutput``, RoBERTa,
+  ViT's ``ViTOutput``): ``out = LN(dropout(dense(x)) + y)`` or ``dense(x) + y`` (no LN, pre-LN models).
+- ``ResidualOutsideWithAdapters``: the block adds the residual after the sublayer (Llama/GPT-2 MLP and
+  attention, ViT's attention output); the residual ``y`` is captured by a forward pre-hook on the module whose
+  input it is (e.g. ``post_attention_layernorm``), and the wrapper returns ``r_n`` so the block's own ``+ y``
+  completes AdapterHub's ``r_n + y``.
+
+Depth 0 (no active level) calls the original module's forward: bit-identical to the unpatched model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, bottleneck_stack, pack_adapters
+
+logger = logging.getLogger(__name__)
+
+_TORCH_ACT = {
+    0: nn.Identity,
+    1: nn.ReLU,
+    2: nn.GELU,
+    3: lambda: nn.GELU(approximate="tanh"),
+    4: nn.SiLU,
+    5: nn.Tanh,
+}
+
+
+class _Activation(nn.Module):
+    """AdapterHub's activation slot in ``adapter_down`` (no parameters)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name.lower() not in ACTIVATIONS:
+            raise ValueError(f"unsupported non_linearity {name!r}; supported: {sorted(ACTIVATIONS)}")
+        self.name = name.lower()
+        self.f = _TORCH_ACT[ACTIVATIONS[self.name]]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+class BottleneckAdapter(nn.Module):
+    """One bottleneck adapter ``A(v) = scaling * up(act(down(v)))`` with AdapterHub's parameter names.
+
+    Args:
+        hidden_size: H, the model's hidden size.
+        bottleneck_size: r, AdapterHub's ``hidden_size // reduction_factor`` (at least 1).
+        non_linearity: relu, gelu (erf), gelu_new (tanh form), swish/silu, tanh, identity/linear.
+        scaling: float multiplier of the up-projection (AdapterHub ``scaling``; 4.0 in ``par_bn``).
+        is_parallel, original_ln_before, original_ln_after, residual_before_ln, adapter_residual_before_ln,
+        ln_before, ln_after: AdapterHub ``BnConfig`` fields of the same names (structural: all adapters in one
+            stack must agree).
+        init_weights: "bert" (normal 0.02, zero biases), "houlsby" (truncated normal 1e-2) or "mam_adapter"
+            (kaiming down, zero up), as AdapterHub.
+        dropout: AdapterHub's adapter dropout; only 0.0 is supported.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        bottleneck_size: int,
+        non_linearity: str = "relu",
+        scaling: float = 1.0,
+        *,
+        is_parallel: bool = False,
+        original_ln_before: bool = True,
+        original_ln_after: bool = True,
+        residual_before_ln: bool | str = True,
+        adapter_residual_before_ln: bool = False,
+        ln_before: bool = False,
+        ln_after: bool = False,
+        init_weights: str = "bert",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dropout:
+            raise ValueError(f"adapter dropout {dropout} is not supported (only 0.0)")
+        if not isinstance(scaling, (int, float)):
+            raise TypeError(f"scaling must be a float (learned/channel scaling is not supported), got {scaling!r}")
+        bottleneck_size = max(int(bottleneck_size), 1)
+        self.hidden_size, self.bottleneck_size, self.scaling = hidden_size, bottleneck_size, float(scaling)
+        self.non_linearity = non_linearity.lower()
+        self.options = StackOptions(
+            is_parallel=is_parallel,
+            original_ln_before=original_ln_before,
+            original_ln_after=original_ln_after,
+            residual_before_ln=residual_before_ln,
+            adapter_residual_before_ln=adapter_residual_before_ln,
+            ln_before=ln_before,
+            ln_after=ln_after,
+        )
+        seq: list[nn.Module] = []
+        if ln_before:
+            self.adapter_norm_before = nn.LayerNorm(hidden_size)
+            seq.append(self.adapter_norm_before)
+        seq += [nn.Linear(hidden_size, bottleneck_size), _Activation(non_linearity)]
+        self.adapter_down = nn.Sequential(*seq)
+        self.adapter_up = nn.Linear(bottleneck_size, hidden_size)
+        if ln_after:
+            self.adapter_norm_after = nn.LayerNorm(hidden_size)
+        self.reset_parameters(init_weights)
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.adapter_down[1 if self.options.ln_before else 0]
+
+    @torch.no_grad()
+    def reset_parameters(self, init_weights: str = "bert") -> None:
+        down, up = self.down, self.adapter_up
+        if init_weights == "bert":
+            for lin in (down, up):
+                lin.weight.normal_(0.0, 0.02)
+                lin.bias.zero_()
+        elif init_weights == "houlsby":
+            for lin in (down, up):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                lin.bias.zero_()
+        elif init_weights == "mam_adapter":
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            down.bias.zero_()
+            up.weight.zero_()
+            up.bias.zero_()
+        else:
+            raise ValueError(f"unknown init_weights {init_weights!r}; supported: bert, houlsby, mam_adapter")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
+        return self.adapter_up(self.adapter_down(x)) * self.scaling
+
+
+class BottleneckStackLayer(nn.Module):
+    """Base of the sublayer wrappers: an ``adapters`` ModuleDict, an ordered active stack, depth control,
+    per-level switches and per-row stacks. Subclasses define ``forward``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, param in original.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in original.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        # not a child (its children are ours now, under their own names); set last: __getattr__ falls back to it
+        object.__setattr__(self, "_original", original)
+        self.adapters = nn.ModuleDict()
+        self.fused = True  # False: AdapterHub-style eager modules (the baseline; also what torch.compile sees)
+        self._stack: list[str] = []
+        self._depth: int | None = None
+        self._disabled: set[int] = set()
+        self._row_stacks: list[list[str | None]] | None = None
+        self._cache: dict = {}
+
+    def __getattr__(self, name: str):
+        # plain attributes of the wrapped module (config, sizes, flags) stay reachable through the wrapper
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def _original_forward(self, *args, **kwargs):
+        """The wrapped class's forward run on this wrapper: its current children (e.g. a LoRA-wrapped ``dense``)
+        and its ``training`` flag; the same ops as the unpatched module, so bit-identical."""
+        return type(self._original).forward(self, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- control
+    @property
+    def original(self) -> nn.Module:
+        return self._original
+
+    def add_adapter(self, name: str, adapter: BottleneckAdapter) -> None:
+        if not isinstance(adapter, BottleneckAdapter):
+            raise TypeError(f"expected a BottleneckAdapter, got {type(adapter).__name__}")
+        self.adapters[name] = adapter
+        self._cache.clear()
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+        self._stack = [n for n in self._stack if n != name]
+        self._cache.clear()
+
+    def set_active_stack(self, names: Sequence[str] | str | None) -> None:
+        """The adapters run bottom to top (AdapterHub ``Stack``); None or [] disables them."""
+        names = [names] if isinstance(names, str) else list(names or [])
+        self._check_names(names)
+        self._stack = names
+
+    @property
+    def active_stack(self) -> list[str]:
+        return list(self._stack)
+
+    def set_depth(self, depth: int | None) -> None:
+        """Run only the bottom ``depth`` levels (0 = the sublayer alone, None = all)."""
+        if depth is not None and depth < 0:
+            raise ValueError(f"depth must be >= 0 or None, got {depth}")
+        self._depth = depth
+
+    def set_level_enabled(self, level: int, enabled: bool = True) -> None:
+        """Switch one level of the stack (0 = bottom) off or on again, for every row."""
+        if level < 0:
+            raise ValueError(f"level must be >= 0, got {level}")
+        (self._disabled.discard if enabled else self._disabled.add)(level)
+
+    def set_row_stacks(self, stacks: Sequence[Sequence[str | None]] | None) -> None:
+        """A stack per batch row (bottom to top; None = level off, shorter = shallower); None = uniform stack."""
+        if stacks is not None:
+            stacks = [list(s) for s in stacks]
+            self._check_names([n for s in stacks for n in s if n is not None])
+        self._row_stacks = stacks
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise ValueError(f"unknown adapters {missing}; this layer has {list(self.adapters)}")
+
+    def _level_on(self, level: int) -> bool:
+        return level not in self._disabled and (self._depth is None or level < self._depth)
+
+    def _plan(self, rows: int, device: torch.device):
+        """(adapter names, routes ((L,) or (rows, L) indices into names, -1 = off), per-level index lists) or None
+        when nothing is active. Routes live on the device and are cached per configuration."""
+        if self._row_stacks is None:
+            levels = [n for i, n in enumerate(self._stack) if self._level_on(i)]
+            if not levels:
+                return None
+            names = list(dict.fromkeys(levels))
+            table = [[names.index(n) for n in levels]]
+        else:
+            if len(self._row_stacks) != rows:
+                raise ValueError(f"set_row_stacks got {len(self._row_stacks)} rows but the batch has {rows}")
+            depth = max((len(s) for s in self._row_stacks), default=0)
+            named = [
+                [(s[i] if i < len(s) and self._level_on(i) else None) for i in range(depth)] for s in self._row_stacks
+            ]
+            names = list(dict.fromkeys(n for row in named for n in row if n is not None))
+            if not names:
+                return None
+            table = [[names.index(n) if n is not None else -1 for n in row] for row in named]
+        key = ("routes", tuple(names), tuple(map(tuple, table)), self._row_stacks is None, device)
+        if key not in self._cache:
+            routes = torch.tensor(table, dtype=torch.int32, device=device)
+            self._cache[key] = routes[0] if self._row_stacks is None else routes
+        hint = [sorted({row[lvl] for row in table} - {-1}) for lvl in range(len(table[0]))]
+        return names, self._cache[key], hint
+
+    def _options(self, names: list[str], eps: float) -> StackOptions:
+        opts = {self.adapters[n].options for n in names}
+        if len(opts) > 1:
+            raise ValueError(f"adapters {names} mix structural options {opts}; one stack needs one structure")
+        return _replace(opts.pop(), eps=eps)
+
+    def _packed(self, names: list[str]) -> PackedStack:
+        adapters = [self.adapters[n] for n in names]
+        params = [p for a in adapters for p in a.parameters()]
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
+        if cacheable and key in self._cache:
+            return self._cache[key]
+        packed = pack_adapters(
+            [a.down.weight for a in adapters],
+            [a.down.bias for a in adapters],
+            [a.adapter_up.weight for a in adapters],
+            [a.adapter_up.bias for a in adapters],
+            [a.non_linearity for a in adapters],
+            [a.scaling for a in adapters],
+            ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in adapters]
+            if adapters[0].options.ln_before
+            else None,
+            ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in adapters]
+            if adapters[0].options.ln_after
+            else None,
+        )
+        if cacheable:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
+            self._cache[key] = packed
+        return packed
+
+    def _prepare(self, h: torch.Tensor, eps: float):
+        """(adapter names, routes, options, per-level hint) for this batch, or None at depth 0 (run the original
+        forward)."""
+        rows = h.shape[0] if self._row_stacks is not None else 1
+        plan = self._plan(rows, h.device)
+        if plan is None:
+            return None
+        return plan[0], plan[1], self._options(plan[0], eps), plan[2]
+
+    def _run_stack(self, h, y, layer_norm: nn.Module | None, prep) -> torch.Tensor:
+        names, routes, options, hint = prep
+        if not self.fused:
+            return _eager_stack(h, y, layer_norm, [self.adapters[n] for n in names], routes, options, hint)
+        ln_w = layer_norm.weight if layer_norm is not None else None
+        ln_b = layer_norm.bias if layer_norm is not None else None
+        return bottleneck_stack(h, y, self._packed(names), routes, options, ln_w, ln_b, level_adapters=hint)
+
+
+def _replace(options: StackOptions, **changes) -> StackOptions:
+    return StackOptions(**{**options.__dict__, **changes})
+
+
+def _eager_stack(h, y, layer_norm, adapters: list[BottleneckAdapter], routes, options: StackOptions, hint):
+    """AdapterHub's op order with one module call per step in the model dtype (the eager baseline); ``hint`` is
+    the host-side list of adapter indices per level (no device sync)."""
+    ln = layer_norm
+
+    def level(r, a: BottleneckAdapter):
+        if options.is_parallel:
+            up = a(y)
+            return r + (a.adapter_norm_after(up) if options.ln_after else up)
+        residual, x = r, r
+        if options.original_ln_before:
+            t = r + y
+            if options.residual_before_ln == "post_add" and ln is not None:
+                residual = t
+            x = ln(t) if ln is not None else t
+        if options.residual_before_ln is False:
+            residual = x
+        up = a(x)
+        if options.adapter_residual_before_ln:
+            out = up + residual
+            return a.adapter_norm_after(out) if options.ln_after else out
+        return (a.adapter_norm_after(up) if options.ln_after else up) + residual
+
+    r = h
+    if routes.dim() == 1:
+        for ids in hint:
+            r = level(r, adapters[ids[0]])
+    else:  # per-row stacks: every used adapter on every row, rows picked by mask (AdapterHub cannot do this)
+        for lvl, ids in enumerate(hint):
+            new = r
+            for idx in ids:
+                sel = (routes[:, lvl] == idx).view(-1, *([1] * (h.dim() - 1)))
+                new = torch.where(sel, level(r, adapters[idx]), new)
+            r = new
+    if options.original_ln_after:
+        r = r + y
+        if ln is not None:
+            r = ln(r)
+    return r
+
+
+class OutputWithAdapters(BottleneckStackLayer):
+    """Wraps a sublayer computing ``LN(dropout(dense(x)) + y)`` (or ``dropout(dense(x)) + y`` without LN).
+
+    Args:
+        original: e.g. ``BertOutput``, ``BertSelfOutput``, ``RobertaOutput``, ``ViTOutput`` instance.
+        dense, dropout, layer_norm: attribute names of its projection, dropout and LayerNorm; ``layer_norm=None``
+            (or a missing attribute) for the pre-LN form.
+
+    ``forward(hidden_states, input_tensor)`` keeps the original signature; h is (B, S, H).
+    """
+
+    def __init__(
+        self, original: nn.Module, dense: str = "dense", dropout: str = "dropout", layer_norm: str | None = "LayerNorm"
+    ):
+        super().__init__(original)
+        for attr in (dense, dropout):
+            if not hasattr(original, attr):
+                raise ValueError(f"{type(original).__name__} has no attribute {attr!r}")
+        self._names = (dense, dropout, layer_norm if layer_norm and hasattr(original, layer_norm) else None)
+        ln = getattr(original, self._names[2]) if self._names[2] else None
+        if ln is not None and (not isinstance(ln, nn.LayerNorm) or ln.weight is None):
+            raise ValueError(f"{type(original).__name__}.{layer_norm} must be an affine nn.LayerNorm, got {ln}")
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        dense, dropout, ln_name = self._names
+        ln = getattr(self, ln_name) if ln_name else None
+        prep = self._prepare(hidden_states, float(ln.eps) if ln is not None else 1e-12)
+        if prep is None:
+            return self._original_forward(hidden_states, input_tensor, *args, **kwargs)
+        h = getattr(self, dropout)(getattr(self, dense)(hidden_states))
+        return self._run_stack(h, input_tensor, ln, prep)
+
+
+class ResidualOutsideWithAdapters(BottleneckStackLayer):
+    """Wraps a sublayer whose output the enclosing block adds to its residual (pre-LN blocks).
+
+    Args:
+        original: e.g. ``LlamaMLP``, ``GPT2MLP``, ``ViTSelfOutput`` (tuple outputs: the first element is adapted).
+        residual_from: the module whose first input is the residual y (``post_attention_layernorm`` for a
+            Llama MLP, ``ln_2`` for GPT-2, ``input_layernorm`` for Llama attention); None when no option reads y.
+
+    The wrapper returns ``r_n``; the block's ``+ y`` completes AdapterHub's output ``r_n + y``. Stacks must
+    have ``original_ln_after=True`` (AdapterHub's hooked pre-LN mode has the same restriction). No model LN.
+    """
+
+    def __init__(self, original: nn.Module, residual_from: nn.Module | None = None):
+        super().__init__(original)
+        self._captured: torch.Tensor | None = None
+        self._hook = None
+        if residual_from is not None:
+            self._hook = residual_from.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        self._captured = args[0] if args else None
+
+    def remove_hooks(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def forward(self, *args, **kwargs):
+        out = self._original_forward(*args, **kwargs)
+        y, self._captured = self._captured, None
+        h = out[0] if isinstance(out, tuple) else out
+        prep = self._prepare(h, 1e-12)
+        if prep is None:
+            return out
+        options = prep[2]
+        if not options.original_ln_after:
+            raise ValueError("adapters after a residual-outside sublayer need original_ln_after=True")
+        if y is None and (options.is_parallel or options.original_ln_before):
+            raise ValueError("these adapters read the residual y: pass residual_from= (the module whose input it is)")
+        # the block adds y itself: run the stack without the output residual
+        r = self._run_stack(h, y, None, (prep[0], prep[1], _replace(options, original_ln_after=False), prep[3]))
+        return (r, *out[1:]) if isinstance(out, tuple) else r
+
+
+def wrap_sublayer(parent: nn.Module, name: str, wrapper_cls: type[BottleneckStackLayer] = OutputWithAdapters, **kwargs):
+    """Replace ``parent.<name>`` by a wrapper around it (idempotent); returns the wrapper."""
+    child = getattr(parent, name)
+    if isinstance(child, BottleneckStackLayer):
+        return child
+    wrapper = wrapper_cls(child, **kwargs)
+    setattr(parent, name, wrapper)
+    return wrapper
+
+
+def unwrap_sublayer(parent: nn.Module, name: str) -> nn.Module:
+    """Put the original module back in ``parent.<name>`` (its weights are the wrapper's, shared); returns it."""
+    child = getattr(parent, name)
+    if not isinstance(child, BottleneckStackLayer):
+        return child
+    if isinstance(child, ResidualOutsideWithAdapters):
+        child.remove_hooks()
+    setattr(parent, name, child.original)
+    return child.original

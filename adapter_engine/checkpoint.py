@@ -1,0 +1,285 @@
+"""Out-of-core merge: fold a LoRA/IA3 adapter into a sharded safetensors checkpoint, tensor by tensor.
+
+``merge_checkpoint(base_dir, adapter_dir, out_dir)`` never holds more than one tensor of the checkpoint in
+memory. It reads and writes the safetensors format itself, with plain file reads and writes (no ``mmap``: a
+mapped file's touched pages count towards the process's resident memory, so a mapped 70B checkpoint would
+not be "out of core"):
+
+    file  = u64 little-endian header length N | N bytes of JSON header | raw tensor bytes
+    header = {key: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}
+
+Each output shard has the same keys, dtypes and shapes as its input shard, so its header is known before any
+tensor is read and the tensors are streamed through one at a time: read, merge on the device (the Triton
+merge kernel on a GPU), write. Peak host memory is about one tensor plus its merged copy; peak device memory
+is one tensor plus its factors.
+
+Atomicity: everything is written into a temporary sibling folder that is renamed to ``out_dir`` at the end;
+an exception removes the temporary folder, and a killed process leaves at most a ``.<name>.partial-*`` folder
+beside ``out_dir``, never a half checkpoint at ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from .config import IA3Config, LoraConfig
+from .formats import read_adapter
+from .kernels import merge_lora_, scale_ia3_
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_MAX_HEADER = 100 * 2**20
+
+
+# ------------------------------------------------------------------------------------------ safetensors streaming
+@dataclass
+class _Shard:
+    path: str
+    header: dict  # key -> {"dtype", "shape", "data_offsets"}; "__metadata__" kept apart
+    metadata: dict
+    data_start: int  # file offset of the data section
+
+
+def _read_header(path: str) -> _Shard:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"truncated safetensors file {path!r}: {size} bytes")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"corrupted safetensors file {path!r}: header length {n} for a {size}-byte file")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"corrupted safetensors header in {path!r}: {err}") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    for key, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        if end > size - data_start or begin > end:
+            raise ValueError(f"truncated safetensors file {path!r}: tensor {key!r} ends at byte {data_start + end} "
+                             f"of {size}")  # fmt: skip
+    return _Shard(path, header, metadata, data_start)
+
+
+def _read_tensor(fh, shard: _Shard, key: str, buffer: torch.Tensor) -> torch.Tensor:
+    """Read ``key`` into the front of ``buffer`` (uint8, at least the largest tensor's size) and return a view:
+    one buffer for the whole checkpoint, so host memory does not grow with the number of tensors read."""
+    info = shard.header[key]
+    begin, end = info["data_offsets"]
+    data = buffer[: end - begin]
+    fh.seek(shard.data_start + begin)
+    if fh.readinto(memoryview(data.numpy())) != end - begin:
+        raise ValueError(f"truncated safetensors file {shard.path!r} while reading {key!r}")
+    return data.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _header_bytes(shard: _Shard) -> bytes:
+    header = dict(shard.header)
+    if shard.metadata:
+        header["__metadata__"] = shard.metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data section 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _write_tensor(fh, tensor: torch.Tensor) -> None:
+    fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+# ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
+@dataclass
+class _Update:
+    kind: str  # "lora" or "ia3"
+    tensors: dict
+    scale: float
+    fan_in_fan_out: bool
+    ia3_dim: int = 0
+
+
+def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
+    """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing)."""
+    cfg = adapter.config
+    if not isinstance(cfg, (LoraConfig, IA3Config)):
+        raise ValueError(
+            f"merge_checkpoint folds linear adapters (LoRA, IA3) into weights; {adapter.path!r} holds a "
+            f"{type(cfg).__name__}, whose nonlinearity cannot be folded (use absorb=True in merge_adapter)"
+        )
+    updates: dict[str, _Update] = {}
+    for module, tensors in adapter.entries.items():
+        candidates = [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
+        if len(candidates) != 1:
+            what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
+            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint")
+        if isinstance(cfg, LoraConfig):
+            if set(tensors) != {"lora_A", "lora_B"}:
+                raise ValueError(f"adapter module {module!r} has weights {sorted(tensors)}, expected lora_A, lora_B")
+            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, cfg.fan_in_fan_out)
+        else:
+            feedforward = _suffix_match(module, cfg.feedforward_modules)
+            # IA3 scales the output features, or the input features of feed-forward modules.
+            dim = (0 if cfg.fan_in_fan_out else 1) if feedforward else (1 if cfg.fan_in_fan_out else 0)
+            updates[candidates[0]] = _Update("ia3", tensors, 1.0, cfg.fan_in_fan_out, dim)
+    return updates
+
+
+def _suffix_match(module: str, targets) -> bool:
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        import re
+
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _check_shapes(key: str, info: dict, update: _Update) -> None:
+    shape = tuple(info["shape"])
+    if update.kind == "lora":
+        a, b = update.tensors["lora_A"], update.tensors["lora_B"]
+        out_f, in_f = (shape[1], shape[0]) if update.fan_in_fan_out else shape
+        if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
+            raise ValueError(f"{key}: weight {shape} does not fit lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+    elif update.tensors["ia3_l"].numel() != shape[update.ia3_dim]:
+        raise ValueError(f"{key}: weight {shape} does not fit ia3_l {tuple(update.tensors['ia3_l'].shape)}")
+    if info["dtype"] not in ("F32", "F16", "BF16"):
+        raise ValueError(f"{key}: cannot merge into a {info['dtype']} weight (float32/float16/bfloat16 only)")
+
+
+_CPU_CHUNK_ELEMENTS = 1 << 18  # row blocks of 256K elements bound the CPU path's fp32 temporaries (~1 MB each)
+
+
+def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
+    """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
+    w = weight.to(device)
+    rows_per_chunk = w.shape[0] if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    if update.kind == "lora":
+        a = update.tensors["lora_A"].to(device, w.dtype)
+        b = update.tensors["lora_B"].to(device, w.dtype)
+        for i in range(0, w.shape[0], rows_per_chunk):
+            rows = slice(i, i + rows_per_chunk)
+            if update.fan_in_fan_out:  # w is (in, out): its rows are A's columns
+                merge_lora_(w[rows], a[:, rows], b, update.scale, fan_in_fan_out=True, safe=True)
+            else:
+                merge_lora_(w[rows], a, b[rows], update.scale, safe=True)
+    else:
+        vec = update.tensors["ia3_l"].reshape(-1).to(device, w.dtype)
+        for i in range(0, w.shape[0], rows_per_chunk):
+            rows = slice(i, i + rows_per_chunk)
+            scale_ia3_(w[rows], vec[rows] if update.ia3_dim == 0 else vec, dim=update.ia3_dim, safe=True)
+    if w.data_ptr() != weight.data_ptr():
+        weight.copy_(w)  # back into the same host buffer: no second host copy
+
+
+# ------------------------------------------------------------------------------------------ public API
+def merge_checkpoint(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Stream ``base_dir``'s safetensors checkpoint through the merge of ``adapter_dir`` into ``out_dir``.
+
+    Args:
+        base_dir: an HF model folder with ``model.safetensors`` or ``model.safetensors.index.json`` + shards.
+        adapter_dir: a PEFT or AdapterHub LoRA / IA3 adapter folder.
+        out_dir: the merged checkpoint (same shards and index); other files of ``base_dir`` (config, tokenizer)
+            are copied. Must not exist unless ``overwrite``.
+        device: where to merge (default: CUDA when available, else CPU).
+
+    Returns a summary: tensors read, tensors merged, bytes, and the largest tensor's size.
+    """
+    from tqdm.auto import tqdm
+
+    base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"base checkpoint folder {base_dir!r} does not exist")
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True to replace it")
+    index_path = os.path.join(base_dir, INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path) as fh:
+            index = json.load(fh)
+        shard_names = sorted(set(index["weight_map"].values()))
+    elif os.path.isfile(os.path.join(base_dir, SINGLE_NAME)):
+        index, shard_names = None, [SINGLE_NAME]
+    else:
+        raise FileNotFoundError(f"{base_dir!r} has neither {SINGLE_NAME} nor {INDEX_NAME} (safetensors only)")
+    shards = [_read_header(os.path.join(base_dir, name)) for name in shard_names]
+    key_info = {key: info for shard in shards for key, info in shard.header.items()}
+
+    adapter = read_adapter(adapter_dir)
+    updates = _plan_updates(adapter, set(key_info))
+    for key, update in updates.items():
+        _check_shapes(key, key_info[key], update)
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values())
+    largest = max((info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values()), default=0)
+    # Pinned on a GPU machine, so the host-device copies of each merged tensor run at full speed.
+    buffer = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+            for shard in shards:
+                out_path = os.path.join(partial, os.path.basename(shard.path))
+                keys = sorted(shard.header, key=lambda k: shard.header[k]["data_offsets"][0])
+                with open(shard.path, "rb") as src, open(out_path, "wb") as dst:
+                    dst.write(_header_bytes(shard))
+                    for key in keys:
+                        tensor = _read_tensor(src, shard, key, buffer)
+                        if key in updates:
+                            _merge_tensor_(tensor, updates[key], device)
+                        _write_tensor(dst, tensor)
+                        bar.update(tensor.numel() * tensor.element_size())
+                        del tensor
+                    dst.flush()
+                    os.fsync(dst.fileno())
+        for name in os.listdir(base_dir):  # config, tokenizer, generation config, index
+            src = os.path.join(base_dir, name)
+            if os.path.isfile(src) and name not in shard_names:
+                shutil.copy2(src, os.path.join(partial, name))
+        if os.path.exists(out_dir):
+            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(aside, "old"))
+            os.rename(partial, out_dir)
+            shutil.rmtree(aside)
+        else:
+            os.rename(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    summary = {
+        "tensors": len(key_info),
+        "merged": len(updates),
+        "bytes": total,
+        "largest_tensor_bytes": largest,
+        "shards": len(shards),
+        "device": str(device),
+    }
+    log.info("merged %d of %d tensors (%.2f GB, %d shards) into %s on %s", len(updates), len(key_info), total / 1e9,
+             len(shards), out_dir, device)  # fmt: skip
+    return summary

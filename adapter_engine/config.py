@@ -1,0 +1,369 @@
+"""Adapter configurations with the field names users know from PEFT (LoRA, IA3) and AdapterHub (bottleneck).
+
+Each config is a dataclass. ``from_dict`` reads the dict that the home library writes into ``adapter_config.json``
+(PEFT: the file itself; AdapterHub: its ``"config"`` entry), ignoring bookkeeping fields and refusing, with a
+``ValueError`` naming the field, features the engine does not implement (DoRA, PHM layers, gating, ...), so that an
+adapter never runs with silently different semantics. ``to_dict`` writes a dict the home library accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .kernels.bottleneck import ACTIVATIONS as _KERNEL_ACTIVATIONS
+
+logger = logging.getLogger(__name__)
+
+#: Activations a bottleneck adapter may use (AdapterHub's names; "gelu" is the erf form, "swish" is SiLU).
+ACTIVATIONS = tuple(sorted(_KERNEL_ACTIVATIONS))
+
+
+class Stack:
+    """Run adapters one after the other (AdapterHub's ``Stack``); for LoRA adapters, their terms are summed.
+
+    ``Stack("a", "b")`` and ``set_active_adapters(model, ["a", "b"])`` mean the same thing.
+    """
+
+    def __init__(self, *children: str) -> None:
+        if len(children) == 1 and isinstance(children[0], (list, tuple)):
+            children = tuple(children[0])
+        if not children or not all(isinstance(c, str) for c in children):
+            raise TypeError(f"Stack takes adapter names (str), got {children!r}")
+        self.children: tuple[str, ...] = tuple(children)
+
+    def __iter__(self):
+        return iter(self.children)
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stack) and other.children == self.children
+
+    def __repr__(self) -> str:
+        return f"Stack({', '.join(repr(c) for c in self.children)})"
+
+
+def _check_fields(cls: type, data: Mapping[str, Any], ignored: Sequence[str], unsupported: Mapping[str, Any]) -> dict:
+    """Keep the fields of ``cls``; refuse fields in ``unsupported`` whose value is not the neutral one given."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in unsupported:
+            neutral = unsupported[key]
+            if value != neutral and not (neutral in (None, False) and not value):
+                raise ValueError(
+                    f"{cls.__name__}: '{key}'={value!r} is not supported by adapter-engine (only {neutral!r})"
+                )
+        elif key in known:
+            kept[key] = value
+        elif key not in ignored:
+            logger.debug("%s: ignoring unknown field %r=%r", cls.__name__, key, value)
+    return kept
+
+
+@dataclass
+class LoraConfig:
+    """LoRA: ``y = x W^T + b + scaling * dropout(x) A^T B^T`` with ``A (r, in)``, ``B (out, r)`` (PEFT's names).
+
+    ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``target_modules`` are module-name
+    suffixes (PEFT's rule: ``"dense"`` matches every ``*.dense``) or one regex string matched against full names;
+    ``None`` takes the default targets of the model's architecture.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias != "none":
+            raise ValueError(f"LoraConfig: bias={self.bias!r} is not supported (only 'none': base biases stay frozen)")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Read a PEFT ``adapter_config.json`` dict (``peft_type`` "LORA")."""
+        peft_type = getattr(data.get("peft_type", "LORA"), "value", data.get("peft_type", "LORA"))
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"LoraConfig.from_dict: peft_type {peft_type!r} is not LORA")
+        unsupported = {
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "modules_to_save": None,
+            "lora_bias": False,
+            "use_qalora": False,
+            "trainable_token_indices": None,
+            "target_parameters": None,
+            "megatron_config": None,
+            "layer_replication": None,
+            "exclude_modules": None,
+        }
+        ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+        return cls(**_check_fields(cls, data, ignored, unsupported))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A PEFT-loadable ``adapter_config.json`` dict."""
+        out = dataclasses.asdict(self)
+        out.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
+        out.update(modules_to_save=None, use_dora=False, rank_pattern={}, alpha_pattern={}, layers_to_transform=None)
+        return out
+
+
+@dataclass
+class IA3Config:
+    """IA3 (PEFT's names): learned vectors rescale a module's output, or its input for ``feedforward_modules``.
+
+    ``y = (x W^T + b) * l`` with ``l (out,)``; for feed-forward modules ``y = (x * l) W^T + b`` with ``l (in,)``.
+    """
+
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IA3Config:
+        peft_type = getattr(data.get("peft_type", "IA3"), "value", data.get("peft_type", "IA3"))
+        if str(peft_type).upper() != "IA3":
+            raise ValueError(f"IA3Config.from_dict: peft_type {peft_type!r} is not IA3")
+        unsupported = {"modules_to_save": None, "exclude_modules": None}
+        ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+        return cls(**_check_fields(cls, data, ignored, unsupported))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(peft_type="IA3", task_type=None, base_model_name_or_path=None, inference_mode=True)
+        out.update(modules_to_save=None)
+        return out
+
+
+@dataclass
+class BottleneckConfig:
+    """A bottleneck adapter ``A(v) = up(act(down(v)))`` (AdapterHub's ``BnConfig`` field names).
+
+    Placement: ``mh_adapter`` after the attention sublayer, ``output_adapter`` after the feed-forward sublayer.
+    ``reduction_factor`` sets the bottleneck width ``hidden // reduction_factor`` (a mapping may give per-layer
+    factors, keys ``"<layer index>"`` and the default ``"default"``); ``bottleneck_size`` overrides it with an
+    exact width. Presets: :meth:`seq_bn` (Pfeiffer), :meth:`double_seq_bn` (Houlsby), :meth:`par_bn`.
+    """
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: float | Mapping[str, float] = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    is_parallel: bool = False
+    scaling: float | str = 1.0
+    dropout: float = 0.0
+    leave_out: list[int] = field(default_factory=list)
+    init_weights: str = "bert"
+    init_range: float = 1e-2
+    bottleneck_size: int | None = None
+
+    def __post_init__(self) -> None:
+        act = str(self.non_linearity).lower()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"BottleneckConfig: unknown non_linearity {self.non_linearity!r}; known: {ACTIVATIONS}")
+        self.non_linearity = act
+        if not (self.mh_adapter or self.output_adapter):
+            raise ValueError("BottleneckConfig: at least one of mh_adapter / output_adapter must be True")
+        if isinstance(self.scaling, str) and self.scaling != "learned":
+            try:
+                self.scaling = float(self.scaling)
+            except ValueError:
+                raise ValueError(f"BottleneckConfig: scaling must be a number, got {self.scaling!r}") from None
+        if self.bottleneck_size is not None and self.bottleneck_size <= 0:
+            raise ValueError(f"BottleneckConfig: bottleneck_size must be positive, got {self.bottleneck_size}")
+
+    def size_for(self, hidden_size: int, layer: int) -> int:
+        """Bottleneck width at ``layer`` for a model of ``hidden_size`` (AdapterHub: ``int(hidden // factor)``)."""
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        rf = self.reduction_factor
+        if isinstance(rf, Mapping):
+            if str(layer) in rf:
+                rf = rf[str(layer)]
+            elif "default" in rf:
+                rf = rf["default"]
+            else:
+                raise ValueError(f"BottleneckConfig: reduction_factor {dict(rf)} has no entry for layer {layer}")
+        size = int(hidden_size // rf)
+        if size <= 0:
+            raise ValueError(f"BottleneckConfig: reduction_factor {rf} leaves no width for hidden size {hidden_size}")
+        return size
+
+    @classmethod
+    def seq_bn(cls, **kw: Any) -> BottleneckConfig:
+        """Pfeiffer / seq_bn: one adapter after the feed-forward block, reading the LayerNormed sum."""
+        base = {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu"}
+        return cls(**base | kw)
+
+    @classmethod
+    def double_seq_bn(cls, **kw: Any) -> BottleneckConfig:
+        """Houlsby / double_seq_bn: adapters after attention and after the feed-forward block."""
+        base = {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish"}
+        return cls(**base | {"original_ln_before": False} | kw)
+
+    @classmethod
+    def par_bn(cls, **kw: Any) -> BottleneckConfig:
+        """Parallel adapter (He et al.): ``scaling * A(y)`` added beside the feed-forward block."""
+        base = {"reduction_factor": 2, "is_parallel": True, "scaling": 4.0, "original_ln_before": False}
+        return cls(**base | {"residual_before_ln": True, "init_weights": "mam_adapter"} | kw)
+
+    @classmethod
+    def preset(cls, name: str) -> BottleneckConfig:
+        presets = {"seq_bn": cls.seq_bn, "pfeiffer": cls.seq_bn, "double_seq_bn": cls.double_seq_bn}
+        presets |= {"houlsby": cls.double_seq_bn, "par_bn": cls.par_bn, "parallel": cls.par_bn}
+        if name.lower() not in presets:
+            raise ValueError(f"unknown adapter config name {name!r}; known: {sorted(presets)}")
+        return presets[name.lower()]()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BottleneckConfig:
+        """Read AdapterHub's config dict (the ``"config"`` entry of its ``adapter_config.json``)."""
+        arch = data.get("architecture")
+        if arch not in (None, "bottleneck"):
+            raise ValueError(f"BottleneckConfig.from_dict: architecture {arch!r} is not a bottleneck adapter")
+        unsupported = {
+            "phm_layer": False,
+            "use_gating": False,
+            "inv_adapter": None,
+            "cross_adapter": False,
+            "stochastic_depth": 0.0,
+        }
+        ignored = ("architecture", "init_weights_seed", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
+        ignored += ("shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm")
+        ignored += ("hypercomplex_nonlinearity", "phm_rank", "phm_bias", "factorized_phm_W")
+        return cls(**_check_fields(cls, data, ignored, unsupported))
+
+    def to_dict(self) -> dict[str, Any]:
+        """AdapterHub's full field dict (what adapters 1.3.0 writes under ``"config"``)."""
+        out = dataclasses.asdict(self)
+        out.pop("init_range")
+        out.pop("bottleneck_size")
+        if out["init_weights"] not in ("bert", "houlsby", "mam_adapter"):  # the inits AdapterHub 1.3.0 knows
+            out["init_weights"] = "bert"  # init only matters for fresh adapters; "normal" is the closest
+        out.update(use_gating=False, phm_layer=False, inv_adapter=None, cross_adapter=False)
+        out.update(stochastic_depth=0.0, init_weights_seed=None, inv_adapter_reduction_factor=None)
+        out.update(phm_dim=4, shared_W_phm=False, shared_phm_rule=True, factorized_phm_rule=False, phm_bias=True)
+        out.update(phm_c_init="normal", phm_init_range=0.0001, learn_phm=True, factorized_phm_W=True, phm_rank=1)
+        out.update(hypercomplex_nonlinearity="glorot-uniform")
+        if isinstance(out["reduction_factor"], float) and out["reduction_factor"].is_integer():
+            out["reduction_factor"] = int(out["reduction_factor"])
+        return out
+
+
+@dataclass
+class AdapterConfig:
+    """The tutorial style of adapter config: ``AdapterConfig(hidden_size=768, adapter_size=64, adapter_act="relu")``.
+
+    Houlsby placement by default (after attention and after the feed-forward block, ``out = LN(h + A(h) + y)``);
+    ``adapter_initializer_range`` is the std of the normal init of both projections (biases start at zero).
+    """
+
+    hidden_size: int
+    adapter_size: int = 64
+    adapter_act: str = "gelu"
+    adapter_initializer_range: float = 1e-2
+    mh_adapter: bool = True
+    output_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.adapter_size <= 0:
+            raise ValueError(f"AdapterConfig: hidden_size {self.hidden_size} and adapter_size {self.adapter_size}")
+        if str(self.adapter_act).lower() not in ACTIVATIONS:
+            raise ValueError(f"AdapterConfig: unknown adapter_act {self.adapter_act!r}; known: {ACTIVATIONS}")
+
+    def to_bottleneck(self) -> BottleneckConfig:
+        return BottleneckConfig(
+            mh_adapter=self.mh_adapter,
+            output_adapter=self.output_adapter,
+            reduction_factor=self.hidden_size / self.adapter_size,
+            bottleneck_size=self.adapter_size,
+            non_linearity=self.adapter_act,
+            original_ln_before=False,
+            residual_before_ln=True,
+            init_weights="normal",
+            init_range=self.adapter_initializer_range,
+        )
+
+
+AnyConfig = LoraConfig | IA3Config | BottleneckConfig
+
+
+def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
+    """A config from either library's dict: PEFT's (``peft_type``) or AdapterHub's ``"config"`` entry."""
+    peft_type = data.get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)  # a PeftType enum when the dict comes from a peft object
+    if peft_type is not None:
+        kinds = {"LORA": LoraConfig, "IA3": IA3Config}
+        if str(peft_type).upper() not in kinds:
+            raise ValueError(f"PEFT adapter type {peft_type!r} is not supported; supported: {sorted(kinds)}")
+        return kinds[str(peft_type).upper()].from_dict(data)
+    arch = data.get("architecture")
+    if arch in (None, "bottleneck"):
+        return BottleneckConfig.from_dict(data)
+    if arch == "lora":
+        return lora_from_adapterhub(data)
+    raise ValueError(f"AdapterHub architecture {arch!r} is not supported; supported: bottleneck, lora")
+
+
+def lora_from_adapterhub(data: Mapping[str, Any]) -> LoraConfig:
+    """AdapterHub's ``LoRAConfig`` dict as a :class:`LoraConfig` (targets come from the saved weights)."""
+    for key, neutral in (("use_gating", False), ("use_dora", False), ("composition_mode", "add"), ("vera_d", None)):
+        if data.get(key, neutral) != neutral:
+            raise ValueError(f"AdapterHub LoRA: '{key}'={data[key]!r} is not supported (only {neutral!r})")
+    if data.get("vera_b") is not None:
+        raise ValueError(f"AdapterHub LoRA: 'vera_b'={data['vera_b']!r} is not supported (only None)")
+    return LoraConfig(r=int(data.get("r", 8)), lora_alpha=data.get("alpha", 8), lora_dropout=data.get("dropout", 0.0))
+
+
+def coerce_config(config: Any) -> AnyConfig:
+    """Accept a config object, a tutorial :class:`AdapterConfig`, a dict, or a preset name (``"seq_bn"``, ...)."""
+    if isinstance(config, (LoraConfig, IA3Config, BottleneckConfig)):
+        return config
+    if isinstance(config, AdapterConfig):
+        return config.to_bottleneck()
+    if isinstance(config, str):
+        if config.lower() == "lora":
+            return LoraConfig()
+        if config.lower() == "ia3":
+            return IA3Config()
+        return BottleneckConfig.preset(config)
+    if isinstance(config, Mapping):
+        return config_from_dict(config.get("config", config) if "config" in config else config)
+    if type(config).__name__ in ("LoraConfig", "IA3Config") and hasattr(config, "to_dict"):
+        return config_from_dict(config.to_dict())  # a peft config object
+    raise TypeError(f"unsupported adapter config {type(config).__name__}: pass LoraConfig, BottleneckConfig, ...")

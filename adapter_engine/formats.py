@@ -1,0 +1,209 @@
+"""Adapter files of PEFT and AdapterHub: detection, reading (all-or-nothing), key parsing and writing.
+
+PEFT:       ``adapter_config.json`` (has ``peft_type``) + ``adapter_model.safetensors`` | ``adapter_model.bin``;
+            keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.ia3_l`` (name stripped).
+AdapterHub: ``adapter_config.json`` (field dict under ``"config"``, plus ``name``, ``model_type``, ...) +
+            ``adapter.safetensors`` | ``pytorch_adapter.bin``; keys ``<module>.adapters.<name>.adapter_down.0.weight``
+            (bottleneck) and ``<module>.loras.<name>.lora_A`` (LoRA, no ``.weight``).
+
+Safetensors is read first; ``.bin`` files only through ``torch.load(weights_only=True)``. Every read problem
+(missing, truncated or corrupted file, unknown layout) is a ``ValueError`` / ``FileNotFoundError`` naming the path.
+The model-side checks (layers, shapes, missing / extra weights) live in :mod:`adapter_engine.api`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import AnyConfig, coerce_config, config_from_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS = {
+    "peft": ("adapter_model.safetensors", "adapter_model.bin"),
+    "adapterhub": ("adapter.safetensors", "pytorch_adapter.bin"),
+}
+FORMATS = tuple(WEIGHTS)
+ADAPTERHUB_VERSION = "adapters.1.3.0"
+
+_PEFT_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_PEFT_IA3 = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.[^.]+)?$")
+_AH_LORA = re.compile(r"^(?P<module>.+)\.loras\.(?P<name>[^.]+)\.lora_(?P<ab>[AB])$")
+_AH_BN = re.compile(
+    r"^(?P<module>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>adapter_(?:down|up|norm_before|norm_after)"
+    r"(?:\.\d+)?\.(?:weight|bias))$"
+)
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter folder. ``entries`` maps a module path as saved (no ``base_model.model.`` prefix) to its
+    tensors by parameter name (``lora_A``, ``lora_B``, ``ia3_l``, ``adapter_down.0.weight``, ...)."""
+
+    format: str
+    path: str
+    config: AnyConfig
+    saved_name: str | None
+    entries: dict[str, dict[str, torch.Tensor]]
+    meta: dict[str, Any]
+
+
+def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
+    """The folder holding the adapter: ``path`` itself, or ``path/<name>`` (PEFT saves several adapters to
+    subfolders). A path to a file inside the folder is accepted too."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter path {path!r} does not exist")
+    if os.path.isfile(path):
+        path = os.path.dirname(path) or "."
+    if _has_any(path):
+        return path
+    if name and os.path.isdir(os.path.join(path, name)) and _has_any(os.path.join(path, name)):
+        return os.path.join(path, name)
+    subs = sorted(d for d in os.listdir(path) if _has_any(os.path.join(path, d)))
+    hint = f"; it has adapter subfolders {subs}: pass one of them (or name=)" if subs else ""
+    expected = [CONFIG_NAME] + [w for ws in WEIGHTS.values() for w in ws]
+    raise ValueError(f"unknown adapter format in {path!r}: none of {expected} found{hint}")
+
+
+def _has_any(folder: str) -> bool:
+    return os.path.isdir(folder) and any(
+        os.path.isfile(os.path.join(folder, f)) for f in (CONFIG_NAME, *WEIGHTS["peft"], *WEIGHTS["adapterhub"])
+    )
+
+
+def detect_format(folder: str, meta: dict[str, Any] | None) -> str:
+    """``"peft"`` or ``"adapterhub"`` from the config's fields, else from the weight file names."""
+    if meta is not None:
+        if "peft_type" in meta:
+            return "peft"
+        if isinstance(meta.get("config"), dict) or str(meta.get("version", "")).startswith("adapters"):
+            return "adapterhub"
+    found = [fmt for fmt, files in WEIGHTS.items() if any(os.path.isfile(os.path.join(folder, f)) for f in files)]
+    if len(found) == 1:
+        return found[0]
+    raise ValueError(
+        f"unknown adapter format in {folder!r}: {CONFIG_NAME} has neither PEFT's 'peft_type' nor AdapterHub's "
+        f"'config' and the weight files are {sorted(os.listdir(folder))}"
+    )
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupted adapter config {path!r}: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"corrupted adapter config {path!r}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_tensors(folder: str, fmt: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """Load the weight file of ``fmt`` in ``folder`` (safetensors first) onto the CPU."""
+    for fname in WEIGHTS[fmt]:
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if fname.endswith(".safetensors"):
+                tensors = load_file(path, device="cpu")
+            else:
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # safetensors / pickle raise many types for truncated or corrupted data
+            raise ValueError(f"cannot read adapter weights {path!r} (truncated or corrupted?): {err}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"adapter weights {path!r} are not a dict of tensors")
+        return path, tensors
+    raise FileNotFoundError(f"no {fmt} adapter weights in {folder!r}: expected one of {list(WEIGHTS[fmt])}")
+
+
+def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | None) -> dict[str, dict]:
+    """Group the tensors by module; raises ``ValueError`` listing keys that are not adapter weights of ``fmt``."""
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    extra: list[str] = []
+    for key, value in tensors.items():
+        if fmt == "peft":
+            m = _PEFT_LORA.match(key)
+            param = f"lora_{m['ab']}" if m else None
+            if m is None and (m := _PEFT_IA3.match(key)):
+                param = "ia3_l"
+        else:
+            m = _AH_LORA.match(key)
+            param = f"lora_{m['ab']}" if m else None
+            if m is None and (m := _AH_BN.match(key)):
+                param = m["param"]
+            if m is not None and saved_name is not None and m["name"] != saved_name:
+                m = None
+        if m is None:
+            extra.append(key)
+            continue
+        entries.setdefault(m["module"], {})[param] = value
+    if extra:
+        more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"unexpected weights in the {fmt} adapter file: {extra[:5]}{more}")
+    if not entries:
+        raise ValueError(f"the {fmt} adapter file holds no adapter weights")
+    return entries
+
+
+def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any = None) -> AdapterFile:
+    """Read and parse an adapter folder of either library (format detected). ``config`` overrides the saved one."""
+    folder = find_adapter_dir(path, name)
+    cfg_path = os.path.join(folder, CONFIG_NAME)
+    meta = read_json(cfg_path) if os.path.isfile(cfg_path) else None
+    fmt = detect_format(folder, meta)
+    if config is not None:
+        cfg = coerce_config(config)
+    elif meta is None:
+        raise FileNotFoundError(f"{cfg_path!r} is missing: pass config= to load_adapter")
+    elif fmt == "peft":
+        cfg = config_from_dict(meta)
+    else:
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError(f"AdapterHub config {cfg_path!r} has no 'config' field dict")
+        cfg = config_from_dict(meta["config"])
+    saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
+    _, tensors = read_tensors(folder, fmt)
+    entries = parse_keys(fmt, tensors, saved_name)
+    return AdapterFile(format=fmt, path=folder, config=cfg, saved_name=saved_name, entries=entries, meta=meta or {})
+
+
+def write_adapter(
+    folder: str | os.PathLike,
+    fmt: str,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    safe_serialization: bool | None = None,
+) -> str:
+    """Write ``adapter_config.json`` and the weight file of ``fmt``; returns the folder.
+
+    Default weight file: PEFT ``adapter_model.safetensors``; AdapterHub ``pytorch_adapter.bin`` (what
+    ``adapters`` 1.3.0 writes and loads by default; ``safe_serialization=True`` writes ``adapter.safetensors``).
+    """
+    if fmt not in WEIGHTS:
+        raise ValueError(f"unknown adapter format {fmt!r}; supported: {list(FORMATS)}")
+    folder = os.fspath(folder)
+    if os.path.isfile(folder):
+        raise ValueError(f"cannot save an adapter to {folder!r}: it is a file, not a folder")
+    os.makedirs(folder, exist_ok=True)
+    safe = (fmt == "peft") if safe_serialization is None else safe_serialization
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    safetensors_name, bin_name = WEIGHTS[fmt]
+    if safe:
+        save_file(tensors, os.path.join(folder, safetensors_name), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(folder, bin_name))
+    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2, sort_keys=True)
+    return folder

@@ -1,0 +1,302 @@
+"""LoRA and IA3 on a Linear (or GPT-2 ``Conv1D``) layer, running the fused ``lora_linear`` op.
+
+:class:`LoraLinear` replaces an ``nn.Linear`` / ``transformers.pytorch_utils.Conv1D`` in place and keeps the
+*same* ``weight`` and ``bias`` Parameter objects under the same names, so the base ``state_dict`` keys, storage
+and checkpoints are unchanged. Adapters sit beside them with PEFT's names::
+
+    lora_A[name].weight  (r, in)      lora_B[name].weight  (out, r)      ia3_l[name]  (out,) or (in,)
+
+    y = (x * l_ff) W^T + b                                   base (bit-identical to the original layer)
+        + sum_i scaling_i * dropout(x) A_i^T B_i^T           active LoRA adapters, one fused op
+    y = y * l_out                                            active IA3 adapters
+
+With no active adapter, ``forward`` runs exactly the original layer's computation (``F.linear`` or Conv1D's
+``addmm``), so outputs are bit-identical to the unpatched model.
+
+:func:`fused_peft_forward` is the per-instance forward given to PEFT's own ``lora.Linear`` layers by
+``patch(peft_model)``: same outputs and gradients, one fused op; anything it does not cover (DoRA, merged
+weights, mixed-batch ``adapter_names``, ...) falls through to PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
+from .kernels.lora_linear import lora_linear
+from .routing import Route, check_rows, current_route
+
+logger = logging.getLogger(__name__)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (the layers LoRA/IA3 can wrap)."""
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear)
+
+
+class LoraLinear(nn.Module):
+    """Drop-in replacement of a Linear / Conv1D layer carrying LoRA and IA3 adapters (see the module docstring).
+
+    Attributes kept from the base layer: ``weight``, ``bias``, ``in_features``, ``out_features`` (and ``nf``,
+    ``nx`` for Conv1D, whose weight is stored transposed: ``(in, out)``, ``fan_in_fan_out=True``).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        if isinstance(base, Conv1D):
+            self.fan_in_fan_out = True
+            self.in_features, self.out_features = base.weight.shape
+            self.nf, self.nx = base.nf, base.nx
+        elif isinstance(base, nn.Linear):
+            self.fan_in_fan_out = False
+            self.out_features, self.in_features = base.weight.shape
+        else:
+            raise TypeError(f"LoraLinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.ia3_l = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.ia3_feedforward: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+
+    # ------------------------------------------------------------------------------------------- adapters
+    def add_lora(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True) -> None:
+        """Add LoRA adapter ``name``: ``A (r, in)`` Kaiming-uniform and ``B (out, r)`` zero (PEFT's init), or
+        both random (``init=False``, as PEFT's ``init_lora_weights=False``)."""
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = nn.Linear(self.in_features, r, bias=False, **kw)
+        b = nn.Linear(r, self.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        if init is True or init == "lora":
+            nn.init.zeros_(b.weight)
+        elif init == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+            nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.scaling[name] = float(scaling)
+        self.lora_dropout[name] = float(dropout)
+
+    def add_ia3(self, name: str, feedforward: bool, init: bool = True) -> None:
+        """Add IA3 vector ``name``: ``(in,)`` for feed-forward layers (scales the input), else ``(out,)``."""
+        size = self.in_features if feedforward else self.out_features
+        vec = torch.ones(size, device=self.weight.device, dtype=self.weight.dtype)
+        if not init:
+            nn.init.normal_(vec, mean=1.0, std=0.02)
+        self.ia3_l[name] = nn.Parameter(vec)
+        self.ia3_feedforward[name] = feedforward
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.lora_A or name in self.ia3_l
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for store in (self.lora_A, self.lora_B, self.ia3_l):
+            if name in store:
+                del store[name]
+        for store in (self.scaling, self.lora_dropout, self.ia3_feedforward):
+            store.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fan_in_fan_out:  # transformers Conv1D.forward, verbatim
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = current_route()
+        if route is not None and not route.uniform:
+            return self._per_row_forward(x, route)
+        names = self.active_adapters if route is None else route.stack
+        lora = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        ia3 = [n for n in names if n in self.ia3_l and n not in self.merged_adapters]
+        if not lora and not ia3:
+            return self._base_forward(x)
+        for n in ia3:
+            if self.ia3_feedforward[n]:
+                x = x * self.ia3_l[n]
+        if not lora:
+            y = self._base_forward(x)
+        else:
+            y = _fused(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout, lora,
+                       self.training, self.fan_in_fan_out)  # fmt: skip
+        for n in ia3:
+            if not self.ia3_feedforward[n]:
+                y = y * self.ia3_l[n]
+        return y
+
+    def _per_row_forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """A stack per batch row (rows = ``x.shape[0]``, broadcast over the other leading dims): one fused
+        ``lora_linear`` launch with ``adapter_ids`` carries each row's first LoRA adapter (-1 = base only); a
+        row's further LoRA adapters (stacks of several LoRAs in one layer, or a different dropout rate in
+        training) add masked terms after it; IA3 vectors scale per row."""
+        check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
+        merged = self.merged_adapters
+        rows_lora = [[n for n in row if n in self.lora_A and n not in merged] for row in route.rows]
+        rows_ia3 = [[n for n in row if n in self.ia3_l and n not in merged] for row in route.rows]
+        if all(not a and not b for a, b in zip(rows_lora, rows_ia3, strict=True)):
+            return self._base_forward(x)
+        ia3_in = [[n for n in row if self.ia3_feedforward[n]] for row in rows_ia3]
+        ia3_out = [[n for n in row if not self.ia3_feedforward[n]] for row in rows_ia3]
+        if any(ia3_in):
+            x = x * self._row_scales(ia3_in, x)
+        used = list(dict.fromkeys(n for row in rows_lora for n in row))
+        if not used:
+            y = self._base_forward(x)
+        else:
+            rate = {n: (self.lora_dropout[n] if self.training else 0.0) for n in used}
+            p0 = rate[used[0]]
+            fused = [n for n in used if rate[n] == p0]
+            index = {n: i for i, n in enumerate(fused)}
+            firsts = [next((n for n in row if n in index), None) for row in rows_lora]
+            table = tuple(index[n] if n is not None else -1 for n in firsts)
+            ids = route.cached(("lora_ids", table, x.device), lambda: torch.tensor(table, dtype=torch.int32,
+                                                                                    device=x.device))  # fmt: skip
+            y = lora_linear(
+                x,
+                self.weight,
+                [self.lora_A[n].weight for n in fused],
+                [self.lora_B[n].weight for n in fused],
+                [self.scaling[n] for n in fused],
+                self.bias,
+                adapter_ids=ids,
+                dropout=p0,
+                training=self.training,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+            for n in used:  # rows whose stack holds a further LoRA of this layer
+                rows = [i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n]
+                if rows:
+                    mask = torch.zeros(x.shape[0], dtype=y.dtype, device=x.device)
+                    mask[rows] = 1.0
+                    xd = F.dropout(x, rate[n], training=self.training and rate[n] > 0)
+                    term = F.linear(F.linear(xd, self.lora_A[n].weight), self.lora_B[n].weight) * self.scaling[n]
+                    y = y + term * mask.view(-1, *([1] * (y.dim() - 1)))
+        if any(ia3_out):
+            y = y * self._row_scales(ia3_out, y)
+        return y
+
+    def _row_scales(self, rows: list[list[str]], like: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, ..., features): the product of each row's IA3 vectors (ones for rows without one)."""
+        size = like.shape[-1]
+        ones = torch.ones(size, dtype=like.dtype, device=like.device)
+        per_row = []
+        for row in rows:
+            vec = ones
+            for n in row:
+                vec = vec * self.ia3_l[n]
+            per_row.append(vec)
+        return torch.stack(per_row).view(like.shape[0], *([1] * (like.dim() - 2)), size)
+
+    # ------------------------------------------------------------------------------------------- merging
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> list[str]:
+        """Fold adapters into ``weight`` (and ``bias`` for output-side IA3) in place; returns the names merged."""
+        names = [n for n in (self.active_adapters if names is None else names) if self.has_adapter(n)]
+        names = [n for n in names if n not in self.merged_adapters]
+        lora = [n for n in names if n in self.lora_A]
+        if lora:
+            a, b = [self.lora_A[n].weight for n in lora], [self.lora_B[n].weight for n in lora]
+            merge_lora_(self.weight, a, b, [self.scaling[n] for n in lora], fan_in_fan_out=self.fan_in_fan_out,
+                        safe=safe)  # fmt: skip
+        for n in names:
+            if n in self.ia3_l:
+                self._scale_ia3(n, inverse=False, safe=safe)
+        self.merged_adapters.extend(names)
+        return names
+
+    @torch.no_grad()
+    def unmerge(self, names: Sequence[str] | None = None) -> list[str]:
+        """Undo :meth:`merge` (within one rounding per element); returns the names unmerged."""
+        names = [n for n in (self.merged_adapters if names is None else names) if n in self.merged_adapters]
+        for n in reversed(names):  # merge applied LoRA, then IA3 scalings: undo in reverse order
+            if n in self.ia3_l:
+                self._scale_ia3(n, inverse=True, safe=False)
+        lora = [n for n in names if n in self.lora_A]
+        if lora:
+            a, b = [self.lora_A[n].weight for n in lora], [self.lora_B[n].weight for n in lora]
+            unmerge_lora_(self.weight, a, b, [self.scaling[n] for n in lora], fan_in_fan_out=self.fan_in_fan_out)
+        self.merged_adapters = [n for n in self.merged_adapters if n not in names]
+        return names
+
+    def _scale_ia3(self, name: str, inverse: bool, safe: bool) -> None:
+        vec = self.ia3_l[name]
+        ff = self.ia3_feedforward[name]
+        # weight (out, in) for Linear, (in, out) for Conv1D: IA3 scales the input (ff) or the output features.
+        dim = (1 if ff else 0) if not self.fan_in_fan_out else (0 if ff else 1)
+        scale_ia3_(self.weight, vec, dim=dim, inverse=inverse, safe=safe)
+        if not ff and self.bias is not None:
+            self.bias.copy_(self.bias / vec if inverse else self.bias * vec)
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        return f"{kind}(in={self.in_features}, out={self.out_features}), adapters={sorted(self.lora_A)}"
+
+
+def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, fan_in_fan_out):
+    """One fused call for the adapters that share a dropout rate; the others' terms are added after it."""
+    p0 = dropout[names[0]] if training else 0.0
+    same = [n for n in names if (dropout[n] if training else 0.0) == p0]
+    y = lora_linear(
+        x,
+        weight,
+        [lora_A[n].weight for n in same],
+        [lora_B[n].weight for n in same],
+        [scaling[n] for n in same],
+        bias,
+        dropout=p0,
+        training=training,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    for n in names:  # rare: adapters with a different dropout rate in training, in PEFT's order after the others
+        if n not in same:
+            xd = F.dropout(x, dropout[n], training=training)
+            y = y + F.linear(F.linear(xd, lora_A[n].weight), lora_B[n].weight) * scaling[n]
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- PEFT interop
+def _peft_plain_case(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
+    """The active adapter names when ``layer`` (a PEFT lora.Linear) is in a state the fused op covers exactly."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    base = layer.base_layer
+    if not isinstance(base, (nn.Linear, Conv1D)) or getattr(layer, "lora_variant", None):
+        return None
+    names = [n for n in layer.active_adapters if n in layer.lora_A]
+    if not names:
+        return None
+    for n in names:
+        if layer.use_dora.get(n, False) or getattr(layer, "lora_bias", {}).get(n, False):
+            return None
+        if layer.lora_A[n].weight.dtype != x.dtype or not isinstance(layer.lora_dropout[n], (nn.Dropout, nn.Identity)):
+            return None
+    if base.weight.dtype != x.dtype:
+        return None
+    return names
+
+
+def fused_peft_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Per-instance forward for PEFT ``lora.Linear`` layers: the same math as PEFT's, in one fused op."""
+    names = _peft_plain_case(self, x, args, kwargs)
+    if names is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    rates = {n: (self.lora_dropout[n].p if isinstance(self.lora_dropout[n], nn.Dropout) else 0.0) for n in names}
+    training = any(self.lora_dropout[n].training for n in names) if any(rates.values()) else self.training
+    base = self.base_layer
+    fan_in_fan_out = isinstance(base, Conv1D)
+    return _fused(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, rates, names, training,
+                  fan_in_fan_out)  # fmt: skip

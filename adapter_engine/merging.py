@@ -1,0 +1,322 @@
+"""Strategy 1, "Merge and FFT": fold adapters into the base weights in place and get a plain HF model back.
+
+    merge_adapter(model, "domain")                         # LoRA / IA3: one fused merge launch for the model
+    merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted
+    merge_adapter(model, ["a", "b"], combination="ties", density=0.5)   # TIES / DARE task-vector combinations
+    merge_adapter(model, "domain", exact=True)             # keep what is needed for a bit-exact unmerge
+    unmerge_adapter(model, "domain")                       # restore the weights (1 ulp, or bit-exact)
+
+What folds and what does not: LoRA (``W += s B A``) and IA3 (a per-feature scale of ``W``) are linear in the
+input, so they fold into the weights exactly (up to one rounding). A bottleneck adapter ``up(act(down(h)))``
+with a nonlinear activation, or with a LayerNorm between it and the weight that produces ``h``, is not a
+function of ``h`` that any weight matrix can express; ``merge_adapter`` refuses it and says why. With
+``absorb=True`` such an adapter instead stays in the model as a permanent, trainable part of the architecture
+(full fine-tuning then trains it with everything else).
+
+All-or-nothing: every weight is checked (shapes, finiteness of the merged values) before any is written, so
+a merge that fails leaves every weight bit-identical to what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .kernels import merge_lora_many_, scale_ia3_, unmerge_lora_many_
+from .lora import LoraLinear
+
+log = logging.getLogger(__name__)
+
+_MERGES_ATTR = "_adapter_engine_merges"
+COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass
+class _LayerMerge:
+    """What one layer received: enough to subtract it again (and the original weight when ``exact``)."""
+
+    path: str
+    weight: torch.Tensor  # the base weight Parameter itself (shared with the plain module after unpatch)
+    bias: torch.Tensor | None
+    lora_A: list[torch.Tensor] = field(default_factory=list)
+    lora_B: list[torch.Tensor] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    fan_in_fan_out: bool = False
+    ia3: list[tuple[torch.Tensor, int, bool]] = field(default_factory=list)  # (vector, dim, scales the bias)
+    adapter_index: list[int] = field(default_factory=list)  # position in ``names`` of each LoRA term
+    original: torch.Tensor | None = None  # CPU copy of the weight before the merge (exact / non-linear merges)
+    original_bias: torch.Tensor | None = None
+
+
+@dataclass
+class MergeRecord:
+    names: tuple[str, ...]
+    combination: str
+    layers: list[_LayerMerge]
+
+
+def _records(model: nn.Module) -> list[MergeRecord]:
+    return model.__dict__.setdefault(_MERGES_ATTR, [])
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _resolve_names(state, names) -> list[str]:
+    if names is None:
+        names = [n for n in state.active if state.adapters[n].kind in ("lora", "ia3")]
+        if not names:
+            raise ValueError(f"no active LoRA/IA3 adapter to merge; name one of {list(state.adapters)}")
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
+    return names
+
+
+def _bottleneck_refusal(name: str, config) -> str:
+    act = getattr(config, "non_linearity", "?")
+    return (
+        f"adapter {name!r} is a bottleneck adapter (activation {act!r}): h + up({act}(down(.))) is not linear in "
+        "its input (and AdapterHub's placements read a LayerNorm output), so no weight matrix can express it and "
+        "it cannot be merged. Pass absorb=True to keep it as a permanent, trainable part of the model for full "
+        "fine-tuning (saved with the model, reloaded with adapter_engine)."
+    )
+
+
+def _task_deltas(layer: _LayerMerge) -> list[torch.Tensor]:
+    """Full-size fp32 deltas ``s_i B_i A_i`` of one layer (TIES / DARE need them element by element)."""
+    deltas = []
+    for a, b, s in zip(layer.lora_A, layer.lora_B, layer.scales):
+        delta = s * (b.float() @ a.float())
+        deltas.append(delta.t() if layer.fan_in_fan_out else delta)
+    return deltas
+
+
+def _combine(
+    deltas: list[torch.Tensor], weights: Sequence[float], method: str, density: float, generator: torch.Generator
+) -> torch.Tensor:
+    """TIES (Yadav et al. 2023) and DARE (Yu et al. 2024) on one layer's task vectors, as PEFT's
+    ``add_weighted_adapter`` defines them: trim each delta to its top-``density`` magnitudes (TIES) or keep each
+    element with probability ``density`` and rescale by 1 / density (DARE); then either the weighted sum
+    (``dare_linear``) or TIES's sign election (sign of the unweighted sum, ties to +) and the mean of the
+    weighted entries that agree with it."""
+    pruned = []
+    for delta in deltas:
+        if method == "ties":
+            k = int(density * delta.numel())
+            mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+            mask[torch.topk(delta.abs().flatten(), k=k).indices] = True
+            pruned.append(delta * mask.view_as(delta))
+        else:
+            keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+            pruned.append(torch.where(keep, delta / density, torch.zeros_like(delta)))
+    stacked = torch.stack(pruned)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * w
+    if method == "dare_linear":
+        return weighted.sum(0)
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = stacked.sign() == majority
+    return (weighted * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def merge_adapter(
+    model: nn.Module,
+    names: str | Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    *,
+    combination: str = "linear",
+    density: float = 0.5,
+    seed: int = 0,
+    exact: bool = False,
+    absorb: bool = False,
+    safe: bool = True,
+) -> nn.Module:
+    """Fold adapters into the base weights in place and drop them; returns ``model``.
+
+    Args:
+        names: adapter name(s); default: the active LoRA / IA3 adapters.
+        weights: one multiplier per adapter (default 1.0): ``W += sum_i w_i s_i B_i A_i``.
+        combination: ``"linear"`` (the fused merge kernel: one launch for the whole model), or ``"ties"``,
+            ``"dare_linear"``, ``"dare_ties"`` with ``density`` (fraction kept) and ``seed`` (DARE's drops).
+        exact: keep a CPU copy of every merged weight so that :func:`unmerge_adapter` restores it bit for bit
+            (TIES / DARE merges always keep it: their deltas are not low-rank).
+        absorb: let bottleneck adapters among ``names`` stay as permanent, trainable parts of the model instead
+            of refusing them.
+        safe: check every merged value for NaN / infinity before writing anything.
+
+    When no adapter is left afterwards the model is unpatched: a plain HF model whose ``save_pretrained`` writes
+    a checkpoint plain ``transformers`` loads. Parameter counts before and after are logged.
+    """
+    from . import patching as pt
+
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; supported: {list(COMBINATIONS)}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    state = pt.get_state(model) if pt.is_patched(model) else None
+    if state is None or state.model_type == "peft":
+        raise ValueError(
+            "merge_adapter needs a model patched by adapter_engine with adapters loaded (patch + load_adapter)"
+        )
+    names = _resolve_names(state, names)
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters {names}")
+    bottlenecks = [n for n in names if state.adapters[n].kind == "bottleneck"]
+    if bottlenecks and not absorb:
+        raise ValueError(_bottleneck_refusal(bottlenecks[0], state.adapters[bottlenecks[0]].config))
+    linear = [n for n in names if n not in bottlenecks]
+    if combination != "linear" and any(state.adapters[n].kind != "lora" for n in linear):
+        raise ValueError(f"{combination} combines LoRA adapters only; {linear} includes IA3 adapters")
+    params_before = _count_parameters(model)
+
+    if combination == "linear":  # the weights scale the low-rank terms: one fused launch merges them all
+        layers = _collect_layers(model, linear, weights)
+        _merge_linear(layers, safe, keep_original=exact)
+    else:  # TIES / DARE weigh the task vectors after trimming and sign election
+        layers = _collect_layers(model, linear, [1.0] * len(linear))
+        _merge_combined(layers, weights, combination, density, seed, safe)
+    for module in model.modules():  # drop the merged adapters without undoing anything
+        if isinstance(module, LoraLinear):
+            for n in linear:
+                if module.has_adapter(n):
+                    module.delete_adapter(n)
+    for n in linear:
+        del state.adapters[n]
+    state.active = tuple(a for a in state.active if a not in linear)
+    for n in bottlenecks:
+        state.absorbed = tuple(dict.fromkeys((*getattr(state, "absorbed", ()), n)))
+    if linear:
+        _records(model).append(MergeRecord(tuple(linear), combination, layers))
+    if not state.adapters:
+        pt.unpatch(model)
+    log.info("merged %s (%s): %d -> %d parameters%s", linear, combination, params_before, _count_parameters(model),
+             f"; absorbed {bottlenecks}" if bottlenecks else "")  # fmt: skip
+    return model
+
+
+def _layer_weights(layer: _LayerMerge, weights: Sequence[float]) -> list[float]:
+    """The weights of the adapters this layer carries (an adapter may target only some layers)."""
+    return [weights[i] for i in layer.adapter_index]
+
+
+def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) -> list[_LayerMerge]:
+    layers = []
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        layer = _LayerMerge(path, module.weight, module.bias, fan_in_fan_out=module.fan_in_fan_out)
+        for i, (n, w) in enumerate(zip(names, weights)):
+            if n in module.lora_A:
+                layer.adapter_index.append(i)
+                layer.lora_A.append(module.lora_A[n].weight.detach())
+                layer.lora_B.append(module.lora_B[n].weight.detach())
+                layer.scales.append(w * module.scaling[n])
+            elif n in module.ia3_l:
+                ff = module.ia3_feedforward[n]
+                dim = (1 if ff else 0) if not module.fan_in_fan_out else (0 if ff else 1)
+                vec = module.ia3_l[n].detach()
+                layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
+        if layer.lora_A or layer.ia3:
+            layers.append(layer)
+    return layers
+
+
+@torch.no_grad()
+def _check_ia3(layers: list[_LayerMerge]) -> None:
+    for layer in layers:
+        w = layer.weight.float()
+        for vec, dim, _ in layer.ia3:
+            w = w * vec.float().reshape((-1, 1) if dim == 0 else (1, -1))
+        if layer.ia3 and not torch.isfinite(w.to(layer.weight.dtype)).all():
+            raise ValueError(f"merging IA3 into {layer.path} would produce non-finite values; nothing was changed")
+
+
+@torch.no_grad()
+def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) -> None:
+    if keep_original:
+        for layer in layers:
+            layer.original = layer.weight.detach().to("cpu", copy=True)
+            layer.original_bias = None if layer.bias is None else layer.bias.detach().to("cpu", copy=True)
+    lora_layers = [layer for layer in layers if layer.lora_A]
+    if safe:
+        _check_ia3(layers)
+    if lora_layers:  # one fused launch for the whole model; with safe, every weight is checked before any write
+        merge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],
+                         [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
+                         fan_in_fan_out=[x.fan_in_fan_out for x in lora_layers], safe=safe)  # fmt: skip
+    for layer in layers:  # IA3 after LoRA, as LoraLinear.merge does
+        for vec, dim, scales_bias in layer.ia3:
+            scale_ia3_(layer.weight.data, vec, dim=dim)
+            if scales_bias and layer.bias is not None:
+                layer.bias.data.mul_(vec)
+
+
+@torch.no_grad()
+def _merge_combined(layers, weights, method, density, seed, safe) -> None:
+    """TIES / DARE: compute every layer's combined delta, check all, then write (one rounding per element)."""
+    generator_device = layers[0].weight.device if layers else torch.device("cpu")
+    generator = torch.Generator(device=generator_device).manual_seed(seed)
+    merged = []
+    for layer in layers:
+        delta = _combine(_task_deltas(layer), _layer_weights(layer, weights), method, density, generator)
+        new = (layer.weight.float() + delta).to(layer.weight.dtype)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"{method} merge into {layer.path} would produce non-finite values; nothing was changed")
+        merged.append(new)
+    for layer, new in zip(layers, merged):
+        layer.original = layer.weight.detach().to("cpu", copy=True)
+        layer.weight.data.copy_(new)
+
+
+@torch.no_grad()
+def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge).
+
+    Linear merges are subtracted again (within one ulp of the weight before the merge: each direction rounds
+    once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved weights bit for bit. The
+    adapter itself is not re-attached: load it again to run it unmerged.
+    """
+    records = _records(model)
+    if not records:
+        raise ValueError(f"{type(model).__name__} has no merged adapter to unmerge")
+    index = len(records) - 1 if name is None else next((i for i, r in enumerate(records) if name in r.names), None)
+    if index is None:
+        merged = [n for r in records for n in r.names]
+        raise ValueError(f"adapter {name!r} was not merged into this model; merged: {merged}")
+    record = records[index]
+    exact = all(layer.original is not None for layer in record.layers)
+    if exact and index != len(records) - 1:
+        later = [n for r in records[index + 1 :] for n in r.names]
+        raise ValueError(f"unmerge {later} first: a bit-exact restore of {record.names} must undo later merges first")
+    if exact:
+        for layer in record.layers:
+            layer.weight.data.copy_(layer.original.to(layer.weight.device))
+            if layer.original_bias is not None:
+                layer.bias.data.copy_(layer.original_bias.to(layer.bias.device))
+    else:
+        for layer in record.layers:
+            for vec, dim, scales_bias in reversed(layer.ia3):
+                scale_ia3_(layer.weight.data, vec, dim=dim, inverse=True)
+                if scales_bias and layer.bias is not None:
+                    layer.bias.data.div_(vec)
+        lora_layers = [layer for layer in record.layers if layer.lora_A]
+        if lora_layers:
+            unmerge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],
+                               [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
+                               fan_in_fan_out=[x.fan_in_fan_out for x in lora_layers])  # fmt: skip
+    del records[index]
+    log.info("unmerged %s (%s)", list(record.names), "bit-exact" if exact else "within one ulp")
+    return model
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into ``model`` (and not unmerged since), oldest first."""
+    return [n for record in model.__dict__.get(_MERGES_ATTR, []) for n in record.names]

@@ -1,0 +1,593 @@
+"""Make a Hugging Face model adapter-capable in place, per instance and reversibly.
+
+``patch(model)`` replaces the target Linear / Conv1D children with :class:`~adapter_engine.lora.LoraLinear`
+(same ``weight``/``bias`` Parameters, same attribute names) and binds the adapter API as methods on that one
+instance; ``unpatch(model)`` unmerges anything merged, puts the original module objects back (re-pointed at the
+current Parameters, so ``.to()`` and training in between are kept) and removes the methods. No class in
+``transformers.models.*`` is touched. A PEFT ``PeftModel`` is patched by giving each of its LoRA layers a fused
+per-instance forward (``del layer.forward`` restores PEFT's).
+
+One registry maps ``model_type`` to the architecture facts the engine needs (default LoRA / IA3 targets, where
+the transformer blocks and their sublayers are, AdapterHub's LoRA matrix names); any other model works with
+explicit ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bottleneck import BottleneckAdapter, BottleneckStackLayer, ResidualOutsideWithAdapters
+from .config import BottleneckConfig
+from .lora import LoraLinear, fused_peft_forward, is_linear_like
+from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
+
+logger = logging.getLogger(__name__)
+
+_STATE_ATTR = "_adapter_engine_state"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the engine knows about one ``model_type`` (paths relative to the base model, e.g. ``BertModel``).
+
+    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults.
+    layers: path of the ``ModuleList`` of transformer blocks. attn_sublayer / ffn_sublayer: in a block, the
+    module whose output gets the ``mh_adapter`` / ``output_adapter`` bottleneck. attn_residual / ffn_residual:
+    None when that sublayer adds the residual itself (BERT's ``LN(dropout(dense(x)) + y)``), else the module
+    in the block whose first input is the residual (pre-LN blocks add it after the sublayer).
+    attn_matrices: AdapterHub's LoRA ``attn_matrices`` letters -> module path inside a block; intermediate /
+    output: the modules of AdapterHub's ``intermediate_lora`` / ``output_lora``.
+    """
+
+    lora_targets: tuple[str, ...]
+    ia3_targets: tuple[str, ...]
+    ia3_feedforward: tuple[str, ...]
+    layers: str
+    attn_sublayer: str
+    ffn_sublayer: str
+    attn_residual: str | None = None
+    ffn_residual: str | None = None
+    attn_matrices: Mapping[str, str] = field(default_factory=dict)
+    intermediate: str | None = None
+    output: str | None = None
+
+
+_BERT = ArchSpec(
+    lora_targets=("query", "value"),
+    ia3_targets=("key", "value", "output.dense"),
+    ia3_feedforward=("output.dense",),
+    layers="encoder.layer",
+    attn_sublayer="attention.output",
+    ffn_sublayer="output",
+    attn_matrices={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value"},
+    intermediate="intermediate.dense",
+    output="output.dense",
+)
+_LLAMA = ArchSpec(
+    lora_targets=("q_proj", "v_proj"),
+    ia3_targets=("k_proj", "v_proj", "down_proj"),
+    ia3_feedforward=("down_proj",),
+    layers="layers",
+    attn_sublayer="self_attn",
+    ffn_sublayer="mlp",
+    attn_residual="input_layernorm",
+    ffn_residual="post_attention_layernorm",
+    attn_matrices={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+    intermediate="mlp.up_proj",
+    output="mlp.down_proj",
+)
+
+#: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
+REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
+    "bert": (_BERT,),
+    "roberta": (_BERT,),
+    "distilbert": (
+        ArchSpec(
+            lora_targets=("q_lin", "v_lin"),
+            ia3_targets=("k_lin", "v_lin", "lin2"),
+            ia3_feedforward=("lin2",),
+            layers="transformer.layer",
+            attn_sublayer="attention",
+            ffn_sublayer="ffn",
+            attn_residual="attention",
+            ffn_residual="ffn",
+            attn_matrices={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin"},
+            intermediate="ffn.lin1",
+            output="ffn.lin2",
+        ),
+    ),
+    "vit": (
+        ArchSpec(
+            lora_targets=("q_proj", "v_proj"),
+            ia3_targets=("k_proj", "v_proj", "fc2"),
+            ia3_feedforward=("fc2",),
+            layers="layers",
+            attn_sublayer="attention",
+            ffn_sublayer="mlp",
+            attn_residual="layernorm_before",
+            ffn_residual="layernorm_after",
+            attn_matrices={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj"},
+            intermediate="mlp.fc1",
+            output="mlp.fc2",
+        ),
+        ArchSpec(
+            lora_targets=("query", "value"),
+            ia3_targets=("key", "value", "output.dense"),
+            ia3_feedforward=("output.dense",),
+            layers="encoder.layer",
+            attn_sublayer="attention.output",
+            ffn_sublayer="output",
+            attn_residual="layernorm_before",
+            attn_matrices={f"{k[0]}": f"attention.attention.{k}" for k in ("query", "key", "value")},
+            intermediate="intermediate.dense",
+            output="output.dense",
+        ),
+    ),
+    "gpt2": (
+        ArchSpec(
+            lora_targets=("c_attn",),
+            ia3_targets=("c_attn", "mlp.c_proj"),
+            ia3_feedforward=("mlp.c_proj",),
+            layers="h",
+            attn_sublayer="attn",
+            ffn_sublayer="mlp",
+            attn_residual="ln_1",
+            ffn_residual="ln_2",
+            intermediate="mlp.c_fc",
+            output="mlp.c_proj",
+        ),
+    ),
+    "llama": (_LLAMA,),
+    "mistral": (_LLAMA,),
+    "qwen2": (_LLAMA,),
+}
+
+
+def select_spec(model: nn.Module, model_type: str | None) -> ArchSpec | None:
+    """The registered layout of ``model``: the first variant whose block list and LoRA targets exist."""
+    for spec in REGISTRY.get(model_type or "", ()):
+        try:
+            blocks = block_paths(model, spec)
+        except ValueError:
+            continue
+        first = model.get_submodule(blocks[0]) if blocks else None
+        names = {n for n, _ in first.named_modules()} if first is not None else set()
+        if all(any(n == t or n.endswith("." + t) for n in names) for t in spec.lora_targets):
+            return spec
+    return None
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter in a patched model: its config, kind and the (full) names of the modules holding it."""
+
+    config: Any
+    kind: str  # "lora" | "ia3" | "bottleneck"
+    modules: list[str]
+
+
+@dataclass
+class PatchState:
+    """Everything ``unpatch`` needs, kept on the model instance (a plain attribute: not in ``state_dict``)."""
+
+    spec: ArchSpec | None
+    model_type: str | None
+    replaced: dict[str, nn.Module] = field(default_factory=dict)  # full module name -> original module
+    peft_layers: list[nn.Module] = field(default_factory=list)
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    methods: list[str] = field(default_factory=list)
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def base_prefix(model: nn.Module) -> str:
+    """The name of the base model inside a task model (``"bert"`` in BertForSequenceClassification), or ''."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return prefix if prefix and hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module) else ""
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get(_STATE_ATTR), PatchState)
+
+
+def get_state(model: nn.Module) -> PatchState:
+    state = model.__dict__.get(_STATE_ATTR)
+    if not isinstance(state, PatchState):
+        raise ValueError(f"{type(model).__name__} is not patched: call adapter_engine.patch(model) first")
+    return state
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _peft_lora_linear_class() -> type | None:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return None
+    return Linear
+
+
+def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Full names of the Linear / Conv1D (or already wrapped) modules selected by PEFT-style ``targets``.
+
+    A string is a regex matched against the full name; a list holds name suffixes. Raises ``ValueError`` for an
+    entry that matches nothing, or that matches a module LoRA cannot wrap.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    if isinstance(targets, str):
+        hits = [n for n in names if re.fullmatch(targets, n)]
+        entries = {targets: hits}
+    else:
+        entries = {t: [n for n in names if n == t or n.endswith("." + t)] for t in targets}
+    selected: list[str] = []
+    for entry, hits in entries.items():
+        if not hits:
+            raise ValueError(f"target_modules entry {entry!r} matches no module of {type(model).__name__}")
+        for n in hits:
+            mod = modules[n]
+            if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
+                if isinstance(targets, str):
+                    continue  # a regex may sweep over containers; keep its linear hits only
+                raise ValueError(
+                    f"target_modules entry {entry!r} matches {n!r}, a {type(mod).__name__}: only nn.Linear and "
+                    "transformers Conv1D layers can carry LoRA/IA3"
+                )
+            if n not in selected:
+                selected.append(n)
+    if not selected:
+        raise ValueError(f"target_modules {targets!r} selects no nn.Linear / Conv1D layer of {type(model).__name__}")
+    return selected
+
+
+def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
+    """Replace module ``name`` by a LoraLinear sharing its Parameters (idempotent); returns the wrapper."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoraLinear):
+        return module
+    if not is_linear_like(module):
+        raise ValueError(f"layer {name!r} is a {type(module).__name__}: only nn.Linear / Conv1D can carry LoRA/IA3")
+    wrapper = LoraLinear(module)
+    wrapper.train(module.training)
+    _set_child(model, name, wrapper)
+    state.replaced[name] = module
+    return wrapper
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+    if isinstance(parent, BottleneckStackLayer):  # with no active adapter it runs the original sublayer: keep in sync
+        setattr(parent.original, child, module)
+
+
+def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
+    current = model.get_submodule(name)
+    if isinstance(current, LoraLinear):
+        current.unmerge()
+        original.weight = current.weight
+        original.bias = current.bias
+    elif isinstance(current, BottleneckStackLayer):
+        if isinstance(current, ResidualOutsideWithAdapters):
+            current.remove_hooks()
+        for child_name, child in current.named_children():  # children replaced while wrapped (Parameters shared)
+            if child_name != "adapters" and getattr(original, child_name, None) is not child:
+                setattr(original, child_name, child)
+    original.train(current.training)
+    _set_child(model, name, original)
+
+
+def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None) -> nn.Module:
+    """Make ``model`` adapter-capable in place (per instance, reversible with :func:`unpatch`); returns it.
+
+    Registered ``model_type`` s (see ``REGISTRY``) get PEFT's default LoRA targets wrapped now; any other model
+    needs ``target_modules`` (suffixes or a regex, PEFT's rule). A PEFT ``PeftModel`` gets its LoRA layers
+    switched to the fused op instead, and keeps PEFT's own API. Patching twice is a no-op.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects a torch nn.Module, got {type(model).__name__}")
+    if is_patched(model):
+        return model
+    if _is_peft_model(model):
+        return _patch_peft(model)
+    model_type = model_type_of(model)
+    spec = select_spec(model, model_type)
+    state = PatchState(spec=spec, model_type=model_type)
+    targets = target_modules if target_modules is not None else (spec.lora_targets if spec else None)
+    if targets is None:
+        raise ValueError(
+            f"model_type {model_type!r} ({type(model).__name__}) has no registered default targets; pass "
+            f"target_modules=[...] (registered: {sorted(REGISTRY)})"
+        )
+    names = match_targets(model, targets)
+    model.__dict__[_STATE_ATTR] = state
+    for name in names:
+        wrap_linear(model, state, name)
+    _bind_methods(model, state)
+    logger.info("patched %s (%s): %d layers wrapped", type(model).__name__, model_type, len(names))
+    return model
+
+
+def _patch_peft(model: nn.Module) -> nn.Module:
+    state = PatchState(spec=None, model_type="peft")
+    cls = _peft_lora_linear_class()
+    for _, module in model.named_modules():
+        if cls is not None and type(module) is cls:
+            module.forward = types.MethodType(fused_peft_forward, module)
+            state.peft_layers.append(module)
+    model.__dict__[_STATE_ATTR] = state
+    logger.info("patched PeftModel: %d LoRA layers run the fused op", len(state.peft_layers))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original modules back (adapters dropped, merges undone), methods removed. A model
+    that is not patched is returned unchanged."""
+    if not is_patched(model):
+        return model
+    state = get_state(model)
+    for layer in state.peft_layers:
+        layer.__dict__.pop("forward", None)
+    for name in sorted(state.replaced, key=lambda n: -n.count(".")):  # innermost first
+        _restore(model, name, state.replaced[name])
+    for method in state.methods:
+        model.__dict__.pop(method, None)
+    del model.__dict__[_STATE_ATTR]
+    return model
+
+
+def _bind_methods(model: nn.Module, state: PatchState) -> None:
+    from . import api  # the API module imports this one
+
+    methods: dict[str, Callable] = {
+        "load_adapter": api.load_adapter,
+        "add_adapter": api.add_adapter,
+        "set_active_adapters": api.set_active_adapters,
+        "set_adapter": api.set_active_adapters,  # PEFT's name
+        "delete_adapter": api.delete_adapter,
+        "list_adapters": api.list_adapters,
+        "save_adapter": api.save_adapter,
+        "merge_adapter": api.merge_adapter,
+        "unmerge_adapter": api.unmerge_adapter,
+    }
+    for name, func in methods.items():
+        model.__dict__[name] = types.MethodType(func, model)
+        state.methods.append(name)
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+def block_paths(model: nn.Module, spec: ArchSpec) -> list[str]:
+    """Full names of the transformer blocks (``bert.encoder.layer.0``, ...), in order."""
+    prefix = base_prefix(model)
+    for path in ([f"{prefix}.{spec.layers}"] if prefix else []) + [spec.layers]:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return [f"{path}.{i}" for i in range(len(blocks))]
+    raise ValueError(f"{type(model).__name__} has no block list {spec.layers!r}")
+
+
+def adapterhub_lora_modules(model: nn.Module, spec: ArchSpec, ah_config: Mapping[str, Any]) -> list[str]:
+    """Full names of the layers AdapterHub's ``LoRAConfig`` dict adapts in ``model`` (its selfattn_lora /
+    attn_matrices / intermediate_lora / output_lora / leave_out fields)."""
+    subs: list[str] = []
+    if ah_config.get("selfattn_lora", True):
+        for letter in ah_config.get("attn_matrices", ["q", "v"]):
+            if letter not in spec.attn_matrices:
+                raise ValueError(f"AdapterHub LoRA attn_matrices {letter!r} has no single layer in this architecture")
+            subs.append(spec.attn_matrices[letter])
+    for flag, sub in (("intermediate_lora", spec.intermediate), ("output_lora", spec.output)):
+        if ah_config.get(flag, False) and sub:
+            subs.append(sub)
+    leave_out = set(ah_config.get("leave_out", []) or [])
+    return [f"{b}.{s}" for i, b in enumerate(block_paths(model, spec)) if i not in leave_out for s in subs]
+
+
+# ----------------------------------------------------------------------------------------------- bottleneck
+def resolve_module(model: nn.Module, saved: str, modules: Mapping[str, nn.Module]) -> str | None:
+    """The model's name for a module path saved relative to the base model or to a task model."""
+    candidates = [saved]
+    declared = getattr(model, "base_model_prefix", "") or ""
+    if declared and saved.startswith(declared + "."):
+        candidates.append(saved[len(declared) + 1 :])
+    prefix = base_prefix(model)
+    if prefix and not saved.startswith(prefix + "."):
+        candidates.append(f"{prefix}.{saved}")
+    return next((c for c in candidates if c in modules), None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    layer: int
+    block: str
+    which: str  # "mh" | "output"
+    name: str  # full name of the wrapped sublayer
+
+
+def placements(model: nn.Module, state: PatchState, cfg: BottleneckConfig) -> list[Placement]:
+    """Where a bottleneck config puts adapters in this model (one per sublayer, ``leave_out`` skipped)."""
+    spec = state.spec
+    if spec is None:
+        raise ValueError(
+            f"bottleneck adapters need a registered architecture; model_type {state.model_type!r} is not one of "
+            f"{sorted(REGISTRY)}"
+        )
+    out = []
+    for i, block in enumerate(block_paths(model, spec)):
+        if i in set(cfg.leave_out or []):
+            continue
+        if cfg.mh_adapter:
+            out.append(Placement(i, block, "mh", f"{block}.{spec.attn_sublayer}"))
+        if cfg.output_adapter:
+            out.append(Placement(i, block, "output", f"{block}.{spec.ffn_sublayer}"))
+    return out
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"{type(model).__name__}.config has no integer hidden_size")
+    return hidden
+
+
+def make_bottleneck(cfg: BottleneckConfig, hidden: int, size: int, **factory) -> BottleneckAdapter:
+    """A :class:`BottleneckAdapter` for ``cfg`` (init "normal": N(0, init_range) weights, zero biases)."""
+    init = "bert" if cfg.init_weights == "normal" else cfg.init_weights
+    if init not in ("bert", "houlsby", "mam_adapter"):
+        init = "bert"  # only matters for fresh adapters; loaded ones are overwritten
+    try:
+        with torch.device(factory.get("device", "cpu")):
+            adapter = BottleneckAdapter(
+                hidden,
+                size,
+                cfg.non_linearity,
+                cfg.scaling,
+                is_parallel=cfg.is_parallel,
+                original_ln_before=cfg.original_ln_before,
+                original_ln_after=cfg.original_ln_after,
+                residual_before_ln=cfg.residual_before_ln,
+                adapter_residual_before_ln=cfg.adapter_residual_before_ln,
+                ln_before=cfg.ln_before,
+                ln_after=cfg.ln_after,
+                init_weights=init,
+                dropout=cfg.dropout,
+            )
+    except TypeError as err:
+        raise ValueError(f"bottleneck config {cfg}: {err}") from None
+    if cfg.init_weights == "normal":
+        with torch.no_grad():
+            for lin in (adapter.down, adapter.adapter_up):
+                lin.weight.normal_(0.0, cfg.init_range)
+                lin.bias.zero_()
+    return adapter.to(dtype=factory.get("dtype", torch.float32))
+
+
+def plan_bottleneck(
+    model: nn.Module, state: PatchState, entries: Mapping[str, Mapping[str, torch.Tensor]], cfg: BottleneckConfig,
+    meta: Mapping[str, Any],
+) -> list[tuple[Placement, Mapping[str, torch.Tensor]]]:  # fmt: skip
+    """Check a bottleneck file against the model (layers, parameter names, shapes) without touching it."""
+    where = {p.name: p for p in placements(model, state, cfg)}
+    modules = dict(model.named_modules())
+    hidden = hidden_size_of(model)
+    found: dict[str, Mapping[str, torch.Tensor]] = {}
+    unknown = []
+    for saved, params in entries.items():
+        name = resolve_module(model, saved, modules)
+        if name is None or name not in where:
+            unknown.append(saved)
+        else:
+            found[name] = params
+    if unknown:
+        made_for = meta.get("model_type")
+        raise ValueError(
+            f"adapter weights for layers this model has no adapter place for: {sorted(unknown)[:4]} "
+            f"(model_type {state.model_type!r}, adapter made for {made_for!r}; places: {sorted(where)[:2]} ...)"
+        )
+    missing = sorted(set(where) - set(found))
+    if missing:
+        raise ValueError(f"missing adapter weights for layers {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    plan = []
+    for name, params in found.items():
+        place = where[name]
+        size = cfg.size_for(hidden, place.layer)
+        template = make_bottleneck(cfg, hidden, size, device="meta").state_dict()
+        extra, lacking = sorted(set(params) - set(template)), sorted(set(template) - set(params))
+        if extra or lacking:
+            raise ValueError(f"layer {name!r}: missing weights {lacking}, unexpected weights {extra}")
+        for key, t in params.items():
+            if tuple(t.shape) != tuple(template[key].shape):
+                raise ValueError(
+                    f"layer {name!r}: {key} has shape {tuple(t.shape)} but the model needs "
+                    f"{tuple(template[key].shape)} (hidden size {hidden}, bottleneck {size}): adapter made for "
+                    "another architecture or hidden size?"
+                )
+        plan.append((place, params))
+    return plan
+
+
+def wrap_bottleneck(model: nn.Module, state: PatchState, place: Placement) -> BottleneckStackLayer:
+    """Wrap the sublayer of ``place`` (idempotent); the residual hook goes on the block's module named in the spec."""
+    module = model.get_submodule(place.name)
+    if isinstance(module, BottleneckStackLayer):
+        return module
+    spec = state.spec
+    residual = spec.attn_residual if place.which == "mh" else spec.ffn_residual
+    sublayer = spec.attn_sublayer if place.which == "mh" else spec.ffn_sublayer
+    # the routed subclasses also follow a per-call / per-row route (adapter_engine.routing) and are thread-safe
+    if residual is None:
+        wrapper = RoutedOutputWithAdapters(module)
+    elif residual == sublayer:  # the sublayer's own input is the residual (DistilBERT): hook the wrapper itself
+        wrapper = RoutedResidualOutsideWithAdapters(module, residual_from=None)
+        wrapper._hook = wrapper.register_forward_pre_hook(wrapper._capture)  # removed by wrapper.remove_hooks()
+    else:
+        wrapper = RoutedResidualOutsideWithAdapters(
+            module, residual_from=model.get_submodule(f"{place.block}.{residual}")
+        )
+    wrapper.train(module.training)
+    _set_child(model, place.name, wrapper)
+    state.replaced[place.name] = module
+    return wrapper
+
+
+def _factory(module: nn.Module) -> dict:
+    p = next(module.parameters(), None)
+    return {"device": p.device, "dtype": p.dtype} if p is not None else {}
+
+
+@torch.no_grad()
+def apply_bottleneck(model, state: PatchState, name: str, cfg: BottleneckConfig, plan) -> list[str]:
+    hidden = hidden_size_of(model)
+    for place, params in plan:
+        wrapper = wrap_bottleneck(model, state, place)
+        adapter = make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **_factory(wrapper))
+        adapter.load_state_dict({k: v.to(adapter.down.weight.dtype) for k, v in params.items()})
+        wrapper.add_adapter(name, adapter)
+    return [place.name for place, _ in plan]
+
+
+def add_bottleneck(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> list[str]:
+    where = placements(model, state, cfg)
+    hidden = hidden_size_of(model)
+    names = []
+    for place in where:
+        wrapper = wrap_bottleneck(model, state, place)
+        wrapper.add_adapter(name, make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **_factory(wrapper)))
+        names.append(place.name)
+    return names
+
+
+def set_active_bottlenecks(model: nn.Module, state: PatchState, names: list[str]) -> None:
+    """Give every bottleneck sublayer its part of the active stack (checked: one structure per stack)."""
+    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
+    for layer in layers:
+        stack = [n for n in names if n in layer.adapters]
+        options = {layer.adapters[n].options for n in stack}
+        if len(options) > 1:
+            raise ValueError(
+                f"adapters {stack} cannot run as one stack: their structures differ ({options}); "
+                "AdapterHub stacks adapters of one kind (e.g. seq_bn with seq_bn)"
+            )
+    for layer in layers:
+        layer.set_active_stack([n for n in names if n in layer.adapters])

@@ -1,0 +1,291 @@
+"""Per-call and per-row adapter routing, safe under concurrent threads.
+
+A *route* says which adapters run for one forward call: one stack for the whole batch, or one stack per batch
+row (rows are sequences; the stack broadcasts over a row's tokens). It lives in a ``contextvars.ContextVar``
+that the patched modules read while the call runs, so concurrent threads (each has its own context) with
+different routes never see each other's choice, and no module attribute changes on the per-call path::
+
+    with use_adapters("cardiology"):                    # every row: this stack
+        model(**batch)
+    with use_adapters(["fr", "de", None, Stack("a", "b")]):   # row i gets entry i (None = base only)
+        model(**batch)
+
+Inside the modules a route is turned into kernel arguments once per distinct layout and cached on the route:
+LoRA layers get ``adapter_ids`` for :func:`~adapter_engine.kernels.lora_linear` (one fused launch for the batch;
+-1 = base only), bottleneck sublayers a ``routes`` tensor (rows, levels) for the fused bottleneck stack.
+
+Without a route the modules use the model's active adapters (``set_active_adapters``), as before. A uniform
+route whose stack holds none of a layer's adapters runs that layer's original computation (bit-identical to
+the unpatched model); in a mixed batch, base-only rows share the fused launch (equal up to rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters
+from .config import Stack
+from .kernels.bottleneck import pack_adapters
+
+#: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
+StackNames = tuple[str, ...]
+
+
+class Route:
+    """Which adapters run in one call: ``stack`` for every row, or ``rows`` (one stack per batch row).
+
+    Build it with :func:`make_route` (or pass a spec to :func:`use_adapters`). Device tensors derived from it
+    (adapter ids, bottleneck routes) are cached on the instance, so one call builds each layout once.
+    """
+
+    __slots__ = ("stack", "rows", "_cache")
+
+    def __init__(self, stack: StackNames | None = None, rows: Sequence[StackNames] | None = None):
+        if (stack is None) == (rows is None):
+            raise ValueError("a Route has either one stack for all rows or a stack per row, not both / neither")
+        self.stack = tuple(stack) if stack is not None else None
+        self.rows = tuple(tuple(r) for r in rows) if rows is not None else None
+        if self.rows is not None and not self.rows:
+            raise ValueError("a per-row route needs at least one row")
+        self._cache: dict[Hashable, Any] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every adapter the route uses, in first-use order."""
+        stacks = (self.stack,) if self.stack is not None else self.rows
+        return tuple(dict.fromkeys(n for s in stacks for n in s))
+
+    @property
+    def uniform(self) -> bool:
+        return self.stack is not None
+
+    def cached(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key for this route (a benign race may build twice; the values are equal)."""
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = build()
+        return value
+
+    def __repr__(self) -> str:
+        return f"Route(stack={self.stack})" if self.uniform else f"Route(rows={self.rows})"
+
+
+_ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("adapter_engine_route", default=None)
+
+
+def current_route() -> Route | None:
+    """The route of the running call in this thread / context, or None (use the model's active adapters)."""
+    if torch.compiler.is_compiling():  # compiled graphs use the model's active adapters (no per-call routing)
+        return None
+    return _ROUTE.get()
+
+
+def _as_stack(spec: Any, resolve: Callable[[str], StackNames] | None) -> StackNames:
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        return tuple(resolve(spec)) if resolve is not None else (spec,)
+    if isinstance(spec, Stack):
+        return tuple(spec.children)
+    raise TypeError(f"a route entry must be an adapter name, a Stack or None, got {spec!r}")
+
+
+def make_route(
+    spec: Route | str | Stack | Sequence[str | Stack | None] | None,
+    resolve: Callable[[str], StackNames] | None = None,
+) -> Route:
+    """A :class:`Route` from a spec: a name or ``Stack`` (every row), ``None`` (base only), or a list/tuple with
+    one entry per batch row (a name, a ``Stack`` or None). ``resolve`` maps a name to its stack (e.g. a level
+    name to the levels below it and itself); by default a name is the one-adapter stack ``(name,)``."""
+    if isinstance(spec, Route):
+        return spec
+    if spec is None or isinstance(spec, (str, Stack)):
+        return Route(stack=_as_stack(spec, resolve))
+    if isinstance(spec, Sequence):
+        memo: dict[Any, StackNames] = {}
+        rows = []
+        for entry in spec:
+            key = entry.children if isinstance(entry, Stack) else entry
+            if key not in memo:
+                memo[key] = _as_stack(entry, resolve)
+            rows.append(memo[key])
+        return Route(rows=rows)
+    raise TypeError(f"adapter routing takes a name, a Stack, None or a list with one of those per row, got {spec!r}")
+
+
+@contextlib.contextmanager
+def use_adapters(spec: Route | str | Stack | Sequence[str | Stack | None] | None) -> Iterator[Route]:
+    """Run the calls inside the block with this route (see :func:`make_route`); nests, thread- and task-local."""
+    route = make_route(spec)
+    token = _ROUTE.set(route)
+    try:
+        yield route
+    finally:
+        _ROUTE.reset(token)
+
+
+def check_rows(route: Route, batch: int, where: str) -> None:
+    if route.rows is not None and len(route.rows) != batch:
+        raise ValueError(f"the route has {len(route.rows)} row stacks but {where} got a batch of {batch} rows")
+
+
+# ----------------------------------------------------------------------------------------------- bottleneck layers
+class RoutedStackMixin:
+    """Makes a bottleneck sublayer wrapper read the call's :class:`Route`, and safe to share between threads.
+
+    With a route, the fused op gets every resident adapter of the layer that shares the used adapters'
+    structure, packed once and cached (a switch of adapters is a different small ``routes`` tensor, never a
+    repack or a recompilation); only the units of the adapters a row block uses are computed by the kernel.
+    When adapter weights need gradients, only the used adapters are packed (as without a route).
+    """
+
+    _MAX_PACKS = 4
+
+    def _routing_init(self) -> None:
+        self.__dict__["_pack_lock"] = threading.Lock()
+        self.__dict__["_packs"] = {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_pack_lock", None)
+        state["_packs"] = {}
+        if "_captured_by_thread" in state:
+            state["_captured_by_thread"] = {}
+        return state
+
+    def __setstate__(self, state):  # deepcopy / pickle: locks and caches are per instance
+        super().__setstate__(state)
+        self._routing_init()
+
+    def add_adapter(self, name: str, adapter: nn.Module) -> None:
+        super().add_adapter(name, adapter)
+        self._packs.clear()
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._packs.clear()
+
+    def _packed(self, names: list[str]):
+        """Multi-entry, lock-protected pack cache (the base keeps one entry: threads with different stacks
+        would repack on every call). ``names`` may be a :class:`_Group` carrying the adapter modules it was
+        built from, so an adapter evicted by another thread meanwhile cannot break this call."""
+        modules = names.modules if isinstance(names, _Group) else tuple(self.adapters[n] for n in names)
+        params = [p for a in modules for p in a.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return super()._packed(list(names))  # differentiable pack, never cached
+        key = (tuple(names), tuple((id(p), p._version, p.device) for p in params))
+        with self._pack_lock:
+            packed = self._packs.get(key)
+        if packed is None:
+            packed = pack_adapters(
+                [a.down.weight for a in modules],
+                [a.down.bias for a in modules],
+                [a.adapter_up.weight for a in modules],
+                [a.adapter_up.bias for a in modules],
+                [a.non_linearity for a in modules],
+                [a.scaling for a in modules],
+                ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in modules]
+                if modules[0].options.ln_before
+                else None,
+                ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in modules]
+                if modules[0].options.ln_after
+                else None,
+            )
+            with self._pack_lock:
+                while len(self._packs) >= self._MAX_PACKS:
+                    self._packs.pop(next(iter(self._packs)))
+                self._packs[key] = packed
+        return packed
+
+    def _prepare(self, h: torch.Tensor, eps: float):
+        route = current_route()
+        if route is None:
+            return super()._prepare(h, eps)
+        resident = dict(self.adapters.items())  # one snapshot: other threads may add / evict adapters meanwhile
+        if route.uniform:
+            levels = [[n for n in route.stack if n in resident]]
+        else:
+            check_rows(route, h.shape[0], type(self).__name__)
+            levels = [[n for n in row if n in resident] for row in route.rows]
+        used = list(dict.fromkeys(n for row in levels for n in row))
+        if not used:
+            return None  # depth 0 at this layer: the original forward runs (bit-identical)
+        options = self._options(used, eps)
+        trains = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in resident[n].parameters())
+        if trains or not self.fused:
+            names = used
+        else:  # every resident adapter of the same structure: one cached pack serves any route over them
+            names = [n for n, a in resident.items() if a.options == resident[used[0]].options]
+        group = _Group(names, tuple(resident[n] for n in names))
+        depth = max(len(row) for row in levels)
+        index = {n: i for i, n in enumerate(group)}
+        table = tuple(tuple(index[n] for n in row) + (-1,) * (depth - len(row)) for row in levels)
+        key = ("bn_routes", tuple(group), table, h.device)
+        routes = route.cached(key, lambda: _routes_tensor(table, route.uniform, h.device))
+        hint = [sorted({row[lvl] for row in table} - {-1}) for lvl in range(depth)]
+        return group, routes, options, hint
+
+
+class _Group(tuple):
+    """Adapter names of one launch, with the modules they named when the call started."""
+
+    def __new__(cls, names, modules):
+        obj = super().__new__(cls, names)
+        obj.modules = modules
+        return obj
+
+
+def _routes_tensor(table, uniform: bool, device: torch.device) -> torch.Tensor:
+    routes = torch.tensor(table, dtype=torch.int32, device=device)
+    return routes[0] if uniform else routes
+
+
+class RoutedOutputWithAdapters(RoutedStackMixin, OutputWithAdapters):
+    """:class:`~adapter_engine.bottleneck.OutputWithAdapters` that follows the call's route (BERT-style)."""
+
+    def __init__(self, original: nn.Module, **kwargs: Any):
+        super().__init__(original, **kwargs)
+        self._routing_init()
+
+
+class RoutedResidualOutsideWithAdapters(RoutedStackMixin, ResidualOutsideWithAdapters):
+    """:class:`~adapter_engine.bottleneck.ResidualOutsideWithAdapters` that follows the call's route; the captured
+    residual is kept per thread, so concurrent calls do not read each other's residual."""
+
+    def __init__(self, original: nn.Module, residual_from: nn.Module | None = None):
+        self.__dict__["_captured_by_thread"] = {}
+        super().__init__(original, residual_from=residual_from)
+        self._routing_init()
+
+    @property
+    def _captured(self) -> torch.Tensor | None:
+        return self.__dict__["_captured_by_thread"].get(threading.get_ident())
+
+    @_captured.setter
+    def _captured(self, value: torch.Tensor | None) -> None:
+        by_thread = self.__dict__["_captured_by_thread"]
+        if value is None:
+            by_thread.pop(threading.get_ident(), None)
+        else:
+            by_thread[threading.get_ident()] = value
+
+
+def is_routed_layer(module: nn.Module) -> bool:
+    return isinstance(module, RoutedStackMixin) and isinstance(module, BottleneckStackLayer)
+
+
+__all__ = [
+    "Route",
+    "make_route",
+    "use_adapters",
+    "current_route",
+    "RoutedOutputWithAdapters",
+    "RoutedResidualOutsideWithAdapters",
+]

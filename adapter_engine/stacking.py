@@ -1,0 +1,269 @@
+"""Strategy 2, "Stack and Adapt": a base model plus an ordered stack of adapters, usable at any depth.
+
+    sam = StackedAdapterModel(AutoModelForSequenceClassification.from_pretrained(path))
+    sam.add_adapter("medical", "seq_bn")            # level 1 (fresh), or a saved adapter folder
+    sam.train_adapter("medical", train_head=True)    # only this level (and the head) trains
+    ... Trainer(model=sam.model, ...).train() or a plain loop over sam(**batch) ...
+    sam.add_adapter("cardiology", "seq_bn")         # level 2 builds on level 1
+    sam.train_adapter("cardiology")                  # level 1, the base and the head stay frozen
+    sam.set_depth(1); sam(**batch)                   # any depth; depth 0 is the base, bit-identical
+    sam(**batch, adapter="medical")                  # per call: a level name means the stack up to it
+    sam(**batch, adapter=["medical", None, "fr"])    # per row, one fused forward
+    sam.save("out/"); StackedAdapterModel.load("out/", base_model)
+
+Levels are adapters in the order they were pushed; *siblings* (``level=False``) are resident adapters outside
+the stack (one per language, market, ...) for routing. An :class:`~adapter_engine.store.AdapterMemoryManager`
+keeps what is resident under the caps (the running stack is pinned; adapters of a running call are held), and
+an :class:`~adapter_engine.store.AdapterStore` supplies adapters lazily on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import api
+from .config import Stack
+from .patching import base_prefix, is_patched, patch
+from .routing import Route, make_route, use_adapters
+from .store import AdapterMemoryManager, AdapterStore
+
+logger = logging.getLogger(__name__)
+
+STACK_FILE = "stack.json"
+HEAD_FILE = "head.safetensors"
+_UNSET = object()
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The task head's Parameters: everything outside the base model of a task model (``classifier.*`` in
+    ``BertForSequenceClassification``); empty for a bare base model."""
+    prefix = base_prefix(model)
+    if not prefix:
+        return {}
+    return {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}
+
+
+def train_adapter(model: nn.Module, name: str, *, train_head: bool = False) -> list[str]:
+    """Freeze the base and every other adapter of patched ``model``; leave adapter ``name`` (and the task head
+    with ``train_head``) trainable. Returns the names of the trainable Parameters.
+
+    It does not change which adapters run: activate the stack the adapter trains on top of first.
+    """
+    params = api.adapter_parameters(model, name)
+    head = head_parameters(model)
+    if train_head and not head:
+        raise ValueError(f"{type(model).__name__} has no task head outside its base model: train_head=True is void")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    if train_head:
+        for p in head.values():
+            p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+class StackedAdapterModel(nn.Module):
+    """A base model (any patchable HF model, possibly with merged adapters) with a stack of adapter levels.
+
+    Args:
+        base_model: the Hugging Face model; it is patched in place (``self.model``).
+        initial_adapter: optional first level: a saved adapter folder, or ``(name, config_or_path)``.
+        store: an :class:`AdapterStore` (or its directory) for adapters loaded lazily by name.
+        max_active, max_bytes, offload: caps and eviction mode of the memory manager (``self.memory``).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        initial_adapter: str | os.PathLike | tuple[str, Any] | None = None,
+        *,
+        store: AdapterStore | str | os.PathLike | None = None,
+        max_active: int | None = None,
+        max_bytes: int | None = None,
+        offload: str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.model = base_model if is_patched(base_model) else patch(base_model)
+        if store is not None and not isinstance(store, AdapterStore):
+            store = AdapterStore(store)
+        self.store = store
+        self.memory = AdapterMemoryManager(self.model, store, max_active=max_active, max_bytes=max_bytes,
+                                           offload=offload)  # fmt: skip
+        self.levels: list[str] = []
+        self._running: list[str] = []
+        self._stacks: dict[str, tuple[str, ...]] = {}
+        self._siblings: list[str] = []
+        self._head_trained = False
+        if initial_adapter is not None:
+            if isinstance(initial_adapter, tuple):
+                self.add_adapter(*initial_adapter)
+            else:
+                path = os.fspath(initial_adapter)
+                self.add_adapter(os.path.basename(os.path.normpath(path)), path)
+
+    # ------------------------------------------------------------------------------------------- building
+    def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
+        """Push a new level (``level=False``: add a sibling for routing). ``config_or_path``: a config (fresh
+        adapter), an adapter folder, or None to load ``name`` from the store. The new level runs at once (depth =
+        all levels). Returns the name."""
+        with self.memory.lock:
+            if name in self.levels or name in self._siblings:
+                raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
+            if config_or_path is None:
+                if self.store is None:
+                    raise ValueError(f"no config or path for {name!r} and no store to load it from")
+                self.memory.make_room_for_one()
+                self.store.load_into(self.model, name)  # KeyError when the store does not have it
+            elif isinstance(config_or_path, (str, os.PathLike)) and os.path.isdir(os.fspath(config_or_path)):
+                self.memory.make_room_for_one()
+                api.load_adapter(self.model, config_or_path, name=name)
+            else:
+                self.memory.make_room_for_one()
+                api.add_adapter(self.model, name, config_or_path)
+            self.memory.register(name)
+            if level:
+                self.levels.append(name)
+                self._set_running(self.levels)
+            else:
+                self._siblings.append(name)
+        return name
+
+    def add_stack(self, name: str, adapters: Sequence[str] | Stack) -> None:
+        """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``."""
+        names = tuple(adapters.children if isinstance(adapters, Stack) else adapters)
+        unknown = [n for n in names if not self._known(n)]
+        if unknown:
+            raise ValueError(f"stack {name!r} names unknown adapters {unknown}")
+        self._stacks[name] = names
+
+    def _known(self, name: str) -> bool:
+        return name in self.levels or name in self._siblings or self.memory.known(name)
+
+    # ------------------------------------------------------------------------------------------- what runs
+    @property
+    def active_stack(self) -> tuple[str, ...]:
+        """The adapters a call without ``adapter=`` runs, bottom to top."""
+        return tuple(self._running)
+
+    @property
+    def depth(self) -> int:
+        return len(self._running)
+
+    def set_depth(self, depth: int) -> None:
+        """Run the bottom ``depth`` levels (0 = the base alone, bit-identical to it)."""
+        if not isinstance(depth, int) or not 0 <= depth <= len(self.levels):
+            raise ValueError(f"depth must be an int in [0, {len(self.levels)}] (levels {self.levels}), got {depth!r}")
+        self._set_running(self.levels[:depth])
+
+    def activate(self, names: str | Sequence[str]) -> None:
+        """Run exactly ``names``: levels keep their stack order, siblings follow on top in the given order."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if not self._known(n)]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; levels {self.levels}, siblings {self._siblings}")
+        self._set_running([n for n in self.levels if n in names] + [n for n in names if n not in self.levels])
+
+    def deactivate(self, name: str) -> None:
+        """Stop running ``name`` (the levels above it keep running)."""
+        if name not in self._running:
+            raise ValueError(f"adapter {name!r} is not running (running: {self._running})")
+        self._set_running([n for n in self._running if n != name])
+
+    def _set_running(self, names: Sequence[str]) -> None:
+        with self.memory.lock:
+            self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
+            api.set_active_adapters(self.model, list(names) or None)
+            self._running = list(names)
+
+    def stack_for(self, name: str) -> tuple[str, ...]:
+        """A route entry's stack: a named stack, a level (the levels up to and including it), or one adapter."""
+        if name in self._stacks:
+            return self._stacks[name]
+        if name in self.levels:
+            return tuple(self.levels[: self.levels.index(name) + 1])
+        return (name,)
+
+    # ------------------------------------------------------------------------------------------- calls
+    @contextlib.contextmanager
+    def route(self, adapter: Any) -> Iterator[Route]:
+        """Calls inside the block run ``adapter`` (a name, a ``Stack``, None = base, or one entry per batch row);
+        its adapters are loaded if needed and held resident until the block ends. Thread- and task-local."""
+        route = make_route(adapter, resolve=self.stack_for)
+        with self.memory.use(route.names), use_adapters(route):
+            yield route
+
+    def forward(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> Any:
+        """The model's forward; ``adapter=`` routes this call (see :meth:`route`), else the active stack runs."""
+        if adapter is _UNSET:
+            return self.model(*args, **kwargs)
+        with self.route(adapter):
+            return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- training
+    def train_adapter(self, name: str, *, train_head: bool = False) -> list[str]:
+        """Make adapter ``name`` the one that trains: the stack below it (for a level) runs, the base and every
+        other adapter are frozen; ``train_head`` also trains the task head. Returns the trainable names."""
+        if not self._known(name):
+            raise ValueError(f"unknown adapter {name!r}; levels {self.levels}, siblings {self._siblings}")
+        self._set_running(self.stack_for(name) if name in self.levels else (name,))
+        trainable = train_adapter(self.model, name, train_head=train_head)
+        self._head_trained |= train_head
+        return trainable
+
+    # ------------------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> str:
+        """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
+        trained task head into the folder ``path``; returns it."""
+        store = AdapterStore(path, create=True)
+        names = self.levels + self._siblings
+        for name in names:
+            with self.memory.use([name]):
+                store.save(self.model, name)
+        head = head_parameters(self.model) if self._head_trained else {}
+        if head:
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(store.root, HEAD_FILE))
+        meta = {"levels": self.levels, "siblings": self._siblings, "running": self._running,
+                "stacks": {k: list(v) for k, v in self._stacks.items()}, "head": bool(head)}  # fmt: skip
+        with open(os.path.join(store.root, STACK_FILE), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2)
+        return store.root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
+        """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``."""
+        path = os.fspath(path)
+        meta_path = os.path.join(path, STACK_FILE)
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        model = cls(base_model, **kwargs)
+        saved = AdapterStore(path)
+        for name in meta["levels"] + meta["siblings"]:
+            model.add_adapter(name, saved.path(name), level=name in meta["levels"])
+        for name, names in meta.get("stacks", {}).items():
+            model.add_stack(name, names)
+        if meta.get("head"):
+            head = head_parameters(model.model)
+            tensors = load_file(os.path.join(path, HEAD_FILE))
+            if set(tensors) != set(head):
+                raise ValueError(f"saved head {sorted(tensors)} does not match the model's head {sorted(head)}")
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    head[k].copy_(v)
+            model._head_trained = True
+        model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
+        return model
+
+
+__all__ = ["StackedAdapterModel", "train_adapter", "head_parameters"]

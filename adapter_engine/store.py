@@ -1,0 +1,440 @@
+"""A directory of saved adapters, and the manager that keeps a capped set of them resident in a model.
+
+    store = AdapterStore("adapters/")                     # one sub-folder per adapter, PEFT or AdapterHub format
+    memory = AdapterMemoryManager(model, store, max_active=16, max_bytes=64 << 20)
+    with memory.use(["fr", "de"]):                        # loaded lazily on first use, pinned while the call runs
+        with use_adapters(["fr", "de", "fr"]):
+            model(**batch)
+    memory.stats()                                        # hits, misses, evictions, loads, load time
+
+The store never invents an adapter: an unknown name is a ``KeyError`` unless the caller passes an explicit
+``create=`` config. Names that would leave the directory (``../x``, absolute paths, separators, symlinks that
+point outside) are refused with ``ValueError``.
+
+The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting
+the least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running
+call (reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"``
+its weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy;
+with ``offload="drop"`` it is reloaded from the store (adapters the store does not hold are kept on the host
+instead, so no trained adapter is lost). Every method is thread-safe (one ``RLock``); forwards run outside it.
+The fused bottleneck op keeps one packed copy of each layer's resident adapters: device memory is about twice
+the counted bytes for bottleneck adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import api
+from .config import BottleneckConfig, coerce_config
+from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def check_adapter_name(name: Any) -> str:
+    """An adapter name usable as one path component: non-empty, no separators, no '.', no NUL."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    bad = [c for c in ("/", "\\", "\x00", ".") if c in name]
+    if bad or os.path.isabs(name) or (os.altsep and os.altsep in name):
+        raise ValueError(f"adapter name {name!r} is not a plain name (it contains {bad or 'a path'}): refused")
+    return name
+
+
+class AdapterStore:
+    """A directory holding one saved adapter per sub-folder (PEFT or AdapterHub format, detected on read).
+
+    Args:
+        root: the directory. ``create=True`` makes it when missing; otherwise it must exist.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, create: bool = False) -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            if not create:
+                raise FileNotFoundError(f"adapter store directory {root!r} does not exist (pass create=True)")
+            os.makedirs(root, exist_ok=True)
+        self.root = root
+        self._real_root = os.path.realpath(root)
+
+    def path(self, name: str) -> str:
+        """The folder of adapter ``name`` (it may not exist yet); ``ValueError`` if it would leave the store."""
+        check_adapter_name(name)
+        full = os.path.join(self.root, name)
+        real = os.path.realpath(full)
+        if os.path.commonpath([real, self._real_root]) != self._real_root or real == self._real_root:
+            raise ValueError(f"adapter {name!r} resolves to {real!r}, outside the store {self._real_root!r}: refused")
+        return full
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return _has_any(self.path(name))  # type: ignore[arg-type]
+        except ValueError:
+            return False
+
+    def names(self) -> list[str]:
+        """The adapters in the store (sorted; sub-folders holding an adapter config or weights)."""
+        out = []
+        for entry in sorted(os.listdir(self.root)):
+            try:
+                if _has_any(self.path(entry)):
+                    out.append(entry)
+            except ValueError:
+                continue  # a symlink out of the store, or a name that is not an adapter name
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def _existing(self, name: str) -> str:
+        folder = self.path(name)
+        if not _has_any(folder):
+            raise KeyError(
+                f"adapter {name!r} is not in the store {self.root!r} (it has {self.names()[:8]}); "
+                "the store never creates untrained adapters implicitly: pass create=<config> to make a fresh one"
+            )
+        return folder
+
+    def nbytes_on_disk(self, name: str) -> int:
+        """Tensor bytes in adapter ``name``'s safetensors file (read from its header), or 0 when it is a pickle:
+        an estimate of its size before it is loaded (the model's dtype may differ)."""
+        folder = self._existing(name)
+        for fname in (WEIGHTS["peft"][0], WEIGHTS["adapterhub"][0]):
+            path = os.path.join(folder, fname)
+            if fname.endswith(".safetensors") and os.path.isfile(path):
+                try:
+                    with open(path, "rb") as fh:
+                        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+                    return sum(
+                        v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+                    )
+                except (OSError, ValueError, KeyError, struct.error):
+                    return 0
+        return 0
+
+    def read(self, name: str) -> AdapterFile:
+        """Parse adapter ``name`` from disk without touching any model."""
+        return read_adapter(self._existing(name))
+
+    def load_into(self, model: nn.Module, name: str, *, create: Any = None) -> str:
+        """Load adapter ``name`` into ``model`` (patched on first use); returns ``name``.
+
+        An unknown name raises ``KeyError``, unless ``create`` is a config: then a *fresh* adapter is added
+        (explicitly untrained; save it with :meth:`save` once trained).
+        """
+        folder = self.path(name)
+        if not _has_any(folder):
+            if create is None:
+                self._existing(name)  # raises the KeyError
+            api.add_adapter(model, name, coerce_config(create))
+            logger.info("created a fresh adapter %r (not in the store %s)", name, self.root)
+            return name
+        api.load_adapter(model, folder, name=name)
+        return name
+
+    def save(self, model: nn.Module, name: str, *, format: str | None = None, overwrite: bool = True) -> str:
+        """Save adapter ``name`` of ``model`` into the store (bottleneck: AdapterHub format, else PEFT)."""
+        folder = self.path(name)
+        if not overwrite and _has_any(folder):
+            raise FileExistsError(f"adapter {name!r} already exists in the store at {folder!r}")
+        if format is None:
+            record = api._state(model).adapters.get(name)
+            format = "adapterhub" if record is not None and isinstance(record.config, BottleneckConfig) else "peft"
+        return api.save_adapter(model, name, folder, format=format)
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Counters of an :class:`AdapterMemoryManager` (a consistent snapshot, taken under its lock)."""
+
+    hits: int  # acquisitions of adapters that were resident
+    misses: int  # acquisitions that needed a load
+    evictions: int
+    loads_from_cpu: int
+    loads_from_disk: int
+    load_time_s: float  # total wall time spent loading (host-to-device copies or disk reads)
+    resident: int
+    resident_bytes: int
+    offloaded: int  # adapters kept in host memory
+
+    @property
+    def loads(self) -> int:
+        return self.loads_from_cpu + self.loads_from_disk
+
+
+class AdapterMemoryManager:
+    """Keeps the adapters resident in ``model`` under ``max_active`` (count) and ``max_bytes`` (weight bytes).
+
+    Args:
+        model: a model patched by :func:`adapter_engine.patch` (adapters already in it are adopted).
+        store: where missing adapters load from (lazily, on first :meth:`acquire`); may be None.
+        max_active / max_bytes: the caps (None = unbounded).
+        offload: ``"cpu"`` keeps evicted adapters in host memory; ``"drop"`` reloads them from the store.
+        wait_timeout: seconds an :meth:`acquire` waits for running calls to release adapters before it gives up
+            (``RuntimeError``) when only in-use adapters could make room.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        store: AdapterStore | None = None,
+        *,
+        max_active: int | None = None,
+        max_bytes: int | None = None,
+        offload: str = "cpu",
+        wait_timeout: float = 60.0,
+    ) -> None:
+        if offload not in ("cpu", "drop"):
+            raise ValueError(f"offload must be 'cpu' or 'drop', got {offload!r}")
+        for label, cap in (("max_active", max_active), ("max_bytes", max_bytes)):
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ValueError(f"{label} must be a positive int or None, got {cap!r}")
+        self.model, self.store = model, store
+        self.max_active, self.max_bytes, self.offload = max_active, max_bytes, offload
+        self.wait_timeout = float(wait_timeout)
+        self.lock = threading.RLock()
+        self._released = threading.Condition(self.lock)
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._refs: dict[str, int] = {}
+        self._pinned: set[str] = set()
+        self._offloaded: dict[str, api.AdapterSnapshot] = {}
+        self._sizes: dict[str, int] = {}  # last known bytes of every adapter seen (for making room before a load)
+        self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
+        self._load_time = 0.0
+        for name in api.list_adapters(model):
+            self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
+
+    # ------------------------------------------------------------------------------------------- queries
+    def resident(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        with self.lock:
+            return list(self._resident)
+
+    def is_resident(self, name: str) -> bool:
+        with self.lock:
+            return name in self._resident
+
+    def stats(self) -> MemoryStats:
+        with self.lock:
+            c = self._counts
+            return MemoryStats(
+                c["hits"], c["misses"], c["evictions"], c["cpu"], c["disk"], self._load_time,
+                len(self._resident), sum(self._resident.values()), len(self._offloaded),
+            )  # fmt: skip
+
+    def known(self, name: str) -> bool:
+        """Resident, offloaded to the host, or in the store."""
+        with self.lock:
+            return name in self._resident or name in self._offloaded or (self.store is not None and name in self.store)
+
+    # ------------------------------------------------------------------------------------------- pinning
+    def pin(self, names: Iterable[str]) -> None:
+        """Never evict these (e.g. the active stack) until :meth:`unpin`; they must be resident or loadable."""
+        with self.lock:
+            names = list(names)
+            self.acquire(names)  # make them resident now (counts as use)
+            self._pinned.update(names)
+            self.release(names)
+
+    def unpin(self, names: Iterable[str] | None = None) -> None:
+        """Allow evicting ``names`` again (all pinned adapters when None)."""
+        with self.lock:
+            self._pinned.difference_update(self._pinned.copy() if names is None else set(names))
+            self._make_room(0, 0, keep=set())
+
+    def set_pinned(self, names: Iterable[str]) -> None:
+        """Make exactly ``names`` pinned (loading them if needed)."""
+        with self.lock:
+            names, previous = list(names), self._pinned
+            self._pinned = set()
+            try:
+                self.pin(names)
+            except BaseException:
+                self._pinned = previous
+                raise
+
+    def make_room_for_one(self) -> None:
+        """Evict (LRU) so that one more adapter fits under ``max_active`` (before adding one to the model)."""
+        with self.lock:
+            self._make_room(0, 1, keep=set())
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        with self.lock:
+            return frozenset(self._pinned)
+
+    # ------------------------------------------------------------------------------------------- use
+    def acquire(self, names: Iterable[str]) -> list[str]:
+        """Make ``names`` resident (loading lazily, evicting idle ones as the caps require) and hold a reference on
+        each until :meth:`release`. All or nothing: while the caps leave no room because other calls hold their
+        adapters, it waits holding nothing (no hold-and-wait, so no deadlock between calls), up to
+        ``wait_timeout`` (then ``RuntimeError``). ``KeyError`` for names neither resident, offloaded nor in the
+        store; ``ValueError`` when the call cannot fit even with every other call finished."""
+        names = list(dict.fromkeys(names))
+        deadline = time.monotonic() + self.wait_timeout
+        with self.lock:
+            unknown = [n for n in names if not self.known(n)]
+            if unknown:
+                raise KeyError(f"unknown adapters {unknown}: not resident, not offloaded and not in the store")
+            if self.max_active is not None and len(set(names) | self._pinned) > self.max_active:
+                raise ValueError(
+                    f"a call needs {len(names)} adapters ({len(self._pinned)} pinned) but max_active is "
+                    f"{self.max_active}"
+                )
+            while True:
+                missing = [n for n in names if n not in self._resident]
+                if self._fits(names, missing):
+                    break
+                busy = [n for n in self._resident if self._refs.get(n, 0) and n not in names]
+                if not busy:
+                    raise ValueError(
+                        f"cannot fit adapters {missing} beside {list(self._resident)} under max_active="
+                        f"{self.max_active}, max_bytes={self.max_bytes}: the rest are pinned or needed by this call"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"timed out after {self.wait_timeout}s waiting for calls to release {busy}")
+                self._released.wait(timeout=left)
+            held: list[str] = []
+            try:
+                for n in names:  # hold what is resident first, so that loading the rest cannot evict it
+                    if n in self._resident:
+                        self._refs[n] = self._refs.get(n, 0) + 1
+                        self._resident.move_to_end(n)
+                        self._counts["hits"] += 1
+                        held.append(n)
+                for n in missing:
+                    self._counts["misses"] += 1
+                    self._make_room(self._size_of(n), 1, keep=set(names))
+                    self._load(n)
+                    self._refs[n] = self._refs.get(n, 0) + 1
+                    held.append(n)
+                self._make_room(0, 0, keep=set(names))
+            except BaseException:
+                self.release(held)
+                raise
+            return names
+
+    def release(self, names: Iterable[str]) -> None:
+        with self.lock:
+            for n in names:
+                left = self._refs.get(n, 0) - 1
+                if left > 0:
+                    self._refs[n] = left
+                else:
+                    self._refs.pop(n, None)
+            self._released.notify_all()
+
+    @contextlib.contextmanager
+    def use(self, names: Iterable[str]) -> Iterator[list[str]]:
+        """``acquire`` for the duration of the block (the adapters cannot be evicted while it runs)."""
+        held = self.acquire(names)
+        try:
+            yield held
+        finally:
+            self.release(held)
+
+    def evict(self, name: str) -> None:
+        """Evict ``name`` now (``ValueError`` if it is pinned or in use)."""
+        with self.lock:
+            if name not in self._resident:
+                return
+            if name in self._pinned or self._refs.get(name, 0):
+                raise ValueError(f"adapter {name!r} is pinned or in use by a running call: cannot evict it")
+            self._evict(name)
+
+    def register(self, name: str) -> None:
+        """Count an adapter added to the model directly (e.g. a fresh one) as resident."""
+        with self.lock:
+            self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
+            self._resident.move_to_end(name)
+            self._offloaded.pop(name, None)
+
+    def forget(self, name: str) -> None:
+        """Stop tracking ``name`` (after it was deleted from the model directly)."""
+        with self.lock:
+            for table in (self._resident, self._offloaded, self._sizes, self._refs):
+                table.pop(name, None)
+            self._pinned.discard(name)
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _over(self, extra_bytes: int = 0, extra_count: int = 0) -> bool:
+        count_over = self.max_active is not None and len(self._resident) + extra_count > self.max_active
+        bytes_over = self.max_bytes is not None and sum(self._resident.values()) + extra_bytes > self.max_bytes
+        return count_over or bytes_over
+
+    def _idle(self, keep: Iterable[str]) -> list[str]:
+        """Resident adapters that may be evicted now (LRU first): not pinned, not in use, not in ``keep``."""
+        keep = set(keep)
+        return [n for n in self._resident if n not in keep and n not in self._pinned and not self._refs.get(n, 0)]
+
+    def _size_of(self, name: str) -> int:
+        if name in self._sizes:
+            return self._sizes[name]
+        return self.store.nbytes_on_disk(name) if self.store is not None and name in self.store else 0
+
+    def _fits(self, names: list[str], missing: list[str]) -> bool:
+        idle = self._idle(names)
+        if self.max_active is not None and len(self._resident) + len(missing) - len(idle) > self.max_active:
+            return False
+        if self.max_bytes is not None:  # sizes known from an earlier residency; new ones are checked after loading
+            total = sum(self._resident.values()) + sum(self._sizes.get(n, 0) for n in missing)
+            if total - sum(self._resident[n] for n in idle) > self.max_bytes:
+                return False
+        return True
+
+    def _make_room(self, extra_bytes: int, extra_count: int, keep: set[str]) -> None:
+        """Evict idle adapters, least recently used first, until ``extra`` more fits (never waits)."""
+        while self._over(extra_bytes, extra_count):
+            idle = self._idle(keep)
+            if not idle:
+                logger.warning(
+                    "adapter caps (max_active=%s, max_bytes=%s) exceeded: resident %s are pinned or in use",
+                    self.max_active, self.max_bytes, list(self._resident),
+                )  # fmt: skip
+                return
+            self._evict(idle[0])
+
+    def _evict(self, name: str) -> None:
+        keep_on_host = self.offload == "cpu" or self.store is None or name not in self.store
+        if keep_on_host:
+            on_gpu = any(p.is_cuda for p in api.adapter_parameters(self.model, name))
+            self._offloaded[name] = api.snapshot_adapter(self.model, name, device="cpu", pin_memory=on_gpu)
+        api.delete_adapter(self.model, name)
+        del self._resident[name]
+        self._counts["evictions"] += 1
+        logger.debug("evicted adapter %r (%s)", name, "to host memory" if keep_on_host else "dropped")
+
+    def _load(self, name: str) -> None:
+        start = time.perf_counter()
+        snapshot = self._offloaded.pop(name, None)
+        if snapshot is not None:
+            api.restore_adapter(self.model, name, snapshot)
+            self._counts["cpu"] += 1
+        else:
+            if self.store is None:
+                raise KeyError(f"adapter {name!r} is not resident and there is no store to load it from")
+            self.store.load_into(self.model, name)
+            self._counts["disk"] += 1
+        self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
+        self._load_time += time.perf_counter() - start
+        logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
+
+
+__all__ = ["AdapterStore", "AdapterMemoryManager", "MemoryStats", "check_adapter_name"]

@@ -1,0 +1,193 @@
+"""Bottleneck adapter stacks: whole-model forward (and training) with fused vs eager (AdapterHub-style) stacks.
+
+Cases (issue 4), bf16 on a GPU, tiny fp32 models on CPU (smoke test):
+- BERT-base, batch 32 x 128: bare, 1 and 3 stacked seq_bn adapters after each FFN (eager | fused), Houlsby
+  placement (after attention and FFN), forward+backward training the top adapter of 3 (base frozen).
+- Llama-shaped (hidden 4096, 4 layers), batch 16 x 256: bare, 1 and 3 stacked after each MLP, Houlsby, training.
+- The stack alone on (tokens, hidden) activations, against the physical limit: reading h and y and writing the
+  output once (3 x tokens x hidden x 2 bytes) at the measured copy bandwidth.
+
+Targets on an H100: BERT 1 adapter <= 1.04x bare, 3 stacked <= 1.10x; Llama 3 stacked <= 1.02x; training the top
+adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_info), never across runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import copy_bandwidth, device, on_gpu, pick, timed
+
+from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
+from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
+
+DTYPE = torch.bfloat16 if on_gpu() else torch.float32
+STACK = ["general", "cardiology", "paediatric"]
+HOULSBY = ["houlsby"]
+
+
+def _adapters(hidden: int, houlsby: bool = False) -> dict[str, BottleneckAdapter]:
+    if houlsby:  # double_seq_bn: swish, reduction 16, adapter reads the sublayer output only
+        return {"houlsby": BottleneckAdapter(hidden, hidden // 16, "swish", original_ln_before=False)}
+    return {n: BottleneckAdapter(hidden, hidden // 16, "relu") for n in STACK}  # seq_bn, reduction 16
+
+
+def _init(module: torch.nn.Module) -> None:
+    with torch.no_grad():  # random adapters so that no path can shortcut an all-zero update
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = pick(
+        BertConfig(),
+        BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, vocab_size=128),
+    )
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    with torch.device(device()):
+        model = BertModel(cfg, add_pooling_layer=False).to(DTYPE).eval()
+    wrappers = {"ffn": [], "attn": []}
+    for layer in model.encoder.layer:
+        for place, parent in (("ffn", layer), ("attn", layer.attention)):
+            w = wrap_sublayer(parent, "output", OutputWithAdapters)
+            for n, a in _adapters(cfg.hidden_size, houlsby=False).items():
+                if place == "ffn":
+                    w.add_adapter(n, a)
+            w.add_adapter("houlsby", _adapters(cfg.hidden_size, houlsby=True)["houlsby"])
+            wrappers[place].append(w)
+    _init(model)
+    batch, seq = pick((32, 128), (2, 8))
+    inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), device=device())}
+    return model, wrappers, inputs
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = pick(
+        LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=1024, max_position_embeddings=512),
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=128, max_position_embeddings=64),
+    )  # fmt: skip
+    with torch.device(device()):
+        model = LlamaModel(cfg).to(DTYPE).eval()
+    wrappers = {"ffn": [], "attn": []}
+    for layer in model.layers:
+        w = wrap_sublayer(layer, "mlp", ResidualOutsideWithAdapters, residual_from=layer.post_attention_layernorm)
+        for n, a in _adapters(cfg.hidden_size).items():
+            w.add_adapter(n, a)
+        w.add_adapter("houlsby", _adapters(cfg.hidden_size, houlsby=True)["houlsby"])
+        wrappers["ffn"].append(w)
+        w = wrap_sublayer(layer, "self_attn", ResidualOutsideWithAdapters)
+        w.add_adapter("houlsby", _adapters(cfg.hidden_size, houlsby=True)["houlsby"])
+        wrappers["attn"].append(w)
+    _init(model)
+    batch, seq = pick((16, 256), (2, 8))
+    inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), device=device())}
+    return model, wrappers, inputs
+
+
+_MODELS = {}
+
+
+def _model(name):
+    if name not in _MODELS:
+        _MODELS[name] = _bert() if name == "bert-base" else _llama()
+    return _MODELS[name]
+
+
+def _configure(wrappers, setup: str, fused: bool, train: bool = False):
+    """setup: bare | stack1 | stack3 | houlsby."""
+    for place, ws in wrappers.items():
+        for w in ws:
+            w.fused = fused
+            if setup == "houlsby":
+                w.set_active_stack(HOULSBY)
+            elif place == "ffn" and setup in ("stack1", "stack3"):
+                w.set_active_stack(STACK[: 1 if setup == "stack1" else 3])
+            else:
+                w.set_active_stack(None)
+            for name, a in w.adapters.items():
+                a.requires_grad_(train and name == STACK[-1])
+
+
+CASES = [
+    ("bare", True),
+    ("stack1", False),
+    ("stack1", True),
+    ("stack3", False),
+    ("stack3", True),
+    ("houlsby", False),
+    ("houlsby", True),
+]
+
+
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("setup, fused", CASES, ids=[f"{s}-{'fused' if f else 'eager'}" for s, f in CASES])
+def bench_model_forward(benchmark, model_name, setup, fused):
+    model, wrappers, inputs = _model(model_name)
+    _configure(wrappers, setup, fused)
+
+    def fn():
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    fn()
+    provider = "bare" if setup == "bare" else ("fused" if fused else "eager")
+    timed(benchmark, fn, case=f"{model_name} forward", setup_name=setup, provider=provider)
+
+
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def bench_train_top_of_three(benchmark, model_name, fused):
+    model, wrappers, inputs = _model(model_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _configure(wrappers, "stack3", fused, train=True)
+
+    def fn():
+        out = model(**inputs).last_hidden_state
+        out.float().square().mean().backward()
+
+    fn()
+    timed(benchmark, fn, case=f"{model_name} train top of 3", provider="fused" if fused else "eager")
+    _configure(wrappers, "bare", True)
+
+
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
+@pytest.mark.parametrize("provider", ["fused", "eager"])
+def bench_stack_alone(benchmark, hidden, provider):
+    """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor."""
+    tokens = pick(4096, 16)
+    dev = device()
+    adapters = [BottleneckAdapter(hidden, hidden // 16, "relu").to(dev, DTYPE) for _ in range(3)]
+    for a in adapters:
+        _init(a)
+    ln = torch.nn.LayerNorm(hidden).to(dev, DTYPE)
+    h = torch.randn(tokens, hidden, device=dev, dtype=DTYPE)
+    y = torch.randn(tokens, hidden, device=dev, dtype=DTYPE)
+    packed = pack_adapters(
+        [a.down.weight for a in adapters], [a.down.bias for a in adapters],
+        [a.adapter_up.weight for a in adapters], [a.adapter_up.bias for a in adapters],
+        [a.non_linearity for a in adapters], [a.scaling for a in adapters],
+    )  # fmt: skip
+    routes = torch.tensor([0, 1, 2], device=dev)
+
+    def eager():
+        r = h
+        for a in adapters:  # AdapterHub seq_bn order: residual h, input LN(r + y)
+            r = r + a(ln(r + y))
+        return ln(r + y)
+
+    def fused():
+        with torch.no_grad():
+            return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias)
+
+    fn = fused if provider == "fused" else eager
+    with torch.no_grad():
+        fn()
+        floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+        median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {tokens}x{hidden}", provider=provider)
+    benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})

@@ -1,0 +1,758 @@
+"""Fused bottleneck adapter stacks (kernels/bottleneck.py, adapter_engine/bottleneck.py).
+
+The oracle is ``ah_stack`` below: a line-by-line port of AdapterHub 1.3.0's ``Adapter.pre_forward`` /
+``Adapter.forward`` / ``post_forward`` (and ``ParallelAdapter``) with ``compose_stack``, written independently of
+the library, run in any dtype (fp64 for the CUDA tier). Parallel levels add up (the library's documented
+generalisation; identical to AdapterHub at depth 1).
+
+Tolerances (CPU tier, vs the library's fp32 reference or the oracle in fp32):
+- fp32: 2e-5 absolute/relative. Both sides compute in fp32; they differ in summation order of the matmuls and
+  in LayerNorm variance (E[x^2] - mean^2 in the kernel, Welford in torch), a few ulps of O(1-10) values.
+- fp16 / bf16 inputs: the kernel computes in fp32 and rounds once at the store, as the reference does, so
+  outputs differ by at most one ulp of the output dtype after different fp32 rounding paths: 2e-3 (fp16, ulp
+  2^-10 relative) and 1.6e-2 (bf16, ulp 2^-7 relative) relative, with the same absolute floor for values near 0.
+- gradients (fp32): 1e-4 relative to the largest gradient entry: the backward re-runs the fp32 reference, the
+  oracle differentiates a different but equivalent op order.
+"""
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapter_engine.bottleneck import (
+    BottleneckAdapter,
+    OutputWithAdapters,
+    ResidualOutsideWithAdapters,
+    unwrap_sublayer,
+    wrap_sublayer,
+)
+from adapter_engine.kernels import INTERPRET, use_triton
+from adapter_engine.kernels.bottleneck import (
+    StackOptions,
+    bottleneck_stack,
+    bottleneck_stack_fwd,
+    bottleneck_stack_ref,
+    expand_routes,
+    pack_adapters,
+)
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+SEQ = StackOptions()  # seq_bn (Pfeiffer)
+HOULSBY = StackOptions(original_ln_before=False)  # double_seq_bn
+PAR = StackOptions(is_parallel=True, original_ln_before=False)  # par_bn
+OPTION_GRID = {
+    "seq_bn": SEQ,
+    "double_seq_bn": HOULSBY,
+    "par_bn": PAR,
+    "residual_after_ln": StackOptions(residual_before_ln=False),
+    "post_add": StackOptions(residual_before_ln="post_add"),
+    "no_ln_after": StackOptions(original_ln_after=False),
+    "houlsby_residual_after_ln": StackOptions(original_ln_before=False, residual_before_ln=False),
+}
+
+
+# --------------------------------------------------------------------------------------------------- oracle
+def _act(name, z):
+    return {
+        "relu": torch.relu,
+        "gelu": F.gelu,
+        "gelu_new": lambda v: 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3)))),
+        "swish": lambda v: v * torch.sigmoid(v),
+        "silu": F.silu,
+        "tanh": torch.tanh,
+        "identity": lambda v: v,
+    }[name](z)
+
+
+def ah_adapter_forward(p, x, residual_input, o: StackOptions, eps_own=1e-5):
+    """AdapterHub Adapter.forward / ParallelAdapter.forward (no gating, no dropout)."""
+    H = x.shape[-1]
+    v = F.layer_norm(x, (H,), p["lnb"][0], p["lnb"][1], eps_own) if o.ln_before else x
+    down = _act(p["act"], v @ p["wd"].t() + p["bd"])
+    up = (down @ p["wu"].t() + p["bu"]) * p["scaling"]
+    output = up
+    if o.is_parallel:
+        return F.layer_norm(output, (H,), p["lna"][0], p["lna"][1], eps_own) if o.ln_after else output
+    if o.adapter_residual_before_ln:
+        output = output + residual_input
+    if o.ln_after:
+        output = F.layer_norm(output, (H,), p["lna"][0], p["lna"][1], eps_own)
+    if not o.adapter_residual_before_ln:
+        output = output + residual_input
+    return output
+
+
+def ah_pre_forward(hidden_states, input_tensor, layer_norm, o: StackOptions):
+    """AdapterHub Adapter.pre_forward / ParallelAdapter.pre_forward -> (hidden_states, residual)."""
+    if o.is_parallel:
+        return input_tensor, input_tensor
+    residual = None
+    if o.residual_before_ln is True or o.residual_before_ln == "post_add":
+        residual = hidden_states
+    if o.original_ln_before:
+        if layer_norm:
+            hidden_states = hidden_states + input_tensor
+            if o.residual_before_ln == "post_add":
+                residual = hidden_states
+            hidden_states = layer_norm(hidden_states)
+        else:
+            hidden_states = hidden_states + input_tensor
+    if not o.residual_before_ln:
+        residual = hidden_states
+    return hidden_states, residual
+
+
+def ah_stack(h, y, layer_norm, params, o: StackOptions):
+    """bottleneck_layer_forward with a Stack: pre_block + compose_single per adapter, then post_forward."""
+    hidden_states, parallel_sum = h, None
+    for p in params:
+        hs, residual = ah_pre_forward(hidden_states, y, layer_norm, o)
+        out = ah_adapter_forward(p, hs, residual, o)
+        if o.is_parallel:  # library generalisation: parallel levels add up
+            parallel_sum = out if parallel_sum is None else parallel_sum + out
+        else:
+            hidden_states = out
+    if o.is_parallel:
+        if parallel_sum is None:
+            hidden_states = h
+        else:
+            hidden_states = parallel_sum + h
+    if o.original_ln_after:
+        hidden_states = layer_norm(hidden_states + y) if layer_norm else hidden_states + y
+    return hidden_states
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def make_params(hidden, ranks, acts, scalings=None, dtype=torch.float32, device="cpu", own_ln=False):
+    out = []
+    for i, (r, act) in enumerate(zip(ranks, acts, strict=True)):
+        p = {
+            "wd": torch.randn(r, hidden, device=device) * (1.0 / math.sqrt(hidden)),
+            "bd": torch.randn(r, device=device) * 0.1,
+            "wu": torch.randn(hidden, r, device=device) * (1.0 / math.sqrt(r)),
+            "bu": torch.randn(hidden, device=device) * 0.1,
+            "act": act,
+            "scaling": [1.0, 0.5, 2.0, 4.0][i % 4] if scalings is None else scalings[i],
+        }
+        if own_ln:
+            p["lnb"] = (1 + 0.2 * torch.randn(hidden, device=device), 0.1 * torch.randn(hidden, device=device))
+            p["lna"] = (1 + 0.2 * torch.randn(hidden, device=device), 0.1 * torch.randn(hidden, device=device))
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k] = p[k].to(dtype)
+        out.append(p)
+    return out
+
+
+def pack(params, own_ln=False):
+    return pack_adapters(
+        [p["wd"] for p in params],
+        [p["bd"] for p in params],
+        [p["wu"] for p in params],
+        [p["bu"] for p in params],
+        [p["act"] for p in params],
+        [p["scaling"] for p in params],
+        ln_before=[p["lnb"] for p in params] if own_ln else None,
+        ln_after=[p["lna"] for p in params] if own_ln else None,
+    )
+
+
+def make_ln(hidden, dtype=torch.float32, device="cpu", eps=1e-12):
+    ln = torch.nn.LayerNorm(hidden, eps=eps).to(device)
+    with torch.no_grad():
+        ln.weight.copy_(1 + 0.2 * torch.randn(hidden))
+        ln.bias.copy_(0.1 * torch.randn(hidden))
+    return ln.to(dtype)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every float buffer the launcher allocates (output, scratch) starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*a, **k):
+        t = empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def assert_close(a, b, dtype=torch.float32):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def test_cpu_tier_runs_the_triton_kernel():
+    assert INTERPRET or torch.cuda.is_available()
+    assert use_triton(torch.empty(1))
+
+
+# --------------------------------------------------------------------------------------------------- op: forward
+@pytest.mark.parametrize("name", list(OPTION_GRID))
+@pytest.mark.parametrize("with_ln", [True, False])
+def test_forward_options_uniform_and_mixed_rows(poison, name, with_ln):
+    o = OPTION_GRID[name]
+    hidden, rows = 40, 37
+    params = make_params(hidden, [8, 16, 1], ["relu", "gelu", "tanh"])
+    packed = pack(params)
+    h, y = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    ln = make_ln(hidden) if with_ln else None
+    lw, lb = (ln.weight, ln.bias) if ln is not None else (None, None)
+    mixed = torch.randint(-1, 3, (rows, 3))
+    mixed[0] = torch.tensor([0, 1, 2])
+    for routes in (torch.tensor([0, 1, 2]), mixed):
+        r2 = expand_routes(routes, h)
+        got = bottleneck_stack_fwd(h, y, lw, lb, packed, r2, o)
+        assert torch.isfinite(got).all()
+        assert_close(got, bottleneck_stack_ref(h, y, lw, lb, packed, r2, o))
+        # the oracle, row by row for the mixed routes
+        for row in range(rows) if routes.dim() == 2 else [None]:
+            sel = slice(None) if row is None else slice(row, row + 1)
+            levels = (routes if row is None else routes[row]).tolist()
+            want = ah_stack(h[sel], y[sel], ln, [params[i] for i in levels if i >= 0], o)
+            assert_close(got[sel], want)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_new", "swish", "silu", "tanh", "identity"])
+def test_forward_activations(poison, act):
+    hidden, rows = 24, 19
+    params = make_params(hidden, [8], [act], scalings=[1.7])
+    ln = make_ln(hidden)
+    h, y = torch.randn(rows, hidden) * 2, torch.randn(rows, hidden)
+    got = bottleneck_stack(h, y, pack(params), torch.tensor([0]), SEQ, ln.weight, ln.bias)
+    assert_close(got, ah_stack(h, y, ln, params, SEQ))
+
+
+@pytest.mark.parametrize(
+    "shape, ranks",
+    [
+        ((1, 24), [1]),
+        ((2, 3, 40), [8, 16, 1]),  # (B, S, H) input
+        ((5, 136), [64, 16, 3]),  # two hidden chunks, two unit chunks
+        ((70, 64), [8, 8]),  # three row blocks
+    ],
+)
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_forward_shapes_and_depths(poison, shape, ranks, depth):
+    hidden = shape[-1]
+    params = make_params(hidden, ranks, ["relu", "swish", "gelu"][: len(ranks)])
+    ln = make_ln(hidden)
+    h, y = torch.randn(*shape), torch.randn(*shape)
+    levels = [i % len(ranks) for i in range(depth)]
+    got = bottleneck_stack(h, y, pack(params), torch.tensor(levels, dtype=torch.long), SEQ, ln.weight, ln.bias)
+    assert got.shape == h.shape
+    assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels], SEQ))
+
+
+def test_forward_switched_off_levels_and_per_sequence_routes(poison):
+    hidden, batch, seq = 40, 3, 5
+    params = make_params(hidden, [8, 16, 4], ["relu", "gelu", "tanh"])
+    ln = make_ln(hidden)
+    h, y = torch.randn(batch, seq, hidden), torch.randn(batch, seq, hidden)
+    routes = torch.tensor([[0, -1, 2], [-1, -1, -1], [2, 1, 0]])  # a level off, a row at depth 0, another order
+    got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+    for b in range(batch):
+        want = ah_stack(h[b], y[b], ln, [params[i] for i in routes[b].tolist() if i >= 0], SEQ)
+        assert_close(got[b], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_half_dtypes(poison, dtype):
+    hidden, rows = 64, 33
+    params = make_params(hidden, [16, 8], ["gelu", "relu"], dtype=dtype)
+    ln = make_ln(hidden, dtype)
+    h, y = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    packed, routes = pack(params), expand_routes(torch.tensor([0, 1]), h)
+    got = bottleneck_stack_fwd(h, y, ln.weight, ln.bias, packed, routes, SEQ)
+    assert got.dtype == dtype
+    assert_close(got, bottleneck_stack_ref(h, y, ln.weight, ln.bias, packed, routes, SEQ), dtype)
+
+
+@pytest.mark.parametrize("adapter_residual_before_ln", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_own_layer_norms_run_on_the_torch_path(adapter_residual_before_ln, parallel):
+    o = StackOptions(
+        ln_before=True, ln_after=True, adapter_residual_before_ln=adapter_residual_before_ln, is_parallel=parallel
+    )
+    hidden, rows = 24, 7
+    params = make_params(hidden, [8, 4], ["relu", "tanh"], own_ln=True)
+    ln = make_ln(hidden)
+    h, y = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    got = bottleneck_stack(h, y, pack(params, own_ln=True), torch.tensor([0, 1]), o, ln.weight, ln.bias)
+    assert_close(got, ah_stack(h, y, ln, params, o))
+    with pytest.raises(ValueError, match="torch path"):
+        bottleneck_stack_fwd(h, y, ln.weight, ln.bias, pack(params, own_ln=True), expand_routes([0, 1], h), o)
+
+
+def test_input_validation():
+    params = make_params(24, [4], ["relu"])
+    h = torch.randn(5, 24)
+    with pytest.raises(ValueError, match="residual input"):
+        bottleneck_stack(h, None, pack(params), torch.tensor([0]), SEQ)
+    with pytest.raises(ValueError, match="hidden 24"):
+        bottleneck_stack(torch.randn(5, 32), torch.randn(5, 32), pack(params), torch.tensor([0]), SEQ)
+    with pytest.raises(ValueError, match="routes"):
+        bottleneck_stack(h, h, pack(params), torch.zeros(4, 1, dtype=torch.long), SEQ)
+    with pytest.raises(TypeError, match="float32"):
+        bottleneck_stack(h.long(), h.long(), pack(params), torch.tensor([0]), SEQ)
+    with pytest.raises(ValueError, match="non_linearity"):
+        make = make_params(24, [4], ["relu"])
+        make[0]["act"] = "softplus"
+        pack(make)
+
+
+# --------------------------------------------------------------------------------------------------- op: backward
+@pytest.mark.parametrize("ln_trains", [False, True], ids=["kernel-bwd", "reference-path"])
+@pytest.mark.parametrize("name", list(OPTION_GRID))
+def test_gradients_match_the_oracle_and_frozen_levels_get_none(name, ln_trains):
+    o = OPTION_GRID[name]
+    hidden, rows = 40, 29
+    params = make_params(hidden, [8, 16, 1], ["relu", "gelu_new", "swish"])
+    trainable = {2}  # train the top adapter of 3 (the benchmark case); the others are frozen
+    for i, p in enumerate(params):
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k].requires_grad_(i in trainable)
+    ln = make_ln(hidden)
+    ln.weight.requires_grad_(ln_trains)  # a trainable model LN takes the torch reference (plain autograd)
+    ln.bias.requires_grad_(False)
+    h = torch.randn(rows, hidden, requires_grad=True)
+    y = torch.randn(rows, hidden, requires_grad=True)
+    grad_out = torch.randn(rows, hidden)
+    packed = pack(params)
+    got = bottleneck_stack(h, y, packed, torch.tensor([0, 1, 2]), o, ln.weight, ln.bias)
+    want = ah_stack(h, y, ln, params, o)
+    assert_close(got, want)
+    leaves = [h, y] + [ln.weight] * ln_trains + [params[2][k] for k in ("wd", "bd", "wu", "bu")]
+    g_got = torch.autograd.grad(got, leaves, grad_out)
+    g_want = torch.autograd.grad(want, leaves, grad_out)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+    # frozen adapters and the frozen LN bias receive nothing
+    got = bottleneck_stack(h, y, packed, torch.tensor([0, 1, 2]), o, ln.weight, ln.bias)
+    got.backward(grad_out)
+    assert all(params[i][k].grad is None for i in (0, 1) for k in ("wd", "bd", "wu", "bu"))
+    assert ln.bias.grad is None and params[2]["wd"].grad is not None
+
+
+@pytest.mark.parametrize("name", ["seq_bn", "par_bn", "post_add"])
+def test_gradients_mixed_rows(name):
+    hidden, rows = 24, 21
+    params = make_params(hidden, [8, 4], ["relu", "tanh"])
+    for p in params:
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k].requires_grad_(True)
+    ln = make_ln(hidden).requires_grad_(False)
+    o = OPTION_GRID[name]
+    h = torch.randn(rows, hidden, requires_grad=True)
+    y = torch.randn(rows, hidden, requires_grad=True)
+    routes = torch.randint(-1, 2, (rows, 2))
+    hint = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(2)]
+    got = bottleneck_stack(h, y, pack(params), routes, o, ln.weight, ln.bias, level_adapters=hint)
+    want = torch.cat(
+        [
+            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in routes[i].tolist() if j >= 0], o)
+            for i in range(rows)
+        ]
+    )
+    grad_out = torch.randn(rows, hidden)
+    leaves = [h, y] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def test_gradients_fp16_native_operands():
+    """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
+    Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
+    largest gradient."""
+    hidden, rows = 40, 33
+    params = make_params(hidden, [8, 16], ["gelu", "swish"], dtype=torch.float16)
+    for k in ("wd", "bd", "wu", "bu"):
+        params[1][k].requires_grad_(True)
+    ln = make_ln(hidden, torch.float16).requires_grad_(False)
+    h = torch.randn(rows, hidden).half().requires_grad_()
+    y = torch.randn(rows, hidden).half().requires_grad_()
+    grad_out = torch.randn(rows, hidden).half()
+    leaves = [h, y] + [params[1][k] for k in ("wd", "bd", "wu", "bu")]
+    got = torch.autograd.grad(bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), SEQ, ln.weight, ln.bias),
+                              leaves, grad_out)  # fmt: skip
+    p32 = [{k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in p.items()}
+           for p in params]  # fmt: skip
+    ln32 = make_ln(hidden).requires_grad_(False)
+    ln32.load_state_dict(ln.state_dict())
+    h32, y32 = h.detach().float().requires_grad_(), y.detach().float().requires_grad_()
+    leaves32 = [h32, y32] + [p32[1][k] for k in ("wd", "bd", "wu", "bu")]
+    want = torch.autograd.grad(ah_stack(h32, y32, ln32, p32, SEQ), leaves32, grad_out.float())
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.float(), b, atol=5e-3 * b.abs().max().item(), rtol=5e-3)
+
+
+# --------------------------------------------------------------------------------------------------- modules
+def _adapter_params(adapter: BottleneckAdapter) -> dict:
+    p = {
+        "wd": adapter.down.weight,
+        "bd": adapter.down.bias,
+        "wu": adapter.adapter_up.weight,
+        "bu": adapter.adapter_up.bias,
+        "act": adapter.non_linearity,
+        "scaling": adapter.scaling,
+    }
+    if adapter.options.ln_before:
+        p["lnb"] = (adapter.adapter_norm_before.weight, adapter.adapter_norm_before.bias)
+    if adapter.options.ln_after:
+        p["lna"] = (adapter.adapter_norm_after.weight, adapter.adapter_norm_after.bias)
+    return p
+
+
+class _OracleBertOutput(torch.nn.Module):
+    """Hand-written AdapterHub-style BertOutput: dense, dropout, then ah_stack with the model LayerNorm."""
+
+    def __init__(self, original, adapters, options):
+        super().__init__()
+        self.original, self.adapters, self.options = original, adapters, options
+
+    def forward(self, hidden_states, input_tensor):
+        h = self.original.dropout(self.original.dense(hidden_states))
+        params = [_adapter_params(a) for a in self.adapters]
+        return ah_stack(h, input_tensor, self.original.LayerNorm, params, self.options)
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=99, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertModel(config).eval()
+
+
+def _bert_adapters(hidden, names, options: StackOptions, acts=("relu", "gelu", "tanh")):
+    kw = {
+        k: getattr(options, k) for k in ("is_parallel", "original_ln_before", "original_ln_after", "residual_before_ln")
+    }
+    out = {}
+    for i, n in enumerate(names):
+        a = BottleneckAdapter(hidden, [6, 12, 3][i % 3], acts[i % len(acts)], [1.0, 0.5, 2.0][i % 3], **kw)
+        with torch.no_grad():  # "bert" init is near zero: make the adapters matter
+            for prm in a.parameters():
+                prm.normal_(0.0, 0.3)
+        out[n] = a
+    return out
+
+
+def _sublayers(model, houlsby):
+    for layer in model.encoder.layer:
+        yield layer, "output"
+        if houlsby:
+            yield layer.attention, "output"
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_bert_model_matches_adapterhub_style_eager(config):
+    options = {"seq_bn": SEQ, "double_seq_bn": HOULSBY, "par_bn": PAR}[config]
+    model = _tiny_bert()
+    ids = torch.randint(0, 99, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        bare = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    keys_before = set(model.state_dict())
+    names = ["general", "cardio", "paed"]
+    stacks = {}
+    for parent, attr in _sublayers(model, houlsby=config == "double_seq_bn"):
+        wrapper = wrap_sublayer(parent, attr, OutputWithAdapters)
+        for n, a in _bert_adapters(48, names, options).items():
+            wrapper.add_adapter(n, a)
+        wrapper.set_active_stack(names)
+        stacks[(id(parent), attr)] = wrapper
+    # base keys unchanged, adapters under AdapterHub's keys
+    keys = set(model.state_dict())
+    assert keys_before <= keys
+    assert "encoder.layer.0.output.adapters.cardio.adapter_down.0.weight" in keys
+    assert "encoder.layer.1.output.adapters.paed.adapter_up.bias" in keys
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for w in stacks.values():
+            w.fused = False
+        eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for w in stacks.values():
+            w.fused = True
+    # the oracle: swap in hand-written AdapterHub-style modules
+    for parent, attr in _sublayers(model, houlsby=config == "double_seq_bn"):
+        w = getattr(parent, attr)
+        setattr(parent, attr, _OracleBertOutput(w.original, [w.adapters[n] for n in names], options))
+    with torch.no_grad():
+        oracle = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for (pid, attr), w in stacks.items():
+        parent = next(p for p, a in _sublayers(model, True) if id(p) == pid and a == attr)
+        setattr(parent, attr, w)
+    valid = mask.bool()
+    assert (fused - bare)[valid].abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(fused[valid], oracle[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eager[valid], oracle[valid], atol=1e-4, rtol=1e-4)
+    # depth 0 is the unpatched model, bit for bit; depth control needs no rebuild
+    for w in stacks.values():
+        w.set_depth(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)
+    # unwrapping restores the original modules and keys
+    for parent, attr in _sublayers(model, houlsby=config == "double_seq_bn"):
+        unwrap_sublayer(parent, attr)
+    assert set(model.state_dict()) == keys_before
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)
+
+
+def test_stack_controls_depth_levels_and_row_stacks():
+    model = _tiny_bert()
+    ids = torch.randint(0, 99, (3, 9))
+    names = ["a", "b", "c"]
+    wrappers = []
+    for layer in model.encoder.layer:
+        w = wrap_sublayer(layer, "output")
+        for n, a in _bert_adapters(48, names, SEQ).items():
+            w.add_adapter(n, a)
+        wrappers.append(w)
+
+    def run(stack, depth=None, off=()):
+        for w in wrappers:
+            w.set_active_stack(stack)
+            w.set_depth(depth)
+            for lvl in range(3):
+                w.set_level_enabled(lvl, lvl not in off)
+        with torch.no_grad():
+            return model(input_ids=ids).last_hidden_state
+
+    full, depth2, two = run(names), run(names, depth=2), run(["a", "b"])
+    torch.testing.assert_close(depth2, two, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(names, off=(1,)), run(["a", "c"]), atol=1e-5, rtol=1e-5)
+    assert (full - two).abs().max() > 1e-2
+    # a different stack per row in one batch equals running each row with its own stack
+    rows = [["a", "b", "c"], ["c"], [None, "b"]]
+    for w in wrappers:
+        w.set_active_stack(names)
+        w.set_depth(None)
+        w.set_row_stacks(rows)
+    with torch.no_grad():
+        mixed = model(input_ids=ids).last_hidden_state
+    for w in wrappers:
+        w.set_row_stacks(None)
+    for i, stack in enumerate([["a", "b", "c"], ["c"], ["b"]]):
+        torch.testing.assert_close(mixed[i], run(stack)[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown adapters"):
+        wrappers[0].set_active_stack(["nope"])
+    wrappers[0].add_adapter("houlsby", BottleneckAdapter(48, 3, original_ln_before=False))
+    wrappers[0].set_active_stack(["a", "houlsby"])
+    with pytest.raises(ValueError, match="structural options"):
+        with torch.no_grad():
+            model(input_ids=ids)
+
+
+def test_training_the_top_adapter_matches_eager_gradients():
+    model = _tiny_bert()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    ids = torch.randint(0, 99, (2, 7))
+    names = ["a", "b", "c"]
+    wrappers = []
+    for layer in model.encoder.layer:
+        w = wrap_sublayer(layer, "output")
+        for n, a in _bert_adapters(48, names, SEQ).items():
+            a.requires_grad_(n == "c")
+            w.add_adapter(n, a)
+        w.set_active_stack(names)
+        wrappers.append(w)
+    grads = {}
+    for fused in (True, False):
+        for w in wrappers:
+            w.fused = fused
+            w.zero_grad(set_to_none=True)
+        model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert all(".adapters.c." in n for n in grads[fused])
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 8
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_llama_pre_ln_mlp_matches_adapterhub_llama(parallel):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaModel(config).eval()
+    ids = torch.randint(0, 99, (2, 9))
+    with torch.no_grad():
+        bare = model(input_ids=ids).last_hidden_state
+    options = PAR if parallel else SEQ
+    adapters = []
+    for layer in model.layers:
+        w = wrap_sublayer(layer, "mlp", ResidualOutsideWithAdapters, residual_from=layer.post_attention_layernorm)
+        stack = _bert_adapters(32, ["x", "y"], options)
+        for n, a in stack.items():
+            w.add_adapter(n, a)
+        w.set_active_stack(["x", "y"])
+        adapters.append([stack["x"], stack["y"]])
+    with torch.no_grad():
+        fused = model(input_ids=ids).last_hidden_state
+
+    # AdapterHub's LlamaDecoderLayerWithAdapters: hidden = output_adapters(mlp(ln(residual)), residual, None)
+    for layer, stack in zip(model.layers, adapters, strict=True):
+        assert unwrap_sublayer(layer, "mlp") is layer.mlp
+        layer._oracle_stack = stack
+
+    def oracle_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                             use_cache=False, position_embeddings=None, **kwargs):  # fmt: skip
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            position_embeddings=position_embeddings, **kwargs,
+        )  # fmt: skip
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        params = [_adapter_params(a) for a in self._oracle_stack]
+        return ah_stack(hidden_states, residual, None, params, options)
+
+    for layer in model.layers:
+        layer.forward = types.MethodType(oracle_layer_forward, layer)
+    with torch.no_grad():
+        oracle = model(input_ids=ids).last_hidden_state
+    assert (fused - bare).abs().max() > 1e-2
+    torch.testing.assert_close(fused, oracle, atol=1e-4, rtol=1e-4)
+
+
+def test_wrapper_follows_replaced_children_and_training_mode():
+    model = _tiny_bert()
+    ids = torch.randint(0, 99, (2, 6))
+    layer = model.encoder.layer[0]
+    w = wrap_sublayer(layer, "output")
+    assert w.dense is layer.output.dense and w.LayerNorm.eps == 1e-12
+    assert w.original.dense is w.dense  # children shared with the original module
+    new_dense = torch.nn.Linear(64, 48)
+    w.dense = new_dense  # what a LoRA patch of the inner projection does
+    with torch.no_grad():
+        x, res = torch.randn(2, 6, 64), torch.randn(2, 6, 48)
+        torch.testing.assert_close(w(x, res), w.LayerNorm(new_dense(x) + res), atol=0, rtol=0)
+    model.train()
+    assert w.training and w.dropout.training
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert unwrap_sublayer(layer, "output") is layer.output
+
+
+def test_adapter_module_names_and_init():
+    a = BottleneckAdapter(48, 3, "swish", ln_before=True, ln_after=True, init_weights="houlsby")
+    assert set(a.state_dict()) == {
+        "adapter_norm_before.weight", "adapter_norm_before.bias", "adapter_down.0.weight", "adapter_down.0.bias",
+        "adapter_down.1.weight", "adapter_down.1.bias", "adapter_up.weight", "adapter_up.bias",
+        "adapter_norm_after.weight", "adapter_norm_after.bias",
+    }  # fmt: skip
+    assert a.down.weight.abs().max() <= 2e-2 and a.adapter_up.bias.abs().max() == 0
+    b = BottleneckAdapter(48, 3, "relu", init_weights="mam_adapter")
+    assert set(b.state_dict()) == {
+        "adapter_down.0.weight",
+        "adapter_down.0.bias",
+        "adapter_up.weight",
+        "adapter_up.bias",
+    }
+    assert b.adapter_up.weight.abs().max() == 0
+    with pytest.raises(ValueError, match="non_linearity"):
+        BottleneckAdapter(48, 3, "softplus")
+    with pytest.raises(ValueError, match="init_weights"):
+        BottleneckAdapter(48, 3, init_weights="xavier")
+
+
+# --------------------------------------------------------------------------------------------------- CUDA tier
+def _errors(got, fp64, plain):
+    return (got.double() - fp64).abs(), (plain.double() - fp64).abs()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hidden", [768, 4096])
+@pytest.mark.parametrize("name", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_cuda_bf16_error_no_larger_than_torch_bf16(name, hidden):
+    """Fused error vs an fp64 oracle must not exceed plain torch bf16's (AdapterHub-style eager in bf16)."""
+    o = OPTION_GRID[name]
+    dev, dt = "cuda", torch.bfloat16
+    rows = 4096
+    params = make_params(hidden, [hidden // 16] * 3, ["relu", "gelu", "swish"], dtype=dt, device=dev)
+    ln = make_ln(hidden, dt, dev)
+    h, y = torch.randn(rows, hidden, device=dev).to(dt), torch.randn(rows, hidden, device=dev).to(dt)
+    # three row groups with different stacks and depths in one launch
+    groups = [[0, 1, 2], [2, 0], [1]]
+    routes = torch.full((rows, 3), -1, dtype=torch.long, device=dev)
+    bounds = [0, 1365, 2730, rows]
+    for g, stack in enumerate(groups):
+        routes[bounds[g] : bounds[g + 1], : len(stack)] = torch.tensor(stack, device=dev)
+    got = bottleneck_stack(h, y, pack(params), routes, o, ln.weight, ln.bias)
+    p64 = [{k: (v.double() if torch.is_tensor(v) else v) for k, v in p.items()} for p in params]
+    ln64 = make_ln(hidden, torch.float64, dev)
+    ln64.load_state_dict(ln.state_dict())
+    for g, stack in enumerate(groups):
+        sl = slice(bounds[g], bounds[g + 1])
+        fp64 = ah_stack(h[sl].double(), y[sl].double(), ln64, [p64[i] for i in stack], o)
+        plain = ah_stack(h[sl], y[sl], ln, [params[i] for i in stack], o)
+        e_fused, e_plain = _errors(got[sl], fp64, plain)
+        slack = 1e-3 * fp64.abs().max().item()
+        assert e_fused.max() <= e_plain.max() + slack, (e_fused.max().item(), e_plain.max().item())
+        assert e_fused.mean() <= e_plain.mean() + slack / 10, (e_fused.mean().item(), e_plain.mean().item())
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_gradients_training_top_of_three():
+    dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 4096
+    params = make_params(hidden, [48, 48, 48], ["relu", "relu", "relu"], dtype=dt, device=dev)
+    for k in ("wd", "bd", "wu", "bu"):
+        params[2][k].requires_grad_(True)
+    ln = make_ln(hidden, dt, dev).requires_grad_(False)  # frozen model LN: the kernel backward
+    h = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    y = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    g = torch.randn(rows, hidden, device=dev).to(dt)
+    leaves = [h, y] + [params[2][k] for k in ("wd", "bd", "wu", "bu")]
+    got = torch.autograd.grad(
+        bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, ln.weight, ln.bias), leaves, g
+    )
+    plain = torch.autograd.grad(ah_stack(h, y, ln, params, SEQ), leaves, g)
+    p64 = [
+        {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in p.items()}
+        for p in params
+    ]
+    ln64 = make_ln(hidden, torch.float64, dev)
+    ln64.load_state_dict(ln.state_dict())
+    h64, y64 = h.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    leaves64 = [h64, y64] + [p64[2][k] for k in ("wd", "bd", "wu", "bu")]
+    fp64 = torch.autograd.grad(ah_stack(h64, y64, ln64, p64, SEQ), leaves64, g.double())
+    for a, b, ref in zip(got, plain, fp64, strict=True):
+        e_fused, e_plain = _errors(a, ref, b)
+        assert e_fused.max() <= e_plain.max() + 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_matches_fp64():
+    dev, hidden, rows = "cuda", 1024, 2048
+    params = make_params(hidden, [64, 64], ["gelu", "tanh"], device=dev)
+    ln = make_ln(hidden, torch.float32, dev)
+    h, y = torch.randn(rows, hidden, device=dev), torch.randn(rows, hidden, device=dev)
+    got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), SEQ, ln.weight, ln.bias)
+    p64 = [{k: (v.double() if torch.is_tensor(v) else v) for k, v in p.items()} for p in params]
+    ln64 = make_ln(hidden, torch.float64, dev)
+    ln64.load_state_dict(ln.state_dict())
+    fp64 = ah_stack(h.double(), y.double(), ln64, p64, SEQ)
+    torch.testing.assert_close(got.double(), fp64, atol=1e-4, rtol=1e-4)

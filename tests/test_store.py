@@ -1,0 +1,286 @@
+"""AdapterStore (a directory of saved adapters, lazy loads, no silent creation, no path escapes) and
+AdapterMemoryManager (count and byte caps with LRU eviction, host offload or reload from disk, pinning,
+reference counts, statistics, concurrent use from 8 threads).
+
+Reloaded adapters must give outputs bit-identical to before eviction (fp32 weights are copied, never recomputed).
+The threaded test runs the torch reference twins of the fused ops (the CPU Triton interpreter is not
+thread-safe); the fused path under threads is in tests/test_routing.py's CUDA tier.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import adapter_engine as ae
+from adapter_engine.kernels import _backend
+from adapter_engine.routing import use_adapters
+from adapter_engine.store import AdapterMemoryManager, AdapterStore
+
+_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
+KINDS = {
+    "lora": lambda: ae.LoraConfig(r=2, lora_alpha=4),
+    "ia3": lambda: ae.IA3Config(),
+    "seq_bn": lambda: ae.BottleneckConfig.seq_bn(reduction_factor=4),
+}
+
+
+def bert() -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**_BERT)).eval()
+
+
+@torch.no_grad()
+def randomise(model, name: str) -> None:
+    for key, p in model.named_parameters():
+        if f".{name}." in key or key.endswith(f".{name}"):
+            p.uniform_(0.5, 1.5) if "ia3_l" in key else p.normal_(0.0, 0.2)
+
+
+def ids(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 64, (batch, 4), generator=torch.Generator().manual_seed(seed))
+
+
+def out(model, spec, batch=None):
+    with use_adapters(spec), torch.no_grad():
+        return model(input_ids=ids() if batch is None else batch).last_hidden_state
+
+
+@pytest.fixture
+def filled_store(tmp_path):
+    """A store with 6 trained-looking adapters (2 of each kind) and their expected outputs."""
+    model = bert()
+    store = AdapterStore(tmp_path / "store", create=True)
+    expected = {}
+    for i, kind in enumerate(list(KINDS) * 2):
+        name = f"{kind}{i}"
+        ae.add_adapter(model, name, KINDS[kind]())
+        randomise(model, name)
+        store.save(model, name)
+        expected[name] = out(model, name)
+    return store, expected
+
+
+# ------------------------------------------------------------------------------------------------- store
+def test_store_lists_reads_and_loads_both_formats(filled_store):
+    store, expected = filled_store
+    assert store.names() == sorted(expected)
+    assert len(store) == 6 and "seq_bn2" in store and "nope" not in store
+    fmt = {n: store.read(n).format for n in store}
+    assert fmt["seq_bn2"] == "adapterhub" and fmt["lora0"] == "peft" and fmt["ia31"] == "peft"
+    model = bert()
+    for name in store:
+        store.load_into(model, name)
+        assert torch.equal(out(model, name), expected[name])
+
+
+def test_store_never_invents_an_adapter(filled_store):
+    store, _ = filled_store
+    model = bert()
+    with pytest.raises(KeyError, match="never creates untrained adapters"):
+        store.load_into(model, "missing")
+    assert ae.list_adapters(model) == []
+    store.load_into(model, "fresh", create=ae.LoraConfig(r=2))  # explicit: a fresh (B = 0) adapter
+    assert "fresh" in ae.list_adapters(model) and "fresh" not in store
+    # LoRA init: B = 0, outputs unchanged (the fused op sums the base GEMM in its own order: 1e-5)
+    torch.testing.assert_close(out(model, "fresh"), out(model, None), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "/etc/passwd", "a/b", "a\\b", "", "x\x00y", "v1.2"])
+def test_store_refuses_names_that_escape_the_directory(filled_store, name):
+    store, _ = filled_store
+    with pytest.raises(ValueError):
+        store.path(name)
+    with pytest.raises(ValueError):
+        store.load_into(bert(), name)
+    assert name not in store
+
+
+def test_store_refuses_symlinks_out_of_the_directory(filled_store, tmp_path):
+    store, _ = filled_store
+    outside = tmp_path / "outside"
+    model = bert()
+    ae.add_adapter(model, "evil", KINDS["lora"]())
+    ae.save_adapter(model, "evil", outside)
+    os.symlink(outside, os.path.join(store.root, "evil"))
+    os.symlink(os.path.join(store.root, "lora0"), os.path.join(store.root, "alias"))  # inside: allowed
+    with pytest.raises(ValueError, match="outside the store"):
+        store.path("evil")
+    assert "evil" not in store.names() and "alias" in store.names()
+    with pytest.raises(ValueError, match="outside the store"):
+        store.load_into(bert(), "evil")
+
+
+def test_store_requires_an_existing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        AdapterStore(tmp_path / "nope")
+    assert AdapterStore(tmp_path / "new", create=True).names() == []
+
+
+# ------------------------------------------------------------------------------------------------- manager
+@pytest.mark.parametrize("offload", ["cpu", "drop"])
+def test_lru_eviction_under_max_active_and_exact_reloads(filled_store, offload):
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=2, offload=offload)
+    order = ["lora0", "ia31", "lora0", "seq_bn2", "ia31", "lora3", "lora0", "seq_bn5"]
+    for name in order:
+        with memory.use([name]):
+            assert len(ae.list_adapters(model)) <= 2
+            assert torch.equal(out(model, name), expected[name])
+    # LRU by hand: lora0 ia31 | lora0 hit | seq_bn2 evicts ia31 | ia31 evicts lora0 | lora3 evicts seq_bn2 |
+    # lora0 evicts ia31 | seq_bn5 evicts lora3
+    assert memory.resident() == ["lora0", "seq_bn5"]
+    stats = memory.stats()
+    assert (stats.hits, stats.misses, stats.evictions) == (1, 7, 5)
+    assert stats.loads == 7 and stats.load_time_s > 0
+    if offload == "cpu":
+        assert (stats.loads_from_disk, stats.loads_from_cpu) == (5, 2) and stats.offloaded == 3
+    else:
+        assert (stats.loads_from_disk, stats.loads_from_cpu) == (7, 0) and stats.offloaded == 0
+    assert stats.resident == 2 and stats.resident_bytes == sum(
+        ae.api.adapter_nbytes(model, n) for n in ["lora0", "seq_bn5"]
+    )
+
+
+def test_max_bytes_cap(filled_store):
+    store, expected = filled_store
+    probe = bert()
+    store.load_into(probe, "seq_bn2")
+    store.load_into(probe, "lora0")
+    bn, lora = ae.api.adapter_nbytes(probe, "seq_bn2"), ae.api.adapter_nbytes(probe, "lora0")
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_bytes=bn + lora)  # room for one of each, not two bottlenecks
+    memory.acquire(["seq_bn2", "lora0"])
+    memory.release(["seq_bn2", "lora0"])
+    with memory.use(["seq_bn5"]):
+        assert torch.equal(out(model, "seq_bn5"), expected["seq_bn5"])
+    assert "seq_bn2" not in memory.resident() and memory.stats().resident_bytes <= bn + lora
+    with pytest.raises(ValueError, match="cannot fit"):
+        memory.acquire(["seq_bn2", "seq_bn5", "lora0"])
+    assert memory.stats().resident_bytes <= bn + lora
+
+
+def test_pinned_and_in_use_adapters_are_not_evicted(filled_store):
+    store, _ = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=2, wait_timeout=0.2)
+    memory.pin(["lora0"])
+    memory.acquire(["ia31"])  # held by a "running call"
+    with pytest.raises(RuntimeError, match="timed out"):
+        memory.acquire(["seq_bn2"])  # only ia31 could go, and it is in use
+    with pytest.raises(ValueError, match="pinned or in use"):
+        memory.evict("lora0")
+    with pytest.raises(ValueError, match="max_active"):
+        memory.acquire(["seq_bn2", "lora3"])  # with the pinned lora0 that is 3 > 2
+    memory.release(["ia31"])
+    memory.acquire(["seq_bn2"])
+    assert memory.resident() == ["lora0", "seq_bn2"]
+    memory.release(["seq_bn2"])
+    memory.unpin(["lora0"])
+    with memory.use(["lora3", "ia31"]):
+        assert sorted(memory.resident()) == ["ia31", "lora3"]
+
+
+def test_a_waiting_acquire_proceeds_when_the_running_call_releases(filled_store):
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, wait_timeout=30)
+    memory.acquire(["lora0"])
+    got = {}
+
+    def other():
+        with memory.use(["seq_bn2"]):
+            got["out"] = out(model, "seq_bn2")
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=0.3)
+    assert t.is_alive()  # waiting for lora0's call to finish
+    memory.release(["lora0"])
+    t.join(timeout=30)
+    assert not t.is_alive() and torch.equal(got["out"], expected["seq_bn2"])
+
+
+def test_unknown_adapters_and_bad_caps(filled_store):
+    store, _ = filled_store
+    memory = AdapterMemoryManager(bert(), store)
+    with pytest.raises(KeyError, match="unknown adapters"):
+        memory.acquire(["nope"])
+    assert memory.stats().misses == 0
+    with pytest.raises(ValueError, match="max_active"):
+        AdapterMemoryManager(bert(), store, max_active=0)
+    with pytest.raises(ValueError, match="offload"):
+        AdapterMemoryManager(bert(), store, offload="disk")
+
+
+def test_adapters_outside_the_store_are_kept_on_the_host_when_dropping(filled_store):
+    store, _ = filled_store
+    model = bert()
+    ae.add_adapter(model, "trained_here", KINDS["seq_bn"]())
+    randomise(model, "trained_here")
+    before = out(model, "trained_here")
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with memory.use(["lora0"]):
+        pass
+    assert memory.stats().offloaded == 1  # not in the store: never dropped
+    with memory.use(["trained_here"]):
+        assert torch.equal(out(model, "trained_here"), before)
+
+
+def test_eight_threads_under_a_cap_reference_ops(filled_store, monkeypatch):
+    """8 threads x 60 calls, each routing a random mixed batch of 3 rows (1-3 adapters) with max_active=4: outputs
+    equal the single-threaded ones (a route or an adapter leaking between threads changes them by O(0.1)), the
+    cap holds throughout, and the statistics add up."""
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=4, offload="cpu")
+    names = sorted(expected)
+    errors, acquisitions, peaks = [], [0], []
+    count_lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            barrier.wait()
+            for _ in range(60):
+                rows = [rng.choice(names) for _ in range(3)]  # 1 to 3 different adapters per batch
+                used = list(dict.fromkeys(rows))
+                with memory.use(used):
+                    peaks.append(len(ae.list_adapters(model)))
+                    with use_adapters(rows), torch.no_grad():
+                        y = model(input_ids=ids(3)).last_hidden_state
+                for r, name in enumerate(rows):  # a mixed batch packs other adapters beside: equal within 1e-5
+                    want = out_cache[name][r]
+                    if not torch.allclose(y[r], want, atol=1e-5, rtol=0):
+                        errors.append((seed, name, (y[r] - want).abs().max().item()))
+                with count_lock:
+                    acquisitions[0] += len(used)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    out_cache = {}
+    single = bert()
+    for name in names:
+        store.load_into(single, name)
+        with use_adapters(name), torch.no_grad():
+            out_cache[name] = single(input_ids=ids(3)).last_hidden_state  # row r of a batch of <= 3
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:3]
+    stats = memory.stats()
+    assert stats.hits + stats.misses == acquisitions[0]
+    assert stats.loads == stats.misses and stats.evictions == stats.loads - stats.resident
+    assert max(peaks) <= 4 and stats.resident <= 4 and stats.evictions > 0
