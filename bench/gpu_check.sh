@@ -16,7 +16,7 @@ timeout "${CUDA_TESTS_TIMEOUT:-200}" "$py" -m pytest -q -p no:cacheprovider -m c
 tail -n 15 "$out/cuda_tests.log"
 
 # 2. Benchmarks, one pytest run (one JSON) per file; ratios are computed within a file.
-for bench in ${BENCHES:-merge lora_linear bottleneck}; do
+for bench in ${BENCHES:-merge merge_model lora_linear bottleneck serving}; do
     [ -f "bench/bench_$bench.py" ] || continue
     timeout "${BENCH_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_$bench.py" \
         --benchmark-json="$out/bench_$bench.json" --benchmark-columns=median,rounds >> "$out/bench.log" 2>&1

@@ -16,6 +16,9 @@ import json
 import os
 from collections import defaultdict
 
+# Benchmark-specific figures worth a column of their own in the table.
+NOTE_KEYS = ("gb_per_s", "peak_growth_vs_largest_tensor", "switch_us", "tokens_per_s", "fraction_of_limit")
+
 
 def load_rows(path: str) -> tuple[dict, list[dict]]:
     """Rows of one JSON file, with ``vs_bare`` / ``vs_peft`` computed inside that file."""
@@ -34,6 +37,7 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
                 "median_ms": float(info["median_ms"]),
                 "peak_mem_mb": (info.get("peak_mem_bytes") or 0) / 2**20,
                 "fraction_of_floor": info.get("fraction_of_floor"),
+                "notes": ", ".join(f"{k}={info[k]:.3g}" for k in NOTE_KEYS if isinstance(info.get(k), (int, float))),
             }
         )
     groups = defaultdict(dict)
@@ -49,7 +53,17 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
 
 def write_outputs(machine: dict, rows: list[dict], out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    columns = ["bench", "case", "provider", "median_ms", "vs_bare", "vs_peft", "fraction_of_floor", "peak_mem_mb"]
+    columns = [
+        "bench",
+        "case",
+        "provider",
+        "median_ms",
+        "vs_bare",
+        "vs_peft",
+        "fraction_of_floor",
+        "peak_mem_mb",
+        "notes",
+    ]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -63,13 +77,14 @@ def write_outputs(machine: dict, rows: list[dict], out_dir: str) -> str:
         f"{machine.get('triton', '?')}, transformers {machine.get('transformers', '?')}, peft "
         f"{machine.get('peft', '?')}; git {machine.get('git_revision', '?')}",
         "",
-        "| bench | case | provider | median ms | vs bare | vs PEFT | of floor | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| bench | case | provider | median ms | vs bare | vs PEFT | of floor | peak MiB | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['bench']} | {r['case']} | {r['provider']} | {r['median_ms']:.4f} | {fmt(r.get('vs_bare'), '.3f')} "
-            f"| {fmt(r.get('vs_peft'), '.3f')} | {fmt(r.get('fraction_of_floor'), '.1%')} | {r['peak_mem_mb']:.1f} |"
+            f"| {fmt(r.get('vs_peft'), '.3f')} | {fmt(r.get('fraction_of_floor'), '.1%')} | {r['peak_mem_mb']:.1f} "
+            f"| {r['notes']} |"
         )
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
