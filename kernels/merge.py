@@ -61,13 +61,13 @@ def _merge_lora_kernel(
     adapter_offset,
     scale_offset,
     sign,  # +1.0 merges, -1.0 unmerges
+    search_steps,  # ceil(log2(n_weights)) + 1 (a runtime value: no recompilation per model size)
     # compile-time switches
     W_DTYPE: tl.constexpr,  # element type of every weight in the launch
     F_DTYPE: tl.constexpr,  # element type of every factor in the launch
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
     DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
     DOT_PRECISION: tl.constexpr,  # input_precision of fp32 dots
-    SEARCH_STEPS: tl.constexpr,  # ceil(log2(n_weights)) + 1
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -76,7 +76,7 @@ def _merge_lora_kernel(
     # Which weight does this tile belong to? Largest g with first_tile[g] <= pid.
     lo = pid * 0
     hi = lo + n_weights
-    for _ in range(SEARCH_STEPS):
+    for _ in range(search_steps):
         mid = (lo + hi) // 2
         go_right = tl.load(table + mid * 7 + 5) <= pid
         lo = tl.where(go_right, mid, lo)
@@ -323,12 +323,12 @@ def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
         launch["adapter_offset"],
         launch["scale_offset"],
         sign,
+        max(1, math.ceil(math.log2(launch["n_weights"])) + 1),
         W_DTYPE=_TL_DTYPE[launch["weight_dtype"]],
         F_DTYPE=_TL_DTYPE[launch["factor_dtype"]],
         CHECK_ONLY=check_only,
         DOT_FP32=INTERPRET or launch["factor_dtype"] == torch.float32,
         DOT_PRECISION="ieee" if INTERPRET else "tf32x3",
-        SEARCH_STEPS=max(1, math.ceil(math.log2(launch["n_weights"])) + 1),
         BLOCK_R=min(64, max(16, triton.next_power_of_2(launch["max_rank"]))),
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
