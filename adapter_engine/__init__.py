@@ -31,3 +31,9 @@ from .store import AdapterMemoryManager, AdapterStore, MemoryStats  # noqa: E402
 
 __all__ += ["StackedAdapterModel", "train_adapter", "use_adapters", "Route", "current_route"]
 __all__ += ["AdapterStore", "AdapterMemoryManager", "MemoryStats"]
+
+# issue 6: Merge and FFT (whole-model save/load with absorbed adapters; merging lives in api / merging)
+from .merging import merged_adapters  # noqa: E402
+from .persist import load_model, save_model  # noqa: E402
+
+__all__ += ["save_model", "load_model", "merged_adapters"]

@@ -25,11 +25,11 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from ._io import atomic_folder_write
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
@@ -235,14 +235,12 @@ def merge_checkpoint(
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     total = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values())
     largest = max((info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values()), default=0)
     # Pinned on a GPU machine, so the host-device copies of each merged tensor run at full speed.
     buffer = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    try:
+
+    def write(partial: str) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
             for shard in shards:
                 out_path = os.path.join(partial, os.path.basename(shard.path))
@@ -262,16 +260,8 @@ def merge_checkpoint(
             src = os.path.join(base_dir, name)
             if os.path.isfile(src) and name not in shard_names:
                 shutil.copy2(src, os.path.join(partial, name))
-        if os.path.exists(out_dir):
-            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(aside, "old"))
-            os.rename(partial, out_dir)
-            shutil.rmtree(aside)
-        else:
-            os.rename(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+
+    atomic_folder_write(out_dir, write)
     summary = {
         "tensors": len(key_info),
         "merged": len(updates),

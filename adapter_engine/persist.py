@@ -1,0 +1,100 @@
+"""Saving and loading a whole model with its adapters (absorbed bottlenecks, a trained stack), atomically.
+
+    save_model(model, "out/")     # HF save_pretrained + adapter_engine.json, written to a temporary folder first
+    model = load_model("out/")    # the architecture class from config.json, patched, adapters rebuilt and loaded
+
+``save_pretrained`` of a patched model already writes every parameter, adapters included, under their module
+names; a plain ``from_pretrained`` ignores the adapter keys. ``adapter_engine.json`` records which adapters
+exist (config, kind, modules) and which are active, so :func:`load_model` can rebuild them and load their
+weights from the same checkpoint. Writing goes to a temporary sibling folder renamed into place at the end:
+an interrupted save leaves the previous checkpoint (or nothing) at the target, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+
+from . import api
+from . import patching as pt
+from ._io import atomic_folder_write
+from .config import LoraConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+MANIFEST = "adapter_engine.json"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
+    """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder."""
+    manifest = {"adapters": {}, "active": [], "absorbed": []}
+    if pt.is_patched(model):
+        state = pt.get_state(model)
+        for name, record in state.adapters.items():
+            manifest["adapters"][name] = {"kind": record.kind, "config": record.config.to_dict(),
+                                          "modules": list(record.modules)}  # fmt: skip
+        manifest["active"] = list(state.active)
+        manifest["absorbed"] = list(getattr(state, "absorbed", ()))
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder, **save_kwargs)
+        with open(os.path.join(folder, MANIFEST), "w") as fh:
+            json.dump(manifest, fh, indent=2)
+
+    return atomic_folder_write(path, write)
+
+
+def _checkpoint_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    found = {}
+    files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    for fname in files:
+        with safe_open(os.path.join(path, fname), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key in keys:
+                    found[key] = fh.get_tensor(key)
+    return found
+
+
+def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwargs) -> nn.Module:
+    """Load a checkpoint written by :func:`save_model` (or any HF checkpoint): the architecture class from its
+    config (or ``model_class``), then the recorded adapters rebuilt, their weights loaded, the active ones set."""
+    import transformers
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if model_class is None:
+        config = transformers.AutoConfig.from_pretrained(path)
+        names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]
+        model_class = getattr(transformers, names[0]) if names else transformers.AutoModel
+    model = model_class.from_pretrained(path, **from_pretrained_kwargs)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return model
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    plain_keys = set(model.state_dict())
+    for name, entry in manifest["adapters"].items():
+        config = config_from_dict(entry["config"])
+        if isinstance(config, LoraConfig):  # rebuild exactly where it was
+            config.target_modules = sorted({m.split(".", 1)[1] if m.startswith("base_model.") else m
+                                            for m in entry["modules"]})  # fmt: skip
+        api.add_adapter(model, name, config)
+    adapter_keys = set(model.state_dict()) - plain_keys
+    tensors = _checkpoint_tensors(path, adapter_keys)
+    missing = sorted(adapter_keys - set(tensors))
+    if missing:
+        raise ValueError(f"{path!r} lacks adapter weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    model.load_state_dict(tensors, strict=False)
+    if manifest["active"]:
+        api.set_active_adapters(model, manifest["active"])
+    if manifest.get("absorbed"):
+        pt.get_state(model).absorbed = tuple(manifest["absorbed"])
+    log.info("loaded %s with adapters %s (active %s)", type(model).__name__, list(manifest["adapters"]),
+             manifest["active"])  # fmt: skip
+    return model

@@ -1,0 +1,94 @@
+"""Whole-model save/load with adapters (absorbed bottlenecks), written atomically."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+import adapter_engine as ae
+from adapter_engine.persist import load_model, save_model
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=99)
+BATCH = {"input_ids": torch.tensor([[2, 41, 7, 88, 13]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+
+
+def test_absorbed_bottleneck_is_saved_with_the_model_and_reloaded(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+    ae.add_adapter(model, "domain", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.add_adapter(model, "lora", ae.LoraConfig(r=2, lora_alpha=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+    ae.set_active_adapters(model, ["lora", "domain"])
+    ae.merge_adapter(model, "lora")  # LoRA folds into the weights
+    ae.merge_adapter(model, "domain", absorb=True)  # the bottleneck stays, as part of the model
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    save_model(model, tmp_path / "ckpt")
+    plain = BertForSequenceClassification.from_pretrained(tmp_path / "ckpt").eval()  # plain HF: adapter keys ignored
+    with torch.no_grad():
+        assert not torch.allclose(plain(**BATCH).logits, expected)
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert ae.list_adapters(loaded) == ["domain"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_load_model_of_a_plain_checkpoint_and_missing_folder(tmp_path):
+    model = BertModel(BertConfig(**TINY))
+    save_model(model, tmp_path / "plain")
+    assert type(load_model(tmp_path / "plain")) is BertModel
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+_KILL = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from transformers import BertConfig, BertModel
+    from adapter_engine import persist
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                 vocab_size=99))
+    real = model.save_pretrained
+    def slow(folder, **kw):
+        real(folder, **kw)
+        print("WRITTEN", flush=True)
+        time.sleep(60)
+    model.save_pretrained = slow
+    persist.save_model(model, sys.argv[1])
+    """
+)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "ckpt"
+    save_model(BertModel(BertConfig(**TINY)), target)
+    before = {n: (target / n).read_bytes() for n in os.listdir(target)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL, str(target)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TRITON_INTERPRET="0"))  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "WRITTEN"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert {n: (target / n).read_bytes() for n in os.listdir(target)} == before
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = BertModel(BertConfig(**TINY))
+
+    def broken(folder, **kw):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    with pytest.raises(OSError, match="injected"):
+        save_model(model, tmp_path / "ckpt")
+    assert os.listdir(tmp_path) == []
