@@ -12,10 +12,12 @@ of every B_i and columns of every A_i (fp32 accumulation), and stores the tile o
 concatenated factors are ever built, whatever the number of adapters, and every element is rounded once
 (PEFT builds ``B @ A`` in the weight dtype per adapter and rounds twice).
 
-A whole model is one launch: the weights and their adapters are described by small pointer tables, and each
-program finds its weight by a binary search over the weights' first-tile offsets. On an H100 the Python
-launch path of a per-weight launch (~80 us) costs more than the GPU time of a 4096 x 4096 bf16 merge (23 us),
-which is why ``merge_lora_many_`` exists (figures in bench/results/2026-11-26-h100-merge-v1/NOTES.md).
+A whole model is one launch per weight shape (three for a Llama layer stack): the weights' addresses and their
+adapters sit in a small pointer table, and program (tile, g) merges one tile of weight g. The shape and strides
+stay kernel arguments, so Triton specialises them and vectorises the loads of W; host-checked alignment hints
+do the same for the table addresses. On an H100 the Python launch path of a per-weight launch (~80 us) costs
+more than the GPU time of a 4096 x 4096 bf16 merge (23 us), which is why ``merge_lora_many_`` batches weights
+(figures in bench/results/2026-11-26-h100-merge-v1/NOTES.md).
 
 Precision of the low-rank products: on the GPU, fp16/bf16 factors go to ``tl.dot`` as they are (products exact
 in fp32, fp32 accumulation) and each adapter's scale multiplies its fp32 product; fp32 factors use ``tf32x3``
@@ -41,7 +43,6 @@ from ._backend import INTERPRET, check_float_dtype, check_same_device, use_trito
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 4
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_WEIGHT_FIELDS = 7  # w_ptr, n_rows, n_cols, stride_n, stride_k, first_tile, n_adapters
 _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
 
 
@@ -50,21 +51,27 @@ _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stri
 def _merge_lora_kernel(
     # pointers
     table,  # int64, three sections (one host-to-device copy per launch):
-    #   weights  (n_weights, 7): w_ptr, n_rows, n_cols, stride_n, stride_k, first_tile, n_adapters
+    #   weights  (n_weights,) at 0: address of each weight; all share the sizes and strides below
     #   adapters (n_weights, max_adapters, 7) at adapter_offset: a_ptr, b_ptr, rank, stride_ar, stride_ak,
-    #            stride_bn, stride_br
+    #            stride_bn, stride_br (rank 0 pads weights with fewer adapters)
     #   scales   (n_weights, max_adapters) at scale_offset: fp32 bit patterns
     bad_ptr,  # (1,) int32, set to 1 when a merged value is not finite (CHECK_ONLY)
-    # sizes
-    n_weights,
+    # sizes: one launch per weight shape, so these are plain arguments that Triton specialises (stride 1,
+    # divisibility by 16); had they come from the table, the loads of W could not be vectorised (measured on an
+    # H100: 15x slower, bench/results/2026-11-26-h100-session1/NOTES.md)
+    n_rows,
+    n_cols,
     max_adapters,
     adapter_offset,
     scale_offset,
     sign,  # +1.0 merges, -1.0 unmerges
-    search_steps,  # ceil(log2(n_weights)) + 1 (a runtime value: no recompilation per model size)
+    # strides of every weight in the launch: W (n_rows, n_cols)
+    stride_n,
+    stride_k,
     # compile-time switches
     W_DTYPE: tl.constexpr,  # element type of every weight in the launch
     F_DTYPE: tl.constexpr,  # element type of every factor in the launch
+    ALIGNED: tl.constexpr,  # host-checked: every address 16-byte aligned, factors with unit inner strides
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
     DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
     DOT_PRECISION: tl.constexpr,  # input_precision of fp32 dots
@@ -72,24 +79,9 @@ def _merge_lora_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    # Which weight does this tile belong to? Largest g with first_tile[g] <= pid.
-    lo = pid * 0
-    hi = lo + n_weights
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        go_right = tl.load(table + mid * 7 + 5) <= pid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    row = table + lo * 7
-    w_ptr = tl.load(row).to(tl.pointer_type(W_DTYPE))
-    n_rows = tl.load(row + 1)
-    n_cols = tl.load(row + 2)
-    stride_n = tl.load(row + 3)
-    stride_k = tl.load(row + 4)
-    tile = pid - tl.load(row + 5)
-    n_adapters = tl.load(row + 6)
-
+    tile = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)  # which weight of the launch
+    w_ptr = tl.load(table + g).to(tl.pointer_type(W_DTYPE))
     tiles_k = tl.cdiv(n_cols, BLOCK_K)
     # Row-major tile order: neighbouring programs stream neighbouring memory and share the rows of B.
     offs_n = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,33 +89,37 @@ def _merge_lora_kernel(
     mask_n = offs_n < n_rows
     mask_k = offs_k < n_cols
     mask = mask_n[:, None] & mask_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
+    if ALIGNED:  # unit stride along k and 16-byte aligned rows (checked on the host): vectorised loads
+        w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
+        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
+    else:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    for j in range(n_adapters):
-        meta = table + adapter_offset + (lo * max_adapters + j) * 7
+    for j in range(max_adapters):
+        meta = table + adapter_offset + (g * max_adapters + j) * 7
         a_ptr = tl.load(meta).to(tl.pointer_type(F_DTYPE))
         b_ptr = tl.load(meta + 1).to(tl.pointer_type(F_DTYPE))
         rank = tl.load(meta + 2)
         stride_ar = tl.load(meta + 3)
-        stride_ak = tl.load(meta + 4)
         stride_bn = tl.load(meta + 5)
+        stride_ak = tl.load(meta + 4)
         stride_br = tl.load(meta + 6)
-        scale = sign * tl.load(table + scale_offset + lo * max_adapters + j).to(tl.int32).to(tl.float32, bitcast=True)
+        scale = sign * tl.load(table + scale_offset + g * max_adapters + j).to(tl.int32).to(tl.float32, bitcast=True)
         delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            b = tl.load(
-                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=mask_n[:, None] & mask_r[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                mask=mask_r[:, None] & mask_k[None, :],
-                other=0.0,
-            )
+            if ALIGNED:  # unit inner strides, 16-byte aligned rows (checked on the host)
+                b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]
+                b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, BLOCK_R])
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :]
+                a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
+            else:
+                b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
             if DOT_FP32:
                 delta += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
             else:
@@ -251,9 +247,8 @@ class LoraMergePlan:
             if any(t.dtype != factor_dtype for t in a_list + b_list):  # mixed: compute in fp32
                 a_list, b_list, factor_dtype = [t.float() for t in a_list], [t.float() for t in b_list], torch.float32
             if weight.numel():
-                groups.setdefault((weight.dtype, factor_dtype, weight.device), []).append(
-                    (weight, a_list, b_list, scales)
-                )
+                key = (weight.dtype, factor_dtype, weight.device, tuple(weight.shape), weight.stride())
+                groups.setdefault(key, []).append((weight, a_list, b_list, scales))
         self.weights = [job[0] for job in jobs]
         self._launches = [_pack(group, *key) for key, group in groups.items()]
 
@@ -282,17 +277,19 @@ def _float_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
 
 
-def _pack(jobs, weight_dtype, factor_dtype, device) -> dict:
-    """Build the single int64 table of one launch (see ``_merge_lora_kernel``)."""
+def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
+    """Build the single int64 table of one launch (weights of one shape and layout; see ``_merge_lora_kernel``)."""
     max_adapters = max(len(job[1]) for job in jobs)
-    weight_rows, adapter_rows, scale_rows, first_tile, max_rank = [], [], [], 0, 1
-    padding = [0] * _ADAPTER_FIELDS
+    weight_rows, adapter_rows, scale_rows, max_rank = [], [], [], 1
+    padding = [0, 0, 0, 0, 0, 0, 0]  # rank 0: the adapter loop does nothing
+    aligned = strides[1] == 1 and strides[0] % 16 == 0
     for weight, a_list, b_list, scales in jobs:
-        n_rows, n_cols = weight.shape
-        weight_rows += [weight.data_ptr(), n_rows, n_cols, *weight.stride(), first_tile, len(a_list)]
-        first_tile += triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(n_cols, BLOCK_K)
+        weight_rows.append(weight.data_ptr())
+        aligned = aligned and weight.data_ptr() % 16 == 0
         for a, b in zip(a_list, b_list):
             adapter_rows += [a.data_ptr(), b.data_ptr(), a.shape[0], *a.stride(), *b.stride()]
+            aligned = aligned and a.stride(1) == 1 and b.stride(1) == 1 and a.data_ptr() % 16 == 0
+            aligned = aligned and b.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
             max_rank = max(max_rank, a.shape[0])
         adapter_rows += padding * (max_adapters - len(a_list))
         scale_rows += [_float_bits(s) for s in scales] + [0] * (max_adapters - len(scales))
@@ -305,7 +302,9 @@ def _pack(jobs, weight_dtype, factor_dtype, device) -> dict:
         "max_adapters": max_adapters,
         "adapter_offset": len(weight_rows),
         "scale_offset": len(weight_rows) + len(adapter_rows),
-        "n_tiles": first_tile,
+        "shape": shape,
+        "strides": strides,
+        "aligned": aligned,
         "max_rank": max_rank,
         "weight_dtype": weight_dtype,
         "factor_dtype": factor_dtype,
@@ -315,17 +314,22 @@ def _pack(jobs, weight_dtype, factor_dtype, device) -> dict:
 
 def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
     bad = torch.zeros(1, dtype=torch.int32, device=launch["device"]) if check_only else launch["table"]
-    _merge_lora_kernel[(launch["n_tiles"],)](
+    (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
+    grid = (triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(n_cols, BLOCK_K), launch["n_weights"])
+    _merge_lora_kernel[grid](
         launch["table"],
         bad,
-        launch["n_weights"],
+        n_rows,
+        n_cols,
         launch["max_adapters"],
         launch["adapter_offset"],
         launch["scale_offset"],
         sign,
-        max(1, math.ceil(math.log2(launch["n_weights"])) + 1),
+        stride_n,
+        stride_k,
         W_DTYPE=_TL_DTYPE[launch["weight_dtype"]],
         F_DTYPE=_TL_DTYPE[launch["factor_dtype"]],
+        ALIGNED=launch["aligned"],
         CHECK_ONLY=check_only,
         DOT_FP32=INTERPRET or launch["factor_dtype"] == torch.float32,
         DOT_PRECISION="ieee" if INTERPRET else "tf32x3",
