@@ -27,8 +27,27 @@ def _ensure_kernel_backend() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-engine", description="Kernel-accelerated adapters for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: the engine on the real all-MiniLM-L6-v2, offline")
-    demo.add_argument("--out", default="demo_out", help="folder for the report")
+    demo = sub.add_parser("demo", help="the main job: both strategies on all-MiniLM-L6-v2 and BBC News, offline")
+    demo.add_argument("--out", default="demo_out", help="folder for report.md, demo.png, results.json")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="about a minute on a CPU")
+    size.add_argument("--full", dest="size", action="store_const", const="full", help="the whole training split")
+    size.add_argument("--size", dest="size", choices=["test", "quick", "default", "full"], help="explicit size")
+
+    pl = sub.add_parser("plan", help="estimate memory and step time of both strategies and recommend one")
+    pl.add_argument("--model", required=True, help="model folder or config.json ('all-MiniLM-L6-v2': the bundled one)")
+    pl.add_argument("--gpu-memory", default=None, help="accelerator memory, e.g. 24GB (default: the --gpu preset)")
+    pl.add_argument("--gpu", default=None, help="preset: h100, h200, a100-80gb, a100-40gb, l4, a10g, rtx4090, t4")
+    pl.add_argument(
+        "--tflops", type=float, default=None, help="achievable TFLOP/s (default: 40%% of the preset's peak)"
+    )
+    pl.add_argument("--domains", type=int, default=1, help="how many domains / tasks must be served")
+    pl.add_argument("--updates", default="monthly", choices=["daily", "weekly", "monthly", "rarely"])
+    pl.add_argument("--batch-size", type=int, default=16)
+    pl.add_argument("--seq-len", type=int, default=512)
+    pl.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp16-mixed", "fp32"])
+    pl.add_argument("--head", default=None, help="task head (default: sequence-classification; ViT: image-)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     mg = sub.add_parser("merge", help="load adapters, merge them in place, save a plain HF checkpoint")
     mg.add_argument("--model", required=True, help="base model folder")
@@ -61,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         if argv is None:
             _ensure_kernel_backend()
-        from .demo import run_merge_demo
+        from .demo import format_report, run_demo
 
-        return run_merge_demo(out_dir=args.out)
+        print(format_report(run_demo(out_dir=args.out, size=args.size or "default")))
+        return 0
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "merge":
         return _merge(args)
     if args.command == "merge-checkpoint":
@@ -79,6 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "finetune":
         return _finetune(args)
     return 2
+
+
+def _plan(args) -> int:
+    import json
+
+    from .planner import format_plan, hardware, load_config, model_shape, plan
+
+    model = args.model
+    if model.lower() in ("all-minilm-l6-v2", "minilm"):
+        from .demo import minilm_path
+
+        model = minilm_path()
+    shape = model_shape(load_config(model))
+    head = args.head or ("image-classification" if shape.model_type == "vit" else "sequence-classification")
+    result = plan(shape, hardware(args.gpu, args.gpu_memory, args.tflops), batch=args.batch_size,
+                  seq_len=args.seq_len, domains=args.domains, updates=args.updates, precision=args.precision,
+                  head=head, name=os.path.basename(os.path.normpath(args.model)))  # fmt: skip
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0
 
 
 def _model_class(path: str):

@@ -178,9 +178,10 @@ class RoutedStackMixin:
         built from, so an adapter evicted by another thread meanwhile cannot break this call."""
         modules = names.modules if isinstance(names, _Group) else tuple(self.adapters[n] for n in names)
         params = [p for a in modules for p in a.parameters()]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return super()._packed(list(names))  # differentiable pack, never cached
-        key = (tuple(names), tuple((id(p), p._version, p.device) for p in params))
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return super()._packed(list(names))  # traced, or a differentiable pack (never cached)
+        # identity and in-place version of every weight (training steps and loads bump versions); one device
+        key = (tuple(names), tuple(id(p) for p in params), tuple(p._version for p in params), params[0].device)
         with self._pack_lock:
             packed = self._packs.get(key)
         if packed is None:

@@ -210,12 +210,22 @@ class StackedAdapterModel(nn.Module):
             return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- training
-    def train_adapter(self, name: str, *, train_head: bool = False) -> list[str]:
-        """Make adapter ``name`` the one that trains: the stack below it (for a level) runs, the base and every
-        other adapter are frozen; ``train_head`` also trains the task head. Returns the trainable names."""
+    def train_adapter(
+        self, name: str, *, train_head: bool = False, on_top_of: str | Sequence[str] | None = None
+    ) -> list[str]:
+        """Make adapter ``name`` the one that trains: the stack below it runs (for a level: the levels below it;
+        for a sibling: ``on_top_of``, by default nothing), the base and every other adapter are frozen;
+        ``train_head`` also trains the task head. Returns the trainable parameter names."""
         if not self._known(name):
             raise ValueError(f"unknown adapter {name!r}; levels {self.levels}, siblings {self._siblings}")
-        self._set_running(self.stack_for(name) if name in self.levels else (name,))
+        if on_top_of is not None:
+            below = [on_top_of] if isinstance(on_top_of, str) else list(on_top_of)
+            unknown = [n for n in below if not self._known(n)]
+            if unknown or name in below:
+                raise ValueError(f"on_top_of {below} must name other known adapters (unknown: {unknown})")
+            self._set_running([*below, name])
+        else:
+            self._set_running(self.stack_for(name) if name in self.levels else (name,))
         trainable = train_adapter(self.model, name, train_head=train_head)
         self._head_trained |= train_head
         return trainable

@@ -121,9 +121,8 @@ class AdapterStore:
                 try:
                     with open(path, "rb") as fh:
                         header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-                    return sum(
-                        v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
-                    )
+                    offsets = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+                    return sum(end - begin for begin, end in offsets)
                 except (OSError, ValueError, KeyError, struct.error):
                     return 0
         return 0

@@ -26,9 +26,12 @@ HOULSBY = ["houlsby"]
 
 
 def _adapters(hidden: int, houlsby: bool = False) -> dict[str, BottleneckAdapter]:
+    """Adapters on the bench device in the model dtype (the model is built there too)."""
     if houlsby:  # double_seq_bn: swish, reduction 16, adapter reads the sublayer output only
-        return {"houlsby": BottleneckAdapter(hidden, hidden // 16, "swish", original_ln_before=False)}
-    return {n: BottleneckAdapter(hidden, hidden // 16, "relu") for n in STACK}  # seq_bn, reduction 16
+        made = {"houlsby": BottleneckAdapter(hidden, hidden // 16, "swish", original_ln_before=False)}
+    else:
+        made = {n: BottleneckAdapter(hidden, hidden // 16, "relu") for n in STACK}  # seq_bn, reduction 16
+    return {n: a.to(device(), DTYPE) for n, a in made.items()}
 
 
 def _init(module: torch.nn.Module) -> None:

@@ -8,6 +8,7 @@ decoration time whether a kernel is compiled or interpreted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +30,19 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.device.type == "cuda":
         return True
     return INTERPRET and tensor.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def torch_twins_on_cpu(enabled: bool = True):
+    """Inside the block, CPU tensors take the torch reference twins even under the interpreter (which is far
+    too slow to train a real model). CUDA tensors are unaffected. Process-wide, so not for concurrent use."""
+    global INTERPRET
+    saved = INTERPRET
+    INTERPRET = saved and not enabled
+    try:
+        yield
+    finally:
+        INTERPRET = saved
 
 
 def dot_in_fp32(tensor: torch.Tensor) -> bool:

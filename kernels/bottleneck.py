@@ -39,8 +39,8 @@ baseline moves roughly 8 x M x H elements per adapter through HBM (add, LN, down
 Backward (training): the forward also keeps r_1..r_n, the pre-activations and the LayerNorm moments; one
 row-block kernel per level (top to bottom) runs the g -> dz -> dx -> LayerNorm-backward chain with the same
 streaming structure, and cuBLAS computes the weight gradients of the adapters that train (see
-``BottleneckStackFunction``). If the model LayerNorm's own parameters train, the backward re-runs the torch
-reference under autograd instead.
+``_stack_backward``). Forward and backward are registered torch custom ops (``adapter_engine::bottleneck_stack_*``)
+so torch.compile keeps each stack as one opaque node.
 """
 
 from __future__ import annotations
@@ -155,11 +155,12 @@ def pack_adapters(
     def stack(pairs, k):
         return None if pairs is None else torch.stack([p[k] for p in pairs])
 
+    one = n == 1  # a single adapter needs no copy
     return PackedStack(
-        wd=torch.cat(down_weights, 0),
-        bd=torch.cat(down_biases, 0),
-        wu=torch.cat(up_weights, 1),
-        bu=torch.stack(up_biases, 0),
+        wd=down_weights[0] if one else torch.cat(down_weights, 0),
+        bd=down_biases[0] if one else torch.cat(down_biases, 0),
+        wu=up_weights[0] if one else torch.cat(up_weights, 1),
+        bu=up_biases[0].unsqueeze(0) if one else torch.stack(up_biases, 0),
         unit_owner=owner,
         unit_act=unit_act,
         scale=scale,
@@ -172,36 +173,42 @@ def pack_adapters(
     )
 
 
-@functools.lru_cache(maxsize=256)
+def _build_unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device):
+    """Device tables (offsets, unit owner, unit activation, scale) from host lists (constants under dynamo)."""
+    offsets, owner, unit_act = [0], [], []
+    for a, (r, c) in enumerate(zip(ranks, codes, strict=True)):
+        offsets.append(offsets[-1] + r)
+        owner += [a] * r
+        unit_act += [c] * r
+    return (
+        torch.tensor(offsets, dtype=torch.int32, device=device),
+        torch.tensor(owner, dtype=torch.int32, device=device),
+        torch.tensor(unit_act, dtype=torch.int32, device=device),
+        torch.tensor(scales, dtype=torch.float32, device=device),
+    )
+
+
+_cached_unit_tables = functools.lru_cache(maxsize=256)(_build_unit_tables)
+
+
 def _unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
-    """Device tables (offsets, unit owner, unit activation, scale), cached: a host-to-device copy syncs the stream,
-    and training re-packs the adapters every step."""
-    n, r = len(ranks), torch.tensor(ranks)
-    offsets = torch.tensor([0] + r.cumsum(0).tolist(), dtype=torch.int32)
-    owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), r)
-    unit_act = torch.repeat_interleave(torch.tensor(codes, dtype=torch.int32), r)
-    scale = torch.tensor(scales, dtype=torch.float32)
-    return tuple(t.to(device) for t in (offsets, owner, unit_act, scale))
+    """Cached outside torch.compile: a host-to-device copy syncs the stream, and training re-packs every step."""
+    if torch.compiler.is_compiling():
+        return _build_unit_tables(ranks, codes, scales, device)
+    return _cached_unit_tables(ranks, codes, scales, device)
 
 
 # --------------------------------------------------------------------------------------------------- tuning
 def _configs() -> list[triton.Config]:
-    """One config in the interpreter; on the GPU a few whose sm_90 builds do not spill registers (ptxas resource
-    usage checked offline with triton 3.9: 16x64 tiles stay at 214-246 registers, 16x128x64 at 4 warps already
-    spills ~300 B per thread), plus two slightly spilling larger tiles for the autotuner to weigh."""
+    """One config in the interpreter; on the GPU mostly configs whose sm_90 builds do not spill registers
+    (resource usage checked offline with triton 3.9 / cuobjdump: BLOCK_H=64 at 8 warps stays at 218-252
+    registers for the forward and level-backward kernels; 16x128x64 at 4 warps spills ~300 B per thread), plus
+    one that spills 8 B. Few configs and coarse keys (hidden size and structure) keep first-call tuning short."""
     if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP
         return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 128, "BLOCK_R": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_R": br}, num_warps=w, num_stages=st)
-        for bm, bh, br, w, st in [
-            (16, 64, 64, 8, 1),
-            (32, 64, 64, 8, 1),
-            (16, 64, 64, 4, 1),
-            (16, 64, 32, 4, 1),
-            (16, 64, 64, 4, 2),
-            (16, 64, 128, 4, 1),
-            (16, 128, 64, 8, 1),
-        ]
+        for bm, bh, br, w, st in [(16, 64, 64, 8, 1), (32, 64, 64, 8, 1), (16, 128, 64, 8, 1)]
     ]
 
 
@@ -264,7 +271,7 @@ def _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y: tl.constexpr, IN_LN: tl.c
     return x, t
 
 
-@triton.autotune(configs=_configs(), key=["H", "Rt", "NUM_LEVELS", "PARALLEL", "IN_LN", "OUT_LN", "SAVE"])
+@triton.autotune(configs=_configs(), key=["H", "PARALLEL", "IN_LN", "OUT_LN"])
 @triton.jit
 def _bottleneck_stack_fwd_kernel(
     # pointers
@@ -506,10 +513,13 @@ def _bottleneck_out_bwd_kernel(
     dy_ptr,  # out: dL/dy so far (M, H) fp32, contiguous
     lnw_ptr,  # model LN weight (H,)
     st_ptr,  # (2, M) fp32 mean, rstd of r_n + y
+    pw_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dout * vhat
+    pb_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dout
     M, H,
     stride_dm, stride_dh, stride_rm, stride_rh, stride_ym, stride_yh,
     OUT_ADD_Y: tl.constexpr,
     OUT_LN: tl.constexpr,
+    LN_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -548,6 +558,9 @@ def _bottleneck_out_bwd_kernel(
                 y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0
             ).to(tl.float32)
             vhat = (v - mean[:, None]) * rstd[:, None]
+            if LN_GRAD:
+                tl.store(pw_ptr + pid * H + cols, tl.sum(tl.where(m2, d * vhat, 0.0), 0), mask=cmask)
+                tl.store(pb_ptr + pid * H + cols, tl.sum(d, 0), mask=cmask)
             dw = d * tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             d = rstd[:, None] * (dw - s1[:, None] / H - vhat * s2[:, None] / H)
         tl.store(g_ptr + rows[:, None] * H + cols[None, :], d, mask=m2)
@@ -559,7 +572,9 @@ def _bottleneck_out_bwd_kernel(
 
 # g and dy are updated in place: autotuning must restore them between trial runs
 @triton.autotune(
-    configs=_configs(), key=["H", "Rt", "PARALLEL", "IN_LN", "RES_MODE", "NEED_X"], restore_value=["g_ptr", "dy_ptr"]
+    configs=_configs(),
+    key=["H", "PARALLEL", "IN_LN"],
+    restore_value=["g_ptr", "dy_ptr"],
 )
 @triton.jit
 def _bottleneck_level_bwd_kernel(
@@ -576,6 +591,8 @@ def _bottleneck_level_bwd_kernel(
     route_ptr,  # this level's column of routes: (M,) int32 with stride stride_rtm
     lnw_ptr, lnb_ptr,  # model LN (H,)
     st_ptr,  # (2, M) fp32 mean, rstd of t_i = r_(i-1) + y
+    pw_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dx * that over routed rows
+    pb_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dx over routed rows
     M, H, Rt,
     stride_rpm, stride_rph, stride_ym, stride_yh,
     stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_rtm,
@@ -584,13 +601,14 @@ def _bottleneck_level_bwd_kernel(
     IN_LN: tl.constexpr,
     RES_MODE: tl.constexpr,
     NEED_X: tl.constexpr,
+    LN_GRAD: tl.constexpr,  # the model LN's weight/bias want gradients
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """One level backward (see BottleneckStackFunction): dz = s g Wu * act'(z); dx = dz Wd (+ g if res = x);
+    """One level backward (see _stack_backward): dz = s g Wu * act'(z); dx = dz Wd (+ g if res = x);
     through the input LN; g_(i-1) = g (res = r) + dt; dy += dt. Rows whose level is off pass g through."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -677,6 +695,10 @@ def _bottleneck_level_bwd_kernel(
                 if IN_LN:
                     that = (t - mean[:, None]) * rstd[:, None]
                     dt = rstd[:, None] * (dx * lnw[None, :] - s1[:, None] / H - that * s2[:, None] / H)
+                    if LN_GRAD:
+                        routed = on[:, None] & m2
+                        tl.store(pw_ptr + pid * H + cols, tl.sum(tl.where(routed, dx * that, 0.0), 0), mask=cmask)
+                        tl.store(pb_ptr + pid * H + cols, tl.sum(tl.where(routed, dx, 0.0), 0), mask=cmask)
                 else:
                     dt = dx
                 if RES_MODE == 1:
@@ -928,16 +950,38 @@ def bottleneck_stack_ref(
 
 
 # --------------------------------------------------------------------------------------------------- autograd
-def _structure(options: StackOptions) -> list[int]:
-    """StackOptions as ints for the custom ops (is_parallel, original_ln_before, original_ln_after, residual)."""
+def _encode_host(options: StackOptions, host: PackedHost, train_levels: list[list[int]]) -> str:
+    """The host-side facts as one string argument of the custom ops: integer-list arguments (SymInt[]) were
+    seen to fail intermittently in torch 2.13's argument parsing ("vector::reserve") before the op ran."""
     res = {True: 0, "post_add": 1, False: 2}[options.residual_before_ln]
-    return [int(options.is_parallel), int(options.original_ln_before), int(options.original_ln_after), res]
+    structure = [int(options.is_parallel), int(options.original_ln_before), int(options.original_ln_after), res]
+    fields = [
+        structure,
+        [options.eps],
+        list(host.offsets),
+        list(host.codes),
+        list(host.scales),
+        [len(t) for t in train_levels],
+        [a for t in train_levels for a in t],
+    ]
+    return ";".join(",".join(repr(v) for v in f) for f in fields)
 
 
-def _options_from(structure: list[int], eps: float) -> StackOptions:
-    par, before, after, res = structure
+@functools.lru_cache(maxsize=1024)
+def _decode_host(meta: str):
+    """(options, offsets, codes, scales, train_levels) from :func:`_encode_host`'s string."""
+    structure, eps, offsets, codes, scales, counts, flat = (
+        [x for x in field.split(",") if x] for field in meta.split(";")
+    )
+    par, before, after, res = (int(x) for x in structure)
     residual = {0: True, 1: "post_add", 2: False}[res]
-    return StackOptions(bool(par), bool(before), bool(after), residual, eps=eps)
+    options = StackOptions(bool(par), bool(before), bool(after), residual, eps=float(eps[0]))
+    flat = [int(x) for x in flat]
+    train_levels, start = [], 0
+    for count in (int(x) for x in counts):
+        train_levels.append(flat[start : start + count])
+        start += count
+    return options, [int(x) for x in offsets], [int(x) for x in codes], [float(x) for x in scales], train_levels
 
 
 def _stack_backward(
@@ -960,7 +1004,9 @@ def _stack_backward(
     One row-block kernel per level does the g/dz/dx/LN chain; the weight gradients are cuBLAS GEMMs over
     (M, r) x (M, H) for the adapters that train only, so frozen levels cost no weight-gradient work.
     ``tables`` = (unit_owner, unit_act, scale, offsets) on the device; ``train_levels[lvl]`` = indices of the
-    adapters used at that level whose weights train; ``needs`` = (h, y, wd, bd, wu, bu)."""
+    adapters used at that level whose weights train; ``needs`` = (h, y, ln_weight, ln_bias, wd, bd, wu, bu). The
+    model LN's gradients (dw = sum dout * vhat, db = sum dout at the output; sum dx * that, sum dx at each level
+    input over the routed rows) come from per-program partial column sums written by the kernels."""
     unit_owner, unit_act, scale, offsets = tables
     hidden = h.shape[-1]
     h2 = h.reshape(-1, hidden)
@@ -973,15 +1019,26 @@ def _stack_backward(
     dout = grad_out.reshape(-1, hidden).contiguous()
     rn = rs[levels - 1] if levels > 0 else h2
     block_m, block_h = (32, 128) if INTERPRET else (16, 128)  # no register spills on sm_90
+    # the model LN's gradients: per-program partial column sums (every config has BLOCK_M >= 16), summed here
+    ln_grad = lnw is not None and (needs[2] or needs[3])
+    parts = triton.cdiv(m, 16) if ln_grad else 1
+    pw = torch.zeros((parts, hidden if ln_grad else 1), device=dev, dtype=torch.float32)
+    pb = torch.zeros_like(pw)
+    dln_w = torch.zeros(hidden, device=dev, dtype=torch.float32) if ln_grad else None
+    dln_b = torch.zeros_like(dln_w) if ln_grad else None
     _bottleneck_out_bwd_kernel[(triton.cdiv(m, block_m),)](
-        dout, rn, y2, g, dy, lnw if lnw is not None else h2, stats[levels],
+        dout, rn, y2, g, dy, lnw if lnw is not None else h2, stats[levels], pw, pb,
         m, hidden,
         dout.stride(0), dout.stride(1), rn.stride(0), rn.stride(1), y2.stride(0), y2.stride(1),
-        OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4,
+        OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
+    if ln_grad and flags["OUT_LN"]:
+        dln_w += pw.sum(0)
+        dln_b += pb.sum(0)
     weights = {"wd": wd, "bd": bd, "wu": wu, "bu": bu}
     grads = {k: torch.zeros(t.shape, device=dev, dtype=torch.float32) if need else None
-             for (k, t), need in zip(weights.items(), needs[2:], strict=True)}  # fmt: skip
+             for (k, t), need in zip(weights.items(), needs[4:], strict=True)}  # fmt: skip
     uniform_rows = routes.stride(0) == 0
     half = wd.dtype if (wd.dtype != torch.float32 and dev.type == "cuda") else torch.float32
     dot_fp32, precision = _dot_mode(h, wd)
@@ -1009,16 +1066,23 @@ def _stack_backward(
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]),)
 
+        level_ln_grad = ln_grad and flags["IN_LN"]
+        if level_ln_grad:
+            pw.zero_()
+            pb.zero_()
         _bottleneck_level_bwd_kernel[grid](
             g, dy, rp, y2, zs[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
-            lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl],
+            lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl], pw, pb,
             m, hidden, rt,
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, DOT_FP32=dot_fp32, PRECISION=precision,
+            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision,
         )  # fmt: skip
+        if level_ln_grad:
+            dln_w += pw.sum(0)
+            dln_b += pb.sum(0)
         for a in train:  # dWd = dz^T x, dbd = sum(dz) (dz is zero on rows not routed to a)
             dza = dz[:, off[a] : off[a + 1]]
             if grads["wd"] is not None:
@@ -1027,14 +1091,16 @@ def _stack_backward(
                 grads["bd"][off[a] : off[a + 1]] += dza.sum(0)
     dh = g.to(h.dtype).reshape(h.shape) if needs[0] else None
     dyo = dy.to(y.dtype).reshape(y.shape) if (y is not None and needs[1]) else None
-    return [dh, dyo] + [grads[k].to(weights[k].dtype) if grads[k] is not None else None for k in weights]
+    dlw = dln_w.to(lnw.dtype) if (ln_grad and needs[2]) else None
+    dlb = dln_b.to(lnb.dtype) if (ln_grad and needs[3]) else None
+    return [dh, dyo, dlw, dlb] + [grads[k].to(weights[k].dtype) if grads[k] is not None else None for k in weights]
 
 
 # Registered torch custom ops (torch.compile sees one opaque node per stack, forward and backward):
 #   adapter_engine::bottleneck_stack_fwd -> (out, rs, zs, stats); rs/zs/stats are empty unless ``save``
-#   adapter_engine::bottleneck_stack_bwd -> [dh, dy, dwd, dbd, dwu, dbu]; empty where not needed
-# The host-side facts the backward needs (unit offsets, activation codes, scales, trainable adapters per level)
-# travel as int/float lists so that nothing syncs with the device.
+#   adapter_engine::bottleneck_stack_bwd -> [dh, dy, dln_w, dln_b, dwd, dbd, dwu, dbu]; empty where not needed
+# The host-side facts the backward needs (structure, unit offsets, activation codes, scales, trainable adapters
+# per level) travel as one string so that nothing syncs with the device (see _encode_host).
 @torch.library.custom_op("adapter_engine::bottleneck_stack_fwd", mutates_args=())
 def _stack_fwd_op(
     h: torch.Tensor,
@@ -1050,17 +1116,11 @@ def _stack_fwd_op(
     scale: torch.Tensor,
     offsets: torch.Tensor,
     routes: torch.Tensor,
-    structure: list[int],
-    eps: float,
+    meta: str,
     save: bool,
-    host_offsets: list[int],
-    host_codes: list[int],
-    host_scales: list[float],
-    train_flat: list[int],
-    train_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = PackedStack(wd, bd, wu, bu, unit_owner, unit_act, scale, offsets)
-    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, _options_from(structure, eps), save=save)
+    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, _decode_host(meta)[0], save=save)
     if not save:
         return out, h.new_empty(0), h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32)
     return out, saved.rs, saved.zs, saved.stats
@@ -1071,8 +1131,7 @@ def _saved_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 @_stack_fwd_op.register_fake
-def _(h, y, ln_weight, ln_bias, wd, bd, wu, bu, unit_owner, unit_act, scale, offsets, routes, structure, eps, save,
-      host_offsets, host_codes, host_scales, train_flat, train_counts):  # fmt: skip
+def _(h, y, ln_weight, ln_bias, wd, bd, wu, bu, unit_owner, unit_act, scale, offsets, routes, meta, save):
     m, levels, rt = h.numel() // h.shape[-1], routes.shape[1], wd.shape[0]
     if not save:
         return (
@@ -1108,51 +1167,40 @@ def _stack_bwd_op(
     rs: torch.Tensor,
     zs: torch.Tensor,
     stats: torch.Tensor,
-    structure: list[int],
-    eps: float,
-    host_offsets: list[int],
-    host_codes: list[int],
-    host_scales: list[float],
-    train_flat: list[int],
-    train_counts: list[int],
-    needs: list[bool],
+    meta: str,
+    needs: str,
 ) -> list[torch.Tensor]:
-    train_levels, start = [], 0
-    for count in train_counts:
-        train_levels.append(train_flat[start : start + count])
-        start += count
+    options, host_offsets, host_codes, host_scales, train_levels = _decode_host(meta)
     grads = _stack_backward(
         grad_out, h, y, ln_weight, ln_bias, wd, bd, wu, bu, (unit_owner, unit_act, scale, offsets), routes, rs, zs,
-        stats, _options_from(structure, eps), host_offsets, host_codes, host_scales, train_levels, needs,
+        stats, options, host_offsets, host_codes, host_scales, train_levels, [c == "1" for c in needs],
     )  # fmt: skip
     return [g if g is not None else h.new_empty(0) for g in grads]
 
 
 @_stack_bwd_op.register_fake
 def _(grad_out, h, y, ln_weight, ln_bias, wd, bd, wu, bu, unit_owner, unit_act, scale, offsets, routes, rs, zs,
-      stats, structure, eps, host_offsets, host_codes, host_scales, train_flat, train_counts, needs):  # fmt: skip
-    like = [h, y if y is not None else h, wd, bd, wu, bu]
-    return [t.new_empty(t.shape) if need else h.new_empty(0) for t, need in zip(like, needs, strict=True)]
+      stats, meta, needs):  # fmt: skip
+    needs = [c == "1" for c in needs]
+    like = [h, y if y is not None else h, ln_weight, ln_bias, wd, bd, wu, bu]
+    return [
+        t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0)
+        for t, need in zip(like, needs, strict=True)
+    ]
 
 
 def _setup_context(ctx, inputs, output):
-    (h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, structure, eps, save,
-     host_offsets, host_codes, host_scales, train_flat, train_counts) = inputs  # fmt: skip
+    h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, meta, save = inputs
     _, rs, zs, stats = output
     ctx.save_for_backward(h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, rs, zs, stats)
-    ctx.host = (list(structure), eps, list(host_offsets), list(host_codes), list(host_scales))
-    ctx.train = (list(train_flat), list(train_counts))
-    ctx.needs = [t is not None and t.requires_grad for t in (h, y, wd, bd, wu, bu)]
+    ctx.meta = meta
+    ctx.needs = [t is not None and t.requires_grad for t in (h, y, lnw, lnb, wd, bd, wu, bu)]
 
 
 def _backward(ctx, grad_out, _grs, _gzs, _gstats):
-    saved = ctx.saved_tensors
-    structure, eps, host_offsets, host_codes, host_scales = ctx.host
-    grads = _stack_bwd_op(
-        grad_out, *saved, structure, eps, host_offsets, host_codes, host_scales, *ctx.train, ctx.needs
-    )
-    dh, dy, dwd, dbd, dwu, dbu = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
-    return (dh, dy, None, None, dwd, dbd, dwu, dbu) + (None,) * 13
+    needs = "".join("1" if n else "0" for n in ctx.needs)
+    grads = _stack_bwd_op(grad_out, *ctx.saved_tensors, ctx.meta, needs)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs, strict=True)) + (None,) * 7
 
 
 torch.library.register_autograd("adapter_engine::bottleneck_stack_fwd", _backward, setup_context=_setup_context)
@@ -1201,31 +1249,26 @@ def bottleneck_stack(
 
     Returns:
         (..., H) in h's dtype. Triton on CUDA / under the interpreter (a registered custom op with a Triton
-        backward); the torch reference (plain autograd) on other CPUs, when the adapters carry their own
-        LayerNorms, or when the model LayerNorm's parameters train.
+        backward); the torch reference (plain autograd) on other CPUs or when the adapters carry their own
+        LayerNorms.
     """
     routes = expand_routes(routes, h)
     _check(h, y, ln_weight, ln_bias, packed, routes, options)
-    ln_trains = any(t is not None and t.requires_grad for t in (ln_weight, ln_bias)) and torch.is_grad_enabled()
-    if not use_triton(h) or options.ln_before or options.ln_after or ln_trains:
+    if not use_triton(h) or options.ln_before or options.ln_after:
         return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
     host = packed.host
     if host is None:
         raise ValueError("packed adapters need their host facts: build them with pack_adapters")
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, y, *packed[:4]))
-    train_flat, train_counts = [], []
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
+    )
+    train_levels = [[] for _ in range(routes.shape[1])]
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
             level_adapters = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(routes.shape[1])]
-        for used in level_adapters:
-            trained = [int(a) for a in used if host.trainable[a]]
-            train_flat += trained
-            train_counts.append(len(trained))
-    else:
-        train_counts = [0] * routes.shape[1]
+        train_levels = [[int(a) for a in used if host.trainable[a]] for used in level_adapters]
     return _stack_fwd_op(
         h, y, ln_weight, ln_bias, packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets, routes,
-        _structure(options), float(options.eps), save,
-        list(host.offsets), list(host.codes), list(host.scales), train_flat, train_counts,
+        _encode_host(options, host, train_levels), save,
     )[0]  # fmt: skip

@@ -310,7 +310,7 @@ def test_input_validation():
 
 
 # --------------------------------------------------------------------------------------------------- op: backward
-@pytest.mark.parametrize("ln_trains", [False, True], ids=["kernel-bwd", "reference-path"])
+@pytest.mark.parametrize("ln_trains", [False, True], ids=["ln-frozen", "ln-weight-trains"])
 @pytest.mark.parametrize("name", list(OPTION_GRID))
 def test_gradients_match_the_oracle_and_frozen_levels_get_none(name, ln_trains):
     o = OPTION_GRID[name]
@@ -321,7 +321,7 @@ def test_gradients_match_the_oracle_and_frozen_levels_get_none(name, ln_trains):
         for k in ("wd", "bd", "wu", "bu"):
             p[k].requires_grad_(i in trainable)
     ln = make_ln(hidden)
-    ln.weight.requires_grad_(ln_trains)  # a trainable model LN takes the torch reference (plain autograd)
+    ln.weight.requires_grad_(ln_trains)
     ln.bias.requires_grad_(False)
     h = torch.randn(rows, hidden, requires_grad=True)
     y = torch.randn(rows, hidden, requires_grad=True)
@@ -349,7 +349,7 @@ def test_gradients_mixed_rows(name):
     for p in params:
         for k in ("wd", "bd", "wu", "bu"):
             p[k].requires_grad_(True)
-    ln = make_ln(hidden).requires_grad_(False)
+    ln = make_ln(hidden)  # the model LN trains too: its gradients sum over the routed rows only
     o = OPTION_GRID[name]
     h = torch.randn(rows, hidden, requires_grad=True)
     y = torch.randn(rows, hidden, requires_grad=True)
@@ -363,7 +363,7 @@ def test_gradients_mixed_rows(name):
         ]
     )
     grad_out = torch.randn(rows, hidden)
-    leaves = [h, y] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
     for a, b in zip(
         torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
     ):
@@ -609,6 +609,9 @@ def test_llama_pre_ln_mlp_matches_adapterhub_llama(parallel):
         adapters.append([stack["x"], stack["y"]])
     with torch.no_grad():
         fused = model(input_ids=ids).last_hidden_state
+        for layer in model.layers:
+            layer.mlp.set_depth(0)
+        assert torch.equal(model(input_ids=ids).last_hidden_state, bare)  # depth 0: the unpatched model, bit for bit
 
     # AdapterHub's LlamaDecoderLayerWithAdapters: hidden = output_adapters(mlp(ln(residual)), residual, None)
     for layer, stack in zip(model.layers, adapters, strict=True):

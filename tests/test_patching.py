@@ -339,11 +339,6 @@ def test_torch_compile_lora():
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fused bottleneck op (kernels/bottleneck.py) is not a registered torch custom op yet: dynamo traces "
-    "into the Triton interpreter; remove this marker when it is",
-)
 def test_torch_compile_bottleneck():
     model, batch = make("bert"), inputs("bert")
     ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))

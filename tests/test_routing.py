@@ -16,7 +16,7 @@ import threading
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import adapter_engine as ae
 from adapter_engine.kernels import _backend
@@ -169,10 +169,16 @@ def test_mixed_batch_gradients_equal_per_row_gradients():
     assert checked >= 20  # LoRA A/B, IA3 vectors and bottleneck weights of several adapters all got gradients
 
 
-def test_per_row_routes_on_a_pre_ln_model_capture_the_residual():
-    """Llama's MLP adapters read the residual captured by a hook (per thread); mixed == alone."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_row_routes_on_a_pre_ln_model_capture_the_residual(arch):
+    """Llama's / GPT-2's MLP adapters read the residual captured by a hook (per thread), GPT-2's LoRA sits on a
+    Conv1D (fan_in_fan_out); mixed == alone."""
     torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(**_LLAMA)).eval()
+    if arch == "llama":
+        model = LlamaModel(LlamaConfig(**_LLAMA)).eval()
+    else:
+        model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)).eval()  # fmt: skip
     for name in ("p", "q"):
         ae.add_adapter(model, name, ae.BottleneckConfig.seq_bn(reduction_factor=4))
     ae.add_adapter(model, "l", ae.LoraConfig(r=2))
@@ -293,3 +299,18 @@ def test_mixed_batch_bf16_error_within_torch_bf16_error():
         exact = torch.cat([run(ref64, batch[i : i + 1], n) for i, n in enumerate(names)]).double()
     err, torch_err = (got - exact).abs().max().item(), (base16 - exact).abs().max().item()
     assert err <= torch_err * 1.1 + 1e-3, (err, torch_err)
+
+
+def test_switching_routes_reuses_one_pack_per_layer():
+    """Switching among resident adapters changes only the small routes tensor: every bottleneck layer keeps one
+    packed copy of its resident adapters (no repacking, and on the GPU no new kernel specialisation: the
+    launch's packed sizes do not change)."""
+    from adapter_engine.routing import RoutedStackMixin
+
+    model = adapted_bert()
+    layers = [m for m in model.modules() if isinstance(m, RoutedStackMixin)]
+    for spec in ["a", "b", ae.Stack("c", "a"), ["b", None, "c"], "a"]:
+        run(model, ids(3), spec)
+    assert layers and all(len(layer._packs) == 1 for layer in layers)
+    packs = [next(iter(layer._packs.values())) for layer in layers]
+    assert all(p.wd.shape[0] == 3 * 8 for p in packs)  # a, b and c (hidden 32 // 4 = 8 units each)

@@ -284,3 +284,22 @@ def test_eight_threads_under_a_cap_reference_ops(filled_store, monkeypatch):
     assert stats.hits + stats.misses == acquisitions[0]
     assert stats.loads == stats.misses and stats.evictions == stats.loads - stats.resident
     assert max(peaks) <= 4 and stats.resident <= 4 and stats.evictions > 0
+
+
+# ------------------------------------------------------------------------------------------------- CUDA tier
+@pytest.mark.cuda
+def test_gpu_offload_goes_to_pinned_host_memory_and_back_exactly(filled_store):
+    store, _ = filled_store
+    model = bert().cuda()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="cpu")
+    batch = ids().cuda()
+    with memory.use(["seq_bn2"]):
+        before = out(model, "seq_bn2", batch)
+    with memory.use(["lora0"]):  # evicts seq_bn2 to host memory
+        snapshot = memory._offloaded["seq_bn2"]
+        tensors = [t for _, params in snapshot.entries for t in params.values()]
+        assert tensors and all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+    with memory.use(["seq_bn2"]):
+        assert torch.equal(out(model, "seq_bn2", batch), before)
+        assert all(p.is_cuda for p in ae.api.adapter_parameters(model, "seq_bn2"))
+    assert memory.stats().loads_from_cpu == 1

@@ -1,0 +1,272 @@
+"""Serving many adapters (issue 7, "Stack and Adapt"): switching, reloading and mixed batches.
+
+Cases, bf16 BERT-base (from its config: hidden 768, 12 layers) on a GPU, batch 32 x 128; a tiny fp32 BERT on
+CPU (smoke test under the Triton interpreter):
+- switch: changing the adapter among 16 resident ones, per switch (``switch_us``): ``route`` (the per-call
+  context: a context variable plus the memory manager's reference counts), ``set_active`` (the model-wide
+  ``set_active_adapters``), ``peft`` (PEFT ``set_adapter`` among 16 resident LoRAs). Target: route < 50 us.
+- reload: making an evicted bottleneck adapter resident again, from pinned host memory (``cpu``) and from the
+  adapter store on disk (``disk``), in ms.
+- mixed: throughput of one batch whose rows use 4 or 16 different stacks (two-level seq_bn stacks: a shared
+  "general" level plus one domain level per stack) or 4 / 16 different LoRAs, in one fused forward (``engine``),
+  against the same batch on a single stack (``single``), a per-adapter loop of sub-batches (``loop``, what
+  AdapterHub and PEFT's bottleneck-less API leave you with), PEFT's mixed-batch ``adapter_names=`` (LoRA only)
+  and the bare model (``bare``). ``x_single`` = single-stack time / this provider's time (target >= 0.85 for the
+  16-adapter engine batch). ``new_kernel_variants`` counts autotuner keys added by the timed calls (0 = no
+  recompilation while switching routes).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+
+import pytest
+import torch
+from harness import device, on_gpu, pick, timed
+
+import adapter_engine as ae
+from adapter_engine import StackedAdapterModel
+
+DTYPE = torch.bfloat16 if on_gpu() else torch.float32
+N_ADAPTERS = 16
+SEQ_BN = dict(reduction_factor=16)
+_STATE: dict = {}
+
+
+def _config():
+    from transformers import BertConfig
+
+    cfg = pick(
+        BertConfig(),
+        BertConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, vocab_size=128),
+    )
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
+    return cfg
+
+
+def _base():
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    with torch.device(device()):
+        return BertModel(_config(), add_pooling_layer=False).to(DTYPE).eval()
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if ".adapters." in name or "lora_" in name:
+            p.normal_(0.0, 0.02)
+
+
+def _inputs():
+    batch, seq = pick((32, 128), (4, 4))
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, _config().vocab_size, (batch, seq), generator=gen).to(device())
+
+
+def _stacks() -> StackedAdapterModel:
+    """A shared "general" level and 16 domain adapters, with a named two-level stack per domain."""
+    if "stacks" not in _STATE:
+        sam = StackedAdapterModel(_base())
+        sam.add_adapter("general", ae.BottleneckConfig.seq_bn(**SEQ_BN))
+        for i in range(N_ADAPTERS):
+            sam.add_adapter(f"d{i}", ae.BottleneckConfig.seq_bn(**SEQ_BN), level=False)
+            sam.add_stack(f"s{i}", ["general", f"d{i}"])
+        _randomise(sam.model)
+        sam.set_depth(0)
+        _STATE["stacks"] = sam
+    return _STATE["stacks"]
+
+
+def _loras() -> StackedAdapterModel:
+    if "loras" not in _STATE:
+        sam = StackedAdapterModel(_base())
+        for i in range(N_ADAPTERS):
+            sam.add_adapter(f"l{i}", ae.LoraConfig(r=16, lora_alpha=32), level=False)
+        _randomise(sam.model)
+        _STATE["loras"] = sam
+    return _STATE["loras"]
+
+
+def _peft():
+    if "peft" not in _STATE:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=["query", "value"])
+        model = get_peft_model(_base(), config, adapter_name="l0")
+        for i in range(1, N_ADAPTERS):
+            model.add_adapter(f"l{i}", config)
+        _randomise(model)
+        model.eval()
+        _STATE["peft"] = model
+    return _STATE["peft"]
+
+
+def _variants() -> int:
+    """Autotuner keys seen so far by the fused kernels (a new key means a new compilation on the GPU)."""
+    from adapter_engine.kernels import bottleneck, lora_linear
+
+    kernels = [
+        getattr(bottleneck, "_bottleneck_stack_fwd_kernel", None),
+        getattr(lora_linear, "_fwd_kernel_tuned", None),
+    ]
+    return sum(len(getattr(k, "cache", {}) or {}) for k in kernels if k is not None)
+
+
+# ----------------------------------------------------------------------------------------------------- switching
+SWITCHES = 64
+
+
+@pytest.mark.parametrize("provider", ["route", "set_active", "peft"])
+def bench_switch(benchmark, provider):
+    names = [f"d{i}" for i in range(N_ADAPTERS)]
+    if provider == "peft":
+        model = _peft()
+        names = [f"l{i}" for i in range(N_ADAPTERS)]
+
+        def fn():
+            for i in range(SWITCHES):
+                model.set_adapter(names[i % N_ADAPTERS])
+
+    elif provider == "route":
+        sam = _stacks()
+
+        def fn():
+            for i in range(SWITCHES):
+                with sam.route(names[i % N_ADAPTERS]):
+                    pass
+
+    else:
+        sam = _stacks()
+
+        def fn():
+            for i in range(SWITCHES):
+                ae.set_active_adapters(sam.model, names[i % N_ADAPTERS])
+
+    # host-side work: time it on the host clock (device events would only see an idle GPU)
+    times = []
+
+    def host_timed():
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6 / SWITCHES)
+
+    timed(benchmark, host_timed, case=f"switch among {N_ADAPTERS} resident", provider=provider)
+    benchmark.extra_info["switch_us"] = statistics.median(times)
+    if provider == "set_active":
+        ae.set_active_adapters(_stacks().model, None)
+
+
+# ----------------------------------------------------------------------------------------------------- reloads
+@pytest.mark.parametrize("source", ["cpu", "disk"])
+def bench_reload(benchmark, source):
+    sam = _stacks()
+    store_dir = _STATE.setdefault("store_dir", tempfile.mkdtemp(prefix="bench-serving-store-"))
+    store = ae.AdapterStore(store_dir)
+    if "d0" not in store:
+        store.save(sam.model, "d0")
+    model = copy.deepcopy(_base())
+    ae.patch(model)
+    memory = ae.AdapterMemoryManager(model, store, offload="cpu" if source == "cpu" else "drop")
+    memory.acquire(["d0"])
+    memory.release(["d0"])
+
+    def evict():
+        memory.evict("d0")
+
+    def reload():
+        memory.acquire(["d0"])
+        memory.release(["d0"])
+
+    timed(benchmark, reload, setup=evict, case="reload one seq_bn adapter", provider=source)
+    stats = memory.stats()
+    benchmark.extra_info.update({"loads": stats.loads, "adapter_mb": stats.resident_bytes / 2**20})
+
+
+# ----------------------------------------------------------------------------------------------------- mixed batch
+MIX = pick((4, N_ADAPTERS), (4,))  # adapters per batch; the CPU smoke test runs the 4-adapter cases only
+MIXED_CASES = [
+    (kind, k, provider)
+    for kind in ("seq_bn stacks", "lora")
+    for k in MIX
+    for provider in ("bare", "single", "engine", "loop") + (("peft",) if kind == "lora" else ())
+]
+
+
+@pytest.mark.parametrize("kind, k, provider", MIXED_CASES, ids=[f"{a.split()[0]}-{b}-{c}" for a, b, c in MIXED_CASES])
+def bench_mixed(benchmark, kind, k, provider):
+    ids = _inputs()
+    rows = ids.shape[0]
+    lora = kind == "lora"
+    sam = _loras() if lora else _stacks()
+    names = [f"{'l' if lora else 's'}{i % k}" for i in range(rows)]
+    groups = {n: [i for i in range(rows) if names[i] == n] for n in dict.fromkeys(names)}
+
+    if provider == "bare":
+
+        def fn():
+            with torch.no_grad():
+                return sam(input_ids=ids, adapter=None).last_hidden_state
+
+    elif provider == "single":
+
+        def fn():
+            with torch.no_grad():
+                return sam(input_ids=ids, adapter=names[0]).last_hidden_state
+
+    elif provider == "engine":
+
+        def fn():
+            with torch.no_grad():
+                return sam(input_ids=ids, adapter=names).last_hidden_state
+
+    elif provider == "loop":
+
+        def fn():
+            out = torch.empty(*ids.shape, sam.model.config.hidden_size, device=ids.device, dtype=DTYPE)
+            with torch.no_grad():
+                for name, idx in groups.items():
+                    index = torch.tensor(idx, device=ids.device)
+                    out[index] = sam(input_ids=ids[index], adapter=name).last_hidden_state
+            return out
+
+    else:
+        model = _peft()
+
+        def fn():
+            with torch.no_grad():
+                return model(input_ids=ids, adapter_names=names).last_hidden_state
+
+    fn()  # compile / autotune outside the timing
+    before = _variants()
+    case = f"{kind}, {k} different in a batch of {rows}x{ids.shape[1]}"
+    median = timed(benchmark, fn, case=case, provider=provider)
+    key = (kind, k)
+    if provider == "single":
+        _STATE[("single", key)] = median
+    single = _STATE.get(("single", key))
+    benchmark.extra_info.update(
+        {
+            "tokens_per_s": ids.numel() / (median / 1e3),
+            "x_single": (single / median) if single else None,
+            "new_kernel_variants": _variants() - before,
+        }
+    )
+
+
+@pytest.mark.parametrize("k", MIX)
+def bench_mixed_outputs_agree(benchmark, k):
+    """Not a timing: the engine's mixed batch equals the per-adapter loop (a wrong route would be O(0.1) off)."""
+    ids = _inputs()
+    sam = _stacks()
+    names = [f"s{i % k}" for i in range(ids.shape[0])]
+    with torch.no_grad():
+        mixed = sam(input_ids=ids, adapter=names).last_hidden_state.float()
+        rows = [sam(input_ids=ids[i : i + 1], adapter=n).last_hidden_state.float() for i, n in enumerate(names[:k])]
+    err = max((mixed[i : i + 1] - r).abs().max().item() for i, r in enumerate(rows))
+    timed(benchmark, lambda: None, case=f"mixed {k} agreement", provider="check", max_abs_err=err)
+    assert err < pick(0.1, 1e-4), err

