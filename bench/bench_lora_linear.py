@@ -12,12 +12,10 @@ On CPU everything runs at tiny sizes in the interpreter as a smoke test.
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import device, on_gpu, pick, timed
+from harness import device, median_ms, on_gpu, pick, timed
 
 from adapter_engine.kernels import lora_linear
 
@@ -31,28 +29,6 @@ MIXED_ROWS = pick([16, 256, 4096], [16])
 FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "composition", "peft"]
 TRAIN_PROVIDERS = ["bare", "engine", "composition", "peft"]
 _BARE_MS: dict[tuple, float] = {}
-
-
-def _quick_ms(fn, reps: int = 20) -> float:
-    """Median time of ``fn`` (device events on a GPU): the bare baseline each row is divided by."""
-    for _ in range(pick(3, 1)):
-        fn()
-    times = []
-    for _ in range(pick(reps, 2)):
-        if on_gpu():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +68,7 @@ def _layer(cache, shape, n_adapters=1):
 
 def _record(benchmark, fn, bare_fn, key, **extra):
     if key not in _BARE_MS:
-        _BARE_MS[key] = _quick_ms(bare_fn)
+        _BARE_MS[key] = median_ms(bare_fn)
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
 

@@ -71,6 +71,27 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def time_ms(fn: Callable[[], object]) -> float:
+    """One call of ``fn`` in ms: between CUDA events (synchronised) on a GPU, wall clock on CPU."""
+    if on_gpu():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median of ``reps`` timed calls after ``warmup`` untimed ones (fewer on CPU): a quick baseline."""
+    for _ in range(pick(warmup, 1)):
+        fn()
+    return statistics.median(time_ms(fn) for _ in range(pick(reps, 2)))
+
+
 def timed(
     benchmark,
     fn: Callable[[], object],
@@ -90,17 +111,7 @@ def timed(
     device_ms: list[float] = []
 
     def call():
-        if on_gpu():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            device_ms.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            device_ms.append((time.perf_counter() - t0) * 1e3)
+        device_ms.append(time_ms(fn))
 
     benchmark.pedantic(call, setup=setup, rounds=n_rounds, warmup_rounds=warmup, iterations=1)
     timed_ms = device_ms[warmup:] if len(device_ms) > warmup else device_ms
@@ -134,17 +145,5 @@ def copy_bandwidth(nbytes: int | None = None) -> float:
     for _ in range(3):
         dst.copy_(src)
     synchronize()
-    times = []
-    for _ in range(pick(20, 3)):
-        if on_gpu():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
+    seconds = statistics.median(time_ms(lambda: dst.copy_(src)) for _ in range(pick(20, 3))) / 1e3
+    return 2 * nbytes / seconds

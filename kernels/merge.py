@@ -235,7 +235,7 @@ class LoraMergePlan:
     """Validated weights and adapters with their pointer tables already on the device, ready to be merged.
 
     Building the plan costs host time (validation, tables: a few microseconds per weight); ``merge_`` and
-    ``unmerge_`` then cost one launch per weight dtype. Keep a plan to switch an adapter in and out by merging.
+    ``unmerge_`` then cost one launch per weight shape. Keep a plan to switch an adapter in and out by merging.
     The plan holds references to every tensor it points to; it is stale if a weight or factor tensor is
     replaced (in-place updates of their values are fine).
     """
@@ -468,7 +468,7 @@ def merge_lora_many_(
     fan_in_fan_out: bool | Sequence[bool] = False,
     safe: bool = False,
 ) -> list[torch.Tensor]:
-    """:func:`merge_lora_` for many weights at once (a whole model): one launch per weight dtype.
+    """:func:`merge_lora_` for many weights at once (a whole model): one launch per weight shape.
 
     ``lora_A[i]``, ``lora_B[i]`` and ``scale[i]`` describe the adapters of ``weights[i]`` exactly as the
     arguments of :func:`merge_lora_` do. With ``safe``, every weight is checked before any is written, so a
