@@ -52,6 +52,9 @@ _DDP_SCRIPT = textwrap.dedent(
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
         json.dump({"world": world, "digest": digest, "metrics": metrics}, fh)
+    if torch.distributed.is_initialized():  # a clean teardown: gloo threads left at exit can abort the process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 
