@@ -130,3 +130,57 @@ def test_cuda_merge_property(data):
 def test_cuda_lora_linear_property(data):
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp64 oracle comparison needs IEEE fp32 on both sides
     _check_lora(data, "cuda", data.draw(st.sampled_from([torch.float32, torch.float16])), big=True)
+
+
+def _check_bottleneck(data, device, big):
+    from test_bottleneck import OPTION_GRID
+
+    from adapter_engine.kernels.bottleneck import (
+        ACTIVATIONS,
+        bottleneck_stack_fwd,
+        bottleneck_stack_ref,
+        expand_routes,
+        pack_adapters,
+    )
+
+    hidden = data.draw(st.sampled_from([1, 5, 16, 24, 33, 40])) * (24 if big else 1)
+    rows = data.draw(st.sampled_from([1, 2, 7, 16, 37])) * (9 if big else 1)
+    options = OPTION_GRID[data.draw(st.sampled_from(sorted(OPTION_GRID)))]
+    n = data.draw(st.integers(1, 3))
+    ranks = [data.draw(st.sampled_from([1, 2, 8, 16])) for _ in range(n)]
+    acts = [data.draw(st.sampled_from(sorted(ACTIVATIONS))) for _ in range(n)]
+    packed = pack_adapters(
+        [torch.randn(r, hidden, device=device) * hidden**-0.5 for r in ranks],
+        [torch.randn(r, device=device) * 0.1 for r in ranks],
+        [torch.randn(hidden, r, device=device) * r**-0.5 for r in ranks],
+        [torch.randn(hidden, device=device) * 0.1 for _ in ranks],
+        acts,
+        [data.draw(st.sampled_from([0.5, 1.0, 2.0, 4.0])) for _ in ranks],
+    )
+    h, y = torch.randn(rows, hidden, device=device), torch.randn(rows, hidden, device=device)
+    with_ln = data.draw(st.booleans())
+    lw = 1 + 0.2 * torch.randn(hidden, device=device) if with_ln else None
+    lb = 0.1 * torch.randn(hidden, device=device) if with_ln else None
+    levels = data.draw(st.integers(1, 3))
+    routes = torch.randint(-1, n, (rows, levels), device=device) if data.draw(st.booleans()) else None
+    if routes is None:
+        routes = torch.tensor([data.draw(st.integers(-1, n - 1)) for _ in range(levels)], device=device)
+    routes = expand_routes(routes, h)
+    got = bottleneck_stack_fwd(h, y, lw, lb, packed, routes, options)
+    want = bottleneck_stack_ref(h, y, lw, lb, packed, routes, options)
+    # fp32 throughout; LayerNorms of sums amplify rounding of near-constant rows a little
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_bottleneck_stack_property(data):
+    _check_bottleneck(data, "cpu", big=False)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_bottleneck_stack_property(data):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_bottleneck(data, "cuda", big=True)
