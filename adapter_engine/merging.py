@@ -7,9 +7,12 @@
     unmerge_adapter(model, "domain")                       # restore the weights (1 ulp, or bit-exact)
 
 What folds and what does not: LoRA (``W += s B A``) and IA3 (a per-feature scale of ``W``) are linear in the
-input, so they fold into the weights exactly (up to one rounding). A bottleneck adapter ``up(act(down(h)))``
-with a nonlinear activation, or with a LayerNorm between it and the weight that produces ``h``, is not a
-function of ``h`` that any weight matrix can express; ``merge_adapter`` refuses it and says why. With
+input, so they fold into the weights exactly (up to one rounding). So does a bottleneck adapter with an
+identity activation that reads the projection's output directly (Houlsby placement): ``h + s W_u (W_d h + b_d)
++ s b_u`` with ``h = W x + b`` is ``W' x + b'`` with ``W' = W + s W_u (W_d W)``, a rank-r update that the merge
+kernel applies. A bottleneck adapter with a nonlinear activation, or with a LayerNorm between it and the weight
+that produces ``h`` (AdapterHub's seq_bn reads ``LN(h + y)``), is not a function of ``h`` that any weight
+matrix can express; ``merge_adapter`` refuses it and says why. With
 ``absorb=True`` such an adapter instead stays in the model as a permanent, trainable part of the architecture
 (full fine-tuning then trains it with everything else).
 
@@ -48,6 +51,7 @@ class _LayerMerge:
     fan_in_fan_out: bool = False
     ia3: list[tuple[torch.Tensor, int, bool]] = field(default_factory=list)  # (vector, dim, scales the bias)
     adapter_index: list[int] = field(default_factory=list)  # position in ``names`` of each LoRA term
+    bias_delta: torch.Tensor | None = None  # what a folded bottleneck added to the bias
     original: torch.Tensor | None = None  # CPU copy of the weight before the merge (exact / non-linear merges)
     original_bias: torch.Tensor | None = None
 
@@ -79,14 +83,66 @@ def _resolve_names(state, names) -> list[str]:
     return names
 
 
-def _bottleneck_refusal(name: str, config) -> str:
+def _bottleneck_refusal(name: str, config, reason: str) -> str:
     act = getattr(config, "non_linearity", "?")
     return (
-        f"adapter {name!r} is a bottleneck adapter (activation {act!r}): h + up({act}(down(.))) is not linear in "
-        "its input (and AdapterHub's placements read a LayerNorm output), so no weight matrix can express it and "
-        "it cannot be merged. Pass absorb=True to keep it as a permanent, trainable part of the model for full "
-        "fine-tuning (saved with the model, reloaded with adapter_engine)."
+        f"adapter {name!r} is a bottleneck adapter (activation {act!r}) that cannot be merged: {reason}. Only an "
+        "adapter that is linear in the projection's output folds into its weights. This one is not linear in its "
+        "input, so no weight matrix can express it. Pass absorb=True to keep it as a permanent, trainable part of "
+        "the model for full fine-tuning (saved with the model by save_model, reloaded by load_model)."
     )
+
+
+def _fold_refusal(model: nn.Module, record, name: str) -> str | None:
+    """Why bottleneck adapter ``name`` does not fold exactly into the projection before it (None: it folds).
+
+    It folds when ``r = h + s (W_u (W_d h + b_d) + b_u)`` reads ``h = W x + b`` directly: identity activation,
+    no LayerNorm between (``original_ln_before=False``, no own LayerNorms), not parallel, residual ``h``, and
+    it is the first level of its stack. Then ``W' = W + s W_u (W_d W)`` (a rank-r update: the merge kernel) and
+    ``b' = b + s (W_u (W_d b + b_d) + b_u)``.
+    """
+    from .bottleneck import OutputWithAdapters
+
+    for path in record.modules:
+        wrapper = model.get_submodule(path)
+        adapter = wrapper.adapters[name]
+        options = adapter.options
+        if adapter.non_linearity not in ("identity", "linear"):
+            return f"its activation {adapter.non_linearity!r} is not the identity"
+        if options.is_parallel:
+            return "it is parallel: it reads the sublayer's input, not the projection's output"
+        if options.original_ln_before or options.ln_before or options.ln_after:
+            return "a LayerNorm sits between it and the projection that produces its input"
+        if options.residual_before_ln is not True:
+            return f"its residual is taken after a LayerNorm (residual_before_ln={options.residual_before_ln!r})"
+        if not isinstance(wrapper, OutputWithAdapters):
+            return f"the projection before it in {path} is not known (a block whose residual is added outside)"
+        dense = getattr(wrapper, wrapper._names[0])
+        if getattr(dense, "bias", None) is None or getattr(dense, "fan_in_fan_out", False):
+            return f"the projection {path}.{wrapper._names[0]} has no bias or a transposed (Conv1D) weight"
+        stack = wrapper.active_stack
+        if name in stack and stack[0] != name:
+            return f"it is not the first level of the active stack {stack} in {path}"
+    return None
+
+
+@torch.no_grad()
+def _fold_layers(model: nn.Module, record, name: str, weight: float) -> list[_LayerMerge]:
+    """The rank-r updates of the projections that a foldable bottleneck adapter ``name`` follows."""
+    layers = []
+    for path in record.modules:
+        wrapper = model.get_submodule(path)
+        adapter = wrapper.adapters[name]
+        dense = getattr(wrapper, wrapper._names[0])
+        down, up = adapter.down, adapter.adapter_up
+        scale = adapter.scaling * weight
+        a = down.weight.float() @ dense.weight.float()  # W_d W: (r, in)
+        bias_delta = scale * (up.weight.float() @ (down.weight.float() @ dense.bias.float() + down.bias.float()))
+        bias_delta = bias_delta + scale * up.bias.float()
+        layer = _LayerMerge(f"{path}.{wrapper._names[0]}", dense.weight, dense.bias, bias_delta=bias_delta)
+        layer.lora_A, layer.lora_B, layer.scales = [a], [up.weight.detach().float()], [scale]
+        layers.append(layer)
+    return layers
 
 
 def _task_deltas(layer: _LayerMerge) -> list[torch.Tensor]:
@@ -170,16 +226,35 @@ def merge_adapter(
     if len(weights) != len(names):
         raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters {names}")
     bottlenecks = [n for n in names if state.adapters[n].kind == "bottleneck"]
+    refusals = {n: _fold_refusal(model, state.adapters[n], n) for n in bottlenecks}
+    folded = [n for n in bottlenecks if refusals[n] is None]
+    bottlenecks = [n for n in bottlenecks if refusals[n] is not None]  # the ones that stay (absorbed)
     if bottlenecks and not absorb:
-        raise ValueError(_bottleneck_refusal(bottlenecks[0], state.adapters[bottlenecks[0]].config))
-    linear = [n for n in names if n not in bottlenecks]
+        raise ValueError(
+            _bottleneck_refusal(bottlenecks[0], state.adapters[bottlenecks[0]].config, refusals[bottlenecks[0]])
+        )
+    if folded and (len(folded) > 1 or combination != "linear"):
+        raise ValueError(f"fold one bottleneck adapter per merge_adapter call, with combination='linear' ({folded})")
+    linear = [n for n in names if n not in bottlenecks and n not in folded]
     if combination != "linear" and any(state.adapters[n].kind != "lora" for n in linear):
         raise ValueError(f"{combination} combines LoRA adapters only; {linear} includes IA3 adapters")
     params_before = _count_parameters(model)
 
     if combination == "linear":  # the weights scale the low-rank terms: one fused launch merges them all
-        layers = _collect_layers(model, linear, weights)
-        _merge_linear(layers, safe, keep_original=exact)
+        lora_names = [n for n in linear if n not in folded]
+        layers = _collect_layers(model, lora_names, [w for n, w in zip(names, weights) if n in lora_names])
+        if folded:  # LoRA terms first (the bottleneck reads the LoRA-adapted projection), then the fold
+            _merge_linear(layers, safe, keep_original=True)
+            try:
+                fold = _fold_layers(model, state.adapters[folded[0]], folded[0], weights[names.index(folded[0])])
+                _merge_linear(fold, safe, keep_original=True)
+            except BaseException:
+                _restore(layers)
+                raise
+            layers += fold
+            linear += folded
+        else:
+            _merge_linear(layers, safe, keep_original=exact)
     else:  # TIES / DARE weigh the task vectors after trimming and sign election
         layers = _collect_layers(model, linear, [1.0] * len(linear))
         _merge_combined(layers, weights, combination, density, seed, safe)
@@ -188,6 +263,9 @@ def merge_adapter(
             for n in linear:
                 if module.has_adapter(n):
                     module.delete_adapter(n)
+    for n in folded:
+        for path in state.adapters[n].modules:
+            model.get_submodule(path).delete_adapter(n)
     for n in linear:
         del state.adapters[n]
     state.active = tuple(a for a in state.active if a not in linear)
@@ -246,17 +324,35 @@ def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) ->
             layer.original = layer.weight.detach().to("cpu", copy=True)
             layer.original_bias = None if layer.bias is None else layer.bias.detach().to("cpu", copy=True)
     lora_layers = [layer for layer in layers if layer.lora_A]
+    new_biases = [
+        None if layer.bias_delta is None else (layer.bias.float() + layer.bias_delta).to(layer.bias.dtype)
+        for layer in layers
+    ]
     if safe:
         _check_ia3(layers)
+        for layer, new_bias in zip(layers, new_biases):
+            if new_bias is not None and not torch.isfinite(new_bias).all():
+                raise ValueError(f"folding into {layer.path} would make its bias non-finite; nothing was changed")
     if lora_layers:  # one fused launch for the whole model; with safe, every weight is checked before any write
         merge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],
                          [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
                          fan_in_fan_out=[x.fan_in_fan_out for x in lora_layers], safe=safe)  # fmt: skip
+    for layer, new_bias in zip(layers, new_biases):  # a folded bottleneck's bias term (checked above)
+        if new_bias is not None:
+            layer.bias.data.copy_(new_bias)
     for layer in layers:  # IA3 after LoRA, as LoraLinear.merge does
         for vec, dim, scales_bias in layer.ia3:
             scale_ia3_(layer.weight.data, vec, dim=dim)
             if scales_bias and layer.bias is not None:
                 layer.bias.data.mul_(vec)
+
+
+@torch.no_grad()
+def _restore(layers: list[_LayerMerge]) -> None:
+    for layer in layers:
+        layer.weight.data.copy_(layer.original.to(layer.weight.device))
+        if layer.original_bias is not None:
+            layer.bias.data.copy_(layer.original_bias.to(layer.bias.device))
 
 
 @torch.no_grad()
@@ -297,10 +393,7 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
         later = [n for r in records[index + 1 :] for n in r.names]
         raise ValueError(f"unmerge {later} first: a bit-exact restore of {record.names} must undo later merges first")
     if exact:
-        for layer in record.layers:
-            layer.weight.data.copy_(layer.original.to(layer.weight.device))
-            if layer.original_bias is not None:
-                layer.bias.data.copy_(layer.original_bias.to(layer.bias.device))
+        _restore(list(reversed(record.layers)))  # a weight may appear twice (LoRA, then a fold): first wins last
     else:
         for layer in record.layers:
             for vec, dim, scales_bias in reversed(layer.ia3):

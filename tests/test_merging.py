@@ -140,6 +140,42 @@ def test_failed_merge_leaves_every_weight_bit_identical():
     assert ae.is_patched(model) and set(ae.list_adapters(model)) == {"l0", "l1"}  # nothing dropped either
 
 
+def test_identity_bottleneck_folds_exactly_into_the_projection_before_it():
+    """Houlsby placement with an identity activation: r = h + s (W_u (W_d h + b_d) + b_u) is linear in h = W x + b,
+    so merge_adapter folds it (after a LoRA on the same projection) and the plain model gives the same outputs."""
+    model = with_loras(1)
+    ae.add_adapter(model, "bn", ae.BottleneckConfig.double_seq_bn(non_linearity="identity", reduction_factor=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapters.bn" in name:
+                p.normal_(0, 0.2)
+    plain_keys = {k for k in model.state_dict() if "lora" not in k and "adapters" not in k}
+    before = {k: v.clone() for k, v in model.state_dict().items() if k in plain_keys}
+    ae.set_active_adapters(model, ["l0", "bn"])
+    adapted = hidden(model)
+    ae.merge_adapter(model, ["l0", "bn"])
+    assert not ae.is_patched(model) and set(model.state_dict()) == plain_keys
+    torch.testing.assert_close(hidden(model), adapted, rtol=0, atol=2e-5)
+    ae.unmerge_adapter(model)  # folds keep the originals: bit-exact
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (ae.BottleneckConfig.seq_bn(), "activation 'relu' is not the identity"),
+        (ae.BottleneckConfig.seq_bn(non_linearity="identity"), "LayerNorm sits between"),
+        (ae.BottleneckConfig.par_bn(non_linearity="identity"), "parallel"),
+    ],
+)
+def test_bottlenecks_that_do_not_fold_are_refused_with_the_reason(config, reason):
+    model = tiny_bert()
+    ae.add_adapter(model, "bn", config)
+    with pytest.raises(ValueError, match=reason):
+        ae.merge_adapter(model, "bn")
+
+
 def test_bottleneck_adapters_are_refused_with_the_reason_or_absorbed():
     model = tiny_bert()
     ae.add_adapter(model, "bn", "seq_bn")
