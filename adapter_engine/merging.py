@@ -1,6 +1,6 @@
 """Strategy 1, "Merge and FFT": fold adapters into the base weights in place and get a plain HF model back.
 
-    merge_adapter(model, "domain")                         # LoRA / IA3: one fused merge launch for the model
+    merge_adapter(model, "domain")                         # LoRA / IA3: one merge launch per weight shape
     merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted
     merge_adapter(model, ["a", "b"], combination="ties", density=0.5)   # TIES / DARE task-vector combinations
     merge_adapter(model, "domain", exact=True)             # keep what is needed for a bit-exact unmerge
@@ -199,7 +199,7 @@ def merge_adapter(
     Args:
         names: adapter name(s); default: the active LoRA / IA3 adapters.
         weights: one multiplier per adapter (default 1.0): ``W += sum_i w_i s_i B_i A_i``.
-        combination: ``"linear"`` (the fused merge kernel: one launch for the whole model), or ``"ties"``,
+        combination: ``"linear"`` (the fused merge kernel: one launch per weight shape), or ``"ties"``,
             ``"dare_linear"``, ``"dare_ties"`` with ``density`` (fraction kept) and ``seed`` (DARE's drops).
         exact: keep a CPU copy of every merged weight so that :func:`unmerge_adapter` restores it bit for bit
             (TIES / DARE merges always keep it: their deltas are not low-rank).
@@ -240,7 +240,7 @@ def merge_adapter(
         raise ValueError(f"{combination} combines LoRA adapters only; {linear} includes IA3 adapters")
     params_before = _count_parameters(model)
 
-    if combination == "linear":  # the weights scale the low-rank terms: one fused launch merges them all
+    if combination == "linear":  # the weights scale the low-rank terms: the merge kernel adds them in one pass
         lora_names = [n for n in linear if n not in folded]
         layers = _collect_layers(model, lora_names, [w for n, w in zip(names, weights) if n in lora_names])
         if folded:  # LoRA terms first (the bottleneck reads the LoRA-adapted projection), then the fold
@@ -333,7 +333,7 @@ def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) ->
         for layer, new_bias in zip(layers, new_biases):
             if new_bias is not None and not torch.isfinite(new_bias).all():
                 raise ValueError(f"folding into {layer.path} would make its bias non-finite; nothing was changed")
-    if lora_layers:  # one fused launch for the whole model; with safe, every weight is checked before any write
+    if lora_layers:  # one launch per weight shape; with safe, every weight is checked before any write
         merge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],
                          [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
                          fan_in_fan_out=[x.fan_in_fan_out for x in lora_layers], safe=safe)  # fmt: skip
