@@ -141,6 +141,25 @@ class BottleneckAdapter(nn.Module):
         return self.adapter_up(self.adapter_down(x)) * self.scaling
 
 
+def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:
+    """The fused op's packed weights of ``adapters`` (stacked along the bottleneck axis, in this order)."""
+    first = adapters[0].options
+    return pack_adapters(
+        [a.down.weight for a in adapters],
+        [a.down.bias for a in adapters],
+        [a.adapter_up.weight for a in adapters],
+        [a.adapter_up.bias for a in adapters],
+        [a.non_linearity for a in adapters],
+        [a.scaling for a in adapters],
+        ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in adapters]
+        if first.ln_before
+        else None,
+        ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in adapters]
+        if first.ln_after
+        else None,
+    )
+
+
 class BottleneckStackLayer(nn.Module):
     """Base of the sublayer wrappers: an ``adapters`` ModuleDict, an ordered active stack, depth control,
     per-level switches and per-row stacks. Subclasses define ``forward``."""
@@ -272,20 +291,7 @@ class BottleneckStackLayer(nn.Module):
         key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
         if cacheable and key in self._cache:
             return self._cache[key]
-        packed = pack_adapters(
-            [a.down.weight for a in adapters],
-            [a.down.bias for a in adapters],
-            [a.adapter_up.weight for a in adapters],
-            [a.adapter_up.bias for a in adapters],
-            [a.non_linearity for a in adapters],
-            [a.scaling for a in adapters],
-            ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in adapters]
-            if adapters[0].options.ln_before
-            else None,
-            ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in adapters]
-            if adapters[0].options.ln_after
-            else None,
-        )
+        packed = pack_modules(adapters)
         if cacheable:
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
             self._cache[key] = packed

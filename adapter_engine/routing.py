@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters
+from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .config import Stack
-from .kernels.bottleneck import pack_adapters
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
 StackNames = tuple[str, ...]
@@ -185,20 +184,7 @@ class RoutedStackMixin:
         with self._pack_lock:
             packed = self._packs.get(key)
         if packed is None:
-            packed = pack_adapters(
-                [a.down.weight for a in modules],
-                [a.down.bias for a in modules],
-                [a.adapter_up.weight for a in modules],
-                [a.adapter_up.bias for a in modules],
-                [a.non_linearity for a in modules],
-                [a.scaling for a in modules],
-                ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in modules]
-                if modules[0].options.ln_before
-                else None,
-                ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in modules]
-                if modules[0].options.ln_after
-                else None,
-            )
+            packed = pack_modules(modules)
             with self._pack_lock:
                 while len(self._packs) >= self._MAX_PACKS:
                     self._packs.pop(next(iter(self._packs)))
