@@ -50,7 +50,9 @@ class LoraLinearDispatch:
     """
 
     fused_max_m: int = 64
-    large_m_path: str = "addmm"
+    # H100, bf16, r=16 (bench/results/2026-11-26-h100-session1): above 64 rows "composition" beat "addmm" in 5 of
+    # 6 shape/M cases (e.g. 0.26 vs 0.43 ms at 4096x4096, M=4096), and the CUDA tier flagged "addmm" at M >= 256.
+    large_m_path: str = "composition"
 
 
 DISPATCH = LoraLinearDispatch()
