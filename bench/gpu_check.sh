@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh OUTDIR [tests|bench|all]
 # Each step has its own time limit (seconds, overridable: T_<name>=...) and its own output, so a slow step costs
 # only itself. OUTDIR gets run.log, bench_<name>.json, report.md and ratios.png (8 files at most, as the device
-# tool returns). Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
+# tool returns when the bench part runs alone). Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
 # Limits learned on an H100 (2026-11-26): the first CUDA-tier run of a file compiles and autotunes its kernels.
 set -u
 out="${1:-bench/results/latest}"
@@ -26,7 +26,7 @@ if [ "$part" != bench ]; then
     done
 fi
 if [ "$part" != tests ]; then
-    for b in merge:40 merge_model:50 lora_linear:150 bottleneck:90 serving:60; do
+    for b in merge:40 merge_model:50 lora_linear:150 lora_model:60 bottleneck:90 serving:60; do
         step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
             --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
     done
