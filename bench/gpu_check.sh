@@ -2,8 +2,8 @@
 # A GPU session's checks: the CUDA test tier per test file, then each benchmark file, then a short table.
 #   bash bench/gpu_check.sh OUTDIR [tests|bench|all]
 # Each step has its own time limit (seconds, overridable: T_<name>=...) and its own output, so a slow step costs
-# only itself. OUTDIR gets run.log, bench_<name>.json, report.md and ratios.png (8 files at most, as the device
-# tool returns when the bench part runs alone). Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
+# only itself. OUTDIR gets run.log, bench_<name>.json and report.md (8 files at most, what the device tool returns);
+# the CSV and the plot are made from the JSON afterwards: python bench/report.py OUTDIR/bench_*.json --out OUTDIR Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
 # Limits learned on an H100 (2026-11-26): the first CUDA-tier run of a file compiles and autotunes its kernels.
 set -u
 out="${1:-bench/results/latest}"
@@ -30,7 +30,7 @@ if [ "$part" != tests ]; then
         step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
             --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
     done
-    "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null && rm -f "$out/results.csv"
+    "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null && rm -f "$out/results.csv" "$out/ratios.png"
 fi
 grep -E "passed|failed|error|exit" "$out/run.log" | tail -n 30
 [ -f "$out/report.md" ] && tail -n 40 "$out/report.md"
