@@ -1,13 +1,12 @@
-"""adapter-engine: kernel-accelerated LoRA and bottleneck adapters for Hugging Face transformers models."""
+"""adapter-engine: kernel-accelerated LoRA and bottleneck adapters for Hugging Face transformers models.
+
+Strategy 1, Merge and FFT: ``load_adapter`` -> ``merge_adapter`` -> ``save_pretrained`` -> ``finetune.full_finetune``.
+Strategy 2, Stack and Adapt: ``StackedAdapterModel`` with ``use_adapters`` routing, ``AdapterStore`` and
+``AdapterMemoryManager``. The Triton kernels live in :mod:`adapter_engine.kernels`.
+"""
 
 from . import kernels
-
-__version__ = "0.1.0"
-
-__all__ = ["kernels", "__version__"]
-
-# issue 5: adapters, file formats and drop-in patching of Hugging Face models
-from .api import (  # noqa: E402
+from .api import (
     add_adapter,
     delete_adapter,
     list_adapters,
@@ -17,23 +16,47 @@ from .api import (  # noqa: E402
     set_active_adapters,
     unmerge_adapter,
 )
-from .config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, Stack  # noqa: E402
-from .patching import is_patched, patch, unpatch  # noqa: E402
+from .config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, Stack
+from .merging import merged_adapters
+from .patching import is_patched, patch, unpatch
+from .persist import load_model, save_model
+from .routing import Route, current_route, use_adapters
+from .stacking import StackedAdapterModel, train_adapter
+from .store import AdapterMemoryManager, AdapterStore, MemoryStats
 
-__all__ += ["patch", "unpatch", "is_patched", "load_adapter", "add_adapter", "set_active_adapters"]
-__all__ += ["delete_adapter", "list_adapters", "save_adapter", "merge_adapter", "unmerge_adapter", "Stack"]
-__all__ += ["LoraConfig", "BottleneckConfig", "AdapterConfig", "IA3Config"]
+__version__ = "0.1.0"
 
-# issue 7: Stack and Adapt (stacked levels, per-call / per-row routing, adapter store and memory manager)
-from .routing import Route, current_route, use_adapters  # noqa: E402
-from .stacking import StackedAdapterModel, train_adapter  # noqa: E402
-from .store import AdapterMemoryManager, AdapterStore, MemoryStats  # noqa: E402
-
-__all__ += ["StackedAdapterModel", "train_adapter", "use_adapters", "Route", "current_route"]
-__all__ += ["AdapterStore", "AdapterMemoryManager", "MemoryStats"]
-
-# issue 6: Merge and FFT (whole-model save/load with absorbed adapters; merging lives in api / merging)
-from .merging import merged_adapters  # noqa: E402
-from .persist import load_model, save_model  # noqa: E402
-
-__all__ += ["save_model", "load_model", "merged_adapters"]
+__all__ = [
+    "__version__",
+    "kernels",
+    # adapters, formats and patching
+    "patch",
+    "unpatch",
+    "is_patched",
+    "load_adapter",
+    "add_adapter",
+    "set_active_adapters",
+    "delete_adapter",
+    "list_adapters",
+    "save_adapter",
+    "Stack",
+    "LoraConfig",
+    "BottleneckConfig",
+    "AdapterConfig",
+    "IA3Config",
+    # Merge and FFT
+    "merge_adapter",
+    "unmerge_adapter",
+    "merged_adapters",
+    "save_model",
+    "load_model",
+    # Stack and Adapt
+    "StackedAdapterModel",
+    "train_adapter",
+    "use_adapters",
+    "Route",
+    "current_route",
+    "AdapterStore",
+    "AdapterMemoryManager",
+    "MemoryStats",
+]
