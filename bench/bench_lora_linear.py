@@ -95,6 +95,43 @@ def bench_lora_linear_forward(benchmark, layer_cache, shape, M, provider):
         _record(benchmark, fn, bare, ("fwd", shape, M), provider=provider, case=case, M=M, shape=list(shape))
 
 
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (after warm-up, which also autotunes): replaying it costs the GPU work
+    alone, as under ``torch.compile(mode="reduce-overhead")`` or a serving engine's decode graphs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("provider", ["bare", "engine", "composition", "peft"])
+@pytest.mark.parametrize("M", [1, 16, 256])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def bench_lora_linear_forward_graphed(benchmark, layer_cache, shape, M, provider):
+    """Small-M forward with every provider replayed from a CUDA graph: the kernels' GPU time without the host
+    launch path (which the eager rows above include)."""
+    w, As, Bs, peft_layer = _layer(layer_cache, shape)
+    A, B = As[0].detach(), Bs[0].detach()
+    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
+    fns = {
+        "bare": lambda: F.linear(x, w),
+        "engine": lambda: lora_linear(x, w, A, B, SCALE),
+        "composition": lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE),
+        "peft": lambda: peft_layer(x),
+    }
+    case = f"fwd graphed {shape[0]}x{shape[1]} M={M} r={RANK}"
+    with torch.no_grad():
+        bare, fn = _graphed(fns["bare"]), _graphed(fns[provider])
+        _record(benchmark, fn, bare, ("graphed", shape, M), provider=provider, case=case, M=M, shape=list(shape))
+
+
 @pytest.mark.parametrize("provider", TRAIN_PROVIDERS)
 @pytest.mark.parametrize("M", TRAIN_ROWS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -119,3 +119,15 @@ def bench_merge(benchmark, llama, floor_ms, provider, n_adapters):
     benchmark.extra_info["fraction_of_floor"] = floor_ms / median
     if provider == "peft":
         peft_model.base_model.unmerge_adapter()
+
+
+@pytest.mark.skipif(on_gpu(), reason="on a GPU, bench/gpu_check.sh runs the full sweep")
+def bench_tune_merge_smoke(tmp_path):
+    """The tile sweep (bench/tune_merge.py) at tiny sizes in the interpreter, so the tool cannot rot."""
+    import json
+
+    import tune_merge
+
+    tune_merge.main(str(tmp_path / "tune.json"))
+    rows = json.loads((tmp_path / "tune.json").read_text())["rows"]
+    assert {row["adapters"] for row in rows} == {1, 4} and all(row["ms"] > 0 for row in rows)

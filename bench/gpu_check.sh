@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# A GPU session's checks: the CUDA test tier per test file, then each benchmark file, then a short table.
-#   bash bench/gpu_check.sh OUTDIR [tests|bench|all]
-# Each step has its own time limit (seconds, overridable: T_<name>=...) and its own output, so a slow step costs
-# only itself. OUTDIR gets run.log, bench_<name>.json and report.md (8 files at most, what the device tool returns);
-# the CSV and the plot are made from the JSON afterwards: python bench/report.py OUTDIR/bench_*.json --out OUTDIR Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
-# Limits learned on an H100 (2026-11-26): the first CUDA-tier run of a file compiles and autotunes its kernels.
+# A GPU session's checks: the CUDA test tier, the merge tile sweep, each benchmark file, then a short table.
+#   bash bench/gpu_check.sh OUTDIR [PARTS]    PARTS: "all" (default) or words among tests, tune and the bench
+#                                             names (merge merge_model lora_linear lora_model bottleneck serving)
+# The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
+# benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
+# overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json and
+# report.md. Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
 set -u
 out="${1:-bench/results/latest}"
-part="${2:-all}"
-mkdir -p "$out"
+parts=" ${2:-all} "
+[ "$parts" = " all " ] && parts=" tests tune merge merge_model lora_linear lora_model bottleneck serving "
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 py="${PYTHON:-python}"
 [ -e adapter_engine/kernels ] || ln -s ../kernels adapter_engine/kernels  # the package_dir mapping, uninstalled
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-"$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+"$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/run.log"
 t0=$(date +%s)
 step() {  # step NAME DEFAULT_LIMIT COMMAND...
     local name=$1 limit=$2; shift 2
@@ -20,17 +22,26 @@ step() {  # step NAME DEFAULT_LIMIT COMMAND...
     timeout "$limit" "$@" >> "$out/run.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$out/run.log"
 }
-if [ "$part" != bench ]; then
-    for t in merge:30 lora_linear:90 bottleneck:60 properties:60 patching:45 store:30 routing:30; do
-        step "test_${t%%:*}" "${t##*:}" "$py" -m pytest -q -p no:cacheprovider -m cuda "tests/test_${t%%:*}.py" -rfE
+if [[ "$parts" == *" tests "* ]]; then
+    limit=${T_tests:-200}
+    for t in merge lora_linear bottleneck properties patching store routing; do
+        # odd shapes drawn by hypothesis would each autotune: the property tests take the first fitting config
+        knob=1; [ "$t" = properties ] && knob=0
+        ( ADAPTER_ENGINE_AUTOTUNE=$knob timeout "$limit" "$py" -m pytest -q -p no:cacheprovider -m cuda \
+            "tests/test_$t.py" -rfE > "$out/tests_$t.log" 2>&1
+          echo "test_$t: exit $? after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$out/run.log" ) &
     done
+    wait
+    for t in "$out"/tests_*.log; do echo "== $t"; tail -n 3 "$t"; done | tee -a "$out/run.log"
 fi
-if [ "$part" != tests ]; then
-    for b in merge:40 merge_model:50 lora_linear:150 lora_model:60 bottleneck:90 serving:60; do
-        step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
-            --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
-    done
-    "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null && rm -f "$out/results.csv" "$out/ratios.png"
+[[ "$parts" == *" tune "* ]] && (cd bench && step tune_merge 90 "$py" tune_merge.py "$out/tune_merge.json")
+for b in merge:60 merge_model:60 lora_linear:150 lora_model:90 bottleneck:120 serving:120; do
+    [[ "$parts" == *" ${b%%:*} "* ]] || continue
+    step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
+        --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
+done
+if ls "$out"/bench_*.json > /dev/null 2>&1; then
+    "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null
 fi
 grep -E "passed|failed|error|exit" "$out/run.log" | tail -n 30
 [ -f "$out/report.md" ] && tail -n 40 "$out/report.md"

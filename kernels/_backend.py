@@ -21,6 +21,9 @@ except ImportError:  # pragma: no cover - triton is a hard dependency, but keep 
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ADAPTER_ENGINE_AUTOTUNE=0: kernels with several GPU configs take the first that fits instead of timing them
+# all per new shape (test runs that draw hundreds of odd shapes; the benchmarks keep autotuning on).
+AUTOTUNE = os.environ.get("ADAPTER_ENGINE_AUTOTUNE", "1") != "0"
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -28,7 +28,9 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
 
 from __future__ import annotations
 
+import collections
 import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
+from ._backend import AUTOTUNE, INTERPRET, check_float_dtype, check_same_device, use_triton
 
 PATHS = ("auto", "fused", "epilogue", "addmm", "composition")
 
@@ -294,7 +296,6 @@ def lora_linear_fwd(
     fuse = path == "fused"
     u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
     interp = x.device.type != "cuda"
-    kernel = _fwd_kernel_fixed if interp else _fwd_kernel_tuned
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
     meta = dict(
@@ -306,19 +307,38 @@ def lora_linear_fwd(
         DOT_FP32=interp,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
-    if interp:  # one config under the interpreter: large blocks, few programs
-        meta.update(BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-    kernel[grid](
+    m_bucket = min(triton.next_power_of_2(M), 4096)
+    args = (
         x, weight, lora_A, lora_B, u_in_t, bias if bias is not None else dummy,
         adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
-        M, N, K, R, min(triton.next_power_of_2(M), 4096),
+        M, N, K, R, m_bucket,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
         u_out_t.stride(0), u_out_t.stride(1),
-        **meta,
     )  # fmt: skip
+    if interp:  # one config under the interpreter: large blocks, few programs
+        meta.update(BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _fwd_kernel_fixed[grid](*args, **meta)
+        return y, u_out
+    # The autotuner picks a config once per tuning key; later calls launch the plain kernel with it directly,
+    # skipping the autotuner's and the heuristics' Python layers (host time that dominates a small-M call).
+    tuning_key = (m_bucket, N, K, x.dtype, tuple(sorted(meta.items())))
+    config = _TUNED.get(tuning_key)
+    if config is None and not AUTOTUNE:
+        named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
+        config = _TUNED[tuning_key] = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
+    if config is None:
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+        _fwd_kernel_tuned[grid](*args, **meta)
+        _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
+        return y, u_out
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    _lora_linear_fwd_kernel[grid](*args, EVEN_K=K % config["BLOCK_K"] == 0, **meta, **config)
     return y, u_out
+
+
+_TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)
 
 
 def _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path):
@@ -460,6 +480,33 @@ def _stack(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
     if len(lora_As) == 1:  # one adapter: no concatenation, no copy
         return lora_As[0], lora_Bs[0]
     return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1)
+
+
+_STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
+
+
+def _stack_cached(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_stack`` for inference, remembering the concatenation while the same factor tensors are unchanged.
+
+    Serving calls a layer with the same resident adapters again and again; concatenating them costs two launches
+    and two allocations per call. An entry is valid while every factor is the same live object (weak references,
+    so a freed tensor whose id and address get reused never hits) at the same in-place version.
+    """
+    if len(lora_As) == 1:
+        return lora_As[0], lora_Bs[0]
+    factors = (*lora_As, *lora_Bs)
+    if any(t.is_inference() for t in factors):  # inference tensors keep no version counter
+        return _stack(lora_As, lora_Bs)
+    key = tuple((id(t), t._version) for t in factors)
+    hit = _STACKS.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], factors, strict=True)):
+        _STACKS.move_to_end(key)
+        return hit[1]
+    stacked = _stack(lora_As, lora_Bs)
+    _STACKS[key] = (tuple(weakref.ref(t) for t in factors), stacked)
+    if len(_STACKS) > 256:
+        _STACKS.popitem(last=False)
+    return stacked
 
 
 @dataclass(frozen=True)
@@ -715,7 +762,7 @@ def lora_linear(
         settings = LoraSettings(tuple(a.shape[0] for a in As), tuple(scales), path)
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
     else:
-        A, B = _stack(As, Bs)
+        A, B = _stack_cached(As, Bs)
         rank_scale, rank_adapter = _rank_tables(tuple(a.shape[0] for a in As), tuple(scales), x.device)
         y = lora_linear_fwd(x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False)[0]
     return y.reshape(*lead, out_f)

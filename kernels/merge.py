@@ -61,7 +61,6 @@ def _merge_lora_kernel(
     # H100: 15x slower, bench/results/2026-11-26-h100-session1/NOTES.md)
     n_rows,
     n_cols,
-    max_adapters,
     adapter_offset,
     scale_offset,
     sign,  # +1.0 merges, -1.0 unmerges
@@ -75,6 +74,8 @@ def _merge_lora_kernel(
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
     DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
     DOT_PRECISION: tl.constexpr,  # input_precision of fp32 dots
+    MAX_ADAPTERS: tl.constexpr,  # adapters per weight (rank-0 rows pad the shorter lists)
+    RANK_STEPS: tl.constexpr,  # cdiv(largest rank, BLOCK_R)
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -96,8 +97,10 @@ def _merge_lora_kernel(
         w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    for j in range(max_adapters):
-        meta = table + adapter_offset + (g * max_adapters + j) * 7
+    # Both loops are unrolled at compile time, so every table and factor load can be issued while the tile of W
+    # is in flight; with run-time trip counts each adapter added a chain of dependent memory round trips.
+    for j in tl.static_range(MAX_ADAPTERS):
+        meta = table + adapter_offset + (g * MAX_ADAPTERS + j) * 7
         a_ptr = tl.load(meta).to(tl.pointer_type(F_DTYPE))
         b_ptr = tl.load(meta + 1).to(tl.pointer_type(F_DTYPE))
         rank = tl.load(meta + 2)
@@ -105,10 +108,10 @@ def _merge_lora_kernel(
         stride_bn = tl.load(meta + 5)
         stride_ak = tl.load(meta + 4)
         stride_br = tl.load(meta + 6)
-        scale = sign * tl.load(table + scale_offset + g * max_adapters + j).to(tl.int32).to(tl.float32, bitcast=True)
+        scale = sign * tl.load(table + scale_offset + g * MAX_ADAPTERS + j).to(tl.int32).to(tl.float32, bitcast=True)
         delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+        for step in tl.static_range(RANK_STEPS):
+            offs_r = step * BLOCK_R + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
             if ALIGNED:  # unit inner strides, 16-byte aligned rows (checked on the host)
                 b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]
@@ -315,13 +318,13 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
 def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
     bad = torch.zeros(1, dtype=torch.int32, device=launch["device"]) if check_only else launch["table"]
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
+    block_r = min(64, max(16, triton.next_power_of_2(launch["max_rank"])))
     grid = (triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(n_cols, BLOCK_K), launch["n_weights"])
     _merge_lora_kernel[grid](
         launch["table"],
         bad,
         n_rows,
         n_cols,
-        launch["max_adapters"],
         launch["adapter_offset"],
         launch["scale_offset"],
         sign,
@@ -333,7 +336,9 @@ def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
         CHECK_ONLY=check_only,
         DOT_FP32=INTERPRET or launch["factor_dtype"] == torch.float32,
         DOT_PRECISION="ieee" if INTERPRET else "tf32x3",
-        BLOCK_R=min(64, max(16, triton.next_power_of_2(launch["max_rank"]))),
+        MAX_ADAPTERS=launch["max_adapters"],
+        RANK_STEPS=triton.cdiv(launch["max_rank"], block_r),
+        BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
         num_warps=NUM_WARPS,

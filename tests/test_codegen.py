@@ -20,12 +20,13 @@ _COMPILE = textwrap.dedent(
 
     aligned = sys.argv[1] == "1"
     signature = {
-        "table": "*i64", "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32", "max_adapters": "i32",
+        "table": "*i64", "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
         "adapter_offset": "i32", "scale_offset": "i32", "sign": "fp32", "stride_n": "i32", "stride_k": "i32",
     }
     constants = {
         "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "ALIGNED": aligned, "CHECK_ONLY": False,
-        "DOT_FP32": False, "DOT_PRECISION": "tf32x3", "BLOCK_R": 16, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
+        "DOT_FP32": False, "DOT_PRECISION": "tf32x3", "MAX_ADAPTERS": 4, "RANK_STEPS": 1, "BLOCK_R": 16,
+        "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)

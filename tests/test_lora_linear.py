@@ -313,3 +313,26 @@ def test_cuda_fp32_and_fan_in_fan_out(path):
     assert _rel_err(y, y64) < 1e-5
     for g, g64 in zip(grads, grads64, strict=True):
         assert _rel_err(g, g64) < 1e-5
+
+
+def test_inference_reuses_stacked_factors_only_while_they_are_unchanged():
+    """Serving concatenates the resident adapters once; an in-place update or a new tensor is seen at once."""
+    x, w, b, As, Bs = _make((5,), 40, 24, [4, 8], torch.float32)
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    ids = torch.tensor([0, 1, -1, 1, 0])
+    with torch.no_grad():
+        first = lora_linear(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids)
+        again = lora_linear(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        Bs[1].mul_(3.0)  # in place: new version, the cache must not serve the old concatenation
+        changed = lora_linear(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids)
+        want = lora_linear_reference(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids)
+        torch.testing.assert_close(changed, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed, first)
+        As = [a.clone() + 1.0 for a in As]  # new objects
+        torch.testing.assert_close(
+            lora_linear(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids),
+            lora_linear_reference(x, w, As, Bs, [1.0, 0.5], adapter_ids=ids),
+            rtol=1e-5,
+            atol=1e-5,
+        )

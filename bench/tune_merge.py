@@ -1,0 +1,59 @@
+"""Tile sweep of the grouped merge kernel on the Llama-shaped weights of bench_merge.py (a GPU tuning tool).
+
+    python bench/tune_merge.py OUT.json
+
+Times a prepared ``LoraMergePlan`` (the launches alone) for 1 and 4 adapters under each (BLOCK_N, BLOCK_K,
+num_warps) candidate and prints the fraction of the copy-bandwidth floor; the best becomes the defaults at the
+top of kernels/merge.py. On CPU it runs the tiny shapes of the smoke test, in the interpreter.
+"""
+
+import json
+import statistics
+import sys
+
+import torch
+from harness import copy_bandwidth, device, environment_info, on_gpu, pick, time_ms
+
+from adapter_engine.kernels import merge as merge_module
+from adapter_engine.kernels import prepare_lora_merge
+
+CANDIDATES = pick(
+    [(64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (32, 128, 4), (128, 256, 8)], [(64, 128, 4)]
+)
+SHAPES = pick([(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)], [(64, 64), (96, 64), (64, 96)])
+LAYERS, RANK = pick(4, 1), 16
+
+
+def main(out_path: str) -> None:
+    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    gen = torch.Generator(device=device()).manual_seed(0)
+    weights = [torch.randn(*s, device=device(), generator=gen).to(dtype) for s in SHAPES * LAYERS]
+    factors = [
+        [
+            ((torch.randn(RANK, w.shape[1], device=device(), generator=gen) * 0.01).to(dtype),
+             (torch.randn(w.shape[0], RANK, device=device(), generator=gen) * 0.01).to(dtype))
+            for _ in range(4)
+        ]
+        for w in weights
+    ]  # fmt: skip
+    floor_ms = 2 * sum(w.numel() * w.element_size() for w in weights) / copy_bandwidth() * 1e3
+    rows = []
+    for block_n, block_k, warps in CANDIDATES:
+        merge_module.BLOCK_N, merge_module.BLOCK_K, merge_module.NUM_WARPS = block_n, block_k, warps
+        for n in (1, 4):
+            plan = prepare_lora_merge(
+                weights, [[a for a, _ in f[:n]] for f in factors], [[b for _, b in f[:n]] for f in factors],
+                [[0.5] * n for _ in weights],
+            )  # fmt: skip
+            for _ in range(pick(3, 1)):
+                plan.merge_()
+            ms = statistics.median(time_ms(plan.merge_) for _ in range(pick(20, 2)))
+            rows.append({"block_n": block_n, "block_k": block_k, "num_warps": warps, "adapters": n, "ms": ms,
+                         "floor_fraction": floor_ms / ms})  # fmt: skip
+            print(f"{block_n:4d} x {block_k:4d} w{warps}  {n} adapter(s): {ms:7.3f} ms = {floor_ms / ms:6.1%} of floor")
+    with open(out_path, "w") as f:
+        json.dump({"environment": environment_info(), "floor_ms": floor_ms, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "tune_merge.json")
