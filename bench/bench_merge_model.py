@@ -27,13 +27,16 @@ def llama():
         return LlamaModel(config).to(torch.bfloat16 if on_gpu() else torch.float32)
 
 
-@pytest.mark.parametrize("provider", ["engine", "peft"])
+@pytest.mark.parametrize("provider", ["engine", "engine_safe", "peft", "peft_safe"])
 def bench_merge_whole_model(benchmark, llama, provider):
+    """``*_safe``: every merged value is checked for NaN / infinity before anything is written (the engine's
+    default, ``safe=True``; PEFT's ``safe_merge=True``). The plain rows skip the check (PEFT's default)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    safe = provider.endswith("_safe")
     holder = {}
-    if provider == "engine":
+    if provider.startswith("engine"):
 
         def setup():
             ae.add_adapter(
@@ -41,7 +44,7 @@ def bench_merge_whole_model(benchmark, llama, provider):
             )
 
         def run():
-            ae.merge_adapter(llama, "a")
+            ae.merge_adapter(llama, "a", safe=safe)
 
     else:
 
@@ -49,7 +52,7 @@ def bench_merge_whole_model(benchmark, llama, provider):
             holder["model"] = get_peft_model(llama, config)
 
         def run():
-            holder["model"].merge_and_unload()
+            holder["model"].merge_and_unload(safe_merge=safe)
 
     timed(benchmark, run, setup=setup, n_rounds=rounds(5), warmup=pick(1, 0), provider=provider,
           case="Llama-shaped 4 layers r=16")  # fmt: skip

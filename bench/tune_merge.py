@@ -3,7 +3,7 @@
     python bench/tune_merge.py OUT.json
 
 Times a prepared ``LoraMergePlan`` (the launches alone) for 1 and 4 adapters under each (BLOCK_N, BLOCK_K,
-num_warps) candidate and prints the fraction of the copy-bandwidth floor; the best becomes the defaults at the
+ROW_TILES, num_warps) candidate and prints the fraction of the copy-bandwidth floor; the best becomes the defaults at the
 top of kernels/merge.py. On CPU it runs the tiny shapes of the smoke test, in the interpreter.
 """
 
@@ -17,9 +17,11 @@ from harness import copy_bandwidth, device, environment_info, on_gpu, pick, time
 from adapter_engine.kernels import merge as merge_module
 from adapter_engine.kernels import prepare_lora_merge
 
-CANDIDATES = pick(
-    [(64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (32, 128, 4), (128, 256, 8)], [(64, 128, 4)]
-)
+CANDIDATES = pick(  # (BLOCK_N, BLOCK_K, ROW_TILES, num_warps)
+    [(32, 128, 1, 4), (32, 128, 4, 4), (32, 128, 8, 4), (64, 128, 4, 4), (32, 256, 4, 4), (16, 128, 8, 4),
+     (64, 128, 2, 8), (32, 128, 16, 4)],
+    [(32, 128, 2, 4)],
+)  # fmt: skip
 SHAPES = pick([(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)], [(64, 64), (96, 64), (64, 96)])
 LAYERS, RANK = pick(4, 1), 16
 
@@ -38,8 +40,9 @@ def main(out_path: str) -> None:
     ]  # fmt: skip
     floor_ms = 2 * sum(w.numel() * w.element_size() for w in weights) / copy_bandwidth() * 1e3
     rows = []
-    for block_n, block_k, warps in CANDIDATES:
+    for block_n, block_k, row_tiles, warps in CANDIDATES:
         merge_module.BLOCK_N, merge_module.BLOCK_K, merge_module.NUM_WARPS = block_n, block_k, warps
+        merge_module.ROW_TILES = row_tiles
         for n in (1, 4):
             plan = prepare_lora_merge(
                 weights, [[a for a, _ in f[:n]] for f in factors], [[b for _, b in f[:n]] for f in factors],
@@ -48,9 +51,9 @@ def main(out_path: str) -> None:
             for _ in range(pick(3, 1)):
                 plan.merge_()
             ms = statistics.median(time_ms(plan.merge_) for _ in range(pick(20, 2)))
-            rows.append({"block_n": block_n, "block_k": block_k, "num_warps": warps, "adapters": n, "ms": ms,
-                         "floor_fraction": floor_ms / ms})  # fmt: skip
-            print(f"{block_n:4d} x {block_k:4d} w{warps}  {n} adapter(s): {ms:7.3f} ms = {floor_ms / ms:6.1%} of floor")
+            rows.append({"block_n": block_n, "block_k": block_k, "row_tiles": row_tiles, "num_warps": warps,
+                         "adapters": n, "ms": ms, "floor_fraction": floor_ms / ms})  # fmt: skip
+            print(f"{block_n:4d} x {block_k:4d} x{row_tiles:<2d} w{warps}  {n} adapter(s): {ms:7.3f} ms = {floor_ms / ms:6.1%} of floor")
     with open(out_path, "w") as f:
         json.dump({"environment": environment_info(), "floor_ms": floor_ms, "rows": rows}, f, indent=1)
 

@@ -22,8 +22,18 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     small and the op is memory bound).
   * ``"epilogue"``: ``u`` from one torch matmul, then one Triton GEMM adds ``u B_cat^T`` in its epilogue.
   * ``"addmm"``: the low-rank term (+ bias) is written first, then cuBLAS accumulates ``x W^T`` onto it with
-    ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``.
+    ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``. The low-rank term + bias is
+    rounded to the output dtype before the sum, and on the H100 cuBLAS's ``beta=1`` epilogue adds about one more
+    rounding: its bf16 ``y`` error is ~1.02-1.03x PEFT's (measured and modelled, see the CUDA test), where the
+    other paths stay below PEFT's. Its backward uses the ``"composition"`` order for ``dx``.
   * ``"composition"``: ``F.linear`` then ``y.addmm_(u, B^T)``, the best plain-torch order (benchmark provider).
+
+The torch paths (``"addmm"``, ``"composition"``) launch cuBLAS GEMMs only when every adapter shares one scale and
+there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
+alpha=scale)``: fp32 accumulator scaled, rounded once, as in the kernel; no (M, R) fp32 temporary). Several
+scales multiply the rounded ``x A^T`` in place (one more rounding of ``u``, as PEFT's ``* scaling`` rounds);
+``adapter_ids`` zero the inactive columns in place. Forward: 3 GEMMs; backward (grads for x, A, B):
+``du = dy B * C``, ``dx = dy W`` then ``dx.addmm_(du, A)``, ``dA = du^T x``, ``dB = dy^T u``: 5 GEMMs.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, check_float_dtype, check_same_device, use_triton
+from ._backend import AUTOTUNE, FLOAT_DTYPES, INTERPRET, check_float_dtype, check_same_device, use_triton
 
 PATHS = ("auto", "fused", "epilogue", "addmm", "composition")
 
@@ -273,22 +283,28 @@ def lora_linear_fwd(
     *,
     path: str = "auto",
     store_u: bool = True,
+    shared_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward launcher on 2-D operands (already validated by the functional API).
 
     x: (M, K); weight: (N, K) any strides; lora_A: (R, K); lora_B: (N, R); rank_scale: (R,) fp32;
     rank_adapter: (R,) int32; bias: (N,); adapter_ids: (M,) int32; x_lora: (M, K) adapter input (dropout) or
-    None for x. Returns y (M, N) and u = (x_lora A^T) * C (M, R) in x's dtype (None unless ``store_u``).
+    None for x; shared_scale: the one scale of every rank when they share it (a host float, equal to every
+    entry of ``rank_scale``), else None. Returns y (M, N) and u = (x_lora A^T) * C (M, R) in x's dtype (None
+    unless ``store_u``; the torch paths always return it).
     """
     if not use_triton(x):
         return lora_linear_fwd_reference(
-            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path, store_u=store_u
-        )
+            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
+            path=path, store_u=store_u, shared_scale=shared_scale,
+        )  # fmt: skip
     M, K = x.shape
     N, R = lora_B.shape
     path = _pick_path(path, M, fusable=x_lora is None)
     if path in ("addmm", "composition"):
-        return _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path)
+        return _torch_paths(
+            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path, shared_scale
+        )
     y = _alloc((M, N), x)
     u_out = _alloc((M, R), x) if store_u else None
     if M == 0:
@@ -341,10 +357,25 @@ def lora_linear_fwd(
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)
 
 
-def _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path):
+def _shrink(inp, factor, rank_scale, rank_adapter, adapter_ids, shared_scale):
+    """``(inp @ factor) * C`` (M, R) in inp's dtype with as few launches as the case allows (torch paths).
+
+    inp: (M, K); factor: (K, R) (``A_cat^T`` forward, ``B_cat`` backward). ``shared_scale`` (every rank's scale,
+    known on the host) becomes the GEMM's alpha: fp32 accumulator times scale, rounded once, no temporary. Without
+    it the rounded product is scaled in place by ``rank_scale`` (computed in fp32, rounded again). ``adapter_ids``
+    then zero the columns of adapters inactive in each row, in place (an exact multiply by 0 or 1).
+    """
+    if shared_scale is not None:
+        u = inp.new_empty((inp.shape[0], factor.shape[1])).addmm_(inp, factor, beta=0, alpha=shared_scale)
+        if adapter_ids is not None:
+            u.mul_(adapter_ids[:, None] == rank_adapter[None, :])
+        return u
+    return torch.mm(inp, factor).mul_(coefficients(rank_scale, rank_adapter, adapter_ids))
+
+
+def _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path, shared_scale):
     """``"addmm"``: y = b + u B^T, then y += x W^T inside cuBLAS (beta=1). ``"composition"``: the reverse."""
-    u = (x if x_lora is None else x_lora) @ lora_A.t()
-    u = (u.float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(x.dtype)
+    u = _shrink(x if x_lora is None else x_lora, lora_A.t(), rank_scale, rank_adapter, adapter_ids, shared_scale)
     if path == "addmm":
         y = torch.addmm(bias, u, lora_B.t()) if bias is not None else u @ lora_B.t()
         return y.addmm_(x, weight.t()), u
@@ -365,9 +396,10 @@ def lora_linear_fwd_reference(
     *,
     path: str = "auto",
     store_u: bool = True,
+    shared_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Torch twin of ``lora_linear_fwd``: fp32 accumulation, u rounded to the input dtype, y rounded once."""
-    del path  # one torch formulation serves every path
+    del path, shared_scale  # one torch formulation serves every path; rank_scale holds the scales
     if x.dtype == torch.float32 or x.device.type == "cuda":
         u = (x if x_lora is None else x_lora) @ lora_A.t()
         u = (u.float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(x.dtype)
@@ -394,6 +426,7 @@ def lora_linear_bwd(
     needs: tuple[bool, bool, bool, bool, bool, bool],
     *,
     path: str = "auto",
+    shared_scale: float | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward launcher. ``needs`` = which of (dx, dx_lora, dweight, dbias, dA_cat, dB_cat) to compute.
 
@@ -401,22 +434,30 @@ def lora_linear_bwd(
     With ``du = (dy B_cat) * C`` (M, R): ``dB_cat = dy^T u``, ``dA_cat = du^T x_lora``, ``dx = dy W + du A_cat``
     (without dropout; with it ``dx = dy W`` and ``dx_lora = du A_cat``), ``dW = dy^T x``, ``db = sum_m dy``.
     ``dx`` has the forward's form on transposed views (x' = dy, W' = W^T, A' = B_cat^T, B' = A_cat^T), so the
-    fused forward kernel computes it, writing ``du`` as its ``u``. Returns the six gradients (None if unneeded).
+    fused forward kernel computes it, writing ``du`` as its ``u``, when ``path`` picks a Triton path for dy's rows.
+    On the torch paths cuBLAS does it directly: ``du`` as in the forward (``_shrink``), ``dx = dy W`` and then
+    ``dx.addmm_(du, A_cat)`` (``"addmm"`` too: the low-rank term is summed in fp32, not rounded first). Returns the
+    six gradients (None if unneeded). ``shared_scale``: as in ``lora_linear_fwd``.
     """
     if not use_triton(dy):
         return lora_linear_bwd_reference(
-            dy, x, x_lora, weight, lora_A, lora_B, rank_scale, rank_adapter, adapter_ids, u, needs, path=path
-        )
+            dy, x, x_lora, weight, lora_A, lora_B, rank_scale, rank_adapter, adapter_ids, u, needs,
+            path=path, shared_scale=shared_scale,
+        )  # fmt: skip
     need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
     dx = dxl = du = None
-    if need_dx and x_lora is None:
+    triton_dx = need_dx and x_lora is None and _pick_path(path, dy.shape[0], fusable=True) in ("fused", "epilogue")
+    if triton_dx:
         dx, du = lora_linear_fwd(
-            dy, weight.t(), lora_B.t(), lora_A.t(), rank_scale, rank_adapter, None, adapter_ids, path=path
-        )
+            dy, weight.t(), lora_B.t(), lora_A.t(), rank_scale, rank_adapter, None, adapter_ids,
+            path=path, shared_scale=shared_scale,
+        )  # fmt: skip
     elif need_dx:
-        dx = dy @ weight
-    if du is None and (need_da or need_dxl):
-        du = ((dy @ lora_B).float() * coefficients(rank_scale, rank_adapter, adapter_ids)).to(dy.dtype)
+        dx = torch.mm(dy, weight)
+    if du is None and ((need_dx and x_lora is None) or need_da or need_dxl):
+        du = _shrink(dy, lora_B, rank_scale, rank_adapter, adapter_ids, shared_scale)
+    if need_dx and not triton_dx and x_lora is None:
+        dx.addmm_(du, lora_A)
     if need_dxl:
         dxl = du @ lora_A
     dA = du.t() @ (x if x_lora is None else x_lora) if need_da else None
@@ -440,9 +481,10 @@ def lora_linear_bwd_reference(
     needs: tuple[bool, bool, bool, bool, bool, bool],
     *,
     path: str = "auto",
+    shared_scale: float | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Torch twin of ``lora_linear_bwd`` (same formulas; CPU half precision upcast to fp32, rounded once)."""
-    del path
+    del path, shared_scale
     need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
     dt = dy.dtype
     up = (lambda t: t) if (dt == torch.float32 or dy.device.type == "cuda") else (lambda t: t.float())
@@ -470,10 +512,12 @@ def lora_linear_bwd_reference(
 # ----------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
 def _rank_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
-    """(rank_scale (R,) fp32, rank_adapter (R,) int32), cached so no host-to-device copy happens per call."""
+    """(rank_scale (R,) fp32, rank_adapter (R,) int32, shared_scale), cached so no host-to-device copy happens per
+    call; shared_scale is the scale every adapter shares (a float, for the torch paths' GEMM alpha) or None."""
     rank_scale = torch.tensor([s for s, r in zip(scales, ranks, strict=True) for _ in range(r)], dtype=torch.float32)
     rank_adapter = torch.tensor([i for i, r in enumerate(ranks) for _ in range(r)], dtype=torch.int32)
-    return rank_scale.to(device), rank_adapter.to(device)
+    shared = scales[0] if all(s == scales[0] for s in scales) else None
+    return rank_scale.to(device), rank_adapter.to(device), shared
 
 
 def _stack(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,36 +566,40 @@ class LoraLinearFunction(torch.autograd.Function):
     """Fused LoRA linear on 2-D operands; inputs ``(settings, x, x_lora, weight, bias, adapter_ids, *As, *Bs)``.
 
     Saved for backward: x (only for dW, or for dA without dropout), x_lora (dropout only), u = (x_lora A^T) * C
-    (M, R) for dB, and references to the weights; never an (M, N) or (N, K) temporary. Gradients are derived
-    in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a slice of dA_cat / dB_cat.
+    (M, R) for dB, references to the weights and the stacked A_cat / B_cat (the factors themselves for one
+    adapter; so the backward does not concatenate again); never an (M, N) or (N, K) temporary. Gradients are
+    derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a slice of dA_cat / dB_cat.
     """
 
     @staticmethod
     def forward(ctx, settings: LoraSettings, x, x_lora, weight, bias, adapter_ids, *factors):
         n = len(settings.ranks)
         A, B = _stack(factors[:n], factors[n:])
-        rank_scale, rank_adapter = _rank_tables(settings.ranks, settings.scales, x.device)
+        rank_scale, rank_adapter, shared = _rank_tables(settings.ranks, settings.scales, x.device)
         g = ctx.needs_input_grad
         need_da, need_dbb = any(g[6 : 6 + n]), any(g[6 + n :])
         y, u = lora_linear_fwd(
-            x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=settings.path, store_u=need_dbb
-        )
+            x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
+            path=settings.path, store_u=need_dbb, shared_scale=shared,
+        )  # fmt: skip
         ctx.needs = (g[1], g[2] and x_lora is not None, g[3], bias is not None and g[4], need_da, need_dbb)
         keep_x = g[3] or (need_da and x_lora is None)
-        ctx.save_for_backward(x if keep_x else None, x_lora if need_da else None, weight, adapter_ids, u, *factors)
+        ctx.save_for_backward(x if keep_x else None, x_lora if need_da else None, weight, adapter_ids, u, A, B)
         ctx.settings = settings
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, x_lora, weight, adapter_ids, u, *factors = ctx.saved_tensors
+        x, x_lora, weight, adapter_ids, u, A, B = ctx.saved_tensors
         s: LoraSettings = ctx.settings
         n = len(s.ranks)
-        A, B = _stack(factors[:n], factors[n:])
-        rank_scale, rank_adapter = _rank_tables(s.ranks, s.scales, dy.device)
+        rank_scale, rank_adapter, shared = _rank_tables(s.ranks, s.scales, dy.device)
         dx, dxl, dW, db, dA, dB = lora_linear_bwd(
-            dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, ctx.needs, path=s.path
-        )
+            dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, ctx.needs,
+            path=s.path, shared_scale=shared,
+        )  # fmt: skip
+        if n == 1:  # one adapter: its gradients are dA_cat / dB_cat themselves (no split op)
+            return None, dx, dxl, dW, db, None, dA, dB
         dAs = dA.split(list(s.ranks), 0) if dA is not None else (None,) * n
         dBs = dB.split(list(s.ranks), 1) if dB is not None else (None,) * n
         return (None, dx, dxl, dW, db, None, *dAs, *dBs)
@@ -571,8 +619,10 @@ def _lora_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     A, B = _stack(lora_As, lora_Bs)
     ranks = tuple(a.shape[0] for a in lora_As)
-    rank_scale, rank_adapter = _rank_tables(ranks, tuple(scales), x.device)
-    return lora_linear_fwd(x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path)
+    rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
+    return lora_linear_fwd(
+        x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path, shared_scale=shared
+    )
 
 
 @_lora_linear_op.register_fake
@@ -597,10 +647,11 @@ def _lora_linear_bwd_op(
 ) -> list[torch.Tensor]:
     A, B = _stack(lora_As, lora_Bs)
     ranks = tuple(a.shape[0] for a in lora_As)
-    rank_scale, rank_adapter = _rank_tables(ranks, tuple(scales), dy.device)
+    rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), dy.device)
     grads = lora_linear_bwd(
-        dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, tuple(needs), path=path
-    )
+        dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, tuple(needs),
+        path=path, shared_scale=shared,
+    )  # fmt: skip
     return [g if g is not None else dy.new_empty(0) for g in grads]
 
 
@@ -660,19 +711,29 @@ def _adapter_lists(lora_A, lora_B, scale):
 
 
 def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False):
-    tensors = {"x": x, "weight": weight, "bias": bias}
-    tensors.update({f"lora_A[{i}]": a for i, a in enumerate(As)})
-    tensors.update({f"lora_B[{i}]": b for i, b in enumerate(Bs)})
-    for name, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t is not None and not (allow_fp64 and t.dtype == torch.float64):  # fp64: the reference's oracle mode
-            check_float_dtype(name, t)
-    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
-        raise TypeError(f"x, weight, bias and the LoRA factors must share one dtype, got {listing}")
-    check_same_device(**tensors)
+    # Fast check first (host time counts at small M): every tensor shares x's float dtype and device.
+    ok_dtypes = (*FLOAT_DTYPES, torch.float64) if allow_fp64 else FLOAT_DTYPES  # fp64: the reference's oracle mode
+    uniform = isinstance(x, torch.Tensor) and x.dtype in ok_dtypes
+    if uniform:
+        dt, dev = x.dtype, x.device
+        uniform = all(
+            t is None or (isinstance(t, torch.Tensor) and t.dtype == dt and t.device == dev)
+            for t in (weight, bias, *As, *Bs)
+        )
+    if not uniform:  # find the culprit and name it
+        tensors = {"x": x, "weight": weight, "bias": bias}
+        tensors.update({f"lora_A[{i}]": a for i, a in enumerate(As)})
+        tensors.update({f"lora_B[{i}]": b for i, b in enumerate(Bs)})
+        for name, t in tensors.items():
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t is not None and not (allow_fp64 and t.dtype == torch.float64):
+                check_float_dtype(name, t)
+        dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+        if len(set(dtypes.values())) > 1:
+            listing = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+            raise TypeError(f"x, weight, bias and the LoRA factors must share one dtype, got {listing}")
+        check_same_device(**tensors)
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"x must be (..., in) and weight 2-D, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
@@ -755,7 +816,8 @@ def lora_linear(
     lead = x.shape[:-1]
     w = weight.t() if fan_in_fan_out else weight  # (out, in) view
     x_lora = torch.nn.functional.dropout(x, dropout, True).reshape(-1, in_f) if training and dropout > 0 else None
-    x2 = x.reshape(-1, in_f)
+    flat = x.dim() == 2  # already (M, in): no reshape op (and no view node in the autograd graph) each way
+    x2 = x if flat else x.reshape(-1, in_f)
     if torch.compiler.is_compiling():
         y = _lora_linear_op(x2, x_lora, w, bias, ids, As, Bs, scales, path)[0]
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias, *As, *Bs)):
@@ -763,9 +825,11 @@ def lora_linear(
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
     else:
         A, B = _stack_cached(As, Bs)
-        rank_scale, rank_adapter = _rank_tables(tuple(a.shape[0] for a in As), tuple(scales), x.device)
-        y = lora_linear_fwd(x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False)[0]
-    return y.reshape(*lead, out_f)
+        rank_scale, rank_adapter, shared = _rank_tables(tuple(a.shape[0] for a in As), tuple(scales), x.device)
+        y = lora_linear_fwd(
+            x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False, shared_scale=shared
+        )[0]
+    return y if flat else y.reshape(*lead, out_f)
 
 
 def lora_linear_reference(

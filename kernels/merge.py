@@ -6,23 +6,28 @@
     scale_ia3_:        W *= l  (per row or per column; ``inverse`` divides)
 
 Physical limit: merging is memory bound. The floor is reading and writing every weight once (2 x W bytes at
-copy bandwidth); the factors (r x (in + out) elements per weight) are small and stay in L2. One program owns
-one (BLOCK_N, BLOCK_K) tile of one weight: it loads the tile, adds the low-rank products of the matching rows
-of every B_i and columns of every A_i (fp32 accumulation), and stores the tile once. No full-size delta and no
-concatenated factors are ever built, whatever the number of adapters, and every element is rounded once
-(PEFT builds ``B @ A`` in the weight dtype per adapter and rounds twice).
+copy bandwidth); the factors (r x (in + out) elements per weight) are small and stay in L2.
 
-A whole model is one launch per weight shape (three for a Llama layer stack): the weights' addresses and their
-adapters sit in a small pointer table, and program (tile, g) merges one tile of weight g. The shape and strides
-stay kernel arguments, so Triton specialises them and vectorises the loads of W; host-checked alignment hints
-do the same for the table addresses. On an H100 the Python launch path of a per-weight launch (~80 us) costs
-more than the GPU time of a 4096 x 4096 bf16 merge (23 us), which is why ``merge_lora_many_`` batches weights
-(figures in bench/results/2026-11-26-h100-merge-v1/NOTES.md).
+One program owns a column strip of one weight: ROW_TILES tiles of (BLOCK_N, BLOCK_K). It gathers the weight's
+adapters onto one rank axis in registers (A_cat columns (R, BLOCK_K), loaded once for all its row tiles; rank
+rows are located through a pointer table, so no concatenated copy is ever built), then per row tile loads W, the
+matching rows of B_cat, adds one dot over every adapter's ranks (fp32 accumulation) and stores W once. Four
+adapters cost one pass over W, like one. Every element is rounded once (PEFT builds ``B @ A`` in the weight dtype
+per adapter and rounds twice).
 
-Precision of the low-rank products: on the GPU, fp16/bf16 factors go to ``tl.dot`` as they are (products exact
-in fp32, fp32 accumulation) and each adapter's scale multiplies its fp32 product; fp32 factors use ``tf32x3``
-dots (about fp32 accuracy on tensor cores). The interpreter gets fp32 operands and ``ieee`` dots (its bf16
-arithmetic is wrong, see NOTES.md).
+A whole model is one launch per weight shape (three for a Llama layer stack): program (column strip, row group,
+g) merges part of weight g, whose address and adapters sit in a small pointer table. The shape and strides stay
+kernel arguments, so Triton specialises them and vectorises the loads of W; host-checked alignment hints do the
+same for the table addresses (tests/test_codegen.py checks the PTX). On an H100 the Python launch path of a
+per-weight launch (~80 us) costs more than the GPU time of a 4096 x 4096 bf16 merge (23 us), which is why
+``merge_lora_many_`` batches weights (bench/results/2026-11-26-h100-merge-v1/NOTES.md).
+
+Precision of the low-rank products, on the GPU: when all adapters of a weight share one scale (the usual case),
+fp16/bf16 factors go to ``tl.dot`` as they are (products exact in fp32, fp32 accumulation) and the scale
+multiplies the fp32 sum. With different scales, the per-rank scale is folded into A in fp32 and split into a
+bf16 "hi" and "lo" half (two dots, about 16 significant bits, far below the weight's rounding). fp32 factors,
+and fp16 factors with different scales (a scaled fp16 half could overflow), use IEEE fp32 dots. The interpreter
+gets fp32 operands and IEEE dots (its bf16 arithmetic is wrong, see NOTES.md).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ._backend import INTERPRET, check_float_dtype, check_same_device, use_trito
 # Measured on an H100 (bf16, r=16, per-weight launches): 64 x 128 tiles with 4 warps were the fastest of six
 # configurations for 4096x4096, 11008x4096 and 4096x11008 (bench/results/2026-11-26-h100-merge-v1). The
 # grouped kernel cannot be autotuned by re-running it: it updates weights behind pointer tables in place.
-BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 4
+BLOCK_N, BLOCK_K, ROW_TILES, NUM_WARPS = 32, 128, 4, 4
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
@@ -52,9 +57,9 @@ def _merge_lora_kernel(
     # pointers
     table,  # int64, three sections (one host-to-device copy per launch):
     #   weights  (n_weights,) at 0: address of each weight; all share the sizes and strides below
-    #   adapters (n_weights, max_adapters, 7) at adapter_offset: a_ptr, b_ptr, rank, stride_ar, stride_ak,
+    #   adapters (n_weights, MAX_ADAPTERS, 7) at adapter_offset: a_ptr, b_ptr, rank, stride_ar, stride_ak,
     #            stride_bn, stride_br (rank 0 pads weights with fewer adapters)
-    #   scales   (n_weights, max_adapters) at scale_offset: fp32 bit patterns
+    #   scales   (n_weights, MAX_ADAPTERS) at scale_offset: fp32 bit patterns
     bad_ptr,  # (1,) int32, set to 1 when a merged value is not finite (CHECK_ONLY)
     # sizes: one launch per weight shape, so these are plain arguments that Triton specialises (stride 1,
     # divisibility by 16); had they come from the table, the loads of W could not be vectorised (measured on an
@@ -70,74 +75,107 @@ def _merge_lora_kernel(
     # compile-time switches
     W_DTYPE: tl.constexpr,  # element type of every weight in the launch
     F_DTYPE: tl.constexpr,  # element type of every factor in the launch
-    ALIGNED: tl.constexpr,  # host-checked: every address 16-byte aligned, factors with unit inner strides
+    F_BYTES: tl.constexpr,  # its size in bytes
+    W_ALIGNED: tl.constexpr,  # host-checked: unit stride along k, 16-byte aligned rows of every weight
+    F_ALIGNED: tl.constexpr,  # host-checked: factors with unit inner strides, 16-byte aligned rows, ranks % 8 == 0
+    UNIFORM_SCALE: tl.constexpr,  # every adapter of a weight has the same scale: applied after the dot
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
     DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
     DOT_PRECISION: tl.constexpr,  # input_precision of fp32 dots
     MAX_ADAPTERS: tl.constexpr,  # adapters per weight (rank-0 rows pad the shorter lists)
-    RANK_STEPS: tl.constexpr,  # cdiv(largest rank, BLOCK_R)
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # power of two >= the largest sum of ranks of a weight
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_TILES: tl.constexpr,  # row tiles per program, sharing one load of the A columns
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1).to(tl.int64)  # which weight of the launch
+    col_tile = tl.program_id(0)
+    row_group = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)  # which weight of the launch
     w_ptr = tl.load(table + g).to(tl.pointer_type(W_DTYPE))
-    tiles_k = tl.cdiv(n_cols, BLOCK_K)
-    # Row-major tile order: neighbouring programs stream neighbouring memory and share the rows of B.
-    offs_n = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < n_rows
+    offs_k = col_tile.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_cols
-    mask = mask_n[:, None] & mask_k[None, :]
-    if ALIGNED:  # unit stride along k and 16-byte aligned rows (checked on the host): vectorised loads
-        w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
-        w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
-    else:
-        w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    # Both loops are unrolled at compile time, so every table and factor load can be issued while the tile of W
-    # is in flight; with run-time trip counts each adapter added a chain of dependent memory round trips.
-    for j in tl.static_range(MAX_ADAPTERS):
-        meta = table + adapter_offset + (g * MAX_ADAPTERS + j) * 7
-        a_ptr = tl.load(meta).to(tl.pointer_type(F_DTYPE))
-        b_ptr = tl.load(meta + 1).to(tl.pointer_type(F_DTYPE))
+    # Gather this weight's adapters onto one rank axis (in registers: no concatenated copy is ever made). Rank
+    # row r of A_cat / column r of B_cat lives at an element offset from the first adapter's factor.
+    offs_r = tl.arange(0, BLOCK_R)
+    meta0 = table + adapter_offset + g * MAX_ADAPTERS * 7
+    a0 = tl.load(meta0)
+    b0 = tl.load(meta0 + 1)
+    a_row = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    a_kstride = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    b_col = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    b_nstride = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    r_scale = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    start = tl.zeros((), dtype=tl.int64)
+    for j in tl.static_range(MAX_ADAPTERS):  # unrolled: every table load is issued at once
+        meta = meta0 + j * 7
         rank = tl.load(meta + 2)
-        stride_ar = tl.load(meta + 3)
-        stride_bn = tl.load(meta + 5)
-        stride_ak = tl.load(meta + 4)
-        stride_br = tl.load(meta + 6)
-        scale = sign * tl.load(table + scale_offset + g * MAX_ADAPTERS + j).to(tl.int32).to(tl.float32, bitcast=True)
-        delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for step in tl.static_range(RANK_STEPS):
-            offs_r = step * BLOCK_R + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < rank
-            if ALIGNED:  # unit inner strides, 16-byte aligned rows (checked on the host)
-                b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]
-                b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, BLOCK_R])
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :]
-                a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
-            else:
-                b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            if DOT_FP32:
-                delta += tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
-            else:
-                delta += tl.dot(b, a)
-        w += scale * delta
+        scale = tl.load(table + scale_offset + g * MAX_ADAPTERS + j).to(tl.int32).to(tl.float32, bitcast=True)
+        mine = (offs_r >= start) & (offs_r < start + rank)
+        local = offs_r - start
+        a_row = tl.where(mine, (tl.load(meta) - a0) // F_BYTES + local * tl.load(meta + 3), a_row)
+        a_kstride = tl.where(mine, tl.load(meta + 4), a_kstride)
+        b_col = tl.where(mine, (tl.load(meta + 1) - b0) // F_BYTES + local * tl.load(meta + 6), b_col)
+        b_nstride = tl.where(mine, tl.load(meta + 5), b_nstride)
+        r_scale = tl.where(mine, sign * scale, r_scale)
+        start += rank
+    mask_r = offs_r < start
+    a_base = a0.to(tl.pointer_type(F_DTYPE))
+    b_base = b0.to(tl.pointer_type(F_DTYPE))
 
-    out = w.to(W_DTYPE)  # the single rounding
-    if CHECK_ONLY:
-        value = out.to(tl.float32)
-        finite = (value == value) & (tl.abs(value) < float("inf"))
-        n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
-        if n_bad > 0:
-            tl.store(bad_ptr, 1)
+    # The A_cat columns of this program's k range, loaded once for all its row tiles.
+    if F_ALIGNED:  # unit k stride, rows 16-byte aligned: vectorised loads
+        a_ptrs = a_base + a_row[:, None] + offs_k[None, :]
+        a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [16, 16]), [1, BLOCK_K])
     else:
-        tl.store(w_ptrs, out, mask=mask)
+        a_ptrs = a_base + a_row[:, None] + offs_k[None, :] * a_kstride[:, None]
+    a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+    if UNIFORM_SCALE:  # one scale per weight: exact products, fp32 sum, one multiply
+        weight_scale = tl.max(tl.where(mask_r, r_scale, -float("inf")), axis=0)
+        if DOT_FP32:
+            a_dot = a.to(tl.float32)
+        else:
+            a_dot = a
+        a_lo = a_dot  # unused
+    else:  # per-rank scales folded into A: fp32, or a hi + lo pair of 16-bit halves (about 16 mantissa bits)
+        weight_scale = 1.0
+        a_scaled = a.to(tl.float32) * r_scale[:, None]
+        if DOT_FP32:
+            a_dot = a_scaled
+            a_lo = a_scaled  # unused
+        else:
+            a_dot = a_scaled.to(F_DTYPE)
+            a_lo = (a_scaled - a_dot.to(tl.float32)).to(F_DTYPE)
+
+    for t in range(ROW_TILES):
+        offs_n = (row_group.to(tl.int64) * ROW_TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_rows
+        mask = mask_n[:, None] & mask_k[None, :]
+        if W_ALIGNED:  # unit stride along k and 16-byte aligned rows (checked on the host): vectorised loads
+            w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
+            w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
+        else:
+            w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
+        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        b_ptrs = b_base + offs_n[:, None] * b_nstride[None, :] + b_col[None, :]
+        if F_ALIGNED:  # each row of B_cat: runs of 16 bytes (ranks % 8 == 0), 16-byte aligned
+            b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16 // F_BYTES])
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        if DOT_FP32:
+            delta = tl.dot(b.to(tl.float32), a_dot, input_precision=DOT_PRECISION)
+        else:
+            delta = tl.dot(b, a_dot)
+            if not UNIFORM_SCALE:
+                delta += tl.dot(b, a_lo)
+        out = (w + weight_scale * delta).to(W_DTYPE)  # the single rounding
+        if CHECK_ONLY:
+            value = out.to(tl.float32)
+            finite = (value == value) & (tl.abs(value) < float("inf"))
+            n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
+            if n_bad > 0:
+                tl.store(bad_ptr, 1)
+        else:
+            tl.store(w_ptrs, out, mask=mask)
 
 
 @triton.jit
@@ -264,9 +302,11 @@ class LoraMergePlan:
         self._apply(-1.0, safe)
 
     def _apply(self, sign: float, safe: bool) -> None:
-        if safe:
-            flags = [_run(launch, sign, check_only=True) for launch in self._launches]
-            if any(bool(flag.item()) for flag in flags):
+        if safe:  # every launch raises one shared flag: a single device-to-host sync for the whole check
+            flag = torch.zeros(1, dtype=torch.int32, device=self._launches[0]["device"]) if self._launches else None
+            for launch in self._launches:
+                _run(launch, sign, check_only=True, bad=flag)
+            if flag is not None and flag.item():
                 shapes = ", ".join(str(tuple(w.shape)) for w in self.weights[:4])
                 raise ValueError(
                     f"merge would produce non-finite values (weights {shapes}{', ...' if len(self.weights) > 4 else ''}"
@@ -284,16 +324,21 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
     """Build the single int64 table of one launch (weights of one shape and layout; see ``_merge_lora_kernel``)."""
     max_adapters = max(len(job[1]) for job in jobs)
     weight_rows, adapter_rows, scale_rows, max_rank = [], [], [], 1
-    padding = [0, 0, 0, 0, 0, 0, 0]  # rank 0: the adapter loop does nothing
-    aligned = strides[1] == 1 and strides[0] % 16 == 0
+    padding = [0, 0, 0, 0, 0, 0, 0]  # rank 0: contributes no rank rows
+    f_bytes = torch.empty((), dtype=factor_dtype).element_size()
+    vec = 16 // f_bytes  # elements per 16-byte vector
+    w_aligned = strides[1] == 1 and strides[0] % 16 == 0
+    f_aligned, uniform = True, True
     for weight, a_list, b_list, scales in jobs:
         weight_rows.append(weight.data_ptr())
-        aligned = aligned and weight.data_ptr() % 16 == 0
+        w_aligned = w_aligned and weight.data_ptr() % 16 == 0
+        uniform = uniform and all(s == scales[0] for s in scales)
         for a, b in zip(a_list, b_list):
             adapter_rows += [a.data_ptr(), b.data_ptr(), a.shape[0], *a.stride(), *b.stride()]
-            aligned = aligned and a.stride(1) == 1 and b.stride(1) == 1 and a.data_ptr() % 16 == 0
-            aligned = aligned and b.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
-            max_rank = max(max_rank, a.shape[0])
+            f_aligned = f_aligned and a.stride(1) == 1 and b.stride(1) == 1 and a.shape[0] % vec == 0
+            f_aligned = f_aligned and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            f_aligned = f_aligned and a.stride(0) % 16 == 0 and b.stride(0) % vec == 0
+        max_rank = max(max_rank, sum(a.shape[0] for a in a_list))
         adapter_rows += padding * (max_adapters - len(a_list))
         scale_rows += [_float_bits(s) for s in scales] + [0] * (max_adapters - len(scales))
     pin = device.type == "cuda"  # pinned + non_blocking: the copy does not stall the host
@@ -307,7 +352,10 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
         "scale_offset": len(weight_rows) + len(adapter_rows),
         "shape": shape,
         "strides": strides,
-        "aligned": aligned,
+        "w_aligned": w_aligned,
+        "f_aligned": f_aligned,
+        "uniform": uniform,
+        "f_bytes": f_bytes,
         "max_rank": max_rank,
         "weight_dtype": weight_dtype,
         "factor_dtype": factor_dtype,
@@ -315,11 +363,17 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
     }
 
 
-def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
-    bad = torch.zeros(1, dtype=torch.int32, device=launch["device"]) if check_only else launch["table"]
+def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None = None) -> None:
+    """One launch; with ``check_only`` it writes nothing but sets ``bad`` (int32, (1,)) if a value is not finite."""
+    bad = bad if check_only else launch["table"]  # never written when not checking
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
-    block_r = min(64, max(16, triton.next_power_of_2(launch["max_rank"])))
-    grid = (triton.cdiv(n_rows, BLOCK_N) * triton.cdiv(n_cols, BLOCK_K), launch["n_weights"])
+    block_r = max(16, triton.next_power_of_2(launch["max_rank"]))
+    block_k = max(16, min(BLOCK_K, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
+    rows_per_program = BLOCK_N * ROW_TILES
+    grid = (triton.cdiv(n_cols, block_k), triton.cdiv(n_rows, rows_per_program), launch["n_weights"])
+    # fp16 factors with per-adapter scales take fp32 dots too: a scaled fp16 "hi" half could overflow
+    fp32_dots = INTERPRET or launch["factor_dtype"] == torch.float32
+    fp32_dots = fp32_dots or (launch["factor_dtype"] == torch.float16 and not launch["uniform"])
     _merge_lora_kernel[grid](
         launch["table"],
         bad,
@@ -332,18 +386,20 @@ def _run(launch: dict, sign: float, check_only: bool) -> torch.Tensor | None:
         stride_k,
         W_DTYPE=_TL_DTYPE[launch["weight_dtype"]],
         F_DTYPE=_TL_DTYPE[launch["factor_dtype"]],
-        ALIGNED=launch["aligned"],
+        F_BYTES=launch["f_bytes"],
+        W_ALIGNED=launch["w_aligned"],
+        F_ALIGNED=launch["f_aligned"],
+        UNIFORM_SCALE=launch["uniform"],
         CHECK_ONLY=check_only,
-        DOT_FP32=INTERPRET or launch["factor_dtype"] == torch.float32,
-        DOT_PRECISION="ieee" if INTERPRET else "tf32x3",
+        DOT_FP32=fp32_dots,
+        DOT_PRECISION="ieee",  # tf32x3 drops the lo*lo products (~2^-22 relative): above the fp32 rounding bound
         MAX_ADAPTERS=launch["max_adapters"],
-        RANK_STEPS=triton.cdiv(launch["max_rank"], block_r),
         BLOCK_R=block_r,
         BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
+        BLOCK_K=block_k,
+        ROW_TILES=ROW_TILES,
         num_warps=NUM_WARPS,
     )
-    return bad
 
 
 # ----------------------------------------------------------------------------------------------------- references

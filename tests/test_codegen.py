@@ -9,6 +9,8 @@ import sys
 import textwrap
 from collections import Counter
 
+import pytest
+
 _COMPILE = textwrap.dedent(
     """
     import json, re, sys
@@ -16,17 +18,17 @@ _COMPILE = textwrap.dedent(
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from adapter_engine.kernels.merge import BLOCK_K, BLOCK_N, _merge_lora_kernel
+    from adapter_engine.kernels.merge import BLOCK_K, BLOCK_N, ROW_TILES, _merge_lora_kernel
 
-    aligned = sys.argv[1] == "1"
+    aligned, uniform = sys.argv[1] == "1", sys.argv[2] == "1"
     signature = {
         "table": "*i64", "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
         "adapter_offset": "i32", "scale_offset": "i32", "sign": "fp32", "stride_n": "i32", "stride_k": "i32",
     }
     constants = {
-        "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "ALIGNED": aligned, "CHECK_ONLY": False,
-        "DOT_FP32": False, "DOT_PRECISION": "tf32x3", "MAX_ADAPTERS": 4, "RANK_STEPS": 1, "BLOCK_R": 16,
-        "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K,
+        "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "F_BYTES": 2, "W_ALIGNED": aligned, "F_ALIGNED": aligned,
+        "UNIFORM_SCALE": uniform, "CHECK_ONLY": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
+        "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "ROW_TILES": ROW_TILES,
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -41,18 +43,19 @@ _COMPILE = textwrap.dedent(
 )
 
 
-def _ptx_memory_ops(aligned: bool) -> Counter:
+def _ptx_memory_ops(aligned: bool, uniform: bool = True) -> Counter:
     """Global loads and stores in the kernel's PTX for an H100 (compiled in a process without the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-c", _COMPILE, "1" if aligned else "0"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0"], capture_output=True, text=True,
                          env=env, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return Counter(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def test_merge_kernel_streams_the_weight_with_16_byte_vectors():
-    ops = _ptx_memory_ops(aligned=True)
+@pytest.mark.parametrize("uniform", [True, False], ids=["one-scale", "per-adapter-scales"])
+def test_merge_kernel_streams_the_weight_with_16_byte_vectors(uniform):
+    ops = _ptx_memory_ops(aligned=True, uniform=uniform)
     assert ops["st.global.v4.b32"] > 0 and not any(op.startswith("st.global") and "v4" not in op for op in ops), ops
     assert ops["ld.global.v4.b32"] >= ops["st.global.v4.b32"], ops  # the weight tile comes in as it goes out
 

@@ -249,6 +249,20 @@ def test_cuda_bf16_merge_is_correctly_rounded(shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mixed_ranks_and_scales_are_correctly_rounded(dtype):
+    """Ranks that break the 16-byte factor layout (1, 7) beside aligned ones, each adapter with its own scale:
+    the generic gather and the per-rank scale path (bf16 hi/lo halves, fp16 fp32 dots)."""
+    shape = (4096, 1000)
+    weight = torch.randn(shape, device="cuda").to(dtype)
+    adapters = [make_adapter(*shape, r, dtype, device="cuda", magnitude=0.05) for r in (1, 7, 64, 16)]
+    scales = [3.0, -0.75, 0.3, 1.0]
+    out = weight.clone()
+    merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
+    assert_within_one_ulp(out, fp64_merge(weight, [(a, b, s) for (a, b), s in zip(adapters, scales)]))
+
+
+@pytest.mark.cuda
 def test_cuda_fp32_and_fp16_merge_and_safe_mode():
     for dtype in (torch.float32, torch.float16):
         weight = torch.randn(2048, 3001, device="cuda").to(dtype)
