@@ -24,20 +24,6 @@ def _ensure_kernel_backend() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "adapter_engine.cli", *sys.argv[1:]], env)
 
 
-def _hide_repo_kernels() -> None:
-    """Drop the ``sys.path`` entries that also expose the repository's ``kernels/`` as a top-level package (the
-    repository root: ``python -m`` run from it, ``PYTHONPATH=.``).
-
-    transformers probes for the Hugging Face ``kernels`` package by importing that name when BERT is loaded; from
-    the repository root that imports a second copy of ``adapter_engine.kernels``, which registers the
-    ``adapter_engine::*`` torch custom ops again (seen: a segfault in torch's op lookup, transformers 5.24 and
-    torch 2.13). Called only for ``python -m adapter_engine.cli``; already-imported packages keep their paths."""
-    from . import kernels
-
-    ours = os.path.realpath(os.path.dirname(kernels.__file__))
-    sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.join(p or os.curdir, "kernels")) != ours]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapter-engine", description="Kernel-accelerated adapters for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,5 +213,4 @@ def _finetune(args) -> int:
 
 
 if __name__ == "__main__":
-    _hide_repo_kernels()
     sys.exit(main())

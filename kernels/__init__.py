@@ -3,51 +3,59 @@
 Dispatch: Triton on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``), the torch reference otherwise.
 """
 
-from ._backend import INTERPRET, use_triton
-from .bottleneck import (
-    PackedStack,
-    StackOptions,
-    bottleneck_stack,
-    bottleneck_stack_fwd,
-    bottleneck_stack_ref,
-    pack_adapters,
-)
-from .lora_linear import lora_linear, lora_linear_reference
-from .merge import (
-    LoraMergePlan,
-    merge_lora_,
-    merge_lora_many_,
-    merge_lora_many_reference_,
-    merge_lora_reference_,
-    prepare_lora_merge,
-    scale_ia3_,
-    scale_ia3_reference_,
-    unmerge_lora_,
-    unmerge_lora_many_,
-)
+if __name__ != "adapter_engine.kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (``python -m`` or ``PYTHONPATH=.``
+    # from it) and transformers probed for Hugging Face's ``kernels`` package, which shares the name. Expose
+    # nothing: a second copy of the ops would register the ``adapter_engine::*`` torch custom ops twice (a
+    # segfault in torch's op lookup), and a version of "N/A" tells transformers this is not that package.
+    __version__ = "N/A"
+    __all__ = []
+else:
+    from ._backend import INTERPRET, use_triton
+    from .bottleneck import (
+        PackedStack,
+        StackOptions,
+        bottleneck_stack,
+        bottleneck_stack_fwd,
+        bottleneck_stack_ref,
+        pack_adapters,
+    )
+    from .lora_linear import lora_linear, lora_linear_reference
+    from .merge import (
+        LoraMergePlan,
+        merge_lora_,
+        merge_lora_many_,
+        merge_lora_many_reference_,
+        merge_lora_reference_,
+        prepare_lora_merge,
+        scale_ia3_,
+        scale_ia3_reference_,
+        unmerge_lora_,
+        unmerge_lora_many_,
+    )
 
-__all__ = [
-    "INTERPRET",
-    "use_triton",
-    # merge.py
-    "merge_lora_",
-    "merge_lora_many_",
-    "merge_lora_many_reference_",
-    "merge_lora_reference_",
-    "unmerge_lora_",
-    "unmerge_lora_many_",
-    "scale_ia3_",
-    "scale_ia3_reference_",
-    "LoraMergePlan",
-    "prepare_lora_merge",
-    # lora_linear.py
-    "lora_linear",
-    "lora_linear_reference",
-    # bottleneck.py
-    "bottleneck_stack",
-    "bottleneck_stack_fwd",
-    "bottleneck_stack_ref",
-    "pack_adapters",
-    "PackedStack",
-    "StackOptions",
-]
+    __all__ = [
+        "INTERPRET",
+        "use_triton",
+        # merge.py
+        "merge_lora_",
+        "merge_lora_many_",
+        "merge_lora_many_reference_",
+        "merge_lora_reference_",
+        "unmerge_lora_",
+        "unmerge_lora_many_",
+        "scale_ia3_",
+        "scale_ia3_reference_",
+        "LoraMergePlan",
+        "prepare_lora_merge",
+        # lora_linear.py
+        "lora_linear",
+        "lora_linear_reference",
+        # bottleneck.py
+        "bottleneck_stack",
+        "bottleneck_stack_fwd",
+        "bottleneck_stack_ref",
+        "pack_adapters",
+        "PackedStack",
+        "StackOptions",
+    ]

@@ -23,13 +23,14 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
   * ``"epilogue"``: ``u`` from one torch matmul, then one Triton GEMM adds ``u B_cat^T`` in its epilogue.
   * ``"addmm"``: the low-rank term (+ bias) is written first, then cuBLAS accumulates ``x W^T`` onto it with
     ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``. The low-rank term + bias is
-    rounded to the output dtype before the sum, and on the H100 cuBLAS's ``beta=1`` epilogue adds about one more
-    rounding: its bf16 ``y`` error is ~1.02-1.03x PEFT's (measured and modelled, see the CUDA test), where the
-    other paths stay below PEFT's. Its backward uses the ``"composition"`` order for ``dx``.
+    rounded to the output dtype before the sum, and cuBLAS's ``beta=1`` accumulation appears to add about one
+    more rounding: on the H100 its bf16 ``y`` error is 1.02-1.03x PEFT's where a one-rounding-per-GEMM model of
+    its order predicts 0.92x (see the CUDA test); the other paths stay at or below PEFT's. Its backward uses the
+    ``"composition"`` order for ``dx``.
   * ``"composition"``: ``F.linear`` then ``y.addmm_(u, B^T)``, the best plain-torch order (benchmark provider).
 
-The torch paths (``"addmm"``, ``"composition"``) launch cuBLAS GEMMs only when every adapter shares one scale and
-there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
+The torch paths (``"addmm"``, ``"composition"``) are cuBLAS GEMMs and nothing else when every adapter shares one
+scale and there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
 alpha=scale)``: fp32 accumulator scaled, rounded once, as in the kernel; no (M, R) fp32 temporary). Several
 scales multiply the rounded ``x A^T`` in place (one more rounding of ``u``, as PEFT's ``* scaling`` rounds);
 ``adapter_ids`` zero the inactive columns in place. Forward: 3 GEMMs; backward (grads for x, A, B):

@@ -15,6 +15,24 @@ def test_kernels_are_not_a_top_level_module():
     assert out.stdout.split() == ["None", "adapter_engine.kernels"]
 
 
+def test_repository_root_on_sys_path_does_not_load_a_second_copy_of_the_kernels():
+    """From the repository root (``python -m``, ``PYTHONPATH=.``) the folder ``kernels/`` is importable as
+    ``kernels``, the name transformers probes for Hugging Face's package when it loads a model: that import must
+    register nothing (a second registration of the custom ops crashed torch) and must not pass for HF's package."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import kernels, adapter_engine.kernels as k\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "from transformers import BertConfig, BertModel\n"
+        "BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))\n"
+        "print(kernels.__all__, len(k.__all__) > 0, is_kernels_available())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "True", "False"]
+
+
 # The main job itself (`adapter-engine demo`) is tested in tests/test_demo.py.
 
 
