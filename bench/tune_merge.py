@@ -3,8 +3,9 @@
     python bench/tune_merge.py OUT.json
 
 Times a prepared ``LoraMergePlan`` (the launches alone) for 1 and 4 adapters under each (BLOCK_N, BLOCK_K,
-ROW_TILES, num_warps) candidate and prints the fraction of the copy-bandwidth floor; the best becomes the defaults at the
-top of kernels/merge.py. On CPU it runs the tiny shapes of the smoke test, in the interpreter.
+ROW_TILES, num_warps) candidate and prints the fraction of the copy-bandwidth floor; the best per rank width
+become ``SMALL_RANK_TILES`` / ``LARGE_RANK_TILES`` at the top of kernels/merge.py. On CPU it runs the tiny shapes of
+the smoke test, in the interpreter.
 """
 
 import json
@@ -40,20 +41,23 @@ def main(out_path: str) -> None:
     ]  # fmt: skip
     floor_ms = 2 * sum(w.numel() * w.element_size() for w in weights) / copy_bandwidth() * 1e3
     rows = []
-    for block_n, block_k, row_tiles, warps in CANDIDATES:
-        merge_module.BLOCK_N, merge_module.BLOCK_K, merge_module.NUM_WARPS = block_n, block_k, warps
-        merge_module.ROW_TILES = row_tiles
-        for n in (1, 4):
-            plan = prepare_lora_merge(
-                weights, [[a for a, _ in f[:n]] for f in factors], [[b for _, b in f[:n]] for f in factors],
-                [[0.5] * n for _ in weights],
-            )  # fmt: skip
-            for _ in range(pick(3, 1)):
-                plan.merge_()
-            ms = statistics.median(time_ms(plan.merge_) for _ in range(pick(20, 2)))
-            rows.append({"block_n": block_n, "block_k": block_k, "row_tiles": row_tiles, "num_warps": warps,
-                         "adapters": n, "ms": ms, "floor_fraction": floor_ms / ms})  # fmt: skip
-            print(f"{block_n:4d} x {block_k:4d} x{row_tiles:<2d} w{warps}  {n} adapter(s): {ms:7.3f} ms = {floor_ms / ms:6.1%} of floor")
+    try:
+        for block_n, block_k, row_tiles, warps in CANDIDATES:
+            merge_module.TILE_OVERRIDE = (block_n, block_k, row_tiles, warps)
+            for n in (1, 4):
+                plan = prepare_lora_merge(
+                    weights, [[a for a, _ in f[:n]] for f in factors], [[b for _, b in f[:n]] for f in factors],
+                    [[0.5] * n for _ in weights],
+                )  # fmt: skip
+                for _ in range(pick(3, 1)):
+                    plan.merge_()
+                ms = statistics.median(time_ms(plan.merge_) for _ in range(pick(20, 2)))
+                rows.append({"block_n": block_n, "block_k": block_k, "row_tiles": row_tiles, "num_warps": warps,
+                             "adapters": n, "ms": ms, "floor_fraction": floor_ms / ms})  # fmt: skip
+                name = f"{block_n:4d} x {block_k:4d} x{row_tiles:<2d} w{warps}"
+                print(f"{name}  {n} adapter(s): {ms:7.3f} ms = {floor_ms / ms:6.1%} of floor")
+    finally:
+        merge_module.TILE_OVERRIDE = None
     with open(out_path, "w") as f:
         json.dump({"environment": environment_info(), "floor_ms": floor_ms, "rows": rows}, f, indent=1)
 

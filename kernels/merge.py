@@ -25,7 +25,7 @@ per-weight launch (~80 us) costs more than the GPU time of a 4096 x 4096 bf16 me
 Precision of the low-rank products, on the GPU: when all adapters of a weight share one scale (the usual case),
 fp16/bf16 factors go to ``tl.dot`` as they are (products exact in fp32, fp32 accumulation) and the scale
 multiplies the fp32 sum. With different scales, the per-rank scale is folded into A in fp32 and split into a
-bf16 "hi" and "lo" half (two dots, about 16 significant bits, far below the weight's rounding). fp32 factors,
+bf16 "hi", "mid" and "lo" part (three dots, 24 significant bits, exact products). fp32 factors,
 and fp16 factors with different scales (a scaled fp16 half could overflow), use IEEE fp32 dots. The interpreter
 gets fp32 operands and IEEE dots (its bf16 arithmetic is wrong, see NOTES.md).
 """
@@ -42,10 +42,13 @@ import triton.language as tl
 from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
 
 # ----------------------------------------------------------------------------------------------------- tuning
-# Measured on an H100 (bf16, r=16, per-weight launches): 64 x 128 tiles with 4 warps were the fastest of six
-# configurations for 4096x4096, 11008x4096 and 4096x11008 (bench/results/2026-11-26-h100-merge-v1). The
-# grouped kernel cannot be autotuned by re-running it: it updates weights behind pointer tables in place.
-BLOCK_N, BLOCK_K, ROW_TILES, NUM_WARPS = 32, 128, 4, 4
+# Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps) by the width of a launch's rank axis, from the sweep of
+# bench/tune_merge.py on an H100 (bf16, Llama-shaped 4 layers, bench/results/2026-11-26-h100-session2): one r=16
+# adapter: 32 x 128 x 1 reached 95.4% of the bandwidth floor (64 x 128 x 4: 74.8%); four (R=64): 64 x 128 x 4
+# reached 66.7% (32 x 128 x 1: 52.4%). The grouped kernel cannot be autotuned by re-running it: it updates
+# weights behind pointer tables in place. ``TILE_OVERRIDE`` (a tuple like these) is for sweeps.
+SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4), (64, 128, 4, 4), None
+IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
@@ -136,16 +139,21 @@ def _merge_lora_kernel(
             a_dot = a.to(tl.float32)
         else:
             a_dot = a
+        a_mid = a_dot  # unused
         a_lo = a_dot  # unused
-    else:  # per-rank scales folded into A: fp32, or a hi + lo pair of 16-bit halves (about 16 mantissa bits)
+    else:  # per-rank scales folded into A in fp32; 16-bit dots take it as three 16-bit parts (24 bits, exact
+        # products in fp32): a two-part split (16 bits) failed the CUDA property test where terms cancel
         weight_scale = 1.0
         a_scaled = a.to(tl.float32) * r_scale[:, None]
         if DOT_FP32:
             a_dot = a_scaled
+            a_mid = a_scaled  # unused
             a_lo = a_scaled  # unused
         else:
             a_dot = a_scaled.to(F_DTYPE)
-            a_lo = (a_scaled - a_dot.to(tl.float32)).to(F_DTYPE)
+            rest = a_scaled - a_dot.to(tl.float32)  # exact in fp32
+            a_mid = rest.to(F_DTYPE)
+            a_lo = (rest - a_mid.to(tl.float32)).to(F_DTYPE)
 
     for t in range(ROW_TILES):
         offs_n = (row_group.to(tl.int64) * ROW_TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,6 +174,7 @@ def _merge_lora_kernel(
         else:
             delta = tl.dot(b, a_dot)
             if not UNIFORM_SCALE:
+                delta += tl.dot(b, a_mid)
                 delta += tl.dot(b, a_lo)
         out = (w + weight_scale * delta).to(W_DTYPE)  # the single rounding
         if CHECK_ONLY:
@@ -363,17 +372,22 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
     }
 
 
+def _fp32_dots(launch: dict) -> bool:
+    """fp32 dot operands: in the interpreter (its bf16 arithmetic is wrong), for fp32 factors, and for fp16
+    factors with per-adapter scales (a scaled fp16 part could overflow). Otherwise 16-bit tensor-core dots."""
+    if INTERPRET or launch["factor_dtype"] == torch.float32:
+        return True
+    return launch["factor_dtype"] == torch.float16 and not launch["uniform"]
+
+
 def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None = None) -> None:
     """One launch; with ``check_only`` it writes nothing but sets ``bad`` (int32, (1,)) if a value is not finite."""
     bad = bad if check_only else launch["table"]  # never written when not checking
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
     block_r = max(16, triton.next_power_of_2(launch["max_rank"]))
-    block_k = max(16, min(BLOCK_K, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
-    rows_per_program = BLOCK_N * ROW_TILES
-    grid = (triton.cdiv(n_cols, block_k), triton.cdiv(n_rows, rows_per_program), launch["n_weights"])
-    # fp16 factors with per-adapter scales take fp32 dots too: a scaled fp16 "hi" half could overflow
-    fp32_dots = INTERPRET or launch["factor_dtype"] == torch.float32
-    fp32_dots = fp32_dots or (launch["factor_dtype"] == torch.float16 and not launch["uniform"])
+    block_n, block_k, row_tiles, num_warps = TILE_OVERRIDE or (SMALL_RANK_TILES if block_r <= 16 else LARGE_RANK_TILES)
+    block_k = max(16, min(block_k, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
+    grid = (triton.cdiv(n_cols, block_k), triton.cdiv(n_rows, block_n * row_tiles), launch["n_weights"])
     _merge_lora_kernel[grid](
         launch["table"],
         bad,
@@ -391,14 +405,14 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
         F_ALIGNED=launch["f_aligned"],
         UNIFORM_SCALE=launch["uniform"],
         CHECK_ONLY=check_only,
-        DOT_FP32=fp32_dots,
+        DOT_FP32=_fp32_dots(launch),
         DOT_PRECISION="ieee",  # tf32x3 drops the lo*lo products (~2^-22 relative): above the fp32 rounding bound
         MAX_ADAPTERS=launch["max_adapters"],
         BLOCK_R=block_r,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_K=block_k,
-        ROW_TILES=ROW_TILES,
-        num_warps=NUM_WARPS,
+        ROW_TILES=row_tiles,
+        num_warps=num_warps,
     )
 
 
@@ -604,7 +618,7 @@ def scale_ia3_(
         return scale_ia3_reference_(weight, ia3_scale, dim=dim, inverse=inverse, safe=safe)
     if weight.numel() == 0:
         return weight
-    grid = (triton.cdiv(weight.shape[0], BLOCK_N) * triton.cdiv(weight.shape[1], BLOCK_K),)
+    grid = (triton.cdiv(weight.shape[0], IA3_BLOCK_N) * triton.cdiv(weight.shape[1], IA3_BLOCK_K),)
 
     def run(check_only: bool) -> torch.Tensor:
         bad = torch.zeros(1, dtype=torch.int32, device=weight.device)
@@ -619,9 +633,9 @@ def scale_ia3_(
             SCALE_ROWS=dim == 0,
             DIVIDE=inverse,
             CHECK_ONLY=check_only,
-            BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K,
-            num_warps=NUM_WARPS,
+            BLOCK_N=IA3_BLOCK_N,
+            BLOCK_K=IA3_BLOCK_K,
+            num_warps=IA3_NUM_WARPS,
         )
         return bad
 

@@ -18,7 +18,7 @@ _COMPILE = textwrap.dedent(
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from adapter_engine.kernels.merge import BLOCK_K, BLOCK_N, ROW_TILES, _merge_lora_kernel
+    from adapter_engine.kernels.merge import LARGE_RANK_TILES, _merge_lora_kernel
 
     aligned, uniform = sys.argv[1] == "1", sys.argv[2] == "1"
     signature = {
@@ -28,7 +28,8 @@ _COMPILE = textwrap.dedent(
     constants = {
         "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "F_BYTES": 2, "W_ALIGNED": aligned, "F_ALIGNED": aligned,
         "UNIFORM_SCALE": uniform, "CHECK_ONLY": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
-        "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "ROW_TILES": ROW_TILES,
+        "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": LARGE_RANK_TILES[0],
+        "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2],
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -47,8 +48,8 @@ def _ptx_memory_ops(aligned: bool, uniform: bool = True) -> Counter:
     """Global loads and stores in the kernel's PTX for an H100 (compiled in a process without the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0"], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
+    args = [sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return Counter(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -453,3 +453,20 @@ def test_inference_reuses_stacked_factors_only_while_they_are_unchanged():
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_autocast_computes_in_the_autocast_dtype_with_fp32_master_gradients():
+    """Trainer's bf16 mixed precision: fp32 weights and factors, autocast on. Like F.linear, the op runs in bf16
+    and the fp32 leaves get fp32 gradients (a GPU demo run failed here: bf16 activations met fp32 factors)."""
+    x, w, b, As, Bs = _make((6,), 40, 24, [4, 8], torch.float32)
+    leaves = [x, *As, *Bs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, As, Bs, [1.0, 0.5], b)
+        y_ref = lora_linear_reference(x, w, As, Bs, [1.0, 0.5], b)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(y.float().square().sum(), leaves)
+    grads_ref = torch.autograd.grad(y_ref.float().square().sum(), leaves)
+    for g, g_ref, leaf in zip(grads, grads_ref, leaves, strict=True):
+        assert g.dtype == leaf.dtype == torch.float32
+        assert _rel_err(g, g_ref) < 2e-2  # bf16 compute on both sides: compare whole tensors, not elements

@@ -389,3 +389,25 @@ def test_prepared_plan_merges_and_unmerges_repeatedly():
     plan.merge_()
     expected = fp64_merge(weights[0], [(lora_a[0][0], lora_b[0][0], scales[0][0])])
     assert_within_one_ulp(outs[0], (expected[0], expected[1] + 4 * ulp(expected[0], torch.float32)))
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["random", "cancelling"])
+def test_per_adapter_scales_with_16_bit_dots(monkeypatch, cancel):
+    """The GPU's path for adapters with different scales: each rank row of A scaled in fp32, split into three
+    16-bit parts, 16-bit dots (exact products), fp32 sum. The interpreter runs it with fp16 factors (its fp16 dots
+    are sound, its bf16 arithmetic is not). ``cancelling``: W is about minus the update, so the result is small
+    and only a split carrying all 24 bits of the scaled A stays within the fp32 bound."""
+    from adapter_engine.kernels import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "_fp32_dots", lambda launch: False)
+    torch.manual_seed(3)
+    shape, ranks, scales = (67, 130), (1, 8, 16), [3.0, -0.75, 0.3]
+    adapters = [make_adapter(*shape, r, torch.float16) for r in ranks]
+    weight = torch.randn(shape).to(torch.float16)
+    if cancel:
+        update = sum(s * (b.double() @ a.double()) for (a, b), s in zip(adapters, scales))
+        weight = (-update * (1 + 2**-9) + torch.randn(shape).double() * 1e-3).to(torch.float16)
+    expected = fp64_merge(weight, [(a, b, s) for (a, b), s in zip(adapters, scales)])
+    out = weight.clone()
+    merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
+    assert_within_one_ulp(out, expected)
