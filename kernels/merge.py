@@ -33,6 +33,7 @@ gets fp32 operands and IEEE dots (its bf16 arithmetic is wrong, see NOTES.md).
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -51,6 +52,7 @@ SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4), (64, 128, 4
 IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_FP32_MAX = torch.finfo(torch.float32).max
 _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
 
 
@@ -273,8 +275,8 @@ def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, where: s
             )
         if a.shape[0] == 0:
             raise ValueError(f"{where}adapter {i}: rank must be at least 1, got lora_A {tuple(a.shape)}")
-        if not isinstance(s, (int, float)) or not math.isfinite(float(s)):
-            raise ValueError(f"{where}adapter {i}: scale must be a finite number, got {s!r}")
+        if not isinstance(s, (int, float)) or not math.isfinite(float(s)) or abs(s) > _FP32_MAX:
+            raise ValueError(f"{where}adapter {i}: scale must be a finite number within fp32 range, got {s!r}")
     if fan_in_fan_out:
         a_list, b_list = [b.t() for b in b_list], [a.t() for a in a_list]
     return a_list, b_list, [float(s) for s in scales]
@@ -326,7 +328,8 @@ class LoraMergePlan:
 
 
 def _float_bits(value: float) -> int:
-    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+    """The fp32 bit pattern of ``value`` as an int (for the int64 table; struct: no tensor per scale)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
 def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:

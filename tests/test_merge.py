@@ -195,6 +195,7 @@ def test_unsafe_merge_writes_what_it_computes():
         ("device", ValueError, "meta"),
         ("weight_3d", ValueError, r"\(2, 10, 16\)"),
         ("nan_scale", ValueError, "finite"),
+        ("huge_scale", ValueError, "within fp32 range"),
     ],
 )
 def test_bad_input_is_rejected_and_nothing_written(case, error, message):
@@ -219,6 +220,8 @@ def test_bad_input_is_rejected_and_nothing_written(case, error, message):
         weight = torch.randn(2, 10, 16)
     elif case == "nan_scale":
         scale = float("nan")
+    elif case == "huge_scale":
+        scale = 1e39  # finite in Python, infinite in the fp32 the kernel computes in
     before = weight.clone()
     with pytest.raises(error, match=message):
         merge_lora_(weight, a, b, scale)
