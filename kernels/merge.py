@@ -58,6 +58,20 @@ _ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stri
 
 # ----------------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY: tl.constexpr):
+    """Write the rounded tile, or (``CHECK_ONLY``, safe mode's first pass) only raise the flag at ``bad_ptr`` if a
+    value of it is NaN or infinite."""
+    if CHECK_ONLY:
+        value = out.to(tl.float32)
+        finite = (value == value) & (tl.abs(value) < float("inf"))
+        n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
+        if n_bad > 0:
+            tl.store(bad_ptr, 1)
+    else:
+        tl.store(w_ptrs, out, mask=mask)
+
+
+@triton.jit
 def _merge_lora_kernel(
     # pointers
     table,  # int64, three sections (one host-to-device copy per launch):
@@ -179,14 +193,7 @@ def _merge_lora_kernel(
                 delta += tl.dot(b, a_mid)
                 delta += tl.dot(b, a_lo)
         out = (w + weight_scale * delta).to(W_DTYPE)  # the single rounding
-        if CHECK_ONLY:
-            value = out.to(tl.float32)
-            finite = (value == value) & (tl.abs(value) < float("inf"))
-            n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
-            if n_bad > 0:
-                tl.store(bad_ptr, 1)
-        else:
-            tl.store(w_ptrs, out, mask=mask)
+        _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY)
 
 
 @triton.jit
@@ -221,14 +228,7 @@ def _scale_ia3_kernel(
         out = (w / v).to(w_ptr.dtype.element_ty)
     else:
         out = (w * v).to(w_ptr.dtype.element_ty)
-    if CHECK_ONLY:
-        value = out.to(tl.float32)
-        finite = (value == value) & (tl.abs(value) < float("inf"))
-        n_bad = tl.sum(tl.sum(tl.where(mask & (~finite), 1, 0), axis=1), axis=0)
-        if n_bad > 0:
-            tl.store(bad_ptr, 1)
-    else:
-        tl.store(w_ptrs, out, mask=mask)
+    _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY)
 
 
 # ----------------------------------------------------------------------------------------------------- validation
