@@ -5,7 +5,11 @@ Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, sha
 (each forced path, to tune ``DISPATCH`` in kernels/lora_linear.py), ``composition`` (``F.linear`` then an in-place
 ``addmm_`` of the low-rank term: the best plain-torch order) and ``peft`` (a PEFT ``lora.Linear``).
 Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B); a mixed batch
-of 4 resident adapters with per-row ids incl. -1 (PEFT: ``adapter_names=``). Each row stores its ratio to the
+of 4 or 16 resident adapters with per-row ids incl. -1 (PEFT: ``adapter_names=``): ``engine`` (dispatch, which
+takes the segmented path for mixed batches, kernels/lora_segmented.py), ``engine_segmented`` and ``engine_masked``
+(forced: the segmented path, and the masked stacked-rank path ``"auto"`` took before it) to retune the rule in
+``DISPATCH``, ``engine_one`` (one adapter for every row: the target is >= 0.85x its throughput), and training
+(``train_*``: forward + backward for x and every A_i, B_i). Each row stores its ratio to the
 bare op measured in the same run (``vs_bare``); bench/report.py recomputes ratios from the JSON as well.
 On CPU everything runs at tiny sizes in the interpreter as a smoke test.
 """
@@ -25,7 +29,10 @@ DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 SHAPES = pick([(4096, 4096), (4096, 11008)], [(64, 48)])
 ROWS = pick([1, 16, 256, 4096, 16384], [1, 16])
 TRAIN_ROWS = pick([256, 4096, 16384], [16])
-MIXED_ROWS = pick([16, 256, 4096], [16])
+MIXED_ROWS = pick([16, 256, 4096], [16, 80])
+MIXED_ADAPTERS = pick([4, 16], [4, 16])
+MIXED_PROVIDERS = ["bare", "engine_one", "engine", "engine_segmented", "engine_masked", "peft", "train_engine_one",
+                   "train_engine", "train_engine_masked"]  # fmt: skip
 FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "composition", "peft"]
 TRAIN_PROVIDERS = ["bare", "engine", "composition", "peft"]
 _BARE_MS: dict[tuple, float] = {}
@@ -154,25 +161,45 @@ def bench_lora_linear_train(benchmark, layer_cache, shape, M, provider):
     _record(benchmark, fn, bare, ("train", shape, M), provider=provider, case=case, M=M, shape=list(shape))
 
 
-@pytest.mark.parametrize("provider", ["bare", "engine_one", "engine", "peft"])
+@pytest.mark.parametrize("provider", MIXED_PROVIDERS)
 @pytest.mark.parametrize("M", MIXED_ROWS)
-def bench_lora_linear_mixed_batch(benchmark, layer_cache, M, provider):
-    """4 resident adapters, each row picks one (or -1, base only); ``engine_one``: one adapter for all rows."""
+@pytest.mark.parametrize("n_adapters", MIXED_ADAPTERS)
+def bench_lora_linear_mixed_batch(benchmark, layer_cache, n_adapters, M, provider):
+    """``n_adapters`` resident adapters, each row picks one (or -1, base only); ``engine_one``: one adapter for all
+    rows; ``train_*``: forward + backward (frozen W; grads for x and every adapter's A and B)."""
+    from adapter_engine.kernels.lora_linear import DISPATCH
+
     shape = SHAPES[0]
-    w, As, Bs, peft_layer = _layer(layer_cache, shape, n_adapters=4)
-    As, Bs = [a.detach() for a in As], [b.detach() for b in Bs]
-    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
-    ids = torch.arange(M, device=device()) % 5 - 1  # -1, 0, 1, 2, 3, -1, ...
+    w, As, Bs, peft_layer = _layer(layer_cache, shape, n_adapters=n_adapters)
+    train = provider.startswith("train_")
+    if not train:
+        As, Bs = [a.detach() for a in As], [b.detach() for b in Bs]
+    x = torch.randn(M, shape[0], device=device(), dtype=DTYPE, requires_grad=train)
+    ids = torch.arange(M, device=device()) % (n_adapters + 1) - 1  # -1, 0, 1, ..., n-1, -1, ...
     names = ["__base__" if i < 0 else f"a{i}" for i in ids.tolist()]
-    bare = lambda: F.linear(x, w)
+    masked = DISPATCH.large_m_path if M > DISPATCH.fused_max_m else "fused"  # the rule before the segmented path
+    scales = [SCALE] * n_adapters
+    if train:
+        dy = torch.randn(M, shape[1], device=device(), dtype=DTYPE)
+        bare = lambda: torch.autograd.grad(F.linear(x, w), [x], dy)
+    else:
+        bare = lambda: F.linear(x, w)
+    fwd = {
+        "engine_one": lambda: lora_linear(x, w, As[0], Bs[0], SCALE),
+        "engine": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids),
+        "engine_segmented": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path="segmented"),
+        "engine_masked": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path=masked),
+        "peft": lambda: peft_layer(x, adapter_names=names),
+    }
     if provider == "bare":
         fn = bare
-    elif provider == "engine_one":
-        fn = lambda: lora_linear(x, w, As[0], Bs[0], SCALE)
-    elif provider == "engine":
-        fn = lambda: lora_linear(x, w, As, Bs, [SCALE] * 4, adapter_ids=ids)
+    elif train:
+        forward = fwd[provider.removeprefix("train_")]
+        leaves = [x, As[0], Bs[0]] if provider == "train_engine_one" else [x, *As, *Bs]
+        fn = lambda: torch.autograd.grad(forward(), leaves, dy)
     else:
-        fn = lambda: peft_layer(x, adapter_names=names)
-    case = f"mixed 4 adapters {shape[0]}x{shape[1]} M={M} r={RANK}"
-    with torch.no_grad():
-        _record(benchmark, fn, bare, ("mixed", shape, M), provider=provider, case=case, M=M, shape=list(shape))
+        fn = fwd[provider]
+    case = f"mixed {n_adapters} adapters {'fwd+bwd ' if train else ''}{shape[0]}x{shape[1]} M={M} r={RANK}"
+    with torch.set_grad_enabled(train):
+        _record(benchmark, fn, bare, ("mixed", train, shape, M), provider=provider, case=case, M=M,
+                shape=list(shape), n_adapters=n_adapters)  # fmt: skip

@@ -19,6 +19,7 @@ CPU (smoke test under the Triton interpreter):
 from __future__ import annotations
 
 import copy
+import importlib
 import statistics
 import tempfile
 import time
@@ -63,7 +64,7 @@ def _randomise(model: torch.nn.Module) -> None:
 
 
 def _inputs():
-    batch, seq = pick((32, 128), (4, 4))
+    batch, seq = pick((32, 128), (4, 20))  # CPU: 80 token rows, above fused_max_m: the LoRA cases run segmented
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, _config().vocab_size, (batch, seq), generator=gen).to(device())
 
@@ -107,14 +108,31 @@ def _peft():
 
 
 def _variants() -> int:
-    """Autotuner keys seen so far by the fused kernels (a new key means a new compilation on the GPU)."""
-    from adapter_engine.kernels import bottleneck, lora_linear
+    """Autotuner keys seen so far by the fused kernels, plus the compiled specialisations of the segmented LoRA
+    kernels (no autotuner): a new one means a new compilation on the GPU."""
+    from adapter_engine.kernels import bottleneck, lora_segmented
 
+    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")  # the package attribute is the op
     kernels = [
         getattr(bottleneck, "_bottleneck_stack_fwd_kernel", None),
         getattr(lora_linear, "_fwd_kernel_tuned", None),
     ]
-    return sum(len(getattr(k, "cache", {}) or {}) for k in kernels if k is not None)
+    tuned = sum(len(getattr(k, "cache", {}) or {}) for k in kernels if k is not None)
+    jitted = [
+        lora_segmented._lora_segmented_shrink_kernel,
+        lora_segmented._lora_segmented_expand_kernel,
+    ]  # JITFunction.device_caches: device -> (compiled kernels by specialisation, ...); absent in the interpreter
+    compiled = sum(len(c[0]) for k in jitted for c in getattr(k, "device_caches", {}).values())
+    return tuned + compiled
+
+
+def _lora_path(k: int) -> str:
+    """The path ``lora_linear``'s dispatch takes for the engine's mixed LoRA batch (one LoRA of r=16 per row)."""
+    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")
+    ids = _inputs()
+    x = torch.empty(0, device=ids.device)
+    ranks = [16] * min(k, ids.shape[0])
+    return "segmented" if lora_linear._wants_segmented("auto", ids.numel(), ranks, ids, x) else "masked"
 
 
 # ----------------------------------------------------------------------------------------------------- switching
@@ -256,17 +274,22 @@ def bench_mixed(benchmark, kind, k, provider):
             "new_kernel_variants": _variants() - before,
         }
     )
+    if lora and provider == "engine":
+        benchmark.extra_info["lora_path"] = _lora_path(k)
 
 
+@pytest.mark.parametrize("kind", ["seq_bn stacks", "lora"])
 @pytest.mark.parametrize("k", MIX)
-def bench_mixed_outputs_agree(benchmark, k):
+def bench_mixed_outputs_agree(benchmark, k, kind):
     """Not a timing: the engine's mixed batch equals the per-adapter loop (a wrong route would be O(0.1) off)."""
     ids = _inputs()
-    sam = _stacks()
-    names = [f"s{i % k}" for i in range(ids.shape[0])]
+    lora = kind == "lora"
+    sam = _loras() if lora else _stacks()
+    names = [f"{'l' if lora else 's'}{i % k}" for i in range(ids.shape[0])]
     with torch.no_grad():
         mixed = sam(input_ids=ids, adapter=names).last_hidden_state.float()
         rows = [sam(input_ids=ids[i : i + 1], adapter=n).last_hidden_state.float() for i, n in enumerate(names[:k])]
     err = max((mixed[i : i + 1] - r).abs().max().item() for i, r in enumerate(rows))
-    timed(benchmark, lambda: None, case=f"mixed {k} agreement", provider="check", max_abs_err=err)
+    case = f"mixed {k} {kind.split()[0]} agreement"
+    timed(benchmark, lambda: None, case=case, provider="check", max_abs_err=err)
     assert err < pick(0.1, 1e-4), err

@@ -21,6 +21,14 @@ else:
         pack_adapters,
     )
     from .lora_linear import lora_linear, lora_linear_reference
+    from .lora_segmented import (
+        SegmentPlan,
+        lora_segmented_bwd,
+        lora_segmented_bwd_reference,
+        lora_segmented_fwd,
+        lora_segmented_fwd_reference,
+        plan_segments,
+    )
     from .merge import (
         LoraMergePlan,
         merge_lora_,
@@ -51,6 +59,13 @@ else:
         # lora_linear.py
         "lora_linear",
         "lora_linear_reference",
+        # lora_segmented.py (mixed batches; lora_linear(adapter_ids=..., path="segmented") is the functional API)
+        "lora_segmented_fwd",
+        "lora_segmented_fwd_reference",
+        "lora_segmented_bwd",
+        "lora_segmented_bwd_reference",
+        "plan_segments",
+        "SegmentPlan",
         # bottleneck.py
         "bottleneck_stack",
         "bottleneck_stack_fwd",

@@ -28,6 +28,15 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     its order predicts 0.92x (see the CUDA test); the other paths stay at or below PEFT's. Its backward uses the
     ``"composition"`` order for ``dx``.
   * ``"composition"``: ``F.linear`` then ``y.addmm_(u, B^T)``, the best plain-torch order (benchmark provider).
+  * ``"segmented"`` (mixed batches only: needs ``adapter_ids``): ``F.linear``, then each row's own adapter term
+    from kernels/lora_segmented.py (rows grouped by adapter on the device; SGMV shrink and expand). The masked paths
+    above do ``M * R * (K + N)`` low-rank work for R = the sum of all resident ranks; this one ``M * r * (K + N)``
+    with r = the row's own rank. u is rounded once after its scale (as in the Triton kernel), y once after cuBLAS's
+    base (as ``"composition"``); ``u`` is then (M, U) with rows in adapter order (U: the max rank rounded up to a
+    power of two >= 16), not (M, R).
+
+``"auto"`` takes ``"segmented"`` for a mixed batch of several resident adapters on the Triton backend when the
+masked paths would do more work (``LoraLinearDispatch``); torch.compile traces the same choice.
 
 The torch paths (``"addmm"``, ``"composition"``) are cuBLAS GEMMs and nothing else when every adapter shares one
 scale and there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
@@ -50,8 +59,17 @@ import triton
 import triton.language as tl
 
 from ._backend import AUTOTUNE, FLOAT_DTYPES, INTERPRET, check_float_dtype, check_same_device, use_triton
+from .lora_segmented import (
+    SegmentPlan,
+    lora_segmented_bwd,
+    lora_segmented_bwd_reference,
+    lora_segmented_fwd,
+    lora_segmented_fwd_reference,
+    plan_segments,
+    u_width,
+)
 
-PATHS = ("auto", "fused", "epilogue", "addmm", "composition")
+PATHS = ("auto", "fused", "epilogue", "addmm", "composition", "segmented")
 
 
 @dataclass
@@ -60,12 +78,24 @@ class LoraLinearDispatch:
 
     fused_max_m: rows up to which the single fused launch is used.
     large_m_path: the path used above ``fused_max_m`` (``"addmm"``, ``"epilogue"`` or ``"composition"``).
+    segmented_min_adapters / segmented_max_fused_rank: a mixed batch (``adapter_ids``) with at least
+    ``segmented_min_adapters`` resident adapters takes ``"segmented"`` on the Triton backend, except at
+    ``M <= fused_max_m`` while the stacked rank R is at most ``segmented_max_fused_rank``.
+
+    Why (no GPU measurement yet; retune from bench/bench_lora_linear.py's mixed rows): above ``fused_max_m`` the
+    masked path costs 5 launches (GEMM, shrink, id mask, mask multiply, expand) and ``M * R * (K + N)`` low-rank
+    FLOPs; the segmented path 3 launches (GEMM, shrink, expand; the row grouping is cached per ids tensor) and
+    ``M * r * (K + N)``, reading x and y as often, so it is not worse from 2 adapters on and its advantage grows
+    with R. At small M the one fused launch wins on launch count while its (BLOCK_M, R) accumulator and R-wide
+    A_cat tiles stay small: up to R = 64 (4 adapters of rank 16), as tuned for one adapter of rank <= 64.
     """
 
     fused_max_m: int = 64
     # H100, bf16, r=16 (bench/results/2026-11-26-h100-session1): above 64 rows "composition" beat "addmm" in 5 of
     # 6 shape/M cases (e.g. 0.26 vs 0.43 ms at 4096x4096, M=4096), and the CUDA tier flagged "addmm" at M >= 256.
     large_m_path: str = "composition"
+    segmented_min_adapters: int = 2
+    segmented_max_fused_rank: int = 64
 
 
 DISPATCH = LoraLinearDispatch()
@@ -263,6 +293,18 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
+def _wants_segmented(path: str, m: int, ranks: Sequence[int], ids: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """``path="auto"`` on a mixed batch: the segmented path when it needs less work (``LoraLinearDispatch``)."""
+    d = DISPATCH
+    return (
+        path == "auto"
+        and ids is not None
+        and len(ranks) >= d.segmented_min_adapters
+        and use_triton(x)
+        and (m > d.fused_max_m or sum(ranks) > d.segmented_max_fused_rank)
+    )
+
+
 def _pick_path(path: str, m: int, fusable: bool) -> str:
     if path == "auto":
         path = "fused" if m <= DISPATCH.fused_max_m else DISPATCH.large_m_path
@@ -285,6 +327,7 @@ def lora_linear_fwd(
     path: str = "auto",
     store_u: bool = True,
     shared_scale: float | None = None,
+    segments: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward launcher on 2-D operands (already validated by the functional API).
 
@@ -292,8 +335,13 @@ def lora_linear_fwd(
     rank_adapter: (R,) int32; bias: (N,); adapter_ids: (M,) int32; x_lora: (M, K) adapter input (dropout) or
     None for x; shared_scale: the one scale of every rank when they share it (a host float, equal to every
     entry of ``rank_scale``), else None. Returns y (M, N) and u = (x_lora A^T) * C (M, R) in x's dtype (None
-    unless ``store_u``; the torch paths always return it).
+    unless ``store_u``; the torch paths always return it). Path ``"segmented"``: ``segments`` (from
+    ``plan_segments(adapter_ids, ranks, scales)``) replaces the rank tables and u is (M, U), rows in adapter order
+    (kernels/lora_segmented.py).
     """
+    if path == "segmented":
+        fwd = lora_segmented_fwd if use_triton(x) else lora_segmented_fwd_reference
+        return fwd(x, weight, lora_A, lora_B, _need_plan(segments), bias, x_lora, store_u=store_u)
     if not use_triton(x):
         return lora_linear_fwd_reference(
             x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
@@ -358,6 +406,12 @@ def lora_linear_fwd(
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)
 
 
+def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:
+    if segments is None:
+        raise ValueError('path "segmented" needs segments=plan_segments(adapter_ids, ranks, scales)')
+    return segments
+
+
 def _shrink(inp, factor, rank_scale, rank_adapter, adapter_ids, shared_scale):
     """``(inp @ factor) * C`` (M, R) in inp's dtype with as few launches as the case allows (torch paths).
 
@@ -398,8 +452,13 @@ def lora_linear_fwd_reference(
     path: str = "auto",
     store_u: bool = True,
     shared_scale: float | None = None,
+    segments: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Torch twin of ``lora_linear_fwd``: fp32 accumulation, u rounded to the input dtype, y rounded once."""
+    if path == "segmented":  # its u has another layout: (M, U), rows in adapter order
+        return lora_segmented_fwd_reference(
+            x, weight, lora_A, lora_B, _need_plan(segments), bias, x_lora, store_u=store_u
+        )
     del path, shared_scale  # one torch formulation serves every path; rank_scale holds the scales
     if x.dtype == torch.float32 or x.device.type == "cuda":
         u = (x if x_lora is None else x_lora) @ lora_A.t()
@@ -428,6 +487,7 @@ def lora_linear_bwd(
     *,
     path: str = "auto",
     shared_scale: float | None = None,
+    segments: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward launcher. ``needs`` = which of (dx, dx_lora, dweight, dbias, dA_cat, dB_cat) to compute.
 
@@ -438,8 +498,12 @@ def lora_linear_bwd(
     fused forward kernel computes it, writing ``du`` as its ``u``, when ``path`` picks a Triton path for dy's rows.
     On the torch paths cuBLAS does it directly: ``du`` as in the forward (``_shrink``), ``dx = dy W`` and then
     ``dx.addmm_(du, A_cat)`` (``"addmm"`` too: the low-rank term is summed in fp32, not rounded first). Returns the
-    six gradients (None if unneeded). ``shared_scale``: as in ``lora_linear_fwd``.
+    six gradients (None if unneeded). ``shared_scale``, ``segments``: as in ``lora_linear_fwd``; path
+    ``"segmented"`` (u in its layout) runs ``lora_segmented_bwd``.
     """
+    if path == "segmented":
+        bwd = lora_segmented_bwd if use_triton(dy) else lora_segmented_bwd_reference
+        return bwd(dy, x, x_lora, weight, lora_A, lora_B, _need_plan(segments), u, needs)
     if not use_triton(dy):
         return lora_linear_bwd_reference(
             dy, x, x_lora, weight, lora_A, lora_B, rank_scale, rank_adapter, adapter_ids, u, needs,
@@ -483,8 +547,11 @@ def lora_linear_bwd_reference(
     *,
     path: str = "auto",
     shared_scale: float | None = None,
+    segments: SegmentPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Torch twin of ``lora_linear_bwd`` (same formulas; CPU half precision upcast to fp32, rounded once)."""
+    if path == "segmented":
+        return lora_segmented_bwd_reference(dy, x, x_lora, weight, lora_A, lora_B, _need_plan(segments), u, needs)
     del path, shared_scale
     need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
     dt = dy.dtype
@@ -554,22 +621,58 @@ def _stack_cached(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
     return stacked
 
 
+_SEGMENTS: collections.OrderedDict = collections.OrderedDict()  # adapter_ids tensor -> its rows grouped by adapter
+
+
+def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, SegmentPlan]:
+    """(flat ids (M,) int32, ``plan_segments`` of them), remembered while ``adapter_ids`` is unchanged.
+
+    Serving passes one ids tensor to every LoRA layer of a forward (adapter_engine's routes cache it per batch
+    layout); grouping its rows costs a flatten, a sort and a search (3-4 launches) that the other layers skip. An
+    entry is valid while the tensor is the same live object (weak reference) at the same in-place version, for
+    the same row shape and adapter count. Never cached: inference tensors (no version counter) and calls during
+    CUDA graph capture (the graph must contain the grouping, to follow a static ids buffer refilled in place).
+    """
+    n = len(ranks)
+    key = None
+    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and not capturing:
+        key = (id(adapter_ids), adapter_ids._version, tuple(x.shape[:-1]), n, x.device)
+        hit = _SEGMENTS.get(key)
+        if hit is not None and hit[0]() is adapter_ids:
+            _SEGMENTS.move_to_end(key)
+            ids, plan = hit[1], hit[2]
+            if plan.ranks != ranks or plan.scales != scales:  # same rows, other adapters (e.g. another layer's)
+                plan = plan_segments(ids, ranks, scales, grouping=(plan.order, plan.starts))
+            return ids, plan
+    ids = _row_ids(adapter_ids, x, n)
+    plan = plan_segments(ids, ranks, scales)
+    if key is not None:
+        _SEGMENTS[key] = (weakref.ref(adapter_ids), ids, plan)
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.popitem(last=False)
+    return ids, plan
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """Non-tensor settings of one call: each adapter's rank and scale, and the forward path."""
+    """Settings of one call: each adapter's rank and scale, the forward path, and for path ``"segmented"`` the
+    rows grouped by adapter (``plan_segments``: integer device tensors, never differentiated)."""
 
     ranks: tuple[int, ...]
     scales: tuple[float, ...]
     path: str = "auto"
+    segments: SegmentPlan | None = None
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """Fused LoRA linear on 2-D operands; inputs ``(settings, x, x_lora, weight, bias, adapter_ids, *As, *Bs)``.
 
     Saved for backward: x (only for dW, or for dA without dropout), x_lora (dropout only), u = (x_lora A^T) * C
-    (M, R) for dB, references to the weights and the stacked A_cat / B_cat (the factors themselves for one
-    adapter; so the backward does not concatenate again); never an (M, N) or (N, K) temporary. Gradients are
-    derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a slice of dA_cat / dB_cat.
+    (M, R) for dB (path ``"segmented"``: (M, U), rows in adapter order), references to the weights and
+    the stacked A_cat / B_cat (the factors themselves for one adapter; so the backward does not concatenate
+    again); never an (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's
+    dA_i / dB_i is a slice of dA_cat / dB_cat.
     """
 
     @staticmethod
@@ -581,7 +684,7 @@ class LoraLinearFunction(torch.autograd.Function):
         need_da, need_dbb = any(g[6 : 6 + n]), any(g[6 + n :])
         y, u = lora_linear_fwd(
             x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
-            path=settings.path, store_u=need_dbb, shared_scale=shared,
+            path=settings.path, store_u=need_dbb, shared_scale=shared, segments=settings.segments,
         )  # fmt: skip
         ctx.needs = (g[1], g[2] and x_lora is not None, g[3], bias is not None and g[4], need_da, need_dbb)
         keep_x = g[3] or (need_da and x_lora is None)
@@ -597,7 +700,7 @@ class LoraLinearFunction(torch.autograd.Function):
         rank_scale, rank_adapter, shared = _rank_tables(s.ranks, s.scales, dy.device)
         dx, dxl, dW, db, dA, dB = lora_linear_bwd(
             dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, ctx.needs,
-            path=s.path, shared_scale=shared,
+            path=s.path, shared_scale=shared, segments=s.segments,
         )  # fmt: skip
         if n == 1:  # one adapter: its gradients are dA_cat / dB_cat themselves (no split op)
             return None, dx, dxl, dW, db, None, dA, dB
@@ -621,14 +724,17 @@ def _lora_linear_op(
     A, B = _stack(lora_As, lora_Bs)
     ranks = tuple(a.shape[0] for a in lora_As)
     rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
+    plan = plan_segments(adapter_ids, ranks, scales) if path == "segmented" else None
     return lora_linear_fwd(
-        x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path, shared_scale=shared
-    )
+        x, weight, A, B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path=path, shared_scale=shared,
+        segments=plan,
+    )  # fmt: skip
 
 
 @_lora_linear_op.register_fake
 def _(x, x_lora, weight, bias, adapter_ids, lora_As, lora_Bs, scales, path):
-    R = sum(a.shape[0] for a in lora_As)
+    ranks = [a.shape[0] for a in lora_As]
+    R = u_width(ranks) if path == "segmented" else sum(ranks)  # u's width (path "segmented": the rank tile)
     return x.new_empty((x.shape[0], lora_Bs[0].shape[0])), x.new_empty((x.shape[0], R))
 
 
@@ -649,9 +755,10 @@ def _lora_linear_bwd_op(
     A, B = _stack(lora_As, lora_Bs)
     ranks = tuple(a.shape[0] for a in lora_As)
     rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), dy.device)
+    plan = plan_segments(adapter_ids, ranks, scales) if path == "segmented" else None  # the forward's grouping
     grads = lora_linear_bwd(
         dy, x, x_lora, weight, A, B, rank_scale, rank_adapter, adapter_ids, u, tuple(needs),
-        path=path, shared_scale=shared,
+        path=path, shared_scale=shared, segments=plan,
     )  # fmt: skip
     return [g if g is not None else dy.new_empty(0) for g in grads]
 
@@ -659,7 +766,7 @@ def _lora_linear_bwd_op(
 @_lora_linear_bwd_op.register_fake
 def _(dy, x, x_lora, weight, adapter_ids, u, lora_As, lora_Bs, scales, path, needs):
     M, N = dy.shape
-    K, R = weight.shape[1], u.shape[1]
+    K, R = weight.shape[1], sum(a.shape[0] for a in lora_As)
     shapes = [(M, K), (M, K), (N, K), (N,), (R, K), (N, R)]
     return [dy.new_empty(s if need else (0,)) for s, need in zip(shapes, needs, strict=True)]
 
@@ -825,23 +932,35 @@ def lora_linear(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    ids = _row_ids(adapter_ids, x, len(As))
+    ranks = tuple(a.shape[0] for a in As)
     lead = x.shape[:-1]
     w = weight.t() if fan_in_fan_out else weight  # (out, in) view
     x_lora = torch.nn.functional.dropout(x, dropout, True).reshape(-1, in_f) if training and dropout > 0 else None
     flat = x.dim() == 2  # already (M, in): no reshape op (and no view node in the autograd graph) each way
     x2 = x if flat else x.reshape(-1, in_f)
+    plan = None
+    if path == "segmented" or _wants_segmented(path, x2.shape[0], ranks, adapter_ids, x):
+        if adapter_ids is None:
+            raise ValueError('path "segmented" is for mixed batches: it needs adapter_ids')
+        path = "segmented"
+        if torch.compiler.is_compiling():  # the custom op groups the rows itself
+            ids = _row_ids(adapter_ids, x, len(As))
+        else:
+            ids, plan = _segments_cached(adapter_ids, x, ranks, tuple(scales))
+    else:
+        ids = _row_ids(adapter_ids, x, len(As))
     if torch.compiler.is_compiling():
         y = _lora_linear_op(x2, x_lora, w, bias, ids, As, Bs, scales, path)[0]
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias, *As, *Bs)):
-        settings = LoraSettings(tuple(a.shape[0] for a in As), tuple(scales), path)
+        settings = LoraSettings(ranks, tuple(scales), path, plan)
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
     else:
         A, B = _stack_cached(As, Bs)
-        rank_scale, rank_adapter, shared = _rank_tables(tuple(a.shape[0] for a in As), tuple(scales), x.device)
+        rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
         y = lora_linear_fwd(
-            x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False, shared_scale=shared
-        )[0]
+            x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False, shared_scale=shared,
+            segments=plan,
+        )[0]  # fmt: skip
     return y if flat else y.reshape(*lead, out_f)
 
 
