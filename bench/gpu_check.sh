@@ -24,7 +24,7 @@ step() {  # step NAME DEFAULT_LIMIT COMMAND...
 }
 if [[ "$parts" == *" tests "* ]]; then
     limit=${T_tests:-200}
-    for t in merge lora_linear bottleneck properties patching store routing; do
+    for t in merge lora_linear lora_segmented bottleneck properties patching store routing; do
         # odd shapes drawn by hypothesis would each autotune: the property tests take the first fitting config
         knob=1; [ "$t" = properties ] && knob=0
         ( ADAPTER_ENGINE_AUTOTUNE=$knob timeout "$limit" "$py" -m pytest -q -p no:cacheprovider -m cuda \
