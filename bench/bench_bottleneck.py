@@ -13,11 +13,14 @@ adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from harness import copy_bandwidth, device, on_gpu, pick, timed
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
+from adapter_engine.kernels import bottleneck as kernel_module
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
@@ -163,6 +166,33 @@ def bench_train_top_of_three(benchmark, model_name, fused):
 @pytest.mark.parametrize("provider", ["fused", "eager"])
 def bench_stack_alone(benchmark, hidden, provider):
     """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor."""
+    _stack_alone(benchmark, hidden, provider)
+
+
+# Tile variants around the launcher's pick (kernels/bottleneck.py::_tiles, chosen offline from sm_90 register
+# counts, never timed): opt-in with BOTTLENECK_TILE_SWEEP=1, as each variant compiles its own kernel.
+TILE_VARIANTS = {
+    "picked": {},
+    "1-stage": {"num_stages": 1},
+    "3-stages": {"num_stages": 3},
+    "4-warps": {"num_warps": 4},
+    "8-warps": {"num_warps": 8},
+    "16-rows": {"BLOCK_M": 16},
+    "32-rows": {"BLOCK_M": 32},
+}
+
+
+@pytest.mark.skipif(not os.environ.get("BOTTLENECK_TILE_SWEEP"), reason="opt-in: BOTTLENECK_TILE_SWEEP=1")
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
+@pytest.mark.parametrize("variant", list(TILE_VARIANTS))
+def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, variant):
+    picked = kernel_module._tiles
+    monkeypatch.setattr(kernel_module, "_tiles", lambda *args: picked(*args)._replace(**TILE_VARIANTS[variant]))
+    tiles = kernel_module._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below gets
+    _stack_alone(benchmark, hidden, f"fused {variant} {tuple(tiles)}")
+
+
+def _stack_alone(benchmark, hidden, provider):
     tokens = pick(4096, 16)
     dev = device()
     adapters = [BottleneckAdapter(hidden, hidden // 16, "relu").to(dev, DTYPE) for _ in range(3)]
@@ -188,7 +218,7 @@ def bench_stack_alone(benchmark, hidden, provider):
         with torch.no_grad():
             return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias)
 
-    fn = fused if provider == "fused" else eager
+    fn = eager if provider == "eager" else fused
     with torch.no_grad():
         fn()
         floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3

@@ -20,21 +20,24 @@ parallel adapters keeps only the last level's output; here parallel levels add u
 Kernel design (one row-block kernel after the projection; the projection itself stays on cuBLAS because a
 plain Triton GEMM is 1.20-1.38x slower than cuBLAS at M >= 256 on an H100, which would cost more than the
 whole adapter stack). All adapters of a launch are packed along the bottleneck axis (``Rt = sum r_a``):
-``wd`` (Rt, H), ``wu`` (H, Rt), each unit knowing its owner adapter, activation code and its adapter's scale.
-One program owns BLOCK_M rows and, per level, (Z) streams the level input over hidden chunks into the
-(BLOCK_M, BLOCK_R) bottleneck tile, applies the activation and the per-(row, unit) mask ``owner == route``,
-parks the tiny activation in a (M, Rt) fp32 scratch, then (U) streams over hidden chunks again adding the
-up-projection and residual and writing the running ``r`` (fp32 scratch) while accumulating the LayerNorm
-moments for the next level. The unit loop only spans the units of the adapters the block's rows use, so a
+``wd`` (Rt, H), ``wu`` (H, Rt) stored H-contiguous, each unit knowing its owner adapter, activation code and its
+adapter's scale. One program owns BLOCK_M rows and, per level, (Z) streams the level input over hidden chunks
+into a (BLOCK_M, BLOCK_R) bottleneck tile that covers the rank (one tile when the block's rows share an adapter),
+applies the activation and the per-(row, unit) mask ``owner == route``, parks the tiny activation in a scratch
+in the dot operand dtype, then (U) streams over hidden chunks again adding the up-projection (K sub-tiles of
+BLOCK_K units) and residual and writing the running ``r`` (fp32 scratch) while accumulating the LayerNorm
+moments for the next level. The unit loops only span the units of the adapters the block's rows use, so a
 uniform stack costs one adapter's FLOPs per level. A final pass applies the output LayerNorm and stores once
-(without an output LN the last level stores the output directly).
+(without an output LN the last level stores the output directly). Tiles come from the ranks (``_tiles``), not
+from autotuning; tests/test_codegen.py pins their sm_90 builds to no register spills and vector weight loads.
 
 Distance from the physical limit (read h and y once, write out once = 3 x M x H x dtype bytes): HBM sees h, y
 and out once each plus the fp32 scratch ``r`` when it spills from L2; the per-level re-reads of a program's
-(BLOCK_M, H) slab (2-3 per level) should hit L2 because each program revisits its own slab within microseconds
-(working set about BLOCK_M x H x 10 B, e.g. 16 x 768 x 10 = 0.12 MB per program for BERT-base). The eager
-baseline moves roughly 8 x M x H elements per adapter through HBM (add, LN, down, act, up, scale, add, LN).
-``bench/bench_bottleneck.py::bench_stack_alone`` reports the measured time as a multiple of that floor.
+(BLOCK_M, H) slab (2 per level) should hit L2 because each program revisits its own slab within microseconds.
+Every program also streams its level's weights from L2 (2 r H x 2 bytes: 4 MB at hidden 4096, rank 256), which
+bounds the wide-rank case. The eager baseline moves roughly 8 x M x H elements per adapter through HBM (add,
+LN, down, act, up, scale, add, LN). ``bench/bench_bottleneck.py::bench_stack_alone`` reports the measured time
+as a multiple of that floor.
 
 Backward (training): the forward also keeps r_1..r_n, the pre-activations and the LayerNorm moments; one
 row-block kernel per level (top to bottom) runs the g -> dz -> dx -> LayerNorm-backward chain with the same
@@ -94,7 +97,7 @@ class PackedStack(NamedTuple):
 
     wd: torch.Tensor  # (Rt, H) down weights
     bd: torch.Tensor  # (Rt,) down biases
-    wu: torch.Tensor  # (H, Rt) up weights
+    wu: torch.Tensor  # (H, Rt) up weights, stored H-contiguous (an (Rt, H) buffer, transposed)
     bu: torch.Tensor  # (A, H) up biases
     unit_owner: torch.Tensor  # (Rt,) int32 adapter index of each unit
     unit_act: torch.Tensor  # (Rt,) int32 activation code of each unit
@@ -155,11 +158,11 @@ def pack_adapters(
     def stack(pairs, k):
         return None if pairs is None else torch.stack([p[k] for p in pairs])
 
-    one = n == 1  # a single adapter needs no copy
+    one = n == 1  # a single adapter needs no copy (the up weight is re-laid out, see _h_contiguous_up)
     return PackedStack(
         wd=down_weights[0] if one else torch.cat(down_weights, 0),
         bd=down_biases[0] if one else torch.cat(down_biases, 0),
-        wu=up_weights[0] if one else torch.cat(up_weights, 1),
+        wu=_h_contiguous_up(up_weights),
         bu=up_biases[0].unsqueeze(0) if one else torch.stack(up_biases, 0),
         unit_owner=owner,
         unit_act=unit_act,
@@ -171,6 +174,14 @@ def pack_adapters(
         lna_b=stack(ln_after, 1),
         host=PackedHost(tuple(offsets_host), tuple(codes), scales, trainable),
     )
+
+
+def _h_contiguous_up(up_weights: list[torch.Tensor]) -> torch.Tensor:
+    """The up weights as one (H, Rt) view of an (Rt, H)-contiguous copy: the kernels read Wu tiles along H, in
+    aligned 16-byte vectors (along the unit axis a tile starts at an adapter's offset, of unknown alignment)."""
+    if len(up_weights) == 1:
+        return up_weights[0].t().contiguous().t()
+    return torch.cat([w.t() for w in up_weights], 0).t()
 
 
 def _build_unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device):
@@ -199,17 +210,51 @@ def _unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[f
 
 
 # --------------------------------------------------------------------------------------------------- tuning
-def _configs() -> list[triton.Config]:
-    """One config in the interpreter; on the GPU mostly configs whose sm_90 builds do not spill registers
-    (resource usage checked offline with triton 3.9 / cuobjdump: BLOCK_H=64 at 8 warps stays at 218-252
-    registers for the forward and level-backward kernels; 16x128x64 at 4 warps spills ~300 B per thread), plus
-    one that spills 8 B. Few configs and coarse keys (hidden size and structure) keep first-call tuning short."""
+class _Tiles(NamedTuple):
+    """Launch shape of the forward and level-backward kernels, chosen per call from the ranks (no autotuning)."""
+
+    BLOCK_M: int  # rows per program
+    BLOCK_H: int  # hidden chunk: K of the down-projection dot, N of the up-projection dot
+    BLOCK_R: int  # unit tile of the down projection, >= the largest rank (up to 256): a block whose rows share
+    # one adapter reads its level input once per level
+    BLOCK_K: int  # unit sub-tile: K of the up-projection and dx dots
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict:
+        """Keyword arguments of a kernel launch (the GPU build may use up to 255 registers per thread)."""
+        return _launch_kwargs(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _launch_kwargs(tiles: _Tiles) -> dict:
+    return {**tiles._asdict(), **({} if INTERPRET else {"maxnreg": 255})}
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
+    """Tiles from the largest rank of a launch; ``big_inference``: a forward that saves nothing for the backward,
+    over at least 4096 rows. The sm_90 builds' resource usage is pinned by tests/test_codegen.py (triton 3.9's
+    ptxas, offline); nothing here was timed. Why these:
+
+    - The dots run as mma.sync, where every warp holds the whole (BLOCK_M, K) A operand in registers: K (BLOCK_H,
+      BLOCK_K) stays at 64. A 16x256 A operand alone costs 64 registers per thread; BLOCK_H 128 spilled.
+    - BLOCK_R covers the rank, so the level input is read once per level, not once per 64 units (rank 256 read it
+      4 times and ran 4x as many loop steps: 2.77 ms vs eager 0.61 ms at 4096 x 4096 on the first H100 run).
+    - Every program streams all weights of its level from L2 (4 MB per level at hidden 4096, rank 256), so at wide
+      ranks 32-row blocks halve that traffic; 4096 rows are then 128 programs, one wave at one program per SM.
+      The saving forward and the backward keep 16 rows: at 32 they spill 32-80 bytes.
+    - num_stages=2 lets Triton prefetch the tiles that feed the dots (cp.async) one loop step ahead.
+    - ``maxnreg=255`` (see launch): left alone, ptxas capped some builds at 128 registers and spilled 16-96 bytes.
+      Narrow ranks run 4 warps at <= 255 registers, two programs per SM, so 4096 rows (256 programs) fit in one
+      wave on 132 SMs.
+    """
+    block_r = min(max(16, triton.next_power_of_2(max_rank)), 256)
     if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 128, "BLOCK_R": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_R": br}, num_warps=w, num_stages=st)
-        for bm, bh, br, w, st in [(16, 64, 64, 8, 1), (32, 64, 64, 8, 1), (16, 128, 64, 8, 1)]
-    ]
+        return _Tiles(32, 128, block_r, block_r, 4, 1)
+    if block_r > 64:  # wide unit tiles: 8 warps split the (BLOCK_H, BLOCK_R) weight tile and the z accumulator
+        return _Tiles(32 if big_inference else 16, 64, block_r, 64, 8, 2)
+    return _Tiles(16, 64, block_r, block_r, 4, 2)
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -271,7 +316,60 @@ def _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y: tl.constexpr, IN_LN: tl.c
     return x, t
 
 
-@triton.autotune(configs=_configs(), key=["H", "PARALLEL", "IN_LN", "OUT_LN"])
+@triton.jit
+def _down_tile(
+    src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr,
+    rows, rmask, units, umask, mean, rstd, H,
+    stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+    PARALLEL: tl.constexpr, IN_ADD_Y: tl.constexpr, IN_LN: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """z = x_i @ Wd[units]^T, (BLOCK_M, BLOCK_R) fp32, streaming the level input over hidden chunks; ``src``
+    holds r_(i-1) (h, or the fp32 scratch)."""
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        m2 = rmask[:, None] & cmask[None, :]
+        if PARALLEL:
+            x = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+            x = x.to(tl.float32)
+        else:
+            r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
+            r = r.to(tl.float32)
+            if IN_ADD_Y:
+                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+                y = y.to(tl.float32)
+            else:
+                y = r
+            lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
+            x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
+            x = tl.where(m2, x, 0.0)
+        wdt = tl.load(
+            wd_ptr + units[None, :] * stride_wdr + cols[:, None] * stride_wdh,
+            mask=umask[None, :] & cmask[:, None],
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_R) = Wd^T slice
+        z = _mma(x, wdt, z, DOT_FP32, PRECISION)
+    return z
+
+
+@triton.jit
+def _act_tile(
+    z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr, rows, rmask, units, umask, aid, Rt, SAVE: tl.constexpr
+):
+    """Bias, saved pre-activation, activation, scale and the per-(row, unit) mask ``owner == route`` of one tile."""
+    z += tl.load(bd_ptr + units, mask=umask, other=0.0).to(tl.float32)[None, :]
+    if SAVE:
+        tl.store(zs_ptr + rows[:, None] * Rt + units[None, :], z, mask=rmask[:, None] & umask[None, :])
+    code = tl.load(code_ptr + units, mask=umask, other=0)
+    owner = tl.load(owner_ptr + units, mask=umask, other=-2)
+    sc = tl.load(scale_ptr + owner, mask=umask, other=0.0)
+    act = _activation(z, code[None, :]) * sc[None, :]
+    return tl.where(owner[None, :] == aid[:, None], act, 0.0)
+
+
 @triton.jit
 def _bottleneck_stack_fwd_kernel(
     # pointers
@@ -279,7 +377,8 @@ def _bottleneck_stack_fwd_kernel(
     y_ptr,  # y: (M, H) sublayer residual input (unused when no option reads it)
     out_ptr,  # out: (M, H)
     r_ptr,  # scratch: (M, H) fp32 running r, contiguous
-    a_ptr,  # scratch: (M, Rt) fp32 masked, scaled activations of one level, contiguous
+    a_ptr,  # scratch: (M, Rt rounded up to BLOCK_R) masked, scaled activations of one level in the dot operand
+    # dtype; column j = unit lo + j of the row's block (aligned, contiguous vectors)
     wd_ptr,  # wd: (Rt, H)
     bd_ptr,  # bd: (Rt,)
     wu_ptr,  # wu: (H, Rt)
@@ -302,7 +401,7 @@ def _bottleneck_stack_fwd_kernel(
     # strides
     stride_hm, stride_hh, stride_ym, stride_yh, stride_om, stride_oh,
     stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_bua, stride_buh,
-    stride_rtm, stride_rtl,
+    stride_rtm, stride_rtl, stride_am,
     # compile-time switches
     NUM_LEVELS: tl.constexpr,
     PARALLEL: tl.constexpr,  # par_bn: every level reads y
@@ -316,7 +415,8 @@ def _bottleneck_stack_fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # unit tile of pass Z, >= the largest rank (see _tiles): one tile per shared adapter
+    BLOCK_K: tl.constexpr,  # unit sub-tile of pass U
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -349,49 +449,27 @@ def _bottleneck_stack_fwd_kernel(
         aid_safe = tl.where(on, aid, 0)
         lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
         hi = tl.max(tl.load(off_ptr + aid_safe + 1, mask=on, other=0), 0)
-        # ---- pass Z: bottleneck activations of the units this block's rows use, parked in the a scratch
-        for u0 in range(lo, hi, BLOCK_R):
-            units = u0 + tl.arange(0, BLOCK_R)
+        # the level input r_(i-1): h at the first level, then the fp32 scratch
+        if lvl == 0:
+            src_ptr, stride_sm, stride_sh = h_ptr, stride_hm, stride_hh
+        else:
+            src_ptr, stride_sm, stride_sh = r_ptr, H, 1
+        # ---- pass Z: bottleneck activations of the units this block's rows use (one BLOCK_R tile when they
+        # share one adapter), parked in the a scratch
+        for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
+            units = lo + j0 + tl.arange(0, BLOCK_R)
             umask = units < hi
-            z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_H):
-                cols = k0 + tl.arange(0, BLOCK_H)
-                cmask = cols < H
-                m2 = rmask[:, None] & cmask[None, :]
-                if lvl == 0:
-                    r = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hh, mask=m2, other=0.0)
-                else:
-                    r = tl.load(r_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-                r = r.to(tl.float32)
-                if PARALLEL or IN_ADD_Y:
-                    y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
-                    y = y.to(tl.float32)
-                else:
-                    y = r
-                if PARALLEL:
-                    x = y
-                else:
-                    lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
-                    x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
-                x = tl.where(m2, x, 0.0)
-                wdt = tl.load(
-                    wd_ptr + units[None, :] * stride_wdr + cols[:, None] * stride_wdh,
-                    mask=umask[None, :] & cmask[:, None],
-                    other=0.0,
-                )  # (BLOCK_H, BLOCK_R) = Wd^T slice
-                z = _mma(x, wdt, z, DOT_FP32, PRECISION)
-            z += tl.load(bd_ptr + units, mask=umask, other=0.0).to(tl.float32)[None, :]
-            if SAVE:
-                zmask = rmask[:, None] & umask[None, :]
-                tl.store(zs_ptr + lvl * M * Rt + rows[:, None] * Rt + units[None, :], z, mask=zmask)
-            code = tl.load(code_ptr + units, mask=umask, other=0)
-            owner = tl.load(owner_ptr + units, mask=umask, other=-2)
-            sc = tl.load(scale_ptr + owner, mask=umask, other=0.0)
-            act = _activation(z, code[None, :]) * sc[None, :]
-            act = tl.where(owner[None, :] == aid[:, None], act, 0.0)
-            tl.store(a_ptr + rows[:, None] * Rt + units[None, :], act, mask=rmask[:, None] & umask[None, :])
+            z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
+                           stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+                           PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+            act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask, units,
+                            umask, aid, Rt, SAVE)  # fmt: skip
+            # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
+            a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
+            tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
         tl.debug_barrier()
-        # ---- pass U: up-projection, residual, new r (or the output), moments of r_i + y
+        # ---- pass U: up-projection (K sub-tiles of BLOCK_K units: a wide A operand would sit in every warp's
+        # registers), residual, new r (or the output), moments of r_i + y
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         sc_row = tl.load(scale_ptr + aid_safe, mask=on, other=0.0)
@@ -400,26 +478,22 @@ def _bottleneck_stack_fwd_kernel(
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-            for u0 in range(lo, hi, BLOCK_R):
-                units = u0 + tl.arange(0, BLOCK_R)
+            for j0 in range(0, hi - lo, BLOCK_K):
+                units = lo + j0 + tl.arange(0, BLOCK_K)
                 umask = units < hi
-                act = tl.load(
-                    a_ptr + rows[:, None] * Rt + units[None, :], mask=rmask[:, None] & umask[None, :], other=0.0
-                )
+                act = tl.load(a_ptr + rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_K))[None, :],
+                              mask=rmask[:, None], other=0.0)  # fmt: skip
                 wut = tl.load(
                     wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
                     mask=umask[:, None] & cmask[None, :],
                     other=0.0,
-                )  # (BLOCK_R, BLOCK_H) = Wu^T slice
+                )  # (BLOCK_K, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
                 acc = _mma(act, wut, acc, DOT_FP32, PRECISION)
             bu = tl.load(
                 bu_ptr + aid_safe[:, None] * stride_bua + cols[None, :] * stride_buh, mask=on[:, None] & m2, other=0.0
             )
             u = acc + bu.to(tl.float32) * sc_row[:, None]
-            if lvl == 0:
-                r = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hh, mask=m2, other=0.0)
-            else:
-                r = tl.load(r_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
+            r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
             r = r.to(tl.float32)
             if (PARALLEL or IN_ADD_Y) or OUT_ADD_Y:  # pairs: older Triton rejects chained boolean operators
                 y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
@@ -570,12 +644,6 @@ def _bottleneck_out_bwd_kernel(
             tl.store(dy_ptr + rows[:, None] * H + cols[None, :], tl.zeros_like(d), mask=m2)
 
 
-# g and dy are updated in place: autotuning must restore them between trial runs
-@triton.autotune(
-    configs=_configs(),
-    key=["H", "PARALLEL", "IN_LN"],
-    restore_value=["g_ptr", "dy_ptr"],
-)
 @triton.jit
 def _bottleneck_level_bwd_kernel(
     g_ptr,  # in: dL/dr_i, out: dL/dr_(i-1); (M, H) fp32, contiguous
@@ -606,7 +674,8 @@ def _bottleneck_level_bwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # unit tile of pass 1 (see _tiles)
+    BLOCK_K: tl.constexpr,  # unit sub-tile of the dx dots
 ):  # fmt: skip
     """One level backward (see _stack_backward): dz = s g Wu * act'(z); dx = dz Wd (+ g if res = x);
     through the input LN; g_(i-1) = g (res = r) + dt; dy += dt. Rows whose level is off pass g through."""
@@ -656,7 +725,7 @@ def _bottleneck_level_bwd_kernel(
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
             dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)  # fmt: skip
             if RES_MODE == 2:
                 dx += tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
             t = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
@@ -674,7 +743,7 @@ def _bottleneck_level_bwd_kernel(
         m2 = rmask[:, None] & cmask[None, :]
         g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
         dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                       DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+                       DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)  # fmt: skip
         r = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
         r = r.to(tl.float32)
         if PARALLEL or IN_ADD_Y:
@@ -743,6 +812,7 @@ def _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, 
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+@functools.lru_cache(maxsize=256)
 def _flags(options: StackOptions, has_ln: bool) -> dict:
     """Compile-time switches of the kernel from the structural options (see the module docstring)."""
     in_add_y = options.original_ln_before and not options.is_parallel
@@ -801,7 +871,14 @@ class _Saved(NamedTuple):
     stats: torch.Tensor  # (L + 1, 2, M) fp32 mean, rstd of r_i + y (when a model LN runs)
 
 
-def _launch_fwd(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool):
+def _max_rank(offsets) -> int:
+    return max((b - a for a, b in zip(offsets, offsets[1:])), default=1)
+
+
+def _launch_fwd(
+    h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool, max_rank: int
+):  # fmt: skip
+    """One kernel launch (plus the zeroed z buffer when saving for the backward); ``max_rank`` picks the tiles."""
     hidden = h.shape[-1]
     h2 = h.reshape(-1, hidden)
     y2 = y.reshape(-1, hidden) if y is not None else h2
@@ -813,8 +890,13 @@ def _launch_fwd(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: 
     out = torch.empty(h2.shape, device=dev, dtype=torch.float32 if round_in_torch else h.dtype)
     rt = packed.wd.shape[0]
     flags = _flags(options, ln_weight is not None)
+    dot_fp32, precision = _dot_mode(h, packed.wd)
+    tiles = _tiles(max_rank, not save and m >= 4096)
     scratch_r = torch.empty((m, hidden) if levels > 0 else (1, 1), device=dev, dtype=torch.float32)
-    scratch_a = torch.empty((m, rt) if levels > 0 else (1, 1), device=dev, dtype=torch.float32)
+    # activations in the dot operand dtype (the dot rounds them to it anyway), in whole unit tiles
+    a_cols = -(-rt // tiles.BLOCK_R) * tiles.BLOCK_R
+    scratch_a = torch.empty((m, a_cols) if levels > 0 else (1, 16), device=dev,
+                            dtype=torch.float32 if dot_fp32 else packed.wu.dtype)  # fmt: skip
     if save:
         saved = _Saved(
             torch.empty((levels, m, hidden), device=dev, dtype=torch.float32 if round_in_torch else h.dtype),
@@ -823,17 +905,13 @@ def _launch_fwd(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: 
         )
     else:
         saved = _Saved(scratch_r, scratch_r, scratch_r)  # dummy pointers, never touched without SAVE
-    routes = routes.to(torch.int32)
+    if routes.dtype != torch.int32:
+        routes = routes.to(torch.int32)
     lnw = ln_weight if ln_weight is not None else h2  # dummy pointers, never read without IN_LN/OUT_LN
     lnb = ln_bias if ln_bias is not None else h2
-    dot_fp32, precision = _dot_mode(h, packed.wd)
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]),)
-
-    _bottleneck_stack_fwd_kernel[grid](
+    _bottleneck_stack_fwd_kernel[(-(-m // tiles.BLOCK_M),)](
         h2, y2, out, scratch_r, scratch_a,
         packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets,
@@ -842,10 +920,10 @@ def _launch_fwd(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: 
         h2.stride(0), h2.stride(1), y2.stride(0), y2.stride(1), out.stride(0), out.stride(1),
         packed.wd.stride(0), packed.wd.stride(1), packed.wu.stride(0), packed.wu.stride(1),
         packed.bu.stride(0), packed.bu.stride(1),
-        routes.stride(0), routes.stride(1),
-        NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, **flags,
+        routes.stride(0), routes.stride(1), scratch_a.stride(0),
+        NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, **flags, **tiles.launch(),
     )  # fmt: skip
-    return out.to(h.dtype).reshape(h.shape), saved
+    return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 
 
 def _dot_mode(h: torch.Tensor, w: torch.Tensor) -> tuple[bool, str]:
@@ -868,7 +946,8 @@ def bottleneck_stack_fwd(
     """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype."""
     if options.ln_before or options.ln_after:
         raise ValueError("the adapters' own ln_before/ln_after run on the torch path (bottleneck_stack_ref)")
-    return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=False)[0]
+    offsets = packed.host.offsets if packed.host is not None else packed.offsets.tolist()
+    return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=False, max_rank=_max_rank(offsets))[0]
 
 
 # --------------------------------------------------------------------------------------------------- reference
@@ -950,7 +1029,8 @@ def bottleneck_stack_ref(
 
 
 # --------------------------------------------------------------------------------------------------- autograd
-def _encode_host(options: StackOptions, host: PackedHost, train_levels: list[list[int]]) -> str:
+@functools.lru_cache(maxsize=1024)
+def _encode_host(options: StackOptions, host: PackedHost, train_levels: tuple[tuple[int, ...], ...]) -> str:
     """The host-side facts as one string argument of the custom ops: integer-list arguments (SymInt[]) were
     seen to fail intermittently in torch 2.13's argument parsing ("vector::reserve") before the op ran."""
     res = {True: 0, "post_add": 1, False: 2}[options.residual_before_ln]
@@ -1018,12 +1098,13 @@ def _stack_backward(
     dy = torch.empty_like(g)
     dout = grad_out.reshape(-1, hidden).contiguous()
     rn = rs[levels - 1] if levels > 0 else h2
-    block_m, block_h = (32, 128) if INTERPRET else (16, 128)  # no register spills on sm_90
+    # no dot: 8 warps stream (16, 256) chunks on the GPU (108 registers on sm_90, no spills)
+    block_m, block_h, warps = (32, 128, 4) if INTERPRET else (16, 256, 8)
     # the model LN's gradients: per-program partial column sums (every config has BLOCK_M >= 16), summed here
     ln_grad = lnw is not None and (needs[2] or needs[3])
     parts = triton.cdiv(m, 16) if ln_grad else 1
-    pw = torch.zeros((parts, hidden if ln_grad else 1), device=dev, dtype=torch.float32)
-    pb = torch.zeros_like(pw)
+    pw = (torch.zeros if ln_grad else torch.empty)((parts, hidden if ln_grad else 1), device=dev, dtype=torch.float32)
+    pb = torch.zeros_like(pw) if ln_grad else pw
     dln_w = torch.zeros(hidden, device=dev, dtype=torch.float32) if ln_grad else None
     dln_b = torch.zeros_like(dln_w) if ln_grad else None
     _bottleneck_out_bwd_kernel[(triton.cdiv(m, block_m),)](
@@ -1031,7 +1112,7 @@ def _stack_backward(
         m, hidden,
         dout.stride(0), dout.stride(1), rn.stride(0), rn.stride(1), y2.stride(0), y2.stride(1),
         OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=4,
+        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
@@ -1043,6 +1124,7 @@ def _stack_backward(
     half = wd.dtype if (wd.dtype != torch.float32 and dev.type == "cuda") else torch.float32
     dot_fp32, precision = _dot_mode(h, wd)
     off = host_offsets
+    tiles = _tiles(_max_rank(off))
     for lvl in reversed(range(levels)):
         train = train_levels[lvl]
         route = routes[:, lvl]
@@ -1059,18 +1141,18 @@ def _stack_backward(
                 if grads["bu"] is not None:
                     grads["bu"][a] += host_scales[a] * ga.sum(0)
         need_x = bool(train) and grads["wd"] is not None
-        dz = torch.zeros((m, rt), device=dev, dtype=torch.float32)
+        # torch reads dz (zero outside each block's units) only for the weight gradients; the kernel reads back
+        # just what it wrote
+        need_dz = bool(train) and (grads["wd"] is not None or grads["bd"] is not None)
+        dz = (torch.zeros if need_dz else torch.empty)((m, rt), device=dev, dtype=torch.float32)
         x = torch.empty((m, hidden) if need_x else (1, 1), device=dev, dtype=half)
         rp = h2 if lvl == 0 else rs[lvl - 1]
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]),)
 
         level_ln_grad = ln_grad and flags["IN_LN"]
         if level_ln_grad:
             pw.zero_()
             pb.zero_()
-        _bottleneck_level_bwd_kernel[grid](
+        _bottleneck_level_bwd_kernel[(triton.cdiv(m, tiles.BLOCK_M),)](
             g, dy, rp, y2, zs[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
             lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl], pw, pb,
@@ -1078,7 +1160,7 @@ def _stack_backward(
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision,
+            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, **tiles.launch(),
         )  # fmt: skip
         if level_ln_grad:
             dln_w += pw.sum(0)
@@ -1120,7 +1202,8 @@ def _stack_fwd_op(
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = PackedStack(wd, bd, wu, bu, unit_owner, unit_act, scale, offsets)
-    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, _decode_host(meta)[0], save=save)
+    options, offsets = _decode_host(meta)[:2]
+    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=save, max_rank=_max_rank(offsets))
     if not save:
         return out, h.new_empty(0), h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32)
     return out, saved.rs, saved.zs, saved.stats
@@ -1210,9 +1293,10 @@ torch.library.register_autograd("adapter_engine::bottleneck_stack_fwd", _backwar
 def expand_routes(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Routes as (rows, L) int32: (L,) is shared by all rows, (B, L) with h (B, S, H) is per sequence."""
     rows = h.numel() // h.shape[-1]
-    routes = torch.as_tensor(routes, device=h.device)
+    if not (isinstance(routes, torch.Tensor) and routes.device == h.device):
+        routes = torch.as_tensor(routes, device=h.device)
     if routes.dim() == 1:
-        return routes.to(torch.int32).reshape(1, -1).expand(rows, -1)
+        return (routes if routes.dtype == torch.int32 else routes.to(torch.int32)).reshape(1, -1).expand(rows, -1)
     if routes.dim() == 2 and routes.shape[0] == rows:
         return routes.to(torch.int32)
     if routes.dim() == 2 and h.dim() >= 3 and routes.shape[0] == h.shape[0]:
@@ -1262,6 +1346,8 @@ def bottleneck_stack(
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
     )
+    if not save and not torch.compiler.is_compiling():  # nothing to differentiate: skip the op dispatcher
+        return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, _max_rank(host.offsets))[0]
     train_levels = [[] for _ in range(routes.shape[1])]
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
@@ -1270,5 +1356,5 @@ def bottleneck_stack(
     return _stack_fwd_op(
         h, y, ln_weight, ln_bias, packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets, routes,
-        _encode_host(options, host, train_levels), save,
+        _encode_host(options, host, tuple(map(tuple, train_levels))), save,
     )[0]  # fmt: skip

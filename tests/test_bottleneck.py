@@ -370,6 +370,42 @@ def test_gradients_mixed_rows(name):
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "tiles", [(16, 64, 128, 64), (16, 32, 32, 16)], ids=["gpu-wide-rank-tiles", "ranks-above-the-unit-tile"]
+)
+def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles):
+    """The CPU tier's own tiles cover whole ranks in one step; this runs the GPU's structure: 16-row blocks, hidden
+    chunks that do not divide H, the up projection reading the activation tile in K sub-tiles (BLOCK_K <
+    BLOCK_R), ranks above the unit tile and rows of several adapters in one block; forward and every gradient."""
+    from adapter_engine.kernels import bottleneck as kb
+
+    monkeypatch.setattr(kb, "_tiles", lambda *_: kb._Tiles(*tiles, num_warps=4, num_stages=1))
+    hidden, rows = 80, 40
+    params = make_params(hidden, [72, 40, 100], ["relu", "gelu", "swish"])
+    for p in params:
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k].requires_grad_(True)
+    ln = make_ln(hidden)
+    h = torch.randn(rows, hidden, requires_grad=True)
+    y = torch.randn(rows, hidden, requires_grad=True)
+    routes = torch.tensor([[0, 1, 2]] * 20 + [[2, -1, 0]] * 7 + [[1, 0, -1]] * 13)  # uniform and mixed blocks
+    hint = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(3)]
+    got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias, level_adapters=hint)
+    want = torch.cat(
+        [
+            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in routes[i].tolist() if j >= 0], SEQ)
+            for i in range(rows)
+        ]
+    )
+    assert_close(got, want)
+    grad_out = torch.randn(rows, hidden)
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
 def test_gradients_fp16_native_operands():
     """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
     Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
