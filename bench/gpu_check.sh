@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A GPU session's checks: the CUDA test tier, the merge tile sweep, each benchmark file, then a short table.
-#   bash bench/gpu_check.sh OUTDIR [PARTS]    PARTS: "all" (default) or words among tests, tune and the bench
-#                                             names (merge merge_model lora_linear lora_model bottleneck serving)
+#   bash bench/gpu_check.sh OUTDIR [PARTS]    PARTS: "all" (default) or words among tests, tune, demo and the
+#                                             bench names (merge merge_model lora_linear lora_model bottleneck serving)
+# "demo" runs `adapter-engine demo --quick` from the asset pack DEMO_ASSETS (default .devrun/assets, made by
+# `python bench/pack_demo_assets.py .devrun/assets` and carried to the GPU machine: it has no network).
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
 # overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json and
@@ -9,7 +11,7 @@
 set -u
 out="${1:-bench/results/latest}"
 parts=" ${2:-all} "
-[ "$parts" = " all " ] && parts=" tests tune merge merge_model lora_linear lora_model bottleneck serving "
+[ "$parts" = " all " ] && parts=" tests demo tune merge merge_model lora_linear lora_model bottleneck serving "
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 py="${PYTHON:-python}"
 [ -e adapter_engine/kernels ] || ln -s ../kernels adapter_engine/kernels  # the package_dir mapping, uninstalled
@@ -33,6 +35,12 @@ if [[ "$parts" == *" tests "* ]]; then
     done
     wait
     for t in "$out"/tests_*.log; do echo "== $t"; tail -n 3 "$t"; done | tee -a "$out/run.log"
+fi
+if [[ "$parts" == *" demo "* ]]; then
+    assets=${DEMO_ASSETS:-.devrun/assets}
+    ADAPTER_ENGINE_MODEL_DIR=$assets/model ADAPTER_ENGINE_BBC_DIR=$assets/bbc \
+        step demo 150 "$py" -m adapter_engine.cli demo --quick --out "$out/demo"
+    rm -rf "$out/demo/merged" "$out/demo/tmp"  # checkpoints: not results
 fi
 [[ "$parts" == *" tune "* ]] && (cd bench && step tune_merge 90 "$py" tune_merge.py "$out/tune_merge.json")
 for b in merge:60 merge_model:60 lora_linear:150 lora_model:90 bottleneck:120 serving:120; do
