@@ -58,7 +58,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, FLOAT_DTYPES, INTERPRET, check_float_dtype, check_same_device, use_triton
+from ._backend import (
+    AUTOTUNE,
+    FLOAT_DTYPES,
+    INTERPRET,
+    cdiv,
+    check_float_dtype,
+    check_same_device,
+    next_pow2,
+    use_triton,
+)
 from .lora_segmented import (
     SegmentPlan,
     lora_segmented_bwd,
@@ -364,7 +373,7 @@ def lora_linear_fwd(
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
     meta = dict(
-        BLOCK_R=max(16, _next_pow2(R)),
+        BLOCK_R=max(16, next_pow2(R)),
         FUSE_SHRINK=fuse,
         HAS_BIAS=bias is not None,
         HAS_IDS=adapter_ids is not None,
@@ -372,7 +381,7 @@ def lora_linear_fwd(
         DOT_FP32=interp,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
-    m_bucket = min(_next_pow2(M), 4096)
+    m_bucket = min(next_pow2(M), 4096)
     args = (
         x, weight, lora_A, lora_B, u_in_t, bias if bias is not None else dummy,
         adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
@@ -382,8 +391,8 @@ def lora_linear_fwd(
         u_out_t.stride(0), u_out_t.stride(1),
     )  # fmt: skip
     if interp:  # one config under the interpreter: large blocks, few programs
-        meta.update(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-        grid = (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
+        meta.update(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+        grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _fwd_kernel_fixed[grid](*args, **meta)
         return y, u_out
     # The autotuner picks a config once per tuning key; later calls launch the plain kernel with it directly,
@@ -394,23 +403,13 @@ def lora_linear_fwd(
         named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
         config = _TUNED[tuning_key] = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
     if config is None:
-        grid = lambda META: (_cdiv(M, META["BLOCK_M"]) * _cdiv(N, META["BLOCK_N"]),)
+        grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)
         _fwd_kernel_tuned[grid](*args, **meta)
         _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
         return y, u_out
-    grid = (_cdiv(M, config["BLOCK_M"]) * _cdiv(N, config["BLOCK_N"]),)
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
     _lora_linear_fwd_kernel[grid](*args, EVEN_K=K % config["BLOCK_K"] == 0, **meta, **config)
     return y, u_out
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division in plain Python: ``triton.cdiv`` is a jit function, ~2 us per host call."""
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain Python (in triton 3.9 that is a constexpr function: ~2 us per call)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import use_triton
+from ._backend import cdiv, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class SegmentPlan:
 
 
 def u_width(ranks: Sequence[int]) -> int:
-    return max(16, triton.next_power_of_2(max(ranks)))
+    return max(16, next_pow2(max(ranks)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -375,8 +375,8 @@ def _launch(t: torch.Tensor) -> dict:
 
 def _row_blocks(m: int, plan: SegmentPlan, interp: bool, gpu_block_m) -> tuple[int, int]:
     """(BLOCK_M, grid size along rows: an upper bound on the number of one-adapter row blocks)."""
-    block_m = min(64, max(16, triton.next_power_of_2(m))) if interp else gpu_block_m(m)
-    return block_m, triton.cdiv(m, block_m) + plan.n
+    block_m = min(64, max(16, next_pow2(m))) if interp else gpu_block_m(m)
+    return block_m, cdiv(m, block_m) + plan.n
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
@@ -398,7 +398,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> tor
         x, lora_A, plan.order, plan.starts, plan.rank_off, plan.scale, u,
         plan.n, K,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, triton.next_power_of_2(plan.n)), EVEN_K=K % block_k == 0,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, next_pow2(plan.n)), EVEN_K=K % block_k == 0,
         **_meta(x, plan), **_launch(x),
     )  # fmt: skip
     return u
@@ -427,11 +427,11 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: S
     interp = y.device.type != "cuda"
     block_m, grid_m = _row_blocks(M, plan, interp, TILES.expand_block_m)
     block_n = 64 if interp else TILES.expand_block_n
-    _lora_segmented_expand_kernel[(grid_m, triton.cdiv(N, block_n))](
+    _lora_segmented_expand_kernel[(grid_m, cdiv(N, block_n))](
         u, lora_B, plan.order, plan.starts, plan.rank_off, y,
         plan.n, N,
         u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=max(2, triton.next_power_of_2(plan.n)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=max(2, next_pow2(plan.n)),
         **_meta(y, plan), **_launch(y),
     )  # fmt: skip
     return y
@@ -461,7 +461,7 @@ def lora_wgrad(p: torch.Tensor, q: torch.Tensor, plan: SegmentPlan, out: torch.T
         return out
     interp = q.device.type != "cuda"
     block_j = 64 if interp else TILES.wgrad_block_j
-    _lora_segmented_wgrad_kernel[(plan.n, triton.cdiv(J, block_j))](
+    _lora_segmented_wgrad_kernel[(plan.n, cdiv(J, block_j))](
         p, q, plan.order, plan.starts, plan.rank_off, out,
         J,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),

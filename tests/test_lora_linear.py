@@ -472,3 +472,13 @@ def test_autocast_computes_in_the_autocast_dtype_with_fp32_master_gradients():
     for g, g_ref, leaf in zip(grads, grads_ref, leaves, strict=True):
         assert g.dtype == leaf.dtype == torch.float32
         assert _rel_err(g, g_ref) < 2e-2  # bf16 compute on both sides: compare whole tensors, not elements
+
+
+def test_host_grid_helpers_match_triton():
+    """The launchers' plain-Python cdiv / next power of two (host time) agree with triton's own."""
+    import triton
+
+    from adapter_engine.kernels._backend import cdiv, next_pow2
+
+    assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(0, 5000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
