@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from test_lora_linear import TOL, _check, _make, _oracle, _rel_err, _run
+from test_lora_linear import TOL, _assert_bf16_no_worse_than_torch, _check, _make, _rel_err, _run
 
 from adapter_engine.kernels import lora_linear, lora_linear_reference
 
@@ -388,27 +388,8 @@ def test_cuda_bf16_segmented_no_worse_than_torch(M, layout):
     the rows: the segmented op's relative error against fp64 (forward and every gradient) is at most plain torch
     bf16's (``lora_linear_reference``, PEFT's order) plus 2%. Modelled: it rounds as ``"composition"`` does, u once
     after its scale (PEFT twice with separate scales), so it should sit at or below torch's error."""
-    dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
-    ranks = [16, 8, 64, 16] * 4
-    scales = [2.0, 0.5, 0.25, 1.0] * 4
-    x, w, b, As, Bs = _make((M,), K, N, ranks, dt)
-    x, w, b = (t.detach().to(dev).requires_grad_(g) for t, g in ((x, True), (w, False), (b, False)))
-    As = [a.detach().to(dev).requires_grad_() for a in As]
-    Bs = [b_.detach().to(dev).requires_grad_() for b_ in Bs]
-    ids = torch.randint(-1, len(ranks), (M,), device=dev)
-    if layout == "skewed":
-        ids = torch.where(torch.rand(M, device=dev) < 0.9, 3, ids)
-    dy = torch.randn(M, N, device=dev, dtype=torch.float64)
-    y, grads = _run(lora_linear, x, w, b, As, Bs, scales, dy, adapter_ids=ids, path="segmented")
-    y_t, grads_t = _run(lora_linear_reference, x, w, b, As, Bs, scales, dy, adapter_ids=ids)
-    y64, grads64 = _oracle(x, w, b, As, Bs, scales, dy, adapter_ids=ids)
-    pairs = [("y", y, y_t, y64)] + [(f"grad {i}", *t) for i, t in enumerate(zip(grads, grads_t, grads64, strict=True))]
-    for what, got, torch_bf16, want in pairs:
-        if want.norm() == 0:
-            assert got.double().norm() == 0, what
-            continue
-        e, e_t = _rel_err(got, want), _rel_err(torch_bf16, want)
-        assert e <= e_t * 1.02 + 1e-6, f"{what}: segmented error {e:.3g} > 1.02 x torch bf16 error {e_t:.3g} (M={M})"
+    skew = (lambda ids: torch.where(torch.rand(M, device=ids.device) < 0.9, 3, ids)) if layout == "skewed" else None
+    _assert_bf16_no_worse_than_torch(M, [16, 8, 64, 16] * 4, [2.0, 0.5, 0.25, 1.0] * 4, "segmented", skew)
 
 
 @pytest.mark.cuda
