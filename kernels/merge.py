@@ -53,7 +53,6 @@ IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-a
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FP32_MAX = torch.finfo(torch.float32).max
-_ADAPTER_FIELDS = 7  # a_ptr, b_ptr, rank, stride_ar, stride_ak, stride_bn, stride_br
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -337,7 +336,7 @@ def _pack(jobs, weight_dtype, factor_dtype, device, shape, strides) -> dict:
     max_adapters = max(len(job[1]) for job in jobs)
     weight_rows, adapter_rows, scale_rows, max_rank = [], [], [], 1
     padding = [0, 0, 0, 0, 0, 0, 0]  # rank 0: contributes no rank rows
-    f_bytes = torch.empty((), dtype=factor_dtype).element_size()
+    f_bytes = factor_dtype.itemsize
     vec = 16 // f_bytes  # elements per 16-byte vector
     w_aligned = strides[1] == 1 and strides[0] % 16 == 0
     f_aligned, uniform = True, True
