@@ -152,3 +152,88 @@ def test_wrong_asset_folders_are_named(packed, tmp_path, monkeypatch, capsys):
         main(["demo", "--size", "test", "--bbc-dir", str(partial), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and "holds no class sub-folders" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the GPU configuration
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A small random BERT with MiniLM's tokenizer and vocabulary, saved as a model folder the demo accepts."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from adapter_engine import demo
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(demo.minilm_path()).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatch):
+    """What a GPU run does differently, on this CPU: every adapter op of training, evaluation and routing runs its
+    Triton kernel (the interpreter here, not the twins), and the Trainer trains in bf16 mixed precision (autocast
+    over fp32 parameters). The first GPU run failed there: bf16 activations met fp32 LoRA factors in training."""
+    import contextlib
+
+    import torch
+
+    from adapter_engine import demo, finetune
+    from adapter_engine.kernels import _backend
+
+    if not _backend.INTERPRET:
+        pytest.skip("needs the Triton interpreter")
+    launches = {"lora": 0, "bottleneck": 0}
+    input_dtypes = set()
+    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the package exports the
+    bottleneck = importlib.import_module("adapter_engine.kernels.bottleneck")  # functions under these names)
+
+    class Counted:  # a JIT kernel whose launches (kernel[grid](...)) are counted
+        def __init__(self, kernel, key):
+            self.kernel, self.key = kernel, key
+
+        def __getitem__(self, grid):
+            def launch(x, *args, **kwargs):
+                launches[self.key] += 1
+                input_dtypes.add((self.key, x.dtype))
+                return self.kernel[grid](x, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lora_linear, "_fwd_kernel_fixed", Counted(lora_linear._fwd_kernel_fixed, "lora"))
+    torch_paths = lora_linear._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
+
+    def counted_torch_paths(*args, **kwargs):
+        launches["lora"] += 1
+        return torch_paths(*args, **kwargs)
+
+    monkeypatch.setattr(lora_linear, "_torch_paths", counted_torch_paths)
+    kernel = bottleneck._bottleneck_stack_fwd_kernel
+    monkeypatch.setattr(bottleneck, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
+    monkeypatch.setattr(_backend, "torch_twins_on_cpu", lambda enabled=True: contextlib.nullcontext())
+    defaults = finetune.default_training_arguments
+    monkeypatch.setattr(finetune, "default_training_arguments", lambda *a, **kw: defaults(*a, **{**kw, "bf16": True}))
+    seen_autocast = []
+    original_train = demo.train
+
+    def train(model, *args, **kwargs):
+        # (inside the model: accelerate's autocast wraps model.forward, so the model's own hooks run outside it)
+        embeddings = model.get_input_embeddings()
+        handle = embeddings.register_forward_pre_hook(lambda *_: seen_autocast.append(torch.is_autocast_enabled("cpu")))
+        try:
+            return original_train(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(demo, "train", train)
+    r = demo.run_demo(size="test", out_dir=str(tmp_path / "out"), model_dir=str(tiny_model_dir))
+    assert seen_autocast and all(seen_autocast), "the Trainer did not train under bf16 autocast"
+    assert launches["lora"] > 0 and launches["bottleneck"] > 0, launches
+    assert ("bottleneck", torch.bfloat16) in input_dtypes, input_dtypes  # bf16 sublayer outputs reach the stack
+    assert r["kernels"].startswith("Triton kernels")
+    for run in (r["lora"], r["fft"], *r["stack"]["levels"], r["stack"]["sibling"]):
+        assert math.isfinite(run["loss"]) and run["steps"] > 0
+    assert r["stack"]["routing"]["max_diff_vs_alone"] < 1e-4
