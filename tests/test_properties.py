@@ -4,7 +4,7 @@ the CPU tier (the interpreter); the CUDA tier repeats them on the GPU with large
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from adapter_engine.kernels import lora_linear, lora_linear_reference, merge_lora_, scale_ia3_
@@ -81,7 +81,7 @@ def _check_lora(data, device, dtype, big):
     ranks = [data.draw(RANKS) for _ in range(n)]
     x_shape = (m, k) if not data.draw(st.booleans()) else (1, m, k)
     x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
-    weight = torch.randn(n_out, k, device=device, dtype=dtype) * k**-0.5
+    weight = _view((n_out, k), dtype, device, data.draw(st.booleans())).mul_(k**-0.5)  # maybe a strided view
     bias = torch.randn(n_out, device=device, dtype=dtype) if data.draw(st.booleans()) else None
     lora_a = [(torch.randn(r, k, device=device, dtype=dtype) * k**-0.5).requires_grad_() for r in ranks]
     lora_b = [(torch.randn(n_out, r, device=device, dtype=dtype) * r**-0.5).requires_grad_() for r in ranks]
@@ -89,7 +89,11 @@ def _check_lora(data, device, dtype, big):
     ids = None
     if data.draw(st.booleans()):
         ids = torch.randint(-1, n, x_shape[:-1], device=device)
-    y = lora_linear(x, weight, lora_a, lora_b, scales, bias, adapter_ids=ids)
+    # every kernel behind the op, not only the one "auto" picks at these sizes: the fused launch, the GEMM with
+    # the low-rank epilogue, and the segmented (SGMV) kernels of a mixed batch
+    path = data.draw(st.sampled_from(["auto", "fused", "epilogue"] + (["segmented"] if ids is not None else [])))
+    event(f"path={path}")  # (pytest --hypothesis-show-statistics shows the mix)
+    y = lora_linear(x, weight, lora_a, lora_b, scales, bias, adapter_ids=ids, path=path)
     leaves = [x, *lora_a, *lora_b]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     y_ref = lora_linear_reference(
