@@ -20,7 +20,7 @@ import torch
 from harness import copy_bandwidth, device, on_gpu, pick, timed
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
-from adapter_engine.kernels import bottleneck as kernel_module
+from adapter_engine.kernels import bottleneck_fwd
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
@@ -169,7 +169,7 @@ def bench_stack_alone(benchmark, hidden, provider):
     _stack_alone(benchmark, hidden, provider)
 
 
-# Tile variants around the launcher's pick (kernels/bottleneck.py::_tiles, chosen offline from sm_90 register
+# Tile variants around the launcher's pick (kernels/bottleneck_pack.py::_tiles, chosen offline from sm_90 register
 # counts, never timed): opt-in with BOTTLENECK_TILE_SWEEP=1, as each variant compiles its own kernel.
 TILE_VARIANTS = {
     "picked": {},
@@ -186,9 +186,9 @@ TILE_VARIANTS = {
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
 @pytest.mark.parametrize("variant", list(TILE_VARIANTS))
 def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, variant):
-    picked = kernel_module._tiles
-    monkeypatch.setattr(kernel_module, "_tiles", lambda *args: picked(*args)._replace(**TILE_VARIANTS[variant]))
-    tiles = kernel_module._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below gets
+    picked = bottleneck_fwd._tiles  # the forward launcher's lookup (the no-grad call below runs no backward)
+    monkeypatch.setattr(bottleneck_fwd, "_tiles", lambda *args: picked(*args)._replace(**TILE_VARIANTS[variant]))
+    tiles = bottleneck_fwd._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below gets
     _stack_alone(benchmark, hidden, f"fused {variant} {tuple(tiles)}")
 
 

@@ -377,9 +377,11 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles):
     """The CPU tier's own tiles cover whole ranks in one step; this runs the GPU's structure: 16-row blocks, hidden
     chunks that do not divide H, the up projection reading the activation tile in K sub-tiles (BLOCK_K <
     BLOCK_R), ranks above the unit tile and rows of several adapters in one block; forward and every gradient."""
-    from adapter_engine.kernels import bottleneck as kb
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+    from adapter_engine.kernels.bottleneck_pack import _Tiles
 
-    monkeypatch.setattr(kb, "_tiles", lambda *_: kb._Tiles(*tiles, num_warps=4, num_stages=1))
+    for launchers in (bottleneck_fwd, bottleneck_bwd):  # each launcher module looks _tiles up in its own globals
+        monkeypatch.setattr(launchers, "_tiles", lambda *_: _Tiles(*tiles, num_warps=4, num_stages=1))
     hidden, rows = 80, 40
     params = make_params(hidden, [72, 40, 100], ["relu", "gelu", "swish"])
     for p in params:

@@ -70,21 +70,22 @@ def test_unaligned_launches_fall_back_to_scalar_accesses():
 # ---------------------------------------------------------------------------------------- bottleneck stack kernels
 # The fused bottleneck stack ran 4.6x slower than eager PyTorch at hidden 4096 on the first H100 run (2.77 ms vs
 # 0.61 ms, bench/bench_bottleneck.py): its loops were latency-bound. Register spills would add local-memory round
-# trips to every loop step, so the builds the launcher picks (kernels/bottleneck.py::_tiles) must not spill.
+# trips to every loop step, so the builds the launcher picks (kernels/bottleneck_pack.py::_tiles) must not spill.
 _BOTTLENECK = textwrap.dedent(
     """
     import json, os, re, subprocess, sys, tempfile
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from adapter_engine.kernels import bottleneck as bn
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+    from adapter_engine.kernels.bottleneck_pack import StackOptions, _flags, _tiles
 
     name, hidden, rank, save = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    kernel = getattr(bn, name)
     forward = name == "_bottleneck_stack_fwd_kernel"
-    tiles = bn._tiles(rank, forward and not save).launch()  # what the launcher picks for 4096 rows
+    kernel = getattr(bottleneck_fwd if forward else bottleneck_bwd, name)
+    tiles = _tiles(rank, forward and not save).launch()  # what the launcher picks for 4096 rows
     options = {k: tiles.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
-    flags = dict(bn._flags(bn.StackOptions(), True))  # seq_bn after a post-LN sublayer (BERT, the benchmark)
+    flags = dict(_flags(StackOptions(), True))  # seq_bn after a post-LN sublayer (BERT, the benchmark)
     half = {"h", "y", "out", "wd", "bd", "wu", "bu", "lnw", "lnb", "rs", "rp", "x", "a"}  # bf16 model tensors
     ints = {"owner", "code", "off", "routes", "route"}
     if forward:

@@ -189,7 +189,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     launches = {"lora": 0, "bottleneck": 0}
     input_dtypes = set()
     lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the package exports the
-    bottleneck = importlib.import_module("adapter_engine.kernels.bottleneck")  # functions under these names)
+    bottleneck_fwd = importlib.import_module("adapter_engine.kernels.bottleneck_fwd")  # functions under these names)
 
     class Counted:  # a JIT kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, kernel, key):
@@ -211,8 +211,8 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
         return torch_paths(*args, **kwargs)
 
     monkeypatch.setattr(lora_linear, "_torch_paths", counted_torch_paths)
-    kernel = bottleneck._bottleneck_stack_fwd_kernel
-    monkeypatch.setattr(bottleneck, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
+    kernel = bottleneck_fwd._bottleneck_stack_fwd_kernel  # patched where its launcher, _launch_fwd, looks it up
+    monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
     monkeypatch.setattr(_backend, "torch_twins_on_cpu", lambda enabled=True: contextlib.nullcontext())
     defaults = finetune.default_training_arguments
     monkeypatch.setattr(finetune, "default_training_arguments", lambda *a, **kw: defaults(*a, **{**kw, "bf16": True}))

@@ -1,0 +1,392 @@
+"""Forward of the fused bottleneck stack: the ``@triton.jit`` helpers (activations, dots, level input; the backward
+reuses them), the row-block kernel and its launchers (:func:`bottleneck_stack_fwd`, ``_launch_fwd``). Design notes:
+the docstring of ``kernels/bottleneck.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .bottleneck_pack import PackedStack, StackOptions, _dot_mode, _flags, _max_rank, _tiles
+
+
+# --------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _tanh(x):
+    # tanh via exp (libdevice tanh fails in the interpreter); exp of a non-positive number never overflows
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _activation(z, code):
+    """Per-unit activation of the fp32 tile ``z`` (BLOCK_M, BLOCK_R); ``code`` (1, BLOCK_R) from ACTIVATIONS."""
+    out = z
+    out = tl.where(code == 1, tl.maximum(z, 0.0), out)
+    out = tl.where(code == 2, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), out)
+    out = tl.where(code == 3, 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))), out)
+    out = tl.where(code == 4, z * tl.sigmoid(z), out)
+    out = tl.where(code == 5, _tanh(z), out)
+    return out
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b: fp32 operands (bf16 in the interpreter, fp32 weights) or a cast to the weights' half dtype
+    ``b.dtype`` (tensor cores; products exact in fp32, fp32 accumulation)."""
+    if DOT_FP32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a.to(b.dtype), b, acc)
+    return out
+
+
+@triton.jit
+def _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN: tl.constexpr):
+    """The model LN's weight and bias over ``cols`` in fp32 (zeros when the level input is not LayerNormed)."""
+    if IN_LN:
+        lnw = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        lnb = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        lnw = tl.zeros(cols.shape, dtype=tl.float32)
+        lnb = tl.zeros(cols.shape, dtype=tl.float32)
+    return lnw, lnb
+
+
+@triton.jit
+def _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y: tl.constexpr, IN_LN: tl.constexpr):
+    """The adapter input x_i (fp32 tile) from r_(i-1) and y; returns (x, t) where t = r + y when IN_ADD_Y."""
+    if IN_ADD_Y:
+        t = r + y
+        if IN_LN:
+            x = (t - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
+        else:
+            x = t
+    else:
+        t = r
+        x = r
+    return x, t
+
+
+@triton.jit
+def _down_tile(
+    src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr,
+    rows, rmask, units, umask, mean, rstd, H,
+    stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+    PARALLEL: tl.constexpr, IN_ADD_Y: tl.constexpr, IN_LN: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """z = x_i @ Wd[units]^T, (BLOCK_M, BLOCK_R) fp32, streaming the level input over hidden chunks; ``src``
+    holds r_(i-1) (h, or the fp32 scratch)."""
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        m2 = rmask[:, None] & cmask[None, :]
+        if PARALLEL:
+            x = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+            x = x.to(tl.float32)
+        else:
+            r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
+            r = r.to(tl.float32)
+            if IN_ADD_Y:
+                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+                y = y.to(tl.float32)
+            else:
+                y = r
+            lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
+            x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
+            x = tl.where(m2, x, 0.0)
+        wdt = tl.load(
+            wd_ptr + units[None, :] * stride_wdr + cols[:, None] * stride_wdh,
+            mask=umask[None, :] & cmask[:, None],
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_R) = Wd^T slice
+        z = _mma(x, wdt, z, DOT_FP32, PRECISION)
+    return z
+
+
+@triton.jit
+def _act_tile(
+    z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr, rows, rmask, units, umask, aid, Rt, SAVE: tl.constexpr
+):
+    """Bias, saved pre-activation, activation, scale and the per-(row, unit) mask ``owner == route`` of one tile."""
+    z += tl.load(bd_ptr + units, mask=umask, other=0.0).to(tl.float32)[None, :]
+    if SAVE:
+        tl.store(zs_ptr + rows[:, None] * Rt + units[None, :], z, mask=rmask[:, None] & umask[None, :])
+    code = tl.load(code_ptr + units, mask=umask, other=0)
+    owner = tl.load(owner_ptr + units, mask=umask, other=-2)
+    sc = tl.load(scale_ptr + owner, mask=umask, other=0.0)
+    act = _activation(z, code[None, :]) * sc[None, :]
+    return tl.where(owner[None, :] == aid[:, None], act, 0.0)
+
+
+@triton.jit
+def _bottleneck_stack_fwd_kernel(
+    # pointers
+    h_ptr,  # h: (M, H) sublayer projection output = r_0
+    y_ptr,  # y: (M, H) sublayer residual input (unused when no option reads it)
+    out_ptr,  # out: (M, H)
+    r_ptr,  # scratch: (M, H) fp32 running r, contiguous
+    a_ptr,  # scratch: (M, Rt rounded up to BLOCK_R) masked, scaled activations of one level in the dot operand
+    # dtype; column j = unit lo + j of the row's block (aligned, contiguous vectors)
+    wd_ptr,  # wd: (Rt, H)
+    bd_ptr,  # bd: (Rt,)
+    wu_ptr,  # wu: (H, Rt)
+    bu_ptr,  # bu: (A, H)
+    owner_ptr,  # (Rt,) int32 adapter of each unit
+    code_ptr,  # (Rt,) int32 activation code of each unit
+    scale_ptr,  # (A,) fp32 scaling of each adapter
+    off_ptr,  # (A+1,) int32 first unit of each adapter
+    routes_ptr,  # routes: (M, NUM_LEVELS) int32 adapter index per row and level, -1 = off
+    lnw_ptr,  # model LN weight (H,)
+    lnb_ptr,  # model LN bias (H,)
+    rs_ptr,  # saved for backward (SAVE): (NUM_LEVELS, M, H) r_1..r_n in h's dtype, contiguous
+    zs_ptr,  # saved (SAVE): (NUM_LEVELS, M, Rt) fp32 pre-activations, zero-initialised, contiguous
+    st_ptr,  # saved (SAVE): (NUM_LEVELS + 1, 2, M) fp32 mean and rstd of r_i + y, contiguous
+    # sizes
+    M,
+    H,
+    Rt,
+    eps,
+    # strides
+    stride_hm, stride_hh, stride_ym, stride_yh, stride_om, stride_oh,
+    stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_bua, stride_buh,
+    stride_rtm, stride_rtl, stride_am,
+    # compile-time switches
+    NUM_LEVELS: tl.constexpr,
+    PARALLEL: tl.constexpr,  # par_bn: every level reads y
+    IN_ADD_Y: tl.constexpr,  # original_ln_before: level input is r + y
+    IN_LN: tl.constexpr,  # ... LayerNormed with the model LN
+    RES_MODE: tl.constexpr,  # 0: residual r_(i-1), 1: t_i (post_add), 2: x_i (residual_before_ln=False)
+    OUT_ADD_Y: tl.constexpr,  # original_ln_after: output r_n + y
+    OUT_LN: tl.constexpr,  # ... LayerNormed with the model LN
+    SAVE: tl.constexpr,  # keep r_i, z_i and the LN moments for the backward kernel
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # unit tile of pass Z, >= the largest rank (see _tiles): one tile per shared adapter
+    BLOCK_K: tl.constexpr,  # unit sub-tile of pass U
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # moments of r_0 + y when the first level's input or a depth-0 output is LayerNormed
+    if IN_LN or (OUT_LN and NUM_LEVELS == 0):
+        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            cols = k0 + tl.arange(0, BLOCK_H)
+            m2 = rmask[:, None] & (cols < H)[None, :]
+            t = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hh, mask=m2, other=0.0).to(
+                tl.float32
+            ) + tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0).to(
+                tl.float32
+            )
+            s1 += tl.sum(t, 1)
+            s2 += tl.sum(t * t, 1)
+        mean = s1 / H
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / H - mean * mean, 0.0) + eps)
+        if SAVE:
+            tl.store(st_ptr + rows, mean, mask=rmask)
+            tl.store(st_ptr + M + rows, rstd, mask=rmask)
+
+    for lvl in tl.static_range(NUM_LEVELS):
+        aid = tl.load(routes_ptr + rows * stride_rtm + lvl * stride_rtl, mask=rmask, other=-1)
+        on = aid >= 0
+        aid_safe = tl.where(on, aid, 0)
+        lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
+        hi = tl.max(tl.load(off_ptr + aid_safe + 1, mask=on, other=0), 0)
+        # the level input r_(i-1): h at the first level, then the fp32 scratch
+        if lvl == 0:
+            src_ptr, stride_sm, stride_sh = h_ptr, stride_hm, stride_hh
+        else:
+            src_ptr, stride_sm, stride_sh = r_ptr, H, 1
+        # ---- pass Z: bottleneck activations of the units this block's rows use (one BLOCK_R tile when they
+        # share one adapter), parked in the a scratch
+        for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
+            units = lo + j0 + tl.arange(0, BLOCK_R)
+            umask = units < hi
+            z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
+                           stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+                           PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+            act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask, units,
+                            umask, aid, Rt, SAVE)  # fmt: skip
+            # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
+            a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
+            tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.debug_barrier()
+        # ---- pass U: up-projection (K sub-tiles of BLOCK_K units: a wide A operand would sit in every warp's
+        # registers), residual, new r (or the output), moments of r_i + y
+        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sc_row = tl.load(scale_ptr + aid_safe, mask=on, other=0.0)
+        for k0 in range(0, H, BLOCK_H):
+            cols = k0 + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            m2 = rmask[:, None] & cmask[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            for j0 in range(0, hi - lo, BLOCK_K):
+                units = lo + j0 + tl.arange(0, BLOCK_K)
+                umask = units < hi
+                act = tl.load(a_ptr + rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_K))[None, :],
+                              mask=rmask[:, None], other=0.0)  # fmt: skip
+                wut = tl.load(
+                    wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
+                    mask=umask[:, None] & cmask[None, :],
+                    other=0.0,
+                )  # (BLOCK_K, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
+                acc = _mma(act, wut, acc, DOT_FP32, PRECISION)
+            bu = tl.load(
+                bu_ptr + aid_safe[:, None] * stride_bua + cols[None, :] * stride_buh, mask=on[:, None] & m2, other=0.0
+            )
+            u = acc + bu.to(tl.float32) * sc_row[:, None]
+            r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
+            r = r.to(tl.float32)
+            if (PARALLEL or IN_ADD_Y) or OUT_ADD_Y:  # pairs: older Triton rejects chained boolean operators
+                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+                y = y.to(tl.float32)
+            else:
+                y = r
+            if PARALLEL:
+                new = r + u
+            elif RES_MODE == 0:
+                new = r + u
+            else:
+                lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
+                x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
+                if RES_MODE == 1:
+                    new = t + u
+                else:
+                    new = x + u
+            new = tl.where(on[:, None], new, r)
+            if SAVE:
+                rs_offs = lvl * M * H + rows[:, None] * H + cols[None, :]
+                tl.store(rs_ptr + rs_offs, new.to(rs_ptr.dtype.element_ty), mask=m2)
+            if (lvl == NUM_LEVELS - 1) and not OUT_LN:  # last level writes the output directly
+                if OUT_ADD_Y:
+                    new = new + y
+                tl.store(
+                    out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh,
+                    new.to(out_ptr.dtype.element_ty),
+                    mask=m2,
+                )
+            else:
+                tl.store(r_ptr + rows[:, None] * H + cols[None, :], new, mask=m2)
+                if IN_LN or OUT_LN:
+                    t = tl.where(m2, new + y, 0.0)
+                    s1 += tl.sum(t, 1)
+                    s2 += tl.sum(t * t, 1)
+        tl.debug_barrier()
+        if IN_LN or OUT_LN:
+            mean = s1 / H
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / H - mean * mean, 0.0) + eps)
+            if SAVE:
+                tl.store(st_ptr + (lvl + 1) * 2 * M + rows, mean, mask=rmask)
+                tl.store(st_ptr + (lvl + 1) * 2 * M + M + rows, rstd, mask=rmask)
+
+    # ---- final pass: output LayerNorm (or depth 0), one store
+    if OUT_LN or NUM_LEVELS == 0:
+        for k0 in range(0, H, BLOCK_H):
+            cols = k0 + tl.arange(0, BLOCK_H)
+            cmask = cols < H
+            m2 = rmask[:, None] & cmask[None, :]
+            if NUM_LEVELS == 0:
+                r = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hh, mask=m2, other=0.0)
+            else:
+                r = tl.load(r_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
+            v = r.to(tl.float32)
+            if OUT_ADD_Y:
+                v += tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0).to(
+                    tl.float32
+                )
+                if OUT_LN:
+                    lnw = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                    lnb = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                    v = (v - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
+            tl.store(
+                out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh, v.to(out_ptr.dtype.element_ty), mask=m2
+            )
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+class _Saved(NamedTuple):
+    rs: torch.Tensor  # (L, M, H) r_1..r_n in h's dtype
+    zs: torch.Tensor  # (L, M, Rt) fp32 pre-activations (zero outside each row block's units)
+    stats: torch.Tensor  # (L + 1, 2, M) fp32 mean, rstd of r_i + y (when a model LN runs)
+
+
+def _launch_fwd(
+    h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool, max_rank: int
+):  # fmt: skip
+    """One kernel launch (plus the zeroed z buffer when saving for the backward); ``max_rank`` picks the tiles."""
+    hidden = h.shape[-1]
+    h2 = h.reshape(-1, hidden)
+    y2 = y.reshape(-1, hidden) if y is not None else h2
+    m, levels = h2.shape[0], routes.shape[1]
+    dev = h.device
+    # The interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even): there, store fp32 and
+    # let torch round once.
+    round_in_torch = dev.type == "cpu" and h.dtype != torch.float32
+    out = torch.empty(h2.shape, device=dev, dtype=torch.float32 if round_in_torch else h.dtype)
+    rt = packed.wd.shape[0]
+    flags = _flags(options, ln_weight is not None)
+    dot_fp32, precision = _dot_mode(h, packed.wd)
+    tiles = _tiles(max_rank, not save and m >= 4096)
+    scratch_r = torch.empty((m, hidden) if levels > 0 else (1, 1), device=dev, dtype=torch.float32)
+    # activations in the dot operand dtype (the dot rounds them to it anyway), in whole unit tiles
+    a_cols = -(-rt // tiles.BLOCK_R) * tiles.BLOCK_R
+    scratch_a = torch.empty((m, a_cols) if levels > 0 else (1, 16), device=dev,
+                            dtype=torch.float32 if dot_fp32 else packed.wu.dtype)  # fmt: skip
+    if save:
+        saved = _Saved(
+            torch.empty((levels, m, hidden), device=dev, dtype=torch.float32 if round_in_torch else h.dtype),
+            torch.zeros((levels, m, rt), device=dev, dtype=torch.float32),
+            torch.empty((levels + 1, 2, m), device=dev, dtype=torch.float32),
+        )
+    else:
+        saved = _Saved(scratch_r, scratch_r, scratch_r)  # dummy pointers, never touched without SAVE
+    if routes.dtype != torch.int32:
+        routes = routes.to(torch.int32)
+    lnw = ln_weight if ln_weight is not None else h2  # dummy pointers, never read without IN_LN/OUT_LN
+    lnb = ln_bias if ln_bias is not None else h2
+    if m == 0:
+        return out.to(h.dtype).reshape(h.shape), saved
+    _bottleneck_stack_fwd_kernel[(-(-m // tiles.BLOCK_M),)](
+        h2, y2, out, scratch_r, scratch_a,
+        packed.wd, packed.bd, packed.wu, packed.bu,
+        packed.unit_owner, packed.unit_act, packed.scale, packed.offsets,
+        routes, lnw, lnb, saved.rs, saved.zs, saved.stats,
+        m, hidden, rt, float(options.eps),
+        h2.stride(0), h2.stride(1), y2.stride(0), y2.stride(1), out.stride(0), out.stride(1),
+        packed.wd.stride(0), packed.wd.stride(1), packed.wu.stride(0), packed.wu.stride(1),
+        packed.bu.stride(0), packed.bu.stride(1),
+        routes.stride(0), routes.stride(1), scratch_a.stride(0),
+        NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, **flags, **tiles.launch(),
+    )  # fmt: skip
+    return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
+
+
+def bottleneck_stack_fwd(
+    h: torch.Tensor,
+    y: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    packed: PackedStack,
+    routes: torch.Tensor,
+    options: StackOptions,
+) -> torch.Tensor:
+    """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype."""
+    if options.ln_before or options.ln_after:
+        raise ValueError("the adapters' own ln_before/ln_after run on the torch path (bottleneck_stack_ref)")
+    offsets = packed.host.offsets if packed.host is not None else packed.offsets.tolist()
+    return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=False, max_rank=_max_rank(offsets))[0]

@@ -1,0 +1,255 @@
+"""Inputs of the fused bottleneck stack kernels: activation codes, the structural options (:class:`StackOptions`),
+the adapters packed along the bottleneck axis (:func:`pack_adapters`) and each launch's configuration (tiles from
+the ranks, compile-time switches, dot operand mode). Design notes: the docstring of ``kernels/bottleneck.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ._backend import INTERPRET, dot_in_fp32
+
+# Activation names (AdapterHub ``non_linearity``, transformers ACT2FN names) -> kernel codes.
+ACTIVATIONS = {
+    "identity": 0, "linear": 0, "none": 0,
+    "relu": 1,
+    "gelu": 2,  # erf form (transformers GELUActivation)
+    "gelu_new": 3, "gelu_pytorch_tanh": 3,  # tanh form (NewGELUActivation)
+    "swish": 4, "silu": 4,
+    "tanh": 5,
+}  # fmt: skip
+
+# The kernel codes' activations in torch (the reference twin and the backward's weight gradients).
+_TORCH_ACTS = {
+    0: lambda z: z,
+    1: torch.relu,
+    2: F.gelu,
+    3: lambda z: F.gelu(z, approximate="tanh"),
+    4: F.silu,
+    5: torch.tanh,
+}
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """Structural options shared by every adapter of one launch (AdapterHub ``BnConfig`` field names)."""
+
+    is_parallel: bool = False
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True  # True | False | "post_add"
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False  # the adapter's own LayerNorm on its input (torch path only)
+    ln_after: bool = False  # the adapter's own LayerNorm on its output (torch path only)
+    eps: float = 1e-12  # the model LayerNorm's eps
+    adapter_ln_eps: float = 1e-5  # nn.LayerNorm default, as AdapterHub builds its own LNs
+
+    def __post_init__(self):
+        if self.residual_before_ln not in (True, False, "post_add"):
+            raise ValueError(f"residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}")
+
+
+class PackedStack(NamedTuple):
+    """All adapters of one launch packed along the bottleneck axis (Rt = sum of ranks, A = adapters)."""
+
+    wd: torch.Tensor  # (Rt, H) down weights
+    bd: torch.Tensor  # (Rt,) down biases
+    wu: torch.Tensor  # (H, Rt) up weights, stored H-contiguous (an (Rt, H) buffer, transposed)
+    bu: torch.Tensor  # (A, H) up biases
+    unit_owner: torch.Tensor  # (Rt,) int32 adapter index of each unit
+    unit_act: torch.Tensor  # (Rt,) int32 activation code of each unit
+    scale: torch.Tensor  # (A,) fp32 scaling of each adapter
+    offsets: torch.Tensor  # (A+1,) int32 first unit of each adapter
+    lnb_w: torch.Tensor | None = None  # (A, H) own ln_before weights
+    lnb_b: torch.Tensor | None = None
+    lna_w: torch.Tensor | None = None  # (A, H) own ln_after weights
+    lna_b: torch.Tensor | None = None
+    host: PackedHost | None = None  # the same facts on the host (no device sync to read them)
+
+
+class PackedHost(NamedTuple):
+    offsets: tuple[int, ...]  # (A+1,) first unit of each adapter
+    codes: tuple[int, ...]  # (A,) activation code of each adapter
+    scales: tuple[float, ...]  # (A,)
+    trainable: tuple[bool, ...]  # (A,) any of the adapter's weights requires grad
+
+
+def pack_adapters(
+    down_weights: list[torch.Tensor],
+    down_biases: list[torch.Tensor],
+    up_weights: list[torch.Tensor],
+    up_biases: list[torch.Tensor],
+    activations: list[str],
+    scalings: list[float],
+    ln_before: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ln_after: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PackedStack:
+    """Concatenate adapters (down (r_a, H), up (H, r_a), biases (r_a,), (H,)) into a differentiable PackedStack."""
+    n = len(down_weights)
+    if not (n == len(down_biases) == len(up_weights) == len(up_biases) == len(activations) == len(scalings)) or n == 0:
+        raise ValueError(f"pack_adapters needs the same non-zero number of each part, got {n} down weights")
+    hidden = down_weights[0].shape[1]
+    for i, (wd, wu) in enumerate(zip(down_weights, up_weights, strict=True)):
+        if wd.dim() != 2 or wu.dim() != 2 or wd.shape[1] != hidden or wu.shape != (hidden, wd.shape[0]):
+            raise ValueError(
+                f"adapter {i}: down weight must be (r, {hidden}) and up weight ({hidden}, r), "
+                f"got {tuple(wd.shape)} and {tuple(wu.shape)}"
+            )
+    codes = []
+    for a in activations:
+        if a.lower() not in ACTIVATIONS:
+            raise ValueError(f"unsupported non_linearity {a!r}; supported: {sorted(ACTIVATIONS)}")
+        codes.append(ACTIVATIONS[a.lower()])
+    dev = down_weights[0].device
+    ranks = tuple(w.shape[0] for w in down_weights)
+    scales = tuple(float(x) for x in scalings)
+    offsets_host = [0]
+    for r in ranks:
+        offsets_host.append(offsets_host[-1] + r)
+    offsets, owner, unit_act, scale = _unit_tables(ranks, tuple(codes), scales, dev)
+    trainable = tuple(
+        any(t.requires_grad for t in parts)
+        for parts in zip(down_weights, down_biases, up_weights, up_biases, strict=True)
+    )
+
+    def stack(pairs, k):
+        return None if pairs is None else torch.stack([p[k] for p in pairs])
+
+    one = n == 1  # a single adapter needs no copy (the up weight is re-laid out, see _h_contiguous_up)
+    return PackedStack(
+        wd=down_weights[0] if one else torch.cat(down_weights, 0),
+        bd=down_biases[0] if one else torch.cat(down_biases, 0),
+        wu=_h_contiguous_up(up_weights),
+        bu=up_biases[0].unsqueeze(0) if one else torch.stack(up_biases, 0),
+        unit_owner=owner,
+        unit_act=unit_act,
+        scale=scale,
+        offsets=offsets,
+        lnb_w=stack(ln_before, 0),
+        lnb_b=stack(ln_before, 1),
+        lna_w=stack(ln_after, 0),
+        lna_b=stack(ln_after, 1),
+        host=PackedHost(tuple(offsets_host), tuple(codes), scales, trainable),
+    )
+
+
+def _h_contiguous_up(up_weights: list[torch.Tensor]) -> torch.Tensor:
+    """The up weights as one (H, Rt) view of an (Rt, H)-contiguous copy: the kernels read Wu tiles along H, in
+    aligned 16-byte vectors (along the unit axis a tile starts at an adapter's offset, of unknown alignment)."""
+    if len(up_weights) == 1:
+        return up_weights[0].t().contiguous().t()
+    return torch.cat([w.t() for w in up_weights], 0).t()
+
+
+def _build_unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device):
+    """Device tables (offsets, unit owner, unit activation, scale) from host lists (constants under dynamo)."""
+    offsets, owner, unit_act = [0], [], []
+    for a, (r, c) in enumerate(zip(ranks, codes, strict=True)):
+        offsets.append(offsets[-1] + r)
+        owner += [a] * r
+        unit_act += [c] * r
+    return (
+        torch.tensor(offsets, dtype=torch.int32, device=device),
+        torch.tensor(owner, dtype=torch.int32, device=device),
+        torch.tensor(unit_act, dtype=torch.int32, device=device),
+        torch.tensor(scales, dtype=torch.float32, device=device),
+    )
+
+
+_cached_unit_tables = functools.lru_cache(maxsize=256)(_build_unit_tables)
+
+
+def _unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
+    """Cached outside torch.compile: a host-to-device copy syncs the stream, and training re-packs every step."""
+    if torch.compiler.is_compiling():
+        return _build_unit_tables(ranks, codes, scales, device)
+    return _cached_unit_tables(ranks, codes, scales, device)
+
+
+# --------------------------------------------------------------------------------------------------- tuning
+class _Tiles(NamedTuple):
+    """Launch shape of the forward and level-backward kernels, chosen per call from the ranks (no autotuning)."""
+
+    BLOCK_M: int  # rows per program
+    BLOCK_H: int  # hidden chunk: K of the down-projection dot, N of the up-projection dot
+    BLOCK_R: int  # unit tile of the down projection, >= the largest rank (up to 256): a block whose rows share
+    # one adapter reads its level input once per level
+    BLOCK_K: int  # unit sub-tile: K of the up-projection and dx dots
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict:
+        """Keyword arguments of a kernel launch (the GPU build may use up to 255 registers per thread)."""
+        return _launch_kwargs(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _launch_kwargs(tiles: _Tiles) -> dict:
+    return {**tiles._asdict(), **({} if INTERPRET else {"maxnreg": 255})}
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
+    """Tiles from the largest rank of a launch; ``big_inference``: a forward that saves nothing for the backward,
+    over at least 4096 rows. The sm_90 builds' resource usage is pinned by tests/test_codegen.py (triton 3.9's
+    ptxas, offline); nothing here was timed. Why these:
+
+    - The dots run as mma.sync, where every warp holds the whole (BLOCK_M, K) A operand in registers: K (BLOCK_H,
+      BLOCK_K) stays at 64. A 16x256 A operand alone costs 64 registers per thread; BLOCK_H 128 spilled.
+    - BLOCK_R covers the rank, so the level input is read once per level, not once per 64 units (rank 256 read it
+      4 times and ran 4x as many loop steps: 2.77 ms vs eager 0.61 ms at 4096 x 4096 on the first H100 run).
+    - Every program streams all weights of its level from L2 (4 MB per level at hidden 4096, rank 256), so at wide
+      ranks 32-row blocks halve that traffic; 4096 rows are then 128 programs, one wave at one program per SM.
+      The saving forward and the backward keep 16 rows: at 32 they spill 32-80 bytes.
+    - num_stages=2 lets Triton prefetch the tiles that feed the dots (cp.async) one loop step ahead.
+    - ``maxnreg=255`` (see launch): left alone, ptxas capped some builds at 128 registers and spilled 16-96 bytes.
+      Narrow ranks run 4 warps at <= 255 registers, two programs per SM, so 4096 rows (256 programs) fit in one
+      wave on 132 SMs.
+    """
+    block_r = min(max(16, triton.next_power_of_2(max_rank)), 256)
+    if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP
+        return _Tiles(32, 128, block_r, block_r, 4, 1)
+    if block_r > 64:  # wide unit tiles: 8 warps split the (BLOCK_H, BLOCK_R) weight tile and the z accumulator
+        return _Tiles(32 if big_inference else 16, 64, block_r, 64, 8, 2)
+    return _Tiles(16, 64, block_r, block_r, 4, 2)
+
+
+# --------------------------------------------------------------------------------------------------- switches
+@functools.lru_cache(maxsize=256)
+def _flags(options: StackOptions, has_ln: bool) -> dict:
+    """Compile-time switches of the kernel from the structural options (see the docstring of kernels/bottleneck.py)."""
+    in_add_y = options.original_ln_before and not options.is_parallel
+    in_ln = in_add_y and has_ln
+    if options.is_parallel or options.residual_before_ln is True:
+        res_mode = 0
+    elif options.residual_before_ln == "post_add":
+        res_mode = 1 if in_ln else 0  # AdapterHub only re-points the residual when the model LN runs
+    else:
+        res_mode = 2
+    out_add_y = options.original_ln_after
+    return {
+        "PARALLEL": options.is_parallel,
+        "IN_ADD_Y": in_add_y,
+        "IN_LN": in_ln,
+        "RES_MODE": res_mode,
+        "OUT_ADD_Y": out_add_y,
+        "OUT_LN": out_add_y and has_ln,
+    }
+
+
+def _dot_mode(h: torch.Tensor, w: torch.Tensor) -> tuple[bool, str]:
+    """(fp32 operands?, input_precision). Native half operands on the GPU; the interpreter's bf16 dot is wrong
+    (fp32 there) but its fp16 dot is right, so fp16 weights exercise the native-operand path in the CPU tier."""
+    dot_fp32 = w.dtype == torch.float32 or (dot_in_fp32(h) and w.dtype == torch.bfloat16)
+    precision = "tf32x3" if (h.device.type == "cuda" and w.dtype == torch.float32) else "ieee"
+    return dot_fp32, precision
+
+
+def _max_rank(offsets) -> int:
+    return max((b - a for a, b in zip(offsets, offsets[1:])), default=1)
