@@ -7,6 +7,10 @@ Cases (issue 4), bf16 on a GPU, tiny fp32 models on CPU (smoke test):
 - The stack alone on (tokens, hidden) activations, against the physical limit: reading h and y and writing the
   output once (3 x tokens x hidden x 2 bytes) at the measured copy bandwidth.
 
+- Where to fuse (issue 4 asks to measure both designs): the projection that feeds the stack on cuBLAS (what the
+  engine does) against the engine's own Triton GEMM at the same shapes, with the saving that fusing the stack into
+  that GEMM's epilogue could bring at most (one write and one read of the (tokens, hidden) activation).
+
 Targets on an H100: BERT 1 adapter <= 1.04x bare, 3 stacked <= 1.10x; Llama 3 stacked <= 1.02x; training the top
 adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_info), never across runs.
 """
@@ -20,7 +24,7 @@ import torch
 from harness import copy_bandwidth, device, on_gpu, pick, timed
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
-from adapter_engine.kernels import bottleneck_fwd
+from adapter_engine.kernels import bottleneck_fwd, lora_linear
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
@@ -224,3 +228,38 @@ def _stack_alone(benchmark, hidden, provider):
         floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
         median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {tokens}x{hidden}", provider=provider)
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
+
+
+# The projections that produce a stacked sublayer's output (tokens, in) -> (tokens, out): BERT-base's FFN output and
+# attention output at 32 x 128 tokens, the Llama-shaped MLP down-projection at 16 x 256.
+PROJECTIONS = {
+    "bert ffn out 4096x3072->768": pick((4096, 3072, 768), (16, 96, 48)),
+    "bert attn out 4096x768->768": pick((4096, 768, 768), (16, 48, 48)),
+    "llama mlp down 4096x11008->4096": pick((4096, 11008, 4096), (16, 128, 64)),
+}
+
+
+@pytest.mark.parametrize("shape", list(PROJECTIONS))
+@pytest.mark.parametrize("provider", ["bare", "triton"])
+def bench_projection_gemm(benchmark, shape, provider):
+    """Fusing the stack into the projection would need the projection in a Triton GEMM. "triton" is the engine's
+    own GEMM kernel (``lora_linear``'s epilogue path, rank 16: its low-rank epilogue is a small extra); "bare" is
+    cuBLAS (``F.linear``), so the report's "vs bare" column is the Triton GEMM's slowdown. The fusion pays only if
+    triton - bare < ``fusion_saving_ms``: the time of writing h and reading it back once at copy bandwidth, the
+    most a fused epilogue can save over the separate row-block kernel."""
+    tokens, n_in, n_out = PROJECTIONS[shape]
+    dev = device()
+    x = torch.randn(tokens, n_in, device=dev, dtype=DTYPE)
+    weight = torch.randn(n_out, n_in, device=dev, dtype=DTYPE) * n_in**-0.5
+    bias = torch.randn(n_out, device=dev, dtype=DTYPE)
+    lora_a = torch.randn(16, n_in, device=dev, dtype=DTYPE) * n_in**-0.5
+    lora_b = torch.randn(n_out, 16, device=dev, dtype=DTYPE) * 0.25
+    if provider == "bare":
+        fn = lambda: torch.nn.functional.linear(x, weight, bias)  # noqa: E731
+    else:
+        fn = lambda: lora_linear(x, weight, lora_a, lora_b, 1.0, bias, path="epilogue")  # noqa: E731
+    with torch.no_grad():
+        fn()
+        saving_ms = 2 * tokens * n_out * x.element_size() / copy_bandwidth() * 1e3
+        timed(benchmark, fn, case=f"projection {shape}", provider=provider)
+    benchmark.extra_info.update({"fusion_saving_ms": saving_ms, "flops": 2 * tokens * n_in * n_out})

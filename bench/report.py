@@ -17,7 +17,9 @@ import os
 from collections import defaultdict
 
 # Benchmark-specific figures worth a column of their own in the table.
-NOTE_KEYS = ("gb_per_s", "peak_growth_vs_largest_tensor", "switch_us", "tokens_per_s", "fraction_of_limit")
+NOTE_KEYS = (
+    "gb_per_s", "peak_growth_vs_largest_tensor", "switch_us", "tokens_per_s", "fraction_of_limit", "fusion_saving_ms",
+)  # fmt: skip
 
 
 def load_rows(path: str) -> tuple[dict, list[dict]]:

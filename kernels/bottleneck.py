@@ -19,7 +19,9 @@ parallel adapters keeps only the last level's output; here parallel levels add u
 
 Kernel design (one row-block kernel after the projection; the projection itself stays on cuBLAS because a
 plain Triton GEMM is 1.20-1.38x slower than cuBLAS at M >= 256 on an H100, which would cost more than the
-whole adapter stack). All adapters of a launch are packed along the bottleneck axis (``Rt = sum r_a``):
+whole adapter stack; ``bench/bench_bottleneck.py::bench_projection_gemm`` measures the engine's Triton GEMM
+against cuBLAS at the stacked sublayers' shapes, beside the most a fused epilogue could save). All adapters of
+a launch are packed along the bottleneck axis (``Rt = sum r_a``):
 ``wd`` (Rt, H), ``wu`` (H, Rt) stored H-contiguous, each unit knowing its owner adapter, activation code and its
 adapter's scale. One program owns BLOCK_M rows and, per level, (Z) streams the level input over hidden chunks
 into a (BLOCK_M, BLOCK_R) bottleneck tile that covers the rank (one tile when the block's rows share an adapter),
