@@ -335,7 +335,7 @@ def test_torch_compile_lora():
     ae.set_active_adapters(model, ["a", "b"])
     y = out(model, batch)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
