@@ -43,7 +43,7 @@ import triton.language as tl
 from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
 
 # ----------------------------------------------------------------------------------------------------- tuning
-# Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps) by the width of a launch's rank axis, from the sweep of
+# Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, PREFETCH_W) by the width of a launch's rank axis, from the sweep of
 # bench/tune_merge.py on an H100 (bf16, Llama-shaped 4 layers, bench/results/2026-11-26-h100-session2): one r=16
 # adapter: 32 x 128 x 1 reached 95.4% of the bandwidth floor (64 x 128 x 4: 74.8%); four (R=64): 64 x 128 x 4
 # reached 66.7% (32 x 128 x 1: 52.4%). The grouped kernel cannot be autotuned by re-running it: it updates
@@ -51,7 +51,8 @@ from ._backend import INTERPRET, check_float_dtype, check_same_device, use_trito
 # Both sweeps predate a fix found in the sm_90 build on a CPU: the rows of B_cat loaded as 2-byte scalars (the rank
 # mask was not known to be constant over 16-byte runs), 32 load instructions per thread and row tile at R=64 against
 # 8 for the W tile; with the hint they are 16-byte cp.async copies, pipelined over the row tiles. Re-sweep on a GPU.
-SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4), (64, 128, 4, 4), None
+# The fifth entry, PREFETCH_W, loads the next row tile's W before the current tile's dot (untimed so far).
+SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, False), (64, 128, 4, 4, False), None
 IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -71,6 +72,24 @@ def _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY: tl.constexpr):
             tl.store(bad_ptr, 1)
     else:
         tl.store(w_ptrs, out, mask=mask)
+
+
+@triton.jit
+def _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K: tl.constexpr, W_ALIGNED: tl.constexpr):
+    """Pointers of the (BLOCK_N, BLOCK_K) tile of W at rows ``offs_n``, columns ``offs_k``."""
+    if W_ALIGNED:  # unit stride along k and 16-byte aligned rows (checked on the host): vectorised loads
+        w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
+        return tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
+    return w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
+
+
+@triton.jit
+def _load_w_tile(w_ptr, first_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, W_ALIGNED: tl.constexpr):  # fmt: skip
+    """The W tile of rows ``first_row ..`` in W's dtype (zeros past ``n_rows``)."""
+    offs_n = first_row + tl.arange(0, BLOCK_N)
+    w_ptrs = _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K, W_ALIGNED)
+    return tl.load(w_ptrs, mask=(offs_n < n_rows)[:, None] & mask_k[None, :], other=0.0)
 
 
 @triton.jit
@@ -108,6 +127,7 @@ def _merge_lora_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_TILES: tl.constexpr,  # row tiles per program, sharing one load of the A columns
+    PREFETCH_W: tl.constexpr,  # load the next row tile's W before this one's dot (more registers, overlap)
 ):
     col_tile = tl.program_id(0)
     row_group = tl.program_id(1)
@@ -176,16 +196,21 @@ def _merge_lora_kernel(
             a_mid = rest.to(F_DTYPE)
             a_lo = (rest - a_mid.to(tl.float32)).to(F_DTYPE)
 
+    first_row = row_group.to(tl.int64) * ROW_TILES * BLOCK_N
+    if PREFETCH_W:  # W of row tile t + 1 is loaded before tile t's dot and store, so its latency overlaps them
+        w_next = _load_w_tile(w_ptr, first_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N, BLOCK_K, W_ALIGNED)
     for t in range(ROW_TILES):
-        offs_n = (row_group.to(tl.int64) * ROW_TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = first_row + t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_rows
         mask = mask_n[:, None] & mask_k[None, :]
-        if W_ALIGNED:  # unit stride along k and 16-byte aligned rows (checked on the host): vectorised loads
-            w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
-            w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
+        w_ptrs = _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K, W_ALIGNED)
+        if PREFETCH_W:
+            w = w_next.to(tl.float32)
+            next_row = tl.where(t + 1 < ROW_TILES, first_row + (t + 1) * BLOCK_N, n_rows)  # past the end: no load
+            w_next = _load_w_tile(w_ptr, next_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N, BLOCK_K,
+                                  W_ALIGNED)  # fmt: skip
         else:
-            w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         b_ptrs = b_base + offs_n[:, None] * b_nstride[None, :] + b_col[None, :]
         if F_ALIGNED:  # each row of B_cat: runs of 16 bytes (ranks % 8 == 0), 16-byte aligned
             b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16 // F_BYTES])
@@ -393,7 +418,8 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
     bad = bad if check_only else launch["table"]  # never written when not checking
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
     block_r = max(16, triton.next_power_of_2(launch["max_rank"]))
-    block_n, block_k, row_tiles, num_warps = TILE_OVERRIDE or (SMALL_RANK_TILES if block_r <= 16 else LARGE_RANK_TILES)
+    tiles = TILE_OVERRIDE or (SMALL_RANK_TILES if block_r <= 16 else LARGE_RANK_TILES)
+    block_n, block_k, row_tiles, num_warps, prefetch_w = tiles
     block_k = max(16, min(block_k, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
     grid = (triton.cdiv(n_cols, block_k), triton.cdiv(n_rows, block_n * row_tiles), launch["n_weights"])
     _merge_lora_kernel[grid](
@@ -420,6 +446,7 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ROW_TILES=row_tiles,
+        PREFETCH_W=prefetch_w and row_tiles > 1,
         num_warps=num_warps,
     )
 

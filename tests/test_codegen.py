@@ -29,7 +29,7 @@ _COMPILE = textwrap.dedent(
         "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "F_BYTES": 2, "W_ALIGNED": aligned, "F_ALIGNED": aligned,
         "UNIFORM_SCALE": uniform, "CHECK_ONLY": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
         "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": LARGE_RANK_TILES[0],
-        "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2],
+        "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2], "PREFETCH_W": LARGE_RANK_TILES[4],
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -59,6 +59,9 @@ def test_merge_kernel_streams_the_weight_with_16_byte_vectors(uniform):
     ops = _ptx_memory_ops(aligned=True, uniform=uniform)
     assert ops["st.global.v4.b32"] > 0 and not any(op.startswith("st.global") and "v4" not in op for op in ops), ops
     assert ops["ld.global.v4.b32"] >= ops["st.global.v4.b32"], ops  # the weight tile comes in as it goes out
+    # B_cat's rows too (as 16-byte loads or cp.async copies): with four r=16 adapters they were 2-byte scalar
+    # loads, 32 per thread and row tile against the W tile's 8, until the rank mask got its multiple_of hint
+    assert not any(op.startswith("ld.global") and op.endswith(("b16", "b8")) for op in ops), ops
 
 
 def test_unaligned_launches_fall_back_to_scalar_accesses():

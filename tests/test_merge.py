@@ -414,3 +414,22 @@ def test_per_adapter_scales_with_16_bit_dots(monkeypatch, cancel):
     out = weight.clone()
     merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
     assert_within_one_ulp(out, expected)
+
+
+@pytest.mark.parametrize("tiles", [(16, 32, 3, 4, True), (16, 32, 3, 4, False), (32, 64, 2, 4, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ranks", [(8, 16), (8, 3, 1)], ids=["aligned-ranks", "odd-ranks"])
+def test_sweep_tiles_merge_correctly(monkeypatch, tiles, dtype, ranks):
+    """The tile variants bench/tune_merge.py sweeps on a GPU, including several row tiles per program with the next
+    tile's W prefetched (PREFETCH_W), on shapes whose last row group and column strip are partial."""
+    from adapter_engine.kernels import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "TILE_OVERRIDE", tiles)
+    shape = (101, 97)  # 101 rows: 48- and 64-row groups end part-way; 97 columns: a partial last strip
+    for scales in ([0.5] * len(ranks), [0.5, -1.25, 2.0][: len(ranks)]):
+        adapters = [make_adapter(*shape, r, dtype) for r in ranks]
+        weight = torch.randn(shape).to(dtype)
+        expected = fp64_merge(weight, [(a, b, s) for (a, b), s in zip(adapters, scales)])
+        out = weight.clone()
+        merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
+        assert_within_one_ulp(out, expected)
