@@ -22,6 +22,7 @@ from test_lora_linear import TOL, _assert_bf16_no_worse_than_torch, _check, _mak
 from adapter_engine.kernels import lora_linear, lora_linear_reference
 
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+li = importlib.import_module("adapter_engine.kernels.lora_inputs")
 ls = importlib.import_module("adapter_engine.kernels.lora_segmented")
 
 RANKS = [8, 1, 4, 16]  # ranks that differ (1: the narrowest tile column; 16: the widest)
@@ -280,13 +281,13 @@ def test_auto_takes_the_segmented_path_and_per_row_routing_reaches_it(poison, sp
 def test_row_grouping_is_reused_only_while_the_ids_are_unchanged(poison, spy, monkeypatch):
     _launch_device()
     sorts = []
-    real_plan = ll.plan_segments
+    real_plan = li.plan_segments
 
     def counting(ids, ranks, scales, grouping=None):
         sorts.append(grouping is None)
         return real_plan(ids, ranks, scales, grouping)
 
-    monkeypatch.setattr(ll, "plan_segments", counting)
+    monkeypatch.setattr(li, "plan_segments", counting)  # where the row-grouping cache (_segments_cached) looks it up
     x, w, b, As, Bs = _make((70,), 20, 12, [4, 8], torch.float32)
     As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
     ids = torch.randint(-1, 2, (70,))

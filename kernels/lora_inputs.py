@@ -1,0 +1,190 @@
+"""Host-side input preparation shared by the LoRA ops (``lora_linear`` and its ``path="segmented"``).
+
+Nothing here is the op itself: checking the user's arguments (``_adapter_lists``, ``_validate``, ``_row_ids``),
+the per-rank tables of the stacked layout (``_rank_tables``: ``rank_scale[r]`` / ``rank_adapter[r]``, see
+kernels/lora_linear.py), the stacking of the adapters' factors into ``A_cat (R, K)`` / ``B_cat (N, R)``
+(``_stack``; ``_stack_cached`` remembers it for inference), and the rows of a mixed batch grouped by adapter
+(``_segments_cached``, around ``plan_segments`` of kernels/lora_segmented.py). Those two caches are keyed on the
+live tensor objects (weak references) and their in-place version counters: a changed or freed tensor never hits.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import weakref
+
+import torch
+
+from ._backend import FLOAT_DTYPES, check_float_dtype, check_same_device
+from .lora_segmented import SegmentPlan, plan_segments
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User input: adapter lists, shapes, dtypes, devices, per-row adapter ids
+# ----------------------------------------------------------------------------------------------------------------
+def _adapter_lists(lora_A, lora_B, scale):
+    if isinstance(lora_A, torch.Tensor):
+        if not isinstance(lora_B, torch.Tensor) or isinstance(scale, (list, tuple)):
+            raise TypeError("lora_A, lora_B and scale must all be single (tensor, tensor, float) or all sequences")
+        return [lora_A], [lora_B], [float(scale)]
+    As, Bs, scales = list(lora_A), list(lora_B), list(scale)
+    if not (len(As) == len(Bs) == len(scales)) or not As:
+        raise ValueError(
+            f"need equal, non-zero numbers of lora_A, lora_B and scale, got {len(As)}, {len(Bs)}, {len(scales)}"
+        )
+    return As, Bs, [float(s) for s in scales]
+
+
+def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False):
+    # Fast check first (host time counts at small M): every tensor shares x's float dtype and device.
+    ok_dtypes = (*FLOAT_DTYPES, torch.float64) if allow_fp64 else FLOAT_DTYPES  # fp64: the reference's oracle mode
+    uniform = isinstance(x, torch.Tensor) and x.dtype in ok_dtypes
+    if uniform:
+        dt, dev = x.dtype, x.device
+        uniform = all(
+            t is None or (isinstance(t, torch.Tensor) and t.dtype == dt and t.device == dev)
+            for t in (weight, bias, *As, *Bs)
+        )
+    if not uniform:  # find the culprit and name it
+        tensors = {"x": x, "weight": weight, "bias": bias}
+        tensors.update({f"lora_A[{i}]": a for i, a in enumerate(As)})
+        tensors.update({f"lora_B[{i}]": b for i, b in enumerate(Bs)})
+        for name, t in tensors.items():
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t is not None and not (allow_fp64 and t.dtype == torch.float64):
+                check_float_dtype(name, t)
+        dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+        if len(set(dtypes.values())) > 1:
+            listing = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+            raise TypeError(f"x, weight, bias and the LoRA factors must share one dtype, got {listing}")
+        check_same_device(**tensors)
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"x must be (..., in) and weight 2-D, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+    layout = "(in, out) (fan_in_fan_out=True)" if fan_in_fan_out else "(out, in)"
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x {tuple(x.shape)} has {x.shape[-1]} features, weight {tuple(weight.shape)} {layout} wants {in_f}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias {tuple(bias.shape)} must be ({out_f},) for weight {tuple(weight.shape)} {layout}")
+    for i, (a, b) in enumerate(zip(As, Bs, strict=True)):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"adapter {i}: lora_A {tuple(a.shape)} must be (r, {in_f}) and lora_B {tuple(b.shape)} must be "
+                f"({out_f}, r) with the same r"
+            )
+        if a.shape[0] < 1:
+            raise ValueError(f"adapter {i}: rank must be >= 1, got lora_A {tuple(a.shape)}")
+    return out_f, in_f
+
+
+def _row_ids(adapter_ids, x, n_adapters):
+    if adapter_ids is None:
+        return None
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex():
+        got = getattr(adapter_ids, "dtype", type(adapter_ids))
+        raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
+    lead = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) == lead:
+        ids = adapter_ids
+    elif adapter_ids.dim() == 1 and len(lead) >= 1 and adapter_ids.shape[0] == lead[0]:
+        ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)  # per sequence
+    else:
+        raise ValueError(
+            f"adapter_ids {tuple(adapter_ids.shape)} must be shaped like x.shape[:-1] {lead} (per token) "
+            f"or x.shape[:1] {lead[:1]} (per sequence)"
+        )
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids on {ids.device} but x on {x.device}")
+    # On CUDA a range check would sync the stream (and it is data-dependent under torch.compile): there, ids
+    # outside [-1, n) match no adapter and act as -1.
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= n_adapters:
+            raise ValueError(f"adapter_ids must lie in [-1, {n_adapters}) for {n_adapters} adapters, got [{lo}, {hi}]")
+    return ids.reshape(-1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank tables and the stacked factors A_cat / B_cat
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _rank_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
+    """(rank_scale (R,) fp32, rank_adapter (R,) int32, shared_scale), cached so no host-to-device copy happens per
+    call; shared_scale is the scale every adapter shares (a float, for the torch paths' GEMM alpha) or None."""
+    rank_scale = torch.tensor([s for s, r in zip(scales, ranks, strict=True) for _ in range(r)], dtype=torch.float32)
+    rank_adapter = torch.tensor([i for i, r in enumerate(ranks) for _ in range(r)], dtype=torch.int32)
+    shared = scales[0] if all(s == scales[0] for s in scales) else None
+    return rank_scale.to(device), rank_adapter.to(device), shared
+
+
+def _stack(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(lora_As) == 1:  # one adapter: no concatenation, no copy
+        return lora_As[0], lora_Bs[0]
+    return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1)
+
+
+_STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
+
+
+def _stack_cached(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_stack`` for inference, remembering the concatenation while the same factor tensors are unchanged.
+
+    Serving calls a layer with the same resident adapters again and again; concatenating them costs two launches
+    and two allocations per call. An entry is valid while every factor is the same live object (weak references,
+    so a freed tensor whose id and address get reused never hits) at the same in-place version.
+    """
+    if len(lora_As) == 1:
+        return lora_As[0], lora_Bs[0]
+    factors = (*lora_As, *lora_Bs)
+    if any(t.is_inference() for t in factors):  # inference tensors keep no version counter
+        return _stack(lora_As, lora_Bs)
+    key = tuple((id(t), t._version) for t in factors)
+    hit = _STACKS.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], factors, strict=True)):
+        _STACKS.move_to_end(key)
+        return hit[1]
+    stacked = _stack(lora_As, lora_Bs)
+    _STACKS[key] = (tuple(weakref.ref(t) for t in factors), stacked)
+    if len(_STACKS) > 256:
+        _STACKS.popitem(last=False)
+    return stacked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows of a mixed batch grouped by adapter
+# ----------------------------------------------------------------------------------------------------------------
+_SEGMENTS: collections.OrderedDict = collections.OrderedDict()  # adapter_ids tensor -> its rows grouped by adapter
+
+
+def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, SegmentPlan]:
+    """(flat ids (M,) int32, ``plan_segments`` of them), remembered while ``adapter_ids`` is unchanged.
+
+    Serving passes one ids tensor to every LoRA layer of a forward (adapter_engine's routes cache it per batch
+    layout); grouping its rows costs a flatten, a sort and a search (3-4 launches) that the other layers skip. An
+    entry is valid while the tensor is the same live object (weak reference) at the same in-place version, for
+    the same row shape and adapter count. Never cached: inference tensors (no version counter) and calls during
+    CUDA graph capture (the graph must contain the grouping, to follow a static ids buffer refilled in place).
+    """
+    n = len(ranks)
+    key = None
+    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and not capturing:
+        key = (id(adapter_ids), adapter_ids._version, tuple(x.shape[:-1]), n, x.device)
+        hit = _SEGMENTS.get(key)
+        if hit is not None and hit[0]() is adapter_ids:
+            _SEGMENTS.move_to_end(key)
+            ids, plan = hit[1], hit[2]
+            if plan.ranks != ranks or plan.scales != scales:  # same rows, other adapters (e.g. another layer's)
+                plan = plan_segments(ids, ranks, scales, grouping=(plan.order, plan.starts))
+            return ids, plan
+    ids = _row_ids(adapter_ids, x, n)
+    plan = plan_segments(ids, ranks, scales)
+    if key is not None:
+        _SEGMENTS[key] = (weakref.ref(adapter_ids), ids, plan)
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.popitem(last=False)
+    return ids, plan
