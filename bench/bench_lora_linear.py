@@ -118,18 +118,21 @@ def _graphed(fn):
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("provider", ["bare", "engine", "composition", "peft"])
+@pytest.mark.parametrize("provider", ["bare", "engine", "engine_epilogue", "composition", "peft"])
 @pytest.mark.parametrize("M", [1, 16, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def bench_lora_linear_forward_graphed(benchmark, layer_cache, shape, M, provider):
     """Small-M forward with every provider replayed from a CUDA graph: the kernels' GPU time without the host
-    launch path (which the eager rows above include)."""
+    launch path (which the eager rows above include). ``engine_epilogue``: x A^T by cuBLAS first, then the Triton
+    GEMM adds u B^T in its epilogue, against ``engine`` (the fused launch at M <= 64, which recomputes x A^T per
+    column tile: R / BLOCK_N more reads than W, from L2), to settle ``DISPATCH`` at small M."""
     w, As, Bs, peft_layer = _layer(layer_cache, shape)
     A, B = As[0].detach(), Bs[0].detach()
     x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
     fns = {
         "bare": lambda: F.linear(x, w),
         "engine": lambda: lora_linear(x, w, A, B, SCALE),
+        "engine_epilogue": lambda: lora_linear(x, w, A, B, SCALE, path="epilogue"),
         "composition": lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE),
         "peft": lambda: peft_layer(x),
     }
