@@ -3,9 +3,10 @@
 Nothing here is the op itself: checking the user's arguments (``_adapter_lists``, ``_validate``, ``_row_ids``),
 the per-rank tables of the stacked layout (``_rank_tables``: ``rank_scale[r]`` / ``rank_adapter[r]``, see
 kernels/lora_linear.py), the stacking of the adapters' factors into ``A_cat (R, K)`` / ``B_cat (N, R)``
-(``_stack``; ``_stack_cached`` remembers it for inference), and the rows of a mixed batch grouped by adapter
-(``_segments_cached``, around ``plan_segments`` of kernels/lora_segmented.py). Those two caches are keyed on the
-live tensor objects (weak references) and their in-place version counters: a changed or freed tensor never hits.
+(``_stack``: B_cat row-major, or rank-major for the segmented kernels; ``_stack_cached`` remembers it for
+inference), and the rows of a mixed batch grouped by adapter (``_segments_cached``, around ``plan_segments`` of
+kernels/lora_segmented.py). Those two caches are keyed on the live tensor objects (weak references) and their
+in-place version counters: a changed or freed tensor never hits.
 """
 
 from __future__ import annotations
@@ -121,37 +122,46 @@ def _rank_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torc
     return rank_scale.to(device), rank_adapter.to(device), shared
 
 
-def _stack(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(lora_As) == 1:  # one adapter: no concatenation, no copy
-        return lora_As[0], lora_Bs[0]
+def _stack(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat (R, K), B_cat (N, R)). ``b_rank_major``: B_cat is an (N, R) view of contiguous B_cat^T (R, N) storage
+    (strides (1, N)): the same values, laid out so that each rank's column is one contiguous row of N (the segmented
+    expand then loads its B tiles as 16-byte vectors along N, kernels/lora_segmented.py)."""
+    if len(lora_As) == 1:  # one adapter: no concatenation, no copy (B only when it must change its layout)
+        return lora_As[0], (lora_Bs[0].t().contiguous().t() if b_rank_major else lora_Bs[0])
+    if b_rank_major:  # one concatenation either way: along R of the (R, N) storage
+        return torch.cat(list(lora_As), 0), torch.cat([b.t() for b in lora_Bs], 0).t()
     return torch.cat(list(lora_As), 0), torch.cat(list(lora_Bs), 1)
 
 
 _STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
 
 
-def _stack_cached(lora_As, lora_Bs) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``_stack`` for inference, remembering the concatenation while the same factor tensors are unchanged.
 
     Serving calls a layer with the same resident adapters again and again; concatenating them costs two launches
     and two allocations per call. An entry is valid while every factor is the same live object (weak references,
-    so a freed tensor whose id and address get reused never hits) at the same in-place version.
+    so a freed tensor whose id and address get reused never hits) at the same in-place version, for the same layout
+    of B_cat. It holds the copies only (one adapter: its rank-major B), never a factor itself, which would then
+    stay alive through its own entry.
     """
-    if len(lora_As) == 1:
-        return lora_As[0], lora_Bs[0]
+    one = len(lora_As) == 1
+    if one and (not b_rank_major or lora_Bs[0].t().is_contiguous()):  # nothing to copy, nothing to remember
+        return _stack(lora_As, lora_Bs, b_rank_major)
     factors = (*lora_As, *lora_Bs)
     if any(t.is_inference() for t in factors):  # inference tensors keep no version counter
-        return _stack(lora_As, lora_Bs)
-    key = tuple((id(t), t._version) for t in factors)
+        return _stack(lora_As, lora_Bs, b_rank_major)
+    key = (b_rank_major, *((id(t), t._version) for t in factors))
     hit = _STACKS.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], factors, strict=True)):
         _STACKS.move_to_end(key)
-        return hit[1]
-    stacked = _stack(lora_As, lora_Bs)
-    _STACKS[key] = (tuple(weakref.ref(t) for t in factors), stacked)
+        A_cat, B_cat = hit[1]
+        return (lora_As[0] if one else A_cat), B_cat
+    A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
+    _STACKS[key] = (tuple(weakref.ref(t) for t in factors), (None if one else A_cat, B_cat))
     if len(_STACKS) > 256:
         _STACKS.popitem(last=False)
-    return stacked
+    return A_cat, B_cat
 
 
 # ----------------------------------------------------------------------------------------------------------------

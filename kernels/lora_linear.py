@@ -304,6 +304,12 @@ def _wants_segmented(path: str, m: int, ranks: Sequence[int], ids: torch.Tensor 
     )
 
 
+def _rank_major_b(path: str, t: torch.Tensor) -> bool:
+    """Stack B_cat rank-major (``lora_inputs._stack``) for the segmented Triton kernels: the forward's expand then
+    loads its B tiles as 16-byte vectors along N, and the backward's shrink of ``dy B_cat`` streams along N too."""
+    return path == "segmented" and use_triton(t)
+
+
 def _pick_path(path: str, m: int, fusable: bool) -> str:
     if path == "auto":
         path = "fused" if m <= DISPATCH.fused_max_m else DISPATCH.large_m_path
@@ -593,15 +599,16 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Saved for backward: x (only for dW, or for dA without dropout), x_lora (dropout only), u = (x_lora A^T) * C
     (M, R) for dB (path ``"segmented"``: (M, U), rows in adapter order), references to the weights and
-    the stacked A_cat / B_cat (the factors themselves for one adapter; so the backward does not concatenate
-    again); never an (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's
-    dA_i / dB_i is a slice of dA_cat / dB_cat.
+    the stacked A_cat / B_cat (B_cat rank-major on the segmented Triton path, ``_rank_major_b``; for one adapter the
+    factors themselves, B copied only for that layout; so the backward does not concatenate again); never an
+    (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a
+    slice of dA_cat / dB_cat.
     """
 
     @staticmethod
     def forward(ctx, settings: LoraSettings, x, x_lora, weight, bias, adapter_ids, *factors):
         n = len(settings.ranks)
-        A, B = _stack(factors[:n], factors[n:])
+        A, B = _stack(factors[:n], factors[n:], _rank_major_b(settings.path, x))
         rank_scale, rank_adapter, shared = _rank_tables(settings.ranks, settings.scales, x.device)
         g = ctx.needs_input_grad
         need_da, need_dbb = any(g[6 : 6 + n]), any(g[6 + n :])
@@ -644,7 +651,7 @@ def _lora_linear_op(
     scales: list[float],
     path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    A, B = _stack(lora_As, lora_Bs)
+    A, B = _stack(lora_As, lora_Bs, _rank_major_b(path, x))
     ranks = tuple(a.shape[0] for a in lora_As)
     rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
     plan = plan_segments(adapter_ids, ranks, scales) if path == "segmented" else None
@@ -675,7 +682,7 @@ def _lora_linear_bwd_op(
     path: str,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    A, B = _stack(lora_As, lora_Bs)
+    A, B = _stack(lora_As, lora_Bs, _rank_major_b(path, dy))
     ranks = tuple(a.shape[0] for a in lora_As)
     rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), dy.device)
     plan = plan_segments(adapter_ids, ranks, scales) if path == "segmented" else None  # the forward's grouping
@@ -793,7 +800,7 @@ def lora_linear(
         settings = LoraSettings(ranks, tuple(scales), path, plan)
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
     else:
-        A, B = _stack_cached(As, Bs)
+        A, B = _stack_cached(As, Bs, _rank_major_b(path, x))
         rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
         y = lora_linear_fwd(
             x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False, shared_scale=shared,

@@ -7,6 +7,11 @@ every row block of a kernel belongs to one adapter, so the work is ``M * r * (K 
 adapters. The adapters are read in place from the stacked ``A_cat (R, K)`` / ``B_cat (N, R)`` that ``lora_linear``
 already builds (adapter ``a`` owns rank rows / columns ``rank_off[a] .. rank_off[a + 1]``; ranks may differ: the
 kernels mask rank columns past the adapter's own). Rows whose id is -1 (or outside ``[0, n)``) are skipped.
+For this path ``lora_linear`` stacks B_cat rank-major (an (N, R) view of contiguous ``B_cat^T (R, N)``, built once
+per set of adapters when serving): each rank row of a B_a^T tile is then contiguous along N, where the mask only
+cuts the layer's edge, so the sm_90 build loads it as 16-byte vectors. From a row-major B_cat the tile would run
+along the adapter's rank columns, masked at its rank and starting at an unaligned offset: one 2-byte load per
+element (tests/test_codegen.py). The backward's expand reads ``A_cat^T``, contiguous along N already.
 
 Notation: ``order`` sorts the rows by id; sorted positions ``starts[a] .. starts[a + 1]`` hold adapter ``a``'s rows;
 ``s_a`` is its scale; ``u`` is kept in sorted order, ``(M, U)`` with U = max(16, r_max rounded up to a power of
@@ -136,10 +141,10 @@ class SegmentedTiles:
     A row block holds one adapter's rows, so each adapter's last block is partly empty (at most n * (BLOCK_M - 1)
     masked rows: idle lanes, no memory traffic). The shrink has no other parallel axis, so its row blocks are small
     enough to give an H100's 132 SMs about two waves at M = 4096 (256 + n programs); the expand also splits N, and
-    taller blocks there re-read each adapter's B tile less often (its rank-strided loads are scalar).
+    taller blocks there re-read each adapter's B tile less often.
     Registers per thread of the sm_90 builds (bf16, strides divisible by 16; ``cuobjdump --dump-resource-usage``;
     tests/test_lora_segmented.py checks them), rank tile 16 / 64: shrink at 16/32/64 rows 40/40/66 and 72/80/99;
-    expand 40/56/108 and 80/74/128; wgrad 50 and 92; no spills (8 B of stack for the expand at 32 rows, tile 16).
+    expand (rank-major B, unit stride along N) 38/58/108 and 48/76/104; wgrad 50 and 92; no spills.
     """
 
     shrink_block_k: int = 128
@@ -251,7 +256,7 @@ def _lora_segmented_shrink_kernel(
 def _lora_segmented_expand_kernel(
     # pointers
     u_ptr,  # u: (M, >= BLOCK_R), sorted order
-    b_ptr,  # B_cat: (N, R); adapter a owns columns rank_off[a] .. rank_off[a + 1]
+    b_ptr,  # B_cat: (N, R); adapter a owns columns rank_off[a] .. rank_off[a + 1]; unit stride along N: vector loads
     order_ptr,  # (M,) int64
     starts_ptr,  # (n + 1,) int32
     rank_off_ptr,  # (n + 1,) int32
@@ -416,8 +421,9 @@ def lora_shrink_reference(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPl
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     """In place: ``y[order[p]] = round(y[order[p]] + u[p, :r_a] B_a^T)`` for the rows of every segment; returns y.
 
-    y: (M, N) any strides; u: (M, U) sorted order (``lora_shrink``'s); lora_B: (N, R) any strides
-    (``A_cat^T`` in the backward). Rows of id -1 keep their value.
+    y: (M, N) any strides; u: (M, U) sorted order (``lora_shrink``'s); lora_B: (N, R) any strides, fastest with
+    a unit stride along N (B_cat rank-major, as ``lora_linear`` stacks it; ``A_cat^T`` in the backward): its tiles
+    then load as 16-byte vectors. Rows of id -1 keep their value.
     """
     if not use_triton(y):
         return lora_expand_reference_(y, u, lora_B, plan)
@@ -497,8 +503,9 @@ def lora_segmented_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (M, N) = x W^T + b (cuBLAS) + each row's own adapter term; u (M, U) sorted order (None unless store_u).
 
-    x: (M, K); weight: (N, K) any strides; lora_A: (R, K) = A_cat; lora_B: (N, R) = B_cat; x_lora: (M, K) the
-    adapter input (dropout) or None for x. Launches: 1 GEMM, 1 shrink, 1 expand.
+    x: (M, K); weight: (N, K) any strides; lora_A: (R, K) = A_cat; lora_B: (N, R) = B_cat, any strides (rank-major,
+    strides (1, N), for vector loads in the expand: ``lora_expand_``); x_lora: (M, K) the adapter input (dropout) or
+    None for x. Launches: 1 GEMM, 1 shrink, 1 expand.
     """
     y = F.linear(x, weight, bias)
     u = lora_shrink(x if x_lora is None else x_lora, lora_A, plan)

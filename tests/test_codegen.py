@@ -70,13 +70,31 @@ def test_unaligned_launches_fall_back_to_scalar_accesses():
     assert ops["st.global.b16"] > 0 and ops["st.global.v4.b32"] == 0, ops
 
 
+# Prepended to the compile scripts below: registers and stack / local bytes per thread of an sm_90 build, from
+# cuobjdump (shipped with Triton) on its cubin. STACK holds the spill slots.
+_RESOURCES = textwrap.dedent(
+    """
+    def resources(compiled):
+        import os, re, subprocess, tempfile
+        import triton
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return [int(re.search(key + r":(\\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")]
+    """
+)
+
+
 # ---------------------------------------------------------------------------------------- bottleneck stack kernels
 # The fused bottleneck stack ran 4.6x slower than eager PyTorch at hidden 4096 on the first H100 run (2.77 ms vs
 # 0.61 ms, bench/bench_bottleneck.py): its loops were latency-bound. Register spills would add local-memory round
 # trips to every loop step, so the builds the launcher picks (kernels/bottleneck_pack.py::_tiles) must not spill.
-_BOTTLENECK = textwrap.dedent(
+_BOTTLENECK = _RESOURCES + textwrap.dedent(
     """
-    import json, os, re, subprocess, sys, tempfile
+    import json, re, sys
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -118,12 +136,7 @@ _BOTTLENECK = textwrap.dedent(
     constexprs.update({(kernel.arg_names.index(k),): 1 for k in ones if k in kernel.arg_names})
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs, stack, local = (int(re.search(key + r":(\\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
+    regs, stack, local = resources(compiled)
     ptx = compiled.asm["ptx"]
     print(json.dumps({"regs": regs, "stack": stack, "local": local, "shared": compiled.metadata.shared,
                       "scalar_weight_loads": len(re.findall(r"ld\\.global\\.b16", ptx)), **tiles}))
@@ -154,3 +167,123 @@ def test_bottleneck_kernels_do_not_spill_registers_at_hidden_4096(kernel, save):
     # Weight and activation tiles stream as 16-byte vectors (an unaligned unit axis once made every Wu element a
     # 2-byte load); the only 2-byte loads left are the down bias, one (BLOCK_R,) vector per level.
     assert build["scalar_weight_loads"] <= 3, build
+
+
+# ------------------------------------------------------------------------------------------ segmented LoRA expand
+# lora_linear(path="segmented") adds each row's own u B_a^T in the expand kernel (kernels/lora_segmented.py). Read
+# from a row-major B_cat (N, R), its B_a^T tile (BLOCK_R, BLOCK_N) runs along the rank axis, masked per adapter and
+# starting at an unaligned offset r0: the sm_90 build loaded it 2 bytes at a time (16 loads per thread at rank tile
+# 16, 64 at 64). These compile the expand with the strides and alignment the forward actually hands it.
+_EXPAND = _RESOURCES + textwrap.dedent(
+    """
+    import json, re, sys
+    from collections import Counter
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adapter_engine.kernels import lora_segmented as ls
+
+    spec = json.loads(sys.argv[1])  # argument name -> ["ptr", dtype, aligned] | ["int", value] | ["const", value]
+    fn, tiles = ls._lora_segmented_expand_kernel, ls.TILES
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):  # what Triton's launcher specialises: 1 is constant, multiples of 16
+        kind, *rest = spec[name]
+        if kind == "ptr":
+            sig[name] = "*" + rest[0]
+            if rest[1]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif kind == "int" and rest[0] == 1:
+            sig[name], constexprs[(i,)] = "constexpr", 1
+        elif kind == "int":
+            sig[name] = "i32"
+            if rest[0] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name], constexprs[(i,)] = "constexpr", rest[0]
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+    regs, stack, local = resources(compiled)
+    mem = Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*", compiled.asm["ptx"]))
+    print(json.dumps({"regs": regs, "stack": stack, "local": local, "mem": mem}))
+    """
+)
+
+
+def _expand_launch_specs(ranks: list[int], monkeypatch) -> dict[str, dict]:
+    """The expand kernel's arguments as each forward entry of ``lora_linear(path="segmented")`` launches it (bf16,
+    a 48-wide layer), recorded instead of launched; the GPU's tiles replace the interpreter's."""
+    import importlib
+
+    import torch
+
+    from adapter_engine.kernels import lora_linear, lora_segmented
+    from adapter_engine.kernels._backend import use_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not use_triton(torch.empty(0, device=dev)):
+        pytest.skip("the segmented launchers run their torch twins here (CPU without the Triton interpreter)")
+    ll = importlib.import_module("adapter_engine.kernels.lora_linear")  # the package attribute is the function
+    kernel, calls = lora_segmented._lora_segmented_expand_kernel, []
+
+    class Recorder:  # kernel[grid](*args, **meta): keep the arguments, launch nothing
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append((dict(zip(kernel.arg_names, args)), meta))
+
+    M, K, N, dt = 8, 32, 48, torch.bfloat16
+    x, w = torch.randn(M, K, device=dev, dtype=dt), torch.randn(N, K, device=dev, dtype=dt)
+    As = [torch.randn(r, K, device=dev, dtype=dt) for r in ranks]
+    Bs = [torch.randn(N, r, device=dev, dtype=dt) for r in ranks]
+    scales, ids = [1.0] * len(ranks), torch.arange(M, device=dev) % len(ranks)
+    monkeypatch.setattr(lora_segmented, "_lora_segmented_expand_kernel", Recorder())  # where lora_expand_ looks
+    entries = {
+        "inference": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path="segmented"),
+        "training": lambda: lora_linear(
+            x, w, [a.requires_grad_() for a in As], [b.requires_grad_() for b in Bs], scales, adapter_ids=ids,
+            path="segmented"),
+        "torch.compile op": lambda: ll._lora_linear_op(x, None, w, None, ids.int(), As, Bs, scales, "segmented"),
+    }  # fmt: skip
+    specs = {}
+    for name, run in entries.items():
+        calls.clear()
+        with torch.no_grad() if name == "inference" else torch.enable_grad():
+            run()
+        ((args, meta),) = calls
+        spec = {arg: ["const", v] for arg, v in meta.items()}  # the launcher passes constexprs by keyword
+        for arg, v in args.items():
+            if isinstance(v, torch.Tensor):
+                dtype = {torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}[v.dtype]
+                spec[arg] = ["ptr", dtype, v.data_ptr() % 16 == 0]
+            else:
+                spec[arg] = ["int", v]
+        tiles = lora_segmented.TILES  # a 4096-row call on the GPU
+        spec.update(BLOCK_M=["const", tiles.expand_block_m(4096)], BLOCK_N=["const", tiles.expand_block_n],
+                    DOT_FP32=["const", False], INPUT_PRECISION=["const", "tf32"])  # fmt: skip
+        specs[name] = spec
+    return specs
+
+
+@pytest.mark.parametrize("ranks", [[8, 16, 8], [64, 8, 40, 16]], ids=["rank-tile-16", "rank-tile-64"])
+def test_segmented_expand_loads_the_B_tile_with_16_byte_vectors(ranks, monkeypatch):
+    """The forward's expand (inference, training and the custom op) reads B_a^T as 16-byte vectors along N: per
+    thread, the y tile and the B tile each come in as v4.b32 loads, and the only 2-byte loads left are the u tile's
+    (its rank mask varies along its unit axis). No spills."""
+    from adapter_engine.kernels.lora_segmented import TILES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    per_thread = lambda rows, cols: rows * cols // (32 * TILES.num_warps)  # bf16 elements a thread loads of a tile
+    builds = {}
+    for entry, spec in _expand_launch_specs(ranks, monkeypatch).items():
+        key = json.dumps(spec, sort_keys=True)
+        if key not in builds:
+            out = subprocess.run([sys.executable, "-c", _EXPAND, key], capture_output=True, text=True, env=env,
+                                 timeout=300)  # fmt: skip
+            assert out.returncode == 0, out.stderr[-3000:]
+            builds[key] = json.loads(out.stdout.strip().splitlines()[-1])
+        build, c = builds[key], {k: v[1] for k, v in spec.items() if v[0] == "const"}
+        b_tile, y_tile = per_thread(c["BLOCK_R"], c["BLOCK_N"]), per_thread(c["BLOCK_M"], c["BLOCK_N"])
+        mem, where = build["mem"], (entry, c["BLOCK_R"], build)
+        assert mem.get("ld.global.v4.b32", 0) == (b_tile + y_tile) // 8, where  # 8 bf16 per 16-byte load
+        assert mem.get("ld.global.b16", 0) <= per_thread(c["BLOCK_M"], c["BLOCK_R"]), where  # u's elements only
+        assert build["stack"] == 0 and build["local"] == 0, where

@@ -8,12 +8,14 @@ interpreter's bf16 arithmetic is wrong. CUDA tier: bf16 at Llama-like sizes agai
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -304,6 +306,34 @@ def test_row_grouping_is_reused_only_while_the_ids_are_unchanged(poison, spy, mo
         torch.testing.assert_close(changed, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ranks, scales", [([4, 8], [1.0, 0.5]), ([8], [2.0])], ids=["two", "one"])
+def test_inference_builds_the_rank_major_B_cat_once_and_never_serves_it_stale(poison, ranks, scales):
+    """The segmented path stacks B_cat rank-major (strides (1, N): the expand's 16-byte loads) once per set of
+    adapters while serving; an in-place update or a new tensor is seen at once, for one adapter (a copy of its B)
+    as for several, and the cache keeps no factor alive."""
+    _launch_device()
+    x, w, b, As, Bs = _make((9,), 20, 24, ranks, torch.float32)
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    ids = torch.tensor([0, -1, 1, 1, 0, -1, 1, 0, 0]).clamp(max=len(ranks) - 1)
+    run = lambda As, Bs: lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids, path="segmented")
+    with torch.no_grad():
+        first = run(As, Bs)
+        B_cat = li._stack_cached(As, Bs, True)[1]
+        assert B_cat.stride() == (1, 24) and li._stack_cached(As, Bs, True)[1] is B_cat  # built once
+        torch.testing.assert_close(run(As, Bs), first, rtol=0, atol=0)
+        Bs[-1].mul_(3.0)  # in place: new version, the rank-major copy must not be served
+        changed = run(As, Bs)
+        want = lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids)
+        torch.testing.assert_close(changed, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(changed, first)
+        Bs = [b_.clone() for b_ in Bs]  # new objects
+        torch.testing.assert_close(run(As, Bs), want, rtol=1e-5, atol=1e-5)
+    refs = [weakref.ref(t) for t in (*As, *Bs)]
+    del As, Bs, B_cat
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
 # ------------------------------------------------------------------------------------------- sm_90 code, no GPU
 _COMPILE = textwrap.dedent(
     """
@@ -350,7 +380,7 @@ _COMPILE = textwrap.dedent(
                 {"u_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
                 ["n_adapters", "N", "stride_um", "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"],
                 {"BLOCK_M": T.expand_block_m(m), "BLOCK_N": T.expand_block_n, "BLOCK_A": 16, **common},
-                ("stride_ur", "stride_br", "stride_yn"))
+                ("stride_ur", "stride_bn", "stride_yn"))  # B_cat rank-major (forward), A_cat^T (backward)
         out[f"wgrad r={br}"] = build(
             ls._lora_segmented_wgrad_kernel,
             {"p_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16"},
