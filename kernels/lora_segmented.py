@@ -255,7 +255,7 @@ def _lora_segmented_shrink_kernel(
 @triton.jit
 def _lora_segmented_expand_kernel(
     # pointers
-    u_ptr,  # u: (M, >= BLOCK_R), sorted order
+    u_ptr,  # u: (M, >= BLOCK_R), sorted order, zeros past each row's rank (as lora_shrink writes it)
     b_ptr,  # B_cat: (N, R); adapter a owns columns rank_off[a] .. rank_off[a + 1]; unit stride along N: vector loads
     order_ptr,  # (M,) int64
     starts_ptr,  # (n + 1,) int32
@@ -292,8 +292,8 @@ def _lora_segmented_expand_kernel(
     n_mask = offs_n < N
     r_mask = offs_r < rank
 
-    ut = tl.load(u_ptr + pos[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=p_mask[:, None] & r_mask[None, :],
-                 other=0.0)  # fmt: skip
+    # whole rows of u: the shrink wrote zeros past the rank, so no rank mask (which would make every load 2 bytes)
+    ut = tl.load(u_ptr + pos[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=p_mask[:, None], other=0.0)
     b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn  # B_a^T (BLOCK_R, BLOCK_N)
     bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -309,7 +309,7 @@ def _lora_segmented_expand_kernel(
 @triton.jit
 def _lora_segmented_wgrad_kernel(
     # pointers
-    p_ptr,  # P: (M, >= BLOCK_R), sorted order (u or du)
+    p_ptr,  # P: (M, >= BLOCK_R), sorted order (u or du), zeros past each row's rank
     q_ptr,  # Q: (M, J), the caller's order (dy or x_lora)
     order_ptr,  # (M,) int64
     starts_ptr,  # (n + 1,) int32
@@ -346,7 +346,7 @@ def _lora_segmented_wgrad_kernel(
         p_mask = pos < seg_hi
         rows = tl.load(order_ptr + pos, mask=p_mask, other=0)
         pt = tl.load(p_ptr + pos[None, :] * stride_pm + offs_r[:, None] * stride_pr,
-                     mask=r_mask[:, None] & p_mask[None, :], other=0.0)  # P_a^T (BLOCK_R, BLOCK_M)  # fmt: skip
+                     mask=p_mask[None, :], other=0.0)  # P_a^T (BLOCK_R, BLOCK_M), whole rows  # fmt: skip
         qt = tl.load(q_ptr + rows[:, None] * stride_qm + offs_j[None, :] * stride_qj,
                      mask=p_mask[:, None] & j_mask[None, :], other=0.0)  # Q rows (BLOCK_M, BLOCK_J)  # fmt: skip
         if DOT_FP32:
@@ -421,7 +421,8 @@ def lora_shrink_reference(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPl
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     """In place: ``y[order[p]] = round(y[order[p]] + u[p, :r_a] B_a^T)`` for the rows of every segment; returns y.
 
-    y: (M, N) any strides; u: (M, U) sorted order (``lora_shrink``'s); lora_B: (N, R) any strides, fastest with
+    y: (M, N) any strides; u: (M, U) sorted order, as ``lora_shrink`` writes it (zeros past each row's rank: the
+    kernel reads whole rows); lora_B: (N, R) any strides, fastest with
     a unit stride along N (B_cat rank-major, as ``lora_linear`` stacks it; ``A_cat^T`` in the backward): its tiles
     then load as 16-byte vectors. Rows of id -1 keep their value.
     """
@@ -454,9 +455,9 @@ def lora_expand_reference_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tenso
 def lora_wgrad(p: torch.Tensor, q: torch.Tensor, plan: SegmentPlan, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-adapter weight gradient ``G[rank_off[a] + i, j] = sum_{p in segment a} P[p, i] Q[order[p], j]``.
 
-    p: (M, U) sorted order (u or du); q: (M, J) the caller's order (dy or x_lora); out: (R, J) view to fill
-    (``dB_cat.t()`` writes dB_cat (N, R) in place) or None to allocate one. Every entry is written (zeros for an
-    adapter without rows).
+    p: (M, U) sorted order (u or du, as ``lora_shrink`` writes them: zeros past each row's rank); q: (M, J) the
+    caller's order (dy or x_lora); out: (R, J) view to fill (``dB_cat.t()`` writes dB_cat (N, R) in place) or None
+    to allocate one. Every entry is written (zeros for an adapter without rows).
     """
     if out is None:
         out = _alloc((sum(plan.ranks), q.shape[1]), q)

@@ -266,8 +266,9 @@ def _expand_launch_specs(ranks: list[int], monkeypatch) -> dict[str, dict]:
 @pytest.mark.parametrize("ranks", [[8, 16, 8], [64, 8, 40, 16]], ids=["rank-tile-16", "rank-tile-64"])
 def test_segmented_expand_loads_the_B_tile_with_16_byte_vectors(ranks, monkeypatch):
     """The forward's expand (inference, training and the custom op) reads B_a^T as 16-byte vectors along N: per
-    thread, the y tile and the B tile each come in as v4.b32 loads, and the only 2-byte loads left are the u tile's
-    (its rank mask varies along its unit axis). No spills."""
+    thread, the y tile and the B tile each come in as v4.b32 loads, and no tile loads 2 bytes at a time (the u tile
+    is read in whole rows, which the shrink zero-fills past each rank: a rank mask would make it 2-byte loads). No
+    spills."""
     from adapter_engine.kernels.lora_segmented import TILES
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -284,6 +285,6 @@ def test_segmented_expand_loads_the_B_tile_with_16_byte_vectors(ranks, monkeypat
         build, c = builds[key], {k: v[1] for k, v in spec.items() if v[0] == "const"}
         b_tile, y_tile = per_thread(c["BLOCK_R"], c["BLOCK_N"]), per_thread(c["BLOCK_M"], c["BLOCK_N"])
         mem, where = build["mem"], (entry, c["BLOCK_R"], build)
-        assert mem.get("ld.global.v4.b32", 0) == (b_tile + y_tile) // 8, where  # 8 bf16 per 16-byte load
-        assert mem.get("ld.global.b16", 0) <= per_thread(c["BLOCK_M"], c["BLOCK_R"]), where  # u's elements only
+        assert mem.get("ld.global.v4.b32", 0) >= (b_tile + y_tile) // 8, where  # 8 bf16 per 16-byte load
+        assert not any(op.endswith((".b16", ".b8")) for op in mem if op.startswith("ld.global")), where
         assert build["stack"] == 0 and build["local"] == 0, where
