@@ -134,7 +134,7 @@ def _plan(args) -> int:
     head = args.head or ("image-classification" if shape.model_type == "vit" else "sequence-classification")
     result = plan(shape, hardware(args.gpu, args.gpu_memory, args.tflops), batch=args.batch_size,
                   seq_len=args.seq_len, domains=args.domains, updates=args.updates, precision=args.precision,
-                  head=head, name=os.path.basename(os.path.normpath(args.model)))  # fmt: skip
+                  head=head, name=f"{os.path.basename(os.path.normpath(args.model))} ({shape.model_type})")  # fmt: skip
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0
 

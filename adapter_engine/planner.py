@@ -401,7 +401,7 @@ def plan(
 def format_plan(p: Plan) -> str:
     """The plan as a table with the recommendation and its reasons."""
     hw = p.hardware
-    lines = [f"model {p.model}: {p.fft.total_parameters / 1e6:.2f}M parameters; {hw.name}, "
+    lines = [f"{p.model}: {p.fft.total_parameters / 1e6:.2f}M parameters; {hw.name}, "
              f"{hw.memory_bytes / 2**30:.0f} GiB, {hw.tflops:.0f} TFLOP/s achievable; batch {p.batch} x {p.seq_len}",
              "", f"{'':24s} {'Merge and FFT':>16s} {'Stack and Adapt':>16s}"]  # fmt: skip
     rows = [("trainable parameters", lambda e: f"{e.trainable_parameters / 1e6:.3f}M"),
