@@ -143,7 +143,9 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
     and two allocations per call. An entry is valid while every factor is the same live object (weak references,
     so a freed tensor whose id and address get reused never hits) at the same in-place version, for the same layout
     of B_cat. It holds the copies only (one adapter: its rank-major B), never a factor itself, which would then
-    stay alive through its own entry.
+    stay alive through its own entry, and it is dropped as soon as one of its factors is freed (an evicted adapter
+    must not leave its concatenated copies behind on the device). Updates through ``.data`` bypass the version
+    counter and are not seen: update factors in place (``copy_``, an optimizer step) or replace them.
     """
     one = len(lora_As) == 1
     if one and (not b_rank_major or lora_Bs[0].t().is_contiguous()):  # nothing to copy, nothing to remember
@@ -158,7 +160,8 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
         A_cat, B_cat = hit[1]
         return (lora_As[0] if one else A_cat), B_cat
     A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
-    _STACKS[key] = (tuple(weakref.ref(t) for t in factors), (None if one else A_cat, B_cat))
+    drop = lambda _ref, key=key: _STACKS.pop(key, None)  # noqa: E731  (runs when a factor is freed)
+    _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat))
     if len(_STACKS) > 256:
         _STACKS.popitem(last=False)
     return A_cat, B_cat

@@ -144,7 +144,7 @@ class SegmentedTiles:
     taller blocks there re-read each adapter's B tile less often.
     Registers per thread of the sm_90 builds (bf16, strides divisible by 16; ``cuobjdump --dump-resource-usage``;
     tests/test_lora_segmented.py checks them), rank tile 16 / 64: shrink at 16/32/64 rows 40/40/66 and 72/80/99;
-    expand (rank-major B, unit stride along N) 38/58/108 and 48/76/104; wgrad 50 and 92; no spills.
+    expand (rank-major B, whole u rows) 38/58/108 and 56/76/104; wgrad 48 and 64; no spills.
     """
 
     shrink_block_k: int = 128

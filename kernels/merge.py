@@ -117,7 +117,7 @@ def _merge_lora_kernel(
     F_DTYPE: tl.constexpr,  # element type of every factor in the launch
     F_BYTES: tl.constexpr,  # its size in bytes
     W_ALIGNED: tl.constexpr,  # host-checked: unit stride along k, 16-byte aligned rows of every weight
-    F_ALIGNED: tl.constexpr,  # host-checked: factors with unit inner strides, 16-byte aligned rows, ranks % 8 == 0
+    F_ALIGNED: tl.constexpr,  # host-checked: unit inner strides, 16-byte aligned rows, ranks % (16 // F_BYTES) == 0
     UNIFORM_SCALE: tl.constexpr,  # every adapter of a weight has the same scale: applied after the dot
     CHECK_ONLY: tl.constexpr,  # compute, flag non-finite results, write nothing
     DOT_FP32: tl.constexpr,  # fp32 dot operands (interpreter, fp32 factors)
@@ -212,7 +212,7 @@ def _merge_lora_kernel(
         else:
             w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         b_ptrs = b_base + offs_n[:, None] * b_nstride[None, :] + b_col[None, :]
-        if F_ALIGNED:  # each row of B_cat: runs of 16 bytes (ranks % 8 == 0), 16-byte aligned
+        if F_ALIGNED:  # each row of B_cat: runs of 16 bytes (every rank a multiple of 16 // F_BYTES), aligned
             b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16 // F_BYTES])
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         if DOT_FP32:

@@ -329,9 +329,12 @@ def test_inference_builds_the_rank_major_B_cat_once_and_never_serves_it_stale(po
         Bs = [b_.clone() for b_ in Bs]  # new objects
         torch.testing.assert_close(run(As, Bs), want, rtol=1e-5, atol=1e-5)
     refs = [weakref.ref(t) for t in (*As, *Bs)]
+    copies = [weakref.ref(entry[1][1]) for entry in li._STACKS.values()]  # the cached rank-major B_cat copies
     del As, Bs, B_cat
     gc.collect()
     assert all(ref() is None for ref in refs)
+    # freed factors take their entries, and so their device copies, with them (an evicted adapter leaves nothing)
+    assert all(ref() is None for ref in copies) and copies
 
 
 # ------------------------------------------------------------------------------------------- sm_90 code, no GPU
