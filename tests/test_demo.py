@@ -174,9 +174,12 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatch):
-    """What a GPU run does differently, on this CPU: every adapter op of training, evaluation and routing runs its
-    Triton kernel (the interpreter here, not the twins), and the Trainer trains in bf16 mixed precision (autocast
-    over fp32 parameters). The first GPU run failed there: bf16 activations met fp32 LoRA factors in training."""
+    """What a GPU run does differently, on this CPU: every adapter op of training, evaluation and routing takes the
+    dispatch it gets on a GPU instead of the torch twins: the bottleneck stack its Triton kernel (the interpreter
+    here), ``lora_linear`` its large-M path (the demo's LoRA layers only ever see 16 x 64 rows or more, which a GPU
+    runs as a cuBLAS GEMM plus the low-rank term: ``_torch_paths``, the fused kernel is for M <= 64), and the
+    Trainer trains in bf16 mixed precision (autocast over fp32 parameters), so both ops receive bf16 activations.
+    The first GPU run failed there: bf16 activations met fp32 LoRA factors in training."""
     import contextlib
 
     import torch
@@ -206,14 +209,23 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(lora_linear, "_fwd_kernel_fixed", Counted(lora_linear._fwd_kernel_fixed, "lora"))
     torch_paths = lora_linear._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
 
-    def counted_torch_paths(*args, **kwargs):
+    def counted_torch_paths(x, *args, **kwargs):
         launches["lora"] += 1
-        return torch_paths(*args, **kwargs)
+        input_dtypes.add(("lora", x.dtype))
+        return torch_paths(x, *args, **kwargs)
 
     monkeypatch.setattr(lora_linear, "_torch_paths", counted_torch_paths)
     kernel = bottleneck_fwd._bottleneck_stack_fwd_kernel  # patched where its launcher, _launch_fwd, looks it up
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
     monkeypatch.setattr(_backend, "torch_twins_on_cpu", lambda enabled=True: contextlib.nullcontext())
+    bottleneck = importlib.import_module("adapter_engine.kernels.bottleneck")
+
+    def twin(*args, **kwargs):
+        raise AssertionError("a torch twin ran where a GPU takes the Triton dispatch")
+
+    for module, name in ((lora_linear, "lora_linear_fwd_reference"), (lora_linear, "lora_linear_bwd_reference"),
+                         (bottleneck, "bottleneck_stack_ref")):  # fmt: skip
+        monkeypatch.setattr(module, name, twin)
     defaults = finetune.default_training_arguments
     monkeypatch.setattr(finetune, "default_training_arguments", lambda *a, **kw: defaults(*a, **{**kw, "bf16": True}))
     seen_autocast = []
@@ -232,7 +244,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     r = demo.run_demo(size="test", out_dir=str(tmp_path / "out"), model_dir=str(tiny_model_dir))
     assert seen_autocast and all(seen_autocast), "the Trainer did not train under bf16 autocast"
     assert launches["lora"] > 0 and launches["bottleneck"] > 0, launches
-    assert ("bottleneck", torch.bfloat16) in input_dtypes, input_dtypes  # bf16 sublayer outputs reach the stack
+    assert {("bottleneck", torch.bfloat16), ("lora", torch.bfloat16)} <= input_dtypes, input_dtypes  # autocast's
     assert r["kernels"].startswith("Triton kernels")
     for run in (r["lora"], r["fft"], *r["stack"]["levels"], r["stack"]["sibling"]):
         assert math.isfinite(run["loss"]) and run["steps"] > 0
