@@ -416,16 +416,23 @@ def test_per_adapter_scales_with_16_bit_dots(monkeypatch, cancel):
     assert_within_one_ulp(out, expected)
 
 
-@pytest.mark.parametrize("tiles", [(16, 32, 3, 4, True), (16, 32, 3, 4, False), (32, 64, 2, 4, True)])
+SWEPT_TILES = [(16, 32, 3, 4, True), (16, 32, 3, 4, False), (32, 64, 2, 4, True)]
+
+
+@pytest.mark.parametrize("tiles", SWEPT_TILES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("ranks", [(8, 16), (8, 3, 1)], ids=["aligned-ranks", "odd-ranks"])
 def test_sweep_tiles_merge_correctly(monkeypatch, tiles, dtype, ranks):
     """The tile variants bench/tune_merge.py sweeps on a GPU, including several row tiles per program with the next
-    tile's W prefetched (PREFETCH_W), on shapes whose last row group and column strip are partial."""
+    tile's W prefetched (PREFETCH_W), on shapes whose last row group and column strip are partial; "aligned-ranks"
+    takes the vectorised path (F_ALIGNED: every rank a multiple of a 16-byte vector, aligned rows)."""
     from adapter_engine.kernels import merge as merge_module
 
     monkeypatch.setattr(merge_module, "TILE_OVERRIDE", tiles)
-    shape = (101, 97)  # 101 rows: 48- and 64-row groups end part-way; 97 columns: a partial last strip
+    launches, run = [], merge_module._run
+    monkeypatch.setattr(merge_module, "_run", lambda launch, *a, **k: launches.append(launch) or run(launch, *a, **k))
+    aligned = ranks == (8, 16)
+    shape = (101, 96 if aligned else 97)  # 101 rows: 48- and 64-row groups end part-way; 96 / 97: partial strips
     for scales in ([0.5] * len(ranks), [0.5, -1.25, 2.0][: len(ranks)]):
         adapters = [make_adapter(*shape, r, dtype) for r in ranks]
         weight = torch.randn(shape).to(dtype)
@@ -433,3 +440,21 @@ def test_sweep_tiles_merge_correctly(monkeypatch, tiles, dtype, ranks):
         out = weight.clone()
         merge_lora_(out, [a for a, _ in adapters], [b for _, b in adapters], scales)
         assert_within_one_ulp(out, expected)
+    assert {launch["f_aligned"] and launch["w_aligned"] for launch in launches} == {aligned}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tiles", [(64, 128, 4, 4, True), (64, 64, 4, 4, True), (32, 128, 4, 4, True)])
+@pytest.mark.parametrize("uniform", [True, False], ids=["one-scale", "per-adapter-scales"])
+def test_cuda_prefetch_tiles_are_correctly_rounded(monkeypatch, tiles, uniform):
+    """The PREFETCH_W candidates of bench/tune_merge.py on the GPU: four aligned bf16 adapters (R = 64) on a weight
+    whose row groups end part-way, correctly rounded."""
+    from adapter_engine.kernels import merge as merge_module
+
+    monkeypatch.setattr(merge_module, "TILE_OVERRIDE", tiles)
+    shape, scales = (1000, 512), [0.5] * 4 if uniform else [0.5, -1.25, 2.0, 0.125]
+    adapters = [make_adapter(*shape, 16, torch.bfloat16, device="cuda") for _ in range(4)]
+    weight = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    expected = fp64_merge(weight, [(a, b, s) for (a, b), s in zip(adapters, scales)])
+    merge_lora_(weight, [a for a, _ in adapters], [b for _, b in adapters], scales)
+    assert_within_one_ulp(weight, expected)
