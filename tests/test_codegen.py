@@ -184,7 +184,7 @@ _EXPAND = _RESOURCES + textwrap.dedent(
     from adapter_engine.kernels import lora_segmented as ls
 
     spec = json.loads(sys.argv[1])  # argument name -> ["ptr", dtype, aligned] | ["int", value] | ["const", value]
-    fn, tiles = ls._lora_segmented_expand_kernel, ls.TILES
+    fn, tiles = getattr(ls, spec.pop("kernel", ["const", "_lora_segmented_expand_kernel"])[1]), ls.TILES
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):  # what Triton's launcher specialises: 1 is constant, multiples of 16
         kind, *rest = spec[name]
@@ -288,3 +288,30 @@ def test_segmented_expand_loads_the_B_tile_with_16_byte_vectors(ranks, monkeypat
         assert mem.get("ld.global.v4.b32", 0) >= (b_tile + y_tile) // 8, where  # 8 bf16 per 16-byte load
         assert not any(op.endswith((".b16", ".b8")) for op in mem if op.startswith("ld.global")), where
         assert build["stack"] == 0 and build["local"] == 0, where
+
+
+@pytest.mark.parametrize("rank_tile", [16, 64])
+def test_segmented_weight_gradient_reads_whole_rows_of_u(rank_tile):
+    """The weight-gradient kernel (dA and dB of a mixed batch) reads u / du in whole zero-filled rows, so no tile
+    loads 2 bytes at a time (its rank mask used to make every u load scalar), at the launcher's GPU tiles. No
+    spills. The specialisation: bf16, 4096 rows, 4096 columns, contiguous operands (as lora_wgrad launches it)."""
+    from adapter_engine.kernels.lora_segmented import TILES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    ptr = lambda dtype: ["ptr", dtype, True]  # noqa: E731
+    spec = {
+        "kernel": ["const", "_lora_segmented_wgrad_kernel"],
+        "p_ptr": ptr("bf16"), "q_ptr": ptr("bf16"), "order_ptr": ptr("i64"), "starts_ptr": ptr("i32"),
+        "rank_off_ptr": ptr("i32"), "out_ptr": ptr("bf16"), "J": ["int", 4096],
+        "stride_pm": ["int", rank_tile], "stride_pr": ["int", 1], "stride_qm": ["int", 4096], "stride_qj": ["int", 1],
+        "stride_or": ["int", 4096], "stride_oj": ["int", 1],
+        "BLOCK_M": ["const", TILES.wgrad_block_m], "BLOCK_J": ["const", TILES.wgrad_block_j],
+        "BLOCK_R": ["const", rank_tile], "DOT_FP32": ["const", False], "INPUT_PRECISION": ["const", "tf32"],
+    }  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _EXPAND, json.dumps(spec)], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    build = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not any(op.endswith((".b16", ".b8")) for op in build["mem"] if op.startswith("ld.global")), build
+    assert build["stack"] == 0 and build["local"] == 0, build

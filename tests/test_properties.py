@@ -74,7 +74,7 @@ def test_ia3_property(data):
         assert torch.equal(weight, expected)  # one product of exact inputs, rounded once in both
 
 
-def _check_lora(data, device, dtype, big):
+def _check_lora(data, device, dtype, big, segmented=False):
     m = data.draw(st.sampled_from([0, 1, 2, 5, 16, 33])) * (9 if big else 1)
     k, n_out = data.draw(SIZES) * (23 if big else 1), data.draw(SIZES) * (19 if big else 1)
     n = data.draw(st.integers(1, 3))
@@ -87,11 +87,12 @@ def _check_lora(data, device, dtype, big):
     lora_b = [(torch.randn(n_out, r, device=device, dtype=dtype) * r**-0.5).requires_grad_() for r in ranks]
     scales = [data.draw(st.floats(0.125, 4, width=32)) for _ in ranks]
     ids = None
-    if data.draw(st.booleans()):
+    if segmented or data.draw(st.booleans()):
         ids = torch.randint(-1, n, x_shape[:-1], device=device)
     # every kernel behind the op, not only the one "auto" picks at these sizes: the fused launch, the GEMM with
-    # the low-rank epilogue, and the segmented (SGMV) kernels of a mixed batch
-    path = data.draw(st.sampled_from(["auto", "fused", "epilogue"] + (["segmented"] if ids is not None else [])))
+    # the low-rank epilogue, and the segmented (SGMV) kernels of a mixed batch (``segmented``: those alone)
+    paths = ["segmented"] if segmented else ["auto", "fused", "epilogue"] + (["segmented"] if ids is not None else [])
+    path = data.draw(st.sampled_from(paths))
     event(f"path={path}")  # (pytest --hypothesis-show-statistics shows the mix)
     y = lora_linear(x, weight, lora_a, lora_b, scales, bias, adapter_ids=ids, path=path)
     leaves = [x, *lora_a, *lora_b]
@@ -121,6 +122,14 @@ def test_lora_linear_property(data):
     _check_lora(data, "cpu", data.draw(st.sampled_from([torch.float32, torch.float16])), big=False)
 
 
+@CPU_SETTINGS
+@given(data=st.data())
+def test_lora_segmented_property(data):
+    """The segmented (SGMV) kernels of mixed batches get their own 200 examples (the op-level property above draws
+    them in about one example in ten)."""
+    _check_lora(data, "cpu", data.draw(st.sampled_from([torch.float32, torch.float16])), big=False, segmented=True)
+
+
 @pytest.mark.cuda
 @CUDA_SETTINGS
 @given(data=st.data())
@@ -134,6 +143,14 @@ def test_cuda_merge_property(data):
 def test_cuda_lora_linear_property(data):
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp64 oracle comparison needs IEEE fp32 on both sides
     _check_lora(data, "cuda", data.draw(st.sampled_from([torch.float32, torch.float16])), big=True)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_lora_segmented_property(data):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_lora(data, "cuda", data.draw(st.sampled_from([torch.float32, torch.float16])), big=True, segmented=True)
 
 
 def _check_bottleneck(data, device, big):
