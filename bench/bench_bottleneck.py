@@ -11,17 +11,21 @@ Cases (issue 4), bf16 on a GPU, tiny fp32 models on CPU (smoke test):
   engine does) against the engine's own Triton GEMM at the same shapes, with the saving that fusing the stack into
   that GEMM's epilogue could bring at most (one write and one read of the (tokens, hidden) activation).
 
+Whole-model rows carry ``floor_extra_ms``: the adapters' FLOPs at the dense matmul throughput measured in the same
+run, the least time any implementation can add to bare (``report.py`` prints it as ``floor_vs_bare``).
+
 Targets on an H100: BERT 1 adapter <= 1.04x bare, 3 stacked <= 1.10x; Llama 3 stacked <= 1.02x; training the top
 adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_info), never across runs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
-from harness import copy_bandwidth, device, on_gpu, pick, timed
+from harness import copy_bandwidth, device, gemm_flops_per_s, on_gpu, pick, timed
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.kernels import bottleneck_fwd, lora_linear
@@ -146,7 +150,26 @@ def bench_model_forward(benchmark, model_name, setup, fused):
 
     fn()
     provider = "bare" if setup == "bare" else ("fused" if fused else "eager")
-    timed(benchmark, fn, case=f"{model_name} forward", setup_name=setup, provider=provider)
+    case = f"{model_name} forward" + ("" if setup == "bare" else f", {setup}")
+    timed(benchmark, fn, case=case, setup_name=setup, provider=provider, baseline_case=f"{model_name} forward")
+    if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
+        benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / _gemm_flops_per_s() * 1e3
+
+
+_LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN
+
+
+def _adapter_flops(model, inputs, setup: str) -> float:
+    """FLOPs of the adapters' down and up projections in one forward: 2 x 2 x tokens x hidden x rank per level."""
+    cfg = model.config
+    tokens = inputs["input_ids"].numel()
+    levels = _LEVELS_PER_LAYER[setup] * cfg.num_hidden_layers
+    return levels * 4.0 * tokens * cfg.hidden_size * (cfg.hidden_size // 16)
+
+
+@functools.cache
+def _gemm_flops_per_s() -> float:
+    return gemm_flops_per_s()
 
 
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])

@@ -147,3 +147,17 @@ def copy_bandwidth(nbytes: int | None = None) -> float:
     synchronize()
     seconds = statistics.median(time_ms(lambda: dst.copy_(src)) for _ in range(pick(20, 3))) / 1e3
     return 2 * nbytes / seconds
+
+
+def gemm_flops_per_s(n: int | None = None) -> float:
+    """Dense matmul throughput in FLOP/s of an (n x n) @ (n x n) product in the bench dtype (bf16 on a GPU), measured
+    now on this device: the compute ceiling that floors are set against (about 790 TFLOP/s on an H100)."""
+    n = n or pick(8192, 128)
+    dtype = torch.bfloat16 if on_gpu() else torch.float32
+    a = torch.randn(n, n, device=device(), dtype=dtype)
+    b = torch.randn(n, n, device=device(), dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize()
+    seconds = statistics.median(time_ms(lambda: a @ b) for _ in range(pick(10, 3))) / 1e3
+    return 2 * n**3 / seconds

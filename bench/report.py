@@ -5,7 +5,10 @@
 Ratios are taken between rows of the same file only (one pytest run, one device).
 Each benchmark stores ``provider``, ``case`` and ``median_ms`` (device-event median) in ``extra_info``. Rows
 with the same benchmark function and case are compared with the ``bare`` provider when present, else with
-``peft``; ``fraction_of_floor`` is printed where a benchmark records it.
+``peft``; a row naming a ``baseline_case`` is compared with the ``bare`` row of that case instead (several setups
+against one bare run). ``fraction_of_floor`` is printed where a benchmark records it; a row with ``floor_extra_ms``
+(the least time its adapters can add, at the device's measured ceilings) also gets ``floor_vs_bare``, the ratio to
+bare that no implementation can beat.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
                 "peak_mem_mb": (info.get("peak_mem_bytes") or 0) / 2**20,
                 "fraction_of_floor": info.get("fraction_of_floor"),
                 "notes": ", ".join(f"{k}={info[k]:.3g}" for k in NOTE_KEYS if isinstance(info.get(k), (int, float))),
+                "baseline_case": info.get("baseline_case"),
+                "floor_extra_ms": info.get("floor_extra_ms"),
             }
         )
     groups = defaultdict(dict)
@@ -50,6 +55,13 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
             if baseline in providers:
                 for row in providers.values():
                     row[f"vs_{baseline}"] = row["median_ms"] / providers[baseline]["median_ms"]
+    for row in rows:
+        bare = groups.get((row["bench"], row["baseline_case"]), {}).get("bare") if row["baseline_case"] else None
+        if bare is not None:
+            row["vs_bare"] = row["median_ms"] / bare["median_ms"]
+            if isinstance(row["floor_extra_ms"], (int, float)):
+                row["floor_vs_bare"] = 1.0 + row["floor_extra_ms"] / bare["median_ms"]
+                row["notes"] = ", ".join(filter(None, [row["notes"], f"floor_vs_bare={row['floor_vs_bare']:.3f}"]))
     return data.get("machine_info", {}), rows
 
 
