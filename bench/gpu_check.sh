@@ -6,8 +6,9 @@
 # `python bench/pack_demo_assets.py .devrun/assets` and carried to the GPU machine: it has no network).
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
-# overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json and
-# report.md. Runs from the repository root; the package needs no install (adapter_engine/kernels is linked).
+# overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json,
+# report.md (every row) and targets.md (the issues' targets, printed last: bench/targets.py). Runs from the
+# repository root; the package needs no install (adapter_engine/kernels is linked).
 set -u
 out="${1:-bench/results/latest}"
 parts=" ${2:-all} "
@@ -50,6 +51,7 @@ for b in merge:60 merge_model:60 lora_linear:150 lora_model:90 bottleneck:120 se
 done
 if ls "$out"/bench_*.json > /dev/null 2>&1; then
     "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null
+    "$py" bench/targets.py "$out"/bench_*.json --out "$out/targets.md" > /dev/null
 fi
 grep -E "passed|failed|error|exit" "$out/run.log" | tail -n 30
-[ -f "$out/report.md" ] && tail -n 40 "$out/report.md"
+[ -f "$out/targets.md" ] && cat "$out/targets.md"

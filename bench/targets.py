@@ -1,0 +1,204 @@
+"""The issues' performance targets against one GPU session's benchmark JSON: what was measured, met or not.
+
+    python bench/targets.py OUTDIR/bench_*.json [--out OUTDIR/targets.md]
+
+Each target reads the rows of one benchmark file (ratios within that file only, as ``report.py``); a target whose
+rows are missing (a part not run, a CPU smoke run) says so instead of passing. Where a target spans several shapes
+or sizes, the worst row decides and is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    what: str
+    limit: float
+    at_most: bool  # True: measured <= limit passes; False: measured >= limit passes
+    measure: Callable[[list[dict]], tuple[float, str] | None]  # rows -> (worst value, where) or None if absent
+    unit: str = "x"
+
+
+def _rows(benchmarks: Iterable[dict], bench: str) -> list[dict]:
+    """extra_info of every row of benchmark function ``bench``."""
+    return [b.get("extra_info", {}) for b in benchmarks if b["name"].split("[")[0] == bench]
+
+
+def _one(rows: list[dict], **match) -> dict | None:
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return found[0] if found else None
+
+
+def _worst(pairs: list[tuple[float, str]], at_most: bool) -> tuple[float, str] | None:
+    return (max if at_most else min)(pairs, key=lambda p: p[0]) if pairs else None
+
+
+def _merge_floor(adapters: int):
+    def measure(benchmarks):
+        row = _one(_rows(benchmarks, "bench_merge"), provider="engine_plan", case=f"{adapters} adapter(s)")
+        return (row["fraction_of_floor"], "prepared plan") if row and "fraction_of_floor" in row else None
+
+    return measure
+
+
+def _lora_forward(rows_of: Callable[[int], bool], against: str = "bare"):
+    """Worst engine / ``against`` over the forward rows whose M passes ``rows_of``."""
+
+    def measure(benchmarks):
+        rows = _rows(benchmarks, "bench_lora_linear_forward")
+        pairs = []
+        for row in rows:
+            if row.get("provider") != "engine" or not rows_of(row.get("M", 0)):
+                continue
+            other = _one(rows, provider=against, case=row["case"])
+            if other:
+                pairs.append((row["median_ms"] / other["median_ms"], row["case"]))
+        return _worst(pairs, at_most=True)
+
+    return measure
+
+
+_lora_vs_composition = _lora_forward(lambda m: True, against="composition")
+
+
+def _lora_train(benchmarks):
+    rows = _rows(benchmarks, "bench_lora_linear_train")
+    pairs = []
+    for row in rows:
+        peft = _one(rows, provider="peft", case=row["case"])
+        if row.get("provider") == "engine" and peft:
+            pairs.append((row["median_ms"] / peft["median_ms"], row["case"]))
+    return _worst(pairs, at_most=True)
+
+
+def _ratio(bench: str, num: dict, den: dict, where: str = ""):
+    def measure(benchmarks):
+        rows = _rows(benchmarks, bench)
+        a, b = _one(rows, **num), _one(rows, **den)
+        return (a["median_ms"] / b["median_ms"], where or a.get("case", "")) if a and b else None
+
+    return measure
+
+
+_lora_model_mixed = _ratio("bench_lora_model_mixed_batch", {"provider": "engine_mixed"}, {"provider": "bare"})
+
+
+def _stack_ratio(model: str, setup: str):
+    """fused / bare of a whole-model forward (rows told apart by ``setup_name``, in every version of the bench)."""
+
+    def measure(benchmarks):
+        rows = [r for r in _rows(benchmarks, "bench_model_forward") if str(r.get("case", "")).startswith(model)]
+        fused, bare = _one(rows, setup_name=setup, provider="fused"), _one(rows, setup_name="bare")
+        return (fused["median_ms"] / bare["median_ms"], f"{model}, {setup}") if fused and bare else None
+
+    return measure
+
+
+def _train_top(benchmarks):
+    rows = _rows(benchmarks, "bench_train_top_of_three")
+    pairs = []
+    for row in rows:
+        eager = _one(rows, provider="eager", case=row["case"])
+        if row.get("provider") == "fused" and eager:
+            pairs.append((row["median_ms"] / eager["median_ms"], row["case"]))
+    return _worst(pairs, at_most=True)
+
+
+def _switch(benchmarks):
+    row = _one(_rows(benchmarks, "bench_switch"), provider="route")
+    return (row["switch_us"], row["case"]) if row and "switch_us" in row else None
+
+
+def _mixed(kind: str, k: int):
+    def measure(benchmarks):
+        for row in _rows(benchmarks, "bench_mixed"):
+            case = str(row.get("case", ""))
+            if row.get("provider") == "engine" and case.startswith(f"{kind}, {k} different") and row.get("x_single"):
+                return row["x_single"], case
+        return None
+
+    return measure
+
+
+def _merge_model(benchmarks):
+    rows = _rows(benchmarks, "bench_merge_whole_model")
+    engine, peft = _one(rows, provider="engine"), _one(rows, provider="peft")
+    return (peft["median_ms"] / engine["median_ms"], "merge_adapter vs merge_and_unload") if engine and peft else None
+
+
+TARGETS = [
+    Target(2, "merge, 1 adapter: fraction of the bandwidth floor", 0.90, False, _merge_floor(1), "of floor"),
+    Target(2, "merge, 4 adapters in one pass: fraction of the floor", 0.85, False, _merge_floor(4), "of floor"),
+    Target(3, "LoRA forward, M <= 256: engine / bare (worst)", 1.10, True, _lora_forward(lambda m: m <= 256)),
+    Target(3, "LoRA forward, M >= 4096: engine / bare (worst)", 1.15, True, _lora_forward(lambda m: m >= 4096)),
+    Target(3, "LoRA forward, every M: engine / composition (must be < 1)", 1.0, True, _lora_vs_composition),
+    Target(3, "LoRA forward+backward: engine / PEFT (worst)", 0.70, True, _lora_train),
+    Target(3, "whole model, 4 adapters mixed: engine / bare", 1.10, True, _lora_model_mixed),
+    Target(4, "BERT-base, 1 adapter: fused / bare", 1.04, True, _stack_ratio("bert-base", "stack1")),
+    Target(4, "BERT-base, 3 stacked: fused / bare", 1.10, True, _stack_ratio("bert-base", "stack3")),
+    Target(4, "Llama-shaped, 3 stacked: fused / bare", 1.02, True, _stack_ratio("llama-4096x4", "stack3")),
+    Target(4, "training the top of 3: fused / eager (worst)", 0.70, True, _train_top),
+    Target(6, "whole-model merge: PEFT / engine (speed-up)", 3.0, False, _merge_model),
+    Target(7, "switching among resident adapters (us)", 50.0, True, _switch, "us"),
+    Target(7, "16 LoRA adapters mixed: throughput / one adapter", 0.85, False, _mixed("lora", 16)),
+    Target(7, "16 seq_bn stacks mixed: throughput / one stack", 0.85, False, _mixed("seq_bn stacks", 16)),
+]
+
+
+def evaluate(paths: list[str]) -> list[dict]:
+    """One dict per target: issue, what, target, measured, where, met (None when not measured). Each target is
+    measured within one file; given several runs of a benchmark, the last file that has its rows counts."""
+    files, device = [], None
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        files.append(data.get("benchmarks", []))
+        device = device or data.get("machine_info", {}).get("device_name")
+    out = []
+    for t in TARGETS:
+        got = None
+        for benchmarks in files:
+            got = t.measure(benchmarks) or got
+        value, where = got if got else (None, "not measured in these files")
+        met = None if value is None else (value <= t.limit if t.at_most else value >= t.limit)
+        if t.limit == 1.0 and t.at_most and value is not None:
+            met = value < 1.0  # "faster than": strictly
+        out.append({"issue": t.issue, "what": t.what, "target": f"{'<=' if t.at_most else '>='} {t.limit:g}",
+                    "measured": value, "unit": t.unit, "where": where, "met": met, "device": device})  # fmt: skip
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    device = next((r["device"] for r in results if r["device"]), "?")
+    lines = [f"Targets on {device}", "", "| issue | target | limit | measured | met | worst case |"]
+    lines.append("|---|---|---|---:|---|---|")
+    for r in results:
+        value = "" if r["measured"] is None else f"{r['measured']:.3f}"
+        met = {None: "-", True: "yes", False: "**no**"}[r["met"]]
+        lines.append(f"| {r['issue']} | {r['what']} | {r['target']} | {value} | {met} | {r['where']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="pytest-benchmark JSON files of one session")
+    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    table = format_table(evaluate(args.results))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
