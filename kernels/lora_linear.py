@@ -238,10 +238,12 @@ def _gpu_configs() -> list[triton.Config]:
     """Candidate tiles per M regime; ``_prune_configs`` keeps those of the call's regime."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): two or three per M regime, to keep the
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): two to four per M regime, to keep the
         # autotuning compile time of a whole benchmark run within minutes
-        # M <= 16: memory bound, stream W with long K blocks and enough N tiles to fill 132 SMs
-        (16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 5),
+        # M <= 16: memory bound, stream W with long K blocks and enough N tiles to fill 132 SMs; 16-wide N tiles
+        # (256 programs at N = 4096) suit the epilogue path, whose programs do not each re-read A_cat (the fused
+        # shrink reads R / BLOCK_N times as many bytes of A_cat as of W: the autotuner weighs that)
+        (16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 5), (16, 16, 256, 4, 4),
         # M <= 64
         (32, 64, 128, 4, 4), (64, 64, 128, 4, 4),
         # M <= 256 and above
