@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         sam.add_adapter(ward, ae.BottleneckConfig.seq_bn(reduction_factor=8))
         sam.train_adapter(ward, train_head=level == 0)  # the head learns with level 1, then stays frozen
         fit(sam, lambda s, enc=enc, y=y: {**{k: v[window(s, 64)] for k, v in enc.items()}, "labels": y[window(s, 64)]},
-            steps, lr=1e-2)  # fmt: skip
+            steps, lr=3e-3)  # fmt: skip
     # Accuracy of every depth on every ward's held-out notes.
     table = {}
     for ward in WARDS:

@@ -1,6 +1,7 @@
 """Every example in examples/ runs at its tiny size (random small models, offline) and its mechanics hold:
 routing per query, lazy loading under a cap, a stack used at each depth, a ViT with a convolutional input
-adapter, and a merged token classifier inside a transformers pipeline. The fused ops run their torch twins
+adapter, and a merged token classifier inside a transformers pipeline; the medical hierarchy also at its small
+size (the real MiniLM), where its result must match its story. The fused ops run their torch twins
 here (what a CPU without the interpreter runs; the interpreter would need minutes per example)."""
 
 from __future__ import annotations
@@ -59,3 +60,14 @@ def test_legal_entities_merged_model_in_a_pipeline(example):
     r = example("legal_entities").main(["--size", "tiny", "--steps", "3"])
     assert len(r["results"]) == 2 and all(isinstance(d["entities"], list) for d in r["results"])
     assert r["losses"][-1] < r["losses"][0]
+
+
+@pytest.mark.slow
+def test_medical_hierarchy_serves_each_ward_best_at_its_own_depth(example):
+    """On the real MiniLM (``--size small``): the story the example tells holds, each ward's notes are triaged
+    best by the stack that ends at its own level (general medicine at depth 1, cardiology at 2, paediatric
+    cardiology at 3)."""
+    r = example("medical_hierarchy").main(["--size", "small"])
+    for level, ward in enumerate(r["levels"], start=1):
+        own = r["accuracy"][(ward, level)]
+        assert own >= 0.9 and own >= max(r["accuracy"][(ward, d)] for d in range(4)), (ward, r["accuracy"])
