@@ -27,12 +27,15 @@ step() {  # step NAME DEFAULT_LIMIT COMMAND...
 }
 if [[ "$parts" == *" tests "* ]]; then
     limit=${T_tests:-200}
-    for t in merge lora_linear lora_segmented bottleneck properties patching store routing; do
+    # FILE or FILE:FILTER (a -k expression, "_or_" for " or "): the property file runs as two jobs
+    for job in merge lora_linear lora_segmented bottleneck properties:merge_or_bottleneck properties:lora \
+               patching store routing; do
+        t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}
         # odd shapes drawn by hypothesis would each autotune: the property tests take the first fitting config
         knob=1; [ "$t" = properties ] && knob=0
         ( ADAPTER_ENGINE_AUTOTUNE=$knob timeout "$limit" "$py" -m pytest -q -p no:cacheprovider -m cuda \
-            "tests/test_$t.py" -rfE > "$out/tests_$t.log" 2>&1
-          echo "test_$t: exit $? after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$out/run.log" ) &
+            "tests/test_$t.py" ${filter:+-k "${filter//_or_/ or }"} -rfE > "$out/tests_${job/:/_}.log" 2>&1
+          echo "test_$job: exit $? after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$out/run.log" ) &
     done
     wait
     for t in "$out"/tests_*.log; do echo "== $t"; tail -n 3 "$t"; done | tee -a "$out/run.log"
