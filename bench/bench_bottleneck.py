@@ -20,7 +20,6 @@ adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -153,7 +152,7 @@ def bench_model_forward(benchmark, model_name, setup, fused):
     case = f"{model_name} forward" + ("" if setup == "bare" else f", {setup}")
     timed(benchmark, fn, case=case, setup_name=setup, provider=provider, baseline_case=f"{model_name} forward")
     if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
-        benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / _gemm_flops_per_s() * 1e3
+        benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
 
 
 _LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN
@@ -165,11 +164,6 @@ def _adapter_flops(model, inputs, setup: str) -> float:
     tokens = inputs["input_ids"].numel()
     levels = _LEVELS_PER_LAYER[setup] * cfg.num_hidden_layers
     return levels * 4.0 * tokens * cfg.hidden_size * (cfg.hidden_size // 16)
-
-
-@functools.cache
-def _gemm_flops_per_s() -> float:
-    return gemm_flops_per_s()
 
 
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])

@@ -8,6 +8,7 @@ computed from one run's JSON by ``bench/report.py``, never across runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -149,9 +150,11 @@ def copy_bandwidth(nbytes: int | None = None) -> float:
     return 2 * nbytes / seconds
 
 
+@functools.cache
 def gemm_flops_per_s(n: int | None = None) -> float:
     """Dense matmul throughput in FLOP/s of an (n x n) @ (n x n) product in the bench dtype (bf16 on a GPU), measured
-    now on this device: the compute ceiling that floors are set against (about 790 TFLOP/s on an H100)."""
+    once per process on this device: the compute ceiling that floors are set against (about 790 TFLOP/s on an
+    H100)."""
     n = n or pick(8192, 128)
     dtype = torch.bfloat16 if on_gpu() else torch.float32
     a = torch.randn(n, n, device=device(), dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET
+from ._backend import INTERPRET, cdiv
 from .bottleneck_fwd import _level_input, _load_ln, _mma, _tanh
 from .bottleneck_pack import _TORCH_ACTS, StackOptions, _dot_mode, _flags, _max_rank, _tiles
 
@@ -304,12 +304,12 @@ def _stack_backward(
     block_m, block_h, warps = (32, 128, 4) if INTERPRET else (16, 256, 8)
     # the model LN's gradients: per-program partial column sums (every config has BLOCK_M >= 16), summed here
     ln_grad = lnw is not None and (needs[2] or needs[3])
-    parts = triton.cdiv(m, 16) if ln_grad else 1
+    parts = cdiv(m, 16) if ln_grad else 1
     pw = (torch.zeros if ln_grad else torch.empty)((parts, hidden if ln_grad else 1), device=dev, dtype=torch.float32)
     pb = torch.zeros_like(pw) if ln_grad else pw
     dln_w = torch.zeros(hidden, device=dev, dtype=torch.float32) if ln_grad else None
     dln_b = torch.zeros_like(dln_w) if ln_grad else None
-    _bottleneck_out_bwd_kernel[(triton.cdiv(m, block_m),)](
+    _bottleneck_out_bwd_kernel[(cdiv(m, block_m),)](
         dout, rn, y2, g, dy, lnw if lnw is not None else h2, stats[levels], pw, pb,
         m, hidden,
         dout.stride(0), dout.stride(1), rn.stride(0), rn.stride(1), y2.stride(0), y2.stride(1),
@@ -354,7 +354,7 @@ def _stack_backward(
         if level_ln_grad:
             pw.zero_()
             pb.zero_()
-        _bottleneck_level_bwd_kernel[(triton.cdiv(m, tiles.BLOCK_M),)](
+        _bottleneck_level_bwd_kernel[(cdiv(m, tiles.BLOCK_M),)](
             g, dy, rp, y2, zs[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
             lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl], pw, pb,

@@ -11,9 +11,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from ._backend import INTERPRET, dot_in_fp32
+from ._backend import INTERPRET, dot_in_fp32, next_pow2
 
 # Activation names (AdapterHub ``non_linearity``, transformers ACT2FN names) -> kernel codes.
 ACTIVATIONS = {
@@ -212,7 +211,7 @@ def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
       Narrow ranks run 4 warps at <= 255 registers, two programs per SM, so 4096 rows (256 programs) fit in one
       wave on 132 SMs.
     """
-    block_r = min(max(16, triton.next_power_of_2(max_rank)), 256)
+    block_r = min(max(16, next_pow2(max_rank)), 256)
     if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP
         return _Tiles(32, 128, block_r, block_r, 4, 1)
     if block_r > 64:  # wide unit tiles: 8 warps split the (BLOCK_H, BLOCK_R) weight tile and the z accumulator

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, check_float_dtype, check_same_device, use_triton
+from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
 
 # ----------------------------------------------------------------------------------------------------- tuning
 # Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, PREFETCH_W) by the width of a launch's rank axis, from the sweep of
@@ -417,11 +417,11 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
     """One launch; with ``check_only`` it writes nothing but sets ``bad`` (int32, (1,)) if a value is not finite."""
     bad = bad if check_only else launch["table"]  # never written when not checking
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
-    block_r = max(16, triton.next_power_of_2(launch["max_rank"]))
+    block_r = max(16, next_pow2(launch["max_rank"]))
     tiles = TILE_OVERRIDE or (SMALL_RANK_TILES if block_r <= 16 else LARGE_RANK_TILES)
     block_n, block_k, row_tiles, num_warps, prefetch_w = tiles
     block_k = max(16, min(block_k, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
-    grid = (triton.cdiv(n_cols, block_k), triton.cdiv(n_rows, block_n * row_tiles), launch["n_weights"])
+    grid = (cdiv(n_cols, block_k), cdiv(n_rows, block_n * row_tiles), launch["n_weights"])
     _merge_lora_kernel[grid](
         launch["table"],
         bad,
@@ -653,7 +653,7 @@ def scale_ia3_(
         return scale_ia3_reference_(weight, ia3_scale, dim=dim, inverse=inverse, safe=safe)
     if weight.numel() == 0:
         return weight
-    grid = (triton.cdiv(weight.shape[0], IA3_BLOCK_N) * triton.cdiv(weight.shape[1], IA3_BLOCK_K),)
+    grid = (cdiv(weight.shape[0], IA3_BLOCK_N) * cdiv(weight.shape[1], IA3_BLOCK_K),)
 
     def run(check_only: bool) -> torch.Tensor:
         bad = torch.zeros(1, dtype=torch.int32, device=weight.device)
