@@ -20,8 +20,6 @@ adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from harness import copy_bandwidth, device, gemm_flops_per_s, on_gpu, pick, timed
@@ -29,6 +27,7 @@ from harness import copy_bandwidth, device, gemm_flops_per_s, on_gpu, pick, time
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.kernels import bottleneck_fwd, lora_linear
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
+from adapter_engine.kernels.bottleneck_pack import _forward_candidates
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 STACK = ["general", "cardiology", "paediatric"]
@@ -153,6 +152,8 @@ def bench_model_forward(benchmark, model_name, setup, fused):
     timed(benchmark, fn, case=case, setup_name=setup, provider=provider, baseline_case=f"{model_name} forward")
     if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
         benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
+    if fused and setup != "bare":
+        benchmark.extra_info["forward_tiles"] = ", ".join(_tuned_tiles(model.config.hidden_size))
 
 
 _LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN
@@ -190,27 +191,27 @@ def bench_stack_alone(benchmark, hidden, provider):
     _stack_alone(benchmark, hidden, provider)
 
 
-# Tile variants around the launcher's pick (kernels/bottleneck_pack.py::_tiles, chosen offline from sm_90 register
-# counts, never timed): opt-in with BOTTLENECK_TILE_SWEEP=1, as each variant compiles its own kernel.
-TILE_VARIANTS = {
-    "picked": {},
-    "1-stage": {"num_stages": 1},
-    "3-stages": {"num_stages": 3},
-    "4-warps": {"num_warps": 4},
-    "8-warps": {"num_warps": 8},
-    "16-rows": {"BLOCK_M": 16},
-    "32-rows": {"BLOCK_M": 32},
-}
-
-
-@pytest.mark.skipif(not os.environ.get("BOTTLENECK_TILE_SWEEP"), reason="opt-in: BOTTLENECK_TILE_SWEEP=1")
+# Each tile the forward may pick (kernels/bottleneck_pack.py::_forward_candidates), timed alone: what the forward's
+# tuner chooses among on this GPU (the whole-model rows record its choices as ``forward_tiles``).
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("variant", list(TILE_VARIANTS))
-def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, variant):
-    picked = bottleneck_fwd._tiles  # the forward launcher's lookup (the no-grad call below runs no backward)
-    monkeypatch.setattr(bottleneck_fwd, "_tiles", lambda *args: picked(*args)._replace(**TILE_VARIANTS[variant]))
-    tiles = bottleneck_fwd._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below gets
-    _stack_alone(benchmark, hidden, f"fused {variant} {tuple(tiles)}")
+@pytest.mark.parametrize("candidate", range(4))
+def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
+    first = bottleneck_fwd._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below starts from
+    candidates = _forward_candidates(first, False)
+    if candidate >= len(candidates):
+        pytest.skip(f"{len(candidates)} candidate tiles at hidden {hidden}")
+    tiles = candidates[candidate]
+    monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda key, cands, launch: tiles)
+    _stack_alone(benchmark, hidden, f"fused tiles {candidate} {_tile_name(tiles)}")
+
+
+def _tile_name(t) -> str:
+    return f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
+
+
+def _tuned_tiles(hidden: int) -> list[str]:
+    """The forward tiles the tuner chose so far for this hidden size, per tuning key (rows bucket, levels...)."""
+    return sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[1] == hidden})
 
 
 def _stack_alone(benchmark, hidden, provider):

@@ -50,6 +50,7 @@ def _bottleneck_out_bwd_kernel(
     LN_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,  # software-pipelining depth of the hidden-chunk loops (1: none)
 ):  # fmt: skip
     """Through the output: out = LN(v), v = r_n + y: dv = rstd * (d*w - mean(d*w) - vhat * mean(d*w*vhat))."""
     pid = tl.program_id(0).to(tl.int64)
@@ -62,7 +63,7 @@ def _bottleneck_out_bwd_kernel(
     if OUT_LN:
         mean = tl.load(st_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(st_ptr + M + rows, mask=rmask, other=0.0)
-        for k0 in range(0, H, BLOCK_H):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
@@ -74,7 +75,7 @@ def _bottleneck_out_bwd_kernel(
             dw = d.to(tl.float32) * tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             s1 += tl.sum(dw, 1)
             s2 += tl.sum(dw * (v - mean[:, None]) * rstd[:, None], 1)
-    for k0 in range(0, H, BLOCK_H):
+    for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
         cols = k0 + tl.arange(0, BLOCK_H)
         cmask = cols < H
         m2 = rmask[:, None] & cmask[None, :]
@@ -130,6 +131,9 @@ def _bottleneck_level_bwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # unit tile of pass 1 (see _tiles)
     BLOCK_K: tl.constexpr,  # unit sub-tile of the dx dots
+    UNIFORM: tl.constexpr,  # every row takes the same adapter, of rank <= BLOCK_R: straight-line unit tiles (as the
+    # forward), so passes 2 and 3 hold no inner loop and their loads can be pipelined
+    LOOP_STAGES: tl.constexpr,  # software-pipelining depth of passes 2 and 3 (1: none)
 ):  # fmt: skip
     """One level backward (see _stack_backward): dz = s g Wu * act'(z); dx = dz Wd (+ g if res = x);
     through the input LN; g_(i-1) = g (res = r) + dt; dy += dt. Rows whose level is off pass g through."""
@@ -141,45 +145,36 @@ def _bottleneck_level_bwd_kernel(
     aid_safe = tl.where(on, aid, 0)
     lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
     hi = tl.max(tl.load(off_ptr + aid_safe + 1, mask=on, other=0), 0)
+    lo = tl.minimum(lo, hi)  # no row of the block takes the level: an empty unit range at 0
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if IN_LN:
         mean = tl.load(st_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(st_ptr + M + rows, mask=rmask, other=0.0)
-    # ---- pass 1: dz over the units this block's rows use
-    for u0 in range(lo, hi, BLOCK_R):
-        units = u0 + tl.arange(0, BLOCK_R)
-        umask = units < hi
-        da = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            cols = k0 + tl.arange(0, BLOCK_H)
-            cmask = cols < H
-            g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            wut = tl.load(
-                wu_ptr + cols[:, None] * stride_wuh + units[None, :] * stride_wur,
-                mask=cmask[:, None] & umask[None, :],
-                other=0.0,
-            )  # (BLOCK_H, BLOCK_R) slice of Wu
-            da = _mma(g, wut, da, DOT_FP32, PRECISION)
-        zmask = rmask[:, None] & umask[None, :]
-        z = tl.load(z_ptr + rows[:, None] * Rt + units[None, :], mask=zmask, other=0.0)
-        code = tl.load(code_ptr + units, mask=umask, other=0)
-        owner = tl.load(owner_ptr + units, mask=umask, other=-2)
-        sc = tl.load(scale_ptr + owner, mask=umask, other=0.0)
-        dz = da * sc[None, :] * _activation_grad(z, code[None, :])
-        dz = tl.where(owner[None, :] == aid[:, None], dz, 0.0)
-        tl.store(dz_ptr + rows[:, None] * Rt + units[None, :], dz, mask=zmask)
+    # ---- pass 1: dz over the units this block's rows use (one tile, kept in registers as the dx dots' operand,
+    # when they share an adapter that fits it)
+    if UNIFORM:
+        dz_tile = _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, lo, hi, H,
+                            Rt, stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+    else:
+        for u0 in range(lo, hi, BLOCK_R):
+            _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, u0, hi, H, Rt,
+                      stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
     tl.debug_barrier()
     # ---- pass 2: row moments of the gradient entering the input LayerNorm
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if IN_LN and not PARALLEL:
-        for k0 in range(0, H, BLOCK_H):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
-            dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)  # fmt: skip
+            if UNIFORM and BLOCK_K == BLOCK_R:
+                dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
+                                   BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+            else:
+                dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+                               DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, UNIFORM)  # fmt: skip
             if RES_MODE == 2:
                 dx += tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
             t = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
@@ -191,13 +186,17 @@ def _bottleneck_level_bwd_kernel(
             s2 += tl.sum(tl.where(m2, dw * (t - mean[:, None]) * rstd[:, None], 0.0), 1)
         tl.debug_barrier()  # pass 3 overwrites g, which pass 2 read
     # ---- pass 3: dL/dr_(i-1), dL/dy, and x_i for the weight gradients
-    for k0 in range(0, H, BLOCK_H):
+    for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
         cols = k0 + tl.arange(0, BLOCK_H)
         cmask = cols < H
         m2 = rmask[:, None] & cmask[None, :]
         g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-        dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                       DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K)  # fmt: skip
+        if UNIFORM and BLOCK_K == BLOCK_R:
+            dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
+                               BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+        else:
+            dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, UNIFORM)  # fmt: skip
         r = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
         r = r.to(tl.float32)
         if PARALLEL or IN_ADD_Y:
@@ -247,22 +246,79 @@ def _bottleneck_level_bwd_kernel(
 
 
 @triton.jit
-def _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+def _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, u0, hi, H, Rt,
+              stride_wuh, stride_wur, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """dx[:, cols] = dz @ Wd[:, cols] over the units [lo, hi): (BLOCK_M, BLOCK_H) fp32."""
-    dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for u0 in range(lo, hi, BLOCK_R):
-        units = u0 + tl.arange(0, BLOCK_R)
-        umask = units < hi
-        dz = tl.load(dz_ptr + rows[:, None] * Rt + units[None, :], mask=rmask[:, None] & umask[None, :], other=0.0)
-        wd = tl.load(
-            wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
-            mask=umask[:, None] & cmask[None, :],
+    """dz = s (g Wu) * act'(z) over the units [u0, min(u0 + BLOCK_R, hi)), zero where the unit's adapter is not the
+    row's; stored to dz and returned ((BLOCK_M, BLOCK_R) fp32)."""
+    units = u0 + tl.arange(0, BLOCK_R)
+    umask = units < hi
+    da = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        wut = tl.load(
+            wu_ptr + cols[:, None] * stride_wuh + units[None, :] * stride_wur,
+            mask=cmask[:, None] & umask[None, :],
             other=0.0,
-        )  # (BLOCK_R, BLOCK_H)
-        dx = _mma(dz, wd, dx, DOT_FP32, PRECISION)
+        )  # (BLOCK_H, BLOCK_R) slice of Wu
+        da = _mma(g, wut, da, DOT_FP32, PRECISION)
+    zmask = rmask[:, None] & umask[None, :]
+    z = tl.load(z_ptr + rows[:, None] * Rt + units[None, :], mask=zmask, other=0.0)
+    code = tl.load(code_ptr + units, mask=umask, other=0)
+    owner = tl.load(owner_ptr + units, mask=umask, other=-2)
+    sc = tl.load(scale_ptr + owner, mask=umask, other=0.0)
+    dz = da * sc[None, :] * _activation_grad(z, code[None, :])
+    dz = tl.where(owner[None, :] == aid[:, None], dz, 0.0)
+    tl.store(dz_ptr + rows[:, None] * Rt + units[None, :], dz, mask=zmask)
+    return dz
+
+
+@triton.jit
+def _dx_from_tile(dz, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_R: tl.constexpr):  # fmt: skip
+    """dx[:, cols] = dz @ Wd[lo : lo + BLOCK_R, cols] with dz the (BLOCK_M, BLOCK_R) tile of pass 1 (registers)."""
+    units = lo + tl.arange(0, BLOCK_R)
+    wd = tl.load(
+        wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
+        mask=(units < hi)[:, None] & cmask[None, :],
+        other=0.0,
+    )  # (BLOCK_R, BLOCK_H)
+    return _mma(dz, wd, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), DOT_FP32, PRECISION)
+
+
+@triton.jit
+def _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
+    """dx[:, cols] = dz @ Wd[:, cols] over the units [lo, hi) in BLOCK_K sub-tiles of the stored dz: (BLOCK_M,
+    BLOCK_H) fp32; unrolled over one BLOCK_R tile when UNIFORM."""
+    dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    if UNIFORM:
+        for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
+            dx = _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo + j0, hi, Rt, stride_wdr, stride_wdh, dx,
+                             DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
+    else:
+        for u0 in range(lo, hi, BLOCK_K):
+            dx = _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, u0, hi, Rt, stride_wdr, stride_wdh, dx,
+                             DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
     return dx
+
+
+@triton.jit
+def _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, u0, hi, Rt, stride_wdr, stride_wdh, dx,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    units = u0 + tl.arange(0, BLOCK_K)
+    umask = units < hi
+    dz = tl.load(dz_ptr + rows[:, None] * Rt + units[None, :], mask=rmask[:, None] & umask[None, :], other=0.0)
+    wd = tl.load(
+        wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
+        mask=umask[:, None] & cmask[None, :],
+        other=0.0,
+    )  # (BLOCK_K, BLOCK_H)
+    return _mma(dz, wd, dx, DOT_FP32, PRECISION)
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -314,7 +370,7 @@ def _stack_backward(
         m, hidden,
         dout.stride(0), dout.stride(1), rn.stride(0), rn.stride(1), y2.stride(0), y2.stride(1),
         OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_H=block_h, LOOP_STAGES=1 if INTERPRET else 2, num_warps=warps,
     )  # fmt: skip
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
@@ -327,6 +383,7 @@ def _stack_backward(
     dot_fp32, precision = _dot_mode(h, wd)
     off = host_offsets
     tiles = _tiles(_max_rank(off))
+    uniform = (m == 1 or uniform_rows) and _max_rank(off) <= tiles.BLOCK_R  # as the forward
     for lvl in reversed(range(levels)):
         train = train_levels[lvl]
         route = routes[:, lvl]
@@ -362,7 +419,8 @@ def _stack_backward(
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, **tiles.launch(),
+            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, UNIFORM=uniform,
+            **tiles.launch(),
         )  # fmt: skip
         if level_ln_grad:
             dln_w += pw.sum(0)

@@ -5,13 +5,26 @@ the docstring of ``kernels/bottleneck.py``.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_pack import PackedStack, StackOptions, _dot_mode, _flags, _max_rank, _tiles
+from ._backend import AUTOTUNE, cdiv, next_pow2
+from .bottleneck_pack import (
+    PackedStack,
+    StackOptions,
+    _dot_mode,
+    _flags,
+    _forward_candidates,
+    _max_rank,
+    _Tiles,
+    _tiles,
+)
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -128,6 +141,21 @@ def _act_tile(
 
 
 @triton.jit
+def _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am, stride_wuh, stride_wur,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc += a[:, j0:j0+BLOCK_K] @ Wu^T[lo+j0 : lo+j0+BLOCK_K, cols] (activations from the a scratch)."""
+    units = lo + j0 + tl.arange(0, BLOCK_K)
+    act = tl.load(a_ptr + rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_K))[None, :],
+                  mask=rmask[:, None], other=0.0)  # fmt: skip
+    wut = tl.load(
+        wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
+        mask=(units < hi)[:, None] & cmask[None, :],
+        other=0.0,
+    )  # (BLOCK_K, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
+    return _mma(act, wut, acc, DOT_FP32, PRECISION)
+
+
+@triton.jit
 def _bottleneck_stack_fwd_kernel(
     # pointers
     h_ptr,  # h: (M, H) sublayer projection output = r_0
@@ -174,6 +202,9 @@ def _bottleneck_stack_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # unit tile of pass Z, >= the largest rank (see _tiles): one tile per shared adapter
     BLOCK_K: tl.constexpr,  # unit sub-tile of pass U
+    UNIFORM: tl.constexpr,  # every row takes the same adapter at each level, of rank <= BLOCK_R: straight-line unit
+    # tiles, so the hidden-chunk loops hold no inner loop and their loads can be pipelined
+    LOOP_STAGES: tl.constexpr,  # software-pipelining depth of the hidden-chunk loops without a dot (1: none)
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,7 +215,7 @@ def _bottleneck_stack_fwd_kernel(
     if IN_LN or (OUT_LN and NUM_LEVELS == 0):
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_H):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
             cols = k0 + tl.arange(0, BLOCK_H)
             m2 = rmask[:, None] & (cols < H)[None, :]
             t = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hh, mask=m2, other=0.0).to(
@@ -206,46 +237,66 @@ def _bottleneck_stack_fwd_kernel(
         aid_safe = tl.where(on, aid, 0)
         lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
         hi = tl.max(tl.load(off_ptr + aid_safe + 1, mask=on, other=0), 0)
+        lo = tl.minimum(lo, hi)  # a level no row of the block takes: an empty unit range at 0
         # the level input r_(i-1): h at the first level, then the fp32 scratch
         if lvl == 0:
             src_ptr, stride_sm, stride_sh = h_ptr, stride_hm, stride_hh
         else:
             src_ptr, stride_sm, stride_sh = r_ptr, H, 1
         # ---- pass Z: bottleneck activations of the units this block's rows use (one BLOCK_R tile when they
-        # share one adapter), parked in the a scratch
-        for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
-            units = lo + j0 + tl.arange(0, BLOCK_R)
+        # share one adapter); kept in registers as pass U's dot operand when one unit tile covers them, else
+        # parked in the a scratch for pass U's BLOCK_K sub-tiles
+        if UNIFORM:
+            units = lo + tl.arange(0, BLOCK_R)
             umask = units < hi
             z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
                            stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
                            PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
-            act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask, units,
-                            umask, aid, Rt, SAVE)  # fmt: skip
-            # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
-            a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
-            tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+            act_tile = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask, units,
+                                 umask, aid, Rt, SAVE)  # fmt: skip
+            if BLOCK_K != BLOCK_R:
+                a_offs = rows[:, None] * stride_am + tl.arange(0, BLOCK_R)[None, :]
+                tl.store(a_ptr + a_offs, act_tile.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+        else:
+            for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
+                units = lo + j0 + tl.arange(0, BLOCK_R)
+                umask = units < hi
+                z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
+                               stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+                               PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+                act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask,
+                                units, umask, aid, Rt, SAVE)  # fmt: skip
+                # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
+                a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
+                tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
         tl.debug_barrier()
         # ---- pass U: up-projection (K sub-tiles of BLOCK_K units: a wide A operand would sit in every warp's
         # registers), residual, new r (or the output), moments of r_i + y
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         sc_row = tl.load(scale_ptr + aid_safe, mask=on, other=0.0)
-        for k0 in range(0, H, BLOCK_H):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-            for j0 in range(0, hi - lo, BLOCK_K):
-                units = lo + j0 + tl.arange(0, BLOCK_K)
-                umask = units < hi
-                act = tl.load(a_ptr + rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_K))[None, :],
-                              mask=rmask[:, None], other=0.0)  # fmt: skip
-                wut = tl.load(
-                    wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
-                    mask=umask[:, None] & cmask[None, :],
-                    other=0.0,
-                )  # (BLOCK_K, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
-                acc = _mma(act, wut, acc, DOT_FP32, PRECISION)
+            if UNIFORM:
+                if BLOCK_K == BLOCK_R:
+                    units = lo + tl.arange(0, BLOCK_R)
+                    wut = tl.load(
+                        wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
+                        mask=(units < hi)[:, None] & cmask[None, :],
+                        other=0.0,
+                    )  # (BLOCK_R, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
+                    acc = _mma(act_tile, wut, acc, DOT_FP32, PRECISION)
+                else:
+                    for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
+                        acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
+                                          stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
+            else:
+                for j0 in range(0, hi - lo, BLOCK_K):
+                    acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
+                                      stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
             bu = tl.load(
                 bu_ptr + aid_safe[:, None] * stride_bua + cols[None, :] * stride_buh, mask=on[:, None] & m2, other=0.0
             )
@@ -296,7 +347,7 @@ def _bottleneck_stack_fwd_kernel(
 
     # ---- final pass: output LayerNorm (or depth 0), one store
     if OUT_LN or NUM_LEVELS == 0:
-        for k0 in range(0, H, BLOCK_H):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
@@ -319,6 +370,31 @@ def _bottleneck_stack_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+_TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest of the forward's candidate tiles on this GPU
+
+
+def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch) -> _Tiles:
+    """The fastest candidate for ``key``, timed once per key on the GPU (every launch writes the same outputs, so
+    timing re-runs are harmless). The unit tile comes from the ranks and sizes the scratch, so the candidates only
+    vary the row block, the hidden chunk, warps and pipelining; ``triton.autotune`` would need every tile field in
+    its configs. The first candidate (``_tiles``' choice) runs untimed under the interpreter, with
+    ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA graph is being captured."""
+    tiles = _TUNED.get(key)
+    if tiles is not None:
+        return tiles
+    if len(candidates) == 1 or not AUTOTUNE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    times = []
+    for t in candidates:
+        try:
+            times.append(triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20))
+        except triton.runtime.errors.OutOfResources:
+            times.append(float("inf"))
+    tiles = _TUNED[key] = candidates[times.index(min(times))]
+    logger.info("bottleneck forward %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
+    return tiles
+
+
 class _Saved(NamedTuple):
     rs: torch.Tensor  # (L, M, H) r_1..r_n in h's dtype
     zs: torch.Tensor  # (L, M, Rt) fp32 pre-activations (zero outside each row block's units)
@@ -361,7 +437,9 @@ def _launch_fwd(
     lnb = ln_bias if ln_bias is not None else h2
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
-    _bottleneck_stack_fwd_kernel[(-(-m // tiles.BLOCK_M),)](
+    # one adapter per level for every row (routes expanded from one (L,) list have row stride 0), one unit tile
+    uniform = (m == 1 or routes.stride(0) == 0) and max_rank <= tiles.BLOCK_R
+    args = (
         h2, y2, out, scratch_r, scratch_a,
         packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets,
@@ -371,8 +449,15 @@ def _launch_fwd(
         packed.wd.stride(0), packed.wd.stride(1), packed.wu.stride(0), packed.wu.stride(1),
         packed.bu.stride(0), packed.bu.stride(1),
         routes.stride(0), routes.stride(1), scratch_a.stride(0),
-        NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, **flags, **tiles.launch(),
     )  # fmt: skip
+    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, UNIFORM=uniform, **flags)
+
+    def launch(t: _Tiles) -> None:
+        _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
+
+    candidates = _forward_candidates(tiles, save)
+    key = (min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, tuple(switches.values()))
+    launch(_forward_tiles(key, candidates, launch))
     return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 
 

@@ -182,6 +182,7 @@ class _Tiles(NamedTuple):
     BLOCK_K: int  # unit sub-tile: K of the up-projection and dx dots
     num_warps: int
     num_stages: int
+    LOOP_STAGES: int = 1  # pipelining depth of the hidden-chunk loops that hold no dot of their own (1: none)
 
     def launch(self) -> dict:
         """Keyword arguments of a kernel launch (the GPU build may use up to 255 registers per thread)."""
@@ -210,13 +211,42 @@ def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
     - ``maxnreg=255`` (see launch): left alone, ptxas capped some builds at 128 registers and spilled 16-96 bytes.
       Narrow ranks run 4 warps at <= 255 registers, two programs per SM, so 4096 rows (256 programs) fit in one
       wave on 132 SMs.
+    - LOOP_STAGES=2 (forward): the hidden-chunk loops without a dot (LayerNorm moments, up projection with its
+      residual, output LayerNorm) are software-pipelined too, so every load of the forward is a cp.async issued
+      one step ahead. Without it each step waited on a plain load: a 768-wide row block was a chain of about 50
+      dependent memory round trips per level (sm_90 PTX, hidden 768, rank 48, one level).
     """
     block_r = min(max(16, next_pow2(max_rank)), 256)
     if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP
         return _Tiles(32, 128, block_r, block_r, 4, 1)
     if block_r > 64:  # wide unit tiles: 8 warps split the (BLOCK_H, BLOCK_R) weight tile and the z accumulator
-        return _Tiles(32 if big_inference else 16, 64, block_r, 64, 8, 2)
-    return _Tiles(16, 64, block_r, block_r, 4, 2)
+        return _Tiles(32 if big_inference else 16, 64, block_r, 64, 8, 2, 2)
+    return _Tiles(16, 64, block_r, block_r, 4, 2, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
+    """The forward's tiles to time on the GPU (``bottleneck_fwd._forward_tiles``): ``first`` (:func:`_tiles`'
+    choice) and the alternatives for its unit tile.
+
+    Each candidate's sm_90 build (triton 3.6 and 3.9) is free of register spills at the benchmark shapes (hidden
+    768 rank 48 and hidden 4096 rank 256, one and three levels, saving or not; tests/test_codegen.py). Longer
+    hidden chunks and 32-row blocks cut the number of dependent loop steps (the narrow-rank forward is latency
+    bound) at the price of registers and so of programs per SM; which wins depends on the rows, so it is timed.
+    The wide-rank tiles keep BLOCK_H 64: 128 spills there.
+    """
+    if INTERPRET:
+        return (first,)
+    block_r = first.BLOCK_R
+    if block_r > 64:
+        other = [] if save else [_Tiles(16 if first.BLOCK_M == 32 else 32, 64, block_r, 64, 8, 2, 2)]
+        return (first, *other)
+    return (
+        first,
+        _Tiles(16, 128, block_r, block_r, 8, 2, 2),
+        _Tiles(16, 256, block_r, block_r, 8, 2, 2),
+        _Tiles(32, 128, block_r, block_r, 8, 2, 2),
+    )
 
 
 # --------------------------------------------------------------------------------------------------- switches

@@ -15,6 +15,7 @@ Tolerances (CPU tier, vs the library's fp32 reference or the oracle in fp32):
   oracle differentiates a different but equivalent op order.
 """
 
+import contextlib
 import math
 import types
 
@@ -371,17 +372,25 @@ def test_gradients_mixed_rows(name):
 
 
 @pytest.mark.parametrize(
-    "tiles", [(16, 64, 128, 64), (16, 32, 32, 16)], ids=["gpu-wide-rank-tiles", "ranks-above-the-unit-tile"]
+    "tiles",
+    [(16, 64, 128, 64, 1), (16, 32, 32, 16, 1), (16, 32, 128, 128, 2)],
+    ids=["gpu-wide-rank-tiles", "ranks-above-the-unit-tile", "one-unit-tile-pipelined"],
 )
-def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles):
+@pytest.mark.parametrize("routing", ["mixed-rows", "one-stack", "one-stack-level-off"])
+def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
     """The CPU tier's own tiles cover whole ranks in one step; this runs the GPU's structure: 16-row blocks, hidden
     chunks that do not divide H, the up projection reading the activation tile in K sub-tiles (BLOCK_K <
-    BLOCK_R), ranks above the unit tile and rows of several adapters in one block; forward and every gradient."""
+    BLOCK_R) or straight from registers (one unit tile), ranks above the unit tile, rows of several adapters in
+    one block, the forward's straight-line path for one stack on every row (UNIFORM) and its pipelined hidden
+    loops (LOOP_STAGES); forward and every gradient."""
     from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
     from adapter_engine.kernels.bottleneck_pack import _Tiles
 
+    *shape, loop_stages = tiles
     for launchers in (bottleneck_fwd, bottleneck_bwd):  # each launcher module looks _tiles up in its own globals
-        monkeypatch.setattr(launchers, "_tiles", lambda *_: _Tiles(*tiles, num_warps=4, num_stages=1))
+        monkeypatch.setattr(
+            launchers, "_tiles", lambda *_: _Tiles(*shape, num_warps=4, num_stages=1, LOOP_STAGES=loop_stages)
+        )
     hidden, rows = 80, 40
     params = make_params(hidden, [72, 40, 100], ["relu", "gelu", "swish"])
     for p in params:
@@ -390,12 +399,17 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles):
     ln = make_ln(hidden)
     h = torch.randn(rows, hidden, requires_grad=True)
     y = torch.randn(rows, hidden, requires_grad=True)
-    routes = torch.tensor([[0, 1, 2]] * 20 + [[2, -1, 0]] * 7 + [[1, 0, -1]] * 13)  # uniform and mixed blocks
-    hint = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(3)]
+    routes = {  # (L,) routes reach the kernel with row stride 0: its UNIFORM path when the unit tile holds them
+        "mixed-rows": torch.tensor([[0, 1, 2]] * 20 + [[2, -1, 0]] * 7 + [[1, 0, -1]] * 13),
+        "one-stack": torch.tensor([0, 1, 2]),
+        "one-stack-level-off": torch.tensor([2, -1, 0]),
+    }[routing]
+    per_row = expand_routes(routes, h)
+    hint = [sorted(set(per_row[:, lvl].tolist()) - {-1}) for lvl in range(3)]
     got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias, level_adapters=hint)
     want = torch.cat(
         [
-            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in routes[i].tolist() if j >= 0], SEQ)
+            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in per_row[i].tolist() if j >= 0], SEQ)
             for i in range(rows)
         ]
     )
@@ -403,9 +417,41 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles):
     grad_out = torch.randn(rows, hidden)
     leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
     for a, b in zip(
-        torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
+        torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),  # an unused adapter's are zeros
+        torch.autograd.grad(want, leaves, grad_out, materialize_grads=True),
+        strict=True,
     ):
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
+    """On a GPU the forward times its candidate tiles once per tuning key and keeps the fastest; a candidate that
+    does not fit the GPU counts as infinitely slow; with autotuning off the first candidate runs untimed."""
+    import triton
+
+    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels.bottleneck_pack import _Tiles
+
+    candidates = (_Tiles(16, 64, 64, 64, 4, 2, 2), _Tiles(16, 128, 64, 64, 8, 2, 2), _Tiles(32, 128, 64, 64, 8, 2, 2))
+    cost = {candidates[0]: 3.0, candidates[1]: 1.0, candidates[2]: None}
+    launched = []
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        if cost[launched[-1]] is None:
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+        return cost[launched[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append) == candidates[1]
+    assert launched == list(candidates)
+    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
+    assert len(launched) == 3
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", False)
+    assert bottleneck_fwd._forward_tiles("another key", candidates, launched.append) == candidates[0]
+    assert len(launched) == 3
 
 
 def test_gradients_fp16_native_operands():
@@ -754,6 +800,41 @@ def test_cuda_bf16_error_no_larger_than_torch_bf16(name, hidden):
         slack = 1e-3 * fp64.abs().max().item()
         assert e_fused.max() <= e_plain.max() + slack, (e_fused.max().item(), e_plain.max().item())
         assert e_fused.mean() <= e_plain.mean() + slack / 10, (e_fused.mean().item(), e_plain.mean().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hidden", [768, 4096])
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "saving"])
+def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save):
+    """Each tile the forward may pick after timing (``_forward_candidates``), for one stack on every row (the
+    UNIFORM path) and for mixed rows, stays within plain torch bf16's error against fp64."""
+    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels.bottleneck_pack import _forward_candidates, _tiles
+
+    dev, dt, rows = "cuda", torch.bfloat16, 4096
+    params = make_params(hidden, [hidden // 16] * 3, ["relu", "gelu", "swish"], dtype=dt, device=dev)
+    if save:
+        for p in params:
+            p["wu"].requires_grad_(True)
+    ln = make_ln(hidden, dt, dev)
+    h, y = torch.randn(rows, hidden, device=dev).to(dt), torch.randn(rows, hidden, device=dev).to(dt)
+    p64 = [{k: (v.double() if torch.is_tensor(v) else v) for k, v in p.items()} for p in params]
+    ln64 = make_ln(hidden, torch.float64, dev)
+    ln64.load_state_dict(ln.state_dict())
+    mixed = torch.tensor([[0, 1, 2]] * 2048 + [[2, 0, 1]] * 2048, device=dev)
+    candidates = _forward_candidates(_tiles(hidden // 16, not save), save)
+    for tiles in candidates:
+        monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda key, cands, launch, t=tiles: t)
+        for routes, groups in ((torch.tensor([0, 1, 2], device=dev), [(0, rows, [0, 1, 2])]),
+                               (mixed, [(0, 2048, [0, 1, 2]), (2048, rows, [2, 0, 1])])):  # fmt: skip
+            with torch.no_grad() if not save else contextlib.nullcontext():
+                got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+            for lo, hi, stack in groups:
+                fp64 = ah_stack(h[lo:hi].double(), y[lo:hi].double(), ln64, [p64[i] for i in stack], SEQ)
+                plain = ah_stack(h[lo:hi], y[lo:hi], ln, [params[i] for i in stack], SEQ)
+                e_fused, e_plain = _errors(got[lo:hi].detach(), fp64, plain.detach())
+                slack = 1e-3 * fp64.abs().max().item()
+                assert e_fused.max() <= e_plain.max() + slack, (tiles, e_fused.max().item(), e_plain.max().item())
 
 
 @pytest.mark.cuda
