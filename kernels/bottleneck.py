@@ -25,13 +25,19 @@ a launch are packed along the bottleneck axis (``Rt = sum r_a``):
 ``wd`` (Rt, H), ``wu`` (H, Rt) stored H-contiguous, each unit knowing its owner adapter, activation code and its
 adapter's scale. One program owns BLOCK_M rows and, per level, (Z) streams the level input over hidden chunks
 into a (BLOCK_M, BLOCK_R) bottleneck tile that covers the rank (one tile when the block's rows share an adapter),
-applies the activation and the per-(row, unit) mask ``owner == route``, parks the tiny activation in a scratch
-in the dot operand dtype, then (U) streams over hidden chunks again adding the up-projection (K sub-tiles of
-BLOCK_K units) and residual and writing the running ``r`` (fp32 scratch) while accumulating the LayerNorm
-moments for the next level. The unit loops only span the units of the adapters the block's rows use, so a
-uniform stack costs one adapter's FLOPs per level. A final pass applies the output LayerNorm and stores once
-(without an output LN the last level stores the output directly). Tiles come from the ranks (``_tiles``), not
-from autotuning; tests/test_codegen.py pins their sm_90 builds to no register spills and vector weight loads.
+applies the activation and the per-(row, unit) mask ``owner == route``, then (U) streams over hidden chunks
+again adding the up-projection and residual and writing the running ``r`` (fp32 scratch) while accumulating the
+LayerNorm moments for the next level. The unit loops only span the units of the adapters the block's rows use, so
+a uniform stack costs one adapter's FLOPs per level. A block whose units fit one BLOCK_R tile (its rows share an
+adapter: every block of a one-stack batch, most blocks of a per-sequence mix) runs straight-line unit tiles: the
+activation tile stays in registers as pass U's dot operand (or, for wide ranks, in a scratch read in BLOCK_K
+sub-tiles), and every hidden loop holds no inner loop, so all its loads are software-pipelined cp.async copies
+issued a step ahead (``LOOP_STAGES``); other blocks loop over unit tiles through the scratch. A row block is
+latency bound (at hidden 768 a level was a chain of about 50 dependent memory round trips before the pipelining),
+so this matters more than FLOPs. A final pass applies the output LayerNorm and stores once (without an output LN
+the last level stores the output directly). The unit tile comes from the ranks (``_tiles``); on a GPU the
+forward times a few row-block / hidden-chunk / warp candidates once per shape and keeps the fastest
+(``_forward_candidates``); tests/test_codegen.py pins every candidate's sm_90 build to no register spills.
 
 Distance from the physical limit (read h and y once, write out once = 3 x M x H x dtype bytes): HBM sees h, y
 and out once each plus the fp32 scratch ``r`` when it spills from L2; the per-level re-reads of a program's
@@ -43,9 +49,9 @@ as a multiple of that floor.
 
 Backward (training): the forward also keeps r_1..r_n, the pre-activations and the LayerNorm moments; one
 row-block kernel per level (top to bottom) runs the g -> dz -> dx -> LayerNorm-backward chain with the same
-streaming structure, and cuBLAS computes the weight gradients of the adapters that train (see
-``_stack_backward``). Forward and backward are registered torch custom ops (``adapter_engine::bottleneck_stack_*``)
-so torch.compile keeps each stack as one opaque node.
+streaming structure (and the same one-tile path, keeping dz in registers), and cuBLAS computes the weight
+gradients of the adapters that train (see ``_stack_backward``). Forward and backward are registered torch custom
+ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node.
 
 Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the

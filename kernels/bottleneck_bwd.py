@@ -131,9 +131,9 @@ def _bottleneck_level_bwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # unit tile of pass 1 (see _tiles)
     BLOCK_K: tl.constexpr,  # unit sub-tile of the dx dots
-    UNIFORM: tl.constexpr,  # every row takes the same adapter, of rank <= BLOCK_R: straight-line unit tiles (as the
-    # forward), so passes 2 and 3 hold no inner loop and their loads can be pipelined
     LOOP_STAGES: tl.constexpr,  # software-pipelining depth of passes 2 and 3 (1: none)
+    TILE_PATH: tl.constexpr,  # as the forward: 1: every block's units fit one BLOCK_R tile; 2: none is known to;
+    # 0: decided per block
 ):  # fmt: skip
     """One level backward (see _stack_backward): dz = s g Wu * act'(z); dx = dz Wd (+ g if res = x);
     through the input LN; g_(i-1) = g (res = r) + dt; dy += dt. Rows whose level is off pass g through."""
@@ -151,9 +151,39 @@ def _bottleneck_level_bwd_kernel(
     if IN_LN:
         mean = tl.load(st_ptr + rows, mask=rmask, other=0.0)
         rstd = tl.load(st_ptr + M + rows, mask=rmask, other=0.0)
+    if TILE_PATH == 0:
+        one_tile = hi - lo <= BLOCK_R  # decided per block: both paths are compiled
+    else:
+        one_tile = TILE_PATH == 1  # a compile-time constant: one path is compiled
+    if one_tile:
+        _level_bwd(g_ptr, dy_ptr, rp_ptr, y_ptr, z_ptr, dz_ptr, x_ptr, wd_ptr, wu_ptr, owner_ptr, code_ptr, scale_ptr,
+                   lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
+                   stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
+                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, DOT_FP32, PRECISION,
+                   BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, True, LOOP_STAGES)  # fmt: skip
+    else:
+        _level_bwd(g_ptr, dy_ptr, rp_ptr, y_ptr, z_ptr, dz_ptr, x_ptr, wd_ptr, wu_ptr, owner_ptr, code_ptr, scale_ptr,
+                   lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
+                   stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
+                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, DOT_FP32, PRECISION,
+                   BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, False, 1)  # fmt: skip
+
+
+@triton.jit
+def _level_bwd(
+    g_ptr, dy_ptr, rp_ptr, y_ptr, z_ptr, dz_ptr, x_ptr, wd_ptr, wu_ptr, owner_ptr, code_ptr, scale_ptr,
+    lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
+    stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
+    PARALLEL: tl.constexpr, IN_ADD_Y: tl.constexpr, IN_LN: tl.constexpr, RES_MODE: tl.constexpr,
+    NEED_X: tl.constexpr, LN_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_TILE: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Passes 1-3 of one level for one row block (see the kernel). ONE_TILE: the block's units [lo, hi) fit one
+    BLOCK_R tile (straight-line tiles, pipelined hidden loops); else loops over unit tiles."""
     # ---- pass 1: dz over the units this block's rows use (one tile, kept in registers as the dx dots' operand,
     # when they share an adapter that fits it)
-    if UNIFORM:
+    if ONE_TILE:
         dz_tile = _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, lo, hi, H,
                             Rt, stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
     else:
@@ -165,16 +195,16 @@ def _bottleneck_level_bwd_kernel(
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if IN_LN and not PARALLEL:
-        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
+        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
-            if UNIFORM and BLOCK_K == BLOCK_R:
+            if ONE_TILE and BLOCK_K == BLOCK_R:
                 dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
                                    BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
             else:
                 dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                               DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, UNIFORM)  # fmt: skip
+                               DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
             if RES_MODE == 2:
                 dx += tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
             t = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
@@ -186,17 +216,17 @@ def _bottleneck_level_bwd_kernel(
             s2 += tl.sum(tl.where(m2, dw * (t - mean[:, None]) * rstd[:, None], 0.0), 1)
         tl.debug_barrier()  # pass 3 overwrites g, which pass 2 read
     # ---- pass 3: dL/dr_(i-1), dL/dy, and x_i for the weight gradients
-    for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
+    for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
         cols = k0 + tl.arange(0, BLOCK_H)
         cmask = cols < H
         m2 = rmask[:, None] & cmask[None, :]
         g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-        if UNIFORM and BLOCK_K == BLOCK_R:
+        if ONE_TILE and BLOCK_K == BLOCK_R:
             dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
                                BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
         else:
             dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, UNIFORM)  # fmt: skip
+                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
         r = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
         r = r.to(tl.float32)
         if PARALLEL or IN_ADD_Y:
@@ -292,11 +322,11 @@ def _dx_from_tile(dz, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_F
 @triton.jit
 def _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
+              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ONE_TILE: tl.constexpr):  # fmt: skip
     """dx[:, cols] = dz @ Wd[:, cols] over the units [lo, hi) in BLOCK_K sub-tiles of the stored dz: (BLOCK_M,
-    BLOCK_H) fp32; unrolled over one BLOCK_R tile when UNIFORM."""
+    BLOCK_H) fp32; unrolled over one BLOCK_R tile when ONE_TILE."""
     dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    if UNIFORM:
+    if ONE_TILE:
         for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
             dx = _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo + j0, hi, Rt, stride_wdr, stride_wdh, dx,
                              DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
@@ -383,7 +413,7 @@ def _stack_backward(
     dot_fp32, precision = _dot_mode(h, wd)
     off = host_offsets
     tiles = _tiles(_max_rank(off))
-    uniform = (m == 1 or uniform_rows) and _max_rank(off) <= tiles.BLOCK_R  # as the forward
+    path = (1 if (m == 1 or uniform_rows) else 0) if _max_rank(off) <= tiles.BLOCK_R else 2  # as the forward
     for lvl in reversed(range(levels)):
         train = train_levels[lvl]
         route = routes[:, lvl]
@@ -419,7 +449,7 @@ def _stack_backward(
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, UNIFORM=uniform,
+            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
             **tiles.launch(),
         )  # fmt: skip
         if level_ln_grad:

@@ -156,6 +156,119 @@ def _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride
 
 
 @triton.jit
+def _level(
+    src_ptr, y_ptr, out_ptr, r_ptr, a_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+    owner_ptr, code_ptr, scale_ptr, lnw_ptr, lnb_ptr, rs_ptr, zs_ptr,
+    rows, rmask, aid, lo, hi, mean, rstd, M, H, Rt,
+    stride_sm, stride_sh, stride_ym, stride_yh, stride_om, stride_oh,
+    stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_bua, stride_buh, stride_am,
+    LVL: tl.constexpr, NUM_LEVELS: tl.constexpr, PARALLEL: tl.constexpr, IN_ADD_Y: tl.constexpr,
+    IN_LN: tl.constexpr, RES_MODE: tl.constexpr, OUT_ADD_Y: tl.constexpr, OUT_LN: tl.constexpr, SAVE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """One level of the stack for one row block: passes Z and U (see the kernel); returns the moments (sum, sum of
+    squares) of r_i + y per row. ONE_TILE: the block's units [lo, hi) fit one BLOCK_R tile."""
+    on = aid >= 0
+    aid_safe = tl.where(on, aid, 0)
+    # ---- pass Z: bottleneck activations of the units this block's rows use (one BLOCK_R tile when they
+    # share one adapter); kept in registers as pass U's dot operand when one unit tile covers them, else
+    # parked in the a scratch for pass U's BLOCK_K sub-tiles
+    if ONE_TILE:
+        units = lo + tl.arange(0, BLOCK_R)
+        umask = units < hi
+        z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
+                       stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+                       PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+        act_tile = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + LVL * M * Rt, rows, rmask, units,
+                             umask, aid, Rt, SAVE)  # fmt: skip
+        if BLOCK_K != BLOCK_R:
+            a_offs = rows[:, None] * stride_am + tl.arange(0, BLOCK_R)[None, :]
+            tl.store(a_ptr + a_offs, act_tile.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+    else:
+        for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
+            units = lo + j0 + tl.arange(0, BLOCK_R)
+            umask = units < hi
+            z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
+                           stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
+                           PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
+            act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + LVL * M * Rt, rows, rmask,
+                            units, umask, aid, Rt, SAVE)  # fmt: skip
+            # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
+            a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
+            tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.debug_barrier()
+    # ---- pass U: up-projection (K sub-tiles of BLOCK_K units: a wide A operand would sit in every warp's
+    # registers), residual, new r (or the output), moments of r_i + y
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sc_row = tl.load(scale_ptr + aid_safe, mask=on, other=0.0)
+    for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES):
+        cols = k0 + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        m2 = rmask[:, None] & cmask[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        if ONE_TILE:
+            if BLOCK_K == BLOCK_R:
+                units = lo + tl.arange(0, BLOCK_R)
+                wut = tl.load(
+                    wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
+                    mask=(units < hi)[:, None] & cmask[None, :],
+                    other=0.0,
+                )  # (BLOCK_R, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
+                acc = _mma(act_tile, wut, acc, DOT_FP32, PRECISION)
+            else:
+                for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
+                    acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
+                                      stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
+        else:
+            for j0 in range(0, hi - lo, BLOCK_K):
+                acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
+                                  stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
+        bu = tl.load(
+            bu_ptr + aid_safe[:, None] * stride_bua + cols[None, :] * stride_buh, mask=on[:, None] & m2, other=0.0
+        )
+        u = acc + bu.to(tl.float32) * sc_row[:, None]
+        r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
+        r = r.to(tl.float32)
+        if (PARALLEL or IN_ADD_Y) or OUT_ADD_Y:  # pairs: older Triton rejects chained boolean operators
+            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
+            y = y.to(tl.float32)
+        else:
+            y = r
+        if PARALLEL:
+            new = r + u
+        elif RES_MODE == 0:
+            new = r + u
+        else:
+            lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
+            x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
+            if RES_MODE == 1:
+                new = t + u
+            else:
+                new = x + u
+        new = tl.where(on[:, None], new, r)
+        if SAVE:
+            rs_offs = LVL * M * H + rows[:, None] * H + cols[None, :]
+            tl.store(rs_ptr + rs_offs, new.to(rs_ptr.dtype.element_ty), mask=m2)
+        if (LVL == NUM_LEVELS - 1) and not OUT_LN:  # last level writes the output directly
+            if OUT_ADD_Y:
+                new = new + y
+            tl.store(
+                out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh,
+                new.to(out_ptr.dtype.element_ty),
+                mask=m2,
+            )
+        else:
+            tl.store(r_ptr + rows[:, None] * H + cols[None, :], new, mask=m2)
+            if IN_LN or OUT_LN:
+                t = tl.where(m2, new + y, 0.0)
+                s1 += tl.sum(t, 1)
+                s2 += tl.sum(t * t, 1)
+    return s1, s2
+
+
+@triton.jit
 def _bottleneck_stack_fwd_kernel(
     # pointers
     h_ptr,  # h: (M, H) sublayer projection output = r_0
@@ -202,9 +315,8 @@ def _bottleneck_stack_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,  # unit tile of pass Z, >= the largest rank (see _tiles): one tile per shared adapter
     BLOCK_K: tl.constexpr,  # unit sub-tile of pass U
-    UNIFORM: tl.constexpr,  # every row takes the same adapter at each level, of rank <= BLOCK_R: straight-line unit
-    # tiles, so the hidden-chunk loops hold no inner loop and their loads can be pipelined
     LOOP_STAGES: tl.constexpr,  # software-pipelining depth of the hidden-chunk loops without a dot (1: none)
+    TILE_PATH: tl.constexpr,  # 1: every block's units fit one BLOCK_R tile; 2: none is known to; 0: per block
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,100 +355,29 @@ def _bottleneck_stack_fwd_kernel(
             src_ptr, stride_sm, stride_sh = h_ptr, stride_hm, stride_hh
         else:
             src_ptr, stride_sm, stride_sh = r_ptr, H, 1
-        # ---- pass Z: bottleneck activations of the units this block's rows use (one BLOCK_R tile when they
-        # share one adapter); kept in registers as pass U's dot operand when one unit tile covers them, else
-        # parked in the a scratch for pass U's BLOCK_K sub-tiles
-        if UNIFORM:
-            units = lo + tl.arange(0, BLOCK_R)
-            umask = units < hi
-            z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
-                           stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
-                           PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
-            act_tile = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask, units,
-                                 umask, aid, Rt, SAVE)  # fmt: skip
-            if BLOCK_K != BLOCK_R:
-                a_offs = rows[:, None] * stride_am + tl.arange(0, BLOCK_R)[None, :]
-                tl.store(a_ptr + a_offs, act_tile.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
+        # A block whose rows' adapters fit one unit tile (rows that share an adapter, or none) takes straight-line
+        # unit tiles, with hidden loops that hold no inner loop and so are pipelined; other blocks loop over tiles.
+        # TILE_PATH (host-side) compiles only the path every block takes when the routes tell (one stack).
+        if TILE_PATH == 0:
+            one_tile = hi - lo <= BLOCK_R  # decided per block: both paths are compiled
         else:
-            for j0 in range(0, hi - lo, BLOCK_R):  # j: unit index relative to lo (aligned scratch columns)
-                units = lo + j0 + tl.arange(0, BLOCK_R)
-                umask = units < hi
-                z = _down_tile(src_ptr, y_ptr, wd_ptr, lnw_ptr, lnb_ptr, rows, rmask, units, umask, mean, rstd, H,
-                               stride_sm, stride_sh, stride_ym, stride_yh, stride_wdr, stride_wdh,
-                               PARALLEL, IN_ADD_Y, IN_LN, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
-                act = _act_tile(z, bd_ptr, code_ptr, owner_ptr, scale_ptr, zs_ptr + lvl * M * Rt, rows, rmask,
-                                units, umask, aid, Rt, SAVE)  # fmt: skip
-                # whole tiles (units past hi hold exact zeros), so pass U's loads need no per-unit mask
-                a_offs = rows[:, None] * stride_am + (j0 + tl.arange(0, BLOCK_R))[None, :]
-                tl.store(a_ptr + a_offs, act.to(a_ptr.dtype.element_ty), mask=rmask[:, None])
-        tl.debug_barrier()
-        # ---- pass U: up-projection (K sub-tiles of BLOCK_K units: a wide A operand would sit in every warp's
-        # registers), residual, new r (or the output), moments of r_i + y
-        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        sc_row = tl.load(scale_ptr + aid_safe, mask=on, other=0.0)
-        for k0 in tl.range(0, H, BLOCK_H, num_stages=LOOP_STAGES if UNIFORM else 1):
-            cols = k0 + tl.arange(0, BLOCK_H)
-            cmask = cols < H
-            m2 = rmask[:, None] & cmask[None, :]
-            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-            if UNIFORM:
-                if BLOCK_K == BLOCK_R:
-                    units = lo + tl.arange(0, BLOCK_R)
-                    wut = tl.load(
-                        wu_ptr + cols[None, :] * stride_wuh + units[:, None] * stride_wur,
-                        mask=(units < hi)[:, None] & cmask[None, :],
-                        other=0.0,
-                    )  # (BLOCK_R, BLOCK_H) = Wu^T slice, contiguous along H (see pack_adapters)
-                    acc = _mma(act_tile, wut, acc, DOT_FP32, PRECISION)
-                else:
-                    for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
-                        acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
-                                          stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
-            else:
-                for j0 in range(0, hi - lo, BLOCK_K):
-                    acc = _up_subtile(a_ptr, wu_ptr, rows, rmask, cols, cmask, lo, hi, j0, acc, stride_am,
-                                      stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
-            bu = tl.load(
-                bu_ptr + aid_safe[:, None] * stride_bua + cols[None, :] * stride_buh, mask=on[:, None] & m2, other=0.0
-            )
-            u = acc + bu.to(tl.float32) * sc_row[:, None]
-            r = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, mask=m2, other=0.0)
-            r = r.to(tl.float32)
-            if (PARALLEL or IN_ADD_Y) or OUT_ADD_Y:  # pairs: older Triton rejects chained boolean operators
-                y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yh, mask=m2, other=0.0)
-                y = y.to(tl.float32)
-            else:
-                y = r
-            if PARALLEL:
-                new = r + u
-            elif RES_MODE == 0:
-                new = r + u
-            else:
-                lnw, lnb = _load_ln(lnw_ptr, lnb_ptr, cols, cmask, IN_LN)
-                x, t = _level_input(r, y, mean, rstd, lnw, lnb, IN_ADD_Y, IN_LN)
-                if RES_MODE == 1:
-                    new = t + u
-                else:
-                    new = x + u
-            new = tl.where(on[:, None], new, r)
-            if SAVE:
-                rs_offs = lvl * M * H + rows[:, None] * H + cols[None, :]
-                tl.store(rs_ptr + rs_offs, new.to(rs_ptr.dtype.element_ty), mask=m2)
-            if (lvl == NUM_LEVELS - 1) and not OUT_LN:  # last level writes the output directly
-                if OUT_ADD_Y:
-                    new = new + y
-                tl.store(
-                    out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh,
-                    new.to(out_ptr.dtype.element_ty),
-                    mask=m2,
-                )
-            else:
-                tl.store(r_ptr + rows[:, None] * H + cols[None, :], new, mask=m2)
-                if IN_LN or OUT_LN:
-                    t = tl.where(m2, new + y, 0.0)
-                    s1 += tl.sum(t, 1)
-                    s2 += tl.sum(t * t, 1)
+            one_tile = TILE_PATH == 1  # a compile-time constant: one path is compiled
+        if one_tile:
+            s1, s2 = _level(src_ptr, y_ptr, out_ptr, r_ptr, a_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+                            owner_ptr, code_ptr, scale_ptr, lnw_ptr, lnb_ptr, rs_ptr, zs_ptr,
+                            rows, rmask, aid, lo, hi, mean, rstd, M, H, Rt,
+                            stride_sm, stride_sh, stride_ym, stride_yh, stride_om, stride_oh,
+                            stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_bua, stride_buh, stride_am,
+                            lvl, NUM_LEVELS, PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, OUT_ADD_Y, OUT_LN, SAVE,
+                            DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, True, LOOP_STAGES)  # fmt: skip
+        else:
+            s1, s2 = _level(src_ptr, y_ptr, out_ptr, r_ptr, a_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+                            owner_ptr, code_ptr, scale_ptr, lnw_ptr, lnb_ptr, rs_ptr, zs_ptr,
+                            rows, rmask, aid, lo, hi, mean, rstd, M, H, Rt,
+                            stride_sm, stride_sh, stride_ym, stride_yh, stride_om, stride_oh,
+                            stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_bua, stride_buh, stride_am,
+                            lvl, NUM_LEVELS, PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, OUT_ADD_Y, OUT_LN, SAVE,
+                            DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, False, 1)  # fmt: skip
         tl.debug_barrier()
         if IN_LN or OUT_LN:
             mean = s1 / H
@@ -437,8 +478,6 @@ def _launch_fwd(
     lnb = ln_bias if ln_bias is not None else h2
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
-    # one adapter per level for every row (routes expanded from one (L,) list have row stride 0), one unit tile
-    uniform = (m == 1 or routes.stride(0) == 0) and max_rank <= tiles.BLOCK_R
     args = (
         h2, y2, out, scratch_r, scratch_a,
         packed.wd, packed.bd, packed.wu, packed.bu,
@@ -450,7 +489,10 @@ def _launch_fwd(
         packed.bu.stride(0), packed.bu.stride(1),
         routes.stride(0), routes.stride(1), scratch_a.stride(0),
     )  # fmt: skip
-    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, UNIFORM=uniform, **flags)
+    # one stack for every row (routes expanded from one (L,) list have row stride 0): one path for every block
+    uniform = m == 1 or routes.stride(0) == 0
+    path = (1 if uniform else 0) if max_rank <= tiles.BLOCK_R else 2
+    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path, **flags)
 
     def launch(t: _Tiles) -> None:
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())

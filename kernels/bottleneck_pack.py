@@ -198,7 +198,8 @@ def _launch_kwargs(tiles: _Tiles) -> dict:
 def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
     """Tiles from the largest rank of a launch; ``big_inference``: a forward that saves nothing for the backward,
     over at least 4096 rows. The sm_90 builds' resource usage is pinned by tests/test_codegen.py (triton 3.9's
-    ptxas, offline); nothing here was timed. Why these:
+    ptxas, offline). The backward runs these; the forward times them against the alternatives of
+    :func:`_forward_candidates` on the GPU. Why these:
 
     - The dots run as mma.sync, where every warp holds the whole (BLOCK_M, K) A operand in registers: K (BLOCK_H,
       BLOCK_K) stays at 64. A 16x256 A operand alone costs 64 registers per thread; BLOCK_H 128 spilled.
@@ -211,10 +212,11 @@ def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
     - ``maxnreg=255`` (see launch): left alone, ptxas capped some builds at 128 registers and spilled 16-96 bytes.
       Narrow ranks run 4 warps at <= 255 registers, two programs per SM, so 4096 rows (256 programs) fit in one
       wave on 132 SMs.
-    - LOOP_STAGES=2 (forward): the hidden-chunk loops without a dot (LayerNorm moments, up projection with its
-      residual, output LayerNorm) are software-pipelined too, so every load of the forward is a cp.async issued
-      one step ahead. Without it each step waited on a plain load: a 768-wide row block was a chain of about 50
-      dependent memory round trips per level (sm_90 PTX, hidden 768, rank 48, one level).
+    - LOOP_STAGES=2: the hidden-chunk loops of the one-tile path that the kernel-wide ``num_stages`` does not
+      pipeline (LayerNorm moments, up projection with its residual, output LayerNorm; the backward's dx passes)
+      are software-pipelined too, so every load there is a cp.async issued one step ahead. Without it each step
+      waited on a plain load: a 768-wide row block was a chain of about 50 dependent memory round trips per
+      level (sm_90 PTX, hidden 768, rank 48, one level).
     """
     block_r = min(max(16, next_pow2(max_rank)), 256)
     if INTERPRET:  # few programs, few loop steps: the interpreter's cost is per step, not per FLOP

@@ -381,8 +381,9 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
     """The CPU tier's own tiles cover whole ranks in one step; this runs the GPU's structure: 16-row blocks, hidden
     chunks that do not divide H, the up projection reading the activation tile in K sub-tiles (BLOCK_K <
     BLOCK_R) or straight from registers (one unit tile), ranks above the unit tile, rows of several adapters in
-    one block, the forward's straight-line path for one stack on every row (UNIFORM) and its pipelined hidden
-    loops (LOOP_STAGES); forward and every gradient."""
+    one block (blocks that fit one unit tile take the straight-line path, the others loop over tiles, in the same
+    launch), one stack on every row (TILE_PATH 1) and the pipelined hidden loops (LOOP_STAGES); forward and every
+    gradient."""
     from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
     from adapter_engine.kernels.bottleneck_pack import _Tiles
 
@@ -399,7 +400,7 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
     ln = make_ln(hidden)
     h = torch.randn(rows, hidden, requires_grad=True)
     y = torch.randn(rows, hidden, requires_grad=True)
-    routes = {  # (L,) routes reach the kernel with row stride 0: its UNIFORM path when the unit tile holds them
+    routes = {  # (L,) routes reach the kernel with row stride 0: one path for every block (TILE_PATH)
         "mixed-rows": torch.tensor([[0, 1, 2]] * 20 + [[2, -1, 0]] * 7 + [[1, 0, -1]] * 13),
         "one-stack": torch.tensor([0, 1, 2]),
         "one-stack-level-off": torch.tensor([2, -1, 0]),
@@ -807,7 +808,7 @@ def test_cuda_bf16_error_no_larger_than_torch_bf16(name, hidden):
 @pytest.mark.parametrize("save", [False, True], ids=["inference", "saving"])
 def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save):
     """Each tile the forward may pick after timing (``_forward_candidates``), for one stack on every row (the
-    UNIFORM path) and for mixed rows, stays within plain torch bf16's error against fp64."""
+    TILE_PATH 1) and for mixed rows (TILE_PATH 0), stays within plain torch bf16's error against fp64."""
     from adapter_engine.kernels import bottleneck_fwd
     from adapter_engine.kernels.bottleneck_pack import _forward_candidates, _tiles
 
