@@ -117,7 +117,7 @@ _BOTTLENECK = _RESOURCES + textwrap.dedent(
             "stride_rph"}
     builds = []
     for tiles in (_forward_candidates(first, save) if forward else (first,)):
-        tiles = tiles.launch()
+        tiles = dict(tiles.launch())  # a copy: launch() returns a cached dict
         options = {k: tiles.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
         if forward:
             constants = dict(flags, NUM_LEVELS=3, SAVE=save, TILE_PATH=path, DOT_FP32=False, PRECISION="ieee",
