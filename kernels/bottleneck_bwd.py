@@ -187,6 +187,7 @@ def _level_bwd(
         dz_tile = _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, lo, hi, H,
                             Rt, stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
     else:
+        dz_tile = 0  # unused: the dx passes read dz back in unit tiles
         for u0 in range(lo, hi, BLOCK_R):
             _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows, rmask, aid, u0, hi, H, Rt,
                       stride_wuh, stride_wur, DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
@@ -199,12 +200,8 @@ def _level_bwd(
             cols = k0 + tl.arange(0, BLOCK_H)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
-            if ONE_TILE and BLOCK_K == BLOCK_R:
-                dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
-                                   BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
-            else:
-                dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                               DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
+            dx = _level_dx(dz_tile, dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
             if RES_MODE == 2:
                 dx += tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
             t = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
@@ -221,12 +218,8 @@ def _level_bwd(
         cmask = cols < H
         m2 = rmask[:, None] & cmask[None, :]
         g = tl.load(g_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-        if ONE_TILE and BLOCK_K == BLOCK_R:
-            dx = _dx_from_tile(dz_tile, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32, PRECISION,
-                               BLOCK_M, BLOCK_H, BLOCK_R)  # fmt: skip
-        else:
-            dx = _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
-                           DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
+        dx = _level_dx(dz_tile, dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+                       DOT_FP32, PRECISION, BLOCK_M, BLOCK_H, BLOCK_K, BLOCK_R, ONE_TILE)  # fmt: skip
         r = tl.load(rp_ptr + rows[:, None] * stride_rpm + cols[None, :] * stride_rph, mask=m2, other=0.0)
         r = r.to(tl.float32)
         if PARALLEL or IN_ADD_Y:
@@ -306,27 +299,22 @@ def _level_dz(g_ptr, z_ptr, dz_ptr, wu_ptr, code_ptr, owner_ptr, scale_ptr, rows
 
 
 @triton.jit
-def _dx_from_tile(dz, wd_ptr, cols, cmask, lo, hi, stride_wdr, stride_wdh, DOT_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_R: tl.constexpr):  # fmt: skip
-    """dx[:, cols] = dz @ Wd[lo : lo + BLOCK_R, cols] with dz the (BLOCK_M, BLOCK_R) tile of pass 1 (registers)."""
-    units = lo + tl.arange(0, BLOCK_R)
-    wd = tl.load(
-        wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
-        mask=(units < hi)[:, None] & cmask[None, :],
-        other=0.0,
-    )  # (BLOCK_R, BLOCK_H)
-    return _mma(dz, wd, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), DOT_FP32, PRECISION)
-
-
-@triton.jit
-def _level_dx(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
+def _level_dx(dz_tile, dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, stride_wdr, stride_wdh,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ONE_TILE: tl.constexpr):  # fmt: skip
-    """dx[:, cols] = dz @ Wd[:, cols] over the units [lo, hi) in BLOCK_K sub-tiles of the stored dz: (BLOCK_M,
-    BLOCK_H) fp32; unrolled over one BLOCK_R tile when ONE_TILE."""
+    """dx[:, cols] = dz @ Wd[:, cols] over the units [lo, hi): (BLOCK_M, BLOCK_H) fp32. ONE_TILE: from pass 1's
+    (BLOCK_M, BLOCK_R) tile in registers when one dot takes it (BLOCK_K == BLOCK_R), else unrolled over its
+    BLOCK_K sub-tiles of the stored dz; otherwise a loop over the stored dz."""
     dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    if ONE_TILE:
+    if ONE_TILE and BLOCK_K == BLOCK_R:
+        units = lo + tl.arange(0, BLOCK_R)
+        wd = tl.load(
+            wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
+            mask=(units < hi)[:, None] & cmask[None, :],
+            other=0.0,
+        )  # (BLOCK_R, BLOCK_H)
+        dx = _mma(dz_tile, wd, dx, DOT_FP32, PRECISION)
+    elif ONE_TILE:
         for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
             dx = _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo + j0, hi, Rt, stride_wdr, stride_wdh, dx,
                              DOT_FP32, PRECISION, BLOCK_K)  # fmt: skip
