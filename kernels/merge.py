@@ -43,7 +43,7 @@ import triton.language as tl
 from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
 
 # ----------------------------------------------------------------------------------------------------- tuning
-# Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, PREFETCH_W) by the width of a launch's rank axis, from the sweep of
+# Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, W_STAGES) by the width of a launch's rank axis, from the sweep of
 # bench/tune_merge.py on an H100 (bf16, Llama-shaped 4 layers, bench/results/2026-11-26-h100-session2): one r=16
 # adapter: 32 x 128 x 1 reached 95.4% of the bandwidth floor (64 x 128 x 4: 74.8%); four (R=64): 64 x 128 x 4
 # reached 66.7% (32 x 128 x 1: 52.4%). The grouped kernel cannot be autotuned by re-running it: it updates
@@ -51,8 +51,12 @@ from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, nex
 # Both sweeps predate a fix found in the sm_90 build on a CPU: the rows of B_cat loaded as 2-byte scalars (the rank
 # mask was not known to be constant over 16-byte runs), 32 load instructions per thread and row tile at R=64 against
 # 8 for the W tile; with the hint they are 16-byte cp.async copies, pipelined over the row tiles. Re-sweep on a GPU.
-# The fifth entry, PREFETCH_W, loads the next row tile's W before the current tile's dot (untimed so far).
-SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, False), (64, 128, 4, 4, False), None
+# The fifth entry, W_STAGES, software-pipelines the whole row-tile loop: with 2 or 3 the W tiles of the next row
+# tiles are cp.async copies in flight during this tile's dot and store (sm_90 build at R=64, 64 x 128 x 4, triton 3.6
+# and 3.9: the W tile's plain 16-byte loads become cp.async copies, no spills); 0 or 1 leaves the loop to the kernel's
+# num_stages, which pipelines only the dot operand (B_cat) and loads each W tile when it is reached. Untimed so far,
+# so the defaults keep 0.
+SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, 0), (64, 128, 4, 4, 0), None
 IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -81,15 +85,6 @@ def _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K: tl.constexp
         w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :]
         return tl.max_contiguous(tl.multiple_of(w_ptrs, [16, 16]), [1, BLOCK_K])
     return w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-
-
-@triton.jit
-def _load_w_tile(w_ptr, first_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, W_ALIGNED: tl.constexpr):  # fmt: skip
-    """The W tile of rows ``first_row ..`` in W's dtype (zeros past ``n_rows``)."""
-    offs_n = first_row + tl.arange(0, BLOCK_N)
-    w_ptrs = _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K, W_ALIGNED)
-    return tl.load(w_ptrs, mask=(offs_n < n_rows)[:, None] & mask_k[None, :], other=0.0)
 
 
 @triton.jit
@@ -127,7 +122,8 @@ def _merge_lora_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_TILES: tl.constexpr,  # row tiles per program, sharing one load of the A columns
-    PREFETCH_W: tl.constexpr,  # load the next row tile's W before this one's dot (more registers, overlap)
+    W_STAGES: tl.constexpr,  # pipelining depth of the row-tile loop for every load (None: the kernel's num_stages,
+    # which pipelines the dot operand B_cat only; see LARGE_RANK_TILES)
 ):
     col_tile = tl.program_id(0)
     row_group = tl.program_id(1)
@@ -197,20 +193,12 @@ def _merge_lora_kernel(
             a_lo = (rest - a_mid.to(tl.float32)).to(F_DTYPE)
 
     first_row = row_group.to(tl.int64) * ROW_TILES * BLOCK_N
-    if PREFETCH_W:  # W of row tile t + 1 is loaded before tile t's dot and store, so its latency overlaps them
-        w_next = _load_w_tile(w_ptr, first_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N, BLOCK_K, W_ALIGNED)
-    for t in range(ROW_TILES):
+    for t in tl.range(ROW_TILES, num_stages=W_STAGES):  # rows differ per tile: loads ahead never see a store
         offs_n = first_row + t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_rows
         mask = mask_n[:, None] & mask_k[None, :]
         w_ptrs = _w_tile_ptrs(w_ptr, offs_n, offs_k, stride_n, stride_k, BLOCK_K, W_ALIGNED)
-        if PREFETCH_W:
-            w = w_next.to(tl.float32)
-            next_row = tl.where(t + 1 < ROW_TILES, first_row + (t + 1) * BLOCK_N, n_rows)  # past the end: no load
-            w_next = _load_w_tile(w_ptr, next_row, offs_k, mask_k, n_rows, stride_n, stride_k, BLOCK_N, BLOCK_K,
-                                  W_ALIGNED)  # fmt: skip
-        else:
-            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
         b_ptrs = b_base + offs_n[:, None] * b_nstride[None, :] + b_col[None, :]
         if F_ALIGNED:  # each row of B_cat: runs of 16 bytes (every rank a multiple of 16 // F_BYTES), aligned
             b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [16, 16]), [1, 16 // F_BYTES])
@@ -419,7 +407,7 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
     (n_rows, n_cols), (stride_n, stride_k) = launch["shape"], launch["strides"]
     block_r = max(16, next_pow2(launch["max_rank"]))
     tiles = TILE_OVERRIDE or (SMALL_RANK_TILES if block_r <= 16 else LARGE_RANK_TILES)
-    block_n, block_k, row_tiles, num_warps, prefetch_w = tiles
+    block_n, block_k, row_tiles, num_warps, w_stages = tiles
     block_k = max(16, min(block_k, 8192 // block_r))  # the A_cat tile stays at most 64 x 128 elements
     grid = (cdiv(n_cols, block_k), cdiv(n_rows, block_n * row_tiles), launch["n_weights"])
     _merge_lora_kernel[grid](
@@ -446,7 +434,7 @@ def _run(launch: dict, sign: float, check_only: bool, bad: torch.Tensor | None =
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ROW_TILES=row_tiles,
-        PREFETCH_W=prefetch_w and row_tiles > 1,
+        W_STAGES=int(w_stages) if (row_tiles > 1 and w_stages > 1) else None,
         num_warps=num_warps,
     )
 

@@ -20,7 +20,7 @@ _COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from adapter_engine.kernels.merge import LARGE_RANK_TILES, _merge_lora_kernel
 
-    aligned, uniform = sys.argv[1] == "1", sys.argv[2] == "1"
+    aligned, uniform, w_stages = sys.argv[1] == "1", sys.argv[2] == "1", int(sys.argv[3])
     signature = {
         "table": "*i64", "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
         "adapter_offset": "i32", "scale_offset": "i32", "sign": "fp32", "stride_n": "i32", "stride_k": "i32",
@@ -29,7 +29,8 @@ _COMPILE = textwrap.dedent(
         "W_DTYPE": tl.bfloat16, "F_DTYPE": tl.bfloat16, "F_BYTES": 2, "W_ALIGNED": aligned, "F_ALIGNED": aligned,
         "UNIFORM_SCALE": uniform, "CHECK_ONLY": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
         "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": LARGE_RANK_TILES[0],
-        "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2], "PREFETCH_W": LARGE_RANK_TILES[4],
+        "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2],
+        "W_STAGES": (w_stages or LARGE_RANK_TILES[4]) or None,  # as the launcher: 0 = the kernel's num_stages
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -39,16 +40,17 @@ _COMPILE = textwrap.dedent(
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("table", "n_rows", "n_cols", "stride_n")}
     source = ASTSource(fn=_merge_lora_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(json.dumps(Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*", compiled.asm["ptx"]))))
+    print(json.dumps(Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*|cp\\.async\\.c[ag]", compiled.asm["ptx"]))))
     """
 )
 
 
-def _ptx_memory_ops(aligned: bool, uniform: bool = True) -> Counter:
-    """Global loads and stores in the kernel's PTX for an H100 (compiled in a process without the interpreter)."""
+def _ptx_memory_ops(aligned: bool, uniform: bool = True, w_stages: int = 0) -> Counter:
+    """Global loads, stores and cp.async copies in the kernel's PTX for an H100 (compiled in a process without the
+    interpreter), with LARGE_RANK_TILES (and ``w_stages`` when not 0)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    args = [sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0"]
+    args = [sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0", str(w_stages)]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return Counter(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -62,6 +64,15 @@ def test_merge_kernel_streams_the_weight_with_16_byte_vectors(uniform):
     # B_cat's rows too (as 16-byte loads or cp.async copies): with four r=16 adapters they were 2-byte scalar
     # loads, 32 per thread and row tile against the W tile's 8, until the rank mask got its multiple_of hint
     assert not any(op.startswith("ld.global") and op.endswith(("b16", "b8")) for op in ops), ops
+
+
+def test_pipelined_row_tiles_load_the_weight_ahead_as_cp_async_copies():
+    """W_STAGES > 1 (bench/tune_merge.py candidates): the W tiles of the row-tile loop become cp.async copies issued
+    ahead of the tile being stored; the plain 16-byte loads left are the A columns, loaded once per program."""
+    plain, pipelined = _ptx_memory_ops(aligned=True), _ptx_memory_ops(aligned=True, w_stages=3)
+    assert pipelined["cp.async.cg"] > plain["cp.async.cg"], (plain, pipelined)
+    assert pipelined["ld.global.v4.b32"] < plain["ld.global.v4.b32"], (plain, pipelined)
+    assert pipelined["st.global.v4.b32"] == plain["st.global.v4.b32"] > 0, (plain, pipelined)
 
 
 def test_unaligned_launches_fall_back_to_scalar_accesses():

@@ -416,7 +416,7 @@ def test_per_adapter_scales_with_16_bit_dots(monkeypatch, cancel):
     assert_within_one_ulp(out, expected)
 
 
-SWEPT_TILES = [(16, 32, 3, 4, True), (16, 32, 3, 4, False), (32, 64, 2, 4, True)]
+SWEPT_TILES = [(16, 32, 3, 4, 3), (16, 32, 3, 4, 0), (32, 64, 2, 4, 2)]
 
 
 @pytest.mark.parametrize("tiles", SWEPT_TILES)
@@ -424,7 +424,7 @@ SWEPT_TILES = [(16, 32, 3, 4, True), (16, 32, 3, 4, False), (32, 64, 2, 4, True)
 @pytest.mark.parametrize("ranks", [(8, 16), (8, 3, 1)], ids=["aligned-ranks", "odd-ranks"])
 def test_sweep_tiles_merge_correctly(monkeypatch, tiles, dtype, ranks):
     """The tile variants bench/tune_merge.py sweeps on a GPU, including several row tiles per program with the next
-    tile's W prefetched (PREFETCH_W), on shapes whose last row group and column strip are partial; "aligned-ranks"
+    pipelined row-tile loop (W_STAGES), on shapes whose last row group and column strip are partial; "aligned-ranks"
     takes the vectorised path (F_ALIGNED: every rank a multiple of a 16-byte vector, aligned rows)."""
     from adapter_engine.kernels import merge as merge_module
 
@@ -444,11 +444,12 @@ def test_sweep_tiles_merge_correctly(monkeypatch, tiles, dtype, ranks):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tiles", [(64, 128, 4, 4, True), (64, 64, 4, 4, True), (32, 128, 4, 4, True)])
+@pytest.mark.parametrize("tiles", [(64, 128, 4, 4, 2), (64, 128, 4, 4, 3), (64, 64, 4, 4, 3), (32, 128, 4, 4, 3)])
 @pytest.mark.parametrize("uniform", [True, False], ids=["one-scale", "per-adapter-scales"])
-def test_cuda_prefetch_tiles_are_correctly_rounded(monkeypatch, tiles, uniform):
-    """The PREFETCH_W candidates of bench/tune_merge.py on the GPU: four aligned bf16 adapters (R = 64) on a weight
-    whose row groups end part-way, correctly rounded."""
+def test_cuda_pipelined_tiles_are_correctly_rounded(monkeypatch, tiles, uniform):
+    """The W_STAGES candidates of bench/tune_merge.py on the GPU (the row-tile loop software-pipelined: W tiles
+    loaded ahead of the tiles being stored): four aligned bf16 adapters (R = 64) on a weight whose row groups end
+    part-way, correctly rounded."""
     from adapter_engine.kernels import merge as merge_module
 
     monkeypatch.setattr(merge_module, "TILE_OVERRIDE", tiles)
