@@ -414,11 +414,12 @@ def _bottleneck_stack_fwd_kernel(
 _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest of the forward's candidate tiles on this GPU
 
 
-def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch) -> _Tiles:
-    """The fastest candidate for ``key``, timed once per key on the GPU (every launch writes the same outputs, so
-    timing re-runs are harmless). The unit tile comes from the ranks and sizes the scratch, so the candidates only
-    vary the row block, the hidden chunk, warps and pipelining; ``triton.autotune`` would need every tile field in
-    its configs. The first candidate (``_tiles``' choice) runs untimed under the interpreter, with
+def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch, reset=None) -> _Tiles:
+    """The fastest candidate for ``key``, timed once per key on the GPU. Timing re-runs are harmless: every launch
+    writes the same outputs, except the saved pre-activations outside each row block's units, which ``reset``
+    zeroes again afterwards. The unit tile comes from the ranks and sizes the scratch, so the candidates only vary
+    the row block, the hidden chunk, warps and pipelining; ``triton.autotune`` would need every tile field in its
+    configs. The first candidate (``_tiles``' choice) runs untimed under the interpreter, with
     ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA graph is being captured."""
     tiles = _TUNED.get(key)
     if tiles is not None:
@@ -431,6 +432,8 @@ def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch) -> _Tiles
             times.append(triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20))
         except triton.runtime.errors.OutOfResources:
             times.append(float("inf"))
+    if reset is not None:
+        reset()
     tiles = _TUNED[key] = candidates[times.index(min(times))]
     logger.info("bottleneck forward %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
     return tiles
@@ -499,7 +502,7 @@ def _launch_fwd(
 
     candidates = _forward_candidates(tiles, save)
     key = (min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, tuple(switches.values()))
-    launch(_forward_tiles(key, candidates, launch))
+    launch(_forward_tiles(key, candidates, launch, saved.zs.zero_ if save else None))
     return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 
 

@@ -427,7 +427,8 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
 
 def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     """On a GPU the forward times its candidate tiles once per tuning key and keeps the fastest; a candidate that
-    does not fit the GPU counts as infinitely slow; with autotuning off the first candidate runs untimed."""
+    does not fit the GPU counts as infinitely slow; the caller's reset runs after timing; with autotuning off the
+    first candidate runs untimed."""
     import triton
 
     from adapter_engine.kernels import bottleneck_fwd
@@ -446,8 +447,9 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append) == candidates[1]
-    assert launched == list(candidates)
+    resets = []
+    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append, lambda: resets.append(1)) == candidates[1]
+    assert launched == list(candidates) and resets == [1]  # the saved buffer is cleared after timing
     assert bottleneck_fwd._forward_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
     assert len(launched) == 3
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", False)
@@ -825,7 +827,7 @@ def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save)
     mixed = torch.tensor([[0, 1, 2]] * 2048 + [[2, 0, 1]] * 2048, device=dev)
     candidates = _forward_candidates(_tiles(hidden // 16, not save), save)
     for tiles in candidates:
-        monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda key, cands, launch, t=tiles: t)
+        monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda *args, t=tiles: t)
         for routes, groups in ((torch.tensor([0, 1, 2], device=dev), [(0, rows, [0, 1, 2])]),
                                (mixed, [(0, 2048, [0, 1, 2]), (2048, rows, [2, 0, 1])])):  # fmt: skip
             with torch.no_grad() if not save else contextlib.nullcontext():
