@@ -457,6 +457,63 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     assert len(launched) == 3
 
 
+@pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
+def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
+    """The GPU's tuning path run for real in the interpreter: two candidate tiles launched and timed (a CPU timer in
+    place of do_bench), the saved pre-activations cleared, the chosen one launched; forward and every gradient match
+    the oracle, and the second call reuses the choice without timing."""
+    import time
+
+    import triton
+
+    from adapter_engine.kernels import bottleneck_fwd
+
+    timed = []
+
+    def cpu_bench(fn, warmup, rep):
+        start = time.perf_counter()
+        fn()
+        timed.append(1)
+        return time.perf_counter() - start
+
+    monkeypatch.setattr(triton.testing, "do_bench", cpu_bench)
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(
+        bottleneck_fwd,
+        "_forward_candidates",
+        lambda first, save: (first, first._replace(BLOCK_M=16, BLOCK_H=32, LOOP_STAGES=2)),
+    )
+    hidden, rows = 48, 40
+    params = make_params(hidden, [12, 20, 16], ["relu", "gelu", "tanh"])
+    for p in params:
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k].requires_grad_(True)
+    ln = make_ln(hidden)
+    h = torch.randn(rows, hidden, requires_grad=True)
+    y = torch.randn(rows, hidden, requires_grad=True)
+    routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 24 + [[2, 0, -1]] * 16)
+    per_row = expand_routes(routes, h)
+    want = torch.cat(
+        [
+            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in per_row[i].tolist() if j >= 0], SEQ)
+            for i in range(rows)
+        ]
+    )
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    grad_out = torch.randn(rows, hidden)
+    for _ in range(2):
+        got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+        assert_close(got, want)
+        assert len(timed) == 2  # timed at the first call only
+        for a, b in zip(
+            torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),
+            torch.autograd.grad(want, leaves, grad_out, retain_graph=True, materialize_grads=True),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
 def test_gradients_fp16_native_operands():
     """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
     Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
