@@ -412,6 +412,9 @@ def _bottleneck_stack_fwd_kernel(
 
 # --------------------------------------------------------------------------------------------------- launcher
 _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest of the forward's candidate tiles on this GPU
+# Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
+# job (the demo's 1,024-row batches) would not win back.
+TUNE_MIN_ROWS = 2048
 
 
 def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch, reset=None) -> _Tiles:
@@ -500,7 +503,7 @@ def _launch_fwd(
     def launch(t: _Tiles) -> None:
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 
-    candidates = _forward_candidates(tiles, save)
+    candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
     key = (min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, tuple(switches.values()))
     launch(_forward_tiles(key, candidates, launch, saved.zs.zero_ if save else None))
     return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved

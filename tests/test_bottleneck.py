@@ -479,6 +479,7 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
     monkeypatch.setattr(triton.testing, "do_bench", cpu_bench)
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(
         bottleneck_fwd,
         "_forward_candidates",
