@@ -371,6 +371,37 @@ def test_gradients_mixed_rows(name):
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
 
 
+def _trainable_stack(hidden, rows, ranks, acts):
+    """Adapters whose weights train, a model LN, and h, y that want gradients (for the tile-structure tests)."""
+    params = make_params(hidden, ranks, acts)
+    for p in params:
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k].requires_grad_(True)
+    h = torch.randn(rows, hidden, requires_grad=True)
+    y = torch.randn(rows, hidden, requires_grad=True)
+    return params, make_ln(hidden), h, y
+
+
+def _assert_matches_oracle(got, params, ln, h, y, routes):
+    """Forward and every gradient (h, y, LN, all adapter weights) against the oracle run row by row."""
+    per_row = expand_routes(routes, h)
+    want = torch.cat(
+        [
+            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in per_row[i].tolist() if j >= 0], SEQ)
+            for i in range(h.shape[0])
+        ]
+    )
+    assert_close(got, want)
+    grad_out = torch.randn_like(want)
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),  # an unused adapter's are zeros
+        torch.autograd.grad(want, leaves, grad_out, materialize_grads=True),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "tiles",
     [(16, 64, 128, 64, 1), (16, 32, 32, 16, 1), (16, 32, 128, 128, 2)],
@@ -392,14 +423,7 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
         monkeypatch.setattr(
             launchers, "_tiles", lambda *_: _Tiles(*shape, num_warps=4, num_stages=1, LOOP_STAGES=loop_stages)
         )
-    hidden, rows = 80, 40
-    params = make_params(hidden, [72, 40, 100], ["relu", "gelu", "swish"])
-    for p in params:
-        for k in ("wd", "bd", "wu", "bu"):
-            p[k].requires_grad_(True)
-    ln = make_ln(hidden)
-    h = torch.randn(rows, hidden, requires_grad=True)
-    y = torch.randn(rows, hidden, requires_grad=True)
+    params, ln, h, y = _trainable_stack(80, 40, [72, 40, 100], ["relu", "gelu", "swish"])
     routes = {  # (L,) routes reach the kernel with row stride 0: one path for every block (TILE_PATH)
         "mixed-rows": torch.tensor([[0, 1, 2]] * 20 + [[2, -1, 0]] * 7 + [[1, 0, -1]] * 13),
         "one-stack": torch.tensor([0, 1, 2]),
@@ -408,21 +432,7 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
     per_row = expand_routes(routes, h)
     hint = [sorted(set(per_row[:, lvl].tolist()) - {-1}) for lvl in range(3)]
     got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias, level_adapters=hint)
-    want = torch.cat(
-        [
-            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in per_row[i].tolist() if j >= 0], SEQ)
-            for i in range(rows)
-        ]
-    )
-    assert_close(got, want)
-    grad_out = torch.randn(rows, hidden)
-    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
-    for a, b in zip(
-        torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),  # an unused adapter's are zeros
-        torch.autograd.grad(want, leaves, grad_out, materialize_grads=True),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+    _assert_matches_oracle(got, params, ln, h, y, routes)
 
 
 def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
@@ -485,34 +495,12 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
         "_forward_candidates",
         lambda first, save: (first, first._replace(BLOCK_M=16, BLOCK_H=32, LOOP_STAGES=2)),
     )
-    hidden, rows = 48, 40
-    params = make_params(hidden, [12, 20, 16], ["relu", "gelu", "tanh"])
-    for p in params:
-        for k in ("wd", "bd", "wu", "bu"):
-            p[k].requires_grad_(True)
-    ln = make_ln(hidden)
-    h = torch.randn(rows, hidden, requires_grad=True)
-    y = torch.randn(rows, hidden, requires_grad=True)
+    params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])
     routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 24 + [[2, 0, -1]] * 16)
-    per_row = expand_routes(routes, h)
-    want = torch.cat(
-        [
-            ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in per_row[i].tolist() if j >= 0], SEQ)
-            for i in range(rows)
-        ]
-    )
-    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
-    grad_out = torch.randn(rows, hidden)
     for _ in range(2):
         got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
-        assert_close(got, want)
         assert len(timed) == 2  # timed at the first call only
-        for a, b in zip(
-            torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),
-            torch.autograd.grad(want, leaves, grad_out, retain_graph=True, materialize_grads=True),
-            strict=True,
-        ):
-            torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+        _assert_matches_oracle(got, params, ln, h, y, routes)
 
 
 def test_gradients_fp16_native_operands():
