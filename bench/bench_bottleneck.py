@@ -201,7 +201,7 @@ def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
     if candidate >= len(candidates):
         pytest.skip(f"{len(candidates)} candidate tiles at hidden {hidden}")
     tiles = candidates[candidate]
-    monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda *args: tiles)
+    monkeypatch.setattr(bottleneck_fwd, "_tuned_tiles", lambda *args: tiles)
     _stack_alone(benchmark, hidden, f"fused tiles {candidate} {_tile_name(tiles)}")
 
 

@@ -36,9 +36,9 @@ issued a step ahead (``LOOP_STAGES``); other blocks loop over unit tiles through
 latency bound (at hidden 768 a level was a chain of about 50 dependent memory round trips before the pipelining),
 so this matters more than FLOPs. A final pass applies the output LayerNorm and stores once (without an output LN
 the last level stores the output directly). The unit tile comes from the ranks (``_tiles``); on a GPU the
-forward times a few row-block / hidden-chunk / warp candidates once per shape (launches of at least
-``TUNE_MIN_ROWS`` rows) and keeps the fastest (``_forward_candidates``); tests/test_codegen.py pins every
-candidate's sm_90 build to no register spills.
+forward and the level backward time a few row-block / hidden-chunk / warp candidates once per shape (launches of
+at least ``TUNE_MIN_ROWS`` rows) and keep the fastest (``_forward_candidates``, ``_level_candidates``,
+``_tuned_tiles``); tests/test_codegen.py pins every candidate's sm_90 build to no register spills.
 
 Distance from the physical limit (read h and y once, write out once = 3 x M x H x dtype bytes): HBM sees h, y
 and out once each plus the fp32 scratch ``r`` when it spills from L2; the per-level re-reads of a program's

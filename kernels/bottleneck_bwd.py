@@ -9,9 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, cdiv
+from . import bottleneck_fwd
+from ._backend import INTERPRET, cdiv, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma, _tanh
-from .bottleneck_pack import _TORCH_ACTS, StackOptions, _dot_mode, _flags, _max_rank, _tiles
+from .bottleneck_pack import _TORCH_ACTS, StackOptions, _dot_mode, _flags, _level_candidates, _max_rank, _tiles
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -429,17 +430,37 @@ def _stack_backward(
         if level_ln_grad:
             pw.zero_()
             pb.zero_()
-        _bottleneck_level_bwd_kernel[(cdiv(m, tiles.BLOCK_M),)](
+        args = (
             g, dy, rp, y2, zs[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
             lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl], pw, pb,
             m, hidden, rt,
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
+        )  # fmt: skip
+        switches = dict(
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
             NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
-            **tiles.launch(),
         )  # fmt: skip
+
+        def launch(t, args=args, switches=switches):
+            _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
+
+        def snapshot():  # timing runs update g and dy in place and write partial sums
+            g0, dy0 = g.clone(), dy.clone()
+
+            def restore():
+                g.copy_(g0)
+                dy.copy_(dy0)
+                pw.zero_()
+                pb.zero_()
+
+            return restore
+
+        candidates = _level_candidates(tiles) if m >= bottleneck_fwd.TUNE_MIN_ROWS else (tiles,)
+        key = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype,
+               tuple(switches.values()))  # fmt: skip
+        launch(bottleneck_fwd._tuned_tiles(key, candidates, launch, snapshot))
         if level_ln_grad:
             dln_w += pw.sum(0)
             dln_b += pb.sum(0)

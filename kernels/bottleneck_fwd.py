@@ -411,34 +411,36 @@ def _bottleneck_stack_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-_TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest of the forward's candidate tiles on this GPU
+_TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest candidate tiles on this GPU (forward, level backward)
 # Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
 # job (the demo's 1,024-row batches) would not win back.
 TUNE_MIN_ROWS = 2048
 
 
-def _forward_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch, reset=None) -> _Tiles:
-    """The fastest candidate for ``key``, timed once per key on the GPU. Timing re-runs are harmless: every launch
-    writes the same outputs, except the saved pre-activations outside each row block's units, which ``reset``
-    zeroes again afterwards. The unit tile comes from the ranks and sizes the scratch, so the candidates only vary
-    the row block, the hidden chunk, warps and pipelining; ``triton.autotune`` would need every tile field in its
-    configs. The first candidate (``_tiles``' choice) runs untimed under the interpreter, with
-    ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA graph is being captured."""
+def _tuned_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch, snapshot=None) -> _Tiles:
+    """The fastest candidate for ``key`` (forward and level-backward launches), timed once per key on the GPU.
+    ``snapshot()``, called before timing, returns what undoes the timing runs' writes (the forward's saved
+    pre-activations outside each block's units; the backward's in-place gradients and partial sums). The unit tile
+    comes from the ranks and sizes the scratch, so the candidates only vary the row block, the hidden chunk, warps
+    and pipelining; ``triton.autotune`` would need every tile field in its configs. The first candidate
+    (``_tiles``' choice) runs untimed under the interpreter, with ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA
+    graph is being captured."""
     tiles = _TUNED.get(key)
     if tiles is not None:
         return tiles
     if len(candidates) == 1 or not AUTOTUNE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return candidates[0]
+    restore = snapshot() if snapshot is not None else None
     times = []
     for t in candidates:
         try:
             times.append(triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20))
         except triton.runtime.errors.OutOfResources:
             times.append(float("inf"))
-    if reset is not None:
-        reset()
+    if restore is not None:
+        restore()
     tiles = _TUNED[key] = candidates[times.index(min(times))]
-    logger.info("bottleneck forward %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
+    logger.info("bottleneck %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
     return tiles
 
 
@@ -505,7 +507,8 @@ def _launch_fwd(
 
     candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
     key = (min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, tuple(switches.values()))
-    launch(_forward_tiles(key, candidates, launch, saved.zs.zero_ if save else None))
+    key = ("forward", *key)
+    launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
     return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 
 

@@ -198,8 +198,8 @@ def _launch_kwargs(tiles: _Tiles) -> dict:
 def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
     """Tiles from the largest rank of a launch; ``big_inference``: a forward that saves nothing for the backward,
     over at least 4096 rows. The sm_90 builds' resource usage is pinned by tests/test_codegen.py (triton 3.9's
-    ptxas, offline). The backward runs these; the forward times them against the alternatives of
-    :func:`_forward_candidates` on the GPU. Why these:
+    ptxas, offline). On the GPU the forward and the level backward time them against the alternatives of
+    :func:`_forward_candidates` and :func:`_level_candidates`. Why these:
 
     - The dots run as mma.sync, where every warp holds the whole (BLOCK_M, K) A operand in registers: K (BLOCK_H,
       BLOCK_K) stays at 64. A 16x256 A operand alone costs 64 registers per thread; BLOCK_H 128 spilled.
@@ -228,7 +228,7 @@ def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
 
 @functools.lru_cache(maxsize=64)
 def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
-    """The forward's tiles to time on the GPU (``bottleneck_fwd._forward_tiles``): ``first`` (:func:`_tiles`'
+    """The forward's tiles to time on the GPU (``bottleneck_fwd._tuned_tiles``): ``first`` (:func:`_tiles`'
     choice) and the alternatives for its unit tile.
 
     Each candidate's sm_90 build (triton 3.6 and 3.9) is free of register spills at the benchmark shapes (hidden
@@ -249,6 +249,16 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
         _Tiles(16, 256, block_r, block_r, 8, 2, 2),
         _Tiles(32, 128, block_r, block_r, 8, 2, 2),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _level_candidates(first: _Tiles) -> tuple[_Tiles, ...]:
+    """The level-backward kernel's tiles to time on the GPU, ``first`` (:func:`_tiles`) first. Narrow ranks only:
+    16-row blocks with 128-wide hidden chunks, and 32-row blocks, both on 8 warps (sm_90 builds at hidden 768, rank
+    48, one stack or mixed rows, triton 3.6 and 3.9: no spills; 256-wide chunks spill 8 bytes)."""
+    if INTERPRET or first.BLOCK_R > 64:
+        return (first,)
+    return (first, first._replace(BLOCK_H=128, num_warps=8), first._replace(BLOCK_M=32, num_warps=8))
 
 
 # --------------------------------------------------------------------------------------------------- switches

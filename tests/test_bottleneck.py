@@ -437,8 +437,8 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
 
 def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     """On a GPU the forward times its candidate tiles once per tuning key and keeps the fastest; a candidate that
-    does not fit the GPU counts as infinitely slow; the caller's reset runs after timing; with autotuning off the
-    first candidate runs untimed."""
+    does not fit the GPU counts as infinitely slow; the caller's snapshot is taken before timing and restored after;
+    with autotuning off the first candidate runs untimed."""
     import triton
 
     from adapter_engine.kernels import bottleneck_fwd
@@ -457,26 +457,33 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    resets = []
-    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append, lambda: resets.append(1)) == candidates[1]
-    assert launched == list(candidates) and resets == [1]  # the saved buffer is cleared after timing
-    assert bottleneck_fwd._forward_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
+    events = []
+
+    def snapshot():
+        events.append(("snapshot", len(launched)))
+        return lambda: events.append(("restore", len(launched)))
+
+    assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append, snapshot) == candidates[1]
+    assert launched == list(candidates)
+    assert events == [("snapshot", 0), ("restore", 3)]  # what the timing runs wrote is undone before the real launch
+    assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
     assert len(launched) == 3
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", False)
-    assert bottleneck_fwd._forward_tiles("another key", candidates, launched.append) == candidates[0]
+    assert bottleneck_fwd._tuned_tiles("another key", candidates, launched.append) == candidates[0]
     assert len(launched) == 3
 
 
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
 def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
-    """The GPU's tuning path run for real in the interpreter: two candidate tiles launched and timed (a CPU timer in
-    place of do_bench), the saved pre-activations cleared, the chosen one launched; forward and every gradient match
-    the oracle, and the second call reuses the choice without timing."""
+    """The GPU's tuning path run for real in the interpreter, forward and level backward: two candidate tiles each
+    launched and timed (a CPU timer in place of do_bench), what the timing runs wrote undone (the saved
+    pre-activations; the in-place gradients and partial sums), the chosen one launched; forward and every gradient
+    match the oracle, and the second call reuses the choices without timing."""
     import time
 
     import triton
 
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
 
     timed = []
 
@@ -495,12 +502,18 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
         "_forward_candidates",
         lambda first, save: (first, first._replace(BLOCK_M=16, BLOCK_H=32, LOOP_STAGES=2)),
     )
+    monkeypatch.setattr(
+        bottleneck_bwd,
+        "_level_candidates",
+        lambda first: (first, first._replace(BLOCK_M=16, BLOCK_H=32, LOOP_STAGES=2)),
+    )
     params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])
     routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 24 + [[2, 0, -1]] * 16)
-    for _ in range(2):
+    for call in range(2):
         got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
-        assert len(timed) == 2  # timed at the first call only
-        _assert_matches_oracle(got, params, ln, h, y, routes)
+        assert len(timed) == (2 if call == 0 else 4)  # the saving forward's two candidates, at the first call only
+        _assert_matches_oracle(got, params, ln, h, y, routes)  # the backward's gradients after its own timing
+        assert len(timed) == 4  # the level backward's two candidates: one key for the three levels, timed once
 
 
 def test_gradients_fp16_native_operands():
@@ -873,7 +886,7 @@ def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save)
     mixed = torch.tensor([[0, 1, 2]] * 2048 + [[2, 0, 1]] * 2048, device=dev)
     candidates = _forward_candidates(_tiles(hidden // 16, not save), save)
     for tiles in candidates:
-        monkeypatch.setattr(bottleneck_fwd, "_forward_tiles", lambda *args, t=tiles: t)
+        monkeypatch.setattr(bottleneck_fwd, "_tuned_tiles", lambda *args, t=tiles: t)
         for routes, groups in ((torch.tensor([0, 1, 2], device=dev), [(0, rows, [0, 1, 2])]),
                                (mixed, [(0, 2048, [0, 1, 2]), (2048, rows, [2, 0, 1])])):  # fmt: skip
             with torch.no_grad() if not save else contextlib.nullcontext():
