@@ -153,7 +153,7 @@ def bench_model_forward(benchmark, model_name, setup, fused):
     if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
         benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
     if fused and setup != "bare":
-        benchmark.extra_info["forward_tiles"] = ", ".join(_tuned_tiles(model.config.hidden_size))
+        benchmark.extra_info["forward_tiles"] = _chosen_tiles("forward", model.config.hidden_size)
 
 
 _LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN
@@ -181,6 +181,11 @@ def bench_train_top_of_three(benchmark, model_name, fused):
 
     fn()
     timed(benchmark, fn, case=f"{model_name} train top of 3", provider="fused" if fused else "eager")
+    if fused:
+        hidden = model.config.hidden_size
+        benchmark.extra_info.update(
+            forward_tiles=_chosen_tiles("forward", hidden), backward_tiles=_chosen_tiles("level backward", hidden)
+        )
     _configure(wrappers, "bare", True)
 
 
@@ -209,9 +214,10 @@ def _tile_name(t) -> str:
     return f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
 
 
-def _tuned_tiles(hidden: int) -> list[str]:
-    """The forward tiles the tuner chose so far for this hidden size, per tuning key (rows bucket, levels...)."""
-    return sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[1] == hidden})
+def _chosen_tiles(kind: str, hidden: int) -> str:
+    """The tiles the tuner chose so far for ``kind`` ("forward", "level backward") at this hidden size, over its
+    tuning keys (rows bucket, levels, switches); keys are (kind, rows bucket, hidden, ...)."""
+    return ", ".join(sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[:3:2] == (kind, hidden)}))
 
 
 def _stack_alone(benchmark, hidden, provider):
