@@ -235,7 +235,10 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
     768 rank 48 and hidden 4096 rank 256, one and three levels, saving or not; tests/test_codegen.py). Longer
     hidden chunks and 32-row blocks cut the number of dependent loop steps (the narrow-rank forward is latency
     bound) at the price of registers and so of programs per SM; which wins depends on the rows, so it is timed.
-    The wide-rank tiles keep BLOCK_H 64: 128 spills there.
+    The wide-rank tiles keep BLOCK_H 64: 128 spills there. Across every option set (7 AdapterHub variants, with or
+    without the model LN, one stack or mixed rows, saving or not) triton 3.6, the GPU image's version, builds all
+    narrow-rank candidates without spills; triton 3.9 spills 24-64 bytes in the 128-wide ones for ``par_bn`` over
+    mixed rows only, which their timing then weighs.
     """
     if INTERPRET:
         return (first,)
