@@ -12,7 +12,16 @@ import triton.language as tl
 from . import bottleneck_fwd
 from ._backend import INTERPRET, cdiv, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma, _tanh
-from .bottleneck_pack import _TORCH_ACTS, StackOptions, _dot_mode, _flags, _level_candidates, _max_rank, _tiles
+from .bottleneck_pack import (
+    _TORCH_ACTS,
+    StackOptions,
+    _dot_mode,
+    _flags,
+    _level_candidates,
+    _max_rank,
+    _tile_path,
+    _tiles,
+)
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -308,13 +317,8 @@ def _level_dx(dz_tile, dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, str
     BLOCK_K sub-tiles of the stored dz; otherwise a loop over the stored dz."""
     dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     if ONE_TILE and BLOCK_K == BLOCK_R:
-        units = lo + tl.arange(0, BLOCK_R)
-        wd = tl.load(
-            wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
-            mask=(units < hi)[:, None] & cmask[None, :],
-            other=0.0,
-        )  # (BLOCK_R, BLOCK_H)
-        dx = _mma(dz_tile, wd, dx, DOT_FP32, PRECISION)
+        dx = _mma(dz_tile, _wd_tile(wd_ptr, lo + tl.arange(0, BLOCK_R), hi, cols, cmask, stride_wdr, stride_wdh), dx,
+                  DOT_FP32, PRECISION)  # fmt: skip
     elif ONE_TILE:
         for j0 in tl.static_range(0, BLOCK_R, BLOCK_K):
             dx = _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo + j0, hi, Rt, stride_wdr, stride_wdh, dx,
@@ -330,14 +334,18 @@ def _level_dx(dz_tile, dz_ptr, wd_ptr, rows, rmask, cols, cmask, lo, hi, Rt, str
 def _dx_subtile(dz_ptr, wd_ptr, rows, rmask, cols, cmask, u0, hi, Rt, stride_wdr, stride_wdh, dx,
                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     units = u0 + tl.arange(0, BLOCK_K)
-    umask = units < hi
-    dz = tl.load(dz_ptr + rows[:, None] * Rt + units[None, :], mask=rmask[:, None] & umask[None, :], other=0.0)
-    wd = tl.load(
+    dz = tl.load(dz_ptr + rows[:, None] * Rt + units[None, :], mask=rmask[:, None] & (units < hi)[None, :], other=0.0)
+    return _mma(dz, _wd_tile(wd_ptr, units, hi, cols, cmask, stride_wdr, stride_wdh), dx, DOT_FP32, PRECISION)
+
+
+@triton.jit
+def _wd_tile(wd_ptr, units, hi, cols, cmask, stride_wdr, stride_wdh):
+    """The (units, cols) tile of Wd, zero for units at or past ``hi``."""
+    return tl.load(
         wd_ptr + units[:, None] * stride_wdr + cols[None, :] * stride_wdh,
-        mask=umask[:, None] & cmask[None, :],
+        mask=(units < hi)[:, None] & cmask[None, :],
         other=0.0,
-    )  # (BLOCK_K, BLOCK_H)
-    return _mma(dz, wd, dx, DOT_FP32, PRECISION)
+    )
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -401,8 +409,9 @@ def _stack_backward(
     half = wd.dtype if (wd.dtype != torch.float32 and dev.type == "cuda") else torch.float32
     dot_fp32, precision = _dot_mode(h, wd)
     off = host_offsets
-    tiles = _tiles(_max_rank(off))
-    path = (1 if (m == 1 or uniform_rows) else 0) if _max_rank(off) <= tiles.BLOCK_R else 2  # as the forward
+    max_rank = _max_rank(off)
+    tiles = _tiles(max_rank)
+    path = _tile_path(m, uniform_rows, max_rank, tiles)
     for lvl in reversed(range(levels)):
         train = train_levels[lvl]
         route = routes[:, lvl]

@@ -20,6 +20,7 @@ from .bottleneck_pack import (
     _flags,
     _forward_candidates,
     _max_rank,
+    _tile_path,
     _Tiles,
     _tiles,
 )
@@ -497,17 +498,15 @@ def _launch_fwd(
         packed.bu.stride(0), packed.bu.stride(1),
         routes.stride(0), routes.stride(1), scratch_a.stride(0),
     )  # fmt: skip
-    # one stack for every row (routes expanded from one (L,) list have row stride 0): one path for every block
-    uniform = m == 1 or routes.stride(0) == 0
-    path = (1 if uniform else 0) if max_rank <= tiles.BLOCK_R else 2
+    path = _tile_path(m, routes.stride(0) == 0, max_rank, tiles)
     switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path, **flags)
 
     def launch(t: _Tiles) -> None:
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 
     candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
-    key = (min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, tuple(switches.values()))
-    key = ("forward", *key)
+    key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype,
+           tuple(switches.values()))  # fmt: skip
     launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
     return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 

@@ -226,6 +226,15 @@ def _tiles(max_rank: int, big_inference: bool = False) -> _Tiles:
     return _Tiles(16, 64, block_r, block_r, 4, 2, 2)
 
 
+def _tile_path(rows: int, routes_uniform: bool, max_rank: int, tiles: _Tiles) -> int:
+    """The kernels' TILE_PATH: 1 when every row block's units fit one BLOCK_R tile (one stack on every row: routes
+    expanded from one (L,) list have row stride 0), 2 when no block is known to (a rank above the unit tile), 0 to
+    decide per block at run time (mixed rows)."""
+    if max_rank > tiles.BLOCK_R:
+        return 2
+    return 1 if (rows == 1 or routes_uniform) else 0
+
+
 @functools.lru_cache(maxsize=64)
 def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
     """The forward's tiles to time on the GPU (``bottleneck_fwd._tuned_tiles``): ``first`` (:func:`_tiles`'
