@@ -190,9 +190,13 @@ def bench_train_top_of_three(benchmark, model_name, fused):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["fused", "eager"])
-def bench_stack_alone(benchmark, hidden, provider):
-    """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor."""
+@pytest.mark.parametrize("provider", ["fused", "eager", "fused levels"])
+def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
+    """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor.
+    "fused" is what the op chooses (timed on first use); "fused levels" forces the level-by-level cuBLAS path
+    (kernels/bottleneck_gemm.py), the other design, and ``bench_stack_alone_tiles`` forces each kernel tile."""
+    if provider == "fused levels":
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
     _stack_alone(benchmark, hidden, provider)
 
 
@@ -206,11 +210,14 @@ def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
     if candidate >= len(candidates):
         pytest.skip(f"{len(candidates)} candidate tiles at hidden {hidden}")
     tiles = candidates[candidate]
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "rows")
     monkeypatch.setattr(bottleneck_fwd, "_tuned_tiles", lambda *args: tiles)
     _stack_alone(benchmark, hidden, f"fused tiles {candidate} {_tile_name(tiles)}")
 
 
 def _tile_name(t) -> str:
+    if t == bottleneck_fwd.LEVELS:
+        return t
     return f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
 
 
@@ -244,7 +251,8 @@ def _stack_alone(benchmark, hidden, provider):
 
     def fused():
         with torch.no_grad():
-            return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias)
+            return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
+                                    level_adapters=[[0], [1], [2]])  # fmt: skip
 
     fn = eager if provider == "eager" else fused
     with torch.no_grad():

@@ -40,6 +40,15 @@ forward and the level backward time a few row-block / hidden-chunk / warp candid
 at least ``TUNE_MIN_ROWS`` rows) and keep the fastest (``_forward_candidates``, ``_level_candidates``,
 ``_tuned_tiles``); tests/test_codegen.py pins every candidate's sm_90 build to no register spills.
 
+One stack on every row with wide weights (2 r H x dtype bytes >= 1 MiB per level: hidden 4096, rank 256) takes
+instead a level-by-level path on cuBLAS (``bottleneck_gemm.py``): per level a down GEMM and one addmm that adds
+the up-projection, its bias and the residual, each weight read once, where every program of the row-block kernel
+streams the level's weights from L2. On the GPU, launches of at least ``TUNE_MIN_ROWS`` rows time that path
+against the kernel's tiles (both directions: narrow ranks may find the GEMMs faster too) and keep the faster.
+It fills the same saved tensors as the kernel, and the backward has the same choice per level
+(``bottleneck_gemm.level_bwd_levels``: two GEMMs for dz and dx, the LayerNorm and residual chain in torch), so
+either backward runs after either forward; a level that every row skips costs the backward nothing.
+
 Distance from the physical limit (read h and y once, write out once = 3 x M x H x dtype bytes): HBM sees h, y
 and out once each plus the fp32 scratch ``r`` when it spills from L2; the per-level re-reads of a program's
 (BLOCK_M, H) slab (2 per level) should hit L2 because each program revisits its own slab within microseconds.
@@ -57,7 +66,8 @@ ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack a
 Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
-kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``.
+kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
+``bottleneck_gemm.py`` the level-by-level cuBLAS forward and level backward.
 """
 
 from __future__ import annotations
@@ -70,7 +80,7 @@ import torch.nn.functional as F
 
 from ._backend import check_float_dtype, check_same_device, use_triton
 from .bottleneck_bwd import _stack_backward
-from .bottleneck_fwd import _launch_fwd, bottleneck_stack_fwd
+from .bottleneck_fwd import _launch_fwd, bottleneck_stack_fwd, levels_may_run, uniform_levels
 from .bottleneck_pack import (
     _TORCH_ACTS,
     ACTIVATIONS,
@@ -167,7 +177,9 @@ def bottleneck_stack_ref(
 
 # --------------------------------------------------------------------------------------------------- autograd
 @functools.lru_cache(maxsize=1024)
-def _encode_host(options: StackOptions, host: PackedHost, train_levels: tuple[tuple[int, ...], ...]) -> str:
+def _encode_host(
+    options: StackOptions, host: PackedHost, train_levels: tuple[tuple[int, ...], ...], uniform: tuple[int, ...] | None
+) -> str:
     """The host-side facts as one string argument of the custom ops: integer-list arguments (SymInt[]) were
     seen to fail intermittently in torch 2.13's argument parsing ("vector::reserve") before the op ran."""
     res = {True: 0, "post_add": 1, False: 2}[options.residual_before_ln]
@@ -180,14 +192,15 @@ def _encode_host(options: StackOptions, host: PackedHost, train_levels: tuple[tu
         list(host.scales),
         [len(t) for t in train_levels],
         [a for t in train_levels for a in t],
+        list(uniform or ()),
     ]
     return ";".join(",".join(repr(v) for v in f) for f in fields)
 
 
 @functools.lru_cache(maxsize=1024)
 def _decode_host(meta: str):
-    """(options, offsets, codes, scales, train_levels) from :func:`_encode_host`'s string."""
-    structure, eps, offsets, codes, scales, counts, flat = (
+    """(options, offsets, codes, scales, train_levels, uniform levels or None) from :func:`_encode_host`'s string."""
+    structure, eps, offsets, codes, scales, counts, flat, uniform = (
         [x for x in field.split(",") if x] for field in meta.split(";")
     )
     par, before, after, res = (int(x) for x in structure)
@@ -198,7 +211,8 @@ def _decode_host(meta: str):
     for count in (int(x) for x in counts):
         train_levels.append(flat[start : start + count])
         start += count
-    return options, [int(x) for x in offsets], [int(x) for x in codes], [float(x) for x in scales], train_levels
+    offsets, codes, scales = [int(x) for x in offsets], [int(x) for x in codes], [float(x) for x in scales]
+    return options, offsets, codes, scales, train_levels, tuple(int(x) for x in uniform) or None
 
 
 # Registered torch custom ops (torch.compile sees one opaque node per stack, forward and backward):
@@ -225,8 +239,9 @@ def _stack_fwd_op(
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = PackedStack(wd, bd, wu, bu, unit_owner, unit_act, scale, offsets)
-    options, offsets = _decode_host(meta)[:2]
-    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=save, max_rank=_max_rank(offsets))
+    options, offsets, codes, scales, _, uniform = _decode_host(meta)
+    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save, _max_rank(offsets), uniform,
+                             (offsets, codes, scales))  # fmt: skip
     if not save:
         return out, h.new_empty(0), h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32)
     return out, saved.rs, saved.zs, saved.stats
@@ -276,10 +291,10 @@ def _stack_bwd_op(
     meta: str,
     needs: str,
 ) -> list[torch.Tensor]:
-    options, host_offsets, host_codes, host_scales, train_levels = _decode_host(meta)
+    options, host_offsets, host_codes, host_scales, train_levels, uniform = _decode_host(meta)
     grads = _stack_backward(
         grad_out, h, y, ln_weight, ln_bias, wd, bd, wu, bu, (unit_owner, unit_act, scale, offsets), routes, rs, zs,
-        stats, options, host_offsets, host_codes, host_scales, train_levels, [c == "1" for c in needs],
+        stats, options, host_offsets, host_codes, host_scales, train_levels, [c == "1" for c in needs], uniform,
     )  # fmt: skip
     return [g if g is not None else h.new_empty(0) for g in grads]
 
@@ -344,6 +359,15 @@ def _check(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: Stack
     check_same_device(h=h, y=y, ln_weight=ln_weight, wd=packed.wd, routes=routes)
 
 
+def _host_levels(routes) -> tuple[int, ...] | None:
+    """The per-level adapters of routes given on the host as one (L,) list or CPU tensor, else None."""
+    if isinstance(routes, (list, tuple)) and all(isinstance(a, int) for a in routes):
+        return tuple(routes)
+    if isinstance(routes, torch.Tensor) and routes.device.type == "cpu" and routes.dim() == 1:
+        return tuple(routes.tolist())
+    return None
+
+
 def expand_routes(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Routes as (rows, L) int32: (L,) is shared by all rows, (B, L) with h (B, S, H) is per sequence."""
     rows = h.numel() // h.shape[-1]
@@ -382,14 +406,18 @@ def bottleneck_stack(
             token or (B, L) per sequence when h is (B, S, H).
         options: structural options shared by all adapters (AdapterHub field names).
         ln_weight, ln_bias: (H,) the model LayerNorm of this sublayer, or None (pre-LN models).
-        level_adapters: optional host-side hint, the adapter indices each level's routes use; saves the backward
-            one device sync when adapter weights train.
+        level_adapters: optional host-side hint, the adapter indices each level's routes use; saves a device
+            sync when adapter weights train, and when one stack on every row may take the level-by-level GEMM
+            path (wide weights; see ``bottleneck_gemm.py``).
 
     Returns:
         (..., H) in h's dtype. Triton on CUDA / under the interpreter (a registered custom op with a Triton
         backward); the torch reference (plain autograd) on other CPUs or when the adapters carry their own
         LayerNorms.
     """
+    host_levels = _host_levels(routes)
+    if level_adapters is None and host_levels is not None:  # one stack given on the host: no sync
+        level_adapters = [[a] if a >= 0 else [] for a in host_levels]
     routes = expand_routes(routes, h)
     _check(h, y, ln_weight, ln_bias, packed, routes, options)
     if not use_triton(h) or options.ln_before or options.ln_after:
@@ -397,11 +425,15 @@ def bottleneck_stack(
     host = packed.host
     if host is None:
         raise ValueError("packed adapters need their host facts: build them with pack_adapters")
+    max_rank, rows = _max_rank(host.offsets), routes.shape[0]
+    uniform = None
+    if level_adapters is not None or levels_may_run(rows, h.shape[-1], max_rank, packed.wd.dtype):
+        uniform = uniform_levels(routes, level_adapters)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
     )
     if not save and not torch.compiler.is_compiling():  # nothing to differentiate: skip the op dispatcher
-        return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, _max_rank(host.offsets))[0]
+        return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3])[0]
     train_levels = [[] for _ in range(routes.shape[1])]
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
@@ -410,5 +442,5 @@ def bottleneck_stack(
     return _stack_fwd_op(
         h, y, ln_weight, ln_bias, packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets, routes,
-        _encode_host(options, host, tuple(map(tuple, train_levels))), save,
+        _encode_host(options, host, tuple(map(tuple, train_levels)), uniform), save,
     )[0]  # fmt: skip

@@ -12,6 +12,7 @@ import triton.language as tl
 from . import bottleneck_fwd
 from ._backend import INTERPRET, cdiv, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma, _tanh
+from .bottleneck_gemm import level_bwd_levels
 from .bottleneck_pack import (
     _TORCH_ACTS,
     StackOptions,
@@ -351,7 +352,7 @@ def _wd_tile(wd_ptr, units, hi, cols, cmask, stride_wdr, stride_wdh):
 # --------------------------------------------------------------------------------------------------- launcher
 def _stack_backward(
     grad_out, h, y, lnw, lnb, wd, bd, wu, bu, tables, routes, rs, zs, stats, options: StackOptions,
-    host_offsets, host_codes, host_scales, train_levels, needs,
+    host_offsets, host_codes, host_scales, train_levels, needs, uniform=None,
 ):  # fmt: skip
     """Gradients with one out-LN kernel and one kernel per level (top to bottom), weight gradients by cuBLAS.
 
@@ -371,7 +372,10 @@ def _stack_backward(
     ``tables`` = (unit_owner, unit_act, scale, offsets) on the device; ``train_levels[lvl]`` = indices of the
     adapters used at that level whose weights train; ``needs`` = (h, y, ln_weight, ln_bias, wd, bd, wu, bu). The
     model LN's gradients (dw = sum dout * vhat, db = sum dout at the output; sum dx * that, sum dx at each level
-    input over the routed rows) come from per-program partial column sums written by the kernels."""
+    input over the routed rows) come from per-program partial column sums written by the kernels. ``uniform``: per
+    level, the adapter every row runs (-1: off), or None; then a level that is off is skipped, and a level may run
+    on cuBLAS instead (``bottleneck_gemm.level_bwd_levels``: untimed for wide weights, timed against the kernel's
+    tiles on launches of ``TUNE_MIN_ROWS`` rows or more, as the forward does)."""
     unit_owner, unit_act, scale, offsets = tables
     hidden = h.shape[-1]
     h2 = h.reshape(-1, hidden)
@@ -413,6 +417,9 @@ def _stack_backward(
     tiles = _tiles(max_rank)
     path = _tile_path(m, uniform_rows, max_rank, tiles)
     for lvl in reversed(range(levels)):
+        level_adapter = uniform[lvl] if uniform is not None else None
+        if level_adapter is not None and level_adapter < 0:
+            continue  # every row skips this level: g and dy pass through unchanged
         train = train_levels[lvl]
         route = routes[:, lvl]
         masks = {a: None if uniform_rows else (route == a).unsqueeze(1) for a in train}
@@ -452,8 +459,15 @@ def _stack_backward(
             NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
         )  # fmt: skip
 
-        def launch(t, args=args, switches=switches):
-            _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
+        cublas = (g, dy, rp, y2, zs[lvl], dz, x if need_x else None, wd, wu, lnw, lnb, stats[lvl],
+                  pw if level_ln_grad else None, pb if level_ln_grad else None, level_adapter,
+                  (host_offsets, host_codes, host_scales), flags, half)  # fmt: skip
+
+        def launch(t, args=args, switches=switches, cublas=cublas):
+            if t == bottleneck_fwd.LEVELS:
+                level_bwd_levels(*cublas)
+            else:
+                _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 
         def snapshot():  # timing runs update g and dy in place and write partial sums
             g0, dy0 = g.clone(), dy.clone()
@@ -466,9 +480,12 @@ def _stack_backward(
 
             return restore
 
-        candidates = _level_candidates(tiles) if m >= bottleneck_fwd.TUNE_MIN_ROWS else (tiles,)
+        candidates = bottleneck_fwd._with_levels(
+            _level_candidates(tiles) if m >= bottleneck_fwd.TUNE_MIN_ROWS else (tiles,), m, hidden, max_rank,
+            wd.dtype, level_adapter is not None,
+        )  # fmt: skip
         key = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype,
-               tuple(switches.values()))  # fmt: skip
+               tuple(switches.values()), candidates[0] == bottleneck_fwd.LEVELS, len(candidates))  # fmt: skip
         launch(bottleneck_fwd._tuned_tiles(key, candidates, launch, snapshot))
         if level_ln_grad:
             dln_w += pw.sum(0)

@@ -12,8 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, cdiv, next_pow2
+from ._backend import AUTOTUNE, INTERPRET, cdiv, next_pow2
+from .bottleneck_gemm import prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
+    PackedHost,
     PackedStack,
     StackOptions,
     _dot_mode,
@@ -416,16 +418,22 @@ _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest candidate tiles on
 # Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
 # job (the demo's 1,024-row batches) would not win back.
 TUNE_MIN_ROWS = 2048
+# The candidate that runs one stack on every row level by level on cuBLAS (bottleneck_gemm.py) instead of the kernel.
+LEVELS = "levels on cuBLAS"
+# What runs one stack on every row, forward and level backward: "auto" (the untimed choice is prefer_levels';
+# launches of at least TUNE_MIN_ROWS rows time both), or "rows" / "levels" to force the row-block kernels or the
+# cuBLAS path (benchmarks, tests).
+STACK_PATH = "auto"
 
 
-def _tuned_tiles(key: tuple, candidates: tuple[_Tiles, ...], launch, snapshot=None) -> _Tiles:
+def _tuned_tiles(key: tuple, candidates: tuple[_Tiles | str, ...], launch, snapshot=None) -> _Tiles | str:
     """The fastest candidate for ``key`` (forward and level-backward launches), timed once per key on the GPU.
     ``snapshot()``, called before timing, returns what undoes the timing runs' writes (the forward's saved
     pre-activations outside each block's units; the backward's in-place gradients and partial sums). The unit tile
     comes from the ranks and sizes the scratch, so the candidates only vary the row block, the hidden chunk, warps
-    and pipelining; ``triton.autotune`` would need every tile field in its configs. The first candidate
-    (``_tiles``' choice) runs untimed under the interpreter, with ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA
-    graph is being captured."""
+    and pipelining; ``triton.autotune`` would need every tile field in its configs. The forward's candidates may
+    include ``LEVELS``, its cuBLAS path for one stack on every row. The first candidate (the untimed choice) runs
+    untimed under the interpreter, with ``ADAPTER_ENGINE_AUTOTUNE=0`` and while a CUDA graph is being captured."""
     tiles = _TUNED.get(key)
     if tiles is not None:
         return tiles
@@ -452,9 +460,14 @@ class _Saved(NamedTuple):
 
 
 def _launch_fwd(
-    h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool, max_rank: int
+    h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool, max_rank: int,
+    level_adapters: tuple[int, ...] | None = None, host: tuple | None = None,
 ):  # fmt: skip
-    """One kernel launch (plus the zeroed z buffer when saving for the backward); ``max_rank`` picks the tiles."""
+    """The forward: one row-block kernel launch (plus the zeroed z buffer when saving for the backward), or, for
+    one stack on every row, the level-by-level GEMM path (``bottleneck_gemm``) where it is preferred or timed
+    faster. ``max_rank`` picks the tiles; ``level_adapters``: per level, the adapter every row runs (-1: off), or
+    None when rows differ or it is not known on the host; ``host`` = (offsets, codes, scales) of the packed
+    adapters (needed with ``level_adapters``)."""
     hidden = h.shape[-1]
     h2 = h.reshape(-1, hidden)
     y2 = y.reshape(-1, hidden) if y is not None else h2
@@ -468,11 +481,6 @@ def _launch_fwd(
     flags = _flags(options, ln_weight is not None)
     dot_fp32, precision = _dot_mode(h, packed.wd)
     tiles = _tiles(max_rank, not save and m >= 4096)
-    scratch_r = torch.empty((m, hidden) if levels > 0 else (1, 1), device=dev, dtype=torch.float32)
-    # activations in the dot operand dtype (the dot rounds them to it anyway), in whole unit tiles
-    a_cols = -(-rt // tiles.BLOCK_R) * tiles.BLOCK_R
-    scratch_a = torch.empty((m, a_cols) if levels > 0 else (1, 16), device=dev,
-                            dtype=torch.float32 if dot_fp32 else packed.wu.dtype)  # fmt: skip
     if save:
         saved = _Saved(
             torch.empty((levels, m, hidden), device=dev, dtype=torch.float32 if round_in_torch else h.dtype),
@@ -480,14 +488,49 @@ def _launch_fwd(
             torch.empty((levels + 1, 2, m), device=dev, dtype=torch.float32),
         )
     else:
-        saved = _Saved(scratch_r, scratch_r, scratch_r)  # dummy pointers, never touched without SAVE
-    if routes.dtype != torch.int32:
-        routes = routes.to(torch.int32)
-    lnw = ln_weight if ln_weight is not None else h2  # dummy pointers, never read without IN_LN/OUT_LN
-    lnb = ln_bias if ln_bias is not None else h2
+        saved = None
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
-    args = (
+    if routes.dtype != torch.int32:
+        routes = routes.to(torch.int32)
+    path = _tile_path(m, routes.stride(0) == 0, max_rank, tiles)
+    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path, **flags)
+    kernel_args = []  # built on the first kernel launch: the scratch buffers are not needed by the GEMM path
+    result = [out]  # the output of the last launch: the kernel writes ``out``, the GEMM path returns its own
+
+    def launch(t: _Tiles | str) -> None:
+        if t == LEVELS:
+            result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
+                                         float(options.eps), saved)  # fmt: skip
+            return
+        if not kernel_args:
+            kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
+        _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
+        result[0] = out
+
+    candidates = _with_levels(_forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,), m, hidden,
+                              max_rank, packed.wd.dtype, levels > 0 and level_adapters is not None)  # fmt: skip
+    key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype,
+           tuple(switches.values()), candidates[0] == LEVELS, len(candidates))  # fmt: skip
+    launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
+    return result[0].to(h.dtype).reshape(h.shape), saved
+
+
+def _kernel_args(h2, y2, out, ln_weight, ln_bias, packed: PackedStack, routes, saved, options, tiles: _Tiles):
+    """The row-block kernel's arguments, with its scratch: the fp32 running r and the activations of one level."""
+    m, hidden = h2.shape
+    levels, rt, dev = routes.shape[1], packed.wd.shape[0], h2.device
+    dot_fp32 = _dot_mode(h2, packed.wd)[0]
+    scratch_r = torch.empty((m, hidden) if levels > 0 else (1, 1), device=dev, dtype=torch.float32)
+    # activations in the dot operand dtype (the dot rounds them to it anyway), in whole unit tiles
+    a_cols = -(-rt // tiles.BLOCK_R) * tiles.BLOCK_R
+    scratch_a = torch.empty((m, a_cols) if levels > 0 else (1, 16), device=dev,
+                            dtype=torch.float32 if dot_fp32 else packed.wu.dtype)  # fmt: skip
+    if saved is None:
+        saved = _Saved(scratch_r, scratch_r, scratch_r)  # dummy pointers, never touched without SAVE
+    lnw = ln_weight if ln_weight is not None else h2  # dummy pointers, never read without IN_LN/OUT_LN
+    lnb = ln_bias if ln_bias is not None else h2
+    return (
         h2, y2, out, scratch_r, scratch_a,
         packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets,
@@ -498,17 +541,6 @@ def _launch_fwd(
         packed.bu.stride(0), packed.bu.stride(1),
         routes.stride(0), routes.stride(1), scratch_a.stride(0),
     )  # fmt: skip
-    path = _tile_path(m, routes.stride(0) == 0, max_rank, tiles)
-    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path, **flags)
-
-    def launch(t: _Tiles) -> None:
-        _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
-
-    candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
-    key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype,
-           tuple(switches.values()))  # fmt: skip
-    launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
-    return (out.to(h.dtype) if round_in_torch else out).reshape(h.shape), saved
 
 
 def bottleneck_stack_fwd(
@@ -523,5 +555,51 @@ def bottleneck_stack_fwd(
     """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype."""
     if options.ln_before or options.ln_after:
         raise ValueError("the adapters' own ln_before/ln_after run on the torch path (bottleneck_stack_ref)")
-    offsets = packed.host.offsets if packed.host is not None else packed.offsets.tolist()
-    return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save=False, max_rank=_max_rank(offsets))[0]
+    host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
+        packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip
+    max_rank = _max_rank(host.offsets)
+    uniform = (
+        uniform_levels(routes) if levels_may_run(routes.shape[0], h.shape[-1], max_rank, packed.wd.dtype) else None
+    )
+    return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3])[0]
+
+
+def _with_levels(candidates: tuple, rows: int, hidden: int, max_rank: int, weight_dtype, one_stack: bool) -> tuple:
+    """The kernel-tile ``candidates`` of a forward or level-backward launch, with ``LEVELS`` (the cuBLAS path) where
+    it applies (``one_stack``: one adapter per level on every row, known on the host): first, and alone when
+    nothing is timed, for wide weights (:func:`prefer_levels`); last, to be timed, otherwise. ``STACK_PATH`` forces
+    either."""
+    if not one_stack or STACK_PATH == "rows":
+        if STACK_PATH == "levels":
+            raise ValueError("the level-by-level path needs one stack on every row, known on the host (level_adapters)")
+        return candidates
+    if STACK_PATH == "levels":
+        return (LEVELS,)
+    timed = rows >= TUNE_MIN_ROWS and not INTERPRET  # the interpreter times nothing (one tile per launch)
+    if prefer_levels(hidden, max_rank, weight_dtype):
+        return (LEVELS, *candidates) if timed else (LEVELS,)
+    return (*candidates, LEVELS) if timed else candidates
+
+
+def levels_may_run(rows: int, hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
+    """Whether :func:`_launch_fwd` may take the level-by-level path for one stack on every row (worth a device sync
+    to learn the routes when no host hint came)."""
+    if STACK_PATH != "auto":
+        return STACK_PATH == "levels"
+    return prefer_levels(hidden, max_rank, weight_dtype) or (rows >= TUNE_MIN_ROWS and AUTOTUNE and not INTERPRET)
+
+
+def uniform_levels(routes: torch.Tensor, level_adapters=None) -> tuple[int, ...] | None:
+    """Per level, the adapter every row runs (-1: off), when the routes give one stack to every row (expanded from
+    one (L,) list: row stride 0, or a single row), else None. From the host hint ``level_adapters`` (per level,
+    the adapters the rows use) when given; otherwise read from the device (one sync), never while a CUDA graph is
+    being captured or torch.compile traces."""
+    if routes.shape[0] > 1 and routes.stride(0) != 0:
+        return None
+    if level_adapters is not None:
+        if any(len(used) > 1 for used in level_adapters):
+            return None
+        return tuple(int(used[0]) if len(used) else -1 for used in level_adapters)
+    if torch.compiler.is_compiling() or (routes.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    return tuple(int(a) if a >= 0 else -1 for a in routes[0].tolist()) if routes.shape[0] else None

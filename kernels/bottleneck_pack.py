@@ -35,6 +35,23 @@ _TORCH_ACTS = {
 }
 
 
+def _gelu_tanh_grad(z):
+    th = torch.tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+    return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+
+
+# Their derivatives in torch (the cuBLAS level backward; twins of bottleneck_bwd._activation_grad, relu' = 1 where
+# z > 0 as torch's autograd).
+_TORCH_ACT_GRADS = {
+    0: torch.ones_like,
+    1: lambda z: (z > 0).to(z.dtype),
+    2: lambda z: 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327,
+    3: _gelu_tanh_grad,
+    4: lambda z: torch.sigmoid(z) * (1.0 + z * (1.0 - torch.sigmoid(z))),
+    5: lambda z: 1.0 - torch.tanh(z) ** 2,
+}
+
+
 @dataclass(frozen=True)
 class StackOptions:
     """Structural options shared by every adapter of one launch (AdapterHub ``BnConfig`` field names)."""
@@ -305,4 +322,4 @@ def _dot_mode(h: torch.Tensor, w: torch.Tensor) -> tuple[bool, str]:
 
 
 def _max_rank(offsets) -> int:
-    return max((b - a for a, b in zip(offsets, offsets[1:])), default=1)
+    return max([b - a for a, b in zip(offsets, offsets[1:], strict=False)] or [1])  # (a list: dynamo traces it)

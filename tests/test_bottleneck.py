@@ -516,6 +516,173 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
         assert len(timed) == 4  # the level backward's two candidates: one key for the three levels, timed once
 
 
+# --------------------------------------------------------------------------------------------------- levels on cuBLAS
+@pytest.fixture
+def levels_path(monkeypatch):
+    """Every forward of one stack on every row takes the level-by-level GEMM path (kernels/bottleneck_gemm.py); the
+    row-block forward kernel fails if it is launched."""
+    from adapter_engine.kernels import bottleneck_fwd
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            raise AssertionError("the row-block forward kernel ran")
+
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
+    monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", NoKernel())
+
+
+@pytest.mark.parametrize("name", list(OPTION_GRID))
+@pytest.mark.parametrize("with_ln", [True, False])
+def test_levels_path_matches_the_oracle(poison, levels_path, name, with_ln):
+    """Every option set, with and without the model LN, a level switched off, odd sizes, 3-D input."""
+    o = OPTION_GRID[name]
+    hidden = 40
+    params = make_params(hidden, [8, 16, 1], ["relu", "gelu", "tanh"])
+    ln = make_ln(hidden) if with_ln else None
+    lw, lb = (ln.weight, ln.bias) if ln is not None else (None, None)
+    h, y = torch.randn(3, 7, hidden), torch.randn(3, 7, hidden)
+    for levels in ([0, 1, 2], [2, -1, 0], [1], [-1, -1]):
+        got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, lw, lb)
+        assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels if i >= 0], o))
+        assert got.untyped_storage().data_ptr() not in (h.untyped_storage().data_ptr(), y.untyped_storage().data_ptr())
+
+
+@pytest.mark.parametrize("name", list(OPTION_GRID))
+@pytest.mark.parametrize(
+    "forward, backward", [("levels", "rows"), ("levels", "levels"), ("rows", "levels")], ids=lambda p: p
+)
+@pytest.mark.parametrize("with_ln", [True, False], ids=["model-ln", "pre-ln"])
+def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
+    """Training one stack on every row, each direction on either path: the kernel backward reads what the cuBLAS
+    forward saved, and the cuBLAS level backward (bottleneck_gemm.level_bwd_levels) reads what either forward saved;
+    the model LN (when there is one) trains too, a level is off (skipped by the backward), and every gradient
+    matches the oracle's."""
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+
+    o = OPTION_GRID[name]
+    ran = []
+    fwd_levels, bwd_levels = bottleneck_fwd.stack_fwd_levels, bottleneck_bwd.level_bwd_levels
+    monkeypatch.setattr(bottleneck_fwd, "stack_fwd_levels", lambda *a: ran.append("forward") or fwd_levels(*a))
+    monkeypatch.setattr(bottleneck_bwd, "level_bwd_levels", lambda *a: ran.append("backward") or bwd_levels(*a))
+    params, ln, h, y = _trainable_stack(48, 21, [12, 20, 16], ["relu", "gelu", "swish"])
+    ln_leaves = [ln.weight, ln.bias] if with_ln else [None, None]
+    ln = ln if with_ln else None
+    leaves = [h, y, *ln_leaves[: 2 * with_ln]] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", forward)
+    got = bottleneck_stack(h, y, pack(params), torch.tensor([0, -1, 2]), o, *ln_leaves)
+    want = ah_stack(h, y, ln, [params[0], params[2]], o)
+    assert_close(got, want)
+    grad_out = torch.randn_like(want)
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", backward)
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),
+        torch.autograd.grad(want, leaves, grad_out, materialize_grads=True),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+    assert ran == ["forward"] * (forward == "levels") + ["backward"] * 2 * (backward == "levels")
+
+
+def test_torch_activation_derivatives_match_autograd():
+    """The cuBLAS level backward's derivatives (twins of the kernel's _activation_grad) against autograd."""
+    from adapter_engine.kernels.bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS
+
+    z = torch.cat([torch.randn(500, dtype=torch.float64) * 3, torch.tensor([0.0, 1e-3, -1e-3], dtype=torch.float64)])
+    for code, act in _TORCH_ACTS.items():
+        zz = z.clone().requires_grad_()
+        (want,) = torch.autograd.grad(act(zz).sum(), zz)
+        torch.testing.assert_close(_TORCH_ACT_GRADS[code](z), want, rtol=1e-6, atol=1e-6, msg=f"code {code}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_levels_path_half_error_no_larger_than_torch(levels_path, dtype):
+    """In half precision the path rounds between levels as the eager modules do: its error against fp64 stays
+    within plain torch's in that dtype (the CUDA tier's rule)."""
+    hidden, rows = 64, 50
+    params = make_params(hidden, [16, 8, 24], ["gelu", "relu", "swish"], dtype=dtype)
+    ln = make_ln(hidden, dtype)
+    h, y = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, ln.weight, ln.bias)
+    assert got.dtype == dtype
+    p64 = [{k: (v.double() if torch.is_tensor(v) else v) for k, v in p.items()} for p in params]
+    ln64 = make_ln(hidden, torch.float64)
+    ln64.load_state_dict(ln.state_dict())
+    fp64 = ah_stack(h.double(), y.double(), ln64, p64, SEQ)
+    e_got, e_plain = _errors(got, fp64, ah_stack(h, y, ln, params, SEQ))
+    assert e_got.max() <= 1.5 * e_plain.max(), (e_got.max().item(), e_plain.max().item())
+    assert e_got.mean() <= 1.5 * e_plain.mean(), (e_got.mean().item(), e_plain.mean().item())
+
+
+def test_forward_path_choice(monkeypatch):
+    """Wide weights send one stack on every row to the GEMM path untimed; narrow ones and mixed rows to the kernel;
+    forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint."""
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+
+    assert bottleneck_gemm.prefer_levels(4096, 256, torch.bfloat16)  # Llama-shaped: 4 MB per level
+    assert not bottleneck_gemm.prefer_levels(768, 48, torch.bfloat16)  # BERT-base: 147 KB
+    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, -1, 2]]).expand(5, 3)) == (0, -1, 2)
+    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]] * 4), [[0], [1]]) is None  # rows may differ
+    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
+    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0, 1], [1]]) is None
+
+    ran = []
+    gemm = bottleneck_fwd.stack_fwd_levels
+    monkeypatch.setattr(bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: ran.append("levels") or gemm(*a, **k))
+    params = make_params(40, [8, 16], ["relu", "gelu"])
+    ln = make_ln(40)
+    h, y = torch.randn(9, 40), torch.randn(9, 40)
+    mixed = torch.tensor([[0, 1]] * 5 + [[1, -1]] * 4)
+    with torch.no_grad():
+        bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), SEQ, ln.weight, ln.bias)
+        assert ran == []  # narrow: the row-block kernel
+        monkeypatch.setattr(bottleneck_gemm, "LEVEL_WEIGHT_BYTES", 1)
+        got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), SEQ, ln.weight, ln.bias)
+        assert ran == ["levels"]
+        assert_close(got, ah_stack(h, y, ln, params, SEQ))
+        bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
+        assert ran == ["levels"]  # mixed rows: the kernel
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
+        with pytest.raises(ValueError, match="one stack on every row"):
+            bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
+        with pytest.raises(ValueError, match="beyond the 2 packed"):
+            bottleneck_stack(h, y, pack(params), [0, 5], SEQ, ln.weight, ln.bias)
+
+
+def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
+    """On a GPU, one stack over enough rows times the GEMM path beside the kernel's tiles and keeps the faster (run
+    here with a CPU timer, the interpreter switch off for the launcher): both ran, the saved pre-activations were
+    reset after timing, and forward and gradients match the oracle whichever won."""
+    import time
+
+    import triton
+
+    from adapter_engine.kernels import bottleneck_fwd
+
+    kinds = []
+
+    def cpu_bench(fn, warmup, rep):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    real_gemm = bottleneck_fwd.stack_fwd_levels
+    monkeypatch.setattr(triton.testing, "do_bench", cpu_bench)
+    monkeypatch.setattr(
+        bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: kinds.append("levels") or real_gemm(*a, **k)
+    )
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
+    params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])
+    got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, ln.weight, ln.bias)
+    key, choice = next(iter(bottleneck_fwd._TUNED.items()))
+    assert key[0] == "forward" and len(bottleneck_fwd._TUNED) == 1
+    assert kinds.count("levels") == (2 if choice == bottleneck_fwd.LEVELS else 1)  # timed, then run if it won
+    _assert_matches_oracle(got, params, ln, h, y, torch.tensor([0, 1, 2]))
+
+
 def test_gradients_fp16_native_operands():
     """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
     Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
@@ -897,6 +1064,46 @@ def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save)
                 e_fused, e_plain = _errors(got[lo:hi].detach(), fp64, plain.detach())
                 slack = 1e-3 * fp64.abs().max().item()
                 assert e_fused.max() <= e_plain.max() + slack, (tiles, e_fused.max().item(), e_plain.max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hidden", [768, 4096])
+@pytest.mark.parametrize("name", ["seq_bn", "double_seq_bn", "par_bn"])
+def test_cuda_levels_path_bf16_error_no_larger_than_torch_bf16(levels_path, name, hidden):
+    """The level-by-level cuBLAS path, one stack of three on every row: its output, and the gradients of h, y and
+    the top adapter when the kernel backward runs from what it saved, stay within plain torch bf16's error."""
+    o, dev, dt, rows = OPTION_GRID[name], "cuda", torch.bfloat16, 4096
+    params = make_params(hidden, [hidden // 16] * 3, ["relu", "gelu", "swish"], dtype=dt, device=dev)
+    for k in ("wd", "bd", "wu", "bu"):
+        params[2][k].requires_grad_(True)
+    ln = make_ln(hidden, dt, dev).requires_grad_(False)
+    h = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    y = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    g = torch.randn(rows, hidden, device=dev).to(dt)
+    leaves = [h, y] + [params[2][k] for k in ("wd", "bd", "wu", "bu")]
+    p64 = [
+        {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in p.items()}
+        for p in params
+    ]
+    ln64 = make_ln(hidden, torch.float64, dev).requires_grad_(False)
+    ln64.load_state_dict(ln.state_dict())
+    h64, y64 = h.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    fp64 = ah_stack(h64, y64, ln64, p64, o)
+    plain = ah_stack(h, y, ln, params, o)
+    with torch.no_grad():
+        got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), o, ln.weight, ln.bias)
+    e_got, e_plain = _errors(got, fp64.detach(), plain.detach())
+    slack = 1e-3 * fp64.abs().max().item()
+    assert e_got.max() <= e_plain.max() + slack, (e_got.max().item(), e_plain.max().item())
+    assert e_got.mean() <= e_plain.mean() + slack / 10, (e_got.mean().item(), e_plain.mean().item())
+    got_grads = torch.autograd.grad(
+        bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), o, ln.weight, ln.bias), leaves, g
+    )
+    plain_grads = torch.autograd.grad(plain, leaves, g)
+    fp64_grads = torch.autograd.grad(fp64, [h64, y64] + [p64[2][k] for k in ("wd", "bd", "wu", "bu")], g.double())
+    for a, b, ref in zip(got_grads, plain_grads, fp64_grads, strict=True):
+        e_got, e_plain = _errors(a, ref, b)
+        assert e_got.max() <= e_plain.max() + 1e-3 * ref.abs().max().item()
 
 
 @pytest.mark.cuda

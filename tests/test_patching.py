@@ -339,7 +339,13 @@ def test_torch_compile_lora():
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
-def test_torch_compile_bottleneck():
+@pytest.mark.parametrize("path", ["rows", "levels"])
+def test_torch_compile_bottleneck(monkeypatch, path):
+    """One graph for the model, the stack an opaque custom op, on the row-block kernel or the cuBLAS level path (its
+    per-level adapters reach the op from the modules' host hint, with no device read while tracing)."""
+    from adapter_engine.kernels import bottleneck_fwd
+
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
     model, batch = make("bert"), inputs("bert")
     ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
     ae.set_active_adapters(model, "s")

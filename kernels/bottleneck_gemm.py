@@ -1,0 +1,181 @@
+"""The bottleneck stack level by level on cuBLAS GEMMs, for one stack shared by every row (wide ranks).
+
+Why: the row-block kernel (``bottleneck_fwd.py``) has every program stream its level's weights from L2, 2 r H
+elements per level per row block: 4 MB per level per program at hidden 4096, rank 256 (Llama-shaped), 16 to 32
+rows at a time, so there it is bound by L2 bandwidth (the first H100 run: 2.77 ms for three levels over 4096 x 4096
+against 0.61 ms eager); its fp32 running ``r`` (4 bytes per element, 64 MB at 4096 x 4096) no longer fits L2
+either. When every row runs the same adapter at a level, the level is instead two GEMMs over all rows, each weight
+read once::
+
+    z_i = x_i Wd^T + bd                                  F.linear (cuBLAS, bias epilogue)
+    u_i + res_i = res_i + [s act(z_i), s] [Wu, bu]^T      one addmm: the residual is its C operand, the adapter's
+                                                         up bias a column of the (M, r + pad) activations
+
+AdapterHub's default ``seq_bn`` order (residual r_(i-1), level input t_i = r_(i-1) + y, LayerNormed by the model
+LN where it has one) lets the path carry ``c_i = r_(i-1) + y`` instead of r: ``c_(i+1) = c_i + u_i`` is the same
+addmm, the level input is c_i (or LN(c_i)) and the output r_n + y is c_(n+1). A level then moves 3 activations
+through HBM (read c in the down GEMM, read c and write c + u in the addmm; plus LN's read and write with a model
+LN), the fewest two dependent GEMMs allow, against the row-block kernel's 2-byte h, y and out plus 12 bytes of fp32
+scratch per element and level once that spills from L2. The activations between levels are rounded to h's dtype,
+as the eager modules do (the row-block kernel keeps them in fp32).
+
+It fills the same saved tensors as the kernel (r_i, the fp32 pre-activations, the LN moments the backward reads),
+so the backward does not depend on which forward ran. A saving forward carries r itself, not c, so that the
+saved r_i and LN moments are exactly what the levels used (with c, r_i = c - y would be rounded once more; on CPU
+the bf16 gradients of a few weights came out worse than plain torch's that way, better without).
+``bottleneck_fwd._launch_fwd`` offers this path as one more candidate to time on the GPU and takes it untimed for
+wide weights (:func:`prefer_levels`).
+
+The backward has the same choice per level (:func:`level_bwd_levels`, offered by ``bottleneck_bwd._stack_backward``):
+``dz = s (g Wu) * act'(z)`` and ``dx = dz Wd`` as two GEMMs over all rows, then the model LN's backward and the
+residual paths in torch on the kernel's fp32 ``g`` and ``dy``. That moves more bytes than the level kernel's fused
+passes (each torch op reads and writes its (M, H) operands), which pays only where the kernel's weight stream is
+the larger cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, PackedStack
+
+# A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
+# stream the larger traffic: 1 MiB is rank 128 at hidden 2048 in bf16; BERT-base's rank 48 at 768 is 147 KB.
+LEVEL_WEIGHT_BYTES = 1 << 20
+
+
+def prefer_levels(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
+    """Whether the untimed choice for one stack on every row is this path rather than the row-block kernel."""
+    return 2 * max_rank * hidden * weight_dtype.itemsize >= LEVEL_WEIGHT_BYTES
+
+
+def _layer_norm(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor | None) -> torch.Tensor:
+    """The model LN of v; its fp32 mean and rstd go to ``stats`` (2, M) when given (the backward's moments)."""
+    if stats is None:
+        return F.layer_norm(v, v.shape[-1:], weight, bias, eps)
+    out, mean, rstd = torch.native_layer_norm(v, v.shape[-1:], weight, bias, eps)
+    if mean.dtype != torch.float32:  # moments kept in a half dtype: recompute them in fp32
+        var, mean = torch.var_mean(v.float(), dim=-1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    stats[0].copy_(mean.reshape(-1))
+    stats[1].copy_(rstd.reshape(-1))
+    return out
+
+
+def _up_operands(z, wu, bu_row, code: int, scale: float, dtype):
+    """([s act(z), s, 0...], [Wu^T; bu; 0...]): the addmm operands that add s (act(z) Wu^T + bu), the rank padded
+    to a multiple of 8 so that every row of both is 16-byte aligned."""
+    rows, rank = z.shape
+    width = -(-(rank + 1) // 8) * 8
+    act = z.new_zeros((rows, width), dtype=dtype)
+    act[:, :rank] = _TORCH_ACTS[code](z.float()) * scale
+    act[:, rank] = scale
+    up = torch.cat([wu.t(), bu_row.to(wu.dtype)[None], wu.new_zeros((width - rank - 1, wu.shape[0]))]).to(dtype)
+    return act, up
+
+
+def stack_fwd_levels(
+    h2, y2, ln_weight, ln_bias, packed: PackedStack, level_adapters, host, flags: dict, eps: float, saved=None
+) -> torch.Tensor:
+    """The stack's output (M, H) for ``h2`` / ``y2`` (M, H), level by level on cuBLAS, in h's dtype.
+
+    ``level_adapters``: per level, the adapter every row runs (-1: the level is off); ``host`` = (offsets, codes,
+    scales) of the packed adapters; ``flags``: ``bottleneck_pack._flags``; ``saved``: the kernel's (rs, zs, stats)
+    to fill for the backward (zs zero-initialised), or None."""
+    par, in_add_y, in_ln = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"]
+    res_mode, out_add_y, out_ln = flags["RES_MODE"], flags["OUT_ADD_Y"], flags["OUT_LN"]
+    offsets, codes, scales = host
+    if any(a >= len(codes) for a in level_adapters):
+        raise ValueError(f"routes {list(level_adapters)} name an adapter beyond the {len(codes)} packed ones")
+    # carry c = r + y before an output r_n + y: the seq_bn default (residual r_(i-1), input r_(i-1) + y) and
+    # parallel levels; not when saving for the backward (see the module docstring)
+    carry_y = out_add_y and ((in_add_y and res_mode == 0) or par) and saved is None
+    wdt = packed.wd.dtype
+    with torch.no_grad():
+        c = h2 + y2 if carry_y else h2  # r_0 (+ y)
+        for lvl, a in enumerate(level_adapters):
+            t = x = None
+            if not par and (a >= 0 or (in_ln and saved is not None)):
+                t = c if (carry_y or not in_add_y) else c + y2
+                x = _layer_norm(t, ln_weight, ln_bias, eps, saved.stats[lvl] if saved is not None else None) \
+                    if in_ln else t  # fmt: skip
+            if a >= 0:
+                lo, hi = offsets[a], offsets[a + 1]
+                z = F.linear((y2 if par else x).to(wdt), packed.wd[lo:hi], packed.bd[lo:hi])
+                res = c if (par or res_mode == 0) else (t, x)[res_mode - 1]
+                act, up = _up_operands(z, packed.wu[:, lo:hi], packed.bu[a], codes[a], scales[a], wdt)
+                if res.dtype != wdt:
+                    c = res + (act @ up).to(res.dtype)
+                elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
+                    c = torch.addmm(res, act, up, out=saved.rs[lvl])
+                else:
+                    c = torch.addmm(res, act, up)
+                if saved is not None:
+                    saved.zs[lvl][:, lo:hi] = z
+            if saved is not None and c.data_ptr() != saved.rs[lvl].data_ptr():
+                saved.rs[lvl].copy_(c)  # (a saving forward carries r itself)
+        if out_add_y:
+            v = c if carry_y else c + y2
+            out = _layer_norm(v, ln_weight, ln_bias, eps, saved.stats[-1] if saved is not None else None) \
+                if out_ln else v  # fmt: skip
+        else:
+            out = c
+        inputs = (h2, y2) if saved is None else (h2, y2, saved.rs)  # the output must not alias them (custom op)
+        if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+            out = out.clone()
+    return out
+
+
+def level_bwd_levels(
+    g, dy, rp, y2, z, dz, x_out, wd, wu, ln_weight, ln_bias, stats, pw, pb, adapter: int, host, flags: dict,
+    half: torch.dtype,
+):  # fmt: skip
+    """One level of the backward (``bottleneck_bwd._stack_backward``) for one adapter on every row, on cuBLAS: what
+    the level kernel does, in the same buffers. ``g`` (in: dL/dr_i, out: dL/dr_(i-1)) and ``dy`` are (M, H) fp32,
+    updated in place; ``rp`` = r_(i-1); ``z`` (M, Rt) the saved pre-activations; ``dz`` (M, Rt) receives dL/dz over
+    the adapter's units; ``x_out`` (M, H) the level input for the weight gradient, or None; ``pw``/``pb`` row 0
+    the model LN's gradient sums over the rows (None when not wanted); ``stats`` (2, M) this level's LN moments;
+    ``half`` the GEMM operand dtype::
+
+        dz = s (g Wu) * act'(z),  dx = dz Wd (+ g when the residual is x),  then the input LN and residuals
+    """
+    par, in_add_y, in_ln, res_mode = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"], flags["RES_MODE"]
+    offsets, codes, scales = host
+    lo, hi = offsets[adapter], offsets[adapter + 1]
+    with torch.no_grad():
+        da = g.to(half) @ wu[:, lo:hi].to(half)  # (M, r)
+        dza = da.float() * scales[adapter] * _TORCH_ACT_GRADS[codes[adapter]](z[:, lo:hi])
+        dz[:, lo:hi] = dza
+        dx = dza.to(half) @ wd[lo:hi].to(half)  # (M, H)
+        if par:
+            dy.add_(dx)
+            x = y2
+        else:
+            if res_mode == 2:
+                dx = dx + g
+            if in_add_y and in_ln:
+                t = rp.float() + y2.float()
+                that = (t - stats[0][:, None]) * stats[1][:, None]
+                dw = dx * ln_weight.float()
+                hidden = g.shape[1]
+                s1 = dw.sum(1, keepdim=True) / hidden
+                s2 = (dw * that).sum(1, keepdim=True) / hidden
+                dt = stats[1][:, None] * (dw - s1 - that * s2)
+                if pw is not None:
+                    pw[0] = (dx * that).sum(0)
+                    pb[0] = dx.float().sum(0)
+                x = that * ln_weight.float() + ln_bias.float() if x_out is not None else None
+            else:
+                dt = dx
+                x = (rp + y2 if in_add_y else rp) if x_out is not None else None
+            if in_add_y:
+                if res_mode == 1:
+                    dt = dt + g
+                dy.add_(dt)
+            if res_mode == 0:
+                g.add_(dt)
+            else:
+                g.copy_(dt)
+        if x_out is not None:
+            x_out.copy_(x)
