@@ -123,6 +123,14 @@ TARGETS = [
         True,
         _worst_ratio("bench_lora_linear_train", "engine", "peft"),
     ),
+    Target(  # not a target of its own: whether the one above can be met on cuBLAS base GEMMs (bare forward + dx)
+        3,
+        "LoRA forward+backward, feasibility: bare / PEFT (worst; >= 0.7 makes 0.7x unreachable)",
+        0.70,
+        True,
+        _worst_ratio("bench_lora_linear_train", "bare", "peft"),
+        strict=True,
+    ),
     Target(
         3,
         "whole model, 4 adapters mixed: engine / bare",
