@@ -5,11 +5,13 @@ elements per level per row block: 4 MB per level per program at hidden 4096, ran
 rows at a time, so there it is bound by L2 bandwidth (the first H100 run: 2.77 ms for three levels over 4096 x 4096
 against 0.61 ms eager); its fp32 running ``r`` (4 bytes per element, 64 MB at 4096 x 4096) no longer fits L2
 either. When every row runs the same adapter at a level, the level is instead two GEMMs over all rows, each weight
-read once::
+read once (operands from :func:`_level_operands`, the rank padded with one bias unit)::
 
-    z_i = x_i Wd^T + bd                                  F.linear (cuBLAS, bias epilogue)
-    u_i + res_i = res_i + [s act(z_i), s] [Wu, bu]^T      one addmm: the residual is its C operand, the adapter's
-                                                         up bias a column of the (M, r + pad) activations
+    a_i = act(x_i [Wd; 0]^T + [bd; 1; 0]) = [act(z_i), k, 0]    F.linear and the activation, or one cuBLASLt call
+                                                                with the bias and ReLU in its epilogue
+    res_i + u_i = res_i + a_i [s Wu^T; s bu / k; 0]             one addmm: the residual is its C operand
+
+so a level costs two or three launches, whatever the activation, scale and biases.
 
 AdapterHub's default ``seq_bn`` order (residual r_(i-1), level input t_i = r_(i-1) + y, LayerNormed by the model
 LN where it has one) lets the path carry ``c_i = r_(i-1) + y`` instead of r: ``c_(i+1) = c_i + u_i`` is the same
@@ -35,10 +37,12 @@ the larger cost.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, PackedStack
+from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
 # stream the larger traffic: 1 MiB is rank 128 at hidden 2048 in bf16; BERT-base's rank 48 at 768 is 147 KB.
@@ -63,16 +67,43 @@ def _layer_norm(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor |
     return out
 
 
-def _up_operands(z, wu, bu_row, code: int, scale: float, dtype):
-    """([s act(z), s, 0...], [Wu^T; bu; 0...]): the addmm operands that add s (act(z) Wu^T + bu), the rank padded
-    to a multiple of 8 so that every row of both is 16-byte aligned."""
-    rows, rank = z.shape
+# (packed weights' ids, adapter, dtype) -> (their versions, _level_operands' tensors), for packed stacks that do not
+# train (the modules keep those between calls); an entry goes when its packed up weights are freed.
+_OPERANDS: dict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+
+def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: int, scale: float, dtype):
+    """One adapter's GEMM operands, its rank padded with one bias unit and zeros to a multiple of 8 (16-byte rows):
+
+        down weight [Wd; 0] (w, H), down bias [bd; 1; 0] (w,), so act([z, 1, 0]) = [act(z), k, 0] with k = act(1)
+        up [s Wu^T; s bu / k; 0] (w, H), so that act(...) @ up = s (act(z) Wu^T + bu)
+
+    Every supported activation maps 0 to 0 and 1 to a non-zero k (relu and identity: exactly 1), so one down GEMM
+    and one elementwise activation (or one cuBLASLt call with its ReLU epilogue) give the up GEMM's whole left
+    operand, and the adapter's scale and up bias ride in its right operand."""
+    key = (id(packed.wd), id(packed.bd), id(packed.wu), id(packed.bu), adapter, dtype)
+    versions = tuple(t._version for t in packed[:4])  # an in-place update of the packed weights rebuilds them
+    cacheable = not any(t.requires_grad for t in packed[:4])
+    if cacheable and key in _OPERANDS and _OPERANDS[key][0] == versions:
+        return _OPERANDS[key][1]
+    rank, hidden, dev = hi - lo, packed.wd.shape[1], packed.wd.device
     width = -(-(rank + 1) // 8) * 8
-    act = z.new_zeros((rows, width), dtype=dtype)
-    act[:, :rank] = _TORCH_ACTS[code](z.float()) * scale
-    act[:, rank] = scale
-    up = torch.cat([wu.t(), bu_row.to(wu.dtype)[None], wu.new_zeros((width - rank - 1, wu.shape[0]))]).to(dtype)
-    return act, up
+    with torch.no_grad():
+        down_w = torch.zeros((width, hidden), device=dev, dtype=dtype)
+        down_w[:rank] = packed.wd[lo:hi]
+        down_b = torch.zeros(width, device=dev, dtype=dtype)
+        down_b[:rank] = packed.bd[lo:hi]
+        down_b[rank] = 1.0
+        k = _TORCH_ACTS[code](torch.ones((), device=dev, dtype=dtype)).float()  # act(1) as the GEMM operand holds it
+        up = torch.zeros((width, hidden), device=dev, dtype=dtype)
+        up[:rank] = packed.wu[:, lo:hi].t().float() * scale
+        up[rank] = packed.bu[adapter].float() * (scale / k)
+    ops = (down_w, down_b, up)
+    if cacheable:
+        if key not in _OPERANDS:
+            weakref.finalize(packed.wu, _OPERANDS.pop, key, None)
+        _OPERANDS[key] = (versions, ops)
+    return ops
 
 
 def stack_fwd_levels(
@@ -102,9 +133,14 @@ def stack_fwd_levels(
                     if in_ln else t  # fmt: skip
             if a >= 0:
                 lo, hi = offsets[a], offsets[a + 1]
-                z = F.linear((y2 if par else x).to(wdt), packed.wd[lo:hi], packed.bd[lo:hi])
+                down_w, down_b, up = _level_operands(packed, a, lo, hi, codes[a], scales[a], wdt)
+                v = (y2 if par else x).to(wdt)
+                if saved is None and codes[a] == ACTIVATIONS["relu"]:  # cuBLASLt: bias and ReLU in the epilogue
+                    act = torch._addmm_activation(down_b, v, down_w.t())
+                else:
+                    z = F.linear(v, down_w, down_b)  # [z, 1, 0...]
+                    act = _TORCH_ACTS[codes[a]](z)
                 res = c if (par or res_mode == 0) else (t, x)[res_mode - 1]
-                act, up = _up_operands(z, packed.wu[:, lo:hi], packed.bu[a], codes[a], scales[a], wdt)
                 if res.dtype != wdt:
                     c = res + (act @ up).to(res.dtype)
                 elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
@@ -112,7 +148,7 @@ def stack_fwd_levels(
                 else:
                     c = torch.addmm(res, act, up)
                 if saved is not None:
-                    saved.zs[lvl][:, lo:hi] = z
+                    saved.zs[lvl][:, lo:hi] = z[:, : hi - lo]
             if saved is not None and c.data_ptr() != saved.rs[lvl].data_ptr():
                 saved.rs[lvl].copy_(c)  # (a saving forward carries r itself)
         if out_add_y:

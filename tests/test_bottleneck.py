@@ -583,6 +583,35 @@ def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
     assert ran == ["forward"] * (forward == "levels") + ["backward"] * 2 * (backward == "levels")
 
 
+def test_levels_path_operands_follow_the_weights(levels_path):
+    """The per-adapter GEMM operands are kept between inference calls: an in-place update of the packed weights
+    rebuilds them, and they go when the packed stack is freed."""
+    import gc
+
+    from adapter_engine.kernels import bottleneck_gemm
+
+    params = make_params(40, [8, 16], ["gelu", "relu"])
+    ln = make_ln(40)
+    h, y = torch.randn(9, 40), torch.randn(9, 40)
+    packed = pack(params)
+    with torch.no_grad():
+        first = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
+        assert len(bottleneck_gemm._OPERANDS) >= 2
+        packed.wu.mul_(2.0)
+        packed.bd.add_(0.5)
+        for p in params:
+            p["wu"] = p["wu"] * 2.0
+            p["bd"] = p["bd"] + 0.5
+        second = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
+    assert not torch.allclose(first, second)
+    assert_close(second, ah_stack(h, y, ln, params, SEQ))
+    keys = [k for k in bottleneck_gemm._OPERANDS if k[2] == id(packed.wu)]
+    assert len(keys) == 2
+    del packed
+    gc.collect()
+    assert not any(k in bottleneck_gemm._OPERANDS for k in keys)
+
+
 def test_torch_activation_derivatives_match_autograd():
     """The cuBLAS level backward's derivatives (twins of the kernel's _activation_grad) against autograd."""
     from adapter_engine.kernels.bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS
