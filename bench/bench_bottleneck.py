@@ -240,7 +240,8 @@ def _chosen_tiles(kind: str, hidden: int) -> str:
     return ", ".join(sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[:3:2] == (kind, hidden)}))
 
 
-def _stack_alone(benchmark, hidden, provider):
+def _stack_inputs(hidden):
+    """Three seq_bn adapters (relu, reduction 16), a post-LN sublayer's LayerNorm, and h, y of 4096 tokens."""
     tokens = pick(4096, 16)
     dev = device()
     adapters = [BottleneckAdapter(hidden, hidden // 16, "relu").to(dev, DTYPE) for _ in range(3)]
@@ -249,30 +250,74 @@ def _stack_alone(benchmark, hidden, provider):
     ln = torch.nn.LayerNorm(hidden).to(dev, DTYPE)
     h = torch.randn(tokens, hidden, device=dev, dtype=DTYPE)
     y = torch.randn(tokens, hidden, device=dev, dtype=DTYPE)
-    packed = pack_adapters(
+    return adapters, ln, h, y
+
+
+def _pack(adapters):
+    return pack_adapters(
         [a.down.weight for a in adapters], [a.down.bias for a in adapters],
         [a.adapter_up.weight for a in adapters], [a.adapter_up.bias for a in adapters],
         [a.non_linearity for a in adapters], [a.scaling for a in adapters],
     )  # fmt: skip
-    routes = torch.tensor([0, 1, 2], device=dev)
 
-    def eager():
-        r = h
-        for a in adapters:  # AdapterHub seq_bn order: residual h, input LN(r + y)
-            r = r + a(ln(r + y))
-        return ln(r + y)
+
+def _eager_stack(adapters, ln, h, y):
+    r = h
+    for a in adapters:  # AdapterHub seq_bn order: residual h, input LN(r + y)
+        r = r + a(ln(r + y))
+    return ln(r + y)
+
+
+def _stack_alone(benchmark, hidden, provider):
+    adapters, ln, h, y = _stack_inputs(hidden)
+    packed = _pack(adapters)
+    routes = torch.tensor([0, 1, 2], device=h.device)
 
     def fused():
         with torch.no_grad():
             return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
                                     level_adapters=[[0], [1], [2]])  # fmt: skip
 
-    fn = eager if provider == "eager" else fused
+    fn = (lambda: _eager_stack(adapters, ln, h, y)) if provider == "eager" else fused
     with torch.no_grad():
         fn()
         floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
-        median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {tokens}x{hidden}", provider=provider)
+        median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {h.shape[0]}x{hidden}", provider=provider)
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
+
+
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
+@pytest.mark.parametrize("provider", ["eager", "fused", "fused rows", "fused levels"])
+def bench_stack_alone_train(benchmark, monkeypatch, hidden, provider):
+    """Forward + backward of the stack of 3 alone, the top adapter training and the gradient going on to h and y
+    (the layers below): the two designs forced ("fused rows": the row-block kernels; "fused levels": the cuBLAS level
+    path, forward and backward) beside the op's own timed choice ("fused") and the eager modules."""
+    if provider in ("fused rows", "fused levels"):
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", provider.split()[1])
+    adapters, ln, h, y = _stack_inputs(hidden)
+    for i, a in enumerate(adapters):
+        a.requires_grad_(i == 2)
+    ln.requires_grad_(False)
+    h.requires_grad_(True)
+    y.requires_grad_(True)
+    routes = torch.tensor([0, 1, 2], device=h.device)
+    leaves = [h, y, *adapters[2].parameters()]
+    dout = torch.randn_like(h)
+
+    def fn():
+        if provider == "eager":
+            out = _eager_stack(adapters, ln, h, y)
+        else:  # packed per step, as the modules do while weights train
+            out = bottleneck_stack(h, y, _pack(adapters), routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
+                                   level_adapters=[[0], [1], [2]])  # fmt: skip
+        return torch.autograd.grad(out, leaves, dout)
+
+    fn()
+    timed(benchmark, fn, case=f"stack of 3 alone, train top, {h.shape[0]}x{hidden}", provider=provider)
+    if provider == "fused":
+        benchmark.extra_info.update(
+            forward_tiles=_chosen_tiles("forward", hidden), backward_tiles=_chosen_tiles("level backward", hidden)
+        )
 
 
 # The projections that produce a stacked sublayer's output (tokens, in) -> (tokens, out): BERT-base's FFN output and
