@@ -68,7 +68,9 @@ def _layer_norm(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor |
 
 
 # (packed weights' ids, adapter, dtype) -> (their versions, _level_operands' tensors), for packed stacks that do not
-# train (the modules keep those between calls); an entry goes when its packed up weights are freed.
+# train (the modules keep those between calls); an entry goes when its packed up weights are freed. So this holds
+# one more copy of the weights of the stacks that the modules keep packed (one per wrapped sublayer), outside the
+# AdapterMemoryManager's byte count.
 _OPERANDS: dict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
 
