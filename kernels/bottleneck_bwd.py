@@ -136,6 +136,7 @@ def _bottleneck_level_bwd_kernel(
     RES_MODE: tl.constexpr,
     NEED_X: tl.constexpr,
     LN_GRAD: tl.constexpr,  # the model LN's weight/bias want gradients
+    KEEP_DY: tl.constexpr,  # accumulate dL/dy (off where it provably equals g: see _stack_backward)
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -170,13 +171,13 @@ def _bottleneck_level_bwd_kernel(
         _level_bwd(g_ptr, dy_ptr, rp_ptr, y_ptr, z_ptr, dz_ptr, x_ptr, wd_ptr, wu_ptr, owner_ptr, code_ptr, scale_ptr,
                    lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
                    stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
-                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, DOT_FP32, PRECISION,
+                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, KEEP_DY, DOT_FP32, PRECISION,
                    BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, True, LOOP_STAGES)  # fmt: skip
     else:
         _level_bwd(g_ptr, dy_ptr, rp_ptr, y_ptr, z_ptr, dz_ptr, x_ptr, wd_ptr, wu_ptr, owner_ptr, code_ptr, scale_ptr,
                    lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
                    stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
-                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, DOT_FP32, PRECISION,
+                   PARALLEL, IN_ADD_Y, IN_LN, RES_MODE, NEED_X, LN_GRAD, KEEP_DY, DOT_FP32, PRECISION,
                    BLOCK_M, BLOCK_H, BLOCK_R, BLOCK_K, False, 1)  # fmt: skip
 
 
@@ -186,9 +187,9 @@ def _level_bwd(
     lnw_ptr, lnb_ptr, pw_ptr, pb_ptr, pid, rows, rmask, aid, on, lo, hi, mean, rstd, H, Rt,
     stride_rpm, stride_rph, stride_ym, stride_yh, stride_wdr, stride_wdh, stride_wuh, stride_wur,
     PARALLEL: tl.constexpr, IN_ADD_Y: tl.constexpr, IN_LN: tl.constexpr, RES_MODE: tl.constexpr,
-    NEED_X: tl.constexpr, LN_GRAD: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ONE_TILE: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    NEED_X: tl.constexpr, LN_GRAD: tl.constexpr, KEEP_DY: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Passes 1-3 of one level for one row block (see the kernel). ONE_TILE: the block's units [lo, hi) fit one
     BLOCK_R tile (straight-line tiles, pipelined hidden loops); else loops over unit tiles."""
@@ -273,8 +274,10 @@ def _level_bwd(
         gp = tl.where(on[:, None], gp, g)
         tl.store(g_ptr + rows[:, None] * H + cols[None, :], gp, mask=m2)
         if PARALLEL or IN_ADD_Y:
-            dy_old = tl.load(dy_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-            tl.store(dy_ptr + rows[:, None] * H + cols[None, :], dy_old + tl.where(on[:, None], dy_add, 0.0), mask=m2)
+            if KEEP_DY:
+                dy_old = tl.load(dy_ptr + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
+                dy_new = dy_old + tl.where(on[:, None], dy_add, 0.0)
+                tl.store(dy_ptr + rows[:, None] * H + cols[None, :], dy_new, mask=m2)
         if NEED_X:
             tl.store(x_ptr + rows[:, None] * H + cols[None, :], x.to(x_ptr.dtype.element_ty), mask=m2)
 
@@ -406,6 +409,11 @@ def _stack_backward(
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
         dln_b += pb.sum(0)
+    # Pre-LN seq_bn (level input r + y, residual r, output r_n + y, no model LN; Llama-like): g and dy start equal
+    # (the output's gradient) and every level adds the same dt to both, so dy is g throughout and the levels need not
+    # read and write it.
+    dy_is_g = flags["IN_ADD_Y"] and not flags["IN_LN"] and flags["RES_MODE"] == 0 and flags["OUT_ADD_Y"] \
+        and not flags["OUT_LN"]  # fmt: skip
     weights = {"wd": wd, "bd": bd, "wu": wu, "bu": bu}
     grads = {k: torch.zeros(t.shape, device=dev, dtype=torch.float32) if need else None
              for (k, t), need in zip(weights.items(), needs[4:], strict=True)}  # fmt: skip
@@ -456,12 +464,13 @@ def _stack_backward(
         )  # fmt: skip
         switches = dict(
             PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, LN_GRAD=level_ln_grad, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
+            NEED_X=need_x, LN_GRAD=level_ln_grad, KEEP_DY=not dy_is_g, DOT_FP32=dot_fp32, PRECISION=precision,
+            TILE_PATH=path,
         )  # fmt: skip
 
         cublas = (g, dy, rp, y2, zs[lvl], dz, x if need_x else None, wd, wu, lnw, lnb, stats[lvl],
                   pw if level_ln_grad else None, pb if level_ln_grad else None, level_adapter,
-                  (host_offsets, host_codes, host_scales), flags, half)  # fmt: skip
+                  (host_offsets, host_codes, host_scales), flags, half, not dy_is_g)  # fmt: skip
 
         def launch(t, args=args, switches=switches, cublas=cublas):
             if t == bottleneck_fwd.LEVELS:
@@ -497,7 +506,7 @@ def _stack_backward(
             if grads["bd"] is not None:
                 grads["bd"][off[a] : off[a + 1]] += dza.sum(0)
     dh = g.to(h.dtype).reshape(h.shape) if needs[0] else None
-    dyo = dy.to(y.dtype).reshape(y.shape) if (y is not None and needs[1]) else None
+    dyo = (g if dy_is_g else dy).to(y.dtype, copy=True).reshape(y.shape) if (y is not None and needs[1]) else None
     dlw = dln_w.to(lnw.dtype) if (ln_grad and needs[2]) else None
     dlb = dln_b.to(lnb.dtype) if (ln_grad and needs[3]) else None
     return [dh, dyo, dlw, dlb] + [grads[k].to(weights[k].dtype) if grads[k] is not None else None for k in weights]

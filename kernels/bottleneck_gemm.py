@@ -167,14 +167,15 @@ def stack_fwd_levels(
 
 def level_bwd_levels(
     g, dy, rp, y2, z, dz, x_out, wd, wu, ln_weight, ln_bias, stats, pw, pb, adapter: int, host, flags: dict,
-    half: torch.dtype,
+    half: torch.dtype, keep_dy: bool = True,
 ):  # fmt: skip
     """One level of the backward (``bottleneck_bwd._stack_backward``) for one adapter on every row, on cuBLAS: what
     the level kernel does, in the same buffers. ``g`` (in: dL/dr_i, out: dL/dr_(i-1)) and ``dy`` are (M, H) fp32,
     updated in place; ``rp`` = r_(i-1); ``z`` (M, Rt) the saved pre-activations; ``dz`` (M, Rt) receives dL/dz over
     the adapter's units; ``x_out`` (M, H) the level input for the weight gradient, or None; ``pw``/``pb`` row 0
     the model LN's gradient sums over the rows (None when not wanted); ``stats`` (2, M) this level's LN moments;
-    ``half`` the GEMM operand dtype::
+    ``half`` the GEMM operand dtype; ``keep_dy`` False: ``dy`` is left alone (where it equals ``g``, see
+    ``_stack_backward``)::
 
         dz = s (g Wu) * act'(z),  dx = dz Wd (+ g when the residual is x),  then the input LN and residuals
     """
@@ -187,7 +188,8 @@ def level_bwd_levels(
         dz[:, lo:hi] = dza
         dx = dza.to(half) @ wd[lo:hi].to(half)  # (M, H)
         if par:
-            dy.add_(dx)
+            if keep_dy:
+                dy.add_(dx)
             x = y2
         else:
             if res_mode == 2:
@@ -210,7 +212,8 @@ def level_bwd_levels(
             if in_add_y:
                 if res_mode == 1:
                     dt = dt + g
-                dy.add_(dt)
+                if keep_dy:
+                    dy.add_(dt)
             if res_mode == 0:
                 g.add_(dt)
             else:

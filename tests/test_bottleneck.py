@@ -344,19 +344,22 @@ def test_gradients_match_the_oracle_and_frozen_levels_get_none(name, ln_trains):
 
 
 @pytest.mark.parametrize("name", ["seq_bn", "par_bn", "post_add"])
-def test_gradients_mixed_rows(name):
+@pytest.mark.parametrize("with_ln", [True, False], ids=["model-ln", "pre-ln"])
+def test_gradients_mixed_rows(name, with_ln):
+    """Pre-LN seq_bn is where the backward stops accumulating dL/dy (it equals dL/dr throughout)."""
     hidden, rows = 24, 21
     params = make_params(hidden, [8, 4], ["relu", "tanh"])
     for p in params:
         for k in ("wd", "bd", "wu", "bu"):
             p[k].requires_grad_(True)
-    ln = make_ln(hidden)  # the model LN trains too: its gradients sum over the routed rows only
+    ln = make_ln(hidden) if with_ln else None  # the model LN trains too: its gradients sum over the routed rows only
+    lw_lb = (ln.weight, ln.bias) if with_ln else (None, None)
     o = OPTION_GRID[name]
     h = torch.randn(rows, hidden, requires_grad=True)
     y = torch.randn(rows, hidden, requires_grad=True)
     routes = torch.randint(-1, 2, (rows, 2))
     hint = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(2)]
-    got = bottleneck_stack(h, y, pack(params), routes, o, ln.weight, ln.bias, level_adapters=hint)
+    got = bottleneck_stack(h, y, pack(params), routes, o, *lw_lb, level_adapters=hint)
     want = torch.cat(
         [
             ah_stack(h[i : i + 1], y[i : i + 1], ln, [params[j] for j in routes[i].tolist() if j >= 0], o)
@@ -364,7 +367,7 @@ def test_gradients_mixed_rows(name):
         ]
     )
     grad_out = torch.randn(rows, hidden)
-    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    leaves = [h, y, *lw_lb[: 2 * with_ln]] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
     for a, b in zip(
         torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
     ):

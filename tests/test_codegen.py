@@ -136,7 +136,8 @@ _BOTTLENECK = _RESOURCES + textwrap.dedent(
                              **tiles)
         else:
             constants = {k: flags[k] for k in ("PARALLEL", "IN_ADD_Y", "IN_LN", "RES_MODE")}
-            constants.update(NEED_X=save, LN_GRAD=False, TILE_PATH=path, DOT_FP32=False, PRECISION="ieee", **tiles)
+            constants.update(NEED_X=save, LN_GRAD=False, KEEP_DY=True, TILE_PATH=path, DOT_FP32=False,
+                             PRECISION="ieee", **tiles)
         signature, attrs = {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in constants:
