@@ -125,8 +125,10 @@ def stack_fwd_levels(
     # parallel levels; not when saving for the backward (see the module docstring)
     carry_y = out_add_y and ((in_add_y and res_mode == 0) or par) and saved is None
     wdt = packed.wd.dtype
+    # r (or c) in the widest of h's, y's and the weights' dtypes, as the eager modules' type promotion keeps it
+    cdt = torch.promote_types(torch.promote_types(h2.dtype, y2.dtype), wdt)
     with torch.no_grad():
-        c = h2 + y2 if carry_y else h2  # r_0 (+ y)
+        c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
         for lvl, a in enumerate(level_adapters):
             t = x = None
             if not par and (a >= 0 or (in_ln and saved is not None)):

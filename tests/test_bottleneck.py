@@ -586,6 +586,26 @@ def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
     assert ran == ["forward"] * (forward == "levels") + ["backward"] * 2 * (backward == "levels")
 
 
+@pytest.mark.parametrize("name", ["seq_bn", "par_bn", "double_seq_bn"])
+def test_levels_path_mixed_dtypes(levels_path, name):
+    """bf16 h with fp32 residual, weights and LN (what the modules see under bf16 autocast): the path carries r in
+    fp32 as the eager modules' type promotion does, so forward and gradients match the fp32 reference's to within
+    one rounding of the bf16 output."""
+    o = OPTION_GRID[name]
+    params, ln, h, y = _trainable_stack(40, 13, [8, 16], ["relu", "gelu"])
+    h = h.detach().bfloat16().requires_grad_()
+    leaves = [h, y] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    got = bottleneck_stack(h, y, pack(params), [0, 1], o, ln.weight, ln.bias)
+    want = bottleneck_stack_ref(h, y, ln.weight, ln.bias, pack(params), expand_routes(torch.tensor([0, 1]), h), o)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, want, torch.bfloat16)
+    grad_out = torch.randn(13, 40).bfloat16()
+    for a, b in zip(
+        torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True
+    ):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
 def test_levels_path_operands_follow_the_weights(levels_path):
     """The per-adapter GEMM operands are kept between inference calls: an in-place update of the packed weights
     rebuilds them, and they go when the packed stack is freed."""
