@@ -360,11 +360,12 @@ def _check(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: Stack
 
 
 def _host_levels(routes) -> tuple[int, ...] | None:
-    """The per-level adapters of routes given on the host as one (L,) list or CPU tensor, else None."""
+    """The per-level adapters of routes given on the host as one (L,) list or CPU tensor, else None (also for a
+    tensor while torch.compile traces: its values are data there)."""
     if isinstance(routes, (list, tuple)) and all(isinstance(a, int) for a in routes):
         return tuple(routes)
     if isinstance(routes, torch.Tensor) and routes.device.type == "cpu" and routes.dim() == 1:
-        return tuple(routes.tolist())
+        return None if torch.compiler.is_compiling() else tuple(routes.tolist())
     return None
 
 
@@ -406,9 +407,9 @@ def bottleneck_stack(
             token or (B, L) per sequence when h is (B, S, H).
         options: structural options shared by all adapters (AdapterHub field names).
         ln_weight, ln_bias: (H,) the model LayerNorm of this sublayer, or None (pre-LN models).
-        level_adapters: optional host-side hint, the adapter indices each level's routes use; saves a device
-            sync when adapter weights train, and when one stack on every row may take the level-by-level GEMM
-            path (wide weights; see ``bottleneck_gemm.py``).
+        level_adapters: optional host-side hint, exactly the adapter indices each level's routes use (a wrong
+            hint gives wrong results); saves a device sync when adapter weights train, and when one stack on every
+            row may take the level-by-level GEMM path (wide weights; see ``bottleneck_gemm.py``).
 
     Returns:
         (..., H) in h's dtype. Triton on CUDA / under the interpreter (a registered custom op with a Triton
@@ -425,9 +426,9 @@ def bottleneck_stack(
     host = packed.host
     if host is None:
         raise ValueError("packed adapters need their host facts: build them with pack_adapters")
-    max_rank, rows = _max_rank(host.offsets), routes.shape[0]
+    max_rank = _max_rank(host.offsets)
     uniform = None
-    if level_adapters is not None or levels_may_run(rows, h.shape[-1], max_rank, packed.wd.dtype):
+    if level_adapters is not None or levels_may_run(h.shape[-1], max_rank, packed.wd.dtype):
         uniform = uniform_levels(routes, level_adapters)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])

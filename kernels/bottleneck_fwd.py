@@ -508,8 +508,9 @@ def _launch_fwd(
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
-    candidates = _with_levels(_forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,), m, hidden,
-                              max_rank, packed.wd.dtype, levels > 0 and level_adapters is not None)  # fmt: skip
+    candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
+    if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
+        candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
     key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype,
            tuple(switches.values()), candidates[0] == LEVELS, len(candidates))  # fmt: skip
     launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
@@ -558,9 +559,7 @@ def bottleneck_stack_fwd(
     host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
         packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip
     max_rank = _max_rank(host.offsets)
-    uniform = (
-        uniform_levels(routes) if levels_may_run(routes.shape[0], h.shape[-1], max_rank, packed.wd.dtype) else None
-    )
+    uniform = uniform_levels(routes) if levels_may_run(h.shape[-1], max_rank, packed.wd.dtype) else None
     return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3])[0]
 
 
@@ -581,12 +580,13 @@ def _with_levels(candidates: tuple, rows: int, hidden: int, max_rank: int, weigh
     return (*candidates, LEVELS) if timed else candidates
 
 
-def levels_may_run(rows: int, hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
+def levels_may_run(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
     """Whether :func:`_launch_fwd` may take the level-by-level path for one stack on every row (worth a device sync
     to learn the routes when no host hint came)."""
     if STACK_PATH != "auto":
         return STACK_PATH == "levels"
-    return prefer_levels(hidden, max_rank, weight_dtype) or (rows >= TUNE_MIN_ROWS and AUTOTUNE and not INTERPRET)
+    # narrow weights: offered for timing only with the modules' host hint, not worth a sync on every call
+    return prefer_levels(hidden, max_rank, weight_dtype)
 
 
 def uniform_levels(routes: torch.Tensor, level_adapters=None) -> tuple[int, ...] | None:

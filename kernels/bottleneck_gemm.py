@@ -56,6 +56,7 @@ def prefer_levels(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool
 
 def _layer_norm(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor | None) -> torch.Tensor:
     """The model LN of v; its fp32 mean and rstd go to ``stats`` (2, M) when given (the backward's moments)."""
+    weight, bias = weight.to(v.dtype), bias.to(v.dtype)  # (a bf16 model LN on an fp32 carry)
     if stats is None:
         return F.layer_norm(v, v.shape[-1:], weight, bias, eps)
     out, mean, rstd = torch.native_layer_norm(v, v.shape[-1:], weight, bias, eps)
@@ -83,12 +84,17 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     Every supported activation maps 0 to 0 and 1 to a non-zero k (relu and identity: exactly 1), so one down GEMM
     and one elementwise activation (or one cuBLASLt call with its ReLU epilogue) give the up GEMM's whole left
     operand, and the adapter's scale and up bias ride in its right operand."""
-    key = (id(packed.wd), id(packed.bd), id(packed.wu), id(packed.bu), adapter, dtype)
-    versions = tuple(t._version for t in packed[:4])  # an in-place update of the packed weights rebuilds them
-    cacheable = not any(t.requires_grad for t in packed[:4])
-    if cacheable and key in _OPERANDS and _OPERANDS[key][0] == versions:
-        return _OPERANDS[key][1]
-    rank, hidden, dev = hi - lo, packed.wd.shape[1], packed.wd.device
+    key = (id(packed.wd), id(packed.bd), id(packed.wu), id(packed.bu), adapter, lo, hi, code, scale, dtype)
+    # an in-place update of the packed weights rebuilds them (inference tensors have no version counter: packed
+    # under torch.inference_mode, they are taken as unchanged while they live)
+    versions = tuple(-1 if t.is_inference() else t._version for t in packed[:4])
+    dev = packed.wd.device
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()  # (a graph would only record them)
+    cacheable = not capturing and not any(t.requires_grad for t in packed[:4])
+    hit = _OPERANDS.get(key) if cacheable else None
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    rank, hidden = hi - lo, packed.wd.shape[1]
     width = -(-(rank + 1) // 8) * 8
     with torch.no_grad():
         down_w = torch.zeros((width, hidden), device=dev, dtype=dtype)
@@ -127,7 +133,8 @@ def stack_fwd_levels(
     wdt = packed.wd.dtype
     # r (or c) in the widest of h's, y's and the weights' dtypes, as the eager modules' type promotion keeps it
     cdt = torch.promote_types(torch.promote_types(h2.dtype, y2.dtype), wdt)
-    with torch.no_grad():
+    # dtypes as the row-block kernel takes them, whatever autocast region the op is called from
+    with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
         c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
         for lvl, a in enumerate(level_adapters):
             t = x = None
@@ -163,7 +170,8 @@ def stack_fwd_levels(
             out = c
         inputs = (h2, y2) if saved is None else (h2, y2, saved.rs)  # the output must not alias them (custom op)
         if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
-            out = out.clone()
+            out = out.clone(memory_format=torch.contiguous_format)
+        out = out.contiguous()  # (M, H) row-major, as the kernel's output and the custom op's fake
     return out
 
 
@@ -184,7 +192,9 @@ def level_bwd_levels(
     par, in_add_y, in_ln, res_mode = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"], flags["RES_MODE"]
     offsets, codes, scales = host
     lo, hi = offsets[adapter], offsets[adapter + 1]
-    with torch.no_grad():
+    if g.shape[0] == 0:  # no rows: nothing to add (the LN sums stay zero)
+        return
+    with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
         da = g.to(half) @ wu[:, lo:hi].to(half)  # (M, r)
         dza = da.float() * scales[adapter] * _TORCH_ACT_GRADS[codes[adapter]](z[:, lo:hi])
         dz[:, lo:hi] = dza
@@ -210,7 +220,7 @@ def level_bwd_levels(
                 x = that * ln_weight.float() + ln_bias.float() if x_out is not None else None
             else:
                 dt = dx
-                x = (rp + y2 if in_add_y else rp) if x_out is not None else None
+                x = (rp.float() + y2.float() if in_add_y else rp) if x_out is not None else None
             if in_add_y:
                 if res_mode == 1:
                     dt = dt + g

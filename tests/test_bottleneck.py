@@ -606,6 +606,60 @@ def test_levels_path_mixed_dtypes(levels_path, name):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
 
 
+def test_levels_path_edge_cases(levels_path):
+    """What a review found on the first version of the path: it takes the kernel's dtypes inside an autocast region,
+    a bf16 model LN over an fp32 carry, stacks packed under torch.inference_mode (no version counters), an empty
+    batch whose model LN trains, and transposed inputs (the output is row-major, as the kernel's)."""
+    params, ln, h, y = _trainable_stack(40, 6, [8, 16], ["gelu", "relu"])
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    want = ah_stack(h.bfloat16().float(), y, ln, params, SEQ)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bottleneck_stack(h.bfloat16(), y, pack(params), [0, 1], SEQ, ln.weight, ln.bias)
+        grads = torch.autograd.grad(got, leaves[1:], torch.ones_like(got))
+    assert_close(got, want, torch.bfloat16)
+    for a, b in zip(grads, torch.autograd.grad(want, leaves[1:], torch.ones_like(want)), strict=True):
+        torch.testing.assert_close(a.float(), b, atol=2e-2 * max(b.abs().max().item(), 1e-3), rtol=2e-2)
+
+    ln16 = make_ln(40, torch.bfloat16)
+    h16, y16 = torch.randn(5, 40).bfloat16(), torch.randn(5, 40).bfloat16()
+    got = bottleneck_stack(h16, y16, pack(params), [0, 1], SEQ, ln16.weight, ln16.bias)  # fp32 adapters
+    assert_close(got, bottleneck_stack_ref(h16, y16, ln16.weight, ln16.bias, pack(params),
+                                           expand_routes(torch.tensor([0, 1]), h16), SEQ), torch.bfloat16)  # fmt: skip
+
+    with torch.inference_mode():
+        packed = pack(params)
+        got = bottleneck_stack(h.detach(), y.detach(), packed, [0, 1], SEQ, ln.weight, ln.bias)
+    assert_close(got, ah_stack(h, y, ln, params, SEQ).detach())
+
+    empty = [torch.randn(0, 40, requires_grad=True) for _ in range(2)]
+    out = bottleneck_stack(*empty, pack(params), [0, 1], SEQ, ln.weight, ln.bias)
+    grads = torch.autograd.grad(out, [*empty, ln.weight, ln.bias], torch.randn(0, 40))
+    assert [tuple(g.shape) for g in grads] == [(0, 40), (0, 40), (40,), (40,)]
+    assert all(not g.any() for g in grads[2:])
+
+    ht, yt = torch.randn(40, 6).t(), torch.randn(40, 6).t()
+    with torch.no_grad():
+        for o, levels in ((SEQ, [0, 1]), (SEQ, [-1]), (StackOptions(original_ln_after=False), [-1])):
+            got = bottleneck_stack(ht, yt, pack(params), levels, o, ln.weight, ln.bias)
+            assert got.is_contiguous()
+            assert_close(got, ah_stack(ht, yt, ln, [params[i] for i in levels if i >= 0], o))
+
+
+def test_torch_compile_with_routes_on_the_host():
+    """Routes as a host list or a CPU tensor trace without a graph break (their values are data while tracing:
+    the path then runs without the host's per-level view)."""
+    import torch._dynamo
+
+    params = make_params(40, [8, 16], ["relu", "gelu"])
+    ln = make_ln(40)
+    h, y = torch.randn(6, 40), torch.randn(6, 40)
+    for routes in ([0, 1], torch.tensor([0, 1])):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda h, y, r: bottleneck_stack(h, y, pack(params), r, SEQ, ln.weight, ln.bias),
+                           fullgraph=True, backend="eager")  # fmt: skip
+        assert_close(fn(h, y, routes), ah_stack(h, y, ln, params, SEQ))
+
+
 def test_levels_path_operands_follow_the_weights(levels_path):
     """The per-adapter GEMM operands are kept between inference calls: an in-place update of the packed weights
     rebuilds them, and they go when the packed stack is freed."""
