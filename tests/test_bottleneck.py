@@ -1213,26 +1213,30 @@ def test_cuda_levels_path_bf16_error_no_larger_than_torch_bf16(levels_path, name
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_gradients_training_top_of_three():
+@pytest.mark.parametrize("with_ln", [True, False], ids=["model-ln", "pre-ln"])
+def test_cuda_bf16_gradients_training_top_of_three(with_ln):
+    """The row-block kernels' backward (narrow ranks); without a model LN (Llama's placement) it does not keep
+    dL/dy per level (KEEP_DY off: it equals dL/dr there)."""
     dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 4096
     params = make_params(hidden, [48, 48, 48], ["relu", "relu", "relu"], dtype=dt, device=dev)
     for k in ("wd", "bd", "wu", "bu"):
         params[2][k].requires_grad_(True)
-    ln = make_ln(hidden, dt, dev).requires_grad_(False)  # frozen model LN: the kernel backward
+    ln = make_ln(hidden, dt, dev).requires_grad_(False) if with_ln else None  # frozen model LN: the kernel backward
+    lw_lb = (ln.weight, ln.bias) if with_ln else (None, None)
     h = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
     y = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
     g = torch.randn(rows, hidden, device=dev).to(dt)
     leaves = [h, y] + [params[2][k] for k in ("wd", "bd", "wu", "bu")]
-    got = torch.autograd.grad(
-        bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, ln.weight, ln.bias), leaves, g
-    )
+    got = torch.autograd.grad(bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, *lw_lb), leaves, g)
     plain = torch.autograd.grad(ah_stack(h, y, ln, params, SEQ), leaves, g)
     p64 = [
         {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in p.items()}
         for p in params
     ]
-    ln64 = make_ln(hidden, torch.float64, dev)
-    ln64.load_state_dict(ln.state_dict())
+    ln64 = None
+    if with_ln:
+        ln64 = make_ln(hidden, torch.float64, dev)
+        ln64.load_state_dict(ln.state_dict())
     h64, y64 = h.detach().double().requires_grad_(), y.detach().double().requires_grad_()
     leaves64 = [h64, y64] + [p64[2][k] for k in ("wd", "bd", "wu", "bu")]
     fp64 = torch.autograd.grad(ah_stack(h64, y64, ln64, p64, SEQ), leaves64, g.double())
