@@ -270,7 +270,8 @@ def _eager_stack(adapters, ln, h, y):
 
 def _stack_alone(benchmark, hidden, provider):
     adapters, ln, h, y = _stack_inputs(hidden)
-    packed = _pack(adapters)
+    with torch.no_grad():  # packed for inference, as the modules do (weights that train are packed per step)
+        packed = _pack(adapters)
     routes = torch.tensor([0, 1, 2], device=h.device)
 
     def fused():

@@ -409,11 +409,14 @@ def _stack_backward(
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
         dln_b += pb.sum(0)
-    # Pre-LN seq_bn (level input r + y, residual r, output r_n + y, no model LN; Llama-like): g and dy start equal
-    # (the output's gradient) and every level adds the same dt to both, so dy is g throughout and the levels need not
-    # read and write it.
-    dy_is_g = flags["IN_ADD_Y"] and not flags["IN_LN"] and flags["RES_MODE"] == 0 and flags["OUT_ADD_Y"] \
-        and not flags["OUT_LN"]  # fmt: skip
+    # seq_bn's order (level input r + y, with or without the model LN; residual r; output r_n + y): g and dy start
+    # equal (the out kernel writes the gradient of r_n + y into both) and every level adds the same dt to both (rows
+    # whose level is off: nothing), so dy is g throughout and the levels need not read and write it.
+    dy_is_g = flags["IN_ADD_Y"] and flags["RES_MODE"] == 0 and flags["OUT_ADD_Y"]
+    # Nothing below the lowest level whose adapters train is needed when neither h, y nor the model LN want a
+    # gradient (the first layer's stack in adapter training): those levels would only carry g down to h.
+    inputs_need = any(needs[:4])
+    lowest = 0 if inputs_need else min([lvl for lvl in range(levels) if train_levels[lvl]] or [levels])
     weights = {"wd": wd, "bd": bd, "wu": wu, "bu": bu}
     grads = {k: torch.zeros(t.shape, device=dev, dtype=torch.float32) if need else None
              for (k, t), need in zip(weights.items(), needs[4:], strict=True)}  # fmt: skip
@@ -424,7 +427,7 @@ def _stack_backward(
     max_rank = _max_rank(off)
     tiles = _tiles(max_rank)
     path = _tile_path(m, uniform_rows, max_rank, tiles)
-    for lvl in reversed(range(levels)):
+    for lvl in reversed(range(lowest, levels)):
         level_adapter = uniform[lvl] if uniform is not None else None
         if level_adapter is not None and level_adapter < 0:
             continue  # every row skips this level: g and dy pass through unchanged
@@ -506,7 +509,8 @@ def _stack_backward(
             if grads["bd"] is not None:
                 grads["bd"][off[a] : off[a + 1]] += dza.sum(0)
     dh = g.to(h.dtype).reshape(h.shape) if needs[0] else None
-    dyo = (g if dy_is_g else dy).to(y.dtype, copy=True).reshape(y.shape) if (y is not None and needs[1]) else None
+    # (a copy when taken from g: dh may be g itself, and the op's outputs must not alias)
+    dyo = (g if dy_is_g else dy).to(y.dtype, copy=dy_is_g).reshape(y.shape) if (y is not None and needs[1]) else None
     dlw = dln_w.to(lnw.dtype) if (ln_grad and needs[2]) else None
     dlb = dln_b.to(lnb.dtype) if (ln_grad and needs[3]) else None
     return [dh, dyo, dlw, dlb] + [grads[k].to(weights[k].dtype) if grads[k] is not None else None for k in weights]

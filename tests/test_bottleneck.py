@@ -346,7 +346,8 @@ def test_gradients_match_the_oracle_and_frozen_levels_get_none(name, ln_trains):
 @pytest.mark.parametrize("name", ["seq_bn", "par_bn", "post_add"])
 @pytest.mark.parametrize("with_ln", [True, False], ids=["model-ln", "pre-ln"])
 def test_gradients_mixed_rows(name, with_ln):
-    """Pre-LN seq_bn is where the backward stops accumulating dL/dy (it equals dL/dr throughout)."""
+    """seq_bn's order (with or without the model LN) is where the backward stops accumulating dL/dy (it equals dL/dr
+    throughout); the other option sets keep it."""
     hidden, rows = 24, 21
     params = make_params(hidden, [8, 4], ["relu", "tanh"])
     for p in params:
@@ -687,6 +688,40 @@ def test_levels_path_operands_follow_the_weights(levels_path):
     del packed
     gc.collect()
     assert not any(k in bottleneck_gemm._OPERANDS for k in keys)
+
+
+@pytest.mark.parametrize("path", ["rows", "levels"])
+@pytest.mark.parametrize("training", [(2,), (1,)], ids=["top-trains", "middle-trains"])
+def test_backward_stops_below_the_lowest_training_level(monkeypatch, path, training):
+    """When neither h, y nor the model LN want a gradient (the first layer's stack in adapter training), the levels
+    below the lowest one that trains are not run; the adapters' gradients still match the oracle's."""
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    levels_run = []
+    kernel = bottleneck_bwd._bottleneck_level_bwd_kernel
+    real_levels = bottleneck_bwd.level_bwd_levels
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            levels_run.append("kernel")
+            return kernel[grid]
+
+    monkeypatch.setattr(bottleneck_bwd, "_bottleneck_level_bwd_kernel", CountingKernel())
+    monkeypatch.setattr(bottleneck_bwd, "level_bwd_levels", lambda *a: levels_run.append("levels") or real_levels(*a))
+    params = make_params(40, [8, 16, 12], ["relu", "gelu", "tanh"])
+    for i in training:
+        for k in ("wd", "bd", "wu", "bu"):
+            params[i][k].requires_grad_(True)
+    ln = make_ln(40).requires_grad_(False)
+    h, y = torch.randn(11, 40), torch.randn(11, 40)
+    leaves = [params[i][k] for i in training for k in ("wd", "bd", "wu", "bu")]
+    got = torch.autograd.grad(bottleneck_stack(h, y, pack(params), [0, 1, 2], SEQ, ln.weight, ln.bias), leaves,
+                              torch.ones(11, 40))  # fmt: skip
+    want = torch.autograd.grad(ah_stack(h, y, ln, params, SEQ), leaves, torch.ones(11, 40))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+    assert levels_run == [path.replace("rows", "kernel")] * (3 - min(training))
 
 
 def test_torch_activation_derivatives_match_autograd():
@@ -1214,9 +1249,12 @@ def test_cuda_levels_path_bf16_error_no_larger_than_torch_bf16(levels_path, name
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("with_ln", [True, False], ids=["model-ln", "pre-ln"])
-def test_cuda_bf16_gradients_training_top_of_three(with_ln):
-    """The row-block kernels' backward (narrow ranks); without a model LN (Llama's placement) it does not keep
+def test_cuda_bf16_gradients_training_top_of_three(monkeypatch, with_ln):
+    """The row-block kernels' backward (forced: a timed choice could take the cuBLAS path); seq_bn does not keep
     dL/dy per level (KEEP_DY off: it equals dL/dr there)."""
+    from adapter_engine.kernels import bottleneck_fwd
+
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "rows")
     dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 4096
     params = make_params(hidden, [48, 48, 48], ["relu", "relu", "relu"], dtype=dt, device=dev)
     for k in ("wd", "bd", "wu", "bu"):

@@ -204,14 +204,17 @@ def _check_bottleneck(data, device, big, force_levels=False):
     # and training: the cuBLAS level backward against the reference's autograd (not at hidden 1 with a model LN:
     # there the normalised value is rounding noise times 1/sqrt(eps) = 1e6, on both sides)
     if force_levels and not (hidden == 1 and with_ln):
-        _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options)
+        inputs_train = data.draw(st.booleans())  # else only the adapters (and the LN) train: the first layer's case
+        _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options, inputs_train)
 
 
-def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options):
+def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options, inputs_train):
     from adapter_engine.kernels import bottleneck_fwd
     from adapter_engine.kernels.bottleneck import bottleneck_stack, bottleneck_stack_ref
 
-    leaves = [t.detach().requires_grad_() for t in (h, y, *packed[:4])]
+    leaves = [t.detach().requires_grad_(inputs_train) for t in (h, y)] + [
+        t.detach().requires_grad_() for t in packed[:4]
+    ]
     lw_lb = [t.detach().requires_grad_() if t is not None else None for t in (lw, lb)]
     grad_out = torch.randn_like(h)
     results = []
@@ -227,8 +230,11 @@ def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options):
                 if run == "levels"
                 else bottleneck_stack_ref(args[0], args[1], *lw_lb, p, args[3], options)
             )
-            wrt = leaves + [t for t in lw_lb if t is not None]
-            results.append(torch.autograd.grad(out, wrt, grad_out, materialize_grads=True))
+            wrt = [t for t in leaves + lw_lb if t is not None and t.requires_grad]
+            if out.requires_grad:
+                results.append(torch.autograd.grad(out, wrt, grad_out, materialize_grads=True))
+            else:  # every level off and nothing else trains: no gradient reaches any leaf
+                results.append([torch.zeros_like(t) for t in wrt])
         finally:
             bottleneck_fwd.STACK_PATH = saved_path
     for got, want in zip(*results, strict=True):
