@@ -427,9 +427,7 @@ def bottleneck_stack(
     if host is None:
         raise ValueError("packed adapters need their host facts: build them with pack_adapters")
     max_rank = _max_rank(host.offsets)
-    uniform = None
-    if level_adapters is not None or levels_may_run(h.shape[-1], max_rank, packed.wd.dtype):
-        uniform = uniform_levels(routes, level_adapters)
+    uniform = uniform_levels(routes, level_adapters, may_read=levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
     )

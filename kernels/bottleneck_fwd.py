@@ -559,7 +559,7 @@ def bottleneck_stack_fwd(
     host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
         packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip
     max_rank = _max_rank(host.offsets)
-    uniform = uniform_levels(routes) if levels_may_run(h.shape[-1], max_rank, packed.wd.dtype) else None
+    uniform = uniform_levels(routes, may_read=levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
     return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3])[0]
 
 
@@ -589,17 +589,19 @@ def levels_may_run(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> boo
     return prefer_levels(hidden, max_rank, weight_dtype)
 
 
-def uniform_levels(routes: torch.Tensor, level_adapters=None) -> tuple[int, ...] | None:
+def uniform_levels(routes: torch.Tensor, level_adapters=None, may_read: bool = True) -> tuple[int, ...] | None:
     """Per level, the adapter every row runs (-1: off), when the routes give one stack to every row (expanded from
     one (L,) list: row stride 0, or a single row), else None. From the host hint ``level_adapters`` (per level,
-    the adapters the rows use) when given; otherwise read from the device (one sync), never while a CUDA graph is
-    being captured or torch.compile traces."""
+    the adapters the rows use) when given; otherwise read from the device (one sync) if ``may_read``
+    (:func:`levels_may_run`), never while a CUDA graph is being captured or torch.compile traces."""
     if routes.shape[0] > 1 and routes.stride(0) != 0:
         return None
     if level_adapters is not None:
         if any(len(used) > 1 for used in level_adapters):
             return None
         return tuple(int(used[0]) if len(used) else -1 for used in level_adapters)
-    if torch.compiler.is_compiling() or (routes.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not may_read or torch.compiler.is_compiling():
+        return None
+    if routes.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
     return tuple(int(a) if a >= 0 else -1 for a in routes[0].tolist()) if routes.shape[0] else None
