@@ -1,9 +1,11 @@
 """Fused LoRA linear benchmark (issue 3): one layer, bf16, r=16, against the bare matmul, PEFT and torch.
 
 Shapes (in -> out): 4096 -> 4096 and 4096 -> 11008; M in {1, 16, 256, 4096, 16384} rows.
-Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, shape dispatch), ``engine_<path>``
-(each forced path, to tune ``DISPATCH`` in kernels/lora_linear.py), ``composition`` (``F.linear`` then an in-place
-``addmm_`` of the low-rank term: the best plain-torch order) and ``peft`` (a PEFT ``lora.Linear``).
+Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, shape dispatch: above 64 rows it times
+``"composition"`` against the persistent TMA kernel once per shape), ``engine_<path>`` (each forced path, to tune
+``DISPATCH`` in kernels/lora_linear.py; ``engine_persistent``, kernels/lora_linear_tma.py, from M = 256 on),
+``composition`` (``F.linear`` then an in-place ``addmm_`` of the low-rank term: the best plain-torch order) and
+``peft`` (a PEFT ``lora.Linear``).
 Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B); a mixed batch
 of 4 or 16 resident adapters with per-row ids incl. -1 (PEFT: ``adapter_names=``): ``engine`` (dispatch, which
 takes the segmented path for mixed batches, kernels/lora_segmented.py), ``engine_segmented`` and ``engine_masked``
@@ -33,8 +35,10 @@ MIXED_ROWS = pick([16, 256, 4096], [16, 80])
 MIXED_ADAPTERS = pick([4, 16], [4, 16])
 MIXED_PROVIDERS = ["bare", "engine_one", "engine", "engine_segmented", "engine_masked", "peft", "train_engine_one",
                    "train_engine", "train_engine_masked"]  # fmt: skip
-FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "composition", "peft"]
-TRAIN_PROVIDERS = ["bare", "engine", "composition", "peft"]
+FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "engine_persistent",
+                 "composition", "peft"]  # fmt: skip
+TRAIN_PROVIDERS = ["bare", "engine", "engine_persistent", "composition", "peft"]
+PERSISTENT_MIN_ROWS = pick(256, 0)  # the persistent kernel's 128-row tiles are for compute-bound M
 _BARE_MS: dict[tuple, float] = {}
 
 
@@ -78,6 +82,13 @@ def _record(benchmark, fn, bare_fn, key, **extra):
         _BARE_MS[key] = median_ms(bare_fn)
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
+    if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
+        from adapter_engine.kernels.lora_linear import _LARGE_M
+
+        k, n = extra["shape"]
+        benchmark.extra_info["large_m_choices"] = {
+            " ".join(map(str, key[:4])): str(choice) for key, choice in _LARGE_M.items() if {key[2], key[3]} == {k, n}
+        }
 
 
 @pytest.mark.parametrize("provider", FWD_PROVIDERS)
@@ -86,6 +97,8 @@ def _record(benchmark, fn, bare_fn, key, **extra):
 def bench_lora_linear_forward(benchmark, layer_cache, shape, M, provider):
     w, As, Bs, peft_layer = _layer(layer_cache, shape)
     A, B = As[0].detach(), Bs[0].detach()
+    if provider == "engine_persistent" and M < PERSISTENT_MIN_ROWS:
+        pytest.skip("the persistent kernel is for M >= 256")
     x = torch.randn(M, shape[0], device=device(), dtype=DTYPE)
     bare = lambda: F.linear(x, w)
     if provider == "bare":
@@ -154,8 +167,9 @@ def bench_lora_linear_train(benchmark, layer_cache, shape, M, provider):
     bare = lambda: torch.autograd.grad(F.linear(x, w), [x], dy)
     if provider == "bare":
         fn = bare
-    elif provider == "engine":
-        fn = lambda: torch.autograd.grad(lora_linear(x, w, A, B, SCALE), [x, A, B], dy)
+    elif provider.startswith("engine"):
+        path = provider.split("_", 1)[1] if "_" in provider else "auto"
+        fn = lambda: torch.autograd.grad(lora_linear(x, w, A, B, SCALE, path=path), [x, A, B], dy)
     elif provider == "composition":
         fn = lambda: torch.autograd.grad(F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE), [x, A, B], dy)
     else:
@@ -180,7 +194,7 @@ def bench_lora_linear_mixed_batch(benchmark, layer_cache, n_adapters, M, provide
     x = torch.randn(M, shape[0], device=device(), dtype=DTYPE, requires_grad=train)
     ids = torch.arange(M, device=device()) % (n_adapters + 1) - 1  # -1, 0, 1, ..., n-1, -1, ...
     names = ["__base__" if i < 0 else f"a{i}" for i in ids.tolist()]
-    masked = DISPATCH.large_m_path if M > DISPATCH.fused_max_m else "fused"  # the rule before the segmented path
+    masked = "composition" if M > DISPATCH.fused_max_m else "fused"  # the rule before the segmented path
     scales = [SCALE] * n_adapters
     if train:
         dy = torch.randn(M, shape[1], device=device(), dtype=DTYPE)

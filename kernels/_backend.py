@@ -59,6 +59,27 @@ def torch_twins_on_cpu(enabled: bool = True):
         INTERPRET = saved
 
 
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``tensor``'s device (nothing may be timed, synced or cached then)."""
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def fastest(candidates: tuple, launch) -> tuple[object, list[float]]:
+    """The candidate whose ``launch(candidate)`` ``triton.testing.do_bench`` times fastest, and every time (ms).
+    A candidate the GPU cannot build (too much shared memory) times as infinite. The caller decides when timing
+    is allowed (``AUTOTUNE``, not while :func:`capturing`) and undoes whatever the timing runs wrote."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    times = []
+    for c in candidates:
+        try:
+            times.append(triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20))
+        except OutOfResources:
+            times.append(float("inf"))
+    return candidates[times.index(min(times))], times
+
+
 def dot_in_fp32(tensor: torch.Tensor) -> bool:
     """The interpreter computes bf16 arithmetic and ``tl.dot`` wrongly: feed it fp32 operands there."""
     return tensor.device.type != "cuda"

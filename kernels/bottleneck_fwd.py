@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, cdiv, next_pow2
+from ._backend import AUTOTUNE, INTERPRET, cdiv, fastest, next_pow2
 from .bottleneck_gemm import prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
@@ -440,15 +440,10 @@ def _tuned_tiles(key: tuple, candidates: tuple[_Tiles | str, ...], launch, snaps
     if len(candidates) == 1 or not AUTOTUNE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     restore = snapshot() if snapshot is not None else None
-    times = []
-    for t in candidates:
-        try:
-            times.append(triton.testing.do_bench(lambda t=t: launch(t), warmup=5, rep=20))
-        except triton.runtime.errors.OutOfResources:
-            times.append(float("inf"))
+    best, times = fastest(candidates, launch)
     if restore is not None:
         restore()
-    tiles = _TUNED[key] = candidates[times.index(min(times))]
+    tiles = _TUNED[key] = best
     logger.info("bottleneck %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
     return tiles
 

@@ -29,6 +29,9 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     its order predicts 0.92x (see the CUDA test); the other paths stay at or below PEFT's. Its backward uses the
     ``"composition"`` order for ``dx``.
   * ``"composition"``: ``F.linear`` then ``y.addmm_(u, B^T)``, the best plain-torch order (benchmark provider).
+  * ``"persistent"``: the ``"epilogue"`` math on a Hopper-grade main loop (kernels/lora_linear_tma.py: persistent
+    grid, TMA descriptors, the shrink fused or from cuBLAS), for 16-bit operands with 16-byte aligned rows on
+    sm_90+; elsewhere it falls back to ``"epilogue"``.
   * ``"segmented"`` (mixed batches only: needs ``adapter_ids``): ``F.linear``, then each row's own adapter term
     from kernels/lora_segmented.py (rows grouped by adapter on the device; SGMV shrink and expand). The masked paths
     above do ``M * R * (K + N)`` low-rank work for R = the sum of all resident ranks; this one ``M * r * (K + N)``
@@ -36,8 +39,10 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     base (as ``"composition"``); ``u`` is then (M, U) with rows in adapter order (U: the max rank rounded up to a
     power of two >= 16), not (M, R).
 
-``"auto"`` takes ``"segmented"`` for a mixed batch of several resident adapters on the Triton backend when the
-masked paths would do more work (``LoraLinearDispatch``); torch.compile traces the same choice.
+Above ``fused_max_m`` rows ``"auto"`` times ``"composition"`` against the persistent kernel's tiles once per shape
+on the GPU and keeps the faster (``_large_m_choice``; untimed, ``"composition"``). It takes ``"segmented"`` for a
+mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
+(``LoraLinearDispatch``); torch.compile traces the same choice.
 
 The torch paths (``"addmm"``, ``"composition"``) are cuBLAS GEMMs and nothing else when every adapter shares one
 scale and there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
@@ -49,6 +54,7 @@ scales multiply the rounded ``x A^T`` in place (one more rounding of ``u``, as P
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,8 +62,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, cdiv, next_pow2, use_triton
+from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2, use_triton
+from .lora_epilogue import _low_rank_epilogue
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
+from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, tma_candidates, tma_fits
 from .lora_segmented import (
     SegmentPlan,
     lora_segmented_bwd,
@@ -68,7 +76,9 @@ from .lora_segmented import (
     u_width,
 )
 
-PATHS = ("auto", "fused", "epilogue", "addmm", "composition", "segmented")
+logger = logging.getLogger(__name__)
+
+PATHS = ("auto", "fused", "epilogue", "addmm", "composition", "persistent", "segmented")
 
 
 @dataclass
@@ -76,7 +86,9 @@ class LoraLinearDispatch:
     """Shape dispatch of ``path="auto"`` (tune on the GPU from ``bench/bench_lora_linear.py``).
 
     fused_max_m: rows up to which the single fused launch is used.
-    large_m_path: the path used above ``fused_max_m`` (``"addmm"``, ``"epilogue"`` or ``"composition"``).
+    large_m_path: the path used above ``fused_max_m``: ``"timed"`` (``"composition"`` or ``"persistent"``, whichever
+    measured faster for the shape on this GPU), or one of ``"addmm"``, ``"epilogue"``, ``"composition"``,
+    ``"persistent"``.
     segmented_min_adapters / segmented_max_fused_rank: a mixed batch (``adapter_ids``) with at least
     ``segmented_min_adapters`` resident adapters takes ``"segmented"`` on the Triton backend, except at
     ``M <= fused_max_m`` while the stacked rank R is at most ``segmented_max_fused_rank``.
@@ -91,8 +103,10 @@ class LoraLinearDispatch:
 
     fused_max_m: int = 64
     # H100, bf16, r=16 (bench/results/2026-11-26-h100-session1): above 64 rows "composition" beat "addmm" in 5 of
-    # 6 shape/M cases (e.g. 0.26 vs 0.43 ms at 4096x4096, M=4096), and the CUDA tier flagged "addmm" at M >= 256.
-    large_m_path: str = "composition"
+    # 6 shape/M cases (e.g. 0.26 vs 0.43 ms at 4096x4096, M=4096), and the CUDA tier flagged "addmm" at M >= 256;
+    # "epilogue" (pointer loads, 1.20-1.38x cuBLAS for the plain matmul) lost too. "persistent" is not measured yet,
+    # so it is timed against "composition", the untimed choice.
+    large_m_path: str = "timed"
     segmented_min_adapters: int = 2
     segmented_max_fused_rank: int = 64
 
@@ -202,30 +216,14 @@ def _lora_linear_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
-    mr_mask = m_mask[:, None] & r_mask[None, :]
     if not FUSE_SHRINK:
         u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-        u = tl.load(u_in, mask=mr_mask, other=0.0).to(tl.float32)
-    rank_scale = tl.load(rank_scale_ptr + offs_r, mask=r_mask, other=0.0)
-    if HAS_IDS:
-        ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
-        owner = tl.load(rank_adapter_ptr + offs_r, mask=r_mask, other=-2)
-        u = u * tl.where(ids[:, None] == owner[None, :], rank_scale[None, :], 0.0)
-    else:
-        u = u * rank_scale[None, :]
-    u_lo = u.to(y_ptr.dtype.element_ty)
-    if STORE_U:
-        if pid_n == 0:
-            u_out = u_out_ptr + offs_m[:, None] * stride_uom + offs_r[None, :] * stride_uor
-            tl.store(u_out, u_lo, mask=mr_mask)
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile (BLOCK_R, BLOCK_N)
-    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    if DOT_FP32:
-        acc = tl.dot(u_lo.to(tl.float32), bt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    else:
-        acc = tl.dot(u_lo, bt, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    acc = _low_rank_epilogue(
+        acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
+        pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+        BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
+    )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -357,6 +355,17 @@ def lora_linear_fwd(
     M, K = x.shape
     N, R = lora_B.shape
     path = _pick_path(path, M, fusable=x_lora is None)
+    tiles = None
+    if path in ("timed", "persistent"):
+        path, tiles = _large_m_choice(
+            path, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u, shared_scale
+        )
+    if tiles is not None:
+        y = _alloc((M, N), x)
+        u_out = _alloc((M, R), x) if store_u else None
+        args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, tiles)
+        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
+        return y, u_out
     if path in ("addmm", "composition"):
         return _torch_paths(
             x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path, shared_scale
@@ -411,6 +420,58 @@ def lora_linear_fwd(
 
 
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)
+_LARGE_M: dict[tuple, str | TmaTiles] = {}  # timing key -> "composition" or the persistent kernel's fastest tiles
+
+
+def _large_m_candidates(path: str, fusable: bool) -> tuple[str | TmaTiles, ...]:
+    """What ``_large_m_choice`` times: the persistent kernel's tiles, after ``"composition"`` for ``"timed"``
+    (only ``"composition"`` under the interpreter, which has no GPU timer)."""
+    if path == "persistent":
+        return tma_candidates(fusable)
+    return ("composition",) if INTERPRET else ("composition", *tma_candidates(fusable))
+
+
+def _large_m_choice(
+    path, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u, shared_scale
+):
+    """``(path, tiles)`` for ``"timed"`` and ``"persistent"`` (shapes as ``lora_linear_fwd``): ``("persistent",
+    TmaTiles)`` when the persistent kernel runs, else ``("composition" | "epilogue", None)``.
+
+    ``"timed"`` measures ``"composition"`` (the untimed choice) against the persistent kernel's tiles once per shape
+    and keeps the faster; forced ``"persistent"`` times its own tiles. Timing runs on the GPU (any device when a
+    test hands ``do_bench`` a CPU timer) with ``ADAPTER_ENGINE_AUTOTUNE`` on and never during CUDA-graph capture;
+    otherwise the first candidate runs. The kernel is only offered where :func:`tma_fits`; forced ``"persistent"``
+    falls back to ``"epilogue"`` (the same math on pointer loads) elsewhere."""
+    if not tma_fits(x, weight):
+        return ("epilogue" if path == "persistent" else "composition"), None
+    M = x.shape[0]
+    N, R = lora_B.shape
+    fusable = x_lora is None
+    candidates = _large_m_candidates(path, fusable)
+    key = (
+        path, min(next_pow2(M), 1 << 16), N, x.shape[1], R, x.dtype, weight.stride(-1) == 1, lora_A.stride(-1) == 1,
+        bias is not None, adapter_ids is not None, fusable, store_u, shared_scale is None,
+    )  # fmt: skip
+    choice = _LARGE_M.get(key)
+    if choice is None:
+        if len(candidates) == 1 or not AUTOTUNE or capturing(x):
+            choice = candidates[0]
+        else:
+            y = _alloc((M, N), x)
+            u = _alloc((M, R), x) if store_u else None
+
+            def launch(c):
+                if c == "composition":
+                    args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, c, shared_scale)
+                    _torch_paths(x, weight, lora_A, lora_B, *args)
+                else:
+                    args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u, c)
+                    lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
+
+            choice, times = fastest(candidates, launch)
+            _LARGE_M[key] = choice
+            logger.info("lora_linear %s: %s (%s ms)", key, choice, ", ".join(f"{t:.4f}" for t in times))
+    return ("composition", None) if choice == "composition" else ("persistent", choice)
 
 
 def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:
@@ -518,7 +579,8 @@ def lora_linear_bwd(
         )  # fmt: skip
     need_dx, need_dxl, need_dw, need_db, need_da, need_dbb = needs
     dx = dxl = du = None
-    triton_dx = need_dx and x_lora is None and _pick_path(path, dy.shape[0], fusable=True) in ("fused", "epilogue")
+    dx_path = _pick_path(path, dy.shape[0], fusable=True)
+    triton_dx = need_dx and x_lora is None and dx_path in ("fused", "epilogue", "persistent", "timed")
     if triton_dx:
         dx, du = lora_linear_fwd(
             dy, weight.t(), lora_B.t(), lora_A.t(), rank_scale, rank_adapter, None, adapter_ids,

@@ -358,3 +358,71 @@ def test_segmented_weight_gradient_reads_whole_rows_of_u(rank_tile):
     build = json.loads(out.stdout.strip().splitlines()[-1])
     assert not any(op.endswith((".b16", ".b8")) for op in build["mem"] if op.startswith("ld.global")), build
     assert build["stack"] == 0 and build["local"] == 0, build
+
+
+# --------------------------------------------------------------------------------- persistent LoRA kernel (TMA)
+# lora_linear's path="persistent" only pays if its main loop is Hopper-grade: wgmma fed by TMA copies, several
+# wgmma groups in flight (the K loop software-pipelined), and no spills. Every tile the large-M timing may pick
+# (kernels/lora_linear_tma.py::tma_candidates), the shrink fused or not, at the benchmark's 4096 x 11008, rank 16,
+# bf16, with the launcher's specialisation (divisible sizes and strides, unit inner strides).
+_LORA_TMA = _RESOURCES + textwrap.dedent(
+    """
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adapter_engine.kernels.lora_linear_tma import _lora_linear_tma_fwd_kernel as kernel, tma_candidates
+
+    k_major = sys.argv[1] == "1"
+    ones = ("stride_br", "stride_uir", "stride_yn", "stride_uor")
+    builds = []
+    for tiles in tma_candidates(True):
+        bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+        constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=tiles.group_m, NUM_SMS=132,
+                         W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=False,
+                         STORE_U=True, DOT_FP32=False)
+        descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [16, bk]}
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constants or arg in ones:
+                signature[arg] = "constexpr"
+            elif arg in descs:
+                signature[arg] = "tensordesc<bf16[%d, %d]>" % tuple(descs[arg])
+            else:
+                ints = ("ids_ptr", "rank_adapter_ptr")
+                signature[arg] = ("*i32" if arg in ints else "*fp32" if arg == "rank_scale_ptr" else "*bf16"
+                                  if arg.endswith("_ptr") else "i32")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
+        constexprs.update({(kernel.arg_names.index(n),): 1 for n in ones})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        regs, stack, local = resources(compiled)
+        ptx = compiled.asm["ptx"]
+        waits = [int(n) for n in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)]
+        builds.append({"tiles": list(tiles), "regs": regs, "stack": stack, "local": local,
+                       "shared": compiled.metadata.shared, "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
+                       "mma_sync": len(re.findall(r"\\bmma\\.sync", ptx)),
+                       "tma_loads": len(re.findall(r"cp\\.async\\.bulk\\.tensor", ptx)),
+                       "max_wgmma_in_flight": max(waits, default=-1)})
+    print(json.dumps(builds))
+    """
+)
+
+
+@pytest.mark.parametrize("k_major", [True, False], ids=["weight-as-stored", "weight-transposed"])
+def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major):
+    """``weight-transposed``: the Conv1D layout and the backward's dx = dy W (W read as (K, N) tiles)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LORA_TMA, "1" if k_major else "0"], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    builds = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(builds) == 4
+    for build in builds:
+        assert build["wgmma"] > 0 and build["mma_sync"] == 0, build
+        assert build["tma_loads"] > 0, build  # x and W (and A_cat when fused) arrive by TMA
+        assert build["max_wgmma_in_flight"] >= 1, build  # the next K step's wgmma issued before this one retires
+        assert build["stack"] == 0 and build["local"] == 0, build
+        assert build["regs"] <= 255 and build["shared"] <= 227 * 1024, build

@@ -380,7 +380,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm", "segmented"])
+@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm", "persistent", "segmented"])
 @pytest.mark.parametrize("M", [1, 16, 256, 2048])
 def test_cuda_bf16_no_worse_than_torch(M, path):
     """bf16, Llama-like 4096 -> 4096 with 4 resident adapters (r=16, two of rank 8/64) and mixed ids incl. -1:

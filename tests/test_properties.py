@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from adapter_engine.kernels import lora_linear, lora_linear_reference, merge_lora_, scale_ia3_
+from adapter_engine.kernels.lora_linear_tma import tma_fits
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 31, 37, 64, 67, 97])
 RANKS = st.sampled_from([1, 2, 7, 8, 16, 33, 64])
@@ -74,9 +75,12 @@ def test_ia3_property(data):
         assert torch.equal(weight, expected)  # one product of exact inputs, rounded once in both
 
 
-def _check_lora(data, device, dtype, big, segmented=False):
+def _check_lora(data, device, dtype, big, segmented=False, persistent=False):
     m = data.draw(st.sampled_from([0, 1, 2, 5, 16, 33])) * (9 if big else 1)
     k, n_out = data.draw(SIZES) * (23 if big else 1), data.draw(SIZES) * (19 if big else 1)
+    if persistent:  # rows TMA descriptors take (16-byte aligned) 3 times in 4, unless W is a strided view
+        k = data.draw(st.sampled_from([8, 16, 24, 40, 64, 72])) * (16 if big else 1)
+        k += data.draw(st.sampled_from([0, 0, 0, 1]))
     n = data.draw(st.integers(1, 3))
     ranks = [data.draw(RANKS) for _ in range(n)]
     x_shape = (m, k) if not data.draw(st.booleans()) else (1, m, k)
@@ -90,10 +94,14 @@ def _check_lora(data, device, dtype, big, segmented=False):
     if segmented or data.draw(st.booleans()):
         ids = torch.randint(-1, n, x_shape[:-1], device=device)
     # every kernel behind the op, not only the one "auto" picks at these sizes: the fused launch, the GEMM with
-    # the low-rank epilogue, and the segmented (SGMV) kernels of a mixed batch (``segmented``: those alone)
-    paths = ["segmented"] if segmented else ["auto", "fused", "epilogue"] + (["segmented"] if ids is not None else [])
+    # the low-rank epilogue, the persistent TMA GEMM (``persistent``: that alone) and the segmented (SGMV) kernels
+    # of a mixed batch (``segmented``: those alone)
+    paths = ["auto", "fused", "epilogue", "persistent"] + (["segmented"] if ids is not None else [])
+    paths = ["segmented"] if segmented else ["persistent"] if persistent else paths
     path = data.draw(st.sampled_from(paths))
     event(f"path={path}")  # (pytest --hypothesis-show-statistics shows the mix)
+    if path == "persistent":
+        event(f"persistent kernel runs: {tma_fits(x.reshape(-1, k), weight)}")
     y = lora_linear(x, weight, lora_a, lora_b, scales, bias, adapter_ids=ids, path=path)
     leaves = [x, *lora_a, *lora_b]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -120,6 +128,14 @@ def _check_lora(data, device, dtype, big, segmented=False):
 @given(data=st.data())
 def test_lora_linear_property(data):
     _check_lora(data, "cpu", data.draw(st.sampled_from([torch.float32, torch.float16])), big=False)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_lora_persistent_property(data):
+    """The persistent TMA kernel (kernels/lora_linear_tma.py) in fp16 on its own 200 examples, K a multiple of 8
+    (aligned rows) or one more (the fallback), strided weights included."""
+    _check_lora(data, "cpu", torch.float16, big=False, persistent=True)
 
 
 @CPU_SETTINGS

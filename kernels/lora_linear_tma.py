@@ -1,0 +1,240 @@
+"""The fused LoRA linear forward on a Hopper-grade main loop (``lora_linear``'s ``path="persistent"``).
+
+Why: at M >= 256 the op is compute bound, and the tiled kernel of ``lora_linear.py`` (pointer loads, one program
+per output tile) ran 1.20-1.38x slower than cuBLAS on an H100 for the plain matmul alone, so its epilogue fusion
+lost to ``"composition"`` (cuBLAS ``F.linear``, then ``y.addmm_(u, B^T)``: one more pass over y). This kernel is
+the same math on the main loop Hopper wants:
+
+  * a persistent grid: one program per SM walks output tiles ``NUM_SMS`` apart in grouped order (Triton tutorial
+    03's L2-friendly ordering); the tile loop and the K loop are flattened into one software pipeline, so the
+    next tile's first loads are in flight while this tile's epilogue runs;
+  * TMA: x, W (and A_cat when the shrink is fused) arrive through host-built tensor descriptors, whole tiles per
+    copy, with out-of-range rows and columns zero-filled (odd M, N and K need no masks);
+  * the low-rank term in the epilogue (``lora_epilogue._low_rank_epilogue``): ``u`` (BLOCK_M, R) is either
+    accumulated in the main loop from the x tiles already in shared memory (``FUSE_SHRINK``: R / BLOCK_N more MMA
+    work, no extra bytes) or read from ``x A_cat^T`` computed beforehand by cuBLAS (one more read of x: about
+    240 / N of the GEMM's time on an H100, less for wide N). Either way y is written once, rounded once.
+
+Against cuBLAS's plain GEMM the floor is the epilogue's (BLOCK_M, R) x (R, BLOCK_N) dot and the u read: a few per
+cent at r = 16. Whether this beats ``"composition"`` on a given GPU and shape is measured, not assumed:
+``lora_linear``'s ``"auto"`` times both once per shape above ``fused_max_m`` rows (``lora_linear._large_m_choice``)
+and keeps the faster. Descriptors need 16-byte aligned rows (K a multiple of 8 in 16-bit types, unit inner
+strides): :func:`tma_fits` says when this path may run. fp32 inputs stay on cuBLAS (no silent TF32 here).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._backend import INTERPRET, cdiv, next_pow2
+from .lora_epilogue import _low_rank_epilogue
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile_id`` in grouped order: GROUP_M row blocks sweep the N tiles together (W stays in L2)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_linear_tma_fwd_kernel(
+    # TMA descriptors
+    x_desc,  # x: (M, K), block (BLOCK_M, BLOCK_K)
+    w_desc,  # W_K_MAJOR: weight (N, K), block (BLOCK_N, BLOCK_K); else its transpose (K, N), block (BLOCK_K, BLOCK_N)
+    a_desc,  # A_cat: (R, K), block (BLOCK_R, BLOCK_K); read when FUSE_SHRINK
+    # pointers
+    b_ptr,  # B_cat: (N, R)
+    u_in_ptr,  # x A_cat^T precomputed: (M, R), unscaled; read when not FUSE_SHRINK
+    bias_ptr,  # bias: (N,)
+    ids_ptr,  # adapter id per row: (M,) int32
+    rank_adapter_ptr,  # (R,) int32: adapter index of each rank column
+    rank_scale_ptr,  # (R,) fp32: scale of each rank column
+    y_ptr,  # y: (M, N) output
+    u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    # strides
+    stride_bn,
+    stride_br,
+    stride_uim,
+    stride_uir,
+    stride_ym,
+    stride_yn,
+    stride_uom,
+    stride_uor,
+    # meta
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    W_K_MAJOR: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    STORE_U: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
+):
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # The epilogue recomputes its tile's coordinates from a counter of its own, so that nothing it uses depends on
+    # the main loop's index once the compiler has flattened both loops into one pipeline.
+    tile_id_c = start - NUM_SMS
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            xt = x_desc.load([off_m, off_k])
+            if W_K_MAJOR:
+                wt = w_desc.load([off_n, off_k]).T
+            else:
+                wt = w_desc.load([off_k, off_n])
+            if DOT_FP32:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc)
+            if FUSE_SHRINK:
+                at = a_desc.load([0, off_k]).T
+                if DOT_FP32:
+                    at = at.to(tl.float32)
+                u = tl.dot(xt, at, u)
+
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not FUSE_SHRINK:
+            offs_r = tl.arange(0, BLOCK_R)
+            u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+            u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+        acc = _low_rank_epilogue(
+            acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
+            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+            BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
+        )  # fmt: skip
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+class TmaTiles(NamedTuple):
+    """One launch configuration of the persistent kernel (a candidate ``lora_linear`` times on the GPU)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fuse_shrink: bool
+    group_m: int = 8
+
+
+def tma_candidates(fusable: bool) -> tuple[TmaTiles, ...]:
+    """Tiles to time on an H100-class GPU: wgmma-sized output tiles with 8 warps whose pipelined x and W stages
+    fit the ~227 KB of shared memory (128 x 256 x 64 in 3 stages: 144 KB, 186 KB with the epilogue's), each with the
+    shrink fused (when the adapter reads x) and from cuBLAS. On triton 3.9, 128 x 128 with 4 warps and 256 x 128 with
+    8 spilled; tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma without spills. Under the
+    interpreter: one small tile, fused when possible."""
+    if INTERPRET:
+        return (TmaTiles(32, 32, 32, 4, 1, fusable, 2),)
+    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4))
+    fuse = (True, False) if fusable else (False,)
+    return tuple(TmaTiles(*s, f) for f in fuse for s in shapes)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """A TMA operand: unit inner stride, 16-byte aligned base and row stride."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def tma_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the persistent kernel may run: 16-bit operands on a GPU with TMA (sm_90 and up; any device under the
+    interpreter), x (M, K) and the weight (N, K), either way round, with 16-byte aligned rows."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if x.device.type == "cuda":
+        if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())[0] < 9:
+            return False
+    elif not (INTERPRET and x.device.type == "cpu"):
+        return False
+    return _aligned(x) and (_aligned(weight) or _aligned(weight.t()))
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def lora_linear_tma_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: torch.Tensor,
+    rank_adapter: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapter_ids: torch.Tensor | None,
+    x_lora: torch.Tensor | None,
+    y: torch.Tensor,
+    u_out: torch.Tensor | None,
+    tiles: TmaTiles,
+) -> None:
+    """Launch the persistent kernel into ``y`` (M, N) (and ``u_out`` (M, R) when given), shapes as
+    ``lora_linear.lora_linear_fwd`` (its torch twin, ``lora_linear_fwd_reference``, is this path's too; x_lora: the
+    adapter's input under dropout, or None for x). Needs ``tma_fits(x, weight)``; the shrink is fused only when
+    ``tiles.fuse_shrink``, the adapter reads x and A_cat's rows are aligned, else ``x_lora A_cat^T`` comes from
+    cuBLAS."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    if M == 0:
+        return
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    block_r = max(16, next_pow2(R))
+    fuse = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)
+    k_major = _aligned(weight)
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(*((weight, [bn, bk]) if k_major else (weight.t(), [bk, bn])))
+    a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, bk]) if fuse else x_desc
+    u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
+    interp = x.device.type != "cuda"
+    num_sms = 2 if interp else _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    num_tiles = cdiv(M, bm) * cdiv(N, bn)
+    dummy = y  # never dereferenced: the matching constexpr switch is off
+    u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
+    _lora_linear_tma_fwd_kernel[(min(num_sms, num_tiles),)](
+        x_desc, w_desc, a_desc,
+        lora_B, u_in_t, bias if bias is not None else dummy,
+        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
+        M, N, K, R,
+        lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
+        u_out_t.stride(0), u_out_t.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=num_sms,
+        W_K_MAJOR=k_major, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, HAS_IDS=adapter_ids is not None,
+        STORE_U=u_out is not None, DOT_FP32=interp, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip

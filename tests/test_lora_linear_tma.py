@@ -1,0 +1,168 @@
+"""``lora_linear``'s ``path="persistent"`` (kernels/lora_linear_tma.py: persistent grid, TMA descriptors, the LoRA
+term in the epilogue) against the fp64 oracle, forward and every gradient, and the large-M choice that times it
+against ``"composition"``.
+
+CPU tier: the kernel runs in the interpreter with a 32 x 32 x 32 tile on 2 "SMs", so every case walks several output
+tiles per program, with odd M and N (zero-filled by the descriptors) and K a multiple of 8 (16-byte rows). A spy
+counts the kernel's launches: a test that silently fell back to another path fails. CUDA tier: in
+tests/test_lora_linear.py (bf16 error no larger than plain torch's, ``path="persistent"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from test_lora_linear import TOL, _check, _make, poison  # noqa: F401  (a fixture, used by every test here)
+
+from adapter_engine.kernels import lora_linear
+from adapter_engine.kernels.lora_linear_tma import TmaTiles, _aligned, tma_fits
+
+ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+HALF = [torch.float16, torch.bfloat16]
+pytestmark = pytest.mark.usefixtures("poison")  # kernel outputs start as NaN
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The persistent kernel's launches, as (M, N, K, weight K-major, fused shrink) per call."""
+    seen = []
+    real = ll.lora_linear_tma_fwd
+
+    def spy(x, weight, lora_A, lora_B, *args):
+        tiles = args[-1]
+        x_lora = args[4]
+        fused = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)  # as the launcher decides
+        seen.append((x.shape[0], weight.shape[0], x.shape[1], weight.stride(-1) == 1, fused))
+        return real(x, weight, lora_A, lora_B, *args)
+
+    monkeypatch.setattr(ll, "lora_linear_tma_fwd", spy)
+    return seen
+
+
+CASES = [  # (rows, K, N, ranks, bias): odd M and N, K a multiple of 8; N a multiple of 8 lets dx take the kernel too
+    ((37,), 40, 45, [8], True),
+    ((3, 23), 72, 64, [1], False),
+    ((70,), 48, 104, [64], True),
+    ((5,), 16, 33, [16, 4], True),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}r{'+'.join(map(str, c[3]))}")
+def test_persistent_forward_and_gradients(launches, case, dtype):
+    lead, K, N, ranks, bias = case
+    x, w, b, As, Bs = _make(lead, K, N, ranks, dtype, bias)
+    scales = [0.75, -1.5][: len(ranks)]
+    _check(x, w, b, As, Bs, scales, dtype, path="persistent")
+    M = x.numel() // K
+    assert launches[0] == (M, N, K, True, True)  # the forward: W (N, K) as it is, the shrink fused
+    # dx = dy W + du A_cat on the same kernel when dy's rows are 16-byte aligned: W read as its transpose, du from
+    # cuBLAS (B_cat^T is not row-contiguous)
+    assert launches[1:] == ([(M, K, N, False, False)] if N % 8 == 0 else [])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_persistent_mixed_ids_fan_in_fan_out_and_dropout(launches, dtype):
+    """Mixed adapter ids (incl. -1, one adapter absent), the Conv1D weight layout (read transposed in the forward)
+    and dropout (the adapter input differs from x: the shrink comes from cuBLAS)."""
+    x, w, b, As, Bs = _make((2, 17), 32, 40, [8, 1, 16], dtype, fifo=True)
+    ids = torch.randint(-1, 2, (2, 17))  # adapter 2 absent
+    _, grads = _check(x, w, b, As, Bs, [0.5, 2.0, 1.0], dtype, adapter_ids=ids, fan_in_fan_out=True,
+                      path="persistent")  # fmt: skip
+    assert torch.count_nonzero(grads[3 + 2]) == 0  # lora_A of the absent adapter
+    assert launches[0] == (34, 40, 32, False, True)
+    launches.clear()
+    torch.manual_seed(0)
+    y = lora_linear(x, w, As, Bs, [0.5, 2.0, 1.0], b, adapter_ids=ids, fan_in_fan_out=True, dropout=0.5,
+                    training=True, path="persistent")  # fmt: skip
+    torch.manual_seed(0)
+    y_ref = ll.lora_linear_reference(x, w, As, Bs, [0.5, 2.0, 1.0], b, adapter_ids=ids, fan_in_fan_out=True,
+                                     dropout=0.5, training=True)  # fmt: skip
+    assert launches[0][-1] is False  # not fused: u = dropout(x) A^T from cuBLAS
+    assert (y.double() - y_ref.double()).abs().max() <= TOL[dtype] * y_ref.abs().max().double()
+
+
+def test_persistent_falls_back_where_tma_cannot_run(launches):
+    """fp32, rows that are not 16-byte aligned (K = 45 in bf16) and non-contiguous rows take ``"epilogue"``, the same
+    math on pointer loads, with the same results."""
+    x, w, b, As, Bs = _make((9,), 45, 24, [8], torch.bfloat16)
+    assert not tma_fits(x, w)
+    _check(x, w, b, As, Bs, [1.0], torch.bfloat16, path="persistent")
+    x32, w32, b32, As32, Bs32 = _make((9,), 48, 24, [8], torch.float32)
+    assert not tma_fits(x32, w32)
+    _check(x32, w32, b32, As32, Bs32, [1.0], torch.float32, path="persistent")
+    wide = _make((9,), 96, 24, [8], torch.bfloat16)[0]
+    assert tma_fits(wide[:, :48].contiguous(), w32.bfloat16()) and not tma_fits(wide[:, ::2], w32.bfloat16())
+    assert launches == []
+
+
+def test_empty_batch(launches):
+    x, w, b, As, Bs = _make((0,), 32, 24, [8], torch.bfloat16)
+    y = lora_linear(x, w, As[0], Bs[0], 1.0, b, path="persistent")
+    assert y.shape == (0, 24)
+
+
+def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launches):
+    """Above ``fused_max_m`` rows ``"auto"`` times ``"composition"`` against the persistent tiles once per shape and
+    keeps the faster (here a CPU timer with made-up costs); without timing (``ADAPTER_ENGINE_AUTOTUNE=0``) it keeps
+    ``"composition"``, the measured choice of the first H100 runs."""
+    import triton
+
+    slow, fast = TmaTiles(32, 32, 32, 4, 1, True, 2), TmaTiles(16, 32, 16, 4, 1, False, 2)
+    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable: ("composition", slow, fast))
+    monkeypatch.setattr(ll, "_LARGE_M", {})
+    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
+    timed = []
+
+    def fake_do_bench(fn, warmup, rep):
+        n = len(launches)
+        fn()
+        timed.append(launches[n:])
+        return {0: 2.0, 1: 3.0, 2: 1.0}[len(timed) - 1]  # composition, slow, fast
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            launches.clear()
+            y = lora_linear(x, w, As[0], Bs[0], 0.5, b)
+            assert launches[-1] == (19, 40, 32, True, False)  # the fast tiles ran (unfused shrink)
+        assert len(timed) == 3 and timed[0] == []  # composition launched no kernel; timed once only
+        want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
+        assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
+        monkeypatch.setattr(ll, "AUTOTUNE", False)
+        launches.clear()
+        lora_linear(x, w, As[0], Bs[0], 0.5, b)  # same key: the choice is remembered
+        assert launches == [(19, 40, 32, True, False)]
+        launches.clear()
+        lora_linear(x[:, :24].contiguous(), w[:, :24].contiguous(), As[0][:, :24].contiguous(), Bs[0], 0.5, b)
+        assert launches == [] and len(timed) == 3  # a new shape, untimed: "composition"
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA tier
+@pytest.mark.cuda
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["weight-as-stored", "conv1d-layout"])
+@pytest.mark.parametrize("M", [256, 2048])
+def test_cuda_persistent_bf16_no_worse_than_torch(launches, M, fan_in_fan_out):
+    """bf16 4096 -> 11008, one adapter of rank 16 with a bias (forward) and dx = dy W + du A (backward) on the
+    persistent kernel: the relative error of y and every gradient against fp64 is at most 1.02x plain torch bf16's
+    (the kernel rounds y once; torch's order rounds x W^T, u B^T and their sum)."""
+    from test_lora_linear import _oracle, _rel_err, _run
+
+    dev, dt, K, N = "cuda", torch.bfloat16, 4096, 11008
+    x, w, b, As, Bs = _make((M,), K, N, [16], dt, fifo=fan_in_fan_out)
+    x = x.detach().to(dev).requires_grad_()
+    w, b = w.detach().to(dev), b.detach().to(dev)
+    A, B = As[0].detach().to(dev).requires_grad_(), Bs[0].detach().to(dev).requires_grad_()
+    dy = torch.randn(M, N, device=dev, dtype=torch.float64)
+    kw = dict(fan_in_fan_out=fan_in_fan_out)
+    y, grads = _run(lora_linear, x, w, b, A, B, 2.0, dy, path="persistent", **kw)
+    assert [launch[3:] for launch in launches] == [(not fan_in_fan_out, True), (False, False)]
+    y_t, grads_t = _run(ll.lora_linear_reference, x, w, b, A, B, 2.0, dy, **kw)
+    y64, grads64 = _oracle(x, w, b, A, B, 2.0, dy, **kw)
+    for what, got, plain, want in [("y", y, y_t, y64), *(("grad", *t) for t in zip(grads, grads_t, grads64))]:
+        e, e_t = _rel_err(got, want), _rel_err(plain, want)
+        assert e <= e_t * 1.02 + 1e-6, f"{what}: persistent error {e:.3g} > 1.02 x torch bf16 error {e_t:.3g}"
