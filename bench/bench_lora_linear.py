@@ -33,8 +33,8 @@ ROWS = pick([1, 16, 256, 4096, 16384], [1, 16])
 TRAIN_ROWS = pick([256, 4096, 16384], [16])
 MIXED_ROWS = pick([16, 256, 4096], [16, 80])
 MIXED_ADAPTERS = pick([4, 16], [4, 16])
-MIXED_PROVIDERS = ["bare", "engine_one", "engine", "engine_segmented", "engine_masked", "peft", "train_engine_one",
-                   "train_engine", "train_engine_masked"]  # fmt: skip
+MIXED_PROVIDERS = ["bare", "engine_one", "engine", "engine_segmented", "engine_masked", "engine_persistent", "peft",
+                   "train_engine_one", "train_engine", "train_engine_masked"]  # fmt: skip
 FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "engine_persistent",
                  "composition", "peft"]  # fmt: skip
 TRAIN_PROVIDERS = ["bare", "engine", "engine_persistent", "composition", "peft"]
@@ -206,6 +206,7 @@ def bench_lora_linear_mixed_batch(benchmark, layer_cache, n_adapters, M, provide
         "engine": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids),
         "engine_segmented": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path="segmented"),
         "engine_masked": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path=masked),
+        "engine_persistent": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path="persistent"),
         "peft": lambda: peft_layer(x, adapter_names=names),
     }
     if provider == "bare":

@@ -1,8 +1,13 @@
-"""Whole-model LoRA serving (issue 3): a Llama-shaped model (hidden 4096, 4 layers, q/k/v/o/gate/up/down, r=16,
-bf16) on 16 x 256 tokens. Providers: ``bare`` (no adapter), ``engine_one`` (one adapter for every row),
-``engine_mixed`` (4 resident adapters, each sequence routed to one of them or to none, one fused forward per
-layer), ``peft_one`` and ``peft_mixed`` (PEFT with ``adapter_names=``, which loops over the adapters).
-Target (H100): the mixed batch at most 1.10x the bare model; PEFT measured 2.19x (NOTES.md)."""
+"""Whole-model LoRA serving (issue 3): a Llama-shaped model (hidden 4096, 4 layers, q/k/v/o/gate/up/down, r=16, bf16) on
+16 x 256 tokens. Providers: ``bare`` (no adapter), ``engine_one`` (one adapter for every row), ``engine_mixed`` (4
+resident adapters, each sequence routed to one of them or to none, one fused forward per layer: the segmented
+kernels), ``engine_mixed_masked`` (the same batch on the masked stacked-rank path, which above 64 rows times the
+persistent TMA GEMM, adapter ids applied in its epilogue, against cuBLAS ``"composition"``: y written once, against
+the segmented path's extra pass over y; to settle ``DISPATCH`` for mixed batches), ``peft_one`` and ``peft_mixed``
+(PEFT with ``adapter_names=``, which loops over the adapters). Target (H100): the mixed batch at most 1.10x the bare
+model; PEFT measured 2.19x (NOTES.md)."""
+
+import importlib
 
 import pytest
 import torch
@@ -49,8 +54,10 @@ def _peft():
     return _MODELS["peft"]
 
 
-@pytest.mark.parametrize("provider", ["bare", "engine_one", "engine_mixed", "peft_one", "peft_mixed"])
-def bench_lora_model_mixed_batch(benchmark, provider):
+@pytest.mark.parametrize(
+    "provider", ["bare", "engine_one", "engine_mixed", "engine_mixed_masked", "peft_one", "peft_mixed"]
+)
+def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
     batch, seq = pick((16, 256), (5, 8))
     ids = torch.randint(0, 100, (batch, seq), device=device())
     routes = [None if i % (N_ADAPTERS + 1) == N_ADAPTERS else f"a{i % (N_ADAPTERS + 1)}" for i in range(batch)]
@@ -66,7 +73,10 @@ def bench_lora_model_mixed_batch(benchmark, provider):
 
     else:
         model = _engine()
-        spec = {"bare": None, "engine_one": "a0", "engine_mixed": routes}[provider]
+        spec = {"bare": None, "engine_one": "a0", "engine_mixed": routes, "engine_mixed_masked": routes}[provider]
+        if provider == "engine_mixed_masked":
+            dispatch = importlib.import_module("adapter_engine.kernels.lora_linear").DISPATCH
+            monkeypatch.setattr(dispatch, "segmented_min_adapters", N_ADAPTERS + 1)
 
         def run():
             with ae.use_adapters(spec):

@@ -49,7 +49,7 @@ if [[ "$parts" == *" demo "* ]]; then
 fi
 [[ "$parts" == *" tune "* ]] && (cd bench && step tune_merge 90 "$py" tune_merge.py "$out/tune_merge.json")
 # bottleneck and serving: the stack forward times its candidate tiles per new shape (about 25 compiles in all)
-for b in merge:60 merge_model:60 lora_linear:210 lora_model:90 bottleneck:240 serving:180; do
+for b in merge:60 merge_model:60 lora_linear:210 lora_model:120 bottleneck:240 serving:180; do
     [[ "$parts" == *" ${b%%:*} "* ]] || continue
     step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
         --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds

@@ -423,12 +423,12 @@ _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all laun
 _LARGE_M: dict[tuple, str | TmaTiles] = {}  # timing key -> "composition" or the persistent kernel's fastest tiles
 
 
-def _large_m_candidates(path: str, fusable: bool) -> tuple[str | TmaTiles, ...]:
+def _large_m_candidates(path: str, fusable: bool, block_r: int) -> tuple[str | TmaTiles, ...]:
     """What ``_large_m_choice`` times: the persistent kernel's tiles, after ``"composition"`` for ``"timed"``
     (only ``"composition"`` under the interpreter, which has no GPU timer)."""
     if path == "persistent":
-        return tma_candidates(fusable)
-    return ("composition",) if INTERPRET else ("composition", *tma_candidates(fusable))
+        return tma_candidates(fusable, block_r)
+    return ("composition",) if INTERPRET else ("composition", *tma_candidates(fusable, block_r))
 
 
 def _large_m_choice(
@@ -440,14 +440,15 @@ def _large_m_choice(
     ``"timed"`` measures ``"composition"`` (the untimed choice) against the persistent kernel's tiles once per shape
     and keeps the faster; forced ``"persistent"`` times its own tiles. Timing runs on the GPU (any device when a
     test hands ``do_bench`` a CPU timer) with ``ADAPTER_ENGINE_AUTOTUNE`` on and never during CUDA-graph capture;
-    otherwise the first candidate runs. The kernel is only offered where :func:`tma_fits`; forced ``"persistent"``
-    falls back to ``"epilogue"`` (the same math on pointer loads) elsewhere."""
-    if not tma_fits(x, weight):
-        return ("epilogue" if path == "persistent" else "composition"), None
+    otherwise the first candidate runs. The kernel is only offered where :func:`tma_fits` (aligned 16-bit rows, a
+    stacked rank tile of at most 64); forced ``"persistent"`` falls back to ``"epilogue"`` (the same math on pointer
+    loads) elsewhere."""
     M = x.shape[0]
     N, R = lora_B.shape
+    if not tma_fits(x, weight, R):
+        return ("epilogue" if path == "persistent" else "composition"), None
     fusable = x_lora is None
-    candidates = _large_m_candidates(path, fusable)
+    candidates = _large_m_candidates(path, fusable, max(16, next_pow2(R)))
     key = (
         path, min(next_pow2(M), 1 << 16), N, x.shape[1], R, x.dtype, weight.stride(-1) == 1, lora_A.stride(-1) == 1,
         bias is not None, adapter_ids is not None, fusable, store_u, shared_scale is None,

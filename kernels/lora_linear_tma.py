@@ -150,15 +150,21 @@ class TmaTiles(NamedTuple):
     group_m: int = 8
 
 
-def tma_candidates(fusable: bool) -> tuple[TmaTiles, ...]:
-    """Tiles to time on an H100-class GPU: wgmma-sized output tiles with 8 warps whose pipelined x and W stages
-    fit the ~227 KB of shared memory (128 x 256 x 64 in 3 stages: 144 KB, 186 KB with the epilogue's), each with the
-    shrink fused (when the adapter reads x) and from cuBLAS. On triton 3.9, 128 x 128 with 4 warps and 256 x 128 with
-    8 spilled; tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma without spills. Under the
-    interpreter: one small tile, fused when possible."""
+# The widest stacked rank (BLOCK_R) the kernel takes: its (BLOCK_M, BLOCK_R) fp32 u and the epilogue's B tile share
+# the registers of the 128-row accumulator. Wider stacks (several adapters of rank 64 and up) stay on cuBLAS.
+TMA_MAX_BLOCK_R = 64
+
+
+def tma_candidates(fusable: bool, block_r: int = 16) -> tuple[TmaTiles, ...]:
+    """Tiles to time on an H100-class GPU for a stacked rank tile ``block_r`` (<= ``TMA_MAX_BLOCK_R``): wgmma-sized
+    output tiles with 8 warps whose pipelined x and W stages fit the ~227 KB of shared memory (128 x 256 x 64 in
+    3 stages: 144 KB, 186 KB with the epilogue's), each with the shrink fused (when the adapter reads x) and from
+    cuBLAS. 128 x 256 only at rank tile 16: from 32 on (with adapter ids) it spills on triton 3.9, as 128 x 128 with
+    4 warps and 256 x 128 with 8 do at 16. tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma
+    without spills. Under the interpreter: one small tile, fused when possible."""
     if INTERPRET:
         return (TmaTiles(32, 32, 32, 4, 1, fusable, 2),)
-    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4))
+    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4)) if block_r <= 16 else ((128, 128, 64, 8, 4),)
     fuse = (True, False) if fusable else (False,)
     return tuple(TmaTiles(*s, f) for f in fuse for s in shapes)
 
@@ -168,9 +174,12 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
-def tma_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, rank: int = 16) -> bool:
     """Whether the persistent kernel may run: 16-bit operands on a GPU with TMA (sm_90 and up; any device under the
-    interpreter), x (M, K) and the weight (N, K), either way round, with 16-byte aligned rows."""
+    interpreter), x (M, K) and the weight (N, K), either way round, with 16-byte aligned rows, and a stacked rank
+    ``rank`` (R) whose tile is at most ``TMA_MAX_BLOCK_R``."""
+    if max(16, next_pow2(rank)) > TMA_MAX_BLOCK_R:
+        return False
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     if x.device.type == "cuda":

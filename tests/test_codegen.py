@@ -363,8 +363,8 @@ def test_segmented_weight_gradient_reads_whole_rows_of_u(rank_tile):
 # --------------------------------------------------------------------------------- persistent LoRA kernel (TMA)
 # lora_linear's path="persistent" only pays if its main loop is Hopper-grade: wgmma fed by TMA copies, several
 # wgmma groups in flight (the K loop software-pipelined), and no spills. Every tile the large-M timing may pick
-# (kernels/lora_linear_tma.py::tma_candidates), the shrink fused or not, at the benchmark's 4096 x 11008, rank 16,
-# bf16, with the launcher's specialisation (divisible sizes and strides, unit inner strides).
+# (kernels/lora_linear_tma.py::tma_candidates), the shrink fused or not, bf16, with the launcher's specialisation
+# (divisible sizes and strides, unit inner strides): one adapter of rank 16, and a mixed batch of 4 (rank tile 64).
 _LORA_TMA = _RESOURCES + textwrap.dedent(
     """
     import json, re, sys
@@ -373,15 +373,15 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
     from triton.compiler import ASTSource
     from adapter_engine.kernels.lora_linear_tma import _lora_linear_tma_fwd_kernel as kernel, tma_candidates
 
-    k_major = sys.argv[1] == "1"
+    k_major, block_r, has_ids = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3] == "1"
     ones = ("stride_br", "stride_uir", "stride_yn", "stride_uor")
     builds = []
-    for tiles in tma_candidates(True):
+    for tiles in tma_candidates(True, block_r):
         bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-        constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=tiles.group_m, NUM_SMS=132,
-                         W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=False,
+        constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=132,
+                         W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=has_ids,
                          STORE_U=True, DOT_FP32=False)
-        descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [16, bk]}
+        descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [block_r, bk]}
         signature, attrs = {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in constants or arg in ones:
@@ -411,15 +411,16 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
 @pytest.mark.parametrize("k_major", [True, False], ids=["weight-as-stored", "weight-transposed"])
-def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major):
+def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, block_r, has_ids):
     """``weight-transposed``: the Conv1D layout and the backward's dx = dy W (W read as (K, N) tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _LORA_TMA, "1" if k_major else "0"], capture_output=True, text=True,
-                         env=env, timeout=600)  # fmt: skip
+    args = [sys.executable, "-c", _LORA_TMA, str(int(k_major)), str(block_r), str(int(has_ids))]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     builds = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(builds) == 4
+    assert len(builds) == (4 if block_r == 16 else 2)
     for build in builds:
         assert build["wgmma"] > 0 and build["mma_sync"] == 0, build
         assert build["tma_loads"] > 0, build  # x and W (and A_cat when fused) arrive by TMA

@@ -85,8 +85,8 @@ def test_persistent_mixed_ids_fan_in_fan_out_and_dropout(launches, dtype):
 
 
 def test_persistent_falls_back_where_tma_cannot_run(launches):
-    """fp32, rows that are not 16-byte aligned (K = 45 in bf16) and non-contiguous rows take ``"epilogue"``, the same
-    math on pointer loads, with the same results."""
+    """fp32, rows that are not 16-byte aligned (K = 45 in bf16), non-contiguous rows and stacked ranks over 64 take
+    ``"epilogue"``, the same math on pointer loads, with the same results."""
     x, w, b, As, Bs = _make((9,), 45, 24, [8], torch.bfloat16)
     assert not tma_fits(x, w)
     _check(x, w, b, As, Bs, [1.0], torch.bfloat16, path="persistent")
@@ -95,6 +95,9 @@ def test_persistent_falls_back_where_tma_cannot_run(launches):
     _check(x32, w32, b32, As32, Bs32, [1.0], torch.float32, path="persistent")
     wide = _make((9,), 96, 24, [8], torch.bfloat16)[0]
     assert tma_fits(wide[:, :48].contiguous(), w32.bfloat16()) and not tma_fits(wide[:, ::2], w32.bfloat16())
+    x, w, b, As, Bs = _make((9,), 48, 24, [64, 8], torch.bfloat16)  # stacked rank 72: a 128-wide rank tile
+    assert tma_fits(x, w, 64) and not tma_fits(x, w, 72)
+    _check(x, w, b, As, Bs, [1.0, 0.5], torch.bfloat16, path="persistent")
     assert launches == []
 
 
@@ -111,7 +114,7 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
     import triton
 
     slow, fast = TmaTiles(32, 32, 32, 4, 1, True, 2), TmaTiles(16, 32, 16, 4, 1, False, 2)
-    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable: ("composition", slow, fast))
+    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r: ("composition", slow, fast))
     monkeypatch.setattr(ll, "_LARGE_M", {})
     monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
     timed = []
