@@ -1,6 +1,7 @@
-"""The low-rank epilogue shared by the LoRA GEMM kernels (``lora_linear.py``'s tiled kernel and the persistent TMA
-kernel of ``lora_linear_tma.py``): one output tile's fp32 accumulator ``acc = x W^T`` receives the adapters' term
-and the bias while still in fp32, so the tile is rounded once at its store::
+"""Helpers shared by the LoRA GEMM kernels (``lora_linear.py``'s tiled kernel and the persistent TMA kernel of
+``lora_linear_tma.py``): the grouped tile order, and the low-rank epilogue, where one output tile's fp32
+accumulator ``acc = x W^T`` receives the adapters' term and the bias while still in fp32, so the tile is rounded
+once at its store::
 
     u   <- (u * C) rounded to the output dtype     C[m, r] = rank_scale[r] where the row's adapter owns column r
     acc <- acc + u B_cat^T + bias
@@ -11,6 +12,18 @@ and the bias while still in fp32, so the tile is rounded once at its store::
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile_id`` in grouped order (Triton tutorial 03): GROUP_M row blocks sweep the N tiles
+    together, so the W columns they share stay in L2. Returns (pid_m, pid_n)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2, use_triton
-from .lora_epilogue import _low_rank_epilogue
+from .lora_epilogue import _grouped_tile, _low_rank_epilogue
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, tma_candidates, tma_fits
 from .lora_segmented import (
@@ -166,16 +166,7 @@ def _lora_linear_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs on the GPU (no silent TF32)
     EVEN_K: tl.constexpr,
 ):
-    # Grouped ordering (Triton tutorial 03): GROUP_M row blocks sweep the N tiles together so W stays in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -33,18 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._backend import INTERPRET, cdiv, next_pow2
-from .lora_epilogue import _low_rank_epilogue
-
-
-@triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Output tile ``tile_id`` in grouped order: GROUP_M row blocks sweep the N tiles together (W stays in L2)."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (tile_id % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+from .lora_epilogue import _grouped_tile, _low_rank_epilogue
 
 
 @triton.jit
