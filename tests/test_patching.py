@@ -517,3 +517,22 @@ def test_cuda_bf16_patched_model_error_within_torch_bf16(kind, tmp_path):
         err_fused = (out(model, batch).double() - ref).abs().max().item()
         err_eager = (out(eager16, batch).double() - ref).abs().max().item()
     assert err_fused <= 1.1 * err_eager + 1e-3, (err_fused, err_eager)
+
+
+def test_lora_layers_read_factor_weights_as_module_attributes_would():
+    """The LoRA layers collect their factors from the module dicts directly (a host-time shortcut on every
+    forward): the same parameter objects as ``lora_A[name].weight``, in the order asked, and a parametrized weight
+    (computed on access, not a plain parameter) read the usual way."""
+    from torch.nn.utils import parametrize
+
+    from adapter_engine.lora import _weights
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    factors = nn.ModuleDict({"a": nn.Linear(4, 2, bias=False), "b": nn.Linear(4, 2, bias=False)})
+    parametrize.register_parametrization(factors["b"], "weight", Doubled())
+    got = _weights(factors, ["b", "a"])
+    assert got[1] is factors["a"].weight
+    assert torch.equal(got[0], 2 * factors["b"].parametrizations.weight.original)
