@@ -169,3 +169,25 @@ def test_cuda_persistent_bf16_no_worse_than_torch(launches, M, fan_in_fan_out):
     for what, got, plain, want in [("y", y, y_t, y64), *(("grad", *t) for t in zip(grads, grads_t, grads64))]:
         e, e_t = _rel_err(got, want), _rel_err(plain, want)
         assert e <= e_t * 1.02 + 1e-6, f"{what}: persistent error {e:.3g} > 1.02 x torch bf16 error {e_t:.3g}"
+
+
+def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches):
+    """A GPU on which no candidate tile builds (too much shared memory: every timing raises) gets ``"epilogue"``
+    for a forced ``"persistent"``, with correct results, instead of an error at the real launch."""
+    import triton
+
+    tile = TmaTiles(32, 32, 32, 4, 1, True, 2)
+    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r: (tile, tile._replace(block_m=16)))
+    monkeypatch.setattr(ll, "_LARGE_M", {})
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+
+    def out_of_resources(fn, warmup, rep):
+        raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(triton.testing, "do_bench", out_of_resources)
+    x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.bfloat16)
+    with torch.no_grad():
+        y = lora_linear(x, w, As[0], Bs[0], 0.5, b, path="persistent")
+    assert launches == []
+    want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
+    assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
