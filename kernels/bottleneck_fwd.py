@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, cdiv, fastest, next_pow2
+from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2
 from .bottleneck_gemm import prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
@@ -597,6 +597,6 @@ def uniform_levels(routes: torch.Tensor, level_adapters=None, may_read: bool = T
         return tuple(int(used[0]) if len(used) else -1 for used in level_adapters)
     if not may_read or torch.compiler.is_compiling():
         return None
-    if routes.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(routes):
         return None
     return tuple(int(a) if a >= 0 else -1 for a in routes[0].tolist()) if routes.shape[0] else None

@@ -42,6 +42,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ._backend import capturing
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
@@ -89,8 +90,7 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     # under torch.inference_mode, they are taken as unchanged while they live)
     versions = tuple(-1 if t.is_inference() else t._version for t in packed[:4])
     dev = packed.wd.device
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()  # (a graph would only record them)
-    cacheable = not capturing and not any(t.requires_grad for t in packed[:4])
+    cacheable = not capturing(packed.wd) and not any(t.requires_grad for t in packed[:4])
     hit = _OPERANDS.get(key) if cacheable else None
     if hit is not None and hit[0] == versions:
         return hit[1]

@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from ._backend import FLOAT_DTYPES, check_float_dtype, check_same_device
+from ._backend import FLOAT_DTYPES, capturing, check_float_dtype, check_same_device
 from .lora_segmented import SegmentPlan, plan_segments
 
 
@@ -184,8 +184,7 @@ def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, Segme
     """
     n = len(ranks)
     key = None
-    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and not capturing:
+    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and not capturing(x):
         key = (id(adapter_ids), adapter_ids._version, tuple(x.shape[:-1]), n, x.device)
         hit = _SEGMENTS.get(key)
         if hit is not None and hit[0]() is adapter_ids:

@@ -65,7 +65,7 @@ import triton.language as tl
 from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2, use_triton
 from .lora_epilogue import _grouped_tile, _low_rank_epilogue
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
-from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, tma_candidates, tma_fits
+from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, rank_tile, tma_candidates, tma_fits
 from .lora_segmented import (
     SegmentPlan,
     lora_segmented_bwd,
@@ -351,18 +351,16 @@ def lora_linear_fwd(
         path, tiles = _large_m_choice(
             path, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u, shared_scale
         )
-    if tiles is not None:
-        y = _alloc((M, N), x)
-        u_out = _alloc((M, R), x) if store_u else None
-        args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, tiles)
-        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
-        return y, u_out
     if path in ("addmm", "composition"):
         return _torch_paths(
             x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path, shared_scale
         )
     y = _alloc((M, N), x)
     u_out = _alloc((M, R), x) if store_u else None
+    if tiles is not None:
+        args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, tiles)
+        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
+        return y, u_out
     if M == 0:
         return y, u_out
     fuse = path == "fused"
@@ -371,7 +369,7 @@ def lora_linear_fwd(
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
     meta = dict(
-        BLOCK_R=max(16, next_pow2(R)),
+        BLOCK_R=rank_tile(R),
         FUSE_SHRINK=fuse,
         HAS_BIAS=bias is not None,
         HAS_IDS=adapter_ids is not None,
@@ -439,13 +437,13 @@ def _large_m_choice(
     if not tma_fits(x, weight, R):
         return ("epilogue" if path == "persistent" else "composition"), None
     fusable = x_lora is None
-    candidates = _large_m_candidates(path, fusable, max(16, next_pow2(R)))
     key = (
         path, min(next_pow2(M), 1 << 16), N, x.shape[1], R, x.dtype, weight.stride(-1) == 1, lora_A.stride(-1) == 1,
         bias is not None, adapter_ids is not None, fusable, store_u, shared_scale is None,
     )  # fmt: skip
     choice = _LARGE_M.get(key)
     if choice is None:
+        candidates = _large_m_candidates(path, fusable, rank_tile(R))
         if len(candidates) == 1 or not AUTOTUNE or capturing(x):
             choice = candidates[0]
         else:

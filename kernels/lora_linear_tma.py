@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._backend import INTERPRET, cdiv, next_pow2
+from ._backend import INTERPRET, cdiv, dot_in_fp32, next_pow2
 from .lora_epilogue import _grouped_tile, _low_rank_epilogue
 
 
@@ -144,6 +144,11 @@ class TmaTiles(NamedTuple):
 TMA_MAX_BLOCK_R = 64
 
 
+def rank_tile(rank: int) -> int:
+    """BLOCK_R for a stacked rank R: the next power of two, at least 16 (the smallest dot the GPU does)."""
+    return max(16, next_pow2(rank))
+
+
 def tma_candidates(fusable: bool, block_r: int = 16) -> tuple[TmaTiles, ...]:
     """Tiles to time on an H100-class GPU for a stacked rank tile ``block_r`` (<= ``TMA_MAX_BLOCK_R``): wgmma-sized
     output tiles with 8 warps whose pipelined x and W stages fit the ~227 KB of shared memory (128 x 256 x 64 in
@@ -167,16 +172,20 @@ def tma_fits(x: torch.Tensor, weight: torch.Tensor, rank: int = 16) -> bool:
     """Whether the persistent kernel may run: 16-bit operands on a GPU with TMA (sm_90 and up; any device under the
     interpreter), x (M, K) and the weight (N, K), either way round, with 16-byte aligned rows, and a stacked rank
     ``rank`` (R) whose tile is at most ``TMA_MAX_BLOCK_R``."""
-    if max(16, next_pow2(rank)) > TMA_MAX_BLOCK_R:
+    if rank_tile(rank) > TMA_MAX_BLOCK_R:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     if x.device.type == "cuda":
-        if _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())[0] < 9:
+        if _capability(_cuda_index(x.device))[0] < 9:
             return False
     elif not (INTERPRET and x.device.type == "cpu"):
         return False
     return _aligned(x) and (_aligned(weight) or _aligned(weight.t()))
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
@@ -213,15 +222,15 @@ def lora_linear_tma_fwd(
     if M == 0:
         return
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    block_r = max(16, next_pow2(R))
+    block_r = rank_tile(R)
     fuse = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)
     k_major = _aligned(weight)
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(*((weight, [bn, bk]) if k_major else (weight.t(), [bk, bn])))
     a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, bk]) if fuse else x_desc
     u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
-    interp = x.device.type != "cuda"
-    num_sms = 2 if interp else _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    interp = dot_in_fp32(x)
+    num_sms = 2 if interp else _num_sms(_cuda_index(x.device))
     num_tiles = cdiv(M, bm) * cdiv(N, bn)
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
