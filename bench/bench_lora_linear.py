@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import device, median_ms, on_gpu, pick, timed
+from harness import cuda_graphed, device, median_ms, on_gpu, pick, timed
 
 from adapter_engine.kernels import lora_linear
 
@@ -115,21 +115,6 @@ def bench_lora_linear_forward(benchmark, layer_cache, shape, M, provider):
         _record(benchmark, fn, bare, ("fwd", shape, M), provider=provider, case=case, M=M, shape=list(shape))
 
 
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph (after warm-up, which also autotunes): replaying it costs the GPU work
-    alone, as under ``torch.compile(mode="reduce-overhead")`` or a serving engine's decode graphs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("provider", ["bare", "engine", "engine_epilogue", "composition", "peft"])
 @pytest.mark.parametrize("M", [1, 16, 256])
@@ -151,7 +136,7 @@ def bench_lora_linear_forward_graphed(benchmark, layer_cache, shape, M, provider
     }
     case = f"fwd graphed {shape[0]}x{shape[1]} M={M} r={RANK}"
     with torch.no_grad():
-        bare, fn = _graphed(fns["bare"]), _graphed(fns[provider])
+        bare, fn = cuda_graphed(fns["bare"]), cuda_graphed(fns[provider])
         _record(benchmark, fn, bare, ("graphed", shape, M), provider=provider, case=case, M=M, shape=list(shape))
 
 

@@ -125,6 +125,21 @@ def timed(
     return median
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up, which also autotunes): replaying it costs the GPU work
+    alone, as under ``torch.compile(mode="reduce-overhead")`` or a serving engine's decode graphs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def peak_memory_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int | None:
     if not on_gpu():
         return None

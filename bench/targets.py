@@ -77,11 +77,11 @@ def _ratio(bench: str, num: dict, den: dict, where: str = ""):
     return measure
 
 
-def _stack_ratio(model: str, setup: str):
+def _stack_ratio(model: str, setup: str, bench: str = "bench_model_forward"):
     """fused / bare of a whole-model forward (rows told apart by ``setup_name``, in every version of the bench)."""
 
     def measure(benchmarks):
-        rows = [r for r in _rows(benchmarks, "bench_model_forward") if str(r.get("case", "")).startswith(model)]
+        rows = [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
         fused, bare = _one(rows, setup_name=setup, provider="fused"), _one(rows, setup_name="bare")
         return (fused["median_ms"] / bare["median_ms"], f"{model}, {setup}") if fused and bare else None
 
@@ -143,6 +143,14 @@ TARGETS = [
     Target(4, "BERT-base, 1 adapter: fused / bare", 1.04, True, _stack_ratio("bert-base", "stack1")),
     Target(4, "BERT-base, 3 stacked: fused / bare", 1.10, True, _stack_ratio("bert-base", "stack3")),
     Target(4, "Llama-shaped, 3 stacked: fused / bare", 1.02, True, _stack_ratio("llama-4096x4", "stack3")),
+    *(  # diagnostic, not targets of their own: the same ratios with every provider replayed from a CUDA graph
+        Target(4, f"{what}, CUDA-graphed (GPU work alone): fused / bare", limit, True, _stack_ratio(m, s, graphed))
+        for what, limit, m, s, graphed in (
+            ("BERT-base, 1 adapter", 1.04, "bert-base", "stack1", "bench_model_forward_graphed"),
+            ("BERT-base, 3 stacked", 1.10, "bert-base", "stack3", "bench_model_forward_graphed"),
+            ("Llama-shaped, 3 stacked", 1.02, "llama-4096x4", "stack3", "bench_model_forward_graphed"),
+        )
+    ),
     Target(
         4,
         "training the top of 3: fused / eager (worst)",

@@ -6,8 +6,10 @@ lost to ``"composition"`` (cuBLAS ``F.linear``, then ``y.addmm_(u, B^T)``: one m
 the same math on the main loop Hopper wants:
 
   * a persistent grid: one program per SM walks output tiles ``NUM_SMS`` apart in grouped order (Triton tutorial
-    03's L2-friendly ordering); the tile loop and the K loop are flattened into one software pipeline, so the
-    next tile's first loads are in flight while this tile's epilogue runs;
+    03's L2-friendly ordering); only the K loop is software-pipelined. Flattening the tile loop into it (so the next
+    tile's first loads fly during this tile's epilogue) made ptxas serialize every wgmma of the K loop (C7515: the
+    epilogue's non-wgmma writes to the accumulator registers fall inside the flattened pipeline stage) in every
+    build without STORE_U, the inference forward included (triton 3.6, sm_90);
   * TMA: x, W (and A_cat when the shrink is fused) arrive through host-built tensor descriptors, whole tiles per
     copy, with out-of-range rows and columns zero-filled (odd M, N and K need no masks);
   * the low-rank term in the epilogue (``lora_epilogue._low_rank_epilogue``): ``u`` (BLOCK_M, R) is either
@@ -42,6 +44,7 @@ def _lora_linear_tma_fwd_kernel(
     x_desc,  # x: (M, K), block (BLOCK_M, BLOCK_K)
     w_desc,  # W_K_MAJOR: weight (N, K), block (BLOCK_N, BLOCK_K); else its transpose (K, N), block (BLOCK_K, BLOCK_N)
     a_desc,  # A_cat: (R, K), block (BLOCK_R, BLOCK_K); read when FUSE_SHRINK
+    y_desc,  # y: (M, N), block (BLOCK_M, BLOCK_N // 2); written when Y_TMA, else y goes out through y_ptr
     # pointers
     b_ptr,  # B_cat: (N, R)
     u_in_ptr,  # x A_cat^T precomputed: (M, R), unscaled; read when not FUSE_SHRINK
@@ -78,16 +81,17 @@ def _lora_linear_tma_fwd_kernel(
     HAS_IDS: tl.constexpr,
     STORE_U: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
+    Y_TMA: tl.constexpr,  # y's rows are 16-byte aligned: store the tile by TMA from shared memory
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    # The epilogue recomputes its tile's coordinates from a counter of its own, so that nothing it uses depends on
-    # the main loop's index once the compiler has flattened both loops into one pipeline.
+    # The epilogue recomputes its tile's coordinates from a counter of its own (harmless now that the loops are not
+    # flattened: see the module docstring).
     tile_id_c = start - NUM_SMS
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=False):  # flatten=True: serialized wgmma, see above
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -123,8 +127,17 @@ def _lora_linear_tma_fwd_kernel(
             pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
             BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
         )  # fmt: skip
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        if Y_TMA:
+            # Tutorial 09's subtiled epilogue: two (BLOCK_M, BLOCK_N / 2) TMA stores straight from the wgmma
+            # accumulator layout (stmatrix into shared memory). No layout conversion of the whole tile through shared
+            # memory, no per-element masks (TMA clips at M and N), and the copy completes while the next tile's K
+            # loop runs instead of holding this program's warps on global stores.
+            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], halves[0].to(y_desc.dtype))
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], halves[1].to(y_desc.dtype))
+        else:
+            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 class TmaTiles(NamedTuple):
@@ -228,6 +241,8 @@ def lora_linear_tma_fwd(
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(*((weight, [bn, bk]) if k_major else (weight.t(), [bk, bn])))
     a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, bk]) if fuse else x_desc
+    y_tma = _aligned(y)
+    y_desc = TensorDescriptor.from_tensor(y, [bm, bn // 2]) if y_tma else x_desc
     u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
     interp = dot_in_fp32(x)
     num_sms = 2 if interp else _num_sms(_cuda_index(x.device))
@@ -235,7 +250,7 @@ def lora_linear_tma_fwd(
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
     _lora_linear_tma_fwd_kernel[(min(num_sms, num_tiles),)](
-        x_desc, w_desc, a_desc,
+        x_desc, w_desc, a_desc, y_desc,
         lora_B, u_in_t, bias if bias is not None else dummy,
         adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
         M, N, K, R,
@@ -243,5 +258,5 @@ def lora_linear_tma_fwd(
         u_out_t.stride(0), u_out_t.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=num_sms,
         W_K_MAJOR=k_major, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, HAS_IDS=adapter_ids is not None,
-        STORE_U=u_out is not None, DOT_FP32=interp, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

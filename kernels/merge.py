@@ -44,19 +44,15 @@ from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, nex
 
 # ----------------------------------------------------------------------------------------------------- tuning
 # Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, W_STAGES) by the width of a launch's rank axis, from the sweep of
-# bench/tune_merge.py on an H100 (bf16, Llama-shaped 4 layers, bench/results/2026-11-26-h100-session2): one r=16
-# adapter: 32 x 128 x 1 reached 95.4% of the bandwidth floor (64 x 128 x 4: 74.8%); four (R=64): 64 x 128 x 4
-# reached 66.7% (32 x 128 x 1: 52.4%). The grouped kernel cannot be autotuned by re-running it: it updates
+# bench/tune_merge.py on an H100 (bf16, Llama-shaped 4 layers, r=16; bench/results/2026-11-27-h100-session7, after
+# the 16-byte B_cat loads found in the sm_90 build): one adapter: 32 x 128 x 1 reached 94.6% of the bandwidth floor
+# (98.9% in bench_merge's prepared plan), 64 x 128 x 4 74.9%; four (R=64): 64 x 128 x 4 with W_STAGES=3 reached
+# 90.6%, against 82.4% with 0, 84.2% with 2, 89.3% with 8 warps and 64.4% for 32 x 128 x 1 (bench_merge: 85.0%
+# with 0). W_STAGES software-pipelines the whole row-tile loop: with 2 or 3 the W tiles of the next row tiles are
+# cp.async copies in flight during this tile's dot and store; 0 or 1 leaves the loop to the kernel's num_stages,
+# which pipelines only the dot operand (B_cat). The grouped kernel cannot be autotuned by re-running it: it updates
 # weights behind pointer tables in place. ``TILE_OVERRIDE`` (a tuple like these) is for sweeps.
-# Both sweeps predate a fix found in the sm_90 build on a CPU: the rows of B_cat loaded as 2-byte scalars (the rank
-# mask was not known to be constant over 16-byte runs), 32 load instructions per thread and row tile at R=64 against
-# 8 for the W tile; with the hint they are 16-byte cp.async copies, pipelined over the row tiles. Re-sweep on a GPU.
-# The fifth entry, W_STAGES, software-pipelines the whole row-tile loop: with 2 or 3 the W tiles of the next row
-# tiles are cp.async copies in flight during this tile's dot and store (sm_90 build at R=64, 64 x 128 x 4, triton 3.6
-# and 3.9: the W tile's plain 16-byte loads become cp.async copies, no spills); 0 or 1 leaves the loop to the kernel's
-# num_stages, which pipelines only the dot operand (B_cat) and loads each W tile when it is reached. Untimed so far,
-# so the defaults keep 0.
-SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, 0), (64, 128, 4, 4, 0), None
+SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, 0), (64, 128, 4, 4, 3), None
 IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fused_training(monkeypatch):
+    """Bottleneck stacks that train run the fused kernels (forward and backward), not the eager modules that the
+    default dispatch picks for training (``adapter_engine.bottleneck.TRAIN_FUSED``): for the files that check the
+    fused backward through the patched models."""
+    import adapter_engine.bottleneck
+
+    monkeypatch.setattr(adapter_engine.bottleneck, "TRAIN_FUSED", True)

@@ -40,6 +40,9 @@ from adapter_engine.kernels.bottleneck import (
     pack_adapters,
 )
 
+# the fused backward stays covered here: training through the patched models takes it (see conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_training")
+
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 SEQ = StackOptions()  # seq_bn (Pfeiffer)
@@ -1038,6 +1041,38 @@ def test_training_the_top_adapter_matches_eager_gradients():
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 8
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4)
+
+
+def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
+    """``TRAIN_FUSED`` off (the default: the fused backward measured slower on an H100): a stack that autograd
+    records runs the eager modules, inference (no_grad, or nothing requiring grad) the fused op; and a frozen stack
+    whose input needs a gradient (a LoRA training below it) counts as training."""
+    import adapter_engine.bottleneck as bn
+
+    monkeypatch.setattr(bn, "TRAIN_FUSED", False)
+    calls = []
+    real = bn.bottleneck_stack
+    monkeypatch.setattr(bn, "bottleneck_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _tiny_bert()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    w = wrap_sublayer(model.encoder.layer[0], "output")
+    for n, a in _bert_adapters(48, ["a", "b"], SEQ).items():
+        a.requires_grad_(n == "b")
+        w.add_adapter(n, a)
+    w.set_active_stack(["a", "b"])
+    ids = torch.randint(0, 99, (2, 7))
+    model(input_ids=ids).last_hidden_state.sum().backward()
+    assert calls == [] and w.adapters["b"].adapter_up.weight.grad is not None  # trained, through the eager modules
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == [1]
+    w.adapters["b"].requires_grad_(False)
+    model(input_ids=ids)  # nothing requires grad: inference
+    assert calls == [1, 1]
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    w(x, torch.randn(2, 7, 48)).sum().backward()  # the input trains: eager
+    assert calls == [1, 1] and x.grad is not None
 
 
 @pytest.mark.parametrize("parallel", [False, True])

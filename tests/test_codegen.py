@@ -21,6 +21,7 @@ _COMPILE = textwrap.dedent(
     from adapter_engine.kernels.merge import LARGE_RANK_TILES, _merge_lora_kernel
 
     aligned, uniform, w_stages = sys.argv[1] == "1", sys.argv[2] == "1", int(sys.argv[3])
+    stages = w_stages or LARGE_RANK_TILES[4]
     signature = {
         "table": "*i64", "bad_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
         "adapter_offset": "i32", "scale_offset": "i32", "sign": "fp32", "stride_n": "i32", "stride_k": "i32",
@@ -30,7 +31,7 @@ _COMPILE = textwrap.dedent(
         "UNIFORM_SCALE": uniform, "CHECK_ONLY": False, "DOT_FP32": False, "DOT_PRECISION": "ieee",
         "MAX_ADAPTERS": 4, "BLOCK_R": 64, "BLOCK_N": LARGE_RANK_TILES[0],
         "BLOCK_K": LARGE_RANK_TILES[1], "ROW_TILES": LARGE_RANK_TILES[2],
-        "W_STAGES": (w_stages or LARGE_RANK_TILES[4]) or None,  # as the launcher: 0 = the kernel's num_stages
+        "W_STAGES": stages if stages > 1 else None,  # as the launcher: 0 or 1 = the kernel's num_stages
     }
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -47,7 +48,7 @@ _COMPILE = textwrap.dedent(
 
 def _ptx_memory_ops(aligned: bool, uniform: bool = True, w_stages: int = 0) -> Counter:
     """Global loads, stores and cp.async copies in the kernel's PTX for an H100 (compiled in a process without the
-    interpreter), with LARGE_RANK_TILES (and ``w_stages`` when not 0)."""
+    interpreter), with LARGE_RANK_TILES (its W_STAGES replaced by ``w_stages`` when not 0; 1: unpipelined)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     args = [sys.executable, "-c", _COMPILE, "1" if aligned else "0", "1" if uniform else "0", str(w_stages)]
@@ -58,7 +59,7 @@ def _ptx_memory_ops(aligned: bool, uniform: bool = True, w_stages: int = 0) -> C
 
 @pytest.mark.parametrize("uniform", [True, False], ids=["one-scale", "per-adapter-scales"])
 def test_merge_kernel_streams_the_weight_with_16_byte_vectors(uniform):
-    ops = _ptx_memory_ops(aligned=True, uniform=uniform)
+    ops = _ptx_memory_ops(aligned=True, uniform=uniform, w_stages=1)  # unpipelined: the W tile in plain loads
     assert ops["st.global.v4.b32"] > 0 and not any(op.startswith("st.global") and "v4" not in op for op in ops), ops
     assert ops["ld.global.v4.b32"] >= ops["st.global.v4.b32"], ops  # the weight tile comes in as it goes out
     # B_cat's rows too (as 16-byte loads or cp.async copies): with four r=16 adapters they were 2-byte scalar
@@ -69,15 +70,16 @@ def test_merge_kernel_streams_the_weight_with_16_byte_vectors(uniform):
 def test_pipelined_row_tiles_load_the_weight_ahead_as_cp_async_copies():
     """W_STAGES > 1 (bench/tune_merge.py candidates): the W tiles of the row-tile loop become cp.async copies issued
     ahead of the tile being stored; the plain 16-byte loads left are the A columns, loaded once per program."""
-    plain, pipelined = _ptx_memory_ops(aligned=True), _ptx_memory_ops(aligned=True, w_stages=3)
+    plain, pipelined = _ptx_memory_ops(aligned=True, w_stages=1), _ptx_memory_ops(aligned=True, w_stages=3)
     assert pipelined["cp.async.cg"] > plain["cp.async.cg"], (plain, pipelined)
+    assert not any(op.startswith("ld.global") and op.endswith(("b16", "b8")) for op in pipelined), pipelined
     assert pipelined["ld.global.v4.b32"] < plain["ld.global.v4.b32"], (plain, pipelined)
     assert pipelined["st.global.v4.b32"] == plain["st.global.v4.b32"] > 0, (plain, pipelined)
 
 
 def test_unaligned_launches_fall_back_to_scalar_accesses():
     # The generic path (weights with odd strides or offsets) is correct but scalar: that is why ALIGNED exists.
-    ops = _ptx_memory_ops(aligned=False)
+    ops = _ptx_memory_ops(aligned=False, w_stages=1)
     assert ops["st.global.b16"] > 0 and ops["st.global.v4.b32"] == 0, ops
 
 
@@ -367,7 +369,7 @@ def test_segmented_weight_gradient_reads_whole_rows_of_u(rank_tile):
 # (divisible sizes and strides, unit inner strides): one adapter of rank 16, and a mixed batch of 4 (rank tile 64).
 _LORA_TMA = _RESOURCES + textwrap.dedent(
     """
-    import json, re, sys
+    import json, os, re, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -376,12 +378,13 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
     k_major, block_r, has_ids = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3] == "1"
     ones = ("stride_br", "stride_uir", "stride_yn", "stride_uor")
     builds = []
-    for tiles in tma_candidates(True, block_r):
+    for tiles, store_u in [(t, s) for t in tma_candidates(True, block_r) for s in (True, False)]:
         bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
         constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=132,
                          W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=has_ids,
-                         STORE_U=True, DOT_FP32=False)
-        descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [block_r, bk]}
+                         STORE_U=store_u, DOT_FP32=False, Y_TMA=True)
+        descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [block_r, bk],
+                 "y_desc": [bm, bn // 2]}
         signature, attrs = {}, {}
         for i, arg in enumerate(kernel.arg_names):
             if arg in constants or arg in ones:
@@ -401,11 +404,19 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
         regs, stack, local = resources(compiled)
         ptx = compiled.asm["ptx"]
         waits = [int(n) for n in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)]
+        # ptxas may still serialize the wgmma pipeline the PTX asks for (info C7515: each HGMMA then waits for 0)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                  text=True).stderr
         builds.append({"tiles": list(tiles), "regs": regs, "stack": stack, "local": local,
                        "shared": compiled.metadata.shared, "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
                        "mma_sync": len(re.findall(r"\\bmma\\.sync", ptx)),
                        "tma_loads": len(re.findall(r"cp\\.async\\.bulk\\.tensor", ptx)),
-                       "max_wgmma_in_flight": max(waits, default=-1)})
+                       "max_wgmma_in_flight": max(waits, default=-1), "store_u": store_u,
+                       "serialized": "wgmma.mma_async instructions are serialized" in info})
     print(json.dumps(builds))
     """
 )
@@ -420,8 +431,9 @@ def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, 
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     builds = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(builds) == (4 if block_r == 16 else 2)
+    assert len(builds) == (8 if block_r == 16 else 4)
     for build in builds:
+        assert not build["serialized"], build  # ptxas kept the K loop's wgmma pipeline (no C7515)
         assert build["wgmma"] > 0 and build["mma_sync"] == 0, build
         assert build["tma_loads"] > 0, build  # x and W (and A_cat when fused) arrive by TMA
         assert build["max_wgmma_in_flight"] >= 1, build  # the next K step's wgmma issued before this one retires

@@ -428,17 +428,26 @@ def test_cuda_bf16_segmented_no_worse_than_torch(M, layout):
 
 @pytest.mark.cuda
 def test_cuda_segmented_equals_the_masked_path_and_survives_graph_capture():
-    """Same rounding as ``"composition"`` (up to summation order), and a CUDA graph captured with one ids buffer
-    follows new ids copied into it (the row grouping is captured, not served from the cache)."""
+    """Same rounding as ``"composition"`` (up to summation order: its error against fp64 is at most 1.02x
+    composition's), and a CUDA graph captured with one ids buffer follows new ids copied into it (the row grouping
+    is captured, not served from the cache: stale groups would put whole rows off by O(1))."""
     dev, dt, M, K, N = "cuda", torch.bfloat16, 512, 1024, 768
     x, w, b, As, Bs = _make((M,), K, N, [16] * 8, dt)
     x, w, b = x.detach().to(dev), w.detach().to(dev), b.detach().to(dev)
     As, Bs = [a.detach().to(dev) for a in As], [b_.detach().to(dev) for b_ in Bs]
     ids = torch.randint(-1, 8, (M,), device=dev)
+    up = lambda ts: [t.double() for t in ts]
+    oracle = lambda: lora_linear_reference(
+        x.double(), w.double(), up(As), up(Bs), [2.0] * 8, b.double(), adapter_ids=ids
+    )  # fmt: skip
+
+    def assert_as_close_as_composition(got):
+        want, dense = oracle(), lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids, path="composition")
+        e, e_dense = _rel_err(got, want), _rel_err(dense, want)
+        assert e <= 1.02 * e_dense + 1e-6, f"segmented error {e:.3g} > 1.02 x composition's {e_dense:.3g}"
+
     with torch.no_grad():
-        seg = lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids, path="segmented")
-        dense = lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids, path="composition")
-        assert _rel_err(seg, dense.double()) < 2e-3
+        assert_as_close_as_composition(lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids, path="segmented"))
         fn = lambda: lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids)
         fn()  # warm: compiles, and fills the grouping cache (which capture must bypass)
         graph = torch.cuda.CUDAGraph()
@@ -446,5 +455,4 @@ def test_cuda_segmented_equals_the_masked_path_and_survives_graph_capture():
             out = fn()
         ids.copy_(torch.randint(-1, 8, (M,), device=dev))
         graph.replay()
-        want = lora_linear(x, w, As, Bs, [2.0] * 8, b, adapter_ids=ids, path="composition")
-        assert _rel_err(out, want.double()) < 2e-3
+        assert_as_close_as_composition(out)

@@ -38,6 +38,9 @@ import adapter_engine as ae
 from adapter_engine.bottleneck import BottleneckStackLayer
 from adapter_engine.lora import LoraLinear
 
+# the fused backward stays covered here: training through the patched models takes it (see conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_training")
+
 ATOL, GRAD_ATOL = 1e-5, 1e-4
 _LLAMA_KW = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64

@@ -22,6 +22,9 @@ import adapter_engine as ae
 from adapter_engine.kernels import _backend
 from adapter_engine.routing import make_route, use_adapters
 
+# the fused backward stays covered here: training through the patched models takes it (see conftest.py)
+pytestmark = pytest.mark.usefixtures("fused_training")
+
 ATOL, GRAD_ATOL = 1e-5, 1e-4
 _BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 _BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
