@@ -182,7 +182,10 @@ def _lora_linear_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    # At least one step (K = 0 runs one fully masked step: EVEN_K is off there): a loop that may run zero times
+    # has LLVM set acc's zeros on the skipping edge, between the loop's last wgmma and its wait, and ptxas then
+    # serializes every wgmma of the loop (info C7515; triton 3.6, sm_90, e.g. 64 x 256 tiles without STORE_U).
+    for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
             wt = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
@@ -219,7 +222,7 @@ def _lora_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] > 0 and args["K"] % args["BLOCK_K"] == 0})
 _fwd_kernel_fixed = _even_k(_lora_linear_fwd_kernel)
 
 
@@ -404,7 +407,7 @@ def lora_linear_fwd(
         _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
         return y, u_out
     grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
-    _lora_linear_fwd_kernel[grid](*args, EVEN_K=K % config["BLOCK_K"] == 0, **meta, **config)
+    _lora_linear_fwd_kernel[grid](*args, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0, **meta, **config)
     return y, u_out
 
 

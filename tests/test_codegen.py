@@ -97,6 +97,20 @@ _RESOURCES = textwrap.dedent(
             tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
             usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         return [int(re.search(key + r":(\\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL")]
+
+    def wgmma_serialized(compiled):
+        # ptxas' verdict on the PTX: it may serialize the wgmma pipeline the PTX asks for (info C7515: every HGMMA
+        # then waits for 0), which the PTX itself does not show
+        import os, subprocess, tempfile
+        import triton
+
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(compiled.asm["ptx"])
+            f.flush()
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                  text=True).stderr
+        return "wgmma.mma_async instructions are serialized" in info
     """
 )
 
@@ -369,7 +383,7 @@ def test_segmented_weight_gradient_reads_whole_rows_of_u(rank_tile):
 # (divisible sizes and strides, unit inner strides): one adapter of rank 16, and a mixed batch of 4 (rank tile 64).
 _LORA_TMA = _RESOURCES + textwrap.dedent(
     """
-    import json, os, re, subprocess, sys, tempfile
+    import json, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -404,19 +418,12 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
         regs, stack, local = resources(compiled)
         ptx = compiled.asm["ptx"]
         waits = [int(n) for n in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)]
-        # ptxas may still serialize the wgmma pipeline the PTX asks for (info C7515: each HGMMA then waits for 0)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(ptx)
-            f.flush()
-            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                                  text=True).stderr
         builds.append({"tiles": list(tiles), "regs": regs, "stack": stack, "local": local,
                        "shared": compiled.metadata.shared, "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
                        "mma_sync": len(re.findall(r"\\bmma\\.sync", ptx)),
                        "tma_loads": len(re.findall(r"cp\\.async\\.bulk\\.tensor", ptx)),
                        "max_wgmma_in_flight": max(waits, default=-1), "store_u": store_u,
-                       "serialized": "wgmma.mma_async instructions are serialized" in info})
+                       "serialized": wgmma_serialized(compiled)})
     print(json.dumps(builds))
     """
 )
@@ -439,3 +446,63 @@ def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, 
         assert build["max_wgmma_in_flight"] >= 1, build  # the next K step's wgmma issued before this one retires
         assert build["stack"] == 0 and build["local"] == 0, build
         assert build["regs"] <= 255 and build["shared"] <= 227 * 1024, build
+
+
+# ------------------------------------------------------------------------------------ tiled LoRA kernel (wgmma)
+# lora_linear's "fused" and "epilogue" paths (kernels/lora_linear.py::_lora_linear_fwd_kernel) at every tile the
+# autotuner may pick for 16 and 256 rows (``_gpu_configs`` pruned by ``_prune_configs``), N = K = 4096, bf16, the
+# launcher's specialisation (contiguous operands). From 64-row tiles up the K loop is wgmma, pipelined one group
+# deep; ptxas may still serialize it (info C7515: each HGMMA then waits for 0). A K loop that may run zero times did
+# that in triton 3.6 (acc's zeros set on the edge that skips it, after the loop's last wgmma, before its wait).
+_LORA_TILED = _RESOURCES + textwrap.dedent(
+    """
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adapter_engine.kernels.lora_linear import _gpu_configs, _lora_linear_fwd_kernel as kernel, _prune_configs
+
+    block_r, has_ids, fuse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+    N = K = 4096
+    ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32"}  # the rest: *bf16
+    builds = []
+    for m, store_u in [(m, s) for m in (16, 256) for s in (True, False)]:
+        for c in _prune_configs(_gpu_configs(), {"M_BUCKET": m, "BLOCK_R": block_r, "FUSE_SHRINK": fuse}):
+            ints = {"M": m, "N": N, "K": K, "R": block_r, "M_BUCKET": m, "stride_xm": K, "stride_wn": K,
+                    "stride_ar": K, "stride_bn": block_r, "stride_uim": N if fuse else block_r, "stride_ym": N,
+                    "stride_uom": block_r if store_u else N}  # the other strides (unit ones) are 1
+            constants = dict(c.kwargs, BLOCK_R=block_r, FUSE_SHRINK=fuse, HAS_BIAS=False, HAS_IDS=has_ids,
+                             STORE_U=store_u, DOT_FP32=False, INPUT_PRECISION="tf32", EVEN_K=True)
+            signature, constexprs, attrs = {}, {}, {}
+            for i, arg in enumerate(kernel.arg_names):
+                if arg in constants or (arg.startswith("stride_") and arg not in ints):
+                    signature[arg], constexprs[(i,)] = "constexpr", constants.get(arg, 1)
+                else:
+                    signature[arg] = ptrs.get(arg, "*bf16") if arg.endswith("_ptr") else "i32"
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            regs, stack, local = resources(compiled)
+            ptx = compiled.asm["ptx"]
+            builds.append({"m": m, "store_u": store_u, "tiles": [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                           c.kwargs["BLOCK_K"], c.num_warps, c.num_stages], "regs": regs, "stack": stack,
+                           "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
+                           "serialized": wgmma_serialized(compiled)})
+    print(json.dumps(builds))
+    """
+)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])
+@pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
+def test_tiled_lora_kernel_keeps_its_wgmma_pipeline(block_r, has_ids, fuse):
+    """No build of the tiled kernel is serialized by ptxas (C7515), with or without storing u."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse))]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    builds = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any(b["wgmma"] > 0 for b in builds) and len(builds) >= 8, builds  # the 256-row tiles are wgmma
+    for build in builds:
+        assert not build["serialized"], build

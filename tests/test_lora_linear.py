@@ -151,6 +151,16 @@ def test_empty_batch(lead):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("path", ["fused", "epilogue"])
+def test_zero_input_features(poison, path):
+    """K = 0: the kernel's K loop still runs one step (always-taken loops keep ptxas from serializing its wgmma, see
+    the kernel), fully masked: y is the bias alone, written over the poisoned output."""
+    x, w, A, B, b = torch.randn(5, 0), torch.randn(7, 0), torch.randn(4, 0), torch.randn(7, 4), torch.randn(7)
+    with torch.no_grad():
+        y = lora_linear(x, w, A, B, 2.0, b, path=path)
+    assert torch.equal(y, b.expand(5, 7))
+
+
 @pytest.mark.parametrize("path", ["fused", "addmm"])
 def test_fan_in_fan_out(poison, path):
     x, w, b, As, Bs = _make((2, 7), 30, 21, [8], torch.float32, fifo=True)
