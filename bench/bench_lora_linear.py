@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from harness import cuda_graphed, device, median_ms, on_gpu, pick, timed
 
 from adapter_engine.kernels import lora_linear
@@ -113,6 +114,46 @@ def bench_lora_linear_forward(benchmark, layer_cache, shape, M, provider):
     case = f"fwd {shape[0]}x{shape[1]} M={M} r={RANK}"
     with torch.no_grad():
         _record(benchmark, fn, bare, ("fwd", shape, M), provider=provider, case=case, M=M, shape=list(shape))
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+HOST_CALLS = pick(200, 2)
+
+
+@pytest.mark.parametrize("provider", ["bare", "composition", "engine", "engine_epilogue", "peft", "triton_empty"])
+def bench_host_time(benchmark, layer_cache, provider):
+    """Host time per call at M=1, 4096x4096 (``host_us``): ``HOST_CALLS`` calls issued back to back and one
+    synchronise, so the time is the host's whenever the host is slower than the GPU's few microseconds per call.
+    On session 7's H100 machine the eager rows were host bound (a bare ``F.linear`` at M=1 took 60 us); this says
+    how much of each path is Python and launch cost, and what one launch of an empty Triton kernel costs there
+    (``triton_empty``: Triton's own launch path, the floor of every Triton launch)."""
+    shape = SHAPES[0]
+    w, As, Bs, peft_layer = _layer(layer_cache, shape)
+    A, B = As[0].detach(), Bs[0].detach()
+    x = torch.randn(1, shape[0], device=device(), dtype=DTYPE)
+    calls = {
+        "bare": lambda: F.linear(x, w),
+        "composition": lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE),
+        "engine": lambda: lora_linear(x, w, A, B, SCALE),
+        "engine_epilogue": lambda: lora_linear(x, w, A, B, SCALE, path="epilogue"),
+        "peft": lambda: peft_layer(x),
+        "triton_empty": lambda: _empty_kernel[(1,)](x),
+    }
+    call = calls[provider]
+
+    def fn():
+        for _ in range(HOST_CALLS):
+            call()
+
+    with torch.no_grad():
+        median = timed(
+            benchmark, fn, provider=provider, case=f"host time, {HOST_CALLS} calls, M=1", n_rounds=pick(10, 1)
+        )
+    benchmark.extra_info["host_us"] = median * 1e3 / HOST_CALLS
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
