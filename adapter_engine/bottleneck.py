@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 # (bench/results/2026-11-27-h100-session7) the fused backward was the slower one everywhere it was measured: a
 # stack of 3 alone, top level training, 4096 rows: 3.30 vs 1.66 ms (hidden 768), 4.81 vs 2.00 ms (4096); whole
 # models, a training step of the top of 3: 60.2 vs 43.3 ms (bert-base), 41.3 vs 35.1 ms (Llama-shaped). The fused
-# forward serves inference, where it was the faster. Both backwards compute the same gradients (tests).
+# forward serves inference, where it was the faster. Both backwards compute the same gradients (tests). A forward
+# under autograd counts as training when anything it reads requires grad (a base model whose weights were never
+# frozen, say): serve under ``torch.inference_mode()`` or ``torch.no_grad()`` to get the fused forward.
 TRAIN_FUSED = False
 
 _TORCH_ACT = {
@@ -320,8 +322,9 @@ class BottleneckStackLayer(nn.Module):
 
     def _run_stack(self, h, y, layer_norm: nn.Module | None, prep) -> torch.Tensor:
         names, routes, options, hint = prep
-        if not self.fused or (not TRAIN_FUSED and _trains(self._modules_of(names), h, y, layer_norm)):
-            return _eager_stack(h, y, layer_norm, self._modules_of(names), routes, options, hint)
+        modules = self._modules_of(names)
+        if not self.fused or (not TRAIN_FUSED and _trains(modules, h, y, layer_norm)):
+            return _eager_stack(h, y, layer_norm, modules, routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
         ln_b = layer_norm.bias if layer_norm is not None else None
         return bottleneck_stack(h, y, self._packed(names), routes, options, ln_w, ln_b, level_adapters=hint)
