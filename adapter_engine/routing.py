@@ -175,7 +175,7 @@ class RoutedStackMixin:
         """Multi-entry, lock-protected pack cache (the base keeps one entry: threads with different stacks
         would repack on every call). ``names`` may be a :class:`_Group` carrying the adapter modules it was
         built from, so an adapter evicted by another thread meanwhile cannot break this call."""
-        modules = names.modules if isinstance(names, _Group) else tuple(self.adapters[n] for n in names)
+        modules = self._modules_of(names)
         params = [p for a in modules for p in a.parameters()]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return super()._packed(list(names))  # traced, or a differentiable pack (never cached)

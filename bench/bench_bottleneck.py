@@ -136,9 +136,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
-@pytest.mark.parametrize("setup, fused", CASES, ids=[f"{s}-{'fused' if f else 'eager'}" for s, f in CASES])
-def bench_model_forward(benchmark, model_name, setup, fused):
+def _forward_case(model_name: str, setup: str, fused: bool, label: str):
+    """(model, inputs, the no-grad forward, timed()'s row fields) of one whole-model forward case."""
     model, wrappers, inputs = _model(model_name)
     _configure(wrappers, setup, fused)
 
@@ -146,10 +145,18 @@ def bench_model_forward(benchmark, model_name, setup, fused):
         with torch.no_grad():
             return model(**inputs).last_hidden_state
 
-    fn()
     provider = "bare" if setup == "bare" else ("fused" if fused else "eager")
-    case = f"{model_name} forward" + ("" if setup == "bare" else f", {setup}")
-    timed(benchmark, fn, case=case, setup_name=setup, provider=provider, baseline_case=f"{model_name} forward")
+    baseline = f"{model_name} {label}"
+    case = baseline + ("" if setup == "bare" else f", {setup}")
+    return model, inputs, fn, dict(case=case, setup_name=setup, provider=provider, baseline_case=baseline)
+
+
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("setup, fused", CASES, ids=[f"{s}-{'fused' if f else 'eager'}" for s, f in CASES])
+def bench_model_forward(benchmark, model_name, setup, fused):
+    model, inputs, fn, row = _forward_case(model_name, setup, fused, "forward")
+    fn()
+    timed(benchmark, fn, **row)
     if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
         benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
     if fused and setup != "bare":
@@ -163,22 +170,12 @@ def bench_model_forward_graphed(benchmark, model_name, setup, fused):
     """``bench_model_forward`` with every provider replayed from a CUDA graph: the GPU work alone. On the H100 of
     session 7 the eager rows were host bound (bert-base's bare forward took 8.6 ms for about 1.5 ms of GEMMs), so
     their ratios mix each path's Python and launch cost with its kernels; these rows separate the two."""
-    model, wrappers, inputs = _model(model_name)
-    _configure(wrappers, setup, fused)
-
-    def fn():
-        with torch.no_grad():
-            return model(**inputs).last_hidden_state
-
+    _, _, fn, row = _forward_case(model_name, setup, fused, "forward graphed")
     try:
         replay = cuda_graphed(fn)
     except RuntimeError as err:  # a host sync somewhere in the model's forward: not capturable here
         pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
-    provider = "bare" if setup == "bare" else ("fused" if fused else "eager")
-    case = f"{model_name} forward graphed" + ("" if setup == "bare" else f", {setup}")
-    timed(
-        benchmark, replay, case=case, setup_name=setup, provider=provider, baseline_case=f"{model_name} forward graphed"
-    )
+    timed(benchmark, replay, **row)
 
 
 _LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN

@@ -88,9 +88,6 @@ def _lora_linear_tma_fwd_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    # The epilogue recomputes its tile's coordinates from a counter of its own (harmless now that the loops are not
-    # flattened: see the module docstring).
-    tile_id_c = start - NUM_SMS
     for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=False):  # flatten=True: serialized wgmma, see above
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -114,8 +111,6 @@ def _lora_linear_tma_fwd_kernel(
                     at = at.to(tl.float32)
                 u = tl.dot(xt, at, u)
 
-        tile_id_c += NUM_SMS
-        pid_m, pid_n = _grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         if not FUSE_SHRINK:
@@ -133,8 +128,8 @@ def _lora_linear_tma_fwd_kernel(
             # memory, no per-element masks (TMA clips at M and N), and the copy completes while the next tile's K
             # loop runs instead of holding this program's warps on global stores.
             halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], halves[0].to(y_desc.dtype))
-            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], halves[1].to(y_desc.dtype))
+            y_desc.store([off_m, off_n], halves[0].to(y_desc.dtype))
+            y_desc.store([off_m, off_n + BLOCK_N // 2], halves[1].to(y_desc.dtype))
         else:
             y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
