@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -75,6 +76,8 @@ def full_finetune(
         model: any HF model (for example one whose adapter was just merged with ``merge_adapter``).
         train_dataset / eval_dataset: datasets of dicts the model accepts (``labels`` included).
         args: a ``TrainingArguments``, a dict of overrides of :func:`default_training_arguments`, or None.
+            Without an ``output_dir`` the checkpoints go to a temporary folder that is deleted when training
+            ends (the best one is loaded into ``model`` first); pass one to keep them.
         compute_metrics: as in ``Trainer``; classification models default to :func:`accuracy_metrics`.
         metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss).
 
@@ -87,9 +90,12 @@ def full_finetune(
             compute_metrics = accuracy_metrics
     if metric_for_best_model is None and compute_metrics is accuracy_metrics:
         metric_for_best_model = "accuracy"
+    scratch = None  # the checkpoint folder made here when none was given: removed when training ends
     if not isinstance(args, TrainingArguments):
         overrides = dict(args or {})
-        output_dir = overrides.pop("output_dir", None) or tempfile.mkdtemp(prefix="adapter-engine-fft-")
+        output_dir = overrides.pop("output_dir", None)
+        if output_dir is None:
+            scratch = output_dir = tempfile.mkdtemp(prefix="adapter-engine-fft-")
         args = default_training_arguments(output_dir, eval_dataset is not None, metric_for_best_model, **overrides)
     trainable = 0
     for param in model.parameters():
@@ -97,19 +103,23 @@ def full_finetune(
             param.requires_grad_(True)
             trainable += param.numel()
     log.info("full fine-tuning: %.2fM trainable parameters", trainable / 1e6)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        compute_metrics=compute_metrics,
-        data_collator=data_collator,
-    )
-    train_output = trainer.train()
-    metrics: dict[str, float] = dict(train_output.metrics)
-    metrics["trainable_parameters"] = trainable
-    if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    try:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            compute_metrics=compute_metrics,
+            data_collator=data_collator,
+        )
+        train_output = trainer.train()
+        metrics: dict[str, float] = dict(train_output.metrics)
+        metrics["trainable_parameters"] = trainable
+        if eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return _plain(metrics)
 
 

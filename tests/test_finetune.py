@@ -95,3 +95,52 @@ def test_cli_finetune_on_a_text_folder(tmp_path, capsys):
     assert "validation accuracy" in capsys.readouterr().out
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft")
     assert model.config.id2label == {0: "cars", 1: "cats"}
+
+
+class _Synthetic:
+    """Tiny two-class token data (the label is the first token's parity); ``fail_at`` raises on that item."""
+
+    def __init__(self, n: int = 32, fail_at: int | None = None):
+        self.n, self.fail_at = n, fail_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        if i == self.fail_at:
+            raise RuntimeError("broken example")
+        ids = torch.randint(5, 90, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": int(ids[0] % 2)}
+
+
+def _tiny_classifier():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                        vocab_size=99, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def test_full_finetune_without_output_dir_leaves_no_checkpoints_behind(tmp_path, monkeypatch):
+    """Checkpoints of a run without ``output_dir`` live in a temporary folder, deleted when the run ends or fails."""
+    import tempfile
+
+    from adapter_engine.finetune import full_finetune
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "use_cpu": True}
+    metrics = full_finetune(_tiny_classifier(), _Synthetic(), _Synthetic(16), args=dict(args))
+    assert "eval_loss" in metrics and metrics["train_loss"] > 0  # evaluated, and the best checkpoint was reloaded
+    assert list(scratch_root.glob("adapter-engine-fft-*")) == []  # (torch may keep its own caches there)
+    with pytest.raises(RuntimeError, match="broken example"):
+        full_finetune(_tiny_classifier(), _Synthetic(fail_at=3), None, args=dict(args))
+    assert list(scratch_root.glob("adapter-engine-fft-*")) == []
+    kept = tmp_path / "kept"
+    full_finetune(_tiny_classifier(), _Synthetic(), _Synthetic(16), args={**args, "output_dir": str(kept)})
+    assert any(p.name.startswith("checkpoint-") for p in kept.iterdir())  # a folder given by the caller stays
