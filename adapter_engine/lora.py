@@ -210,8 +210,7 @@ class LoraLinear(nn.Module):
             index = {n: i for i, n in enumerate(fused)}
             firsts = [next((n for n in row if n in index), None) for row in rows_lora]
             table = tuple(index[n] if n is not None else -1 for n in firsts)
-            ids = route.cached(("lora_ids", table, device), lambda: torch.tensor(table, dtype=torch.int32,
-                                                                                 device=device))  # fmt: skip
+            ids = route.cached(("lora_ids", table, device), lambda: _ids_tensor(table, device))
             for n in used:
                 rows = [i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n]
                 if rows:
@@ -273,6 +272,14 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return f"{kind}(in={self.in_features}, out={self.out_features}), adapters={sorted(self.lora_A)}"
+
+
+def _ids_tensor(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A route's adapter ids (rows,) int32, made as a normal tensor even under ``torch.inference_mode``: an
+    inference tensor has no version counter, so ``lora_linear`` could not remember its row grouping and every LoRA
+    layer of the forward would sort the rows again (3-4 launches each); the route never changes it in place."""
+    with torch.inference_mode(False):
+        return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 def _weights(modules: nn.ModuleDict, names: list[str]) -> list[torch.Tensor]:

@@ -13,7 +13,10 @@ CPU (smoke test under the Triton interpreter):
   AdapterHub and PEFT's bottleneck-less API leave you with), PEFT's mixed-batch ``adapter_names=`` (LoRA only)
   and the bare model (``bare``). ``x_single`` = single-stack time / this provider's time (target >= 0.85 for the
   16-adapter engine batch). ``new_kernel_variants`` counts autotuner keys added by the timed calls (0 = no
-  recompilation while switching routes).
+  recompilation while switching routes); ``host_ms`` is the time a call takes to return without waiting for the
+  GPU (the host's share).
+- mixed, graphed (GPU only): the 16-adapter batch of ``bare``, ``single`` and ``engine`` replayed from CUDA graphs,
+  so the GPU work alone, with its own ``x_single``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 import pytest
 import torch
-from harness import device, on_gpu, pick, timed
+from harness import cuda_graphed, device, on_gpu, pick, timed
 
 import adapter_engine as ae
 from adapter_engine import StackedAdapterModel
@@ -272,10 +275,64 @@ def bench_mixed(benchmark, kind, k, provider):
             "tokens_per_s": ids.numel() / (median / 1e3),
             "x_single": (single / median) if single else None,
             "new_kernel_variants": _variants() - before,
+            "host_ms": _host_ms(fn),
         }
     )
     if lora and provider == "engine":
         benchmark.extra_info["lora_path"] = _lora_path(k)
+
+
+def _host_ms(fn) -> float | None:
+    """Median time for ``fn()`` to return after a synchronise, without waiting for the GPU: the host's share of
+    a call (equal to the whole call when the host is the slower side, or when the call waits for the GPU)."""
+    if not on_gpu():
+        return None
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+GRAPHED_CASES = [(kind, provider) for kind in ("seq_bn stacks", "lora") for provider in ("bare", "single", "engine")]
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind, provider", GRAPHED_CASES, ids=[f"{a.split()[0]}-{b}" for a, b in GRAPHED_CASES])
+def bench_mixed_graphed(benchmark, kind, provider):
+    """``bench_mixed`` with 16 adapters, each provider replayed from a CUDA graph: the GPU work alone. Session 7's
+    eager rows were host bound (the same bare forward took 6.2 to 11.0 ms from one row to the next), so they weigh
+    each path's Python and launches more than its kernels. The route is built once, outside the graph (its device
+    ids are made on first use, during warm-up); the graph then replays the row grouping and the fused launches."""
+    from adapter_engine.routing import make_route
+
+    ids = _inputs()
+    lora = kind == "lora"
+    sam = _loras() if lora else _stacks()
+    names = [f"{'l' if lora else 's'}{i % N_ADAPTERS}" for i in range(ids.shape[0])]
+    spec = {"bare": None, "single": names[0], "engine": names}[provider]
+    route = make_route(spec, resolve=sam.stack_for)
+
+    def fn():
+        with torch.no_grad():
+            return sam(input_ids=ids, adapter=route).last_hidden_state
+
+    try:
+        replay = cuda_graphed(fn)
+    except RuntimeError as err:  # a host sync somewhere in the forward: not capturable
+        pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
+    case = f"{kind}, {N_ADAPTERS} different in a batch of {ids.shape[0]}x{ids.shape[1]}, graphed"
+    median = timed(benchmark, replay, case=case, provider=provider)
+    key = ("graphed single", kind)
+    if provider == "single":
+        _STATE[key] = median
+    single = _STATE.get(key)
+    benchmark.extra_info.update(
+        {"tokens_per_s": ids.numel() / (median / 1e3), "x_single": (single / median) if single else None}
+    )
 
 
 @pytest.mark.parametrize("kind", ["seq_bn stacks", "lora"])

@@ -93,9 +93,9 @@ def _switch(benchmarks):
     return (row["switch_us"], row["case"]) if row and "switch_us" in row else None
 
 
-def _mixed(kind: str, k: int):
+def _mixed(kind: str, k: int, bench: str = "bench_mixed"):
     def measure(benchmarks):
-        for row in _rows(benchmarks, "bench_mixed"):
+        for row in _rows(benchmarks, bench):
             case = str(row.get("case", ""))
             if row.get("provider") == "engine" and case.startswith(f"{kind}, {k} different") and row.get("x_single"):
                 return row["x_single"], case
@@ -179,6 +179,13 @@ TARGETS = [
     Target(7, "switching among resident adapters (us)", 50.0, True, _switch, "us"),
     Target(7, "16 LoRA adapters mixed: throughput / one adapter", 0.85, False, _mixed("lora", 16)),
     Target(7, "16 seq_bn stacks mixed: throughput / one stack", 0.85, False, _mixed("seq_bn stacks", 16)),
+    *(  # diagnostic, not targets of their own: the same ratios with every provider replayed from a CUDA graph
+        Target(7, f"16 {what} mixed, CUDA-graphed (GPU work alone): throughput / one", 0.85, False, measure)
+        for what, measure in (
+            ("LoRA adapters", _mixed("lora", 16, "bench_mixed_graphed")),
+            ("seq_bn stacks", _mixed("seq_bn stacks", 16, "bench_mixed_graphed")),
+        )
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import weakref
 
 import torch
@@ -37,9 +38,13 @@ def _adapter_lists(lora_A, lora_B, scale):
     return As, Bs, [float(s) for s in scales]
 
 
-def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False):
-    # Fast check first (host time counts at small M): every tensor shares x's float dtype and device.
+def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False) -> tuple[int, int, tuple[int, ...]]:
+    """(out_features, in_features, each adapter's rank) of a valid call; otherwise an error naming the problem."""
     ok_dtypes = (*FLOAT_DTYPES, torch.float64) if allow_fp64 else FLOAT_DTYPES  # fp64: the reference's oracle mode
+    accepted = _accept(x, weight, As, Bs, bias, fan_in_fan_out, ok_dtypes)
+    if accepted is not None:
+        return accepted
+    # Rejected: check again piece by piece, to raise the error that names the culprit.
     uniform = isinstance(x, torch.Tensor) and x.dtype in ok_dtypes
     if uniform:
         dt, dev = x.dtype, x.device
@@ -79,7 +84,37 @@ def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False):
             )
         if a.shape[0] < 1:
             raise ValueError(f"adapter {i}: rank must be >= 1, got lora_A {tuple(a.shape)}")
-    return out_f, in_f
+    raise AssertionError("_accept rejected a call that every check passes")  # (the two checks must agree)
+
+
+def _accept(x, weight, As, Bs, bias, fan_in_fan_out, ok_dtypes) -> tuple[int, int, tuple[int, ...]] | None:
+    """``_validate``'s answer for a valid call in one pass, or None: every tensor shares x's float dtype and
+    device, shapes fit. Host time counts (small M, many resident adapters): 16 adapters took 16 us per call
+    through the piece-by-piece checks, on this project's CPU."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dtype in ok_dtypes):
+        return None
+    dt, dev, w_shape = x.dtype, x.device, weight.shape
+    if weight.dtype != dt or weight.device != dev or len(w_shape) != 2 or x.dim() < 1:
+        return None
+    out_f, in_f = (w_shape[1], w_shape[0]) if fan_in_fan_out else w_shape
+    if x.shape[-1] != in_f:
+        return None
+    if bias is not None and not (
+        isinstance(bias, torch.Tensor) and bias.dtype == dt and bias.device == dev and bias.shape == (out_f,)
+    ):
+        return None
+    ranks = []
+    for a, b in zip(As, Bs, strict=True):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return None
+        sa, sb = a.shape, b.shape
+        if not (
+            a.dtype == dt and b.dtype == dt and a.device == dev and b.device == dev and len(sa) == 2 and len(sb) == 2
+            and sa[1] == in_f and sb[0] == out_f and sa[0] == sb[1] >= 1
+        ):  # fmt: skip
+            return None
+        ranks.append(sa[0])
+    return out_f, in_f, tuple(ranks)
 
 
 def _row_ids(adapter_ids, x, n_adapters):
@@ -134,6 +169,7 @@ def _stack(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, 
 
 
 _STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place version (raises for inference tensors)
 
 
 def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +187,12 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
     if one and (not b_rank_major or lora_Bs[0].t().is_contiguous()):  # nothing to copy, nothing to remember
         return _stack(lora_As, lora_Bs, b_rank_major)
     factors = (*lora_As, *lora_Bs)
-    if any(t.is_inference() for t in factors):  # inference tensors keep no version counter
+    try:  # (C-level maps: this runs per layer call, over every resident adapter)
+        key = (b_rank_major, tuple(map(id, factors)), tuple(map(_VERSION, factors)))
+    except RuntimeError:  # an inference tensor: it keeps no version counter
         return _stack(lora_As, lora_Bs, b_rank_major)
-    key = (b_rank_major, *((id(t), t._version) for t in factors))
     hit = _STACKS.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], factors, strict=True)):
+    if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
         _STACKS.move_to_end(key)
         A_cat, B_cat = hit[1]
         return (lora_As[0] if one else A_cat), B_cat

@@ -831,12 +831,11 @@ def lora_linear(
                 training=training, fan_in_fan_out=fan_in_fan_out, path=path,
             )  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
-    out_f, in_f = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
+    out_f, in_f, ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    ranks = tuple(a.shape[0] for a in As)
     lead = x.shape[:-1]
     w = weight.t() if fan_in_fan_out else weight  # (out, in) view
     x_lora = torch.nn.functional.dropout(x, dropout, True).reshape(-1, in_f) if training and dropout > 0 else None

@@ -277,6 +277,17 @@ def test_validation_errors():
         lora_linear(x, w, A, B, 1.0, dropout=1.0, training=True)
     with pytest.raises(ValueError, match="one device"):
         lora_linear(x, w.to("meta"), A, B, 1.0)
+    # the one-pass acceptance of valid calls hands every other case to the checks that name the culprit
+    with pytest.raises(TypeError, match=r"lora_B\[1\] must be a torch.Tensor, got ndarray"):
+        lora_linear(x, w, [A, A], [B, B.detach().numpy()], [1.0, 1.0])
+    with pytest.raises(TypeError, match=r"lora_A\[1\] torch.float16"):
+        lora_linear(x, w, [A, A.half()], [B, B], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1: rank must be >= 1"):
+        lora_linear(x, w, [A, A[:0]], [B, B[:, :0]], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"weight 2-D.*weight \(1, 12, 16\)"):
+        lora_linear(x, w[None], A, B, 1.0)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., in\).*x \(\)"):
+        lora_linear(x[0, 0], w, A, B, 1.0)
 
 
 # ----------------------------------------------------------------------------------- torch paths (cuBLAS GEMMs only)

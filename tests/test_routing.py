@@ -268,6 +268,29 @@ def test_route_tensors_are_built_once_per_call(model_and_base):
     assert 1 <= len(keys) <= 3  # bottleneck routes + LoRA ids for query and value (same table -> one entry)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
+    """A mixed LoRA batch on the segmented path sorts its rows once per call, not once per layer, also under
+    ``torch.inference_mode`` (where the route's ids tensor, made as an inference tensor, had no version counter
+    and could not be remembered: every layer grouped the rows again)."""
+    from adapter_engine.kernels import lora_inputs
+
+    model = bert()
+    for name in ("p", "q", "r"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "dense"]))
+    randomise(model)
+    calls = []
+    plan = lora_inputs.plan_segments
+    monkeypatch.setattr(lora_inputs, "plan_segments", lambda *a, **k: calls.append(1) or plan(*a, **k))
+    batch, spec = ids(4, seq=20), ["p", "q", "r", "p"]  # 80 rows: above fused_max_m, so "segmented"
+    with use_adapters(spec), mode():
+        mixed = model(input_ids=batch).last_hidden_state
+    assert len(calls) == 1
+    with torch.no_grad():
+        alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+
+
 def test_deepcopy_of_a_routed_model():
     model = adapted_bert()
     clone = copy.deepcopy(model)
