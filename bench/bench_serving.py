@@ -11,12 +11,13 @@ CPU (smoke test under the Triton interpreter):
   "general" level plus one domain level per stack) or 4 / 16 different LoRAs, in one fused forward (``engine``),
   against the same batch on a single stack (``single``), a per-adapter loop of sub-batches (``loop``, what
   AdapterHub and PEFT's bottleneck-less API leave you with), PEFT's mixed-batch ``adapter_names=`` (LoRA only)
-  and the bare model (``bare``). ``x_single`` = single-stack time / this provider's time (target >= 0.85 for the
+  and the bare model (``bare``); for LoRAs also ``engine_masked`` (the masked path forced, see ``_force_masked``).
+  ``x_single`` = single-stack time / this provider's time (target >= 0.85 for the
   16-adapter engine batch). ``new_kernel_variants`` counts autotuner keys added by the timed calls (0 = no
   recompilation while switching routes); ``host_ms`` is the time a call takes to return without waiting for the
   GPU (the host's share).
-- mixed, graphed (GPU only): the 16-adapter batch of ``bare``, ``single`` and ``engine`` replayed from CUDA graphs,
-  so the GPU work alone, with its own ``x_single``.
+- mixed, graphed (GPU only): the 16-adapter batch of ``bare``, ``single`` and ``engine`` (and ``engine_masked``)
+  replayed from CUDA graphs, so the GPU work alone, with its own ``x_single``.
 """
 
 from __future__ import annotations
@@ -214,12 +215,22 @@ MIXED_CASES = [
     (kind, k, provider)
     for kind in ("seq_bn stacks", "lora")
     for k in MIX
-    for provider in ("bare", "single", "engine", "loop") + (("peft",) if kind == "lora" else ())
+    for provider in ("bare", "single", "engine", "loop") + (("engine_masked", "peft") if kind == "lora" else ())
 ]
 
 
+def _force_masked(monkeypatch, provider: str) -> None:
+    """``engine_masked``: the engine's mixed LoRA batch on the masked path (every resident adapter's rank columns
+    for every row, torch GEMMs only) instead of ``segmented`` (two Triton launches per layer): which one a
+    host-bound model at BERT-base width prefers is what the dispatch has to know."""
+    if provider == "engine_masked":
+        lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")
+        monkeypatch.setattr(lora_linear.DISPATCH, "segmented_min_adapters", 10**9)
+
+
 @pytest.mark.parametrize("kind, k, provider", MIXED_CASES, ids=[f"{a.split()[0]}-{b}-{c}" for a, b, c in MIXED_CASES])
-def bench_mixed(benchmark, kind, k, provider):
+def bench_mixed(benchmark, monkeypatch, kind, k, provider):
+    _force_masked(monkeypatch, provider)
     ids = _inputs()
     rows = ids.shape[0]
     lora = kind == "lora"
@@ -239,7 +250,7 @@ def bench_mixed(benchmark, kind, k, provider):
             with torch.no_grad():
                 return sam(input_ids=ids, adapter=names[0]).last_hidden_state
 
-    elif provider == "engine":
+    elif provider in ("engine", "engine_masked"):
 
         def fn():
             with torch.no_grad():
@@ -278,7 +289,7 @@ def bench_mixed(benchmark, kind, k, provider):
             "host_ms": _host_ms(fn),
         }
     )
-    if lora and provider == "engine":
+    if lora and provider.startswith("engine"):
         benchmark.extra_info["lora_path"] = _lora_path(k)
 
 
@@ -297,23 +308,28 @@ def _host_ms(fn) -> float | None:
     return statistics.median(times)
 
 
-GRAPHED_CASES = [(kind, provider) for kind in ("seq_bn stacks", "lora") for provider in ("bare", "single", "engine")]
+GRAPHED_CASES = [
+    (kind, provider)
+    for kind in ("seq_bn stacks", "lora")
+    for provider in ("bare", "single", "engine") + (("engine_masked",) if kind == "lora" else ())
+]
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind, provider", GRAPHED_CASES, ids=[f"{a.split()[0]}-{b}" for a, b in GRAPHED_CASES])
-def bench_mixed_graphed(benchmark, kind, provider):
+def bench_mixed_graphed(benchmark, monkeypatch, kind, provider):
     """``bench_mixed`` with 16 adapters, each provider replayed from a CUDA graph: the GPU work alone. Session 7's
     eager rows were host bound (the same bare forward took 6.2 to 11.0 ms from one row to the next), so they weigh
     each path's Python and launches more than its kernels. The route is built once, outside the graph (its device
     ids are made on first use, during warm-up); the graph then replays the row grouping and the fused launches."""
     from adapter_engine.routing import make_route
 
+    _force_masked(monkeypatch, provider)
     ids = _inputs()
     lora = kind == "lora"
     sam = _loras() if lora else _stacks()
     names = [f"{'l' if lora else 's'}{i % N_ADAPTERS}" for i in range(ids.shape[0])]
-    spec = {"bare": None, "single": names[0], "engine": names}[provider]
+    spec = {"bare": None, "single": names[0], "engine": names, "engine_masked": names}[provider]
     route = make_route(spec, resolve=sam.stack_for)
 
     def fn():
