@@ -147,20 +147,29 @@ class LoraLinear(nn.Module):
 
         Which names each row uses here is worked out once per route and layer layout (``_row_plan``, cached on
         the route and shared by every layer with the same adapters), not per layer call: at 32 rows and 16 adapters
-        it was about half of a layer call's host time (CPU profile)."""
+        it was about half of a layer call's host time (CPU profile).
+
+        Serving (eval mode, no autograd) fuses every resident LoRA of the layer, whichever the rows use, as the
+        bottleneck layers pack every resident adapter: one stacked copy of the factors per layer serves every mix
+        of requests. Fusing only the used ones made a new concatenation for each new set of adapters in a batch,
+        each kept by ``lora_linear``'s cache of stacked factors (up to 256 entries, device memory outside the
+        memory manager's count). Rows pay for their own adapter only (``path="segmented"``). Under autograd only
+        the used adapters take part, so that the others get no gradient (not a zero one)."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         training = self.training
+        every_resident = not training and not torch.is_grad_enabled()
         key = (
             tuple(self.lora_A),
             tuple((n, self.ia3_feedforward[n]) for n in self.ia3_l),
             tuple(self.merged_adapters),
             tuple(self.lora_dropout[n] for n in self.lora_A) if training else None,
+            every_resident,
             x.device,
         )
         plans = route.cached("lora_row_plans", dict)  # one route entry for all layouts
         plan = plans.get(key)
         if plan is None:
-            plan = plans[key] = self._row_plan(route, training, x.device)
+            plan = plans[key] = self._row_plan(route, training, every_resident, x.device)
         if not plan:
             return self._base_forward(x)
         fused, p0, ids, extras, ia3_in, ia3_out = plan
@@ -191,9 +200,10 @@ class LoraLinear(nn.Module):
             y = y * self._row_scales(ia3_out, y)
         return y
 
-    def _row_plan(self, route: Route, training: bool, device: torch.device):
+    def _row_plan(self, route: Route, training: bool, every_resident: bool, device: torch.device):
         """() (no row uses an adapter of this layer) or (fused LoRA names, their dropout rate, adapter ids (rows,)
-        int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None)."""
+        int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None).
+        ``every_resident``: fuse every unmerged LoRA of the layer (serving), else only those the rows use."""
         merged = self.merged_adapters
         rows_lora = [[n for n in row if n in self.lora_A and n not in merged] for row in route.rows]
         rows_ia3 = [[n for n in row if n in self.ia3_l and n not in merged] for row in route.rows]
@@ -207,6 +217,8 @@ class LoraLinear(nn.Module):
             rate = {n: (self.lora_dropout[n] if training else 0.0) for n in used}
             p0 = rate[used[0]]
             fused = [n for n in used if rate[n] == p0]
+            if every_resident:  # (no dropout outside training: one rate)
+                fused = [n for n in self.lora_A if n not in merged]
             index = {n: i for i, n in enumerate(fused)}
             firsts = [next((n for n in row if n in index), None) for row in rows_lora]
             table = tuple(index[n] if n is not None else -1 for n in firsts)

@@ -291,6 +291,36 @@ def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
     torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
 
 
+def test_serving_fuses_every_resident_lora_once_per_layer():
+    """Serving (no autograd) fuses every resident LoRA of a layer: batches with different sets of adapters share
+    one stacked copy of each layer's factors (one entry per layer in ``lora_linear``'s cache, where fusing only
+    the used adapters added one per new set); each row still gets its own adapter. Under autograd only the used
+    adapters take part: the others get no gradient at all."""
+    from adapter_engine.kernels import lora_inputs
+
+    model = bert()
+    names = ("p", "q", "r", "s")
+    for name in names:
+        ae.add_adapter(model, name, ae.LoraConfig(r=2 + names.index(name), lora_alpha=4))  # query and value
+    randomise(model)
+    batch = ids(4, seq=20)  # 80 rows: "segmented"
+    specs = (["p", "q", "p", "q"], ["r", "s", "r", None], ["s", "p", "q", "r"], ["q", "q", "q", "s"])
+    lora_inputs._STACKS.clear()
+    mixed = [run(model, batch, spec) for spec in specs]
+    assert len(lora_inputs._STACKS) == 4  # 2 layers x (query, value), whatever the mix
+    for spec, out in zip(specs, mixed, strict=True):
+        alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
+        torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
+
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    with use_adapters(specs[0]):
+        loss = model(input_ids=batch).last_hidden_state.square().sum()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
+    assert all((g is None) == (".r." in n or ".s." in n) for n, g in grads.items())  # r and s: not in this batch
+
+
 def test_deepcopy_of_a_routed_model():
     model = adapted_bert()
     clone = copy.deepcopy(model)
