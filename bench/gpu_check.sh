@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A GPU session's checks: the CUDA test tier, the merge tile sweep, each benchmark file, then a short table.
-#   bash bench/gpu_check.sh OUTDIR [PARTS]    PARTS: "all" (default) or words among tests, tune, demo and the
-#                                             bench names (merge merge_model lora_linear lora_model bottleneck serving)
+#   bash bench/gpu_check.sh OUTDIR [PARTS]    PARTS: "all" (default) or words among tests, tune, demo, profile and
+#                                             the bench names (merge merge_model lora_linear lora_model bottleneck
+#                                             serving)
 # "demo" runs `adapter-engine demo --quick` from the asset pack DEMO_ASSETS (default .devrun/assets, made by
 # `python bench/pack_demo_assets.py .devrun/assets` and carried to the GPU machine: it has no network).
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
@@ -12,7 +13,7 @@
 set -u
 out="${1:-bench/results/latest}"
 parts=" ${2:-all} "
-[ "$parts" = " all " ] && parts=" tests demo tune merge merge_model lora_linear lora_model bottleneck serving "
+[ "$parts" = " all " ] && parts=" tests demo tune profile merge merge_model lora_linear lora_model bottleneck serving "
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 py="${PYTHON:-python}"
 [ -e adapter_engine/kernels ] || ln -s ../kernels adapter_engine/kernels  # the package_dir mapping, uninstalled
@@ -55,6 +56,8 @@ if [[ "$parts" == *" demo "* ]]; then
     rm -rf "$out/demo/merged" "$out/demo/tmp"  # checkpoints: not results
 fi
 [[ "$parts" == *" tune "* ]] && (cd bench && step tune_merge 90 "$py" tune_merge.py "$out/tune_merge.json")
+# profile: torch.profiler tables of the whole-model gaps session 7 could not explain (bench/profile_gaps.py)
+[[ "$parts" == *" profile "* ]] && step profile 120 "$py" bench/profile_gaps.py "$out/profile"
 # bottleneck and serving: the stack forward times its candidate tiles per new shape (about 25 compiles in all)
 for b in merge:60 merge_model:60 lora_linear:210 lora_model:120 bottleneck:240 serving:180; do
     [[ "$parts" == *" ${b%%:*} "* ]] || continue

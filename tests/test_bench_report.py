@@ -47,3 +47,15 @@ def test_ratios_within_a_case_and_against_a_baseline_case(report, tmp_path):
     assert "vs_bare" not in got[("no baseline", "engine")]
     table = report.write_outputs({"device_name": "test"}, loaded, str(tmp_path / "out"))
     assert "| bench_model | bert, stack3 | fused | 12.5000 | 1.250 |" in table
+
+
+def test_profile_gaps_smoke(tmp_path, monkeypatch):
+    """bench/profile_gaps.py (run by gpu_check.sh) profiles its four cases and writes its tables (CPU sizes)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import profile_gaps
+
+    profile_gaps.main(str(tmp_path))
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert set(summary) == {"device", "lora_single", "lora_mixed16", "bert_stack1", "bert_stack3"}
+    assert all(summary[c]["wall_ms"] > 0 for c in summary if c != "device")
+    assert "Self CPU" in (tmp_path / "profile_lora_mixed16.txt").read_text()

@@ -1,0 +1,97 @@
+"""Where the time goes in the two whole-model gaps the benchmarks could not explain (one forward each).
+
+    python bench/profile_gaps.py OUTDIR
+
+Session 7's H100 run (bench/results/2026-11-27-h100-session7/NOTES.md):
+- bench_serving: 16 LoRAs mixed in one BERT-base batch took 25.1 ms against 15.8 ms for one LoRA, about 390 us
+  more per LoRA layer call, where the op alone (bench_lora_linear's mixed rows, 4096x4096) costs 50 us more;
+- bench_bottleneck: three stacked adapters after each BERT-base FFN cost about 420 us per layer against 38 us for
+  one, where the interpreter's step count and the sm_90 builds grow linearly with the depth.
+Both rows were host bound. This profiles one forward of each case with torch.profiler (CPU and CUDA activities;
+on a CPU, the tiny smoke-test sizes and CPU activity only) and writes, per case, the table of ops by self CUDA
+time and by self CPU time, the forward's wall time, its CUDA kernel time and its number of kernel launches to
+OUTDIR/profile_<case>.txt and OUTDIR/profile.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_bottleneck  # noqa: E402  (bench/ is not a package: imported from its folder)
+import bench_serving  # noqa: E402
+
+
+def _cases() -> dict:
+    """label -> a function that sets the case up and returns its forward."""
+
+    def lora(spec_of):
+        def setup():
+            ids = bench_serving._inputs()
+            names = [f"l{i % bench_serving.N_ADAPTERS}" for i in range(ids.shape[0])]
+            model, spec = bench_serving._loras(), spec_of(names)
+            return lambda: model(input_ids=ids, adapter=spec).last_hidden_state
+
+        return setup
+
+    def stack(setup_name):
+        def setup():
+            return bench_bottleneck._forward_case("bert-base", setup_name, True, "forward")[2]
+
+        return setup
+
+    return {
+        "lora_single": lora(lambda names: names[0]),
+        "lora_mixed16": lora(lambda names: names),
+        "bert_stack1": stack("stack1"),
+        "bert_stack3": stack("stack3"),
+    }
+
+
+def main(out: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    summary = {"device": torch.cuda.get_device_name() if gpu else "cpu"}
+    for label, setup in _cases().items():
+        fn = setup()
+        with torch.no_grad():
+            for _ in range(3):  # compile, autotune, fill the caches
+                fn()
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            wall_ms = (time.perf_counter() - start) * 1e3
+            with profile(activities=activities) as prof:
+                fn()
+                sync()
+        averages = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        summary[label] = {
+            "wall_ms": wall_ms,
+            "cuda_kernel_ms": sum(e.device_time_total for e in kernels) / 1e3,
+            "kernel_launches": len(kernels),
+        }
+        with open(os.path.join(out, f"profile_{label}.txt"), "w") as fh:
+            fh.write(f"{label}: {json.dumps(summary[label])}\n\n")
+            fh.write(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+            fh.write("\n\n")
+            fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        print(label, summary[label])
+    with open(os.path.join(out, "profile.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest")
