@@ -309,14 +309,9 @@ def _stack_alone(benchmark, hidden, provider):
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
 
 
-@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["eager", "fused", "fused rows", "fused levels"])
-def bench_stack_alone_train(benchmark, monkeypatch, hidden, provider):
-    """Forward + backward of the stack of 3 alone, the top adapter training and the gradient going on to h and y
-    (the layers below): the two designs forced ("fused rows": the row-block kernels; "fused levels": the cuBLAS level
-    path, forward and backward) beside the op's own timed choice ("fused") and the eager modules."""
-    if provider in ("fused rows", "fused levels"):
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", provider.split()[1])
+def _stack_train_step(hidden: int, eager: bool):
+    """(one forward + backward of the stack of 3 alone, its rows): the top adapter trains, the gradient goes on to
+    h and y; fused: packed per step, as the modules do while weights train."""
     adapters, ln, h, y = _stack_inputs(hidden)
     for i, a in enumerate(adapters):
         a.requires_grad_(i == 2)
@@ -328,15 +323,27 @@ def bench_stack_alone_train(benchmark, monkeypatch, hidden, provider):
     dout = torch.randn_like(h)
 
     def fn():
-        if provider == "eager":
+        if eager:
             out = _eager_stack(adapters, ln, h, y)
-        else:  # packed per step, as the modules do while weights train
+        else:
             out = bottleneck_stack(h, y, _pack(adapters), routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
                                    level_adapters=[[0], [1], [2]])  # fmt: skip
         return torch.autograd.grad(out, leaves, dout)
 
+    return fn, h.shape[0]
+
+
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
+@pytest.mark.parametrize("provider", ["eager", "fused", "fused rows", "fused levels"])
+def bench_stack_alone_train(benchmark, monkeypatch, hidden, provider):
+    """Forward + backward of the stack of 3 alone, the top adapter training and the gradient going on to h and y
+    (the layers below): the two designs forced ("fused rows": the row-block kernels; "fused levels": the cuBLAS level
+    path, forward and backward) beside the op's own timed choice ("fused") and the eager modules."""
+    if provider in ("fused rows", "fused levels"):
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", provider.split()[1])
+    fn, rows = _stack_train_step(hidden, eager=provider == "eager")
     fn()
-    timed(benchmark, fn, case=f"stack of 3 alone, train top, {h.shape[0]}x{hidden}", provider=provider)
+    timed(benchmark, fn, case=f"stack of 3 alone, train top, {rows}x{hidden}", provider=provider)
     if provider == "fused":
         benchmark.extra_info.update(
             forward_tiles=_chosen_tiles("forward", hidden), backward_tiles=_chosen_tiles("level backward", hidden)

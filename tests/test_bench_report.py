@@ -56,6 +56,7 @@ def test_profile_gaps_smoke(tmp_path, monkeypatch):
 
     profile_gaps.main(str(tmp_path))
     summary = json.loads((tmp_path / "profile.json").read_text())
-    assert set(summary) == {"device", "lora_single", "lora_mixed16", "bert_stack1", "bert_stack3"}
+    cases = {"lora_single", "lora_mixed16", "bert_stack1", "bert_stack3", "stack3_train_eager", "stack3_train_fused"}
+    assert set(summary) == {"device", *cases}
     assert all(summary[c]["wall_ms"] > 0 for c in summary if c != "device")
     assert "Self CPU" in (tmp_path / "profile_lora_mixed16.txt").read_text()
