@@ -32,7 +32,8 @@ if [[ "$parts" == *" tests "* ]]; then
     # several jobs (session 7's H100 run: the property file as two jobs and the bottleneck file as one each ran past
     # 190 s with 12 jobs sharing 16 cores); -v names each test as it ends, so a job cut by its limit still says which
     # passed, and --durations says what to split next
-    for job in merge lora_linear lora_linear_tma lora_segmented bottleneck:candidate bottleneck:not_candidate \
+    for job in merge lora_linear:not_split_k lora_linear:split_k lora_linear_tma lora_segmented \
+               bottleneck:candidate bottleneck:not_candidate \
                properties:cuda_merge properties:cuda_lora_linear properties:cuda_lora_segmented \
                properties:cuda_bottleneck patching store routing codegen; do
         t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}

@@ -20,7 +20,11 @@ the stacked ``A_cat`` / ``B_cat`` and their caches, the rows grouped by adapter)
 
 Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
   * ``"fused"``: one launch; the K loop also accumulates ``x A_cat^T`` (recomputed per N tile: cheap while M is
-    small and the op is memory bound).
+    small and the op is memory bound). At M <= 64 the autotuner may also pick split-K tiles: wide N tiles whose
+    K range is cut into 4 or 8 slices, one program each, so that enough programs stream W while each re-reads
+    less of x and A_cat; a tile's last slice to finish adds up the fp32 partial sums (in slice order, so the
+    result does not depend on timing) and runs the epilogue (``_split_k_reduce``; no second launch, one zeroed
+    counter per tile).
   * ``"epilogue"``: ``u`` from one torch matmul, then one Triton GEMM adds ``u B_cat^T`` in its epilogue.
   * ``"addmm"``: the low-rank term (+ bias) is written first, then cuBLAS accumulates ``x W^T`` onto it with
     ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``. The low-rank term + bias is
@@ -131,6 +135,8 @@ def _lora_linear_fwd_kernel(
     rank_scale_ptr,  # (R,) fp32: scale of each rank column
     y_ptr,  # y: (M, N) output
     u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
+    ws_ptr,  # SPLIT_K > 1: fp32 partial sums, per (tile, split) slot: acc (BLOCK_M, BLOCK_N), then u (BLOCK_M, BLOCK_R)
+    count_ptr,  # SPLIT_K > 1: (tiles,) int32 zeros: splits done per output tile (its last one resets it to 0)
     # sizes
     M,
     N,
@@ -165,8 +171,14 @@ def _lora_linear_fwd_kernel(
     DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs on the GPU (no silent TF32)
     EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs per output tile, each over a slice of K (1: the whole K loop in one)
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    tile = tl.program_id(0)
+    split = 0
+    if SPLIT_K > 1:  # a tile's splits are consecutive programs
+        split = tile % SPLIT_K
+        tile = tile // SPLIT_K
+    pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -182,26 +194,43 @@ def _lora_linear_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    # At least one step (K = 0 runs one fully masked step: EVEN_K is off there): a loop that may run zero times
-    # has LLVM set acc's zeros on the skipping edge, between the loop's last wgmma and its wait, and ptxas then
-    # serializes every wgmma of the loop (info C7515; triton 3.6, sm_90, e.g. 64 x 256 tiles without STORE_U).
-    for k in range(0, tl.maximum(tl.cdiv(K, BLOCK_K), 1)):
+    # K steps [k_lo, k_hi) of this program: all of them, or its split's share (the last splits may get none).
+    k_lo = 0
+    k_hi = tl.maximum(tl.cdiv(K, BLOCK_K), 1)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(k_hi, SPLIT_K)
+        k_lo = split * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_hi)
+        x_ptrs += k_lo * BLOCK_K * stride_xk
+        w_ptrs += k_lo * BLOCK_K * stride_wk
+        a_ptrs += k_lo * BLOCK_K * stride_ak
+    # At least one step (K = 0, or a split without steps, runs one fully masked step): a loop that may run zero
+    # times has LLVM set acc's zeros on the skipping edge, between the loop's last wgmma and its wait, and ptxas
+    # then serializes every wgmma of the loop (info C7515; triton 3.6, sm_90, e.g. 64 x 256 tiles without STORE_U).
+    for k in range(k_lo, tl.maximum(k_hi, k_lo + 1)):
+        if SPLIT_K > 1:  # the step past a split without steps loads nothing (row / column masks: still constant
+            # along K, so the loads stay 16-byte vectors)
+            m_live = offs_m < tl.where(k < k_hi, M, 0)
+            n_live = offs_n < tl.where(k < k_hi, N, 0)
+            r_live = offs_r < tl.where(k < k_hi, R, 0)
+        else:
+            m_live, n_live, r_live = m_mask, n_mask, r_mask
         if EVEN_K:
-            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            wt = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=m_live[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=n_live[None, :], other=0.0)
         else:
             k_mask = offs_k < K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=m_live[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_live[None, :], other=0.0)
         if DOT_FP32:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
         if FUSE_SHRINK:
             if EVEN_K:
-                at = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=r_live[None, :], other=0.0)
             else:
-                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_live[None, :], other=0.0)
             if DOT_FP32:
                 at = at.to(tl.float32)
             u = tl.dot(xt, at, u, input_precision=INPUT_PRECISION)
@@ -209,17 +238,55 @@ def _lora_linear_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
-    if not FUSE_SHRINK:
-        u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-        u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    acc = _low_rank_epilogue(
-        acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
-        pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
-        BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
-    )  # fmt: skip
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    finish = True
+    if SPLIT_K > 1:  # the tile's last split to finish adds up the partial sums, in split order, and goes on
+        acc, u, finish = _split_k_reduce(acc, u, ws_ptr, count_ptr, tile, split, tl.cdiv(M, BLOCK_M) * tl.cdiv(
+            N, BLOCK_N), SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK)  # fmt: skip
+    if finish:
+        # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
+        if not FUSE_SHRINK:
+            u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+            u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        acc = _low_rank_epilogue(
+            acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
+            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+            BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
+        )  # fmt: skip
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _split_k_reduce(acc, u, ws_ptr, count_ptr, tile, split, n_tiles, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr):  # fmt: skip
+    """Split-K without a second launch: each split stores its fp32 partial ``acc`` (and ``u``) in its own slot of
+    the workspace, then counts itself done on the tile's counter (acquire-release, after a barrier: the whole
+    program's stores come first). The split that counts last loads every slot (past L1, which other SMs' stores
+    do not update) and sums them in split order, so the result does not depend on which split finished when;
+    it resets the counter for the next launch. Returns (acc, u, whether this program finishes the tile)."""
+    tile_elems = BLOCK_M * BLOCK_N
+    local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    local_u = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    acc_slots = ws_ptr + tile.to(tl.int64) * SPLIT_K * tile_elems
+    u_slots = ws_ptr + n_tiles.to(tl.int64) * SPLIT_K * tile_elems + tile.to(tl.int64) * SPLIT_K * BLOCK_M * BLOCK_R
+    tl.store(acc_slots + split * tile_elems + local, acc)
+    if FUSE_SHRINK:
+        tl.store(u_slots + split * BLOCK_M * BLOCK_R + local_u, u)
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    finish = done == SPLIT_K - 1
+    if finish:  # (a loop, not static_range: unrolled, triton 3.6 moved every partial sum to the MMA layout)
+        total = tl.load(acc_slots + local, cache_modifier=".cg")
+        for s in range(1, SPLIT_K):
+            total += tl.load(acc_slots + s * tile_elems + local, cache_modifier=".cg")
+        acc = total
+        if FUSE_SHRINK:
+            total_u = tl.load(u_slots + local_u, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total_u += tl.load(u_slots + s * BLOCK_M * BLOCK_R + local_u, cache_modifier=".cg")
+            u = total_u
+        tl.store(count_ptr + tile, 0)
+    return acc, u, finish
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] > 0 and args["K"] % args["BLOCK_K"] == 0})
@@ -229,21 +296,26 @@ _fwd_kernel_fixed = _even_k(_lora_linear_fwd_kernel)
 def _gpu_configs() -> list[triton.Config]:
     """Candidate tiles per M regime; ``_prune_configs`` keeps those of the call's regime."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): two to four per M regime, to keep the
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1})]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): two to six per M regime, to keep the
         # autotuning compile time of a whole benchmark run within minutes
-        # M <= 16: memory bound, stream W with long K blocks and enough N tiles to fill 132 SMs; 16-wide N tiles
-        # (256 programs at N = 4096) suit the epilogue path, whose programs do not each re-read A_cat (the fused
-        # shrink reads R / BLOCK_N times as many bytes of A_cat as of W: the autotuner weighs that)
-        (16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 5), (16, 16, 256, 4, 4),
+        # M <= 16: memory bound, stream W with long K blocks and enough programs to fill 132 SMs. Every program
+        # re-reads its K range of x (and of A_cat, with the fused shrink) from L2: at 16-wide N tiles (256
+        # programs at N = 4096) that is as many bytes as W itself, twice. Split-K gets the programs from K instead:
+        # 128-wide N tiles in 4 or 8 K slices re-read x and A_cat 8x less (graphed on the H100 of session 7, the
+        # unsplit tiles took 1.78x the bare matmul at M = 16, 4096 x 4096)
+        (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 1), (16, 64, 128, 4, 5, 1), (16, 16, 256, 4, 4, 1),
+        (16, 128, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4),
         # M <= 64
-        (32, 64, 128, 4, 4), (64, 64, 128, 4, 4),
+        (32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (32, 128, 128, 4, 4, 4), (64, 128, 128, 8, 3, 4),
         # M <= 256 and above
-        (64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
     ]  # fmt: skip
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": sk}, num_warps=w, num_stages=s
+        )
+        for bm, bn, bk, w, s, sk in shapes
     ]
 
 
@@ -257,11 +329,19 @@ def _prune_configs(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return 2 * c.num_stages * bk * (bm + bn + (block_r if fuse else 0))
 
-    keep = [c for c in configs if lo <= c.kwargs["BLOCK_M"] <= hi and smem(c) <= 200_000]
+    keep = [
+        c
+        for c in configs
+        if lo <= c.kwargs["BLOCK_M"] <= hi and smem(c) <= 200_000 and (m <= 64 or c.kwargs["SPLIT_K"] == 1)
+    ]  # (split-K: for the few tiles of small M only)
     if keep:
         return keep
     bm = min(max(lo, 16), 64)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=4, num_stages=2
+        )
+    ]
 
 
 _fwd_kernel_tuned = triton.autotune(
@@ -381,34 +461,62 @@ def lora_linear_fwd(
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     m_bucket = min(next_pow2(M), 4096)
-    args = (
+    pointers = (
         x, weight, lora_A, lora_B, u_in_t, bias if bias is not None else dummy,
         adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
+    )  # fmt: skip
+    sizes_strides = (
         M, N, K, R, m_bucket,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
         u_out_t.stride(0), u_out_t.stride(1),
     )  # fmt: skip
-    if interp:  # one config under the interpreter: large blocks, few programs
+    grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]) * c["SPLIT_K"],)
+    if interp:  # one config under the interpreter: large blocks, few programs; split-K where the GPU may take it
         meta.update(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-        grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        _fwd_kernel_fixed[grid](*args, **meta)
+        meta["SPLIT_K"] = INTERPRET_SPLIT_K if M <= 16 else 1
+        buffers = _split_k_buffers(M, N, meta["BLOCK_R"], [meta], y)
+        _fwd_kernel_fixed[grid(meta)](*pointers, *buffers, *sizes_strides, **meta)
         return y, u_out
     # The autotuner picks a config once per tuning key; later calls launch the plain kernel with it directly,
     # skipping the autotuner's and the heuristics' Python layers (host time that dominates a small-M call).
     tuning_key = (m_bucket, N, K, x.dtype, tuple(sorted(meta.items())))
     config = _TUNED.get(tuning_key)
+    named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
     if config is None and not AUTOTUNE:
-        named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
         config = _TUNED[tuning_key] = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
-    if config is None:
-        grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(N, META["BLOCK_N"]),)
-        _fwd_kernel_tuned[grid](*args, **meta)
+    if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
+        configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
+        buffers = _split_k_buffers(M, N, meta["BLOCK_R"], configs, y)
+        _fwd_kernel_tuned[lambda META: grid(META)](*pointers, *buffers, *sizes_strides, **meta)
         _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
         return y, u_out
-    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
-    _lora_linear_fwd_kernel[grid](*args, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0, **meta, **config)
+    buffers = _split_k_buffers(M, N, meta["BLOCK_R"], [config], y)
+    _lora_linear_fwd_kernel[grid(config)](
+        *pointers, *buffers, *sizes_strides, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0, **meta, **config
+    )
     return y, u_out
+
+
+INTERPRET_SPLIT_K = 3  # the interpreter's split of small-M launches: 3 leaves some splits without K steps
+
+
+def _split_k_buffers(M: int, N: int, block_r: int, configs: list[dict], like: torch.Tensor):
+    """(workspace, counters) of the kernel's split-K for the largest need among ``configs``: fp32 partial sums,
+    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one zeroed int32 counter per output tile. Without a
+    split, ``(like, like)``: pointers the kernel never dereferences."""
+    ws = count = 0
+    for c in configs:
+        if c["SPLIT_K"] > 1:
+            tiles = cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"])
+            ws = max(ws, tiles * c["SPLIT_K"] * c["BLOCK_M"] * (c["BLOCK_N"] + block_r))
+            count = max(count, tiles)
+    if not count:
+        return like, like
+    return (
+        torch.empty(ws, dtype=torch.float32, device=like.device),
+        torch.zeros(count, dtype=torch.int32, device=like.device),
+    )
 
 
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)

@@ -2,6 +2,7 @@
 with the ptxas it ships. The first H100 run found the grouped merge kernel at 6.7% of the bandwidth floor because
 its weight loads were scalar (bench/results/2026-11-26-h100-session1/NOTES.md); this keeps them vectorised."""
 
+import functools
 import json
 import os
 import subprocess
@@ -464,7 +465,8 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
 
     block_r, has_ids, fuse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     N = K = 4096
-    ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32"}  # the rest: *bf16
+    ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32", "ws_ptr": "*fp32",
+            "count_ptr": "*i32"}  # the rest: *bf16
     builds = []
     for m, store_u in [(m, s) for m in (16, 256) for s in (True, False)]:
         for c in _prune_configs(_gpu_configs(), {"M_BUCKET": m, "BLOCK_R": block_r, "FUSE_SHRINK": fuse}):
@@ -488,21 +490,44 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
             builds.append({"m": m, "store_u": store_u, "tiles": [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                            c.kwargs["BLOCK_K"], c.num_warps, c.num_stages], "regs": regs, "stack": stack,
                            "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
-                           "serialized": wgmma_serialized(compiled)})
+                           "serialized": wgmma_serialized(compiled), "split_k": c.kwargs["SPLIT_K"],
+                           "acq_rel_atomics": len(re.findall(r"atom\\.global\\.gpu\\.acq_rel\\.add", ptx)),
+                           "partial_loads": len(re.findall(r"ld\\.global\\.cg\\.v4", ptx)),
+                           "barriers": len(re.findall(r"bar\\.sync", ptx))})
     print(json.dumps(builds))
     """
 )
+
+
+@functools.cache
+def _tiled_builds(block_r: int, has_ids: bool, fuse: bool) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse))]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])
 @pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
 def test_tiled_lora_kernel_keeps_its_wgmma_pipeline(block_r, has_ids, fuse):
     """No build of the tiled kernel is serialized by ptxas (C7515), with or without storing u."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse))]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    builds = json.loads(out.stdout.strip().splitlines()[-1])
+    builds = _tiled_builds(block_r, has_ids, fuse)
     assert any(b["wgmma"] > 0 for b in builds) and len(builds) >= 8, builds  # the 256-row tiles are wgmma
     for build in builds:
         assert not build["serialized"], build
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])
+@pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
+def test_split_k_builds_reduce_through_one_acquire_release_counter(block_r, has_ids, fuse):
+    """The small-M split-K tiles: one gpu-scope acquire-release atomic per program (the tile's counter), the
+    partial sums read back past L1 as 16-byte loads, no register spills, and the reduction does not move each
+    partial sum into the MMA layout (with an unrolled loop triton 3.6 did: 96 barriers where 16-22 do)."""
+    split = [b for b in _tiled_builds(block_r, has_ids, fuse) if b["split_k"] > 1]
+    assert len(split) >= 2, split  # 16 rows: 8 and 4 slices
+    unsplit = {tuple(b["tiles"]): b["barriers"] for b in _tiled_builds(block_r, has_ids, fuse) if b["split_k"] == 1}
+    for build in split:
+        assert build["acq_rel_atomics"] == 1 and build["partial_loads"] > 0, build
+        assert build["stack"] == 0, build
+        assert build["barriers"] <= 3 * max(unsplit.values()), (build, unsplit)

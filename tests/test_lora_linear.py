@@ -151,6 +151,33 @@ def test_empty_batch(lead):
     assert x.grad.shape == x.shape
 
 
+def _nan_padded(t: torch.Tensor, pad: int = 64) -> torch.Tensor:
+    """``t`` (2-D) as a view into storage whose every element beyond its rows and columns is NaN."""
+    rows, cols = t.shape
+    storage = torch.full((rows + pad, cols + pad), float("nan"), dtype=t.dtype)
+    storage[:rows, :cols] = t.detach()
+    return storage[:rows, :cols]
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 40])
+@pytest.mark.parametrize("K", [64, 100, 192])
+@pytest.mark.parametrize("path", ["fused", "epilogue"])
+def test_kernel_reads_nothing_outside_its_operands(poison, M, K, path):
+    """Every operand sits in NaN-padded storage: a load past an operand's last row or column (unmasked, or a
+    K step past a split-K slice's end) turns the output NaN. Small M runs split-K (``INTERPRET_SPLIT_K``): with K
+    at 64 to 192 (1 to 3 steps of 64) some of its 3 slices have no step, and K = 64, 192 take the EVEN_K loads."""
+    N, ranks = 37, [8, 2]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, torch.float32, bias=True)
+    args = [_nan_padded(x), _nan_padded(w), [_nan_padded(a) for a in As], [_nan_padded(b_) for b_ in Bs]]
+    ids = torch.tensor([i % 3 - 1 for i in range(M)], dtype=torch.int32)
+    for kw in ({}, {"adapter_ids": ids}):
+        with torch.no_grad():
+            got = lora_linear(*args, [0.5, 2.0], b, path=path, **kw)
+            want = lora_linear_reference(x, w, As, Bs, [0.5, 2.0], b, **kw)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
 def test_zero_input_features(poison, path):
     """K = 0: the kernel's K loop still runs one step (always-taken loops keep ptxas from serializing its wgmma, see
@@ -418,6 +445,26 @@ def test_cuda_bf16_no_worse_than_torch(M, path):
     ``"segmented"`` (and ``"auto"`` at M >= 256, which dispatches to it) rounds as composition does, with u rounded
     once after its scale (PEFT: twice, the scales differ here): modelled at or below composition's error."""
     _assert_bf16_no_worse_than_torch(M, [16, 8, 64, 16], [2.0, 0.5, 0.25, 1.0], path)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [16, 64])
+def test_cuda_split_k_tiles(monkeypatch, M):
+    """Each split-K tile the autotuner may pick at small M, forced in turn, forward and gradients (dx runs the
+    same kernel): no worse than plain torch bf16 (the autotuned runs above take whichever tile timed fastest).
+    The slices of a tile run on several SMs at once here, which the interpreter's one-program-at-a-time run
+    never does: this checks their counter and the visibility of the partial sums."""
+    from adapter_engine.kernels._backend import next_pow2
+
+    ranks = [16, 8, 64, 16]
+    named = {"M_BUCKET": min(next_pow2(M), 4096), "BLOCK_R": ll.rank_tile(sum(ranks)), "FUSE_SHRINK": True}
+    configs = [c for c in ll._prune_configs(ll._gpu_configs(), named) if c.kwargs["SPLIT_K"] > 1]
+    assert configs
+    monkeypatch.setattr(ll, "AUTOTUNE", False)
+    for config in configs:
+        monkeypatch.setattr(ll, "_TUNED", {})
+        monkeypatch.setattr(ll, "_gpu_configs", lambda config=config: [config])
+        _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
 
 
 def _assert_bf16_no_worse_than_torch(M, ranks, scales, path, skew_ids=None):
