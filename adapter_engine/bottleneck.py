@@ -145,6 +145,18 @@ class BottleneckAdapter(nn.Module):
         else:
             raise ValueError(f"unknown init_weights {init_weights!r}; supported: bert, houlsby, mam_adapter")
 
+    def packed_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every parameter of the adapter (the ones ``pack_modules`` copies: down and up weights and biases, its own
+        LayerNorms), read from the submodules' parameter dicts. The fused path keys its pack cache on them at every
+        call; ``parameters()`` walks the module tree, a third of a fused stack call's host time (CPU profile)."""
+        down, up = self.down._parameters, self.adapter_up._parameters
+        out = (down["weight"], down["bias"], up["weight"], up["bias"])
+        if self.options.ln_before:
+            out += (self.adapter_norm_before.weight, self.adapter_norm_before.bias)
+        if self.options.ln_after:
+            out += (self.adapter_norm_after.weight, self.adapter_norm_after.bias)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
         return self.adapter_up(self.adapter_down(x)) * self.scaling
@@ -300,7 +312,7 @@ class BottleneckStackLayer(nn.Module):
 
     def _packed(self, names: list[str]) -> PackedStack:
         adapters = [self.adapters[n] for n in names]
-        params = [p for a in adapters for p in a.parameters()]
+        params = [p for a in adapters for p in a.packed_tensors()]
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
         if cacheable and key in self._cache:
@@ -334,9 +346,9 @@ def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) ->
     """Whether autograd records this stack: gradients wanted for an adapter in it, the inputs or the LayerNorm."""
     if not torch.is_grad_enabled():
         return False
-    params = [p for a in modules for p in a.parameters()]
+    params = [p for a in modules for p in a.packed_tensors()]
     if layer_norm is not None:
-        params += list(layer_norm.parameters())
+        params += [layer_norm.weight, layer_norm.bias]
     return any(t is not None and t.requires_grad for t in (h, y, *params))
 
 

@@ -176,7 +176,7 @@ class RoutedStackMixin:
         would repack on every call). ``names`` may be a :class:`_Group` carrying the adapter modules it was
         built from, so an adapter evicted by another thread meanwhile cannot break this call."""
         modules = self._modules_of(names)
-        params = [p for a in modules for p in a.parameters()]
+        params = [p for a in modules for p in a.packed_tensors()]
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return super()._packed(list(names))  # traced, or a differentiable pack (never cached)
         # identity and in-place version of every weight (training steps and loads bump versions); one device
@@ -205,7 +205,7 @@ class RoutedStackMixin:
         if not used:
             return None  # depth 0 at this layer: the original forward runs (bit-identical)
         options = self._options(used, eps)
-        trains = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in resident[n].parameters())
+        trains = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in resident[n].packed_tensors())
         if trains or not self.fused:
             names = used
         else:  # every resident adapter of the same structure: one cached pack serves any route over them

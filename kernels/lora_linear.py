@@ -967,7 +967,10 @@ def lora_linear(
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
     else:
         A, B = _stack_cached(As, Bs, _rank_major_b(path, x))
-        rank_scale, rank_adapter, shared = _rank_tables(ranks, tuple(scales), x.device)
+        # (the segmented path reads the plan's tables instead)
+        rank_scale, rank_adapter, shared = (
+            (None, None, None) if plan is not None else _rank_tables(ranks, tuple(scales), x.device)
+        )
         y = lora_linear_fwd(
             x2, w, A, B, rank_scale, rank_adapter, bias, ids, x_lora, path=path, store_u=False, shared_scale=shared,
             segments=plan,

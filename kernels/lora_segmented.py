@@ -82,12 +82,12 @@ class SegmentPlan:
     def r_max(self) -> int:
         return max(self.ranks)
 
-    @property
+    @functools.cached_property  # (read by every launch of the plan: host time on the serving path)
     def u_width(self) -> int:
         """Columns of u: the kernels' rank tile, max(16, r_max rounded up to a power of two)."""
         return u_width(self.ranks)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         return tuple(sum(self.ranks[:a]) for a in range(self.n + 1))
 

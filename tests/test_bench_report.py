@@ -54,6 +54,9 @@ def test_profile_gaps_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import profile_gaps
 
+    # the bench modules keep their models in module-level caches: fresh ones here, dropped after the test
+    monkeypatch.setattr(profile_gaps.bench_serving, "_STATE", {})
+    monkeypatch.setattr(profile_gaps.bench_bottleneck, "_MODELS", {})
     profile_gaps.main(str(tmp_path))
     summary = json.loads((tmp_path / "profile.json").read_text())
     cases = {"lora_single", "lora_mixed16", "bert_stack1", "bert_stack3", "stack3_train_eager", "stack3_train_fused"}

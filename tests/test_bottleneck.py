@@ -1169,6 +1169,9 @@ def test_adapter_module_names_and_init():
         BottleneckAdapter(48, 3, "softplus")
     with pytest.raises(ValueError, match="init_weights"):
         BottleneckAdapter(48, 3, init_weights="xavier")
+    # the pack caches key on packed_tensors(): it must be every parameter, whatever the options
+    for adapter in (a, b, BottleneckAdapter(48, 3, ln_after=True), BottleneckAdapter(48, 3, ln_before=True)):
+        assert sorted(map(id, adapter.packed_tensors())) == sorted(map(id, adapter.parameters()))
 
 
 # --------------------------------------------------------------------------------------------------- CUDA tier
