@@ -152,9 +152,9 @@ class LoraLinear(nn.Module):
         Serving (eval mode, no autograd) fuses every resident LoRA of the layer, whichever the rows use, as the
         bottleneck layers pack every resident adapter: one stacked copy of the factors per layer serves every mix
         of requests. Fusing only the used ones made a new concatenation for each new set of adapters in a batch,
-        each kept by ``lora_linear``'s cache of stacked factors (up to 256 entries, device memory outside the
-        memory manager's count). Rows pay for their own adapter only (``path="segmented"``). Under autograd only
-        the used adapters take part, so that the others get no gradient (not a zero one)."""
+        each kept by ``lora_linear``'s cache of stacked factors (device memory outside the memory manager's
+        count, until one of the factors is freed). Rows pay for their own adapter only (``path="segmented"``).
+        Under autograd only the used adapters take part, so that the others get no gradient (not a zero one)."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         training = self.training
         every_resident = not training and not torch.is_grad_enabled()

@@ -170,6 +170,10 @@ def _stack(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, 
 
 _STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place version (raises for inference tensors)
+# Serving keeps one entry per LoRA layer (every resident adapter fused): room for the layers of large models
+# (80 layers x 7 projections = 560), past which every call would concatenate again. An entry lives only as long
+# as its factors, so the copies never outnumber the live adapter sets.
+_MAX_STACKS = 4096
 
 
 def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +203,7 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
     A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
     drop = lambda _ref, key=key: _STACKS.pop(key, None)  # noqa: E731  (runs when a factor is freed)
     _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat))
-    if len(_STACKS) > 256:
+    if len(_STACKS) > _MAX_STACKS:
         _STACKS.popitem(last=False)
     return A_cat, B_cat
 
