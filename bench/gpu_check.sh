@@ -59,8 +59,9 @@ fi
 [[ "$parts" == *" tune "* ]] && (cd bench && step tune_merge 90 "$py" tune_merge.py "$out/tune_merge.json")
 # profile: torch.profiler tables of the whole-model gaps session 7 could not explain (bench/profile_gaps.py)
 [[ "$parts" == *" profile "* ]] && step profile 120 "$py" bench/profile_gaps.py "$out/profile"
-# bottleneck and serving: the stack forward times its candidate tiles per new shape (about 25 compiles in all)
-for b in merge:60 merge_model:60 lora_linear:210 lora_model:120 bottleneck:240 serving:180; do
+# bottleneck and serving: the stack forward times its candidate tiles per new shape (about 25 compiles in all);
+# serving also captures its graphed rows, lora_linear autotunes the split-K tiles of small M
+for b in merge:60 merge_model:60 lora_linear:240 lora_model:120 bottleneck:240 serving:260; do
     [[ "$parts" == *" ${b%%:*} "* ]] || continue
     step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
         --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
