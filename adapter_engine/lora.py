@@ -30,7 +30,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
-from .kernels.lora_linear import lora_linear
+from .kernels.lora_linear import lora_linear, mixed_batch_path
 from .routing import Route, check_rows, current_route
 
 logger = logging.getLogger(__name__)
@@ -149,27 +149,33 @@ class LoraLinear(nn.Module):
         the route and shared by every layer with the same adapters), not per layer call: at 32 rows and 16 adapters
         it was about half of a layer call's host time (CPU profile).
 
-        Serving (eval mode, no autograd) fuses every resident LoRA of the layer, whichever the rows use, as the
-        bottleneck layers pack every resident adapter: one stacked copy of the factors per layer serves every mix
-        of requests. Fusing only the used ones made a new concatenation for each new set of adapters in a batch,
-        each kept by ``lora_linear``'s cache of stacked factors (device memory outside the memory manager's
-        count, until one of the factors is freed). Rows pay for their own adapter only (``path="segmented"``).
-        Under autograd only the used adapters take part, so that the others get no gradient (not a zero one)."""
+        Serving (eval mode, no autograd) on the segmented path fuses every resident LoRA of the layer, whichever
+        the rows use, as the bottleneck layers pack every resident adapter: one stacked copy of the factors per
+        layer serves every mix of requests. Fusing only the used ones made a new concatenation for each new set of
+        adapters in a batch, each kept by ``lora_linear``'s cache of stacked factors (device memory outside the
+        memory manager's count, until one of the factors is freed). Rows pay for their own adapter only. Under
+        autograd, and on the masked path (``_every_resident_isolated``), only the used adapters take part."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         training = self.training
-        every_resident = not training and not torch.is_grad_enabled()
+        serving = not training and not torch.is_grad_enabled()
+        # One snapshot of the layer's LoRAs: serving fuses every resident one, also those this call does not hold,
+        # which other threads may evict meanwhile (their modules stay alive while the snapshot holds them).
+        mods_A, mods_B, scaling = dict(self.lora_A._modules), dict(self.lora_B._modules), dict(self.scaling)
+        resident = tuple(n for n in mods_A if n in mods_B and n in scaling)
         key = (
-            tuple(self.lora_A),
+            resident,
             tuple((n, self.ia3_feedforward[n]) for n in self.ia3_l),
             tuple(self.merged_adapters),
-            tuple(self.lora_dropout[n] for n in self.lora_A) if training else None,
-            every_resident,
+            tuple(self.lora_dropout.get(n, 0.0) for n in resident) if training else None,
+            serving,
+            x.numel() // x.shape[-1] if serving else None,  # (rows: the path the fused call takes)
             x.device,
         )
         plans = route.cached("lora_row_plans", dict)  # one route entry for all layouts
         plan = plans.get(key)
         if plan is None:
-            plan = plans[key] = self._row_plan(route, training, every_resident, x.device)
+            every_resident = serving and self._every_resident_isolated(mods_A, resident, x)
+            plan = plans[key] = self._row_plan(route, training, every_resident, resident, x.device)
         if not plan:
             return self._base_forward(x)
         fused, p0, ids, extras, ia3_in, ia3_out = plan
@@ -181,9 +187,9 @@ class LoraLinear(nn.Module):
             y = lora_linear(
                 x,
                 self.weight,
-                _weights(self.lora_A, fused),
-                _weights(self.lora_B, fused),
-                [self.scaling[n] for n in fused],
+                _weights(mods_A, fused),
+                _weights(mods_B, fused),
+                [scaling[n] for n in fused],
                 self.bias,
                 adapter_ids=ids,
                 dropout=p0,
@@ -200,12 +206,22 @@ class LoraLinear(nn.Module):
             y = y * self._row_scales(ia3_out, y)
         return y
 
-    def _row_plan(self, route: Route, training: bool, every_resident: bool, device: torch.device):
+    def _every_resident_isolated(self, mods_A: dict[str, nn.Module], resident: tuple[str, ...], x: torch.Tensor):
+        """Whether fusing every resident LoRA keeps the rows apart: on the segmented path a row reads its own
+        adapter only; on the masked one (small batches over a few small adapters) an unused adapter's non-finite
+        weight would reach every row, so there only the adapters the rows use are fused."""
+        ranks = [mods_A[n].weight.shape[0] for n in resident if n not in self.merged_adapters]
+        return len(ranks) > 1 and mixed_batch_path(x.numel() // x.shape[-1], ranks, x) == "segmented"
+
+    def _row_plan(
+        self, route: Route, training: bool, every_resident: bool, resident: tuple[str, ...], device: torch.device
+    ):
         """() (no row uses an adapter of this layer) or (fused LoRA names, their dropout rate, adapter ids (rows,)
         int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None).
-        ``every_resident``: fuse every unmerged LoRA of the layer (serving), else only those the rows use."""
+        ``resident``: the layer's LoRAs when the call started; ``every_resident``: fuse every unmerged one of them
+        (serving), else only those the rows use."""
         merged = self.merged_adapters
-        rows_lora = [[n for n in row if n in self.lora_A and n not in merged] for row in route.rows]
+        rows_lora = [[n for n in row if n in resident and n not in merged] for row in route.rows]
         rows_ia3 = [[n for n in row if n in self.ia3_l and n not in merged] for row in route.rows]
         if all(not a and not b for a, b in zip(rows_lora, rows_ia3, strict=True)):
             return ()
@@ -218,7 +234,7 @@ class LoraLinear(nn.Module):
             p0 = rate[used[0]]
             fused = [n for n in used if rate[n] == p0]
             if every_resident:  # (no dropout outside training: one rate)
-                fused = [n for n in self.lora_A if n not in merged]
+                fused = [n for n in resident if n not in merged]
             index = {n: i for i, n in enumerate(fused)}
             firsts = [next((n for n in row if n in index), None) for row in rows_lora]
             table = tuple(index[n] if n is not None else -1 for n in firsts)
@@ -294,12 +310,13 @@ def _ids_tensor(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.tensor(table, dtype=torch.int32, device=device)
 
 
-def _weights(modules: nn.ModuleDict, names: list[str]) -> list[torch.Tensor]:
+def _weights(modules: nn.ModuleDict | dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:
     """``[modules[n].weight for n in names]`` through the module dicts themselves: ``ModuleDict.__getitem__`` and
     ``Module.__getattr__`` cost about 1 us per lookup, 37 us per call of a layer serving 16 resident adapters (CPU
     profile of bench_serving's mixed batch), a host cost every LoRA layer pays on every forward. A weight that is
-    not a plain parameter (a parametrization) is read the usual way."""
-    children = modules._modules
+    not a plain parameter (a parametrization) is read the usual way. ``modules``: a ModuleDict, or a snapshot of
+    its modules."""
+    children = modules._modules if isinstance(modules, nn.Module) else modules
     out = []
     for n in names:
         child = children[n]

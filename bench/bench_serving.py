@@ -130,13 +130,13 @@ def _variants() -> int:
     return tuned + compiled
 
 
-def _lora_path(k: int) -> str:
-    """The path ``lora_linear``'s dispatch takes for the engine's mixed LoRA batch (one LoRA of r=16 per row)."""
-    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")
+def _lora_path() -> str:
+    """The path ``lora_linear``'s dispatch takes for the engine's mixed LoRA batch (serving fuses every resident
+    LoRA of r=16 where that path is segmented)."""
+    from adapter_engine.kernels.lora_linear import mixed_batch_path
+
     ids = _inputs()
-    x = torch.empty(0, device=ids.device)
-    ranks = [16] * min(k, ids.shape[0])
-    return "segmented" if lora_linear._wants_segmented("auto", ids.numel(), ranks, ids, x) else "masked"
+    return mixed_batch_path(ids.numel(), [16] * N_ADAPTERS, torch.empty(0, device=ids.device))
 
 
 # ----------------------------------------------------------------------------------------------------- switching
@@ -290,7 +290,7 @@ def bench_mixed(benchmark, monkeypatch, kind, k, provider):
         }
     )
     if lora and provider.startswith("engine"):
-        benchmark.extra_info["lora_path"] = _lora_path(k)
+        benchmark.extra_info["lora_path"] = _lora_path()
 
 
 def _host_ms(fn) -> float | None:

@@ -378,6 +378,14 @@ def _wants_segmented(path: str, m: int, ranks: Sequence[int], ids: torch.Tensor 
     )
 
 
+def mixed_batch_path(rows: int, ranks: Sequence[int], like: torch.Tensor) -> str:
+    """The path ``path="auto"`` takes for a mixed batch (``adapter_ids``) of ``rows`` rows over resident adapters of
+    ``ranks``, on ``like``'s device: ``"segmented"`` (each row computes its own adapter's term only) or ``"masked"``
+    (every adapter's rank columns for every row, inactive ones zeroed: a non-finite weight of one adapter reaches
+    every row of the launch)."""
+    return "segmented" if _wants_segmented("auto", rows, ranks, like, like) else "masked"
+
+
 def _rank_major_b(path: str, t: torch.Tensor) -> bool:
     """Stack B_cat rank-major (``lora_inputs._stack``) for the segmented Triton kernels: the forward's expand then
     loads its B tiles as 16-byte vectors along N, and the backward's shrink of ``dy B_cat`` streams along N too."""

@@ -292,10 +292,11 @@ def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
 
 
 def test_serving_fuses_every_resident_lora_once_per_layer():
-    """Serving (no autograd) fuses every resident LoRA of a layer: batches with different sets of adapters share
-    one stacked copy of each layer's factors (one entry per layer in ``lora_linear``'s cache, where fusing only
-    the used adapters added one per new set); each row still gets its own adapter. Under autograd only the used
-    adapters take part: the others get no gradient at all."""
+    """Serving (no autograd) on the segmented path fuses every resident LoRA of a layer: batches with different
+    sets of adapters share one stacked copy of each layer's factors (one entry per layer in ``lora_linear``'s
+    cache, where fusing only the used adapters added one per new set); each row still gets its own adapter, and
+    no row reads an adapter it does not use. Under autograd only the used adapters take part: the others get no
+    gradient at all."""
     from adapter_engine.kernels import lora_inputs
 
     model = bert()
@@ -312,6 +313,15 @@ def test_serving_fuses_every_resident_lora_once_per_layer():
         alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
         torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
 
+    # rows stay apart from an adapter they do not use, even a broken one: the masked path of small batches (where
+    # every adapter's columns meet every row) fuses only the used adapters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.s." in name:
+                p.fill_(float("nan"))
+    for rows in (batch, batch[:, :3]):  # 80 rows (segmented), 12 rows (masked)
+        assert torch.isfinite(run(model, rows, ["p", "q", "r", None])).all()
+
     params = {n: p for n, p in model.named_parameters() if "lora_" in n}
     for p in params.values():
         p.requires_grad_(True)
@@ -319,6 +329,36 @@ def test_serving_fuses_every_resident_lora_once_per_layer():
         loss = model(input_ids=batch).last_hidden_state.square().sum()
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
     assert all((g is None) == (".r." in n or ".s." in n) for n, g in grads.items())  # r and s: not in this batch
+
+
+def test_an_adapter_evicted_during_a_call_that_does_not_hold_it(monkeypatch):
+    """Serving fuses every resident LoRA, also those the call does not hold, which another thread may evict while
+    the call runs: the call reads the layer's adapters from one snapshot taken when it reached the layer (here the
+    eviction is injected right after the first layer has planned its launch)."""
+    from adapter_engine.lora import LoraLinear
+
+    model = bert()
+    for name in ("p", "q", "r"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2, lora_alpha=4))
+    randomise(model)
+    batch, spec = ids(4, seq=20), ["p", "r", "p", None]  # 80 rows: segmented, every resident LoRA fused
+    with torch.no_grad():
+        want = run(model, batch, spec)
+    plan = LoraLinear._row_plan
+    evicted = []
+
+    def plan_then_evict(self, *args, **kwargs):
+        out = plan(self, *args, **kwargs)
+        if not evicted:
+            evicted.append(True)
+            ae.delete_adapter(model, "q")  # what another thread's memory manager may do meanwhile
+        return out
+
+    monkeypatch.setattr(LoraLinear, "_row_plan", plan_then_evict)
+    with torch.no_grad():
+        got = run(model, batch, spec)
+    assert evicted and "q" not in ae.list_adapters(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_deepcopy_of_a_routed_model():
