@@ -178,7 +178,7 @@ class LoraLinear(nn.Module):
             plan = plans[key] = self._row_plan(route, training, every_resident, resident, x.device)
         if not plan:
             return self._base_forward(x)
-        fused, p0, ids, extras, ia3_in, ia3_out = plan
+        fused, p0, ids, extras, ia3_in, ia3_out, path = plan
         if ia3_in is not None:
             x = x * self._row_scales(ia3_in, x)
         if not fused:
@@ -195,6 +195,7 @@ class LoraLinear(nn.Module):
                 dropout=p0,
                 training=training,
                 fan_in_fan_out=self.fan_in_fan_out,
+                path=path,
             )
             for n, rows, rate in extras:  # rows whose stack holds a further LoRA of this layer
                 mask = torch.zeros(x.shape[0], dtype=y.dtype, device=x.device)
@@ -217,7 +218,8 @@ class LoraLinear(nn.Module):
         self, route: Route, training: bool, every_resident: bool, resident: tuple[str, ...], device: torch.device
     ):
         """() (no row uses an adapter of this layer) or (fused LoRA names, their dropout rate, adapter ids (rows,)
-        int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None).
+        int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None,
+        ``lora_linear``'s path).
         ``resident``: the layer's LoRAs when the call started; ``every_resident``: fuse every unmerged one of them
         (serving), else only those the rows use."""
         merged = self.merged_adapters
@@ -243,7 +245,11 @@ class LoraLinear(nn.Module):
                 rows = [i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n]
                 if rows:
                     extras.append((n, rows, rate[n]))
-        return fused, p0, ids, extras, (ia3_in if any(ia3_in) else None), (ia3_out if any(ia3_out) else None)
+        # every resident LoRA fused: the segmented path, also in layers that share this plan but whose ranks would
+        # have the dispatch take the masked one (only the rows' own adapters may reach a row)
+        path = "segmented" if every_resident and len(fused) > 1 else "auto"
+        ia3_in, ia3_out = (ia3_in if any(ia3_in) else None), (ia3_out if any(ia3_out) else None)
+        return fused, p0, ids, extras, ia3_in, ia3_out, path
 
     def _row_scales(self, rows: list[list[str]], like: torch.Tensor) -> torch.Tensor:
         """(rows, 1, ..., features): the product of each row's IA3 vectors (ones for rows without one)."""
