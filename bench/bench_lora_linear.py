@@ -127,20 +127,38 @@ def _empty_kernel(x_ptr):
     pass
 
 
+@triton.jit
+def _empty_kernel_40_args(
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19,
+    i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15, i16, i17, i18, i19,
+):  # fmt: skip
+    pass  # as many arguments as the engine's kernels take (37 to 45): what each argument adds to a launch
+
+
 HOST_CALLS = pick(200, 2)
 
 
-@pytest.mark.parametrize("provider", ["bare", "composition", "engine", "engine_epilogue", "peft", "triton_empty"])
+HOST_PROVIDERS = ["bare", "composition", "engine", "engine_epilogue", "peft", "triton_empty", "triton_empty_40_args"]
+HOST_PROVIDERS += ["mixed16_segmented", "mixed16_masked"]
+
+
+@pytest.mark.parametrize("provider", HOST_PROVIDERS)
 def bench_host_time(benchmark, layer_cache, provider):
     """Host time per call at M=1, 4096x4096 (``host_us``): ``HOST_CALLS`` calls issued back to back and one
     synchronise, so the time is the host's whenever the host is slower than the GPU's few microseconds per call.
     On session 7's H100 machine the eager rows were host bound (a bare ``F.linear`` at M=1 took 60 us); this says
     how much of each path is Python and launch cost, and what one launch of an empty Triton kernel costs there
-    (``triton_empty``: Triton's own launch path, the floor of every Triton launch)."""
+    (``triton_empty``: Triton's own launch path, the floor of every Triton launch; ``triton_empty_40_args``: the
+    same with 40 arguments, as many as the engine's kernels take). ``mixed16_*``: one row per adapter over 16
+    resident adapters (16 rows), the mixed-batch op on its segmented path (a cuBLAS GEMM and two Triton launches)
+    and on the masked one (cuBLAS and torch only): what a LoRA layer of a mixed serving batch costs the host."""
     shape = SHAPES[0]
-    w, As, Bs, peft_layer = _layer(layer_cache, shape)
+    mixed = provider.startswith("mixed16")
+    w, As, Bs, peft_layer = _layer(layer_cache, shape, 16 if mixed else 1)
     A, B = As[0].detach(), Bs[0].detach()
-    x = torch.randn(1, shape[0], device=device(), dtype=DTYPE)
+    x = torch.randn(16 if mixed else 1, shape[0], device=device(), dtype=DTYPE)
+    ids = torch.arange(16, device=device(), dtype=torch.int32)
+    many = [x] * 20 + list(range(1, 21))
     calls = {
         "bare": lambda: F.linear(x, w),
         "composition": lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=SCALE),
@@ -148,6 +166,9 @@ def bench_host_time(benchmark, layer_cache, provider):
         "engine_epilogue": lambda: lora_linear(x, w, A, B, SCALE, path="epilogue"),
         "peft": lambda: peft_layer(x),
         "triton_empty": lambda: _empty_kernel[(1,)](x),
+        "triton_empty_40_args": lambda: _empty_kernel_40_args[(1,)](*many),
+        "mixed16_segmented": lambda: lora_linear(x, w, As, Bs, [SCALE] * 16, adapter_ids=ids, path="segmented"),
+        "mixed16_masked": lambda: lora_linear(x, w, As, Bs, [SCALE] * 16, adapter_ids=ids, path="composition"),
     }
     call = calls[provider]
 
@@ -156,9 +177,8 @@ def bench_host_time(benchmark, layer_cache, provider):
             call()
 
     with torch.no_grad():
-        median = timed(
-            benchmark, fn, provider=provider, case=f"host time, {HOST_CALLS} calls, M=1", n_rounds=pick(10, 1)
-        )
+        case = f"host time, {HOST_CALLS} calls, M={x.shape[0]}"
+        median = timed(benchmark, fn, provider=provider, case=case, n_rounds=pick(10, 1))
     benchmark.extra_info["host_us"] = median * 1e3 / HOST_CALLS
 
 
