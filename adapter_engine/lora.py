@@ -158,6 +158,7 @@ class LoraLinear(nn.Module):
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         training = self.training
         serving = not training and not torch.is_grad_enabled()
+        rows = x.numel() // x.shape[-1]
         # One snapshot of the layer's LoRAs: serving fuses every resident one, also those this call does not hold,
         # which other threads may evict meanwhile (their modules stay alive while the snapshot holds them).
         mods_A, mods_B, scaling = dict(self.lora_A._modules), dict(self.lora_B._modules), dict(self.scaling)
@@ -168,13 +169,13 @@ class LoraLinear(nn.Module):
             tuple(self.merged_adapters),
             tuple(self.lora_dropout.get(n, 0.0) for n in resident) if training else None,
             serving,
-            x.numel() // x.shape[-1] if serving else None,  # (rows: the path the fused call takes)
+            rows if serving else None,  # (the path the fused call takes)
             x.device,
         )
         plans = route.cached("lora_row_plans", dict)  # one route entry for all layouts
         plan = plans.get(key)
         if plan is None:
-            every_resident = serving and self._every_resident_isolated(mods_A, resident, x)
+            every_resident = serving and self._every_resident_isolated(mods_A, resident, rows, x)
             plan = plans[key] = self._row_plan(route, training, every_resident, resident, x.device)
         if not plan:
             return self._base_forward(x)
@@ -207,12 +208,14 @@ class LoraLinear(nn.Module):
             y = y * self._row_scales(ia3_out, y)
         return y
 
-    def _every_resident_isolated(self, mods_A: dict[str, nn.Module], resident: tuple[str, ...], x: torch.Tensor):
+    def _every_resident_isolated(
+        self, mods_A: dict[str, nn.Module], resident: tuple[str, ...], rows: int, x: torch.Tensor
+    ) -> bool:
         """Whether fusing every resident LoRA keeps the rows apart: on the segmented path a row reads its own
         adapter only; on the masked one (small batches over a few small adapters) an unused adapter's non-finite
         weight would reach every row, so there only the adapters the rows use are fused."""
         ranks = [mods_A[n].weight.shape[0] for n in resident if n not in self.merged_adapters]
-        return len(ranks) > 1 and mixed_batch_path(x.numel() // x.shape[-1], ranks, x) == "segmented"
+        return len(ranks) > 1 and mixed_batch_path(rows, ranks, x) == "segmented"
 
     def _row_plan(
         self, route: Route, training: bool, every_resident: bool, resident: tuple[str, ...], device: torch.device
@@ -247,7 +250,7 @@ class LoraLinear(nn.Module):
                     extras.append((n, rows, rate[n]))
         # every resident LoRA fused: the segmented path, also in layers that share this plan but whose ranks would
         # have the dispatch take the masked one (only the rows' own adapters may reach a row)
-        path = "segmented" if every_resident and len(fused) > 1 else "auto"
+        path = "segmented" if every_resident else "auto"
         ia3_in, ia3_out = (ia3_in if any(ia3_in) else None), (ia3_out if any(ia3_out) else None)
         return fused, p0, ids, extras, ia3_in, ia3_out, path
 
@@ -316,13 +319,12 @@ def _ids_tensor(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.tensor(table, dtype=torch.int32, device=device)
 
 
-def _weights(modules: nn.ModuleDict | dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:
-    """``[modules[n].weight for n in names]`` through the module dicts themselves: ``ModuleDict.__getitem__`` and
+def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:
+    """``[children[n].weight for n in names]`` through the module dicts themselves: ``ModuleDict.__getitem__`` and
     ``Module.__getattr__`` cost about 1 us per lookup, 37 us per call of a layer serving 16 resident adapters (CPU
     profile of bench_serving's mixed batch), a host cost every LoRA layer pays on every forward. A weight that is
-    not a plain parameter (a parametrization) is read the usual way. ``modules``: a ModuleDict, or a snapshot of
-    its modules."""
-    children = modules._modules if isinstance(modules, nn.Module) else modules
+    not a plain parameter (a parametrization) is read the usual way. ``children``: a ModuleDict's ``_modules``, or
+    a snapshot of them."""
     out = []
     for n in names:
         child = children[n]
@@ -338,8 +340,8 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
     y = lora_linear(
         x,
         weight,
-        _weights(lora_A, same),
-        _weights(lora_B, same),
+        _weights(lora_A._modules, same),
+        _weights(lora_B._modules, same),
         [scaling[n] for n in same],
         bias,
         dropout=p0,

@@ -367,23 +367,22 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def _wants_segmented(path: str, m: int, ranks: Sequence[int], ids: torch.Tensor | None, x: torch.Tensor) -> bool:
-    """``path="auto"`` on a mixed batch: the segmented path when it needs less work (``LoraLinearDispatch``)."""
-    d = DISPATCH
-    return (
-        path == "auto"
-        and ids is not None
-        and len(ranks) >= d.segmented_min_adapters
-        and use_triton(x)
-        and (m > d.fused_max_m or sum(ranks) > d.segmented_max_fused_rank)
-    )
+    """``path="auto"`` on a mixed batch: the segmented path when it needs less work (``mixed_batch_path``)."""
+    return path == "auto" and ids is not None and mixed_batch_path(m, ranks, x) == "segmented"
 
 
 def mixed_batch_path(rows: int, ranks: Sequence[int], like: torch.Tensor) -> str:
     """The path ``path="auto"`` takes for a mixed batch (``adapter_ids``) of ``rows`` rows over resident adapters of
-    ``ranks``, on ``like``'s device: ``"segmented"`` (each row computes its own adapter's term only) or ``"masked"``
-    (every adapter's rank columns for every row, inactive ones zeroed: a non-finite weight of one adapter reaches
-    every row of the launch)."""
-    return "segmented" if _wants_segmented("auto", rows, ranks, like, like) else "masked"
+    ``ranks``, on ``like``'s device (``LoraLinearDispatch``): ``"segmented"`` (each row computes its own adapter's
+    term only) or ``"masked"`` (every adapter's rank columns for every row, inactive ones zeroed: a non-finite weight
+    of one adapter reaches every row of the launch)."""
+    d = DISPATCH
+    segmented = (
+        len(ranks) >= d.segmented_min_adapters
+        and use_triton(like)
+        and (rows > d.fused_max_m or sum(ranks) > d.segmented_max_fused_rank)
+    )
+    return "segmented" if segmented else "masked"
 
 
 def _rank_major_b(path: str, t: torch.Tensor) -> bool:

@@ -536,6 +536,6 @@ def test_lora_layers_read_factor_weights_as_module_attributes_would():
 
     factors = nn.ModuleDict({"a": nn.Linear(4, 2, bias=False), "b": nn.Linear(4, 2, bias=False)})
     parametrize.register_parametrization(factors["b"], "weight", Doubled())
-    got = _weights(factors, ["b", "a"])
+    got = _weights(factors._modules, ["b", "a"])
     assert got[1] is factors["a"].weight
     assert torch.equal(got[0], 2 * factors["b"].parametrizations.weight.original)
