@@ -210,9 +210,10 @@ def _lora_linear_fwd_kernel(
     for k in range(k_lo, tl.maximum(k_hi, k_lo + 1)):
         if SPLIT_K > 1:  # the step past a split without steps loads nothing (row / column masks: still constant
             # along K, so the loads stay 16-byte vectors)
-            m_live = offs_m < tl.where(k < k_hi, M, 0)
-            n_live = offs_n < tl.where(k < k_hi, N, 0)
-            r_live = offs_r < tl.where(k < k_hi, R, 0)
+            live = k < k_hi
+            m_live = offs_m < tl.where(live, M, 0)
+            n_live = offs_n < tl.where(live, N, 0)
+            r_live = offs_r < tl.where(live, R, 0)
         else:
             m_live, n_live, r_live = m_mask, n_mask, r_mask
         if EVEN_K:
