@@ -386,7 +386,7 @@ def _eager_stack(h, y, layer_norm, adapters: list[BottleneckAdapter], routes, op
     else:  # per-row stacks: every used adapter on every row, rows picked by mask (AdapterHub cannot do this)
         for lvl, ids in enumerate(hint):
             new = r
-            for idx in ids:
+            for idx in (i for i in ids if i >= 0):  # (a hint may list -1: rows with the level off)
                 sel = (routes[:, lvl] == idx).view(-1, *([1] * (h.dim() - 1)))
                 new = torch.where(sel, level(r, adapters[idx]), new)
             r = new

@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels.lora_linear import lora_linear, mixed_batch_path
-from .routing import Route, check_rows, current_route
+from .routing import Route, StaticRoute, adapters_changed, check_rows, current_route
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class LoraLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a, b
         self.scaling[name] = float(scaling)
         self.lora_dropout[name] = float(dropout)
+        adapters_changed()
 
     def add_ia3(self, name: str, feedforward: bool, init: bool = True) -> None:
         """Add IA3 vector ``name``: ``(in,)`` for feed-forward layers (scales the input), else ``(out,)``."""
@@ -95,6 +96,7 @@ class LoraLinear(nn.Module):
             nn.init.normal_(vec, mean=1.0, std=0.02)
         self.ia3_l[name] = nn.Parameter(vec)
         self.ia3_feedforward[name] = feedforward
+        adapters_changed()
 
     def has_adapter(self, name: str) -> bool:
         return name in self.lora_A or name in self.ia3_l
@@ -108,6 +110,7 @@ class LoraLinear(nn.Module):
         for store in (self.scaling, self.lora_dropout, self.ia3_feedforward):
             store.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        adapters_changed()
 
     # ------------------------------------------------------------------------------------------- forward
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +159,8 @@ class LoraLinear(nn.Module):
         memory manager's count, until one of the factors is freed). Rows pay for their own adapter only. Under
         autograd, and on the masked path (``_every_resident_isolated``), only the used adapters take part."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
+        if isinstance(route, StaticRoute):
+            return self._static_forward(x, route)
         training = self.training
         serving = not training and not torch.is_grad_enabled()
         rows = x.numel() // x.shape[-1]
@@ -207,6 +212,30 @@ class LoraLinear(nn.Module):
         if ia3_out is not None:
             y = y * self._row_scales(ia3_out, y)
         return y
+
+    def _static_forward(self, x: torch.Tensor, route: StaticRoute) -> torch.Tensor:
+        """A static route's call (a CUDA graph's): every resident unmerged LoRA fused on the segmented path, each row
+        reading its own adapter through the route's ids tensor, whatever the rows hold."""
+        if self.training or torch.is_grad_enabled():
+            raise RuntimeError("a static route serves without autograd: call the model under torch.inference_mode()")
+        ia3 = [n for n in self.ia3_l if n not in self.merged_adapters]
+        if ia3:
+            route.refuse(ia3, "IA3 scales per row are not in a static route (merge the IA3 adapter, or route eagerly)")
+        mods_A, mods_B, scaling = dict(self.lora_A._modules), dict(self.lora_B._modules), dict(self.scaling)
+        fused = [n for n in mods_A if n in mods_B and n in scaling and n not in self.merged_adapters]
+        if not fused:
+            return self._base_forward(x)
+        return lora_linear(
+            x,
+            self.weight,
+            _weights(mods_A, fused),
+            _weights(mods_B, fused),
+            [scaling[n] for n in fused],
+            self.bias,
+            adapter_ids=route.lora_ids(tuple(fused), x.device),
+            fan_in_fan_out=self.fan_in_fan_out,
+            path="segmented",
+        )
 
     def _every_resident_isolated(
         self, mods_A: dict[str, nn.Module], resident: tuple[str, ...], rows: int, x: torch.Tensor
@@ -281,6 +310,7 @@ class LoraLinear(nn.Module):
             if n in self.ia3_l:
                 self._scale_ia3(n, inverse=False, safe=safe)
         self.merged_adapters.extend(names)
+        adapters_changed()
         return names
 
     @torch.no_grad()
@@ -295,6 +325,7 @@ class LoraLinear(nn.Module):
             a, b = [self.lora_A[n].weight for n in lora], [self.lora_B[n].weight for n in lora]
             unmerge_lora_(self.weight, a, b, [self.scaling[n] for n in lora], fan_in_fan_out=self.fan_in_fan_out)
         self.merged_adapters = [n for n in self.merged_adapters if n not in names]
+        adapters_changed()
         return names
 
     def _scale_ia3(self, name: str, inverse: bool, safe: bool) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .config import Stack
+from .kernels._backend import kept
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
 StackNames = tuple[str, ...]
@@ -77,6 +79,115 @@ class Route:
 
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("adapter_engine_route", default=None)
+
+
+class StaticRoute(Route):
+    """A per-row route whose device tensors stay at one address and are refilled in place by :meth:`fill`: what a
+    CUDA graph of a routed forward reads (:class:`~adapter_engine.serving.GraphedServer`).
+
+    A layer under a static route decides nothing from the rows: a LoRA layer fuses every resident unmerged LoRA on
+    the segmented path, a bottleneck layer packs every resident adapter of one structure and runs ``depth`` levels
+    on the mixed-row path. The rows only fill the ids / routes tensors, so one captured forward serves every mix of
+    those adapters. What a graph cannot change per call is refused by :meth:`fill` (before any tensor changes): two
+    LoRAs of one layer in a row, a row deeper than ``depth``, an adapter of another structure than its layer's
+    group, IA3 adapters.
+    """
+
+    __slots__ = ("depth", "_lora", "_bottleneck", "_refused")
+
+    def __init__(self, rows: Sequence[StackNames], depth: int):
+        super().__init__(rows=rows)
+        self.depth = int(depth)
+        self._lora: dict[Hashable, tuple[torch.Tensor, dict[str, int]]] = {}
+        self._bottleneck: dict[Hashable, tuple[torch.Tensor, dict[str, int], frozenset[str]]] = {}
+        self._refused: dict[str, str] = {}
+        self._check(self.rows)
+
+    def lora_ids(self, fused: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """(rows,) int32: per row, the index in ``fused`` of its stack's LoRA in this layer, -1 for none."""
+        key = (fused, device)
+        if key not in self._lora:
+            index = {n: i for i, n in enumerate(fused)}
+            table = self._lora_table(index, self.rows)
+            with torch.inference_mode(False):  # a normal tensor: it is refilled in place, version-counted
+                self._lora[key] = (torch.tensor(table, dtype=torch.int32, device=device), index)
+        return self._lora[key][0]
+
+    def bottleneck_routes(self, group: tuple[str, ...], others: frozenset[str], device: torch.device) -> torch.Tensor:
+        """(rows, depth) int32: per row and level, the index in ``group`` of the adapter, -1 for off. ``others``:
+        the layer's resident adapters of another structure (a row naming one is refused)."""
+        key = (group, others, device)
+        if key not in self._bottleneck:
+            index = {n: i for i, n in enumerate(group)}
+            table = self._bottleneck_table(index, others, self.rows)
+            with torch.inference_mode(False):
+                self._bottleneck[key] = (torch.tensor(table, dtype=torch.int32, device=device), index, others)
+        return self._bottleneck[key][0]
+
+    def refuse(self, names: Sequence[str], why: str) -> None:
+        """Adapters no row may name (checked now and by every later :meth:`fill`)."""
+        self._refused.update(dict.fromkeys(names, why))
+        self._check(self.rows)
+
+    def fill(self, rows: Sequence[StackNames]) -> None:
+        """Route the next replay: every table is computed (and checked) first, then copied into its tensor."""
+        rows = tuple(tuple(r) for r in rows)
+        if len(rows) != len(self.rows):
+            raise ValueError(f"this static route has {len(self.rows)} rows, got {len(rows)}")
+        self._check(rows)
+        tables = [(buf, self._lora_table(index, rows)) for buf, index in self._lora.values()]
+        tables += [
+            (buf, self._bottleneck_table(index, others, rows)) for buf, index, others in self._bottleneck.values()
+        ]
+        for buf, table in tables:
+            buf.copy_(torch.tensor(table, dtype=buf.dtype))
+        self.rows = rows
+
+    def _check(self, rows: tuple[StackNames, ...]) -> None:
+        for i, row in enumerate(rows):
+            if len(row) > self.depth:
+                raise ValueError(f"row {i} runs a stack of {len(row)} adapters {row}; this route holds {self.depth}")
+            refused = [n for n in row if n in self._refused]
+            if refused:
+                raise ValueError(f"row {i} names {refused[0]!r}: {self._refused[refused[0]]}")
+
+    @staticmethod
+    def _lora_table(index: dict[str, int], rows: tuple[StackNames, ...]) -> list[int]:
+        table = []
+        for i, row in enumerate(rows):
+            hits = [n for n in row if n in index]
+            if len(hits) > 1:
+                raise ValueError(f"row {i} stacks LoRAs {hits} on one layer: a static route takes one LoRA per layer")
+            table.append(index[hits[0]] if hits else -1)
+        return table
+
+    def _bottleneck_table(self, index: dict[str, int], others: frozenset[str], rows) -> list[list[int]]:
+        table = []
+        for i, row in enumerate(rows):
+            alien = [n for n in row if n in others]
+            if alien:
+                raise ValueError(
+                    f"row {i} names {alien[0]!r}, whose structure differs from the layer's other adapters "
+                    f"{sorted(index)}: a static route packs one structure per layer"
+                )
+            levels = [index[n] for n in row if n in index]
+            table.append(levels + [-1] * (self.depth - len(levels)))
+        return table
+
+
+# A count of changes to any patched layer's adapters (added, deleted, merged, unmerged): a CUDA graph of a routed
+# forward holds the adapters' addresses and the layers' choices, so GraphedServer captures again after one.
+_CHANGES = itertools.count(1)
+_generation = 0
+
+
+def adapters_changed() -> None:
+    global _generation
+    _generation = next(_CHANGES)
+
+
+def adapter_generation() -> int:
+    return _generation
 
 
 def current_route() -> Route | None:
@@ -166,10 +277,12 @@ class RoutedStackMixin:
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
         super().add_adapter(name, adapter)
         self._packs.clear()
+        adapters_changed()
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self._packs.clear()
+        adapters_changed()
 
     def _packed(self, names: list[str]):
         """Multi-entry, lock-protected pack cache (the base keeps one entry: threads with different stacks
@@ -189,12 +302,14 @@ class RoutedStackMixin:
                 while len(self._packs) >= self._MAX_PACKS:
                     self._packs.pop(next(iter(self._packs)))
                 self._packs[key] = packed
-        return packed
+        return kept(packed)  # (a CUDA graph captured now reads it)
 
     def _prepare(self, h: torch.Tensor, eps: float):
         route = current_route()
         if route is None:
             return super()._prepare(h, eps)
+        if isinstance(route, StaticRoute):
+            return self._static_prepare(h, eps, route)
         resident = dict(self.adapters.items())  # one snapshot: other threads may add / evict adapters meanwhile
         if route.uniform:
             levels = [[n for n in route.stack if n in resident]]
@@ -218,6 +333,23 @@ class RoutedStackMixin:
         routes = route.cached(key, lambda: _routes_tensor(table, route.uniform, h.device))
         hint = [sorted({row[lvl] for row in table} - {-1}) for lvl in range(depth)]
         return group, routes, options, hint
+
+    def _static_prepare(self, h: torch.Tensor, eps: float, route: StaticRoute):
+        """A static route's launch: every resident adapter of the first one's structure, ``route.depth`` levels, on
+        the kernels' mixed-row path whatever the rows (the level hint names every adapter and "off" at each
+        level), so the same launch serves any rows :meth:`StaticRoute.fill` writes."""
+        check_rows(route, h.shape[0], type(self).__name__)
+        resident = dict(self.adapters.items())
+        if not resident or route.depth == 0:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for a in resident.values() for p in a.packed_tensors()):
+            raise RuntimeError("a static route serves without autograd: call the model under torch.inference_mode()")
+        structure = next(iter(resident.values())).options
+        names = [n for n, a in resident.items() if a.options == structure]
+        group = _Group(names, tuple(resident[n] for n in names))
+        routes = route.bottleneck_routes(tuple(names), frozenset(resident) - set(names), h.device)
+        hint = [[*range(len(names)), -1] for _ in range(route.depth)]
+        return group, routes, self._options(names, eps), hint
 
 
 class _Group(tuple):
@@ -270,9 +402,12 @@ def is_routed_layer(module: nn.Module) -> bool:
 
 __all__ = [
     "Route",
+    "StaticRoute",
     "make_route",
     "use_adapters",
     "current_route",
+    "adapters_changed",
+    "adapter_generation",
     "RoutedOutputWithAdapters",
     "RoutedResidualOutsideWithAdapters",
 ]

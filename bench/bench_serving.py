@@ -18,6 +18,8 @@ CPU (smoke test under the Triton interpreter):
   GPU (the host's share).
 - mixed, graphed (GPU only): the 16-adapter batch of ``bare``, ``single`` and ``engine`` (and ``engine_masked``)
   replayed from CUDA graphs, so the GPU work alone, with its own ``x_single``.
+- served (GPU only): the 16-adapter batch through ``adapter_engine.serving.GraphedServer``, a new route per call
+  (``mixed`` vs ``single``): the serving figure a user gets from graphs, refills and copies included.
 """
 
 from __future__ import annotations
@@ -348,6 +350,53 @@ def bench_mixed_graphed(benchmark, monkeypatch, kind, provider):
     single = _STATE.get(key)
     benchmark.extra_info.update(
         {"tokens_per_s": ids.numel() / (median / 1e3), "x_single": (single / median) if single else None}
+    )
+
+
+SERVED_CASES = [(kind, provider) for kind in ("seq_bn stacks", "lora") for provider in ("single", "mixed")]
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind, provider", SERVED_CASES, ids=[f"{a.split()[0]}-{b}" for a, b in SERVED_CASES])
+def bench_served(benchmark, kind, provider):
+    """The 16-adapter batch through ``GraphedServer`` (the user-facing graph replay): each call takes the next of
+    4 routes (``mixed``: rows over all 16 adapters, rotated; ``single``: one adapter for every row), so a call pays
+    the route refill, the input copy, the replay and the output copy. The server's graph is the same for both (every
+    resident adapter takes part, rows pick theirs), so ``x_single`` compares against the best one-adapter run, the
+    one-adapter route's own graph (``bench_mixed_graphed``'s ``single``, its fused single-LoRA path);
+    ``x_served_single`` against the server's single row."""
+    from adapter_engine.serving import GraphedServer
+
+    ids = _inputs()
+    rows = ids.shape[0]
+    lora = kind == "lora"
+    sam = _loras() if lora else _stacks()
+    prefix = "l" if lora else "s"
+    if provider == "mixed":
+        specs = [[f"{prefix}{(i + shift) % N_ADAPTERS}" for i in range(rows)] for shift in range(4)]
+    else:
+        specs = [f"{prefix}{shift}" for shift in range(4)]
+    server = GraphedServer.for_stacked(sam)
+    calls = iter(range(10**9))
+
+    def fn():
+        return server(specs[next(calls) % 4], input_ids=ids).last_hidden_state
+
+    fn()  # capture
+    case = f"{kind}, {N_ADAPTERS} different in a batch of {rows}x{ids.shape[1]}, GraphedServer"
+    median = timed(benchmark, fn, case=case, provider=provider)
+    key = ("served single", kind)
+    if provider == "single":
+        _STATE[key] = median
+    single, graphed_single = _STATE.get(key), _STATE.get(("graphed single", kind))
+    benchmark.extra_info.update(
+        {
+            "tokens_per_s": ids.numel() / (median / 1e3),
+            "x_single": (graphed_single / median) if graphed_single else None,
+            "x_served_single": (single / median) if single else None,
+            "host_ms": _host_ms(fn),
+            "captures": server.stats.captures,
+        }
     )
 
 

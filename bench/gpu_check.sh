@@ -35,7 +35,7 @@ if [[ "$parts" == *" tests "* ]]; then
     for job in merge lora_linear:not_split_k lora_linear:split_k lora_linear_tma lora_segmented \
                bottleneck:candidate bottleneck:not_candidate \
                properties:cuda_merge properties:cuda_lora_linear properties:cuda_lora_segmented \
-               properties:cuda_bottleneck patching store routing codegen; do
+               properties:cuda_bottleneck patching store routing serving codegen; do
         t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}
         filter=${filter//_or_/ or }; filter=${filter/#not_/not }
         # codegen: CPU tests (sm_90 builds and ptxas' verdicts), run here too for the GPU image's Triton

@@ -93,11 +93,11 @@ def _switch(benchmarks):
     return (row["switch_us"], row["case"]) if row and "switch_us" in row else None
 
 
-def _mixed(kind: str, k: int, bench: str = "bench_mixed"):
+def _mixed(kind: str, k: int, bench: str = "bench_mixed", provider: str = "engine"):
     def measure(benchmarks):
         for row in _rows(benchmarks, bench):
             case = str(row.get("case", ""))
-            if row.get("provider") == "engine" and case.startswith(f"{kind}, {k} different") and row.get("x_single"):
+            if row.get("provider") == provider and case.startswith(f"{kind}, {k} different") and row.get("x_single"):
                 return row["x_single"], case
         return None
 
@@ -184,6 +184,13 @@ TARGETS = [
         for what, measure in (
             ("LoRA adapters", _mixed("lora", 16, "bench_mixed_graphed")),
             ("seq_bn stacks", _mixed("seq_bn stacks", 16, "bench_mixed_graphed")),
+        )
+    ),
+    *(  # the same through adapter_engine.serving.GraphedServer: a new route per call, refills and copies included
+        Target(7, f"16 {what} mixed, GraphedServer: throughput / one", 0.85, False, measure)
+        for what, measure in (
+            ("LoRA adapters", _mixed("lora", 16, "bench_served", "mixed")),
+            ("seq_bn stacks", _mixed("seq_bn stacks", 16, "bench_served", "mixed")),
         )
     ),
 ]

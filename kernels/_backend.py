@@ -9,6 +9,8 @@ decoration time whether a kernel is compiled or interpreted.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
 
 import torch
@@ -59,9 +61,84 @@ def torch_twins_on_cpu(enabled: bool = True):
         INTERPRET = saved
 
 
+_CAPTURING_ON_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar("adapter_engine_cpu_capture", default=False)
+_KEEP_ALIVE: contextvars.ContextVar[list | None] = contextvars.ContextVar("adapter_engine_keep_alive", default=None)
+_CAPTURE_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("adapter_engine_capture", default=None)
+
+
 def capturing(tensor: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on ``tensor``'s device (nothing may be timed, synced or cached then)."""
-    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured on ``tensor``'s device (nothing may be timed, synced or cached then),
+    or, for a CPU tensor, whether a CPU stand-in for one runs (:func:`capture_on_cpu`)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    return _CAPTURING_ON_CPU.get()
+
+
+@contextlib.contextmanager
+def capture_on_cpu():
+    """CPU code inside the block takes the paths it would take while a CUDA graph is captured (in one
+    :func:`capture_cache`): what a CPU stand-in for a graph (tests/test_serving.py) needs to check that a forward
+    does the same work on every replay."""
+    token = _CAPTURING_ON_CPU.set(True)
+    try:
+        with capture_cache():
+            yield
+    finally:
+        _CAPTURING_ON_CPU.reset(token)
+
+
+@contextlib.contextmanager
+def capture_cache():
+    """Around one graph capture: results computed *inside* the capture may be reused later in it (their ops are in
+    the graph, so a replay recomputes them before they are read), e.g. a mixed batch's row grouping, made by the
+    first LoRA layer and read by the others. Without this block a capture caches nothing."""
+    token = _CAPTURE_CACHE.set({})
+    try:
+        yield
+    finally:
+        _CAPTURE_CACHE.reset(token)
+
+
+def captured_cache() -> dict | None:
+    """The running :func:`capture_cache`'s dict (read it only while :func:`capturing`), or None."""
+    return _CAPTURE_CACHE.get()
+
+
+def kept(value):
+    """``value`` (a cached device tensor, or a tuple / pack of them), also held by the running :func:`keeping_alive`
+    block: a CUDA graph reads cached tensors at their capture-time addresses, so they must outlive their entry in
+    the cache (an LRU may drop it, an adapter change may replace it)."""
+    keep = _KEEP_ALIVE.get()
+    if keep is not None:
+        keep.append(value)
+    return value
+
+
+def device_lru_cache(maxsize: int):
+    """``functools.lru_cache`` for builders of device tensors, whose results :func:`kept` also hands to a capture."""
+
+    def wrap(build):
+        cached = functools.lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(build)
+        def call(*args):
+            return kept(cached(*args))
+
+        call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info
+        return call
+
+    return wrap
+
+
+@contextlib.contextmanager
+def keeping_alive():
+    """Collects what :func:`kept` sees inside the block (a graph capture) into the list it yields."""
+    held: list = []
+    token = _KEEP_ALIVE.set(held)
+    try:
+        yield held
+    finally:
+        _KEEP_ALIVE.reset(token)
 
 
 def fastest(candidates: tuple, launch) -> tuple[object, list[float]]:

@@ -409,7 +409,9 @@ def bottleneck_stack(
         ln_weight, ln_bias: (H,) the model LayerNorm of this sublayer, or None (pre-LN models).
         level_adapters: optional host-side hint, exactly the adapter indices each level's routes use (a wrong
             hint gives wrong results); saves a device sync when adapter weights train, and when one stack on every
-            row may take the level-by-level GEMM path (wide weights; see ``bottleneck_gemm.py``).
+            row may take the level-by-level GEMM path (wide weights; see ``bottleneck_gemm.py``). A level may also
+            list -1 (rows with the level off): a static route lists every adapter and -1 at each level, which keeps
+            the launch on the mixed-row path whatever its routes hold.
 
     Returns:
         (..., H) in h's dtype. Triton on CUDA / under the interpreter (a registered custom op with a Triton
@@ -437,7 +439,7 @@ def bottleneck_stack(
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
             level_adapters = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(routes.shape[1])]
-        train_levels = [[int(a) for a in used if host.trainable[a]] for used in level_adapters]
+        train_levels = [[int(a) for a in used if a >= 0 and host.trainable[a]] for used in level_adapters]
     return _stack_fwd_op(
         h, y, ln_weight, ln_bias, packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets, routes,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._backend import INTERPRET, dot_in_fp32, next_pow2
+from ._backend import INTERPRET, device_lru_cache, dot_in_fp32, next_pow2
 
 # Activation names (AdapterHub ``non_linearity``, transformers ACT2FN names) -> kernel codes.
 ACTIVATIONS = {
@@ -178,7 +178,7 @@ def _build_unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: t
     )
 
 
-_cached_unit_tables = functools.lru_cache(maxsize=256)(_build_unit_tables)
+_cached_unit_tables = device_lru_cache(maxsize=256)(_build_unit_tables)
 
 
 def _unit_tables(ranks: tuple[int, ...], codes: tuple[int, ...], scales: tuple[float, ...], device: torch.device):

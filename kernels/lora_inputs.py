@@ -12,13 +12,20 @@ in-place version counters: a changed or freed tensor never hits.
 from __future__ import annotations
 
 import collections
-import functools
 import operator
 import weakref
 
 import torch
 
-from ._backend import FLOAT_DTYPES, capturing, check_float_dtype, check_same_device
+from ._backend import (
+    FLOAT_DTYPES,
+    captured_cache,
+    capturing,
+    check_float_dtype,
+    check_same_device,
+    device_lru_cache,
+    kept,
+)
 from .lora_segmented import SegmentPlan, plan_segments
 
 
@@ -147,7 +154,7 @@ def _row_ids(adapter_ids, x, n_adapters):
 # ----------------------------------------------------------------------------------------------------------------
 # Rank tables and the stacked factors A_cat / B_cat
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
+@device_lru_cache(maxsize=256)
 def _rank_tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
     """(rank_scale (R,) fp32, rank_adapter (R,) int32, shared_scale), cached so no host-to-device copy happens per
     call; shared_scale is the scale every adapter shares (a float, for the torch paths' GEMM alpha) or None."""
@@ -199,8 +206,8 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
     if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
         _STACKS.move_to_end(key)
         A_cat, B_cat = hit[1]
-        return (lora_As[0] if one else A_cat), B_cat
-    A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
+        return kept(((lora_As[0] if one else A_cat), B_cat))
+    A_cat, B_cat = kept(_stack(lora_As, lora_Bs, b_rank_major))
     drop = lambda _ref, key=key: _STACKS.pop(key, None)  # noqa: E731  (runs when a factor is freed)
     _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat))
     if len(_STACKS) > _MAX_STACKS:
@@ -220,16 +227,19 @@ def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, Segme
     Serving passes one ids tensor to every LoRA layer of a forward (adapter_engine's routes cache it per batch
     layout); grouping its rows costs a flatten, a sort and a search (3-4 launches) that the other layers skip. An
     entry is valid while the tensor is the same live object (weak reference) at the same in-place version, for
-    the same row shape and adapter count. Never cached: inference tensors (no version counter) and calls during
-    CUDA graph capture (the graph must contain the grouping, to follow a static ids buffer refilled in place).
+    the same row shape and adapter count. Never cached: inference tensors (no version counter). While a CUDA graph
+    is captured only groupings made in the same capture are reused (``_backend.capture_cache``; none without one):
+    the graph must contain the grouping, to follow a static ids buffer refilled in place.
     """
     n = len(ranks)
     key = None
-    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and not capturing(x):
+    cache = captured_cache() if capturing(x) else _SEGMENTS
+    if isinstance(adapter_ids, torch.Tensor) and not adapter_ids.is_inference() and cache is not None:
         key = (id(adapter_ids), adapter_ids._version, tuple(x.shape[:-1]), n, x.device)
-        hit = _SEGMENTS.get(key)
+        hit = cache.get(key)
         if hit is not None and hit[0]() is adapter_ids:
-            _SEGMENTS.move_to_end(key)
+            if cache is _SEGMENTS:
+                _SEGMENTS.move_to_end(key)
             ids, plan = hit[1], hit[2]
             if plan.ranks != ranks or plan.scales != scales:  # same rows, other adapters (e.g. another layer's)
                 plan = plan_segments(ids, ranks, scales, grouping=(plan.order, plan.starts))
@@ -237,7 +247,7 @@ def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, Segme
     ids = _row_ids(adapter_ids, x, n)
     plan = plan_segments(ids, ranks, scales)
     if key is not None:
-        _SEGMENTS[key] = (weakref.ref(adapter_ids), ids, plan)
+        cache[key] = (weakref.ref(adapter_ids), ids, plan)
         if len(_SEGMENTS) > 64:
             _SEGMENTS.popitem(last=False)
     return ids, plan

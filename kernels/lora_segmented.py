@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, next_pow2, use_triton
+from ._backend import cdiv, device_lru_cache, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def u_width(ranks: Sequence[int]) -> int:
     return max(16, next_pow2(max(ranks)))
 
 
-@functools.lru_cache(maxsize=256)
+@device_lru_cache(maxsize=256)
 def _tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.device):
     """(rank_off (n + 1,) int32, scale (n,) fp32, bounds (n + 1,) int32 = 0..n) on ``device``, made once."""
     offs = [sum(ranks[:a]) for a in range(len(ranks) + 1)]
