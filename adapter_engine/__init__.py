@@ -2,7 +2,8 @@
 
 Strategy 1, Merge and FFT: ``load_adapter`` -> ``merge_adapter`` -> ``save_pretrained`` -> ``finetune.full_finetune``.
 Strategy 2, Stack and Adapt: ``StackedAdapterModel`` with ``use_adapters`` routing, ``AdapterStore`` and
-``AdapterMemoryManager``. The Triton kernels live in :mod:`adapter_engine.kernels`.
+``AdapterMemoryManager``, served from CUDA graphs by ``GraphedServer``. The Triton kernels live in
+:mod:`adapter_engine.kernels`.
 """
 
 from . import kernels
@@ -21,6 +22,7 @@ from .merging import merged_adapters
 from .patching import is_patched, patch, unpatch
 from .persist import load_model, save_model
 from .routing import Route, current_route, use_adapters
+from .serving import GraphedServer
 from .stacking import StackedAdapterModel, train_adapter
 from .store import AdapterMemoryManager, AdapterStore, MemoryStats
 
@@ -58,5 +60,6 @@ __all__ = [
     "current_route",
     "AdapterStore",
     "AdapterMemoryManager",
+    "GraphedServer",
     "MemoryStats",
 ]

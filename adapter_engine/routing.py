@@ -140,7 +140,9 @@ class StaticRoute(Route):
             (buf, self._bottleneck_table(index, others, rows)) for buf, index, others in self._bottleneck.values()
         ]
         for buf, table in tables:
-            buf.copy_(torch.tensor(table, dtype=buf.dtype))
+            host = torch.tensor(table, dtype=buf.dtype)
+            # pinned, so the copy is queued behind the previous replay instead of waiting for it to end
+            buf.copy_(host.pin_memory() if buf.is_cuda else host, non_blocking=buf.is_cuda)
         self.rows = rows
 
     def _check(self, rows: tuple[StackNames, ...]) -> None:

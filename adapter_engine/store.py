@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import api
@@ -410,6 +411,7 @@ class AdapterMemoryManager:
                 return
             self._evict(idle[0])
 
+    @torch.inference_mode(False)
     def _evict(self, name: str) -> None:
         keep_on_host = self.offload == "cpu" or self.store is None or name not in self.store
         if keep_on_host:
@@ -420,6 +422,8 @@ class AdapterMemoryManager:
         self._counts["evictions"] += 1
         logger.debug("evicted adapter %r (%s)", name, "to host memory" if keep_on_host else "dropped")
 
+    @torch.inference_mode(False)  # a load inside a caller's inference_mode must still make normal tensors: an
+    # inference tensor cannot train later, and has no version counter for the engine's caches of stacked factors
     def _load(self, name: str) -> None:
         start = time.perf_counter()
         snapshot = self._offloaded.pop(name, None)

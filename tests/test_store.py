@@ -149,6 +149,21 @@ def test_lru_eviction_under_max_active_and_exact_reloads(filled_store, offload):
     )
 
 
+@pytest.mark.parametrize("offload", ["cpu", "drop"])
+def test_loads_inside_inference_mode_make_normal_tensors(filled_store, offload):
+    """A serving loop under torch.inference_mode loads adapters too: they must stay trainable, and keep the version
+    counters the engine's caches of stacked factors need."""
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload=offload)
+    with torch.inference_mode():
+        for name in ("lora0", "seq_bn2", "lora0"):  # from disk, from disk (evicting lora0), from the host or disk
+            with memory.use([name]):
+                assert torch.equal(out(model, name), expected[name])
+                params = ae.api.adapter_parameters(model, name)
+                assert params and not any(p.is_inference() for p in params)
+
+
 def test_max_bytes_cap(filled_store):
     store, expected = filled_store
     probe = bert()
