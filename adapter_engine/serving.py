@@ -152,7 +152,7 @@ class GraphedServer:
             self._graphs.clear()
             self._generation = generation
         depth = max(map(len, rows))
-        key = (depth, tuple(sorted((k, _layout(v)) for k, v in inputs.items())))
+        key = (depth, tuple(sorted((k, _layout(k, v)) for k, v in inputs.items())))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture_graph(rows, depth, inputs)
@@ -183,9 +183,16 @@ class GraphedServer:
         return _Graph(route, static, replay, output, held)
 
 
-def _layout(value: Any) -> Hashable:
+def _layout(name: str, value: Any) -> Hashable:
+    """What of an argument a graph is specific to: a tensor's shape, dtype and device; any other value itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device)
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name}={value!r}: arguments other than tensors are fixed in a graph, so they must be hashable"
+        ) from None
     return ("value", value)
 
 
