@@ -288,11 +288,15 @@ def test_cpu_inputs_need_a_capture_stand_in():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replays_follow_the_route(dtype):
+    """Real graphs: each replay's error against the fp32 eager route is no larger than the eager route's own in
+    ``dtype`` (plus 10% and 1e-5)."""
+    reference = adapted_bert().cuda()  # the same weights in fp32 (adapted_bert seeds itself)
     model = adapted_bert().to("cuda", dtype)
     server = GraphedServer(model)
-    atol = ATOL if dtype == torch.float32 else 3e-2
     for i, spec in enumerate(routes(4, batch=8, seed=1)):
         batch = ids(8, seed=i).cuda()
-        out = server(spec, input_ids=batch).last_hidden_state
-        torch.testing.assert_close(out.float(), eager(model, spec, batch).float(), atol=atol, rtol=0)
+        want = eager(reference, spec, batch)
+        served = (server(spec, input_ids=batch).last_hidden_state.float() - want).abs().max().item()
+        own = (eager(model, spec, batch).float() - want).abs().max().item()
+        assert served <= 1.1 * own + 1e-5, (spec, served, own)
     assert (server.stats.captures, server.stats.replays) == (1, 4)
