@@ -42,7 +42,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._backend import capturing
+from ._backend import capturing, kept
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
@@ -90,10 +90,11 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     # under torch.inference_mode, they are taken as unchanged while they live)
     versions = tuple(-1 if t.is_inference() else t._version for t in packed[:4])
     dev = packed.wd.device
-    cacheable = not capturing(packed.wd) and not any(t.requires_grad for t in packed[:4])
+    cacheable = not any(t.requires_grad for t in packed[:4])
     hit = _OPERANDS.get(key) if cacheable else None
-    if hit is not None and hit[0] == versions:
-        return hit[1]
+    if hit is not None and hit[0] == versions:  # also while a CUDA graph is captured: it reads the kept copies
+        return kept(hit[1])
+    cacheable = cacheable and not capturing(packed.wd)  # (never store tensors a capture made)
     rank, hidden = hi - lo, packed.wd.shape[1]
     width = -(-(rank + 1) // 8) * 8
     with torch.no_grad():

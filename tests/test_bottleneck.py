@@ -693,6 +693,30 @@ def test_levels_path_operands_follow_the_weights(levels_path):
     assert not any(k in bottleneck_gemm._OPERANDS for k in keys)
 
 
+def test_a_graph_capture_reads_the_cached_operands_and_stores_none(levels_path):
+    """While a CUDA graph is captured (here the CPU stand-in's flag), the level path reads the operands an earlier
+    call cached and hands them to the capture to keep alive, instead of rebuilding them in the graph (on every
+    replay); operands it has to build there are never stored (their memory is the graph's)."""
+    from adapter_engine.kernels import _backend, bottleneck_gemm
+
+    params = make_params(40, [8, 16], ["gelu", "relu"])
+    ln = make_ln(40)
+    h, y = torch.randn(9, 40), torch.randn(9, 40)
+    packed = pack(params)
+    with torch.no_grad():
+        want = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
+        cached = [v[1] for k, v in bottleneck_gemm._OPERANDS.items() if k[2] == id(packed.wu)]
+        assert len(cached) == 2
+        with _backend.capture_on_cpu(), _backend.keeping_alive() as kept:
+            got = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
+        assert all(any(ops is k for k in kept) for ops in cached)
+        fresh = pack(params)
+        with _backend.capture_on_cpu():
+            again = bottleneck_stack(h, y, fresh, [0, 1], SEQ, ln.weight, ln.bias)
+        assert not any(k[2] == id(fresh.wu) for k in bottleneck_gemm._OPERANDS)
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
 @pytest.mark.parametrize("path", ["rows", "levels"])
 @pytest.mark.parametrize("training", [(2,), (1,)], ids=["top-trains", "middle-trains"])
 def test_backward_stops_below_the_lowest_training_level(monkeypatch, path, training):
