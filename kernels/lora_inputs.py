@@ -206,8 +206,10 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
     if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
         _STACKS.move_to_end(key)
         A_cat, B_cat = hit[1]
-        return kept(((lora_As[0] if one else A_cat), B_cat))
-    A_cat, B_cat = kept(_stack(lora_As, lora_Bs, b_rank_major))
+        return kept(((lora_As[0] if one else A_cat), B_cat))  # (a graph captured now reads the cached copies)
+    A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
+    if capturing(lora_As[0]):  # made inside a CUDA graph: filled only when it replays, so never for later calls
+        return A_cat, B_cat
     drop = lambda _ref, key=key: _STACKS.pop(key, None)  # noqa: E731  (runs when a factor is freed)
     _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat))
     if len(_STACKS) > _MAX_STACKS:

@@ -258,6 +258,22 @@ def test_cached_copies_the_graph_reads_outlive_their_cache_entries():
     assert all(ref() is None for ref in copies)
 
 
+def test_a_capture_reads_cached_stacked_factors_and_stores_none():
+    """Stacked LoRA factors made inside a capture are only filled when the graph replays: they must never reach
+    the cache that later eager calls read. Cached ones are read, and kept alive with the capture."""
+    As, Bs = [torch.randn(2, 8), torch.randn(3, 8)], [torch.randn(5, 2), torch.randn(5, 3)]
+    mine = lambda: [e for e in lora_inputs._STACKS.values() if all(r() is t for r, t in zip(e[0], (*As, *Bs)))]  # noqa: E731
+    with _backend.capture_on_cpu():
+        made = lora_inputs._stack_cached(As, Bs)
+    assert not mine()
+    cached = lora_inputs._stack_cached(As, Bs)
+    assert len(mine()) == 1
+    with _backend.capture_on_cpu(), _backend.keeping_alive() as kept:
+        again = lora_inputs._stack_cached(As, Bs)
+    assert again[0] is cached[0] and any(isinstance(k, tuple) and k[0] is cached[0] for k in kept)
+    assert torch.equal(made[0], cached[0]) and torch.equal(made[1], cached[1])
+
+
 def test_a_stacked_model_with_a_memory_cap(tmp_path):
     torch.manual_seed(0)
     base = BertForSequenceClassification(BertConfig(**_BERT, num_labels=3)).eval()
