@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .kernels._backend import capturing, kept
 from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, bottleneck_stack, pack_adapters
 
 logger = logging.getLogger(__name__)
@@ -316,9 +317,9 @@ class BottleneckStackLayer(nn.Module):
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
         if cacheable and key in self._cache:
-            return self._cache[key]
+            return kept(self._cache[key])  # (a CUDA graph captured now reads it)
         packed = pack_modules(adapters)
-        if cacheable:
+        if cacheable and not capturing(params[0]):  # (one made inside a graph is filled only when it replays)
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
             self._cache[key] = packed
         return packed

@@ -33,7 +33,7 @@ from torch import nn
 
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .config import Stack
-from .kernels._backend import kept
+from .kernels._backend import capturing, kept
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
 StackNames = tuple[str, ...]
@@ -300,6 +300,8 @@ class RoutedStackMixin:
             packed = self._packs.get(key)
         if packed is None:
             packed = pack_modules(modules)
+            if capturing(params[0]):  # made inside a CUDA graph: filled only when it replays, so never cached
+                return packed
             with self._pack_lock:
                 while len(self._packs) >= self._MAX_PACKS:
                     self._packs.pop(next(iter(self._packs)))

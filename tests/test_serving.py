@@ -274,6 +274,25 @@ def test_a_capture_reads_cached_stacked_factors_and_stores_none():
     assert torch.equal(made[0], cached[0]) and torch.equal(made[1], cached[1])
 
 
+def test_a_capture_reads_cached_bottleneck_packs_and_stores_none():
+    from adapter_engine.routing import is_routed_layer
+
+    model = adapted_bert()
+    layers = [m for m in model.modules() if is_routed_layer(m)]
+    spec = ["a", ae.Stack("b", "c")]
+    with torch.no_grad():
+        with _backend.capture_on_cpu():
+            made = eager(model, spec, ids(2))
+        assert layers and not any(layer._packs for layer in layers)
+        cached = eager(model, spec, ids(2))
+        packs = [pack for layer in layers for pack in layer._packs.values()]
+        assert len(packs) == len(layers)
+        with _backend.capture_on_cpu(), _backend.keeping_alive() as kept:
+            again = eager(model, spec, ids(2))
+    assert all(any(pack is k for k in kept) for pack in packs)
+    assert torch.equal(made, cached) and torch.equal(again, cached)
+
+
 def test_a_stacked_model_with_a_memory_cap(tmp_path):
     torch.manual_seed(0)
     base = BertForSequenceClassification(BertConfig(**_BERT, num_labels=3)).eval()
