@@ -664,6 +664,12 @@ def test_torch_compile_with_routes_on_the_host():
         assert_close(fn(h, y, routes), ah_stack(h, y, ln, params, SEQ))
 
 
+def _two_levels_case():
+    """(params, model LN, h, y, packed) of two adapters (ranks 8 and 16) at hidden 40, 9 rows."""
+    params = make_params(40, [8, 16], ["gelu", "relu"])
+    return params, make_ln(40), torch.randn(9, 40), torch.randn(9, 40), pack(params)
+
+
 def test_levels_path_operands_follow_the_weights(levels_path):
     """The per-adapter GEMM operands are kept between inference calls: an in-place update of the packed weights
     rebuilds them, and they go when the packed stack is freed."""
@@ -671,10 +677,7 @@ def test_levels_path_operands_follow_the_weights(levels_path):
 
     from adapter_engine.kernels import bottleneck_gemm
 
-    params = make_params(40, [8, 16], ["gelu", "relu"])
-    ln = make_ln(40)
-    h, y = torch.randn(9, 40), torch.randn(9, 40)
-    packed = pack(params)
+    params, ln, h, y, packed = _two_levels_case()
     with torch.no_grad():
         first = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
         assert len(bottleneck_gemm._OPERANDS) >= 2
@@ -699,10 +702,7 @@ def test_a_graph_capture_reads_the_cached_operands_and_stores_none(levels_path):
     replay); operands it has to build there are never stored (their memory is the graph's)."""
     from adapter_engine.kernels import _backend, bottleneck_gemm
 
-    params = make_params(40, [8, 16], ["gelu", "relu"])
-    ln = make_ln(40)
-    h, y = torch.randn(9, 40), torch.randn(9, 40)
-    packed = pack(params)
+    params, ln, h, y, packed = _two_levels_case()
     with torch.no_grad():
         want = bottleneck_stack(h, y, packed, [0, 1], SEQ, ln.weight, ln.bias)
         cached = [v[1] for k, v in bottleneck_gemm._OPERANDS.items() if k[2] == id(packed.wu)]
