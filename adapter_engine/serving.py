@@ -130,7 +130,9 @@ class GraphedServer:
         tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
         if not tensors:
             raise ValueError("GraphedServer needs the model's inputs as tensors (input_ids=..., ...)")
-        batch = tensors[0].shape[0]
+        batch = tensors[0].shape[0] if tensors[0].dim() else 0
+        if batch < 1:
+            raise ValueError(f"GraphedServer needs a batch of at least one row, got {tuple(tensors[0].shape)}")
         route = make_route(adapter, resolve=self._resolve)
         rows = route.rows if route.rows is not None else (route.stack,) * batch
         if len(rows) != batch:

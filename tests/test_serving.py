@@ -226,6 +226,8 @@ def test_rows_a_static_route_cannot_express_are_refused_and_change_nothing():
         server(["a", "nope"], input_ids=batch)
     with pytest.raises(ValueError, match="2 row stacks but the inputs have a batch of 3"):
         server(["a", "b"], input_ids=ids(3))
+    with pytest.raises(ValueError, match="at least one row"):
+        server("a", input_ids=ids(0))
     with pytest.raises(TypeError, match="must be hashable"):
         server(["a", "b"], input_ids=batch, output_attentions=[True])
     spec = [ae.Stack("c", "l"), "m"]  # after the refusals, the same graph still follows its route
