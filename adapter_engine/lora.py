@@ -30,6 +30,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
+from .kernels._backend import int_table
 from .kernels.lora_linear import lora_linear, mixed_batch_path
 from .routing import Route, StaticRoute, adapters_changed, check_rows, current_route
 
@@ -190,19 +191,7 @@ class LoraLinear(nn.Module):
         if not fused:
             y = self._base_forward(x)
         else:
-            y = lora_linear(
-                x,
-                self.weight,
-                _weights(mods_A, fused),
-                _weights(mods_B, fused),
-                [scaling[n] for n in fused],
-                self.bias,
-                adapter_ids=ids,
-                dropout=p0,
-                training=training,
-                fan_in_fan_out=self.fan_in_fan_out,
-                path=path,
-            )
+            y = self._rows_call(x, (mods_A, mods_B, scaling), fused, ids, path, dropout=p0, training=training)
             for n, rows, rate in extras:  # rows whose stack holds a further LoRA of this layer
                 mask = torch.zeros(x.shape[0], dtype=y.dtype, device=x.device)
                 mask[rows] = 1.0
@@ -225,6 +214,13 @@ class LoraLinear(nn.Module):
         fused = [n for n in mods_A if n in mods_B and n in scaling and n not in self.merged_adapters]
         if not fused:
             return self._base_forward(x)
+        ids = route.lora_ids(tuple(fused), x.device)
+        return self._rows_call(x, (mods_A, mods_B, scaling), fused, ids, "segmented")
+
+    def _rows_call(self, x, snapshot, fused, ids, path, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+        """One fused ``lora_linear`` launch of the LoRAs ``fused`` for rows picking theirs by ``ids``, read from
+        ``snapshot`` (the layer's A modules, B modules and scalings when the call started)."""
+        mods_A, mods_B, scaling = snapshot
         return lora_linear(
             x,
             self.weight,
@@ -232,9 +228,11 @@ class LoraLinear(nn.Module):
             _weights(mods_B, fused),
             [scaling[n] for n in fused],
             self.bias,
-            adapter_ids=route.lora_ids(tuple(fused), x.device),
+            adapter_ids=ids,
+            dropout=dropout,
+            training=training,
             fan_in_fan_out=self.fan_in_fan_out,
-            path="segmented",
+            path=path,
         )
 
     def _every_resident_isolated(
@@ -272,7 +270,7 @@ class LoraLinear(nn.Module):
             index = {n: i for i, n in enumerate(fused)}
             firsts = [next((n for n in row if n in index), None) for row in rows_lora]
             table = tuple(index[n] if n is not None else -1 for n in firsts)
-            ids = route.cached(("lora_ids", table, device), lambda: _ids_tensor(table, device))
+            ids = route.cached(("lora_ids", table, device), lambda: int_table(table, device))
             for n in used:
                 rows = [i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n]
                 if rows:
@@ -340,14 +338,6 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return f"{kind}(in={self.in_features}, out={self.out_features}), adapters={sorted(self.lora_A)}"
-
-
-def _ids_tensor(table: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A route's adapter ids (rows,) int32, made as a normal tensor even under ``torch.inference_mode``: an
-    inference tensor has no version counter, so ``lora_linear`` could not remember its row grouping and every LoRA
-    layer of the forward would sort the rows again (3-4 launches each); the route never changes it in place."""
-    with torch.inference_mode(False):
-        return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -33,7 +34,7 @@ from torch import nn
 
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .config import Stack
-from .kernels._backend import capturing, kept
+from .kernels._backend import capturing, int_table, kept
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
 StackNames = tuple[str, ...]
@@ -93,36 +94,32 @@ class StaticRoute(Route):
     group, IA3 adapters.
     """
 
-    __slots__ = ("depth", "_lora", "_bottleneck", "_refused")
+    __slots__ = ("depth", "_tensors", "_refused")
 
     def __init__(self, rows: Sequence[StackNames], depth: int):
         super().__init__(rows=rows)
         self.depth = int(depth)
-        self._lora: dict[Hashable, tuple[torch.Tensor, dict[str, int]]] = {}
-        self._bottleneck: dict[Hashable, tuple[torch.Tensor, dict[str, int], frozenset[str]]] = {}
+        # key -> (device tensor, the function that makes its table from rows, raising for rows it cannot express)
+        self._tensors: dict[Hashable, tuple[torch.Tensor, Callable[[tuple[StackNames, ...]], list]]] = {}
         self._refused: dict[str, str] = {}
         self._check(self.rows)
 
     def lora_ids(self, fused: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """(rows,) int32: per row, the index in ``fused`` of its stack's LoRA in this layer, -1 for none."""
-        key = (fused, device)
-        if key not in self._lora:
-            index = {n: i for i, n in enumerate(fused)}
-            table = self._lora_table(index, self.rows)
-            with torch.inference_mode(False):  # a normal tensor: it is refilled in place, version-counted
-                self._lora[key] = (torch.tensor(table, dtype=torch.int32, device=device), index)
-        return self._lora[key][0]
+        index = {n: i for i, n in enumerate(fused)}
+        return self._tensor(("lora", fused, device), functools.partial(self._lora_table, index), device)
 
     def bottleneck_routes(self, group: tuple[str, ...], others: frozenset[str], device: torch.device) -> torch.Tensor:
         """(rows, depth) int32: per row and level, the index in ``group`` of the adapter, -1 for off. ``others``:
         the layer's resident adapters of another structure (a row naming one is refused)."""
-        key = (group, others, device)
-        if key not in self._bottleneck:
-            index = {n: i for i, n in enumerate(group)}
-            table = self._bottleneck_table(index, others, self.rows)
-            with torch.inference_mode(False):
-                self._bottleneck[key] = (torch.tensor(table, dtype=torch.int32, device=device), index, others)
-        return self._bottleneck[key][0]
+        index = {n: i for i, n in enumerate(group)}
+        make = functools.partial(self._bottleneck_table, index, others)
+        return self._tensor(("bottleneck", group, others, device), make, device)
+
+    def _tensor(self, key: Hashable, make: Callable[[tuple[StackNames, ...]], list], device) -> torch.Tensor:
+        if key not in self._tensors:
+            self._tensors[key] = (int_table(make(self.rows), device), make)
+        return self._tensors[key][0]
 
     def refuse(self, names: Sequence[str], why: str) -> None:
         """Adapters no row may name (checked now and by every later :meth:`fill`)."""
@@ -135,10 +132,7 @@ class StaticRoute(Route):
         if len(rows) != len(self.rows):
             raise ValueError(f"this static route has {len(self.rows)} rows, got {len(rows)}")
         self._check(rows)
-        tables = [(buf, self._lora_table(index, rows)) for buf, index in self._lora.values()]
-        tables += [
-            (buf, self._bottleneck_table(index, others, rows)) for buf, index, others in self._bottleneck.values()
-        ]
+        tables = [(buf, make(rows)) for buf, make in self._tensors.values()]
         for buf, table in tables:
             host = torch.tensor(table, dtype=buf.dtype)
             # pinned, so the copy is queued behind the previous replay instead of waiting for it to end
@@ -366,7 +360,7 @@ class _Group(tuple):
 
 
 def _routes_tensor(table, uniform: bool, device: torch.device) -> torch.Tensor:
-    routes = torch.tensor(table, dtype=torch.int32, device=device)
+    routes = int_table(table, device)
     return routes[0] if uniform else routes
 
 

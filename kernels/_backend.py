@@ -130,6 +130,15 @@ def device_lru_cache(maxsize: int):
     return wrap
 
 
+def int_table(table, device: torch.device) -> torch.Tensor:
+    """An int32 tensor of ``table`` (ids or routes) on ``device``, made as a normal tensor even under
+    ``torch.inference_mode``: callers cache these, and an inference tensor has no version counter (``lora_linear``
+    could not remember a LoRA ids tensor's row grouping, a static route could not refill it in place) and cannot be
+    saved for a later backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(table, dtype=torch.int32, device=device)
+
+
 @contextlib.contextmanager
 def keeping_alive():
     """Collects what :func:`kept` sees inside the block (a graph capture) into the list it yields."""

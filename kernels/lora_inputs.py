@@ -250,6 +250,6 @@ def _segments_cached(adapter_ids, x, ranks, scales) -> tuple[torch.Tensor, Segme
     plan = plan_segments(ids, ranks, scales)
     if key is not None:
         cache[key] = (weakref.ref(adapter_ids), ids, plan)
-        if len(_SEGMENTS) > 64:
+        if cache is _SEGMENTS and len(_SEGMENTS) > 64:
             _SEGMENTS.popitem(last=False)
     return ids, plan
