@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .kernels._backend import capturing, kept
+from .kernels._backend import capturing, int_table, kept
 from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, bottleneck_stack, pack_adapters
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class BottleneckStackLayer(nn.Module):
             table = [[names.index(n) if n is not None else -1 for n in row] for row in named]
         key = ("routes", tuple(names), tuple(map(tuple, table)), self._row_stacks is None, device)
         if key not in self._cache:
-            routes = torch.tensor(table, dtype=torch.int32, device=device)
+            routes = int_table(table, device)
             self._cache[key] = routes[0] if self._row_stacks is None else routes
         hint = [sorted({row[lvl] for row in table} - {-1}) for lvl in range(len(table[0]))]
         return names, self._cache[key], hint
@@ -318,7 +318,8 @@ class BottleneckStackLayer(nn.Module):
         key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
         if cacheable and key in self._cache:
             return kept(self._cache[key])  # (a CUDA graph captured now reads it)
-        packed = pack_modules(adapters)
+        with torch.inference_mode(False):  # (a cached pack may be saved for the backward of a later call)
+            packed = pack_modules(adapters)
         if cacheable and not capturing(params[0]):  # (one made inside a graph is filled only when it replays)
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
             self._cache[key] = packed

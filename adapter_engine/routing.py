@@ -293,7 +293,8 @@ class RoutedStackMixin:
         with self._pack_lock:
             packed = self._packs.get(key)
         if packed is None:
-            packed = pack_modules(modules)
+            with torch.inference_mode(False):  # (normal tensors: a later call that autograd records may save them)
+                packed = pack_modules(modules)
             if capturing(params[0]):  # made inside a CUDA graph: filled only when it replays, so never cached
                 return packed
             with self._pack_lock:

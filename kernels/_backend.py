@@ -115,10 +115,12 @@ def kept(value):
 
 
 def device_lru_cache(maxsize: int):
-    """``functools.lru_cache`` for builders of device tensors, whose results :func:`kept` also hands to a capture."""
+    """``functools.lru_cache`` for builders of device tensors, whose results :func:`kept` also hands to a capture.
+    They are built as normal tensors even when the first call runs under ``torch.inference_mode``: the cache is
+    process-wide, and an inference tensor in it would break every later call that autograd records."""
 
     def wrap(build):
-        cached = functools.lru_cache(maxsize=maxsize)(build)
+        cached = functools.lru_cache(maxsize=maxsize)(torch.inference_mode(False)(build))
 
         @functools.wraps(build)
         def call(*args):

@@ -97,7 +97,7 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     cacheable = cacheable and not capturing(packed.wd)  # (never store tensors a capture made)
     rank, hidden = hi - lo, packed.wd.shape[1]
     width = -(-(rank + 1) // 8) * 8
-    with torch.no_grad():
+    with torch.no_grad(), torch.inference_mode(False):  # (cached: a later recorded call may save them)
         down_w = torch.zeros((width, hidden), device=dev, dtype=dtype)
         down_w[:rank] = packed.wd[lo:hi]
         down_b = torch.zeros(width, device=dev, dtype=dtype)

@@ -172,6 +172,27 @@ def test_mixed_batch_gradients_equal_per_row_gradients():
     assert checked >= 20  # LoRA A/B, IA3 vectors and bottleneck weights of several adapters all got gradients
 
 
+def test_tables_first_cached_under_inference_mode_serve_a_later_backward():
+    """The kernels' cached device tables and the layers' cached packs of frozen adapters outlive a call: one first
+    built during a ``torch.inference_mode`` call (serving) must still work in a later call that autograd records
+    (here training the LoRAs, so the bottleneck layers' inputs need gradients and their frozen packs are saved)."""
+    from adapter_engine.kernels import bottleneck_pack, lora_inputs, lora_segmented
+
+    for cache in (bottleneck_pack._cached_unit_tables, lora_segmented._tables, lora_inputs._rank_tables):
+        cache.cache_clear()
+    model = adapted_bert()
+    batch = ids(len(MIXED), seq=4, seed=3)
+    with use_adapters(MIXED), torch.inference_mode():
+        model(input_ids=batch)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with use_adapters(MIXED):
+        loss = model(input_ids=batch).last_hidden_state.square().sum()
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= 8  # A and B of l and m, 2 layers
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_per_row_routes_on_a_pre_ln_model_capture_the_residual(arch):
     """Llama's / GPT-2's MLP adapters read the residual captured by a hook (per thread), GPT-2's LoRA sits on a
