@@ -353,6 +353,17 @@ def _wd_tile(wd_ptr, units, hi, cols, cmask, stride_wdr, stride_wdh):
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+def _add_grad(slot: torch.Tensor, a: torch.Tensor, b, once: bool) -> None:
+    """slot (+)= a @ b for a matrix ``b``, a * b for a float: written once in the slot's dtype (``once``), else
+    accumulated into an fp32 slot."""
+    if once and isinstance(b, torch.Tensor):
+        torch.mm(a, b, out=slot)
+    elif once:
+        torch.mul(a, b, out=slot) if b != 1.0 else slot.copy_(a)
+    else:
+        slot += (a @ b).float() if isinstance(b, torch.Tensor) else a * b
+
+
 def _stack_backward(
     grad_out, h, y, lnw, lnb, wd, bd, wu, bu, tables, routes, rs, zs, stats, options: StackOptions,
     host_offsets, host_codes, host_scales, train_levels, needs, uniform=None,
@@ -418,49 +429,62 @@ def _stack_backward(
     inputs_need = any(needs[:4])
     lowest = 0 if inputs_need else min([lvl for lvl in range(levels) if train_levels[lvl]] or [levels])
     weights = {"wd": wd, "bd": bd, "wu": wu, "bu": bu}
-    grads = {k: torch.zeros(t.shape, device=dev, dtype=torch.float32) if need else None
+    # An adapter that trains at one level only (the usual case) gets its weight gradients written once, straight
+    # into buffers of the weights' dtype (a GEMM's own output, no fp32 copy to add and convert); one that several
+    # levels use accumulates them in fp32.
+    trained = [a for lvl in range(lowest, levels) for a in train_levels[lvl]]
+    half = wd.dtype if (wd.dtype != torch.float32 and dev.type == "cuda") else torch.float32
+    once = len(trained) == len(set(trained)) and half == wd.dtype  # (on a CPU, half weights take fp32 GEMMs)
+    grads = {k: torch.zeros(t.shape, device=dev, dtype=t.dtype if once else torch.float32) if need else None
              for (k, t), need in zip(weights.items(), needs[4:], strict=True)}  # fmt: skip
     uniform_rows = routes.stride(0) == 0
-    half = wd.dtype if (wd.dtype != torch.float32 and dev.type == "cuda") else torch.float32
     dot_fp32, precision = _dot_mode(h, wd)
     off = host_offsets
     max_rank = _max_rank(off)
     tiles = _tiles(max_rank)
     path = _tile_path(m, uniform_rows, max_rank, tiles)
+    # per-level views made in one op each, and one dz buffer and dummy x shared by the levels that train nothing
+    zs_l, stats_l, rs_l, routes_l = zs.unbind(0), stats.unbind(0), rs.unbind(0), routes.unbind(1)
+    dz_any, x_none = None, None
     for lvl in reversed(range(lowest, levels)):
         level_adapter = uniform[lvl] if uniform is not None else None
         if level_adapter is not None and level_adapter < 0:
             continue  # every row skips this level: g and dy pass through unchanged
         train = train_levels[lvl]
-        route = routes[:, lvl]
+        route = routes_l[lvl]
         masks = {a: None if uniform_rows else (route == a).unsqueeze(1) for a in train}
         if train and (grads["wu"] is not None or grads["bu"] is not None):
             gw = g.to(half)
             for a in train:  # dWu = s g^T act(z), dbu = s sum(g) over the rows routed to a
-                act = _TORCH_ACTS[host_codes[a]](zs[lvl][:, off[a] : off[a + 1]])
-                ga = g if masks[a] is None else g * masks[a]
-                if masks[a] is not None:
-                    act = act * masks[a]
                 if grads["wu"] is not None:
-                    grads["wu"][:, off[a] : off[a + 1]] += host_scales[a] * (gw.t() @ act.to(half)).float()
+                    act = _TORCH_ACTS[host_codes[a]](zs_l[lvl][:, off[a] : off[a + 1]])
+                    act = (act * host_scales[a] if masks[a] is None else act * (masks[a] * host_scales[a])).to(half)
+                    _add_grad(grads["wu"][:, off[a] : off[a + 1]], gw.t(), act, once)
                 if grads["bu"] is not None:
-                    grads["bu"][a] += host_scales[a] * ga.sum(0)
+                    ga = g if masks[a] is None else g * masks[a]
+                    _add_grad(grads["bu"][a], ga.sum(0), host_scales[a], once)
         need_x = bool(train) and grads["wd"] is not None
         # torch reads dz (zero outside each block's units) only for the weight gradients; the kernel reads back
         # just what it wrote
         need_dz = bool(train) and (grads["wd"] is not None or grads["bd"] is not None)
-        dz = (torch.zeros if need_dz else torch.empty)((m, rt), device=dev, dtype=torch.float32)
-        x = torch.empty((m, hidden) if need_x else (1, 1), device=dev, dtype=half)
-        rp = h2 if lvl == 0 else rs[lvl - 1]
+        if need_dz:
+            dz = torch.zeros((m, rt), device=dev, dtype=torch.float32)
+        else:
+            dz = dz_any = torch.empty((m, rt), device=dev, dtype=torch.float32) if dz_any is None else dz_any
+        if need_x:
+            x = torch.empty((m, hidden), device=dev, dtype=half)
+        else:
+            x = x_none = torch.empty((1, 1), device=dev, dtype=half) if x_none is None else x_none
+        rp = h2 if lvl == 0 else rs_l[lvl - 1]
 
         level_ln_grad = ln_grad and flags["IN_LN"]
         if level_ln_grad:
             pw.zero_()
             pb.zero_()
         args = (
-            g, dy, rp, y2, zs[lvl], dz, x, wd, wu,
+            g, dy, rp, y2, zs_l[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
-            lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats[lvl], pw, pb,
+            lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats_l[lvl], pw, pb,
             m, hidden, rt,
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
@@ -471,7 +495,7 @@ def _stack_backward(
             TILE_PATH=path,
         )  # fmt: skip
 
-        cublas = (g, dy, rp, y2, zs[lvl], dz, x if need_x else None, wd, wu, lnw, lnb, stats[lvl],
+        cublas = (g, dy, rp, y2, zs_l[lvl], dz, x if need_x else None, wd, wu, lnw, lnb, stats_l[lvl],
                   pw if level_ln_grad else None, pb if level_ln_grad else None, level_adapter,
                   (host_offsets, host_codes, host_scales), flags, half, not dy_is_g)  # fmt: skip
 
@@ -505,9 +529,9 @@ def _stack_backward(
         for a in train:  # dWd = dz^T x, dbd = sum(dz) (dz is zero on rows not routed to a)
             dza = dz[:, off[a] : off[a + 1]]
             if grads["wd"] is not None:
-                grads["wd"][off[a] : off[a + 1]] += (dza.to(half).t() @ x).float()
+                _add_grad(grads["wd"][off[a] : off[a + 1]], dza.to(half).t(), x, once)
             if grads["bd"] is not None:
-                grads["bd"][off[a] : off[a + 1]] += dza.sum(0)
+                _add_grad(grads["bd"][off[a] : off[a + 1]], dza.sum(0), 1.0, once)
     dh = g.to(h.dtype).reshape(h.shape) if needs[0] else None
     # (a copy when taken from g: dh may be g itself, and the op's outputs must not alias)
     dyo = (g if dy_is_g else dy).to(y.dtype, copy=dy_is_g).reshape(y.shape) if (y is not None and needs[1]) else None
