@@ -5,6 +5,7 @@ the docstring of ``kernels/bottleneck.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -473,9 +474,18 @@ def _launch_fwd(
     round_in_torch = dev.type == "cpu" and h.dtype != torch.float32
     out = torch.empty(h2.shape, device=dev, dtype=torch.float32 if round_in_torch else h.dtype)
     rt = packed.wd.shape[0]
-    flags = _flags(options, ln_weight is not None)
+    if routes.dtype != torch.int32:
+        routes = routes.to(torch.int32)
     dot_fp32, precision = _dot_mode(h, packed.wd)
-    tiles = _tiles(max_rank, not save and m >= 4096)
+    timed = m >= TUNE_MIN_ROWS
+    tiles, switches, candidates, switch_values = _fwd_plan(
+        m == 1, m >= 4096, timed, levels, max_rank, options, ln_weight is not None, save, dot_fp32, precision,
+        routes.stride(0) == 0,
+    )  # fmt: skip
+    if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
+        candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
+    key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, switch_values,
+           candidates[0] == LEVELS, len(candidates))  # fmt: skip
     if save:
         saved = _Saved(
             torch.empty((levels, m, hidden), device=dev, dtype=torch.float32 if round_in_torch else h.dtype),
@@ -486,30 +496,38 @@ def _launch_fwd(
         saved = None
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
-    if routes.dtype != torch.int32:
-        routes = routes.to(torch.int32)
-    path = _tile_path(m, routes.stride(0) == 0, max_rank, tiles)
-    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path, **flags)
     kernel_args = []  # built on the first kernel launch: the scratch buffers are not needed by the GEMM path
     result = [out]  # the output of the last launch: the kernel writes ``out``, the GEMM path returns its own
 
     def launch(t: _Tiles | str) -> None:
         if t == LEVELS:
-            result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
-                                         float(options.eps), saved)  # fmt: skip
+            result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host,
+                                         _flags(options, ln_weight is not None), float(options.eps), saved)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
-    candidates = _forward_candidates(tiles, save) if m >= TUNE_MIN_ROWS else (tiles,)
-    if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
-        candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
-    key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype,
-           tuple(switches.values()), candidates[0] == LEVELS, len(candidates))  # fmt: skip
     launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
-    return result[0].to(h.dtype).reshape(h.shape), saved
+    y_out = result[0] if result[0].dtype == h.dtype else result[0].to(h.dtype)
+    return (y_out if h.dim() == 2 else y_out.reshape(h.shape)), saved
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(
+    one_row: bool, big: bool, timed: bool, levels: int, max_rank: int, options: StackOptions, has_ln: bool,
+    save: bool, dot_fp32: bool, precision: str, uniform_rows: bool,
+):  # fmt: skip
+    """(tiles, the kernel's switches, the kernel tiles to time, the switches' values) of a forward launch over one
+    row, at least 4096 rows (``big``), at least ``TUNE_MIN_ROWS`` rows (``timed``), or others: host work that only
+    depends on these facts, made once per set of them."""
+    tiles = _tiles(max_rank, not save and big)
+    path = _tile_path(1 if one_row else 2, uniform_rows, max_rank, tiles)
+    switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
+                    **_flags(options, has_ln))  # fmt: skip
+    candidates = _forward_candidates(tiles, save) if timed else (tiles,)
+    return tiles, switches, candidates, tuple(switches.values())
 
 
 def _kernel_args(h2, y2, out, ln_weight, ln_bias, packed: PackedStack, routes, saved, options, tiles: _Tiles):
