@@ -1100,6 +1100,44 @@ def test_training_the_top_adapter_matches_eager_gradients():
         torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4)
 
 
+def test_the_prepared_plan_follows_every_setter():
+    """A layer reuses its prepared plan (names, routes, options) between calls; each setter, adding and deleting
+    adapters change what the next call runs, fused and eager alike."""
+    model = _tiny_bert()
+    w = wrap_sublayer(model.encoder.layer[0], "output")
+    for n, a in _bert_adapters(48, ["a", "b", "c"], SEQ).items():
+        w.add_adapter(n, a)
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 48)
+
+    def both():
+        with torch.no_grad():
+            w.fused = True
+            fused = w(x, y)
+            w.fused = False
+            eager = w(x, y)
+        assert_close(fused, eager)
+        return fused
+
+    w.set_active_stack(["a", "b", "c"])
+    before = both()
+    steps = [
+        lambda: w.set_active_stack(["b", "a", "c"]),
+        lambda: w.set_depth(1),
+        lambda: w.set_depth(None),
+        lambda: w.set_level_enabled(0, False),
+        lambda: w.set_level_enabled(0, True),
+        lambda: w.set_row_stacks([["c"], ["a", "b"]]),
+        lambda: w.add_adapter("c", _bert_adapters(48, ["x"], SEQ)["x"]),
+        lambda: w.set_row_stacks(None),
+        lambda: w.delete_adapter("c"),
+    ]
+    for i, step in enumerate(steps):
+        step()
+        out = both()
+        assert not torch.equal(out, before), i
+        before = out
+
+
 def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
     """``TRAIN_FUSED`` off (the default: the fused backward measured slower on an H100): a stack that autograd
     records runs the eager modules, inference (no_grad, or nothing requiring grad) the fused op; and a frozen stack
