@@ -61,7 +61,8 @@ Backward (training): the forward also keeps r_1..r_n, the pre-activations and th
 row-block kernel per level (top to bottom) runs the g -> dz -> dx -> LayerNorm-backward chain with the same
 streaming structure (and the same one-tile path, keeping dz in registers), and cuBLAS computes the weight
 gradients of the adapters that train (see ``_stack_backward``). Forward and backward are registered torch custom
-ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node.
+ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node; eager training
+calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call).
 
 Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
