@@ -409,6 +409,42 @@ def test_patch_peft_model_runs_fused_with_same_outputs_and_grads():
         assert torch.equal(out(pm, batch), y_ref)
 
 
+def test_patched_peft_layers_fall_back_to_peft_where_the_fused_op_does_not_apply(monkeypatch):
+    """The plain case runs the fused op; DoRA, a merged adapter, disabled adapters and weights of another dtype than
+    the input run PEFT's own forward, with PEFT's outputs."""
+    peft = pytest.importorskip("peft")
+    import adapter_engine.lora as lora_mod
+
+    calls = []
+    real = lora_mod.lora_linear
+    monkeypatch.setattr(lora_mod, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = inputs("bert")
+
+    def case(use_dora=False, change=None):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], init_lora_weights=False, use_dora=use_dora)
+        pm = peft.get_peft_model(make("bert"), cfg).eval()
+        if change is not None:
+            change(pm)
+        want = out(pm, batch)
+        calls.clear()
+        ae.patch(pm)
+        got = out(pm, batch)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        return len(calls)
+
+    assert case() > 0  # the plain case: fused
+    assert case(use_dora=True) == 0
+    assert case(change=lambda pm: pm.merge_adapter()) == 0
+    assert case(change=lambda pm: pm.base_model.disable_adapter_layers()) == 0
+
+    def fp64_factors(pm):
+        for m in pm.modules():
+            if hasattr(m, "lora_A"):
+                m.lora_A.double(), m.lora_B.double()
+
+    assert case(change=fp64_factors) == 0
+
+
 def test_unregistered_model_needs_explicit_targets():
     class Tiny(nn.Module):
         def __init__(self):
