@@ -478,10 +478,11 @@ def _launch_fwd(
         routes = routes.to(torch.int32)
     dot_fp32, precision = _dot_mode(h, packed.wd)
     timed = m >= TUNE_MIN_ROWS
-    tiles, switches, candidates, switch_values = _fwd_plan(
-        m == 1, m >= 4096, timed, levels, max_rank, options, ln_weight is not None, save, dot_fp32, precision,
+    tiles, switches, switch_values = _fwd_plan(
+        m == 1, m >= 4096, levels, max_rank, options, ln_weight is not None, save, dot_fp32, precision,
         routes.stride(0) == 0,
     )  # fmt: skip
+    candidates = _forward_candidates(tiles, save) if timed else (tiles,)
     if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
         candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
     key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, switch_values,
@@ -516,18 +517,17 @@ def _launch_fwd(
 
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(
-    one_row: bool, big: bool, timed: bool, levels: int, max_rank: int, options: StackOptions, has_ln: bool,
-    save: bool, dot_fp32: bool, precision: str, uniform_rows: bool,
+    one_row: bool, big: bool, levels: int, max_rank: int, options: StackOptions, has_ln: bool, save: bool,
+    dot_fp32: bool, precision: str, uniform_rows: bool,
 ):  # fmt: skip
-    """(tiles, the kernel's switches, the kernel tiles to time, the switches' values) of a forward launch over one
-    row, at least 4096 rows (``big``), at least ``TUNE_MIN_ROWS`` rows (``timed``), or others: host work that only
-    depends on these facts, made once per set of them."""
+    """(tiles, the kernel's switches, the switches' values) of a forward launch over one row, at least 4096 rows
+    (``big``) or others: host work that only depends on these facts (and reads no module setting a test may
+    change), made once per set of them."""
     tiles = _tiles(max_rank, not save and big)
     path = _tile_path(1 if one_row else 2, uniform_rows, max_rank, tiles)
     switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
                     **_flags(options, has_ln))  # fmt: skip
-    candidates = _forward_candidates(tiles, save) if timed else (tiles,)
-    return tiles, switches, candidates, tuple(switches.values())
+    return tiles, switches, tuple(switches.values())
 
 
 def _kernel_args(h2, y2, out, ln_weight, ln_bias, packed: PackedStack, routes, saved, options, tiles: _Tiles):
