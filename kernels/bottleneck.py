@@ -216,6 +216,23 @@ def _decode_host(meta: str):
     return options, offsets, codes, scales, train_levels, tuple(int(x) for x in uniform) or None
 
 
+def _forward_with(facts, save, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes):
+    """The forward launch of the custom op and of ``_StackFunction``; ``facts`` as :func:`_decode_host` returns them.
+    Returns (out, saved or None)."""
+    options, host_offsets, codes, scales, _, uniform = facts
+    packed = PackedStack(wd, bd, wu, bu, owner, act, scale, offsets)
+    return _launch_fwd(h, y, lnw, lnb, packed, routes, options, save, _max_rank(host_offsets), uniform,
+                       (host_offsets, codes, scales))  # fmt: skip
+
+
+def _backward_with(facts, needs, grad_out, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, rs, zs,
+                   stats):  # fmt: skip
+    """The backward of the custom op and of ``_StackFunction`` (``needs``: h, y, lnw, lnb, wd, bd, wu, bu)."""
+    options, host_offsets, codes, scales, train_levels, uniform = facts
+    return _stack_backward(grad_out, h, y, lnw, lnb, wd, bd, wu, bu, (owner, act, scale, offsets), routes, rs, zs,
+                           stats, options, host_offsets, codes, scales, train_levels, needs, uniform)  # fmt: skip
+
+
 # Registered torch custom ops (torch.compile sees one opaque node per stack, forward and backward):
 #   adapter_engine::bottleneck_stack_fwd -> (out, rs, zs, stats); rs/zs/stats are empty unless ``save``
 #   adapter_engine::bottleneck_stack_bwd -> [dh, dy, dln_w, dln_b, dwd, dbd, dwu, dbu]; empty where not needed
@@ -239,10 +256,8 @@ def _stack_fwd_op(
     meta: str,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    packed = PackedStack(wd, bd, wu, bu, unit_owner, unit_act, scale, offsets)
-    options, offsets, codes, scales, _, uniform = _decode_host(meta)
-    out, saved = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, save, _max_rank(offsets), uniform,
-                             (offsets, codes, scales))  # fmt: skip
+    out, saved = _forward_with(_decode_host(meta), save, h, y, ln_weight, ln_bias, wd, bd, wu, bu, unit_owner,
+                               unit_act, scale, offsets, routes)  # fmt: skip
     if not save:
         return out, h.new_empty(0), h.new_empty(0, dtype=torch.float32), h.new_empty(0, dtype=torch.float32)
     return out, saved.rs, saved.zs, saved.stats
@@ -292,11 +307,8 @@ def _stack_bwd_op(
     meta: str,
     needs: str,
 ) -> list[torch.Tensor]:
-    options, host_offsets, host_codes, host_scales, train_levels, uniform = _decode_host(meta)
-    grads = _stack_backward(
-        grad_out, h, y, ln_weight, ln_bias, wd, bd, wu, bu, (unit_owner, unit_act, scale, offsets), routes, rs, zs,
-        stats, options, host_offsets, host_codes, host_scales, train_levels, [c == "1" for c in needs], uniform,
-    )  # fmt: skip
+    grads = _backward_with(_decode_host(meta), [c == "1" for c in needs], grad_out, h, y, ln_weight, ln_bias, wd, bd,
+                           wu, bu, unit_owner, unit_act, scale, offsets, routes, rs, zs, stats)  # fmt: skip
     return [g if g is not None else h.new_empty(0) for g in grads]
 
 
@@ -336,22 +348,14 @@ class _StackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, facts):
-        options, host, train_levels, uniform = facts
-        packed = PackedStack(wd, bd, wu, bu, owner, act, scale, offsets)
-        out, saved = _launch_fwd(h, y, lnw, lnb, packed, routes, options, True, _max_rank(host.offsets), uniform,
-                                 host[:3])  # fmt: skip
+        out, saved = _forward_with(facts, True, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes)
         ctx.save_for_backward(h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, *saved)
         ctx.facts = facts
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, rs, zs, stats = ctx.saved_tensors
-        options, host, train_levels, uniform = ctx.facts
-        grads = _stack_backward(
-            grad_out, h, y, lnw, lnb, wd, bd, wu, bu, (owner, act, scale, offsets), routes, rs, zs, stats, options,
-            host.offsets, host.codes, host.scales, train_levels, ctx.needs_input_grad[:8], uniform,
-        )  # fmt: skip
+        grads = _backward_with(ctx.facts, ctx.needs_input_grad[:8], grad_out, *ctx.saved_tensors)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -468,9 +472,9 @@ def bottleneck_stack(
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
             level_adapters = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(routes.shape[1])]
         train_levels = [[int(a) for a in used if a >= 0 and host.trainable[a]] for used in level_adapters]
-    if save and not torch.compiler.is_compiling():
-        return _StackFunction.apply(h, y, ln_weight, ln_bias, *packed[:8], routes,
-                                    (options, host, train_levels, uniform))  # fmt: skip
+    if save and not torch.compiler.is_compiling():  # (the facts as _decode_host returns them)
+        facts = (options, host.offsets, host.codes, host.scales, train_levels, uniform)
+        return _StackFunction.apply(h, y, ln_weight, ln_bias, *packed[:8], routes, facts)
     return _stack_fwd_op(
         h, y, ln_weight, ln_bias, packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets, routes,

@@ -359,7 +359,7 @@ def _add_grad(slot: torch.Tensor, a: torch.Tensor, b, once: bool) -> None:
     if once and isinstance(b, torch.Tensor):
         torch.mm(a, b, out=slot)
     elif once:
-        torch.mul(a, b, out=slot) if b != 1.0 else slot.copy_(a)
+        torch.mul(a, b, out=slot)
     else:
         slot += (a @ b).float() if isinstance(b, torch.Tensor) else a * b
 
