@@ -223,6 +223,18 @@ class BottleneckStackLayer(nn.Module):
         and its ``training`` flag; the same ops as the unpatched module, so bit-identical."""
         return type(self._original).forward(self, *args, **kwargs)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the adapters' parameters keep their objects and in-place versions,
+        so the packs cached from them (keyed on both) are dropped here, with every other cached tensor."""
+        result = super()._apply(fn, recurse)
+        self._forget()
+        return result
+
+    def _forget(self) -> None:
+        """Drop the cached packs and routes, and the prepared plan."""
+        self._cache.clear()
+        self._generation += 1
+
     # ---------------------------------------------------------------------------------------- control
     @property
     def original(self) -> nn.Module:
@@ -232,15 +244,13 @@ class BottleneckStackLayer(nn.Module):
         if not isinstance(adapter, BottleneckAdapter):
             raise TypeError(f"expected a BottleneckAdapter, got {type(adapter).__name__}")
         self.adapters[name] = adapter
-        self._cache.clear()
-        self._generation += 1
+        self._forget()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.adapters:
             del self.adapters[name]
         self._stack = [n for n in self._stack if n != name]
-        self._cache.clear()
-        self._generation += 1
+        self._forget()
 
     def set_active_stack(self, names: Sequence[str] | str | None) -> None:
         """The adapters run bottom to top (AdapterHub ``Stack``); None or [] disables them."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +31,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
-from .kernels._backend import int_table
-from .kernels.lora_linear import lora_linear, mixed_batch_path
+from .kernels._backend import capturing, int_table, kept
+from .kernels.lora_inputs import forget_stacks
+from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, mixed_batch_path, stack_loras
 from .routing import Route, StaticRoute, adapters_changed, check_rows, current_route
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class LoraLinear(nn.Module):
         self.ia3_feedforward: dict[str, bool] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # serving's every-resident stack: (StackedLoras, the state of the factors it was made from), see _stacked_for
+        self._stacked: tuple[StackedLoras, tuple] | None = None
 
     # ------------------------------------------------------------------------------------------- adapters
     def add_lora(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True) -> None:
@@ -111,9 +115,25 @@ class LoraLinear(nn.Module):
         for store in (self.scaling, self.lora_dropout, self.ia3_feedforward):
             store.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._stacked = None  # (an evicted adapter's stacked copies go now, not at the next call)
         adapters_changed()
 
     # ------------------------------------------------------------------------------------------- forward
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the parameters keep their objects and in-place versions, so the
+        op's cache of stacked factors is told to forget this layer's (see ``lora_inputs._stack_cached``), and the
+        layer its own stack (``_stacked_for``)."""
+        result = super()._apply(fn, recurse)
+        forget_stacks(self.parameters())
+        self._stacked = None
+        adapters_changed()  # (CUDA graphs read the weights at their old addresses: GraphedServer captures again)
+        return result
+
+    def __getstate__(self):  # deepcopy / pickle: no stacked copies (a copy stacks its own on its first call)
+        state = super().__getstate__()
+        state["_stacked"] = None
+        return state
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fan_in_fan_out:  # transformers Conv1D.forward, verbatim
             size_out = x.size()[:-1] + (self.nf,)
@@ -224,6 +244,11 @@ class LoraLinear(nn.Module):
         """One fused ``lora_linear`` launch of the LoRAs ``fused`` for rows picking theirs by ``ids``, read from
         ``snapshot`` (the layer's A modules, B modules and scalings when the call started)."""
         mods_A, mods_B, scaling = snapshot
+        if path == "segmented" and not training and not torch.is_grad_enabled():
+            stacked = self._stacked_for(snapshot, fused, x)
+            if stacked is not None:
+                return lora_linear_stacked(x, self.weight, stacked, self.bias, adapter_ids=ids,
+                                           fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
         return lora_linear(
             x,
             self.weight,
@@ -237,6 +262,34 @@ class LoraLinear(nn.Module):
             fan_in_fan_out=self.fan_in_fan_out,
             path=path,
         )
+
+    def _stacked_for(self, snapshot, fused: Sequence[str], x: torch.Tensor) -> StackedLoras | None:
+        """The factors of ``fused`` checked and stacked for inference, made again only when one of them is another
+        tensor, was updated in place (its version), converted (its data address: ``.to()`` and ``.half()`` keep a
+        parameter's object and version) or has another scaling. The state is read with C-level maps: the per-call
+        checks and lookups this replaces were about half of a serving layer's host time. None (the caller takes
+        ``lora_linear``) for a weight that is not a plain parameter, an inference tensor (no version), or while a
+        CUDA graph is captured without a valid stack (a graph captures after eager warm-up calls, which make it)."""
+        mods_A, mods_B, scaling = snapshot
+        try:
+            factors = (*map(_WEIGHT, map(_PARAMETERS, map(mods_A.__getitem__, fused))),
+                       *map(_WEIGHT, map(_PARAMETERS, map(mods_B.__getitem__, fused))))  # fmt: skip
+            state = (tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors)),
+                     tuple(map(scaling.__getitem__, fused)))  # fmt: skip
+        except (KeyError, RuntimeError):
+            return None
+        memo = self._stacked
+        if memo is not None and memo[1] == state:
+            made = memo[0]
+            if len(made.lora_As) == len(fused) and all(map(operator.is_, factors, (*made.lora_As, *made.lora_Bs))):
+                return kept(made)  # (a CUDA graph captured now reads its copies: they must outlive the memo)
+        if capturing(x):  # made inside a graph, the copies would be filled only when it replays
+            return None
+        n = len(fused)
+        stacked = stack_loras(x, self.weight, factors[:n], factors[n:], state[2], self.bias,
+                              fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
+        self._stacked = (stacked, state)
+        return stacked
 
     def _every_resident_isolated(
         self, mods_A: dict[str, nn.Module], resident: tuple[str, ...], rows: int, x: torch.Tensor
@@ -341,6 +394,12 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return f"{kind}(in={self.in_features}, out={self.out_features}), adapters={sorted(self.lora_A)}"
+
+
+_PARAMETERS = operator.attrgetter("_parameters")
+_WEIGHT = operator.itemgetter("weight")  # (a KeyError for a parametrized weight)
+_VERSION = operator.attrgetter("_version")  # (a RuntimeError for an inference tensor)
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:

@@ -270,14 +270,11 @@ class RoutedStackMixin:
         super().__setstate__(state)
         self._routing_init()
 
-    def add_adapter(self, name: str, adapter: nn.Module) -> None:
-        super().add_adapter(name, adapter)
-        self._packs.clear()
-        adapters_changed()
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self._packs.clear()
+    def _forget(self) -> None:
+        """(Adapters added or deleted, the layer converted in place: CUDA graphs of the old state are stale too.)"""
+        super()._forget()
+        with self._pack_lock:
+            self._packs.clear()
         adapters_changed()
 
     def _packed(self, names: list[str]):

@@ -17,7 +17,8 @@ call). One graph per batch layout (input shapes, dtypes, devices, other argument
 first use after ``warmup`` eager calls (which also autotune the kernels).
 
 When graphs are captured again: after any change to a patched layer's adapters (added, deleted, merged,
-unmerged; with a memory manager, every load and eviction), counted by
+unmerged; with a memory manager, every load and eviction) and after a conversion of the model in place
+(``.to()``, ``.half()``: new addresses for every weight), counted by
 :func:`~adapter_engine.routing.adapter_generation`. A graph reads adapter weights and the engine's cached copies at
 their capture-time addresses; the server holds those copies (:func:`~adapter_engine.kernels._backend.kept`) so a
 cache cannot free them under it. Adapter weights changed in place (an optimizer step, ``restore_adapter`` into the

@@ -177,6 +177,7 @@ def _stack(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, 
 
 _STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place version (raises for inference tensors)
+_DATA_PTR = torch.Tensor.data_ptr
 # Serving keeps one entry per LoRA layer (every resident adapter fused): room for the layers of large models
 # (80 layers x 7 projections = 560), past which every call would concatenate again. An entry lives only as long
 # as its factors, so the copies never outnumber the live adapter sets.
@@ -188,33 +189,59 @@ def _stack_cached(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.T
 
     Serving calls a layer with the same resident adapters again and again; concatenating them costs two launches
     and two allocations per call. An entry is valid while every factor is the same live object (weak references,
-    so a freed tensor whose id and address get reused never hits) at the same in-place version, for the same layout
-    of B_cat. It holds the copies only (one adapter: its rank-major B), never a factor itself, which would then
-    stay alive through its own entry, and it is dropped as soon as one of its factors is freed (an evicted adapter
-    must not leave its concatenated copies behind on the device). Updates through ``.data`` bypass the version
-    counter and are not seen: update factors in place (``copy_``, an optimizer step) or replace them.
+    so a freed tensor whose id and address get reused never hits) at the same in-place version and data address,
+    for the same layout of B_cat. The address catches a conversion in place: ``model.half()`` or ``model.to(dev)``
+    give each parameter new storage (allocated while the old one lives, so at another address) and leave its
+    version as it was. There is one entry per set of factor objects: a changed set (an optimizer step between two
+    evaluations, a conversion) replaces its entry, so stale copies never pile up on the device. An entry holds the
+    copies only (one adapter: its rank-major B), never a factor itself, which would then stay alive through its
+    own entry, and it is dropped as soon as one of its factors is freed (an evicted adapter must not leave its
+    concatenated copies behind on the device). Not seen: updates through ``.data`` (they bypass the version
+    counter: update factors in place with ``copy_`` or an optimizer step, or replace them), and two conversions
+    in a row without a call between them whose second lands on the first storage's freed address (a dtype round
+    trip). The engine's own LoRA layers forget their entries whenever they are converted (``forget_stacks``).
     """
     one = len(lora_As) == 1
     if one and (not b_rank_major or lora_Bs[0].t().is_contiguous()):  # nothing to copy, nothing to remember
         return _stack(lora_As, lora_Bs, b_rank_major)
     factors = (*lora_As, *lora_Bs)
     try:  # (C-level maps: this runs per layer call, over every resident adapter)
-        key = (b_rank_major, tuple(map(id, factors)), tuple(map(_VERSION, factors)))
+        state = (tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors)))
     except RuntimeError:  # an inference tensor: it keeps no version counter
         return _stack(lora_As, lora_Bs, b_rank_major)
+    key = (b_rank_major, tuple(map(id, factors)))
     hit = _STACKS.get(key)
-    if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
+    if hit is not None and hit[2] == state and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
         _STACKS.move_to_end(key)
         A_cat, B_cat = hit[1]
         return kept(((lora_As[0] if one else A_cat), B_cat))  # (a graph captured now reads the cached copies)
     A_cat, B_cat = _stack(lora_As, lora_Bs, b_rank_major)
     if capturing(lora_As[0]):  # made inside a CUDA graph: filled only when it replays, so never for later calls
         return A_cat, B_cat
-    drop = lambda _ref, key=key: _STACKS.pop(key, None)  # noqa: E731  (runs when a factor is freed)
-    _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat))
+    drop = lambda ref, key=key: _drop(key, ref)  # noqa: E731  (runs when a factor is freed)
+    _STACKS[key] = (tuple(weakref.ref(t, drop) for t in factors), (None if one else A_cat, B_cat), state)
+    _STACKS.move_to_end(key)
     if len(_STACKS) > _MAX_STACKS:
         _STACKS.popitem(last=False)
     return A_cat, B_cat
+
+
+def _drop(key, ref: weakref.ref) -> None:
+    """The factor behind ``ref`` was freed: drop its entry, unless a newer one (other factors that took the freed
+    ones' ids) has replaced it. (The entry is found by its weak reference: a callback that held the entry would
+    make a reference cycle, and its device copies would wait for the garbage collector.)"""
+    hit = _STACKS.get(key)
+    if hit is not None and any(r is ref for r in hit[0]):
+        del _STACKS[key]
+
+
+def forget_stacks(tensors) -> None:
+    """Drop the cached concatenations that hold any of ``tensors`` (a module converted in place calls it: a
+    conversion keeps each parameter's version, and a round trip such as ``.half().float()`` may even land on the
+    old data address)."""
+    ids = {id(t) for t in tensors}
+    for key in [k for k in _STACKS if not ids.isdisjoint(k[1])]:
+        del _STACKS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

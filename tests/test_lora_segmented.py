@@ -338,6 +338,31 @@ def test_inference_builds_the_rank_major_B_cat_once_and_never_serves_it_stale(po
     assert all(ref() is None for ref in copies) and copies
 
 
+def test_the_stacked_factors_cache_keeps_one_entry_per_adapter_set_and_sees_conversions():
+    """An evaluation after each optimizer step (new versions) replaces the set's entry instead of adding one per
+    step (each holds device copies of every factor); a conversion in place (``p.data = p.data.half()``, what
+    ``module.half()`` does; the version stays) is seen through the data address."""
+    _launch_device()
+    params = [torch.nn.Parameter(torch.randn(r, 8)) for r in (2, 3)] + [torch.nn.Parameter(torch.randn(5, r))
+                                                                       for r in (2, 3)]  # fmt: skip
+    As, Bs = params[:2], params[2:]
+    mine = lambda: [e for e in li._STACKS.values() if all(r() is t for r, t in zip(e[0], params))]  # noqa: E731
+    for _step in range(3):
+        with torch.no_grad():
+            A_cat, B_cat = li._stack_cached(As, Bs, True)
+            torch.testing.assert_close(A_cat, torch.cat(As), rtol=0, atol=0)
+            for p in params:
+                p.mul_(1.5)  # (an optimizer step)
+    assert len(mine()) == 1
+    for p in params:
+        p.data = p.data.half()
+    with torch.no_grad():
+        A_cat, B_cat = li._stack_cached(As, Bs, True)
+    assert A_cat.dtype == B_cat.dtype == torch.float16
+    torch.testing.assert_close(B_cat, torch.cat(Bs, 1), rtol=0, atol=0)
+    assert len(mine()) == 1
+
+
 # ------------------------------------------------------------------------------------------- sm_90 code, no GPU
 _COMPILE = textwrap.dedent(
     """

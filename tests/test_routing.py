@@ -314,11 +314,10 @@ def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
 
 def test_serving_fuses_every_resident_lora_once_per_layer():
     """Serving (no autograd) on the segmented path fuses every resident LoRA of a layer: batches with different
-    sets of adapters share one stacked copy of each layer's factors (one entry per layer in ``lora_linear``'s
-    cache, where fusing only the used adapters added one per new set); each row still gets its own adapter, and
-    no row reads an adapter it does not use. Under autograd only the used adapters take part: the others get no
-    gradient at all."""
-    from adapter_engine.kernels import lora_inputs
+    sets of adapters share one stacked copy of each layer's factors (the layer's ``_stacked``, where fusing only
+    the used adapters made one per new set); each row still gets its own adapter, and no row reads an adapter it
+    does not use. Under autograd only the used adapters take part: the others get no gradient at all."""
+    from adapter_engine.lora import LoraLinear
 
     model = bert()
     names = ("p", "q", "r", "s")
@@ -327,9 +326,12 @@ def test_serving_fuses_every_resident_lora_once_per_layer():
     randomise(model)
     batch = ids(4, seq=20)  # 80 rows: "segmented"
     specs = (["p", "q", "p", "q"], ["r", "s", "r", None], ["s", "p", "q", "r"], ["q", "q", "q", "s"])
-    lora_inputs._STACKS.clear()
-    mixed = [run(model, batch, spec) for spec in specs]
-    assert len(lora_inputs._STACKS) == 4  # 2 layers x (query, value), whatever the mix
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    mixed = [run(model, batch, specs[0])]
+    stacks = [layer._stacked[0] for layer in layers]
+    mixed += [run(model, batch, spec) for spec in specs[1:]]
+    assert len(layers) == 4 and all(layer._stacked[0] is s for layer, s in zip(layers, stacks, strict=True))
+    assert all(s.ranks == (2, 3, 4, 5) for s in stacks)  # whatever the mix
     for spec, out in zip(specs, mixed, strict=True):
         alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
         torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-4)
@@ -350,6 +352,41 @@ def test_serving_fuses_every_resident_lora_once_per_layer():
         loss = model(input_ids=batch).last_hidden_state.square().sum()
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
     assert all((g is None) == (".r." in n or ".s." in n) for n, g in grads.items())  # r and s: not in this batch
+
+
+@pytest.mark.parametrize("round_trip", [False, True], ids=["half", "half-then-float"])
+def test_a_model_converted_in_place_is_served_from_its_new_weights(round_trip):
+    """``model.half()`` / ``.to(device)`` keep every parameter's object and in-place version, which the caches of
+    stacked LoRA factors and bottleneck packs are keyed on: a model served before its conversion must give what a
+    model converted before any call gives, bit for bit (a stale fp32 pack or stack would still be read, or, after
+    a move to the GPU, host memory). The round trip (``.half().float()``, no call between) may even bring the old
+    data address back."""
+    served, fresh = adapted_bert(), adapted_bert()
+    batch = ids(4, seq=20)  # 80 rows: the LoRA mix runs segmented, over stacked factors
+    specs = (["a", "l", ae.Stack("b", "c"), "m"], "a", "l", ["l", "m", "l", None])
+    for spec in specs:
+        run(served, batch, spec)
+    from adapter_engine.kernels import lora_inputs
+    from adapter_engine.lora import LoraLinear
+
+    small = ids(4, seq=3)  # 12 rows: the masked path, over lora_linear's own cache of stacked factors
+    for spec in specs:
+        run(served, small, spec)
+    params = {id(p) for p in served.parameters()}
+    layers = [m for m in served.modules() if isinstance(m, LoraLinear)]
+    assert any(params.intersection(key[1]) for key in lora_inputs._STACKS)
+    assert any(layer._stacked is not None for layer in layers)  # (the segmented path's, kept by each layer)
+    for model in (served, fresh):
+        model.half()
+        if round_trip:
+            model.float()
+    # the engine's LoRA layers drop their stacked copies when converted: a round trip that lands on the old data
+    # addresses (the CUDA caching allocator's likely choice) would otherwise hit them
+    assert not any(params.intersection(key[1]) for key in lora_inputs._STACKS)
+    assert all(layer._stacked is None for layer in layers)
+    for rows in (batch, small):
+        for spec in specs:
+            torch.testing.assert_close(run(served, rows, spec), run(fresh, rows, spec), rtol=0, atol=0)
 
 
 def test_an_adapter_evicted_during_a_call_that_does_not_hold_it(monkeypatch):
@@ -431,3 +468,57 @@ def test_switching_routes_reuses_one_pack_per_layer():
     assert layers and all(len(layer._packs) == 1 for layer in layers)
     packs = [next(iter(layer._packs.values())) for layer in layers]
     assert all(p.wd.shape[0] == 3 * 8 for p in packs)  # a, b and c (hidden 32 // 4 = 8 units each)
+
+
+def test_a_serving_layer_stacks_its_resident_loras_once_and_sees_every_change(monkeypatch):
+    """Serving a mixed batch, a LoRA layer checks and stacks its resident adapters once (``_stacked_for``), then
+    reuses them until a factor is updated in place, replaced or converted, a scaling changes or an adapter goes;
+    every output equals the reference over the layer's current weights."""
+    from adapter_engine import lora as lora_module
+    from adapter_engine.kernels import lora_linear_reference
+    from adapter_engine.lora import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(12, 10)).eval()
+    for i, r in enumerate((2, 3, 4)):
+        layer.add_lora(f"l{i}", r, scaling=0.5 + i, init=False)
+    builds = []
+    made = lora_module.stack_loras
+    monkeypatch.setattr(lora_module, "stack_loras", lambda *a, **k: builds.append(1) or made(*a, **k))
+    x = torch.randn(8, 10, 12)  # 80 rows: the segmented path, every resident LoRA fused
+    rows = ["l0", "l1", None, "l2", "l1", "l0", "l2", "l2"]
+
+    def check(dtype=torch.float32):
+        with use_adapters(rows), torch.no_grad():
+            got = layer(x.to(dtype))
+        names = list(layer.lora_A)
+        ids = torch.tensor([names.index(n) if n in names else -1 for n in rows])
+        want = lora_linear_reference(
+            x.double(), layer.weight.double(), [layer.lora_A[n].weight.double() for n in names],
+            [layer.lora_B[n].weight.double() for n in names], [layer.scaling[n] for n in names],
+            layer.bias.double(), adapter_ids=ids,
+        )  # fmt: skip
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+    check()
+    check()
+    assert len(builds) == 1  # the second call reused the stack
+    with torch.no_grad():
+        layer.lora_B["l1"].weight.mul_(-2.0)  # in place: a new version
+    check()
+    layer.lora_A["l2"].weight = torch.nn.Parameter(torch.randn(4, 12))  # another tensor
+    check()
+    layer.scaling["l0"] = 3.0
+    check()
+    assert len(builds) == 4
+    layer.half()  # conversion in place: same parameter objects and versions
+    check(torch.float16)
+    assert len(builds) == 5
+    layer.float()
+    check()
+    assert len(builds) == 6 and layer._stacked is not None
+    layer.delete_adapter("l1")  # the stacked copies go with the adapter, not at the next call
+    assert layer._stacked is None
+    check()
+    assert len(builds) == 7

@@ -216,6 +216,21 @@ def test_an_adapter_change_captures_again():
     assert (server.stats.captures, server.stats.invalidations) == (3, 2)
 
 
+def test_a_conversion_in_place_captures_again():
+    """``model.half()`` gives every weight new storage at a new address: a graph captured before would read the
+    old, freed addresses, so the server captures again."""
+    model = adapted_bert()
+    server = GraphedServer(model, capture=ReplayCheck())
+    batch, spec = ids(3), ["a", "l", ae.Stack("b", "c")]
+    server(spec, input_ids=batch)
+    model.half()
+    out = server(spec, input_ids=batch).last_hidden_state
+    assert out.dtype == torch.float16
+    # (fp16: the static route stacks every resident LoRA, the eager call the used ones: other rounding)
+    torch.testing.assert_close(out, eager(model, spec, batch), atol=2e-3, rtol=1e-2)
+    assert (server.stats.captures, server.stats.invalidations) == (2, 1)
+
+
 def test_rows_a_static_route_cannot_express_are_refused_and_change_nothing():
     model = adapted_bert()
     server = GraphedServer(model, capture=ReplayCheck())
@@ -248,12 +263,16 @@ def test_cached_copies_the_graph_reads_outlive_their_cache_entries():
     server = GraphedServer(model, capture=ReplayCheck())
     spec = ["a", "l", "m", "k"]
     server(spec, input_ids=ids(4))
+    from adapter_engine.lora import LoraLinear
+
     mine = {id(p) for p in model.parameters()}
-    entries = [e for e in lora_inputs._STACKS.values() if all(id(ref()) in mine for ref in e[0])]
-    copies = [weakref.ref(t) for _, pair in entries for t in pair if t is not None]
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and m._stacked is not None]
+    stacks = [layer._stacked[0] for layer in layers]
+    copies = [weakref.ref(t) for s in stacks for t in (s.A, s.B) if id(t) not in mine]
     assert len(copies) >= 4  # stacked A and B of query and value (the layers with several LoRAs)
-    del entries
-    lora_inputs._STACKS.clear()  # as an LRU that overflows
+    del stacks
+    for layer in layers:
+        layer._stacked = None  # as an adapter change drops them
     gc.collect()
     assert all(ref() is not None for ref in copies)
     server.reset()
