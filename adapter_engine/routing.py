@@ -186,6 +186,32 @@ def adapter_generation() -> int:
     return _generation
 
 
+# A count of parameter and submodule registrations by any module (``child.weight = nn.Parameter(...)``,
+# ``load_state_dict(assign=True)``, ``layer.lora_A[name] = nn.Linear(...)``): caches that remember which tensors a
+# layer's adapters are check it rather than read every tensor on every call. Counted by torch's global registration
+# hooks, installed on first use (a counter step per registration anywhere in the process).
+_REGISTRATIONS = itertools.count(1)
+_registration = 0
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _registered(module: nn.Module, name: str, value: object) -> None:
+    global _registration
+    _registration = next(_REGISTRATIONS)
+
+
+def registration_epoch() -> int:
+    global _hooks_installed
+    if not _hooks_installed:
+        with _hooks_lock:
+            if not _hooks_installed:
+                nn.modules.module.register_module_parameter_registration_hook(_registered)
+                nn.modules.module.register_module_module_registration_hook(_registered)
+                _hooks_installed = True
+    return _registration
+
+
 def current_route() -> Route | None:
     """The route of the running call in this thread / context, or None (use the model's active adapters)."""
     if torch.compiler.is_compiling():  # compiled graphs use the model's active adapters (no per-call routing)
@@ -403,6 +429,7 @@ __all__ = [
     "use_adapters",
     "current_route",
     "adapters_changed",
+    "registration_epoch",
     "adapter_generation",
     "RoutedOutputWithAdapters",
     "RoutedResidualOutsideWithAdapters",

@@ -996,6 +996,7 @@ class StackedLoras(NamedTuple):
 
     lora_As: tuple[torch.Tensor, ...]  # the factors the copies were made from, as given
     lora_Bs: tuple[torch.Tensor, ...]
+    factors: tuple[torch.Tensor, ...]  # (*lora_As, *lora_Bs)
     scales: tuple[float, ...]
     ranks: tuple[int, ...]
     A: torch.Tensor  # (R, in) stacked lora_As
@@ -1020,7 +1021,7 @@ def stack_loras(
     with torch.no_grad():
         A, B = _stack(As, Bs, _rank_major_b("segmented", x))
     base = (x.dtype, x.device, weight.shape, fan_in_fan_out, None if bias is None else bias.shape)
-    return StackedLoras(tuple(As), tuple(Bs), tuple(scales), ranks, A, B, base)
+    return StackedLoras(tuple(As), tuple(Bs), (*As, *Bs), tuple(scales), ranks, A, B, base)
 
 
 def lora_linear_stacked(

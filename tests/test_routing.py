@@ -509,16 +509,18 @@ def test_a_serving_layer_stacks_its_resident_loras_once_and_sees_every_change(mo
     check()
     layer.lora_A["l2"].weight = torch.nn.Parameter(torch.randn(4, 12))  # another tensor
     check()
+    layer.lora_B["l0"] = torch.nn.Linear(2, 10, bias=False)  # another module
+    check()
     layer.scaling["l0"] = 3.0
     check()
-    assert len(builds) == 4
+    assert len(builds) == 5
     layer.half()  # conversion in place: same parameter objects and versions
     check(torch.float16)
-    assert len(builds) == 5
+    assert len(builds) == 6
     layer.float()
     check()
-    assert len(builds) == 6 and layer._stacked is not None
+    assert len(builds) == 7 and layer._stacked is not None
     layer.delete_adapter("l1")  # the stacked copies go with the adapter, not at the next call
-    assert layer._stacked is None
+    assert layer._stacked is None and layer._snapshot_memo is None
     check()
-    assert len(builds) == 7
+    assert len(builds) == 8
