@@ -331,7 +331,8 @@ class BottleneckStackLayer(nn.Module):
         modules = getattr(names, "modules", None)
         return list(modules) if modules is not None else [self.adapters[n] for n in names]
 
-    def _packed(self, names: list[str]) -> PackedStack:
+    def _packed(self, names: list[str], hint: list[list[int]] | None = None) -> PackedStack:
+        """The pack of ``names`` (``hint``: the indices rows use per level; the routed layers read it)."""
         adapters = [self.adapters[n] for n in names]
         params = [p for a in adapters for p in a.packed_tensors()]
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -365,7 +366,7 @@ class BottleneckStackLayer(nn.Module):
             return _eager_stack(h, y, layer_norm, modules, routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
         ln_b = layer_norm.bias if layer_norm is not None else None
-        return bottleneck_stack(h, y, self._packed(names), routes, options, ln_w, ln_b, level_adapters=hint)
+        return bottleneck_stack(h, y, self._packed(names, hint), routes, options, ln_w, ln_b, level_adapters=hint)
 
 
 def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) -> bool:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import itertools
+import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -35,6 +37,7 @@ from torch import nn
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .config import Stack
 from .kernels._backend import capturing, int_table, kept
+from .kernels.bottleneck_pack import StackOptions
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
 StackNames = tuple[str, ...]
@@ -282,12 +285,15 @@ class RoutedStackMixin:
 
     def _routing_init(self) -> None:
         self.__dict__["_pack_lock"] = threading.Lock()
-        self.__dict__["_packs"] = {}
+        self.__dict__["_packs"] = {}  # adapter names of a launch -> their pack
+        # the same names -> (stamp, each adapter's weights, their versions, all weights, all versions) at packing
+        self.__dict__["_pack_states"] = {}
+        self.__dict__["_layout"] = None  # (stamp, layout), see _resident_layout
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_pack_lock", None)
-        state["_packs"] = {}
+        state["_packs"], state["_pack_states"], state["_layout"] = {}, {}, None
         if "_captured_by_thread" in state:
             state["_captured_by_thread"] = {}
         return state
@@ -301,30 +307,67 @@ class RoutedStackMixin:
         super()._forget()
         with self._pack_lock:
             self._packs.clear()
+            self._pack_states.clear()
+        self.__dict__["_layout"] = None
         adapters_changed()
 
-    def _packed(self, names: list[str]):
+    def _packed(self, names: list[str], hint: list[list[int]] | None = None):
         """Multi-entry, lock-protected pack cache (the base keeps one entry: threads with different stacks
         would repack on every call). ``names`` may be a :class:`_Group` carrying the adapter modules it was
-        built from, so an adapter evicted by another thread meanwhile cannot break this call."""
+        built from, so an adapter evicted by another thread meanwhile cannot break this call.
+
+        A pack is made again after an adapter change or conversion (``adapter_generation``), a registration
+        anywhere (``registration_epoch``: a weight or module replaced), or an update in place of an adapter this
+        call reads (its weights' versions): ``hint`` (per level, the indices into ``names`` that rows use) names
+        them. The kernels compute only the units of the adapters a row uses, so a stale copy of another adapter is
+        never read, and is made again when a later call uses it. Reading the versions of every resident adapter's
+        weights (64 tensors for 16 adapters, cold in the CPU caches) was most of a routed layer call's host time."""
         modules = self._modules_of(names)
-        params = [p for a in modules for p in a.packed_tensors()]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p.requires_grad for a in modules for p in a.packed_tensors())
+        ):
             return super()._packed(list(names))  # traced, or a differentiable pack (never cached)
-        # identity and in-place version of every weight (training steps and loads bump versions); one device
-        key = (tuple(names), tuple(id(p) for p in params), tuple(p._version for p in params), params[0].device)
+        key = tuple(names)
+        used = range(len(key)) if hint is None else sorted({i for level in hint for i in level if i >= 0})
+        stamp = (adapter_generation(), registration_epoch())  # (read before anything it vouches for)
         with self._pack_lock:
-            packed = self._packs.get(key)
-        if packed is None:
-            with torch.inference_mode(False):  # (normal tensors: a later call that autograd records may save them)
-                packed = pack_modules(modules)
-            if capturing(params[0]):  # made inside a CUDA graph: filled only when it replays, so never cached
-                return packed
-            with self._pack_lock:
+            packed, state = self._packs.get(key), self._pack_states.get(key)
+        if packed is not None and state[0] == stamp:
+            _, weights, versions, every, every_version = state  # (the weights: the same objects while the stamp holds)
+            if len(used) == len(key):  # one C-level pass over every weight
+                fresh = tuple(map(_VERSION, every)) == every_version
+            else:
+                fresh = all(tuple(map(_VERSION, weights[i])) == versions[i] for i in used)
+            if fresh:
+                return kept(packed)  # (a CUDA graph captured now reads it)
+        weights = tuple(a.packed_tensors() for a in modules)
+        versions = tuple(tuple(map(_VERSION, w)) for w in weights)
+        with torch.inference_mode(False):  # (normal tensors: a later call that autograd records may save them)
+            packed = pack_modules(modules)
+        if capturing(packed.wd):  # made inside a CUDA graph: filled only when it replays, so never cached
+            return packed
+        every = tuple(t for w in weights for t in w)
+        with self._pack_lock:
+            if key not in self._packs:
                 while len(self._packs) >= self._MAX_PACKS:
-                    self._packs.pop(next(iter(self._packs)))
-                self._packs[key] = packed
-        return kept(packed)  # (a CUDA graph captured now reads it)
+                    old = next(iter(self._packs))
+                    del self._packs[old], self._pack_states[old]
+            self._packs[key] = packed
+            self._pack_states[key] = (stamp, weights, versions, every, tuple(v for vs in versions for v in vs))
+        return kept(packed)
+
+    def _resident_layout(self) -> tuple:
+        """(resident adapters by name: one snapshot, other threads may add / evict adapters meanwhile; their
+        :class:`_Layout`; this layer's launch groups made so far), kept until an adapter change, a conversion or
+        a registration anywhere."""
+        stamp = (adapter_generation(), registration_epoch())
+        memo = self._layout
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        resident = dict(self.adapters.items())
+        layout = (resident, _Layout(resident), {})
+        self.__dict__["_layout"] = (stamp, layout)
+        return layout
 
     def _prepare(self, h: torch.Tensor, eps: float):
         route = current_route()
@@ -332,29 +375,49 @@ class RoutedStackMixin:
             return super()._prepare(h, eps)
         if isinstance(route, StaticRoute):
             return self._static_prepare(h, eps, route)
-        resident = dict(self.adapters.items())  # one snapshot: other threads may add / evict adapters meanwhile
+        if not route.uniform:
+            check_rows(route, h.shape[0], type(self).__name__)
+        resident, layout, groups = self._resident_layout()
+        if torch.is_grad_enabled():  # (whether the pack is differentiable decides its adapters: not cached)
+            plan = self._route_plan(route, resident, layout, h.device, eps)
+        else:  # every layer over the same adapters shares one plan per route
+            key = ("bn_plan", layout, h.device, eps, self.fused)
+            plan = route.cached(key, lambda: self._route_plan(route, resident, layout, h.device, eps))
+        if plan is None:
+            return None  # depth 0 at this layer: the original forward runs (bit-identical)
+        names, routes, options, hint = plan
+        group = groups.get(names)
+        if group is None:  # this layer's modules of the launch's adapters
+            group = groups[names] = _Group(names, tuple(resident[n] for n in names))
+        return group, routes, options, hint
+
+    def _route_plan(self, route: Route, resident: dict[str, nn.Module], layout: _Layout, device, eps: float):
+        """(adapter names, routes, options, per-level hint) of ``route`` over ``resident``, or None (depth 0): the
+        same for every layer over the same resident adapters (names and structures: ``layout``, whose structure ids
+        are compared here rather than the options themselves, a dataclass hash or comparison per adapter)."""
         if route.uniform:
             levels = [[n for n in route.stack if n in resident]]
         else:
-            check_rows(route, h.shape[0], type(self).__name__)
             levels = [[n for n in row if n in resident] for row in route.rows]
         used = list(dict.fromkeys(n for row in levels for n in row))
         if not used:
-            return None  # depth 0 at this layer: the original forward runs (bit-identical)
-        options = self._options(used, eps)
+            return None
+        structure = dict(layout.pairs)
+        if len({structure[n] for n in used}) > 1:
+            opts = {resident[n].options for n in used}
+            raise ValueError(f"adapters {used} mix structural options {opts}; one stack needs one structure")
+        options = dataclasses.replace(resident[used[0]].options, eps=eps)
         trains = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in resident[n].packed_tensors())
         if trains or not self.fused:
-            names = used
+            names = tuple(used)
         else:  # every resident adapter of the same structure: one cached pack serves any route over them
-            names = [n for n, a in resident.items() if a.options == resident[used[0]].options]
-        group = _Group(names, tuple(resident[n] for n in names))
+            names = tuple(n for n, sid in layout.pairs if sid == structure[used[0]])
         depth = max(len(row) for row in levels)
-        index = {n: i for i, n in enumerate(group)}
+        index = {n: i for i, n in enumerate(names)}
         table = tuple(tuple(index[n] for n in row) + (-1,) * (depth - len(row)) for row in levels)
-        key = ("bn_routes", tuple(group), table, h.device)
-        routes = route.cached(key, lambda: _routes_tensor(table, route.uniform, h.device))
+        routes = route.cached(("bn_routes", names, table, device), lambda: _routes_tensor(table, route.uniform, device))
         hint = [sorted({row[lvl] for row in table} - {-1}) for lvl in range(depth)]
-        return group, routes, options, hint
+        return names, routes, options, hint
 
     def _static_prepare(self, h: torch.Tensor, eps: float, route: StaticRoute):
         """A static route's launch: every resident adapter of the first one's structure, ``route.depth`` levels, on
@@ -372,6 +435,27 @@ class RoutedStackMixin:
         routes = route.bottleneck_routes(tuple(names), frozenset(resident) - set(names), h.device)
         hint = [[*range(len(names)), -1] for _ in range(route.depth)]
         return group, routes, self._options(names, eps), hint
+
+
+_VERSION = operator.attrgetter("_version")
+_STRUCTURES: dict[StackOptions, int] = {}  # an adapter structure -> a small int (few distinct ones per process)
+
+
+class _Layout:
+    """The resident adapters of a layer as (name, structure id) pairs, hashed once: a route-cache key that every
+    layer over the same adapters shares, cheap to hash and compare on each call."""
+
+    __slots__ = ("pairs", "_hash")
+
+    def __init__(self, resident: dict[str, nn.Module]):
+        self.pairs = tuple((n, _STRUCTURES.setdefault(a.options, len(_STRUCTURES))) for n, a in resident.items())
+        self._hash = hash(self.pairs)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Layout) and self._hash == other._hash and self.pairs == other.pairs)
 
 
 class _Group(tuple):

@@ -285,8 +285,10 @@ def test_route_tensors_are_built_once_per_call(model_and_base):
     model, _ = model_and_base
     with use_adapters(["a", "l", ae.Stack("a", "b")]) as route, torch.no_grad():
         model(input_ids=ids(3))
-        keys = list(route._cache)
-    assert 1 <= len(keys) <= 3  # bottleneck routes + LoRA ids for query and value (same table -> one entry)
+        tensors = [key for key, value in route._cache.items() if isinstance(value, torch.Tensor)]
+    assert 1 <= len(tensors) <= 3  # bottleneck routes + LoRA ids for query and value (same table -> one entry)
+    # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan)
+    assert len(route._cache) - len(tensors) == 2
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -524,3 +526,45 @@ def test_a_serving_layer_stacks_its_resident_loras_once_and_sees_every_change(mo
     assert layer._stacked is None and layer._snapshot_memo is None
     check()
     assert len(builds) == 8
+
+
+def test_a_routed_pack_follows_the_adapters_a_call_reads(monkeypatch):
+    """A routed bottleneck layer packs its resident adapters once and checks, per call, only what can make that
+    pack stale for the call: an adapter change or conversion, a registration anywhere (a weight replaced), and
+    updates in place of the adapters the rows use. An update of an unused adapter is picked up when it is used.
+    Every output equals the eager modules' over the current weights."""
+    from adapter_engine import routing
+    from adapter_engine.routing import RoutedStackMixin
+
+    model = adapted_bert()
+    layers = [m for m in model.modules() if isinstance(m, RoutedStackMixin)]
+    packs = []
+    pack_modules = routing.pack_modules
+    monkeypatch.setattr(routing, "pack_modules", lambda modules: packs.append(1) or pack_modules(modules))
+    batch = ids(3)
+
+    def check(spec):
+        fused = run(model, batch, spec)
+        for layer in layers:
+            layer.fused = False
+        eager = run(model, batch, spec)
+        for layer in layers:
+            layer.fused = True
+        torch.testing.assert_close(fused, eager, rtol=ATOL, atol=ATOL)
+
+    check("a")
+    check(["a", None, "a"])
+    assert len(packs) == len(layers)  # one pack per layer, reused by the second route
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.b." in name:
+                p.mul_(-1.5)  # in place, an adapter the next call does not use
+    check("a")
+    assert len(packs) == len(layers)
+    check(ae.Stack("a", "b"))  # now used: packed again
+    assert len(packs) == 2 * len(layers)
+    layers[0].adapters["c"].adapter_up.weight = torch.nn.Parameter(
+        torch.randn_like(layers[0].adapters["c"].adapter_up.weight)
+    )
+    check(["c", "a", None])  # a replaced weight (a registration): every layer packs again
+    assert len(packs) == 3 * len(layers)
