@@ -16,6 +16,9 @@ import threading
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import adapter_engine as ae
@@ -568,3 +571,136 @@ def test_a_routed_pack_follows_the_adapters_a_call_reads(monkeypatch):
     )
     check(["c", "a", None])  # a replaced weight (a registration): every layer packs again
     assert len(packs) == 3 * len(layers)
+
+
+# ------------------------------------------------------------------------------- cached state, as a state machine
+class CachedServingMachine(RuleBasedStateMachine):
+    """Random sequences of adapter changes (add, delete, in-place updates, replaced weights and modules, new
+    scalings, merges and unmerges, a dtype round trip) between routed calls. After each change, a served call
+    (one adapter, a stack, or rows mixing adapters; small batches take the masked LoRA path, larger ones the
+    segmented one) must give what a deep copy of the model, whose caches start empty, gives: bit for bit. Every
+    cache of the serving path (LoRA stacks and snapshots, bottleneck packs, layouts and route plans, prepared
+    plans) is keyed on something one of these changes must invalidate."""
+
+    LORAS, BOTTLENECKS = ("p", "q", "r"), ("a", "b", "c")
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = bert()
+        self.present: list[str] = []
+        self.merged: set[str] = set()
+        for name in ("p", "q", "a", "b"):
+            self._add(name)
+
+    def _add(self, name: str) -> None:
+        if name in self.LORAS:
+            config = ae.LoraConfig(r=2 + self.LORAS.index(name), lora_alpha=4)
+        else:
+            config = ae.BottleneckConfig.seq_bn(reduction_factor=4)
+        ae.add_adapter(self.model, name, config)
+        self.present.append(name)
+        with torch.no_grad():
+            for param in self._params(name):
+                param.normal_(0.0, 0.3)
+
+    def _params(self, name: str) -> list[torch.Tensor]:
+        part = f".lora_A.{name}." if name in self.LORAS else f".adapters.{name}."
+        both = (part, part.replace("lora_A", "lora_B"))
+        return [p for n, p in self.model.named_parameters() if any(s in n for s in both)]
+
+    @rule(name=st.sampled_from(LORAS + BOTTLENECKS))
+    def add(self, name):
+        if name not in self.present and name not in self.merged:
+            self._add(name)
+
+    @precondition(lambda self: len(self.present) > 1)
+    @rule(data=st.data())
+    def delete(self, data):
+        name = data.draw(st.sampled_from(self.present))
+        ae.delete_adapter(self.model, name)
+        self.present.remove(name)
+
+    @precondition(lambda self: self.present)
+    @rule(data=st.data(), factor=st.sampled_from([-1.5, 0.5, 2.0]))
+    def update_in_place(self, data, factor):
+        name = data.draw(st.sampled_from(self.present))
+        with torch.no_grad():
+            for param in self._params(name):
+                param.mul_(factor)
+
+    @precondition(lambda self: self.present)
+    @rule(data=st.data(), whole_module=st.booleans())
+    def replace(self, data, whole_module):
+        name = data.draw(st.sampled_from(self.present))
+        suffix = f"lora_B.{name}" if name in self.LORAS else f"adapters.{name}.adapter_up"
+        for qualified, module in list(self.model.named_modules()):
+            if qualified.endswith(suffix):
+                fresh = torch.randn_like(module.weight) * 0.3
+                if whole_module:  # a new module under the same name
+                    parent = self.model.get_submodule(qualified.rsplit(".", 1)[0])
+                    new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                    new.weight = torch.nn.Parameter(fresh)
+                    if module.bias is not None:
+                        new.bias = torch.nn.Parameter(module.bias.detach().clone())
+                    setattr(parent, qualified.rsplit(".", 1)[1], new)
+                else:
+                    module.weight = torch.nn.Parameter(fresh)
+
+    @precondition(lambda self: any(n in self.LORAS for n in self.present))
+    @rule(data=st.data(), scaling=st.sampled_from([0.5, 3.0]))
+    def rescale(self, data, scaling):
+        name = data.draw(st.sampled_from([n for n in self.present if n in self.LORAS]))
+        for module in self.model.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and name in module.scaling:
+                module.scaling[name] = scaling
+
+    @precondition(lambda self: len(self.present) > 1 and any(n in self.LORAS for n in self.present))
+    @rule(data=st.data())
+    def merge(self, data):  # folds the LoRA into the base weights and drops it (the base changes in place)
+        name = data.draw(st.sampled_from([n for n in self.present if n in self.LORAS]))
+        ae.merge_adapter(self.model, name)
+        self.present.remove(name)
+        self.merged.add(name)
+
+    @precondition(lambda self: self.merged)
+    @rule(data=st.data())
+    def unmerge(self, data):  # restores the base weights (the adapter stays gone)
+        name = data.draw(st.sampled_from(sorted(self.merged)))
+        ae.unmerge_adapter(self.model, name)
+        self.merged.discard(name)
+
+    @rule()
+    def round_trip(self):
+        self.model.half()
+        self.model.float()
+
+    @precondition(lambda self: self.present)
+    @rule(data=st.data(), seq=st.sampled_from([3, 20]))
+    def serve(self, data, seq):
+        names = self.present
+        kind = data.draw(st.sampled_from(["one", "stack", "rows"]))
+        bottlenecks = [n for n in names if n in self.BOTTLENECKS]
+        if kind == "one":
+            spec = data.draw(st.sampled_from(names))
+        elif kind == "stack" and len(bottlenecks) >= 2:
+            spec = ae.Stack(*data.draw(st.permutations(bottlenecks))[:2])
+        else:
+            spec = data.draw(st.lists(st.sampled_from([*names, None]), min_size=4, max_size=4))
+        self._check(spec, seq)
+
+    @invariant()
+    def serves_like_a_fresh_copy(self):  # after every step: each change meets caches that earlier calls filled
+        if self.present:
+            self._check([self.present[i % len(self.present)] for i in range(4)], 20)
+
+    def _check(self, spec, seq: int) -> None:
+        batch = ids(4, seq=seq)  # 12 rows: the masked LoRA path; 80: segmented (with two LoRAs or more)
+        served = run(self.model, batch, spec)
+        torch.testing.assert_close(served, run(copy.deepcopy(self.model), batch, spec), rtol=0, atol=0)
+
+
+CachedServingMachine.TestCase.settings = settings(
+    max_examples=12, stateful_step_count=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+test_cached_serving_state_machine = CachedServingMachine.TestCase
