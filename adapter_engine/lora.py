@@ -80,8 +80,8 @@ class LoraLinear(nn.Module):
         self.ia3_feedforward: dict[str, bool] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-        # serving's every-resident stack: (StackedLoras, the state of the factors it was made from), see _stacked_for
-        self._stacked: tuple[StackedLoras, tuple] | None = None
+        # serving's every-resident stack: (StackedLoras, the snapshot, names and versions it was made at), _stacked_for
+        self._stacked: tuple[StackedLoras, tuple, tuple, tuple] | None = None
         self._snapshot_memo: tuple | None = None  # see _snapshot
 
     # ------------------------------------------------------------------------------------------- adapters
@@ -199,7 +199,8 @@ class LoraLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         # One snapshot of the layer's LoRAs: serving fuses every resident one, also those this call does not hold,
         # which other threads may evict meanwhile (their modules stay alive while the snapshot holds them).
-        mods_A, mods_B, scaling, resident, ia3, merged = self._snapshot()
+        snapshot = self._snapshot()
+        mods_A, _, _, resident, ia3, merged = snapshot
         key = (
             resident,
             ia3,
@@ -222,7 +223,7 @@ class LoraLinear(nn.Module):
         if not fused:
             y = self._base_forward(x)
         else:
-            y = self._rows_call(x, (mods_A, mods_B, scaling), fused, ids, path, dropout=p0, training=training)
+            y = self._rows_call(x, snapshot, fused, ids, path, dropout=p0, training=training)
             for n, rows, rate in extras:  # rows whose stack holds a further LoRA of this layer
                 mask = torch.zeros(x.shape[0], dtype=y.dtype, device=x.device)
                 mask[rows] = 1.0
@@ -254,20 +255,21 @@ class LoraLinear(nn.Module):
         reading its own adapter through the route's ids tensor, whatever the rows hold."""
         if self.training or torch.is_grad_enabled():
             raise RuntimeError("a static route serves without autograd: call the model under torch.inference_mode()")
-        ia3 = [n for n in self.ia3_l if n not in self.merged_adapters]
+        snapshot = self._snapshot()
+        _, _, _, resident, ia3, merged = snapshot
+        ia3 = [n for n, _ in ia3 if n not in merged]
         if ia3:
             route.refuse(ia3, "IA3 scales per row are not in a static route (merge the IA3 adapter, or route eagerly)")
-        mods_A, mods_B, scaling = dict(self.lora_A._modules), dict(self.lora_B._modules), dict(self.scaling)
-        fused = [n for n in mods_A if n in mods_B and n in scaling and n not in self.merged_adapters]
+        fused = [n for n in resident if n not in merged]
         if not fused:
             return self._base_forward(x)
         ids = route.lora_ids(tuple(fused), x.device)
-        return self._rows_call(x, (mods_A, mods_B, scaling), fused, ids, "segmented")
+        return self._rows_call(x, snapshot, fused, ids, "segmented")
 
     def _rows_call(self, x, snapshot, fused, ids, path, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
         """One fused ``lora_linear`` launch of the LoRAs ``fused`` for rows picking theirs by ``ids``, read from
-        ``snapshot`` (the layer's A modules, B modules and scalings when the call started)."""
-        mods_A, mods_B, scaling = snapshot
+        ``snapshot`` (``_snapshot``: the layer's A modules, B modules and scalings when the call started, ...)."""
+        mods_A, mods_B, scaling = snapshot[:3]
         if path == "segmented" and not training and not torch.is_grad_enabled():
             stacked = self._stacked_for(snapshot, fused, x)
             if stacked is not None:
@@ -287,38 +289,35 @@ class LoraLinear(nn.Module):
             path=path,
         )
 
-    def _stacked_for(self, snapshot, fused: Sequence[str], x: torch.Tensor) -> StackedLoras | None:
-        """The factors of ``fused`` checked and stacked for inference, made again after an adapter change or a
-        conversion in place (``adapter_generation``: added, deleted, merged, unmerged, ``.to()`` / ``.half()``), a
-        parameter or submodule registered anywhere (``registration_epoch``: a factor replaced), an update in place
-        (each factor's version) or another scaling. Checking those reads no adapter module: in a whole model, where
-        a layer's 32 factor tensors and modules are cold in the CPU caches, reading each one's identity, version and
-        address took 36 us per call of a 16-LoRA layer (CPU), the versions alone 9 us. Not seen: tensors swapped
-        through ``.data`` or ``_parameters`` by hand. None (the caller takes ``lora_linear``) for a weight that is
-        not a plain parameter, an inference tensor (no version), or while a CUDA graph is captured without a valid
-        stack (a graph captures after eager warm-up calls, which make it)."""
-        mods_A, mods_B, scaling = snapshot
+    def _stacked_for(self, snapshot: tuple, fused: Sequence[str], x: torch.Tensor) -> StackedLoras | None:
+        """The factors of ``fused`` checked and stacked for inference, made again for another ``snapshot`` (made
+        again itself after an adapter change or conversion in place, a parameter or submodule registered anywhere,
+        or another scaling: see ``_snapshot``), other names, or an update in place (each factor's version, one
+        C-level pass). Checking those reads no adapter module: in a whole model, where a layer's 32 factor tensors
+        and modules are cold in the CPU caches, reading each one's identity, version and address took 36 us per call
+        of a 16-LoRA layer (CPU), the versions alone 9 us. Not seen: tensors swapped through ``.data`` or
+        ``_parameters`` by hand. None (the caller takes ``lora_linear``) for a weight that is not a plain parameter,
+        an inference tensor (no version), or while a CUDA graph is captured without a valid stack (a graph captures
+        after eager warm-up calls, which make it)."""
+        mods_A, mods_B, scaling = snapshot[:3]
         names = tuple(fused)
         try:
-            scales = tuple(map(scaling.__getitem__, names))
             memo = self._stacked
             if memo is not None:
-                made, state = memo
-                if (state[0] == adapter_generation() and state[1] == registration_epoch() and state[2] == names
-                        and state[3] == scales and tuple(map(_VERSION, made.factors)) == state[4]):  # fmt: skip
+                made, made_from, made_names, versions = memo
+                if made_from is snapshot and made_names == names and tuple(map(_VERSION, made.factors)) == versions:
                     return kept(made)  # (a CUDA graph captured now reads its copies: they must outlive the memo)
             if capturing(x):  # made inside a graph, the copies would be filled only when it replays
                 return None
-            state = (adapter_generation(), registration_epoch(), names, scales)  # (read before the factors)
             factors = (*map(_WEIGHT, map(_PARAMETERS, map(mods_A.__getitem__, names))),
                        *map(_WEIGHT, map(_PARAMETERS, map(mods_B.__getitem__, names))))  # fmt: skip
             versions = tuple(map(_VERSION, factors))
         except (KeyError, RuntimeError):
             return None
         n = len(names)
-        stacked = stack_loras(x, self.weight, factors[:n], factors[n:], scales, self.bias,
+        stacked = stack_loras(x, self.weight, factors[:n], factors[n:], [scaling[k] for k in names], self.bias,
                               fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
-        self._stacked = (stacked, (*state, versions))
+        self._stacked = (stacked, snapshot, names, versions)
         return stacked
 
     def _every_resident_isolated(

@@ -994,14 +994,20 @@ class StackedLoras(NamedTuple):
     up their stacked copies took about half of a layer call's host time (CPU profile), so a layer keeps this and
     passes it to :func:`lora_linear_stacked` while its factors are unchanged."""
 
-    lora_As: tuple[torch.Tensor, ...]  # the factors the copies were made from, as given
-    lora_Bs: tuple[torch.Tensor, ...]
-    factors: tuple[torch.Tensor, ...]  # (*lora_As, *lora_Bs)
+    factors: tuple[torch.Tensor, ...]  # (*lora_As, *lora_Bs): the factors the copies were made from, as given
     scales: tuple[float, ...]
     ranks: tuple[int, ...]
     A: torch.Tensor  # (R, in) stacked lora_As
     B: torch.Tensor  # (out, R) stacked lora_Bs (rank-major for the segmented Triton kernels)
     base: tuple  # (dtype, device, weight shape, fan_in_fan_out, bias shape or None) they were checked against
+
+    @property
+    def lora_As(self) -> tuple[torch.Tensor, ...]:
+        return self.factors[: len(self.ranks)]
+
+    @property
+    def lora_Bs(self) -> tuple[torch.Tensor, ...]:
+        return self.factors[len(self.ranks) :]
 
 
 def stack_loras(
@@ -1021,7 +1027,7 @@ def stack_loras(
     with torch.no_grad():
         A, B = _stack(As, Bs, _rank_major_b("segmented", x))
     base = (x.dtype, x.device, weight.shape, fan_in_fan_out, None if bias is None else bias.shape)
-    return StackedLoras(tuple(As), tuple(Bs), (*As, *Bs), tuple(scales), ranks, A, B, base)
+    return StackedLoras((*As, *Bs), tuple(scales), ranks, A, B, base)
 
 
 def lora_linear_stacked(
