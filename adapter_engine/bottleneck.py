@@ -19,15 +19,28 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .changes import registration_epoch
+from .kernels import bottleneck_fwd
 from .kernels._backend import capturing, int_table, kept
-from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, bottleneck_stack, pack_adapters
+from .kernels.bottleneck import (
+    ACTIVATIONS,
+    PackedStack,
+    StackOptions,
+    bottleneck_stack,
+    bottleneck_stack_launch,
+    expand_routes,
+    pack_adapters,
+)
 
 logger = logging.getLogger(__name__)
+
+_VERSION = operator.attrgetter("_version")  # (a RuntimeError for an inference tensor)
 
 # Training (autograd recording a stack that needs gradients) runs the eager modules unless this is True. On an H100
 # (bench/results/2026-11-27-h100-session7) the fused backward was the slower one everywhere it was measured: a
@@ -207,6 +220,8 @@ class BottleneckStackLayer(nn.Module):
         # bumped by every change of what runs (the setters below): _prepare reuses its last result until then
         self._generation = 0
         self._prepared: tuple | None = None
+        self._pack_memo: tuple | None = None  # see _packed
+        self._launch: tuple | None = None  # see _serve
 
     def __getattr__(self, name: str):
         # plain attributes of the wrapped module (config, sizes, flags) stay reachable through the wrapper
@@ -230,9 +245,15 @@ class BottleneckStackLayer(nn.Module):
         self._forget()
         return result
 
+    def __getstate__(self):  # deepcopy / pickle: no memo of packs or launches (a copy makes its own)
+        state = super().__getstate__()
+        state["_pack_memo"] = state["_launch"] = None
+        return state
+
     def _forget(self) -> None:
-        """Drop the cached packs and routes, and the prepared plan."""
+        """Drop the cached packs and routes, and the prepared plan and launch."""
         self._cache.clear()
+        self._pack_memo = self._launch = None
         self._generation += 1
 
     # ---------------------------------------------------------------------------------------- control
@@ -332,19 +353,36 @@ class BottleneckStackLayer(nn.Module):
         return list(modules) if modules is not None else [self.adapters[n] for n in names]
 
     def _packed(self, names: list[str], hint: list[list[int]] | None = None) -> PackedStack:
-        """The pack of ``names`` (``hint``: the indices rows use per level; the routed layers read it)."""
-        adapters = [self.adapters[n] for n in names]
-        params = [p for a in adapters for p in a.packed_tensors()]
+        """The pack of ``names`` (``hint``: the indices rows use per level; the routed layers read it), made again
+        after an update in place of one of their weights (its version). The weights are read from the adapter
+        modules again only after a change of this layer (``_generation``: an adapter added or deleted, another
+        stack, a conversion in place) or a registration anywhere (``registration_epoch``: a weight replaced)."""
+        names = tuple(names)
+        compiling = torch.compiler.is_compiling()  # (traced: no memo, whose C-level version reads dynamo cannot trace)
+        stamp = None if compiling else (self._generation, registration_epoch())
+        memo = self._pack_memo
+        if memo is not None and memo[0] == stamp and memo[1] == names:
+            params, versions, packed = memo[2:]
+            if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and (
+                tuple(map(_VERSION, params)) == versions
+            ):
+                return kept(packed)  # (a CUDA graph captured now reads it)
+        params = tuple(p for n in names for p in self.adapters[n].packed_tensors())
+        versions = tuple(p._version for p in params)
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = ("packed", tuple(names), tuple((id(p), p._version) for p in params))
+        key = ("packed", names, tuple(map(id, params)), versions)
         if cacheable and key in self._cache:
-            return kept(self._cache[key])  # (a CUDA graph captured now reads it)
-        with torch.inference_mode(False):  # (a cached pack may be saved for the backward of a later call)
-            packed = pack_modules(adapters)
-        if cacheable and not capturing(params[0]):  # (one made inside a graph is filled only when it replays)
+            packed = self._cache[key]
+        else:
+            with torch.inference_mode(False):  # (a cached pack may be saved for the backward of a later call)
+                packed = pack_modules([self.adapters[n] for n in names])
+            if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
+                return packed
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
             self._cache[key] = packed
-        return packed
+        if not compiling:
+            self._pack_memo = (stamp, names, params, versions, packed)
+        return kept(packed)
 
     def _prepare(self, h: torch.Tensor, eps: float):
         """(adapter names, routes, options, per-level hint) for this batch, or None at depth 0 (run the original
@@ -361,12 +399,37 @@ class BottleneckStackLayer(nn.Module):
 
     def _run_stack(self, h, y, layer_norm: nn.Module | None, prep) -> torch.Tensor:
         names, routes, options, hint = prep
-        modules = self._modules_of(names)
-        if not self.fused or (not TRAIN_FUSED and _trains(modules, h, y, layer_norm)):
-            return _eager_stack(h, y, layer_norm, modules, routes, options, hint)
+        if not self.fused or (
+            not TRAIN_FUSED and torch.is_grad_enabled() and _trains(self._modules_of(names), h, y, layer_norm)
+        ):
+            return _eager_stack(h, y, layer_norm, self._modules_of(names), routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
         ln_b = layer_norm.bias if layer_norm is not None else None
-        return bottleneck_stack(h, y, self._packed(names, hint), routes, options, ln_w, ln_b, level_adapters=hint)
+        packed = self._packed(names, hint)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._serve(h, y, ln_w, ln_b, packed, routes, options, hint)
+        return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
+
+    def _serve(self, h, y, ln_w, ln_b, packed: PackedStack, routes, options: StackOptions, hint) -> torch.Tensor:
+        """A call without autograd: the kernel launch that ``bottleneck_stack_launch`` prepared at the last call of
+        the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without the op's input
+        checks and launch planning (about two thirds of a fused layer call's host time beyond the sublayer's own,
+        CPU profile)."""
+        one_stack = hint is not None and not any(len(used) > 1 for used in hint)
+        geometry = (h.shape, h.stride(), h.dtype, h.device, routes.shape, routes.stride(), routes.dtype,
+                    routes.device, options, one_stack, bottleneck_fwd.STACK_PATH)  # fmt: skip
+        if y is not None:
+            geometry += (y.shape, y.stride(), y.dtype, y.device)
+        memo = self._launch
+        if memo is not None and memo[0] is packed and memo[1] is ln_w and memo[2] is ln_b and memo[3] == geometry:
+            launch = memo[4]
+            if launch is None:  # (the reference or the cuBLAS level path ran at that call: plan it again)
+                return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
+            return launch(h, y, expand_routes(routes, h))
+        out, launch = bottleneck_stack_launch(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
+        if not capturing(h):  # (a launch planned while a graph is captured takes the untimed tiles)
+            self._launch = (packed, ln_w, ln_b, geometry, launch)
+        return out
 
 
 def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) -> bool:

@@ -30,19 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .changes import adapter_generation, adapters_changed, registration_epoch
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels._backend import capturing, int_table, kept
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, mixed_batch_path, stack_loras
-from .routing import (
-    Route,
-    StaticRoute,
-    adapter_generation,
-    adapters_changed,
-    check_rows,
-    current_route,
-    registration_epoch,
-)
+from .routing import Route, StaticRoute, check_rows, current_route
 
 logger = logging.getLogger(__name__)
 

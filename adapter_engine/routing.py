@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import itertools
 import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
+from .changes import adapter_generation, adapters_changed, registration_epoch
 from .config import Stack
 from .kernels._backend import capturing, int_table, kept
 from .kernels.bottleneck_pack import StackOptions
@@ -172,47 +172,6 @@ class StaticRoute(Route):
             levels = [index[n] for n in row if n in index]
             table.append(levels + [-1] * (self.depth - len(levels)))
         return table
-
-
-# A count of changes to any patched layer's adapters (added, deleted, merged, unmerged): a CUDA graph of a routed
-# forward holds the adapters' addresses and the layers' choices, so GraphedServer captures again after one.
-_CHANGES = itertools.count(1)
-_generation = 0
-
-
-def adapters_changed() -> None:
-    global _generation
-    _generation = next(_CHANGES)
-
-
-def adapter_generation() -> int:
-    return _generation
-
-
-# A count of parameter and submodule registrations by any module (``child.weight = nn.Parameter(...)``,
-# ``load_state_dict(assign=True)``, ``layer.lora_A[name] = nn.Linear(...)``): caches that remember which tensors a
-# layer's adapters are check it rather than read every tensor on every call. Counted by torch's global registration
-# hooks, installed on first use (a counter step per registration anywhere in the process).
-_REGISTRATIONS = itertools.count(1)
-_registration = 0
-_hooks_lock = threading.Lock()
-_hooks_installed = False
-
-
-def _registered(module: nn.Module, name: str, value: object) -> None:
-    global _registration
-    _registration = next(_REGISTRATIONS)
-
-
-def registration_epoch() -> int:
-    global _hooks_installed
-    if not _hooks_installed:
-        with _hooks_lock:
-            if not _hooks_installed:
-                nn.modules.module.register_module_parameter_registration_hook(_registered)
-                nn.modules.module.register_module_module_registration_hook(_registered)
-                _hooks_installed = True
-    return _registration
 
 
 def current_route() -> Route | None:

@@ -19,7 +19,7 @@ first use after ``warmup`` eager calls (which also autotune the kernels).
 When graphs are captured again: after any change to a patched layer's adapters (added, deleted, merged,
 unmerged; with a memory manager, every load and eviction) and after a conversion of the model in place
 (``.to()``, ``.half()``: new addresses for every weight), counted by
-:func:`~adapter_engine.routing.adapter_generation`. A graph reads adapter weights and the engine's cached copies at
+:func:`~adapter_engine.changes.adapter_generation`. A graph reads adapter weights and the engine's cached copies at
 their capture-time addresses; the server holds those copies (:func:`~adapter_engine.kernels._backend.kept`) so a
 cache cannot free them under it. Adapter weights changed in place (an optimizer step, ``restore_adapter`` into the
 same tensors) are not seen by the cached stacked copies: call :meth:`GraphedServer.reset` after training.
@@ -42,8 +42,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .api import list_adapters
+from .changes import adapter_generation
 from .kernels._backend import capture_cache, keeping_alive
-from .routing import Route, StackNames, StaticRoute, adapter_generation, make_route, use_adapters
+from .routing import Route, StackNames, StaticRoute, make_route, use_adapters
 
 #: ``capture(forward, warmup) -> (replay, output)``: runs ``forward`` ``warmup`` times, captures one more call and
 #: returns a function that replays it (writing the same output tensors) and the captured call's output.

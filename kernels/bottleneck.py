@@ -64,7 +64,8 @@ gradients of the adapters that train (see ``_stack_backward``). Forward and back
 ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node; eager training
 calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call).
 
-Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`), its input checks, the
+Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`, and
+:func:`bottleneck_stack_launch`, which serving layers repeat without the checks), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
 kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
@@ -81,7 +82,7 @@ import torch.nn.functional as F
 
 from ._backend import check_float_dtype, check_same_device, use_triton
 from .bottleneck_bwd import _stack_backward
-from .bottleneck_fwd import _launch_fwd, bottleneck_stack_fwd, levels_may_run, uniform_levels
+from .bottleneck_fwd import ForwardLaunch, _launch_fwd, bottleneck_stack_fwd, levels_may_run, uniform_levels
 from .bottleneck_pack import (
     _TORCH_ACTS,
     ACTIVATIONS,
@@ -100,8 +101,10 @@ __all__ = [
     "PackedHost",
     "PackedStack",
     "StackOptions",
+    "ForwardLaunch",
     "bottleneck_stack",
     "bottleneck_stack_fwd",
+    "bottleneck_stack_launch",
     "bottleneck_stack_ref",
     "expand_routes",
     "pack_adapters",
@@ -419,6 +422,52 @@ def expand_routes(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _routes_and_hint(h: torch.Tensor, routes, level_adapters):
+    """(routes expanded to (rows, L) int32, the per-level hint: the caller's, or one stack given on the host)."""
+    host_levels = _host_levels(routes)
+    if level_adapters is None and host_levels is not None:  # one stack given on the host: no sync
+        level_adapters = [[a] if a >= 0 else [] for a in host_levels]
+    return expand_routes(routes, h), level_adapters
+
+
+def _launch_facts(h: torch.Tensor, packed: PackedStack, routes: torch.Tensor, level_adapters):
+    """(the pack's host facts, its largest rank, per level the adapter every row runs or None: ``uniform_levels``)."""
+    host = packed.host
+    if host is None:
+        raise ValueError("packed adapters need their host facts: build them with pack_adapters")
+    max_rank = _max_rank(host.offsets)
+    uniform = uniform_levels(routes, level_adapters, may_read=levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
+    return host, max_rank, uniform
+
+
+def bottleneck_stack_launch(
+    h: torch.Tensor,
+    y: torch.Tensor | None,
+    packed: PackedStack,
+    routes: torch.Tensor,
+    options: StackOptions = StackOptions(),  # noqa: B008 (a frozen dataclass: an immutable default)
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    level_adapters: list[list[int]] | None = None,
+) -> tuple[torch.Tensor, ForwardLaunch | None]:
+    """:func:`bottleneck_stack` for inference (no autograd), with how to repeat it: (output, launch). ``launch(h,
+    y, expand_routes(routes, h))`` runs the same kernel launch for new activations without the checks and planning
+    (a serving layer's host time per call), valid while everything it was made from stays as it was: the shapes,
+    strides, dtypes and device of h, y and the expanded routes, ``packed``, ``options``, the LayerNorm tensors and
+    the kind of hint (one stack on every row or not). None when the call took another path (the torch reference,
+    the level-by-level cuBLAS path, an empty batch), which the caller runs as :func:`bottleneck_stack` again."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        raise RuntimeError("bottleneck_stack_launch serves without autograd: call it under torch.no_grad()")
+    routes, level_adapters = _routes_and_hint(h, routes, level_adapters)
+    _check(h, y, ln_weight, ln_bias, packed, routes, options)
+    if not use_triton(h) or options.ln_before or options.ln_after:
+        return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options), None
+    host, max_rank, uniform = _launch_facts(h, packed, routes, level_adapters)
+    record = []
+    out = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3], record)[0]
+    return out, (record[0] if record else None)
+
+
 def bottleneck_stack(
     h: torch.Tensor,
     y: torch.Tensor | None,
@@ -450,18 +499,11 @@ def bottleneck_stack(
         backward); the torch reference (plain autograd) on other CPUs or when the adapters carry their own
         LayerNorms.
     """
-    host_levels = _host_levels(routes)
-    if level_adapters is None and host_levels is not None:  # one stack given on the host: no sync
-        level_adapters = [[a] if a >= 0 else [] for a in host_levels]
-    routes = expand_routes(routes, h)
+    routes, level_adapters = _routes_and_hint(h, routes, level_adapters)
     _check(h, y, ln_weight, ln_bias, packed, routes, options)
     if not use_triton(h) or options.ln_before or options.ln_after:
         return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
-    host = packed.host
-    if host is None:
-        raise ValueError("packed adapters need their host facts: build them with pack_adapters")
-    max_rank = _max_rank(host.offsets)
-    uniform = uniform_levels(routes, level_adapters, may_read=levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
+    host, max_rank, uniform = _launch_facts(h, packed, routes, level_adapters)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
     )

@@ -457,13 +457,14 @@ class _Saved(NamedTuple):
 
 def _launch_fwd(
     h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions, save: bool, max_rank: int,
-    level_adapters: tuple[int, ...] | None = None, host: tuple | None = None,
+    level_adapters: tuple[int, ...] | None = None, host: tuple | None = None, record: list | None = None,
 ):  # fmt: skip
     """The forward: one row-block kernel launch (plus the zeroed z buffer when saving for the backward), or, for
     one stack on every row, the level-by-level GEMM path (``bottleneck_gemm``) where it is preferred or timed
     faster. ``max_rank`` picks the tiles; ``level_adapters``: per level, the adapter every row runs (-1: off), or
     None when rows differ or it is not known on the host; ``host`` = (offsets, codes, scales) of the packed
-    adapters (needed with ``level_adapters``)."""
+    adapters (needed with ``level_adapters``). ``record``: a list that receives the :class:`ForwardLaunch` of a
+    launch that saved nothing and ran the kernel (nothing for the GEMM path)."""
     hidden = h.shape[-1]
     h2 = h.reshape(-1, hidden)
     y2 = y.reshape(-1, hidden) if y is not None else h2
@@ -510,9 +511,62 @@ def _launch_fwd(
         _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
-    launch(_tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None))
+    chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None)
+    launch(chosen)
+    if record is not None and chosen != LEVELS and not save:
+        record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
+                                       ln_weight is not None))  # fmt: skip
     y_out = result[0] if result[0].dtype == h.dtype else result[0].to(h.dtype)
     return (y_out if h.dim() == 2 else y_out.reshape(h.shape)), saved
+
+
+class ForwardLaunch(NamedTuple):
+    """A row-block launch that saved nothing, as :func:`_launch_fwd` made it: what repeats it for new activations
+    of the same geometry (shapes, strides, dtypes, device; the same packed adapters, routes layout, options and
+    LayerNorm) without the checks and planning around it, a good part of a serving call's host time
+    (``kernels.bottleneck.bottleneck_stack_launch``). Holds no per-call tensor: ``args`` has None in their slots."""
+
+    grid: tuple[int]
+    args: tuple
+    kwargs: dict
+    out_dtype: torch.dtype  # fp32 for half inputs under the interpreter (torch rounds once)
+    scratch: tuple[tuple[int, int], tuple[int, int], torch.dtype]  # (r's shape, a's shape, a's dtype)
+    has_ln: bool
+
+    # kernel argument slots filled on each call: h2, y2, out, the r and a scratch, routes; the LayerNorm's weight
+    # and bias (dummies without one); the saved tensors (dummies: nothing is saved)
+    _H, _Y, _OUT, _R, _A, _ROUTES, _LNW, _LNB, _SAVED = 0, 1, 2, 3, 4, 13, 14, 15, slice(16, 19)
+
+    @classmethod
+    def of(cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool) -> ForwardLaunch:
+        scratch = (tuple(args[cls._R].shape), tuple(args[cls._A].shape), args[cls._A].dtype)
+        out_dtype = args[cls._OUT].dtype
+        template = list(args)
+        for slot in (cls._H, cls._Y, cls._OUT, cls._R, cls._A, cls._ROUTES):
+            template[slot] = None
+        template[cls._SAVED] = (None, None, None)
+        if not has_ln:
+            template[cls._LNW] = template[cls._LNB] = None
+        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln)
+
+    def __call__(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
+        """The stack's output for h, y (or None) and routes (rows, L) int32, laid out as at the recorded call."""
+        hidden = h.shape[-1]
+        h2 = h.reshape(-1, hidden)
+        y2 = y.reshape(-1, hidden) if y is not None else h2
+        dev = h.device
+        out = torch.empty(h2.shape, device=dev, dtype=self.out_dtype)
+        r_shape, a_shape, a_dtype = self.scratch
+        scratch_r = torch.empty(r_shape, device=dev, dtype=torch.float32)
+        args = list(self.args)
+        args[: self._A + 1] = h2, y2, out, scratch_r, torch.empty(a_shape, device=dev, dtype=a_dtype)
+        args[self._ROUTES] = routes
+        if not self.has_ln:
+            args[self._LNW] = args[self._LNB] = h2
+        args[self._SAVED] = scratch_r, scratch_r, scratch_r
+        _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
+        y_out = out if out.dtype == h.dtype else out.to(h.dtype)
+        return y_out if h.dim() == 2 else y_out.reshape(h.shape)
 
 
 @functools.lru_cache(maxsize=1024)

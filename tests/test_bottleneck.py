@@ -1146,8 +1146,9 @@ def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
 
     monkeypatch.setattr(bn, "TRAIN_FUSED", False)
     calls = []
-    real = bn.bottleneck_stack
-    monkeypatch.setattr(bn, "bottleneck_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fused_op in ("bottleneck_stack", "bottleneck_stack_launch"):  # (the second: calls without autograd)
+        real = getattr(bn, fused_op)
+        monkeypatch.setattr(bn, fused_op, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     model = _tiny_bert()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -1168,6 +1169,57 @@ def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
     x = torch.randn(2, 7, 64, requires_grad=True)
     w(x, torch.randn(2, 7, 48)).sum().backward()  # the input trains: eager
     assert calls == [1, 1] and x.grad is not None
+
+
+def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_changes(monkeypatch):
+    """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack_launch``: the op's checks, the
+    routes, the tiles) once and repeats it. Each change below plans again, and every call matches the eager
+    modules: another batch shape, other strides, an update in place, a replaced weight, another stack, another
+    forced path."""
+    import adapter_engine.bottleneck as bn
+    from adapter_engine.kernels import bottleneck_fwd
+
+    if not use_triton(torch.empty(1)):
+        pytest.skip("the prepared launch is the Triton path's (CUDA or the interpreter)")
+    plans = []
+    real = bn.bottleneck_stack_launch
+    monkeypatch.setattr(bn, "bottleneck_stack_launch", lambda *a, **k: plans.append(1) or real(*a, **k))
+    model = _tiny_bert()
+    w = wrap_sublayer(model.encoder.layer[0], "output")
+    for n, a in _bert_adapters(48, ["a", "b"], SEQ).items():
+        w.add_adapter(n, a)
+    w.set_active_stack(["a", "b"])
+    gen = torch.Generator().manual_seed(0)
+
+    def call(shape=(2, 7), y_transposed=False, expect=None):
+        x = torch.randn(*shape, 64, generator=gen)
+        y = torch.randn(*shape, 48, generator=gen)
+        if y_transposed:  # the same values, other strides
+            y = y.transpose(0, 1).contiguous().transpose(0, 1)
+        with torch.no_grad():
+            got = w(x, y)
+            w.fused = False
+            eager = w(x, y)
+            w.fused = True
+        torch.testing.assert_close(got, eager, rtol=TOL[torch.float32][0], atol=TOL[torch.float32][1])
+        assert len(plans) == expect
+
+    call(expect=1)
+    call(expect=1)  # repeated
+    call(shape=(3, 5), expect=2)
+    call(shape=(3, 5), expect=2)
+    call(shape=(2, 5), expect=3)  # the same strides, fewer rows
+    call(shape=(2, 5), y_transposed=True, expect=4)
+    with torch.no_grad():
+        w.adapters["b"].adapter_up.weight.mul_(-2.0)  # a new pack: planned again
+    call(shape=(2, 5), y_transposed=True, expect=5)
+    w.adapters["a"].adapter_down[0].weight = torch.nn.Parameter(torch.randn(6, 48, generator=gen))
+    call(shape=(2, 5), y_transposed=True, expect=6)
+    w.set_active_stack(["b"])
+    call(shape=(2, 5), y_transposed=True, expect=7)
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")  # the cuBLAS path: planned on every call
+    call(shape=(2, 5), y_transposed=True, expect=8)
+    call(shape=(2, 5), y_transposed=True, expect=8)
 
 
 @pytest.mark.parametrize("parallel", [False, True])

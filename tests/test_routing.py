@@ -59,6 +59,11 @@ def run(model, batch, spec):
         return model(input_ids=batch).last_hidden_state
 
 
+@torch.no_grad()
+def run_active(model, batch):
+    return model(input_ids=batch).last_hidden_state
+
+
 def adapted_bert() -> BertModel:
     """Two seq_bn adapters, one Houlsby-free par_bn-free structure, two LoRAs on query/value, one IA3."""
     model = bert()
@@ -576,11 +581,12 @@ def test_a_routed_pack_follows_the_adapters_a_call_reads(monkeypatch):
 # ------------------------------------------------------------------------------- cached state, as a state machine
 class CachedServingMachine(RuleBasedStateMachine):
     """Random sequences of adapter changes (add, delete, in-place updates, replaced weights and modules, new
-    scalings, merges and unmerges, a dtype round trip) between routed calls. After each change, a served call
-    (one adapter, a stack, or rows mixing adapters; small batches take the masked LoRA path, larger ones the
-    segmented one) must give what a deep copy of the model, whose caches start empty, gives: bit for bit. Every
-    cache of the serving path (LoRA stacks and snapshots, bottleneck packs, layouts and route plans, prepared
-    plans) is keyed on something one of these changes must invalidate."""
+    scalings, merges and unmerges, a dtype round trip) between calls, routed or of the adapters set active. After
+    each change, a served call (one adapter, a stack, or rows mixing adapters; small batches take the masked LoRA
+    path, larger ones the segmented one; or the active adapters) must give what a deep copy of the model, whose
+    caches start empty, gives: bit for bit. Every cache of the serving path (LoRA stacks and snapshots, bottleneck
+    packs, layouts and route plans, prepared plans and launches) is keyed on something one of these changes must
+    invalidate."""
 
     LORAS, BOTTLENECKS = ("p", "q", "r"), ("a", "b", "c")
 
@@ -676,12 +682,19 @@ class CachedServingMachine(RuleBasedStateMachine):
         self.model.float()
 
     @precondition(lambda self: self.present)
+    @rule(data=st.data())
+    def activate(self, data):  # what the calls without a route serve, until the next activation
+        ae.set_active_adapters(self.model, data.draw(st.permutations(self.present))[: data.draw(st.integers(1, 3))])
+
+    @precondition(lambda self: self.present)
     @rule(data=st.data(), seq=st.sampled_from([3, 20]))
     def serve(self, data, seq):
         names = self.present
-        kind = data.draw(st.sampled_from(["one", "stack", "rows"]))
+        kind = data.draw(st.sampled_from(["one", "stack", "rows", "active"]))
         bottlenecks = [n for n in names if n in self.BOTTLENECKS]
-        if kind == "one":
+        if kind == "active":  # no route: the adapters set active (the layers' own plans, packs and launches)
+            spec = self.ACTIVE
+        elif kind == "one":
             spec = data.draw(st.sampled_from(names))
         elif kind == "stack" and len(bottlenecks) >= 2:
             spec = ae.Stack(*data.draw(st.permutations(bottlenecks))[:2])
@@ -693,11 +706,15 @@ class CachedServingMachine(RuleBasedStateMachine):
     def serves_like_a_fresh_copy(self):  # after every step: each change meets caches that earlier calls filled
         if self.present:
             self._check([self.present[i % len(self.present)] for i in range(4)], 20)
+        self._check(self.ACTIVE, 20)
+
+    ACTIVE = object()  # serve the active adapters, without a route
 
     def _check(self, spec, seq: int) -> None:
         batch = ids(4, seq=seq)  # 12 rows: the masked LoRA path; 80: segmented (with two LoRAs or more)
-        served = run(self.model, batch, spec)
-        torch.testing.assert_close(served, run(copy.deepcopy(self.model), batch, spec), rtol=0, atol=0)
+        call = run if spec is not self.ACTIVE else (lambda model, batch, _: run_active(model, batch))
+        served = call(self.model, batch, spec)
+        torch.testing.assert_close(served, call(copy.deepcopy(self.model), batch, spec), rtol=0, atol=0)
 
 
 CachedServingMachine.TestCase.settings = settings(
