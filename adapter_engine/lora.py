@@ -143,13 +143,16 @@ class LoraLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = self._modules
+        if not mods["lora_A"]._modules and not mods["ia3_l"]._parameters:  # no adapter here (yet): the base layer
+            return self._base_forward(x)
         route = current_route()
         if route is not None and not route.uniform:
             return self._per_row_forward(x, route)
         names = self.active_adapters if route is None else route.stack
         # (submodules read through the module dicts: nn.Module attribute lookups were a good part of a call's host
         # time at decode sizes)
-        mods, merged = self._modules, self.merged_adapters
+        merged = self.merged_adapters
         lora = [n for n in names if n in mods["lora_A"]._modules and n not in merged]
         ia3 = [n for n in names if n in mods["ia3_l"] and n not in merged]
         if not lora and not ia3:

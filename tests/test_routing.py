@@ -235,6 +235,27 @@ def test_route_errors():
         run(model, ids(2), ["a", "par"])
 
 
+def test_a_linear_without_adapters_runs_its_base_layer_under_any_route(monkeypatch):
+    """A patched linear that holds no adapter (``StackedAdapterModel`` patches the LoRA targets before any LoRA is
+    added) returns its base layer's output bit for bit under every route, without planning rows for a mixed one."""
+    from adapter_engine.lora import LoraLinear
+
+    def planned(*args):
+        pytest.fail("rows planned for a layer without adapters")
+
+    monkeypatch.setattr(LoraLinear, "_per_row_forward", planned)
+    base = torch.nn.Linear(8, 6)
+    layer = LoraLinear(base).eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        for spec in (None, "a", ["a", None, "b"]):
+            with use_adapters(spec):
+                assert torch.equal(layer(x), base(x))
+        layer.add_lora("a", 2, 1.0, init=False)
+        with use_adapters(["a", None, "b"]), pytest.raises(pytest.fail.Exception, match="rows planned"):
+            layer(x)  # with an adapter, the mixed route plans its rows
+
+
 def _thread_check(model, specs, batches, expected, n_threads: int, calls: int, atol: float = 0.0) -> None:
     """Every call's output equals the single-threaded one (exactly on CPU; ``atol`` where libraries may pick
     per-thread GEMM algorithms): a route leaking between threads changes outputs by O(0.1)."""
