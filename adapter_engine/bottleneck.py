@@ -33,7 +33,6 @@ from .kernels.bottleneck import (
     PackedStack,
     StackOptions,
     bottleneck_stack,
-    bottleneck_stack_launch,
     expand_routes,
     pack_adapters,
 )
@@ -411,10 +410,10 @@ class BottleneckStackLayer(nn.Module):
         return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
 
     def _serve(self, h, y, ln_w, ln_b, packed: PackedStack, routes, options: StackOptions, hint) -> torch.Tensor:
-        """A call without autograd: the kernel launch that ``bottleneck_stack_launch`` prepared at the last call of
-        the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without the op's input
-        checks and launch planning (about two thirds of a fused layer call's host time beyond the sublayer's own,
-        CPU profile)."""
+        """A call without autograd: the kernel launch that ``bottleneck_stack(return_launch=True)`` made at the last
+        call of the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without the op's
+        input checks and launch planning (about two thirds of a fused layer call's host time beyond the sublayer's
+        own, CPU profile)."""
         one_stack = hint is not None and not any(len(used) > 1 for used in hint)
         geometry = (h.shape, h.stride(), h.dtype, h.device, routes.shape, routes.stride(), routes.dtype,
                     routes.device, options, one_stack, bottleneck_fwd.STACK_PATH)  # fmt: skip
@@ -426,7 +425,7 @@ class BottleneckStackLayer(nn.Module):
             if launch is None:  # (the reference or the cuBLAS level path ran at that call: plan it again)
                 return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
             return launch(h, y, expand_routes(routes, h))
-        out, launch = bottleneck_stack_launch(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
+        out, launch = bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, hint, return_launch=True)
         if not capturing(h):  # (a launch planned while a graph is captured takes the untimed tiles)
             self._launch = (packed, ln_w, ln_b, geometry, launch)
         return out

@@ -64,8 +64,8 @@ gradients of the adapters that train (see ``_stack_backward``). Forward and back
 ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node; eager training
 calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call).
 
-Files: this module holds the public API (:func:`bottleneck_stack`, :func:`expand_routes`, and
-:func:`bottleneck_stack_launch`, which serving layers repeat without the checks), its input checks, the
+Files: this module holds the public API (:func:`bottleneck_stack`, whose ``return_launch`` serving layers repeat
+without the checks, and :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
 kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
@@ -104,7 +104,6 @@ __all__ = [
     "ForwardLaunch",
     "bottleneck_stack",
     "bottleneck_stack_fwd",
-    "bottleneck_stack_launch",
     "bottleneck_stack_ref",
     "expand_routes",
     "pack_adapters",
@@ -440,34 +439,6 @@ def _launch_facts(h: torch.Tensor, packed: PackedStack, routes: torch.Tensor, le
     return host, max_rank, uniform
 
 
-def bottleneck_stack_launch(
-    h: torch.Tensor,
-    y: torch.Tensor | None,
-    packed: PackedStack,
-    routes: torch.Tensor,
-    options: StackOptions = StackOptions(),  # noqa: B008 (a frozen dataclass: an immutable default)
-    ln_weight: torch.Tensor | None = None,
-    ln_bias: torch.Tensor | None = None,
-    level_adapters: list[list[int]] | None = None,
-) -> tuple[torch.Tensor, ForwardLaunch | None]:
-    """:func:`bottleneck_stack` for inference (no autograd), with how to repeat it: (output, launch). ``launch(h,
-    y, expand_routes(routes, h))`` runs the same kernel launch for new activations without the checks and planning
-    (a serving layer's host time per call), valid while everything it was made from stays as it was: the shapes,
-    strides, dtypes and device of h, y and the expanded routes, ``packed``, ``options``, the LayerNorm tensors and
-    the kind of hint (one stack on every row or not). None when the call took another path (the torch reference,
-    the level-by-level cuBLAS path, an empty batch), which the caller runs as :func:`bottleneck_stack` again."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        raise RuntimeError("bottleneck_stack_launch serves without autograd: call it under torch.no_grad()")
-    routes, level_adapters = _routes_and_hint(h, routes, level_adapters)
-    _check(h, y, ln_weight, ln_bias, packed, routes, options)
-    if not use_triton(h) or options.ln_before or options.ln_after:
-        return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options), None
-    host, max_rank, uniform = _launch_facts(h, packed, routes, level_adapters)
-    record = []
-    out = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3], record)[0]
-    return out, (record[0] if record else None)
-
-
 def bottleneck_stack(
     h: torch.Tensor,
     y: torch.Tensor | None,
@@ -477,7 +448,9 @@ def bottleneck_stack(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     level_adapters: list[list[int]] | None = None,
-) -> torch.Tensor:
+    *,
+    return_launch: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ForwardLaunch | None]:
     """Apply a stack of bottleneck adapters to a sublayer output.
 
     Args:
@@ -493,17 +466,31 @@ def bottleneck_stack(
             row may take the level-by-level GEMM path (wide weights; see ``bottleneck_gemm.py``). A level may also
             list -1 (rows with the level off): a static route lists every adapter and -1 at each level, which keeps
             the launch on the mixed-row path whatever its routes hold.
+        return_launch: inference only (no autograd): also return how to repeat this call, (output, launch).
+            ``launch(h, y, expand_routes(routes, h))`` runs the same kernel launch for new activations without the
+            checks and planning (a serving layer's host time per call), valid while everything it was made from
+            stays as it was: the shapes, strides, dtypes and device of h, y and the expanded routes, ``packed``,
+            ``options``, the LayerNorm tensors and the kind of hint (one stack on every row or not). None when the
+            call took another path (the torch reference, the level-by-level cuBLAS path, an empty batch).
 
     Returns:
         (..., H) in h's dtype. Triton on CUDA / under the interpreter (a registered custom op with a Triton
         backward); the torch reference (plain autograd) on other CPUs or when the adapters carry their own
         LayerNorms.
     """
+    if return_launch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        raise RuntimeError("return_launch serves without autograd: call bottleneck_stack under torch.no_grad()")
     routes, level_adapters = _routes_and_hint(h, routes, level_adapters)
     _check(h, y, ln_weight, ln_bias, packed, routes, options)
     if not use_triton(h) or options.ln_before or options.ln_after:
-        return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
+        out = bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
+        return (out, None) if return_launch else out
     host, max_rank, uniform = _launch_facts(h, packed, routes, level_adapters)
+    if return_launch:
+        record = []
+        out = _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3],
+                          record)[0]  # fmt: skip
+        return out, (record[0] if record else None)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, y, ln_weight, ln_bias, *packed[:4])
     )

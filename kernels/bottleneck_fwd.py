@@ -524,7 +524,8 @@ class ForwardLaunch(NamedTuple):
     """A row-block launch that saved nothing, as :func:`_launch_fwd` made it: what repeats it for new activations
     of the same geometry (shapes, strides, dtypes, device; the same packed adapters, routes layout, options and
     LayerNorm) without the checks and planning around it, a good part of a serving call's host time
-    (``kernels.bottleneck.bottleneck_stack_launch``). Holds no per-call tensor: ``args`` has None in their slots."""
+    (``kernels.bottleneck.bottleneck_stack``'s ``return_launch``). Holds no per-call tensor: ``args`` has None in
+    their slots."""
 
     grid: tuple[int]
     args: tuple

@@ -1146,9 +1146,8 @@ def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
 
     monkeypatch.setattr(bn, "TRAIN_FUSED", False)
     calls = []
-    for fused_op in ("bottleneck_stack", "bottleneck_stack_launch"):  # (the second: calls without autograd)
-        real = getattr(bn, fused_op)
-        monkeypatch.setattr(bn, fused_op, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    real = bn.bottleneck_stack
+    monkeypatch.setattr(bn, "bottleneck_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _tiny_bert()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -1172,8 +1171,8 @@ def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
 
 
 def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_changes(monkeypatch):
-    """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack_launch``: the op's checks, the
-    routes, the tiles) once and repeats it. Each change below plans again, and every call matches the eager
+    """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack(return_launch=True)``: the op's
+    checks, the routes, the tiles) once and repeats it. Each change below plans again, and every call matches the eager
     modules: another batch shape, other strides, an update in place, a replaced weight, another stack, another
     forced path."""
     import adapter_engine.bottleneck as bn
@@ -1182,8 +1181,10 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     if not use_triton(torch.empty(1)):
         pytest.skip("the prepared launch is the Triton path's (CUDA or the interpreter)")
     plans = []
-    real = bn.bottleneck_stack_launch
-    monkeypatch.setattr(bn, "bottleneck_stack_launch", lambda *a, **k: plans.append(1) or real(*a, **k))
+    real = bn.bottleneck_stack
+    monkeypatch.setattr(
+        bn, "bottleneck_stack", lambda *a, **k: plans.extend([1] * k.get("return_launch", 0)) or real(*a, **k)
+    )
     model = _tiny_bert()
     w = wrap_sublayer(model.encoder.layer[0], "output")
     for n, a in _bert_adapters(48, ["a", "b"], SEQ).items():
