@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import copy_bandwidth, cuda_graphed, device, gemm_flops_per_s, on_gpu, pick, timed
+from harness import copy_bandwidth, cuda_graphed, device, gemm_flops_per_s, host_ms, on_gpu, pick, timed
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.kernels import bottleneck_fwd, lora_linear
-from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, pack_adapters
+from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
@@ -157,6 +157,7 @@ def bench_model_forward(benchmark, model_name, setup, fused):
     model, inputs, fn, row = _forward_case(model_name, setup, fused, "forward")
     fn()
     timed(benchmark, fn, **row)
+    benchmark.extra_info["host_ms"] = host_ms(fn)  # (session 7's bert-base rows were host bound)
     if setup != "bare":  # the compute floor of the adapters: no implementation adds less time than this
         benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
     if fused and setup != "bare":
@@ -225,11 +226,13 @@ def bench_train_top_of_three(benchmark, model_name, provider):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["fused", "eager", "fused levels"])
+@pytest.mark.parametrize("provider", ["fused", "fused launch", "eager", "fused levels"])
 def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor.
-    "fused" is what the op chooses (timed on first use); "fused levels" forces the level-by-level cuBLAS path
-    (kernels/bottleneck_gemm.py), the other design, and ``bench_stack_alone_tiles`` forces each kernel tile."""
+    "fused" is what the op chooses (timed on first use); "fused launch" repeats the launch that choice made, as a
+    serving layer does (``bottleneck_stack(return_launch=True)``: no checks or planning per call); "fused levels"
+    forces the level-by-level cuBLAS path (kernels/bottleneck_gemm.py), the other design, and
+    ``bench_stack_alone_tiles`` forces each kernel tile."""
     if provider == "fused levels":
         monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
     _stack_alone(benchmark, hidden, provider)
@@ -302,10 +305,19 @@ def _stack_alone(benchmark, hidden, provider):
                                     level_adapters=[[0], [1], [2]])  # fmt: skip
 
     fn = (lambda: _eager_stack(adapters, ln, h, y)) if provider == "eager" else fused
+    if provider == "fused launch":  # what a serving layer repeats: the launch planned at its first call
+        with torch.no_grad():
+            launch = bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
+                                      level_adapters=[[0], [1], [2]], return_launch=True)[1]  # fmt: skip
+        if launch is None:
+            pytest.skip("this call took the level-by-level cuBLAS path: nothing to repeat")
+        expanded = expand_routes(routes, h)
+        fn = lambda: launch(h, y, expanded)  # noqa: E731
     with torch.no_grad():
         fn()
         floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
         median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {h.shape[0]}x{hidden}", provider=provider)
+        benchmark.extra_info["host_ms"] = host_ms(fn)
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
 
 

@@ -32,7 +32,7 @@ import time
 
 import pytest
 import torch
-from harness import cuda_graphed, device, on_gpu, pick, timed
+from harness import cuda_graphed, device, host_ms, on_gpu, pick, timed
 
 import adapter_engine as ae
 from adapter_engine import StackedAdapterModel
@@ -288,26 +288,11 @@ def bench_mixed(benchmark, monkeypatch, kind, k, provider):
             "tokens_per_s": ids.numel() / (median / 1e3),
             "x_single": (single / median) if single else None,
             "new_kernel_variants": _variants() - before,
-            "host_ms": _host_ms(fn),
+            "host_ms": host_ms(fn),
         }
     )
     if lora and provider.startswith("engine"):
         benchmark.extra_info["lora_path"] = _lora_path()
-
-
-def _host_ms(fn) -> float | None:
-    """Median time for ``fn()`` to return after a synchronise, without waiting for the GPU: the host's share of
-    a call (equal to the whole call when the host is the slower side, or when the call waits for the GPU)."""
-    if not on_gpu():
-        return None
-    times = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 GRAPHED_CASES = [
@@ -394,7 +379,7 @@ def bench_served(benchmark, kind, provider):
             "tokens_per_s": ids.numel() / (median / 1e3),
             "x_single": (graphed_single / median) if graphed_single else None,
             "x_served_single": (single / median) if single else None,
-            "host_ms": _host_ms(fn),
+            "host_ms": host_ms(fn),
             "captures": server.stats.captures,
         }
     )

@@ -86,6 +86,22 @@ def time_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def host_ms(fn: Callable[[], object]) -> float | None:
+    """Median time for ``fn()`` to return after a synchronise, without waiting for the GPU: the host's share of
+    a call (equal to the whole call when the host is the slower side, or when the call waits for the GPU). None on
+    a CPU, where the two are one."""
+    if not on_gpu():
+        return None
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
     """Median of ``reps`` timed calls after ``warmup`` untimed ones (fewer on CPU): a quick baseline."""
     for _ in range(pick(warmup, 1)):
