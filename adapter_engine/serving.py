@@ -14,7 +14,8 @@ adapter of a layer takes part; rows pick theirs on the device), and refills the 
 Per call: the inputs are copied into the graph's static tensors, the route is refilled, the graph replays and
 its outputs are copied out (``copy_outputs=False`` returns the graph's own output tensors, valid until the next
 call). One graph per batch layout (input shapes, dtypes, devices, other arguments) and stack depth, captured on
-first use after ``warmup`` eager calls (which also autotune the kernels).
+first use after ``warmup`` eager calls (which also autotune the kernels); a server's graphs share one memory pool, so
+more layouts do not each keep a forward's activations.
 
 When graphs are captured again: after any change to a patched layer's adapters (added, deleted, merged,
 unmerged; with a memory manager, every load and eviction) and after a conversion of the model in place
@@ -32,6 +33,7 @@ adapters, cannot be expressed by a static route: the call is refused before anyt
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +53,9 @@ from .routing import Route, StackNames, StaticRoute, make_route, use_adapters
 Capture = Callable[[Callable[[], Any], int], tuple[Callable[[], None], Any]]
 
 
-def cuda_graph_capture(forward: Callable[[], Any], warmup: int) -> tuple[Callable[[], None], Any]:
-    """``forward`` warmed up on a side stream (as torch.cuda.graphs asks), then captured in a CUDA graph."""
+def cuda_graph_capture(forward: Callable[[], Any], warmup: int, pool: Any = None) -> tuple[Callable[[], None], Any]:
+    """``forward`` warmed up on a side stream (as torch.cuda.graphs asks), then captured in a CUDA graph; ``pool``:
+    a memory pool the graph shares with others (``torch.cuda.graph_pool_handle()``), or None for its own."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -60,7 +63,8 @@ def cuda_graph_capture(forward: Callable[[], Any], warmup: int) -> tuple[Callabl
             forward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), capture_cache():  # (the first LoRA layer's row grouping serves the others)
+    # (capture_cache: the first LoRA layer's row grouping serves the others)
+    with torch.cuda.graph(graph, pool=pool), capture_cache():
         output = forward()
     return graph.replay, output
 
@@ -111,6 +115,7 @@ class GraphedServer:
         self._warmup = int(warmup)
         self._copy_outputs = copy_outputs
         self._graphs: dict[Hashable, _Graph] = {}
+        self._pool: Any = None  # the memory pool every CUDA graph of this server shares (see _default_capture)
         self._generation = adapter_generation()
         self._lock = threading.Lock()
         self.stats = GraphStats()
@@ -180,11 +185,22 @@ class GraphedServer:
             with use_adapters(route):
                 return self.model(**static)
 
-        capture = self._capture if self._capture is not None else _default_capture(inputs)
+        capture = self._capture if self._capture is not None else self._default_capture(inputs)
         with keeping_alive() as held:
             replay, output = capture(forward, self._warmup)
         self.stats.captures += 1
         return _Graph(route, static, replay, output, held)
+
+    def _default_capture(self, inputs: dict[str, Any]) -> Capture:
+        """CUDA graphs in one memory pool: each graph's own pool would keep a forward's intermediate activations
+        per batch layout. Sharing is safe here because calls are serialised, so no two graphs replay at once, and a
+        graph's outputs are copied before the next call (``copy_outputs=False``: valid until the next call). A graph
+        may then overwrite memory that another graph's capture freed, but no later call reads it."""
+        if not all(v.is_cuda for v in inputs.values() if isinstance(v, torch.Tensor)):
+            raise ValueError("CUDA graphs need CUDA inputs; on the CPU, call the model under use_adapters(...) instead")
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return functools.partial(cuda_graph_capture, pool=self._pool)
 
 
 def _layout(name: str, value: Any) -> Hashable:
@@ -198,12 +214,3 @@ def _layout(name: str, value: Any) -> Hashable:
             f"{name}={value!r}: arguments other than tensors are fixed in a graph, so they must be hashable"
         ) from None
     return ("value", value)
-
-
-def _default_capture(inputs: dict[str, Any]) -> Capture:
-    if not all(v.is_cuda for v in inputs.values() if isinstance(v, torch.Tensor)):
-        raise ValueError("CUDA graphs need CUDA inputs; on the CPU, call the model under use_adapters(...) instead")
-    return cuda_graph_capture
-
-
-__all__ = ["GraphedServer", "GraphStats", "cuda_graph_capture"]

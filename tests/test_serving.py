@@ -343,6 +343,26 @@ def test_cpu_inputs_need_a_capture_stand_in():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("copy_outputs", [True, False])
+def test_cuda_graphs_of_several_layouts_share_one_pool_and_replay_in_any_order(copy_outputs):
+    """Graphs of three layouts (two batch sizes, two depths) captured into the server's one memory pool, then
+    replayed in an order unlike their captures': each call equals the eager route (fp32) and, with
+    ``copy_outputs=False``, its output stays right until the next call."""
+    model = adapted_bert().cuda()
+    server = GraphedServer(model, copy_outputs=copy_outputs)
+    layouts = [(4, "a"), (8, "l"), (4, ae.Stack("a", "b"))]  # (rows, what every row but the last gets)
+    order = [0, 1, 2, 2, 0, 1, 1, 2, 0, 2, 1, 0]
+    for i, k in enumerate(order):
+        rows, entry = layouts[k]
+        spec = [*([entry] * (rows - 1)), random.Random(i).choice(["c", "m", None])]
+        batch = ids(rows, seed=100 + i).cuda()
+        out = server(spec, input_ids=batch).last_hidden_state
+        torch.testing.assert_close(out, eager(model, spec, batch), atol=1e-5, rtol=1e-5)
+    assert (server.stats.captures, server.stats.replays) == (3, len(order))
+    assert server._pool is not None
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replays_follow_the_route(dtype):
     """Real graphs: each replay's error against the fp32 eager route is no larger than the eager route's own in
