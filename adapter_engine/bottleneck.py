@@ -220,7 +220,7 @@ class BottleneckStackLayer(nn.Module):
         self._generation = 0
         self._prepared: tuple | None = None
         self._pack_memo: tuple | None = None  # see _packed
-        self._launch: tuple | None = None  # see _serve
+        self._launches: dict[tuple, tuple] = {}  # see _serve
 
     def __getattr__(self, name: str):
         # plain attributes of the wrapped module (config, sizes, flags) stay reachable through the wrapper
@@ -246,13 +246,13 @@ class BottleneckStackLayer(nn.Module):
 
     def __getstate__(self):  # deepcopy / pickle: no memo of packs or launches (a copy makes its own)
         state = super().__getstate__()
-        state["_pack_memo"] = state["_launch"] = None
+        state["_pack_memo"], state["_launches"] = None, {}
         return state
 
     def _forget(self) -> None:
         """Drop the cached packs and routes, and the prepared plan and launch."""
         self._cache.clear()
-        self._pack_memo = self._launch = None
+        self._pack_memo, self._launches = None, {}
         self._generation += 1
 
     # ---------------------------------------------------------------------------------------- control
@@ -409,25 +409,32 @@ class BottleneckStackLayer(nn.Module):
             return self._serve(h, y, ln_w, ln_b, packed, routes, options, hint)
         return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
 
+    _MAX_LAUNCHES = 4  # geometries kept per layer (serving may alternate batch shapes, one stack and mixed rows)
+
     def _serve(self, h, y, ln_w, ln_b, packed: PackedStack, routes, options: StackOptions, hint) -> torch.Tensor:
-        """A call without autograd: the kernel launch that ``bottleneck_stack(return_launch=True)`` made at the last
-        call of the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without the op's
-        input checks and launch planning (about two thirds of a fused layer call's host time beyond the sublayer's
-        own, CPU profile)."""
+        """A call without autograd: the kernel launch that ``bottleneck_stack(return_launch=True)`` made at an
+        earlier call of the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without
+        the op's input checks and launch planning (about two thirds of a fused layer call's host time beyond the
+        sublayer's own, CPU profile). The last few geometries keep theirs; a new pack replaces a geometry's."""
         one_stack = hint is not None and not any(len(used) > 1 for used in hint)
         geometry = (h.shape, h.stride(), h.dtype, h.device, routes.shape, routes.stride(), routes.dtype,
                     routes.device, options, one_stack, bottleneck_fwd.STACK_PATH)  # fmt: skip
         if y is not None:
             geometry += (y.shape, y.stride(), y.dtype, y.device)
-        memo = self._launch
-        if memo is not None and memo[0] is packed and memo[1] is ln_w and memo[2] is ln_b and memo[3] == geometry:
-            launch = memo[4]
+        made = self._launches.get(geometry)
+        if made is not None and made[0] is packed and made[1] is ln_w and made[2] is ln_b:
+            launch = made[3]
             if launch is None:  # (the reference or the cuBLAS level path ran at that call: plan it again)
                 return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
             return launch(h, y, expand_routes(routes, h))
         out, launch = bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, hint, return_launch=True)
         if not capturing(h):  # (a launch planned while a graph is captured takes the untimed tiles)
-            self._launch = (packed, ln_w, ln_b, geometry, launch)
+            # a new dict, swapped in whole: threads sharing a routed layer read it without a lock
+            launches = {k: v for k, v in self._launches.items() if k != geometry}
+            while len(launches) >= self._MAX_LAUNCHES:
+                del launches[next(iter(launches))]
+            launches[geometry] = (packed, ln_w, ln_b, launch)
+            self._launches = launches
         return out
 
 

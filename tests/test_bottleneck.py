@@ -1174,7 +1174,7 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack(return_launch=True)``: the op's
     checks, the routes, the tiles) once and repeats it. Each change below plans again, and every call matches the eager
     modules: another batch shape, other strides, an update in place, a replaced weight, another stack, another
-    forced path."""
+    forced path. A geometry seen a few calls before keeps its launch."""
     import adapter_engine.bottleneck as bn
     from adapter_engine.kernels import bottleneck_fwd
 
@@ -1211,6 +1211,7 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     call(shape=(3, 5), expect=2)
     call(shape=(2, 5), expect=3)  # the same strides, fewer rows
     call(shape=(2, 5), y_transposed=True, expect=4)
+    call(expect=4)  # the first geometry again: its launch was kept
     with torch.no_grad():
         w.adapters["b"].adapter_up.weight.mul_(-2.0)  # a new pack: planned again
     call(shape=(2, 5), y_transposed=True, expect=5)
