@@ -1174,7 +1174,7 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack(return_launch=True)``: the op's
     checks, the routes, the tiles) once and repeats it. Each change below plans again, and every call matches the eager
     modules: another batch shape, other strides, an update in place, a replaced weight, another stack, another
-    forced path. A geometry seen a few calls before keeps its launch."""
+    LayerNorm weight, another forced path. A geometry seen a few calls before keeps its launch."""
     import adapter_engine.bottleneck as bn
     from adapter_engine.kernels import bottleneck_fwd
 
@@ -1219,9 +1219,11 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     call(shape=(2, 5), y_transposed=True, expect=6)
     w.set_active_stack(["b"])
     call(shape=(2, 5), y_transposed=True, expect=7)
+    w.LayerNorm.weight = torch.nn.Parameter(torch.rand(48, generator=gen) + 0.5)  # another model LayerNorm weight
+    call(shape=(2, 5), y_transposed=True, expect=8)
     monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")  # the cuBLAS path: planned on every call
-    call(shape=(2, 5), y_transposed=True, expect=8)
-    call(shape=(2, 5), y_transposed=True, expect=8)
+    call(shape=(2, 5), y_transposed=True, expect=9)
+    call(shape=(2, 5), y_transposed=True, expect=9)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
