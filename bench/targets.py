@@ -108,6 +108,13 @@ TARGETS = [
     Target(2, "merge, 1 adapter: fraction of the bandwidth floor", 0.90, False, _merge_floor(1), "of floor"),
     Target(2, "merge, 4 adapters in one pass: fraction of the floor", 0.85, False, _merge_floor(4), "of floor"),
     Target(3, "LoRA forward, M <= 256: engine / bare (worst)", 1.10, True, _lora_forward(lambda m: m <= 256)),
+    Target(  # the same with the host launch path out: session 7's eager small-M rows were host bound
+        3,
+        "LoRA forward, M <= 256, CUDA-graphed (GPU work alone): engine / bare (worst)",
+        1.10,
+        True,
+        _worst_ratio("bench_lora_linear_forward_graphed", "engine", "bare", lambda row: row.get("M", 0) <= 256),
+    ),
     Target(3, "LoRA forward, M >= 4096: engine / bare (worst)", 1.15, True, _lora_forward(lambda m: m >= 4096)),
     Target(
         3,
