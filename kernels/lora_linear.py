@@ -24,7 +24,7 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     K range is cut into 4 or 8 slices, one program each, so that enough programs stream W while each re-reads
     less of x and A_cat; a tile's last slice to finish adds up the fp32 partial sums (in slice order, so the
     result does not depend on timing) and runs the epilogue (``_split_k_reduce``; no second launch, one zeroed
-    counter per tile).
+    counter per tile, reset by that slice: the counters are one buffer per device and stream, no memset per call).
   * ``"epilogue"``: ``u`` from one torch matmul, then one Triton GEMM adds ``u B_cat^T`` in its epilogue.
   * ``"addmm"``: the low-rank term (+ bias) is written first, then cuBLAS accumulates ``x W^T`` onto it with
     ``beta=1`` (``y.addmm_``): one pass over ``y`` fewer than ``"composition"``. The low-rank term + bias is
@@ -512,8 +512,8 @@ INTERPRET_SPLIT_K = 3  # the interpreter's split of small-M launches: 3 leaves s
 
 def _split_k_buffers(M: int, N: int, block_r: int, configs: list[dict], like: torch.Tensor):
     """(workspace, counters) of the kernel's split-K for the largest need among ``configs``: fp32 partial sums,
-    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one zeroed int32 counter per output tile. Without a
-    split, ``(like, like)``: pointers the kernel never dereferences."""
+    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one zeroed int32 counter per output tile
+    (:func:`_zeroed_counters`). Without a split, ``(like, like)``: pointers the kernel never dereferences."""
     ws = count = 0
     for c in configs:
         if c["SPLIT_K"] > 1:
@@ -522,10 +522,27 @@ def _split_k_buffers(M: int, N: int, block_r: int, configs: list[dict], like: to
             count = max(count, tiles)
     if not count:
         return like, like
-    return (
-        torch.empty(ws, dtype=torch.float32, device=like.device),
-        torch.zeros(count, dtype=torch.int32, device=like.device),
-    )
+    return torch.empty(ws, dtype=torch.float32, device=like.device), _zeroed_counters(count, like)
+
+
+# (device, stream) -> int32 counters that every split-K launch on that stream leaves zeroed (see _zeroed_counters)
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeroed_counters(count: int, like: torch.Tensor) -> torch.Tensor:
+    """At least ``count`` int32 zeros for the split-K tile counters. The last split of every tile resets its counter
+    (``_split_k_reduce``), so one buffer per device and stream stays zeroed between the launches that share it (a
+    stream runs them one after another): a small-M call launches no memset of its own, one launch fewer on a path
+    whose host time is most of a call. Made fresh while a CUDA graph is captured (the memset joins the graph)."""
+    dev = like.device
+    if capturing(like):
+        return torch.zeros(count, dtype=torch.int32, device=dev)
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        with torch.inference_mode(False):  # (a process-wide buffer: a normal tensor whatever the first caller's mode)
+            counters = _COUNTERS[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=dev)
+    return counters
 
 
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)

@@ -178,6 +178,25 @@ def test_kernel_reads_nothing_outside_its_operands(poison, M, K, path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monkeypatch):
+    """Small M runs split-K (``INTERPRET_SPLIT_K`` slices): its tile counters come from one buffer per device and
+    stream, which the last slice of every tile resets, so calls of different sizes reuse it without a memset of
+    their own; every call still equals the reference (a counter left over would make a tile's last slice miss its
+    turn and leave that tile unwritten)."""
+    monkeypatch.setattr(ll, "_COUNTERS", {})
+    seen = set()
+    for i, (M, K, N) in enumerate([(8, 130, 37), (5, 64, 90), (16, 192, 37), (8, 130, 37)]):
+        x, w, b, As, Bs = _make((M,), K, N, [8, 3], torch.float32)
+        with torch.no_grad():
+            got = lora_linear(x, w, As, Bs, [0.5, 2.0], b, path="fused")
+            want = lora_linear_reference(x, w, As, Bs, [0.5, 2.0], b)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"call {i}")
+        (counters,) = ll._COUNTERS.values()
+        assert not counters.any(), f"call {i} left counters set"
+        seen.add(counters.data_ptr())
+    assert len(seen) == 1  # one buffer served every call
+
+
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
 def test_zero_input_features(poison, path):
     """K = 0: the kernel's K loop still runs one step (always-taken loops keep ptxas from serializing its wgmma, see
