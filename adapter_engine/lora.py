@@ -214,6 +214,8 @@ class LoraLinear(nn.Module):
         if not plan:
             return self._base_forward(x)
         fused, p0, ids, extras, ia3_in, ia3_out, path = plan
+        if ids is not None and x.dim() > 2:  # one id per row of x, made once per call and shape, not per layer call:
+            ids = self._ids_per_row(route, ids, x.shape[:-1])  # (per sequence, every call copied them to per row)
         if ia3_in is not None:
             x = x * self._row_scales(ia3_in, x)
         if not fused:
@@ -229,6 +231,18 @@ class LoraLinear(nn.Module):
         if ia3_out is not None:
             y = y * self._row_scales(ia3_out, y)
         return y
+
+    @staticmethod
+    def _ids_per_row(route: Route, ids: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        """The route's per-sequence ``ids`` (B,) as (``lead``) int32, contiguous, kept on the route: ``lora_linear``
+        takes either, but flattening the expanded form copies it, a launch per layer call. A normal tensor even under
+        ``torch.inference_mode`` (an inference tensor has no version, so the row grouping could not be cached)."""
+
+        def expand() -> torch.Tensor:
+            with torch.inference_mode(False):
+                return ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).contiguous()
+
+        return route.cached(("lora_ids_per_row", id(ids), tuple(lead)), expand)  # (ids live on the route too)
 
     def _snapshot(self) -> tuple:
         """(A modules, B modules, scalings: copies of the layer's dicts; the resident LoRA names, in all three; IA3

@@ -37,6 +37,7 @@ from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsid
 from .changes import adapter_generation, adapters_changed, registration_epoch
 from .config import Stack
 from .kernels._backend import capturing, int_table, kept
+from .kernels.bottleneck import expand_routes
 from .kernels.bottleneck_pack import StackOptions
 
 #: One adapter stack: names bottom to top (LoRA / IA3 terms are summed, bottleneck adapters stacked in order).
@@ -345,6 +346,11 @@ class RoutedStackMixin:
         if plan is None:
             return None  # depth 0 at this layer: the original forward runs (bit-identical)
         names, routes, options, hint = plan
+        if routes.dim() == 2 and h.dim() >= 3 and self.fused and not torch.is_grad_enabled():
+            # serving one route per sequence, the kernel reads one per row: expanded (a copy) once per call and shape,
+            # on the route, not in every layer call (the eager modules and training take the per-sequence form)
+            lead = tuple(h.shape[:-1])
+            routes = route.cached(("bn_routes_per_row", id(routes), lead), lambda: _per_row(routes, h))
         group = groups.get(names)
         if group is None:  # this layer's modules of the launch's adapters
             group = groups[names] = _Group(names, tuple(resident[n] for n in names))
@@ -424,6 +430,12 @@ class _Group(tuple):
         obj = super().__new__(cls, names)
         obj.modules = modules
         return obj
+
+
+def _per_row(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-sequence routes (B, L) as (rows, L) int32, a normal tensor even under ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        return expand_routes(routes, h)
 
 
 def _routes_tensor(table, uniform: bool, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ another order). bf16 on the GPU: within plain torch bf16's own error against fp6
 
 from __future__ import annotations
 
+import collections
 import copy
 import random
 import threading
@@ -310,14 +311,46 @@ def test_threads_with_different_routes_match_a_single_thread_run_fused_kernels()
 
 
 def test_route_tensors_are_built_once_per_call(model_and_base):
-    """Every layer of one call reuses the route's cached device tensors (no per-layer host-to-device copies)."""
+    """Every layer of one call reuses the route's cached device tensors (no per-layer host-to-device copies, and no
+    per-layer expansion of the per-sequence tables to one entry per row)."""
     model, _ = model_and_base
     with use_adapters(["a", "l", ae.Stack("a", "b")]) as route, torch.no_grad():
         model(input_ids=ids(3))
         tensors = [key for key, value in route._cache.items() if isinstance(value, torch.Tensor)]
-    assert 1 <= len(tensors) <= 3  # bottleneck routes + LoRA ids for query and value (same table -> one entry)
+    # bottleneck routes and LoRA ids for query and value (the same table: one entry), each also per row
+    assert collections.Counter(key[0] for key in tensors) == {
+        "bn_routes": 1, "bn_routes_per_row": 1, "lora_ids": 1, "lora_ids_per_row": 1
+    }  # fmt: skip
     # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan)
     assert len(route._cache) - len(tensors) == 2
+
+
+@pytest.mark.parametrize(
+    "spec, tables", [(["l", "m", None], 3), (["a", ae.Stack("a", "b"), None], 1), (["l", ae.Stack("c", "b"), "m"], 4)]
+)
+def test_per_sequence_routes_are_expanded_once_per_call(model_and_base, spec, tables):
+    """A route gives one stack per sequence; the kernels read one entry per row. The expansion (a copy) is made once
+    per call for each table, kept on the route, not in every layer call: LoRA ids for query (both LoRAs), key and
+    value (one each), 6 layer calls; bottleneck routes, one table for both layers. (The interpreter copies with
+    ``copy_``.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default):
+                Copies.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model, _ = model_and_base
+    counts = {}
+    for routed in (None, spec):
+        Copies.count = 0
+        with use_adapters(routed), torch.no_grad(), Copies():
+            model(input_ids=ids(3))
+        counts[routed is None] = Copies.count
+    assert counts[False] - counts[True] == tables, counts
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
