@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .changes import registration_epoch
+from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_fwd
 from .kernels._backend import capturing, int_table, kept
 from .kernels.bottleneck import (
@@ -38,8 +37,6 @@ from .kernels.bottleneck import (
 )
 
 logger = logging.getLogger(__name__)
-
-_VERSION = operator.attrgetter("_version")  # (a RuntimeError for an inference tensor)
 
 # Training (autograd recording a stack that needs gradients) runs the eager modules unless this is True. On an H100
 # (bench/results/2026-11-27-h100-session7) the fused backward was the slower one everywhere it was measured: a
@@ -363,7 +360,7 @@ class BottleneckStackLayer(nn.Module):
         if memo is not None and memo[0] == stamp and memo[1] == names:
             params, versions, packed = memo[2:]
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and (
-                tuple(map(_VERSION, params)) == versions
+                tuple(map(tensor_version, params)) == versions
             ):
                 return kept(packed)  # (a CUDA graph captured now reads it)
         params = tuple(p for n in names for p in self.adapters[n].packed_tensors())

@@ -8,6 +8,7 @@ integers on each call instead of reading every tensor it was made from.
   (``child.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, ``layer.lora_A[name] = nn.Linear(...)``),
   through torch's global registration hooks, installed on first use.
 
+``change_stamp`` pairs them; ``tensor_version`` reads the in-place versions a cache checks beside the stamp.
 Neither sees a tensor swapped by hand through ``.data`` or ``_parameters`` (README, Limitations); in-place updates
 are seen through each cache's own check of the tensors' versions.
 """
@@ -15,6 +16,7 @@ are seen through each cache's own check of the tensors' versions.
 from __future__ import annotations
 
 import itertools
+import operator
 import threading
 
 from torch import nn
@@ -52,3 +54,13 @@ def registration_epoch() -> int:
                 nn.modules.module.register_module_module_registration_hook(_registered)
                 _hooks_installed = True
     return _registration
+
+
+def change_stamp() -> tuple[int, int]:
+    """(``adapter_generation``, ``registration_epoch``): what a cache made from adapter modules is stamped with."""
+    return adapter_generation(), registration_epoch()
+
+
+#: A tensor's in-place version, for one C-level pass over many (``tuple(map(tensor_version, tensors))``); a
+#: RuntimeError for an inference tensor, which has none.
+tensor_version = operator.attrgetter("_version")

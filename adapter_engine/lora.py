@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .changes import adapter_generation, adapters_changed, registration_epoch
+from .changes import adapters_changed, change_stamp, tensor_version
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels._backend import capturing, int_table, kept
 from .kernels.lora_inputs import forget_stacks
@@ -214,8 +214,10 @@ class LoraLinear(nn.Module):
         if not plan:
             return self._base_forward(x)
         fused, p0, ids, extras, ia3_in, ia3_out, path = plan
-        if ids is not None and x.dim() > 2:  # one id per row of x, made once per call and shape, not per layer call:
-            ids = self._ids_per_row(route, ids, x.shape[:-1])  # (per sequence, every call copied them to per row)
+        if ids is not None and x.dim() > 2:  # (lora_linear takes per-sequence ids too, but flattening them copies)
+            table, lead = ids, x.shape[:-1]
+            expand = lambda: table.reshape(-1, *[1] * (len(lead) - 1)).expand(lead).contiguous()  # noqa: E731
+            ids = route.per_row("lora_ids_per_row", table, lead, expand)
         if ia3_in is not None:
             x = x * self._row_scales(ia3_in, x)
         if not fused:
@@ -232,24 +234,12 @@ class LoraLinear(nn.Module):
             y = y * self._row_scales(ia3_out, y)
         return y
 
-    @staticmethod
-    def _ids_per_row(route: Route, ids: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-        """The route's per-sequence ``ids`` (B,) as (``lead``) int32, contiguous, kept on the route: ``lora_linear``
-        takes either, but flattening the expanded form copies it, a launch per layer call. A normal tensor even under
-        ``torch.inference_mode`` (an inference tensor has no version, so the row grouping could not be cached)."""
-
-        def expand() -> torch.Tensor:
-            with torch.inference_mode(False):
-                return ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).contiguous()
-
-        return route.cached(("lora_ids_per_row", id(ids), tuple(lead)), expand)  # (ids live on the route too)
-
     def _snapshot(self) -> tuple:
         """(A modules, B modules, scalings: copies of the layer's dicts; the resident LoRA names, in all three; IA3
         (name, feedforward) pairs; merged names), one consistent view kept until an adapter change or conversion
         (``adapter_generation``), a registration anywhere (``registration_epoch``) or a changed scaling. Copying
         and scanning the dicts on every call cost a routed 16-LoRA layer about 8 us (CPU, whole model)."""
-        stamp = (adapter_generation(), registration_epoch())
+        stamp = change_stamp()
         memo = self._snapshot_memo
         if memo is not None and memo[0] == stamp and memo[1][2] == self.scaling:
             return memo[1]
@@ -315,13 +305,14 @@ class LoraLinear(nn.Module):
             memo = self._stacked
             if memo is not None:
                 made, made_from, made_names, versions = memo
-                if made_from is snapshot and made_names == names and tuple(map(_VERSION, made.factors)) == versions:
+                fresh = made_from is snapshot and made_names == names
+                if fresh and tuple(map(tensor_version, made.factors)) == versions:
                     return kept(made)  # (a CUDA graph captured now reads its copies: they must outlive the memo)
             if capturing(x):  # made inside a graph, the copies would be filled only when it replays
                 return None
             factors = (*map(_WEIGHT, map(_PARAMETERS, map(mods_A.__getitem__, names))),
                        *map(_WEIGHT, map(_PARAMETERS, map(mods_B.__getitem__, names))))  # fmt: skip
-            versions = tuple(map(_VERSION, factors))
+            versions = tuple(map(tensor_version, factors))
         except (KeyError, RuntimeError):
             return None
         n = len(names)
@@ -437,7 +428,6 @@ class LoraLinear(nn.Module):
 
 _PARAMETERS = operator.attrgetter("_parameters")
 _WEIGHT = operator.itemgetter("weight")  # (a KeyError for a parametrized weight)
-_VERSION = operator.attrgetter("_version")  # (a RuntimeError for an inference tensor)
 
 
 def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Tensor]:

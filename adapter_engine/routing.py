@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import operator
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
-from .changes import adapter_generation, adapters_changed, registration_epoch
+from .changes import adapter_generation, adapters_changed, change_stamp, registration_epoch, tensor_version
 from .config import Stack
 from .kernels._backend import capturing, int_table, kept
 from .kernels.bottleneck import expand_routes
@@ -78,6 +77,18 @@ class Route:
         if value is None:
             value = self._cache[key] = build()
         return value
+
+    def per_row(self, kind: str, table: torch.Tensor, lead: tuple[int, ...], expand: Callable[[], torch.Tensor]):
+        """``expand()``: this route's per-sequence ``table`` (a tensor it caches) with one entry per row of activations
+        shaped ``lead``, made once per call and shape rather than in every layer call (each is a copy, a launch on a
+        GPU). A normal tensor even under ``torch.inference_mode``: the row grouping of LoRA ids is cached by version,
+        which an inference tensor lacks."""
+
+        def build() -> torch.Tensor:
+            with torch.inference_mode(False):
+                return expand()
+
+        return self.cached((kind, id(table), tuple(lead)), build)
 
     def __repr__(self) -> str:
         return f"Route(stack={self.stack})" if self.uniform else f"Route(rows={self.rows})"
@@ -289,19 +300,19 @@ class RoutedStackMixin:
             return super()._packed(list(names))  # traced, or a differentiable pack (never cached)
         key = tuple(names)
         used = range(len(key)) if hint is None else sorted({i for level in hint for i in level if i >= 0})
-        stamp = (adapter_generation(), registration_epoch())  # (read before anything it vouches for)
+        stamp = change_stamp()  # (read before anything it vouches for)
         with self._pack_lock:
             packed, state = self._packs.get(key), self._pack_states.get(key)
         if packed is not None and state[0] == stamp:
             _, weights, versions, every, every_version = state  # (the weights: the same objects while the stamp holds)
             if len(used) == len(key):  # one C-level pass over every weight
-                fresh = tuple(map(_VERSION, every)) == every_version
+                fresh = tuple(map(tensor_version, every)) == every_version
             else:
-                fresh = all(tuple(map(_VERSION, weights[i])) == versions[i] for i in used)
+                fresh = all(tuple(map(tensor_version, weights[i])) == versions[i] for i in used)
             if fresh:
                 return kept(packed)  # (a CUDA graph captured now reads it)
         weights = tuple(a.packed_tensors() for a in modules)
-        versions = tuple(tuple(map(_VERSION, w)) for w in weights)
+        versions = tuple(tuple(map(tensor_version, w)) for w in weights)
         with torch.inference_mode(False):  # (normal tensors: a later call that autograd records may save them)
             packed = pack_modules(modules)
         if capturing(packed.wd):  # made inside a CUDA graph: filled only when it replays, so never cached
@@ -320,7 +331,7 @@ class RoutedStackMixin:
         """(resident adapters by name: one snapshot, other threads may add / evict adapters meanwhile; their
         :class:`_Layout`; this layer's launch groups made so far), kept until an adapter change, a conversion or
         a registration anywhere."""
-        stamp = (adapter_generation(), registration_epoch())
+        stamp = change_stamp()
         memo = self._layout
         if memo is not None and memo[0] == stamp:
             return memo[1]
@@ -349,8 +360,8 @@ class RoutedStackMixin:
         if routes.dim() == 2 and h.dim() >= 3 and self.fused and not torch.is_grad_enabled():
             # serving one route per sequence, the kernel reads one per row: expanded (a copy) once per call and shape,
             # on the route, not in every layer call (the eager modules and training take the per-sequence form)
-            lead = tuple(h.shape[:-1])
-            routes = route.cached(("bn_routes_per_row", id(routes), lead), lambda: _per_row(routes, h))
+            table = routes
+            routes = route.per_row("bn_routes_per_row", table, h.shape[:-1], lambda: expand_routes(table, h))
         group = groups.get(names)
         if group is None:  # this layer's modules of the launch's adapters
             group = groups[names] = _Group(names, tuple(resident[n] for n in names))
@@ -402,7 +413,6 @@ class RoutedStackMixin:
         return group, routes, self._options(names, eps), hint
 
 
-_VERSION = operator.attrgetter("_version")
 _STRUCTURES: dict[StackOptions, int] = {}  # an adapter structure -> a small int (few distinct ones per process)
 
 
@@ -430,12 +440,6 @@ class _Group(tuple):
         obj = super().__new__(cls, names)
         obj.modules = modules
         return obj
-
-
-def _per_row(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-sequence routes (B, L) as (rows, L) int32, a normal tensor even under ``torch.inference_mode``."""
-    with torch.inference_mode(False):
-        return expand_routes(routes, h)
 
 
 def _routes_tensor(table, uniform: bool, device: torch.device) -> torch.Tensor:
