@@ -162,6 +162,7 @@ def bench_model_forward(benchmark, model_name, setup, fused):
         benchmark.extra_info["floor_extra_ms"] = _adapter_flops(model, inputs, setup) / gemm_flops_per_s() * 1e3
     if fused and setup != "bare":
         benchmark.extra_info["forward_tiles"] = _chosen_tiles("forward", model.config.hidden_size)
+        benchmark.extra_info["tuner_ms"] = _tuner_ms("forward", model.config.hidden_size)
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
@@ -265,6 +266,17 @@ def _chosen_tiles(kind: str, hidden: int) -> str:
     return ", ".join(sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[:3:2] == (kind, hidden)}))
 
 
+def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float]]:
+    """The tuner's do_bench times (ms) of every candidate, per tuning key of ``kind`` at this hidden size: why it
+    chose what ``_chosen_tiles`` lists (session 13's H100 kept the row kernel for a stack of 3 at hidden 4096, where
+    the level-by-level path ran twice as fast in the same file)."""
+    return {
+        f"rows<={key[1]} levels={key[6][0]}": {_tile_name(c): round(t, 4) for c, t in zip(*timed)}
+        for key, timed in bottleneck_fwd.TUNING_TIMES.items()
+        if key[:3:2] == (kind, hidden)
+    }
+
+
 def _stack_inputs(hidden):
     """Three seq_bn adapters (relu, reduction 16), a post-LN sublayer's LayerNorm, and h, y of 4096 tokens."""
     tokens = pick(4096, 16)
@@ -319,6 +331,7 @@ def _stack_alone(benchmark, hidden, provider):
         median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {h.shape[0]}x{hidden}", provider=provider)
         benchmark.extra_info["host_ms"] = host_ms(fn)
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
+    benchmark.extra_info["tuner_ms"] = _tuner_ms("forward", hidden)
 
 
 def _stack_train_step(hidden: int, eager: bool):

@@ -416,6 +416,8 @@ def _bottleneck_stack_fwd_kernel(
 
 # --------------------------------------------------------------------------------------------------- launcher
 _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest candidate tiles on this GPU (forward, level backward)
+# tuning key -> (candidates, their do_bench times in ms), as timed: what the benchmarks report beside their rows
+TUNING_TIMES: dict[tuple, tuple[tuple, list[float]]] = {}
 # Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
 # job (the demo's 1,024-row batches) would not win back.
 TUNE_MIN_ROWS = 2048
@@ -445,6 +447,7 @@ def _tuned_tiles(key: tuple, candidates: tuple[_Tiles | str, ...], launch, snaps
     if restore is not None:
         restore()
     tiles = _TUNED[key] = best
+    TUNING_TIMES[key] = (candidates, times)
     logger.info("bottleneck %s: tiles %s (%s ms)", key, tiles, ", ".join(f"{x:.4f}" for x in times))
     return tiles
 

@@ -445,7 +445,7 @@ def test_gpu_tile_structure_in_the_interpreter(monkeypatch, tiles, routing):
 def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     """On a GPU the forward times its candidate tiles once per tuning key and keeps the fastest; a candidate that
     does not fit the GPU counts as infinitely slow; the caller's snapshot is taken before timing and restored after;
-    with autotuning off the first candidate runs untimed."""
+    with autotuning off the first candidate runs untimed. The times are kept for the benchmarks to report."""
     import triton
 
     from adapter_engine.kernels import bottleneck_fwd
@@ -463,6 +463,7 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "TUNING_TIMES", {})
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
     events = []
 
@@ -473,6 +474,7 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append, snapshot) == candidates[1]
     assert launched == list(candidates)
     assert events == [("snapshot", 0), ("restore", 3)]  # what the timing runs wrote is undone before the real launch
+    assert bottleneck_fwd.TUNING_TIMES == {"key": (candidates, [3.0, 1.0, float("inf")])}  # what the benches report
     assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
     assert len(launched) == 3
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", False)

@@ -165,8 +165,10 @@ def test_cuda_persistent_bf16_no_worse_than_torch(launches, M, fan_in_fan_out):
     _run(lora_linear, x, w, b, A, B, 2.0, dy, path="persistent", **kw)  # times the tiles once per shape (launches)
     launches.clear()
     y, grads = _run(lora_linear, x, w, b, A, B, 2.0, dy, path="persistent", **kw)
-    # the forward reads W as stored unless Conv1D (its shrink fused or not, as timed); dx = dy W reads W transposed
-    assert len(launches) == 2 and launches[0][3] == (not fan_in_fan_out) and launches[1][3:] == (False, False)
+    # W is K-major for the forward as stored, and for dx = dy W in Conv1D's (in, out) layout (the shrink of the
+    # forward fused or not, as timed; dx has none)
+    k_major = not fan_in_fan_out
+    assert len(launches) == 2 and launches[0][3] == k_major and launches[1][3:] == (not k_major, False)
     y_t, grads_t = _run(ll.lora_linear_reference, x, w, b, A, B, 2.0, dy, **kw)
     y64, grads64 = _oracle(x, w, b, A, B, 2.0, dy, **kw)
     for what, got, plain, want in [("y", y, y_t, y64), *(("grad", *t) for t in zip(grads, grads_t, grads64))]:
