@@ -49,3 +49,21 @@ def test_missing_rows_are_not_measured_not_met(targets, tmp_path):
     results = targets.evaluate([str(empty)])
     assert all(r["measured"] is None and r["met"] is None for r in results)
     assert "| - |" in targets.format_table(results)
+
+
+def test_session_13_figures(targets):
+    """Session 13's H100 files (bench/results/2026-11-27-h100-session13/NOTES.md): the Llama-shaped 3-stack target
+    of 1.02 sits just above the adapters' compute floor (1.018: 0.272 ms of FLOPs on a 15.33 ms graphed bare
+    forward), and issue 7's mixed-batch rows."""
+    runs = ROOT / "bench" / "results" / "2026-11-27-h100-session13"
+    got = {r["what"]: r for r in targets.evaluate([str(p) for p in sorted(runs.glob("*/bench_*.json"))])}
+    floor = next(r for what, r in got.items() if what.startswith("Llama-shaped, 3 stacked, feasibility"))
+    assert floor["measured"] == pytest.approx(1 + 0.2724 / 15.3264, abs=1e-4) and floor["met"] is True
+    assert got["Llama-shaped, 3 stacked, CUDA-graphed (GPU work alone): fused / bare"]["measured"] == pytest.approx(
+        16.5252 / 15.3264, abs=1e-3
+    )
+    assert got["16 seq_bn stacks mixed, CUDA-graphed (GPU work alone): throughput / one"]["measured"] == pytest.approx(
+        0.998, abs=1e-3
+    )
+    assert got["switching among resident adapters (us)"]["measured"] == pytest.approx(12.4, abs=0.05)
+    assert "| < 1.02 | 1.018 | reachable |" in targets.format_table(list(got.values()))
