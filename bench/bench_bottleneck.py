@@ -242,7 +242,7 @@ def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
 # Each tile the forward may pick (kernels/bottleneck_pack.py::_forward_candidates), timed alone: what the forward's
 # tuner chooses among on this GPU (the whole-model rows record its choices as ``forward_tiles``).
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("candidate", range(4))
+@pytest.mark.parametrize("candidate", range(5))
 def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
     first = bottleneck_fwd._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below starts from
     candidates = _forward_candidates(first, False)
@@ -257,7 +257,8 @@ def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
 def _tile_name(t) -> str:
     if t == bottleneck_fwd.LEVELS:
         return t
-    return f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
+    name = f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
+    return name if t.maxnreg == 255 else f"{name} regs{t.maxnreg}"
 
 
 def _chosen_tiles(kind: str, hidden: int) -> str:

@@ -9,7 +9,9 @@
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
 # overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json,
 # report.md (every row) and targets.md (the issues' targets, printed last: bench/targets.py). Runs from the
-# repository root; the package needs no install (adapter_engine/kernels is linked).
+# repository root; the package needs no install (adapter_engine/kernels is linked). PACK=FILE.tar.gz also packs
+# OUTDIR into one archive: the device tool brings back a limited number of files (session 13 lost its first
+# call's run.log and profile tables that way).
 set -u
 out="${1:-bench/results/latest}"
 parts=" ${2:-all} "
@@ -28,16 +30,17 @@ step() {  # step NAME DEFAULT_LIMIT COMMAND...
 }
 if [[ "$parts" == *" tests "* ]]; then
     limit=${T_tests:-240}
-    # FILE or FILE:FILTER (a -k expression, "_or_" for " or ", a leading "not_" for "not "): the slow files run as
-    # several jobs (session 7's H100 run: the property file as two jobs and the bottleneck file as one each ran past
-    # 190 s with 12 jobs sharing 16 cores); -v names each test as it ends, so a job cut by its limit still says which
-    # passed, and --durations says what to split next
+    # FILE or FILE:FILTER (a -k expression, "_or_" / "_and_" for " or " / " and ", a leading "not_" for "not "):
+    # the slow files run as several jobs (session 7's H100 run: the property file as two jobs and the bottleneck file
+    # as one each ran past 190 s with 12 jobs sharing 16 cores; session 13's: the lora_linear property alone); -v
+    # names each test as it ends, so a job cut by its limit still says which passed, and --durations says what to
+    # split next
     for job in merge lora_linear:not_split_k lora_linear:split_k lora_linear_tma lora_segmented \
-               bottleneck:candidate bottleneck:not_candidate \
-               properties:cuda_merge properties:cuda_lora_linear properties:cuda_lora_segmented \
-               properties:cuda_bottleneck patching store routing serving codegen; do
+               bottleneck:candidate bottleneck:not_candidate properties:cuda_merge \
+               properties:cuda_lora_linear_and_float32 properties:cuda_lora_linear_and_float16 \
+               properties:cuda_lora_segmented properties:cuda_bottleneck patching store routing serving codegen; do
         t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}
-        filter=${filter//_or_/ or }; filter=${filter/#not_/not }
+        filter=${filter//_or_/ or }; filter=${filter//_and_/ and }; filter=${filter/#not_/not }
         # codegen: CPU tests (sm_90 builds and ptxas' verdicts), run here too for the GPU image's Triton
         marker="-m cuda"; [ "$t" = codegen ] && marker=""
         # odd shapes drawn by hypothesis would each autotune: the property tests take the first fitting config; the
@@ -72,3 +75,4 @@ if ls "$out"/bench_*.json > /dev/null 2>&1; then
 fi
 grep -E "passed|failed|error|exit" "$out/run.log" | tail -n 30
 [ -f "$out/targets.md" ] && cat "$out/targets.md"
+if [ -n "${PACK:-}" ]; then tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; fi

@@ -200,15 +200,19 @@ class _Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     LOOP_STAGES: int = 1  # pipelining depth of the hidden-chunk loops that hold no dot of their own (1: none)
+    maxnreg: int = 255  # registers per thread the GPU build may use (fewer: more programs per SM)
 
     def launch(self) -> dict:
-        """Keyword arguments of a kernel launch (the GPU build may use up to 255 registers per thread)."""
+        """Keyword arguments of a kernel launch (``maxnreg`` only on the GPU: the interpreter takes no such option)."""
         return _launch_kwargs(self)
 
 
 @functools.lru_cache(maxsize=64)
 def _launch_kwargs(tiles: _Tiles) -> dict:
-    return {**tiles._asdict(), **({} if INTERPRET else {"maxnreg": 255})}
+    kwargs = tiles._asdict()
+    if INTERPRET:
+        del kwargs["maxnreg"]
+    return kwargs
 
 
 @functools.lru_cache(maxsize=64)
@@ -265,6 +269,13 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
     without the model LN, one stack or mixed rows, saving or not) triton 3.6, the GPU image's version, builds all
     narrow-rank candidates without spills; triton 3.9 spills 24-64 bytes in the 128-wide ones for ``par_bn`` over
     mixed rows only, which their timing then weighs.
+
+    The last narrow-rank candidate is about occupancy. 4096 rows in 16-row blocks are 256 programs, about two per
+    SM, and every other candidate runs 8 warps per SM: two programs of 4 warps at 178 registers each, or one of 8
+    warps at 186-254. Session 13's H100 profile found the chosen kernel at 9-17x its memory floor at hidden 768
+    (55 us for one level, 108 us for three, per 4096 x 768 call), latency bound. Capped at 128 registers, 16-row
+    blocks of 8 warps build without spills (sm_90, rank 16 to 64, saving or not, one stack or mixed rows), and two
+    of them fit an SM: 16 warps per SM to hide the same latencies.
     """
     if INTERPRET:
         return (first,)
@@ -277,6 +288,7 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
         _Tiles(16, 128, block_r, block_r, 8, 2, 2),
         _Tiles(16, 256, block_r, block_r, 8, 2, 2),
         _Tiles(32, 128, block_r, block_r, 8, 2, 2),
+        _Tiles(16, 64, block_r, block_r, 8, 2, 2, maxnreg=128),
     )
 
 
