@@ -11,6 +11,9 @@ Cases (issue 4), bf16 on a GPU, tiny fp32 models on CPU (smoke test):
   engine does) against the engine's own Triton GEMM at the same shapes, with the saving that fusing the stack into
   that GEMM's epilogue could bring at most (one write and one read of the (tokens, hidden) activation).
 
+``bench_model_forward_paired`` times bare and fused forwards in alternating rounds: its ``paired_ratio`` is what
+bench/targets.py reads for the eager whole-model targets (a host whose speed drifts slows both sides of a pair).
+
 Whole-model rows carry ``floor_extra_ms``: the adapters' FLOPs at the dense matmul throughput measured in the same
 run, the least time any implementation can add to bare (``report.py`` prints it as ``floor_vs_bare``).
 
@@ -20,9 +23,23 @@ adapter of 3 <= 0.7x eager. Ratios come from one run's JSON (median_ms in extra_
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
-from harness import copy_bandwidth, cuda_graphed, device, gemm_flops_per_s, host_ms, on_gpu, pick, timed
+from harness import (
+    copy_bandwidth,
+    cuda_graphed,
+    device,
+    environment_info,
+    gemm_flops_per_s,
+    host_ms,
+    on_gpu,
+    pick,
+    rounds,
+    time_ms,
+    timed,
+)
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.kernels import bottleneck_fwd, lora_linear
@@ -178,6 +195,39 @@ def bench_model_forward_graphed(benchmark, model_name, setup, fused):
     except RuntimeError as err:  # a host sync somewhere in the model's forward: not capturable here
         pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
     timed(benchmark, replay, **row)
+
+
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("setup", ["stack1", "stack3", "houlsby"])
+def bench_model_forward_paired(benchmark, model_name, setup):
+    """fused / bare of ``bench_model_forward`` in alternating rounds: each round times one bare and one fused forward
+    back to back (each after an untimed call that plans again after the switch), so a host that slows down for a
+    while slows both sides of a pair. Session 13's H100 host did: the same bert-base setup took 9.2 and 13.4 ms in
+    two rows of one file, and its eager ratios read 1.727 (1 adapter) and 0.898 (3 stacked). The row's time is the
+    fused forward's median; ``paired_ratio``, the median of the rounds' ratios, is what bench/targets.py reads."""
+    model, wrappers, inputs = _model(model_name)
+    times = {"bare": [], setup: []}
+
+    def forward():
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    def one_round():
+        for now in times:
+            _configure(wrappers, now, True)
+            forward()
+            times[now].append(time_ms(forward))
+
+    benchmark.pedantic(one_round, rounds=rounds(), warmup_rounds=pick(2, 0), iterations=1)
+    warm = pick(2, 0)
+    fused, bare = times[setup][warm:], times["bare"][warm:]
+    benchmark.extra_info.update(
+        case=f"{model_name} forward paired, {setup}", setup_name=setup, provider="fused paired",
+        median_ms=statistics.median(fused), bare_median_ms=statistics.median(bare),
+        paired_ratio=statistics.median(f / b for f, b in zip(fused, bare)), rounds=len(fused),
+        device=environment_info()["device_name"],
+    )  # fmt: skip
+    _configure(wrappers, "bare", True)
 
 
 _LEVELS_PER_LAYER = {"stack1": 1, "stack3": 3, "houlsby": 2}  # Houlsby: one after attention, one after the FFN

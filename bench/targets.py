@@ -78,9 +78,16 @@ def _ratio(bench: str, num: dict, den: dict, where: str = ""):
 
 
 def _stack_ratio(model: str, setup: str, bench: str = "bench_model_forward"):
-    """fused / bare of a whole-model forward (rows told apart by ``setup_name``, in every version of the bench)."""
+    """fused / bare of a whole-model forward (rows told apart by ``setup_name``, in every version of the bench). For
+    the eager forward, the paired rounds' ratio where the files have it (``bench_model_forward_paired``: bare and
+    fused timed back to back, robust to a host whose speed drifts), else the ratio of the two rows' medians."""
 
     def measure(benchmarks):
+        if bench == "bench_model_forward":
+            rows = [r for r in _rows(benchmarks, "bench_model_forward_paired") if str(r["case"]).startswith(model)]
+            paired = _one(rows, setup_name=setup)
+            if paired and "paired_ratio" in paired:
+                return paired["paired_ratio"], f"{model}, {setup}, paired rounds"
         rows = [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
         fused, bare = _one(rows, setup_name=setup, provider="fused"), _one(rows, setup_name="bare")
         return (fused["median_ms"] / bare["median_ms"], f"{model}, {setup}") if fused and bare else None

@@ -67,3 +67,29 @@ def test_session_13_figures(targets):
     )
     assert got["switching among resident adapters (us)"]["measured"] == pytest.approx(12.4, abs=0.05)
     assert "| < 1.02 | 1.018 | reachable |" in targets.format_table(list(got.values()))
+
+
+def test_paired_rounds_set_the_eager_stack_targets(targets, tmp_path):
+    """Where the files hold bench_model_forward_paired rows, the eager whole-model stack targets read their paired
+    ratio (bare and fused timed back to back), not the ratio of two rows timed minutes apart."""
+    import json
+
+    def row(name, **info):
+        return {"name": name, "extra_info": info}
+
+    rows = [
+        row("bench_model_forward[bare-fused-bert-base]", case="bert-base forward", setup_name="bare", median_ms=9.0),
+        row("bench_model_forward[stack1-fused-bert-base]", case="bert-base forward, stack1", setup_name="stack1",
+            provider="fused", median_ms=15.4),
+        row("bench_model_forward[stack3-fused-bert-base]", case="bert-base forward, stack3", setup_name="stack3",
+            provider="fused", median_ms=8.0),
+        row("bench_model_forward_paired[stack1-bert-base]", case="bert-base forward paired, stack1",
+            setup_name="stack1", provider="fused paired", median_ms=5.8, paired_ratio=1.071),
+    ]  # fmt: skip
+    path = tmp_path / "bench_bottleneck.json"
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": rows}))
+    got = {r["what"]: r for r in targets.evaluate([str(path)])}
+    one = got["BERT-base, 1 adapter: fused / bare"]
+    assert one["measured"] == pytest.approx(1.071) and one["where"] == "bert-base, stack1, paired rounds"
+    three = got["BERT-base, 3 stacked: fused / bare"]  # no paired row: the two rows' medians
+    assert three["measured"] == pytest.approx(8.0 / 9.0) and three["where"] == "bert-base, stack3"
