@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.compiler import CompiledKernel
 
 from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2
 from .bottleneck_gemm import prefer_levels, stack_fwd_levels
@@ -502,7 +503,8 @@ def _launch_fwd(
     if m == 0:
         return out.to(h.dtype).reshape(h.shape), saved
     kernel_args = []  # built on the first kernel launch: the scratch buffers are not needed by the GEMM path
-    result = [out]  # the output of the last launch: the kernel writes ``out``, the GEMM path returns its own
+    result = [out, None]  # the output of the last launch (the kernel writes ``out``, the GEMM path returns its
+    # own) and what the kernel launch returned (the compiled kernel on a GPU)
 
     def launch(t: _Tiles | str) -> None:
         if t == LEVELS:
@@ -511,14 +513,14 @@ def _launch_fwd(
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
-        _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
+        result[1] = _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
     chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None)
     launch(chosen)
     if record is not None and chosen != LEVELS and not save:
         record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
-                                       ln_weight is not None))  # fmt: skip
+                                       ln_weight is not None, result[1]))  # fmt: skip
     y_out = result[0] if result[0].dtype == h.dtype else result[0].to(h.dtype)
     return (y_out if h.dim() == 2 else y_out.reshape(h.shape)), saved
 
@@ -536,13 +538,21 @@ class ForwardLaunch(NamedTuple):
     out_dtype: torch.dtype  # fp32 for half inputs under the interpreter (torch rounds once)
     scratch: tuple[tuple[int, int], tuple[int, int], torch.dtype]  # (r's shape, a's shape, a's dtype)
     has_ln: bool
+    # The compiled kernel of the recorded launch (on a GPU; None under the interpreter), with the values of the
+    # kernel's constexpr parameters in signature order and whether h2, y2 and routes were 16-byte aligned: a call
+    # whose tensors are aligned alike launches it directly, skipping Triton's per-launch argument binding and
+    # specialisation (host time that grows with the 38 arguments: 52 us for an empty kernel of 40 on session 13's
+    # H100 host, 18 us for one of 3). The rest of the specialisation (integer sizes and strides) is the geometry's.
+    compiled: object | None = None
+    constexprs: tuple = ()
+    alignment: tuple[bool, ...] = ()
 
     # kernel argument slots filled on each call: h2, y2, out, the r and a scratch, routes; the LayerNorm's weight
     # and bias (dummies without one); the saved tensors (dummies: nothing is saved)
     _H, _Y, _OUT, _R, _A, _ROUTES, _LNW, _LNB, _SAVED = 0, 1, 2, 3, 4, 13, 14, 15, slice(16, 19)
 
     @classmethod
-    def of(cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool) -> ForwardLaunch:
+    def of(cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool, compiled=None) -> ForwardLaunch:
         scratch = (tuple(args[cls._R].shape), tuple(args[cls._A].shape), args[cls._A].dtype)
         out_dtype = args[cls._OUT].dtype
         template = list(args)
@@ -551,7 +561,11 @@ class ForwardLaunch(NamedTuple):
         template[cls._SAVED] = (None, None, None)
         if not has_ln:
             template[cls._LNW] = template[cls._LNB] = None
-        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln)
+        if not isinstance(compiled, CompiledKernel):
+            compiled = None
+        constexprs = tuple(kwargs[name] for name in _bottleneck_stack_fwd_kernel.arg_names[len(args) :])
+        alignment = _alignment(args[cls._H], args[cls._Y], args[cls._ROUTES])
+        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment)
 
     def __call__(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
         """The stack's output for h, y (or None) and routes (rows, L) int32, laid out as at the recorded call."""
@@ -568,9 +582,17 @@ class ForwardLaunch(NamedTuple):
         if not self.has_ln:
             args[self._LNW] = args[self._LNB] = h2
         args[self._SAVED] = scratch_r, scratch_r, scratch_r
-        _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
+        if self.compiled is not None and _alignment(h2, y2, routes) == self.alignment:
+            self.compiled[self.grid](*args, *self.constexprs)  # every parameter in signature order
+        else:
+            _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
         y_out = out if out.dtype == h.dtype else out.to(h.dtype)
         return y_out if h.dim() == 2 else y_out.reshape(h.shape)
+
+
+def _alignment(*tensors: torch.Tensor) -> tuple[bool, ...]:
+    """Whether each tensor's data is 16-byte aligned: what Triton specialises a pointer argument on."""
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 @functools.lru_cache(maxsize=1024)
