@@ -7,11 +7,12 @@
 # `python bench/pack_demo_assets.py .devrun/assets` and carried to the GPU machine: it has no network).
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
-# overridable: T_<name>=...). OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json,
-# report.md (every row) and targets.md (the issues' targets, printed last: bench/targets.py). Runs from the
-# repository root; the package needs no install (adapter_engine/kernels is linked). PACK=FILE.tar.gz also packs
-# OUTDIR into one archive: the device tool brings back a limited number of files (session 13 lost its first
-# call's run.log and profile tables that way).
+# overridable: T_<name>=...). BUDGET=seconds caps the whole run, as a device call's limit would: a step gets at most
+# what is left. OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json, report.md (every row) and
+# targets.md (the issues' targets, printed last: bench/targets.py). PACK=FILE.tar.gz also packs OUTDIR into one
+# archive: the device tool brings back a limited number of files (session 13 lost its first call's run.log and
+# profile tables that way). Runs from the repository root; the package needs no install (adapter_engine/kernels is
+# linked).
 set -u
 out="${1:-bench/results/latest}"
 parts=" ${2:-all} "
@@ -22,14 +23,19 @@ py="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$py" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/run.log"
 t0=$(date +%s)
+budget=${BUDGET:-100000}  # seconds for the whole run: a step gets at most what is left, none below 20 s
+left() { echo $(( budget - ($(date +%s) - t0) )); }
 step() {  # step NAME DEFAULT_LIMIT COMMAND...
     local name=$1 limit=$2; shift 2
     local var="T_$name"; limit=${!var:-$limit}
+    local rest; rest=$(left)
+    if [ "$rest" -lt 20 ]; then echo "$name: skipped, ${rest}s of BUDGET left" | tee -a "$out/run.log"; return; fi
+    [ "$limit" -gt "$rest" ] && limit=$rest
     timeout "$limit" "$@" >> "$out/run.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - t0 ))s (limit ${limit}s)" | tee -a "$out/run.log"
 }
 if [[ "$parts" == *" tests "* ]]; then
-    limit=${T_tests:-240}
+    limit=${T_tests:-240}; rest=$(left); [ "$limit" -gt "$rest" ] && limit=$rest
     # FILE or FILE:FILTER (a -k expression, "_or_" / "_and_" for " or " / " and ", a leading "not_" for "not "):
     # the slow files run as several jobs (session 7's H100 run: the property file as two jobs and the bottleneck file
     # as one each ran past 190 s with 12 jobs sharing 16 cores; session 13's: the lora_linear property alone); -v
