@@ -406,7 +406,9 @@ class BottleneckStackLayer(nn.Module):
             return self._serve(h, y, ln_w, ln_b, packed, routes, options, hint)
         return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
 
-    _MAX_LAUNCHES = 4  # geometries kept per layer (serving may alternate batch shapes, one stack and mixed rows)
+    # geometries kept per layer: serving may alternate batch shapes, one stack and mixed rows, and a GraphedServer's
+    # capture of one batch layout meets two (its warm-up's per-sequence routes, its static route's per-row ones)
+    _MAX_LAUNCHES = 8
 
     def _serve(self, h, y, ln_w, ln_b, packed: PackedStack, routes, options: StackOptions, hint) -> torch.Tensor:
         """A call without autograd: the kernel launch that ``bottleneck_stack(return_launch=True)`` made at an
@@ -423,14 +425,19 @@ class BottleneckStackLayer(nn.Module):
             launch = made[3]
             if launch is None:  # (the reference or the cuBLAS level path ran at that call: plan it again)
                 return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
-            return launch(h, y, expand_routes(routes, h))
+            if made[4] is routes:  # routes read through a view (one stack: row stride 0), made at an earlier call
+                return launch(h, y, made[5])
+            expanded = expand_routes(routes, h)
+            if expanded.data_ptr() == routes.data_ptr():
+                self._launches = {**self._launches, geometry: (*made[:4], routes, expanded)}
+            return launch(h, y, expanded)
         out, launch = bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, hint, return_launch=True)
         if not capturing(h):  # (a launch planned while a graph is captured takes the untimed tiles)
             # a new dict, swapped in whole: threads sharing a routed layer read it without a lock
             launches = {k: v for k, v in self._launches.items() if k != geometry}
             while len(launches) >= self._MAX_LAUNCHES:
                 del launches[next(iter(launches))]
-            launches[geometry] = (packed, ln_w, ln_b, launch)
+            launches[geometry] = (packed, ln_w, ln_b, launch, None, None)
             self._launches = launches
         return out
 

@@ -519,8 +519,9 @@ def _launch_fwd(
     chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None)
     launch(chosen)
     if record is not None and chosen != LEVELS and not save:
+        views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)
         record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
-                                       ln_weight is not None, result[1]))  # fmt: skip
+                                       ln_weight is not None, result[1], views))  # fmt: skip
     y_out = result[0] if result[0].dtype == h.dtype else result[0].to(h.dtype)
     return (y_out if h.dim() == 2 else y_out.reshape(h.shape)), saved
 
@@ -546,13 +547,17 @@ class ForwardLaunch(NamedTuple):
     compiled: object | None = None
     constexprs: tuple = ()
     alignment: tuple[bool, ...] = ()
+    views: bool = True  # h and y reached the kernel as (rows, H) views of themselves: in their own shapes they read
+    # the same (else, rows of uneven strides, they are flattened by a copy on every call, as at the recorded one)
 
     # kernel argument slots filled on each call: h2, y2, out, the r and a scratch, routes; the LayerNorm's weight
     # and bias (dummies without one); the saved tensors (dummies: nothing is saved)
     _H, _Y, _OUT, _R, _A, _ROUTES, _LNW, _LNB, _SAVED = 0, 1, 2, 3, 4, 13, 14, 15, slice(16, 19)
 
     @classmethod
-    def of(cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool, compiled=None) -> ForwardLaunch:
+    def of(
+        cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool, compiled=None, views: bool = True
+    ) -> ForwardLaunch:
         scratch = (tuple(args[cls._R].shape), tuple(args[cls._A].shape), args[cls._A].dtype)
         out_dtype = args[cls._OUT].dtype
         template = list(args)
@@ -565,29 +570,35 @@ class ForwardLaunch(NamedTuple):
             compiled = None
         constexprs = tuple(kwargs[name] for name in _bottleneck_stack_fwd_kernel.arg_names[len(args) :])
         alignment = _alignment(args[cls._H], args[cls._Y], args[cls._ROUTES])
-        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment)
+        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment, views)
 
     def __call__(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
-        """The stack's output for h, y (or None) and routes (rows, L) int32, laid out as at the recorded call."""
-        hidden = h.shape[-1]
-        h2 = h.reshape(-1, hidden)
-        y2 = y.reshape(-1, hidden) if y is not None else h2
+        """The stack's output for h, y (or None) and routes (rows, L) int32, laid out as at the recorded call. The
+        kernel reads tensors through their data pointers and the recorded strides, so h, y and the output go to it
+        in their own (..., H) shapes, with no reshape either way."""
+        if not self.views:
+            hidden = h.shape[-1]
+            y2 = y.reshape(-1, hidden) if y is not None else None
+            return self._run(h.reshape(-1, hidden), y2, routes).reshape(h.shape)
+        return self._run(h, y, routes)
+
+    def _run(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
         dev = h.device
-        out = torch.empty(h2.shape, device=dev, dtype=self.out_dtype)
+        out = torch.empty(h.shape, device=dev, dtype=self.out_dtype)
         r_shape, a_shape, a_dtype = self.scratch
         scratch_r = torch.empty(r_shape, device=dev, dtype=torch.float32)
         args = list(self.args)
-        args[: self._A + 1] = h2, y2, out, scratch_r, torch.empty(a_shape, device=dev, dtype=a_dtype)
+        y = h if y is None else y
+        args[: self._A + 1] = h, y, out, scratch_r, torch.empty(a_shape, device=dev, dtype=a_dtype)
         args[self._ROUTES] = routes
         if not self.has_ln:
-            args[self._LNW] = args[self._LNB] = h2
+            args[self._LNW] = args[self._LNB] = h
         args[self._SAVED] = scratch_r, scratch_r, scratch_r
-        if self.compiled is not None and _alignment(h2, y2, routes) == self.alignment:
+        if self.compiled is not None and _alignment(h, y, routes) == self.alignment:
             self.compiled[self.grid](*args, *self.constexprs)  # every parameter in signature order
         else:
             _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
-        y_out = out if out.dtype == h.dtype else out.to(h.dtype)
-        return y_out if h.dim() == 2 else y_out.reshape(h.shape)
+        return out if out.dtype == h.dtype else out.to(h.dtype)
 
 
 def _alignment(*tensors: torch.Tensor) -> tuple[bool, ...]:

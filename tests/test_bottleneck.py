@@ -1275,6 +1275,36 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
     assert len(direct) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_recorded_launch_takes_activations_in_their_own_shapes_and_copies_rows_of_uneven_strides(dtype):
+    """A repeated launch hands (B, S, H) activations and output to the kernel as they are (their data pointers and
+    the recorded strides), with no reshape: for activations whose rows flatten to a view. Rows of uneven strides (a
+    slice of longer sequences) were flattened by a copy at the recorded call: the repeat copies them too, and both
+    match the op."""
+    if not INTERPRET:
+        pytest.skip("the recorded launch is the Triton path's")
+    params = make_params(40, [12, 20], ["relu", "gelu"])
+    for p in params:
+        for k in ("wd", "bd", "wu", "bu"):
+            p[k] = p[k].to(dtype)
+    ln, packed, routes = make_ln(40).to(dtype), pack(params), torch.tensor([0, 1])
+
+    def activations(uneven):
+        full = torch.randn(2, 6 if uneven else 5, 40).to(dtype)
+        return full[:, :5] if uneven else full
+
+    for uneven in (False, True):
+        h, y = activations(uneven), activations(uneven)
+        with torch.no_grad():
+            _, launch = bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, return_launch=True)
+            assert launch.views is not uneven
+            h2, y2 = activations(uneven), activations(uneven)
+            got = launch(h2, y2, expand_routes(routes, h2))
+            want = bottleneck_stack(h2, y2, packed, routes, SEQ, ln.weight, ln.bias)
+        assert got.shape == h2.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_llama_pre_ln_mlp_matches_adapterhub_llama(parallel):
     from transformers import LlamaConfig, LlamaModel
