@@ -425,8 +425,8 @@ class BottleneckStackLayer(nn.Module):
             launch = made[3]
             if launch is None:  # (the reference or the cuBLAS level path ran at that call: plan it again)
                 return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
-            if made[4] is routes:  # routes read through a view (one stack: row stride 0), made at an earlier call
-                return launch(h, y, made[5])
+            if made[4] is routes:  # the kernel's routes are these or a view of them (one stack: row stride 0),
+                return launch(h, y, made[5])  # made at an earlier call: no copy that could go stale
             expanded = expand_routes(routes, h)
             if expanded.data_ptr() == routes.data_ptr():
                 self._launches = {**self._launches, geometry: (*made[:4], routes, expanded)}

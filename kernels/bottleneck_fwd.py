@@ -540,7 +540,7 @@ class ForwardLaunch(NamedTuple):
     scratch: tuple[tuple[int, int], tuple[int, int], torch.dtype]  # (r's shape, a's shape, a's dtype)
     has_ln: bool
     # The compiled kernel of the recorded launch (on a GPU; None under the interpreter), with the values of the
-    # kernel's constexpr parameters in signature order and whether h2, y2 and routes were 16-byte aligned: a call
+    # kernel's constexpr parameters in signature order and whether h, y and routes were 16-byte aligned: a call
     # whose tensors are aligned alike launches it directly, skipping Triton's per-launch argument binding and
     # specialisation (host time that grows with the 38 arguments: 52 us for an empty kernel of 40 on session 13's
     # H100 host, 18 us for one of 3). The rest of the specialisation (integer sizes and strides) is the geometry's.
@@ -550,7 +550,7 @@ class ForwardLaunch(NamedTuple):
     views: bool = True  # h and y reached the kernel as (rows, H) views of themselves: in their own shapes they read
     # the same (else, rows of uneven strides, they are flattened by a copy on every call, as at the recorded one)
 
-    # kernel argument slots filled on each call: h2, y2, out, the r and a scratch, routes; the LayerNorm's weight
+    # kernel argument slots filled on each call: h, y, out, the r and a scratch, routes; the LayerNorm's weight
     # and bias (dummies without one); the saved tensors (dummies: nothing is saved)
     _H, _Y, _OUT, _R, _A, _ROUTES, _LNW, _LNB, _SAVED = 0, 1, 2, 3, 4, 13, 14, 15, slice(16, 19)
 
