@@ -416,6 +416,7 @@ def _bottleneck_stack_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+_FWD_PARAMETERS = tuple(_bottleneck_stack_fwd_kernel.arg_names)  # in signature order (ForwardLaunch's direct call)
 _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest candidate tiles on this GPU (forward, level backward)
 # tuning key -> (candidates, their do_bench times in ms), as timed: what the benchmarks report beside their rows
 TUNING_TIMES: dict[tuple, tuple[tuple, list[float]]] = {}
@@ -568,7 +569,7 @@ class ForwardLaunch(NamedTuple):
             template[cls._LNW] = template[cls._LNB] = None
         if not isinstance(compiled, CompiledKernel):
             compiled = None
-        constexprs = tuple(kwargs[name] for name in _bottleneck_stack_fwd_kernel.arg_names[len(args) :])
+        constexprs = tuple(kwargs[name] for name in _FWD_PARAMETERS[len(args) :])
         alignment = _alignment(args[cls._H], args[cls._Y], args[cls._ROUTES])
         return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment, views)
 
