@@ -84,8 +84,8 @@ def _stack_ratio(model: str, setup: str, bench: str = "bench_model_forward"):
 
     def measure(benchmarks):
         if bench == "bench_model_forward":
-            rows = [r for r in _rows(benchmarks, "bench_model_forward_paired") if str(r["case"]).startswith(model)]
-            paired = _one(rows, setup_name=setup)
+            paired_rows = _rows(benchmarks, "bench_model_forward_paired")
+            paired = _one([r for r in paired_rows if str(r.get("case", "")).startswith(model)], setup_name=setup)
             if paired and "paired_ratio" in paired:
                 return paired["paired_ratio"], f"{model}, {setup}, paired rounds"
         rows = [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
