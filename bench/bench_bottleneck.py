@@ -277,11 +277,13 @@ def bench_train_top_of_three(benchmark, model_name, provider):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["fused", "fused launch", "eager", "fused levels"])
+@pytest.mark.parametrize("provider", ["fused", "fused launch", "fused launch jit", "eager", "fused levels"])
 def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor.
     "fused" is what the op chooses (timed on first use); "fused launch" repeats the launch that choice made, as a
-    serving layer does (``bottleneck_stack(return_launch=True)``: no checks or planning per call); "fused levels"
+    serving layer does (``bottleneck_stack(return_launch=True)``: no checks or planning per call; on a GPU it calls
+    the compiled kernel directly), "fused launch jit" the same through Triton's launcher (their ``host_ms`` differ
+    by Triton's per-launch argument binding); "fused levels"
     forces the level-by-level cuBLAS path (kernels/bottleneck_gemm.py), the other design, and
     ``bench_stack_alone_tiles`` forces each kernel tile."""
     if provider == "fused levels":
@@ -368,12 +370,14 @@ def _stack_alone(benchmark, hidden, provider):
                                     level_adapters=[[0], [1], [2]])  # fmt: skip
 
     fn = (lambda: _eager_stack(adapters, ln, h, y)) if provider == "eager" else fused
-    if provider == "fused launch":  # what a serving layer repeats: the launch planned at its first call
+    if provider.startswith("fused launch"):  # what a serving layer repeats: the launch planned at its first call
         with torch.no_grad():
             launch = bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
                                       level_adapters=[[0], [1], [2]], return_launch=True)[1]  # fmt: skip
         if launch is None:
             pytest.skip("this call took the level-by-level cuBLAS path: nothing to repeat")
+        if provider == "fused launch jit":
+            launch = launch._replace(compiled=None)
         expanded = expand_routes(routes, h)
         fn = lambda: launch(h, y, expanded)  # noqa: E731
     with torch.no_grad():
