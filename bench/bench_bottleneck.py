@@ -218,8 +218,8 @@ def bench_model_forward_paired(benchmark, model_name, setup):
             forward()
             times[now].append(time_ms(forward))
 
-    benchmark.pedantic(one_round, rounds=rounds(), warmup_rounds=pick(2, 0), iterations=1)
     warm = pick(2, 0)
+    benchmark.pedantic(one_round, rounds=rounds(), warmup_rounds=warm, iterations=1)
     fused, bare = times[setup][warm:], times["bare"][warm:]
     benchmark.extra_info.update(
         case=f"{model_name} forward paired, {setup}", setup_name=setup, provider="fused paired",

@@ -77,6 +77,11 @@ def _ratio(bench: str, num: dict, den: dict, where: str = ""):
     return measure
 
 
+def _model_rows(benchmarks, bench: str, model: str) -> list[dict]:
+    """The rows of ``bench`` whose case names ``model`` first (the whole-model bottleneck benches)."""
+    return [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
+
+
 def _stack_ratio(model: str, setup: str, bench: str = "bench_model_forward"):
     """fused / bare of a whole-model forward (rows told apart by ``setup_name``, in every version of the bench). For
     the eager forward, the paired rounds' ratio where the files have it (``bench_model_forward_paired``: bare and
@@ -84,11 +89,10 @@ def _stack_ratio(model: str, setup: str, bench: str = "bench_model_forward"):
 
     def measure(benchmarks):
         if bench == "bench_model_forward":
-            paired_rows = _rows(benchmarks, "bench_model_forward_paired")
-            paired = _one([r for r in paired_rows if str(r.get("case", "")).startswith(model)], setup_name=setup)
+            paired = _one(_model_rows(benchmarks, "bench_model_forward_paired", model), setup_name=setup)
             if paired and "paired_ratio" in paired:
                 return paired["paired_ratio"], f"{model}, {setup}, paired rounds"
-        rows = [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
+        rows = _model_rows(benchmarks, bench, model)
         fused, bare = _one(rows, setup_name=setup, provider="fused"), _one(rows, setup_name="bare")
         return (fused["median_ms"] / bare["median_ms"], f"{model}, {setup}") if fused and bare else None
 
@@ -101,11 +105,8 @@ def _stack_floor(model: str, setup: str):
     nothing else (no memory traffic, no launch)."""
 
     def measure(benchmarks):
-        def of_model(bench):
-            return [r for r in _rows(benchmarks, bench) if str(r.get("case", "")).startswith(model)]
-
-        floor = _one(of_model("bench_model_forward"), setup_name=setup, provider="fused")
-        bare = _one(of_model("bench_model_forward_graphed"), setup_name="bare")
+        floor = _one(_model_rows(benchmarks, "bench_model_forward", model), setup_name=setup, provider="fused")
+        bare = _one(_model_rows(benchmarks, "bench_model_forward_graphed", model), setup_name="bare")
         if not (floor and bare and "floor_extra_ms" in floor):
             return None
         return 1 + floor["floor_extra_ms"] / bare["median_ms"], f"{model}, {setup}, graphed bare"
