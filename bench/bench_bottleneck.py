@@ -320,9 +320,9 @@ def _chosen_tiles(kind: str, hidden: int) -> str:
 
 
 def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float]]:
-    """The tuner's do_bench times (ms) of every candidate, per tuning key of ``kind`` at this hidden size: why it
-    chose what ``_chosen_tiles`` lists (session 13's H100 kept the row kernel for a stack of 3 at hidden 4096, where
-    the level-by-level path ran twice as fast in the same file)."""
+    """The tuner's times (ms; GPU work by CUDA-graph replay) of every candidate, per tuning key of ``kind`` at this
+    hidden size: why it chose what ``_chosen_tiles`` lists (session 13's H100, timing by do_bench, kept the row kernel
+    for a stack of 3 at hidden 4096, where the level-by-level path ran twice as fast in the same file)."""
     return {
         f"rows<={key[1]} levels={key[6][0]}": {_tile_name(c): round(t, 4) for c, t in zip(*timed)}
         for key, timed in bottleneck_fwd.TUNING_TIMES.items()

@@ -522,7 +522,7 @@ def _stack_backward(
         )  # fmt: skip
         key = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype,
                tuple(switches.values()), candidates[0] == bottleneck_fwd.LEVELS, len(candidates))  # fmt: skip
-        launch(bottleneck_fwd._tuned_tiles(key, candidates, launch, snapshot))
+        launch(bottleneck_fwd._tuned_tiles(key, candidates, launch, snapshot, g.device))
         if level_ln_grad:
             dln_w += pw.sum(0)
             dln_b += pb.sum(0)

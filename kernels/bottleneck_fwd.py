@@ -418,7 +418,7 @@ def _bottleneck_stack_fwd_kernel(
 # --------------------------------------------------------------------------------------------------- launcher
 _FWD_PARAMETERS = tuple(_bottleneck_stack_fwd_kernel.arg_names)  # in signature order (ForwardLaunch's direct call)
 _TUNED: dict[tuple, _Tiles] = {}  # tuning key -> the fastest candidate tiles on this GPU (forward, level backward)
-# tuning key -> (candidates, their do_bench times in ms), as timed: what the benchmarks report beside their rows
+# tuning key -> (candidates, their GPU times in ms from _backend.fastest): what the benchmarks report beside rows
 TUNING_TIMES: dict[tuple, tuple[tuple, list[float]]] = {}
 # Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
 # job (the demo's 1,024-row batches) would not win back.
@@ -431,7 +431,9 @@ LEVELS = "levels on cuBLAS"
 STACK_PATH = "auto"
 
 
-def _tuned_tiles(key: tuple, candidates: tuple[_Tiles | str, ...], launch, snapshot=None) -> _Tiles | str:
+def _tuned_tiles(
+    key: tuple, candidates: tuple[_Tiles | str, ...], launch, snapshot=None, device: torch.device | None = None
+) -> _Tiles | str:
     """The fastest candidate for ``key`` (forward and level-backward launches), timed once per key on the GPU.
     ``snapshot()``, called before timing, returns what undoes the timing runs' writes (the forward's saved
     pre-activations outside each block's units; the backward's in-place gradients and partial sums). The unit tile
@@ -445,7 +447,7 @@ def _tuned_tiles(key: tuple, candidates: tuple[_Tiles | str, ...], launch, snaps
     if len(candidates) == 1 or not AUTOTUNE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     restore = snapshot() if snapshot is not None else None
-    best, times = fastest(candidates, launch)
+    best, times = fastest(candidates, launch, device)
     if restore is not None:
         restore()
     tiles = _TUNED[key] = best
@@ -517,7 +519,7 @@ def _launch_fwd(
         result[1] = _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
-    chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None)
+    chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
     launch(chosen)
     if record is not None and chosen != LEVELS and not save:
         views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)

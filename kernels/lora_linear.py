@@ -564,7 +564,8 @@ def _large_m_choice(
     TmaTiles)`` when the persistent kernel runs, else ``("composition" | "epilogue", None)``.
 
     ``"timed"`` measures ``"composition"`` (the untimed choice) against the persistent kernel's tiles once per shape
-    and keeps the faster; forced ``"persistent"`` times its own tiles. Timing runs on the GPU (any device when a
+    and keeps the faster; forced ``"persistent"`` times its own tiles (``_backend.fastest``: GPU time by CUDA-graph
+    replay, so composition's extra launches are not charged for host time). Timing runs on the GPU (any device when a
     test hands ``do_bench`` a CPU timer) with ``ADAPTER_ENGINE_AUTOTUNE`` on and never during CUDA-graph capture;
     otherwise the first candidate runs. The kernel is only offered where :func:`tma_fits` (aligned 16-bit rows, a
     stacked rank tile of at most 64); forced ``"persistent"`` falls back to ``"epilogue"`` (the same math on pointer
@@ -595,7 +596,7 @@ def _large_m_choice(
                     args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u, c)
                     lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
 
-            choice, times = fastest(candidates, launch)
+            choice, times = fastest(candidates, launch, x.device)
             if min(times) == float("inf"):  # no tile builds on this GPU: the same math on pointer loads
                 choice = "epilogue"
             _LARGE_M[key] = choice

@@ -482,6 +482,50 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     assert len(launched) == 3
 
 
+def test_tuner_times_gpu_work_by_graph_replay_and_falls_back_to_do_bench(monkeypatch):
+    """On a CUDA device the candidates are timed by CUDA-graph replay (GPU work alone, not the host's enqueue time);
+    when one cannot be captured, all of them are timed again by do_bench, so the times compare like with like; a
+    candidate that does not fit the GPU counts as infinitely slow either way; CPU launches take do_bench."""
+    import triton
+
+    from adapter_engine.kernels import _backend
+
+    gpu = {"one launch": 2.0, "fifteen launches": 1.0, "too big": None}  # GPU time
+    host_bound = {"one launch": 2.0, "fifteen launches": 3.0, "too big": None}  # what event pairs see on a slow host
+    uncapturable = set()
+    timers = []
+
+    def run(c, costs):
+        if costs[c] is None:
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+        return costs[c]
+
+    def fake_graph_time(fn, device):
+        timers.append(("graph", device.type))
+        c = fn()
+        if c in uncapturable:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return run(c, gpu)
+
+    def fake_do_bench(fn, warmup, rep):
+        timers.append("do_bench")
+        return run(fn(), host_bound)
+
+    monkeypatch.setattr(_backend, "graph_time_ms", fake_graph_time)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    candidates = tuple(gpu)
+    cuda = torch.device("cuda")
+    assert _backend.fastest(candidates, lambda c: c, cuda) == ("fifteen launches", [2.0, 1.0, float("inf")])
+    assert timers == [("graph", "cuda")] * 3
+    timers.clear()
+    assert _backend.fastest(candidates, lambda c: c, torch.device("cpu")) == ("one launch", [2.0, 3.0, float("inf")])
+    assert timers == ["do_bench"] * 3
+    timers.clear()
+    uncapturable.add("fifteen launches")
+    assert _backend.fastest(candidates, lambda c: c, cuda) == ("one launch", [2.0, 3.0, float("inf")])
+    assert timers == [("graph", "cuda")] * 2 + ["do_bench"] * 3
+
+
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
 def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
     """The GPU's tuning path run for real in the interpreter, forward and level backward: two candidate tiles each
@@ -1407,6 +1451,34 @@ def test_adapter_module_names_and_init():
 # --------------------------------------------------------------------------------------------------- CUDA tier
 def _errors(got, fp64, plain):
     return (got.double() - fp64).abs(), (plain.double() - fp64).abs()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_timer_measures_gpu_work_per_call():
+    """The tuner's timer: a call of two matmuls takes about twice one, and many tiny launches take their GPU time,
+    not the host's enqueue time of the same launches timed one call at a time by events."""
+    from adapter_engine.kernels._backend import graph_time_ms
+
+    dev = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    one = graph_time_ms(lambda: torch.mm(a, a, out=out), dev)
+    two = graph_time_ms(lambda: (torch.mm(a, a, out=out), torch.mm(out, a, out=out)), dev)
+    assert one > 0 and 1.6 < two / one < 2.4, (one, two)
+    tiny = torch.zeros(1, device=dev)
+
+    def many():
+        for _ in range(64):
+            tiny.add_(1.0)
+
+    graphed = graph_time_ms(many, dev)
+    many()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    many()
+    end.record()
+    end.synchronize()
+    assert graphed < start.elapsed_time(end), (graphed, start.elapsed_time(end))
 
 
 @pytest.mark.cuda
