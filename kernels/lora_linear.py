@@ -549,12 +549,12 @@ _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all laun
 _LARGE_M: dict[tuple, str | TmaTiles] = {}  # timing key -> "composition" or the persistent kernel's fastest tiles
 
 
-def _large_m_candidates(path: str, fusable: bool, block_r: int) -> tuple[str | TmaTiles, ...]:
+def _large_m_candidates(path: str, fusable: bool, block_r: int, rows: int) -> tuple[str | TmaTiles, ...]:
     """What ``_large_m_choice`` times: the persistent kernel's tiles, after ``"composition"`` for ``"timed"``
     (only ``"composition"`` under the interpreter, which has no GPU timer)."""
     if path == "persistent":
-        return tma_candidates(fusable, block_r)
-    return ("composition",) if INTERPRET else ("composition", *tma_candidates(fusable, block_r))
+        return tma_candidates(fusable, block_r, rows)
+    return ("composition",) if INTERPRET else ("composition", *tma_candidates(fusable, block_r, rows))
 
 
 def _large_m_choice(
@@ -581,7 +581,7 @@ def _large_m_choice(
     )  # fmt: skip
     choice = _LARGE_M.get(key)
     if choice is None:
-        candidates = _large_m_candidates(path, fusable, rank_tile(R))
+        candidates = _large_m_candidates(path, fusable, rank_tile(R), M)
         if len(candidates) == 1 or not AUTOTUNE or capturing(x):
             choice = candidates[0]
         else:

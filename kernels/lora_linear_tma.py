@@ -157,16 +157,29 @@ def rank_tile(rank: int) -> int:
     return max(16, next_pow2(rank))
 
 
-def tma_candidates(fusable: bool, block_r: int = 16) -> tuple[TmaTiles, ...]:
+# Above this many rows the 128-row tiles alone are timed; at or below it 64-row tiles join them (see tma_candidates).
+FEW_ROWS = 512
+
+
+def tma_candidates(fusable: bool, block_r: int = 16, rows: int | None = None) -> tuple[TmaTiles, ...]:
     """Tiles to time on an H100-class GPU for a stacked rank tile ``block_r`` (<= ``TMA_MAX_BLOCK_R``): wgmma-sized
-    output tiles with 8 warps whose pipelined x and W stages fit the ~227 KB of shared memory (128 x 256 x 64 in
-    3 stages: 144 KB, 186 KB with the epilogue's), each with the shrink fused (when the adapter reads x) and from
-    cuBLAS. 128 x 256 only at rank tile 16: from 32 on (with adapter ids) it spills on triton 3.9, as 128 x 128 with
-    4 warps and 256 x 128 with 8 do at 16. tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma
-    without spills. Under the interpreter: one small tile, fused when possible."""
+    output tiles whose pipelined x and W stages fit the ~227 KB of shared memory (128 x 256 x 64 in 3 stages:
+    144 KB, 186 KB with the epilogue's), each with the shrink fused (when the adapter reads x) and from cuBLAS.
+
+    - 128 x 256 and 128 x 128 on 8 warps; 128 x 256 only at rank tile 16: from 32 on (with adapter ids) it spills on
+      triton 3.9, as 128 x 128 with 4 warps and 256 x 128 with 8 do at 16.
+    - For at most ``FEW_ROWS`` ``rows``, also 64 x 128 on one warpgroup (4 warps, 5 stages). At 256 rows and
+      N = 4096 the 128-row tiles make 32 or 64 output tiles: the persistent grid then streams W from at most 64 of
+      the H100's 132 SMs, and session 13's H100 chose ``"composition"`` there (1.45x the bare matmul, graphed).
+      64 x 128 tiles make 128 programs; 64 rows is the smallest wgmma M.
+
+    tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma without spills. Under the interpreter: one
+    small tile, fused when possible."""
     if INTERPRET:
         return (TmaTiles(32, 32, 32, 4, 1, fusable, 2),)
     shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4)) if block_r <= 16 else ((128, 128, 64, 8, 4),)
+    if rows is not None and rows <= FEW_ROWS:
+        shapes = (*shapes, (64, 128, 64, 4, 5))
     fuse = (True, False) if fusable else (False,)
     return tuple(TmaTiles(*s, f) for f in fuse for s in shapes)
 

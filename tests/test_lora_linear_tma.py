@@ -114,7 +114,7 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
     import triton
 
     slow, fast = TmaTiles(32, 32, 32, 4, 1, True, 2), TmaTiles(16, 32, 16, 4, 1, False, 2)
-    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r: ("composition", slow, fast))
+    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", slow, fast))
     monkeypatch.setattr(ll, "_LARGE_M", {})
     monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
     timed = []
@@ -176,13 +176,40 @@ def test_cuda_persistent_bf16_no_worse_than_torch(launches, M, fan_in_fan_out):
         assert e <= e_t * 1.02 + 1e-6, f"{what}: persistent error {e:.3g} > 1.02 x torch bf16 error {e_t:.3g}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 256, 300])
+def test_cuda_every_small_m_candidate_tile_is_correct(M):
+    """Each tile ``"auto"`` may time at few rows (the 64-row tiles included), launched directly, shrink fused or not:
+    y and the stored u within 1.02x plain torch bf16's error against fp64."""
+    from test_lora_linear import _rel_err
+
+    from adapter_engine.kernels.lora_linear_tma import lora_linear_tma_fwd, tma_candidates
+
+    dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
+    x, w, b, As, Bs = (t.detach().to(dev) for t in _make((M,), K, N, [16], dt))
+    A, B = As[0], Bs[0]
+    scale = torch.full((16,), 2.0, device=dev)
+    owner = torch.zeros(16, dtype=torch.int32, device=dev)
+    want = x.double() @ w.double().t() + b.double() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    plain = x @ w.t() + b + 2.0 * (x @ A.t()) @ B.t()
+    tiles = tma_candidates(True, 16, rows=M)
+    assert any(t.block_m == 64 for t in tiles)
+    for t in tiles:
+        y, u = torch.empty(M, N, device=dev, dtype=dt), torch.empty(M, 16, device=dev, dtype=dt)
+        lora_linear_tma_fwd(x, w, A, B, scale, owner, b, None, None, y, u, t)
+        assert _rel_err(y, want) <= _rel_err(plain, want) * 1.02 + 1e-6, t
+        assert _rel_err(u, 2.0 * x.double() @ A.double().t()) <= 1e-2, t
+
+
 def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches):
     """A GPU on which no candidate tile builds (too much shared memory: every timing raises) gets ``"epilogue"``
     for a forced ``"persistent"``, with correct results, instead of an error at the real launch."""
     import triton
 
     tile = TmaTiles(32, 32, 32, 4, 1, True, 2)
-    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r: (tile, tile._replace(block_m=16)))
+    monkeypatch.setattr(
+        ll, "_large_m_candidates", lambda path, fusable, block_r, rows: (tile, tile._replace(block_m=16))
+    )
     monkeypatch.setattr(ll, "_LARGE_M", {})
     monkeypatch.setattr(ll, "AUTOTUNE", True)
 
