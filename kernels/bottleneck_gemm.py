@@ -137,6 +137,7 @@ def stack_fwd_levels(
     # dtypes as the row-block kernel takes them, whatever autocast region the op is called from
     with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
         c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
+        own_c = c.data_ptr() != h2.data_ptr()  # c is this call's own: the up GEMM may accumulate into it in place
         for lvl, a in enumerate(level_adapters):
             t = x = None
             if not par and (a >= 0 or (in_ln and saved is not None)):
@@ -157,8 +158,11 @@ def stack_fwd_levels(
                     c = res + (act @ up).to(res.dtype)
                 elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
                     c = torch.addmm(res, act, up, out=saved.rs[lvl])
+                elif res is c and own_c:  # (out of place, addmm first copies res into its output: one more pass)
+                    c = c.addmm_(act, up)
                 else:
                     c = torch.addmm(res, act, up)
+                own_c = saved is None
                 if saved is not None:
                     saved.zs[lvl][:, lo:hi] = z[:, : hi - lo]
             if saved is not None and c.data_ptr() != saved.rs[lvl].data_ptr():

@@ -594,8 +594,10 @@ def test_levels_path_matches_the_oracle(poison, levels_path, name, with_ln):
     ln = make_ln(hidden) if with_ln else None
     lw, lb = (ln.weight, ln.bias) if ln is not None else (None, None)
     h, y = torch.randn(3, 7, hidden), torch.randn(3, 7, hidden)
+    h0, y0 = h.clone(), y.clone()
     for levels in ([0, 1, 2], [2, -1, 0], [1], [-1, -1]):
         got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, lw, lb)
+        assert torch.equal(h, h0) and torch.equal(y, y0)  # (the up GEMMs accumulate in place into the path's own r)
         assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels if i >= 0], o))
         assert got.untyped_storage().data_ptr() not in (h.untyped_storage().data_ptr(), y.untyped_storage().data_ptr())
 
