@@ -33,6 +33,7 @@ from harness import (
     device,
     environment_info,
     gemm_flops_per_s,
+    gpu_ms,
     host_ms,
     on_gpu,
     pick,
@@ -385,8 +386,41 @@ def _stack_alone(benchmark, hidden, provider):
         floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
         median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {h.shape[0]}x{hidden}", provider=provider)
         benchmark.extra_info["host_ms"] = host_ms(fn)
+        benchmark.extra_info["gpu_ms"] = gpu_ms(fn)
     benchmark.extra_info.update({"floor_ms": floor_ms, "x_floor": median / floor_ms})
     benchmark.extra_info["tuner_ms"] = _tuner_ms("forward", hidden)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("path", ["rows", "levels"])
+def bench_stack_depth(benchmark, monkeypatch, path, depth):
+    """The seq_bn stack of ``bench_stack_alone`` at hidden 768 (4096 tokens) at each depth, on the row-block kernel
+    or level by level on cuBLAS, with ``gpu_ms`` (graph replay: GPU work alone). Depth 0 is the kernel's passes
+    without a level (the LN moments and the output LN), so the rows split the row kernel's time into its streaming
+    base and a cost per level: session 13 measured 55 us at one level and 108 us at three against a 6.3 us floor."""
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    if path == "levels" and depth == 0:
+        pytest.skip("depth 0 runs the kernel's copy or output LN whatever the path")
+    adapters, ln, h, y = _stack_inputs(pick(768, 48))
+    with torch.no_grad():
+        packed = _pack(adapters)
+    routes = torch.arange(depth, device=h.device)
+    hint = [[i] for i in range(depth)]
+
+    def fn():
+        with torch.no_grad():
+            return bottleneck_stack(h, y, packed, routes, StackOptions(eps=ln.eps), ln.weight, ln.bias,
+                                    level_adapters=hint)  # fmt: skip
+
+    fn()
+    floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+    hidden = h.shape[1]
+    timed(benchmark, fn, case=f"stack of {depth} alone, {h.shape[0]}x{hidden}", provider=path, n_rounds=pick(10, 1))
+    gpu = gpu_ms(fn)
+    benchmark.extra_info.update(
+        gpu_ms=gpu, floor_ms=floor_ms, gpu_x_floor=None if gpu is None else gpu / floor_ms,
+        forward_tiles=_chosen_tiles("forward", hidden),
+    )  # fmt: skip
 
 
 def _stack_train_step(hidden: int, eager: bool):

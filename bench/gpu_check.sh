@@ -7,8 +7,8 @@
 # `python bench/pack_demo_assets.py .devrun/assets` and carried to the GPU machine: it has no network).
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
-# overridable: T_<name>=...). BUDGET=seconds caps the whole run, as a device call's limit would: a step gets at most
-# what is left. OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json, report.md (every row) and
+# overridable: T_<name>=...; K_<name>="a pytest -k expression" runs some of a file's rows). BUDGET=seconds caps
+# the whole run, as a device call's limit would: a step gets at most what is left. OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json, report.md (every row) and
 # targets.md (the issues' targets, printed last: bench/targets.py). PACK=FILE.tar.gz also packs OUTDIR into one
 # archive: the device tool brings back a limited number of files (session 13 lost its first call's run.log and
 # profile tables that way). Runs from the repository root; the package needs no install (adapter_engine/kernels is
@@ -72,8 +72,9 @@ fi
 # serving also captures its graphed rows, lora_linear autotunes the split-K tiles of small M
 for b in merge:60 merge_model:60 lora_linear:240 lora_model:120 bottleneck:240 serving:260; do
     [[ "$parts" == *" ${b%%:*} "* ]] || continue
+    kvar="K_${b%%:*}"; kexpr=${!kvar:-}  # K_<name>: a pytest -k expression selecting that file's rows
     step "bench_${b%%:*}" "${b##*:}" "$py" -m pytest -q -p no:cacheprovider "bench/bench_${b%%:*}.py" \
-        --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
+        ${kexpr:+-k "$kexpr"} --benchmark-json="$out/bench_${b%%:*}.json" --benchmark-columns=median,rounds
 done
 if ls "$out"/bench_*.json > /dev/null 2>&1; then
     "$py" bench/report.py "$out"/bench_*.json --out "$out" > /dev/null

@@ -102,6 +102,17 @@ def host_ms(fn: Callable[[], object]) -> float | None:
     return statistics.median(times)
 
 
+def gpu_ms(fn: Callable[[], object]) -> float | None:
+    """The GPU's time for one ``fn()`` alone (ms), from CUDA-graph replays of repeated calls: what the kernels'
+    tuners compare (``adapter_engine.kernels._backend.graph_time_ms``), free of this host's launch time. None on a
+    CPU."""
+    if not on_gpu():
+        return None
+    from adapter_engine.kernels._backend import graph_time_ms
+
+    return graph_time_ms(fn, torch.device("cuda"))
+
+
 def median_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
     """Median of ``reps`` timed calls after ``warmup`` untimed ones (fewer on CPU): a quick baseline."""
     for _ in range(pick(warmup, 1)):
