@@ -44,6 +44,7 @@ from harness import (
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.kernels import bottleneck_fwd, lora_linear
+from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
 
@@ -421,6 +422,31 @@ def bench_stack_depth(benchmark, monkeypatch, path, depth):
         gpu_ms=gpu, floor_ms=floor_ms, gpu_x_floor=None if gpu is None else gpu / floor_ms,
         forward_tiles=_chosen_tiles("forward", hidden),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
+@pytest.mark.parametrize("provider", ["fused", "torch"])
+def bench_add_layer_norm(benchmark, hidden, provider):
+    """The level path's first step, ``c = h + y`` and ``LN(c)`` over 4096 tokens: one fused launch
+    (kernels/add_layer_norm.py) against torch's add then layer_norm, and against the floor of its four passes (read h
+    and y, write c and LN(c)) at copy bandwidth; ``gpu_ms`` from graph replays."""
+    _, ln, h, y = _stack_inputs(hidden)
+    if provider == "fused":
+        fn = lambda: add_layer_norm(h, y, ln.weight, ln.bias, ln.eps)  # noqa: E731
+    else:
+
+        def fn():
+            c = h + y
+            return c, torch.nn.functional.layer_norm(c, (hidden,), ln.weight, ln.bias, ln.eps)
+
+    with torch.no_grad():
+        fn()
+        floor_ms = 4 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+        median = timed(benchmark, fn, case=f"add + LayerNorm, {h.shape[0]}x{hidden}", provider=provider)
+        gpu = gpu_ms(fn)
+    benchmark.extra_info.update(
+        floor_ms=floor_ms, x_floor=median / floor_ms, gpu_ms=gpu, gpu_x_floor=None if gpu is None else gpu / floor_ms
+    )
 
 
 def _stack_train_step(hidden: int, eager: bool):

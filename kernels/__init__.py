@@ -12,6 +12,7 @@ if __name__ != "adapter_engine.kernels":
     __all__ = []
 else:
     from ._backend import INTERPRET, use_triton
+    from .add_layer_norm import add_layer_norm, add_layer_norm_reference
     from .bottleneck import (
         PackedStack,
         StackOptions,
@@ -66,6 +67,9 @@ else:
         "lora_segmented_bwd_reference",
         "plan_segments",
         "SegmentPlan",
+        # add_layer_norm.py (the level-by-level stack path's fused add + LayerNorm)
+        "add_layer_norm",
+        "add_layer_norm_reference",
         # bottleneck.py
         "bottleneck_stack",
         "bottleneck_stack_fwd",

@@ -69,7 +69,8 @@ without the checks, and :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
 kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
-``bottleneck_gemm.py`` the level-by-level cuBLAS forward and level backward.
+``bottleneck_gemm.py`` the level-by-level cuBLAS forward and level backward (with ``add_layer_norm.py``, its fused
+add and LayerNorm).
 """
 
 from __future__ import annotations

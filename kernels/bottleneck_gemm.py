@@ -11,15 +11,17 @@ read once (operands from :func:`_level_operands`, the rank padded with one bias 
                                                                 with the bias and ReLU in its epilogue
     res_i + u_i = res_i + a_i [s Wu^T; s bu / k; 0]             one addmm: the residual is its C operand
 
-so a level costs two or three launches, whatever the activation, scale and biases.
+so a level costs two or three launches, whatever the activation, scale and biases. Where a sum feeds a model LN
+(``c_1 = h + y`` and the first level's input LN(c_1); ``LN(r_n + y)`` at the end of Houlsby placement or a saving
+forward) one launch of ``add_layer_norm`` makes both: one launch and one pass over the activation fewer.
 
 AdapterHub's default ``seq_bn`` order (residual r_(i-1), level input t_i = r_(i-1) + y, LayerNormed by the model
 LN where it has one) lets the path carry ``c_i = r_(i-1) + y`` instead of r: ``c_(i+1) = c_i + u_i`` is the same
 addmm, the level input is c_i (or LN(c_i)) and the output r_n + y is c_(n+1). A level then moves 3 activations
-through HBM (read c in the down GEMM, read c and write c + u in the addmm; plus LN's read and write with a model
-LN), the fewest two dependent GEMMs allow, against the row-block kernel's 2-byte h, y and out plus 12 bytes of fp32
-scratch per element and level once that spills from L2. The activations between levels are rounded to h's dtype,
-as the eager modules do (the row-block kernel keeps them in fp32).
+through HBM (read c in the down GEMM, read c and write c + u in the addmm, which accumulates into c in place; plus
+LN's read and write with a model LN), the fewest two dependent GEMMs allow, against the row-block kernel's 2-byte
+h, y and out plus 12 bytes of fp32 scratch per element and level once that spills from L2. The activations between
+levels are rounded to h's dtype, as the eager modules do (the row-block kernel keeps them in fp32).
 
 It fills the same saved tensors as the kernel (r_i, the fp32 pre-activations, the LN moments the backward reads),
 so the backward does not depend on which forward ran. A saving forward carries r itself, not c, so that the
@@ -43,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import capturing, kept
+from .add_layer_norm import add_layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
@@ -136,14 +139,23 @@ def stack_fwd_levels(
     cdt = torch.promote_types(torch.promote_types(h2.dtype, y2.dtype), wdt)
     # dtypes as the row-block kernel takes them, whatever autocast region the op is called from
     with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
-        c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
+        first_x = None  # the first level's input LN(h + y), made with the carry by one fused launch
+        if carry_y and in_ln and not par and level_adapters and level_adapters[0] >= 0:
+            c, first_x = add_layer_norm(h2, y2, ln_weight, ln_bias, eps, cdt)
+        else:
+            c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
         own_c = c.data_ptr() != h2.data_ptr()  # c is this call's own: the up GEMM may accumulate into it in place
         for lvl, a in enumerate(level_adapters):
             t = x = None
             if not par and (a >= 0 or (in_ln and saved is not None)):
-                t = c if (carry_y or not in_add_y) else c + y2
-                x = _layer_norm(t, ln_weight, ln_bias, eps, saved.stats[lvl] if saved is not None else None) \
-                    if in_ln else t  # fmt: skip
+                stats = saved.stats[lvl] if saved is not None else None
+                if lvl == 0 and first_x is not None:
+                    t, x = c, first_x
+                elif in_ln and in_add_y and not carry_y:  # t = r + y and LN(t) in one launch (t kept if it is res)
+                    t, x = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=res_mode == 1, stats=stats)
+                else:
+                    t = c if (carry_y or not in_add_y) else c + y2
+                    x = _layer_norm(t, ln_weight, ln_bias, eps, stats) if in_ln else t
             if a >= 0:
                 lo, hi = offsets[a], offsets[a + 1]
                 down_w, down_b, up = _level_operands(packed, a, lo, hi, codes[a], scales[a], wdt)
@@ -168,9 +180,12 @@ def stack_fwd_levels(
             if saved is not None and c.data_ptr() != saved.rs[lvl].data_ptr():
                 saved.rs[lvl].copy_(c)  # (a saving forward carries r itself)
         if out_add_y:
-            v = c if carry_y else c + y2
-            out = _layer_norm(v, ln_weight, ln_bias, eps, saved.stats[-1] if saved is not None else None) \
-                if out_ln else v  # fmt: skip
+            stats = saved.stats[-1] if saved is not None else None
+            if out_ln and not carry_y:  # LN(r_n + y) in one launch
+                out = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=False, stats=stats)[1]
+            else:
+                v = c if carry_y else c + y2
+                out = _layer_norm(v, ln_weight, ln_bias, eps, stats) if out_ln else v
         else:
             out = c
         inputs = (h2, y2) if saved is None else (h2, y2, saved.rs)  # the output must not alias them (custom op)

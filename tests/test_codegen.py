@@ -531,3 +531,57 @@ def test_split_k_builds_reduce_through_one_acquire_release_counter(block_r, has_
         assert build["acq_rel_atomics"] == 1 and build["partial_loads"] > 0, build
         assert build["stack"] == 0, build
         assert build["barriers"] <= 3 * max(unsplit.values()), (build, unsplit)
+
+
+# ------------------------------------------------------------------------------------------------ add_layer_norm
+# A bandwidth-bound row kernel (kernels/add_layer_norm.py): every access must be a 16-byte vector, with the whole
+# row held in registers and none spilled, at BERT-base's and a Llama-shaped hidden size, bf16, as the launcher tiles.
+_ADD_LN = _RESOURCES + textwrap.dedent(
+    """
+    import json, re, sys
+    from collections import Counter
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adapter_engine.kernels.add_layer_norm import _add_layer_norm_fwd_kernel as kernel, _tile
+
+    hidden, save = int(sys.argv[1]), sys.argv[2] == "1"
+    rows, block_h, warps = _tile(hidden)
+    constants = dict(WRITE_SUM=True, SAVE_STATS=save, ROWS=rows, BLOCK_H=block_h)
+    pointer = {"w_ptr": "*fp32", "bias_ptr": "*fp32", "stats_ptr": "*fp32"}
+    signature, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
+        if arg in constants or arg in ("stride_ah", "stride_bh"):
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointer.get(arg, "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32" if arg == "eps" else "i32"
+            if arg != "eps" and arg != "M":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
+    constexprs.update({(kernel.arg_names.index(n),): 1 for n in ("stride_ah", "stride_bh")})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    regs, stack, local = resources(compiled)
+    ops = Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*", compiled.asm["ptx"]))
+    print(json.dumps({"regs": regs, "stack": stack, "local": local, "ops": ops}))
+    """
+)
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "saving-stats"])
+@pytest.mark.parametrize("hidden", [768, 4096])
+def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, save):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _ADD_LN, str(hidden), str(int(save))], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    build = json.loads(out.stdout.strip().splitlines()[-1])
+    assert build["stack"] == 0 and build["local"] == 0, build
+    # rows of a, b, s and x and the fp32 LN weight and bias: 16-byte vectors only; the stats: one fp32 per row
+    # (768, bf16: {"ld.global.v4.b32": 12, "st.global.v4.b32": 8} at 62 registers, triton 3.9)
+    ops = build["ops"]
+    assert ops.get("ld.global.v4.b32", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
+    assert set(ops) <= {"ld.global.v4.b32", "st.global.v4.b32"} | ({"st.global.b32"} if save else set()), ops

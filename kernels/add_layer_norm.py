@@ -1,0 +1,155 @@
+"""``x = LayerNorm(a + b)`` in one pass over the rows, optionally also writing the sum ``s = a + b``.
+
+Where it runs: the level-by-level cuBLAS path of a bottleneck stack (``bottleneck_gemm.stack_fwd_levels``). A
+post-LN sublayer with a seq_bn stack starts with ``c = h + y`` and the first level's input ``LN(c)``; Houlsby
+placement and a saving forward end with ``LN(r_n + y)``. As two torch ops those are two launches and five passes
+over the (tokens, hidden) activation (the add reads two and writes one, the LN reads one and writes one); fused,
+one launch and four passes (read a and b, write s and x), three without the sum. The physical limit is those
+passes at copy bandwidth: ``bench/bench_bottleneck.py::bench_add_layer_norm`` reports the kernel against it and
+against the two torch ops.
+
+Numerics are those of the torch ops it replaces: the sum is rounded to ``dtype`` first (as ``a + b`` stores it) and
+normalised from that rounded value, the LN weight and bias are rounded to ``dtype`` (as ``_layer_norm`` casts them),
+mean and variance in fp32 from the whole row held in registers (two passes over registers, no Welford), one
+rounding of the output. ``stats`` (2, M) receives the fp32 mean and 1 / sqrt(var + eps), the moments the stack's
+backward reads.
+
+One program normalises ``ROWS`` whole rows (a ``(ROWS, BLOCK_H)`` tile, ``BLOCK_H`` the next power of two of the
+hidden size): a row is read once from memory, and rows wider than ``MAX_HIDDEN`` take the torch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._backend import cdiv, next_pow2, use_triton
+
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "MAX_HIDDEN"]
+
+MAX_HIDDEN = 16384  # the whole row in one program's registers (64 fp32 values per thread at 16 warps)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    # pointers
+    a_ptr,  # a: (M, H)
+    b_ptr,  # b: (M, H)
+    w_ptr,  # LN weight: (H,)
+    bias_ptr,  # LN bias: (H,)
+    sum_ptr,  # s = a + b: (M, H) contiguous, in out's dtype (written when WRITE_SUM)
+    out_ptr,  # x = LN(s): (M, H) contiguous
+    stats_ptr,  # (2, M) contiguous fp32: mean, rstd (written when SAVE_STATS)
+    # sizes
+    M,
+    H,
+    eps,
+    # strides
+    stride_am, stride_ah, stride_bm, stride_bh,
+    # compile-time switches
+    WRITE_SUM: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ah, mask=mask, other=0.0)
+    b = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bh, mask=mask, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    s = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)  # rounded as the torch add stores it
+    offs = rows[:, None] * H + cols[None, :]
+    if WRITE_SUM:
+        tl.store(sum_ptr + offs, s, mask=mask)
+    v = s.to(tl.float32)
+    mean = tl.sum(v, 1) / H
+    centred = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    x = centred * rstd[:, None] * w[None, :] + bias[None, :]
+    tl.store(out_ptr + offs, x.to(dtype), mask=mask)
+    if SAVE_STATS:
+        tl.store(stats_ptr + rows, mean, mask=rmask)
+        tl.store(stats_ptr + M + rows, rstd, mask=rmask)
+
+
+def _tile(hidden: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_H, num_warps): about 4096 values per program, 8 to 64 per thread."""
+    block_h = next_pow2(max(hidden, 16))
+    rows = max(1, min(16, 4096 // block_h))
+    return rows, block_h, min(16, max(4, block_h // 512))
+
+
+def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
+    """The launcher, on 2-D ``a`` and ``b`` (M, H) of any strides (checked by :func:`add_layer_norm`)."""
+    m, hidden = a.shape
+    out = torch.empty((m, hidden), device=a.device, dtype=dtype)
+    s = torch.empty((m, hidden), device=a.device, dtype=dtype) if write_sum else None
+    if m == 0:
+        return s, out
+    rows, block_h, warps = _tile(hidden)
+    _add_layer_norm_fwd_kernel[(cdiv(m, rows),)](
+        a, b, weight, bias, s if write_sum else out, out, stats if stats is not None else out,
+        m, hidden, float(eps),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
+    return s, out
+
+
+def add_layer_norm_reference(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
+    """The torch twin of :func:`add_layer_norm_fwd`: the add, then ``F.layer_norm`` (fp32 moments into ``stats``)."""
+    s = a.to(dtype) + b.to(dtype)
+    w, bb = weight.to(dtype), bias.to(dtype)
+    if stats is None:
+        out = F.layer_norm(s, s.shape[-1:], w, bb, eps)
+    else:
+        out, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], w, bb, eps)
+        if mean.dtype != torch.float32:  # moments kept in a half dtype (CPU): recompute them in fp32
+            var, mean = torch.var_mean(s.float(), dim=-1, correction=0)
+            rstd = torch.rsqrt(var + eps)
+        stats[0].copy_(mean.reshape(-1))
+        stats[1].copy_(rstd.reshape(-1))
+    return (s if write_sum else None), out
+
+
+def add_layer_norm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype | None = None,
+    write_sum: bool = True,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(s, LayerNorm(s))`` with ``s = a + b`` in ``dtype`` (default: a's and b's promoted dtype); ``s`` is None
+    unless ``write_sum``.
+
+    a, b: (M, H) with the same shape, any strides; weight, bias: (H,); stats: None or a contiguous fp32 (2, M)
+    tensor that receives the rows' mean and 1 / sqrt(var + eps). No autograd: inference and the stack's own
+    backward (which reads ``stats``) only. Triton on CUDA tensors and under the interpreter, the torch twin
+    otherwise and for rows wider than ``MAX_HIDDEN``."""
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"add_layer_norm needs two 2-D tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    hidden = a.shape[1]
+    if weight.shape != (hidden,) or bias.shape != (hidden,):
+        raise ValueError(
+            f"add_layer_norm: LayerNorm weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be ({hidden},)"
+        )
+    dtype = dtype or torch.promote_types(a.dtype, b.dtype)
+    if stats is not None and (
+        stats.shape != (2, a.shape[0]) or stats.dtype != torch.float32 or not stats.is_contiguous()
+    ):
+        raise ValueError(f"add_layer_norm: stats must be a contiguous fp32 (2, {a.shape[0]}) tensor, got "
+                         f"{tuple(stats.shape)} {stats.dtype}")  # fmt: skip
+    fwd = add_layer_norm_fwd if use_triton(a) and hidden <= MAX_HIDDEN else add_layer_norm_reference
+    return fwd(a, b, weight, bias, eps, dtype, write_sum, stats)
