@@ -414,7 +414,11 @@ class BottleneckStackLayer(nn.Module):
         """A call without autograd: the kernel launch that ``bottleneck_stack(return_launch=True)`` made at an
         earlier call of the same geometry, with the same pack, routes layout, options and LayerNorm, repeated without
         the op's input checks and launch planning (about two thirds of a fused layer call's host time beyond the
-        sublayer's own, CPU profile). The last few geometries keep theirs; a new pack replaces a geometry's."""
+        sublayer's own, CPU profile). The last few geometries keep theirs; a new pack replaces a geometry's. A CUDA
+        graph capture plans its launch (host time is paid once there), so it takes the tuner's choice for graphs
+        (``bottleneck_fwd._tuned_tiles``), which may differ from the eager calls' recorded one."""
+        if capturing(h):
+            return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
         one_stack = hint is not None and not any(len(used) > 1 for used in hint)
         geometry = (h.shape, h.stride(), h.dtype, h.device, routes.shape, routes.stride(), routes.dtype,
                     routes.device, options, one_stack, bottleneck_fwd.STACK_PATH)  # fmt: skip
@@ -432,13 +436,12 @@ class BottleneckStackLayer(nn.Module):
                 self._launches = {**self._launches, geometry: (*made[:4], routes, expanded)}
             return launch(h, y, expanded)
         out, launch = bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, hint, return_launch=True)
-        if not capturing(h):  # (a launch planned while a graph is captured takes the untimed tiles)
-            # a new dict, swapped in whole: threads sharing a routed layer read it without a lock
-            launches = {k: v for k, v in self._launches.items() if k != geometry}
-            while len(launches) >= self._MAX_LAUNCHES:
-                del launches[next(iter(launches))]
-            launches[geometry] = (packed, ln_w, ln_b, launch, None, None)
-            self._launches = launches
+        # a new dict, swapped in whole: threads sharing a routed layer read it without a lock
+        launches = {k: v for k, v in self._launches.items() if k != geometry}
+        while len(launches) >= self._MAX_LAUNCHES:
+            del launches[next(iter(launches))]
+        launches[geometry] = (packed, ln_w, ln_b, launch, None, None)
+        self._launches = launches
         return out
 
 

@@ -317,19 +317,28 @@ def _tile_name(t) -> str:
 
 def _chosen_tiles(kind: str, hidden: int) -> str:
     """The tiles the tuner chose so far for ``kind`` ("forward", "level backward") at this hidden size, over its
-    tuning keys (rows bucket, levels, switches); keys are (kind, rows bucket, hidden, ...)."""
-    return ", ".join(sorted({_tile_name(t) for key, t in bottleneck_fwd._TUNED.items() if key[:3:2] == (kind, hidden)}))
+    tuning keys (rows bucket, levels, switches; keys are (kind, rows bucket, hidden, ...)): for eager calls, and
+    after "graphed:" for CUDA-graph captures where that differs."""
+    chosen = lambda table: {_tile_name(t) for key, t in table.items() if key[:3:2] == (kind, hidden)}  # noqa: E731
+    eager, graphed = chosen(bottleneck_fwd._TUNED), chosen(bottleneck_fwd._TUNED_GRAPHED)
+    return ", ".join(sorted(eager)) + ("" if graphed == eager else "; graphed: " + ", ".join(sorted(graphed)))
 
 
-def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float]]:
-    """The tuner's times (ms; GPU work by CUDA-graph replay) of every candidate, per tuning key of ``kind`` at this
-    hidden size: why it chose what ``_chosen_tiles`` lists (session 13's H100, timing by do_bench, kept the row kernel
-    for a stack of 3 at hidden 4096, where the level-by-level path ran twice as fast in the same file)."""
-    return {
-        f"rows<={key[1]} levels={key[6][0]}": {_tile_name(c): round(t, 4) for c, t in zip(*timed)}
-        for key, timed in bottleneck_fwd.TUNING_TIMES.items()
-        if key[:3:2] == (kind, hidden)
-    }
+def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float | list[float]]]:
+    """The tuner's times (ms) of every candidate, per tuning key of ``kind`` at this hidden size: GPU work by
+    CUDA-graph replay, or [GPU, host enqueue] where the host was timed too. Why it chose what ``_chosen_tiles``
+    lists (session 13's H100, timing by do_bench, kept the row kernel for a stack of 3 at hidden 4096, where the
+    level-by-level path ran twice as fast in the same file)."""
+    out = {}
+    for key, (candidates, gpu) in bottleneck_fwd.TUNING_TIMES.items():
+        if key[:3:2] != (kind, hidden):
+            continue
+        host = bottleneck_fwd.TUNING_HOST_MS.get(key)
+        out[f"rows<={key[1]} levels={key[6][0]}"] = {
+            _tile_name(c): round(g, 4) if host is None else [round(g, 4), round(host[i], 4)]
+            for i, (c, g) in enumerate(zip(candidates, gpu))
+        }
+    return out
 
 
 def _stack_inputs(hidden):

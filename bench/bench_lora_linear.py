@@ -84,12 +84,13 @@ def _record(benchmark, fn, bare_fn, key, **extra):
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
     if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
-        from adapter_engine.kernels.lora_linear import _LARGE_M, _TUNED
+        from adapter_engine.kernels.lora_linear import _LARGE_M, _LARGE_M_GRAPHED, _TUNED
 
         k, n = extra["shape"]
-        benchmark.extra_info["large_m_choices"] = {
-            " ".join(map(str, key[:4])): str(choice) for key, choice in _LARGE_M.items() if {key[2], key[3]} == {k, n}
-        }
+        for name, table in (("large_m_choices", _LARGE_M), ("large_m_choices_graphed", _LARGE_M_GRAPHED)):
+            benchmark.extra_info[name] = {
+                " ".join(map(str, key[:4])): str(choice) for key, choice in table.items() if {key[2], key[3]} == {k, n}
+            }
         # and the tiles the autotuner chose for the Triton kernel (M bucket, N, K: BLOCK_M/N/K, SPLIT_K, ...)
         benchmark.extra_info["tiled_choices"] = {
             " ".join(map(str, key[:3])): {c: v for c, v in config.items() if c.isupper() or c.startswith("num_")}

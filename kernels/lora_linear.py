@@ -547,6 +547,7 @@ def _zeroed_counters(count: int, like: torch.Tensor) -> torch.Tensor:
 
 _TUNED: dict[tuple, dict] = {}  # tuning key -> the autotuner's choice (all launch kwargs)
 _LARGE_M: dict[tuple, str | TmaTiles] = {}  # timing key -> "composition" or the persistent kernel's fastest tiles
+_LARGE_M_GRAPHED: dict[tuple, str | TmaTiles] = {}  # the same, by GPU time alone: for CUDA-graph captures
 
 
 def _large_m_candidates(path: str, fusable: bool, block_r: int, rows: int) -> tuple[str | TmaTiles, ...]:
@@ -564,12 +565,12 @@ def _large_m_choice(
     TmaTiles)`` when the persistent kernel runs, else ``("composition" | "epilogue", None)``.
 
     ``"timed"`` measures ``"composition"`` (the untimed choice) against the persistent kernel's tiles once per shape
-    and keeps the faster; forced ``"persistent"`` times its own tiles (``_backend.fastest``: GPU time by CUDA-graph
-    replay, so composition's extra launches are not charged for host time). Timing runs on the GPU (any device when a
-    test hands ``do_bench`` a CPU timer) with ``ADAPTER_ENGINE_AUTOTUNE`` on and never during CUDA-graph capture;
-    otherwise the first candidate runs. The kernel is only offered where :func:`tma_fits` (aligned 16-bit rows, a
-    stacked rank tile of at most 64); forced ``"persistent"`` falls back to ``"epilogue"`` (the same math on pointer
-    loads) elsewhere."""
+    and keeps the faster; forced ``"persistent"`` times its own tiles. ``_backend.fastest`` times GPU work by
+    CUDA-graph replay and the host's enqueue time: eager calls take the least of the larger of the two, a CUDA-graph
+    capture the least GPU time. Timing runs on the GPU (any device when a test hands ``do_bench`` a CPU timer) with
+    ``ADAPTER_ENGINE_AUTOTUNE`` on and never during a capture; otherwise the first candidate runs. The kernel is only
+    offered where :func:`tma_fits` (aligned 16-bit rows, a stacked rank tile of at most 64); forced ``"persistent"``
+    falls back to ``"epilogue"`` (the same math on pointer loads) elsewhere."""
     M = x.shape[0]
     N, R = lora_B.shape
     if not tma_fits(x, weight, R):
@@ -579,7 +580,7 @@ def _large_m_choice(
         path, min(next_pow2(M), 1 << 16), N, x.shape[1], R, x.dtype, weight.stride(-1) == 1, lora_A.stride(-1) == 1,
         bias is not None, adapter_ids is not None, fusable, store_u, shared_scale is None,
     )  # fmt: skip
-    choice = _LARGE_M.get(key)
+    choice = (_LARGE_M_GRAPHED if capturing(x) else _LARGE_M).get(key)
     if choice is None:
         candidates = _large_m_candidates(path, fusable, rank_tile(R), M)
         if len(candidates) == 1 or not AUTOTUNE or capturing(x):
@@ -596,11 +597,13 @@ def _large_m_choice(
                     args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u, c)
                     lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
 
-            choice, times = fastest(candidates, launch, x.device)
-            if min(times) == float("inf"):  # no tile builds on this GPU: the same math on pointer loads
-                choice = "epilogue"
-            _LARGE_M[key] = choice
-            logger.info("lora_linear %s: %s (%s ms)", key, choice, ", ".join(f"{t:.4f}" for t in times))
+            timing = fastest(candidates, launch, x.device)
+            choice, graphed = timing.eager, timing.graphed
+            if min(timing.gpu_ms) == float("inf"):  # no tile builds on this GPU: the same math on pointer loads
+                choice = graphed = "epilogue"
+            _LARGE_M[key], _LARGE_M_GRAPHED[key] = choice, graphed
+            logger.info("lora_linear %s: %s, graphed %s (GPU %s ms; host %s ms)", key, choice, graphed,
+                        ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
     return (choice, None) if isinstance(choice, str) else ("persistent", choice)
 
 

@@ -463,6 +463,7 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
     monkeypatch.setattr(bottleneck_fwd, "TUNING_TIMES", {})
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
     events = []
@@ -482,16 +483,19 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     assert len(launched) == 3
 
 
-def test_tuner_times_gpu_work_by_graph_replay_and_falls_back_to_do_bench(monkeypatch):
-    """On a CUDA device the candidates are timed by CUDA-graph replay (GPU work alone, not the host's enqueue time);
-    when one cannot be captured, all of them are timed again by do_bench, so the times compare like with like; a
-    candidate that does not fit the GPU counts as infinitely slow either way; CPU launches take do_bench."""
+def test_tuner_times_gpu_and_host_and_falls_back_to_do_bench(monkeypatch):
+    """On a CUDA device each candidate's GPU work is timed by CUDA-graph replay and its host enqueue time apart: a
+    graph capture gets the least GPU time, eager calls the least of the larger side (a path of fifteen launches that
+    a slow host enqueues in more time than the GPU runs it loses there). When one candidate cannot be captured, all
+    are timed again by do_bench, so the times compare like with like; a candidate that does not fit the GPU counts
+    as infinitely slow either way; CPU launches take do_bench. The tuner keeps both choices per key."""
     import triton
 
-    from adapter_engine.kernels import _backend
+    from adapter_engine.kernels import _backend, bottleneck_fwd
 
     gpu = {"one launch": 2.0, "fifteen launches": 1.0, "too big": None}  # GPU time
-    host_bound = {"one launch": 2.0, "fifteen launches": 3.0, "too big": None}  # what event pairs see on a slow host
+    host = {"one launch": 0.5, "fifteen launches": 3.0, "too big": None}  # the host's enqueue time
+    host_bound = {"one launch": 2.0, "fifteen launches": 3.0, "too big": None}  # what event pairs see
     uncapturable = set()
     timers = []
 
@@ -507,23 +511,46 @@ def test_tuner_times_gpu_work_by_graph_replay_and_falls_back_to_do_bench(monkeyp
             raise RuntimeError("operation not permitted when stream is capturing")
         return run(c, gpu)
 
+    def fake_host_time(fn, device):
+        timers.append("host")
+        return run(fn(), host)
+
     def fake_do_bench(fn, warmup, rep):
         timers.append("do_bench")
         return run(fn(), host_bound)
 
     monkeypatch.setattr(_backend, "graph_time_ms", fake_graph_time)
+    monkeypatch.setattr(_backend, "host_time_ms", fake_host_time)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    candidates = tuple(gpu)
+    candidates, inf = tuple(gpu), float("inf")
     cuda = torch.device("cuda")
-    assert _backend.fastest(candidates, lambda c: c, cuda) == ("fifteen launches", [2.0, 1.0, float("inf")])
-    assert timers == [("graph", "cuda")] * 3
+    timing = _backend.fastest(candidates, lambda c: c, cuda)
+    assert timing == ("one launch", "fifteen launches", [2.0, 1.0, inf], [0.5, 3.0, inf])
+    assert timers == [("graph", "cuda")] * 3 + ["host"] * 3
     timers.clear()
-    assert _backend.fastest(candidates, lambda c: c, torch.device("cpu")) == ("one launch", [2.0, 3.0, float("inf")])
+    assert _backend.fastest(candidates, lambda c: c, torch.device("cpu")) == (
+        "one launch", "one launch", [2.0, 3.0, inf], None
+    )  # fmt: skip
     assert timers == ["do_bench"] * 3
     timers.clear()
     uncapturable.add("fifteen launches")
-    assert _backend.fastest(candidates, lambda c: c, cuda) == ("one launch", [2.0, 3.0, float("inf")])
+    assert _backend.fastest(candidates, lambda c: c, cuda) == ("one launch", "one launch", [2.0, 3.0, inf], None)
     assert timers == [("graph", "cuda")] * 2 + ["do_bench"] * 3
+
+    # the tuner: the eager choice for eager calls, the graphed one inside a capture
+    uncapturable.clear()
+    for name, value in [("_TUNED", {}), ("_TUNED_GRAPHED", {}), ("TUNING_TIMES", {}), ("TUNING_HOST_MS", {})]:
+        monkeypatch.setattr(bottleneck_fwd, name, value)
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
+    assert bottleneck_fwd.TUNING_HOST_MS == {"key": [0.5, 3.0, inf]}
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "fifteen launches"
+    assert bottleneck_fwd._tuned_tiles("untimed key", candidates, lambda c: c, device=cuda) == "one launch"
+    capturing[0] = False
+    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
 
 
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
@@ -549,6 +576,7 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
     monkeypatch.setattr(triton.testing, "do_bench", cpu_bench)
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
     monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(
         bottleneck_fwd,
@@ -922,6 +950,7 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
     monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
     monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
     monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
     monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
     params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])

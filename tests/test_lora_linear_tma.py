@@ -116,6 +116,7 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
     slow, fast = TmaTiles(32, 32, 32, 4, 1, True, 2), TmaTiles(16, 32, 16, 4, 1, False, 2)
     monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", slow, fast))
     monkeypatch.setattr(ll, "_LARGE_M", {})
+    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
     monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
     timed = []
 
@@ -143,6 +144,30 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
         launches.clear()
         lora_linear(x[:, :24].contiguous(), w[:, :24].contiguous(), As[0][:, :24].contiguous(), Bs[0], 0.5, b)
         assert launches == [] and len(timed) == 3  # a new shape, untimed: "composition"
+
+
+def test_a_graph_capture_takes_the_choice_by_gpu_time(monkeypatch, launches):
+    """The timing keeps two choices per shape: eager calls take the one for which the larger of host and GPU time
+    is least (here composition: its three launches are cheap for this host), a CUDA-graph capture the least GPU
+    time (here the persistent kernel)."""
+    from adapter_engine.kernels._backend import Timing, capture_on_cpu
+
+    tiles = TmaTiles(32, 32, 32, 4, 1, True, 2)
+    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", tiles))
+    monkeypatch.setattr(ll, "_LARGE_M", {})
+    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
+    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: Timing(c[0], c[1], [2.0, 1.0], [0.5, 0.5]))
+    x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.bfloat16)
+    want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
+    with torch.no_grad():
+        lora_linear(x, w, As[0], Bs[0], 0.5, b)
+        assert launches == []  # eager: composition
+        with capture_on_cpu():
+            y = lora_linear(x, w, As[0], Bs[0], 0.5, b)
+        assert launches == [(19, 40, 32, True, True)]  # captured: the persistent kernel
+    assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA tier
@@ -211,6 +236,7 @@ def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches)
         ll, "_large_m_candidates", lambda path, fusable, block_r, rows: (tile, tile._replace(block_m=16))
     )
     monkeypatch.setattr(ll, "_LARGE_M", {})
+    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
     monkeypatch.setattr(ll, "AUTOTUNE", True)
 
     def out_of_resources(fn, warmup, rep):
