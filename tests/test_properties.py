@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapter_engine.kernels import lora_linear, lora_linear_reference, merge_lora_, scale_ia3_
+from adapter_engine.kernels import INTERPRET, lora_linear, lora_linear_reference, merge_lora_, scale_ia3_
 from adapter_engine.kernels.lora_linear_tma import tma_fits
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 31, 37, 64, 67, 97])
@@ -295,3 +295,53 @@ def test_bottleneck_levels_path_property(data):
 def test_cuda_bottleneck_stack_property(data):
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_bottleneck(data, "cuda", big=True)
+
+
+def _check_add_layer_norm(data, device, big):
+    from adapter_engine.kernels.add_layer_norm import add_layer_norm, add_layer_norm_reference
+
+    half = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    rows, hidden = data.draw(SIZES) * (37 if big else 1), data.draw(SIZES) * (29 if big else 1)
+    a = _view((rows, hidden), half, device, data.draw(st.booleans())) * 3
+    b = _view((rows, hidden), data.draw(st.sampled_from([half, torch.float32])), device, data.draw(st.booleans()))
+    weight = 1 + 0.2 * torch.randn(hidden, device=device)
+    bias = 0.1 * torch.randn(hidden, device=device)
+    write_sum = data.draw(st.booleans())
+    stats = torch.full((2, rows), float("nan"), device=device) if data.draw(st.booleans()) else None
+    s, x = add_layer_norm(a, b, weight, bias, 1e-5, write_sum=write_sum, stats=stats)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    # the kernel's own rounded sum (the interpreter truncates fp32 to bf16 where the GPU and torch round to nearest)
+    if s is not None:
+        s_ref = s
+    elif INTERPRET and dtype == torch.bfloat16:
+        s_ref = ((a.float() + b.float()).view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    else:
+        s_ref = a.to(dtype) + b.to(dtype)
+    want = torch.nn.functional.layer_norm(
+        s_ref.float(), (hidden,), weight.to(dtype).float(), bias.to(dtype).float(), 1e-5
+    )
+    if s is not None:
+        exact = a.float() + b.float()
+        assert ((s.float() - exact).abs() <= exact.abs() * 2.0 ** -(7 if dtype == torch.bfloat16 else 10)).all()
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(x.float(), want, rtol=tol, atol=tol)
+    if not INTERPRET or dtype != torch.bfloat16:  # and the twin, which rounds as the GPU does
+        ref = add_layer_norm_reference(a, b, weight, bias, 1e-5, dtype, False, None)[1]
+        torch.testing.assert_close(x.float(), ref.float(), rtol=tol, atol=tol)
+    if stats is not None:
+        var, mean = torch.var_mean(s_ref.float(), dim=-1, correction=0)
+        torch.testing.assert_close(stats[0], mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats[1], torch.rsqrt(var + 1e-5), rtol=1e-3, atol=1e-3)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_add_layer_norm_property(data):
+    _check_add_layer_norm(data, "cpu", big=False)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_add_layer_norm_property(data):
+    _check_add_layer_norm(data, "cuda", big=True)
