@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._backend import cdiv, next_pow2, use_triton
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "MAX_HIDDEN"]
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "layer_norm_with_stats", "MAX_HIDDEN"]
 
 MAX_HIDDEN = 16384  # the whole row in one program's registers (64 fp32 values per thread at 16 warps)
 
@@ -103,20 +103,25 @@ def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write
     return s, out
 
 
-def add_layer_norm_reference(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
-    """The torch twin of :func:`add_layer_norm_fwd`: the add, then ``F.layer_norm`` (fp32 moments into ``stats``)."""
-    s = a.to(dtype) + b.to(dtype)
-    w, bb = weight.to(dtype), bias.to(dtype)
+def layer_norm_with_stats(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor | None) -> torch.Tensor:
+    """``F.layer_norm`` of v with the LN weight and bias cast to v's dtype; with ``stats`` (2, M), also its fp32 mean
+    and 1 / sqrt(var + eps) there (the stack backward's moments)."""
+    weight, bias = weight.to(v.dtype), bias.to(v.dtype)  # (a bf16 model LN on an fp32 carry)
     if stats is None:
-        out = F.layer_norm(s, s.shape[-1:], w, bb, eps)
-    else:
-        out, mean, rstd = torch.native_layer_norm(s, s.shape[-1:], w, bb, eps)
-        if mean.dtype != torch.float32:  # moments kept in a half dtype (CPU): recompute them in fp32
-            var, mean = torch.var_mean(s.float(), dim=-1, correction=0)
-            rstd = torch.rsqrt(var + eps)
-        stats[0].copy_(mean.reshape(-1))
-        stats[1].copy_(rstd.reshape(-1))
-    return (s if write_sum else None), out
+        return F.layer_norm(v, v.shape[-1:], weight, bias, eps)
+    out, mean, rstd = torch.native_layer_norm(v, v.shape[-1:], weight, bias, eps)
+    if mean.dtype != torch.float32:  # moments kept in a half dtype (CPU): recompute them in fp32
+        var, mean = torch.var_mean(v.float(), dim=-1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    stats[0].copy_(mean.reshape(-1))
+    stats[1].copy_(rstd.reshape(-1))
+    return out
+
+
+def add_layer_norm_reference(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
+    """The torch twin of :func:`add_layer_norm_fwd`: the add, then :func:`layer_norm_with_stats`."""
+    s = a.to(dtype) + b.to(dtype)
+    return (s if write_sum else None), layer_norm_with_stats(s, weight, bias, eps, stats)
 
 
 def add_layer_norm(

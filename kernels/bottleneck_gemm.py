@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ._backend import capturing, kept
 from .add_layer_norm import add_layer_norm
+from .add_layer_norm import layer_norm_with_stats as _layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
@@ -56,20 +57,6 @@ LEVEL_WEIGHT_BYTES = 1 << 20
 def prefer_levels(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
     """Whether the untimed choice for one stack on every row is this path rather than the row-block kernel."""
     return 2 * max_rank * hidden * weight_dtype.itemsize >= LEVEL_WEIGHT_BYTES
-
-
-def _layer_norm(v: torch.Tensor, weight, bias, eps: float, stats: torch.Tensor | None) -> torch.Tensor:
-    """The model LN of v; its fp32 mean and rstd go to ``stats`` (2, M) when given (the backward's moments)."""
-    weight, bias = weight.to(v.dtype), bias.to(v.dtype)  # (a bf16 model LN on an fp32 carry)
-    if stats is None:
-        return F.layer_norm(v, v.shape[-1:], weight, bias, eps)
-    out, mean, rstd = torch.native_layer_norm(v, v.shape[-1:], weight, bias, eps)
-    if mean.dtype != torch.float32:  # moments kept in a half dtype: recompute them in fp32
-        var, mean = torch.var_mean(v.float(), dim=-1, correction=0)
-        rstd = torch.rsqrt(var + eps)
-    stats[0].copy_(mean.reshape(-1))
-    stats[1].copy_(rstd.reshape(-1))
-    return out
 
 
 # (packed weights' ids, adapter, dtype) -> (their versions, _level_operands' tensors), for packed stacks that do not
