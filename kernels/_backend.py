@@ -236,7 +236,7 @@ def graph_time_ms(fn, device: torch.device, rep_ms: float = 10.0, replays: int =
     caller = torch.cuda.current_stream(device)
     stream.wait_stream(caller)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(stream):
+    with torch.cuda.device(device), torch.cuda.stream(stream):  # (the graph's memory pool is the current device's)
         fn()  # compiles, fills the caches: the capture then only records launches
         start.record(stream)
         fn()

@@ -553,6 +553,79 @@ def test_tuner_times_gpu_and_host_and_falls_back_to_do_bench(monkeypatch):
     assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
 
 
+def test_graph_timer_captures_repeated_calls_and_divides_by_them(monkeypatch):
+    """graph_time_ms' own logic with torch.cuda's stream, event and graph objects replaced by recording stand-ins
+    (no GPU here; the CUDA tier times real work): a warm-up call and one timed call outside the capture, as many
+    repeats inside it as fit ``rep_ms`` by that call's time, the per-call median of the replays, garbage collection
+    off only during the capture, the capture thread-local on the timing stream."""
+    import contextlib
+    import gc
+
+    from adapter_engine.kernels import _backend
+
+    log = []
+
+    class Event:
+        clock = [0.0]
+
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self, stream=None):
+            self.at = Event.clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+            Event.clock[0] += 2.0 * captured[0]  # 2 ms per captured call
+
+    captured = [0]
+
+    @contextlib.contextmanager
+    def graph(g, stream=None, capture_error_mode="global"):
+        log.append(("capture", capture_error_mode, gc.isenabled()))
+        yield
+
+    def fn():
+        log.append("call")
+        if log.count(("capture", "thread_local", False)) == 1 and "replay" not in log:
+            captured[0] += 1
+        else:
+            Event.clock[0] += 2.5  # an eager call: 2.5 ms between its events (host time included)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    _backend._timing_stream.cache_clear()
+    try:
+        ms = _backend.graph_time_ms(fn, torch.device("cuda"), rep_ms=10.0, replays=3)
+    finally:
+        _backend._timing_stream.cache_clear()
+    assert gc.isenabled()
+    assert ms == 2.0  # per call, not per replay of the 4 repeats
+    assert captured[0] == 4  # int(10 ms / 2.5 ms) repeats in the graph
+    calls_before_capture = log.index(("capture", "thread_local", False))
+    assert log[:calls_before_capture].count("call") == 2
+    assert log.count("replay") == 1 + 3  # one upload replay, then the timed ones
+
+
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
 def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
     """The GPU's tuning path run for real in the interpreter, forward and level backward: two candidate tiles each
