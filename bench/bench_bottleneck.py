@@ -296,7 +296,7 @@ def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
 # Each tile the forward may pick (kernels/bottleneck_pack.py::_forward_candidates), timed alone: what the forward's
 # tuner chooses among on this GPU (the whole-model rows record its choices as ``forward_tiles``).
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("candidate", range(5))
+@pytest.mark.parametrize("candidate", range(6))
 def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
     first = bottleneck_fwd._tiles(hidden // 16, on_gpu())  # what the no-grad 4096-token call below starts from
     candidates = _forward_candidates(first, False)

@@ -275,7 +275,9 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
     warps at 186-254. Session 13's H100 profile found the chosen kernel at 9-17x its memory floor at hidden 768
     (55 us for one level, 108 us for three, per 4096 x 768 call), latency bound. Capped at 128 registers, 16-row
     blocks of 8 warps build without spills (sm_90, rank 16 to 64, saving or not, one stack or mixed rows), and two
-    of them fit an SM: 16 warps per SM to hide the same latencies.
+    of them fit an SM: 16 warps per SM to hide the same latencies. The last one hides them the other way: 128-wide
+    hidden chunks pipelined three deep (``num_stages`` and ``LOOP_STAGES`` 3: each loop's loads issued two steps
+    ahead; spill-free on triton 3.6 and 3.9 at hidden 768, rank 48, saving or not).
     """
     if INTERPRET:
         return (first,)
@@ -289,6 +291,7 @@ def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
         _Tiles(16, 256, block_r, block_r, 8, 2, 2),
         _Tiles(32, 128, block_r, block_r, 8, 2, 2),
         _Tiles(16, 64, block_r, block_r, 8, 2, 2, maxnreg=128),
+        _Tiles(16, 128, block_r, block_r, 8, 3, 3),
     )
 
 
