@@ -434,20 +434,22 @@ def bench_stack_depth(benchmark, monkeypatch, path, depth):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["fused", "torch"])
+@pytest.mark.parametrize("provider", ["fused", "torch", "fused 3 operands", "torch 3 operands"])
 def bench_add_layer_norm(benchmark, hidden, provider):
-    """The level path's first step, ``c = h + y`` and ``LN(c)`` over 4096 tokens: one fused launch
-    (kernels/add_layer_norm.py) against torch's add then layer_norm, and against the floor of its four passes (read h
-    and y, write c and LN(c)) at copy bandwidth; ``gpu_ms`` from graph replays."""
+    """The level path's sums into the model LN over 4096 tokens, as one fused launch (kernels/add_layer_norm.py) and
+    as torch ops: ``c = h + y`` with ``LN(c)`` (seq_bn's first level), and ``LN(res + u + y)`` without the sum (the
+    output of Houlsby placement). The floor is four passes either way (read two, write two; read three, write one)
+    at copy bandwidth; ``gpu_ms`` from graph replays."""
     _, ln, h, y = _stack_inputs(hidden)
-    if provider == "fused":
-        fn = lambda: add_layer_norm(h, y, ln.weight, ln.bias, ln.eps)  # noqa: E731
-    else:
-
-        def fn():
-            c = h + y
-            return c, torch.nn.functional.layer_norm(c, (hidden,), ln.weight, ln.bias, ln.eps)
-
+    u = torch.randn_like(h)
+    args = (ln.weight, ln.bias, ln.eps)
+    calls = {
+        "fused": lambda: add_layer_norm(h, y, *args),
+        "torch": lambda: (c := h + y, torch.nn.functional.layer_norm(c, (hidden,), *args)),
+        "fused 3 operands": lambda: add_layer_norm(h, u, *args, write_sum=False, c=y),
+        "torch 3 operands": lambda: torch.nn.functional.layer_norm(h + u + y, (hidden,), *args),
+    }
+    fn = calls[provider]
     with torch.no_grad():
         fn()
         floor_ms = 4 * h.numel() * h.element_size() / copy_bandwidth() * 1e3

@@ -1,24 +1,27 @@
-"""``x = LayerNorm(a + b)`` in one pass over the rows, optionally also writing the sum ``s = a + b``.
+"""``x = LayerNorm(a + b [+ c])`` in one pass over the rows, optionally also writing the sum ``s``.
 
 Where it runs: the level-by-level cuBLAS path of a bottleneck stack (``bottleneck_gemm.stack_fwd_levels``). A
-post-LN sublayer with a seq_bn stack starts with ``c = h + y`` and the first level's input ``LN(c)``; Houlsby
-placement and a saving forward end with ``LN(r_n + y)``. As two torch ops those are two launches and five passes
-over the (tokens, hidden) activation (the add reads two and writes one, the LN reads one and writes one); fused,
-one launch and four passes (read a and b, write s and x), three without the sum. The physical limit is those
-passes at copy bandwidth: ``bench/bench_bottleneck.py::bench_add_layer_norm`` reports the kernel against it and
-against the two torch ops.
+post-LN sublayer with a seq_bn stack starts with ``c = h + y`` and the first level's input ``LN(c)``; a saving
+forward ends with ``LN(r_n + y)``, Houlsby placement (and the other orders whose residual is not carried) with
+``LN(res + u + y)``, the last level's residual, up projection and the sublayer input. As torch ops those are two
+or three launches and five to eight passes over the (tokens, hidden) activation (each add reads two and writes one,
+the LN reads one and writes one; Houlsby's residual as addmm's C operand is first copied); fused, one launch and
+one pass per operand (read a, b and c, write s and x). The physical limit is those passes at copy bandwidth:
+``bench/bench_bottleneck.py::bench_add_layer_norm`` reports the kernel against it and against the torch ops.
 
-Numerics are those of the torch ops it replaces: the sum is rounded to ``dtype`` first (as ``a + b`` stores it) and
-normalised from that rounded value, the LN weight and bias are rounded to ``dtype`` (as ``_layer_norm`` casts them),
-mean and variance in fp32 from the whole row held in registers (two passes over registers, no Welford), one
-rounding of the output. ``stats`` (2, M) receives the fp32 mean and 1 / sqrt(var + eps), the moments the stack's
-backward reads.
+Numerics: the sum is formed in fp32 and rounded to ``dtype`` once (for two operands exactly what torch's add
+stores; three are rounded once where torch would round twice) and normalised from that rounded value; the LN
+weight and bias are rounded to ``dtype`` (as :func:`layer_norm_with_stats` casts them); mean and variance in fp32
+from the whole row held in registers (two passes over registers, no Welford); one rounding of the output.
+``stats`` (2, M) receives the fp32 mean and 1 / sqrt(var + eps), the moments the stack's backward reads.
 
 One program normalises ``ROWS`` whole rows (a ``(ROWS, BLOCK_H)`` tile, ``BLOCK_H`` the next power of two of the
 hidden size): a row is read once from memory, and rows wider than ``MAX_HIDDEN`` take the torch twin.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ def _add_layer_norm_fwd_kernel(
     # pointers
     a_ptr,  # a: (M, H)
     b_ptr,  # b: (M, H)
+    c_ptr,  # c: (M, H), read when HAS_C
     w_ptr,  # LN weight: (H,)
     bias_ptr,  # LN bias: (H,)
     sum_ptr,  # s = a + b: (M, H) contiguous, in out's dtype (written when WRITE_SUM)
@@ -47,8 +51,9 @@ def _add_layer_norm_fwd_kernel(
     H,
     eps,
     # strides
-    stride_am, stride_ah, stride_bm, stride_bh,
+    stride_am, stride_ah, stride_bm, stride_bh, stride_cm, stride_ch,
     # compile-time switches
+    HAS_C: tl.constexpr,
     WRITE_SUM: tl.constexpr,
     SAVE_STATS: tl.constexpr,
     ROWS: tl.constexpr,
@@ -62,7 +67,11 @@ def _add_layer_norm_fwd_kernel(
     a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ah, mask=mask, other=0.0)
     b = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bh, mask=mask, other=0.0)
     dtype = out_ptr.dtype.element_ty
-    s = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)  # rounded as the torch add stores it
+    s = a.to(tl.float32) + b.to(tl.float32)
+    if HAS_C:
+        c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_ch, mask=mask, other=0.0)
+        s += c.to(tl.float32)
+    s = s.to(dtype)  # rounded once (as torch's add of two operands stores it)
     offs = rows[:, None] * H + cols[None, :]
     if WRITE_SUM:
         tl.store(sum_ptr + offs, s, mask=mask)
@@ -86,19 +95,21 @@ def _tile(hidden: int) -> tuple[int, int, int]:
     return rows, block_h, min(16, max(4, block_h // 512))
 
 
-def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
-    """The launcher, on 2-D ``a`` and ``b`` (M, H) of any strides (checked by :func:`add_layer_norm`)."""
+def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats, c=None):
+    """The launcher, on 2-D ``a``, ``b`` (and ``c``) (M, H) of any strides (checked by :func:`add_layer_norm`)."""
     m, hidden = a.shape
     out = torch.empty((m, hidden), device=a.device, dtype=dtype)
     s = torch.empty((m, hidden), device=a.device, dtype=dtype) if write_sum else None
     if m == 0:
         return s, out
     rows, block_h, warps = _tile(hidden)
+    c_t = c if c is not None else a  # (never read without HAS_C)
     _add_layer_norm_fwd_kernel[(cdiv(m, rows),)](
-        a, b, weight, bias, s if write_sum else out, out, stats if stats is not None else out,
+        a, b, c_t, weight, bias, s if write_sum else out, out, stats if stats is not None else out,
         m, hidden, float(eps),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h, num_warps=warps,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_t.stride(0), c_t.stride(1),
+        HAS_C=c is not None, WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h,
+        num_warps=warps,
     )  # fmt: skip
     return s, out
 
@@ -118,9 +129,11 @@ def layer_norm_with_stats(v: torch.Tensor, weight, bias, eps: float, stats: torc
     return out
 
 
-def add_layer_norm_reference(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats):
-    """The torch twin of :func:`add_layer_norm_fwd`: the add, then :func:`layer_norm_with_stats`."""
-    s = a.to(dtype) + b.to(dtype)
+def add_layer_norm_reference(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats, c=None):
+    """The torch twin of :func:`add_layer_norm_fwd`: the sum in fp32 rounded once, then
+    :func:`layer_norm_with_stats`."""
+    s = a.float() + b.float()
+    s = (s if c is None else s + c.float()).to(dtype)
     return (s if write_sum else None), layer_norm_with_stats(s, weight, bias, eps, stats)
 
 
@@ -133,28 +146,29 @@ def add_layer_norm(
     dtype: torch.dtype | None = None,
     write_sum: bool = True,
     stats: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(s, LayerNorm(s))`` with ``s = a + b`` in ``dtype`` (default: a's and b's promoted dtype); ``s`` is None
-    unless ``write_sum``.
+    """``(s, LayerNorm(s))`` with ``s = a + b (+ c)`` in ``dtype`` (default: the operands' promoted dtype), summed in
+    fp32 and rounded once; ``s`` is None unless ``write_sum``.
 
-    a, b: (M, H) with the same shape, any strides; weight, bias: (H,); stats: None or a contiguous fp32 (2, M)
+    a, b (and c): (M, H) with the same shape, any strides; weight, bias: (H,); stats: None or a contiguous fp32 (2, M)
     tensor that receives the rows' mean and 1 / sqrt(var + eps). No autograd: inference and the stack's own
     backward (which reads ``stats``) only. Triton on CUDA tensors and under the interpreter, the torch twin
     otherwise and for rows wider than ``MAX_HIDDEN``."""
-    if a.dim() != 2 or a.shape != b.shape:
-        raise ValueError(
-            f"add_layer_norm needs two 2-D tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+    operands = (a, b) if c is None else (a, b, c)
+    if a.dim() != 2 or any(t.shape != a.shape for t in operands):
+        shapes = " and ".join(str(tuple(t.shape)) for t in operands)
+        raise ValueError(f"add_layer_norm needs 2-D tensors of one shape, got {shapes}")
     hidden = a.shape[1]
     if weight.shape != (hidden,) or bias.shape != (hidden,):
         raise ValueError(
             f"add_layer_norm: LayerNorm weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be ({hidden},)"
         )
-    dtype = dtype or torch.promote_types(a.dtype, b.dtype)
+    dtype = dtype or functools.reduce(torch.promote_types, (t.dtype for t in operands))
     if stats is not None and (
         stats.shape != (2, a.shape[0]) or stats.dtype != torch.float32 or not stats.is_contiguous()
     ):
         raise ValueError(f"add_layer_norm: stats must be a contiguous fp32 (2, {a.shape[0]}) tensor, got "
                          f"{tuple(stats.shape)} {stats.dtype}")  # fmt: skip
     fwd = add_layer_norm_fwd if use_triton(a) and hidden <= MAX_HIDDEN else add_layer_norm_reference
-    return fwd(a, b, weight, bias, eps, dtype, write_sum, stats)
+    return fwd(a, b, weight, bias, eps, dtype, write_sum, stats, c)

@@ -132,6 +132,11 @@ def stack_fwd_levels(
         else:
             c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
         own_c = c.data_ptr() != h2.data_ptr()  # c is this call's own: the up GEMM may accumulate into it in place
+        # the output LN(res + u + y) of the last active level in one launch, where the residual is not carried:
+        # its up GEMM writes u alone (as addmm it would first copy res), and no r_n + y is formed
+        fold_last = saved is None and out_add_y and out_ln and not carry_y
+        last = max((lvl for lvl, a in enumerate(level_adapters) if a >= 0), default=-1)
+        folded = None
         for lvl, a in enumerate(level_adapters):
             t = x = None
             if not par and (a >= 0 or (in_ln and saved is not None)):
@@ -153,7 +158,9 @@ def stack_fwd_levels(
                     z = F.linear(v, down_w, down_b)  # [z, 1, 0...]
                     act = _TORCH_ACTS[codes[a]](z)
                 res = c if (par or res_mode == 0) else (t, x)[res_mode - 1]
-                if res.dtype != wdt:
+                if fold_last and lvl == last and res.dtype == wdt:
+                    folded = res, act @ up
+                elif res.dtype != wdt:
                     c = res + (act @ up).to(res.dtype)
                 elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
                     c = torch.addmm(res, act, up, out=saved.rs[lvl])
@@ -168,7 +175,9 @@ def stack_fwd_levels(
                 saved.rs[lvl].copy_(c)  # (a saving forward carries r itself)
         if out_add_y:
             stats = saved.stats[-1] if saved is not None else None
-            if out_ln and not carry_y:  # LN(r_n + y) in one launch
+            if folded is not None:
+                out = add_layer_norm(*folded, ln_weight, ln_bias, eps, cdt, write_sum=False, c=y2)[1]
+            elif out_ln and not carry_y:  # LN(r_n + y) in one launch
                 out = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=False, stats=stats)[1]
             else:
                 v = c if carry_y else c + y2

@@ -65,6 +65,25 @@ def test_promotes_mixed_dtypes_and_may_skip_the_sum(write_sum):
     torch.testing.assert_close(x, want_x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_three_operands_are_summed_in_fp32_and_rounded_once(dtype):
+    """``LN(a + b + c)``: the Houlsby order's residual, up projection and sublayer input (c fp32 here: the result
+    dtype follows all three)."""
+    a, b, w, bias = _inputs(21, 56, dtype)
+    c = torch.randn(21, 56, dtype=dtype)[:, :56]
+    s, x = add_layer_norm(a, b, w, bias, 1e-5, c=c)
+    exact = a.float() + b.float() + c.float()
+    want_s = exact.to(dtype)
+    if INTERPRET and dtype == torch.bfloat16:  # (its truncating bf16 conversion, see _stored_sum)
+        want_s = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    assert torch.equal(s, want_s)
+    torch.testing.assert_close(x, F.layer_norm(s, (56,), w.to(dtype), bias.to(dtype), 1e-5), rtol=TOL[dtype],
+                               atol=TOL[dtype])  # fmt: skip
+    c32 = torch.randn(21, 56)
+    s, _ = add_layer_norm(a, b, w, bias, 1e-5, c=c32)
+    assert s.dtype == torch.float32 and torch.equal(s, a.float() + b.float() + c32)
+
+
 def test_twin_and_kernel_agree_and_empty_batches():
     a, b, w, bias = _inputs(23, 200, torch.float32)
     got = add_layer_norm(a, b, w, bias, 1e-6)
@@ -86,6 +105,8 @@ def test_bad_input_names_the_shapes():
     a, b, w, bias = _inputs(4, 16, torch.float32)
     with pytest.raises(ValueError, match=r"\(4, 16\) and \(4, 15\)"):
         add_layer_norm(a, b[:, :15], w, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"\(4, 16\) and \(4, 16\) and \(3, 16\)"):
+        add_layer_norm(a, b, w, bias, 1e-5, c=b[:3])
     with pytest.raises(ValueError, match=r"weight \(15,\)"):
         add_layer_norm(a, b, w[:15], bias, 1e-5)
     with pytest.raises(ValueError, match=r"stats must be a contiguous fp32 \(2, 4\)"):

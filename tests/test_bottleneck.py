@@ -703,6 +703,36 @@ def test_levels_path_matches_the_oracle(poison, levels_path, name, with_ln):
         assert got.untyped_storage().data_ptr() not in (h.untyped_storage().data_ptr(), y.untyped_storage().data_ptr())
 
 
+@pytest.mark.parametrize("name, calls", [
+    ("seq_bn", [("h + y", True, False)]),  # the carry and the first level's input; LN(c) at the end
+    ("double_seq_bn", [("res + u + y", False, True)]),  # Houlsby: the output LN of the last level's sum
+    ("post_add", [("r + y", True, False), ("r + y", True, False), ("res + u + y", False, True)]),
+])  # fmt: skip
+def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatch, name, calls):
+    """The level path's additions that feed the model LN run inside ``add_layer_norm`` launches (with the sum
+    written only where a level reads it), and the output matches the oracle."""
+    from adapter_engine.kernels import bottleneck_gemm
+
+    seen = []
+    real = bottleneck_gemm.add_layer_norm
+
+    def spy(a, b, *args, write_sum=True, stats=None, c=None):
+        what = "res + u + y" if c is not None else ("h + y" if not seen and name == "seq_bn" else "r + y")
+        seen.append((what, write_sum, c is not None))
+        return real(a, b, *args, write_sum=write_sum, stats=stats, c=c)
+
+    monkeypatch.setattr(bottleneck_gemm, "add_layer_norm", spy)
+    o = OPTION_GRID[name]
+    params = make_params(40, [8, 16], ["relu", "swish"])
+    ln = make_ln(40)
+    h, y = torch.randn(11, 40), torch.randn(11, 40)
+    levels = [0, 1] if name == "post_add" else [1]
+    with torch.no_grad():
+        got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
+    assert seen == calls
+    assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels], o))
+
+
 @pytest.mark.parametrize("name", list(OPTION_GRID))
 @pytest.mark.parametrize(
     "forward, backward", [("levels", "rows"), ("levels", "levels"), ("rows", "levels")], ids=lambda p: p

@@ -545,13 +545,13 @@ _ADD_LN = _RESOURCES + textwrap.dedent(
     from triton.compiler import ASTSource
     from adapter_engine.kernels.add_layer_norm import _add_layer_norm_fwd_kernel as kernel, _tile
 
-    hidden, save = int(sys.argv[1]), sys.argv[2] == "1"
+    hidden, save, has_c = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     rows, block_h, warps = _tile(hidden)
-    constants = dict(WRITE_SUM=True, SAVE_STATS=save, ROWS=rows, BLOCK_H=block_h)
+    constants = dict(HAS_C=has_c, WRITE_SUM=not has_c, SAVE_STATS=save, ROWS=rows, BLOCK_H=block_h)
     pointer = {"w_ptr": "*fp32", "bias_ptr": "*fp32", "stats_ptr": "*fp32"}
     signature, attrs = {}, {}
     for i, arg in enumerate(kernel.arg_names):
-        if arg in constants or arg in ("stride_ah", "stride_bh"):
+        if arg in constants or arg in ("stride_ah", "stride_bh", "stride_ch"):
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
             signature[arg] = pointer.get(arg, "*bf16")
@@ -561,7 +561,7 @@ _ADD_LN = _RESOURCES + textwrap.dedent(
             if arg != "eps" and arg != "M":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
-    constexprs.update({(kernel.arg_names.index(n),): 1 for n in ("stride_ah", "stride_bh")})
+    constexprs.update({(kernel.arg_names.index(n),): 1 for n in ("stride_ah", "stride_bh", "stride_ch")})
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     regs, stack, local = resources(compiled)
@@ -571,12 +571,13 @@ _ADD_LN = _RESOURCES + textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("save", [False, True], ids=["inference", "saving-stats"])
+@pytest.mark.parametrize("save, has_c", [(False, False), (True, False), (False, True)],
+                         ids=["inference", "saving-stats", "three-operands"])  # fmt: skip
 @pytest.mark.parametrize("hidden", [768, 4096])
-def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, save):
+def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, save, has_c):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _ADD_LN, str(hidden), str(int(save))], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
+    args = [sys.executable, "-c", _ADD_LN, str(hidden), str(int(save)), str(int(has_c))]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     build = json.loads(out.stdout.strip().splitlines()[-1])
     assert build["stack"] == 0 and build["local"] == 0, build

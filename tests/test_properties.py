@@ -306,27 +306,28 @@ def _check_add_layer_norm(data, device, big):
     b = _view((rows, hidden), data.draw(st.sampled_from([half, torch.float32])), device, data.draw(st.booleans()))
     weight = 1 + 0.2 * torch.randn(hidden, device=device)
     bias = 0.1 * torch.randn(hidden, device=device)
+    c = _view((rows, hidden), half, device, data.draw(st.booleans())) if data.draw(st.booleans()) else None
     write_sum = data.draw(st.booleans())
     stats = torch.full((2, rows), float("nan"), device=device) if data.draw(st.booleans()) else None
-    s, x = add_layer_norm(a, b, weight, bias, 1e-5, write_sum=write_sum, stats=stats)
+    s, x = add_layer_norm(a, b, weight, bias, 1e-5, write_sum=write_sum, stats=stats, c=c)
     dtype = torch.promote_types(a.dtype, b.dtype)
+    exact = a.float() + b.float() + (c.float() if c is not None else 0)
     # the kernel's own rounded sum (the interpreter truncates fp32 to bf16 where the GPU and torch round to nearest)
     if s is not None:
         s_ref = s
     elif INTERPRET and dtype == torch.bfloat16:
-        s_ref = ((a.float() + b.float()).view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+        s_ref = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
     else:
-        s_ref = a.to(dtype) + b.to(dtype)
+        s_ref = exact.to(dtype)
     want = torch.nn.functional.layer_norm(
         s_ref.float(), (hidden,), weight.to(dtype).float(), bias.to(dtype).float(), 1e-5
     )
     if s is not None:
-        exact = a.float() + b.float()
         assert ((s.float() - exact).abs() <= exact.abs() * 2.0 ** -(7 if dtype == torch.bfloat16 else 10)).all()
     tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(x.float(), want, rtol=tol, atol=tol)
     if not INTERPRET or dtype != torch.bfloat16:  # and the twin, which rounds as the GPU does
-        ref = add_layer_norm_reference(a, b, weight, bias, 1e-5, dtype, False, None)[1]
+        ref = add_layer_norm_reference(a, b, weight, bias, 1e-5, dtype, False, None, c)[1]
         torch.testing.assert_close(x.float(), ref.float(), rtol=tol, atol=tol)
     if stats is not None:
         var, mean = torch.var_mean(s_ref.float(), dim=-1, correction=0)
