@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, next_pow2, use_triton
+from ._backend import cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference", "layer_norm_with_stats", "MAX_HIDDEN"]
 
@@ -43,7 +43,7 @@ def _add_layer_norm_fwd_kernel(
     c_ptr,  # c: (M, H), read when HAS_C
     w_ptr,  # LN weight: (H,)
     bias_ptr,  # LN bias: (H,)
-    sum_ptr,  # s = a + b: (M, H) contiguous, in out's dtype (written when WRITE_SUM)
+    sum_ptr,  # s = a + b (+ c): (M, H) contiguous, in out's dtype (written when WRITE_SUM)
     out_ptr,  # x = LN(s): (M, H) contiguous
     stats_ptr,  # (2, M) contiguous fp32: mean, rstd (written when SAVE_STATS)
     # sizes
@@ -156,6 +156,9 @@ def add_layer_norm(
     backward (which reads ``stats``) only. Triton on CUDA tensors and under the interpreter, the torch twin
     otherwise and for rows wider than ``MAX_HIDDEN``."""
     operands = (a, b) if c is None else (a, b, c)
+    for name, t in zip("abc", operands):
+        check_float_dtype(name, t)
+    check_same_device(a=a, b=b, c=c, weight=weight, bias=bias, stats=stats)
     if a.dim() != 2 or any(t.shape != a.shape for t in operands):
         shapes = " and ".join(str(tuple(t.shape)) for t in operands)
         raise ValueError(f"add_layer_norm needs 2-D tensors of one shape, got {shapes}")

@@ -109,6 +109,8 @@ def test_bad_input_names_the_shapes():
         add_layer_norm(a, b, w, bias, 1e-5, c=b[:3])
     with pytest.raises(ValueError, match=r"weight \(15,\)"):
         add_layer_norm(a, b, w[:15], bias, 1e-5)
+    with pytest.raises(TypeError, match=r"b must be float32, float16 or bfloat16, got torch.int64"):
+        add_layer_norm(a, b.long(), w, bias, 1e-5)
     with pytest.raises(ValueError, match=r"stats must be a contiguous fp32 \(2, 4\)"):
         add_layer_norm(a, b, w, bias, 1e-5, stats=torch.empty(2, 5))
 
