@@ -367,15 +367,16 @@ class BottleneckStackLayer(nn.Module):
         versions = tuple(p._version for p in params)
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = ("packed", names, tuple(map(id, params)), versions)
-        if cacheable and key in self._cache:
-            packed = self._cache[key]
+        hit = self._cache.get(key) if cacheable else None
+        if hit is not None:
+            packed = hit[1]
+            self._cache = _keep_recent_packs(self._cache, key, *hit)  # (now the most recent)
         else:
             with torch.inference_mode(False):  # (a cached pack may be saved for the backward of a later call)
                 packed = pack_modules([self.adapters[n] for n in names])
             if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "packed"}
-            self._cache[key] = packed
+            self._cache = _keep_recent_packs(self._cache, key, params, packed)
         if not compiling:
             self._pack_memo = (stamp, names, params, versions, packed)
         return kept(packed)
@@ -443,6 +444,29 @@ class BottleneckStackLayer(nn.Module):
         launches[geometry] = (packed, ln_w, ln_b, launch, None, None)
         self._launches = launches
         return out
+
+
+def _pack_bytes(packed: PackedStack) -> int:
+    return sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
+
+
+def _keep_recent_packs(cache: dict, key: tuple, params: tuple, packed: PackedStack) -> dict:
+    """``cache`` with ``(params, packed)`` under ``key`` as its most recent pack and, of the others, the most recent
+    ones whose bytes add up to at most the largest pack's: a layer serving stacks in turn packs each once, and the
+    packs it keeps hold at most twice the memory of its largest (each is a copy of its adapters' weights, outside
+    the AdapterMemoryManager's byte count). The entry holds the parameters its key names by id, so that no other
+    tensor takes one of those ids while it is cached. A new dict, swapped in whole (threads read it without a lock)."""
+    packs = [v[1] for k, v in cache.items() if k[0] == "packed"]
+    kept, budget = {}, max(map(_pack_bytes, [packed, *packs]))
+    for k, v in reversed(list(cache.items())):  # newest first
+        if k[0] == "packed":
+            if k == key or _pack_bytes(v[1]) > budget:
+                continue
+            budget -= _pack_bytes(v[1])
+        kept[k] = v
+    kept = dict(reversed(list(kept.items())))
+    kept[key] = (params, packed)
+    return kept
 
 
 def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) -> bool:

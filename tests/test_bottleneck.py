@@ -1350,6 +1350,52 @@ def test_default_dispatch_trains_through_the_eager_modules(monkeypatch):
     assert calls == [1, 1] and x.grad is not None
 
 
+def test_a_layer_serving_stacks_in_turn_packs_each_once(monkeypatch):
+    """Stacks served in turn are packed once each, and what the layer keeps is bounded: the packs other than the most
+    recently used one add up to at most the largest pack's bytes. An update in place packs again; every call matches
+    the eager modules."""
+    import adapter_engine.bottleneck as bn
+
+    packs = []
+    real = bn.pack_modules
+    monkeypatch.setattr(bn, "pack_modules", lambda adapters: packs.append(len(adapters)) or real(adapters))
+    model = _tiny_bert()
+    w = wrap_sublayer(model.encoder.layer[0], "output")
+    for n in "abc":  # one rank: a pack's bytes grow with its adapters
+        w.add_adapter(n, BottleneckAdapter(48, 6, "relu"))
+        with torch.no_grad():
+            for prm in w.adapters[n].parameters():
+                prm.normal_(0.0, 0.3)
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 48)
+
+    def serve(*names):
+        w.set_active_stack(list(names))
+        with torch.no_grad():
+            got = w(x, y)
+            w.fused = False
+            eager = w(x, y)
+            w.fused = True
+        assert_close(got, eager)
+
+    def kept():
+        return [k[1] for k in w._cache if k[0] == "packed"]  # least recent first
+
+    for _ in range(3):
+        serve("a")
+        serve("b")
+    assert packs == [1, 1] and kept() == [("a",), ("b",)]
+    serve("a", "b", "c")  # a and b together are smaller than the three
+    assert packs == [1, 1, 3] and kept() == [("a",), ("b",), ("a", "b", "c")]
+    serve("a")  # kept: now the most recent, and the three's pack fills the rest of the budget, so b's goes
+    assert packs == [1, 1, 3] and kept() == [("a", "b", "c"), ("a",)]
+    serve("c")
+    assert packs == [1, 1, 3, 1] and kept() == [("a",), ("c",)]
+    with torch.no_grad():
+        w.adapters["a"].adapter_up.weight.mul_(2.0)  # (its version moves: packed again)
+    serve("a")
+    assert packs == [1, 1, 3, 1, 1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_changes(monkeypatch, dtype):
     """Without autograd a wrapped sublayer plans its launch (``bottleneck_stack(return_launch=True)``: the op's
