@@ -8,8 +8,9 @@
 # The test files run in parallel (compilation is CPU bound; 16 cores), each under its own time limit; the
 # benchmarks run one after another (timings need the GPU to themselves), each under its own limit (seconds,
 # overridable: T_<name>=...; K_<name>="a pytest -k expression" runs some of a file's rows). BUDGET=seconds caps
-# the whole run, as a device call's limit would: a step gets at most what is left. OUTDIR gets run.log, tests_<file>.log, tune_merge.json, bench_<name>.json, report.md (every row) and
-# targets.md (the issues' targets, printed last: bench/targets.py). PACK=FILE.tar.gz also packs OUTDIR into one
+# the whole run, as a device call's limit would: a step gets at most what is left. OUTDIR gets run.log,
+# tests_<file>.log, tune_merge.json, bench_<name>.json, report.md (every row) and targets.md (the issues' targets,
+# printed last: bench/targets.py). PACK=FILE.tar.gz also packs OUTDIR into one
 # archive: the device tool brings back a limited number of files (session 13 lost its first call's run.log and
 # profile tables that way). Runs from the repository root; the package needs no install (adapter_engine/kernels is
 # linked).
