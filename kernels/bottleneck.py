@@ -38,7 +38,8 @@ so this matters more than FLOPs. A final pass applies the output LayerNorm and s
 the last level stores the output directly). The unit tile comes from the ranks (``_tiles``); on a GPU the
 forward and the level backward time a few row-block / hidden-chunk / warp candidates once per shape (launches of
 at least ``TUNE_MIN_ROWS`` rows) and keep the fastest (``_forward_candidates``, ``_level_candidates``,
-``_tuned_tiles``); tests/test_codegen.py pins every candidate's sm_90 build to no register spills.
+``_tuned_tiles``: GPU work timed by CUDA-graph replay and host enqueue time apart, one choice for eager calls and one
+for graph captures); tests/test_codegen.py pins every candidate's sm_90 build to no register spills.
 
 One stack on every row with wide weights (2 r H x dtype bytes >= 1 MiB per level: hidden 4096, rank 256) takes
 instead a level-by-level path on cuBLAS (``bottleneck_gemm.py``): per level a down GEMM and one addmm that adds
