@@ -456,13 +456,13 @@ def _keep_recent_packs(cache: dict, key: tuple, params: tuple, packed: PackedSta
     packs it keeps hold at most twice the memory of its largest (each is a copy of its adapters' weights, outside
     the AdapterMemoryManager's byte count). The entry holds the parameters its key names by id, so that no other
     tensor takes one of those ids while it is cached. A new dict, swapped in whole (threads read it without a lock)."""
-    packs = [v[1] for k, v in cache.items() if k[0] == "packed"]
-    kept, budget = {}, max(map(_pack_bytes, [packed, *packs]))
+    sizes = {k: _pack_bytes(v[1]) for k, v in cache.items() if k[0] == "packed" and k != key}
+    kept, budget = {}, max([_pack_bytes(packed), *sizes.values()])
     for k, v in reversed(list(cache.items())):  # newest first
         if k[0] == "packed":
-            if k == key or _pack_bytes(v[1]) > budget:
+            if k not in sizes or sizes[k] > budget:
                 continue
-            budget -= _pack_bytes(v[1])
+            budget -= sizes[k]
         kept[k] = v
     kept = dict(reversed(list(kept.items())))
     kept[key] = (params, packed)

@@ -341,6 +341,11 @@ def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float | list[float]
     return out
 
 
+def _floor_ms(activation: torch.Tensor, passes: int) -> float:
+    """``passes`` reads or writes of ``activation`` at this device's copy bandwidth (ms): a memory floor."""
+    return passes * activation.numel() * activation.element_size() / copy_bandwidth() * 1e3
+
+
 def _stack_inputs(hidden):
     """Three seq_bn adapters (relu, reduction 16), a post-LN sublayer's LayerNorm, and h, y of 4096 tokens."""
     tokens = pick(4096, 16)
@@ -393,7 +398,7 @@ def _stack_alone(benchmark, hidden, provider):
         fn = lambda: launch(h, y, expanded)  # noqa: E731
     with torch.no_grad():
         fn()
-        floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+        floor_ms = _floor_ms(h, 3)
         median = timed(benchmark, lambda: fn(), case=f"stack of 3 alone, {h.shape[0]}x{hidden}", provider=provider)
         benchmark.extra_info["host_ms"] = host_ms(fn)
         benchmark.extra_info["gpu_ms"] = gpu_ms(fn)
@@ -423,7 +428,7 @@ def bench_stack_depth(benchmark, monkeypatch, path, depth):
                                     level_adapters=hint)  # fmt: skip
 
     fn()
-    floor_ms = 3 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+    floor_ms = _floor_ms(h, 3)
     hidden = h.shape[1]
     timed(benchmark, fn, case=f"stack of {depth} alone, {h.shape[0]}x{hidden}", provider=path, n_rounds=pick(10, 1))
     gpu = gpu_ms(fn)
@@ -452,7 +457,7 @@ def bench_add_layer_norm(benchmark, hidden, provider):
     fn = calls[provider]
     with torch.no_grad():
         fn()
-        floor_ms = 4 * h.numel() * h.element_size() / copy_bandwidth() * 1e3
+        floor_ms = _floor_ms(h, 4)
         median = timed(benchmark, fn, case=f"add + LayerNorm, {h.shape[0]}x{hidden}", provider=provider)
         gpu = gpu_ms(fn)
     benchmark.extra_info.update(
