@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from harness import device, on_gpu, pick, timed
+from harness import device, host_ms, on_gpu, pick, timed
 
 import adapter_engine as ae
 
@@ -85,3 +85,10 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
     with torch.no_grad():
         timed(benchmark, run, n_rounds=pick(20, 1), provider=provider,
               case=f"Llama-shaped {batch}x{seq} tokens, {N_ADAPTERS} adapters")  # fmt: skip
+        # the host's share of a forward (equal to the median when the host is the slower side: an eager row then
+        # measures Python and launches, not kernels)
+        benchmark.extra_info["host_ms"] = host_ms(run)
+    if not provider.startswith("peft"):  # what the large-M timing chose for the model's GEMM shapes
+        from adapter_engine.kernels.lora_linear import _LARGE_M
+
+        benchmark.extra_info["large_m_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _LARGE_M.items()}

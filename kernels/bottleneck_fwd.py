@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.compiler.compiler import CompiledKernel
 
 from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2
-from .bottleneck_gemm import prefer_levels, stack_fwd_levels
+from .bottleneck_gemm import build_level_operands, prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
     PackedStack,
@@ -533,6 +533,8 @@ def _launch_fwd(
         result[0] = out
 
     chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
+    if chosen != LEVELS and level_adapters is not None and _TUNED_GRAPHED.get(key) == LEVELS and not capturing(h2):
+        build_level_operands(packed, level_adapters, host)  # for a later capture of this call (the graphed choice)
     launch(chosen)
     if record is not None and chosen != LEVELS and not save:
         views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)
@@ -549,7 +551,7 @@ class ForwardLaunch(NamedTuple):
     (``kernels.bottleneck.bottleneck_stack``'s ``return_launch``). Holds no per-call tensor: ``args`` has None in
     their slots."""
 
-    grid: tuple[int]
+    grid: tuple[int, int, int]  # three dimensions: a compiled kernel's launcher reads all three
     args: tuple
     kwargs: dict
     out_dtype: torch.dtype  # fp32 for half inputs under the interpreter (torch rounds once)
@@ -572,8 +574,9 @@ class ForwardLaunch(NamedTuple):
 
     @classmethod
     def of(
-        cls, args: list, grid: tuple[int], kwargs: dict, has_ln: bool, compiled=None, views: bool = True
+        cls, args: list, grid: tuple[int, ...], kwargs: dict, has_ln: bool, compiled=None, views: bool = True
     ) -> ForwardLaunch:
+        grid = tuple(grid) + (1,) * (3 - len(grid))
         scratch = (tuple(args[cls._R].shape), tuple(args[cls._A].shape), args[cls._A].dtype)
         out_dtype = args[cls._OUT].dtype
         template = list(args)

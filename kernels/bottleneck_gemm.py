@@ -92,7 +92,7 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
         down_w[:rank] = packed.wd[lo:hi]
         down_b = torch.zeros(width, device=dev, dtype=dtype)
         down_b[:rank] = packed.bd[lo:hi]
-        down_b[rank] = 1.0
+        down_b[rank].fill_(1.0)  # (a kernel: assigning a Python number copies from the host, which no capture takes)
         k = _TORCH_ACTS[code](torch.ones((), device=dev, dtype=dtype)).float()  # act(1) as the GEMM operand holds it
         up = torch.zeros((width, hidden), device=dev, dtype=dtype)
         up[:rank] = packed.wu[:, lo:hi].t().float() * scale
@@ -103,6 +103,16 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
             weakref.finalize(packed.wu, _OPERANDS.pop, key, None)
         _OPERANDS[key] = (versions, ops)
     return ops
+
+
+def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
+    """Build and cache the GEMM operands of every active level, outside any capture: for a key whose eager calls
+    take the row kernel while CUDA-graph captures take this path (``bottleneck_fwd._tuned_tiles``), so a capture
+    finds them cached instead of recording their build into the graph."""
+    offsets, codes, scales = host
+    for a in level_adapters:
+        if 0 <= a < len(codes):
+            _level_operands(packed, a, offsets[a], offsets[a + 1], codes[a], scales[a], packed.wd.dtype)
 
 
 def stack_fwd_levels(

@@ -1064,6 +1064,51 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
     _assert_matches_oracle(got, params, ln, h, y, torch.tensor([0, 1, 2]))
 
 
+def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
+    """A key whose eager calls take the row kernel while CUDA-graph captures take the level path: each eager call
+    builds (once) and caches the level path's GEMM operands for its pack, so a capture of a later call finds them
+    instead of building them inside the graph (session 15's H100 run: an uncached build there failed the capture,
+    and would otherwise replay its copies every time). The eager call itself runs the row kernel alone."""
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels._backend import Timing
+
+    def tuner(candidates, launch, device):
+        tile = next(c for c in candidates if c != bottleneck_fwd.LEVELS)
+        return Timing(tile, bottleneck_fwd.LEVELS, [1.0] * len(candidates), None)
+
+    levels_runs = []
+    real_levels = bottleneck_fwd.stack_fwd_levels
+    monkeypatch.setattr(
+        bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: levels_runs.append(1) or real_levels(*a, **k)
+    )
+    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_gemm, "_OPERANDS", {})
+    params, ln = make_params(40, [12, 20, 16], ["relu", "gelu", "tanh"]), make_ln(40)
+    with torch.no_grad():
+        packed = pack(params)
+    h, y, routes = torch.randn(48, 40), torch.randn(48, 40), torch.tensor([0, 1, 2])
+
+    def call():
+        with torch.no_grad():
+            return bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, level_adapters=[[0], [1], [2]])
+
+    got = call()
+    assert list(bottleneck_fwd._TUNED_GRAPHED.values()) == [bottleneck_fwd.LEVELS] and not levels_runs
+    cached = {k[4]: v[1] for k, v in bottleneck_gemm._OPERANDS.items() if k[0] == id(packed.wd)}
+    assert sorted(cached) == [0, 1, 2]
+    call()
+    again = {k[4]: v[1] for k, v in bottleneck_gemm._OPERANDS.items() if k[0] == id(packed.wd)}
+    assert all(again[a] is cached[a] for a in cached)  # built once
+    with torch.no_grad():
+        want = bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_gradients_fp16_native_operands():
     """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
     Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
@@ -1478,6 +1523,8 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
 
     class CompiledStandIn:
         def __getitem__(self, grid):
+            grid = (grid[0], grid[1], grid[2])  # as Triton's CompiledKernel reads it: all three dimensions
+
             def run(*flat):
                 assert len(flat) == len(kernel.arg_names)
                 direct.append(grid)

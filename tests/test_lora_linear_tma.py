@@ -211,8 +211,8 @@ def test_cuda_every_small_m_candidate_tile_is_correct(M):
     from adapter_engine.kernels.lora_linear_tma import lora_linear_tma_fwd, tma_candidates
 
     dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
-    x, w, b, As, Bs = (t.detach().to(dev) for t in _make((M,), K, N, [16], dt))
-    A, B = As[0], Bs[0]
+    x, w, b, As, Bs = _make((M,), K, N, [16], dt)
+    x, w, b, A, B = (t.detach().to(dev) for t in (x, w, b, As[0], Bs[0]))
     scale = torch.full((16,), 2.0, device=dev)
     owner = torch.zeros(16, dtype=torch.int32, device=dev)
     want = x.double() @ w.double().t() + b.double() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
