@@ -191,12 +191,35 @@ def bench_model_forward_graphed(benchmark, model_name, setup, fused):
     """``bench_model_forward`` with every provider replayed from a CUDA graph: the GPU work alone. On the H100 of
     session 7 the eager rows were host bound (bert-base's bare forward took 8.6 ms for about 1.5 ms of GEMMs), so
     their ratios mix each path's Python and launch cost with its kernels; these rows separate the two."""
-    _, _, fn, row = _forward_case(model_name, setup, fused, "forward graphed")
+    model, _, fn, row = _forward_case(model_name, setup, fused, "forward graphed")
     try:
         replay = cuda_graphed(fn)
     except RuntimeError as err:  # a host sync somewhere in the model's forward: not capturable here
         pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
     timed(benchmark, replay, **row)
+    if fused and setup != "bare":  # what the capture took (after "graphed:") and why (the tuner's times)
+        benchmark.extra_info["forward_tiles"] = _chosen_tiles("forward", model.config.hidden_size)
+        benchmark.extra_info["tuner_ms"] = _tuner_ms("forward", model.config.hidden_size)
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("setup", ["stack1", "stack3", "houlsby"])
+@pytest.mark.parametrize("path", ["rows", "levels"])
+def bench_model_forward_graphed_path(benchmark, monkeypatch, model_name, setup, path):
+    """``bench_model_forward_graphed``'s fused rows with the stack's path forced (``STACK_PATH``): the row-block
+    kernel or the level-by-level cuBLAS path, each inside the model. Session 15's H100 run had bert-base with 3
+    stacked adapters at 1.29x bare graphed, where the tuner (timing each candidate alone, in graph replays) had
+    chosen the level path at 67 us per layer against 100 us for the kernel: these rows say which path serves the
+    model faster, against the automatic choice's row of the same file."""
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    _, _, fn, row = _forward_case(model_name, setup, True, "forward graphed")
+    try:
+        replay = cuda_graphed(fn)
+    except RuntimeError as err:
+        pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
+    timed(benchmark, replay, **{**row, "provider": f"fused {path}"})
+    benchmark.extra_info["baseline_bench"] = "bench_model_forward_graphed"  # (its bare row: bench/report.py)
 
 
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])

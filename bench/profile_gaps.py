@@ -77,10 +77,12 @@ def _kernel_summary(prof) -> dict:
     }
 
 
-def _graphed_summary(fn) -> dict:
-    """One CUDA-graph replay of ``fn`` (``harness.cuda_graphed``): its wall time and its kernels' time and span.
-    Session 13's H100 replayed a bert-base forward of 1.75 ms of kernels in 5.4 ms: this says whether the GPU idles
-    between the graph's kernels or runs them slower than eagerly."""
+def _graphed_summary(fn) -> tuple[dict, object]:
+    """One CUDA-graph replay of ``fn`` (``harness.cuda_graphed``): its wall time and its kernels' time and span, and
+    the replay's profile (None when no graph was captured). Session 13's H100 replayed a bert-base forward of 1.75
+    ms of kernels in 5.4 ms: this says whether the GPU idles between the graph's kernels or runs them slower than
+    eagerly; the profile's table lists the kernels the capture took (session 15's bert-base stack of 3 ran 1.29x
+    bare graphed, more than either stack path timed alone), which may differ from the eager forward's."""
     from harness import cuda_graphed
     from torch.profiler import ProfilerActivity, profile
 
@@ -88,7 +90,7 @@ def _graphed_summary(fn) -> dict:
         with torch.no_grad():  # (the training cases enable grad inside)
             replay = cuda_graphed(fn)
     except RuntimeError as err:  # a host sync in the forward (or a backward that cannot be captured)
-        return {"skipped": str(err)[:200]}
+        return {"skipped": str(err)[:200]}, None
     replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -98,7 +100,7 @@ def _graphed_summary(fn) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         replay()
         torch.cuda.synchronize()
-    return {"wall_ms": wall_ms, **_kernel_summary(prof)}
+    return {"wall_ms": wall_ms, **_kernel_summary(prof)}, prof
 
 
 def main(out: str) -> None:
@@ -124,13 +126,18 @@ def main(out: str) -> None:
                 sync()
         averages = prof.key_averages()
         summary[label] = {"wall_ms": wall_ms, **_kernel_summary(prof)}
+        graphed = None
         if gpu:
-            summary[label]["graphed"] = _graphed_summary(fn)
+            summary[label]["graphed"], graphed = _graphed_summary(fn)
         with open(os.path.join(out, f"profile_{label}.txt"), "w") as fh:
             fh.write(f"{label}: {json.dumps(summary[label])}\n\n")
             fh.write(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
             fh.write("\n\n")
             fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+            if graphed is not None:
+                fh.write("\n\none CUDA-graph replay:\n")
+                fh.write(graphed.key_averages().table(sort_by="self_device_time_total", row_limit=25,
+                                                      max_name_column_width=60))  # fmt: skip
         print(label, summary[label])
     with open(os.path.join(out, "profile.json"), "w") as fh:
         json.dump(summary, fh, indent=1)

@@ -6,9 +6,9 @@ Ratios are taken between rows of the same file only (one pytest run, one device)
 Each benchmark stores ``provider``, ``case`` and ``median_ms`` (device-event median) in ``extra_info``. Rows
 with the same benchmark function and case are compared with the ``bare`` provider when present, else with
 ``peft``; a row naming a ``baseline_case`` is compared with the ``bare`` row of that case instead (several setups
-against one bare run). ``fraction_of_floor`` is printed where a benchmark records it; a row with ``floor_extra_ms``
-(the least time its adapters can add, at the device's measured ceilings) also gets ``floor_vs_bare``, the ratio to
-bare that no implementation can beat.
+against one bare run; in the benchmark function ``baseline_bench`` where the row names one). ``fraction_of_floor``
+is printed where a benchmark records it; a row with ``floor_extra_ms`` (the least time its adapters can add, at the
+device's measured ceilings) also gets ``floor_vs_bare``, the ratio to bare that no implementation can beat.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
                 "fraction_of_floor": info.get("fraction_of_floor"),
                 "notes": ", ".join(f"{k}={info[k]:.3g}" for k in NOTE_KEYS if isinstance(info.get(k), (int, float))),
                 "baseline_case": info.get("baseline_case"),
+                "baseline_bench": info.get("baseline_bench"),
                 "floor_extra_ms": info.get("floor_extra_ms"),
             }
         )
@@ -57,7 +58,8 @@ def load_rows(path: str) -> tuple[dict, list[dict]]:
                 for row in providers.values():
                     row[f"vs_{baseline}"] = row["median_ms"] / providers[baseline]["median_ms"]
     for row in rows:
-        bare = groups.get((row["bench"], row["baseline_case"]), {}).get("bare") if row["baseline_case"] else None
+        baseline = (row["baseline_bench"] or row["bench"], row["baseline_case"])
+        bare = groups.get(baseline, {}).get("bare") if row["baseline_case"] else None
         if bare is not None:
             row["vs_bare"] = row["median_ms"] / bare["median_ms"]
             if isinstance(row["floor_extra_ms"], (int, float)):

@@ -32,6 +32,9 @@ def test_ratios_within_a_case_and_against_a_baseline_case(report, tmp_path):
         _bench("bench_model", "bert, stack3", "fused", 12.5, baseline_case="bert", floor_extra_ms=1.5),
         _bench("bench_model", "bert, stack3", "eager", 15.0, baseline_case="bert"),
         _bench("bench_other", "no baseline", "engine", 1.0),
+        _bench(
+            "bench_model_path", "bert, stack3", "fused rows", 13.0, baseline_case="bert", baseline_bench="bench_model"
+        ),
     ]
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"machine_info": {"device_name": "test"}, "benchmarks": rows}))
@@ -45,6 +48,7 @@ def test_ratios_within_a_case_and_against_a_baseline_case(report, tmp_path):
     assert got[("bert, stack3", "fused")]["floor_vs_bare"] == pytest.approx(1.15)
     assert "floor_vs_bare=1.150" in got[("bert, stack3", "fused")]["notes"]
     assert "vs_bare" not in got[("no baseline", "engine")]
+    assert got[("bert, stack3", "fused rows")]["vs_bare"] == pytest.approx(1.3)  # another function's bare row
     table = report.write_outputs({"device_name": "test"}, loaded, str(tmp_path / "out"))
     assert "| bench_model | bert, stack3 | fused | 12.5000 | 1.250 |" in table
 
