@@ -26,7 +26,7 @@ from torch import nn
 
 from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_fwd
-from .kernels._backend import capturing, int_table, kept
+from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.bottleneck import (
     ACTIVATIONS,
     PackedStack,
@@ -372,7 +372,7 @@ class BottleneckStackLayer(nn.Module):
             packed = hit[1]
             self._cache = _keep_recent_packs(self._cache, key, *hit)  # (now the most recent)
         else:
-            with torch.inference_mode(False):  # (a cached pack may be saved for the backward of a later call)
+            with normal_tensors():  # (a cached pack may be saved for the backward of a later call)
                 packed = pack_modules([self.adapters[n] for n in names])
             if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed

@@ -35,7 +35,7 @@ from torch import nn
 from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
 from .changes import adapter_generation, adapters_changed, change_stamp, registration_epoch, tensor_version
 from .config import Stack
-from .kernels._backend import capturing, int_table, kept
+from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.bottleneck import expand_routes
 from .kernels.bottleneck_pack import StackOptions
 
@@ -85,7 +85,7 @@ class Route:
         which an inference tensor lacks."""
 
         def build() -> torch.Tensor:
-            with torch.inference_mode(False):
+            with normal_tensors():
                 return expand()
 
         return self.cached((kind, id(table), tuple(lead)), build)
@@ -313,7 +313,7 @@ class RoutedStackMixin:
                 return kept(packed)  # (a CUDA graph captured now reads it)
         weights = tuple(a.packed_tensors() for a in modules)
         versions = tuple(tuple(map(tensor_version, w)) for w in weights)
-        with torch.inference_mode(False):  # (normal tensors: a later call that autograd records may save them)
+        with normal_tensors():  # (a later call that autograd records may save them)
             packed = pack_modules(modules)
         if capturing(packed.wd):  # made inside a CUDA graph: filled only when it replays, so never cached
             return packed

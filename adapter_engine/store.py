@@ -35,12 +35,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import api
 from .config import BottleneckConfig, coerce_config
 from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
+from .kernels._backend import normal_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ class AdapterMemoryManager:
                 return
             self._evict(idle[0])
 
-    @torch.inference_mode(False)
+    @normal_tensors()
     def _evict(self, name: str) -> None:
         keep_on_host = self.offload == "cpu" or self.store is None or name not in self.store
         if keep_on_host:
@@ -422,7 +422,7 @@ class AdapterMemoryManager:
         self._counts["evictions"] += 1
         logger.debug("evicted adapter %r (%s)", name, "to host memory" if keep_on_host else "dropped")
 
-    @torch.inference_mode(False)  # a load inside a caller's inference_mode must still make normal tensors: an
+    @normal_tensors()  # a load inside a caller's inference_mode must still make normal tensors: an
     # inference tensor cannot train later, and has no version counter for the engine's caches of stacked factors
     def _load(self, name: str) -> None:
         start = time.perf_counter()

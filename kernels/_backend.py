@@ -76,8 +76,13 @@ _CAPTURE_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ad
 def capturing(tensor: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on ``tensor``'s device (nothing may be timed, synced or cached then),
     or, for a CPU tensor, whether a CPU stand-in for one runs (:func:`capture_on_cpu`)."""
-    if tensor.device.type == "cuda":
-        return torch.cuda.is_current_stream_capturing()
+    return capturing_on(tensor.device)
+
+
+def capturing_on(device: torch.device | None) -> bool:
+    """:func:`capturing` for a device (None: the current CUDA device, if any)."""
+    if device is None or device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     return _CAPTURING_ON_CPU.get()
 
 
@@ -121,13 +126,25 @@ def kept(value):
     return value
 
 
+@contextlib.contextmanager
+def normal_tensors():
+    """Tensors made inside the block are normal ones, not inference tensors, even under the caller's
+    ``torch.inference_mode`` (an inference tensor has no version counter and cannot be saved for a backward), and
+    grad mode stays the caller's. ``torch.inference_mode(False)`` alone turns grad mode on: inside ``torch.no_grad``,
+    a serving layer's pack of its adapters then recorded autograd history and required grad, and the level path's
+    cache of GEMM operands skipped such packs, so every call (and every CUDA-graph replay) built them again."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
+
+
 def device_lru_cache(maxsize: int):
     """``functools.lru_cache`` for builders of device tensors, whose results :func:`kept` also hands to a capture.
     They are built as normal tensors even when the first call runs under ``torch.inference_mode``: the cache is
     process-wide, and an inference tensor in it would break every later call that autograd records."""
 
     def wrap(build):
-        cached = functools.lru_cache(maxsize=maxsize)(torch.inference_mode(False)(build))
+        cached = functools.lru_cache(maxsize=maxsize)(normal_tensors()(build))
 
         @functools.wraps(build)
         def call(*args):
@@ -144,7 +161,7 @@ def int_table(table, device: torch.device) -> torch.Tensor:
     ``torch.inference_mode``: callers cache these, and an inference tensor has no version counter (``lora_linear``
     could not remember a LoRA ids tensor's row grouping, a static route could not refill it in place) and cannot be
     saved for a later backward."""
-    with torch.inference_mode(False):
+    with normal_tensors():
         return torch.tensor(table, dtype=torch.int32, device=device)
 
 

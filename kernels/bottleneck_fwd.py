@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.compiler.compiler import CompiledKernel
 
-from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2
+from ._backend import AUTOTUNE, INTERPRET, capturing, capturing_on, cdiv, fastest, next_pow2
 from .bottleneck_gemm import build_level_operands, prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
@@ -448,7 +448,7 @@ def _tuned_tiles(
     multi-launch path that a slow host cannot enqueue fast enough for eager calls may still serve a graphed model.
     The first candidate (the untimed choice) runs untimed under the interpreter, with ``ADAPTER_ENGINE_AUTOTUNE=0``
     and in a capture of a key no eager call has timed."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing_on(device):  # (or a CPU stand-in for a capture)
         return _TUNED_GRAPHED.get(key, candidates[0])
     tiles = _TUNED.get(key)
     if tiles is not None:

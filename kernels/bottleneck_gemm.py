@@ -44,7 +44,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._backend import capturing, kept
+from ._backend import capturing, kept, normal_tensors
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import layer_norm_with_stats as _layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
@@ -59,10 +59,10 @@ def prefer_levels(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool
     return 2 * max_rank * hidden * weight_dtype.itemsize >= LEVEL_WEIGHT_BYTES
 
 
-# (packed weights' ids, adapter, dtype) -> (their versions, _level_operands' tensors), for packed stacks that do not
-# train (the modules keep those between calls); an entry goes when its packed up weights are freed. So this holds
-# one more copy of the weights of the stacks that the modules keep packed (one per wrapped sublayer), outside the
-# AdapterMemoryManager's byte count.
+# (packed weights' ids, adapter, dtype) -> (their versions, _level_operands' tensors); an entry goes when its packed up
+# weights are freed. So this holds one more copy of the weights of the stacks that the modules keep packed (one per
+# wrapped sublayer), outside the AdapterMemoryManager's byte count. Packs that train count too (a pack of one adapter
+# is its parameters themselves): the operands are built without autograd, and an optimizer step is a new version.
 _OPERANDS: dict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -80,14 +80,13 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     # under torch.inference_mode, they are taken as unchanged while they live)
     versions = tuple(-1 if t.is_inference() else t._version for t in packed[:4])
     dev = packed.wd.device
-    cacheable = not any(t.requires_grad for t in packed[:4])
-    hit = _OPERANDS.get(key) if cacheable else None
+    hit = _OPERANDS.get(key)
     if hit is not None and hit[0] == versions:  # also while a CUDA graph is captured: it reads the kept copies
         return kept(hit[1])
-    cacheable = cacheable and not capturing(packed.wd)  # (never store tensors a capture made)
+    cacheable = not capturing(packed.wd)  # (never store tensors a capture made)
     rank, hidden = hi - lo, packed.wd.shape[1]
     width = -(-(rank + 1) // 8) * 8
-    with torch.no_grad(), torch.inference_mode(False):  # (cached: a later recorded call may save them)
+    with normal_tensors(), torch.no_grad():  # (normal tensors, cached: a later recorded call may save them)
         down_w = torch.zeros((width, hidden), device=dev, dtype=dtype)
         down_w[:rank] = packed.wd[lo:hi]
         down_b = torch.zeros(width, device=dev, dtype=dtype)

@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2, use_triton
+from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, next_pow2, normal_tensors, use_triton
 from .lora_epilogue import _grouped_tile, _low_rank_epilogue
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, rank_tile, tma_candidates, tma_fits
@@ -540,7 +540,7 @@ def _zeroed_counters(count: int, like: torch.Tensor) -> torch.Tensor:
     key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < count:
-        with torch.inference_mode(False):  # (a process-wide buffer: a normal tensor whatever the first caller's mode)
+        with normal_tensors():  # (a process-wide buffer: a normal tensor whatever the first caller's mode)
             counters = _COUNTERS[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=dev)
     return counters
 

@@ -1109,6 +1109,74 @@ def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(monkeypatch, routed):
+    """A whole model (BERT, a stack of three seq_bn adapters per layer, set active or routed): where the tuner keeps
+    the row kernel for eager calls and the level path for CUDA-graph captures, eager forwards run the kernel, and a
+    forward captured (here its CPU stand-in) runs the level path in every layer, on the GEMM operands the eager
+    calls cached: it builds none. Its output matches the eager forward's."""
+    from transformers import BertConfig, BertModel
+
+    import adapter_engine as ae
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels._backend import Timing, capture_on_cpu
+
+    def tuner(candidates, launch, device):
+        tile = next(c for c in candidates if c != bottleneck_fwd.LEVELS)
+        return Timing(tile, bottleneck_fwd.LEVELS, [1.0] * len(candidates), None)
+
+    levels_runs, builds = [], []
+    real_levels, real_operands = bottleneck_fwd.stack_fwd_levels, bottleneck_gemm._level_operands
+    monkeypatch.setattr(
+        bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: levels_runs.append(1) or real_levels(*a, **k)
+    )
+
+    def operands(packed, *args):
+        before = len(bottleneck_gemm._OPERANDS)
+        got = real_operands(packed, *args)
+        if not any(got is v[1] for v in bottleneck_gemm._OPERANDS.values()) or len(bottleneck_gemm._OPERANDS) > before:
+            builds.append(args[0])
+        return got
+
+    monkeypatch.setattr(bottleneck_gemm, "_level_operands", operands)
+    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
+    monkeypatch.setattr(bottleneck_gemm, "_OPERANDS", {})
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        vocab_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertModel(config, add_pooling_layer=False).eval()
+    for name in ("a", "b", "c"):
+        ae.add_adapter(model, name, ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".adapters." in n:
+                p.normal_(0.0, 0.3)
+    stack = ae.Stack("a", "b", "c")
+    if not routed:
+        ae.set_active_adapters(model, stack)
+    batch = torch.randint(0, 64, (4, 8))  # 32 rows
+
+    def forward():
+        with torch.no_grad(), ae.use_adapters(stack) if routed else contextlib.nullcontext():
+            return model(input_ids=batch).last_hidden_state
+
+    eager = forward()
+    forward()
+    assert not levels_runs and set(bottleneck_fwd._TUNED_GRAPHED.values()) == {bottleneck_fwd.LEVELS}
+    built = len(builds)
+    assert built == 3 * 2  # each layer's three adapters, once
+    with capture_on_cpu():
+        captured = forward()
+    assert len(levels_runs) == 2 and len(builds) == built
+    torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_gradients_fp16_native_operands():
     """fp16 weights take the GPU's native-operand dots in the interpreter too (its fp16 dot is exact in fp32).
     Tolerance: operands rounded to fp16 (2^-11 relative) before each dot, results rounded once: 5e-3 of the
