@@ -1064,11 +1064,10 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
     _assert_matches_oracle(got, params, ln, h, y, torch.tensor([0, 1, 2]))
 
 
-def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
-    """A key whose eager calls take the row kernel while CUDA-graph captures take the level path: each eager call
-    builds (once) and caches the level path's GEMM operands for its pack, so a capture of a later call finds them
-    instead of building them inside the graph (session 15's H100 run: an uncached build there failed the capture,
-    and would otherwise replay its copies every time). The eager call itself runs the row kernel alone."""
+def _split_tuner(monkeypatch) -> list:
+    """The forward tuner, without timing anything, keeps the row kernel for eager calls and the level path for
+    CUDA-graph captures, in fresh tables (and a fresh operand cache) from 16 rows on; returns the list that each run
+    of the level path appends to."""
     from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
     from adapter_engine.kernels._backend import Timing
 
@@ -1088,6 +1087,17 @@ def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
     monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
     monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(bottleneck_gemm, "_OPERANDS", {})
+    return levels_runs
+
+
+def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
+    """A key whose eager calls take the row kernel while CUDA-graph captures take the level path: each eager call
+    builds (once) and caches the level path's GEMM operands for its pack, so a capture of a later call finds them
+    instead of building them inside the graph (session 15's H100 run: an uncached build there failed the capture,
+    and would otherwise replay its copies every time). The eager call itself runs the row kernel alone."""
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+
+    levels_runs = _split_tuner(monkeypatch)
     params, ln = make_params(40, [12, 20, 16], ["relu", "gelu", "tanh"]), make_ln(40)
     with torch.no_grad():
         packed = pack(params)
@@ -1119,17 +1129,11 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
 
     import adapter_engine as ae
     from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
-    from adapter_engine.kernels._backend import Timing, capture_on_cpu
+    from adapter_engine.kernels._backend import capture_on_cpu
 
-    def tuner(candidates, launch, device):
-        tile = next(c for c in candidates if c != bottleneck_fwd.LEVELS)
-        return Timing(tile, bottleneck_fwd.LEVELS, [1.0] * len(candidates), None)
-
-    levels_runs, builds = [], []
-    real_levels, real_operands = bottleneck_fwd.stack_fwd_levels, bottleneck_gemm._level_operands
-    monkeypatch.setattr(
-        bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: levels_runs.append(1) or real_levels(*a, **k)
-    )
+    levels_runs, builds = _split_tuner(monkeypatch), []
+    monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
+    real_operands = bottleneck_gemm._level_operands
 
     def operands(packed, *args):
         before = len(bottleneck_gemm._OPERANDS)
@@ -1139,14 +1143,6 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
         return got
 
     monkeypatch.setattr(bottleneck_gemm, "_level_operands", operands)
-    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
-    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
-    monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
-    monkeypatch.setattr(bottleneck_gemm, "_OPERANDS", {})
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                         vocab_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
