@@ -170,14 +170,23 @@ def test_cuda_merge_property(data):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @settings(CUDA_SETTINGS, max_examples=13)
 @given(data=st.data())
-def test_cuda_lora_linear_property(data, dtype):
-    """One test per dtype, about half of CUDA_SETTINGS' examples each: as one test of 25 it ran past its 194 s job
-    in sessions 7 and 13 (bench/gpu_check.sh runs the two as separate jobs)."""
+def test_cuda_lora_linear_property_float16(data):
+    """One test per dtype (bench/gpu_check.sh runs each as a job of its own): as one test of 25 examples it ran past
+    its 194 s job in sessions 7 and 13. In fp16, 13 examples took 39 s on session 15's H100 machine."""
+    _check_lora(data, "cuda", torch.float16, big=True)
+
+
+@pytest.mark.cuda
+@settings(CUDA_SETTINGS, max_examples=5)
+@given(data=st.data())
+def test_cuda_lora_linear_property_float32(data):
+    """fp32 on 5 examples: 13 did not finish within 200 s in session 15 (nor 25 in sessions 7 and 13), where fp16's
+    13 took 39 s. Each example compiles its kernels anew; what makes fp32's examples slower is not measured yet.
+    Fewer examples that finish check more than more that do not."""
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp64 oracle comparison needs IEEE fp32 on both sides
-    _check_lora(data, "cuda", dtype, big=True)
+    _check_lora(data, "cuda", torch.float32, big=True)
 
 
 @pytest.mark.cuda
