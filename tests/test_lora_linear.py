@@ -486,6 +486,28 @@ def test_cuda_split_k_tiles(monkeypatch, M):
         _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
 
 
+def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
+    """The tiled kernel's ``triton.autotune`` times each config with ``_autotune_bench``: GPU work by CUDA-graph
+    replay, a value per requested quantile, and ``do_bench`` where the call cannot be captured (here the two timers
+    are stand-ins that record what they were handed)."""
+    import triton.testing
+
+    assert ll._fwd_kernel_tuned.do_bench is ll._autotune_bench
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    graphed, benched = [], []
+    monkeypatch.setattr(ll, "graph_time_ms", lambda fn, device: graphed.append((fn, device)) or 0.25)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: benched.append(fn) or [9.0, 8.0, 10.0])
+    call = lambda: None  # noqa: E731
+    assert ll._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [0.25] * 3
+    assert graphed == [(call, torch.device("cuda", 0))] and not benched
+
+    def capture_fails(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ll, "graph_time_ms", capture_fails)
+    assert ll._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [9.0, 8.0, 10.0] and benched == [call]
+
+
 def _assert_bf16_no_worse_than_torch(M, ranks, scales, path, skew_ids=None):
     """bf16 4096 -> 4096 with mixed ids incl. -1 (``skew_ids`` may reshape them): the op's relative error against
     fp64, for y and every gradient, is at most 1.02x plain torch bf16's (1.10x for y on ``"addmm"``)."""
