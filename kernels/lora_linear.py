@@ -520,6 +520,8 @@ def lora_linear_fwd(
     named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
     if config is None and not AUTOTUNE:
         config = _TUNED[tuning_key] = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
+    if config is None and capturing(x):  # nothing is timed inside a CUDA-graph capture: the first config, for it only
+        config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
     if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
         configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
         buffers = _split_k_buffers(M, N, meta["BLOCK_R"], configs, y)

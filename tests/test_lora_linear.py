@@ -508,6 +508,31 @@ def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
     assert ll._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [9.0, 8.0, 10.0] and benched == [call]
 
 
+@pytest.mark.cuda
+def test_cuda_a_capture_of_an_untuned_shape_times_nothing(monkeypatch):
+    """A CUDA-graph capture that meets a tiled-kernel shape no eager call has tuned launches the first config (the
+    autotuner's timing cannot run inside a capture) and remembers nothing: the next eager call tunes. The replay
+    matches the eager op."""
+    x, w, b, As, Bs = _make((5,), 256, 384, [8], torch.bfloat16)
+    x, w, b, A, B = (t.detach().cuda() for t in (x, w, b, As[0], Bs[0]))
+    monkeypatch.setattr(ll, "_TUNED", {})
+    monkeypatch.setattr(ll, "AUTOTUNE", False)
+    with torch.no_grad():  # compiles and loads the first config outside the capture (no module loads inside one)
+        lora_linear(x, w, A, B, 2.0, b, path="fused")
+    monkeypatch.setattr(ll, "_TUNED", {})
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        y = lora_linear(x, w, A, B, 2.0, b, path="fused")
+    assert ll._TUNED == {}
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        torch.testing.assert_close(y, lora_linear(x, w, A, B, 2.0, b, path="fused"), rtol=2e-2, atol=2e-2)
+    assert len(ll._TUNED) == 1
+
+
 def _assert_bf16_no_worse_than_torch(M, ranks, scales, path, skew_ids=None):
     """bf16 4096 -> 4096 with mixed ids incl. -1 (``skew_ids`` may reshape them): the op's relative error against
     fp64, for y and every gradient, is at most 1.02x plain torch bf16's (1.10x for y on ``"addmm"``)."""
