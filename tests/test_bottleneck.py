@@ -558,7 +558,6 @@ def test_graph_timer_captures_repeated_calls_and_divides_by_them(monkeypatch):
     (no GPU here; the CUDA tier times real work): a warm-up call and one timed call outside the capture, as many
     repeats inside it as fit ``rep_ms`` by that call's time, the per-call median of the replays, garbage collection
     off only during the capture, the capture thread-local on the timing stream."""
-    import contextlib
     import gc
 
     from adapter_engine.kernels import _backend
