@@ -47,6 +47,7 @@ from adapter_engine.kernels import bottleneck_fwd, lora_linear
 from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
+from adapter_engine.kernels.up_add_layer_norm import up_add_layer_norm
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 STACK = ["general", "cardiology", "paediatric"]
@@ -205,7 +206,7 @@ def bench_model_forward_graphed(benchmark, model_name, setup, fused):
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
 @pytest.mark.parametrize("setup", ["stack1", "stack3", "houlsby"])
-@pytest.mark.parametrize("path", ["rows", "levels"])
+@pytest.mark.parametrize("path", ["rows", "levels", "levels fused"])
 def bench_model_forward_graphed_path(benchmark, monkeypatch, model_name, setup, path):
     """``bench_model_forward_graphed``'s fused rows with the stack's path forced (``STACK_PATH``): the row-block
     kernel or the level-by-level cuBLAS path, each inside the model. Session 15's H100 run had bert-base with 3
@@ -302,17 +303,20 @@ def bench_train_top_of_three(benchmark, model_name, provider):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
-@pytest.mark.parametrize("provider", ["fused", "fused launch", "fused launch jit", "eager", "fused levels"])
+@pytest.mark.parametrize(
+    "provider", ["fused", "fused launch", "fused launch jit", "eager", "fused levels", "fused levels+ln"]
+)
 def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor.
     "fused" is what the op chooses (timed on first use); "fused launch" repeats the launch that choice made, as a
     serving layer does (``bottleneck_stack(return_launch=True)``: no checks or planning per call; on a GPU it calls
     the compiled kernel directly), "fused launch jit" the same through Triton's launcher (their ``host_ms`` differ
-    by Triton's per-launch argument binding); "fused levels"
-    forces the level-by-level cuBLAS path (kernels/bottleneck_gemm.py), the other design, and
-    ``bench_stack_alone_tiles`` forces each kernel tile."""
-    if provider == "fused levels":
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
+    by Triton's per-launch argument binding); "fused levels" forces the level-by-level cuBLAS path
+    (kernels/bottleneck_gemm.py), the other design, "fused levels+ln" the same with each level's up projection and
+    next LayerNorm in one launch (kernels/up_add_layer_norm.py, hidden <= 1024), and ``bench_stack_alone_tiles``
+    forces each kernel tile."""
+    if provider.startswith("fused levels"):
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels fused" if provider.endswith("+ln") else "levels")
     _stack_alone(benchmark, hidden, provider)
 
 
@@ -332,7 +336,7 @@ def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
 
 
 def _tile_name(t) -> str:
-    if t == bottleneck_fwd.LEVELS:
+    if t in bottleneck_fwd.LEVEL_PATHS:
         return t
     name = f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
     return name if t.maxnreg == 255 else f"{name} regs{t.maxnreg}"
@@ -430,14 +434,14 @@ def _stack_alone(benchmark, hidden, provider):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-@pytest.mark.parametrize("path", ["rows", "levels"])
+@pytest.mark.parametrize("path", ["rows", "levels", "levels fused"])
 def bench_stack_depth(benchmark, monkeypatch, path, depth):
     """The seq_bn stack of ``bench_stack_alone`` at hidden 768 (4096 tokens) at each depth, on the row-block kernel
     or level by level on cuBLAS, with ``gpu_ms`` (graph replay: GPU work alone). Depth 0 is the kernel's passes
     without a level (the LN moments and the output LN), so the rows split the row kernel's time into its streaming
     base and a cost per level: session 13 measured 55 us at one level and 108 us at three against a 6.3 us floor."""
     monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
-    if path == "levels" and depth == 0:
+    if path != "rows" and depth == 0:
         pytest.skip("depth 0 runs the kernel's copy or output LN whatever the path")
     adapters, ln, h, y = _stack_inputs(pick(768, 48))
     with torch.no_grad():
@@ -482,6 +486,32 @@ def bench_add_layer_norm(benchmark, hidden, provider):
         fn()
         floor_ms = _floor_ms(h, 4)
         median = timed(benchmark, fn, case=f"add + LayerNorm, {h.shape[0]}x{hidden}", provider=provider)
+        gpu = gpu_ms(fn)
+    benchmark.extra_info.update(
+        floor_ms=floor_ms, x_floor=median / floor_ms, gpu_ms=gpu, gpu_x_floor=None if gpu is None else gpu / floor_ms
+    )
+
+
+@pytest.mark.parametrize("hidden", [pick(768, 48), pick(1024, 64)])
+@pytest.mark.parametrize("provider", ["fused", "torch"])
+def bench_up_add_layer_norm(benchmark, hidden, provider):
+    """A level's up projection into the carry and the next LayerNorm over 4096 tokens (rank 48 padded to 56): one
+    fused launch (kernels/up_add_layer_norm.py) against ``c.addmm_(act, up)`` and ``F.layer_norm``. The floor is
+    three passes (read c, write c and x) at copy bandwidth, torch's four; ``gpu_ms`` from graph replays (each
+    replay adds to c again: the values drift, the work does not)."""
+    _, ln, c, _ = _stack_inputs(hidden)
+    act = torch.randn(c.shape[0], 56, device=c.device, dtype=c.dtype).relu()
+    up = torch.randn(56, hidden, device=c.device, dtype=c.dtype) * 0.01
+    args = (ln.weight, ln.bias, ln.eps)
+    calls = {
+        "fused": lambda: up_add_layer_norm(act, up, c, *args),
+        "torch": lambda: torch.nn.functional.layer_norm(c.addmm_(act, up), (hidden,), *args),
+    }
+    fn = calls[provider]
+    with torch.no_grad():
+        fn()
+        floor_ms = _floor_ms(c, 3)
+        median = timed(benchmark, fn, case=f"up + residual + LayerNorm, {c.shape[0]}x{hidden}", provider=provider)
         gpu = gpu_ms(fn)
     benchmark.extra_info.update(
         floor_ms=floor_ms, x_floor=median / floor_ms, gpu_ms=gpu, gpu_x_floor=None if gpu is None else gpu / floor_ms

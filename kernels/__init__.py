@@ -42,6 +42,7 @@ else:
         unmerge_lora_,
         unmerge_lora_many_,
     )
+    from .up_add_layer_norm import up_add_layer_norm, up_add_layer_norm_reference
 
     __all__ = [
         "INTERPRET",
@@ -70,6 +71,9 @@ else:
         # add_layer_norm.py (the level-by-level stack path's fused add + LayerNorm)
         "add_layer_norm",
         "add_layer_norm_reference",
+        # up_add_layer_norm.py (a stack level's up projection, residual and next LayerNorm in one launch)
+        "up_add_layer_norm",
+        "up_add_layer_norm_reference",
         # bottleneck.py
         "bottleneck_stack",
         "bottleneck_stack_fwd",

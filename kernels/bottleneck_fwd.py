@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.compiler.compiler import CompiledKernel
 
 from ._backend import AUTOTUNE, INTERPRET, capturing, capturing_on, cdiv, fastest, next_pow2
-from .bottleneck_gemm import build_level_operands, prefer_levels, stack_fwd_levels
+from .bottleneck_gemm import build_level_operands, fuses_up_ln, prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
     PackedStack,
@@ -427,9 +427,13 @@ TUNING_HOST_MS: dict[tuple, list[float]] = {}  # tuning key -> the candidates' h
 TUNE_MIN_ROWS = 2048
 # The candidate that runs one stack on every row level by level on cuBLAS (bottleneck_gemm.py) instead of the kernel.
 LEVELS = "levels on cuBLAS"
+# The same with each level's up projection, residual and next LayerNorm in one launch (kernels/up_add_layer_norm.py),
+# timed beside it where that applies (serving a seq_bn stack of a post-LN sublayer: bottleneck_gemm.fuses_up_ln).
+LEVELS_FUSED = "levels, up + LN fused"
+LEVEL_PATHS = (LEVELS, LEVELS_FUSED)
 # What runs one stack on every row, forward and level backward: "auto" (the untimed choice is prefer_levels';
 # launches of at least TUNE_MIN_ROWS rows time both), or "rows" / "levels" to force the row-block kernels or the
-# cuBLAS path (benchmarks, tests).
+# cuBLAS path (benchmarks, tests); "levels fused": the cuBLAS path with LEVELS_FUSED's launches where they apply.
 STACK_PATH = "auto"
 
 
@@ -506,6 +510,13 @@ def _launch_fwd(
     candidates = _forward_candidates(tiles, save) if timed else (tiles,)
     if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
         candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
+        if LEVELS in candidates and not save and fuses_up_ln(
+            _flags(options, ln_weight is not None), hidden, h.dtype, y2.dtype, packed.wd.dtype
+        ):  # fmt: skip
+            if STACK_PATH == "levels fused":
+                candidates = (LEVELS_FUSED,)
+            elif len(candidates) > 1:  # timed: beside the other candidates
+                candidates = (*candidates, LEVELS_FUSED)
     key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, switch_values,
            candidates[0] == LEVELS, len(candidates))  # fmt: skip
     if save:
@@ -523,9 +534,10 @@ def _launch_fwd(
     # own) and what the kernel launch returned (the compiled kernel on a GPU)
 
     def launch(t: _Tiles | str) -> None:
-        if t == LEVELS:
+        if t in LEVEL_PATHS:
             result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host,
-                                         _flags(options, ln_weight is not None), float(options.eps), saved)  # fmt: skip
+                                         _flags(options, ln_weight is not None), float(options.eps), saved,
+                                         fuse_up_ln=t == LEVELS_FUSED)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
@@ -533,10 +545,11 @@ def _launch_fwd(
         result[0] = out
 
     chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
-    if chosen != LEVELS and level_adapters is not None and _TUNED_GRAPHED.get(key) == LEVELS and not capturing(h2):
+    graphed = _TUNED_GRAPHED.get(key)
+    if chosen not in LEVEL_PATHS and graphed in LEVEL_PATHS and level_adapters is not None and not capturing(h2):
         build_level_operands(packed, level_adapters, host)  # for a later capture of this call (the graphed choice)
     launch(chosen)
-    if record is not None and chosen != LEVELS and not save:
+    if record is not None and chosen not in LEVEL_PATHS and not save:
         views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)
         record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
                                        ln_weight is not None, result[1], views))  # fmt: skip
@@ -692,10 +705,10 @@ def _with_levels(candidates: tuple, rows: int, hidden: int, max_rank: int, weigh
     nothing is timed, for wide weights (:func:`prefer_levels`); last, to be timed, otherwise. ``STACK_PATH`` forces
     either."""
     if not one_stack or STACK_PATH == "rows":
-        if STACK_PATH == "levels":
+        if STACK_PATH in ("levels", "levels fused"):
             raise ValueError("the level-by-level path needs one stack on every row, known on the host (level_adapters)")
         return candidates
-    if STACK_PATH == "levels":
+    if STACK_PATH in ("levels", "levels fused"):
         return (LEVELS,)
     timed = rows >= TUNE_MIN_ROWS and not INTERPRET  # the interpreter times nothing (one tile per launch)
     if prefer_levels(hidden, max_rank, weight_dtype):
@@ -707,7 +720,7 @@ def levels_may_run(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> boo
     """Whether :func:`_launch_fwd` may take the level-by-level path for one stack on every row (worth a device sync
     to learn the routes when no host hint came)."""
     if STACK_PATH != "auto":
-        return STACK_PATH == "levels"
+        return STACK_PATH in ("levels", "levels fused")
     # narrow weights: offered for timing only with the modules' host hint, not worth a sync on every call
     return prefer_levels(hidden, max_rank, weight_dtype)
 

@@ -48,6 +48,8 @@ from ._backend import capturing, kept, normal_tensors
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import layer_norm_with_stats as _layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
+from .up_add_layer_norm import MAX_HIDDEN as _MAX_FUSED_HIDDEN
+from .up_add_layer_norm import up_add_layer_norm
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
 # stream the larger traffic: 1 MiB is rank 128 at hidden 2048 in bf16; BERT-base's rank 48 at 768 is 147 KB.
@@ -104,6 +106,17 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     return ops
 
 
+def fuses_up_ln(flags: dict, hidden: int, *dtypes: torch.dtype) -> bool:
+    """Whether :func:`stack_fwd_levels` with ``fuse_up_ln`` runs each level's up projection, residual and next
+    LayerNorm as one ``up_add_layer_norm`` launch: the carried seq_bn default (``c = r + y``, input ``LN(c)``) of a
+    forward that saves nothing, rows of at most its ``MAX_HIDDEN``, and one dtype for h, y and the weights (the
+    carry is then in the GEMM operands' dtype)."""
+    return (
+        flags["IN_LN"] and flags["IN_ADD_Y"] and flags["OUT_ADD_Y"] and flags["RES_MODE"] == 0
+        and not flags["PARALLEL"] and hidden <= _MAX_FUSED_HIDDEN and len(set(dtypes)) == 1
+    )  # fmt: skip
+
+
 def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
     """Build and cache the GEMM operands of every active level, outside any capture: for a key whose eager calls
     take the row kernel while CUDA-graph captures take this path (``bottleneck_fwd._tuned_tiles``), so a capture
@@ -115,13 +128,24 @@ def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
 
 
 def stack_fwd_levels(
-    h2, y2, ln_weight, ln_bias, packed: PackedStack, level_adapters, host, flags: dict, eps: float, saved=None
+    h2,
+    y2,
+    ln_weight,
+    ln_bias,
+    packed: PackedStack,
+    level_adapters,
+    host,
+    flags: dict,
+    eps: float,
+    saved=None,
+    fuse_up_ln: bool = False,
 ) -> torch.Tensor:
     """The stack's output (M, H) for ``h2`` / ``y2`` (M, H), level by level on cuBLAS, in h's dtype.
 
     ``level_adapters``: per level, the adapter every row runs (-1: the level is off); ``host`` = (offsets, codes,
     scales) of the packed adapters; ``flags``: ``bottleneck_pack._flags``; ``saved``: the kernel's (rs, zs, stats)
-    to fill for the backward (zs zero-initialised), or None."""
+    to fill for the backward (zs zero-initialised), or None; ``fuse_up_ln``: where :func:`fuses_up_ln` holds, each
+    level's up GEMM, residual and the LayerNorm after it in one launch."""
     par, in_add_y, in_ln = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"]
     res_mode, out_add_y, out_ln = flags["RES_MODE"], flags["OUT_ADD_Y"], flags["OUT_LN"]
     offsets, codes, scales = host
@@ -135,9 +159,11 @@ def stack_fwd_levels(
     cdt = torch.promote_types(torch.promote_types(h2.dtype, y2.dtype), wdt)
     # dtypes as the row-block kernel takes them, whatever autocast region the op is called from
     with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
-        first_x = None  # the first level's input LN(h + y), made with the carry by one fused launch
+        # the next active level's input LN(c), made with c by one launch: the first level's with the carry
+        # (add_layer_norm of h + y), a later one's with the level before's up projection (up_add_layer_norm)
+        next_x = None
         if carry_y and in_ln and not par and level_adapters and level_adapters[0] >= 0:
-            c, first_x = add_layer_norm(h2, y2, ln_weight, ln_bias, eps, cdt)
+            c, next_x = add_layer_norm(h2, y2, ln_weight, ln_bias, eps, cdt)
         else:
             c = h2.to(cdt) + y2 if carry_y else h2.to(cdt)  # r_0 (+ y)
         own_c = c.data_ptr() != h2.data_ptr()  # c is this call's own: the up GEMM may accumulate into it in place
@@ -145,13 +171,14 @@ def stack_fwd_levels(
         # its up GEMM writes u alone (as addmm it would first copy res), and no r_n + y is formed
         fold_last = saved is None and out_add_y and out_ln and not carry_y
         last = max((lvl for lvl, a in enumerate(level_adapters) if a >= 0), default=-1)
+        fuse = fuse_up_ln and carry_y and fuses_up_ln(flags, c.shape[1], c.dtype, wdt)
         folded = None
         for lvl, a in enumerate(level_adapters):
             t = x = None
             if not par and (a >= 0 or (in_ln and saved is not None)):
                 stats = saved.stats[lvl] if saved is not None else None
-                if lvl == 0 and first_x is not None:
-                    t, x = c, first_x
+                if next_x is not None:
+                    t, x, next_x = c, next_x, None
                 elif in_ln and in_add_y and not carry_y:  # t = r + y and LN(t) in one launch (t kept if it is res)
                     t, x = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=res_mode == 1, stats=stats)
                 else:
@@ -173,6 +200,8 @@ def stack_fwd_levels(
                     c = res + (act @ up).to(res.dtype)
                 elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
                     c = torch.addmm(res, act, up, out=saved.rs[lvl])
+                elif res is c and own_c and fuse and (lvl != last or out_ln):  # c += act @ up and LN(c) at once
+                    next_x = up_add_layer_norm(act, up, c, ln_weight, ln_bias, eps)
                 elif res is c and own_c:  # (out of place, addmm first copies res into its output: one more pass)
                     c = c.addmm_(act, up)
                 else:
@@ -188,6 +217,8 @@ def stack_fwd_levels(
                 out = add_layer_norm(*folded, ln_weight, ln_bias, eps, cdt, write_sum=False, c=y2)[1]
             elif out_ln and not carry_y:  # LN(r_n + y) in one launch
                 out = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=False, stats=stats)[1]
+            elif next_x is not None:  # LN(c), made with the last level's up projection
+                out = next_x
             else:
                 v = c if carry_y else c + y2
                 out = _layer_norm(v, ln_weight, ln_bias, eps, stats) if out_ln else v

@@ -670,17 +670,18 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
 
 
 # --------------------------------------------------------------------------------------------------- levels on cuBLAS
-@pytest.fixture
-def levels_path(monkeypatch):
-    """Every forward of one stack on every row takes the level-by-level GEMM path (kernels/bottleneck_gemm.py); the
-    row-block forward kernel fails if it is launched."""
+@pytest.fixture(params=["levels", "levels fused"])
+def levels_path(monkeypatch, request):
+    """Every forward of one stack on every row takes the level-by-level GEMM path (kernels/bottleneck_gemm.py), as
+    it is or with each level's up projection, residual and next LayerNorm in one ``up_add_layer_norm`` launch where
+    that applies (``"levels fused"``); the row-block forward kernel fails if it is launched."""
     from adapter_engine.kernels import bottleneck_fwd
 
     class NoKernel:
         def __getitem__(self, grid):
             raise AssertionError("the row-block forward kernel ran")
 
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
+    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", request.param)
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", NoKernel())
 
 
@@ -732,6 +733,62 @@ def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatc
     assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels], o))
 
 
+@pytest.mark.parametrize("name", ["seq_bn", "double_seq_bn"])
+def test_levels_path_fuses_each_up_projection_with_the_next_layer_norm(levels_path, monkeypatch, name):
+    """``"levels fused"``: serving a seq_bn stack, each active level's up GEMM, residual and the LayerNorm after it
+    (the next active level's input, or the output for the last) run as one ``up_add_layer_norm`` launch, and no
+    LayerNorm runs on its own; where the structure does not carry ``r + y`` (Houlsby), nothing is fused. Either
+    way the output matches the oracle."""
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+
+    fused, alone = [], []
+    real_fused, real_ln = bottleneck_gemm.up_add_layer_norm, bottleneck_gemm._layer_norm
+    monkeypatch.setattr(bottleneck_gemm, "up_add_layer_norm", lambda *a: fused.append(1) or real_fused(*a))
+    monkeypatch.setattr(bottleneck_gemm, "_layer_norm", lambda *a: alone.append(1) or real_ln(*a))
+    o = OPTION_GRID[name]
+    params = make_params(40, [8, 16, 4], ["relu", "swish", "gelu"])
+    ln = make_ln(40)
+    h, y = torch.randn(11, 40), torch.randn(11, 40)
+    levels = [0, -1, 1, 2]
+    with torch.no_grad():
+        got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
+    assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels if i >= 0], o))
+    on = bottleneck_fwd.STACK_PATH == "levels fused" and name == "seq_bn"
+    assert len(fused) == (3 if on else 0)
+    if name == "seq_bn":  # the first level's input comes with the carry (add_layer_norm): two LNs alone otherwise
+        assert len(alone) == (0 if on else 3)
+
+
+def test_the_tuner_times_the_fused_levels_where_they_apply(monkeypatch):
+    """The forward tuner offers ``LEVELS_FUSED`` beside ``LEVELS`` for a serving seq_bn stack, not for Houlsby
+    placement (nothing to fuse) nor for a forward that saves for the backward."""
+    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels._backend import Timing
+
+    offered = []
+
+    def tuner(candidates, launch, device):
+        offered.append(candidates)
+        return Timing(candidates[0], candidates[0], [1.0] * len(candidates), None)
+
+    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
+    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
+    params, ln = make_params(40, [8, 16], ["relu", "gelu"]), make_ln(40)
+    h, y = torch.randn(32, 40), torch.randn(32, 40)
+    for name, grad in (("seq_bn", False), ("double_seq_bn", False), ("seq_bn", True)):
+        monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+        for p in params:
+            p["wd"].requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), OPTION_GRID[name], ln.weight, ln.bias,
+                             level_adapters=[[0], [1]])  # fmt: skip
+    assert [bottleneck_fwd.LEVELS_FUSED in c for c in offered] == [True, False, False]
+    assert all(bottleneck_fwd.LEVELS in c for c in offered)
+
+
 @pytest.mark.parametrize("name", list(OPTION_GRID))
 @pytest.mark.parametrize(
     "forward, backward", [("levels", "rows"), ("levels", "levels"), ("rows", "levels")], ids=lambda p: p
@@ -747,7 +804,9 @@ def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
     o = OPTION_GRID[name]
     ran = []
     fwd_levels, bwd_levels = bottleneck_fwd.stack_fwd_levels, bottleneck_bwd.level_bwd_levels
-    monkeypatch.setattr(bottleneck_fwd, "stack_fwd_levels", lambda *a: ran.append("forward") or fwd_levels(*a))
+    monkeypatch.setattr(
+        bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: ran.append("forward") or fwd_levels(*a, **k)
+    )
     monkeypatch.setattr(bottleneck_bwd, "level_bwd_levels", lambda *a: ran.append("backward") or bwd_levels(*a))
     params, ln, h, y = _trainable_stack(48, 21, [12, 20, 16], ["relu", "gelu", "swish"])
     ln_leaves = [ln.weight, ln.bias] if with_ln else [None, None]

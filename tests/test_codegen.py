@@ -586,3 +586,54 @@ def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, sav
     ops = build["ops"]
     assert ops.get("ld.global.v4.b32", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
     assert set(ops) <= {"ld.global.v4.b32", "st.global.v4.b32"} | ({"st.global.b32"} if save else set()), ops
+
+
+# --------------------------------------------------------------------------------------------- up_add_layer_norm
+# kernels/up_add_layer_norm.py: a level's up GEMM on the tensor cores with the LayerNorm of whole rows in its
+# epilogue; the (16, BLOCK_H) fp32 accumulator must stay in registers at BERT-base's hidden size and the largest
+# it takes, bf16, as the launcher sets it up (rank 56 padded to 64).
+_UP_ADD_LN = _RESOURCES + textwrap.dedent(
+    """
+    import json, re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adapter_engine.kernels.up_add_layer_norm import _up_add_layer_norm_kernel as kernel
+    from adapter_engine.kernels._backend import next_pow2
+
+    hidden = int(sys.argv[1])
+    block_h = next_pow2(hidden)
+    constants = dict(DOT_FP32=False, INPUT_PRECISION="tf32", ROWS=16, BLOCK_H=block_h, BLOCK_K=16)
+    pointer = {"w_ptr": "*fp32", "bias_ptr": "*fp32"}
+    unit = ("stride_ak", "stride_uh", "stride_ch")
+    signature, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
+        if arg in constants or arg in unit:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointer.get(arg, "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "fp32" if arg == "eps" else "i32"
+            if arg not in ("eps", "M"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
+    constexprs.update({(kernel.arg_names.index(n),): 1 for n in unit})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    regs, stack, local = resources(compiled)
+    mma = len(re.findall(r"\\b(?:wgmma|mma)\\.", compiled.asm["ptx"]))
+    print(json.dumps({"regs": regs, "stack": stack, "local": local, "mma": mma}))
+    """
+)
+
+
+@pytest.mark.parametrize("hidden", [768, 1024])
+def test_up_add_layer_norm_keeps_its_rows_in_registers_on_the_tensor_cores(hidden):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _UP_ADD_LN, str(hidden)], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    build = json.loads(out.stdout.strip().splitlines()[-1])
+    assert build["stack"] == 0 and build["local"] == 0, build
+    assert build["mma"] > 0, build
