@@ -481,15 +481,8 @@ def bench_add_layer_norm(benchmark, hidden, provider):
         "fused 3 operands": lambda: add_layer_norm(h, u, *args, write_sum=False, c=y),
         "torch 3 operands": lambda: torch.nn.functional.layer_norm(h + u + y, (hidden,), *args),
     }
-    fn = calls[provider]
-    with torch.no_grad():
-        fn()
-        floor_ms = _floor_ms(h, 4)
-        median = timed(benchmark, fn, case=f"add + LayerNorm, {h.shape[0]}x{hidden}", provider=provider)
-        gpu = gpu_ms(fn)
-    benchmark.extra_info.update(
-        floor_ms=floor_ms, x_floor=median / floor_ms, gpu_ms=gpu, gpu_x_floor=None if gpu is None else gpu / floor_ms
-    )
+    _time_against_floor(benchmark, calls[provider], _floor_ms(h, 4), f"add + LayerNorm, {h.shape[0]}x{hidden}",
+                        provider)  # fmt: skip
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(1024, 64)])
@@ -507,11 +500,16 @@ def bench_up_add_layer_norm(benchmark, hidden, provider):
         "fused": lambda: up_add_layer_norm(act, up, c, *args),
         "torch": lambda: torch.nn.functional.layer_norm(c.addmm_(act, up), (hidden,), *args),
     }
-    fn = calls[provider]
+    case = f"up + residual + LayerNorm, {c.shape[0]}x{hidden}"
+    _time_against_floor(benchmark, calls[provider], _floor_ms(c, 3), case, provider)
+
+
+def _time_against_floor(benchmark, fn, floor_ms: float, case: str, provider: str) -> None:
+    """Time ``fn`` without autograd (one untimed call first), and record its memory floor, the ratio to it, and its
+    GPU time alone from graph replays (``gpu_ms``) with that ratio too."""
     with torch.no_grad():
         fn()
-        floor_ms = _floor_ms(c, 3)
-        median = timed(benchmark, fn, case=f"up + residual + LayerNorm, {c.shape[0]}x{hidden}", provider=provider)
+        median = timed(benchmark, fn, case=case, provider=provider)
         gpu = gpu_ms(fn)
     benchmark.extra_info.update(
         floor_ms=floor_ms, x_floor=median / floor_ms, gpu_ms=gpu, gpu_x_floor=None if gpu is None else gpu / floor_ms

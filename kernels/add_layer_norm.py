@@ -36,6 +36,30 @@ MAX_HIDDEN = 16384  # the whole row in one program's registers (64 fp32 values p
 
 
 @triton.jit
+def row_block(M, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's ``ROWS`` rows (int64) and ``BLOCK_H`` columns, their masks and the tile's mask. Shared with
+    kernels/up_add_layer_norm.py."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    cmask = cols < H
+    return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def normalise_rows(v, mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype: tl.constexpr):
+    """The LayerNorm of the fp32 rows ``v`` (ROWS, BLOCK_H) over their ``H`` valid columns (``mask``): (x in fp32,
+    mean, rstd), moments by two passes over the registers, the LN weight and bias rounded to ``dtype`` first (as
+    :func:`layer_norm_with_stats` casts them). Shared with kernels/up_add_layer_norm.py."""
+    mean = tl.sum(v, 1) / H
+    centred = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    return centred * rstd[:, None] * w[None, :] + bias[None, :], mean, rstd
+
+
+@triton.jit
 def _add_layer_norm_fwd_kernel(
     # pointers
     a_ptr,  # a: (M, H)
@@ -59,11 +83,7 @@ def _add_layer_norm_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < M
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = row_block(M, H, ROWS, BLOCK_H)
     a = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ah, mask=mask, other=0.0)
     b = tl.load(b_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bh, mask=mask, other=0.0)
     dtype = out_ptr.dtype.element_ty
@@ -75,13 +95,7 @@ def _add_layer_norm_fwd_kernel(
     offs = rows[:, None] * H + cols[None, :]
     if WRITE_SUM:
         tl.store(sum_ptr + offs, s, mask=mask)
-    v = s.to(tl.float32)
-    mean = tl.sum(v, 1) / H
-    centred = tl.where(mask, v - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
-    x = centred * rstd[:, None] * w[None, :] + bias[None, :]
+    x, mean, rstd = normalise_rows(s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype)
     tl.store(out_ptr + offs, x.to(dtype), mask=mask)
     if SAVE_STATS:
         tl.store(stats_ptr + rows, mean, mask=rmask)

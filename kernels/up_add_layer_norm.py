@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._backend import cdiv, check_float_dtype, check_same_device, dot_in_fp32, next_pow2, use_triton
-from .add_layer_norm import layer_norm_with_stats
+from .add_layer_norm import layer_norm_with_stats, normalise_rows, row_block
 
 __all__ = ["up_add_layer_norm", "up_add_layer_norm_reference", "MAX_HIDDEN"]
 
@@ -49,11 +49,7 @@ def _up_add_layer_norm_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_H)
-    rmask = rows < M
-    cmask = cols < H
-    mask = rmask[:, None] & cmask[None, :]
+    rows, cols, rmask, cmask, mask = row_block(M, H, ROWS, BLOCK_H)
     acc = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -70,13 +66,7 @@ def _up_add_layer_norm_kernel(
     dtype = out_ptr.dtype.element_ty
     s = (acc + c.to(tl.float32)).to(dtype)  # rounded once, as addmm_ stores it
     tl.store(c_ptr + c_offs, s, mask=mask)
-    v = s.to(tl.float32)
-    mean = tl.sum(v, 1) / H
-    centred = tl.where(mask, v - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
-    x = centred * rstd[:, None] * w[None, :] + bias[None, :]
+    x = normalise_rows(s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype)[0]
     tl.store(out_ptr + rows[:, None] * H + cols[None, :], x.to(dtype), mask=mask)
 
 

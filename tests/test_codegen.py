@@ -534,52 +534,68 @@ def test_split_k_builds_reduce_through_one_acquire_release_counter(block_r, has_
 
 
 # ------------------------------------------------------------------------------------------------ add_layer_norm
-# A bandwidth-bound row kernel (kernels/add_layer_norm.py): every access must be a 16-byte vector, with the whole
-# row held in registers and none spilled, at BERT-base's and a Llama-shaped hidden size, bf16, as the launcher tiles.
-_ADD_LN = _RESOURCES + textwrap.dedent(
+# The row kernels of the level path (kernels/add_layer_norm.py, kernels/up_add_layer_norm.py), built for sm_90 with
+# bf16 tensors (fp32 LN weight and bias), 16-byte aligned pointers and sizes, M unaligned, unit inner strides.
+_ROW_KERNEL = _RESOURCES + textwrap.dedent(
     """
     import json, re, sys
     from collections import Counter
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    def build(kernel, constants, unit_strides, num_warps):
+        fp32 = {"w_ptr", "bias_ptr", "stats_ptr"}
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constants or arg in unit_strides:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*fp32" if arg in fp32 else "*bf16"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg] = "fp32" if arg == "eps" else "i32"
+                if arg not in ("eps", "M"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
+        constexprs.update({(kernel.arg_names.index(n),): 1 for n in unit_strides})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        regs, stack, local = resources(compiled)
+        ptx = compiled.asm["ptx"]
+        ops = Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*", ptx))
+        mma = len(re.findall(r"\\b(?:wgmma|mma)\\.", ptx))
+        print(json.dumps({"regs": regs, "stack": stack, "local": local, "ops": ops, "mma": mma}))
+    """
+)
+
+
+def _row_kernel_build(script: str, *argv) -> dict:
+    """Run ``_ROW_KERNEL`` + ``script`` (which calls ``build``) in a fresh interpreter-free process: its JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-c", _ROW_KERNEL + textwrap.dedent(script), *map(str, argv)]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# A bandwidth-bound row kernel (kernels/add_layer_norm.py): every access must be a 16-byte vector, with the whole
+# row held in registers and none spilled, at BERT-base's and a Llama-shaped hidden size, bf16, as the launcher tiles.
+_ADD_LN = """
     from adapter_engine.kernels.add_layer_norm import _add_layer_norm_fwd_kernel as kernel, _tile
 
     hidden, save, has_c = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     rows, block_h, warps = _tile(hidden)
     constants = dict(HAS_C=has_c, WRITE_SUM=not has_c, SAVE_STATS=save, ROWS=rows, BLOCK_H=block_h)
-    pointer = {"w_ptr": "*fp32", "bias_ptr": "*fp32", "stats_ptr": "*fp32"}
-    signature, attrs = {}, {}
-    for i, arg in enumerate(kernel.arg_names):
-        if arg in constants or arg in ("stride_ah", "stride_bh", "stride_ch"):
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = pointer.get(arg, "*bf16")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[arg] = "fp32" if arg == "eps" else "i32"
-            if arg != "eps" and arg != "M":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
-    constexprs.update({(kernel.arg_names.index(n),): 1 for n in ("stride_ah", "stride_bh", "stride_ch")})
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    regs, stack, local = resources(compiled)
-    ops = Counter(re.findall(r"(?:ld|st)\\.global[.\\w]*", compiled.asm["ptx"]))
-    print(json.dumps({"regs": regs, "stack": stack, "local": local, "ops": ops}))
-    """
-)
+    build(kernel, constants, ("stride_ah", "stride_bh", "stride_ch"), warps)
+"""
 
 
 @pytest.mark.parametrize("save, has_c", [(False, False), (True, False), (False, True)],
                          ids=["inference", "saving-stats", "three-operands"])  # fmt: skip
 @pytest.mark.parametrize("hidden", [768, 4096])
 def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, save, has_c):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _ADD_LN, str(hidden), str(int(save)), str(int(has_c))]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    build = json.loads(out.stdout.strip().splitlines()[-1])
+    build = _row_kernel_build(_ADD_LN, hidden, int(save), int(has_c))
     assert build["stack"] == 0 and build["local"] == 0, build
     # rows of a, b, s and x and the fp32 LN weight and bias: 16-byte vectors only; the stats: one fp32 per row
     # (768, bf16: {"ld.global.v4.b32": 12, "st.global.v4.b32": 8} at 62 registers, triton 3.9)
@@ -588,52 +604,20 @@ def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, sav
     assert set(ops) <= {"ld.global.v4.b32", "st.global.v4.b32"} | ({"st.global.b32"} if save else set()), ops
 
 
-# --------------------------------------------------------------------------------------------- up_add_layer_norm
 # kernels/up_add_layer_norm.py: a level's up GEMM on the tensor cores with the LayerNorm of whole rows in its
 # epilogue; the (16, BLOCK_H) fp32 accumulator must stay in registers at BERT-base's hidden size and the largest
-# it takes, bf16, as the launcher sets it up (rank 56 padded to 64).
-_UP_ADD_LN = _RESOURCES + textwrap.dedent(
-    """
-    import json, re, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+# it takes, bf16, as the launcher sets it up (158 registers at 8 warps on triton 3.6 and 3.9).
+_UP_ADD_LN = """
     from adapter_engine.kernels.up_add_layer_norm import _up_add_layer_norm_kernel as kernel
     from adapter_engine.kernels._backend import next_pow2
 
-    hidden = int(sys.argv[1])
-    block_h = next_pow2(hidden)
-    constants = dict(DOT_FP32=False, INPUT_PRECISION="tf32", ROWS=16, BLOCK_H=block_h, BLOCK_K=16)
-    pointer = {"w_ptr": "*fp32", "bias_ptr": "*fp32"}
-    unit = ("stride_ak", "stride_uh", "stride_ch")
-    signature, attrs = {}, {}
-    for i, arg in enumerate(kernel.arg_names):
-        if arg in constants or arg in unit:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = pointer.get(arg, "*bf16")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[arg] = "fp32" if arg == "eps" else "i32"
-            if arg not in ("eps", "M"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
-    constexprs.update({(kernel.arg_names.index(n),): 1 for n in unit})
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    regs, stack, local = resources(compiled)
-    mma = len(re.findall(r"\\b(?:wgmma|mma)\\.", compiled.asm["ptx"]))
-    print(json.dumps({"regs": regs, "stack": stack, "local": local, "mma": mma}))
-    """
-)
+    constants = dict(DOT_FP32=False, INPUT_PRECISION="tf32", ROWS=16, BLOCK_H=next_pow2(int(sys.argv[1])), BLOCK_K=16)
+    build(kernel, constants, ("stride_ak", "stride_uh", "stride_ch"), 8)
+"""
 
 
 @pytest.mark.parametrize("hidden", [768, 1024])
 def test_up_add_layer_norm_keeps_its_rows_in_registers_on_the_tensor_cores(hidden):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _UP_ADD_LN, str(hidden)], capture_output=True, text=True, env=env,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    build = json.loads(out.stdout.strip().splitlines()[-1])
+    build = _row_kernel_build(_UP_ADD_LN, hidden)
     assert build["stack"] == 0 and build["local"] == 0, build
     assert build["mma"] > 0, build
