@@ -435,6 +435,7 @@ LEVEL_PATHS = (LEVELS, LEVELS_FUSED)
 # launches of at least TUNE_MIN_ROWS rows time both), or "rows" / "levels" to force the row-block kernels or the
 # cuBLAS path (benchmarks, tests); "levels fused": the cuBLAS path with LEVELS_FUSED's launches where they apply.
 STACK_PATH = "auto"
+_FORCED_LEVELS = ("levels", "levels fused")  # the STACK_PATH values that force the cuBLAS path
 
 
 def _tuned_tiles(
@@ -508,11 +509,10 @@ def _launch_fwd(
         routes.stride(0) == 0,
     )  # fmt: skip
     candidates = _forward_candidates(tiles, save) if timed else (tiles,)
+    flags = _flags(options, ln_weight is not None)
     if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
         candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
-        if LEVELS in candidates and not save and fuses_up_ln(
-            _flags(options, ln_weight is not None), hidden, h.dtype, y2.dtype, packed.wd.dtype
-        ):  # fmt: skip
+        if LEVELS in candidates and not save and fuses_up_ln(flags, hidden, h.dtype, y2.dtype, packed.wd.dtype):
             if STACK_PATH == "levels fused":
                 candidates = (LEVELS_FUSED,)
             elif len(candidates) > 1:  # timed: beside the other candidates
@@ -535,9 +535,8 @@ def _launch_fwd(
 
     def launch(t: _Tiles | str) -> None:
         if t in LEVEL_PATHS:
-            result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host,
-                                         _flags(options, ln_weight is not None), float(options.eps), saved,
-                                         fuse_up_ln=t == LEVELS_FUSED)  # fmt: skip
+            result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
+                                         float(options.eps), saved, fuse_up_ln=t == LEVELS_FUSED)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
@@ -705,10 +704,10 @@ def _with_levels(candidates: tuple, rows: int, hidden: int, max_rank: int, weigh
     nothing is timed, for wide weights (:func:`prefer_levels`); last, to be timed, otherwise. ``STACK_PATH`` forces
     either."""
     if not one_stack or STACK_PATH == "rows":
-        if STACK_PATH in ("levels", "levels fused"):
+        if STACK_PATH in _FORCED_LEVELS:
             raise ValueError("the level-by-level path needs one stack on every row, known on the host (level_adapters)")
         return candidates
-    if STACK_PATH in ("levels", "levels fused"):
+    if STACK_PATH in _FORCED_LEVELS:
         return (LEVELS,)
     timed = rows >= TUNE_MIN_ROWS and not INTERPRET  # the interpreter times nothing (one tile per launch)
     if prefer_levels(hidden, max_rank, weight_dtype):
@@ -720,7 +719,7 @@ def levels_may_run(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> boo
     """Whether :func:`_launch_fwd` may take the level-by-level path for one stack on every row (worth a device sync
     to learn the routes when no host hint came)."""
     if STACK_PATH != "auto":
-        return STACK_PATH in ("levels", "levels fused")
+        return STACK_PATH in _FORCED_LEVELS
     # narrow weights: offered for timing only with the modules' host hint, not worth a sync on every call
     return prefer_levels(hidden, max_rank, weight_dtype)
 

@@ -128,18 +128,9 @@ def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
 
 
 def stack_fwd_levels(
-    h2,
-    y2,
-    ln_weight,
-    ln_bias,
-    packed: PackedStack,
-    level_adapters,
-    host,
-    flags: dict,
-    eps: float,
-    saved=None,
+    h2, y2, ln_weight, ln_bias, packed: PackedStack, level_adapters, host, flags: dict, eps: float, saved=None,
     fuse_up_ln: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """The stack's output (M, H) for ``h2`` / ``y2`` (M, H), level by level on cuBLAS, in h's dtype.
 
     ``level_adapters``: per level, the adapter every row runs (-1: the level is off); ``host`` = (offsets, codes,
