@@ -47,7 +47,7 @@ from adapter_engine.kernels import bottleneck_fwd, lora_linear
 from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
-from adapter_engine.kernels.up_add_layer_norm import up_add_layer_norm
+from adapter_engine.kernels.level_boundary import level_boundary
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
 STACK = ["general", "cardiology", "paediatric"]
@@ -304,7 +304,7 @@ def bench_train_top_of_three(benchmark, model_name, provider):
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(4096, 64)])
 @pytest.mark.parametrize(
-    "provider", ["fused", "fused launch", "fused launch jit", "eager", "fused levels", "fused levels+ln"]
+    "provider", ["fused", "fused launch", "fused launch jit", "eager", "fused levels", "fused levels chained"]
 )
 def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     """Three stacked seq_bn adapters on (tokens, hidden) activations, post-LN sublayer, vs the memory floor.
@@ -312,11 +312,11 @@ def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     serving layer does (``bottleneck_stack(return_launch=True)``: no checks or planning per call; on a GPU it calls
     the compiled kernel directly), "fused launch jit" the same through Triton's launcher (their ``host_ms`` differ
     by Triton's per-launch argument binding); "fused levels" forces the level-by-level cuBLAS path
-    (kernels/bottleneck_gemm.py), the other design, "fused levels+ln" the same with each level's up projection and
-    next LayerNorm in one launch (kernels/up_add_layer_norm.py, hidden <= 1024), and ``bench_stack_alone_tiles``
-    forces each kernel tile."""
+    (kernels/bottleneck_gemm.py), the other design, "fused levels chained" the same as n + 1 launches, one per boundary
+    between levels (kernels/level_boundary.py, hidden <= 1024), and ``bench_stack_alone_tiles`` forces each kernel
+    tile."""
     if provider.startswith("fused levels"):
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels fused" if provider.endswith("+ln") else "levels")
+        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels fused" if provider.endswith("chained") else "levels")
     _stack_alone(benchmark, hidden, provider)
 
 
@@ -486,22 +486,57 @@ def bench_add_layer_norm(benchmark, hidden, provider):
 
 
 @pytest.mark.parametrize("hidden", [pick(768, 48), pick(1024, 64)])
+@pytest.mark.parametrize("boundary", ["start", "between", "end"])
 @pytest.mark.parametrize("provider", ["fused", "torch"])
-def bench_up_add_layer_norm(benchmark, hidden, provider):
-    """A level's up projection into the carry and the next LayerNorm over 4096 tokens (rank 48 padded to 56): one
-    fused launch (kernels/up_add_layer_norm.py) against ``c.addmm_(act, up)`` and ``F.layer_norm``. The floor is
-    three passes (read c, write c and x) at copy bandwidth, torch's four; ``gpu_ms`` from graph replays (each
-    replay adds to c again: the values drift, the work does not)."""
-    _, ln, c, _ = _stack_inputs(hidden)
+def bench_level_boundary(benchmark, hidden, boundary, provider):
+    """One boundary of a chained seq_bn stack over 4096 tokens, rank 48 padded to 56 (kernels/level_boundary.py):
+    one launch against the torch ops it replaces. "start": ``c = h + y`` and the first level's activations
+    ``relu(LN(c) Wd^T + bd)`` (torch: the add, ``F.layer_norm``, one cuBLASLt GEMM with the bias and ReLU); "between":
+    ``c += act @ up`` and the next level's activations (torch: ``addmm_`` first); "end": ``LN(c + act @ up)`` (torch:
+    ``addmm_``, ``F.layer_norm``). The floor is the launch's passes over (tokens, hidden) at copy bandwidth: 3, 2 and
+    2 (torch: 6, 5 and 4); ``gpu_ms`` from graph replays (each replay adds to c again: the values drift, the work
+    does not)."""
+    _, ln, c, y = _stack_inputs(hidden)
     act = torch.randn(c.shape[0], 56, device=c.device, dtype=c.dtype).relu()
     up = torch.randn(56, hidden, device=c.device, dtype=c.dtype) * 0.01
+    down_w = torch.randn(56, hidden, device=c.device, dtype=c.dtype) * hidden**-0.5
+    down_b = torch.zeros(56, device=c.device, dtype=c.dtype)
     args = (ln.weight, ln.bias, ln.eps)
+    norm = lambda t: torch.nn.functional.layer_norm(t, (hidden,), *args)  # noqa: E731
+    down = lambda x: torch._addmm_activation(down_b, x, down_w.t())  # noqa: E731
     calls = {
-        "fused": lambda: up_add_layer_norm(act, up, c, *args),
-        "torch": lambda: torch.nn.functional.layer_norm(c.addmm_(act, up), (hidden,), *args),
+        ("start", "fused"): lambda: level_boundary(c, *args, y=y, down=(down_w, down_b, 1)),
+        ("start", "torch"): lambda: down(norm(c + y)),
+        ("between", "fused"): lambda: level_boundary(c, *args, act=act, up=up, down=(down_w, down_b, 1)),
+        ("between", "torch"): lambda: down(norm(c.addmm_(act, up))),
+        ("end", "fused"): lambda: level_boundary(c, *args, act=act, up=up, write_c=False),
+        ("end", "torch"): lambda: norm(c.addmm_(act, up)),
     }
-    case = f"up + residual + LayerNorm, {c.shape[0]}x{hidden}"
-    _time_against_floor(benchmark, calls[provider], _floor_ms(c, 3), case, provider)
+    passes = {"start": 3, "between": 2, "end": 2}[boundary]
+    case = f"level boundary ({boundary}), {c.shape[0]}x{hidden}"
+    _time_against_floor(benchmark, calls[boundary, provider], _floor_ms(c, passes), case, provider)
+
+
+@pytest.mark.parametrize("gemm", ["down", "up"])
+@pytest.mark.parametrize("width", [pick(256, 16), pick(264, 24)])
+def bench_level_gemm_width(benchmark, gemm, width):
+    """The level path's two GEMMs at the Llama-shaped hidden 4096 over 4096 tokens, rank 256, as cuBLAS runs them:
+    with the operands' width that ``bottleneck_gemm._level_operands`` gives them (264: the rank, its bias unit, padded
+    to 8) and without the bias unit (256). "down": ``relu(x Wd^T + bd)`` in one cuBLASLt call, N = width; "up":
+    ``c.addmm_(act, up)``, K = width. Session 15's H100 ran a level of the Llama-shaped stack in about 107 us against
+    a memory floor near 30 us (read c, then read and write it): these rows say what the odd width costs."""
+    tokens, hidden = pick(4096, 32), pick(4096, 64)
+    dev = device()
+    x = torch.randn(tokens, hidden, device=dev, dtype=DTYPE)
+    weight = torch.randn(width, hidden, device=dev, dtype=DTYPE) * hidden**-0.5
+    if gemm == "down":
+        bias = torch.zeros(width, device=dev, dtype=DTYPE)
+        fn, passes = (lambda: torch._addmm_activation(bias, x, weight.t())), 1
+    else:
+        act = torch.randn(tokens, width, device=dev, dtype=DTYPE).relu()
+        fn, passes = (lambda: x.addmm_(act, weight)), 2
+    _time_against_floor(benchmark, fn, _floor_ms(x, passes), f"level {gemm} GEMM, {tokens}x{hidden}", f"width {width}")
+    benchmark.extra_info["tflops"] = 2 * tokens * hidden * width / 1e9 / benchmark.extra_info["median_ms"]
 
 
 def _time_against_floor(benchmark, fn, floor_ms: float, case: str, provider: str) -> None:

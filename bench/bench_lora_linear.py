@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from harness import cuda_graphed, device, median_ms, on_gpu, pick, timed
+from triton.compiler.compiler import CompiledKernel
 
 from adapter_engine.kernels import lora_linear
 
@@ -140,6 +141,7 @@ HOST_CALLS = pick(200, 2)
 
 
 HOST_PROVIDERS = ["bare", "composition", "engine", "engine_epilogue", "peft", "triton_empty", "triton_empty_40_args"]
+HOST_PROVIDERS += ["triton_empty_40_args_direct"]
 HOST_PROVIDERS += ["mixed16_segmented", "mixed16_masked"]
 
 
@@ -150,9 +152,12 @@ def bench_host_time(benchmark, layer_cache, provider):
     On session 7's H100 machine the eager rows were host bound (a bare ``F.linear`` at M=1 took 60 us); this says
     how much of each path is Python and launch cost, and what one launch of an empty Triton kernel costs there
     (``triton_empty``: Triton's own launch path, the floor of every Triton launch; ``triton_empty_40_args``: the
-    same with 40 arguments, as many as the engine's kernels take). ``mixed16_*``: one row per adapter over 16
-    resident adapters (16 rows), the mixed-batch op on its segmented path (a cuBLAS GEMM and two Triton launches)
-    and on the masked one (cuBLAS and torch only): what a LoRA layer of a mixed serving batch costs the host."""
+    same with 40 arguments, as many as the engine's kernels take; ``triton_empty_40_args_direct``: that kernel's
+    compiled form called directly, as a recorded serving launch calls its kernel (``bottleneck_fwd.ForwardLaunch``),
+    without Triton's per-call argument binding and specialisation: what recording a launch saves). ``mixed16_*``:
+    one row per adapter over 16 resident adapters (16 rows), the mixed-batch op on its segmented path (a cuBLAS GEMM
+    and two Triton launches) and on the masked one (cuBLAS and torch only): what a LoRA layer of a mixed serving
+    batch costs the host."""
     shape = SHAPES[0]
     mixed = provider.startswith("mixed16")
     w, As, Bs, peft_layer = _layer(layer_cache, shape, 16 if mixed else 1)
@@ -171,6 +176,11 @@ def bench_host_time(benchmark, layer_cache, provider):
         "mixed16_segmented": lambda: lora_linear(x, w, As, Bs, [SCALE] * 16, adapter_ids=ids, path="segmented"),
         "mixed16_masked": lambda: lora_linear(x, w, As, Bs, [SCALE] * 16, adapter_ids=ids, path="composition"),
     }
+    if provider == "triton_empty_40_args_direct":
+        compiled = _empty_kernel_40_args[(1,)](*many)  # (the compiled kernel on a GPU; None in the interpreter)
+        if not isinstance(compiled, CompiledKernel):
+            pytest.skip("a compiled kernel's direct launch needs a GPU")
+        calls[provider] = lambda: compiled[(1, 1, 1)](*many)  # every parameter in signature order, 3-d grid
     call = calls[provider]
 
     def fn():

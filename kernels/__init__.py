@@ -21,6 +21,7 @@ else:
         bottleneck_stack_ref,
         pack_adapters,
     )
+    from .level_boundary import level_boundary, level_boundary_reference
     from .lora_linear import lora_linear, lora_linear_reference
     from .lora_segmented import (
         SegmentPlan,
@@ -42,7 +43,6 @@ else:
         unmerge_lora_,
         unmerge_lora_many_,
     )
-    from .up_add_layer_norm import up_add_layer_norm, up_add_layer_norm_reference
 
     __all__ = [
         "INTERPRET",
@@ -71,9 +71,9 @@ else:
         # add_layer_norm.py (the level-by-level stack path's fused add + LayerNorm)
         "add_layer_norm",
         "add_layer_norm_reference",
-        # up_add_layer_norm.py (a stack level's up projection, residual and next LayerNorm in one launch)
-        "up_add_layer_norm",
-        "up_add_layer_norm_reference",
+        # level_boundary.py (between two stack levels: the carry's update, the LayerNorm, the next down projection)
+        "level_boundary",
+        "level_boundary_reference",
         # bottleneck.py
         "bottleneck_stack",
         "bottleneck_stack_fwd",

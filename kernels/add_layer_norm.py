@@ -38,7 +38,7 @@ MAX_HIDDEN = 16384  # the whole row in one program's registers (64 fp32 values p
 @triton.jit
 def row_block(M, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's ``ROWS`` rows (int64) and ``BLOCK_H`` columns, their masks and the tile's mask. Shared with
-    kernels/up_add_layer_norm.py."""
+    kernels/level_boundary.py."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < M
@@ -50,7 +50,7 @@ def row_block(M, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
 def normalise_rows(v, mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype: tl.constexpr):
     """The LayerNorm of the fp32 rows ``v`` (ROWS, BLOCK_H) over their ``H`` valid columns (``mask``): (x in fp32,
     mean, rstd), moments by two passes over the registers, the LN weight and bias rounded to ``dtype`` first (as
-    :func:`layer_norm_with_stats` casts them). Shared with kernels/up_add_layer_norm.py."""
+    :func:`layer_norm_with_stats` casts them). Shared with kernels/level_boundary.py."""
     mean = tl.sum(v, 1) / H
     centred = tl.where(mask, v - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)

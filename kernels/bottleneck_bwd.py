@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import bottleneck_fwd
 from ._backend import INTERPRET, cdiv, next_pow2
-from .bottleneck_fwd import _level_input, _load_ln, _mma, _tanh
+from .bottleneck_fwd import _level_input, _load_ln, _mma
 from .bottleneck_gemm import level_bwd_levels
 from .bottleneck_pack import (
     _TORCH_ACTS,
@@ -20,6 +20,7 @@ from .bottleneck_pack import (
     _flags,
     _level_candidates,
     _max_rank,
+    _tanh,
     _tile_path,
     _tiles,
 )

@@ -15,11 +15,12 @@ import triton.language as tl
 from triton.compiler.compiler import CompiledKernel
 
 from ._backend import AUTOTUNE, INTERPRET, capturing, capturing_on, cdiv, fastest, next_pow2
-from .bottleneck_gemm import build_level_operands, fuses_up_ln, prefer_levels, stack_fwd_levels
+from .bottleneck_gemm import build_level_operands, chains_levels, prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
     PackedStack,
     StackOptions,
+    _activation,
     _dot_mode,
     _flags,
     _forward_candidates,
@@ -33,26 +34,6 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------- kernel
-@triton.jit
-def _tanh(x):
-    # tanh via exp (libdevice tanh fails in the interpreter); exp of a non-positive number never overflows
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
-
-
-@triton.jit
-def _activation(z, code):
-    """Per-unit activation of the fp32 tile ``z`` (BLOCK_M, BLOCK_R); ``code`` (1, BLOCK_R) from ACTIVATIONS."""
-    out = z
-    out = tl.where(code == 1, tl.maximum(z, 0.0), out)
-    out = tl.where(code == 2, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), out)
-    out = tl.where(code == 3, 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))), out)
-    out = tl.where(code == 4, z * tl.sigmoid(z), out)
-    out = tl.where(code == 5, _tanh(z), out)
-    return out
-
-
 @triton.jit
 def _mma(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """acc += a @ b: fp32 operands (bf16 in the interpreter, fp32 weights) or a cast to the weights' half dtype
@@ -427,9 +408,10 @@ TUNING_HOST_MS: dict[tuple, list[float]] = {}  # tuning key -> the candidates' h
 TUNE_MIN_ROWS = 2048
 # The candidate that runs one stack on every row level by level on cuBLAS (bottleneck_gemm.py) instead of the kernel.
 LEVELS = "levels on cuBLAS"
-# The same with each level's up projection, residual and next LayerNorm in one launch (kernels/up_add_layer_norm.py),
-# timed beside it where that applies (serving a seq_bn stack of a post-LN sublayer: bottleneck_gemm.fuses_up_ln).
-LEVELS_FUSED = "levels, up + LN fused"
+# The same as n + 1 launches for n levels, each running one boundary between levels (the carry's update, the LayerNorm
+# and the next down projection: kernels/level_boundary.py), timed beside it where that applies (serving a seq_bn
+# stack of a post-LN sublayer: bottleneck_gemm.chains_levels).
+LEVELS_FUSED = "levels, boundaries fused"
 LEVEL_PATHS = (LEVELS, LEVELS_FUSED)
 # What runs one stack on every row, forward and level backward: "auto" (the untimed choice is prefer_levels';
 # launches of at least TUNE_MIN_ROWS rows time both), or "rows" / "levels" to force the row-block kernels or the
@@ -512,7 +494,8 @@ def _launch_fwd(
     flags = _flags(options, ln_weight is not None)
     if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
         candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
-        if LEVELS in candidates and not save and fuses_up_ln(flags, hidden, h.dtype, y2.dtype, packed.wd.dtype):
+        fusable = chains_levels(flags, hidden, max_rank, h.dtype, y2.dtype, packed.wd.dtype)
+        if LEVELS in candidates and not save and fusable:
             if STACK_PATH == "levels fused":
                 candidates = (LEVELS_FUSED,)
             elif len(candidates) > 1:  # timed: beside the other candidates
@@ -536,7 +519,7 @@ def _launch_fwd(
     def launch(t: _Tiles | str) -> None:
         if t in LEVEL_PATHS:
             result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
-                                         float(options.eps), saved, fuse_up_ln=t == LEVELS_FUSED)  # fmt: skip
+                                         float(options.eps), saved, chain=t == LEVELS_FUSED)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))

@@ -23,6 +23,13 @@ LN's read and write with a model LN), the fewest two dependent GEMMs allow, agai
 h, y and out plus 12 bytes of fp32 scratch per element and level once that spills from L2. The activations between
 levels are rounded to h's dtype, as the eager modules do (the row-block kernel keeps them in fp32).
 
+Chained (:func:`_stack_fwd_chained`, serving that default at hidden <= 1024; the tuner times it as its own
+candidate): each boundary between levels is one ``level_boundary`` launch (kernels/level_boundary.py) that updates
+the carry, normalises it and runs the next level's down projection and activation, so a level moves 2 activations
+through HBM (read c, write c) and takes one launch. A stack of n levels then moves 2n + 3 passes (the start reads h
+and y and writes c; the end reads c and writes LN(c)) in n + 1 launches, where the sublayer alone (the add and its
+LayerNorm) moves 5 in two: one adapter costs no pass more than the sublayer, each further one two.
+
 It fills the same saved tensors as the kernel (r_i, the fp32 pre-activations, the LN moments the backward reads),
 so the backward does not depend on which forward ran. A saving forward carries r itself, not c, so that the
 saved r_i and LN moments are exactly what the levels used (with c, r_i = c - y would be rounded once more; on CPU
@@ -48,8 +55,8 @@ from ._backend import capturing, kept, normal_tensors
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import layer_norm_with_stats as _layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
-from .up_add_layer_norm import MAX_HIDDEN as _MAX_FUSED_HIDDEN
-from .up_add_layer_norm import up_add_layer_norm
+from .level_boundary import MAX_DOWN_WIDTH, level_boundary
+from .level_boundary import MAX_HIDDEN as _MAX_CHAINED_HIDDEN
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
 # stream the larger traffic: 1 MiB is rank 128 at hidden 2048 in bf16; BERT-base's rank 48 at 768 is 147 KB.
@@ -87,7 +94,7 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
         return kept(hit[1])
     cacheable = not capturing(packed.wd)  # (never store tensors a capture made)
     rank, hidden = hi - lo, packed.wd.shape[1]
-    width = -(-(rank + 1) // 8) * 8
+    width = _width(rank)
     with normal_tensors(), torch.no_grad():  # (normal tensors, cached: a later recorded call may save them)
         down_w = torch.zeros((width, hidden), device=dev, dtype=dtype)
         down_w[:rank] = packed.wd[lo:hi]
@@ -106,14 +113,20 @@ def _level_operands(packed: PackedStack, adapter: int, lo: int, hi: int, code: i
     return ops
 
 
-def fuses_up_ln(flags: dict, hidden: int, *dtypes: torch.dtype) -> bool:
-    """Whether :func:`stack_fwd_levels` with ``fuse_up_ln`` runs each level's up projection, residual and next
-    LayerNorm as one ``up_add_layer_norm`` launch: the carried seq_bn default (``c = r + y``, input ``LN(c)``) of a
-    forward that saves nothing, rows of at most its ``MAX_HIDDEN``, and one dtype for h, y and the weights (the
-    carry is then in the GEMM operands' dtype)."""
+def _width(rank: int) -> int:
+    """A level's GEMM operand width (:func:`_level_operands`): the rank and its bias unit, padded to 8."""
+    return -(-(rank + 1) // 8) * 8
+
+
+def chains_levels(flags: dict, hidden: int, max_rank: int, *dtypes: torch.dtype) -> bool:
+    """Whether :func:`stack_fwd_levels` with ``chain`` runs the stack as n + 1 ``level_boundary`` launches
+    (:func:`_stack_fwd_chained`): the carried seq_bn default (``c = r + y``, level input ``LN(c)``) of a forward that
+    saves nothing, rows of at most its ``MAX_HIDDEN``, operand widths of at most its ``MAX_DOWN_WIDTH``, and one
+    dtype for h, y and the weights (the carry is then in the GEMM operands' dtype)."""
     return (
         flags["IN_LN"] and flags["IN_ADD_Y"] and flags["OUT_ADD_Y"] and flags["RES_MODE"] == 0
-        and not flags["PARALLEL"] and hidden <= _MAX_FUSED_HIDDEN and len(set(dtypes)) == 1
+        and not flags["PARALLEL"] and hidden <= _MAX_CHAINED_HIDDEN and _width(max_rank) <= MAX_DOWN_WIDTH
+        and len(set(dtypes)) == 1
     )  # fmt: skip
 
 
@@ -129,19 +142,23 @@ def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
 
 def stack_fwd_levels(
     h2, y2, ln_weight, ln_bias, packed: PackedStack, level_adapters, host, flags: dict, eps: float, saved=None,
-    fuse_up_ln: bool = False,
+    chain: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The stack's output (M, H) for ``h2`` / ``y2`` (M, H), level by level on cuBLAS, in h's dtype.
 
     ``level_adapters``: per level, the adapter every row runs (-1: the level is off); ``host`` = (offsets, codes,
     scales) of the packed adapters; ``flags``: ``bottleneck_pack._flags``; ``saved``: the kernel's (rs, zs, stats)
-    to fill for the backward (zs zero-initialised), or None; ``fuse_up_ln``: where :func:`fuses_up_ln` holds, each
-    level's up GEMM, residual and the LayerNorm after it in one launch."""
-    par, in_add_y, in_ln = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"]
-    res_mode, out_add_y, out_ln = flags["RES_MODE"], flags["OUT_ADD_Y"], flags["OUT_LN"]
+    to fill for the backward (zs zero-initialised), or None; ``chain``: where :func:`chains_levels` holds, the
+    stack as n + 1 ``level_boundary`` launches (:func:`_stack_fwd_chained`)."""
     offsets, codes, scales = host
     if any(a >= len(codes) for a in level_adapters):
         raise ValueError(f"routes {list(level_adapters)} name an adapter beyond the {len(codes)} packed ones")
+    if chain and saved is None:
+        max_rank = max((offsets[a + 1] - offsets[a] for a in level_adapters if a >= 0), default=0)
+        if chains_levels(flags, h2.shape[1], max_rank, h2.dtype, y2.dtype, packed.wd.dtype):
+            return _stack_fwd_chained(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags["OUT_LN"], eps)
+    par, in_add_y, in_ln = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"]
+    res_mode, out_add_y, out_ln = flags["RES_MODE"], flags["OUT_ADD_Y"], flags["OUT_LN"]
     # carry c = r + y before an output r_n + y: the seq_bn default (residual r_(i-1), input r_(i-1) + y) and
     # parallel levels; not when saving for the backward (see the module docstring)
     carry_y = out_add_y and ((in_add_y and res_mode == 0) or par) and saved is None
@@ -150,8 +167,7 @@ def stack_fwd_levels(
     cdt = torch.promote_types(torch.promote_types(h2.dtype, y2.dtype), wdt)
     # dtypes as the row-block kernel takes them, whatever autocast region the op is called from
     with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
-        # the next active level's input LN(c), made with c by one launch: the first level's with the carry
-        # (add_layer_norm of h + y), a later one's with the level before's up projection (up_add_layer_norm)
+        # the first active level's input LN(c), made with the carry c = h + y by one launch
         next_x = None
         if carry_y and in_ln and not par and level_adapters and level_adapters[0] >= 0:
             c, next_x = add_layer_norm(h2, y2, ln_weight, ln_bias, eps, cdt)
@@ -162,7 +178,6 @@ def stack_fwd_levels(
         # its up GEMM writes u alone (as addmm it would first copy res), and no r_n + y is formed
         fold_last = saved is None and out_add_y and out_ln and not carry_y
         last = max((lvl for lvl, a in enumerate(level_adapters) if a >= 0), default=-1)
-        fuse = fuse_up_ln and carry_y and fuses_up_ln(flags, c.shape[1], c.dtype, wdt)
         folded = None
         for lvl, a in enumerate(level_adapters):
             t = x = None
@@ -191,8 +206,6 @@ def stack_fwd_levels(
                     c = res + (act @ up).to(res.dtype)
                 elif saved is not None and saved.rs.dtype == res.dtype:  # r_i straight into the saved buffer
                     c = torch.addmm(res, act, up, out=saved.rs[lvl])
-                elif res is c and own_c and fuse and (lvl != last or out_ln):  # c += act @ up and LN(c) at once
-                    next_x = up_add_layer_norm(act, up, c, ln_weight, ln_bias, eps)
                 elif res is c and own_c:  # (out of place, addmm first copies res into its output: one more pass)
                     c = c.addmm_(act, up)
                 else:
@@ -208,8 +221,6 @@ def stack_fwd_levels(
                 out = add_layer_norm(*folded, ln_weight, ln_bias, eps, cdt, write_sum=False, c=y2)[1]
             elif out_ln and not carry_y:  # LN(r_n + y) in one launch
                 out = add_layer_norm(c, y2, ln_weight, ln_bias, eps, cdt, write_sum=False, stats=stats)[1]
-            elif next_x is not None:  # LN(c), made with the last level's up projection
-                out = next_x
             else:
                 v = c if carry_y else c + y2
                 out = _layer_norm(v, ln_weight, ln_bias, eps, stats) if out_ln else v
@@ -220,6 +231,31 @@ def stack_fwd_levels(
             out = out.clone(memory_format=torch.contiguous_format)
         out = out.contiguous()  # (M, H) row-major, as the kernel's output and the custom op's fake
     return out
+
+
+def _stack_fwd_chained(h2, y2, ln_weight, ln_bias, packed: PackedStack, level_adapters, host, out_ln: bool, eps):
+    """:func:`stack_fwd_levels` for :func:`chains_levels`: n active levels as n + 1 ``level_boundary`` launches, each
+    taking the carry ``c = r + y`` from one level to the next (kernels/level_boundary.py)::
+
+        c = h + y,      a_1 = act(LN(c) [Wd_1; 0]^T + [bd_1; 1; 0])
+        c += a_i up_i,  a_(i+1) = act(LN(c) [Wd_(i+1); 0]^T + ...)
+        out = LN(c + a_n up_n)       (c + a_n up_n without the output LN: one addmm_)
+    """
+    offsets, codes, scales = host
+    wdt = packed.wd.dtype
+    with torch.no_grad(), torch.autocast(h2.device.type, enabled=False):
+        active = [a for a in level_adapters if a >= 0]
+        if not active:  # the sublayer's own output: LN(h + y)
+            return add_layer_norm(h2, y2, ln_weight, ln_bias, eps, wdt, write_sum=False)[1] if out_ln else h2 + y2
+        ops = [_level_operands(packed, a, offsets[a], offsets[a + 1], codes[a], scales[a], wdt) for a in active]
+        c, act = level_boundary(h2, ln_weight, ln_bias, eps, y=y2, down=(*ops[0][:2], codes[active[0]]))
+        for i in range(1, len(active)):
+            down = (*ops[i][:2], codes[active[i]])
+            act = level_boundary(c, ln_weight, ln_bias, eps, act=act, up=ops[i - 1][2], down=down)[1]
+        up = ops[-1][2]
+        if not out_ln:
+            return c.addmm_(act, up)
+        return level_boundary(c, ln_weight, ln_bias, eps, act=act, up=up, write_c=False)[1]
 
 
 def level_bwd_levels(

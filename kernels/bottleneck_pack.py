@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ._backend import INTERPRET, device_lru_cache, dot_in_fp32, next_pow2
 
@@ -23,6 +25,28 @@ ACTIVATIONS = {
     "swish": 4, "silu": 4,
     "tanh": 5,
 }  # fmt: skip
+
+
+# The kernel codes' activations in Triton (the stack kernels, kernels/level_boundary.py).
+@triton.jit
+def _tanh(x):
+    # tanh via exp (libdevice tanh fails in the interpreter); exp of a non-positive number never overflows
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _activation(z, code):
+    """Per-unit activation of the fp32 tile ``z`` (BLOCK_M, BLOCK_R); ``code`` (1, BLOCK_R) from ACTIVATIONS."""
+    out = z
+    out = tl.where(code == 1, tl.maximum(z, 0.0), out)
+    out = tl.where(code == 2, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), out)
+    out = tl.where(code == 3, 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))), out)
+    out = tl.where(code == 4, z * tl.sigmoid(z), out)
+    out = tl.where(code == 5, _tanh(z), out)
+    return out
+
 
 # The kernel codes' activations in torch (the reference twin and the backward's weight gradients).
 _TORCH_ACTS = {

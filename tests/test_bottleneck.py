@@ -673,8 +673,8 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
 @pytest.fixture(params=["levels", "levels fused"])
 def levels_path(monkeypatch, request):
     """Every forward of one stack on every row takes the level-by-level GEMM path (kernels/bottleneck_gemm.py), as
-    it is or with each level's up projection, residual and next LayerNorm in one ``up_add_layer_norm`` launch where
-    that applies (``"levels fused"``); the row-block forward kernel fails if it is launched."""
+    it is or as n + 1 ``level_boundary`` launches where that applies (``"levels fused"``); the row-block forward
+    kernel fails if it is launched."""
     from adapter_engine.kernels import bottleneck_fwd
 
     class NoKernel:
@@ -710,8 +710,9 @@ def test_levels_path_matches_the_oracle(poison, levels_path, name, with_ln):
 ])  # fmt: skip
 def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatch, name, calls):
     """The level path's additions that feed the model LN run inside ``add_layer_norm`` launches (with the sum
-    written only where a level reads it), and the output matches the oracle."""
-    from adapter_engine.kernels import bottleneck_gemm
+    written only where a level reads it; a chained seq_bn stack makes its carry in ``level_boundary`` instead), and
+    the output matches the oracle."""
+    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
 
     seen = []
     real = bottleneck_gemm.add_layer_norm
@@ -729,34 +730,41 @@ def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatc
     levels = [0, 1] if name == "post_add" else [1]
     with torch.no_grad():
         got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
-    assert seen == calls
+    chained = bottleneck_fwd.STACK_PATH == "levels fused" and name == "seq_bn"
+    assert seen == ([] if chained else calls)
     assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels], o))
 
 
 @pytest.mark.parametrize("name", ["seq_bn", "double_seq_bn"])
-def test_levels_path_fuses_each_up_projection_with_the_next_layer_norm(levels_path, monkeypatch, name):
-    """``"levels fused"``: serving a seq_bn stack, each active level's up GEMM, residual and the LayerNorm after it
-    (the next active level's input, or the output for the last) run as one ``up_add_layer_norm`` launch, and no
-    LayerNorm runs on its own; where the structure does not carry ``r + y`` (Houlsby), nothing is fused. Either
-    way the output matches the oracle."""
+@pytest.mark.parametrize("levels", [[0, -1, 1, 2], [2], [-1, -1]], ids=str)
+def test_levels_path_chains_its_levels_through_level_boundary_launches(levels_path, monkeypatch, name, levels):
+    """``"levels fused"``: serving a seq_bn stack of n active levels takes n + 1 ``level_boundary`` launches (the
+    carry and the first down projection; each up projection with the next LayerNorm and down projection; the last
+    up projection with the output LayerNorm) and no GEMM, LayerNorm or add of its own; where the structure does not
+    carry ``r + y`` (Houlsby), nothing is chained. Either way the output matches the oracle."""
     from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
 
-    fused, alone = [], []
-    real_fused, real_ln = bottleneck_gemm.up_add_layer_norm, bottleneck_gemm._layer_norm
-    monkeypatch.setattr(bottleneck_gemm, "up_add_layer_norm", lambda *a: fused.append(1) or real_fused(*a))
-    monkeypatch.setattr(bottleneck_gemm, "_layer_norm", lambda *a: alone.append(1) or real_ln(*a))
+    chained, torch_ops = [], []
+
+    def spy(module, attr, calls):
+        real = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a, **k: calls.append(attr) or real(*a, **k))
+
+    spy(bottleneck_gemm, "level_boundary", chained)
+    for module, attr in ((bottleneck_gemm, "_layer_norm"), (F, "linear"), (torch, "_addmm_activation")):
+        spy(module, attr, torch_ops)  # the unchained path's LayerNorms and down GEMMs
     o = OPTION_GRID[name]
     params = make_params(40, [8, 16, 4], ["relu", "swish", "gelu"])
     ln = make_ln(40)
     h, y = torch.randn(11, 40), torch.randn(11, 40)
-    levels = [0, -1, 1, 2]
     with torch.no_grad():
         got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
-    assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels if i >= 0], o))
+    active = sum(a >= 0 for a in levels)
     on = bottleneck_fwd.STACK_PATH == "levels fused" and name == "seq_bn"
-    assert len(fused) == (3 if on else 0)
-    if name == "seq_bn":  # the first level's input comes with the carry (add_layer_norm): two LNs alone otherwise
-        assert len(alone) == (0 if on else 3)
+    assert len(chained) == (active + 1 if on and active else 0)
+    if active:  # (no active level: the sublayer's own LN(h + y) either way)
+        assert bool(torch_ops) != on, torch_ops
+    assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels if i >= 0], o))
 
 
 def test_the_tuner_times_the_fused_levels_where_they_apply(monkeypatch):

@@ -534,7 +534,7 @@ def test_split_k_builds_reduce_through_one_acquire_release_counter(block_r, has_
 
 
 # ------------------------------------------------------------------------------------------------ add_layer_norm
-# The row kernels of the level path (kernels/add_layer_norm.py, kernels/up_add_layer_norm.py), built for sm_90 with
+# The row kernels of the level path (kernels/add_layer_norm.py, kernels/level_boundary.py), built for sm_90 with
 # bf16 tensors (fp32 LN weight and bias), 16-byte aligned pointers and sizes, M unaligned, unit inner strides.
 _ROW_KERNEL = _RESOURCES + textwrap.dedent(
     """
@@ -604,20 +604,25 @@ def test_add_layer_norm_moves_rows_as_16_byte_vectors_without_spills(hidden, sav
     assert set(ops) <= {"ld.global.v4.b32", "st.global.v4.b32"} | ({"st.global.b32"} if save else set()), ops
 
 
-# kernels/up_add_layer_norm.py: a level's up GEMM on the tensor cores with the LayerNorm of whole rows in its
-# epilogue; the (16, BLOCK_H) fp32 accumulator must stay in registers at BERT-base's hidden size and the largest
-# it takes, bf16, as the launcher sets it up (158 registers at 8 warps on triton 3.6 and 3.9).
-_UP_ADD_LN = """
-    from adapter_engine.kernels.up_add_layer_norm import _up_add_layer_norm_kernel as kernel
-    from adapter_engine.kernels._backend import next_pow2
+# kernels/level_boundary.py: a level's up GEMM on the tensor cores with the LayerNorm of whole rows after it and the
+# next level's down GEMM on the tensor cores over slices of the stored carry; the (16, BLOCK_H) fp32 accumulator must
+# stay in registers at BERT-base's hidden size and the largest it takes, bf16, as the launcher sets it up, for each
+# boundary (start: h + y and the first down projection; between two levels; end: the output LayerNorm).
+_LEVEL_BOUNDARY = """
+    from adapter_engine.kernels.level_boundary import _level_boundary_kernel as kernel, _tiles
 
-    constants = dict(DOT_FP32=False, INPUT_PRECISION="tf32", ROWS=16, BLOCK_H=next_pow2(int(sys.argv[1])), BLOCK_K=16)
-    build(kernel, constants, ("stride_ak", "stride_uh", "stride_ch"), 8)
+    hidden, width, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    tiles = _tiles(hidden, width)
+    warps = tiles.pop("num_warps")
+    constants = dict(HAS_Y=mode == "start", HAS_UP=mode != "start", WRITE_S=mode != "end", DOWN=mode != "end",
+                     ACT=1, DOT_FP32=False, INPUT_PRECISION="tf32", **tiles)
+    build(kernel, constants, ("stride_ch", "stride_yh", "stride_ak", "stride_uh", "stride_sh", "stride_dh"), warps)
 """
 
 
-@pytest.mark.parametrize("hidden", [768, 1024])
-def test_up_add_layer_norm_keeps_its_rows_in_registers_on_the_tensor_cores(hidden):
-    build = _row_kernel_build(_UP_ADD_LN, hidden)
+@pytest.mark.parametrize("mode", ["start", "between", "end"])
+@pytest.mark.parametrize("hidden, width", [(768, 56), (1024, 136)])
+def test_level_boundary_keeps_its_rows_in_registers_on_the_tensor_cores(hidden, width, mode):
+    build = _row_kernel_build(_LEVEL_BOUNDARY, hidden, width, mode)
     assert build["stack"] == 0 and build["local"] == 0, build
     assert build["mma"] > 0, build

@@ -235,7 +235,11 @@ def _check_bottleneck(data, device, big, force_levels=False):
     one_stack = routes.dim() == 1
     routes = expand_routes(routes, h)
     # one stack on every row may run level by level on cuBLAS (kernels/bottleneck_gemm.py) instead of the kernel
-    path = "levels" if force_levels else (data.draw(st.sampled_from(["rows", "levels"])) if one_stack else "rows")
+    # ("levels fused": chained level_boundary launches where they apply, the seq_bn default with a model LN)
+    paths = (
+        ["levels", "levels fused"] if force_levels else (["rows", "levels", "levels fused"] if one_stack else ["rows"])
+    )
+    path = data.draw(st.sampled_from(paths))
     event(f"bottleneck path {path}")
     saved_path, bottleneck_fwd.STACK_PATH = bottleneck_fwd.STACK_PATH, path
     try:
@@ -342,6 +346,52 @@ def _check_add_layer_norm(data, device, big):
         var, mean = torch.var_mean(s_ref.float(), dim=-1, correction=0)
         torch.testing.assert_close(stats[0], mean, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats[1], torch.rsqrt(var + 1e-5), rtol=1e-3, atol=1e-3)
+
+
+def _check_level_boundary(data, device, big):
+    from adapter_engine.kernels.bottleneck_pack import _TORCH_ACTS
+    from adapter_engine.kernels.level_boundary import level_boundary
+
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    rows, hidden = data.draw(SIZES) * (37 if big else 1), data.draw(SIZES) * (13 if big else 1)
+    k, width = data.draw(RANKS), data.draw(RANKS)
+    mode = data.draw(st.sampled_from(["start", "between", "end"]))
+    event(f"level boundary {mode}")
+    strided = lambda: data.draw(st.booleans())  # noqa: E731
+    c = _view((rows, hidden), dtype, device, strided()) * 2 + 0.5
+    y = _view((rows, hidden), dtype, device, strided()) if mode == "start" else None
+    act = _view((rows, k), dtype, device, strided()).relu() if mode != "start" else None
+    up = (_view((k, hidden), dtype, device, strided()) * k**-0.5) if mode != "start" else None
+    code = data.draw(st.sampled_from(sorted(_TORCH_ACTS)))
+    down_w = _view((width, hidden), dtype, device, strided()) * hidden**-0.5
+    down = (down_w, (0.1 * torch.randn(width, device=device)).to(dtype), code) if mode != "end" else None
+    weight, bias = 1 + 0.2 * torch.randn(hidden, device=device), 0.1 * torch.randn(hidden, device=device)
+    exact = c.double() + (y.double() if y is not None else 0) + (act.double() @ up.double() if up is not None else 0)
+    c_before = c.clone()
+    s, out = level_boundary(c, weight, bias, 1e-5, y=y, act=act, up=up, down=down)
+    # s: the exact sum rounded once (or, in the interpreter's bf16, truncated): within one unit in the last place
+    ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10 if dtype == torch.float16 else 20)
+    assert ((s.double() - exact).abs() <= exact.abs() * ulp + 1e-6).all()
+    assert (s is c) == (y is None) and (y is None or torch.equal(c, c_before))
+    # out: the torch ops on the kernel's own s
+    x = torch.nn.functional.layer_norm(s.double(), (hidden,), weight.to(dtype).double(), bias.to(dtype).double(), 1e-5)
+    if down is not None:
+        x = _TORCH_ACTS[code](x.to(dtype).double() @ down[0].double().t() + down[1].double())
+    tol = {torch.float32: 1e-4, torch.float16: 6e-3, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.double(), x, rtol=tol, atol=tol)
+
+
+@CPU_SETTINGS
+@given(data=st.data())
+def test_level_boundary_property(data):
+    _check_level_boundary(data, "cpu", big=False)
+
+
+@pytest.mark.cuda
+@CUDA_SETTINGS
+@given(data=st.data())
+def test_cuda_level_boundary_property(data):
+    _check_level_boundary(data, "cuda", big=True)
 
 
 @CPU_SETTINGS
