@@ -511,8 +511,9 @@ def test_tuner_times_gpu_and_host_and_falls_back_to_do_bench(monkeypatch):
             raise RuntimeError("operation not permitted when stream is capturing")
         return run(c, gpu)
 
-    def fake_host_time(fn, device):
+    def fake_host_time(fn, device, calls, summary):
         timers.append("host")
+        assert calls > 1 and summary([3.0, 1.0, 2.0]) == 1.0  # the least of several enqueues
         return run(fn(), host)
 
     def fake_do_bench(fn, warmup, rep):
@@ -623,6 +624,25 @@ def test_graph_timer_captures_repeated_calls_and_divides_by_them(monkeypatch):
     calls_before_capture = log.index(("capture", "thread_local", False))
     assert log[:calls_before_capture].count("call") == 2
     assert log.count("replay") == 1 + 3  # one upload replay, then the timed ones
+
+
+def test_host_timer_summarises_idle_start_enqueues(monkeypatch):
+    """host_time_ms: each call timed from an idle GPU (a synchronise before each and one after), the median by default
+    and the least where :func:`fastest` asks (a host's hiccups only add time)."""
+    from adapter_engine.kernels import _backend
+
+    syncs, clock, costs = [], [0.0], iter([0.004, 0.001, 0.009, 0.002, 0.003])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(_backend.time, "perf_counter", lambda: clock[0])
+
+    def enqueue():
+        clock[0] += next(costs)
+
+    cuda = torch.device("cuda")
+    assert _backend.host_time_ms(enqueue, cuda, calls=5) == pytest.approx(3.0)
+    assert syncs == [cuda] * 6
+    costs = iter([0.004, 0.001, 0.009])
+    assert _backend.host_time_ms(enqueue, cuda, calls=3, summary=min) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
