@@ -1150,16 +1150,17 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
     _assert_matches_oracle(got, params, ln, h, y, torch.tensor([0, 1, 2]))
 
 
-def _split_tuner(monkeypatch) -> list:
-    """The forward tuner, without timing anything, keeps the row kernel for eager calls and the level path for
-    CUDA-graph captures, in fresh tables (and a fresh operand cache) from 16 rows on; returns the list that each run
-    of the level path appends to."""
+def _split_tuner(monkeypatch, graphed: str | None = None) -> list:
+    """The forward tuner, without timing anything, keeps the row kernel for eager calls and the level path (or the
+    ``graphed`` one of its forms, where offered) for CUDA-graph captures, in fresh tables (and a fresh operand cache)
+    from 16 rows on; returns the list that each run of the level path appends to."""
     from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
     from adapter_engine.kernels._backend import Timing
 
     def tuner(candidates, launch, device):
-        tile = next(c for c in candidates if c != bottleneck_fwd.LEVELS)
-        return Timing(tile, bottleneck_fwd.LEVELS, [1.0] * len(candidates), None)
+        tile = next(c for c in candidates if c not in bottleneck_fwd.LEVEL_PATHS)
+        choice = graphed if graphed in candidates else bottleneck_fwd.LEVELS
+        return Timing(tile, choice, [1.0] * len(candidates), None)
 
     levels_runs = []
     real_levels = bottleneck_fwd.stack_fwd_levels
@@ -1205,20 +1206,25 @@ def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("graphed", ["levels on cuBLAS", "levels, boundaries fused"])
 @pytest.mark.parametrize("routed", [False, True])
-def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(monkeypatch, routed):
+def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(monkeypatch, routed, graphed):
     """A whole model (BERT, a stack of three seq_bn adapters per layer, set active or routed): where the tuner keeps
-    the row kernel for eager calls and the level path for CUDA-graph captures, eager forwards run the kernel, and a
-    forward captured (here its CPU stand-in) runs the level path in every layer, on the GEMM operands the eager
-    calls cached: it builds none. Its output matches the eager forward's."""
+    the row kernel for eager calls and the level path (as it is, or chained) for CUDA-graph captures, eager forwards
+    run the kernel, and a forward captured (here its CPU stand-in) runs the level path in every layer, on the GEMM
+    operands the eager calls cached: it builds none. Its output matches the eager forward's."""
     from transformers import BertConfig, BertModel
 
     import adapter_engine as ae
     from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
     from adapter_engine.kernels._backend import capture_on_cpu
 
-    levels_runs, builds = _split_tuner(monkeypatch), []
+    assert graphed in bottleneck_fwd.LEVEL_PATHS
+    levels_runs, builds = _split_tuner(monkeypatch, graphed), []
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
+    chained = []
+    real_boundary = bottleneck_gemm.level_boundary
+    monkeypatch.setattr(bottleneck_gemm, "level_boundary", lambda *a, **k: chained.append(1) or real_boundary(*a, **k))
     real_operands = bottleneck_gemm._level_operands
 
     def operands(packed, *args):
@@ -1250,12 +1256,13 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
 
     eager = forward()
     forward()
-    assert not levels_runs and set(bottleneck_fwd._TUNED_GRAPHED.values()) == {bottleneck_fwd.LEVELS}
+    assert not levels_runs and set(bottleneck_fwd._TUNED_GRAPHED.values()) == {graphed}
     built = len(builds)
     assert built == 3 * 2  # each layer's three adapters, once
     with capture_on_cpu():
         captured = forward()
     assert len(levels_runs) == 2 and len(builds) == built
+    assert len(chained) == (2 * 4 if graphed == bottleneck_fwd.LEVELS_FUSED else 0)  # three levels: four boundaries
     torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)
 
 
