@@ -8,10 +8,17 @@ once at its store::
 
 ``u`` (BLOCK_M, BLOCK_R) is ``x A_cat^T`` in fp32, accumulated in the main loop or loaded from a precomputed
 (M, R) tensor. The rounding of ``u`` before the expand is PEFT's (its ``x A^T`` is a rounded tensor too).
+
+Split-K without a second launch, for both kernels: each split's fp32 partial sums go to a workspace slot, and a
+tile's last split to finish adds them up in split order and runs the epilogue (``_split_k_reduce``), counting on
+one buffer of tile counters per device and stream that every launch leaves zeroed (``_zeroed_counters``).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from ._backend import capturing, cdiv, normal_tensors
 
 
 @triton.jit
@@ -84,3 +91,71 @@ def _low_rank_epilogue(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _split_k_reduce(acc, u, ws_ptr, count_ptr, tile, split, n_tiles, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr):  # fmt: skip
+    """Split-K without a second launch: each split stores its fp32 partial ``acc`` (and ``u``) in its own slot of
+    the workspace, then counts itself done on the tile's counter (acquire-release, after a barrier: the whole
+    program's stores come first). The split that counts last loads every slot (past L1, which other SMs' stores
+    do not update) and sums them in split order, so the result does not depend on which split finished when;
+    it resets the counter for the next launch. Returns (acc, u, whether this program finishes the tile)."""
+    tile_elems = BLOCK_M * BLOCK_N
+    local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    local_u = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    acc_slots = ws_ptr + tile.to(tl.int64) * SPLIT_K * tile_elems
+    u_slots = ws_ptr + n_tiles.to(tl.int64) * SPLIT_K * tile_elems + tile.to(tl.int64) * SPLIT_K * BLOCK_M * BLOCK_R
+    tl.store(acc_slots + split * tile_elems + local, acc)
+    if FUSE_SHRINK:
+        tl.store(u_slots + split * BLOCK_M * BLOCK_R + local_u, u)
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    finish = done == SPLIT_K - 1
+    if finish:  # (a loop, not static_range: unrolled, triton 3.6 moved every partial sum to the MMA layout)
+        total = tl.load(acc_slots + local, cache_modifier=".cg")
+        for s in range(1, SPLIT_K):
+            total += tl.load(acc_slots + s * tile_elems + local, cache_modifier=".cg")
+        acc = total
+        if FUSE_SHRINK:
+            total_u = tl.load(u_slots + local_u, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total_u += tl.load(u_slots + s * BLOCK_M * BLOCK_R + local_u, cache_modifier=".cg")
+            u = total_u
+        tl.store(count_ptr + tile, 0)
+    return acc, u, finish
+
+
+def _split_k_buffers(M: int, N: int, block_r: int, configs: list[dict], like: torch.Tensor):
+    """(workspace, counters) of the kernel's split-K for the largest need among ``configs``: fp32 partial sums,
+    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one zeroed int32 counter per output tile
+    (:func:`_zeroed_counters`). Without a split, ``(like, like)``: pointers the kernel never dereferences."""
+    ws = count = 0
+    for c in configs:
+        if c["SPLIT_K"] > 1:
+            tiles = cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"])
+            ws = max(ws, tiles * c["SPLIT_K"] * c["BLOCK_M"] * (c["BLOCK_N"] + block_r))
+            count = max(count, tiles)
+    if not count:
+        return like, like
+    return torch.empty(ws, dtype=torch.float32, device=like.device), _zeroed_counters(count, like)
+
+
+# (device, stream) -> int32 counters that every split-K launch on that stream leaves zeroed (see _zeroed_counters)
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeroed_counters(count: int, like: torch.Tensor) -> torch.Tensor:
+    """At least ``count`` int32 zeros for the split-K tile counters. The last split of every tile resets its counter
+    (``_split_k_reduce``), so one buffer per device and stream stays zeroed between the launches that share it (a
+    stream runs them one after another): a small-M call launches no memset of its own, one launch fewer on a path
+    whose host time is most of a call. Made fresh while a CUDA graph is captured (the memset joins the graph)."""
+    dev = like.device
+    if capturing(like):
+        return torch.zeros(count, dtype=torch.int32, device=dev)
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        with normal_tensors():  # (a process-wide buffer: a normal tensor whatever the first caller's mode)
+            counters = _COUNTERS[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=dev)
+    return counters

@@ -17,6 +17,11 @@ the same math on the main loop Hopper wants:
     work, no extra bytes) or read from ``x A_cat^T`` computed beforehand by cuBLAS (one more read of x: about
     240 / N of the GEMM's time on an H100, less for wide N). Either way y is written once, rounded once.
 
+  * at few rows, split-K (``TmaTiles.split_k``): each output tile's K range is cut into work units of the same
+    persistent grid, so that 256 rows make enough units to fill the GPU; a tile's last unit to finish adds up the
+    fp32 partial tiles in split order (``lora_epilogue._split_k_reduce``, shared with the tiled kernel) and runs
+    the epilogue.
+
 Against cuBLAS's plain GEMM the floor is the epilogue's (BLOCK_M, R) x (R, BLOCK_N) dot and the u read: a few per
 cent at r = 16. Whether this beats ``"composition"`` on a given GPU and shape is measured, not assumed:
 ``lora_linear``'s ``"auto"`` times both once per shape above ``fused_max_m`` rows (``lora_linear._large_m_choice``)
@@ -35,7 +40,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._backend import INTERPRET, cdiv, dot_in_fp32, next_pow2
-from .lora_epilogue import _grouped_tile, _low_rank_epilogue
+from .lora_epilogue import _grouped_tile, _low_rank_epilogue, _split_k_buffers, _split_k_reduce
 
 
 @triton.jit
@@ -54,6 +59,8 @@ def _lora_linear_tma_fwd_kernel(
     rank_scale_ptr,  # (R,) fp32: scale of each rank column
     y_ptr,  # y: (M, N) output
     u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
+    ws_ptr,  # SPLIT_K > 1: fp32 partial sums per (tile, split) slot (lora_epilogue._split_k_reduce)
+    count_ptr,  # SPLIT_K > 1: (tiles,) int32 zeros: splits done per output tile (its last one resets it to 0)
     # sizes
     M,
     N,
@@ -82,19 +89,29 @@ def _lora_linear_tma_fwd_kernel(
     STORE_U: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
     Y_TMA: tl.constexpr,  # y's rows are 16-byte aligned: store the tile by TMA from shared memory
+    SPLIT_K: tl.constexpr,  # work units per output tile, each over a slice of K (1: the whole K loop in one)
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_tiles = tl.maximum(tl.cdiv(K, BLOCK_K), 1)
     num_tiles = num_pid_m * num_pid_n
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=False):  # flatten=True: serialized wgmma, see above
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    # flatten=True: serialized wgmma, see above. A tile's splits are consecutive units, so they run side by side.
+    for unit in tl.range(start, num_tiles * SPLIT_K, NUM_SMS, flatten=False):
+        tile_id = unit // SPLIT_K
+        split = unit % SPLIT_K
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for ki in range(k_tiles):
+        k_lo = split * per_split
+        k_hi = tl.minimum(k_lo + per_split, k_tiles)
+        # At least one step: a split without K steps (the last ones, at small K) runs one past K, where the
+        # descriptors zero-fill the whole box (a loop that may run zero times had ptxas serialize the wgmma of the
+        # tiled kernel's, see lora_linear.py)
+        for ki in range(k_lo, tl.maximum(k_hi, k_lo + 1)):
             off_k = ki * BLOCK_K
             xt = x_desc.load([off_m, off_k])
             if W_K_MAJOR:
@@ -111,28 +128,50 @@ def _lora_linear_tma_fwd_kernel(
                     at = at.to(tl.float32)
                 u = tl.dot(xt, at, u)
 
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if not FUSE_SHRINK:
-            offs_r = tl.arange(0, BLOCK_R)
-            u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-            u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
-        acc = _low_rank_epilogue(
-            acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
-            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
-            BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
-        )  # fmt: skip
-        if Y_TMA:
-            # Tutorial 09's subtiled epilogue: two (BLOCK_M, BLOCK_N / 2) TMA stores straight from the wgmma
-            # accumulator layout (stmatrix into shared memory). No layout conversion of the whole tile through shared
-            # memory, no per-element masks (TMA clips at M and N), and the copy completes while the next tile's K
-            # loop runs instead of holding this program's warps on global stores.
-            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            y_desc.store([off_m, off_n], halves[0].to(y_desc.dtype))
-            y_desc.store([off_m, off_n + BLOCK_N // 2], halves[1].to(y_desc.dtype))
-        else:
-            y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        finish = True
+        if SPLIT_K > 1:  # the tile's last split to finish adds up the partial sums, in split order, and goes on
+            acc, u, finish = _split_k_reduce(acc, u, ws_ptr, count_ptr, tile_id, split, num_tiles, SPLIT_K, BLOCK_M,
+                                             BLOCK_N, BLOCK_R, FUSE_SHRINK)  # fmt: skip
+        if finish:
+            _epilogue_and_store(
+                acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, y_ptr, u_out_ptr,
+                pid_m, pid_n, M, N, R, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn, stride_uom,
+                stride_uor, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, Y_TMA,
+            )  # fmt: skip
+
+
+@triton.jit
+def _epilogue_and_store(
+    acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, y_ptr, u_out_ptr,
+    pid_m, pid_n, M, N, R, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn, stride_uom, stride_uor,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, STORE_U: tl.constexpr, DOT_FP32: tl.constexpr,
+    Y_TMA: tl.constexpr,
+):  # fmt: skip
+    """One output tile's low-rank epilogue (``u`` from the main loop, or read from ``u_in`` without FUSE_SHRINK)
+    and its store."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if not FUSE_SHRINK:
+        offs_r = tl.arange(0, BLOCK_R)
+        u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+        u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+    acc = _low_rank_epilogue(
+        acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
+        pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+        BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
+    )  # fmt: skip
+    if Y_TMA:
+        # Tutorial 09's subtiled epilogue: two (BLOCK_M, BLOCK_N / 2) TMA stores straight from the wgmma
+        # accumulator layout (stmatrix into shared memory). No layout conversion of the whole tile through shared
+        # memory, no per-element masks (TMA clips at M and N), and the copy completes while the next tile's K
+        # loop runs instead of holding this program's warps on global stores.
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], halves[0].to(y_desc.dtype))
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], halves[1].to(y_desc.dtype))
+    else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 class TmaTiles(NamedTuple):
@@ -145,6 +184,7 @@ class TmaTiles(NamedTuple):
     num_stages: int
     fuse_shrink: bool
     group_m: int = 8
+    split_k: int = 1  # work units per output tile, each over a slice of K, summed by the tile's last one to finish
 
 
 # The widest stacked rank (BLOCK_R) the kernel takes: its (BLOCK_M, BLOCK_R) fp32 u and the epilogue's B tile share
@@ -171,17 +211,24 @@ def tma_candidates(fusable: bool, block_r: int = 16, rows: int | None = None) ->
     - For at most ``FEW_ROWS`` ``rows``, also 64 x 128 on one warpgroup (4 warps, 5 stages). At 256 rows and
       N = 4096 the 128-row tiles make 32 or 64 output tiles: the persistent grid then streams W from at most 64 of
       the H100's 132 SMs, and session 13's H100 chose ``"composition"`` there (1.45x the bare matmul, graphed).
-      64 x 128 tiles make 128 programs; 64 rows is the smallest wgmma M.
+      64 x 128 tiles make 128 programs; 64 rows is the smallest wgmma M. Session 15's H100 took them graphed, at
+      1.29x the bare matmul: each program streams all of K, 1.5 MB from L2 at 4096 x 4096.
+    - And, for as few rows at rank tile 16, 128 x 128 and 64 x 128 with K split in two (``split_k``): 128 or 256
+      work units of half the K range each, whose fp32 partial tiles (9.4 MB at 256 x 4096, L2-resident) the last
+      unit of each tile adds up; the likely shape of cuBLAS's own small-M GEMMs. At rank tile 64 (with adapter ids)
+      every split build spills (16-56 bytes of stack, triton 3.6 and 3.9).
 
     tests/test_codegen.py pins these builds to TMA-fed, pipelined wgmma without spills. Under the interpreter: one
     small tile, fused when possible."""
     if INTERPRET:
         return (TmaTiles(32, 32, 32, 4, 1, fusable, 2),)
-    shapes = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4)) if block_r <= 16 else ((128, 128, 64, 8, 4),)
+    shapes = ((128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1)) if block_r <= 16 else ((128, 128, 64, 8, 4, 1),)
     if rows is not None and rows <= FEW_ROWS:
-        shapes = (*shapes, (64, 128, 64, 4, 5))
+        shapes = (*shapes, (64, 128, 64, 4, 5, 1))
+        if block_r <= 16:
+            shapes = (*shapes, (128, 128, 64, 8, 4, 2), (64, 128, 64, 4, 5, 2))
     fuse = (True, False) if fusable else (False,)
-    return tuple(TmaTiles(*s, f) for f in fuse for s in shapes)
+    return tuple(TmaTiles(*s[:5], f, 8, s[5]) for f in fuse for s in shapes)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -254,17 +301,20 @@ def lora_linear_tma_fwd(
     u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
     interp = dot_in_fp32(x)
     num_sms = 2 if interp else _num_sms(_cuda_index(x.device))
-    num_tiles = cdiv(M, bm) * cdiv(N, bn)
+    units = cdiv(M, bm) * cdiv(N, bn) * tiles.split_k
     dummy = y  # never dereferenced: the matching constexpr switch is off
     u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
-    _lora_linear_tma_fwd_kernel[(min(num_sms, num_tiles),)](
+    split = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=tiles.split_k)
+    ws, counters = _split_k_buffers(M, N, block_r, [split], y)
+    _lora_linear_tma_fwd_kernel[(min(num_sms, units),)](
         x_desc, w_desc, a_desc, y_desc,
         lora_B, u_in_t, bias if bias is not None else dummy,
-        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
+        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t, ws, counters,
         M, N, K, R,
         lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
         u_out_t.stride(0), u_out_t.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=num_sms,
         W_K_MAJOR=k_major, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, HAS_IDS=adapter_ids is not None,
-        STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, SPLIT_K=tiles.split_k, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -397,7 +397,7 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
         bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
         constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=132,
                          W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=has_ids,
-                         STORE_U=store_u, DOT_FP32=False, Y_TMA=True)
+                         STORE_U=store_u, DOT_FP32=False, Y_TMA=True, SPLIT_K=tiles.split_k)
         descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [block_r, bk],
                  "y_desc": [bm, bn // 2]}
         signature, attrs = {}, {}
@@ -407,8 +407,8 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
             elif arg in descs:
                 signature[arg] = "tensordesc<bf16[%d, %d]>" % tuple(descs[arg])
             else:
-                ints = ("ids_ptr", "rank_adapter_ptr")
-                signature[arg] = ("*i32" if arg in ints else "*fp32" if arg == "rank_scale_ptr" else "*bf16"
+                ints, fp32 = ("ids_ptr", "rank_adapter_ptr", "count_ptr"), ("rank_scale_ptr", "ws_ptr")
+                signature[arg] = ("*i32" if arg in ints else "*fp32" if arg in fp32 else "*bf16"
                                   if arg.endswith("_ptr") else "i32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
         constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
@@ -439,7 +439,8 @@ def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, 
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     builds = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(builds) == (12 if block_r == 16 else 8)  # (the 64-row tiles of small M included)
+    assert len(builds) == (20 if block_r == 16 else 8)  # (the 64-row tiles of small M, and split-K ones at 16)
+    assert {b["tiles"][-1] for b in builds} == ({1, 2} if block_r == 16 else {1})  # (split_k, last)
     for build in builds:
         assert not build["serialized"], build  # ptxas kept the K loop's wgmma pipeline (no C7515)
         assert build["wgmma"] > 0 and build["mma_sync"] == 0, build

@@ -16,6 +16,7 @@ from adapter_engine.kernels import lora_linear, lora_linear_reference
 
 # the module itself (its attribute name on the package is taken by the function of the same name)
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+lora_epilogue = importlib.import_module("adapter_engine.kernels.lora_epilogue")
 
 # Max |error| against the fp64 oracle, relative to max |oracle|, per dtype, with the reason:
 #  fp32: only summation order differs (K <= 70 terms, ~1e-7 each), 1e-5 leaves margin.
@@ -183,7 +184,7 @@ def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monke
     stream, which the last slice of every tile resets, so calls of different sizes reuse it without a memset of
     their own; every call still equals the reference (a counter left over would make a tile's last slice miss its
     turn and leave that tile unwritten)."""
-    monkeypatch.setattr(ll, "_COUNTERS", {})
+    monkeypatch.setattr(lora_epilogue, "_COUNTERS", {})
     seen = set()
     for i, (M, K, N) in enumerate([(8, 130, 37), (5, 64, 90), (16, 192, 37), (8, 130, 37)]):
         x, w, b, As, Bs = _make((M,), K, N, [8, 3], torch.float32)
@@ -191,7 +192,7 @@ def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monke
             got = lora_linear(x, w, As, Bs, [0.5, 2.0], b, path="fused")
             want = lora_linear_reference(x, w, As, Bs, [0.5, 2.0], b)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"call {i}")
-        (counters,) = ll._COUNTERS.values()
+        (counters,) = lora_epilogue._COUNTERS.values()
         assert not counters.any(), f"call {i} left counters set"
         seen.add(counters.data_ptr())
     assert len(seen) == 1  # one buffer served every call

@@ -14,7 +14,7 @@ import importlib
 
 import pytest
 import torch
-from test_lora_linear import TOL, _check, _make, poison  # noqa: F401  (a fixture, used by every test here)
+from test_lora_linear import TOL, _check, _close, _make, poison  # noqa: F401  (a fixture, used by every test here)
 
 from adapter_engine.kernels import lora_linear
 from adapter_engine.kernels.lora_linear_tma import TmaTiles, _aligned, tma_fits
@@ -82,6 +82,37 @@ def test_persistent_mixed_ids_fan_in_fan_out_and_dropout(launches, dtype):
                                      dropout=0.5, training=True)  # fmt: skip
     assert launches[0][-1] is False  # not fused: u = dropout(x) A^T from cuBLAS
     assert (y.double() - y_ref.double()).abs().max() <= TOL[dtype] * y_ref.abs().max().double()
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused-shrink", "cublas-shrink"])
+@pytest.mark.parametrize("case", ["one adapter", "mixed ids"])
+def test_split_k_tiles_add_their_slices_once(monkeypatch, split_k, fuse, case):
+    """Split-K tiles (each output tile's K range over ``split_k`` work units of the persistent grid, summed by the
+    tile's last unit to finish): y and the stored u as the reference makes them, the tile counters left zeroed for
+    the next launch, at a K of two steps, so that with three splits one has no step of its own."""
+    from adapter_engine.kernels import lora_epilogue
+    from adapter_engine.kernels.lora_inputs import _rank_tables, _stack
+    from adapter_engine.kernels.lora_linear_tma import lora_linear_tma_fwd
+
+    monkeypatch.setattr(lora_epilogue, "_COUNTERS", {})
+    ranks = [8] if case == "one adapter" else [16, 4]
+    x, w, b, As, Bs = _make((37,), 64, 45, ranks, torch.bfloat16)
+    A, B = _stack(As, Bs)
+    scales = tuple([0.75, -1.5][: len(ranks)])
+    rank_scale, rank_adapter, _ = _rank_tables(tuple(ranks), scales, x.device)
+    ids = torch.randint(-1, len(ranks), (37,), dtype=torch.int32) if case == "mixed ids" else None
+    y = torch.full((37, 45), float("nan"), dtype=x.dtype)
+    u = torch.full((37, A.shape[0]), float("nan"), dtype=x.dtype)
+    tiles = TmaTiles(32, 32, 32, 4, 1, fuse, 2, split_k)
+    d = lambda t: t.double()  # noqa: E731  (the fp64 oracle: the interpreter's bf16 rounds its own way)
+    with torch.no_grad():
+        lora_linear_tma_fwd(x, w, A, B, rank_scale, rank_adapter, b, ids, None, y, u, tiles)
+        want_y, want_u = ll.lora_linear_fwd_reference(d(x), d(w), d(A), d(B), rank_scale, rank_adapter, d(b), ids)
+    _close(y, want_y, x.dtype, "y")
+    _close(u, want_u, x.dtype, "u")
+    (counters,) = lora_epilogue._COUNTERS.values()
+    assert not counters.any()
 
 
 def test_persistent_falls_back_where_tma_cannot_run(launches):
