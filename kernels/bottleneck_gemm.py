@@ -51,11 +51,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._backend import capturing, kept, normal_tensors
+from ._backend import capturing, kept, normal_tensors, use_triton
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import layer_norm_with_stats as _layer_norm
 from .bottleneck_pack import _TORCH_ACT_GRADS, _TORCH_ACTS, ACTIVATIONS, PackedStack
-from .level_boundary import MAX_DOWN_WIDTH, level_boundary
+from .level_boundary import MAX_DOWN_WIDTH, level_boundary_fwd, level_boundary_reference
 from .level_boundary import MAX_HIDDEN as _MAX_CHAINED_HIDDEN
 
 # A level's weights (2 r H elements) at or above this many bytes make the row-block kernel's per-program weight
@@ -248,14 +248,17 @@ def _stack_fwd_chained(h2, y2, ln_weight, ln_bias, packed: PackedStack, level_ad
         if not active:  # the sublayer's own output: LN(h + y)
             return add_layer_norm(h2, y2, ln_weight, ln_bias, eps, wdt, write_sum=False)[1] if out_ln else h2 + y2
         ops = [_level_operands(packed, a, offsets[a], offsets[a + 1], codes[a], scales[a], wdt) for a in active]
-        c, act = level_boundary(h2, ln_weight, ln_bias, eps, y=y2, down=(*ops[0][:2], codes[active[0]]))
+        # the launcher (or its twin) itself: chains_levels and the operands' build stand for level_boundary's checks,
+        # about 10 us of host time per launch on this project's CPU
+        boundary = level_boundary_fwd if use_triton(h2) else level_boundary_reference
+        ln = (ln_weight, ln_bias, eps)
+        c, act = boundary(h2, *ln, y2, None, None, (*ops[0][:2], codes[active[0]]), True)
         for i in range(1, len(active)):
-            down = (*ops[i][:2], codes[active[i]])
-            act = level_boundary(c, ln_weight, ln_bias, eps, act=act, up=ops[i - 1][2], down=down)[1]
+            act = boundary(c, *ln, None, act, ops[i - 1][2], (*ops[i][:2], codes[active[i]]), True)[1]
         up = ops[-1][2]
         if not out_ln:
             return c.addmm_(act, up)
-        return level_boundary(c, ln_weight, ln_bias, eps, act=act, up=up, write_c=False)[1]
+        return boundary(c, *ln, None, act, up, None, False)[1]
 
 
 def level_bwd_levels(

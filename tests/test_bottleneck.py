@@ -770,7 +770,7 @@ def test_levels_path_chains_its_levels_through_level_boundary_launches(levels_pa
         real = getattr(module, attr)
         monkeypatch.setattr(module, attr, lambda *a, **k: calls.append(attr) or real(*a, **k))
 
-    spy(bottleneck_gemm, "level_boundary", chained)
+    spy(bottleneck_gemm, "level_boundary_fwd", chained)
     for module, attr in ((bottleneck_gemm, "_layer_norm"), (F, "linear"), (torch, "_addmm_activation")):
         spy(module, attr, torch_ops)  # the unchained path's LayerNorms and down GEMMs
     o = OPTION_GRID[name]
@@ -1223,8 +1223,8 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
     levels_runs, builds = _split_tuner(monkeypatch, graphed), []
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
     chained = []
-    real_boundary = bottleneck_gemm.level_boundary
-    monkeypatch.setattr(bottleneck_gemm, "level_boundary", lambda *a, **k: chained.append(1) or real_boundary(*a, **k))
+    real_boundary = bottleneck_gemm.level_boundary_fwd
+    monkeypatch.setattr(bottleneck_gemm, "level_boundary_fwd", lambda *a: chained.append(1) or real_boundary(*a))
     real_operands = bottleneck_gemm._level_operands
 
     def operands(packed, *args):
