@@ -46,9 +46,12 @@ instead a level-by-level path on cuBLAS (``bottleneck_gemm.py``): per level a do
 the up-projection, its bias and the residual, each weight read once, where every program of the row-block kernel
 streams the level's weights from L2. On the GPU, launches of at least ``TUNE_MIN_ROWS`` rows time that path
 against the kernel's tiles (both directions: narrow ranks may find the GEMMs faster too) and keep the faster.
-It fills the same saved tensors as the kernel, and the backward has the same choice per level
-(``bottleneck_gemm.level_bwd_levels``: two GEMMs for dz and dx, the LayerNorm and residual chain in torch), so
-either backward runs after either forward; a level that every row skips costs the backward nothing.
+Serving the seq_bn default of a post-LN sublayer at hidden <= 1024 (BERT-base), they also time that path chained:
+one ``level_boundary`` launch between two levels (the carry's update, the LayerNorm and the next down projection),
+n + 1 launches for n levels. The level path fills the same saved tensors as the kernel, and the backward has the
+same choice per level (``bottleneck_gemm.level_bwd_levels``: two GEMMs for dz and dx, the LayerNorm and residual
+chain in torch), so either backward runs after either forward; a level that every row skips costs the backward
+nothing.
 
 Distance from the physical limit (read h and y once, write out once = 3 x M x H x dtype bytes): HBM sees h, y
 and out once each plus the fp32 scratch ``r`` when it spills from L2; the per-level re-reads of a program's
@@ -71,7 +74,7 @@ torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd l
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
 kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
 ``bottleneck_gemm.py`` the level-by-level cuBLAS forward and level backward (with ``add_layer_norm.py``, its fused
-add and LayerNorm).
+add and LayerNorm, and ``level_boundary.py``, its chained form's launch between two levels).
 """
 
 from __future__ import annotations
