@@ -105,7 +105,9 @@ def _level_boundary_kernel(
     x, mean, rstd = normalise_rows(s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype)
     if DOWN:
         # x @ down_w^T over CHUNK-column slices of x, each normalised again from the stored s (the whole-row x above
-        # cannot be sliced): the barrier makes every thread's stores of s visible to the whole program
+        # cannot be sliced): the barrier (bar.sync: CTA-scope ordering of the program's memory accesses) makes every
+        # thread's stores of s visible to the whole program, whatever L1 held of c before (one SM, one L1; the CUDA
+        # tests check the in-place case against fp64). On sm_90 the slices arrive by the K loop's cp.async pipeline.
         tl.debug_barrier()
         units = tl.arange(0, BLOCK_W)
         umask = units < W
