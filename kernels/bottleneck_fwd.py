@@ -494,8 +494,11 @@ def _launch_fwd(
     flags = _flags(options, ln_weight is not None)
     if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
         candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
-        chainable = chains_levels(flags, hidden, max_rank, h.dtype, y2.dtype, packed.wd.dtype)
-        if LEVELS in candidates and not save and chainable:
+        if (
+            LEVELS in candidates
+            and not save
+            and chains_levels(flags, hidden, max_rank, h.dtype, y2.dtype, packed.wd.dtype)
+        ):
             if STACK_PATH == "levels fused":
                 candidates = (LEVELS_FUSED,)
             elif len(candidates) > 1:  # timed: beside the other candidates

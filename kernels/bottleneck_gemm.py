@@ -148,15 +148,14 @@ def stack_fwd_levels(
 
     ``level_adapters``: per level, the adapter every row runs (-1: the level is off); ``host`` = (offsets, codes,
     scales) of the packed adapters; ``flags``: ``bottleneck_pack._flags``; ``saved``: the kernel's (rs, zs, stats)
-    to fill for the backward (zs zero-initialised), or None; ``chain``: where :func:`chains_levels` holds, the
-    stack as n + 1 ``level_boundary`` launches (:func:`_stack_fwd_chained`)."""
+    to fill for the backward (zs zero-initialised), or None; ``chain``: the stack as n + 1 ``level_boundary``
+    launches (:func:`_stack_fwd_chained`), which the caller asks for only where :func:`chains_levels` holds for the
+    pack (so for its active levels) and nothing is saved."""
     offsets, codes, scales = host
     if any(a >= len(codes) for a in level_adapters):
         raise ValueError(f"routes {list(level_adapters)} name an adapter beyond the {len(codes)} packed ones")
-    if chain and saved is None:
-        max_rank = max((offsets[a + 1] - offsets[a] for a in level_adapters if a >= 0), default=0)
-        if chains_levels(flags, h2.shape[1], max_rank, h2.dtype, y2.dtype, packed.wd.dtype):
-            return _stack_fwd_chained(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags["OUT_LN"], eps)
+    if chain:
+        return _stack_fwd_chained(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags["OUT_LN"], eps)
     par, in_add_y, in_ln = flags["PARALLEL"], flags["IN_ADD_Y"], flags["IN_LN"]
     res_mode, out_add_y, out_ln = flags["RES_MODE"], flags["OUT_ADD_Y"], flags["OUT_LN"]
     # carry c = r + y before an output r_n + y: the seq_bn default (residual r_(i-1), input r_(i-1) + y) and

@@ -67,16 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import (
-    AUTOTUNE,
-    INTERPRET,
-    capturing,
-    cdiv,
-    fastest,
-    graph_time_ms,
-    next_pow2,
-    use_triton,
-)
+from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, graph_time_ms, next_pow2, use_triton
 from .lora_epilogue import _grouped_tile, _low_rank_epilogue, _split_k_buffers, _split_k_reduce
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, rank_tile, tma_candidates, tma_fits
@@ -484,10 +475,10 @@ def lora_linear_fwd(
     tuning_key = (m_bucket, N, K, x.dtype, tuple(sorted(meta.items())))
     config = _TUNED.get(tuning_key)
     named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
-    if config is None and not AUTOTUNE:
-        config = _TUNED[tuning_key] = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
-    if config is None and capturing(x):  # nothing is timed inside a CUDA-graph capture: the first config, for it only
-        config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()
+    if config is None and (not AUTOTUNE or capturing(x)):  # untimed: the first config (inside a CUDA-graph capture,
+        config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()  # where nothing is timed, for it only)
+        if not AUTOTUNE:
+            _TUNED[tuning_key] = config
     if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
         configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
         buffers = _split_k_buffers(M, N, meta["BLOCK_R"], configs, y)
