@@ -22,6 +22,7 @@ import torch
 
 try:
     import triton  # noqa: F401
+    from triton.compiler.compiler import CompiledKernel
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is a hard dependency, but keep the reference path alive
@@ -285,6 +286,53 @@ def graph_time_ms(fn, device: torch.device, rep_ms: float = 10.0, replays: int =
             times.append(start.elapsed_time(end) / repeats)
     caller.wait_stream(stream)
     return statistics.median(times)
+
+
+def alignment16(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
+    """Whether each tensor's data is 16-byte aligned (None: True), what Triton specialises a pointer argument on: a
+    recorded launch calls its compiled kernel directly only for tensors aligned as at the recording."""
+    return tuple(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def compiled_kernel(launched):
+    """What a Triton launch returned, when it is a compiled kernel that can be called directly (on a GPU; the
+    interpreter returns none): else None."""
+    return launched if HAS_TRITON and isinstance(launched, CompiledKernel) else None
+
+
+class DirectLaunch(NamedTuple):
+    """A Triton kernel's launch planned for one geometry (grid, integer arguments, constexprs: the caller's cache
+    key), repeated for new tensors. On a GPU it keeps the compiled kernel of its first launch and calls that
+    directly while the tensors are 16-byte aligned as then (Triton's specialisation of a pointer; the integer
+    arguments are the geometry's): no per-launch argument binding by Triton's launcher, host time that grows with
+    the arguments (an empty kernel of 40 took 35-52 us on the H100 hosts of sessions 13 and 15, of 1 argument
+    14-18 us) and that a small call's host time is mostly made of."""
+
+    kernel: object  # the @triton.jit function
+    grid: tuple[int, int, int]  # three dimensions: a compiled kernel's launcher reads all three
+    kwargs: dict  # the constexprs and the launch options (warps, stages), as Triton's launch takes them
+    constexprs: tuple  # the constexprs' values in signature order (the compiled kernel's direct call)
+    compiled: object | None = None  # the compiled kernel (GPU), or None: Triton's launch
+    alignment: tuple[bool, ...] = ()  # alignment16 of the checked tensors when compiled
+
+    @classmethod
+    def plan(cls, kernel, grid: tuple[int, ...], kwargs: dict, runtime_args: int) -> DirectLaunch:
+        """A launch of ``kernel`` over ``grid`` with ``kwargs``, after ``runtime_args`` positional arguments."""
+        constexprs = tuple(kwargs[name] for name in kernel.arg_names[runtime_args:])
+        return cls(kernel, tuple(grid) + (1,) * (3 - len(grid)), kwargs, constexprs)
+
+    def __call__(self, args: tuple, checked: tuple) -> DirectLaunch:
+        """Launch with ``args`` (every runtime argument in signature order); ``checked``: the tensors among them
+        whose alignment may differ between calls (the caller's own fresh allocations are always aligned). Returns
+        the launch to repeat: this one, or after its first launch through Triton on a GPU, one with its compiled
+        kernel."""
+        if self.compiled is not None and alignment16(*checked) == self.alignment:
+            self.compiled[self.grid](*args, *self.constexprs)  # every parameter in signature order
+            return self
+        launched = compiled_kernel(self.kernel[self.grid](*args, **self.kwargs))
+        if self.compiled is not None or launched is None:
+            return self
+        return self._replace(compiled=launched, alignment=alignment16(*checked))
 
 
 def dot_in_fp32(tensor: torch.Tensor) -> bool:

@@ -12,9 +12,18 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.compiler import CompiledKernel
 
-from ._backend import AUTOTUNE, INTERPRET, capturing, capturing_on, cdiv, fastest, next_pow2
+from ._backend import (
+    AUTOTUNE,
+    INTERPRET,
+    alignment16,
+    capturing,
+    capturing_on,
+    cdiv,
+    compiled_kernel,
+    fastest,
+    next_pow2,
+)
 from .bottleneck_gemm import build_level_operands, chains_levels, prefer_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
@@ -583,10 +592,9 @@ class ForwardLaunch(NamedTuple):
         template[cls._SAVED] = (None, None, None)
         if not has_ln:
             template[cls._LNW] = template[cls._LNB] = None
-        if not isinstance(compiled, CompiledKernel):
-            compiled = None
+        compiled = compiled_kernel(compiled)
         constexprs = tuple(kwargs[name] for name in _FWD_PARAMETERS[len(args) :])
-        alignment = _alignment(args[cls._H], args[cls._Y], args[cls._ROUTES])
+        alignment = alignment16(args[cls._H], args[cls._Y], args[cls._ROUTES])
         return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment, views)
 
     def __call__(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
@@ -611,16 +619,11 @@ class ForwardLaunch(NamedTuple):
         if not self.has_ln:
             args[self._LNW] = args[self._LNB] = h
         args[self._SAVED] = scratch_r, scratch_r, scratch_r
-        if self.compiled is not None and _alignment(h, y, routes) == self.alignment:
+        if self.compiled is not None and alignment16(h, y, routes) == self.alignment:
             self.compiled[self.grid](*args, *self.constexprs)  # every parameter in signature order
         else:
             _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
         return out if out.dtype == h.dtype else out.to(h.dtype)
-
-
-def _alignment(*tensors: torch.Tensor) -> tuple[bool, ...]:
-    """Whether each tensor's data is 16-byte aligned: what Triton specialises a pointer argument on."""
-    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 @functools.lru_cache(maxsize=1024)

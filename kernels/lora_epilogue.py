@@ -11,7 +11,7 @@ once at its store::
 
 Split-K without a second launch, for both kernels: each split's fp32 partial sums go to a workspace slot, and a
 tile's last split to finish adds them up in split order and runs the epilogue (``_split_k_reduce``), counting on
-one buffer of tile counters per device and stream that every launch leaves zeroed (``_zeroed_counters``).
+one buffer of tile counters per device and stream that every launch leaves zeroed (``_split_k_alloc``).
 """
 
 import torch
@@ -127,35 +127,47 @@ def _split_k_reduce(acc, u, ws_ptr, count_ptr, tile, split, n_tiles, SPLIT_K: tl
 
 
 def _split_k_buffers(M: int, N: int, block_r: int, configs: list[dict], like: torch.Tensor):
-    """(workspace, counters) of the kernel's split-K for the largest need among ``configs``: fp32 partial sums,
-    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one zeroed int32 counter per output tile
-    (:func:`_zeroed_counters`). Without a split, ``(like, like)``: pointers the kernel never dereferences."""
+    """(workspace, counters) of the kernel's split-K for the largest need among ``configs``
+    (:func:`_split_k_sizes`). Without a split, ``(like, like)``: pointers the kernel never dereferences."""
+    return _split_k_alloc(*_split_k_sizes(M, N, block_r, configs), like)
+
+
+def _split_k_sizes(M: int, N: int, block_r: int, configs: list[dict]) -> tuple[int, int]:
+    """(workspace floats, tile counters) of split-K for the largest need among ``configs``: fp32 partial sums,
+    ``tiles * SPLIT_K * BLOCK_M * (BLOCK_N + BLOCK_R)``, and one counter per output tile; (0, 0) without a split."""
     ws = count = 0
     for c in configs:
         if c["SPLIT_K"] > 1:
             tiles = cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"])
             ws = max(ws, tiles * c["SPLIT_K"] * c["BLOCK_M"] * (c["BLOCK_N"] + block_r))
             count = max(count, tiles)
+    return ws, count
+
+
+def _split_k_alloc(ws: int, count: int, like: torch.Tensor):
+    """(workspace, counters) for :func:`_split_k_sizes`'s answer, or ``(like, like)`` without a split.
+
+    One pair per device and stream, grown to the largest need seen, serves every split-K launch on that stream (a
+    stream runs them one after another). The last split of every tile resets its counter (``_split_k_reduce``), so
+    the counters stay zeroed between launches: a small-M call launches no memset and allocates nothing, host time
+    on the path where host time is most of a call. Made fresh while a CUDA graph is captured (the memset joins the
+    graph, and the graph keeps both)."""
     if not count:
         return like, like
-    return torch.empty(ws, dtype=torch.float32, device=like.device), _zeroed_counters(count, like)
-
-
-# (device, stream) -> int32 counters that every split-K launch on that stream leaves zeroed (see _zeroed_counters)
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _zeroed_counters(count: int, like: torch.Tensor) -> torch.Tensor:
-    """At least ``count`` int32 zeros for the split-K tile counters. The last split of every tile resets its counter
-    (``_split_k_reduce``), so one buffer per device and stream stays zeroed between the launches that share it (a
-    stream runs them one after another): a small-M call launches no memset of its own, one launch fewer on a path
-    whose host time is most of a call. Made fresh while a CUDA graph is captured (the memset joins the graph)."""
     dev = like.device
     if capturing(like):
-        return torch.zeros(count, dtype=torch.int32, device=dev)
+        return torch.empty(ws, dtype=torch.float32, device=dev), torch.zeros(count, dtype=torch.int32, device=dev)
     key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        with normal_tensors():  # (a process-wide buffer: a normal tensor whatever the first caller's mode)
-            counters = _COUNTERS[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=dev)
-    return counters
+    counters, work = _COUNTERS.get(key), _WORKSPACES.get(key)
+    if counters is None or work is None or counters.numel() < count or work.numel() < ws:
+        with normal_tensors():  # (process-wide buffers: normal tensors whatever the first caller's mode)
+            if counters is None or counters.numel() < count:
+                counters = _COUNTERS[key] = torch.zeros(max(count, 256), dtype=torch.int32, device=dev)
+            if work is None or work.numel() < ws:
+                work = _WORKSPACES[key] = torch.empty(ws, dtype=torch.float32, device=dev)
+    return work, counters
+
+
+# (device, stream) -> the split-K launches' int32 tile counters, left zeroed by each launch, and fp32 workspace
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_WORKSPACES: dict[tuple, torch.Tensor] = {}

@@ -67,8 +67,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import AUTOTUNE, INTERPRET, capturing, cdiv, fastest, graph_time_ms, next_pow2, use_triton
-from .lora_epilogue import _grouped_tile, _low_rank_epilogue, _split_k_buffers, _split_k_reduce
+from ._backend import (
+    AUTOTUNE,
+    INTERPRET,
+    DirectLaunch,
+    capturing,
+    cdiv,
+    fastest,
+    graph_time_ms,
+    next_pow2,
+    use_triton,
+)
+from .lora_epilogue import (
+    _grouped_tile,
+    _low_rank_epilogue,
+    _split_k_alloc,
+    _split_k_reduce,
+    _split_k_sizes,
+)
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, rank_tile, tma_candidates, tma_fits
 from .lora_segmented import (
@@ -430,19 +446,76 @@ def lora_linear_fwd(
         return _torch_paths(
             x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, path, shared_scale
         )
-    y = _alloc((M, N), x)
-    u_out = _alloc((M, R), x) if store_u else None
     if tiles is not None:
-        args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, tiles)
-        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *args)
+        y = _alloc((M, N), x)
+        u_out = _alloc((M, R), x) if store_u else None
+        lora_linear_tma_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out,
+                            tiles)  # fmt: skip
         return y, u_out
     if M == 0:
-        return y, u_out
+        return _alloc((M, N), x), (_alloc((M, R), x) if store_u else None)
     fuse = path == "fused"
-    u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
+    geometry = (
+        M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
+        adapter_ids is None, store_u, fuse,
+    )  # fmt: skip
+    launch = _RECORDED.get(geometry)
+    if launch is None:
+        return _first_tiled_launch(geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids,
+                                   x_lora, store_u)  # fmt: skip
+    y, u_out, again = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u)
+    if again is not launch:  # (its compiled kernel, from a launch through Triton: the first aligned one)
+        _RECORDED[geometry] = again
+    return y, u_out
+
+
+class TiledLaunch(NamedTuple):
+    """A launch of the tiled kernel planned for one geometry (``_RECORDED``: shapes, strides, dtype, device and
+    switches of ``lora_linear_fwd``'s operands), repeated for new tensors of it without planning again: its config
+    chosen, its integer arguments fixed, its compiled kernel called directly on a GPU (``DirectLaunch``)."""
+
+    sizes_strides: tuple
+    split: tuple[int, int]  # (workspace floats, tile counters) of split-K: (0, 0) without a split
+    direct: DirectLaunch
+
+    def arguments(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u):
+        """(the kernel's runtime arguments in signature order, y, u or None) for the operands of one call."""
+        M, (N, R) = x.shape[0], lora_B.shape
+        y = _alloc((M, N), x)
+        u_out = _alloc((M, R), x) if store_u else None
+        fused = self.direct.kwargs["FUSE_SHRINK"]
+        u_in = None if fused else (x if x_lora is None else x_lora) @ lora_A.t()  # (M, R), contiguous
+        dummy = y  # never dereferenced: the matching constexpr switch is off
+        pointers = (
+            x, weight, lora_A, lora_B, dummy if fused else u_in, dummy if bias is None else bias,
+            rank_adapter if adapter_ids is None else adapter_ids, rank_adapter, rank_scale, y,
+            dummy if u_out is None else u_out, *_split_k_alloc(*self.split, y),
+        )  # fmt: skip
+        return (*pointers, *self.sizes_strides), y, u_out
+
+    def __call__(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u):
+        """(y, u or None) as ``lora_linear_fwd`` returns them, and the launch to repeat (``DirectLaunch``)."""
+        args, y, u_out = self.arguments(
+            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u
+        )
+        direct = self.direct(args, (x, weight, lora_A, lora_B, bias, adapter_ids))
+        return y, u_out, (self if direct is self.direct else self._replace(direct=direct))
+
+
+_RECORDED: dict[tuple, TiledLaunch] = {}  # geometry -> its planned launch (lora_linear_fwd)
+_MAX_RECORDED = 1024  # geometries remembered (prompts of many lengths each make one): past it the oldest goes
+
+
+def _first_tiled_launch(
+    geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u
+):  # fmt: skip
+    """``lora_linear_fwd``'s tiled kernel for a geometry without a recorded launch: choose the config (the
+    autotuner's, once per tuning key), launch, and record the launch once the config is settled (not the untimed
+    first config taken inside a CUDA-graph capture, which a later eager call times)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    fuse = geometry[-1]
     interp = x.device.type != "cuda"
-    dummy = y  # never dereferenced: the matching constexpr switch is off
-    u_in_t, u_out_t = (u_in if u_in is not None else dummy), (u_out if u_out is not None else dummy)
     meta = dict(
         BLOCK_R=rank_tile(R),
         FUSE_SHRINK=fuse,
@@ -453,42 +526,61 @@ def lora_linear_fwd(
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     m_bucket = min(next_pow2(M), 4096)
-    pointers = (
-        x, weight, lora_A, lora_B, u_in_t, bias if bias is not None else dummy,
-        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t,
-    )  # fmt: skip
-    sizes_strides = (
-        M, N, K, R, m_bucket,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
-        u_out_t.stride(0), u_out_t.stride(1),
-    )  # fmt: skip
-    grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]) * c["SPLIT_K"],)
+    settled = True
     if interp:  # one config under the interpreter: large blocks, few programs; split-K where the GPU may take it
-        meta.update(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-        meta["SPLIT_K"] = INTERPRET_SPLIT_K if M <= 16 else 1
-        buffers = _split_k_buffers(M, N, meta["BLOCK_R"], [meta], y)
-        _fwd_kernel_fixed[grid(meta)](*pointers, *buffers, *sizes_strides, **meta)
-        return y, u_out
-    # The autotuner picks a config once per tuning key; later calls launch the plain kernel with it directly,
-    # skipping the autotuner's and the heuristics' Python layers (host time that dominates a small-M call).
-    tuning_key = (m_bucket, N, K, x.dtype, tuple(sorted(meta.items())))
-    config = _TUNED.get(tuning_key)
-    named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
-    if config is None and (not AUTOTUNE or capturing(x)):  # untimed: the first config (inside a CUDA-graph capture,
-        config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()  # where nothing is timed, for it only)
-        if not AUTOTUNE:
-            _TUNED[tuning_key] = config
-    if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
-        configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
-        buffers = _split_k_buffers(M, N, meta["BLOCK_R"], configs, y)
-        _fwd_kernel_tuned[lambda META: grid(META)](*pointers, *buffers, *sizes_strides, **meta)
-        _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
-        return y, u_out
-    buffers = _split_k_buffers(M, N, meta["BLOCK_R"], [config], y)
-    _lora_linear_fwd_kernel[grid(config)](
-        *pointers, *buffers, *sizes_strides, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0, **meta, **config
+        config = dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+        config["SPLIT_K"] = INTERPRET_SPLIT_K if M <= 16 else 1
+    else:
+        # The autotuner picks a config once per tuning key; the launches after it repeat the recorded launch.
+        tuning_key = (m_bucket, N, K, x.dtype, tuple(sorted(meta.items())))
+        config = _TUNED.get(tuning_key)
+        named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
+        if config is None and (not AUTOTUNE or capturing(x)):  # untimed: the first config (inside a CUDA-graph
+            config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()  # capture, where nothing is timed,
+            settled = not AUTOTUNE  # for it only)
+            if settled:
+                _TUNED[tuning_key] = config
+        if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
+            return _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank_scale, rank_adapter,
+                             bias, adapter_ids, x_lora, store_u)  # fmt: skip
+    kwargs = dict(meta, **config, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0)
+    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, fuse, store_u)
+    y, u_out, launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u)
+    if settled:
+        _RECORDED[geometry] = launch
+        if len(_RECORDED) > _MAX_RECORDED:
+            del _RECORDED[next(iter(_RECORDED))]
+    return y, u_out
+
+
+def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, fuse, store_u) -> TiledLaunch:
+    """The launch of ``kwargs`` (a config and its switches) for the geometry of these operands: grid, integer
+    arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors), constexprs and split-K sizes."""
+    y_strides, u_strides = (N, 1), (R, 1)
+    sizes_strides = (
+        M, N, x.shape[1], R, m_bucket, *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(),
+        *(y_strides if fuse else u_strides), *y_strides, *(u_strides if store_u else y_strides),
+    )  # fmt: skip
+    grid = (cdiv(M, kwargs["BLOCK_M"]) * cdiv(N, kwargs["BLOCK_N"]) * kwargs["SPLIT_K"],)
+    direct = DirectLaunch.plan(_lora_linear_fwd_kernel, grid, kwargs, 13 + len(sizes_strides))  # (13 pointers)
+    return TiledLaunch(sizes_strides, _split_k_sizes(M, N, kwargs["BLOCK_R"], [kwargs]), direct)
+
+
+def _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias,
+              adapter_ids, x_lora, store_u):  # fmt: skip
+    """The autotuner's first launch for ``tuning_key``: every config of the M regime timed on the same buffers
+    (sized for the largest split-K need); the fastest is kept in ``_TUNED``."""
+    M, N, R = x.shape[0], lora_B.shape[0], lora_B.shape[1]
+    configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
+    probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B,
+                        meta["FUSE_SHRINK"], store_u)  # fmt: skip
+    probe = probe._replace(split=_split_k_sizes(M, N, meta["BLOCK_R"], configs))
+    args, y, u_out = probe.arguments(
+        x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u
     )
+    grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]) * c["SPLIT_K"],)
+    _fwd_kernel_tuned[grid](*args, **meta)
+    _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()
     return y, u_out
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, device_lru_cache, next_pow2, use_triton
+from ._backend import DirectLaunch, cdiv, device_lru_cache, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,17 +396,25 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> tor
     u = _alloc((M, plan.u_width), x)
     if M == 0:
         return u
+    args = (
+        x, lora_A, plan.order, plan.starts, plan.rank_off, plan.scale, u, plan.n, K,
+        *x.stride(), *lora_A.stride(), *u.stride(),
+    )  # fmt: skip
+    geometry = ("shrink", M, K, x.stride(), lora_A.stride(), plan.n, plan.u_width, x.dtype, x.device)
+    _launch_recorded(geometry, lambda: _plan_shrink(x, plan, len(args)), args, (x, lora_A))
+    return u
+
+
+def _plan_shrink(x: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> DirectLaunch:
+    M, K = x.shape
     interp = x.device.type != "cuda"
     block_m, grid_m = _row_blocks(M, plan, interp, TILES.shrink_block_m)
     block_k = 64 if interp else TILES.shrink_block_k
-    _lora_segmented_shrink_kernel[(grid_m,)](
-        x, lora_A, plan.order, plan.starts, plan.rank_off, plan.scale, u,
-        plan.n, K,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+    kwargs = dict(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, next_pow2(plan.n)), EVEN_K=K % block_k == 0,
         **_meta(x, plan), **_launch(x),
     )  # fmt: skip
-    return u
+    return DirectLaunch.plan(_lora_segmented_shrink_kernel, (grid_m,), kwargs, runtime_args)
 
 
 def lora_shrink_reference(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
@@ -431,17 +439,41 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: S
     M, N = y.shape
     if M == 0 or N == 0:
         return y
+    args = (
+        u, lora_B, plan.order, plan.starts, plan.rank_off, y, plan.n, N, *u.stride(), *lora_B.stride(), *y.stride(),
+    )  # fmt: skip
+    geometry = ("expand", M, N, u.stride(), lora_B.stride(), y.stride(), plan.n, plan.u_width, y.dtype, y.device)
+    _launch_recorded(geometry, lambda: _plan_expand(y, plan, len(args)), args, (u, lora_B, y))
+    return y
+
+
+def _plan_expand(y: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> DirectLaunch:
+    M, N = y.shape
     interp = y.device.type != "cuda"
     block_m, grid_m = _row_blocks(M, plan, interp, TILES.expand_block_m)
     block_n = 64 if interp else TILES.expand_block_n
-    _lora_segmented_expand_kernel[(grid_m, cdiv(N, block_n))](
-        u, lora_B, plan.order, plan.starts, plan.rank_off, y,
-        plan.n, N,
-        u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=max(2, next_pow2(plan.n)),
-        **_meta(y, plan), **_launch(y),
-    )  # fmt: skip
-    return y
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=max(2, next_pow2(plan.n)), **_meta(y, plan), **_launch(y))
+    return DirectLaunch.plan(_lora_segmented_expand_kernel, (grid_m, cdiv(N, block_n)), kwargs, runtime_args)
+
+
+# (kernel, geometry: sizes, strides, adapter count, rank tile, dtype, device) -> its planned launch. A serving layer
+# calls the shrink and the expand with the same geometry on every batch of a size; the plan's device tensors are
+# fresh allocations (aligned), so only the caller's operands are checked against the recorded alignment.
+_RECORDED: dict[tuple, DirectLaunch] = {}
+_MAX_RECORDED = 1024  # past it the oldest goes
+
+
+def _launch_recorded(geometry: tuple, plan, args: tuple, checked: tuple) -> None:
+    """Launch ``geometry``'s recorded launch (or ``plan()``'s, recorded) with ``args``."""
+    launch = _RECORDED.get(geometry)
+    fresh = launch is None
+    if fresh:
+        launch = plan()
+    again = launch(args, checked)
+    if fresh or again is not launch:
+        _RECORDED[geometry] = again
+        if len(_RECORDED) > _MAX_RECORDED:
+            del _RECORDED[next(iter(_RECORDED))]
 
 
 def lora_expand_reference_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:

@@ -39,3 +39,35 @@ def fused_training(monkeypatch):
     import adapter_engine.bottleneck
 
     monkeypatch.setattr(adapter_engine.bottleneck, "TRAIN_FUSED", True)
+
+
+@pytest.fixture
+def direct_stand_in():
+    """``(stand_in, grids)``: ``stand_in(launch, checked)`` is ``launch`` (a ``_backend.DirectLaunch`` that checks
+    the alignment of ``checked`` tensors) with a stand-in for its compiled kernel, recorded with every checked tensor
+    16-byte aligned. The stand-in binds the flat argument list of a direct call back to the kernel's parameter names
+    and launches the kernel in the interpreter, so a misordered or missing argument gives wrong results; ``grids``
+    lists the grids it was called with."""
+    from adapter_engine.kernels._backend import INTERPRET
+
+    if not INTERPRET:
+        pytest.skip("the stand-in launches the kernel in the interpreter")
+    grids = []
+
+    def stand_in(launch, checked: int):
+        kernel, options = launch.kernel, {k: v for k, v in launch.kwargs.items() if k not in launch.kernel.arg_names}
+
+        class CompiledStandIn:
+            def __getitem__(self, grid):
+                grid = (grid[0], grid[1], grid[2])  # as Triton's CompiledKernel reads it: all three dimensions
+
+                def run(*flat):
+                    assert len(flat) == len(kernel.arg_names)
+                    grids.append(grid)
+                    kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)), **options)
+
+                return run
+
+        return launch._replace(compiled=CompiledStandIn(), alignment=(True,) * checked)
+
+    return stand_in, grids

@@ -179,12 +179,65 @@ def test_kernel_reads_nothing_outside_its_operands(poison, M, K, path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["fused", "epilogue"])
+def test_a_small_m_launch_is_planned_once_per_geometry_and_repeated_for_new_tensors(monkeypatch, path):
+    """The tiled kernel's launch is planned once per geometry (shapes, strides, dtype, switches) and repeated for new
+    tensors of it (``TiledLaunch``): new x, weights, ids and scales give the reference's results, with no planning
+    again; another geometry (x's rows as a strided view, no bias) gets its own plan."""
+    monkeypatch.setattr(ll, "_RECORDED", {})
+    planned = []
+    plan = ll._plan_tiled
+    monkeypatch.setattr(ll, "_plan_tiled", lambda *a: planned.append(a[:3]) or plan(*a))
+    ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
+    for i in range(3):
+        x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32)
+        scales = [0.5 + i, 2.0]
+        with torch.no_grad():
+            got = lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids.roll(i), path=path)
+            want = lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids.roll(i))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"call {i}")
+    assert planned == [(5, 37, 11)] and len(ll._RECORDED) == 1
+    wide = torch.randn(5, 140)[:, ::2]  # strides (140, 2): another geometry
+    with torch.no_grad():
+        got = lora_linear(wide, w, As, Bs, scales, path=path)
+    torch.testing.assert_close(got, lora_linear_reference(wide, w, As, Bs, scales), rtol=1e-4, atol=1e-4)
+    assert len(planned) == 2 and len(ll._RECORDED) == 2
+
+
+@pytest.mark.parametrize("path", ["fused", "epilogue"])
+def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(
+    monkeypatch, direct_stand_in, path
+):
+    """On a GPU a recorded ``TiledLaunch`` calls the compiled kernel of its first launch directly: every parameter
+    in signature order, the constexprs after the 32 runtime arguments (here a stand-in for the compiled kernel runs
+    it in the interpreter). A call whose x is not 16-byte aligned like the recorded one (a Triton specialisation)
+    takes Triton's own launch instead."""
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(ll, "_RECORDED", {})
+    x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32)
+    ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
+    with torch.no_grad():
+        lora_linear(x, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path=path)
+    ((geometry, recorded),) = ll._RECORDED.items()
+    assert recorded.direct.compiled is None  # the interpreter's launch returns no compiled kernel
+    ll._RECORDED[geometry] = recorded._replace(direct=stand_in(recorded.direct, 6))
+    x2 = torch.randn(5, 70)
+    shifted = torch.empty(5 * 70 + 1)[1:].view(5, 70).copy_(x2)  # 4-byte aligned: Triton's launch
+    want = lora_linear_reference(x2, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids)
+    with torch.no_grad():
+        for operand in (x2, shifted):
+            got = lora_linear(operand, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path=path)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert direct == [recorded.direct.grid]
+
+
 def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monkeypatch):
     """Small M runs split-K (``INTERPRET_SPLIT_K`` slices): its tile counters come from one buffer per device and
-    stream, which the last slice of every tile resets, so calls of different sizes reuse it without a memset of
-    their own; every call still equals the reference (a counter left over would make a tile's last slice miss its
-    turn and leave that tile unwritten)."""
+    stream, which the last slice of every tile resets, so calls of different sizes reuse it (and one workspace)
+    without a memset or an allocation of their own; every call still equals the reference (a counter left over
+    would make a tile's last slice miss its turn and leave that tile unwritten)."""
     monkeypatch.setattr(lora_epilogue, "_COUNTERS", {})
+    monkeypatch.setattr(lora_epilogue, "_WORKSPACES", {})
     seen = set()
     for i, (M, K, N) in enumerate([(8, 130, 37), (5, 64, 90), (16, 192, 37), (8, 130, 37)]):
         x, w, b, As, Bs = _make((M,), K, N, [8, 3], torch.float32)
@@ -196,6 +249,7 @@ def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monke
         assert not counters.any(), f"call {i} left counters set"
         seen.add(counters.data_ptr())
     assert len(seen) == 1  # one buffer served every call
+    assert len(lora_epilogue._WORKSPACES) == 1  # and one workspace, grown to the largest need
 
 
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
@@ -483,6 +537,7 @@ def test_cuda_split_k_tiles(monkeypatch, M):
     monkeypatch.setattr(ll, "AUTOTUNE", False)
     for config in configs:
         monkeypatch.setattr(ll, "_TUNED", {})
+        monkeypatch.setattr(ll, "_RECORDED", {})  # (each shape's launch is planned again, with this config)
         monkeypatch.setattr(ll, "_gpu_configs", lambda config=config: [config])
         _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
 
@@ -517,16 +572,18 @@ def test_cuda_a_capture_of_an_untuned_shape_times_nothing(monkeypatch):
     x, w, b, As, Bs = _make((5,), 256, 384, [8], torch.bfloat16)
     x, w, b, A, B = (t.detach().cuda() for t in (x, w, b, As[0], Bs[0]))
     monkeypatch.setattr(ll, "_TUNED", {})
+    monkeypatch.setattr(ll, "_RECORDED", {})
     monkeypatch.setattr(ll, "AUTOTUNE", False)
     with torch.no_grad():  # compiles and loads the first config outside the capture (no module loads inside one)
         lora_linear(x, w, A, B, 2.0, b, path="fused")
     monkeypatch.setattr(ll, "_TUNED", {})
+    monkeypatch.setattr(ll, "_RECORDED", {})  # (the eager call's recorded launch, untuned)
     monkeypatch.setattr(ll, "AUTOTUNE", True)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         y = lora_linear(x, w, A, B, 2.0, b, path="fused")
-    assert ll._TUNED == {}
+    assert ll._TUNED == {} and ll._RECORDED == {}  # (the untimed config is not recorded either)
     graph.replay()
     torch.cuda.synchronize()
     with torch.no_grad():

@@ -196,6 +196,33 @@ def test_segmented_launchers_match_their_twins(poison):
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_shrink_and_expand_launches_are_recorded_per_geometry_and_their_compiled_kernels_called_directly(
+    monkeypatch, direct_stand_in
+):
+    """A mixed batch's shrink and expand are planned once per geometry (``_launch_recorded``) and repeated for new
+    rows, ids and factors: on a GPU by calling the compiled kernels of their first launches directly (here stand-ins
+    that run them in the interpreter), in signature order, while the caller's operands are aligned alike."""
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(ls, "_RECORDED", {})
+    M, K, N = 37, 33, 21
+
+    def call():
+        x, w, b, As, Bs = _make((M,), K, N, RANKS, torch.float32)
+        ids = _ids("mixed", M, 4)
+        with torch.no_grad():
+            got = lora_linear(x, w, As, Bs, SCALES, b, adapter_ids=ids, path="segmented")
+        want = lora_linear_reference(x, w, As, Bs, SCALES, b, adapter_ids=ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    call()
+    assert sorted(key[0] for key in ls._RECORDED) == ["expand", "shrink"]
+    for key, launch in list(ls._RECORDED.items()):
+        ls._RECORDED[key] = stand_in(launch, {"shrink": 2, "expand": 3}[key[0]])
+    call()
+    call()
+    assert len(direct) == 4 and len(ls._RECORDED) == 2
+
+
 def test_segmented_empty_batch_and_missing_ids():
     x, w, b, As, Bs = _make((0,), 19, 23, [8, 4], torch.float32)
     y = lora_linear(x, w, As, Bs, [2.0, 1.0], b, adapter_ids=torch.zeros(0, dtype=torch.long), path="segmented")
