@@ -153,8 +153,9 @@ def bench_host_time(benchmark, layer_cache, provider):
     how much of each path is Python and launch cost, and what one launch of an empty Triton kernel costs there
     (``triton_empty``: Triton's own launch path, the floor of every Triton launch; ``triton_empty_40_args``: the
     same with 40 arguments, as many as the engine's kernels take; ``triton_empty_40_args_direct``: that kernel's
-    compiled form called directly, as a recorded serving launch calls its kernel (``bottleneck_fwd.ForwardLaunch``),
-    without Triton's per-call argument binding and specialisation: what recording a launch saves). ``mixed16_*``:
+    compiled form called directly, as the engine's recorded launches call theirs (``_backend.DirectLaunch``: the
+    LoRA tiled kernel and segmented shrink / expand, the serving bottleneck launch), without Triton's per-call
+    argument binding and specialisation: what recording a launch saves; ``engine`` is recorded). ``mixed16_*``:
     one row per adapter over 16 resident adapters (16 rows), the mixed-batch op on its segmented path (a cuBLAS GEMM
     and two Triton launches) and on the masked one (cuBLAS and torch only): what a LoRA layer of a mixed serving
     batch costs the host."""

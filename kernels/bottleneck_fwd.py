@@ -16,6 +16,7 @@ import triton.language as tl
 from ._backend import (
     AUTOTUNE,
     INTERPRET,
+    DirectLaunch,
     alignment16,
     capturing,
     capturing_on,
@@ -406,7 +407,6 @@ def _bottleneck_stack_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-_FWD_PARAMETERS = tuple(_bottleneck_stack_fwd_kernel.arg_names)  # in signature order (ForwardLaunch's direct call)
 _TUNED: dict[tuple, _Tiles | str] = {}  # tuning key -> the fastest candidate for eager calls (forward, level backward)
 _TUNED_GRAPHED: dict[tuple, _Tiles | str] = {}  # tuning key -> the fastest for a CUDA-graph capture (GPU time)
 # tuning key -> (candidates, their GPU times in ms from _backend.fastest): what the benchmarks report beside rows
@@ -558,20 +558,14 @@ class ForwardLaunch(NamedTuple):
     (``kernels.bottleneck.bottleneck_stack``'s ``return_launch``). Holds no per-call tensor: ``args`` has None in
     their slots."""
 
-    grid: tuple[int, int, int]  # three dimensions: a compiled kernel's launcher reads all three
     args: tuple
-    kwargs: dict
     out_dtype: torch.dtype  # fp32 for half inputs under the interpreter (torch rounds once)
     scratch: tuple[tuple[int, int], tuple[int, int], torch.dtype]  # (r's shape, a's shape, a's dtype)
     has_ln: bool
-    # The compiled kernel of the recorded launch (on a GPU; None under the interpreter), with the values of the
-    # kernel's constexpr parameters in signature order and whether h, y and routes were 16-byte aligned: a call
-    # whose tensors are aligned alike launches it directly, skipping Triton's per-launch argument binding and
-    # specialisation (host time that grows with the 38 arguments: 52 us for an empty kernel of 40 on session 13's
-    # H100 host, 18 us for one of 3). The rest of the specialisation (integer sizes and strides) is the geometry's.
-    compiled: object | None = None
-    constexprs: tuple = ()
-    alignment: tuple[bool, ...] = ()
+    # The launch itself: on a GPU it calls the compiled kernel of the recorded launch directly while h, y and routes
+    # are 16-byte aligned as then (``DirectLaunch``; the integer sizes and strides are the geometry's), skipping
+    # Triton's per-launch binding of the 38 arguments.
+    direct: DirectLaunch
     views: bool = True  # h and y reached the kernel as (rows, H) views of themselves: in their own shapes they read
     # the same (else, rows of uneven strides, they are flattened by a copy on every call, as at the recorded one)
 
@@ -583,7 +577,6 @@ class ForwardLaunch(NamedTuple):
     def of(
         cls, args: list, grid: tuple[int, ...], kwargs: dict, has_ln: bool, compiled=None, views: bool = True
     ) -> ForwardLaunch:
-        grid = tuple(grid) + (1,) * (3 - len(grid))
         scratch = (tuple(args[cls._R].shape), tuple(args[cls._A].shape), args[cls._A].dtype)
         out_dtype = args[cls._OUT].dtype
         template = list(args)
@@ -592,10 +585,12 @@ class ForwardLaunch(NamedTuple):
         template[cls._SAVED] = (None, None, None)
         if not has_ln:
             template[cls._LNW] = template[cls._LNB] = None
+        direct = DirectLaunch.plan(_bottleneck_stack_fwd_kernel, grid, kwargs, len(args))
         compiled = compiled_kernel(compiled)
-        constexprs = tuple(kwargs[name] for name in _FWD_PARAMETERS[len(args) :])
-        alignment = alignment16(args[cls._H], args[cls._Y], args[cls._ROUTES])
-        return cls(grid, tuple(template), kwargs, out_dtype, scratch, has_ln, compiled, constexprs, alignment, views)
+        if compiled is not None:
+            direct = direct._replace(compiled=compiled, alignment=alignment16(args[cls._H], args[cls._Y],
+                                                                             args[cls._ROUTES]))  # fmt: skip
+        return cls(tuple(template), out_dtype, scratch, has_ln, direct, views)
 
     def __call__(self, h: torch.Tensor, y: torch.Tensor | None, routes: torch.Tensor) -> torch.Tensor:
         """The stack's output for h, y (or None) and routes (rows, L) int32, laid out as at the recorded call. The
@@ -619,10 +614,7 @@ class ForwardLaunch(NamedTuple):
         if not self.has_ln:
             args[self._LNW] = args[self._LNB] = h
         args[self._SAVED] = scratch_r, scratch_r, scratch_r
-        if self.compiled is not None and alignment16(h, y, routes) == self.alignment:
-            self.compiled[self.grid](*args, *self.constexprs)  # every parameter in signature order
-        else:
-            _bottleneck_stack_fwd_kernel[self.grid](*args, **self.kwargs)
+        self.direct(tuple(args), (h, y, routes))
         return out if out.dtype == h.dtype else out.to(h.dtype)
 
 

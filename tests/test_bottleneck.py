@@ -1658,46 +1658,29 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
 
 
 @pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
-def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(routing):
+def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(
+    direct_stand_in, routing
+):
     """On a GPU a ``ForwardLaunch`` keeps the compiled kernel of its first launch and repeats it directly: every
-    parameter in signature order, the constexprs after the 38 runtime arguments. Here a stand-in for the compiled
-    kernel binds the flat argument list back to the kernel's parameter names and launches it in the interpreter, so a
-    misordered or missing argument gives wrong results. A call whose h is not 16-byte aligned like the recorded one
-    (a Triton specialisation) takes Triton's own launch instead."""
-    from adapter_engine.kernels import bottleneck_fwd
-
-    if not INTERPRET:
-        pytest.skip("the stand-in launches the kernel in the interpreter")
-    kernel = bottleneck_fwd._bottleneck_stack_fwd_kernel
+    parameter in signature order, the constexprs after the 38 runtime arguments (here a stand-in for the compiled
+    kernel runs it in the interpreter). A call whose h is not 16-byte aligned like the recorded one (a Triton
+    specialisation) takes Triton's own launch instead."""
+    stand_in, direct = direct_stand_in
     params = make_params(40, [12, 20, 16], ["relu", "gelu", "tanh"])
     ln, packed = make_ln(40), pack(params)
     routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 6 + [[2, 0, -1]] * 5)
     h, y = torch.randn(11, 40), torch.randn(11, 40)
     with torch.no_grad():
         want, launch = bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, return_launch=True)
-    assert launch is not None and launch.compiled is None  # the interpreter's launch returns no compiled kernel
-    direct = []
-
-    class CompiledStandIn:
-        def __getitem__(self, grid):
-            grid = (grid[0], grid[1], grid[2])  # as Triton's CompiledKernel reads it: all three dimensions
-
-            def run(*flat):
-                assert len(flat) == len(kernel.arg_names)
-                direct.append(grid)
-                options = {k: v for k, v in launch.kwargs.items() if k not in kernel.arg_names}
-                kernel[grid](**dict(zip(kernel.arg_names, flat)), **options)
-
-            return run
-
-    repeat = launch._replace(compiled=CompiledStandIn())
+    assert launch is not None and launch.direct.compiled is None  # the interpreter's launch returns no compiled one
+    repeat = launch._replace(direct=stand_in(launch.direct, 3))
     expanded = expand_routes(routes, h).to(torch.int32)
     h2, y2 = torch.randn(11, 40), torch.randn(11, 40)
     with torch.no_grad():
         torch.testing.assert_close(repeat(h, y, expanded), want, rtol=0, atol=0)
         want2 = bottleneck_stack(h2, y2, packed, routes, SEQ, ln.weight, ln.bias)
         torch.testing.assert_close(repeat(h2, y2, expanded), want2, rtol=0, atol=0)
-        assert direct == [launch.grid] * 2
+        assert direct == [launch.direct.grid] * 2
         shifted = torch.empty(11 * 40 + 1)[1:].view(11, 40).copy_(h2)  # 4-byte aligned: Triton's launch
         torch.testing.assert_close(repeat(shifted, y2, expanded), want2, rtol=0, atol=0)
     assert len(direct) == 2
