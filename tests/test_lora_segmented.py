@@ -223,6 +223,56 @@ def test_shrink_and_expand_launches_are_recorded_per_geometry_and_their_compiled
     assert len(direct) == 4 and len(ls._RECORDED) == 2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_bit_for_bit(monkeypatch, M):
+    """On the GPU the recorded launches (the tiled kernel of one adapter, the shrink and expand of a mixed batch)
+    hold the compiled kernels of their first launches and call them directly from the third call on (the first
+    one tunes): their outputs equal those of the same launches through Triton's launcher bit for bit, for new
+    operands each call."""
+    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(ls, "_RECORDED", {})
+    dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
+    ranks, scales = [16, 8, 32, 8], [2.0, 0.5, 0.25, 1.0]
+    _, w, b, As, Bs = _make((M,), K, N, ranks, dt)
+    w, b = w.detach().to(dev), b.detach().to(dev)
+    As, Bs = [a.detach().to(dev) for a in As], [b_.detach().to(dev) for b_ in Bs]
+    ids = torch.randint(-1, len(ranks), (M,), device=dev)
+    calls = {
+        "tiled": (ll, lambda x: lora_linear(x, w, As[0], Bs[0], 2.0, b)),
+        "segmented": (ls, lambda x: lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids, path="segmented")),
+    }
+    reference = {
+        "tiled": lambda x: lora_linear_reference(x, w, As[0], Bs[0], 2.0, b),
+        "segmented": lambda x: lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids),
+    }
+    for name, (module, call) in calls.items():
+        with torch.no_grad():
+            for _ in range(3):
+                call(torch.randn(M, K, device=dev, dtype=dt))
+            recorded = dict(module._RECORDED)
+            assert recorded and all(_compiled(r) is not None for r in recorded.values()), name
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            direct = call(x)
+            for key, r in recorded.items():  # the same launches through Triton's launcher
+                module._RECORDED[key] = _without_compiled(r)
+            through_triton = call(x)
+            want = reference[name](x)
+        assert torch.equal(direct, through_triton), name
+        assert _rel_err(direct, want.double()) < 1e-2, name
+
+
+def _compiled(recorded) -> object | None:
+    """The compiled kernel of a recorded launch: a ``TiledLaunch``'s (``lora_linear``) or a ``DirectLaunch``'s."""
+    return (recorded.direct if hasattr(recorded, "direct") else recorded).compiled
+
+
+def _without_compiled(recorded):
+    if hasattr(recorded, "direct"):
+        return recorded._replace(direct=recorded.direct._replace(compiled=None))
+    return recorded._replace(compiled=None)
+
+
 def test_segmented_empty_batch_and_missing_ids():
     x, w, b, As, Bs = _make((0,), 19, 23, [8, 4], torch.float32)
     y = lora_linear(x, w, As, Bs, [2.0, 1.0], b, adapter_ids=torch.zeros(0, dtype=torch.long), path="segmented")
