@@ -48,6 +48,10 @@ on the GPU and keeps the faster (``_large_m_choice``; untimed, ``"composition"``
 mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
 (``LoraLinearDispatch``); torch.compile traces the same choice.
 
+The tiled kernel's launches (``"fused"``, ``"epilogue"``) are planned once per geometry of the operands and then
+repeated (``TiledLaunch``): a small-M call is mostly host time, and on a GPU the repeat calls the compiled kernel
+directly instead of through Triton's launcher (``_backend.DirectLaunch``).
+
 The torch paths (``"addmm"``, ``"composition"``) are cuBLAS GEMMs and nothing else when every adapter shares one
 scale and there are no ``adapter_ids`` (the common case): the scale is the GEMM's ``alpha`` (``u = addmm_(beta=0,
 alpha=scale)``: fp32 accumulator scaled, rounded once, as in the kernel; no (M, R) fp32 temporary). Several
