@@ -300,6 +300,17 @@ def compiled_kernel(launched):
     return launched if HAS_TRITON and isinstance(launched, CompiledKernel) else None
 
 
+RECORDED_GEOMETRIES = 1024  # recorded launches kept per cache (prompts of many lengths each make one)
+
+
+def record(cache: dict, key, launch) -> None:
+    """Keep ``launch`` as ``key``'s recorded launch in ``cache``; past ``RECORDED_GEOMETRIES`` entries the oldest
+    goes."""
+    cache[key] = launch
+    if len(cache) > RECORDED_GEOMETRIES:
+        del cache[next(iter(cache))]
+
+
 class DirectLaunch(NamedTuple):
     """A Triton kernel's launch planned for one geometry (grid, integer arguments, constexprs: the caller's cache
     key), repeated for new tensors. On a GPU it keeps the compiled kernel of its first launch and calls that

@@ -80,6 +80,7 @@ from ._backend import (
     fastest,
     graph_time_ms,
     next_pow2,
+    record,
     use_triton,
 )
 from .lora_epilogue import (
@@ -507,7 +508,6 @@ class TiledLaunch(NamedTuple):
 
 
 _RECORDED: dict[tuple, TiledLaunch] = {}  # geometry -> its planned launch (lora_linear_fwd)
-_MAX_RECORDED = 1024  # geometries remembered (prompts of many lengths each make one): past it the oldest goes
 
 
 def _first_tiled_launch(
@@ -551,9 +551,7 @@ def _first_tiled_launch(
     launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, fuse, store_u)
     y, u_out, launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u)
     if settled:
-        _RECORDED[geometry] = launch
-        if len(_RECORDED) > _MAX_RECORDED:
-            del _RECORDED[next(iter(_RECORDED))]
+        record(_RECORDED, geometry, launch)
     return y, u_out
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import DirectLaunch, cdiv, device_lru_cache, next_pow2, use_triton
+from ._backend import DirectLaunch, cdiv, device_lru_cache, next_pow2, record, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,7 +460,6 @@ def _plan_expand(y: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> Direc
 # calls the shrink and the expand with the same geometry on every batch of a size; the plan's device tensors are
 # fresh allocations (aligned), so only the caller's operands are checked against the recorded alignment.
 _RECORDED: dict[tuple, DirectLaunch] = {}
-_MAX_RECORDED = 1024  # past it the oldest goes
 
 
 def _launch_recorded(geometry: tuple, plan, args: tuple, checked: tuple) -> None:
@@ -471,9 +470,7 @@ def _launch_recorded(geometry: tuple, plan, args: tuple, checked: tuple) -> None
         launch = plan()
     again = launch(args, checked)
     if fresh or again is not launch:
-        _RECORDED[geometry] = again
-        if len(_RECORDED) > _MAX_RECORDED:
-            del _RECORDED[next(iter(_RECORDED))]
+        record(_RECORDED, geometry, again)
 
 
 def lora_expand_reference_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
