@@ -287,6 +287,8 @@ def _expand_launch_specs(ranks: list[int], monkeypatch) -> dict[str, dict]:
     kernel, calls = lora_segmented._lora_segmented_expand_kernel, []
 
     class Recorder:  # kernel[grid](*args, **meta): keep the arguments, launch nothing
+        arg_names = kernel.arg_names
+
         def __getitem__(self, grid):
             return lambda *args, **meta: calls.append((dict(zip(kernel.arg_names, args)), meta))
 
@@ -296,6 +298,7 @@ def _expand_launch_specs(ranks: list[int], monkeypatch) -> dict[str, dict]:
     Bs = [torch.randn(N, r, device=dev, dtype=dt) for r in ranks]
     scales, ids = [1.0] * len(ranks), torch.arange(M, device=dev) % len(ranks)
     monkeypatch.setattr(lora_segmented, "_lora_segmented_expand_kernel", Recorder())  # where lora_expand_ looks
+    monkeypatch.setattr(lora_segmented, "_RECORDED", {})  # (launches planned before would launch the kernel)
     entries = {
         "inference": lambda: lora_linear(x, w, As, Bs, scales, adapter_ids=ids, path="segmented"),
         "training": lambda: lora_linear(
