@@ -420,7 +420,7 @@ def _stack_alone(benchmark, hidden, provider):
         if launch is None:
             pytest.skip("this call took the level-by-level cuBLAS path: nothing to repeat")
         if provider == "fused launch jit":
-            launch = launch._replace(compiled=None)
+            launch = launch._replace(direct=launch.direct._replace(compiled=None))
         expanded = expand_routes(routes, h)
         fn = lambda: launch(h, y, expanded)  # noqa: E731
     with torch.no_grad():

@@ -196,7 +196,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
 
     class Counted:  # a JIT kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, kernel, key):
-            self.kernel, self.key = kernel, key
+            self.kernel, self.key, self.arg_names = kernel, key, kernel.arg_names
 
         def __getitem__(self, grid):
             def launch(x, *args, **kwargs):
@@ -206,7 +206,8 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
 
             return launch
 
-    monkeypatch.setattr(lora_linear, "_fwd_kernel_fixed", Counted(lora_linear._fwd_kernel_fixed, "lora"))
+    monkeypatch.setattr(lora_linear, "_lora_linear_fwd_kernel", Counted(lora_linear._lora_linear_fwd_kernel, "lora"))
+    monkeypatch.setattr(lora_linear, "_RECORDED", {})  # (launches planned before hold the kernel itself)
     torch_paths = lora_linear._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
 
     def counted_torch_paths(x, *args, **kwargs):
