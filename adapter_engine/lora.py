@@ -274,7 +274,7 @@ class LoraLinear(nn.Module):
             stacked = self._stacked_for(snapshot, fused, x)
             if stacked is not None:
                 return lora_linear_stacked(x, self.weight, stacked, self.bias, adapter_ids=ids,
-                                           fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
+                                           fan_in_fan_out=self.fan_in_fan_out, path="auto")  # fmt: skip
         return lora_linear(
             x,
             self.weight,

@@ -651,6 +651,58 @@ def _large_m_choice(
     return (choice, None) if isinstance(choice, str) else ("persistent", choice)
 
 
+_MIXED: dict[tuple, str | TmaTiles] = {}  # timing key -> "segmented" or the persistent kernel's tiles (_serve_mixed)
+_MIXED_GRAPHED: dict[tuple, str | TmaTiles] = {}  # the same, by GPU time alone: for CUDA-graph captures
+
+
+def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> torch.Tensor:
+    """y for inference on a mixed batch that ``"auto"`` sends to the segmented path (operands as ``lora_linear_fwd``'s
+    with ``segments=plan``, ``ids`` (M,) int32). Above ``fused_max_m`` rows, where the stacked rank fits the
+    persistent kernel's tile (:func:`tma_fits`), ``"segmented"`` (cuBLAS GEMM, the shrink, and an expand that reads
+    and writes y once more) is timed once per shape against the persistent kernel with the adapters masked per row
+    (each row computes all R rank columns, the inactive ones zeroed, but the low-rank term lands in the GEMM's
+    epilogue: no second pass over y, 2 of the about 17 bytes per output element that a 4096-row layer of 4 rank-16
+    adapters moves), as ``_large_m_choice`` times its candidates; the faster is kept. Untimed (interpreter, timing
+    off, inside a CUDA-graph capture of an untimed shape): ``"segmented"``."""
+    M, (N, R) = x.shape[0], lora_B.shape
+    choice = "segmented"
+    if M > DISPATCH.fused_max_m and tma_fits(x, weight, R):
+        key = (min(next_pow2(M), 1 << 16), N, x.shape[1], plan.ranks, x.dtype, weight.stride(-1) == 1, bias is None)
+        choice = (_MIXED_GRAPHED if capturing(x) else _MIXED).get(key)
+        if choice is None:
+            choice = "segmented"
+            candidates = _mixed_candidates(rank_tile(R), M)
+            if len(candidates) > 1 and AUTOTUNE and not capturing(x):
+                tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
+                y = _alloc((M, N), x)
+
+                def launch(c):
+                    if c == "segmented":
+                        lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
+                    else:
+                        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, c)
+
+                timing = fastest(candidates, launch, x.device)
+                choice, _MIXED_GRAPHED[key] = timing.eager, timing.graphed
+                _MIXED[key] = choice
+                logger.info("lora_linear mixed %s: %s, graphed %s (GPU %s ms; host %s ms)", key, choice,
+                            timing.graphed, ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
+    if choice == "segmented":
+        return lora_linear_fwd(
+            x, weight, lora_A, lora_B, None, None, bias, ids, None, path="segmented", store_u=False, segments=plan
+        )[0]
+    y = _alloc((M, N), x)
+    tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
+    lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, choice)
+    return y
+
+
+def _mixed_candidates(block_r: int, rows: int) -> tuple[str | TmaTiles, ...]:
+    """What ``_serve_mixed`` times: ``"segmented"``, then the persistent kernel's tiles with the shrink fused (only
+    ``"segmented"`` under the interpreter, which has no GPU timer)."""
+    return ("segmented",) if INTERPRET else ("segmented", *tma_candidates(True, block_r, rows))
+
+
 def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:
     if segments is None:
         raise ValueError('path "segmented" needs segments=plan_segments(adapter_ids, ranks, scales)')
@@ -1023,7 +1075,7 @@ def lora_linear(
     x_lora = torch.nn.functional.dropout(x, dropout, True).reshape(-1, in_f) if training and dropout > 0 else None
     flat = x.dim() == 2  # already (M, in): no reshape op (and no view node in the autograd graph) each way
     x2 = x if flat else x.reshape(-1, in_f)
-    plan = None
+    plan, auto = None, path == "auto"
     if path == "segmented" or _wants_segmented(path, x2.shape[0], ranks, adapter_ids, x):
         if adapter_ids is None:
             raise ValueError('path "segmented" is for mixed batches: it needs adapter_ids')
@@ -1039,6 +1091,9 @@ def lora_linear(
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias, *As, *Bs)):
         settings = LoraSettings(ranks, tuple(scales), path, plan)
         y = LoraLinearFunction.apply(settings, x2, x_lora, w, bias, ids, *As, *Bs)
+    elif plan is not None and auto and x_lora is None:  # serving a mixed batch
+        A, B = _stack_cached(As, Bs, _rank_major_b(path, x))
+        y = _serve_mixed(x2, w, A, B, bias, ids, plan)
     else:
         A, B = _stack_cached(As, Bs, _rank_major_b(path, x))
         # (the segmented path reads the plan's tables instead)
@@ -1103,11 +1158,14 @@ def lora_linear_stacked(
     *,
     adapter_ids: torch.Tensor,
     fan_in_fan_out: bool = False,
+    path: str = "segmented",
 ) -> torch.Tensor:
     """``lora_linear(x, weight, stacked.lora_As, stacked.lora_Bs, stacked.scales, bias, adapter_ids=adapter_ids,
-    fan_in_fan_out=fan_in_fan_out, path="segmented")`` for inference, without checking and stacking the factors
-    again. A call that does not fit what ``stacked`` was checked against (or that autograd or autocast would see)
-    takes ``lora_linear`` itself, which names any problem."""
+    fan_in_fan_out=fan_in_fan_out, path=path)`` for inference, without checking and stacking the factors again.
+    path: ``"segmented"``, or ``"auto"`` for a batch that ``mixed_batch_path`` sends to it: the segmented path, or
+    above ``fused_max_m`` rows the persistent kernel with the adapters masked per row where that timed faster
+    (``_serve_mixed``). A call that does not fit what ``stacked`` was checked against (or that autograd or autocast
+    would see) takes ``lora_linear`` itself, which names any problem."""
     dt, dev, w_shape, fifo, b_shape = stacked.base
     fits = (
         x.dtype == dt and x.device == dev and weight.dtype == dt and weight.device == dev and weight.shape == w_shape
@@ -1117,17 +1175,22 @@ def lora_linear_stacked(
         and not torch.is_grad_enabled() and not torch.is_autocast_enabled(dev.type)
         and not torch.compiler.is_compiling()
     )  # fmt: skip
+    if path not in ("segmented", "auto"):
+        raise ValueError(f'lora_linear_stacked serves path "segmented" or "auto", got {path!r}')
     if not fits:
         return lora_linear(
             x, weight, list(stacked.lora_As), list(stacked.lora_Bs), list(stacked.scales), bias,
-            adapter_ids=adapter_ids, fan_in_fan_out=fan_in_fan_out, path="segmented",
+            adapter_ids=adapter_ids, fan_in_fan_out=fan_in_fan_out, path=path,
         )  # fmt: skip
     in_f = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
     ids, plan = _segments_cached(adapter_ids, x, stacked.ranks, stacked.scales)
     w = weight.t() if fan_in_fan_out else weight
-    y = lora_linear_fwd(x2, w, stacked.A, stacked.B, None, None, bias, ids, None, path="segmented", store_u=False,
-                        segments=plan)[0]  # fmt: skip
+    if path == "auto":
+        y = _serve_mixed(x2, w, stacked.A, stacked.B, bias, ids, plan)
+    else:
+        y = lora_linear_fwd(x2, w, stacked.A, stacked.B, None, None, bias, ids, None, path="segmented",
+                            store_u=False, segments=plan)[0]  # fmt: skip
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.shape[0])
 
 

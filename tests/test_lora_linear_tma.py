@@ -280,3 +280,48 @@ def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches)
     assert launches == []
     want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
     assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
+
+
+@pytest.mark.parametrize("via", ["lora_linear", "serving layer"])
+def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_with_masked_adapters(
+    monkeypatch, launches, via
+):
+    """Inference on a mixed batch past ``fused_max_m`` rows (``_serve_mixed``): ``"segmented"`` is timed once per
+    shape against the persistent kernel with every row's inactive adapters masked (the low-rank term in the GEMM's
+    epilogue, no second pass over y) and the faster kept, for the functional op and a serving layer's stacked call
+    alike; the kernel's mixed-batch output matches the reference. Here a stand-in timer picks the kernel for eager
+    calls and ``"segmented"`` for graph captures; the interpreter alone times nothing and keeps ``"segmented"``."""
+    from adapter_engine.kernels._backend import Timing, capture_on_cpu
+
+    tiles = TmaTiles(32, 32, 32, 4, 1, True, 2)
+    monkeypatch.setattr(ll, "_MIXED", {})
+    monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
+    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    x, w, b, As, Bs = _make((19,), 32, 40, [8, 16, 4], torch.float16)
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    ids = torch.tensor([i % 4 - 1 for i in range(19)], dtype=torch.int32)
+    scales = [0.5, 2.0, -1.0]
+    if via == "lora_linear":
+        call = lambda: lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids)  # noqa: E731
+    else:
+        stacked = ll.stack_loras(x, w, As, Bs, scales, b)
+        call = lambda: ll.lora_linear_stacked(x, w, stacked, b, adapter_ids=ids, path="auto")  # noqa: E731
+    want = ll.lora_linear_reference(x.double(), w.double(), [a.double() for a in As], [b_.double() for b_ in Bs],
+                                    scales, b.double(), adapter_ids=ids)  # fmt: skip
+    with torch.no_grad():
+        call()
+        assert launches == []  # the interpreter times nothing: "segmented"
+        monkeypatch.setattr(ll, "_mixed_candidates", lambda block_r, rows: ("segmented", tiles))
+        timings = []
+        monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
+        for _ in range(2):
+            launches.clear()
+            y = call()
+            assert launches == [(19, 40, 32, True, True)]  # the persistent kernel, fused shrink
+        assert len(timings) == 1  # timed once per shape
+        assert (y.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
+        launches.clear()
+        with capture_on_cpu():
+            call()
+        assert launches == []  # captured: "segmented", the least GPU time here
