@@ -88,7 +88,8 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
         # the host's share of a forward (equal to the median when the host is the slower side: an eager row then
         # measures Python and launches, not kernels)
         benchmark.extra_info["host_ms"] = host_ms(run)
-    if not provider.startswith("peft"):  # what the large-M timing chose for the model's GEMM shapes
-        from adapter_engine.kernels.lora_linear import _LARGE_M
+    if not provider.startswith("peft"):  # what the large-M timings chose for the model's GEMM shapes
+        from adapter_engine.kernels.lora_linear import _LARGE_M, _MIXED
 
         benchmark.extra_info["large_m_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _LARGE_M.items()}
+        benchmark.extra_info["mixed_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _MIXED.items()}
