@@ -308,7 +308,10 @@ def record(cache: dict, key, launch) -> None:
     goes."""
     cache[key] = launch
     if len(cache) > RECORDED_GEOMETRIES:
-        del cache[next(iter(cache))]
+        try:
+            del cache[next(iter(cache))]
+        except (KeyError, RuntimeError, StopIteration):  # another thread changed the cache meanwhile: it trims
+            pass
 
 
 class DirectLaunch(NamedTuple):
