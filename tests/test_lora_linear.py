@@ -204,6 +204,20 @@ def test_a_small_m_launch_is_planned_once_per_geometry_and_repeated_for_new_tens
     assert len(planned) == 2 and len(ll._RECORDED) == 2
 
 
+def test_recorded_launches_keep_the_latest_geometries_only(monkeypatch):
+    """Each row count is a geometry of its own (prompts of many lengths): past ``RECORDED_GEOMETRIES`` the oldest
+    recorded launch goes."""
+    from adapter_engine.kernels import _backend
+
+    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(_backend, "RECORDED_GEOMETRIES", 2)
+    x, w, b, As, Bs = _make((7,), 40, 24, [4], torch.float32)
+    with torch.no_grad():
+        for m in (3, 5, 7):
+            lora_linear(x[:m].detach(), w, As[0], Bs[0], 0.5, b, path="fused")
+    assert [key[0] for key in ll._RECORDED] == [5, 7]
+
+
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
 def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(
     monkeypatch, direct_stand_in, path
