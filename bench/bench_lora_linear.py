@@ -18,6 +18,8 @@ On CPU everything runs at tiny sizes in the interpreter as a smoke test.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,17 +87,22 @@ def _record(benchmark, fn, bare_fn, key, **extra):
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
     if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
-        from adapter_engine.kernels.lora_linear import _LARGE_M, _LARGE_M_GRAPHED, _TUNED
-
+        ll = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the module: the package exports the op)
         k, n = extra["shape"]
-        for name, table in (("large_m_choices", _LARGE_M), ("large_m_choices_graphed", _LARGE_M_GRAPHED)):
+        for name, table in (("large_m_choices", ll._LARGE_M), ("large_m_choices_graphed", ll._LARGE_M_GRAPHED)):
             benchmark.extra_info[name] = {
                 " ".join(map(str, key[:4])): str(choice) for key, choice in table.items() if {key[2], key[3]} == {k, n}
             }
+        # and the small-M timing's paths for eager calls and graph captures (M bucket, N, R, K, and "wT" for dx = dy W)
+        benchmark.extra_info["small_m_choices"] = {
+            " ".join(map(str, key[:4])) + ("" if key[6] else " wT"): "eager {}, graphed {}".format(*paths)
+            for key, paths in ll._SMALL_M.items()
+            if {key[1], key[3]} == {k, n}
+        }
         # and the tiles the autotuner chose for the Triton kernel (M bucket, N, K: BLOCK_M/N/K, SPLIT_K, ...)
         benchmark.extra_info["tiled_choices"] = {
             " ".join(map(str, key[:3])): {c: v for c, v in config.items() if c.isupper() or c.startswith("num_")}
-            for key, config in _TUNED.items()
+            for key, config in ll._TUNED.items()
             if {key[1], key[2]} == {k, n}
         }
 

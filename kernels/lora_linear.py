@@ -43,8 +43,9 @@ Forward paths (``path=``; ``"auto"`` picks by M, see ``DISPATCH``):
     base (as ``"composition"``); ``u`` is then (M, U) with rows in adapter order (U: the max rank rounded up to a
     power of two >= 16), not (M, R).
 
-Above ``fused_max_m`` rows ``"auto"`` times ``"composition"`` against the persistent kernel's tiles once per shape
-on the GPU and keeps the faster (``_large_m_choice``; untimed, ``"composition"``). It takes ``"segmented"`` for a
+Up to ``fused_max_m`` rows ``"auto"`` times ``"fused"``, ``"epilogue"`` and ``"composition"`` once per M bucket and
+shape on the GPU and keeps the fastest (``_small_m_choice``; untimed, ``"fused"``). Above, it times ``"composition"``
+against the persistent kernel's tiles (``_large_m_choice``; untimed, ``"composition"``). It takes ``"segmented"`` for a
 mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
 (``LoraLinearDispatch``); torch.compile traces the same choice.
 
@@ -111,7 +112,8 @@ PATHS = ("auto", "fused", "epilogue", "addmm", "composition", "persistent", "seg
 class LoraLinearDispatch:
     """Shape dispatch of ``path="auto"`` (tune on the GPU from ``bench/bench_lora_linear.py``).
 
-    fused_max_m: rows up to which the single fused launch is used.
+    fused_max_m: rows up to which the tiled kernel's single launch is used: its fused-shrink form, its cuBLAS-shrink
+    form or ``"composition"``, whichever timed fastest for the M bucket and shape (``_small_m_choice``).
     large_m_path: the path used above ``fused_max_m``: ``"timed"`` (``"composition"`` or ``"persistent"``, whichever
     measured faster for the shape on this GPU), or one of ``"addmm"``, ``"epilogue"``, ``"composition"``,
     ``"persistent"``.
@@ -441,7 +443,20 @@ def lora_linear_fwd(
         )  # fmt: skip
     M, K = x.shape
     N, R = lora_B.shape
-    path = _pick_path(path, M, fusable=x_lora is None)
+    operands = None  # their geometry (shapes, strides, dtype, device, switches): the recorded launches' key
+    if path == "auto" and 0 < M <= DISPATCH.fused_max_m:  # the tiled kernel or "composition", as timed
+        operands = (
+            M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
+            adapter_ids is None, store_u, x_lora is None,
+        )  # fmt: skip
+        paths = _SMALL_M_PATHS.get(operands)
+        if paths is None:
+            paths = _small_m_choice(
+                operands, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, shared_scale
+            )  # fmt: skip
+        path = paths[0] if paths[0] == paths[1] or not capturing(x) else paths[1]  # (eager, graphed)
+    else:
+        path = _pick_path(path, M, fusable=x_lora is None)
     tiles = None
     if path in ("timed", "persistent"):
         path, tiles = _large_m_choice(
@@ -459,11 +474,12 @@ def lora_linear_fwd(
         return y, u_out
     if M == 0:
         return _alloc((M, N), x), (_alloc((M, R), x) if store_u else None)
-    fuse = path == "fused"
-    geometry = (
-        M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
-        adapter_ids is None, store_u, fuse,
-    )  # fmt: skip
+    if operands is None:
+        operands = (
+            M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
+            adapter_ids is None, store_u, x_lora is None,
+        )  # fmt: skip
+    geometry = (*operands, path == "fused")
     launch = _RECORDED.get(geometry)
     if launch is None:
         return _first_tiled_launch(geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids,
@@ -529,7 +545,9 @@ def _first_tiled_launch(
         DOT_FP32=interp,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
-    m_bucket = min(next_pow2(M), 4096)
+    # (1 to 16 rows run the same 16-row tiles, as much work each: one tuning serves them. Tuned apart on session 15's
+    # H100, the 1-row launch took 28.8 us against 20.2 us for 16 rows, graphed at 4096 x 4096.)
+    m_bucket = min(max(next_pow2(M), 16), 4096)
     settled = True
     if interp:  # one config under the interpreter: large blocks, few programs; split-K where the GPU may take it
         config = dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
@@ -649,6 +667,65 @@ def _large_m_choice(
             logger.info("lora_linear %s: %s, graphed %s (GPU %s ms; host %s ms)", key, choice, graphed,
                         ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
     return (choice, None) if isinstance(choice, str) else ("persistent", choice)
+
+
+_SMALL_M: dict[
+    tuple, tuple[str, str]
+] = {}  # timing key -> (path for eager calls, for graph captures): M <= fused_max_m
+_SMALL_M_PATHS: dict[tuple, tuple[str, str]] = {}  # the operands' geometry -> the same pair (one lookup per call)
+
+
+def _small_m_candidates(path: str) -> tuple[str, ...]:
+    """What ``_small_m_choice`` times: ``path`` (``"fused"``, or ``"epilogue"`` where a dropout input cannot fuse the
+    shrink) first, then the other tiled-kernel path and ``"composition"`` (only ``path`` under the interpreter, which
+    has no GPU timer)."""
+    if INTERPRET:
+        return (path,)
+    return ("fused", "epilogue", "composition") if path == "fused" else ("epilogue", "composition")
+
+
+def _small_m_choice(
+    operands, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, shared_scale
+) -> tuple[str, str]:
+    """The paths of ``"auto"`` at up to ``fused_max_m`` rows, for eager calls and for CUDA-graph captures (shapes as
+    ``lora_linear_fwd``; ``operands``: their geometry, ``lora_linear_fwd``'s key): the tiled kernel with the shrink
+    fused (``"fused"``), the tiled kernel adding a cuBLAS shrink's u in its epilogue (``"epilogue"``), or cuBLAS and
+    ``addmm_`` (``"composition"``), timed once per M bucket (powers of two) and shape by ``_backend.fastest`` as
+    ``_large_m_choice`` times its candidates: eager calls take the least of the larger of host and GPU time, a
+    capture the least GPU time. Each new geometry looks its bucket's pair up once (``_SMALL_M_PATHS``).
+
+    Why (session 15's H100, 4096 x 4096 and 4096 x 11008, bf16, r = 16, graphed): no path won every row. At M = 1
+    ``"composition"`` took 0.995x the bare matmul at 4096 x 4096 where the fused launch took 1.218x, and
+    ``"epilogue"`` 1.170x at 4096 x 11008 against 1.291x; at M = 16 the fused launch won at 4096 x 4096 (0.879x)
+    and ``"epilogue"`` at 4096 x 11008. Eager calls at these sizes are host time on that machine's host (a bare
+    ``F.linear`` enqueued in 20 us, the engine's call in 125 us), where three cuBLAS launches may cost less than
+    one Triton launch. Untimed (interpreter, timing off, inside a capture of an untimed shape, where nothing is
+    kept): the fused launch, or ``"epilogue"`` for a dropout input."""
+    path = _pick_path("auto", x.shape[0], fusable=x_lora is None)
+    candidates = _small_m_candidates(path)
+    M, N, K, R, dtype, device, _, w_strides, a_strides, _, no_bias, no_ids, store_u, fusable = operands
+    key = (next_pow2(M), N, R, K, dtype, device, w_strides[-1] == 1, a_strides[-1] == 1, no_bias, no_ids, store_u,
+           fusable)  # fmt: skip
+    paths = _SMALL_M.get(key)
+    if paths is None:
+        if capturing(x):  # nothing is timed or kept inside a capture: the eager call after it times them
+            return path, path
+        if len(candidates) == 1 or not AUTOTUNE:
+            paths = path, path
+        else:
+
+            def launch(c):
+                lora_linear_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
+                                path=c, store_u=store_u, shared_scale=shared_scale)  # fmt: skip
+
+            for c in candidates:  # the tiled paths' autotuning and recorded launches happen here, outside the timing
+                launch(c)
+            timing = fastest(candidates, launch, x.device)
+            paths = _SMALL_M[key] = timing.eager, timing.graphed
+            logger.info("lora_linear small M %s: %s, graphed %s (GPU %s ms; host %s ms)", key, *paths,
+                        ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
+    record(_SMALL_M_PATHS, operands, paths)
+    return paths
 
 
 _MIXED: dict[tuple, str | TmaTiles] = {}  # timing key -> "segmented" or the persistent kernel's tiles (_serve_mixed)

@@ -516,7 +516,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm", "persistent", "segmented"])
+@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm", "composition", "persistent", "segmented"])
 @pytest.mark.parametrize("M", [1, 16, 256, 2048])
 def test_cuda_bf16_no_worse_than_torch(M, path):
     """bf16, Llama-like 4096 -> 4096 with 4 resident adapters (r=16, two of rank 8/64) and mixed ids incl. -1:
@@ -530,6 +530,7 @@ def test_cuda_bf16_no_worse_than_torch(M, path):
     fused 0.75x, composition 1.00x and addmm 1.02-1.03x (y error 0.00256 vs 0.00250) at M = 256 and 2048: the
     ``beta=1`` step does cost about one rounding, and only addmm, which also rounds the low-rank term, ends up
     above PEFT. 1.10x bounds that structure, not noise (the error norm over 1M elements varies by ~0.1%).
+    ``"auto"`` at M <= 64 takes whichever of ``"fused"``, ``"epilogue"`` and ``"composition"`` timed fastest.
     ``"segmented"`` (and ``"auto"`` at M >= 256, which dispatches to it) rounds as composition does, with u rounded
     once after its scale (PEFT: twice, the scales differ here): modelled at or below composition's error."""
     _assert_bf16_no_worse_than_torch(M, [16, 8, 64, 16], [2.0, 0.5, 0.25, 1.0], path)
@@ -554,6 +555,65 @@ def test_cuda_split_k_tiles(monkeypatch, M):
         monkeypatch.setattr(ll, "_RECORDED", {})  # (each shape's launch is planned again, with this config)
         monkeypatch.setattr(ll, "_gpu_configs", lambda config=config: [config])
         _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
+
+
+def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatch, poison):
+    """``"auto"`` at up to ``fused_max_m`` rows (``_small_m_choice``): the fused launch, the tiled kernel with a
+    cuBLAS shrink and ``"composition"`` are timed once per M bucket and shape, for the forward and for dx = dy W of
+    the backward (W transposed: a shape of its own), and each geometry looks its bucket's choice up once; eager calls
+    take the eager choice, a graph capture the graphed one, and a capture of an untimed shape times nothing and takes
+    the fused launch. Here a stand-in timer picks ``"composition"`` for eager calls and ``"epilogue"`` for captures;
+    the interpreter alone times nothing. Every choice matches the fp64 oracle, forward and gradients."""
+    from adapter_engine.kernels._backend import Timing, capture_on_cpu
+
+    for name in ("_SMALL_M", "_SMALL_M_PATHS", "_RECORDED"):
+        monkeypatch.setattr(ll, name, {})
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    torch_paths, real_torch_paths = [], ll._torch_paths
+    monkeypatch.setattr(ll, "_torch_paths", lambda *a: torch_paths.append(a[-2]) or real_torch_paths(*a))
+    x, w, b, As, Bs = _make((3, 2), 24, 40, [8, 4], torch.float16)
+    scales = [0.5, -2.0]
+    dy = torch.randn(3, 2, 40, dtype=torch.float64)
+    want_y, want_grads = _oracle(x, w, b, As, Bs, scales, dy)
+
+    def check(y, grads=None):
+        assert (y.double() - want_y).abs().max() <= TOL[torch.float16] * want_y.abs().max()
+        for g, want in zip(grads or [], want_grads if grads else [], strict=True):
+            assert (g.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
+
+    with torch.no_grad():
+        check(lora_linear(x, w, As, Bs, scales, b))
+    assert not torch_paths and ll._SMALL_M == {}  # the interpreter: the fused launch, untimed
+    ll._SMALL_M_PATHS.clear()
+    monkeypatch.setattr(ll, "_small_m_candidates", lambda path: ("fused", "epilogue", "composition"))
+    timed = []
+    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timed.append(c) or Timing("composition", "epilogue",
+                                                                                         [], []))  # fmt: skip
+    with capture_on_cpu(), torch.no_grad():  # an untimed shape inside a capture: the fused launch, nothing timed
+        check(lora_linear(x, w, As, Bs, scales, b))
+    assert not timed and not torch_paths and ll._SMALL_M == {} and ll._SMALL_M_PATHS == {}
+    with torch.no_grad():
+        for calls in (2, 1):  # (the first call also runs each candidate once before the timing)
+            torch_paths.clear()
+            check(lora_linear(x, w, As, Bs, scales, b))
+            assert torch_paths == ["composition"] * calls
+    assert len(timed) == 1 and list(ll._SMALL_M.values()) == [("composition", "epilogue")]
+    torch_paths.clear()
+    ll._RECORDED.clear()  # (then holds the launch the capture makes)
+    with capture_on_cpu(), torch.no_grad():
+        check(lora_linear(x, w, As, Bs, scales, b))
+    assert not torch_paths and [g[-1] for g in ll._RECORDED] == [False]  # the tiled kernel, the shrink from cuBLAS
+    # 5 rows, the same bucket of 8: a geometry of its own, no timing
+    with torch.no_grad():
+        x5 = x.detach().reshape(6, 24)[:5]
+        want5 = lora_linear_reference(x5.double(), w.double(), [a.double() for a in As], [b_.double() for b_ in Bs],
+                                      scales, b.double())  # fmt: skip
+        assert (lora_linear(x5, w, As, Bs, scales, b).double() - want5).abs().max() <= 2e-3 * want5.abs().max()
+    assert len(timed) == 1 and len(ll._SMALL_M_PATHS) == 2
+    # training: the forward stores u (a shape of its own), and dx = dy W times its own: two more timings
+    y, grads = _run(lora_linear, x, w, b, As, Bs, scales, dy)
+    check(y, grads)
+    assert len(timed) == 3 and len(ll._SMALL_M) == 3
 
 
 def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
