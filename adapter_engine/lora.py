@@ -447,6 +447,10 @@ def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Ten
 def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, fan_in_fan_out):
     """One fused call for the adapters that share a dropout rate; the others' terms are added after it."""
     p0 = dropout[names[0]] if training else 0.0
+    if len(names) == 1:  # the common case, as single tensors (no lists to build and read: host time at decode sizes)
+        (a,), (b,) = _weights(lora_A._modules, names), _weights(lora_B._modules, names)
+        return lora_linear(x, weight, a, b, scaling[names[0]], bias, dropout=p0, training=training,
+                           fan_in_fan_out=fan_in_fan_out)  # fmt: skip
     same = [n for n in names if (dropout[n] if training else 0.0) == p0]
     y = lora_linear(
         x,

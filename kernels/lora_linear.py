@@ -669,9 +669,8 @@ def _large_m_choice(
     return (choice, None) if isinstance(choice, str) else ("persistent", choice)
 
 
-_SMALL_M: dict[
-    tuple, tuple[str, str]
-] = {}  # timing key -> (path for eager calls, for graph captures): M <= fused_max_m
+# up to fused_max_m rows (_small_m_choice): timing key -> (the path of eager calls, the path of graph captures)
+_SMALL_M: dict[tuple, tuple[str, str]] = {}
 _SMALL_M_PATHS: dict[tuple, tuple[str, str]] = {}  # the operands' geometry -> the same pair (one lookup per call)
 
 
