@@ -87,6 +87,8 @@ def _record(benchmark, fn, bare_fn, key, **extra):
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
     if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
+        from adapter_engine.kernels import lora_linear_tiled
+
         ll = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the module: the package exports the op)
         k, n = extra["shape"]
         for name, table in (("large_m_choices", ll._LARGE_M), ("large_m_choices_graphed", ll._LARGE_M_GRAPHED)):
@@ -102,7 +104,7 @@ def _record(benchmark, fn, bare_fn, key, **extra):
         # and the tiles the autotuner chose for the Triton kernel (M bucket, N, K: BLOCK_M/N/K, SPLIT_K, ...)
         benchmark.extra_info["tiled_choices"] = {
             " ".join(map(str, key[:3])): {c: v for c, v in config.items() if c.isupper() or c.startswith("num_")}
-            for key, config in ll._TUNED.items()
+            for key, config in lora_linear_tiled._TUNED.items()
             if {key[1], key[2]} == {k, n}
         }
 

@@ -116,12 +116,11 @@ def _peft():
 def _variants() -> int:
     """Autotuner keys seen so far by the fused kernels, plus the compiled specialisations of the segmented LoRA
     kernels (no autotuner): a new one means a new compilation on the GPU."""
-    from adapter_engine.kernels import bottleneck_fwd, lora_segmented
+    from adapter_engine.kernels import bottleneck_fwd, lora_linear_tiled, lora_segmented
 
-    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")  # the package attribute is the op
     kernels = [
         getattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", None),
-        getattr(lora_linear, "_fwd_kernel_tuned", None),
+        lora_linear_tiled._fwd_kernel_tuned,
     ]
     tuned = sum(len(getattr(k, "cache", {}) or {}) for k in kernels if k is not None)
     jitted = [

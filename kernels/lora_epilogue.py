@@ -1,5 +1,5 @@
-"""Helpers shared by the LoRA GEMM kernels (``lora_linear.py``'s tiled kernel and the persistent TMA kernel of
-``lora_linear_tma.py``): the grouped tile order, and the low-rank epilogue, where one output tile's fp32
+"""Helpers shared by the LoRA GEMM kernels (the tiled kernel of ``lora_linear_tiled.py`` and the persistent TMA
+kernel of ``lora_linear_tma.py``): the grouped tile order, and the low-rank epilogue, where one output tile's fp32
 accumulator ``acc = x W^T`` receives the adapters' term and the bias while still in fp32, so the tile is rounded
 once at its store::
 

@@ -1,6 +1,6 @@
 """The fused LoRA linear forward on a Hopper-grade main loop (``lora_linear``'s ``path="persistent"``).
 
-Why: at M >= 256 the op is compute bound, and the tiled kernel of ``lora_linear.py`` (pointer loads, one program
+Why: at M >= 256 the op is compute bound, and the tiled kernel of ``lora_linear_tiled.py`` (pointer loads, one program
 per output tile) ran 1.20-1.38x slower than cuBLAS on an H100 for the plain matmul alone, so its epilogue fusion
 lost to ``"composition"`` (cuBLAS ``F.linear``, then ``y.addmm_(u, B^T)``: one more pass over y). This kernel is
 the same math on the main loop Hopper wants:
@@ -110,7 +110,7 @@ def _lora_linear_tma_fwd_kernel(
         k_hi = tl.minimum(k_lo + per_split, k_tiles)
         # At least one step: a split without K steps (the last ones, at small K) runs one past K, where the
         # descriptors zero-fill the whole box (a loop that may run zero times had ptxas serialize the wgmma of the
-        # tiled kernel's, see lora_linear.py)
+        # tiled kernel's, see lora_linear_tiled.py)
         for ki in range(k_lo, tl.maximum(k_hi, k_lo + 1)):
             off_k = ki * BLOCK_K
             xt = x_desc.load([off_m, off_k])

@@ -454,7 +454,7 @@ def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, 
 
 
 # ------------------------------------------------------------------------------------ tiled LoRA kernel (wgmma)
-# lora_linear's "fused" and "epilogue" paths (kernels/lora_linear.py::_lora_linear_fwd_kernel) at every tile the
+# lora_linear's "fused" and "epilogue" paths (kernels/lora_linear_tiled.py::_lora_linear_fwd_kernel) at every tile the
 # autotuner may pick for 16 and 256 rows (``_gpu_configs`` pruned by ``_prune_configs``), N = K = 4096, bf16, the
 # launcher's specialisation (contiguous operands). From 64-row tiles up the K loop is wgmma, pipelined one group
 # deep; ptxas may still serialize it (info C7515: each HGMMA then waits for 0). A K loop that may run zero times did
@@ -465,7 +465,7 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from adapter_engine.kernels.lora_linear import _gpu_configs, _lora_linear_fwd_kernel as kernel, _prune_configs
+    from adapter_engine.kernels.lora_linear_tiled import _gpu_configs, _lora_linear_fwd_kernel as kernel, _prune_configs
 
     block_r, has_ids, fuse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     N = K = 4096

@@ -206,8 +206,9 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
 
             return launch
 
-    monkeypatch.setattr(lora_linear, "_lora_linear_fwd_kernel", Counted(lora_linear._lora_linear_fwd_kernel, "lora"))
-    monkeypatch.setattr(lora_linear, "_RECORDED", {})  # (launches planned before hold the kernel itself)
+    lora_tiled = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")
+    monkeypatch.setattr(lora_tiled, "_lora_linear_fwd_kernel", Counted(lora_tiled._lora_linear_fwd_kernel, "lora"))
+    monkeypatch.setattr(lora_tiled, "_RECORDED", {})  # (launches planned before hold the kernel itself)
     torch_paths = lora_linear._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
 
     def counted_torch_paths(x, *args, **kwargs):

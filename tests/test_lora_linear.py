@@ -17,6 +17,7 @@ from adapter_engine.kernels import lora_linear, lora_linear_reference
 # the module itself (its attribute name on the package is taken by the function of the same name)
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
 lora_epilogue = importlib.import_module("adapter_engine.kernels.lora_epilogue")
+lt = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")  # the tiled kernel, its recorded launches
 
 # Max |error| against the fp64 oracle, relative to max |oracle|, per dtype, with the reason:
 #  fp32: only summation order differs (K <= 70 terms, ~1e-7 each), 1e-5 leaves margin.
@@ -184,10 +185,10 @@ def test_a_small_m_launch_is_planned_once_per_geometry_and_repeated_for_new_tens
     """The tiled kernel's launch is planned once per geometry (shapes, strides, dtype, switches) and repeated for new
     tensors of it (``TiledLaunch``): new x, weights, ids and scales give the reference's results, with no planning
     again; another geometry (x's rows as a strided view, no bias) gets its own plan."""
-    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})
     planned = []
-    plan = ll._plan_tiled
-    monkeypatch.setattr(ll, "_plan_tiled", lambda *a: planned.append(a[:3]) or plan(*a))
+    plan = lt._plan_tiled
+    monkeypatch.setattr(lt, "_plan_tiled", lambda *a: planned.append(a[:3]) or plan(*a))
     ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
     for i in range(3):
         x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32)
@@ -196,12 +197,12 @@ def test_a_small_m_launch_is_planned_once_per_geometry_and_repeated_for_new_tens
             got = lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids.roll(i), path=path)
             want = lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids.roll(i))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"call {i}")
-    assert planned == [(5, 37, 11)] and len(ll._RECORDED) == 1
+    assert planned == [(5, 37, 11)] and len(lt._RECORDED) == 1
     wide = torch.randn(5, 140)[:, ::2]  # strides (140, 2): another geometry
     with torch.no_grad():
         got = lora_linear(wide, w, As, Bs, scales, path=path)
     torch.testing.assert_close(got, lora_linear_reference(wide, w, As, Bs, scales), rtol=1e-4, atol=1e-4)
-    assert len(planned) == 2 and len(ll._RECORDED) == 2
+    assert len(planned) == 2 and len(lt._RECORDED) == 2
 
 
 def test_recorded_launches_keep_the_latest_geometries_only(monkeypatch):
@@ -209,13 +210,13 @@ def test_recorded_launches_keep_the_latest_geometries_only(monkeypatch):
     recorded launch goes."""
     from adapter_engine.kernels import _backend
 
-    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})
     monkeypatch.setattr(_backend, "RECORDED_GEOMETRIES", 2)
     x, w, b, As, Bs = _make((7,), 40, 24, [4], torch.float32)
     with torch.no_grad():
         for m in (3, 5, 7):
             lora_linear(x[:m].detach(), w, As[0], Bs[0], 0.5, b, path="fused")
-    assert [key[0] for key in ll._RECORDED] == [5, 7]
+    assert [key[0] for key in lt._RECORDED] == [5, 7]
 
 
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
@@ -227,14 +228,14 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
     it in the interpreter). A call whose x is not 16-byte aligned like the recorded one (a Triton specialisation)
     takes Triton's own launch instead."""
     stand_in, direct = direct_stand_in
-    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})
     x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32)
     ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
     with torch.no_grad():
         lora_linear(x, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path=path)
-    ((geometry, recorded),) = ll._RECORDED.items()
+    ((geometry, recorded),) = lt._RECORDED.items()
     assert recorded.direct.compiled is None  # the interpreter's launch returns no compiled kernel
-    ll._RECORDED[geometry] = recorded._replace(direct=stand_in(recorded.direct, 6))
+    lt._RECORDED[geometry] = recorded._replace(direct=stand_in(recorded.direct, 6))
     x2 = torch.randn(5, 70)
     shifted = torch.empty(5 * 70 + 1)[1:].view(5, 70).copy_(x2)  # 4-byte aligned: Triton's launch
     want = lora_linear_reference(x2, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids)
@@ -547,13 +548,13 @@ def test_cuda_split_k_tiles(monkeypatch, M):
 
     ranks = [16, 8, 32, 8]  # R = 64: the rank tile with which every split tile fits in shared memory
     named = {"M_BUCKET": min(next_pow2(M), 4096), "BLOCK_R": ll.rank_tile(sum(ranks)), "FUSE_SHRINK": True}
-    configs = [c for c in ll._prune_configs(ll._gpu_configs(), named) if c.kwargs["SPLIT_K"] > 1]
+    configs = [c for c in lt._prune_configs(lt._gpu_configs(), named) if c.kwargs["SPLIT_K"] > 1]
     assert configs
-    monkeypatch.setattr(ll, "AUTOTUNE", False)
+    monkeypatch.setattr(lt, "AUTOTUNE", False)
     for config in configs:
-        monkeypatch.setattr(ll, "_TUNED", {})
-        monkeypatch.setattr(ll, "_RECORDED", {})  # (each shape's launch is planned again, with this config)
-        monkeypatch.setattr(ll, "_gpu_configs", lambda config=config: [config])
+        monkeypatch.setattr(lt, "_TUNED", {})
+        monkeypatch.setattr(lt, "_RECORDED", {})  # (each shape's launch is planned again, with this config)
+        monkeypatch.setattr(lt, "_gpu_configs", lambda config=config: [config])
         _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
 
 
@@ -566,8 +567,8 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
     the interpreter alone times nothing. Every choice matches the fp64 oracle, forward and gradients."""
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
-    for name in ("_SMALL_M", "_SMALL_M_PATHS", "_RECORDED"):
-        monkeypatch.setattr(ll, name, {})
+    for module, name in ((ll, "_SMALL_M"), (ll, "_SMALL_M_PATHS"), (lt, "_RECORDED")):
+        monkeypatch.setattr(module, name, {})
     monkeypatch.setattr(ll, "AUTOTUNE", True)
     torch_paths, real_torch_paths = [], ll._torch_paths
     monkeypatch.setattr(ll, "_torch_paths", lambda *a: torch_paths.append(a[-2]) or real_torch_paths(*a))
@@ -599,10 +600,10 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
             assert torch_paths == ["composition"] * calls
     assert len(timed) == 1 and list(ll._SMALL_M.values()) == [("composition", "epilogue")]
     torch_paths.clear()
-    ll._RECORDED.clear()  # (then holds the launch the capture makes)
+    lt._RECORDED.clear()  # (then holds the launch the capture makes)
     with capture_on_cpu(), torch.no_grad():
         check(lora_linear(x, w, As, Bs, scales, b))
-    assert not torch_paths and [g[-1] for g in ll._RECORDED] == [False]  # the tiled kernel, the shrink from cuBLAS
+    assert not torch_paths and [g[-1] for g in lt._RECORDED] == [False]  # the tiled kernel, the shrink from cuBLAS
     # 5 rows, the same bucket of 8: a geometry of its own, no timing
     with torch.no_grad():
         x5 = x.detach().reshape(6, 24)[:5]
@@ -622,20 +623,20 @@ def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
     are stand-ins that record what they were handed)."""
     import triton.testing
 
-    assert ll._fwd_kernel_tuned.do_bench is ll._autotune_bench
+    assert lt._fwd_kernel_tuned.do_bench is lt._autotune_bench
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     graphed, benched = [], []
-    monkeypatch.setattr(ll, "graph_time_ms", lambda fn, device: graphed.append((fn, device)) or 0.25)
+    monkeypatch.setattr(lt, "graph_time_ms", lambda fn, device: graphed.append((fn, device)) or 0.25)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: benched.append(fn) or [9.0, 8.0, 10.0])
     call = lambda: None  # noqa: E731
-    assert ll._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [0.25] * 3
+    assert lt._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [0.25] * 3
     assert graphed == [(call, torch.device("cuda", 0))] and not benched
 
     def capture_fails(fn, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(ll, "graph_time_ms", capture_fails)
-    assert ll._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [9.0, 8.0, 10.0] and benched == [call]
+    monkeypatch.setattr(lt, "graph_time_ms", capture_fails)
+    assert lt._autotune_bench(call, quantiles=(0.5, 0.2, 0.8)) == [9.0, 8.0, 10.0] and benched == [call]
 
 
 @pytest.mark.cuda
@@ -645,24 +646,24 @@ def test_cuda_a_capture_of_an_untuned_shape_times_nothing(monkeypatch):
     matches the eager op."""
     x, w, b, As, Bs = _make((5,), 256, 384, [8], torch.bfloat16)
     x, w, b, A, B = (t.detach().cuda() for t in (x, w, b, As[0], Bs[0]))
-    monkeypatch.setattr(ll, "_TUNED", {})
-    monkeypatch.setattr(ll, "_RECORDED", {})
-    monkeypatch.setattr(ll, "AUTOTUNE", False)
+    monkeypatch.setattr(lt, "_TUNED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})
+    monkeypatch.setattr(lt, "AUTOTUNE", False)
     with torch.no_grad():  # compiles and loads the first config outside the capture (no module loads inside one)
         lora_linear(x, w, A, B, 2.0, b, path="fused")
-    monkeypatch.setattr(ll, "_TUNED", {})
-    monkeypatch.setattr(ll, "_RECORDED", {})  # (the eager call's recorded launch, untuned)
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    monkeypatch.setattr(lt, "_TUNED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})  # (the eager call's recorded launch, untuned)
+    monkeypatch.setattr(lt, "AUTOTUNE", True)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         y = lora_linear(x, w, A, B, 2.0, b, path="fused")
-    assert ll._TUNED == {} and ll._RECORDED == {}  # (the untimed config is not recorded either)
+    assert lt._TUNED == {} and lt._RECORDED == {}  # (the untimed config is not recorded either)
     graph.replay()
     torch.cuda.synchronize()
     with torch.no_grad():
         torch.testing.assert_close(y, lora_linear(x, w, A, B, 2.0, b, path="fused"), rtol=2e-2, atol=2e-2)
-    assert len(ll._TUNED) == 1
+    assert len(lt._TUNED) == 1
 
 
 def _assert_bf16_no_worse_than_torch(M, ranks, scales, path, skew_ids=None):
