@@ -640,6 +640,34 @@ def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16])
+def test_cuda_small_m_calls_time_their_paths_and_a_graph_replays_the_graphed_one(monkeypatch, M):
+    """``"auto"`` at few rows on the GPU (``_small_m_choice``): the first eager call times the fused launch, the tiled
+    kernel with a cuBLAS shrink and ``"composition"`` once; the eager result and a CUDA graph's replay of the graphed
+    choice (another path, possibly) agree with the fp64 oracle as closely as plain torch bf16 does."""
+    for name in ("_SMALL_M", "_SMALL_M_PATHS"):
+        monkeypatch.setattr(ll, name, {})
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    x, w, b, As, Bs = _make((M,), 4096, 4096, [16], torch.bfloat16)
+    x, w, b, A, B = (t.detach().cuda() for t in (x, w, b, As[0], Bs[0]))
+    want = x.double() @ w.double().t() + b.double() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    plain = _rel_err(x @ w.t() + b + 2.0 * (x @ A.t()) @ B.t(), want)
+    with torch.no_grad():
+        eager = lora_linear(x, w, A, B, 2.0, b)
+        ((key, paths),) = ll._SMALL_M.items()
+        assert set(paths) <= {"fused", "epilogue", "composition"}, paths
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            replayed = lora_linear(x, w, A, B, 2.0, b)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert len(ll._SMALL_M) == 1  # (the capture timed nothing)
+    for what, y in (("eager " + paths[0], eager), ("graphed " + paths[1], replayed)):
+        assert _rel_err(y, want) <= plain * 1.02 + 1e-6, what
+
+
+@pytest.mark.cuda
 def test_cuda_a_capture_of_an_untuned_shape_times_nothing(monkeypatch):
     """A CUDA-graph capture that meets a tiled-kernel shape no eager call has tuned launches the first config (the
     autotuner's timing cannot run inside a capture) and remembers nothing: the next eager call tunes. The replay
