@@ -180,17 +180,21 @@ def _gpu_configs() -> list[triton.Config]:
     """Candidate tiles per M regime; ``_prune_configs`` keeps those of the call's regime."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): two to six per M regime, to keep the
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): three to eight per M regime, to keep the
         # autotuning compile time of a whole benchmark run within minutes
         # M <= 16: memory bound, stream W with long K blocks and enough programs to fill 132 SMs. Every program
         # re-reads its K range of x (and of A_cat, with the fused shrink) from L2: at 16-wide N tiles (256
         # programs at N = 4096) that is as many bytes as W itself, twice. Split-K gets the programs from K instead:
         # 128-wide N tiles in 4 or 8 K slices re-read x and A_cat 8x less (graphed on the H100 of session 7, the
-        # unsplit tiles took 1.78x the bare matmul at M = 16, 4096 x 4096)
+        # unsplit tiles took 1.78x the bare matmul at M = 16, 4096 x 4096). Slices of 3 and 6 are for the waves: one
+        # such program fills an SM's shared memory, and N = 11008 makes 86 tiles, so 4 or 8 slices make 2.6 or 5.2
+        # waves of 132 SMs (the last one 60% or 20% full, while the memory system idles), 3 or 6 slices 1.95 or 3.9
+        # (session 15's H100 streamed W at 1.7-1.8 TB/s there against cuBLAS's 2.2, graphed at M = 1 and 16)
         (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 1), (16, 64, 128, 4, 5, 1), (16, 16, 256, 4, 4, 1),
-        (16, 128, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4),
+        (16, 128, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4), (16, 128, 128, 4, 3, 6), (16, 128, 128, 4, 3, 3),
         # M <= 64
         (32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (32, 128, 128, 4, 4, 4), (64, 128, 128, 8, 3, 4),
+        (32, 128, 128, 4, 4, 3),
         # M <= 256 and above
         (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
     ]  # fmt: skip
