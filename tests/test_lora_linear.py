@@ -114,6 +114,16 @@ def test_single_adapter_other_paths(poison, path, dtype):
     _check(x, w, b, As, Bs, [2.0], dtype, path=path)
 
 
+@pytest.mark.parametrize("path", ["fused", "epilogue", "persistent", "auto"])
+@pytest.mark.parametrize("rank", [128, 256])
+def test_wide_single_adapter(poison, rank, path):
+    """One adapter of rank 128 or 256 (the issue asks for ranks 1 to at least 128): the tiled kernel's 128- and
+    256-wide rank tiles, forward and every gradient; the persistent kernel (rank tiles up to 64) falls back to the
+    tiled kernel's ``"epilogue"`` form. fp16 inputs: the persistent path's 16-bit operands."""
+    x, w, b, As, Bs = _make((21,), 40, 24, [rank], torch.float16)
+    _check(x, w, b, As[0], Bs[0], 0.25, torch.float16, path=path)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_several_adapters_summed(poison, path):
     x, w, b, As, Bs = _make((13,), 40, 29, [1, 8, 5], torch.float32)
