@@ -548,6 +548,15 @@ def test_cuda_bf16_no_worse_than_torch(M, path):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", ["auto", "fused", "epilogue"])
+@pytest.mark.parametrize("M", [16, 256])
+def test_cuda_bf16_rank_256_no_worse_than_torch(M, path):
+    """One adapter of rank 256 (ids 0 or -1 per row): the tiled kernel's widest rank tile, whose pipelined tiles
+    mostly exceed shared memory (``_prune_configs`` keeps what fits), forward and every gradient."""
+    _assert_bf16_no_worse_than_torch(M, [256], [0.5], path)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("M", [16, 64])
 def test_cuda_split_k_tiles(monkeypatch, M):
     """Each split-K tile the autotuner may pick at small M, forced in turn, forward and gradients (dx runs the
