@@ -94,6 +94,56 @@ def _low_rank_epilogue(
 
 
 @triton.jit
+def _row_adapter_epilogue(
+    acc,  # (BLOCK_M, BLOCK_N) fp32: x W^T of this tile
+    u,  # (BLOCK_M, BLOCK_R) in the input dtype: each row's own adapter's scale * x A_a^T, rounded, zeros past r_a
+    # pointers
+    b_ptr,  # B_cat: (N, R)
+    bias_ptr,  # bias: (N,)
+    ids_ptr,  # adapter id per row: (M,) int32, -1 = base only
+    rank_off_ptr,  # (n + 1,) int32: adapter a owns rank columns rank_off[a] .. rank_off[a + 1]
+    # the tile
+    offs_m,  # (BLOCK_M,) int64 row indices
+    offs_n,  # (BLOCK_N,) int64 column indices
+    M,
+    N,
+    n_adapters,  # ids outside [0, n_adapters) act as -1 (a GPU does not range-check them)
+    # strides
+    stride_bn,
+    stride_br,
+    # meta
+    BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Returns ``acc + u_m B_a(m)^T + bias`` (fp32): a mixed batch's rows, each with its own adapter only, as the
+    segmented path computes them (``u`` from its shrink, in row order), but added to the GEMM's accumulator, so y is
+    written once. One dot of the rows of adapter ``a`` (the others masked to 0; a row of id -1 gets none) with
+    ``B_a`` per adapter between the tile's least and greatest id: consecutive rows of one sequence share an adapter,
+    so a tile mostly holds one."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
+    valid = (ids >= 0) & (ids < n_adapters)
+    lo = tl.min(tl.where(valid, ids, n_adapters), 0)
+    hi = tl.max(tl.where(valid, ids, -1), 0)
+    for a in range(lo, hi + 1):
+        r0 = tl.load(rank_off_ptr + a)
+        rank = tl.load(rank_off_ptr + a + 1) - r0
+        b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn  # B_a^T (BLOCK_R, BLOCK_N)
+        bt = tl.load(b_ptrs, mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
+        ua = tl.where((ids == a)[:, None], u, 0.0)
+        if DOT_FP32:
+            acc = tl.dot(ua.to(tl.float32), bt.to(tl.float32), acc)
+        else:
+            acc = tl.dot(ua, bt, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _split_k_reduce(acc, u, ws_ptr, count_ptr, tile, split, n_tiles, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr):  # fmt: skip
     """Split-K without a second launch: each split stores its fp32 partial ``acc`` (and ``u``) in its own slot of

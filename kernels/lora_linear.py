@@ -78,6 +78,7 @@ from .lora_segmented import (
     lora_segmented_bwd_reference,
     lora_segmented_fwd,
     lora_segmented_fwd_reference,
+    lora_shrink,
     plan_segments,
     u_width,
 )
@@ -367,41 +368,47 @@ def _small_m_choice(
     return paths
 
 
-_MIXED: dict[tuple, str | TmaTiles] = {}  # timing key -> "segmented" or the persistent kernel's tiles (_serve_mixed)
-_MIXED_GRAPHED: dict[tuple, str | TmaTiles] = {}  # the same, by GPU time alone: for CUDA-graph captures
+class RowAdapterTiles(NamedTuple):
+    """A candidate of ``_serve_mixed``: the persistent kernel's ``tiles`` adding each row's own adapter's term in its
+    epilogue, from u by row that the segmented shrink writes (``lora_linear_tma_fwd(rows=...)``)."""
+
+    tiles: TmaTiles
+
+
+_MIXED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # timing key -> the choice of _serve_mixed
+_MIXED_GRAPHED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # the same, by GPU time alone: for captures
 
 
 def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> torch.Tensor:
     """y for inference on a mixed batch that ``"auto"`` sends to the segmented path (operands as ``lora_linear_fwd``'s
-    with ``segments=plan``, ``ids`` (M,) int32). Above ``fused_max_m`` rows, where the stacked rank fits the
-    persistent kernel's tile (:func:`tma_fits`), ``"segmented"`` (cuBLAS GEMM, the shrink, and an expand that reads
-    and writes y once more) is timed once per shape against the persistent kernel with the adapters masked per row
-    (each row computes all R rank columns, the inactive ones zeroed, but the low-rank term lands in the GEMM's
-    epilogue: no second pass over y, 2 of the about 17 bytes per output element that a 4096-row layer of 4 rank-16
-    adapters moves), as ``_large_m_choice`` times its candidates; the faster is kept. Untimed (interpreter, timing
-    off, inside a CUDA-graph capture of an untimed shape): ``"segmented"``. What to expect (session 15's H100,
-    Llama-shaped model, 4096 rows): at R = 64 (four rank-16 adapters) the kernel's only tile, 128 x 128, lost to
-    cuBLAS even on the masked path, which lost to ``"segmented"``; at rank tile 16 (one adapter) its 128 x 256 tiles
-    beat cuBLAS at every shape of the model. So this pays for mixed batches of few or narrow adapters."""
+    with ``segments=plan``, ``ids`` (M,) int32). Above ``fused_max_m`` rows, where the adapters' ranks fit the
+    persistent kernel's rank tile (:func:`tma_fits`), ``"segmented"`` (cuBLAS GEMM, the shrink, and an expand that
+    reads and writes y once more) is timed once per shape, as ``_large_m_choice`` times its candidates, against the
+    persistent kernel with the low-rank term in the GEMM's epilogue (no second pass over y: 2 of the about 17 bytes
+    per output element that a 4096-row layer of 4 rank-16 adapters moves), in two forms:
+
+      * ``RowAdapterTiles``: each row's own adapter only, from u by row that the segmented shrink writes (two
+        launches: the shrink, then the GEMM), at the rank tile of the widest adapter;
+      * ``TmaTiles``: every row computes all R rank columns, the inactive ones masked (one launch; where R fits).
+
+    The fastest is kept. Untimed (interpreter, timing off, inside a CUDA-graph capture of an untimed shape):
+    ``"segmented"``. What to expect (session 15's H100, Llama-shaped model, 4096 rows): at R = 64 (four rank-16
+    adapters) the masked kernel's only tile, 128 x 128, lost to cuBLAS, and the masked path to ``"segmented"``; at
+    rank tile 16 (one adapter, the tile of ``RowAdapterTiles`` for rank-16 adapters) its 128 x 256 tiles with the
+    low-rank term in the epilogue beat cuBLAS's GEMM alone at every shape of the model by about 10%."""
     M, (N, R) = x.shape[0], lora_B.shape
     choice = "segmented"
-    if M > DISPATCH.fused_max_m and tma_fits(x, weight, R):
+    if M > DISPATCH.fused_max_m and tma_fits(x, weight, plan.r_max):
         key = (min(next_pow2(M), 1 << 16), N, x.shape[1], plan.ranks, x.dtype, weight.stride(-1) == 1, bias is None)
         choice = (_MIXED_GRAPHED if capturing(x) else _MIXED).get(key)
         if choice is None:
             choice = "segmented"
-            candidates = _mixed_candidates(rank_tile(R), M)
+            masked_tile = rank_tile(R) if tma_fits(x, weight, R) else None
+            candidates = _mixed_candidates(masked_tile, plan.u_width, M)
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
-                tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
                 y = _alloc((M, N), x)
-
-                def launch(c):
-                    if c == "segmented":
-                        lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
-                    else:
-                        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, c)
-
-                timing = fastest(candidates, launch, x.device)
+                timing = fastest(candidates, lambda c: _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y),
+                                 x.device)  # fmt: skip
                 choice, _MIXED_GRAPHED[key] = timing.eager, timing.graphed
                 _MIXED[key] = choice
                 logger.info("lora_linear mixed %s: %s, graphed %s (GPU %s ms; host %s ms)", key, choice,
@@ -411,15 +418,32 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
             x, weight, lora_A, lora_B, None, None, bias, ids, None, path="segmented", store_u=False, segments=plan
         )[0]
     y = _alloc((M, N), x)
-    tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
-    lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, choice)
+    _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan, y)
     return y
 
 
-def _mixed_candidates(block_r: int, rows: int) -> tuple[str | TmaTiles, ...]:
-    """What ``_serve_mixed`` times: ``"segmented"``, then the persistent kernel's tiles with the shrink fused (only
-    ``"segmented"`` under the interpreter, which has no GPU timer)."""
-    return ("segmented",) if INTERPRET else ("segmented", *tma_candidates(True, block_r, rows))
+def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan, y: torch.Tensor) -> None:
+    """Runs ``_serve_mixed``'s ``choice``: y written (``"segmented"``: a y of its own, for the timing only)."""
+    if choice == "segmented":
+        lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
+    elif isinstance(choice, RowAdapterTiles):
+        u = lora_shrink(x, lora_A, plan, by_row=True)
+        lora_linear_tma_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,
+                            choice.tiles, rows=(u, plan.rank_off))  # fmt: skip
+    else:
+        tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
+        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, choice)
+
+
+def _mixed_candidates(masked_tile: int | None, u_width: int, rows: int) -> tuple:
+    """What ``_serve_mixed`` times: ``"segmented"``, then the persistent kernel's tiles with each row's own adapter in
+    the epilogue (rank tile ``u_width``), then with every adapter masked per row and the shrink fused (rank tile
+    ``masked_tile``; None: R is too wide). Only ``"segmented"`` under the interpreter, which has no GPU timer."""
+    if INTERPRET:
+        return ("segmented",)
+    rows_tiles = tuple(RowAdapterTiles(t) for t in tma_candidates(False, u_width, rows))
+    masked = tma_candidates(True, masked_tile, rows) if masked_tile is not None else ()
+    return ("segmented", *rows_tiles, *masked)
 
 
 def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:

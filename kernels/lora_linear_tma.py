@@ -40,7 +40,13 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._backend import INTERPRET, cdiv, dot_in_fp32, next_pow2
-from .lora_epilogue import _grouped_tile, _low_rank_epilogue, _split_k_buffers, _split_k_reduce
+from .lora_epilogue import (
+    _grouped_tile,
+    _low_rank_epilogue,
+    _row_adapter_epilogue,
+    _split_k_buffers,
+    _split_k_reduce,
+)
 
 
 @triton.jit
@@ -52,11 +58,12 @@ def _lora_linear_tma_fwd_kernel(
     y_desc,  # y: (M, N), block (BLOCK_M, BLOCK_N // 2); written when Y_TMA, else y goes out through y_ptr
     # pointers
     b_ptr,  # B_cat: (N, R)
-    u_in_ptr,  # x A_cat^T precomputed: (M, R), unscaled; read when not FUSE_SHRINK
+    u_in_ptr,  # x A_cat^T precomputed: (M, R), unscaled; read when not FUSE_SHRINK (ROW_ADAPTERS: (M, BLOCK_R))
     bias_ptr,  # bias: (N,)
     ids_ptr,  # adapter id per row: (M,) int32
     rank_adapter_ptr,  # (R,) int32: adapter index of each rank column
     rank_scale_ptr,  # (R,) fp32: scale of each rank column
+    rank_off_ptr,  # (n + 1,) int32: adapter a owns rank columns rank_off[a] .. rank_off[a + 1]; read when ROW_ADAPTERS
     y_ptr,  # y: (M, N) output
     u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
     ws_ptr,  # SPLIT_K > 1: fp32 partial sums per (tile, split) slot (lora_epilogue._split_k_reduce)
@@ -66,6 +73,7 @@ def _lora_linear_tma_fwd_kernel(
     N,
     K,
     R,
+    n_adapters,  # read when ROW_ADAPTERS
     # strides
     stride_bn,
     stride_br,
@@ -90,6 +98,8 @@ def _lora_linear_tma_fwd_kernel(
     DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
     Y_TMA: tl.constexpr,  # y's rows are 16-byte aligned: store the tile by TMA from shared memory
     SPLIT_K: tl.constexpr,  # work units per output tile, each over a slice of K (1: the whole K loop in one)
+    ROW_ADAPTERS: tl.constexpr,  # u_in holds each row's own adapter's term, scaled and rounded: lora_epilogue's
+    # _row_adapter_epilogue (a mixed batch; needs HAS_IDS, not FUSE_SHRINK, not STORE_U)
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -134,33 +144,43 @@ def _lora_linear_tma_fwd_kernel(
                                              BLOCK_N, BLOCK_R, FUSE_SHRINK)  # fmt: skip
         if finish:
             _epilogue_and_store(
-                acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, y_ptr, u_out_ptr,
-                pid_m, pid_n, M, N, R, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn, stride_uom,
-                stride_uor, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, Y_TMA,
+                acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, rank_off_ptr,
+                y_ptr, u_out_ptr, pid_m, pid_n, M, N, R, n_adapters, stride_bn, stride_br, stride_uim, stride_uir,
+                stride_ym, stride_yn, stride_uom, stride_uor, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK, HAS_BIAS,
+                HAS_IDS, STORE_U, DOT_FP32, Y_TMA, ROW_ADAPTERS,
             )  # fmt: skip
 
 
 @triton.jit
 def _epilogue_and_store(
-    acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, y_ptr, u_out_ptr,
-    pid_m, pid_n, M, N, R, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn, stride_uom, stride_uor,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, STORE_U: tl.constexpr, DOT_FP32: tl.constexpr,
-    Y_TMA: tl.constexpr,
+    acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, rank_off_ptr, y_ptr,
+    u_out_ptr, pid_m, pid_n, M, N, R, n_adapters, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn,
+    stride_uom, stride_uor, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, STORE_U: tl.constexpr,
+    DOT_FP32: tl.constexpr, Y_TMA: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
 ):  # fmt: skip
     """One output tile's low-rank epilogue (``u`` from the main loop, or read from ``u_in`` without FUSE_SHRINK)
     and its store."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if not FUSE_SHRINK:
+    if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
         offs_r = tl.arange(0, BLOCK_R)
         u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-        u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
-    acc = _low_rank_epilogue(
-        acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
-        pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
-        BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
-    )  # fmt: skip
+        u_rows = tl.load(u_in, mask=(offs_m < M)[:, None], other=0.0)
+        acc = _row_adapter_epilogue(
+            acc, u_rows, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_bn,
+            stride_br, BLOCK_R, HAS_BIAS, DOT_FP32,
+        )  # fmt: skip
+    else:
+        if not FUSE_SHRINK:
+            offs_r = tl.arange(0, BLOCK_R)
+            u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+            u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+        acc = _low_rank_epilogue(
+            acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
+            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+            BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
+        )  # fmt: skip
     if Y_TMA:
         # Tutorial 09's subtiled epilogue: two (BLOCK_M, BLOCK_N / 2) TMA stores straight from the wgmma
         # accumulator layout (stmatrix into shared memory). No layout conversion of the whole tile through shared
@@ -279,26 +299,37 @@ def lora_linear_tma_fwd(
     y: torch.Tensor,
     u_out: torch.Tensor | None,
     tiles: TmaTiles,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Launch the persistent kernel into ``y`` (M, N) (and ``u_out`` (M, R) when given), shapes as
     ``lora_linear.lora_linear_fwd`` (its torch twin, ``lora_linear_fwd_reference``, is this path's too; x_lora: the
     adapter's input under dropout, or None for x). Needs ``tma_fits(x, weight)``; the shrink is fused only when
     ``tiles.fuse_shrink``, the adapter reads x and A_cat's rows are aligned, else ``x_lora A_cat^T`` comes from
-    cuBLAS."""
+    cuBLAS.
+
+    ``rows``: a mixed batch whose rows each get their own adapter's term only, ``(u, rank_off)``: u (M, U) by row
+    as ``lora_segmented.lora_shrink(..., by_row=True)`` writes it (scaled, rounded, zeros past each row's rank; U at
+    most ``TMA_MAX_BLOCK_R``) and the plan's ``rank_off``; ``adapter_ids`` (M,) int32 says whose B each row reads
+    (its twin: ``lora_segmented.lora_segmented_fwd_reference``). lora_A, rank_scale, rank_adapter and x_lora are
+    not read then, and u_out must be None."""
     M, K = x.shape
     N, R = lora_B.shape
     if M == 0:
         return
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    block_r = rank_tile(R)
-    fuse = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)
+    if rows is not None:
+        u_in, rank_off = rows
+        block_r, fuse, n_adapters = u_in.shape[1], False, rank_off.shape[0] - 1
+    else:
+        block_r, n_adapters, rank_off = rank_tile(R), 0, rank_adapter  # (rank_off: never dereferenced)
+        fuse = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)
+        u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
     k_major = _aligned(weight)
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     w_desc = TensorDescriptor.from_tensor(*((weight, [bn, bk]) if k_major else (weight.t(), [bk, bn])))
     a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, bk]) if fuse else x_desc
     y_tma = _aligned(y)
     y_desc = TensorDescriptor.from_tensor(y, [bm, bn // 2]) if y_tma else x_desc
-    u_in = None if fuse else (x if x_lora is None else x_lora) @ lora_A.t()
     interp = dot_in_fp32(x)
     num_sms = 2 if interp else _num_sms(_cuda_index(x.device))
     units = cdiv(M, bm) * cdiv(N, bn) * tiles.split_k
@@ -309,12 +340,13 @@ def lora_linear_tma_fwd(
     _lora_linear_tma_fwd_kernel[(min(num_sms, units),)](
         x_desc, w_desc, a_desc, y_desc,
         lora_B, u_in_t, bias if bias is not None else dummy,
-        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, y, u_out_t, ws, counters,
-        M, N, K, R,
+        adapter_ids if adapter_ids is not None else rank_adapter, rank_adapter, rank_scale, rank_off, y, u_out_t, ws,
+        counters,
+        M, N, K, R, n_adapters,
         lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
         u_out_t.stride(0), u_out_t.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=num_sms,
         W_K_MAJOR=k_major, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, HAS_IDS=adapter_ids is not None,
-        STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, SPLIT_K=tiles.split_k, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, SPLIT_K=tiles.split_k,
+        ROW_ADAPTERS=rows is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

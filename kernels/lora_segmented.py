@@ -198,7 +198,7 @@ def _lora_segmented_shrink_kernel(
     starts_ptr,  # (n + 1,) int32: first sorted position of each adapter's rows
     rank_off_ptr,  # (n + 1,) int32
     scale_ptr,  # (n,) fp32
-    u_ptr,  # u: (M, BLOCK_R) output, sorted order
+    u_ptr,  # u: (M, BLOCK_R) output, sorted order (BY_ROW: the caller's row order, rows of id -1 unwritten)
     # sizes
     n_adapters,
     K,
@@ -217,6 +217,7 @@ def _lora_segmented_shrink_kernel(
     DOT_FP32: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, give tl.dot fp32 operands
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs on the GPU (no silent TF32)
     EVEN_K: tl.constexpr,
+    BY_ROW: tl.constexpr,  # write u's rows where x's are (for a GEMM epilogue that reads them by row)
 ):
     adapter, pos0, seg_end = _segment_block(tl.program_id(0), starts_ptr, n_adapters, BLOCK_M, BLOCK_A)
     if adapter >= n_adapters:
@@ -248,7 +249,8 @@ def _lora_segmented_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     acc = acc * tl.load(scale_ptr + adapter)  # fp32 accumulator scaled, then one rounding (as lora_linear's kernel)
-    u_ptrs = u_ptr + pos[:, None] * stride_um + offs_r[None, :] * stride_ur  # whole rows: zeros past the rank
+    out_rows = rows if BY_ROW else pos
+    u_ptrs = u_ptr + out_rows[:, None] * stride_um + offs_r[None, :] * stride_ur  # whole rows: zeros past the rank
     tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=p_mask[:, None])
 
 
@@ -384,14 +386,15 @@ def _row_blocks(m: int, plan: SegmentPlan, interp: bool, gpu_block_m) -> tuple[i
     return block_m, cdiv(m, block_m) + plan.n
 
 
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
-    """u (M, U) in sorted order: ``u[p, :r_a] = round(s_a * x[order[p]] A_a^T)``, zeros in ``r_a .. U``.
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan, by_row: bool = False) -> torch.Tensor:
+    """u (M, U) in sorted order: ``u[p, :r_a] = round(s_a * x[order[p]] A_a^T)``, zeros in ``r_a .. U``; ``by_row``:
+    in x's row order instead, ``u[order[p]]`` (the persistent GEMM's per-row epilogue reads it so).
 
     x: (M, K) any strides; lora_A: (R, K) any strides (``B_cat^T`` in the backward). Rows at sorted positions
     outside every segment (id -1) are not written.
     """
     if not use_triton(x):
-        return lora_shrink_reference(x, lora_A, plan)
+        return lora_shrink_reference(x, lora_A, plan, by_row)
     M, K = x.shape
     u = _alloc((M, plan.u_width), x)
     if M == 0:
@@ -400,29 +403,31 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> tor
         x, lora_A, plan.order, plan.starts, plan.rank_off, plan.scale, u, plan.n, K,
         *x.stride(), *lora_A.stride(), *u.stride(),
     )  # fmt: skip
-    geometry = ("shrink", M, K, x.stride(), lora_A.stride(), plan.n, plan.u_width, x.dtype, x.device)
-    _launch_recorded(geometry, lambda: _plan_shrink(x, plan, len(args)), args, (x, lora_A))
+    geometry = ("shrink", M, K, x.stride(), lora_A.stride(), plan.n, plan.u_width, x.dtype, x.device, by_row)
+    _launch_recorded(geometry, lambda: _plan_shrink(x, plan, len(args), by_row), args, (x, lora_A))
     return u
 
 
-def _plan_shrink(x: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> DirectLaunch:
+def _plan_shrink(x: torch.Tensor, plan: SegmentPlan, runtime_args: int, by_row: bool = False) -> DirectLaunch:
     M, K = x.shape
     interp = x.device.type != "cuda"
     block_m, grid_m = _row_blocks(M, plan, interp, TILES.shrink_block_m)
     block_k = 64 if interp else TILES.shrink_block_k
     kwargs = dict(
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, next_pow2(plan.n)), EVEN_K=K % block_k == 0,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, next_pow2(plan.n)), EVEN_K=K % block_k == 0, BY_ROW=by_row,
         **_meta(x, plan), **_launch(x),
     )  # fmt: skip
     return DirectLaunch.plan(_lora_segmented_shrink_kernel, (grid_m,), kwargs, runtime_args)
 
 
-def lora_shrink_reference(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+def lora_shrink_reference(
+    x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan, by_row: bool = False
+) -> torch.Tensor:
     """Torch twin of ``lora_shrink`` (one adapter at a time, fp32 products, one rounding; other rows zero)."""
     u = x.new_zeros((x.shape[0], plan.u_width))
     for lo, hi, r0, r, s in plan.segments():
         rows = plan.order[lo:hi]
-        u[lo:hi, :r] = (s * (x[rows].float() @ lora_A[r0 : r0 + r].float().t())).to(x.dtype)
+        u[rows if by_row else slice(lo, hi), :r] = (s * (x[rows].float() @ lora_A[r0 : r0 + r].float().t())).to(x.dtype)
     return u
 
 

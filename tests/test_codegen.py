@@ -394,13 +394,16 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
     from adapter_engine.kernels.lora_linear_tma import _lora_linear_tma_fwd_kernel as kernel, tma_candidates
 
     k_major, block_r, has_ids = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3] == "1"
+    rows = sys.argv[4] == "1"  # each row's own adapter in the epilogue (u by row; a mixed batch's serving)
     ones = ("stride_br", "stride_uir", "stride_yn", "stride_uor")
     builds = []
-    for tiles, store_u in [(t, s) for t in tma_candidates(True, block_r, rows=256) for s in (True, False)]:
+    cases = ([(t, False) for t in tma_candidates(False, block_r, rows=256)] if rows else
+             [(t, s) for t in tma_candidates(True, block_r, rows=256) for s in (True, False)])
+    for tiles, store_u in cases:
         bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
         constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=132,
                          W_K_MAJOR=k_major, FUSE_SHRINK=tiles.fuse_shrink, HAS_BIAS=False, HAS_IDS=has_ids,
-                         STORE_U=store_u, DOT_FP32=False, Y_TMA=True, SPLIT_K=tiles.split_k)
+                         STORE_U=store_u, DOT_FP32=False, Y_TMA=True, SPLIT_K=tiles.split_k, ROW_ADAPTERS=rows)
         descs = {"x_desc": [bm, bk], "w_desc": [bn, bk] if k_major else [bk, bn], "a_desc": [block_r, bk],
                  "y_desc": [bm, bn // 2]}
         signature, attrs = {}, {}
@@ -410,7 +413,7 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
             elif arg in descs:
                 signature[arg] = "tensordesc<bf16[%d, %d]>" % tuple(descs[arg])
             else:
-                ints, fp32 = ("ids_ptr", "rank_adapter_ptr", "count_ptr"), ("rank_scale_ptr", "ws_ptr")
+                ints, fp32 = ("ids_ptr", "rank_adapter_ptr", "rank_off_ptr", "count_ptr"), ("rank_scale_ptr", "ws_ptr")
                 signature[arg] = ("*i32" if arg in ints else "*fp32" if arg in fp32 else "*bf16"
                                   if arg.endswith("_ptr") else "i32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -433,16 +436,22 @@ _LORA_TMA = _RESOURCES + textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
+@pytest.mark.parametrize(
+    "block_r, has_ids, rows",
+    [(16, False, False), (64, True, False), (16, True, True)],
+    ids=["one-adapter", "mixed-4-adapters", "mixed-row-adapters"],
+)
 @pytest.mark.parametrize("k_major", [True, False], ids=["weight-as-stored", "weight-transposed"])
-def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, block_r, has_ids):
-    """``weight-transposed``: the Conv1D layout and the backward's dx = dy W (W read as (K, N) tiles)."""
+def test_persistent_lora_kernel_builds_wgmma_fed_by_tma_without_spills(k_major, block_r, has_ids, rows):
+    """``weight-transposed``: the Conv1D layout and the backward's dx = dy W (W read as (K, N) tiles).
+    ``mixed-row-adapters``: a mixed batch's serving, each row's own adapter in the epilogue (its loop over the
+    adapters of a tile must not cost the K loop its pipeline)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _LORA_TMA, str(int(k_major)), str(block_r), str(int(has_ids))]
+    args = [sys.executable, "-c", _LORA_TMA, str(int(k_major)), str(block_r), str(int(has_ids)), str(int(rows))]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     builds = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(builds) == (20 if block_r == 16 else 8)  # (the 64-row tiles of small M, and split-K ones at 16)
+    assert len(builds) == (5 if rows else 20 if block_r == 16 else 8)  # (64-row tiles of small M, split-K at 16)
     assert {b["tiles"][-1] for b in builds} == ({1, 2} if block_r == 16 else {1})  # (split_k, last)
     for build in builds:
         assert not build["serialized"], build  # ptxas kept the K loop's wgmma pipeline (no C7515)

@@ -30,12 +30,12 @@ def launches(monkeypatch):
     seen = []
     real = ll.lora_linear_tma_fwd
 
-    def spy(x, weight, lora_A, lora_B, *args):
+    def spy(x, weight, lora_A, lora_B, *args, **kwargs):
         tiles = args[-1]
         x_lora = args[4]
-        fused = tiles.fuse_shrink and x_lora is None and _aligned(lora_A)  # as the launcher decides
-        seen.append((x.shape[0], weight.shape[0], x.shape[1], weight.stride(-1) == 1, fused))
-        return real(x, weight, lora_A, lora_B, *args)
+        fused = tiles.fuse_shrink and x_lora is None and _aligned(lora_A) and kwargs.get("rows") is None  # (as the
+        seen.append((x.shape[0], weight.shape[0], x.shape[1], weight.stride(-1) == 1, fused))  # launcher decides)
+        return real(x, weight, lora_A, lora_B, *args, **kwargs)
 
     monkeypatch.setattr(ll, "lora_linear_tma_fwd", spy)
     return seen
@@ -113,6 +113,43 @@ def test_split_k_tiles_add_their_slices_once(monkeypatch, split_k, fuse, case):
     _close(u, want_u, x.dtype, "u")
     (counters,) = lora_epilogue._COUNTERS.values()
     assert not counters.any()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("kind", ["per sequence", "per token"])
+def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype):
+    """``rows=``: a mixed batch's u by row from the segmented shrink, each row's own adapter's term added in the GEMM's
+    epilogue (one dot per adapter present in a tile, y written once): the mixed-batch reference on every row, rows of
+    id -1 (and, per token, an id past the adapters, which a GPU does not range-check) base only, u's rows of those
+    never read (NaN). Per sequence, 10-row runs of one adapter cross the 32-row tiles; per token, ids at random."""
+    from adapter_engine.kernels.lora_inputs import _stack
+    from adapter_engine.kernels.lora_linear_tma import lora_linear_tma_fwd
+    from adapter_engine.kernels.lora_segmented import lora_shrink, plan_segments
+
+    M, K, N, ranks, scales = 70, 48, 45, [8, 16, 4], [0.5, -1.5, 2.0]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, dtype)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    if kind == "per sequence":
+        ids = (torch.arange(M) // 10 % 4 - 1).to(torch.int32)  # runs of -1, 0, 1, 2
+    else:
+        ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+        ids[[3, 40]] = 7
+    A, B = _stack(As, Bs)
+    plan = plan_segments(ids, ranks, scales)
+    u = lora_shrink(x, A, plan, by_row=True)
+    base_only = (ids < 0) | (ids >= len(ranks))
+    u[base_only] = float("nan")  # (unwritten by the shrink: the epilogue must not read them)
+    y = torch.full((M, N), float("nan"), dtype=dtype)
+    tiles = TmaTiles(32, 32, 32, 4, 1, False, 2)
+    with torch.no_grad():
+        lora_linear_tma_fwd(
+            x, w, A, B, plan.scale, plan.rank_off, b, ids, None, y, None, tiles, rows=(u, plan.rank_off)
+        )
+    d = lambda t: t.double()  # noqa: E731
+    want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b),
+                                    adapter_ids=ids.masked_fill(base_only, -1))  # fmt: skip
+    _close(y, want, dtype, "y")
 
 
 def test_persistent_falls_back_where_tma_cannot_run(launches):
@@ -257,6 +294,44 @@ def test_cuda_every_small_m_candidate_tile_is_correct(M):
         assert _rel_err(u, 2.0 * x.double() @ A.double().t()) <= 1e-2, t
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["per sequence", "per token"])
+@pytest.mark.parametrize("M", [256, 4096])
+def test_cuda_every_row_adapter_tile_is_correct(M, kind):
+    """Each tile ``_serve_mixed`` may time with each row's own adapter in the epilogue (``RowAdapterTiles``), launched
+    after the by-row shrink: bf16, 4096 x 4096, adapters of ranks 16, 8, 16 and 4 with -1 rows, per sequence (runs
+    of 128 rows) or per token; y within 1.02x plain torch bf16's error against fp64."""
+    from test_lora_linear import _rel_err
+
+    from adapter_engine.kernels.lora_inputs import _stack
+    from adapter_engine.kernels.lora_linear_tma import lora_linear_tma_fwd, tma_candidates
+    from adapter_engine.kernels.lora_segmented import lora_shrink, plan_segments
+
+    dev, dt, K, N, ranks, scales = "cuda", torch.bfloat16, 4096, 4096, [16, 8, 16, 4], [2.0, 0.5, 1.0, 4.0]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, dt)
+    x, w, b = (t.detach().to(dev) for t in (x, w, b))
+    As, Bs = [a.detach().to(dev) for a in As], [b_.detach().to(dev) for b_ in Bs]
+    if kind == "per sequence":
+        ids = (torch.arange(M, device=dev) // 128 % 5 - 1).to(torch.int32)
+    else:
+        ids = torch.randint(-1, 4, (M,), device=dev, dtype=torch.int32)
+    A, B = _stack(As, Bs, b_rank_major=True)  # (as serving stacks them)
+    plan = plan_segments(ids, ranks, scales)
+    d = lambda t: t.double()  # noqa: E731
+    want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b), adapter_ids=ids)
+    plain = _rel_err(ll.lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids), want)
+    tiles = tma_candidates(False, plan.u_width, rows=M)
+    assert tiles
+    with torch.no_grad():
+        for t in tiles:
+            u = lora_shrink(x, A, plan, by_row=True)
+            y = torch.full((M, N), float("nan"), device=dev, dtype=dt)
+            lora_linear_tma_fwd(
+                x, w, A, B, plan.scale, plan.rank_off, b, ids, None, y, None, t, rows=(u, plan.rank_off)
+            )
+            assert _rel_err(y, want) <= plain * 1.02 + 1e-6, t
+
+
 def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches):
     """A GPU on which no candidate tile builds (too much shared memory: every timing raises) gets ``"epilogue"``
     for a forced ``"persistent"``, with correct results, instead of an error at the real launch."""
@@ -282,18 +357,20 @@ def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches)
     assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
 
 
+@pytest.mark.parametrize("form", ["row adapters", "masked"])
 @pytest.mark.parametrize("via", ["lora_linear", "serving layer"])
-def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_with_masked_adapters(
-    monkeypatch, launches, via
-):
+def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel(monkeypatch, launches, via, form):
     """Inference on a mixed batch past ``fused_max_m`` rows (``_serve_mixed``): ``"segmented"`` is timed once per
-    shape against the persistent kernel with every row's inactive adapters masked (the low-rank term in the GEMM's
-    epilogue, no second pass over y) and the faster kept, for the functional op and a serving layer's stacked call
-    alike; the kernel's mixed-batch output matches the reference. Here a stand-in timer picks the kernel for eager
-    calls and ``"segmented"`` for graph captures; the interpreter alone times nothing and keeps ``"segmented"``."""
+    shape against the persistent kernel with the low-rank term in the GEMM's epilogue (no second pass over y), each
+    row's own adapter from u by row (``RowAdapterTiles``) or every row's inactive adapters masked, and the fastest
+    kept, for the functional op and a serving layer's stacked call alike; the kernel's mixed-batch output matches the
+    reference. Here a stand-in timer picks the kernel for eager calls and ``"segmented"`` for graph captures; the
+    interpreter alone times nothing and keeps ``"segmented"``."""
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
     tiles = TmaTiles(32, 32, 32, 4, 1, True, 2)
+    if form == "row adapters":
+        tiles = ll.RowAdapterTiles(tiles._replace(fuse_shrink=False))
     monkeypatch.setattr(ll, "_MIXED", {})
     monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
     monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
@@ -312,13 +389,13 @@ def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_wi
     with torch.no_grad():
         call()
         assert launches == []  # the interpreter times nothing: "segmented"
-        monkeypatch.setattr(ll, "_mixed_candidates", lambda block_r, rows: ("segmented", tiles))
+        monkeypatch.setattr(ll, "_mixed_candidates", lambda masked_tile, u_width, rows: ("segmented", tiles))
         timings = []
         monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
         for _ in range(2):
             launches.clear()
             y = call()
-            assert launches == [(19, 40, 32, True, True)]  # the persistent kernel, fused shrink
+            assert launches == [(19, 40, 32, True, form == "masked")]  # the persistent kernel (the shrink fused)
         assert len(timings) == 1  # timed once per shape
         assert (y.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
         launches.clear()

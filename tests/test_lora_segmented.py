@@ -95,6 +95,10 @@ def test_kernels_match_their_twins(poison, kind, M, dtype):
     torch.testing.assert_close(u[valid], u_ref[valid], rtol=TOL[dtype], atol=TOL[dtype])
     du = ls.lora_shrink(dy, B.t(), plan)  # (R, N) view with strides (1, R)
     torch.testing.assert_close(du[valid], ls.lora_shrink_reference(dy, B.t(), plan)[valid], rtol=1e-3, atol=1e-3)
+    by_row = plan.order[valid]  # x's rows that belong to an adapter: u by row has them where x has them
+    u_rows = ls.lora_shrink(x, A, plan, by_row=True)
+    torch.testing.assert_close(u_rows[by_row], u_ref[valid], rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(ls.lora_shrink_reference(x, A, plan, by_row=True)[by_row], u_ref[valid])
 
     y0 = torch.randn(M, N, device=dev).to(dtype)
     y = ls.lora_expand_(y0.clone(), u_ref, B, plan)
@@ -475,12 +479,14 @@ _COMPILE = textwrap.dedent(
     for br in (16, 64):
         common = {"BLOCK_R": br, "DOT_FP32": False, "INPUT_PRECISION": "tf32"}
         for m in (16, 1024, 4096, 32768):  # every row-block size the launchers pick
-            out[f"shrink m={m} r={br}"] = build(
-                ls._lora_segmented_shrink_kernel,
-                {"x_ptr": "*bf16", "a_ptr": "*bf16", "scale_ptr": "*fp32", "u_ptr": "*bf16"},
-                ["n_adapters", "K", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_um", "stride_ur"],
-                {"BLOCK_M": T.shrink_block_m(m), "BLOCK_K": T.shrink_block_k, "BLOCK_A": 16, **common, "EVEN_K": True},
-                ("stride_xk", "stride_ak", "stride_ur"))
+            for by_row in (False, True) if m == 4096 else (False,):  # (u by row: for the persistent GEMM's epilogue)
+                out[f"shrink m={m} r={br}{' by row' if by_row else ''}"] = build(
+                    ls._lora_segmented_shrink_kernel,
+                    {"x_ptr": "*bf16", "a_ptr": "*bf16", "scale_ptr": "*fp32", "u_ptr": "*bf16"},
+                    ["n_adapters", "K", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_um", "stride_ur"],
+                    {"BLOCK_M": T.shrink_block_m(m), "BLOCK_K": T.shrink_block_k, "BLOCK_A": 16, **common,
+                     "EVEN_K": True, "BY_ROW": by_row},
+                    ("stride_xk", "stride_ak", "stride_ur"))
             out[f"expand m={m} r={br}"] = build(
                 ls._lora_segmented_expand_kernel,
                 {"u_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
