@@ -45,7 +45,9 @@ Up to ``fused_max_m`` rows ``"auto"`` times ``"fused"``, ``"epilogue"`` and ``"c
 shape on the GPU and keeps the fastest (``_small_m_choice``; untimed, ``"fused"``). Above, it times ``"composition"``
 against the persistent kernel's tiles (``_large_m_choice``; untimed, ``"composition"``). It takes ``"segmented"`` for a
 mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
-(``LoraLinearDispatch``); torch.compile traces the same choice.
+(``LoraLinearDispatch``); torch.compile traces the same choice. Serving such a batch past ``fused_max_m`` rows, it
+times ``"segmented"`` against the persistent kernel adding each row's own adapter (or every adapter, masked) in its
+epilogue (``_serve_mixed``).
 
 The tiled kernel's launches (``"fused"``, ``"epilogue"``) are planned once per geometry of the operands and then
 repeated (``lora_linear_tiled.TiledLaunch``): a small-M call is mostly host time, and on a GPU the repeat calls the
