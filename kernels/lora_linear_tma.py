@@ -17,6 +17,9 @@ the same math on the main loop Hopper wants:
     work, no extra bytes) or read from ``x A_cat^T`` computed beforehand by cuBLAS (one more read of x: about
     240 / N of the GEMM's time on an H100, less for wide N). Either way y is written once, rounded once.
 
+  * for a mixed serving batch (``ROW_ADAPTERS``), each row's own adapter only: u by row from the segmented shrink
+    (kernels/lora_segmented.py), and per adapter present in the tile one dot of its rows' u, the others masked to 0,
+    with its B columns (``lora_epilogue._row_adapter_epilogue``): the segmented path's work with y written once;
   * at few rows, split-K (``TmaTiles.split_k``): each output tile's K range is cut into work units of the same
     persistent grid, so that 256 rows make enough units to fill the GPU; a tile's last unit to finish adds up the
     fp32 partial tiles in split order (``lora_epilogue._split_k_reduce``, shared with the tiled kernel) and runs

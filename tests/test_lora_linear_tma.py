@@ -115,9 +115,10 @@ def test_split_k_tiles_add_their_slices_once(monkeypatch, split_k, fuse, case):
     assert not counters.any()
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("kind", ["per sequence", "per token"])
-def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype):
+def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype, split_k):
     """``rows=``: a mixed batch's u by row from the segmented shrink, each row's own adapter's term added in the GEMM's
     epilogue (one dot per adapter present in a tile, y written once): the mixed-batch reference on every row, rows of
     id -1 (and, per token, an id past the adapters, which a GPU does not range-check) base only, u's rows of those
@@ -141,7 +142,7 @@ def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype)
     base_only = (ids < 0) | (ids >= len(ranks))
     u[base_only] = float("nan")  # (unwritten by the shrink: the epilogue must not read them)
     y = torch.full((M, N), float("nan"), dtype=dtype)
-    tiles = TmaTiles(32, 32, 32, 4, 1, False, 2)
+    tiles = TmaTiles(32, 32, 32, 4, 1, False, 2, split_k)  # (K = 48: two K steps of 32, one per slice)
     with torch.no_grad():
         lora_linear_tma_fwd(
             x, w, A, B, plan.scale, plan.rank_off, b, ids, None, y, None, tiles, rows=(u, plan.rank_off)
