@@ -101,6 +101,10 @@ def _record(benchmark, fn, bare_fn, key, **extra):
             for key, paths in ll._SMALL_M.items()
             if {key[1], key[3]} == {k, n}
         }
+        # and what serving a mixed batch past 64 rows chose (M bucket, N, K, ranks: segmented, masked or row adapters)
+        benchmark.extra_info["mixed_choices"] = {
+            " ".join(map(str, key[:4])): str(choice) for key, choice in ll._MIXED.items() if {key[1], key[2]} == {k, n}
+        }
         # and the tiles the autotuner chose for the Triton kernel (M bucket, N, K: BLOCK_M/N/K, SPLIT_K, ...)
         benchmark.extra_info["tiled_choices"] = {
             " ".join(map(str, key[:3])): {c: v for c, v in config.items() if c.isupper() or c.startswith("num_")}
