@@ -115,6 +115,7 @@ def _row_adapter_epilogue(
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Returns ``acc + u_m B_a(m)^T + bias`` (fp32): a mixed batch's rows, each with its own adapter only, as the
     segmented path computes them (``u`` from its shrink, in row order), but added to the GEMM's accumulator, so y is
@@ -135,9 +136,9 @@ def _row_adapter_epilogue(
         bt = tl.load(b_ptrs, mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
         ua = tl.where((ids == a)[:, None], u, 0.0)
         if DOT_FP32:
-            acc = tl.dot(ua.to(tl.float32), bt.to(tl.float32), acc)
+            acc = tl.dot(ua.to(tl.float32), bt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
-            acc = tl.dot(ua, bt, acc)
+            acc = tl.dot(ua, bt, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     return acc

@@ -377,38 +377,47 @@ class RowAdapterTiles(NamedTuple):
     tiles: TmaTiles
 
 
+# The candidate of ``_serve_mixed`` at up to ``fused_max_m`` rows: the tiled kernel (its autotuned tile) adding each
+# row's own adapter's term in its epilogue, from u by row (``lora_linear_tiled_fwd(rows=...)``).
+TILED_ROW_ADAPTERS = "tiled row adapters"
+
 _MIXED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # timing key -> the choice of _serve_mixed
 _MIXED_GRAPHED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # the same, by GPU time alone: for captures
 
 
 def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> torch.Tensor:
     """y for inference on a mixed batch that ``"auto"`` sends to the segmented path (operands as ``lora_linear_fwd``'s
-    with ``segments=plan``, ``ids`` (M,) int32). Above ``fused_max_m`` rows, where the adapters' ranks fit the
-    persistent kernel's rank tile (:func:`tma_fits`), ``"segmented"`` (cuBLAS GEMM, the shrink, and an expand that
-    reads and writes y once more) is timed once per shape, as ``_large_m_choice`` times its candidates, against the
-    persistent kernel with the low-rank term in the GEMM's epilogue (no second pass over y: 2 of the about 17 bytes
-    per output element that a 4096-row layer of 4 rank-16 adapters moves), in two forms:
+    with ``segments=plan``, ``ids`` (M,) int32), timed once per shape, as ``_large_m_choice`` times its candidates.
+    ``"segmented"`` (a cuBLAS GEMM, the shrink, and an expand that reads and writes y once more) against the low-rank
+    term in a GEMM's epilogue (no second pass over y: 2 of the about 17 bytes per output element that a 4096-row
+    layer of 4 rank-16 adapters moves):
 
-      * ``RowAdapterTiles``: each row's own adapter only, from u by row that the segmented shrink writes (two
-        launches: the shrink, then the GEMM), at the rank tile of the widest adapter;
-      * ``TmaTiles``: every row computes all R rank columns, the inactive ones masked (one launch; where R fits).
+      * up to ``fused_max_m`` rows, ``TILED_ROW_ADAPTERS``: the tiled kernel with each row's own adapter only, from u
+        by row that the segmented shrink writes (two launches, the shrink and the GEMM, against three);
+      * above, where the adapters' ranks fit the persistent kernel's rank tile (:func:`tma_fits`),
+        ``RowAdapterTiles``: the persistent kernel with each row's own adapter, at the rank tile of the widest one;
+        and ``TmaTiles``: every row computes all R rank columns, the inactive ones masked (one launch; where R fits).
 
     The fastest is kept. Untimed (interpreter, timing off, inside a CUDA-graph capture of an untimed shape):
     ``"segmented"``. What to expect (session 15's H100, Llama-shaped model, 4096 rows): at R = 64 (four rank-16
     adapters) the masked kernel's only tile, 128 x 128, lost to cuBLAS, and the masked path to ``"segmented"``; at
     rank tile 16 (one adapter, the tile of ``RowAdapterTiles`` for rank-16 adapters) its 128 x 256 tiles with the
-    low-rank term in the epilogue beat cuBLAS's GEMM alone at every shape of the model by about 10%."""
+    low-rank term in the epilogue beat cuBLAS's GEMM alone at every shape of the model by about 10%. At 16 rows the
+    tiled kernel took 0.88x cuBLAS's time (graphed, 4096 x 4096, one adapter)."""
     M, (N, R) = x.shape[0], lora_B.shape
     choice = "segmented"
-    if M > DISPATCH.fused_max_m and tma_fits(x, weight, plan.r_max):
+    small = M <= DISPATCH.fused_max_m
+    if small or tma_fits(x, weight, plan.r_max):
         key = (min(next_pow2(M), 1 << 16), N, x.shape[1], plan.ranks, x.dtype, weight.stride(-1) == 1, bias is None)
         choice = (_MIXED_GRAPHED if capturing(x) else _MIXED).get(key)
         if choice is None:
             choice = "segmented"
-            masked_tile = rank_tile(R) if tma_fits(x, weight, R) else None
-            candidates = _mixed_candidates(masked_tile, plan.u_width, M)
+            masked_tile = rank_tile(R) if not small and tma_fits(x, weight, R) else None
+            candidates = _mixed_candidates(small, masked_tile, plan.u_width, M)
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
                 y = _alloc((M, N), x)
+                for c in candidates:  # (the tiled kernel's autotuning and the launches' compiles, before the timing)
+                    _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y)
                 timing = fastest(candidates, lambda c: _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y),
                                  x.device)  # fmt: skip
                 choice, _MIXED_GRAPHED[key] = timing.eager, timing.graphed
@@ -428,6 +437,24 @@ def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPla
     """Runs ``_serve_mixed``'s ``choice``: y written (``"segmented"``: a y of its own, for the timing only)."""
     if choice == "segmented":
         lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
+    elif choice == TILED_ROW_ADAPTERS:
+        u = lora_shrink(x, lora_A, plan, by_row=True)
+        geometry = (
+            "row adapters",
+            *x.shape,
+            lora_B.shape,
+            plan.u_width,
+            plan.n,
+            x.dtype,
+            x.device,
+            x.stride(),
+            weight.stride(),
+            lora_B.stride(),
+            bias is None,
+            False,
+        )  # fmt: skip  (last: the shrink is not fused)
+        lora_linear_tiled_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,
+                              geometry, rows=(u, plan.rank_off))  # fmt: skip
     elif isinstance(choice, RowAdapterTiles):
         u = lora_shrink(x, lora_A, plan, by_row=True)
         lora_linear_tma_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,
@@ -437,12 +464,15 @@ def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPla
         lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, choice)
 
 
-def _mixed_candidates(masked_tile: int | None, u_width: int, rows: int) -> tuple:
-    """What ``_serve_mixed`` times: ``"segmented"``, then the persistent kernel's tiles with each row's own adapter in
-    the epilogue (rank tile ``u_width``), then with every adapter masked per row and the shrink fused (rank tile
-    ``masked_tile``; None: R is too wide). Only ``"segmented"`` under the interpreter, which has no GPU timer."""
+def _mixed_candidates(small: bool, masked_tile: int | None, u_width: int, rows: int) -> tuple:
+    """What ``_serve_mixed`` times: ``"segmented"``, then at up to ``fused_max_m`` rows (``small``) the tiled kernel
+    with each row's own adapter in its epilogue; above, the persistent kernel's tiles with each row's own adapter
+    (rank tile ``u_width``), then with every adapter masked per row and the shrink fused (rank tile ``masked_tile``;
+    None: R is too wide). Only ``"segmented"`` under the interpreter, which has no GPU timer."""
     if INTERPRET:
         return ("segmented",)
+    if small:
+        return ("segmented", TILED_ROW_ADAPTERS)
     rows_tiles = tuple(RowAdapterTiles(t) for t in tma_candidates(False, u_width, rows))
     masked = tma_candidates(True, masked_tile, rows) if masked_tile is not None else ()
     return ("segmented", *rows_tiles, *masked)

@@ -15,6 +15,8 @@ module's launcher writes. Its torch twin is ``lora_linear.lora_linear_fwd_refere
     finish adds up the fp32 partial sums (in slice order, so the result does not depend on timing) and runs the
     epilogue (``_split_k_reduce``; no second launch, one zeroed counter per tile, reset by that slice: the counters
     are one buffer per device and stream, no memset per call).
+  * ``ROW_ADAPTERS``: a mixed serving batch's rows each get their own adapter's term only, from u by row that the
+    segmented shrink writes (``lora_epilogue._row_adapter_epilogue``, as the persistent kernel does).
   * Launches are planned once per geometry of the operands and then repeated (``TiledLaunch``): a small-M call is
     mostly host time, and on a GPU the repeat calls the compiled kernel directly instead of through Triton's
     launcher (``_backend.DirectLaunch``).
@@ -29,7 +31,14 @@ import triton
 import triton.language as tl
 
 from ._backend import AUTOTUNE, INTERPRET, DirectLaunch, capturing, cdiv, graph_time_ms, next_pow2, record
-from .lora_epilogue import _grouped_tile, _low_rank_epilogue, _split_k_alloc, _split_k_reduce, _split_k_sizes
+from .lora_epilogue import (
+    _grouped_tile,
+    _low_rank_epilogue,
+    _row_adapter_epilogue,
+    _split_k_alloc,
+    _split_k_reduce,
+    _split_k_sizes,
+)
 from .lora_linear_tma import rank_tile
 
 
@@ -43,11 +52,12 @@ def _lora_linear_fwd_kernel(
     w_ptr,  # weight: (N, K), any strides (fan_in_fan_out and the backward pass transposed views)
     a_ptr,  # A_cat: (R, K)
     b_ptr,  # B_cat: (N, R)
-    u_in_ptr,  # u precomputed (M, R), unscaled; read only when not FUSE_SHRINK
+    u_in_ptr,  # u precomputed (M, R), unscaled; read only when not FUSE_SHRINK (ROW_ADAPTERS: (M, BLOCK_R), by row)
     bias_ptr,  # bias: (N,)
     ids_ptr,  # adapter id per row: (M,) int32
     rank_adapter_ptr,  # (R,) int32: adapter index of each rank column
     rank_scale_ptr,  # (R,) fp32: scale of each rank column
+    rank_off_ptr,  # (n + 1,) int32: adapter a owns rank columns rank_off[a] .. rank_off[a + 1]; read when ROW_ADAPTERS
     y_ptr,  # y: (M, N) output
     u_out_ptr,  # u * C rounded to the input dtype: (M, R) output, written when STORE_U
     ws_ptr,  # SPLIT_K > 1: fp32 partial sums, per (tile, split) slot: acc (BLOCK_M, BLOCK_N), then u (BLOCK_M, BLOCK_R)
@@ -57,6 +67,7 @@ def _lora_linear_fwd_kernel(
     N,
     K,
     R,
+    n_adapters,  # read when ROW_ADAPTERS
     M_BUCKET,  # autotune key only
     # strides
     stride_xm,
@@ -87,6 +98,8 @@ def _lora_linear_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs on the GPU (no silent TF32)
     EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs per output tile, each over a slice of K (1: the whole K loop in one)
+    ROW_ADAPTERS: tl.constexpr,  # u_in holds each row's own adapter's term, scaled and rounded: lora_epilogue's
+    # _row_adapter_epilogue (a mixed serving batch; needs HAS_IDS, not FUSE_SHRINK, not STORE_U)
 ):
     tile = tl.program_id(0)
     split = 0
@@ -160,14 +173,22 @@ def _lora_linear_fwd_kernel(
             N, BLOCK_N), SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK)  # fmt: skip
     if finish:
         # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
-        if not FUSE_SHRINK:
+        if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
             u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-            u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-        acc = _low_rank_epilogue(
-            acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
-            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
-            BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
-        )  # fmt: skip
+            u_rows = tl.load(u_in, mask=m_mask[:, None], other=0.0)
+            acc = _row_adapter_epilogue(
+                acc, u_rows, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_bn,
+                stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
+            )  # fmt: skip
+        else:
+            if not FUSE_SHRINK:
+                u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
+                u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+            acc = _low_rank_epilogue(
+                acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N,
+                R, pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+                BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
+            )  # fmt: skip
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -248,7 +269,7 @@ def _autotune_bench(kernel_call, quantiles) -> list[float]:
 
 _fwd_kernel_tuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_SHRINK", "HAS_IDS"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "FUSE_SHRINK", "HAS_IDS", "ROW_ADAPTERS"],
     prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_autotune_bench,
 )(_fwd_kernel_fixed)
@@ -270,18 +291,24 @@ def lora_linear_tiled_fwd(
     y: torch.Tensor,
     u_out: torch.Tensor | None,
     geometry: tuple,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Writes ``y`` (M, N) and, unless None, ``u_out`` (M, R) = (x_lora A_cat^T) * C rounded to x's dtype, both
     contiguous (operands as ``lora_linear.lora_linear_fwd``'s, validated there; M >= 1). ``geometry``: the operands'
     shapes, strides, dtype, device and switches as ``lora_linear_fwd`` keys them, ending with whether the shrink is
     fused (``"fused"``; it needs ``x_lora`` None) or comes from cuBLAS (``"epilogue"``): the key of the launch
-    recorded for them (``TiledLaunch``)."""
+    recorded for them (``TiledLaunch``).
+
+    ``rows``: a mixed batch whose rows each get their own adapter's term only, ``(u, rank_off)`` as
+    ``lora_linear_tma.lora_linear_tma_fwd`` takes them (u (M, U) by row from ``lora_segmented.lora_shrink(...,
+    by_row=True)``, contiguous; ``adapter_ids`` required; the shrink not fused, no ``u_out``; lora_A, rank_scale,
+    rank_adapter and x_lora unread)."""
     launch = _RECORDED.get(geometry)
     if launch is None:
         _first_tiled_launch(geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
-                            y, u_out)  # fmt: skip
+                            y, u_out, rows)  # fmt: skip
         return
-    again = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out)
+    again = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows)
     if again is not launch:  # (its compiled kernel, from a launch through Triton: the first aligned one)
         _RECORDED[geometry] = again
 
@@ -295,22 +322,30 @@ class TiledLaunch(NamedTuple):
     split: tuple[int, int]  # (workspace floats, tile counters) of split-K: (0, 0) without a split
     direct: DirectLaunch
 
-    def arguments(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out):
+    def arguments(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out,
+                  rows=None):  # fmt: skip
         """The kernel's runtime arguments in signature order for the operands and outputs of one call."""
         fused = self.direct.kwargs["FUSE_SHRINK"]
-        u_in = None if fused else (x if x_lora is None else x_lora) @ lora_A.t()  # (M, R), contiguous
+        if rows is not None:
+            u_in, rank_off = rows
+        else:
+            u_in = None if fused else (x if x_lora is None else x_lora) @ lora_A.t()  # (M, R), contiguous
+            rank_off = rank_adapter  # (never dereferenced)
         dummy = y  # never dereferenced: the matching constexpr switch is off
         pointers = (
-            x, weight, lora_A, lora_B, dummy if fused else u_in, dummy if bias is None else bias,
-            rank_adapter if adapter_ids is None else adapter_ids, rank_adapter, rank_scale, y,
+            x, weight, lora_A, lora_B, dummy if u_in is None else u_in, dummy if bias is None else bias,
+            rank_adapter if adapter_ids is None else adapter_ids, rank_adapter, rank_scale, rank_off, y,
             dummy if u_out is None else u_out, *_split_k_alloc(*self.split, y),
         )  # fmt: skip
         return (*pointers, *self.sizes_strides)
 
-    def __call__(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out):
+    def __call__(self, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out,
+                 rows=None):  # fmt: skip
         """Launches; returns the launch to repeat (``DirectLaunch``: with the compiled kernel of a first launch)."""
-        args = self.arguments(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out)
-        direct = self.direct(args, (x, weight, lora_A, lora_B, bias, adapter_ids))
+        args = self.arguments(
+            x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows
+        )
+        direct = self.direct(args, (x, weight, lora_A, lora_B, bias, adapter_ids, None if rows is None else rows[0]))
         return self if direct is self.direct else self._replace(direct=direct)
 
 
@@ -320,23 +355,24 @@ INTERPRET_SPLIT_K = 3  # the interpreter's split of small-M launches: 3 leaves s
 
 
 def _first_tiled_launch(
-    geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out
+    geometry, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows
 ):  # fmt: skip
     """``lora_linear_tiled_fwd`` for a geometry without a recorded launch: choose the config (the autotuner's, once
     per tuning key), launch, and record the launch once the config is settled (not the untimed first config taken
     inside a CUDA-graph capture, which a later eager call times)."""
     M, K = x.shape
     N, R = lora_B.shape
-    fuse, store_u = geometry[-1], u_out is not None
+    fuse, store_u = geometry[-1] and rows is None, u_out is not None
     interp = x.device.type != "cuda"
     meta = dict(
-        BLOCK_R=rank_tile(R),
+        BLOCK_R=rank_tile(R) if rows is None else rows[0].shape[1],
         FUSE_SHRINK=fuse,
         HAS_BIAS=bias is not None,
         HAS_IDS=adapter_ids is not None,
         STORE_U=store_u,
         DOT_FP32=interp,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ROW_ADAPTERS=rows is not None,
     )
     # (1 to 16 rows run the same 16-row tiles, as much work each: one tuning serves them. Tuned apart on session 15's
     # H100, the 1-row launch took 28.8 us against 20.2 us for 16 rows, graphed at 4096 x 4096.)
@@ -357,38 +393,43 @@ def _first_tiled_launch(
                 _TUNED[tuning_key] = config
         if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
             _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias,
-                      adapter_ids, x_lora, y, u_out)  # fmt: skip
+                      adapter_ids, x_lora, y, u_out, rows)  # fmt: skip
             return
     kwargs = dict(meta, **config, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0)
-    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, fuse, store_u)
-    launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out)
+    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, store_u, rows)
+    launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows)
     if settled:
         record(_RECORDED, geometry, launch)
 
 
-def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, fuse, store_u) -> TiledLaunch:
+def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, store_u, rows) -> TiledLaunch:
     """The launch of ``kwargs`` (a config and its switches) for the geometry of these operands: grid, integer
-    arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors), constexprs and split-K sizes."""
+    arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors; u by row (M, BLOCK_R)), constexprs and
+    split-K sizes."""
     y_strides, u_strides = (N, 1), (R, 1)
+    u_in_strides = y_strides if kwargs["FUSE_SHRINK"] else u_strides if rows is None else (kwargs["BLOCK_R"], 1)
+    n_adapters = 0 if rows is None else rows[1].shape[0] - 1
     sizes_strides = (
-        M, N, x.shape[1], R, m_bucket, *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(),
-        *(y_strides if fuse else u_strides), *y_strides, *(u_strides if store_u else y_strides),
+        M, N, x.shape[1], R, n_adapters, m_bucket, *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(),
+        *u_in_strides, *y_strides, *(u_strides if store_u else y_strides),
     )  # fmt: skip
     grid = (cdiv(M, kwargs["BLOCK_M"]) * cdiv(N, kwargs["BLOCK_N"]) * kwargs["SPLIT_K"],)
-    direct = DirectLaunch.plan(_lora_linear_fwd_kernel, grid, kwargs, 13 + len(sizes_strides))  # (13 pointers)
+    direct = DirectLaunch.plan(_lora_linear_fwd_kernel, grid, kwargs, 14 + len(sizes_strides))  # (14 pointers)
     return TiledLaunch(sizes_strides, _split_k_sizes(M, N, kwargs["BLOCK_R"], [kwargs]), direct)
 
 
 def _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias,
-              adapter_ids, x_lora, y, u_out):  # fmt: skip
+              adapter_ids, x_lora, y, u_out, rows):  # fmt: skip
     """The autotuner's first launch for ``tuning_key``: every config of the M regime timed on the same buffers
     (sized for the largest split-K need); the fastest is kept in ``_TUNED``."""
     M, N, R = x.shape[0], lora_B.shape[0], lora_B.shape[1]
     configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
-    probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B,
-                        meta["FUSE_SHRINK"], u_out is not None)  # fmt: skip
+    probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B, u_out is not None,
+                        rows)  # fmt: skip
     probe = probe._replace(split=_split_k_sizes(M, N, meta["BLOCK_R"], configs))
-    args = probe.arguments(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out)
+    args = probe.arguments(
+        x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows
+    )
     grid = lambda c: (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]) * c["SPLIT_K"],)
     _fwd_kernel_tuned[grid](*args, **meta)
     _TUNED[tuning_key] = _fwd_kernel_tuned.best_config.all_kwargs()

@@ -172,7 +172,7 @@ def _epilogue_and_store(
         u_rows = tl.load(u_in, mask=(offs_m < M)[:, None], other=0.0)
         acc = _row_adapter_epilogue(
             acc, u_rows, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_bn,
-            stride_br, BLOCK_R, HAS_BIAS, DOT_FP32,
+            stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, "tf32",
         )  # fmt: skip
     else:
         if not FUSE_SHRINK:

@@ -477,17 +477,18 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
     from adapter_engine.kernels.lora_linear_tiled import _gpu_configs, _lora_linear_fwd_kernel as kernel, _prune_configs
 
     block_r, has_ids, fuse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+    rows = sys.argv[4] == "1"  # each row's own adapter in the epilogue (u by row; a mixed batch's serving)
     N = K = 4096
-    ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32", "ws_ptr": "*fp32",
-            "count_ptr": "*i32"}  # the rest: *bf16
+    ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32", "rank_off_ptr": "*i32",
+            "ws_ptr": "*fp32", "count_ptr": "*i32"}  # the rest: *bf16
     builds = []
-    for m, store_u in [(m, s) for m in (16, 256) for s in (True, False)]:
+    for m, store_u in [(m, s) for m in (16, 256) for s in ((False,) if rows else (True, False))]:
         for c in _prune_configs(_gpu_configs(), {"M_BUCKET": m, "BLOCK_R": block_r, "FUSE_SHRINK": fuse}):
             ints = {"M": m, "N": N, "K": K, "R": block_r, "M_BUCKET": m, "stride_xm": K, "stride_wn": K,
                     "stride_ar": K, "stride_bn": block_r, "stride_uim": N if fuse else block_r, "stride_ym": N,
                     "stride_uom": block_r if store_u else N}  # the other strides (unit ones) are 1
             constants = dict(c.kwargs, BLOCK_R=block_r, FUSE_SHRINK=fuse, HAS_BIAS=False, HAS_IDS=has_ids,
-                             STORE_U=store_u, DOT_FP32=False, INPUT_PRECISION="tf32", EVEN_K=True)
+                             STORE_U=store_u, DOT_FP32=False, INPUT_PRECISION="tf32", EVEN_K=True, ROW_ADAPTERS=rows)
             signature, constexprs, attrs = {}, {}, {}
             for i, arg in enumerate(kernel.arg_names):
                 if arg in constants or (arg.startswith("stride_") and arg not in ints):
@@ -513,22 +514,28 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
 
 
 @functools.cache
-def _tiled_builds(block_r: int, has_ids: bool, fuse: bool) -> list[dict]:
+def _tiled_builds(block_r: int, has_ids: bool, fuse: bool, rows: bool = False) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse))]
+    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse)), str(int(rows))]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])
-@pytest.mark.parametrize("block_r, has_ids", [(16, False), (64, True)], ids=["one-adapter", "mixed-4-adapters"])
-def test_tiled_lora_kernel_keeps_its_wgmma_pipeline(block_r, has_ids, fuse):
-    """No build of the tiled kernel is serialized by ptxas (C7515), with or without storing u."""
-    builds = _tiled_builds(block_r, has_ids, fuse)
-    assert any(b["wgmma"] > 0 for b in builds) and len(builds) >= 8, builds  # the 256-row tiles are wgmma
+@pytest.mark.parametrize(
+    "block_r, has_ids, fuse, rows",
+    [(16, False, True, False), (16, False, False, False), (64, True, True, False), (64, True, False, False),
+     (16, True, False, True)],
+    ids=["one-adapter-fused", "one-adapter-epilogue", "mixed-4-fused", "mixed-4-epilogue", "mixed-row-adapters"],
+)  # fmt: skip
+def test_tiled_lora_kernel_keeps_its_wgmma_pipeline(block_r, has_ids, fuse, rows):
+    """No build of the tiled kernel is serialized by ptxas (C7515), with or without storing u, nor with each row's
+    own adapter in the epilogue (its loop over the adapters of a tile)."""
+    builds = _tiled_builds(block_r, has_ids, fuse, rows)
+    assert any(b["wgmma"] > 0 for b in builds) and len(builds) >= (4 if rows else 8), builds  # (256 rows: wgmma)
     for build in builds:
         assert not build["serialized"], build
+        assert not rows or build["stack"] == 0, build  # (the adapters' loop spills nothing)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])

@@ -234,7 +234,7 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
     monkeypatch, direct_stand_in, path
 ):
     """On a GPU a recorded ``TiledLaunch`` calls the compiled kernel of its first launch directly: every parameter
-    in signature order, the constexprs after the 32 runtime arguments (here a stand-in for the compiled kernel runs
+    in signature order, the constexprs after the 34 runtime arguments (here a stand-in for the compiled kernel runs
     it in the interpreter). A call whose x is not 16-byte aligned like the recorded one (a Triton specialisation)
     takes Triton's own launch instead."""
     stand_in, direct = direct_stand_in
@@ -245,7 +245,7 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
         lora_linear(x, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path=path)
     ((geometry, recorded),) = lt._RECORDED.items()
     assert recorded.direct.compiled is None  # the interpreter's launch returns no compiled kernel
-    lt._RECORDED[geometry] = recorded._replace(direct=stand_in(recorded.direct, 6))
+    lt._RECORDED[geometry] = recorded._replace(direct=stand_in(recorded.direct, 7))
     x2 = torch.randn(5, 70)
     shifted = torch.empty(5 * 70 + 1)[1:].view(5, 70).copy_(x2)  # 4-byte aligned: Triton's launch
     want = lora_linear_reference(x2, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids)

@@ -333,6 +333,34 @@ def test_cuda_every_row_adapter_tile_is_correct(M, kind):
             assert _rel_err(y, want) <= plain * 1.02 + 1e-6, t
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_cuda_tiled_row_adapters_are_correct(M):
+    """The tiled kernel with each row's own adapter in its epilogue (``TILED_ROW_ADAPTERS``: a decode step of requests
+    on 16 adapters of rank 16, per token, with -1 rows), autotuned as it runs: bf16, 4096 x 4096; y within 1.02x plain
+    torch bf16's error against fp64."""
+    from test_lora_linear import _rel_err
+
+    from adapter_engine.kernels.lora_inputs import _stack
+    from adapter_engine.kernels.lora_segmented import plan_segments
+
+    dev, dt, K, N, n = "cuda", torch.bfloat16, 4096, 4096, 16
+    ranks, scales = [16] * n, [0.5 + i / n for i in range(n)]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, dt)
+    x, w, b = (t.detach().to(dev) for t in (x, w, b))
+    As, Bs = [a.detach().to(dev) for a in As], [b_.detach().to(dev) for b_ in Bs]
+    ids = torch.randint(-1, n, (M,), device=dev, dtype=torch.int32)
+    A, B = _stack(As, Bs, b_rank_major=True)
+    plan = plan_segments(ids, ranks, scales)
+    d = lambda t: t.double()  # noqa: E731
+    want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b), adapter_ids=ids)
+    plain = _rel_err(ll.lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids), want)
+    with torch.no_grad():
+        y = torch.full((M, N), float("nan"), device=dev, dtype=dt)
+        ll._mixed_launch(ll.TILED_ROW_ADAPTERS, x, w, A, B, b, ids, plan, y)
+    assert _rel_err(y, want) <= plain * 1.02 + 1e-6
+
+
 def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches):
     """A GPU on which no candidate tile builds (too much shared memory: every timing raises) gets ``"epilogue"``
     for a forced ``"persistent"``, with correct results, instead of an error at the real launch."""
@@ -390,16 +418,63 @@ def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel(mo
     with torch.no_grad():
         call()
         assert launches == []  # the interpreter times nothing: "segmented"
-        monkeypatch.setattr(ll, "_mixed_candidates", lambda masked_tile, u_width, rows: ("segmented", tiles))
+        monkeypatch.setattr(ll, "_mixed_candidates", lambda small, masked_tile, u_width, rows: ("segmented", tiles))
         timings = []
         monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
-        for _ in range(2):
+        for calls in (2, 1):  # (the first call also runs each candidate once before the timing)
             launches.clear()
             y = call()
-            assert launches == [(19, 40, 32, True, form == "masked")]  # the persistent kernel (the shrink fused)
+            assert launches == [(19, 40, 32, True, form == "masked")] * calls  # the persistent kernel (shrink fused)
         assert len(timings) == 1  # timed once per shape
         assert (y.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
         launches.clear()
         with capture_on_cpu():
             call()
         assert launches == []  # captured: "segmented", the least GPU time here
+
+
+def _mixed_call(via, x, w, b, As, Bs, scales, ids):
+    """A mixed batch served through ``lora_linear`` or a serving layer's stacked call (``lora_linear_stacked``)."""
+    if via == "lora_linear":
+        return lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids)
+    return ll.lora_linear_stacked(x, w, ll.stack_loras(x, w, As, Bs, scales, b), b, adapter_ids=ids, path="auto")
+
+
+@pytest.mark.parametrize("kind", ["per sequence", "per token"])
+@pytest.mark.parametrize("via", ["lora_linear", "serving layer"])
+def test_a_small_mixed_batch_times_the_segmented_path_against_the_tiled_kernel_with_row_adapters(
+    monkeypatch, via, kind
+):
+    """Up to ``fused_max_m`` rows (a decode step of requests on many adapters: a stacked rank too wide for the masked
+    fused launch), ``_serve_mixed`` times ``"segmented"`` against the tiled kernel adding each row's own adapter in
+    its epilogue from u by row (``TILED_ROW_ADAPTERS``); a stand-in timer picks the kernel. Its output matches the
+    mixed-batch reference (rows of id -1 base only), for the functional op and a serving layer's stacked call, with
+    split-K tiles (the interpreter's 3 slices at 16 rows) and without (33 rows)."""
+    from adapter_engine.kernels._backend import Timing
+
+    lt = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")
+    monkeypatch.setattr(ll, "_MIXED", {})
+    monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
+    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    monkeypatch.setattr(ll, "_mixed_candidates", lambda small, masked_tile, u_width, rows: (
+        ("segmented", ll.TILED_ROW_ADAPTERS) if small else ("segmented",)))  # fmt: skip
+    timings = []
+    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[-1], c[0], [], []))
+    ranks, scales = [16, 8, 16, 16, 16], [0.5, 2.0, -1.0, 1.5, 0.25]  # R = 72 > 64: "auto" takes "segmented"
+    d = lambda t: t.double()  # noqa: E731
+    for M in (16, 33):
+        x, w, b, As, Bs = _make((M,), 40, 72, ranks, torch.float16)
+        x, w, b = x.detach(), w.detach(), b.detach()
+        As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+        if kind == "per sequence":
+            ids = (torch.arange(M) // 4 % 6 - 1).to(torch.int32)
+        else:
+            ids = torch.randint(-1, len(ranks), (M,), generator=torch.Generator().manual_seed(M), dtype=torch.int32)
+        want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b),
+                                        adapter_ids=ids)  # fmt: skip
+        lt._RECORDED.clear()
+        with torch.no_grad():
+            for _ in range(2):
+                _close(_mixed_call(via, x, w, b, As, Bs, scales, ids), want, torch.float16, f"y, {M} rows")
+        assert [g[0] for g in lt._RECORDED] == ["row adapters"]  # the tiled kernel ran, with row adapters
+    assert len(timings) == 2  # once per shape
