@@ -45,9 +45,9 @@ Up to ``fused_max_m`` rows ``"auto"`` times ``"fused"``, ``"epilogue"`` and ``"c
 shape on the GPU and keeps the fastest (``_small_m_choice``; untimed, ``"fused"``). Above, it times ``"composition"``
 against the persistent kernel's tiles (``_large_m_choice``; untimed, ``"composition"``). It takes ``"segmented"`` for a
 mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
-(``LoraLinearDispatch``); torch.compile traces the same choice. Serving such a batch past ``fused_max_m`` rows, it
-times ``"segmented"`` against the persistent kernel adding each row's own adapter (or every adapter, masked) in its
-epilogue (``_serve_mixed``).
+(``LoraLinearDispatch``); torch.compile traces the same choice. Serving such a batch, it times ``"segmented"``
+against a GEMM adding each row's own adapter in its epilogue: the tiled kernel up to ``fused_max_m`` rows, the
+persistent one above (there also with every adapter masked) (``_serve_mixed``).
 
 The tiled kernel's launches (``"fused"``, ``"epilogue"``) are planned once per geometry of the operands and then
 repeated (``lora_linear_tiled.TiledLaunch``): a small-M call is mostly host time, and on a GPU the repeat calls the
@@ -938,9 +938,9 @@ def lora_linear_stacked(
     """``lora_linear(x, weight, stacked.lora_As, stacked.lora_Bs, stacked.scales, bias, adapter_ids=adapter_ids,
     fan_in_fan_out=fan_in_fan_out, path=path)`` for inference, without checking and stacking the factors again.
     path: ``"segmented"``, or ``"auto"`` for a batch that ``mixed_batch_path`` sends to it: the segmented path, or
-    above ``fused_max_m`` rows the persistent kernel with the adapters masked per row where that timed faster
-    (``_serve_mixed``). A call that does not fit what ``stacked`` was checked against (or that autograd or autocast
-    would see) takes ``lora_linear`` itself, which names any problem."""
+    where that timed faster a GEMM adding each row's own adapter (or, above ``fused_max_m`` rows, every adapter
+    masked) in its epilogue (``_serve_mixed``). A call that does not fit what ``stacked`` was checked against (or
+    that autograd or autocast would see) takes ``lora_linear`` itself, which names any problem."""
     dt, dev, w_shape, fifo, b_shape = stacked.base
     fits = (
         x.dtype == dt and x.device == dev and weight.dtype == dt and weight.device == dev and weight.shape == w_shape
