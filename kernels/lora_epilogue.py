@@ -121,7 +121,8 @@ def _row_adapter_epilogue(
     segmented path computes them (``u`` from its shrink, in row order), but added to the GEMM's accumulator, so y is
     written once. One dot of the rows of adapter ``a`` (the others masked to 0; a row of id -1 gets none) with
     ``B_a`` per adapter between the tile's least and greatest id: consecutive rows of one sequence share an adapter,
-    so a tile mostly holds one."""
+    so a tile mostly holds one. A row reads no adapter but its own: non-finite weights of another adapter leave it
+    as it is, as on the segmented path (the rows of that adapter get NaN where its B is not finite)."""
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -134,11 +135,18 @@ def _row_adapter_epilogue(
         rank = tl.load(rank_off_ptr + a + 1) - r0
         b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn  # B_a^T (BLOCK_R, BLOCK_N)
         bt = tl.load(b_ptrs, mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
-        ua = tl.where((ids == a)[:, None], u, 0.0)
+        # Rows apart: the dot multiplies the other rows' zeros by B_a too, and 0 * inf or 0 * NaN is NaN. So B_a's
+        # non-finite entries are zeroed for the dot, and the columns that held one turn NaN in a's rows alone.
+        finite = tl.abs(bt.to(tl.float32)) < float("inf")
+        bad = tl.max((finite == 0).to(tl.int32), 0)  # (BLOCK_N,)
+        bt = tl.where(finite, bt, 0.0)
+        mine = ids == a
+        ua = tl.where(mine[:, None], u, 0.0)
         if DOT_FP32:
             acc = tl.dot(ua.to(tl.float32), bt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             acc = tl.dot(ua, bt, acc, input_precision=INPUT_PRECISION)
+        acc = tl.where(mine[:, None] & (bad > 0)[None, :], float("nan"), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     return acc

@@ -47,7 +47,7 @@ against the persistent kernel's tiles (``_large_m_choice``; untimed, ``"composit
 mixed batch of several resident adapters on the Triton backend when the masked paths would do more work
 (``LoraLinearDispatch``); torch.compile traces the same choice. Serving such a batch, it times ``"segmented"``
 against a GEMM adding each row's own adapter in its epilogue: the tiled kernel up to ``fused_max_m`` rows, the
-persistent one above (there also with every adapter masked) (``_serve_mixed``).
+persistent one above (``_serve_mixed``).
 
 The tiled kernel's launches (``"fused"``, ``"epilogue"``) are planned once per geometry of the operands and then
 repeated (``lora_linear_tiled.TiledLaunch``): a small-M call is mostly host time, and on a GPU the repeat calls the
@@ -381,30 +381,27 @@ class RowAdapterTiles(NamedTuple):
 # row's own adapter's term in its epilogue, from u by row (``lora_linear_tiled_fwd(rows=...)``).
 TILED_ROW_ADAPTERS = "tiled row adapters"
 
-_MIXED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # timing key -> the choice of _serve_mixed
-_MIXED_GRAPHED: dict[tuple, str | TmaTiles | RowAdapterTiles] = {}  # the same, by GPU time alone: for captures
+_MIXED: dict[tuple, str | RowAdapterTiles] = {}  # timing key -> the choice of _serve_mixed
+_MIXED_GRAPHED: dict[tuple, str | RowAdapterTiles] = {}  # the same, by GPU time alone: for CUDA-graph captures
 
 
 def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> torch.Tensor:
     """y for inference on a mixed batch that ``"auto"`` sends to the segmented path (operands as ``lora_linear_fwd``'s
-    with ``segments=plan``, ``ids`` (M,) int32), timed once per shape, as ``_large_m_choice`` times its candidates.
-    ``"segmented"`` (a cuBLAS GEMM, the shrink, and an expand that reads and writes y once more) against the low-rank
-    term in a GEMM's epilogue (no second pass over y: 2 of the about 17 bytes per output element that a 4096-row
-    layer of 4 rank-16 adapters moves):
+    with ``segments=plan``, ``ids`` (M,) int32), timed once per shape, as ``_large_m_choice`` times its candidates:
+    ``"segmented"`` (a cuBLAS GEMM, the shrink, and an expand that reads and writes y once more) against a GEMM that
+    adds each row's own adapter's term in its epilogue, from u by row that the segmented shrink writes (two launches,
+    and no second pass over y: 2 of the about 17 bytes per output element that a 4096-row layer of 4 rank-16 adapters
+    moves). Up to ``fused_max_m`` rows that GEMM is the tiled kernel (``TILED_ROW_ADAPTERS``); above, the persistent
+    one (``RowAdapterTiles``), where the widest adapter's rank fits its rank tile (:func:`tma_fits`). Both read no
+    adapter but the row's own (a serving layer fuses every resident adapter, used or not). The fastest is kept.
+    Untimed (interpreter, timing off, inside a CUDA-graph capture of an untimed shape): ``"segmented"``.
 
-      * up to ``fused_max_m`` rows, ``TILED_ROW_ADAPTERS``: the tiled kernel with each row's own adapter only, from u
-        by row that the segmented shrink writes (two launches, the shrink and the GEMM, against three);
-      * above, where the adapters' ranks fit the persistent kernel's rank tile (:func:`tma_fits`),
-        ``RowAdapterTiles``: the persistent kernel with each row's own adapter, at the rank tile of the widest one;
-        and ``TmaTiles``: every row computes all R rank columns, the inactive ones masked (one launch; where R fits).
-
-    The fastest is kept. Untimed (interpreter, timing off, inside a CUDA-graph capture of an untimed shape):
-    ``"segmented"``. What to expect (session 15's H100, Llama-shaped model, 4096 rows): at R = 64 (four rank-16
-    adapters) the masked kernel's only tile, 128 x 128, lost to cuBLAS, and the masked path to ``"segmented"``; at
-    rank tile 16 (one adapter, the tile of ``RowAdapterTiles`` for rank-16 adapters) its 128 x 256 tiles with the
-    low-rank term in the epilogue beat cuBLAS's GEMM alone at every shape of the model by about 10%. At 16 rows the
-    tiled kernel took 0.88x cuBLAS's time (graphed, 4096 x 4096, one adapter)."""
-    M, (N, R) = x.shape[0], lora_B.shape
+    What to expect (session 15's H100): at rank tile 16 the persistent kernel's 128 x 256 tiles with the low-rank
+    term in the epilogue beat cuBLAS's GEMM alone at every shape of the Llama-shaped model by about 10% (4096 rows);
+    at 16 rows the tiled kernel took 0.88x cuBLAS's time (graphed, 4096 x 4096, one adapter). The persistent kernel
+    with every resident adapter's rank columns masked per row (session 17's candidate) is not offered: it does more
+    work, and a non-finite weight of an unused adapter reached every row of its tiles."""
+    M, N = x.shape[0], lora_B.shape[0]
     choice = "segmented"
     small = M <= DISPATCH.fused_max_m
     if small or tma_fits(x, weight, plan.r_max):
@@ -412,8 +409,7 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
         choice = (_MIXED_GRAPHED if capturing(x) else _MIXED).get(key)
         if choice is None:
             choice = "segmented"
-            masked_tile = rank_tile(R) if not small and tma_fits(x, weight, R) else None
-            candidates = _mixed_candidates(small, masked_tile, plan.u_width, M)
+            candidates = _mixed_candidates(small, plan.u_width, M)
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
                 y = _alloc((M, N), x)
                 for c in candidates:  # (the tiled kernel's autotuning and the launches' compiles, before the timing)
@@ -437,8 +433,9 @@ def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPla
     """Runs ``_serve_mixed``'s ``choice``: y written (``"segmented"``: a y of its own, for the timing only)."""
     if choice == "segmented":
         lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
-    elif choice == TILED_ROW_ADAPTERS:
-        u = lora_shrink(x, lora_A, plan, by_row=True)
+        return
+    u = lora_shrink(x, lora_A, plan, by_row=True)
+    if choice == TILED_ROW_ADAPTERS:
         geometry = (
             "row adapters",
             *x.shape,
@@ -455,27 +452,20 @@ def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPla
         )  # fmt: skip  (last: the shrink is not fused)
         lora_linear_tiled_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,
                               geometry, rows=(u, plan.rank_off))  # fmt: skip
-    elif isinstance(choice, RowAdapterTiles):
-        u = lora_shrink(x, lora_A, plan, by_row=True)
+    else:
         lora_linear_tma_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,
                             choice.tiles, rows=(u, plan.rank_off))  # fmt: skip
-    else:
-        tables = _rank_tables(plan.ranks, plan.scales, x.device)[:2]
-        lora_linear_tma_fwd(x, weight, lora_A, lora_B, *tables, bias, ids, None, y, None, choice)
 
 
-def _mixed_candidates(small: bool, masked_tile: int | None, u_width: int, rows: int) -> tuple:
-    """What ``_serve_mixed`` times: ``"segmented"``, then at up to ``fused_max_m`` rows (``small``) the tiled kernel
-    with each row's own adapter in its epilogue; above, the persistent kernel's tiles with each row's own adapter
-    (rank tile ``u_width``), then with every adapter masked per row and the shrink fused (rank tile ``masked_tile``;
-    None: R is too wide). Only ``"segmented"`` under the interpreter, which has no GPU timer."""
+def _mixed_candidates(small: bool, u_width: int, rows: int) -> tuple:
+    """What ``_serve_mixed`` times: ``"segmented"``, then a GEMM with each row's own adapter in its epilogue: the
+    tiled kernel up to ``fused_max_m`` rows (``small``), the persistent kernel's tiles at rank tile ``u_width``
+    above. Only ``"segmented"`` under the interpreter, which has no GPU timer."""
     if INTERPRET:
         return ("segmented",)
     if small:
         return ("segmented", TILED_ROW_ADAPTERS)
-    rows_tiles = tuple(RowAdapterTiles(t) for t in tma_candidates(False, u_width, rows))
-    masked = tma_candidates(True, masked_tile, rows) if masked_tile is not None else ()
-    return ("segmented", *rows_tiles, *masked)
+    return ("segmented", *(RowAdapterTiles(t) for t in tma_candidates(False, u_width, rows)))
 
 
 def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:
@@ -938,9 +928,9 @@ def lora_linear_stacked(
     """``lora_linear(x, weight, stacked.lora_As, stacked.lora_Bs, stacked.scales, bias, adapter_ids=adapter_ids,
     fan_in_fan_out=fan_in_fan_out, path=path)`` for inference, without checking and stacking the factors again.
     path: ``"segmented"``, or ``"auto"`` for a batch that ``mixed_batch_path`` sends to it: the segmented path, or
-    where that timed faster a GEMM adding each row's own adapter (or, above ``fused_max_m`` rows, every adapter
-    masked) in its epilogue (``_serve_mixed``). A call that does not fit what ``stacked`` was checked against (or
-    that autograd or autocast would see) takes ``lora_linear`` itself, which names any problem."""
+    where that timed faster a GEMM adding each row's own adapter in its epilogue (``_serve_mixed``). A call that does
+    not fit what ``stacked`` was checked against (or that autograd or autocast would see) takes ``lora_linear``
+    itself, which names any problem."""
     dt, dev, w_shape, fifo, b_shape = stacked.base
     fits = (
         x.dtype == dt and x.device == dev and weight.dtype == dt and weight.device == dev and weight.shape == w_shape

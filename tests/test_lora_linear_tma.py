@@ -386,20 +386,19 @@ def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches)
     assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
 
 
-@pytest.mark.parametrize("form", ["row adapters", "masked"])
 @pytest.mark.parametrize("via", ["lora_linear", "serving layer"])
-def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel(monkeypatch, launches, via, form):
+def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_with_row_adapters(
+    monkeypatch, launches, via
+):
     """Inference on a mixed batch past ``fused_max_m`` rows (``_serve_mixed``): ``"segmented"`` is timed once per
-    shape against the persistent kernel with the low-rank term in the GEMM's epilogue (no second pass over y), each
-    row's own adapter from u by row (``RowAdapterTiles``) or every row's inactive adapters masked, and the fastest
-    kept, for the functional op and a serving layer's stacked call alike; the kernel's mixed-batch output matches the
-    reference. Here a stand-in timer picks the kernel for eager calls and ``"segmented"`` for graph captures; the
-    interpreter alone times nothing and keeps ``"segmented"``."""
+    shape against the persistent kernel adding each row's own adapter in its epilogue from u by row
+    (``RowAdapterTiles``: no second pass over y) and the faster kept, for the functional op and a serving layer's
+    stacked call alike; the kernel's mixed-batch output matches the reference. Here a stand-in timer picks the kernel
+    for eager calls and ``"segmented"`` for graph captures; the interpreter alone times nothing and keeps
+    ``"segmented"``."""
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
-    tiles = TmaTiles(32, 32, 32, 4, 1, True, 2)
-    if form == "row adapters":
-        tiles = ll.RowAdapterTiles(tiles._replace(fuse_shrink=False))
+    tiles = ll.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
     monkeypatch.setattr(ll, "_MIXED", {})
     monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
     monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
@@ -418,13 +417,13 @@ def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel(mo
     with torch.no_grad():
         call()
         assert launches == []  # the interpreter times nothing: "segmented"
-        monkeypatch.setattr(ll, "_mixed_candidates", lambda small, masked_tile, u_width, rows: ("segmented", tiles))
+        monkeypatch.setattr(ll, "_mixed_candidates", lambda small, u_width, rows: ("segmented", tiles))
         timings = []
         monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
         for calls in (2, 1):  # (the first call also runs each candidate once before the timing)
             launches.clear()
             y = call()
-            assert launches == [(19, 40, 32, True, form == "masked")] * calls  # the persistent kernel (shrink fused)
+            assert launches == [(19, 40, 32, True, False)] * calls  # the persistent kernel (the shrink apart)
         assert len(timings) == 1  # timed once per shape
         assert (y.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
         launches.clear()
@@ -456,7 +455,7 @@ def test_a_small_mixed_batch_times_the_segmented_path_against_the_tiled_kernel_w
     monkeypatch.setattr(ll, "_MIXED", {})
     monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
     monkeypatch.setattr(ll, "AUTOTUNE", True)
-    monkeypatch.setattr(ll, "_mixed_candidates", lambda small, masked_tile, u_width, rows: (
+    monkeypatch.setattr(ll, "_mixed_candidates", lambda small, u_width, rows: (
         ("segmented", ll.TILED_ROW_ADAPTERS) if small else ("segmented",)))  # fmt: skip
     timings = []
     monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[-1], c[0], [], []))
@@ -478,3 +477,39 @@ def test_a_small_mixed_batch_times_the_segmented_path_against_the_tiled_kernel_w
                 _close(_mixed_call(via, x, w, b, As, Bs, scales, ids), want, torch.float16, f"y, {M} rows")
         assert [g[0] for g in lt._RECORDED] == ["row adapters"]  # the tiled kernel ran, with row adapters
     assert len(timings) == 2  # once per shape
+
+
+@pytest.mark.parametrize("gemm", ["persistent", "tiled"])
+def test_row_adapters_keep_a_rows_output_from_other_adapters_non_finite_weights(gemm):
+    """A serving layer fuses every resident adapter, used or not, and a GEMM adding each row's own adapter in its
+    epilogue multiplies the other rows' zeros by that adapter's B too (0 * NaN is NaN). Here an unused adapter's
+    factors are all NaN and a used one's B has one NaN and one inf: every other row equals the reference, as on the
+    segmented path, and the rows of the adapter with the bad B are non-finite in those two columns only."""
+    from adapter_engine.kernels.lora_inputs import _stack
+    from adapter_engine.kernels.lora_segmented import plan_segments
+
+    M, K, N, ranks, scales = 40, 48, 45, [8, 16, 4], [0.5, -1.5, 2.0]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, torch.float16)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    ids = (torch.arange(M, dtype=torch.int32) % 3 - 1).clamp(max=1)  # -1, 0, 1: adapter 2 unused
+    clean = [b_.clone() for b_ in Bs]
+    clean[1][[5, 30], 3] = 0.0
+    Bs[1][5, 3], Bs[1][30, 3] = float("nan"), float("inf")
+    As[2].fill_(float("nan"))
+    Bs[2].fill_(float("nan"))
+    A, B = _stack(As, Bs, b_rank_major=True)
+    plan = plan_segments(ids, ranks, scales)
+    choice = ll.TILED_ROW_ADAPTERS if gemm == "tiled" else ll.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
+    y = torch.full((M, N), float("nan"), dtype=torch.float16)
+    with torch.no_grad():
+        ll._mixed_launch(choice, x, w, A, B, b, ids, plan, y)
+    d = lambda t: t.double()  # noqa: E731
+    want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As[:2]], [d(b_) for b_ in clean[:2]], scales[:2], d(b),
+                                    adapter_ids=ids)  # fmt: skip
+    theirs, cols = ids == 1, torch.tensor([5, 30])
+    _close(y[~theirs], want[~theirs], torch.float16, "the other rows")
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[cols] = False
+    _close(y[theirs][:, rest], want[theirs][:, rest], torch.float16, "the adapter's rows, finite columns")
+    assert not y[theirs][:, cols].isfinite().any()
