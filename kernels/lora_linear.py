@@ -164,6 +164,16 @@ def _rank_major_b(path: str, t: torch.Tensor) -> bool:
     return path == "segmented" and use_triton(t)
 
 
+def _operands(x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u: bool) -> tuple:
+    """The geometry of ``lora_linear_fwd``'s operands (shapes, strides, dtype, device, switches): the key of the small-M
+    choice and, with whether the shrink is fused, of the tiled kernel's recorded launch."""
+    (M, K), (N, R) = x.shape, lora_B.shape
+    return (
+        M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
+        adapter_ids is None, store_u, x_lora is None,
+    )  # fmt: skip
+
+
 def _pick_path(path: str, m: int, fusable: bool) -> str:
     if path == "auto":
         path = "fused" if m <= DISPATCH.fused_max_m else DISPATCH.large_m_path
@@ -210,10 +220,7 @@ def lora_linear_fwd(
     N, R = lora_B.shape
     operands = None  # their geometry (shapes, strides, dtype, device, switches): the recorded launches' key
     if path == "auto" and 0 < M <= DISPATCH.fused_max_m:  # the tiled kernel or "composition", as timed
-        operands = (
-            M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
-            adapter_ids is None, store_u, x_lora is None,
-        )  # fmt: skip
+        operands = _operands(x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u)
         paths = _SMALL_M_PATHS.get(operands)
         if paths is None:
             paths = _small_m_choice(
@@ -240,10 +247,7 @@ def lora_linear_fwd(
     if M == 0:
         return _alloc((M, N), x), (_alloc((M, R), x) if store_u else None)
     if operands is None:
-        operands = (
-            M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
-            adapter_ids is None, store_u, x_lora is None,
-        )  # fmt: skip
+        operands = _operands(x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u)
     y = _alloc((M, N), x)
     u_out = _alloc((M, R), x) if store_u else None
     lora_linear_tiled_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out,
