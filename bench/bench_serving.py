@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import importlib
 import statistics
-import tempfile
 import time
 
 import pytest
@@ -185,10 +184,15 @@ def bench_switch(benchmark, provider):
 
 
 # ----------------------------------------------------------------------------------------------------- reloads
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """One adapter store for the reload rows, in pytest's temporary folders (pruned by pytest, not left in /tmp)."""
+    return tmp_path_factory.mktemp("bench-serving-store")
+
+
 @pytest.mark.parametrize("source", ["cpu", "disk"])
-def bench_reload(benchmark, source):
+def bench_reload(benchmark, source, store_dir):
     sam = _stacks()
-    store_dir = _STATE.setdefault("store_dir", tempfile.mkdtemp(prefix="bench-serving-store-"))
     store = ae.AdapterStore(store_dir)
     if "d0" not in store:
         store.save(sam.model, "d0")
