@@ -96,8 +96,8 @@ def _low_rank_epilogue(
 @triton.jit
 def _row_adapter_epilogue(
     acc,  # (BLOCK_M, BLOCK_N) fp32: x W^T of this tile
-    u,  # (BLOCK_M, BLOCK_R) in the input dtype: each row's own adapter's scale * x A_a^T, rounded, zeros past r_a
     # pointers
+    u_ptr,  # u by row: (M, BLOCK_R), each row's own adapter's scale * x A_a^T, rounded, zeros past r_a
     b_ptr,  # B_cat: (N, R)
     bias_ptr,  # bias: (N,)
     ids_ptr,  # adapter id per row: (M,) int32, -1 = base only
@@ -109,6 +109,8 @@ def _row_adapter_epilogue(
     N,
     n_adapters,  # ids outside [0, n_adapters) act as -1 (a GPU does not range-check them)
     # strides
+    stride_um,
+    stride_ur,
     stride_bn,
     stride_br,
     # meta
@@ -126,6 +128,7 @@ def _row_adapter_epilogue(
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
+    u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=m_mask[:, None], other=0.0)
     ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
     valid = (ids >= 0) & (ids < n_adapters)
     lo = tl.min(tl.where(valid, ids, n_adapters), 0)

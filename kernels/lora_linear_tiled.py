@@ -174,11 +174,9 @@ def _lora_linear_fwd_kernel(
     if finish:
         # Epilogue: u <- (u * C) rounded like PEFT's x A^T, then acc += u B_cat^T, + bias, one store.
         if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
-            u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-            u_rows = tl.load(u_in, mask=m_mask[:, None], other=0.0)
             acc = _row_adapter_epilogue(
-                acc, u_rows, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_bn,
-                stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
+                acc, u_in_ptr, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_uim,
+                stride_uir, stride_bn, stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
             )  # fmt: skip
         else:
             if not FUSE_SHRINK:

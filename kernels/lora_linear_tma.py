@@ -167,12 +167,9 @@ def _epilogue_and_store(
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
-        offs_r = tl.arange(0, BLOCK_R)
-        u_in = u_in_ptr + offs_m[:, None] * stride_uim + offs_r[None, :] * stride_uir
-        u_rows = tl.load(u_in, mask=(offs_m < M)[:, None], other=0.0)
         acc = _row_adapter_epilogue(
-            acc, u_rows, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_bn,
-            stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, "tf32",
+            acc, u_in_ptr, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_uim,
+            stride_uir, stride_bn, stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, "tf32",
         )  # fmt: skip
     else:
         if not FUSE_SHRINK:
