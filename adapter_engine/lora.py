@@ -34,7 +34,8 @@ from .changes import adapters_changed, change_stamp, tensor_version
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels._backend import capturing, int_table, kept
 from .kernels.lora_inputs import forget_stacks
-from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, mixed_batch_path, stack_loras
+from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, stack_loras
+from .kernels.lora_linear_dispatch import mixed_batch_path
 from .routing import Route, StaticRoute, check_rows, current_route
 
 logger = logging.getLogger(__name__)

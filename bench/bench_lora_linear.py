@@ -3,7 +3,7 @@
 Shapes (in -> out): 4096 -> 4096 and 4096 -> 11008; M in {1, 16, 256, 4096, 16384} rows.
 Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, shape dispatch: above 64 rows it times
 ``"composition"`` against the persistent TMA kernel once per shape), ``engine_<path>`` (each forced path, to tune
-``DISPATCH`` in kernels/lora_linear.py; ``engine_persistent``, kernels/lora_linear_tma.py, from M = 256 on),
+``DISPATCH`` in kernels/lora_linear_dispatch.py; ``engine_persistent``, kernels/lora_linear_tma.py, from M = 256 on),
 ``composition`` (``F.linear`` then an in-place ``addmm_`` of the low-rank term: the best plain-torch order) and
 ``peft`` (a PEFT ``lora.Linear``).
 Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B); a mixed batch
@@ -89,7 +89,7 @@ def _record(benchmark, fn, bare_fn, key, **extra):
     if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
         from adapter_engine.kernels import lora_linear_tiled
 
-        ll = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the module: the package exports the op)
+        ll = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")
         k, n = extra["shape"]
         for name, table in (("large_m_choices", ll._LARGE_M), ("large_m_choices_graphed", ll._LARGE_M_GRAPHED)):
             benchmark.extra_info[name] = {
@@ -261,7 +261,7 @@ def bench_lora_linear_train(benchmark, layer_cache, shape, M, provider):
 def bench_lora_linear_mixed_batch(benchmark, layer_cache, n_adapters, M, provider):
     """``n_adapters`` resident adapters, each row picks one (or -1, base only); ``engine_one``: one adapter for all
     rows; ``train_*``: forward + backward (frozen W; grads for x and every adapter's A and B)."""
-    from adapter_engine.kernels.lora_linear import DISPATCH
+    from adapter_engine.kernels.lora_linear_dispatch import DISPATCH
 
     shape = SHAPES[0]
     w, As, Bs, peft_layer = _layer(layer_cache, shape, n_adapters=n_adapters)

@@ -75,7 +75,7 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
         model = _engine()
         spec = {"bare": None, "engine_one": "a0", "engine_mixed": routes, "engine_mixed_masked": routes}[provider]
         if provider == "engine_mixed_masked":
-            dispatch = importlib.import_module("adapter_engine.kernels.lora_linear").DISPATCH
+            dispatch = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch").DISPATCH
             monkeypatch.setattr(dispatch, "segmented_min_adapters", N_ADAPTERS + 1)
 
         def run():
@@ -89,7 +89,7 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
         # measures Python and launches, not kernels)
         benchmark.extra_info["host_ms"] = host_ms(run)
     if not provider.startswith("peft"):  # what the large-M timings chose for the model's GEMM shapes
-        from adapter_engine.kernels.lora_linear import _LARGE_M, _MIXED
+        from adapter_engine.kernels.lora_linear_dispatch import _LARGE_M, _MIXED
 
         benchmark.extra_info["large_m_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _LARGE_M.items()}
         benchmark.extra_info["mixed_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _MIXED.items()}

@@ -133,7 +133,7 @@ def _variants() -> int:
 def _lora_path() -> str:
     """The path ``lora_linear``'s dispatch takes for the engine's mixed LoRA batch (serving fuses every resident
     LoRA of r=16 where that path is segmented)."""
-    from adapter_engine.kernels.lora_linear import mixed_batch_path
+    from adapter_engine.kernels.lora_linear_dispatch import mixed_batch_path
 
     ids = _inputs()
     return mixed_batch_path(ids.numel(), [16] * N_ADAPTERS, torch.empty(0, device=ids.device))
@@ -229,8 +229,8 @@ def _force_masked(monkeypatch, provider: str) -> None:
     for every row, torch GEMMs only) instead of ``segmented`` (two Triton launches per layer): which one a
     host-bound model at BERT-base width prefers is what the dispatch has to know."""
     if provider == "engine_masked":
-        lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")
-        monkeypatch.setattr(lora_linear.DISPATCH, "segmented_min_adapters", 10**9)
+        lora_dispatch = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")
+        monkeypatch.setattr(lora_dispatch.DISPATCH, "segmented_min_adapters", 10**9)
 
 
 @pytest.mark.parametrize("kind, k, provider", MIXED_CASES, ids=[f"{a.split()[0]}-{b}-{c}" for a, b, c in MIXED_CASES])

@@ -2,10 +2,9 @@
 in one launch, one program per output tile (split-K at few rows), its configs and autotuning, and its launches
 recorded per geometry.
 
-The math and the notation (``A_cat``, ``B_cat``, ``C``, the rank tables) are kernels/lora_linear.py's, which holds
-the op's dispatch, its other paths, the autograd Function and the functional API, and allocates the outputs this
-module's launcher writes. Its torch twin is ``lora_linear.lora_linear_fwd_reference``, as for the persistent kernel
-(kernels/lora_linear_tma.py).
+The math and the notation (``A_cat``, ``B_cat``, ``C``, the rank tables) are kernels/lora_linear.py's. The op's
+launcher (kernels/lora_linear_launch.py) allocates the outputs this module's launcher writes; its torch twin is
+``lora_linear_launch.lora_linear_fwd_reference``, as for the persistent kernel (kernels/lora_linear_tma.py).
 
   * ``FUSE_SHRINK`` (``"fused"``): the K loop also accumulates ``x A_cat^T`` (recomputed per N tile: cheap while M is
     small and the op is memory bound). Otherwise (``"epilogue"``) u comes from one torch matmul and the kernel adds

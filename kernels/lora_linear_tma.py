@@ -27,9 +27,10 @@ the same math on the main loop Hopper wants:
 
 Against cuBLAS's plain GEMM the floor is the epilogue's (BLOCK_M, R) x (R, BLOCK_N) dot and the u read: a few per
 cent at r = 16. Whether this beats ``"composition"`` on a given GPU and shape is measured, not assumed:
-``lora_linear``'s ``"auto"`` times both once per shape above ``fused_max_m`` rows (``lora_linear._large_m_choice``)
-and keeps the faster. Descriptors need 16-byte aligned rows (K a multiple of 8 in 16-bit types, unit inner
-strides): :func:`tma_fits` says when this path may run. fp32 inputs stay on cuBLAS (no silent TF32 here).
+``lora_linear``'s ``"auto"`` times both once per shape above ``fused_max_m`` rows
+(``lora_linear_dispatch._large_m_choice``) and keeps the faster. Descriptors need 16-byte aligned rows (K a multiple
+of 8 in 16-bit types, unit inner strides): :func:`tma_fits` says when this path may run. fp32 inputs stay on cuBLAS
+(no silent TF32 here).
 """
 
 from __future__ import annotations

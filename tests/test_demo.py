@@ -191,8 +191,9 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
         pytest.skip("needs the Triton interpreter")
     launches = {"lora": 0, "bottleneck": 0}
     input_dtypes = set()
-    lora_linear = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the package exports the
-    bottleneck_fwd = importlib.import_module("adapter_engine.kernels.bottleneck_fwd")  # functions under these names)
+    lora_launch = importlib.import_module("adapter_engine.kernels.lora_linear_launch")
+    bottleneck_fwd = importlib.import_module("adapter_engine.kernels.bottleneck_fwd")  # (the package exports the
+    # function under this name)
 
     class Counted:  # a JIT kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, kernel, key):
@@ -209,14 +210,14 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     lora_tiled = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")
     monkeypatch.setattr(lora_tiled, "_lora_linear_fwd_kernel", Counted(lora_tiled._lora_linear_fwd_kernel, "lora"))
     monkeypatch.setattr(lora_tiled, "_RECORDED", {})  # (launches planned before hold the kernel itself)
-    torch_paths = lora_linear._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
+    torch_paths = lora_launch._torch_paths  # the GPU dispatch above 64 rows: cuBLAS GEMM + low-rank addmm
 
     def counted_torch_paths(x, *args, **kwargs):
         launches["lora"] += 1
         input_dtypes.add(("lora", x.dtype))
         return torch_paths(x, *args, **kwargs)
 
-    monkeypatch.setattr(lora_linear, "_torch_paths", counted_torch_paths)
+    monkeypatch.setattr(lora_launch, "_torch_paths", counted_torch_paths)
     kernel = bottleneck_fwd._bottleneck_stack_fwd_kernel  # patched where its launcher, _launch_fwd, looks it up
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
     monkeypatch.setattr(_backend, "torch_twins_on_cpu", lambda enabled=True: contextlib.nullcontext())
@@ -225,7 +226,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     def twin(*args, **kwargs):
         raise AssertionError("a torch twin ran where a GPU takes the Triton dispatch")
 
-    for module, name in ((lora_linear, "lora_linear_fwd_reference"), (lora_linear, "lora_linear_bwd_reference"),
+    for module, name in ((lora_launch, "lora_linear_fwd_reference"), (lora_launch, "lora_linear_bwd_reference"),
                          (bottleneck, "bottleneck_stack_ref")):  # fmt: skip
         monkeypatch.setattr(module, name, twin)
     defaults = finetune.default_training_arguments

@@ -16,6 +16,8 @@ from adapter_engine.kernels import lora_linear, lora_linear_reference
 
 # the module itself (its attribute name on the package is taken by the function of the same name)
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+ld = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")  # the choice of path="auto"
+lk = importlib.import_module("adapter_engine.kernels.lora_linear_launch")  # the launchers
 lora_epilogue = importlib.import_module("adapter_engine.kernels.lora_epilogue")
 lt = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")  # the tiled kernel, its recorded launches
 
@@ -34,7 +36,8 @@ def poison(monkeypatch):
     def alloc(shape, like):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
 
-    monkeypatch.setattr(ll, "_alloc", alloc)
+    monkeypatch.setattr(lk, "_alloc", alloc)
+    monkeypatch.setattr(ld, "_alloc", alloc)
 
 
 def _rand(*shape, dtype=torch.float32, scale=1.0, grad=True):
@@ -367,11 +370,11 @@ def test_torch_compile_inductor():
 
 
 def test_auto_dispatch_threshold(monkeypatch):
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=16, large_m_path="epilogue"))
-    assert ll._pick_path("auto", 16, fusable=True) == "fused"
-    assert ll._pick_path("auto", 17, fusable=True) == "epilogue"
-    assert ll._pick_path("fused", 4, fusable=False) == "epilogue"  # dropout: the adapter input differs from x
-    assert ll._pick_path("addmm", 4, fusable=True) == "addmm"
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(fused_max_m=16, large_m_path="epilogue"))
+    assert ld._pick_path("auto", 16, fusable=True) == "fused"
+    assert ld._pick_path("auto", 17, fusable=True) == "epilogue"
+    assert ld._pick_path("fused", 4, fusable=False) == "epilogue"  # dropout: the adapter input differs from x
+    assert ld._pick_path("addmm", 4, fusable=True) == "addmm"
 
 
 def test_validation_errors():
@@ -483,7 +486,7 @@ def test_torch_paths_round_u_once_with_a_shared_scale(dtype):
     ):
         rank_scale, rank_adapter, shared = ll._rank_tables((8, 4), scales, torch.device(dev))
         for path in TORCH_PATHS:
-            _, u = ll.lora_linear_fwd(x, w, A, B, rank_scale, rank_adapter, path=path, shared_scale=shared)
+            _, u = lk.lora_linear_fwd(x, w, A, B, rank_scale, rank_adapter, path=path, shared_scale=shared)
             assert torch.equal(u, want), f"{path}, scales {scales}: u rounded differently"
     assert not torch.equal((exact * 0.75).to(dtype), (exact.to(dtype).double() * 0.75).to(dtype))  # they differ
 
@@ -566,7 +569,7 @@ def test_cuda_split_k_tiles(monkeypatch, M):
     from adapter_engine.kernels._backend import next_pow2
 
     ranks = [16, 8, 32, 8]  # R = 64: the rank tile with which every split tile fits in shared memory
-    named = {"M_BUCKET": min(next_pow2(M), 4096), "BLOCK_R": ll.rank_tile(sum(ranks)), "FUSE_SHRINK": True}
+    named = {"M_BUCKET": min(next_pow2(M), 4096), "BLOCK_R": ld.rank_tile(sum(ranks)), "FUSE_SHRINK": True}
     configs = [c for c in lt._prune_configs(lt._gpu_configs(), named) if c.kwargs["SPLIT_K"] > 1]
     assert configs
     monkeypatch.setattr(lt, "AUTOTUNE", False)
@@ -586,11 +589,11 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
     the interpreter alone times nothing. Every choice matches the fp64 oracle, forward and gradients."""
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
-    for module, name in ((ll, "_SMALL_M"), (ll, "_SMALL_M_PATHS"), (lt, "_RECORDED")):
+    for module, name in ((ld, "_SMALL_M"), (ld, "_SMALL_M_PATHS"), (lt, "_RECORDED")):
         monkeypatch.setattr(module, name, {})
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
-    torch_paths, real_torch_paths = [], ll._torch_paths
-    monkeypatch.setattr(ll, "_torch_paths", lambda *a: torch_paths.append(a[-2]) or real_torch_paths(*a))
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
+    torch_paths, real_torch_paths = [], lk._torch_paths
+    monkeypatch.setattr(lk, "_torch_paths", lambda *a: torch_paths.append(a[-2]) or real_torch_paths(*a))
     x, w, b, As, Bs = _make((3, 2), 24, 40, [8, 4], torch.float16)
     scales = [0.5, -2.0]
     dy = torch.randn(3, 2, 40, dtype=torch.float64)
@@ -603,21 +606,21 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
 
     with torch.no_grad():
         check(lora_linear(x, w, As, Bs, scales, b))
-    assert not torch_paths and ll._SMALL_M == {}  # the interpreter: the fused launch, untimed
-    ll._SMALL_M_PATHS.clear()
-    monkeypatch.setattr(ll, "_small_m_candidates", lambda path: ("fused", "epilogue", "composition"))
+    assert not torch_paths and ld._SMALL_M == {}  # the interpreter: the fused launch, untimed
+    ld._SMALL_M_PATHS.clear()
+    monkeypatch.setattr(ld, "_small_m_candidates", lambda path: ("fused", "epilogue", "composition"))
     timed = []
-    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timed.append(c) or Timing("composition", "epilogue",
+    monkeypatch.setattr(ld, "fastest", lambda c, launch, device: timed.append(c) or Timing("composition", "epilogue",
                                                                                          [], []))  # fmt: skip
     with capture_on_cpu(), torch.no_grad():  # an untimed shape inside a capture: the fused launch, nothing timed
         check(lora_linear(x, w, As, Bs, scales, b))
-    assert not timed and not torch_paths and ll._SMALL_M == {} and ll._SMALL_M_PATHS == {}
+    assert not timed and not torch_paths and ld._SMALL_M == {} and ld._SMALL_M_PATHS == {}
     with torch.no_grad():
         for calls in (2, 1):  # (the first call also runs each candidate once before the timing)
             torch_paths.clear()
             check(lora_linear(x, w, As, Bs, scales, b))
             assert torch_paths == ["composition"] * calls
-    assert len(timed) == 1 and list(ll._SMALL_M.values()) == [("composition", "epilogue")]
+    assert len(timed) == 1 and list(ld._SMALL_M.values()) == [("composition", "epilogue")]
     torch_paths.clear()
     lt._RECORDED.clear()  # (then holds the launch the capture makes)
     with capture_on_cpu(), torch.no_grad():
@@ -629,11 +632,11 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
         want5 = lora_linear_reference(x5.double(), w.double(), [a.double() for a in As], [b_.double() for b_ in Bs],
                                       scales, b.double())  # fmt: skip
         assert (lora_linear(x5, w, As, Bs, scales, b).double() - want5).abs().max() <= 2e-3 * want5.abs().max()
-    assert len(timed) == 1 and len(ll._SMALL_M_PATHS) == 2
+    assert len(timed) == 1 and len(ld._SMALL_M_PATHS) == 2
     # training: the forward stores u (a shape of its own), and dx = dy W times its own: two more timings
     y, grads = _run(lora_linear, x, w, b, As, Bs, scales, dy)
     check(y, grads)
-    assert len(timed) == 3 and len(ll._SMALL_M) == 3
+    assert len(timed) == 3 and len(ld._SMALL_M) == 3
 
 
 def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
@@ -665,15 +668,15 @@ def test_cuda_small_m_calls_time_their_paths_and_a_graph_replays_the_graphed_one
     kernel with a cuBLAS shrink and ``"composition"`` once; the eager result and a CUDA graph's replay of the graphed
     choice (another path, possibly) agree with the fp64 oracle as closely as plain torch bf16 does."""
     for name in ("_SMALL_M", "_SMALL_M_PATHS"):
-        monkeypatch.setattr(ll, name, {})
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
+        monkeypatch.setattr(ld, name, {})
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
     x, w, b, As, Bs = _make((M,), 4096, 4096, [16], torch.bfloat16)
     x, w, b, A, B = (t.detach().cuda() for t in (x, w, b, As[0], Bs[0]))
     want = x.double() @ w.double().t() + b.double() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
     plain = _rel_err(x @ w.t() + b + 2.0 * (x @ A.t()) @ B.t(), want)
     with torch.no_grad():
         eager = lora_linear(x, w, A, B, 2.0, b)
-        ((key, paths),) = ll._SMALL_M.items()
+        ((key, paths),) = ld._SMALL_M.items()
         assert set(paths) <= {"fused", "epilogue", "composition"}, paths
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -681,7 +684,7 @@ def test_cuda_small_m_calls_time_their_paths_and_a_graph_replays_the_graphed_one
             replayed = lora_linear(x, w, A, B, 2.0, b)
         graph.replay()
         torch.cuda.synchronize()
-    assert len(ll._SMALL_M) == 1  # (the capture timed nothing)
+    assert len(ld._SMALL_M) == 1  # (the capture timed nothing)
     for what, y in (("eager " + paths[0], eager), ("graphed " + paths[1], replayed)):
         assert _rel_err(y, want) <= plain * 1.02 + 1e-6, what
 

@@ -20,6 +20,8 @@ from adapter_engine.kernels import lora_linear
 from adapter_engine.kernels.lora_linear_tma import TmaTiles, _aligned, tma_fits
 
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+ld = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")  # the choice of path="auto"
+lk = importlib.import_module("adapter_engine.kernels.lora_linear_launch")  # the launchers
 HALF = [torch.float16, torch.bfloat16]
 pytestmark = pytest.mark.usefixtures("poison")  # kernel outputs start as NaN
 
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("poison")  # kernel outputs start as NaN
 def launches(monkeypatch):
     """The persistent kernel's launches, as (M, N, K, weight K-major, fused shrink) per call."""
     seen = []
-    real = ll.lora_linear_tma_fwd
+    real = lk.lora_linear_tma_fwd
 
     def spy(x, weight, lora_A, lora_B, *args, **kwargs):
         tiles = args[-1]
@@ -37,7 +39,8 @@ def launches(monkeypatch):
         seen.append((x.shape[0], weight.shape[0], x.shape[1], weight.stride(-1) == 1, fused))  # launcher decides)
         return real(x, weight, lora_A, lora_B, *args, **kwargs)
 
-    monkeypatch.setattr(ll, "lora_linear_tma_fwd", spy)
+    for module in (lk, ld):  # (the launcher's persistent path; a served mixed batch's)
+        monkeypatch.setattr(module, "lora_linear_tma_fwd", spy)
     return seen
 
 
@@ -108,7 +111,7 @@ def test_split_k_tiles_add_their_slices_once(monkeypatch, split_k, fuse, case):
     d = lambda t: t.double()  # noqa: E731  (the fp64 oracle: the interpreter's bf16 rounds its own way)
     with torch.no_grad():
         lora_linear_tma_fwd(x, w, A, B, rank_scale, rank_adapter, b, ids, None, y, u, tiles)
-        want_y, want_u = ll.lora_linear_fwd_reference(d(x), d(w), d(A), d(B), rank_scale, rank_adapter, d(b), ids)
+        want_y, want_u = lk.lora_linear_fwd_reference(d(x), d(w), d(A), d(B), rank_scale, rank_adapter, d(b), ids)
     _close(y, want_y, x.dtype, "y")
     _close(u, want_u, x.dtype, "u")
     (counters,) = lora_epilogue._COUNTERS.values()
@@ -183,10 +186,10 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
     import triton
 
     slow, fast = TmaTiles(32, 32, 32, 4, 1, True, 2), TmaTiles(16, 32, 16, 4, 1, False, 2)
-    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", slow, fast))
-    monkeypatch.setattr(ll, "_LARGE_M", {})
-    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
+    monkeypatch.setattr(ld, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", slow, fast))
+    monkeypatch.setattr(ld, "_LARGE_M", {})
+    monkeypatch.setattr(ld, "_LARGE_M_GRAPHED", {})
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(fused_max_m=4))
     timed = []
 
     def fake_do_bench(fn, warmup, rep):
@@ -196,7 +199,7 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
         return {0: 2.0, 1: 3.0, 2: 1.0}[len(timed) - 1]  # composition, slow, fast
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
     x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.bfloat16)
     with torch.no_grad():
         for _ in range(2):
@@ -206,7 +209,7 @@ def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launche
         assert len(timed) == 3 and timed[0] == []  # composition launched no kernel; timed once only
         want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
         assert (y.double() - want).abs().max() <= TOL[torch.bfloat16] * want.abs().max()
-        monkeypatch.setattr(ll, "AUTOTUNE", False)
+        monkeypatch.setattr(ld, "AUTOTUNE", False)
         launches.clear()
         lora_linear(x, w, As[0], Bs[0], 0.5, b)  # same key: the choice is remembered
         assert launches == [(19, 40, 32, True, False)]
@@ -222,12 +225,12 @@ def test_a_graph_capture_takes_the_choice_by_gpu_time(monkeypatch, launches):
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
     tiles = TmaTiles(32, 32, 32, 4, 1, True, 2)
-    monkeypatch.setattr(ll, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", tiles))
-    monkeypatch.setattr(ll, "_LARGE_M", {})
-    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
-    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: Timing(c[0], c[1], [2.0, 1.0], [0.5, 0.5]))
+    monkeypatch.setattr(ld, "_large_m_candidates", lambda path, fusable, block_r, rows: ("composition", tiles))
+    monkeypatch.setattr(ld, "_LARGE_M", {})
+    monkeypatch.setattr(ld, "_LARGE_M_GRAPHED", {})
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(fused_max_m=4))
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
+    monkeypatch.setattr(ld, "fastest", lambda c, launch, device: Timing(c[0], c[1], [2.0, 1.0], [0.5, 0.5]))
     x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.bfloat16)
     want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
     with torch.no_grad():
@@ -357,7 +360,7 @@ def test_cuda_tiled_row_adapters_are_correct(M):
     plain = _rel_err(ll.lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids), want)
     with torch.no_grad():
         y = torch.full((M, N), float("nan"), device=dev, dtype=dt)
-        ll._mixed_launch(ll.TILED_ROW_ADAPTERS, x, w, A, B, b, ids, plan, y)
+        ld._mixed_launch(ld.TILED_ROW_ADAPTERS, x, w, A, B, b, ids, plan, y)
     assert _rel_err(y, want) <= plain * 1.02 + 1e-6
 
 
@@ -368,11 +371,11 @@ def test_forced_persistent_falls_back_when_no_tile_builds(monkeypatch, launches)
 
     tile = TmaTiles(32, 32, 32, 4, 1, True, 2)
     monkeypatch.setattr(
-        ll, "_large_m_candidates", lambda path, fusable, block_r, rows: (tile, tile._replace(block_m=16))
+        ld, "_large_m_candidates", lambda path, fusable, block_r, rows: (tile, tile._replace(block_m=16))
     )
-    monkeypatch.setattr(ll, "_LARGE_M", {})
-    monkeypatch.setattr(ll, "_LARGE_M_GRAPHED", {})
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    monkeypatch.setattr(ld, "_LARGE_M", {})
+    monkeypatch.setattr(ld, "_LARGE_M_GRAPHED", {})
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
 
     def out_of_resources(fn, warmup, rep):
         raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
@@ -398,11 +401,11 @@ def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_wi
     ``"segmented"``."""
     from adapter_engine.kernels._backend import Timing, capture_on_cpu
 
-    tiles = ll.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
-    monkeypatch.setattr(ll, "_MIXED", {})
-    monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=4))
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
+    tiles = ld.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
+    monkeypatch.setattr(ld, "_MIXED", {})
+    monkeypatch.setattr(ld, "_MIXED_GRAPHED", {})
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(fused_max_m=4))
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
     x, w, b, As, Bs = _make((19,), 32, 40, [8, 16, 4], torch.float16)
     As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
     ids = torch.tensor([i % 4 - 1 for i in range(19)], dtype=torch.int32)
@@ -417,9 +420,9 @@ def test_a_mixed_batch_times_the_segmented_path_against_the_persistent_kernel_wi
     with torch.no_grad():
         call()
         assert launches == []  # the interpreter times nothing: "segmented"
-        monkeypatch.setattr(ll, "_mixed_candidates", lambda small, u_width, rows: ("segmented", tiles))
+        monkeypatch.setattr(ld, "_mixed_candidates", lambda small, u_width, rows: ("segmented", tiles))
         timings = []
-        monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
+        monkeypatch.setattr(ld, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[1], c[0], [], []))
         for calls in (2, 1):  # (the first call also runs each candidate once before the timing)
             launches.clear()
             y = call()
@@ -452,13 +455,13 @@ def test_a_small_mixed_batch_times_the_segmented_path_against_the_tiled_kernel_w
     from adapter_engine.kernels._backend import Timing
 
     lt = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")
-    monkeypatch.setattr(ll, "_MIXED", {})
-    monkeypatch.setattr(ll, "_MIXED_GRAPHED", {})
-    monkeypatch.setattr(ll, "AUTOTUNE", True)
-    monkeypatch.setattr(ll, "_mixed_candidates", lambda small, u_width, rows: (
-        ("segmented", ll.TILED_ROW_ADAPTERS) if small else ("segmented",)))  # fmt: skip
+    monkeypatch.setattr(ld, "_MIXED", {})
+    monkeypatch.setattr(ld, "_MIXED_GRAPHED", {})
+    monkeypatch.setattr(ld, "AUTOTUNE", True)
+    monkeypatch.setattr(ld, "_mixed_candidates", lambda small, u_width, rows: (
+        ("segmented", ld.TILED_ROW_ADAPTERS) if small else ("segmented",)))  # fmt: skip
     timings = []
-    monkeypatch.setattr(ll, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[-1], c[0], [], []))
+    monkeypatch.setattr(ld, "fastest", lambda c, launch, device: timings.append(c) or Timing(c[-1], c[0], [], []))
     ranks, scales = [16, 8, 16, 16, 16], [0.5, 2.0, -1.0, 1.5, 0.25]  # R = 72 > 64: "auto" takes "segmented"
     d = lambda t: t.double()  # noqa: E731
     for M in (16, 33):
@@ -500,10 +503,10 @@ def test_row_adapters_keep_a_rows_output_from_other_adapters_non_finite_weights(
     Bs[2].fill_(float("nan"))
     A, B = _stack(As, Bs, b_rank_major=True)
     plan = plan_segments(ids, ranks, scales)
-    choice = ll.TILED_ROW_ADAPTERS if gemm == "tiled" else ll.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
+    choice = ld.TILED_ROW_ADAPTERS if gemm == "tiled" else ld.RowAdapterTiles(TmaTiles(32, 32, 32, 4, 1, False, 2))
     y = torch.full((M, N), float("nan"), dtype=torch.float16)
     with torch.no_grad():
-        ll._mixed_launch(choice, x, w, A, B, b, ids, plan, y)
+        ld._mixed_launch(choice, x, w, A, B, b, ids, plan, y)
     d = lambda t: t.double()  # noqa: E731
     want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As[:2]], [d(b_) for b_ in clean[:2]], scales[:2], d(b),
                                     adapter_ids=ids)  # fmt: skip

@@ -24,8 +24,11 @@ from test_lora_linear import TOL, _assert_bf16_no_worse_than_torch, _check, _mak
 from adapter_engine.kernels import lora_linear, lora_linear_reference
 
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
+ld = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")  # the choice of path="auto"
+lk = importlib.import_module("adapter_engine.kernels.lora_linear_launch")  # the launchers
 li = importlib.import_module("adapter_engine.kernels.lora_inputs")
 ls = importlib.import_module("adapter_engine.kernels.lora_segmented")
+lt = importlib.import_module("adapter_engine.kernels.lora_linear_tiled")
 
 RANKS = [8, 1, 4, 16]  # ranks that differ (1: the narrowest tile column; 16: the widest)
 SCALES = [0.5, 2.0, 1.5, -0.25]
@@ -38,8 +41,8 @@ def poison(monkeypatch):
     def alloc(shape, like):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
 
-    monkeypatch.setattr(ll, "_alloc", alloc)
-    monkeypatch.setattr(ls, "_alloc", alloc)
+    for module in (lk, ld, ls):
+        monkeypatch.setattr(module, "_alloc", alloc)
 
 
 def _launch_device() -> str:
@@ -234,7 +237,7 @@ def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_
     hold the compiled kernels of their first launches and call them directly from the third call on (the first
     one tunes): their outputs equal those of the same launches through Triton's launcher bit for bit, for new
     operands each call."""
-    monkeypatch.setattr(ll, "_RECORDED", {})
+    monkeypatch.setattr(lt, "_RECORDED", {})
     monkeypatch.setattr(ls, "_RECORDED", {})
     dev, dt, K, N = "cuda", torch.bfloat16, 4096, 4096
     ranks, scales = [16, 8, 32, 8], [2.0, 0.5, 0.25, 1.0]
@@ -307,30 +310,31 @@ def test_torch_compile_fullgraph_segmented():
 def spy(monkeypatch):
     """Counts the segmented forward launcher's calls (eager and inference branches of ``lora_linear``)."""
     calls = []
-    real = ll.lora_segmented_fwd
+    real = ls.lora_segmented_fwd
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ll, "lora_segmented_fwd", counting)
+    for module in (lk, ld):  # (the launcher's path "segmented"; a served mixed batch's)
+        monkeypatch.setattr(module, "lora_segmented_fwd", counting)
     return calls
 
 
 def test_auto_dispatch_rule(monkeypatch):
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(fused_max_m=64))
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(fused_max_m=64))
     x = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
     if not ll.use_triton(x):
         pytest.skip("the segmented path is for the Triton backend")
     ids = torch.zeros(1, dtype=torch.int32)
-    want = ll._wants_segmented
+    want = ld._wants_segmented
     assert want("auto", 65, [16, 16], ids, x)  # above fused_max_m: 3 launches instead of 5, r instead of R
     assert not want("auto", 64, [16, 16], ids, x)  # one fused launch with R = 32
     assert want("auto", 16, [16] * 5, ids, x)  # R = 80 > 64: the fused kernel's rank tile would be 128 wide
     assert not want("auto", 4096, [16], ids, x)  # one adapter: nothing to segment
     assert not want("auto", 4096, [16, 16], None, x)  # no ids: every adapter is summed into every row
     assert not want("composition", 4096, [16, 16], ids, x)  # an explicit path is kept
-    monkeypatch.setattr(ll, "DISPATCH", ll.LoraLinearDispatch(segmented_min_adapters=99))
+    monkeypatch.setattr(ld, "DISPATCH", ld.LoraLinearDispatch(segmented_min_adapters=99))
     assert not want("auto", 4096, [16] * 16, ids, x)  # a GPU session can retune (or switch off) the rule
 
 
