@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .changes import registration_epoch, tensor_version
-from .kernels import bottleneck_fwd
+from .kernels import bottleneck_dispatch
 from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.bottleneck import (
     ACTIVATIONS,
@@ -417,12 +417,12 @@ class BottleneckStackLayer(nn.Module):
         the op's input checks and launch planning (about two thirds of a fused layer call's host time beyond the
         sublayer's own, CPU profile). The last few geometries keep theirs; a new pack replaces a geometry's. A CUDA
         graph capture plans its launch (host time is paid once there), so it takes the tuner's choice for graphs
-        (``bottleneck_fwd._tuned_tiles``), which may differ from the eager calls' recorded one."""
+        (``bottleneck_dispatch._tuned_tiles``), which may differ from the eager calls' recorded one."""
         if capturing(h):
             return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
         one_stack = hint is not None and not any(len(used) > 1 for used in hint)
         geometry = (h.shape, h.stride(), h.dtype, h.device, routes.shape, routes.stride(), routes.dtype,
-                    routes.device, options, one_stack, bottleneck_fwd.STACK_PATH)  # fmt: skip
+                    routes.device, options, one_stack, bottleneck_dispatch.STACK_PATH)  # fmt: skip
         if y is not None:
             geometry += (y.shape, y.stride(), y.dtype, y.device)
         made = self._launches.get(geometry)

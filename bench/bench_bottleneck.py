@@ -43,7 +43,7 @@ from harness import (
 )
 
 from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
-from adapter_engine.kernels import bottleneck_fwd, lora_linear
+from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, lora_linear
 from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
@@ -213,7 +213,7 @@ def bench_model_forward_graphed_path(benchmark, monkeypatch, model_name, setup, 
     stacked adapters at 1.29x bare graphed, where the tuner (timing each candidate alone, in graph replays) had
     chosen the level path at 67 us per layer against 100 us for the kernel: these rows say which path serves the
     model faster, against the automatic choice's row of the same file."""
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     _, _, fn, row = _forward_case(model_name, setup, True, "forward graphed")
     try:
         replay = cuda_graphed(fn)
@@ -316,7 +316,8 @@ def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     between levels (kernels/level_boundary.py, hidden <= 1024), and ``bench_stack_alone_tiles`` forces each kernel
     tile."""
     if provider.startswith("fused levels"):
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels fused" if provider.endswith("chained") else "levels")
+        path = "levels fused" if provider.endswith("chained") else "levels"
+        monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     _stack_alone(benchmark, hidden, provider)
 
 
@@ -330,13 +331,13 @@ def bench_stack_alone_tiles(benchmark, monkeypatch, hidden, candidate):
     if candidate >= len(candidates):
         pytest.skip(f"{len(candidates)} candidate tiles at hidden {hidden}")
     tiles = candidates[candidate]
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "rows")
-    monkeypatch.setattr(bottleneck_fwd, "_tuned_tiles", lambda *args: tiles)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "rows")
+    monkeypatch.setattr(bottleneck_dispatch, "_tuned_tiles", lambda *args: tiles)
     _stack_alone(benchmark, hidden, f"fused tiles {candidate} {_tile_name(tiles)}")
 
 
 def _tile_name(t) -> str:
-    if t in bottleneck_fwd.LEVEL_PATHS:
+    if t in bottleneck_dispatch.LEVEL_PATHS:
         return t
     name = f"{t.BLOCK_M}x{t.BLOCK_H} r{t.BLOCK_R}/{t.BLOCK_K} w{t.num_warps} s{t.num_stages}/{t.LOOP_STAGES}"
     return name if t.maxnreg == 255 else f"{name} regs{t.maxnreg}"
@@ -347,7 +348,7 @@ def _chosen_tiles(kind: str, hidden: int) -> str:
     tuning keys (rows bucket, levels, switches; keys are (kind, rows bucket, hidden, ...)): for eager calls, and
     after "graphed:" for CUDA-graph captures where that differs."""
     chosen = lambda table: {_tile_name(t) for key, t in table.items() if key[:3:2] == (kind, hidden)}  # noqa: E731
-    eager, graphed = chosen(bottleneck_fwd._TUNED), chosen(bottleneck_fwd._TUNED_GRAPHED)
+    eager, graphed = chosen(bottleneck_dispatch._TUNED), chosen(bottleneck_dispatch._TUNED_GRAPHED)
     return ", ".join(sorted(eager)) + ("" if graphed == eager else "; graphed: " + ", ".join(sorted(graphed)))
 
 
@@ -357,10 +358,10 @@ def _tuner_ms(kind: str, hidden: int) -> dict[str, dict[str, float | list[float]
     lists (session 13's H100, timing by do_bench, kept the row kernel for a stack of 3 at hidden 4096, where the
     level-by-level path ran twice as fast in the same file)."""
     out = {}
-    for key, (candidates, gpu) in bottleneck_fwd.TUNING_TIMES.items():
+    for key, (candidates, gpu) in bottleneck_dispatch.TUNING_TIMES.items():
         if key[:3:2] != (kind, hidden):
             continue
-        host = bottleneck_fwd.TUNING_HOST_MS.get(key)
+        host = bottleneck_dispatch.TUNING_HOST_MS.get(key)
         out[f"rows<={key[1]} levels={key[6][0]}"] = {
             _tile_name(c): round(g, 4) if host is None else [round(g, 4), round(host[i], 4)]
             for i, (c, g) in enumerate(zip(candidates, gpu))
@@ -440,7 +441,7 @@ def bench_stack_depth(benchmark, monkeypatch, path, depth):
     or level by level on cuBLAS, with ``gpu_ms`` (graph replay: GPU work alone). Depth 0 is the kernel's passes
     without a level (the LN moments and the output LN), so the rows split the row kernel's time into its streaming
     base and a cost per level: session 13 measured 55 us at one level and 108 us at three against a 6.3 us floor."""
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     if path != "rows" and depth == 0:
         pytest.skip("depth 0 runs the kernel's copy or output LN whatever the path")
     adapters, ln, h, y = _stack_inputs(pick(768, 48))
@@ -582,7 +583,7 @@ def bench_stack_alone_train(benchmark, monkeypatch, hidden, provider):
     (the layers below): the two designs forced ("fused rows": the row-block kernels; "fused levels": the cuBLAS level
     path, forward and backward) beside the op's own timed choice ("fused") and the eager modules."""
     if provider in ("fused rows", "fused levels"):
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", provider.split()[1])
+        monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", provider.split()[1])
     fn, rows = _stack_train_step(hidden, eager=provider == "eager")
     fn()
     timed(benchmark, fn, case=f"stack of 3 alone, train top, {rows}x{hidden}", provider=provider)

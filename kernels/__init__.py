@@ -38,11 +38,10 @@ else:
         merge_lora_many_reference_,
         merge_lora_reference_,
         prepare_lora_merge,
-        scale_ia3_,
-        scale_ia3_reference_,
         unmerge_lora_,
         unmerge_lora_many_,
     )
+    from .scale_ia3 import scale_ia3_, scale_ia3_reference_
 
     __all__ = [
         "INTERPRET",
@@ -54,10 +53,11 @@ else:
         "merge_lora_reference_",
         "unmerge_lora_",
         "unmerge_lora_many_",
-        "scale_ia3_",
-        "scale_ia3_reference_",
         "LoraMergePlan",
         "prepare_lora_merge",
+        # scale_ia3.py
+        "scale_ia3_",
+        "scale_ia3_reference_",
         # lora_linear.py
         "lora_linear",
         "lora_linear_reference",

@@ -72,7 +72,8 @@ Files: this module holds the public API (:func:`bottleneck_stack`, whose ``retur
 without the checks, and :func:`expand_routes`), its input checks, the
 torch reference twin :func:`bottleneck_stack_ref` and the custom-op / autograd layer; ``bottleneck_pack.py`` the
 options, the packing and each launch's configuration (``_tiles``, ``_flags``); ``bottleneck_fwd.py`` the forward
-kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
+kernel, its ``@triton.jit`` helpers and launchers; ``bottleneck_dispatch.py`` the choice between the kernel's tiles and
+the level-by-level path (timed, ``STACK_PATH``); ``bottleneck_bwd.py`` the backward kernels and ``_stack_backward``;
 ``bottleneck_gemm.py`` the level-by-level cuBLAS forward and level backward (with ``add_layer_norm.py``, its fused
 add and LayerNorm, and ``level_boundary.py``, its chained form's launch between two levels).
 """
@@ -87,7 +88,8 @@ import torch.nn.functional as F
 
 from ._backend import check_float_dtype, check_same_device, use_triton
 from .bottleneck_bwd import _stack_backward
-from .bottleneck_fwd import ForwardLaunch, _launch_fwd, bottleneck_stack_fwd, levels_may_run, uniform_levels
+from .bottleneck_dispatch import levels_may_run, uniform_levels
+from .bottleneck_fwd import ForwardLaunch, _launch_fwd, bottleneck_stack_fwd
 from .bottleneck_pack import (
     _TORCH_ACTS,
     ACTIVATIONS,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import bottleneck_fwd
+from . import bottleneck_dispatch
 from ._backend import INTERPRET, cdiv, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma
 from .bottleneck_gemm import level_bwd_levels
@@ -501,7 +501,7 @@ def _stack_backward(
                   (host_offsets, host_codes, host_scales), flags, half, not dy_is_g)  # fmt: skip
 
         def launch(t, args=args, switches=switches, cublas=cublas):
-            if t == bottleneck_fwd.LEVELS:
+            if t == bottleneck_dispatch.LEVELS:
                 level_bwd_levels(*cublas)
             else:
                 _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
@@ -517,13 +517,13 @@ def _stack_backward(
 
             return restore
 
-        candidates = bottleneck_fwd._with_levels(
-            _level_candidates(tiles) if m >= bottleneck_fwd.TUNE_MIN_ROWS else (tiles,), m, hidden, max_rank,
+        candidates = bottleneck_dispatch._with_levels(
+            _level_candidates(tiles) if m >= bottleneck_dispatch.TUNE_MIN_ROWS else (tiles,), m, hidden, max_rank,
             wd.dtype, level_adapter is not None,
         )  # fmt: skip
         key = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype,
-               tuple(switches.values()), candidates[0] == bottleneck_fwd.LEVELS, len(candidates))  # fmt: skip
-        launch(bottleneck_fwd._tuned_tiles(key, candidates, launch, snapshot, g.device))
+               tuple(switches.values()), candidates[0] == bottleneck_dispatch.LEVELS, len(candidates))  # fmt: skip
+        launch(bottleneck_dispatch._tuned_tiles(key, candidates, launch, snapshot, g.device))
         if level_ln_grad:
             dln_w += pw.sum(0)
             dln_b += pb.sum(0)

@@ -1,6 +1,6 @@
 """Forward of the fused bottleneck stack: the ``@triton.jit`` helpers (activations, dots, level input; the backward
-reuses them), the row-block kernel and its launchers (:func:`bottleneck_stack_fwd`, ``_launch_fwd``). Design notes:
-the docstring of ``kernels/bottleneck.py``.
+reuses them), the row-block kernel and its launchers (:func:`bottleneck_stack_fwd`, ``_launch_fwd``), which run the
+path kernels/bottleneck_dispatch.py chooses. Design notes: the docstring of ``kernels/bottleneck.py``.
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bottleneck_dispatch as dispatch
 from ._backend import (
-    AUTOTUNE,
-    INTERPRET,
     DirectLaunch,
     alignment16,
     capturing,
-    capturing_on,
     cdiv,
     compiled_kernel,
-    fastest,
     next_pow2,
 )
-from .bottleneck_gemm import build_level_operands, chains_levels, prefer_levels, stack_fwd_levels
+from .bottleneck_gemm import build_level_operands, chains_levels, stack_fwd_levels
 from .bottleneck_pack import (
     PackedHost,
     PackedStack,
@@ -407,64 +404,6 @@ def _bottleneck_stack_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-_TUNED: dict[tuple, _Tiles | str] = {}  # tuning key -> the fastest candidate for eager calls (forward, level backward)
-_TUNED_GRAPHED: dict[tuple, _Tiles | str] = {}  # tuning key -> the fastest for a CUDA-graph capture (GPU time)
-# tuning key -> (candidates, their GPU times in ms from _backend.fastest): what the benchmarks report beside rows
-TUNING_TIMES: dict[tuple, tuple[tuple, list[float]]] = {}
-TUNING_HOST_MS: dict[tuple, list[float]] = {}  # tuning key -> the candidates' host enqueue times (ms), on a GPU
-# Smaller launches take _tiles' choice untimed: timing compiles every candidate (seconds per shape), which a short
-# job (the demo's 1,024-row batches) would not win back.
-TUNE_MIN_ROWS = 2048
-# The candidate that runs one stack on every row level by level on cuBLAS (bottleneck_gemm.py) instead of the kernel.
-LEVELS = "levels on cuBLAS"
-# The same as n + 1 launches for n levels, each running one boundary between levels (the carry's update, the LayerNorm
-# and the next down projection: kernels/level_boundary.py), timed beside it where that applies (serving a seq_bn
-# stack of a post-LN sublayer: bottleneck_gemm.chains_levels).
-LEVELS_FUSED = "levels, boundaries fused"
-LEVEL_PATHS = (LEVELS, LEVELS_FUSED)
-# What runs one stack on every row, forward and level backward: "auto" (the untimed choice is prefer_levels';
-# launches of at least TUNE_MIN_ROWS rows time both), or "rows" / "levels" to force the row-block kernels or the
-# cuBLAS path (benchmarks, tests); "levels fused": the cuBLAS path with LEVELS_FUSED's launches where they apply.
-STACK_PATH = "auto"
-_FORCED_LEVELS = ("levels", "levels fused")  # the STACK_PATH values that force the cuBLAS path
-
-
-def _tuned_tiles(
-    key: tuple, candidates: tuple[_Tiles | str, ...], launch, snapshot=None, device: torch.device | None = None
-) -> _Tiles | str:
-    """The fastest candidate for ``key`` (forward and level-backward launches), timed once per key on the GPU.
-    ``snapshot()``, called before timing, returns what undoes the timing runs' writes (the forward's saved
-    pre-activations outside each block's units; the backward's in-place gradients and partial sums). The unit tile
-    comes from the ranks and sizes the scratch, so the candidates only vary the row block, the hidden chunk, warps
-    and pipelining; ``triton.autotune`` would need every tile field in its configs. The forward's candidates may
-    include ``LEVELS``, its cuBLAS path for one stack on every row.
-
-    Two choices per key (``_backend.fastest``): eager calls take the least of each candidate's larger side, host
-    enqueue or GPU time; a CUDA-graph capture takes the least GPU time (a graph replays no host work), so a
-    multi-launch path that a slow host cannot enqueue fast enough for eager calls may still serve a graphed model.
-    The first candidate (the untimed choice) runs untimed under the interpreter, with ``ADAPTER_ENGINE_AUTOTUNE=0``
-    and in a capture of a key no eager call has timed."""
-    if capturing_on(device):  # (or a CPU stand-in for a capture)
-        return _TUNED_GRAPHED.get(key, candidates[0])
-    tiles = _TUNED.get(key)
-    if tiles is not None:
-        return tiles
-    if len(candidates) == 1 or not AUTOTUNE:
-        return candidates[0]
-    restore = snapshot() if snapshot is not None else None
-    timing = fastest(candidates, launch, device)
-    if restore is not None:
-        restore()
-    tiles = _TUNED[key] = timing.eager
-    _TUNED_GRAPHED[key] = timing.graphed
-    TUNING_TIMES[key] = (candidates, timing.gpu_ms)
-    if timing.host_ms is not None:
-        TUNING_HOST_MS[key] = timing.host_ms
-    logger.info("bottleneck %s: tiles %s, graphed %s (GPU %s ms; host %s ms)", key, tiles, timing.graphed,
-                ", ".join(f"{x:.4f}" for x in timing.gpu_ms), timing.host_ms)  # fmt: skip
-    return tiles
-
-
 class _Saved(NamedTuple):
     rs: torch.Tensor  # (L, M, H) r_1..r_n in h's dtype
     zs: torch.Tensor  # (L, M, Rt) fp32 pre-activations (zero outside each row block's units)
@@ -494,26 +433,26 @@ def _launch_fwd(
     if routes.dtype != torch.int32:
         routes = routes.to(torch.int32)
     dot_fp32, precision = _dot_mode(h, packed.wd)
-    timed = m >= TUNE_MIN_ROWS
+    timed = m >= dispatch.TUNE_MIN_ROWS
     tiles, switches, switch_values = _fwd_plan(
         m == 1, m >= 4096, levels, max_rank, options, ln_weight is not None, save, dot_fp32, precision,
         routes.stride(0) == 0,
     )  # fmt: skip
     candidates = _forward_candidates(tiles, save) if timed else (tiles,)
     flags = _flags(options, ln_weight is not None)
-    if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever STACK_PATH says)
-        candidates = _with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
+    if levels > 0:  # (depth 0: the kernel's copy or output LN, whatever dispatch.STACK_PATH says)
+        candidates = dispatch._with_levels(candidates, m, hidden, max_rank, packed.wd.dtype, level_adapters is not None)
         if (
-            LEVELS in candidates
+            dispatch.LEVELS in candidates
             and not save
             and chains_levels(flags, hidden, max_rank, h.dtype, y2.dtype, packed.wd.dtype)
         ):
-            if STACK_PATH == "levels fused":
-                candidates = (LEVELS_FUSED,)
+            if dispatch.STACK_PATH == "levels fused":
+                candidates = (dispatch.LEVELS_FUSED,)
             elif len(candidates) > 1:  # timed: beside the other candidates
-                candidates = (*candidates, LEVELS_FUSED)
+                candidates = (*candidates, dispatch.LEVELS_FUSED)
     key = ("forward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, packed.wu.dtype, switch_values,
-           candidates[0] == LEVELS, len(candidates))  # fmt: skip
+           candidates[0] == dispatch.LEVELS, len(candidates))  # fmt: skip
     if save:
         saved = _Saved(
             torch.empty((levels, m, hidden), device=dev, dtype=torch.float32 if round_in_torch else h.dtype),
@@ -529,21 +468,26 @@ def _launch_fwd(
     # own) and what the kernel launch returned (the compiled kernel on a GPU)
 
     def launch(t: _Tiles | str) -> None:
-        if t in LEVEL_PATHS:
+        if t in dispatch.LEVEL_PATHS:
             result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
-                                         float(options.eps), saved, chain=t == LEVELS_FUSED)  # fmt: skip
+                                         float(options.eps), saved, chain=t == dispatch.LEVELS_FUSED)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
         result[1] = _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
         result[0] = out
 
-    chosen = _tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
-    graphed = _TUNED_GRAPHED.get(key)
-    if chosen not in LEVEL_PATHS and graphed in LEVEL_PATHS and level_adapters is not None and not capturing(h2):
+    chosen = dispatch._tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
+    on_levels = chosen in dispatch.LEVEL_PATHS
+    if (
+        not on_levels
+        and dispatch._TUNED_GRAPHED.get(key) in dispatch.LEVEL_PATHS
+        and level_adapters is not None
+        and not capturing(h2)
+    ):
         build_level_operands(packed, level_adapters, host)  # for a later capture of this call (the graphed choice)
     launch(chosen)
-    if record is not None and chosen not in LEVEL_PATHS and not save:
+    if record is not None and not on_levels and not save:
         views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)
         record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
                                        ln_weight is not None, result[1], views))  # fmt: skip
@@ -675,49 +619,5 @@ def bottleneck_stack_fwd(
     host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
         packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip
     max_rank = _max_rank(host.offsets)
-    uniform = uniform_levels(routes, may_read=levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
+    uniform = dispatch.uniform_levels(routes, may_read=dispatch.levels_may_run(h.shape[-1], max_rank, packed.wd.dtype))
     return _launch_fwd(h, y, ln_weight, ln_bias, packed, routes, options, False, max_rank, uniform, host[:3])[0]
-
-
-def _with_levels(candidates: tuple, rows: int, hidden: int, max_rank: int, weight_dtype, one_stack: bool) -> tuple:
-    """The kernel-tile ``candidates`` of a forward or level-backward launch, with ``LEVELS`` (the cuBLAS path) where
-    it applies (``one_stack``: one adapter per level on every row, known on the host): first, and alone when
-    nothing is timed, for wide weights (:func:`prefer_levels`); last, to be timed, otherwise. ``STACK_PATH`` forces
-    either."""
-    if not one_stack or STACK_PATH == "rows":
-        if STACK_PATH in _FORCED_LEVELS:
-            raise ValueError("the level-by-level path needs one stack on every row, known on the host (level_adapters)")
-        return candidates
-    if STACK_PATH in _FORCED_LEVELS:
-        return (LEVELS,)
-    timed = rows >= TUNE_MIN_ROWS and not INTERPRET  # the interpreter times nothing (one tile per launch)
-    if prefer_levels(hidden, max_rank, weight_dtype):
-        return (LEVELS, *candidates) if timed else (LEVELS,)
-    return (*candidates, LEVELS) if timed else candidates
-
-
-def levels_may_run(hidden: int, max_rank: int, weight_dtype: torch.dtype) -> bool:
-    """Whether :func:`_launch_fwd` may take the level-by-level path for one stack on every row (worth a device sync
-    to learn the routes when no host hint came)."""
-    if STACK_PATH != "auto":
-        return STACK_PATH in _FORCED_LEVELS
-    # narrow weights: offered for timing only with the modules' host hint, not worth a sync on every call
-    return prefer_levels(hidden, max_rank, weight_dtype)
-
-
-def uniform_levels(routes: torch.Tensor, level_adapters=None, may_read: bool = True) -> tuple[int, ...] | None:
-    """Per level, the adapter every row runs (-1: off), when the routes give one stack to every row (expanded from
-    one (L,) list: row stride 0, or a single row), else None. From the host hint ``level_adapters`` (per level,
-    the adapters the rows use) when given; otherwise read from the device (one sync) if ``may_read``
-    (:func:`levels_may_run`), never while a CUDA graph is being captured or torch.compile traces."""
-    if routes.shape[0] > 1 and routes.stride(0) != 0:
-        return None
-    if level_adapters is not None:
-        if any(len(used) > 1 for used in level_adapters):
-            return None
-        return tuple(int(used[0]) if len(used) else -1 for used in level_adapters)
-    if not may_read or torch.compiler.is_compiling():
-        return None
-    if capturing(routes):
-        return None
-    return tuple(int(a) if a >= 0 else -1 for a in routes[0].tolist()) if routes.shape[0] else None

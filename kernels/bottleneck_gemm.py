@@ -132,7 +132,7 @@ def chains_levels(flags: dict, hidden: int, max_rank: int, *dtypes: torch.dtype)
 
 def build_level_operands(packed: PackedStack, level_adapters, host) -> None:
     """Build and cache the GEMM operands of every active level, outside any capture: for a key whose eager calls
-    take the row kernel while CUDA-graph captures take this path (``bottleneck_fwd._tuned_tiles``), so a capture
+    take the row kernel while CUDA-graph captures take this path (``bottleneck_dispatch._tuned_tiles``), so a capture
     finds them cached instead of recording their build into the graph."""
     offsets, codes, scales = host
     for a in level_adapters:

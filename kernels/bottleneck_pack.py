@@ -282,7 +282,7 @@ def _tile_path(rows: int, routes_uniform: bool, max_rank: int, tiles: _Tiles) ->
 
 @functools.lru_cache(maxsize=64)
 def _forward_candidates(first: _Tiles, save: bool) -> tuple[_Tiles, ...]:
-    """The forward's tiles to time on the GPU (``bottleneck_fwd._tuned_tiles``): ``first`` (:func:`_tiles`'
+    """The forward's tiles to time on the GPU (``bottleneck_dispatch._tuned_tiles``): ``first`` (:func:`_tiles`'
     choice) and the alternatives for its unit tile.
 
     Each candidate's sm_90 build (triton 3.6 and 3.9) is free of register spills at the benchmark shapes (hidden

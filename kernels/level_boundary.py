@@ -13,7 +13,7 @@ seq_bn default of a post-LN sublayer while serving (AdapterHub's order: each lev
 them). As torch ops each boundary is a LayerNorm, an ``addmm_`` and the down GEMM: two launches more per level and
 five passes over the (tokens, hidden) activation (read c, write c; read c, write x; read x) where this makes two (read
 c, write c) or, at the start, three (read h and y, write c). The rank-wide tensors ``a`` (tokens, rank) and the
-weights are small. Offered to the stack tuner as its own candidate (``bottleneck_fwd.LEVELS_FUSED``), so a GPU on
+weights are small. Offered to the stack tuner as its own candidate (``bottleneck_dispatch.LEVELS_FUSED``), so a GPU on
 which it is slower keeps the torch ops.
 
 Numerics, as the torch ops store them: ``c (+ y) (+ a @ up)`` accumulated in fp32 and rounded to c's dtype once (the

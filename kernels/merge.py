@@ -1,9 +1,9 @@
-"""In-place weight merging: fold LoRA (and IA3) adapters into base weights with one read and one write.
+"""In-place weight merging: fold LoRA adapters into base weights with one read and one write (IA3's scaling:
+kernels/scale_ia3.py).
 
     merge_lora_:       W += sum_i s_i * B_i @ A_i        W (out, in), A_i (r_i, in), B_i (out, r_i)
     merge_lora_many_:  the same for many weights (a whole model) in a single launch
     unmerge_lora_:     W -= sum_i s_i * B_i @ A_i
-    scale_ia3_:        W *= l  (per row or per column; ``inverse`` divides)
 
 Physical limit: merging is memory bound. The floor is reading and writing every weight once (2 x W bytes at
 copy bandwidth); the factors (r x (in + out) elements per weight) are small and stay in L2.
@@ -53,7 +53,6 @@ from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, nex
 # which pipelines only the dot operand (B_cat). The grouped kernel cannot be autotuned by re-running it: it updates
 # weights behind pointer tables in place. ``TILE_OVERRIDE`` (a tuple like these) is for sweeps.
 SMALL_RANK_TILES, LARGE_RANK_TILES, TILE_OVERRIDE = (32, 128, 1, 4, 0), (64, 128, 4, 4, 3), None
-IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -208,41 +207,6 @@ def _merge_lora_kernel(
                 delta += tl.dot(b, a_lo)
         out = (w + weight_scale * delta).to(W_DTYPE)  # the single rounding
         _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY)
-
-
-@triton.jit
-def _scale_ia3_kernel(
-    w_ptr,  # W: (n_rows, n_cols), updated in place
-    vec_ptr,  # (n_rows,) when SCALE_ROWS else (n_cols,)
-    bad_ptr,  # (1,) int32 (CHECK_ONLY)
-    n_rows,
-    n_cols,
-    stride_n,
-    stride_k,
-    SCALE_ROWS: tl.constexpr,
-    DIVIDE: tl.constexpr,
-    CHECK_ONLY: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    tiles_k = tl.cdiv(n_cols, BLOCK_K)
-    offs_n = (pid // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < n_rows
-    mask_k = offs_k < n_cols
-    mask = mask_n[:, None] & mask_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if SCALE_ROWS:
-        v = tl.load(vec_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
-    else:
-        v = tl.load(vec_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)[None, :]
-    if DIVIDE:
-        out = (w / v).to(w_ptr.dtype.element_ty)
-    else:
-        out = (w * v).to(w_ptr.dtype.element_ty)
-    _store_or_flag(w_ptrs, out, mask, bad_ptr, CHECK_ONLY)
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -469,18 +433,6 @@ def merge_lora_many_reference_(weights, lora_A, lora_B, scale, *, fan_in_fan_out
     return list(weights)
 
 
-@torch.no_grad()
-def scale_ia3_reference_(weight, ia3_scale, *, dim, inverse=False, safe=False):
-    """Torch twin of :func:`scale_ia3_`."""
-    vec = _validate_ia3(weight, ia3_scale, dim)
-    v = vec.float().reshape((-1, 1) if dim == 0 else (1, -1))
-    out = (weight.float() / v if inverse else weight.float() * v).to(weight.dtype)
-    if safe and not torch.isfinite(out).all():
-        raise ValueError(f"IA3 scaling would produce non-finite values in weight {tuple(weight.shape)}; unchanged")
-    weight.copy_(out)
-    return weight
-
-
 # ----------------------------------------------------------------------------------------------------- public API
 Factors = torch.Tensor | Sequence[torch.Tensor]
 Scales = float | Sequence[float]
@@ -604,61 +556,3 @@ def unmerge_lora_many_(
     """Inverse of :func:`merge_lora_many_`."""
     negated = [_negate(s) for s in scale] if isinstance(scale, Sequence) else scale
     return merge_lora_many_(weights, lora_A, lora_B, negated, fan_in_fan_out=fan_in_fan_out, safe=safe)
-
-
-def _validate_ia3(weight, ia3_scale, dim) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor) or not isinstance(ia3_scale, torch.Tensor):
-        raise TypeError("weight and ia3_scale must be tensors")
-    check_float_dtype("weight", weight)
-    check_float_dtype("ia3_scale", ia3_scale)
-    check_same_device(weight=weight, ia3_scale=ia3_scale)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    if dim not in (0, 1):
-        raise ValueError(f"dim must be 0 (scale rows) or 1 (scale columns), got {dim!r}")
-    vec = ia3_scale.reshape(-1)
-    if vec.numel() != weight.shape[dim]:
-        raise ValueError(
-            f"ia3_scale has {vec.numel()} elements (shape {tuple(ia3_scale.shape)}) but weight "
-            f"{tuple(weight.shape)} has {weight.shape[dim]} along dim {dim}"
-        )
-    return vec
-
-
-@torch.no_grad()
-def scale_ia3_(
-    weight: torch.Tensor, ia3_scale: torch.Tensor, *, dim: int, inverse: bool = False, safe: bool = False
-) -> torch.Tensor:
-    """IA3 merge in place: multiply the rows (``dim=0``, one value per output feature) or the columns (``dim=1``,
-    one value per input feature) of ``weight`` (out, in) by ``ia3_scale``; ``inverse`` divides (unmerge).
-    One rounding per element; ``safe`` raises ``ValueError`` and writes nothing if a result is not finite."""
-    vec = _validate_ia3(weight, ia3_scale, dim)
-    if not use_triton(weight):
-        return scale_ia3_reference_(weight, ia3_scale, dim=dim, inverse=inverse, safe=safe)
-    if weight.numel() == 0:
-        return weight
-    grid = (cdiv(weight.shape[0], IA3_BLOCK_N) * cdiv(weight.shape[1], IA3_BLOCK_K),)
-
-    def run(check_only: bool) -> torch.Tensor:
-        bad = torch.zeros(1, dtype=torch.int32, device=weight.device)
-        _scale_ia3_kernel[grid](
-            weight,
-            vec,
-            bad,
-            weight.shape[0],
-            weight.shape[1],
-            weight.stride(0),
-            weight.stride(1),
-            SCALE_ROWS=dim == 0,
-            DIVIDE=inverse,
-            CHECK_ONLY=check_only,
-            BLOCK_N=IA3_BLOCK_N,
-            BLOCK_K=IA3_BLOCK_K,
-            num_warps=IA3_NUM_WARPS,
-        )
-        return bad
-
-    if safe and run(check_only=True).item():
-        raise ValueError(f"IA3 scaling would produce non-finite values in weight {tuple(weight.shape)}; unchanged")
-    run(check_only=False)
-    return weight

@@ -448,7 +448,7 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
     with autotuning off the first candidate runs untimed. The times are kept for the benchmarks to report."""
     import triton
 
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
     from adapter_engine.kernels.bottleneck_pack import _Tiles
 
     candidates = (_Tiles(16, 64, 64, 64, 4, 2, 2), _Tiles(16, 128, 64, 64, 8, 2, 2), _Tiles(32, 128, 64, 64, 8, 2, 2))
@@ -462,24 +462,25 @@ def test_forward_tile_tuner_times_each_candidate_once_per_key(monkeypatch):
         return cost[launched[-1]]
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
-    monkeypatch.setattr(bottleneck_fwd, "TUNING_TIMES", {})
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "TUNING_TIMES", {})
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
     events = []
 
     def snapshot():
         events.append(("snapshot", len(launched)))
         return lambda: events.append(("restore", len(launched)))
 
-    assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append, snapshot) == candidates[1]
+    assert bottleneck_dispatch._tuned_tiles("key", candidates, launched.append, snapshot) == candidates[1]
     assert launched == list(candidates)
     assert events == [("snapshot", 0), ("restore", 3)]  # what the timing runs wrote is undone before the real launch
-    assert bottleneck_fwd.TUNING_TIMES == {"key": (candidates, [3.0, 1.0, float("inf")])}  # what the benches report
-    assert bottleneck_fwd._tuned_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
+    # what the benches report
+    assert bottleneck_dispatch.TUNING_TIMES == {"key": (candidates, [3.0, 1.0, float("inf")])}
+    assert bottleneck_dispatch._tuned_tiles("key", candidates, launched.append) == candidates[1]  # cached: not re-timed
     assert len(launched) == 3
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", False)
-    assert bottleneck_fwd._tuned_tiles("another key", candidates, launched.append) == candidates[0]
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", False)
+    assert bottleneck_dispatch._tuned_tiles("another key", candidates, launched.append) == candidates[0]
     assert len(launched) == 3
 
 
@@ -491,7 +492,7 @@ def test_tuner_times_gpu_and_host_and_falls_back_to_do_bench(monkeypatch):
     as infinitely slow either way; CPU launches take do_bench. The tuner keeps both choices per key."""
     import triton
 
-    from adapter_engine.kernels import _backend, bottleneck_fwd
+    from adapter_engine.kernels import _backend, bottleneck_dispatch
 
     gpu = {"one launch": 2.0, "fifteen launches": 1.0, "too big": None}  # GPU time
     host = {"one launch": 0.5, "fifteen launches": 3.0, "too big": None}  # the host's enqueue time
@@ -541,17 +542,17 @@ def test_tuner_times_gpu_and_host_and_falls_back_to_do_bench(monkeypatch):
     # the tuner: the eager choice for eager calls, the graphed one inside a capture
     uncapturable.clear()
     for name, value in [("_TUNED", {}), ("_TUNED_GRAPHED", {}), ("TUNING_TIMES", {}), ("TUNING_HOST_MS", {})]:
-        monkeypatch.setattr(bottleneck_fwd, name, value)
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
-    assert bottleneck_fwd.TUNING_HOST_MS == {"key": [0.5, 3.0, inf]}
+        monkeypatch.setattr(bottleneck_dispatch, name, value)
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
+    assert bottleneck_dispatch._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
+    assert bottleneck_dispatch.TUNING_HOST_MS == {"key": [0.5, 3.0, inf]}
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "fifteen launches"
-    assert bottleneck_fwd._tuned_tiles("untimed key", candidates, lambda c: c, device=cuda) == "one launch"
+    assert bottleneck_dispatch._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "fifteen launches"
+    assert bottleneck_dispatch._tuned_tiles("untimed key", candidates, lambda c: c, device=cuda) == "one launch"
     capturing[0] = False
-    assert bottleneck_fwd._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
+    assert bottleneck_dispatch._tuned_tiles("key", candidates, lambda c: c, device=cuda) == "one launch"
 
 
 def test_graph_timer_captures_repeated_calls_and_divides_by_them(monkeypatch):
@@ -655,7 +656,7 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
 
     import triton
 
-    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_dispatch, bottleneck_fwd
 
     timed = []
 
@@ -666,10 +667,10 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
         return time.perf_counter() - start
 
     monkeypatch.setattr(triton.testing, "do_bench", cpu_bench)
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
-    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(
         bottleneck_fwd,
         "_forward_candidates",
@@ -695,13 +696,13 @@ def levels_path(monkeypatch, request):
     """Every forward of one stack on every row takes the level-by-level GEMM path (kernels/bottleneck_gemm.py), as
     it is or as n + 1 ``level_boundary`` launches where that applies (``"levels fused"``); the row-block forward
     kernel fails if it is launched."""
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd
 
     class NoKernel:
         def __getitem__(self, grid):
             raise AssertionError("the row-block forward kernel ran")
 
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", request.param)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", request.param)
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", NoKernel())
 
 
@@ -732,7 +733,7 @@ def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatc
     """The level path's additions that feed the model LN run inside ``add_layer_norm`` launches (with the sum
     written only where a level reads it; a chained seq_bn stack makes its carry in ``level_boundary`` instead), and
     the output matches the oracle."""
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_gemm
 
     seen = []
     real = bottleneck_gemm.add_layer_norm
@@ -750,7 +751,7 @@ def test_levels_path_fuses_its_sums_into_the_layer_norms(levels_path, monkeypatc
     levels = [0, 1] if name == "post_add" else [1]
     with torch.no_grad():
         got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
-    chained = bottleneck_fwd.STACK_PATH == "levels fused" and name == "seq_bn"
+    chained = bottleneck_dispatch.STACK_PATH == "levels fused" and name == "seq_bn"
     assert seen == ([] if chained else calls)
     assert_close(got, ah_stack(h, y, ln, [params[i] for i in levels], o))
 
@@ -762,7 +763,7 @@ def test_levels_path_chains_its_levels_through_level_boundary_launches(levels_pa
     carry and the first down projection; each up projection with the next LayerNorm and down projection; the last
     up projection with the output LayerNorm) and no GEMM, LayerNorm or add of its own; where the structure does not
     carry ``r + y`` (Houlsby), nothing is chained. Either way the output matches the oracle."""
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_gemm
 
     chained, torch_ops = [], []
 
@@ -780,7 +781,7 @@ def test_levels_path_chains_its_levels_through_level_boundary_launches(levels_pa
     with torch.no_grad():
         got = bottleneck_stack(h, y, pack(params), torch.tensor(levels), o, ln.weight, ln.bias)
     active = sum(a >= 0 for a in levels)
-    on = bottleneck_fwd.STACK_PATH == "levels fused" and name == "seq_bn"
+    on = bottleneck_dispatch.STACK_PATH == "levels fused" and name == "seq_bn"
     assert len(chained) == (active + 1 if on and active else 0)
     if active:  # (no active level: the sublayer's own LN(h + y) either way)
         assert bool(torch_ops) != on, torch_ops
@@ -790,7 +791,7 @@ def test_levels_path_chains_its_levels_through_level_boundary_launches(levels_pa
 def test_the_tuner_times_the_fused_levels_where_they_apply(monkeypatch):
     """The forward tuner offers ``LEVELS_FUSED`` beside ``LEVELS`` for a serving seq_bn stack, not for Houlsby
     placement (nothing to fuse) nor for a forward that saves for the backward."""
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd
     from adapter_engine.kernels._backend import Timing
 
     offered = []
@@ -799,22 +800,22 @@ def test_the_tuner_times_the_fused_levels_where_they_apply(monkeypatch):
         offered.append(candidates)
         return Timing(candidates[0], candidates[0], [1.0] * len(candidates), None)
 
-    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
-    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_dispatch, "fastest", tuner)
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_dispatch, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_dispatch, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
     params, ln = make_params(40, [8, 16], ["relu", "gelu"]), make_ln(40)
     h, y = torch.randn(32, 40), torch.randn(32, 40)
     for name, grad in (("seq_bn", False), ("double_seq_bn", False), ("seq_bn", True)):
-        monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
+        monkeypatch.setattr(bottleneck_dispatch, "_TUNED", {})
         for p in params:
             p["wd"].requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             bottleneck_stack(h, y, pack(params), torch.tensor([0, 1]), OPTION_GRID[name], ln.weight, ln.bias,
                              level_adapters=[[0], [1]])  # fmt: skip
-    assert [bottleneck_fwd.LEVELS_FUSED in c for c in offered] == [True, False, False]
-    assert all(bottleneck_fwd.LEVELS in c for c in offered)
+    assert [bottleneck_dispatch.LEVELS_FUSED in c for c in offered] == [True, False, False]
+    assert all(bottleneck_dispatch.LEVELS in c for c in offered)
 
 
 @pytest.mark.parametrize("name", list(OPTION_GRID))
@@ -827,7 +828,7 @@ def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
     forward saved, and the cuBLAS level backward (bottleneck_gemm.level_bwd_levels) reads what either forward saved;
     the model LN (when there is one) trains too, a level is off (skipped by the backward), and every gradient
     matches the oracle's."""
-    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_dispatch, bottleneck_fwd
 
     o = OPTION_GRID[name]
     ran = []
@@ -840,12 +841,12 @@ def test_levels_path_training(monkeypatch, name, forward, backward, with_ln):
     ln_leaves = [ln.weight, ln.bias] if with_ln else [None, None]
     ln = ln if with_ln else None
     leaves = [h, y, *ln_leaves[: 2 * with_ln]] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", forward)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", forward)
     got = bottleneck_stack(h, y, pack(params), torch.tensor([0, -1, 2]), o, *ln_leaves)
     want = ah_stack(h, y, ln, [params[0], params[2]], o)
     assert_close(got, want)
     grad_out = torch.randn_like(want)
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", backward)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", backward)
     for a, b in zip(
         torch.autograd.grad(got, leaves, grad_out, materialize_grads=True),
         torch.autograd.grad(want, leaves, grad_out, materialize_grads=True),
@@ -1020,9 +1021,9 @@ def test_a_graph_capture_reads_the_cached_operands_and_stores_none(levels_path):
 def test_backward_stops_below_the_lowest_training_level(monkeypatch, path, training):
     """When neither h, y nor the model LN want a gradient (the first layer's stack in adapter training), the levels
     below the lowest one that trains are not run; the adapters' gradients still match the oracle's."""
-    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_dispatch
 
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     levels_run = []
     kernel = bottleneck_bwd._bottleneck_level_bwd_kernel
     real_levels = bottleneck_bwd.level_bwd_levels
@@ -1082,14 +1083,14 @@ def test_levels_path_half_error_no_larger_than_torch(levels_path, dtype):
 def test_forward_path_choice(monkeypatch):
     """Wide weights send one stack on every row to the GEMM path untimed; narrow ones and mixed rows to the kernel;
     forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint."""
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
 
     assert bottleneck_gemm.prefer_levels(4096, 256, torch.bfloat16)  # Llama-shaped: 4 MB per level
     assert not bottleneck_gemm.prefer_levels(768, 48, torch.bfloat16)  # BERT-base: 147 KB
-    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, -1, 2]]).expand(5, 3)) == (0, -1, 2)
-    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]] * 4), [[0], [1]]) is None  # rows may differ
-    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
-    assert bottleneck_fwd.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0, 1], [1]]) is None
+    assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, -1, 2]]).expand(5, 3)) == (0, -1, 2)
+    assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]] * 4), [[0], [1]]) is None  # rows may differ
+    assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
+    assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0, 1], [1]]) is None
 
     ran = []
     gemm = bottleneck_fwd.stack_fwd_levels
@@ -1107,7 +1108,7 @@ def test_forward_path_choice(monkeypatch):
         assert_close(got, ah_stack(h, y, ln, params, SEQ))
         bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
         assert ran == ["levels"]  # mixed rows: the kernel
-        monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")
+        monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "levels")
         with pytest.raises(ValueError, match="one stack on every row"):
             bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
         with pytest.raises(ValueError, match="beyond the 2 packed"):
@@ -1122,7 +1123,7 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
 
     import triton
 
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd
 
     kinds = []
 
@@ -1136,17 +1137,17 @@ def test_forward_tuning_times_the_levels_path_against_the_kernel(monkeypatch):
     monkeypatch.setattr(
         bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: kinds.append("levels") or real_gemm(*a, **k)
     )
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
-    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_dispatch, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
     params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])
     got = bottleneck_stack(h, y, pack(params), torch.tensor([0, 1, 2]), SEQ, ln.weight, ln.bias)
-    key, choice = next(iter(bottleneck_fwd._TUNED.items()))
-    assert key[0] == "forward" and len(bottleneck_fwd._TUNED) == 1
-    assert kinds.count("levels") == (2 if choice == bottleneck_fwd.LEVELS else 1)  # timed, then run if it won
+    key, choice = next(iter(bottleneck_dispatch._TUNED.items()))
+    assert key[0] == "forward" and len(bottleneck_dispatch._TUNED) == 1
+    assert kinds.count("levels") == (2 if choice == bottleneck_dispatch.LEVELS else 1)  # timed, then run if it won
     _assert_matches_oracle(got, params, ln, h, y, torch.tensor([0, 1, 2]))
 
 
@@ -1154,12 +1155,12 @@ def _split_tuner(monkeypatch, graphed: str | None = None) -> list:
     """The forward tuner, without timing anything, keeps the row kernel for eager calls and the level path (or the
     ``graphed`` one of its forms, where offered) for CUDA-graph captures, in fresh tables (and a fresh operand cache)
     from 16 rows on; returns the list that each run of the level path appends to."""
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
     from adapter_engine.kernels._backend import Timing
 
     def tuner(candidates, launch, device):
-        tile = next(c for c in candidates if c not in bottleneck_fwd.LEVEL_PATHS)
-        choice = graphed if graphed in candidates else bottleneck_fwd.LEVELS
+        tile = next(c for c in candidates if c not in bottleneck_dispatch.LEVEL_PATHS)
+        choice = graphed if graphed in candidates else bottleneck_dispatch.LEVELS
         return Timing(tile, choice, [1.0] * len(candidates), None)
 
     levels_runs = []
@@ -1167,12 +1168,12 @@ def _split_tuner(monkeypatch, graphed: str | None = None) -> list:
     monkeypatch.setattr(
         bottleneck_fwd, "stack_fwd_levels", lambda *a, **k: levels_runs.append(1) or real_levels(*a, **k)
     )
-    monkeypatch.setattr(bottleneck_fwd, "fastest", tuner)
-    monkeypatch.setattr(bottleneck_fwd, "AUTOTUNE", True)
-    monkeypatch.setattr(bottleneck_fwd, "INTERPRET", False)
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED", {})
-    monkeypatch.setattr(bottleneck_fwd, "_TUNED_GRAPHED", {})
-    monkeypatch.setattr(bottleneck_fwd, "TUNE_MIN_ROWS", 16)
+    monkeypatch.setattr(bottleneck_dispatch, "fastest", tuner)
+    monkeypatch.setattr(bottleneck_dispatch, "AUTOTUNE", True)
+    monkeypatch.setattr(bottleneck_dispatch, "INTERPRET", False)
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "_TUNED_GRAPHED", {})
+    monkeypatch.setattr(bottleneck_dispatch, "TUNE_MIN_ROWS", 16)
     monkeypatch.setattr(bottleneck_gemm, "_OPERANDS", {})
     return levels_runs
 
@@ -1182,7 +1183,7 @@ def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
     builds (once) and caches the level path's GEMM operands for its pack, so a capture of a later call finds them
     instead of building them inside the graph (session 15's H100 run: an uncached build there failed the capture,
     and would otherwise replay its copies every time). The eager call itself runs the row kernel alone."""
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_gemm
 
     levels_runs = _split_tuner(monkeypatch)
     params, ln = make_params(40, [12, 20, 16], ["relu", "gelu", "tanh"]), make_ln(40)
@@ -1195,7 +1196,7 @@ def test_eager_calls_build_the_level_operands_a_capture_will_take(monkeypatch):
             return bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, level_adapters=[[0], [1], [2]])
 
     got = call()
-    assert list(bottleneck_fwd._TUNED_GRAPHED.values()) == [bottleneck_fwd.LEVELS] and not levels_runs
+    assert list(bottleneck_dispatch._TUNED_GRAPHED.values()) == [bottleneck_dispatch.LEVELS] and not levels_runs
     cached = {k[4]: v[1] for k, v in bottleneck_gemm._OPERANDS.items() if k[0] == id(packed.wd)}
     assert sorted(cached) == [0, 1, 2]
     call()
@@ -1216,10 +1217,10 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
     from transformers import BertConfig, BertModel
 
     import adapter_engine as ae
-    from adapter_engine.kernels import bottleneck_fwd, bottleneck_gemm
+    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
     from adapter_engine.kernels._backend import capture_on_cpu
 
-    assert graphed in bottleneck_fwd.LEVEL_PATHS
+    assert graphed in bottleneck_dispatch.LEVEL_PATHS
     levels_runs, builds = _split_tuner(monkeypatch, graphed), []
     monkeypatch.setattr(bottleneck_fwd, "_forward_candidates", lambda first, save: (first,))
     chained = []
@@ -1256,13 +1257,14 @@ def test_a_captured_model_forward_takes_the_graphed_choice_on_cached_operands(mo
 
     eager = forward()
     forward()
-    assert not levels_runs and set(bottleneck_fwd._TUNED_GRAPHED.values()) == {graphed}
+    assert not levels_runs and set(bottleneck_dispatch._TUNED_GRAPHED.values()) == {graphed}
     built = len(builds)
     assert built == 3 * 2  # each layer's three adapters, once
     with capture_on_cpu():
         captured = forward()
     assert len(levels_runs) == 2 and len(builds) == built
-    assert len(chained) == (2 * 4 if graphed == bottleneck_fwd.LEVELS_FUSED else 0)  # three levels: four boundaries
+    # three levels: four boundaries
+    assert len(chained) == (2 * 4 if graphed == bottleneck_dispatch.LEVELS_FUSED else 0)
     torch.testing.assert_close(captured, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -1605,7 +1607,7 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     modules: another batch shape, other strides, an update in place, a replaced weight, another stack, another
     LayerNorm weight, another forced path. A geometry seen a few calls before keeps its launch."""
     import adapter_engine.bottleneck as bn
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
 
     if not use_triton(torch.empty(1)):
         pytest.skip("the prepared launch is the Triton path's (CUDA or the interpreter)")
@@ -1652,7 +1654,7 @@ def test_a_serving_layer_repeats_its_planned_launch_until_something_it_read_chan
     call(shape=(2, 5), y_transposed=True, expect=7)
     w.LayerNorm.weight = torch.nn.Parameter((torch.rand(48, generator=gen) + 0.5).to(dtype))  # another LN weight
     call(shape=(2, 5), y_transposed=True, expect=8)
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "levels")  # the cuBLAS path: planned on every call
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "levels")  # the cuBLAS path: planned on every call
     call(shape=(2, 5), y_transposed=True, expect=9)
     call(shape=(2, 5), y_transposed=True, expect=9)
 
@@ -1885,7 +1887,7 @@ def test_cuda_bf16_error_no_larger_than_torch_bf16(name, hidden):
 def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save):
     """Each tile the forward may pick after timing (``_forward_candidates``), for one stack on every row (the
     TILE_PATH 1) and for mixed rows (TILE_PATH 0), stays within plain torch bf16's error against fp64."""
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
     from adapter_engine.kernels.bottleneck_pack import _forward_candidates, _tiles
 
     dev, dt, rows = "cuda", torch.bfloat16, 4096
@@ -1901,7 +1903,7 @@ def test_cuda_every_forward_candidate_tile_is_correct(monkeypatch, hidden, save)
     mixed = torch.tensor([[0, 1, 2]] * 2048 + [[2, 0, 1]] * 2048, device=dev)
     candidates = _forward_candidates(_tiles(hidden // 16, not save), save)
     for tiles in candidates:
-        monkeypatch.setattr(bottleneck_fwd, "_tuned_tiles", lambda *args, t=tiles: t)
+        monkeypatch.setattr(bottleneck_dispatch, "_tuned_tiles", lambda *args, t=tiles: t)
         for routes, groups in ((torch.tensor([0, 1, 2], device=dev), [(0, rows, [0, 1, 2])]),
                                (mixed, [(0, 2048, [0, 1, 2]), (2048, rows, [2, 0, 1])])):  # fmt: skip
             with torch.no_grad() if not save else contextlib.nullcontext():
@@ -1959,9 +1961,9 @@ def test_cuda_levels_path_bf16_error_no_larger_than_torch_bf16(levels_path, name
 def test_cuda_bf16_gradients_training_top_of_three(monkeypatch, with_ln):
     """The row-block kernels' backward (forced: a timed choice could take the cuBLAS path); seq_bn does not keep
     dL/dy per level (KEEP_DY off: it equals dL/dr there)."""
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
 
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", "rows")
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "rows")
     dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 4096
     params = make_params(hidden, [48, 48, 48], ["relu", "relu", "relu"], dtype=dt, device=dev)
     for k in ("wd", "bd", "wu", "bu"):

@@ -346,9 +346,9 @@ def test_torch_compile_lora():
 def test_torch_compile_bottleneck(monkeypatch, path):
     """One graph for the model, the stack an opaque custom op, on the row-block kernel or the cuBLAS level path (its
     per-level adapters reach the op from the modules' host hint, with no device read while tracing)."""
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
 
-    monkeypatch.setattr(bottleneck_fwd, "STACK_PATH", path)
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     model, batch = make("bert"), inputs("bert")
     ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
     ae.set_active_adapters(model, "s")

@@ -200,7 +200,7 @@ def test_cuda_lora_segmented_property(data):
 def _check_bottleneck(data, device, big, force_levels=False):
     from test_bottleneck import OPTION_GRID
 
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
     from adapter_engine.kernels.bottleneck import (
         ACTIVATIONS,
         bottleneck_stack_fwd,
@@ -241,11 +241,11 @@ def _check_bottleneck(data, device, big, force_levels=False):
     )
     path = data.draw(st.sampled_from(paths))
     event(f"bottleneck path {path}")
-    saved_path, bottleneck_fwd.STACK_PATH = bottleneck_fwd.STACK_PATH, path
+    saved_path, bottleneck_dispatch.STACK_PATH = bottleneck_dispatch.STACK_PATH, path
     try:
         got = bottleneck_stack_fwd(h, y, lw, lb, packed, routes, options)
     finally:
-        bottleneck_fwd.STACK_PATH = saved_path
+        bottleneck_dispatch.STACK_PATH = saved_path
     want = bottleneck_stack_ref(h, y, lw, lb, packed, routes, options)
     # fp32 throughout; LayerNorms of sums amplify rounding of near-constant rows a little
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -257,7 +257,7 @@ def _check_bottleneck(data, device, big, force_levels=False):
 
 
 def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options, inputs_train):
-    from adapter_engine.kernels import bottleneck_fwd
+    from adapter_engine.kernels import bottleneck_dispatch
     from adapter_engine.kernels.bottleneck import bottleneck_stack, bottleneck_stack_ref
 
     leaves = [t.detach().requires_grad_(inputs_train) for t in (h, y)] + [
@@ -271,7 +271,7 @@ def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options, inputs_tr
         p = packed._replace(wd=leaves[2], bd=leaves[3], wu=leaves[4], bu=leaves[5],
                             host=packed.host._replace(trainable=trainable))  # fmt: skip
         args = (leaves[0], leaves[1], p, routes[:1].expand_as(routes), options, *lw_lb)
-        saved_path, bottleneck_fwd.STACK_PATH = bottleneck_fwd.STACK_PATH, run if run == "levels" else "auto"
+        saved_path, bottleneck_dispatch.STACK_PATH = bottleneck_dispatch.STACK_PATH, run if run == "levels" else "auto"
         try:
             out = (
                 bottleneck_stack(*args)
@@ -284,7 +284,7 @@ def _check_bottleneck_gradients(h, y, lw, lb, packed, routes, options, inputs_tr
             else:  # every level off and nothing else trains: no gradient reaches any leaf
                 results.append([torch.zeros_like(t) for t in wrt])
         finally:
-            bottleneck_fwd.STACK_PATH = saved_path
+            bottleneck_dispatch.STACK_PATH = saved_path
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4 * max(want.abs().max().item(), 1e-3), rtol=1e-4)
 
