@@ -221,20 +221,12 @@ def lora_linear(
     multi-adapter semantics) or an integer tensor shaped like ``x.shape[:-1]`` (per token) or ``x.shape[:1]``
     (per sequence): row m gets adapter ``adapter_ids[m]`` only, -1 means base only. dropout (applied when
     ``training``) acts on the adapter input only, one mask shared by the adapters. All tensors share one dtype
-    (fp32/fp16/bf16) and device. path: see the module docstring. Returns (..., out) in x's dtype.
+    (fp32/fp16/bf16) and device. path: see kernels/lora_linear_launch.py (``"auto"``: kernels/lora_linear_dispatch.py).
+    Returns (..., out) in x's dtype.
     """
     if torch.is_autocast_enabled(x.device.type):
-        # As F.linear under autocast: compute in the autocast dtype. The casts are differentiable, so fp32 master
-        # weights get fp32 gradients; inside, autocast is off so the op sees one dtype.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-        lora_A = cast(lora_A) if isinstance(lora_A, torch.Tensor) else [cast(a) for a in lora_A]
-        lora_B = cast(lora_B) if isinstance(lora_B, torch.Tensor) else [cast(b) for b in lora_B]
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(
-                cast(x), cast(weight), lora_A, lora_B, scale, cast(bias), adapter_ids=adapter_ids, dropout=dropout,
-                training=training, fan_in_fan_out=fan_in_fan_out, path=path,
-            )  # fmt: skip
+        return _under_autocast(x, weight, lora_A, lora_B, scale, bias, adapter_ids, dropout, training, fan_in_fan_out,
+                               path)  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
     out_f, in_f, ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
     if path not in PATHS:
@@ -276,6 +268,21 @@ def lora_linear(
             segments=plan,
         )[0]  # fmt: skip
     return y if flat else y.reshape(*lead, out_f)
+
+
+def _under_autocast(x, weight, lora_A, lora_B, scale, bias, adapter_ids, dropout, training, fan_in_fan_out, path):
+    """``lora_linear`` as F.linear runs under autocast: in the autocast dtype. The casts are differentiable, so fp32
+    master weights get fp32 gradients; inside, autocast is off so the op sees one dtype. (A function of its own: its
+    closure in ``lora_linear`` would cost every call two cells.)"""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    lora_A = cast(lora_A) if isinstance(lora_A, torch.Tensor) else [cast(a) for a in lora_A]
+    lora_B = cast(lora_B) if isinstance(lora_B, torch.Tensor) else [cast(b) for b in lora_B]
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear(
+            cast(x), cast(weight), lora_A, lora_B, scale, cast(bias), adapter_ids=adapter_ids, dropout=dropout,
+            training=training, fan_in_fan_out=fan_in_fan_out, path=path,
+        )  # fmt: skip
 
 
 class StackedLoras(NamedTuple):

@@ -255,21 +255,26 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
             choice = "segmented"
             candidates = _mixed_candidates(small, plan.u_width, M)
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
-                y = _alloc((M, N), x)
-                for c in candidates:  # (the tiled kernel's autotuning and the launches' compiles, before the timing)
-                    _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y)
-                timing = fastest(candidates, lambda c: _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y),
-                                 x.device)  # fmt: skip
-                choice, _MIXED_GRAPHED[key] = timing.eager, timing.graphed
-                _MIXED[key] = choice
-                logger.info("lora_linear mixed %s: %s, graphed %s (GPU %s ms; host %s ms)", key, choice,
-                            timing.graphed, ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
+                choice = _time_mixed(key, candidates, x, weight, lora_A, lora_B, bias, ids, plan)
     if choice == "segmented":
         fwd = lora_segmented_fwd if use_triton(x) else lora_segmented_fwd_reference
         return fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
     y = _alloc((M, N), x)
     _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan, y)
     return y
+
+
+def _time_mixed(key: tuple, candidates: tuple, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan):
+    """Times ``_serve_mixed``'s candidates once for ``key``, keeps both choices and returns the eager one. (A function
+    of its own: a closure in ``_serve_mixed`` would turn its arguments into cells, host time on every call.)"""
+    y = _alloc((x.shape[0], lora_B.shape[0]), x)
+    for c in candidates:  # (the tiled kernel's autotuning and the launches' compiles, before the timing)
+        _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y)
+    timing = fastest(candidates, lambda c: _mixed_launch(c, x, weight, lora_A, lora_B, bias, ids, plan, y), x.device)
+    _MIXED[key], _MIXED_GRAPHED[key] = timing.eager, timing.graphed
+    logger.info("lora_linear mixed %s: %s, graphed %s (GPU %s ms; host %s ms)", key, timing.eager, timing.graphed,
+                ", ".join(f"{t:.4f}" for t in timing.gpu_ms), timing.host_ms)  # fmt: skip
+    return timing.eager
 
 
 def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan, y: torch.Tensor) -> None:

@@ -105,27 +105,18 @@ def lora_linear_fwd(
         operands = dispatch._operands(x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u)
         paths = dispatch._SMALL_M_PATHS.get(operands)
         if paths is None:
-            paths = dispatch._small_m_choice(
-                operands, x, lambda c: lora_linear_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias,
-                                                       adapter_ids, x_lora, path=c, store_u=store_u,
-                                                       shared_scale=shared_scale),
-            )  # fmt: skip
+            launch = _path_launch(
+                x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u, shared_scale
+            )
+            paths = dispatch._small_m_choice(operands, x, launch)
         path = paths[0] if paths[0] == paths[1] or not capturing(x) else paths[1]  # (eager, graphed)
     else:
         path = dispatch._pick_path(path, M, fusable=x_lora is None)
     tiles = None
     if path in ("timed", "persistent"):
-
-        def launch(c, y, u):  # one candidate of the timing, into the chooser's y and u
-            if c == "composition":
-                _torch_paths(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, c,
-                             shared_scale)  # fmt: skip
-            else:
-                lora_linear_tma_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y,
-                                    u, c)  # fmt: skip
-
+        args = (x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, shared_scale)
         path, tiles = dispatch._large_m_choice(
-            path, x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u, shared_scale, launch
+            path, x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u, shared_scale, _large_m_launch(*args)
         )
     if path in ("addmm", "composition"):
         return _torch_paths(
@@ -146,6 +137,28 @@ def lora_linear_fwd(
     lora_linear_tiled_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out,
                           (*operands, path == "fused"))  # fmt: skip
     return y, u_out
+
+
+# The timed choosers' launches (kernels/lora_linear_dispatch.py), made outside lora_linear_fwd: a closure there would
+# turn its arguments into cells, host time on every call.
+def _path_launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, store_u, shared_scale):
+    """``launch(path)`` of ``_small_m_choice``: ``lora_linear_fwd`` on these operands with that path."""
+    return lambda c: lora_linear_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora,
+                                     path=c, store_u=store_u, shared_scale=shared_scale)  # fmt: skip
+
+
+def _large_m_launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, shared_scale):
+    """``launch(candidate, y, u)`` of ``_large_m_choice``: ``"composition"``, or the persistent kernel's tiles into
+    the chooser's y and u."""
+
+    def launch(c, y, u):
+        if c == "composition":
+            args = (rank_scale, rank_adapter, bias, adapter_ids, x_lora, c, shared_scale)
+            _torch_paths(x, weight, lora_A, lora_B, *args)
+        else:
+            lora_linear_tma_fwd(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u, c)
+
+    return launch
 
 
 def _need_plan(segments: SegmentPlan | None) -> SegmentPlan:
