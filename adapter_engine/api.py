@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from . import patching as pt
+from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
 from .lora import LoraLinear, is_linear_like
-from .patching import AdapterRecord, PatchState, base_prefix, get_state, is_patched, match_targets, patch, wrap_linear
+from .patching import AdapterRecord, PatchState, get_state, is_patched, match_targets, patch, wrap_linear
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
         if prefix and all(n.startswith(prefix + ".") for n in found):
             expected = {n for n in expected if n.startswith(prefix + ".")}
     elif file.format == "adapterhub" and isinstance(cfg, LoraConfig) and state.spec is not None:
-        expected = set(pt.adapterhub_lora_modules(model, state.spec, file.meta.get("config", {})))
+        expected = set(adapterhub_lora_modules(model, state.spec, file.meta.get("config", {})))
     missing = sorted(expected - found)
     if missing:
         raise ValueError(f"missing adapter weights for layers {missing[:4]}{' ...' if len(missing) > 4 else ''}")
@@ -365,7 +366,7 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
         raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
     if cfg.use_rslora:
         raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
-    blocks = pt.block_paths(model, spec)
+    blocks = block_paths(model, spec)
     kinds = {v: k for k, v in spec.attn_matrices.items()}
     kinds |= {spec.intermediate: "intermediate", spec.output: "output"}
     per_layer: dict[int, set[str]] = {}

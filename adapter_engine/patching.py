@@ -7,9 +7,8 @@ current Parameters, so ``.to()`` and training in between are kept) and removes t
 ``transformers.models.*`` is touched. A PEFT ``PeftModel`` is patched by giving each of its LoRA layers a fused
 per-instance forward (``del layer.forward`` restores PEFT's).
 
-One registry maps ``model_type`` to the architecture facts the engine needs (default LoRA / IA3 targets, where
-the transformer blocks and their sublayers are, AdapterHub's LoRA matrix names); any other model works with
-explicit ``target_modules``.
+The architecture facts it needs (default targets, where the blocks and their sublayers are) come from one registry
+keyed by ``model_type`` (adapter_engine/archs.py); any other model works with explicit ``target_modules``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .archs import REGISTRY, ArchSpec, base_prefix, block_paths, model_type_of, select_spec
 from .bottleneck import BottleneckAdapter, BottleneckStackLayer, ResidualOutsideWithAdapters
 from .config import BottleneckConfig
 from .lora import LoraLinear, fused_peft_forward, is_linear_like
@@ -32,137 +32,6 @@ from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_adapter_engine_state"
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What the engine knows about one ``model_type`` (paths relative to the base model, e.g. ``BertModel``).
-
-    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults.
-    layers: path of the ``ModuleList`` of transformer blocks. attn_sublayer / ffn_sublayer: in a block, the
-    module whose output gets the ``mh_adapter`` / ``output_adapter`` bottleneck. attn_residual / ffn_residual:
-    None when that sublayer adds the residual itself (BERT's ``LN(dropout(dense(x)) + y)``), else the module
-    in the block whose first input is the residual (pre-LN blocks add it after the sublayer).
-    attn_matrices: AdapterHub's LoRA ``attn_matrices`` letters -> module path inside a block; intermediate /
-    output: the modules of AdapterHub's ``intermediate_lora`` / ``output_lora``.
-    """
-
-    lora_targets: tuple[str, ...]
-    ia3_targets: tuple[str, ...]
-    ia3_feedforward: tuple[str, ...]
-    layers: str
-    attn_sublayer: str
-    ffn_sublayer: str
-    attn_residual: str | None = None
-    ffn_residual: str | None = None
-    attn_matrices: Mapping[str, str] = field(default_factory=dict)
-    intermediate: str | None = None
-    output: str | None = None
-
-
-_BERT = ArchSpec(
-    lora_targets=("query", "value"),
-    ia3_targets=("key", "value", "output.dense"),
-    ia3_feedforward=("output.dense",),
-    layers="encoder.layer",
-    attn_sublayer="attention.output",
-    ffn_sublayer="output",
-    attn_matrices={"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value"},
-    intermediate="intermediate.dense",
-    output="output.dense",
-)
-_LLAMA = ArchSpec(
-    lora_targets=("q_proj", "v_proj"),
-    ia3_targets=("k_proj", "v_proj", "down_proj"),
-    ia3_feedforward=("down_proj",),
-    layers="layers",
-    attn_sublayer="self_attn",
-    ffn_sublayer="mlp",
-    attn_residual="input_layernorm",
-    ffn_residual="post_attention_layernorm",
-    attn_matrices={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
-    intermediate="mlp.up_proj",
-    output="mlp.down_proj",
-)
-
-#: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
-REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
-    "bert": (_BERT,),
-    "roberta": (_BERT,),
-    "distilbert": (
-        ArchSpec(
-            lora_targets=("q_lin", "v_lin"),
-            ia3_targets=("k_lin", "v_lin", "lin2"),
-            ia3_feedforward=("lin2",),
-            layers="transformer.layer",
-            attn_sublayer="attention",
-            ffn_sublayer="ffn",
-            attn_residual="attention",
-            ffn_residual="ffn",
-            attn_matrices={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin"},
-            intermediate="ffn.lin1",
-            output="ffn.lin2",
-        ),
-    ),
-    "vit": (
-        ArchSpec(
-            lora_targets=("q_proj", "v_proj"),
-            ia3_targets=("k_proj", "v_proj", "fc2"),
-            ia3_feedforward=("fc2",),
-            layers="layers",
-            attn_sublayer="attention",
-            ffn_sublayer="mlp",
-            attn_residual="layernorm_before",
-            ffn_residual="layernorm_after",
-            attn_matrices={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj"},
-            intermediate="mlp.fc1",
-            output="mlp.fc2",
-        ),
-        ArchSpec(
-            lora_targets=("query", "value"),
-            ia3_targets=("key", "value", "output.dense"),
-            ia3_feedforward=("output.dense",),
-            layers="encoder.layer",
-            attn_sublayer="attention.output",
-            ffn_sublayer="output",
-            attn_residual="layernorm_before",
-            attn_matrices={f"{k[0]}": f"attention.attention.{k}" for k in ("query", "key", "value")},
-            intermediate="intermediate.dense",
-            output="output.dense",
-        ),
-    ),
-    "gpt2": (
-        ArchSpec(
-            lora_targets=("c_attn",),
-            ia3_targets=("c_attn", "mlp.c_proj"),
-            ia3_feedforward=("mlp.c_proj",),
-            layers="h",
-            attn_sublayer="attn",
-            ffn_sublayer="mlp",
-            attn_residual="ln_1",
-            ffn_residual="ln_2",
-            intermediate="mlp.c_fc",
-            output="mlp.c_proj",
-        ),
-    ),
-    "llama": (_LLAMA,),
-    "mistral": (_LLAMA,),
-    "qwen2": (_LLAMA,),
-}
-
-
-def select_spec(model: nn.Module, model_type: str | None) -> ArchSpec | None:
-    """The registered layout of ``model``: the first variant whose block list and LoRA targets exist."""
-    for spec in REGISTRY.get(model_type or "", ()):
-        try:
-            blocks = block_paths(model, spec)
-        except ValueError:
-            continue
-        first = model.get_submodule(blocks[0]) if blocks else None
-        names = {n for n, _ in first.named_modules()} if first is not None else set()
-        if all(any(n == t or n.endswith("." + t) for n in names) for t in spec.lora_targets):
-            return spec
-    return None
 
 
 @dataclass
@@ -185,17 +54,6 @@ class PatchState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     methods: list[str] = field(default_factory=list)
-
-
-def model_type_of(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None)
-
-
-def base_prefix(model: nn.Module) -> str:
-    """The name of the base model inside a task model (``"bert"`` in BertForSequenceClassification), or ''."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    return prefix if prefix and hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module) else ""
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -299,8 +157,8 @@ def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
 def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None) -> nn.Module:
     """Make ``model`` adapter-capable in place (per instance, reversible with :func:`unpatch`); returns it.
 
-    Registered ``model_type`` s (see ``REGISTRY``) get PEFT's default LoRA targets wrapped now; any other model
-    needs ``target_modules`` (suffixes or a regex, PEFT's rule). A PEFT ``PeftModel`` gets its LoRA layers
+    Registered ``model_type`` s (``adapter_engine.archs.REGISTRY``) get PEFT's default LoRA targets wrapped now; any
+    other model needs ``target_modules`` (suffixes or a regex, PEFT's rule). A PEFT ``PeftModel`` gets its LoRA layers
     switched to the fused op instead, and keeps PEFT's own API. Patching twice is a no-op.
     """
     if not isinstance(model, nn.Module):
@@ -372,36 +230,6 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
     for name, func in methods.items():
         model.__dict__[name] = types.MethodType(func, model)
         state.methods.append(name)
-
-
-# ----------------------------------------------------------------------------------------------- blocks
-def block_paths(model: nn.Module, spec: ArchSpec) -> list[str]:
-    """Full names of the transformer blocks (``bert.encoder.layer.0``, ...), in order."""
-    prefix = base_prefix(model)
-    for path in ([f"{prefix}.{spec.layers}"] if prefix else []) + [spec.layers]:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList):
-            return [f"{path}.{i}" for i in range(len(blocks))]
-    raise ValueError(f"{type(model).__name__} has no block list {spec.layers!r}")
-
-
-def adapterhub_lora_modules(model: nn.Module, spec: ArchSpec, ah_config: Mapping[str, Any]) -> list[str]:
-    """Full names of the layers AdapterHub's ``LoRAConfig`` dict adapts in ``model`` (its selfattn_lora /
-    attn_matrices / intermediate_lora / output_lora / leave_out fields)."""
-    subs: list[str] = []
-    if ah_config.get("selfattn_lora", True):
-        for letter in ah_config.get("attn_matrices", ["q", "v"]):
-            if letter not in spec.attn_matrices:
-                raise ValueError(f"AdapterHub LoRA attn_matrices {letter!r} has no single layer in this architecture")
-            subs.append(spec.attn_matrices[letter])
-    for flag, sub in (("intermediate_lora", spec.intermediate), ("output_lora", spec.output)):
-        if ah_config.get(flag, False) and sub:
-            subs.append(sub)
-    leave_out = set(ah_config.get("leave_out", []) or [])
-    return [f"{b}.{s}" for i, b in enumerate(block_paths(model, spec)) if i not in leave_out for s in subs]
 
 
 # ----------------------------------------------------------------------------------------------- bottleneck

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api
+from .archs import base_prefix
 from .config import Stack
-from .patching import base_prefix, is_patched, patch
+from .patching import is_patched, patch
 from .routing import Route, make_route, use_adapters
 from .store import AdapterMemoryManager, AdapterStore
 

@@ -114,7 +114,7 @@ def randomise(model: nn.Module, marker: str, std: float = 0.2) -> None:
 
 
 def test_registry_covers_the_issue():
-    from adapter_engine.patching import REGISTRY
+    from adapter_engine.archs import REGISTRY
 
     assert set(ARCHS) <= set(REGISTRY)
 
