@@ -48,12 +48,12 @@ def next_pow2(n: int) -> int:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """True when the Triton kernel (not the torch reference) should handle ``tensor``'s device."""
-    if not HAS_TRITON:
-        return False
-    if tensor.device.type == "cuda":
-        return True
-    return INTERPRET and tensor.device.type == "cpu"
+    """True when the Triton kernel (not the torch reference) should handle ``tensor``'s device. (``is_cuda`` /
+    ``is_cpu``: 40 ns each on this project's CPU, where ``tensor.device.type == "cuda"`` takes 250; several calls per
+    op call.)"""
+    if tensor.is_cuda:
+        return HAS_TRITON
+    return HAS_TRITON and INTERPRET and tensor.is_cpu
 
 
 @contextlib.contextmanager
@@ -77,7 +77,9 @@ _CAPTURE_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ad
 def capturing(tensor: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on ``tensor``'s device (nothing may be timed, synced or cached then),
     or, for a CPU tensor, whether a CPU stand-in for one runs (:func:`capture_on_cpu`)."""
-    return capturing_on(tensor.device)
+    if tensor.is_cuda:  # (CUDA is available: the tensor is there)
+        return torch.cuda.is_current_stream_capturing()
+    return _CAPTURING_ON_CPU.get()
 
 
 def capturing_on(device: torch.device | None) -> bool:
@@ -351,7 +353,7 @@ class DirectLaunch(NamedTuple):
 
 def dot_in_fp32(tensor: torch.Tensor) -> bool:
     """The interpreter computes bf16 arithmetic and ``tl.dot`` wrongly: feed it fp32 operands there."""
-    return tensor.device.type != "cuda"
+    return not tensor.is_cuda
 
 
 TORCH_TO_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

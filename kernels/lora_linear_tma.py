@@ -265,10 +265,10 @@ def tma_fits(x: torch.Tensor, weight: torch.Tensor, rank: int = 16) -> bool:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    if x.device.type == "cuda":
+    if x.is_cuda:
         if _capability(_cuda_index(x.device))[0] < 9:
             return False
-    elif not (INTERPRET and x.device.type == "cpu"):
+    elif not (INTERPRET and x.is_cpu):
         return False
     return _aligned(x) and (_aligned(weight) or _aligned(weight.t()))
 

@@ -74,7 +74,7 @@ class SegmentPlan:
     ranks: tuple[int, ...]
     scales: tuple[float, ...]
 
-    @property
+    @functools.cached_property  # (read several times by every launch of the plan, as u_width)
     def n(self) -> int:
         return len(self.ranks)
 
