@@ -192,8 +192,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     launches = {"lora": 0, "bottleneck": 0}
     input_dtypes = set()
     lora_launch = importlib.import_module("adapter_engine.kernels.lora_linear_launch")
-    bottleneck_fwd = importlib.import_module("adapter_engine.kernels.bottleneck_fwd")  # (the package exports the
-    # function under this name)
+    bottleneck_fwd = importlib.import_module("adapter_engine.kernels.bottleneck_fwd")  # (the modules themselves)
 
     class Counted:  # a JIT kernel whose launches (kernel[grid](...)) are counted
         def __init__(self, kernel, key):
