@@ -1,6 +1,6 @@
-"""Bottleneck adapter modules and the sublayer wrappers that run a stack of them through the fused op.
+"""The sublayer wrappers that run a stack of bottleneck adapters (``bottleneck_adapter.BottleneckAdapter``, one
+adapter with AdapterHub's parameter names) through the fused op.
 
-``BottleneckAdapter`` holds one adapter with AdapterHub's parameter names (``adapter_down.0.weight``, ...).
 A wrapper replaces one Hugging Face sublayer instance and keeps its children under their own names, so the
 base weights' state_dict keys do not change and the adapters appear as ``<sublayer>.adapters.<name>.*``,
 AdapterHub's keys. Two wrapper forms:
@@ -18,23 +18,16 @@ Depth 0 (no active level) calls the original module's forward: bit-identical to 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .bottleneck_adapter import BottleneckAdapter, pack_modules
 from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_dispatch
 from .kernels._backend import capturing, int_table, kept, normal_tensors
-from .kernels.bottleneck import (
-    ACTIVATIONS,
-    PackedStack,
-    StackOptions,
-    bottleneck_stack,
-    expand_routes,
-    pack_adapters,
-)
+from .kernels.bottleneck import PackedStack, StackOptions, bottleneck_stack, expand_routes
 
 logger = logging.getLogger(__name__)
 
@@ -46,150 +39,6 @@ logger = logging.getLogger(__name__)
 # under autograd counts as training when anything it reads requires grad (a base model whose weights were never
 # frozen, say): serve under ``torch.inference_mode()`` or ``torch.no_grad()`` to get the fused forward.
 TRAIN_FUSED = False
-
-_TORCH_ACT = {
-    0: nn.Identity,
-    1: nn.ReLU,
-    2: nn.GELU,
-    3: lambda: nn.GELU(approximate="tanh"),
-    4: nn.SiLU,
-    5: nn.Tanh,
-}
-
-
-class _Activation(nn.Module):
-    """AdapterHub's activation slot in ``adapter_down`` (no parameters)."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        if name.lower() not in ACTIVATIONS:
-            raise ValueError(f"unsupported non_linearity {name!r}; supported: {sorted(ACTIVATIONS)}")
-        self.name = name.lower()
-        self.f = _TORCH_ACT[ACTIVATIONS[self.name]]()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.f(x)
-
-
-class BottleneckAdapter(nn.Module):
-    """One bottleneck adapter ``A(v) = scaling * up(act(down(v)))`` with AdapterHub's parameter names.
-
-    Args:
-        hidden_size: H, the model's hidden size.
-        bottleneck_size: r, AdapterHub's ``hidden_size // reduction_factor`` (at least 1).
-        non_linearity: relu, gelu (erf), gelu_new (tanh form), swish/silu, tanh, identity/linear.
-        scaling: float multiplier of the up-projection (AdapterHub ``scaling``; 4.0 in ``par_bn``).
-        is_parallel, original_ln_before, original_ln_after, residual_before_ln, adapter_residual_before_ln,
-        ln_before, ln_after: AdapterHub ``BnConfig`` fields of the same names (structural: all adapters in one
-            stack must agree).
-        init_weights: "bert" (normal 0.02, zero biases), "houlsby" (truncated normal 1e-2) or "mam_adapter"
-            (kaiming down, zero up), as AdapterHub.
-        dropout: AdapterHub's adapter dropout; only 0.0 is supported.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        bottleneck_size: int,
-        non_linearity: str = "relu",
-        scaling: float = 1.0,
-        *,
-        is_parallel: bool = False,
-        original_ln_before: bool = True,
-        original_ln_after: bool = True,
-        residual_before_ln: bool | str = True,
-        adapter_residual_before_ln: bool = False,
-        ln_before: bool = False,
-        ln_after: bool = False,
-        init_weights: str = "bert",
-        dropout: float = 0.0,
-    ):
-        super().__init__()
-        if dropout:
-            raise ValueError(f"adapter dropout {dropout} is not supported (only 0.0)")
-        if not isinstance(scaling, (int, float)):
-            raise TypeError(f"scaling must be a float (learned/channel scaling is not supported), got {scaling!r}")
-        bottleneck_size = max(int(bottleneck_size), 1)
-        self.hidden_size, self.bottleneck_size, self.scaling = hidden_size, bottleneck_size, float(scaling)
-        self.non_linearity = non_linearity.lower()
-        self.options = StackOptions(
-            is_parallel=is_parallel,
-            original_ln_before=original_ln_before,
-            original_ln_after=original_ln_after,
-            residual_before_ln=residual_before_ln,
-            adapter_residual_before_ln=adapter_residual_before_ln,
-            ln_before=ln_before,
-            ln_after=ln_after,
-        )
-        seq: list[nn.Module] = []
-        if ln_before:
-            self.adapter_norm_before = nn.LayerNorm(hidden_size)
-            seq.append(self.adapter_norm_before)
-        seq += [nn.Linear(hidden_size, bottleneck_size), _Activation(non_linearity)]
-        self.adapter_down = nn.Sequential(*seq)
-        self.adapter_up = nn.Linear(bottleneck_size, hidden_size)
-        if ln_after:
-            self.adapter_norm_after = nn.LayerNorm(hidden_size)
-        self.reset_parameters(init_weights)
-
-    @property
-    def down(self) -> nn.Linear:
-        # (read through the module dicts: indexing the Sequential was most of packed_tensors' host time)
-        return self._modules["adapter_down"]._modules["1" if self.options.ln_before else "0"]
-
-    @torch.no_grad()
-    def reset_parameters(self, init_weights: str = "bert") -> None:
-        down, up = self.down, self.adapter_up
-        if init_weights == "bert":
-            for lin in (down, up):
-                lin.weight.normal_(0.0, 0.02)
-                lin.bias.zero_()
-        elif init_weights == "houlsby":
-            for lin in (down, up):
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
-                lin.bias.zero_()
-        elif init_weights == "mam_adapter":
-            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-            down.bias.zero_()
-            up.weight.zero_()
-            up.bias.zero_()
-        else:
-            raise ValueError(f"unknown init_weights {init_weights!r}; supported: bert, houlsby, mam_adapter")
-
-    def packed_tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every parameter of the adapter (the ones ``pack_modules`` copies: down and up weights and biases, its own
-        LayerNorms), read from the submodules' parameter dicts. The fused path keys its pack cache on them at every
-        call; ``parameters()`` walks the module tree, a third of a fused stack call's host time (CPU profile)."""
-        down, up = self.down._parameters, self._modules["adapter_up"]._parameters
-        out = (down["weight"], down["bias"], up["weight"], up["bias"])
-        if self.options.ln_before:
-            out += (self.adapter_norm_before.weight, self.adapter_norm_before.bias)
-        if self.options.ln_after:
-            out += (self.adapter_norm_after.weight, self.adapter_norm_after.bias)
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
-        return self.adapter_up(self.adapter_down(x)) * self.scaling
-
-
-def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:
-    """The fused op's packed weights of ``adapters`` (stacked along the bottleneck axis, in this order)."""
-    first = adapters[0].options
-    return pack_adapters(
-        [a.down.weight for a in adapters],
-        [a.down.bias for a in adapters],
-        [a.adapter_up.weight for a in adapters],
-        [a.adapter_up.bias for a in adapters],
-        [a.non_linearity for a in adapters],
-        [a.scaling for a in adapters],
-        ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in adapters]
-        if first.ln_before
-        else None,
-        ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in adapters]
-        if first.ln_after
-        else None,
-    )
 
 
 class BottleneckStackLayer(nn.Module):

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "demo":
         from .data import bbc_news_dir
-        from .demo import format_report, minilm_path, run_demo
+        from .demo import minilm_path, run_demo
+        from .demo_report import format_report
 
         try:  # flag, else environment variable, else package: a wrong folder is a usage error, named
             model_dir, bbc_dir = minilm_path(args.model_dir), bbc_news_dir(args.bbc_dir)

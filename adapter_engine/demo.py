@@ -25,18 +25,18 @@ package, the corpus from ``--bbc-dir`` / ``$ADAPTER_ENGINE_BBC_DIR`` / ``corpus4
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from .demo_measure import _sync, accuracy, latency_ms, measure_throughput, train
+from .demo_report import _write_outputs
 from .kernels import _backend
 
 log = logging.getLogger(__name__)
@@ -128,159 +128,6 @@ def _dtype_kwargs() -> dict[str, torch.dtype]:
     return {"dtype": DTYPE} if (major, minor) >= (4, 56) else {"torch_dtype": DTYPE}
 
 
-# ----------------------------------------------------------------------------------------------- measuring
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def _release_free_heap() -> None:
-    """Return the C heap's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Memory that earlier work
-    freed stays resident in the heap and is reused without growing the resident set, so a block measured after it
-    would appear to add almost nothing (the demo's FFT run measured 22 MiB against 190 MiB in a fresh process, when
-    the whole test suite ran before it in reverse order)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory a block adds: CUDA ``max_memory_allocated`` on a GPU; on Linux CPUs the resident-set high-water
-    mark (reset through ``/proc/self/clear_refs``) minus the resident set at the start, after the free heap memory is
-    returned to the OS. MiB."""
-
-    def __init__(self, device: str):
-        self.device, self.added_mib, self.peak_mib = device, float("nan"), float("nan")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated() / 2**20
-        else:
-            try:
-                _release_free_heap()
-                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-                    fh.write("5")  # reset VmHWM to the current resident set
-                self.start = _proc_status_mib("VmRSS")
-            except OSError:
-                self.start = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        elif self.start is not None:
-            self.peak_mib = _proc_status_mib("VmHWM")
-        if self.start is not None:
-            self.added_mib = self.peak_mib - self.start
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_throughput(device: str, tokens: int, hidden: int, intermediate: int) -> tuple[float, float]:
-    """Achievable matmul TFLOP/s at the model's own GEMM shape ``(tokens, hidden) @ (hidden, intermediate)`` (fp32 on
-    a CPU, bf16 on a GPU) and copy bandwidth in GB/s: the device figures the planner's estimate is checked with."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    b = torch.randn(hidden, intermediate, device=device, dtype=dtype)
-    x = torch.empty(64 * 2**20 // 4, device=device)
-    times, copies = [], []
-    for _ in range(7):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        x.clone()
-        _sync(device)
-        copies.append(time.perf_counter() - t0)
-    return 2 * tokens * hidden * intermediate / statistics.median(times) / 1e12, 8 * x.numel() / min(copies) / 1e9
-
-
-def _step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            _sync("cuda" if torch.cuda.is_available() else "cpu")
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync("cuda" if torch.cuda.is_available() else "cpu")
-            self.times.append(time.perf_counter() - self._t0)
-
-    return StepTimer()
-
-
-def train(model: torch.nn.Module, dataset, steps: int, lr: float, batch: int, out_dir: str, device: str) -> dict:
-    """Train the parameters of ``model`` that require gradients with ``transformers.Trainer`` (the defaults of
-    :func:`adapter_engine.finetune.default_training_arguments`, no evaluation or checkpoints); measure it."""
-    from transformers import PrinterCallback, Trainer
-
-    from .finetune import default_training_arguments
-
-    args = default_training_arguments(
-        out_dir, has_eval=False, metric=None, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch,
-        save_strategy="no", logging_strategy="no", use_cpu=device == "cpu", dataloader_num_workers=0,
-    )  # fmt: skip
-    timer = _step_timer()
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
-    trainer.remove_callback(PrinterCallback)  # the demo prints its own table
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - t0
-    steady = timer.times[1:] or timer.times  # the first step pays for lazy allocations
-    return {
-        "seconds": seconds, "step_s": statistics.median(steady), "steps": len(timer.times),
-        "loss": float(output.metrics.get("train_loss", float("nan"))), "peak_added_mib": mem.added_mib,
-        "peak_mib": mem.peak_mib, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }  # fmt: skip
-
-
-@torch.no_grad()
-def accuracy(model, dataset, device: str, chunk: int = 64, **kwargs: Any) -> float:
-    """Accuracy of the arg-max logits over ``dataset`` (an ``EncodedDataset``)."""
-    model.eval()
-    hits = 0
-    for i in range(0, len(dataset), chunk):
-        ids = dataset.input_ids[i : i + chunk].to(device)
-        mask = dataset.attention_mask[i : i + chunk].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
-        hits += (logits.argmax(-1).cpu() == dataset.labels[i : i + chunk]).sum().item()
-    return hits / len(dataset)
-
-
-@torch.no_grad()
-def latency_ms(model, dataset, device: str, runs: int, **kwargs: Any) -> float:
-    """Median wall time of one request (one document) through ``model``, in ms."""
-    model.eval()
-    batch = {"input_ids": dataset.input_ids[:1].to(device), "attention_mask": dataset.attention_mask[:1].to(device)}
-    for _ in range(2):
-        model(**batch, **kwargs)
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        t0 = time.perf_counter()
-        model(**batch, **kwargs)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 # ----------------------------------------------------------------------------------------------- the demo
 def _fresh_classifier(path: str, seed: int = 0):
     from transformers import AutoModelForSequenceClassification
@@ -298,7 +145,7 @@ def run_demo(
     out_dir: str = "demo_out", size: str = "default", *, model_dir: str | None = None, bbc_dir: str | None = None
 ) -> dict[str, Any]:
     """Run both strategies at ``size`` (a key of :data:`SIZES`); write the report, plot and JSON
-    into ``out_dir``. Returns the results dict (also ``results.json``); :func:`format_report` renders it.
+    into ``out_dir``. Returns the results dict (also ``results.json``); :func:`.demo_report.format_report` renders it.
     ``model_dir`` / ``bbc_dir``: the model and corpus folders (default: :func:`minilm_path`,
     :func:`adapter_engine.data.bbc_news_dir`, which read the environment overrides, then the packages)."""
     import transformers
@@ -474,123 +321,3 @@ def _fused_check(sam, dataset, device: str, interpreter: bool) -> dict[str, Any]
         finally:
             _backend.HAS_TRITON = saved
     return {"ran": True, "max_diff": (fused - ref).abs().max().item(), "rows": 2, "tokens": batch["input_ids"].shape[1]}
-
-
-# ----------------------------------------------------------------------------------------------- outputs
-def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The side-by-side comparison: (what, Merge and FFT, Stack and Adapt)."""
-    fft, stack = r["fft"], r["stack"]
-    l1, l2 = stack["levels"]
-    return [
-        ("test accuracy", f"{fft['accuracy']:.3f}", f"{stack['accuracy']:.3f} (depth 2)"),
-        ("trainable parameters", f"{fft['trainable']:,}", f"{l1['trainable']:,} + {l2['trainable']:,} (2 levels)"),
-        ("training time (s)", f"{fft['seconds']:.1f} ({fft['steps']} steps)",
-         f"{l1['seconds'] + l2['seconds']:.1f} ({l1['steps']} + {l2['steps']} steps)"),
-        ("time per step (ms)", f"{fft['step_s'] * 1e3:.0f}", f"{l1['step_s'] * 1e3:.0f} / {l2['step_s'] * 1e3:.0f}"),
-        ("peak memory added by training (MiB)", f"{fft['peak_added_mib']:.0f}",
-         f"{max(l1['peak_added_mib'], l2['peak_added_mib']):.0f}"),
-        ("latency, 1 request (ms)", f"{fft['latency_ms']:.1f}", f"{stack['latency_ms']:.1f}"),
-    ]  # fmt: skip
-
-
-def format_table(r: dict[str, Any]) -> str:
-    rows = table_rows(r)
-    width = max(len(a) for a, _, _ in rows)
-    lines = [f"| {'':{width}s} | Merge and FFT | Stack and Adapt |", f"|{'-' * (width + 2)}|---:|---:|"]
-    lines += [f"| {a:{width}s} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
-
-
-def format_report(r: dict[str, Any]) -> str:
-    env, m, st = r["environment"], r["merge"], r["stack"]
-    d = r["data"]
-    depth = ", ".join(f"depth {k}: {v:.3f}" for k, v in st["depth_accuracy"].items())
-    fused = st["fused_check"]
-    fused_line = (f"max |fused - torch twin| {fused['max_diff']:.2e} on {fused['rows']} routed requests of "
-                  f"{fused['tokens']} tokens" if fused["ran"] else f"not run: {fused['why']}")  # fmt: skip
-    plan = "\n".join(
-        f"| {row['what']} | {row['estimated']:,.1f} | {row['measured']:,.1f} | {row['error']:+.0%} |"
-        for row in r["planner"]["rows"]
-    )
-    a = r.get("assets")
-    assets = "" if a is None else (
-        f"\nModel `{a['model_dir']}` (weights stored {a['model_stored_dtype']}, parameters {a['compute_dtype']}"
-        f"{', bf16 autocast in training' if r['device'] == 'cuda' else ''}); corpus `{a['bbc_dir']}`.")  # fmt: skip
-    total = f"Total {r['seconds']:.0f} s.{assets}"
-    return f"""# adapter-engine demo: Merge and FFT vs Stack and Adapt
-
-all-MiniLM-L6-v2 on BBC News ({len(d["classes"])} classes), size `{r["size"]}`, {r["max_length"]} tokens per document,
-on {env["device_name"]} (torch {env["torch"]}, transformers {env["transformers"]}); adapter ops: {r["kernels"]}.
-Training documents: {d["task_docs"]} (both strategies, same batches and Trainer schedule), domain LoRA
-{d["lora_docs"]}, sibling {d["sibling_docs"]}; accuracy on {d["test_docs"]} test documents. {total}
-
-{format_table(r)}
-
-Memory is what training adds on top of the loaded model ({
-        "CUDA max_memory_allocated"
-        if r["device"] == "cuda"
-        else "resident-set high-water mark minus the resident set before training"
-    }); latency is the median of single
-requests; time per step is the median step (the first excluded).
-
-## Merge and FFT
-- domain LoRA (r=8, query/value) trained {r["lora"]["steps"]} steps, saved in PEFT format, loaded and merged in
-  {m["ms"]:.1f} ms ({m["backend"]}); merged vs unmerged logits: max diff {m["merged_vs_unmerged_max_diff"]:.2e}
-- parameters: {m["params_before"]:,} before the merge, {m["params_after"]:,} in the saved plain checkpoint, planner
-  {m["planner_params"]:,}; plain `transformers` reload bit-identical: {m["plain_reload_bit_identical"]}
-- accuracy before fine-tuning {m["accuracy_before_training"]:.3f}, after {r["fft"]["accuracy"]:.3f}
-
-## Stack and Adapt
-- level 1 `news` (seq_bn, with the head), level 2 `news_fine` (seq_bn) on top; test accuracy {depth}
-- sibling `news_alt` of level 2 (trained on {d["sibling_docs"]} other documents): {st["sibling"]["accuracy"]:.3f}
-- one mixed batch routed per row {st["routing"]["routes"]}: max diff vs each request alone
-  {st["routing"]["max_diff_vs_alone"]:.2e}
-- fused kernels: {fused_line}
-
-## Planner estimates vs measurements
-Throughput measured here: {r["planner"]["tflops"] * 1e3:.0f} GFLOP/s matmul, {r["planner"]["bandwidth_gbs"]:.0f} GB/s
-copy; precision {r["planner"]["precision"]}, batch x tokens as above.
-
-| quantity | planner | measured | error |
-|---|---:|---:|---:|
-{plan}
-"""
-
-
-def _plot(r: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fft, st = r["fft"], r["stack"]
-    l1, l2 = st["levels"]
-    panels = [
-        ("test accuracy", fft["accuracy"], st["accuracy"]),
-        ("trainable parameters (M)", fft["trainable"] / 1e6, (l1["trainable"] + l2["trainable"]) / 1e6),
-        ("training time (s)", fft["seconds"], l1["seconds"] + l2["seconds"]),
-        ("peak training memory (MiB)", fft["peak_added_mib"], max(l1["peak_added_mib"], l2["peak_added_mib"])),
-        ("latency, 1 request (ms)", fft["latency_ms"], st["latency_ms"]),
-    ]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(17, 3.2))
-    for ax, (title, a, b) in zip(axes, panels):
-        ax.bar(["Merge\n+FFT", "Stack\n+Adapt"], [a, b], color=["#4c72b0", "#dd8452"])
-        ax.set_title(title, fontsize=9)
-    depths = st["depth_accuracy"]
-    axes[-1].plot(list(depths), list(depths.values()), marker="o", color="#dd8452")
-    axes[-1].set_xticks(list(depths))
-    axes[-1].set_title("stack: accuracy per depth", fontsize=9)
-    fig.suptitle(f"all-MiniLM-L6-v2 on BBC News, {r['environment']['device_name']}, size {r['size']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _write_outputs(r: dict[str, Any], out_dir: str) -> None:
-    report = format_report(r)
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(r, fh, indent=2, default=str)
-    _plot(r, os.path.join(out_dir, "demo.png"))
-    log.info("written: %s/report.md, demo.png, results.json", out_dir)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .archs import REGISTRY, ArchSpec, base_prefix, block_paths, model_type_of, select_spec
-from .bottleneck import BottleneckAdapter, BottleneckStackLayer, ResidualOutsideWithAdapters
+from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters
+from .bottleneck_adapter import BottleneckAdapter
 from .config import BottleneckConfig
 from .lora import LoraLinear, fused_peft_forward, is_linear_like
 from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, pack_modules
+from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters
+from .bottleneck_adapter import pack_modules
 from .changes import adapter_generation, adapters_changed, change_stamp, registration_epoch, tensor_version
 from .config import Stack
 from .kernels._backend import capturing, int_table, kept, normal_tensors

@@ -42,7 +42,8 @@ from harness import (
     timed,
 )
 
-from adapter_engine.bottleneck import BottleneckAdapter, OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
+from adapter_engine.bottleneck import OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
+from adapter_engine.bottleneck_adapter import BottleneckAdapter
 from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, lora_linear
 from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters

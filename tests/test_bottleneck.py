@@ -23,13 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapter_engine.bottleneck import (
-    BottleneckAdapter,
-    OutputWithAdapters,
-    ResidualOutsideWithAdapters,
-    unwrap_sublayer,
-    wrap_sublayer,
-)
+from adapter_engine.bottleneck import OutputWithAdapters, ResidualOutsideWithAdapters, unwrap_sublayer, wrap_sublayer
+from adapter_engine.bottleneck_adapter import BottleneckAdapter
 from adapter_engine.kernels import INTERPRET, use_triton
 from adapter_engine.kernels.bottleneck import (
     StackOptions,

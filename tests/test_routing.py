@@ -630,7 +630,8 @@ def test_a_layers_pack_is_a_normal_tensor_in_the_callers_grad_mode(mode, routed)
     ``torch.no_grad`` they do not require grad. ``torch.inference_mode(False)`` alone turns grad mode on: a serving
     layer's pack then required grad, and the level path's operand cache skipped it, so every served call and every
     CUDA-graph replay built the operands again (session 15's H100: bert-base with 3 stacked adapters, 1.29x bare)."""
-    from adapter_engine.bottleneck import BottleneckAdapter, BottleneckStackLayer, wrap_sublayer
+    from adapter_engine.bottleneck import BottleneckStackLayer, wrap_sublayer
+    from adapter_engine.bottleneck_adapter import BottleneckAdapter
     from adapter_engine.kernels._backend import normal_tensors
 
     model = bert()
