@@ -21,6 +21,8 @@ class ArchSpec:
     module whose output gets the ``mh_adapter`` / ``output_adapter`` bottleneck. attn_residual / ffn_residual:
     None when that sublayer adds the residual itself (BERT's ``LN(dropout(dense(x)) + y)``), else the module
     in the block whose first input is the residual (pre-LN blocks add it after the sublayer).
+    attn_layer_norm / ffn_layer_norm: for such a sublayer in a post-LN block (DistilBERT), the block's LayerNorm
+    after its ``+ y``; AdapterHub passes it to the adapter layer, so the adapters read ``LN(r + y)`` as in BERT.
     attn_matrices: AdapterHub's LoRA ``attn_matrices`` letters -> module path inside a block; intermediate /
     output: the modules of AdapterHub's ``intermediate_lora`` / ``output_lora``.
     """
@@ -33,6 +35,8 @@ class ArchSpec:
     ffn_sublayer: str
     attn_residual: str | None = None
     ffn_residual: str | None = None
+    attn_layer_norm: str | None = None
+    ffn_layer_norm: str | None = None
     attn_matrices: Mapping[str, str] = field(default_factory=dict)
     intermediate: str | None = None
     output: str | None = None
@@ -77,6 +81,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             ffn_sublayer="ffn",
             attn_residual="attention",
             ffn_residual="ffn",
+            attn_layer_norm="sa_layer_norm",
+            ffn_layer_norm="output_layer_norm",
             attn_matrices={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin"},
             intermediate="ffn.lin1",
             output="ffn.lin2",

@@ -413,15 +413,25 @@ class ResidualOutsideWithAdapters(BottleneckStackLayer):
         original: e.g. ``LlamaMLP``, ``GPT2MLP``, ``ViTSelfOutput`` (tuple outputs: the first element is adapted).
         residual_from: the module whose first input is the residual y (``post_attention_layernorm`` for a
             Llama MLP, ``ln_2`` for GPT-2, ``input_layernorm`` for Llama attention); None when no option reads y.
+        layer_norm: the block's LayerNorm that follows its ``+ y`` in a post-LN block (DistilBERT's
+            ``output_layer_norm`` / ``sa_layer_norm``), which AdapterHub hands to the adapter layer: the adapters
+            then read ``LN(r + y)`` (``original_ln_before``), as in BERT. None for pre-LN blocks (no model LN). Held
+            by reference, not as a child: it stays the block's module (and its state_dict key).
 
-    The wrapper returns ``r_n``; the block's ``+ y`` completes AdapterHub's output ``r_n + y``. Stacks must
-    have ``original_ln_after=True`` (AdapterHub's hooked pre-LN mode has the same restriction). No model LN.
+    The wrapper returns ``r_n``; the block's ``+ y`` (and its LayerNorm, if any) completes AdapterHub's output
+    ``r_n + y`` (``LN(r_n + y)``). Stacks must have ``original_ln_after=True`` (AdapterHub's hooked pre-LN mode has
+    the same restriction).
     """
 
-    def __init__(self, original: nn.Module, residual_from: nn.Module | None = None):
+    def __init__(
+        self, original: nn.Module, residual_from: nn.Module | None = None, layer_norm: nn.LayerNorm | None = None
+    ):
         super().__init__(original)
         self._captured: torch.Tensor | None = None
         self._hook = None
+        if layer_norm is not None and (not isinstance(layer_norm, nn.LayerNorm) or layer_norm.weight is None):
+            raise ValueError(f"layer_norm must be an affine nn.LayerNorm, got {layer_norm}")
+        object.__setattr__(self, "_block_ln", layer_norm)  # (not registered: the block owns it)
         if residual_from is not None:
             self._hook = residual_from.register_forward_pre_hook(self._capture)
 
@@ -437,7 +447,8 @@ class ResidualOutsideWithAdapters(BottleneckStackLayer):
         out = self._original_forward(*args, **kwargs)
         y, self._captured = self._captured, None
         h = out[0] if isinstance(out, tuple) else out
-        prep = self._prepare(h, 1e-12)
+        ln = self._block_ln
+        prep = self._prepare(h, float(ln.eps) if ln is not None else 1e-12)
         if prep is None:
             return out
         options = prep[2]
@@ -445,8 +456,8 @@ class ResidualOutsideWithAdapters(BottleneckStackLayer):
             raise ValueError("adapters after a residual-outside sublayer need original_ln_after=True")
         if y is None and (options.is_parallel or options.original_ln_before):
             raise ValueError("these adapters read the residual y: pass residual_from= (the module whose input it is)")
-        # the block adds y itself: run the stack without the output residual
-        r = self._run_stack(h, y, None, (prep[0], prep[1], _replace(options, original_ln_after=False), prep[3]))
+        # the block adds y (and applies its LayerNorm) itself: run the stack without the output residual
+        r = self._run_stack(h, y, ln, (prep[0], prep[1], _replace(options, original_ln_after=False), prep[3]))
         return (r, *out[1:]) if isinstance(out, tuple) else r
 
 

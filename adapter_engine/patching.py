@@ -362,17 +362,20 @@ def wrap_bottleneck(model: nn.Module, state: PatchState, place: Placement) -> Bo
     if isinstance(module, BottleneckStackLayer):
         return module
     spec = state.spec
-    residual = spec.attn_residual if place.which == "mh" else spec.ffn_residual
-    sublayer = spec.attn_sublayer if place.which == "mh" else spec.ffn_sublayer
+    mh = place.which == "mh"
+    residual = spec.attn_residual if mh else spec.ffn_residual
+    sublayer = spec.attn_sublayer if mh else spec.ffn_sublayer
+    ln_name = spec.attn_layer_norm if mh else spec.ffn_layer_norm
+    ln = model.get_submodule(f"{place.block}.{ln_name}") if ln_name else None  # a post-LN block's (DistilBERT)
     # the routed subclasses also follow a per-call / per-row route (adapter_engine.routing) and are thread-safe
     if residual is None:
         wrapper = RoutedOutputWithAdapters(module)
     elif residual == sublayer:  # the sublayer's own input is the residual (DistilBERT): hook the wrapper itself
-        wrapper = RoutedResidualOutsideWithAdapters(module, residual_from=None)
+        wrapper = RoutedResidualOutsideWithAdapters(module, residual_from=None, layer_norm=ln)
         wrapper._hook = wrapper.register_forward_pre_hook(wrapper._capture)  # removed by wrapper.remove_hooks()
     else:
         wrapper = RoutedResidualOutsideWithAdapters(
-            module, residual_from=model.get_submodule(f"{place.block}.{residual}")
+            module, residual_from=model.get_submodule(f"{place.block}.{residual}"), layer_norm=ln
         )
     wrapper.train(module.training)
     _set_child(model, place.name, wrapper)

@@ -460,9 +460,11 @@ class RoutedResidualOutsideWithAdapters(RoutedStackMixin, ResidualOutsideWithAda
     """:class:`~adapter_engine.bottleneck.ResidualOutsideWithAdapters` that follows the call's route; the captured
     residual is kept per thread, so concurrent calls do not read each other's residual."""
 
-    def __init__(self, original: nn.Module, residual_from: nn.Module | None = None):
+    def __init__(
+        self, original: nn.Module, residual_from: nn.Module | None = None, layer_norm: nn.LayerNorm | None = None
+    ):
         self.__dict__["_captured_by_thread"] = {}
-        super().__init__(original, residual_from=residual_from)
+        super().__init__(original, residual_from=residual_from, layer_norm=layer_norm)
         self._routing_init()
 
     @property

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     BertConfig,
@@ -210,6 +211,44 @@ def test_seq_and_parallel_bottlenecks_per_arch(arch):
         assert (y - ref).abs().max() > 1e-3
     ae.unpatch(model)
     assert torch.equal(out(model, batch), ref)
+
+
+@pytest.mark.parametrize("residual_before_ln", [True, False])
+def test_distilbert_adapters_read_the_blocks_layer_norm_as_adapterhub(residual_before_ln):
+    """DistilBERT is post-LN but adds its residuals in the block, outside the sublayers. AdapterHub hands the block's
+    ``sa_layer_norm`` / ``output_layer_norm`` to its adapter layers (``TransformerBlockWithAdapters``), so a seq_bn
+    adapter reads ``LN(h + y)`` there as in BERT: ``out = LN(r_1 + y)``, ``r_1 = res + A(LN(h + y))`` with ``res`` =
+    h (``residual_before_ln``) or ``LN(h + y)``. Checked here against that formula written out, at both placements."""
+    model, batch = make("distilbert").eval(), inputs("distilbert")
+    cfg = ae.BottleneckConfig(
+        mh_adapter=True, output_adapter=True, reduction_factor=4, residual_before_ln=residual_before_ln
+    )
+    ae.add_adapter(model, "a", cfg)
+    randomise(model, ".adapters.a.")
+    ae.set_active_adapters(model, "a")
+    params = dict(model.named_parameters())
+
+    def adapter(prefix, v):
+        w = {k[len(prefix) :]: p for k, p in params.items() if k.startswith(prefix)}
+        down = F.relu(F.linear(v, w["adapter_down.0.weight"], w["adapter_down.0.bias"]))
+        return F.linear(down, w["adapter_up.weight"], w["adapter_up.bias"])
+
+    def sublayer(prefix, h, y, ln):
+        x = ln(h + y)
+        return ln((h if residual_before_ln else x) + adapter(prefix, x) + y)
+
+    def reference(x):
+        for i, block in enumerate(model.transformer.layer):
+            sa = block.attention._original_forward(x)[0]  # (no padding in the batch: no mask)
+            x = sublayer(f"transformer.layer.{i}.attention.adapters.a.", sa, x, block.sa_layer_norm)
+            h = block.ffn._original_forward(x)
+            x = sublayer(f"transformer.layer.{i}.ffn.adapters.a.", h, x, block.output_layer_norm)
+        return x
+
+    with torch.no_grad():
+        got = out(model, batch)
+        expected = reference(model.embeddings(batch["input_ids"]))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("lora_first", [True, False])
