@@ -13,9 +13,9 @@ keyed by ``model_type`` (adapter_engine/archs.py); any other model works with ex
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +191,7 @@ def _patch_peft(model: nn.Module) -> nn.Module:
     cls = _peft_lora_linear_class()
     for _, module in model.named_modules():
         if cls is not None and type(module) is cls:
-            module.forward = types.MethodType(fused_peft_forward, module)
+            module.forward = functools.partial(fused_peft_forward, module)  # (picklable, as in _bind_methods)
             state.peft_layers.append(module)
     model.__dict__[_STATE_ATTR] = state
     logger.info("patched PeftModel: %d LoRA layers run the fused op", len(state.peft_layers))
@@ -229,7 +229,9 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "unmerge_adapter": api.unmerge_adapter,
     }
     for name, func in methods.items():
-        model.__dict__[name] = types.MethodType(func, model)
+        # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while
+        # pickle rebuilds the model, so torch.save / torch.load of a patched model failed)
+        model.__dict__[name] = functools.partial(func, model)
         state.methods.append(name)
 
 

@@ -10,6 +10,7 @@ accumulated over ~10 roundings per layer on O(1) values).
 """
 
 import copy
+import io
 
 import pytest
 import torch
@@ -249,6 +250,28 @@ def test_distilbert_adapters_read_the_blocks_layer_norm_as_adapterhub(residual_b
         got = out(model, batch)
         expected = reference(model.embeddings(batch["input_ids"]))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_torch_save_and_load_of_a_patched_model():
+    """A patched model with adapters pickles whole (``torch.save(model)``), as an unpatched one does; the copy's
+    methods act on the copy. (The bound methods ``patch`` put on the model could not be rebuilt while unpickling.)"""
+    model, batch = make("bert").eval(), inputs("bert")
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    model.set_active_adapters(["l", "s"])
+    with torch.no_grad():
+        ref = out(model, batch)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy_ = torch.load(buf, weights_only=False)  # (our own object: trusted)
+    with torch.no_grad():
+        assert torch.equal(out(copy_, batch), ref)
+        copy_.set_active_adapters([])
+        assert not torch.equal(out(copy_, batch), ref) and torch.equal(out(model, batch), ref)
+    ae.unpatch(copy_)
+    assert ae.is_patched(model)
 
 
 @pytest.mark.parametrize("lora_first", [True, False])
