@@ -58,17 +58,18 @@ class AdapterFile:
 
 
 def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
-    """The folder holding the adapter: ``path`` itself, or ``path/<name>`` (PEFT saves several adapters to
-    subfolders). A path to a file inside the folder is accepted too."""
+    """The folder holding the adapter: ``path/<name>`` when that subfolder holds an adapter (PEFT saves several
+    adapters as the default one at the root and the others in subfolders named after them), else ``path`` itself.
+    A path to a file inside the folder is accepted too."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter path {path!r} does not exist")
     if os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    if name and os.sep not in name and name not in (".", "..") and _has_any(os.path.join(path, name)):
+        return os.path.join(path, name)
     if _has_any(path):
         return path
-    if name and os.path.isdir(os.path.join(path, name)) and _has_any(os.path.join(path, name)):
-        return os.path.join(path, name)
     subs = sorted(d for d in os.listdir(path) if _has_any(os.path.join(path, d)))
     hint = f"; it has adapter subfolders {subs}: pass one of them (or name=)" if subs else ""
     expected = [CONFIG_NAME] + [w for ws in WEIGHTS.values() for w in ws]

@@ -187,6 +187,22 @@ def test_peft_subfolders(tmp_path):
     assert ae.load_adapter(tiny_bert(), tmp_path / "multi", name="default") == "default"
 
 
+def test_peft_several_adapters_name_picks_the_subfolder(expected, tmp_path):
+    """PEFT saves "default" at the root and the others in <root>/<name>/: name= picks the subfolder."""
+    peft = pytest.importorskip("peft")
+    pm = _peft_lora(tiny_bert(), targets=("query", "value"))
+    pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["key"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")
+    for adapter in ("second", "default"):
+        pm.set_adapter(adapter)
+        model = tiny_bert()
+        name = ae.load_adapter(model, tmp_path, name=adapter if adapter == "second" else "other", set_active=True)
+        record = ae.patching.get_state(model).adapters[name]
+        assert record.config.r == (2 if adapter == "second" else 4)
+        assert max_err(run(model, expected), run(pm, expected), expected["attention_mask"]) < ATOL
+
+
 def test_peft_missing_layer_and_config_override(expected, tmp_path):
     pm = _peft_lora(tiny_bert(), targets=("query", "value"))
     pm.save_pretrained(tmp_path)
