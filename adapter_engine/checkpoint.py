@@ -108,7 +108,7 @@ def _write_tensor(fh, tensor: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
 @dataclass
 class _Update:
-    kind: str  # "lora" or "ia3"
+    kind: str  # "lora", "ia3" (a weight) or "ia3_bias" (the bias of a non-feed-forward IA3 module)
     tensors: dict
     scale: float
     fan_in_fan_out: bool
@@ -138,6 +138,9 @@ def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
             # IA3 scales the output features, or the input features of feed-forward modules.
             dim = (0 if cfg.fan_in_fan_out else 1) if feedforward else (1 if cfg.fan_in_fan_out else 0)
             updates[candidates[0]] = _Update("ia3", tensors, 1.0, cfg.fan_in_fan_out, dim)
+            bias_key = candidates[0][: -len("weight")] + "bias"
+            if not feedforward and bias_key in keys:  # y = (x W^T + b) * l: the bias is scaled too (as PEFT does)
+                updates[bias_key] = _Update("ia3_bias", tensors, 1.0, False, 0)
     return updates
 
 
@@ -158,7 +161,10 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
         out_f, in_f = (shape[1], shape[0]) if update.fan_in_fan_out else shape
         if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
             raise ValueError(f"{key}: weight {shape} does not fit lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
-    elif update.tensors["ia3_l"].numel() != shape[update.ia3_dim]:
+    elif (
+        len(shape) != (1 if update.kind == "ia3_bias" else 2)
+        or update.tensors["ia3_l"].numel() != shape[update.ia3_dim]
+    ):
         raise ValueError(f"{key}: weight {shape} does not fit ia3_l {tuple(update.tensors['ia3_l'].shape)}")
     if info["dtype"] not in ("F32", "F16", "BF16"):
         raise ValueError(f"{key}: cannot merge into a {info['dtype']} weight (float32/float16/bfloat16 only)")
@@ -170,6 +176,12 @@ _CPU_CHUNK_ELEMENTS = 1 << 18  # row blocks of 256K elements bound the CPU path'
 def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
     """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
     w = weight.to(device)
+    if update.kind == "ia3_bias":
+        new = (w.float() * update.tensors["ia3_l"].reshape(-1).to(device, torch.float32)).to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"IA3 scaling would make a bias {tuple(w.shape)} non-finite")
+        weight.copy_(new)
+        return
     rows_per_chunk = w.shape[0] if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, w.shape[1]))
     if update.kind == "lora":
         a = update.tensors["lora_A"].to(device, w.dtype)
