@@ -320,6 +320,8 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
             vec = module.ia3_l[name]
             tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
     meta = cfg.to_dict()
+    if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
+        meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it
     targets = cfg.target_modules
     try:
         same = (

@@ -115,8 +115,37 @@ class _Update:
     ia3_dim: int = 0
 
 
-def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
-    """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing)."""
+def _conv1d_modules(base_dir: str) -> set[str] | None:
+    """Module paths (relative to the base model) of the transformers ``Conv1D`` layers of the checkpoint's
+    architecture (GPT-2 family: weight stored ``(in, out)``), from its ``config.json``; ``None`` when the
+    architecture cannot be built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted.
+    The model is built on the meta device: no memory, no weights read."""
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        return None
+    try:
+        from transformers import AutoConfig, AutoModel
+        from transformers.pytorch_utils import Conv1D
+
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception as err:  # unknown / remote-code architectures raise many types
+        log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
+    """Whether checkpoint module path ``module_key`` (maybe under a head's prefix) is one of ``conv1d``."""
+    return any(module_key == c or module_key.endswith(f".{c}") for c in conv1d)
+
+
+def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> dict[str, _Update]:
+    """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing).
+
+    ``conv1d``: the architecture's Conv1D module paths (see :func:`_conv1d_modules`); when known, the layer type
+    decides whether a weight is stored transposed, as in PEFT, whatever the config's ``fan_in_fan_out`` says
+    (AdapterHub configs never carry the flag)."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
         raise ValueError(
@@ -129,15 +158,21 @@ def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
         if len(candidates) != 1:
             what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
             raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint")
+        fifo = bool(cfg.fan_in_fan_out)
+        if conv1d is not None:
+            fifo = _is_conv1d(candidates[0][: -len(".weight")], conv1d)
+            if fifo != bool(cfg.fan_in_fan_out):
+                log.info("%s is a %s layer: merging with fan_in_fan_out=%s (the adapter config says %s)",
+                         candidates[0], "Conv1D" if fifo else "Linear", fifo, cfg.fan_in_fan_out)  # fmt: skip
         if isinstance(cfg, LoraConfig):
             if set(tensors) != {"lora_A", "lora_B"}:
                 raise ValueError(f"adapter module {module!r} has weights {sorted(tensors)}, expected lora_A, lora_B")
-            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, cfg.fan_in_fan_out)
+            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, fifo)
         else:
             feedforward = _suffix_match(module, cfg.feedforward_modules)
             # IA3 scales the output features, or the input features of feed-forward modules.
-            dim = (0 if cfg.fan_in_fan_out else 1) if feedforward else (1 if cfg.fan_in_fan_out else 0)
-            updates[candidates[0]] = _Update("ia3", tensors, 1.0, cfg.fan_in_fan_out, dim)
+            dim = (0 if fifo else 1) if feedforward else (1 if fifo else 0)
+            updates[candidates[0]] = _Update("ia3", tensors, 1.0, fifo, dim)
             bias_key = candidates[0][: -len("weight")] + "bias"
             if not feedforward and bias_key in keys:  # y = (x W^T + b) * l: the bias is scaled too (as PEFT does)
                 updates[bias_key] = _Update("ia3_bias", tensors, 1.0, False, 0)
@@ -243,7 +278,7 @@ def merge_checkpoint(
     key_info = {key: info for shard in shards for key, info in shard.header.items()}
 
     adapter = read_adapter(adapter_dir)
-    updates = _plan_updates(adapter, set(key_info))
+    updates = _plan_updates(adapter, set(key_info), _conv1d_modules(base_dir))
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 

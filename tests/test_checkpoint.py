@@ -91,6 +91,38 @@ def test_streamed_ia3_merge_scales_the_bias_of_non_feedforward_modules(tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("saved_flag", [None, False])
+def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
+    """GPT-2's Conv1D weights are stored (in, out). The engine saves fan_in_fan_out=True for them (as PEFT wants),
+    and merge_checkpoint takes the layout from the checkpoint's architecture, not from the flag (an adapter saved
+    with the flag False, or an AdapterHub one, which never has it): a square c_proj shows a wrong transpose."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import adapter_engine as ae
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.save_pretrained(base_dir)
+    model = GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    ae.save_adapter(model, "a", adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    assert json.loads(config_path.read_text())["fan_in_fan_out"] is True
+    if saved_flag is not None:
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"fan_in_fan_out": saved_flag}))
+    ae.merge_adapter(model, "a")
+    merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").state_dict()
+    for key in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.attn.c_attn.weight"):
+        assert not torch.equal(merged[key], base.state_dict()[key])
+        torch.testing.assert_close(merged[key], model.state_dict()[key], rtol=1e-6, atol=1e-6)
+
+
 def test_failure_midway_leaves_no_output(bert_and_lora, tmp_path, monkeypatch):
     from adapter_engine import checkpoint
 
