@@ -77,6 +77,9 @@ def _resolve_names(state, names) -> list[str]:
         if not names:
             raise ValueError(f"no active LoRA/IA3 adapter to merge; name one of {list(state.adapters)}")
     names = [names] if isinstance(names, str) else list(names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"adapters {repeated} appear more than once in {names}; name each adapter once")
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")

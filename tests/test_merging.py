@@ -198,6 +198,16 @@ def test_merge_bad_arguments():
         ae.merge_adapter(model)
 
 
+def test_merge_refuses_a_repeated_name_before_changing_anything():
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapters \['l0'\] appear more than once"):
+        ae.merge_adapter(model, ["l0", "l1", "l0"])
+    assert ae.list_adapters(model) == ["l0", "l1"] and merged_adapters(model) == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.slow
 def test_minilm_peft_lora_merge_plain_checkpoint_then_fft_improves_bbc_news(tmp_path):
     """Issue 6's chain on the real model and data: a PEFT LoRA is merged; the checkpoint reloads in plain
