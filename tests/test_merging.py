@@ -208,6 +208,32 @@ def test_merge_refuses_a_repeated_name_before_changing_anything():
         assert torch.equal(v, before[k]), k
 
 
+def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
+    """LoRA then IA3 on the same weight: W1 = (W + d) * l; undoing the LoRA first gives W * l + d (l - 1), neither
+    W * l nor W. Refused, naming the later merge; LoRA-after-LoRA (additions commute) stays allowed."""
+    model = with_loras(2)
+    ae.add_adapter(model, "s", ae.IA3Config(target_modules=["value"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k and "ia3" not in k}
+    ae.merge_adapter(model, "l0")
+    ae.merge_adapter(model, "l1")
+    ae.merge_adapter(model, "s")
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("l0", "l1"):
+        with pytest.raises(ValueError, match=r"unmerge \['s'\] first: .*value"):
+            ae.unmerge_adapter(model, name)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[k]), k
+    ae.unmerge_adapter(model, "s")
+    ae.unmerge_adapter(model, "l0")  # before l1: LoRA additions commute
+    ae.unmerge_adapter(model, "l1")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_minilm_peft_lora_merge_plain_checkpoint_then_fft_improves_bbc_news(tmp_path):
     """Issue 6's chain on the real model and data: a PEFT LoRA is merged; the checkpoint reloads in plain
