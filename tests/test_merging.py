@@ -299,3 +299,38 @@ def test_cli_merge_writes_a_plain_checkpoint(tmp_path, capsys):
     a1 = expected[1].base_model.model.encoder.layer[0].attention.self.value
     w = a1.base_layer.weight + 0.5 * 2.0 * a1.lora_B["default"].weight @ a1.lora_A["default"].weight
     torch.testing.assert_close(layer.value.weight, w, rtol=0, atol=1e-6)
+
+
+def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path):
+    """Like merge-checkpoint: an existing --out (even --model itself) is not overwritten without --overwrite;
+    with it, --out is replaced atomically, so merging into the --model folder itself works."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    pm = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a")
+    (tmp_path / "base" / "vocab.txt").write_text("[PAD]\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
+    for out in ("out", "base"):
+        args = [
+            "merge",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "a"),
+            "--out",
+            str(tmp_path / out),
+        ]
+        with pytest.raises(FileExistsError, match="pass --overwrite" if out == "out" else "it is the --model folder"):
+            main(args)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
+    assert main(args + ["--overwrite"]) == 0  # --out is --model
+    merged = BertModel.from_pretrained(tmp_path / "base").eval()
+    assert (tmp_path / "base" / "vocab.txt").read_text() == "[PAD]\n"
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(merged), pm.eval()(**BATCH).last_hidden_state, rtol=1e-5, atol=1e-5)
