@@ -67,6 +67,12 @@ def _check_fields(cls: type, data: Mapping[str, Any], ignored: Sequence[str], un
     return kept
 
 
+def _check_number(owner: str, name: str, value: Any) -> None:
+    """A finite int or float (not a bool, not a numeric string: PEFT would not accept those either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+
+
 #: PEFT ``init_lora_weights`` values (besides ``pissa*`` / ``corda*``) whose initialisation rewrites the base weights.
 _BASE_CHANGING_INITS = ("olora", "loftq", "lora_ga")
 
@@ -92,6 +98,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        _check_number("LoraConfig", "lora_alpha", self.lora_alpha)
+        _check_number("LoraConfig", "lora_dropout", self.lora_dropout)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
@@ -366,6 +374,8 @@ def lora_from_adapterhub(data: Mapping[str, Any]) -> LoraConfig:
             raise ValueError(f"AdapterHub LoRA: '{key}'={data[key]!r} is not supported (only {neutral!r})")
     if data.get("vera_b") is not None:
         raise ValueError(f"AdapterHub LoRA: 'vera_b'={data['vera_b']!r} is not supported (only None)")
+    _check_number("AdapterHub LoRA", "alpha", data.get("alpha", 8))
+    _check_number("AdapterHub LoRA", "dropout", data.get("dropout", 0.0))
     return LoraConfig(r=int(data.get("r", 8)), lora_alpha=data.get("alpha", 8), lora_dropout=data.get("dropout", 0.0))
 
 

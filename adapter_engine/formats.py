@@ -167,12 +167,15 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
         cfg = coerce_config(config)
     elif meta is None:
         raise FileNotFoundError(f"{cfg_path!r} is missing: pass config= to load_adapter")
-    elif fmt == "peft":
-        cfg = config_from_dict(meta)
+    elif fmt == "adapterhub" and not isinstance(meta.get("config"), dict):
+        raise ValueError(f"AdapterHub config {cfg_path!r} has no 'config' field dict")
     else:
-        if not isinstance(meta.get("config"), dict):
-            raise ValueError(f"AdapterHub config {cfg_path!r} has no 'config' field dict")
-        cfg = config_from_dict(meta["config"])
+        try:
+            cfg = config_from_dict(meta if fmt == "peft" else meta["config"])
+        except (ValueError, TypeError) as err:  # a refused or malformed field: name the file it came from
+            if type(err) not in (ValueError, TypeError):
+                raise
+            raise type(err)(f"adapter config {cfg_path!r}: {err}") from None
     saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
     _, tensors = read_tensors(folder, fmt)
     entries = parse_keys(fmt, tensors, saved_name)

