@@ -293,6 +293,8 @@ def save_adapter(
     if format not in ("peft", "adapterhub"):
         raise ValueError(f"unknown adapter format {format!r}; supported: 'peft', 'adapterhub'")
     record = state.adapters[name]
+    if record.kind == "ia3" and format == "adapterhub":
+        raise ValueError(f"{name!r} is an IA3 adapter: AdapterHub has no IA3 format, use format='peft'")
     if record.kind == "bottleneck":
         if format != "adapterhub":
             raise ValueError(f"{name!r} is a bottleneck adapter: PEFT has no such format, use format='adapterhub'")
@@ -320,6 +322,8 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
             vec = module.ia3_l[name]
             tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
     meta = cfg.to_dict()
+    if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
+        meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it
     targets = cfg.target_modules
     try:
         same = (

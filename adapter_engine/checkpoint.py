@@ -108,15 +108,44 @@ def _write_tensor(fh, tensor: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
 @dataclass
 class _Update:
-    kind: str  # "lora" or "ia3"
+    kind: str  # "lora", "ia3" (a weight) or "ia3_bias" (the bias of a non-feed-forward IA3 module)
     tensors: dict
     scale: float
     fan_in_fan_out: bool
     ia3_dim: int = 0
 
 
-def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
-    """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing)."""
+def _conv1d_modules(base_dir: str) -> set[str] | None:
+    """Module paths (relative to the base model) of the transformers ``Conv1D`` layers of the checkpoint's
+    architecture (GPT-2 family: weight stored ``(in, out)``), from its ``config.json``; ``None`` when the
+    architecture cannot be built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted.
+    The model is built on the meta device: no memory, no weights read."""
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        return None
+    try:
+        from transformers import AutoConfig, AutoModel
+        from transformers.pytorch_utils import Conv1D
+
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception as err:  # unknown / remote-code architectures raise many types
+        log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
+    """Whether checkpoint module path ``module_key`` (maybe under a head's prefix) is one of ``conv1d``."""
+    return any(module_key == c or module_key.endswith(f".{c}") for c in conv1d)
+
+
+def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> dict[str, _Update]:
+    """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing).
+
+    ``conv1d``: the architecture's Conv1D module paths (see :func:`_conv1d_modules`); when known, the layer type
+    decides whether a weight is stored transposed, as in PEFT, whatever the config's ``fan_in_fan_out`` says
+    (AdapterHub configs never carry the flag)."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
         raise ValueError(
@@ -129,15 +158,24 @@ def _plan_updates(adapter, keys: set[str]) -> dict[str, _Update]:
         if len(candidates) != 1:
             what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
             raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint")
+        fifo = bool(cfg.fan_in_fan_out)
+        if conv1d is not None:
+            fifo = _is_conv1d(candidates[0][: -len(".weight")], conv1d)
+            if fifo != bool(cfg.fan_in_fan_out):
+                log.info("%s is a %s layer: merging with fan_in_fan_out=%s (the adapter config says %s)",
+                         candidates[0], "Conv1D" if fifo else "Linear", fifo, cfg.fan_in_fan_out)  # fmt: skip
         if isinstance(cfg, LoraConfig):
             if set(tensors) != {"lora_A", "lora_B"}:
                 raise ValueError(f"adapter module {module!r} has weights {sorted(tensors)}, expected lora_A, lora_B")
-            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, cfg.fan_in_fan_out)
+            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, fifo)
         else:
             feedforward = _suffix_match(module, cfg.feedforward_modules)
             # IA3 scales the output features, or the input features of feed-forward modules.
-            dim = (0 if cfg.fan_in_fan_out else 1) if feedforward else (1 if cfg.fan_in_fan_out else 0)
-            updates[candidates[0]] = _Update("ia3", tensors, 1.0, cfg.fan_in_fan_out, dim)
+            dim = (0 if fifo else 1) if feedforward else (1 if fifo else 0)
+            updates[candidates[0]] = _Update("ia3", tensors, 1.0, fifo, dim)
+            bias_key = candidates[0][: -len("weight")] + "bias"
+            if not feedforward and bias_key in keys:  # y = (x W^T + b) * l: the bias is scaled too (as PEFT does)
+                updates[bias_key] = _Update("ia3_bias", tensors, 1.0, False, 0)
     return updates
 
 
@@ -158,7 +196,10 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
         out_f, in_f = (shape[1], shape[0]) if update.fan_in_fan_out else shape
         if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
             raise ValueError(f"{key}: weight {shape} does not fit lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
-    elif update.tensors["ia3_l"].numel() != shape[update.ia3_dim]:
+    elif (
+        len(shape) != (1 if update.kind == "ia3_bias" else 2)
+        or update.tensors["ia3_l"].numel() != shape[update.ia3_dim]
+    ):
         raise ValueError(f"{key}: weight {shape} does not fit ia3_l {tuple(update.tensors['ia3_l'].shape)}")
     if info["dtype"] not in ("F32", "F16", "BF16"):
         raise ValueError(f"{key}: cannot merge into a {info['dtype']} weight (float32/float16/bfloat16 only)")
@@ -170,6 +211,12 @@ _CPU_CHUNK_ELEMENTS = 1 << 18  # row blocks of 256K elements bound the CPU path'
 def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
     """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
     w = weight.to(device)
+    if update.kind == "ia3_bias":
+        new = (w.float() * update.tensors["ia3_l"].reshape(-1).to(device, torch.float32)).to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"IA3 scaling would make a bias {tuple(w.shape)} non-finite")
+        weight.copy_(new)
+        return
     rows_per_chunk = w.shape[0] if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, w.shape[1]))
     if update.kind == "lora":
         a = update.tensors["lora_A"].to(device, w.dtype)
@@ -231,7 +278,7 @@ def merge_checkpoint(
     key_info = {key: info for shard in shards for key, info in shard.header.items()}
 
     adapter = read_adapter(adapter_dir)
-    updates = _plan_updates(adapter, set(key_info))
+    updates = _plan_updates(adapter, set(key_info), _conv1d_modules(base_dir))
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("--density", type=float, default=0.5, help="TIES / DARE density")
     mg.add_argument("--out", required=True, help="output folder for the merged model (and its tokenizer)")
     mg.add_argument("--device", default=None, help="where to merge (default: cuda if available, else cpu)")
+    mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists (written atomically)")
 
     mc = sub.add_parser("merge-checkpoint", help="stream a sharded safetensors checkpoint through a LoRA/IA3 merge")
     mc.add_argument("--model", required=True, help="base model folder (model.safetensors or sharded + index)")
@@ -157,21 +158,33 @@ def _merge(args) -> int:
     import torch
 
     from . import api
+    from ._io import atomic_folder_write
     from .merging import merge_adapter
 
     weights = args.weight or [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
         raise SystemExit(f"give one --weight per --adapter ({len(args.adapter)} adapters, {len(weights)} weights)")
+    if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite):
+        same = os.path.isdir(args.model) and os.path.samefile(args.out, args.model)
+        raise FileExistsError(
+            f"--out {args.out!r} exists{' (it is the --model folder)' if same else ''}; pass --overwrite to replace it"
+            if os.path.isdir(args.out)
+            else f"--out {args.out!r} is a file, not a folder"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = _model_class(args.model).from_pretrained(args.model).to(device)
     params = model.num_parameters()
     names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
     merge_adapter(model, names, weights, combination=args.combination, density=args.density)
-    model.save_pretrained(args.out)
-    for name in os.listdir(args.model):  # tokenizer and other side files
-        src = os.path.join(args.model, name)
-        if os.path.isfile(src) and not os.path.exists(os.path.join(args.out, name)) and "safetensors" not in name:
-            shutil.copy2(src, os.path.join(args.out, name))
+
+    def write(folder: str) -> None:  # the merged model, then the tokenizer and other side files of --model
+        model.save_pretrained(folder)
+        for name in os.listdir(args.model):
+            src = os.path.join(args.model, name)
+            if os.path.isfile(src) and not os.path.exists(os.path.join(folder, name)) and "safetensors" not in name:
+                shutil.copy2(src, os.path.join(folder, name))
+
+    atomic_folder_write(args.out, write)  # --out (even --model itself) is replaced only once all is written
     print(
         f"merged {len(names)} adapter(s) ({args.combination}, weights {weights}) into {type(model).__name__} on "
         f"{device}: {params / 1e6:.2f}M parameters before and {model.num_parameters() / 1e6:.2f}M after -> {args.out}"

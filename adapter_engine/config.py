@@ -67,6 +67,16 @@ def _check_fields(cls: type, data: Mapping[str, Any], ignored: Sequence[str], un
     return kept
 
 
+def _check_number(owner: str, name: str, value: Any) -> None:
+    """A finite int or float (not a bool, not a numeric string: PEFT would not accept those either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+
+
+#: PEFT ``init_lora_weights`` values (besides ``pissa*`` / ``corda*``) whose initialisation rewrites the base weights.
+_BASE_CHANGING_INITS = ("olora", "loftq", "lora_ga")
+
+
 @dataclass
 class LoraConfig:
     """LoRA: ``y = x W^T + b + scaling * dropout(x) A^T B^T`` with ``A (r, in)``, ``B (out, r)`` (PEFT's names).
@@ -88,12 +98,22 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        _check_number("LoraConfig", "lora_alpha", self.lora_alpha)
+        _check_number("LoraConfig", "lora_dropout", self.lora_dropout)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
             raise ValueError(f"LoraConfig: bias={self.bias!r} is not supported (only 'none': base biases stay frozen)")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        init = self.init_lora_weights.lower() if isinstance(self.init_lora_weights, str) else None
+        if init is not None and (init.startswith(("pissa", "corda")) or init in _BASE_CHANGING_INITS):
+            raise ValueError(
+                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not supported by adapter-engine: that "
+                "initialisation also rewrites the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), so an adapter "
+                "saved without conversion only fits that modified base. Save it from PEFT with "
+                "path_initial_model_for_weight_conversion= (a plain LoRA for the original base) or merge it there"
+            )
 
     @property
     def scaling(self) -> float:
@@ -119,6 +139,13 @@ class LoraConfig:
             "megatron_config": None,
             "layer_replication": None,
             "exclude_modules": None,
+            # LoRA variants of PEFT 0.21 that change the forward (or the training step) of a saved adapter
+            "alora_invocation_tokens": None,  # aLoRA: the adapter acts only after the invocation tokens
+            "use_bdlora": None,  # block-diagonal A or B factors
+            "arrow_config": None,  # routing among several LoRA experts per token
+            "kasa_config": None,  # SVD-truncated base weight and a learned singular-value diagonal
+            "velora_config": None,  # compressed-activation backward of A (its buffers are saved with the adapter)
+            "monteclora_config": None,  # Monte Carlo sampled A in training (its sampler is saved with the adapter)
         }
         ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
         return cls(**_check_fields(cls, data, ignored, unsupported))
@@ -347,6 +374,8 @@ def lora_from_adapterhub(data: Mapping[str, Any]) -> LoraConfig:
             raise ValueError(f"AdapterHub LoRA: '{key}'={data[key]!r} is not supported (only {neutral!r})")
     if data.get("vera_b") is not None:
         raise ValueError(f"AdapterHub LoRA: 'vera_b'={data['vera_b']!r} is not supported (only None)")
+    _check_number("AdapterHub LoRA", "alpha", data.get("alpha", 8))
+    _check_number("AdapterHub LoRA", "dropout", data.get("dropout", 0.0))
     return LoraConfig(r=int(data.get("r", 8)), lora_alpha=data.get("alpha", 8), lora_dropout=data.get("dropout", 0.0))
 
 

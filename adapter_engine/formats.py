@@ -58,17 +58,18 @@ class AdapterFile:
 
 
 def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
-    """The folder holding the adapter: ``path`` itself, or ``path/<name>`` (PEFT saves several adapters to
-    subfolders). A path to a file inside the folder is accepted too."""
+    """The folder holding the adapter: ``path/<name>`` when that subfolder holds an adapter (PEFT saves several
+    adapters as the default one at the root and the others in subfolders named after them), else ``path`` itself.
+    A path to a file inside the folder is accepted too."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter path {path!r} does not exist")
     if os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    if name and os.sep not in name and name not in (".", "..") and _has_any(os.path.join(path, name)):
+        return os.path.join(path, name)
     if _has_any(path):
         return path
-    if name and os.path.isdir(os.path.join(path, name)) and _has_any(os.path.join(path, name)):
-        return os.path.join(path, name)
     subs = sorted(d for d in os.listdir(path) if _has_any(os.path.join(path, d)))
     hint = f"; it has adapter subfolders {subs}: pass one of them (or name=)" if subs else ""
     expected = [CONFIG_NAME] + [w for ws in WEIGHTS.values() for w in ws]
@@ -166,12 +167,15 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
         cfg = coerce_config(config)
     elif meta is None:
         raise FileNotFoundError(f"{cfg_path!r} is missing: pass config= to load_adapter")
-    elif fmt == "peft":
-        cfg = config_from_dict(meta)
+    elif fmt == "adapterhub" and not isinstance(meta.get("config"), dict):
+        raise ValueError(f"AdapterHub config {cfg_path!r} has no 'config' field dict")
     else:
-        if not isinstance(meta.get("config"), dict):
-            raise ValueError(f"AdapterHub config {cfg_path!r} has no 'config' field dict")
-        cfg = config_from_dict(meta["config"])
+        try:
+            cfg = config_from_dict(meta if fmt == "peft" else meta["config"])
+        except (ValueError, TypeError) as err:  # a refused or malformed field: name the file it came from
+            if type(err) not in (ValueError, TypeError):
+                raise
+            raise type(err)(f"adapter config {cfg_path!r}: {err}") from None
     saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
     _, tensors = read_tensors(folder, fmt)
     entries = parse_keys(fmt, tensors, saved_name)
@@ -190,20 +194,65 @@ def write_adapter(
 
     Default weight file: PEFT ``adapter_model.safetensors``; AdapterHub ``pytorch_adapter.bin`` (what
     ``adapters`` 1.3.0 writes and loads by default; ``safe_serialization=True`` writes ``adapter.safetensors``).
+    An adapter already in ``folder`` is replaced as a whole: its weight files of either format and serialization
+    are removed (a stale ``adapter_model.safetensors`` would otherwise shadow a new ``adapter_model.bin`` on
+    load). Atomic per file: the new files are written beside the old ones first, so a failed save leaves the
+    folder as it was.
     """
     if fmt not in WEIGHTS:
         raise ValueError(f"unknown adapter format {fmt!r}; supported: {list(FORMATS)}")
     folder = os.fspath(folder)
     if os.path.isfile(folder):
         raise ValueError(f"cannot save an adapter to {folder!r}: it is a file, not a folder")
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     safe = (fmt == "peft") if safe_serialization is None else safe_serialization
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     safetensors_name, bin_name = WEIGHTS[fmt]
-    if safe:
-        save_file(tensors, os.path.join(folder, safetensors_name), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, os.path.join(folder, bin_name))
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
+    weights_name = safetensors_name if safe else bin_name
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
+    staged = {name: os.path.join(folder, f".{name}.tmp-{token}") for name in (weights_name, CONFIG_NAME)}
+    try:
+        if safe:
+            save_file(tensors, staged[weights_name], metadata={"format": "pt"})
+        else:
+            torch.save(tensors, staged[weights_name])
+        with open(staged[CONFIG_NAME], "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+        _commit(folder, staged, token)
+    except BaseException:
+        for path in staged.values():
+            if os.path.exists(path):
+                os.remove(path)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
     return folder
+
+
+def _commit(folder: str, staged: dict[str, str], token: str) -> None:
+    """Move the old adapter files aside, the staged ones into place, then drop the old ones (rolled back on error)."""
+    old_names = [CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws)]
+    aside = {
+        name: os.path.join(folder, f".{name}.old-{token}")
+        for name in old_names
+        if os.path.isfile(os.path.join(folder, name))
+    }
+    placed: list[str] = []
+    try:
+        for name, path in aside.items():
+            os.replace(os.path.join(folder, name), path)
+        for name, path in staged.items():
+            os.replace(path, os.path.join(folder, name))
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.remove(os.path.join(folder, name))
+        for name, path in aside.items():
+            if os.path.exists(path):
+                os.replace(path, os.path.join(folder, name))
+        raise
+    for name, path in aside.items():
+        os.remove(path)
+        if name not in staged:
+            logger.info("removed the stale adapter file %s from %s", name, folder)

@@ -77,6 +77,9 @@ def _resolve_names(state, names) -> list[str]:
         if not names:
             raise ValueError(f"no active LoRA/IA3 adapter to merge; name one of {list(state.adapters)}")
     names = [names] if isinstance(names, str) else list(names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"adapters {repeated} appear more than once in {names}; name each adapter once")
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
@@ -392,6 +395,8 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     if exact and index != len(records) - 1:
         later = [n for r in records[index + 1 :] for n in r.names]
         raise ValueError(f"unmerge {later} first: a bit-exact restore of {record.names} must undo later merges first")
+    if not exact:
+        _check_commutes(record, records[index + 1 :])
     if exact:
         _restore(list(reversed(record.layers)))  # a weight may appear twice (LoRA, then a fold): first wins last
     else:
@@ -408,6 +413,25 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     del records[index]
     log.info("unmerged %s (%s)", list(record.names), "bit-exact" if exact else "within one ulp")
     return model
+
+
+def _check_commutes(record: MergeRecord, later: list[MergeRecord]) -> None:
+    """Undoing ``record`` before the ``later`` merges is correct only where they commute on every shared weight:
+    LoRA terms with LoRA terms (additions), IA3 scales with IA3 scales (products). A LoRA term and an IA3 scale do
+    not (``(W + d) * l - d != W * l``), and a later bit-exact merge would restore a copy that still holds
+    ``record``'s terms."""
+    for other in later:
+        for mine in record.layers:
+            for theirs in other.layers:
+                if mine.weight is not theirs.weight:
+                    continue
+                mixed = (mine.lora_A and theirs.ia3) or (mine.ia3 and theirs.lora_A)
+                if mixed or theirs.original is not None:
+                    raise ValueError(
+                        f"unmerge {list(other.names)} first: it was merged into {theirs.path} after "
+                        f"{list(record.names)}, and undoing {list(record.names)} before it would corrupt that "
+                        "weight (LoRA and IA3 merges do not commute; a bit-exact merge restores its saved copy)"
+                    )
 
 
 def merged_adapters(model: nn.Module) -> list[str]:

@@ -58,6 +58,71 @@ def test_streamed_merge_loads_in_plain_transformers_with_the_merged_outputs(bert
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
+def test_streamed_ia3_merge_scales_the_bias_of_non_feedforward_modules(tmp_path):
+    """IA3 on a non-feed-forward module scales the output, y = (x W^T + b) * l, so its bias is scaled too (PEFT's
+    merge and merge_adapter do). Random HF models have zero biases, which hides a missing bias scale: randomise."""
+    from peft import IA3Config, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY_BERT)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base_dir)
+    cfg = IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+    peft_model = get_peft_model(model, cfg).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(adapter_dir)
+    summary = merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert summary["merged"] == 2 * (4 + 2)  # key, value and both output.dense weights; key and value biases
+    reloaded = BertModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        expected = peft_model(**_inputs()).last_hidden_state
+        got = reloaded(**_inputs()).last_hidden_state
+        merged = peft_model.merge_and_unload().state_dict()
+    for key in ("encoder.layer.0.attention.self.value.bias", "encoder.layer.1.output.dense.bias"):
+        torch.testing.assert_close(reloaded.state_dict()[key], merged[key], rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved_flag", [None, False])
+def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
+    """GPT-2's Conv1D weights are stored (in, out). The engine saves fan_in_fan_out=True for them (as PEFT wants),
+    and merge_checkpoint takes the layout from the checkpoint's architecture, not from the flag (an adapter saved
+    with the flag False, or an AdapterHub one, which never has it): a square c_proj shows a wrong transpose."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import adapter_engine as ae
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=16)).eval()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.save_pretrained(base_dir)
+    model = GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    ae.save_adapter(model, "a", adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    assert json.loads(config_path.read_text())["fan_in_fan_out"] is True
+    if saved_flag is not None:
+        config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"fan_in_fan_out": saved_flag}))
+    ae.merge_adapter(model, "a")
+    merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").state_dict()
+    for key in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.attn.c_attn.weight"):
+        assert not torch.equal(merged[key], base.state_dict()[key])
+        torch.testing.assert_close(merged[key], model.state_dict()[key], rtol=1e-6, atol=1e-6)
+
+
 def test_failure_midway_leaves_no_output(bert_and_lora, tmp_path, monkeypatch):
     from adapter_engine import checkpoint
 

@@ -26,7 +26,15 @@ def test_lora_scaling_and_peft_names():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"r": 0}, "r must be"), ({"lora_dropout": 1.0}, "lora_dropout"), ({"bias": "all"}, "bias='all'")],
+    [
+        ({"r": 0}, "r must be"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+        ({"lora_alpha": None}, "lora_alpha must be a finite number, got None"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"lora_dropout": "0.1"}, "lora_dropout must be a finite number"),
+    ],
 )
 def test_lora_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -42,6 +50,62 @@ def test_lora_from_real_peft_config():
         LoraConfig.from_dict({**json.loads(json.dumps(pc.to_dict(), default=str)), "use_dora": True})
     # PEFT adds fields every release: unknown ones are ignored, a round trip through to_dict is stable
     assert LoraConfig.from_dict({**cfg.to_dict(), "some_future_field": 1}) == cfg
+
+
+def _saved_peft_config(tmp_path, **kwargs) -> dict:
+    """The adapter_config.json PEFT 0.21 writes for a LoraConfig with ``kwargs``."""
+    peft = pytest.importorskip("peft")
+    peft.LoraConfig(r=4, target_modules=["query", "value"], **kwargs).save_pretrained(tmp_path)
+    with open(tmp_path / "adapter_config.json") as fh:
+        return json.load(fh)
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("alora_invocation_tokens", lambda c: {"alora_invocation_tokens": [5, 6]}),
+        ("kasa_config", lambda c: {"kasa_config": c.KasaConfig()}),
+        ("velora_config", lambda c: {"velora_config": c.VeloraConfig()}),
+        ("monteclora_config", lambda c: {"monteclora_config": c.MontecloraConfig()}),
+        ("init_lora_weights='pissa'", lambda c: {"init_lora_weights": "pissa"}),
+        ("init_lora_weights='pissa_niter_4'", lambda c: {"init_lora_weights": "pissa_niter_4"}),
+        ("init_lora_weights='olora'", lambda c: {"init_lora_weights": "olora"}),
+        ("init_lora_weights='corda'", lambda c: {"init_lora_weights": "corda", "corda_config": c.CordaConfig()}),
+        ("init_lora_weights='loftq'", lambda c: {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}),
+        ("init_lora_weights='lora_ga'", lambda c: {"init_lora_weights": "lora_ga", "lora_ga_config": c.LoraGAConfig()}),
+    ],
+)
+def test_lora_variants_that_change_the_adapter_are_refused(tmp_path, field, kwargs):
+    """PEFT LoRA variants whose forward differs, or whose init rewrote the base weights (an adapter saved without
+    conversion only fits that modified base), are refused naming the field, not run as plain LoRA."""
+    variants = pytest.importorskip("peft.tuners.lora.config")
+    saved = _saved_peft_config(tmp_path, **kwargs(variants))
+    with pytest.raises(ValueError, match=f"LoraConfig: '?{field.split('=')[0]}'?="):
+        LoraConfig.from_dict(saved)
+
+
+@pytest.mark.parametrize("bad", [{"use_bdlora": {"nblocks": 2}}, {"arrow_config": {"top_k": 2}}])
+def test_lora_routing_and_block_diagonal_variants_are_refused(bad):
+    with pytest.raises(ValueError, match=f"'{next(iter(bad))}'="):
+        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, **bad})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        lambda c: {"init_lora_weights": "eva", "eva_config": c.EvaConfig()},
+        lambda c: {"init_lora_weights": "orthogonal"},
+        lambda c: {"init_lora_weights": "gaussian"},
+        lambda c: {"init_lora_weights": "mica"},
+        lambda c: {"corda_config": c.CordaConfig()},  # ignored by PEFT without init_lora_weights='corda'
+        lambda c: {"lora_ga_config": c.LoraGAConfig()},
+    ],
+)
+def test_lora_init_only_options_stay_accepted(tmp_path, kwargs):
+    """Initialisations that leave the base weights alone do not change a saved adapter's forward."""
+    variants = pytest.importorskip("peft.tuners.lora.config")
+    cfg = LoraConfig.from_dict(_saved_peft_config(tmp_path, **kwargs(variants)))
+    assert (cfg.r, sorted(cfg.target_modules)) == (4, ["query", "value"])
 
 
 def test_peft_type_dispatch():

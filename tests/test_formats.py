@@ -187,6 +187,22 @@ def test_peft_subfolders(tmp_path):
     assert ae.load_adapter(tiny_bert(), tmp_path / "multi", name="default") == "default"
 
 
+def test_peft_several_adapters_name_picks_the_subfolder(expected, tmp_path):
+    """PEFT saves "default" at the root and the others in <root>/<name>/: name= picks the subfolder."""
+    peft = pytest.importorskip("peft")
+    pm = _peft_lora(tiny_bert(), targets=("query", "value"))
+    pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["key"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")
+    for adapter in ("second", "default"):
+        pm.set_adapter(adapter)
+        model = tiny_bert()
+        name = ae.load_adapter(model, tmp_path, name=adapter if adapter == "second" else "other", set_active=True)
+        record = ae.patching.get_state(model).adapters[name]
+        assert record.config.r == (2 if adapter == "second" else 4)
+        assert max_err(run(model, expected), run(pm, expected), expected["attention_mask"]) < ATOL
+
+
 def test_peft_missing_layer_and_config_override(expected, tmp_path):
     pm = _peft_lora(tiny_bert(), targets=("query", "value"))
     pm.save_pretrained(tmp_path)
@@ -240,6 +256,89 @@ def test_ia3_peft_both_ways(expected, tmp_path):
     ae.save_adapter(model, "ia3", tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
+
+
+def test_ia3_has_no_adapterhub_format(tmp_path):
+    model = tiny_bert()
+    ae.add_adapter(model, "i", ae.IA3Config(target_modules=["value"]))
+    with pytest.raises(ValueError, match="AdapterHub has no IA3 format, use format='peft'"):
+        ae.save_adapter(model, "i", tmp_path / "ah", format="adapterhub")
+    assert not os.path.exists(tmp_path / "ah")
+
+
+def _two_loras():
+    model = tiny_bert()
+    for name in ("a", "b"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    return model
+
+
+def _tree(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_saving_over_an_earlier_adapter_replaces_its_weight_files(expected, tmp_path):
+    """The new adapter_model.bin must not sit beside the old adapter_model.safetensors (read first on load)."""
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path)
+    ae.save_adapter(model, "b", tmp_path, safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.bin"]
+    ae.save_adapter(model, "a", tmp_path, format="adapterhub")  # another format: PEFT's files go too
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "pytorch_adapter.bin"]
+    ae.save_adapter(model, "b", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    ae.save_adapter(model, "a", tmp_path, safe_serialization=False)
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, tmp_path, name="reloaded", set_active=True)
+    ae.set_active_adapters(model, "a")
+    assert torch.equal(run(fresh, expected), run(model, expected))
+
+
+@pytest.mark.parametrize("fail_at", ["weights", "config", "commit"])
+def test_failed_save_leaves_the_earlier_adapter_files(tmp_path, monkeypatch, fail_at):
+    from adapter_engine import formats
+
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path)
+    before = _tree(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    if fail_at == "weights":
+        monkeypatch.setattr(formats.torch, "save", boom)
+    elif fail_at == "config":
+        monkeypatch.setattr(formats.json, "dump", boom)
+    else:  # the second rename into place fails: the first is rolled back
+        real, staged = os.replace, []
+
+        def flaky(src, dst):
+            if ".tmp-" in os.fspath(src):
+                staged.append(dst)
+                if len(staged) % 2 == 0:  # the second of the two files of a save
+                    raise OSError("disk full")
+            return real(src, dst)
+
+        monkeypatch.setattr(formats.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        ae.save_adapter(model, "b", tmp_path, safe_serialization=False)
+    assert _tree(tmp_path) == before
+    with pytest.raises(OSError, match="disk full"):
+        ae.save_adapter(model, "b", tmp_path / "new", safe_serialization=False)
+    assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("fmt, field", [("peft", "lora_alpha"), ("adapterhub", "alpha")])
+def test_non_numeric_lora_alpha_names_the_field_and_the_file(tmp_path, fmt, field):
+    model = _two_loras()
+    ae.save_adapter(model, "a", tmp_path, format=fmt)
+
+    def edit(cfg):
+        (cfg if fmt == "peft" else cfg["config"])[field] = "sixteen"
+
+    _edit_config(tmp_path, edit)
+    with pytest.raises(ValueError, match=rf"adapter_config.json'.*: .*{field} must be a finite number, got 'sixteen'"):
+        ae.load_adapter(tiny_bert(), tmp_path)
 
 
 def test_minilm_lora_made_by_peft_unmerged_and_merged(tmp_path):

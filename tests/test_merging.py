@@ -198,6 +198,42 @@ def test_merge_bad_arguments():
         ae.merge_adapter(model)
 
 
+def test_merge_refuses_a_repeated_name_before_changing_anything():
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapters \['l0'\] appear more than once"):
+        ae.merge_adapter(model, ["l0", "l1", "l0"])
+    assert ae.list_adapters(model) == ["l0", "l1"] and merged_adapters(model) == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
+    """LoRA then IA3 on the same weight: W1 = (W + d) * l; undoing the LoRA first gives W * l + d (l - 1), neither
+    W * l nor W. Refused, naming the later merge; LoRA-after-LoRA (additions commute) stays allowed."""
+    model = with_loras(2)
+    ae.add_adapter(model, "s", ae.IA3Config(target_modules=["value"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k and "ia3" not in k}
+    ae.merge_adapter(model, "l0")
+    ae.merge_adapter(model, "l1")
+    ae.merge_adapter(model, "s")
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("l0", "l1"):
+        with pytest.raises(ValueError, match=r"unmerge \['s'\] first: .*value"):
+            ae.unmerge_adapter(model, name)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[k]), k
+    ae.unmerge_adapter(model, "s")
+    ae.unmerge_adapter(model, "l0")  # before l1: LoRA additions commute
+    ae.unmerge_adapter(model, "l1")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_minilm_peft_lora_merge_plain_checkpoint_then_fft_improves_bbc_news(tmp_path):
     """Issue 6's chain on the real model and data: a PEFT LoRA is merged; the checkpoint reloads in plain
@@ -263,3 +299,38 @@ def test_cli_merge_writes_a_plain_checkpoint(tmp_path, capsys):
     a1 = expected[1].base_model.model.encoder.layer[0].attention.self.value
     w = a1.base_layer.weight + 0.5 * 2.0 * a1.lora_B["default"].weight @ a1.lora_A["default"].weight
     torch.testing.assert_close(layer.value.weight, w, rtol=0, atol=1e-6)
+
+
+def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path):
+    """Like merge-checkpoint: an existing --out (even --model itself) is not overwritten without --overwrite;
+    with it, --out is replaced atomically, so merging into the --model folder itself works."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    pm = get_peft_model(tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "a")
+    (tmp_path / "base" / "vocab.txt").write_text("[PAD]\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()}
+    for out in ("out", "base"):
+        args = [
+            "merge",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "a"),
+            "--out",
+            str(tmp_path / out),
+        ]
+        with pytest.raises(FileExistsError, match="pass --overwrite" if out == "out" else "it is the --model folder"):
+            main(args)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
+    assert main(args + ["--overwrite"]) == 0  # --out is --model
+    merged = BertModel.from_pretrained(tmp_path / "base").eval()
+    assert (tmp_path / "base" / "vocab.txt").read_text() == "[PAD]\n"
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(merged), pm.eval()(**BATCH).last_hidden_state, rtol=1e-5, atol=1e-5)
