@@ -225,7 +225,8 @@ def _parse_active(adapters: Any) -> tuple[str, ...]:
 
 def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack | None) -> None:
     """Activate adapters: LoRA/IA3 terms are summed in the given order (PEFT); bottleneck adapters run as a
-    ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all."""
+    ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all. A refused call (unknown
+    names, a repeated name, bottleneck adapters of different structures in one layer) changes nothing."""
     state = _state(model)
     names = _parse_active(adapters)
     unknown = [n for n in names if n not in state.adapters]
@@ -233,11 +234,13 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
         raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
     if len(set(names)) != len(names):
         raise ValueError(f"an adapter appears twice in {names}")
+    # the bottleneck layers first: set_active_bottlenecks checks every layer (one structure per stack) before it
+    # changes any, so a refused stack raises here, before the LoRA layers or state.active change
+    pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
     state.active = names
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.active_adapters = [n for n in names if module.has_adapter(n)]
-    pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

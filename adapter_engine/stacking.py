@@ -181,9 +181,16 @@ class StackedAdapterModel(nn.Module):
         self._set_running([n for n in self._running if n != name])
 
     def _set_running(self, names: Sequence[str]) -> None:
+        """Pin and activate exactly ``names``; when either is refused, the previous running stack stays pinned and
+        active (adapters loaded for the attempt stay resident, unpinned)."""
         with self.memory.lock:
+            previous = self.memory.pinned
             self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
-            api.set_active_adapters(self.model, list(names) or None)
+            try:
+                api.set_active_adapters(self.model, list(names) or None)  # all or nothing
+            except BaseException:
+                self.memory.set_pinned(previous)  # resident still: pinned adapters are never evicted
+                raise
             self._running = list(names)
 
     def stack_for(self, name: str) -> tuple[str, ...]:

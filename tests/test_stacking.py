@@ -233,6 +233,28 @@ def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
     assert not torch.allclose(with_lora, logits(again), atol=1e-4)
 
 
+def _state_of(sam) -> tuple:
+    return (list(sam.levels), sam.active_stack, ae.api.active_adapters(sam.model), sorted(sam.memory.pinned),
+            ae.list_adapters(sam.model), sorted(sam.memory.resident()))  # fmt: skip
+
+
+def test_a_refused_activate_changes_nothing():
+    """Two bottleneck structures cannot stack: activate / set_active_adapters raise before the LoRA layers, the
+    active list or the pins change, and the outputs stay bit for bit."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("a", SEQ_BN, level=False)
+    sam.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    sam.add_adapter("lo", ae.LoraConfig(r=2, init_lora_weights=False), level=False)
+    sam.activate(["a"])
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        sam.activate(["lo", "a", "h"])
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        ae.set_active_adapters(sam.model, ["lo", "a", "h"])
+    assert ae.api.active_adapters(sam.model) == ("a",) and torch.equal(logits(sam), before)
+
+
 # ------------------------------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def minilm_bbc():
