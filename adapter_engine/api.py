@@ -148,6 +148,7 @@ def load_adapter(
     _check_name(state, name)
     cfg = file.config
     if isinstance(cfg, BottleneckConfig):
+        _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
         modules = pt.apply_bottleneck(model, state, name, cfg, plan)
     else:
@@ -158,6 +159,16 @@ def load_adapter(
     if set_active:
         set_active_adapters(model, name)
     return name
+
+
+def _check_places(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> None:
+    """A bottleneck config must place at least one adapter (``leave_out`` may not skip every layer)."""
+    if not pt.placements(model, state, cfg):
+        blocks = len(block_paths(model, state.spec))
+        raise ValueError(
+            f"bottleneck adapter {name!r}: leave_out={cfg.leave_out} skips all {blocks} layers of "
+            f"{type(model).__name__}: the adapter would have no modules"
+        )
 
 
 def _kind(cfg: AnyConfig) -> str:
@@ -188,6 +199,7 @@ def add_adapter(model: nn.Module, name: str, config: Any) -> None:
     _check_name(state, name)
     cfg = coerce_config(config)
     if isinstance(cfg, BottleneckConfig):
+        _check_places(model, state, name, cfg)
         modules = pt.add_bottleneck(model, state, name, cfg)
     else:
         spec = state.spec
