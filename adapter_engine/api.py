@@ -148,6 +148,7 @@ def load_adapter(
     _check_name(state, name)
     cfg = file.config
     if isinstance(cfg, BottleneckConfig):
+        _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
         modules = pt.apply_bottleneck(model, state, name, cfg, plan)
     else:
@@ -158,6 +159,16 @@ def load_adapter(
     if set_active:
         set_active_adapters(model, name)
     return name
+
+
+def _check_places(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> None:
+    """A bottleneck config must place at least one adapter (``leave_out`` may not skip every layer)."""
+    if not pt.placements(model, state, cfg):
+        blocks = len(block_paths(model, state.spec))
+        raise ValueError(
+            f"bottleneck adapter {name!r}: leave_out={cfg.leave_out} skips all {blocks} layers of "
+            f"{type(model).__name__}: the adapter would have no modules"
+        )
 
 
 def _kind(cfg: AnyConfig) -> str:
@@ -188,6 +199,7 @@ def add_adapter(model: nn.Module, name: str, config: Any) -> None:
     _check_name(state, name)
     cfg = coerce_config(config)
     if isinstance(cfg, BottleneckConfig):
+        _check_places(model, state, name, cfg)
         modules = pt.add_bottleneck(model, state, name, cfg)
     else:
         spec = state.spec
@@ -225,7 +237,8 @@ def _parse_active(adapters: Any) -> tuple[str, ...]:
 
 def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack | None) -> None:
     """Activate adapters: LoRA/IA3 terms are summed in the given order (PEFT); bottleneck adapters run as a
-    ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all."""
+    ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all. A refused call (unknown
+    names, a repeated name, bottleneck adapters of different structures in one layer) changes nothing."""
     state = _state(model)
     names = _parse_active(adapters)
     unknown = [n for n in names if n not in state.adapters]
@@ -233,11 +246,13 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
         raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
     if len(set(names)) != len(names):
         raise ValueError(f"an adapter appears twice in {names}")
+    # the bottleneck layers first: set_active_bottlenecks checks every layer (one structure per stack) before it
+    # changes any, so a refused stack raises here, before the LoRA layers or state.active change
+    pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
     state.active = names
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.active_adapters = [n for n in names if module.has_adapter(n)]
-    pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

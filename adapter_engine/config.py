@@ -49,6 +49,11 @@ class Stack:
         return f"Stack({', '.join(repr(c) for c in self.children)})"
 
 
+def _positive_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite and > 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _check_fields(cls: type, data: Mapping[str, Any], ignored: Sequence[str], unsupported: Mapping[str, Any]) -> dict:
     """Keep the fields of ``cls``; refuse fields in ``unsupported`` whose value is not the neutral one given."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -231,8 +236,15 @@ class BottleneckConfig:
                 self.scaling = float(self.scaling)
             except ValueError:
                 raise ValueError(f"BottleneckConfig: scaling must be a number, got {self.scaling!r}") from None
-        if self.bottleneck_size is not None and self.bottleneck_size <= 0:
-            raise ValueError(f"BottleneckConfig: bottleneck_size must be positive, got {self.bottleneck_size}")
+        rf = self.reduction_factor
+        factors = rf.items() if isinstance(rf, Mapping) else [(None, rf)]
+        for key, value in factors:
+            if not _positive_number(value):
+                where = "reduction_factor" if key is None else f"reduction_factor[{key!r}]"
+                raise ValueError(f"BottleneckConfig: {where} must be a positive finite number, got {value!r}")
+        size = self.bottleneck_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise ValueError(f"BottleneckConfig: bottleneck_size must be a positive int or None, got {size!r}")
 
     def size_for(self, hidden_size: int, layer: int) -> int:
         """Bottleneck width at ``layer`` for a model of ``hidden_size`` (AdapterHub: ``int(hidden // factor)``)."""

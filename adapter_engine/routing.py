@@ -60,6 +60,7 @@ class Route:
         self.rows = tuple(tuple(r) for r in rows) if rows is not None else None
         if self.rows is not None and not self.rows:
             raise ValueError("a per-row route needs at least one row")
+        _check_no_repeats((self.stack,) if self.rows is None else self.rows)
         self._cache: dict[Hashable, Any] = {}
 
     @property
@@ -95,6 +96,13 @@ class Route:
         return f"Route(stack={self.stack})" if self.uniform else f"Route(rows={self.rows})"
 
 
+def _check_no_repeats(stacks: Sequence[StackNames]) -> None:
+    """A stack names each adapter once, as ``set_active_adapters`` requires (``Stack("a", "a")`` is refused)."""
+    for stack in set(stacks):
+        if len(set(stack)) != len(stack):
+            raise ValueError(f"the route's stack {stack} names an adapter twice: a stack runs each adapter once")
+
+
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("adapter_engine_route", default=None)
 
 
@@ -107,7 +115,8 @@ class StaticRoute(Route):
     on the mixed-row path. The rows only fill the ids / routes tensors, so one captured forward serves every mix of
     those adapters. What a graph cannot change per call is refused by :meth:`fill` (before any tensor changes): two
     LoRAs of one layer in a row, a row deeper than ``depth``, an adapter of another structure than its layer's
-    group, IA3 adapters.
+    group, IA3 adapters, an adapter twice in a row; a bottleneck layer with levels switched off
+    (``set_depth`` / ``set_level_enabled``) is refused when the forward runs.
     """
 
     __slots__ = ("depth", "_tensors", "_refused")
@@ -156,6 +165,7 @@ class StaticRoute(Route):
         self.rows = rows
 
     def _check(self, rows: tuple[StackNames, ...]) -> None:
+        _check_no_repeats(rows)
         for i, row in enumerate(rows):
             if len(row) > self.depth:
                 raise ValueError(f"row {i} runs a stack of {len(row)} adapters {row}; this route holds {self.depth}")
@@ -251,6 +261,9 @@ class RoutedStackMixin:
     structure, packed once and cached (a switch of adapters is a different small ``routes`` tensor, never a
     repack or a recompilation); only the units of the adapters a row block uses are computed by the kernel.
     When adapter weights need gradients, only the used adapters are packed (as without a route).
+
+    The layer's level switches (:meth:`set_depth`, :meth:`set_level_enabled`) apply to every row of a routed call
+    too: level ``i`` is the ``i``-th of a row's adapters that this layer holds.
     """
 
     _MAX_PACKS = 4
@@ -352,8 +365,8 @@ class RoutedStackMixin:
         resident, layout, groups = self._resident_layout()
         if torch.is_grad_enabled():  # (whether the pack is differentiable decides its adapters: not cached)
             plan = self._route_plan(route, resident, layout, h.device, eps)
-        else:  # every layer over the same adapters shares one plan per route
-            key = ("bn_plan", layout, h.device, eps, self.fused)
+        else:  # every layer over the same adapters and level switches shares one plan per route
+            key = ("bn_plan", layout, h.device, eps, self.fused, self._depth, frozenset(self._disabled))
             plan = route.cached(key, lambda: self._route_plan(route, resident, layout, h.device, eps))
         if plan is None:
             return None  # depth 0 at this layer: the original forward runs (bit-identical)
@@ -376,6 +389,8 @@ class RoutedStackMixin:
             levels = [[n for n in route.stack if n in resident]]
         else:
             levels = [[n for n in row if n in resident] for row in route.rows]
+        if self._disabled or self._depth is not None:  # the layer's set_level_enabled / set_depth, for every row
+            levels = [[n for i, n in enumerate(row) if self._level_on(i)] for row in levels]
         used = list(dict.fromkeys(n for row in levels for n in row))
         if not used:
             return None
@@ -401,6 +416,11 @@ class RoutedStackMixin:
         the kernels' mixed-row path whatever the rows (the level hint names every adapter and "off" at each
         level), so the same launch serves any rows :meth:`StaticRoute.fill` writes."""
         check_rows(route, h.shape[0], type(self).__name__)
+        if self._disabled or self._depth is not None:
+            raise ValueError(
+                "a static route (a CUDA graph) cannot follow a layer's set_depth / set_level_enabled switches: "
+                "reset them (set_depth(None), set_level_enabled(level, True)) or route eagerly"
+            )
         resident = dict(self.adapters.items())
         if not resident or route.depth == 0:
             return None

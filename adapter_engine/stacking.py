@@ -115,33 +115,67 @@ class StackedAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
         """Push a new level (``level=False``: add a sibling for routing). ``config_or_path``: a config (fresh
-        adapter), an adapter folder, or None to load ``name`` from the store. The new level runs at once (depth =
-        all levels). Returns the name."""
+        adapter), an adapter folder, or None to take ``name`` from the memory manager (resident, e.g. loaded by an
+        earlier routed call, or offloaded to the host) or else load it from the store. The new level runs at once
+        (depth = all levels). Returns the name. A refused call (a name taken by a level, sibling or named stack,
+        more levels than ``max_active``, a level whose structure cannot stack on the others) leaves the model, the
+        levels and the running stack as they were."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
-            if config_or_path is None:
+            if name in self._stacks:
+                raise ValueError(
+                    f"{name!r} already names a stack {self._stacks[name]}: routing by it would be ambiguous"
+                )
+            cap = self.memory.max_active
+            if level and cap is not None and len(self.levels) + 1 > cap:
+                raise ValueError(
+                    f"cannot add level {name!r}: the {len(self.levels) + 1} levels would all run (pinned) but "
+                    f"max_active is {cap} (levels {self.levels}); add it as a sibling (level=False) instead"
+                )
+            held = config_or_path is None and self.memory.holds(name)  # already the manager's: adopt it
+            if held:
+                pass
+            elif config_or_path is None:
                 if self.store is None:
                     raise ValueError(f"no config or path for {name!r} and no store to load it from")
                 self.memory.make_room_for_one()
                 self.store.load_into(self.model, name)  # KeyError when the store does not have it
+                self.memory.register(name, from_store=True)
             elif isinstance(config_or_path, (str, os.PathLike)) and os.path.isdir(os.fspath(config_or_path)):
                 self.memory.make_room_for_one()
                 api.load_adapter(self.model, config_or_path, name=name)
+                self.memory.register(name)
             else:
                 self.memory.make_room_for_one()
                 api.add_adapter(self.model, name, config_or_path)
-            self.memory.register(name)
-            if level:
-                self.levels.append(name)
-                self._set_running(self.levels)
-            else:
+                self.memory.register(name)
+            if not level:
                 self._siblings.append(name)
+                return name
+            self.levels.append(name)
+            try:
+                self._set_running(self.levels)
+            except BaseException:
+                self.levels.pop()
+                if not held:  # added by this call: take it out again
+                    api.delete_adapter(self.model, name)
+                    self.memory.forget(name)
+                raise
         return name
 
     def add_stack(self, name: str, adapters: Sequence[str] | Stack) -> None:
-        """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``."""
+        """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``. The
+        name must not be an adapter's (levels, siblings, resident, offloaded or in the store): it would shadow it."""
         names = tuple(adapters.children if isinstance(adapters, Stack) else adapters)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a stack name must be a non-empty string, got {name!r}")
+        if self._known(name):
+            raise ValueError(f"{name!r} is an adapter's name: a stack named so would shadow the adapter in routing")
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"stack {name!r} must name at least one adapter (names as str), got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stack {name!r} names an adapter twice: {names}")
         unknown = [n for n in names if not self._known(n)]
         if unknown:
             raise ValueError(f"stack {name!r} names unknown adapters {unknown}")
@@ -162,7 +196,7 @@ class StackedAdapterModel(nn.Module):
 
     def set_depth(self, depth: int) -> None:
         """Run the bottom ``depth`` levels (0 = the base alone, bit-identical to it)."""
-        if not isinstance(depth, int) or not 0 <= depth <= len(self.levels):
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= len(self.levels):
             raise ValueError(f"depth must be an int in [0, {len(self.levels)}] (levels {self.levels}), got {depth!r}")
         self._set_running(self.levels[:depth])
 
@@ -181,9 +215,16 @@ class StackedAdapterModel(nn.Module):
         self._set_running([n for n in self._running if n != name])
 
     def _set_running(self, names: Sequence[str]) -> None:
+        """Pin and activate exactly ``names``; when either is refused, the previous running stack stays pinned and
+        active (adapters loaded for the attempt stay resident, unpinned)."""
         with self.memory.lock:
+            previous = self.memory.pinned
             self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
-            api.set_active_adapters(self.model, list(names) or None)
+            try:
+                api.set_active_adapters(self.model, list(names) or None)  # all or nothing
+            except BaseException:
+                self.memory.set_pinned(previous)  # resident still: pinned adapters are never evicted
+                raise
             self._running = list(names)
 
     def stack_for(self, name: str) -> tuple[str, ...]:

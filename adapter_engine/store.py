@@ -15,8 +15,12 @@ The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of ada
 the least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running
 call (reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"``
 its weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy;
-with ``offload="drop"`` it is reloaded from the store (adapters the store does not hold are kept on the host
-instead, so no trained adapter is lost). Every method is thread-safe (one ``RLock``); forwards run outside it.
+with ``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it
+was loaded from the store and no weight of it has changed in place since (their version counters). Any other adapter
+(trained since it was loaded, fresh, loaded from a folder, or one the store does not hold) is kept on the host
+instead, with a log line, so no trained adapter is lost. A reloaded adapter keeps each weight's ``requires_grad``
+(a frozen one stays frozen). Every method is thread-safe (one ``RLock``); forwards run outside it. The manager
+follows adapters deleted or merged away (``merge_adapter``) and added behind its back through the model's own API.
 The fused bottleneck op keeps one packed copy of each layer's resident adapters: device memory is about twice
 the counted bytes for bottleneck adapters.
 """
@@ -38,6 +42,7 @@ from typing import Any
 from torch import nn
 
 from . import api
+from .changes import tensor_version
 from .config import BottleneckConfig, coerce_config
 from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
 from .kernels._backend import normal_tensors
@@ -185,7 +190,8 @@ class AdapterMemoryManager:
         model: a model patched by :func:`adapter_engine.patch` (adapters already in it are adopted).
         store: where missing adapters load from (lazily, on first :meth:`acquire`); may be None.
         max_active / max_bytes: the caps (None = unbounded).
-        offload: ``"cpu"`` keeps evicted adapters in host memory; ``"drop"`` reloads them from the store.
+        offload: ``"cpu"`` keeps evicted adapters in host memory; ``"drop"`` reloads them from the store (only those
+            whose weights are unchanged since they were loaded from it; the rest are kept in host memory).
         wait_timeout: seconds an :meth:`acquire` waits for running calls to release adapters before it gives up
             (``RuntimeError``) when only in-use adapters could make room.
     """
@@ -208,30 +214,50 @@ class AdapterMemoryManager:
         self.model, self.store = model, store
         self.max_active, self.max_bytes, self.offload = max_active, max_bytes, offload
         self.wait_timeout = float(wait_timeout)
-        self.lock = threading.RLock()
-        self._released = threading.Condition(self.lock)
+        self._make_locks()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._refs: dict[str, int] = {}
         self._pinned: set[str] = set()
         self._offloaded: dict[str, api.AdapterSnapshot] = {}
         self._sizes: dict[str, int] = {}  # last known bytes of every adapter seen (for making room before a load)
+        # adapters loaded from the store and unchanged since: their weights and those weights' versions at loading
+        self._clean: dict[str, tuple[tuple, tuple]] = {}
+        self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
         for name in api.list_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
 
+    def _make_locks(self) -> None:
+        self.lock = threading.RLock()
+        self._released = threading.Condition(self.lock)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: a copy gets its own lock, and no call holds its adapters
+        with self.lock:
+            state = self.__dict__.copy()
+        del state["lock"], state["_released"]
+        state["_refs"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_locks()
+
     # ------------------------------------------------------------------------------------------- queries
     def resident(self) -> list[str]:
         """Resident adapters, least recently used first."""
         with self.lock:
+            self._sync()
             return list(self._resident)
 
     def is_resident(self, name: str) -> bool:
         with self.lock:
+            self._sync()
             return name in self._resident
 
     def stats(self) -> MemoryStats:
         with self.lock:
+            self._sync()
             c = self._counts
             return MemoryStats(
                 c["hits"], c["misses"], c["evictions"], c["cpu"], c["disk"], self._load_time,
@@ -241,7 +267,14 @@ class AdapterMemoryManager:
     def known(self, name: str) -> bool:
         """Resident, offloaded to the host, or in the store."""
         with self.lock:
+            self._sync()
             return name in self._resident or name in self._offloaded or (self.store is not None and name in self.store)
+
+    def holds(self, name: str) -> bool:
+        """Resident or offloaded to the host: in the manager's keeping, not only in the store."""
+        with self.lock:
+            self._sync()
+            return name in self._resident or name in self._offloaded
 
     # ------------------------------------------------------------------------------------------- pinning
     def pin(self, names: Iterable[str]) -> None:
@@ -261,6 +294,7 @@ class AdapterMemoryManager:
     def set_pinned(self, names: Iterable[str]) -> None:
         """Make exactly ``names`` pinned (loading them if needed)."""
         with self.lock:
+            self._sync()
             names, previous = list(names), self._pinned
             self._pinned = set()
             try:
@@ -272,6 +306,7 @@ class AdapterMemoryManager:
     def make_room_for_one(self) -> None:
         """Evict (LRU) so that one more adapter fits under ``max_active`` (before adding one to the model)."""
         with self.lock:
+            self._sync()
             self._make_room(0, 1, keep=set())
 
     @property
@@ -289,6 +324,7 @@ class AdapterMemoryManager:
         names = list(dict.fromkeys(names))
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
+            self._sync()
             unknown = [n for n in names if not self.known(n)]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}: not resident, not offloaded and not in the store")
@@ -353,27 +389,58 @@ class AdapterMemoryManager:
     def evict(self, name: str) -> None:
         """Evict ``name`` now (``ValueError`` if it is pinned or in use)."""
         with self.lock:
+            self._sync()
             if name not in self._resident:
                 return
             if name in self._pinned or self._refs.get(name, 0):
                 raise ValueError(f"adapter {name!r} is pinned or in use by a running call: cannot evict it")
             self._evict(name)
 
-    def register(self, name: str) -> None:
-        """Count an adapter added to the model directly (e.g. a fresh one) as resident."""
+    def register(self, name: str, *, from_store: bool = False) -> None:
+        """Count an adapter added to the model directly (e.g. a fresh one) as resident. ``from_store``: it was just
+        loaded from this manager's store unchanged (``offload="drop"`` may then drop it while it stays unchanged)."""
         with self.lock:
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
             self._resident.move_to_end(name)
             self._offloaded.pop(name, None)
+            self._requires_grad.pop(name, None)
+            self._clean.pop(name, None)
+            if from_store:
+                self._mark_clean(name)
 
     def forget(self, name: str) -> None:
         """Stop tracking ``name`` (after it was deleted from the model directly)."""
         with self.lock:
-            for table in (self._resident, self._offloaded, self._sizes, self._refs):
+            for table in (self._resident, self._offloaded, self._sizes, self._refs, self._clean, self._requires_grad):
                 table.pop(name, None)
             self._pinned.discard(name)
 
     # ------------------------------------------------------------------------------------------- internals
+    def _sync(self) -> None:
+        """Follow changes made to the model's adapters outside the manager: an adapter merged away
+        (``merge_adapter``) or deleted is forgotten, one added through the model's API is adopted as resident."""
+        present = api._state(self.model).adapters
+        if len(present) == len(self._resident) and all(n in present for n in self._resident):
+            return
+        for name in [n for n in self._resident if n not in present]:
+            logger.info("adapter %r left the model outside the memory manager (merged or deleted): forgotten", name)
+            self.forget(name)
+        for name in [n for n in present if n not in self._resident]:
+            self.register(name)
+
+    def _mark_clean(self, name: str) -> None:
+        weights = tuple(api.adapter_parameters(self.model, name))
+        self._clean[name] = (weights, tuple(map(tensor_version, weights)))
+
+    def _unchanged_since_load(self, name: str) -> bool:
+        """Loaded from the store, and the same weight objects at the same in-place versions since."""
+        clean = self._clean.get(name)
+        if clean is None:
+            return False
+        weights = tuple(api.adapter_parameters(self.model, name))
+        same = len(weights) == len(clean[0]) and all(a is b for a, b in zip(weights, clean[0], strict=True))
+        return same and tuple(map(tensor_version, weights)) == clean[1]
+
     def _over(self, extra_bytes: int = 0, extra_count: int = 0) -> bool:
         count_over = self.max_active is not None and len(self._resident) + extra_count > self.max_active
         bytes_over = self.max_bytes is not None and sum(self._resident.values()) + extra_bytes > self.max_bytes
@@ -413,12 +480,22 @@ class AdapterMemoryManager:
 
     @normal_tensors()
     def _evict(self, name: str) -> None:
+        weights = api.adapter_parameters(self.model, name)
         keep_on_host = self.offload == "cpu" or self.store is None or name not in self.store
+        if not keep_on_host and not self._unchanged_since_load(name):
+            keep_on_host = True  # its weights are not (or no longer) the store's copy: dropping it would lose them
+            logger.info(
+                "offload='drop': adapter %r changed since it was loaded from the store (or never came from it): "
+                "kept in host memory instead; save it to the store to let it be dropped",
+                name,
+            )
         if keep_on_host:
-            on_gpu = any(p.is_cuda for p in api.adapter_parameters(self.model, name))
+            on_gpu = any(p.is_cuda for p in weights)
             self._offloaded[name] = api.snapshot_adapter(self.model, name, device="cpu", pin_memory=on_gpu)
+        self._requires_grad[name] = [p.requires_grad for p in weights]
         api.delete_adapter(self.model, name)
         del self._resident[name]
+        self._clean.pop(name, None)
         self._counts["evictions"] += 1
         logger.debug("evicted adapter %r (%s)", name, "to host memory" if keep_on_host else "dropped")
 
@@ -428,13 +505,23 @@ class AdapterMemoryManager:
         start = time.perf_counter()
         snapshot = self._offloaded.pop(name, None)
         if snapshot is not None:
-            api.restore_adapter(self.model, name, snapshot)
+            try:
+                api.restore_adapter(self.model, name, snapshot)
+            except BaseException:
+                self._offloaded[name] = snapshot  # still the only copy
+                raise
             self._counts["cpu"] += 1
         else:
             if self.store is None:
                 raise KeyError(f"adapter {name!r} is not resident and there is no store to load it from")
             self.store.load_into(self.model, name)
             self._counts["disk"] += 1
+            self._mark_clean(name)
+        weights = api.adapter_parameters(self.model, name)
+        wanted = self._requires_grad.pop(name, None)
+        if wanted is not None and len(wanted) == len(weights):  # as it was when evicted (e.g. frozen)
+            for p, flag in zip(weights, wanted, strict=True):
+                p.requires_grad_(flag)
         self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
         self._load_time += time.perf_counter() - start
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")

@@ -138,6 +138,28 @@ def test_bottleneck_sizes_and_activations():
         BottleneckConfig(mh_adapter=False, output_adapter=False)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reduction_factor": 0}, "reduction_factor must be"),
+        ({"reduction_factor": -4}, "reduction_factor must be"),
+        ({"reduction_factor": "16"}, "reduction_factor must be"),
+        ({"reduction_factor": True}, "reduction_factor must be"),
+        ({"reduction_factor": math.inf}, "reduction_factor must be"),
+        ({"reduction_factor": {"default": 16, "1": 0}}, r"reduction_factor\['1'\] must be"),
+        ({"bottleneck_size": "8"}, "bottleneck_size must be"),
+        ({"bottleneck_size": 0}, "bottleneck_size must be"),
+    ],
+)
+def test_bottleneck_refuses_bad_widths_at_construction(kwargs, match):
+    """A width field that could never give a width (0, negative, not a number) is refused naming the field, not
+    met later as a ZeroDivisionError when the adapter is added."""
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig.from_dict({**_adapterhub_config("seq"), **kwargs})
+
+
 @pytest.mark.parametrize("field, value", [("phm_layer", True), ("use_gating", True), ("inv_adapter", "nice")])
 def test_bottleneck_refuses_unimplemented_features(field, value):
     with pytest.raises(ValueError, match=field):

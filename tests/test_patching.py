@@ -558,6 +558,20 @@ def test_api_misuse():
     assert ae.list_adapters(model) == ["s", "p"]
 
 
+def test_a_bottleneck_left_out_of_every_layer_is_refused(tmp_path):
+    """leave_out covering every layer would give an adapter with no modules: refused, the model untouched."""
+    model = make("bert")  # 2 layers
+    keys = set(model.state_dict())
+    everywhere = ae.BottleneckConfig.seq_bn(reduction_factor=4, leave_out=[0, 1])
+    with pytest.raises(ValueError, match=r"leave_out=\[0, 1\] skips all 2 layers"):
+        ae.add_adapter(model, "none", everywhere)
+    assert ae.list_adapters(model) == [] and set(model.state_dict()) == keys
+    ae.add_adapter(model, "one", ae.BottleneckConfig.seq_bn(reduction_factor=4, leave_out=[0]))
+    ae.save_adapter(model, "one", tmp_path / "one", format="adapterhub")
+    with pytest.raises(ValueError, match="skips all 2 layers"):
+        ae.load_adapter(make("bert"), tmp_path / "one", name="none", config=everywhere)
+
+
 def test_patch_peft_model_in_training_with_dropout():
     """PEFT's training mode (lora_dropout > 0): the fused op draws the same dropout mask from the same RNG state
     (one F.dropout of x per layer), so patched training matches PEFT's step for step, gradients included."""

@@ -24,8 +24,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 import adapter_engine as ae
+from adapter_engine.bottleneck import BottleneckStackLayer
 from adapter_engine.kernels import _backend
-from adapter_engine.routing import make_route, use_adapters
+from adapter_engine.routing import StaticRoute, make_route, use_adapters
 
 # the fused backward stays covered here: training through the patched models takes it (see conftest.py)
 pytestmark = pytest.mark.usefixtures("fused_training")
@@ -235,6 +236,48 @@ def test_route_errors():
     with pytest.raises(ValueError, match="structures differ|mix structural"):
         ae.add_adapter(model, "par", ae.BottleneckConfig.par_bn(reduction_factor=4))
         run(model, ids(2), ["a", "par"])
+
+
+def test_a_route_that_names_an_adapter_twice_is_refused_like_set_active_adapters():
+    model = adapted_bert()
+    with pytest.raises(ValueError, match="appears twice"):
+        ae.set_active_adapters(model, ["a", "a"])
+    for spec in (ae.Stack("a", "a"), ["b", ae.Stack("a", "l", "a")]):
+        with pytest.raises(ValueError, match="names an adapter twice"):
+            run(model, ids(2), spec)
+    with pytest.raises(ValueError, match="names an adapter twice"):
+        StaticRoute([("a",), ("b", "b")], depth=2)
+    static = StaticRoute([("a",), ("b",)], depth=2)
+    with pytest.raises(ValueError, match="names an adapter twice"):
+        static.fill([("a", "a"), ("b",)])
+    assert static.rows == (("a",), ("b",))
+
+
+def test_a_layers_level_switches_apply_to_every_row_of_a_routed_call():
+    """set_level_enabled / set_depth of a bottleneck layer are documented "for every row": a routed call follows
+    them as the active stack does (level i: the i-th of a row's adapters the layer holds)."""
+    model = adapted_bert()
+    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
+    batch = ids(3)
+    rows = [ae.Stack("a", "b"), ae.Stack("c", "l", "a"), None]
+    level0_off = run(model, batch, [ae.Stack("b"), ae.Stack("a", "l"), None])
+    depth1 = run(model, batch, [ae.Stack("a"), ae.Stack("c", "l"), None])
+    full = run(model, batch, rows)
+    for layer in layers:
+        layer.set_level_enabled(0, False)
+    torch.testing.assert_close(run(model, batch, rows), level0_off, atol=ATOL, rtol=0)
+    torch.testing.assert_close(run(model, batch, ae.Stack("a", "b"))[:1], level0_off[:1], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="static route"), torch.no_grad():
+        with use_adapters(StaticRoute([("a",), ("b",), ()], depth=2)):
+            model(input_ids=batch)
+    for layer in layers:
+        layer.set_level_enabled(0, True)
+        layer.set_depth(1)
+    torch.testing.assert_close(run(model, batch, rows), depth1, atol=ATOL, rtol=0)
+    for layer in layers:
+        layer.set_depth(None)
+    assert torch.equal(run(model, batch, rows), full)
+    assert (full - level0_off)[:2].abs().max() > 1e-3 and (full - depth1)[:2].abs().max() > 1e-3
 
 
 def test_a_linear_without_adapters_runs_its_base_layer_under_any_route(monkeypatch):

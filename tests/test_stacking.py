@@ -233,6 +233,94 @@ def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
     assert not torch.allclose(with_lora, logits(again), atol=1e-4)
 
 
+def _state_of(sam) -> tuple:
+    return (list(sam.levels), sam.active_stack, ae.api.active_adapters(sam.model), sorted(sam.memory.pinned),
+            ae.list_adapters(sam.model), sorted(sam.memory.resident()))  # fmt: skip
+
+
+def test_a_refused_activate_changes_nothing():
+    """Two bottleneck structures cannot stack: activate / set_active_adapters raise before the LoRA layers, the
+    active list or the pins change, and the outputs stay bit for bit."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("a", SEQ_BN, level=False)
+    sam.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    sam.add_adapter("lo", ae.LoraConfig(r=2, init_lora_weights=False), level=False)
+    sam.activate(["a"])
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        sam.activate(["lo", "a", "h"])
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        ae.set_active_adapters(sam.model, ["lo", "a", "h"])
+    assert ae.api.active_adapters(sam.model) == ("a",) and torch.equal(logits(sam), before)
+
+
+def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():
+    sam = StackedAdapterModel(tiny(), max_active=2)
+    sam.add_adapter("l1", SEQ_BN)
+    sam.add_adapter("l2", SEQ_BN)
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match="max_active is 2"):
+        sam.add_adapter("l3", SEQ_BN)
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    sam.add_adapter("l3", SEQ_BN, level=False)  # the name is still free; a sibling fits
+    loose = StackedAdapterModel(tiny())
+    loose.add_adapter("l1", SEQ_BN)
+    state = _state_of(loose)
+    with pytest.raises(ValueError, match="cannot run as one stack"):  # a Houlsby level on a Pfeiffer level
+        loose.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4))
+    assert _state_of(loose) == state
+
+
+def test_add_adapter_from_the_store_adopts_an_adapter_a_routed_call_loaded(tmp_path):
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("fr", SEQ_BN, level=False)
+    randomise(donor.model, "fr")
+    ae.AdapterStore(tmp_path).save(donor.model, "fr")
+    sam = StackedAdapterModel(tiny(), store=tmp_path)
+    routed = logits(sam, adapter="fr")  # loads "fr" lazily
+    assert sam.add_adapter("fr") == "fr" and sam.levels == ["fr"] and sam.active_stack == ("fr",)
+    assert torch.equal(logits(sam), routed) and ae.list_adapters(sam.model) == ["fr"]
+
+
+def test_stack_names_and_adapter_names_do_not_shadow_each_other():
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("a", SEQ_BN)
+    sam.add_adapter("b", SEQ_BN, level=False)
+    with pytest.raises(ValueError, match="shadow"):
+        sam.add_stack("a", ["b"])
+    with pytest.raises(ValueError, match="twice"):
+        sam.add_stack("bb", ["b", "b"])
+    sam.add_stack("ab", ["a", "b"])
+    with pytest.raises(ValueError, match="names a stack"):
+        sam.add_adapter("ab", SEQ_BN, level=False)
+    assert ae.list_adapters(sam.model) == ["a", "b"] and sam.stack_for("ab") == ("a", "b")
+
+
+@pytest.mark.parametrize("depth", [True, False, 1.0, -1, 4])
+def test_set_depth_refuses_what_is_not_a_depth(depth):
+    sam, _ = three_levels()
+    sam.set_depth(2)
+    with pytest.raises(ValueError, match="depth must be an int"):
+        sam.set_depth(depth)
+    assert sam.active_stack == ("general", "cardio")
+
+
+def test_a_deep_copy_is_independent():
+    sam, _ = three_levels()
+    sam.set_depth(2)
+    twin = copy.deepcopy(sam)
+    assert twin.memory.model is twin.model and twin.memory.lock is not sam.memory.lock
+    assert twin.levels == sam.levels and twin.active_stack == sam.active_stack
+    assert torch.equal(logits(twin), logits(sam))
+    before = logits(sam)
+    randomise(twin.model, "general")
+    twin.add_adapter("extra", SEQ_BN)
+    assert not torch.equal(logits(twin, adapter="cardio"), logits(sam, adapter="cardio"))
+    assert sam.levels == ["general", "cardio", "paed"] and "extra" not in ae.list_adapters(sam.model)
+    assert "extra" not in sam.memory.resident() and torch.equal(logits(sam), before)
+
+
 # ------------------------------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def minilm_bbc():

@@ -9,6 +9,7 @@ thread-safe); the fused path under threads is in tests/test_routing.py's CUDA ti
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import threading
@@ -247,6 +248,77 @@ def test_adapters_outside_the_store_are_kept_on_the_host_when_dropping(filled_st
     assert memory.stats().offloaded == 1  # not in the store: never dropped
     with memory.use(["trained_here"]):
         assert torch.equal(out(model, "trained_here"), before)
+
+
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_an_adapter_changed_since_it_was_loaded_is_kept_on_the_host_when_dropping(filled_store, kind):
+    """offload="drop" drops only the store's copy: an adapter loaded from the store and then updated in place
+    (trained) is kept in host memory, and reloads as trained, not as the stale store copy; an unchanged one is
+    dropped and reloaded from the store."""
+    store, expected = filled_store
+    name, other = (f"{kind}0", "ia31") if kind == "lora" else (f"{kind}2", "ia31")
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with memory.use([name]):
+        with torch.no_grad():
+            for p in ae.api.adapter_parameters(model, name):
+                p.add_(0.25)  # an optimizer step, in place
+        trained = out(model, name)
+    assert not torch.equal(trained, expected[name])
+    with memory.use([other]):  # evicts name: changed, so kept on the host
+        pass
+    assert memory.stats().offloaded == 1 and name not in ae.list_adapters(model)
+    with memory.use([name]):  # evicts other: unchanged since its load, so dropped
+        assert torch.equal(out(model, name), trained)
+    stats = memory.stats()
+    assert stats.offloaded == 0 and (stats.loads_from_disk, stats.loads_from_cpu) == (2, 1)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "drop"])
+def test_a_reloaded_adapter_keeps_each_weights_requires_grad(filled_store, offload):
+    store, _ = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload=offload)
+    with memory.use(["lora0"]):
+        a, b = ae.api.adapter_parameters(model, "lora0")[:2]
+        a.requires_grad_(False)  # frozen lora_A of the first layer, the rest trainable
+        flags = [p.requires_grad for p in ae.api.adapter_parameters(model, "lora0")]
+    assert flags[0] is False and all(flags[1:])
+    with memory.use(["seq_bn2"]):  # evicts lora0
+        pass
+    with memory.use(["lora0"]):
+        assert [p.requires_grad for p in ae.api.adapter_parameters(model, "lora0")] == flags
+
+
+def test_an_adapter_merged_away_leaves_the_manager_too(filled_store):
+    """merge_adapter folds a LoRA into the base and drops it from the model behind the manager's back: the manager
+    forgets it (no later eviction of an adapter that is gone); one added through the model's API is adopted."""
+    store, _ = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=2)
+    with memory.use(["lora0", "seq_bn2"]):
+        pass
+    ae.merge_adapter(model, "lora0")
+    assert memory.resident() == ["seq_bn2"]
+    with memory.use(["ia31"]), memory.use(["lora3"]):  # needs to evict seq_bn2, not the merged lora0
+        assert sorted(ae.list_adapters(model)) == ["ia31", "lora3"]
+    ae.add_adapter(model, "direct", KINDS["lora"]())
+    assert "direct" in memory.resident() and len(ae.list_adapters(model)) <= 3
+    with memory.use(["seq_bn2"]):
+        assert len(ae.list_adapters(model)) == 2
+
+
+def test_a_deep_copy_of_the_manager_has_its_own_lock_and_model(filled_store):
+    store, _ = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=2)
+    with memory.use(["lora0"]):
+        twin = copy.deepcopy(memory)
+    assert twin.lock is not memory.lock and twin.model is not model
+    assert twin.resident() == ["lora0"] and twin.stats().resident == 1
+    with twin.use(["seq_bn2", "ia31"]):  # the copy's holds: none of the original's
+        pass
+    assert memory.resident() == ["lora0"] and ae.list_adapters(model) == ["lora0"]
 
 
 def test_eight_threads_under_a_cap_reference_ops(filled_store, monkeypatch):
