@@ -150,6 +150,25 @@ def test_ia3_scaling_and_inverse(dtype, dim):
     torch.testing.assert_close(out.float(), weight.float(), rtol=2 * 2.0 ** -MANTISSA_BITS[dtype], atol=0)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded", "column"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_ia3_vector_of_any_stride(layout, dim):
+    """The IA3 vector may be a strided view, an expanded (stride 0) one, or PEFT's (n, 1) column of a wider
+    tensor: the kernel reads it through its stride."""
+    weight = torch.randn(19, 37)
+    n = weight.shape[dim]
+    if layout == "strided":
+        vec = (torch.rand(2 * n) + 0.5)[::2]
+    elif layout == "expanded":
+        vec = (torch.rand(1) + 0.5).expand(n)
+    else:
+        vec = (torch.rand(n, 3) + 0.5)[:, 1:2]
+    out = weight.clone()
+    scale_ia3_(out, vec, dim=dim)
+    shape = (-1, 1) if dim == 0 else (1, -1)
+    assert_within_one_ulp(out, weight.double() * vec.double().reshape(shape))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_safe_merge_refuses_overflow_and_leaves_weight_untouched(dtype):
     weight = torch.randn(20, 30).to(dtype)
