@@ -430,6 +430,19 @@ def test_validation_errors():
         lora_linear(x, w[None], A, B, 1.0)
     with pytest.raises(ValueError, match=r"x must be \(\.\.\., in\).*x \(\)"):
         lora_linear(x[0, 0], w, A, B, 1.0)
+    # not tensors, or not numbers, where they must be: TypeError naming the argument (not AttributeError)
+    with pytest.raises(TypeError, match=r"lora_A\[1\] must be a torch.Tensor, got NoneType"):
+        lora_linear(x, w, [A, None], [B, B], [1.0, 1.0])
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+        lora_linear(x, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        lora_linear(x.tolist(), w, A, B, 1.0)
+    with pytest.raises(TypeError, match="all be single.*got list, Tensor and list"):
+        lora_linear(x, w, [A], B, [1.0])
+    with pytest.raises(TypeError, match="scale None"):
+        lora_linear(x, w, A, B, None)
+    with pytest.raises(TypeError, match=r"scale \[1.0, 'a'\]"):
+        lora_linear(x, w, [A, A], [B, B], [1.0, "a"])
 
 
 # ----------------------------------------------------------------------------------- torch paths (cuBLAS GEMMs only)
