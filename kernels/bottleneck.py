@@ -451,7 +451,7 @@ def _routes_and_hint(h: torch.Tensor, routes, level_adapters, n_adapters: int):
         return expanded, level_adapters
     if lo < -1 or hi >= n_adapters:
         raise ValueError(
-            f"routes must be -1 (level off) or name one of the {n_adapters} adapters, got values in [{lo}, {hi}]"
+            f"routes must be -1 (level off) or name one of the {n_adapters} packed adapters, got values in [{lo}, {hi}]"
         )
     return expanded, level_adapters
 

@@ -353,7 +353,7 @@ def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel(
     packed, ln = pack(params), make_ln(hidden)
     h, y = torch.randn(5, hidden), torch.randn(5, hidden)
     for routes in ([1], [-2], torch.tensor([[0], [1], [0], [-1], [0]]), torch.tensor([[0, 3]] * 5)):
-        with pytest.raises(ValueError, match=r"name one of the 1 adapters"):
+        with pytest.raises(ValueError, match=r"name one of the 1 packed adapters"):
             bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias)
         with pytest.raises(ValueError, match=r"does not name one of the 1 adapters"):
             bottleneck_stack_ref(h, y, ln.weight, ln.bias, packed, expand_routes(routes, h), SEQ)
@@ -1166,7 +1166,7 @@ def test_forward_path_choice(monkeypatch):
         monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "levels")
         with pytest.raises(ValueError, match="one stack on every row"):
             bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
-        with pytest.raises(ValueError, match="beyond the 2 packed"):
+        with pytest.raises(ValueError, match="name one of the 2 packed adapters"):  # (checked before any path)
             bottleneck_stack(h, y, pack(params), [0, 5], SEQ, ln.weight, ln.bias)
 
 
