@@ -361,7 +361,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dtype not in FLOAT_DTYPES:
+    if getattr(tensor, "dtype", None) not in FLOAT_DTYPES:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got {type(tensor).__name__}")
         raise TypeError(
             f"{name} must be float32, float16 or bfloat16, got {tensor.dtype} (shape {tuple(tensor.shape)})"
         )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
+from ._backend import FLOAT_DTYPES, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference", "layer_norm_with_stats", "MAX_HIDDEN"]
 
@@ -47,15 +47,16 @@ def row_block(M, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def normalise_rows(v, mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype: tl.constexpr):
+def normalise_rows(v, mask, cols, cmask, H, eps, w_ptr, bias_ptr, stride_w, stride_bias, dtype: tl.constexpr):
     """The LayerNorm of the fp32 rows ``v`` (ROWS, BLOCK_H) over their ``H`` valid columns (``mask``): (x in fp32,
-    mean, rstd), moments by two passes over the registers, the LN weight and bias rounded to ``dtype`` first (as
-    :func:`layer_norm_with_stats` casts them). Shared with kernels/level_boundary.py."""
+    mean, rstd), moments by two passes over the registers, the LN weight and bias (any strides: a view, or 0 for an
+    expanded one) rounded to ``dtype`` first (as :func:`layer_norm_with_stats` casts them). Shared with
+    kernels/level_boundary.py."""
     mean = tl.sum(v, 1) / H
     centred = tl.where(mask, v - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / H + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
-    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols * stride_w, mask=cmask, other=0.0).to(dtype).to(tl.float32)
+    bias = tl.load(bias_ptr + cols * stride_bias, mask=cmask, other=0.0).to(dtype).to(tl.float32)
     return centred * rstd[:, None] * w[None, :] + bias[None, :], mean, rstd
 
 
@@ -75,7 +76,7 @@ def _add_layer_norm_fwd_kernel(
     H,
     eps,
     # strides
-    stride_am, stride_ah, stride_bm, stride_bh, stride_cm, stride_ch,
+    stride_am, stride_ah, stride_bm, stride_bh, stride_cm, stride_ch, stride_w, stride_bias,
     # compile-time switches
     HAS_C: tl.constexpr,
     WRITE_SUM: tl.constexpr,
@@ -95,7 +96,9 @@ def _add_layer_norm_fwd_kernel(
     offs = rows[:, None] * H + cols[None, :]
     if WRITE_SUM:
         tl.store(sum_ptr + offs, s, mask=mask)
-    x, mean, rstd = normalise_rows(s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype)
+    x, mean, rstd = normalise_rows(
+        s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, stride_w, stride_bias, dtype
+    )
     tl.store(out_ptr + offs, x.to(dtype), mask=mask)
     if SAVE_STATS:
         tl.store(stats_ptr + rows, mean, mask=rmask)
@@ -121,7 +124,8 @@ def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write
     _add_layer_norm_fwd_kernel[(cdiv(m, rows),)](
         a, b, c_t, weight, bias, s if write_sum else out, out, stats if stats is not None else out,
         m, hidden, float(eps),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_t.stride(0), c_t.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_t.stride(0), c_t.stride(1), weight.stride(0),
+        bias.stride(0),
         HAS_C=c is not None, WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h,
         num_warps=warps,
     )  # fmt: skip
@@ -172,6 +176,13 @@ def add_layer_norm(
     operands = (a, b) if c is None else (a, b, c)
     for name, t in zip("abc", operands):
         check_float_dtype(name, t)
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)):  # (both required: see the docstring)
+        raise TypeError(
+            f"add_layer_norm needs the LayerNorm weight and bias as tensors, got {type(weight).__name__} and "
+            f"{type(bias).__name__}"
+        )
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_layer_norm: dtype must be float32, float16 or bfloat16 (or None), got {dtype}")
     check_same_device(a=a, b=b, c=c, weight=weight, bias=bias, stats=stats)
     if a.dim() != 2 or any(t.shape != a.shape for t in operands):
         shapes = " and ".join(str(tuple(t.shape)) for t in operands)

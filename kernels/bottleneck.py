@@ -410,11 +410,16 @@ def _host_levels(routes) -> tuple[int, ...] | None:
     return None
 
 
+_ROUTE_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
 def expand_routes(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Routes as (rows, L) int32: (L,) is shared by all rows, (B, L) with h (B, S, H) is per sequence."""
     rows = h.numel() // h.shape[-1]
     if not (isinstance(routes, torch.Tensor) and routes.device == h.device):
         routes = torch.as_tensor(routes, device=h.device)
+    if routes.dtype not in _ROUTE_DTYPES:  # (before the cast to int32, which would truncate 1.7 to 1)
+        raise TypeError(f"routes must be an integer tensor (adapter indices, -1 = off), got {routes.dtype}")
     if routes.dim() == 1:
         return (routes if routes.dtype == torch.int32 else routes.to(torch.int32)).reshape(1, -1).expand(rows, -1)
     if routes.dim() == 2 and routes.shape[0] == rows:
@@ -428,12 +433,27 @@ def expand_routes(routes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _routes_and_hint(h: torch.Tensor, routes, level_adapters):
-    """(routes expanded to (rows, L) int32, the per-level hint: the caller's, or one stack given on the host)."""
+def _routes_and_hint(h: torch.Tensor, routes, level_adapters, n_adapters: int):
+    """(routes expanded to (rows, L) int32, the per-level hint: the caller's, or one stack given on the host).
+
+    Routes the host sees without a device sync (a list, CPU tensors: the interpreter's) must lie in
+    [-1, n_adapters), as the torch twin requires; on a GPU the kernels treat routes outside [0, n_adapters) as off
+    (a range check would sync the stream)."""
     host_levels = _host_levels(routes)
-    if level_adapters is None and host_levels is not None:  # one stack given on the host: no sync
-        level_adapters = [[a] if a >= 0 else [] for a in host_levels]
-    return expand_routes(routes, h), level_adapters
+    expanded = expand_routes(routes, h)
+    if host_levels is not None:  # one stack given on the host: no sync
+        if level_adapters is None:
+            level_adapters = [[a] if a >= 0 else [] for a in host_levels]
+        lo, hi = min(host_levels, default=-1), max(host_levels, default=-1)
+    elif expanded.device.type == "cpu" and expanded.numel() and not torch.compiler.is_compiling():
+        lo, hi = map(int, torch.aminmax(expanded[:1] if expanded.stride(0) == 0 else expanded))
+    else:
+        return expanded, level_adapters
+    if lo < -1 or hi >= n_adapters:
+        raise ValueError(
+            f"routes must be -1 (level off) or name one of the {n_adapters} packed adapters, got values in [{lo}, {hi}]"
+        )
+    return expanded, level_adapters
 
 
 def _launch_facts(h: torch.Tensor, packed: PackedStack, routes: torch.Tensor, level_adapters):
@@ -487,11 +507,15 @@ def bottleneck_stack(
     """
     if return_launch and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
         raise RuntimeError("return_launch serves without autograd: call bottleneck_stack under torch.no_grad()")
-    routes, level_adapters = _routes_and_hint(h, routes, level_adapters)
+    routes, level_adapters = _routes_and_hint(h, routes, level_adapters, packed.scale.shape[0])
     _check(h, y, ln_weight, ln_bias, packed, routes, options)
     if not use_triton(h) or options.ln_before or options.ln_after:
         out = bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
         return (out, None) if return_launch else out
+    if ln_weight is not None and not (ln_weight.is_contiguous() and ln_bias.is_contiguous()):
+        # the row-block kernels read the model LN with unit stride: a strided or expanded view is copied
+        # (differentiably: its gradient reaches the view); nn.LayerNorm's parameters are contiguous, so no copy
+        ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
     host, max_rank, uniform = _launch_facts(h, packed, routes, level_adapters)
     if return_launch:
         record = []

@@ -128,7 +128,7 @@ def _bottleneck_level_bwd_kernel(
     st_ptr,  # (2, M) fp32 mean, rstd of t_i = r_(i-1) + y
     pw_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dx * that over routed rows
     pb_ptr,  # out (LN_GRAD): (programs, H) fp32 per-program partial sums of dx over routed rows
-    M, H, Rt,
+    M, H, Rt, n_adapters,  # routes outside [0, n_adapters) are off, as in the forward
     stride_rpm, stride_rph, stride_ym, stride_yh,
     stride_wdr, stride_wdh, stride_wuh, stride_wur, stride_rtm,
     PARALLEL: tl.constexpr,
@@ -154,6 +154,7 @@ def _bottleneck_level_bwd_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     aid = tl.load(route_ptr + rows * stride_rtm, mask=rmask, other=-1)
+    aid = tl.where(aid < n_adapters, aid, -1)  # (never an adapter's table read out of bounds)
     on = aid >= 0
     aid_safe = tl.where(on, aid, 0)
     lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
@@ -486,7 +487,7 @@ def _stack_backward(
             g, dy, rp, y2, zs_l[lvl], dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
             lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats_l[lvl], pw, pb,
-            m, hidden, rt,
+            m, hidden, rt, scale.shape[0],
             rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
         )  # fmt: skip

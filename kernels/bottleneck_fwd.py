@@ -288,6 +288,7 @@ def _bottleneck_stack_fwd_kernel(
     M,
     H,
     Rt,
+    n_adapters,  # A: routes outside [0, A) are off (a GPU does not range-check them; the host does where it sees them)
     eps,
     # strides
     stride_hm, stride_hh, stride_ym, stride_yh, stride_om, stride_oh,
@@ -338,6 +339,7 @@ def _bottleneck_stack_fwd_kernel(
 
     for lvl in tl.static_range(NUM_LEVELS):
         aid = tl.load(routes_ptr + rows * stride_rtm + lvl * stride_rtl, mask=rmask, other=-1)
+        aid = tl.where(aid < n_adapters, aid, -1)  # (never an adapter's table read out of bounds)
         on = aid >= 0
         aid_safe = tl.where(on, aid, 0)
         lo = tl.min(tl.load(off_ptr + aid_safe, mask=on, other=1 << 30), 0)
@@ -596,7 +598,7 @@ def _kernel_args(h2, y2, out, ln_weight, ln_bias, packed: PackedStack, routes, s
         packed.wd, packed.bd, packed.wu, packed.bu,
         packed.unit_owner, packed.unit_act, packed.scale, packed.offsets,
         routes, lnw, lnb, saved.rs, saved.zs, saved.stats,
-        m, hidden, rt, float(options.eps),
+        m, hidden, rt, packed.scale.shape[0], float(options.eps),
         h2.stride(0), h2.stride(1), y2.stride(0), y2.stride(1), out.stride(0), out.stride(1),
         packed.wd.stride(0), packed.wd.stride(1), packed.wu.stride(0), packed.wu.stride(1),
         packed.bu.stride(0), packed.bu.stride(1),

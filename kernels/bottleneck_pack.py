@@ -135,11 +135,16 @@ def pack_adapters(
     if not (n == len(down_biases) == len(up_weights) == len(up_biases) == len(activations) == len(scalings)) or n == 0:
         raise ValueError(f"pack_adapters needs the same non-zero number of each part, got {n} down weights")
     hidden = down_weights[0].shape[1]
-    for i, (wd, wu) in enumerate(zip(down_weights, up_weights, strict=True)):
+    for i, (wd, bd, wu, bu) in enumerate(zip(down_weights, down_biases, up_weights, up_biases, strict=True)):
         if wd.dim() != 2 or wu.dim() != 2 or wd.shape[1] != hidden or wu.shape != (hidden, wd.shape[0]):
             raise ValueError(
                 f"adapter {i}: down weight must be (r, {hidden}) and up weight ({hidden}, r), "
                 f"got {tuple(wd.shape)} and {tuple(wu.shape)}"
+            )
+        if bd.shape != (wd.shape[0],) or bu.shape != (hidden,):  # (a wrong length shifts the next adapter's biases)
+            raise ValueError(
+                f"adapter {i}: down bias must be ({wd.shape[0]},) and up bias ({hidden},) for down weight "
+                f"{tuple(wd.shape)}, got {tuple(bd.shape)} and {tuple(bu.shape)}"
             )
     codes = []
     for a in activations:
@@ -164,7 +169,7 @@ def pack_adapters(
     one = n == 1  # a single adapter needs no copy (the up weight is re-laid out, see _h_contiguous_up)
     return PackedStack(
         wd=down_weights[0] if one else torch.cat(down_weights, 0),
-        bd=down_biases[0] if one else torch.cat(down_biases, 0),
+        bd=down_biases[0].contiguous() if one else torch.cat(down_biases, 0),  # (the kernels read it contiguous)
         wu=_h_contiguous_up(up_weights),
         bu=up_biases[0].unsqueeze(0) if one else torch.stack(up_biases, 0),
         unit_owner=owner,

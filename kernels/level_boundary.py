@@ -65,7 +65,7 @@ def _level_boundary_kernel(
     W,
     eps,
     stride_cm, stride_ch, stride_ym, stride_yh, stride_am, stride_ak, stride_uk, stride_uh, stride_sm, stride_sh,
-    stride_dw, stride_dh,
+    stride_dw, stride_dh, stride_w, stride_bias, stride_db,  # (LN weight, LN bias, down bias: any stride, 0 expanded)
     HAS_Y: tl.constexpr,
     HAS_UP: tl.constexpr,
     WRITE_S: tl.constexpr,
@@ -102,7 +102,9 @@ def _level_boundary_kernel(
     s = acc.to(dtype)  # rounded once, as addmm_ (or torch's add of two operands) stores it
     if WRITE_S:
         tl.store(s_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sh, s, mask=mask)
-    x, mean, rstd = normalise_rows(s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, dtype)
+    x, mean, rstd = normalise_rows(
+        s.to(tl.float32), mask, cols, cmask, H, eps, w_ptr, bias_ptr, stride_w, stride_bias, dtype
+    )
     if DOWN:
         # x @ down_w^T over CHUNK-column slices of x, each normalised again from the stored s (the whole-row x above
         # cannot be sliced): the barrier (bar.sync: CTA-scope ordering of the program's memory accesses) makes every
@@ -117,8 +119,8 @@ def _level_boundary_kernel(
             hmask = hs < H
             tile = rmask[:, None] & hmask[None, :]
             sc = tl.load(s_ptr + rows[:, None] * stride_sm + hs[None, :] * stride_sh, mask=tile, other=0.0)
-            wc = tl.load(w_ptr + hs, mask=hmask, other=0.0).to(dtype).to(tl.float32)
-            bc = tl.load(bias_ptr + hs, mask=hmask, other=0.0).to(dtype).to(tl.float32)
+            wc = tl.load(w_ptr + hs * stride_w, mask=hmask, other=0.0).to(dtype).to(tl.float32)
+            bc = tl.load(bias_ptr + hs * stride_bias, mask=hmask, other=0.0).to(dtype).to(tl.float32)
             xc = (sc.to(tl.float32) - mean[:, None]) * rstd[:, None] * wc[None, :] + bc[None, :]
             xc = tl.where(tile, xc, 0.0).to(dtype)  # rounded as the LayerNorm's output is stored
             d = tl.load(dw_ptr + units[None, :] * stride_dw + hs[:, None] * stride_dh,
@@ -126,7 +128,7 @@ def _level_boundary_kernel(
             if DOT_FP32:
                 xc, d = xc.to(tl.float32), d.to(tl.float32)
             z = tl.dot(xc, d, z, input_precision=INPUT_PRECISION)
-        z += tl.load(db_ptr + units, mask=umask, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(db_ptr + units * stride_db, mask=umask, other=0.0).to(tl.float32)[None, :]
         a_next = _activation(z, tl.full((1, BLOCK_W), ACT, tl.int32))
         tl.store(out_ptr + rows[:, None] * W + units[None, :], a_next.to(dtype), mask=rmask[:, None] & umask[None, :])
     else:
@@ -157,7 +159,8 @@ def level_boundary_fwd(c, weight, bias, eps: float, y, act, up, down, write_c: b
         c, y_t, act_t, up_t, s, weight, bias, out, dw, db,
         m, hidden, act_t.shape[1] if act is not None else 0, width, float(eps),
         c.stride(0), c.stride(1), y_t.stride(0), y_t.stride(1), act_t.stride(0), act_t.stride(1),
-        up_t.stride(0), up_t.stride(1), s.stride(0), s.stride(1), dw.stride(0), dw.stride(-1),
+        up_t.stride(0), up_t.stride(1), s.stride(0), s.stride(1), dw.stride(0), dw.stride(-1), weight.stride(0),
+        bias.stride(0), db.stride(-1),
         HAS_Y=y is not None, HAS_UP=act is not None, WRITE_S=write_c, DOWN=down is not None,
         ACT=down[2] if down is not None else 0, DOT_FP32=fp32_dots,
         INPUT_PRECISION="ieee" if dtype == torch.float32 or fp32_dots else "tf32", **_tiles(hidden, width),
@@ -214,6 +217,11 @@ def level_boundary(
     operands = {name: t for name, t in operands.items() if t is not None}
     for name, t in operands.items():
         check_float_dtype(name, t)
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)):
+        raise TypeError(
+            f"level_boundary needs the LayerNorm weight and bias as tensors, got {type(weight).__name__} and "
+            f"{type(bias).__name__}"
+        )
     check_same_device(**operands, weight=weight, bias=bias)
     if any(t.dtype != c.dtype for t in operands.values()):
         listing = ", ".join(f"{name} {t.dtype}" for name, t in operands.items())

@@ -56,6 +56,7 @@ def _low_rank_epilogue(
     stride_br,
     stride_uom,
     stride_uor,
+    stride_bias,  # the bias's one stride (any view: strided, or 0 for an expanded one)
     # meta
     BLOCK_R: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
@@ -89,7 +90,7 @@ def _low_rank_epilogue(
     else:
         acc = tl.dot(u_lo, bt, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -113,6 +114,7 @@ def _row_adapter_epilogue(
     stride_ur,
     stride_bn,
     stride_br,
+    stride_bias,  # the bias's one stride (any view: strided, or 0 for an expanded one)
     # meta
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -151,7 +153,7 @@ def _row_adapter_epilogue(
             acc = tl.dot(ua, bt, acc, input_precision=INPUT_PRECISION)
         acc = tl.where(mine[:, None] & (bad > 0)[None, :], float("nan"), acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 

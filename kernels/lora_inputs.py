@@ -33,16 +33,27 @@ from .lora_segmented import SegmentPlan, plan_segments
 # User input: adapter lists, shapes, dtypes, devices, per-row adapter ids
 # ----------------------------------------------------------------------------------------------------------------
 def _adapter_lists(lora_A, lora_B, scale):
-    if isinstance(lora_A, torch.Tensor):
-        if not isinstance(lora_B, torch.Tensor) or isinstance(scale, (list, tuple)):
-            raise TypeError("lora_A, lora_B and scale must all be single (tensor, tensor, float) or all sequences")
-        return [lora_A], [lora_B], [float(scale)]
-    As, Bs, scales = list(lora_A), list(lora_B), list(scale)
+    single = isinstance(lora_A, torch.Tensor)
+    if single != isinstance(lora_B, torch.Tensor) or (single and isinstance(scale, (list, tuple))):
+        raise TypeError(  # (list() of a single lora_B would take its rows for adapters)
+            "lora_A, lora_B and scale must all be single (tensor, tensor, float) or all sequences, got "
+            f"{type(lora_A).__name__}, {type(lora_B).__name__} and {type(scale).__name__}"
+        )
+    try:
+        if single:
+            return [lora_A], [lora_B], [float(scale)]
+        As, Bs, scales = list(lora_A), list(lora_B), list(scale)
+        floats = [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise TypeError(
+            "lora_A and lora_B must be tensors (or sequences of them) and scale a number (or a sequence of numbers, "
+            f"one per adapter), got {type(lora_A).__name__}, {type(lora_B).__name__} and scale {scale!r}"
+        ) from None
     if not (len(As) == len(Bs) == len(scales)) or not As:
         raise ValueError(
             f"need equal, non-zero numbers of lora_A, lora_B and scale, got {len(As)}, {len(Bs)}, {len(scales)}"
         )
-    return As, Bs, [float(s) for s in scales]
+    return As, Bs, floats
 
 
 def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False) -> tuple[int, int, tuple[int, ...]]:
@@ -55,16 +66,16 @@ def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False) -> tupl
     uniform = isinstance(x, torch.Tensor) and x.dtype in ok_dtypes
     if uniform:
         dt, dev = x.dtype, x.device
-        uniform = all(
-            t is None or (isinstance(t, torch.Tensor) and t.dtype == dt and t.device == dev)
-            for t in (weight, bias, *As, *Bs)
+        uniform = all(  # (only the bias may be None)
+            (t is None and name == "bias") or (isinstance(t, torch.Tensor) and t.dtype == dt and t.device == dev)
+            for name, t in (("weight", weight), ("bias", bias), *(("factor", t) for t in (*As, *Bs)))
         )
     if not uniform:  # find the culprit and name it
         tensors = {"x": x, "weight": weight, "bias": bias}
         tensors.update({f"lora_A[{i}]": a for i, a in enumerate(As)})
         tensors.update({f"lora_B[{i}]": b for i, b in enumerate(Bs)})
         for name, t in tensors.items():
-            if t is not None and not isinstance(t, torch.Tensor):
+            if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t is not None and not (allow_fp64 and t.dtype == torch.float64):
                 check_float_dtype(name, t)

@@ -224,7 +224,11 @@ def lora_linear(
     (fp32/fp16/bf16) and device. path: see kernels/lora_linear_launch.py (``"auto"``: kernels/lora_linear_dispatch.py).
     Returns (..., out) in x's dtype.
     """
-    if torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):  # (device.type: 250 ns, is_cuda 40)
+    try:
+        cuda = x.is_cuda
+    except AttributeError:
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
+    if torch.is_autocast_enabled("cuda" if cuda else x.device.type):  # (device.type: 250 ns, is_cuda 40)
         return _under_autocast(x, weight, lora_A, lora_B, scale, bias, adapter_ids, dropout, training, fan_in_fan_out,
                                path)  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)

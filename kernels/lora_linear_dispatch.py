@@ -95,11 +95,12 @@ def mixed_batch_path(rows: int, ranks: Sequence[int], like: torch.Tensor) -> str
 
 def _operands(x, weight, lora_A, lora_B, bias, adapter_ids, x_lora, store_u: bool) -> tuple:
     """The geometry of ``lora_linear_fwd``'s operands (shapes, strides, dtype, device, switches): the key of the small-M
-    choice and, with whether the shrink is fused, of the tiled kernel's recorded launch."""
+    choice and, with whether the shrink is fused, of the tiled kernel's recorded launch. (The bias: its stride, or
+    None without one; the recorded launch passes that stride.)"""
     (M, K), (N, R) = x.shape, lora_B.shape
     return (
-        M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(), bias is None,
-        adapter_ids is None, store_u, x_lora is None,
+        M, N, K, R, x.dtype, x.device, x.stride(), weight.stride(), lora_A.stride(), lora_B.stride(),
+        None if bias is None else bias.stride(0), adapter_ids is None, store_u, x_lora is None,
     )  # fmt: skip
 
 
@@ -192,11 +193,11 @@ def _small_m_choice(operands: tuple, x: torch.Tensor, launch) -> tuple[str, str]
     ``F.linear`` enqueued in 20 us, the engine's call in 125 us), where three cuBLAS launches may cost less than
     one Triton launch. Untimed (interpreter, timing off, inside a capture of an untimed shape, where nothing is
     kept): the fused launch, or ``"epilogue"`` for a dropout input."""
-    M, N, K, R, dtype, device, _, w_strides, a_strides, _, no_bias, no_ids, store_u, fusable = operands
+    M, N, K, R, dtype, device, _, w_strides, a_strides, _, bias_stride, no_ids, store_u, fusable = operands
     path = _pick_path("auto", M, fusable)
     candidates = _small_m_candidates(path)
-    key = (next_pow2(M), N, R, K, dtype, device, w_strides[-1] == 1, a_strides[-1] == 1, no_bias, no_ids, store_u,
-           fusable)  # fmt: skip
+    key = (next_pow2(M), N, R, K, dtype, device, w_strides[-1] == 1, a_strides[-1] == 1, bias_stride is None, no_ids,
+           store_u, fusable)  # fmt: skip
     paths = _SMALL_M.get(key)
     if paths is None:
         if capturing(x):  # nothing is timed or kept inside a capture: the eager call after it times them
@@ -295,7 +296,7 @@ def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPla
             x.stride(),
             weight.stride(),
             lora_B.stride(),
-            bias is None,
+            None if bias is None else bias.stride(0),  # (the recorded launch passes the bias's stride)
             False,
         )  # fmt: skip  (last: the shrink is not fused)
         lora_linear_tiled_fwd(x, weight, lora_A, lora_B, plan.scale, plan.rank_off, bias, ids, None, y, None,

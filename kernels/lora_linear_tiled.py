@@ -83,6 +83,7 @@ def _lora_linear_fwd_kernel(
     stride_yn,
     stride_uom,
     stride_uor,
+    stride_bias,  # bias: (N,), any stride (0: an expanded bias)
     # meta
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -175,7 +176,7 @@ def _lora_linear_fwd_kernel(
         if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
             acc = _row_adapter_epilogue(
                 acc, u_in_ptr, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_uim,
-                stride_uir, stride_bn, stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
+                stride_uir, stride_bn, stride_br, stride_bias, BLOCK_R, HAS_BIAS, DOT_FP32, INPUT_PRECISION,
             )  # fmt: skip
         else:
             if not FUSE_SHRINK:
@@ -183,7 +184,7 @@ def _lora_linear_fwd_kernel(
                 u = tl.load(u_in, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
             acc = _low_rank_epilogue(
                 acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N,
-                R, pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+                R, pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor, stride_bias,
                 BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, INPUT_PRECISION,
             )  # fmt: skip
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -393,13 +394,13 @@ def _first_tiled_launch(
                       adapter_ids, x_lora, y, u_out, rows)  # fmt: skip
             return
     kwargs = dict(meta, **config, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0)
-    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, store_u, rows)
+    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, bias, store_u, rows)
     launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows)
     if settled:
         record(_RECORDED, geometry, launch)
 
 
-def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, store_u, rows) -> TiledLaunch:
+def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, bias, store_u, rows) -> TiledLaunch:
     """The launch of ``kwargs`` (a config and its switches) for the geometry of these operands: grid, integer
     arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors; u by row (M, BLOCK_R)), constexprs and
     split-K sizes."""
@@ -408,7 +409,7 @@ def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, store_u, r
     n_adapters = 0 if rows is None else rows[1].shape[0] - 1
     sizes_strides = (
         M, N, x.shape[1], R, n_adapters, m_bucket, *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(),
-        *u_in_strides, *y_strides, *(u_strides if store_u else y_strides),
+        *u_in_strides, *y_strides, *(u_strides if store_u else y_strides), 0 if bias is None else bias.stride(0),
     )  # fmt: skip
     grid = (cdiv(M, kwargs["BLOCK_M"]) * cdiv(N, kwargs["BLOCK_N"]) * kwargs["SPLIT_K"],)
     direct = DirectLaunch.plan(_lora_linear_fwd_kernel, grid, kwargs, 14 + len(sizes_strides))  # (14 pointers)
@@ -421,8 +422,8 @@ def _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank
     (sized for the largest split-K need); the fastest is kept in ``_TUNED``."""
     M, N, R = x.shape[0], lora_B.shape[0], lora_B.shape[1]
     configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
-    probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B, u_out is not None,
-                        rows)  # fmt: skip
+    probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B, bias,
+                        u_out is not None, rows)  # fmt: skip
     probe = probe._replace(split=_split_k_sizes(M, N, meta["BLOCK_R"], configs))
     args = probe.arguments(
         x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows

@@ -87,6 +87,7 @@ def _lora_linear_tma_fwd_kernel(
     stride_yn,
     stride_uom,
     stride_uor,
+    stride_bias,  # bias: (N,), any stride (0: an expanded bias)
     # meta
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -150,8 +151,8 @@ def _lora_linear_tma_fwd_kernel(
             _epilogue_and_store(
                 acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, rank_off_ptr,
                 y_ptr, u_out_ptr, pid_m, pid_n, M, N, R, n_adapters, stride_bn, stride_br, stride_uim, stride_uir,
-                stride_ym, stride_yn, stride_uom, stride_uor, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK, HAS_BIAS,
-                HAS_IDS, STORE_U, DOT_FP32, Y_TMA, ROW_ADAPTERS,
+                stride_ym, stride_yn, stride_uom, stride_uor, stride_bias, BLOCK_M, BLOCK_N, BLOCK_R, FUSE_SHRINK,
+                HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, Y_TMA, ROW_ADAPTERS,
             )  # fmt: skip
 
 
@@ -159,7 +160,7 @@ def _lora_linear_tma_fwd_kernel(
 def _epilogue_and_store(
     acc, u, y_desc, b_ptr, u_in_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, rank_off_ptr, y_ptr,
     u_out_ptr, pid_m, pid_n, M, N, R, n_adapters, stride_bn, stride_br, stride_uim, stride_uir, stride_ym, stride_yn,
-    stride_uom, stride_uor, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_uom, stride_uor, stride_bias, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     FUSE_SHRINK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, STORE_U: tl.constexpr,
     DOT_FP32: tl.constexpr, Y_TMA: tl.constexpr, ROW_ADAPTERS: tl.constexpr,
 ):  # fmt: skip
@@ -170,7 +171,7 @@ def _epilogue_and_store(
     if ROW_ADAPTERS:  # each row's own term, from u by row (rows of id -1 are never read)
         acc = _row_adapter_epilogue(
             acc, u_in_ptr, b_ptr, bias_ptr, ids_ptr, rank_off_ptr, offs_m, offs_n, M, N, n_adapters, stride_uim,
-            stride_uir, stride_bn, stride_br, BLOCK_R, HAS_BIAS, DOT_FP32, "tf32",
+            stride_uir, stride_bn, stride_br, stride_bias, BLOCK_R, HAS_BIAS, DOT_FP32, "tf32",
         )  # fmt: skip
     else:
         if not FUSE_SHRINK:
@@ -179,7 +180,7 @@ def _epilogue_and_store(
             u = tl.load(u_in, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
         acc = _low_rank_epilogue(
             acc, u, b_ptr, bias_ptr, ids_ptr, rank_adapter_ptr, rank_scale_ptr, u_out_ptr, offs_m, offs_n, M, N, R,
-            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor,
+            pid_n == 0, stride_bn, stride_br, stride_uom, stride_uor, stride_bias,
             BLOCK_R, y_ptr.dtype.element_ty, HAS_BIAS, HAS_IDS, STORE_U, DOT_FP32, "tf32",
         )  # fmt: skip
     if Y_TMA:
@@ -345,7 +346,7 @@ def lora_linear_tma_fwd(
         counters,
         M, N, K, R, n_adapters,
         lora_B.stride(0), lora_B.stride(1), u_in_t.stride(0), u_in_t.stride(1), y.stride(0), y.stride(1),
-        u_out_t.stride(0), u_out_t.stride(1),
+        u_out_t.stride(0), u_out_t.stride(1), 0 if bias is None else bias.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, GROUP_M=tiles.group_m, NUM_SMS=num_sms,
         W_K_MAJOR=k_major, FUSE_SHRINK=fuse, HAS_BIAS=bias is not None, HAS_IDS=adapter_ids is not None,
         STORE_U=u_out is not None, DOT_FP32=interp, Y_TMA=y_tma, SPLIT_K=tiles.split_k,

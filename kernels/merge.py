@@ -253,8 +253,12 @@ def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, where: s
             )
         if a.shape[0] == 0:
             raise ValueError(f"{where}adapter {i}: rank must be at least 1, got lora_A {tuple(a.shape)}")
+        if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_complex():  # as lora_linear takes it
+            s = scales[i] = s.item()
         if not isinstance(s, (int, float)) or not math.isfinite(float(s)) or abs(s) > _FP32_MAX:
-            raise ValueError(f"{where}adapter {i}: scale must be a finite number within fp32 range, got {s!r}")
+            raise ValueError(
+                f"{where}adapter {i}: scale must be a finite number (or 0-d tensor) within fp32 range, got {s!r}"
+            )
     if fan_in_fan_out:
         a_list, b_list = [b.t() for b in b_list], [a.t() for a in a_list]
     return a_list, b_list, [float(s) for s in scales]
@@ -485,9 +489,9 @@ def unmerge_lora_(
 
 def _negate(scale):
     values = _as_list(scale, "scale")
-    if not all(isinstance(s, (int, float)) for s in values):
-        raise ValueError(f"scale must be a number or a sequence of numbers, got {scale!r}")
-    return [-float(s) for s in values]
+    if not all(isinstance(s, (int, float)) or (isinstance(s, torch.Tensor) and s.dim() == 0) for s in values):
+        raise ValueError(f"scale must be a number (or 0-d tensor) or a sequence of them, got {scale!r}")
+    return [-s for s in values]  # (a 0-d tensor stays one: _validate_lora reads it)
 
 
 def _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out):
@@ -501,7 +505,28 @@ def _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out):
     for i in range(n):
         a_list, b_list, scales = _validate_lora(weights[i], lora_A[i], lora_B[i], scale[i], fifo[i], f"weights[{i}]: ")
         jobs.append((weights[i], a_list, b_list, scales))
+    _check_disjoint(weights)
     return jobs
+
+
+def _check_disjoint(weights) -> None:
+    """Weights listed twice, or views that overlap in one storage, would each be merged from the original values
+    (the twin keeps the last merge only) or raced on (the kernel): refuse them before anything is written. Byte
+    spans [first, last element], sorted: any overlap shows between neighbours. (Interleaved views of one storage,
+    such as ``W[:, ::2]`` and ``W[:, 1::2]``, count as overlapping: merge them as one weight.)"""
+    spans = []
+    for i, w in enumerate(weights):
+        if w.numel():
+            start = w.data_ptr()
+            last = sum((n - 1) * s for n, s in zip(w.shape, w.stride(), strict=True))
+            spans.append((w.get_device(), start, start + (last + 1) * w.element_size(), i))
+    spans.sort()
+    for (dev0, _, end0, i), (dev1, start1, _, j) in zip(spans, spans[1:]):
+        if dev0 == dev1 and start1 < end0:
+            raise ValueError(
+                f"weights[{min(i, j)}] and weights[{max(i, j)}] share memory (the same weight listed twice, or "
+                f"overlapping views of one tensor): list each weight once, with all of its adapters"
+            )
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ def _scale_ia3_kernel(
     n_cols,
     stride_n,
     stride_k,
+    stride_v,  # the vector's one stride (any view: reshape(-1) keeps a strided or expanded one)
     SCALE_ROWS: tl.constexpr,
     DIVIDE: tl.constexpr,
     CHECK_ONLY: tl.constexpr,
@@ -43,9 +44,9 @@ def _scale_ia3_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     if SCALE_ROWS:
-        v = tl.load(vec_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)[:, None]
+        v = tl.load(vec_ptr + offs_n * stride_v, mask=mask_n, other=1.0).to(tl.float32)[:, None]
     else:
-        v = tl.load(vec_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32)[None, :]
+        v = tl.load(vec_ptr + offs_k * stride_v, mask=mask_k, other=1.0).to(tl.float32)[None, :]
     if DIVIDE:
         out = (w / v).to(w_ptr.dtype.element_ty)
     else:
@@ -108,6 +109,7 @@ def scale_ia3_(
             weight.shape[1],
             weight.stride(0),
             weight.stride(1),
+            vec.stride(0),
             SCALE_ROWS=dim == 0,
             DIVIDE=inverse,
             CHECK_ONLY=check_only,

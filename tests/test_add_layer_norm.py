@@ -94,6 +94,20 @@ def test_twin_and_kernel_agree_and_empty_batches():
     assert s.shape == x.shape == (0, 200)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_layer_norm_weight_and_bias_of_any_stride(layout):
+    """The LN weight and bias as strided views (every other element) or expanded ones (stride 0, one value each):
+    the kernel reads them through their strides."""
+    a, b, w, bias = _inputs(11, 40, torch.float32)
+    if layout == "strided":
+        w, bias = torch.stack([w, w + 5], 1)[:, 0], torch.stack([bias, bias - 5], 1)[:, 0]
+    else:
+        w, bias = (1 + 0.2 * torch.randn(1)).expand(40), (0.1 * torch.randn(1)).expand(40)
+    s, x = add_layer_norm(a, b, w, bias, 1e-5)
+    want = F.layer_norm(a + b, (40,), w.contiguous(), bias.contiguous(), 1e-5)
+    torch.testing.assert_close(x, want, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
 def test_inputs_are_not_written():
     a, b, w, bias = _inputs(9, 48, torch.float16)
     a0, b0 = a.clone(), b.clone()
@@ -113,6 +127,14 @@ def test_bad_input_names_the_shapes():
         add_layer_norm(a, b.long(), w, bias, 1e-5)
     with pytest.raises(ValueError, match=r"stats must be a contiguous fp32 \(2, 4\)"):
         add_layer_norm(a, b, w, bias, 1e-5, stats=torch.empty(2, 5))
+    with pytest.raises(TypeError, match="LayerNorm weight and bias as tensors, got NoneType and Tensor"):
+        add_layer_norm(a, b, None, bias, 1e-5)
+    with pytest.raises(TypeError, match=r"dtype must be float32, float16 or bfloat16 \(or None\), got torch.int32"):
+        add_layer_norm(a, b, w, bias, 1e-5, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"a must be float32, float16 or bfloat16, got torch.int32"):
+        add_layer_norm(a.int(), b.int(), w, bias, 1e-5)
+    with pytest.raises(TypeError, match=r"b must be a float32, float16 or bfloat16 tensor, got list"):
+        add_layer_norm(a, b.tolist(), w, bias, 1e-5)
 
 
 def test_runs_the_kernel_where_triton_runs():

@@ -306,6 +306,66 @@ def test_input_validation():
         make = make_params(24, [4], ["relu"])
         make[0]["act"] = "softplus"
         pack(make)
+    # a bias of the wrong length would shift the next adapter's biases
+    two = make_params(24, [4, 2], ["relu", "relu"])
+    two[0]["bd"] = torch.randn(5)
+    with pytest.raises(ValueError, match=r"adapter 0: down bias must be \(4,\).*got \(5,\) and \(24,\)"):
+        pack(two)
+    two[0]["bd"], two[1]["bu"] = torch.randn(4), torch.randn(23)
+    with pytest.raises(ValueError, match=r"adapter 1: down bias must be \(2,\) and up bias \(24,\).*\(23,\)"):
+        pack(two)
+
+
+@pytest.mark.parametrize("part", ["down bias", "model LN"])
+def test_strided_down_bias_and_model_layer_norm_with_gradients(poison, part):
+    """One packed adapter keeps its down bias uncopied, and the model LN reaches the kernels as given: a strided
+    view of either (every other element of a longer tensor) must give the oracle's output and gradients."""
+    hidden, rows = 24, 7
+    params = make_params(hidden, [6], ["gelu"])
+    ln = make_ln(hidden)
+    lnw, lnb = ln.weight, ln.bias
+    if part == "down bias":
+        base = torch.stack([params[0]["bd"], torch.full_like(params[0]["bd"], 50.0)], 1).requires_grad_(True)
+        params[0]["bd"] = base[:, 0]
+        leaves = [base]
+    else:
+        wbase = torch.stack([lnw.detach(), torch.full_like(lnw, 7.0)], 1).requires_grad_(True)
+        bbase = torch.stack([lnb.detach(), torch.full_like(lnb, 7.0)], 1).requires_grad_(True)
+        lnw, lnb = wbase[:, 0], bbase[:, 0]
+        leaves = [wbase, bbase]
+    h, y = torch.randn(rows, hidden, requires_grad=True), torch.randn(rows, hidden)
+    got = bottleneck_stack(h, y, pack(params), [0], SEQ, lnw, lnb)
+    oracle_ln = lambda v: F.layer_norm(v, (hidden,), lnw, lnb, 1e-12)  # noqa: E731
+    want = ah_stack(h, y, oracle_ln, params, SEQ)
+    assert_close(got, want)
+    grad_out = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [h, *leaves], grad_out), torch.autograd.grad(want, [h, *leaves], grad_out),
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel():
+    """Routes seen on the host (a list, CPU tensors) must be -1 or name a packed adapter, as the torch twin requires;
+    float routes are a TypeError (not truncated). The kernels, which a GPU's routes reach unchecked, treat routes
+    outside [0, A) as off and read no table out of bounds."""
+    hidden = 16
+    params = make_params(hidden, [4], ["relu"])
+    packed, ln = pack(params), make_ln(hidden)
+    h, y = torch.randn(5, hidden), torch.randn(5, hidden)
+    for routes in ([1], [-2], torch.tensor([[0], [1], [0], [-1], [0]]), torch.tensor([[0, 3]] * 5)):
+        with pytest.raises(ValueError, match=r"name one of the 1 packed adapters"):
+            bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias)
+        with pytest.raises(ValueError, match=r"does not name one of the 1 adapters"):
+            bottleneck_stack_ref(h, y, ln.weight, ln.bias, packed, expand_routes(routes, h), SEQ)
+    for routes in ([0.0], torch.tensor([[0.9], [1.7], [0.0], [0.0], [0.0]])):
+        with pytest.raises(TypeError, match="routes must be an integer tensor"):
+            bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias)
+    # the launcher itself (no host check): rows routed to adapter 1 or 7 (of 1) or -2 run base only
+    with torch.no_grad():
+        routes = torch.tensor([[0], [1], [7], [-2], [0]], dtype=torch.int32)
+        got = bottleneck_stack_fwd(h, y, ln.weight, ln.bias, packed, routes, SEQ)
+        want = bottleneck_stack(h, y, packed, torch.tensor([[0], [-1], [-1], [-1], [0]]), SEQ, ln.weight, ln.bias)
+    assert_close(got, want)
 
 
 # --------------------------------------------------------------------------------------------------- op: backward
@@ -1106,7 +1166,7 @@ def test_forward_path_choice(monkeypatch):
         monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "levels")
         with pytest.raises(ValueError, match="one stack on every row"):
             bottleneck_stack(h, y, pack(params), mixed, SEQ, ln.weight, ln.bias)
-        with pytest.raises(ValueError, match="beyond the 2 packed"):
+        with pytest.raises(ValueError, match="name one of the 2 packed adapters"):  # (checked before any path)
             bottleneck_stack(h, y, pack(params), [0, 5], SEQ, ln.weight, ln.bias)
 
 

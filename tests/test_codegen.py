@@ -607,7 +607,7 @@ _ADD_LN = """
     hidden, save, has_c = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     rows, block_h, warps = _tile(hidden)
     constants = dict(HAS_C=has_c, WRITE_SUM=not has_c, SAVE_STATS=save, ROWS=rows, BLOCK_H=block_h)
-    build(kernel, constants, ("stride_ah", "stride_bh", "stride_ch"), warps)
+    build(kernel, constants, ("stride_ah", "stride_bh", "stride_ch", "stride_w", "stride_bias"), warps)
 """
 
 
@@ -636,7 +636,8 @@ _LEVEL_BOUNDARY = """
     warps = tiles.pop("num_warps")
     constants = dict(HAS_Y=mode == "start", HAS_UP=mode != "start", WRITE_S=mode != "end", DOWN=mode != "end",
                      ACT=1, DOT_FP32=False, INPUT_PRECISION="tf32", **tiles)
-    build(kernel, constants, ("stride_ch", "stride_yh", "stride_ak", "stride_uh", "stride_sh", "stride_dh"), warps)
+    build(kernel, constants, ("stride_ch", "stride_yh", "stride_ak", "stride_uh", "stride_sh", "stride_dh",
+                              "stride_w", "stride_bias", "stride_db"), warps)
 """
 
 

@@ -104,6 +104,26 @@ def test_matches_its_torch_twin_and_leaves_its_inputs_alone(mode):
     assert all(torch.equal(a, b) for a, b in zip((y, act, up, down_w, down_b), kept, strict=True))
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+@pytest.mark.parametrize("mode", ["start", "end"])
+def test_layer_norm_weight_and_bias_and_down_bias_of_any_stride(mode, layout):
+    """The LN weight and bias and the down bias as strided views (every other element) or expanded ones (stride 0):
+    the kernel reads them through their strides (the LN of whole rows, the LN of the down projection's slices)."""
+    c, y, act, up, down_w, down_b, w, bias = _inputs(19, 8, 48, 24, torch.float32)
+    if layout == "strided":
+        view = lambda t: torch.stack([t, torch.full_like(t, 9.0)], 1)[:, 0]  # noqa: E731
+    else:
+        view = lambda t: t[:1].expand(t.shape[0])  # noqa: E731
+    w, bias, down_b = view(w), view(bias), view(down_b)
+    use = MODES[mode]
+    args = dict(y=y if use["y"] else None, act=act if use["up"] else None, up=up if use["up"] else None)
+    down = (down_w, down_b, ACTIVATIONS["gelu"]) if use["down"] else None
+    want_s, want_out = _torch_ops(c, args["y"], args["act"], args["up"], down, w, bias, 1e-5)
+    s, out = level_boundary(c, w, bias, 1e-5, **args, down=down)
+    torch.testing.assert_close(s, want_s, rtol=TOL_C[torch.float32], atol=TOL_C[torch.float32])
+    torch.testing.assert_close(out, want_out, rtol=TOL_A[torch.float32], atol=TOL_A[torch.float32])
+
+
 def test_without_write_c_the_carry_is_left_alone():
     """The stack's last boundary: ``LN(c + act @ up)`` with c unchanged and nothing returned for it."""
     c, _, act, up, _, _, w, bias = _inputs(19, 16, 48, 8, torch.float32)
@@ -152,6 +172,7 @@ def test_zero_rows():
         (lambda t: {**t, "write_c": False}, "write_c=True"),
         (lambda t: {**t, "weight": t["weight"][:-1]}, "LayerNorm weight"),
         (lambda t: {**t, "act": t["act"].int()}, "act must be float32, float16 or bfloat16"),
+        (lambda t: {**t, "bias": None}, "LayerNorm weight and bias as tensors, got Tensor and NoneType"),
     ],
 )
 def test_bad_input_names_the_problem_and_leaves_c_alone(change, match):

@@ -320,6 +320,19 @@ def test_strided_input(poison):
     _check(x, w, b, As, Bs, [1.0], torch.float32, path="fused")
 
 
+@pytest.mark.parametrize("path", ["fused", "epilogue", "persistent", "auto", "segmented"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_of_any_stride(poison, layout, path):
+    """A bias that is a strided view (every other element of a longer tensor) or an expanded one (stride 0, one
+    value): the Triton epilogues read it through its stride, forward and every gradient (the bias's through the
+    view). fp16 with K a multiple of 8: the persistent kernel runs (TMA needs 16-byte rows)."""
+    dtype, N = torch.float16, 37
+    x, w, _, As, Bs = _make((2, 9), 48, N, [8, 4], dtype)
+    b = _rand(2 * N, dtype=dtype)[::2] if layout == "strided" else _rand(1, dtype=dtype).expand(N)
+    ids = torch.tensor([0, -1]) if path == "segmented" else None
+    _check(x, w, b, As, Bs, [0.5, -1.5], dtype, path=path, adapter_ids=ids)
+
+
 @pytest.mark.parametrize("path", ["fused", "addmm"])
 def test_dropout_same_mask_as_reference(path):
     x, w, b, As, Bs = _make((4, 6), 28, 20, [8, 4], torch.float32)
@@ -417,6 +430,19 @@ def test_validation_errors():
         lora_linear(x, w[None], A, B, 1.0)
     with pytest.raises(ValueError, match=r"x must be \(\.\.\., in\).*x \(\)"):
         lora_linear(x[0, 0], w, A, B, 1.0)
+    # not tensors, or not numbers, where they must be: TypeError naming the argument (not AttributeError)
+    with pytest.raises(TypeError, match=r"lora_A\[1\] must be a torch.Tensor, got NoneType"):
+        lora_linear(x, w, [A, None], [B, B], [1.0, 1.0])
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+        lora_linear(x, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        lora_linear(x.tolist(), w, A, B, 1.0)
+    with pytest.raises(TypeError, match="all be single.*got list, Tensor and list"):
+        lora_linear(x, w, [A], B, [1.0])
+    with pytest.raises(TypeError, match="scale None"):
+        lora_linear(x, w, A, B, None)
+    with pytest.raises(TypeError, match=r"scale \[1.0, 'a'\]"):
+        lora_linear(x, w, [A, A], [B, B], [1.0, "a"])
 
 
 # ----------------------------------------------------------------------------------- torch paths (cuBLAS GEMMs only)

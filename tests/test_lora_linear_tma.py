@@ -132,7 +132,8 @@ def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype,
 
     M, K, N, ranks, scales = 70, 48, 45, [8, 16, 4], [0.5, -1.5, 2.0]
     x, w, b, As, Bs = _make((M,), K, N, ranks, dtype)
-    x, w, b = x.detach(), w.detach(), b.detach()
+    x, w = x.detach(), w.detach()
+    b = torch.stack([b.detach(), torch.full_like(b, float("nan"))], 1)[:, 0]  # a strided bias (stride 2)
     As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
     if kind == "per sequence":
         ids = (torch.arange(M) // 10 % 4 - 1).to(torch.int32)  # runs of -1, 0, 1, 2
@@ -154,6 +155,30 @@ def test_row_adapters_give_each_row_its_own_adapter_in_the_epilogue(kind, dtype,
     want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b),
                                     adapter_ids=ids.masked_fill(base_only, -1))  # fmt: skip
     _close(y, want, dtype, "y")
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_tiled_row_adapters_read_a_bias_of_any_stride(layout):
+    """The tiled kernel with each row's own adapter in its epilogue (``TILED_ROW_ADAPTERS``, timed on a GPU only),
+    launched directly: a strided or expanded (stride 0) bias is read through its stride."""
+    from adapter_engine.kernels.lora_inputs import _stack
+    from adapter_engine.kernels.lora_segmented import plan_segments
+
+    M, K, N, ranks, scales = 9, 24, 21, [8, 4], [0.5, -1.5]
+    x, w, _, As, Bs = _make((M,), K, N, ranks, torch.float16)
+    x, w = x.detach(), w.detach()
+    As, Bs = [a.detach() for a in As], [b_.detach() for b_ in Bs]
+    b = torch.randn(2 * N).half()[::2] if layout == "strided" else torch.randn(1).half().expand(N)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 0], dtype=torch.int32)
+    A, B = _stack(As, Bs, b_rank_major=True)
+    plan = plan_segments(ids, ranks, scales)
+    y = torch.full((M, N), float("nan"), dtype=torch.float16)
+    with torch.no_grad():
+        ld._mixed_launch(ld.TILED_ROW_ADAPTERS, x, w, A, B, b, ids, plan, y)
+    d = lambda t: t.double()  # noqa: E731
+    want = ll.lora_linear_reference(d(x), d(w), [d(a) for a in As], [d(b_) for b_ in Bs], scales, d(b),
+                                    adapter_ids=ids)  # fmt: skip
+    _close(y, want, torch.float16, "y")
 
 
 def test_persistent_falls_back_where_tma_cannot_run(launches):

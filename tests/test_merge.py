@@ -150,6 +150,25 @@ def test_ia3_scaling_and_inverse(dtype, dim):
     torch.testing.assert_close(out.float(), weight.float(), rtol=2 * 2.0 ** -MANTISSA_BITS[dtype], atol=0)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded", "column"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_ia3_vector_of_any_stride(layout, dim):
+    """The IA3 vector may be a strided view, an expanded (stride 0) one, or PEFT's (n, 1) column of a wider
+    tensor: the kernel reads it through its stride."""
+    weight = torch.randn(19, 37)
+    n = weight.shape[dim]
+    if layout == "strided":
+        vec = (torch.rand(2 * n) + 0.5)[::2]
+    elif layout == "expanded":
+        vec = (torch.rand(1) + 0.5).expand(n)
+    else:
+        vec = (torch.rand(n, 3) + 0.5)[:, 1:2]
+    out = weight.clone()
+    scale_ia3_(out, vec, dim=dim)
+    shape = (-1, 1) if dim == 0 else (1, -1)
+    assert_within_one_ulp(out, weight.double() * vec.double().reshape(shape))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_safe_merge_refuses_overflow_and_leaves_weight_untouched(dtype):
     weight = torch.randn(20, 30).to(dtype)
@@ -345,6 +364,50 @@ def test_merge_many_names_the_bad_weight():
         merge_lora_many_(weights, lora_a, [[b for _, b in ad] for ad in adapters], scales)
     with pytest.raises(ValueError, match="one entry per weight"):
         merge_lora_many_(weights, lora_a[:2], [[b for _, b in ad] for ad in adapters], scales)
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["launcher", "torch-twin"])
+@pytest.mark.parametrize("alias", ["same tensor", "view", "overlapping rows"])
+def test_merge_many_refuses_weights_that_share_memory_and_writes_nothing(alias, twin):
+    """A weight listed twice (tied weights) or overlapping views of one storage: the twin would keep the last merge
+    only, the kernel would race on a GPU. Refused, naming both indices, before anything is written; disjoint row
+    blocks of one tensor (a fused QKV weight split in three) are fine."""
+    from adapter_engine.kernels import merge_lora_many_, unmerge_lora_many_
+    from adapter_engine.kernels.merge import merge_lora_many_reference_
+
+    merge = merge_lora_many_reference_ if twin else merge_lora_many_
+    storage = torch.randn(12, 6)
+    first = storage[:8]
+    second = {"same tensor": first, "view": first.view(8, 6), "overlapping rows": storage[4:]}[alias]
+    other = torch.randn(3, 6)
+    weights = [first, other, second]
+    ads = [make_adapter(w.shape[0], 6, 2, torch.float32) for w in weights]
+    args = ([[a] for a, _ in ads], [[b] for _, b in ads], [[1.0]] * 3)
+    before = storage.clone()
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[2\] share memory"):
+        merge(weights, *args)
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[2\] share memory"):
+        unmerge_lora_many_(weights, *args)
+    assert torch.equal(storage, before)
+    # disjoint row blocks of one storage merge as separate weights
+    blocks = [storage[:4], storage[4:8], storage[8:]]
+    ads = [make_adapter(4, 6, 2, torch.float32) for _ in blocks]
+    merge(blocks, [[a] for a, _ in ads], [[b] for _, b in ads], [[0.5]] * 3)
+    for block, start, (a, b) in zip(blocks, (0, 4, 8), ads, strict=True):
+        assert_within_one_ulp(block, fp64_merge(before[start : start + 4], [(a, b, 0.5)]))
+
+
+def test_a_zero_dim_tensor_scale_is_a_number():
+    """``lora_linear`` takes a 0-d tensor scale: so do the merges (and unmerges); another tensor is named."""
+    weight = torch.randn(7, 9)
+    a, b = make_adapter(7, 9, 3, torch.float32)
+    out = weight.clone()
+    merge_lora_(out, a, b, torch.tensor(0.75))
+    assert_within_one_ulp(out, fp64_merge(weight, [(a, b, 0.75)]))
+    unmerge_lora_(out, a, b, torch.tensor(0.75))
+    torch.testing.assert_close(out, weight, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"scale must be a finite number \(or 0-d tensor\).*got tensor\(\[1., 2.\]\)"):
+        merge_lora_(out, a, b, torch.tensor([1.0, 2.0]))
 
 
 def test_bound_rejects_double_rounding():
