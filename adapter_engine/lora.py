@@ -36,7 +36,7 @@ from .kernels._backend import capturing, int_table, kept
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, stack_loras
 from .kernels.lora_linear_dispatch import mixed_batch_path
-from .routing import Route, StaticRoute, check_rows, current_route
+from .routing import Route, StaticRoute, check_rows, current_route, routed_under_compile, run_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class LoraLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if routed_under_compile():  # a compiled model called inside use_adapters: this layer runs eagerly
+            return run_eagerly(type(self).forward, self, x)
         mods = self._modules
         if not mods["lora_A"]._modules and not mods["ia3_l"]._parameters:  # no adapter here (yet): the base layer
             return self._base_forward(x)

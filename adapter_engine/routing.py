@@ -197,11 +197,32 @@ class StaticRoute(Route):
         return table
 
 
+# use_adapters blocks open now, in any thread: what a compiled graph reads instead of the context variable
+_ROUTES_OPEN = 0
+_ROUTES_OPEN_LOCK = threading.Lock()
+
+
 def current_route() -> Route | None:
-    """The route of the running call in this thread / context, or None (use the model's active adapters)."""
-    if torch.compiler.is_compiling():  # compiled graphs use the model's active adapters (no per-call routing)
+    """The route of the running call in this thread / context, or None (use the model's active adapters). None
+    inside a ``torch.compile`` trace, which cannot read the context variable (see :func:`routed_under_compile`)."""
+    if torch.compiler.is_compiling():
         return None
     return _ROUTE.get()
+
+
+def routed_under_compile() -> bool:
+    """Whether a routed layer being traced by ``torch.compile`` must run outside the graph (:func:`run_eagerly`):
+    while no :func:`use_adapters` block is open anywhere, a compiled graph uses the model's active adapters with no
+    graph break; it guards on ``_ROUTES_OPEN``, so a call inside a block compiles again, and its routed layers then
+    run eagerly, reading the route (a graph break per layer: correct, not fast). A compiled model used to ignore the
+    route there, silently."""
+    return torch.compiler.is_compiling() and _ROUTES_OPEN > 0
+
+
+@torch.compiler.disable
+def run_eagerly(forward: Callable, *args, **kwargs):
+    """``forward(*args, **kwargs)`` outside the compiled graph (where :func:`current_route` reads the route)."""
+    return forward(*args, **kwargs)
 
 
 def _as_stack(spec: Any, resolve: Callable[[str], StackNames] | None) -> StackNames:
@@ -240,11 +261,16 @@ def make_route(
 @contextlib.contextmanager
 def use_adapters(spec: Route | str | Stack | Sequence[str | Stack | None] | None) -> Iterator[Route]:
     """Run the calls inside the block with this route (see :func:`make_route`); nests, thread- and task-local."""
+    global _ROUTES_OPEN
     route = make_route(spec)
     token = _ROUTE.set(route)
+    with _ROUTES_OPEN_LOCK:
+        _ROUTES_OPEN += 1
     try:
         yield route
     finally:
+        with _ROUTES_OPEN_LOCK:
+            _ROUTES_OPEN -= 1
         _ROUTE.reset(token)
 
 
@@ -353,6 +379,11 @@ class RoutedStackMixin:
         layout = (resident, _Layout(resident), {})
         self.__dict__["_layout"] = (stamp, layout)
         return layout
+
+    def forward(self, *args, **kwargs):
+        if routed_under_compile():
+            return run_eagerly(super().forward, *args, **kwargs)
+        return super().forward(*args, **kwargs)
 
     def _prepare(self, h: torch.Tensor, eps: float):
         route = current_route()

@@ -404,6 +404,32 @@ def test_torch_compile_lora():
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
+def test_torch_compile_follows_use_adapters_routes():
+    """A compiled model called inside ``use_adapters`` runs the route (its routed layers outside the graph), not the
+    model's active adapters, which it used to run silently; outside a block it keeps its graph."""
+    model, batch = make("bert").eval(), inputs("bert")
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    ae.set_active_adapters(model, [])
+    routes = [["l", "s"], "l", "s"]
+    with torch.no_grad():
+        base = out(model, batch)
+        expected = {}
+        for route in routes:
+            with ae.use_adapters(route):
+                expected[str(route)] = out(model, batch)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(out(compiled, batch), base, atol=ATOL, rtol=0)
+        for route in routes:
+            with ae.use_adapters(route):
+                got = out(compiled, batch)
+            torch.testing.assert_close(got, expected[str(route)], atol=ATOL, rtol=0, msg=str(route))
+            assert (got - base).abs().max() > 1e-3
+        torch.testing.assert_close(out(compiled, batch), base, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("path", ["rows", "levels"])
 def test_torch_compile_bottleneck(monkeypatch, path):
     """One graph for the model, the stack an opaque custom op, on the row-block kernel or the cuBLAS level path (its
