@@ -36,7 +36,15 @@ from .kernels._backend import capturing, int_table, kept
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, stack_loras
 from .kernels.lora_linear_dispatch import mixed_batch_path
-from .routing import Route, StaticRoute, check_rows, current_route, routed_under_compile, run_eagerly
+from .routing import (
+    Route,
+    StaticRoute,
+    check_route_names,
+    check_rows,
+    current_route,
+    routed_under_compile,
+    run_eagerly,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +158,10 @@ class LoraLinear(nn.Module):
         if not mods["lora_A"]._modules and not mods["ia3_l"]._parameters:  # no adapter here (yet): the base layer
             return self._base_forward(x)
         route = current_route()
-        if route is not None and not route.uniform:
-            return self._per_row_forward(x, route)
+        if route is not None:
+            check_route_names(route, self, (*mods["lora_A"]._modules, *mods["ia3_l"]._parameters))
+            if not route.uniform:
+                return self._per_row_forward(x, route)
         names = self.active_adapters if route is None else route.stack
         # (submodules read through the module dicts: nn.Module attribute lookups were a good part of a call's host
         # time at decode sizes)

@@ -28,7 +28,7 @@ from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters
 from .bottleneck_adapter import BottleneckAdapter
 from .config import BottleneckConfig
 from .lora import LoraLinear, fused_peft_forward, is_linear_like
-from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
+from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters, register_adapter_owner
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ class PatchState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     methods: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        register_adapter_owner(self)  # routes check their names against every live model's adapters
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) of a patched model registers too
+        self.__dict__.update(state)
+        register_adapter_owner(self)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -126,6 +133,7 @@ def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
         raise ValueError(f"layer {name!r} is a {type(module).__name__}: only nn.Linear / Conv1D can carry LoRA/IA3")
     wrapper = LoraLinear(module)
     wrapper.train(module.training)
+    wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)
     _set_child(model, name, wrapper)
     state.replaced[name] = module
     return wrapper
@@ -380,6 +388,7 @@ def wrap_bottleneck(model: nn.Module, state: PatchState, place: Placement) -> Bo
             module, residual_from=model.get_submodule(f"{place.block}.{residual}"), layer_norm=ln
         )
     wrapper.train(module.training)
+    wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)
     _set_child(model, place.name, wrapper)
     state.replaced[place.name] = module
     return wrapper

@@ -26,7 +26,8 @@ import contextvars
 import dataclasses
 import functools
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -225,6 +226,34 @@ def run_eagerly(forward: Callable, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+# every live patched model's adapter registry (``patching.PatchState``: an ``adapters`` mapping), by id: what a
+# route's names are checked against
+_ADAPTER_OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def register_adapter_owner(owner: Any) -> None:
+    """Let routes check their names against ``owner.adapters`` (a patched model's state registers itself)."""
+    _ADAPTER_OWNERS[id(owner)] = owner
+
+
+def check_route_names(route: Route, layer: nn.Module, layer_names: Iterable[str]) -> None:
+    """Refuse a route naming an adapter that neither a patched model nor the calling layer (``layer_names``) holds,
+    once per route: a misspelled name used to run the base model for its rows, silently (``set_active_adapters`` and
+    PEFT's ``adapter_names=`` refuse it). Only layers that ``patch`` made check (a layer used alone runs rows naming
+    no adapter of its own on the base, as a layer an adapter leaves out does); static routes check their rows when
+    filled."""
+    if isinstance(route, StaticRoute) or route._cache.get("names_known") or "_checks_route_names" not in layer.__dict__:
+        return
+    owners = list(_ADAPTER_OWNERS.values())
+    if owners:
+        names = set(route.stack) if route.rows is None else {n for row in route.rows for n in row}
+        known = set(layer_names).union(*(owner.adapters for owner in owners))
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(f"the route names unknown adapters {unknown}; the patched models hold {sorted(known)}")
+    route._cache["names_known"] = True
+
+
 def _as_stack(spec: Any, resolve: Callable[[str], StackNames] | None) -> StackNames:
     if spec is None:
         return ()
@@ -389,6 +418,7 @@ class RoutedStackMixin:
         route = current_route()
         if route is None:
             return super()._prepare(h, eps)
+        check_route_names(route, self, self.adapters)
         if isinstance(route, StaticRoute):
             return self._static_prepare(h, eps, route)
         if not route.uniform:

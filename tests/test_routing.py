@@ -365,8 +365,18 @@ def test_route_tensors_are_built_once_per_call(model_and_base):
     assert collections.Counter(key[0] for key in tensors) == {
         "bn_routes": 1, "bn_routes_per_row": 1, "lora_ids": 1, "lora_ids_per_row": 1
     }  # fmt: skip
-    # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan)
-    assert len(route._cache) - len(tensors) == 2
+    # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan; and the
+    # check of the route's names, once)
+    assert len(route._cache) - len(tensors) == 3 and route._cache["names_known"] is True
+
+
+def test_a_route_naming_an_unknown_adapter_is_refused(model_and_base):
+    """A misspelled name in a route ran the base model for its rows, silently; it is refused (as by
+    set_active_adapters and PEFT's adapter_names=), LoRA and bottleneck names alike, and before any layer runs it."""
+    model, _ = model_and_base
+    for spec in (["a", "medicl", None], "medicl", ae.Stack("a", "bb")):
+        with use_adapters(spec), torch.no_grad(), pytest.raises(ValueError, match="unknown adapters"):
+            model(input_ids=ids(3 if isinstance(spec, list) else 2))
 
 
 @pytest.mark.parametrize(
