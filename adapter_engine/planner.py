@@ -49,7 +49,9 @@ class ModelShape:
     positions: int  # learned position embeddings (0 for rotary)
     token_types: int = 0
     gated_mlp: bool = False  # Llama-style gate/up/down MLP with RMSNorm
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # query / key / value projections have biases
+    out_bias: bool = True  # the attention output projection has a bias (Llama: attention_bias)
+    mlp_bias: bool = True  # the MLP projections have biases (Llama: mlp_bias)
     pooler: bool = False  # the base model (AutoModel) has a pooler
     tied_embeddings: bool = True
     num_labels: int = 2
@@ -144,6 +146,8 @@ def model_shape(config: Any) -> ModelShape:
             **common, kv_heads=kv, head_dim=get("head_dim", default=hidden // heads),
             intermediate=config.intermediate_size, vocab=config.vocab_size, positions=0, gated_mlp=True,
             qkv_bias=bool(getattr(config, "attention_bias", False)) or mt == "qwen2",
+            out_bias=bool(getattr(config, "attention_bias", False)) and mt == "llama",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama",
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )  # fmt: skip
     if mt == "vit":
@@ -161,10 +165,13 @@ def model_shape(config: Any) -> ModelShape:
 def layer_parameters(s: ModelShape) -> int:
     """Parameters of one transformer block."""
     h, q, kv = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    i, out_bias = s.intermediate, h if s.out_bias else 0
     if s.gated_mlp:
-        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if s.qkv_bias else 0)
-        return attn + 3 * h * s.intermediate + 2 * h  # gate, up, down; two RMSNorm weights
-    return 4 * h * h + 4 * h + 2 * h * s.intermediate + s.intermediate + h + 4 * h  # attn, MLP, two LayerNorms
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if s.qkv_bias else 0) + out_bias
+        mlp = 3 * h * i + ((2 * i + h) if s.mlp_bias else 0)  # gate, up, down
+        return attn + mlp + 2 * h  # two RMSNorm weights
+    attn = 4 * h * h + (3 * h if s.qkv_bias else 0) + out_bias
+    return attn + 2 * h * i + ((i + h) if s.mlp_bias else 0) + 4 * h  # attn, MLP, two LayerNorms
 
 
 def embedding_parameters(s: ModelShape) -> int:

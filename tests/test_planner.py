@@ -33,9 +33,14 @@ CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=48, n_layer=3, n_head=4, vocab_size=101, n_positions=64, n_inner=80),
     "llama": lambda: LlamaConfig(**DECODER),
     "llama-tied": lambda: LlamaConfig(**DECODER, tie_word_embeddings=True),
+    "llama-attention-bias": lambda: LlamaConfig(**DECODER, attention_bias=True),
+    "llama-mlp-bias": lambda: LlamaConfig(**DECODER, mlp_bias=True),
     "mistral": lambda: MistralConfig(**DECODER),
     "qwen2": lambda: Qwen2Config(**DECODER),
     "vit": lambda: ViTConfig(**{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8),
+    "vit-no-qkv-bias": lambda: ViTConfig(
+        **{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8, qkv_bias=False
+    ),
 }
 AUTO = {
     "none": "AutoModel",
@@ -47,7 +52,7 @@ AUTO = {
 
 
 def heads_for(kind: str) -> list[str]:
-    if kind == "vit":
+    if kind.startswith("vit"):
         return ["none", "image-classification"]
     decoder = kind.startswith(("gpt2", "llama", "mistral", "qwen2"))
     return ["none", "sequence-classification", "token-classification"] + (["causal-lm"] if decoder else [])
