@@ -68,6 +68,16 @@ class Hardware:
     tflops: float
     bandwidth_gbs: float
 
+    def __post_init__(self) -> None:
+        if not self.memory_bytes > 0:
+            raise ValueError(f"Hardware {self.name!r}: memory_bytes must be positive, got {self.memory_bytes!r}")
+        for field_name in ("tflops", "bandwidth_gbs"):
+            value = getattr(self, field_name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"Hardware {self.name!r}: {field_name} must be a positive finite number, got {value!r}"
+                )
+
 
 #: Presets: achievable throughput = about 40% of the dense bf16 peak (typical training MFU), bandwidth as sold.
 DEVICES: dict[str, Hardware] = {
@@ -93,15 +103,23 @@ def parse_bytes(text: str | int) -> int:
     return int(value * 1024 ** " KMGT".index(unit or " "))
 
 
+def _gib(nbytes: int) -> str:
+    """A memory size for the header: whole GiB from 10 GiB up, two decimals below (512 MB is 0.50 GiB, not 0)."""
+    gib = nbytes / 2**30
+    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.2f} GiB"
+
+
 def hardware(name: str | None = None, memory: str | int | None = None, tflops: float | None = None) -> Hardware:
     """A preset from :data:`DEVICES` (default: a generic 24 GB GPU), with memory / throughput overridden."""
     if name is not None and name.lower() not in DEVICES:
         raise ValueError(f"unknown device {name!r}; presets: {sorted(DEVICES)} (or give --tflops and --gpu-memory)")
     base = DEVICES[name.lower()] if name else Hardware("generic GPU", 24 * 2**30, 0.40 * 125, 600)
     mem = parse_bytes(memory) if memory is not None else base.memory_bytes
-    if mem <= 0 or (tflops is not None and tflops <= 0):
-        raise ValueError(f"memory and tflops must be positive, got {memory!r} and {tflops!r}")
-    label = base.name if memory is None else f"{base.name if name else 'GPU'} (memory set to {mem / 2**30:.0f} GiB)"
+    if mem <= 0:
+        raise ValueError(f"memory must be positive, got {memory!r}")
+    if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
+        raise ValueError(f"tflops must be a positive finite number, got {tflops!r}")
+    label = base.name if memory is None else f"{base.name if name else 'GPU'} (memory set to {_gib(mem)})"
     return Hardware(label, mem, float(tflops) if tflops else base.tflops, base.bandwidth_gbs)
 
 
@@ -409,7 +427,7 @@ def format_plan(p: Plan) -> str:
     """The plan as a table with the recommendation and its reasons."""
     hw = p.hardware
     lines = [f"{p.model}: {p.fft.total_parameters / 1e6:.2f}M parameters; {hw.name}, "
-             f"{hw.memory_bytes / 2**30:.0f} GiB, {hw.tflops:.0f} TFLOP/s achievable; batch {p.batch} x {p.seq_len}",
+             f"{_gib(hw.memory_bytes)}, {hw.tflops:.0f} TFLOP/s achievable; batch {p.batch} x {p.seq_len}",
              "", f"{'':24s} {'Merge and FFT':>16s} {'Stack and Adapt':>16s}"]  # fmt: skip
     rows = [("trainable parameters", lambda e: f"{e.trainable_parameters / 1e6:.3f}M"),
             ("weights", lambda e: f"{e.weights_bytes / 2**20:.0f} MiB"),

@@ -140,6 +140,24 @@ def test_bad_inputs_are_refused():
         pl.model_shape(transformers.T5Config())
 
 
+@pytest.mark.parametrize("tflops", [float("nan"), float("inf"), -float("inf"), 0.0, -5.0])
+def test_non_finite_or_non_positive_throughput_is_refused(tflops):
+    """NaN passed ``tflops <= 0`` and gave NaN step times (inf: zero); both are refused, naming the option."""
+    with pytest.raises(ValueError, match="tflops must be a positive finite number"):
+        pl.hardware(tflops=tflops)
+    with pytest.raises(ValueError, match="tflops must be a positive finite number"):
+        pl.Hardware("mine", 2**30, tflops, 100.0)
+    with pytest.raises(ValueError, match="memory must be positive"):
+        pl.hardware(memory="0MB")
+
+
+def test_the_header_shows_memory_below_10_gib_with_decimals():
+    shape = pl.model_shape(BertConfig(**SMALL))
+    for memory, shown in (("512MB", "0.50 GiB"), ("1.5GB", "1.50 GiB"), ("24GB", "24 GiB")):
+        header = pl.format_plan(pl.plan(shape, pl.hardware(memory=memory), batch=2, seq_len=8)).splitlines()[0]
+        assert f"(memory set to {shown}), {shown}," in header, header
+
+
 def test_plan_command(tmp_path, capsys):
     from adapter_engine.cli import main
 
