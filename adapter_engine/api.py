@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,8 +106,33 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             f"adapter weights for layers the model does not have: {unknown[:4]}"
             f"{' ...' if len(unknown) > 4 else ''} ({type(model).__name__}, model_type {state.model_type!r}{hint})"
         )
+    _check_extra(file, cfg, {saved: pt.resolve_module(model, saved, modules) for saved in file.entries})
     _check_missing(model, state, file, cfg, {p[0] for p in plan})
     return plan
+
+
+def _targeted(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string fullmatches the name (``"all-linear"`` selects every linear layer), a list entry
+    is the name or a suffix of it after a dot."""
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_extra(file: AdapterFile, cfg: AnyConfig, names: dict[str, str]) -> None:
+    """Weights for layers the PEFT config's ``target_modules`` does not select (PEFT would ignore them silently).
+    A layer counts as selected when its saved name (what PEFT matched) or the model's name for it matches."""
+    if file.format != "peft" or cfg.target_modules is None:
+        return
+    extra = sorted(
+        s for s, n in names.items() if not _targeted(s, cfg.target_modules) and not _targeted(n, cfg.target_modules)
+    )
+    if extra:
+        raise ValueError(
+            f"adapter weights for layers that target_modules {cfg.target_modules!r} does not select: {extra[:4]}"
+            f"{' ...' if len(extra) > 4 else ''} ({file.path!r}); PEFT would ignore them: add them to target_modules "
+            "in adapter_config.json or remove their weights"
+        )
 
 
 def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[str]) -> None:

@@ -312,17 +312,29 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
 
 @torch.no_grad()
 def _check_ia3(layers: list[_LayerMerge]) -> None:
+    """Raise before anything is written if an IA3 scale makes a weight or bias non-finite. Each scale rounds, as
+    ``scale_ia3_`` does; a weight that also takes LoRA terms is checked after them (see :func:`_merge_linear`)."""
     for layer in layers:
-        w = layer.weight.float()
-        for vec, dim, _ in layer.ia3:
-            w = w * vec.float().reshape((-1, 1) if dim == 0 else (1, -1))
-        if layer.ia3 and not torch.isfinite(w.to(layer.weight.dtype)).all():
-            raise ValueError(f"merging IA3 into {layer.path} would produce non-finite values; nothing was changed")
+        w = layer.weight if not layer.lora_A else None
+        b = layer.bias
+        for vec, dim, scales_bias in layer.ia3:
+            if w is not None:
+                w = (w.float() * vec.float().reshape((-1, 1) if dim == 0 else (1, -1))).to(layer.weight.dtype)
+            if scales_bias and b is not None:
+                b = (b.float() * vec.float()).to(b.dtype)
+        bad = w is not None and layer.ia3 and not torch.isfinite(w).all()
+        bias_bad = b is not None and layer.ia3 and not torch.isfinite(b).all()
+        if bad or bias_bad:
+            part = "weight" if bad else "bias"
+            raise ValueError(f"merging IA3 into {layer.path} would make its {part} non-finite; nothing was changed")
 
 
 @torch.no_grad()
 def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) -> None:
-    if keep_original:
+    # A LoRA term and an IA3 scale on the same weight: the scale applies to the LoRA-merged weight, so it is checked
+    # as it is written, with every weight's original kept to restore on failure (rare: costs one host copy).
+    mixed = safe and any(layer.lora_A and layer.ia3 for layer in layers)
+    if keep_original or mixed:
         for layer in layers:
             layer.original = layer.weight.detach().to("cpu", copy=True)
             layer.original_bias = None if layer.bias is None else layer.bias.detach().to("cpu", copy=True)
@@ -343,11 +355,25 @@ def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) ->
     for layer, new_bias in zip(layers, new_biases):  # a folded bottleneck's bias term (checked above)
         if new_bias is not None:
             layer.bias.data.copy_(new_bias)
-    for layer in layers:  # IA3 after LoRA, as LoraLinear.merge does
-        for vec, dim, scales_bias in layer.ia3:
-            scale_ia3_(layer.weight.data, vec, dim=dim)
-            if scales_bias and layer.bias is not None:
-                layer.bias.data.mul_(vec)
+    try:
+        for layer in layers:  # IA3 after LoRA, as LoraLinear.merge does (biases checked above)
+            for vec, dim, scales_bias in layer.ia3:
+                try:
+                    scale_ia3_(layer.weight.data, vec, dim=dim, safe=mixed and bool(layer.lora_A))
+                except ValueError:
+                    raise ValueError(
+                        f"merging IA3 into {layer.path} after its LoRA terms would make its weight non-finite; "
+                        "nothing was changed"
+                    ) from None
+                if scales_bias and layer.bias is not None:
+                    layer.bias.data.mul_(vec)
+    except BaseException:
+        if mixed:
+            _restore(layers)
+        raise
+    if mixed and not keep_original:
+        for layer in layers:
+            layer.original = layer.original_bias = None
 
 
 @torch.no_grad()

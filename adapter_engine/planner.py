@@ -49,7 +49,9 @@ class ModelShape:
     positions: int  # learned position embeddings (0 for rotary)
     token_types: int = 0
     gated_mlp: bool = False  # Llama-style gate/up/down MLP with RMSNorm
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # query / key / value projections have biases
+    out_bias: bool = True  # the attention output projection has a bias (Llama: attention_bias)
+    mlp_bias: bool = True  # the MLP projections have biases (Llama: mlp_bias)
     pooler: bool = False  # the base model (AutoModel) has a pooler
     tied_embeddings: bool = True
     num_labels: int = 2
@@ -65,6 +67,16 @@ class Hardware:
     memory_bytes: int
     tflops: float
     bandwidth_gbs: float
+
+    def __post_init__(self) -> None:
+        if not self.memory_bytes > 0:
+            raise ValueError(f"Hardware {self.name!r}: memory_bytes must be positive, got {self.memory_bytes!r}")
+        for field_name in ("tflops", "bandwidth_gbs"):
+            value = getattr(self, field_name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"Hardware {self.name!r}: {field_name} must be a positive finite number, got {value!r}"
+                )
 
 
 #: Presets: achievable throughput = about 40% of the dense bf16 peak (typical training MFU), bandwidth as sold.
@@ -91,15 +103,23 @@ def parse_bytes(text: str | int) -> int:
     return int(value * 1024 ** " KMGT".index(unit or " "))
 
 
+def _gib(nbytes: int) -> str:
+    """A memory size for the header: whole GiB from 10 GiB up, two decimals below (512 MB is 0.50 GiB, not 0)."""
+    gib = nbytes / 2**30
+    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.2f} GiB"
+
+
 def hardware(name: str | None = None, memory: str | int | None = None, tflops: float | None = None) -> Hardware:
     """A preset from :data:`DEVICES` (default: a generic 24 GB GPU), with memory / throughput overridden."""
     if name is not None and name.lower() not in DEVICES:
         raise ValueError(f"unknown device {name!r}; presets: {sorted(DEVICES)} (or give --tflops and --gpu-memory)")
     base = DEVICES[name.lower()] if name else Hardware("generic GPU", 24 * 2**30, 0.40 * 125, 600)
     mem = parse_bytes(memory) if memory is not None else base.memory_bytes
-    if mem <= 0 or (tflops is not None and tflops <= 0):
-        raise ValueError(f"memory and tflops must be positive, got {memory!r} and {tflops!r}")
-    label = base.name if memory is None else f"{base.name if name else 'GPU'} (memory set to {mem / 2**30:.0f} GiB)"
+    if mem <= 0:
+        raise ValueError(f"memory must be positive, got {memory!r}")
+    if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
+        raise ValueError(f"tflops must be a positive finite number, got {tflops!r}")
+    label = base.name if memory is None else f"{base.name if name else 'GPU'} (memory set to {_gib(mem)})"
     return Hardware(label, mem, float(tflops) if tflops else base.tflops, base.bandwidth_gbs)
 
 
@@ -144,6 +164,8 @@ def model_shape(config: Any) -> ModelShape:
             **common, kv_heads=kv, head_dim=get("head_dim", default=hidden // heads),
             intermediate=config.intermediate_size, vocab=config.vocab_size, positions=0, gated_mlp=True,
             qkv_bias=bool(getattr(config, "attention_bias", False)) or mt == "qwen2",
+            out_bias=bool(getattr(config, "attention_bias", False)) and mt == "llama",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama",
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )  # fmt: skip
     if mt == "vit":
@@ -161,10 +183,13 @@ def model_shape(config: Any) -> ModelShape:
 def layer_parameters(s: ModelShape) -> int:
     """Parameters of one transformer block."""
     h, q, kv = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    i, out_bias = s.intermediate, h if s.out_bias else 0
     if s.gated_mlp:
-        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if s.qkv_bias else 0)
-        return attn + 3 * h * s.intermediate + 2 * h  # gate, up, down; two RMSNorm weights
-    return 4 * h * h + 4 * h + 2 * h * s.intermediate + s.intermediate + h + 4 * h  # attn, MLP, two LayerNorms
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if s.qkv_bias else 0) + out_bias
+        mlp = 3 * h * i + ((2 * i + h) if s.mlp_bias else 0)  # gate, up, down
+        return attn + mlp + 2 * h  # two RMSNorm weights
+    attn = 4 * h * h + (3 * h if s.qkv_bias else 0) + out_bias
+    return attn + 2 * h * i + ((i + h) if s.mlp_bias else 0) + 4 * h  # attn, MLP, two LayerNorms
 
 
 def embedding_parameters(s: ModelShape) -> int:
@@ -402,7 +427,7 @@ def format_plan(p: Plan) -> str:
     """The plan as a table with the recommendation and its reasons."""
     hw = p.hardware
     lines = [f"{p.model}: {p.fft.total_parameters / 1e6:.2f}M parameters; {hw.name}, "
-             f"{hw.memory_bytes / 2**30:.0f} GiB, {hw.tflops:.0f} TFLOP/s achievable; batch {p.batch} x {p.seq_len}",
+             f"{_gib(hw.memory_bytes)}, {hw.tflops:.0f} TFLOP/s achievable; batch {p.batch} x {p.seq_len}",
              "", f"{'':24s} {'Merge and FFT':>16s} {'Stack and Adapt':>16s}"]  # fmt: skip
     rows = [("trainable parameters", lambda e: f"{e.trainable_parameters / 1e6:.3f}M"),
             ("weights", lambda e: f"{e.weights_bytes / 2**20:.0f} MiB"),

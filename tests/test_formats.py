@@ -223,6 +223,29 @@ def test_peft_missing_layer_and_config_override(expected, tmp_path):
     assert max_err(run(model, expected), expected["base"], expected["attention_mask"]) > 1e-3
 
 
+@pytest.mark.parametrize("targets", [["query"], r"encoder\.layer\.\d+\.attention\.self\.query"])
+def test_peft_weights_for_layers_target_modules_leaves_out_are_refused(targets, expected, tmp_path):
+    """A PEFT file with value weights whose config targets only query (a list or a regex): PEFT ignores them, so
+    loading them too would differ from PEFT. Refused naming the layers, nothing loaded; the saved regex loads."""
+    pm = _peft_lora(tiny_bert(), targets=("query", "value"))
+    pm.save_pretrained(tmp_path)
+    with open(tmp_path / "adapter_config.json") as fh:
+        meta = json.load(fh)
+    meta["target_modules"] = targets
+    with open(tmp_path / "adapter_config.json", "w") as fh:
+        json.dump(meta, fh)
+    model = ae.patch(tiny_bert())
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not select: \['encoder.layer.0.attention.self.value', 'encoder"):
+        ae.load_adapter(model, tmp_path)
+    _assert_untouched(model, before)
+    meta["target_modules"] = r".*\.(query|value)"
+    with open(tmp_path / "adapter_config.json", "w") as fh:
+        json.dump(meta, fh)
+    ae.load_adapter(model, tmp_path, name="p", set_active=True)
+    assert max_err(run(model, expected), run(pm, expected), expected["attention_mask"]) < ATOL
+
+
 def test_saved_lora_loads_in_peft(expected, tmp_path):
     peft = pytest.importorskip("peft")
     model = tiny_bert()

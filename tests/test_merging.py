@@ -140,6 +140,37 @@ def test_failed_merge_leaves_every_weight_bit_identical():
     assert ae.is_patched(model) and set(ae.list_adapters(model)) == {"l0", "l1"}  # nothing dropped either
 
 
+@pytest.mark.parametrize("case", ["lora_then_ia3", "ia3_bias"])
+def test_an_ia3_scale_that_overflows_fails_the_whole_merge(case):
+    """fp16: a LoRA term and an IA3 scale on one weight, each finite alone, whose product overflows (the scale must
+    be checked after the LoRA term); and an output IA3 that overflows the bias it also scales. Either way: a
+    ValueError naming the layer, every weight and bias bit-identical, no adapter dropped (LoRA-only layers too)."""
+    model = with_loras(1) if case == "lora_then_ia3" else tiny_bert()
+    model.half()
+    ae.add_adapter(model, "s", ae.IA3Config(target_modules=["query"], feedforward_modules=[]))
+    query = model.encoder.layer[1].attention.self.query
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.fill_(1.0)
+        query.ia3_l["s"][0] = 3.0
+        if case == "lora_then_ia3":
+            query.lora_A["l0"].weight.zero_()
+            query.lora_A["l0"].weight[0, 0] = 1.0
+            query.lora_B["l0"].weight.zero_()
+            query.lora_B["l0"].weight[0, 0] = 30000.0 / query.scaling["l0"]
+        else:
+            query.bias[0] = 40000.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ["l0", "s"] if case == "lora_then_ia3" else ["s"]
+    with pytest.raises(ValueError, match=r"encoder\.layer\.1\.attention\.self\.query.*non-finite"):
+        ae.merge_adapter(model, names)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ae.is_patched(model) and set(ae.list_adapters(model)) == {*names}
+    assert merged_adapters(model) == []
+
+
 def test_identity_bottleneck_folds_exactly_into_the_projection_before_it():
     """Houlsby placement with an identity activation: r = h + s (W_u (W_d h + b_d) + b_u) is linear in h = W x + b,
     so merge_adapter folds it (after a LoRA on the same projection) and the plain model gives the same outputs."""

@@ -33,9 +33,14 @@ CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=48, n_layer=3, n_head=4, vocab_size=101, n_positions=64, n_inner=80),
     "llama": lambda: LlamaConfig(**DECODER),
     "llama-tied": lambda: LlamaConfig(**DECODER, tie_word_embeddings=True),
+    "llama-attention-bias": lambda: LlamaConfig(**DECODER, attention_bias=True),
+    "llama-mlp-bias": lambda: LlamaConfig(**DECODER, mlp_bias=True),
     "mistral": lambda: MistralConfig(**DECODER),
     "qwen2": lambda: Qwen2Config(**DECODER),
     "vit": lambda: ViTConfig(**{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8),
+    "vit-no-qkv-bias": lambda: ViTConfig(
+        **{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8, qkv_bias=False
+    ),
 }
 AUTO = {
     "none": "AutoModel",
@@ -47,7 +52,7 @@ AUTO = {
 
 
 def heads_for(kind: str) -> list[str]:
-    if kind == "vit":
+    if kind.startswith("vit"):
         return ["none", "image-classification"]
     decoder = kind.startswith(("gpt2", "llama", "mistral", "qwen2"))
     return ["none", "sequence-classification", "token-classification"] + (["causal-lm"] if decoder else [])
@@ -133,6 +138,24 @@ def test_bad_inputs_are_refused():
         pl.count_parameters(shape, "causal-lm")
     with pytest.raises(ValueError, match="not one the planner knows"):
         pl.model_shape(transformers.T5Config())
+
+
+@pytest.mark.parametrize("tflops", [float("nan"), float("inf"), -float("inf"), 0.0, -5.0])
+def test_non_finite_or_non_positive_throughput_is_refused(tflops):
+    """NaN passed ``tflops <= 0`` and gave NaN step times (inf: zero); both are refused, naming the option."""
+    with pytest.raises(ValueError, match="tflops must be a positive finite number"):
+        pl.hardware(tflops=tflops)
+    with pytest.raises(ValueError, match="tflops must be a positive finite number"):
+        pl.Hardware("mine", 2**30, tflops, 100.0)
+    with pytest.raises(ValueError, match="memory must be positive"):
+        pl.hardware(memory="0MB")
+
+
+def test_the_header_shows_memory_below_10_gib_with_decimals():
+    shape = pl.model_shape(BertConfig(**SMALL))
+    for memory, shown in (("512MB", "0.50 GiB"), ("1.5GB", "1.50 GiB"), ("24GB", "24 GiB")):
+        header = pl.format_plan(pl.plan(shape, pl.hardware(memory=memory), batch=2, seq_len=8)).splitlines()[0]
+        assert f"(memory set to {shown}), {shown}," in header, header
 
 
 def test_plan_command(tmp_path, capsys):
