@@ -138,7 +138,12 @@ def _accept(x, weight, As, Bs, bias, fan_in_fan_out, ok_dtypes) -> tuple[int, in
 def _row_ids(adapter_ids, x, n_adapters):
     if adapter_ids is None:
         return None
-    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex():
+    if (
+        not isinstance(adapter_ids, torch.Tensor)
+        or adapter_ids.dtype.is_floating_point
+        or adapter_ids.is_complex()
+        or adapter_ids.dtype == torch.bool  # (a mask is not a choice of adapters: True / False would read as 1 / 0)
+    ):
         got = getattr(adapter_ids, "dtype", type(adapter_ids))
         raise TypeError(f"adapter_ids must be an integer tensor, got {got}")
     lead = tuple(x.shape[:-1])

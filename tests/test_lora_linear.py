@@ -411,6 +411,8 @@ def test_validation_errors():
         lora_linear(x, w, A, B, 1.0, adapter_ids=torch.tensor([0, -3, 0, 0]))
     with pytest.raises(TypeError, match="integer"):
         lora_linear(x, w, A, B, 1.0, adapter_ids=torch.zeros(4))
+    with pytest.raises(TypeError, match="integer tensor, got torch.bool"):  # (a mask would read as ids 1 / 0)
+        lora_linear(x, w, A, B, 1.0, adapter_ids=torch.tensor([True, False, True, False]))
     with pytest.raises(ValueError, match=r"adapter_ids \(3,\)"):
         lora_linear(x, w, A, B, 1.0, adapter_ids=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="path"):
