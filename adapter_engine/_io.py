@@ -3,20 +3,51 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
+
+# Weight files of formats other than safetensors (and their shard indexes): a saver that writes safetensors must not
+# copy these from the base folder next to its output, where they would be the base's unmerged weights.
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+
+def is_other_format_weights(name: str) -> bool:
+    """True for a non-safetensors weight file or its shard index (``pytorch_model.bin``, ``tf_model.h5``,
+    ``flax_model.msgpack``, ``pytorch_model-00001-of-00002.bin``, ``pytorch_model.bin.index.json``, ...)."""
+    name = name.lower()
+    if name.endswith(".index.json"):
+        name = name[: -len(".index.json")]
+    return name.endswith(OTHER_WEIGHT_SUFFIXES)
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+    """A new empty folder ``parent/prefix<random>`` with the umask's normal folder mode (``mkdtemp`` would give 0700
+    whatever the umask, and the folder becomes the saved output)."""
+    for _ in range(100):
+        path = os.path.join(parent, f"{prefix}{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path, 0o777)  # the umask applies, as for any folder the user makes
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not make a new folder {prefix}* in {parent!r}")
 
 
 def atomic_folder_write(path: str | os.PathLike, write) -> str:
-    """Call ``write(tmp_folder)``, then move the folder to ``path`` (replacing an existing one only at the end)."""
+    """Call ``write(tmp_folder)``, then move the folder to ``path`` (replacing an existing one only at the end).
+
+    ``path`` may be a missing path or a folder (replaced); an existing file there is refused (FileExistsError),
+    before ``write`` runs."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path!r} is a file, not a folder")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    partial = _new_folder(parent, f".{os.path.basename(path)}.partial-")
     try:
         write(partial)
         if os.path.exists(path):
-            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            aside = _new_folder(parent, f".{os.path.basename(path)}.old-")
             os.rename(path, os.path.join(aside, "old"))
             os.rename(partial, path)
             shutil.rmtree(aside)

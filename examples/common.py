@@ -18,11 +18,23 @@ import torch  # noqa: E402
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
 def parse(description: str, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny: random small model; "
                         "small: the real all-MiniLM-L6-v2")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default per size)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps per adapter (default per size)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

@@ -74,7 +74,7 @@ def process(documents: list[str], ner) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse("LoRA token classification, merged, in a pipeline", argv)
-    steps = args.steps or (12 if args.size == "tiny" else 60)
+    steps = args.steps if args.steps is not None else (12 if args.size == "tiny" else 60)
     tok, rng = tokenizer(), random.Random(args.seed)
     model = text_model(args.size, "BertForTokenClassification", num_labels=len(LABELS),
                        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})  # fmt: skip

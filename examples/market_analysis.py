@@ -27,7 +27,7 @@ MARKETS = ("business", "tech", "entertainment", "sports")
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse("one adapter per market, lazily loaded from a store", argv)
-    steps = args.steps or (5 if args.size == "tiny" else 80)
+    steps = args.steps if args.steps is not None else (5 if args.size == "tiny" else 80)
     tok = tokenizer()
     train, test = load_bbc_news("train", limit=128), load_bbc_news("test", limit=32)
     encode = lambda texts: tok(texts, truncation=True, max_length=48, padding="max_length", return_tensors="pt")

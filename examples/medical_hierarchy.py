@@ -45,7 +45,7 @@ def notes(ward: str, n: int, seed: int) -> tuple[list[str], list[int]]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse("a stack of adapters used at each depth", argv)
-    steps = args.steps or (12 if args.size == "tiny" else 40)
+    steps = args.steps if args.steps is not None else (12 if args.size == "tiny" else 40)
     tok = tokenizer()
     encode = lambda texts: tok(texts, truncation=True, max_length=24, padding="max_length", return_tensors="pt")
     sam = ae.StackedAdapterModel(text_model(args.size, "BertForSequenceClassification", num_labels=3))

@@ -58,7 +58,7 @@ def scans(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse("ViT with a convolutional input adapter and bottleneck adapters", argv)
-    steps = args.steps or (10 if args.size == "tiny" else 240)
+    steps = args.steps if args.steps is not None else (10 if args.size == "tiny" else 240)
     hidden, layers, size = (64, 2, 32) if args.size == "tiny" else (192, 6, 64)
     config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                        intermediate_size=2 * hidden, image_size=size, patch_size=8, num_labels=2)  # fmt: skip

@@ -37,7 +37,7 @@ def detect_language(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse("one adapter per language, routed per query", argv)
-    steps = args.steps or (6 if args.size == "tiny" else 40)
+    steps = args.steps if args.steps is not None else (6 if args.size == "tiny" else 40)
     tok = tokenizer()
     train, test = load_bbc_news("train", limit=96), load_bbc_news("test", limit=24)
     encode = lambda texts: tok(texts, truncation=True, max_length=48, padding="max_length", return_tensors="pt")

@@ -71,3 +71,14 @@ def test_medical_hierarchy_serves_each_ward_best_at_its_own_depth(example):
     for level, ward in enumerate(r["levels"], start=1):
         own = r["accuracy"][(ward, level)]
         assert own >= 0.9 and own >= max(r["accuracy"][(ward, d)] for d in range(4)), (ward, r["accuracy"])
+
+
+@pytest.mark.parametrize("name", ["multilingual_support", "market_analysis", "medical_hierarchy", "medical_imaging",
+                                  "legal_entities"])  # fmt: skip
+@pytest.mark.parametrize("steps", ["0", "-3", "two"])
+def test_steps_must_be_a_positive_count(example, capsys, name, steps):
+    """``--steps 0`` used to fall back to the default silently and ``--steps -3`` to crash: a usage error now."""
+    with pytest.raises(SystemExit) as exc:
+        example(name).main(["--size", "tiny", "--steps", steps])
+    assert exc.value.code == 2
+    assert "argument --steps: " in capsys.readouterr().err

@@ -22,6 +22,44 @@ def test_bbc_news_split_is_fixed_and_disjoint():
         load_bbc_news("dev")
 
 
+def test_text_folder_classes_skip_hidden_and_empty_folders(tmp_path):
+    """load_text_folder (finetune's labels) and check_text_folder (the demo's check) agree on the classes: hidden
+    folders and folders without a .txt document are not classes; fewer than two classes is an error."""
+    from adapter_engine.data import check_text_folder, load_text_folder, text_folder_documents
+
+    for label in ("cars", "cats"):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            (tmp_path / label / f"{i}.txt").write_text(f"{label} {i}")
+        (tmp_path / label / ".hidden.txt").write_text("editor backup")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.md").write_text("not a document")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.txt").write_text("hidden folder")
+    (tmp_path / "stray.txt").write_text("not in a class folder")
+    splits = [load_text_folder(str(tmp_path), split) for split in ("train", "validation", "test")]
+    assert {s.classes for s in splits} == {("cars", "cats")}
+    assert sum(len(s.texts) for s in splits) == 20 and set(splits[0].labels) == {0, 1}
+    assert text_folder_documents(str(tmp_path))[0] == ("cars", "cats")
+    assert check_text_folder(str(tmp_path)) == str(tmp_path)
+    for label in ("cats", "cars"):
+        for f in (tmp_path / label).glob("*.txt"):
+            f.unlink()
+        with pytest.raises(ValueError, match="a classifier needs at least two"):
+            load_text_folder(str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="holds (one|no) class sub-folder"):
+            check_text_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("limit", [0, -40, 2.5, True])
+def test_text_folder_limit_is_a_positive_count(tmp_path, limit):
+    from adapter_engine.data import load_text_folder
+
+    with pytest.raises(ValueError, match="limit must be a positive number"):
+        load_text_folder(str(tmp_path), limit=limit)
+
+
 # The real-model fine-tune (MiniLM on BBC News, accuracy must improve) is part of Merge and FFT's chain test in
 # tests/test_merging.py; here: the DDP run and the CLI.
 

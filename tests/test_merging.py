@@ -332,7 +332,7 @@ def test_cli_merge_writes_a_plain_checkpoint(tmp_path, capsys):
     torch.testing.assert_close(layer.value.weight, w, rtol=0, atol=1e-6)
 
 
-def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path):
+def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
     """Like merge-checkpoint: an existing --out (even --model itself) is not overwritten without --overwrite;
     with it, --out is replaced atomically, so merging into the --model folder itself works."""
     from peft import LoraConfig, get_peft_model
@@ -356,8 +356,10 @@ def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path):
             "--out",
             str(tmp_path / out),
         ]
-        with pytest.raises(FileExistsError, match="pass --overwrite" if out == "out" else "it is the --model folder"):
+        with pytest.raises(SystemExit) as exc:  # a usage error: one line, exit code 2
             main(args)
+        assert exc.value.code == 2
+        assert ("pass --overwrite" if out == "out" else "it is the --model folder") in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
     assert main(args + ["--overwrite"]) == 0  # --out is --model
