@@ -302,6 +302,47 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return _state(model).active
 
 
+# transformers' adapter methods (``PeftAdapterMixin``), bound on a patched model so that HF code calling them acts on
+# the engine's adapters: left unbound, they reached transformers' PEFT integration, which answered a misleading "PEFT
+# >= 0.22" error and left the adapters on.
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model alone until :func:`enable_adapters` (the active adapters are remembered)."""
+    state = _state(model)
+    if state.active:
+        state.disabled = state.active
+    set_active_adapters(model, None)
+
+
+def enable_adapters(model: nn.Module) -> None:
+    """Activate again the adapters :func:`disable_adapters` turned off (those still present), unless others were
+    activated since."""
+    state = _state(model)
+    names, state.disabled = [n for n in state.disabled if n in state.adapters], ()
+    if names and not state.active:
+        set_active_adapters(model, names)
+
+
+def active_adapter_list(model: nn.Module) -> list[str]:
+    """transformers' ``model.active_adapters()``: the active adapter names, as a list."""
+    return list(_state(model).active)
+
+
+def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """transformers' ``model.get_adapter_state_dict()``: the tensors :func:`save_adapter` writes for ``adapter_name``
+    (default: the first active one), PEFT keys for LoRA / IA3, AdapterHub keys for a bottleneck adapter."""
+    state = _state(model)
+    if adapter_name is None:
+        if not state.active:
+            raise ValueError(f"no active adapter: name one of {list(state.adapters)}")
+        adapter_name = state.active[0]
+    if adapter_name not in state.adapters:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(state.adapters)}")
+    record = state.adapters[adapter_name]
+    if record.kind == "bottleneck":
+        return dict(_export_bottleneck(model, state, adapter_name, record)[1])
+    return dict(_export_peft(model, adapter_name, record)[1])
+
+
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:
     """Fold LoRA / IA3 adapters into the base weights in place and drop them (see
     :func:`adapter_engine.merging.merge_adapter` for ``weights``, ``combination``, ``exact``, ``absorb``)."""

@@ -54,6 +54,7 @@ class PatchState:
     peft_layers: list[nn.Module] = field(default_factory=list)
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()  # what ``disable_adapters`` turned off, for ``enable_adapters``
     methods: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -235,6 +236,11 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "save_adapter": api.save_adapter,
         "merge_adapter": api.merge_adapter,
         "unmerge_adapter": api.unmerge_adapter,
+        # transformers' own adapter methods, on the engine's adapters
+        "disable_adapters": api.disable_adapters,
+        "enable_adapters": api.enable_adapters,
+        "active_adapters": api.active_adapter_list,
+        "get_adapter_state_dict": api.get_adapter_state_dict,
     }
     for name, func in methods.items():
         # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while

@@ -11,6 +11,7 @@ accumulated over ~10 roundings per layer on O(1) values).
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -250,6 +251,34 @@ def test_distilbert_adapters_read_the_blocks_layer_norm_as_adapterhub(residual_b
         got = out(model, batch)
         expected = reference(model.embeddings(batch["input_ids"]))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
+    """HF code calling transformers' own adapter methods on a patched model (``disable_adapters``, ``enable_adapters``,
+    ``active_adapters``, ``get_adapter_state_dict``) acts on the engine's adapters; they reached transformers' PEFT
+    integration before, which raised a misleading "PEFT >= 0.22" error and left the adapters on."""
+    from safetensors.torch import load_file
+
+    model, batch = make("bert").eval(), inputs("bert")
+    with torch.no_grad():
+        base = out(model, batch)
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    model.set_active_adapters(["l", "s"])
+    with torch.no_grad():
+        adapted = out(model, batch)
+        assert model.active_adapters() == ["l", "s"]
+        model.disable_adapters()
+        assert model.active_adapters() == [] and torch.equal(out(model, batch), base)
+        model.enable_adapters()
+        assert model.active_adapters() == ["l", "s"] and torch.equal(out(model, batch), adapted)
+    saved = load_file(os.path.join(model.save_adapter("l", tmp_path / "l"), "adapter_model.safetensors"))
+    state = model.get_adapter_state_dict()  # the first active adapter, "l"
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert any(".adapters.s." in k for k in model.get_adapter_state_dict("s"))
+    ae.unpatch(model)
+    assert "disable_adapters" not in model.__dict__
 
 
 def test_torch_save_and_load_of_a_patched_model():
