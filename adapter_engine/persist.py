@@ -34,17 +34,44 @@ def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
     if pt.is_patched(model):
         state = pt.get_state(model)
         for name, record in state.adapters.items():
-            manifest["adapters"][name] = {"kind": record.kind, "config": record.config.to_dict(),
-                                          "modules": list(record.modules)}  # fmt: skip
+            config = record.config.to_dict()
+            if (
+                getattr(record.config, "bottleneck_size", None) is not None
+            ):  # (not an AdapterHub field: to_dict drops it)
+                config["bottleneck_size"] = record.config.bottleneck_size
+            manifest["adapters"][name] = {"kind": record.kind, "config": config, "modules": list(record.modules)}
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
 
     def write(folder: str) -> None:
+        if "state_dict" not in save_kwargs and pt.is_patched(model):
+            # an adapter's LayerNorm before its down projection is registered twice, as AdapterHub's module does
+            # (``adapter_norm_before`` and ``adapter_down.0``): safetensors refuses shared tensors, so one key each
+            save_kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
         model.save_pretrained(folder, **save_kwargs)
         with open(os.path.join(folder, MANIFEST), "w") as fh:
             json.dump(manifest, fh, indent=2)
 
     return atomic_folder_write(path, write)
+
+
+def _adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Adapter keys (``.adapters.``) whose tensor an earlier key of the same adapter module holds -> that key."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key, t in state_dict.items():
+        if ".adapters." in key:
+            ident = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+            if ident in first:
+                aliases[key] = first[ident]
+            else:
+                first[ident] = key
+    return aliases
+
+
+def _without_adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    aliases = _adapter_aliases(state_dict)
+    return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
 def _checkpoint_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
@@ -85,7 +112,9 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
             config.target_modules = sorted({m.split(".", 1)[1] if m.startswith("base_model.") else m
                                             for m in entry["modules"]})  # fmt: skip
         api.add_adapter(model, name, config)
-    adapter_keys = set(model.state_dict()) - plain_keys
+    state_dict = model.state_dict()
+    aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
+    adapter_keys = set(state_dict) - plain_keys - set(aliases)
     tensors = _checkpoint_tensors(path, adapter_keys)
     missing = sorted(adapter_keys - set(tensors))
     if missing:

@@ -41,6 +41,31 @@ def test_absorbed_bottleneck_is_saved_with_the_model_and_reloaded(tmp_path):
         torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [ae.BottleneckConfig.seq_bn(bottleneck_size=8), ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True)],
+    ids=["bottleneck_size", "ln_before"],
+)
+def test_bottleneck_widths_and_layer_norms_round_trip(tmp_path, config):
+    """An explicit ``bottleneck_size`` (not an AdapterHub field, which the manifest's config dict dropped: the reload
+    built width 32 // 16 = 2 and failed) and an adapter LayerNorm before the down projection (registered twice, as
+    AdapterHub's module does: safetensors refused the shared tensors) save and reload with the same outputs."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+    ae.add_adapter(model, "b", config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.b." in name:
+                p.normal_(0, 0.3)
+    ae.set_active_adapters(model, "b")
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
+
+
 def test_load_model_of_a_plain_checkpoint_and_missing_folder(tmp_path):
     model = BertModel(BertConfig(**TINY))
     save_model(model, tmp_path / "plain")
