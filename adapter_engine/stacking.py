@@ -299,17 +299,26 @@ class StackedAdapterModel(nn.Module):
             raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")
         with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)
+        tensors = load_file(os.path.join(path, HEAD_FILE)) if meta.get("head") else None
+        if tensors is not None:  # checked before the base is patched: a head of another size is named, not half-loaded
+            head = head_parameters(base_model)
+            if set(tensors) != set(head):
+                raise ValueError(f"saved head {sorted(tensors)} does not match the model's head {sorted(head)}")
+            wrong = [
+                f"{k} {tuple(v.shape)} vs {tuple(head[k].shape)}"
+                for k, v in tensors.items()
+                if v.shape != head[k].shape
+            ]
+            if wrong:
+                raise ValueError(f"the saved head does not fit the model's (another number of labels?): {wrong}")
         model = cls(base_model, **kwargs)
         saved = AdapterStore(path)
         for name in meta["levels"] + meta["siblings"]:
             model.add_adapter(name, saved.path(name), level=name in meta["levels"])
         for name, names in meta.get("stacks", {}).items():
             model.add_stack(name, names)
-        if meta.get("head"):
+        if tensors is not None:
             head = head_parameters(model.model)
-            tensors = load_file(os.path.join(path, HEAD_FILE))
-            if set(tensors) != set(head):
-                raise ValueError(f"saved head {sorted(tensors)} does not match the model's head {sorted(head)}")
             with torch.no_grad():
                 for k, v in tensors.items():
                     head[k].copy_(v)

@@ -418,3 +418,17 @@ def test_two_level_stack_on_real_minilm_and_bbc_news(minilm_bbc, monkeypatch):
         monkeypatch.setattr(_backend, "INTERPRET", True)
         fused = sam(**batch, adapter=["news_fine", "news"]).logits
     torch.testing.assert_close(fused, ref, atol=1e-4, rtol=0)
+
+
+def test_loading_a_stack_whose_head_has_another_size_is_refused_before_the_base_changes(tmp_path):
+    """A stack saved with a trained 3-label head, loaded onto a 2-label base: a ValueError naming the shapes, and the
+    base left unpatched (it used to be patched, adapters added, then a bare RuntimeError from the head's copy)."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("general", SEQ_BN)
+    sam.train_adapter("general", train_head=True)
+    folder = sam.save(tmp_path / "stack")
+    other = BertForSequenceClassification(BertConfig(**{**_BERT, "num_labels": 2})).eval()
+    keys = list(other.state_dict())
+    with pytest.raises(ValueError, match=r"another number of labels.*classifier.weight \(3, 32\) vs \(2, 32\)"):
+        StackedAdapterModel.load(folder, other)
+    assert not ae.is_patched(other) and list(other.state_dict()) == keys
