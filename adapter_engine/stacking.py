@@ -23,6 +23,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -275,20 +277,34 @@ class StackedAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
-        trained task head into the folder ``path``; returns it."""
-        store = AdapterStore(path, create=True)
-        names = self.levels + self._siblings
-        for name in names:
-            with self.memory.use([name]):
-                store.save(self.model, name)
-        head = head_parameters(self.model) if self._head_trained else {}
-        if head:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(store.root, HEAD_FILE))
-        meta = {"levels": self.levels, "siblings": self._siblings, "running": self._running,
-                "stacks": {k: list(v) for k, v in self._stacks.items()}, "head": bool(head)}  # fmt: skip
-        with open(os.path.join(store.root, STACK_FILE), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2)
-        return store.root
+        trained task head into the folder ``path``; returns it.
+
+        All or nothing: everything is written to a staging folder inside ``path`` first, then each item (an adapter
+        folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
+        the folder as it was (it used to leave earlier adapters rewritten beside a stale ``stack.json``); other
+        entries of the folder (the other adapters of a store) are left alone."""
+        root = os.fspath(path)
+        if os.path.lexists(root) and not os.path.isdir(root):
+            raise FileExistsError(f"cannot save a stack to {root!r}: it is a file, not a folder")
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".stack-save-", dir=root)
+        try:
+            store = AdapterStore(staging)
+            names = self.levels + self._siblings
+            for name in names:
+                with self.memory.use([name]):
+                    store.save(self.model, name)
+            head = head_parameters(self.model) if self._head_trained else {}
+            if head:
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(staging, HEAD_FILE))
+            meta = {"levels": self.levels, "siblings": self._siblings, "running": self._running,
+                    "stacks": {k: list(v) for k, v in self._stacks.items()}, "head": bool(head)}  # fmt: skip
+            with open(os.path.join(staging, STACK_FILE), "w", encoding="utf-8") as fh:
+                json.dump(meta, fh, indent=2)
+            _replace_items(root, staging, [*names, *([HEAD_FILE] if head else []), STACK_FILE])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return root
 
     @classmethod
     def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
@@ -325,6 +341,28 @@ class StackedAdapterModel(nn.Module):
             model._head_trained = True
         model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _replace_items(root: str, staging: str, items: Sequence[str]) -> None:
+    """Move each of ``items`` from ``staging`` into ``root``, its earlier version set aside (into ``staging``, which
+    the caller deletes) and put back if any move fails."""
+    aside: dict[str, str] = {}
+    placed: list[str] = []
+    try:
+        for item in items:
+            dest = os.path.join(root, item)
+            if os.path.lexists(dest):
+                aside[item] = os.path.join(staging, f".old-{item}")
+                os.replace(dest, aside[item])
+            os.replace(os.path.join(staging, item), dest)
+            placed.append(item)
+    except BaseException:
+        for item in placed:
+            dest = os.path.join(root, item)
+            shutil.rmtree(dest) if os.path.isdir(dest) and not os.path.islink(dest) else os.remove(dest)
+        for item, old in aside.items():
+            os.replace(old, os.path.join(root, item))
+        raise
 
 
 __all__ = ["StackedAdapterModel", "train_adapter", "head_parameters"]

@@ -432,3 +432,39 @@ def test_loading_a_stack_whose_head_has_another_size_is_refused_before_the_base_
     with pytest.raises(ValueError, match=r"another number of labels.*classifier.weight \(3, 32\) vs \(2, 32\)"):
         StackedAdapterModel.load(folder, other)
     assert not ae.is_patched(other) and list(other.state_dict()) == keys
+
+
+def test_a_failed_save_leaves_the_earlier_save_as_it_was(tmp_path, monkeypatch):
+    """Saving over an earlier save writes into a staging folder, then replaces item by item: a failure half way (here
+    at the second adapter) leaves every earlier file byte for byte, and no staging folder behind. Another adapter of
+    the folder (a store's) is left alone by a save that succeeds."""
+    from adapter_engine import store as store_module
+
+    sam, _ = three_levels()
+    folder = sam.save(tmp_path / "stack")
+    other = sam.save(tmp_path / "other")
+    os.rename(os.path.join(other, "paed"), os.path.join(folder, "unrelated"))
+
+    def files():
+        return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(folder) for f in names}  # fmt: skip
+
+    before = files()
+    randomise(sam.model, "general")
+    calls, save = [], store_module.AdapterStore.save
+
+    def failing(self, model, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return save(self, model, name, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.AdapterStore, "save", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sam.save(folder)
+    assert files() == before
+    monkeypatch.setattr(store_module.AdapterStore, "save", save)
+    sam.save(folder)
+    after = files()
+    assert after != before and all(after[k] == v for k, v in before.items() if k.startswith("unrelated"))
+    assert sorted(os.listdir(folder)) == ["cardio", "general", "paed", "stack.json", "unrelated"]
