@@ -253,6 +253,14 @@ def test_distilbert_adapters_read_the_blocks_layer_norm_as_adapterhub(residual_b
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
+def lora_and_stack_active(model: nn.Module) -> None:
+    """A LoRA "l" (random B) and a seq_bn "s" (random weights), both active, through the methods patch binds."""
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    model.set_active_adapters(["l", "s"])
+
+
 def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
     """HF code calling transformers' own adapter methods on a patched model (``disable_adapters``, ``enable_adapters``,
     ``active_adapters``, ``get_adapter_state_dict``) acts on the engine's adapters; they reached transformers' PEFT
@@ -262,10 +270,7 @@ def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
     model, batch = make("bert").eval(), inputs("bert")
     with torch.no_grad():
         base = out(model, batch)
-    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
-    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
-    randomise(model, ".adapters.s.")
-    model.set_active_adapters(["l", "s"])
+    lora_and_stack_active(model)
     with torch.no_grad():
         adapted = out(model, batch)
         assert model.active_adapters() == ["l", "s"]
@@ -285,10 +290,7 @@ def test_torch_save_and_load_of_a_patched_model():
     """A patched model with adapters pickles whole (``torch.save(model)``), as an unpatched one does; the copy's
     methods act on the copy. (The bound methods ``patch`` put on the model could not be rebuilt while unpickling.)"""
     model, batch = make("bert").eval(), inputs("bert")
-    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False))
-    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
-    randomise(model, ".adapters.s.")
-    model.set_active_adapters(["l", "s"])
+    lora_and_stack_active(model)
     with torch.no_grad():
         ref = out(model, batch)
     buf = io.BytesIO()
