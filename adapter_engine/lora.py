@@ -458,18 +458,19 @@ def _weights(children: dict[str, nn.Module], names: list[str]) -> list[torch.Ten
 
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, fan_in_fan_out):
-    """One fused call for the first adapter and those without dropout; the others' terms are added after it.
+    """One fused call for the first adapter (with every adapter that draws no dropout mask, when it draws none
+    either); the others' terms are added after it.
 
-    PEFT draws an independent dropout mask per adapter, in order: so in training only the first adapter's mask is
-    drawn inside the fused call (with the adapters that draw none), and each further adapter with a dropout rate
-    draws its own after it, in PEFT's order (the same random stream as PEFT for one seed). Several adapters in one
-    fused call with dropout shared one mask: up to 2.4 off PEFT's outputs in training."""
+    Every adapter of the fused call reads the same dropout input, but PEFT draws an independent mask per adapter, in
+    order. So in training a first adapter with dropout is fused alone, and each further adapter with a dropout rate
+    draws its own mask after it, in PEFT's order (the same random stream as PEFT for one seed); adapters without
+    dropout read x. Several adapters in one fused call with dropout shared one mask: up to 2.4 off PEFT's outputs."""
     if len(names) == 1:  # the common case, as single tensors (no lists to build and read: host time at decode sizes)
         (a,), (b,) = _weights(lora_A._modules, names), _weights(lora_B._modules, names)
         return lora_linear(x, weight, a, b, scaling[names[0]], bias, dropout=dropout[names[0]] if training else 0.0,
                            training=training, fan_in_fan_out=fan_in_fan_out)  # fmt: skip
     rate = {n: dropout[n] if training else 0.0 for n in names}
-    fused = [n for i, n in enumerate(names) if i == 0 or rate[n] == 0.0]
+    fused = [names[0]] if rate[names[0]] else [n for n in names if not rate[n]]
     y = lora_linear(
         x,
         weight,
@@ -481,9 +482,9 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
         training=training,
         fan_in_fan_out=fan_in_fan_out,
     )
-    for n in names:  # in training only: adapters after the first with a dropout of their own, in PEFT's order
+    for n in names:  # in training only: the adapters the fused call left, in PEFT's order
         if n not in fused:
-            xd = F.dropout(x, rate[n], training=True)
+            xd = F.dropout(x, rate[n], training=True) if rate[n] else x
             y = y + F.linear(F.linear(xd, lora_A[n].weight), lora_B[n].weight) * scaling[n]
     return y
 

@@ -629,19 +629,23 @@ def test_a_bottleneck_left_out_of_every_layer_is_refused(tmp_path):
         ae.load_adapter(make("bert"), tmp_path / "one", name="none", config=everywhere)
 
 
-@pytest.mark.parametrize("n_adapters", [1, 2])
-def test_patch_peft_model_in_training_with_dropout(n_adapters):
+@pytest.mark.parametrize("rates", [(0.5,), (0.5, 0.5), (0.5, 0.0), (0.0, 0.5)], ids=str)
+def test_patch_peft_model_in_training_with_dropout(rates):
     """PEFT's training mode (lora_dropout > 0): the fused op draws the same dropout mask from the same RNG state
     (one F.dropout of x per layer and adapter, in PEFT's order), so patched training matches PEFT's step for step,
-    gradients included. Two active adapters with one rate draw two masks, as PEFT does (they used to share one)."""
+    gradients included. Two active adapters with one rate draw two masks, as PEFT does (they used to share one), and
+    an adapter without dropout beside one with it reads x undropped."""
     peft = pytest.importorskip("peft")
     batch = inputs("bert")
-    cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.5, init_lora_weights=False
-    )
-    pm = peft.get_peft_model(make("bert"), cfg).train()
-    if n_adapters == 2:
-        pm.add_adapter("second", cfg)
+
+    def config(rate):
+        return peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=rate, init_lora_weights=False
+        )
+
+    pm = peft.get_peft_model(make("bert"), config(rates[0])).train()
+    if len(rates) == 2:
+        pm.add_adapter("second", config(rates[1]))
         pm.base_model.set_adapter(["default", "second"])
         pm.train()
     results = []
