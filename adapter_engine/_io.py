@@ -57,3 +57,37 @@ def atomic_folder_write(path: str | os.PathLike, write) -> str:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return path
+
+
+def replace_entries(folder: str, staged: dict[str, str], remove: tuple[str, ...] | list[str] = ()) -> None:
+    """Move each staged file or folder to ``folder/<name>`` and take ``remove`` (names in ``folder``) away, all or
+    nothing: what they replace or remove is first moved aside (beside it, under a hidden name), put back if any move
+    fails, and deleted once everything is in place."""
+    token = secrets.token_hex(4)
+    aside: dict[str, str] = {}
+    placed: list[str] = []
+    try:
+        for name in dict.fromkeys([*staged, *remove]):
+            dest = os.path.join(folder, name)
+            if os.path.lexists(dest):
+                old = os.path.join(folder, f".{name}.old-{token}")
+                os.replace(dest, old)
+                aside[name] = old
+        for name, path in staged.items():
+            os.replace(path, os.path.join(folder, name))
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            _remove(os.path.join(folder, name))
+        for name, old in aside.items():
+            os.replace(old, os.path.join(folder, name))
+        raise
+    for old in aside.values():
+        _remove(old)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._io import replace_entries
 from .config import AnyConfig, coerce_config, config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def write_adapter(
             torch.save(tensors, staged[weights_name])
         with open(staged[CONFIG_NAME], "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2, sort_keys=True)
-        _commit(folder, staged, token)
+        _commit(folder, staged)
     except BaseException:
         for path in staged.values():
             if os.path.exists(path):
@@ -230,29 +231,13 @@ def write_adapter(
     return folder
 
 
-def _commit(folder: str, staged: dict[str, str], token: str) -> None:
-    """Move the old adapter files aside, the staged ones into place, then drop the old ones (rolled back on error)."""
-    old_names = [CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws)]
-    aside = {
-        name: os.path.join(folder, f".{name}.old-{token}")
-        for name in old_names
-        if os.path.isfile(os.path.join(folder, name))
-    }
-    placed: list[str] = []
-    try:
-        for name, path in aside.items():
-            os.replace(os.path.join(folder, name), path)
-        for name, path in staged.items():
-            os.replace(path, os.path.join(folder, name))
-            placed.append(name)
-    except BaseException:
-        for name in placed:
-            os.remove(os.path.join(folder, name))
-        for name, path in aside.items():
-            if os.path.exists(path):
-                os.replace(path, os.path.join(folder, name))
-        raise
-    for name, path in aside.items():
-        os.remove(path)
-        if name not in staged:
-            logger.info("removed the stale adapter file %s from %s", name, folder)
+def _commit(folder: str, staged: dict[str, str]) -> None:
+    """The staged files into place, the adapter's other files (another format's weights) away: all or nothing."""
+    stale = [
+        name
+        for name in (CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws))
+        if name not in staged and os.path.isfile(os.path.join(folder, name))
+    ]
+    replace_entries(folder, staged, remove=stale)
+    for name in stale:
+        logger.info("removed the stale adapter file %s from %s", name, folder)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api
+from ._io import replace_entries
 from .archs import base_prefix
 from .config import Stack
 from .patching import is_patched, patch
@@ -301,7 +302,8 @@ class StackedAdapterModel(nn.Module):
                     "stacks": {k: list(v) for k, v in self._stacks.items()}, "head": bool(head)}  # fmt: skip
             with open(os.path.join(staging, STACK_FILE), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh, indent=2)
-            _replace_items(root, staging, [*names, *([HEAD_FILE] if head else []), STACK_FILE])
+            items = [*names, *([HEAD_FILE] if head else []), STACK_FILE]
+            replace_entries(root, {item: os.path.join(staging, item) for item in items})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return root
@@ -341,28 +343,6 @@ class StackedAdapterModel(nn.Module):
             model._head_trained = True
         model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
-
-
-def _replace_items(root: str, staging: str, items: Sequence[str]) -> None:
-    """Move each of ``items`` from ``staging`` into ``root``, its earlier version set aside (into ``staging``, which
-    the caller deletes) and put back if any move fails."""
-    aside: dict[str, str] = {}
-    placed: list[str] = []
-    try:
-        for item in items:
-            dest = os.path.join(root, item)
-            if os.path.lexists(dest):
-                aside[item] = os.path.join(staging, f".old-{item}")
-                os.replace(dest, aside[item])
-            os.replace(os.path.join(staging, item), dest)
-            placed.append(item)
-    except BaseException:
-        for item in placed:
-            dest = os.path.join(root, item)
-            shutil.rmtree(dest) if os.path.isdir(dest) and not os.path.islink(dest) else os.remove(dest)
-        for item, old in aside.items():
-            os.replace(old, os.path.join(root, item))
-        raise
 
 
 __all__ = ["StackedAdapterModel", "train_adapter", "head_parameters"]
