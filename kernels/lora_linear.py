@@ -82,7 +82,10 @@ class LoraLinearFunction(torch.autograd.Function):
         )  # fmt: skip
         ctx.needs = (g[1], g[2] and x_lora is not None, g[3], bias is not None and g[4], need_da, need_dbb)
         keep_x = g[3] or (need_da and x_lora is None)
-        ctx.save_for_backward(x if keep_x else None, x_lora if need_da else None, weight, adapter_ids, u, A, B)
+        # x_lora is kept for dA, and for dx too: the launchers read "x_lora is None" as "the adapter read x" and
+        # would then add du A_cat to dx, where with dropout that term belongs to dx_lora only.
+        keep_xl = x_lora is not None and (need_da or g[1])
+        ctx.save_for_backward(x if keep_x else None, x_lora if keep_xl else None, weight, adapter_ids, u, A, B)
         ctx.settings = settings
         return y
 

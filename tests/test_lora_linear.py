@@ -353,6 +353,28 @@ def test_dropout_same_mask_as_reference(path):
     )
 
 
+@pytest.mark.parametrize("path", ["fused", "composition", "segmented"])
+@pytest.mark.parametrize("trainable", [("x",), ("x", "B")], ids=["frozen-adapter", "frozen-A"])
+def test_dropout_x_grad_with_a_frozen_lora_A(path, trainable):
+    """With dropout, dx = dy W + dropout'(du A_cat): the low-rank term reaches x through the mask only. When A does
+    not train (a frozen adapter, LoRA-FA) the backward still needs to know there was dropout: it added du A_cat to
+    dx as if the adapter had read x (the term counted twice, once without the mask)."""
+    x, w, b, As, Bs = _make((5,), 12, 9, [3, 2], torch.float32)
+    named = (("x", x), ("w", w), ("b", b), ("A0", As[0]), ("A1", As[1]), ("B0", Bs[0]), ("B1", Bs[1]))
+    for name, t in named:
+        t.requires_grad_(name[0] in trainable)
+    dy = torch.randn(5, 9, dtype=torch.float64)
+    kw = dict(dropout=0.5, training=True, adapter_ids=torch.tensor([1, -1, 0, 0, 1]))
+    torch.manual_seed(123)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, [0.5, -1.5], dy, path=path, **kw)
+    torch.manual_seed(123)
+    y_ref, grads_ref = _oracle(x, w, b, As, Bs, [0.5, -1.5], dy, **kw)
+    _close(y, y_ref, torch.float32, "y")
+    names = [name for name, t in named if t.requires_grad]  # (the order of _run's gradients)
+    for g, g_ref, name in zip(grads, grads_ref, names, strict=True):
+        _close(g, g_ref, torch.float32, f"d{name}")
+
+
 def test_torch_compile_fullgraph():
     x, w, b, As, Bs = _make((2, 5), 24, 20, [8, 4], torch.float32)
     ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
