@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._backend import use_triton
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
@@ -66,7 +67,8 @@ class LoraLinearFunction(torch.autograd.Function):
     the stacked A_cat / B_cat (B_cat rank-major on the segmented Triton path, ``_rank_major_b``; for one adapter the
     factors themselves, B copied only for that layout; so the backward does not concatenate again); never an
     (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a
-    slice of dA_cat / dB_cat.
+    slice of dA_cat / dB_cat. Differentiable once: u is saved without its graph (and the kernels' outputs have
+    none), so a second derivative (``create_graph=True``, then ``grad`` again) raises instead of missing terms.
     """
 
     @staticmethod
@@ -90,6 +92,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # u is saved without its graph: a second derivative through it would be silently wrong
     def backward(ctx, dy):
         x, x_lora, weight, adapter_ids, u, A, B = ctx.saved_tensors
         s: LoraSettings = ctx.settings

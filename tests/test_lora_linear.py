@@ -375,6 +375,20 @@ def test_dropout_x_grad_with_a_frozen_lora_A(path, trainable):
         _close(g, g_ref, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("path", ["fused", "composition"])
+def test_a_second_derivative_raises_instead_of_missing_terms(path):
+    """First derivatives with ``create_graph=True`` are right; a second one raises: the backward reads u without
+    its graph, so d(dB)/dA through u = x A^T went missing (and the Triton kernels' outputs have no graph at all)."""
+    x, w, b, As, Bs = _make((3,), 5, 7, [3], torch.float32)
+    y = lora_linear(x, w, As[0], Bs[0], 0.5, b, path=path)
+    dB = torch.autograd.grad((y**2).sum(), Bs[0], create_graph=True)[0]
+    x6, w6, A6, B6, b6 = (t.detach().double().requires_grad_() for t in (x, w, As[0], Bs[0], b))
+    y_ref = lora_linear_reference(x6, w6, A6, B6, 0.5, b6)
+    _close(dB, torch.autograd.grad((y_ref**2).sum(), B6)[0], torch.float32, "dB")
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dB.pow(2).sum().backward()
+
+
 def test_torch_compile_fullgraph():
     x, w, b, As, Bs = _make((2, 5), 24, 20, [8, 4], torch.float32)
     ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
