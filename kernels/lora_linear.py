@@ -194,8 +194,9 @@ def _op_backward(ctx, dy, du_unused):
     grads = _lora_linear_bwd_op(dy, x, x_lora, weight, adapter_ids, u, As, Bs, ctx.scales, ctx.path, ctx.needs)
     dx, dxl, dW, db, dA, dB = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
     ranks = [a.shape[0] for a in As]
-    dAs = list(dA.split(ranks, 0)) if dA is not None else None
-    dBs = list(dB.split(ranks, 1)) if dB is not None else None
+    # (a list input takes a list of gradients, None for each frozen factor: a bare None fails autograd's check)
+    dAs = list(dA.split(ranks, 0)) if dA is not None else [None] * n
+    dBs = list(dB.split(ranks, 1)) if dB is not None else [None] * n
     return dx, dxl, dW, db, None, dAs, dBs, None, None
 
 

@@ -404,6 +404,26 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("trainable", ["x", "x,B", "A"], ids=["frozen-adapters", "frozen-A", "frozen-B"])
+def test_torch_compile_with_frozen_factors(trainable):
+    """A compiled layer whose LoRA factors (or some of them) do not train: the custom op's backward returned a bare
+    None for the frozen list of factors, which autograd refused (\"the same structure as the inputs\")."""
+    x, w, b, As, Bs = _make((2, 5), 12, 10, [3, 2], torch.float32)
+    for t, name in ((x, "x"), (w, "w"), (b, "b"), *((a, "A") for a in As), *((b_, "B") for b_ in Bs)):
+        t.requires_grad_(name in trainable.split(","))
+    ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
+    f = lambda x, As, Bs: lora_linear(x, w, As, Bs, [2.0, 0.5], b, adapter_ids=ids, path="fused").square().sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t for t in (x, *As, *Bs) if t.requires_grad]
+    grads = torch.autograd.grad(compiled(x, As, Bs), leaves)
+    up = lambda t: t.detach().double().requires_grad_(t.requires_grad)
+    x6, As6, Bs6 = up(x), [up(a) for a in As], [up(b_) for b_ in Bs]
+    y6 = lora_linear_reference(x6, up(w), As6, Bs6, [2.0, 0.5], up(b), adapter_ids=ids)
+    grads_ref = torch.autograd.grad(y6.square().sum(), [t for t in (x6, *As6, *Bs6) if t.requires_grad])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _close(g, g_ref, torch.float32, "grad")
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     """The default backend (inductor, ~20 s of C++ compilation on CPU) around the opaque custom ops."""
