@@ -86,7 +86,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_float_dtype, check_same_device, use_triton
+from ._backend import check_float_dtype, check_same_device, refuse_create_graph, use_triton
 from .bottleneck_bwd import _stack_backward
 from .bottleneck_dispatch import levels_may_run, uniform_levels
 from .bottleneck_fwd import ForwardLaunch, _launch_fwd, bottleneck_stack_fwd
@@ -353,7 +353,8 @@ class _StackFunction(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager training: a plain autograd Function calls the
     launchers directly, without the custom-op dispatcher (its Python argument handling and autograd wrapper were
     about a third of a fused training step's host time on the CPU profile) and without the host facts' string
-    round trip. torch.compile keeps the registered ops (one opaque node per stack)."""
+    round trip. torch.compile keeps the registered ops (one opaque node per stack). Differentiable once: the
+    kernels' gradients have no graph, so a backward with ``create_graph=True`` raises."""
 
     @staticmethod
     def forward(ctx, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, facts):
@@ -364,6 +365,7 @@ class _StackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_create_graph("bottleneck_stack", "bottleneck_stack_ref")
         grads = _backward_with(ctx.facts, ctx.needs_input_grad[:8], grad_out, *ctx.saved_tensors)
         return (*grads, None, None, None, None, None, None)
 

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._backend import use_triton
+from ._backend import refuse_create_graph, use_triton
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_dispatch import PATHS, _serve_mixed, _wants_segmented
 from .lora_linear_launch import lora_linear_bwd, lora_linear_fwd
@@ -68,7 +67,8 @@ class LoraLinearFunction(torch.autograd.Function):
     factors themselves, B copied only for that layout; so the backward does not concatenate again); never an
     (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a
     slice of dA_cat / dB_cat. Differentiable once: u is saved without its graph (and the kernels' outputs have
-    none), so a second derivative (``create_graph=True``, then ``grad`` again) raises instead of missing terms.
+    none), so a backward with ``create_graph=True`` raises (``_backend.refuse_create_graph``) instead of giving
+    second derivatives that miss terms.
     """
 
     @staticmethod
@@ -92,8 +92,8 @@ class LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # u is saved without its graph: a second derivative through it would be silently wrong
     def backward(ctx, dy):
+        refuse_create_graph("lora_linear", "lora_linear_reference")
         x, x_lora, weight, adapter_ids, u, A, B = ctx.saved_tensors
         s: LoraSettings = ctx.settings
         n = len(s.ranks)

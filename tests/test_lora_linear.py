@@ -376,17 +376,15 @@ def test_dropout_x_grad_with_a_frozen_lora_A(path, trainable):
 
 
 @pytest.mark.parametrize("path", ["fused", "composition"])
-def test_a_second_derivative_raises_instead_of_missing_terms(path):
-    """First derivatives with ``create_graph=True`` are right; a second one raises: the backward reads u without
-    its graph, so d(dB)/dA through u = x A^T went missing (and the Triton kernels' outputs have no graph at all)."""
+def test_create_graph_raises_instead_of_wrong_second_derivatives(path):
+    """The backward reads u = x A^T * C saved without its graph (and the Triton kernels' outputs have none), so a
+    second derivative silently missed terms: here d(|dB|^2)/dA through u. A backward with create_graph=True raises;
+    the reference twin (plain autograd) gives higher-order gradients."""
     x, w, b, As, Bs = _make((3,), 5, 7, [3], torch.float32)
     y = lora_linear(x, w, As[0], Bs[0], 0.5, b, path=path)
-    dB = torch.autograd.grad((y**2).sum(), Bs[0], create_graph=True)[0]
-    x6, w6, A6, B6, b6 = (t.detach().double().requires_grad_() for t in (x, w, As[0], Bs[0], b))
-    y_ref = lora_linear_reference(x6, w6, A6, B6, 0.5, b6)
-    _close(dB, torch.autograd.grad((y_ref**2).sum(), B6)[0], torch.float32, "dB")
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dB.pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="create_graph=True.*lora_linear_reference"):
+        torch.autograd.grad((y**2).sum(), Bs[0], create_graph=True)
+    torch.autograd.grad((y**2).sum(), Bs[0])  # (a first derivative as usual)
 
 
 def test_torch_compile_fullgraph():
