@@ -468,6 +468,16 @@ def _launch_facts(h: torch.Tensor, packed: PackedStack, routes: torch.Tensor, le
     return host, max_rank, uniform
 
 
+def _trainable(packed: PackedStack, host: PackedHost) -> tuple[bool, ...]:
+    """Per adapter, whether its weight gradients are computed. ``host.trainable`` is read at packing time; a
+    one-adapter pack holds the adapter's own tensors (no copy), so ``requires_grad_()`` called after packing reaches
+    them: read it again there, or their gradients would come back as zeros. (Several adapters are concatenated
+    copies: those follow only what required grad when they were made.)"""
+    if len(host.trainable) == 1:
+        return (any(t.requires_grad for t in packed[:4]),)
+    return host.trainable
+
+
 def bottleneck_stack(
     h: torch.Tensor,
     y: torch.Tensor | None,
@@ -533,7 +543,8 @@ def bottleneck_stack(
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
             level_adapters = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(routes.shape[1])]
-        train_levels = [[int(a) for a in used if a >= 0 and host.trainable[a]] for used in level_adapters]
+        trainable = _trainable(packed, host)
+        train_levels = [[int(a) for a in used if a >= 0 and trainable[a]] for used in level_adapters]
     if save and not torch.compiler.is_compiling():  # (the facts as _decode_host returns them)
         facts = (options, host.offsets, host.codes, host.scales, train_levels, uniform)
         return _StackFunction.apply(h, y, ln_weight, ln_bias, *packed[:8], routes, facts)
