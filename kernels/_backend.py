@@ -374,3 +374,16 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def refuse_create_graph(op: str, differentiable: str) -> None:
+    """Called first in a fused op's autograd backward: raise when it runs with ``create_graph=True`` (autograd then
+    runs backwards with grad mode on). The fused backwards compute their gradients from tensors saved without their
+    graph and from kernels whose outputs have none, so a second derivative through them would silently miss terms
+    (``torch.autograd.grad`` to chosen inputs skips a ``once_differentiable`` guard, so the check is here).
+    ``differentiable``: what to call instead for higher-order gradients."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}'s fused backward is not differentiable (create_graph=True: double backward, gradient penalties, "
+            f"Hessian-vector products); use {differentiable} for higher-order gradients"
+        )

@@ -86,7 +86,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_float_dtype, check_same_device, use_triton
+from ._backend import check_float_dtype, check_same_device, refuse_create_graph, use_triton
 from .bottleneck_bwd import _stack_backward
 from .bottleneck_dispatch import levels_may_run, uniform_levels
 from .bottleneck_fwd import ForwardLaunch, _launch_fwd, bottleneck_stack_fwd
@@ -353,7 +353,8 @@ class _StackFunction(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager training: a plain autograd Function calls the
     launchers directly, without the custom-op dispatcher (its Python argument handling and autograd wrapper were
     about a third of a fused training step's host time on the CPU profile) and without the host facts' string
-    round trip. torch.compile keeps the registered ops (one opaque node per stack)."""
+    round trip. torch.compile keeps the registered ops (one opaque node per stack). Differentiable once: the
+    kernels' gradients have no graph, so a backward with ``create_graph=True`` raises."""
 
     @staticmethod
     def forward(ctx, h, y, lnw, lnb, wd, bd, wu, bu, owner, act, scale, offsets, routes, facts):
@@ -364,6 +365,7 @@ class _StackFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_create_graph("bottleneck_stack", "bottleneck_stack_ref")
         grads = _backward_with(ctx.facts, ctx.needs_input_grad[:8], grad_out, *ctx.saved_tensors)
         return (*grads, None, None, None, None, None, None)
 
@@ -466,6 +468,16 @@ def _launch_facts(h: torch.Tensor, packed: PackedStack, routes: torch.Tensor, le
     return host, max_rank, uniform
 
 
+def _trainable(packed: PackedStack, host: PackedHost) -> tuple[bool, ...]:
+    """Per adapter, whether its weight gradients are computed. ``host.trainable`` is read at packing time; a
+    one-adapter pack holds the adapter's own tensors (no copy), so ``requires_grad_()`` called after packing reaches
+    them: read it again there, or their gradients would come back as zeros. (Several adapters are concatenated
+    copies: those follow only what required grad when they were made.)"""
+    if len(host.trainable) == 1:
+        return (any(t.requires_grad for t in packed[:4]),)
+    return host.trainable
+
+
 def bottleneck_stack(
     h: torch.Tensor,
     y: torch.Tensor | None,
@@ -531,7 +543,8 @@ def bottleneck_stack(
     if save and any(t.requires_grad for t in packed[:4]):
         if level_adapters is None:  # one device sync; the modules pass this hint from the host
             level_adapters = [sorted(set(routes[:, lvl].tolist()) - {-1}) for lvl in range(routes.shape[1])]
-        train_levels = [[int(a) for a in used if a >= 0 and host.trainable[a]] for used in level_adapters]
+        trainable = _trainable(packed, host)
+        train_levels = [[int(a) for a in used if a >= 0 and trainable[a]] for used in level_adapters]
     if save and not torch.compiler.is_compiling():  # (the facts as _decode_host returns them)
         facts = (options, host.offsets, host.codes, host.scales, train_levels, uniform)
         return _StackFunction.apply(h, y, ln_weight, ln_bias, *packed[:8], routes, facts)

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import use_triton
+from ._backend import refuse_create_graph, use_triton
 from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
 from .lora_linear_dispatch import PATHS, _serve_mixed, _wants_segmented
 from .lora_linear_launch import lora_linear_bwd, lora_linear_fwd
@@ -66,7 +66,9 @@ class LoraLinearFunction(torch.autograd.Function):
     the stacked A_cat / B_cat (B_cat rank-major on the segmented Triton path, ``_rank_major_b``; for one adapter the
     factors themselves, B copied only for that layout; so the backward does not concatenate again); never an
     (M, N) or (N, K) temporary. Gradients are derived in ``lora_linear_bwd``; each adapter's dA_i / dB_i is a
-    slice of dA_cat / dB_cat.
+    slice of dA_cat / dB_cat. Differentiable once: u is saved without its graph (and the kernels' outputs have
+    none), so a backward with ``create_graph=True`` raises (``_backend.refuse_create_graph``) instead of giving
+    second derivatives that miss terms.
     """
 
     @staticmethod
@@ -82,12 +84,16 @@ class LoraLinearFunction(torch.autograd.Function):
         )  # fmt: skip
         ctx.needs = (g[1], g[2] and x_lora is not None, g[3], bias is not None and g[4], need_da, need_dbb)
         keep_x = g[3] or (need_da and x_lora is None)
-        ctx.save_for_backward(x if keep_x else None, x_lora if need_da else None, weight, adapter_ids, u, A, B)
+        # x_lora is kept for dA, and for dx too: the launchers read "x_lora is None" as "the adapter read x" and
+        # would then add du A_cat to dx, where with dropout that term belongs to dx_lora only.
+        keep_xl = x_lora is not None and (need_da or g[1])
+        ctx.save_for_backward(x if keep_x else None, x_lora if keep_xl else None, weight, adapter_ids, u, A, B)
         ctx.settings = settings
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_create_graph("lora_linear", "lora_linear_reference")
         x, x_lora, weight, adapter_ids, u, A, B = ctx.saved_tensors
         s: LoraSettings = ctx.settings
         n = len(s.ranks)
@@ -188,8 +194,9 @@ def _op_backward(ctx, dy, du_unused):
     grads = _lora_linear_bwd_op(dy, x, x_lora, weight, adapter_ids, u, As, Bs, ctx.scales, ctx.path, ctx.needs)
     dx, dxl, dW, db, dA, dB = (g if need else None for g, need in zip(grads, ctx.needs, strict=True))
     ranks = [a.shape[0] for a in As]
-    dAs = list(dA.split(ranks, 0)) if dA is not None else None
-    dBs = list(dB.split(ranks, 1)) if dB is not None else None
+    # (a list input takes a list of gradients, None for each frozen factor: a bare None fails autograd's check)
+    dAs = list(dA.split(ranks, 0)) if dA is not None else [None] * n
+    dBs = list(dB.split(ranks, 1)) if dB is not None else [None] * n
     return dx, dxl, dW, db, None, dAs, dBs, None, None
 
 

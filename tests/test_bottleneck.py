@@ -1018,6 +1018,39 @@ def test_eager_training_calls_the_launchers_directly_and_compile_keeps_the_ops(m
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
 
 
+def test_create_graph_raises_instead_of_wrong_second_derivatives():
+    """The fused backward's gradients come from kernels (no graph), so a gradient penalty built on them dropped out
+    of the second backward silently. A backward with create_graph=True raises; the reference twin (plain autograd)
+    gives higher-order gradients."""
+    if not use_triton(torch.empty(0)):
+        pytest.skip("the fused backward runs in the interpreter here")
+    params = make_params(40, [8], ["tanh"])
+    params[0]["wd"].requires_grad_(True)
+    ln = make_ln(40)
+    h, y = torch.randn(5, 40, requires_grad=True), torch.randn(5, 40)
+    out = bottleneck_stack(h, y, pack(params), [0], SEQ, ln.weight, ln.bias)
+    with pytest.raises(RuntimeError, match="create_graph=True.*bottleneck_stack_ref"):
+        torch.autograd.grad(out.square().sum(), params[0]["wd"], create_graph=True)
+    torch.autograd.grad(out.square().sum(), params[0]["wd"])  # (a first derivative as usual)
+
+
+def test_one_adapter_packed_before_it_trains_gets_its_gradients():
+    """A one-adapter pack holds the adapter's own weights (no copy): ``requires_grad_()`` after packing reaches them,
+    but the pack's host facts said the adapter did not train, so its weight gradients came back as zeros."""
+    params = make_params(40, [8], ["gelu"])
+    ln = make_ln(40)
+    packed = pack(params)
+    for k in ("wd", "bd"):  # (the up weight is a copy, the up bias a view made before: they follow the pack)
+        params[0][k].requires_grad_(True)
+    h, y = torch.randn(6, 40), torch.randn(6, 40)
+    grad_out = torch.randn(6, 40)
+    leaves = [params[0][k] for k in ("wd", "bd")]
+    got = torch.autograd.grad(bottleneck_stack(h, y, packed, [0], SEQ, ln.weight, ln.bias), leaves, grad_out)
+    want = torch.autograd.grad(ah_stack(h, y, ln, params, SEQ), leaves, grad_out)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+
+
 def _two_levels_case():
     """(params, model LN, h, y, packed) of two adapters (ranks 8 and 16) at hidden 40, 9 rows."""
     params = make_params(40, [8, 16], ["gelu", "relu"])

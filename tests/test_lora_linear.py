@@ -353,6 +353,40 @@ def test_dropout_same_mask_as_reference(path):
     )
 
 
+@pytest.mark.parametrize("path", ["fused", "composition", "segmented"])
+@pytest.mark.parametrize("trainable", [("x",), ("x", "B")], ids=["frozen-adapter", "frozen-A"])
+def test_dropout_x_grad_with_a_frozen_lora_A(path, trainable):
+    """With dropout, dx = dy W + dropout'(du A_cat): the low-rank term reaches x through the mask only. When A does
+    not train (a frozen adapter, LoRA-FA) the backward still needs to know there was dropout: it added du A_cat to
+    dx as if the adapter had read x (the term counted twice, once without the mask)."""
+    x, w, b, As, Bs = _make((5,), 12, 9, [3, 2], torch.float32)
+    named = (("x", x), ("w", w), ("b", b), ("A0", As[0]), ("A1", As[1]), ("B0", Bs[0]), ("B1", Bs[1]))
+    for name, t in named:
+        t.requires_grad_(name[0] in trainable)
+    dy = torch.randn(5, 9, dtype=torch.float64)
+    kw = dict(dropout=0.5, training=True, adapter_ids=torch.tensor([1, -1, 0, 0, 1]))
+    torch.manual_seed(123)
+    y, grads = _run(lora_linear, x, w, b, As, Bs, [0.5, -1.5], dy, path=path, **kw)
+    torch.manual_seed(123)
+    y_ref, grads_ref = _oracle(x, w, b, As, Bs, [0.5, -1.5], dy, **kw)
+    _close(y, y_ref, torch.float32, "y")
+    names = [name for name, t in named if t.requires_grad]  # (the order of _run's gradients)
+    for g, g_ref, name in zip(grads, grads_ref, names, strict=True):
+        _close(g, g_ref, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("path", ["fused", "composition"])
+def test_create_graph_raises_instead_of_wrong_second_derivatives(path):
+    """The backward reads u = x A^T * C saved without its graph (and the Triton kernels' outputs have none), so a
+    second derivative silently missed terms: here d(|dB|^2)/dA through u. A backward with create_graph=True raises;
+    the reference twin (plain autograd) gives higher-order gradients."""
+    x, w, b, As, Bs = _make((3,), 5, 7, [3], torch.float32)
+    y = lora_linear(x, w, As[0], Bs[0], 0.5, b, path=path)
+    with pytest.raises(RuntimeError, match="create_graph=True.*lora_linear_reference"):
+        torch.autograd.grad((y**2).sum(), Bs[0], create_graph=True)
+    torch.autograd.grad((y**2).sum(), Bs[0])  # (a first derivative as usual)
+
+
 def test_torch_compile_fullgraph():
     x, w, b, As, Bs = _make((2, 5), 24, 20, [8, 4], torch.float32)
     ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
@@ -366,6 +400,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
     for g, g_c in zip(torch.autograd.grad(loss, args), torch.autograd.grad(compiled(*args), args), strict=True):
         torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable", ["x", "x,B", "A"], ids=["frozen-adapters", "frozen-A", "frozen-B"])
+def test_torch_compile_with_frozen_factors(trainable):
+    """A compiled layer whose LoRA factors (or some of them) do not train: the custom op's backward returned a bare
+    None for the frozen list of factors, which autograd refused (\"the same structure as the inputs\")."""
+    x, w, b, As, Bs = _make((2, 5), 12, 10, [3, 2], torch.float32)
+    for t, name in ((x, "x"), (w, "w"), (b, "b"), *((a, "A") for a in As), *((b_, "B") for b_ in Bs)):
+        t.requires_grad_(name in trainable.split(","))
+    ids = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 0, -1, -1]])
+    f = lambda x, As, Bs: lora_linear(x, w, As, Bs, [2.0, 0.5], b, adapter_ids=ids, path="fused").square().sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t for t in (x, *As, *Bs) if t.requires_grad]
+    grads = torch.autograd.grad(compiled(x, As, Bs), leaves)
+    up = lambda t: t.detach().double().requires_grad_(t.requires_grad)
+    x6, As6, Bs6 = up(x), [up(a) for a in As], [up(b_) for b_ in Bs]
+    y6 = lora_linear_reference(x6, up(w), As6, Bs6, [2.0, 0.5], up(b), adapter_ids=ids)
+    grads_ref = torch.autograd.grad(y6.square().sum(), [t for t in (x6, *As6, *Bs6) if t.requires_grad])
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _close(g, g_ref, torch.float32, "grad")
 
 
 @pytest.mark.slow
