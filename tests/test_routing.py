@@ -231,6 +231,9 @@ def test_route_errors():
         run(model, ids(3), ["a", "b"])
     with pytest.raises(TypeError, match="route entry"):
         make_route([3])
+    for entry in (["a", "l"], {"a"}):  # a row's stack given as a list or set: named, not "unhashable type"
+        with pytest.raises(TypeError, match="route entry must be .* takes a Stack"):
+            make_route(["b", entry])
     with pytest.raises(TypeError, match="adapter routing takes"):
         make_route(3.5)
     with pytest.raises(ValueError, match="structures differ|mix structural"):
