@@ -515,8 +515,24 @@ def _peft_plain_case(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dic
     return names, base, dropout
 
 
+def _refuse_routes_to_peft(layer: nn.Module) -> None:
+    """A PEFT layer runs its own active adapters (or PEFT's ``adapter_names=``), never a :func:`use_adapters` route:
+    a route naming its adapters is refused rather than ignored (it ran the active adapter for every row, silently).
+    A route naming none of them may be meant for another model called in the same block: it is left alone."""
+    route = current_route()
+    if route is None:
+        return
+    names = route.cached("names_set", lambda: frozenset(route.names))
+    if not names.isdisjoint(layer._modules["lora_A"]._modules):
+        raise ValueError(
+            f"a use_adapters route naming {sorted(names)} reached a PEFT LoRA layer, which does not follow routes: "
+            'route a PeftModel with its own adapter_names= (one adapter or "__base__" per row) in forward / generate'
+        )
+
+
 def fused_peft_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Per-instance forward for PEFT ``lora.Linear`` layers: the same math as PEFT's, in one fused op."""
+    _refuse_routes_to_peft(self)
     plain = _peft_plain_case(self, x, args, kwargs)
     if plain is None:
         return type(self).forward(self, x, *args, **kwargs)
