@@ -20,6 +20,7 @@ weights, mixed-batch ``adapter_names``, ...) falls through to PEFT's forward.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -32,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .changes import adapters_changed, change_stamp, tensor_version
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
-from .kernels._backend import capturing, int_table, kept
+from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear, lora_linear_stacked, stack_loras
 from .kernels.lora_linear_dispatch import mixed_batch_path
@@ -237,12 +238,10 @@ class LoraLinear(nn.Module):
             y = self._base_forward(x)
         else:
             y = self._rows_call(x, snapshot, fused, ids, path, dropout=p0, training=training)
-            for n, rows, rate in extras:  # rows whose stack holds a further LoRA of this layer
-                mask = torch.zeros(x.shape[0], dtype=y.dtype, device=x.device)
-                mask[rows] = 1.0
-                xd = F.dropout(x, rate, training=training and rate > 0)
+            for n, index, rate in extras:  # rows whose stack holds a further LoRA of this layer: on those rows only
+                xd = F.dropout(x[index], rate, training=training and rate > 0)
                 term = F.linear(F.linear(xd, self.lora_A[n].weight), self.lora_B[n].weight) * self.scaling[n]
-                y = y + term * mask.view(-1, *([1] * (y.dim() - 1)))
+                y = y.index_add(0, index, term)
         if ia3_out is not None:
             y = y * self._row_scales(ia3_out, y)
         return y
@@ -347,8 +346,8 @@ class LoraLinear(nn.Module):
         self, route: Route, training: bool, every_resident: bool, resident: tuple[str, ...], device: torch.device
     ):
         """() (no row uses an adapter of this layer) or (fused LoRA names, their dropout rate, adapter ids (rows,)
-        int32 on ``device``, further LoRA terms [(name, rows, rate)], IA3 input / output names per row or None,
-        ``lora_linear``'s path).
+        int32 on ``device``, further LoRA terms [(name, their rows (k,) int64 on ``device``, rate)], IA3 input / output
+        names per row or None, ``lora_linear``'s path).
         ``resident``: the layer's LoRAs when the call started; ``every_resident``: fuse every unmerged one of them
         (serving), else only those the rows use."""
         merged = self.merged_adapters
@@ -371,9 +370,10 @@ class LoraLinear(nn.Module):
             table = tuple(index[n] if n is not None else -1 for n in firsts)
             ids = route.cached(("lora_ids", table, device), lambda: int_table(table, device))
             for n in used:
-                rows = [i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n]
+                rows = tuple(i for i, row in enumerate(rows_lora) if n in row and firsts[i] != n)
                 if rows:
-                    extras.append((n, rows, rate[n]))
+                    where = route.cached(("lora_rows", rows, device), functools.partial(_row_index, rows, device))
+                    extras.append((n, where, rate[n]))
         # every resident LoRA fused: the segmented path, also in layers that share this plan but whose ranks would
         # have the dispatch take the masked one (only the rows' own adapters may reach a row)
         path = "segmented" if every_resident else "auto"
@@ -437,6 +437,14 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
         return f"{kind}(in={self.in_features}, out={self.out_features}), adapters={sorted(self.lora_A)}"
+
+
+def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(k,) int64 batch rows on ``device`` that take a further LoRA term. Only those rows compute it: a term computed
+    for every row and masked by a multiply gave the other rows 0 * NaN (NaN) when that adapter's weights were not
+    finite. A normal tensor even under ``torch.inference_mode`` (a later backward may save it)."""
+    with normal_tensors():
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 _PARAMETERS = operator.attrgetter("_parameters")
@@ -515,8 +523,24 @@ def _peft_plain_case(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dic
     return names, base, dropout
 
 
+def _refuse_routes_to_peft(layer: nn.Module) -> None:
+    """A PEFT layer runs its own active adapters (or PEFT's ``adapter_names=``), never a :func:`use_adapters` route:
+    a route naming its adapters is refused rather than ignored (it ran the active adapter for every row, silently).
+    A route naming none of them may be meant for another model called in the same block: it is left alone."""
+    route = current_route()
+    if route is None:
+        return
+    names = route.cached("names_set", lambda: frozenset(route.names))
+    if not names.isdisjoint(layer._modules["lora_A"]._modules):
+        raise ValueError(
+            f"a use_adapters route naming {sorted(names)} reached a PEFT LoRA layer, which does not follow routes: "
+            'route a PeftModel with its own adapter_names= (one adapter or "__base__" per row) in forward / generate'
+        )
+
+
 def fused_peft_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Per-instance forward for PEFT ``lora.Linear`` layers: the same math as PEFT's, in one fused op."""
+    _refuse_routes_to_peft(self)
     plain = _peft_plain_case(self, x, args, kwargs)
     if plain is None:
         return type(self).forward(self, x, *args, **kwargs)

@@ -279,6 +279,11 @@ def make_route(
         memo: dict[Any, StackNames] = {}
         rows = []
         for entry in spec:
+            if entry is not None and not isinstance(entry, (str, Stack)):  # (a list entry is not a memo key)
+                raise TypeError(
+                    f"a route entry must be an adapter name, a Stack or None, got {entry!r} (a row running several "
+                    "adapters takes a Stack: Stack('a', 'b'))"
+                )
             key = entry.children if isinstance(entry, Stack) else entry
             if key not in memo:
                 memo[key] = _as_stack(entry, resolve)

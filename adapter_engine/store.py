@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -39,6 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import api
@@ -117,9 +119,11 @@ class AdapterStore:
             )
         return folder
 
-    def nbytes_on_disk(self, name: str) -> int:
+    def nbytes_on_disk(self, name: str, dtype: torch.dtype | None = None) -> int:
         """Tensor bytes in adapter ``name``'s safetensors file (read from its header), or 0 when it is a pickle:
-        an estimate of its size before it is loaded (the model's dtype may differ)."""
+        an estimate of its size before it is loaded. ``dtype``: the bytes its tensors take once loaded in that dtype
+        (a model loads an adapter in its layers' dtype, and PEFT saves fp32 factors for an fp16 or bf16 base: counted
+        as saved, an adapter looked twice its size and made the memory manager evict under its byte cap)."""
         folder = self._existing(name)
         for fname in (WEIGHTS["peft"][0], WEIGHTS["adapterhub"][0]):
             path = os.path.join(folder, fname)
@@ -127,9 +131,11 @@ class AdapterStore:
                 try:
                     with open(path, "rb") as fh:
                         header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-                    offsets = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
-                    return sum(end - begin for begin, end in offsets)
-                except (OSError, ValueError, KeyError, struct.error):
+                    entries = [v for k, v in header.items() if k != "__metadata__"]
+                    if dtype is not None:
+                        return sum(math.prod(v["shape"]) for v in entries) * dtype.itemsize
+                    return sum(end - begin for begin, end in (v["data_offsets"] for v in entries))
+                except (OSError, ValueError, KeyError, TypeError, struct.error):
                     return 0
         return 0
 
@@ -452,9 +458,13 @@ class AdapterMemoryManager:
         return [n for n in self._resident if n not in keep and n not in self._pinned and not self._refs.get(n, 0)]
 
     def _size_of(self, name: str) -> int:
+        """Bytes of ``name`` once resident: as last seen resident, else its file's tensors in the model's dtype."""
         if name in self._sizes:
             return self._sizes[name]
-        return self.store.nbytes_on_disk(name) if self.store is not None and name in self.store else 0
+        if self.store is None or name not in self.store:
+            return 0
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        return self.store.nbytes_on_disk(name, dtype=dtype)
 
     def _fits(self, names: list[str], missing: list[str]) -> bool:
         idle = self._idle(names)

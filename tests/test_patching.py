@@ -564,6 +564,26 @@ def test_patched_peft_layers_fall_back_to_peft_where_the_fused_op_does_not_apply
     assert case(change=fp64_factors) == 0
 
 
+def test_a_route_naming_a_patched_peft_models_adapters_is_refused_not_ignored():
+    """PEFT layers do not follow ``use_adapters``: a route naming their adapters ran the active adapter for every
+    row, silently. It is refused, naming PEFT's adapter_names=; a route naming none of them (meant for another model
+    in the same block) leaves PEFT's forward alone, and PEFT's own mixed batch still works through the override."""
+    peft = pytest.importorskip("peft")
+    batch = inputs("bert")
+    pm = peft.get_peft_model(make("bert"), peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=3, target_modules=["query"], init_lora_weights=False))
+    pm.eval()
+    mixed = pm(**batch, adapter_names=["b", "__base__"]).last_hidden_state
+    active = out(pm, batch)
+    ae.patch(pm)
+    for spec in (["b", None], "default", ae.Stack("b", "default")):
+        with ae.use_adapters(spec), pytest.raises(ValueError, match="does not follow routes.*adapter_names="):
+            out(pm, batch)
+    with ae.use_adapters(["other", None]):  # another model's adapters
+        torch.testing.assert_close(out(pm, batch), active, atol=ATOL, rtol=0)
+    torch.testing.assert_close(pm(**batch, adapter_names=["b", "__base__"]).last_hidden_state, mixed, atol=ATOL, rtol=0)
+
+
 def test_unregistered_model_needs_explicit_targets():
     class Tiny(nn.Module):
         def __init__(self):

@@ -231,6 +231,9 @@ def test_route_errors():
         run(model, ids(3), ["a", "b"])
     with pytest.raises(TypeError, match="route entry"):
         make_route([3])
+    for entry in (["a", "l"], {"a"}):  # a row's stack given as a list or set: named, not "unhashable type"
+        with pytest.raises(TypeError, match="route entry must be .* takes a Stack"):
+            make_route(["b", entry])
     with pytest.raises(TypeError, match="adapter routing takes"):
         make_route(3.5)
     with pytest.raises(ValueError, match="structures differ|mix structural"):
@@ -428,6 +431,27 @@ def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
     with torch.no_grad():
         alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
     torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_second_lora_in_a_layer_reaches_that_row_only():
+    """A row whose stack holds two LoRAs of one layer gets the second one's term after the fused launch: on its own
+    rows only. Computed for every row and masked by a multiply, a non-finite weight of that adapter gave every row
+    of the batch NaN (0 * NaN), on the segmented path, where rows are otherwise kept apart (as PEFT's mixed batch and
+    per-row calls keep them)."""
+    model = bert()
+    for name in ("p", "q", "s"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2 + len(name), lora_alpha=4))
+    randomise(model)
+    batch, spec = ids(4, seq=20), [ae.Stack("p", "s"), "q", None, "p"]  # 80 rows: the segmented path
+    stacked = run(model, batch, spec)
+    torch.testing.assert_close(stacked[:1], run(model, batch[:1], spec[0]), rtol=0, atol=ATOL)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B.s." in name:
+                p[0, 0] = float("nan")
+    broken = run(model, batch, spec)
+    assert not torch.isfinite(broken[0]).all()
+    torch.testing.assert_close(broken[1:], stacked[1:], rtol=0, atol=0)  # the other rows: as before, finite
 
 
 def test_serving_fuses_every_resident_lora_once_per_layer():

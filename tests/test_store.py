@@ -183,6 +183,24 @@ def test_max_bytes_cap(filled_store):
     assert memory.stats().resident_bytes <= bn + lora
 
 
+def test_the_byte_cap_counts_an_adapter_never_loaded_in_the_models_dtype(filled_store):
+    """The store holds fp32 weights (as PEFT saves them for a half-precision base too) that a half-precision model
+    loads as fp16, half the bytes. A first load was estimated at the file's size, so under a cap with room for two
+    adapters, loading the second evicted the first."""
+    store, _ = filled_store
+    probe = bert().half()
+    for name in ("lora0", "lora3"):  # (PEFT safetensors; AdapterHub's pickle has no header to read: 0)
+        store.load_into(probe, name)
+        assert store.nbytes_on_disk(name) == 2 * ae.api.adapter_nbytes(probe, name)  # fp32 on disk
+        assert store.nbytes_on_disk(name, dtype=torch.float16) == ae.api.adapter_nbytes(probe, name)
+    both = ae.api.adapter_nbytes(probe, "lora0") + ae.api.adapter_nbytes(probe, "lora3")
+    memory = AdapterMemoryManager(bert().half(), store, max_bytes=both)
+    for name in ("lora0", "lora3"):
+        with memory.use([name]):
+            pass
+    assert memory.resident() == ["lora0", "lora3"] and memory.stats().evictions == 0
+
+
 def test_pinned_and_in_use_adapters_are_not_evicted(filled_store):
     store, _ = filled_store
     model = bert()
