@@ -200,7 +200,8 @@ class LoraLinear(nn.Module):
         layer serves every mix of requests. Fusing only the used ones made a new concatenation for each new set of
         adapters in a batch, each kept by ``lora_linear``'s cache of stacked factors (device memory outside the
         memory manager's count, until one of the factors is freed). Rows pay for their own adapter only. Under
-        autograd, and on the masked path (``_every_resident_isolated``), only the used adapters take part."""
+        autograd, and on the masked path (``_every_resident_isolated``; served only when every row uses the same adapter,
+        ``_row_plan``), only the used adapters take part."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         if isinstance(route, StaticRoute):
             return self._static_forward(x, route)
@@ -224,7 +225,7 @@ class LoraLinear(nn.Module):
         plan = plans.get(key)
         if plan is None:
             every_resident = serving and self._every_resident_isolated(mods_A, resident, rows, x)
-            plan = plans[key] = self._row_plan(route, training, every_resident, resident, x.device)
+            plan = plans[key] = self._row_plan(route, training, serving, every_resident, resident, x.device)
         if not plan:
             return self._base_forward(x)
         fused, p0, ids, extras, ia3_in, ia3_out, path = plan
@@ -343,13 +344,21 @@ class LoraLinear(nn.Module):
         return len(ranks) > 1 and mixed_batch_path(rows, ranks, x) == "segmented"
 
     def _row_plan(
-        self, route: Route, training: bool, every_resident: bool, resident: tuple[str, ...], device: torch.device
+        self,
+        route: Route,
+        training: bool,
+        serving: bool,
+        every_resident: bool,
+        resident: tuple[str, ...],
+        device: torch.device,
     ):
         """() (no row uses an adapter of this layer) or (fused LoRA names, their dropout rate, adapter ids (rows,)
         int32 on ``device``, further LoRA terms [(name, their rows (k,) int64 on ``device``, rate)], IA3 input / output
         names per row or None, ``lora_linear``'s path).
         ``resident``: the layer's LoRAs when the call started; ``every_resident``: fuse every unmerged one of them
-        (serving), else only those the rows use."""
+        (serving on the segmented path), else only those the rows use. Serving (no autograd) rows that do not all
+        use the same adapter take the segmented path too, whatever the batch size: on the masked path a non-finite
+        weight of one row's adapter would reach every row."""
         merged = self.merged_adapters
         rows_lora = [[n for n in row if n in resident and n not in merged] for row in route.rows]
         rows_ia3 = [[n for n in row if n in self.ia3_l and n not in merged] for row in route.rows]
@@ -363,6 +372,11 @@ class LoraLinear(nn.Module):
             rate = {n: (self.lora_dropout[n] if training else 0.0) for n in used}
             p0 = rate[used[0]]
             fused = [n for n in used if rate[n] == p0]
+            if serving and len({next((n for n in row if n in fused), None) for row in rows_lora}) > 1:
+                # rows that differ (several adapters, or adapter and base rows): the masked path would meet every
+                # row with every fused adapter's columns (0 * NaN), so serving takes the segmented one, where only
+                # a row's own adapter reaches it, as PEFT's per-adapter sub-batches keep rows apart
+                every_resident = True
             if every_resident:  # (no dropout outside training: one rate)
                 fused = [n for n in resident if n not in merged]
             index = {n: i for i, n in enumerate(fused)}

@@ -389,7 +389,8 @@ def test_per_sequence_routes_are_expanded_once_per_call(model_and_base, spec, ta
     """A route gives one stack per sequence; the kernels read one entry per row. The expansion (a copy) is made once
     per call for each table, kept on the route, not in every layer call: LoRA ids for query (both LoRAs), key and
     value (one each), 6 layer calls; bottleneck routes, one table for both layers. (The interpreter copies with
-    ``copy_``.)"""
+    ``copy_``.) A first routed call makes the layers' serving caches (the stacked factors of the segmented path);
+    the counted call copies only what each call must."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Copies(TorchDispatchMode):
@@ -401,6 +402,7 @@ def test_per_sequence_routes_are_expanded_once_per_call(model_and_base, spec, ta
             return func(*args, **(kwargs or {}))
 
     model, _ = model_and_base
+    run(model, ids(3), spec)
     counts = {}
     for routed in (None, spec):
         Copies.count = 0
@@ -494,6 +496,27 @@ def test_serving_fuses_every_resident_lora_once_per_layer():
         loss = model(input_ids=batch).last_hidden_state.square().sum()
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
     assert all((g is None) == (".r." in n or ".s." in n) for n, g in grads.items())  # r and s: not in this batch
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_a_small_served_batch_keeps_its_rows_from_another_rows_broken_adapter(factor):
+    """A served batch small enough for the masked path (12 rows over two rank-2/3 adapters): a NaN in the adapter
+    of one row leaves the other rows, on another adapter or on the base, as each alone (PEFT's sub-batches keep
+    rows apart too). On the masked path every row met every fused adapter's columns, and 0 * NaN reached all."""
+    model = bert()
+    for name, r in (("p", 2), ("q", 3)):
+        ae.add_adapter(model, name, ae.LoraConfig(r=r, lora_alpha=4))
+    randomise(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{factor}.q." in name:
+                p[0, 0] = float("nan")
+    batch = ids(3, seq=4)
+    out = run(model, batch, ["p", "q", None])
+    assert not torch.isfinite(out[1]).all()
+    for i, spec in ((0, "p"), (2, None)):
+        torch.testing.assert_close(out[i : i + 1], run(model, batch[i : i + 1], spec), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(run(model, batch, ["p", "p", "p"])).all()  # one adapter for every row: the masked path
 
 
 @pytest.mark.parametrize("round_trip", [False, True], ids=["half", "half-then-float"])
