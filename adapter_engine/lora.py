@@ -200,8 +200,8 @@ class LoraLinear(nn.Module):
         layer serves every mix of requests. Fusing only the used ones made a new concatenation for each new set of
         adapters in a batch, each kept by ``lora_linear``'s cache of stacked factors (device memory outside the
         memory manager's count, until one of the factors is freed). Rows pay for their own adapter only. Under
-        autograd, and on the masked path (``_every_resident_isolated``; served only when every row uses the same adapter,
-        ``_row_plan``), only the used adapters take part."""
+        autograd, and on the masked path (``_every_resident_isolated``; served only when every row uses the same
+        adapter, ``_row_plan``), only the used adapters take part."""
         check_rows(route, x.shape[0], f"LoraLinear(in={self.in_features}, out={self.out_features})")
         if isinstance(route, StaticRoute):
             return self._static_forward(x, route)
