@@ -416,7 +416,8 @@ def test_per_sequence_routes_are_expanded_once_per_call(model_and_base, spec, ta
 def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
     """A mixed LoRA batch on the segmented path sorts its rows once per call, not once per layer, also under
     ``torch.inference_mode`` (where the route's ids tensor, made as an inference tensor, had no version counter
-    and could not be remembered: every layer grouped the rows again)."""
+    and could not be remembered: every layer grouped the rows again). The pooler's ``dense`` reads one row per
+    sequence: a table of its own, grouped once too."""
     from adapter_engine.kernels import lora_inputs
 
     model = bert()
@@ -425,11 +426,11 @@ def test_rows_are_grouped_by_adapter_once_per_call(monkeypatch, mode):
     randomise(model)
     calls = []
     plan = lora_inputs.plan_segments
-    monkeypatch.setattr(lora_inputs, "plan_segments", lambda *a, **k: calls.append(1) or plan(*a, **k))
-    batch, spec = ids(4, seq=20), ["p", "q", "r", "p"]  # 80 rows: above fused_max_m, so "segmented"
+    monkeypatch.setattr(lora_inputs, "plan_segments", lambda ids, *a: calls.append(ids.numel()) or plan(ids, *a))
+    batch, spec = ids(4, seq=20), ["p", "q", "r", "p"]  # 80 rows (and the pooler's 4): "segmented"
     with use_adapters(spec), mode():
         mixed = model(input_ids=batch).last_hidden_state
-    assert len(calls) == 1
+    assert sorted(calls) == [4, 80]
     with torch.no_grad():
         alone = torch.cat([run(model, batch[i : i + 1], spec[i]) for i in range(4)])
     torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
@@ -534,8 +535,9 @@ def test_a_model_converted_in_place_is_served_from_its_new_weights(round_trip):
     from adapter_engine.kernels import lora_inputs
     from adapter_engine.lora import LoraLinear
 
-    small = ids(4, seq=3)  # 12 rows: the masked path, over lora_linear's own cache of stacked factors
-    for spec in specs:
+    small = ids(4, seq=3)  # 12 rows: a stack on every row takes the masked path, over lora_linear's own cache
+    small_specs = (*specs, ae.Stack("l", "m"))  # of stacked factors (rows that differ take the segmented one)
+    for spec in small_specs:
         run(served, small, spec)
     params = {id(p) for p in served.parameters()}
     layers = [m for m in served.modules() if isinstance(m, LoraLinear)]
@@ -549,8 +551,8 @@ def test_a_model_converted_in_place_is_served_from_its_new_weights(round_trip):
     # addresses (the CUDA caching allocator's likely choice) would otherwise hit them
     assert not any(params.intersection(key[1]) for key in lora_inputs._STACKS)
     assert all(layer._stacked is None for layer in layers)
-    for rows in (batch, small):
-        for spec in specs:
+    for rows, row_specs in ((batch, specs), (small, small_specs)):
+        for spec in row_specs:
             torch.testing.assert_close(run(served, rows, spec), run(fresh, rows, spec), rtol=0, atol=0)
 
 
