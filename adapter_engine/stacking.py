@@ -219,14 +219,20 @@ class StackedAdapterModel(nn.Module):
 
     def _set_running(self, names: Sequence[str]) -> None:
         """Pin and activate exactly ``names``; when either is refused, the previous running stack stays pinned and
-        active (adapters loaded for the attempt stay resident, unpinned)."""
+        active (adapters loaded for the attempt stay resident, unpinned).
+
+        Pinning ``names`` unpins the running stack first, so under a cap the attempt may evict one of its adapters to
+        make room, and an eviction also takes it out of the model's active adapters. A refusal therefore pins the
+        previous stack again (reloading what was evicted) and activates it again: it used to leave the model running
+        the stack without its evicted levels while ``active_stack`` still named them."""
         with self.memory.lock:
             previous = self.memory.pinned
-            self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
             try:
+                self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
                 api.set_active_adapters(self.model, list(names) or None)  # all or nothing
             except BaseException:
-                self.memory.set_pinned(previous)  # resident still: pinned adapters are never evicted
+                self.memory.set_pinned(previous)
+                api.set_active_adapters(self.model, list(self._running) or None)
                 raise
             self._running = list(names)
 

@@ -468,3 +468,30 @@ def test_a_failed_save_leaves_the_earlier_save_as_it_was(tmp_path, monkeypatch):
     after = files()
     assert after != before and all(after[k] == v for k, v in before.items() if k.startswith("unrelated"))
     assert sorted(os.listdir(folder)) == ["cardio", "general", "paed", "stack.json", "unrelated"]
+
+
+def test_a_refused_activate_under_a_cap_keeps_the_running_stack_running(tmp_path):
+    """Pinning the new stack unpins the running one, so under ``max_active`` the attempt may evict a running level
+    to make room (an eviction also takes it out of the model's active adapters). A refusal, by the structures or by
+    a load that fails, leaves the running stack pinned and active, outputs bit for bit: it used to run without the
+    evicted level while ``active_stack`` still named it."""
+    store = ae.AdapterStore(tmp_path, create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("broken", SEQ_BN, level=False)
+    store.save(donor.model, "broken")
+    with open(os.path.join(store.path("broken"), "pytorch_adapter.bin"), "wb") as fh:
+        fh.write(b"truncated")
+    sam = StackedAdapterModel(tiny(), store=store, max_active=3)
+    sam.add_adapter("l1", SEQ_BN)
+    sam.add_adapter("l2", SEQ_BN)
+    sam.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    sam.add_adapter("s", SEQ_BN, level=False)  # evicts h, the least recently used idle adapter
+    for name in ("l1", "l2", "h", "s"):
+        randomise(sam.model, name)
+    before, state = logits(sam), _state_of(sam)[:4]  # levels, running, the model's active adapters, pins
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        sam.activate(["l1", "h"])  # reloading h evicts l2, unpinned for the attempt
+    assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):
+        sam.activate(["s", "broken"])  # loading broken (after evicting a level) fails
+    assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)
