@@ -11,18 +11,18 @@ The store never invents an adapter: an unknown name is a ``KeyError`` unless the
 ``create=`` config. Names that would leave the directory (``../x``, absolute paths, separators, symlinks that
 point outside) are refused with ``ValueError``.
 
-The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting
-the least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running
-call (reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"``
-its weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy;
-with ``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it
-was loaded from the store and no weight of it has changed in place since (their version counters). Any other adapter
-(trained since it was loaded, fresh, loaded from a folder, or one the store does not hold) is kept on the host
-instead, with a log line, so no trained adapter is lost. A reloaded adapter keeps each weight's ``requires_grad``
-(a frozen one stays frozen). Every method is thread-safe (one ``RLock``); forwards run outside it. The manager
-follows adapters deleted or merged away (``merge_adapter``) and added behind its back through the model's own API.
-The fused bottleneck op keeps one packed copy of each layer's resident adapters: device memory is about twice
-the counted bytes for bottleneck adapters.
+The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting the
+least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running call
+(reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"`` its
+weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy; with
+``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it was
+loaded from the store, or saved to it (``AdapterStore.save``), and no weight of it has changed in place since (their
+version counters). Any other adapter (trained since it was loaded or saved, fresh, loaded from a folder, or one the
+store does not hold) is kept on the host instead, with a log line, so no trained adapter is lost. A reloaded adapter
+keeps each weight's ``requires_grad`` (a frozen one stays frozen). Every method is thread-safe (one ``RLock``);
+forwards run outside it. The manager follows adapters deleted or merged away (``merge_adapter``) and added behind
+its back through the model's own API. The fused bottleneck op keeps one packed copy of each layer's resident
+adapters: device memory is about twice the counted bytes for bottleneck adapters.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -75,6 +76,16 @@ class AdapterStore:
             os.makedirs(root, exist_ok=True)
         self.root = root
         self._real_root = os.path.realpath(root)
+        self._managers: weakref.WeakSet[AdapterMemoryManager] = weakref.WeakSet()  # told of each save (see save)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: a copy's managers register with it when they are copied
+        state = self.__dict__.copy()
+        state["_managers"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._managers = weakref.WeakSet()
 
     def path(self, name: str) -> str:
         """The folder of adapter ``name`` (it may not exist yet); ``ValueError`` if it would leave the store."""
@@ -154,14 +165,19 @@ class AdapterStore:
         return name
 
     def save(self, model: nn.Module, name: str, *, format: str | None = None, overwrite: bool = True) -> str:
-        """Save adapter ``name`` of ``model`` into the store (bottleneck: AdapterHub format, else PEFT)."""
+        """Save adapter ``name`` of ``model`` into the store (bottleneck: AdapterHub format, else PEFT). The memory
+        managers over this store learn that the adapter's weights are now the store's copy, so that
+        ``offload="drop"`` may drop it (README: save a trained adapter to the store to let it be dropped)."""
         folder = self.path(name)
         if not overwrite and _has_any(folder):
             raise FileExistsError(f"adapter {name!r} already exists in the store at {folder!r}")
         if format is None:
             record = api._state(model).adapters.get(name)
             format = "adapterhub" if record is not None and isinstance(record.config, BottleneckConfig) else "peft"
-        return api.save_adapter(model, name, folder, format=format)
+        folder = api.save_adapter(model, name, folder, format=format)
+        for manager in list(self._managers):
+            manager._saved_to_store(model, name)
+        return folder
 
 
 @dataclass(frozen=True)
@@ -227,6 +243,8 @@ class AdapterMemoryManager:
         self._load_time = 0.0
         for name in api.list_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
+        if store is not None:
+            store._managers.add(self)
 
     def _make_locks(self) -> None:
         self.lock = threading.RLock()
@@ -242,6 +260,8 @@ class AdapterMemoryManager:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._make_locks()
+        if self.store is not None:
+            self.store._managers.add(self)
 
     # ------------------------------------------------------------------------------------------- queries
     def resident(self) -> list[str]:
@@ -427,6 +447,17 @@ class AdapterMemoryManager:
             self.forget(name)
         for name in [n for n in present if n not in self._resident]:
             self.register(name)
+
+    def _saved_to_store(self, model: nn.Module, name: str) -> None:
+        """``self.store`` has just written adapter ``name`` of ``model``: when that is this manager's model, the
+        adapter's weights are the store's copy from now until they change (their versions), as after a load from
+        the store. A trained adapter used to stay "changed since its load" after a save, kept on the host forever."""
+        if model is not self.model:
+            return
+        with self.lock:
+            self._sync()
+            if name in self._resident:
+                self._mark_clean(name)
 
     def _mark_clean(self, name: str) -> None:
         weights = tuple(api.adapter_parameters(self.model, name))

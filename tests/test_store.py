@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
 import threading
 
@@ -390,3 +391,40 @@ def test_gpu_offload_goes_to_pinned_host_memory_and_back_exactly(filled_store):
         assert torch.equal(out(model, "seq_bn2", batch), before)
         assert all(p.is_cuda for p in ae.api.adapter_parameters(model, "seq_bn2"))
     assert memory.stats().loads_from_cpu == 1
+
+
+@pytest.mark.parametrize("origin", ["fresh", "trained"])
+def test_an_adapter_saved_to_the_store_may_be_dropped_until_it_changes(filled_store, origin):
+    """offload="drop" keeps a fresh or trained adapter on the host, and the README's way out is to save it to the
+    store: the managers over the store learn of the save, so the adapter is dropped (and reloads as saved) until an
+    update in place changes it again. A saved adapter used to stay "changed since its load" and was kept on the host
+    for good. Pickled and deep-copied managers (and stores) still do their work."""
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    if origin == "fresh":
+        name = "made_here"
+        ae.add_adapter(model, name, KINDS["seq_bn"]())
+    else:
+        name = "lora0"
+        memory.acquire([name])
+        memory.release([name])
+    randomise(model, name)  # trained in place
+    store.save(model, name)
+    saved = out(model, name)
+    with memory.use(["ia31"]):  # evicts name: the store's copy now, dropped
+        pass
+    assert memory.stats().offloaded == 0 and name not in ae.list_adapters(model)
+    with memory.use([name]):  # reloaded from the store as saved; then trained again, not saved
+        assert torch.equal(out(model, name), saved)
+        randomise(model, name)
+        trained = out(model, name)
+    with memory.use(["ia31"]):
+        pass
+    assert memory.stats().offloaded == 1  # changed since the save: kept on the host
+    with memory.use([name]):
+        assert torch.equal(out(model, name), trained)
+    assert not torch.equal(trained, saved)
+    twin = copy.deepcopy(memory)
+    assert twin in twin.store._managers and twin not in store._managers
+    assert pickle.loads(pickle.dumps(store)).names() == store.names()
