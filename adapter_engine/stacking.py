@@ -121,8 +121,8 @@ class StackedAdapterModel(nn.Module):
         adapter), an adapter folder, or None to take ``name`` from the memory manager (resident, e.g. loaded by an
         earlier routed call, or offloaded to the host) or else load it from the store. The new level runs at once
         (depth = all levels). Returns the name. A refused call (a name taken by a level, sibling or named stack,
-        more levels than ``max_active``, a level whose structure cannot stack on the others) leaves the model, the
-        levels and the running stack as they were."""
+        more levels than ``max_active``, a sibling when the running adapters fill ``max_active``, a level whose
+        structure cannot stack on the others) leaves the model, the levels and the running stack as they were."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -137,6 +137,12 @@ class StackedAdapterModel(nn.Module):
                     f"max_active is {cap} (levels {self.levels}); add it as a sibling (level=False) instead"
                 )
             held = config_or_path is None and self.memory.holds(name)  # already the manager's: adopt it
+            pinned = sorted(self.memory.pinned)
+            if not level and not held and cap is not None and len(pinned) + 1 > cap:
+                raise ValueError(  # (it would stay over the cap, and no routed call could hold it beside the pins)
+                    f"cannot add sibling {name!r}: the running adapters {pinned} are pinned and fill max_active={cap}; "
+                    "run fewer levels (set_depth) or raise max_active"
+                )
             if held:
                 pass
             elif config_or_path is None:
@@ -337,7 +343,7 @@ class StackedAdapterModel(nn.Module):
                 raise ValueError(f"the saved head does not fit the model's (another number of labels?): {wrong}")
         model = cls(base_model, **kwargs)
         saved = AdapterStore(path)
-        for name in meta["levels"] + meta["siblings"]:
+        for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
             model.add_adapter(name, saved.path(name), level=name in meta["levels"])
         for name, names in meta.get("stacks", {}).items():
             model.add_stack(name, names)

@@ -219,6 +219,29 @@ def test_save_and_load_keep_the_whole_stack(tmp_path):
         StackedAdapterModel.load(tmp_path, tiny())
 
 
+def test_a_stack_loads_under_a_cap_its_levels_fill(tmp_path):
+    """Siblings cannot be added while the running levels fill ``max_active`` (they would stay over the cap), so a
+    saved stack of 2 levels and 2 siblings loads under ``max_active=2`` by adding its siblings first: the levels
+    then evict them to the host, and a shallower stack routes them."""
+    sam = StackedAdapterModel(tiny())
+    for name, level in (("l1", True), ("l2", True), ("fr", False), ("de", False)):
+        sam.add_adapter(name, SEQ_BN, level=level)
+        randomise(sam.model, name)
+    expected = {spec: logits(sam, adapter=spec) for spec in ("l2", "fr", "de")}
+    folder = sam.save(tmp_path / "stack")
+    loaded = StackedAdapterModel.load(folder, tiny(), max_active=2)
+    assert (loaded.levels, loaded.active_stack, sorted(loaded.memory.resident())) == (
+        ["l1", "l2"],
+        ("l1", "l2"),
+        ["l1", "l2"],
+    )
+    assert torch.equal(logits(loaded), expected["l2"])
+    loaded.set_depth(1)
+    assert torch.equal(logits(loaded, adapter="fr"), expected["fr"])
+    assert torch.equal(logits(loaded, adapter="de"), expected["de"])
+    assert len(loaded.memory.resident()) <= 2
+
+
 def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
     sam, _ = three_levels()
     sam.model.save_adapter("general", tmp_path / "general", format="adapterhub")
@@ -263,7 +286,12 @@ def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():
     with pytest.raises(ValueError, match="max_active is 2"):
         sam.add_adapter("l3", SEQ_BN)
     assert _state_of(sam) == state and torch.equal(logits(sam), before)
-    sam.add_adapter("l3", SEQ_BN, level=False)  # the name is still free; a sibling fits
+    with pytest.raises(ValueError, match=r"running adapters \['l1', 'l2'\] are pinned and fill max_active=2"):
+        sam.add_adapter("l3", SEQ_BN, level=False)  # the running levels fill the cap: no sibling either
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    sam.set_depth(1)
+    sam.add_adapter("l3", SEQ_BN, level=False)  # the name is still free; a sibling fits beside one running level
+    assert sorted(sam.memory.resident()) == ["l1", "l3"] and len(ae.list_adapters(sam.model)) == 2
     loose = StackedAdapterModel(tiny())
     loose.add_adapter("l1", SEQ_BN)
     state = _state_of(loose)
