@@ -385,6 +385,15 @@ class AdapterMemoryManager:
             except BaseException:
                 self.release(held)
                 raise
+            if self._over_bytes_alone(names):
+                self.release(held)
+                for n in missing:  # undo this call's loads: nothing of it stays over the cap
+                    if n in self._resident and n not in self._pinned and not self._refs.get(n, 0):
+                        self._evict(n)
+                raise ValueError(
+                    f"adapters {names} ({sum(self._sizes[n] for n in names)} bytes) do not fit under max_bytes="
+                    f"{self.max_bytes} beside the pinned {sorted(self._pinned)}"
+                )
             return names
 
     def release(self, names: Iterable[str]) -> None:
@@ -496,6 +505,16 @@ class AdapterMemoryManager:
             if total - sum(self._resident[n] for n in idle) > self.max_bytes:
                 return False
         return True
+
+    def _over_bytes_alone(self, names: list[str]) -> bool:
+        """Whether ``names`` (resident now) and the pinned adapters alone exceed ``max_bytes``: the call cannot fit
+        even with every other call finished. ``_fits`` checks that before loading for sizes known from an earlier
+        residency; an adapter's first load reveals its size only now (a pickle's header has none). Such a call used
+        to go over the cap with a log line on first use, and be refused on the next."""
+        if self.max_bytes is None:
+            return False
+        need = set(names) | (self._pinned & self._resident.keys())
+        return sum(self._resident[n] for n in need) > self.max_bytes
 
     def _make_room(self, extra_bytes: int, extra_count: int, keep: set[str]) -> None:
         """Evict idle adapters, least recently used first, until ``extra`` more fits (never waits)."""

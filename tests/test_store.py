@@ -184,6 +184,27 @@ def test_max_bytes_cap(filled_store):
     assert memory.stats().resident_bytes <= bn + lora
 
 
+@pytest.mark.parametrize("first", ["seq_bn2", "lora0"])
+def test_a_call_over_max_bytes_is_refused_on_first_use_too(filled_store, first):
+    """A call whose adapters exceed ``max_bytes`` on their own is refused with ValueError before anything of it
+    stays resident, on first use as on later ones (the size of a first load is known only once it is loaded; a
+    bottleneck adapter's pickle has no header). The first call used to go over the cap with a log line."""
+    store, expected = filled_store
+    probe = bert()
+    store.load_into(probe, first)
+    size = ae.api.adapter_nbytes(probe, first)
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_bytes=size - 1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"do not fit under max_bytes={size - 1}|cannot fit"):
+            memory.acquire([first])
+        assert ae.list_adapters(model) == [] and memory.stats().resident_bytes == 0
+    fresh = bert()
+    roomy = AdapterMemoryManager(fresh, store, max_bytes=size)  # exactly its size: fits
+    with roomy.use([first]):
+        assert torch.equal(out(fresh, first), expected[first])
+
+
 def test_pinned_and_in_use_adapters_are_not_evicted(filled_store):
     store, _ = filled_store
     model = bert()
