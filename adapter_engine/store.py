@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import api
@@ -237,7 +238,7 @@ class AdapterMemoryManager:
         self._offloaded: dict[str, api.AdapterSnapshot] = {}
         self._sizes: dict[str, int] = {}  # last known bytes of every adapter seen (for making room before a load)
         # adapters loaded from the store and unchanged since: their weights and those weights' versions at loading
-        self._clean: dict[str, tuple[tuple, tuple]] = {}
+        self._clean: dict[str, tuple[tuple, tuple, tuple]] = {}  # (+ their checksums, see _unchanged_since_load)
         self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
@@ -470,16 +471,19 @@ class AdapterMemoryManager:
 
     def _mark_clean(self, name: str) -> None:
         weights = tuple(api.adapter_parameters(self.model, name))
-        self._clean[name] = (weights, tuple(map(tensor_version, weights)))
+        self._clean[name] = (weights, tuple(map(tensor_version, weights)), _checksums(weights))
 
     def _unchanged_since_load(self, name: str) -> bool:
-        """Loaded from the store, and the same weight objects at the same in-place versions since."""
+        """Loaded from (or saved to) the store, and the same weight objects at the same in-place versions and the
+        same bits since. The versions miss updates made through ``.data`` (``p.data.add_(...)``, a hand-written SGD
+        step, bumps no version counter): without the checksums such a trained adapter was dropped, its training
+        lost."""
         clean = self._clean.get(name)
         if clean is None:
             return False
         weights = tuple(api.adapter_parameters(self.model, name))
         same = len(weights) == len(clean[0]) and all(a is b for a, b in zip(weights, clean[0], strict=True))
-        return same and tuple(map(tensor_version, weights)) == clean[1]
+        return same and tuple(map(tensor_version, weights)) == clean[1] and _checksums(weights) == clean[2]
 
     def _over(self, extra_bytes: int = 0, extra_count: int = 0) -> bool:
         count_over = self.max_active is not None and len(self._resident) + extra_count > self.max_active
@@ -575,6 +579,21 @@ class AdapterMemoryManager:
         self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
         self._load_time += time.perf_counter() - start
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksums(weights: Iterable[torch.Tensor]) -> tuple[int, ...]:
+    """Per tensor, a 64-bit checksum of its bits: ``sum_i (b_i + 1) * (2 i + 1) * K`` over its elements' bit patterns
+    ``b_i``, wrapping modulo 2**64, with K odd. Changing one element changes the sum by an odd multiple of the change,
+    never 0 modulo 2**64; several changes cancel only by a chance of about 2**-64. On the device, one sync."""
+    sums = []
+    for t in weights:
+        bits = t.detach().contiguous().view(_INT_OF_SIZE[t.element_size()]).reshape(-1).to(torch.int64)
+        odd = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64).mul_(2).add_(1)
+        sums.append(bits.add_(1).mul_(odd).mul_(0x9E3779B97F4A7C15 - (1 << 64)).sum())
+    return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
 __all__ = ["AdapterStore", "AdapterMemoryManager", "MemoryStats", "check_adapter_name"]

@@ -296,6 +296,27 @@ def test_an_adapter_changed_since_it_was_loaded_is_kept_on_the_host_when_droppin
     assert stats.offloaded == 0 and (stats.loads_from_disk, stats.loads_from_cpu) == (2, 1)
 
 
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_an_adapter_trained_through_data_is_kept_on_the_host_when_dropping(filled_store, kind):
+    """A hand-written training step ``p.data.add_(...)`` bumps no version counter: the manager also compares the
+    weights' bits with those it saw at the load, so such an adapter is kept on the host, and reloads as trained.
+    It used to be dropped, its training lost."""
+    store, expected = filled_store
+    name = f"{kind}0" if kind == "lora" else f"{kind}2"
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with memory.use([name]):
+        for p in ae.api.adapter_parameters(model, name):
+            p.data.add_(0.25 * torch.randn_like(p))
+        trained = out(model, name)
+    assert not torch.equal(trained, expected[name])
+    with memory.use(["ia31"]):  # evicts name
+        pass
+    assert memory.stats().offloaded == 1
+    with memory.use([name]):
+        assert torch.equal(out(model, name), trained)
+
+
 @pytest.mark.parametrize("offload", ["cpu", "drop"])
 def test_a_reloaded_adapter_keeps_each_weights_requires_grad(filled_store, offload):
     store, _ = filled_store
