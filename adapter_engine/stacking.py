@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -112,7 +113,7 @@ class StackedAdapterModel(nn.Module):
             if isinstance(initial_adapter, tuple):
                 self.add_adapter(*initial_adapter)
             else:
-                path = os.fspath(initial_adapter)
+                path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
                 self.add_adapter(os.path.basename(os.path.normpath(path)), path)
 
     # ------------------------------------------------------------------------------------------- building
@@ -151,7 +152,9 @@ class StackedAdapterModel(nn.Module):
                 self.memory.make_room_for_one()
                 self.store.load_into(self.model, name)  # KeyError when the store does not have it
                 self.memory.register(name, from_store=True)
-            elif isinstance(config_or_path, (str, os.PathLike)) and os.path.isdir(os.fspath(config_or_path)):
+            elif _names_a_folder(config_or_path):
+                if not os.path.isdir(os.fspath(config_or_path)):
+                    raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
                 api.load_adapter(self.model, config_or_path, name=name)
                 self.memory.register(name)
@@ -355,6 +358,18 @@ class StackedAdapterModel(nn.Module):
             model._head_trained = True
         model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _names_a_folder(config_or_path: Any) -> bool:
+    """Whether ``add_adapter``'s argument is an adapter folder rather than a config or a preset name: a path object,
+    or a string naming an existing folder or holding a path separator (no preset or config name does). A folder that
+    does not exist is then a FileNotFoundError naming it; it used to be read as a preset name ("unknown adapter config
+    name") or, as a ``Path``, as an unsupported config type."""
+    if isinstance(config_or_path, os.PathLike):
+        return True
+    if not isinstance(config_or_path, str):
+        return False
+    return os.path.isdir(config_or_path) or "/" in config_or_path or os.sep in config_or_path
 
 
 __all__ = ["StackedAdapterModel", "train_adapter", "head_parameters"]

@@ -261,6 +261,22 @@ def _state_of(sam) -> tuple:
             ae.list_adapters(sam.model), sorted(sam.memory.resident()))  # fmt: skip
 
 
+def test_a_missing_adapter_folder_is_named(tmp_path):
+    """A folder that does not exist (a typo) is a FileNotFoundError naming it, whether given as a string with a
+    separator, a Path, or the initial adapter, and nothing changes; it used to be read as a preset name ("unknown
+    adapter config name") or, as a Path, as an unsupported config type. Preset names still work."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("general", "seq_bn")
+    state = _state_of(sam)
+    missing = tmp_path / "adapters" / "medical"
+    for path in (str(missing), missing, "adapters/medical"):
+        with pytest.raises(FileNotFoundError, match="adapters/medical' for 'medical' does not exist"):
+            sam.add_adapter("medical", path)
+        assert _state_of(sam) == state
+    with pytest.raises(FileNotFoundError, match="'medical' does not exist"):
+        StackedAdapterModel(tiny(), initial_adapter="medical")
+
+
 def test_a_refused_activate_changes_nothing():
     """Two bottleneck structures cannot stack: activate / set_active_adapters raise before the LoRA layers, the
     active list or the pins change, and the outputs stay bit for bit."""
