@@ -170,8 +170,9 @@ class StackedAdapterModel(nn.Module):
                 self._set_running(self.levels)
             except BaseException:
                 self.levels.pop()
-                if not held:  # added by this call: take it out again
-                    api.delete_adapter(self.model, name)
+                if not held:  # added by this call: take it out again (restoring the running stack may have evicted it)
+                    if name in api.list_adapters(self.model):
+                        api.delete_adapter(self.model, name)
                     self.memory.forget(name)
                 raise
         return name

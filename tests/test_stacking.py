@@ -316,6 +316,21 @@ def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():
     assert _state_of(loose) == state
 
 
+def test_a_level_over_max_bytes_is_refused_with_the_caps_and_forgotten():
+    """Running the new level with the others exceeds ``max_bytes``: the refusal names the cap, and the level leaves
+    the model and the manager (restoring the running stack evicts it first, which made its removal fail with "no
+    adapter named 'l2'", the manager keeping a host copy)."""
+    probe = StackedAdapterModel(tiny())
+    probe.add_adapter("x", SEQ_BN)
+    sam = StackedAdapterModel(tiny(), max_bytes=int(ae.api.adapter_nbytes(probe.model, "x") * 1.5))
+    sam.add_adapter("l1", SEQ_BN)
+    randomise(sam.model, "l1")
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match="max_bytes="):
+        sam.add_adapter("l2", SEQ_BN)
+    assert _state_of(sam) == state and torch.equal(logits(sam), before) and not sam.memory.known("l2")
+
+
 def test_add_adapter_from_the_store_adopts_an_adapter_a_routed_call_loaded(tmp_path):
     donor = StackedAdapterModel(tiny())
     donor.add_adapter("fr", SEQ_BN, level=False)
