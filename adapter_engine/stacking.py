@@ -331,8 +331,7 @@ class StackedAdapterModel(nn.Module):
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = _read_stack_file(meta_path)
         tensors = load_file(os.path.join(path, HEAD_FILE)) if meta.get("head") else None
         if tensors is not None:  # checked before the base is patched: a head of another size is named, not half-loaded
             head = head_parameters(base_model)
@@ -359,6 +358,22 @@ class StackedAdapterModel(nn.Module):
             model._head_trained = True
         model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _read_stack_file(meta_path: str) -> dict:
+    """``stack.json`` as written by :meth:`StackedAdapterModel.save`; a truncated or foreign file is a ValueError
+    naming it and what is wrong, before the base model is touched (it used to be a bare JSONDecodeError or
+    ``KeyError: 'levels'``)."""
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path!r} is not valid JSON ({err}): a truncated or corrupted stack file") from None
+    lists = ("levels", "siblings", "running")
+    bad = [k for k in lists if not isinstance(meta, dict) or not isinstance(meta.get(k), list)]
+    if bad:
+        raise ValueError(f"{meta_path!r} lacks the lists {bad}: not a stack file written by StackedAdapterModel.save")
+    return meta
 
 
 def _names_a_folder(config_or_path: Any) -> bool:

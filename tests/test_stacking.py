@@ -242,6 +242,15 @@ def test_a_stack_loads_under_a_cap_its_levels_fill(tmp_path):
     assert len(loaded.memory.resident()) <= 2
 
 
+@pytest.mark.parametrize("text, match", [('{"levels": ["a"', "not valid JSON"), ("{}", r"lacks the lists \['levels'")])
+def test_a_corrupted_stack_file_is_named(tmp_path, text, match):
+    (tmp_path / "stack.json").write_text(text)
+    base = tiny()
+    with pytest.raises(ValueError, match=match) as err:
+        StackedAdapterModel.load(tmp_path, base)
+    assert "stack.json" in str(err.value) and not ae.patching.is_patched(base)
+
+
 def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
     sam, _ = three_levels()
     sam.model.save_adapter("general", tmp_path / "general", format="adapterhub")
