@@ -247,7 +247,8 @@ class BottleneckConfig:
             raise ValueError(f"BottleneckConfig: bottleneck_size must be a positive int or None, got {size!r}")
 
     def size_for(self, hidden_size: int, layer: int) -> int:
-        """Bottleneck width at ``layer`` for a model of ``hidden_size`` (AdapterHub: ``int(hidden // factor)``)."""
+        """Bottleneck width at ``layer`` for a model of ``hidden_size``: AdapterHub's ``int(hidden // factor)``, raised
+        to 1 when the factor exceeds the hidden size, as AdapterHub does (an adapter it saved so used to be refused)."""
         if self.bottleneck_size is not None:
             return self.bottleneck_size
         rf = self.reduction_factor
@@ -258,10 +259,7 @@ class BottleneckConfig:
                 rf = rf["default"]
             else:
                 raise ValueError(f"BottleneckConfig: reduction_factor {dict(rf)} has no entry for layer {layer}")
-        size = int(hidden_size // rf)
-        if size <= 0:
-            raise ValueError(f"BottleneckConfig: reduction_factor {rf} leaves no width for hidden size {hidden_size}")
-        return size
+        return max(int(hidden_size // rf), 1)  # at least 1, as AdapterHub's Adapter makes it
 
     @classmethod
     def seq_bn(cls, **kw: Any) -> BottleneckConfig:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -112,7 +113,7 @@ class StackedAdapterModel(nn.Module):
             if isinstance(initial_adapter, tuple):
                 self.add_adapter(*initial_adapter)
             else:
-                path = os.fspath(initial_adapter)
+                path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
                 self.add_adapter(os.path.basename(os.path.normpath(path)), path)
 
     # ------------------------------------------------------------------------------------------- building
@@ -121,8 +122,8 @@ class StackedAdapterModel(nn.Module):
         adapter), an adapter folder, or None to take ``name`` from the memory manager (resident, e.g. loaded by an
         earlier routed call, or offloaded to the host) or else load it from the store. The new level runs at once
         (depth = all levels). Returns the name. A refused call (a name taken by a level, sibling or named stack,
-        more levels than ``max_active``, a level whose structure cannot stack on the others) leaves the model, the
-        levels and the running stack as they were."""
+        more levels than ``max_active``, a sibling when the running adapters fill ``max_active``, a level whose
+        structure cannot stack on the others) leaves the model, the levels and the running stack as they were."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -137,6 +138,12 @@ class StackedAdapterModel(nn.Module):
                     f"max_active is {cap} (levels {self.levels}); add it as a sibling (level=False) instead"
                 )
             held = config_or_path is None and self.memory.holds(name)  # already the manager's: adopt it
+            pinned = sorted(self.memory.pinned)
+            if not level and not held and cap is not None and len(pinned) + 1 > cap:
+                raise ValueError(  # (it would stay over the cap, and no routed call could hold it beside the pins)
+                    f"cannot add sibling {name!r}: the running adapters {pinned} are pinned and fill max_active={cap}; "
+                    "run fewer levels (set_depth) or raise max_active"
+                )
             if held:
                 pass
             elif config_or_path is None:
@@ -145,7 +152,9 @@ class StackedAdapterModel(nn.Module):
                 self.memory.make_room_for_one()
                 self.store.load_into(self.model, name)  # KeyError when the store does not have it
                 self.memory.register(name, from_store=True)
-            elif isinstance(config_or_path, (str, os.PathLike)) and os.path.isdir(os.fspath(config_or_path)):
+            elif _names_a_folder(config_or_path):
+                if not os.path.isdir(os.fspath(config_or_path)):
+                    raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
                 api.load_adapter(self.model, config_or_path, name=name)
                 self.memory.register(name)
@@ -161,8 +170,9 @@ class StackedAdapterModel(nn.Module):
                 self._set_running(self.levels)
             except BaseException:
                 self.levels.pop()
-                if not held:  # added by this call: take it out again
-                    api.delete_adapter(self.model, name)
+                if not held:  # added by this call: take it out again (restoring the running stack may have evicted it)
+                    if name in api.list_adapters(self.model):
+                        api.delete_adapter(self.model, name)
                     self.memory.forget(name)
                 raise
         return name
@@ -219,14 +229,20 @@ class StackedAdapterModel(nn.Module):
 
     def _set_running(self, names: Sequence[str]) -> None:
         """Pin and activate exactly ``names``; when either is refused, the previous running stack stays pinned and
-        active (adapters loaded for the attempt stay resident, unpinned)."""
+        active (adapters loaded for the attempt stay resident, unpinned).
+
+        Pinning ``names`` unpins the running stack first, so under a cap the attempt may evict one of its adapters to
+        make room, and an eviction also takes it out of the model's active adapters. A refusal therefore pins the
+        previous stack again (reloading what was evicted) and activates it again: it used to leave the model running
+        the stack without its evicted levels while ``active_stack`` still named them."""
         with self.memory.lock:
             previous = self.memory.pinned
-            self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
             try:
+                self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
                 api.set_active_adapters(self.model, list(names) or None)  # all or nothing
             except BaseException:
-                self.memory.set_pinned(previous)  # resident still: pinned adapters are never evicted
+                self.memory.set_pinned(previous)
+                api.set_active_adapters(self.model, list(self._running) or None)
                 raise
             self._running = list(names)
 
@@ -315,8 +331,7 @@ class StackedAdapterModel(nn.Module):
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = _read_stack_file(meta_path)
         tensors = load_file(os.path.join(path, HEAD_FILE)) if meta.get("head") else None
         if tensors is not None:  # checked before the base is patched: a head of another size is named, not half-loaded
             head = head_parameters(base_model)
@@ -331,7 +346,7 @@ class StackedAdapterModel(nn.Module):
                 raise ValueError(f"the saved head does not fit the model's (another number of labels?): {wrong}")
         model = cls(base_model, **kwargs)
         saved = AdapterStore(path)
-        for name in meta["levels"] + meta["siblings"]:
+        for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
             model.add_adapter(name, saved.path(name), level=name in meta["levels"])
         for name, names in meta.get("stacks", {}).items():
             model.add_stack(name, names)
@@ -343,6 +358,34 @@ class StackedAdapterModel(nn.Module):
             model._head_trained = True
         model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _read_stack_file(meta_path: str) -> dict:
+    """``stack.json`` as written by :meth:`StackedAdapterModel.save`; a truncated or foreign file is a ValueError
+    naming it and what is wrong, before the base model is touched (it used to be a bare JSONDecodeError or
+    ``KeyError: 'levels'``)."""
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path!r} is not valid JSON ({err}): a truncated or corrupted stack file") from None
+    lists = ("levels", "siblings", "running")
+    bad = [k for k in lists if not isinstance(meta, dict) or not isinstance(meta.get(k), list)]
+    if bad:
+        raise ValueError(f"{meta_path!r} lacks the lists {bad}: not a stack file written by StackedAdapterModel.save")
+    return meta
+
+
+def _names_a_folder(config_or_path: Any) -> bool:
+    """Whether ``add_adapter``'s argument is an adapter folder rather than a config or a preset name: a path object,
+    or a string naming an existing folder or holding a path separator (no preset or config name does). A folder that
+    does not exist is then a FileNotFoundError naming it; it used to be read as a preset name ("unknown adapter config
+    name") or, as a ``Path``, as an unsupported config type."""
+    if isinstance(config_or_path, os.PathLike):
+        return True
+    if not isinstance(config_or_path, str):
+        return False
+    return os.path.isdir(config_or_path) or "/" in config_or_path or os.sep in config_or_path
 
 
 __all__ = ["StackedAdapterModel", "train_adapter", "head_parameters"]

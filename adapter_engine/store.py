@@ -11,18 +11,18 @@ The store never invents an adapter: an unknown name is a ``KeyError`` unless the
 ``create=`` config. Names that would leave the directory (``../x``, absolute paths, separators, symlinks that
 point outside) are refused with ``ValueError``.
 
-The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting
-the least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running
-call (reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"``
-its weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy;
-with ``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it
-was loaded from the store and no weight of it has changed in place since (their version counters). Any other adapter
-(trained since it was loaded, fresh, loaded from a folder, or one the store does not hold) is kept on the host
-instead, with a log line, so no trained adapter is lost. A reloaded adapter keeps each weight's ``requires_grad``
-(a frozen one stays frozen). Every method is thread-safe (one ``RLock``); forwards run outside it. The manager
-follows adapters deleted or merged away (``merge_adapter``) and added behind its back through the model's own API.
-The fused bottleneck op keeps one packed copy of each layer's resident adapters: device memory is about twice
-the counted bytes for bottleneck adapters.
+The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting the
+least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running call
+(reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"`` its
+weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy; with
+``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it was
+loaded from the store, or saved to it (``AdapterStore.save``), and no weight of it has changed in place since (their
+version counters). Any other adapter (trained since it was loaded or saved, fresh, loaded from a folder, or one the
+store does not hold) is kept on the host instead, with a log line, so no trained adapter is lost. A reloaded adapter
+keeps each weight's ``requires_grad`` (a frozen one stays frozen). Every method is thread-safe (one ``RLock``);
+forwards run outside it. The manager follows adapters deleted or merged away (``merge_adapter``) and added behind
+its back through the model's own API. The fused bottleneck op keeps one packed copy of each layer's resident
+adapters: device memory is about twice the counted bytes for bottleneck adapters.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -77,6 +78,16 @@ class AdapterStore:
             os.makedirs(root, exist_ok=True)
         self.root = root
         self._real_root = os.path.realpath(root)
+        self._managers: weakref.WeakSet[AdapterMemoryManager] = weakref.WeakSet()  # told of each save (see save)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: a copy's managers register with it when they are copied
+        state = self.__dict__.copy()
+        state["_managers"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._managers = weakref.WeakSet()
 
     def path(self, name: str) -> str:
         """The folder of adapter ``name`` (it may not exist yet); ``ValueError`` if it would leave the store."""
@@ -160,14 +171,19 @@ class AdapterStore:
         return name
 
     def save(self, model: nn.Module, name: str, *, format: str | None = None, overwrite: bool = True) -> str:
-        """Save adapter ``name`` of ``model`` into the store (bottleneck: AdapterHub format, else PEFT)."""
+        """Save adapter ``name`` of ``model`` into the store (bottleneck: AdapterHub format, else PEFT). The memory
+        managers over this store learn that the adapter's weights are now the store's copy, so that
+        ``offload="drop"`` may drop it (README: save a trained adapter to the store to let it be dropped)."""
         folder = self.path(name)
         if not overwrite and _has_any(folder):
             raise FileExistsError(f"adapter {name!r} already exists in the store at {folder!r}")
         if format is None:
             record = api._state(model).adapters.get(name)
             format = "adapterhub" if record is not None and isinstance(record.config, BottleneckConfig) else "peft"
-        return api.save_adapter(model, name, folder, format=format)
+        folder = api.save_adapter(model, name, folder, format=format)
+        for manager in list(self._managers):
+            manager._saved_to_store(model, name)
+        return folder
 
 
 @dataclass(frozen=True)
@@ -227,12 +243,14 @@ class AdapterMemoryManager:
         self._offloaded: dict[str, api.AdapterSnapshot] = {}
         self._sizes: dict[str, int] = {}  # last known bytes of every adapter seen (for making room before a load)
         # adapters loaded from the store and unchanged since: their weights and those weights' versions at loading
-        self._clean: dict[str, tuple[tuple, tuple]] = {}
+        self._clean: dict[str, tuple[tuple, tuple, tuple]] = {}  # (+ their checksums, see _unchanged_since_load)
         self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
         for name in api.list_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
+        if store is not None:
+            store._managers.add(self)
 
     def _make_locks(self) -> None:
         self.lock = threading.RLock()
@@ -248,6 +266,8 @@ class AdapterMemoryManager:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._make_locks()
+        if self.store is not None:
+            self.store._managers.add(self)
 
     # ------------------------------------------------------------------------------------------- queries
     def resident(self) -> list[str]:
@@ -371,6 +391,15 @@ class AdapterMemoryManager:
             except BaseException:
                 self.release(held)
                 raise
+            if self._over_bytes_alone(names):
+                self.release(held)
+                for n in missing:  # undo this call's loads: nothing of it stays over the cap
+                    if n in self._resident and n not in self._pinned and not self._refs.get(n, 0):
+                        self._evict(n)
+                raise ValueError(
+                    f"adapters {names} ({sum(self._sizes[n] for n in names)} bytes) do not fit under max_bytes="
+                    f"{self.max_bytes} beside the pinned {sorted(self._pinned)}"
+                )
             return names
 
     def release(self, names: Iterable[str]) -> None:
@@ -434,18 +463,32 @@ class AdapterMemoryManager:
         for name in [n for n in present if n not in self._resident]:
             self.register(name)
 
+    def _saved_to_store(self, model: nn.Module, name: str) -> None:
+        """``self.store`` has just written adapter ``name`` of ``model``: when that is this manager's model, the
+        adapter's weights are the store's copy from now until they change (their versions), as after a load from
+        the store. A trained adapter used to stay "changed since its load" after a save, kept on the host forever."""
+        if model is not self.model:
+            return
+        with self.lock:
+            self._sync()
+            if name in self._resident:
+                self._mark_clean(name)
+
     def _mark_clean(self, name: str) -> None:
         weights = tuple(api.adapter_parameters(self.model, name))
-        self._clean[name] = (weights, tuple(map(tensor_version, weights)))
+        self._clean[name] = (weights, tuple(map(tensor_version, weights)), _checksums(weights))
 
     def _unchanged_since_load(self, name: str) -> bool:
-        """Loaded from the store, and the same weight objects at the same in-place versions since."""
+        """Loaded from (or saved to) the store, and the same weight objects at the same in-place versions and the
+        same bits since. The versions miss updates made through ``.data`` (``p.data.add_(...)``, a hand-written SGD
+        step, bumps no version counter): without the checksums such a trained adapter was dropped, its training
+        lost."""
         clean = self._clean.get(name)
         if clean is None:
             return False
         weights = tuple(api.adapter_parameters(self.model, name))
         same = len(weights) == len(clean[0]) and all(a is b for a, b in zip(weights, clean[0], strict=True))
-        return same and tuple(map(tensor_version, weights)) == clean[1]
+        return same and tuple(map(tensor_version, weights)) == clean[1] and _checksums(weights) == clean[2]
 
     def _over(self, extra_bytes: int = 0, extra_count: int = 0) -> bool:
         count_over = self.max_active is not None and len(self._resident) + extra_count > self.max_active
@@ -475,6 +518,16 @@ class AdapterMemoryManager:
             if total - sum(self._resident[n] for n in idle) > self.max_bytes:
                 return False
         return True
+
+    def _over_bytes_alone(self, names: list[str]) -> bool:
+        """Whether ``names`` (resident now) and the pinned adapters alone exceed ``max_bytes``: the call cannot fit
+        even with every other call finished. ``_fits`` checks that before loading for sizes known from an earlier
+        residency; an adapter's first load reveals its size only now (a pickle's header has none). Such a call used
+        to go over the cap with a log line on first use, and be refused on the next."""
+        if self.max_bytes is None:
+            return False
+        need = set(names) | (self._pinned & self._resident.keys())
+        return sum(self._resident[n] for n in need) > self.max_bytes
 
     def _make_room(self, extra_bytes: int, extra_count: int, keep: set[str]) -> None:
         """Evict idle adapters, least recently used first, until ``extra`` more fits (never waits)."""
@@ -535,6 +588,21 @@ class AdapterMemoryManager:
         self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
         self._load_time += time.perf_counter() - start
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksums(weights: Iterable[torch.Tensor]) -> tuple[int, ...]:
+    """Per tensor, a 64-bit checksum of its bits: ``sum_i (b_i + 1) * (2 i + 1) * K`` over its elements' bit patterns
+    ``b_i``, wrapping modulo 2**64, with K odd. Changing one element changes the sum by an odd multiple of the change,
+    never 0 modulo 2**64; several changes cancel only by a chance of about 2**-64. On the device, one sync."""
+    sums = []
+    for t in weights:
+        bits = t.detach().contiguous().view(_INT_OF_SIZE[t.element_size()]).reshape(-1).to(torch.int64)
+        odd = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64).mul_(2).add_(1)
+        sums.append(bits.add_(1).mul_(odd).mul_(0x9E3779B97F4A7C15 - (1 << 64)).sum())
+    return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
 __all__ = ["AdapterStore", "AdapterMemoryManager", "MemoryStats", "check_adapter_name"]

@@ -178,6 +178,13 @@ def test_tutorial_adapter_config():
         True,
     )
     assert AdapterConfig(hidden_size=100, adapter_size=3).to_bottleneck().size_for(100, 0) == 3  # 100 // (100/3) is 2
+
+
+def test_a_reduction_factor_over_the_hidden_size_leaves_a_width_of_one():
+    """AdapterHub's Adapter raises a width below 1 to 1 (``int(32 // 64)`` is 0): adapters it saved so load, with
+    that width, instead of being refused."""
+    assert BottleneckConfig(reduction_factor=64).size_for(32, 0) == 1
+    assert BottleneckConfig(reduction_factor={"default": 16, "1": 100}).size_for(32, 1) == 1
     with pytest.raises(ValueError, match="adapter_act"):
         AdapterConfig(hidden_size=8, adapter_size=2, adapter_act="swoosh")
 

@@ -219,6 +219,38 @@ def test_save_and_load_keep_the_whole_stack(tmp_path):
         StackedAdapterModel.load(tmp_path, tiny())
 
 
+def test_a_stack_loads_under_a_cap_its_levels_fill(tmp_path):
+    """Siblings cannot be added while the running levels fill ``max_active`` (they would stay over the cap), so a
+    saved stack of 2 levels and 2 siblings loads under ``max_active=2`` by adding its siblings first: the levels
+    then evict them to the host, and a shallower stack routes them."""
+    sam = StackedAdapterModel(tiny())
+    for name, level in (("l1", True), ("l2", True), ("fr", False), ("de", False)):
+        sam.add_adapter(name, SEQ_BN, level=level)
+        randomise(sam.model, name)
+    expected = {spec: logits(sam, adapter=spec) for spec in ("l2", "fr", "de")}
+    folder = sam.save(tmp_path / "stack")
+    loaded = StackedAdapterModel.load(folder, tiny(), max_active=2)
+    assert (loaded.levels, loaded.active_stack, sorted(loaded.memory.resident())) == (
+        ["l1", "l2"],
+        ("l1", "l2"),
+        ["l1", "l2"],
+    )
+    assert torch.equal(logits(loaded), expected["l2"])
+    loaded.set_depth(1)
+    assert torch.equal(logits(loaded, adapter="fr"), expected["fr"])
+    assert torch.equal(logits(loaded, adapter="de"), expected["de"])
+    assert len(loaded.memory.resident()) <= 2
+
+
+@pytest.mark.parametrize("text, match", [('{"levels": ["a"', "not valid JSON"), ("{}", r"lacks the lists \['levels'")])
+def test_a_corrupted_stack_file_is_named(tmp_path, text, match):
+    (tmp_path / "stack.json").write_text(text)
+    base = tiny()
+    with pytest.raises(ValueError, match=match) as err:
+        StackedAdapterModel.load(tmp_path, base)
+    assert "stack.json" in str(err.value) and not ae.patching.is_patched(base)
+
+
 def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
     sam, _ = three_levels()
     sam.model.save_adapter("general", tmp_path / "general", format="adapterhub")
@@ -236,6 +268,22 @@ def test_initial_adapter_and_a_lora_level_on_a_bottleneck_level(tmp_path):
 def _state_of(sam) -> tuple:
     return (list(sam.levels), sam.active_stack, ae.api.active_adapters(sam.model), sorted(sam.memory.pinned),
             ae.list_adapters(sam.model), sorted(sam.memory.resident()))  # fmt: skip
+
+
+def test_a_missing_adapter_folder_is_named(tmp_path):
+    """A folder that does not exist (a typo) is a FileNotFoundError naming it, whether given as a string with a
+    separator, a Path, or the initial adapter, and nothing changes; it used to be read as a preset name ("unknown
+    adapter config name") or, as a Path, as an unsupported config type. Preset names still work."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("general", "seq_bn")
+    state = _state_of(sam)
+    missing = tmp_path / "adapters" / "medical"
+    for path in (str(missing), missing, "adapters/medical"):
+        with pytest.raises(FileNotFoundError, match="adapters/medical' for 'medical' does not exist"):
+            sam.add_adapter("medical", path)
+        assert _state_of(sam) == state
+    with pytest.raises(FileNotFoundError, match="'medical' does not exist"):
+        StackedAdapterModel(tiny(), initial_adapter="medical")
 
 
 def test_a_refused_activate_changes_nothing():
@@ -263,13 +311,33 @@ def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():
     with pytest.raises(ValueError, match="max_active is 2"):
         sam.add_adapter("l3", SEQ_BN)
     assert _state_of(sam) == state and torch.equal(logits(sam), before)
-    sam.add_adapter("l3", SEQ_BN, level=False)  # the name is still free; a sibling fits
+    with pytest.raises(ValueError, match=r"running adapters \['l1', 'l2'\] are pinned and fill max_active=2"):
+        sam.add_adapter("l3", SEQ_BN, level=False)  # the running levels fill the cap: no sibling either
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    sam.set_depth(1)
+    sam.add_adapter("l3", SEQ_BN, level=False)  # the name is still free; a sibling fits beside one running level
+    assert sorted(sam.memory.resident()) == ["l1", "l3"] and len(ae.list_adapters(sam.model)) == 2
     loose = StackedAdapterModel(tiny())
     loose.add_adapter("l1", SEQ_BN)
     state = _state_of(loose)
     with pytest.raises(ValueError, match="cannot run as one stack"):  # a Houlsby level on a Pfeiffer level
         loose.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4))
     assert _state_of(loose) == state
+
+
+def test_a_level_over_max_bytes_is_refused_with_the_caps_and_forgotten():
+    """Running the new level with the others exceeds ``max_bytes``: the refusal names the cap, and the level leaves
+    the model and the manager (restoring the running stack evicts it first, which made its removal fail with "no
+    adapter named 'l2'", the manager keeping a host copy)."""
+    probe = StackedAdapterModel(tiny())
+    probe.add_adapter("x", SEQ_BN)
+    sam = StackedAdapterModel(tiny(), max_bytes=int(ae.api.adapter_nbytes(probe.model, "x") * 1.5))
+    sam.add_adapter("l1", SEQ_BN)
+    randomise(sam.model, "l1")
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match="max_bytes="):
+        sam.add_adapter("l2", SEQ_BN)
+    assert _state_of(sam) == state and torch.equal(logits(sam), before) and not sam.memory.known("l2")
 
 
 def test_add_adapter_from_the_store_adopts_an_adapter_a_routed_call_loaded(tmp_path):
@@ -468,3 +536,30 @@ def test_a_failed_save_leaves_the_earlier_save_as_it_was(tmp_path, monkeypatch):
     after = files()
     assert after != before and all(after[k] == v for k, v in before.items() if k.startswith("unrelated"))
     assert sorted(os.listdir(folder)) == ["cardio", "general", "paed", "stack.json", "unrelated"]
+
+
+def test_a_refused_activate_under_a_cap_keeps_the_running_stack_running(tmp_path):
+    """Pinning the new stack unpins the running one, so under ``max_active`` the attempt may evict a running level
+    to make room (an eviction also takes it out of the model's active adapters). A refusal, by the structures or by
+    a load that fails, leaves the running stack pinned and active, outputs bit for bit: it used to run without the
+    evicted level while ``active_stack`` still named it."""
+    store = ae.AdapterStore(tmp_path, create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("broken", SEQ_BN, level=False)
+    store.save(donor.model, "broken")
+    with open(os.path.join(store.path("broken"), "pytorch_adapter.bin"), "wb") as fh:
+        fh.write(b"truncated")
+    sam = StackedAdapterModel(tiny(), store=store, max_active=3)
+    sam.add_adapter("l1", SEQ_BN)
+    sam.add_adapter("l2", SEQ_BN)
+    sam.add_adapter("h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    sam.add_adapter("s", SEQ_BN, level=False)  # evicts h, the least recently used idle adapter
+    for name in ("l1", "l2", "h", "s"):
+        randomise(sam.model, name)
+    before, state = logits(sam), _state_of(sam)[:4]  # levels, running, the model's active adapters, pins
+    with pytest.raises(ValueError, match="cannot run as one stack"):
+        sam.activate(["l1", "h"])  # reloading h evicts l2, unpinned for the attempt
+    assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):
+        sam.activate(["s", "broken"])  # loading broken (after evicting a level) fails
+    assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)

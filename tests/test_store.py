@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
 import threading
 
@@ -201,6 +202,27 @@ def test_the_byte_cap_counts_an_adapter_never_loaded_in_the_models_dtype(filled_
     assert memory.resident() == ["lora0", "lora3"] and memory.stats().evictions == 0
 
 
+@pytest.mark.parametrize("first", ["seq_bn2", "lora0"])
+def test_a_call_over_max_bytes_is_refused_on_first_use_too(filled_store, first):
+    """A call whose adapters exceed ``max_bytes`` on their own is refused with ValueError before anything of it
+    stays resident, on first use as on later ones (the size of a first load is known only once it is loaded; a
+    bottleneck adapter's pickle has no header). The first call used to go over the cap with a log line."""
+    store, expected = filled_store
+    probe = bert()
+    store.load_into(probe, first)
+    size = ae.api.adapter_nbytes(probe, first)
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_bytes=size - 1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"do not fit under max_bytes={size - 1}|cannot fit"):
+            memory.acquire([first])
+        assert ae.list_adapters(model) == [] and memory.stats().resident_bytes == 0
+    fresh = bert()
+    roomy = AdapterMemoryManager(fresh, store, max_bytes=size)  # exactly its size: fits
+    with roomy.use([first]):
+        assert torch.equal(out(fresh, first), expected[first])
+
+
 def test_pinned_and_in_use_adapters_are_not_evicted(filled_store):
     store, _ = filled_store
     model = bert()
@@ -290,6 +312,27 @@ def test_an_adapter_changed_since_it_was_loaded_is_kept_on_the_host_when_droppin
         assert torch.equal(out(model, name), trained)
     stats = memory.stats()
     assert stats.offloaded == 0 and (stats.loads_from_disk, stats.loads_from_cpu) == (2, 1)
+
+
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_an_adapter_trained_through_data_is_kept_on_the_host_when_dropping(filled_store, kind):
+    """A hand-written training step ``p.data.add_(...)`` bumps no version counter: the manager also compares the
+    weights' bits with those it saw at the load, so such an adapter is kept on the host, and reloads as trained.
+    It used to be dropped, its training lost."""
+    store, expected = filled_store
+    name = f"{kind}0" if kind == "lora" else f"{kind}2"
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with memory.use([name]):
+        for p in ae.api.adapter_parameters(model, name):
+            p.data.add_(0.25 * torch.randn_like(p))
+        trained = out(model, name)
+    assert not torch.equal(trained, expected[name])
+    with memory.use(["ia31"]):  # evicts name
+        pass
+    assert memory.stats().offloaded == 1
+    with memory.use([name]):
+        assert torch.equal(out(model, name), trained)
 
 
 @pytest.mark.parametrize("offload", ["cpu", "drop"])
@@ -408,3 +451,40 @@ def test_gpu_offload_goes_to_pinned_host_memory_and_back_exactly(filled_store):
         assert torch.equal(out(model, "seq_bn2", batch), before)
         assert all(p.is_cuda for p in ae.api.adapter_parameters(model, "seq_bn2"))
     assert memory.stats().loads_from_cpu == 1
+
+
+@pytest.mark.parametrize("origin", ["fresh", "trained"])
+def test_an_adapter_saved_to_the_store_may_be_dropped_until_it_changes(filled_store, origin):
+    """offload="drop" keeps a fresh or trained adapter on the host, and the README's way out is to save it to the
+    store: the managers over the store learn of the save, so the adapter is dropped (and reloads as saved) until an
+    update in place changes it again. A saved adapter used to stay "changed since its load" and was kept on the host
+    for good. Pickled and deep-copied managers (and stores) still do their work."""
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    if origin == "fresh":
+        name = "made_here"
+        ae.add_adapter(model, name, KINDS["seq_bn"]())
+    else:
+        name = "lora0"
+        memory.acquire([name])
+        memory.release([name])
+    randomise(model, name)  # trained in place
+    store.save(model, name)
+    saved = out(model, name)
+    with memory.use(["ia31"]):  # evicts name: the store's copy now, dropped
+        pass
+    assert memory.stats().offloaded == 0 and name not in ae.list_adapters(model)
+    with memory.use([name]):  # reloaded from the store as saved; then trained again, not saved
+        assert torch.equal(out(model, name), saved)
+        randomise(model, name)
+        trained = out(model, name)
+    with memory.use(["ia31"]):
+        pass
+    assert memory.stats().offloaded == 1  # changed since the save: kept on the host
+    with memory.use([name]):
+        assert torch.equal(out(model, name), trained)
+    assert not torch.equal(trained, saved)
+    twin = copy.deepcopy(memory)
+    assert twin in twin.store._managers and twin not in store._managers
+    assert pickle.loads(pickle.dumps(store)).names() == store.names()
