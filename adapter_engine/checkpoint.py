@@ -208,6 +208,12 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
 _CPU_CHUNK_ELEMENTS = 1 << 18  # row blocks of 256K elements bound the CPU path's fp32 temporaries (~1 MB each)
 
 
+def _factor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An adapter tensor on ``device`` in its own precision (fp32, fp16, bf16; fp64 and others as fp32)."""
+    keep = tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return tensor.to(device, tensor.dtype if keep else torch.float32)
+
+
 def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
     """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
     w = weight.to(device)
@@ -219,8 +225,9 @@ def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) 
         return
     rows_per_chunk = w.shape[0] if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, w.shape[1]))
     if update.kind == "lora":
-        a = update.tensors["lora_A"].to(device, w.dtype)
-        b = update.tensors["lora_B"].to(device, w.dtype)
+        # The factors keep their own dtype (fp32 as PEFT saves them): rounding them to an fp16 / bf16 weight's dtype
+        # first would round twice, and where B A cancels W the merged value would be off by many ulps.
+        a, b = _factor(update.tensors["lora_A"], device), _factor(update.tensors["lora_B"], device)
         for i in range(0, w.shape[0], rows_per_chunk):
             rows = slice(i, i + rows_per_chunk)
             if update.fan_in_fan_out:  # w is (in, out): its rows are A's columns
@@ -228,7 +235,7 @@ def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) 
             else:
                 merge_lora_(w[rows], a, b[rows], update.scale, safe=True)
     else:
-        vec = update.tensors["ia3_l"].reshape(-1).to(device, w.dtype)
+        vec = _factor(update.tensors["ia3_l"].reshape(-1), device)  # not rounded to w's dtype either
         for i in range(0, w.shape[0], rows_per_chunk):
             rows = slice(i, i + rows_per_chunk)
             scale_ia3_(w[rows], vec[rows] if update.ia3_dim == 0 else vec, dim=update.ia3_dim, safe=True)

@@ -123,6 +123,33 @@ def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
         torch.testing.assert_close(merged[key], model.state_dict()[key], rtol=1e-6, atol=1e-6)
 
 
+def test_streamed_merge_into_fp16_weights_rounds_once_from_the_fp32_factors(tmp_path):
+    """An fp16 checkpoint and a PEFT LoRA with fp32 factors: each merged weight is within half an ulp of the fp64
+    result ``W + s B A`` (PEFT's merge adds the fp32 delta to the fp16 weight: one rounding). Rounding the factors
+    to fp16 first rounds twice: where ``s B A`` cancels ``W`` that was off by hundreds of ulps."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    adapter_dir.mkdir()
+    key = "encoder.layer.0.attention.self.query"
+    weight = torch.randn(32, 24).half()
+    a, b = torch.randn(4, 24) * 0.5, torch.randn(32, 4) * 0.5
+    save_file({f"{key}.weight": weight, f"{key}.bias": torch.randn(32).half()}, base_dir / "model.safetensors")
+    save_file({f"base_model.model.{key}.lora_A.weight": a, f"base_model.model.{key}.lora_B.weight": b},
+              adapter_dir / "adapter_model.safetensors")  # fmt: skip
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"]})
+    )
+    merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")[f"{key}.weight"]
+    assert merged.dtype == torch.float16
+    exact = weight.double() + 2.0 * (b.double() @ a.double())
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-14))) - 10)  # fp16: 10 fraction bits
+    assert ((merged.double() - exact).abs() / ulp).max() <= 0.5
+
+
 def test_failure_midway_leaves_no_output(bert_and_lora, tmp_path, monkeypatch):
     from adapter_engine import checkpoint
 
