@@ -157,7 +157,13 @@ def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> di
         candidates = [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
         if len(candidates) != 1:
             what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
-            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint")
+            tied = (
+                "; a weight tied to another one (lm_head with tie_word_embeddings) is not stored in a checkpoint: "
+                "merge such an adapter in memory (merge_adapter, adapter-engine merge)"
+                if not candidates
+                else ""
+            )
+            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint{tied}")
         fifo = bool(cfg.fan_in_fan_out)
         if conv1d is not None:
             fifo = _is_conv1d(candidates[0][: -len(".weight")], conv1d)
@@ -243,6 +249,23 @@ def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) 
         weight.copy_(w)  # back into the same host buffer: no second host copy
 
 
+def _check_base_copies(adapter, updates: dict[str, _Update], shards: list[_Shard], buffer: torch.Tensor) -> None:
+    """PEFT's copies of targeted ``lm_head`` / ``embed_tokens`` weights must equal the checkpoint's (as
+    :func:`adapter_engine.api.check_base_copy` requires of a model): read each such tensor once, before writing."""
+    from .api import check_base_copy
+
+    weight_keys = {key[: -len("weight")]: key for key, u in updates.items() if u.kind == "lora"}
+    for copy_key, copy in adapter.base_copies.items():
+        module, param = copy_key.rsplit(".", 1)
+        prefix = next((p for p in weight_keys if p == f"{module}." or p.endswith(f".{module}.")), None)
+        key = None if prefix is None else prefix + param
+        shard = next((s for s in shards if key in s.header), None)
+        if shard is None:  # (a bias copy where the checkpoint has no bias)
+            check_base_copy(copy_key, None, copy, adapter.path)  # raises: nothing to compare it with
+        with open(shard.path, "rb") as fh:
+            check_base_copy(key, _read_tensor(fh, shard, key, buffer), copy, adapter.path)
+
+
 # ------------------------------------------------------------------------------------------ public API
 def merge_checkpoint(
     base_dir: str | os.PathLike,
@@ -293,6 +316,7 @@ def merge_checkpoint(
     largest = max((info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values()), default=0)
     # Pinned on a GPU machine, so the host-device copies of each merged tensor run at full speed.
     buffer = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    _check_base_copies(adapter, updates, shards, buffer)
 
     def write(partial: str) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:

@@ -306,3 +306,41 @@ def test_cli_merge_checkpoint(bert_and_lora, tmp_path, capsys):
                  str(tmp_path / "cli")]) == 0  # fmt: skip
     assert "merged 8 of" in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors.index.json").exists()
+
+
+def test_streamed_merge_of_a_peft_lora_on_lm_head(tmp_path):
+    """PEFT saves a targeted lm_head's own weight beside its factors: the streamed merge checks that copy against
+    the checkpoint's (refused before writing anything when it differs) and merges as PEFT does. A tied lm_head has
+    no weight in the checkpoint: refused with the reason and what to do instead."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(tied):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                            tie_word_embeddings=tied)).eval()  # fmt: skip
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft_models = {}
+    for tied in (False, True):
+        llama(tied).save_pretrained(tmp_path / f"base{tied}")
+        torch.manual_seed(1)
+        peft_models[tied] = get_peft_model(llama(tied), lora)
+        peft_models[tied].save_pretrained(tmp_path / f"adapter{tied}")
+    with pytest.raises(ValueError, match="matches no weight.*tie_word_embeddings.*merge such an adapter in memory"):
+        merge_checkpoint(tmp_path / "baseTrue", tmp_path / "adapterTrue", tmp_path / "tied", progress=False)
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        expected = peft_models[False].merge_and_unload().eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    adapter_file = tmp_path / "adapterFalse" / "adapter_model.safetensors"
+    tensors = load_file(adapter_file)
+    tensors["base_model.model.lm_head.base_layer.weight"][3, 5] += 0.5
+    save_file(tensors, adapter_file)
+    with pytest.raises(ValueError, match=r"own copy of lm_head\.weight .* differs"):
+        merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "tied").exists()

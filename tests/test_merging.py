@@ -367,3 +367,69 @@ def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "base" / "vocab.txt").read_text() == "[PAD]\n"
     with torch.no_grad():
         torch.testing.assert_close(hidden(merged), pm.eval()(**BATCH).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=99, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_peft_lora_on_lm_head_merges_as_peft_merges_it(tmp_path, tied):
+    """PEFT saves a targeted lm_head's own weight beside its factors (``lm_head.base_layer.weight``); that file
+    loaded and merged like any LoRA (it was refused as "unexpected weights"). Tied to the input embeddings, the
+    merge changes both, as PEFT's merge_and_unload does; the saved checkpoint gives PEFT's merged logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    _llama(tied).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in load_adapter_file(tmp_path / "adapter")
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().eval()(ids).logits
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ae.merge_adapter(model, ae.load_adapter(model, tmp_path / "adapter"))
+    model.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_lm_head_copy_that_differs_from_the_model_or_an_embedding_lora_is_refused(tmp_path):
+    """A saved lm_head copy other than the model's (another base, a resized vocabulary) and a LoRA of an
+    nn.Embedding (lora_embedding_A/B) are refused with their reason, the model untouched."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    get_peft_model(_llama(False), lora).save_pretrained(tmp_path / "adapter")
+    tensors = load_adapter_file(tmp_path / "adapter")
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.01
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    model = _llama(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"own copy of lm_head\.weight .* differs from the model's weight"):
+        ae.load_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(1)
+    embedding = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    get_peft_model(_llama(False), embedding).save_pretrained(tmp_path / "embedding")
+    with pytest.raises(ValueError, match=r"embedding layers \['model\.embed_tokens'\].*not supported"):
+        ae.load_adapter(model, tmp_path / "embedding")
+    assert not ae.list_adapters(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def load_adapter_file(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
