@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -68,16 +69,31 @@ def _read_header(path: str) -> _Shard:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"corrupted safetensors header in {path!r}: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"corrupted safetensors header in {path!r}: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     for key, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        if end > size - data_start or begin > end:
-            raise ValueError(f"truncated safetensors file {path!r}: tensor {key!r} ends at byte {data_start + end} "
-                             f"of {size}")  # fmt: skip
+        _check_entry(path, key, info, size - data_start)
     return _Shard(path, header, metadata, data_start)
+
+
+def _check_entry(path: str, key: str, info, data_size: int) -> None:
+    """One header entry: a known dtype, and a byte span inside the data section whose length is what its shape and
+    dtype need (a corrupted shape would otherwise surface as a reshape error naming neither file nor tensor)."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"corrupted safetensors header in {path!r}: tensor {key!r} has entry {info!r}") from None
+    if dtype not in _DTYPES:
+        raise ValueError(f"{path!r}: tensor {key!r} has unsupported dtype {dtype}")
+    if end > data_size or begin > end:
+        raise ValueError(f"truncated safetensors file {path!r}: tensor {key!r} ends at byte {end} of the "
+                         f"{data_size}-byte data section")  # fmt: skip
+    need = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise ValueError(f"corrupted safetensors header in {path!r}: tensor {key!r} of shape {shape} ({dtype}) needs "
+                         f"{need} bytes, its span holds {end - begin}")  # fmt: skip
 
 
 def _read_tensor(fh, shard: _Shard, key: str, buffer: torch.Tensor) -> torch.Tensor:
@@ -103,6 +119,23 @@ def _header_bytes(shard: _Shard) -> bytes:
 
 def _write_tensor(fh, tensor: torch.Tensor) -> None:
     fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def _index_shards(index_path: str) -> list[str]:
+    """The shard file names ``model.safetensors.index.json`` lists (each must exist beside it)."""
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"corrupted checkpoint index {index_path!r}: no readable 'weight_map' ({err!r})") from None
+    if not all(isinstance(name, str) for name in names) or not names:
+        raise ValueError(f"corrupted checkpoint index {index_path!r}: 'weight_map' lists no shard file names")
+    folder = os.path.dirname(index_path)
+    missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"checkpoint index {index_path!r} lists shards that are missing: {missing[:4]}")
+    return names
 
 
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
@@ -297,11 +330,9 @@ def merge_checkpoint(
         raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True to replace it")
     index_path = os.path.join(base_dir, INDEX_NAME)
     if os.path.isfile(index_path):
-        with open(index_path) as fh:
-            index = json.load(fh)
-        shard_names = sorted(set(index["weight_map"].values()))
+        shard_names = _index_shards(index_path)
     elif os.path.isfile(os.path.join(base_dir, SINGLE_NAME)):
-        index, shard_names = None, [SINGLE_NAME]
+        shard_names = [SINGLE_NAME]
     else:
         raise FileNotFoundError(f"{base_dir!r} has neither {SINGLE_NAME} nor {INDEX_NAME} (safetensors only)")
     shards = [_read_header(os.path.join(base_dir, name)) for name in shard_names]

@@ -235,6 +235,38 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        ("missing shard", FileNotFoundError, r"index\.json' lists shards that are missing: \['model-00002-of-"),
+        ("index not json", ValueError, r"corrupted checkpoint index .*index\.json.*weight_map"),
+        ("index without weight_map", ValueError, r"corrupted checkpoint index .*index\.json.*weight_map"),
+        ("shape of a header entry", ValueError, r"corrupted safetensors header in .*model-00001-of-.*'embeddings\."),
+    ],
+)
+def test_a_damaged_index_or_shard_header_is_named_and_nothing_is_written(bert_and_lora, tmp_path, damage, error, match):
+    """Each problem names the file (before: a bare JSONDecodeError, KeyError or reshape RuntimeError)."""
+    base_dir, adapter_dir, _ = bert_and_lora
+    index = base_dir / "model.safetensors.index.json"
+    shards = sorted(p for p in os.listdir(base_dir) if p.endswith(".safetensors"))
+    if damage == "missing shard":
+        os.remove(base_dir / shards[1])
+    elif damage == "index not json":
+        index.write_text("{not json")
+    elif damage == "index without weight_map":
+        index.write_text(json.dumps({"metadata": {}}))
+    else:  # a shape the tensor's byte span does not hold, the header's length unchanged
+        data = (base_dir / shards[0]).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + n].decode()
+        damaged = header.replace('"shape":[512,32]', '"shape":[512,31]', 1)
+        assert damaged != header
+        (base_dir / shards[0]).write_bytes(data[:8] + damaged.encode() + data[8 + n :])
+    with pytest.raises(error, match=match):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
