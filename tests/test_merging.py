@@ -433,3 +433,31 @@ def load_adapter_file(folder):
     from safetensors.torch import load_file
 
     return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("combination", ["linear", "dare_linear"])
+def test_adapters_on_two_layers_sharing_one_weight_are_refused_by_name(combination):
+    """Two layers tied to one weight, each with LoRA terms: a merge cannot keep either layer's adapted output. It was
+    refused as "weights[0] and weights[1] share memory" (linear) or silently kept one layer's delta (DARE / TIES
+    wrote each layer's W + d from the same original); now refused naming both layers, nothing changed."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+    torch.manual_seed(0)
+    model = ae.patch(Tied(), target_modules=["a", "b"])
+    for name in ("x", "y"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="a and b share one weight tensor"):
+        ae.merge_adapter(model, ["x", "y"], combination=combination, density=1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert set(ae.list_adapters(model)) == {"x", "y"} and merged_adapters(model) == []
