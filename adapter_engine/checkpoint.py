@@ -297,6 +297,7 @@ def _check_base_copies(adapter, updates: dict[str, _Update], shards: list[_Shard
             check_base_copy(copy_key, None, copy, adapter.path)  # raises: nothing to compare it with
         with open(shard.path, "rb") as fh:
             check_base_copy(key, _read_tensor(fh, shard, key, buffer), copy, adapter.path)
+    adapter.base_copies.clear()  # (an lm_head copy may be the largest tensor: not held while streaming)
 
 
 # ------------------------------------------------------------------------------------------ public API
