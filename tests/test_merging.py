@@ -461,3 +461,35 @@ def test_adapters_on_two_layers_sharing_one_weight_are_refused_by_name(combinati
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(ae.list_adapters(model)) == {"x", "y"} and merged_adapters(model) == []
+
+
+def test_cli_merge_keeps_the_absorbed_adapters_of_a_save_model_checkpoint(tmp_path, capsys):
+    """A checkpoint written by save_model with a bottleneck adapter absorbed: ``adapter-engine merge`` loaded it
+    with plain from_pretrained, which drops the adapter's weights, and copied its manifest, so load_model of the
+    output failed ("lacks adapter weights"). It now loads with load_model and saves the adapter with its manifest:
+    the output runs the LoRA merged under the absorbed adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    model = with_loras(1)  # a LoRA l0 (random B) to absorb beside the bottleneck
+    ae.add_adapter(model, "bn", "seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name:
+                p.normal_(0, 0.2)
+    ae.set_active_adapters(model, ["l0", "bn"])
+    ae.merge_adapter(model, ["l0", "bn"], absorb=True)
+    ae.save_model(model, tmp_path / "absorbed")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False)
+    get_peft_model(tiny_bert(), lora).save_pretrained(tmp_path / "lora")
+    reference = ae.load_model(tmp_path / "absorbed").eval()
+    ae.load_adapter(reference, tmp_path / "lora", name="l")
+    ae.set_active_adapters(reference, ["l", "bn"])
+    expected = hidden(reference)
+    assert main(["merge", "--model", str(tmp_path / "absorbed"), "--adapter", str(tmp_path / "lora"), "--out",
+                 str(tmp_path / "out")]) == 0  # fmt: skip
+    merged = ae.load_model(tmp_path / "out").eval()
+    assert ae.list_adapters(merged) == ["bn"]
+    torch.testing.assert_close(hidden(merged), expected, rtol=0, atol=1e-5)
