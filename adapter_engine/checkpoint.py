@@ -287,7 +287,7 @@ def _check_base_copies(adapter, updates: dict[str, _Update], shards: list[_Shard
     :func:`adapter_engine.api.check_base_copy` requires of a model): read each such tensor once, before writing."""
     from .api import check_base_copy
 
-    weight_keys = {key[: -len("weight")]: key for key, u in updates.items() if u.kind == "lora"}
+    weight_keys = {key[: -len("weight")]: key for key, u in updates.items() if u.kind in ("lora", "ia3")}
     for copy_key, copy in adapter.base_copies.items():
         module, param = copy_key.rsplit(".", 1)
         prefix = next((p for p in weight_keys if p == f"{module}." or p.endswith(f".{module}.")), None)

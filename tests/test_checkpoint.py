@@ -376,3 +376,28 @@ def test_streamed_merge_of_a_peft_lora_on_lm_head(tmp_path):
     with pytest.raises(ValueError, match=r"own copy of lm_head\.weight .* differs"):
         merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists() and not (tmp_path / "tied").exists()
+
+
+def test_streamed_merge_of_a_peft_ia3_on_lm_head(tmp_path):
+    """IA3 on lm_head: PEFT saves lm_head's weight beside the vector too; the streamed merge found that copy's
+    checkpoint key among LoRA updates only, so it refused the file as "a resized vocabulary"."""
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=99, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), IA3Config(
+        target_modules=["v_proj", "lm_head"], feedforward_modules=[])).eval()  # fmt: skip
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        expected = peft_model.merge_and_unload().eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
