@@ -300,6 +300,18 @@ def _check_base_copies(adapter, updates: dict[str, _Update], shards: list[_Shard
     adapter.base_copies.clear()  # (an lm_head copy may be the largest tensor: not held while streaming)
 
 
+def _usable_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: CUDA when available, else CPU), checked before anything is read: an unusable one would
+    otherwise fail later in the pinned buffer's allocation, with a message about pinned memory."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"merge_checkpoint: device {str(device)!r} is not usable here ({reason})") from None
+    return device
+
+
 # ------------------------------------------------------------------------------------------ public API
 def merge_checkpoint(
     base_dir: str | os.PathLike,
@@ -324,7 +336,7 @@ def merge_checkpoint(
     from tqdm.auto import tqdm
 
     base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _usable_device(device)
     if not os.path.isdir(base_dir):
         raise FileNotFoundError(f"base checkpoint folder {base_dir!r} does not exist")
     if os.path.exists(out_dir) and not overwrite:

@@ -267,6 +267,14 @@ def test_a_damaged_index_or_shard_header_is_named_and_nothing_is_written(bert_an
     assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
+def test_an_unusable_device_is_named_before_anything_is_read(bert_and_lora, tmp_path):
+    """(On a machine without that GPU it failed in the pinned buffer's allocation, about pinned memory.)"""
+    base_dir, adapter_dir, _ = bert_and_lora
+    with pytest.raises(ValueError, match="device 'cuda:99' is not usable here"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", device="cuda:99", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
