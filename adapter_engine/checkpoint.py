@@ -148,13 +148,14 @@ class _Update:
     ia3_dim: int = 0
 
 
-def _conv1d_modules(base_dir: str) -> set[str] | None:
-    """Module paths (relative to the base model) of the transformers ``Conv1D`` layers of the checkpoint's
-    architecture (GPT-2 family: weight stored ``(in, out)``), from its ``config.json``; ``None`` when the
+def _architecture(base_dir: str) -> tuple[set[str] | None, str | None]:
+    """What the checkpoint's architecture (from its ``config.json``) tells about its keys: the module paths
+    (relative to the base model) of its transformers ``Conv1D`` layers (GPT-2 family: weight stored ``(in, out)``),
+    and its ``base_model_prefix`` (``"bert"``, ``"transformer"``, ``"model"``). ``(None, None)`` when the
     architecture cannot be built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted.
     The model is built on the meta device: no memory, no weights read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        return None
+        return None, None
     try:
         from transformers import AutoConfig, AutoModel
         from transformers.pytorch_utils import Conv1D
@@ -164,8 +165,9 @@ def _conv1d_modules(base_dir: str) -> set[str] | None:
             model = AutoModel.from_config(config)
     except Exception as err:  # unknown / remote-code architectures raise many types
         log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
-        return None
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+        return None, None
+    conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return conv1d, getattr(model, "base_model_prefix", None) or None
 
 
 def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
@@ -173,12 +175,16 @@ def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
     return any(module_key == c or module_key.endswith(f".{c}") for c in conv1d)
 
 
-def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> dict[str, _Update]:
+def _plan_updates(
+    adapter, keys: set[str], conv1d: set[str] | None = None, prefix: str | None = None
+) -> dict[str, _Update]:
     """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing).
 
-    ``conv1d``: the architecture's Conv1D module paths (see :func:`_conv1d_modules`); when known, the layer type
+    ``conv1d``: the architecture's Conv1D module paths (see :func:`_architecture`); when known, the layer type
     decides whether a weight is stored transposed, as in PEFT, whatever the config's ``fan_in_fan_out`` says
-    (AdapterHub configs never carry the flag)."""
+    (AdapterHub configs never carry the flag). ``prefix``: its ``base_model_prefix``, for an adapter trained on a
+    task model (``bert.encoder...``) merged into a checkpoint of the base model (``encoder...``, as
+    all-MiniLM-L6-v2 or the hub's GPT-2 are saved); ``transformers`` loads either into either."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
         raise ValueError(
@@ -187,7 +193,9 @@ def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> di
         )
     updates: dict[str, _Update] = {}
     for module, tensors in adapter.entries.items():
-        candidates = [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
+        candidates = _weight_keys(module, keys)
+        if not candidates and prefix and module.startswith(f"{prefix}."):
+            candidates = _weight_keys(module[len(prefix) + 1 :], keys)
         if len(candidates) != 1:
             what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
             tied = (
@@ -216,6 +224,11 @@ def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> di
             if not feedforward and bias_key in keys:  # y = (x W^T + b) * l: the bias is scaled too (as PEFT does)
                 updates[bias_key] = _Update("ia3_bias", tensors, 1.0, False, 0)
     return updates
+
+
+def _weight_keys(module: str, keys: set[str]) -> list[str]:
+    """The checkpoint keys of ``module``'s weight: the path itself, or under a head's prefix."""
+    return [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
 
 
 def _suffix_match(module: str, targets) -> bool:
@@ -352,7 +365,7 @@ def merge_checkpoint(
     key_info = {key: info for shard in shards for key, info in shard.header.items()}
 
     adapter = read_adapter(adapter_dir)
-    updates = _plan_updates(adapter, set(key_info), _conv1d_modules(base_dir))
+    updates = _plan_updates(adapter, set(key_info), *_architecture(base_dir))
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 

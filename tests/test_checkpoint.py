@@ -409,3 +409,25 @@ def test_streamed_merge_of_a_peft_ia3_on_lm_head(tmp_path):
         got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
         expected = peft_model.merge_and_unload().eval()(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_merge_of_a_task_model_lora_into_a_base_model_checkpoint(tmp_path):
+    """A LoRA trained on BertForSequenceClassification (modules ``bert.encoder...``, as the demo trains on
+    all-MiniLM-L6-v2) into a checkpoint saved from BertModel (keys ``encoder...``, as all-MiniLM-L6-v2's): it was
+    refused as "matches no weight"; the architecture's base_model_prefix now maps one onto the other."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    task_model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    peft_model = get_peft_model(task_model, lora).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    summary = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert summary["merged"] == 2 * 2
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().bert(**_inputs()).last_hidden_state
+        got = BertModel.from_pretrained(tmp_path / "merged").eval()(**_inputs()).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
