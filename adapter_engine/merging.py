@@ -160,11 +160,13 @@ def _task_deltas(layer: _LayerMerge) -> list[torch.Tensor]:
 def _combine(
     deltas: list[torch.Tensor], weights: Sequence[float], method: str, density: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """TIES (Yadav et al. 2023) and DARE (Yu et al. 2024) on one layer's task vectors, as PEFT's
-    ``add_weighted_adapter`` defines them: trim each delta to its top-``density`` magnitudes (TIES) or keep each
-    element with probability ``density`` and rescale by 1 / density (DARE); then either the weighted sum
-    (``dare_linear``) or TIES's sign election (sign of the unweighted sum, ties to +) and the mean of the
-    weighted entries that agree with it."""
+    """TIES (Yadav et al. 2023) and DARE (Yu et al. 2024) on one layer's task vectors ``s_i B_i A_i``, with PEFT's
+    ``merge_utils`` formulas: trim each delta to its top-``density`` magnitudes (TIES) or keep each element with
+    probability ``density`` and rescale by 1 / density (DARE); then either the weighted sum (``dare_linear``) or
+    TIES's sign election (sign of the unweighted sum, ties to +) and the mean of the weighted entries that agree
+    with it. That is PEFT's ``add_weighted_adapter`` with ``ties_svd`` / ``dare_linear_svd`` / ``dare_ties_svd`` at
+    full SVD rank (checked to 2e-7); its plain ``ties`` / ``dare_*`` apply the formulas to the A and B factors
+    separately, which is not a TIES merge of the task vectors."""
     pruned = []
     for delta in deltas:
         if method == "ties":
