@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, is_other_format_weights
+from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
@@ -395,6 +395,7 @@ def merge_checkpoint(
             src = os.path.join(base_dir, name)
             if os.path.isfile(src) and name not in shard_names and not is_other_format_weights(name):
                 shutil.copy2(src, os.path.join(partial, name))
+        copy_module_folders(base_dir, partial)  # a sentence-transformers model's pooling / normalize modules
 
     atomic_folder_write(out_dir, write)
     summary = {

@@ -308,7 +308,7 @@ def _merge(args) -> int:
 
     from . import api
     from . import patching as pt
-    from ._io import atomic_folder_write, is_other_format_weights
+    from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
     from .merging import merge_adapter
     from .persist import MANIFEST, load_model, write_model
 
@@ -334,6 +334,7 @@ def _merge(args) -> int:
                 continue
             if not os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(src, os.path.join(folder, name))
+        copy_module_folders(args.model, folder)  # a sentence-transformers model's pooling / normalize modules
 
     atomic_folder_write(args.out, write)  # --out (even --model itself) is replaced only once all is written
     print(

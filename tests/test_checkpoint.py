@@ -275,6 +275,30 @@ def test_an_unusable_device_is_named_before_anything_is_read(bert_and_lora, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["merge-checkpoint", "merge"])
+def test_merged_sentence_transformers_folder_keeps_its_module_folders(bert_and_lora, tmp_path, command):
+    """all-MiniLM-L6-v2 (the demo's model) is a sentence-transformers folder: modules.json names 1_Pooling (its own
+    config) and 2_Normalize. Both merges copied modules.json but not the folders, so SentenceTransformer could not
+    load the output (Pooling without its config); the folders modules.json names are copied now."""
+    from adapter_engine.cli import main
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+               {"idx": 3, "name": "3", "path": "../outside", "type": "sentence_transformers.models.Dense"}]  # fmt: skip
+    (base_dir / "modules.json").write_text(json.dumps(modules))
+    (base_dir / "1_Pooling").mkdir()
+    (base_dir / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32}))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("not part of the model")
+    out = tmp_path / "out"
+    assert main([command, "--model", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 0
+    assert (out / "modules.json").exists()
+    assert (out / "1_Pooling" / "config.json").read_text() == (base_dir / "1_Pooling" / "config.json").read_text()
+    assert not (out / "2_Normalize").exists() and not (out / "outside").exists()  # (none in the base; outside it)
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
