@@ -245,7 +245,7 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
     shape = tuple(info["shape"])
     if update.kind == "lora":
         a, b = update.tensors["lora_A"], update.tensors["lora_B"]
-        out_f, in_f = (shape[1], shape[0]) if update.fan_in_fan_out else shape
+        out_f, in_f = ((shape[1], shape[0]) if update.fan_in_fan_out else shape) if len(shape) == 2 else (None, None)
         if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
             raise ValueError(f"{key}: weight {shape} does not fit lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
     elif (

@@ -299,6 +299,23 @@ def test_merged_sentence_transformers_folder_keeps_its_module_folders(bert_and_l
     assert not (out / "2_Normalize").exists() and not (out / "outside").exists()  # (none in the base; outside it)
 
 
+def test_a_lora_for_a_weight_that_is_not_a_matrix_names_the_shapes(tmp_path):
+    """An adapter module whose checkpoint weight is 1-D (a LayerNorm of another architecture): it failed with
+    "not enough values to unpack"."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    adapter_dir.mkdir()
+    save_file({"blocks.0.norm.weight": torch.randn(8)}, base_dir / "model.safetensors")
+    save_file({"base_model.model.blocks.0.norm.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.blocks.0.norm.lora_B.weight": torch.randn(8, 2)},
+              adapter_dir / "adapter_model.safetensors")  # fmt: skip
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["norm"]})
+    )
+    with pytest.raises(ValueError, match=r"blocks\.0\.norm\.weight: weight \(8,\) does not fit lora_A \(2, 8\)"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
