@@ -174,7 +174,14 @@ def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | Non
         entries.setdefault(m["module"], {})[param] = value
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"unexpected weights in the {fmt} adapter file: {extra[:5]}{more}")
+        base = fmt == "peft" and all(k.endswith((".weight", ".bias")) for k in extra)
+        why = (
+            ": whole weights of base layers, which PEFT saves for a resized vocabulary (save_embedding_layers) or "
+            "trained copies of layers (modules_to_save); adapter-engine loads adapters onto the model's own weights"
+            if base
+            else ""
+        )
+        raise ValueError(f"unexpected weights in the {fmt} adapter file: {extra[:5]}{more}{why}")
     if not entries:
         raise ValueError(f"the {fmt} adapter file holds no adapter weights")
     return entries

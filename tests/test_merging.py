@@ -404,8 +404,9 @@ def test_a_peft_lora_on_lm_head_merges_as_peft_merges_it(tmp_path, tied):
 
 
 def test_a_peft_lm_head_copy_that_differs_from_the_model_or_an_embedding_lora_is_refused(tmp_path):
-    """A saved lm_head copy other than the model's (another base, a resized vocabulary) and a LoRA of an
-    nn.Embedding (lora_embedding_A/B) are refused with their reason, the model untouched."""
+    """A saved lm_head copy other than the model's (another base, a resized vocabulary), a LoRA of an nn.Embedding
+    (lora_embedding_A/B) and PEFT's copies of layers it does not adapt are refused with their reason, the model
+    untouched."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
@@ -424,6 +425,12 @@ def test_a_peft_lm_head_copy_that_differs_from_the_model_or_an_embedding_lora_is
     get_peft_model(_llama(False), embedding).save_pretrained(tmp_path / "embedding")
     with pytest.raises(ValueError, match=r"embedding layers \['model\.embed_tokens'\].*not supported"):
         ae.load_adapter(model, tmp_path / "embedding")
+    torch.manual_seed(1)  # PEFT's copies of layers it does not adapt (saved for a resized vocabulary): named so
+    get_peft_model(_llama(False), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "resized", save_embedding_layers=True
+    )
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight'\]: whole weights of base layers.*resized vocab"):
+        ae.load_adapter(model, tmp_path / "resized")
     assert not ae.list_adapters(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
