@@ -20,6 +20,28 @@ def is_other_format_weights(name: str) -> bool:
     return name.endswith(OTHER_WEIGHT_SUFFIXES)
 
 
+def copy_module_folders(src: str, dest: str) -> list[str]:
+    """Copy the module folders a sentence-transformers model lists in ``src/modules.json`` (``1_Pooling``,
+    ``2_Normalize``, ``2_Dense``: the modules after the transformer, with their own configs and weights, none of them
+    adapted) into ``dest``: a merged folder that carries ``modules.json`` without them does not load. Returns the
+    folders copied; paths outside ``src`` are ignored."""
+    import json
+
+    try:
+        with open(os.path.join(src, "modules.json"), encoding="utf-8") as fh:
+            paths = [entry.get("path") for entry in json.load(fh)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    root = os.path.realpath(src)
+    copied = []
+    for path in paths:
+        folder = os.path.realpath(os.path.join(src, path)) if isinstance(path, str) and path else root
+        if folder != root and folder.startswith(root + os.sep) and os.path.isdir(folder):
+            shutil.copytree(folder, os.path.join(dest, os.path.relpath(folder, root)), dirs_exist_ok=True)
+            copied.append(path)
+    return copied
+
+
 def _new_folder(parent: str, prefix: str) -> str:
     """A new empty folder ``parent/prefix<random>`` with the umask's normal folder mode (``mkdtemp`` would give 0700
     whatever the umask, and the folder becomes the saved output)."""

@@ -107,8 +107,32 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             f"{' ...' if len(unknown) > 4 else ''} ({type(model).__name__}, model_type {state.model_type!r}{hint})"
         )
     _check_extra(file, cfg, {saved: pt.resolve_module(model, saved, modules) for saved in file.entries})
+    for key, copy in file.base_copies.items():
+        saved, param = key.rsplit(".", 1)
+        name = pt.resolve_module(model, saved, modules)
+        check_base_copy(f"{name}.{param}", getattr(modules[name], param, None), copy, file.path)
     _check_missing(model, state, file, cfg, {p[0] for p in plan})
     return plan
+
+
+def check_base_copy(name: str, weight: torch.Tensor | None, copy: torch.Tensor, path: str) -> None:
+    """PEFT saves the base weight of a targeted ``lm_head`` / ``embed_tokens`` beside its LoRA factors and loads it
+    over the model's. The engine keeps the model's weight, so it loads the adapter only where both are the same
+    (in the precision of either: a copy saved in bf16 matches an fp32 model whose weight rounds to it). A copy that
+    differs (a resized or trained vocabulary) is refused: the adapter was trained on that other weight."""
+    if weight is None or tuple(weight.shape) != tuple(copy.shape):
+        shape = None if weight is None else tuple(weight.shape)
+        raise ValueError(
+            f"the PEFT adapter {path!r} carries its own copy of {name} with shape {tuple(copy.shape)}, but the model's "
+            f"is {shape}: an adapter trained with a resized vocabulary is not supported"
+        )
+    weight = weight.detach().to("cpu")
+    if not (torch.equal(weight.to(copy.dtype), copy) or torch.equal(copy.to(weight.dtype), weight)):
+        raise ValueError(
+            f"the PEFT adapter {path!r} carries its own copy of {name} (PEFT saves it for a LoRA on lm_head or "
+            "embed_tokens), and it differs from the model's weight: the adapter was trained on another base (or a "
+            "trained vocabulary layer), which adapter-engine does not load over the model's weights"
+        )
 
 
 def _targeted(name: str, targets: list[str] | str) -> bool:

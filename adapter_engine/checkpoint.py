@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, is_other_format_weights
+from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
@@ -68,16 +69,31 @@ def _read_header(path: str) -> _Shard:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"corrupted safetensors header in {path!r}: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"corrupted safetensors header in {path!r}: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     for key, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        if end > size - data_start or begin > end:
-            raise ValueError(f"truncated safetensors file {path!r}: tensor {key!r} ends at byte {data_start + end} "
-                             f"of {size}")  # fmt: skip
+        _check_entry(path, key, info, size - data_start)
     return _Shard(path, header, metadata, data_start)
+
+
+def _check_entry(path: str, key: str, info, data_size: int) -> None:
+    """One header entry: a known dtype, and a byte span inside the data section whose length is what its shape and
+    dtype need (a corrupted shape would otherwise surface as a reshape error naming neither file nor tensor)."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"corrupted safetensors header in {path!r}: tensor {key!r} has entry {info!r}") from None
+    if dtype not in _DTYPES:
+        raise ValueError(f"{path!r}: tensor {key!r} has unsupported dtype {dtype}")
+    if end > data_size or begin > end:
+        raise ValueError(f"truncated safetensors file {path!r}: tensor {key!r} ends at byte {end} of the "
+                         f"{data_size}-byte data section")  # fmt: skip
+    need = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise ValueError(f"corrupted safetensors header in {path!r}: tensor {key!r} of shape {shape} ({dtype}) needs "
+                         f"{need} bytes, its span holds {end - begin}")  # fmt: skip
 
 
 def _read_tensor(fh, shard: _Shard, key: str, buffer: torch.Tensor) -> torch.Tensor:
@@ -105,6 +121,23 @@ def _write_tensor(fh, tensor: torch.Tensor) -> None:
     fh.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
 
 
+def _index_shards(index_path: str) -> list[str]:
+    """The shard file names ``model.safetensors.index.json`` lists (each must exist beside it)."""
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"corrupted checkpoint index {index_path!r}: no readable 'weight_map' ({err!r})") from None
+    if not all(isinstance(name, str) for name in names) or not names:
+        raise ValueError(f"corrupted checkpoint index {index_path!r}: 'weight_map' lists no shard file names")
+    folder = os.path.dirname(index_path)
+    missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise FileNotFoundError(f"checkpoint index {index_path!r} lists shards that are missing: {missing[:4]}")
+    return names
+
+
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
 @dataclass
 class _Update:
@@ -115,13 +148,14 @@ class _Update:
     ia3_dim: int = 0
 
 
-def _conv1d_modules(base_dir: str) -> set[str] | None:
-    """Module paths (relative to the base model) of the transformers ``Conv1D`` layers of the checkpoint's
-    architecture (GPT-2 family: weight stored ``(in, out)``), from its ``config.json``; ``None`` when the
+def _architecture(base_dir: str) -> tuple[set[str] | None, str | None]:
+    """What the checkpoint's architecture (from its ``config.json``) tells about its keys: the module paths
+    (relative to the base model) of its transformers ``Conv1D`` layers (GPT-2 family: weight stored ``(in, out)``),
+    and its ``base_model_prefix`` (``"bert"``, ``"transformer"``, ``"model"``). ``(None, None)`` when the
     architecture cannot be built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted.
     The model is built on the meta device: no memory, no weights read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        return None
+        return None, None
     try:
         from transformers import AutoConfig, AutoModel
         from transformers.pytorch_utils import Conv1D
@@ -131,8 +165,9 @@ def _conv1d_modules(base_dir: str) -> set[str] | None:
             model = AutoModel.from_config(config)
     except Exception as err:  # unknown / remote-code architectures raise many types
         log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
-        return None
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+        return None, None
+    conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return conv1d, getattr(model, "base_model_prefix", None) or None
 
 
 def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
@@ -140,12 +175,16 @@ def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
     return any(module_key == c or module_key.endswith(f".{c}") for c in conv1d)
 
 
-def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> dict[str, _Update]:
+def _plan_updates(
+    adapter, keys: set[str], conv1d: set[str] | None = None, prefix: str | None = None
+) -> dict[str, _Update]:
     """Map each adapted module of the adapter file to the checkpoint key of its weight (all or nothing).
 
-    ``conv1d``: the architecture's Conv1D module paths (see :func:`_conv1d_modules`); when known, the layer type
+    ``conv1d``: the architecture's Conv1D module paths (see :func:`_architecture`); when known, the layer type
     decides whether a weight is stored transposed, as in PEFT, whatever the config's ``fan_in_fan_out`` says
-    (AdapterHub configs never carry the flag)."""
+    (AdapterHub configs never carry the flag). ``prefix``: its ``base_model_prefix``, for an adapter trained on a
+    task model (``bert.encoder...``) merged into a checkpoint of the base model (``encoder...``, as
+    all-MiniLM-L6-v2 or the hub's GPT-2 are saved); ``transformers`` loads either into either."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
         raise ValueError(
@@ -154,10 +193,18 @@ def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> di
         )
     updates: dict[str, _Update] = {}
     for module, tensors in adapter.entries.items():
-        candidates = [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
+        candidates = _weight_keys(module, keys)
+        if not candidates and prefix and module.startswith(f"{prefix}."):
+            candidates = _weight_keys(module[len(prefix) + 1 :], keys)
         if len(candidates) != 1:
             what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
-            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint")
+            tied = (
+                "; a weight tied to another one (lm_head with tie_word_embeddings) is not stored in a checkpoint: "
+                "merge such an adapter in memory (merge_adapter, adapter-engine merge)"
+                if not candidates
+                else ""
+            )
+            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint{tied}")
         fifo = bool(cfg.fan_in_fan_out)
         if conv1d is not None:
             fifo = _is_conv1d(candidates[0][: -len(".weight")], conv1d)
@@ -179,6 +226,11 @@ def _plan_updates(adapter, keys: set[str], conv1d: set[str] | None = None) -> di
     return updates
 
 
+def _weight_keys(module: str, keys: set[str]) -> list[str]:
+    """The checkpoint keys of ``module``'s weight: the path itself, or under a head's prefix."""
+    return [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
+
+
 def _suffix_match(module: str, targets) -> bool:
     if not targets:
         return False
@@ -193,7 +245,7 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
     shape = tuple(info["shape"])
     if update.kind == "lora":
         a, b = update.tensors["lora_A"], update.tensors["lora_B"]
-        out_f, in_f = (shape[1], shape[0]) if update.fan_in_fan_out else shape
+        out_f, in_f = ((shape[1], shape[0]) if update.fan_in_fan_out else shape) if len(shape) == 2 else (None, None)
         if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
             raise ValueError(f"{key}: weight {shape} does not fit lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
     elif (
@@ -208,6 +260,12 @@ def _check_shapes(key: str, info: dict, update: _Update) -> None:
 _CPU_CHUNK_ELEMENTS = 1 << 18  # row blocks of 256K elements bound the CPU path's fp32 temporaries (~1 MB each)
 
 
+def _factor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An adapter tensor on ``device`` in its own precision (fp32, fp16, bf16; fp64 and others as fp32)."""
+    keep = tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return tensor.to(device, tensor.dtype if keep else torch.float32)
+
+
 def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
     """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
     w = weight.to(device)
@@ -219,8 +277,9 @@ def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) 
         return
     rows_per_chunk = w.shape[0] if device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // max(1, w.shape[1]))
     if update.kind == "lora":
-        a = update.tensors["lora_A"].to(device, w.dtype)
-        b = update.tensors["lora_B"].to(device, w.dtype)
+        # The factors keep their own dtype (fp32 as PEFT saves them): rounding them to an fp16 / bf16 weight's dtype
+        # first would round twice, and where B A cancels W the merged value would be off by many ulps.
+        a, b = _factor(update.tensors["lora_A"], device), _factor(update.tensors["lora_B"], device)
         for i in range(0, w.shape[0], rows_per_chunk):
             rows = slice(i, i + rows_per_chunk)
             if update.fan_in_fan_out:  # w is (in, out): its rows are A's columns
@@ -228,12 +287,42 @@ def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) 
             else:
                 merge_lora_(w[rows], a, b[rows], update.scale, safe=True)
     else:
-        vec = update.tensors["ia3_l"].reshape(-1).to(device, w.dtype)
+        vec = _factor(update.tensors["ia3_l"].reshape(-1), device)  # not rounded to w's dtype either
         for i in range(0, w.shape[0], rows_per_chunk):
             rows = slice(i, i + rows_per_chunk)
             scale_ia3_(w[rows], vec[rows] if update.ia3_dim == 0 else vec, dim=update.ia3_dim, safe=True)
     if w.data_ptr() != weight.data_ptr():
         weight.copy_(w)  # back into the same host buffer: no second host copy
+
+
+def _check_base_copies(adapter, updates: dict[str, _Update], shards: list[_Shard], buffer: torch.Tensor) -> None:
+    """PEFT's copies of targeted ``lm_head`` / ``embed_tokens`` weights must equal the checkpoint's (as
+    :func:`adapter_engine.api.check_base_copy` requires of a model): read each such tensor once, before writing."""
+    from .api import check_base_copy
+
+    weight_keys = {key[: -len("weight")]: key for key, u in updates.items() if u.kind in ("lora", "ia3")}
+    for copy_key, copy in adapter.base_copies.items():
+        module, param = copy_key.rsplit(".", 1)
+        prefix = next((p for p in weight_keys if p == f"{module}." or p.endswith(f".{module}.")), None)
+        key = None if prefix is None else prefix + param
+        shard = next((s for s in shards if key in s.header), None)
+        if shard is None:  # (a bias copy where the checkpoint has no bias)
+            check_base_copy(copy_key, None, copy, adapter.path)  # raises: nothing to compare it with
+        with open(shard.path, "rb") as fh:
+            check_base_copy(key, _read_tensor(fh, shard, key, buffer), copy, adapter.path)
+    adapter.base_copies.clear()  # (an lm_head copy may be the largest tensor: not held while streaming)
+
+
+def _usable_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (default: CUDA when available, else CPU), checked before anything is read: an unusable one would
+    otherwise fail later in the pinned buffer's allocation, with a message about pinned memory."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"merge_checkpoint: device {str(device)!r} is not usable here ({reason})") from None
+    return device
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -260,25 +349,23 @@ def merge_checkpoint(
     from tqdm.auto import tqdm
 
     base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _usable_device(device)
     if not os.path.isdir(base_dir):
         raise FileNotFoundError(f"base checkpoint folder {base_dir!r} does not exist")
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True to replace it")
     index_path = os.path.join(base_dir, INDEX_NAME)
     if os.path.isfile(index_path):
-        with open(index_path) as fh:
-            index = json.load(fh)
-        shard_names = sorted(set(index["weight_map"].values()))
+        shard_names = _index_shards(index_path)
     elif os.path.isfile(os.path.join(base_dir, SINGLE_NAME)):
-        index, shard_names = None, [SINGLE_NAME]
+        shard_names = [SINGLE_NAME]
     else:
         raise FileNotFoundError(f"{base_dir!r} has neither {SINGLE_NAME} nor {INDEX_NAME} (safetensors only)")
     shards = [_read_header(os.path.join(base_dir, name)) for name in shard_names]
     key_info = {key: info for shard in shards for key, info in shard.header.items()}
 
     adapter = read_adapter(adapter_dir)
-    updates = _plan_updates(adapter, set(key_info), _conv1d_modules(base_dir))
+    updates = _plan_updates(adapter, set(key_info), *_architecture(base_dir))
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 
@@ -286,6 +373,7 @@ def merge_checkpoint(
     largest = max((info["data_offsets"][1] - info["data_offsets"][0] for info in key_info.values()), default=0)
     # Pinned on a GPU machine, so the host-device copies of each merged tensor run at full speed.
     buffer = torch.empty(largest, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    _check_base_copies(adapter, updates, shards, buffer)
 
     def write(partial: str) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
@@ -307,6 +395,7 @@ def merge_checkpoint(
             src = os.path.join(base_dir, name)
             if os.path.isfile(src) and name not in shard_names and not is_other_format_weights(name):
                 shutil.copy2(src, os.path.join(partial, name))
+        copy_module_folders(base_dir, partial)  # a sentence-transformers model's pooling / normalize modules
 
     atomic_folder_write(out_dir, write)
     summary = {

@@ -307,27 +307,34 @@ def _merge(args) -> int:
     import torch
 
     from . import api
-    from ._io import atomic_folder_write, is_other_format_weights
+    from . import patching as pt
+    from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
     from .merging import merge_adapter
+    from .persist import MANIFEST, load_model, write_model
 
     weights = args.weight or [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
         raise ValueError(f"give one --weight per --adapter ({len(args.adapter)} adapters, {len(weights)} weights)")
     _check_paths(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _model_class(args.model).from_pretrained(args.model).to(device)
+    # load_model: a checkpoint saved by save_model keeps its adapters (absorbed bottlenecks), a plain one loads plain
+    model = load_model(args.model, _model_class(args.model)).to(device)
     params = model.num_parameters()
     names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
     merge_adapter(model, names, weights, combination=args.combination, density=args.density)
 
     def write(folder: str) -> None:  # the merged model, then the tokenizer and other side files of --model
-        model.save_pretrained(folder)
+        if pt.is_patched(model):  # adapters left (absorbed): they are saved with their manifest, as save_model does
+            write_model(model, folder)
+        else:
+            model.save_pretrained(folder)
         for name in os.listdir(args.model):  # not the base's weights, in any format: they are not merged
             src = os.path.join(args.model, name)
-            if "safetensors" in name or is_other_format_weights(name) or not os.path.isfile(src):
+            if "safetensors" in name or is_other_format_weights(name) or name == MANIFEST or not os.path.isfile(src):
                 continue
             if not os.path.exists(os.path.join(folder, name)):
                 shutil.copy2(src, os.path.join(folder, name))
+        copy_module_folders(args.model, folder)  # a sentence-transformers model's pooling / normalize modules
 
     atomic_folder_write(args.out, write)  # --out (even --model itself) is replaced only once all is written
     print(

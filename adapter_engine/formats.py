@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,10 @@ ADAPTERHUB_VERSION = "adapters.1.3.0"
 
 _PEFT_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _PEFT_IA3 = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.[^.]+)?$")
+# PEFT's copy of a targeted embedding or output layer's own weights (``save_embedding_layers``: the default when
+# ``target_modules`` names ``lm_head`` or ``embed_tokens``), and the LoRA factors of an ``nn.Embedding`` layer.
+_PEFT_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+_PEFT_EMBEDDING_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
 _AH_LORA = re.compile(r"^(?P<module>.+)\.loras\.(?P<name>[^.]+)\.lora_(?P<ab>[AB])$")
 _AH_BN = re.compile(
     r"^(?P<module>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>adapter_(?:down|up|norm_before|norm_after)"
@@ -56,6 +60,7 @@ class AdapterFile:
     saved_name: str | None
     entries: dict[str, dict[str, torch.Tensor]]
     meta: dict[str, Any]
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # "<module>.weight": PEFT's copy of it
 
 
 def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
@@ -129,6 +134,23 @@ def read_tensors(folder: str, fmt: str) -> tuple[str, dict[str, torch.Tensor]]:
     raise FileNotFoundError(f"no {fmt} adapter weights in {folder!r}: expected one of {list(WEIGHTS[fmt])}")
 
 
+def split_base_copies(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a PEFT file's copies of its targets' base weights (``<module>.base_layer.weight``, which PEFT saves for
+    a LoRA on ``lm_head`` or ``embed_tokens``) from the adapter weights: ``(adapter tensors, {"<module>.weight":
+    copy})``. PEFT loads such a copy over the model's weight; the engine loads the adapter only where the copy
+    equals the model's weight (see ``api.check_base_copies``). A LoRA of an ``nn.Embedding`` layer is refused here,
+    by name: the engine adapts Linear and Conv1D layers."""
+    embedding = sorted({m["module"] for k in tensors if (m := _PEFT_EMBEDDING_LORA.match(k))})
+    if embedding:
+        raise ValueError(
+            f"the PEFT adapter has LoRA weights of embedding layers {embedding[:4]} (lora_embedding_A/B): LoRA on an "
+            "nn.Embedding is not supported by adapter-engine (Linear and Conv1D layers only); merge it with PEFT"
+        )
+    copies = {f"{m['module']}.{m['param']}": v for k, v in tensors.items() if (m := _PEFT_BASE_COPY.match(k))}
+    rest = {k: v for k, v in tensors.items() if not _PEFT_BASE_COPY.match(k)}
+    return rest, copies
+
+
 def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | None) -> dict[str, dict]:
     """Group the tensors by module; raises ``ValueError`` listing keys that are not adapter weights of ``fmt``."""
     entries: dict[str, dict[str, torch.Tensor]] = {}
@@ -152,7 +174,14 @@ def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | Non
         entries.setdefault(m["module"], {})[param] = value
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"unexpected weights in the {fmt} adapter file: {extra[:5]}{more}")
+        base = fmt == "peft" and all(k.endswith((".weight", ".bias")) for k in extra)
+        why = (
+            ": whole weights of base layers, which PEFT saves for a resized vocabulary (save_embedding_layers) or "
+            "trained copies of layers (modules_to_save); adapter-engine loads adapters onto the model's own weights"
+            if base
+            else ""
+        )
+        raise ValueError(f"unexpected weights in the {fmt} adapter file: {extra[:5]}{more}{why}")
     if not entries:
         raise ValueError(f"the {fmt} adapter file holds no adapter weights")
     return entries
@@ -179,8 +208,14 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
             raise type(err)(f"adapter config {cfg_path!r}: {err}") from None
     saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
     _, tensors = read_tensors(folder, fmt)
+    tensors, copies = split_base_copies(tensors) if fmt == "peft" else (tensors, {})
     entries = parse_keys(fmt, tensors, saved_name)
-    return AdapterFile(format=fmt, path=folder, config=cfg, saved_name=saved_name, entries=entries, meta=meta or {})
+    unadapted = sorted(k for k in copies if k.rsplit(".", 1)[0] not in entries)
+    if unadapted:
+        raise ValueError(f"unexpected weights in the peft adapter file: base weights {unadapted[:4]} of layers "
+                         "without adapter weights")  # fmt: skip
+    return AdapterFile(format=fmt, path=folder, config=cfg, saved_name=saved_name, entries=entries,
+                       meta=meta or {}, base_copies=copies)  # fmt: skip
 
 
 def write_adapter(

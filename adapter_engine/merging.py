@@ -160,11 +160,13 @@ def _task_deltas(layer: _LayerMerge) -> list[torch.Tensor]:
 def _combine(
     deltas: list[torch.Tensor], weights: Sequence[float], method: str, density: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """TIES (Yadav et al. 2023) and DARE (Yu et al. 2024) on one layer's task vectors, as PEFT's
-    ``add_weighted_adapter`` defines them: trim each delta to its top-``density`` magnitudes (TIES) or keep each
-    element with probability ``density`` and rescale by 1 / density (DARE); then either the weighted sum
-    (``dare_linear``) or TIES's sign election (sign of the unweighted sum, ties to +) and the mean of the
-    weighted entries that agree with it."""
+    """TIES (Yadav et al. 2023) and DARE (Yu et al. 2024) on one layer's task vectors ``s_i B_i A_i``, with PEFT's
+    ``merge_utils`` formulas: trim each delta to its top-``density`` magnitudes (TIES) or keep each element with
+    probability ``density`` and rescale by 1 / density (DARE); then either the weighted sum (``dare_linear``) or
+    TIES's sign election (sign of the unweighted sum, ties to +) and the mean of the weighted entries that agree
+    with it. That is PEFT's ``add_weighted_adapter`` with ``ties_svd`` / ``dare_linear_svd`` / ``dare_ties_svd`` at
+    full SVD rank (checked to 2e-7); its plain ``ties`` / ``dare_*`` apply the formulas to the A and B factors
+    separately, which is not a TIES merge of the task vectors."""
     pruned = []
     for delta in deltas:
         if method == "ties":
@@ -307,7 +309,26 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
                 layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
         if layer.lora_A or layer.ia3:
             layers.append(layer)
+    _check_unshared(layers)
     return layers
+
+
+def _check_unshared(layers: list[_LayerMerge]) -> None:
+    """Refuse, before anything is written, to merge into two layers that share one weight tensor (tied by the user
+    or the architecture): ``W`` would take both layers' terms, ``W + d_1 + d_2``, and neither layer would compute
+    its adapted output any more (PEFT merges it that way silently). An adapter on one of them alone merges: the
+    other layer then sees the change too, as with a tied lm_head."""
+    seen: dict[tuple, str] = {}
+    for layer in layers:
+        w = layer.weight
+        where = (w.device, w.data_ptr(), tuple(w.shape), w.stride())  # the same tensor (other overlaps: the kernel)
+        if where in seen:
+            raise ValueError(
+                f"{seen[where]} and {layer.path} share one weight tensor and both carry adapters being merged: the "
+                "merged weight would hold both layers' terms, so neither would compute its adapted output; merge "
+                "the adapters of one of them, or untie the weights first; nothing was changed"
+            )
+        seen[where] = layer.path
 
 
 @torch.no_grad()

@@ -30,6 +30,12 @@ MANIFEST = "adapter_engine.json"
 
 def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
     """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder."""
+    return atomic_folder_write(path, lambda folder: write_model(model, folder, **save_kwargs))
+
+
+def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
+    """What :func:`save_model` writes, into an existing (temporary) ``folder``: ``save_pretrained`` and the
+    manifest :func:`load_model` reads to rebuild the adapters (absorbed bottlenecks, a trained stack)."""
     manifest = {"adapters": {}, "active": [], "absorbed": []}
     if pt.is_patched(model):
         state = pt.get_state(model)
@@ -42,17 +48,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
             manifest["adapters"][name] = {"kind": record.kind, "config": config, "modules": list(record.modules)}
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
-
-    def write(folder: str) -> None:
-        if "state_dict" not in save_kwargs and pt.is_patched(model):
-            # an adapter's LayerNorm before its down projection is registered twice, as AdapterHub's module does
-            # (``adapter_norm_before`` and ``adapter_down.0``): safetensors refuses shared tensors, so one key each
-            save_kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
-        model.save_pretrained(folder, **save_kwargs)
-        with open(os.path.join(folder, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=2)
-
-    return atomic_folder_write(path, write)
+    if "state_dict" not in save_kwargs and pt.is_patched(model):
+        # an adapter's LayerNorm before its down projection is registered twice, as AdapterHub's module does
+        # (``adapter_norm_before`` and ``adapter_down.0``): safetensors refuses shared tensors, so one key each
+        save_kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
+    model.save_pretrained(folder, **save_kwargs)
+    with open(os.path.join(folder, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=2)
 
 
 def _adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:

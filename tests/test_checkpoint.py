@@ -123,6 +123,33 @@ def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
         torch.testing.assert_close(merged[key], model.state_dict()[key], rtol=1e-6, atol=1e-6)
 
 
+def test_streamed_merge_into_fp16_weights_rounds_once_from_the_fp32_factors(tmp_path):
+    """An fp16 checkpoint and a PEFT LoRA with fp32 factors: each merged weight is within half an ulp of the fp64
+    result ``W + s B A`` (PEFT's merge adds the fp32 delta to the fp16 weight: one rounding). Rounding the factors
+    to fp16 first rounds twice: where ``s B A`` cancels ``W`` that was off by hundreds of ulps."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    adapter_dir.mkdir()
+    key = "encoder.layer.0.attention.self.query"
+    weight = torch.randn(32, 24).half()
+    a, b = torch.randn(4, 24) * 0.5, torch.randn(32, 4) * 0.5
+    save_file({f"{key}.weight": weight, f"{key}.bias": torch.randn(32).half()}, base_dir / "model.safetensors")
+    save_file({f"base_model.model.{key}.lora_A.weight": a, f"base_model.model.{key}.lora_B.weight": b},
+              adapter_dir / "adapter_model.safetensors")  # fmt: skip
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"]})
+    )
+    merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")[f"{key}.weight"]
+    assert merged.dtype == torch.float16
+    exact = weight.double() + 2.0 * (b.double() @ a.double())
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-14))) - 10)  # fp16: 10 fraction bits
+    assert ((merged.double() - exact).abs() / ulp).max() <= 0.5
+
+
 def test_failure_midway_leaves_no_output(bert_and_lora, tmp_path, monkeypatch):
     from adapter_engine import checkpoint
 
@@ -208,6 +235,87 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        ("missing shard", FileNotFoundError, r"index\.json' lists shards that are missing: \['model-00002-of-"),
+        ("index not json", ValueError, r"corrupted checkpoint index .*index\.json.*weight_map"),
+        ("index without weight_map", ValueError, r"corrupted checkpoint index .*index\.json.*weight_map"),
+        ("shape of a header entry", ValueError, r"corrupted safetensors header in .*model-00001-of-.*'embeddings\."),
+    ],
+)
+def test_a_damaged_index_or_shard_header_is_named_and_nothing_is_written(bert_and_lora, tmp_path, damage, error, match):
+    """Each problem names the file (before: a bare JSONDecodeError, KeyError or reshape RuntimeError)."""
+    base_dir, adapter_dir, _ = bert_and_lora
+    index = base_dir / "model.safetensors.index.json"
+    shards = sorted(p for p in os.listdir(base_dir) if p.endswith(".safetensors"))
+    if damage == "missing shard":
+        os.remove(base_dir / shards[1])
+    elif damage == "index not json":
+        index.write_text("{not json")
+    elif damage == "index without weight_map":
+        index.write_text(json.dumps({"metadata": {}}))
+    else:  # a shape the tensor's byte span does not hold, the header's length unchanged
+        data = (base_dir / shards[0]).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + n].decode()
+        damaged = header.replace('"shape":[512,32]', '"shape":[512,31]', 1)
+        assert damaged != header
+        (base_dir / shards[0]).write_bytes(data[:8] + damaged.encode() + data[8 + n :])
+    with pytest.raises(error, match=match):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_an_unusable_device_is_named_before_anything_is_read(bert_and_lora, tmp_path):
+    """(On a machine without that GPU it failed in the pinned buffer's allocation, about pinned memory.)"""
+    base_dir, adapter_dir, _ = bert_and_lora
+    with pytest.raises(ValueError, match="device 'cuda:99' is not usable here"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", device="cuda:99", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge-checkpoint", "merge"])
+def test_merged_sentence_transformers_folder_keeps_its_module_folders(bert_and_lora, tmp_path, command):
+    """all-MiniLM-L6-v2 (the demo's model) is a sentence-transformers folder: modules.json names 1_Pooling (its own
+    config) and 2_Normalize. Both merges copied modules.json but not the folders, so SentenceTransformer could not
+    load the output (Pooling without its config); the folders modules.json names are copied now."""
+    from adapter_engine.cli import main
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+               {"idx": 3, "name": "3", "path": "../outside", "type": "sentence_transformers.models.Dense"}]  # fmt: skip
+    (base_dir / "modules.json").write_text(json.dumps(modules))
+    (base_dir / "1_Pooling").mkdir()
+    (base_dir / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32}))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("not part of the model")
+    out = tmp_path / "out"
+    assert main([command, "--model", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]) == 0
+    assert (out / "modules.json").exists()
+    assert (out / "1_Pooling" / "config.json").read_text() == (base_dir / "1_Pooling" / "config.json").read_text()
+    assert not (out / "2_Normalize").exists() and not (out / "outside").exists()  # (none in the base; outside it)
+
+
+def test_a_lora_for_a_weight_that_is_not_a_matrix_names_the_shapes(tmp_path):
+    """An adapter module whose checkpoint weight is 1-D (a LayerNorm of another architecture): it failed with
+    "not enough values to unpack"."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    adapter_dir.mkdir()
+    save_file({"blocks.0.norm.weight": torch.randn(8)}, base_dir / "model.safetensors")
+    save_file({"base_model.model.blocks.0.norm.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.blocks.0.norm.lora_B.weight": torch.randn(8, 2)},
+              adapter_dir / "adapter_model.safetensors")  # fmt: skip
+    (adapter_dir / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["norm"]})
+    )
+    with pytest.raises(ValueError, match=r"blocks\.0\.norm\.weight: weight \(8,\) does not fit lora_A \(2, 8\)"):
+        merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -279,3 +387,88 @@ def test_cli_merge_checkpoint(bert_and_lora, tmp_path, capsys):
                  str(tmp_path / "cli")]) == 0  # fmt: skip
     assert "merged 8 of" in capsys.readouterr().out
     assert (tmp_path / "cli" / "model.safetensors.index.json").exists()
+
+
+def test_streamed_merge_of_a_peft_lora_on_lm_head(tmp_path):
+    """PEFT saves a targeted lm_head's own weight beside its factors: the streamed merge checks that copy against
+    the checkpoint's (refused before writing anything when it differs) and merges as PEFT does. A tied lm_head has
+    no weight in the checkpoint: refused with the reason and what to do instead."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(tied):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=99,
+                                            tie_word_embeddings=tied)).eval()  # fmt: skip
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    peft_models = {}
+    for tied in (False, True):
+        llama(tied).save_pretrained(tmp_path / f"base{tied}")
+        torch.manual_seed(1)
+        peft_models[tied] = get_peft_model(llama(tied), lora)
+        peft_models[tied].save_pretrained(tmp_path / f"adapter{tied}")
+    with pytest.raises(ValueError, match="matches no weight.*tie_word_embeddings.*merge such an adapter in memory"):
+        merge_checkpoint(tmp_path / "baseTrue", tmp_path / "adapterTrue", tmp_path / "tied", progress=False)
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        expected = peft_models[False].merge_and_unload().eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    adapter_file = tmp_path / "adapterFalse" / "adapter_model.safetensors"
+    tensors = load_file(adapter_file)
+    tensors["base_model.model.lm_head.base_layer.weight"][3, 5] += 0.5
+    save_file(tensors, adapter_file)
+    with pytest.raises(ValueError, match=r"own copy of lm_head\.weight .* differs"):
+        merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists() and not (tmp_path / "tied").exists()
+
+
+def test_streamed_merge_of_a_peft_ia3_on_lm_head(tmp_path):
+    """IA3 on lm_head: PEFT saves lm_head's weight beside the vector too; the streamed merge found that copy's
+    checkpoint key among LoRA updates only, so it refused the file as "a resized vocabulary"."""
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=99, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), IA3Config(
+        target_modules=["v_proj", "lm_head"], feedforward_modules=[])).eval()  # fmt: skip
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+        expected = peft_model.merge_and_unload().eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_merge_of_a_task_model_lora_into_a_base_model_checkpoint(tmp_path):
+    """A LoRA trained on BertForSequenceClassification (modules ``bert.encoder...``, as the demo trains on
+    all-MiniLM-L6-v2) into a checkpoint saved from BertModel (keys ``encoder...``, as all-MiniLM-L6-v2's): it was
+    refused as "matches no weight"; the architecture's base_model_prefix now maps one onto the other."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    task_model = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    peft_model = get_peft_model(task_model, lora).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    summary = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert summary["merged"] == 2 * 2
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().bert(**_inputs()).last_hidden_state
+        got = BertModel.from_pretrained(tmp_path / "merged").eval()(**_inputs()).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -367,3 +367,136 @@ def test_cli_merge_refuses_an_existing_out_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "base" / "vocab.txt").read_text() == "[PAD]\n"
     with torch.no_grad():
         torch.testing.assert_close(hidden(merged), pm.eval()(**BATCH).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=99, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_peft_lora_on_lm_head_merges_as_peft_merges_it(tmp_path, tied):
+    """PEFT saves a targeted lm_head's own weight beside its factors (``lm_head.base_layer.weight``); that file
+    loaded and merged like any LoRA (it was refused as "unexpected weights"). Tied to the input embeddings, the
+    merge changes both, as PEFT's merge_and_unload does; the saved checkpoint gives PEFT's merged logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    _llama(tied).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in load_adapter_file(tmp_path / "adapter")
+    ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().eval()(ids).logits
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ae.merge_adapter(model, ae.load_adapter(model, tmp_path / "adapter"))
+    model.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_lm_head_copy_that_differs_from_the_model_or_an_embedding_lora_is_refused(tmp_path):
+    """A saved lm_head copy other than the model's (another base, a resized vocabulary), a LoRA of an nn.Embedding
+    (lora_embedding_A/B) and PEFT's copies of layers it does not adapt are refused with their reason, the model
+    untouched."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    get_peft_model(_llama(False), lora).save_pretrained(tmp_path / "adapter")
+    tensors = load_adapter_file(tmp_path / "adapter")
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.01
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    model = _llama(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"own copy of lm_head\.weight .* differs from the model's weight"):
+        ae.load_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(1)
+    embedding = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    get_peft_model(_llama(False), embedding).save_pretrained(tmp_path / "embedding")
+    with pytest.raises(ValueError, match=r"embedding layers \['model\.embed_tokens'\].*not supported"):
+        ae.load_adapter(model, tmp_path / "embedding")
+    torch.manual_seed(1)  # PEFT's copies of layers it does not adapt (saved for a resized vocabulary): named so
+    get_peft_model(_llama(False), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "resized", save_embedding_layers=True
+    )
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight'\]: whole weights of base layers.*resized vocab"):
+        ae.load_adapter(model, tmp_path / "resized")
+    assert not ae.list_adapters(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def load_adapter_file(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("combination", ["linear", "dare_linear"])
+def test_adapters_on_two_layers_sharing_one_weight_are_refused_by_name(combination):
+    """Two layers tied to one weight, each with LoRA terms: a merge cannot keep either layer's adapted output. It was
+    refused as "weights[0] and weights[1] share memory" (linear) or silently kept one layer's delta (DARE / TIES
+    wrote each layer's W + d from the same original); now refused naming both layers, nothing changed."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+    torch.manual_seed(0)
+    model = ae.patch(Tied(), target_modules=["a", "b"])
+    for name in ("x", "y"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="a and b share one weight tensor"):
+        ae.merge_adapter(model, ["x", "y"], combination=combination, density=1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert set(ae.list_adapters(model)) == {"x", "y"} and merged_adapters(model) == []
+
+
+def test_cli_merge_keeps_the_absorbed_adapters_of_a_save_model_checkpoint(tmp_path, capsys):
+    """A checkpoint written by save_model with a bottleneck adapter absorbed: ``adapter-engine merge`` loaded it
+    with plain from_pretrained, which drops the adapter's weights, and copied its manifest, so load_model of the
+    output failed ("lacks adapter weights"). It now loads with load_model and saves the adapter with its manifest:
+    the output runs the LoRA merged under the absorbed adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    model = with_loras(1)  # a LoRA l0 (random B) to absorb beside the bottleneck
+    ae.add_adapter(model, "bn", "seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name:
+                p.normal_(0, 0.2)
+    ae.set_active_adapters(model, ["l0", "bn"])
+    ae.merge_adapter(model, ["l0", "bn"], absorb=True)
+    ae.save_model(model, tmp_path / "absorbed")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False)
+    get_peft_model(tiny_bert(), lora).save_pretrained(tmp_path / "lora")
+    reference = ae.load_model(tmp_path / "absorbed").eval()
+    ae.load_adapter(reference, tmp_path / "lora", name="l")
+    ae.set_active_adapters(reference, ["l", "bn"])
+    expected = hidden(reference)
+    assert main(["merge", "--model", str(tmp_path / "absorbed"), "--adapter", str(tmp_path / "lora"), "--out",
+                 str(tmp_path / "out")]) == 0  # fmt: skip
+    merged = ae.load_model(tmp_path / "out").eval()
+    assert ae.list_adapters(merged) == ["bn"]
+    torch.testing.assert_close(hidden(merged), expected, rtol=0, atol=1e-5)
