@@ -33,6 +33,8 @@ from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_adapter_engine_state"
+#: PEFT's ``target_modules`` shorthand for every linear layer but the output one.
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -96,11 +98,14 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the Linear / Conv1D (or already wrapped) modules selected by PEFT-style ``targets``.
 
     A string is a regex matched against the full name; a list holds name suffixes. Raises ``ValueError`` for an
-    entry that matches nothing, or that matches a module LoRA cannot wrap.
+    entry that matches nothing, or that matches a module LoRA cannot wrap. ``"all-linear"`` (any case) is PEFT's
+    shorthand, see :func:`_all_linear`.
     """
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
-    if isinstance(targets, str):
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        entries = {targets: _all_linear(model)}
+    elif isinstance(targets, str):
         hits = [n for n in names if re.fullmatch(targets, n)]
         entries = {targets: hits}
     else:
@@ -123,6 +128,20 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     if not selected:
         raise ValueError(f"target_modules {targets!r} selects no nn.Linear / Conv1D layer of {type(model).__name__}")
     return selected
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer (wrapped or not) except a
+    ``PreTrainedModel``'s output embeddings (``lm_head``) and the layers inside adapters (a LoRA's ``lora_A`` /
+    ``lora_B``, a bottleneck adapter's projections)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    inside = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, (LoraLinear, BottleneckAdapter)))
+    return [
+        n
+        for n, m in model.named_modules()
+        if n and (is_linear_like(m) or isinstance(m, LoraLinear)) and m is not output and not n.startswith(inside)
+    ]
 
 
 def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:

@@ -281,6 +281,27 @@ def test_ia3_peft_both_ways(expected, tmp_path):
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
 
 
+def test_all_linear_targets_the_layers_peft_targets(tmp_path):
+    """``target_modules="all-linear"`` (PEFT's shorthand, any case, also in a peft config object) selects every
+    linear layer but the LM head, as PEFT does, and not the layers inside adapters already there."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(r=2, target_modules="all-linear"))
+    want = sorted(pm.peft_config["default"].target_modules)  # PEFT's expansion of the shorthand
+    assert "lm_head" not in want and len(want) == 8
+    model = copy.deepcopy(gpt2)
+    ae.add_adapter(model, "a", ae.LoraConfig(r=2, target_modules="all-linear"))
+    ae.add_adapter(model, "s", "seq_bn")  # its projections are nn.Linear layers too
+    ae.add_adapter(model, "b", peft.LoraConfig(r=2, target_modules="ALL-LINEAR"))
+    adapters = ae.patching.get_state(model).adapters
+    assert sorted(adapters["a"].modules) == sorted(adapters["b"].modules) == want
+    ae.save_adapter(model, "b", tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path)
+    assert sorted(back.peft_config["default"].target_modules) == want
+
+
 def test_ia3_has_no_adapterhub_format(tmp_path):
     model = tiny_bert()
     ae.add_adapter(model, "i", ae.IA3Config(target_modules=["value"]))
