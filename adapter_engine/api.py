@@ -492,11 +492,12 @@ def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: A
         if int(hidden // rf) != cfg.bottleneck_size:
             raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
         config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
+    saved_as = {p.name: pt.adapterhub_name(state.spec, p) for p in pt.placements(model, state, cfg)}
     tensors = {}
     for module_name in record.modules:
         adapter = model.get_submodule(module_name).adapters[name]
         for key, value in adapter.state_dict().items():
-            tensors[f"{_relative(model, module_name)}.adapters.{name}.{key}"] = value
+            tensors[f"{_relative(model, saved_as[module_name])}.adapters.{name}.{key}"] = value
     return _adapterhub_meta(model, state, name, config), tensors
 
 

@@ -25,6 +25,10 @@ class ArchSpec:
     after its ``+ y``; AdapterHub passes it to the adapter layer, so the adapters read ``LN(r + y)`` as in BERT.
     attn_matrices: AdapterHub's LoRA ``attn_matrices`` letters -> module path inside a block; intermediate /
     output: the modules of AdapterHub's ``intermediate_lora`` / ``output_lora``.
+    adapterhub_attn / adapterhub_ffn: where AdapterHub keeps a block's ``mh_adapter`` / ``output_adapter``
+    bottlenecks (its file keys ``<block>.<that>.adapters.<name>...``) when that is not the sublayer itself: in the
+    models it patches at block level (DistilBERT, GPT-2, Llama, ViT) its own ``attention_adapters`` /
+    ``output_adapters`` modules; None: the sublayer's name (BERT's ``attention.output`` and ``output``).
     """
 
     lora_targets: tuple[str, ...]
@@ -40,6 +44,15 @@ class ArchSpec:
     attn_matrices: Mapping[str, str] = field(default_factory=dict)
     intermediate: str | None = None
     output: str | None = None
+    adapterhub_attn: str | None = None
+    adapterhub_ffn: str | None = None
+
+    def adapterhub_place(self, which: str) -> str:
+        """The module path inside a block under which AdapterHub saves the bottlenecks of place ``which``
+        (``"mh"`` or ``"output"``)."""
+        if which == "mh":
+            return self.adapterhub_attn or self.attn_sublayer
+        return self.adapterhub_ffn or self.ffn_sublayer
 
 
 _BERT = ArchSpec(
@@ -65,6 +78,8 @@ _LLAMA = ArchSpec(
     attn_matrices={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
     intermediate="mlp.up_proj",
     output="mlp.down_proj",
+    adapterhub_attn="attention_adapters",
+    adapterhub_ffn="output_adapters",
 )
 
 #: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
@@ -86,6 +101,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             attn_matrices={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin"},
             intermediate="ffn.lin1",
             output="ffn.lin2",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output_adapters",
         ),
     ),
     "vit": (
@@ -113,6 +130,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             attn_matrices={f"{k[0]}": f"attention.attention.{k}" for k in ("query", "key", "value")},
             intermediate="intermediate.dense",
             output="output.dense",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output.output_adapters",
         ),
     ),
     "gpt2": (
@@ -127,6 +146,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             ffn_residual="ln_2",
             intermediate="mlp.c_fc",
             output="mlp.c_proj",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output_adapters",
         ),
     ),
     "llama": (_LLAMA,),

@@ -269,8 +269,9 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- bottleneck
-def resolve_module(model: nn.Module, saved: str, modules: Mapping[str, nn.Module]) -> str | None:
-    """The model's name for a module path saved relative to the base model or to a task model."""
+def resolve_module(model: nn.Module, saved: str, modules: Mapping[str, Any]) -> str | None:
+    """The model's name for a module path saved relative to the base model or to a task model: the first of the
+    path's readings that is a key of ``modules``."""
     candidates = [saved]
     declared = getattr(model, "base_model_prefix", "") or ""
     if declared and saved.startswith(declared + "."):
@@ -287,6 +288,12 @@ class Placement:
     block: str
     which: str  # "mh" | "output"
     name: str  # full name of the wrapped sublayer
+
+
+def adapterhub_name(spec: ArchSpec, place: Placement) -> str:
+    """The full module path under which AdapterHub saves the adapters of ``place`` (the sublayer's own name in
+    BERT, the block's ``output_adapters`` / ``attention_adapters`` where AdapterHub patches at block level)."""
+    return f"{place.block}.{spec.adapterhub_place(place.which)}"
 
 
 def placements(model: nn.Module, state: PatchState, cfg: BottleneckConfig) -> list[Placement]:
@@ -357,8 +364,11 @@ def plan_bottleneck(
     hidden = hidden_size_of(model)
     found: dict[str, Mapping[str, torch.Tensor]] = {}
     unknown = []
+    saved_as = {adapterhub_name(state.spec, p): p.name for p in where.values()}  # AdapterHub's names for the places
     for saved, params in entries.items():
-        name = resolve_module(model, saved, modules)
+        name = resolve_module(model, saved, modules)  # the sublayer's name (BERT; engine files of earlier versions)
+        if name not in where:
+            name = saved_as.get(resolve_module(model, saved, saved_as))  # AdapterHub's block-level module
         if name is None or name not in where:
             unknown.append(saved)
         else:
