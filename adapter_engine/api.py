@@ -61,6 +61,10 @@ def _check_name(state: PatchState, name: Any) -> str:
 def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: AnyConfig) -> list[tuple]:
     """Validate a LoRA / IA3 file against the model; returns [(module name, tensors...)] without touching it."""
     modules = dict(model.named_modules())
+    if file.format == "adapterhub" and state.spec is not None and file.meta.get("model_type") == state.model_type:
+        # made for this architecture, yet on matrices it has no layer for (GPT-2's fused c_attn): say so before the
+        # per-layer shape checks, whose "another architecture?" hint would mislead
+        adapterhub_lora_modules(model, state.spec, file.meta.get("config", {}))
     plan, unknown = [], []
     want = ("lora_A", "lora_B") if isinstance(cfg, LoraConfig) else ("ia3_l",)
     ff_names = set()

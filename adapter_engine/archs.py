@@ -201,7 +201,11 @@ def adapterhub_lora_modules(model: nn.Module, spec: ArchSpec, ah_config: Mapping
     if ah_config.get("selfattn_lora", True):
         for letter in ah_config.get("attn_matrices", ["q", "v"]):
             if letter not in spec.attn_matrices:
-                raise ValueError(f"AdapterHub LoRA attn_matrices {letter!r} has no single layer in this architecture")
+                raise ValueError(
+                    f"AdapterHub LoRA attn_matrices {letter!r}: {type(model).__name__} has no separate layer for it "
+                    "(one projection computes q, k and v, like GPT-2's c_attn, where AdapterHub splits the LoRA over "
+                    "the matrices): not supported; use a PEFT LoRA, or AdapterHub's intermediate_lora / output_lora"
+                )
             subs.append(spec.attn_matrices[letter])
     for flag, sub in (("intermediate_lora", spec.intermediate), ("output_lora", spec.output)):
         if ah_config.get(flag, False) and sub:

@@ -562,6 +562,25 @@ def test_other_architecture():
     assert ae.list_adapters(model) == []
 
 
+def test_adapterhub_lora_on_gpt2s_fused_attention_is_refused_with_the_reason(tmp_path):
+    """AdapterHub's GPT-2 LoRA on q and v splits over the fused c_attn (lora_A (2r, in), lora_B (2 * out / 3, r): the
+    layout adapters 1.3.0 saves). It was refused as "made for another architecture or size?"; the error now says
+    that the fused projection is the reason, and nothing is loaded."""
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+    config = {"architecture": "lora", "r": 4, "alpha": 8, "attn_matrices": ["q", "v"], "selfattn_lora": True}
+    meta = {"config": config, "model_type": "gpt2", "name": "l", "version": "adapters.1.3.0"}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        tensors[f"h.{i}.attn.c_attn.loras.l.lora_A"] = torch.randn(8, 32, generator=gen)
+        tensors[f"h.{i}.attn.c_attn.loras.l.lora_B"] = torch.randn(64, 4, generator=gen)
+    torch.save(tensors, tmp_path / "pytorch_adapter.bin")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"attn_matrices 'q': GPT2Model has no separate layer for it .* c_attn"):
+        ae.load_adapter(model, tmp_path)
+    assert ae.list_adapters(model) == []
+
+
 def test_name_taken_and_missing_path(tmp_path):
     model = tiny_bert()
     ae.load_adapter(model, os.path.join(TINY, "seq"))
