@@ -177,6 +177,8 @@ def load_adapter(
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
     _check_name(state, name)
     cfg = file.config
+    if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)
+        file.entries = {state.spec.from_adapterhub(saved): params for saved, params in file.entries.items()}
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
@@ -481,7 +483,7 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
     tensors = {}
     for module_name in record.modules:
         module = model.get_submodule(module_name)
-        key = f"{_relative(model, module_name)}.loras.{name}"
+        key = f"{spec.to_adapterhub(_relative(model, module_name))}.loras.{name}"
         tensors[f"{key}.lora_A"] = module.lora_A[name].weight
         tensors[f"{key}.lora_B"] = module.lora_B[name].weight
     return _adapterhub_meta(model, state, name, config), tensors
@@ -501,7 +503,9 @@ def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: A
     for module_name in record.modules:
         adapter = model.get_submodule(module_name).adapters[name]
         for key, value in adapter.state_dict().items():
-            tensors[f"{_relative(model, saved_as[module_name])}.adapters.{name}.{key}"] = value
+            tensors[f"{state.spec.to_adapterhub(_relative(model, saved_as[module_name]))}.adapters.{name}.{key}"] = (
+                value
+            )
     return _adapterhub_meta(model, state, name, config), tensors
 
 

@@ -160,43 +160,47 @@ def test_adapterhub_adapter_into_a_task_model(expected):
     assert max_err(run(model.bert, expected), expected["houlsby"], expected["attention_mask"]) < ATOL
 
 
-@pytest.mark.parametrize("arch", ["distilbert", "gpt2", "llama"])
-def test_adapterhub_block_level_adapters_load_and_save_under_adapterhubs_names(arch, tmp_path):
-    """DistilBERT, GPT-2 and Llama: AdapterHub keeps a block's bottlenecks in its ``attention_adapters`` /
-    ``output_adapters`` modules. Its files load with its outputs (they were refused: "no adapter place"), a save
-    writes its keys (the sublayer's names, which AdapterHub silently skipped, loading a fresh adapter instead), and
-    files with the sublayer's names, which earlier versions wrote, still load."""
+@pytest.mark.parametrize(
+    ("arch", "adapter"),
+    [("distilbert", "houlsby"), ("gpt2", "houlsby"), ("llama", "houlsby"), ("vit", "houlsby"), ("vit", "lora")],
+)
+def test_adapterhub_block_level_adapters_load_and_save_under_adapterhubs_names(arch, adapter, tmp_path):
+    """DistilBERT, GPT-2, Llama and ViT: AdapterHub keeps a block's bottlenecks in its ``attention_adapters`` /
+    ``output_adapters`` modules, and names ViT's modules as transformers 4 did (``encoder.layer.0.attention.attention.
+    query``, now ``layers.0.attention.q_proj``). Its files load with its outputs (they were refused: "no adapter
+    place", "layers the model does not have"), a save writes its keys (the engine's names, which AdapterHub skipped
+    without a word, loading a fresh adapter instead), and files with the engine's names, which earlier versions wrote,
+    still load."""
     from transformers import AutoModel
 
     folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)
     exp = load_file(os.path.join(folder, "expected.safetensors"))
+    inputs = {k: exp[k] for k in ("input_ids", "pixel_values") if k in exp}
     model = AutoModel.from_pretrained(folder).eval()
-    ae.load_adapter(model, os.path.join(folder, "houlsby"), set_active=True)
+    ae.load_adapter(model, os.path.join(folder, adapter), set_active=True)
     with torch.no_grad():
-        out = model(input_ids=exp["input_ids"]).last_hidden_state
-    assert (out - exp["houlsby"]).abs().max() < ATOL
+        out = model(**inputs).last_hidden_state
+    assert (out - exp[adapter]).abs().max() < ATOL
     assert (out - exp["base"]).abs().max() > 1e-2  # the adapter really acts
 
-    saved = ae.save_adapter(model, "houlsby", tmp_path / "ours", format="adapterhub")
+    saved = ae.save_adapter(model, adapter, tmp_path / "ours", format="adapterhub")
     ours = torch.load(os.path.join(saved, "pytorch_adapter.bin"), weights_only=True)
-    theirs = torch.load(os.path.join(folder, "houlsby", "pytorch_adapter.bin"), weights_only=True)
+    theirs = torch.load(os.path.join(folder, adapter, "pytorch_adapter.bin"), weights_only=True)
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
-    state = ae.patching.get_state(model)
-    sublayer = {state.spec.adapterhub_place(w): state.spec.attn_sublayer if w == "mh" else state.spec.ffn_sublayer
-                for w in ("mh", "output")}  # fmt: skip
-    older = {}
-    for key, value in theirs.items():
-        for ah, sub in sublayer.items():
-            key = key.replace(f".{ah}.adapters.", f".{sub}.adapters.")
-        older[key] = value
-    assert sorted(older) != sorted(theirs)
-    shutil.copytree(os.path.join(folder, "houlsby"), tmp_path / "older")
+    older = {k: v for k, v in model.state_dict().items() if f".adapters.{adapter}." in k}  # the engine's names
+    for module in ae.patching.get_state(model).adapters[adapter].modules if adapter == "lora" else ():
+        for ab in ("A", "B"):
+            older[f"{module}.loras.{adapter}.lora_{ab}"] = getattr(model.get_submodule(module), f"lora_{ab}")[
+                adapter
+            ].weight
+    assert len(older) == len(theirs) and sorted(older) != sorted(theirs)
+    shutil.copytree(os.path.join(folder, adapter), tmp_path / "older")
     torch.save(older, tmp_path / "older" / "pytorch_adapter.bin")
     fresh = AutoModel.from_pretrained(folder).eval()
     ae.load_adapter(fresh, tmp_path / "older", set_active=True)
     with torch.no_grad():
-        assert torch.equal(fresh(input_ids=exp["input_ids"]).last_hidden_state, out)
+        assert torch.equal(fresh(**inputs).last_hidden_state, out)
 
 
 # ----------------------------------------------------------------------------------------------- PEFT
