@@ -61,6 +61,10 @@ def _check_name(state: PatchState, name: Any) -> str:
 def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: AnyConfig) -> list[tuple]:
     """Validate a LoRA / IA3 file against the model; returns [(module name, tensors...)] without touching it."""
     modules = dict(model.named_modules())
+    if file.format == "adapterhub" and state.spec is not None and file.meta.get("model_type") == state.model_type:
+        # made for this architecture, yet on matrices it has no layer for (GPT-2's fused c_attn): say so before the
+        # per-layer shape checks, whose "another architecture?" hint would mislead
+        adapterhub_lora_modules(model, state.spec, file.meta.get("config", {}))
     plan, unknown = [], []
     want = ("lora_A", "lora_B") if isinstance(cfg, LoraConfig) else ("ia3_l",)
     ff_names = set()
@@ -139,7 +143,7 @@ def _targeted(name: str, targets: list[str] | str) -> bool:
     """PEFT's rule: a regex string fullmatches the name (``"all-linear"`` selects every linear layer), a list entry
     is the name or a suffix of it after a dot."""
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+        return targets.lower() == pt.ALL_LINEAR or re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -197,6 +201,8 @@ def load_adapter(
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
     _check_name(state, name)
     cfg = file.config
+    if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)
+        file.entries = {state.spec.from_adapterhub(saved): params for saved, params in file.entries.items()}
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
@@ -501,7 +507,7 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
     tensors = {}
     for module_name in record.modules:
         module = model.get_submodule(module_name)
-        key = f"{_relative(model, module_name)}.loras.{name}"
+        key = f"{spec.to_adapterhub(_relative(model, module_name))}.loras.{name}"
         tensors[f"{key}.lora_A"] = module.lora_A[name].weight
         tensors[f"{key}.lora_B"] = module.lora_B[name].weight
     return _adapterhub_meta(model, state, name, config), tensors
@@ -516,11 +522,14 @@ def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: A
         if int(hidden // rf) != cfg.bottleneck_size:
             raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
         config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
+    saved_as = {p.name: pt.adapterhub_name(state.spec, p) for p in pt.placements(model, state, cfg)}
     tensors = {}
     for module_name in record.modules:
         adapter = model.get_submodule(module_name).adapters[name]
         for key, value in adapter.state_dict().items():
-            tensors[f"{_relative(model, module_name)}.adapters.{name}.{key}"] = value
+            tensors[f"{state.spec.to_adapterhub(_relative(model, saved_as[module_name]))}.adapters.{name}.{key}"] = (
+                value
+            )
     return _adapterhub_meta(model, state, name, config), tensors
 
 

@@ -5,6 +5,7 @@ with explicit ``target_modules``; the patching layer (adapter_engine/patching.py
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,12 @@ class ArchSpec:
     after its ``+ y``; AdapterHub passes it to the adapter layer, so the adapters read ``LN(r + y)`` as in BERT.
     attn_matrices: AdapterHub's LoRA ``attn_matrices`` letters -> module path inside a block; intermediate /
     output: the modules of AdapterHub's ``intermediate_lora`` / ``output_lora``.
+    adapterhub_attn / adapterhub_ffn: where AdapterHub keeps a block's ``mh_adapter`` / ``output_adapter``
+    bottlenecks (its file keys ``<block>.<that>.adapters.<name>...``) when that is not the sublayer itself: in the
+    models it patches at block level (DistilBERT, GPT-2, Llama, ViT) its own ``attention_adapters`` /
+    ``output_adapters`` modules; None: the sublayer's name (BERT's ``attention.output`` and ``output``).
+    adapterhub_layers / adapterhub_renames: for a layout that transformers renamed after the version AdapterHub runs
+    on (ViT in transformers 5), AdapterHub's block list path and its module paths inside a block -> this layout's.
     """
 
     lora_targets: tuple[str, ...]
@@ -40,6 +47,45 @@ class ArchSpec:
     attn_matrices: Mapping[str, str] = field(default_factory=dict)
     intermediate: str | None = None
     output: str | None = None
+    adapterhub_attn: str | None = None
+    adapterhub_ffn: str | None = None
+    adapterhub_layers: str | None = None
+    adapterhub_renames: Mapping[str, str] = field(default_factory=dict)
+
+    def adapterhub_place(self, which: str) -> str:
+        """The module path inside a block under which AdapterHub saves the bottlenecks of place ``which``
+        (``"mh"`` or ``"output"``)."""
+        if which == "mh":
+            return self.adapterhub_attn or self.attn_sublayer
+        return self.adapterhub_ffn or self.ffn_sublayer
+
+    def from_adapterhub(self, path: str) -> str:
+        """A module path of an AdapterHub file (``encoder.layer.0.attention.attention.query``, optionally under a task
+        model's prefix) in this layout's names (``layers.0.attention.q_proj``); other paths are returned as given."""
+        if not self.adapterhub_layers:
+            return path
+        return _rename_in_block(path, self.adapterhub_layers, self.layers, self.adapterhub_renames)
+
+    def to_adapterhub(self, path: str) -> str:
+        """The inverse of :meth:`from_adapterhub`: a module path of this layout as AdapterHub names it."""
+        if not self.adapterhub_layers:
+            return path
+        theirs = {ours: theirs for theirs, ours in self.adapterhub_renames.items()}
+        return _rename_in_block(path, self.layers, self.adapterhub_layers, theirs)
+
+
+def _rename_in_block(path: str, layers: str, new_layers: str, renames: Mapping[str, str]) -> str:
+    """``<head><layers>.<i>.<inner>`` -> ``<head><new_layers>.<i>.<renamed inner>`` (the longest entry of
+    ``renames`` that is ``inner`` or a dotted prefix of it); a path outside the block list is returned as given."""
+    match = re.match(rf"^((?:.+\.)?){re.escape(layers)}\.(\d+)\.(.+)$", path)
+    if match is None:
+        return path
+    head, index, inner = match.groups()
+    for old in sorted(renames, key=len, reverse=True):
+        if inner == old or inner.startswith(old + "."):
+            inner = renames[old] + inner[len(old) :]
+            break
+    return f"{head}{new_layers}.{index}.{inner}"
 
 
 _BERT = ArchSpec(
@@ -65,6 +111,8 @@ _LLAMA = ArchSpec(
     attn_matrices={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
     intermediate="mlp.up_proj",
     output="mlp.down_proj",
+    adapterhub_attn="attention_adapters",
+    adapterhub_ffn="output_adapters",
 )
 
 #: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
@@ -86,6 +134,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             attn_matrices={"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin"},
             intermediate="ffn.lin1",
             output="ffn.lin2",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output_adapters",
         ),
     ),
     "vit": (
@@ -101,6 +151,15 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             attn_matrices={"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj"},
             intermediate="mlp.fc1",
             output="mlp.fc2",
+            adapterhub_layers="encoder.layer",  # AdapterHub 1.3.0 runs on transformers 4: the old ViT names
+            adapterhub_renames={
+                **{f"attention.attention.{k}": f"attention.{k[0]}_proj" for k in ("query", "key", "value")},
+                "attention.output.dense": "attention.o_proj",
+                "intermediate.dense": "mlp.fc1",
+                "output.dense": "mlp.fc2",
+                "attention_adapters": "attention",
+                "output.output_adapters": "mlp",
+            },
         ),
         ArchSpec(
             lora_targets=("query", "value"),
@@ -113,6 +172,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             attn_matrices={f"{k[0]}": f"attention.attention.{k}" for k in ("query", "key", "value")},
             intermediate="intermediate.dense",
             output="output.dense",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output.output_adapters",
         ),
     ),
     "gpt2": (
@@ -127,6 +188,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
             ffn_residual="ln_2",
             intermediate="mlp.c_fc",
             output="mlp.c_proj",
+            adapterhub_attn="attention_adapters",
+            adapterhub_ffn="output_adapters",
         ),
     ),
     "llama": (_LLAMA,),
@@ -180,7 +243,11 @@ def adapterhub_lora_modules(model: nn.Module, spec: ArchSpec, ah_config: Mapping
     if ah_config.get("selfattn_lora", True):
         for letter in ah_config.get("attn_matrices", ["q", "v"]):
             if letter not in spec.attn_matrices:
-                raise ValueError(f"AdapterHub LoRA attn_matrices {letter!r} has no single layer in this architecture")
+                raise ValueError(
+                    f"AdapterHub LoRA attn_matrices {letter!r}: {type(model).__name__} has no separate layer for it "
+                    "(one projection computes q, k and v, like GPT-2's c_attn, where AdapterHub splits the LoRA over "
+                    "the matrices): not supported; use a PEFT LoRA, or AdapterHub's intermediate_lora / output_lora"
+                )
             subs.append(spec.attn_matrices[letter])
     for flag, sub in (("intermediate_lora", spec.intermediate), ("output_lora", spec.output)):
         if ah_config.get(flag, False) and sub:

@@ -33,6 +33,8 @@ from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_adapter_engine_state"
+#: PEFT's ``target_modules`` shorthand for every linear layer but the output one.
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -96,11 +98,14 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the Linear / Conv1D (or already wrapped) modules selected by PEFT-style ``targets``.
 
     A string is a regex matched against the full name; a list holds name suffixes. Raises ``ValueError`` for an
-    entry that matches nothing, or that matches a module LoRA cannot wrap.
+    entry that matches nothing, or that matches a module LoRA cannot wrap. ``"all-linear"`` (any case) is PEFT's
+    shorthand, see :func:`_all_linear`.
     """
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
-    if isinstance(targets, str):
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        entries = {targets: _all_linear(model)}
+    elif isinstance(targets, str):
         hits = [n for n in names if re.fullmatch(targets, n)]
         entries = {targets: hits}
     else:
@@ -123,6 +128,20 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     if not selected:
         raise ValueError(f"target_modules {targets!r} selects no nn.Linear / Conv1D layer of {type(model).__name__}")
     return selected
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer (wrapped or not) except a
+    ``PreTrainedModel``'s output embeddings (``lm_head``) and the layers inside adapters (a LoRA's ``lora_A`` /
+    ``lora_B``, a bottleneck adapter's projections)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    inside = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, (LoraLinear, BottleneckAdapter)))
+    return [
+        n
+        for n, m in model.named_modules()
+        if n and (is_linear_like(m) or isinstance(m, LoraLinear)) and m is not output and not n.startswith(inside)
+    ]
 
 
 def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
@@ -250,8 +269,9 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- bottleneck
-def resolve_module(model: nn.Module, saved: str, modules: Mapping[str, nn.Module]) -> str | None:
-    """The model's name for a module path saved relative to the base model or to a task model."""
+def resolve_module(model: nn.Module, saved: str, modules: Mapping[str, Any]) -> str | None:
+    """The model's name for a module path saved relative to the base model or to a task model: the first of the
+    path's readings that is a key of ``modules``."""
     candidates = [saved]
     declared = getattr(model, "base_model_prefix", "") or ""
     if declared and saved.startswith(declared + "."):
@@ -268,6 +288,12 @@ class Placement:
     block: str
     which: str  # "mh" | "output"
     name: str  # full name of the wrapped sublayer
+
+
+def adapterhub_name(spec: ArchSpec, place: Placement) -> str:
+    """The full module path under which AdapterHub saves the adapters of ``place`` (the sublayer's own name in
+    BERT, the block's ``output_adapters`` / ``attention_adapters`` where AdapterHub patches at block level)."""
+    return f"{place.block}.{spec.adapterhub_place(place.which)}"
 
 
 def placements(model: nn.Module, state: PatchState, cfg: BottleneckConfig) -> list[Placement]:
@@ -338,8 +364,11 @@ def plan_bottleneck(
     hidden = hidden_size_of(model)
     found: dict[str, Mapping[str, torch.Tensor]] = {}
     unknown = []
+    saved_as = {adapterhub_name(state.spec, p): p.name for p in where.values()}  # AdapterHub's names for the places
     for saved, params in entries.items():
-        name = resolve_module(model, saved, modules)
+        name = resolve_module(model, saved, modules)  # the sublayer's name (BERT; engine files of earlier versions)
+        if name not in where:
+            name = saved_as.get(resolve_module(model, saved, saved_as))  # AdapterHub's block-level module
         if name is None or name not in where:
             unknown.append(saved)
         else:

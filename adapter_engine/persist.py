@@ -22,7 +22,7 @@ from torch import nn
 from . import api
 from . import patching as pt
 from ._io import atomic_folder_write
-from .config import LoraConfig, config_from_dict
+from .config import IA3Config, LoraConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 MANIFEST = "adapter_engine.json"
@@ -46,6 +46,9 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
             ):  # (not an AdapterHub field: to_dict drops it)
                 config["bottleneck_size"] = record.config.bottleneck_size
             manifest["adapters"][name] = {"kind": record.kind, "config": config, "modules": list(record.modules)}
+            if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
+                ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
+                manifest["adapters"][name]["feedforward"] = ff
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
     if "state_dict" not in save_kwargs and pt.is_patched(model):
@@ -89,6 +92,21 @@ def _checkpoint_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
     return found
 
 
+def _where_it_was(config, entry: dict):
+    """``config`` targeting exactly the saved layers: an adapter loaded from a file (or with ``config=``) may sit on
+    other layers than its config's targets select. IA3 needs the saved feed-forward layers too (manifests of earlier
+    versions lack them: their IA3 configs are used as saved)."""
+
+    def names(saved: list[str]) -> list[str]:
+        return sorted({m.split(".", 1)[1] if m.startswith("base_model.") else m for m in saved})
+
+    if isinstance(config, LoraConfig):
+        config.target_modules = names(entry["modules"])
+    elif isinstance(config, IA3Config) and "feedforward" in entry:
+        config.target_modules, config.feedforward_modules = names(entry["modules"]), names(entry["feedforward"])
+    return config
+
+
 def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwargs) -> nn.Module:
     """Load a checkpoint written by :func:`save_model` (or any HF checkpoint): the architecture class from its
     config (or ``model_class``), then the recorded adapters rebuilt, their weights loaded, the active ones set."""
@@ -109,11 +127,7 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
         manifest = json.load(fh)
     plain_keys = set(model.state_dict())
     for name, entry in manifest["adapters"].items():
-        config = config_from_dict(entry["config"])
-        if isinstance(config, LoraConfig):  # rebuild exactly where it was
-            config.target_modules = sorted({m.split(".", 1)[1] if m.startswith("base_model.") else m
-                                            for m in entry["modules"]})  # fmt: skip
-        api.add_adapter(model, name, config)
+        api.add_adapter(model, name, _where_it_was(config_from_dict(entry["config"]), entry))
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)

@@ -160,6 +160,49 @@ def test_adapterhub_adapter_into_a_task_model(expected):
     assert max_err(run(model.bert, expected), expected["houlsby"], expected["attention_mask"]) < ATOL
 
 
+@pytest.mark.parametrize(
+    ("arch", "adapter"),
+    [("distilbert", "houlsby"), ("gpt2", "houlsby"), ("llama", "houlsby"), ("vit", "houlsby"), ("vit", "lora")],
+)
+def test_adapterhub_block_level_adapters_load_and_save_under_adapterhubs_names(arch, adapter, tmp_path):
+    """DistilBERT, GPT-2, Llama and ViT: AdapterHub keeps a block's bottlenecks in its ``attention_adapters`` /
+    ``output_adapters`` modules, and names ViT's modules as transformers 4 did (``encoder.layer.0.attention.attention.
+    query``, now ``layers.0.attention.q_proj``). Its files load with its outputs (they were refused: "no adapter
+    place", "layers the model does not have"), a save writes its keys (the engine's names, which AdapterHub skipped
+    without a word, loading a fresh adapter instead), and files with the engine's names, which earlier versions wrote,
+    still load."""
+    from transformers import AutoModel
+
+    folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)
+    exp = load_file(os.path.join(folder, "expected.safetensors"))
+    inputs = {k: exp[k] for k in ("input_ids", "pixel_values") if k in exp}
+    model = AutoModel.from_pretrained(folder).eval()
+    ae.load_adapter(model, os.path.join(folder, adapter), set_active=True)
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+    assert (out - exp[adapter]).abs().max() < ATOL
+    assert (out - exp["base"]).abs().max() > 1e-2  # the adapter really acts
+
+    saved = ae.save_adapter(model, adapter, tmp_path / "ours", format="adapterhub")
+    ours = torch.load(os.path.join(saved, "pytorch_adapter.bin"), weights_only=True)
+    theirs = torch.load(os.path.join(folder, adapter, "pytorch_adapter.bin"), weights_only=True)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    older = {k: v for k, v in model.state_dict().items() if f".adapters.{adapter}." in k}  # the engine's names
+    for module in ae.patching.get_state(model).adapters[adapter].modules if adapter == "lora" else ():
+        for ab in ("A", "B"):
+            older[f"{module}.loras.{adapter}.lora_{ab}"] = getattr(model.get_submodule(module), f"lora_{ab}")[
+                adapter
+            ].weight
+    assert len(older) == len(theirs) and sorted(older) != sorted(theirs)
+    shutil.copytree(os.path.join(folder, adapter), tmp_path / "older")
+    torch.save(older, tmp_path / "older" / "pytorch_adapter.bin")
+    fresh = AutoModel.from_pretrained(folder).eval()
+    ae.load_adapter(fresh, tmp_path / "older", set_active=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).last_hidden_state, out)
+
+
 # ----------------------------------------------------------------------------------------------- PEFT
 def _peft_lora(model, targets=("query", "value", "dense"), r=4):
     peft = pytest.importorskip("peft")
@@ -279,6 +322,27 @@ def test_ia3_peft_both_ways(expected, tmp_path):
     ae.save_adapter(model, "ia3", tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
+
+
+def test_all_linear_targets_the_layers_peft_targets(tmp_path):
+    """``target_modules="all-linear"`` (PEFT's shorthand, any case, also in a peft config object) selects every
+    linear layer but the LM head, as PEFT does, and not the layers inside adapters already there."""
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(r=2, target_modules="all-linear"))
+    want = sorted(pm.peft_config["default"].target_modules)  # PEFT's expansion of the shorthand
+    assert "lm_head" not in want and len(want) == 8
+    model = copy.deepcopy(gpt2)
+    ae.add_adapter(model, "a", ae.LoraConfig(r=2, target_modules="all-linear"))
+    ae.add_adapter(model, "s", "seq_bn")  # its projections are nn.Linear layers too
+    ae.add_adapter(model, "b", peft.LoraConfig(r=2, target_modules="ALL-LINEAR"))
+    adapters = ae.patching.get_state(model).adapters
+    assert sorted(adapters["a"].modules) == sorted(adapters["b"].modules) == want
+    ae.save_adapter(model, "b", tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), tmp_path)
+    assert sorted(back.peft_config["default"].target_modules) == want
 
 
 def test_ia3_has_no_adapterhub_format(tmp_path):
@@ -499,6 +563,25 @@ def test_other_architecture():
         ae.load_adapter(model, os.path.join(TINY, "seq"))
     with pytest.raises(ValueError, match=r"layers the model does not have: \['encoder.layer.0.attention.self.query'"):
         ae.load_adapter(model, os.path.join(TINY, "lora"))
+    assert ae.list_adapters(model) == []
+
+
+def test_adapterhub_lora_on_gpt2s_fused_attention_is_refused_with_the_reason(tmp_path):
+    """AdapterHub's GPT-2 LoRA on q and v splits over the fused c_attn (lora_A (2r, in), lora_B (2 * out / 3, r): the
+    layout adapters 1.3.0 saves). It was refused as "made for another architecture or size?"; the error now says
+    that the fused projection is the reason, and nothing is loaded."""
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)).eval()
+    config = {"architecture": "lora", "r": 4, "alpha": 8, "attn_matrices": ["q", "v"], "selfattn_lora": True}
+    meta = {"config": config, "model_type": "gpt2", "name": "l", "version": "adapters.1.3.0"}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        tensors[f"h.{i}.attn.c_attn.loras.l.lora_A"] = torch.randn(8, 32, generator=gen)
+        tensors[f"h.{i}.attn.c_attn.loras.l.lora_B"] = torch.randn(64, 4, generator=gen)
+    torch.save(tensors, tmp_path / "pytorch_adapter.bin")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"attn_matrices 'q': GPT2Model has no separate layer for it .* c_attn"):
+        ae.load_adapter(model, tmp_path)
     assert ae.list_adapters(model) == []
 
 

@@ -66,6 +66,33 @@ def test_bottleneck_widths_and_layer_norms_round_trip(tmp_path, config):
         torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
 
 
+def test_an_ia3_adapter_on_other_layers_than_its_config_selects_reloads_where_it_was(tmp_path):
+    """An IA3 adapter loaded with ``config=`` (no targets: the file names the layers) sits on the file's layers, not
+    on the config's default targets. ``load_model`` rebuilt it from the config alone, on the default layers, and
+    failed ("lacks adapter weights"); it now rebuilds it on the saved layers, feed-forward ones included."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).eval()
+    made = ae.IA3Config(target_modules=["value", "output.dense"], feedforward_modules=["output.dense"])
+    ae.add_adapter(model, "i", made)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.uniform_(0.5, 1.5)
+    ae.save_adapter(model, "i", tmp_path / "ia3")  # PEFT format
+    fresh = BertModel(BertConfig(**TINY)).eval()
+    fresh.load_state_dict(ae.unpatch(model).state_dict())
+    ae.load_adapter(
+        fresh, tmp_path / "ia3", "i", config=ae.IA3Config(feedforward_modules=["output.dense"]), set_active=True
+    )
+    with torch.no_grad():
+        expected = fresh(**BATCH).last_hidden_state
+    save_model(fresh, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert ae.patching.get_state(loaded).adapters["i"].modules == ae.patching.get_state(fresh).adapters["i"].modules
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).last_hidden_state, expected, rtol=0, atol=1e-6)
+
+
 def test_load_model_of_a_plain_checkpoint_and_missing_folder(tmp_path):
     model = BertModel(BertConfig(**TINY))
     save_model(model, tmp_path / "plain")
