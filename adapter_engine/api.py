@@ -27,15 +27,13 @@ from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
 from .lora import LoraLinear, is_linear_like
-from .patching import AdapterRecord, PatchState, get_state, is_patched, match_targets, patch, wrap_linear
+from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 
 logger = logging.getLogger(__name__)
 
 
 def _state(model: nn.Module) -> PatchState:
-    if not is_patched(model):
-        patch(model)
-    state = get_state(model)
+    state = pt.ensure_patched(model)
     if state.model_type == "peft":
         raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")
     return state

@@ -187,11 +187,30 @@ def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None
             f"target_modules=[...] (registered: {sorted(REGISTRY)})"
         )
     names = match_targets(model, targets)
+    return _install(model, state, names)
+
+
+def ensure_patched(model: nn.Module) -> PatchState:
+    """The patch state of ``model``, patching it first when it is not: with the default targets of a registered
+    architecture (as :func:`patch`), else with no layer wrapped yet, since an adapter added or loaded next names its
+    own ``target_modules`` (PEFT's rule). A bare :func:`patch` of an unregistered model still asks for targets; the
+    API functions used to as well, so ``load_adapter`` of a T5 / OPT / Falcon PEFT adapter failed although its
+    config names its layers."""
+    if not is_patched(model):
+        if _is_peft_model(model) or select_spec(model, model_type_of(model)) is not None:
+            patch(model)
+        else:
+            _install(model, PatchState(spec=None, model_type=model_type_of(model)), [])
+    return get_state(model)
+
+
+def _install(model: nn.Module, state: PatchState, names: list[str]) -> nn.Module:
+    """Put ``state`` on the model, wrap the layers ``names`` and bind the adapter API methods."""
     model.__dict__[_STATE_ATTR] = state
     for name in names:
         wrap_linear(model, state, name)
     _bind_methods(model, state)
-    logger.info("patched %s (%s): %d layers wrapped", type(model).__name__, model_type, len(names))
+    logger.info("patched %s (%s): %d layers wrapped", type(model).__name__, state.model_type, len(names))
     return model
 
 

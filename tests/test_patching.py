@@ -615,6 +615,44 @@ def test_unregistered_model_needs_explicit_targets():
     assert ae.list_adapters(model) == ["x"] and ae.unpatch(model) is model and isinstance(model.fc2, nn.Linear)
 
 
+def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its_layers(tmp_path):
+    """An unregistered architecture (OPT) takes PEFT LoRA / IA3 adapters through ``load_adapter`` and ``add_adapter``
+    without a ``patch(model, target_modules=...)`` first: the adapter's config names its layers. Both used to fail
+    with "pass target_modules" (the API patched the model with default targets it does not have). Outputs match
+    PEFT's; a bare ``patch`` still asks for the targets."""
+    peft = pytest.importorskip("peft")
+    from transformers import OPTConfig, OPTForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4)
+    config = OPTConfig(**sizes, max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    base, batch = OPTForCausalLM(config).eval(), inputs("llama")
+    with pytest.raises(ValueError, match="pass target_modules"):
+        ae.patch(copy.deepcopy(base))
+    configs = {
+        "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], init_lora_weights=False),
+        "ia3": peft.IA3Config(target_modules=["v_proj", "fc2"], feedforward_modules=["fc2"], init_ia3_weights=False),
+    }
+    for kind, cfg in configs.items():
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+        pm.save_pretrained(tmp_path / kind)
+        model = copy.deepcopy(base)
+        ae.load_adapter(model, tmp_path / kind, name=kind, set_active=True)
+        with torch.no_grad():
+            y, y_ref, y_base = out(model, batch), out(pm, batch), out(base, batch)
+        assert (y_ref - y_base).abs().max() > 1e-3
+        torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0, msg=kind)
+        ae.unpatch(model)
+        assert torch.equal(out(model, batch), y_base)
+    model = copy.deepcopy(base)
+    ae.add_adapter(model, "fresh", ae.LoraConfig(r=2, target_modules=["k_proj"]))
+    assert [n for n, m in model.named_modules() if isinstance(m, LoraLinear)] == [
+        f"model.decoder.layers.{i}.self_attn.k_proj" for i in range(2)
+    ]
+    with pytest.raises(ValueError, match="set target_modules in the config"):
+        ae.add_adapter(model, "no_targets", ae.LoraConfig(r=2))
+
+
 def test_api_misuse():
     model = make("bert")
     ae.add_adapter(model, "s", "seq_bn")
