@@ -653,6 +653,27 @@ def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its
         ae.add_adapter(model, "no_targets", ae.LoraConfig(r=2))
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2"])
+def test_default_targets_are_peft_defaults(arch):
+    """With no ``target_modules`` the engine adapts the layers PEFT adapts for that ``model_type`` (LoRA, IA3 and
+    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj``."""
+    peft = pytest.importorskip("peft")
+    for kind, ours_cfg, peft_cfg in (
+        ("lora", ae.LoraConfig(r=2), peft.LoraConfig(r=2)),
+        ("ia3", ae.IA3Config(), peft.IA3Config()),
+    ):
+        model = make(arch)
+        pm = peft.get_peft_model(make(arch), peft_cfg)
+        ae.add_adapter(model, "x", ours_cfg)
+        theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "base_layer")}
+        ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.has_adapter("x")}
+        assert set(ours) == set(theirs), kind
+        if kind == "ia3":
+            assert {n for n, m in ours.items() if m.ia3_feedforward["x"]} == {
+                n for n, m in theirs.items() if m.is_feedforward
+            }
+
+
 def test_api_misuse():
     model = make("bert")
     ae.add_adapter(model, "s", "seq_bn")
