@@ -113,7 +113,7 @@ def _targeted(name: str, targets: list[str] | str) -> bool:
     """PEFT's rule: a regex string fullmatches the name (``"all-linear"`` selects every linear layer), a list entry
     is the name or a suffix of it after a dot."""
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+        return targets.lower() == "all-linear" or re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 

@@ -95,11 +95,16 @@ def _peft_lora_linear_class() -> type | None:
 def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the Linear / Conv1D (or already wrapped) modules selected by PEFT-style ``targets``.
 
-    A string is a regex matched against the full name; a list holds name suffixes. Raises ``ValueError`` for an
-    entry that matches nothing, or that matches a module LoRA cannot wrap.
+    A string is a regex matched against the full name (``"all-linear"``: every linear layer but the output one, as
+    PEFT); a list holds name suffixes. The engine's own adapter layers (a LoRA's factors, a bottleneck adapter's
+    projections) are never targets, as PEFT never targets its tuner layers' insides: a regex over a patched model
+    used to wrap them in LoRA layers of their own. Raises ``ValueError`` for an entry that matches nothing, or that
+    matches a module LoRA cannot wrap.
     """
-    names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
+    names = [n for n in _outside_adapters(modules) if n]
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return _all_linear(model, modules, names)
     if isinstance(targets, str):
         hits = [n for n in names if re.fullmatch(targets, n)]
         entries = {targets: hits}
@@ -122,6 +127,28 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
                 selected.append(n)
     if not selected:
         raise ValueError(f"target_modules {targets!r} selects no nn.Linear / Conv1D layer of {type(model).__name__}")
+    return selected
+
+
+def _outside_adapters(modules: Mapping[str, nn.Module]) -> list[str]:
+    """The names in ``modules`` (a model's ``named_modules``) that are not inside an adapter: not below a
+    LoraLinear (its ``lora_A`` / ``lora_B`` factors) nor in a bottleneck layer's ``adapters``."""
+    inside = tuple(
+        f"{n}." if isinstance(m, LoraLinear) else f"{n}.adapters."
+        for n, m in modules.items()
+        if n and isinstance(m, (LoraLinear, BottleneckStackLayer))
+    )
+    return [n for n in modules if not n.startswith(inside)] if inside else list(modules)
+
+
+def _all_linear(model: nn.Module, modules: Mapping[str, nn.Module], names: list[str]) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer except the output layer
+    (``get_output_embeddings()``, a language model's head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [n for n in names if is_linear_like(modules[n]) or isinstance(modules[n], LoraLinear)]
+    selected = [n for n in linear if modules[n] is not head]
+    if not selected:
+        raise ValueError(f"target_modules 'all-linear' selects no nn.Linear / Conv1D layer of {type(model).__name__}")
     return selected
 
 

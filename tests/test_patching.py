@@ -674,6 +674,33 @@ def test_default_targets_are_peft_defaults(arch):
             }
 
 
+def test_targets_never_select_the_adapters_own_layers():
+    """A regex (or ``"all-linear"``) over a patched model selects the model's layers, never an adapter's own: a LoRA's
+    ``lora_A`` / ``lora_B`` factors and a bottleneck adapter's projections were wrapped in LoRA layers of their own
+    (PEFT never targets its tuner layers' insides). ``"all-linear"`` selects PEFT's layers (all but the LM head);
+    it used to match nothing."""
+    peft = pytest.importorskip("peft")
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "a", ae.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.add_adapter(model, "q", ae.LoraConfig(r=2, target_modules=r".*query.*", init_lora_weights=False))
+    ae.add_adapter(model, "o", ae.LoraConfig(r=2, target_modules=r".*\.output\..*", init_lora_weights=False))
+    modules = ae.patching.get_state(model).adapters
+    assert modules["q"].modules == [f"encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert modules["o"].modules == [
+        f"encoder.layer.{i}.{sub}" for i in range(2) for sub in ("attention.output.dense", "output.dense")
+    ]
+    assert not any(isinstance(m, LoraLinear) for n, m in model.named_modules() if ".lora_" in n or ".adapters." in n)
+    ae.set_active_adapters(model, ["a", "q", "o"])
+    out(model, batch)
+    for arch in ("bert", "gpt2", "llama"):
+        model = make(arch)
+        ae.add_adapter(model, "all", ae.LoraConfig(r=2, target_modules="all-linear"))
+        pm = peft.get_peft_model(make(arch), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "base_layer")}
+        assert set(ae.patching.get_state(model).adapters["all"].modules) == theirs, arch
+
+
 def test_api_misuse():
     model = make("bert")
     ae.add_adapter(model, "s", "seq_bn")
