@@ -307,7 +307,25 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
                 layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
         if layer.lora_A or layer.ia3:
             layers.append(layer)
+    _check_not_shared(model, layers)
     return layers
+
+
+def _check_not_shared(model: nn.Module, layers: list[_LayerMerge]) -> None:
+    """Refuse, before anything is written, to merge into a weight another module also holds: tied input and output
+    embeddings (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``). The delta ``s B A`` would change the
+    embedding lookup too, so the merged model no longer computes what the adapted one did (PEFT merges and warns)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for layer in layers:
+        names = owners.get(id(layer.weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"cannot merge into {layer.path}: its weight is shared by {names} (tied weights), so the merge would "
+                "change every one of them; untie them first (load the model with tie_word_embeddings=False and copy "
+                "the shared weight), or keep this adapter unmerged. Nothing was changed"
+            )
 
 
 @torch.no_grad()
