@@ -341,6 +341,18 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) ->
     return dict(_export_peft(model, adapter_name, record)[1])
 
 
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``save_pretrained`` on a patched model: every parameter, adapters included (a plain
+    ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
+    tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
+    AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError."""
+    from .persist import _without_adapter_aliases  # (persist imports this module)
+
+    if "state_dict" not in kwargs and len(args) < 2:  # (state_dict is save_pretrained's third parameter)
+        kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
+    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:
     """Fold LoRA / IA3 adapters into the base weights in place and drop them (see
     :func:`adapter_engine.merging.merge_adapter` for ``weights``, ``combination``, ``exact``, ``absorb``)."""

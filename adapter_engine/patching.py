@@ -287,6 +287,7 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "enable_adapters": api.enable_adapters,
         "active_adapters": api.active_adapter_list,
         "get_adapter_state_dict": api.get_adapter_state_dict,
+        "save_pretrained": api.save_pretrained,  # (adapter tensors registered twice are saved once)
     }
     for name, func in methods.items():
         # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while

@@ -369,6 +369,24 @@ def test_save_pretrained_from_pretrained_of_a_patched_model(tmp_path):
         assert torch.equal(out(loaded, batch), ref)
 
 
+def test_save_pretrained_of_a_patched_model_with_an_adapter_layer_norm_before(tmp_path):
+    """An adapter with ``ln_before`` registers its LayerNorm twice (as AdapterHub's module does): ``save_pretrained``
+    of the patched model raised safetensors' RuntimeError about shared tensors. It saves each tensor once (every
+    parameter, adapters included, as for other adapters); a plain ``from_pretrained`` loads the base."""
+    from safetensors.torch import load_file
+
+    model, batch = make("bert"), inputs("bert")
+    ref = out(model, batch)
+    ae.add_adapter(model, "n", ae.BottleneckConfig(reduction_factor=4, ln_before=True))
+    randomise(model, ".adapters.n.")
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    params = dict(model.named_parameters())  # (one name per tensor)
+    assert set(params) <= set(saved) and all(torch.equal(saved[k], p) for k, p in params.items())
+    loaded, info = BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and torch.equal(out(loaded.eval(), batch), ref)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generate(arch, tmp_path):
     peft = pytest.importorskip("peft")
