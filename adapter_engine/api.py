@@ -345,11 +345,13 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     """transformers' ``save_pretrained`` on a patched model: every parameter, adapters included (a plain
     ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
     tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
-    AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError."""
+    AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError. A
+    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too."""
     from .persist import _without_adapter_aliases  # (persist imports this module)
 
-    if "state_dict" not in kwargs and len(args) < 2:  # (state_dict is save_pretrained's third parameter)
-        kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
+    if len(args) < 2:  # (else state_dict came positionally, save_pretrained's third parameter: left as given)
+        given = kwargs.get("state_dict")
+        kwargs["state_dict"] = _without_adapter_aliases(model.state_dict() if given is None else given)
     return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 

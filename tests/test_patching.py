@@ -385,6 +385,8 @@ def test_save_pretrained_of_a_patched_model_with_an_adapter_layer_norm_before(tm
     assert set(params) <= set(saved) and all(torch.equal(saved[k], p) for k, p in params.items())
     loaded, info = BertModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and torch.equal(out(loaded.eval(), batch), ref)
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())  # (as transformers.Trainer saves)
+    assert set(load_file(tmp_path / "given" / "model.safetensors")) == set(saved)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
