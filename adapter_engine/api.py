@@ -61,9 +61,9 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
     modules = dict(model.named_modules())
     plan, unknown = [], []
     want = ("lora_A", "lora_B") if isinstance(cfg, LoraConfig) else ("ia3_l",)
-    ff_names = set()
-    if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
-        ff_names = set(match_targets(model, cfg.feedforward_modules))
+    # IA3's feed-forward layers, by PEFT's rule on the saved name or the model's: a regex written against the
+    # model the adapter was saved from (BertModel) also holds in its task model (BertForSequenceClassification)
+    ff_targets = cfg.feedforward_modules if isinstance(cfg, IA3Config) else None
     for saved, params in sorted(file.entries.items()):
         name = pt.resolve_module(model, saved, modules)
         if name is None:
@@ -89,7 +89,7 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             plan.append((name, a, b))
         else:
             vec = params["ia3_l"]
-            ff = name in ff_names
+            ff = bool(ff_targets) and (_targeted(saved, ff_targets) or _targeted(name, ff_targets))
             size = fin if ff else fout
             if vec.numel() != size or vec.dim() > 2:
                 raise ValueError(

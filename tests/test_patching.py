@@ -673,6 +673,33 @@ def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its
         ae.add_adapter(model, "no_targets", ae.LoraConfig(r=2))
 
 
+def test_a_peft_ia3_adapter_with_regex_targets_loads_into_the_task_model(tmp_path):
+    """A PEFT IA3 adapter saved from a BertModel with regex ``target_modules`` / ``feedforward_modules`` (written
+    against BertModel's names) loads into a BertForSequenceClassification, as a LoRA adapter does: the feed-forward
+    regex was matched against the task model's names only and failed with "matches no module". Outputs equal
+    PEFT's in both models."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    task = BertForSequenceClassification(BertConfig(**_BERT_KW, max_position_embeddings=32, num_labels=3)).eval()
+    batch = inputs("bert")
+    cfg = peft.IA3Config(
+        target_modules=r"encoder\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)",
+        feedforward_modules=r"encoder\.layer\.\d+\.output\.dense",
+        init_ia3_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(task.bert), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        y_ref, y_base = out(pm, batch), out(task.bert, batch)
+    assert (y_ref - y_base).abs().max() > 1e-3
+    for model in (copy.deepcopy(task), copy.deepcopy(task.bert)):
+        ae.load_adapter(model, tmp_path, name="i", set_active=True)
+        bert = model.bert if hasattr(model, "bert") else model
+        assert sum(bert.get_submodule(f"encoder.layer.{i}.output.dense").ia3_feedforward["i"] for i in range(2)) == 2
+        with torch.no_grad():
+            torch.testing.assert_close(out(bert, batch), y_ref, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2"])
 def test_default_targets_are_peft_defaults(arch):
     """With no ``target_modules`` the engine adapts the layers PEFT adapts for that ``model_type`` (LoRA, IA3 and
