@@ -237,6 +237,11 @@ def add_adapter(model: nn.Module, name: str, config: Any) -> None:
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
                 spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
             ff = set(match_targets(model, ff_targets)) if ff_targets else set()
+            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
+                raise ValueError(
+                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
+                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
+                )
         for n in names:
             wrapper = wrap_linear(model, state, n)
             if isinstance(cfg, LoraConfig):
