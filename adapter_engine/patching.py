@@ -270,14 +270,15 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _bind_methods(model: nn.Module, state: PatchState) -> None:
-    from . import api  # the API module imports this one
+    from . import api  # (api and methods import this module)
+    from . import methods as hf
 
     methods: dict[str, Callable] = {
-        "load_adapter": api.load_adapter,
-        "add_adapter": api.add_adapter,
+        "load_adapter": hf.load_adapter,  # (these three also take transformers' call forms)
+        "add_adapter": hf.add_adapter,
         "set_active_adapters": api.set_active_adapters,
         "set_adapter": api.set_active_adapters,  # PEFT's name
-        "delete_adapter": api.delete_adapter,
+        "delete_adapter": hf.delete_adapter,
         "list_adapters": api.list_adapters,
         "save_adapter": api.save_adapter,
         "merge_adapter": api.merge_adapter,

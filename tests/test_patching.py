@@ -286,6 +286,34 @@ def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
     assert "disable_adapters" not in model.__dict__
 
 
+def test_the_bound_adapter_methods_take_transformers_call_forms(tmp_path):
+    """HF code calls ``model.load_adapter(path, adapter_name=...)``, ``model.add_adapter(peft_config,
+    adapter_name=...)`` and ``model.delete_adapter([...])`` (``PeftAdapterMixin``'s signatures): on a patched model
+    each raised a TypeError or took the config for the name. Both the engine's / AdapterHub's forms and
+    transformers' now reach the engine's adapters; a loaded PEFT adapter gives PEFT's outputs."""
+    peft = pytest.importorskip("peft")
+    batch = inputs("bert")
+    pm = peft.get_peft_model(make("bert"), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "p")
+    model = ae.patch(make("bert"))
+    assert model.load_adapter(tmp_path / "p", adapter_name="loaded") == "loaded"
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["key"]), adapter_name="fresh")
+    model.add_adapter(peft.IA3Config())  # transformers' default name
+    model.add_adapter("s", "seq_bn")
+    model.add_adapter("t", config="seq_bn")  # AdapterHub's keyword form
+    assert model.list_adapters() == ["loaded", "fresh", "default", "s", "t"]
+    model.set_adapter(["loaded"])
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, batch), out(pm, batch), atol=ATOL, rtol=0)
+    model.delete_adapter(["fresh", "default"])
+    with pytest.raises(ValueError, match=r"no adapter named \['nope'\]"):
+        model.delete_adapter(["s", "nope"])  # all checked first: "s" stays
+    model.delete_adapter("t")
+    assert model.list_adapters() == ["loaded", "s"]
+    with pytest.raises(TypeError, match="config is missing"):
+        model.add_adapter("u")
+
+
 def test_torch_save_and_load_of_a_patched_model():
     """A patched model with adapters pickles whole (``torch.save(model)``), as an unpatched one does; the copy's
     methods act on the copy. (The bound methods ``patch`` put on the model could not be rebuilt while unpickling.)"""
