@@ -52,6 +52,12 @@ def _check_name(state: PatchState, name: Any) -> str:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in state.adapters:
         raise ValueError(f"adapter name {name!r} is already taken (adapters: {list(state.adapters)})")
+    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+        # the adapters live in ModuleDicts keyed by name, which refuse their own attributes with a bare KeyError
+        raise ValueError(
+            f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict (the adapters' containers): "
+            "pick another name"
+        )
     return name
 
 
