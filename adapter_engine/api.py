@@ -27,15 +27,13 @@ from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
 from .lora import LoraLinear, is_linear_like
-from .patching import AdapterRecord, PatchState, get_state, is_patched, match_targets, patch, wrap_linear
+from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 
 logger = logging.getLogger(__name__)
 
 
 def _state(model: nn.Module) -> PatchState:
-    if not is_patched(model):
-        patch(model)
-    state = get_state(model)
+    state = pt.ensure_patched(model)
     if state.model_type == "peft":
         raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")
     return state
@@ -54,6 +52,12 @@ def _check_name(state: PatchState, name: Any) -> str:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in state.adapters:
         raise ValueError(f"adapter name {name!r} is already taken (adapters: {list(state.adapters)})")
+    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+        # the adapters live in ModuleDicts keyed by name, which refuse their own attributes with a bare KeyError
+        raise ValueError(
+            f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict (the adapters' containers): "
+            "pick another name"
+        )
     return name
 
 
@@ -67,9 +71,9 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
         adapterhub_lora_modules(model, state.spec, file.meta.get("config", {}))
     plan, unknown = [], []
     want = ("lora_A", "lora_B") if isinstance(cfg, LoraConfig) else ("ia3_l",)
-    ff_names = set()
-    if isinstance(cfg, IA3Config) and cfg.feedforward_modules:
-        ff_names = set(match_targets(model, cfg.feedforward_modules))
+    # IA3's feed-forward layers, by PEFT's rule on the saved name or the model's: a regex written against the
+    # model the adapter was saved from (BertModel) also holds in its task model (BertForSequenceClassification)
+    ff_targets = cfg.feedforward_modules if isinstance(cfg, IA3Config) else None
     for saved, params in sorted(file.entries.items()):
         name = pt.resolve_module(model, saved, modules)
         if name is None:
@@ -95,7 +99,7 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             plan.append((name, a, b))
         else:
             vec = params["ia3_l"]
-            ff = name in ff_names
+            ff = bool(ff_targets) and (_targeted(saved, ff_targets) or _targeted(name, ff_targets))
             size = fin if ff else fout
             if vec.numel() != size or vec.dim() > 2:
                 raise ValueError(
@@ -269,6 +273,11 @@ def add_adapter(model: nn.Module, name: str, config: Any) -> None:
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
                 spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
             ff = set(match_targets(model, ff_targets)) if ff_targets else set()
+            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
+                raise ValueError(
+                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
+                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
+                )
         for n in names:
             wrapper = wrap_linear(model, state, n)
             if isinstance(cfg, LoraConfig):
@@ -371,6 +380,20 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) ->
     if record.kind == "bottleneck":
         return dict(_export_bottleneck(model, state, adapter_name, record)[1])
     return dict(_export_peft(model, adapter_name, record)[1])
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``save_pretrained`` on a patched model: every parameter, adapters included (a plain
+    ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
+    tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
+    AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError. A
+    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too."""
+    from .persist import _without_adapter_aliases  # (persist imports this module)
+
+    if len(args) < 2:  # (else state_dict came positionally, save_pretrained's third parameter: left as given)
+        given = kwargs.get("state_dict")
+        kwargs["state_dict"] = _without_adapter_aliases(model.state_dict() if given is None else given)
+    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -194,7 +194,8 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
     ),
     "llama": (_LLAMA,),
     "mistral": (_LLAMA,),
-    "qwen2": (_LLAMA,),
+    # PEFT's IA3 defaults for Qwen2 scale q_proj, not k_proj as for Llama and Mistral
+    "qwen2": (replace(_LLAMA, ia3_targets=("q_proj", "v_proj", "down_proj")),),
 }
 
 

@@ -97,15 +97,17 @@ def _peft_lora_linear_class() -> type | None:
 def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the Linear / Conv1D (or already wrapped) modules selected by PEFT-style ``targets``.
 
-    A string is a regex matched against the full name; a list holds name suffixes. Raises ``ValueError`` for an
-    entry that matches nothing, or that matches a module LoRA cannot wrap. ``"all-linear"`` (any case) is PEFT's
-    shorthand, see :func:`_all_linear`.
+    A string is a regex matched against the full name (``"all-linear"``: every linear layer but the output one, as
+    PEFT); a list holds name suffixes. The engine's own adapter layers (a LoRA's factors, a bottleneck adapter's
+    projections) are never targets, as PEFT never targets its tuner layers' insides: a regex over a patched model
+    used to wrap them in LoRA layers of their own. Raises ``ValueError`` for an entry that matches nothing, or that
+    matches a module LoRA cannot wrap.
     """
-    names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
+    names = [n for n in _outside_adapters(modules) if n]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        entries = {targets: _all_linear(model)}
-    elif isinstance(targets, str):
+        return _all_linear(model, modules, names)
+    if isinstance(targets, str):
         hits = [n for n in names if re.fullmatch(targets, n)]
         entries = {targets: hits}
     else:
@@ -130,18 +132,26 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     return selected
 
 
-def _all_linear(model: nn.Module) -> list[str]:
-    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer (wrapped or not) except a
-    ``PreTrainedModel``'s output embeddings (``lm_head``) and the layers inside adapters (a LoRA's ``lora_A`` /
-    ``lora_B``, a bottleneck adapter's projections)."""
-    get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    inside = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, (LoraLinear, BottleneckAdapter)))
-    return [
-        n
-        for n, m in model.named_modules()
-        if n and (is_linear_like(m) or isinstance(m, LoraLinear)) and m is not output and not n.startswith(inside)
-    ]
+def _outside_adapters(modules: Mapping[str, nn.Module]) -> list[str]:
+    """The names in ``modules`` (a model's ``named_modules``) that are not inside an adapter: not below a
+    LoraLinear (its ``lora_A`` / ``lora_B`` factors) nor in a bottleneck layer's ``adapters``."""
+    inside = tuple(
+        f"{n}." if isinstance(m, LoraLinear) else f"{n}.adapters."
+        for n, m in modules.items()
+        if n and isinstance(m, (LoraLinear, BottleneckStackLayer))
+    )
+    return [n for n in modules if not n.startswith(inside)] if inside else list(modules)
+
+
+def _all_linear(model: nn.Module, modules: Mapping[str, nn.Module], names: list[str]) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D layer except the output layer
+    (``get_output_embeddings()``, a language model's head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [n for n in names if is_linear_like(modules[n]) or isinstance(modules[n], LoraLinear)]
+    selected = [n for n in linear if modules[n] is not head]
+    if not selected:
+        raise ValueError(f"target_modules 'all-linear' selects no nn.Linear / Conv1D layer of {type(model).__name__}")
+    return selected
 
 
 def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
@@ -206,11 +216,30 @@ def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None
             f"target_modules=[...] (registered: {sorted(REGISTRY)})"
         )
     names = match_targets(model, targets)
+    return _install(model, state, names)
+
+
+def ensure_patched(model: nn.Module) -> PatchState:
+    """The patch state of ``model``, patching it first when it is not: with the default targets of a registered
+    architecture (as :func:`patch`), else with no layer wrapped yet, since an adapter added or loaded next names its
+    own ``target_modules`` (PEFT's rule). A bare :func:`patch` of an unregistered model still asks for targets; the
+    API functions used to as well, so ``load_adapter`` of a T5 / OPT / Falcon PEFT adapter failed although its
+    config names its layers."""
+    if not is_patched(model):
+        if _is_peft_model(model) or select_spec(model, model_type_of(model)) is not None:
+            patch(model)
+        else:
+            _install(model, PatchState(spec=None, model_type=model_type_of(model)), [])
+    return get_state(model)
+
+
+def _install(model: nn.Module, state: PatchState, names: list[str]) -> nn.Module:
+    """Put ``state`` on the model, wrap the layers ``names`` and bind the adapter API methods."""
     model.__dict__[_STATE_ATTR] = state
     for name in names:
         wrap_linear(model, state, name)
     _bind_methods(model, state)
-    logger.info("patched %s (%s): %d layers wrapped", type(model).__name__, model_type, len(names))
+    logger.info("patched %s (%s): %d layers wrapped", type(model).__name__, state.model_type, len(names))
     return model
 
 
@@ -243,14 +272,15 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _bind_methods(model: nn.Module, state: PatchState) -> None:
-    from . import api  # the API module imports this one
+    from . import api  # (api and methods import this module)
+    from . import methods as hf
 
     methods: dict[str, Callable] = {
-        "load_adapter": api.load_adapter,
-        "add_adapter": api.add_adapter,
+        "load_adapter": hf.load_adapter,  # (these three also take transformers' call forms)
+        "add_adapter": hf.add_adapter,
         "set_active_adapters": api.set_active_adapters,
         "set_adapter": api.set_active_adapters,  # PEFT's name
-        "delete_adapter": api.delete_adapter,
+        "delete_adapter": hf.delete_adapter,
         "list_adapters": api.list_adapters,
         "save_adapter": api.save_adapter,
         "merge_adapter": api.merge_adapter,
@@ -260,6 +290,7 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "enable_adapters": api.enable_adapters,
         "active_adapters": api.active_adapter_list,
         "get_adapter_state_dict": api.get_adapter_state_dict,
+        "save_pretrained": api.save_pretrained,  # (adapter tensors registered twice are saved once)
     }
     for name, func in methods.items():
         # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while

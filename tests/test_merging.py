@@ -217,6 +217,35 @@ def test_bottleneck_adapters_are_refused_with_the_reason_or_absorbed():
     assert all(p.requires_grad for n, p in model.named_parameters() if "adapters.bn" in n)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_merge_into_tied_embeddings_is_refused_and_changes_nothing(tied):
+    """GPT-2's LM head shares its weight with the token embeddings: merging a LoRA on ``lm_head`` also changed the
+    embedding lookup, so the merged model's logits were far from the adapted model's (5.5 here), silently. Refused
+    now, naming both weights, nothing changed; an untied model merges to the adapted outputs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16, tie_word_embeddings=tied)
+    model = GPT2LMHeadModel(config).eval()
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    ae.add_adapter(model, "h", ae.LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False))
+    ae.set_active_adapters(model, "h")
+    ids = torch.tensor([[5, 17, 3, 60, 22]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if tied:
+        with pytest.raises(ValueError, match=r"lm_head: its weight is shared by \['transformer.wte.weight', 'lm_head"):
+            ae.merge_adapter(model, "h")
+        assert ae.list_adapters(model) == ["h"] and ae.merged_adapters(model) == []
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    else:
+        ae.merge_adapter(model, "h")
+        assert not ae.is_patched(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+
+
 def test_merge_bad_arguments():
     model = with_loras()
     with pytest.raises(ValueError, match="no adapter named"):

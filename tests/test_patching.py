@@ -286,6 +286,34 @@ def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
     assert "disable_adapters" not in model.__dict__
 
 
+def test_the_bound_adapter_methods_take_transformers_call_forms(tmp_path):
+    """HF code calls ``model.load_adapter(path, adapter_name=...)``, ``model.add_adapter(peft_config,
+    adapter_name=...)`` and ``model.delete_adapter([...])`` (``PeftAdapterMixin``'s signatures): on a patched model
+    each raised a TypeError or took the config for the name. Both the engine's / AdapterHub's forms and
+    transformers' now reach the engine's adapters; a loaded PEFT adapter gives PEFT's outputs."""
+    peft = pytest.importorskip("peft")
+    batch = inputs("bert")
+    pm = peft.get_peft_model(make("bert"), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "p")
+    model = ae.patch(make("bert"))
+    assert model.load_adapter(tmp_path / "p", adapter_name="loaded") == "loaded"
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["key"]), adapter_name="fresh")
+    model.add_adapter(peft.IA3Config())  # transformers' default name
+    model.add_adapter("s", "seq_bn")
+    model.add_adapter("t", config="seq_bn")  # AdapterHub's keyword form
+    assert model.list_adapters() == ["loaded", "fresh", "default", "s", "t"]
+    model.set_adapter(["loaded"])
+    with torch.no_grad():
+        torch.testing.assert_close(out(model, batch), out(pm, batch), atol=ATOL, rtol=0)
+    model.delete_adapter(["fresh", "default"])
+    with pytest.raises(ValueError, match=r"no adapter named \['nope'\]"):
+        model.delete_adapter(["s", "nope"])  # all checked first: "s" stays
+    model.delete_adapter("t")
+    assert model.list_adapters() == ["loaded", "s"]
+    with pytest.raises(TypeError, match="config is missing"):
+        model.add_adapter("u")
+
+
 def test_torch_save_and_load_of_a_patched_model():
     """A patched model with adapters pickles whole (``torch.save(model)``), as an unpatched one does; the copy's
     methods act on the copy. (The bound methods ``patch`` put on the model could not be rebuilt while unpickling.)"""
@@ -367,6 +395,26 @@ def test_save_pretrained_from_pretrained_of_a_patched_model(tmp_path):
         assert torch.equal(out(loaded.eval(), batch), ref)
         ae.patch(loaded)  # and a patched model loads a checkpoint into the shared Parameters
         assert torch.equal(out(loaded, batch), ref)
+
+
+def test_save_pretrained_of_a_patched_model_with_an_adapter_layer_norm_before(tmp_path):
+    """An adapter with ``ln_before`` registers its LayerNorm twice (as AdapterHub's module does): ``save_pretrained``
+    of the patched model raised safetensors' RuntimeError about shared tensors. It saves each tensor once (every
+    parameter, adapters included, as for other adapters); a plain ``from_pretrained`` loads the base."""
+    from safetensors.torch import load_file
+
+    model, batch = make("bert"), inputs("bert")
+    ref = out(model, batch)
+    ae.add_adapter(model, "n", ae.BottleneckConfig(reduction_factor=4, ln_before=True))
+    randomise(model, ".adapters.n.")
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    params = dict(model.named_parameters())  # (one name per tensor)
+    assert set(params) <= set(saved) and all(torch.equal(saved[k], p) for k, p in params.items())
+    loaded, info = BertModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and torch.equal(out(loaded.eval(), batch), ref)
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())  # (as transformers.Trainer saves)
+    assert set(load_file(tmp_path / "given" / "model.safetensors")) == set(saved)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -615,6 +663,119 @@ def test_unregistered_model_needs_explicit_targets():
     assert ae.list_adapters(model) == ["x"] and ae.unpatch(model) is model and isinstance(model.fc2, nn.Linear)
 
 
+def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its_layers(tmp_path):
+    """An unregistered architecture (OPT) takes PEFT LoRA / IA3 adapters through ``load_adapter`` and ``add_adapter``
+    without a ``patch(model, target_modules=...)`` first: the adapter's config names its layers. Both used to fail
+    with "pass target_modules" (the API patched the model with default targets it does not have). Outputs match
+    PEFT's; a bare ``patch`` still asks for the targets."""
+    peft = pytest.importorskip("peft")
+    from transformers import OPTConfig, OPTForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4)
+    config = OPTConfig(**sizes, max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    base, batch = OPTForCausalLM(config).eval(), inputs("llama")
+    with pytest.raises(ValueError, match="pass target_modules"):
+        ae.patch(copy.deepcopy(base))
+    configs = {
+        "lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], init_lora_weights=False),
+        "ia3": peft.IA3Config(target_modules=["v_proj", "fc2"], feedforward_modules=["fc2"], init_ia3_weights=False),
+    }
+    for kind, cfg in configs.items():
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+        pm.save_pretrained(tmp_path / kind)
+        model = copy.deepcopy(base)
+        ae.load_adapter(model, tmp_path / kind, name=kind, set_active=True)
+        with torch.no_grad():
+            y, y_ref, y_base = out(model, batch), out(pm, batch), out(base, batch)
+        assert (y_ref - y_base).abs().max() > 1e-3
+        torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0, msg=kind)
+        ae.unpatch(model)
+        assert torch.equal(out(model, batch), y_base)
+    model = copy.deepcopy(base)
+    ae.add_adapter(model, "fresh", ae.LoraConfig(r=2, target_modules=["k_proj"]))
+    assert [n for n, m in model.named_modules() if isinstance(m, LoraLinear)] == [
+        f"model.decoder.layers.{i}.self_attn.k_proj" for i in range(2)
+    ]
+    with pytest.raises(ValueError, match="set target_modules in the config"):
+        ae.add_adapter(model, "no_targets", ae.LoraConfig(r=2))
+
+
+def test_a_peft_ia3_adapter_with_regex_targets_loads_into_the_task_model(tmp_path):
+    """A PEFT IA3 adapter saved from a BertModel with regex ``target_modules`` / ``feedforward_modules`` (written
+    against BertModel's names) loads into a BertForSequenceClassification, as a LoRA adapter does: the feed-forward
+    regex was matched against the task model's names only and failed with "matches no module". Outputs equal
+    PEFT's in both models."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    task = BertForSequenceClassification(BertConfig(**_BERT_KW, max_position_embeddings=32, num_labels=3)).eval()
+    batch = inputs("bert")
+    cfg = peft.IA3Config(
+        target_modules=r"encoder\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)",
+        feedforward_modules=r"encoder\.layer\.\d+\.output\.dense",
+        init_ia3_weights=False,
+    )
+    pm = peft.get_peft_model(copy.deepcopy(task.bert), cfg).eval()
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        y_ref, y_base = out(pm, batch), out(task.bert, batch)
+    assert (y_ref - y_base).abs().max() > 1e-3
+    for model in (copy.deepcopy(task), copy.deepcopy(task.bert)):
+        ae.load_adapter(model, tmp_path, name="i", set_active=True)
+        bert = model.bert if hasattr(model, "bert") else model
+        assert sum(bert.get_submodule(f"encoder.layer.{i}.output.dense").ia3_feedforward["i"] for i in range(2)) == 2
+        with torch.no_grad():
+            torch.testing.assert_close(out(bert, batch), y_ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2"])
+def test_default_targets_are_peft_defaults(arch):
+    """With no ``target_modules`` the engine adapts the layers PEFT adapts for that ``model_type`` (LoRA, IA3 and
+    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj``."""
+    peft = pytest.importorskip("peft")
+    for kind, ours_cfg, peft_cfg in (
+        ("lora", ae.LoraConfig(r=2), peft.LoraConfig(r=2)),
+        ("ia3", ae.IA3Config(), peft.IA3Config()),
+    ):
+        model = make(arch)
+        pm = peft.get_peft_model(make(arch), peft_cfg)
+        ae.add_adapter(model, "x", ours_cfg)
+        theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "base_layer")}
+        ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.has_adapter("x")}
+        assert set(ours) == set(theirs), kind
+        if kind == "ia3":
+            assert {n for n, m in ours.items() if m.ia3_feedforward["x"]} == {
+                n for n, m in theirs.items() if m.is_feedforward
+            }
+
+
+def test_targets_never_select_the_adapters_own_layers():
+    """A regex (or ``"all-linear"``) over a patched model selects the model's layers, never an adapter's own: a LoRA's
+    ``lora_A`` / ``lora_B`` factors and a bottleneck adapter's projections were wrapped in LoRA layers of their own
+    (PEFT never targets its tuner layers' insides). ``"all-linear"`` selects PEFT's layers (all but the LM head);
+    it used to match nothing."""
+    peft = pytest.importorskip("peft")
+    model, batch = make("bert"), inputs("bert")
+    ae.add_adapter(model, "a", ae.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.add_adapter(model, "q", ae.LoraConfig(r=2, target_modules=r".*query.*", init_lora_weights=False))
+    ae.add_adapter(model, "o", ae.LoraConfig(r=2, target_modules=r".*\.output\..*", init_lora_weights=False))
+    modules = ae.patching.get_state(model).adapters
+    assert modules["q"].modules == [f"encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert modules["o"].modules == [
+        f"encoder.layer.{i}.{sub}" for i in range(2) for sub in ("attention.output.dense", "output.dense")
+    ]
+    assert not any(isinstance(m, LoraLinear) for n, m in model.named_modules() if ".lora_" in n or ".adapters." in n)
+    ae.set_active_adapters(model, ["a", "q", "o"])
+    out(model, batch)
+    for arch in ("bert", "gpt2", "llama"):
+        model = make(arch)
+        ae.add_adapter(model, "all", ae.LoraConfig(r=2, target_modules="all-linear"))
+        pm = peft.get_peft_model(make(arch), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "base_layer")}
+        assert set(ae.patching.get_state(model).adapters["all"].modules) == theirs, arch
+
+
 def test_api_misuse():
     model = make("bert")
     ae.add_adapter(model, "s", "seq_bn")
@@ -633,6 +794,11 @@ def test_api_misuse():
         ae.add_adapter(model, "a.b", "lora")
     ae.patch(model)  # patching twice is a no-op
     assert ae.list_adapters(model) == ["s", "p"]
+    # IA3 feed-forward layers outside target_modules (PEFT refuses them; they were silently left unadapted)
+    with pytest.raises(ValueError, match=r"feedforward_modules \['output.dense'\] select layers target_modules"):
+        ae.add_adapter(model, "i", ae.IA3Config(target_modules=["key"], feedforward_modules=["output.dense"]))
+    assert ae.list_adapters(model) == ["s", "p"]
+    assert not any(isinstance(m, LoraLinear) and m.ia3_l for m in model.modules())
 
 
 def test_a_bottleneck_left_out_of_every_layer_is_refused(tmp_path):

@@ -1,0 +1,79 @@
+"""The adapter methods ``patch`` binds on a model that take both the engine's (and AdapterHub's) call forms and
+transformers' (``PeftAdapterMixin``), so HF code calling them reaches the engine's adapters:
+
+    model.add_adapter("mine", config)                        # the engine / AdapterHub: (name, config)
+    model.add_adapter(peft_config, adapter_name="mine")      # transformers: (adapter_config, adapter_name="default")
+    model.load_adapter(path, adapter_name="mine")            # transformers' keyword names (peft_model_id, ...)
+    model.delete_adapter(["a", "b"])                         # transformers deletes several at once
+
+They used to be the functional API bound as is: every transformers form failed with a ``TypeError`` (or took the
+config for the name).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import api
+
+
+def add_adapter(model: nn.Module, *args: Any, config: Any = None, adapter_name: str | None = None) -> None:
+    """``model.add_adapter(name, config)`` (the engine, AdapterHub) or ``model.add_adapter(adapter_config,
+    adapter_name=None)`` (transformers; the name defaults to PEFT's ``"default"``): told apart by the first
+    argument, a name (str) or a config object."""
+    if len(args) > 2:
+        raise TypeError(f"add_adapter takes a name and a config, got {len(args)} positional arguments")
+    first, second = (*args, None, None)[:2]
+    if isinstance(first, str):  # (name, config)
+        if adapter_name is not None or (second is not None and config is not None):
+            raise TypeError("add_adapter(name, config): give the name once and the config once")
+        config = second if second is not None else config
+        if config is None:
+            raise TypeError(f"add_adapter({first!r}, config): the adapter's config is missing")
+        return api.add_adapter(model, first, config)
+    if first is None and config is not None:  # add_adapter(config=..., adapter_name=...)
+        first = config
+    elif first is None or config is not None:
+        raise TypeError("add_adapter needs a config: add_adapter(name, config) or add_adapter(config, adapter_name=)")
+    if second is not None and adapter_name is not None:
+        raise TypeError("add_adapter(adapter_config, adapter_name): give the name once")
+    return api.add_adapter(model, adapter_name or second or "default", first)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike | None = None,
+    name: str | None = None,
+    config: Any = None,
+    *,
+    set_active: bool = False,
+    peft_model_id: str | os.PathLike | None = None,
+    adapter_name: str | None = None,
+    peft_config: Any = None,
+) -> str:
+    """:func:`adapter_engine.api.load_adapter`, also under transformers' keyword names (``peft_model_id``,
+    ``adapter_name``, ``peft_config``; their positions are the engine's)."""
+    values = {}
+    pairs = ((path, peft_model_id, "path"), (name, adapter_name, "name"), (config, peft_config, "config"))
+    for ours, theirs, label in pairs:
+        if ours is not None and theirs is not None:
+            raise TypeError(f"load_adapter got the {label} twice (positional or engine keyword, and transformers')")
+        values[label] = ours if ours is not None else theirs
+    if values["path"] is None:
+        raise TypeError("load_adapter needs the adapter's folder (path, or transformers' peft_model_id)")
+    return api.load_adapter(model, values["path"], values["name"], values["config"], set_active=set_active)
+
+
+def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Remove one adapter, or several (transformers' form); every name is checked before any is removed."""
+    names = [names] if isinstance(names, str) else list(names)
+    state = api._state(model)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown or not names:
+        raise ValueError(f"no adapter named {unknown or names}; this model has {list(state.adapters)}")
+    for name in dict.fromkeys(names):
+        api.delete_adapter(model, name)
