@@ -309,8 +309,8 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
                 layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
         if layer.lora_A or layer.ia3:
             layers.append(layer)
+    _check_unshared(layers)  # (two merged layers on one weight: named both)
     _check_not_shared(model, layers)
-    _check_unshared(layers)
     return layers
 
 

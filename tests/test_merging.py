@@ -410,8 +410,9 @@ def _llama(tied: bool):
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_peft_lora_on_lm_head_merges_as_peft_merges_it(tmp_path, tied):
     """PEFT saves a targeted lm_head's own weight beside its factors (``lm_head.base_layer.weight``); that file
-    loaded and merged like any LoRA (it was refused as "unexpected weights"). Tied to the input embeddings, the
-    merge changes both, as PEFT's merge_and_unload does; the saved checkpoint gives PEFT's merged logits."""
+    loaded and merged like any LoRA (it was refused as "unexpected weights"); the saved checkpoint gives PEFT's
+    merged logits. Tied to the input embeddings, the merge would change both (PEFT merges and warns), so the merged
+    model would not compute the adapted one: refused, naming the tied weights, the model untouched."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -425,7 +426,14 @@ def test_a_peft_lora_on_lm_head_merges_as_peft_merges_it(tmp_path, tied):
     with torch.no_grad():
         expected = peft_model.merge_and_unload().eval()(ids).logits
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
-    ae.merge_adapter(model, ae.load_adapter(model, tmp_path / "adapter"))
+    name = ae.load_adapter(model, tmp_path / "adapter")
+    if tied:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"lm_head.* shared by .*embed_tokens"):
+            ae.merge_adapter(model, name)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    ae.merge_adapter(model, name)
     model.save_pretrained(tmp_path / "merged")
     with torch.no_grad():
         got = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
