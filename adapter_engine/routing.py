@@ -238,11 +238,17 @@ def register_adapter_owner(owner: Any) -> None:
 
 def check_route_names(route: Route, layer: nn.Module, layer_names: Iterable[str]) -> None:
     """Refuse a route naming an adapter that neither a patched model nor the calling layer (``layer_names``) holds,
-    once per route: a misspelled name used to run the base model for its rows, silently (``set_active_adapters`` and
-    PEFT's ``adapter_names=`` refuse it). Only layers that ``patch`` made check (a layer used alone runs rows naming
-    no adapter of its own on the base, as a layer an adapter leaves out does); static routes check their rows when
+    once per route and adapter generation (a route object reused after an adapter it names is deleted checks again):
+    a misspelled name used to run the base model for its rows, silently (``set_active_adapters`` and PEFT's
+    ``adapter_names=`` refuse it). Only layers that ``patch`` made check (a layer used alone runs rows naming no
+    adapter of its own on the base, as a layer an adapter leaves out does); static routes check their rows when
     filled."""
-    if isinstance(route, StaticRoute) or route._cache.get("names_known") or "_checks_route_names" not in layer.__dict__:
+    generation = adapter_generation()
+    if (
+        isinstance(route, StaticRoute)
+        or route._cache.get("names_known") == generation
+        or "_checks_route_names" not in layer.__dict__
+    ):
         return
     owners = list(_ADAPTER_OWNERS.values())
     if owners:
@@ -251,7 +257,7 @@ def check_route_names(route: Route, layer: nn.Module, layer_names: Iterable[str]
         unknown = sorted(names - known)
         if unknown:
             raise ValueError(f"the route names unknown adapters {unknown}; the patched models hold {sorted(known)}")
-    route._cache["names_known"] = True
+    route._cache["names_known"] = generation
 
 
 def _as_stack(spec: Any, resolve: Callable[[str], StackNames] | None) -> StackNames:

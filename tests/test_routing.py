@@ -370,7 +370,7 @@ def test_route_tensors_are_built_once_per_call(model_and_base):
     }  # fmt: skip
     # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan; and the
     # check of the route's names, once)
-    assert len(route._cache) - len(tensors) == 3 and route._cache["names_known"] is True
+    assert len(route._cache) - len(tensors) == 3 and "names_known" in route._cache
 
 
 def test_a_route_naming_an_unknown_adapter_is_refused(model_and_base):
@@ -380,6 +380,21 @@ def test_a_route_naming_an_unknown_adapter_is_refused(model_and_base):
     for spec in (["a", "medicl", None], "medicl", ae.Stack("a", "bb")):
         with use_adapters(spec), torch.no_grad(), pytest.raises(ValueError, match="unknown adapters"):
             model(input_ids=ids(3 if isinstance(spec, list) else 2))
+
+
+def test_a_reused_route_checks_its_names_again_after_an_adapter_is_deleted():
+    """A Route object kept and used again (``use_adapters(route)``) checked its names once: after an adapter it names
+    was deleted, its rows ran the base model, silently. The check is redone after any adapter change."""
+    model = bert()
+    for name in ("p", "q"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2, lora_alpha=4))
+    randomise(model)
+    route = make_route(["p", "q"])
+    batch = ids(2)
+    run(model, batch, route)
+    ae.delete_adapter(model, "q")
+    with pytest.raises(ValueError, match=r"unknown adapters \['q'\]"):
+        run(model, batch, route)
 
 
 @pytest.mark.parametrize(
