@@ -26,7 +26,7 @@ from . import patching as pt
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
-from .lora import LoraLinear, is_linear_like
+from .lora import LoraLinear, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             continue
         mod = modules[name]
         if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
+            if has_own_forward(mod):
+                raise ValueError(not_wrappable(name, mod))
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a Linear/Conv1D: wrong architecture?")
         missing = [p for p in want if p not in params]
         extra = [p for p in params if p not in want]

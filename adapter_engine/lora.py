@@ -50,9 +50,37 @@ from .routing import (
 logger = logging.getLogger(__name__)
 
 
+# nn.Linear subclasses whose own forward computes x W^T + b as nn.Linear's does (transformers' FalconLinear: a matmul
+# and a bias add, the same bits on the CPU)
+_FORWARDS_LIKE_LINEAR = ("FalconLinear",)
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a transformers ``Conv1D`` (the layers LoRA/IA3 can wrap)."""
-    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear)
+    """An ``nn.Linear`` or a transformers ``Conv1D`` computing ``x W^T + b`` (the layers LoRA/IA3 can wrap): not a
+    subclass with a forward of its own (:func:`has_own_forward`)."""
+    linear = isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear)
+    return linear and not has_own_forward(module)
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """An ``nn.Linear`` / ``Conv1D`` subclass that overrides ``forward`` (a router, a decoupled or quantized linear,
+    transformers' ``IdeficsDecoupledLinear``, ``Llama4Router``): the fused op computes ``x W^T + b`` from its weight
+    and would silently replace what that forward does, so such a layer is not wrapped."""
+    forward = type(module).forward
+    plain = forward is nn.Linear.forward or forward is Conv1D.forward or type(module).__name__ in _FORWARDS_LIKE_LINEAR
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear) and not plain
+
+
+OWN_FORWARD = (
+    "an nn.Linear subclass with a forward of its own: the fused LoRA op computes x W^T + b and would replace it, so it "
+    "cannot carry LoRA/IA3"
+)
+NOT_LINEAR = "only nn.Linear and transformers Conv1D layers can carry LoRA/IA3"
+
+
+def not_wrappable(name: str, module: nn.Module) -> str:
+    """Why layer ``name`` cannot carry LoRA / IA3 (for an error message)."""
+    return f"layer {name!r} is a {type(module).__name__}, " + (OWN_FORWARD if has_own_forward(module) else NOT_LINEAR)
 
 
 class LoraLinear(nn.Module):

@@ -27,7 +27,15 @@ from .archs import REGISTRY, ArchSpec, base_prefix, block_paths, model_type_of, 
 from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters
 from .bottleneck_adapter import BottleneckAdapter
 from .config import BottleneckConfig
-from .lora import LoraLinear, fused_peft_forward, is_linear_like
+from .lora import (
+    NOT_LINEAR,
+    OWN_FORWARD,
+    LoraLinear,
+    fused_peft_forward,
+    has_own_forward,
+    is_linear_like,
+    not_wrappable,
+)
 from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters, register_adapter_owner
 
 logger = logging.getLogger(__name__)
@@ -121,10 +129,8 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
             if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
                 if isinstance(targets, str):
                     continue  # a regex may sweep over containers; keep its linear hits only
-                raise ValueError(
-                    f"target_modules entry {entry!r} matches {n!r}, a {type(mod).__name__}: only nn.Linear and "
-                    "transformers Conv1D layers can carry LoRA/IA3"
-                )
+                why = OWN_FORWARD if has_own_forward(mod) else NOT_LINEAR
+                raise ValueError(f"target_modules entry {entry!r} matches {n!r}, a {type(mod).__name__}: {why}")
             if n not in selected:
                 selected.append(n)
     if not selected:
@@ -160,7 +166,7 @@ def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
     if isinstance(module, LoraLinear):
         return module
     if not is_linear_like(module):
-        raise ValueError(f"layer {name!r} is a {type(module).__name__}: only nn.Linear / Conv1D can carry LoRA/IA3")
+        raise ValueError(not_wrappable(name, module))
     wrapper = LoraLinear(module)
     wrapper.train(module.training)
     wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)

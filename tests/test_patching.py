@@ -929,3 +929,38 @@ def test_lora_layers_read_factor_weights_as_module_attributes_would():
     got = _weights(factors._modules, ["b", "a"])
     assert got[1] is factors["a"].weight
     assert torch.equal(got[0], 2 * factors["b"].parametrizations.weight.original)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_wrapped():
+    """An nn.Linear subclass that overrides forward (a router's softmax, a decoupled or quantized linear) was wrapped
+    like any Linear: the fused op computed x W^T + b and dropped what its forward did, silently. Named targets now
+    refuse it with the reason and change nothing; a regex and "all-linear" pass over it. FalconLinear, whose forward
+    is a matmul and a bias add, still wraps."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from adapter_engine.lora import LoraLinear
+
+    class Router(torch.nn.Linear):
+        def forward(self, x):
+            return torch.softmax(super().forward(x), -1)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.proj, self.falcon = Router(8, 4), torch.nn.Linear(8, 8), FalconLinear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x) + self.router(x).sum(-1, keepdim=True) + self.falcon(x)
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(3, 8)
+    expected = model(x)
+    with pytest.raises(ValueError, match="'router', a Router: an nn.Linear subclass with a forward of its own"):
+        ae.add_adapter(model, "a", ae.LoraConfig(r=2, target_modules=["router", "proj"]))
+    assert type(model.router) is Router and type(model.proj) is torch.nn.Linear
+    for i, targets in enumerate((".*", "all-linear")):
+        ae.add_adapter(model, f"b{i}", ae.LoraConfig(r=2, target_modules=targets))
+        assert type(model.router) is Router
+        assert isinstance(model.proj, LoraLinear) and isinstance(model.falcon, LoraLinear)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # (new LoRAs start at B = 0)
