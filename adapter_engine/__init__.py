@@ -18,13 +18,14 @@ from .api import (
     unmerge_adapter,
 )
 from .config import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, Stack
+from .memory import AdapterMemoryManager, MemoryStats
 from .merging import merged_adapters
 from .patching import is_patched, patch, unpatch
 from .persist import load_model, save_model
 from .routing import Route, current_route, use_adapters
 from .serving import GraphedServer
 from .stacking import StackedAdapterModel, train_adapter
-from .store import AdapterMemoryManager, AdapterStore, MemoryStats
+from .store import AdapterStore
 
 __version__ = "0.1.0"
 

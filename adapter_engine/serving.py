@@ -91,7 +91,7 @@ class GraphedServer:
     Args:
         model: a patched Hugging Face model (or anything called as ``model(**inputs)`` whose adapters are routed).
         resolve: maps a route entry's name to its stack (``StackedAdapterModel.stack_for``); default ``(name,)``.
-        memory: an :class:`~adapter_engine.store.AdapterMemoryManager`: each call's adapters are loaded if needed
+        memory: an :class:`~adapter_engine.memory.AdapterMemoryManager`: each call's adapters are loaded if needed
             and held resident while it runs. Without one, every name must already be an adapter of the model.
         capture: how a forward is captured (default: a CUDA graph; CPU stand-ins in tests).
         warmup: eager calls before a capture.

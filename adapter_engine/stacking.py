@@ -12,7 +12,7 @@
     sam.save("out/"); StackedAdapterModel.load("out/", base_model)
 
 Levels are adapters in the order they were pushed; *siblings* (``level=False``) are resident adapters outside
-the stack (one per language, market, ...) for routing. An :class:`~adapter_engine.store.AdapterMemoryManager`
+the stack (one per language, market, ...) for routing. An :class:`~adapter_engine.memory.AdapterMemoryManager`
 keeps what is resident under the caps (the running stack is pinned; adapters of a running call are held), and
 an :class:`~adapter_engine.store.AdapterStore` supplies adapters lazily on first use.
 """
@@ -37,9 +37,10 @@ from . import api
 from ._io import replace_entries
 from .archs import base_prefix
 from .config import Stack
+from .memory import AdapterMemoryManager
 from .patching import is_patched, patch
 from .routing import Route, make_route, use_adapters
-from .store import AdapterMemoryManager, AdapterStore
+from .store import AdapterStore
 
 logger = logging.getLogger(__name__)
 

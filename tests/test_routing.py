@@ -656,7 +656,7 @@ def test_a_serving_layer_stacks_its_resident_loras_once_and_sees_every_change(mo
     """Serving a mixed batch, a LoRA layer checks and stacks its resident adapters once (``_stacked_for``), then
     reuses them until a factor is updated in place, replaced or converted, a scaling changes or an adapter goes;
     every output equals the reference over the layer's current weights."""
-    from adapter_engine import lora as lora_module
+    from adapter_engine import lora_rows
     from adapter_engine.kernels import lora_linear_reference
     from adapter_engine.lora import LoraLinear
 
@@ -665,8 +665,8 @@ def test_a_serving_layer_stacks_its_resident_loras_once_and_sees_every_change(mo
     for i, r in enumerate((2, 3, 4)):
         layer.add_lora(f"l{i}", r, scaling=0.5 + i, init=False)
     builds = []
-    made = lora_module.stack_loras
-    monkeypatch.setattr(lora_module, "stack_loras", lambda *a, **k: builds.append(1) or made(*a, **k))
+    made = lora_rows.stack_loras
+    monkeypatch.setattr(lora_rows, "stack_loras", lambda *a, **k: builds.append(1) or made(*a, **k))
     x = torch.randn(8, 10, 12)  # 80 rows: the segmented path, every resident LoRA fused
     rows = ["l0", "l1", None, "l2", "l1", "l0", "l2", "l2"]
 
@@ -717,7 +717,7 @@ def test_a_model_that_slices_its_layers_per_forward_keeps_its_serving_caches(mon
     counts), so a mixed batch's LoRA layers stack their adapters at the first forward only. Counted, they made every
     layer stack again at every forward (a copy of its adapters' factors per layer call) and took the host time of a
     4-adapter Llama forward from 4.2 to 6.9 ms (CPU, kernels stubbed)."""
-    from adapter_engine import lora as lora_module
+    from adapter_engine import lora_rows
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -726,8 +726,8 @@ def test_a_model_that_slices_its_layers_per_forward_keeps_its_serving_caches(mon
     for name in ("a", "b"):
         ae.add_adapter(model, name, ae.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     builds = []
-    made = lora_module.stack_loras
-    monkeypatch.setattr(lora_module, "stack_loras", lambda *a, **k: builds.append(1) or made(*a, **k))
+    made = lora_rows.stack_loras
+    monkeypatch.setattr(lora_rows, "stack_loras", lambda *a, **k: builds.append(1) or made(*a, **k))
     batch = ids(4, seq=20)  # 80 rows: the segmented path
     outputs = [run(model, batch, ["a", "b", None, "a"]) for _ in range(3)]
     assert len(builds) == 2 * 2  # q_proj and v_proj of both layers, once

@@ -21,8 +21,9 @@ from transformers import BertConfig, BertModel
 
 import adapter_engine as ae
 from adapter_engine.kernels import _backend
+from adapter_engine.memory import AdapterMemoryManager
 from adapter_engine.routing import use_adapters
-from adapter_engine.store import AdapterMemoryManager, AdapterStore
+from adapter_engine.store import AdapterStore
 
 _BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 _BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
