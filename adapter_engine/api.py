@@ -7,7 +7,9 @@
     delete_adapter(model, "mine"); list_adapters(model); merge_adapter(model); unmerge_adapter(model)
 
 Loading is all-or-nothing: every key, layer and shape is checked (errors name the layer and both shapes) before
-the model is touched. A function called on an unpatched model patches it first.
+the model is touched. A function called on an unpatched model patches it first. The exporters behind
+``save_adapter`` live in :mod:`adapter_engine.export`; snapshots for offloading (``snapshot_adapter``,
+``restore_adapter``, ``adapter_nbytes``) in :mod:`adapter_engine.residency`, re-exported here.
 """
 
 from __future__ import annotations
@@ -16,27 +18,22 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import patching as pt
+from ._adapters import _apply_linear, _check_name, _state
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
+from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
 from .lora import LoraLinear, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
+from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
 
 logger = logging.getLogger(__name__)
-
-
-def _state(model: nn.Module) -> PatchState:
-    state = pt.ensure_patched(model)
-    if state.model_type == "peft":
-        raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")
-    return state
 
 
 def _dims(module: nn.Module) -> tuple[int, int]:
@@ -45,20 +42,6 @@ def _dims(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     w = module.weight
     return (w.shape[0], w.shape[1]) if not isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
-
-
-def _check_name(state: PatchState, name: Any) -> str:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    if name in state.adapters:
-        raise ValueError(f"adapter name {name!r} is already taken (adapters: {list(state.adapters)})")
-    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
-        # the adapters live in ModuleDicts keyed by name, which refuse their own attributes with a bare KeyError
-        raise ValueError(
-            f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict (the adapters' containers): "
-            "pick another name"
-        )
-    return name
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -235,20 +218,6 @@ def _check_places(model: nn.Module, state: PatchState, name: str, cfg: Bottlenec
 
 def _kind(cfg: AnyConfig) -> str:
     return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
-
-
-@torch.no_grad()
-def _apply_linear(model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple]) -> list[str]:
-    for entry in plan:
-        wrapper = wrap_linear(model, state, entry[0])
-        if isinstance(cfg, LoraConfig):
-            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout)
-            wrapper.lora_A[name].weight.copy_(entry[1])
-            wrapper.lora_B[name].weight.copy_(entry[2])
-        else:
-            wrapper.add_ia3(name, feedforward=entry[2])
-            wrapper.ia3_l[name].copy_(entry[1])
-    return [entry[0] for entry in plan]
 
 
 def add_adapter(model: nn.Module, name: str, config: Any) -> None:
@@ -441,202 +410,6 @@ def save_adapter(
     else:
         meta, tensors = _export_adapterhub_lora(model, state, name, record)
     return write_adapter(path, format, meta, tensors, safe_serialization=safe_serialization)
-
-
-def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[dict, dict]:
-    cfg = record.config
-    tensors: dict[str, torch.Tensor] = {}
-    ff_modules = []
-    for module_name in record.modules:
-        module = model.get_submodule(module_name)
-        key = f"base_model.model.{module_name}"
-        if record.kind == "lora":
-            tensors[f"{key}.lora_A.weight"] = module.lora_A[name].weight
-            tensors[f"{key}.lora_B.weight"] = module.lora_B[name].weight
-        else:
-            ff = module.ia3_feedforward[name]
-            ff_modules += [module_name] if ff else []
-            vec = module.ia3_l[name]
-            tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
-    meta = cfg.to_dict()
-    if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
-        meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it
-    targets = cfg.target_modules
-    try:
-        same = (
-            targets is not None
-            and not isinstance(targets, str)
-            and set(match_targets(model, targets)) == set(record.modules)
-        )
-    except ValueError:
-        same = False
-    meta["target_modules"] = list(targets) if same else sorted(record.modules)
-    if record.kind == "ia3":  # PEFT wants feedforward_modules written like target_modules (a subset of them)
-        ff_cfg = cfg.feedforward_modules
-        keep_ff = same and ff_cfg is not None and not isinstance(ff_cfg, str)
-        meta["feedforward_modules"] = list(ff_cfg) if keep_ff else sorted(ff_modules)
-        if keep_ff and set(match_targets(model, ff_cfg)) != set(ff_modules):
-            meta["target_modules"], meta["feedforward_modules"] = sorted(record.modules), sorted(ff_modules)
-    return meta, tensors
-
-
-def _adapterhub_meta(model: nn.Module, state: PatchState, name: str, config: dict) -> dict:
-    base = getattr(model, base_prefix(model)) if base_prefix(model) else model
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return {
-        "config": config,
-        "hidden_size": hidden,
-        "model_class": type(base).__name__,
-        "model_name": "",
-        "model_type": state.model_type,
-        "name": name,
-        "version": ADAPTERHUB_VERSION,
-    }
-
-
-def _relative(model: nn.Module, module_name: str) -> str:
-    """AdapterHub keys are relative to the base model (``encoder.layer.0...`` in a BertModel)."""
-    prefix = base_prefix(model)
-    return module_name[len(prefix) + 1 :] if prefix and module_name.startswith(prefix + ".") else module_name
-
-
-def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
-    cfg: LoraConfig = record.config
-    spec = state.spec
-    if spec is None:
-        raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
-    if cfg.use_rslora:
-        raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
-    blocks = block_paths(model, spec)
-    kinds = {v: k for k, v in spec.attn_matrices.items()}
-    kinds |= {spec.intermediate: "intermediate", spec.output: "output"}
-    per_layer: dict[int, set[str]] = {}
-    for module_name in record.modules:
-        owners = [(i, module_name[len(b) + 1 :]) for i, b in enumerate(blocks) if module_name.startswith(b + ".")]
-        hit = owners[0] if owners else None
-        if hit is None or hit[1] not in kinds:
-            raise ValueError(f"layer {module_name!r} is not one AdapterHub's LoRAConfig can adapt: use format='peft'")
-        per_layer.setdefault(hit[0], set()).add(kinds[hit[1]])
-    shapes = {frozenset(v) for v in per_layer.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"AdapterHub LoRA adapts the same layers in every block; {name!r} has {per_layer}")
-    kinds_used = next(iter(shapes))
-    letters = sorted(k for k in kinds_used if k in spec.attn_matrices)
-    config = {
-        "architecture": "lora", "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-        "attn_matrices": letters, "selfattn_lora": bool(letters), "intermediate_lora": "intermediate" in kinds_used,
-        "output_lora": "output" in kinds_used, "composition_mode": "add", "init_weights": "lora",
-        "init_weights_seed": None, "use_gating": False, "use_dora": False, "dtype": None, "vera_b": None,
-        "vera_d": None, "leave_out": [i for i in range(len(blocks)) if i not in per_layer],
-    }  # fmt: skip
-    tensors = {}
-    for module_name in record.modules:
-        module = model.get_submodule(module_name)
-        key = f"{spec.to_adapterhub(_relative(model, module_name))}.loras.{name}"
-        tensors[f"{key}.lora_A"] = module.lora_A[name].weight
-        tensors[f"{key}.lora_B"] = module.lora_B[name].weight
-    return _adapterhub_meta(model, state, name, config), tensors
-
-
-def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
-    cfg: BottleneckConfig = record.config
-    config = cfg.to_dict()
-    if cfg.bottleneck_size is not None:  # tutorial AdapterConfig: AdapterHub only knows reduction factors
-        hidden = pt.hidden_size_of(model)
-        rf = hidden / cfg.bottleneck_size
-        if int(hidden // rf) != cfg.bottleneck_size:
-            raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
-        config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
-    saved_as = {p.name: pt.adapterhub_name(state.spec, p) for p in pt.placements(model, state, cfg)}
-    tensors = {}
-    for module_name in record.modules:
-        adapter = model.get_submodule(module_name).adapters[name]
-        for key, value in adapter.state_dict().items():
-            tensors[f"{state.spec.to_adapterhub(_relative(model, saved_as[module_name]))}.adapters.{name}.{key}"] = (
-                value
-            )
-    return _adapterhub_meta(model, state, name, config), tensors
-
-
-# ----------------------------------------------------------------------------------------------- residency
-@dataclass
-class AdapterSnapshot:
-    """An adapter's weights and placement outside the model (for offloading and reloading it).
-
-    ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
-    ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked).
-    """
-
-    config: AnyConfig
-    kind: str
-    modules: list[str]
-    entries: list[tuple]
-    nbytes: int
-
-
-def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The Parameters of adapter ``name`` in ``model`` (in module order)."""
-    state = _state(model)
-    if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
-    record = state.adapters[name]
-    params: list[nn.Parameter] = []
-    for module_name in record.modules:
-        module = model.get_submodule(module_name)
-        if record.kind == "lora":
-            params += [module.lora_A[name].weight, module.lora_B[name].weight]
-        elif record.kind == "ia3":
-            params.append(module.ia3_l[name])
-        else:
-            params += list(module.adapters[name].parameters())
-    return params
-
-
-def adapter_nbytes(model: nn.Module, name: str) -> int:
-    """Bytes the weights of adapter ``name`` take in ``model`` (its device memory footprint)."""
-    return sum(p.numel() * p.element_size() for p in adapter_parameters(model, name))
-
-
-@torch.no_grad()
-def snapshot_adapter(
-    model: nn.Module, name: str, *, device: str | torch.device = "cpu", pin_memory: bool = False
-) -> AdapterSnapshot:
-    """Copy adapter ``name`` out of ``model`` (to ``device``, pinned host memory with ``pin_memory``)."""
-    state = _state(model)
-    if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
-    record = state.adapters[name]
-
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        out = t.detach().to(device, copy=True)
-        return out.pin_memory() if pin_memory and out.device.type == "cpu" else out
-
-    entries: list[tuple] = []
-    for module_name in record.modules:
-        module = model.get_submodule(module_name)
-        if record.kind == "lora":
-            entries.append((module_name, copy(module.lora_A[name].weight), copy(module.lora_B[name].weight)))
-        elif record.kind == "ia3":
-            entries.append((module_name, copy(module.ia3_l[name]), module.ia3_feedforward[name]))
-        else:
-            entries.append((module_name, {k: copy(v) for k, v in module.adapters[name].state_dict().items()}))
-    return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name))
-
-
-def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
-    """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes)."""
-    state = _state(model)
-    _check_name(state, name)
-    cfg = snapshot.config
-    if snapshot.kind == "bottleneck":
-        where = {p.name: p for p in pt.placements(model, state, cfg)}
-        missing = [m for m, _ in snapshot.entries if m not in where]
-        if missing:
-            raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
-        modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
-    else:
-        modules = _apply_linear(model, state, name, cfg, snapshot.entries)
-    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
 
 
 __all__ = [

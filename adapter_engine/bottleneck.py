@@ -193,7 +193,7 @@ class BottleneckStackLayer(nn.Module):
         return _replace(opts.pop(), eps=eps)
 
     def _modules_of(self, names: Sequence[str]) -> list[BottleneckAdapter]:
-        """The adapters of ``names`` (routing's groups carry the modules they named when the call started)."""
+        """The adapters of ``names`` (routed_bottleneck's groups carry the modules they named when the call started)."""
         modules = getattr(names, "modules", None)
         return list(modules) if modules is not None else [self.adapters[n] for n in names]
 

@@ -36,7 +36,8 @@ from .lora import (
     is_linear_like,
     not_wrappable,
 )
-from .routing import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters, register_adapter_owner
+from .routed_bottleneck import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
+from .routing import register_adapter_owner
 
 logger = logging.getLogger(__name__)
 
@@ -449,7 +450,8 @@ def wrap_bottleneck(model: nn.Module, state: PatchState, place: Placement) -> Bo
     sublayer = spec.attn_sublayer if mh else spec.ffn_sublayer
     ln_name = spec.attn_layer_norm if mh else spec.ffn_layer_norm
     ln = model.get_submodule(f"{place.block}.{ln_name}") if ln_name else None  # a post-LN block's (DistilBERT)
-    # the routed subclasses also follow a per-call / per-row route (adapter_engine.routing) and are thread-safe
+    # the routed subclasses (adapter_engine.routed_bottleneck) also follow a per-call / per-row route
+    # (adapter_engine.routing) and are thread-safe
     if residual is None:
         wrapper = RoutedOutputWithAdapters(module)
     elif residual == sublayer:  # the sublayer's own input is the residual (DistilBERT): hook the wrapper itself

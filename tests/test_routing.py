@@ -752,7 +752,7 @@ def test_a_layers_pack_is_a_normal_tensor_in_the_callers_grad_mode(mode, routed)
     from adapter_engine.kernels._backend import normal_tensors
 
     model = bert()
-    if routed:  # (the API's layers: routing.RoutedStackMixin packs)
+    if routed:  # (the API's layers: routed_bottleneck.RoutedStackMixin packs)
         for name in ("a", "b"):
             ae.add_adapter(model, name, ae.BottleneckConfig.seq_bn(reduction_factor=4))
         layer = next(m for m in model.modules() if isinstance(m, BottleneckStackLayer))
@@ -774,14 +774,14 @@ def test_a_routed_pack_follows_the_adapters_a_call_reads(monkeypatch):
     pack stale for the call: an adapter change or conversion, a registration anywhere (a weight replaced), and
     updates in place of the adapters the rows use. An update of an unused adapter is picked up when it is used.
     Every output equals the eager modules' over the current weights."""
-    from adapter_engine import routing
+    from adapter_engine import routed_bottleneck
     from adapter_engine.routing import RoutedStackMixin
 
     model = adapted_bert()
     layers = [m for m in model.modules() if isinstance(m, RoutedStackMixin)]
     packs = []
-    pack_modules = routing.pack_modules
-    monkeypatch.setattr(routing, "pack_modules", lambda modules: packs.append(1) or pack_modules(modules))
+    pack_modules = routed_bottleneck.pack_modules
+    monkeypatch.setattr(routed_bottleneck, "pack_modules", lambda modules: packs.append(1) or pack_modules(modules))
     batch = ids(3)
 
     def check(spec):

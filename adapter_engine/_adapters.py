@@ -1,0 +1,50 @@
+"""Helpers on a patched model's adapters that :mod:`adapter_engine.api` and :mod:`adapter_engine.residency` share:
+the model's checked patch state, the rule for a new adapter's name, and LoRA / IA3 tensors put into wrapped layers.
+A module of their own so that both import them without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import patching as pt
+from .config import AnyConfig, LoraConfig
+from .patching import PatchState, wrap_linear
+
+
+def _state(model: nn.Module) -> PatchState:
+    state = pt.ensure_patched(model)
+    if state.model_type == "peft":
+        raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")
+    return state
+
+
+def _check_name(state: PatchState, name: Any) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in state.adapters:
+        raise ValueError(f"adapter name {name!r} is already taken (adapters: {list(state.adapters)})")
+    if hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+        # the adapters live in ModuleDicts keyed by name, which refuse their own attributes with a bare KeyError
+        raise ValueError(
+            f"adapter name {name!r} is an attribute of torch's ModuleDict / ParameterDict (the adapters' containers): "
+            "pick another name"
+        )
+    return name
+
+
+@torch.no_grad()
+def _apply_linear(model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple]) -> list[str]:
+    for entry in plan:
+        wrapper = wrap_linear(model, state, entry[0])
+        if isinstance(cfg, LoraConfig):
+            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout)
+            wrapper.lora_A[name].weight.copy_(entry[1])
+            wrapper.lora_B[name].weight.copy_(entry[2])
+        else:
+            wrapper.add_ia3(name, feedforward=entry[2])
+            wrapper.ia3_l[name].copy_(entry[1])
+    return [entry[0] for entry in plan]

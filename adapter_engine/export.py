@@ -1,0 +1,133 @@
+"""Adapter export: the metadata and tensors :func:`~adapter_engine.api.save_adapter` writes and
+:func:`~adapter_engine.api.get_adapter_state_dict` returns, in PEFT's keys (LoRA, IA3) or AdapterHub's (LoRA,
+bottleneck; keys relative to the base model, in AdapterHub's names for the layers).
+
+Kept apart from :mod:`adapter_engine.api`, which checks and loads adapters: these functions only read a patched
+model's adapters and translate their config and placement into the other library's conventions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import patching as pt
+from .archs import base_prefix, block_paths
+from .config import BottleneckConfig, LoraConfig
+from .formats import ADAPTERHUB_VERSION
+from .patching import AdapterRecord, PatchState, match_targets
+
+
+def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[dict, dict]:
+    cfg = record.config
+    tensors: dict[str, torch.Tensor] = {}
+    ff_modules = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        key = f"base_model.model.{module_name}"
+        if record.kind == "lora":
+            tensors[f"{key}.lora_A.weight"] = module.lora_A[name].weight
+            tensors[f"{key}.lora_B.weight"] = module.lora_B[name].weight
+        else:
+            ff = module.ia3_feedforward[name]
+            ff_modules += [module_name] if ff else []
+            vec = module.ia3_l[name]
+            tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
+    meta = cfg.to_dict()
+    if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
+        meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it
+    targets = cfg.target_modules
+    try:
+        same = (
+            targets is not None
+            and not isinstance(targets, str)
+            and set(match_targets(model, targets)) == set(record.modules)
+        )
+    except ValueError:
+        same = False
+    meta["target_modules"] = list(targets) if same else sorted(record.modules)
+    if record.kind == "ia3":  # PEFT wants feedforward_modules written like target_modules (a subset of them)
+        ff_cfg = cfg.feedforward_modules
+        keep_ff = same and ff_cfg is not None and not isinstance(ff_cfg, str)
+        meta["feedforward_modules"] = list(ff_cfg) if keep_ff else sorted(ff_modules)
+        if keep_ff and set(match_targets(model, ff_cfg)) != set(ff_modules):
+            meta["target_modules"], meta["feedforward_modules"] = sorted(record.modules), sorted(ff_modules)
+    return meta, tensors
+
+
+def _adapterhub_meta(model: nn.Module, state: PatchState, name: str, config: dict) -> dict:
+    base = getattr(model, base_prefix(model)) if base_prefix(model) else model
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return {
+        "config": config,
+        "hidden_size": hidden,
+        "model_class": type(base).__name__,
+        "model_name": "",
+        "model_type": state.model_type,
+        "name": name,
+        "version": ADAPTERHUB_VERSION,
+    }
+
+
+def _relative(model: nn.Module, module_name: str) -> str:
+    """AdapterHub keys are relative to the base model (``encoder.layer.0...`` in a BertModel)."""
+    prefix = base_prefix(model)
+    return module_name[len(prefix) + 1 :] if prefix and module_name.startswith(prefix + ".") else module_name
+
+
+def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
+    cfg: LoraConfig = record.config
+    spec = state.spec
+    if spec is None:
+        raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
+    if cfg.use_rslora:
+        raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
+    blocks = block_paths(model, spec)
+    kinds = {v: k for k, v in spec.attn_matrices.items()}
+    kinds |= {spec.intermediate: "intermediate", spec.output: "output"}
+    per_layer: dict[int, set[str]] = {}
+    for module_name in record.modules:
+        owners = [(i, module_name[len(b) + 1 :]) for i, b in enumerate(blocks) if module_name.startswith(b + ".")]
+        hit = owners[0] if owners else None
+        if hit is None or hit[1] not in kinds:
+            raise ValueError(f"layer {module_name!r} is not one AdapterHub's LoRAConfig can adapt: use format='peft'")
+        per_layer.setdefault(hit[0], set()).add(kinds[hit[1]])
+    shapes = {frozenset(v) for v in per_layer.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"AdapterHub LoRA adapts the same layers in every block; {name!r} has {per_layer}")
+    kinds_used = next(iter(shapes))
+    letters = sorted(k for k in kinds_used if k in spec.attn_matrices)
+    config = {
+        "architecture": "lora", "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+        "attn_matrices": letters, "selfattn_lora": bool(letters), "intermediate_lora": "intermediate" in kinds_used,
+        "output_lora": "output" in kinds_used, "composition_mode": "add", "init_weights": "lora",
+        "init_weights_seed": None, "use_gating": False, "use_dora": False, "dtype": None, "vera_b": None,
+        "vera_d": None, "leave_out": [i for i in range(len(blocks)) if i not in per_layer],
+    }  # fmt: skip
+    tensors = {}
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        key = f"{spec.to_adapterhub(_relative(model, module_name))}.loras.{name}"
+        tensors[f"{key}.lora_A"] = module.lora_A[name].weight
+        tensors[f"{key}.lora_B"] = module.lora_B[name].weight
+    return _adapterhub_meta(model, state, name, config), tensors
+
+
+def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
+    cfg: BottleneckConfig = record.config
+    config = cfg.to_dict()
+    if cfg.bottleneck_size is not None:  # tutorial AdapterConfig: AdapterHub only knows reduction factors
+        hidden = pt.hidden_size_of(model)
+        rf = hidden / cfg.bottleneck_size
+        if int(hidden // rf) != cfg.bottleneck_size:
+            raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
+        config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
+    saved_as = {p.name: pt.adapterhub_name(state.spec, p) for p in pt.placements(model, state, cfg)}
+    tensors = {}
+    for module_name in record.modules:
+        adapter = model.get_submodule(module_name).adapters[name]
+        for key, value in adapter.state_dict().items():
+            tensors[f"{state.spec.to_adapterhub(_relative(model, saved_as[module_name]))}.adapters.{name}.{key}"] = (
+                value
+            )
+    return _adapterhub_meta(model, state, name, config), tensors

@@ -1,0 +1,100 @@
+"""Adapter residency: an adapter's weights and placement copied out of a patched model
+(:class:`AdapterSnapshot`) and put back, and the size of its weights on the device. The store's memory manager
+(:mod:`adapter_engine.store`) offloads and reloads adapters with these; the stacking model freezes and trains
+them through :func:`adapter_parameters`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import patching as pt
+from ._adapters import _apply_linear, _check_name, _state
+from .config import AnyConfig
+from .patching import AdapterRecord
+
+
+@dataclass
+class AdapterSnapshot:
+    """An adapter's weights and placement outside the model (for offloading and reloading it).
+
+    ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
+    ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked).
+    """
+
+    config: AnyConfig
+    kind: str
+    modules: list[str]
+    entries: list[tuple]
+    nbytes: int
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The Parameters of adapter ``name`` in ``model`` (in module order)."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    record = state.adapters[name]
+    params: list[nn.Parameter] = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        if record.kind == "lora":
+            params += [module.lora_A[name].weight, module.lora_B[name].weight]
+        elif record.kind == "ia3":
+            params.append(module.ia3_l[name])
+        else:
+            params += list(module.adapters[name].parameters())
+    return params
+
+
+def adapter_nbytes(model: nn.Module, name: str) -> int:
+    """Bytes the weights of adapter ``name`` take in ``model`` (its device memory footprint)."""
+    return sum(p.numel() * p.element_size() for p in adapter_parameters(model, name))
+
+
+@torch.no_grad()
+def snapshot_adapter(
+    model: nn.Module, name: str, *, device: str | torch.device = "cpu", pin_memory: bool = False
+) -> AdapterSnapshot:
+    """Copy adapter ``name`` out of ``model`` (to ``device``, pinned host memory with ``pin_memory``)."""
+    state = _state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+    record = state.adapters[name]
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().to(device, copy=True)
+        return out.pin_memory() if pin_memory and out.device.type == "cpu" else out
+
+    entries: list[tuple] = []
+    for module_name in record.modules:
+        module = model.get_submodule(module_name)
+        if record.kind == "lora":
+            entries.append((module_name, copy(module.lora_A[name].weight), copy(module.lora_B[name].weight)))
+        elif record.kind == "ia3":
+            entries.append((module_name, copy(module.ia3_l[name]), module.ia3_feedforward[name]))
+        else:
+            entries.append((module_name, {k: copy(v) for k, v in module.adapters[name].state_dict().items()}))
+    return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name))
+
+
+def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
+    """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes)."""
+    state = _state(model)
+    _check_name(state, name)
+    cfg = snapshot.config
+    if snapshot.kind == "bottleneck":
+        where = {p.name: p for p in pt.placements(model, state, cfg)}
+        missing = [m for m, _ in snapshot.entries if m not in where]
+        if missing:
+            raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
+        modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
+    else:
+        modules = _apply_linear(model, state, name, cfg, snapshot.entries)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
+
+
+__all__ = ["AdapterSnapshot", "adapter_parameters", "adapter_nbytes", "snapshot_adapter", "restore_adapter"]
