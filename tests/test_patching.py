@@ -834,6 +834,17 @@ def test_patch_peft_model_in_training_with_dropout(rates):
         pm.add_adapter("second", config(rates[1]))
         pm.base_model.set_adapter(["default", "second"])
         pm.train()
+    (y_ref, g_ref), (y, g) = _peft_then_patched(pm, batch)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+    assert set(g) == set(g_ref) and any("lora_A" in n for n in g)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], atol=GRAD_ATOL, rtol=1e-4, msg=n)
+    ae.unpatch(pm)
+
+
+def _peft_then_patched(pm, batch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(output, gradients by name) of one training step of the PEFT model ``pm``, then of it patched: the same
+    seed, so PEFT's dropout masks and the fused op's are drawn alike."""
     results = []
     for patched in (False, True):
         if patched:
@@ -843,12 +854,7 @@ def test_patch_peft_model_in_training_with_dropout(rates):
         y = out(pm, batch)
         y.pow(2).mean().backward()
         results.append((y, {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}))
-    (y_ref, g_ref), (y, g) = results
-    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
-    assert set(g) == set(g_ref) and any("lora_A" in n for n in g)
-    for n in g_ref:
-        torch.testing.assert_close(g[n], g_ref[n], atol=GRAD_ATOL, rtol=1e-4, msg=n)
-    ae.unpatch(pm)
+    return results
 
 
 def test_patch_peft_model_training_with_dropout_and_frozen_lora_A():
@@ -861,15 +867,7 @@ def test_patch_peft_model_training_with_dropout_and_frozen_lora_A():
     pm = peft.get_peft_model(make("bert"), config).train()
     for n, p in pm.named_parameters():
         p.requires_grad_("lora_B" in n)
-    results = []
-    for patched in (False, True):
-        if patched:
-            ae.patch(pm)
-        pm.zero_grad()
-        torch.manual_seed(3)
-        out(pm, batch).pow(2).mean().backward()
-        results.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
-    g_ref, g = results
+    (_, g_ref), (_, g) = _peft_then_patched(pm, batch)
     assert set(g) == set(g_ref) and any("layer.0." in n for n in g)
     for n in g_ref:  # (relative to each gradient's size: these are small, about 1e-3)
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-4 * g_ref[n].abs().max().item(), rtol=1e-4, msg=n)
