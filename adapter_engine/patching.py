@@ -205,11 +205,19 @@ def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None
 
     Registered ``model_type`` s (``adapter_engine.archs.REGISTRY``) get PEFT's default LoRA targets wrapped now; any
     other model needs ``target_modules`` (suffixes or a regex, PEFT's rule). A PEFT ``PeftModel`` gets its LoRA layers
-    switched to the fused op instead, and keeps PEFT's own API. Patching twice is a no-op.
+    switched to the fused op instead, and keeps PEFT's own API. Patching twice is a no-op, except that the
+    ``target_modules`` of a later call are wrapped too (they used to be ignored, silently; a patched ``PeftModel``
+    refuses them: its targets are PEFT's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch nn.Module, got {type(model).__name__}")
     if is_patched(model):
+        if target_modules is not None:
+            if _is_peft_model(model):
+                raise ValueError("a patched PeftModel keeps PEFT's target_modules; add a PEFT adapter to adapt others")
+            state = get_state(model)
+            for name in match_targets(model, target_modules):  # (checked before any is wrapped)
+                wrap_linear(model, state, name)
         return model
     if _is_peft_model(model):
         return _patch_peft(model)

@@ -962,3 +962,27 @@ def test_a_linear_subclass_with_its_own_forward_is_not_wrapped():
         assert isinstance(model.proj, LoraLinear) and isinstance(model.falcon, LoraLinear)
     with torch.no_grad():
         assert torch.equal(model(x), expected)  # (new LoRAs start at B = 0)
+
+
+def test_patching_again_with_target_modules_wraps_them_too():
+    """``patch(model, target_modules=...)`` on a patched model ignored the targets, silently: a later add_adapter
+    naming no targets of its own then left those layers unadapted. They are wrapped now (all checked first), and
+    ``unpatch`` restores every wrapped layer."""
+    from adapter_engine.lora import LoraLinear
+
+    model = make("bert")
+    batch = inputs("bert")
+    with torch.no_grad():
+        expected = out(model, batch)
+    ae.patch(model)  # BERT's defaults: query, value
+    key = model.encoder.layer[0].attention.self.key
+    with pytest.raises(ValueError, match="matches no module"):
+        ae.patch(model, target_modules=["key", "nothing_here"])
+    assert model.encoder.layer[0].attention.self.key is key
+    ae.patch(model, target_modules=["key"])
+    assert isinstance(model.encoder.layer[0].attention.self.key, LoraLinear)
+    with torch.no_grad():
+        assert torch.equal(out(model, batch), expected)
+    ae.unpatch(model)
+    assert model.encoder.layer[0].attention.self.key is key
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
