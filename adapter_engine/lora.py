@@ -48,17 +48,23 @@ _FORWARDS_LIKE_LINEAR = ("FalconLinear",)
 def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear`` or a transformers ``Conv1D`` computing ``x W^T + b`` (the layers LoRA/IA3 can wrap): not a
     subclass with a forward of its own (:func:`has_own_forward`)."""
-    linear = isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear)
-    return linear and not has_own_forward(module)
+    return _linear_layer(module) and _plain_forward(module)
 
 
 def has_own_forward(module: nn.Module) -> bool:
     """An ``nn.Linear`` / ``Conv1D`` subclass that overrides ``forward`` (a router, a decoupled or quantized linear,
     transformers' ``IdeficsDecoupledLinear``, ``Llama4Router``): the fused op computes ``x W^T + b`` from its weight
     and would silently replace what that forward does, so such a layer is not wrapped."""
+    return _linear_layer(module) and not _plain_forward(module)
+
+
+def _linear_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear)
+
+
+def _plain_forward(module: nn.Module) -> bool:
     forward = type(module).forward
-    plain = forward is nn.Linear.forward or forward is Conv1D.forward or type(module).__name__ in _FORWARDS_LIKE_LINEAR
-    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, LoraLinear) and not plain
+    return forward is nn.Linear.forward or forward is Conv1D.forward or type(module).__name__ in _FORWARDS_LIKE_LINEAR
 
 
 OWN_FORWARD = (

@@ -309,33 +309,17 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
                 layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
         if layer.lora_A or layer.ia3:
             layers.append(layer)
-    _check_unshared(layers)  # (two merged layers on one weight: named both)
     _check_not_shared(model, layers)
     return layers
 
 
 def _check_not_shared(model: nn.Module, layers: list[_LayerMerge]) -> None:
-    """Refuse, before anything is written, to merge into a weight another module also holds: tied input and output
-    embeddings (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``). The delta ``s B A`` would change the
-    embedding lookup too, so the merged model no longer computes what the adapted one did (PEFT merges and warns)."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for layer in layers:
-        names = owners.get(id(layer.weight), [])
-        if len(names) > 1:
-            raise ValueError(
-                f"cannot merge into {layer.path}: its weight is shared by {names} (tied weights), so the merge would "
-                "change every one of them; untie them first (load the model with tie_word_embeddings=False and copy "
-                "the shared weight), or keep this adapter unmerged. Nothing was changed"
-            )
-
-
-def _check_unshared(layers: list[_LayerMerge]) -> None:
-    """Refuse, before anything is written, to merge into two layers that share one weight tensor (tied by the user
-    or the architecture): ``W`` would take both layers' terms, ``W + d_1 + d_2``, and neither layer would compute
-    its adapted output any more (PEFT merges it that way silently). This catches tensors shared without sharing the
-    Parameter object (views of one storage); a Parameter that two modules hold is refused by ``_check_not_shared``."""
+    """Refuse, before anything is written, to merge into a weight that is not the layer's alone:
+    - two merged layers on one weight tensor (tied by the user, or views of one storage): ``W`` would take both
+      layers' terms, ``W + d_1 + d_2``, and neither would compute its adapted output (PEFT merges it so silently);
+    - a Parameter another module also holds (tied input and output embeddings: GPT-2's ``lm_head.weight`` is
+      ``transformer.wte.weight``): ``s B A`` would change the embedding lookup too (PEFT merges and warns).
+    Either way the merged model would no longer compute the adapted one."""
     seen: dict[tuple, str] = {}
     for layer in layers:
         w = layer.weight
@@ -347,6 +331,17 @@ def _check_unshared(layers: list[_LayerMerge]) -> None:
                 "the adapters of one of them, or untie the weights first; nothing was changed"
             )
         seen[where] = layer.path
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for layer in layers:
+        names = owners.get(id(layer.weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"cannot merge into {layer.path}: its weight is shared by {names} (tied weights), so the merge would "
+                "change every one of them; untie them first (load the model with tie_word_embeddings=False and copy "
+                "the shared weight), or keep this adapter unmerged. Nothing was changed"
+            )
 
 
 @torch.no_grad()

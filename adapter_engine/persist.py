@@ -51,10 +51,8 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
                 manifest["adapters"][name]["feedforward"] = ff
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
-    if "state_dict" not in save_kwargs and pt.is_patched(model):
-        # an adapter's LayerNorm before its down projection is registered twice, as AdapterHub's module does
-        # (``adapter_norm_before`` and ``adapter_down.0``): safetensors refuses shared tensors, so one key each
-        save_kwargs["state_dict"] = _without_adapter_aliases(model.state_dict())
+    # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
+    # before the down projection as AdapterHub's module registers it, is saved once, as safetensors requires)
     model.save_pretrained(folder, **save_kwargs)
     with open(os.path.join(folder, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
