@@ -12,6 +12,7 @@ from torch import nn
 
 from . import patching as pt
 from .config import AnyConfig, LoraConfig
+from .lora import adapter_dtype
 from .patching import PatchState, wrap_linear
 
 
@@ -37,14 +38,21 @@ def _check_name(state: PatchState, name: Any) -> str:
 
 
 @torch.no_grad()
-def _apply_linear(model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple]) -> list[str]:
+def _apply_linear(
+    model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple], autocast: bool | None
+) -> list[str]:
+    """Put LoRA / IA3 tensors (``plan``: (layer name, tensors...) entries) into wrapped layers. autocast: fp32
+    weights for 16-bit layers (PEFT's ``autocast_adapter_dtype``, :func:`~adapter_engine.lora.adapter_dtype`), the
+    layers' dtype (False), or fp32 where the given tensors are fp32 (None: a snapshot put back as it was taken)."""
     for entry in plan:
         wrapper = wrap_linear(model, state, entry[0])
+        keep = entry[1].dtype == torch.float32 if autocast is None else autocast
+        dtype = adapter_dtype(wrapper.weight.dtype, keep)
         if isinstance(cfg, LoraConfig):
-            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout)
+            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, dtype=dtype)
             wrapper.lora_A[name].weight.copy_(entry[1])
             wrapper.lora_B[name].weight.copy_(entry[2])
         else:
-            wrapper.add_ia3(name, feedforward=entry[2])
+            wrapper.add_ia3(name, feedforward=entry[2], dtype=dtype)
             wrapper.ia3_l[name].copy_(entry[1])
     return [entry[0] for entry in plan]

@@ -29,7 +29,7 @@ from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
-from .lora import LoraLinear, has_own_forward, is_linear_like, not_wrappable
+from .lora import LoraLinear, adapter_dtype, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
 
@@ -178,12 +178,15 @@ def load_adapter(
     config: Any = None,
     *,
     set_active: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> str:
     """Load a PEFT or AdapterHub adapter folder into ``model``; returns its name.
 
     ``name`` defaults to the name AdapterHub saved, else the folder's name. ``config`` overrides the saved config.
     Raises ``ValueError`` naming the layer and both shapes when the adapter does not fit the model; nothing is
-    loaded unless everything fits.
+    loaded unless everything fits. ``autocast_adapter_dtype`` (PEFT's, same default): LoRA / IA3 weights of float16
+    / bfloat16 layers are kept in float32 (the file's fp32 values exactly; computed in the layer's dtype); False
+    loads them in the layers' dtype. Bottleneck adapters take their layers' dtype, as AdapterHub's do.
     """
     state = _state(model)
     file = read_adapter(path, name=name, config=config)
@@ -198,7 +201,7 @@ def load_adapter(
         modules = pt.apply_bottleneck(model, state, name, cfg, plan)
     else:
         plan = _plan_linear(model, state, file, cfg)
-        modules = _apply_linear(model, state, name, cfg, plan)
+        modules = _apply_linear(model, state, name, cfg, plan, autocast=autocast_adapter_dtype)
     state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
     logger.info("loaded %s adapter %r from %s (%d layers)", file.format, name, file.path, len(modules))
     if set_active:
@@ -220,11 +223,13 @@ def _kind(cfg: AnyConfig) -> str:
     return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
 
 
-def add_adapter(model: nn.Module, name: str, config: Any) -> None:
+def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dtype: bool = True) -> None:
     """Add a freshly initialised adapter (LoRA: B = 0, so outputs start unchanged; bottleneck: AdapterHub's init).
 
     config: :class:`LoraConfig`, :class:`IA3Config`, :class:`BottleneckConfig`, a tutorial :class:`AdapterConfig`,
     a preset name (``"seq_bn"``, ``"double_seq_bn"``, ``"par_bn"``, ``"lora"``) or a config dict of either library.
+    autocast_adapter_dtype (PEFT's, same default): a LoRA / IA3 adapter of float16 / bfloat16 layers gets float32
+    master weights (see :func:`~adapter_engine.lora.adapter_dtype`); False: the layers' dtype.
     """
     state = _state(model)
     _check_name(state, name)
@@ -251,10 +256,11 @@ def add_adapter(model: nn.Module, name: str, config: Any) -> None:
                 )
         for n in names:
             wrapper = wrap_linear(model, state, n)
+            dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)
             if isinstance(cfg, LoraConfig):
-                wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, init=cfg.init_lora_weights)
+                wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, init=cfg.init_lora_weights, dtype=dtype)
             else:
-                wrapper.add_ia3(name, feedforward=n in ff, init=cfg.init_ia3_weights)
+                wrapper.add_ia3(name, feedforward=n in ff, init=cfg.init_ia3_weights, dtype=dtype)
         modules = names
     state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
 

@@ -34,7 +34,7 @@ from .changes import adapters_changed
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear
-from .lora_rows import RoutedLoraMixin, _weights
+from .lora_rows import RoutedLoraMixin, _weights, ia3_scaled, lowrank_term
 from .routing import check_route_names, current_route, routed_under_compile, run_eagerly
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,14 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         self._snapshot_memo: tuple | None = None  # see _snapshot
 
     # ------------------------------------------------------------------------------------------- adapters
-    def add_lora(self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True) -> None:
+    def add_lora(
+        self, name: str, r: int, scaling: float, dropout: float = 0.0, init: bool | str = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
         """Add LoRA adapter ``name``: ``A (r, in)`` Kaiming-uniform and ``B (out, r)`` zero (PEFT's init), or
-        both random (``init=False``, as PEFT's ``init_lora_weights=False``)."""
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        both random (``init=False``, as PEFT's ``init_lora_weights=False``). dtype: the factors' (None: the base
+        weight's; float32 for a 16-bit base keeps master weights, see :func:`adapter_dtype`)."""
+        kw = {"device": self.weight.device, "dtype": dtype or self.weight.dtype}
         a = nn.Linear(self.in_features, r, bias=False, **kw)
         b = nn.Linear(r, self.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -129,10 +133,11 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         self.lora_dropout[name] = float(dropout)
         adapters_changed()
 
-    def add_ia3(self, name: str, feedforward: bool, init: bool = True) -> None:
-        """Add IA3 vector ``name``: ``(in,)`` for feed-forward layers (scales the input), else ``(out,)``."""
+    def add_ia3(self, name: str, feedforward: bool, init: bool = True, dtype: torch.dtype | None = None) -> None:
+        """Add IA3 vector ``name``: ``(in,)`` for feed-forward layers (scales the input), else ``(out,)``. dtype: as
+        :meth:`add_lora`'s."""
         size = self.in_features if feedforward else self.out_features
-        vec = torch.ones(size, device=self.weight.device, dtype=self.weight.dtype)
+        vec = torch.ones(size, device=self.weight.device, dtype=dtype or self.weight.dtype)
         if not init:
             nn.init.normal_(vec, mean=1.0, std=0.02)
         self.ia3_l[name] = nn.Parameter(vec)
@@ -197,7 +202,7 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
             return self._base_forward(x)
         for n in ia3:
             if self.ia3_feedforward[n]:
-                x = x * self.ia3_l[n]
+                x = ia3_scaled(x, self.ia3_l[n])
         if not lora:
             y = self._base_forward(x)
         else:
@@ -205,7 +210,7 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
                        lora, self.training, self.fan_in_fan_out)  # fmt: skip
         for n in ia3:
             if not self.ia3_feedforward[n]:
-                y = y * self.ia3_l[n]
+                y = ia3_scaled(y, self.ia3_l[n])
         return y
 
     # ------------------------------------------------------------------------------------------- merging
@@ -283,8 +288,17 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
     for n in names:  # in training only: the adapters the fused call left, in PEFT's order
         if n not in fused:
             xd = F.dropout(x, rate[n], training=True) if rate[n] else x
-            y = y + F.linear(F.linear(xd, lora_A[n].weight), lora_B[n].weight) * scaling[n]
+            term = lowrank_term(xd, lora_A[n].weight, lora_B[n].weight, scaling[n])
+            y = y + term if term.dtype == y.dtype else (y + term).to(y.dtype)  # (PEFT's order: one rounding)
     return y
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a new LoRA / IA3 adapter's weights on a base layer of ``base_dtype``: float32 for a float16 /
+    bfloat16 base with ``autocast_adapter_dtype`` (PEFT's default: fp32 master weights, which an optimizer updates
+    without rounding each step to 8 or 11 bits; the fused op computes with them in the base's dtype, as autocast
+    does), else the base's own."""
+    return torch.float32 if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 # ----------------------------------------------------------------------------------------------- PEFT interop
@@ -306,8 +320,9 @@ def _peft_plain_case(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dic
     for n in names:
         if use_dora.get(n, False) or lora_bias.get(n, False):
             return None
-        if lora_A[n]._parameters["weight"].dtype != x.dtype or not isinstance(dropout[n], (nn.Dropout, nn.Identity)):
-            return None
+        factor = lora_A[n]._parameters["weight"].dtype
+        if factor not in (x.dtype, torch.float32) or not isinstance(dropout[n], (nn.Dropout, nn.Identity)):
+            return None  # (fp32 factors of a 16-bit layer, PEFT's autocast_adapter_dtype, are fused as masters)
     if base._parameters["weight"].dtype != x.dtype:
         return None
     return names, base, dropout

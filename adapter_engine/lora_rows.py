@@ -83,17 +83,17 @@ class RoutedLoraMixin:
             expand = lambda: table.reshape(-1, *[1] * (len(lead) - 1)).expand(lead).contiguous()  # noqa: E731
             ids = route.per_row("lora_ids_per_row", table, lead, expand)
         if ia3_in is not None:
-            x = x * self._row_scales(ia3_in, x)
+            x = ia3_scaled(x, self._row_scales(ia3_in, x))
         if not fused:
             y = self._base_forward(x)
         else:
             y = self._rows_call(x, snapshot, fused, ids, path, dropout=p0, training=training)
             for n, index, rate in extras:  # rows whose stack holds a further LoRA of this layer: on those rows only
                 xd = F.dropout(x[index], rate, training=training and rate > 0)
-                term = F.linear(F.linear(xd, self.lora_A[n].weight), self.lora_B[n].weight) * self.scaling[n]
-                y = y.index_add(0, index, term)
+                term = lowrank_term(xd, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
+                y = y.index_add(0, index, term.to(y.dtype))
         if ia3_out is not None:
-            y = y * self._row_scales(ia3_out, y)
+            y = ia3_scaled(y, self._row_scales(ia3_out, y))
         return y
 
     def _snapshot(self) -> tuple:
@@ -254,6 +254,17 @@ class RoutedLoraMixin:
                 vec = vec * self.ia3_l[n]
             per_row.append(vec)
         return torch.stack(per_row).view(like.shape[0], *([1] * (like.dim() - 2)), size)
+
+
+def ia3_scaled(t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``t * vec`` in ``t``'s dtype: an fp32 vector of a 16-bit layer scales in fp32 and rounds once, as PEFT's."""
+    return t * vec if vec.dtype == t.dtype else (t * vec).to(t.dtype)
+
+
+def lowrank_term(xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * (xd A^T) B^T`` in the factors' dtype (PEFT's eager order: fp32 master factors of a 16-bit layer
+    compute in fp32)."""
+    return F.linear(F.linear(xd.to(a.dtype), a), b) * scaling
 
 
 def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:

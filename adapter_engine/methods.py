@@ -21,7 +21,13 @@ from torch import nn
 from . import api
 
 
-def add_adapter(model: nn.Module, *args: Any, config: Any = None, adapter_name: str | None = None) -> None:
+def add_adapter(
+    model: nn.Module,
+    *args: Any,
+    config: Any = None,
+    adapter_name: str | None = None,
+    autocast_adapter_dtype: bool = True,
+) -> None:
     """``model.add_adapter(name, config)`` (the engine, AdapterHub) or ``model.add_adapter(adapter_config,
     adapter_name=None)`` (transformers; the name defaults to PEFT's ``"default"``): told apart by the first
     argument, a name (str) or a config object."""
@@ -34,14 +40,15 @@ def add_adapter(model: nn.Module, *args: Any, config: Any = None, adapter_name: 
         config = second if second is not None else config
         if config is None:
             raise TypeError(f"add_adapter({first!r}, config): the adapter's config is missing")
-        return api.add_adapter(model, first, config)
+        return api.add_adapter(model, first, config, autocast_adapter_dtype=autocast_adapter_dtype)
     if first is None and config is not None:  # add_adapter(config=..., adapter_name=...)
         first = config
     elif first is None or config is not None:
         raise TypeError("add_adapter needs a config: add_adapter(name, config) or add_adapter(config, adapter_name=)")
     if second is not None and adapter_name is not None:
         raise TypeError("add_adapter(adapter_config, adapter_name): give the name once")
-    return api.add_adapter(model, adapter_name or second or "default", first)
+    name = adapter_name or second or "default"
+    return api.add_adapter(model, name, first, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def load_adapter(
@@ -54,6 +61,7 @@ def load_adapter(
     peft_model_id: str | os.PathLike | None = None,
     adapter_name: str | None = None,
     peft_config: Any = None,
+    autocast_adapter_dtype: bool = True,
 ) -> str:
     """:func:`adapter_engine.api.load_adapter`, also under transformers' keyword names (``peft_model_id``,
     ``adapter_name``, ``peft_config``; their positions are the engine's)."""
@@ -65,7 +73,10 @@ def load_adapter(
         values[label] = ours if ours is not None else theirs
     if values["path"] is None:
         raise TypeError("load_adapter needs the adapter's folder (path, or transformers' peft_model_id)")
-    return api.load_adapter(model, values["path"], values["name"], values["config"], set_active=set_active)
+    return api.load_adapter(
+        model, values["path"], values["name"], values["config"], set_active=set_active,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )  # fmt: skip
 
 
 def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:

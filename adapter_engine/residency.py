@@ -93,7 +93,7 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
             raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
         modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
     else:
-        modules = _apply_linear(model, state, name, cfg, snapshot.entries)
+        modules = _apply_linear(model, state, name, cfg, snapshot.entries, autocast=None)
     state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
 
 

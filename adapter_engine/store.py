@@ -139,6 +139,8 @@ class AdapterStore:
     def load_into(self, model: nn.Module, name: str, *, create: Any = None) -> str:
         """Load adapter ``name`` into ``model`` (patched on first use); returns ``name``.
 
+        Adapters are loaded (or created) in the model's dtype, as the memory managers count them: a LoRA of a bf16
+        model in bf16, not in fp32 master weights (``load_adapter(autocast_adapter_dtype=False)``).
         An unknown name raises ``KeyError``, unless ``create`` is a config: then a *fresh* adapter is added
         (explicitly untrained; save it with :meth:`save` once trained).
         """
@@ -146,10 +148,10 @@ class AdapterStore:
         if not _has_any(folder):
             if create is None:
                 self._existing(name)  # raises the KeyError
-            api.add_adapter(model, name, coerce_config(create))
+            api.add_adapter(model, name, coerce_config(create), autocast_adapter_dtype=False)
             logger.info("created a fresh adapter %r (not in the store %s)", name, self.root)
             return name
-        api.load_adapter(model, folder, name=name)
+        api.load_adapter(model, folder, name=name, autocast_adapter_dtype=False)  # (served in the model's dtype)
         return name
 
     def save(self, model: nn.Module, name: str, *, format: str | None = None, overwrite: bool = True) -> str:

@@ -6,7 +6,9 @@ Providers: ``bare`` (``F.linear``, no adapter), ``engine`` (``lora_linear``, sha
 ``DISPATCH`` in kernels/lora_linear_dispatch.py; ``engine_persistent``, kernels/lora_linear_tma.py, from M = 256 on),
 ``composition`` (``F.linear`` then an in-place ``addmm_`` of the low-rank term: the best plain-torch order) and
 ``peft`` (a PEFT ``lora.Linear``).
-Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B); a mixed batch
+Cases: forward (inference); forward+backward for adapter training (frozen W, grads for x, A, B; also with fp32
+adapter weights, ``engine_fp32`` / ``peft_fp32``: PEFT's default for a bf16 model, ``autocast_adapter_dtype``); a
+mixed batch
 of 4 or 16 resident adapters with per-row ids incl. -1 (PEFT: ``adapter_names=``): ``engine`` (dispatch, which
 takes the segmented path for mixed batches, kernels/lora_segmented.py), ``engine_segmented`` and ``engine_masked``
 (forced: the segmented path, and the masked stacked-rank path ``"auto"`` took before it) to retune the rule in
@@ -41,7 +43,7 @@ MIXED_PROVIDERS = ["bare", "engine_one", "engine", "engine_segmented", "engine_m
                    "train_engine_one", "train_engine", "train_engine_masked"]  # fmt: skip
 FWD_PROVIDERS = ["bare", "engine", "engine_fused", "engine_epilogue", "engine_addmm", "engine_persistent",
                  "composition", "peft"]  # fmt: skip
-TRAIN_PROVIDERS = ["bare", "engine", "engine_persistent", "composition", "peft"]
+TRAIN_PROVIDERS = ["bare", "engine", "engine_persistent", "composition", "peft", "engine_fp32", "peft_fp32"]
 PERSISTENT_MIN_ROWS = pick(256, 0)  # the persistent kernel's 128-row tiles are for compute-bound M
 _BARE_MS: dict[tuple, float] = {}
 
@@ -78,6 +80,29 @@ def _layer(cache, shape, n_adapters=1):
             Bs.append(b)
         peft_layer.set_adapter([f"a{i}" for i in range(n_adapters)])
         cache[key] = (base.weight, As, Bs, peft_layer)
+    return cache[key]
+
+
+def _fp32_adapter(cache, shape):
+    """Adapter 0 of ``_layer`` as fp32 master weights (A, B) and a PEFT lora.Linear holding it in fp32 on the same
+    base: what PEFT's ``get_peft_model`` gives for a bf16 model by default (``autocast_adapter_dtype=True``; its
+    forward casts x to fp32 for the low-rank term), and what the engine keeps then (it computes in bf16)."""
+    key = (shape, "fp32")
+    if key not in cache:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLoraLinear
+
+        w, As, Bs, peft_layer = _layer(cache, shape)
+        base = peft_layer.base_layer
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+        peft32 = PeftLoraLinear(base, "a0", cfg, r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+        peft32.lora_A.to(device=device(), dtype=torch.float32)
+        peft32.lora_B.to(device=device(), dtype=torch.float32)
+        a, b = peft32.lora_A["a0"].weight, peft32.lora_B["a0"].weight
+        with torch.no_grad():
+            a.copy_(As[0].float())
+            b.copy_(Bs[0].float())
+        cache[key] = (a, b, peft32)
     return cache[key]
 
 
@@ -244,6 +269,10 @@ def bench_lora_linear_train(benchmark, layer_cache, shape, M, provider):
     bare = lambda: torch.autograd.grad(F.linear(x, w), [x], dy)
     if provider == "bare":
         fn = bare
+    elif provider.endswith("_fp32"):  # fp32 adapter weights on the bf16 base: PEFT's default, the engine's too
+        A32, B32, peft32 = _fp32_adapter(layer_cache, shape)
+        layer = peft32 if provider == "peft_fp32" else lambda x: lora_linear(x, w, A32, B32, SCALE)
+        fn = lambda: torch.autograd.grad(layer(x), [x, A32, B32], dy)
     elif provider.startswith("engine"):
         path = provider.split("_", 1)[1] if "_" in provider else "auto"
         fn = lambda: torch.autograd.grad(lora_linear(x, w, A, B, SCALE, path=path), [x, A, B], dy)

@@ -166,6 +166,22 @@ TARGETS = [
         strict=True,
         feasibility=True,
     ),
+    Target(  # the same with fp32 adapter weights on the bf16 base: what PEFT's get_peft_model gives by default
+        3,
+        "LoRA forward+backward, fp32 adapters (PEFT's default): engine / PEFT (worst)",
+        0.70,
+        True,
+        _worst_ratio("bench_lora_linear_train", "engine_fp32", "peft_fp32"),
+    ),
+    Target(
+        3,
+        "LoRA forward+backward, fp32 adapters, feasibility: bare / PEFT (worst; the target needs < 0.7)",
+        0.70,
+        True,
+        _worst_ratio("bench_lora_linear_train", "bare", "peft_fp32"),
+        strict=True,
+        feasibility=True,
+    ),
     Target(
         3,
         "whole model, 4 adapters mixed: engine / bare",

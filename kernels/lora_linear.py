@@ -32,7 +32,16 @@ from typing import NamedTuple
 import torch
 
 from ._backend import refuse_create_graph, use_triton
-from .lora_inputs import _adapter_lists, _rank_tables, _row_ids, _segments_cached, _stack, _stack_cached, _validate
+from .lora_inputs import (
+    _adapter_lists,
+    _compute_factors,
+    _rank_tables,
+    _row_ids,
+    _segments_cached,
+    _stack,
+    _stack_cached,
+    _validate,
+)
 from .lora_linear_dispatch import PATHS, _serve_mixed, _wants_segmented
 from .lora_linear_launch import lora_linear_bwd, lora_linear_fwd
 from .lora_segmented import SegmentPlan, plan_segments, u_width
@@ -239,6 +248,7 @@ def lora_linear(
         return _under_autocast(x, weight, lora_A, lora_B, scale, bias, adapter_ids, dropout, training, fan_in_fan_out,
                                path)  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
+    As, Bs = _compute_factors(x, As, Bs)
     out_f, in_f, ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -332,9 +342,10 @@ def stack_loras(
     """Check ``lora_linear``'s arguments (``x`` stands for the calls to come: its dtype, device and features) and
     stack the factors for :func:`lora_linear_stacked`. The copies are plain tensors made outside autograd."""
     As, Bs, scales = _adapter_lists(list(lora_As), list(lora_Bs), list(scales))
-    ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)[2]
     with torch.no_grad():
-        A, B = _stack(As, Bs, _rank_major_b("segmented", x))
+        computed = _compute_factors(x, As, Bs, cache=False)  # (fp32 masters: in x's dtype, copied once here)
+        ranks = _validate(x, weight, *computed, bias, fan_in_fan_out)[2]
+        A, B = _stack(*computed, _rank_major_b("segmented", x))
     base = (x.dtype, x.device, weight.shape, fan_in_fan_out, None if bias is None else bias.shape)
     return StackedLoras((*As, *Bs), tuple(scales), ranks, A, B, base)
 
@@ -404,6 +415,7 @@ def lora_linear_reference(
     """
     del path
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
+    As, Bs = _compute_factors(x, As, Bs, cache=False)
     _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=True)
     ids = _row_ids(adapter_ids, x, len(As))
     w = weight.t() if fan_in_fan_out else weight

@@ -1,0 +1,264 @@
+"""fp32 master weights of LoRA / IA3 adapters on float16 / bfloat16 models (PEFT's ``autocast_adapter_dtype=True``).
+
+PEFT keeps the adapters of a 16-bit model in fp32 by default, so that an optimizer step is not rounded to 8 or 11
+bits. The engine does the same (``add_adapter`` / ``load_adapter``, same default), and the fused op computes with
+fp32 factors of a 16-bit ``x`` in ``x``'s dtype, as autocast does for fp32 weights: its outputs equal those of the
+factors cast to 16 bits, bit for bit, and their gradients arrive in fp32. A patched PEFT model with fp32 adapters
+therefore runs fused (it used to fall back to PEFT's own forward).
+
+CPU tier: fp16 where a model computes (the interpreter's bf16 arithmetic is wrong); the op's bit-for-bit identities
+hold for bf16 too, since both sides run the same kernel on the same 16-bit operands.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import adapter_engine as ae
+from adapter_engine.kernels import lora_linear, lora_linear_reference
+
+li = importlib.import_module("adapter_engine.kernels.lora_inputs")
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _operands(dtype, ranks=(4, 3), lead=(3, 5), K=24, N=19):
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    x = rand(*lead, K).to(dtype).requires_grad_()
+    w = (rand(N, K, scale=K**-0.5)).to(dtype)
+    b = rand(N).to(dtype)
+    As = [rand(r, K, scale=K**-0.5).requires_grad_() for r in ranks]  # fp32 masters
+    Bs = [rand(N, r, scale=r**-0.5).requires_grad_() for r in ranks]
+    return x, w, b, As, Bs
+
+
+def _cast(ts, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("path", ["auto", "fused", "epilogue", "addmm", "segmented"])
+def test_fp32_master_factors_compute_as_their_16bit_casts_forward_and_backward(dtype, path):
+    """Outputs equal the 16-bit casts' bit for bit; each master's gradient is the cast's gradient in fp32 (the
+    autograd of the cast); x's gradient is unchanged. With ids (a mixed batch) and without, and with a master and a
+    16-bit factor in one call."""
+    x, w, b, As, Bs = _operands(dtype)
+    ids = torch.tensor([0, -1, 1], dtype=torch.int32)
+    kw = dict(adapter_ids=ids) if path == "segmented" else {}
+    As[1] = As[1].detach().to(dtype).requires_grad_()  # adapter 1's A is already 16-bit: only fp32 ones are cast
+    cA, cB = _cast(As, dtype), _cast(Bs, dtype)
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn(3, 5, 19).to(dtype)
+
+    y = lora_linear(x, w, As, Bs, [0.5, 2.0], b, path=path, **kw)
+    y_cast = lora_linear(x2, w, cA, cB, [0.5, 2.0], b, path=path, **kw)
+    assert y.dtype == dtype and torch.equal(y, y_cast)
+    (y * dy).sum().backward()
+    (y_cast * dy).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    for master, cast in zip([*As, *Bs], [*cA, *cB], strict=True):
+        assert master.grad.dtype == master.dtype
+        assert torch.equal(master.grad, cast.grad.to(master.dtype))
+    with torch.no_grad():  # inference: the cached casts give the same outputs
+        assert torch.equal(lora_linear(x, w, As, Bs, [0.5, 2.0], b, path=path, **kw), y_cast)
+    ref = lora_linear_reference(x.detach(), w, [a.detach() for a in As], [t.detach() for t in Bs], [0.5, 2.0], b, **kw)
+    assert ref.dtype == dtype  # the twin takes the same arguments
+
+
+def test_inference_casts_are_cached_until_the_master_changes_and_dropped_with_it():
+    """No cast per call in inference: one copy per master, reused while the master is unchanged; an update in place
+    (an optimizer step) makes a new one; a freed master leaves nothing behind."""
+    x, w, b, (A,), (B,) = _operands(torch.float16, ranks=(4,))
+    x = x.detach()
+    key = (id(A), id(B))
+    with torch.no_grad():
+        y0 = lora_linear(x, w, A, B, 0.5, b)
+        copies = li._CASTS[key][2]
+        assert [c.dtype for c in copies] == [torch.float16] * 2
+        assert torch.equal(lora_linear(x, w, A, B, 0.5, b), y0) and li._CASTS[key][2] is copies
+        B.mul_(3.0)  # in place: a new version
+        y1 = lora_linear(x, w, A, B, 0.5, b)
+        assert li._CASTS[key][2][1] is not copies[1]
+        assert torch.equal(y1, lora_linear(x, w, A.half(), B.half(), 0.5, b))
+        assert not torch.equal(y0, y1)
+    del A
+    gc.collect()
+    assert key not in li._CASTS
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype, a_dtype, culprit",
+    [
+        (torch.float32, torch.float32, torch.float16, "lora_A\\[0\\] torch.float16"),  # 16-bit factors of fp32 x
+        (torch.bfloat16, torch.bfloat16, torch.float16, "lora_A\\[0\\] torch.float16"),  # another 16-bit dtype
+        (torch.float16, torch.float32, torch.float32, "weight torch.float32"),  # only the factors may be fp32
+    ],
+)
+def test_other_dtype_mixes_are_still_refused_naming_them(x_dtype, w_dtype, a_dtype, culprit):
+    x, w = torch.randn(2, 8, dtype=x_dtype), torch.randn(5, 8, dtype=w_dtype)
+    A, B = torch.randn(2, 8, dtype=a_dtype), torch.randn(5, 2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=f"master weights.*{culprit}"):
+        lora_linear(x, w, A, B, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ models
+_CFG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=64)  # fmt: skip
+_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _llama(dtype=torch.float16):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**_CFG)).to(dtype).eval()
+
+
+def _ids():
+    return torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _adapter_weights(model, name):
+    return {n: p for n, p in model.named_parameters() if f".{name}" in n and ("lora_" in n or "ia3_" in n)}
+
+
+def test_new_lora_and_ia3_adapters_of_a_16bit_model_keep_fp32_masters_unless_told_not_to():
+    model = _llama()
+    ae.add_adapter(model, "mw_lora", ae.LoraConfig(r=4, target_modules=_TARGETS))
+    ae.add_adapter(
+        model, "mw_ia3", ae.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
+    ae.add_adapter(model, "mw_half", ae.LoraConfig(r=4, target_modules=_TARGETS), autocast_adapter_dtype=False)
+    ae.add_adapter(model, "mw_bn", "seq_bn")
+    for name, want in (("mw_lora", torch.float32), ("mw_ia3", torch.float32), ("mw_half", torch.float16)):
+        weights = _adapter_weights(model, name)
+        assert weights and {p.dtype for p in weights.values()} == {want}, name
+    bn = [p for n, p in model.named_parameters() if ".mw_bn." in n]
+    assert bn and {p.dtype for p in bn} == {torch.float16}  # bottleneck adapters: the layers' dtype (AdapterHub)
+    fp32 = _llama(torch.float32)
+    ae.add_adapter(fp32, "mw_lora", ae.LoraConfig(r=4, target_modules=_TARGETS))
+    assert {p.dtype for p in _adapter_weights(fp32, "mw_lora").values()} == {torch.float32}
+
+
+def test_a_model_with_fp32_lora_masters_computes_as_with_their_16bit_casts_and_trains_them_in_fp32():
+    """Forward: bit for bit the model whose adapter is the masters cast to fp16 (every fused path, alone, stacked
+    with another LoRA and in a mixed batch). One training step: fp32 gradients equal the cast model's, and they
+    reach the masters unrounded."""
+    ids = _ids()
+    masters, halves = _llama(), _llama()
+    for model, autocast in ((masters, True), (halves, False)):
+        for name, r in (("mw_a", 4), ("mw_b", 2)):
+            cfg = ae.LoraConfig(r=r, target_modules=_TARGETS, init_lora_weights=False)
+            ae.add_adapter(model, name, cfg, autocast_adapter_dtype=autocast)
+    with torch.no_grad():
+        for n, p in _adapter_weights(halves, "mw_").items():
+            p.copy_(masters.get_parameter(n))
+    with torch.no_grad():
+        for spec in ("mw_a", ae.Stack("mw_a", "mw_b"), ["mw_a", None, "mw_b"]):
+            with ae.use_adapters(spec):
+                assert torch.equal(masters(input_ids=ids).logits, halves(input_ids=ids).logits), spec
+    grads = {}
+    for model in (masters, halves):
+        ae.set_active_adapters(model, "mw_a")
+        ae.train_adapter(model, "mw_a")
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[model is masters] = {n: p.grad for n, p in _adapter_weights(model, "mw_a").items()}
+    assert grads[True] and all(g.dtype == torch.float32 for g in grads[True].values())
+    for n, g in grads[True].items():
+        assert torch.equal(g, grads[False][n].float()), n
+    p = next(iter(_adapter_weights(masters, "mw_a").values()))
+    before = p.detach().clone()
+    with torch.no_grad():
+        p.add_(p.grad, alpha=-1e-7)  # a step below fp16's resolution of the weights
+    assert not torch.equal(p, before) and torch.equal(p.half(), before.half())
+
+
+def test_peft_adapters_of_a_16bit_model_are_fp32_and_a_patched_peft_model_runs_them_fused(monkeypatch, tmp_path):
+    """PEFT's default: fp32 LoRA / IA3 weights on an fp16 model. Loaded into the engine they stay fp32, exactly; the
+    engine's outputs are PEFT's within fp16 rounding. A patched PeftModel with them runs the fused op (it fell back to
+    PEFT's own forward), with PEFT's outputs and gradients within the same rounding."""
+    peft = pytest.importorskip("peft")
+    import adapter_engine.lora as lora_mod
+
+    ids = _ids()
+    for cfg in (
+        peft.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False),
+        peft.IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        ),
+    ):
+        pm = peft.get_peft_model(_llama(), cfg).eval()
+        saved = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n or "ia3_" in n}
+        assert saved and {p.dtype for p in saved.values()} == {torch.float32}
+        with torch.no_grad():
+            want = pm(input_ids=ids).logits
+        pm.save_pretrained(tmp_path / type(cfg).__name__)
+        model = _llama()
+        ae.load_adapter(model, tmp_path / type(cfg).__name__, name="mw_peft", set_active=True)
+        loaded = _adapter_weights(model, "mw_peft")
+        assert len(loaded) == len(saved) and {p.dtype for p in loaded.values()} == {torch.float32}
+        assert sorted(t.sum().item() for t in loaded.values()) == sorted(t.sum().item() for t in saved.values())
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=3e-3, rtol=0)
+
+    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    pm.train()
+    want = pm(input_ids=ids, labels=ids).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad()
+    calls = []
+    real = lora_mod.lora_linear
+    monkeypatch.setattr(lora_mod, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ae.patch(pm)
+    got = pm(input_ids=ids, labels=ids).loss
+    assert len(calls) == 2 * len(_TARGETS)  # every LoRA layer of both blocks: fused
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    got.backward()
+    for n, g in want_grads.items():
+        grad = pm.get_parameter(n).grad
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, g, atol=2e-3, rtol=2e-2, msg=n)
+
+
+def test_save_load_snapshot_and_store_keep_or_choose_the_adapter_dtype(tmp_path):
+    """save_adapter writes the masters in fp32 (as PEFT saves them); load_adapter keeps them exactly, or rounds them
+    to the layers' dtype with autocast_adapter_dtype=False; a snapshot put back keeps its dtype; the store (serving
+    under a memory manager, which counts adapters in the model's dtype) loads in the model's dtype."""
+    from safetensors.torch import load_file
+
+    model = _llama()
+    ae.add_adapter(model, "mw_s", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    masters = {n.replace("mw_s", "X"): p.detach().clone() for n, p in _adapter_weights(model, "mw_s").items()}
+    ae.save_adapter(model, "mw_s", tmp_path / "mw_s")
+    assert {t.dtype for t in load_file(tmp_path / "mw_s" / "adapter_model.safetensors").values()} == {torch.float32}
+    for autocast, dtype in ((True, torch.float32), (False, torch.float16)):
+        other = _llama()
+        ae.load_adapter(other, tmp_path / "mw_s", name="mw_l", autocast_adapter_dtype=autocast)
+        for n, p in _adapter_weights(other, "mw_l").items():
+            assert p.dtype == dtype and torch.equal(p, masters[n.replace("mw_l", "X")].to(dtype)), n
+    snap = ae.api.snapshot_adapter(model, "mw_s")
+    ae.delete_adapter(model, "mw_s")
+    ae.api.restore_adapter(model, "mw_s", snap)
+    for n, p in _adapter_weights(model, "mw_s").items():
+        assert p.dtype == torch.float32 and torch.equal(p, masters[n.replace("mw_s", "X")]), n
+    store = ae.AdapterStore(tmp_path)
+    served = _llama()
+    store.load_into(served, "mw_s")
+    assert {p.dtype for p in _adapter_weights(served, "mw_s").values()} == {torch.float16}
+
+
+def test_merging_fp32_masters_into_a_16bit_model_rounds_once():
+    """merge_adapter folds fp32 factors into fp16 weights in fp32 (one rounding per element): the merged weight is
+    ``(W + s B A)`` computed in fp32 and rounded once, within one fp16 ulp of the fp64 value."""
+    model = _llama()
+    ae.add_adapter(model, "mw_m", ae.LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS, init_lora_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    A, B, W = layer.lora_A["mw_m"].weight.detach().double(), layer.lora_B["mw_m"].weight.detach().double(), layer.weight
+    exact = W.detach().double() + 2.0 * B @ A
+    ae.merge_adapter(model, "mw_m")
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
+    assert W.dtype == torch.float16 and ((W.double() - exact).abs() <= ulp).all()
