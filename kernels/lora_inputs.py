@@ -60,11 +60,12 @@ def _adapter_lists(lora_A, lora_B, scale):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 master factors of a 16-bit x (PEFT's ``autocast_adapter_dtype``)
 # ----------------------------------------------------------------------------------------------------------------
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # inference-only cache of fp32 factors cast to 16 bits: id()s of a call's factors -> (weak refs, their versions and
 # addresses and the dtype, the factors as the op computes with them)
-_CASTS: collections.OrderedDict = collections.OrderedDict()
-_MAX_CASTS = 4096  # (one entry per LoRA layer and adapter set, as _STACKS)
+_CASTS: dict[tuple, tuple] = {}
+_MAX_CASTS = 4096  # (one entry per LoRA layer and adapter set, as _STACKS; the oldest goes first)
+_DTYPE = operator.attrgetter("dtype")
+_DEREF = weakref.ref.__call__
 
 
 def _compute_factors(x, As, Bs, cache: bool = True):
@@ -73,40 +74,43 @@ def _compute_factors(x, As, Bs, cache: bool = True):
     casts fp32 weights for a 16-bit matmul; every other factor as given (``_validate`` judges them). Under autograd the
     casts are differentiable (a master's gradient arrives in fp32). Otherwise the copies are cached (``cache``) while
     the call's factors are the same live tensors at the same in-place versions and addresses: an inference call pays
-    one lookup for all of them, not a cast per factor (about 2 us of host time per factor on this project's CPU when
-    looked up one by one). Updates through ``.data`` are not seen, as in ``_stack_cached``."""
+    one lookup for all of them (C-level maps), not a cast per factor. Updates through ``.data`` are not seen, as in
+    ``_stack_cached``."""
     dt = getattr(x, "dtype", None)
-    if dt not in _HALF_DTYPES:
+    if dt is not torch.float16 and dt is not torch.bfloat16:
         return As, Bs
     factors = (*As, *Bs)
-    f32 = torch.float32
-    if not any(getattr(t, "dtype", None) is f32 for t in factors):
+    try:
+        if torch.float32 not in map(_DTYPE, factors):
+            return As, Bs
+    except AttributeError:  # not tensors: _validate names them
         return As, Bs
     n = len(As)
-    if torch.is_grad_enabled() or not cache or torch.compiler.is_compiling():  # (a compiled graph casts itself)
-        cast = [t.to(dt) if getattr(t, "dtype", None) is f32 else t for t in factors]
+    if not cache or torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph casts itself)
+        cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
-    try:  # (C-level maps, as in _stack_cached)
-        state = (tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors)), dt)
-    except (RuntimeError, AttributeError, TypeError):  # an inference tensor (no version), or not a tensor at all
-        cast = [t.detach().to(dt) if getattr(t, "dtype", None) is f32 else t for t in factors]
+    try:
+        versions, addresses = tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors))
+    except RuntimeError:  # an inference tensor: no version counter, never cached
+        cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
     key = tuple(map(id, factors))
     hit = _CASTS.get(key)
-    if hit is not None and hit[1] == state and all(map(operator.is_, [ref() for ref in hit[0]], factors)):
-        _CASTS.move_to_end(key)
-        kept(hit[2])  # (a CUDA graph captured now reads the copies: they must outlive the entry)
-        cast = [t if c is None else c for c, t in zip(hit[2], factors, strict=True)]
-        return cast[:n], cast[n:]
-    cast = tuple(t.detach().to(dt) if t.dtype is f32 else t for t in factors)
+    if (
+        hit is not None and hit[1] is dt and hit[2] == versions and hit[3] == addresses
+        and all(map(operator.is_, map(_DEREF, hit[0]), factors))
+    ):  # fmt: skip
+        return kept(hit[4])  # (a CUDA graph captured now reads the copies: they must outlive the entry)
+    cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
+    result = (cast[:n], cast[n:])
     if not capturing(factors[0]):  # (made inside a CUDA graph, the copies would be filled only when it replays)
         drop = lambda ref, key=key: _drop(_CASTS, key, ref)  # noqa: E731  (runs when a factor is freed)
-        # (an entry never holds a factor itself, which would then stay alive through its own entry)
-        copies = tuple(c if c is not t else None for c, t in zip(cast, factors, strict=True))
-        _CASTS[key] = (tuple(weakref.ref(t, drop) for t in factors), state, copies)
+        # (the entry holds the factors weakly; a 16-bit factor among them is in the result as itself, kept alive by
+        # the entry only as long as the fp32 factors beside it live)
+        _CASTS[key] = (tuple(weakref.ref(t, drop) for t in factors), dt, versions, addresses, result)
         if len(_CASTS) > _MAX_CASTS:
-            _CASTS.popitem(last=False)
-    return list(cast[:n]), list(cast[n:])
+            del _CASTS[next(iter(_CASTS))]
+    return result
 
 
 def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False) -> tuple[int, int, tuple[int, ...]]:
@@ -250,6 +254,7 @@ def _stack(lora_As, lora_Bs, b_rank_major: bool = False) -> tuple[torch.Tensor, 
 _STACKS: collections.OrderedDict = collections.OrderedDict()  # inference-only cache of concatenated factors
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place version (raises for inference tensors)
 _DATA_PTR = torch.Tensor.data_ptr
+
 # Serving keeps one entry per LoRA layer (every resident adapter fused): room for the layers of large models
 # (80 layers x 7 projections = 560), past which every call would concatenate again. An entry lives only as long
 # as its factors, so the copies never outnumber the live adapter sets.

@@ -78,12 +78,13 @@ def test_inference_casts_are_cached_until_the_master_changes_and_dropped_with_it
     key = (id(A), id(B))
     with torch.no_grad():
         y0 = lora_linear(x, w, A, B, 0.5, b)
-        copies = li._CASTS[key][2]
-        assert [c.dtype for c in copies] == [torch.float16] * 2
-        assert torch.equal(lora_linear(x, w, A, B, 0.5, b), y0) and li._CASTS[key][2] is copies
+        (a16,), (b16,) = li._CASTS[key][-1]  # (the entry's last item: the factors as the op computes with them)
+        assert a16.dtype == b16.dtype == torch.float16
+        assert torch.equal(lora_linear(x, w, A, B, 0.5, b), y0)
+        assert li._CASTS[key][-1][0][0] is a16 and li._CASTS[key][-1][1][0] is b16
         B.mul_(3.0)  # in place: a new version
         y1 = lora_linear(x, w, A, B, 0.5, b)
-        assert li._CASTS[key][2][1] is not copies[1]
+        assert li._CASTS[key][-1][1][0] is not b16
         assert torch.equal(y1, lora_linear(x, w, A.half(), B.half(), 0.5, b))
         assert not torch.equal(y0, y1)
     del A
