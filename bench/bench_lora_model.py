@@ -4,8 +4,10 @@ resident adapters, each sequence routed to one of them or to none, one fused for
 kernels), ``engine_mixed_masked`` (the same batch on the masked stacked-rank path, which above 64 rows times the
 persistent TMA GEMM, adapter ids applied in its epilogue, against cuBLAS ``"composition"``: y written once, against
 the segmented path's extra pass over y; to settle ``DISPATCH`` for mixed batches), ``peft_one`` and ``peft_mixed``
-(PEFT with ``adapter_names=``, which loops over the adapters). Target (H100): the mixed batch at most 1.10x the bare
-model; PEFT measured 2.19x (NOTES.md)."""
+(PEFT with ``adapter_names=``, which loops over the adapters). Both libraries keep their adapters of this bf16 model
+in fp32 by default (``autocast_adapter_dtype``): PEFT computes the low-rank terms in fp32, the engine in bf16 from
+copies cached at the first call (since session 22; before, its adapters were bf16). Target (H100): the mixed batch
+at most 1.10x the bare model; PEFT measured 2.19x (NOTES.md)."""
 
 import importlib
 
