@@ -80,13 +80,16 @@ def _compute_factors(x, As, Bs, cache: bool = True):
     if dt is not torch.float16 and dt is not torch.bfloat16:
         return As, Bs
     factors = (*As, *Bs)
+    if torch.compiler.is_compiling():  # (a compiled graph casts itself; dynamo cannot trace the C-level maps below)
+        cast = [t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in factors]
+        return cast[: len(As)], cast[len(As) :]
     try:
         if torch.float32 not in map(_DTYPE, factors):
             return As, Bs
     except AttributeError:  # not tensors: _validate names them
         return As, Bs
     n = len(As)
-    if not cache or torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph casts itself)
+    if not cache or torch.is_grad_enabled():
         cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
     try:

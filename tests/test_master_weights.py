@@ -263,3 +263,30 @@ def test_merging_fp32_masters_into_a_16bit_model_rounds_once():
     ae.merge_adapter(model, "mw_m")
     ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
     assert W.dtype == torch.float16 and ((W.double() - exact).abs() <= ulp).all()
+
+
+def test_torch_compile_of_a_16bit_model_with_fp32_masters_is_one_graph_computing_as_the_16bit_casts():
+    """A patched fp16 model with fp32 masters (and a 16-bit adapter beside them) compiles to one graph
+    (``fullgraph=True``: the op's dtype check of the factors used C-level maps dynamo cannot trace, so it failed,
+    and broke the graph at every LoRA layer without fullgraph); it computes as the model with the masters cast to
+    fp16, uncompiled, and its gradients reach the masters in fp32."""
+    ids = _ids()
+    masters, halves = _llama(), _llama()
+    for model, autocast in ((masters, True), (halves, False)):
+        cfg = ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False)
+        ae.add_adapter(model, "mw_c", cfg, autocast_adapter_dtype=autocast)
+        ae.add_adapter(model, "mw_h", cfg, autocast_adapter_dtype=False)
+        ae.set_active_adapters(model, ["mw_c", "mw_h"])
+    with torch.no_grad():
+        for n, p in _adapter_weights(halves, "mw_").items():
+            p.copy_(masters.get_parameter(n))
+    torch._dynamo.reset()
+    compiled = torch.compile(masters, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, halves(input_ids=ids).logits)
+    for model in (compiled, halves):
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+    grads = _adapter_weights(masters, "mw_c")
+    assert grads and all(p.grad.dtype == torch.float32 for p in grads.values())
+    for n, p in grads.items():
+        assert torch.equal(p.grad, halves.get_parameter(n).grad.float()), n
