@@ -290,3 +290,29 @@ def test_torch_compile_of_a_16bit_model_with_fp32_masters_is_one_graph_computing
     assert grads and all(p.grad.dtype == torch.float32 for p in grads.values())
     for n, p in grads.items():
         assert torch.equal(p.grad, halves.get_parameter(n).grad.float()), n
+
+
+def test_a_saved_adapter_with_fp32_masters_is_kept_on_the_host_not_dropped_and_reloaded_rounded(tmp_path):
+    """offload="drop" drops an adapter saved to the store, to reload it from there; but the store loads in the
+    layers' dtype, so fp32 masters came back as fp16, their training below fp16 resolution lost (and counted at
+    half their bytes). They are kept on the host and come back as they were; a 16-bit adapter is still dropped."""
+    model = _llama()
+    store = ae.AdapterStore(tmp_path)
+    ae.add_adapter(model, "mw_a", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    ae.add_adapter(model, "mw_b", ae.LoraConfig(r=4, target_modules=_TARGETS), autocast_adapter_dtype=False)
+    memory = ae.AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with torch.no_grad():
+        for p in _adapter_weights(model, "mw_a").values():
+            p.add_(1e-5)  # a trained step below fp16's resolution
+    for name in ("mw_b", "mw_a"):
+        store.save(model, name)
+    masters = {n: p.detach().clone() for n, p in _adapter_weights(model, "mw_a").items()}
+    size = ae.api.adapter_nbytes(model, "mw_a")
+    memory.evict("mw_b")
+    assert memory.stats().offloaded == 0  # (16-bit, as the store loads it: dropped)
+    with memory.use(["mw_b"]):  # evicts mw_a
+        assert memory.stats().offloaded == 1
+    with memory.use(["mw_a"]):
+        back = _adapter_weights(model, "mw_a")
+        assert back.keys() == masters.keys() and all(torch.equal(p, masters[n]) for n, p in back.items())
+        assert {p.dtype for p in back.values()} == {torch.float32} and memory.stats().resident_bytes == size
