@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -90,6 +91,24 @@ def test_inference_casts_are_cached_until_the_master_changes_and_dropped_with_it
     del A
     gc.collect()
     assert key not in li._CASTS
+
+
+def test_the_cached_casts_of_a_call_mixing_masters_and_16bit_factors_do_not_keep_the_16bit_ones_alive():
+    """A 16-bit factor beside fp32 masters is used as given; the cache entry held it (in the result it kept), so an
+    adapter deleted from a layer whose other adapter has masters stayed in memory as long as the masters lived. The
+    entry now holds it weakly: it is freed, and its entry with it; the cached call still serves the right factors."""
+    x, w, b, (A, A16), (B, B16) = _operands(torch.float16, ranks=(4, 3))
+    x = x.detach()
+    A16, B16 = A16.detach().half(), B16.detach().half()
+    with torch.no_grad():
+        want = lora_linear(x, w, [A.half(), A16], [B.half(), B16], [0.5, 2.0], b)
+        for _ in range(2):  # (a miss, then a hit)
+            assert torch.equal(lora_linear(x, w, [A, A16], [B, B16], [0.5, 2.0], b), want)
+    key, freed = (id(A), id(A16), id(B), id(B16)), weakref.ref(B16)
+    assert key in li._CASTS
+    del A16, B16
+    gc.collect()
+    assert freed() is None and key not in li._CASTS
 
 
 @pytest.mark.parametrize(
