@@ -335,3 +335,22 @@ def test_a_saved_adapter_with_fp32_masters_is_kept_on_the_host_not_dropped_and_r
         back = _adapter_weights(model, "mw_a")
         assert back.keys() == masters.keys() and all(torch.equal(p, masters[n]) for n, p in back.items())
         assert {p.dtype for p in back.values()} == {torch.float32} and memory.stats().resident_bytes == size
+
+
+def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
+    """load_model rebuilt every LoRA / IA3 adapter of a 16-bit checkpoint with fp32 masters (add_adapter's default),
+    also those saved in 16 bits (autocast_adapter_dtype=False, or loaded by a store): twice their memory, and saved
+    so from then on. Each comes back in the dtype it was saved in, its weights exactly."""
+    model = _llama()
+    ae.add_adapter(model, "mw_m", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    ae.add_adapter(model, "mw_h", ae.LoraConfig(r=2, target_modules=_TARGETS), autocast_adapter_dtype=False)
+    ae.add_adapter(model, "mw_i", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    ae.add_adapter(
+        model, "mw_j", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), autocast_adapter_dtype=False
+    )
+    saved = _adapter_weights(model, "mw_")
+    ae.save_model(model, tmp_path / "ckpt")
+    loaded = _adapter_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
+    assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
+    for n, p in loaded.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
