@@ -10,16 +10,17 @@
 
 The manager keeps at most ``max_active`` adapters and ``max_bytes`` bytes of adapter weights resident, evicting the
 least recently used adapter that is neither pinned (``pin``: e.g. the active stack) nor in use by a running call
-(reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"`` its
-weights are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy; with
-``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it was
-loaded from the store, or saved to it (``AdapterStore.save``), and no weight of it has changed in place since (their
-version counters). Any other adapter (trained since it was loaded or saved, fresh, loaded from a folder, or one the
-store does not hold) is kept on the host instead, with a log line, so no trained adapter is lost. A reloaded adapter
-keeps each weight's ``requires_grad`` (a frozen one stays frozen). Every method is thread-safe (one ``RLock``);
-forwards run outside it. The manager follows adapters deleted or merged away (``merge_adapter``) and added behind
-its back through the model's own API. The fused bottleneck op keeps one packed copy of each layer's resident
-adapters: device memory is about twice the counted bytes for bottleneck adapters.
+(reference counts from ``acquire`` / ``use``). An evicted adapter leaves the model; with ``offload="cpu"`` its weights
+are kept in host memory (pinned when the model is on a GPU) and a reload is a host-to-device copy; with
+``offload="drop"`` it is reloaded from the store, and so dropped only when its weights are the store's: it was loaded
+from the store, or saved to it (``AdapterStore.save``), and no weight of it has changed in place since (their version
+counters). Any other adapter (trained since it was loaded or saved, fresh, loaded from a folder, one the store does not
+hold, or one with fp32 master weights, which the store loads rounded to the model's dtype) is kept on the host instead,
+with a log line, so no trained adapter is lost. A reloaded adapter keeps each weight's ``requires_grad`` (a frozen one
+stays frozen). Every method is thread-safe (one ``RLock``); forwards run outside it. The manager follows adapters
+deleted or merged away (``merge_adapter``) and added behind its back through the model's own API. The fused bottleneck
+op keeps one packed copy of each layer's resident adapters: device memory is about twice the counted bytes for
+bottleneck adapters.
 """
 
 from __future__ import annotations
@@ -331,8 +332,27 @@ class AdapterMemoryManager:
             return
         with self.lock:
             self._sync()
-            if name in self._resident:
+            if name in self._resident and self._reloads_as_is(name):
                 self._mark_clean(name)
+
+    def _reloads_as_is(self, name: str) -> bool:
+        """Whether the store's load gives adapter ``name`` back in its weights' dtypes: it loads in the layers' dtype
+        (``AdapterStore.load_into``), so fp32 master weights of a 16-bit model (``add_adapter`` / ``load_adapter``'s
+        default) came back rounded to it after a drop, their training below 16-bit resolution lost. Such an adapter
+        is kept in host memory instead."""
+        record = api._state(self.model).adapters[name]
+        if record.kind == "bottleneck":  # (always in the layers' dtype)
+            return True
+        for module_name in record.modules:
+            module = self.model.get_submodule(module_name)
+            if record.kind == "ia3":
+                own = [module.ia3_l[name]]
+            else:
+                own = [module.lora_A[name].weight, module.lora_B[name].weight]
+            if any(p.dtype != module.weight.dtype for p in own):
+                logger.info("adapter %r has fp32 master weights: offload='drop' keeps it in host memory", name)
+                return False
+        return True
 
     def _mark_clean(self, name: str) -> None:
         weights = tuple(api.adapter_parameters(self.model, name))

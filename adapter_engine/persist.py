@@ -49,6 +49,9 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
+            if record.kind in ("lora", "ia3"):  # fp32 (master weights of a 16-bit model), or the layers' dtype
+                weights = api.adapter_parameters(model, name)
+                manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
     # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
@@ -125,7 +128,10 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
         manifest = json.load(fh)
     plain_keys = set(model.state_dict())
     for name, entry in manifest["adapters"].items():
-        api.add_adapter(model, name, _where_it_was(config_from_dict(entry["config"]), entry))
+        # (in the dtype it was saved in: a 16-bit LoRA / IA3 adapter of a 16-bit model came back as fp32 masters,
+        # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default)
+        api.add_adapter(model, name, _where_it_was(config_from_dict(entry["config"]), entry),
+                        autocast_adapter_dtype=entry.get("fp32", True))  # fmt: skip
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)

@@ -60,8 +60,9 @@ def _adapter_lists(lora_A, lora_B, scale):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 master factors of a 16-bit x (PEFT's ``autocast_adapter_dtype``)
 # ----------------------------------------------------------------------------------------------------------------
-# inference-only cache of fp32 factors cast to 16 bits: id()s of a call's factors -> (weak refs, their versions and
-# addresses and the dtype, the factors as the op computes with them)
+# inference-only cache of fp32 factors cast to 16 bits: id()s of a call's factors -> (weak refs, the dtype, their
+# versions and addresses, the casts (None for a factor taken as given), the factors as the op computes with them or
+# None when some are taken as given)
 _CASTS: dict[tuple, tuple] = {}
 _MAX_CASTS = 4096  # (one entry per LoRA layer and adapter set, as _STACKS; the oldest goes first)
 _DTYPE = operator.attrgetter("dtype")
@@ -80,13 +81,16 @@ def _compute_factors(x, As, Bs, cache: bool = True):
     if dt is not torch.float16 and dt is not torch.bfloat16:
         return As, Bs
     factors = (*As, *Bs)
+    if torch.compiler.is_compiling():  # (a compiled graph casts itself; dynamo cannot trace the C-level maps below)
+        cast = [t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in factors]
+        return cast[: len(As)], cast[len(As) :]
     try:
         if torch.float32 not in map(_DTYPE, factors):
             return As, Bs
     except AttributeError:  # not tensors: _validate names them
         return As, Bs
     n = len(As)
-    if not cache or torch.is_grad_enabled() or torch.compiler.is_compiling():  # (a compiled graph casts itself)
+    if not cache or torch.is_grad_enabled():
         cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
     try:
@@ -100,14 +104,21 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         hit is not None and hit[1] is dt and hit[2] == versions and hit[3] == addresses
         and all(map(operator.is_, map(_DEREF, hit[0]), factors))
     ):  # fmt: skip
-        return kept(hit[4])  # (a CUDA graph captured now reads the copies: they must outlive the entry)
+        result = hit[5]
+        if result is None:  # (the factors taken as given: the live ones just checked)
+            cast = [t if c is None else c for c, t in zip(hit[4], factors, strict=True)]
+            result = (cast[:n], cast[n:])
+        return kept(result)  # (a CUDA graph captured now reads the copies: they must outlive the entry)
     cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
     result = (cast[:n], cast[n:])
     if not capturing(factors[0]):  # (made inside a CUDA graph, the copies would be filled only when it replays)
         drop = lambda ref, key=key: _drop(_CASTS, key, ref)  # noqa: E731  (runs when a factor is freed)
-        # (the entry holds the factors weakly; a 16-bit factor among them is in the result as itself, kept alive by
-        # the entry only as long as the fp32 factors beside it live)
-        _CASTS[key] = (tuple(weakref.ref(t, drop) for t in factors), dt, versions, addresses, result)
+        # The entry holds the factors weakly, and a 16-bit factor taken as given too: held in the entry, an evicted
+        # 16-bit adapter stacked with a resident master one stayed on the device (outside any memory manager's
+        # count) as long as the master lived. Only an all-fp32 call keeps its result ready (the common case).
+        casts = tuple(c if c is not t else None for c, t in zip(cast, factors, strict=True))
+        ready = result if all(c is not None for c in casts) else None
+        _CASTS[key] = (tuple(weakref.ref(t, drop) for t in factors), dt, versions, addresses, casts, ready)
         if len(_CASTS) > _MAX_CASTS:
             del _CASTS[next(iter(_CASTS))]
     return result

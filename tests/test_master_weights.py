@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -90,6 +91,24 @@ def test_inference_casts_are_cached_until_the_master_changes_and_dropped_with_it
     del A
     gc.collect()
     assert key not in li._CASTS
+
+
+def test_the_cached_casts_of_a_call_mixing_masters_and_16bit_factors_do_not_keep_the_16bit_ones_alive():
+    """A 16-bit factor beside fp32 masters is used as given; the cache entry held it (in the result it kept), so an
+    adapter deleted from a layer whose other adapter has masters stayed in memory as long as the masters lived. The
+    entry now holds it weakly: it is freed, and its entry with it; the cached call still serves the right factors."""
+    x, w, b, (A, A16), (B, B16) = _operands(torch.float16, ranks=(4, 3))
+    x = x.detach()
+    A16, B16 = A16.detach().half(), B16.detach().half()
+    with torch.no_grad():
+        want = lora_linear(x, w, [A.half(), A16], [B.half(), B16], [0.5, 2.0], b)
+        for _ in range(2):  # (a miss, then a hit)
+            assert torch.equal(lora_linear(x, w, [A, A16], [B, B16], [0.5, 2.0], b), want)
+    key, freed = (id(A), id(A16), id(B), id(B16)), weakref.ref(B16)
+    assert key in li._CASTS
+    del A16, B16
+    gc.collect()
+    assert freed() is None and key not in li._CASTS
 
 
 @pytest.mark.parametrize(
@@ -263,3 +282,75 @@ def test_merging_fp32_masters_into_a_16bit_model_rounds_once():
     ae.merge_adapter(model, "mw_m")
     ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
     assert W.dtype == torch.float16 and ((W.double() - exact).abs() <= ulp).all()
+
+
+def test_torch_compile_of_a_16bit_model_with_fp32_masters_is_one_graph_computing_as_the_16bit_casts():
+    """A patched fp16 model with fp32 masters (and a 16-bit adapter beside them) compiles to one graph
+    (``fullgraph=True``: the op's dtype check of the factors used C-level maps dynamo cannot trace, so it failed,
+    and broke the graph at every LoRA layer without fullgraph); it computes as the model with the masters cast to
+    fp16, uncompiled, and its gradients reach the masters in fp32."""
+    ids = _ids()
+    masters, halves = _llama(), _llama()
+    for model, autocast in ((masters, True), (halves, False)):
+        cfg = ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False)
+        ae.add_adapter(model, "mw_c", cfg, autocast_adapter_dtype=autocast)
+        ae.add_adapter(model, "mw_h", cfg, autocast_adapter_dtype=False)
+        ae.set_active_adapters(model, ["mw_c", "mw_h"])
+    with torch.no_grad():
+        for n, p in _adapter_weights(halves, "mw_").items():
+            p.copy_(masters.get_parameter(n))
+    torch._dynamo.reset()
+    compiled = torch.compile(masters, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, halves(input_ids=ids).logits)
+    for model in (compiled, halves):
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+    grads = _adapter_weights(masters, "mw_c")
+    assert grads and all(p.grad.dtype == torch.float32 for p in grads.values())
+    for n, p in grads.items():
+        assert torch.equal(p.grad, halves.get_parameter(n).grad.float()), n
+
+
+def test_a_saved_adapter_with_fp32_masters_is_kept_on_the_host_not_dropped_and_reloaded_rounded(tmp_path):
+    """offload="drop" drops an adapter saved to the store, to reload it from there; but the store loads in the
+    layers' dtype, so fp32 masters came back as fp16, their training below fp16 resolution lost (and counted at
+    half their bytes). They are kept on the host and come back as they were; a 16-bit adapter is still dropped."""
+    model = _llama()
+    store = ae.AdapterStore(tmp_path)
+    ae.add_adapter(model, "mw_a", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    ae.add_adapter(model, "mw_b", ae.LoraConfig(r=4, target_modules=_TARGETS), autocast_adapter_dtype=False)
+    memory = ae.AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with torch.no_grad():
+        for p in _adapter_weights(model, "mw_a").values():
+            p.add_(1e-5)  # a trained step below fp16's resolution
+    for name in ("mw_b", "mw_a"):
+        store.save(model, name)
+    masters = {n: p.detach().clone() for n, p in _adapter_weights(model, "mw_a").items()}
+    size = ae.api.adapter_nbytes(model, "mw_a")
+    memory.evict("mw_b")
+    assert memory.stats().offloaded == 0  # (16-bit, as the store loads it: dropped)
+    with memory.use(["mw_b"]):  # evicts mw_a
+        assert memory.stats().offloaded == 1
+    with memory.use(["mw_a"]):
+        back = _adapter_weights(model, "mw_a")
+        assert back.keys() == masters.keys() and all(torch.equal(p, masters[n]) for n, p in back.items())
+        assert {p.dtype for p in back.values()} == {torch.float32} and memory.stats().resident_bytes == size
+
+
+def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
+    """load_model rebuilt every LoRA / IA3 adapter of a 16-bit checkpoint with fp32 masters (add_adapter's default),
+    also those saved in 16 bits (autocast_adapter_dtype=False, or loaded by a store): twice their memory, and saved
+    so from then on. Each comes back in the dtype it was saved in, its weights exactly."""
+    model = _llama()
+    ae.add_adapter(model, "mw_m", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    ae.add_adapter(model, "mw_h", ae.LoraConfig(r=2, target_modules=_TARGETS), autocast_adapter_dtype=False)
+    ae.add_adapter(model, "mw_i", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    ae.add_adapter(
+        model, "mw_j", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), autocast_adapter_dtype=False
+    )
+    saved = _adapter_weights(model, "mw_")
+    ae.save_model(model, tmp_path / "ckpt")
+    loaded = _adapter_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
+    assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
+    for n, p in loaded.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
