@@ -178,7 +178,7 @@ def load_adapter(
     config: Any = None,
     *,
     set_active: bool = False,
-    autocast_adapter_dtype: bool = True,
+    autocast_adapter_dtype: bool | None = True,
 ) -> str:
     """Load a PEFT or AdapterHub adapter folder into ``model``; returns its name.
 
@@ -186,7 +186,8 @@ def load_adapter(
     Raises ``ValueError`` naming the layer and both shapes when the adapter does not fit the model; nothing is
     loaded unless everything fits. ``autocast_adapter_dtype`` (PEFT's, same default): LoRA / IA3 weights of float16
     / bfloat16 layers are kept in float32 (the file's fp32 values exactly; computed in the layer's dtype); False
-    loads them in the layers' dtype. Bottleneck adapters take their layers' dtype, as AdapterHub's do.
+    loads them in the layers' dtype; None as saved (fp32 where the file's tensors are fp32). Bottleneck adapters take
+    their layers' dtype, as AdapterHub's do.
     """
     state = _state(model)
     file = read_adapter(path, name=name, config=config)

@@ -120,11 +120,12 @@ class StackedAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
         """Push a new level (``level=False``: add a sibling for routing). ``config_or_path``: a config (fresh
-        adapter), an adapter folder, or None to take ``name`` from the memory manager (resident, e.g. loaded by an
-        earlier routed call, or offloaded to the host) or else load it from the store. The new level runs at once
-        (depth = all levels). Returns the name. A refused call (a name taken by a level, sibling or named stack,
-        more levels than ``max_active``, a sibling when the running adapters fill ``max_active``, a level whose
-        structure cannot stack on the others) leaves the model, the levels and the running stack as they were."""
+        adapter), an adapter folder (LoRA / IA3 weights kept in the dtype they were saved in), or None to take
+        ``name`` from the memory manager (resident, e.g. loaded by an earlier routed call, or offloaded to the host)
+        or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
+        refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
+        when the running adapters fill ``max_active``, a level whose structure cannot stack on the others) leaves
+        the model, the levels and the running stack as they were."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -157,7 +158,8 @@ class StackedAdapterModel(nn.Module):
                 if not os.path.isdir(os.fspath(config_or_path)):
                     raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
-                api.load_adapter(self.model, config_or_path, name=name)
+                # (as saved: a 16-bit LoRA / IA3 adapter of a saved stack came back as fp32 masters, twice its bytes)
+                api.load_adapter(self.model, config_or_path, name=name, autocast_adapter_dtype=None)
                 self.memory.register(name)
             else:
                 self.memory.make_room_for_one()

@@ -354,3 +354,22 @@ def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
     assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
     for n, p in loaded.items():
         assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
+
+
+def test_a_saved_stack_comes_back_with_each_adapters_dtype(tmp_path):
+    """StackedAdapterModel.load (its adapter folders) loads LoRA adapters as saved: a 16-bit one (from a store, or
+    made with autocast_adapter_dtype=False) came back as fp32 masters (load_adapter's default), twice its bytes under
+    the stack's byte cap; fp32 masters stay fp32. Their weights come back exactly."""
+    donor = _llama()
+    ae.add_adapter(donor, "mw_h", ae.LoraConfig(r=2, target_modules=_TARGETS, init_lora_weights=False),
+                   autocast_adapter_dtype=False)  # fmt: skip
+    ae.save_adapter(donor, "mw_h", tmp_path / "mw_h")
+    sam = ae.StackedAdapterModel(_llama(), ("mw_h", tmp_path / "mw_h"))
+    sam.add_adapter("mw_m", ae.LoraConfig(r=4, target_modules=_TARGETS, init_lora_weights=False))
+    saved = _adapter_weights(sam.model, "mw_")
+    assert {n.split(".mw_")[1][0]: p.dtype for n, p in saved.items()} == {"h": torch.float16, "m": torch.float32}
+    sam.save(tmp_path / "stack")
+    loaded = _adapter_weights(ae.StackedAdapterModel.load(tmp_path / "stack", _llama()).model, "mw_")
+    assert loaded.keys() == saved.keys()
+    for n, p in loaded.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
