@@ -200,17 +200,19 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         ia3 = [n for n in names if n in mods["ia3_l"] and n not in merged]
         if not lora and not ia3:
             return self._base_forward(x)
-        for n in ia3:
-            if self.ia3_feedforward[n]:
-                x = ia3_scaled(x, self.ia3_l[n])
+        if ia3:  # several IA3 vectors scale once, by their product (PEFT's order: one rounding of x or y)
+            ff = self.ia3_feedforward
+            scale_in = _product([self.ia3_l[n] for n in ia3 if ff[n]])
+            scale_out = _product([self.ia3_l[n] for n in ia3 if not ff[n]])
+            if scale_in is not None:
+                x = ia3_scaled(x, scale_in)
         if not lora:
             y = self._base_forward(x)
         else:
             y = _fused(x, self.weight, self.bias, mods["lora_A"], mods["lora_B"], self.scaling, self.lora_dropout,
                        lora, self.training, self.fan_in_fan_out)  # fmt: skip
-        for n in ia3:
-            if not self.ia3_feedforward[n]:
-                y = ia3_scaled(y, self.ia3_l[n])
+        if ia3 and scale_out is not None:
+            y = ia3_scaled(y, scale_out)
         return y
 
     # ------------------------------------------------------------------------------------------- merging
@@ -291,6 +293,16 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
             term = lowrank_term(xd, lora_A[n].weight, lora_B[n].weight, scaling[n])
             y = y + term if term.dtype == y.dtype else (y + term).to(y.dtype)  # (PEFT's order: one rounding)
     return y
+
+
+def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The product of IA3 vectors in PEFT's order (None for none): ``1 * v_1 * v_2 ...``."""
+    if not vectors:
+        return None
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = out * v
+    return out
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:

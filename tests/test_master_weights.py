@@ -373,3 +373,28 @@ def test_a_saved_stack_comes_back_with_each_adapters_dtype(tmp_path):
     assert loaded.keys() == saved.keys()
     for n, p in loaded.items():
         assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
+
+
+def test_stacked_ia3_vectors_scale_once_by_their_product_as_peft(tmp_path):
+    """Two active IA3 adapters (PEFT's default fp32 vectors on an fp16 model) scale a layer's input or output once, by
+    the product of their vectors, as PEFT does: bit for bit PEFT's outputs. They scaled one after the other, rounding
+    x (or y) once per vector."""
+    peft = pytest.importorskip("peft")
+    ids = _ids()
+    cfg = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    pm = peft.get_peft_model(_llama(), peft.IA3Config(**cfg), adapter_name="mw_x")
+    torch.manual_seed(3)
+    pm.add_adapter("mw_y", peft.IA3Config(**cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.normal_(1.0, 0.3)
+    pm.base_model.set_adapter(["mw_x", "mw_y"])
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path)
+    model = _llama()
+    for name in ("mw_x", "mw_y"):
+        ae.load_adapter(model, tmp_path / name, name=name)  # (PEFT saves each adapter in a folder of its name)
+    with torch.no_grad(), ae.use_adapters(ae.Stack("mw_x", "mw_y")):
+        assert torch.equal(model(input_ids=ids).logits, want)
