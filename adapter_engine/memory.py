@@ -100,6 +100,7 @@ class AdapterMemoryManager:
         self._make_locks()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._refs: dict[str, int] = {}
+        self._scoped: dict[int, dict[str, int]] = {}  # thread -> the references its open ``use`` blocks hold
         self._pinned: set[str] = set()
         self._offloaded: dict[str, api.AdapterSnapshot] = {}
         self._sizes: dict[str, int] = {}  # last known bytes of every adapter seen (for making room before a load)
@@ -121,7 +122,7 @@ class AdapterMemoryManager:
         with self.lock:
             state = self.__dict__.copy()
         del state["lock"], state["_released"]
-        state["_refs"] = {}
+        state["_refs"], state["_scoped"] = {}, {}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -230,6 +231,14 @@ class AdapterMemoryManager:
                         f"cannot fit adapters {missing} beside {list(self._resident)} under max_active="
                         f"{self.max_active}, max_bytes={self.max_bytes}: the rest are pinned or needed by this call"
                     )
+                scoped = self._scoped.get(threading.get_ident())
+                if scoped and all(scoped.get(n, 0) >= self._refs[n] for n in busy):  # (it used to wait the timeout)
+                    raise RuntimeError(
+                        f"adapters {busy} are held by this thread's own open use() / route blocks, so {missing} cannot "
+                        f"fit beside them under max_active={self.max_active}, max_bytes={self.max_bytes}: waiting "
+                        "for their release would never end. Nest fewer adapters, raise the caps, or leave the outer "
+                        "block first"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RuntimeError(f"timed out after {self.wait_timeout}s waiting for calls to release {busy}")
@@ -275,11 +284,28 @@ class AdapterMemoryManager:
 
     @contextlib.contextmanager
     def use(self, names: Iterable[str]) -> Iterator[list[str]]:
-        """``acquire`` for the duration of the block (the adapters cannot be evicted while it runs)."""
+        """``acquire`` for the duration of the block (the adapters cannot be evicted while it runs). A block nested in
+        another of the same thread that cannot fit beside the outer block's adapters raises at once: only that
+        thread could release them."""
         held = self.acquire(names)
+        ident = threading.get_ident()
+        with self.lock:
+            mine = self._scoped.setdefault(ident, {})
+            for n in held:
+                mine[n] = mine.get(n, 0) + 1
         try:
             yield held
         finally:
+            with self.lock:
+                mine = self._scoped.get(ident, {})
+                for n in held:
+                    left = mine.get(n, 0) - 1
+                    if left > 0:
+                        mine[n] = left
+                    else:
+                        mine.pop(n, None)
+                if not mine:
+                    self._scoped.pop(ident, None)
             self.release(held)
 
     def evict(self, name: str) -> None:
@@ -307,7 +333,8 @@ class AdapterMemoryManager:
     def forget(self, name: str) -> None:
         """Stop tracking ``name`` (after it was deleted from the model directly)."""
         with self.lock:
-            for table in (self._resident, self._offloaded, self._sizes, self._refs, self._clean, self._requires_grad):
+            for table in (self._resident, self._offloaded, self._sizes, self._refs, self._clean, self._requires_grad,
+                          *self._scoped.values()):  # fmt: skip
                 table.pop(name, None)
             self._pinned.discard(name)
 

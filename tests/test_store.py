@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -489,3 +490,25 @@ def test_an_adapter_saved_to_the_store_may_be_dropped_until_it_changes(filled_st
     twin = copy.deepcopy(memory)
     assert twin in twin.store._managers and twin not in store._managers
     assert pickle.loads(pickle.dumps(store)).names() == store.names()
+
+
+def test_a_nested_block_that_cannot_fit_beside_its_own_thread_s_outer_block_raises_at_once(filled_store):
+    """Only this thread could release its outer block's adapters: a nested block needing room they hold waited the
+    whole wait_timeout, then said it timed out. It raises at once, naming them; the outer block goes on and releases
+    as usual. Another thread's hold is still waited for (see
+    test_a_waiting_acquire_proceeds_when_the_running_call_releases), and so is a plain acquire's hold
+    (test_pinned_and_in_use_adapters_are_not_evicted)."""
+    store, expected = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, wait_timeout=60)
+    with memory.use(["lora0"]):
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"\['lora0'\] are held by this thread's own open use"):
+            with memory.use(["seq_bn2"]):
+                pass
+        assert time.monotonic() - start < 30
+        with memory.use(["lora0"]):  # (nesting what fits still works)
+            assert torch.equal(out(model, "lora0"), expected["lora0"])
+    with memory.use(["seq_bn2"]):  # the outer block released lora0
+        assert torch.equal(out(model, "seq_bn2"), expected["seq_bn2"])
+    assert memory._scoped == {}
