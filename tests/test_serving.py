@@ -231,6 +231,26 @@ def test_a_conversion_in_place_captures_again():
     assert (server.stats.captures, server.stats.invalidations) == (2, 1)
 
 
+def test_fp32_master_loras_of_an_fp16_model_are_served_from_graphs():
+    """LoRAs of an fp16 model keep fp32 master weights (``add_adapter``'s default, as PEFT's): the graph serves them
+    from their 16-bit copies made outside the capture, with the eager route's outputs."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**_BERT)).eval().half()
+    ae.add_adapter(model, "a", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    ae.add_adapter(model, "l", ae.LoraConfig(r=2, lora_alpha=4))
+    ae.add_adapter(model, "m", ae.LoraConfig(r=3, lora_alpha=3, target_modules=["query", "key"]))
+    _randomise(model)
+    assert model.encoder.layer[0].attention.self.query.lora_A["l"].weight.dtype == torch.float32
+    server = GraphedServer(model, capture=ReplayCheck())
+    for i, spec in enumerate((["l", "m", None], ["m", ae.Stack("l", "a"), "l"], "l", "m")):
+        batch = ids(3, seed=i)
+        out = server(spec, input_ids=batch).last_hidden_state
+        assert out.dtype == torch.float16
+        # (fp16: the static route stacks every resident LoRA, the eager call the used ones: other rounding)
+        torch.testing.assert_close(out, eager(model, spec, batch), atol=2e-3, rtol=1e-2)
+    assert (server.stats.captures, server.stats.replays) == (2, 4)  # bottleneck depths 0 and 1: one graph each
+
+
 def test_rows_a_static_route_cannot_express_are_refused_and_change_nothing():
     model = adapted_bert()
     server = GraphedServer(model, capture=ReplayCheck())
@@ -294,6 +314,24 @@ def test_a_capture_reads_cached_stacked_factors_and_stores_none():
         again = lora_inputs._stack_cached(As, Bs)
     assert again[0] is cached[0] and any(isinstance(k, tuple) and k[0] is cached[0] for k in kept)
     assert torch.equal(made[0], cached[0]) and torch.equal(made[1], cached[1])
+
+
+def test_a_capture_reads_cached_fp32_master_casts_and_stores_none():
+    """The 16-bit copies of fp32 master factors made inside a capture are only filled when the graph replays: they
+    must never reach the cache that later eager calls read. Cached ones are read, and kept alive with the capture."""
+    x = torch.randn(2, 8).half()
+    As, Bs = [torch.randn(2, 8)], [torch.randn(5, 2)]
+    key = tuple(map(id, (*As, *Bs)))
+    with torch.no_grad():
+        with _backend.capture_on_cpu():
+            made = lora_inputs._compute_factors(x, As, Bs)
+        assert key not in lora_inputs._CASTS
+        cached = lora_inputs._compute_factors(x, As, Bs)
+        assert key in lora_inputs._CASTS
+        with _backend.capture_on_cpu(), _backend.keeping_alive() as kept:
+            again = lora_inputs._compute_factors(x, As, Bs)
+    assert again[0][0] is cached[0][0] and any(isinstance(k, tuple) and k[0][0] is cached[0][0] for k in kept)
+    assert torch.equal(made[0][0], cached[0][0]) and torch.equal(made[1][0], cached[1][0])
 
 
 def test_a_capture_reads_cached_bottleneck_packs_and_stores_none():
