@@ -290,8 +290,7 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
     for n in names:  # in training only: the adapters the fused call left, in PEFT's order
         if n not in fused:
             xd = F.dropout(x, rate[n], training=True) if rate[n] else x
-            term = lowrank_term(xd, lora_A[n].weight, lora_B[n].weight, scaling[n])
-            y = y + term if term.dtype == y.dtype else (y + term).to(y.dtype)  # (PEFT's order: one rounding)
+            y = y + lowrank_term(xd, lora_A[n].weight, lora_B[n].weight, scaling[n])
     return y
 
 

@@ -90,8 +90,9 @@ class RoutedLoraMixin:
             y = self._rows_call(x, snapshot, fused, ids, path, dropout=p0, training=training)
             for n, index, rate in extras:  # rows whose stack holds a further LoRA of this layer: on those rows only
                 xd = F.dropout(x[index], rate, training=training and rate > 0)
-                term = lowrank_term(xd, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
-                y = y.index_add(0, index, term.to(y.dtype))
+                y = y.index_add(
+                    0, index, lowrank_term(xd, self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n])
+                )
         if ia3_out is not None:
             y = ia3_scaled(y, self._row_scales(ia3_out, y))
         return y
@@ -262,9 +263,9 @@ def ia3_scaled(t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_term(xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * (xd A^T) B^T`` in the factors' dtype (PEFT's eager order: fp32 master factors of a 16-bit layer
-    compute in fp32)."""
-    return F.linear(F.linear(xd.to(a.dtype), a), b) * scaling
+    """``scaling * (xd A^T) B^T`` in ``xd``'s dtype: fp32 master factors of a 16-bit layer cast to it, as the fused op
+    computes with them (an adapter gives the same numbers fused or computed here)."""
+    return F.linear(F.linear(xd, a.to(xd.dtype)), b.to(xd.dtype)) * scaling
 
 
 def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -234,10 +234,10 @@ class AdapterMemoryManager:
                 scoped = self._scoped.get(threading.get_ident())
                 if scoped and all(scoped.get(n, 0) >= self._refs[n] for n in busy):  # (it used to wait the timeout)
                     raise RuntimeError(
-                        f"adapters {busy} are held by this thread's own open use() / route blocks, so {missing} cannot "
-                        f"fit beside them under max_active={self.max_active}, max_bytes={self.max_bytes}: waiting "
-                        "for their release would never end. Nest fewer adapters, raise the caps, or leave the outer "
-                        "block first"
+                        f"adapters {busy} are held by this thread's own open use() / route blocks (nested ones, or "
+                        f"other asyncio tasks' on this thread), so {missing} cannot fit beside them under max_active="
+                        f"{self.max_active}, max_bytes={self.max_bytes}: waiting here would block the only thread "
+                        "that can release them. Nest fewer adapters, raise the caps, or leave the outer block first"
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -289,11 +289,11 @@ class AdapterMemoryManager:
         thread could release them."""
         held = self.acquire(names)
         ident = threading.get_ident()
-        with self.lock:
-            mine = self._scoped.setdefault(ident, {})
-            for n in held:
-                mine[n] = mine.get(n, 0) + 1
         try:
+            with self.lock:
+                mine = self._scoped.setdefault(ident, {})
+                for n in held:
+                    mine[n] = mine.get(n, 0) + 1
             yield held
         finally:
             with self.lock:

@@ -26,11 +26,13 @@ def add_adapter(
     *args: Any,
     config: Any = None,
     adapter_name: str | None = None,
-    autocast_adapter_dtype: bool = True,
+    autocast_adapter_dtype: bool = False,
 ) -> None:
     """``model.add_adapter(name, config)`` (the engine, AdapterHub) or ``model.add_adapter(adapter_config,
     adapter_name=None)`` (transformers; the name defaults to PEFT's ``"default"``): told apart by the first
-    argument, a name (str) or a config object."""
+    argument, a name (str) or a config object. Adapter weights take the layers' dtype, as transformers' and
+    AdapterHub's methods give them (``autocast_adapter_dtype=True``: fp32 masters on 16-bit layers, as
+    :func:`adapter_engine.add_adapter` gives by default, like PEFT)."""
     if len(args) > 2:
         raise TypeError(f"add_adapter takes a name and a config, got {len(args)} positional arguments")
     first, second = (*args, None, None)[:2]
@@ -61,10 +63,12 @@ def load_adapter(
     peft_model_id: str | os.PathLike | None = None,
     adapter_name: str | None = None,
     peft_config: Any = None,
-    autocast_adapter_dtype: bool = True,
+    autocast_adapter_dtype: bool | None = False,
 ) -> str:
     """:func:`adapter_engine.api.load_adapter`, also under transformers' keyword names (``peft_model_id``,
-    ``adapter_name``, ``peft_config``; their positions are the engine's)."""
+    ``adapter_name``, ``peft_config``; their positions are the engine's). Adapter weights take the layers' dtype, as
+    transformers' method loads them (``autocast_adapter_dtype``: as :func:`adapter_engine.load_adapter`'s, whose
+    default is PEFT's fp32 masters)."""
     values = {}
     pairs = ((path, peft_model_id, "path"), (name, adapter_name, "name"), (config, peft_config, "config"))
     for ours, theirs, label in pairs:

@@ -86,7 +86,8 @@ def _layer(cache, shape, n_adapters=1):
 def _fp32_adapter(cache, shape):
     """Adapter 0 of ``_layer`` as fp32 master weights (A, B) and a PEFT lora.Linear holding it in fp32 on the same
     base: what PEFT's ``get_peft_model`` gives for a bf16 model by default (``autocast_adapter_dtype=True``; its
-    forward casts x to fp32 for the low-rank term), and what the engine keeps then (it computes in bf16)."""
+    forward casts x to fp32 for the low-rank term), and what the engine keeps then (it computes in bf16, as autocast
+    does: the two rows run each library's own precision)."""
     key = (shape, "fp32")
     if key not in cache:
         from peft import LoraConfig

@@ -166,7 +166,8 @@ TARGETS = [
         strict=True,
         feasibility=True,
     ),
-    Target(  # the same with fp32 adapter weights on the bf16 base: what PEFT's get_peft_model gives by default
+    Target(  # the same with fp32 adapter weights on the bf16 base, what PEFT's get_peft_model gives by default (PEFT
+        # computes their low-rank term in fp32, the engine in bf16 as autocast does: each library's own precision)
         3,
         "LoRA forward+backward, fp32 adapters (PEFT's default): engine / PEFT (worst)",
         0.70,

@@ -26,6 +26,7 @@ from ._backend import (
     check_same_device,
     device_lru_cache,
     kept,
+    normal_tensors,
 )
 from .lora_segmented import SegmentPlan, plan_segments
 
@@ -60,11 +61,11 @@ def _adapter_lists(lora_A, lora_B, scale):
 # ----------------------------------------------------------------------------------------------------------------
 # fp32 master factors of a 16-bit x (PEFT's ``autocast_adapter_dtype``)
 # ----------------------------------------------------------------------------------------------------------------
-# inference-only cache of fp32 factors cast to 16 bits: id()s of a call's factors -> (weak refs, the dtype, their
-# versions and addresses, the casts (None for a factor taken as given), the factors as the op computes with them or
-# None when some are taken as given)
-_CASTS: dict[tuple, tuple] = {}
-_MAX_CASTS = 4096  # (one entry per LoRA layer and adapter set, as _STACKS; the oldest goes first)
+# cache of fp32 factors cast to 16 bits, for calls that need no gradient for them: id()s of a call's factors ->
+# (weak refs, the dtype, their versions and addresses, the casts (None for a factor taken as given), the factors as
+# the op computes with them or None when some are taken as given), least recently used first
+_CASTS: collections.OrderedDict = collections.OrderedDict()
+_MAX_CASTS = 4096  # (one entry per LoRA layer and adapter set, as _STACKS)
 _DTYPE = operator.attrgetter("dtype")
 _DEREF = weakref.ref.__call__
 
@@ -72,10 +73,12 @@ _DEREF = weakref.ref.__call__
 def _compute_factors(x, As, Bs, cache: bool = True):
     """The factors as the op computes with them: float32 factors of a float16 / bfloat16 ``x`` (master weights, as
     PEFT keeps adapters of a 16-bit model by default: ``autocast_adapter_dtype=True``) in ``x``'s dtype, as autocast
-    casts fp32 weights for a 16-bit matmul; every other factor as given (``_validate`` judges them). Under autograd the
-    casts are differentiable (a master's gradient arrives in fp32). Otherwise the copies are cached (``cache``) while
-    the call's factors are the same live tensors at the same in-place versions and addresses: an inference call pays
-    one lookup for all of them (C-level maps), not a cast per factor. Updates through ``.data`` are not seen, as in
+    casts fp32 weights for a 16-bit matmul (PEFT computes their term in fp32 instead: see the README's Precision
+    note); every other factor as given (``_validate`` judges them). Where autograd wants a master's gradient the
+    casts are differentiable (it arrives in fp32). Otherwise the copies are cached (``cache``) while the call's factors
+    are the same live tensors at the same in-place versions and addresses: a call pays one lookup for all of them
+    (C-level maps), not a cast per factor. Cached copies are normal tensors, also when first made under
+    ``torch.inference_mode`` (later calls' caches read their versions). Updates through ``.data`` are not seen, as in
     ``_stack_cached``."""
     dt = getattr(x, "dtype", None)
     if dt is not torch.float16 and dt is not torch.bfloat16:
@@ -90,13 +93,13 @@ def _compute_factors(x, As, Bs, cache: bool = True):
     except AttributeError:  # not tensors: _validate names them
         return As, Bs
     n = len(As)
-    if not cache or torch.is_grad_enabled():
+    if not cache or (torch.is_grad_enabled() and any(t.requires_grad for t in factors if t.dtype is torch.float32)):
         cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
     try:
         versions, addresses = tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors))
     except RuntimeError:  # an inference tensor: no version counter, never cached
-        cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
+        cast = [t.detach().to(dt) if t.dtype is torch.float32 else t for t in factors]
         return cast[:n], cast[n:]
     key = tuple(map(id, factors))
     hit = _CASTS.get(key)
@@ -104,12 +107,14 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         hit is not None and hit[1] is dt and hit[2] == versions and hit[3] == addresses
         and all(map(operator.is_, map(_DEREF, hit[0]), factors))
     ):  # fmt: skip
+        _CASTS.move_to_end(key)
         result = hit[5]
         if result is None:  # (the factors taken as given: the live ones just checked)
             cast = [t if c is None else c for c, t in zip(hit[4], factors, strict=True)]
             result = (cast[:n], cast[n:])
         return kept(result)  # (a CUDA graph captured now reads the copies: they must outlive the entry)
-    cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
+    with normal_tensors():  # (made under inference_mode they would be inference tensors: no versions to cache by)
+        cast = [t.detach().to(dt) if t.dtype is torch.float32 else t for t in factors]
     result = (cast[:n], cast[n:])
     if not capturing(factors[0]):  # (made inside a CUDA graph, the copies would be filled only when it replays)
         drop = lambda ref, key=key: _drop(_CASTS, key, ref)  # noqa: E731  (runs when a factor is freed)
@@ -119,8 +124,9 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         casts = tuple(c if c is not t else None for c, t in zip(cast, factors, strict=True))
         ready = result if all(c is not None for c in casts) else None
         _CASTS[key] = (tuple(weakref.ref(t, drop) for t in factors), dt, versions, addresses, casts, ready)
+        _CASTS.move_to_end(key)
         if len(_CASTS) > _MAX_CASTS:
-            del _CASTS[next(iter(_CASTS))]
+            _CASTS.popitem(last=False)
     return result
 
 

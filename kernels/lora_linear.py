@@ -237,8 +237,10 @@ def lora_linear(
     multi-adapter semantics) or an integer tensor shaped like ``x.shape[:-1]`` (per token) or ``x.shape[:1]``
     (per sequence): row m gets adapter ``adapter_ids[m]`` only, -1 means base only. dropout (applied when
     ``training``) acts on the adapter input only, one mask shared by the adapters. All tensors share one dtype
-    (fp32/fp16/bf16) and device. path: see kernels/lora_linear_launch.py (``"auto"``: kernels/lora_linear_dispatch.py).
-    Returns (..., out) in x's dtype.
+    (fp32/fp16/bf16) and device, except that the LoRA factors of an fp16 / bf16 x may be fp32 master weights: they
+    are computed in x's dtype, as autocast computes with fp32 weights (outputs bit for bit those of their 16-bit
+    casts; gradients arrive in fp32). path: see kernels/lora_linear_launch.py (``"auto"``:
+    kernels/lora_linear_dispatch.py). Returns (..., out) in x's dtype.
     """
     try:
         cuda = x.is_cuda
@@ -248,7 +250,8 @@ def lora_linear(
         return _under_autocast(x, weight, lora_A, lora_B, scale, bias, adapter_ids, dropout, training, fan_in_fan_out,
                                path)  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
-    As, Bs = _compute_factors(x, As, Bs)
+    if x.dtype is not torch.float32:  # (fp32 master factors of a 16-bit x: computed in x's dtype)
+        As, Bs = _compute_factors(x, As, Bs)
     out_f, in_f, ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -408,7 +411,8 @@ def lora_linear_reference(
     fan_in_fan_out: bool = False,
     path: str = "auto",
 ) -> torch.Tensor:
-    """Pure-torch twin of ``lora_linear`` (PEFT's eager formulation, autograd does the backward).
+    """Pure-torch twin of ``lora_linear`` (PEFT's eager formulation, autograd does the backward; fp32 master factors
+    of a 16-bit x are cast to x's dtype first, as the op computes with them).
 
     Same arguments and result; adapters are added one at a time in order, as PEFT does; a mixed batch masks
     each adapter's term to its rows. ``path`` is accepted for signature parity and ignored.

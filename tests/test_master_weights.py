@@ -67,8 +67,36 @@ def test_fp32_master_factors_compute_as_their_16bit_casts_forward_and_backward(d
         assert torch.equal(master.grad, cast.grad.to(master.dtype))
     with torch.no_grad():  # inference: the cached casts give the same outputs
         assert torch.equal(lora_linear(x, w, As, Bs, [0.5, 2.0], b, path=path, **kw), y_cast)
+    # the twin takes the same arguments, with the same meaning: torch's eager order on the 16-bit casts
     ref = lora_linear_reference(x.detach(), w, [a.detach() for a in As], [t.detach() for t in Bs], [0.5, 2.0], b, **kw)
-    assert ref.dtype == dtype  # the twin takes the same arguments
+    ref_cast = lora_linear_reference(x.detach(), w, [a.detach() for a in cA], [t.detach() for t in cB], [0.5, 2.0], b,
+                                     **kw)  # fmt: skip
+    assert ref.dtype == dtype and torch.equal(ref, ref_cast)
+    tol = 2e-3 if dtype == torch.float16 else 2e-2  # (one rounding of u and y each, in the dtype)
+    torch.testing.assert_close(y_cast, ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_cached_casts_are_normal_tensors_made_for_any_call_that_wants_no_master_gradient():
+    """Casts first made under inference_mode are normal tensors (a later call's caches read their versions: as
+    inference tensors, _stack_cached concatenated again at every call). Frozen masters are cached under grad mode
+    too (training a level above frozen fp32 ones cast them at every call)."""
+    x, w, b, As, Bs = _operands(torch.float16)
+    x = x.detach()
+    factors = [*As, *Bs]
+    for t in factors:
+        t.requires_grad_(False)
+    key = tuple(map(id, factors))
+    with torch.inference_mode():
+        lora_linear(x.clone(), w, As, Bs, [0.5, 2.0], b)
+    casts = li._CASTS[key][-1]
+    assert not any(t.is_inference() for t in (*casts[0], *casts[1]))
+    with torch.no_grad():
+        lora_linear(x, w, As, Bs, [0.5, 2.0], b)
+    assert li._CASTS[key][-1] is casts  # (a hit)
+    assert any(all(r() is t for r, t in zip(e[0], (*casts[0], *casts[1]), strict=True)) for e in li._STACKS.values())
+    li._CASTS.pop(key)
+    y = lora_linear(x.requires_grad_(), w, As, Bs, [0.5, 2.0], b)  # grad mode, frozen masters: cached
+    assert key in li._CASTS and y.requires_grad
 
 
 def test_inference_casts_are_cached_until_the_master_changes_and_dropped_with_it():
@@ -158,6 +186,11 @@ def test_new_lora_and_ia3_adapters_of_a_16bit_model_keep_fp32_masters_unless_tol
         assert weights and {p.dtype for p in weights.values()} == {want}, name
     bn = [p for n, p in model.named_parameters() if ".mw_bn." in n]
     assert bn and {p.dtype for p in bn} == {torch.float16}  # bottleneck adapters: the layers' dtype (AdapterHub)
+    # transformers' methods on a patched model give the layers' dtype, as transformers' own do
+    model.add_adapter(ae.LoraConfig(r=2, target_modules=_TARGETS), adapter_name="mw_tfh")
+    model.add_adapter("mw_tf32", ae.LoraConfig(r=2, target_modules=_TARGETS), autocast_adapter_dtype=True)
+    assert {p.dtype for p in _adapter_weights(model, "mw_tfh").values()} == {torch.float16}
+    assert {p.dtype for p in _adapter_weights(model, "mw_tf32").values()} == {torch.float32}
     fp32 = _llama(torch.float32)
     ae.add_adapter(fp32, "mw_lora", ae.LoraConfig(r=4, target_modules=_TARGETS))
     assert {p.dtype for p in _adapter_weights(fp32, "mw_lora").values()} == {torch.float32}
@@ -176,8 +209,13 @@ def test_a_model_with_fp32_lora_masters_computes_as_with_their_16bit_casts_and_t
     with torch.no_grad():
         for n, p in _adapter_weights(halves, "mw_").items():
             p.copy_(masters.get_parameter(n))
-    with torch.no_grad():
-        for spec in ("mw_a", ae.Stack("mw_a", "mw_b"), ["mw_a", None, "mw_b"]):
+    with torch.no_grad():  # (a row whose stack has two LoRAs adds the second's term after the fused call)
+        for spec in (
+            "mw_a",
+            ae.Stack("mw_a", "mw_b"),
+            ["mw_a", None, "mw_b"],
+            [ae.Stack("mw_a", "mw_b"), "mw_a", None],
+        ):
             with ae.use_adapters(spec):
                 assert torch.equal(masters(input_ids=ids).logits, halves(input_ids=ids).logits), spec
     grads = {}
@@ -194,6 +232,17 @@ def test_a_model_with_fp32_lora_masters_computes_as_with_their_16bit_casts_and_t
     with torch.no_grad():
         p.add_(p.grad, alpha=-1e-7)  # a step below fp16's resolution of the weights
     assert not torch.equal(p, before) and torch.equal(p.half(), before.half())
+    for model in (masters, halves):  # training with dropout: the second adapter's term is added after the fused call
+        for layer in model.modules():
+            if hasattr(layer, "lora_dropout"):
+                layer.lora_dropout["mw_a"] = 0.3
+        model.train()
+    outs = []
+    for model in (masters, halves):
+        torch.manual_seed(5)  # (the same dropout masks)
+        with ae.use_adapters(ae.Stack("mw_a", "mw_b")):
+            outs.append(model(input_ids=ids).logits)
+    assert torch.equal(*outs)
 
 
 def test_peft_adapters_of_a_16bit_model_are_fp32_and_a_patched_peft_model_runs_them_fused(monkeypatch, tmp_path):
