@@ -200,6 +200,7 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         ia3 = [n for n in names if n in mods["ia3_l"] and n not in merged]
         if not lora and not ia3:
             return self._base_forward(x)
+        scale_out = None
         if ia3:  # several IA3 vectors scale once, by their product (PEFT's order: one rounding of x or y)
             ff = self.ia3_feedforward
             scale_in = _product([self.ia3_l[n] for n in ia3 if ff[n]])
@@ -211,7 +212,7 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         else:
             y = _fused(x, self.weight, self.bias, mods["lora_A"], mods["lora_B"], self.scaling, self.lora_dropout,
                        lora, self.training, self.fan_in_fan_out)  # fmt: skip
-        if ia3 and scale_out is not None:
+        if scale_out is not None:
             y = ia3_scaled(y, scale_out)
         return y
 
@@ -295,7 +296,7 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
 
 
 def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The product of IA3 vectors in PEFT's order (None for none): ``1 * v_1 * v_2 ...``."""
+    """The product of IA3 vectors in PEFT's order (None for none): ``v_1 * v_2 * ...``."""
     if not vectors:
         return None
     out = vectors[0]
