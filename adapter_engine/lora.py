@@ -34,7 +34,7 @@ from .changes import adapters_changed
 from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear
-from .lora_rows import RoutedLoraMixin, _weights, ia3_scaled, lowrank_term
+from .lora_rows import RoutedLoraMixin, _weights, ia3_product, ia3_scaled, lowrank_term
 from .routing import check_route_names, current_route, routed_under_compile, run_eagerly
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,8 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         scale_out = None
         if ia3:  # several IA3 vectors scale once, by their product (PEFT's order: one rounding of x or y)
             ff = self.ia3_feedforward
-            scale_in = _product([self.ia3_l[n] for n in ia3 if ff[n]])
-            scale_out = _product([self.ia3_l[n] for n in ia3 if not ff[n]])
+            scale_in = ia3_product([self.ia3_l[n] for n in ia3 if ff[n]])
+            scale_out = ia3_product([self.ia3_l[n] for n in ia3 if not ff[n]])
             if scale_in is not None:
                 x = ia3_scaled(x, scale_in)
         if not lora:
@@ -293,16 +293,6 @@ def _fused(x, weight, bias, lora_A, lora_B, scaling, dropout, names, training, f
             xd = F.dropout(x, rate[n], training=True) if rate[n] else x
             y = y + lowrank_term(xd, lora_A[n].weight, lora_B[n].weight, scaling[n])
     return y
-
-
-def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The product of IA3 vectors in PEFT's order (None for none): ``v_1 * v_2 * ...``."""
-    if not vectors:
-        return None
-    out = vectors[0]
-    for v in vectors[1:]:
-        out = out * v
-    return out
 
 
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:

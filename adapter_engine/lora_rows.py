@@ -248,13 +248,19 @@ class RoutedLoraMixin:
         """(rows, 1, ..., features): the product of each row's IA3 vectors (ones for rows without one)."""
         size = like.shape[-1]
         ones = torch.ones(size, dtype=like.dtype, device=like.device)
-        per_row = []
-        for row in rows:
-            vec = ones
-            for n in row:
-                vec = vec * self.ia3_l[n]
-            per_row.append(vec)
+        per_row = [ia3_product([self.ia3_l[n] for n in row]) for row in rows]
+        per_row = [ones if vec is None else vec for vec in per_row]
         return torch.stack(per_row).view(like.shape[0], *([1] * (like.dim() - 2)), size)
+
+
+def ia3_product(vectors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The product of IA3 vectors in PEFT's order (None for none): ``v_1 * v_2 * ...``."""
+    if not vectors:
+        return None
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = out * v
+    return out
 
 
 def ia3_scaled(t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 from . import api
 from .changes import tensor_version
 from .kernels._backend import normal_tensors
+from .residency import adapter_layers
 
 if TYPE_CHECKING:
     from .store import AdapterStore
@@ -367,15 +368,9 @@ class AdapterMemoryManager:
         (``AdapterStore.load_into``), so fp32 master weights of a 16-bit model (``add_adapter`` / ``load_adapter``'s
         default) came back rounded to it after a drop, their training below 16-bit resolution lost. Such an adapter
         is kept in host memory instead."""
-        record = api._state(self.model).adapters[name]
-        if record.kind == "bottleneck":  # (always in the layers' dtype)
+        if api._state(self.model).adapters[name].kind == "bottleneck":  # (always in the layers' dtype)
             return True
-        for module_name in record.modules:
-            module = self.model.get_submodule(module_name)
-            if record.kind == "ia3":
-                own = [module.ia3_l[name]]
-            else:
-                own = [module.lora_A[name].weight, module.lora_B[name].weight]
+        for module, own in adapter_layers(self.model, name):
             if any(p.dtype != module.weight.dtype for p in own):
                 logger.info("adapter %r has fp32 master weights: offload='drop' keeps it in host memory", name)
                 return False

@@ -34,20 +34,26 @@ class AdapterSnapshot:
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """The Parameters of adapter ``name`` in ``model`` (in module order)."""
+    return [p for _, params in adapter_layers(model, name) for p in params]
+
+
+def adapter_layers(model: nn.Module, name: str) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(module, the Parameters of adapter ``name`` it holds) for each module the adapter is in, in module order."""
     state = _state(model)
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
     record = state.adapters[name]
-    params: list[nn.Parameter] = []
+    layers = []
     for module_name in record.modules:
         module = model.get_submodule(module_name)
         if record.kind == "lora":
-            params += [module.lora_A[name].weight, module.lora_B[name].weight]
+            params = [module.lora_A[name].weight, module.lora_B[name].weight]
         elif record.kind == "ia3":
-            params.append(module.ia3_l[name])
+            params = [module.ia3_l[name]]
         else:
-            params += list(module.adapters[name].parameters())
-    return params
+            params = list(module.adapters[name].parameters())
+        layers.append((module, params))
+    return layers
 
 
 def adapter_nbytes(model: nn.Module, name: str) -> int:
@@ -97,4 +103,11 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
     state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
 
 
-__all__ = ["AdapterSnapshot", "adapter_parameters", "adapter_nbytes", "snapshot_adapter", "restore_adapter"]
+__all__ = [
+    "AdapterSnapshot",
+    "adapter_layers",
+    "adapter_parameters",
+    "adapter_nbytes",
+    "snapshot_adapter",
+    "restore_adapter",
+]

@@ -86,7 +86,7 @@ def _compute_factors(x, As, Bs, cache: bool = True):
     factors = (*As, *Bs)
     if torch.compiler.is_compiling():  # (a compiled graph casts itself; dynamo cannot trace the C-level maps below)
         cast = [t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in factors]
-        return cast[: len(As)], cast[len(As) :]
+        return _split(cast, len(As))
     try:
         if torch.float32 not in map(_DTYPE, factors):
             return As, Bs
@@ -94,13 +94,11 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         return As, Bs
     n = len(As)
     if not cache or (torch.is_grad_enabled() and any(t.requires_grad for t in factors if t.dtype is torch.float32)):
-        cast = [t.to(dt) if t.dtype is torch.float32 else t for t in factors]
-        return cast[:n], cast[n:]
+        return _split(_cast(factors, dt), n)
     try:
         versions, addresses = tuple(map(_VERSION, factors)), tuple(map(_DATA_PTR, factors))
     except RuntimeError:  # an inference tensor: no version counter, never cached
-        cast = [t.detach().to(dt) if t.dtype is torch.float32 else t for t in factors]
-        return cast[:n], cast[n:]
+        return _split(_cast(factors, dt, detach=True), n)
     key = tuple(map(id, factors))
     hit = _CASTS.get(key)
     if (
@@ -110,12 +108,11 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         _CASTS.move_to_end(key)
         result = hit[5]
         if result is None:  # (the factors taken as given: the live ones just checked)
-            cast = [t if c is None else c for c, t in zip(hit[4], factors, strict=True)]
-            result = (cast[:n], cast[n:])
+            result = _split([t if c is None else c for c, t in zip(hit[4], factors, strict=True)], n)
         return kept(result)  # (a CUDA graph captured now reads the copies: they must outlive the entry)
     with normal_tensors():  # (made under inference_mode they would be inference tensors: no versions to cache by)
-        cast = [t.detach().to(dt) if t.dtype is torch.float32 else t for t in factors]
-    result = (cast[:n], cast[n:])
+        cast = _cast(factors, dt, detach=True)
+    result = _split(cast, n)
     if not capturing(factors[0]):  # (made inside a CUDA graph, the copies would be filled only when it replays)
         drop = lambda ref, key=key: _drop(_CASTS, key, ref)  # noqa: E731  (runs when a factor is freed)
         # The entry holds the factors weakly, and a 16-bit factor taken as given too: held in the entry, an evicted
@@ -128,6 +125,15 @@ def _compute_factors(x, As, Bs, cache: bool = True):
         if len(_CASTS) > _MAX_CASTS:
             _CASTS.popitem(last=False)
     return result
+
+
+def _cast(factors, dt: torch.dtype, detach: bool = False) -> list:
+    """The fp32 ones among ``factors`` in ``dt`` (differentiably unless ``detach``), the others as given."""
+    return [(t.detach() if detach else t).to(dt) if t.dtype is torch.float32 else t for t in factors]
+
+
+def _split(factors: list, n: int) -> tuple[list, list]:
+    return factors[:n], factors[n:]
 
 
 def _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=False) -> tuple[int, int, tuple[int, ...]]:
