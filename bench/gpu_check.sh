@@ -46,7 +46,7 @@ if [[ "$parts" == *" tests "* ]]; then
                bottleneck:candidate bottleneck:not_candidate properties:cuda_merge \
                properties:cuda_lora_linear_and_float32 properties:cuda_lora_linear_and_float16 \
                properties:cuda_lora_segmented properties:cuda_bottleneck_or_cuda_add_layer_norm \
-               properties:cuda_level_boundary add_layer_norm level_boundary patching store routing serving codegen; do
+               properties:cuda_level_boundary add_layer_norm level_boundary patching master_weights store routing serving codegen; do
         t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}
         filter=${filter//_or_/ or }; filter=${filter//_and_/ and }; filter=${filter/#not_/not }
         # codegen: CPU tests (sm_90 builds and ptxas' verdicts), run here too for the GPU image's Triton

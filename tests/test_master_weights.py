@@ -12,6 +12,7 @@ hold for bf16 too, since both sides run the same kernel on the same 16-bit opera
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import weakref
@@ -447,3 +448,47 @@ def test_stacked_ia3_vectors_scale_once_by_their_product_as_peft(tmp_path):
         ae.load_adapter(model, tmp_path / name, name=name)  # (PEFT saves each adapter in a folder of its name)
     with torch.no_grad(), ae.use_adapters(ae.Stack("mw_x", "mw_y")):
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_model_with_peft_fp32_adapters_runs_fused_within_bf16_error():
+    """On the GPU, a patched bf16 PeftModel with PEFT's default fp32 LoRA weights: the fused model's error against
+    an fp64 reference is no larger than PEFT's own with bf16 adapter weights (+10%), and its masters' gradients are
+    those of the bf16 casts (the fused op on the same operands)."""
+    peft = pytest.importorskip("peft")
+    cfg = dict(_CFG, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=_TARGETS, init_lora_weights=False)
+    ids = torch.randint(0, 64, (4, 96), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def peft_model(dtype, autocast):
+        model = peft.get_peft_model(copy.deepcopy(base).to("cuda", dtype), lora, autocast_adapter_dtype=autocast)
+        return model.eval()
+
+    fused = peft_model(torch.bfloat16, True)
+    assert {p.dtype for n, p in fused.named_parameters() if "lora_" in n} == {torch.float32}
+    eager16 = peft_model(torch.bfloat16, False)
+    ref64 = peft_model(torch.float64, False)
+    for model in (eager16, ref64):  # the same adapter weights: get_peft_model draws them from one seed
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(fused.get_parameter(n))
+    ae.patch(fused)
+    with torch.no_grad():
+        ref = ref64(input_ids=ids).logits
+        err_fused = (fused(input_ids=ids).logits.double() - ref).abs().max().item()
+        err_eager = (eager16(input_ids=ids).logits.double() - ref).abs().max().item()
+    assert err_fused <= 1.1 * err_eager + 1e-3, (err_fused, err_eager)
+
+    casts = eager16  # its bf16 LoRA weights are the masters' casts
+    ae.patch(casts)
+    grads = []
+    for model in (fused, casts):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "lora_" in n})
+    assert grads[0] and all(g.dtype == torch.float32 for g in grads[0].values())
+    for n, g in grads[0].items():
+        assert torch.equal(g, grads[1][n].float()), n

@@ -415,3 +415,24 @@ def test_cuda_graph_replays_follow_the_route(dtype):
         own = (eager(model, spec, batch).float() - want).abs().max().item()
         assert served <= 1.1 * own + 1e-5, (spec, served, own)
     assert (server.stats.captures, server.stats.replays) == (1, 4)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_of_fp32_lora_masters_on_a_bf16_model_equal_their_bf16_casts():
+    """PEFT's default precision on real graphs: a bf16 model whose LoRA weights are fp32 masters (holding bf16
+    values) serves every route bit for bit as the model whose LoRA weights are those bf16 values, eagerly and
+    replayed; the casts are made once, outside the graphs' captures."""
+    casts = adapted_bert().to("cuda", torch.bfloat16)
+    masters = adapted_bert().to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for name, p in masters.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    assert {p.dtype for n, p in masters.named_parameters() if "lora_" in n} == {torch.float32}
+    servers = GraphedServer(masters), GraphedServer(casts)
+    for i, spec in enumerate(routes(4, batch=8, seed=2)):
+        batch = ids(8, seed=i).cuda()
+        assert torch.equal(eager(masters, spec, batch), eager(casts, spec, batch)), spec
+        got, want = (server(spec, input_ids=batch).last_hidden_state for server in servers)
+        assert torch.equal(got, want), spec
+    assert servers[0].stats.captures == 1 and servers[0].stats.replays == 4
