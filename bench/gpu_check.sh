@@ -42,11 +42,14 @@ if [[ "$parts" == *" tests "* ]]; then
     # as one each ran past 190 s with 12 jobs sharing 16 cores; session 13's: the lora_linear property alone); -v
     # names each test as it ends, so a job cut by its limit still says which passed, and --durations says what to
     # split next
-    for job in merge lora_linear:not_split_k lora_linear:split_k lora_linear_tma lora_segmented \
-               bottleneck:candidate bottleneck:not_candidate properties:cuda_merge \
-               properties:cuda_lora_linear_and_float32 properties:cuda_lora_linear_and_float16 \
-               properties:cuda_lora_segmented properties:cuda_bottleneck_or_cuda_add_layer_norm \
-               properties:cuda_level_boundary add_layer_norm level_boundary patching master_weights store routing serving codegen; do
+    # TEST_JOBS="job job ...": run these jobs instead (a rerun of the files that failed)
+    jobs=${TEST_JOBS:-merge lora_linear:not_split_k lora_linear:split_k lora_linear_tma lora_segmented
+        bottleneck:candidate bottleneck:not_candidate properties:cuda_merge
+        properties:cuda_lora_linear_and_float32 properties:cuda_lora_linear_and_float16
+        properties:cuda_lora_segmented properties:cuda_bottleneck_or_cuda_add_layer_norm
+        properties:cuda_level_boundary add_layer_norm level_boundary patching master_weights store routing serving
+        codegen}
+    for job in $jobs; do
         t=${job%%:*}; filter=""; [ "$job" != "$t" ] && filter=${job#*:}
         filter=${filter//_or_/ or }; filter=${filter//_and_/ and }; filter=${filter/#not_/not }
         # codegen: CPU tests (sm_90 builds and ptxas' verdicts), run here too for the GPU image's Triton

@@ -191,7 +191,12 @@ def _lora_linear_fwd_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] > 0 and args["K"] % args["BLOCK_K"] == 0})
+def _even_k_of(K: int, block_k: int) -> bool:
+    """Every K step is whole (no masks on K), and there is at least one."""
+    return K > 0 and K % block_k == 0
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: _even_k_of(args["K"], args["BLOCK_K"])})
 _fwd_kernel_fixed = _even_k(_lora_linear_fwd_kernel)
 
 
@@ -393,8 +398,7 @@ def _first_tiled_launch(
             _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias,
                       adapter_ids, x_lora, y, u_out, rows)  # fmt: skip
             return
-    kwargs = dict(meta, **config, EVEN_K=K > 0 and K % config["BLOCK_K"] == 0)
-    launch = _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, bias, store_u, rows)
+    launch = _plan_tiled(M, N, R, m_bucket, dict(meta, **config), x, weight, lora_A, lora_B, bias, store_u, rows)
     launch = launch(x, weight, lora_A, lora_B, rank_scale, rank_adapter, bias, adapter_ids, x_lora, y, u_out, rows)
     if settled:
         record(_RECORDED, geometry, launch)
@@ -402,8 +406,9 @@ def _first_tiled_launch(
 
 def _plan_tiled(M, N, R, m_bucket, kwargs, x, weight, lora_A, lora_B, bias, store_u, rows) -> TiledLaunch:
     """The launch of ``kwargs`` (a config and its switches) for the geometry of these operands: grid, integer
-    arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors; u by row (M, BLOCK_R)), constexprs and
-    split-K sizes."""
+    arguments (y, u and the u input are contiguous (M, N) / (M, R) tensors; u by row (M, BLOCK_R)), constexprs (with
+    ``EVEN_K``, which the untuned kernel takes as an argument) and split-K sizes."""
+    kwargs = dict(kwargs, EVEN_K=_even_k_of(x.shape[1], kwargs["BLOCK_K"]))
     y_strides, u_strides = (N, 1), (R, 1)
     u_in_strides = y_strides if kwargs["FUSE_SHRINK"] else u_strides if rows is None else (kwargs["BLOCK_R"], 1)
     n_adapters = 0 if rows is None else rows[1].shape[0] - 1

@@ -721,6 +721,24 @@ def test_small_m_calls_take_the_path_timed_fastest_for_their_m_bucket(monkeypatc
     assert len(timed) == 3 and len(ld._SMALL_M) == 3
 
 
+def test_the_autotuners_first_launch_plans_with_every_constexpr_and_keeps_its_choice(monkeypatch):
+    """On a GPU an untuned shape's first call goes through ``_autotune``, which plans its probe launch from the first
+    candidate config. The plan needs every constexpr, ``EVEN_K`` too: the untuned kernel's heuristic computes it,
+    the planned direct call does not (session 23's H200 run failed every first small-M call there with a KeyError).
+    Here in the interpreter, whose one candidate the autotuner runs without timing."""
+    M, K, N, R = 5, 40, 24, 4  # (K not a multiple of BLOCK_K: EVEN_K off)
+    x, w, A, B = torch.randn(M, K), torch.randn(N, K), torch.randn(R, K), torch.randn(N, R)
+    rank_scale, rank_adapter = torch.full((R,), 0.5), torch.zeros(R, dtype=torch.int32)
+    y = torch.empty(M, N)
+    meta = dict(BLOCK_R=16, FUSE_SHRINK=True, HAS_BIAS=False, HAS_IDS=False, STORE_U=False, DOT_FP32=True,
+                INPUT_PRECISION="ieee", ROW_ADAPTERS=False)  # fmt: skip
+    monkeypatch.setattr(lt, "_TUNED", {})
+    named = {"M_BUCKET": 16, "BLOCK_R": 16, "FUSE_SHRINK": True}
+    lt._autotune("key", named, meta, 16, x, w, A, B, rank_scale, rank_adapter, None, None, None, y, None, None)
+    assert lt._TUNED["key"]["BLOCK_K"] == 64
+    torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ A.T) @ B.T, atol=1e-4, rtol=1e-4)
+
+
 def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
     """The tiled kernel's ``triton.autotune`` times each config with ``_autotune_bench``: GPU work by CUDA-graph
     replay, a value per requested quantile, and ``do_bench`` where the call cannot be captured (here the two timers
