@@ -1,6 +1,6 @@
 """Where the time goes in the two whole-model gaps the benchmarks could not explain (one forward each).
 
-    python bench/profile_gaps.py OUTDIR
+    python bench/profile_gaps.py OUTDIR [CASE ...]
 
 Session 7's H100 run (bench/results/2026-11-27-h100-session7/NOTES.md):
 - bench_serving: 16 LoRAs mixed in one BERT-base batch took 25.1 ms against 15.8 ms for one LoRA, about 390 us
@@ -55,7 +55,31 @@ def _cases() -> dict:
 
         return setup
 
+    def lora_train(provider):  # bench_lora_linear_train's 4096 x 4096 row at M = 4096 (session 23's H200: the engine
+        # 1.16 ms, composition 0.93, PEFT 0.92, bare 0.40; at GPU-bound sizes the low-rank work should add ~0.1 ms)
+        def setup():
+            import bench_lora_linear as bl
+            import torch.nn.functional as F
+
+            from adapter_engine.kernels import lora_linear
+
+            shape, M = bl.SHAPES[0], bl.pick(4096, 16)
+            w, (A, *_), (B, *_), peft_layer = bl._layer({}, shape)
+            x = torch.randn(M, shape[0], device=bl.device(), dtype=bl.DTYPE, requires_grad=True)
+            dy = torch.randn(M, shape[1], device=bl.device(), dtype=bl.DTYPE)
+            forward = {
+                "engine": lambda: lora_linear(x, w, A, B, bl.SCALE),
+                "composition": lambda: F.linear(x, w).addmm_(F.linear(x, A), B.t(), alpha=bl.SCALE),
+                "peft": lambda: peft_layer(x),
+            }[provider]
+            return torch.enable_grad()(lambda: torch.autograd.grad(forward(), [x, A, B], dy))
+
+        return setup
+
     return {
+        "lora_train_engine": lora_train("engine"),
+        "lora_train_composition": lora_train("composition"),
+        "lora_train_peft": lora_train("peft"),
         "lora_single": lora(lambda names: names[0]),
         "lora_mixed16": lora(lambda names: names),
         "bert_stack1": stack("stack1"),
@@ -103,7 +127,8 @@ def _graphed_summary(fn) -> tuple[dict, object]:
     return {"wall_ms": wall_ms, **_kernel_summary(prof)}, prof
 
 
-def main(out: str) -> None:
+def main(out: str, only: list[str]) -> None:
+    """Profiles every case, or those named in ``only``."""
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(out, exist_ok=True)
@@ -112,6 +137,8 @@ def main(out: str) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     summary = {"device": torch.cuda.get_device_name() if gpu else "cpu"}
     for label, setup in _cases().items():
+        if only and label not in only:
+            continue
         fn = setup()
         with torch.no_grad():
             for _ in range(3):  # compile, autotune, fill the caches
@@ -144,4 +171,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest")
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest", sys.argv[2:])

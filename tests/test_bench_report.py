@@ -54,16 +54,20 @@ def test_ratios_within_a_case_and_against_a_baseline_case(report, tmp_path):
 
 
 def test_profile_gaps_smoke(tmp_path, monkeypatch):
-    """bench/profile_gaps.py (run by gpu_check.sh) profiles its four cases and writes its tables (CPU sizes)."""
+    """bench/profile_gaps.py (run by gpu_check.sh) profiles its cases and writes its tables (CPU sizes); named cases
+    alone when asked."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import profile_gaps
 
     # the bench modules keep their models in module-level caches: fresh ones here, dropped after the test
     monkeypatch.setattr(profile_gaps.bench_serving, "_STATE", {})
     monkeypatch.setattr(profile_gaps.bench_bottleneck, "_MODELS", {})
-    profile_gaps.main(str(tmp_path))
+    profile_gaps.main(str(tmp_path), [])
     summary = json.loads((tmp_path / "profile.json").read_text())
-    cases = {"lora_single", "lora_mixed16", "bert_stack1", "bert_stack3", "stack3_train_eager", "stack3_train_fused"}
+    cases = {"lora_single", "lora_mixed16", "bert_stack1", "bert_stack3", "stack3_train_eager", "stack3_train_fused",
+             "lora_train_engine", "lora_train_composition", "lora_train_peft"}  # fmt: skip
     assert set(summary) == {"device", *cases}
     assert all(summary[c]["wall_ms"] > 0 for c in summary if c != "device")
     assert "Self CPU" in (tmp_path / "profile_lora_mixed16.txt").read_text()
+    profile_gaps.main(str(tmp_path / "some"), ["lora_train_engine"])
+    assert set(json.loads((tmp_path / "some" / "profile.json").read_text())) == {"device", "lora_train_engine"}

@@ -246,7 +246,7 @@ def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_
     As, Bs = [a.detach().to(dev) for a in As], [b_.detach().to(dev) for b_ in Bs]
     ids = torch.randint(-1, len(ranks), (M,), device=dev)
     calls = {
-        "tiled": (ll, lambda x: lora_linear(x, w, As[0], Bs[0], 2.0, b)),
+        "tiled": (lt, lambda x: lora_linear(x, w, As[0], Bs[0], 2.0, b)),
         "segmented": (ls, lambda x: lora_linear(x, w, As, Bs, scales, b, adapter_ids=ids, path="segmented")),
     }
     reference = {
@@ -270,7 +270,7 @@ def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_
 
 
 def _compiled(recorded) -> object | None:
-    """The compiled kernel of a recorded launch: a ``TiledLaunch``'s (``lora_linear``) or a ``DirectLaunch``'s."""
+    """The compiled kernel of a recorded launch: a ``TiledLaunch``'s (``lora_linear_tiled``) or a ``DirectLaunch``'s."""
     return (recorded.direct if hasattr(recorded, "direct") else recorded).compiled
 
 
