@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from harness import cuda_graphed, device, median_ms, on_gpu, pick, timed
+from harness import cuda_graphed, device, host_ms, median_ms, on_gpu, pick, timed
 from triton.compiler.compiler import CompiledKernel
 
 from adapter_engine.kernels import lora_linear
@@ -112,6 +112,9 @@ def _record(benchmark, fn, bare_fn, key, **extra):
         _BARE_MS[key] = median_ms(bare_fn)
     median = timed(benchmark, fn, bare_ms=_BARE_MS[key], **extra)
     benchmark.extra_info["vs_bare"] = median / _BARE_MS[key]
+    # the host's share (session 23's H200: the engine's fwd+bwd at M=4096, 4096x4096 took 1.16 ms eagerly for 0.45 ms
+    # of kernels, composition 0.93 ms for 0.48; no row said how much of that was the host's)
+    benchmark.extra_info["host_ms"] = host_ms(fn)
     if "shape" in extra:  # what the large-M timing chose for this layer's GEMMs (forward, and dx in the backward)
         from adapter_engine.kernels import lora_linear_tiled
 

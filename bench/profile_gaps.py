@@ -8,10 +8,12 @@ Session 7's H100 run (bench/results/2026-11-27-h100-session7/NOTES.md):
 - bench_bottleneck: three stacked adapters after each BERT-base FFN cost about 420 us per layer against 38 us for
   one, where the interpreter's step count and the sm_90 builds grow linearly with the depth;
 - bench_bottleneck: training the top of a stack of 3 alone (4096 x 768) took 3.30 ms fused against 1.66 ms eager.
-Both rows were host bound. This profiles one forward of each case with torch.profiler (CPU and CUDA activities;
-on a CPU, the tiny smoke-test sizes and CPU activity only) and writes, per case, the table of ops by self CUDA
-time and by self CPU time, the forward's wall time, its CUDA kernel time and its number of kernel launches to
-OUTDIR/profile_<case>.txt and OUTDIR/profile.json.
+Both rows were host bound. Session 23's H200 added two LoRA cases: a Llama-shaped forward with one adapter took
+16.3 ms of host time where the bare model took 5.2, and the engine's forward+backward of one 4096 x 4096 layer at
+4096 rows took 1.16 ms for 0.45 ms of kernels. This profiles one forward of each case with torch.profiler (CPU and
+CUDA activities; on a CPU, the tiny smoke-test sizes and CPU activity only) and writes, per case, the table of ops
+by self CUDA time and by self CPU time, cProfile's table of the host's Python functions, the forward's wall time,
+its CUDA kernel time and its number of kernel launches to OUTDIR/profile_<case>.txt and OUTDIR/profile.json.
 """
 
 from __future__ import annotations
@@ -76,7 +78,26 @@ def _cases() -> dict:
 
         return setup
 
+    def lora_model(spec):  # bench_lora_model's Llama-shaped model (session 23's H200: one adapter for every row took
+        # 20.5 ms with 16.3 ms of host time, bare 15.8 with 5.2: about 390 us more host per LoRA layer call)
+        def setup():
+            import bench_lora_model as bm
+
+            import adapter_engine as ae
+
+            model = bm._engine()
+            ids = torch.randint(0, 100, bm.pick((16, 256), (5, 8)), device=bm.device())
+
+            def forward():
+                with ae.use_adapters(spec):
+                    return model(input_ids=ids).last_hidden_state
+
+            return forward
+
+        return setup
+
     return {
+        "lora_model_one": lora_model("a0"),
         "lora_train_engine": lora_train("engine"),
         "lora_train_composition": lora_train("composition"),
         "lora_train_peft": lora_train("peft"),
@@ -99,6 +120,24 @@ def _kernel_summary(prof) -> dict:
         "kernel_launches": len(kernels),
         "kernel_span_ms": span / 1e3,
     }
+
+
+def _host_profile(fn) -> str:
+    """cProfile's table of three calls of ``fn`` by own time: which Python functions (the engine's, Triton's
+    launcher, autograd's) the host time goes to, which torch.profiler's op table does not say."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        for _ in range(3):
+            fn()
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
 
 
 def _graphed_summary(fn) -> tuple[dict, object]:
@@ -151,6 +190,7 @@ def main(out: str, only: list[str]) -> None:
             with profile(activities=activities) as prof:
                 fn()
                 sync()
+        host = _host_profile(fn)
         averages = prof.key_averages()
         summary[label] = {"wall_ms": wall_ms, **_kernel_summary(prof)}
         graphed = None
@@ -161,6 +201,7 @@ def main(out: str, only: list[str]) -> None:
             fh.write(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
             fh.write("\n\n")
             fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+            fh.write("\n\nthe host's Python, 3 calls (cProfile, by own time):\n" + host)
             if graphed is not None:
                 fh.write("\n\none CUDA-graph replay:\n")
                 fh.write(graphed.key_averages().table(sort_by="self_device_time_total", row_limit=25,

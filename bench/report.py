@@ -22,7 +22,7 @@ from collections import defaultdict
 # Benchmark-specific figures worth a column of their own in the table.
 NOTE_KEYS = (
     "gb_per_s", "peak_growth_vs_largest_tensor", "switch_us", "tokens_per_s", "x_single", "fraction_of_limit",
-    "fusion_saving_ms",
+    "fusion_saving_ms", "host_ms",
 )  # fmt: skip
 
 

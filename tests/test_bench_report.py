@@ -62,12 +62,16 @@ def test_profile_gaps_smoke(tmp_path, monkeypatch):
     # the bench modules keep their models in module-level caches: fresh ones here, dropped after the test
     monkeypatch.setattr(profile_gaps.bench_serving, "_STATE", {})
     monkeypatch.setattr(profile_gaps.bench_bottleneck, "_MODELS", {})
+    import bench_lora_model
+
+    monkeypatch.setattr(bench_lora_model, "_MODELS", {})
     profile_gaps.main(str(tmp_path), [])
     summary = json.loads((tmp_path / "profile.json").read_text())
     cases = {"lora_single", "lora_mixed16", "bert_stack1", "bert_stack3", "stack3_train_eager", "stack3_train_fused",
-             "lora_train_engine", "lora_train_composition", "lora_train_peft"}  # fmt: skip
+             "lora_model_one", "lora_train_engine", "lora_train_composition", "lora_train_peft"}  # fmt: skip
     assert set(summary) == {"device", *cases}
     assert all(summary[c]["wall_ms"] > 0 for c in summary if c != "device")
     assert "Self CPU" in (tmp_path / "profile_lora_mixed16.txt").read_text()
+    assert "function calls" in (tmp_path / "profile_lora_model_one.txt").read_text().split("cProfile")[1]
     profile_gaps.main(str(tmp_path / "some"), ["lora_train_engine"])
     assert set(json.loads((tmp_path / "some" / "profile.json").read_text())) == {"device", "lora_train_engine"}
