@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -344,9 +344,13 @@ def active_adapter_list(model: nn.Module) -> list[str]:
     return list(_state(model).active)
 
 
-def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+def get_adapter_state_dict(
+    model: nn.Module, adapter_name: str | None = None, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """transformers' ``model.get_adapter_state_dict()``: the tensors :func:`save_adapter` writes for ``adapter_name``
-    (default: the first active one), PEFT keys for LoRA / IA3, AdapterHub keys for a bottleneck adapter."""
+    (default: the first active one), PEFT keys for LoRA / IA3, AdapterHub keys for a bottleneck adapter.
+    ``state_dict``: the model's state dict to read them from instead of its parameters (transformers' argument, for
+    a state dict gathered elsewhere, e.g. under model parallelism), keyed as ``model.state_dict()``."""
     state = _state(model)
     if adapter_name is None:
         if not state.active:
@@ -356,8 +360,30 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str | None = None) ->
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(state.adapters)}")
     record = state.adapters[adapter_name]
     if record.kind == "bottleneck":
-        return dict(_export_bottleneck(model, state, adapter_name, record)[1])
-    return dict(_export_peft(model, adapter_name, record)[1])
+        tensors = dict(_export_bottleneck(model, state, adapter_name, record)[1])
+    else:
+        tensors = dict(_export_peft(model, adapter_name, record)[1])
+    return tensors if state_dict is None else _read_from(model, tensors, state_dict)
+
+
+def _read_from(model: nn.Module, tensors: dict, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (views of the model's own tensors) with each value read from ``state_dict`` instead: the entry of
+    the model tensor it views (the same storage and size), in the exported shape."""
+    names: dict[tuple[int, int], list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault((tensor.data_ptr(), tensor.numel()), []).append(name)
+    out = {}
+    for key, tensor in tensors.items():
+        sources = names.get((tensor.data_ptr(), tensor.numel()), [])
+        found = next((n for n in sources if n in state_dict), None)
+        if found is None:
+            raise ValueError(f"state_dict has no entry for {key!r} (the model's {' or '.join(sources) or '?'})")
+        if state_dict[found].numel() != tensor.numel():
+            raise ValueError(
+                f"state_dict[{found!r}] has shape {tuple(state_dict[found].shape)}; the model's has {tuple(tensor.shape)}"
+            )
+        out[key] = state_dict[found].reshape(tensor.shape)
+    return out
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

@@ -282,6 +282,15 @@ def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
     state = model.get_adapter_state_dict()  # the first active adapter, "l"
     assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
     assert any(".adapters.s." in k for k in model.get_adapter_state_dict("s"))
+    # transformers' state_dict= (a state dict gathered elsewhere): the same keys, values read from it
+    for name in ("l", "s"):
+        own = model.get_adapter_state_dict(name)
+        given = {k: v.detach() + 1 for k, v in model.state_dict().items()}
+        read = model.get_adapter_state_dict(name, state_dict=given)
+        assert set(read) == set(own) and all(torch.equal(read[k], own[k] + 1) for k in own), name
+    missing = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k}
+    with pytest.raises(ValueError, match=r"state_dict has no entry for .*lora_A"):
+        model.get_adapter_state_dict("l", state_dict=missing)
     ae.unpatch(model)
     assert "disable_adapters" not in model.__dict__
 
