@@ -378,11 +378,10 @@ def _read_from(model: nn.Module, tensors: dict, state_dict: Mapping[str, torch.T
         found = next((n for n in sources if n in state_dict), None)
         if found is None:
             raise ValueError(f"state_dict has no entry for {key!r} (the model's {' or '.join(sources) or '?'})")
-        if state_dict[found].numel() != tensor.numel():
-            raise ValueError(
-                f"state_dict[{found!r}] has shape {tuple(state_dict[found].shape)}; the model's has {tuple(tensor.shape)}"
-            )
-        out[key] = state_dict[found].reshape(tensor.shape)
+        value = state_dict[found]
+        if value.numel() != tensor.numel():
+            raise ValueError(f"state_dict[{found!r}] has shape {tuple(value.shape)}; the model's {tuple(tensor.shape)}")
+        out[key] = value.reshape(tensor.shape)
     return out
 
 
