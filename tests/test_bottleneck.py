@@ -1170,8 +1170,9 @@ def test_levels_path_half_error_no_larger_than_torch(levels_path, dtype):
 
 def test_forward_path_choice(monkeypatch):
     """Wide weights send one stack on every row to the GEMM path untimed; narrow ones and mixed rows to the kernel;
-    forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint."""
-    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
+    forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint (inside a
+    CUDA-graph capture from it alone: no device read)."""
+    from adapter_engine.kernels import _backend, bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
 
     assert bottleneck_gemm.prefer_levels(4096, 256, torch.bfloat16)  # Llama-shaped: 4 MB per level
     assert not bottleneck_gemm.prefer_levels(768, 48, torch.bfloat16)  # BERT-base: 147 KB
@@ -1179,6 +1180,9 @@ def test_forward_path_choice(monkeypatch):
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]] * 4), [[0], [1]]) is None  # rows may differ
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0, 1], [1]]) is None
+    with _backend.capture_on_cpu():  # a capture reads no routes from the device (a sync); the host hint serves
+        assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, -1, 2]]).expand(5, 3)) is None
+        assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
 
     ran = []
     gemm = bottleneck_fwd.stack_fwd_levels
