@@ -1170,8 +1170,9 @@ def test_levels_path_half_error_no_larger_than_torch(levels_path, dtype):
 
 def test_forward_path_choice(monkeypatch):
     """Wide weights send one stack on every row to the GEMM path untimed; narrow ones and mixed rows to the kernel;
-    forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint."""
-    from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
+    forcing the GEMM path on mixed rows is an error; the routes' per-level adapters come from the host hint (inside a
+    CUDA-graph capture from it alone: no device read)."""
+    from adapter_engine.kernels import _backend, bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm
 
     assert bottleneck_gemm.prefer_levels(4096, 256, torch.bfloat16)  # Llama-shaped: 4 MB per level
     assert not bottleneck_gemm.prefer_levels(768, 48, torch.bfloat16)  # BERT-base: 147 KB
@@ -1179,6 +1180,9 @@ def test_forward_path_choice(monkeypatch):
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]] * 4), [[0], [1]]) is None  # rows may differ
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
     assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0, 1], [1]]) is None
+    with _backend.capture_on_cpu():  # a capture reads no routes from the device (a sync); the host hint serves
+        assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, -1, 2]]).expand(5, 3)) is None
+        assert bottleneck_dispatch.uniform_levels(torch.tensor([[0, 1]]).expand(4, 2), [[0], []]) == (0, -1)
 
     ran = []
     gemm = bottleneck_fwd.stack_fwd_levels
@@ -1774,6 +1778,39 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
         shifted = torch.empty(11 * 40 + 1)[1:].view(11, 40).copy_(h2)  # 4-byte aligned: Triton's launch
         torch.testing.assert_close(repeat(shifted, y2, expanded), want2, rtol=0, atol=0)
     assert len(direct) == 2
+
+
+def test_a_launch_recorded_with_its_compiled_kernel_repeats_it_directly_for_operands_aligned_alike(monkeypatch):
+    """On a GPU the recorded call's launch returns its compiled kernel (``compiled_kernel``): ``ForwardLaunch.of``
+    keeps it with the alignment of h, y and the routes, the operands each repeat checks, so that a repeat with them
+    aligned alike (here a y 4-byte aligned both times) calls it directly; alignments of other operands would not
+    match. A stand-in for the compiled kernel runs the kernel in the interpreter by its parameter names."""
+    from adapter_engine.kernels import bottleneck_fwd
+
+    if not INTERPRET:
+        pytest.skip("the stand-in launches the kernel in the interpreter")
+    kernel, direct = bottleneck_fwd._bottleneck_stack_fwd_kernel, []
+
+    class CompiledStandIn:
+        def __getitem__(self, grid):
+            def run(*flat):
+                direct.append(grid)
+                kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)))
+
+            return run
+
+    monkeypatch.setattr(bottleneck_fwd, "compiled_kernel", lambda launched: CompiledStandIn())
+    params = make_params(40, [12, 20], ["relu", "gelu"])
+    ln, packed, routes = make_ln(40), pack(params), torch.tensor([[0, 1]] * 6 + [[1, -1]] * 5)
+    shifted = lambda: torch.randn(11 * 40 + 1)[1:].view(11, 40)  # noqa: E731  (4-byte aligned)
+    h, y = torch.randn(11, 40), shifted()
+    with torch.no_grad():
+        want, launch = bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, return_launch=True)
+        assert isinstance(launch.direct.compiled, CompiledStandIn) and not direct
+        h2, y2 = torch.randn(11, 40), shifted()
+        want2 = bottleneck_stack(h2, y2, packed, routes, SEQ, ln.weight, ln.bias)
+        torch.testing.assert_close(launch(h2, y2, expand_routes(routes, h2)), want2, rtol=0, atol=0)
+    assert len(direct) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -45,12 +45,13 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, grad=True):
     return t.requires_grad_(grad)
 
 
-def _make(lead, K, N, ranks, dtype, bias=True, fifo=False):
-    x = _rand(*lead, K, dtype=dtype)
-    w = _rand(*((K, N) if fifo else (N, K)), dtype=dtype, scale=K**-0.5)
-    b = _rand(N, dtype=dtype) if bias else None
-    As = [_rand(r, K, dtype=dtype, scale=K**-0.5) for r in ranks]
-    Bs = [_rand(N, r, dtype=dtype, scale=r**-0.5) for r in ranks]  # random B (PEFT starts at 0; tests never do)
+def _make(lead, K, N, ranks, dtype, bias=True, fifo=False, grad=True):
+    x = _rand(*lead, K, dtype=dtype, grad=grad)
+    w = _rand(*((K, N) if fifo else (N, K)), dtype=dtype, scale=K**-0.5, grad=grad)
+    b = _rand(N, dtype=dtype, grad=grad) if bias else None
+    As = [_rand(r, K, dtype=dtype, scale=K**-0.5, grad=grad) for r in ranks]
+    # random B (PEFT starts at 0; tests never do)
+    Bs = [_rand(N, r, dtype=dtype, scale=r**-0.5, grad=grad) for r in ranks]
     return x, w, b, As, Bs
 
 
@@ -257,6 +258,38 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
             got = lora_linear(operand, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path=path)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert direct == [recorded.direct.grid]
+
+
+def test_a_first_launch_records_its_compiled_kernel_with_the_alignment_that_later_calls_match(monkeypatch):
+    """On a GPU the first launch of a geometry returns its compiled kernel (``_backend.compiled_kernel``): the recorded
+    launch keeps it with the alignment of the operands it checks, and the next call with operands aligned alike calls
+    it directly (the alignment recorded and the one checked per call must be of the same operands, or no call ever
+    would). Here a stand-in for the compiled kernel runs the kernel in the interpreter by its parameter names."""
+    from adapter_engine.kernels import _backend
+
+    kernel, direct = lt._lora_linear_fwd_kernel, []
+
+    class CompiledStandIn:
+        def __getitem__(self, grid):
+            def run(*flat):
+                direct.append(grid)
+                kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)))
+
+            return run
+
+    monkeypatch.setattr(_backend, "compiled_kernel", lambda launched: CompiledStandIn())
+    monkeypatch.setattr(lt, "_RECORDED", {})
+    x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32, grad=False)
+    x = torch.empty(5 * 70 + 1)[1:].view(5, 70).copy_(x)  # 4-byte aligned at every call
+    ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
+    want = lora_linear_reference(x, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids)
+    with torch.no_grad():
+        for calls in (0, 1, 2):
+            got = lora_linear(x, w, As, Bs, [0.5, 2.0], b, adapter_ids=ids, path="fused")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert len(direct) == calls
+    (recorded,) = lt._RECORDED.values()
+    assert isinstance(recorded.direct.compiled, CompiledStandIn)
 
 
 def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monkeypatch):
@@ -737,6 +770,54 @@ def test_the_autotuners_first_launch_plans_with_every_constexpr_and_keeps_its_ch
     lt._autotune("key", named, meta, 16, x, w, A, B, rank_scale, rank_adapter, None, None, None, y, None, None)
     assert lt._TUNED["key"]["BLOCK_K"] == 64
     torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ A.T) @ B.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["one adapter", "row adapters"])
+def test_the_autotuner_times_every_config_on_buffers_sized_for_the_largest_split(monkeypatch, rows):
+    """The GPU's ``_autotune`` with several candidate configs, as on a GPU: ``triton.autotune`` prunes them
+    (``_prune_configs`` on the call's named arguments), times each by ``_autotune_bench`` (a stand-in for
+    ``graph_time_ms`` that runs the call in the interpreter and makes the split-K config the fastest), keeps the
+    fastest in ``_TUNED`` and runs it. Every config runs on the probe's buffers, sized for the largest split-K need
+    (a probe sized for the first, unsplit config would give the split one no workspace); y is then the split
+    config's, and its tile counters are left zeroed. Also a mixed batch's rows reading their own adapter
+    (``rows``: ``_serve_mixed``'s tiled candidate)."""
+    from adapter_engine.kernels.lora_segmented import lora_shrink, plan_segments
+
+    configs = [
+        lt.triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": s}) for s in (1, 3)
+    ]
+    monkeypatch.setattr(lt, "_gpu_configs", lambda: configs)
+    monkeypatch.setattr(lt._fwd_kernel_tuned, "configs", configs)
+    monkeypatch.setattr(lt._fwd_kernel_tuned, "cache", {})
+    monkeypatch.setattr(lt, "_TUNED", {})
+    monkeypatch.setattr(lora_epilogue, "_COUNTERS", {})
+    monkeypatch.setattr(lora_epilogue, "_WORKSPACES", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    times = iter([2.0, 1.0])  # (the pruned configs in order: the split one is the fastest)
+    monkeypatch.setattr(lt, "graph_time_ms", lambda fn, device: fn() or next(times))
+    M, K, N, ranks, scales = 5, 192, 24, [4, 8], [0.5, 2.0]
+    x, w, b, As, Bs = _make((M,), K, N, ranks, torch.float32, grad=False)
+    A, B = torch.cat(As), torch.cat(Bs, 1)
+    rank_scale = torch.tensor([s for s, r in zip(scales, ranks) for _ in range(r)])
+    rank_adapter = torch.tensor([a for a, r in enumerate(ranks) for _ in range(r)], dtype=torch.int32)
+    ids = torch.tensor([1, -1, 0, 1, 0], dtype=torch.int32)
+    y = torch.full((M, N), float("nan"))
+    if rows:
+        plan = plan_segments(ids, ranks, scales)
+        u = lora_shrink(x, A, plan, by_row=True)
+        meta = dict(BLOCK_R=plan.u_width, FUSE_SHRINK=False, HAS_BIAS=True, HAS_IDS=True, STORE_U=False,
+                    DOT_FP32=True, INPUT_PRECISION="ieee", ROW_ADAPTERS=True)  # fmt: skip
+        args = (x, w, A, B, plan.scale, plan.rank_off, b, ids, None, y, None, (u, plan.rank_off))
+    else:
+        meta = dict(BLOCK_R=16, FUSE_SHRINK=True, HAS_BIAS=True, HAS_IDS=True, STORE_U=False, DOT_FP32=True,
+                    INPUT_PRECISION="ieee", ROW_ADAPTERS=False)  # fmt: skip
+        args = (x, w, A, B, rank_scale, rank_adapter, b, ids, None, y, None, None)
+    named = {"M_BUCKET": 16, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": meta["FUSE_SHRINK"]}
+    lt._autotune("key", named, meta, 16, *args)
+    assert lt._TUNED["key"]["SPLIT_K"] == 3
+    torch.testing.assert_close(y, lora_linear_reference(x, w, As, Bs, scales, b, adapter_ids=ids), rtol=1e-4, atol=1e-4)
+    (counters,) = lora_epilogue._COUNTERS.values()
+    assert not counters.any()
 
 
 def test_the_autotuner_times_configs_by_graph_replay(monkeypatch):
