@@ -266,3 +266,16 @@ def test_static_routes_refuse_rows_naming_a_copy(base_state, saved, ids):
         assert torch.equal(logits(model, ids), logits(bert(base_state), ids))
     with pytest.raises(ValueError, match="modules_to_save"):
         route.fill([("one",), (), (), ()])
+
+
+def test_save_model_and_load_model_keep_the_head_copies(base_state, saved, ids, tmp_path):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["vec"], set_active=True)
+    expected = logits(model, ids)
+    ae.save_model(model, tmp_path / "m")
+    again = ae.load_model(tmp_path / "m").eval()
+    assert torch.equal(logits(again, ids), expected)
+    ae.set_active_adapters(again, "one")
+    ae.set_active_adapters(model, "one")
+    assert torch.equal(logits(again, ids), logits(model, ids))
