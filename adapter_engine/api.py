@@ -32,6 +32,7 @@ from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapte
 from .lora import LoraLinear, adapter_dtype, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
+from .saved_modules import ModulesToSaveLayer, conflict, select
 
 logger = logging.getLogger(__name__)
 
@@ -199,15 +200,55 @@ def load_adapter(
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
-        modules = pt.apply_bottleneck(model, state, name, cfg, plan)
+        modules, saved = pt.apply_bottleneck(model, state, name, cfg, plan), []
     else:
         plan = _plan_linear(model, state, file, cfg)
+        saved_plan = _plan_saved(model, file, cfg, [p[0] for p in plan])
         modules = _apply_linear(model, state, name, cfg, plan, autocast=autocast_adapter_dtype)
-    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
+        saved = _apply_saved(model, state, name, saved_plan)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules, saved=saved)
     logger.info("loaded %s adapter %r from %s (%d layers)", file.format, name, file.path, len(modules))
     if set_active:
         set_active_adapters(model, name)
     return name
+
+
+def _plan_saved(model: nn.Module, file: AdapterFile, cfg: AnyConfig, adapted: list[str]) -> dict[str, dict]:
+    """Check the trained module copies of a PEFT file (``modules_to_save``) against the model: {module: state}."""
+    if not file.saved_modules:
+        return {}
+    modules = dict(model.named_modules())
+    selectable = set(select(pt._outside_adapters(modules), cfg.modules_to_save))
+    plan = {}
+    for saved, tensors in sorted(file.saved_modules.items()):
+        name = pt.resolve_module(model, saved, modules)
+        if name is None or name not in selectable:
+            raise ValueError(
+                f"the adapter {file.path!r} holds a trained copy of {saved!r} (modules_to_save "
+                f"{cfg.modules_to_save}), a module {type(model).__name__} does not have"
+            )
+        if any(a == name or a.startswith(name + ".") for a in adapted):
+            raise ValueError(f"modules_to_save: {name!r} also holds the adapter's LoRA / IA3 layers")
+        pt.check_saved(model, name)
+        own = modules[name].state_dict()
+        own = {k: v for k, v in own.items() if not k.startswith("modules_to_save.")}
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise ValueError(f"the trained copy of {name!r} in {file.path!r}: missing {missing}, unexpected {extra}")
+        for key, t in tensors.items():
+            if tuple(t.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"the trained copy of {name!r}: {key} has shape {tuple(t.shape)} but the model's is "
+                    f"{tuple(own[key].shape)}: adapter made for another architecture or number of labels?"
+                )
+        plan[name] = tensors
+    return plan
+
+
+def _apply_saved(model: nn.Module, state: PatchState, name: str, plan: dict[str, dict]) -> list[str]:
+    for module_name, tensors in plan.items():
+        pt.wrap_saved(model, state, module_name).add_copy(name, tensors)
+    return list(plan)
 
 
 def _check_places(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> None:
@@ -237,7 +278,7 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
     cfg = coerce_config(config)
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
-        modules = pt.add_bottleneck(model, state, name, cfg)
+        modules, saved = pt.add_bottleneck(model, state, name, cfg), []
     else:
         spec = state.spec
         default = (spec.lora_targets if isinstance(cfg, LoraConfig) else spec.ia3_targets) if spec else None
@@ -255,6 +296,15 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
                     f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
                     f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
                 )
+        saved = []
+        if cfg.modules_to_save:
+            saved = select(pt._outside_adapters(dict(model.named_modules())), cfg.modules_to_save)
+            if not saved:
+                raise ValueError(f"modules_to_save {cfg.modules_to_save} selects no module of {type(model).__name__}")
+            for s in saved:  # (checked before any layer is wrapped)
+                if any(n == s or n.startswith(s + ".") for n in names):
+                    raise ValueError(f"modules_to_save: {s!r} also holds the adapter's LoRA / IA3 layers")
+                pt.check_saved(model, s)
         for n in names:
             wrapper = wrap_linear(model, state, n)
             dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)
@@ -262,8 +312,10 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
                 wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, init=cfg.init_lora_weights, dtype=dtype)
             else:
                 wrapper.add_ia3(name, feedforward=n in ff, init=cfg.init_ia3_weights, dtype=dtype)
+        for s in saved:  # trainable copies of the modules as they are now (PEFT's modules_to_save)
+            pt.wrap_saved(model, state, s).add_copy(name)
         modules = names
-    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules, saved=saved)
 
 
 def _parse_active(adapters: Any) -> tuple[str, ...]:
@@ -289,6 +341,11 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
         raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
     if len(set(names)) != len(names):
         raise ValueError(f"an adapter appears twice in {names}")
+    saved_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveLayer)]
+    for module_name, module in saved_layers:  # one trained copy per module can run (checked before any change)
+        holders = [n for n in names if n in module.modules_to_save]
+        if len(holders) > 1:
+            raise ValueError(conflict(holders, repr(module_name)))
     # the bottleneck layers first: set_active_bottlenecks checks every layer (one structure per stack) before it
     # changes any, so a refused stack raises here, before the LoRA layers or state.active change
     pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])
@@ -296,6 +353,8 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.active_adapters = [n for n in names if module.has_adapter(n)]
+    for _, module in saved_layers:
+        module.active_adapters = [n for n in names if n in module.modules_to_save]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -304,7 +363,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.adapters:
         raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
     record = state.adapters.pop(name)
-    for module_name in record.modules:
+    for module_name in (*record.modules, *record.saved):
         module = model.get_submodule(module_name)
         module.delete_adapter(name)
     state.active = tuple(n for n in state.active if n != name)

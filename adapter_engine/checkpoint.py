@@ -141,7 +141,7 @@ def _index_shards(index_path: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint keys
 @dataclass
 class _Update:
-    kind: str  # "lora", "ia3" (a weight) or "ia3_bias" (the bias of a non-feed-forward IA3 module)
+    kind: str  # "lora", "ia3" (a weight), "ia3_bias" (the bias of a non-feed-forward IA3 module) or "replace"
     tensors: dict
     scale: float
     fan_in_fan_out: bool
@@ -223,6 +223,14 @@ def _plan_updates(
             bias_key = candidates[0][: -len("weight")] + "bias"
             if not feedforward and bias_key in keys:  # y = (x W^T + b) * l: the bias is scaled too (as PEFT does)
                 updates[bias_key] = _Update("ia3_bias", tensors, 1.0, False, 0)
+    for module, state in adapter.saved_modules.items():  # modules_to_save: the trained copy replaces each tensor
+        for param, value in state.items():
+            key = f"{module}.{param}"
+            key = key if key in keys or not prefix else key.removeprefix(f"{prefix}.")
+            if key not in keys or key in updates:
+                why = "also takes the adapter's terms" if key in updates else "is not in the base checkpoint"
+                raise ValueError(f"the trained copy of {module!r} (modules_to_save): {key} {why}")
+            updates[key] = _Update("replace", {"value": value}, 1.0, False)
     return updates
 
 
@@ -243,7 +251,11 @@ def _suffix_match(module: str, targets) -> bool:
 
 def _check_shapes(key: str, info: dict, update: _Update) -> None:
     shape = tuple(info["shape"])
-    if update.kind == "lora":
+    if update.kind == "replace":
+        copy_shape = tuple(update.tensors["value"].shape)
+        if copy_shape != shape:
+            raise ValueError(f"{key}: shape {shape} differs from its trained copy's {copy_shape} (modules_to_save)")
+    elif update.kind == "lora":
         a, b = update.tensors["lora_A"], update.tensors["lora_B"]
         out_f, in_f = ((shape[1], shape[0]) if update.fan_in_fan_out else shape) if len(shape) == 2 else (None, None)
         if len(shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
@@ -268,6 +280,12 @@ def _factor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _merge_tensor_(weight: torch.Tensor, update: _Update, device: torch.device) -> None:
     """Merge into the host tensor ``weight`` in place, on ``device`` (row blocks on the CPU)."""
+    if update.kind == "replace":  # a trained module copy (modules_to_save): rounded once to the checkpoint's dtype
+        value = update.tensors["value"].to(weight.dtype)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"a trained module copy {tuple(value.shape)} has non-finite values")
+        weight.copy_(value)
+        return
     w = weight.to(device)
     if update.kind == "ia3_bias":
         new = (w.float() * update.tensors["ia3_l"].reshape(-1).to(device, torch.float32)).to(w.dtype)

@@ -78,6 +78,16 @@ def _check_number(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r} ({type(value).__name__})")
 
 
+def _module_list(owner: str, value: Any) -> list[str] | None:
+    """PEFT's ``modules_to_save``: None, or module-name endings (a name alone is one entry)."""
+    if value is None:
+        return None
+    value = [value] if isinstance(value, str) else sorted(value) if isinstance(value, (set, tuple)) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{owner}: modules_to_save must be a list of module names, got {value!r}")
+    return value or None
+
+
 #: PEFT ``init_lora_weights`` values (besides ``pissa*`` / ``corda*``) whose initialisation rewrites the base weights.
 _BASE_CHANGING_INITS = ("olora", "loftq", "lora_ga")
 
@@ -99,8 +109,10 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None  # whole modules trained per adapter (a head): see saved_modules.py
 
     def __post_init__(self) -> None:
+        self.modules_to_save = _module_list("LoraConfig", self.modules_to_save)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
         _check_number("LoraConfig", "lora_alpha", self.lora_alpha)
@@ -136,7 +148,6 @@ class LoraConfig:
             "alpha_pattern": {},
             "layers_to_transform": None,
             "layers_pattern": None,
-            "modules_to_save": None,
             "lora_bias": False,
             "use_qalora": False,
             "trainable_token_indices": None,
@@ -159,7 +170,7 @@ class LoraConfig:
         """A PEFT-loadable ``adapter_config.json`` dict."""
         out = dataclasses.asdict(self)
         out.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
-        out.update(modules_to_save=None, use_dora=False, rank_pattern={}, alpha_pattern={}, layers_to_transform=None)
+        out.update(use_dora=False, rank_pattern={}, alpha_pattern={}, layers_to_transform=None)
         return out
 
 
@@ -174,8 +185,10 @@ class IA3Config:
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
+    modules_to_save: list[str] | None = None  # as LoraConfig's
 
     def __post_init__(self) -> None:
+        self.modules_to_save = _module_list("IA3Config", self.modules_to_save)
         for name in ("target_modules", "feedforward_modules"):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
@@ -185,14 +198,13 @@ class IA3Config:
         peft_type = getattr(data.get("peft_type", "IA3"), "value", data.get("peft_type", "IA3"))
         if str(peft_type).upper() != "IA3":
             raise ValueError(f"IA3Config.from_dict: peft_type {peft_type!r} is not IA3")
-        unsupported = {"modules_to_save": None, "exclude_modules": None}
+        unsupported = {"exclude_modules": None}
         ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
         return cls(**_check_fields(cls, data, ignored, unsupported))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(peft_type="IA3", task_type=None, base_model_name_or_path=None, inference_mode=True)
-        out.update(modules_to_save=None)
         return out
 
 

@@ -33,6 +33,9 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
             ff_modules += [module_name] if ff else []
             vec = module.ia3_l[name]
             tensors[f"{key}.ia3_l"] = vec.reshape(1, -1) if ff else vec.reshape(-1, 1)
+    for module_name in record.saved:  # modules_to_save: PEFT saves each copy under the module's own keys
+        copy = model.get_submodule(module_name).modules_to_save[name]
+        tensors.update({f"base_model.model.{module_name}.{k}": v for k, v in copy.state_dict().items()})
     meta = cfg.to_dict()
     if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
         meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it

@@ -61,6 +61,7 @@ class AdapterFile:
     entries: dict[str, dict[str, torch.Tensor]]
     meta: dict[str, Any]
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)  # "<module>.weight": PEFT's copy of it
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save: module -> state
 
 
 def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
@@ -151,6 +152,27 @@ def split_base_copies(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return rest, copies
 
 
+def split_saved_modules(
+    tensors: dict[str, torch.Tensor], entries: list[str] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Split the trained module copies of PEFT's ``modules_to_save`` from the adapter weights: ``(adapter tensors,
+    {module: its state dict})``. PEFT saves a copy under the module's own keys (``base_model.model.classifier.weight``);
+    the module is the shortest prefix of the key that ends with an entry (PEFT's ``str.endswith`` rule)."""
+    if not entries:
+        return tensors, {}
+    rest, saved = {}, {}
+    for key, value in tensors.items():
+        path = key.removeprefix("base_model.model.").split(".")
+        cut = None
+        if not (_PEFT_LORA.match(key) or _PEFT_IA3.match(key)):
+            cut = next((i for i in range(1, len(path)) if any(".".join(path[:i]).endswith(e) for e in entries)), None)
+        if cut is None:
+            rest[key] = value
+        else:
+            saved.setdefault(".".join(path[:cut]), {})[".".join(path[cut:])] = value
+    return rest, saved
+
+
 def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | None) -> dict[str, dict]:
     """Group the tensors by module; raises ``ValueError`` listing keys that are not adapter weights of ``fmt``."""
     entries: dict[str, dict[str, torch.Tensor]] = {}
@@ -176,8 +198,9 @@ def parse_keys(fmt: str, tensors: dict[str, torch.Tensor], saved_name: str | Non
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         base = fmt == "peft" and all(k.endswith((".weight", ".bias")) for k in extra)
         why = (
-            ": whole weights of base layers, which PEFT saves for a resized vocabulary (save_embedding_layers) or "
-            "trained copies of layers (modules_to_save); adapter-engine loads adapters onto the model's own weights"
+            ": whole weights of base layers, which PEFT saves for a resized vocabulary (save_embedding_layers), which "
+            "adapter-engine does not load over the model's own weights, or trained copies of modules (modules_to_save) "
+            "that adapter_config.json's modules_to_save does not name"
             if base
             else ""
         )
@@ -209,13 +232,14 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
     saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
     _, tensors = read_tensors(folder, fmt)
     tensors, copies = split_base_copies(tensors) if fmt == "peft" else (tensors, {})
+    tensors, saved = split_saved_modules(tensors, getattr(cfg, "modules_to_save", None) if fmt == "peft" else None)
     entries = parse_keys(fmt, tensors, saved_name)
     unadapted = sorted(k for k in copies if k.rsplit(".", 1)[0] not in entries)
     if unadapted:
         raise ValueError(f"unexpected weights in the peft adapter file: base weights {unadapted[:4]} of layers "
                          "without adapter weights")  # fmt: skip
     return AdapterFile(format=fmt, path=folder, config=cfg, saved_name=saved_name, entries=entries,
-                       meta=meta or {}, base_copies=copies)  # fmt: skip
+                       meta=meta or {}, base_copies=copies, saved_modules=saved)  # fmt: skip
 
 
 def write_adapter(

@@ -31,6 +31,7 @@ from torch import nn
 
 from .kernels import merge_lora_many_, scale_ia3_, unmerge_lora_many_
 from .lora import LoraLinear
+from .saved_modules import conflict
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class _LayerMerge:
     bias_delta: torch.Tensor | None = None  # what a folded bottleneck added to the bias
     original: torch.Tensor | None = None  # CPU copy of the weight before the merge (exact / non-linear merges)
     original_bias: torch.Tensor | None = None
+    replacement: torch.Tensor | None = None  # a trained module copy's tensor that replaces ``weight`` (modules_to_save)
 
 
 @dataclass
@@ -243,6 +245,7 @@ def merge_adapter(
     linear = [n for n in names if n not in bottlenecks and n not in folded]
     if combination != "linear" and any(state.adapters[n].kind != "lora" for n in linear):
         raise ValueError(f"{combination} combines LoRA adapters only; {linear} includes IA3 adapters")
+    saved = _collect_saved(model, state, linear, [w for n, w in zip(names, weights) if n in linear], combination, safe)
     params_before = _count_parameters(model)
 
     if combination == "linear":  # the weights scale the low-rank terms: the merge kernel adds them in one pass
@@ -263,6 +266,11 @@ def merge_adapter(
     else:  # TIES / DARE weigh the task vectors after trimming and sign election
         layers = _collect_layers(model, linear, [1.0] * len(linear))
         _merge_combined(layers, weights, combination, density, seed, safe)
+    _replace(saved)  # after the terms (checked before anything was written: it cannot fail on its own)
+    layers += saved
+    for n in linear:
+        for path in state.adapters[n].saved:
+            model.get_submodule(path).delete_adapter(n)
     for module in model.modules():  # drop the merged adapters without undoing anything
         if isinstance(module, LoraLinear):
             for n in linear:
@@ -283,6 +291,45 @@ def merge_adapter(
     log.info("merged %s (%s): %d -> %d parameters%s", linear, combination, params_before, _count_parameters(model),
              f"; absorbed {bottlenecks}" if bottlenecks else "")  # fmt: skip
     return model
+
+
+def _collect_saved(model, state, names, weights, combination: str, safe: bool) -> list[_LayerMerge]:
+    """The trained module copies (``modules_to_save``) of adapters ``names`` as replacements of the modules' tensors,
+    as PEFT's ``merge_and_unload`` puts the active adapter's copy in the module's place; checked, nothing written."""
+    holders: dict[str, list[str]] = {}
+    for name, weight in zip(names, weights):
+        for path in state.adapters[name].saved:
+            holders.setdefault(path, []).append(name)
+        if state.adapters[name].saved and (weight != 1.0 or combination != "linear"):
+            raise ValueError(
+                f"adapter {name!r} holds trained copies of {state.adapters[name].saved} (modules_to_save), which "
+                f"replace those modules whole: merge it with combination='linear' and weight 1.0 (got "
+                f"{combination!r}, {weight}); nothing was changed"
+            )
+    layers = []
+    for path, holding in holders.items():
+        if len(holding) > 1:
+            raise ValueError(conflict(holding, repr(path)) + "; merge them one at a time. Nothing was changed")
+        module = model.get_submodule(path)
+        copy = module.modules_to_save[holding[0]].state_dict()
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            if key.startswith("modules_to_save."):
+                continue
+            new = copy[key].detach()
+            if safe and new.is_floating_point() and not torch.isfinite(new).all():
+                raise ValueError(f"the trained copy of {path}.{key} has non-finite values; nothing was changed")
+            layers.append(_LayerMerge(f"{path}.{key}", tensor, None, replacement=new))
+    _check_not_shared(model, layers)
+    return layers
+
+
+@torch.no_grad()
+def _replace(layers: list[_LayerMerge]) -> None:
+    """Each tensor takes its copy's value; the original is kept (on the host) for :func:`unmerge_adapter`."""
+    for layer in layers:
+        layer.original = layer.weight.detach().to("cpu", copy=True)
+    for layer in layers:
+        layer.weight.data.copy_(layer.replacement)
 
 
 def _layer_weights(layer: _LayerMerge, weights: Sequence[float]) -> list[float]:
@@ -465,6 +512,7 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
                 scale_ia3_(layer.weight.data, vec, dim=dim, inverse=True)
                 if scales_bias and layer.bias is not None:
                     layer.bias.data.div_(vec)
+        _restore([layer for layer in record.layers if layer.replacement is not None])
         lora_layers = [layer for layer in record.layers if layer.lora_A]
         if lora_layers:
             unmerge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],

@@ -38,6 +38,7 @@ from .lora import (
 )
 from .routed_bottleneck import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
 from .routing import register_adapter_owner
+from .saved_modules import ModulesToSaveLayer
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class AdapterRecord:
-    """One adapter in a patched model: its config, kind and the (full) names of the modules holding it."""
+    """One adapter in a patched model: its config, kind and the (full) names of the modules holding it; ``saved``:
+    the modules it holds a trained copy of (PEFT's ``modules_to_save``, :class:`ModulesToSaveLayer`)."""
 
     config: Any
     kind: str  # "lora" | "ia3" | "bottleneck"
     modules: list[str]
+    saved: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -141,11 +144,11 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
 
 def _outside_adapters(modules: Mapping[str, nn.Module]) -> list[str]:
     """The names in ``modules`` (a model's ``named_modules``) that are not inside an adapter: not below a
-    LoraLinear (its ``lora_A`` / ``lora_B`` factors) nor in a bottleneck layer's ``adapters``."""
+    LoraLinear (its ``lora_A`` / ``lora_B`` factors), in a bottleneck layer's ``adapters`` nor among a module's
+    trained copies (``modules_to_save``)."""
+    below = {LoraLinear: "", BottleneckStackLayer: "adapters.", ModulesToSaveLayer: "modules_to_save."}
     inside = tuple(
-        f"{n}." if isinstance(m, LoraLinear) else f"{n}.adapters."
-        for n, m in modules.items()
-        if n and isinstance(m, (LoraLinear, BottleneckStackLayer))
+        f"{n}.{suffix}" for n, m in modules.items() for cls, suffix in below.items() if n and isinstance(m, cls)
     )
     return [n for n in modules if not n.startswith(inside)] if inside else list(modules)
 
@@ -168,9 +171,46 @@ def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
         return module
     if not is_linear_like(module):
         raise ValueError(not_wrappable(name, module))
+    owner = next((n for n in _parents(name) if isinstance(model.get_submodule(n), ModulesToSaveLayer)), None)
+    if owner is not None:
+        raise ValueError(
+            f"layer {name!r} is inside {owner!r}, a module adapters hold trained copies of (modules_to_save): a "
+            "LoRA / IA3 layer there would run in the original only, not in the copies"
+        )
     wrapper = LoraLinear(module)
     wrapper.train(module.training)
     wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)
+    _set_child(model, name, wrapper)
+    state.replaced[name] = module
+    return wrapper
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def check_saved(model: nn.Module, name: str) -> None:
+    """Refuse module ``name`` as one adapters keep trained copies of (``modules_to_save``) when a copy could not
+    stand in for it: it holds or sits in an adapter layer (a LoRA there would run in the original only)."""
+    module = model.get_submodule(name)
+    if isinstance(module, ModulesToSaveLayer):
+        return
+    inner = [n for n, m in module.named_modules() if isinstance(m, (LoraLinear, BottleneckStackLayer))]
+    outer = [n for n in _parents(name) if isinstance(model.get_submodule(n), (LoraLinear, ModulesToSaveLayer))]
+    if inner or outer or isinstance(module, (nn.ModuleDict, nn.ModuleList)) or hasattr(module, "modules_to_save"):
+        why = f": it holds adapter layers {inner[:2]}" if inner else f": it is inside {outer[0]!r}" if outer else ""
+        raise ValueError(f"modules_to_save: cannot keep trained copies of {name!r} ({type(module).__name__}){why}")
+
+
+def wrap_saved(model: nn.Module, state: PatchState, name: str) -> ModulesToSaveLayer:
+    """Replace module ``name`` by a :class:`ModulesToSaveLayer` sharing its weights (idempotent); returns it."""
+    check_saved(model, name)
+    module = model.get_submodule(name)
+    if isinstance(module, ModulesToSaveLayer):
+        return module
+    wrapper = ModulesToSaveLayer(module)
+    wrapper.train(module.training)
     _set_child(model, name, wrapper)
     state.replaced[name] = module
     return wrapper
@@ -190,11 +230,11 @@ def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
         current.unmerge()
         original.weight = current.weight
         original.bias = current.bias
-    elif isinstance(current, BottleneckStackLayer):
+    elif isinstance(current, (BottleneckStackLayer, ModulesToSaveLayer)):
         if isinstance(current, ResidualOutsideWithAdapters):
             current.remove_hooks()
         for child_name, child in current.named_children():  # children replaced while wrapped (Parameters shared)
-            if child_name != "adapters" and getattr(original, child_name, None) is not child:
+            if child_name not in ("adapters", "modules_to_save") and getattr(original, child_name, None) is not child:
                 setattr(original, child_name, child)
     original.train(current.training)
     _set_child(model, name, original)

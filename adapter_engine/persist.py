@@ -46,6 +46,8 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
             ):  # (not an AdapterHub field: to_dict drops it)
                 config["bottleneck_size"] = record.config.bottleneck_size
             manifest["adapters"][name] = {"kind": record.kind, "config": config, "modules": list(record.modules)}
+            if record.saved:  # the modules it holds trained copies of (modules_to_save)
+                manifest["adapters"][name]["saved"] = list(record.saved)
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
@@ -101,6 +103,8 @@ def _where_it_was(config, entry: dict):
     def names(saved: list[str]) -> list[str]:
         return sorted({m.split(".", 1)[1] if m.startswith("base_model.") else m for m in saved})
 
+    if isinstance(config, (LoraConfig, IA3Config)):  # the modules it holds trained copies of, as saved
+        config.modules_to_save = entry.get("saved") or None
     if isinstance(config, LoraConfig):
         config.target_modules = names(entry["modules"])
     elif isinstance(config, IA3Config) and "feedforward" in entry:

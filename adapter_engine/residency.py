@@ -6,7 +6,7 @@ them through :func:`adapter_parameters`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ class AdapterSnapshot:
     """An adapter's weights and placement outside the model (for offloading and reloading it).
 
     ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
-    ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked).
+    ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked). ``saved``: the
+    state dicts of its trained module copies (``modules_to_save``), by module.
     """
 
     config: AnyConfig
@@ -30,6 +31,7 @@ class AdapterSnapshot:
     modules: list[str]
     entries: list[tuple]
     nbytes: int
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -53,6 +55,9 @@ def adapter_layers(model: nn.Module, name: str) -> list[tuple[nn.Module, list[nn
         else:
             params = list(module.adapters[name].parameters())
         layers.append((module, params))
+    for module_name in record.saved:  # its trained copies of whole modules (modules_to_save)
+        module = model.get_submodule(module_name)
+        layers.append((module, list(module.modules_to_save[name].parameters())))
     return layers
 
 
@@ -84,7 +89,12 @@ def snapshot_adapter(
             entries.append((module_name, copy(module.ia3_l[name]), module.ia3_feedforward[name]))
         else:
             entries.append((module_name, {k: copy(v) for k, v in module.adapters[name].state_dict().items()}))
-    return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name))
+    saved = {
+        m: {k: copy(v) for k, v in model.get_submodule(m).modules_to_save[name].state_dict().items()}
+        for m in record.saved
+    }
+    return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name),
+                           saved)  # fmt: skip
 
 
 def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
@@ -100,7 +110,9 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
         modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
     else:
         modules = _apply_linear(model, state, name, cfg, snapshot.entries, autocast=None)
-    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules)
+    for module_name, tensors in snapshot.saved.items():
+        pt.wrap_saved(model, state, module_name).add_copy(name, tensors)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules, saved=list(snapshot.saved))
 
 
 __all__ = [

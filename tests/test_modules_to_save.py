@@ -1,0 +1,281 @@
+"""PEFT's ``modules_to_save`` (the trained classification head of a SEQ_CLS LoRA / IA3 adapter), against peft on a
+tiny BertForSequenceClassification in fp32: loading, switching, routing, disabling, merging, saving, training.
+
+PEFT saves a copy under the module's own keys (``base_model.model.classifier.weight``), runs the active adapter's
+copy, refuses two active copies of one module, runs ``adapter_names=`` row groups through their copies and puts the
+copy in the module's place in ``merge_and_unload``. Tolerance 1e-5: the engine's fused LoRA op and PEFT's separate
+matmuls round differently in fp32 (logits are O(1)).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+import adapter_engine as ae
+from adapter_engine.checkpoint import merge_checkpoint
+from adapter_engine.residency import restore_adapter, snapshot_adapter
+from adapter_engine.routing import StaticRoute
+
+peft = pytest.importorskip("peft")
+
+CFG = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                 num_labels=3)  # fmt: skip
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def base_state():
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in BertForSequenceClassification(CFG).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(2))
+
+
+def bert(state) -> BertForSequenceClassification:
+    model = BertForSequenceClassification(CFG).eval()
+    model.load_state_dict(state)
+    return model
+
+
+def peft_config(kind: str):
+    if kind == "ia3":
+        return peft.IA3Config(task_type="SEQ_CLS", target_modules=["query", "output.dense"],
+                              feedforward_modules=["output.dense"])  # fmt: skip
+    return peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+
+
+def randomize(pm, name: str, seed: int) -> None:
+    """Trained-looking values for adapter ``name``: LoRA B, IA3 vectors and the head copy."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if f".{name}." in f"{n}." and ("lora_B" in n or "ia3_l" in n or "modules_to_save" in n):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if "ia3_l" in n else 0.0))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, base_state):
+    """PEFT adapters saved from a task model: "one" and "two" (LoRA, different heads), "vec" (IA3)."""
+    root = tmp_path_factory.mktemp("mts")
+    paths = {}
+    for name, kind, seed in (("one", "lora", 3), ("two", "lora", 4), ("vec", "ia3", 5)):
+        pm = peft.get_peft_model(bert(base_state), peft_config(kind), adapter_name=name)
+        randomize(pm, name, seed)
+        pm.save_pretrained(root)  # (a non-default adapter goes to root/<name>)
+        paths[name] = root / name
+    return paths
+
+
+def peft_model(state, saved, *names):
+    pm = peft.PeftModel.from_pretrained(bert(state), saved[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        pm.load_adapter(saved[name], adapter_name=name)
+    return pm.eval()
+
+
+def logits(model, ids, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def test_peft_saves_the_head_under_its_own_keys(saved):
+    keys = set(load_file(saved["one"] / "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    assert json.loads((saved["one"] / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+
+
+@pytest.mark.parametrize("name", ["one", "vec"])
+def test_loaded_adapter_runs_its_head_copy_as_peft(name, base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved[name], set_active=True)
+    torch.testing.assert_close(logits(model, ids), logits(peft_model(base_state, saved, name), ids), atol=ATOL, rtol=0)
+    assert torch.equal(model.classifier.weight, base_state["classifier.weight"])  # the model's own head is kept
+    assert set(base_state) <= set(model.state_dict())
+    assert ae.api._state(model).adapters[name].config.modules_to_save == ["classifier", "score"]
+
+
+def test_two_adapters_switch_heads_and_two_active_heads_are_refused(base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["two"])
+    pm = peft_model(base_state, saved, "one", "two")
+    for name in ("one", "two", "one"):
+        ae.set_active_adapters(model, name)
+        pm.set_adapter(name)
+        torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"\['one', 'two'\].*'classifier'"):
+        ae.set_active_adapters(model, ["one", "two"])
+    with pytest.raises(ValueError, match="Only one adapter"):  # PEFT refuses it too
+        pm.base_model.set_adapter(["one", "two"])
+    assert ae.api.active_adapters(model) == ("one",)  # the refused call changed nothing
+    torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=0)
+
+
+def test_disabled_adapters_run_the_original_head(base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], set_active=True)
+    model.disable_adapters()
+    assert torch.equal(logits(model, ids), logits(bert(base_state), ids))
+    pm = peft_model(base_state, saved, "one")
+    with pm.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=0, rtol=0)
+    model.enable_adapters()
+    torch.testing.assert_close(logits(model, ids), logits(pm, ids), atol=ATOL, rtol=0)
+
+
+def test_mixed_route_runs_each_row_group_through_its_copy_as_peft_adapter_names(base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["two"])
+    pm = peft_model(base_state, saved, "one", "two")
+    with ae.use_adapters(["one", "two", None, "one"]):
+        ours = logits(model, ids)
+    theirs = logits(pm, ids, adapter_names=["one", "two", "__base__", "one"])
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    with (
+        ae.use_adapters(["one", ae.Stack("one", "two"), None, "two"]),
+        pytest.raises(ValueError, match=r"\['one', 'two'\]"),
+    ):
+        logits(model, ids)
+
+
+def test_merge_equals_merge_and_unload_and_saves_a_plain_model_with_the_trained_head(base_state, saved, ids, tmp_path):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], set_active=True)
+    ae.merge_adapter(model, "one")
+    assert type(model.classifier) is torch.nn.Linear and not ae.is_patched(model)
+    merged = peft_model(base_state, saved, "one").merge_and_unload()
+    torch.testing.assert_close(logits(model, ids), logits(merged, ids), atol=ATOL, rtol=0)
+    model.save_pretrained(tmp_path / "plain")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
+    trained = load_file(saved["one"] / "adapter_model.safetensors")["base_model.model.classifier.weight"]
+    assert torch.equal(again.classifier.weight, trained)
+    assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_unmerge_restores_the_original_head(base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["two"])
+    ae.merge_adapter(model, "one")  # b stays: the head is merged into the wrapper's (shared) weights
+    merged = peft_model(base_state, saved, "one").merge_and_unload()
+    torch.testing.assert_close(logits(model, ids), logits(merged, ids), atol=ATOL, rtol=0)
+    ae.unmerge_adapter(model, "one")
+    assert torch.equal(model.classifier.weight, base_state["classifier.weight"])
+    assert torch.equal(model.classifier.bias, base_state["classifier.bias"])
+    torch.testing.assert_close(logits(model, ids), logits(bert(base_state), ids), atol=ATOL, rtol=0)
+
+
+def test_merges_that_cannot_take_a_head_change_nothing(base_state, saved):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["two"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\['one', 'two'\].*'classifier'"):
+        ae.merge_adapter(model, ["one", "two"])
+    with pytest.raises(ValueError, match="weight 1.0"):
+        ae.merge_adapter(model, ["one"], weights=[0.5])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_saved_adapter_loads_in_peft_with_the_same_outputs(base_state, saved, ids, tmp_path):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], set_active=True)
+    ae.save_adapter(model, "one", tmp_path / "out")
+    assert set(load_file(tmp_path / "out" / "adapter_model.safetensors")) == set(
+        load_file(saved["one"] / "adapter_model.safetensors")
+    )
+    pm = peft.PeftModel.from_pretrained(bert(base_state), tmp_path / "out").eval()
+    torch.testing.assert_close(logits(pm, ids), logits(model, ids), atol=ATOL, rtol=0)
+
+
+def test_fresh_adapter_trains_its_head_copy_and_round_trips_through_peft(base_state, ids, tmp_path):
+    model = bert(base_state).requires_grad_(False)  # (a frozen base: the copy trains all the same, as in PEFT)
+    cfg = ae.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    ae.add_adapter(model, "t", cfg)
+    assert all(p.requires_grad for p in model.classifier.modules_to_save["t"].parameters())
+    ae.set_active_adapters(model, "t")
+    trainable = ae.train_adapter(model, "t")
+    assert {"classifier.modules_to_save.t.weight", "classifier.modules_to_save.t.bias"} <= set(trainable)
+    assert "classifier.weight" not in trainable
+    model.train()
+    out = model(input_ids=ids, labels=torch.tensor([0, 1, 2, 0]))
+    out.loss.backward()
+    copy = model.classifier.modules_to_save["t"]
+    assert copy.weight.grad is not None and copy.weight.grad.abs().sum() > 0
+    assert model.classifier.weight.grad is None
+    with torch.no_grad():
+        copy.weight.add_(torch.randn_like(copy.weight))
+    model.eval()
+    ae.save_adapter(model, "t", tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    pm = peft.PeftModel.from_pretrained(bert(base_state), tmp_path / "t").eval()
+    torch.testing.assert_close(logits(pm, ids), logits(model, ids), atol=ATOL, rtol=0)
+    assert not torch.equal(logits(model, ids), logits(bert(base_state), ids))
+
+
+def test_snapshot_and_restore_keep_the_head_copy(base_state, saved, ids):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], set_active=True)
+    expected = logits(model, ids)
+    snap = snapshot_adapter(model, "one")
+    ae.delete_adapter(model, "one")
+    restore_adapter(model, "one", snap)
+    ae.set_active_adapters(model, "one")
+    assert torch.equal(logits(model, ids), expected)
+
+
+def test_merge_checkpoint_writes_the_trained_head(base_state, saved, ids, tmp_path):
+    bert(base_state).save_pretrained(tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", saved["one"], tmp_path / "merged", device="cpu", progress=False)
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    reference = peft_model(base_state, saved, "one").merge_and_unload()
+    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), atol=ATOL, rtol=0)
+
+
+def test_copies_the_config_does_not_name_or_of_another_shape_are_refused(base_state, saved, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved["one"], bad)
+    meta = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(meta | {"modules_to_save": None}))
+    with pytest.raises(ValueError, match="classifier.weight"):
+        ae.load_adapter(bert(base_state), bad)
+    other = BertForSequenceClassification(BertConfig(**{**CFG.to_dict(), "id2label": None, "num_labels": 5})).eval()
+    with pytest.raises(ValueError, match=r"copy of 'classifier'.* shape \(3,\) .* is \(5,\)"):
+        ae.load_adapter(other, saved["one"])
+    assert not any(isinstance(m, ae.api.LoraLinear) and m.lora_A for m in other.modules())  # nothing loaded
+
+
+def test_static_routes_refuse_rows_naming_a_copy(base_state, saved, ids):
+    """A captured graph (GraphedServer's static route) cannot regroup rows: a row naming a copy is refused, now or
+    when a later fill names it, instead of replaying the captured grouping."""
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    with ae.use_adapters(StaticRoute(rows=[("one",), (), (), ()], depth=1)), pytest.raises(ValueError, match="static"):
+        logits(model, ids)
+    route = StaticRoute(rows=[(), (), (), ()], depth=1)
+    with ae.use_adapters(route):
+        assert torch.equal(logits(model, ids), logits(bert(base_state), ids))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        route.fill([("one",), (), (), ()])
+
+
+def test_save_model_and_load_model_keep_the_head_copies(base_state, saved, ids, tmp_path):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"])
+    ae.load_adapter(model, saved["vec"], set_active=True)
+    expected = logits(model, ids)
+    ae.save_model(model, tmp_path / "m")
+    again = ae.load_model(tmp_path / "m").eval()
+    assert torch.equal(logits(again, ids), expected)
+    ae.set_active_adapters(again, "one")
+    ae.set_active_adapters(model, "one")
+    assert torch.equal(logits(again, ids), logits(model, ids))
