@@ -28,6 +28,7 @@ from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_dispatch
 from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.bottleneck import PackedStack, StackOptions, bottleneck_stack, expand_routes
+from .wrapping import adopt_members
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,7 @@ class BottleneckStackLayer(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        for name, param in original.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in original.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        # not a child (its children are ours now, under their own names); set last: __getattr__ falls back to it
-        object.__setattr__(self, "_original", original)
+        adopt_members(self, original)
         self.adapters = nn.ModuleDict()
         self.fused = True  # False: AdapterHub-style eager modules (the baseline; also what torch.compile sees)
         self._stack: list[str] = []

@@ -20,6 +20,7 @@ from torch import nn
 
 from .changes import adapters_changed
 from .routing import StaticRoute, check_rows, current_route, routed_under_compile, run_eagerly
+from .wrapping import adopt_members
 
 
 class ModulesToSaveLayer(nn.Module):
@@ -28,13 +29,7 @@ class ModulesToSaveLayer(nn.Module):
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        for name, param in original.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in original.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
-        object.__setattr__(self, "_original", original)  # not a child: its children are ours, under their names
+        adopt_members(self, original)
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
 

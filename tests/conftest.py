@@ -48,15 +48,31 @@ def direct_stand_in():
     16-byte aligned. The stand-in binds the flat argument list of a direct call back to the kernel's parameter names
     and launches the kernel in the interpreter, so a misordered or missing argument gives wrong results; ``grids``
     lists the grids it was called with."""
+    make, grids = _stand_in_maker()
+
+    def stand_in(launch, checked: int):
+        options = {k: v for k, v in launch.kwargs.items() if k not in launch.kernel.arg_names}
+        return launch._replace(compiled=make(launch.kernel, options), alignment=(True,) * checked)
+
+    return stand_in, grids
+
+
+@pytest.fixture
+def compiled_stand_in():
+    """``(make, grids)``: ``make(kernel)`` is a stand-in for ``kernel``'s compiled form (what a GPU's first launch
+    returns, ``_backend.compiled_kernel``), binding a direct call's flat arguments back to the kernel's parameter
+    names and launching it in the interpreter; ``grids`` lists the grids it was called with."""
+    return _stand_in_maker()
+
+
+def _stand_in_maker():
     from adapter_engine.kernels._backend import INTERPRET
 
     if not INTERPRET:
         pytest.skip("the stand-in launches the kernel in the interpreter")
     grids = []
 
-    def stand_in(launch, checked: int):
-        kernel, options = launch.kernel, {k: v for k, v in launch.kwargs.items() if k not in launch.kernel.arg_names}
-
+    def make(kernel, options=None):
         class CompiledStandIn:
             def __getitem__(self, grid):
                 grid = (grid[0], grid[1], grid[2])  # as Triton's CompiledKernel reads it: all three dimensions
@@ -64,10 +80,10 @@ def direct_stand_in():
                 def run(*flat):
                     assert len(flat) == len(kernel.arg_names)
                     grids.append(grid)
-                    kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)), **options)
+                    kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)), **(options or {}))
 
                 return run
 
-        return launch._replace(compiled=CompiledStandIn(), alignment=(True,) * checked)
+        return CompiledStandIn()
 
-    return stand_in, grids
+    return make, grids

@@ -1781,33 +1781,25 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
     assert len(direct) == 2
 
 
-def test_a_launch_recorded_with_its_compiled_kernel_repeats_it_directly_for_operands_aligned_alike(monkeypatch):
+def test_a_launch_recorded_with_its_compiled_kernel_repeats_it_directly_for_operands_aligned_alike(
+    monkeypatch, compiled_stand_in
+):
     """On a GPU the recorded call's launch returns its compiled kernel (``compiled_kernel``): ``ForwardLaunch.of``
     keeps it with the alignment of h, y and the routes, the operands each repeat checks, so that a repeat with them
     aligned alike (here a y 4-byte aligned both times) calls it directly; alignments of other operands would not
     match. A stand-in for the compiled kernel runs the kernel in the interpreter by its parameter names."""
     from adapter_engine.kernels import bottleneck_fwd
 
-    if not INTERPRET:
-        pytest.skip("the stand-in launches the kernel in the interpreter")
-    kernel, direct = bottleneck_fwd._bottleneck_stack_fwd_kernel, []
-
-    class CompiledStandIn:
-        def __getitem__(self, grid):
-            def run(*flat):
-                direct.append(grid)
-                kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)))
-
-            return run
-
-    monkeypatch.setattr(bottleneck_fwd, "compiled_kernel", lambda launched: CompiledStandIn())
+    make, direct = compiled_stand_in
+    stand_in = make(bottleneck_fwd._bottleneck_stack_fwd_kernel)
+    monkeypatch.setattr(bottleneck_fwd, "compiled_kernel", lambda launched: stand_in)
     params = make_params(40, [12, 20], ["relu", "gelu"])
     ln, packed, routes = make_ln(40), pack(params), torch.tensor([[0, 1]] * 6 + [[1, -1]] * 5)
     shifted = lambda: torch.randn(11 * 40 + 1)[1:].view(11, 40)  # noqa: E731  (4-byte aligned)
     h, y = torch.randn(11, 40), shifted()
     with torch.no_grad():
         want, launch = bottleneck_stack(h, y, packed, routes, SEQ, ln.weight, ln.bias, return_launch=True)
-        assert isinstance(launch.direct.compiled, CompiledStandIn) and not direct
+        assert launch.direct.compiled is stand_in and not direct
         h2, y2 = torch.randn(11, 40), shifted()
         want2 = bottleneck_stack(h2, y2, packed, routes, SEQ, ln.weight, ln.bias)
         torch.testing.assert_close(launch(h2, y2, expand_routes(routes, h2)), want2, rtol=0, atol=0)

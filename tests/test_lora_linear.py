@@ -260,24 +260,18 @@ def test_a_recorded_launch_runs_its_compiled_kernel_directly_while_the_tensors_a
             assert direct == [recorded.direct.grid]
 
 
-def test_a_first_launch_records_its_compiled_kernel_with_the_alignment_that_later_calls_match(monkeypatch):
+def test_a_first_launch_records_its_compiled_kernel_with_the_alignment_that_later_calls_match(
+    monkeypatch, compiled_stand_in
+):
     """On a GPU the first launch of a geometry returns its compiled kernel (``_backend.compiled_kernel``): the recorded
     launch keeps it with the alignment of the operands it checks, and the next call with operands aligned alike calls
     it directly (the alignment recorded and the one checked per call must be of the same operands, or no call ever
     would). Here a stand-in for the compiled kernel runs the kernel in the interpreter by its parameter names."""
     from adapter_engine.kernels import _backend
 
-    kernel, direct = lt._lora_linear_fwd_kernel, []
-
-    class CompiledStandIn:
-        def __getitem__(self, grid):
-            def run(*flat):
-                direct.append(grid)
-                kernel[grid](**dict(zip(kernel.arg_names, flat, strict=True)))
-
-            return run
-
-    monkeypatch.setattr(_backend, "compiled_kernel", lambda launched: CompiledStandIn())
+    make, direct = compiled_stand_in
+    stand_in = make(lt._lora_linear_fwd_kernel)
+    monkeypatch.setattr(_backend, "compiled_kernel", lambda launched: stand_in)
     monkeypatch.setattr(lt, "_RECORDED", {})
     x, w, b, As, Bs = _make((5,), 70, 37, [8, 3], torch.float32, grad=False)
     x = torch.empty(5 * 70 + 1)[1:].view(5, 70).copy_(x)  # 4-byte aligned at every call
@@ -289,7 +283,7 @@ def test_a_first_launch_records_its_compiled_kernel_with_the_alignment_that_late
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert len(direct) == calls
     (recorded,) = lt._RECORDED.values()
-    assert isinstance(recorded.direct.compiled, CompiledStandIn)
+    assert recorded.direct.compiled is stand_in
 
 
 def test_split_k_launches_share_one_counter_buffer_that_each_leaves_zeroed(monkeypatch):
