@@ -28,7 +28,7 @@ from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_dispatch
 from .kernels._backend import capturing, int_table, kept, normal_tensors
 from .kernels.bottleneck import PackedStack, StackOptions, bottleneck_stack, expand_routes
-from .wrapping import adopt_members
+from .wrapping import StandIn
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,12 @@ logger = logging.getLogger(__name__)
 TRAIN_FUSED = False
 
 
-class BottleneckStackLayer(nn.Module):
+class BottleneckStackLayer(StandIn):
     """Base of the sublayer wrappers: an ``adapters`` ModuleDict, an ordered active stack, depth control,
     per-level switches and per-row stacks. Subclasses define ``forward``."""
 
     def __init__(self, original: nn.Module):
-        super().__init__()
-        adopt_members(self, original)
+        super().__init__(original)
         self.adapters = nn.ModuleDict()
         self.fused = True  # False: AdapterHub-style eager modules (the baseline; also what torch.compile sees)
         self._stack: list[str] = []
@@ -61,16 +60,6 @@ class BottleneckStackLayer(nn.Module):
         self._prepared: tuple | None = None
         self._pack_memo: tuple | None = None  # see _packed
         self._launches: dict[tuple, tuple] = {}  # see _serve
-
-    def __getattr__(self, name: str):
-        # plain attributes of the wrapped module (config, sizes, flags) stay reachable through the wrapper
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("_original")
-            if original is None:
-                raise
-            return getattr(original, name)
 
     def _original_forward(self, *args, **kwargs):
         """The wrapped class's forward run on this wrapper: its current children (e.g. a LoRA-wrapped ``dense``)

@@ -20,27 +20,17 @@ from torch import nn
 
 from .changes import adapters_changed
 from .routing import StaticRoute, check_rows, current_route, routed_under_compile, run_eagerly
-from .wrapping import adopt_members
+from .wrapping import StandIn
 
 
-class ModulesToSaveLayer(nn.Module):
+class ModulesToSaveLayer(StandIn):
     """A module with per-adapter trained copies: ``modules_to_save[name]`` runs instead of the original when adapter
     ``name`` is active (or routed). The original's weights are this wrapper's, shared."""
 
     def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        adopt_members(self, original)
+        super().__init__(original)
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
-
-    def __getattr__(self, name: str):
-        try:  # plain attributes of the wrapped module (sizes, flags) stay reachable through the wrapper
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("_original")
-            if original is None:
-                raise
-            return getattr(original, name)
 
     @property
     def original(self) -> nn.Module:
