@@ -286,25 +286,28 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
         if targets is None:
             raise ValueError(f"model_type {state.model_type!r} is not registered: set target_modules in the config")
         names = match_targets(model, targets)
-        ff: set[str] = set()
-        if isinstance(cfg, IA3Config):
-            ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
-                spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
-            ff = set(match_targets(model, ff_targets)) if ff_targets else set()
-            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
-                raise ValueError(
-                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
-                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
-                )
         saved = []
         if cfg.modules_to_save:
             saved = select(pt._outside_adapters(dict(model.named_modules())), cfg.modules_to_save)
             if not saved:
                 raise ValueError(f"modules_to_save {cfg.modules_to_save} selects no module of {type(model).__name__}")
             for s in saved:  # (checked before any layer is wrapped)
-                if any(n == s or n.startswith(s + ".") for n in names):
-                    raise ValueError(f"modules_to_save: {s!r} also holds the adapter's LoRA / IA3 layers")
                 pt.check_saved(model, s)
+            # PEFT leaves the layers inside a copied module out of the targets: the copy trains whole
+            names = [n for n in names if not any(n == s or n.startswith(s + ".") for s in saved)]
+            if not names:
+                raise ValueError(f"target_modules {targets!r} selects only layers inside modules_to_save {saved}")
+        ff: set[str] = set()
+        if isinstance(cfg, IA3Config):
+            ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
+                spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
+            ff = set(match_targets(model, ff_targets)) if ff_targets else set()
+            ff = {n for n in ff if not any(n == s or n.startswith(s + ".") for s in saved)}
+            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
+                raise ValueError(
+                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
+                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
+                )
         for n in names:
             wrapper = wrap_linear(model, state, n)
             dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)

@@ -85,10 +85,6 @@ class BottleneckStackLayer(StandIn):
         self._generation += 1
 
     # ---------------------------------------------------------------------------------------- control
-    @property
-    def original(self) -> nn.Module:
-        return self._original
-
     def add_adapter(self, name: str, adapter: BottleneckAdapter) -> None:
         if not isinstance(adapter, BottleneckAdapter):
             raise TypeError(f"expected a BottleneckAdapter, got {type(adapter).__name__}")

@@ -85,6 +85,11 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
         raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
     if cfg.use_rslora:
         raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
+    if record.saved:
+        raise ValueError(
+            f"{name!r} holds trained copies of {record.saved} (PEFT's modules_to_save), which AdapterHub's LoRA format "
+            "cannot hold: save it with format='peft'"
+        )
     blocks = block_paths(model, spec)
     kinds = {v: k for k, v in spec.attn_matrices.items()}
     kinds |= {spec.intermediate: "intermediate", spec.output: "output"}

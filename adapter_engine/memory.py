@@ -40,6 +40,7 @@ from torch import nn
 from . import api
 from .changes import tensor_version
 from .kernels._backend import normal_tensors
+from .lora import LoraLinear
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
@@ -371,6 +372,8 @@ class AdapterMemoryManager:
         if api._state(self.model).adapters[name].kind == "bottleneck":  # (always in the layers' dtype)
             return True
         for module, own in adapter_layers(self.model, name):
+            if not isinstance(module, LoraLinear):  # a trained module copy: made from the module, in its dtypes
+                continue
             if any(p.dtype != module.weight.dtype for p in own):
                 logger.info("adapter %r has fp32 master weights: offload='drop' keeps it in host memory", name)
                 return False

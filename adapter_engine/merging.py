@@ -55,7 +55,10 @@ class _LayerMerge:
     bias_delta: torch.Tensor | None = None  # what a folded bottleneck added to the bias
     original: torch.Tensor | None = None  # CPU copy of the weight before the merge (exact / non-linear merges)
     original_bias: torch.Tensor | None = None
-    replacement: torch.Tensor | None = None  # a trained module copy's tensor that replaces ``weight`` (modules_to_save)
+    # a trained module copy's tensor that replaces ``weight`` (modules_to_save), until it has: then None (the deleted
+    # copy's memory is not held) and ``replaced`` True
+    replacement: torch.Tensor | None = None
+    replaced: bool = False
 
 
 @dataclass
@@ -330,6 +333,7 @@ def _replace(layers: list[_LayerMerge]) -> None:
         layer.original = layer.weight.detach().to("cpu", copy=True)
     for layer in layers:
         layer.weight.data.copy_(layer.replacement)
+        layer.replacement, layer.replaced = None, True
 
 
 def _layer_weights(layer: _LayerMerge, weights: Sequence[float]) -> list[float]:
@@ -512,7 +516,7 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
                 scale_ia3_(layer.weight.data, vec, dim=dim, inverse=True)
                 if scales_bias and layer.bias is not None:
                     layer.bias.data.div_(vec)
-        _restore([layer for layer in record.layers if layer.replacement is not None])
+        _restore([layer for layer in record.layers if layer.replaced])
         lora_layers = [layer for layer in record.layers if layer.lora_A]
         if lora_layers:
             unmerge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],

@@ -192,12 +192,14 @@ def _parents(name: str) -> list[str]:
 
 def check_saved(model: nn.Module, name: str) -> None:
     """Refuse module ``name`` as one adapters keep trained copies of (``modules_to_save``) when a copy could not
-    stand in for it: it holds or sits in an adapter layer (a LoRA there would run in the original only)."""
+    stand in for it: it holds or sits in an adapter layer (a LoRA there would run in the original only; a bottleneck
+    layer's fused stack reads its LayerNorm's weights directly, so a copy of it would be ignored)."""
     module = model.get_submodule(name)
     if isinstance(module, ModulesToSaveLayer):
         return
     inner = [n for n, m in module.named_modules() if isinstance(m, (LoraLinear, BottleneckStackLayer))]
-    outer = [n for n in _parents(name) if isinstance(model.get_submodule(n), (LoraLinear, ModulesToSaveLayer))]
+    wrappers = (LoraLinear, ModulesToSaveLayer, BottleneckStackLayer)  # (a fused stack reads its modules directly)
+    outer = [n for n in _parents(name) if isinstance(model.get_submodule(n), wrappers)]
     if inner or outer or isinstance(module, (nn.ModuleDict, nn.ModuleList)) or hasattr(module, "modules_to_save"):
         why = f": it holds adapter layers {inner[:2]}" if inner else f": it is inside {outer[0]!r}" if outer else ""
         raise ValueError(f"modules_to_save: cannot keep trained copies of {name!r} ({type(module).__name__}){why}")

@@ -32,10 +32,6 @@ class ModulesToSaveLayer(StandIn):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
 
-    @property
-    def original(self) -> nn.Module:
-        return self._original
-
     def add_copy(self, name: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A trainable copy of the original module for adapter ``name`` (its current weights, or ``state``)."""
         module = copy.deepcopy(self._original)

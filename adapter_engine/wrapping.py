@@ -22,6 +22,10 @@ class StandIn(nn.Module):
             self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
         object.__setattr__(self, "_original", original)  # set last: __getattr__ falls back to it
 
+    @property
+    def original(self) -> nn.Module:
+        return self._original
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

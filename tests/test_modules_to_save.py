@@ -279,3 +279,97 @@ def test_save_model_and_load_model_keep_the_head_copies(base_state, saved, ids, 
     ae.set_active_adapters(again, "one")
     ae.set_active_adapters(model, "one")
     assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+RCFG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            num_labels=3, max_position_embeddings=40, pad_token_id=1)  # fmt: skip
+
+
+def roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(1)
+    return RobertaForSequenceClassification(RobertaConfig(**RCFG)).eval()
+
+
+def test_targets_inside_a_copied_head_are_left_out_as_peft_leaves_them(tmp_path):
+    """RoBERTa's head holds Linear layers (dense, out_proj): with target_modules that match them ("dense",
+    "all-linear") and modules_to_save=["classifier"], PEFT leaves them out of the LoRA targets (the copy trains
+    whole). add_adapter refused the config; it now adapts the same layers as PEFT, whose file it loads."""
+    ids = torch.randint(2, 64, (4, 7), generator=torch.Generator().manual_seed(2))
+    for targets in (["query", "value", "dense"], "all-linear"):
+        pm = peft.get_peft_model(roberta(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=targets))
+        peft_layers = {n.split("base_model.model.")[1].rsplit(".lora_A", 1)[0] for n, _ in pm.named_parameters()
+                       if ".lora_A." in n}  # fmt: skip
+        model = roberta()
+        ae.add_adapter(model, "r", ae.LoraConfig(r=4, target_modules=targets, modules_to_save=["classifier"]))
+        assert set(ae.api._state(model).adapters["r"].modules) == peft_layers and peft_layers
+        assert not any(n.startswith("classifier") for n in peft_layers)
+        randomize(pm, "default", 6)
+        pm.save_pretrained(tmp_path / str(targets))
+        loaded = roberta()
+        ae.load_adapter(loaded, tmp_path / str(targets), name="p", set_active=True)
+        pm.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_a_layer_norm_inside_a_bottleneck_layer_takes_no_copies(base_state):
+    """A bottleneck layer's fused stack reads its LayerNorm's weights directly: a copy of that LayerNorm would have
+    been ignored by the fused path (and used by the eager one). It is refused, naming the layer."""
+    model = bert(base_state)
+    ae.add_adapter(model, "bn", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    with pytest.raises(ValueError, match=r"cannot keep trained copies of .*output.LayerNorm.*inside .*layer.0.output"):
+        ae.add_adapter(
+            model, "ln", ae.LoraConfig(r=4, target_modules=["query"], modules_to_save=["0.output.LayerNorm"])
+        )
+    assert "ln" not in ae.api._state(model).adapters
+
+
+def test_a_memory_manager_and_its_store_take_an_adapter_whose_copied_head_has_no_weight(tmp_path):
+    """RoBERTa's head has no weight of its own (its children have): the memory manager's dtype check read
+    ``module.weight`` of every layer holding an adapter, so AdapterStore.save raised AttributeError once a manager
+    watched the model. Saving, dropping and reloading through the store now keeps each head."""
+    from adapter_engine.memory import AdapterMemoryManager
+    from adapter_engine.store import AdapterStore
+
+    ids = torch.randint(2, 64, (4, 7), generator=torch.Generator().manual_seed(2))
+    model, want = roberta(), {}
+    for n, seed in (("ra", 1), ("rb", 2)):
+        ae.add_adapter(model, n, ae.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ae.api.adapter_parameters(model, n):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            with ae.use_adapters(n):
+                want[n] = model(input_ids=ids).logits
+    store = AdapterStore(tmp_path / "store", create=True)
+    manager = AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    for n in ("ra", "rb"):
+        store.save(model, n)
+    for n in ("ra", "rb", "ra"):
+        with manager.use([n]), torch.no_grad(), ae.use_adapters(n):
+            torch.testing.assert_close(model(input_ids=ids).logits, want[n], atol=ATOL, rtol=0)
+
+
+def test_a_merge_does_not_hold_the_deleted_copys_memory(base_state, saved):
+    """The merge record keeps the head's original (for unmerge_adapter), not the copy's tensors: the copy is deleted
+    with the adapter, and a copied lm_head would otherwise stay in device memory until an unmerge."""
+    from adapter_engine.merging import _records
+
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], name="one")
+    copy_storage = {p.untyped_storage().data_ptr() for p in model.classifier.modules_to_save["one"].parameters()}
+    ae.merge_adapter(model, "one")
+    held = [
+        t for r in _records(model) for layer in r.layers for t in (layer.replacement, layer.weight) if t is not None
+    ]
+    assert held and not copy_storage & {t.untyped_storage().data_ptr() for t in held}
+
+
+def test_an_adapterhub_save_of_an_adapter_with_copies_is_refused(base_state, saved, tmp_path):
+    model = bert(base_state)
+    ae.load_adapter(model, saved["one"], name="one")
+    with pytest.raises(ValueError, match=r"trained copies of \['classifier'\].*format='peft'"):
+        ae.save_adapter(model, "one", tmp_path / "ah", format="adapterhub")
+    assert not (tmp_path / "ah").exists()
