@@ -238,6 +238,10 @@ def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
         for child_name, child in current.named_children():  # children replaced while wrapped (Parameters shared)
             if child_name not in ("adapters", "modules_to_save") and getattr(original, child_name, None) is not child:
                 setattr(original, child_name, child)
+        # and its own tensors, replaced while wrapped too (load_state_dict(..., assign=True), a device move)
+        for member, tensor in (*current.named_parameters(recurse=False), *current.named_buffers(recurse=False)):
+            if getattr(original, member, None) is not tensor:
+                setattr(original, member, tensor)
     original.train(current.training)
     _set_child(model, name, original)
 

@@ -35,11 +35,12 @@ class ModulesToSaveLayer(StandIn):
     def add_copy(self, name: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A trainable copy of the original module for adapter ``name`` (its current weights, or ``state``)."""
         module = copy.deepcopy(self._original)
-        if state is not None:
-            with torch.no_grad():
-                own = module.state_dict(keep_vars=True)
-                for key, value in state.items():
-                    own[key].copy_(value)
+        if state is None:  # the module's tensors as they are now, which may not be the original's objects any more
+            state = {k: v for k, v in self.state_dict().items() if not k.startswith("modules_to_save.")}
+        with torch.no_grad():
+            own = module.state_dict(keep_vars=True)
+            for key, value in state.items():
+                own[key].copy_(value)
         module.requires_grad_(True)
         module.train(self.training)
         self.modules_to_save[name] = module

@@ -373,3 +373,17 @@ def test_an_adapterhub_save_of_an_adapter_with_copies_is_refused(base_state, sav
     with pytest.raises(ValueError, match=r"trained copies of \['classifier'\].*format='peft'"):
         ae.save_adapter(model, "one", tmp_path / "ah", format="adapterhub")
     assert not (tmp_path / "ah").exists()
+
+
+def test_a_head_loaded_with_assign_is_the_one_new_copies_start_from_and_unpatch_returns(base_state):
+    """``load_state_dict(..., assign=True)`` puts new tensors in the wrapper: a later adapter's copy started from the
+    wrapped module's old tensors, and ``unpatch`` handed the old ones back."""
+    model = bert(base_state)
+    ae.add_adapter(model, "a", ae.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    new = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+    ae.add_adapter(model, "b", ae.LoraConfig(r=4, target_modules=["value"], modules_to_save=["classifier"]))
+    assert torch.equal(model.classifier.modules_to_save["b"].weight, new["classifier.weight"])
+    ae.unpatch(model)
+    assert torch.equal(model.classifier.weight, new["classifier.weight"])
+    assert torch.equal(model.classifier.bias, new["classifier.bias"])
