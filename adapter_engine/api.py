@@ -227,7 +227,7 @@ def _plan_saved(model: nn.Module, file: AdapterFile, cfg: AnyConfig, adapted: li
                 f"the adapter {file.path!r} holds a trained copy of {saved!r} (modules_to_save "
                 f"{cfg.modules_to_save}), a module {type(model).__name__} does not have"
             )
-        if any(a == name or a.startswith(name + ".") for a in adapted):
+        if any(pt.within(a, [name]) for a in adapted):
             raise ValueError(f"modules_to_save: {name!r} also holds the adapter's LoRA / IA3 layers")
         pt.check_saved(model, name)
         own = modules[name].state_dict()
@@ -294,7 +294,7 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
             for s in saved:  # (checked before any layer is wrapped)
                 pt.check_saved(model, s)
             # PEFT leaves the layers inside a copied module out of the targets: the copy trains whole
-            names = [n for n in names if not any(n == s or n.startswith(s + ".") for s in saved)]
+            names = [n for n in names if not pt.within(n, saved)]
             if not names:
                 raise ValueError(f"target_modules {targets!r} selects only layers inside modules_to_save {saved}")
         ff: set[str] = set()
@@ -302,7 +302,7 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
                 spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
             ff = set(match_targets(model, ff_targets)) if ff_targets else set()
-            ff = {n for n in ff if not any(n == s or n.startswith(s + ".") for s in saved)}
+            ff = {n for n in ff if not pt.within(n, saved)}
             if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
                 raise ValueError(
                     f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "

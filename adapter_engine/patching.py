@@ -185,6 +185,11 @@ def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
     return wrapper
 
 
+def within(name: str, modules: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``modules`` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def _parents(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]

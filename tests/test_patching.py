@@ -109,6 +109,12 @@ def out(model: nn.Module, batch: dict) -> torch.Tensor:
     return res.logits if hasattr(res, "logits") else res.last_hidden_state
 
 
+def weighted_sum(y: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradients are not rounding noise: the outputs weighed by fixed random weights (the mean square of a
+    LayerNormed output, BertModel's, hardly depends on the weights before it)."""
+    return (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(4))).sum()
+
+
 @torch.no_grad()
 def randomise(model: nn.Module, marker: str, std: float = 0.2) -> None:
     for name, p in model.named_parameters():
@@ -456,8 +462,7 @@ def test_gradient_checkpointing_and_train_mode():
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.zero_grad()
-        y = out(model, batch)  # (weighted: the mean square of a LayerNormed output is flat)
-        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        weighted_sum(out(model, batch)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert set(grads[0]) == set(grads[1]) and any(".lora_A." in n for n in grads[0])
     for n in grads[0]:
@@ -854,9 +859,8 @@ def test_patch_peft_model_in_training_with_dropout(rates):
 
 def _peft_then_patched(pm, batch) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(output, gradients by name) of one training step of the PEFT model ``pm``, then of it patched: the same
-    seed, so PEFT's dropout masks and the fused op's are drawn alike. The loss weighs the outputs by fixed random
-    weights: the mean square of a LayerNormed output (BertModel's) hardly depends on the weights before it, so its
-    gradients were rounding noise (about 1e-11) that the two runs matched or not by luck."""
+    seed, so PEFT's dropout masks and the fused op's are drawn alike. The loss is :func:`weighted_sum` (a mean
+    square gave gradients of rounding noise, about 1e-11, that the two runs matched or not by luck)."""
     results = []
     for patched in (False, True):
         if patched:
@@ -864,7 +868,7 @@ def _peft_then_patched(pm, batch) -> list[tuple[torch.Tensor, dict[str, torch.Te
         pm.zero_grad()
         torch.manual_seed(3)
         y = out(pm, batch)
-        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        weighted_sum(y).backward()
         results.append((y, {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}))
     return results
 
