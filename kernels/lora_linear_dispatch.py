@@ -247,6 +247,8 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
     with every resident adapter's rank columns masked per row (session 17's candidate) is not offered: it does more
     work, and a non-finite weight of an unused adapter reached every row of its tiles."""
     M, N = x.shape[0], lora_B.shape[0]
+    if not use_triton(x):  # (a CPU without the interpreter: the torch twin, nothing to time)
+        return lora_segmented_fwd_reference(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
     choice = "segmented"
     small = M <= DISPATCH.fused_max_m
     if small or tma_fits(x, weight, plan.r_max):
@@ -258,8 +260,7 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
                 choice = _time_mixed(key, candidates, x, weight, lora_A, lora_B, bias, ids, plan)
     if choice == "segmented":
-        fwd = lora_segmented_fwd if use_triton(x) else lora_segmented_fwd_reference
-        return fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
+        return lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
     y = _alloc((M, N), x)
     _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan, y)
     return y
