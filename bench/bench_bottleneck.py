@@ -42,6 +42,7 @@ from harness import (
     timed,
 )
 
+import adapter_engine.bottleneck
 from adapter_engine.bottleneck import OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.bottleneck_adapter import BottleneckAdapter
 from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, lora_linear
@@ -269,17 +270,20 @@ def _adapter_flops(model, inputs, setup: str) -> float:
 
 
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
-@pytest.mark.parametrize("provider", ["eager", "fused", "bare"])
-def bench_train_top_of_three(benchmark, model_name, provider):
+@pytest.mark.parametrize("provider", ["eager", "fused", "auto", "bare"])
+def bench_train_top_of_three(benchmark, monkeypatch, model_name, provider):
     """One training step of the top adapter of a 3-stack after every FFN (the base frozen): the gradient runs from
-    the loss down to the first layer's stack. "bare" is the same step without adapters, the gradient entering
-    at the first layer's FFN output: the base model's share, which no adapter implementation avoids (the target
-    0.7x eager is below it when the base's backward dominates)."""
+    the loss down to the first layer's stack. "eager": AdapterHub-style modules; "fused": the fused forward and
+    backward kernels (``adapter_engine.bottleneck.TRAIN_FUSED``); "auto": what the engine does by default (the
+    eager modules for a stack that trains, since session 7 measured the fused backward slower; before session 24
+    the "fused" row was this one, so it timed the eager modules too). "bare" is the same step without adapters,
+    the gradient entering at the first layer's FFN output: the base model's share, which no adapter implementation
+    avoids (the target 0.7x eager is below it when the base's backward dominates)."""
     model, wrappers, inputs = _model(model_name)
     for p in model.parameters():
         p.requires_grad_(False)
-    fused = provider != "eager"
-    _configure(wrappers, "bare" if provider == "bare" else "stack3", fused, train=provider != "bare")
+    monkeypatch.setattr(adapter_engine.bottleneck, "TRAIN_FUSED", provider == "fused")
+    _configure(wrappers, "bare" if provider == "bare" else "stack3", provider != "eager", train=provider != "bare")
     hooks = []
     if provider == "bare":  # the gradient starts where the lowest adapter would take it
         first_ffn = wrappers["ffn"][0]
@@ -291,11 +295,11 @@ def bench_train_top_of_three(benchmark, model_name, provider):
 
     try:
         fn()
-        timed(benchmark, fn, case=f"{model_name} train top of 3", provider=provider)
+        timed(benchmark, fn, case=f"{model_name} train top of 3", provider=provider, train_fused=provider == "fused")
     finally:
         for hook in hooks:
             hook.remove()
-    if fused and provider != "bare":
+    if provider == "fused":
         hidden = model.config.hidden_size
         benchmark.extra_info.update(
             forward_tiles=_chosen_tiles("forward", hidden), backward_tiles=_chosen_tiles("level backward", hidden)

@@ -93,3 +93,26 @@ def test_paired_rounds_set_the_eager_stack_targets(targets, tmp_path):
     assert one["measured"] == pytest.approx(1.071) and one["where"] == "bert-base, stack1, paired rounds"
     three = got["BERT-base, 3 stacked: fused / bare"]  # no paired row: the two rows' medians
     assert three["measured"] == pytest.approx(8.0 / 9.0) and three["where"] == "bert-base, stack3"
+
+
+def test_training_rows_before_session_24_ran_the_default_dispatch(targets, tmp_path):
+    """Session 23's H200 file: its "fused" training rows ran the engine's default dispatch (the eager modules, as
+    ``TRAIN_FUSED`` is off), so they count for the default-dispatch target (worst 0.994, Llama-shaped) and leave
+    the fused backward's diagnostic unmeasured; a row marked ``train_fused`` counts for that one only."""
+    import json
+
+    run = ROOT / "bench" / "results" / "2026-11-28-h200-session23" / "1-tests-benches" / "b" / "bench_bottleneck.json"
+    got = {r["what"]: r for r in targets.evaluate([str(run)])}
+    auto = got["training the top of 3: engine (default dispatch) / eager (worst)"]
+    assert auto["measured"] == pytest.approx(31.913 / 32.098, abs=1e-3) and auto["where"].startswith("llama")
+    fused_what = "training the top of 3, fused kernels forward and backward: fused / eager (worst)"
+    assert got[fused_what]["measured"] is None
+    data = json.loads(run.read_text())
+    for b in data["benchmarks"]:
+        if b["name"].startswith("bench_train_top_of_three[fused"):
+            b["extra_info"]["train_fused"] = True
+    marked = tmp_path / "bench_bottleneck.json"
+    marked.write_text(json.dumps(data))
+    got = {r["what"]: r for r in targets.evaluate([str(marked)])}
+    assert got[fused_what]["measured"] == pytest.approx(31.913 / 32.098, abs=1e-3)
+    assert got["training the top of 3: engine (default dispatch) / eager (worst)"]["measured"] is None
