@@ -45,10 +45,11 @@ from harness import (
 import adapter_engine.bottleneck
 from adapter_engine.bottleneck import OutputWithAdapters, ResidualOutsideWithAdapters, wrap_sublayer
 from adapter_engine.bottleneck_adapter import BottleneckAdapter
-from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, lora_linear
+from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd, bottleneck_gemm, lora_linear
 from adapter_engine.kernels.add_layer_norm import add_layer_norm
 from adapter_engine.kernels.bottleneck import StackOptions, bottleneck_stack, expand_routes, pack_adapters
 from adapter_engine.kernels.bottleneck_pack import _forward_candidates
+from adapter_engine.kernels.level_boundary import MAX_HIDDEN as CHAINED_MAX_HIDDEN
 from adapter_engine.kernels.level_boundary import level_boundary
 
 DTYPE = torch.bfloat16 if on_gpu() else torch.float32
@@ -215,6 +216,8 @@ def bench_model_forward_graphed_path(benchmark, monkeypatch, model_name, setup, 
     stacked adapters at 1.29x bare graphed, where the tuner (timing each candidate alone, in graph replays) had
     chosen the level path at 67 us per layer against 100 us for the kernel: these rows say which path serves the
     model faster, against the automatic choice's row of the same file."""
+    if path == "levels fused" and not _chains(model_name, setup):
+        pytest.skip('"levels fused" chains seq_bn stacks of a post-LN sublayer only: here it would run "levels"')
     monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)
     _, _, fn, row = _forward_case(model_name, setup, True, "forward graphed")
     try:
@@ -223,6 +226,25 @@ def bench_model_forward_graphed_path(benchmark, monkeypatch, model_name, setup, 
         pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
     timed(benchmark, replay, **{**row, "provider": f"fused {path}"})
     benchmark.extra_info["baseline_bench"] = "bench_model_forward_graphed"  # (its bare row: bench/report.py)
+
+
+def _chains(model_name: str, setup: str) -> bool:
+    """Whether ``STACK_PATH = "levels fused"`` chains the level boundaries of this model's stacks
+    (``bottleneck_gemm.chains_levels``): BERT's seq_bn stacks; the Llama-shaped blocks have no model LN, Houlsby
+    adapters no carried ``LN(r + y)``, and there it runs ``"levels"``."""
+    return model_name == "bert-base" and setup != "houlsby"
+
+
+@pytest.mark.skipif(on_gpu(), reason="a CPU check of _chains (bench_model_forward_graphed_path skips by it)")
+@pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
+@pytest.mark.parametrize("setup", ["stack1", "stack3", "houlsby"])
+def bench_levels_fused_chains(monkeypatch, model_name, setup):
+    calls = []
+    chained = bottleneck_gemm._stack_fwd_chained
+    monkeypatch.setattr(bottleneck_gemm, "_stack_fwd_chained", lambda *a, **k: calls.append(1) or chained(*a, **k))
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "levels fused")
+    _forward_case(model_name, setup, True, "forward")[2]()
+    assert bool(calls) == _chains(model_name, setup), calls
 
 
 @pytest.mark.parametrize("model_name", ["bert-base", "llama-4096x4"])
@@ -320,6 +342,8 @@ def bench_stack_alone(benchmark, monkeypatch, hidden, provider):
     (kernels/bottleneck_gemm.py), the other design, "fused levels chained" the same as n + 1 launches, one per boundary
     between levels (kernels/level_boundary.py, hidden <= 1024), and ``bench_stack_alone_tiles`` forces each kernel
     tile."""
+    if provider == "fused levels chained" and hidden > CHAINED_MAX_HIDDEN:  # (it would run "fused levels")
+        pytest.skip(f"the level boundaries are chained up to hidden {CHAINED_MAX_HIDDEN}")
     if provider.startswith("fused levels"):
         path = "levels fused" if provider.endswith("chained") else "levels"
         monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", path)

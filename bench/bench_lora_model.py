@@ -9,11 +9,9 @@ in fp32 by default (``autocast_adapter_dtype``): PEFT computes the low-rank term
 copies cached at the first call (since session 22; before, its adapters were bf16). Target (H100): the mixed batch
 at most 1.10x the bare model; PEFT measured 2.19x (NOTES.md)."""
 
-import importlib
-
 import pytest
 import torch
-from harness import device, host_ms, on_gpu, pick, timed
+from harness import device, force_masked_lora, host_ms, lora_segmented_calls, on_gpu, pick, timed
 
 import adapter_engine as ae
 
@@ -66,10 +64,10 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
     if provider.startswith("peft"):
         model = _peft()
         names = ["__base__" if r is None else r for r in routes] if provider == "peft_mixed" else None
+        model.base_model.set_adapter("a0")  # (once, untimed: it walks every module; a forward pays none of it)
 
         def run():
             if names is None:
-                model.base_model.set_adapter("a0")
                 return model(input_ids=ids)
             return model(input_ids=ids, adapter_names=names)
 
@@ -77,14 +75,16 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
         model = _engine()
         spec = {"bare": None, "engine_one": "a0", "engine_mixed": routes, "engine_mixed_masked": routes}[provider]
         if provider == "engine_mixed_masked":
-            dispatch = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch").DISPATCH
-            monkeypatch.setattr(dispatch, "segmented_min_adapters", N_ADAPTERS + 1)
+            force_masked_lora(monkeypatch)
 
         def run():
             with ae.use_adapters(spec):
                 return model(input_ids=ids)
 
     with torch.no_grad():
+        with lora_segmented_calls() as segmented:
+            run()  # (untimed: which path the LoRA layers take; session 23's masked row took the segmented one)
+        assert provider != "engine_mixed_masked" or not segmented[0], f"{segmented[0]} segmented LoRA calls"
         timed(benchmark, run, n_rounds=pick(20, 1), provider=provider,
               case=f"Llama-shaped {batch}x{seq} tokens, {N_ADAPTERS} adapters")  # fmt: skip
         # the host's share of a forward (equal to the median when the host is the slower side: an eager row then
@@ -95,3 +95,4 @@ def bench_lora_model_mixed_batch(benchmark, provider, monkeypatch):
 
         benchmark.extra_info["large_m_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _LARGE_M.items()}
         benchmark.extra_info["mixed_choices"] = {" ".join(map(str, k[:4])): str(c) for k, c in _MIXED.items()}
+        benchmark.extra_info["lora_segmented_calls"] = segmented[0]  # (per forward: 0 on the masked path)

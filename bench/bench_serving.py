@@ -25,13 +25,12 @@ CPU (smoke test under the Triton interpreter):
 from __future__ import annotations
 
 import copy
-import importlib
 import statistics
 import time
 
 import pytest
 import torch
-from harness import cuda_graphed, device, host_ms, on_gpu, pick, timed
+from harness import cuda_graphed, device, force_masked_lora, host_ms, lora_segmented_calls, on_gpu, pick, timed
 
 import adapter_engine as ae
 from adapter_engine import StackedAdapterModel
@@ -130,15 +129,6 @@ def _variants() -> int:
     return tuned + compiled
 
 
-def _lora_path() -> str:
-    """The path ``lora_linear``'s dispatch takes for the engine's mixed LoRA batch (serving fuses every resident
-    LoRA of r=16 where that path is segmented)."""
-    from adapter_engine.kernels.lora_linear_dispatch import mixed_batch_path
-
-    ids = _inputs()
-    return mixed_batch_path(ids.numel(), [16] * N_ADAPTERS, torch.empty(0, device=ids.device))
-
-
 # ----------------------------------------------------------------------------------------------------- switching
 SWITCHES = 64
 
@@ -227,10 +217,9 @@ MIXED_CASES = [
 def _force_masked(monkeypatch, provider: str) -> None:
     """``engine_masked``: the engine's mixed LoRA batch on the masked path (every resident adapter's rank columns
     for every row, torch GEMMs only) instead of ``segmented`` (two Triton launches per layer): which one a
-    host-bound model at BERT-base width prefers is what the dispatch has to know."""
+    host-bound model at BERT-base width prefers is what the dispatch has to know (``harness.force_masked_lora``)."""
     if provider == "engine_masked":
-        lora_dispatch = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")
-        monkeypatch.setattr(lora_dispatch.DISPATCH, "segmented_min_adapters", 10**9)
+        force_masked_lora(monkeypatch)
 
 
 @pytest.mark.parametrize("kind, k, provider", MIXED_CASES, ids=[f"{a.split()[0]}-{b}-{c}" for a, b, c in MIXED_CASES])
@@ -278,7 +267,11 @@ def bench_mixed(benchmark, monkeypatch, kind, k, provider):
             with torch.no_grad():
                 return model(input_ids=ids, adapter_names=names).last_hidden_state
 
-    fn()  # compile / autotune outside the timing
+    with lora_segmented_calls() as segmented:
+        fn()  # compile / autotune outside the timing
+    # the path the LoRA layers took (the masked row's, forced by harness.force_masked_lora, was segmented before)
+    lora_path = "segmented" if segmented[0] else "masked"
+    assert provider != "engine_masked" or lora_path == "masked", f"{segmented[0]} segmented LoRA calls"
     before = _variants()
     case = f"{kind}, {k} different in a batch of {rows}x{ids.shape[1]}"
     median = timed(benchmark, fn, case=case, provider=provider)
@@ -295,7 +288,7 @@ def bench_mixed(benchmark, monkeypatch, kind, k, provider):
         }
     )
     if lora and provider.startswith("engine"):
-        benchmark.extra_info["lora_path"] = _lora_path()
+        benchmark.extra_info["lora_path"] = lora_path
 
 
 GRAPHED_CASES = [
@@ -327,9 +320,11 @@ def bench_mixed_graphed(benchmark, monkeypatch, kind, provider):
             return sam(input_ids=ids, adapter=route).last_hidden_state
 
     try:
-        replay = cuda_graphed(fn)
+        with lora_segmented_calls() as segmented:
+            replay = cuda_graphed(fn)
     except RuntimeError as err:  # a host sync somewhere in the forward: not capturable
         pytest.skip(f"CUDA graph capture failed: {str(err)[:200]}")
+    assert provider != "engine_masked" or not segmented[0], f"{segmented[0]} segmented LoRA calls"
     case = f"{kind}, {N_ADAPTERS} different in a batch of {ids.shape[0]}x{ids.shape[1]}, graphed"
     median = timed(benchmark, replay, case=case, provider=provider)
     key = ("graphed single", kind)

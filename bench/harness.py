@@ -8,13 +8,15 @@ computed from one run's JSON by ``bench/report.py``, never across runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -160,6 +162,41 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def force_masked_lora(monkeypatch) -> None:
+    """Whole-model LoRA rows on the masked stacked-rank path (every used adapter's rank columns for every row): the
+    dispatch's rule set so that no mixed batch takes ``"segmented"``, and the patched layers' rows planned as outside
+    serving, where serving would keep rows that differ on the segmented path whatever the dispatch says (since commit
+    f36158e: a NaN in one request's adapter reaches no other row; session 23's masked row timed that path)."""
+    from adapter_engine.kernels.lora_linear_dispatch import DISPATCH
+    from adapter_engine.lora_rows import RoutedLoraMixin
+
+    plan = RoutedLoraMixin._row_plan
+
+    def unserved(self, route, training, serving, *rest):
+        return plan(self, route, training, False, *rest)
+
+    monkeypatch.setattr(DISPATCH, "segmented_min_adapters", 10**9)
+    monkeypatch.setattr(RoutedLoraMixin, "_row_plan", unserved)
+
+
+@contextlib.contextmanager
+def lora_segmented_calls() -> Iterator[list[int]]:
+    """``[n]``: how many fused LoRA calls inside the block took the segmented path (each groups its rows by adapter,
+    ``lora_linear._segments_cached``): which path a model's mixed batch took, for an untimed call."""
+    op = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the package exports the function by its name)
+    count, segments = [0], op._segments_cached
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return segments(*args, **kwargs)
+
+    op._segments_cached = counted
+    try:
+        yield count
+    finally:
+        op._segments_cached = segments
 
 
 def peak_memory_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int | None:
