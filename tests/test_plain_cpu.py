@@ -59,3 +59,63 @@ def test_serving_a_mixed_batch_of_lora_adapters():
         print("ok")
         """
     )
+
+
+def test_the_kernel_ops_take_their_torch_twins():
+    """Every public op of ``adapter_engine.kernels`` on CPU tensors equals its formula written out in torch, and the
+    fused LoRA op's gradients equal autograd's of that formula. (The bottleneck stack's launcher,
+    ``bottleneck_stack_fwd``, raised "0 active drivers": it launched its Triton kernel on a CPU tensor.)"""
+    run_plain(
+        """
+        from torch.nn.functional import layer_norm, relu
+        from adapter_engine import kernels as K
+
+        close = lambda got, want: torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        H, R = 32, 8
+        h, y, ln_w, ln_b = torch.randn(2, 5, H), torch.randn(2, 5, H), torch.rand(H) + 0.5, torch.randn(H)
+        wd, bd = [torch.randn(R, H) * 0.2 for _ in range(2)], [torch.randn(R) * 0.1 for _ in range(2)]
+        wu, bu = [torch.randn(H, R) * 0.2 for _ in range(2)], [torch.randn(H) * 0.1 for _ in range(2)]
+        packed = K.pack_adapters(wd, bd, wu, bu, ["relu", "relu"], [1.0, 0.5])
+        # two seq_bn levels in AdapterHub's order: r <- s * up(relu(down(LN(r + y)))) + r, then LN(r + y)
+        ln = lambda t: layer_norm(t, (H,), ln_w, ln_b, 1e-12)
+        r = h
+        for i, s in enumerate((1.0, 0.5)):
+            r = s * (relu(ln(r + y) @ wd[i].T + bd[i]) @ wu[i].T + bu[i]) + r
+        opts = K.StackOptions()
+        close(K.bottleneck_stack_fwd(h, y, ln_w, ln_b, packed, torch.tensor([[0, 1]] * 10, dtype=torch.int32), opts),
+              ln(r + y))
+        close(K.bottleneck_stack(h, y, packed, torch.tensor([0, 1]), opts, ln_w, ln_b), ln(r + y))
+
+        x, w, bias = torch.randn(7, 24, requires_grad=True), torch.randn(16, 24), torch.randn(16)
+        A, B = torch.randn(4, 24, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+        want = x @ w.T + bias + 0.5 * (x @ A.T) @ B.T
+        grads = torch.autograd.grad(want.sum(), (x, A, B))
+        for path in ("auto", "fused", "epilogue", "addmm", "composition", "persistent"):
+            got = K.lora_linear(x, w, A, B, 0.5, bias, path=path)
+            close(got, want)
+            for g, ref in zip(torch.autograd.grad(got.sum(), (x, A, B)), grads):
+                close(g, ref)
+        ids = torch.tensor([0, 1, -1, 1, 0, 0, 1], dtype=torch.int32)
+        As, Bs, scales = [torch.randn(4, 24), torch.randn(2, 24)], [torch.randn(16, 4), torch.randn(16, 2)], [0.5, 2.0]
+        want = x @ w.T + bias
+        want = torch.stack([row + scales[a] * (x[i] @ As[a].T) @ Bs[a].T if a >= 0 else row
+                            for i, (row, a) in enumerate(zip(want, ids.tolist()))])
+        for path in ("auto", "segmented", "fused"):
+            close(K.lora_linear(x, w, As, Bs, scales, bias, adapter_ids=ids, path=path), want)
+        plan = K.plan_segments(ids, [4, 2], scales)
+        close(K.lora_segmented_fwd(x, w, torch.cat(As), torch.cat(Bs, 1), plan, bias)[0], want)
+
+        w0, v = torch.randn(16, 24), torch.rand(16) + 0.5
+        merged = w0.clone()
+        close(K.merge_lora_(merged, A.detach(), B.detach(), 0.5), w0 + 0.5 * B.detach() @ A.detach())
+        close(K.unmerge_lora_(merged, A.detach(), B.detach(), 0.5), w0)
+        many = [w0.clone(), w0.clone()]
+        K.merge_lora_many_(many, [As, As[0]], [Bs, Bs[0]], [scales, 1.0])
+        close(many[0], w0 + 0.5 * Bs[0] @ As[0] + 2.0 * Bs[1] @ As[1])
+        close(many[1], w0 + Bs[0] @ As[0])
+        close(K.scale_ia3_(w0.clone(), v, dim=0), w0 * v[:, None])
+        a, b = torch.randn(5, H), torch.randn(5, H)
+        close(K.add_layer_norm(a, b, ln_w, ln_b, 1e-5)[1], layer_norm(a + b, (H,), ln_w, ln_b, 1e-5))
+        print("ok")
+        """
+    )
