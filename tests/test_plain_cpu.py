@@ -119,3 +119,64 @@ def test_the_kernel_ops_take_their_torch_twins():
         print("ok")
         """
     )
+
+
+def test_per_row_bottleneck_stacks_equal_each_row_alone():
+    """Rows routed to bottleneck stacks of several depths, structures and LayerNorm options (and to none) in one
+    forward, served (no autograd) and training (the eager modules), equal each row run alone, and rows without an
+    adapter equal the unpatched model; the fused twin equals the eager modules at every depth. (With
+    ``original_ln_after=False`` a row without an adapter came out of a BERT output sublayer as its bare projection,
+    without the residual and LayerNorm, in every backend.)"""
+    run_plain(
+        """
+        import copy
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                            vocab_size=99)
+        bert = BertModel(config).eval()
+        ids = torch.randint(0, 99, (4, 6))
+        with torch.no_grad():
+            plain = bert(input_ids=ids).last_hidden_state
+        S = ae.BottleneckConfig
+        configs = {
+            "seq": S.seq_bn(reduction_factor=4),
+            "double": S.double_seq_bn(reduction_factor=4),
+            "par": S.par_bn(),
+            "ln": S.seq_bn(reduction_factor=4, ln_before=True, ln_after=True, residual_before_ln=False),
+            "no_ln_after": S.seq_bn(reduction_factor=4, adapter_residual_before_ln=True, original_ln_after=False),
+        }
+        for kind, cfg in configs.items():
+            named = lambda message: f"{kind}: {message}"
+            model = copy.deepcopy(bert)
+            for level in ("a", "b"):
+                ae.add_adapter(model, kind + level, cfg)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".adapters." in name:
+                        p.normal_(0, 0.1)
+            layers = [m for m in model.modules() if isinstance(m, ae.bottleneck.BottleneckStackLayer)]
+            routes = [None, kind + "a", ae.Stack(kind + "a", kind + "b"), None]
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad):
+                    with ae.use_adapters(routes):
+                        mixed = model(input_ids=ids).last_hidden_state
+                    for i, route in enumerate(routes):
+                        with ae.use_adapters(route):
+                            alone = model(input_ids=ids[i : i + 1]).last_hidden_state
+                        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5, msg=named)
+                        if route is None:
+                            torch.testing.assert_close(alone, plain[i : i + 1], rtol=1e-5, atol=1e-5, msg=named)
+            with torch.no_grad():
+                for depth in (1, 2):
+                    ae.set_active_adapters(model, ae.Stack(*[kind + level for level in "ab"[:depth]]))
+                    fused = model(input_ids=ids).last_hidden_state
+                    for layer in layers:
+                        layer.fused = False
+                    eager = model(input_ids=ids).last_hidden_state
+                    for layer in layers:
+                        layer.fused = True
+                    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5, msg=named)
+        print("ok")
+        """
+    )
