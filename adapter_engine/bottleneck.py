@@ -392,7 +392,7 @@ class OutputWithAdapters(BottleneckStackLayer):
         per_row = off.numel() * h.shape[-1] == h.numel()
         off = off.view(*h.shape[:-1], 1) if per_row else off.view(-1, *[1] * (h.dim() - 1))
         base = h + input_tensor
-        return torch.where(off, ln(base) if ln is not None else base, out)
+        return torch.where(off, (ln(base) if ln is not None else base).to(out.dtype), out)
 
 
 class ResidualOutsideWithAdapters(BottleneckStackLayer):
