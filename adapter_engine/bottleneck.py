@@ -382,7 +382,17 @@ class OutputWithAdapters(BottleneckStackLayer):
         if prep is None:
             return self._original_forward(hidden_states, input_tensor, *args, **kwargs)
         h = getattr(self, dropout)(getattr(self, dense)(hidden_states))
-        return self._run_stack(h, input_tensor, ln, prep)
+        out = self._run_stack(h, input_tensor, ln, prep)
+        routes, options = prep[1], prep[2]
+        if options.original_ln_after or routes.dim() == 1:
+            return out
+        # Per-row stacks without original_ln_after: the levels add the residual and any LN themselves, so a row with
+        # every level off would come out as bare h. It is the sublayer's own output, LN(h + y), as at depth 0.
+        off = (routes < 0).all(-1)  # one per row of h, or per sequence of a (B, S, H) h
+        per_row = off.numel() * h.shape[-1] == h.numel()
+        off = off.view(*h.shape[:-1], 1) if per_row else off.view(-1, *[1] * (h.dim() - 1))
+        base = h + input_tensor
+        return torch.where(off, (ln(base) if ln is not None else base).to(out.dtype), out)
 
 
 class ResidualOutsideWithAdapters(BottleneckStackLayer):

@@ -21,6 +21,7 @@ from ._backend import (
     cdiv,
     compiled_kernel,
     next_pow2,
+    use_triton,
 )
 from .bottleneck_gemm import build_level_operands, chains_levels, stack_fwd_levels
 from .bottleneck_pack import (
@@ -615,9 +616,14 @@ def bottleneck_stack_fwd(
     routes: torch.Tensor,
     options: StackOptions,
 ) -> torch.Tensor:
-    """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype."""
+    """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype. A CPU
+    tensor outside the interpreter takes the torch twin, ``bottleneck_stack_ref``."""
     if options.ln_before or options.ln_after:
         raise ValueError("the adapters' own ln_before/ln_after run on the torch path (bottleneck_stack_ref)")
+    if not use_triton(h):
+        from .bottleneck import bottleneck_stack_ref  # (bottleneck.py imports this module)
+
+        return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
     host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
         packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip
     max_rank = _max_rank(host.offsets)
