@@ -146,6 +146,31 @@ def test_mixed_batch_equals_each_row_alone(model_and_base):
     assert all(not torch.allclose(out[0], out[r], atol=1e-3) for r in range(1, len(MIXED)))
 
 
+def test_rows_without_an_adapter_keep_the_sublayer_output_without_original_ln_after():
+    """seq_bn with ``original_ln_after=False`` (the levels add the residual and LN themselves): in a per-row batch a
+    row routed to no adapter gets the sublayer's own LN(h + y), as the unpatched model (it came out as the bare
+    projection, in the fused kernel and the eager modules alike); routed rows equal themselves run alone."""
+    base = bert()
+    model = bert()
+    config = ae.BottleneckConfig.seq_bn(reduction_factor=4, adapter_residual_before_ln=True, original_ln_after=False)
+    for name in ("na", "nb"):
+        ae.add_adapter(model, name, config)
+    randomise(model)
+    batch = ids(4)
+    plain = run_active(base, batch)
+    routes = [None, "na", ae.Stack("na", "nb"), None]
+    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
+    for fused in (True, False):
+        for layer in layers:
+            layer.fused = fused
+        mixed = run(model, batch, routes)
+        for i, route in enumerate(routes):
+            alone = run(model, batch[i : i + 1], route)
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-4)
+            if route is None:
+                torch.testing.assert_close(mixed[i : i + 1], plain[i : i + 1], rtol=1e-4, atol=1e-4)
+
+
 def _add(a, b):
     return a if b is None else (b if a is None else a + b)
 
