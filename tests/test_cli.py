@@ -299,3 +299,12 @@ def test_readme_cli_reference_names_every_flag():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag not in ("--help", "--debug"):
                     assert re.search(rf"{re.escape(flag)}\b", rows[name]), f"README's {name} row lacks {flag}"
+
+
+def test_python_dash_m_runs_the_command_line():
+    """``python -m adapter_engine`` is the ``adapter-engine`` command (it had no ``__main__``)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "adapter_engine", "--help"], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: adapter-engine") and "merge-checkpoint" in out.stdout
