@@ -376,7 +376,9 @@ def _needs_y(options: StackOptions) -> bool:
 
 
 def _check(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: StackOptions) -> None:
-    check_float_dtype("h", h)
+    for name, t in (("h", h), ("y", y), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None or name == "h":
+            check_float_dtype(name, t)
     hidden = h.shape[-1]
     if y is None and _needs_y(options):
         raise ValueError(f"y (the sublayer's residual input) is required by these options: {options}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, device_lru_cache, dot_in_fp32, next_pow2
+from ._backend import INTERPRET, check_float_dtype, device_lru_cache, dot_in_fp32, next_pow2
 
 # Activation names (AdapterHub ``non_linearity``, transformers ACT2FN names) -> kernel codes.
 ACTIVATIONS = {
@@ -146,6 +146,9 @@ def pack_adapters(
                 f"adapter {i}: down bias must be ({wd.shape[0]},) and up bias ({hidden},) for down weight "
                 f"{tuple(wd.shape)}, got {tuple(bd.shape)} and {tuple(bu.shape)}"
             )
+        # (an integer weight failed inside the kernels' dot, "Unsupported lhs dtype int32", or ran in the twin)
+        for part, t in (("down weight", wd), ("down bias", bd), ("up weight", wu), ("up bias", bu)):
+            check_float_dtype(f"adapter {i}: {part}", t)
     codes = []
     for a in activations:
         if a.lower() not in ACTIVATIONS:

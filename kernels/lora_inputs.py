@@ -70,18 +70,22 @@ _DTYPE = operator.attrgetter("dtype")
 _DEREF = weakref.ref.__call__
 
 
-def _compute_factors(x, As, Bs, cache: bool = True):
+def _compute_factors(x, As, Bs, cache: bool = True, weight=None):
     """The factors as the op computes with them: float32 factors of a float16 / bfloat16 ``x`` (master weights, as
     PEFT keeps adapters of a 16-bit model by default: ``autocast_adapter_dtype=True``) in ``x``'s dtype, as autocast
     casts fp32 weights for a 16-bit matmul (PEFT computes their term in fp32 instead: see the README's Precision
-    note); every other factor as given (``_validate`` judges them). Where autograd wants a master's gradient the
-    casts are differentiable (it arrives in fp32). Otherwise the copies are cached (``cache``) while the call's factors
-    are the same live tensors at the same in-place versions and addresses: a call pays one lookup for all of them
-    (C-level maps), not a cast per factor. Cached copies are normal tensors, also when first made under
-    ``torch.inference_mode`` (later calls' caches read their versions). Updates through ``.data`` are not seen, as in
-    ``_stack_cached``."""
+    note); every other factor as given (``_validate`` judges them). ``weight`` (the layer's, when given): only a
+    weight in ``x``'s dtype has its masters cast; a mismatched call gets its factors as given, so that ``_validate``'s
+    error names their own dtypes (it named the casts made here: fp32 masters listed as bf16). Where autograd wants a
+    master's gradient the casts are differentiable (it arrives in fp32). Otherwise the copies are cached (``cache``)
+    while the call's factors are the same live tensors at the same in-place versions and addresses: a call pays one
+    lookup for all of them (C-level maps), not a cast per factor. Cached copies are normal tensors, also when first
+    made under ``torch.inference_mode`` (later calls' caches read their versions). Updates through ``.data`` are not
+    seen, as in ``_stack_cached``."""
     dt = getattr(x, "dtype", None)
-    if dt is not torch.float16 and dt is not torch.bfloat16:
+    if (dt is not torch.float16 and dt is not torch.bfloat16) or (
+        weight is not None and getattr(weight, "dtype", None) is not dt
+    ):
         return As, Bs
     factors = (*As, *Bs)
     if torch.compiler.is_compiling():  # (a compiled graph casts itself; dynamo cannot trace the C-level maps below)

@@ -251,7 +251,7 @@ def lora_linear(
                                path)  # fmt: skip
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
     if x.dtype is not torch.float32:  # (fp32 master factors of a 16-bit x: computed in x's dtype)
-        As, Bs = _compute_factors(x, As, Bs)
+        As, Bs = _compute_factors(x, As, Bs, weight=weight)
     out_f, in_f, ranks = _validate(x, weight, As, Bs, bias, fan_in_fan_out)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -346,7 +346,7 @@ def stack_loras(
     stack the factors for :func:`lora_linear_stacked`. The copies are plain tensors made outside autograd."""
     As, Bs, scales = _adapter_lists(list(lora_As), list(lora_Bs), list(scales))
     with torch.no_grad():
-        computed = _compute_factors(x, As, Bs, cache=False)  # (fp32 masters: in x's dtype, copied once here)
+        computed = _compute_factors(x, As, Bs, cache=False, weight=weight)  # (fp32 masters: in x's dtype, once)
         ranks = _validate(x, weight, *computed, bias, fan_in_fan_out)[2]
         A, B = _stack(*computed, _rank_major_b("segmented", x))
     base = (x.dtype, x.device, weight.shape, fan_in_fan_out, None if bias is None else bias.shape)
@@ -419,7 +419,7 @@ def lora_linear_reference(
     """
     del path
     As, Bs, scales = _adapter_lists(lora_A, lora_B, scale)
-    As, Bs = _compute_factors(x, As, Bs, cache=False)
+    As, Bs = _compute_factors(x, As, Bs, cache=False, weight=weight)
     _validate(x, weight, As, Bs, bias, fan_in_fan_out, allow_fp64=True)
     ids = _row_ids(adapter_ids, x, len(As))
     w = weight.t() if fan_in_fan_out else weight

@@ -314,6 +314,20 @@ def test_input_validation():
     two[0]["bd"], two[1]["bu"] = torch.randn(4), torch.randn(23)
     with pytest.raises(ValueError, match=r"adapter 1: down bias must be \(2,\) and up bias \(24,\).*\(23,\)"):
         pack(two)
+    # non-float operands besides h are named too (an integer adapter weight failed inside the kernels' dot, an
+    # integer y or LayerNorm ran, and fp64 weights were computed in fp32)
+    int_weights = make_params(24, [4], ["relu"])
+    int_weights[0]["wu"] = int_weights[0]["wu"].to(torch.int32)
+    with pytest.raises(TypeError, match=r"adapter 0: up weight must be float32, float16 or bfloat16, got torch.int32"):
+        pack(int_weights)
+    fp64 = make_params(24, [4], ["relu"])
+    fp64[0]["wd"] = fp64[0]["wd"].double()
+    with pytest.raises(TypeError, match=r"adapter 0: down weight .* got torch.float64"):
+        pack(fp64)
+    ln = make_ln(24)
+    for y, lnw, culprit in ((h.long(), ln.weight, "y"), (h, ln.weight.to(torch.int32), "ln_weight")):
+        with pytest.raises(TypeError, match=f"{culprit} must be float32, float16 or bfloat16, got torch.int"):
+            bottleneck_stack(h, y, pack(params), torch.tensor([0]), SEQ, lnw, ln.bias)
 
 
 @pytest.mark.parametrize("part", ["down bias", "model LN"])

@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import adapter_engine as ae
 from adapter_engine.kernels import lora_linear, lora_linear_reference
+from adapter_engine.kernels.lora_linear import stack_loras
 
 li = importlib.import_module("adapter_engine.kernels.lora_inputs")
 HALF = [torch.float16, torch.bfloat16]
@@ -146,13 +147,19 @@ def test_the_cached_casts_of_a_call_mixing_masters_and_16bit_factors_do_not_keep
         (torch.float32, torch.float32, torch.float16, "lora_A\\[0\\] torch.float16"),  # 16-bit factors of fp32 x
         (torch.bfloat16, torch.bfloat16, torch.float16, "lora_A\\[0\\] torch.float16"),  # another 16-bit dtype
         (torch.float16, torch.float32, torch.float32, "weight torch.float32"),  # only the factors may be fp32
+        # a 16-bit x reaching an fp32 layer with fp32 factors: every tensor named in its own dtype (the factors were
+        # named as the bf16 casts made of them, as if they were the culprits)
+        (torch.bfloat16, torch.float32, torch.float32, "weight torch.float32, lora_A\\[0\\] torch.float32, lora_B"),
     ],
 )
 def test_other_dtype_mixes_are_still_refused_naming_them(x_dtype, w_dtype, a_dtype, culprit):
     x, w = torch.randn(2, 8, dtype=x_dtype), torch.randn(5, 8, dtype=w_dtype)
     A, B = torch.randn(2, 8, dtype=a_dtype), torch.randn(5, 2, dtype=torch.float32)
-    with pytest.raises(TypeError, match=f"master weights.*{culprit}"):
-        lora_linear(x, w, A, B, 1.0)
+    for call in (lora_linear, lora_linear_reference):
+        with pytest.raises(TypeError, match=f"master weights.*{culprit}"):
+            call(x, w, A, B, 1.0)
+    with pytest.raises(TypeError, match=f"master weights.*{culprit}"):  # (a served layer's stacked factors)
+        stack_loras(x, w, [A], [B], [1.0])
 
 
 # ------------------------------------------------------------------------------------------------ models
