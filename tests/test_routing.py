@@ -266,6 +266,25 @@ def test_route_errors():
         run(model, ids(2), ["a", "par"])
 
 
+def deberta_v3_like():
+    """A DeBERTa-v2 with relative attention (DeBERTa-v3's configuration): its relative position embeddings, a batch
+    of one, go through query_proj / key_proj too."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    relative = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=4)
+    torch.manual_seed(0)
+    return DebertaV2Model(DebertaV2Config(**_BERT, **relative)).eval()
+
+
+def test_a_layer_fed_relative_position_embeddings_refuses_a_per_row_route_with_the_reason():
+    """A per-row route through DeBERTa-v2's query_proj is refused naming such layers: it named only the row counts,
+    which read as a route of the wrong length."""
+    model = deberta_v3_like()
+    ae.add_adapter(model, "q", ae.LoraConfig(r=2, target_modules=["query_proj"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="3 row stacks but .* batch of 1 rows: .*relative position embeddings"):
+        run(model, ids(3), ["q", None, "q"])
+
+
 def test_a_route_that_names_an_adapter_twice_is_refused_like_set_active_adapters():
     model = adapted_bert()
     with pytest.raises(ValueError, match="appears twice"):
