@@ -164,6 +164,12 @@ class LoraConfig:
             "monteclora_config": None,  # Monte Carlo sampled A in training (its sampler is saved with the adapter)
         }
         ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+        if data.get("target_parameters"):  # before the others: PEFT fills alpha_pattern for them (MoE "all-linear")
+            raise ValueError(
+                f"LoraConfig: 'target_parameters'={data['target_parameters']!r} is not supported by adapter-engine: "
+                "LoRA on parameters (the fused experts or the router of a mixture-of-experts block) is not a "
+                "Linear / Conv1D layer the engine can wrap; only target_modules layers carry LoRA"
+            )
         return cls(**_check_fields(cls, data, ignored, unsupported))
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
         ff_cfg = cfg.feedforward_modules
         keep_ff = same and ff_cfg is not None and not isinstance(ff_cfg, str)
         meta["feedforward_modules"] = list(ff_cfg) if keep_ff else sorted(ff_modules)
-        if keep_ff and set(match_targets(model, ff_cfg)) != set(ff_modules):
+        # (an empty list is PEFT's "no feed-forward layer"; match_targets refuses it as selecting nothing)
+        if keep_ff and set(match_targets(model, ff_cfg) if ff_cfg else ()) != set(ff_modules):
             meta["target_modules"], meta["feedforward_modules"] = sorted(record.modules), sorted(ff_modules)
     return meta, tensors
 

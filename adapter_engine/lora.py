@@ -35,7 +35,7 @@ from .kernels import merge_lora_, scale_ia3_, unmerge_lora_
 from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear
 from .lora_rows import RoutedLoraMixin, _weights, ia3_product, ia3_scaled, lowrank_term
-from .routing import check_route_names, current_route, routed_under_compile, run_eagerly
+from .routing import StaticRoute, check_route_names, current_route, routed_under_compile, run_eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +189,15 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
             return self._base_forward(x)
         route = current_route()
         if route is not None:
-            check_route_names(route, self, (*mods["lora_A"]._modules, *mods["ia3_l"]._parameters))
+            here = (*mods["lora_A"]._modules, *mods["ia3_l"]._parameters)
+            check_route_names(route, self, here)
             if not route.uniform:
+                # a route none of whose rows uses this layer's adapters runs the base layer, whatever batch the layer
+                # sees (OPT's flattened tokens, DeBERTa-v2's relative position embeddings: see routing.check_rows);
+                # not a static route, whose rows a CUDA graph refills after capture
+                used = route.cached("names_used", lambda: frozenset(route.names))
+                if not isinstance(route, StaticRoute) and used.isdisjoint(here):
+                    return self._base_forward(x)
                 return self._per_row_forward(x, route)
         names = self.active_adapters if route is None else route.stack
         # (submodules read through the module dicts: nn.Module attribute lookups were a good part of a call's host

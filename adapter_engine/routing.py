@@ -314,7 +314,12 @@ def use_adapters(spec: Route | str | Stack | Sequence[str | Stack | None] | None
 
 def check_rows(route: Route, batch: int, where: str) -> None:
     if route.rows is not None and len(route.rows) != batch:
-        raise ValueError(f"the route has {len(route.rows)} row stacks but {where} got a batch of {batch} rows")
+        raise ValueError(
+            f"the route has {len(route.rows)} row stacks but {where} got a batch of {batch} rows: a per-row route "
+            "takes one entry per input row, and only layers that see those rows can follow it; layers fed "
+            "flattened tokens (OPT's fc1 / fc2), relative position embeddings (DeBERTa-v2's query_proj / key_proj "
+            "with relative attention) or a batch that beam search multiplied cannot: route those per call"
+        )
 
 
 # the routed bottleneck layers, moved to routed_bottleneck (which imports this module, so they cannot be imported at

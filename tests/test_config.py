@@ -90,6 +90,24 @@ def test_lora_routing_and_block_diagonal_variants_are_refused(bad):
         LoraConfig.from_dict({"peft_type": "LORA", "r": 4, **bad})
 
 
+def test_peft_all_linear_on_fused_moe_experts_is_refused_naming_target_parameters(tmp_path):
+    """PEFT 0.21's ``"all-linear"`` on a transformers 5 Mixtral adds the fused experts and the router as
+    ``target_parameters``, with an ``alpha_pattern`` of its own for them: the refusal named alpha_pattern, a field
+    the user never set, instead of the parameters the engine cannot adapt."""
+    peft = pytest.importorskip("peft")
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    sizes = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    model = MixtralForCausalLM(MixtralConfig(**sizes, intermediate_size=24, num_local_experts=2))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert pm.peft_config["default"].alpha_pattern  # (what PEFT adds, and what used to be named)
+    pm.save_pretrained(tmp_path)
+    with open(tmp_path / "adapter_config.json") as fh:
+        saved = json.load(fh)
+    with pytest.raises(ValueError, match="LoraConfig: 'target_parameters'=.*mixture-of-experts"):
+        LoraConfig.from_dict(saved)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -324,6 +324,26 @@ def test_ia3_peft_both_ways(expected, tmp_path):
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
 
 
+def test_ia3_without_feedforward_layers_saves_both_ways(expected, tmp_path):
+    """PEFT's ``feedforward_modules=[]`` (every IA3 vector scales outputs): the engine saved such an adapter with a
+    ValueError from target matching ("target_modules [] selects no nn.Linear"), whether loaded or added."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.IA3Config(target_modules=["key", "value"], feedforward_modules=[], init_ia3_weights=False)
+    pm = peft.get_peft_model(tiny_bert(), cfg).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    model = tiny_bert()
+    ae.load_adapter(model, tmp_path / "peft", name="ia3", set_active=True)
+    ae.add_adapter(model, "fresh", ae.IA3Config(target_modules=["value"], feedforward_modules=[]))
+    ref = run(pm, expected)
+    assert max_err(ref, expected["base"], expected["attention_mask"]) > 1e-2  # the vectors really act
+    ae.save_adapter(model, "fresh", tmp_path / "fresh")
+    ae.save_adapter(model, "ia3", tmp_path / "ours")
+    with open(tmp_path / "ours" / "adapter_config.json") as fh:
+        assert json.load(fh)["feedforward_modules"] == []
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
+
+
 def test_all_linear_targets_the_layers_peft_targets(tmp_path):
     """``target_modules="all-linear"`` (PEFT's shorthand, any case, also in a peft config object) selects every
     linear layer but the LM head, as PEFT does, and not the layers inside adapters already there."""

@@ -266,6 +266,41 @@ def test_route_errors():
         run(model, ids(2), ["a", "par"])
 
 
+def deberta_v3_like():
+    """A DeBERTa-v2 with relative attention (DeBERTa-v3's configuration): its relative position embeddings, a batch
+    of one, go through query_proj / key_proj too."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    relative = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=4)
+    torch.manual_seed(0)
+    return DebertaV2Model(DebertaV2Config(**_BERT, **relative)).eval()
+
+
+def test_a_layer_fed_relative_position_embeddings_refuses_a_per_row_route_with_the_reason():
+    """A per-row route through DeBERTa-v2's query_proj is refused naming such layers: it named only the row counts,
+    which read as a route of the wrong length."""
+    model = deberta_v3_like()
+    ae.add_adapter(model, "q", ae.LoraConfig(r=2, target_modules=["query_proj"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="3 row stacks but .* batch of 1 rows: .*relative position embeddings"):
+        run(model, ids(3), ["q", None, "q"])
+
+
+def test_a_per_row_route_that_leaves_out_a_layers_adapters_runs_it_as_the_base_layer():
+    """A layer that sees another batch than the input rows (DeBERTa-v2's query_proj, fed the relative position
+    embeddings too) runs its base computation under a per-row route that uses none of its adapters: such a route
+    was refused there with the row counts, although it uses only adapters of other layers (value_proj)."""
+    model = deberta_v3_like()
+    ae.add_adapter(model, "q", ae.LoraConfig(r=2, target_modules=["query_proj"], init_lora_weights=False))
+    ae.add_adapter(model, "v", ae.LoraConfig(r=2, target_modules=["value_proj"], init_lora_weights=False))
+    ae.add_adapter(model, "i", ae.IA3Config(target_modules=["key_proj"], feedforward_modules=[]))
+    randomise(model)
+    batch, spec = ids(3), ["v", None, "v"]
+    mixed = run(model, batch, spec)
+    for row, entry in enumerate(spec):
+        torch.testing.assert_close(mixed[row : row + 1], run(model, batch[row : row + 1], entry), atol=ATOL, rtol=0)
+    assert (mixed[0] - run(model, batch, None)[0]).abs().max() > 1e-3  # the adapter acts
+
+
 def test_a_route_that_names_an_adapter_twice_is_refused_like_set_active_adapters():
     model = adapted_bert()
     with pytest.raises(ValueError, match="appears twice"):
@@ -393,9 +428,9 @@ def test_route_tensors_are_built_once_per_call(model_and_base):
     assert collections.Counter(key[0] for key in tensors) == {
         "bn_routes": 1, "bn_routes_per_row": 1, "lora_ids": 1, "lora_ids_per_row": 1
     }  # fmt: skip
-    # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan; and the
-    # check of the route's names, once)
-    assert len(route._cache) - len(tensors) == 3 and "names_known" in route._cache
+    # (the other entries are host plans, one per layout: LoRA rows, and the bottleneck layers' shared plan; the
+    # check of the route's names, once; and the set of names the rows use, which LoRA layers test theirs against)
+    assert len(route._cache) - len(tensors) == 4 and {"names_known", "names_used"} <= set(route._cache)
 
 
 def test_a_route_naming_an_unknown_adapter_is_refused(model_and_base):
