@@ -132,6 +132,21 @@ class BottleneckAdapter(nn.Module):
             out += (self.adapter_norm_after.weight, self.adapter_norm_after.bias)
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """The LayerNorm before the down projection is registered twice (``adapter_norm_before`` and
+        ``adapter_down.0``, as AdapterHub's module registers it), and a patched model's ``save_pretrained`` writes it
+        once (safetensors refuses shared tensors): a state dict with either name loads both. The missing second name
+        used to fail a strict ``load_state_dict`` of such a checkpoint and made ``Trainer``'s resume and best-model
+        loads warn of missing adapter weights, though the shared tensor was loaded."""
+        if self.options.ln_before:
+            for key in ("weight", "bias"):
+                first, second = f"{prefix}adapter_norm_before.{key}", f"{prefix}adapter_down.0.{key}"
+                if first in state_dict and second not in state_dict:
+                    state_dict[second] = state_dict[first]
+                elif second in state_dict and first not in state_dict:
+                    state_dict[first] = state_dict[second]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
         return self.adapter_up(self.adapter_down(x)) * self.scaling

@@ -144,3 +144,39 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="injected"):
         save_model(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_with_a_layer_norm_saved_once_loads_strictly(tmp_path):
+    """An adapter LayerNorm before the down projection is registered under two names and saved under one
+    (``save_pretrained`` of a patched model, as ``transformers.Trainer`` writes its checkpoints): a strict
+    ``load_state_dict`` of the file used to fail on the other name, and the non-strict one (Trainer's resume and
+    best-model loads) reported the adapter's LayerNorm missing, though the shared tensor was loaded."""
+    from safetensors.torch import load_file
+
+    config = ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True)
+
+    def model(seed: int):
+        torch.manual_seed(seed)
+        m = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+        ae.add_adapter(m, "b", config)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if ".adapters.b." in name:
+                    p.normal_(0, 0.3)
+        ae.set_active_adapters(m, "b")
+        return m
+
+    saved = model(0)
+    saved.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert not any(".adapters.b.adapter_down.0." in k for k in tensors)  # (saved once, under its first name)
+    fresh = model(1)
+    fresh.load_state_dict(tensors)  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**BATCH).logits, saved(**BATCH).logits, rtol=0, atol=0)
+    assert model(2).load_state_dict(tensors, strict=False).missing_keys == []
+    renamed = {k.replace("adapter_norm_before.", "adapter_down.0."): v for k, v in tensors.items()}  # the other name
+    other = model(3)
+    other.load_state_dict(renamed)
+    with torch.no_grad():
+        torch.testing.assert_close(other(**BATCH).logits, saved(**BATCH).logits, rtol=0, atol=0)
