@@ -41,6 +41,19 @@ def test_absorbed_bottleneck_is_saved_with_the_model_and_reloaded(tmp_path):
         torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
 
 
+def _classifier_with_bottleneck(config, seed: int):
+    """A tiny BERT classifier with bottleneck adapter "b" of ``config``, random weights, active."""
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+    ae.add_adapter(model, "b", config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.b." in name:
+                p.normal_(0, 0.3)
+    ae.set_active_adapters(model, "b")
+    return model
+
+
 @pytest.mark.parametrize(
     "config",
     [ae.BottleneckConfig.seq_bn(bottleneck_size=8), ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True)],
@@ -50,14 +63,7 @@ def test_bottleneck_widths_and_layer_norms_round_trip(tmp_path, config):
     """An explicit ``bottleneck_size`` (not an AdapterHub field, which the manifest's config dict dropped: the reload
     built width 32 // 16 = 2 and failed) and an adapter LayerNorm before the down projection (registered twice, as
     AdapterHub's module does: safetensors refused the shared tensors) save and reload with the same outputs."""
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
-    ae.add_adapter(model, "b", config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters.b." in name:
-                p.normal_(0, 0.3)
-    ae.set_active_adapters(model, "b")
+    model = _classifier_with_bottleneck(config, seed=0)
     with torch.no_grad():
         expected = model(**BATCH).logits
     save_model(model, tmp_path / "ckpt")
@@ -156,15 +162,7 @@ def test_a_checkpoint_with_a_layer_norm_saved_once_loads_strictly(tmp_path):
     config = ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True)
 
     def model(seed: int):
-        torch.manual_seed(seed)
-        m = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
-        ae.add_adapter(m, "b", config)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if ".adapters.b." in name:
-                    p.normal_(0, 0.3)
-        ae.set_active_adapters(m, "b")
-        return m
+        return _classifier_with_bottleneck(config, seed)
 
     saved = model(0)
     saved.save_pretrained(tmp_path)
