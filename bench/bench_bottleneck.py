@@ -316,7 +316,14 @@ def bench_train_top_of_three(benchmark, monkeypatch, model_name, provider):
         out.float().square().mean().backward()
 
     try:
+        eager_calls = []  # (untimed: which path the stacks took; before session 24 "fused" took the eager modules)
+        eager_stack = adapter_engine.bottleneck._eager_stack
+        monkeypatch.setattr(
+            adapter_engine.bottleneck, "_eager_stack", lambda *a: eager_calls.append(1) or eager_stack(*a)
+        )
         fn()
+        monkeypatch.setattr(adapter_engine.bottleneck, "_eager_stack", eager_stack)
+        assert provider == "bare" or bool(eager_calls) == (provider != "fused"), (provider, len(eager_calls))
         timed(benchmark, fn, case=f"{model_name} train top of 3", provider=provider, train_fused=provider == "fused")
     finally:
         for hook in hooks:
