@@ -28,6 +28,7 @@ import statistics
 import pytest
 import torch
 from harness import (
+    calls_of,
     copy_bandwidth,
     cuda_graphed,
     device,
@@ -316,14 +317,10 @@ def bench_train_top_of_three(benchmark, monkeypatch, model_name, provider):
         out.float().square().mean().backward()
 
     try:
-        eager_calls = []  # (untimed: which path the stacks took; before session 24 "fused" took the eager modules)
-        eager_stack = adapter_engine.bottleneck._eager_stack
-        monkeypatch.setattr(
-            adapter_engine.bottleneck, "_eager_stack", lambda *a: eager_calls.append(1) or eager_stack(*a)
-        )
-        fn()
-        monkeypatch.setattr(adapter_engine.bottleneck, "_eager_stack", eager_stack)
-        assert provider == "bare" or bool(eager_calls) == (provider != "fused"), (provider, len(eager_calls))
+        # (untimed: which path the stacks take; before session 24 "fused" took the eager modules)
+        with calls_of("adapter_engine.bottleneck", "_eager_stack") as eager_calls:
+            fn()
+        assert provider == "bare" or bool(eager_calls[0]) == (provider != "fused"), (provider, eager_calls[0])
         timed(benchmark, fn, case=f"{model_name} train top of 3", provider=provider, train_fused=provider == "fused")
     finally:
         for hook in hooks:

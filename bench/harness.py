@@ -182,21 +182,27 @@ def force_masked_lora(monkeypatch) -> None:
 
 
 @contextlib.contextmanager
-def lora_segmented_calls() -> Iterator[list[int]]:
-    """``[n]``: how many fused LoRA calls inside the block took the segmented path (each groups its rows by adapter,
-    ``lora_linear._segments_cached``): which path a model's mixed batch took, for an untimed call."""
-    op = importlib.import_module("adapter_engine.kernels.lora_linear")  # (the package exports the function by its name)
-    count, segments = [0], op._segments_cached
+def calls_of(module: str, name: str) -> Iterator[list[int]]:
+    """``[n]``: how many times the function ``name`` of ``module`` (looked up by that name at each call) ran inside
+    the block: which path an untimed call took."""
+    owner = importlib.import_module(module)  # (a package may export a function under its module's name)
+    count, original = [0], getattr(owner, name)
 
     def counted(*args, **kwargs):
         count[0] += 1
-        return segments(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    op._segments_cached = counted
+    setattr(owner, name, counted)
     try:
         yield count
     finally:
-        op._segments_cached = segments
+        setattr(owner, name, original)
+
+
+def lora_segmented_calls() -> contextlib.AbstractContextManager[list[int]]:
+    """``[n]``: how many fused LoRA calls inside the block took the segmented path (each groups its rows by adapter,
+    ``lora_linear._segments_cached``): which path a model's mixed batch took, for an untimed call."""
+    return calls_of("adapter_engine.kernels.lora_linear", "_segments_cached")
 
 
 def peak_memory_bytes(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> int | None:
