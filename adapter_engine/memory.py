@@ -17,8 +17,9 @@ from the store, or saved to it (``AdapterStore.save``), and no weight of it has 
 counters). Any other adapter (trained since it was loaded or saved, fresh, loaded from a folder, one the store does not
 hold, or one with fp32 master weights, which the store loads rounded to the model's dtype) is kept on the host instead,
 with a log line, so no trained adapter is lost. A reloaded adapter keeps each weight's ``requires_grad`` (a frozen one
-stays frozen). Every method is thread-safe (one ``RLock``); forwards run outside it. The manager follows adapters
-deleted or merged away (``merge_adapter``) and added behind its back through the model's own API. The fused bottleneck
+stays frozen), and comes back in its layers' new dtype when the model was converted while it was offloaded. Every
+method is thread-safe (one ``RLock``); forwards run outside it. The manager follows adapters deleted or merged away
+(``merge_adapter``) and added behind its back through the model's own API. The fused bottleneck
 op keeps one packed copy of each layer's resident adapters: device memory is about twice the counted bytes for
 bottleneck adapters.
 """

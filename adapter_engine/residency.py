@@ -23,7 +23,8 @@ class AdapterSnapshot:
 
     ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
     ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked). ``saved``: the
-    state dicts of its trained module copies (``modules_to_save``), by module.
+    state dicts of its trained module copies (``modules_to_save``), by module. ``layer_dtypes``: each LoRA / IA3
+    layer's weight dtype when the snapshot was taken (see :func:`restore_adapter`).
     """
 
     config: AnyConfig
@@ -32,6 +33,7 @@ class AdapterSnapshot:
     entries: list[tuple]
     nbytes: int
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layer_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -93,12 +95,19 @@ def snapshot_adapter(
         m: {k: copy(v) for k, v in model.get_submodule(m).modules_to_save[name].state_dict().items()}
         for m in record.saved
     }
+    linear = record.kind != "bottleneck"
+    layer_dtypes = {m: model.get_submodule(m).weight.dtype for m in record.modules} if linear else {}
     return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name),
-                           saved)  # fmt: skip
+                           saved, layer_dtypes)  # fmt: skip
 
 
 def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
-    """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes)."""
+    """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes).
+
+    LoRA / IA3 weights come back as taken (fp32 masters of a 16-bit layer stay fp32) unless their layer was converted
+    since (``model.half()``, ``.to(dtype)`` while the adapter was offloaded): then they come back in the layer's new
+    dtype, as that conversion would have made them had the adapter stayed in the model. An adapter offloaded from an
+    fp32 model used to come back fp32 into the model converted to fp16."""
     state = _state(model)
     _check_name(state, name)
     cfg = snapshot.config
@@ -109,10 +118,20 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
             raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
         modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
     else:
-        modules = _apply_linear(model, state, name, cfg, snapshot.entries, autocast=None)
+        entries = [_converted_like(model.get_submodule(e[0]).weight.dtype, snapshot.layer_dtypes.get(e[0]), e)
+                   for e in snapshot.entries]  # fmt: skip
+        modules = _apply_linear(model, state, name, cfg, entries, autocast=None)
     for module_name, tensors in snapshot.saved.items():
         pt.wrap_saved(model, state, module_name).add_copy(name, tensors)
     state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules, saved=list(snapshot.saved))
+
+
+def _converted_like(now: torch.dtype, then: torch.dtype | None, entry: tuple) -> tuple:
+    """A LoRA / IA3 snapshot entry ``(module, tensors..., [feedforward])`` in ``now``, its layer's dtype, when the
+    layer was in another dtype ``then`` at the snapshot (a module conversion turns every floating weight into it)."""
+    if then is None or now == then:
+        return entry
+    return tuple(v.to(now) if isinstance(v, torch.Tensor) else v for v in entry)
 
 
 __all__ = [

@@ -353,6 +353,29 @@ def test_a_reloaded_adapter_keeps_each_weights_requires_grad(filled_store, offlo
         assert [p.requires_grad for p in ae.api.adapter_parameters(model, "lora0")] == flags
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3", "seq_bn"])
+def test_an_adapter_offloaded_before_the_model_is_converted_comes_back_converted(filled_store, kind):
+    """An adapter evicted to the host from an fp32 model that is then converted with ``.half()`` comes back in fp16,
+    computing as it would had it stayed resident through the conversion. LoRA / IA3 weights came back fp32 (taken for
+    fp32 master weights of a 16-bit model)."""
+    store, _ = filled_store
+    name = {"lora": "lora0", "ia3": "ia31", "seq_bn": "seq_bn2"}[kind]
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1, offload="cpu")
+    with memory.use([name]):
+        pass
+    with memory.use(["lora3"]):  # evicts it to the host
+        pass
+    model.half()
+    twin = bert()
+    store.load_into(twin, name)
+    twin.half()  # resident through the conversion
+    with memory.use([name]):
+        assert {p.dtype for p in ae.api.adapter_parameters(model, name)} == {torch.float16}
+        assert torch.equal(out(model, name), out(twin, name))
+        assert memory.stats().resident_bytes == ae.api.adapter_nbytes(model, name)
+
+
 def test_an_adapter_merged_away_leaves_the_manager_too(filled_store):
     """merge_adapter folds a LoRA into the base and drops it from the model behind the manager's back: the manager
     forgets it (no later eviction of an adapter that is gone); one added through the model's API is adopted."""
