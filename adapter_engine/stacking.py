@@ -125,13 +125,20 @@ class StackedAdapterModel(nn.Module):
         or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
         refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
         when the running adapters fill ``max_active``, a level whose structure cannot stack on the others) leaves
-        the model, the levels and the running stack as they were."""
+        the model, the levels and the running stack as they were. A config or folder for a name the memory manager
+        already holds (resident, or offloaded to the host) is refused: it would replace that adapter."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
             if name in self._stacks:
                 raise ValueError(
                     f"{name!r} already names a stack {self._stacks[name]}: routing by it would be ambiguous"
+                )
+            if config_or_path is not None and self.memory.holds(name):  # (a fresh one replaced a host copy, unsaved)
+                where = "resident" if self.memory.is_resident(name) else "offloaded to host memory"
+                raise ValueError(
+                    f"adapter {name!r} is already the memory manager's ({where}): add it with config_or_path=None "
+                    "to adopt it, or pick another name"
                 )
             cap = self.memory.max_active
             if level and cap is not None and len(self.levels) + 1 > cap:

@@ -351,6 +351,31 @@ def test_add_adapter_from_the_store_adopts_an_adapter_a_routed_call_loaded(tmp_p
     assert torch.equal(logits(sam), routed) and ae.list_adapters(sam.model) == ["fr"]
 
 
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_a_fresh_adapter_under_a_name_the_manager_holds_is_refused(tmp_path, offloaded):
+    """A config for the name of an adapter a routed call loaded is refused, changing nothing. With the adapter offloaded
+    to the host (trained since it was loaded, so only the host copy has its weights), the fresh one replaced it."""
+    donor = StackedAdapterModel(tiny())
+    for name in ("fr", "de"):
+        donor.add_adapter(name, SEQ_BN, level=False)
+        randomise(donor.model, name)
+        ae.AdapterStore(tmp_path).save(donor.model, name)
+    sam = StackedAdapterModel(tiny(), store=tmp_path, max_active=1, offload="drop")
+    logits(sam, adapter="fr")
+    with sam.memory.use(["fr"]), torch.no_grad():
+        for p in ae.api.adapter_parameters(sam.model, "fr"):
+            p.add_(0.5)  # trained: offload="drop" keeps it on the host
+    trained = logits(sam, adapter="fr")
+    if offloaded:
+        logits(sam, adapter="de")
+        assert not sam.memory.is_resident("fr") and sam.memory.holds("fr")
+    state, resident = _state_of(sam), sam.memory.resident()
+    with pytest.raises(ValueError, match="'fr' is already the memory manager's"):
+        sam.add_adapter("fr", SEQ_BN, level=False)
+    assert _state_of(sam) == state and sam.memory.resident() == resident
+    assert torch.equal(logits(sam, adapter="fr"), trained)
+
+
 def test_stack_names_and_adapter_names_do_not_shadow_each_other():
     sam = StackedAdapterModel(tiny())
     sam.add_adapter("a", SEQ_BN)
