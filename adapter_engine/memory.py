@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import api
-from .changes import tensor_version
+from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
 from .residency import adapter_layers
@@ -112,6 +112,8 @@ class AdapterMemoryManager:
         self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
+        # the model's dtype when the sizes were counted, and the adapter generation when it was last checked (_sync)
+        self._dtype, self._generation = _model_dtype(model), adapter_generation()
         for name in api.list_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
         if store is not None:
@@ -344,15 +346,24 @@ class AdapterMemoryManager:
     # ------------------------------------------------------------------------------------------- internals
     def _sync(self) -> None:
         """Follow changes made to the model's adapters outside the manager: an adapter merged away
-        (``merge_adapter``) or deleted is forgotten, one added through the model's API is adopted as resident."""
+        (``merge_adapter``) or deleted is forgotten, one added through the model's API is adopted as resident; and
+        a conversion of the model in place (``.half()``, ``.to(dtype)``): the resident adapters' bytes are counted
+        again and the sizes of the others, which reload in the new dtype, are forgotten until they are loaded. The
+        bytes counted before a conversion were kept: ``.float()`` of a 16-bit model went over ``max_bytes`` unseen."""
         present = api._state(self.model).adapters
-        if len(present) == len(self._resident) and all(n in present for n in self._resident):
-            return
-        for name in [n for n in self._resident if n not in present]:
-            logger.info("adapter %r left the model outside the memory manager (merged or deleted): forgotten", name)
-            self.forget(name)
-        for name in [n for n in present if n not in self._resident]:
-            self.register(name)
+        if len(present) != len(self._resident) or not all(n in present for n in self._resident):
+            for name in [n for n in self._resident if n not in present]:
+                logger.info("adapter %r left the model outside the memory manager (merged or deleted): forgotten", name)
+                self.forget(name)
+            for name in [n for n in present if n not in self._resident]:
+                self.register(name)
+        generation = adapter_generation()  # (bumped by conversions and adapter changes: the dtype is read only then)
+        if generation != self._generation:
+            self._generation, dtype = generation, _model_dtype(self.model)
+            if dtype != self._dtype:
+                self._dtype = dtype
+                self._sizes = {n: api.adapter_nbytes(self.model, n) for n in self._resident}
+                self._resident.update(self._sizes)
 
     def _saved_to_store(self, model: nn.Module, name: str) -> None:
         """``self.store`` has just written adapter ``name`` of ``model``: when that is this manager's model, the
@@ -412,8 +423,7 @@ class AdapterMemoryManager:
             return self._sizes[name]
         if self.store is None or name not in self.store:
             return 0
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
-        return self.store.nbytes_on_disk(name, dtype=dtype)
+        return self.store.nbytes_on_disk(name, dtype=_model_dtype(self.model))
 
     def _fits(self, names: list[str], missing: list[str]) -> bool:
         idle = self._idle(names)
@@ -494,6 +504,11 @@ class AdapterMemoryManager:
         self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
         self._load_time += time.perf_counter() - start
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter: the store loads adapters in it; a conversion changes it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

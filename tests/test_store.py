@@ -204,6 +204,29 @@ def test_the_byte_cap_counts_an_adapter_never_loaded_in_the_models_dtype(filled_
     assert memory.resident() == ["lora0", "lora3"] and memory.stats().evictions == 0
 
 
+def test_the_byte_cap_follows_a_conversion_of_the_model_in_place(filled_store):
+    """``.float()`` of a half-precision model doubles its resident adapters' bytes: the manager counts them again (its
+    statistics and cap used the fp16 sizes, so two adapters stayed resident at twice the cap's room), and the next call
+    evicts down to the cap. ``.half()`` back: an offloaded adapter's fp32 size is no longer what it reloads in."""
+    store, _ = filled_store
+    probe = bert().half()
+    for name in ("seq_bn2", "seq_bn5"):
+        store.load_into(probe, name)
+    half = ae.api.adapter_nbytes(probe, "seq_bn2")
+    model = bert().half()
+    memory = AdapterMemoryManager(model, store, max_bytes=3 * half)  # two fp16 bottlenecks, one fp32
+    for name in ("seq_bn2", "seq_bn5"):
+        with memory.use([name]):
+            pass
+    model.float()
+    assert memory.stats().resident_bytes == 4 * half == sum(ae.api.adapter_nbytes(model, n) for n in memory.resident())
+    with memory.use(["seq_bn5"]):
+        assert memory.resident() == ["seq_bn5"] and memory.stats().resident_bytes == 2 * half
+    model.half()  # seq_bn2, offloaded at fp32, reloads in fp16: both fit again
+    with memory.use(["seq_bn2"]):
+        assert memory.resident() == ["seq_bn5", "seq_bn2"] and memory.stats().resident_bytes == 2 * half
+
+
 @pytest.mark.parametrize("first", ["seq_bn2", "lora0"])
 def test_a_call_over_max_bytes_is_refused_on_first_use_too(filled_store, first):
     """A call whose adapters exceed ``max_bytes`` on their own is refused with ValueError before anything of it
