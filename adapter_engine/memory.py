@@ -325,11 +325,17 @@ class AdapterMemoryManager:
 
     def register(self, name: str, *, from_store: bool = False) -> None:
         """Count an adapter added to the model directly (e.g. a fresh one) as resident. ``from_store``: it was just
-        loaded from this manager's store unchanged (``offload="drop"`` may then drop it while it stays unchanged)."""
+        loaded from this manager's store unchanged (``offload="drop"`` may then drop it while it stays unchanged). An
+        adapter of that name kept in host memory is replaced by it, with a warning (its weights are dropped)."""
         with self.lock:
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(self.model, name)
             self._resident.move_to_end(name)
-            self._offloaded.pop(name, None)
+            if self._offloaded.pop(name, None) is not None:
+                logger.warning(
+                    "adapter %r was added to the model under the name of an adapter the memory manager kept in host "
+                    "memory: that copy is dropped (save it or reload it with memory.use before reusing its name)",
+                    name,
+                )
             self._requires_grad.pop(name, None)
             self._clean.pop(name, None)
             if from_store:

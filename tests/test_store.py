@@ -399,6 +399,23 @@ def test_an_adapter_offloaded_before_the_model_is_converted_comes_back_converted
         assert memory.stats().resident_bytes == ae.api.adapter_nbytes(model, name)
 
 
+def test_an_adapter_added_over_a_host_copy_warns_that_the_copy_is_dropped(filled_store, caplog):
+    """A fresh adapter added through the model's API under the name of one the manager keeps in host memory replaces
+    it (the manager adopts what the model holds): the host copy's weights go, with a warning naming the adapter; they
+    used to go silently."""
+    store, _ = filled_store
+    model = bert()
+    memory = AdapterMemoryManager(model, store, max_active=1)
+    with memory.use(["lora0"]):
+        pass
+    with memory.use(["ia31"]):  # lora0 to the host
+        pass
+    ae.add_adapter(model, "lora0", KINDS["lora"]())
+    with caplog.at_level("WARNING", logger="adapter_engine.memory"):
+        assert memory.stats().offloaded == 0 and memory.is_resident("lora0")
+    assert "'lora0' was added to the model under the name of an adapter the memory manager kept" in caplog.text
+
+
 def test_an_adapter_merged_away_leaves_the_manager_too(filled_store):
     """merge_adapter folds a LoRA into the base and drops it from the model behind the manager's back: the manager
     forgets it (no later eviction of an adapter that is gone); one added through the model's API is adopted."""
