@@ -182,8 +182,12 @@ class BottleneckStackLayer(StandIn):
         modules again only after a change of this layer (``_generation``: an adapter added or deleted, another
         stack, a conversion in place) or a registration anywhere (``registration_epoch``: a weight replaced)."""
         names = tuple(names)
-        compiling = torch.compiler.is_compiling()  # (traced: no memo, whose C-level version reads dynamo cannot trace)
-        stamp = None if compiling else (self._generation, registration_epoch())
+        if torch.compiler.is_compiling():
+            # traced: the graph packs the weights itself, so it follows their updates in place. No cache: its key
+            # reads the weights' versions, which dynamo cannot specialise (inference under no_grad, where the pack
+            # is cacheable, failed to compile with fullgraph=True, a graph break per layer without)
+            return pack_modules([self.adapters[n] for n in names])
+        stamp = (self._generation, registration_epoch())
         memo = self._pack_memo
         if memo is not None and memo[0] == stamp and memo[1] == names:
             params, versions, packed = memo[2:]
@@ -205,8 +209,7 @@ class BottleneckStackLayer(StandIn):
             if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed
             self._cache = _keep_recent_packs(self._cache, key, params, packed)
-        if not compiling:
-            self._pack_memo = (stamp, names, params, versions, packed)
+        self._pack_memo = (stamp, names, params, versions, packed)
         return kept(packed)
 
     def _prepare(self, h: torch.Tensor, eps: float):

@@ -540,6 +540,22 @@ def test_torch_compile_bottleneck(monkeypatch, path):
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["bert"])
+def test_torch_compile_bottleneck_inference_is_one_graph(arch):
+    """Serving without autograd compiles to one graph that follows updates in place: the pack cache's key (the
+    weights' versions) failed ``fullgraph=True`` under ``no_grad``."""
+    model, batch = make(arch), inputs(arch)
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    ae.set_active_adapters(model, "s")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
+        randomise(model, ".adapters.s.adapter_up.")
+        torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
+
+
 def test_trainer_trains_only_the_adapter(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
