@@ -264,17 +264,29 @@ class RoutedResidualOutsideWithAdapters(RoutedStackMixin, ResidualOutsideWithAda
         super().__init__(original, residual_from=residual_from, layer_norm=layer_norm)
         self._routing_init()
 
+    def _capture(self, module, args):
+        if routed_under_compile():  # the wrapper's forward runs eagerly (see forward): so does its residual's capture
+            return run_eagerly(super()._capture, module, args)
+        return super()._capture(module, args)
+
     @property
     def _captured(self) -> torch.Tensor | None:
-        return self.__dict__["_captured_by_thread"].get(threading.get_ident())
+        return self.__dict__["_captured_by_thread"].get(_thread_key())
 
     @_captured.setter
     def _captured(self, value: torch.Tensor | None) -> None:
         by_thread = self.__dict__["_captured_by_thread"]
         if value is None:
-            by_thread.pop(threading.get_ident(), None)
+            by_thread.pop(_thread_key(), None)
         else:
-            by_thread[threading.get_ident()] = value
+            by_thread[_thread_key()] = value
+
+
+def _thread_key() -> int | None:
+    """The key of the calling thread's captured residual; None in a graph ``torch.compile`` traces (which captures
+    and reads it in one graph; dynamo cannot trace ``threading.get_ident``: two graph breaks per layer, and
+    ``fullgraph=True`` failed)."""
+    return None if torch.compiler.is_compiling() else threading.get_ident()
 
 
 def is_routed_layer(module: nn.Module) -> bool:
