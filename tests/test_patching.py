@@ -498,10 +498,12 @@ def test_torch_compile_lora():
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
-def test_torch_compile_follows_use_adapters_routes():
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_torch_compile_follows_use_adapters_routes(arch):
     """A compiled model called inside ``use_adapters`` runs the route (its routed layers outside the graph), not the
-    model's active adapters, which it used to run silently; outside a block it keeps its graph."""
-    model, batch = make("bert").eval(), inputs("bert")
+    model's active adapters, which it used to run silently; outside a block it keeps its graph. (Llama: a wrapper
+    running eagerly reads the residual its block captured eagerly too.)"""
+    model, batch = make(arch).eval(), inputs(arch)
     ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
     randomise(model, ".adapters.s.")
