@@ -9,6 +9,7 @@ products of O(1) values). bf16: 0.1 absolute vs the fp32 model (bf16 keeps 8 bit
 accumulated over ~10 roundings per layer on O(1) values).
 """
 
+import contextlib
 import copy
 import io
 import os
@@ -557,6 +558,31 @@ def test_torch_compile_bottleneck_inference_is_one_graph(arch):
         torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
         randomise(model, ".adapters.s.adapter_up.")
         torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
+
+
+def test_functional_call_runs_the_given_adapter_weights():
+    """``torch.func.functional_call`` swaps tensors through the modules' ``_parameters``, which no registration hook
+    sees: the bottleneck layers' cached pack of the model's own weights used to run instead of the given ones."""
+    from torch.func import functional_call
+
+    def build():
+        model = make("bert")
+        ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+        ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+        ae.set_active_adapters(model, ["l", "s"])
+        return model
+
+    model, other, batch = build(), build(), inputs("bert")
+    given = {n: p.detach() + 0.2 * torch.randn_like(p) for n, p in model.named_parameters() if ".adapters." in n}
+    other.load_state_dict(given, strict=False)
+    with torch.no_grad():
+        mine = out(model, batch)
+        for route in (None, "s"):
+            with ae.use_adapters(route) if route else contextlib.nullcontext():
+                out(model, batch)  # (the model's own weights packed first)
+                got = functional_call(model, given, (), batch).last_hidden_state
+                torch.testing.assert_close(got, out(other, batch), atol=ATOL, rtol=0, msg=str(route))
+        torch.testing.assert_close(out(model, batch), mine, atol=0, rtol=0)  # and its own weights again after
 
 
 def test_trainer_trains_only_the_adapter(tmp_path):
