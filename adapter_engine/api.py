@@ -461,6 +461,24 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 
+def resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``resize_token_embeddings`` on a patched model, refused before anything changes while an adapter
+    layer wraps the input or output embeddings (a LoRA / IA3 target ``lm_head``, a ``modules_to_save`` copy of it):
+    transformers resized the input embeddings, then failed on the wrapped head with a TypeError, which left the two
+    vocabularies apart."""
+    layers = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+    wrapped = {side: layer for side, layer in layers.items() if isinstance(layer, (LoraLinear, ModulesToSaveLayer))}
+    if wrapped:
+        names = {m: n for n, m in model.named_modules()}
+        which = ", ".join(f"the {side} embeddings {names.get(layer)!r}" for side, layer in wrapped.items())
+        raise ValueError(
+            f"resize_token_embeddings: {which} carry adapter layers, which transformers cannot resize: resize before "
+            "adding adapters there, or once the model is unpatched (adapter_engine.unpatch, or merge_adapter of all "
+            "its adapters)"
+        )
+    return type(model).resize_token_embeddings(model, *args, **kwargs)
+
+
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:
     """Fold LoRA / IA3 adapters into the base weights in place and drop them (see
     :func:`adapter_engine.merging.merge_adapter` for ``weights``, ``combination``, ``exact``, ``absorb``)."""

@@ -585,6 +585,21 @@ def test_functional_call_runs_the_given_adapter_weights():
         torch.testing.assert_close(out(model, batch), mine, atol=0, rtol=0)  # and its own weights again after
 
 
+def test_resize_token_embeddings_is_refused_while_the_embeddings_carry_adapter_layers():
+    """transformers resized the input embeddings, then failed on a wrapped ``lm_head`` (a TypeError), which left the
+    vocabularies of the two apart; a patched model refuses before anything changes, and resizes when they are not
+    wrapped."""
+    model = make("llama")
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="output embeddings 'lm_head' carry adapter layers"):
+        model.resize_token_embeddings(80)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 64
+    ae.unpatch(model)
+    model = ae.patch(make("llama"))
+    model.resize_token_embeddings(80)
+    assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == 80
+
+
 def test_trainer_trains_only_the_adapter(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
