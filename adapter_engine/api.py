@@ -29,6 +29,7 @@ from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
+from .kernels._backend import normal_tensors
 from .lora import LoraLinear, adapter_dtype, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
@@ -172,6 +173,10 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
 
 
 # ----------------------------------------------------------------------------------------------- public API
+# (the adapters of a load or add inside a caller's torch.inference_mode are normal tensors, as the memory manager's
+# loads: an inference tensor cannot train later, and has no version counter for the serving caches, whose first
+# forward failed with a RuntimeError)
+@normal_tensors()
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -265,6 +270,7 @@ def _kind(cfg: AnyConfig) -> str:
     return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
 
 
+@normal_tensors()  # (see load_adapter)
 def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dtype: bool = True) -> None:
     """Add a freshly initialised adapter (LoRA: B = 0, so outputs start unchanged; bottleneck: AdapterHub's init).
 

@@ -600,6 +600,24 @@ def test_resize_token_embeddings_is_refused_while_the_embeddings_carry_adapter_l
     assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == 80
 
 
+def test_adapters_added_or_loaded_inside_inference_mode_serve_and_train(tmp_path):
+    """An adapter added or loaded inside ``torch.inference_mode`` (a serving loop) is made of normal tensors: its
+    inference tensors failed the first forward (the bottleneck pack cache reads versions) and could not train."""
+    source = make("bert")
+    ae.add_adapter(source, "l", ae.LoraConfig(r=4, init_lora_weights=False))
+    ae.save_adapter(source, "l", tmp_path / "l")
+    model, batch = make("bert"), inputs("bert")
+    with torch.inference_mode():
+        ae.load_adapter(model, tmp_path / "l", "l")
+        ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+        ae.set_active_adapters(model, ["l", "s"])
+        out(model, batch)
+    assert not any(p.is_inference() for p in model.parameters())
+    ae.train_adapter(model, "s")
+    weighted_sum(out(model, batch)).backward()
+    assert all(p.grad is not None for p in ae.api.adapter_parameters(model, "s"))
+
+
 def test_trainer_trains_only_the_adapter(tmp_path):
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
