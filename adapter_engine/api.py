@@ -29,6 +29,7 @@ from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
 from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapter
+from .kernels._backend import normal_tensors
 from .lora import LoraLinear, adapter_dtype, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
 from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
@@ -172,6 +173,10 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
 
 
 # ----------------------------------------------------------------------------------------------- public API
+# (the adapters of a load or add inside a caller's torch.inference_mode are normal tensors, as the memory manager's
+# loads: an inference tensor cannot train later, and has no version counter for the serving caches, whose first
+# forward failed with a RuntimeError)
+@normal_tensors()
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -265,6 +270,7 @@ def _kind(cfg: AnyConfig) -> str:
     return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
 
 
+@normal_tensors()  # (see load_adapter)
 def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dtype: bool = True) -> None:
     """Add a freshly initialised adapter (LoRA: B = 0, so outputs start unchanged; bottleneck: AdapterHub's init).
 
@@ -459,6 +465,24 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
         given = kwargs.get("state_dict")
         kwargs["state_dict"] = _without_adapter_aliases(model.state_dict() if given is None else given)
     return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``resize_token_embeddings`` on a patched model, refused before anything changes while an adapter
+    layer wraps the input or output embeddings (a LoRA / IA3 target ``lm_head``, a ``modules_to_save`` copy of it):
+    transformers resized the input embeddings, then failed on the wrapped head with a TypeError, which left the two
+    vocabularies apart."""
+    layers = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+    wrapped = {side: layer for side, layer in layers.items() if isinstance(layer, (LoraLinear, ModulesToSaveLayer))}
+    if wrapped:
+        names = {m: n for n, m in model.named_modules()}
+        which = ", ".join(f"the {side} embeddings {names.get(layer)!r}" for side, layer in wrapped.items())
+        raise ValueError(
+            f"resize_token_embeddings: {which} carry adapter layers, which transformers cannot resize: resize before "
+            "adding adapters there, or once the model is unpatched (adapter_engine.unpatch, or merge_adapter of all "
+            "its adapters)"
+        )
+    return type(model).resize_token_embeddings(model, *args, **kwargs)
 
 
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:

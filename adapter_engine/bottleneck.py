@@ -18,6 +18,7 @@ Depth 0 (no active level) calls the original module's forward: bit-identical to 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -178,20 +179,25 @@ class BottleneckStackLayer(StandIn):
 
     def _packed(self, names: list[str], hint: list[list[int]] | None = None) -> PackedStack:
         """The pack of ``names`` (``hint``: the indices rows use per level; the routed layers read it), made again
-        after an update in place of one of their weights (its version). The weights are read from the adapter
-        modules again only after a change of this layer (``_generation``: an adapter added or deleted, another
-        stack, a conversion in place) or a registration anywhere (``registration_epoch``: a weight replaced)."""
+        after an update in place of one of their weights (its version), a change of this layer (``_generation``: an
+        adapter added or deleted, another stack, a conversion in place), a registration anywhere
+        (``registration_epoch``: a weight replaced) or a weight swapped through its module's ``_parameters``, which
+        no registration hook sees (``torch.func.functional_call``)."""
         names = tuple(names)
-        compiling = torch.compiler.is_compiling()  # (traced: no memo, whose C-level version reads dynamo cannot trace)
-        stamp = None if compiling else (self._generation, registration_epoch())
+        if torch.compiler.is_compiling():
+            # traced: the graph packs the weights itself, so it follows their updates in place. No cache: its key
+            # reads the weights' versions, which dynamo cannot specialise (inference under no_grad, where the pack
+            # is cacheable, failed to compile with fullgraph=True, a graph break per layer without)
+            return pack_modules([self.adapters[n] for n in names])
+        stamp = (self._generation, registration_epoch())
         memo = self._pack_memo
-        if memo is not None and memo[0] == stamp and memo[1] == names:
-            params, versions, packed = memo[2:]
+        params = tuple(p for n in names for p in self.adapters[n].packed_tensors())
+        if memo is not None and memo[0] == stamp and memo[1] == names and same_tensors(params, memo[2]):
+            versions, packed = memo[3:]
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and (
                 tuple(map(tensor_version, params)) == versions
             ):
                 return kept(packed)  # (a CUDA graph captured now reads it)
-        params = tuple(p for n in names for p in self.adapters[n].packed_tensors())
         versions = tuple(p._version for p in params)
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = ("packed", names, tuple(map(id, params)), versions)
@@ -205,8 +211,7 @@ class BottleneckStackLayer(StandIn):
             if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed
             self._cache = _keep_recent_packs(self._cache, key, params, packed)
-        if not compiling:
-            self._pack_memo = (stamp, names, params, versions, packed)
+        self._pack_memo = (stamp, names, params, versions, packed)
         return kept(packed)
 
     def _prepare(self, h: torch.Tensor, eps: float):
@@ -272,6 +277,11 @@ class BottleneckStackLayer(StandIn):
         launches[geometry] = (packed, ln_w, ln_b, launch, None, None)
         self._launches = launches
         return out
+
+
+def same_tensors(tensors: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are ``others``, object for object (one C-level pass)."""
+    return all(map(operator.is_, tensors, others))
 
 
 def _pack_bytes(packed: PackedStack) -> int:

@@ -494,7 +494,7 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved weights bit for bit. The
     adapter itself is not re-attached: load it again to run it unmerged.
     """
-    records = _records(model)
+    records = model.__dict__.get(_MERGES_ATTR)  # (not _records: a refused call adds nothing to the model)
     if not records:
         raise ValueError(f"{type(model).__name__} has no merged adapter to unmerge")
     index = len(records) - 1 if name is None else next((i for i, r in enumerate(records) if name in r.names), None)
@@ -523,6 +523,8 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
                                [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
                                fan_in_fan_out=[x.fan_in_fan_out for x in lora_layers])  # fmt: skip
     del records[index]
+    if not records:  # the last merge undone: nothing of the merges is left on the model
+        del model.__dict__[_MERGES_ATTR]
     log.info("unmerged %s (%s)", list(record.names), "bit-exact" if exact else "within one ulp")
     return model
 

@@ -357,6 +357,7 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "active_adapters": api.active_adapter_list,
         "get_adapter_state_dict": api.get_adapter_state_dict,
         "save_pretrained": api.save_pretrained,  # (adapter tensors registered twice are saved once)
+        "resize_token_embeddings": api.resize_token_embeddings,  # (refused while the embeddings are wrapped)
     }
     for name, func in methods.items():
         # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters
+from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, same_tensors
 from .bottleneck_adapter import pack_modules
 from .changes import adapters_changed, change_stamp, tensor_version
 from .kernels._backend import capturing, int_table, kept, normal_tensors
@@ -75,9 +75,11 @@ class RoutedStackMixin:
         A pack is made again after an adapter change or conversion (``adapter_generation``), a registration
         anywhere (``registration_epoch``: a weight or module replaced), or an update in place of an adapter this
         call reads (its weights' versions): ``hint`` (per level, the indices into ``names`` that rows use) names
-        them. The kernels compute only the units of the adapters a row uses, so a stale copy of another adapter is
-        never read, and is made again when a later call uses it. Reading the versions of every resident adapter's
-        weights (64 tensors for 16 adapters, cold in the CPU caches) was most of a routed layer call's host time."""
+        them, and so does a used adapter's weight swapped through its module's ``_parameters``, which no registration
+        hook sees (``torch.func.functional_call``: it ran the pack of the model's own weights, silently). The kernels
+        compute only the units of the adapters a row uses, so a stale copy of another adapter is never read, and is
+        made again when a later call uses it. Reading the versions of every resident adapter's weights (64 tensors
+        for 16 adapters, cold in the CPU caches) was most of a routed layer call's host time."""
         modules = self._modules_of(names)
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(p.requires_grad for a in modules for p in a.packed_tensors())
@@ -94,7 +96,7 @@ class RoutedStackMixin:
                 fresh = tuple(map(tensor_version, every)) == every_version
             else:
                 fresh = all(tuple(map(tensor_version, weights[i])) == versions[i] for i in used)
-            if fresh:
+            if fresh and all(same_tensors(modules[i].packed_tensors(), weights[i]) for i in used):
                 return kept(packed)  # (a CUDA graph captured now reads it)
         weights = tuple(a.packed_tensors() for a in modules)
         versions = tuple(tuple(map(tensor_version, w)) for w in weights)
@@ -264,17 +266,29 @@ class RoutedResidualOutsideWithAdapters(RoutedStackMixin, ResidualOutsideWithAda
         super().__init__(original, residual_from=residual_from, layer_norm=layer_norm)
         self._routing_init()
 
+    def _capture(self, module, args):
+        if routed_under_compile():  # the wrapper's forward runs eagerly (see forward): so does its residual's capture
+            return run_eagerly(super()._capture, module, args)
+        return super()._capture(module, args)
+
     @property
     def _captured(self) -> torch.Tensor | None:
-        return self.__dict__["_captured_by_thread"].get(threading.get_ident())
+        return self.__dict__["_captured_by_thread"].get(_thread_key())
 
     @_captured.setter
     def _captured(self, value: torch.Tensor | None) -> None:
         by_thread = self.__dict__["_captured_by_thread"]
         if value is None:
-            by_thread.pop(threading.get_ident(), None)
+            by_thread.pop(_thread_key(), None)
         else:
-            by_thread[threading.get_ident()] = value
+            by_thread[_thread_key()] = value
+
+
+def _thread_key() -> int | None:
+    """The key of the calling thread's captured residual; None in a graph ``torch.compile`` traces (which captures
+    and reads it in one graph; dynamo cannot trace ``threading.get_ident``: two graph breaks per layer, and
+    ``fullgraph=True`` failed)."""
+    return None if torch.compiler.is_compiling() else threading.get_ident()
 
 
 def is_routed_layer(module: nn.Module) -> bool:

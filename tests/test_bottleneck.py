@@ -16,6 +16,7 @@ Tolerances (CPU tier, vs the library's fp32 reference or the oracle in fp32):
 """
 
 import contextlib
+import copy
 import math
 import types
 
@@ -1516,6 +1517,26 @@ def test_bert_model_matches_adapterhub_style_eager(config):
     assert set(model.state_dict()) == keys_before
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)
+
+
+def test_a_wrapper_runs_adapter_weights_given_to_functional_call():
+    """``torch.func.functional_call`` swaps the adapters' tensors through their modules' ``_parameters`` (no
+    registration hook sees it): a plain wrapper's pack memo ran the pack of its own weights instead."""
+    from torch.func import functional_call
+
+    wrapper = wrap_sublayer(_tiny_bert().encoder.layer[0], "output")
+    for n, a in _bert_adapters(48, ["a"], SEQ).items():
+        wrapper.add_adapter(n, a)
+    wrapper.set_active_stack(["a"])
+    given = {f"adapters.{n}": p.detach() + 0.2 * torch.randn_like(p) for n, p in wrapper.adapters.named_parameters()}
+    h, y = torch.randn(2, 7, 64), torch.randn(2, 7, 48)
+    other = copy.deepcopy(wrapper)
+    other.load_state_dict(given, strict=False)
+    with torch.no_grad():
+        own = wrapper(h, y)
+        for _ in range(2):
+            torch.testing.assert_close(functional_call(wrapper, given, (h, y)), other(h, y), atol=1e-5, rtol=0)
+            torch.testing.assert_close(wrapper(h, y), own, atol=0, rtol=0)
 
 
 def test_stack_controls_depth_levels_and_row_stacks():

@@ -80,6 +80,10 @@ def test_merged_outputs_equal_the_active_adapters_and_unmerge_restores():
 def test_exact_merge_restores_bit_for_bit_and_in_order():
     model = with_loras(3)
     base = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    plain = tiny_bert()
+    with pytest.raises(ValueError, match="no merged adapter"):
+        ae.unmerge_adapter(plain)
+    assert vars(plain).keys() == vars(tiny_bert()).keys()  # a refused unmerge leaves nothing on the model
     ae.merge_adapter(model, "l0", exact=True)
     ae.merge_adapter(model, ["l1", "l2"], exact=True)
     with pytest.raises(ValueError, match="unmerge .* first"):
@@ -88,6 +92,7 @@ def test_exact_merge_restores_bit_for_bit_and_in_order():
     ae.unmerge_adapter(model, "l0")
     for k, v in model.state_dict().items():
         assert torch.equal(v, base[k]), k
+    assert vars(model).keys() == vars(tiny_bert()).keys()  # every merge undone: no merge records left behind
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])

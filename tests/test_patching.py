@@ -9,6 +9,7 @@ products of O(1) values). bf16: 0.1 absolute vs the fp32 model (bf16 keeps 8 bit
 accumulated over ~10 roundings per layer on O(1) values).
 """
 
+import contextlib
 import copy
 import io
 import os
@@ -498,10 +499,12 @@ def test_torch_compile_lora():
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
 
 
-def test_torch_compile_follows_use_adapters_routes():
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_torch_compile_follows_use_adapters_routes(arch):
     """A compiled model called inside ``use_adapters`` runs the route (its routed layers outside the graph), not the
-    model's active adapters, which it used to run silently; outside a block it keeps its graph."""
-    model, batch = make("bert").eval(), inputs("bert")
+    model's active adapters, which it used to run silently; outside a block it keeps its graph. (Llama: a wrapper
+    running eagerly reads the residual its block captured eagerly too.)"""
+    model, batch = make(arch).eval(), inputs(arch)
     ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
     randomise(model, ".adapters.s.")
@@ -538,6 +541,81 @@ def test_torch_compile_bottleneck(monkeypatch, path):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(out(compiled, batch), y, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_torch_compile_bottleneck_inference_is_one_graph(arch):
+    """Serving without autograd compiles to one graph that follows updates in place: the pack cache's key (the
+    weights' versions) failed ``fullgraph=True`` under ``no_grad``, and a residual-outside layer's (Llama's)
+    per-thread capture broke the graph twice per layer."""
+    model, batch = make(arch), inputs(arch)
+    ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(model, ".adapters.s.")
+    ae.set_active_adapters(model, "s")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
+        randomise(model, ".adapters.s.adapter_up.")
+        torch.testing.assert_close(out(compiled, batch), out(model, batch), atol=ATOL, rtol=0)
+
+
+def test_functional_call_runs_the_given_adapter_weights():
+    """``torch.func.functional_call`` swaps tensors through the modules' ``_parameters``, which no registration hook
+    sees: the bottleneck layers' cached pack of the model's own weights used to run instead of the given ones."""
+    from torch.func import functional_call
+
+    def build():
+        model = make("bert")
+        ae.add_adapter(model, "l", ae.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+        ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+        ae.set_active_adapters(model, ["l", "s"])
+        return model
+
+    model, other, batch = build(), build(), inputs("bert")
+    given = {n: p.detach() + 0.2 * torch.randn_like(p) for n, p in model.named_parameters() if ".adapters." in n}
+    other.load_state_dict(given, strict=False)
+    with torch.no_grad():
+        mine = out(model, batch)
+        for route in (None, "s"):
+            with ae.use_adapters(route) if route else contextlib.nullcontext():
+                out(model, batch)  # (the model's own weights packed first)
+                got = functional_call(model, given, (), batch).last_hidden_state
+                torch.testing.assert_close(got, out(other, batch), atol=ATOL, rtol=0, msg=str(route))
+        torch.testing.assert_close(out(model, batch), mine, atol=0, rtol=0)  # and its own weights again after
+
+
+def test_resize_token_embeddings_is_refused_while_the_embeddings_carry_adapter_layers():
+    """transformers resized the input embeddings, then failed on a wrapped ``lm_head`` (a TypeError), which left the
+    vocabularies of the two apart; a patched model refuses before anything changes, and resizes when they are not
+    wrapped."""
+    model = make("llama")
+    ae.add_adapter(model, "l", ae.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="output embeddings 'lm_head' carry adapter layers"):
+        model.resize_token_embeddings(80)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 64
+    ae.unpatch(model)
+    model = ae.patch(make("llama"))
+    model.resize_token_embeddings(80)
+    assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == 80
+
+
+def test_adapters_added_or_loaded_inside_inference_mode_serve_and_train(tmp_path):
+    """An adapter added or loaded inside ``torch.inference_mode`` (a serving loop) is made of normal tensors: its
+    inference tensors failed the first forward (the bottleneck pack cache reads versions) and could not train."""
+    source = make("bert")
+    ae.add_adapter(source, "l", ae.LoraConfig(r=4, init_lora_weights=False))
+    ae.save_adapter(source, "l", tmp_path / "l")
+    model, batch = make("bert"), inputs("bert")
+    with torch.inference_mode():
+        ae.load_adapter(model, tmp_path / "l", "l")
+        ae.add_adapter(model, "s", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+        ae.set_active_adapters(model, ["l", "s"])
+        out(model, batch)
+    assert not any(p.is_inference() for p in model.parameters())
+    ae.train_adapter(model, "s")
+    weighted_sum(out(model, batch)).backward()
+    assert all(p.grad is not None for p in ae.api.adapter_parameters(model, "s"))
 
 
 def test_trainer_trains_only_the_adapter(tmp_path):
