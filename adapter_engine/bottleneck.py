@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bottleneck_adapter import BottleneckAdapter, pack_modules
+from .bottleneck_adapter import BottleneckAdapter, pack_modules, repack, split_pack
 from .changes import registration_epoch, tensor_version
 from .kernels import bottleneck_dispatch
 from .kernels._backend import capturing, int_table, kept, normal_tensors
@@ -60,6 +60,7 @@ class BottleneckStackLayer(StandIn):
         self._generation = 0
         self._prepared: tuple | None = None
         self._pack_memo: tuple | None = None  # see _packed
+        self._train_memo: tuple | None = None  # see _training_pack
         self._launches: dict[tuple, tuple] = {}  # see _serve
 
     def _original_forward(self, *args, **kwargs):
@@ -76,13 +77,13 @@ class BottleneckStackLayer(StandIn):
 
     def __getstate__(self):  # deepcopy / pickle: no memo of packs or launches (a copy makes its own)
         state = super().__getstate__()
-        state["_pack_memo"], state["_launches"] = None, {}
+        state["_pack_memo"], state["_train_memo"], state["_launches"] = None, None, {}
         return state
 
     def _forget(self) -> None:
         """Drop the cached packs and routes, and the prepared plan and launch."""
         self._cache.clear()
-        self._pack_memo, self._launches = None, {}
+        self._pack_memo, self._train_memo, self._launches = None, None, {}
         self._generation += 1
 
     # ---------------------------------------------------------------------------------------- control
@@ -191,28 +192,50 @@ class BottleneckStackLayer(StandIn):
             return pack_modules([self.adapters[n] for n in names])
         stamp = (self._generation, registration_epoch())
         memo = self._pack_memo
-        params = tuple(p for n in names for p in self.adapters[n].packed_tensors())
-        if memo is not None and memo[0] == stamp and memo[1] == names and same_tensors(params, memo[2]):
-            versions, packed = memo[3:]
-            if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and (
-                tuple(map(tensor_version, params)) == versions
-            ):
-                return kept(packed)  # (a CUDA graph captured now reads it)
+        weights = [self.adapters[n].packed_tensors() for n in names]
+        params = tuple(p for w in weights for p in w)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._training_pack(names, weights, params, stamp)
+        if (
+            memo is not None
+            and memo[0] == stamp
+            and memo[1] == names
+            and same_tensors(params, memo[2])
+            and tuple(map(tensor_version, params)) == memo[3]
+        ):
+            return kept(memo[4])  # (a CUDA graph captured now reads it)
         versions = tuple(p._version for p in params)
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         key = ("packed", names, tuple(map(id, params)), versions)
-        hit = self._cache.get(key) if cacheable else None
+        hit = self._cache.get(key)
         if hit is not None:
             packed = hit[1]
             self._cache = _keep_recent_packs(self._cache, key, *hit)  # (now the most recent)
         else:
             with normal_tensors():  # (a cached pack may be saved for the backward of a later call)
                 packed = pack_modules([self.adapters[n] for n in names])
-            if not cacheable or capturing(params[0]):  # (one made inside a graph is filled only when it replays)
+            if capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed
             self._cache = _keep_recent_packs(self._cache, key, params, packed)
         self._pack_memo = (stamp, names, params, versions, packed)
         return kept(packed)
+
+    def _training_pack(self, names: tuple[str, ...], weights: list[tuple], params: tuple, stamp) -> PackedStack:
+        """The differentiable pack of a training call: the frozen adapters' parts are copied once and kept
+        (``bottleneck_adapter.split_pack``), and each call concatenates them with the current weights of the adapters
+        that train. Copied again after a change of this layer or a registration anywhere (``stamp``), another set of
+        weights requiring grad, or an update in place, a new dtype or device of a frozen weight (versions and data
+        pointers: ``.to()`` on an adapter module alone swaps its tensors' data)."""
+        grads = tuple(map(_requires_grad, params))
+        memo = self._train_memo
+        if memo is None or memo[:3] != (stamp, names, grads) or _frozen_state(memo[3]) != memo[4]:
+            with torch.no_grad():
+                split = split_pack([self.adapters[n] for n in names])
+            frozen = tuple(p for p, g in zip(params, grads, strict=True) if not g)
+            memo = (stamp, names, grads, frozen, _frozen_state(frozen), split)
+            if not capturing(params[0]):
+                self._train_memo = memo
+        split = memo[5]
+        return repack(split, weights) if split is not None else pack_modules([self.adapters[n] for n in names])
 
     def _prepare(self, h: torch.Tensor, eps: float):
         """(adapter names, routes, options, per-level hint) for this batch, or None at depth 0 (run the original
@@ -315,6 +338,15 @@ def _trains(modules: Sequence[nn.Module], h, y, layer_norm: nn.Module | None) ->
     if layer_norm is not None:
         params += [layer_norm.weight, layer_norm.bias]
     return any(t is not None and t.requires_grad for t in (h, y, *params))
+
+
+_requires_grad = operator.attrgetter("requires_grad")
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _frozen_state(tensors: tuple) -> tuple:
+    """What a kept copy of ``tensors`` depends on: their in-place versions and data pointers."""
+    return tuple(map(tensor_version, tensors)), tuple(map(_data_ptr, tensors))
 
 
 def _replace(options: StackOptions, **changes) -> StackOptions:

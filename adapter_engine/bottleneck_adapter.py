@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -169,3 +170,47 @@ def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:
         if first.ln_after
         else None,
     )
+
+
+class TrainingPack(NamedTuple):
+    """A pack of adapters of which some train, split so that a training step packs only those again: ``template``
+    (the whole pack, copied once, without autograd: its host facts and unit tables), and per run of adapters in
+    pack order either the frozen ones' parts (down weight, down bias, up weight transposed (r, H), up bias (k, H):
+    views of the template) or the index of an adapter that trains (its parts read at every call)."""
+
+    template: PackedStack
+    runs: tuple
+
+
+def split_pack(adapters: Sequence[BottleneckAdapter]) -> TrainingPack | None:
+    """The :class:`TrainingPack` of ``adapters`` (pack order), or None where it saves nothing: no adapter frozen, none
+    training, or adapters with their own LayerNorms (packed whole: :func:`pack_modules`). Called without autograd."""
+    trains = [any(t.requires_grad for t in a.packed_tensors()) for a in adapters]
+    if all(trains) or not any(trains) or adapters[0].options.ln_before or adapters[0].options.ln_after:
+        return None
+    template = pack_modules(adapters)
+    offsets, wu_t, runs, start = template.host.offsets, template.wu.t(), [], 0
+    for i, train in enumerate([*trains, True]):  # (a sentinel closes the last frozen run)
+        if train:
+            if start < i:
+                lo, hi = offsets[start], offsets[i]
+                runs.append((template.wd[lo:hi], template.bd[lo:hi], wu_t[lo:hi], template.bu[start:i]))
+            if i < len(adapters):
+                runs.append(i)
+            start = i + 1
+    return TrainingPack(template, tuple(runs))
+
+
+def repack(split: TrainingPack, weights: Sequence[tuple[torch.Tensor, ...]]) -> PackedStack:
+    """``split``'s pack with the training adapters' current weights (``weights``: each adapter's ``packed_tensors()``),
+    differentiable with respect to them: the same tensors as :func:`pack_modules` makes, four concatenations."""
+    wd, bd, wu, bu = [], [], [], []
+    for run in split.runs:
+        if isinstance(run, int):
+            w = weights[run]
+            run = (w[0], w[1], w[2].t(), w[3].unsqueeze(0))
+        wd.append(run[0])
+        bd.append(run[1])
+        wu.append(run[2])
+        bu.append(run[3])
+    return split.template._replace(wd=torch.cat(wd), bd=torch.cat(bd), wu=torch.cat(wu).t(), bu=torch.cat(bu))

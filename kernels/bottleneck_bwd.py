@@ -5,6 +5,8 @@ the docstring of ``kernels/bottleneck.py``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -355,6 +357,17 @@ def _wd_tile(wd_ptr, units, hi, cols, cmask, stride_wdr, stride_wdh):
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+@functools.lru_cache(maxsize=256)
+def _level_switches(options: StackOptions, has_ln: bool, need_x: bool, ln_grad: bool, keep_dy: bool, dot_fp32: bool,
+                    precision: str, tile_path: int) -> dict:  # fmt: skip
+    """The level-backward kernel's compile-time switches (a shared dict: read, never changed)."""
+    flags = _flags(options, has_ln)
+    return dict(
+        PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
+        NEED_X=need_x, LN_GRAD=ln_grad, KEEP_DY=keep_dy, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=tile_path,
+    )  # fmt: skip
+
+
 def _add_grad(slot: torch.Tensor, a: torch.Tensor, b, once: bool) -> None:
     """slot (+)= a @ b for a matrix ``b``, a * b for a float: written once in the slot's dtype (``once``), else
     accumulated into an fp32 slot."""
@@ -414,8 +427,7 @@ def _stack_backward(
     dln_b = torch.zeros_like(dln_w) if ln_grad else None
     _bottleneck_out_bwd_kernel[(cdiv(m, block_m),)](
         dout, rn, y2, g, dy, lnw if lnw is not None else h2, stats[levels], pw, pb,
-        m, hidden,
-        dout.stride(0), dout.stride(1), rn.stride(0), rn.stride(1), y2.stride(0), y2.stride(1),
+        m, hidden, *dout.stride(), *rn.stride(), *y2.stride(),
         OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
         BLOCK_M=block_m, BLOCK_H=block_h, LOOP_STAGES=1 if INTERPRET else 2, num_warps=warps,
     )  # fmt: skip
@@ -448,6 +460,20 @@ def _stack_backward(
     # per-level views made in one op each, and one dz buffer and dummy x shared by the levels that train nothing
     zs_l, stats_l, rs_l, routes_l = zs.unbind(0), stats.unbind(0), rs.unbind(0), routes.unbind(1)
     dz_any, x_none = None, None
+    # what every level's launch shares: the tensors, sizes and strides that do not change between levels (the views
+    # of rs and routes have one layout), the model LN's gradient switch and the path candidates (the level's adapter
+    # is known on the host for all levels or none)
+    lnw_arg, lnb_arg = (lnw, lnb) if lnw is not None else (h2, h2)
+    sizes = (m, hidden, rt, scale.shape[0])
+    rp_strides = {0: h2.stride(), 1: rs.stride()[1:]}
+    fixed_strides = (*y2.stride(), *wd.stride(), *wu.stride(), routes.stride(0))
+    level_ln_grad = ln_grad and flags["IN_LN"]
+    candidates = bottleneck_dispatch._with_levels(
+        _level_candidates(tiles) if m >= bottleneck_dispatch.TUNE_MIN_ROWS else (tiles,), m, hidden, max_rank,
+        wd.dtype, uniform is not None,
+    )  # fmt: skip
+    key_head = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype)
+    key_tail = (candidates[0] == bottleneck_dispatch.LEVELS, len(candidates))
     for lvl in reversed(range(lowest, levels)):
         level_adapter = uniform[lvl] if uniform is not None else None
         if level_adapter is not None and level_adapter < 0:
@@ -479,31 +505,25 @@ def _stack_backward(
             x = x_none = torch.empty((1, 1), device=dev, dtype=half) if x_none is None else x_none
         rp = h2 if lvl == 0 else rs_l[lvl - 1]
 
-        level_ln_grad = ln_grad and flags["IN_LN"]
         if level_ln_grad:
             pw.zero_()
             pb.zero_()
+        z, st = zs_l[lvl], stats_l[lvl]
         args = (
-            g, dy, rp, y2, zs_l[lvl], dz, x, wd, wu,
+            g, dy, rp, y2, z, dz, x, wd, wu,
             unit_owner, unit_act, scale, offsets, route,
-            lnw if lnw is not None else h2, lnb if lnb is not None else h2, stats_l[lvl], pw, pb,
-            m, hidden, rt, scale.shape[0],
-            rp.stride(0), rp.stride(1), y2.stride(0), y2.stride(1),
-            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), route.stride(0),
+            lnw_arg, lnb_arg, st, pw, pb,
+            *sizes, *rp_strides[min(lvl, 1)], *fixed_strides,
         )  # fmt: skip
-        switches = dict(
-            PARALLEL=flags["PARALLEL"], IN_ADD_Y=flags["IN_ADD_Y"], IN_LN=flags["IN_LN"], RES_MODE=flags["RES_MODE"],
-            NEED_X=need_x, LN_GRAD=level_ln_grad, KEEP_DY=not dy_is_g, DOT_FP32=dot_fp32, PRECISION=precision,
-            TILE_PATH=path,
-        )  # fmt: skip
+        switches = _level_switches(options, lnw is not None, need_x, level_ln_grad, not dy_is_g, dot_fp32, precision,
+                                   path)  # fmt: skip
 
-        cublas = (g, dy, rp, y2, zs_l[lvl], dz, x if need_x else None, wd, wu, lnw, lnb, stats_l[lvl],
-                  pw if level_ln_grad else None, pb if level_ln_grad else None, level_adapter,
-                  (host_offsets, host_codes, host_scales), flags, half, not dy_is_g)  # fmt: skip
-
-        def launch(t, args=args, switches=switches, cublas=cublas):
+        def launch(t, args=args, switches=switches, level=(rp, z, dz, x if need_x else None, st, level_adapter)):
             if t == bottleneck_dispatch.LEVELS:
-                level_bwd_levels(*cublas)
+                rp, z, dz, x, st, level_adapter = level
+                level_bwd_levels(g, dy, rp, y2, z, dz, x, wd, wu, lnw, lnb, st, pw if level_ln_grad else None,
+                                 pb if level_ln_grad else None, level_adapter, (host_offsets, host_codes, host_scales),
+                                 flags, half, not dy_is_g)  # fmt: skip
             else:
                 _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 
@@ -518,13 +538,8 @@ def _stack_backward(
 
             return restore
 
-        candidates = bottleneck_dispatch._with_levels(
-            _level_candidates(tiles) if m >= bottleneck_dispatch.TUNE_MIN_ROWS else (tiles,), m, hidden, max_rank,
-            wd.dtype, level_adapter is not None,
-        )  # fmt: skip
-        key = ("level backward", min(next_pow2(m), 1 << 16), hidden, tiles.BLOCK_R, h.dtype, wd.dtype,
-               tuple(switches.values()), candidates[0] == bottleneck_dispatch.LEVELS, len(candidates))  # fmt: skip
-        launch(bottleneck_dispatch._tuned_tiles(key, candidates, launch, snapshot, g.device))
+        key = (*key_head, tuple(switches.values()), *key_tail)
+        launch(bottleneck_dispatch._tuned_tiles(key, candidates, launch, snapshot, dev))
         if level_ln_grad:
             dln_w += pw.sum(0)
             dln_b += pb.sum(0)
