@@ -288,12 +288,20 @@ def _model_class(path: str):
 
 
 def _check_paths(args) -> None:
-    """Before any work: --model is a folder; --out is a new or empty folder, or --overwrite is given (never a file)."""
+    """Before any work: --model is a folder; --out is a new or empty folder, or --overwrite is given (never a file),
+    in a folder this process can write (--out and its missing parents are made next to it, at the end)."""
     if not os.path.isdir(args.model):
         what = "is a file, not a model folder" if os.path.exists(args.model) else "does not exist"
         raise FileNotFoundError(f"--model {args.model!r} {what}")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {args.out!r} cannot be made: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {args.out!r} cannot be made: no permission to write in {parent!r}")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         same = os.path.samefile(args.out, args.model)
         raise FileExistsError(

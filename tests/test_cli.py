@@ -172,6 +172,24 @@ def test_merge_errors_are_one_line_and_write_nothing(assets, tmp_path, capsys, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "llama_lora", "out"]  # no partial folders left
 
 
+@pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune"])
+def test_an_out_that_cannot_be_made_is_named_before_any_work(assets, tmp_path, capsys, monkeypatch, command):
+    """--out below a file, or in a folder this process cannot write, failed only when the finished model was written
+    (after the merge, or after training), with an OSError naming neither --out nor the reason."""
+    import adapter_engine.finetune
+
+    monkeypatch.setattr(adapter_engine.finetune, "full_finetune", lambda *a, **k: pytest.fail("trained"))
+    inputs = ["--data", assets / "data"] if command == "finetune" else ["--adapter", assets / "lora"]
+    args = lambda out: [command, "--model", assets / "bert", *inputs, "--out", out]  # noqa: E731
+    (tmp_path / "file").write_text("mine")
+    _fails(args(tmp_path / "file" / "new" / "out"), capsys, "--out", "cannot be made", "file' is a file, not a folder")
+    (tmp_path / "locked").mkdir()
+    access, locked = os.access, str(tmp_path / "locked")  # (as root, os.access allows every write)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != locked and access(path, mode))
+    _fails(args(tmp_path / "locked" / "new" / "out"), capsys, "--out", "no permission to write in", "locked")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not any((tmp_path / "locked").iterdir())
+
+
 @pytest.mark.parametrize("command", ["merge", "merge-checkpoint"])
 def test_merge_output_has_no_base_weights_of_other_formats_and_umask_modes(assets, tmp_path, capsys, command):
     import shutil
