@@ -116,6 +116,33 @@ def _message(exc: BaseException) -> str:
     return " ".join(str(text).split()) or type(exc).__name__
 
 
+def _loading(flag: str, path: str, load):
+    """``load()``, a ``from_pretrained`` of the folder given as ``flag``: what its damaged or unsafe files raise (a
+    ``.bin`` that ``torch.load(weights_only=True)`` refuses, a truncated archive or safetensors file, a config.json
+    value of the wrong type) is a ValueError naming the folder; those errors name neither it nor, often, the file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
+    except ImportError:  # pragma: no cover (older huggingface_hub)
+        StrictDataclassError = ValueError
+
+    try:
+        return load()
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{flag} {path!r}: a .bin weight file is corrupted or holds objects besides tensors, which torch.load "
+            "with weights_only=True refuses to unpickle (they could run code); save the weights as safetensors from a "
+            "copy you trust"
+        ) from exc
+    except (StrictDataclassError, SafetensorError, RuntimeError, OSError) as exc:
+        raise ValueError(f"{flag} {path!r} cannot be loaded: {_message(exc)}") from exc
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from .planner import DEVICES, HEADS
 
@@ -262,7 +289,7 @@ def _plan(args) -> int:
 
         model = minilm_path()
     try:
-        config = load_config(model)
+        config = _loading("--model", args.model, lambda: load_config(model))
     except UnicodeDecodeError:
         raise ValueError(f"--model {args.model!r} is not a config.json (not a text file)") from None
     except json.JSONDecodeError as exc:
@@ -326,7 +353,7 @@ def _merge(args) -> int:
     _check_paths(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # load_model: a checkpoint saved by save_model keeps its adapters (absorbed bottlenecks), a plain one loads plain
-    model = load_model(args.model, _model_class(args.model)).to(device)
+    model = _loading("--model", args.model, lambda: load_model(args.model, _model_class(args.model))).to(device)
     params = model.num_parameters()
     names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
     merge_adapter(model, names, weights, combination=args.combination, density=args.density)
@@ -398,7 +425,7 @@ def _finetune(args) -> int:
             f"({len(train.texts)} training, {len(val.texts)} validation documents); give at least 10"
         )
     classes = train.classes
-    config = AutoConfig.from_pretrained(args.model)
+    config = _loading("--model", args.model, lambda: AutoConfig.from_pretrained(args.model))
     heads = [a for a in getattr(config, "architectures", None) or [] if a.endswith("Classification")]
     if heads and config.num_labels != len(classes):
         raise ValueError(
@@ -406,8 +433,9 @@ def _finetune(args) -> int:
             f"{len(classes)} classes ({', '.join(classes)}); start from a checkpoint without a classification head "
             f"(e.g. the base model) or with {len(classes)} labels"
         )
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(classes))
+    tokenizer = _loading("--model", args.model, lambda: AutoTokenizer.from_pretrained(args.model))
+    model = _loading("--model", args.model, lambda: AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=len(classes)))  # fmt: skip
     ensure_pad_token(tokenizer, model)  # GPT-2 / Llama tokenizers have none
     model.config.id2label = dict(enumerate(classes))
     model.config.label2id = {c: i for i, c in enumerate(classes)}

@@ -213,6 +213,57 @@ def test_merge_output_has_no_base_weights_of_other_formats_and_umask_modes(asset
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o750  # the umask's folder mode, not mkdtemp's 0700
 
 
+class _RunsCode:
+    """Unpickling this runs ``touch <marker>``: what a malicious .bin checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+_DAMAGES = ("code in .bin", "truncated .bin", "truncated safetensors", "config value")
+
+
+@pytest.mark.parametrize(
+    "command, damage", [(c, d) for c in ("merge", "finetune") for d in _DAMAGES] + [("plan", "config value")]
+)
+def test_a_damaged_or_unsafe_model_folder_is_named(assets, tmp_path, capsys, monkeypatch, command, damage):
+    """A .bin that torch.load(weights_only=True) refuses was a traceback (UnpicklingError) and the code in it never ran;
+    a truncated .bin said '[Errno 22] Invalid argument', a truncated safetensors file or a config.json field of the
+    wrong type named no path (the last was a traceback too). Each now names --model, before anything is written."""
+    import shutil
+
+    import adapter_engine.finetune
+
+    monkeypatch.setattr(adapter_engine.finetune, "full_finetune", lambda *a, **k: pytest.fail("trained"))
+    model = tmp_path / "model"
+    shutil.copytree(assets / "bert", model)
+    if damage == "config value":
+        config = (model / "config.json").read_text()
+        (model / "config.json").write_text(config.replace('"hidden_size": 32', '"hidden_size": "big"'))
+    elif damage == "truncated safetensors":
+        with open(model / "model.safetensors", "r+b") as fh:
+            fh.truncate(5000)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(model / "model.safetensors")
+        (model / "model.safetensors").unlink()
+        if damage == "code in .bin":
+            state["evil"] = _RunsCode(tmp_path / "ran")
+        torch.save(state, model / "pytorch_model.bin")
+        if damage == "truncated .bin":
+            with open(model / "pytorch_model.bin", "r+b") as fh:
+                fh.truncate(5000)
+    inputs = {"merge": ["--adapter", assets / "lora"], "finetune": ["--data", assets / "data"], "plan": []}[command]
+    out = [] if command == "plan" else ["--out", tmp_path / "o"]
+    expected = "weights_only=True refuses" if damage == "code in .bin" else "cannot be loaded"
+    _fails([command, "--model", model, *inputs, *out], capsys, f"--model '{model}", expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written, and no code ran
+
+
 # ------------------------------------------------------------------------------------------------ finetune
 @pytest.fixture
 def no_training(monkeypatch):
