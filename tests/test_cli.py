@@ -370,6 +370,40 @@ def test_readme_cli_reference_names_every_flag():
                     assert re.search(rf"{re.escape(flag)}\b", rows[name]), f"README's {name} row lacks {flag}"
 
 
+def test_only_the_demo_re_executes_itself_under_the_interpreter(monkeypatch):
+    """As the README's CLI reference says (it said every command did): without a GPU the demo re-executes itself with
+    TRITON_INTERPRET=1; the other commands run in this process (the torch twins)."""
+    import adapter_engine.cli as cli
+    import adapter_engine.data
+    import adapter_engine.demo
+
+    class Execs(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Execs(argv, env.get("TRITON_INTERPRET"))
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (read by kernels when imported, which they are already)
+    monkeypatch.delenv("ADAPTER_ENGINE_NO_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in ("merge", "merge-checkpoint", "finetune", "plan"):  # the work itself is not under test here
+        monkeypatch.setattr(cli, f"_{command.replace('-', '_')}", lambda args: 0)
+    monkeypatch.setattr(adapter_engine.demo, "minilm_path", lambda path=None: "model")
+    monkeypatch.setattr(adapter_engine.data, "bbc_news_dir", lambda path=None: "bbc")
+    for argv in (["merge", "--model", "m", "--adapter", "a", "--out", "o"], ["plan", "--model", "m"],
+                 ["merge-checkpoint", "--model", "m", "--adapter", "a", "--out", "o"],
+                 ["finetune", "--model", "m", "--data", "d", "--out", "o"]):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["adapter-engine", *argv])
+        assert main() == 0
+    monkeypatch.setattr(sys, "argv", ["adapter-engine", "demo", "--out", "demo"])
+    with pytest.raises(Execs) as exc:
+        main()
+    assert exc.value.args[1] == "1" and exc.value.args[0][-3:] == ["demo", "--out", "demo"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "Without a GPU `adapter-engine demo` re-executes itself with `TRITON_INTERPRET=1`" in text
+
+
 def test_python_dash_m_runs_the_command_line():
     """``python -m adapter_engine`` is the ``adapter-engine`` command (it had no ``__main__``)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
