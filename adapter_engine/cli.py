@@ -397,6 +397,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
+def _check_one_row(args, model, dataset) -> None:
+    """Run one training row through ``model`` before training: what it cannot take fails here, named, instead of in
+    the first step with a traceback (a --max-length beyond its learned position embeddings, token ids beyond its
+    vocabulary from a tokenizer of another model)."""
+    import torch
+
+    vocab, top = model.get_input_embeddings().num_embeddings, int(dataset.input_ids.max())
+    if top >= vocab:
+        raise ValueError(f"--model {args.model!r}: its tokenizer gives token id {top}, but its embeddings have {vocab} "
+                         "rows (a tokenizer of another model?)")  # fmt: skip
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(**{key: value.unsqueeze(0) for key, value in dataset[0].items()})
+    except (RuntimeError, IndexError) as exc:
+        positions = getattr(model.config, "max_position_embeddings", None)
+        raise ValueError(
+            f"--model {args.model!r} cannot take a row of --max-length {args.max_length} tokens (its config has "
+            f"max_position_embeddings={positions}; give a smaller --max-length): {_message(exc)}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def _finetune(args) -> int:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -439,9 +463,11 @@ def _finetune(args) -> int:
     ensure_pad_token(tokenizer, model)  # GPT-2 / Llama tokenizers have none
     model.config.id2label = dict(enumerate(classes))
     model.config.label2id = {c: i for i, c in enumerate(classes)}
+    train_set = EncodedDataset(train.texts, train.labels, tokenizer, args.max_length)
+    _check_one_row(args, model, train_set)
     metrics = full_finetune(
         model,
-        EncodedDataset(train.texts, train.labels, tokenizer, args.max_length),
+        train_set,
         EncodedDataset(val.texts, val.labels, tokenizer, args.max_length),
         args={
             "num_train_epochs": args.epochs,

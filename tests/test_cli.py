@@ -313,6 +313,27 @@ def test_finetune_checks_its_inputs_before_training(assets, tmp_path, capsys, no
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full", "one", "small"]
 
 
+def test_finetune_checks_one_row_through_the_model_before_training(assets, tmp_path, capsys, no_training):
+    """The default --max-length 128 on a model with 64 learned positions, or a tokenizer of a larger vocabulary, failed
+    in the first training step with a traceback (RuntimeError / IndexError); both are named before training."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    args = lambda model, *extra: ["finetune", "--model", model, "--data", assets / "data", "--out", tmp_path / "o",
+                                  *extra]  # fmt: skip  # noqa: E731
+    _fails(args(assets / "bert"), capsys, "--max-length 128 tokens", "max_position_embeddings=64")
+    model = tmp_path / "model"
+    shutil.copytree(assets / "bert", model)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(model / name)
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:-3] + [f"w{i}" for i in range(60)] + VOCAB[-3:]) + "\n")
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(model)
+    _fails(args(model, "--max-length", "16"), capsys, "its tokenizer gives token id 93", f"{len(VOCAB)} rows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "vocab.txt"]
+
+
 def test_finetune_overwrite_replaces_out_and_writes_umask_modes(assets, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
