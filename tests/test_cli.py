@@ -94,6 +94,9 @@ def test_plan_model_errors_are_one_line(assets, tmp_path, capsys):
     _fails(["plan", "--model", assets / "bert" / "model.safetensors"], capsys, "model.safetensors", "not a text file")
     (tmp_path / "t5.json").write_text('{"model_type": "t5"}')
     _fails(["plan", "--model", tmp_path / "t5.json"], capsys, "'t5' is not one the planner knows")
+    (tmp_path / "foo.json").write_text('{"model_type": "foo"}')  # unknown to transformers: its error lists 400+ types
+    message = _fails(["plan", "--model", tmp_path / "foo.json"], capsys, "'foo' is not one the planner knows (bert,")
+    assert len(message) < 200, message
 
 
 def test_plan_gpu_memory_without_a_unit_is_gigabytes(assets, capsys):
