@@ -288,6 +288,7 @@ def _plan(args) -> int:
         from .demo import minilm_path
 
         model = minilm_path()
+    _check_not_an_adapter(model)
     try:
         config = _loading("--model", args.model, lambda: load_config(model))
     except UnicodeDecodeError:
@@ -314,12 +315,22 @@ def _model_class(path: str):
     return transformers.AutoModel
 
 
+def _check_not_an_adapter(model: str) -> None:
+    """An adapter folder given as --model (the two flags swapped) is named as one: transformers would say its
+    config.json, which it does not have, lacks a model_type."""
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        if os.path.isfile(os.path.join(model, "adapter_config.json")):
+            raise ValueError(f"--model {model!r} is an adapter folder (adapter_config.json, no config.json): give the "
+                             "base model as --model and the adapter as --adapter")  # fmt: skip
+
+
 def _check_paths(args) -> None:
     """Before any work: --model is a folder; --out is a new or empty folder, or --overwrite is given (never a file),
     in a folder this process can write (--out and its missing parents are made next to it, at the end)."""
     if not os.path.isdir(args.model):
         what = "is a file, not a model folder" if os.path.exists(args.model) else "does not exist"
         raise FileNotFoundError(f"--model {args.model!r} {what}")
+    _check_not_an_adapter(args.model)
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
     parent = os.path.dirname(os.path.abspath(args.out))

@@ -175,6 +175,16 @@ def test_merge_errors_are_one_line_and_write_nothing(assets, tmp_path, capsys, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "llama_lora", "out"]  # no partial folders left
 
 
+@pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune", "plan"])
+def test_an_adapter_folder_given_as_the_model_is_named_as_one(assets, capsys, tmp_path, command):
+    """--model and --adapter swapped: transformers said the adapter folder's config.json, which it lacks, has no
+    model_type (merge-checkpoint: no model.safetensors; finetune: no tokenizer files)."""
+    inputs = {"finetune": ["--data", assets / "data"], "plan": []}.get(command, ["--adapter", assets / "bert"])
+    out = [] if command == "plan" else ["--out", tmp_path / "o"]
+    _fails([command, "--model", assets / "lora", *inputs, *out], capsys, "lora' is an adapter folder", "--adapter")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune"])
 def test_an_out_that_cannot_be_made_is_named_before_any_work(assets, tmp_path, capsys, monkeypatch, command):
     """--out below a file, or in a folder this process cannot write, failed only when the finished model was written
