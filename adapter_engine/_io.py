@@ -71,8 +71,13 @@ def atomic_folder_write(path: str | os.PathLike, write) -> str:
         if os.path.exists(path):
             aside = _new_folder(parent, f".{os.path.basename(path)}.old-")
             os.rename(path, os.path.join(aside, "old"))
-            os.rename(partial, path)
-            shutil.rmtree(aside)
+            try:
+                os.rename(partial, path)
+            except BaseException:  # the previous folder goes back: a failed save leaves it as it was
+                os.rename(os.path.join(aside, "old"), path)
+                os.rmdir(aside)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)  # (the new folder is in place: a leftover is no failure)
         else:
             os.rename(partial, path)
     except BaseException:

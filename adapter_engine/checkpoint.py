@@ -192,19 +192,12 @@ def _plan_updates(
             f"{type(cfg).__name__}, whose nonlinearity cannot be folded (use absorb=True in merge_adapter)"
         )
     updates: dict[str, _Update] = {}
+    _check_all_found(adapter, keys, prefix)
     for module, tensors in adapter.entries.items():
-        candidates = _weight_keys(module, keys)
-        if not candidates and prefix and module.startswith(f"{prefix}."):
-            candidates = _weight_keys(module[len(prefix) + 1 :], keys)
+        candidates = _candidates(module, keys, prefix)
         if len(candidates) != 1:
-            what = "no weight" if not candidates else f"several weights {sorted(candidates)[:3]}"
-            tied = (
-                "; a weight tied to another one (lm_head with tie_word_embeddings) is not stored in a checkpoint: "
-                "merge such an adapter in memory (merge_adapter, adapter-engine merge)"
-                if not candidates
-                else ""
-            )
-            raise ValueError(f"adapter module {module!r} matches {what} in the base checkpoint{tied}")
+            raise ValueError(f"adapter module {module!r} matches several weights {sorted(candidates)[:3]} in the base "
+                             "checkpoint")  # fmt: skip
         fifo = bool(cfg.fan_in_fan_out)
         if conv1d is not None:
             fifo = _is_conv1d(candidates[0][: -len(".weight")], conv1d)
@@ -232,6 +225,31 @@ def _plan_updates(
                 raise ValueError(f"the trained copy of {module!r} (modules_to_save): {key} {why}")
             updates[key] = _Update("replace", {"value": value}, 1.0, False)
     return updates
+
+
+def _check_all_found(adapter, keys: set[str], prefix: str | None) -> None:
+    """Every adapted module has a weight in the checkpoint, else a ValueError listing those that have none."""
+    missing = [module for module in adapter.entries if not _candidates(module, keys, prefix)]
+    if not missing:
+        return
+    tied = [m for m in missing if m.rsplit(".", 1)[-1] == "lm_head"]
+    why = (
+        f"; {tied[0]} is tied to the input embeddings (tie_word_embeddings): the checkpoint stores only the shared "
+        "weight, and a merge into it would change the embeddings too (merge_adapter and adapter-engine merge refuse it "
+        "as well): keep such an adapter unmerged, or untie the weights first"
+        if tied
+        else " (an adapter made for another architecture?)"
+    )
+    more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
+    raise ValueError(f"adapter modules {missing[:4]}{more} match no weight in the base checkpoint{why}")
+
+
+def _candidates(module: str, keys: set[str], prefix: str | None) -> list[str]:
+    """The checkpoint keys of ``module``'s weight, also under the base model when the checkpoint has no task head."""
+    found = _weight_keys(module, keys)
+    if not found and prefix and module.startswith(f"{prefix}."):
+        found = _weight_keys(module[len(prefix) + 1 :], keys)
+    return found
 
 
 def _weight_keys(module: str, keys: set[str]) -> list[str]:

@@ -116,6 +116,33 @@ def _message(exc: BaseException) -> str:
     return " ".join(str(text).split()) or type(exc).__name__
 
 
+def _loading(flag: str, path: str, load):
+    """``load()``, a ``from_pretrained`` of the folder given as ``flag``: what its damaged or unsafe files raise (a
+    ``.bin`` that ``torch.load(weights_only=True)`` refuses, a truncated archive or safetensors file, a config.json
+    value of the wrong type) is a ValueError naming the folder; those errors name neither it nor, often, the file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
+    except ImportError:  # pragma: no cover (older huggingface_hub)
+        StrictDataclassError = ValueError
+
+    try:
+        return load()
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{flag} {path!r}: a .bin weight file is corrupted or holds objects besides tensors, which torch.load "
+            "with weights_only=True refuses to unpickle (they could run code); save the weights as safetensors from a "
+            "copy you trust"
+        ) from exc
+    except (StrictDataclassError, SafetensorError, RuntimeError, OSError) as exc:
+        raise ValueError(f"{flag} {path!r} cannot be loaded: {_message(exc)}") from exc
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from .planner import DEVICES, HEADS
 
@@ -261,8 +288,9 @@ def _plan(args) -> int:
         from .demo import minilm_path
 
         model = minilm_path()
+    _check_not_an_adapter(model)
     try:
-        config = load_config(model)
+        config = _loading("--model", args.model, lambda: load_config(model))
     except UnicodeDecodeError:
         raise ValueError(f"--model {args.model!r} is not a config.json (not a text file)") from None
     except json.JSONDecodeError as exc:
@@ -287,13 +315,31 @@ def _model_class(path: str):
     return transformers.AutoModel
 
 
+def _check_not_an_adapter(model: str) -> None:
+    """An adapter folder given as --model (the two flags swapped) is named as one: transformers would say its
+    config.json, which it does not have, lacks a model_type."""
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        if os.path.isfile(os.path.join(model, "adapter_config.json")):
+            raise ValueError(f"--model {model!r} is an adapter folder (adapter_config.json, no config.json): give the "
+                             "base model as --model and the adapter as --adapter")  # fmt: skip
+
+
 def _check_paths(args) -> None:
-    """Before any work: --model is a folder; --out is a new or empty folder, or --overwrite is given (never a file)."""
+    """Before any work: --model is a folder; --out is a new or empty folder, or --overwrite is given (never a file),
+    in a folder this process can write (--out and its missing parents are made next to it, at the end)."""
     if not os.path.isdir(args.model):
         what = "is a file, not a model folder" if os.path.exists(args.model) else "does not exist"
         raise FileNotFoundError(f"--model {args.model!r} {what}")
+    _check_not_an_adapter(args.model)
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {args.out!r} cannot be made: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {args.out!r} cannot be made: no permission to write in {parent!r}")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         same = os.path.samefile(args.out, args.model)
         raise FileExistsError(
@@ -318,7 +364,7 @@ def _merge(args) -> int:
     _check_paths(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # load_model: a checkpoint saved by save_model keeps its adapters (absorbed bottlenecks), a plain one loads plain
-    model = load_model(args.model, _model_class(args.model)).to(device)
+    model = _loading("--model", args.model, lambda: load_model(args.model, _model_class(args.model))).to(device)
     params = model.num_parameters()
     names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
     merge_adapter(model, names, weights, combination=args.combination, density=args.density)
@@ -362,6 +408,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
+def _check_one_row(args, model, dataset) -> None:
+    """Run one training row through ``model`` before training: what it cannot take fails here, named, instead of in
+    the first step with a traceback (a --max-length beyond its learned position embeddings, token ids beyond its
+    vocabulary from a tokenizer of another model)."""
+    import torch
+
+    vocab, top = model.get_input_embeddings().num_embeddings, int(dataset.input_ids.max())
+    if top >= vocab:
+        raise ValueError(f"--model {args.model!r}: its tokenizer gives token id {top}, but its embeddings have {vocab} "
+                         "rows (a tokenizer of another model?)")  # fmt: skip
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(**{key: value.unsqueeze(0) for key, value in dataset[0].items()})
+    except (RuntimeError, IndexError) as exc:
+        positions = getattr(model.config, "max_position_embeddings", None)
+        raise ValueError(
+            f"--model {args.model!r} cannot take a row of --max-length {args.max_length} tokens (its config has "
+            f"max_position_embeddings={positions}; give a smaller --max-length): {_message(exc)}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def _finetune(args) -> int:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -390,7 +460,7 @@ def _finetune(args) -> int:
             f"({len(train.texts)} training, {len(val.texts)} validation documents); give at least 10"
         )
     classes = train.classes
-    config = AutoConfig.from_pretrained(args.model)
+    config = _loading("--model", args.model, lambda: AutoConfig.from_pretrained(args.model))
     heads = [a for a in getattr(config, "architectures", None) or [] if a.endswith("Classification")]
     if heads and config.num_labels != len(classes):
         raise ValueError(
@@ -398,14 +468,17 @@ def _finetune(args) -> int:
             f"{len(classes)} classes ({', '.join(classes)}); start from a checkpoint without a classification head "
             f"(e.g. the base model) or with {len(classes)} labels"
         )
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(classes))
+    tokenizer = _loading("--model", args.model, lambda: AutoTokenizer.from_pretrained(args.model))
+    model = _loading("--model", args.model, lambda: AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=len(classes)))  # fmt: skip
     ensure_pad_token(tokenizer, model)  # GPT-2 / Llama tokenizers have none
     model.config.id2label = dict(enumerate(classes))
     model.config.label2id = {c: i for i, c in enumerate(classes)}
+    train_set = EncodedDataset(train.texts, train.labels, tokenizer, args.max_length)
+    _check_one_row(args, model, train_set)
     metrics = full_finetune(
         model,
-        EncodedDataset(train.texts, train.labels, tokenizer, args.max_length),
+        train_set,
         EncodedDataset(val.texts, val.labels, tokenizer, args.max_length),
         args={
             "num_train_epochs": args.epochs,

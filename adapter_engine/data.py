@@ -43,11 +43,15 @@ def text_folder_documents(root: str) -> tuple[tuple[str, ...], list[tuple[str, i
     return tuple(classes), documents
 
 
+def _not_a_folder(path: str) -> str:
+    return "is a file, not a folder of <class>/*.txt" if os.path.exists(path) else "does not exist"
+
+
 def check_text_folder(root: str, source: str = "data folder") -> str:
     """``root`` if it holds ``<class>/*.txt`` (one sub-folder per class, at least two classes), else a
     FileNotFoundError naming ``source`` (where the path came from) and the path."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{source}: BBC News folder {root!r} does not exist")
+        raise FileNotFoundError(f"{source}: BBC News folder {root!r} {_not_a_folder(root)}")
     classes, _ = text_folder_documents(root)
     if not classes:
         raise FileNotFoundError(
@@ -100,7 +104,7 @@ def load_text_folder(root: str, split: str = "train", *, limit: int | None = Non
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of documents or None, got {limit!r}")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data folder {root!r} does not exist")
+        raise FileNotFoundError(f"data folder {root!r} {_not_a_folder(root)}")
     classes, documents = text_folder_documents(root)
     if len(classes) < 2:
         raise ValueError(

@@ -32,6 +32,7 @@ from typing import Any
 UPDATE_FREQUENCIES = ("daily", "weekly", "monthly", "rarely")
 PRECISIONS = {"fp32": (4, 4), "bf16-mixed": (4, 2), "fp16-mixed": (4, 2)}  # (weight bytes, activation bytes)
 HEADS = ("none", "sequence-classification", "token-classification", "image-classification", "causal-lm")
+MODEL_TYPES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "vit")  # what model_shape reads
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def load_config(model: str | os.PathLike):
             data = json.load(fh)
         if "model_type" not in data:
             raise ValueError(f"{path!r} has no 'model_type': not a transformers config.json")
+        if data["model_type"] not in MODEL_TYPES:  # (transformers' own error lists every type it knows, 400+)
+            raise ValueError(_unknown_type(data["model_type"]))
         return AutoConfig.for_model(data.pop("model_type"), **data)
     raise FileNotFoundError(f"{path!r} is neither a model folder nor a config.json file")
 
@@ -175,9 +178,11 @@ def model_shape(config: Any) -> ModelShape:
             positions=patches + 1, pooler=True, image_patches=patches, qkv_bias=bool(config.qkv_bias),
             patch_params=config.num_channels * config.patch_size**2 * hidden + hidden,
         )  # fmt: skip
-    raise ValueError(
-        f"model_type {mt!r} is not one the planner knows (bert, roberta, distilbert, gpt2, llama, mistral, qwen2, vit)"
-    )
+    raise ValueError(_unknown_type(mt))
+
+
+def _unknown_type(model_type: Any) -> str:
+    return f"model_type {model_type!r} is not one the planner knows ({', '.join(MODEL_TYPES)})"
 
 
 def layer_parameters(s: ModelShape) -> int:

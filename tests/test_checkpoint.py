@@ -226,6 +226,16 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     get_peft_model(wide, LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)).save_pretrained(wrong_dir)
     with pytest.raises(ValueError, match=r"weight \(32, 32\) does not fit lora_A \(2, 48\)"):
         merge_checkpoint(base_dir, wrong_dir, tmp_path / "out", progress=False)
+    # An adapter of another architecture: every module it adapts is named, with no advice about tied lm_heads (the
+    # first such module was named, with advice to merge it in memory as for a tied lm_head, which merge refuses too).
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16))
+    config = LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+    get_peft_model(gpt2, config).save_pretrained(tmp_path / "gpt2_lora")
+    with pytest.raises(ValueError, match=r"\[.h.0.attn.c_attn., .*\] \(and 2 more\) match no weight") as err:
+        merge_checkpoint(base_dir, tmp_path / "gpt2_lora", tmp_path / "out", progress=False)
+    assert "another architecture" in str(err.value) and "tie_word_embeddings" not in str(err.value)
     # A truncated shard.
     shard = sorted(p for p in os.listdir(base_dir) if p.endswith(".safetensors"))[0]
     data = (base_dir / shard).read_bytes()
@@ -410,7 +420,9 @@ def test_streamed_merge_of_a_peft_lora_on_lm_head(tmp_path):
         torch.manual_seed(1)
         peft_models[tied] = get_peft_model(llama(tied), lora)
         peft_models[tied].save_pretrained(tmp_path / f"adapter{tied}")
-    with pytest.raises(ValueError, match="matches no weight.*tie_word_embeddings.*merge such an adapter in memory"):
+    with pytest.raises(
+        ValueError, match=r"\[.lm_head.\] match no weight.*tie_word_embeddings.*keep such an adapter unmerged"
+    ):
         merge_checkpoint(tmp_path / "baseTrue", tmp_path / "adapterTrue", tmp_path / "tied", progress=False)
     ids = torch.tensor([[3, 17, 42, 8, 91, 5]])
     merge_checkpoint(tmp_path / "baseFalse", tmp_path / "adapterFalse", tmp_path / "merged", progress=False)

@@ -94,6 +94,9 @@ def test_plan_model_errors_are_one_line(assets, tmp_path, capsys):
     _fails(["plan", "--model", assets / "bert" / "model.safetensors"], capsys, "model.safetensors", "not a text file")
     (tmp_path / "t5.json").write_text('{"model_type": "t5"}')
     _fails(["plan", "--model", tmp_path / "t5.json"], capsys, "'t5' is not one the planner knows")
+    (tmp_path / "foo.json").write_text('{"model_type": "foo"}')  # unknown to transformers: its error lists 400+ types
+    message = _fails(["plan", "--model", tmp_path / "foo.json"], capsys, "'foo' is not one the planner knows (bert,")
+    assert len(message) < 200, message
 
 
 def test_plan_gpu_memory_without_a_unit_is_gigabytes(assets, capsys):
@@ -172,6 +175,34 @@ def test_merge_errors_are_one_line_and_write_nothing(assets, tmp_path, capsys, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "llama_lora", "out"]  # no partial folders left
 
 
+@pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune", "plan"])
+def test_an_adapter_folder_given_as_the_model_is_named_as_one(assets, capsys, tmp_path, command):
+    """--model and --adapter swapped: transformers said the adapter folder's config.json, which it lacks, has no
+    model_type (merge-checkpoint: no model.safetensors; finetune: no tokenizer files)."""
+    inputs = {"finetune": ["--data", assets / "data"], "plan": []}.get(command, ["--adapter", assets / "bert"])
+    out = [] if command == "plan" else ["--out", tmp_path / "o"]
+    _fails([command, "--model", assets / "lora", *inputs, *out], capsys, "lora' is an adapter folder", "--adapter")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune"])
+def test_an_out_that_cannot_be_made_is_named_before_any_work(assets, tmp_path, capsys, monkeypatch, command):
+    """--out below a file, or in a folder this process cannot write, failed only when the finished model was written
+    (after the merge, or after training), with an OSError naming neither --out nor the reason."""
+    import adapter_engine.finetune
+
+    monkeypatch.setattr(adapter_engine.finetune, "full_finetune", lambda *a, **k: pytest.fail("trained"))
+    inputs = ["--data", assets / "data"] if command == "finetune" else ["--adapter", assets / "lora"]
+    args = lambda out: [command, "--model", assets / "bert", *inputs, "--out", out]  # noqa: E731
+    (tmp_path / "file").write_text("mine")
+    _fails(args(tmp_path / "file" / "new" / "out"), capsys, "--out", "cannot be made", "file' is a file, not a folder")
+    (tmp_path / "locked").mkdir()
+    access, locked = os.access, str(tmp_path / "locked")  # (as root, os.access allows every write)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != locked and access(path, mode))
+    _fails(args(tmp_path / "locked" / "new" / "out"), capsys, "--out", "no permission to write in", "locked")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not any((tmp_path / "locked").iterdir())
+
+
 @pytest.mark.parametrize("command", ["merge", "merge-checkpoint"])
 def test_merge_output_has_no_base_weights_of_other_formats_and_umask_modes(assets, tmp_path, capsys, command):
     import shutil
@@ -193,6 +224,57 @@ def test_merge_output_has_no_base_weights_of_other_formats_and_umask_modes(asset
     assert not names & {"pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "pytorch_model.bin.index.json",
                         "training_state.pt"}  # fmt: skip
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o750  # the umask's folder mode, not mkdtemp's 0700
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch <marker>``: what a malicious .bin checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+_DAMAGES = ("code in .bin", "truncated .bin", "truncated safetensors", "config value")
+
+
+@pytest.mark.parametrize(
+    "command, damage", [(c, d) for c in ("merge", "finetune") for d in _DAMAGES] + [("plan", "config value")]
+)
+def test_a_damaged_or_unsafe_model_folder_is_named(assets, tmp_path, capsys, monkeypatch, command, damage):
+    """A .bin that torch.load(weights_only=True) refuses was a traceback (UnpicklingError) and the code in it never ran;
+    a truncated .bin said '[Errno 22] Invalid argument', a truncated safetensors file or a config.json field of the
+    wrong type named no path (the last was a traceback too). Each now names --model, before anything is written."""
+    import shutil
+
+    import adapter_engine.finetune
+
+    monkeypatch.setattr(adapter_engine.finetune, "full_finetune", lambda *a, **k: pytest.fail("trained"))
+    model = tmp_path / "model"
+    shutil.copytree(assets / "bert", model)
+    if damage == "config value":
+        config = (model / "config.json").read_text()
+        (model / "config.json").write_text(config.replace('"hidden_size": 32', '"hidden_size": "big"'))
+    elif damage == "truncated safetensors":
+        with open(model / "model.safetensors", "r+b") as fh:
+            fh.truncate(5000)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(model / "model.safetensors")
+        (model / "model.safetensors").unlink()
+        if damage == "code in .bin":
+            state["evil"] = _RunsCode(tmp_path / "ran")
+        torch.save(state, model / "pytorch_model.bin")
+        if damage == "truncated .bin":
+            with open(model / "pytorch_model.bin", "r+b") as fh:
+                fh.truncate(5000)
+    inputs = {"merge": ["--adapter", assets / "lora"], "finetune": ["--data", assets / "data"], "plan": []}[command]
+    out = [] if command == "plan" else ["--out", tmp_path / "o"]
+    expected = "weights_only=True refuses" if damage == "code in .bin" else "cannot be loaded"
+    _fails([command, "--model", model, *inputs, *out], capsys, f"--model '{model}", expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written, and no code ran
 
 
 # ------------------------------------------------------------------------------------------------ finetune
@@ -242,6 +324,27 @@ def test_finetune_checks_its_inputs_before_training(assets, tmp_path, capsys, no
            "0 validation documents", "at least 10")  # fmt: skip
     _fails(args(data=_text_folder(tmp_path / "one", classes=("cars",))), capsys, "a classifier needs at least two")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full", "one", "small"]
+
+
+def test_finetune_checks_one_row_through_the_model_before_training(assets, tmp_path, capsys, no_training):
+    """The default --max-length 128 on a model with 64 learned positions, or a tokenizer of a larger vocabulary, failed
+    in the first training step with a traceback (RuntimeError / IndexError); both are named before training."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    args = lambda model, *extra: ["finetune", "--model", model, "--data", assets / "data", "--out", tmp_path / "o",
+                                  *extra]  # fmt: skip  # noqa: E731
+    _fails(args(assets / "bert"), capsys, "--max-length 128 tokens", "max_position_embeddings=64")
+    model = tmp_path / "model"
+    shutil.copytree(assets / "bert", model)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(model / name)
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:-3] + [f"w{i}" for i in range(60)] + VOCAB[-3:]) + "\n")
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(model)
+    _fails(args(model, "--max-length", "16"), capsys, "its tokenizer gives token id 93", f"{len(VOCAB)} rows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "vocab.txt"]
 
 
 def test_finetune_overwrite_replaces_out_and_writes_umask_modes(assets, tmp_path, capsys):
@@ -299,6 +402,40 @@ def test_readme_cli_reference_names_every_flag():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag not in ("--help", "--debug"):
                     assert re.search(rf"{re.escape(flag)}\b", rows[name]), f"README's {name} row lacks {flag}"
+
+
+def test_only_the_demo_re_executes_itself_under_the_interpreter(monkeypatch):
+    """As the README's CLI reference says (it said every command did): without a GPU the demo re-executes itself with
+    TRITON_INTERPRET=1; the other commands run in this process (the torch twins)."""
+    import adapter_engine.cli as cli
+    import adapter_engine.data
+    import adapter_engine.demo
+
+    class Execs(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Execs(argv, env.get("TRITON_INTERPRET"))
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (read by kernels when imported, which they are already)
+    monkeypatch.delenv("ADAPTER_ENGINE_NO_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in ("merge", "merge-checkpoint", "finetune", "plan"):  # the work itself is not under test here
+        monkeypatch.setattr(cli, f"_{command.replace('-', '_')}", lambda args: 0)
+    monkeypatch.setattr(adapter_engine.demo, "minilm_path", lambda path=None: "model")
+    monkeypatch.setattr(adapter_engine.data, "bbc_news_dir", lambda path=None: "bbc")
+    for argv in (["merge", "--model", "m", "--adapter", "a", "--out", "o"], ["plan", "--model", "m"],
+                 ["merge-checkpoint", "--model", "m", "--adapter", "a", "--out", "o"],
+                 ["finetune", "--model", "m", "--data", "d", "--out", "o"]):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["adapter-engine", *argv])
+        assert main() == 0
+    monkeypatch.setattr(sys, "argv", ["adapter-engine", "demo", "--out", "demo"])
+    with pytest.raises(Execs) as exc:
+        main()
+    assert exc.value.args[1] == "1" and exc.value.args[0][-3:] == ["demo", "--out", "demo"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "Without a GPU `adapter-engine demo` re-executes itself with `TRITON_INTERPRET=1`" in text
 
 
 def test_python_dash_m_runs_the_command_line():

@@ -143,7 +143,9 @@ def test_wrong_asset_folders_are_named(packed, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(demo.MODEL_DIR_ENV, str(out / "model"))
     assert demo.minilm_path() == str(out / "model")
     monkeypatch.setenv(data.BBC_DIR_ENV, str(out / "model" / "config.json"))
-    with pytest.raises(FileNotFoundError, match=f"{data.BBC_DIR_ENV}: BBC News folder .*config.json.* does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{data.BBC_DIR_ENV}: BBC News folder .*config.json.* is a file, not a folder"
+    ):
         data.load_bbc_news("test")
     with pytest.raises(FileNotFoundError, match="--bbc-dir: .* holds no class sub-folders of .txt files"):
         data.bbc_news_dir(partial)

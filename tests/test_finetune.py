@@ -52,6 +52,18 @@ def test_text_folder_classes_skip_hidden_and_empty_folders(tmp_path):
             check_text_folder(str(tmp_path))
 
 
+def test_a_data_path_that_is_a_file_is_named_as_one(tmp_path):
+    """A file given as the data folder (finetune --data, demo --bbc-dir) was reported as a missing folder."""
+    from adapter_engine.data import bbc_news_dir, load_text_folder
+
+    (tmp_path / "docs.txt").write_text("one document")
+    for load in (load_text_folder, bbc_news_dir):
+        with pytest.raises(FileNotFoundError, match=r"docs\.txt' is a file, not a folder of <class>/\*\.txt"):
+            load(str(tmp_path / "docs.txt"))
+        with pytest.raises(FileNotFoundError, match=r"nowhere' does not exist"):
+            load(str(tmp_path / "nowhere"))
+
+
 @pytest.mark.parametrize("limit", [0, -40, 2.5, True])
 def test_text_folder_limit_is_a_positive_count(tmp_path, limit):
     from adapter_engine.data import load_text_folder

@@ -32,6 +32,25 @@ def test_a_file_is_not_replaced_by_a_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_failed_final_move_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """The previous folder was moved aside before the new one moved in; when that last move failed, the error left
+    neither at the path (the previous one stayed in a hidden .out.old-* folder)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").write_text("previous")
+    rename = os.rename
+
+    def failing(src, dst):
+        if ".partial-" in os.fspath(src):
+            raise OSError("disk went away")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        atomic_folder_write(tmp_path / "out", lambda folder: open(os.path.join(folder, "f"), "w").close())
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_weight_files_of_other_formats():
     for name in ("pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
                  "tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack", "model.pt", "model.pth"):  # fmt: skip
