@@ -321,6 +321,13 @@ class BottleneckConfig:
         ignored = ("architecture", "init_weights_seed", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
         ignored += ("shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm")
         ignored += ("hypercomplex_nonlinearity", "phm_rank", "phm_bias", "factorized_phm_W")
+        # AdapterHub's BnConfig has no default for these four (its loader refuses a dict without them), and its
+        # default original_ln_before is False (only the seq_bn presets set True): a dict without that field, which
+        # AdapterHub runs Houlsby-style, used to take this class's True and run seq_bn-style, without a word
+        missing = [k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data]
+        if missing:
+            raise ValueError(f"BottleneckConfig.from_dict: {missing} missing (AdapterHub's BnConfig requires them)")
+        data = {"original_ln_before": False, **data}
         return cls(**_check_fields(cls, data, ignored, unsupported))
 
     def to_dict(self) -> dict[str, Any]:

@@ -184,6 +184,25 @@ def test_bottleneck_refuses_unimplemented_features(field, value):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), field: value})
 
 
+def test_adapterhub_dict_without_original_ln_before_takes_adapterhubs_default():
+    """AdapterHub's BnConfig defaults original_ln_before to False (only its seq_bn presets set True) and loads a
+    dict without the field Houlsby-style (checked with adapters 1.3.0: the seq fixture without the field gives
+    outputs 1.87 away from the full dict's); the engine used to take its own True and run it seq_bn-style."""
+    ah = _adapterhub_config("seq")
+    assert BottleneckConfig.from_dict(ah).original_ln_before is True
+    del ah["original_ln_before"]
+    assert BottleneckConfig.from_dict(ah).original_ln_before is False
+
+
+@pytest.mark.parametrize("field", ["mh_adapter", "output_adapter", "reduction_factor", "non_linearity"])
+def test_adapterhub_dict_without_a_required_field_is_refused(field):
+    """AdapterHub's BnConfig has no default for these (its loader raises a TypeError): not guessed here either."""
+    ah = _adapterhub_config("seq")
+    del ah[field]
+    with pytest.raises(ValueError, match=field):
+        BottleneckConfig.from_dict(ah)
+
+
 def test_tutorial_adapter_config():
     cfg = AdapterConfig(hidden_size=768, adapter_size=64, adapter_act="relu", adapter_initializer_range=1e-4)
     bn = coerce_config(cfg)
