@@ -344,6 +344,12 @@ class BottleneckConfig:
         out.update(hypercomplex_nonlinearity="glorot-uniform")
         if isinstance(out["reduction_factor"], float) and out["reduction_factor"].is_integer():
             out["reduction_factor"] = int(out["reduction_factor"])
+        # AdapterHub looks the activation up in transformers' ACT2FN, where the identity is only "linear", and takes
+        # a scaling only as a float (it refused "identity", "none" and an int scaling such as 2 when loading)
+        if _KERNEL_ACTIVATIONS[out["non_linearity"]] == _KERNEL_ACTIVATIONS["linear"]:
+            out["non_linearity"] = "linear"
+        if not isinstance(out["scaling"], str):
+            out["scaling"] = float(out["scaling"])
         return out
 
 

@@ -184,6 +184,18 @@ def test_bottleneck_refuses_unimplemented_features(field, value):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), field: value})
 
 
+@pytest.mark.parametrize("act", ["identity", "none", "linear", "IDENTITY"])
+def test_to_dict_writes_what_adapterhub_accepts(act):
+    """AdapterHub 1.3.0 looks non_linearity up in transformers' ACT2FN (the identity is "linear" there; "identity"
+    and "none" raised KeyError) and accepts only a float scaling (an int raised "Unknown scaling type: 2"): an
+    adapter the engine saved in AdapterHub format with either could not be loaded there."""
+    written = BottleneckConfig.seq_bn(non_linearity=act, scaling=2).to_dict()
+    assert written["non_linearity"] == "linear"
+    assert written["scaling"] == 2.0 and type(written["scaling"]) is float
+    assert BottleneckConfig.from_dict(written) == BottleneckConfig.seq_bn(non_linearity="linear", scaling=2.0)
+    assert BottleneckConfig.seq_bn(non_linearity="gelu_new").to_dict()["non_linearity"] == "gelu_new"
+
+
 def test_adapterhub_dict_without_original_ln_before_takes_adapterhubs_default():
     """AdapterHub's BnConfig defaults original_ln_before to False (only its seq_bn presets set True) and loads a
     dict without the field Houlsby-style (checked with adapters 1.3.0: the seq fixture without the field gives
