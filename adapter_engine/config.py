@@ -249,7 +249,13 @@ class BottleneckConfig:
         self.non_linearity = act
         if not (self.mh_adapter or self.output_adapter):
             raise ValueError("BottleneckConfig: at least one of mh_adapter / output_adapter must be True")
-        if isinstance(self.scaling, str) and self.scaling != "learned":
+        if isinstance(self.scaling, str) and self.scaling.lower() in ("learned", "channel"):
+            # a trained scalar (AdapterHub's scaled_par_bn) or per-channel vector (AdapterPlus), saved as a parameter
+            raise ValueError(
+                f"BottleneckConfig: scaling={self.scaling!r} (a trained scaling parameter) is not supported by "
+                "adapter-engine: only a number"
+            )
+        if isinstance(self.scaling, str):
             try:
                 self.scaling = float(self.scaling)
             except ValueError:

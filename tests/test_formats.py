@@ -524,6 +524,15 @@ def _bad(tmp_path, kind):
     if kind == "activation":
         _edit_config(folder, lambda m: m["config"].update(non_linearity="mish"))
         return folder, "unknown non_linearity 'mish'"
+    if kind in ("learned_scaling", "channel_scaling"):  # AdapterHub's scaled_par_bn / AdapterPlus: a trained scaling
+        mode = kind.split("_")[0]
+        _edit_config(folder, lambda m: m["config"].update(scaling=mode))
+        shape = (1,) if mode == "learned" else (32,)
+        ups = [k for k in torch.load(os.path.join(folder, "pytorch_adapter.bin")) if k.endswith("adapter_up.weight")]
+        _edit_weights(
+            folder, lambda sd: sd.update({k.replace("adapter_up.weight", "scaling"): torch.rand(shape) for k in ups})
+        )
+        return folder, f"scaling='{mode}' \\(a trained scaling parameter\\) is not supported"
     if kind == "truncated":
         with open(os.path.join(folder, "pytorch_adapter.bin"), "r+b") as fh:
             fh.truncate(1000)
@@ -543,6 +552,7 @@ def _bad(tmp_path, kind):
 
 
 BAD = ("missing", "missing_layer", "extra", "shape", "activation", "truncated", "corrupted_json", "pickle")
+BAD += ("learned_scaling", "channel_scaling")
 
 
 @pytest.mark.parametrize("kind", BAD + ("unknown_format",))
