@@ -257,12 +257,25 @@ def _apply_saved(model: nn.Module, state: PatchState, name: str, plan: dict[str,
 
 
 def _check_places(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> None:
-    """A bottleneck config must place at least one adapter (``leave_out`` may not skip every layer)."""
-    if not pt.placements(model, state, cfg):
+    """A bottleneck config must place at least one adapter (``leave_out`` may not skip every layer), and one without
+    ``original_ln_after`` only after sublayers that add their residual themselves (BERT's ``BertOutput``): where the
+    block adds it after the sublayer (GPT-2, Llama, DistilBERT, ViT's attention), AdapterHub's adapter layer then
+    leaves the residual out of the block's output, which the engine's wrapper cannot (it used to load and fail at the
+    first forward)."""
+    places = pt.placements(model, state, cfg)
+    if not places:
         blocks = len(block_paths(model, state.spec))
         raise ValueError(
             f"bottleneck adapter {name!r}: leave_out={cfg.leave_out} skips all {blocks} layers of "
             f"{type(model).__name__}: the adapter would have no modules"
+        )
+    spec = state.spec
+    outside = [p.name for p in places if (spec.attn_residual if p.which == "mh" else spec.ffn_residual) is not None]
+    if not cfg.original_ln_after and outside:
+        raise ValueError(
+            f"bottleneck adapter {name!r}: original_ln_after=False is not supported in {type(model).__name__} at "
+            f"{outside[0]!r} (model_type {state.model_type!r}), where the block adds the residual after the sublayer "
+            "(supported after BERT / RoBERTa-style sublayers that add it themselves)"
         )
 
 

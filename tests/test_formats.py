@@ -203,6 +203,27 @@ def test_adapterhub_block_level_adapters_load_and_save_under_adapterhubs_names(a
         assert torch.equal(fresh(**inputs).last_hidden_state, out)
 
 
+@pytest.mark.parametrize("arch", ["distilbert", "gpt2", "llama", "vit"])
+def test_original_ln_after_false_where_the_block_adds_the_residual_is_refused_at_load(arch, tmp_path):
+    """Where the block adds the residual after the sublayer, AdapterHub's adapter layer with original_ln_after=False
+    leaves the residual out (adapters 1.3.0 runs such GPT-2 / Llama / DistilBERT adapters); the engine's wrapper
+    cannot. Such an adapter used to load, and every forward then raised; it is now refused by the load, naming the
+    option, and nothing is loaded. (ViT's output sublayer adds its residual itself: its attention place is named.)"""
+    from transformers import AutoModel
+
+    folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)
+    shutil.copytree(os.path.join(folder, "houlsby"), tmp_path / "houlsby")
+    _edit_config(tmp_path / "houlsby", lambda m: m["config"].update(original_ln_after=False))
+    model = AutoModel.from_pretrained(folder).eval()
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match="original_ln_after=False is not supported in"):
+        ae.load_adapter(model, tmp_path / "houlsby")
+    assert ae.list_adapters(model) == [] and list(model.state_dict()) == before
+    with pytest.raises(ValueError, match="original_ln_after=False"):
+        ae.add_adapter(model, "fresh", ae.BottleneckConfig.seq_bn(original_ln_after=False, mh_adapter=arch == "vit"))
+    assert ae.list_adapters(model) == []
+
+
 # ----------------------------------------------------------------------------------------------- PEFT
 def _peft_lora(model, targets=("query", "value", "dense"), r=4):
     peft = pytest.importorskip("peft")
