@@ -42,7 +42,8 @@ class BottleneckAdapter(nn.Module):
     Args:
         hidden_size: H, the model's hidden size.
         bottleneck_size: r, AdapterHub's ``hidden_size // reduction_factor`` (at least 1).
-        non_linearity: relu, gelu (erf), gelu_new (tanh form), swish/silu, tanh, identity/linear.
+        non_linearity: relu, gelu (erf; also gelu_python), gelu_new (tanh form; also gelu_pytorch_tanh, gelu_fast,
+            gelu_accurate, gelu_python_tanh), swish/silu, tanh, identity/linear/none.
         scaling: float multiplier of the up-projection (AdapterHub ``scaling``; 4.0 in ``par_bn``).
         is_parallel, original_ln_before, original_ln_after, residual_before_ln, adapter_residual_before_ln,
         ln_before, ln_after: AdapterHub ``BnConfig`` fields of the same names (structural: all adapters in one

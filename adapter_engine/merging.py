@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .kernels import merge_lora_many_, scale_ia3_, unmerge_lora_many_
+from .kernels.bottleneck import ACTIVATIONS
 from .lora import LoraLinear
 from .saved_modules import conflict
 
@@ -115,7 +116,7 @@ def _fold_refusal(model: nn.Module, record, name: str) -> str | None:
         wrapper = model.get_submodule(path)
         adapter = wrapper.adapters[name]
         options = adapter.options
-        if adapter.non_linearity not in ("identity", "linear"):
+        if ACTIVATIONS[adapter.non_linearity] != ACTIVATIONS["identity"]:  # ("none" and "linear" are its names too)
             return f"its activation {adapter.non_linearity!r} is not the identity"
         if options.is_parallel:
             return "it is parallel: it reads the sublayer's input, not the projection's output"

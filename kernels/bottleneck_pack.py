@@ -20,8 +20,9 @@ from ._backend import INTERPRET, check_float_dtype, device_lru_cache, dot_in_fp3
 ACTIVATIONS = {
     "identity": 0, "linear": 0, "none": 0,
     "relu": 1,
-    "gelu": 2,  # erf form (transformers GELUActivation)
-    "gelu_new": 3, "gelu_pytorch_tanh": 3,  # tanh form (NewGELUActivation)
+    "gelu": 2, "gelu_python": 2,  # erf form (transformers GELUActivation)
+    # tanh form (NewGELUActivation); transformers' other names for it compute the same formula in another order
+    "gelu_new": 3, "gelu_pytorch_tanh": 3, "gelu_fast": 3, "gelu_accurate": 3, "gelu_python_tanh": 3,
     "swish": 4, "silu": 4,
     "tanh": 5,
 }  # fmt: skip

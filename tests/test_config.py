@@ -5,9 +5,10 @@ import math
 import os
 
 import pytest
+import torch
 
 from adapter_engine import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, Stack
-from adapter_engine.config import coerce_config, config_from_dict
+from adapter_engine.config import ACTIVATIONS, coerce_config, config_from_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "adapterhub", "tiny_bert")
 
@@ -194,6 +195,27 @@ def test_to_dict_writes_what_adapterhub_accepts(act):
     assert written["scaling"] == 2.0 and type(written["scaling"]) is float
     assert BottleneckConfig.from_dict(written) == BottleneckConfig.seq_bn(non_linearity="linear", scaling=2.0)
     assert BottleneckConfig.seq_bn(non_linearity="gelu_new").to_dict()["non_linearity"] == "gelu_new"
+
+
+def test_activation_names_compute_what_transformers_names_do():
+    """AdapterHub builds an adapter's activation with transformers' ``get_activation(non_linearity.lower())``: every
+    name the engine accepts that transformers knows computes its function (the GELU spellings ``gelu_python``,
+    ``gelu_fast``, ``gelu_accurate``, ``gelu_python_tanh`` were refused: "unknown non_linearity"), within fp32
+    rounding, in the eager module and in the kernels' torch twins."""
+    from transformers.activations import ACT2FN
+
+    from adapter_engine.bottleneck_adapter import _Activation
+    from adapter_engine.kernels.bottleneck_pack import _TORCH_ACTS
+    from adapter_engine.kernels.bottleneck_pack import ACTIVATIONS as CODES
+
+    x = torch.linspace(-8, 8, 4001)
+    known = [a for a in ACTIVATIONS if a in ACT2FN]
+    assert {"gelu_python", "gelu_fast", "gelu_accurate", "gelu_python_tanh", "gelu_new", "swish"} <= set(known)
+    for name in known:
+        ref = ACT2FN[name](x)
+        torch.testing.assert_close(_Activation(name.upper())(x), ref, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(_TORCH_ACTS[CODES[name]](x), ref, rtol=0, atol=1e-6, msg=name)
+        assert BottleneckConfig(non_linearity=name).to_dict()["non_linearity"] == name  # AdapterHub's own name
 
 
 def test_adapterhub_dict_without_original_ln_before_takes_adapterhubs_default():

@@ -176,11 +176,12 @@ def test_an_ia3_scale_that_overflows_fails_the_whole_merge(case):
     assert merged_adapters(model) == []
 
 
-def test_identity_bottleneck_folds_exactly_into_the_projection_before_it():
+@pytest.mark.parametrize("act", ["identity", "linear", "none"])  # ("none" was refused as not the identity)
+def test_identity_bottleneck_folds_exactly_into_the_projection_before_it(act):
     """Houlsby placement with an identity activation: r = h + s (W_u (W_d h + b_d) + b_u) is linear in h = W x + b,
     so merge_adapter folds it (after a LoRA on the same projection) and the plain model gives the same outputs."""
     model = with_loras(1)
-    ae.add_adapter(model, "bn", ae.BottleneckConfig.double_seq_bn(non_linearity="identity", reduction_factor=4))
+    ae.add_adapter(model, "bn", ae.BottleneckConfig.double_seq_bn(non_linearity=act, reduction_factor=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "adapters.bn" in name:
