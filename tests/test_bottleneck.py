@@ -2215,6 +2215,45 @@ def test_cuda_bf16_gradients_training_top_of_three(monkeypatch, with_ln):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
+def test_cuda_training_launches_call_compiled_kernels_that_match_tritons_launch_bit_for_bit(monkeypatch, routing):
+    """On the GPU a training step's recorded launches (forward, output backward, level backwards) hold the compiled
+    kernels of their first launches and call them directly from the second step on: the output and every gradient
+    equal those of the same launches through Triton's launcher bit for bit."""
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_dispatch, bottleneck_fwd
+
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "rows")
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})
+    monkeypatch.setattr(bottleneck_bwd, "_RECORDED", {})
+    caches = (bottleneck_fwd._RECORDED, bottleneck_bwd._RECORDED)
+    dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 512
+    params = make_params(hidden, [48, 64, 32], ["relu", "gelu", "tanh"], dtype=dt, device=dev)
+    weights = [p[k].requires_grad_(True) for p in params for k in ("wd", "bd", "wu", "bu")]
+    ln = make_ln(hidden, dt, dev)
+    routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 300 + [[2, 0, -1]] * 212)
+    h = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    y = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    g = torch.randn(rows, hidden, device=dev).to(dt)
+
+    def step():
+        out = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+        return [out, *torch.autograd.grad(out, [h, y, ln.weight, ln.bias, *weights], g)]
+
+    step()
+    kernels = {launch.kernel for cache in caches for launch in cache.values()}
+    assert kernels == {bottleneck_fwd._bottleneck_stack_fwd_kernel, bottleneck_bwd._bottleneck_out_bwd_kernel,
+                       bottleneck_bwd._bottleneck_level_bwd_kernel}  # fmt: skip
+    assert all(launch.compiled is not None for cache in caches for launch in cache.values())
+    direct = step()
+    for cache in caches:
+        for key, launch in cache.items():
+            cache[key] = launch._replace(compiled=None)
+    through_triton = step()
+    for a, b in zip(direct, through_triton, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
 def test_cuda_fp32_matches_fp64():
     dev, hidden, rows = "cuda", 1024, 2048
     params = make_params(hidden, [64, 64], ["gelu", "tanh"], device=dev)
