@@ -316,6 +316,27 @@ def record(cache: dict, key, launch) -> None:
             pass
 
 
+def launch_recorded(cache: dict, key, planner, planner_args: tuple, args: tuple, checked: tuple = ()) -> None:
+    """Launch ``key``'s recorded :class:`DirectLaunch` in ``cache`` (or ``planner(*planner_args)``'s, recorded) with
+    ``args``, checking the alignment of ``checked`` (see ``DirectLaunch.__call__``). (No closure for the planner: the
+    callers' arguments would become cells, host time on every call.)"""
+    launch = cache.get(key)
+    fresh = launch is None
+    if fresh:
+        launch = planner(*planner_args)
+    again = launch(args, checked)
+    if fresh or again is not launch:
+        record(cache, key, again)
+
+
+def launch_signature(args, pointers: int) -> tuple:
+    """What Triton specialises a kernel's compiled form on, of its runtime ``args`` whose first ``pointers`` are
+    tensors: each tensor's dtype and 16-byte alignment, and the other arguments' values (an integer's equality to 1,
+    divisibility by 16 and width). A cache key for :func:`launch_recorded` when the tensors come from anywhere (no
+    alignment left to check); with the device, the grid (if the values do not fix it) and the constexprs."""
+    return (*[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:pointers]], *args[pointers:])
+
+
 class DirectLaunch(NamedTuple):
     """A Triton kernel's launch planned for one geometry (grid, integer arguments, constexprs: the caller's cache
     key), repeated for new tensors. On a GPU it keeps the compiled kernel of its first launch and calls that

@@ -28,7 +28,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import FLOAT_DTYPES, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
+from ._backend import (
+    FLOAT_DTYPES,
+    DirectLaunch,
+    cdiv,
+    check_float_dtype,
+    check_same_device,
+    launch_recorded,
+    launch_signature,
+    next_pow2,
+    use_triton,
+)
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference", "layer_norm_with_stats", "MAX_HIDDEN"]
 
@@ -112,6 +122,9 @@ def _tile(hidden: int) -> tuple[int, int, int]:
     return rows, block_h, min(16, max(4, block_h // 512))
 
 
+_RECORDED: dict[tuple, DirectLaunch] = {}  # (device, constexprs, launch_signature of the arguments) -> its launch
+
+
 def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write_sum: bool, stats, c=None):
     """The launcher, on 2-D ``a``, ``b`` (and ``c``) (M, H) of any strides (checked by :func:`add_layer_norm`)."""
     m, hidden = a.shape
@@ -121,14 +134,17 @@ def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write
         return s, out
     rows, block_h, warps = _tile(hidden)
     c_t = c if c is not None else a  # (never read without HAS_C)
-    _add_layer_norm_fwd_kernel[(cdiv(m, rows),)](
+    args = (
         a, b, c_t, weight, bias, s if write_sum else out, out, stats if stats is not None else out,
         m, hidden, float(eps),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_t.stride(0), c_t.stride(1), weight.stride(0),
         bias.stride(0),
-        HAS_C=c is not None, WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h,
-        num_warps=warps,
     )  # fmt: skip
+    kwargs = dict(HAS_C=c is not None, WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h,
+                  num_warps=warps)  # fmt: skip
+    geometry = (a.device, *kwargs.values(), *launch_signature(args, 8))  # (on a GPU: its compiled kernel, directly)
+    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_add_layer_norm_fwd_kernel, (cdiv(m, rows),), kwargs,
+                    len(args)), args)  # fmt: skip
     return s, out
 
 

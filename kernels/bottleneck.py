@@ -66,7 +66,11 @@ row-block kernel per level (top to bottom) runs the g -> dz -> dx -> LayerNorm-b
 streaming structure (and the same one-tile path, keeping dz in registers), and cuBLAS computes the weight
 gradients of the adapters that train (see ``_stack_backward``). Forward and backward are registered torch custom
 ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack as one opaque node; eager training
-calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call).
+calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call). Their
+kernel launches (and those of the level path's ``add_layer_norm`` and ``level_boundary``) are recorded per geometry
+once the tiles are chosen, keyed by what Triton specialises on (``_backend.launch_signature``), and on a GPU repeat
+the compiled kernel of their first launch directly (``_backend.launch_recorded``): no per-launch binding of their
+15 to 39 arguments by Triton's launcher.
 
 Files: this module holds the public API (:func:`bottleneck_stack`, whose ``return_launch`` serving layers repeat
 without the checks, and :func:`expand_routes`), its input checks, the

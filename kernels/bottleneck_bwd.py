@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import bottleneck_dispatch
-from ._backend import INTERPRET, cdiv, next_pow2
+from ._backend import INTERPRET, DirectLaunch, cdiv, launch_recorded, launch_signature, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma
 from .bottleneck_gemm import level_bwd_levels
 from .bottleneck_pack import (
@@ -368,6 +368,12 @@ def _level_switches(options: StackOptions, has_ln: bool, need_x: bool, ln_grad: 
     )  # fmt: skip
 
 
+# The backward kernels' launches, their tiles chosen: (device, the output kernel's constexprs or the level kernel's
+# tuning key and tiles, launch_signature of the arguments) -> its DirectLaunch (on a GPU: its compiled kernel, called
+# directly).
+_RECORDED: dict[tuple, DirectLaunch] = {}
+
+
 def _add_grad(slot: torch.Tensor, a: torch.Tensor, b, once: bool) -> None:
     """slot (+)= a @ b for a matrix ``b``, a * b for a float: written once in the slot's dtype (``once``), else
     accumulated into an fp32 slot."""
@@ -425,12 +431,17 @@ def _stack_backward(
     pb = torch.zeros_like(pw) if ln_grad else pw
     dln_w = torch.zeros(hidden, device=dev, dtype=torch.float32) if ln_grad else None
     dln_b = torch.zeros_like(dln_w) if ln_grad else None
-    _bottleneck_out_bwd_kernel[(cdiv(m, block_m),)](
+    out_args = (
         dout, rn, y2, g, dy, lnw if lnw is not None else h2, stats[levels], pw, pb,
         m, hidden, *dout.stride(), *rn.stride(), *y2.stride(),
+    )  # fmt: skip
+    out_kwargs = dict(
         OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
         BLOCK_M=block_m, BLOCK_H=block_h, LOOP_STAGES=1 if INTERPRET else 2, num_warps=warps,
     )  # fmt: skip
+    geometry = ("out backward", dev, *out_kwargs.values(), *launch_signature(out_args, 9))
+    plan = (_bottleneck_out_bwd_kernel, (cdiv(m, block_m),), out_kwargs, len(out_args))
+    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, plan, out_args)
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
         dln_b += pb.sum(0)
@@ -518,12 +529,19 @@ def _stack_backward(
         switches = _level_switches(options, lnw is not None, need_x, level_ln_grad, not dy_is_g, dot_fp32, precision,
                                    path)  # fmt: skip
 
-        def launch(t, args=args, switches=switches, level=(rp, z, dz, x if need_x else None, st, level_adapter)):
+        key = (*key_head, tuple(switches.values()), *key_tail)
+
+        def launch(t, direct=False, args=args, switches=switches, key=key,
+                   level=(rp, z, dz, x if need_x else None, st, level_adapter)):  # fmt: skip
             if t == bottleneck_dispatch.LEVELS:
                 rp, z, dz, x, st, level_adapter = level
                 level_bwd_levels(g, dy, rp, y2, z, dz, x, wd, wu, lnw, lnb, st, pw if level_ln_grad else None,
                                  pb if level_ln_grad else None, level_adapter, (host_offsets, host_codes, host_scales),
                                  flags, half, not dy_is_g)  # fmt: skip
+            elif direct:  # the chosen tiles' launch, recorded per geometry (the levels' views differ in alignment)
+                geometry = (dev, key, t, *launch_signature(args, 19))
+                plan = (_bottleneck_level_bwd_kernel, (cdiv(m, t.BLOCK_M),), {**switches, **t.launch()}, len(args))
+                launch_recorded(_RECORDED, geometry, DirectLaunch.plan, plan, args)
             else:
                 _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 
@@ -538,8 +556,7 @@ def _stack_backward(
 
             return restore
 
-        key = (*key_head, tuple(switches.values()), *key_tail)
-        launch(bottleneck_dispatch._tuned_tiles(key, candidates, launch, snapshot, dev))
+        launch(bottleneck_dispatch._tuned_tiles(key, candidates, launch, snapshot, dev), direct=True)
         if level_ln_grad:
             dln_w += pw.sum(0)
             dln_b += pb.sum(0)

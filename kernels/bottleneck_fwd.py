@@ -20,6 +20,8 @@ from ._backend import (
     capturing,
     cdiv,
     compiled_kernel,
+    launch_recorded,
+    launch_signature,
     next_pow2,
     use_triton,
 )
@@ -470,18 +472,25 @@ def _launch_fwd(
     result = [out, None]  # the output of the last launch (the kernel writes ``out``, the GEMM path returns its
     # own) and what the kernel launch returned (the compiled kernel on a GPU)
 
-    def launch(t: _Tiles | str) -> None:
+    def launch(t: _Tiles | str, direct: bool = False) -> None:
         if t in dispatch.LEVEL_PATHS:
             result[0] = stack_fwd_levels(h2, y2, ln_weight, ln_bias, packed, level_adapters, host, flags,
                                          float(options.eps), saved, chain=t == dispatch.LEVELS_FUSED)  # fmt: skip
             return
         if not kernel_args:
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
-        result[1] = _bottleneck_stack_fwd_kernel[(cdiv(m, t.BLOCK_M),)](*kernel_args, **switches, **t.launch())
+        grid = (cdiv(m, t.BLOCK_M),)
+        if direct:  # the chosen tiles' launch, recorded per geometry: on a GPU its compiled kernel, called directly
+            geometry = (dev, switch_values, t, *launch_signature(kernel_args, _POINTERS))
+            launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_bottleneck_stack_fwd_kernel, grid,
+                            {**switches, **t.launch()}, len(kernel_args)), kernel_args)  # fmt: skip
+        else:
+            result[1] = _bottleneck_stack_fwd_kernel[grid](*kernel_args, **switches, **t.launch())
         result[0] = out
 
     chosen = dispatch._tuned_tiles(key, candidates, launch, (lambda: saved.zs.zero_) if save else None, dev)
     on_levels = chosen in dispatch.LEVEL_PATHS
+    recording = record is not None and not on_levels and not save  # a ForwardLaunch: it keeps its own DirectLaunch
     if (
         not on_levels
         and dispatch._TUNED_GRAPHED.get(key) in dispatch.LEVEL_PATHS
@@ -489,8 +498,8 @@ def _launch_fwd(
         and not capturing(h2)
     ):
         build_level_operands(packed, level_adapters, host)  # for a later capture of this call (the graphed choice)
-    launch(chosen)
-    if record is not None and not on_levels and not save:
+    launch(chosen, direct=not recording)
+    if recording:
         views = h2.data_ptr() == h.data_ptr() and (y is None or y2.data_ptr() == y.data_ptr())  # (not copies)
         record.append(ForwardLaunch.of(kernel_args, (cdiv(m, chosen.BLOCK_M),), {**switches, **chosen.launch()},
                                        ln_weight is not None, result[1], views))  # fmt: skip
@@ -578,6 +587,12 @@ def _fwd_plan(
     switches = dict(NUM_LEVELS=levels, SAVE=save, DOT_FP32=dot_fp32, PRECISION=precision, TILE_PATH=path,
                     **_flags(options, has_ln))  # fmt: skip
     return tiles, switches, tuple(switches.values())
+
+
+# The row-block kernel's launches outside serving (training, and calls that record no ForwardLaunch), once their tiles
+# are chosen: (device, switches, tiles, launch_signature of the arguments) -> its DirectLaunch.
+_RECORDED: dict[tuple, DirectLaunch] = {}
+_POINTERS = 19  # the kernel's pointer arguments, first in its signature
 
 
 def _kernel_args(h2, y2, out, ln_weight, ln_bias, packed: PackedStack, routes, saved, options, tiles: _Tiles):

@@ -37,7 +37,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_float_dtype, check_same_device, dot_in_fp32, next_pow2, use_triton
+from ._backend import (
+    DirectLaunch,
+    cdiv,
+    check_float_dtype,
+    check_same_device,
+    dot_in_fp32,
+    launch_recorded,
+    launch_signature,
+    next_pow2,
+    use_triton,
+)
 from .add_layer_norm import layer_norm_with_stats, normalise_rows, row_block
 from .bottleneck_pack import _TORCH_ACTS, _activation
 
@@ -143,6 +153,9 @@ def _tiles(hidden: int, width: int) -> dict:
                 num_warps=4 if block_h <= 256 else 8)  # fmt: skip
 
 
+_RECORDED: dict[tuple, DirectLaunch] = {}  # (device, constexprs, launch_signature of the arguments) -> its launch
+
+
 def level_boundary_fwd(c, weight, bias, eps: float, y, act, up, down, write_c: bool):
     """The launcher (arguments checked by :func:`level_boundary`); returns ``(s, out)`` as it does."""
     m, hidden = c.shape
@@ -155,16 +168,21 @@ def level_boundary_fwd(c, weight, bias, eps: float, y, act, up, down, write_c: b
     dw, db = (down[0], down[1]) if down is not None else (c, c)
     act_t, up_t, y_t = (act if act is not None else c), (up if up is not None else c), (y if y is not None else c)
     fp32_dots = dot_in_fp32(c)
-    _level_boundary_kernel[(cdiv(m, 16),)](
+    args = (
         c, y_t, act_t, up_t, s, weight, bias, out, dw, db,
         m, hidden, act_t.shape[1] if act is not None else 0, width, float(eps),
         c.stride(0), c.stride(1), y_t.stride(0), y_t.stride(1), act_t.stride(0), act_t.stride(1),
         up_t.stride(0), up_t.stride(1), s.stride(0), s.stride(1), dw.stride(0), dw.stride(-1), weight.stride(0),
         bias.stride(0), db.stride(-1),
+    )  # fmt: skip
+    kwargs = dict(
         HAS_Y=y is not None, HAS_UP=act is not None, WRITE_S=write_c, DOWN=down is not None,
         ACT=down[2] if down is not None else 0, DOT_FP32=fp32_dots,
         INPUT_PRECISION="ieee" if dtype == torch.float32 or fp32_dots else "tf32", **_tiles(hidden, width),
     )  # fmt: skip
+    geometry = (dev, *kwargs.values(), *launch_signature(args, 10))  # (on a GPU: its compiled kernel, directly)
+    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_level_boundary_kernel, (cdiv(m, 16),), kwargs,
+                    len(args)), args)  # fmt: skip
     return (s if write_c else None), out
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import DirectLaunch, cdiv, device_lru_cache, next_pow2, record, use_triton
+from ._backend import DirectLaunch, cdiv, device_lru_cache, launch_recorded, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan, by_row
         *x.stride(), *lora_A.stride(), *u.stride(),
     )  # fmt: skip
     geometry = ("shrink", M, K, x.stride(), lora_A.stride(), plan.n, plan.u_width, x.dtype, x.device, by_row)
-    _launch_recorded(geometry, _plan_shrink, (x, plan, len(args), by_row), args, (x, lora_A))
+    launch_recorded(_RECORDED, geometry, _plan_shrink, (x, plan, len(args), by_row), args, (x, lora_A))
     return u
 
 
@@ -448,7 +448,7 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: S
         u, lora_B, plan.order, plan.starts, plan.rank_off, y, plan.n, N, *u.stride(), *lora_B.stride(), *y.stride(),
     )  # fmt: skip
     geometry = ("expand", M, N, u.stride(), lora_B.stride(), y.stride(), plan.n, plan.u_width, y.dtype, y.device)
-    _launch_recorded(geometry, _plan_expand, (y, plan, len(args)), args, (u, lora_B, y))
+    launch_recorded(_RECORDED, geometry, _plan_expand, (y, plan, len(args)), args, (u, lora_B, y))
     return y
 
 
@@ -465,18 +465,6 @@ def _plan_expand(y: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> Direc
 # calls the shrink and the expand with the same geometry on every batch of a size; the plan's device tensors are
 # fresh allocations (aligned), so only the caller's operands are checked against the recorded alignment.
 _RECORDED: dict[tuple, DirectLaunch] = {}
-
-
-def _launch_recorded(geometry: tuple, planner, planner_args: tuple, args: tuple, checked: tuple) -> None:
-    """Launch ``geometry``'s recorded launch (or ``planner(*planner_args)``'s, recorded) with ``args``. (No closure
-    for the planner: the callers' arguments would become cells, host time on every call.)"""
-    launch = _RECORDED.get(geometry)
-    fresh = launch is None
-    if fresh:
-        launch = planner(*planner_args)
-    again = launch(args, checked)
-    if fresh or again is not launch:
-        record(_RECORDED, geometry, again)
 
 
 def lora_expand_reference_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:

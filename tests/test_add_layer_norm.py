@@ -3,6 +3,8 @@ its torch twin and the two torch ops it replaces."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,3 +157,31 @@ def test_cuda_bf16_error_no_larger_than_torch_bf16(hidden):
     assert torch.equal(s, a + b)
     assert (x.double() - want).abs().max() <= (plain.double() - want).abs().max() * 1.02 + 1e-6
     torch.testing.assert_close(stats[0], s64.mean(-1).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_recorded_launch_calls_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(
+    monkeypatch, direct_stand_in
+):
+    """Launches are recorded per geometry (device, constexprs, each tensor's dtype and 16-byte alignment, the
+    integer arguments): on a GPU a repeat calls the compiled kernel of the first launch directly, every parameter in
+    signature order (here a stand-in binds them back to the parameter names and runs the kernel in the interpreter).
+    An a that is 4-byte aligned makes a new key, launched by Triton."""
+    aln = importlib.import_module("adapter_engine.kernels.add_layer_norm")  # (the package attribute is the function)
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(aln, "_RECORDED", {})
+    a, b, w, bias = _inputs(37, 40, torch.float32)
+
+    def call(a):
+        stats = torch.full((2, 37), float("nan"))
+        return (*add_layer_norm(a, b, w, bias, 1e-5, stats=stats), stats)
+
+    want = call(a)
+    ((key, launch),) = aln._RECORDED.items()
+    aln._RECORDED[key] = stand_in(launch, 0)  # (the key holds the alignment: nothing left to check)
+    for got, expected in zip(call(a), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert direct == [launch.grid]
+    shifted = torch.empty(37 * 40 + 1)[1:].view(37, 40).copy_(a)
+    for got, expected in zip(call(shifted), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(direct) == 1 and len(aln._RECORDED) == 2

@@ -753,11 +753,21 @@ def test_forward_tuning_end_to_end_in_the_interpreter(monkeypatch, routing):
     )
     params, ln, h, y = _trainable_stack(48, 40, [12, 20, 16], ["relu", "gelu", "tanh"])
     routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 24 + [[2, 0, -1]] * 16)
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})
+    monkeypatch.setattr(bottleneck_bwd, "_RECORDED", {})
     for call in range(2):
         got = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
         assert len(timed) == (2 if call == 0 else 4)  # the saving forward's two candidates, at the first call only
         _assert_matches_oracle(got, params, ln, h, y, routes)  # the backward's gradients after its own timing
         assert len(timed) == 4  # the level backward's two candidates: one key for the three levels, timed once
+    # the launches recorded for direct calls have the chosen tiles only (the timing runs launch through Triton)
+    tuned = {key[0]: (t.BLOCK_M, t.BLOCK_H) for key, t in bottleneck_dispatch._TUNED.items()}
+    level_bwd = bottleneck_bwd._bottleneck_level_bwd_kernel
+    assert [(d.kwargs["BLOCK_M"], d.kwargs["BLOCK_H"]) for d in bottleneck_fwd._RECORDED.values()] == [tuned["forward"]]
+    recorded = [
+        (d.kwargs["BLOCK_M"], d.kwargs["BLOCK_H"]) for d in bottleneck_bwd._RECORDED.values() if d.kernel is level_bwd
+    ]
+    assert set(recorded) == {tuned["level backward"]}  # (levels whose views are aligned alike share one)
 
 
 # --------------------------------------------------------------------------------------------------- levels on cuBLAS
@@ -769,11 +779,14 @@ def levels_path(monkeypatch, request):
     from adapter_engine.kernels import bottleneck_dispatch, bottleneck_fwd
 
     class NoKernel:
+        arg_names = bottleneck_fwd._bottleneck_stack_fwd_kernel.arg_names
+
         def __getitem__(self, grid):
             raise AssertionError("the row-block forward kernel ran")
 
     monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", request.param)
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", NoKernel())
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})  # (launches recorded before hold the kernel itself)
 
 
 @pytest.mark.parametrize("name", list(OPTION_GRID))
@@ -1132,11 +1145,14 @@ def test_backward_stops_below_the_lowest_training_level(monkeypatch, path, train
     real_levels = bottleneck_bwd.level_bwd_levels
 
     class CountingKernel:
+        arg_names = kernel.arg_names  # (planned as the kernel's DirectLaunch, which launches it through Triton here)
+
         def __getitem__(self, grid):
             levels_run.append("kernel")
             return kernel[grid]
 
     monkeypatch.setattr(bottleneck_bwd, "_bottleneck_level_bwd_kernel", CountingKernel())
+    monkeypatch.setattr(bottleneck_bwd, "_RECORDED", {})  # (launches recorded with the kernel itself)
     monkeypatch.setattr(bottleneck_bwd, "level_bwd_levels", lambda *a: levels_run.append("levels") or real_levels(*a))
     params = make_params(40, [8, 16, 12], ["relu", "gelu", "tanh"])
     for i in training:
@@ -1841,6 +1857,59 @@ def test_a_launch_recorded_with_its_compiled_kernel_repeats_it_directly_for_oper
     assert len(direct) == 1
 
 
+@pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
+def test_training_launches_are_recorded_and_call_their_compiled_kernels_directly_for_tensors_aligned_alike(
+    monkeypatch, direct_stand_in, routing
+):
+    """A training step's kernel launches (the saving forward, the output backward, one level backward per level) are
+    recorded per geometry once their tiles are chosen, keyed by what Triton specialises on (each tensor's dtype and
+    16-byte alignment, the integer arguments) with the device and constexprs. On a GPU a repeat calls the compiled
+    kernel of the first launch directly: every parameter in signature order (here stand-ins for the compiled kernels
+    bind the flat arguments back to the parameter names and run them in the interpreter), the output and every
+    gradient as through Triton's launch. A tensor aligned otherwise (h 4-byte aligned: the forward and the lowest
+    level read it) or of another dtype makes a new key, launched by Triton."""
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_fwd
+
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})
+    monkeypatch.setattr(bottleneck_bwd, "_RECORDED", {})
+    caches = (bottleneck_fwd._RECORDED, bottleneck_bwd._RECORDED)
+    params, ln, h, y = _trainable_stack(40, 11, [12, 20, 16], ["relu", "gelu", "tanh"])
+    routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 6 + [[2, 0, -1]] * 5)
+    leaves = [h, y, ln.weight, ln.bias] + [p[k] for p in params for k in ("wd", "bd", "wu", "bu")]
+    grad_out = torch.randn(11, 40)
+
+    def step(h):
+        out = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+        return [out.detach(), *torch.autograd.grad(out, [h, *leaves[1:]], grad_out)]
+
+    want = step(h)  # through Triton's launch: the interpreter's returns no compiled kernel
+    # one launch each; the levels' views of the saved tensors and routes are aligned differently here: one key each
+    kernels = [launch.kernel.__name__ for cache in caches for launch in cache.values()]
+    assert (
+        kernels == ["_bottleneck_stack_fwd_kernel", "_bottleneck_out_bwd_kernel"] + ["_bottleneck_level_bwd_kernel"] * 3
+    )
+    assert all(launch.compiled is None for cache in caches for launch in cache.values())
+    for cache in caches:
+        for key, launch in cache.items():
+            cache[key] = stand_in(launch, 0)  # (the key holds the alignment: nothing left to check)
+    grids = sorted(launch.grid for cache in caches for launch in cache.values())
+    for got, w in zip(step(h), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+    assert sorted(direct) == grids
+    shifted = torch.empty(11 * 40 + 1)[1:].view(11, 40).copy_(h.detach()).requires_grad_()  # 4-byte aligned
+    for got, w in zip(step(shifted), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+    assert len(direct) == 5 + 3  # the output backward and the two upper levels: the forward and level 0 read h
+    assert [len(cache) for cache in caches] == [2, 5]
+    half_params = [
+        {**p, **{k: p[k].detach().half().requires_grad_() for k in ("wd", "bd", "wu", "bu")}} for p in params
+    ]
+    out = bottleneck_stack(h.detach().half(), y.detach().half(), pack(half_params), routes, SEQ, ln.weight, ln.bias)
+    out.float().sum().backward()
+    assert len(direct) == 8 and [len(cache) for cache in caches] == [3, 9]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_recorded_launch_takes_activations_in_their_own_shapes_and_copies_rows_of_uneven_strides(dtype):
     """A repeated launch hands (B, S, H) activations and output to the kernel as they are (their data pointers and
@@ -2143,6 +2212,45 @@ def test_cuda_bf16_gradients_training_top_of_three(monkeypatch, with_ln):
     for a, b, ref in zip(got, plain, fp64, strict=True):
         e_fused, e_plain = _errors(a, ref, b)
         assert e_fused.max() <= e_plain.max() + 1e-3 * ref.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("routing", ["one-stack", "mixed-rows"])
+def test_cuda_training_launches_call_compiled_kernels_that_match_tritons_launch_bit_for_bit(monkeypatch, routing):
+    """On the GPU a training step's recorded launches (forward, output backward, level backwards) hold the compiled
+    kernels of their first launches and call them directly from the second step on: the output and every gradient
+    equal those of the same launches through Triton's launcher bit for bit."""
+    from adapter_engine.kernels import bottleneck_bwd, bottleneck_dispatch, bottleneck_fwd
+
+    monkeypatch.setattr(bottleneck_dispatch, "STACK_PATH", "rows")
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})
+    monkeypatch.setattr(bottleneck_bwd, "_RECORDED", {})
+    caches = (bottleneck_fwd._RECORDED, bottleneck_bwd._RECORDED)
+    dev, dt, hidden, rows = "cuda", torch.bfloat16, 768, 512
+    params = make_params(hidden, [48, 64, 32], ["relu", "gelu", "tanh"], dtype=dt, device=dev)
+    weights = [p[k].requires_grad_(True) for p in params for k in ("wd", "bd", "wu", "bu")]
+    ln = make_ln(hidden, dt, dev)
+    routes = torch.tensor([0, 1, 2]) if routing == "one-stack" else torch.tensor([[0, 1, 2]] * 300 + [[2, 0, -1]] * 212)
+    h = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    y = torch.randn(rows, hidden, device=dev).to(dt).requires_grad_()
+    g = torch.randn(rows, hidden, device=dev).to(dt)
+
+    def step():
+        out = bottleneck_stack(h, y, pack(params), routes, SEQ, ln.weight, ln.bias)
+        return [out, *torch.autograd.grad(out, [h, y, ln.weight, ln.bias, *weights], g)]
+
+    step()
+    kernels = {launch.kernel for cache in caches for launch in cache.values()}
+    assert kernels == {bottleneck_fwd._bottleneck_stack_fwd_kernel, bottleneck_bwd._bottleneck_out_bwd_kernel,
+                       bottleneck_bwd._bottleneck_level_bwd_kernel}  # fmt: skip
+    assert all(launch.compiled is not None for cache in caches for launch in cache.values())
+    direct = step()
+    for cache in caches:
+        for key, launch in cache.items():
+            cache[key] = launch._replace(compiled=None)
+    through_triton = step()
+    for a, b in zip(direct, through_triton, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda

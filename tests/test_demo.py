@@ -221,6 +221,7 @@ def test_demo_runs_in_its_gpu_configuration(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(lora_launch, "_torch_paths", counted_torch_paths)
     kernel = bottleneck_fwd._bottleneck_stack_fwd_kernel  # patched where its launcher, _launch_fwd, looks it up
     monkeypatch.setattr(bottleneck_fwd, "_bottleneck_stack_fwd_kernel", Counted(kernel, "bottleneck"))
+    monkeypatch.setattr(bottleneck_fwd, "_RECORDED", {})
     monkeypatch.setattr(_backend, "torch_twins_on_cpu", lambda enabled=True: contextlib.nullcontext())
     bottleneck = importlib.import_module("adapter_engine.kernels.bottleneck")
 

@@ -208,3 +208,30 @@ def test_cuda_bf16_error_no_larger_than_the_torch_ops(hidden, mode):
     if s is not None:
         assert rel(s, want_s) <= rel(s_torch, want_s) * 1.02 + 1e-6
     assert rel(out, want) <= rel(out_torch, want) * 1.02 + 1e-6
+
+
+def test_a_recorded_launch_calls_its_compiled_kernel_directly_while_the_tensors_are_aligned_alike(
+    monkeypatch, direct_stand_in
+):
+    """Launches are recorded per geometry (device, constexprs, each tensor's dtype and 16-byte alignment, the
+    integer arguments): on a GPU a repeat calls the compiled kernel of the first launch directly, every parameter in
+    signature order (here a stand-in binds them back to the parameter names and runs the kernel in the interpreter).
+    A c that is 4-byte aligned makes a new key, launched by Triton."""
+    lb = importlib.import_module("adapter_engine.kernels.level_boundary")
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(lb, "_RECORDED", {})
+    c, y, _, _, down_w, down_b, w, bias = _inputs(21, 24, 96, 40, torch.float32)
+
+    def call(c):  # the stack's start: s = c + y is a new tensor, c is left alone
+        return level_boundary(c, w, bias, 1e-6, y=y, down=(down_w, down_b, ACTIVATIONS["tanh"]))
+
+    want = call(c)
+    ((key, launch),) = lb._RECORDED.items()
+    lb._RECORDED[key] = stand_in(launch, 0)  # (the key holds the alignment: nothing left to check)
+    for got, expected in zip(call(c), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert direct == [launch.grid]
+    shifted = torch.empty(21 * 96 + 1)[1:].view(21, 96).copy_(c)
+    for got, expected in zip(call(shifted), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(direct) == 1 and len(lb._RECORDED) == 2

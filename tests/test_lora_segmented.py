@@ -206,7 +206,7 @@ def test_segmented_launchers_match_their_twins(poison):
 def test_shrink_and_expand_launches_are_recorded_per_geometry_and_their_compiled_kernels_called_directly(
     monkeypatch, direct_stand_in
 ):
-    """A mixed batch's shrink and expand are planned once per geometry (``_launch_recorded``) and repeated for new
+    """A mixed batch's shrink and expand are planned once per geometry (``launch_recorded``) and repeated for new
     rows, ids and factors: on a GPU by calling the compiled kernels of their first launches directly (here stand-ins
     that run them in the interpreter), in signature order, while the caller's operands are aligned alike."""
     stand_in, direct = direct_stand_in
