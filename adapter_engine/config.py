@@ -411,7 +411,12 @@ def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
         return BottleneckConfig.from_dict(data)
     if arch == "lora":
         return lora_from_adapterhub(data)
-    raise ValueError(f"AdapterHub architecture {arch!r} is not supported; supported: bottleneck, lora")
+    if arch == "union":  # AdapterHub's ConfigUnion (its mam and unipelt presets): name what it joins
+        parts = [c.get("architecture") or "bottleneck" for c in data.get("configs") or () if isinstance(c, Mapping)]
+        arch = f"union of {parts} (an AdapterHub ConfigUnion, e.g. its mam or unipelt preset)"
+    else:
+        arch = repr(arch)
+    raise ValueError(f"AdapterHub architecture {arch} is not supported; supported: bottleneck, lora")
 
 
 def lora_from_adapterhub(data: Mapping[str, Any]) -> LoraConfig:

@@ -271,6 +271,16 @@ def test_coerce_presets_and_dicts():
         coerce_config(42)
 
 
+def test_an_adapterhub_config_union_names_what_it_joins():
+    """AdapterHub's mam preset saves as a ConfigUnion: the refusal names the architectures it joins (it named only
+    'union')."""
+    mam = {"architecture": "union", "configs": [{"architecture": "prefix_tuning"}, _adapterhub_config("par")]}
+    with pytest.raises(ValueError, match=r"union of \['prefix_tuning', 'bottleneck'\].*mam"):
+        config_from_dict(mam)
+    with pytest.raises(ValueError, match="architecture 'prompt_tuning' is not supported"):
+        config_from_dict({"architecture": "prompt_tuning"})
+
+
 def test_stack():
     assert list(Stack("a", "b")) == ["a", "b"] and Stack(["a", "b"]) == Stack("a", "b") and len(Stack("a")) == 1
     with pytest.raises(TypeError):
