@@ -332,7 +332,10 @@ class BottleneckConfig:
         # AdapterHub runs Houlsby-style, used to take this class's True and run seq_bn-style, without a word
         missing = [k for k in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity") if k not in data]
         if missing:
-            raise ValueError(f"BottleneckConfig.from_dict: {missing} missing (AdapterHub's BnConfig requires them)")
+            raise ValueError(
+                f"BottleneckConfig.from_dict: {missing} missing (AdapterHub's BnConfig requires them); for the "
+                "engine's defaults pass a BottleneckConfig(...) or a preset name such as 'seq_bn'"
+            )
         data = {"original_ln_before": False, **data}
         return cls(**_check_fields(cls, data, ignored, unsupported))
 
