@@ -86,7 +86,7 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             plan.append((name, a, b))
         else:
             vec = params["ia3_l"]
-            ff = bool(ff_targets) and (_targeted(saved, ff_targets) or _targeted(name, ff_targets))
+            ff = bool(ff_targets) and (_feedforward(saved, ff_targets) or _feedforward(name, ff_targets))
             size = fin if ff else fout
             if vec.numel() != size or vec.dim() > 2:
                 raise ValueError(
@@ -136,6 +136,14 @@ def _targeted(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return targets.lower() == pt.ALL_LINEAR or re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _feedforward(name: str, targets: list[str] | str) -> bool:
+    """PEFT's IA3 rule for ``feedforward_modules``: a regex string fullmatches the name, a list entry is a plain
+    suffix of it (``str.endswith``, no dot needed, unlike ``target_modules``: ``"proj"`` selects ``q_proj``)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name.endswith(t) for t in targets)
 
 
 def _check_extra(file: AdapterFile, cfg: AnyConfig, names: dict[str, str]) -> None:
@@ -320,13 +328,12 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
         if isinstance(cfg, IA3Config):
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
                 spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
-            ff = set(match_targets(model, ff_targets)) if ff_targets else set()
-            ff = {n for n in ff if not pt.within(n, saved)}
-            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
-                raise ValueError(
-                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
-                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
+            listed = isinstance(ff_targets, list) and isinstance(cfg.target_modules, list)
+            if listed and not set(ff_targets) <= set(targets):
+                raise ValueError(  # (PEFT's IA3Config refuses this too)
+                    f"IA3 feedforward_modules {ff_targets!r} must be a subset of target_modules {targets!r}"
                 )
+            ff = {n for n in names if ff_targets and _feedforward(n, ff_targets)}
         for n in names:
             wrapper = wrap_linear(model, state, n)
             dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)
