@@ -170,6 +170,10 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
             expected = set(match_targets(model, cfg.target_modules))
         except ValueError:
             return  # regex written against another wrapper's names: the per-layer checks still hold
+        # PEFT leaves the layers inside a module it copies (modules_to_save) out of the targets
+        modules = dict(model.named_modules())
+        copied = [c for s in file.saved_modules if (c := pt.resolve_module(model, s, modules))]
+        expected = {n for n in expected if not pt.within(n, copied)}
         prefix = base_prefix(model)
         if prefix and all(n.startswith(prefix + ".") for n in found):
             expected = {n for n in expected if n.startswith(prefix + ".")}
