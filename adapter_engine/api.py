@@ -68,6 +68,11 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
         if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
             if has_own_forward(mod):
                 raise ValueError(not_wrappable(name, mod))
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)):  # PEFT adapts these too
+                raise ValueError(
+                    f"layer {name!r} is a {type(mod).__name__}: LoRA / IA3 on {type(mod).__name__} layers is not "
+                    "supported by adapter-engine (only nn.Linear and transformers Conv1D layers); merge it with PEFT"
+                )
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a Linear/Conv1D: wrong architecture?")
         missing = [p for p in want if p not in params]
         extra = [p for p in params if p not in want]

@@ -394,6 +394,26 @@ def test_ia3_feedforward_entries_are_plain_suffixes_as_in_peft(tmp_path):
     assert all(flags.values())
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_peft_adapters_of_conv_layers_are_refused_as_unsupported(kind, tmp_path):
+    """PEFT's LoRA and IA3 adapt nn.Conv2d layers; the engine does not. The refusal said "not a Linear/Conv1D: wrong
+    architecture?", which sends the user looking for the wrong problem; it names the unsupported layer type now."""
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+    cfg = peft.LoraConfig(r=2, target_modules=["conv", "head"]) if kind == "lora" else peft.IA3Config(
+        target_modules=["conv", "head"], feedforward_modules=[])  # fmt: skip
+    peft.get_peft_model(Net(), cfg).save_pretrained(tmp_path)
+    model = Net()
+    with pytest.raises(ValueError, match="'conv' is a Conv2d: LoRA / IA3 on Conv2d layers is not supported"):
+        ae.load_adapter(model, tmp_path)
+    assert isinstance(model.head, torch.nn.Linear)
+
+
 def test_all_linear_targets_the_layers_peft_targets(tmp_path):
     """``target_modules="all-linear"`` (PEFT's shorthand, any case, also in a peft config object) selects every
     linear layer but the LM head, as PEFT does, and not the layers inside adapters already there."""
