@@ -68,6 +68,11 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
         if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
             if has_own_forward(mod):
                 raise ValueError(not_wrappable(name, mod))
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)):  # PEFT adapts these too
+                raise ValueError(
+                    f"layer {name!r} is a {type(mod).__name__}: LoRA / IA3 on {type(mod).__name__} layers is not "
+                    "supported by adapter-engine (only nn.Linear and transformers Conv1D layers); merge it with PEFT"
+                )
             raise ValueError(f"layer {name!r} is a {type(mod).__name__}, not a Linear/Conv1D: wrong architecture?")
         missing = [p for p in want if p not in params]
         extra = [p for p in params if p not in want]
@@ -86,7 +91,7 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
             plan.append((name, a, b))
         else:
             vec = params["ia3_l"]
-            ff = bool(ff_targets) and (_targeted(saved, ff_targets) or _targeted(name, ff_targets))
+            ff = bool(ff_targets) and (_feedforward(saved, ff_targets) or _feedforward(name, ff_targets))
             size = fin if ff else fout
             if vec.numel() != size or vec.dim() > 2:
                 raise ValueError(
@@ -138,6 +143,14 @@ def _targeted(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _feedforward(name: str, targets: list[str] | str) -> bool:
+    """PEFT's IA3 rule for ``feedforward_modules``: a regex string fullmatches the name, a list entry is a plain
+    suffix of it (``str.endswith``, no dot needed, unlike ``target_modules``: ``"proj"`` selects ``q_proj``)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name.endswith(t) for t in targets)
+
+
 def _check_extra(file: AdapterFile, cfg: AnyConfig, names: dict[str, str]) -> None:
     """Weights for layers the PEFT config's ``target_modules`` does not select (PEFT would ignore them silently).
     A layer counts as selected when its saved name (what PEFT matched) or the model's name for it matches."""
@@ -162,6 +175,10 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
             expected = set(match_targets(model, cfg.target_modules))
         except ValueError:
             return  # regex written against another wrapper's names: the per-layer checks still hold
+        # PEFT leaves the layers inside a module it copies (modules_to_save) out of the targets
+        modules = dict(model.named_modules())
+        copied = [c for s in file.saved_modules if (c := pt.resolve_module(model, s, modules))]
+        expected = {n for n in expected if not pt.within(n, copied)}
         prefix = base_prefix(model)
         if prefix and all(n.startswith(prefix + ".") for n in found):
             expected = {n for n in expected if n.startswith(prefix + ".")}
@@ -320,13 +337,12 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
         if isinstance(cfg, IA3Config):
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
                 spec.ia3_feedforward if spec and cfg.target_modules is None else [])  # fmt: skip
-            ff = set(match_targets(model, ff_targets)) if ff_targets else set()
-            ff = {n for n in ff if not pt.within(n, saved)}
-            if ff - set(names):  # (PEFT's IA3Config refuses this too; the vectors would silently go elsewhere)
-                raise ValueError(
-                    f"IA3 feedforward_modules {ff_targets!r} select layers target_modules {targets!r} does not: "
-                    f"{sorted(ff - set(names))[:4]}; feedforward_modules must be a subset of target_modules"
+            listed = isinstance(ff_targets, list) and isinstance(cfg.target_modules, list)
+            if listed and not set(ff_targets) <= set(targets):
+                raise ValueError(  # (PEFT's IA3Config refuses this too)
+                    f"IA3 feedforward_modules {ff_targets!r} must be a subset of target_modules {targets!r}"
                 )
+            ff = {n for n in names if ff_targets and _feedforward(n, ff_targets)}
         for n in names:
             wrapper = wrap_linear(model, state, n)
             dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)

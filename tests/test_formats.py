@@ -365,6 +365,55 @@ def test_ia3_without_feedforward_layers_saves_both_ways(expected, tmp_path):
     assert max_err(run(back, expected), ref, expected["attention_mask"]) < ATOL
 
 
+def test_ia3_feedforward_entries_are_plain_suffixes_as_in_peft(tmp_path):
+    """PEFT's IA3 marks a layer feed-forward when its name ends with a ``feedforward_modules`` entry (``str.endswith``,
+    no dot needed). The engine used the dotted ``target_modules`` rule: ``["_proj"]`` selected no layer, so the square
+    q_proj / o_proj vectors of a PEFT adapter silently scaled outputs instead of inputs (and add_adapter refused)."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    base = LlamaModel(conf).eval()
+    cfg = dict(target_modules=r".*\.(q_proj|o_proj)", feedforward_modules=["_proj"], init_ia3_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**cfg)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.0, 2.0)
+    pm.save_pretrained(tmp_path / "peft")
+    x = torch.randint(0, 64, (2, 7))
+    model = copy.deepcopy(base)
+    ae.load_adapter(model, tmp_path / "peft", name="ia3", set_active=True)
+    with torch.no_grad():
+        ref = pm(input_ids=x).last_hidden_state
+        assert (model(input_ids=x).last_hidden_state - ref).abs().max() < ATOL
+    ae.add_adapter(model, "fresh", ae.IA3Config(**cfg))
+    flags = {n: m.ia3_feedforward["fresh"] for n, m in model.named_modules() if "fresh" in getattr(m, "ia3_l", {})}
+    assert sorted(flags) == [f"layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "q_proj")]
+    assert all(flags.values())
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_peft_adapters_of_conv_layers_are_refused_as_unsupported(kind, tmp_path):
+    """PEFT's LoRA and IA3 adapt nn.Conv2d layers; the engine does not. The refusal said "not a Linear/Conv1D: wrong
+    architecture?", which sends the user looking for the wrong problem; it names the unsupported layer type now."""
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+    cfg = peft.LoraConfig(r=2, target_modules=["conv", "head"]) if kind == "lora" else peft.IA3Config(
+        target_modules=["conv", "head"], feedforward_modules=[])  # fmt: skip
+    peft.get_peft_model(Net(), cfg).save_pretrained(tmp_path)
+    model = Net()
+    with pytest.raises(ValueError, match="'conv' is a Conv2d: LoRA / IA3 on Conv2d layers is not supported"):
+        ae.load_adapter(model, tmp_path)
+    assert isinstance(model.head, torch.nn.Linear)
+
+
 def test_all_linear_targets_the_layers_peft_targets(tmp_path):
     """``target_modules="all-linear"`` (PEFT's shorthand, any case, also in a peft config object) selects every
     linear layer but the LM head, as PEFT does, and not the layers inside adapters already there."""

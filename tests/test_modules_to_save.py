@@ -314,6 +314,20 @@ def test_targets_inside_a_copied_head_are_left_out_as_peft_leaves_them(tmp_path)
             torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
+def test_targets_inside_a_copied_block_module_are_left_out_at_load(base_state, ids, tmp_path):
+    """modules_to_save=["intermediate"] with target_modules matching its dense layer: PEFT copies each layer's
+    intermediate block whole and adapts the other dense layers. The engine's load wanted LoRA weights for the
+    layers inside the copies and refused the file ("missing adapter weights"); it now loads it with PEFT's outputs."""
+    cfg = peft.LoraConfig(r=4, target_modules=["query", "value", "dense"], modules_to_save=["intermediate"])
+    pm = peft.get_peft_model(bert(base_state), cfg)
+    randomize(pm, "default", 7)
+    pm.save_pretrained(tmp_path / "p")
+    model = bert(base_state)
+    ae.load_adapter(model, tmp_path / "p", name="p", set_active=True)
+    assert ae.api._state(model).adapters["p"].saved == [f"bert.encoder.layer.{i}.intermediate" for i in (0, 1)]
+    torch.testing.assert_close(logits(model, ids), logits(pm.eval(), ids), atol=ATOL, rtol=0)
+
+
 def test_a_layer_norm_inside_a_bottleneck_layer_takes_no_copies(base_state):
     """A bottleneck layer's fused stack reads its LayerNorm's weights directly: a copy of that LayerNorm would have
     been ignored by the fused path (and used by the eager one). It is refused, naming the layer."""
