@@ -337,6 +337,15 @@ def launch_signature(args, pointers: int) -> tuple:
     return (*[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:pointers]], *args[pointers:])
 
 
+def launch_by_signature(cache: dict, head: tuple, kernel, grid: tuple[int, ...], kwargs: dict, args: tuple,
+                        pointers: int) -> None:  # fmt: skip
+    """Launch ``kernel`` over ``grid`` with ``args`` (the first ``pointers`` of them tensors) and ``kwargs``, through
+    its launch recorded in ``cache`` under ``head`` (the device and what fixes the constexprs) and the arguments'
+    :func:`launch_signature`: on a GPU a repeat calls the compiled kernel of the first launch directly."""
+    key = (*head, *launch_signature(args, pointers))
+    launch_recorded(cache, key, DirectLaunch.plan, (kernel, grid, kwargs, len(args)), args)
+
+
 class DirectLaunch(NamedTuple):
     """A Triton kernel's launch planned for one geometry (grid, integer arguments, constexprs: the caller's cache
     key), repeated for new tensors. On a GPU it keeps the compiled kernel of its first launch and calls that

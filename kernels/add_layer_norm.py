@@ -34,8 +34,7 @@ from ._backend import (
     cdiv,
     check_float_dtype,
     check_same_device,
-    launch_recorded,
-    launch_signature,
+    launch_by_signature,
     next_pow2,
     use_triton,
 )
@@ -142,9 +141,8 @@ def add_layer_norm_fwd(a, b, weight, bias, eps: float, dtype: torch.dtype, write
     )  # fmt: skip
     kwargs = dict(HAS_C=c is not None, WRITE_SUM=write_sum, SAVE_STATS=stats is not None, ROWS=rows, BLOCK_H=block_h,
                   num_warps=warps)  # fmt: skip
-    geometry = (a.device, *kwargs.values(), *launch_signature(args, 8))  # (on a GPU: its compiled kernel, directly)
-    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_add_layer_norm_fwd_kernel, (cdiv(m, rows),), kwargs,
-                    len(args)), args)  # fmt: skip
+    launch_by_signature(_RECORDED, (a.device, *kwargs.values()), _add_layer_norm_fwd_kernel, (cdiv(m, rows),), kwargs,
+                        args, 8)  # fmt: skip
     return s, out
 
 

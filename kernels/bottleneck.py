@@ -69,7 +69,7 @@ ops (``adapter_engine::bottleneck_stack_*``) so torch.compile keeps each stack a
 calls the same launchers through a plain autograd Function (``_StackFunction``: less host time per call). Their
 kernel launches (and those of the level path's ``add_layer_norm`` and ``level_boundary``) are recorded per geometry
 once the tiles are chosen, keyed by what Triton specialises on (``_backend.launch_signature``), and on a GPU repeat
-the compiled kernel of their first launch directly (``_backend.launch_recorded``): no per-launch binding of their
+the compiled kernel of their first launch directly (``_backend.launch_by_signature``): no per-launch binding of their
 15 to 39 arguments by Triton's launcher.
 
 Files: this module holds the public API (:func:`bottleneck_stack`, whose ``return_launch`` serving layers repeat

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import bottleneck_dispatch
-from ._backend import INTERPRET, DirectLaunch, cdiv, launch_recorded, launch_signature, next_pow2
+from ._backend import INTERPRET, DirectLaunch, cdiv, launch_by_signature, next_pow2
 from .bottleneck_fwd import _level_input, _load_ln, _mma
 from .bottleneck_gemm import level_bwd_levels
 from .bottleneck_pack import (
@@ -439,9 +439,8 @@ def _stack_backward(
         OUT_ADD_Y=flags["OUT_ADD_Y"], OUT_LN=flags["OUT_LN"], LN_GRAD=ln_grad and flags["OUT_LN"],
         BLOCK_M=block_m, BLOCK_H=block_h, LOOP_STAGES=1 if INTERPRET else 2, num_warps=warps,
     )  # fmt: skip
-    geometry = ("out backward", dev, *out_kwargs.values(), *launch_signature(out_args, 9))
-    plan = (_bottleneck_out_bwd_kernel, (cdiv(m, block_m),), out_kwargs, len(out_args))
-    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, plan, out_args)
+    launch_by_signature(_RECORDED, ("out backward", dev, *out_kwargs.values()), _bottleneck_out_bwd_kernel,
+                        (cdiv(m, block_m),), out_kwargs, out_args, 9)  # fmt: skip
     if ln_grad and flags["OUT_LN"]:
         dln_w += pw.sum(0)
         dln_b += pb.sum(0)
@@ -539,9 +538,8 @@ def _stack_backward(
                                  pb if level_ln_grad else None, level_adapter, (host_offsets, host_codes, host_scales),
                                  flags, half, not dy_is_g)  # fmt: skip
             elif direct:  # the chosen tiles' launch, recorded per geometry (the levels' views differ in alignment)
-                geometry = (dev, key, t, *launch_signature(args, 19))
-                plan = (_bottleneck_level_bwd_kernel, (cdiv(m, t.BLOCK_M),), {**switches, **t.launch()}, len(args))
-                launch_recorded(_RECORDED, geometry, DirectLaunch.plan, plan, args)
+                launch_by_signature(_RECORDED, (dev, key, t), _bottleneck_level_bwd_kernel, (cdiv(m, t.BLOCK_M),),
+                                    {**switches, **t.launch()}, args, 19)  # fmt: skip
             else:
                 _bottleneck_level_bwd_kernel[(cdiv(m, t.BLOCK_M),)](*args, **switches, **t.launch())
 

@@ -20,8 +20,7 @@ from ._backend import (
     capturing,
     cdiv,
     compiled_kernel,
-    launch_recorded,
-    launch_signature,
+    launch_by_signature,
     next_pow2,
     use_triton,
 )
@@ -481,9 +480,8 @@ def _launch_fwd(
             kernel_args.extend(_kernel_args(h2, y2, out, ln_weight, ln_bias, packed, routes, saved, options, tiles))
         grid = (cdiv(m, t.BLOCK_M),)
         if direct:  # the chosen tiles' launch, recorded per geometry: on a GPU its compiled kernel, called directly
-            geometry = (dev, switch_values, t, *launch_signature(kernel_args, _POINTERS))
-            launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_bottleneck_stack_fwd_kernel, grid,
-                            {**switches, **t.launch()}, len(kernel_args)), kernel_args)  # fmt: skip
+            launch_by_signature(_RECORDED, (dev, switch_values, t), _bottleneck_stack_fwd_kernel, grid,
+                                {**switches, **t.launch()}, kernel_args, _POINTERS)  # fmt: skip
         else:
             result[1] = _bottleneck_stack_fwd_kernel[grid](*kernel_args, **switches, **t.launch())
         result[0] = out

@@ -43,8 +43,7 @@ from ._backend import (
     check_float_dtype,
     check_same_device,
     dot_in_fp32,
-    launch_recorded,
-    launch_signature,
+    launch_by_signature,
     next_pow2,
     use_triton,
 )
@@ -180,9 +179,7 @@ def level_boundary_fwd(c, weight, bias, eps: float, y, act, up, down, write_c: b
         ACT=down[2] if down is not None else 0, DOT_FP32=fp32_dots,
         INPUT_PRECISION="ieee" if dtype == torch.float32 or fp32_dots else "tf32", **_tiles(hidden, width),
     )  # fmt: skip
-    geometry = (dev, *kwargs.values(), *launch_signature(args, 10))  # (on a GPU: its compiled kernel, directly)
-    launch_recorded(_RECORDED, geometry, DirectLaunch.plan, (_level_boundary_kernel, (cdiv(m, 16),), kwargs,
-                    len(args)), args)  # fmt: skip
+    launch_by_signature(_RECORDED, (dev, *kwargs.values()), _level_boundary_kernel, (cdiv(m, 16),), kwargs, args, 10)
     return (s if write_c else None), out
 
 
