@@ -49,7 +49,8 @@ def _apply_linear(
         keep = entry[1].dtype == torch.float32 if autocast is None else autocast
         dtype = adapter_dtype(wrapper.weight.dtype, keep)
         if isinstance(cfg, LoraConfig):
-            wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, dtype=dtype)
+            # (r and scaling per layer: PEFT's rank_pattern / alpha_pattern on the layer's name in this model)
+            wrapper.add_lora(name, cfg.rank_for(entry[0]), cfg.scaling_for(entry[0]), cfg.lora_dropout, dtype=dtype)
             wrapper.lora_A[name].weight.copy_(entry[1])
             wrapper.lora_B[name].weight.copy_(entry[2])
         else:

@@ -32,6 +32,7 @@ from .formats import ADAPTERHUB_VERSION, AdapterFile, read_adapter, write_adapte
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear, adapter_dtype, has_own_forward, is_linear_like, not_wrappable
 from .patching import AdapterRecord, PatchState, match_targets, wrap_linear
+from .peft_targets import peft_selects
 from .residency import AdapterSnapshot, adapter_nbytes, adapter_parameters, restore_adapter, snapshot_adapter
 from .saved_modules import ModulesToSaveLayer, conflict, select
 
@@ -81,12 +82,14 @@ def _plan_linear(model: nn.Module, state: PatchState, file: AdapterFile, cfg: An
         fin, fout = _dims(mod)
         if isinstance(cfg, LoraConfig):
             a, b = params["lora_A"], params["lora_B"]
-            exp_a, exp_b = (cfg.r, fin), (fout, cfg.r)
+            r = cfg.rank_for(name)  # (rank_pattern: PEFT's rank for this layer of this model)
+            exp_a, exp_b = (r, fin), (fout, r)
             for label, t, exp in (("lora_A", a, exp_a), ("lora_B", b, exp_b)):
                 if tuple(t.shape) != exp:
+                    where = f"r={r} from rank_pattern" if r != cfg.r else f"r={r}"
                     raise ValueError(
                         f"layer {name!r}: {label} has shape {tuple(t.shape)} but the model needs {exp} "
-                        f"(layer in={fin}, out={fout}, r={cfg.r}): adapter made for another architecture or size?"
+                        f"(layer in={fin}, out={fout}, {where}): adapter made for another architecture or size?"
                     )
             plan.append((name, a, b))
         else:
@@ -135,14 +138,6 @@ def check_base_copy(name: str, weight: torch.Tensor | None, copy: torch.Tensor, 
         )
 
 
-def _targeted(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a regex string fullmatches the name (``"all-linear"`` selects every linear layer), a list entry
-    is the name or a suffix of it after a dot."""
-    if isinstance(targets, str):
-        return targets.lower() == pt.ALL_LINEAR or re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _feedforward(name: str, targets: list[str] | str) -> bool:
     """PEFT's IA3 rule for ``feedforward_modules``: a regex string fullmatches the name, a list entry is a plain
     suffix of it (``str.endswith``, no dot needed, unlike ``target_modules``: ``"proj"`` selects ``q_proj``)."""
@@ -152,16 +147,18 @@ def _feedforward(name: str, targets: list[str] | str) -> bool:
 
 
 def _check_extra(file: AdapterFile, cfg: AnyConfig, names: dict[str, str]) -> None:
-    """Weights for layers the PEFT config's ``target_modules`` does not select (PEFT would ignore them silently).
-    A layer counts as selected when its saved name (what PEFT matched) or the model's name for it matches."""
+    """Weights for layers the PEFT config does not select (``target_modules``, ``exclude_modules``,
+    ``layers_to_transform``: PEFT would ignore them silently). A layer counts as selected when its saved name (what
+    PEFT matched) or the model's name for it is selected."""
     if file.format != "peft" or cfg.target_modules is None:
         return
-    extra = sorted(
-        s for s, n in names.items() if not _targeted(s, cfg.target_modules) and not _targeted(n, cfg.target_modules)
-    )
+    extra = sorted(s for s, n in names.items() if not peft_selects(cfg, s) and not peft_selects(cfg, n))
     if extra:
+        fields = [f"target_modules {cfg.target_modules!r}"] + [
+            f"{f} {getattr(cfg, f)!r}" for f in ("exclude_modules", "layers_to_transform") if getattr(cfg, f, None)
+        ]
         raise ValueError(
-            f"adapter weights for layers that target_modules {cfg.target_modules!r} does not select: {extra[:4]}"
+            f"adapter weights for layers that {' with '.join(fields)} does not select: {extra[:4]}"
             f"{' ...' if len(extra) > 4 else ''} ({file.path!r}); PEFT would ignore them: add them to target_modules "
             "in adapter_config.json or remove their weights"
         )
@@ -172,7 +169,7 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
     expected: set[str] = set()
     if file.format == "peft" and cfg.target_modules is not None:
         try:
-            expected = set(match_targets(model, cfg.target_modules))
+            expected = {n for n in match_targets(model, cfg.target_modules) if peft_selects(cfg, n)}
         except ValueError:
             return  # regex written against another wrapper's names: the per-layer checks still hold
         # PEFT leaves the layers inside a module it copies (modules_to_save) out of the targets
@@ -322,6 +319,14 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
         if targets is None:
             raise ValueError(f"model_type {state.model_type!r} is not registered: set target_modules in the config")
         names = match_targets(model, targets)
+        kept = [n for n in names if peft_selects(cfg, n, targets)]  # exclude_modules, layers_to_transform
+        if not kept:
+            raise ValueError(
+                f"target_modules {targets!r} selects {names[:4]}{' ...' if len(names) > 4 else ''}, and "
+                f"exclude_modules {cfg.exclude_modules!r} / layers_to_transform "
+                f"{getattr(cfg, 'layers_to_transform', None)!r} leave none of them"
+            )
+        names = kept
         saved = []
         if cfg.modules_to_save:
             saved = select(pt._outside_adapters(dict(model.named_modules())), cfg.modules_to_save)
@@ -347,7 +352,8 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
             wrapper = wrap_linear(model, state, n)
             dtype = adapter_dtype(wrapper.weight.dtype, autocast_adapter_dtype)
             if isinstance(cfg, LoraConfig):
-                wrapper.add_lora(name, cfg.r, cfg.scaling, cfg.lora_dropout, init=cfg.init_lora_weights, dtype=dtype)
+                r, scaling = cfg.rank_for(n), cfg.scaling_for(n)  # (rank_pattern / alpha_pattern)
+                wrapper.add_lora(name, r, scaling, cfg.lora_dropout, init=cfg.init_lora_weights, dtype=dtype)
             else:
                 wrapper.add_ia3(name, feedforward=n in ff, init=cfg.init_ia3_weights, dtype=dtype)
         for s in saved:  # trainable copies of the modules as they are now (PEFT's modules_to_save)

@@ -207,7 +207,11 @@ def _plan_updates(
         if isinstance(cfg, LoraConfig):
             if set(tensors) != {"lora_A", "lora_B"}:
                 raise ValueError(f"adapter module {module!r} has weights {sorted(tensors)}, expected lora_A, lora_B")
-            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, fifo)
+            r = cfg.rank_for(module)  # (rank_pattern / alpha_pattern: PEFT's r and alpha for this layer)
+            if tensors["lora_A"].shape[0] != r or tensors["lora_B"].shape[-1] != r:
+                raise ValueError(f"adapter module {module!r}: lora_A {tuple(tensors['lora_A'].shape)} and lora_B "
+                                 f"{tuple(tensors['lora_B'].shape)} do not have the config's r={r}")  # fmt: skip
+            updates[candidates[0]] = _Update("lora", tensors, cfg.scaling_for(module), fifo)
         else:
             feedforward = _suffix_match(module, cfg.feedforward_modules)
             # IA3 scales the output features, or the input features of feed-forward modules.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .kernels.bottleneck import ACTIVATIONS as _KERNEL_ACTIVATIONS
+from .peft_targets import check_layer_fields, pattern_key, regex_list
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,11 @@ class LoraConfig:
 
     ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``target_modules`` are module-name
     suffixes (PEFT's rule: ``"dense"`` matches every ``*.dense``) or one regex string matched against full names;
-    ``None`` takes the default targets of the model's architecture.
+    ``None`` takes the default targets of the model's architecture. PEFT's per-layer fields, with its semantics
+    (:func:`~adapter_engine.peft_targets.peft_selects`, :meth:`rank_for`): ``exclude_modules`` leaves layers out;
+    ``layers_to_transform`` (an index or a list) keeps only the layers of those blocks (``layers_pattern`` names
+    the block list, e.g. ``"layers"``); ``rank_pattern`` / ``alpha_pattern`` give some layers (regex keys matched
+    against the end of their names) another ``r`` / ``lora_alpha``.
     """
 
     r: int = 8
@@ -110,9 +115,15 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     modules_to_save: list[str] | None = None  # whole modules trained per adapter (a head): see saved_modules.py
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modules_to_save = _module_list("LoraConfig", self.modules_to_save)
+        check_layer_fields(self)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
         _check_number("LoraConfig", "lora_alpha", self.lora_alpha)
@@ -134,7 +145,20 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
+        """The scaling of layers that ``rank_pattern`` / ``alpha_pattern`` leave alone (see :meth:`scaling_for`)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, name: str) -> int:
+        """``r`` of the layer with full module name ``name`` (PEFT: ``rank_pattern``'s first matching key, else r)."""
+        key = pattern_key(self.rank_pattern, name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def scaling_for(self, name: str) -> float:
+        """The scaling of layer ``name``: its alpha over its r (sqrt(r) with ``use_rslora``), as PEFT's layers."""
+        key = pattern_key(self.alpha_pattern, name)
+        alpha = self.lora_alpha if key is None else self.alpha_pattern[key]
+        r = self.rank_for(name)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
@@ -144,17 +168,12 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.from_dict: peft_type {peft_type!r} is not LORA")
         unsupported = {
             "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "layers_to_transform": None,
-            "layers_pattern": None,
             "lora_bias": False,
             "use_qalora": False,
             "trainable_token_indices": None,
             "target_parameters": None,
             "megatron_config": None,
             "layer_replication": None,
-            "exclude_modules": None,
             # LoRA variants of PEFT 0.21 that change the forward (or the training step) of a saved adapter
             "alora_invocation_tokens": None,  # aLoRA: the adapter acts only after the invocation tokens
             "use_bdlora": None,  # block-diagonal A or B factors
@@ -176,7 +195,7 @@ class LoraConfig:
         """A PEFT-loadable ``adapter_config.json`` dict."""
         out = dataclasses.asdict(self)
         out.update(peft_type="LORA", task_type=None, base_model_name_or_path=None, inference_mode=True)
-        out.update(use_dora=False, rank_pattern={}, alpha_pattern={}, layers_to_transform=None)
+        out.update(use_dora=False)
         return out
 
 
@@ -192,9 +211,11 @@ class IA3Config:
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
     modules_to_save: list[str] | None = None  # as LoraConfig's
+    exclude_modules: list[str] | str | None = None  # as LoraConfig's
 
     def __post_init__(self) -> None:
         self.modules_to_save = _module_list("IA3Config", self.modules_to_save)
+        self.exclude_modules = regex_list("IA3Config", "exclude_modules", self.exclude_modules)
         for name in ("target_modules", "feedforward_modules"):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
@@ -204,9 +225,8 @@ class IA3Config:
         peft_type = getattr(data.get("peft_type", "IA3"), "value", data.get("peft_type", "IA3"))
         if str(peft_type).upper() != "IA3":
             raise ValueError(f"IA3Config.from_dict: peft_type {peft_type!r} is not IA3")
-        unsupported = {"exclude_modules": None}
         ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
-        return cls(**_check_fields(cls, data, ignored, unsupported))
+        return cls(**_check_fields(cls, data, ignored, {}))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

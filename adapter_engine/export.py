@@ -8,6 +8,8 @@ model's adapters and translate their config and placement into the other library
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from .archs import base_prefix, block_paths
 from .config import BottleneckConfig, LoraConfig
 from .formats import ADAPTERHUB_VERSION
 from .patching import AdapterRecord, PatchState, match_targets
+from .peft_targets import peft_selects
 
 
 def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[dict, dict]:
@@ -44,11 +47,13 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
         same = (
             targets is not None
             and not isinstance(targets, str)
-            and set(match_targets(model, targets)) == set(record.modules)
+            and {n for n in match_targets(model, targets) if peft_selects(cfg, n)} == set(record.modules)
         )
     except ValueError:
         same = False
     meta["target_modules"] = list(targets) if same else sorted(record.modules)
+    if not same:  # the full names of the layers: exact entries, which PEFT's layer filters would not narrow anyway
+        meta.update({k: None for k in ("exclude_modules", "layers_to_transform", "layers_pattern") if k in meta})
     if record.kind == "ia3":  # PEFT wants feedforward_modules written like target_modules (a subset of them)
         ff_cfg = cfg.feedforward_modules
         keep_ff = same and ff_cfg is not None and not isinstance(ff_cfg, str)
@@ -86,6 +91,14 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
         raise ValueError(f"model_type {state.model_type!r} is not registered: AdapterHub cannot place this LoRA")
     if cfg.use_rslora:
         raise ValueError("AdapterHub LoRA has no rsLoRA scaling: save this adapter with format='peft'")
+    own = [m for m in record.modules
+           if model.get_submodule(m).lora_A[name].weight.shape[0] != cfg.r
+           or not math.isclose(model.get_submodule(m).scaling[name], cfg.scaling)]  # fmt: skip
+    if own:
+        raise ValueError(
+            f"{name!r} has layers with an r or lora_alpha of their own (rank_pattern / alpha_pattern: {own[:3]}), "
+            "which AdapterHub's LoRA format cannot hold (one r and alpha for all layers): save it with format='peft'"
+        )
     if record.saved:
         raise ValueError(
             f"{name!r} holds trained copies of {record.saved} (PEFT's modules_to_save), which AdapterHub's LoRA format "

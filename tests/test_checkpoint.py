@@ -484,3 +484,24 @@ def test_streamed_merge_of_a_task_model_lora_into_a_base_model_checkpoint(tmp_pa
         expected = peft_model.merge_and_unload().bert(**_inputs()).last_hidden_state
         got = BertModel.from_pretrained(tmp_path / "merged").eval()(**_inputs()).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_merge_takes_each_layers_rank_and_alpha_from_the_patterns(tmp_path):
+    """A PEFT LoRA with rank_pattern / alpha_pattern / layers_to_transform: each layer merges with its own r and
+    alpha (the merge used the config's default scaling for every layer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(**TINY_BERT)).eval()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=[1],
+                        rank_pattern={"value": 2}, alpha_pattern={"query": 3}, init_lora_weights=False)  # fmt: skip
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(adapter_dir)
+    summary = merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert summary["merged"] == 2
+    with torch.no_grad():
+        expected = peft_model(**_inputs()).last_hidden_state
+        got = BertModel.from_pretrained(tmp_path / "merged").eval()(**_inputs()).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
