@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,23 @@ def _module_list(owner: str, value: Any) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{owner}: modules_to_save must be a list of module names, got {value!r}")
     return value or None
+
+
+#: PEFT's names of the embedding layers ``ensure_weight_tying`` ties (``EMBEDDING_LAYER_NAMES``)
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_entries(data: Mapping[str, Any]) -> list[str]:
+    """The ``modules_to_save`` / ``target_modules`` entries of a PEFT LoRA config that PEFT's ``_check_tied_modules``
+    counts as embedding layers (last name part ``embed_tokens`` or ``lm_head``; a regex matching either name)."""
+    saved = data.get("modules_to_save") or []
+    found = [m for m in ([saved] if isinstance(saved, str) else saved) if m.split(".")[-1] in _EMBEDDING_LAYER_NAMES]
+    targets = data.get("target_modules") or []
+    if isinstance(targets, str):
+        found += [e for e in _EMBEDDING_LAYER_NAMES if targets.lower() != "all-linear" and re.fullmatch(targets, e)]
+    else:
+        found += [t for t in targets if t.split(".")[-1] in _EMBEDDING_LAYER_NAMES]
+    return sorted(set(found))
 
 
 #: PEFT ``init_lora_weights`` values (besides ``pissa*`` / ``corda*``) whose initialisation rewrites the base weights.
@@ -183,6 +201,15 @@ class LoraConfig:
             "monteclora_config": None,  # Monte Carlo sampled A in training (its sampler is saved with the adapter)
         }
         ignored = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+        if data.get("ensure_weight_tying") and (tied := _embedding_entries(data)):
+            raise ValueError(
+                f"LoraConfig: 'ensure_weight_tying'=True with the embedding layers {tied} in modules_to_save / "
+                "target_modules (PEFT adds the input embeddings there itself for a named lm_head) is not supported by "
+                "adapter-engine: on a model whose output "
+                "embeddings are tied to its input embeddings (tie_word_embeddings), PEFT then ties the lm_head's trained "
+                "copy or LoRA to the input embedding's, which the engine does not. On a model without tied embeddings "
+                "the field changes nothing: set it to False"
+            )
         if data.get("target_parameters"):  # before the others: PEFT fills alpha_pattern for them (MoE "all-linear")
             raise ValueError(
                 f"LoraConfig: 'target_parameters'={data['target_parameters']!r} is not supported by adapter-engine: "

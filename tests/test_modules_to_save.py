@@ -7,6 +7,7 @@ copy in the module's place in ``merge_and_unload``. Tolerance 1e-5: the engine's
 matmuls round differently in fp32 (logits are O(1)).
 """
 
+import copy
 import json
 
 import pytest
@@ -401,3 +402,33 @@ def test_a_head_loaded_with_assign_is_the_one_new_copies_start_from_and_unpatch_
     ae.unpatch(model)
     assert torch.equal(model.classifier.weight, new["classifier.weight"])
     assert torch.equal(model.classifier.bias, new["classifier.bias"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (
+            dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+            r"\['embed_tokens', 'model.embed_tokens'\]",
+        ),
+        (dict(target_modules=["q_proj", "lm_head"]), r"\['model.embed_tokens'\]"),  # (PEFT adds the embeddings)
+    ],
+)
+def test_peft_ensure_weight_tying_on_tied_embeddings_is_refused_naming_the_field(kwargs, named, tmp_path):
+    """PEFT's ensure_weight_tying ties the lm_head's copy (or LoRA) to the input embedding's on a tied model. Loading
+    such an adapter failed with 'unexpected weights ... lm_head.weight ... modules_to_save does not name' (a module the
+    user never named) or with an embedding-LoRA refusal when only lm_head was targeted; add_adapter silently left
+    the output embeddings untied from the trained copy. Both now name ensure_weight_tying; without it they load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    base = LlamaForCausalLM(LlamaConfig(**sizes, intermediate_size=24, tie_word_embeddings=True)).eval()
+    config = peft.LoraConfig(r=2, ensure_weight_tying=True, **kwargs)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
+    for call in (lambda m: ae.load_adapter(m, tmp_path, name="tying"), lambda m: ae.add_adapter(m, "tying", config)):
+        model = copy.deepcopy(base)
+        with pytest.raises(ValueError, match=rf"'ensure_weight_tying'=True with the embedding layers {named}"):
+            call(model)
+        assert not ae.is_patched(model) or ae.list_adapters(model) == []
+    plain = peft.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True)  # ties nothing: accepted
+    ae.add_adapter(copy.deepcopy(base), "tying_none", plain)
