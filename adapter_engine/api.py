@@ -338,6 +338,8 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
             names = [n for n in names if not pt.within(n, saved)]
             if not names:
                 raise ValueError(f"target_modules {targets!r} selects only layers inside modules_to_save {saved}")
+        if isinstance(cfg, LoraConfig):
+            _check_fresh_init(cfg, names)
         ff: set[str] = set()
         if isinstance(cfg, IA3Config):
             ff_targets = cfg.feedforward_modules if cfg.feedforward_modules is not None else (
@@ -360,6 +362,26 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
             pt.wrap_saved(model, state, s).add_copy(name)
         modules = names
     state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules, saved=saved)
+
+
+def _check_fresh_init(cfg: LoraConfig, names: list[str]) -> None:
+    """``init_lora_weights`` that a saved adapter may name but a fresh one cannot get here (before any change)."""
+    init = cfg.init_lora_weights.lower() if isinstance(cfg.init_lora_weights, str) else cfg.init_lora_weights
+    if init == "eva":
+        raise ValueError(
+            "LoraConfig: init_lora_weights='eva' is not supported by add_adapter: EVA initialises the factors from "
+            "the model's activations on data (PEFT's initialize_lora_eva_weights), which adapter-engine does not; "
+            "initialise it in PEFT and load the saved adapter, or use True / 'gaussian'"
+        )
+    if init == "mica":
+        raise ValueError(
+            "LoraConfig: init_lora_weights='mica' is not supported by add_adapter: MiCA takes B from the base "
+            "weight's singular vectors and keeps it frozen in training (only A trains), which adapter-engine does "
+            "not; initialise it in PEFT and load the saved adapter, or use True / 'gaussian'"
+        )
+    odd = [f"{n} (r={cfg.rank_for(n)})" for n in names if cfg.rank_for(n) % 2]
+    if init == "orthogonal" and odd:
+        raise ValueError(f"LoraConfig: init_lora_weights='orthogonal' needs an even r (PEFT's rule): {odd[:3]}")
 
 
 def _parse_active(adapters: Any) -> tuple[str, ...]:

@@ -109,6 +109,11 @@ def _embedding_entries(data: Mapping[str, Any]) -> list[str]:
 
 #: PEFT ``init_lora_weights`` values (besides ``pissa*`` / ``corda*``) whose initialisation rewrites the base weights.
 _BASE_CHANGING_INITS = ("olora", "loftq", "lora_ga")
+#: ``init_lora_weights`` names ``add_adapter`` initialises as PEFT does ("lora": the engine's name for True).
+_FRESH_INITS = ("lora", "gaussian", "orthogonal")
+#: PEFT initialisations a saved adapter may name (its forward is plain LoRA) but ``add_adapter`` cannot make: EVA's
+#: data-driven init (PEFT's initialize_lora_eva_weights) and MiCA (B from the base's SVD, then frozen in training).
+_SAVED_ONLY_INITS = ("eva", "mica")
 
 
 @dataclass
@@ -160,6 +165,13 @@ class LoraConfig:
                 "saved without conversion only fits that modified base. Save it from PEFT with "
                 "path_initial_model_for_weight_conversion= (a plain LoRA for the original base) or merge it there"
             )
+        if init is not None and init not in _FRESH_INITS + _SAVED_ONLY_INITS:
+            raise ValueError(
+                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not a known initialisation; known: True, "
+                f"False, {sorted(_FRESH_INITS + _SAVED_ONLY_INITS)}"
+            )
+        if not isinstance(self.init_lora_weights, (bool, str)):
+            raise ValueError(f"LoraConfig: init_lora_weights must be a bool or a name, got {self.init_lora_weights!r}")
 
     @property
     def scaling(self) -> float:
@@ -205,10 +217,10 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig: 'ensure_weight_tying'=True with the embedding layers {tied} in modules_to_save / "
                 "target_modules (PEFT adds the input embeddings there itself for a named lm_head) is not supported by "
-                "adapter-engine: on a model whose output "
-                "embeddings are tied to its input embeddings (tie_word_embeddings), PEFT then ties the lm_head's trained "
-                "copy or LoRA to the input embedding's, which the engine does not. On a model without tied embeddings "
-                "the field changes nothing: set it to False"
+                "adapter-engine: on a model whose output embeddings are tied to its input embeddings "
+                "(tie_word_embeddings), PEFT then ties the lm_head's trained copy or LoRA to the input embedding's, "
+                "which the engine does not. On a model without tied embeddings the field changes nothing: set it to "
+                "False"
             )
         if data.get("target_parameters"):  # before the others: PEFT fills alpha_pattern for them (MoE "all-linear")
             raise ValueError(

@@ -117,17 +117,29 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         """Add LoRA adapter ``name``: ``A (r, in)`` Kaiming-uniform and ``B (out, r)`` zero (PEFT's init), or
-        both random (``init=False``, as PEFT's ``init_lora_weights=False``). dtype: the factors' (None: the base
+        both random (``init=False``, as PEFT's ``init_lora_weights=False``), or PEFT's ``"gaussian"`` /
+        ``"orthogonal"`` (r even; B A is not zero at the start, as in PEFT). dtype: the factors' (None: the base
         weight's; float32 for a 16-bit base keeps master weights, see :func:`adapter_dtype`)."""
         kw = {"device": self.weight.device, "dtype": dtype or self.weight.dtype}
         a = nn.Linear(self.in_features, r, bias=False, **kw)
         b = nn.Linear(r, self.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        init = init.lower() if isinstance(init, str) else init
         if init is True or init == "lora":
             nn.init.zeros_(b.weight)
         elif init == "gaussian":
             nn.init.normal_(a.weight, std=1.0 / r)
             nn.init.zeros_(b.weight)
+        elif init == "orthogonal":  # PEFT's orthogonal_init: B A != 0 from the start, rows of one orthogonal Q
+            if r % 2:
+                raise ValueError(f"init_lora_weights='orthogonal' needs an even r, got r={r}")
+            q, _ = torch.linalg.qr(torch.randn(r, r))
+            with torch.no_grad():
+                a.weight.copy_((torch.randn(self.in_features, r // 2) @ q[0::2]).T / 10.0)
+                b.weight.copy_(torch.randn(r // 2, self.out_features).T @ q[1::2] / 10.0)
+        elif init is not False:
+            raise ValueError(f"init_lora_weights={init!r}: add_adapter cannot initialise it (True, False, 'gaussian', "
+                             "'orthogonal')")  # fmt: skip
         self.lora_A[name], self.lora_B[name] = a, b
         self.scaling[name] = float(scaling)
         self.lora_dropout[name] = float(dropout)

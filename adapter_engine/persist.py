@@ -12,6 +12,7 @@ an interrupted save leaves the previous checkpoint (or nothing) at the target, n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -134,8 +135,10 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     for name, entry in manifest["adapters"].items():
         # (in the dtype it was saved in: a 16-bit LoRA / IA3 adapter of a 16-bit model came back as fp32 masters,
         # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default)
-        api.add_adapter(model, name, _where_it_was(config_from_dict(entry["config"]), entry),
-                        autocast_adapter_dtype=entry.get("fp32", True))  # fmt: skip
+        config = _where_it_was(config_from_dict(entry["config"]), entry)
+        fresh = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
+        api.add_adapter(model, name, fresh, autocast_adapter_dtype=entry.get("fp32", True))  # (weights loaded below)
+        pt.get_state(model).adapters[name].config = config  # (its init as saved: 'eva', 'mica', ...)
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import adapter_engine as ae
 from adapter_engine import AdapterConfig, BottleneckConfig, IA3Config, LoraConfig, Stack
 from adapter_engine.config import ACTIVATIONS, coerce_config, config_from_dict
 
@@ -287,3 +288,34 @@ def test_stack():
         Stack()
     with pytest.raises(TypeError):
         Stack("a", 3)
+
+
+@pytest.mark.parametrize("init", ["eva", "mica", "orthogonal", "Gaussian", False])
+def test_add_adapter_initialises_as_peft_or_refuses_naming_the_init(init):
+    """add_adapter with PEFT's init_lora_weights: 'eva' and 'mica' left B random (PEFT: B zero until EVA's
+    data-driven init; MiCA's B from the base's SVD, frozen), 'orthogonal' gave plain random factors. Now EVA and MiCA
+    are refused before the model changes, 'orthogonal' and 'gaussian' (any case) initialise as PEFT, False is random;
+    an unknown name is refused by the config itself."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                 vocab_size=32))  # fmt: skip
+    config = peft.LoraConfig(r=4, target_modules=["query"], init_lora_weights=init)
+    if init in ("eva", "mica"):
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is not supported by add_adapter"):
+            ae.add_adapter(model, "fresh_init", config)
+        assert ae.list_adapters(model) == []
+        return
+    ae.add_adapter(model, "fresh_init", config)
+    layer = model.get_submodule("encoder.layer.0.attention.self.query")
+    a, b = layer.lora_A["fresh_init"].weight, layer.lora_B["fresh_init"].weight
+    if init == "orthogonal":  # PEFT's: A's rows and B's columns come from the even and odd rows of one orthogonal Q
+        assert b.abs().max() > 0 and a.abs().max() > 0
+        assert abs(float((b @ a).norm())) > 0
+    else:
+        assert (b.abs().max() == 0) == (init == "Gaussian")
+    with pytest.raises(ValueError, match="needs an even r"):
+        ae.add_adapter(model, "fresh_odd", peft.LoraConfig(r=3, target_modules=["key"], init_lora_weights="orthogonal"))
+    with pytest.raises(ValueError, match="init_lora_weights='foo' is not a known initialisation"):
+        LoraConfig(init_lora_weights="foo")

@@ -178,3 +178,19 @@ def test_a_checkpoint_with_a_layer_norm_saved_once_loads_strictly(tmp_path):
     other.load_state_dict(renamed)
     with torch.no_grad():
         torch.testing.assert_close(other(**BATCH).logits, saved(**BATCH).logits, rtol=0, atol=0)
+
+
+def test_a_loaded_adapter_whose_config_names_a_data_driven_init_reloads_with_the_model(tmp_path):
+    """load_model re-adds each adapter before loading its weights: an adapter whose saved PEFT config names an init
+    add_adapter refuses ('eva', 'mica') comes back, config as saved."""
+    model = BertModel(BertConfig(**TINY)).eval()
+    ae.add_adapter(model, "eva_made", ae.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    ae.patching.get_state(model).adapters["eva_made"].config.init_lora_weights = "eva"  # (as a PEFT file's)
+    ae.set_active_adapters(model, "eva_made")
+    with torch.no_grad():
+        want = model(**BATCH).last_hidden_state
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert ae.patching.get_state(back).adapters["eva_made"].config.init_lora_weights == "eva"
+    with torch.no_grad():
+        torch.testing.assert_close(back(**BATCH).last_hidden_state, want, rtol=1e-5, atol=1e-5)
