@@ -194,3 +194,19 @@ def test_a_filter_that_leaves_no_layer_is_refused_by_add_adapter():
     with pytest.raises(ValueError, match="layers_to_transform 0 leave none of them"):
         ae.add_adapter(model, "pat_none", LoraConfig(target_modules=["c_attn"], layers_to_transform=0))
     assert ae.list_adapters(model) == []
+
+
+def test_adapterhub_format_refuses_layers_with_their_own_rank_or_alpha(tmp_path):
+    """AdapterHub's LoRA has one r and alpha: an adapter whose rank_pattern / alpha_pattern give layers their own is
+    refused for it (the file would have held other shapes than its r, or the wrong scaling); layers_to_transform
+    alone saves, as AdapterHub's leave_out."""
+    model = _bert()
+    ae.add_adapter(model, "pat_ah_rank", LoraConfig(r=4, target_modules=["query", "value"], rank_pattern={"value": 2}))
+    ae.add_adapter(model, "pat_ah_alpha", LoraConfig(r=4, target_modules=["query"], alpha_pattern={"query": 2}))
+    for name in ("pat_ah_rank", "pat_ah_alpha"):
+        with pytest.raises(ValueError, match="an r or lora_alpha of their own .* format='peft'"):
+            ae.save_adapter(model, name, tmp_path / name, format="adapterhub")
+    ae.add_adapter(model, "pat_ah_layers", LoraConfig(r=4, target_modules=["query", "value"], layers_to_transform=1))
+    ae.save_adapter(model, "pat_ah_layers", tmp_path / "layers", format="adapterhub")
+    with open(tmp_path / "layers" / "adapter_config.json") as fh:
+        assert json.load(fh)["config"]["leave_out"] == [0, 2]
