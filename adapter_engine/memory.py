@@ -313,6 +313,27 @@ class AdapterMemoryManager:
                     self._scoped.pop(ident, None)
             self.release(held)
 
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` in the model for the block, to be read (saved), and then where it was: a resident one stays
+        resident; one offloaded to the host or only in the store is loaded for the block, past the caps and without
+        evicting another adapter, then evicted again (to the host, or dropped as before). The block holds the
+        manager's lock, so no other call loads or evicts meanwhile. ``use`` has to fit the adapter under the caps,
+        which the pinned running stack may fill: saving a stack whose sibling had been evicted failed there."""
+        with self.lock:
+            self._sync()
+            if name in self._resident:
+                yield
+                return
+            if not self.known(name):
+                raise KeyError(f"unknown adapter {name!r}: not resident, not offloaded and not in the store")
+            self._load(name)
+            try:
+                yield
+            finally:
+                if name in api._state(self.model).adapters:
+                    self._evict(name)
+
     def evict(self, name: str) -> None:
         """Evict ``name`` now (``ValueError`` if it is pinned or in use)."""
         with self.lock:

@@ -304,7 +304,8 @@ class StackedAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
-        trained task head into the folder ``path``; returns it.
+        trained task head into the folder ``path``; returns it. Adapters the memory manager evicted are written too
+        (each loaded for its write, then evicted again: the residency is as before).
 
         All or nothing: everything is written to a staging folder inside ``path`` first, then each item (an adapter
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
@@ -318,8 +319,8 @@ class StackedAdapterModel(nn.Module):
         try:
             store = AdapterStore(staging)
             names = self.levels + self._siblings
-            for name in names:
-                with self.memory.use([name]):
+            for name in names:  # (an evicted one is loaded for its write, past the caps, and evicted again)
+                with self.memory.reading(name):
                     store.save(self.model, name)
             head = head_parameters(self.model) if self._head_trained else {}
             if head:

@@ -588,3 +588,35 @@ def test_a_refused_activate_under_a_cap_keeps_the_running_stack_running(tmp_path
     with pytest.raises(ValueError, match="pytorch_adapter.bin"):
         sam.activate(["s", "broken"])  # loading broken (after evicting a level) fails
     assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "drop"])
+def test_a_stack_saves_a_sibling_evicted_while_its_running_levels_fill_the_cap(tmp_path, offload):
+    """``save`` loaded each adapter with ``memory.use``, which must fit it under the caps: with the running levels
+    pinned and filling ``max_active``, a sibling evicted to the host (or dropped, to reload from the store) made the
+    save fail. It is loaded for its write and put back as it was; the residency is unchanged."""
+    store = ae.AdapterStore(tmp_path / "store", create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("ev_fr", ae.LoraConfig(r=2), level=False)
+    randomise(donor.model, "ev_fr")
+    store.save(donor.model, "ev_fr")
+    sam = StackedAdapterModel(tiny(), store=store, max_active=2, offload=offload)
+    sam.add_adapter("ev_l1", SEQ_BN)
+    randomise(sam.model, "ev_l1")
+    sam.add_adapter("ev_fr", level=False)  # from the store
+    sam.add_adapter("ev_l2", SEQ_BN)  # both levels run (pinned): the sibling is evicted
+    randomise(sam.model, "ev_l2")
+    assert sorted(sam.memory.resident()) == ["ev_l1", "ev_l2"] and sam.memory.known("ev_fr")
+    offloaded = dict(sam.memory._offloaded)
+    expected = logits(sam)
+    sam.set_depth(1)
+    fr = logits(sam, adapter="ev_fr")
+    sam.set_depth(2)
+    folder = sam.save(tmp_path / "stack")
+    assert sorted(os.listdir(folder)) == ["ev_fr", "ev_l1", "ev_l2", "stack.json"]
+    assert sorted(sam.memory.resident()) == ["ev_l1", "ev_l2"] and sam.memory._offloaded.keys() == offloaded.keys()
+    assert torch.equal(logits(sam), expected)
+    loaded = StackedAdapterModel.load(folder, tiny())
+    assert torch.equal(logits(loaded), expected)
+    loaded.set_depth(1)
+    assert torch.equal(logits(loaded, adapter="ev_fr"), fr)
