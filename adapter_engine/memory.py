@@ -30,6 +30,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from .store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+# every live manager: what a save of a model asks for the adapters its managers keep outside it (offloaded_adapters)
+_MANAGERS: weakref.WeakSet[AdapterMemoryManager] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class AdapterMemoryManager:
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
         if store is not None:
             store._managers.add(self)
+        _MANAGERS.add(self)
 
     def _make_locks(self) -> None:
         self.lock = threading.RLock()
@@ -135,6 +140,7 @@ class AdapterMemoryManager:
         self._make_locks()
         if self.store is not None:
             self.store._managers.add(self)
+        _MANAGERS.add(self)
 
     # ------------------------------------------------------------------------------------------- queries
     def resident(self) -> list[str]:
@@ -533,6 +539,17 @@ class AdapterMemoryManager:
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
 
 
+def offloaded_adapters(model: nn.Module) -> list[str]:
+    """The adapters of ``model`` that its memory managers keep in host memory: evicted, so not in the model (nor in
+    what ``save_pretrained`` writes)."""
+    names: set[str] = set()
+    for manager in list(_MANAGERS):
+        if manager.model is model:
+            with manager.lock:
+                names.update(manager._offloaded)
+    return sorted(names)
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter: the store loads adapters in it; a conversion changes it."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -553,4 +570,4 @@ def _checksums(weights: Iterable[torch.Tensor]) -> tuple[int, ...]:
     return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
-__all__ = ["AdapterMemoryManager", "MemoryStats"]
+__all__ = ["AdapterMemoryManager", "MemoryStats", "offloaded_adapters"]

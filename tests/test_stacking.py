@@ -620,3 +620,26 @@ def test_a_stack_saves_a_sibling_evicted_while_its_running_levels_fill_the_cap(t
     assert torch.equal(logits(loaded), expected)
     loaded.set_depth(1)
     assert torch.equal(logits(loaded, adapter="ev_fr"), fr)
+
+
+def test_a_model_save_names_the_adapters_its_memory_manager_evicted(tmp_path, caplog):
+    """``save_pretrained`` / ``save_model`` of ``sam.model`` write the adapters in the model: one the memory manager
+    evicted to host memory was left out silently. A warning names it; ``save_adapter`` of it says where it is, and
+    works inside ``memory.reading``."""
+    sam = StackedAdapterModel(tiny(), max_active=2)
+    sam.add_adapter("sv_l1", SEQ_BN)
+    sam.add_adapter("sv_fr", ae.LoraConfig(r=2), level=False)
+    sam.add_adapter("sv_l2", SEQ_BN)  # evicts the sibling to the host
+    assert sorted(sam.memory.resident()) == ["sv_l1", "sv_l2"]
+    with caplog.at_level("WARNING", logger="adapter_engine.api"):
+        ae.save_model(sam.model, tmp_path / "model")
+    assert "['sv_fr'] are evicted to host memory" in caplog.text
+    with pytest.raises(ValueError, match=r"evicted to host memory by a memory manager: save it inside memory.reading"):
+        ae.save_adapter(sam.model, "sv_fr", tmp_path / "fr")
+    with sam.memory.reading("sv_fr"):
+        ae.save_adapter(sam.model, "sv_fr", tmp_path / "fr")
+    assert os.path.isdir(tmp_path / "fr") and sorted(sam.memory.resident()) == ["sv_l1", "sv_l2"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapter_engine.api"):
+        StackedAdapterModel(tiny()).model.save_pretrained(tmp_path / "plain")
+    assert "evicted" not in caplog.text
