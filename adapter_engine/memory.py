@@ -43,6 +43,7 @@ from . import api
 from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
+from .merging import merged_adapters
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class AdapterMemoryManager:
         # adapters loaded from the store and unchanged since: their weights and those weights' versions at loading
         self._clean: dict[str, tuple[tuple, tuple, tuple]] = {}  # (+ their checksums, see _unchanged_since_load)
         self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
+        # adapters merged into the base (merge_adapter) since the manager held them: not loaded again from the store
+        self._merged: set[str] = set(merged_adapters(model))
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
         # the model's dtype when the sizes were counted, and the adapter generation when it was last checked (_sync)
@@ -211,6 +214,7 @@ class AdapterMemoryManager:
     @property
     def pinned(self) -> frozenset[str]:
         with self.lock:
+            self._sync()  # (an adapter merged or deleted behind the manager's back is no longer pinned)
             return frozenset(self._pinned)
 
     # ------------------------------------------------------------------------------------------- use
@@ -224,6 +228,13 @@ class AdapterMemoryManager:
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
             self._sync()
+            merged = [n for n in names if n in self._merged and n not in self._offloaded and n not in self._resident]
+            merged = [n for n in merged if n in merged_adapters(self.model)]  # (not unmerged since)
+            if merged:
+                raise KeyError(
+                    f"adapters {merged} are merged into the model's base weights (merge_adapter): loading them again "
+                    "would apply them twice; unmerge_adapter first, or route without them"
+                )
             unknown = [n for n in names if not self.known(n)]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}: not resident, not offloaded and not in the store")
@@ -365,6 +376,7 @@ class AdapterMemoryManager:
                 )
             self._requires_grad.pop(name, None)
             self._clean.pop(name, None)
+            self._merged.discard(name)  # (a new adapter under a merged one's name)
             if from_store:
                 self._mark_clean(name)
 
@@ -388,6 +400,8 @@ class AdapterMemoryManager:
             for name in [n for n in self._resident if n not in present]:
                 logger.info("adapter %r left the model outside the memory manager (merged or deleted): forgotten", name)
                 self.forget(name)
+                if name in merged_adapters(self.model):
+                    self._merged.add(name)
             for name in [n for n in present if n not in self._resident]:
                 self.register(name)
         generation = adapter_generation()  # (bumped by conversions and adapter changes: the dtype is read only then)

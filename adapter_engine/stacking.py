@@ -244,15 +244,17 @@ class StackedAdapterModel(nn.Module):
         Pinning ``names`` unpins the running stack first, so under a cap the attempt may evict one of its adapters to
         make room, and an eviction also takes it out of the model's active adapters. A refusal therefore pins the
         previous stack again (reloading what was evicted) and activates it again: it used to leave the model running
-        the stack without its evicted levels while ``active_stack`` still named them."""
+        the stack without its evicted levels while ``active_stack`` still named them. The model's active adapters are
+        restored as they were, not as ``active_stack`` names them: a level merged into the base (``merge_adapter``)
+        has left the model, and activating it again failed over the refusal."""
         with self.memory.lock:
-            previous = self.memory.pinned
+            previous, active = self.memory.pinned, api.active_adapters(self.model)
             try:
                 self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
                 api.set_active_adapters(self.model, list(names) or None)  # all or nothing
             except BaseException:
                 self.memory.set_pinned(previous)
-                api.set_active_adapters(self.model, list(self._running) or None)
+                api.set_active_adapters(self.model, list(active) or None)
                 raise
             self._running = list(names)
 

@@ -643,3 +643,36 @@ def test_a_model_save_names_the_adapters_its_memory_manager_evicted(tmp_path, ca
     with caplog.at_level("WARNING", logger="adapter_engine.api"):
         StackedAdapterModel(tiny()).model.save_pretrained(tmp_path / "plain")
     assert "evicted" not in caplog.text
+
+
+def test_routing_an_adapter_merged_into_the_base_is_refused_not_reloaded_from_the_store(tmp_path):
+    """After ``merge_adapter`` of a managed adapter that the store also holds, routing it (or running a stack that
+    includes it) reloaded it from the store on top of its merged copy: applied twice, silently. It is refused with a
+    KeyError that says it is merged (README); after ``unmerge_adapter`` it loads again. A new adapter added under
+    that name later is not refused."""
+    store = ae.AdapterStore(tmp_path / "store", create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("mg_lora", ae.LoraConfig(r=2), level=False)
+    randomise(donor.model, "mg_lora")
+    store.save(donor.model, "mg_lora")
+    sam = StackedAdapterModel(tiny(), store=store)
+    sam.add_adapter("mg_lora")
+    once = logits(sam)
+    ae.merge_adapter(sam.model, "mg_lora")
+    torch.testing.assert_close(logits(sam), once, rtol=0, atol=1e-5)  # the merged base runs it once
+    for spec in ("mg_lora", ["mg_lora", None, None]):
+        with pytest.raises(KeyError, match=r"\['mg_lora'\] are merged into the model's base weights"):
+            logits(sam, adapter=spec)
+    with pytest.raises(KeyError, match="merged into the model's base weights"):
+        sam.set_depth(1)
+    assert "mg_lora" not in ae.list_adapters(sam.model)
+    ae.unmerge_adapter(sam.model, "mg_lora")
+    torch.testing.assert_close(logits(sam, adapter="mg_lora"), once, rtol=0, atol=1e-5)
+    other = StackedAdapterModel(tiny(), store=store)
+    other.add_adapter("mg_lora")
+    ae.merge_adapter(other.model, "mg_lora")
+    assert other.memory.resident() == [] and other.memory.pinned == frozenset()
+    ae.add_adapter(other.model, "mg_lora", ae.LoraConfig(r=2))  # a new adapter under the merged one's name
+    logits(other, adapter="mg_lora")
+    other.memory.evict("mg_lora")
+    logits(other, adapter="mg_lora")  # back from the host: the new one
