@@ -124,8 +124,8 @@ class StackedAdapterModel(nn.Module):
         ``name`` from the memory manager (resident, e.g. loaded by an earlier routed call, or offloaded to the host)
         or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
         refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
-        when the running adapters fill ``max_active``, a level whose structure cannot stack on the others) leaves
-        the model, the levels and the running stack as they were. A config or folder for a name the memory manager
+        when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a level
+        whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were. A config or folder for a name the memory manager
         already holds (resident, or offloaded to the host) is refused: it would replace that adapter."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
@@ -173,6 +173,8 @@ class StackedAdapterModel(nn.Module):
                 api.add_adapter(self.model, name, config_or_path)
                 self.memory.register(name)
             if not level:
+                if not held:
+                    self._fit_sibling(name)
                 self._siblings.append(name)
                 return name
             self.levels.append(name)
@@ -186,6 +188,27 @@ class StackedAdapterModel(nn.Module):
                     self.memory.forget(name)
                 raise
         return name
+
+    def _fit_sibling(self, name: str) -> None:
+        """Sibling ``name``, just added, under ``max_bytes`` (its size is known once it is in the model): refused and
+        taken out again when it cannot fit beside the pinned running adapters (as under ``max_active``), else idle
+        adapters are evicted to make room. It used to stay resident over the cap; beside the pins, no routed call
+        could hold it."""
+        cap = self.memory.max_bytes
+        if cap is None:
+            return
+        pinned = sorted(self.memory.pinned)
+        held = sum(api.adapter_nbytes(self.model, n) for n in pinned)
+        own = api.adapter_nbytes(self.model, name)
+        if held + own > cap:
+            api.delete_adapter(self.model, name)
+            self.memory.forget(name)
+            raise ValueError(
+                f"cannot add sibling {name!r} ({own} bytes): the running adapters {pinned} are pinned and hold "
+                f"{held} bytes of max_bytes={cap}; run fewer levels (set_depth) or raise max_bytes"
+            )
+        self.memory.acquire([name])  # (evicts idle adapters, least recently used first, until it fits)
+        self.memory.release([name])
 
     def add_stack(self, name: str, adapters: Sequence[str] | Stack) -> None:
         """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``. The

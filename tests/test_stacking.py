@@ -676,3 +676,24 @@ def test_routing_an_adapter_merged_into_the_base_is_refused_not_reloaded_from_th
     logits(other, adapter="mg_lora")
     other.memory.evict("mg_lora")
     logits(other, adapter="mg_lora")  # back from the host: the new one
+
+
+def test_a_sibling_that_cannot_fit_beside_the_running_levels_under_max_bytes_is_refused():
+    """As under ``max_active``: a sibling whose bytes do not fit beside the pinned running levels under ``max_bytes``
+    stayed resident over the cap (and no routed call could hold it beside the pins). It is refused, naming the cap,
+    and leaves the model and the manager; at a shallower depth it is added (exactly at the cap fits)."""
+    probe = StackedAdapterModel(tiny())
+    probe.add_adapter("x", ae.LoraConfig(r=2))
+    size = ae.api.adapter_nbytes(probe.model, "x")
+    sam = StackedAdapterModel(tiny(), max_bytes=2 * size)
+    sam.add_adapter("by_l1", ae.LoraConfig(r=2))
+    sam.add_adapter("by_l2", ae.LoraConfig(r=2))  # the levels fill the cap exactly
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match=rf"running adapters \['by_l1', 'by_l2'\] are pinned and hold {2 * size} bytes"):
+        sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
+    assert _state_of(sam) == state and torch.equal(logits(sam), before) and not sam.memory.known("by_fr")
+    assert sam.memory.stats().resident_bytes == 2 * size
+    sam.set_depth(1)
+    sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
+    assert sorted(sam.memory.resident()) == ["by_fr", "by_l1"] and sam.memory.stats().resident_bytes == 2 * size
+    logits(sam, adapter="by_fr")
