@@ -228,13 +228,7 @@ class AdapterMemoryManager:
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
             self._sync()
-            merged = [n for n in names if n in self._merged and n not in self._offloaded and n not in self._resident]
-            merged = [n for n in merged if n in merged_adapters(self.model)]  # (not unmerged since)
-            if merged:
-                raise KeyError(
-                    f"adapters {merged} are merged into the model's base weights (merge_adapter): loading them again "
-                    "would apply them twice; unmerge_adapter first, or route without them"
-                )
+            self._refuse_merged(names)
             unknown = [n for n in names if not self.known(n)]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}: not resident, not offloaded and not in the store")
@@ -342,6 +336,7 @@ class AdapterMemoryManager:
             if name in self._resident:
                 yield
                 return
+            self._refuse_merged([name])
             if not self.known(name):
                 raise KeyError(f"unknown adapter {name!r}: not resident, not offloaded and not in the store")
             self._load(name)
@@ -411,6 +406,17 @@ class AdapterMemoryManager:
                 self._dtype = dtype
                 self._sizes = {n: api.adapter_nbytes(self.model, n) for n in self._resident}
                 self._resident.update(self._sizes)
+
+    def _refuse_merged(self, names: Iterable[str]) -> None:
+        """``KeyError`` for adapters among ``names`` merged into the base (``merge_adapter``) since the manager held
+        them, and not unmerged: the store's copy, loaded again, applied them twice (silently)."""
+        merged = [n for n in names if n in self._merged and n not in self._offloaded and n not in self._resident]
+        merged = [n for n in merged if n in merged_adapters(self.model)]
+        if merged:
+            raise KeyError(
+                f"adapters {merged} are merged into the model's base weights (merge_adapter): loading them again "
+                "would apply them twice; unmerge_adapter first, or route without them"
+            )
 
     def _saved_to_store(self, model: nn.Module, name: str) -> None:
         """``self.store`` has just written adapter ``name`` of ``model``: when that is this manager's model, the

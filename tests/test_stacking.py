@@ -665,7 +665,9 @@ def test_routing_an_adapter_merged_into_the_base_is_refused_not_reloaded_from_th
             logits(sam, adapter=spec)
     with pytest.raises(KeyError, match="merged into the model's base weights"):
         sam.set_depth(1)
-    assert "mg_lora" not in ae.list_adapters(sam.model)
+    with pytest.raises(KeyError, match="merged into the model's base weights"):
+        sam.save(tmp_path / "stack")  # (a save loaded it for its write, then kept it on the host: reloaded from there)
+    assert "mg_lora" not in ae.list_adapters(sam.model) and not sam.memory.holds("mg_lora")
     ae.unmerge_adapter(sam.model, "mg_lora")
     torch.testing.assert_close(logits(sam, adapter="mg_lora"), once, rtol=0, atol=1e-5)
     other = StackedAdapterModel(tiny(), store=store)
