@@ -9,6 +9,7 @@
     sam.set_depth(1); sam(**batch)                   # any depth; depth 0 is the base, bit-identical
     sam(**batch, adapter="medical")                  # per call: a level name means the stack up to it
     sam(**batch, adapter=["medical", None, "fr"])    # per row, one fused forward
+    sam.delete_adapter("fr")                         # a sibling or the top level: its name is free again
     sam.save("out/"); StackedAdapterModel.load("out/", base_model)
 
 Levels are adapters in the order they were pushed; *siblings* (``level=False``) are resident adapters outside
@@ -209,6 +210,30 @@ class StackedAdapterModel(nn.Module):
             )
         self.memory.acquire([name])  # (evicts idle adapters, least recently used first, until it fits)
         self.memory.release([name])
+
+    def delete_adapter(self, name: str) -> None:
+        """Take sibling ``name``, or the top level, out of the stack, the memory manager (resident or offloaded to the
+        host) and the model, freeing its name (a store keeps its copy); named stacks that include it are dropped. A
+        level below others is refused (the levels above were trained on it), changing nothing. Also for an adapter
+        deleted through the model (``sam.model.delete_adapter``), whose name the stack kept: ``save`` failed on it and
+        ``add_adapter`` refused the name as taken."""
+        with self.memory.lock:
+            if name not in self.levels and name not in self._siblings:
+                raise ValueError(
+                    f"{name!r} is not a level or sibling of this stack (levels {self.levels}, siblings {self._siblings})"
+                )
+            if name in self.levels and name != self.levels[-1]:
+                above = self.levels[self.levels.index(name) + 1 :]
+                raise ValueError(f"{name!r} is a level below {above}, which were trained on it: delete those first")
+            if name in self._running:
+                self._set_running([n for n in self._running if n != name])
+            if name in api.list_adapters(self.model):
+                api.delete_adapter(self.model, name)
+            self.memory.forget(name)
+            (self.levels if name in self.levels else self._siblings).remove(name)
+            for stack in [k for k, v in self._stacks.items() if name in v]:
+                logger.info("named stack %r included the deleted adapter %r: dropped", stack, name)
+                del self._stacks[stack]
 
     def add_stack(self, name: str, adapters: Sequence[str] | Stack) -> None:
         """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``. The

@@ -699,3 +699,31 @@ def test_a_sibling_that_cannot_fit_beside_the_running_levels_under_max_bytes_is_
     sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
     assert sorted(sam.memory.resident()) == ["by_fr", "by_l1"] and sam.memory.stats().resident_bytes == 2 * size
     logits(sam, adapter="by_fr")
+
+
+def test_a_deleted_sibling_or_top_level_frees_its_name(tmp_path):
+    """A sibling deleted through the model (``sam.model.delete_adapter``) stayed named by the stack: ``save`` failed on
+    it and ``add_adapter`` refused the name as taken, with no way out. ``sam.delete_adapter`` takes a sibling or the
+    top level out of the stack, the memory manager and the model (also after such a deletion), and drops the named
+    stacks that include it; a level below others is refused, changing nothing."""
+    sam = StackedAdapterModel(tiny(), max_active=3)
+    for name, level in (("dl_l1", True), ("dl_l2", True), ("dl_fr", False), ("dl_de", False)):
+        sam.add_adapter(name, ae.LoraConfig(r=2), level=level)
+        randomise(sam.model, name)
+    sam.add_stack("dl_stack", ["dl_l1", "dl_de"])
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match=r"'dl_l1' is a level below \['dl_l2'\]"):
+        sam.delete_adapter("dl_l1")
+    with pytest.raises(ValueError, match="not a level or sibling"):
+        sam.delete_adapter("dl_nope")
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    assert sam.memory.resident() == ["dl_l1", "dl_l2", "dl_de"]  # dl_fr is offloaded to the host (max_active=3)
+    sam.model.delete_adapter("dl_de")  # behind the stack's back
+    sam.delete_adapter("dl_de")
+    sam.delete_adapter("dl_fr")  # the manager's host copy goes too
+    assert not sam.memory.known("dl_fr") and sam._stacks == {}
+    sam.add_adapter("dl_fr", ae.LoraConfig(r=2), level=False)  # the name is free again
+    randomise(sam.model, "dl_fr")
+    assert sorted(os.listdir(sam.save(tmp_path / "stack"))) == ["dl_fr", "dl_l1", "dl_l2", "stack.json"]
+    sam.delete_adapter("dl_l2")
+    assert sam.levels == ["dl_l1"] and sam.active_stack == ("dl_l1",) and "dl_l2" not in ae.list_adapters(sam.model)
