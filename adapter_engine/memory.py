@@ -482,8 +482,9 @@ class AdapterMemoryManager:
         idle = self._idle(names)
         if self.max_active is not None and len(self._resident) + len(missing) - len(idle) > self.max_active:
             return False
-        if self.max_bytes is not None:  # sizes known from an earlier residency; new ones are checked after loading
-            total = sum(self._resident.values()) + sum(self._sizes.get(n, 0) for n in missing)
+        if self.max_bytes is not None:  # sizes as last resident, else the store file's header (a pickle's, checked
+            # after loading: it has none); a first load used to count 0 here, load over the cap, then be refused
+            total = sum(self._resident.values()) + sum(self._size_of(n) for n in missing)
             if total - sum(self._resident[n] for n in idle) > self.max_bytes:
                 return False
         return True
