@@ -126,8 +126,9 @@ class StackedAdapterModel(nn.Module):
         or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
         refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
         when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a level
-        whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were. A config or folder for a name the memory manager
-        already holds (resident, or offloaded to the host) is refused: it would replace that adapter."""
+        whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were.
+        A config or folder for a name the memory manager already holds (resident, or offloaded to the host) is
+        refused: it would replace that adapter."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -220,7 +221,8 @@ class StackedAdapterModel(nn.Module):
         with self.memory.lock:
             if name not in self.levels and name not in self._siblings:
                 raise ValueError(
-                    f"{name!r} is not a level or sibling of this stack (levels {self.levels}, siblings {self._siblings})"
+                    f"{name!r} is not a level or sibling of this stack (levels {self.levels}, siblings "
+                    f"{self._siblings})"
                 )
             if name in self.levels and name != self.levels[-1]:
                 above = self.levels[self.levels.index(name) + 1 :]

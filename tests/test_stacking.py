@@ -691,7 +691,9 @@ def test_a_sibling_that_cannot_fit_beside_the_running_levels_under_max_bytes_is_
     sam.add_adapter("by_l1", ae.LoraConfig(r=2))
     sam.add_adapter("by_l2", ae.LoraConfig(r=2))  # the levels fill the cap exactly
     before, state = logits(sam), _state_of(sam)
-    with pytest.raises(ValueError, match=rf"running adapters \['by_l1', 'by_l2'\] are pinned and hold {2 * size} bytes"):
+    with pytest.raises(
+        ValueError, match=rf"running adapters \['by_l1', 'by_l2'\] are pinned and hold {2 * size} bytes"
+    ):
         sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
     assert _state_of(sam) == state and torch.equal(logits(sam), before) and not sam.memory.known("by_fr")
     assert sam.memory.stats().resident_bytes == 2 * size

@@ -260,7 +260,10 @@ def test_a_call_over_max_bytes_beside_a_resident_adapter_is_refused_before_loadi
     memory = AdapterMemoryManager(bert(), store, max_bytes=size)
     with memory.use(["lora0"]):
         pass
-    with caplog.at_level("WARNING", logger="adapter_engine.memory"), pytest.raises(ValueError, match=f"max_bytes={size}"):
+    with (
+        caplog.at_level("WARNING", logger="adapter_engine.memory"),
+        pytest.raises(ValueError, match=f"max_bytes={size}"),
+    ):
         memory.acquire(["lora0", "lora3"])
     stats = memory.stats()
     assert "exceeded" not in caplog.text and (stats.loads, stats.evictions, stats.offloaded) == (1, 0, 0)
