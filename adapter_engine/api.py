@@ -515,8 +515,20 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
     tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
     AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError. A
-    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too."""
+    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too. Adapters a memory
+    manager evicted to host memory are not in the model, so not in the checkpoint: a warning names them
+    (``StackedAdapterModel.save`` writes every level and sibling)."""
+    from .memory import offloaded_adapters  # (memory imports this module)
     from .persist import _without_adapter_aliases  # (persist imports this module)
+
+    away = offloaded_adapters(model)
+    if away:
+        logger.warning(
+            "save_pretrained: adapters %s are evicted to host memory by a memory manager, not in the model: the "
+            "checkpoint leaves them out (StackedAdapterModel.save writes every level and sibling; "
+            "AdapterMemoryManager.reading(name) puts one back for a save_adapter)",
+            away,
+        )
 
     if len(args) < 2:  # (else state_dict came positionally, save_pretrained's third parameter: left as given)
         given = kwargs.get("state_dict")
@@ -570,7 +582,14 @@ def save_adapter(
     or ``"adapterhub"`` (bottleneck, LoRA; ``model.load_adapter`` of ``adapters``). Returns the folder."""
     state = _state(model)
     if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+        from .memory import offloaded_adapters  # (memory imports this module)
+
+        away = (
+            f" ({name!r} is evicted to host memory by a memory manager: save it inside memory.reading({name!r}))"
+            if name in offloaded_adapters(model)
+            else ""
+        )
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{away}")
     if format not in ("peft", "adapterhub"):
         raise ValueError(f"unknown adapter format {format!r}; supported: 'peft', 'adapterhub'")
     record = state.adapters[name]

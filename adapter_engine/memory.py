@@ -30,6 +30,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,12 +43,16 @@ from . import api
 from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
+from .merging import merged_adapters
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
     from .store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+# every live manager: what a save of a model asks for the adapters its managers keep outside it (offloaded_adapters)
+_MANAGERS: weakref.WeakSet[AdapterMemoryManager] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class AdapterMemoryManager:
         # adapters loaded from the store and unchanged since: their weights and those weights' versions at loading
         self._clean: dict[str, tuple[tuple, tuple, tuple]] = {}  # (+ their checksums, see _unchanged_since_load)
         self._requires_grad: dict[str, list[bool]] = {}  # evicted adapters: each weight's requires_grad, to restore
+        # adapters merged into the base (merge_adapter) since the manager held them: not loaded again from the store
+        self._merged: set[str] = set(merged_adapters(model))
         self._counts = {"hits": 0, "misses": 0, "evictions": 0, "cpu": 0, "disk": 0}
         self._load_time = 0.0
         # the model's dtype when the sizes were counted, and the adapter generation when it was last checked (_sync)
@@ -118,6 +125,7 @@ class AdapterMemoryManager:
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
         if store is not None:
             store._managers.add(self)
+        _MANAGERS.add(self)
 
     def _make_locks(self) -> None:
         self.lock = threading.RLock()
@@ -135,6 +143,7 @@ class AdapterMemoryManager:
         self._make_locks()
         if self.store is not None:
             self.store._managers.add(self)
+        _MANAGERS.add(self)
 
     # ------------------------------------------------------------------------------------------- queries
     def resident(self) -> list[str]:
@@ -205,6 +214,7 @@ class AdapterMemoryManager:
     @property
     def pinned(self) -> frozenset[str]:
         with self.lock:
+            self._sync()  # (an adapter merged or deleted behind the manager's back is no longer pinned)
             return frozenset(self._pinned)
 
     # ------------------------------------------------------------------------------------------- use
@@ -218,6 +228,7 @@ class AdapterMemoryManager:
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
             self._sync()
+            self._refuse_merged(names)
             unknown = [n for n in names if not self.known(n)]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}: not resident, not offloaded and not in the store")
@@ -313,6 +324,28 @@ class AdapterMemoryManager:
                     self._scoped.pop(ident, None)
             self.release(held)
 
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` in the model for the block, to be read (saved), and then where it was: a resident one stays
+        resident; one offloaded to the host or only in the store is loaded for the block, past the caps and without
+        evicting another adapter, then evicted again (to the host, or dropped as before). The block holds the
+        manager's lock, so no other call loads or evicts meanwhile. ``use`` has to fit the adapter under the caps,
+        which the pinned running stack may fill: saving a stack whose sibling had been evicted failed there."""
+        with self.lock:
+            self._sync()
+            if name in self._resident:
+                yield
+                return
+            self._refuse_merged([name])
+            if not self.known(name):
+                raise KeyError(f"unknown adapter {name!r}: not resident, not offloaded and not in the store")
+            self._load(name)
+            try:
+                yield
+            finally:
+                if name in api._state(self.model).adapters:
+                    self._evict(name)
+
     def evict(self, name: str) -> None:
         """Evict ``name`` now (``ValueError`` if it is pinned or in use)."""
         with self.lock:
@@ -338,6 +371,7 @@ class AdapterMemoryManager:
                 )
             self._requires_grad.pop(name, None)
             self._clean.pop(name, None)
+            self._merged.discard(name)  # (a new adapter under a merged one's name)
             if from_store:
                 self._mark_clean(name)
 
@@ -361,6 +395,8 @@ class AdapterMemoryManager:
             for name in [n for n in self._resident if n not in present]:
                 logger.info("adapter %r left the model outside the memory manager (merged or deleted): forgotten", name)
                 self.forget(name)
+                if name in merged_adapters(self.model):
+                    self._merged.add(name)
             for name in [n for n in present if n not in self._resident]:
                 self.register(name)
         generation = adapter_generation()  # (bumped by conversions and adapter changes: the dtype is read only then)
@@ -370,6 +406,17 @@ class AdapterMemoryManager:
                 self._dtype = dtype
                 self._sizes = {n: api.adapter_nbytes(self.model, n) for n in self._resident}
                 self._resident.update(self._sizes)
+
+    def _refuse_merged(self, names: Iterable[str]) -> None:
+        """``KeyError`` for adapters among ``names`` merged into the base (``merge_adapter``) since the manager held
+        them, and not unmerged: the store's copy, loaded again, applied them twice (silently)."""
+        merged = [n for n in names if n in self._merged and n not in self._offloaded and n not in self._resident]
+        merged = [n for n in merged if n in merged_adapters(self.model)]
+        if merged:
+            raise KeyError(
+                f"adapters {merged} are merged into the model's base weights (merge_adapter): loading them again "
+                "would apply them twice; unmerge_adapter first, or route without them"
+            )
 
     def _saved_to_store(self, model: nn.Module, name: str) -> None:
         """``self.store`` has just written adapter ``name`` of ``model``: when that is this manager's model, the
@@ -435,8 +482,9 @@ class AdapterMemoryManager:
         idle = self._idle(names)
         if self.max_active is not None and len(self._resident) + len(missing) - len(idle) > self.max_active:
             return False
-        if self.max_bytes is not None:  # sizes known from an earlier residency; new ones are checked after loading
-            total = sum(self._resident.values()) + sum(self._sizes.get(n, 0) for n in missing)
+        if self.max_bytes is not None:  # sizes as last resident, else the store file's header (a pickle's, checked
+            # after loading: it has none); a first load used to count 0 here, load over the cap, then be refused
+            total = sum(self._resident.values()) + sum(self._size_of(n) for n in missing)
             if total - sum(self._resident[n] for n in idle) > self.max_bytes:
                 return False
         return True
@@ -512,6 +560,17 @@ class AdapterMemoryManager:
         logger.debug("loaded adapter %r (%s)", name, "host" if snapshot is not None else "disk")
 
 
+def offloaded_adapters(model: nn.Module) -> list[str]:
+    """The adapters of ``model`` that its memory managers keep in host memory: evicted, so not in the model (nor in
+    what ``save_pretrained`` writes)."""
+    names: set[str] = set()
+    for manager in list(_MANAGERS):
+        if manager.model is model:
+            with manager.lock:
+                names.update(manager._offloaded)
+    return sorted(names)
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter: the store loads adapters in it; a conversion changes it."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -532,4 +591,4 @@ def _checksums(weights: Iterable[torch.Tensor]) -> tuple[int, ...]:
     return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
-__all__ = ["AdapterMemoryManager", "MemoryStats"]
+__all__ = ["AdapterMemoryManager", "MemoryStats", "offloaded_adapters"]

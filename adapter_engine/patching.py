@@ -14,6 +14,7 @@ keyed by ``model_type`` (adapter_engine/archs.py); any other model works with ex
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -37,12 +38,13 @@ from .lora import (
     not_wrappable,
 )
 from .routed_bottleneck import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
-from .routing import register_adapter_owner
+from .routing import set_route_owner
 from .saved_modules import ModulesToSaveLayer
 
 logger = logging.getLogger(__name__)
 
 _STATE_ATTR = "_adapter_engine_state"
+_SERIALS = itertools.count(1)
 #: PEFT's ``target_modules`` shorthand for every linear layer but the output one.
 ALL_LINEAR = "all-linear"
 
@@ -70,13 +72,12 @@ class PatchState:
     active: tuple[str, ...] = ()
     disabled: tuple[str, ...] = ()  # what ``disable_adapters`` turned off, for ``enable_adapters``
     methods: list[str] = field(default_factory=list)
+    # tells models apart in a route's cache of name checks (routing.check_route_names); a copy gets its own
+    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        register_adapter_owner(self)  # routes check their names against every live model's adapters
-
-    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) of a patched model registers too
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) of a patched model is another model
         self.__dict__.update(state)
-        register_adapter_owner(self)
+        self.serial = next(_SERIALS)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -179,7 +180,7 @@ def wrap_linear(model: nn.Module, state: PatchState, name: str) -> LoraLinear:
         )
     wrapper = LoraLinear(module)
     wrapper.train(module.training)
-    wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)
+    set_route_owner(wrapper, state)  # routes are checked against this model's adapters
     _set_child(model, name, wrapper)
     state.replaced[name] = module
     return wrapper
@@ -522,7 +523,7 @@ def wrap_bottleneck(model: nn.Module, state: PatchState, place: Placement) -> Bo
             module, residual_from=model.get_submodule(f"{place.block}.{residual}"), layer_norm=ln
         )
     wrapper.train(module.training)
-    wrapper.__dict__["_checks_route_names"] = True  # (routing.check_route_names)
+    set_route_owner(wrapper, state)  # routes are checked against this model's adapters
     _set_child(model, place.name, wrapper)
     state.replaced[place.name] = module
     return wrapper

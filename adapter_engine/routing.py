@@ -28,7 +28,6 @@ import contextlib
 import contextvars
 import functools
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -224,38 +223,38 @@ def run_eagerly(forward: Callable, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-# every live patched model's adapter registry (``patching.PatchState``: an ``adapters`` mapping), by id: what a
-# route's names are checked against
-_ADAPTER_OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-
-
-def register_adapter_owner(owner: Any) -> None:
-    """Let routes check their names against ``owner.adapters`` (a patched model's state registers itself)."""
-    _ADAPTER_OWNERS[id(owner)] = owner
+def set_route_owner(layer: nn.Module, owner: Any) -> None:
+    """Make ``layer`` (an adapter layer that ``patch`` made) check a route's names against ``owner.adapters``: the
+    adapters of the model that holds the layer (its ``patching.PatchState``, whose ``serial`` tells models apart)."""
+    layer.__dict__["_route_owner"] = owner
 
 
 def check_route_names(route: Route, layer: nn.Module, layer_names: Iterable[str]) -> None:
-    """Refuse a route naming an adapter that neither a patched model nor the calling layer (``layer_names``) holds,
-    once per route and adapter generation (a route object reused after an adapter it names is deleted checks again):
-    a misspelled name used to run the base model for its rows, silently (``set_active_adapters`` and PEFT's
-    ``adapter_names=`` refuse it). Only layers that ``patch`` made check (a layer used alone runs rows naming no
-    adapter of its own on the base, as a layer an adapter leaves out does); static routes check their rows when
-    filled."""
-    generation = adapter_generation()
-    if (
-        isinstance(route, StaticRoute)
-        or route._cache.get("names_known") == generation
-        or "_checks_route_names" not in layer.__dict__
-    ):
+    """Refuse a route naming an adapter that neither the calling layer's model nor the layer (``layer_names``) holds,
+    once per route, model and adapter generation (a route object reused after an adapter it names is deleted checks
+    again): a misspelled name used to run the base model for its rows, silently (``set_active_adapters`` and PEFT's
+    ``adapter_names=`` refuse it). The check is per model: against every live model's adapters, a name only another
+    model held (or one a memory manager evicted from this one) ran the base here, silently. Only layers that ``patch``
+    made check (a layer used alone runs rows naming no adapter of its own on the base, as a layer an adapter leaves
+    out does); static routes check their rows when filled."""
+    owner = layer.__dict__.get("_route_owner")
+    if owner is None or isinstance(route, StaticRoute):
         return
-    owners = list(_ADAPTER_OWNERS.values())
-    if owners:
-        names = set(route.stack) if route.rows is None else {n for row in route.rows for n in row}
-        known = set(layer_names).union(*(owner.adapters for owner in owners))
-        unknown = sorted(names - known)
-        if unknown:
-            raise ValueError(f"the route names unknown adapters {unknown}; the patched models hold {sorted(known)}")
-    route._cache["names_known"] = generation
+    generation = adapter_generation()
+    checked = route._cache.get("names_known")  # model serial -> the adapter generation its check passed at
+    if checked is not None and checked.get(owner.serial) == generation:
+        return
+    names = set(route.stack) if route.rows is None else {n for row in route.rows for n in row}
+    known = set(layer_names).union(owner.adapters)
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(
+            f"the route names unknown adapters {unknown}: this model holds {sorted(known)} (an adapter a memory "
+            "manager evicted is loaded again by memory.use / StackedAdapterModel.route, not by use_adapters)"
+        )
+    if checked is None:
+        checked = route._cache.setdefault("names_known", {})
+    checked[owner.serial] = generation
 
 
 def _as_stack(spec: Any, resolve: Callable[[str], StackNames] | None) -> StackNames:

@@ -9,6 +9,7 @@
     sam.set_depth(1); sam(**batch)                   # any depth; depth 0 is the base, bit-identical
     sam(**batch, adapter="medical")                  # per call: a level name means the stack up to it
     sam(**batch, adapter=["medical", None, "fr"])    # per row, one fused forward
+    sam.delete_adapter("fr")                         # a sibling or the top level: its name is free again
     sam.save("out/"); StackedAdapterModel.load("out/", base_model)
 
 Levels are adapters in the order they were pushed; *siblings* (``level=False``) are resident adapters outside
@@ -124,9 +125,10 @@ class StackedAdapterModel(nn.Module):
         ``name`` from the memory manager (resident, e.g. loaded by an earlier routed call, or offloaded to the host)
         or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
         refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
-        when the running adapters fill ``max_active``, a level whose structure cannot stack on the others) leaves
-        the model, the levels and the running stack as they were. A config or folder for a name the memory manager
-        already holds (resident, or offloaded to the host) is refused: it would replace that adapter."""
+        when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a level
+        whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were.
+        A config or folder for a name the memory manager already holds (resident, or offloaded to the host) is
+        refused: it would replace that adapter."""
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -173,6 +175,8 @@ class StackedAdapterModel(nn.Module):
                 api.add_adapter(self.model, name, config_or_path)
                 self.memory.register(name)
             if not level:
+                if not held:
+                    self._fit_sibling(name)
                 self._siblings.append(name)
                 return name
             self.levels.append(name)
@@ -186,6 +190,52 @@ class StackedAdapterModel(nn.Module):
                     self.memory.forget(name)
                 raise
         return name
+
+    def _fit_sibling(self, name: str) -> None:
+        """Sibling ``name``, just added, under ``max_bytes`` (its size is known once it is in the model): refused and
+        taken out again when it cannot fit beside the pinned running adapters (as under ``max_active``), else idle
+        adapters are evicted to make room. It used to stay resident over the cap; beside the pins, no routed call
+        could hold it."""
+        cap = self.memory.max_bytes
+        if cap is None:
+            return
+        pinned = sorted(self.memory.pinned)
+        held = sum(api.adapter_nbytes(self.model, n) for n in pinned)
+        own = api.adapter_nbytes(self.model, name)
+        if held + own > cap:
+            api.delete_adapter(self.model, name)
+            self.memory.forget(name)
+            raise ValueError(
+                f"cannot add sibling {name!r} ({own} bytes): the running adapters {pinned} are pinned and hold "
+                f"{held} bytes of max_bytes={cap}; run fewer levels (set_depth) or raise max_bytes"
+            )
+        self.memory.acquire([name])  # (evicts idle adapters, least recently used first, until it fits)
+        self.memory.release([name])
+
+    def delete_adapter(self, name: str) -> None:
+        """Take sibling ``name``, or the top level, out of the stack, the memory manager (resident or offloaded to the
+        host) and the model, freeing its name (a store keeps its copy); named stacks that include it are dropped. A
+        level below others is refused (the levels above were trained on it), changing nothing. Also for an adapter
+        deleted through the model (``sam.model.delete_adapter``), whose name the stack kept: ``save`` failed on it and
+        ``add_adapter`` refused the name as taken."""
+        with self.memory.lock:
+            if name not in self.levels and name not in self._siblings:
+                raise ValueError(
+                    f"{name!r} is not a level or sibling of this stack (levels {self.levels}, siblings "
+                    f"{self._siblings})"
+                )
+            if name in self.levels and name != self.levels[-1]:
+                above = self.levels[self.levels.index(name) + 1 :]
+                raise ValueError(f"{name!r} is a level below {above}, which were trained on it: delete those first")
+            if name in self._running:
+                self._set_running([n for n in self._running if n != name])
+            if name in api.list_adapters(self.model):
+                api.delete_adapter(self.model, name)
+            self.memory.forget(name)
+            (self.levels if name in self.levels else self._siblings).remove(name)
+            for stack in [k for k, v in self._stacks.items() if name in v]:
+                logger.info("named stack %r included the deleted adapter %r: dropped", stack, name)
+                del self._stacks[stack]
 
     def add_stack(self, name: str, adapters: Sequence[str] | Stack) -> None:
         """Name a stack for routing (``adapter=name``), e.g. ``add_stack("paed", ["medical", "paediatrics"])``. The
@@ -244,15 +294,17 @@ class StackedAdapterModel(nn.Module):
         Pinning ``names`` unpins the running stack first, so under a cap the attempt may evict one of its adapters to
         make room, and an eviction also takes it out of the model's active adapters. A refusal therefore pins the
         previous stack again (reloading what was evicted) and activates it again: it used to leave the model running
-        the stack without its evicted levels while ``active_stack`` still named them."""
+        the stack without its evicted levels while ``active_stack`` still named them. The model's active adapters are
+        restored as they were, not as ``active_stack`` names them: a level merged into the base (``merge_adapter``)
+        has left the model, and activating it again failed over the refusal."""
         with self.memory.lock:
-            previous = self.memory.pinned
+            previous, active = self.memory.pinned, api.active_adapters(self.model)
             try:
                 self.memory.set_pinned(names)  # resident (loaded if needed) and never evicted while running
                 api.set_active_adapters(self.model, list(names) or None)  # all or nothing
             except BaseException:
                 self.memory.set_pinned(previous)
-                api.set_active_adapters(self.model, list(self._running) or None)
+                api.set_active_adapters(self.model, list(active) or None)
                 raise
             self._running = list(names)
 
@@ -304,7 +356,8 @@ class StackedAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
-        trained task head into the folder ``path``; returns it.
+        trained task head into the folder ``path``; returns it. Adapters the memory manager evicted are written too
+        (each loaded for its write, then evicted again: the residency is as before).
 
         All or nothing: everything is written to a staging folder inside ``path`` first, then each item (an adapter
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
@@ -318,8 +371,8 @@ class StackedAdapterModel(nn.Module):
         try:
             store = AdapterStore(staging)
             names = self.levels + self._siblings
-            for name in names:
-                with self.memory.use([name]):
+            for name in names:  # (an evicted one is loaded for its write, past the caps, and evicted again)
+                with self.memory.reading(name):
                     store.save(self.model, name)
             head = head_parameters(self.model) if self._head_trained else {}
             if head:

@@ -446,7 +446,7 @@ def test_a_reused_route_checks_its_names_again_after_an_adapter_is_deleted():
     """A Route object kept and used again (``use_adapters(route)``) checked its names once: after an adapter it names
     was deleted, its rows ran the base model, silently. The check is redone after any adapter change."""
     model = bert()
-    for name in ("kept", "gone"):  # (names no other live patched model holds: a route checks against all)
+    for name in ("kept", "gone"):
         ae.add_adapter(model, name, ae.LoraConfig(r=2, lora_alpha=4))
     randomise(model)
     route = make_route(["kept", "gone"])
@@ -455,6 +455,31 @@ def test_a_reused_route_checks_its_names_again_after_an_adapter_is_deleted():
     ae.delete_adapter(model, "gone")
     with pytest.raises(ValueError, match=r"unknown adapters \['gone'\]"):
         run(model, batch, route)
+
+
+def test_a_route_naming_another_models_adapter_is_refused_in_this_model():
+    """With two patched models in the process, a route naming an adapter only the other model holds (or one evicted
+    from this model, as a memory manager does) passed the check, which read every live model's adapters: this model
+    ran the base for those rows, silently. Each model checks against its own adapters (LoRA and bottleneck layers)."""
+    first, second = bert(), bert()
+    for model, tag in ((first, "first"), (second, "second")):
+        ae.add_adapter(model, f"xm_lora_{tag}", ae.LoraConfig(r=2, lora_alpha=4))
+        ae.add_adapter(model, f"xm_bn_{tag}", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    randomise(first)
+    randomise(second)
+    batch = ids(2)
+    for spec in ("xm_lora_second", "xm_bn_second", ["xm_lora_first", "xm_bn_second"]):
+        with pytest.raises(ValueError, match=r"unknown adapters \['xm_(lora|bn)_second'\]"):
+            run(first, batch, spec)
+    route = make_route(["xm_lora_first", "xm_bn_first"])  # one route object used with both models, checked by each
+    run(first, batch, route)
+    with pytest.raises(ValueError, match=r"unknown adapters \['xm_bn_first', 'xm_lora_first'\]"):
+        run(second, batch, route)
+    run(first, batch, route)
+    ae.delete_adapter(first, "xm_lora_first")  # gone from this model, still a name the other could hold
+    ae.add_adapter(second, "xm_lora_first", ae.LoraConfig(r=2, lora_alpha=4))
+    with pytest.raises(ValueError, match=r"unknown adapters \['xm_lora_first'\]"):
+        run(first, batch, route)
 
 
 @pytest.mark.parametrize(

@@ -588,3 +588,144 @@ def test_a_refused_activate_under_a_cap_keeps_the_running_stack_running(tmp_path
     with pytest.raises(ValueError, match="pytorch_adapter.bin"):
         sam.activate(["s", "broken"])  # loading broken (after evicting a level) fails
     assert _state_of(sam)[:4] == state and torch.equal(logits(sam), before)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "drop"])
+def test_a_stack_saves_a_sibling_evicted_while_its_running_levels_fill_the_cap(tmp_path, offload):
+    """``save`` loaded each adapter with ``memory.use``, which must fit it under the caps: with the running levels
+    pinned and filling ``max_active``, a sibling evicted to the host (or dropped, to reload from the store) made the
+    save fail. It is loaded for its write and put back as it was; the residency is unchanged."""
+    store = ae.AdapterStore(tmp_path / "store", create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("ev_fr", ae.LoraConfig(r=2), level=False)
+    randomise(donor.model, "ev_fr")
+    store.save(donor.model, "ev_fr")
+    sam = StackedAdapterModel(tiny(), store=store, max_active=2, offload=offload)
+    sam.add_adapter("ev_l1", SEQ_BN)
+    randomise(sam.model, "ev_l1")
+    sam.add_adapter("ev_fr", level=False)  # from the store
+    sam.add_adapter("ev_l2", SEQ_BN)  # both levels run (pinned): the sibling is evicted
+    randomise(sam.model, "ev_l2")
+    assert sorted(sam.memory.resident()) == ["ev_l1", "ev_l2"] and sam.memory.known("ev_fr")
+    offloaded = dict(sam.memory._offloaded)
+    expected = logits(sam)
+    sam.set_depth(1)
+    fr = logits(sam, adapter="ev_fr")
+    sam.set_depth(2)
+    folder = sam.save(tmp_path / "stack")
+    assert sorted(os.listdir(folder)) == ["ev_fr", "ev_l1", "ev_l2", "stack.json"]
+    assert sorted(sam.memory.resident()) == ["ev_l1", "ev_l2"] and sam.memory._offloaded.keys() == offloaded.keys()
+    assert torch.equal(logits(sam), expected)
+    loaded = StackedAdapterModel.load(folder, tiny())
+    assert torch.equal(logits(loaded), expected)
+    loaded.set_depth(1)
+    assert torch.equal(logits(loaded, adapter="ev_fr"), fr)
+
+
+def test_a_model_save_names_the_adapters_its_memory_manager_evicted(tmp_path, caplog):
+    """``save_pretrained`` / ``save_model`` of ``sam.model`` write the adapters in the model: one the memory manager
+    evicted to host memory was left out silently. A warning names it; ``save_adapter`` of it says where it is, and
+    works inside ``memory.reading``."""
+    sam = StackedAdapterModel(tiny(), max_active=2)
+    sam.add_adapter("sv_l1", SEQ_BN)
+    sam.add_adapter("sv_fr", ae.LoraConfig(r=2), level=False)
+    sam.add_adapter("sv_l2", SEQ_BN)  # evicts the sibling to the host
+    assert sorted(sam.memory.resident()) == ["sv_l1", "sv_l2"]
+    with caplog.at_level("WARNING", logger="adapter_engine.api"):
+        ae.save_model(sam.model, tmp_path / "model")
+    assert "['sv_fr'] are evicted to host memory" in caplog.text
+    with pytest.raises(ValueError, match=r"evicted to host memory by a memory manager: save it inside memory.reading"):
+        ae.save_adapter(sam.model, "sv_fr", tmp_path / "fr")
+    with sam.memory.reading("sv_fr"):
+        ae.save_adapter(sam.model, "sv_fr", tmp_path / "fr")
+    assert os.path.isdir(tmp_path / "fr") and sorted(sam.memory.resident()) == ["sv_l1", "sv_l2"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapter_engine.api"):
+        StackedAdapterModel(tiny()).model.save_pretrained(tmp_path / "plain")
+    assert "evicted" not in caplog.text
+
+
+def test_routing_an_adapter_merged_into_the_base_is_refused_not_reloaded_from_the_store(tmp_path):
+    """After ``merge_adapter`` of a managed adapter that the store also holds, routing it (or running a stack that
+    includes it) reloaded it from the store on top of its merged copy: applied twice, silently. It is refused with a
+    KeyError that says it is merged (README); after ``unmerge_adapter`` it loads again. A new adapter added under
+    that name later is not refused."""
+    store = ae.AdapterStore(tmp_path / "store", create=True)
+    donor = StackedAdapterModel(tiny())
+    donor.add_adapter("mg_lora", ae.LoraConfig(r=2), level=False)
+    randomise(donor.model, "mg_lora")
+    store.save(donor.model, "mg_lora")
+    sam = StackedAdapterModel(tiny(), store=store)
+    sam.add_adapter("mg_lora")
+    once = logits(sam)
+    ae.merge_adapter(sam.model, "mg_lora")
+    torch.testing.assert_close(logits(sam), once, rtol=0, atol=1e-5)  # the merged base runs it once
+    for spec in ("mg_lora", ["mg_lora", None, None]):
+        with pytest.raises(KeyError, match=r"\['mg_lora'\] are merged into the model's base weights"):
+            logits(sam, adapter=spec)
+    with pytest.raises(KeyError, match="merged into the model's base weights"):
+        sam.set_depth(1)
+    with pytest.raises(KeyError, match="merged into the model's base weights"):
+        sam.save(tmp_path / "stack")  # (a save loaded it for its write, then kept it on the host: reloaded from there)
+    assert "mg_lora" not in ae.list_adapters(sam.model) and not sam.memory.holds("mg_lora")
+    ae.unmerge_adapter(sam.model, "mg_lora")
+    torch.testing.assert_close(logits(sam, adapter="mg_lora"), once, rtol=0, atol=1e-5)
+    other = StackedAdapterModel(tiny(), store=store)
+    other.add_adapter("mg_lora")
+    ae.merge_adapter(other.model, "mg_lora")
+    assert other.memory.resident() == [] and other.memory.pinned == frozenset()
+    ae.add_adapter(other.model, "mg_lora", ae.LoraConfig(r=2))  # a new adapter under the merged one's name
+    logits(other, adapter="mg_lora")
+    other.memory.evict("mg_lora")
+    logits(other, adapter="mg_lora")  # back from the host: the new one
+
+
+def test_a_sibling_that_cannot_fit_beside_the_running_levels_under_max_bytes_is_refused():
+    """As under ``max_active``: a sibling whose bytes do not fit beside the pinned running levels under ``max_bytes``
+    stayed resident over the cap (and no routed call could hold it beside the pins). It is refused, naming the cap,
+    and leaves the model and the manager; at a shallower depth it is added (exactly at the cap fits)."""
+    probe = StackedAdapterModel(tiny())
+    probe.add_adapter("x", ae.LoraConfig(r=2))
+    size = ae.api.adapter_nbytes(probe.model, "x")
+    sam = StackedAdapterModel(tiny(), max_bytes=2 * size)
+    sam.add_adapter("by_l1", ae.LoraConfig(r=2))
+    sam.add_adapter("by_l2", ae.LoraConfig(r=2))  # the levels fill the cap exactly
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(
+        ValueError, match=rf"running adapters \['by_l1', 'by_l2'\] are pinned and hold {2 * size} bytes"
+    ):
+        sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
+    assert _state_of(sam) == state and torch.equal(logits(sam), before) and not sam.memory.known("by_fr")
+    assert sam.memory.stats().resident_bytes == 2 * size
+    sam.set_depth(1)
+    sam.add_adapter("by_fr", ae.LoraConfig(r=2), level=False)
+    assert sorted(sam.memory.resident()) == ["by_fr", "by_l1"] and sam.memory.stats().resident_bytes == 2 * size
+    logits(sam, adapter="by_fr")
+
+
+def test_a_deleted_sibling_or_top_level_frees_its_name(tmp_path):
+    """A sibling deleted through the model (``sam.model.delete_adapter``) stayed named by the stack: ``save`` failed on
+    it and ``add_adapter`` refused the name as taken, with no way out. ``sam.delete_adapter`` takes a sibling or the
+    top level out of the stack, the memory manager and the model (also after such a deletion), and drops the named
+    stacks that include it; a level below others is refused, changing nothing."""
+    sam = StackedAdapterModel(tiny(), max_active=3)
+    for name, level in (("dl_l1", True), ("dl_l2", True), ("dl_fr", False), ("dl_de", False)):
+        sam.add_adapter(name, ae.LoraConfig(r=2), level=level)
+        randomise(sam.model, name)
+    sam.add_stack("dl_stack", ["dl_l1", "dl_de"])
+    before, state = logits(sam), _state_of(sam)
+    with pytest.raises(ValueError, match=r"'dl_l1' is a level below \['dl_l2'\]"):
+        sam.delete_adapter("dl_l1")
+    with pytest.raises(ValueError, match="not a level or sibling"):
+        sam.delete_adapter("dl_nope")
+    assert _state_of(sam) == state and torch.equal(logits(sam), before)
+    assert sam.memory.resident() == ["dl_l1", "dl_l2", "dl_de"]  # dl_fr is offloaded to the host (max_active=3)
+    sam.model.delete_adapter("dl_de")  # behind the stack's back
+    sam.delete_adapter("dl_de")
+    sam.delete_adapter("dl_fr")  # the manager's host copy goes too
+    assert not sam.memory.known("dl_fr") and sam._stacks == {}
+    sam.add_adapter("dl_fr", ae.LoraConfig(r=2), level=False)  # the name is free again
+    randomise(sam.model, "dl_fr")
+    assert sorted(os.listdir(sam.save(tmp_path / "stack"))) == ["dl_fr", "dl_l1", "dl_l2", "stack.json"]
+    sam.delete_adapter("dl_l2")
+    assert sam.levels == ["dl_l1"] and sam.active_stack == ("dl_l1",) and "dl_l2" not in ae.list_adapters(sam.model)

@@ -248,6 +248,30 @@ def test_a_call_over_max_bytes_is_refused_on_first_use_too(filled_store, first):
         assert torch.equal(out(fresh, first), expected[first])
 
 
+def test_a_call_over_max_bytes_beside_a_resident_adapter_is_refused_before_loading(filled_store, caplog):
+    """A call holding a resident adapter and needing a first load of another that cannot fit beside it under
+    ``max_bytes`` (at the cap exactly with one): the store's header gives the size, so it is refused before the load.
+    It loaded the adapter over the cap (logging that the caps were exceeded), refused, and kept its copy in host
+    memory: a refused call changed the manager's state."""
+    store, _ = filled_store
+    probe = bert()
+    store.load_into(probe, "lora0")
+    size = ae.api.adapter_nbytes(probe, "lora0")
+    memory = AdapterMemoryManager(bert(), store, max_bytes=size)
+    with memory.use(["lora0"]):
+        pass
+    with (
+        caplog.at_level("WARNING", logger="adapter_engine.memory"),
+        pytest.raises(ValueError, match=f"max_bytes={size}"),
+    ):
+        memory.acquire(["lora0", "lora3"])
+    stats = memory.stats()
+    assert "exceeded" not in caplog.text and (stats.loads, stats.evictions, stats.offloaded) == (1, 0, 0)
+    assert memory.resident() == ["lora0"] and not memory.holds("lora3")
+    with memory.use(["lora3"]):  # alone it fits, exactly at the cap
+        assert memory.resident() == ["lora3"] and memory.stats().resident_bytes == size
+
+
 def test_pinned_and_in_use_adapters_are_not_evicted(filled_store):
     store, _ = filled_store
     model = bert()
