@@ -39,6 +39,7 @@ from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
 from .patching import is_patched, patch
+from .persist import _adapter_aliases
 from .routing import Route, make_route, use_adapters
 from .store import AdapterStore
 
@@ -302,6 +303,17 @@ class StackedAdapterModel(nn.Module):
         return trainable
 
     # ------------------------------------------------------------------------------------------- persistence
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict`` with each adapter tensor once: a bottleneck adapter's LayerNorm before its down
+        projection is registered twice (``adapter_norm_before`` and ``adapter_down.0``, as AdapterHub's module has
+        it), and safetensors refuses shared tensors. ``transformers.Trainer(model=sam)`` saves checkpoints with
+        ``save_file(sam.state_dict())``: it failed on such a stack ('Some tensors share memory'). Either name loads
+        both (``BottleneckAdapter._load_from_state_dict``), so ``load_state_dict`` and Trainer's resume take it."""
+        state = super().state_dict(*args, **kwargs)
+        for key in _adapter_aliases(state):
+            del state[key]
+        return state
+
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
         trained task head into the folder ``path``; returns it.

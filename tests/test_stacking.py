@@ -192,6 +192,46 @@ def test_train_adapter_with_the_head_and_trainer(tmp_path):
         ae.train_adapter(bare, "x", train_head=True)
 
 
+def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
+    """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) saves checkpoints as
+    ``save_file(sam.state_dict())``; a level with ``ln_before`` registers its LayerNorm twice, which safetensors
+    refused ('Some tensors share memory'). The checkpoint now holds it once and a resume ends where the run did."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    def build():
+        sam = StackedAdapterModel(tiny())
+        for name in ("trn_gen", "trn_top"):
+            sam.add_adapter(name, ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True))
+            randomise(sam.model, name)
+        sam.train_adapter("trn_top", train_head=True)
+        return sam
+
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(3, 64, (5,), generator=gen), "labels": i % 3} for i in range(8)]
+
+    def args(**kw):
+        return TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], **kw,
+        )  # fmt: skip
+
+    sam = build()
+    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
+    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    again = build()
+    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+    )
+    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
+    state = sam.state_dict()
+    assert any(".adapter_norm_before." in k for k in state) and not any(".adapter_down.0." in k for k in state)
+    fresh = build()
+    fresh.load_state_dict(state)  # strict: either name of the LayerNorm loads both
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+
+
 def test_save_and_load_keep_the_whole_stack(tmp_path):
     sam, _ = three_levels()
     sam.add_adapter("french", ae.LoraConfig(r=2), level=False)
