@@ -259,6 +259,31 @@ def test_save_and_load_keep_the_whole_stack(tmp_path):
         StackedAdapterModel.load(tmp_path, tiny())
 
 
+def test_a_stack_of_levels_with_their_own_bottleneck_sizes_saves_and_loads(tmp_path):
+    """Levels of other widths and activations (an exact ``bottleneck_size`` of 5 and 11 of hidden 32, a reduction
+    factor of 8). AdapterHub's config holds only a factor, ``int(hidden // factor)``, and ``32 // (32 / 5)`` is 4 in
+    floating point: the save was refused as 'bottleneck size 5 is not expressible'. Every depth now reloads bit for
+    bit, and AdapterHub's formula on the saved factor gives the width."""
+    import json
+
+    sam = StackedAdapterModel(tiny())
+    sizes = {"bsz_gen": dict(bottleneck_size=5), "bsz_mid": dict(reduction_factor=8, non_linearity="gelu")}
+    sizes["bsz_top"] = dict(bottleneck_size=11, non_linearity="tanh")
+    for name, kw in sizes.items():
+        sam.add_adapter(name, ae.BottleneckConfig.seq_bn(**kw))
+        randomise(sam.model, name)
+    expected = [logits(sam, adapter=ae.Stack(*sam.levels[:depth]) if depth else None) for depth in range(4)]
+    folder = sam.save(tmp_path / "stack")
+    for name, width in (("bsz_gen", 5), ("bsz_top", 11)):
+        with open(os.path.join(folder, name, "adapter_config.json")) as fh:
+            assert int(32 // json.load(fh)["config"]["reduction_factor"]) == width
+    loaded = StackedAdapterModel.load(folder, tiny())
+    assert loaded.model.bert.encoder.layer[1].output.adapters["bsz_top"].bottleneck_size == 11
+    for depth in range(4):
+        loaded.set_depth(depth)
+        assert torch.equal(logits(loaded), expected[depth])
+
+
 def test_a_stack_loads_under_a_cap_its_levels_fill(tmp_path):
     """Siblings cannot be added while the running levels fill ``max_active`` (they would stay over the cap), so a
     saved stack of 2 levels and 2 siblings loads under ``max_active=2`` by adding its siblings first: the levels
