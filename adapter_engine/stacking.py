@@ -38,7 +38,7 @@ from ._io import replace_entries
 from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
-from .patching import is_patched, patch
+from .patching import is_patched, patch, unpatch
 from .persist import _adapter_aliases
 from .routing import Route, make_route, use_adapters
 from .store import AdapterStore
@@ -100,6 +100,7 @@ class StackedAdapterModel(nn.Module):
         offload: str = "cpu",
     ) -> None:
         super().__init__()
+        undo = _undo_for(base_model)
         self.model = base_model if is_patched(base_model) else patch(base_model)
         if store is not None and not isinstance(store, AdapterStore):
             store = AdapterStore(store)
@@ -112,11 +113,15 @@ class StackedAdapterModel(nn.Module):
         self._siblings: list[str] = []
         self._head_trained = False
         if initial_adapter is not None:
-            if isinstance(initial_adapter, tuple):
-                self.add_adapter(*initial_adapter)
-            else:
-                path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
-                self.add_adapter(os.path.basename(os.path.normpath(path)), path)
+            try:
+                if isinstance(initial_adapter, tuple):
+                    self.add_adapter(*initial_adapter)
+                else:
+                    path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
+                    self.add_adapter(os.path.basename(os.path.normpath(path)), path)
+            except BaseException:
+                undo()
+                raise
 
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
@@ -348,7 +353,8 @@ class StackedAdapterModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
-        """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``."""
+        """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``. A
+        refused load (a missing or corrupted level, a head of another size) leaves ``base_model`` as it was."""
         path = os.fspath(path)
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
@@ -366,20 +372,43 @@ class StackedAdapterModel(nn.Module):
             ]
             if wrong:
                 raise ValueError(f"the saved head does not fit the model's (another number of labels?): {wrong}")
-        model = cls(base_model, **kwargs)
-        saved = AdapterStore(path)
-        for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
-            model.add_adapter(name, saved.path(name), level=name in meta["levels"])
-        for name, names in meta.get("stacks", {}).items():
-            model.add_stack(name, names)
-        if tensors is not None:
+        undo = _undo_for(base_model)
+        try:
+            model = cls(base_model, **kwargs)
+            saved = AdapterStore(path)
+            for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
+                model.add_adapter(name, saved.path(name), level=name in meta["levels"])
+            for name, names in meta.get("stacks", {}).items():
+                model.add_stack(name, names)
+            model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
+        except BaseException:
+            undo()
+            raise
+        if tensors is not None:  # (last: its shapes were checked, and a refused load leaves the head as it was)
             head = head_parameters(model.model)
             with torch.no_grad():
                 for k, v in tensors.items():
                     head[k].copy_(v)
             model._head_trained = True
-        model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _undo_for(base_model: nn.Module):
+    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load` or
+    ``initial_adapter``: unpatched if it is not patched now, else without the adapters added since and with its active
+    adapters again. A saved stack whose second level was missing or corrupted used to leave the base patched, running
+    the levels loaded before the refusal."""
+    if not is_patched(base_model):
+        return lambda: unpatch(base_model)
+    before, active = set(api.list_adapters(base_model)), api.active_adapters(base_model)
+
+    def undo() -> None:
+        for name in api.list_adapters(base_model):
+            if name not in before:
+                api.delete_adapter(base_model, name)
+        api.set_active_adapters(base_model, list(active) or None)
+
+    return undo
 
 
 def _read_stack_file(meta_path: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -349,6 +350,43 @@ def test_a_missing_adapter_folder_is_named(tmp_path):
         assert _state_of(sam) == state
     with pytest.raises(FileNotFoundError, match="'medical' does not exist"):
         StackedAdapterModel(tiny(), initial_adapter="medical")
+
+
+def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
+    """A saved stack whose second level is missing, or whose top level's weights are corrupted: the load is refused,
+    naming the file, and the base is as it was (it used to stay patched, running the levels loaded before the
+    refusal): unpatched, or, patched before, with only its own adapters, still active. A complete copy then loads.
+    A refused ``initial_adapter`` leaves the base unpatched too."""
+    sam = StackedAdapterModel(tiny())
+    for name in ("rfl_gen", "rfl_card", "rfl_paed"):
+        sam.add_adapter(name, SEQ_BN)
+        randomise(sam.model, name)
+    folder = sam.save(tmp_path / "stack")
+    expected = logits(sam)
+    missing, corrupt = tmp_path / "missing", tmp_path / "corrupt"
+    shutil.copytree(folder, missing)
+    shutil.rmtree(missing / "rfl_card")
+    shutil.copytree(folder, corrupt)
+    (corrupt / "rfl_paed" / "pytorch_adapter.bin").write_bytes(b"not a checkpoint")
+    base = tiny()
+    plain = logits(base)
+    for bad, error, match in ((missing, FileNotFoundError, "rfl_card"), (corrupt, ValueError, "pytorch_adapter.bin")):
+        with pytest.raises(error, match=match):
+            StackedAdapterModel.load(bad, base)
+        assert not ae.patching.is_patched(base) and torch.equal(logits(base), plain)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):  # the same for a refused initial adapter
+        StackedAdapterModel(base, initial_adapter=corrupt / "rfl_paed")
+    assert not ae.patching.is_patched(base)
+    ae.add_adapter(base, "rfl_own", ae.LoraConfig(r=2))
+    randomise(base, "rfl_own")
+    ae.set_active_adapters(base, "rfl_own")
+    own = logits(base)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):
+        StackedAdapterModel.load(corrupt, base)
+    assert ae.list_adapters(base) == ["rfl_own"] and ae.api.active_adapters(base) == ("rfl_own",)
+    assert torch.equal(logits(base), own)
+    ae.delete_adapter(base, "rfl_own")
+    assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
 def test_a_refused_activate_changes_nothing():
