@@ -321,7 +321,11 @@ class StackedAdapterModel(nn.Module):
 
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
-        trained task head into the folder ``path``; returns it.
+        trained task head into the folder ``path``; returns it. The head counts as trained when
+        :meth:`train_adapter` trained it, or when it requires grad beside a frozen base (trained through the function
+        :func:`train_adapter` on ``self.model``, or left unfrozen by hand): such a head used to be left out, and the
+        reloaded stack ran the base's untrained head. The head of a model nothing of which was frozen is the
+        base's own: left out.
 
         All or nothing: everything is written to a staging folder inside ``path`` first, then each item (an adapter
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
@@ -338,7 +342,7 @@ class StackedAdapterModel(nn.Module):
             for name in names:
                 with self.memory.use([name]):
                     store.save(self.model, name)
-            head = head_parameters(self.model) if self._head_trained else {}
+            head = head_parameters(self.model) if self._head_trained or _head_unfrozen(self.model) else {}
             if head:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(staging, HEAD_FILE))
             meta = {"levels": self.levels, "siblings": self._siblings, "running": self._running,
@@ -391,6 +395,15 @@ class StackedAdapterModel(nn.Module):
                     head[k].copy_(v)
             model._head_trained = True
         return model
+
+
+def _head_unfrozen(model: nn.Module) -> bool:
+    """Whether ``model``'s task head requires grad while some parameter of its base does not: a head that trains on
+    a frozen base (not a model that was never frozen, whose head is the base's own)."""
+    head = head_parameters(model)
+    if not any(p.requires_grad for p in head.values()):
+        return False
+    return any(not p.requires_grad for n, p in model.named_parameters() if n not in head)
 
 
 def _undo_for(base_model: nn.Module):

@@ -260,6 +260,31 @@ def test_save_and_load_keep_the_whole_stack(tmp_path):
         StackedAdapterModel.load(tmp_path, tiny())
 
 
+@pytest.mark.parametrize("how", ["train_adapter function", "unfrozen by hand"])
+def test_a_head_trained_outside_sam_train_adapter_is_saved(tmp_path, how):
+    """A head trained through the function ``ae.train_adapter(sam.model, name, train_head=True)``, or unfrozen by hand
+    after ``sam.train_adapter(name)``: ``sam.save`` left it out (only ``sam.train_adapter(train_head=True)`` marked it)
+    and the reloaded stack silently ran the base's untrained head. A head frozen throughout is still left out, and so
+    is the head of a model nothing of which was frozen (the base's own)."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("hd_gen", SEQ_BN)
+    assert "head.safetensors" not in os.listdir(sam.save(tmp_path / "fresh"))  # nothing frozen: the base's head
+    sam.train_adapter("hd_gen")
+    assert "head.safetensors" not in os.listdir(sam.save(tmp_path / "frozen"))
+    if how == "unfrozen by hand":
+        sam.model.classifier.requires_grad_(True)
+    else:
+        ae.train_adapter(sam.model, "hd_gen", train_head=True)
+    opt = torch.optim.Adam([p for p in sam.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        sam(input_ids=ids(4), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expected = logits(sam)
+    loaded = StackedAdapterModel.load(sam.save(tmp_path / "stack"), tiny())
+    assert torch.equal(logits(loaded), expected)
+
+
 def test_a_stack_of_levels_with_their_own_bottleneck_sizes_saves_and_loads(tmp_path):
     """Levels of other widths and activations (an exact ``bottleneck_size`` of 5 and 11 of hidden 32, a reduction
     factor of 8). AdapterHub's config holds only a factor, ``int(hidden // factor)``, and ``32 // (32 / 5)`` is 4 in
