@@ -41,7 +41,7 @@ from .memory import AdapterMemoryManager
 from .patching import is_patched, patch, unpatch
 from .persist import _adapter_aliases
 from .routing import Route, make_route, use_adapters
-from .store import AdapterStore
+from .store import AdapterStore, check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,10 @@ class StackedAdapterModel(nn.Module):
         refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
         when the running adapters fill ``max_active``, a level whose structure cannot stack on the others) leaves
         the model, the levels and the running stack as they were. A config or folder for a name the memory manager
-        already holds (resident, or offloaded to the host) is refused: it would replace that adapter."""
+        already holds (resident, or offloaded to the host) is refused: it would replace that adapter. So is a name
+        that cannot name a folder (a separator, '.', NUL): :meth:`save` writes one per adapter, and refused the whole
+        stack only then, after the level had trained."""
+        check_adapter_name(name)
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")

@@ -377,6 +377,19 @@ def test_a_missing_adapter_folder_is_named(tmp_path):
         StackedAdapterModel(tiny(), initial_adapter="medical")
 
 
+def test_a_name_that_cannot_name_a_folder_is_refused_when_added(tmp_path):
+    """``save`` writes one folder per adapter: a level or sibling named ``nm/v1`` (or with a backslash or NUL) was
+    added and trained, and only ``save`` refused it, and with it the whole stack. It is refused when added."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("nm_gen", SEQ_BN)
+    state = _state_of(sam)
+    for name, level in (("nm/v1", True), ("nm\\v1", True), ("nm\x00", False)):
+        with pytest.raises(ValueError, match="not a plain name"):
+            sam.add_adapter(name, SEQ_BN, level=level)
+        assert _state_of(sam) == state
+    assert {"nm_gen", "stack.json"} <= set(os.listdir(sam.save(tmp_path / "stack")))
+
+
 def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     """A saved stack whose second level is missing, or whose top level's weights are corrupted: the load is refused,
     naming the file, and the base is as it was (it used to stay patched, running the levels loaded before the
