@@ -310,6 +310,28 @@ class StackedAdapterModel(nn.Module):
         self._head_trained |= train_head
         return trainable
 
+    # transformers.Trainer(model=sam, gradient_checkpointing=True) calls these on its model: they failed with
+    # AttributeError ('StackedAdapterModel' object has no attribute ...); they act on self.model
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.activation_checkpointing_enable(*args, **kwargs)
+
+    def activation_checkpointing_disable(self) -> Any:
+        return self.model.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> Any:
+        return self.model.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_activation_checkpointing", False))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+
     # ------------------------------------------------------------------------------------------- persistence
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``nn.Module.state_dict`` with each adapter tensor once: a bottleneck adapter's LayerNorm before its down

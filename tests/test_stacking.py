@@ -233,6 +233,38 @@ def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_it
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
 
 
+def test_trainer_given_the_stacked_model_checkpoints_activations(tmp_path):
+    """``Trainer(model=sam, gradient_checkpointing=True)`` failed at once with AttributeError ('StackedAdapterModel'
+    object has no attribute 'gradient_checkpointing_enable'); it now checkpoints the base's layers and trains the top
+    level to the weights of a run without checkpointing (fp32 on the CPU: the same ops recomputed)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    gen = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(3, 64, (5,), generator=gen), "labels": i % 3} for i in range(8)]
+    trained = []
+    for checkpointing in (True, False):
+        sam = StackedAdapterModel(tiny())
+        for name in ("gck_gen", "gck_top"):
+            sam.add_adapter(name, SEQ_BN)
+            randomise(sam.model, name)
+        sam.train_adapter("gck_top")
+        args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        Trainer(model=sam, args=args, train_dataset=data).train()
+        assert sam.is_gradient_checkpointing == checkpointing == sam.model.is_gradient_checkpointing
+        if checkpointing:
+            sam.gradient_checkpointing_disable()
+            assert not sam.model.is_gradient_checkpointing
+        trained.append({n: p.detach().clone() for n, p in sam.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for name, weight in trained[0].items():
+        torch.testing.assert_close(trained[1][name], weight, atol=1e-6, rtol=0)
+
+
 def test_save_and_load_keep_the_whole_stack(tmp_path):
     sam, _ = three_levels()
     sam.add_adapter("french", ae.LoraConfig(r=2), level=False)
