@@ -135,15 +135,25 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
     return _adapterhub_meta(model, state, name, config), tensors
 
 
+def _reduction_factor(hidden: int, size: int, name: str) -> int | float:
+    """A reduction factor ``rf`` for which AdapterHub's (and ``BottleneckConfig.size_for``'s) ``int(hidden // rf)`` is
+    ``size``. ``hidden / size`` itself is not always one: floating point rounds ``32 / (32 / 5)`` below 5, so
+    ``32 // 6.4`` is 4; the next floats below it are (``6.3999999999999995``). Sizes such as 5 of 32 or 13 of 768
+    (two in five of the sizes below the hidden size) used to be refused as 'not expressible', and with them the
+    save of a whole ``StackedAdapterModel`` holding such a level."""
+    rf = hidden / size
+    for _ in range(8):  # (one or two steps down suffice: the quotient is within a few ulps of size)
+        if int(hidden // rf) == size:
+            return int(rf) if float(rf).is_integer() else rf
+        rf = math.nextafter(rf, 0.0)
+    raise ValueError(f"adapter {name!r}: bottleneck size {size} has no AdapterHub reduction factor for hidden {hidden}")
+
+
 def _export_bottleneck(model: nn.Module, state: PatchState, name: str, record: AdapterRecord) -> tuple:
     cfg: BottleneckConfig = record.config
     config = cfg.to_dict()
     if cfg.bottleneck_size is not None:  # tutorial AdapterConfig: AdapterHub only knows reduction factors
-        hidden = pt.hidden_size_of(model)
-        rf = hidden / cfg.bottleneck_size
-        if int(hidden // rf) != cfg.bottleneck_size:
-            raise ValueError(f"bottleneck size {cfg.bottleneck_size} is not expressible as hidden {hidden} // factor")
-        config["reduction_factor"] = int(rf) if float(rf).is_integer() else rf
+        config["reduction_factor"] = _reduction_factor(pt.hidden_size_of(model), cfg.bottleneck_size, name)
     saved_as = {p.name: pt.adapterhub_name(state.spec, p) for p in pt.placements(model, state, cfg)}
     tensors = {}
     for module_name in record.modules:

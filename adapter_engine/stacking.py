@@ -39,9 +39,10 @@ from ._io import replace_entries
 from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
-from .patching import is_patched, patch
+from .patching import is_patched, patch, unpatch
+from .persist import _adapter_aliases
 from .routing import Route, make_route, use_adapters
-from .store import AdapterStore
+from .store import AdapterStore, check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class StackedAdapterModel(nn.Module):
         offload: str = "cpu",
     ) -> None:
         super().__init__()
+        undo = _undo_for(base_model)
         self.model = base_model if is_patched(base_model) else patch(base_model)
         if store is not None and not isinstance(store, AdapterStore):
             store = AdapterStore(store)
@@ -112,11 +114,15 @@ class StackedAdapterModel(nn.Module):
         self._siblings: list[str] = []
         self._head_trained = False
         if initial_adapter is not None:
-            if isinstance(initial_adapter, tuple):
-                self.add_adapter(*initial_adapter)
-            else:
-                path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
-                self.add_adapter(os.path.basename(os.path.normpath(path)), path)
+            try:
+                if isinstance(initial_adapter, tuple):
+                    self.add_adapter(*initial_adapter)
+                else:
+                    path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
+                    self.add_adapter(os.path.basename(os.path.normpath(path)), path)
+            except BaseException:
+                undo()
+                raise
 
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
@@ -128,7 +134,9 @@ class StackedAdapterModel(nn.Module):
         when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a level
         whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were.
         A config or folder for a name the memory manager already holds (resident, or offloaded to the host) is
-        refused: it would replace that adapter."""
+        refused: it would replace that adapter. So is a name that cannot name a folder (a separator, '.', NUL):
+        :meth:`save` writes one per adapter, and refused the whole stack only then, after the level had trained."""
+        check_adapter_name(name)
         with self.memory.lock:
             if name in self.levels or name in self._siblings:
                 raise ValueError(f"adapter {name!r} is already in this stack (levels {self.levels})")
@@ -353,11 +361,48 @@ class StackedAdapterModel(nn.Module):
         self._head_trained |= train_head
         return trainable
 
+    # transformers.Trainer(model=sam, gradient_checkpointing=True) calls these on its model: they failed with
+    # AttributeError ('StackedAdapterModel' object has no attribute ...); they act on self.model
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.activation_checkpointing_enable(*args, **kwargs)
+
+    def activation_checkpointing_disable(self) -> Any:
+        return self.model.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> Any:
+        return self.model.gradient_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_activation_checkpointing", False))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+
     # ------------------------------------------------------------------------------------------- persistence
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict`` with each adapter tensor once: a bottleneck adapter's LayerNorm before its down
+        projection is registered twice (``adapter_norm_before`` and ``adapter_down.0``, as AdapterHub's module has
+        it), and safetensors refuses shared tensors. ``transformers.Trainer(model=sam)`` saves checkpoints with
+        ``save_file(sam.state_dict())``: it failed on such a stack ('Some tensors share memory'). Either name loads
+        both (``BottleneckAdapter._load_from_state_dict``), so ``load_state_dict`` and Trainer's resume take it."""
+        state = super().state_dict(*args, **kwargs)
+        for key in _adapter_aliases(state):
+            del state[key]
+        return state
+
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
         trained task head into the folder ``path``; returns it. Adapters the memory manager evicted are written too
-        (each loaded for its write, then evicted again: the residency is as before).
+        (each loaded for its write, then evicted again: the residency is as before). The head counts as trained when
+        :meth:`train_adapter` trained it, or when it requires grad beside a frozen base (trained through the function
+        :func:`train_adapter` on ``self.model``, or left unfrozen by hand): such a head used to be left out, and the
+        reloaded stack ran the base's untrained head. The head of a model nothing of which was frozen is the
+        base's own: left out.
 
         All or nothing: everything is written to a staging folder inside ``path`` first, then each item (an adapter
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
@@ -374,7 +419,7 @@ class StackedAdapterModel(nn.Module):
             for name in names:  # (an evicted one is loaded for its write, past the caps, and evicted again)
                 with self.memory.reading(name):
                     store.save(self.model, name)
-            head = head_parameters(self.model) if self._head_trained else {}
+            head = head_parameters(self.model) if self._head_trained or _head_unfrozen(self.model) else {}
             if head:
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, os.path.join(staging, HEAD_FILE))
             meta = {"levels": self.levels, "siblings": self._siblings, "running": self._running,
@@ -389,7 +434,8 @@ class StackedAdapterModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
-        """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``."""
+        """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``. A
+        refused load (a missing or corrupted level, a head of another size) leaves ``base_model`` as it was."""
         path = os.fspath(path)
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
@@ -407,20 +453,52 @@ class StackedAdapterModel(nn.Module):
             ]
             if wrong:
                 raise ValueError(f"the saved head does not fit the model's (another number of labels?): {wrong}")
-        model = cls(base_model, **kwargs)
-        saved = AdapterStore(path)
-        for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
-            model.add_adapter(name, saved.path(name), level=name in meta["levels"])
-        for name, names in meta.get("stacks", {}).items():
-            model.add_stack(name, names)
-        if tensors is not None:
+        undo = _undo_for(base_model)
+        try:
+            model = cls(base_model, **kwargs)
+            saved = AdapterStore(path)
+            for name in meta["siblings"] + meta["levels"]:  # (siblings first: under a cap, the levels then evict them)
+                model.add_adapter(name, saved.path(name), level=name in meta["levels"])
+            for name, names in meta.get("stacks", {}).items():
+                model.add_stack(name, names)
+            model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
+        except BaseException:
+            undo()
+            raise
+        if tensors is not None:  # (last: its shapes were checked, and a refused load leaves the head as it was)
             head = head_parameters(model.model)
             with torch.no_grad():
                 for k, v in tensors.items():
                     head[k].copy_(v)
             model._head_trained = True
-        model.activate(meta["running"]) if meta["running"] else model.set_depth(0)
         return model
+
+
+def _head_unfrozen(model: nn.Module) -> bool:
+    """Whether ``model``'s task head requires grad while some parameter of its base does not: a head that trains on
+    a frozen base (not a model that was never frozen, whose head is the base's own)."""
+    head = head_parameters(model)
+    if not any(p.requires_grad for p in head.values()):
+        return False
+    return any(not p.requires_grad for n, p in model.named_parameters() if n not in head)
+
+
+def _undo_for(base_model: nn.Module):
+    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load` or
+    ``initial_adapter``: unpatched if it is not patched now, else without the adapters added since and with its active
+    adapters again. A saved stack whose second level was missing or corrupted used to leave the base patched, running
+    the levels loaded before the refusal."""
+    if not is_patched(base_model):
+        return lambda: unpatch(base_model)
+    before, active = set(api.list_adapters(base_model)), api.active_adapters(base_model)
+
+    def undo() -> None:
+        for name in api.list_adapters(base_model):
+            if name not in before:
+                api.delete_adapter(base_model, name)
+        api.set_active_adapters(base_model, list(active) or None)
+
+    return undo
 
 
 def _read_stack_file(meta_path: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -192,6 +193,78 @@ def test_train_adapter_with_the_head_and_trainer(tmp_path):
         ae.train_adapter(bare, "x", train_head=True)
 
 
+def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
+    """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) saves checkpoints as
+    ``save_file(sam.state_dict())``; a level with ``ln_before`` registers its LayerNorm twice, which safetensors
+    refused ('Some tensors share memory'). The checkpoint now holds it once and a resume ends where the run did."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    def build():
+        sam = StackedAdapterModel(tiny())
+        for name in ("trn_gen", "trn_top"):
+            sam.add_adapter(name, ae.BottleneckConfig.seq_bn(reduction_factor=4, ln_before=True))
+            randomise(sam.model, name)
+        sam.train_adapter("trn_top", train_head=True)
+        return sam
+
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(3, 64, (5,), generator=gen), "labels": i % 3} for i in range(8)]
+
+    def args(**kw):
+        return TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], **kw,
+        )  # fmt: skip
+
+    sam = build()
+    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
+    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    again = build()
+    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+    )
+    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
+    state = sam.state_dict()
+    assert any(".adapter_norm_before." in k for k in state) and not any(".adapter_down.0." in k for k in state)
+    fresh = build()
+    fresh.load_state_dict(state)  # strict: either name of the LayerNorm loads both
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+
+
+def test_trainer_given_the_stacked_model_checkpoints_activations(tmp_path):
+    """``Trainer(model=sam, gradient_checkpointing=True)`` failed at once with AttributeError ('StackedAdapterModel'
+    object has no attribute 'gradient_checkpointing_enable'); it now checkpoints the base's layers and trains the top
+    level to the weights of a run without checkpointing (fp32 on the CPU: the same ops recomputed)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    gen = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(3, 64, (5,), generator=gen), "labels": i % 3} for i in range(8)]
+    trained = []
+    for checkpointing in (True, False):
+        sam = StackedAdapterModel(tiny())
+        for name in ("gck_gen", "gck_top"):
+            sam.add_adapter(name, SEQ_BN)
+            randomise(sam.model, name)
+        sam.train_adapter("gck_top")
+        args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        Trainer(model=sam, args=args, train_dataset=data).train()
+        assert sam.is_gradient_checkpointing == checkpointing == sam.model.is_gradient_checkpointing
+        if checkpointing:
+            sam.gradient_checkpointing_disable()
+            assert not sam.model.is_gradient_checkpointing
+        trained.append({n: p.detach().clone() for n, p in sam.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    for name, weight in trained[0].items():
+        torch.testing.assert_close(trained[1][name], weight, atol=1e-6, rtol=0)
+
+
 def test_save_and_load_keep_the_whole_stack(tmp_path):
     sam, _ = three_levels()
     sam.add_adapter("french", ae.LoraConfig(r=2), level=False)
@@ -217,6 +290,56 @@ def test_save_and_load_keep_the_whole_stack(tmp_path):
     assert torch.equal(logits(loaded, adapter="fr"), fr)
     with pytest.raises(FileNotFoundError, match="stack.json"):
         StackedAdapterModel.load(tmp_path, tiny())
+
+
+@pytest.mark.parametrize("how", ["train_adapter function", "unfrozen by hand"])
+def test_a_head_trained_outside_sam_train_adapter_is_saved(tmp_path, how):
+    """A head trained through the function ``ae.train_adapter(sam.model, name, train_head=True)``, or unfrozen by hand
+    after ``sam.train_adapter(name)``: ``sam.save`` left it out (only ``sam.train_adapter(train_head=True)`` marked it)
+    and the reloaded stack silently ran the base's untrained head. A head frozen throughout is still left out, and so
+    is the head of a model nothing of which was frozen (the base's own)."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("hd_gen", SEQ_BN)
+    assert "head.safetensors" not in os.listdir(sam.save(tmp_path / "fresh"))  # nothing frozen: the base's head
+    sam.train_adapter("hd_gen")
+    assert "head.safetensors" not in os.listdir(sam.save(tmp_path / "frozen"))
+    if how == "unfrozen by hand":
+        sam.model.classifier.requires_grad_(True)
+    else:
+        ae.train_adapter(sam.model, "hd_gen", train_head=True)
+    opt = torch.optim.Adam([p for p in sam.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        sam(input_ids=ids(4), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expected = logits(sam)
+    loaded = StackedAdapterModel.load(sam.save(tmp_path / "stack"), tiny())
+    assert torch.equal(logits(loaded), expected)
+
+
+def test_a_stack_of_levels_with_their_own_bottleneck_sizes_saves_and_loads(tmp_path):
+    """Levels of other widths and activations (an exact ``bottleneck_size`` of 5 and 11 of hidden 32, a reduction
+    factor of 8). AdapterHub's config holds only a factor, ``int(hidden // factor)``, and ``32 // (32 / 5)`` is 4 in
+    floating point: the save was refused as 'bottleneck size 5 is not expressible'. Every depth now reloads bit for
+    bit, and AdapterHub's formula on the saved factor gives the width."""
+    import json
+
+    sam = StackedAdapterModel(tiny())
+    sizes = {"bsz_gen": dict(bottleneck_size=5), "bsz_mid": dict(reduction_factor=8, non_linearity="gelu")}
+    sizes["bsz_top"] = dict(bottleneck_size=11, non_linearity="tanh")
+    for name, kw in sizes.items():
+        sam.add_adapter(name, ae.BottleneckConfig.seq_bn(**kw))
+        randomise(sam.model, name)
+    expected = [logits(sam, adapter=ae.Stack(*sam.levels[:depth]) if depth else None) for depth in range(4)]
+    folder = sam.save(tmp_path / "stack")
+    for name, width in (("bsz_gen", 5), ("bsz_top", 11)):
+        with open(os.path.join(folder, name, "adapter_config.json")) as fh:
+            assert int(32 // json.load(fh)["config"]["reduction_factor"]) == width
+    loaded = StackedAdapterModel.load(folder, tiny())
+    assert loaded.model.bert.encoder.layer[1].output.adapters["bsz_top"].bottleneck_size == 11
+    for depth in range(4):
+        loaded.set_depth(depth)
+        assert torch.equal(logits(loaded), expected[depth])
 
 
 def test_a_stack_loads_under_a_cap_its_levels_fill(tmp_path):
@@ -284,6 +407,56 @@ def test_a_missing_adapter_folder_is_named(tmp_path):
         assert _state_of(sam) == state
     with pytest.raises(FileNotFoundError, match="'medical' does not exist"):
         StackedAdapterModel(tiny(), initial_adapter="medical")
+
+
+def test_a_name_that_cannot_name_a_folder_is_refused_when_added(tmp_path):
+    """``save`` writes one folder per adapter: a level or sibling named ``nm/v1`` (or with a backslash or NUL) was
+    added and trained, and only ``save`` refused it, and with it the whole stack. It is refused when added."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("nm_gen", SEQ_BN)
+    state = _state_of(sam)
+    for name, level in (("nm/v1", True), ("nm\\v1", True), ("nm\x00", False)):
+        with pytest.raises(ValueError, match="not a plain name"):
+            sam.add_adapter(name, SEQ_BN, level=level)
+        assert _state_of(sam) == state
+    assert {"nm_gen", "stack.json"} <= set(os.listdir(sam.save(tmp_path / "stack")))
+
+
+def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
+    """A saved stack whose second level is missing, or whose top level's weights are corrupted: the load is refused,
+    naming the file, and the base is as it was (it used to stay patched, running the levels loaded before the
+    refusal): unpatched, or, patched before, with only its own adapters, still active. A complete copy then loads.
+    A refused ``initial_adapter`` leaves the base unpatched too."""
+    sam = StackedAdapterModel(tiny())
+    for name in ("rfl_gen", "rfl_card", "rfl_paed"):
+        sam.add_adapter(name, SEQ_BN)
+        randomise(sam.model, name)
+    folder = sam.save(tmp_path / "stack")
+    expected = logits(sam)
+    missing, corrupt = tmp_path / "missing", tmp_path / "corrupt"
+    shutil.copytree(folder, missing)
+    shutil.rmtree(missing / "rfl_card")
+    shutil.copytree(folder, corrupt)
+    (corrupt / "rfl_paed" / "pytorch_adapter.bin").write_bytes(b"not a checkpoint")
+    base = tiny()
+    plain = logits(base)
+    for bad, error, match in ((missing, FileNotFoundError, "rfl_card"), (corrupt, ValueError, "pytorch_adapter.bin")):
+        with pytest.raises(error, match=match):
+            StackedAdapterModel.load(bad, base)
+        assert not ae.patching.is_patched(base) and torch.equal(logits(base), plain)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):  # the same for a refused initial adapter
+        StackedAdapterModel(base, initial_adapter=corrupt / "rfl_paed")
+    assert not ae.patching.is_patched(base)
+    ae.add_adapter(base, "rfl_own", ae.LoraConfig(r=2))
+    randomise(base, "rfl_own")
+    ae.set_active_adapters(base, "rfl_own")
+    own = logits(base)
+    with pytest.raises(ValueError, match="pytorch_adapter.bin"):
+        StackedAdapterModel.load(corrupt, base)
+    assert ae.list_adapters(base) == ["rfl_own"] and ae.api.active_adapters(base) == ("rfl_own",)
+    assert torch.equal(logits(base), own)
+    ae.delete_adapter(base, "rfl_own")
+    assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
 def test_a_refused_activate_changes_nothing():
