@@ -37,7 +37,7 @@ class _Activation(nn.Module):
 
 
 class BottleneckAdapter(nn.Module):
-    """One bottleneck adapter ``A(v) = scaling * up(act(down(v)))`` with AdapterHub's parameter names.
+    """One bottleneck adapter ``A(v) = dropout(scaling * up(act(down(v))))`` with AdapterHub's parameter names.
 
     Args:
         hidden_size: H, the model's hidden size.
@@ -50,7 +50,10 @@ class BottleneckAdapter(nn.Module):
             stack must agree).
         init_weights: "bert" (normal 0.02, zero biases), "houlsby" (truncated normal 1e-2) or "mam_adapter"
             (kaiming down, zero up), as AdapterHub.
-        dropout: AdapterHub's adapter dropout; only 0.0 is supported.
+        dropout: AdapterHub's adapter dropout rate, in [0, 1]: applied in training mode to the scaled up-projection,
+            before ``ln_after`` and the residual, as AdapterHub's ``Adapter`` / ``ParallelAdapter``; identity in eval
+            mode. A stack with an adapter that drops (training mode, rate > 0) runs its eager modules, not the fused
+            op, which has no dropout.
     """
 
     def __init__(
@@ -71,8 +74,8 @@ class BottleneckAdapter(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if dropout:
-            raise ValueError(f"adapter dropout {dropout} is not supported (only 0.0)")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"adapter dropout must be a number in [0, 1], got {dropout!r}")
         if not isinstance(scaling, (int, float)):
             raise TypeError(f"scaling must be a float (learned/channel scaling is not supported), got {scaling!r}")
         bottleneck_size = max(int(bottleneck_size), 1)
@@ -96,6 +99,7 @@ class BottleneckAdapter(nn.Module):
         self.adapter_up = nn.Linear(bottleneck_size, hidden_size)
         if ln_after:
             self.adapter_norm_after = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(float(dropout))  # (AdapterHub's module name; no parameters)
         self.reset_parameters(init_weights)
 
     @property
@@ -149,9 +153,16 @@ class BottleneckAdapter(nn.Module):
                     state_dict[first] = state_dict[second]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    @property
+    def drops(self) -> bool:
+        """Whether a forward now draws a dropout mask (training mode, rate > 0): the fused op cannot run it."""
+        return self.training and self.dropout.p > 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
-        return self.adapter_up(self.adapter_down(x)) * self.scaling
+        """Eager ``dropout(scaling * up(act(down(LNb(x)))))``: (..., H) -> (..., H), in the weights' dtype arithmetic
+        (AdapterHub's order: the scaling, then the dropout)."""
+        up = self.adapter_up(self.adapter_down(x)) * self.scaling
+        return self.dropout(up) if self.dropout.p > 0.0 else up
 
 
 def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:

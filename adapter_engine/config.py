@@ -260,6 +260,9 @@ class BottleneckConfig:
                 self.scaling = float(self.scaling)
             except ValueError:
                 raise ValueError(f"BottleneckConfig: scaling must be a number, got {self.scaling!r}") from None
+        _check_number("BottleneckConfig", "dropout", self.dropout)
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"BottleneckConfig: dropout must be in [0, 1], got {self.dropout!r}")
         rf = self.reduction_factor
         factors = rf.items() if isinstance(rf, Mapping) else [(None, rf)]
         for key, value in factors:

@@ -179,6 +179,19 @@ def test_bottleneck_refuses_bad_widths_at_construction(kwargs, match):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), **kwargs})
 
 
+@pytest.mark.parametrize(
+    "value, match",
+    [(1.5, "dropout must be in"), (-0.1, "dropout must be in"), ("0.1", "must be a finite"), (math.nan, "finite")],
+)
+def test_bottleneck_dropout_must_be_a_rate(value, match):
+    """AdapterHub's adapter ``dropout`` is taken (a rate in [0, 1]); anything else is refused naming the field."""
+    assert BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": 0.1}).dropout == 0.1
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig(dropout=value)
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": value})
+
+
 @pytest.mark.parametrize("field, value", [("phm_layer", True), ("use_gating", True), ("inv_adapter", "nice")])
 def test_bottleneck_refuses_unimplemented_features(field, value):
     with pytest.raises(ValueError, match=field):

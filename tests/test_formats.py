@@ -115,6 +115,53 @@ def test_adapterhub_round_trip(case, expected, tmp_path):
         )
 
 
+@pytest.mark.parametrize("case", ["seq_drop", "houlsby_drop", "par_drop"])
+def test_adapterhub_adapter_with_dropout_trains_with_its_masks_and_saves_it(case, monkeypatch, tmp_path):
+    """AdapterHub's BnConfig ``dropout`` (such adapters used to be refused: "only 0.0"): in eval mode the outputs
+    are AdapterHub's; in training mode, after the same seed, too (the same masks, drawn in the same order), whether
+    the stack would train fused or not (``TRAIN_FUSED``: the fused op has no dropout, the eager modules run); a per-row
+    route in training mode without autograd runs; a training step updates the adapter, and a save in AdapterHub format
+    keeps the rate in its config and loads back with the trained outputs."""
+    import adapter_engine.bottleneck as bn
+
+    fixture = os.path.join(HERE, "fixtures", "adapterhub", "dropout")
+    exp = load_file(os.path.join(fixture, "expected.safetensors"))
+    mask, inputs = exp["attention_mask"], {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
+    model = tiny_bert()
+    ae.load_adapter(model, os.path.join(fixture, case), set_active=True)
+    assert max_err(run(model, exp), exp[case], mask) < ATOL
+    model.train()
+    for fused_training in (False, True):
+        monkeypatch.setattr(bn, "TRAIN_FUSED", fused_training)
+        torch.manual_seed(1234)  # (make_adapterhub_fixtures.TRAIN_SEED)
+        assert max_err(model(**inputs).last_hidden_state, exp[f"{case}@train"], mask) < ATOL
+    with torch.no_grad(), ae.use_adapters([case, None]):  # the first row runs the adapter, the second the base
+        torch.manual_seed(1234)
+        routed = model(**inputs).last_hidden_state
+    base = run(tiny_bert(), exp)
+    assert max_err(routed[:1], exp[f"{case}@train"][:1], mask[:1]) < ATOL
+    assert max_err(routed[1:], base[1:], mask[1:]) < ATOL
+
+    for name, prm in model.named_parameters():
+        prm.requires_grad_(f"adapters.{case}." in name)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    target = torch.randn(exp[case].shape, generator=torch.Generator().manual_seed(0))
+    (model(**inputs).last_hidden_state - target).pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    trained = run(model, exp)
+    assert max_err(trained, exp[case], mask) > 1e-3  # the step changed the adapter
+    folder = ae.save_adapter(model, case, tmp_path / case, format="adapterhub")
+    with (
+        open(os.path.join(folder, "adapter_config.json")) as f,
+        open(os.path.join(fixture, case, "adapter_config.json")) as g,
+    ):
+        assert json.load(f)["config"]["dropout"] == json.load(g)["config"]["dropout"] > 0
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, folder, set_active=True)
+    assert torch.equal(run(fresh, exp), trained)
+
+
 def test_fresh_tutorial_adapter_saves_for_adapterhub(expected, tmp_path):
     """An adapter made here (tutorial AdapterConfig: Houlsby placement, gelu) saves in AdapterHub's format."""
     model = ae.patch(tiny_bert())
