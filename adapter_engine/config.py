@@ -214,6 +214,10 @@ class IA3Config:
         return out
 
 
+# AdapterHub 1.3.0's bottleneck inits, and "normal" (N(0, init_range), the tutorial AdapterConfig's)
+_BOTTLENECK_INITS = ("bert", "houlsby", "mam_adapter", "normal")
+
+
 @dataclass
 class BottleneckConfig:
     """A bottleneck adapter ``A(v) = up(act(down(v)))`` (AdapterHub's ``BnConfig`` field names).
@@ -260,6 +264,11 @@ class BottleneckConfig:
                 self.scaling = float(self.scaling)
             except ValueError:
                 raise ValueError(f"BottleneckConfig: scaling must be a number, got {self.scaling!r}") from None
+        if self.init_weights not in _BOTTLENECK_INITS:
+            # AdapterHub refuses any other ("Unknown init_weights type"); a fresh adapter got "bert"'s, without a word
+            raise ValueError(
+                f"BottleneckConfig: unknown init_weights {self.init_weights!r}; supported: {_BOTTLENECK_INITS}"
+            )
         _check_number("BottleneckConfig", "dropout", self.dropout)
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"BottleneckConfig: dropout must be in [0, 1], got {self.dropout!r}")
@@ -347,8 +356,8 @@ class BottleneckConfig:
         out = dataclasses.asdict(self)
         out.pop("init_range")
         out.pop("bottleneck_size")
-        if out["init_weights"] not in ("bert", "houlsby", "mam_adapter"):  # the inits AdapterHub 1.3.0 knows
-            out["init_weights"] = "bert"  # init only matters for fresh adapters; "normal" is the closest
+        if out["init_weights"] == "normal":  # not an AdapterHub 1.3.0 init; only fresh adapters use it
+            out["init_weights"] = "bert"  # the closest
         out.update(use_gating=False, phm_layer=False, inv_adapter=None, cross_adapter=False)
         out.update(stochastic_depth=0.0, init_weights_seed=None, inv_adapter_reduction_factor=None)
         out.update(phm_dim=4, shared_W_phm=False, shared_phm_rule=True, factorized_phm_rule=False, phm_bias=True)

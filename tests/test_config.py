@@ -192,6 +192,19 @@ def test_bottleneck_dropout_must_be_a_rate(value, match):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": value})
 
 
+@pytest.mark.parametrize("init", ["mam", "lora", "xavier", "BERT", None])
+def test_bottleneck_unknown_init_weights_is_refused(init):
+    """AdapterHub 1.3.0's BnConfig knows the inits "bert", "mam_adapter" and "houlsby" and refuses any other ("Unknown
+    init_weights type"). The engine gave a fresh adapter "bert"'s init for any other value, without a word (and
+    wrote "bert" into its saved config)."""
+    with pytest.raises(ValueError, match="unknown init_weights"):
+        BottleneckConfig.seq_bn(init_weights=init)
+    with pytest.raises(ValueError, match="unknown init_weights"):
+        BottleneckConfig.from_dict({**_adapterhub_config("seq"), "init_weights": init})
+    for known in ("bert", "mam_adapter", "houlsby", "normal"):
+        assert BottleneckConfig.seq_bn(init_weights=known).to_dict()["init_weights"] in ("bert", known)
+
+
 @pytest.mark.parametrize("field, value", [("phm_layer", True), ("use_gating", True), ("inv_adapter", "nice")])
 def test_bottleneck_refuses_unimplemented_features(field, value):
     with pytest.raises(ValueError, match=field):
