@@ -269,6 +269,13 @@ class BottleneckConfig:
             raise ValueError(
                 f"BottleneckConfig: unknown init_weights {self.init_weights!r}; supported: {_BOTTLENECK_INITS}"
             )
+        if self.residual_before_ln == "post_add" and not (self.original_ln_before or self.is_parallel):
+            # AdapterHub takes the "post_add" residual after the sublayer's input is added (original_ln_before); without
+            # it, its forward fails (residual unset); the engine ran such an adapter as residual_before_ln=True
+            raise ValueError(
+                "BottleneckConfig: residual_before_ln='post_add' needs original_ln_before=True (AdapterHub's forward "
+                "fails without it); use residual_before_ln=True for the sublayer output as the residual"
+            )
         _check_number("BottleneckConfig", "dropout", self.dropout)
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"BottleneckConfig: dropout must be in [0, 1], got {self.dropout!r}")

@@ -192,6 +192,15 @@ def test_bottleneck_dropout_must_be_a_rate(value, match):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": value})
 
 
+def test_post_add_residual_needs_original_ln_before():
+    """AdapterHub sets the "post_add" residual only when original_ln_before adds the sublayer input; without it its
+    forward fails (adapters 1.3.0: the residual is never set). Parallel adapters ignore the field, as AdapterHub's."""
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' needs original_ln_before=True"):
+        BottleneckConfig.double_seq_bn(residual_before_ln="post_add")
+    BottleneckConfig.seq_bn(residual_before_ln="post_add")
+    BottleneckConfig.par_bn(residual_before_ln="post_add")
+
+
 @pytest.mark.parametrize("init", ["mam", "lora", "xavier", "BERT", None])
 def test_bottleneck_unknown_init_weights_is_refused(init):
     """AdapterHub 1.3.0's BnConfig knows the inits "bert", "mam_adapter" and "houlsby" and refuses any other ("Unknown

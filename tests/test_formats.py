@@ -271,6 +271,34 @@ def test_original_ln_after_false_where_the_block_adds_the_residual_is_refused_at
     assert ae.list_adapters(model) == []
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "vit", "distilbert"])
+def test_post_add_residual_without_a_model_layer_norm_is_refused_at_load(arch, tmp_path):
+    """residual_before_ln="post_add" takes the residual after the sublayer's input is added, where the model's
+    LayerNorm follows (BERT's sublayers, DistilBERT's blocks). In pre-LN blocks (GPT-2, Llama, ViT) there is none, and
+    AdapterHub's forward fails (its residual is never set; adapters 1.3.0, UnboundLocalError); without
+    original_ln_before too, on any model. The engine ran both as residual_before_ln=True, without a word: now refused,
+    naming the option (and the place), and nothing is loaded. DistilBERT has the LayerNorm: such an adapter loads."""
+    from transformers import AutoModel
+
+    folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)
+    shutil.copytree(os.path.join(folder, "houlsby"), tmp_path / "post_add")
+    _edit_config(tmp_path / "post_add", lambda m: m["config"].update(residual_before_ln="post_add"))
+    model = AutoModel.from_pretrained(folder).eval()
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' needs original_ln_before=True"):
+        ae.load_adapter(model, tmp_path / "post_add")
+    _edit_config(tmp_path / "post_add", lambda m: m["config"].update(original_ln_before=True))
+    if arch == "distilbert":
+        ae.load_adapter(model, tmp_path / "post_add", set_active=True)
+        return
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' is not supported in .* where no LayerNorm"):
+        ae.load_adapter(model, tmp_path / "post_add")
+    assert ae.list_adapters(model) == [] and list(model.state_dict()) == before
+    with pytest.raises(ValueError, match="post_add"):
+        ae.add_adapter(model, "fresh", ae.BottleneckConfig.seq_bn(residual_before_ln="post_add"))
+    assert ae.list_adapters(model) == []
+
+
 # ----------------------------------------------------------------------------------------------- PEFT
 def _peft_lora(model, targets=("query", "value", "dense"), r=4):
     peft = pytest.importorskip("peft")
