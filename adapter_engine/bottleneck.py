@@ -90,6 +90,9 @@ class BottleneckStackLayer(StandIn):
     def add_adapter(self, name: str, adapter: BottleneckAdapter) -> None:
         if not isinstance(adapter, BottleneckAdapter):
             raise TypeError(f"expected a BottleneckAdapter, got {type(adapter).__name__}")
+        # the layer's mode, as model.train() / .eval() would have set it: a new module starts in training mode, and
+        # an adapter with dropout loaded into an eval model drew masks wherever the eager modules ran (under autograd)
+        adapter.train(self.training)
         self.adapters[name] = adapter
         self._forget()
 

@@ -130,6 +130,9 @@ def test_adapterhub_adapter_with_dropout_trains_with_its_masks_and_saves_it(case
     model = tiny_bert()
     ae.load_adapter(model, os.path.join(fixture, case), set_active=True)
     assert max_err(run(model, exp), exp[case], mask) < ATOL
+    # loaded into an eval model, the adapter is in eval mode: no masks on the eager modules either (a forward under
+    # autograd: the base's weights require grad), which used to draw them (a new module starts in training mode)
+    assert max_err(model(**inputs).last_hidden_state, exp[case], mask) < ATOL
     model.train()
     for fused_training in (False, True):
         monkeypatch.setattr(bn, "TRAIN_FUSED", fused_training)
