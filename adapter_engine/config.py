@@ -243,6 +243,7 @@ class BottleneckConfig:
     dropout: float = 0.0
     leave_out: list[int] = field(default_factory=list)
     init_weights: str = "bert"
+    init_weights_seed: int | None = None
     init_range: float = 1e-2
     bottleneck_size: int | None = None
 
@@ -276,6 +277,9 @@ class BottleneckConfig:
                 "BottleneckConfig: residual_before_ln='post_add' needs original_ln_before=True (AdapterHub's forward "
                 "fails without it); use residual_before_ln=True for the sublayer output as the residual"
             )
+        seed = self.init_weights_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"BottleneckConfig: init_weights_seed must be an int or None, got {seed!r}")
         _check_number("BottleneckConfig", "dropout", self.dropout)
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"BottleneckConfig: dropout must be in [0, 1], got {self.dropout!r}")
@@ -343,7 +347,7 @@ class BottleneckConfig:
             "cross_adapter": False,
             "stochastic_depth": 0.0,
         }
-        ignored = ("architecture", "init_weights_seed", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
+        ignored = ("architecture", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
         ignored += ("shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm")
         ignored += ("hypercomplex_nonlinearity", "phm_rank", "phm_bias", "factorized_phm_W")
         # AdapterHub's BnConfig has no default for these four (its loader refuses a dict without them), and its
@@ -366,7 +370,7 @@ class BottleneckConfig:
         if out["init_weights"] == "normal":  # not an AdapterHub 1.3.0 init; only fresh adapters use it
             out["init_weights"] = "bert"  # the closest
         out.update(use_gating=False, phm_layer=False, inv_adapter=None, cross_adapter=False)
-        out.update(stochastic_depth=0.0, init_weights_seed=None, inv_adapter_reduction_factor=None)
+        out.update(stochastic_depth=0.0, inv_adapter_reduction_factor=None)
         out.update(phm_dim=4, shared_W_phm=False, shared_phm_rule=True, factorized_phm_rule=False, phm_bias=True)
         out.update(phm_c_init="normal", phm_init_range=0.0001, learn_phm=True, factorized_phm_W=True, phm_rank=1)
         out.update(hypercomplex_nonlinearity="glorot-uniform")

@@ -439,6 +439,7 @@ def make_bottleneck(cfg: BottleneckConfig, hidden: int, size: int, **factory) ->
                 ln_after=cfg.ln_after,
                 init_weights=init,
                 dropout=cfg.dropout,
+                init_weights_seed=cfg.init_weights_seed,
             )
     except TypeError as err:
         raise ValueError(f"bottleneck config {cfg}: {err}") from None

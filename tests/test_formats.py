@@ -165,6 +165,35 @@ def test_adapterhub_adapter_with_dropout_trains_with_its_masks_and_saves_it(case
     assert torch.equal(run(fresh, exp), trained)
 
 
+@pytest.mark.parametrize("init", ["bert", "houlsby", "mam_adapter"])
+def test_init_weights_seed_starts_every_adapter_alike_as_adapterhub(init, tmp_path):
+    """AdapterHub's BnConfig ``init_weights_seed``: every adapter module of the config is initialised after seeding
+    with it, so all start alike, down then up drawn as below (adapters 1.3.0's values, bit for bit on the CPU, with
+    ln_before). The engine ignored the field (each layer drew its own init) and saved it as None."""
+    cfg = ae.BottleneckConfig.double_seq_bn(reduction_factor=4, ln_before=True, init_weights=init, init_weights_seed=7)
+    model = tiny_bert()
+    ae.add_adapter(model, "seeded", cfg)
+    gen = torch.Generator().manual_seed(7)
+    down, up = torch.empty(8, 32), torch.empty(32, 8)
+    if init == "bert":
+        down.normal_(0.0, 0.02, generator=gen), up.normal_(0.0, 0.02, generator=gen)
+    elif init == "houlsby":
+        for w in (down, up):
+            torch.nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2, generator=gen)
+    else:
+        torch.nn.init.kaiming_uniform_(down, a=5**0.5, generator=gen), up.zero_()
+    adapters = [m for n, m in model.named_modules() if n.endswith("adapters.seeded")]
+    assert len(adapters) == 4
+    for a in adapters:
+        assert torch.equal(a.adapter_down[1].weight, down) and torch.equal(a.adapter_up.weight, up)
+    folder = ae.save_adapter(model, "seeded", tmp_path / "seeded", format="adapterhub")
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        assert json.load(f)["config"]["init_weights_seed"] == 7
+    assert ae.BottleneckConfig.from_dict(cfg.to_dict()).init_weights_seed == 7
+    with pytest.raises(ValueError, match="init_weights_seed must be an int"):
+        ae.BottleneckConfig.seq_bn(init_weights_seed="7")
+
+
 def test_fresh_tutorial_adapter_saves_for_adapterhub(expected, tmp_path):
     """An adapter made here (tutorial AdapterConfig: Houlsby placement, gelu) saves in AdapterHub's format."""
     model = ae.patch(tiny_bert())
