@@ -284,6 +284,15 @@ def _check_places(model: nn.Module, state: PatchState, name: str, cfg: Bottlenec
             f"{type(model).__name__}: the adapter would have no modules"
         )
     spec = state.spec
+    if cfg.residual_before_ln == "post_add" and cfg.original_ln_before and not cfg.is_parallel:
+        bare = [p.name for p in places if not _model_layer_norm(model, spec, p)]
+        if bare:
+            raise ValueError(
+                f"bottleneck adapter {name!r}: residual_before_ln='post_add' is not supported in "
+                f"{type(model).__name__} at {bare[0]!r} (model_type {state.model_type!r}), where no LayerNorm of the "
+                "model follows the sublayer: AdapterHub takes that residual only where one does, and its forward fails "
+                "here (the engine ran it as residual_before_ln=True); use residual_before_ln=True"
+            )
     outside = [p.name for p in places if (spec.attn_residual if p.which == "mh" else spec.ffn_residual) is not None]
     if not cfg.original_ln_after and outside:
         raise ValueError(
@@ -291,6 +300,14 @@ def _check_places(model: nn.Module, state: PatchState, name: str, cfg: Bottlenec
             f"{outside[0]!r} (model_type {state.model_type!r}), where the block adds the residual after the sublayer "
             "(supported after BERT / RoBERTa-style sublayers that add it themselves)"
         )
+
+
+def _model_layer_norm(model: nn.Module, spec, place: pt.Placement) -> bool:
+    """Whether the adapters of ``place`` get the model's LayerNorm (AdapterHub's ``layer_norm`` argument): the
+    sublayer's own (BERT's ``LN(dense(x) + y)``) or the post-LN block's (DistilBERT); pre-LN blocks have none."""
+    if (spec.attn_residual if place.which == "mh" else spec.ffn_residual) is not None:
+        return (spec.attn_layer_norm if place.which == "mh" else spec.ffn_layer_norm) is not None
+    return isinstance(getattr(model.get_submodule(place.name), "LayerNorm", None), nn.LayerNorm)
 
 
 def _kind(cfg: AnyConfig) -> str:

@@ -90,6 +90,9 @@ class BottleneckStackLayer(StandIn):
     def add_adapter(self, name: str, adapter: BottleneckAdapter) -> None:
         if not isinstance(adapter, BottleneckAdapter):
             raise TypeError(f"expected a BottleneckAdapter, got {type(adapter).__name__}")
+        # the layer's mode, as model.train() / .eval() would have set it: a new module starts in training mode, and
+        # an adapter with dropout loaded into an eval model drew masks wherever the eager modules ran (under autograd)
+        adapter.train(self.training)
         self.adapters[name] = adapter
         self._forget()
 
@@ -252,8 +255,10 @@ class BottleneckStackLayer(StandIn):
 
     def _run_stack(self, h, y, layer_norm: nn.Module | None, prep) -> torch.Tensor:
         names, routes, options, hint = prep
-        if not self.fused or (
-            not TRAIN_FUSED and torch.is_grad_enabled() and _trains(self._modules_of(names), h, y, layer_norm)
+        if (
+            not self.fused
+            or (not TRAIN_FUSED and torch.is_grad_enabled() and _trains(self._modules_of(names), h, y, layer_norm))
+            or self._drops(names)
         ):
             return _eager_stack(h, y, layer_norm, self._modules_of(names), routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
@@ -262,6 +267,12 @@ class BottleneckStackLayer(StandIn):
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._serve(h, y, ln_w, ln_b, packed, routes, options, hint)
         return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
+
+    def _drops(self, names: Sequence[str]) -> bool:
+        """Whether an adapter of ``names`` draws a dropout mask now (training mode, rate > 0): the fused op has no
+        dropout, so such a stack runs its eager modules, with or without autograd (AdapterHub's dropout follows the
+        modules' training flag alone)."""
+        return self.training and any(a.drops for a in self._modules_of(names))
 
     # geometries kept per layer: serving may alternate batch shapes, one stack and mixed rows, and a GraphedServer's
     # capture of one batch layout meets two (its warm-up's per-sequence routes, its static route's per-row ones)

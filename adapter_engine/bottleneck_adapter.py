@@ -37,7 +37,7 @@ class _Activation(nn.Module):
 
 
 class BottleneckAdapter(nn.Module):
-    """One bottleneck adapter ``A(v) = scaling * up(act(down(v)))`` with AdapterHub's parameter names.
+    """One bottleneck adapter ``A(v) = dropout(scaling * up(act(down(v))))`` with AdapterHub's parameter names.
 
     Args:
         hidden_size: H, the model's hidden size.
@@ -50,7 +50,13 @@ class BottleneckAdapter(nn.Module):
             stack must agree).
         init_weights: "bert" (normal 0.02, zero biases), "houlsby" (truncated normal 1e-2) or "mam_adapter"
             (kaiming down, zero up), as AdapterHub.
-        dropout: AdapterHub's adapter dropout; only 0.0 is supported.
+        init_weights_seed: AdapterHub's: a nonzero seed draws the init from a generator seeded with it, so that every
+            adapter of the config starts alike (AdapterHub's values on the CPU; it reseeds torch's global generator,
+            this a generator of its own). None or 0: torch's global generator.
+        dropout: AdapterHub's adapter dropout rate, in [0, 1]: applied in training mode to the scaled up-projection,
+            before ``ln_after`` and the residual, as AdapterHub's ``Adapter`` / ``ParallelAdapter``; identity in eval
+            mode. A stack with an adapter that drops (training mode, rate > 0) runs its eager modules, not the fused
+            op, which has no dropout.
     """
 
     def __init__(
@@ -69,10 +75,11 @@ class BottleneckAdapter(nn.Module):
         ln_after: bool = False,
         init_weights: str = "bert",
         dropout: float = 0.0,
+        init_weights_seed: int | None = None,
     ):
         super().__init__()
-        if dropout:
-            raise ValueError(f"adapter dropout {dropout} is not supported (only 0.0)")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"adapter dropout must be a number in [0, 1], got {dropout!r}")
         if not isinstance(scaling, (int, float)):
             raise TypeError(f"scaling must be a float (learned/channel scaling is not supported), got {scaling!r}")
         bottleneck_size = max(int(bottleneck_size), 1)
@@ -96,7 +103,8 @@ class BottleneckAdapter(nn.Module):
         self.adapter_up = nn.Linear(bottleneck_size, hidden_size)
         if ln_after:
             self.adapter_norm_after = nn.LayerNorm(hidden_size)
-        self.reset_parameters(init_weights)
+        self.dropout = nn.Dropout(float(dropout))  # (AdapterHub's module name; no parameters)
+        self.reset_parameters(init_weights, init_weights_seed)
 
     @property
     def down(self) -> nn.Linear:
@@ -104,18 +112,22 @@ class BottleneckAdapter(nn.Module):
         return self._modules["adapter_down"]._modules["1" if self.options.ln_before else "0"]
 
     @torch.no_grad()
-    def reset_parameters(self, init_weights: str = "bert") -> None:
+    def reset_parameters(self, init_weights: str = "bert", seed: int | None = None) -> None:
+        """AdapterHub's inits, drawn in its order (down, then up); ``seed``: see ``init_weights_seed``."""
         down, up = self.down, self.adapter_up
+        gen = None
+        if seed and down.weight.device.type != "meta":
+            gen = torch.Generator(down.weight.device).manual_seed(seed)
         if init_weights == "bert":
             for lin in (down, up):
-                lin.weight.normal_(0.0, 0.02)
+                lin.weight.normal_(0.0, 0.02, generator=gen)
                 lin.bias.zero_()
         elif init_weights == "houlsby":
             for lin in (down, up):
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2, generator=gen)
                 lin.bias.zero_()
         elif init_weights == "mam_adapter":
-            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5), generator=gen)
             down.bias.zero_()
             up.weight.zero_()
             up.bias.zero_()
@@ -149,9 +161,16 @@ class BottleneckAdapter(nn.Module):
                     state_dict[first] = state_dict[second]
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    @property
+    def drops(self) -> bool:
+        """Whether a forward now draws a dropout mask (training mode, rate > 0): the fused op cannot run it."""
+        return self.training and self.dropout.p > 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager ``scaling * up(act(down(LNb(x))))``: (..., H) -> (..., H), in the weights' dtype arithmetic."""
-        return self.adapter_up(self.adapter_down(x)) * self.scaling
+        """Eager ``dropout(scaling * up(act(down(LNb(x)))))``: (..., H) -> (..., H), in the weights' dtype arithmetic
+        (AdapterHub's order: the scaling, then the dropout)."""
+        up = self.adapter_up(self.adapter_down(x)) * self.scaling
+        return self.dropout(up) if self.dropout.p > 0.0 else up
 
 
 def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:

@@ -273,6 +273,10 @@ class IA3Config:
         return out
 
 
+# AdapterHub 1.3.0's bottleneck inits, and "normal" (N(0, init_range), the tutorial AdapterConfig's)
+_BOTTLENECK_INITS = ("bert", "houlsby", "mam_adapter", "normal")
+
+
 @dataclass
 class BottleneckConfig:
     """A bottleneck adapter ``A(v) = up(act(down(v)))`` (AdapterHub's ``BnConfig`` field names).
@@ -298,6 +302,7 @@ class BottleneckConfig:
     dropout: float = 0.0
     leave_out: list[int] = field(default_factory=list)
     init_weights: str = "bert"
+    init_weights_seed: int | None = None
     init_range: float = 1e-2
     bottleneck_size: int | None = None
 
@@ -319,6 +324,24 @@ class BottleneckConfig:
                 self.scaling = float(self.scaling)
             except ValueError:
                 raise ValueError(f"BottleneckConfig: scaling must be a number, got {self.scaling!r}") from None
+        if self.init_weights not in _BOTTLENECK_INITS:
+            # AdapterHub refuses any other ("Unknown init_weights type"); a fresh adapter got "bert"'s, without a word
+            raise ValueError(
+                f"BottleneckConfig: unknown init_weights {self.init_weights!r}; supported: {_BOTTLENECK_INITS}"
+            )
+        if self.residual_before_ln == "post_add" and not (self.original_ln_before or self.is_parallel):
+            # AdapterHub takes the "post_add" residual after the sublayer's input is added (original_ln_before); without
+            # it, its forward fails (residual unset); the engine ran such an adapter as residual_before_ln=True
+            raise ValueError(
+                "BottleneckConfig: residual_before_ln='post_add' needs original_ln_before=True (AdapterHub's forward "
+                "fails without it); use residual_before_ln=True for the sublayer output as the residual"
+            )
+        seed = self.init_weights_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"BottleneckConfig: init_weights_seed must be an int or None, got {seed!r}")
+        _check_number("BottleneckConfig", "dropout", self.dropout)
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"BottleneckConfig: dropout must be in [0, 1], got {self.dropout!r}")
         rf = self.reduction_factor
         factors = rf.items() if isinstance(rf, Mapping) else [(None, rf)]
         for key, value in factors:
@@ -383,7 +406,7 @@ class BottleneckConfig:
             "cross_adapter": False,
             "stochastic_depth": 0.0,
         }
-        ignored = ("architecture", "init_weights_seed", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
+        ignored = ("architecture", "inv_adapter_reduction_factor", "phm_dim", "shared_W_phm")
         ignored += ("shared_phm_rule", "factorized_phm_rule", "phm_c_init", "phm_init_range", "learn_phm")
         ignored += ("hypercomplex_nonlinearity", "phm_rank", "phm_bias", "factorized_phm_W")
         # AdapterHub's BnConfig has no default for these four (its loader refuses a dict without them), and its
@@ -403,10 +426,10 @@ class BottleneckConfig:
         out = dataclasses.asdict(self)
         out.pop("init_range")
         out.pop("bottleneck_size")
-        if out["init_weights"] not in ("bert", "houlsby", "mam_adapter"):  # the inits AdapterHub 1.3.0 knows
-            out["init_weights"] = "bert"  # init only matters for fresh adapters; "normal" is the closest
+        if out["init_weights"] == "normal":  # not an AdapterHub 1.3.0 init; only fresh adapters use it
+            out["init_weights"] = "bert"  # the closest
         out.update(use_gating=False, phm_layer=False, inv_adapter=None, cross_adapter=False)
-        out.update(stochastic_depth=0.0, init_weights_seed=None, inv_adapter_reduction_factor=None)
+        out.update(stochastic_depth=0.0, inv_adapter_reduction_factor=None)
         out.update(phm_dim=4, shared_W_phm=False, shared_phm_rule=True, factorized_phm_rule=False, phm_bias=True)
         out.update(phm_c_init="normal", phm_init_range=0.0001, learn_phm=True, factorized_phm_W=True, phm_rank=1)
         out.update(hypercomplex_nonlinearity="glorot-uniform")

@@ -423,9 +423,7 @@ def hidden_size_of(model: nn.Module) -> int:
 
 def make_bottleneck(cfg: BottleneckConfig, hidden: int, size: int, **factory) -> BottleneckAdapter:
     """A :class:`BottleneckAdapter` for ``cfg`` (init "normal": N(0, init_range) weights, zero biases)."""
-    init = "bert" if cfg.init_weights == "normal" else cfg.init_weights
-    if init not in ("bert", "houlsby", "mam_adapter"):
-        init = "bert"  # only matters for fresh adapters; loaded ones are overwritten
+    init = "bert" if cfg.init_weights == "normal" else cfg.init_weights  # ("normal" is drawn below)
     try:
         with torch.device(factory.get("device", "cpu")):
             adapter = BottleneckAdapter(
@@ -442,6 +440,7 @@ def make_bottleneck(cfg: BottleneckConfig, hidden: int, size: int, **factory) ->
                 ln_after=cfg.ln_after,
                 init_weights=init,
                 dropout=cfg.dropout,
+                init_weights_seed=cfg.init_weights_seed,
             )
     except TypeError as err:
         raise ValueError(f"bottleneck config {cfg}: {err}") from None

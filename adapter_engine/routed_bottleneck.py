@@ -150,7 +150,7 @@ class RoutedStackMixin:
         if plan is None:
             return None  # depth 0 at this layer: the original forward runs (bit-identical)
         names, routes, options, hint = plan
-        if routes.dim() == 2 and h.dim() >= 3 and self.fused and not torch.is_grad_enabled():
+        if routes.dim() == 2 and h.dim() >= 3 and self.fused and not torch.is_grad_enabled() and not self._drops(names):
             # serving one route per sequence, the kernel reads one per row: expanded (a copy) once per call and shape,
             # on the route, not in every layer call (the eager modules and training take the per-sequence form)
             table = routes

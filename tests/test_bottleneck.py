@@ -69,12 +69,12 @@ def _act(name, z):
 
 
 def ah_adapter_forward(p, x, residual_input, o: StackOptions, eps_own=1e-5):
-    """AdapterHub Adapter.forward / ParallelAdapter.forward (no gating, no dropout)."""
+    """AdapterHub Adapter.forward / ParallelAdapter.forward (no gating; dropout at the rate ``p["dropout"]``)."""
     H = x.shape[-1]
     v = F.layer_norm(x, (H,), p["lnb"][0], p["lnb"][1], eps_own) if o.ln_before else x
     down = _act(p["act"], v @ p["wd"].t() + p["bd"])
     up = (down @ p["wu"].t() + p["bu"]) * p["scaling"]
-    output = up
+    output = F.dropout(up, p["dropout"]) if p.get("dropout") else up  # its self.dropout(up), before ln_after
     if o.is_parallel:
         return F.layer_norm(output, (H,), p["lna"][0], p["lna"][1], eps_own) if o.ln_after else output
     if o.adapter_residual_before_ln:
@@ -1427,6 +1427,7 @@ def _adapter_params(adapter: BottleneckAdapter) -> dict:
         "bu": adapter.adapter_up.bias,
         "act": adapter.non_linearity,
         "scaling": adapter.scaling,
+        "dropout": adapter.dropout.p if adapter.training else 0.0,
     }
     if adapter.options.ln_before:
         p["lnb"] = (adapter.adapter_norm_before.weight, adapter.adapter_norm_before.bias)
@@ -1477,6 +1478,57 @@ def _sublayers(model, houlsby):
         yield layer, "output"
         if houlsby:
             yield layer.attention, "output"
+
+
+@pytest.mark.parametrize("name", ["seq_bn", "par_bn", "own_layer_norms"])
+def test_adapter_dropout_in_training_sits_where_adapterhubs_does(monkeypatch, name):
+    """AdapterHub's BnConfig ``dropout``: in training mode a mask on the scaled up-projection, before the adapter's own
+    LayerNorm and the residual; identity in eval mode. A stack with it runs the eager modules in training mode even
+    where the fused op would run (TRAIN_FUSED, on in this file; or no autograd): the fused op has no dropout. Such
+    adapters used to be refused ("only 0.0"). Checked bit for bit against adapters 1.3.0 in training mode (same seed)
+    on BERT, RoBERTa, DistilBERT, GPT-2, Llama and ViT (tests/fixtures/adapterhub/dropout for BERT)."""
+    import adapter_engine.bottleneck as bn
+
+    options = {"seq_bn": SEQ, "par_bn": PAR, "own_layer_norms": StackOptions(ln_before=True, ln_after=True)}[name]
+    calls = []
+    real = bn.bottleneck_stack
+    monkeypatch.setattr(bn, "bottleneck_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _tiny_bert()
+    w = wrap_sublayer(model.encoder.layer[0], "output")
+    kw = {k: getattr(options, k) for k in ("is_parallel", "original_ln_before", "ln_before", "ln_after")}
+    for i, rate in enumerate([0.3, 0.0, 0.5]):
+        a = BottleneckAdapter(48, [6, 12, 3][i], ["relu", "gelu", "tanh"][i], [1.0, 0.5, 2.0][i], dropout=rate, **kw)
+        with torch.no_grad():
+            for prm in a.parameters():
+                prm.normal_(0.0, 0.3)
+        w.add_adapter(f"drop{i}", a)
+    names = ["drop0", "drop1", "drop2"]
+    w.set_active_stack(names)
+    oracle = _OracleBertOutput(w.original, [w.adapters[n] for n in names], options)
+    x, y = torch.randn(2, 5, 64), torch.randn(2, 5, 48)
+    with torch.no_grad():
+        w.eval()
+        served = w(x, y)  # eval: no dropout, the fused op
+        assert calls == [1]
+        assert_close(served, oracle(x, y))
+    w.train()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(7)
+            got = w(x, y)
+            torch.manual_seed(7)
+            want = oracle(x, y)
+        assert calls == [1]  # training mode with dropout: the eager modules, with autograd or without
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # the same masks, drawn in the same order
+        assert (got - served).abs().max() > 1e-2  # the masks really drop
+    torch.manual_seed(7)
+    w(x, y).sum().backward()
+    assert all(w.adapters[n].adapter_up.weight.grad is not None for n in names)
+    w.adapters["drop0"].dropout.p = w.adapters["drop2"].dropout.p = 0.0  # no rate left: the fused op trains again
+    w(x, y).sum().backward()
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="dropout must be a number in"):
+        BottleneckAdapter(48, 6, dropout=1.5)
 
 
 @pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn", "par_bn"])

@@ -180,6 +180,41 @@ def test_bottleneck_refuses_bad_widths_at_construction(kwargs, match):
         BottleneckConfig.from_dict({**_adapterhub_config("seq"), **kwargs})
 
 
+@pytest.mark.parametrize(
+    "value, match",
+    [(1.5, "dropout must be in"), (-0.1, "dropout must be in"), ("0.1", "must be a finite"), (math.nan, "finite")],
+)
+def test_bottleneck_dropout_must_be_a_rate(value, match):
+    """AdapterHub's adapter ``dropout`` is taken (a rate in [0, 1]); anything else is refused naming the field."""
+    assert BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": 0.1}).dropout == 0.1
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig(dropout=value)
+    with pytest.raises(ValueError, match=match):
+        BottleneckConfig.from_dict({**_adapterhub_config("seq"), "dropout": value})
+
+
+def test_post_add_residual_needs_original_ln_before():
+    """AdapterHub sets the "post_add" residual only when original_ln_before adds the sublayer input; without it its
+    forward fails (adapters 1.3.0: the residual is never set). Parallel adapters ignore the field, as AdapterHub's."""
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' needs original_ln_before=True"):
+        BottleneckConfig.double_seq_bn(residual_before_ln="post_add")
+    BottleneckConfig.seq_bn(residual_before_ln="post_add")
+    BottleneckConfig.par_bn(residual_before_ln="post_add")
+
+
+@pytest.mark.parametrize("init", ["mam", "lora", "xavier", "BERT", None])
+def test_bottleneck_unknown_init_weights_is_refused(init):
+    """AdapterHub 1.3.0's BnConfig knows the inits "bert", "mam_adapter" and "houlsby" and refuses any other ("Unknown
+    init_weights type"). The engine gave a fresh adapter "bert"'s init for any other value, without a word (and
+    wrote "bert" into its saved config)."""
+    with pytest.raises(ValueError, match="unknown init_weights"):
+        BottleneckConfig.seq_bn(init_weights=init)
+    with pytest.raises(ValueError, match="unknown init_weights"):
+        BottleneckConfig.from_dict({**_adapterhub_config("seq"), "init_weights": init})
+    for known in ("bert", "mam_adapter", "houlsby", "normal"):
+        assert BottleneckConfig.seq_bn(init_weights=known).to_dict()["init_weights"] in ("bert", known)
+
+
 @pytest.mark.parametrize("field, value", [("phm_layer", True), ("use_gating", True), ("inv_adapter", "nice")])
 def test_bottleneck_refuses_unimplemented_features(field, value):
     with pytest.raises(ValueError, match=field):

@@ -115,6 +115,85 @@ def test_adapterhub_round_trip(case, expected, tmp_path):
         )
 
 
+@pytest.mark.parametrize("case", ["seq_drop", "houlsby_drop", "par_drop"])
+def test_adapterhub_adapter_with_dropout_trains_with_its_masks_and_saves_it(case, monkeypatch, tmp_path):
+    """AdapterHub's BnConfig ``dropout`` (such adapters used to be refused: "only 0.0"): in eval mode the outputs
+    are AdapterHub's; in training mode, after the same seed, too (the same masks, drawn in the same order), whether
+    the stack would train fused or not (``TRAIN_FUSED``: the fused op has no dropout, the eager modules run); a per-row
+    route in training mode without autograd runs; a training step updates the adapter, and a save in AdapterHub format
+    keeps the rate in its config and loads back with the trained outputs."""
+    import adapter_engine.bottleneck as bn
+
+    fixture = os.path.join(HERE, "fixtures", "adapterhub", "dropout")
+    exp = load_file(os.path.join(fixture, "expected.safetensors"))
+    mask, inputs = exp["attention_mask"], {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
+    model = tiny_bert()
+    ae.load_adapter(model, os.path.join(fixture, case), set_active=True)
+    assert max_err(run(model, exp), exp[case], mask) < ATOL
+    # loaded into an eval model, the adapter is in eval mode: no masks on the eager modules either (a forward under
+    # autograd: the base's weights require grad), which used to draw them (a new module starts in training mode)
+    assert max_err(model(**inputs).last_hidden_state, exp[case], mask) < ATOL
+    model.train()
+    for fused_training in (False, True):
+        monkeypatch.setattr(bn, "TRAIN_FUSED", fused_training)
+        torch.manual_seed(1234)  # (make_adapterhub_fixtures.TRAIN_SEED)
+        assert max_err(model(**inputs).last_hidden_state, exp[f"{case}@train"], mask) < ATOL
+    with torch.no_grad(), ae.use_adapters([case, None]):  # the first row runs the adapter, the second the base
+        torch.manual_seed(1234)
+        routed = model(**inputs).last_hidden_state
+    base = run(tiny_bert(), exp)
+    assert max_err(routed[:1], exp[f"{case}@train"][:1], mask[:1]) < ATOL
+    assert max_err(routed[1:], base[1:], mask[1:]) < ATOL
+
+    for name, prm in model.named_parameters():
+        prm.requires_grad_(f"adapters.{case}." in name)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    target = torch.randn(exp[case].shape, generator=torch.Generator().manual_seed(0))
+    (model(**inputs).last_hidden_state - target).pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    trained = run(model, exp)
+    assert max_err(trained, exp[case], mask) > 1e-3  # the step changed the adapter
+    folder = ae.save_adapter(model, case, tmp_path / case, format="adapterhub")
+    with (
+        open(os.path.join(folder, "adapter_config.json")) as f,
+        open(os.path.join(fixture, case, "adapter_config.json")) as g,
+    ):
+        assert json.load(f)["config"]["dropout"] == json.load(g)["config"]["dropout"] > 0
+    fresh = tiny_bert()
+    ae.load_adapter(fresh, folder, set_active=True)
+    assert torch.equal(run(fresh, exp), trained)
+
+
+@pytest.mark.parametrize("init", ["bert", "houlsby", "mam_adapter"])
+def test_init_weights_seed_starts_every_adapter_alike_as_adapterhub(init, tmp_path):
+    """AdapterHub's BnConfig ``init_weights_seed``: every adapter module of the config is initialised after seeding
+    with it, so all start alike, down then up drawn as below (adapters 1.3.0's values, bit for bit on the CPU, with
+    ln_before). The engine ignored the field (each layer drew its own init) and saved it as None."""
+    cfg = ae.BottleneckConfig.double_seq_bn(reduction_factor=4, ln_before=True, init_weights=init, init_weights_seed=7)
+    model = tiny_bert()
+    ae.add_adapter(model, "seeded", cfg)
+    gen = torch.Generator().manual_seed(7)
+    down, up = torch.empty(8, 32), torch.empty(32, 8)
+    if init == "bert":
+        down.normal_(0.0, 0.02, generator=gen), up.normal_(0.0, 0.02, generator=gen)
+    elif init == "houlsby":
+        for w in (down, up):
+            torch.nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2, generator=gen)
+    else:
+        torch.nn.init.kaiming_uniform_(down, a=5**0.5, generator=gen), up.zero_()
+    adapters = [m for n, m in model.named_modules() if n.endswith("adapters.seeded")]
+    assert len(adapters) == 4
+    for a in adapters:
+        assert torch.equal(a.adapter_down[1].weight, down) and torch.equal(a.adapter_up.weight, up)
+    folder = ae.save_adapter(model, "seeded", tmp_path / "seeded", format="adapterhub")
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        assert json.load(f)["config"]["init_weights_seed"] == 7
+    assert ae.BottleneckConfig.from_dict(cfg.to_dict()).init_weights_seed == 7
+    with pytest.raises(ValueError, match="init_weights_seed must be an int"):
+        ae.BottleneckConfig.seq_bn(init_weights_seed="7")
+
+
 def test_fresh_tutorial_adapter_saves_for_adapterhub(expected, tmp_path):
     """An adapter made here (tutorial AdapterConfig: Houlsby placement, gelu) saves in AdapterHub's format."""
     model = ae.patch(tiny_bert())
@@ -221,6 +300,34 @@ def test_original_ln_after_false_where_the_block_adds_the_residual_is_refused_at
     assert ae.list_adapters(model) == [] and list(model.state_dict()) == before
     with pytest.raises(ValueError, match="original_ln_after=False"):
         ae.add_adapter(model, "fresh", ae.BottleneckConfig.seq_bn(original_ln_after=False, mh_adapter=arch == "vit"))
+    assert ae.list_adapters(model) == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "vit", "distilbert"])
+def test_post_add_residual_without_a_model_layer_norm_is_refused_at_load(arch, tmp_path):
+    """residual_before_ln="post_add" takes the residual after the sublayer's input is added, where the model's
+    LayerNorm follows (BERT's sublayers, DistilBERT's blocks). In pre-LN blocks (GPT-2, Llama, ViT) there is none, and
+    AdapterHub's forward fails (its residual is never set; adapters 1.3.0, UnboundLocalError); without
+    original_ln_before too, on any model. The engine ran both as residual_before_ln=True, without a word: now refused,
+    naming the option (and the place), and nothing is loaded. DistilBERT has the LayerNorm: such an adapter loads."""
+    from transformers import AutoModel
+
+    folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)
+    shutil.copytree(os.path.join(folder, "houlsby"), tmp_path / "post_add")
+    _edit_config(tmp_path / "post_add", lambda m: m["config"].update(residual_before_ln="post_add"))
+    model = AutoModel.from_pretrained(folder).eval()
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' needs original_ln_before=True"):
+        ae.load_adapter(model, tmp_path / "post_add")
+    _edit_config(tmp_path / "post_add", lambda m: m["config"].update(original_ln_before=True))
+    if arch == "distilbert":
+        ae.load_adapter(model, tmp_path / "post_add", set_active=True)
+        return
+    with pytest.raises(ValueError, match="residual_before_ln='post_add' is not supported in .* where no LayerNorm"):
+        ae.load_adapter(model, tmp_path / "post_add")
+    assert ae.list_adapters(model) == [] and list(model.state_dict()) == before
+    with pytest.raises(ValueError, match="post_add"):
+        ae.add_adapter(model, "fresh", ae.BottleneckConfig.seq_bn(residual_before_ln="post_add"))
     assert ae.list_adapters(model) == []
 
 
