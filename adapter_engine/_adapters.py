@@ -5,7 +5,9 @@ A module of their own so that both import them without importing each other.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,8 +17,32 @@ from .config import AnyConfig, LoraConfig
 from .lora import adapter_dtype
 from .patching import PatchState, wrap_linear
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def unpatch_on_error(func: _F) -> _F:
+    """For an API function whose first argument is the model: a call on an unpatched model patches it first
+    (:func:`_state`); when the call then fails, the patch is undone, so that a refused call leaves the model as it was.
+    It used to stay patched (its default targets wrapped, the adapter methods bound over transformers' own), and a
+    later ``peft.get_peft_model`` of it failed on the wrapped layers ("Target module LoraLinear ... is not
+    supported")."""
+
+    @functools.wraps(func)
+    def call(model: Any, *args: Any, **kwargs: Any) -> Any:
+        fresh = isinstance(model, nn.Module) and not pt.is_patched(model)
+        try:
+            return func(model, *args, **kwargs)
+        except BaseException:
+            if fresh and pt.is_patched(model):
+                pt.unpatch(model)
+            raise
+
+    return call  # type: ignore[return-value]
+
 
 def _state(model: nn.Module) -> PatchState:
+    """The patch state of ``model``, patching it first when it is not (undone by :func:`unpatch_on_error` where the
+    call fails)."""
     state = pt.ensure_patched(model)
     if state.model_type == "peft":
         raise ValueError("this is a PEFT PeftModel: keep using PEFT's own adapter API (patch made its layers fused)")

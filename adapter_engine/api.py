@@ -7,9 +7,10 @@
     delete_adapter(model, "mine"); list_adapters(model); merge_adapter(model); unmerge_adapter(model)
 
 Loading is all-or-nothing: every key, layer and shape is checked (errors name the layer and both shapes) before
-the model is touched. A function called on an unpatched model patches it first. The exporters behind
-``save_adapter`` live in :mod:`adapter_engine.export`; snapshots for offloading (``snapshot_adapter``,
-``restore_adapter``, ``adapter_nbytes``) in :mod:`adapter_engine.residency`, re-exported here.
+the model is touched. A function called on an unpatched model patches it first (and unpatches it again when the
+call is refused). The exporters behind ``save_adapter`` live in :mod:`adapter_engine.export`; snapshots for
+offloading (``snapshot_adapter``, ``restore_adapter``, ``adapter_nbytes``) in :mod:`adapter_engine.residency`,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from . import patching as pt
-from ._adapters import _apply_linear, _check_name, _state
+from ._adapters import _apply_linear, _check_name, _state, unpatch_on_error
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
@@ -190,6 +191,7 @@ def _check_missing(model, state, file: AdapterFile, cfg: AnyConfig, found: set[s
 # (the adapters of a load or add inside a caller's torch.inference_mode are normal tensors, as the memory manager's
 # loads: an inference tensor cannot train later, and has no version counter for the serving caches, whose first
 # forward failed with a RuntimeError)
+@unpatch_on_error  # (outermost: a refused load leaves an unpatched model as it was)
 @normal_tensors()
 def load_adapter(
     model: nn.Module,
@@ -314,6 +316,7 @@ def _kind(cfg: AnyConfig) -> str:
     return "lora" if isinstance(cfg, LoraConfig) else "ia3" if isinstance(cfg, IA3Config) else "bottleneck"
 
 
+@unpatch_on_error
 @normal_tensors()  # (see load_adapter)
 def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dtype: bool = True) -> None:
     """Add a freshly initialised adapter (LoRA: B = 0, so outputs start unchanged; bottleneck: AdapterHub's init).
@@ -413,6 +416,7 @@ def _parse_active(adapters: Any) -> tuple[str, ...]:
     raise TypeError(f"active adapters must be a name, a list of names, a Stack or None, got {adapters!r}")
 
 
+@unpatch_on_error
 def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack | None) -> None:
     """Activate adapters: LoRA/IA3 terms are summed in the given order (PEFT); bottleneck adapters run as a
     ``Stack`` in that order (AdapterHub; a list means a Stack). ``None`` deactivates all. A refused call (unknown
@@ -440,6 +444,7 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
         module.active_adapters = [n for n in names if n in module.modules_to_save]
 
 
+@unpatch_on_error
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first if merged)."""
     state = _state(model)
@@ -486,6 +491,7 @@ def active_adapter_list(model: nn.Module) -> list[str]:
     return list(_state(model).active)
 
 
+@unpatch_on_error
 def get_adapter_state_dict(
     model: nn.Module, adapter_name: str | None = None, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -571,6 +577,7 @@ def resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(model).resize_token_embeddings(model, *args, **kwargs)
 
 
+@unpatch_on_error
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None, weights=None, **options) -> nn.Module:
     """Fold LoRA / IA3 adapters into the base weights in place and drop them (see
     :func:`adapter_engine.merging.merge_adapter` for ``weights``, ``combination``, ``exact``, ``absorb``)."""
@@ -587,6 +594,7 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     return _unmerge(model, name)
 
 
+@unpatch_on_error
 def save_adapter(
     model: nn.Module,
     name: str,

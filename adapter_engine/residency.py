@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import patching as pt
-from ._adapters import _apply_linear, _check_name, _state
+from ._adapters import _apply_linear, _check_name, _state, unpatch_on_error
 from .config import AnyConfig
 from .patching import AdapterRecord
 
@@ -41,6 +41,7 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for _, params in adapter_layers(model, name) for p in params]
 
 
+@unpatch_on_error
 def adapter_layers(model: nn.Module, name: str) -> list[tuple[nn.Module, list[nn.Parameter]]]:
     """(module, the Parameters of adapter ``name`` it holds) for each module the adapter is in, in module order."""
     state = _state(model)
@@ -68,6 +69,7 @@ def adapter_nbytes(model: nn.Module, name: str) -> int:
     return sum(p.numel() * p.element_size() for p in adapter_parameters(model, name))
 
 
+@unpatch_on_error
 @torch.no_grad()
 def snapshot_adapter(
     model: nn.Module, name: str, *, device: str | torch.device = "cpu", pin_memory: bool = False
@@ -101,6 +103,7 @@ def snapshot_adapter(
                            saved, layer_dtypes)  # fmt: skip
 
 
+@unpatch_on_error
 def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
     """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes).
 

@@ -794,6 +794,55 @@ def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its
         ae.add_adapter(model, "no_targets", ae.LoraConfig(r=2))
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, p: ae.add_adapter(m, "bad", ae.LoraConfig(r=2, target_modules=["nope"])), "matches no module"),
+        (lambda m, p: ae.load_adapter(m, p / "missing"), "does not exist"),
+        (lambda m, p: ae.set_active_adapters(m, "never_added"), "unknown adapters"),
+        (lambda m, p: ae.save_adapter(m, "never_saved", p), "no adapter named"),
+    ],
+)
+def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_path):
+    """An API function called on an unpatched model patches it first; when the call is refused (a target typo, a
+    wrong path, an unknown name) the model is left as it was: not patched, its own modules and methods. It used to
+    stay patched, its default targets wrapped in LoraLinear layers and the adapter methods bound over transformers'
+    own, so that a later ``peft.get_peft_model`` of it failed ("Target module LoraLinear ... is not supported")."""
+    peft = pytest.importorskip("peft")
+    model, batch = make("bert"), inputs("bert")
+    modules = dict(model.named_modules())
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        call(model, tmp_path)
+    assert not ae.is_patched(model) and "add_adapter" not in model.__dict__
+    assert dict(model.named_modules()) == modules
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)).eval()
+    assert (out(pm, batch) - out(make("bert"), batch)).abs().max() > 1e-4
+    patched = ae.patch(make("bert"))  # a model patched before the refused call stays patched
+    with pytest.raises(ValueError, match="unknown adapters"):
+        ae.set_active_adapters(patched, "never_added")
+    assert ae.is_patched(patched)
+
+
+def test_a_bottleneck_refused_on_an_unregistered_model_or_a_peft_model_leaves_it_as_it_was():
+    """Bottleneck adapters on an architecture without registered placements (Qwen3 here, Llama-like) are refused at
+    add time naming its model_type; the model stays unpatched (it kept the adapter methods bound over transformers'
+    own). A PeftModel, whose adapters the engine leaves to PEFT, keeps PEFT's own layer forwards (they stayed
+    switched to the fused op)."""
+    peft = pytest.importorskip("peft")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**_LLAMA_KW, head_dim=8)).eval()
+    with pytest.raises(ValueError, match="need a registered architecture; model_type 'qwen3'"):
+        ae.add_adapter(model, "qwen3_bn", "seq_bn")
+    assert not ae.is_patched(model) and "add_adapter" not in model.__dict__
+    pm = peft.get_peft_model(make("bert"), peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
+        ae.add_adapter(pm, "on_peft", "seq_bn")
+    layers = [m for m in pm.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    assert layers and not ae.is_patched(pm) and all("forward" not in m.__dict__ for m in layers)
+
+
 def test_a_peft_ia3_adapter_with_regex_targets_loads_into_the_task_model(tmp_path):
     """A PEFT IA3 adapter saved from a BertModel with regex ``target_modules`` / ``feedforward_modules`` (written
     against BertModel's names) loads into a BertForSequenceClassification, as a LoRA adapter does: the feed-forward
