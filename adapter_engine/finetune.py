@@ -86,6 +86,7 @@ def full_finetune(
     *,
     data_collator=None,
     metric_for_best_model: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
 ) -> dict[str, float]:
     """Train every parameter of ``model`` with ``transformers.Trainer``; return the train and eval metrics.
 
@@ -97,6 +98,8 @@ def full_finetune(
             ends (the best one is loaded into ``model`` first); pass one to keep them.
         compute_metrics: as in ``Trainer``; classification models default to :func:`accuracy_metrics`.
         metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss).
+        resume_from_checkpoint: a checkpoint folder, or True for the last one in ``output_dir``, passed to
+            ``Trainer.train`` (default: ``args.resume_from_checkpoint``, which ``Trainer`` itself never reads).
 
     Runs unchanged under ``torchrun`` (DDP; the gloo backend on CPU).
     """
@@ -114,6 +117,14 @@ def full_finetune(
         if output_dir is None:
             scratch = output_dir = tempfile.mkdtemp(prefix="adapter-engine-fft-")
         args = default_training_arguments(output_dir, eval_dataset is not None, metric_for_best_model, **overrides)
+    if resume_from_checkpoint is None:
+        resume_from_checkpoint = args.resume_from_checkpoint
+    if resume_from_checkpoint is True and scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ValueError(
+            "resume_from_checkpoint=True resumes from the last checkpoint in output_dir, and none was given (the "
+            "checkpoints would go to a new temporary folder): pass the output_dir of the run to resume"
+        )
     trainable = 0
     for param in model.parameters():
         if param.is_floating_point():
@@ -129,7 +140,7 @@ def full_finetune(
             compute_metrics=compute_metrics,
             data_collator=data_collator,
         )
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
         metrics: dict[str, float] = dict(train_output.metrics)
         metrics["trainable_parameters"] = trainable
         if eval_dataset is not None:

@@ -194,3 +194,32 @@ def test_full_finetune_without_output_dir_leaves_no_checkpoints_behind(tmp_path,
     kept = tmp_path / "kept"
     full_finetune(_tiny_classifier(), _Synthetic(), _Synthetic(16), args={**args, "output_dir": str(kept)})
     assert any(p.name.startswith("checkpoint-") for p in kept.iterdir())  # a folder given by the caller stays
+
+
+class _Counted(_Synthetic):
+    """``_Synthetic`` that counts the examples read."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        type(self).reads += 1
+        return super().__getitem__(i)
+
+
+def test_full_finetune_resumes_from_checkpoint(tmp_path):
+    """``resume_from_checkpoint`` (an argument, or the ``TrainingArguments`` field, which ``Trainer.train`` never
+    reads) continues the run from its last checkpoint: the second run trains only the epoch the first did not. It was
+    ignored: the run started again from step 0 with a fresh optimizer. ``True`` without an ``output_dir`` (checkpoints
+    in a new temporary folder, so none to resume) is refused by name."""
+    from adapter_engine.finetune import full_finetune
+
+    args = {"per_device_train_batch_size": 8, "use_cpu": True, "output_dir": str(tmp_path / "run"),
+            "save_strategy": "epoch"}  # fmt: skip
+    full_finetune(_tiny_classifier(), _Synthetic(), None, args={**args, "num_train_epochs": 1})
+    _Counted.reads = 0
+    metrics = full_finetune(_tiny_classifier(), _Counted(), None,
+                            args={**args, "num_train_epochs": 2, "resume_from_checkpoint": True})  # fmt: skip
+    assert _Counted.reads == 32 and metrics["epoch"] == 2.0  # epoch 2 only (from the start: 64 reads)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True .* output_dir"):
+        full_finetune(_tiny_classifier(), _Synthetic(), None, resume_from_checkpoint=True,
+                      args={"use_cpu": True})  # fmt: skip
