@@ -15,9 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
-    """``compute_metrics`` for classification: accuracy of the arg-max logits."""
+    """``compute_metrics`` for classification: accuracy of the arg-max logits; with multi-hot labels (one column per
+    class, multi-label classification) the fraction of rows whose labels the positive logits give exactly."""
     logits, labels = eval_prediction
     logits = logits[0] if isinstance(logits, tuple) else logits
+    if np.ndim(labels) == np.ndim(logits) and np.shape(labels) == np.shape(logits):
+        return {"accuracy": float(((logits > 0) == (labels > 0.5)).all(axis=-1).mean())}
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
@@ -105,8 +108,11 @@ def full_finetune(
     """
     from transformers import Trainer, TrainingArguments
 
-    if compute_metrics is None and hasattr(getattr(model, "config", None), "num_labels") and eval_dataset is not None:
-        if "ForSequenceClassification" in type(model).__name__:
+    config = getattr(model, "config", None)
+    if compute_metrics is None and hasattr(config, "num_labels") and eval_dataset is not None:
+        # (one label is regression, as transformers' heads take it: no accuracy to compute or select the best model by)
+        regression = config.num_labels == 1 or getattr(config, "problem_type", None) == "regression"
+        if "ForSequenceClassification" in type(model).__name__ and not regression:
             compute_metrics = accuracy_metrics
     if metric_for_best_model is None and compute_metrics is accuracy_metrics:
         metric_for_best_model = "accuracy"

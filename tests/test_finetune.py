@@ -223,3 +223,45 @@ def test_full_finetune_resumes_from_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="resume_from_checkpoint=True .* output_dir"):
         full_finetune(_tiny_classifier(), _Synthetic(), None, resume_from_checkpoint=True,
                       args={"use_cpu": True})  # fmt: skip
+
+
+class _Labelled(_Synthetic):
+    """``_Synthetic`` with multi-hot labels (3 classes: the parities of the first two tokens, and always the third)
+    or a regression target."""
+
+    def __init__(self, n: int, kind: str):
+        super().__init__(n)
+        self.kind = kind
+
+    def __getitem__(self, i):
+        import torch
+
+        item = super().__getitem__(i)
+        ids = item["input_ids"]
+        if self.kind == "multi_label":
+            item["labels"] = torch.tensor([float(ids[0] % 2), float(ids[1] % 2), 1.0])
+        else:
+            item["labels"] = float(ids[0] % 7) / 7
+        return item
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "regression"])
+def test_full_finetune_evaluates_multi_label_and_regression_heads(kind):
+    """The default metric of a sequence classifier was the arg-max accuracy whatever its head: a multi-label one
+    (multi-hot labels) crashed at the first evaluation, after a whole epoch of training ('operands could not be
+    broadcast'), and a regression one (one label) was scored, and its best checkpoint chosen, by a meaningless
+    accuracy. Multi-hot labels now take the exact-match accuracy of the positive logits; a regression head is selected
+    by its eval loss."""
+    import numpy as np
+
+    from adapter_engine.finetune import accuracy_metrics, full_finetune
+
+    model = _tiny_classifier()
+    model.config.num_labels = 3 if kind == "multi_label" else 1
+    model.config.problem_type = f"{kind}_classification" if kind == "multi_label" else kind
+    model.classifier = type(model.classifier)(model.config.hidden_size, model.config.num_labels)
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "use_cpu": True}
+    metrics = full_finetune(model, _Labelled(16, kind), _Labelled(8, kind), args=args)
+    assert "eval_loss" in metrics and ("eval_accuracy" in metrics) == (kind == "multi_label")
+    logits, labels = np.array([[2.0, -1.0, 0.5], [1.0, 1.0, -3.0]]), np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert accuracy_metrics((logits, labels)) == {"accuracy": 0.5}  # row 0 exactly right, row 1 not
