@@ -300,6 +300,45 @@ def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
         torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5)
 
 
+def test_an_ia3_scale_that_cannot_be_divided_out_is_unmerged_from_a_kept_copy():
+    """fp16: an IA3 scale of 0 (on an output feature: the bias is scaled too) and one of 1e-4 (an fp16 weight of
+    0.02 times 1e-4 keeps about two bits). The unmerge divided the scales out: the first gave NaN weight and bias rows
+    (0 / 0), the second rows off by up to the weights' size. Such a weight now keeps its original (the others do not):
+    the unmerge restores it and its bias bit for bit, the others within one ulp. A later IA3 merge into a kept weight
+    must be undone first (restoring the copy would drop its scale)."""
+    model = tiny_bert().half()
+    ae.add_adapter(model, "zero_or_tiny", ae.IA3Config(target_modules=["query", "key"], feedforward_modules=[]))
+    ae.add_adapter(model, "after_tiny", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(0.7 + 0.3 * torch.rand_like(p))  # (scaled subnormal weights stay within one ulp)
+        model.encoder.layer[0].attention.self.query.ia3_l["zero_or_tiny"][3] = 0.0
+        model.encoder.layer[1].attention.self.query.ia3_l["zero_or_tiny"][5] = 1e-4
+    base = {k: v.clone() for k, v in model.state_dict().items() if "ia3" not in k}
+    ae.merge_adapter(model, "zero_or_tiny")
+    record = model._adapter_engine_merges[-1]
+    ae.unmerge_adapter(model, "zero_or_tiny")
+    for k, v in model.state_dict().items():
+        if "ia3" in k:
+            continue
+        if ".query." in k:
+            assert torch.equal(v, base[k]), k
+        else:  # divided out: within one ulp
+            torch.testing.assert_close(v, base[k], rtol=2**-10, atol=2**-24)
+    kept = sorted(layer.path for layer in record.layers if layer.original is not None)
+    assert kept == ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+    model = tiny_bert().half()  # a later merge into a kept weight: undone first
+    ae.add_adapter(model, "zero", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    ae.add_adapter(model, "later", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.key.ia3_l["zero"][0] = 0.0
+    ae.merge_adapter(model, "zero")
+    ae.merge_adapter(model, "later")
+    with pytest.raises(ValueError, match=r"unmerge \['later'\] first"):
+        ae.unmerge_adapter(model, "zero")
+
+
 @pytest.mark.slow
 def test_minilm_peft_lora_merge_plain_checkpoint_then_fft_improves_bbc_news(tmp_path):
     """Issue 6's chain on the real model and data: a PEFT LoRA is merged; the checkpoint reloads in plain
