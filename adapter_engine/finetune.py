@@ -44,7 +44,9 @@ def ensure_pad_token(tokenizer, model=None) -> None:
 def default_training_arguments(output_dir: str, has_eval: bool, metric: str | None, **overrides: Any):
     """The defaults: 3 epochs, batch 16, lr 5e-5 with 6% warmup, weight decay 0.01, evaluation and saving per
     epoch with the best model (by ``metric``, else eval loss) restored at the end, bf16 (else fp16) mixed
-    precision on a GPU, no external loggers. ``overrides`` are any ``TrainingArguments`` fields."""
+    precision on a GPU, no external loggers. ``overrides`` are any ``TrainingArguments`` fields; an evaluation or
+    a saving strategy given alone is followed by the other (steps included), and the best model is restored only
+    where both run (``TrainingArguments`` refuses it otherwise)."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -77,7 +79,29 @@ def default_training_arguments(output_dir: str, has_eval: bool, metric: str | No
         seed=0,
     )
     values.update(overrides)
+    if has_eval and "load_best_model_at_end" not in overrides:
+        _follow_strategy(values, overrides)
     return TrainingArguments(**values)
+
+
+def _follow_strategy(values: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Keep the default best-model restore consistent with an evaluation or saving strategy the caller gave alone:
+    ``TrainingArguments`` refuses ``load_best_model_at_end`` unless checkpoints are saved when evaluations run, and
+    the caller never asked for it. The strategy not given follows the given one; with no evaluations or no
+    checkpoints there is no best model to restore."""
+
+    def plain(value) -> str:
+        return str(getattr(value, "value", value))
+
+    given, other = ("eval", "save") if "eval_strategy" in overrides else ("save", "eval")
+    if f"{given}_strategy" in overrides and f"{other}_strategy" not in overrides:
+        strategy = plain(values[f"{given}_strategy"])
+        if strategy in ("steps", "epoch"):
+            values[f"{other}_strategy"] = strategy
+            if f"{given}_steps" in overrides and f"{other}_steps" not in overrides:
+                values[f"{other}_steps"] = overrides[f"{given}_steps"]
+    evaluation, saving = plain(values["eval_strategy"]), plain(values["save_strategy"])
+    values["load_best_model_at_end"] = evaluation != "no" and saving in (evaluation, "best")
 
 
 def full_finetune(

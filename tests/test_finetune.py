@@ -265,3 +265,27 @@ def test_full_finetune_evaluates_multi_label_and_regression_heads(kind):
     assert "eval_loss" in metrics and ("eval_accuracy" in metrics) == (kind == "multi_label")
     logits, labels = np.array([[2.0, -1.0, 0.5], [1.0, 1.0, -3.0]]), np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     assert accuracy_metrics((logits, labels)) == {"accuracy": 0.5}  # row 0 exactly right, row 1 not
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({"eval_strategy": "steps", "eval_steps": 2}, ("steps", "steps", True, 2)),
+        ({"save_strategy": "steps", "save_steps": 3}, ("steps", "steps", True, 3)),
+        ({"eval_strategy": "no"}, ("no", "epoch", False, None)),
+        ({"save_strategy": "no"}, ("epoch", "no", False, None)),
+        ({}, ("epoch", "epoch", True, None)),
+    ],
+)
+def test_an_evaluation_or_saving_strategy_given_alone_is_followed(tmp_path, given, expected):
+    """Evaluating every N steps, or not saving checkpoints, was refused by TrainingArguments
+    ('--load_best_model_at_end requires the save and eval strategy to match'), a flag the caller never set: the default
+    best-model restore kept saving per epoch. The other strategy now follows the one given (its steps too), and the
+    best model is restored only where evaluations and checkpoints both run."""
+    from adapter_engine.finetune import default_training_arguments
+
+    args = default_training_arguments(str(tmp_path), True, None, **given)
+    *strategies, steps = expected
+    assert [args.eval_strategy.value, args.save_strategy.value, args.load_best_model_at_end] == strategies
+    if steps is not None:
+        assert args.eval_steps == args.save_steps == steps
