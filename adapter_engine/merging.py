@@ -525,7 +525,8 @@ def _merge_combined(layers, weights, method, density, seed, safe) -> None:
 
 @torch.no_grad()
 def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge).
+    """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge; the latest one that merged
+    ``name``, when an adapter of that name was merged more than once).
 
     Linear merges are subtracted again (within one ulp of the weight before the merge: each direction rounds
     once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved weights bit for bit. The
@@ -534,7 +535,8 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     records = model.__dict__.get(_MERGES_ATTR)  # (not _records: a refused call adds nothing to the model)
     if not records:
         raise ValueError(f"{type(model).__name__} has no merged adapter to unmerge")
-    index = len(records) - 1 if name is None else next((i for i, r in enumerate(records) if name in r.names), None)
+    latest = (i for i in reversed(range(len(records))) if name in records[i].names)
+    index = len(records) - 1 if name is None else next(latest, None)
     if index is None:
         merged = [n for r in records for n in r.names]
         raise ValueError(f"adapter {name!r} was not merged into this model; merged: {merged}")

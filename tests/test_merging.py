@@ -95,6 +95,26 @@ def test_exact_merge_restores_bit_for_bit_and_in_order():
     assert vars(model).keys() == vars(tiny_bert()).keys()  # every merge undone: no merge records left behind
 
 
+def test_unmerge_by_name_undoes_the_latest_merge_of_that_name():
+    """An adapter name merged, then reused for a new adapter merged too: ``unmerge_adapter(model, name)`` picked the
+    oldest merge of the name and, both being bit-exact, refused ('unmerge ['again'] first'), naming the very adapter
+    asked for. It now undoes the latest, and a second call the earlier one: every weight bit for bit."""
+    model = tiny_bert()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in (1, 2):
+        ae.add_adapter(model, "again", ae.LoraConfig(r=4, lora_alpha=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        ae.merge_adapter(model, "again", exact=True)
+    assert merged_adapters(model) == ["again", "again"]
+    ae.unmerge_adapter(model, "again")
+    ae.unmerge_adapter(model, "again")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
 def test_ties_and_dare_follow_peft(method):
     from peft.utils import merge_utils
