@@ -23,6 +23,7 @@ a merge that fails leaves every weight bit-identical to what it was.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,6 +84,9 @@ def _resolve_names(state, names) -> list[str]:
         if not names:
             raise ValueError(f"no active LoRA/IA3 adapter to merge; name one of {list(state.adapters)}")
     names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"no adapter named to merge (an empty list); name some of {list(state.adapters)}, or pass "
+                         "None for the active ones")  # fmt: skip
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"adapters {repeated} appear more than once in {names}; name each adapter once")
@@ -234,6 +238,8 @@ def merge_adapter(
             "merge_adapter needs a model patched by adapter_engine with adapters loaded (patch + load_adapter)"
         )
     names = _resolve_names(state, names)
+    if isinstance(weights, (numbers.Number, str, bytes)) or (isinstance(weights, torch.Tensor) and weights.dim() == 0):
+        raise TypeError(f"weights must be a sequence of numbers, one per adapter in {names}; got {weights!r}")
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters {names}")

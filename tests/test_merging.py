@@ -284,6 +284,22 @@ def test_merge_bad_arguments():
         ae.merge_adapter(model)
 
 
+def test_merge_refuses_an_empty_name_list_and_a_bare_number_as_weights():
+    """``names=[]`` merged nothing and said nothing (a caller's empty selection looked like a merge), and
+    ``weights=0.5`` failed with "'float' object is not iterable": both are refused by name, the model unchanged; a
+    tensor of weights still merges."""
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no adapter named to merge .*empty"):
+        ae.merge_adapter(model, [])
+    with pytest.raises(TypeError, match=r"weights must be a sequence of numbers, one per adapter in \['l0'\]; got 0.5"):
+        ae.merge_adapter(model, "l0", 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert merged_adapters(model) == [] and set(ae.list_adapters(model)) == {"l0", "l1"}
+    ae.merge_adapter(model, ["l0", "l1"], torch.tensor([0.5, 2.0]))
+    assert merged_adapters(model) == ["l0", "l1"]
+
+
 def test_merge_refuses_a_repeated_name_before_changing_anything():
     model = with_loras()
     before = {k: v.clone() for k, v in model.state_dict().items()}
