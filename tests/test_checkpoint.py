@@ -91,6 +91,31 @@ def test_streamed_ia3_merge_scales_the_bias_of_non_feedforward_modules(tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_streamed_ia3_merge_marks_feedforward_layers_by_plain_suffixes_as_peft(tmp_path):
+    """PEFT marks an IA3 layer feed-forward when its name ends with a ``feedforward_modules`` entry, no dot needed
+    (``["_proj"]`` marks q_proj and o_proj); load_adapter follows it, merge_checkpoint kept the dotted rule: the square
+    q_proj / o_proj vectors scaled their outputs instead of their inputs, a silently wrong checkpoint (0.08 off PEFT's
+    merge on the tiny Llama). It now writes PEFT's merged weights exactly."""
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    base = LlamaModel(conf).eval()
+    base.save_pretrained(tmp_path / "base")
+    cfg = IA3Config(target_modules=r".*\.(q_proj|o_proj)", feedforward_modules=["_proj"], init_ia3_weights=False)
+    peft_model = get_peft_model(base, cfg).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.uniform_(0.0, 2.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", device="cpu", progress=False)
+    merged = LlamaModel.from_pretrained(tmp_path / "merged").state_dict()
+    for key, value in peft_model.merge_and_unload().state_dict().items():
+        assert torch.equal(merged[key], value), key
+
+
 @pytest.mark.parametrize("saved_flag", [None, False])
 def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
     """GPT-2's Conv1D weights are stored (in, out). The engine saves fan_in_fan_out=True for them (as PEFT wants),
