@@ -69,7 +69,7 @@ def default_training_arguments(output_dir: str, has_eval: bool, metric: str | No
         save_strategy="epoch" if has_eval else "no",
         load_best_model_at_end=has_eval,
         metric_for_best_model=(metric or "loss") if has_eval else None,
-        greater_is_better=None if not has_eval else (metric not in (None, "loss", "eval_loss")),
+        greater_is_better=None if not has_eval else not (metric or "loss").endswith("loss"),
         save_total_limit=1 if has_eval else None,
         bf16=bf16,
         fp16=cuda and not bf16,
@@ -124,7 +124,9 @@ def full_finetune(
             Without an ``output_dir`` the checkpoints go to a temporary folder that is deleted when training
             ends (the best one is loaded into ``model`` first); pass one to keep them.
         compute_metrics: as in ``Trainer``; classification models default to :func:`accuracy_metrics`.
-        metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss).
+        metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss). With a
+            dict of evaluation sets, ``Trainer`` names their metrics ``<name>_<metric>``: a bare metric is the first
+            set's.
         resume_from_checkpoint: a checkpoint folder, or True for the last one in ``output_dir``, passed to
             ``Trainer.train`` (default: ``args.resume_from_checkpoint``, which ``Trainer`` itself never reads).
 
@@ -140,6 +142,10 @@ def full_finetune(
             compute_metrics = accuracy_metrics
     if metric_for_best_model is None and compute_metrics is accuracy_metrics:
         metric_for_best_model = "accuracy"
+    if isinstance(eval_dataset, Mapping) and eval_dataset:  # (Trainer evaluates each set under its name)
+        metric = metric_for_best_model or "loss"
+        if not any(metric.removeprefix("eval_").startswith(f"{name}_") for name in eval_dataset):
+            metric_for_best_model = f"{next(iter(eval_dataset))}_{metric.removeprefix('eval_')}"
     scratch = None  # the checkpoint folder made here when none was given: removed when training ends
     if not isinstance(args, TrainingArguments):
         overrides = dict(args or {})

@@ -289,3 +289,16 @@ def test_an_evaluation_or_saving_strategy_given_alone_is_followed(tmp_path, give
     assert [args.eval_strategy.value, args.save_strategy.value, args.load_best_model_at_end] == strategies
     if steps is not None:
         assert args.eval_steps == args.save_steps == steps
+
+
+def test_full_finetune_with_named_evaluation_sets_selects_by_the_first(tmp_path):
+    """A dict of evaluation sets (Trainer names their metrics ``eval_<name>_<metric>``) crashed after the first epoch:
+    the default best-model metric 'eval_accuracy' is not among them (KeyError). A bare metric now names the first
+    set's; a loss metric under a set's name ('a_loss') is minimised (it was maximised: only 'loss' counted as one)."""
+    from adapter_engine.finetune import default_training_arguments, full_finetune
+
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "use_cpu": True}
+    metrics = full_finetune(_tiny_classifier(), _Synthetic(16), {"a": _Synthetic(8), "b": _Synthetic(8)}, args=args)
+    assert {"eval_a_accuracy", "eval_b_accuracy"} <= set(metrics)
+    assert default_training_arguments(str(tmp_path), True, "a_loss").greater_is_better is False
+    assert default_training_arguments(str(tmp_path), True, "a_accuracy").greater_is_better is True
