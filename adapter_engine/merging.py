@@ -534,9 +534,9 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
     """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge; the latest one that merged
     ``name``, when an adapter of that name was merged more than once).
 
-    Linear merges are subtracted again (within one ulp of the weight before the merge: each direction rounds
-    once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved weights bit for bit. The
-    adapter itself is not re-attached: load it again to run it unmerged.
+    Linear merges are subtracted again (within one ulp of the merged weight plus one of the weight before the
+    merge: each direction rounds once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved
+    weights bit for bit. The adapter itself is not re-attached: load it again to run it unmerged.
     """
     records = model.__dict__.get(_MERGES_ATTR)  # (not _records: a refused call adds nothing to the model)
     if not records:
