@@ -208,6 +208,11 @@ def _plan_updates(
         if isinstance(cfg, LoraConfig):
             if set(tensors) != {"lora_A", "lora_B"}:
                 raise ValueError(f"adapter module {module!r} has weights {sorted(tensors)}, expected lora_A, lora_B")
+            ranks = {t.shape[0 if key == "lora_A" else -1] for key, t in tensors.items() if t.dim() == 2}
+            if ranks != {cfg.r}:  # (as load_adapter refuses it: the scaling lora_alpha / r would not be the file's)
+                a, b = tuple(tensors["lora_A"].shape), tuple(tensors["lora_B"].shape)
+                raise ValueError(f"adapter module {module!r}: lora_A {a} and lora_B {b} are not of the config's rank "
+                                 f"r={cfg.r}")  # fmt: skip
             updates[candidates[0]] = _Update("lora", tensors, cfg.scaling, fifo)
         else:
             # (PEFT's rule, as load_adapter applies it: list entries are plain suffixes, "_proj" marks q_proj)

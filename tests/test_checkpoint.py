@@ -270,6 +270,22 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_lora_factors_of_another_rank_than_the_config_are_refused(bert_and_lora, tmp_path):
+    """A PEFT adapter whose config says r=8 over rank-4 factors (edited or mixed-up files): load_adapter and PEFT refuse
+    it, merge_checkpoint merged it with the scaling lora_alpha / 8, half the trained update, without a word. Refused
+    now, naming the module, the shapes and r; nothing is written."""
+    import shutil
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    edited = tmp_path / "edited"
+    shutil.copytree(adapter_dir, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match=r"lora_A \(4, 32\) and lora_B \(32, 4\) are not of the config's rank r=8"):
+        merge_checkpoint(base_dir, edited, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "damage, error, match",
     [
