@@ -101,8 +101,9 @@ def _bottleneck_refusal(name: str, config, reason: str) -> str:
     return (
         f"adapter {name!r} is a bottleneck adapter (activation {act!r}) that cannot be merged: {reason}. Only an "
         "adapter that is linear in the projection's output folds into its weights. This one is not linear in its "
-        "input, so no weight matrix can express it. Pass absorb=True to keep it as a permanent, trainable part of "
-        "the model for full fine-tuning (saved with the model by save_model, reloaded by load_model)."
+        "input, so no weight matrix can express it. Pass absorb=True (adapter-engine merge --absorb) to keep it as a "
+        "permanent, trainable part of the model for full fine-tuning (saved with the model by save_model, reloaded by "
+        "load_model)."
     )
 
 

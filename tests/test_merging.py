@@ -618,3 +618,36 @@ def test_cli_merge_keeps_the_absorbed_adapters_of_a_save_model_checkpoint(tmp_pa
     merged = ae.load_model(tmp_path / "out").eval()
     assert ae.list_adapters(merged) == ["bn"]
     torch.testing.assert_close(hidden(merged), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_merge_absorbs_a_bottleneck_adapter_when_asked(tmp_path, capsys):
+    """``adapter-engine merge`` of a nonlinear bottleneck adapter told the user to 'pass absorb=True', which the
+    command had no way to take. ``--absorb`` keeps it, active, beside the merged LoRA: ``load_model`` of the output
+    computes the adapted model; without it the refusal names the flag and nothing is written."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = tiny_bert()
+    ae.add_adapter(model, "bn", "seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name:
+                p.normal_(0, 0.2)
+    ae.save_adapter(model, "bn", tmp_path / "bn", format="adapterhub")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False)
+    get_peft_model(tiny_bert(), lora).save_pretrained(tmp_path / "lora")
+    reference = tiny_bert()
+    ae.set_active_adapters(reference, [ae.load_adapter(reference, tmp_path / p) for p in ("lora", "bn")])
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "lora"), "--adapter",
+            str(tmp_path / "bn"), "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "adapter-engine merge --absorb" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--absorb"]) == 0
+    merged = ae.load_model(tmp_path / "out").eval()
+    assert ae.list_adapters(merged) == ["adapter1"]
+    torch.testing.assert_close(hidden(merged), hidden(reference), rtol=0, atol=1e-5)
