@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
+from .api import _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
@@ -210,10 +211,12 @@ def _plan_updates(
             r = cfg.rank_for(module)  # (rank_pattern / alpha_pattern: PEFT's r and alpha for this layer)
             if tensors["lora_A"].shape[0] != r or tensors["lora_B"].shape[-1] != r:
                 raise ValueError(f"adapter module {module!r}: lora_A {tuple(tensors['lora_A'].shape)} and lora_B "
-                                 f"{tuple(tensors['lora_B'].shape)} do not have the config's r={r}")  # fmt: skip
+                                 f"{tuple(tensors['lora_B'].shape)} are not of the config's rank r={r}")  # fmt: skip
             updates[candidates[0]] = _Update("lora", tensors, cfg.scaling_for(module), fifo)
         else:
-            feedforward = _suffix_match(module, cfg.feedforward_modules)
+            # (PEFT's rule, as load_adapter applies it: list entries are plain suffixes, "_proj" marks q_proj)
+            ff, weight_module = cfg.feedforward_modules, candidates[0][: -len(".weight")]
+            feedforward = bool(ff) and (_feedforward(module, ff) or _feedforward(weight_module, ff))
             # IA3 scales the output features, or the input features of feed-forward modules.
             dim = (0 if fifo else 1) if feedforward else (1 if fifo else 0)
             updates[candidates[0]] = _Update("ia3", tensors, 1.0, fifo, dim)
@@ -259,16 +262,6 @@ def _candidates(module: str, keys: set[str], prefix: str | None) -> list[str]:
 def _weight_keys(module: str, keys: set[str]) -> list[str]:
     """The checkpoint keys of ``module``'s weight: the path itself, or under a head's prefix."""
     return [k for k in keys if k == f"{module}.weight" or k.endswith(f".{module}.weight")]
-
-
-def _suffix_match(module: str, targets) -> bool:
-    if not targets:
-        return False
-    if isinstance(targets, str):
-        import re
-
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
 
 
 def _check_shapes(key: str, info: dict, update: _Update) -> None:

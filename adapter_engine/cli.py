@@ -211,6 +211,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     mg.add_argument("--out", required=True, help="output folder for the merged model (and its tokenizer)")
     mg.add_argument("--device", type=device, default=None, help="where to merge (default: cuda if available, else cpu)")
     mg.add_argument("--overwrite", action="store_true", help="replace --out if it exists (written atomically)")
+    mg.add_argument(
+        "--absorb",
+        action="store_true",
+        help="keep bottleneck adapters that cannot be merged as active, trainable parts of the model (saved with "
+        "their manifest: load --out with adapter_engine.load_model)",
+    )
 
     mc = sub.add_parser(
         "merge-checkpoint",
@@ -367,7 +373,10 @@ def _merge(args) -> int:
     model = _loading("--model", args.model, lambda: load_model(args.model, _model_class(args.model))).to(device)
     params = model.num_parameters()
     names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
-    merge_adapter(model, names, weights, combination=args.combination, density=args.density)
+    merge_adapter(model, names, weights, combination=args.combination, density=args.density, absorb=args.absorb)
+    absorbed = [n for n in names if pt.is_patched(model) and n in pt.get_state(model).adapters]
+    if absorbed:  # they run in the saved model, after the adapters it kept active (in --adapter order)
+        api.set_active_adapters(model, [*dict.fromkeys([*pt.get_state(model).active, *absorbed])])
 
     def write(folder: str) -> None:  # the merged model, then the tokenizer and other side files of --model
         if pt.is_patched(model):  # adapters left (absorbed): they are saved with their manifest, as save_model does

@@ -15,9 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def accuracy_metrics(eval_prediction) -> dict[str, float]:
-    """``compute_metrics`` for classification: accuracy of the arg-max logits."""
+    """``compute_metrics`` for classification: accuracy of the arg-max logits; with multi-hot labels (one column per
+    class, multi-label classification) the fraction of rows whose labels the positive logits give exactly."""
     logits, labels = eval_prediction
     logits = logits[0] if isinstance(logits, tuple) else logits
+    if np.ndim(labels) == np.ndim(logits) and np.shape(labels) == np.shape(logits):
+        return {"accuracy": float(((logits > 0) == (labels > 0.5)).all(axis=-1).mean())}
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
@@ -41,7 +44,9 @@ def ensure_pad_token(tokenizer, model=None) -> None:
 def default_training_arguments(output_dir: str, has_eval: bool, metric: str | None, **overrides: Any):
     """The defaults: 3 epochs, batch 16, lr 5e-5 with 6% warmup, weight decay 0.01, evaluation and saving per
     epoch with the best model (by ``metric``, else eval loss) restored at the end, bf16 (else fp16) mixed
-    precision on a GPU, no external loggers. ``overrides`` are any ``TrainingArguments`` fields."""
+    precision on a GPU, no external loggers. ``overrides`` are any ``TrainingArguments`` fields; an evaluation or
+    a saving strategy given alone is followed by the other (steps included), and the best model is restored only
+    where both run (``TrainingArguments`` refuses it otherwise)."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -64,7 +69,7 @@ def default_training_arguments(output_dir: str, has_eval: bool, metric: str | No
         save_strategy="epoch" if has_eval else "no",
         load_best_model_at_end=has_eval,
         metric_for_best_model=(metric or "loss") if has_eval else None,
-        greater_is_better=None if not has_eval else (metric not in (None, "loss", "eval_loss")),
+        greater_is_better=None if not has_eval else not (metric or "loss").endswith("loss"),
         save_total_limit=1 if has_eval else None,
         bf16=bf16,
         fp16=cuda and not bf16,
@@ -74,7 +79,29 @@ def default_training_arguments(output_dir: str, has_eval: bool, metric: str | No
         seed=0,
     )
     values.update(overrides)
+    if has_eval and "load_best_model_at_end" not in overrides:
+        _follow_strategy(values, overrides)
     return TrainingArguments(**values)
+
+
+def _follow_strategy(values: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Keep the default best-model restore consistent with an evaluation or saving strategy the caller gave alone:
+    ``TrainingArguments`` refuses ``load_best_model_at_end`` unless checkpoints are saved when evaluations run, and
+    the caller never asked for it. The strategy not given follows the given one; with no evaluations or no
+    checkpoints there is no best model to restore."""
+
+    def plain(value) -> str:
+        return str(getattr(value, "value", value))
+
+    given, other = ("eval", "save") if "eval_strategy" in overrides else ("save", "eval")
+    if f"{given}_strategy" in overrides and f"{other}_strategy" not in overrides:
+        strategy = plain(values[f"{given}_strategy"])
+        if strategy in ("steps", "epoch"):
+            values[f"{other}_strategy"] = strategy
+            if f"{given}_steps" in overrides and f"{other}_steps" not in overrides:
+                values[f"{other}_steps"] = overrides[f"{given}_steps"]
+    evaluation, saving = plain(values["eval_strategy"]), plain(values["save_strategy"])
+    values["load_best_model_at_end"] = evaluation != "no" and saving in (evaluation, "best")
 
 
 def full_finetune(
@@ -86,6 +113,7 @@ def full_finetune(
     *,
     data_collator=None,
     metric_for_best_model: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
 ) -> dict[str, float]:
     """Train every parameter of ``model`` with ``transformers.Trainer``; return the train and eval metrics.
 
@@ -96,17 +124,28 @@ def full_finetune(
             Without an ``output_dir`` the checkpoints go to a temporary folder that is deleted when training
             ends (the best one is loaded into ``model`` first); pass one to keep them.
         compute_metrics: as in ``Trainer``; classification models default to :func:`accuracy_metrics`.
-        metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss).
+        metric_for_best_model: e.g. ``"accuracy"`` (default: accuracy when it is computed, else eval loss). With a
+            dict of evaluation sets, ``Trainer`` names their metrics ``<name>_<metric>``: a bare metric is the first
+            set's.
+        resume_from_checkpoint: a checkpoint folder, or True for the last one in ``output_dir``, passed to
+            ``Trainer.train`` (default: ``args.resume_from_checkpoint``, which ``Trainer`` itself never reads).
 
     Runs unchanged under ``torchrun`` (DDP; the gloo backend on CPU).
     """
     from transformers import Trainer, TrainingArguments
 
-    if compute_metrics is None and hasattr(getattr(model, "config", None), "num_labels") and eval_dataset is not None:
-        if "ForSequenceClassification" in type(model).__name__:
+    config = getattr(model, "config", None)
+    if compute_metrics is None and hasattr(config, "num_labels") and eval_dataset is not None:
+        # (one label is regression, as transformers' heads take it: no accuracy to compute or select the best model by)
+        regression = config.num_labels == 1 or getattr(config, "problem_type", None) == "regression"
+        if "ForSequenceClassification" in type(model).__name__ and not regression:
             compute_metrics = accuracy_metrics
     if metric_for_best_model is None and compute_metrics is accuracy_metrics:
         metric_for_best_model = "accuracy"
+    if isinstance(eval_dataset, Mapping) and eval_dataset:  # (Trainer evaluates each set under its name)
+        metric = metric_for_best_model or "loss"
+        if not any(metric.removeprefix("eval_").startswith(f"{name}_") for name in eval_dataset):
+            metric_for_best_model = f"{next(iter(eval_dataset))}_{metric.removeprefix('eval_')}"
     scratch = None  # the checkpoint folder made here when none was given: removed when training ends
     if not isinstance(args, TrainingArguments):
         overrides = dict(args or {})
@@ -114,6 +153,14 @@ def full_finetune(
         if output_dir is None:
             scratch = output_dir = tempfile.mkdtemp(prefix="adapter-engine-fft-")
         args = default_training_arguments(output_dir, eval_dataset is not None, metric_for_best_model, **overrides)
+    if resume_from_checkpoint is None:
+        resume_from_checkpoint = args.resume_from_checkpoint
+    if resume_from_checkpoint is True and scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ValueError(
+            "resume_from_checkpoint=True resumes from the last checkpoint in output_dir, and none was given (the "
+            "checkpoints would go to a new temporary folder): pass the output_dir of the run to resume"
+        )
     trainable = 0
     for param in model.parameters():
         if param.is_floating_point():
@@ -129,7 +176,7 @@ def full_finetune(
             compute_metrics=compute_metrics,
             data_collator=data_collator,
         )
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
         metrics: dict[str, float] = dict(train_output.metrics)
         metrics["trainable_parameters"] = trainable
         if eval_dataset is not None:

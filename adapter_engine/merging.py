@@ -23,6 +23,7 @@ a merge that fails leaves every weight bit-identical to what it was.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,6 +84,9 @@ def _resolve_names(state, names) -> list[str]:
         if not names:
             raise ValueError(f"no active LoRA/IA3 adapter to merge; name one of {list(state.adapters)}")
     names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"no adapter named to merge (an empty list); name some of {list(state.adapters)}, or pass "
+                         "None for the active ones")  # fmt: skip
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"adapters {repeated} appear more than once in {names}; name each adapter once")
@@ -97,8 +101,9 @@ def _bottleneck_refusal(name: str, config, reason: str) -> str:
     return (
         f"adapter {name!r} is a bottleneck adapter (activation {act!r}) that cannot be merged: {reason}. Only an "
         "adapter that is linear in the projection's output folds into its weights. This one is not linear in its "
-        "input, so no weight matrix can express it. Pass absorb=True to keep it as a permanent, trainable part of "
-        "the model for full fine-tuning (saved with the model by save_model, reloaded by load_model)."
+        "input, so no weight matrix can express it. Pass absorb=True (adapter-engine merge --absorb) to keep it as a "
+        "permanent, trainable part of the model for full fine-tuning (saved with the model by save_model, reloaded by "
+        "load_model)."
     )
 
 
@@ -213,7 +218,8 @@ def merge_adapter(
         combination: ``"linear"`` (the fused merge kernel: one launch per weight shape), or ``"ties"``,
             ``"dare_linear"``, ``"dare_ties"`` with ``density`` (fraction kept) and ``seed`` (DARE's drops).
         exact: keep a CPU copy of every merged weight so that :func:`unmerge_adapter` restores it bit for bit
-            (TIES / DARE merges always keep it: their deltas are not low-rank).
+            (TIES / DARE merges always keep it: their deltas are not low-rank; so does a weight whose IA3 scale
+            cannot be divided out again within one ulp: a zero scale, or values scaled into the subnormals).
         absorb: let bottleneck adapters among ``names`` stay as permanent, trainable parts of the model instead
             of refusing them.
         safe: check every merged value for NaN / infinity before writing anything.
@@ -233,6 +239,8 @@ def merge_adapter(
             "merge_adapter needs a model patched by adapter_engine with adapters loaded (patch + load_adapter)"
         )
     names = _resolve_names(state, names)
+    if isinstance(weights, (numbers.Number, str, bytes)) or (isinstance(weights, torch.Tensor) and weights.dim() == 0):
+        raise TypeError(f"weights must be a sequence of numbers, one per adapter in {names}; got {weights!r}")
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
         raise ValueError(f"weights has {len(weights)} entries for {len(names)} adapters {names}")
@@ -416,12 +424,46 @@ def _check_ia3(layers: list[_LayerMerge]) -> None:
 
 
 @torch.no_grad()
+def _ia3_irreversible(layer: _LayerMerge) -> bool:
+    """Whether dividing the IA3 scales out again would not give the weight (or the bias it scales) back within one
+    ulp: a zero scale (``0 / 0``), or a value scaled below its dtype's smallest normal number, where the product keeps
+    too few digits (an fp16 weight of 0.02 scaled by 1e-4). Such a weight keeps its original for
+    :func:`unmerge_adapter` (the weight before the merge stands in for the LoRA-merged one of a mixed layer)."""
+    for vec, dim, scales_bias in layer.ia3:
+        v = vec.float()
+        if bool((v == 0).any()):  # (a zero weight or bias too: 0 / 0)
+            return True
+        if bool((v.abs() >= 1).all()):  # nothing shrinks
+            continue
+        if _loses_digits(layer.weight, v.reshape((-1, 1) if dim == 0 else (1, -1))):
+            return True
+        if scales_bias and layer.bias is not None and _loses_digits(layer.bias, v):
+            return True
+    return False
+
+
+def _loses_digits(tensor: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether a value of ``tensor`` times ``scale`` falls below the dtype's smallest normal number with a rounding
+    step (the subnormal spacing) that, divided by ``|scale|``, exceeds one ulp of the value: the division would not
+    give it back within one ulp."""
+    info = torch.finfo(tensor.dtype)
+    x = tensor.detach().float()
+    small = (x != 0) & ((x * scale).abs() < info.tiny)
+    if not bool(small.any()):
+        return False
+    step = info.tiny * info.eps  # the subnormal spacing (fp16 2^-24)
+    ulp = torch.ldexp(torch.full_like(x, info.eps), torch.frexp(x).exponent - 1).clamp_min(step)
+    return bool((small & (step / (2 * scale.abs()) > ulp)).any())
+
+
+@torch.no_grad()
 def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) -> None:
     # A LoRA term and an IA3 scale on the same weight: the scale applies to the LoRA-merged weight, so it is checked
     # as it is written, with every weight's original kept to restore on failure (rare: costs one host copy).
     mixed = safe and any(layer.lora_A and layer.ia3 for layer in layers)
-    if keep_original or mixed:
-        for layer in layers:
+    keep = [keep_original or (bool(layer.ia3) and _ia3_irreversible(layer)) for layer in layers]
+    for layer, kept in zip(layers, keep):
+        if kept or mixed:
             layer.original = layer.weight.detach().to("cpu", copy=True)
             layer.original_bias = None if layer.bias is None else layer.bias.detach().to("cpu", copy=True)
     lora_layers = [layer for layer in layers if layer.lora_A]
@@ -457,9 +499,10 @@ def _merge_linear(layers: list[_LayerMerge], safe: bool, keep_original: bool) ->
         if mixed:
             _restore(layers)
         raise
-    if mixed and not keep_original:
-        for layer in layers:
-            layer.original = layer.original_bias = None
+    if mixed:
+        for layer, kept in zip(layers, keep):
+            if not kept:
+                layer.original = layer.original_bias = None
 
 
 @torch.no_grad()
@@ -489,16 +532,18 @@ def _merge_combined(layers, weights, method, density, seed, safe) -> None:
 
 @torch.no_grad()
 def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge).
+    """Undo the :func:`merge_adapter` call that merged ``name`` (default: the last merge; the latest one that merged
+    ``name``, when an adapter of that name was merged more than once).
 
-    Linear merges are subtracted again (within one ulp of the weight before the merge: each direction rounds
-    once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved weights bit for bit. The
-    adapter itself is not re-attached: load it again to run it unmerged.
+    Linear merges are subtracted again (within one ulp of the merged weight plus one of the weight before the
+    merge: each direction rounds once); merges made with ``exact=True`` (and TIES / DARE merges) restore the saved
+    weights bit for bit. The adapter itself is not re-attached: load it again to run it unmerged.
     """
     records = model.__dict__.get(_MERGES_ATTR)  # (not _records: a refused call adds nothing to the model)
     if not records:
         raise ValueError(f"{type(model).__name__} has no merged adapter to unmerge")
-    index = len(records) - 1 if name is None else next((i for i, r in enumerate(records) if name in r.names), None)
+    latest = (i for i in reversed(range(len(records))) if name in records[i].names)
+    index = len(records) - 1 if name is None else next(latest, None)
     if index is None:
         merged = [n for r in records for n in r.names]
         raise ValueError(f"adapter {name!r} was not merged into this model; merged: {merged}")
@@ -511,14 +556,14 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
         _check_commutes(record, records[index + 1 :])
     if exact:
         _restore(list(reversed(record.layers)))  # a weight may appear twice (LoRA, then a fold): first wins last
-    else:
+    else:  # (a layer with its original kept, a replaced module copy or an IA3 scale that cannot be undone: restored)
         for layer in record.layers:
-            for vec, dim, scales_bias in reversed(layer.ia3):
+            for vec, dim, scales_bias in reversed(layer.ia3 if layer.original is None else []):
                 scale_ia3_(layer.weight.data, vec, dim=dim, inverse=True)
                 if scales_bias and layer.bias is not None:
                     layer.bias.data.div_(vec)
-        _restore([layer for layer in record.layers if layer.replaced])
-        lora_layers = [layer for layer in record.layers if layer.lora_A]
+        _restore([layer for layer in record.layers if layer.original is not None])
+        lora_layers = [layer for layer in record.layers if layer.lora_A and layer.original is None]
         if lora_layers:
             unmerge_lora_many_([x.weight.data for x in lora_layers], [x.lora_A for x in lora_layers],
                                [x.lora_B for x in lora_layers], [x.scales for x in lora_layers],
@@ -533,15 +578,15 @@ def unmerge_adapter(model: nn.Module, name: str | None = None) -> nn.Module:
 def _check_commutes(record: MergeRecord, later: list[MergeRecord]) -> None:
     """Undoing ``record`` before the ``later`` merges is correct only where they commute on every shared weight:
     LoRA terms with LoRA terms (additions), IA3 scales with IA3 scales (products). A LoRA term and an IA3 scale do
-    not (``(W + d) * l - d != W * l``), and a later bit-exact merge would restore a copy that still holds
-    ``record``'s terms."""
+    not (``(W + d) * l - d != W * l``), a later bit-exact merge would restore a copy that still holds
+    ``record``'s terms, and a copy ``record`` kept would drop the later merge's terms."""
     for other in later:
         for mine in record.layers:
             for theirs in other.layers:
                 if mine.weight is not theirs.weight:
                     continue
                 mixed = (mine.lora_A and theirs.ia3) or (mine.ia3 and theirs.lora_A)
-                if mixed or theirs.original is not None:
+                if mixed or theirs.original is not None or mine.original is not None:
                     raise ValueError(
                         f"unmerge {list(other.names)} first: it was merged into {theirs.path} after "
                         f"{list(record.names)}, and undoing {list(record.names)} before it would corrupt that "

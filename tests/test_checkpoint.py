@@ -91,6 +91,31 @@ def test_streamed_ia3_merge_scales_the_bias_of_non_feedforward_modules(tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_streamed_ia3_merge_marks_feedforward_layers_by_plain_suffixes_as_peft(tmp_path):
+    """PEFT marks an IA3 layer feed-forward when its name ends with a ``feedforward_modules`` entry, no dot needed
+    (``["_proj"]`` marks q_proj and o_proj); load_adapter follows it, merge_checkpoint kept the dotted rule: the square
+    q_proj / o_proj vectors scaled their outputs instead of their inputs, a silently wrong checkpoint (0.08 off PEFT's
+    merge on the tiny Llama). It now writes PEFT's merged weights exactly."""
+    from peft import IA3Config, get_peft_model
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    base = LlamaModel(conf).eval()
+    base.save_pretrained(tmp_path / "base")
+    cfg = IA3Config(target_modules=r".*\.(q_proj|o_proj)", feedforward_modules=["_proj"], init_ia3_weights=False)
+    peft_model = get_peft_model(base, cfg).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.uniform_(0.0, 2.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", device="cpu", progress=False)
+    merged = LlamaModel.from_pretrained(tmp_path / "merged").state_dict()
+    for key, value in peft_model.merge_and_unload().state_dict().items():
+        assert torch.equal(merged[key], value), key
+
+
 @pytest.mark.parametrize("saved_flag", [None, False])
 def test_streamed_merge_of_gpt2_conv1d_knows_the_layout(tmp_path, saved_flag):
     """GPT-2's Conv1D weights are stored (in, out). The engine saves fan_in_fan_out=True for them (as PEFT wants),
@@ -242,6 +267,22 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     (base_dir / shard).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated safetensors file"):
         merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_factors_of_another_rank_than_the_config_are_refused(bert_and_lora, tmp_path):
+    """A PEFT adapter whose config says r=8 over rank-4 factors (edited or mixed-up files): load_adapter and PEFT refuse
+    it, merge_checkpoint merged it with the scaling lora_alpha / 8, half the trained update, without a word. Refused
+    now, naming the module, the shapes and r; nothing is written."""
+    import shutil
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    edited = tmp_path / "edited"
+    shutil.copytree(adapter_dir, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match=r"lora_A \(4, 32\) and lora_B \(32, 4\) are not of the config's rank r=8"):
+        merge_checkpoint(base_dir, edited, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -194,3 +194,111 @@ def test_full_finetune_without_output_dir_leaves_no_checkpoints_behind(tmp_path,
     kept = tmp_path / "kept"
     full_finetune(_tiny_classifier(), _Synthetic(), _Synthetic(16), args={**args, "output_dir": str(kept)})
     assert any(p.name.startswith("checkpoint-") for p in kept.iterdir())  # a folder given by the caller stays
+
+
+class _Counted(_Synthetic):
+    """``_Synthetic`` that counts the examples read."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        type(self).reads += 1
+        return super().__getitem__(i)
+
+
+def test_full_finetune_resumes_from_checkpoint(tmp_path):
+    """``resume_from_checkpoint`` (an argument, or the ``TrainingArguments`` field, which ``Trainer.train`` never
+    reads) continues the run from its last checkpoint: the second run trains only the epoch the first did not. It was
+    ignored: the run started again from step 0 with a fresh optimizer. ``True`` without an ``output_dir`` (checkpoints
+    in a new temporary folder, so none to resume) is refused by name."""
+    from adapter_engine.finetune import full_finetune
+
+    args = {"per_device_train_batch_size": 8, "use_cpu": True, "output_dir": str(tmp_path / "run"),
+            "save_strategy": "epoch"}  # fmt: skip
+    full_finetune(_tiny_classifier(), _Synthetic(), None, args={**args, "num_train_epochs": 1})
+    _Counted.reads = 0
+    metrics = full_finetune(_tiny_classifier(), _Counted(), None,
+                            args={**args, "num_train_epochs": 2, "resume_from_checkpoint": True})  # fmt: skip
+    assert _Counted.reads == 32 and metrics["epoch"] == 2.0  # epoch 2 only (from the start: 64 reads)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True .* output_dir"):
+        full_finetune(_tiny_classifier(), _Synthetic(), None, resume_from_checkpoint=True,
+                      args={"use_cpu": True})  # fmt: skip
+
+
+class _Labelled(_Synthetic):
+    """``_Synthetic`` with multi-hot labels (3 classes: the parities of the first two tokens, and always the third)
+    or a regression target."""
+
+    def __init__(self, n: int, kind: str):
+        super().__init__(n)
+        self.kind = kind
+
+    def __getitem__(self, i):
+        import torch
+
+        item = super().__getitem__(i)
+        ids = item["input_ids"]
+        if self.kind == "multi_label":
+            item["labels"] = torch.tensor([float(ids[0] % 2), float(ids[1] % 2), 1.0])
+        else:
+            item["labels"] = float(ids[0] % 7) / 7
+        return item
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "regression"])
+def test_full_finetune_evaluates_multi_label_and_regression_heads(kind):
+    """The default metric of a sequence classifier was the arg-max accuracy whatever its head: a multi-label one
+    (multi-hot labels) crashed at the first evaluation, after a whole epoch of training ('operands could not be
+    broadcast'), and a regression one (one label) was scored, and its best checkpoint chosen, by a meaningless
+    accuracy. Multi-hot labels now take the exact-match accuracy of the positive logits; a regression head is selected
+    by its eval loss."""
+    import numpy as np
+
+    from adapter_engine.finetune import accuracy_metrics, full_finetune
+
+    model = _tiny_classifier()
+    model.config.num_labels = 3 if kind == "multi_label" else 1
+    model.config.problem_type = f"{kind}_classification" if kind == "multi_label" else kind
+    model.classifier = type(model.classifier)(model.config.hidden_size, model.config.num_labels)
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "use_cpu": True}
+    metrics = full_finetune(model, _Labelled(16, kind), _Labelled(8, kind), args=args)
+    assert "eval_loss" in metrics and ("eval_accuracy" in metrics) == (kind == "multi_label")
+    logits, labels = np.array([[2.0, -1.0, 0.5], [1.0, 1.0, -3.0]]), np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert accuracy_metrics((logits, labels)) == {"accuracy": 0.5}  # row 0 exactly right, row 1 not
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({"eval_strategy": "steps", "eval_steps": 2}, ("steps", "steps", True, 2)),
+        ({"save_strategy": "steps", "save_steps": 3}, ("steps", "steps", True, 3)),
+        ({"eval_strategy": "no"}, ("no", "epoch", False, None)),
+        ({"save_strategy": "no"}, ("epoch", "no", False, None)),
+        ({}, ("epoch", "epoch", True, None)),
+    ],
+)
+def test_an_evaluation_or_saving_strategy_given_alone_is_followed(tmp_path, given, expected):
+    """Evaluating every N steps, or not saving checkpoints, was refused by TrainingArguments
+    ('--load_best_model_at_end requires the save and eval strategy to match'), a flag the caller never set: the default
+    best-model restore kept saving per epoch. The other strategy now follows the one given (its steps too), and the
+    best model is restored only where evaluations and checkpoints both run."""
+    from adapter_engine.finetune import default_training_arguments
+
+    args = default_training_arguments(str(tmp_path), True, None, **given)
+    *strategies, steps = expected
+    assert [args.eval_strategy.value, args.save_strategy.value, args.load_best_model_at_end] == strategies
+    if steps is not None:
+        assert args.eval_steps == args.save_steps == steps
+
+
+def test_full_finetune_with_named_evaluation_sets_selects_by_the_first(tmp_path):
+    """A dict of evaluation sets (Trainer names their metrics ``eval_<name>_<metric>``) crashed after the first epoch:
+    the default best-model metric 'eval_accuracy' is not among them (KeyError). A bare metric now names the first
+    set's; a loss metric under a set's name ('a_loss') is minimised (it was maximised: only 'loss' counted as one)."""
+    from adapter_engine.finetune import default_training_arguments, full_finetune
+
+    args = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "use_cpu": True}
+    metrics = full_finetune(_tiny_classifier(), _Synthetic(16), {"a": _Synthetic(8), "b": _Synthetic(8)}, args=args)
+    assert {"eval_a_accuracy", "eval_b_accuracy"} <= set(metrics)
+    assert default_training_arguments(str(tmp_path), True, "a_loss").greater_is_better is False
+    assert default_training_arguments(str(tmp_path), True, "a_accuracy").greater_is_better is True

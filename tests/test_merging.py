@@ -95,6 +95,26 @@ def test_exact_merge_restores_bit_for_bit_and_in_order():
     assert vars(model).keys() == vars(tiny_bert()).keys()  # every merge undone: no merge records left behind
 
 
+def test_unmerge_by_name_undoes_the_latest_merge_of_that_name():
+    """An adapter name merged, then reused for a new adapter merged too: ``unmerge_adapter(model, name)`` picked the
+    oldest merge of the name and, both being bit-exact, refused ('unmerge ['again'] first'), naming the very adapter
+    asked for. It now undoes the latest, and a second call the earlier one: every weight bit for bit."""
+    model = tiny_bert()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in (1, 2):
+        ae.add_adapter(model, "again", ae.LoraConfig(r=4, lora_alpha=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        ae.merge_adapter(model, "again", exact=True)
+    assert merged_adapters(model) == ["again", "again"]
+    ae.unmerge_adapter(model, "again")
+    ae.unmerge_adapter(model, "again")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
 def test_ties_and_dare_follow_peft(method):
     from peft.utils import merge_utils
@@ -264,6 +284,22 @@ def test_merge_bad_arguments():
         ae.merge_adapter(model)
 
 
+def test_merge_refuses_an_empty_name_list_and_a_bare_number_as_weights():
+    """``names=[]`` merged nothing and said nothing (a caller's empty selection looked like a merge), and
+    ``weights=0.5`` failed with "'float' object is not iterable": both are refused by name, the model unchanged; a
+    tensor of weights still merges."""
+    model = with_loras()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no adapter named to merge .*empty"):
+        ae.merge_adapter(model, [])
+    with pytest.raises(TypeError, match=r"weights must be a sequence of numbers, one per adapter in \['l0'\]; got 0.5"):
+        ae.merge_adapter(model, "l0", 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert merged_adapters(model) == [] and set(ae.list_adapters(model)) == {"l0", "l1"}
+    ae.merge_adapter(model, ["l0", "l1"], torch.tensor([0.5, 2.0]))
+    assert merged_adapters(model) == ["l0", "l1"]
+
+
 def test_merge_refuses_a_repeated_name_before_changing_anything():
     model = with_loras()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -298,6 +334,45 @@ def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
     ae.unmerge_adapter(model, "l1")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5)
+
+
+def test_an_ia3_scale_that_cannot_be_divided_out_is_unmerged_from_a_kept_copy():
+    """fp16: an IA3 scale of 0 (on an output feature: the bias is scaled too) and one of 1e-4 (an fp16 weight of
+    0.02 times 1e-4 keeps about two bits). The unmerge divided the scales out: the first gave NaN weight and bias rows
+    (0 / 0), the second rows off by up to the weights' size. Such a weight now keeps its original (the others do not):
+    the unmerge restores it and its bias bit for bit, the others within one ulp. A later IA3 merge into a kept weight
+    must be undone first (restoring the copy would drop its scale)."""
+    model = tiny_bert().half()
+    ae.add_adapter(model, "zero_or_tiny", ae.IA3Config(target_modules=["query", "key"], feedforward_modules=[]))
+    ae.add_adapter(model, "after_tiny", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(0.7 + 0.3 * torch.rand_like(p))  # (scaled subnormal weights stay within one ulp)
+        model.encoder.layer[0].attention.self.query.ia3_l["zero_or_tiny"][3] = 0.0
+        model.encoder.layer[1].attention.self.query.ia3_l["zero_or_tiny"][5] = 1e-4
+    base = {k: v.clone() for k, v in model.state_dict().items() if "ia3" not in k}
+    ae.merge_adapter(model, "zero_or_tiny")
+    record = model._adapter_engine_merges[-1]
+    ae.unmerge_adapter(model, "zero_or_tiny")
+    for k, v in model.state_dict().items():
+        if "ia3" in k:
+            continue
+        if ".query." in k:
+            assert torch.equal(v, base[k]), k
+        else:  # divided out: within one ulp
+            torch.testing.assert_close(v, base[k], rtol=2**-10, atol=2**-24)
+    kept = sorted(layer.path for layer in record.layers if layer.original is not None)
+    assert kept == ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+    model = tiny_bert().half()  # a later merge into a kept weight: undone first
+    ae.add_adapter(model, "zero", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    ae.add_adapter(model, "later", ae.IA3Config(target_modules=["key"], feedforward_modules=[]))
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.key.ia3_l["zero"][0] = 0.0
+    ae.merge_adapter(model, "zero")
+    ae.merge_adapter(model, "later")
+    with pytest.raises(ValueError, match=r"unmerge \['later'\] first"):
+        ae.unmerge_adapter(model, "zero")
 
 
 @pytest.mark.slow
@@ -543,3 +618,36 @@ def test_cli_merge_keeps_the_absorbed_adapters_of_a_save_model_checkpoint(tmp_pa
     merged = ae.load_model(tmp_path / "out").eval()
     assert ae.list_adapters(merged) == ["bn"]
     torch.testing.assert_close(hidden(merged), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_merge_absorbs_a_bottleneck_adapter_when_asked(tmp_path, capsys):
+    """``adapter-engine merge`` of a nonlinear bottleneck adapter told the user to 'pass absorb=True', which the
+    command had no way to take. ``--absorb`` keeps it, active, beside the merged LoRA: ``load_model`` of the output
+    computes the adapted model; without it the refusal names the flag and nothing is written."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_engine.cli import main
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = tiny_bert()
+    ae.add_adapter(model, "bn", "seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name:
+                p.normal_(0, 0.2)
+    ae.save_adapter(model, "bn", tmp_path / "bn", format="adapterhub")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False)
+    get_peft_model(tiny_bert(), lora).save_pretrained(tmp_path / "lora")
+    reference = tiny_bert()
+    ae.set_active_adapters(reference, [ae.load_adapter(reference, tmp_path / p) for p in ("lora", "bn")])
+    args = ["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "lora"), "--adapter",
+            str(tmp_path / "bn"), "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "adapter-engine merge --absorb" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--absorb"]) == 0
+    merged = ae.load_model(tmp_path / "out").eval()
+    assert ae.list_adapters(merged) == ["adapter1"]
+    torch.testing.assert_close(hidden(merged), hidden(reference), rtol=0, atol=1e-5)
