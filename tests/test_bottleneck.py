@@ -383,6 +383,21 @@ def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel(
     assert_close(got, want)
 
 
+def test_the_launcher_refuses_routes_activations_and_residuals_that_do_not_fit():
+    """``bottleneck_stack_fwd`` checks shapes as ``bottleneck_stack`` does: routes of another row count, a missing y
+    that the options read, or activations of another hidden size were read out of bounds (silent garbage, or a
+    crash) instead of raising."""
+    hidden = 16
+    packed, ln = pack(make_params(hidden, [4], ["relu"])), make_ln(hidden)
+    h, y, routes = torch.randn(40, hidden), torch.randn(40, hidden), torch.zeros(40, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"routes must be \(rows=40, levels\), got \(3, 1\)"):
+        bottleneck_stack_fwd(h, y, ln.weight, ln.bias, packed, routes[:3], SEQ)
+    with pytest.raises(ValueError, match=r"y \(the sublayer's residual input\) is required"):
+        bottleneck_stack_fwd(h, None, ln.weight, ln.bias, packed, routes, SEQ)
+    with pytest.raises(ValueError, match="adapters built for hidden 16 cannot run on activations of hidden 8"):
+        bottleneck_stack_fwd(h[:, :8], y[:, :8], ln.weight[:8], ln.bias[:8], packed, routes, SEQ)
+
+
 # --------------------------------------------------------------------------------------------------- op: backward
 @pytest.mark.parametrize("ln_trains", [False, True], ids=["ln-frozen", "ln-weight-trains"])
 @pytest.mark.parametrize("name", list(OPTION_GRID))
