@@ -383,6 +383,20 @@ def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel(
     assert_close(got, want)
 
 
+def test_pack_adapters_names_a_rank_zero_a_1d_weight_or_a_missing_activation():
+    """A rank-0 adapter packed, then the twin failed with IndexError (the kernel ran it); a 1-D down weight failed with
+    IndexError and an activation of None with AttributeError. Each is now a ValueError naming the adapter's part."""
+    hidden = 16
+    parts = lambda r: ([torch.randn(r, hidden)], [torch.randn(r)], [torch.randn(hidden, r)], [torch.randn(hidden)])  # noqa: E731
+    with pytest.raises(ValueError, match=r"adapter 0: the bottleneck needs rank >= 1, got down weight \(0, 16\)"):
+        pack_adapters(*parts(0), ["relu"], [1.0])
+    wd, bd, wu, bu = parts(4)
+    with pytest.raises(ValueError, match=r"adapter 0: down weight must be \(r, 16\) .* got \(16,\)"):
+        pack_adapters([wd[0][0]], bd, wu, bu, ["relu"], [1.0])
+    with pytest.raises(ValueError, match="unsupported non_linearity None"):
+        pack_adapters(wd, bd, wu, bu, [None], [1.0])
+
+
 def test_the_launcher_refuses_routes_activations_and_residuals_that_do_not_fit():
     """``bottleneck_stack_fwd`` checks shapes as ``bottleneck_stack`` does: routes of another row count, a missing y
     that the options read, or activations of another hidden size were read out of bounds (silent garbage, or a
