@@ -457,6 +457,25 @@ def test_prepared_plan_merges_and_unmerges_repeatedly():
     assert_within_one_ulp(outs[0], (expected[0], expected[1] + 4 * ulp(expected[0], torch.float32)))
 
 
+def test_prepared_plan_sees_in_place_updates_of_factors_of_mixed_dtypes():
+    """A weight whose adapters' factors mix dtypes (fp32 masters beside a 16-bit adapter) merges fp32 copies of the
+    16-bit ones. The plan made them once, so it merged the 16-bit factors as they were when it was prepared, not as
+    updated in place since (the plan's documented contract); it now copies them again before each merge."""
+    from adapter_engine.kernels import prepare_lora_merge
+
+    weight = torch.randn(6, 10)
+    a32, b32 = torch.randn(2, 10), torch.randn(6, 2)
+    a16, b16 = torch.randn(3, 10).half(), torch.randn(6, 3).half()
+    out = weight.clone()
+    plan = prepare_lora_merge([out], [[a32, a16]], [[b32, b16]], [[1.0, 0.5]])
+    a16.mul_(2)
+    b32.mul_(3)
+    plan.merge_()
+    assert_within_one_ulp(out, fp64_merge(weight, [(a32, b32, 1.0), (a16, b16, 0.5)]))
+    plan.unmerge_()
+    torch.testing.assert_close(out, weight, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cancel", [False, True], ids=["random", "cancelling"])
 def test_per_adapter_scales_with_16_bit_dots(monkeypatch, cancel):
     """The GPU's path for adapters with different scales: each rank row of A scaled in fp32, split into three
