@@ -186,7 +186,8 @@ def bottleneck_stack_ref(
         r = r + yf
         if flags["OUT_LN"]:
             r = model_ln(r)
-    return r.to(h.dtype).reshape(h.shape)
+    # (every level off and no output add: r is still fp32 h itself; a new tensor, as the kernels return)
+    return r.to(h.dtype, copy=r is hf).reshape(h.shape)
 
 
 # --------------------------------------------------------------------------------------------------- autograd

@@ -383,6 +383,22 @@ def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel(
     assert_close(got, want)
 
 
+def test_the_twin_returns_a_new_tensor_when_every_level_is_off():
+    """With every level off and no output add (``original_ln_after=False``), the torch twin returned fp32 ``h``
+    itself, where the kernels return a new tensor: writing into the output (a model's in-place residual add) changed
+    the sublayer's ``h`` too. Checked through ``bottleneck_stack`` on the twin (a plain CPU's path)."""
+    from adapter_engine.kernels._backend import torch_twins_on_cpu
+
+    hidden = 16
+    packed = pack(make_params(hidden, [4], ["relu"]))
+    h = torch.randn(5, 2, hidden)
+    for options, y in ((StackOptions(original_ln_after=False), torch.randn(5, 2, hidden)),
+                       (StackOptions(original_ln_before=False, original_ln_after=False), None)):  # fmt: skip
+        with torch_twins_on_cpu():
+            out = bottleneck_stack(h, y, packed, torch.tensor([-1, -1]), options)
+        assert torch.equal(out, h) and out.data_ptr() != h.data_ptr()
+
+
 def test_pack_adapters_names_a_rank_zero_a_1d_weight_or_a_missing_activation():
     """A rank-0 adapter packed, then the twin failed with IndexError (the kernel ran it); a 1-D down weight failed with
     IndexError and an activation of None with AttributeError. Each is now a ValueError naming the adapter's part."""
