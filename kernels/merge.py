@@ -40,7 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
+from ._backend import (
+    INTERPRET,
+    cdiv,
+    check_float_dtype,
+    check_own_memory,
+    check_same_device,
+    next_pow2,
+    use_triton,
+)
 
 # ----------------------------------------------------------------------------------------------------- tuning
 # Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, W_STAGES) by the width of a launch's rank axis, from the sweep of
@@ -231,6 +239,7 @@ def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, where: s
     check_float_dtype(f"{where}weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"{where}weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    check_own_memory(f"{where}weight", weight)
     a_list, b_list, scales = _as_list(lora_A, "lora_A"), _as_list(lora_B, "lora_B"), _as_list(scale, "scale")
     if not (len(a_list) == len(b_list) == len(scales)) or not a_list:
         raise ValueError(

@@ -215,6 +215,8 @@ def test_unsafe_merge_writes_what_it_computes():
         ("weight_3d", ValueError, r"\(2, 10, 16\)"),
         ("nan_scale", ValueError, "finite"),
         ("huge_scale", ValueError, "within fp32 range"),
+        # an expanded weight: the kernel's programs raced on its shared rows (each kept one row's result)
+        ("expanded_weight", ValueError, r"weight \(10, 16\) is updated in place but its elements share memory"),
     ],
 )
 def test_bad_input_is_rejected_and_nothing_written(case, error, message):
@@ -241,6 +243,8 @@ def test_bad_input_is_rejected_and_nothing_written(case, error, message):
         scale = float("nan")
     elif case == "huge_scale":
         scale = 1e39  # finite in Python, infinite in the fp32 the kernel computes in
+    elif case == "expanded_weight":
+        weight = torch.randn(1, 16).expand(10, 16)
     before = weight.clone()
     with pytest.raises(error, match=message):
         merge_lora_(weight, a, b, scale)
@@ -253,6 +257,11 @@ def test_ia3_bad_input():
         scale_ia3_(weight, torch.rand(7), dim=1)
     with pytest.raises(ValueError, match="dim must be 0"):
         scale_ia3_(weight, torch.rand(6), dim=2)
+    row = torch.randn(1, 8)
+    before = row.clone()
+    with pytest.raises(ValueError, match=r"weight \(6, 8\) is updated in place but its elements share memory"):
+        scale_ia3_(row.expand(6, 8), torch.rand(6) + 0.5, dim=0)  # (the kernel scaled the one row by a random l_i)
+    assert torch.equal(row, before)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA tier
