@@ -413,6 +413,18 @@ def test_pack_adapters_names_a_rank_zero_a_1d_weight_or_a_missing_activation():
         pack_adapters(wd, bd, wu, bu, [None], [1.0])
 
 
+def test_every_tensor_of_a_stack_call_is_on_one_device():
+    """The device check compared h, y, the LN weight and the down weights only: an LN bias, up weight or bias on
+    another device reached the kernel as a pointer into that device's memory (the interpreter failed with
+    NotImplementedError on meta). Now ValueError naming each tensor's device."""
+    hidden = 16
+    packed, ln = pack(make_params(hidden, [4], ["relu"])), make_ln(hidden)
+    h, y = torch.randn(5, hidden), torch.randn(5, hidden)
+    for lnb, p in ((ln.bias.to("meta"), packed), (ln.bias, packed._replace(bu=packed.bu.to("meta")))):
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            bottleneck_stack(h, y, p, torch.tensor([0]), SEQ, ln.weight, lnb)
+
+
 def test_the_launcher_refuses_routes_activations_and_residuals_that_do_not_fit():
     """``bottleneck_stack_fwd`` checks shapes as ``bottleneck_stack`` does: routes of another row count, a missing y
     that the options read, or activations of another hidden size were read out of bounds (silent garbage, or a
