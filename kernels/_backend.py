@@ -406,6 +406,17 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+def check_own_memory(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor an op writes in place whose elements share memory (a stride of 0 over a dimension of more
+    than one element: an ``expand``ed view): the kernels' programs raced on it, leaving one of several results in
+    each location, where the torch twins' ``copy_`` raises."""
+    if any(stride == 0 and size > 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)):
+        raise ValueError(
+            f"{name} {tuple(tensor.shape)} is updated in place but its elements share memory (strides "
+            f"{tensor.stride()}: an expanded view); pass a tensor with memory of its own (.clone())"
+        )
+
+
 def refuse_create_graph(op: str, differentiable: str) -> None:
     """Called first in a fused op's autograd backward: raise when it runs with ``create_graph=True`` (autograd then
     runs backwards with grad mode on). The fused backwards compute their gradients from tensors saved without their

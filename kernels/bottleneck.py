@@ -186,7 +186,8 @@ def bottleneck_stack_ref(
         r = r + yf
         if flags["OUT_LN"]:
             r = model_ln(r)
-    return r.to(h.dtype).reshape(h.shape)
+    # (every level off and no output add: r is still fp32 h itself; a new tensor, as the kernels return)
+    return r.to(h.dtype, copy=r is hf).reshape(h.shape)
 
 
 # --------------------------------------------------------------------------------------------------- autograd
@@ -405,7 +406,8 @@ def _check(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: Stack
         raise TypeError(f"routes must be an integer tensor, got {routes.dtype}")
     if options.ln_before != (packed.lnb_w is not None) or options.ln_after != (packed.lna_w is not None):
         raise ValueError("options.ln_before/ln_after must match the packed adapters' own LayerNorm parameters")
-    check_same_device(h=h, y=y, ln_weight=ln_weight, wd=packed.wd, routes=routes)
+    check_same_device(h=h, y=y, ln_weight=ln_weight, ln_bias=ln_bias, wd=packed.wd, bd=packed.bd, wu=packed.wu,
+                      bu=packed.bu, routes=routes)  # fmt: skip
 
 
 def _host_levels(routes) -> tuple[int, ...] | None:

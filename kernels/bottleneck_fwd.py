@@ -630,12 +630,16 @@ def bottleneck_stack_fwd(
     options: StackOptions,
 ) -> torch.Tensor:
     """Triton forward. h, y: (..., H); routes: (rows, L) int, -1 = level off; returns (..., H) in h's dtype. A CPU
-    tensor outside the interpreter takes the torch twin, ``bottleneck_stack_ref``."""
+    tensor outside the interpreter takes the torch twin, ``bottleneck_stack_ref``. Shapes, dtypes and devices are
+    checked as :func:`bottleneck_stack` checks them (routes of another row count, a missing y or activations of
+    another hidden size were read out of bounds); route values are not (the kernel runs rows routed outside
+    ``[0, A)`` base only, as on a GPU)."""
+    from .bottleneck import _check, bottleneck_stack_ref  # (bottleneck.py imports this module)
+
     if options.ln_before or options.ln_after:
         raise ValueError("the adapters' own ln_before/ln_after run on the torch path (bottleneck_stack_ref)")
+    _check(h, y, ln_weight, ln_bias, packed, routes, options)
     if not use_triton(h):
-        from .bottleneck import bottleneck_stack_ref  # (bottleneck.py imports this module)
-
         return bottleneck_stack_ref(h, y, ln_weight, ln_bias, packed, routes, options)
     host = packed.host if packed.host is not None else PackedHost(packed.offsets.tolist(), packed.unit_act[
         packed.offsets[:-1]].tolist(), packed.scale.tolist(), ())  # fmt: skip

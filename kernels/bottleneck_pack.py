@@ -135,24 +135,27 @@ def pack_adapters(
     n = len(down_weights)
     if not (n == len(down_biases) == len(up_weights) == len(up_biases) == len(activations) == len(scalings)) or n == 0:
         raise ValueError(f"pack_adapters needs the same non-zero number of each part, got {n} down weights")
-    hidden = down_weights[0].shape[1]
+    first = down_weights[0]
+    hidden = first.shape[-1] if isinstance(first, torch.Tensor) and first.dim() else None  # (checked per adapter)
     for i, (wd, bd, wu, bu) in enumerate(zip(down_weights, down_biases, up_weights, up_biases, strict=True)):
+        # (an integer weight failed inside the kernels' dot, "Unsupported lhs dtype int32", or ran in the twin)
+        for part, t in (("down weight", wd), ("down bias", bd), ("up weight", wu), ("up bias", bu)):
+            check_float_dtype(f"adapter {i}: {part}", t)
         if wd.dim() != 2 or wu.dim() != 2 or wd.shape[1] != hidden or wu.shape != (hidden, wd.shape[0]):
             raise ValueError(
                 f"adapter {i}: down weight must be (r, {hidden}) and up weight ({hidden}, r), "
                 f"got {tuple(wd.shape)} and {tuple(wu.shape)}"
             )
+        if wd.shape[0] < 1:  # (the twin indexed a rank-0 adapter's activation out of range)
+            raise ValueError(f"adapter {i}: the bottleneck needs rank >= 1, got down weight {tuple(wd.shape)}")
         if bd.shape != (wd.shape[0],) or bu.shape != (hidden,):  # (a wrong length shifts the next adapter's biases)
             raise ValueError(
                 f"adapter {i}: down bias must be ({wd.shape[0]},) and up bias ({hidden},) for down weight "
                 f"{tuple(wd.shape)}, got {tuple(bd.shape)} and {tuple(bu.shape)}"
             )
-        # (an integer weight failed inside the kernels' dot, "Unsupported lhs dtype int32", or ran in the twin)
-        for part, t in (("down weight", wd), ("down bias", bd), ("up weight", wu), ("up bias", bu)):
-            check_float_dtype(f"adapter {i}: {part}", t)
     codes = []
     for a in activations:
-        if a.lower() not in ACTIVATIONS:
+        if not isinstance(a, str) or a.lower() not in ACTIVATIONS:
             raise ValueError(f"unsupported non_linearity {a!r}; supported: {sorted(ACTIVATIONS)}")
         codes.append(ACTIVATIONS[a.lower()])
     dev = down_weights[0].device

@@ -41,6 +41,7 @@ from ._backend import (
     DirectLaunch,
     cdiv,
     check_float_dtype,
+    check_own_memory,
     check_same_device,
     dot_in_fp32,
     launch_by_signature,
@@ -243,6 +244,8 @@ def level_boundary(
         raise TypeError(f"level_boundary needs one dtype, got {listing}")
     if c.dim() != 2:
         raise ValueError(f"level_boundary needs c (M, H), got {tuple(c.shape)}")
+    if y is None and write_c:  # (c is updated in place)
+        check_own_memory("level_boundary's carry c", c)
     m, hidden = c.shape
     if (act is None) != (up is None):
         raise ValueError("level_boundary needs act and up together")

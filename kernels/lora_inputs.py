@@ -43,9 +43,11 @@ def _adapter_lists(lora_A, lora_B, scale):
         )
     try:
         if single:
-            return [lora_A], [lora_B], [float(scale)]
+            return [lora_A], [lora_B], [_scale_value(scale)]
         As, Bs, scales = list(lora_A), list(lora_B), list(scale)
-        floats = [float(s) for s in scales]
+        floats = [s if type(s) is float else _scale_value(s) for s in scales]
+    except _TrainableScale as e:
+        raise TypeError(str(e)) from None
     except (TypeError, ValueError):
         raise TypeError(
             "lora_A and lora_B must be tensors (or sequences of them) and scale a number (or a sequence of numbers, "
@@ -56,6 +58,20 @@ def _adapter_lists(lora_A, lora_B, scale):
             f"need equal, non-zero numbers of lora_A, lora_B and scale, got {len(As)}, {len(Bs)}, {len(scales)}"
         )
     return As, Bs, floats
+
+
+class _TrainableScale(Exception):
+    pass
+
+
+def _scale_value(s) -> float:
+    """``float(s)``, refusing a tensor that requires grad: ``float`` detaches it, so it would silently get none."""
+    if isinstance(s, torch.Tensor) and s.requires_grad:
+        raise _TrainableScale(
+            f"scale must be a number: a tensor that requires grad ({s!r}) would get no gradient through the fused "
+            "op; pass float(scale), or scale lora_B by it (a learned scale's gradient then reaches it)"
+        )
+    return float(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------

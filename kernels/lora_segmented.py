@@ -113,6 +113,10 @@ def _tables(ranks: tuple[int, ...], scales: tuple[float, ...], device: torch.dev
     )
 
 
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool)
+
+
 def plan_segments(
     adapter_ids: torch.Tensor,
     ranks: Sequence[int],
@@ -127,6 +131,12 @@ def plan_segments(
     ids from an earlier plan with the same number of adapters (only the rank tables are then looked up).
     """
     ranks, scales = tuple(int(r) for r in ranks), tuple(float(s) for s in scales)
+    if len(ranks) != len(scales) or not ranks or min(ranks) < 1:
+        raise ValueError(f"plan_segments needs one rank (>= 1) and one scale per adapter, got {ranks} and {scales}")
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or not _integer(adapter_ids):
+        tensor = isinstance(adapter_ids, torch.Tensor)
+        got = f"{adapter_ids.dtype} {tuple(adapter_ids.shape)}" if tensor else repr(adapter_ids)
+        raise TypeError(f"adapter_ids must be a 1-D integer tensor, got {got}")
     rank_off, scale, bounds = _tables(ranks, scales, adapter_ids.device)
     if grouping is None:
         sorted_ids, order = torch.sort(adapter_ids.to(torch.int32), stable=True)
@@ -514,6 +524,40 @@ def lora_wgrad_reference(
 # ----------------------------------------------------------------------------------------------------------------
 # The op: forward and backward launchers (lora_linear's Function calls these on path "segmented")
 # ----------------------------------------------------------------------------------------------------------------
+def _check_operands(op: str, plan: SegmentPlan, weight, lora_A, lora_B, **rows) -> None:
+    """Refuse operands that do not fit ``plan`` or each other: the kernels reach rows through ``plan.order`` and
+    ranks through ``plan.rank_off`` unchecked, so a plan made for another batch or other adapters read and wrote
+    out of bounds. ``rows``: name -> (tensor or None, its expected width); each must be (M, width), M the plan's
+    row count. Every tensor shares ``weight``'s dtype and device (the plan's tables its device)."""
+    n_out, k = weight.shape
+    r, m = plan.offsets[-1], plan.order.shape[0]
+    dt, dev = weight.dtype, weight.device
+    if (
+        lora_A.shape == (r, k) and lora_B.shape == (n_out, r) and lora_A.dtype == dt and lora_B.dtype == dt
+        and lora_A.device == dev and lora_B.device == dev and plan.order.device == dev
+        and all(t is None or (t.shape == (m, w) and t.dtype == dt and t.device == dev) for t, w in rows.values())
+    ):  # fmt: skip
+        return  # (host time: the checks below name the culprit)
+    tensors = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, **{n: t for n, (t, _) in rows.items()}}
+    shapes_fit = (
+        tuple(lora_A.shape) == (r, k)
+        and tuple(lora_B.shape) == (n_out, r)
+        and all(t is None or tuple(t.shape) == (m, width) for t, width in rows.values())
+    )
+    if not shapes_fit:
+        listing = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items() if t is not None)
+        raise ValueError(
+            f"{op}: the plan groups {m} rows for ranks {plan.ranks} (R = {r}); with weight (N, K) = {(n_out, k)} it "
+            f"needs lora_A (R, K), lora_B (N, R) and (M, ...) rows, got {listing}"
+        )
+    given = {n: t for n, t in tensors.items() if t is not None}
+    if any(t.dtype != weight.dtype for t in given.values()):
+        raise TypeError(f"{op} needs one dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in given.items()))
+    if any(t.device != weight.device for t in (*given.values(), plan.order)):
+        listing = ", ".join(f"{n} on {t.device}" for n, t in given.items())
+        raise ValueError(f"{op} needs one device, got {listing} and the plan on {plan.order.device}")
+
+
 def lora_segmented_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -531,6 +575,8 @@ def lora_segmented_fwd(
     strides (1, N), for vector loads in the expand: ``lora_expand_``); x_lora: (M, K) the adapter input (dropout) or
     None for x. Launches: 1 GEMM, 1 shrink, 1 expand.
     """
+    _check_operands("lora_segmented_fwd", plan, weight, lora_A, lora_B, x=(x, weight.shape[1]),
+                    x_lora=(x_lora, weight.shape[1]))  # fmt: skip
     y = F.linear(x, weight, bias)
     u = lora_shrink(x if x_lora is None else x_lora, lora_A, plan)
     lora_expand_(y, u, lora_B, plan)
@@ -549,6 +595,8 @@ def lora_segmented_fwd_reference(
     store_u: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Torch twin of ``lora_segmented_fwd``: base in fp32 rounded once, then the twins of shrink and expand."""
+    _check_operands("lora_segmented_fwd_reference", plan, weight, lora_A, lora_B, x=(x, weight.shape[1]),
+                    x_lora=(x_lora, weight.shape[1]))  # fmt: skip
     f = lambda t: None if t is None else t.float()
     y = F.linear(f(x), f(weight), f(bias)).to(x.dtype)
     u = lora_shrink_reference(x if x_lora is None else x_lora, lora_A, plan)
@@ -577,6 +625,12 @@ def _backward(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs, ops):
     return dx, dxl, dW, db, dA, dB
 
 
+def _check_bwd(op, dy, x, x_lora, weight, lora_A, lora_B, plan, u) -> None:
+    n_out, k = weight.shape
+    _check_operands(op, plan, weight, lora_A, lora_B, dy=(dy, n_out), x=(x, k), x_lora=(x_lora, k),
+                    u=(u, plan.u_width))  # fmt: skip
+
+
 _KERNEL_OPS = (lora_shrink, lora_expand_, lora_wgrad, torch.mm)
 _TWIN_OPS = (
     lora_shrink_reference,
@@ -602,6 +656,7 @@ def lora_segmented_bwd(
     dy: (M, N); x, x_lora: (M, K) (x needed for dW, or for dA without dropout; x_lora None: no dropout); u: the
     forward's (M, U) (needed for dB). Launches for grads of x, A, B: 1 GEMM, 1 shrink, 1 expand, 2 wgrad.
     """
+    _check_bwd("lora_segmented_bwd", dy, x, x_lora, weight, lora_A, lora_B, plan, u)
     return _backward(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs, _KERNEL_OPS)
 
 
@@ -617,4 +672,5 @@ def lora_segmented_bwd_reference(
     needs: tuple[bool, bool, bool, bool, bool, bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """Torch twin of ``lora_segmented_bwd``: the same formulas on the twins (every product in fp32, one rounding)."""
+    _check_bwd("lora_segmented_bwd_reference", dy, x, x_lora, weight, lora_A, lora_B, plan, u)
     return _backward(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs, _TWIN_OPS)

@@ -40,7 +40,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET, cdiv, check_float_dtype, check_same_device, next_pow2, use_triton
+from ._backend import (
+    INTERPRET,
+    cdiv,
+    check_float_dtype,
+    check_own_memory,
+    check_same_device,
+    next_pow2,
+    use_triton,
+)
 
 # ----------------------------------------------------------------------------------------------------- tuning
 # Tiles (BLOCK_N, BLOCK_K, ROW_TILES, num_warps, W_STAGES) by the width of a launch's rank axis, from the sweep of
@@ -231,6 +239,7 @@ def _validate_lora(weight, lora_A, lora_B, scale, fan_in_fan_out: bool, where: s
     check_float_dtype(f"{where}weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"{where}weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    check_own_memory(f"{where}weight", weight)
     a_list, b_list, scales = _as_list(lora_A, "lora_A"), _as_list(lora_B, "lora_B"), _as_list(scale, "scale")
     if not (len(a_list) == len(b_list) == len(scales)) or not a_list:
         raise ValueError(
@@ -276,15 +285,23 @@ class LoraMergePlan:
 
     def __init__(self, jobs: list):
         groups: dict[tuple, list] = {}
+        # A weight whose factors mix dtypes merges fp32 copies of its 16-bit factors: (copy, factor) pairs, copied
+        # again before every merge (made once here, the plan missed the factors' later in-place updates).
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for weight, a_list, b_list, scales in jobs:
             factor_dtype = a_list[0].dtype
             if any(t.dtype != factor_dtype for t in a_list + b_list):  # mixed: compute in fp32
-                a_list, b_list, factor_dtype = [t.float() for t in a_list], [t.float() for t in b_list], torch.float32
+                a_list, b_list, factor_dtype = self._fp32(a_list), self._fp32(b_list), torch.float32
             if weight.numel():
                 key = (weight.dtype, factor_dtype, weight.device, tuple(weight.shape), weight.stride())
                 groups.setdefault(key, []).append((weight, a_list, b_list, scales))
         self.weights = [job[0] for job in jobs]
         self._launches = [_pack(group, *key) for key, group in groups.items()]
+
+    def _fp32(self, factors: list) -> list:
+        copies = [t if t.dtype == torch.float32 else t.detach().float() for t in factors]
+        self._copies += [(c, t) for c, t in zip(copies, factors, strict=True) if c is not t]
+        return copies
 
     def merge_(self, safe: bool = False) -> None:
         """Add the adapters to the weights; with ``safe``, check everything first and write nothing on failure."""
@@ -295,6 +312,9 @@ class LoraMergePlan:
         self._apply(-1.0, safe)
 
     def _apply(self, sign: float, safe: bool) -> None:
+        with torch.no_grad():
+            for copy, factor in self._copies:
+                copy.copy_(factor)
         if safe:  # every launch raises one shared flag: a single device-to-host sync for the whole check
             flag = torch.zeros(1, dtype=torch.int32, device=self._launches[0]["device"]) if self._launches else None
             for launch in self._launches:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_float_dtype, check_same_device, use_triton
+from ._backend import cdiv, check_float_dtype, check_own_memory, check_same_device, use_triton
 from .merge import _store_or_flag
 
 IA3_BLOCK_N, IA3_BLOCK_K, IA3_NUM_WARPS = 32, 128, 4  # a pure stream: the one-adapter merge tile
@@ -62,6 +62,7 @@ def _validate_ia3(weight, ia3_scale, dim) -> torch.Tensor:
     check_same_device(weight=weight, ia3_scale=ia3_scale)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    check_own_memory("weight", weight)
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (scale rows) or 1 (scale columns), got {dim!r}")
     vec = ia3_scale.reshape(-1)

@@ -383,6 +383,63 @@ def test_routes_naming_no_adapter_are_refused_on_the_host_and_off_in_the_kernel(
     assert_close(got, want)
 
 
+def test_the_twin_returns_a_new_tensor_when_every_level_is_off():
+    """With every level off and no output add (``original_ln_after=False``), the torch twin returned fp32 ``h``
+    itself, where the kernels return a new tensor: writing into the output (a model's in-place residual add) changed
+    the sublayer's ``h`` too. Checked through ``bottleneck_stack`` on the twin (a plain CPU's path)."""
+    from adapter_engine.kernels._backend import torch_twins_on_cpu
+
+    hidden = 16
+    packed = pack(make_params(hidden, [4], ["relu"]))
+    h = torch.randn(5, 2, hidden)
+    for options, y in ((StackOptions(original_ln_after=False), torch.randn(5, 2, hidden)),
+                       (StackOptions(original_ln_before=False, original_ln_after=False), None)):  # fmt: skip
+        with torch_twins_on_cpu():
+            out = bottleneck_stack(h, y, packed, torch.tensor([-1, -1]), options)
+        assert torch.equal(out, h) and out.data_ptr() != h.data_ptr()
+
+
+def test_pack_adapters_names_a_rank_zero_a_1d_weight_or_a_missing_activation():
+    """A rank-0 adapter packed, then the twin failed with IndexError (the kernel ran it); a 1-D down weight failed with
+    IndexError and an activation of None with AttributeError. Each is now a ValueError naming the adapter's part."""
+    hidden = 16
+    parts = lambda r: ([torch.randn(r, hidden)], [torch.randn(r)], [torch.randn(hidden, r)], [torch.randn(hidden)])  # noqa: E731
+    with pytest.raises(ValueError, match=r"adapter 0: the bottleneck needs rank >= 1, got down weight \(0, 16\)"):
+        pack_adapters(*parts(0), ["relu"], [1.0])
+    wd, bd, wu, bu = parts(4)
+    with pytest.raises(ValueError, match=r"adapter 0: down weight must be \(r, 16\) .* got \(16,\)"):
+        pack_adapters([wd[0][0]], bd, wu, bu, ["relu"], [1.0])
+    with pytest.raises(ValueError, match="unsupported non_linearity None"):
+        pack_adapters(wd, bd, wu, bu, [None], [1.0])
+
+
+def test_every_tensor_of_a_stack_call_is_on_one_device():
+    """The device check compared h, y, the LN weight and the down weights only: an LN bias, up weight or bias on
+    another device reached the kernel as a pointer into that device's memory (the interpreter failed with
+    NotImplementedError on meta). Now ValueError naming each tensor's device."""
+    hidden = 16
+    packed, ln = pack(make_params(hidden, [4], ["relu"])), make_ln(hidden)
+    h, y = torch.randn(5, hidden), torch.randn(5, hidden)
+    for lnb, p in ((ln.bias.to("meta"), packed), (ln.bias, packed._replace(bu=packed.bu.to("meta")))):
+        with pytest.raises(ValueError, match="all tensors must be on one device"):
+            bottleneck_stack(h, y, p, torch.tensor([0]), SEQ, ln.weight, lnb)
+
+
+def test_the_launcher_refuses_routes_activations_and_residuals_that_do_not_fit():
+    """``bottleneck_stack_fwd`` checks shapes as ``bottleneck_stack`` does: routes of another row count, a missing y
+    that the options read, or activations of another hidden size were read out of bounds (silent garbage, or a
+    crash) instead of raising."""
+    hidden = 16
+    packed, ln = pack(make_params(hidden, [4], ["relu"])), make_ln(hidden)
+    h, y, routes = torch.randn(40, hidden), torch.randn(40, hidden), torch.zeros(40, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"routes must be \(rows=40, levels\), got \(3, 1\)"):
+        bottleneck_stack_fwd(h, y, ln.weight, ln.bias, packed, routes[:3], SEQ)
+    with pytest.raises(ValueError, match=r"y \(the sublayer's residual input\) is required"):
+        bottleneck_stack_fwd(h, None, ln.weight, ln.bias, packed, routes, SEQ)
+    with pytest.raises(ValueError, match="adapters built for hidden 16 cannot run on activations of hidden 8"):
+        bottleneck_stack_fwd(h[:, :8], y[:, :8], ln.weight[:8], ln.bias[:8], packed, routes, SEQ)
+
+
 # --------------------------------------------------------------------------------------------------- op: backward
 @pytest.mark.parametrize("ln_trains", [False, True], ids=["ln-frozen", "ln-weight-trains"])
 @pytest.mark.parametrize("name", list(OPTION_GRID))

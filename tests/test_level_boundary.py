@@ -184,6 +184,16 @@ def test_bad_input_names_the_problem_and_leaves_c_alone(change, match):
     assert torch.equal(c, before)
 
 
+def test_a_carry_whose_rows_share_memory_is_refused():
+    """c is updated in place (y None, write_c): an expanded c (rows sharing memory) was raced on by the kernel's
+    programs, each keeping one row's sum; the twin's copy_ raises. Refused with ValueError, c left alone."""
+    c, _, act, up, down_w, down_b, w, bias = _inputs(4, 8, 16, 8, torch.float32)
+    row = c[:1].clone()
+    with pytest.raises(ValueError, match=r"carry c \(4, 16\) is updated in place but its elements share memory"):
+        level_boundary(row.expand(4, 16), w, bias, 1e-5, act=act, up=up, down=(down_w, down_b, 1))
+    assert torch.equal(row, c[:1])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("hidden", [768, 1024])
 @pytest.mark.parametrize("mode", ["start", "between", "end"])

@@ -526,6 +526,15 @@ def test_validation_errors():
         lora_linear(x, w, A, B, None)
     with pytest.raises(TypeError, match=r"scale \[1.0, 'a'\]"):
         lora_linear(x, w, [A, A], [B, B], [1.0, "a"])
+    # a scale tensor that requires grad: float() detached it and its gradient silently stayed None (0-d tensors
+    # that need none are taken as numbers)
+    learned = torch.tensor(2.0, requires_grad=True)
+    for op in (lora_linear, lora_linear_reference):
+        with pytest.raises(TypeError, match="scale must be a number: a tensor that requires grad"):
+            op(x, w, A, B, learned)
+        with pytest.raises(TypeError, match="scale must be a number: a tensor that requires grad"):
+            op(x, w, [A, A], [B, B], [1.0, learned])
+    torch.testing.assert_close(lora_linear(x, w, A, B, learned.detach()), lora_linear(x, w, A, B, 2.0))
 
 
 # ----------------------------------------------------------------------------------- torch paths (cuBLAS GEMMs only)

@@ -203,6 +203,34 @@ def test_segmented_launchers_match_their_twins(poison):
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_segmented_launchers_refuse_a_plan_or_operands_that_do_not_fit():
+    """The launchers reach rows through ``plan.order`` and ranks through its tables unchecked: a plan made for another
+    batch (8 rows for 5), for other ranks, or operands of another dtype read and wrote out of bounds (a heap crash
+    in the interpreter). Each is refused, by the kernels and by their twins, naming the shapes or dtypes."""
+    M, K, N = 5, 16, 12
+    x, w, A, B = torch.randn(M, K), torch.randn(N, K), torch.randn(12, K), torch.randn(N, 12)
+    fits = ls.plan_segments(torch.tensor([0, 1, -1, 1, 0]), [4, 8], [1.0, 0.5])
+    other_rows = ls.plan_segments(torch.tensor([0, 1, -1, 1, 0, 1, 1, 0]), [4, 8], [1.0, 0.5])
+    other_ranks = ls.plan_segments(torch.tensor([0, 1, -1, 1, 0]), [4, 16], [1.0, 0.5])
+    needs = (True, False, True, False, True, True)
+    for fwd, bwd in ((ls.lora_segmented_fwd, ls.lora_segmented_bwd),
+                     (ls.lora_segmented_fwd_reference, ls.lora_segmented_bwd_reference)):  # fmt: skip
+        for plan, shown in ((other_rows, "groups 8 rows"), (other_ranks, r"R = 20")):
+            with pytest.raises(ValueError, match=shown):
+                fwd(x, w, A, B, plan)
+        u = fwd(x, w, A, B, fits)[1]
+        with pytest.raises(ValueError, match="groups 8 rows"):
+            bwd(torch.randn(M, N), x, None, w, A, B, other_rows, u, needs)
+        with pytest.raises(ValueError, match=r"u \(5, 8\)"):  # u narrower than the plan's rank tile
+            bwd(torch.randn(M, N), x, None, w, A, B, fits, u[:, :8], needs)
+        with pytest.raises(TypeError, match="lora_A torch.float16"):
+            fwd(x, w, A.half(), B, fits)
+    with pytest.raises(ValueError, match="one rank .* and one scale per adapter"):
+        ls.plan_segments(torch.tensor([0, 1]), [4, 8], [1.0])
+    with pytest.raises(TypeError, match="1-D integer tensor"):
+        ls.plan_segments(torch.tensor([0.0, 1.0]), [4, 8], [1.0, 0.5])
+
+
 def test_shrink_and_expand_launches_are_recorded_per_geometry_and_their_compiled_kernels_called_directly(
     monkeypatch, direct_stand_in
 ):

@@ -215,6 +215,8 @@ def test_unsafe_merge_writes_what_it_computes():
         ("weight_3d", ValueError, r"\(2, 10, 16\)"),
         ("nan_scale", ValueError, "finite"),
         ("huge_scale", ValueError, "within fp32 range"),
+        # an expanded weight: the kernel's programs raced on its shared rows (each kept one row's result)
+        ("expanded_weight", ValueError, r"weight \(10, 16\) is updated in place but its elements share memory"),
     ],
 )
 def test_bad_input_is_rejected_and_nothing_written(case, error, message):
@@ -241,6 +243,8 @@ def test_bad_input_is_rejected_and_nothing_written(case, error, message):
         scale = float("nan")
     elif case == "huge_scale":
         scale = 1e39  # finite in Python, infinite in the fp32 the kernel computes in
+    elif case == "expanded_weight":
+        weight = torch.randn(1, 16).expand(10, 16)
     before = weight.clone()
     with pytest.raises(error, match=message):
         merge_lora_(weight, a, b, scale)
@@ -253,6 +257,11 @@ def test_ia3_bad_input():
         scale_ia3_(weight, torch.rand(7), dim=1)
     with pytest.raises(ValueError, match="dim must be 0"):
         scale_ia3_(weight, torch.rand(6), dim=2)
+    row = torch.randn(1, 8)
+    before = row.clone()
+    with pytest.raises(ValueError, match=r"weight \(6, 8\) is updated in place but its elements share memory"):
+        scale_ia3_(row.expand(6, 8), torch.rand(6) + 0.5, dim=0)  # (the kernel scaled the one row by a random l_i)
+    assert torch.equal(row, before)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA tier
@@ -455,6 +464,25 @@ def test_prepared_plan_merges_and_unmerges_repeatedly():
     plan.merge_()
     expected = fp64_merge(weights[0], [(lora_a[0][0], lora_b[0][0], scales[0][0])])
     assert_within_one_ulp(outs[0], (expected[0], expected[1] + 4 * ulp(expected[0], torch.float32)))
+
+
+def test_prepared_plan_sees_in_place_updates_of_factors_of_mixed_dtypes():
+    """A weight whose adapters' factors mix dtypes (fp32 masters beside a 16-bit adapter) merges fp32 copies of the
+    16-bit ones. The plan made them once, so it merged the 16-bit factors as they were when it was prepared, not as
+    updated in place since (the plan's documented contract); it now copies them again before each merge."""
+    from adapter_engine.kernels import prepare_lora_merge
+
+    weight = torch.randn(6, 10)
+    a32, b32 = torch.randn(2, 10), torch.randn(6, 2)
+    a16, b16 = torch.randn(3, 10).half(), torch.randn(6, 3).half()
+    out = weight.clone()
+    plan = prepare_lora_merge([out], [[a32, a16]], [[b32, b16]], [[1.0, 0.5]])
+    a16.mul_(2)
+    b32.mul_(3)
+    plan.merge_()
+    assert_within_one_ulp(out, fp64_merge(weight, [(a32, b32, 1.0), (a16, b16, 0.5)]))
+    plan.unmerge_()
+    torch.testing.assert_close(out, weight, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cancel", [False, True], ids=["random", "cancelling"])

@@ -162,6 +162,71 @@ def test_lora_segmented_property(data):
     _check_lora(data, "cpu", data.draw(st.sampled_from([torch.float32, torch.float16])), big=False, segmented=True)
 
 
+def _layout(t: torch.Tensor, kind: int) -> torch.Tensor:
+    """``t``'s values as given (0), in transposed storage (1, 2-D only), or in a view with strides 2 and an offset
+    (2)."""
+    if kind == 1 and t.dim() == 2:
+        return t.t().contiguous().t()
+    if kind == 2:
+        big = torch.zeros([2 * n + 1 for n in t.shape], dtype=t.dtype)
+        view = big[tuple(slice(1, None, 2) for _ in t.shape)]
+        view.copy_(t)
+        return view
+    return t
+
+
+@settings(CPU_SETTINGS, max_examples=30)
+@given(data=st.data())
+def test_lora_linear_layouts_property(data):
+    """What the properties above leave fixed, against the fp64 twin (forward and the gradient of every operand that
+    requires one, and only those): x 1-D, 2-D or 3-D in any layout (transposed storage, strided offset views),
+    ``fan_in_fan_out`` weights in any layout, factors in any layout, scales 0 and negative, per-token or
+    per-sequence ids, one adapter given bare, and any subset of the operands requiring grad."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    k, n_out = data.draw(st.sampled_from([1, 3, 17, 33])), data.draw(st.sampled_from([1, 7, 19, 40]))
+    x_shape = data.draw(st.sampled_from([(k,), (5, k), (0, k), (2, 3, k)]))
+    ranks = data.draw(st.lists(st.sampled_from([1, 2, 7, 16, 64]), min_size=1, max_size=3))
+    fifo = data.draw(st.booleans())
+    layout = lambda t: _layout(t, data.draw(st.integers(0, 2)))  # noqa: E731
+    grads = [data.draw(st.booleans()) for _ in range(4)]  # x, weight and bias, the As, the Bs
+    x = layout(torch.randn(x_shape).to(dtype)).requires_grad_(grads[0])
+    w = torch.randn(n_out, k).mul(k**-0.5).to(dtype)
+    weight = layout(w.t().contiguous() if fifo else w).requires_grad_(grads[1])
+    bias = torch.randn(n_out).to(dtype).requires_grad_(grads[1]) if data.draw(st.booleans()) else None
+    lora_a = [layout(torch.randn(r, k).mul(k**-0.5).to(dtype)).requires_grad_(grads[2]) for r in ranks]
+    lora_b = [layout(torch.randn(n_out, r).mul(r**-0.5).to(dtype)).requires_grad_(grads[3]) for r in ranks]
+    scales = [data.draw(st.sampled_from([0.0, -1.5, 0.5, 2.0])) for _ in ranks]
+    ids_shape = data.draw(st.sampled_from([None, x_shape[:-1]] + ([x_shape[:1]] if len(x_shape) == 3 else [])))
+    ids = None if ids_shape is None else torch.randint(-1, len(ranks), ids_shape)
+    path = data.draw(st.sampled_from(["auto", "fused", "epilogue", "addmm", "composition", "persistent"]
+                                     + (["segmented"] if ids is not None else [])))  # fmt: skip
+    bare = len(ranks) == 1 and data.draw(st.booleans())
+    factors = lambda a, b: (a[0], b[0], scales[0]) if bare else (a, b, scales)  # noqa: E731
+    operands = [t for t in (x, weight, bias, *lora_a, *lora_b) if t is not None]
+    before = [t.detach().clone() for t in operands]
+    y = lora_linear(x, weight, *factors(lora_a, lora_b), bias, adapter_ids=ids, fan_in_fan_out=fifo, path=path)
+    assert all(torch.equal(t, b) for t, b in zip(operands, before, strict=True))  # inputs left alone
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in operands]
+    r_a, r_b = ref[len(ref) - 2 * len(ranks) : len(ref) - len(ranks)], ref[len(ref) - len(ranks) :]
+    y_ref = lora_linear_reference(ref[0], ref[1], *factors(r_a, r_b), ref[2] if bias is not None else None,
+                                  adapter_ids=ids, fan_in_fan_out=fifo)  # fmt: skip
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]  # as in _check_lora
+    size = lambda t: max(t.abs().max().item(), 1.0) if t.numel() else 1.0  # noqa: E731
+    assert (y.double() - y_ref).abs().max().item() <= 4 * tol * size(y_ref) if y.numel() else True
+    trained = [(t, r) for t, r in zip(operands, ref, strict=True) if t.requires_grad]
+    assert y.requires_grad == bool(trained)
+    if trained:
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [t for t, _ in trained], dy, allow_unused=True)
+        want = torch.autograd.grad(y_ref, [r for _, r in trained], dy.double(), allow_unused=True)
+        for (t, _), g, r in zip(trained, got, want, strict=True):
+            g = torch.zeros_like(t) if g is None else g
+            r = torch.zeros_like(t, dtype=torch.float64) if r is None else r
+            assert g.shape == t.shape and g.dtype == t.dtype
+            assert (g.double() - r).abs().max().item() <= 16 * tol * size(r) if g.numel() else True
+
+
 @pytest.mark.cuda
 @CUDA_SETTINGS
 @given(data=st.data())
