@@ -32,6 +32,7 @@ gets fp32 operands and IEEE dots (its bf16 arithmetic is wrong, see NOTES.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from collections.abc import Sequence
@@ -315,18 +316,33 @@ class LoraMergePlan:
         with torch.no_grad():
             for copy, factor in self._copies:
                 copy.copy_(factor)
-        if safe:  # every launch raises one shared flag: a single device-to-host sync for the whole check
-            flag = torch.zeros(1, dtype=torch.int32, device=self._launches[0]["device"]) if self._launches else None
-            for launch in self._launches:
-                _run(launch, sign, check_only=True, bad=flag)
-            if flag is not None and flag.item():
-                shapes = ", ".join(str(tuple(w.shape)) for w in self.weights[:4])
-                raise ValueError(
-                    f"merge would produce non-finite values (weights {shapes}{', ...' if len(self.weights) > 4 else ''}"
-                    "); every weight was left unchanged"
-                )
+        if safe and not self._finite(sign):
+            shapes = ", ".join(str(tuple(w.shape)) for w in self.weights[:4])
+            raise ValueError(
+                f"merge would produce non-finite values (weights {shapes}{', ...' if len(self.weights) > 4 else ''}"
+                "); every weight was left unchanged"
+            )
         for launch in self._launches:
-            _run(launch, sign, check_only=False)
+            with _on_device(launch["device"]):
+                _run(launch, sign, check_only=False)
+
+    def _finite(self, sign: float) -> bool:
+        """Whether every merged value would be finite, writing nothing: the launches of a device raise one shared
+        flag there (one device-to-host sync per device). The flag used to live on the first launch's device only,
+        and the launches ran on the current device, so a model spread over two GPUs read another GPU's memory."""
+        flags: dict[torch.device, torch.Tensor] = {}
+        for launch in self._launches:
+            device = launch["device"]
+            if device not in flags:
+                flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+            with _on_device(device):
+                _run(launch, sign, check_only=True, bad=flags[device])
+        return not any(flag.item() for flag in flags.values())
+
+
+def _on_device(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device, whatever its arguments' device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _float_bits(value: float) -> int:
@@ -444,17 +460,23 @@ def merge_lora_reference_(weight, lora_A, lora_B, scale, *, fan_in_fan_out=False
 def merge_lora_many_reference_(weights, lora_A, lora_B, scale, *, fan_in_fan_out=False, safe=False):
     """Torch twin of :func:`merge_lora_many_`."""
     jobs = _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out)
+    results = _merged_reference(jobs)
+    if safe and not all(torch.isfinite(r).all() for r in results):
+        raise ValueError("merge would produce non-finite values; every weight was left unchanged")
+    for (weight, *_), result in zip(jobs, results):
+        weight.copy_(result)
+    return list(weights)
+
+
+def _merged_reference(jobs: list) -> list[torch.Tensor]:
+    """The merged value of each job's weight (computed in fp32, rounded once), nothing written."""
     results = []
     for weight, a_list, b_list, scales in jobs:
         merged = weight.float()
         for a, b, s in zip(a_list, b_list, scales):
             merged = merged + (b.float() @ a.float()) * s
         results.append(merged.to(weight.dtype))
-    if safe and not all(torch.isfinite(r).all() for r in results):
-        raise ValueError("merge would produce non-finite values; every weight was left unchanged")
-    for (weight, *_), result in zip(jobs, results):
-        weight.copy_(result)
-    return list(weights)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------- public API
@@ -566,9 +588,22 @@ def merge_lora_many_(
     failure anywhere leaves all of them unchanged.
     """
     jobs = _validate_many(weights, lora_A, lora_B, scale, fan_in_fan_out)
-    if not jobs or not use_triton(jobs[0][0]):
+    kernel_jobs = [job for job in jobs if use_triton(job[0])]
+    if not kernel_jobs:
         return merge_lora_many_reference_(weights, lora_A, lora_B, scale, fan_in_fan_out=fan_in_fan_out, safe=safe)
-    LoraMergePlan(jobs).merge_(safe)
+    if len(kernel_jobs) == len(jobs):
+        LoraMergePlan(jobs).merge_(safe)
+        return list(weights)
+    # weights on a GPU and on the CPU (a model with offloaded layers): the kernel merges the ones, the twin the
+    # others, both checked before either writes (the first weight's device used to choose for all: a CPU weight went
+    # to the GPU kernel, failing part way through the model)
+    plan, twin_jobs = LoraMergePlan(kernel_jobs), [job for job in jobs if not use_triton(job[0])]
+    results = _merged_reference(twin_jobs)
+    if safe and not (plan._finite(1.0) and all(torch.isfinite(r).all() for r in results)):
+        raise ValueError("merge would produce non-finite values; every weight was left unchanged")
+    plan.merge_()
+    for (weight, *_), result in zip(twin_jobs, results):
+        weight.copy_(result)
     return list(weights)
 
 

@@ -363,6 +363,35 @@ def test_safe_merge_many_is_all_or_nothing():
         assert torch.equal(out, weight)
 
 
+@pytest.mark.parametrize("overflow", [None, "kernel", "twin"])
+def test_merge_many_of_weights_on_two_devices_merges_each_where_it_lives(monkeypatch, overflow):
+    """A model with offloaded layers gives merge_lora_many_ weights that the kernel takes and weights that only the
+    torch twin can (here: the odd ones, by a stand-in for the device test). The first weight's device used to choose
+    for all: a CPU weight went to the GPU kernel and failed part way through the model."""
+    import adapter_engine.kernels.merge as merge_module
+
+    weights, adapters, scales = _model_like_weights(torch.float16)
+    outs = [w.clone() for w in weights]
+    on_kernel = {outs[0].data_ptr(), outs[2].data_ptr()}
+    monkeypatch.setattr(merge_module, "use_triton", lambda t: t.data_ptr() in on_kernel)
+    planned = []
+    real_plan = merge_module.LoraMergePlan
+    monkeypatch.setattr(merge_module, "LoraMergePlan", lambda jobs: planned.extend(j[0] for j in jobs) or real_plan(jobs))
+    if overflow is not None:  # one weight of either kind would overflow fp16: nothing is written, anywhere
+        adapters[0 if overflow == "kernel" else 1][0][1][0, 0] = 6e4
+    args = ([[a for a, _ in ad] for ad in adapters], [[b for _, b in ad] for ad in adapters])
+    big = [[s * 100 for s in sc] for sc in scales]
+    if overflow is not None:
+        with pytest.raises(ValueError, match="every weight was left unchanged"):
+            merge_module.merge_lora_many_(outs, *args, big, safe=True)
+        assert all(torch.equal(out, weight) for out, weight in zip(outs, weights))
+        return
+    merge_module.merge_lora_many_(outs, *args, scales, safe=True)
+    assert {w.data_ptr() for w in planned} == on_kernel
+    for out, weight, ad, sc in zip(outs, weights, adapters, scales):
+        assert_within_one_ulp(out, fp64_merge(weight, [(a, b, s) for (a, b), s in zip(ad, sc)]))
+
+
 def test_merge_many_names_the_bad_weight():
     from adapter_engine.kernels import merge_lora_many_
 
