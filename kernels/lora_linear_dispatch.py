@@ -27,7 +27,7 @@ import torch
 from ._backend import AUTOTUNE, INTERPRET, capturing, fastest, next_pow2, record, use_triton
 from .lora_linear_tiled import lora_linear_tiled_fwd
 from .lora_linear_tma import TmaTiles, lora_linear_tma_fwd, rank_tile, tma_candidates, tma_fits
-from .lora_segmented import SegmentPlan, lora_segmented_fwd, lora_segmented_fwd_reference, lora_shrink
+from .lora_segmented import SegmentPlan, lora_segmented_fwd_reference, lora_shrink, segmented_fwd_checked_by_caller
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def _serve_mixed(x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan) -> tor
             if len(candidates) > 1 and AUTOTUNE and not capturing(x):
                 choice = _time_mixed(key, candidates, x, weight, lora_A, lora_B, bias, ids, plan)
     if choice == "segmented":
-        return lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
+        return segmented_fwd_checked_by_caller(x, weight, lora_A, lora_B, plan, bias, store_u=False)[0]
     y = _alloc((M, N), x)
     _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan, y)
     return y
@@ -282,7 +282,7 @@ def _time_mixed(key: tuple, candidates: tuple, x, weight, lora_A, lora_B, bias, 
 def _mixed_launch(choice, x, weight, lora_A, lora_B, bias, ids, plan: SegmentPlan, y: torch.Tensor) -> None:
     """Runs ``_serve_mixed``'s ``choice``: y written (``"segmented"``: a y of its own, for the timing only)."""
     if choice == "segmented":
-        lora_segmented_fwd(x, weight, lora_A, lora_B, plan, bias, store_u=False)
+        segmented_fwd_checked_by_caller(x, weight, lora_A, lora_B, plan, bias, store_u=False)
         return
     u = lora_shrink(x, lora_A, plan, by_row=True)
     if choice == TILED_ROW_ADAPTERS:

@@ -45,10 +45,10 @@ from .lora_linear_tiled import lora_linear_tiled_fwd
 from .lora_linear_tma import lora_linear_tma_fwd
 from .lora_segmented import (
     SegmentPlan,
-    lora_segmented_bwd,
     lora_segmented_bwd_reference,
-    lora_segmented_fwd,
     lora_segmented_fwd_reference,
+    segmented_bwd_checked_by_caller,
+    segmented_fwd_checked_by_caller,
 )
 
 
@@ -91,7 +91,7 @@ def lora_linear_fwd(
     (kernels/lora_segmented.py).
     """
     if path == "segmented":
-        fwd = lora_segmented_fwd if use_triton(x) else lora_segmented_fwd_reference
+        fwd = segmented_fwd_checked_by_caller if use_triton(x) else lora_segmented_fwd_reference
         return fwd(x, weight, lora_A, lora_B, _need_plan(segments), bias, x_lora, store_u=store_u)
     if not use_triton(x):
         return lora_linear_fwd_reference(
@@ -257,7 +257,7 @@ def lora_linear_bwd(
     ``"segmented"`` (u in its layout) runs ``lora_segmented_bwd``.
     """
     if path == "segmented":
-        bwd = lora_segmented_bwd if use_triton(dy) else lora_segmented_bwd_reference
+        bwd = segmented_bwd_checked_by_caller if use_triton(dy) else lora_segmented_bwd_reference
         return bwd(dy, x, x_lora, weight, lora_A, lora_B, _need_plan(segments), u, needs)
     if not use_triton(dy):
         return lora_linear_bwd_reference(

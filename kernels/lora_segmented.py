@@ -577,6 +577,12 @@ def lora_segmented_fwd(
     """
     _check_operands("lora_segmented_fwd", plan, weight, lora_A, lora_B, x=(x, weight.shape[1]),
                     x_lora=(x_lora, weight.shape[1]))  # fmt: skip
+    return segmented_fwd_checked_by_caller(x, weight, lora_A, lora_B, plan, bias, x_lora, store_u=store_u)
+
+
+def segmented_fwd_checked_by_caller(x, weight, lora_A, lora_B, plan, bias=None, x_lora=None, *, store_u=True):
+    """:func:`lora_segmented_fwd` without its operand checks (host time), for ``lora_linear``, which validated its
+    operands and made ``plan`` from their ids."""
     y = F.linear(x, weight, bias)
     u = lora_shrink(x if x_lora is None else x_lora, lora_A, plan)
     lora_expand_(y, u, lora_B, plan)
@@ -657,6 +663,11 @@ def lora_segmented_bwd(
     forward's (M, U) (needed for dB). Launches for grads of x, A, B: 1 GEMM, 1 shrink, 1 expand, 2 wgrad.
     """
     _check_bwd("lora_segmented_bwd", dy, x, x_lora, weight, lora_A, lora_B, plan, u)
+    return _backward(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs, _KERNEL_OPS)
+
+
+def segmented_bwd_checked_by_caller(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs):
+    """:func:`lora_segmented_bwd` without its operand checks, for ``lora_linear``'s backward (its forward's own)."""
     return _backward(dy, x, x_lora, weight, lora_A, lora_B, plan, u, needs, _KERNEL_OPS)
 
 

@@ -338,14 +338,14 @@ def test_torch_compile_fullgraph_segmented():
 def spy(monkeypatch):
     """Counts the segmented forward launcher's calls (eager and inference branches of ``lora_linear``)."""
     calls = []
-    real = ls.lora_segmented_fwd
+    real = ls.segmented_fwd_checked_by_caller
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape[0])
         return real(*args, **kwargs)
 
     for module in (lk, ld):  # (the launcher's path "segmented"; a served mixed batch's)
-        monkeypatch.setattr(module, "lora_segmented_fwd", counting)
+        monkeypatch.setattr(module, "segmented_fwd_checked_by_caller", counting)
     return calls
 
 
