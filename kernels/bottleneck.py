@@ -406,8 +406,8 @@ def _check(h, y, ln_weight, ln_bias, packed: PackedStack, routes, options: Stack
         raise TypeError(f"routes must be an integer tensor, got {routes.dtype}")
     if options.ln_before != (packed.lnb_w is not None) or options.ln_after != (packed.lna_w is not None):
         raise ValueError("options.ln_before/ln_after must match the packed adapters' own LayerNorm parameters")
-    check_same_device(h=h, y=y, ln_weight=ln_weight, ln_bias=ln_bias, wd=packed.wd, bd=packed.bd, wu=packed.wu,
-                      bu=packed.bu, routes=routes)  # fmt: skip
+    # (the packed parts share wd's device: pack_adapters checks them once, not in every call)
+    check_same_device(h=h, y=y, ln_weight=ln_weight, ln_bias=ln_bias, wd=packed.wd, routes=routes)
 
 
 def _host_levels(routes) -> tuple[int, ...] | None:

@@ -146,6 +146,10 @@ def pack_adapters(
                 f"adapter {i}: down weight must be (r, {hidden}) and up weight ({hidden}, r), "
                 f"got {tuple(wd.shape)} and {tuple(wu.shape)}"
             )
+        if any(t.device != first.device for t in (wd, bd, wu, bu)):  # (the kernels got a foreign pointer)
+            listing = ", ".join(f"{n} on {t.device}" for n, t in (("down weight", wd), ("down bias", bd),
+                                                                  ("up weight", wu), ("up bias", bu)))  # fmt: skip
+            raise ValueError(f"adapter {i}: all tensors must be on one device (adapter 0's), got {listing}")
         if wd.shape[0] < 1:  # (the twin indexed a rank-0 adapter's activation out of range)
             raise ValueError(f"adapter {i}: the bottleneck needs rank >= 1, got down weight {tuple(wd.shape)}")
         if bd.shape != (wd.shape[0],) or bu.shape != (hidden,):  # (a wrong length shifts the next adapter's biases)

@@ -416,13 +416,19 @@ def test_pack_adapters_names_a_rank_zero_a_1d_weight_or_a_missing_activation():
 def test_every_tensor_of_a_stack_call_is_on_one_device():
     """The device check compared h, y, the LN weight and the down weights only: an LN bias, up weight or bias on
     another device reached the kernel as a pointer into that device's memory (the interpreter failed with
-    NotImplementedError on meta). Now ValueError naming each tensor's device."""
+    NotImplementedError on meta). Now ValueError naming each tensor's device: the call checks the LN bias, the pack
+    each adapter's parts (once, not in every call)."""
     hidden = 16
     packed, ln = pack(make_params(hidden, [4], ["relu"])), make_ln(hidden)
     h, y = torch.randn(5, hidden), torch.randn(5, hidden)
-    for lnb, p in ((ln.bias.to("meta"), packed), (ln.bias, packed._replace(bu=packed.bu.to("meta")))):
-        with pytest.raises(ValueError, match="all tensors must be on one device"):
-            bottleneck_stack(h, y, p, torch.tensor([0]), SEQ, ln.weight, lnb)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        bottleneck_stack(h, y, packed, torch.tensor([0]), SEQ, ln.weight, ln.bias.to("meta"))
+    for part in ("bd", "wu", "bu"):
+        for ranks in ([4], [4, 3]):  # (one adapter is packed without a copy)
+            params = make_params(hidden, ranks, ["relu"] * len(ranks))
+            params[-1][part] = params[-1][part].to("meta")
+            with pytest.raises(ValueError, match=f"adapter {len(ranks) - 1}: all tensors must be on one device"):
+                pack(params)
 
 
 def test_the_launcher_refuses_routes_activations_and_residuals_that_do_not_fit():
