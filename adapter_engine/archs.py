@@ -17,7 +17,8 @@ from torch import nn
 class ArchSpec:
     """What the engine knows about one ``model_type`` (paths relative to the base model, e.g. ``BertModel``).
 
-    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults.
+    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults (empty where
+    PEFT has none: an IA3 adapter then needs ``target_modules``, as in PEFT).
     layers: path of the ``ModuleList`` of transformer blocks. attn_sublayer / ffn_sublayer: in a block, the
     module whose output gets the ``mh_adapter`` / ``output_adapter`` bottleneck. attn_residual / ffn_residual:
     None when that sublayer adds the residual itself (BERT's ``LN(dropout(dense(x)) + y)``), else the module
@@ -119,6 +120,9 @@ _LLAMA = ArchSpec(
 REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
     "bert": (_BERT,),
     "roberta": (_BERT,),
+    # BERT's layout; PEFT 0.21 has no IA3 defaults for these (IA3Config() without target_modules is refused there too)
+    "xlm-roberta": (replace(_BERT, ia3_targets=(), ia3_feedforward=()),),
+    "electra": (replace(_BERT, ia3_targets=(), ia3_feedforward=()),),
     "distilbert": (
         ArchSpec(
             lora_targets=("q_lin", "v_lin"),

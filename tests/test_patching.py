@@ -24,6 +24,8 @@ from transformers import (
     BertModel,
     DistilBertConfig,
     DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -36,6 +38,8 @@ from transformers import (
     RobertaModel,
     ViTConfig,
     ViTModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
 import adapter_engine as ae
@@ -55,6 +59,8 @@ _BERT_KW |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 BUILD = {
     "bert": lambda: BertModel(BertConfig(**_BERT_KW, max_position_embeddings=32)),
     "roberta": lambda: RobertaModel(RobertaConfig(**_BERT_KW, max_position_embeddings=40, pad_token_id=1)),
+    "xlm-roberta": lambda: XLMRobertaModel(XLMRobertaConfig(**_BERT_KW, max_position_embeddings=40, pad_token_id=1)),
+    "electra": lambda: ElectraModel(ElectraConfig(**_BERT_KW, embedding_size=16, max_position_embeddings=32)),
     "distilbert": lambda: DistilBertModel(
         DistilBertConfig(
             vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0
@@ -870,17 +876,25 @@ def test_a_peft_ia3_adapter_with_regex_targets_loads_into_the_task_model(tmp_pat
             torch.testing.assert_close(out(bert, batch), y_ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2", "xlm-roberta", "electra"])
 def test_default_targets_are_peft_defaults(arch):
     """With no ``target_modules`` the engine adapts the layers PEFT adapts for that ``model_type`` (LoRA, IA3 and
-    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj``."""
+    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj``. Where PEFT has no
+    IA3 defaults (XLM-RoBERTa, ELECTRA) both refuse an IA3Config without ``target_modules``."""
     peft = pytest.importorskip("peft")
     for kind, ours_cfg, peft_cfg in (
         ("lora", ae.LoraConfig(r=2), peft.LoraConfig(r=2)),
         ("ia3", ae.IA3Config(), peft.IA3Config()),
     ):
         model = make(arch)
-        pm = peft.get_peft_model(make(arch), peft_cfg)
+        try:
+            pm = peft.get_peft_model(make(arch), peft_cfg)
+        except ValueError:
+            assert kind == "ia3" and arch in ("xlm-roberta", "electra")
+            with pytest.raises(ValueError, match=f"model_type '{arch}' has no default IA3 target_modules"):
+                ae.add_adapter(model, f"ia3_{arch}", ours_cfg)
+            assert not ae.is_patched(model)
+            continue
         ae.add_adapter(model, "x", ours_cfg)
         theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "base_layer")}
         ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.has_adapter("x")}
