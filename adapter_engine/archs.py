@@ -115,6 +115,10 @@ _LLAMA = ArchSpec(
     adapterhub_attn="attention_adapters",
     adapterhub_ffn="output_adapters",
 )
+# Llama's blocks (the residual added after each sublayer), with PEFT's IA3 defaults for Qwen2, Qwen3 and Gemma, which
+# scale q_proj, not k_proj. Qwen3 normalises q and k per head inside its attention, Gemma's RMSNorm scales by (1 + w)
+# and its embeddings by sqrt(hidden): neither moves the adapters (Gemma2's extra norms around each sublayer would).
+_QWEN = replace(_LLAMA, ia3_targets=("q_proj", "v_proj", "down_proj"))
 
 #: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
 REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
@@ -198,8 +202,9 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
     ),
     "llama": (_LLAMA,),
     "mistral": (_LLAMA,),
-    # PEFT's IA3 defaults for Qwen2 scale q_proj, not k_proj as for Llama and Mistral
-    "qwen2": (replace(_LLAMA, ia3_targets=("q_proj", "v_proj", "down_proj")),),
+    "qwen2": (_QWEN,),
+    "qwen3": (_QWEN,),
+    "gemma": (_QWEN,),
 }
 
 

@@ -25,7 +25,7 @@ _ENC_DEC = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, d
 _ENC_DEC |= dict(encoder_ffn_dim=64, decoder_ffn_dim=64, attention_dropout=0.0)
 # model_type -> a tiny model with a layout the registry does not know: relative attention (DeBERTa-v2), a fused qkv
 # projection (GPT-NeoX), sandwich norms (Gemma2), encoder-decoders (T5 without biases, Whisper's convolutional input).
-# The probes also passed Falcon, BLOOM, Qwen3, Phi-3 and BART; they are left out for time.
+# The probes also passed Falcon, BLOOM, Phi-3 and BART; they are left out for time.
 UNREGISTERED = {
     "deberta-v2": lambda: tf.DebertaV2Model(
         tf.DebertaV2Config(**_BERT, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])
@@ -102,6 +102,8 @@ _GPT2 |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 DECODERS = {
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(**_GPT2)),
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_DECODER, num_key_value_heads=2)),
+    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_DECODER, num_key_value_heads=2, head_dim=8)),
+    "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_DECODER, num_key_value_heads=2, head_dim=8)),
 }
 
 
