@@ -338,6 +338,11 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
         targets = cfg.target_modules if cfg.target_modules is not None else default
         if targets is None:
             raise ValueError(f"model_type {state.model_type!r} is not registered: set target_modules in the config")
+        if not targets and cfg.target_modules is None:  # a registered model PEFT has no IA3 defaults for
+            raise ValueError(
+                f"model_type {state.model_type!r} has no default IA3 target_modules (PEFT has none either): "
+                "set target_modules in the config"
+            )
         names = match_targets(model, targets)
         kept = [n for n in names if peft_selects(cfg, n, targets)]  # exclude_modules, layers_to_transform
         if not kept:

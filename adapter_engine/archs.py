@@ -17,7 +17,8 @@ from torch import nn
 class ArchSpec:
     """What the engine knows about one ``model_type`` (paths relative to the base model, e.g. ``BertModel``).
 
-    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults.
+    lora_targets: PEFT's default LoRA target suffixes. ia3_targets / ia3_feedforward: PEFT's IA3 defaults (empty where
+    PEFT has none: an IA3 adapter then needs ``target_modules``, as in PEFT).
     layers: path of the ``ModuleList`` of transformer blocks. attn_sublayer / ffn_sublayer: in a block, the
     module whose output gets the ``mh_adapter`` / ``output_adapter`` bottleneck. attn_residual / ffn_residual:
     None when that sublayer adds the residual itself (BERT's ``LN(dropout(dense(x)) + y)``), else the module
@@ -114,11 +115,18 @@ _LLAMA = ArchSpec(
     adapterhub_attn="attention_adapters",
     adapterhub_ffn="output_adapters",
 )
+# Llama's blocks (the residual added after each sublayer), with PEFT's IA3 defaults for Qwen2, Qwen3 and Gemma, which
+# scale q_proj, not k_proj. Qwen3 normalises q and k per head inside its attention, Gemma's RMSNorm scales by (1 + w)
+# and its embeddings by sqrt(hidden): neither moves the adapters (Gemma2's extra norms around each sublayer would).
+_QWEN = replace(_LLAMA, ia3_targets=("q_proj", "v_proj", "down_proj"))
 
 #: model_type -> layouts, first match wins (transformers 5.x renamed ViT's modules to a Llama-like layout).
 REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
     "bert": (_BERT,),
     "roberta": (_BERT,),
+    # BERT's layout; PEFT 0.21 has no IA3 defaults for these (IA3Config() without target_modules is refused there too)
+    "xlm-roberta": (replace(_BERT, ia3_targets=(), ia3_feedforward=()),),
+    "electra": (replace(_BERT, ia3_targets=(), ia3_feedforward=()),),
     "distilbert": (
         ArchSpec(
             lora_targets=("q_lin", "v_lin"),
@@ -194,8 +202,9 @@ REGISTRY: dict[str, tuple[ArchSpec, ...]] = {
     ),
     "llama": (_LLAMA,),
     "mistral": (_LLAMA,),
-    # PEFT's IA3 defaults for Qwen2 scale q_proj, not k_proj as for Llama and Mistral
-    "qwen2": (replace(_LLAMA, ia3_targets=("q_proj", "v_proj", "down_proj")),),
+    "qwen2": (_QWEN,),
+    "qwen3": (_QWEN,),
+    "gemma": (_QWEN,),
 }
 
 

@@ -1,7 +1,8 @@
 """Architectures beyond the registry (tiny random models from configs, transformers 5): a PEFT LoRA adapter on every
 linear layer loads, runs and merges with PEFT's outputs and saves back to PEFT's file, and bottleneck adapters are
-refused at add time naming the ``model_type`` (the model left as it was); and ``generate`` of the registered decoders
-with each bottleneck preset active (KV cache against a full recompute, beam search, unpatch).
+refused at add time naming the ``model_type`` (the model left as it was); ``generate`` of the registered decoders
+with each bottleneck preset active (KV cache against a full recompute, beam search, unpatch); and the model types
+registered on a known layout (XLM-RoBERTa, ELECTRA: BERT's; Qwen3, Gemma: Llama's) stacking levels of each preset.
 
 Tolerance: 1e-5 absolute against PEFT in fp32 (hidden 32, O(1) values; the fused op sums in another order), compared
 on the tokens the attention mask keeps (padded positions are ill-conditioned, see the README's notes).
@@ -25,7 +26,7 @@ _ENC_DEC = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, d
 _ENC_DEC |= dict(encoder_ffn_dim=64, decoder_ffn_dim=64, attention_dropout=0.0)
 # model_type -> a tiny model with a layout the registry does not know: relative attention (DeBERTa-v2), a fused qkv
 # projection (GPT-NeoX), sandwich norms (Gemma2), encoder-decoders (T5 without biases, Whisper's convolutional input).
-# The probes also passed XLM-RoBERTa, ELECTRA, Falcon, BLOOM, Qwen3, Phi-3 and BART; they are left out for time.
+# The probes also passed Falcon, BLOOM, Phi-3 and BART; they are left out for time.
 UNREGISTERED = {
     "deberta-v2": lambda: tf.DebertaV2Model(
         tf.DebertaV2Config(**_BERT, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])
@@ -102,6 +103,8 @@ _GPT2 |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 DECODERS = {
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(**_GPT2)),
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_DECODER, num_key_value_heads=2)),
+    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**_DECODER, num_key_value_heads=2, head_dim=8)),
+    "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_DECODER, num_key_value_heads=2, head_dim=8)),
 }
 
 
@@ -129,3 +132,51 @@ def test_generate_with_a_bottleneck_active_reads_the_kv_cache_as_a_full_recomput
         assert torch.equal(beams, model.generate(**batch, num_beams=2, use_cache=False, **kw))
     ae.unpatch(model)
     assert torch.equal(model.generate(**batch, **kw), ref)
+
+
+_CLS = dict(_SIZES, num_labels=3, pad_token_id=0)
+_ENCODER = dict(_BERT, num_labels=3)
+# model_type -> a task model of an architecture registered on another's layout
+ON_KNOWN_LAYOUTS = {
+    "xlm-roberta": lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**_ENCODER, pad_token_id=1)),
+    "electra": lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(**_ENCODER, embedding_size=16)),
+    "qwen3": lambda: tf.Qwen3ForSequenceClassification(tf.Qwen3Config(**_CLS, num_key_value_heads=2, head_dim=8)),
+    "gemma": lambda: tf.GemmaForSequenceClassification(tf.GemmaConfig(**_CLS, num_key_value_heads=2, head_dim=8)),
+}
+
+
+@pytest.mark.parametrize("preset", ["seq_bn", "double_seq_bn", "par_bn"])
+@pytest.mark.parametrize("arch", sorted(ON_KNOWN_LAYOUTS))
+@torch.no_grad()
+def test_a_stack_of_levels_on_a_model_type_registered_on_a_known_layout(arch, preset):
+    """A StackedAdapterModel of two levels: depth 0 is the unpatched model bit for bit, each depth acts and its fused
+    output equals the eager modules', and unpatch restores the model bit for bit."""
+    from adapter_engine.bottleneck import BottleneckStackLayer
+
+    torch.manual_seed(0)
+    base = ON_KNOWN_LAYOUTS[arch]().eval()
+    batch = {"input_ids": torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(1))}
+    ref = base(**batch).logits
+    sam = ae.StackedAdapterModel(base)
+    for level in range(2):
+        name = f"known_{arch}_{preset}_{level}"
+        sam.add_adapter(name, preset)
+        for n, p in base.named_parameters():
+            if f".adapters.{name}." in n:
+                p.normal_(0.0, 0.3)
+    layers = [m for m in base.modules() if isinstance(m, BottleneckStackLayer)]
+    assert len(layers) == (4 if preset == "double_seq_bn" else 2)  # 2 blocks x their places
+    sam.set_depth(0)
+    assert torch.equal(sam(**batch).logits, ref)
+    for depth in (1, 2):
+        sam.set_depth(depth)
+        fused = sam(**batch).logits
+        for layer in layers:
+            layer.fused = False
+        eager = sam(**batch).logits
+        for layer in layers:
+            layer.fused = True
+        assert (fused - ref).abs().max() > 1e-3
+        torch.testing.assert_close(fused, eager, atol=ATOL, rtol=0)
+    ae.unpatch(base)
+    assert torch.equal(base(**batch).logits, ref)

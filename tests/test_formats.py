@@ -282,6 +282,30 @@ def test_adapterhub_block_level_adapters_load_and_save_under_adapterhubs_names(a
         assert torch.equal(fresh(**inputs).last_hidden_state, out)
 
 
+@pytest.mark.parametrize("adapter", ["seq", "houlsby", "par"])
+@pytest.mark.parametrize("arch", ["xlm-roberta", "electra"])
+def test_adapterhub_bottlenecks_of_bert_layout_model_types_load_with_adapterhubs_outputs(arch, adapter, tmp_path):
+    """XLM-RoBERTa and ELECTRA have BERT's layout under their own model_type: AdapterHub's seq_bn / double_seq_bn /
+    par_bn files (refused before they were registered: "need a registered architecture") load with its outputs on the
+    tokens the mask keeps, and save back to its keys and tensors."""
+    from transformers import AutoModel
+
+    folder = os.path.join(HERE, "fixtures", "adapterhub", "bert_layout", arch)
+    exp = load_file(os.path.join(folder, "expected.safetensors"))
+    batch, kept = {k: exp[k] for k in ("input_ids", "attention_mask")}, exp["attention_mask"].bool()
+    model = AutoModel.from_pretrained(folder).eval()
+    name = ae.load_adapter(model, os.path.join(folder, adapter), f"{arch}_{adapter}", set_active=True)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert (out - exp[adapter])[kept].abs().max() < ATOL
+    assert (out - exp["base"])[kept].abs().max() > 1e-2  # the adapter really acts
+    saved = ae.save_adapter(model, name, tmp_path / "ours", format="adapterhub")
+    ours = torch.load(os.path.join(saved, "pytorch_adapter.bin"), weights_only=True)
+    theirs = torch.load(os.path.join(folder, adapter, "pytorch_adapter.bin"), weights_only=True)
+    theirs = {k.replace(f".adapters.{adapter}.", f".adapters.{name}."): v for k, v in theirs.items()}
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "gpt2", "llama", "vit"])
 def test_original_ln_after_false_where_the_block_adds_the_residual_is_refused_at_load(arch, tmp_path):
     """Where the block adds the residual after the sublayer, AdapterHub's adapter layer with original_ln_after=False

@@ -24,6 +24,10 @@ from transformers import (
     BertModel,
     DistilBertConfig,
     DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    GemmaConfig,
+    GemmaModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,10 +36,14 @@ from transformers import (
     MistralModel,
     Qwen2Config,
     Qwen2Model,
+    Qwen3Config,
+    Qwen3Model,
     RobertaConfig,
     RobertaModel,
     ViTConfig,
     ViTModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
 import adapter_engine as ae
@@ -55,6 +63,8 @@ _BERT_KW |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 BUILD = {
     "bert": lambda: BertModel(BertConfig(**_BERT_KW, max_position_embeddings=32)),
     "roberta": lambda: RobertaModel(RobertaConfig(**_BERT_KW, max_position_embeddings=40, pad_token_id=1)),
+    "xlm-roberta": lambda: XLMRobertaModel(XLMRobertaConfig(**_BERT_KW, max_position_embeddings=40, pad_token_id=1)),
+    "electra": lambda: ElectraModel(ElectraConfig(**_BERT_KW, embedding_size=16, max_position_embeddings=32)),
     "distilbert": lambda: DistilBertModel(
         DistilBertConfig(
             vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0
@@ -89,6 +99,8 @@ BUILD = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA_KW)),
     "mistral": lambda: MistralModel(MistralConfig(**_LLAMA_KW)),
     "qwen2": lambda: Qwen2Model(Qwen2Config(**_LLAMA_KW)),
+    "qwen3": lambda: Qwen3Model(Qwen3Config(**_LLAMA_KW, head_dim=8)),
+    "gemma": lambda: GemmaModel(GemmaConfig(**_LLAMA_KW, head_dim=8)),
 }
 ARCHS = tuple(BUILD)
 
@@ -824,17 +836,17 @@ def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_pat
 
 
 def test_a_bottleneck_refused_on_an_unregistered_model_or_a_peft_model_leaves_it_as_it_was():
-    """Bottleneck adapters on an architecture without registered placements (Qwen3 here, Llama-like) are refused at
-    add time naming its model_type; the model stays unpatched (it kept the adapter methods bound over transformers'
-    own). A PeftModel, whose adapters the engine leaves to PEFT, keeps PEFT's own layer forwards (they stayed
-    switched to the fused op)."""
+    """Bottleneck adapters on an architecture without registered placements (Gemma2 here, Llama-like with extra norms
+    around each sublayer; this test used Qwen3 before it was registered) are refused at add time naming its
+    model_type; the model stays unpatched (it kept the adapter methods bound over transformers' own). A PeftModel,
+    whose adapters the engine leaves to PEFT, keeps PEFT's own layer forwards (they stayed switched to the fused op)."""
     peft = pytest.importorskip("peft")
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**_LLAMA_KW, head_dim=8)).eval()
-    with pytest.raises(ValueError, match="need a registered architecture; model_type 'qwen3'"):
-        ae.add_adapter(model, "qwen3_bn", "seq_bn")
+    model = Gemma2ForCausalLM(Gemma2Config(**_LLAMA_KW, head_dim=8)).eval()
+    with pytest.raises(ValueError, match="need a registered architecture; model_type 'gemma2'"):
+        ae.add_adapter(model, "gemma2_bn", "seq_bn")
     assert not ae.is_patched(model) and "add_adapter" not in model.__dict__
     pm = peft.get_peft_model(make("bert"), peft.LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
@@ -870,17 +882,28 @@ def test_a_peft_ia3_adapter_with_regex_targets_loads_into_the_task_model(tmp_pat
             torch.testing.assert_close(out(bert, batch), y_ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize(
+    "arch", ["bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "xlm-roberta", "electra"]
+)
 def test_default_targets_are_peft_defaults(arch):
     """With no ``target_modules`` the engine adapts the layers PEFT adapts for that ``model_type`` (LoRA, IA3 and
-    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj``."""
+    IA3's feed-forward layers). Qwen2's IA3 used Llama's ``k_proj`` where PEFT scales ``q_proj`` (as for Qwen3 and
+    Gemma). Where PEFT has no IA3 defaults (XLM-RoBERTa, ELECTRA) both refuse an IA3Config without
+    ``target_modules``."""
     peft = pytest.importorskip("peft")
     for kind, ours_cfg, peft_cfg in (
         ("lora", ae.LoraConfig(r=2), peft.LoraConfig(r=2)),
         ("ia3", ae.IA3Config(), peft.IA3Config()),
     ):
         model = make(arch)
-        pm = peft.get_peft_model(make(arch), peft_cfg)
+        try:
+            pm = peft.get_peft_model(make(arch), peft_cfg)
+        except ValueError:
+            assert kind == "ia3" and arch in ("xlm-roberta", "electra")
+            with pytest.raises(ValueError, match=f"model_type '{arch}' has no default IA3 target_modules"):
+                ae.add_adapter(model, f"ia3_{arch}", ours_cfg)
+            assert not ae.is_patched(model)
+            continue
         ae.add_adapter(model, "x", ours_cfg)
         theirs = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "base_layer")}
         ours = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.has_adapter("x")}
