@@ -1,7 +1,7 @@
 """Strategy 1, "Merge and FFT": fold adapters into the base weights in place and get a plain HF model back.
 
     merge_adapter(model, "domain")                         # LoRA / IA3: one merge launch per weight shape
-    merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted
+    merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted (IA3: l ** w)
     merge_adapter(model, ["a", "b"], combination="ties", density=0.5)   # TIES / DARE task-vector combinations
     merge_adapter(model, "domain", exact=True)             # keep what is needed for a bit-exact unmerge
     unmerge_adapter(model, "domain")                       # restore the weights (1 ulp, or bit-exact)
@@ -214,7 +214,11 @@ def merge_adapter(
 
     Args:
         names: adapter name(s); default: the active LoRA / IA3 adapters.
-        weights: one multiplier per adapter (default 1.0): ``W += sum_i w_i s_i B_i A_i``.
+        weights: one per adapter (default 1.0). LoRA terms are scaled by them: ``W += sum_i w_i s_i B_i A_i``. IA3
+            vectors are raised to them and multiply: ``W *= prod_i l_i ** w_i`` per feature (the bias too for an
+            output scale), so weight 1 merges what the adapter runs, several IA3 adapters merge as they run
+            together, and weight 0 leaves the weight alone. PEFT's ``add_weighted_adapter`` instead builds one IA3
+            vector ``sum_i w_i l_i`` (with weights 1 and 1, ``l_a + l_b``: not what the two run together).
         combination: ``"linear"`` (the fused merge kernel: one launch per weight shape), or ``"ties"``,
             ``"dare_linear"``, ``"dare_ties"`` with ``density`` (fraction kept) and ``seed`` (DARE's drops).
         exact: keep a CPU copy of every merged weight so that :func:`unmerge_adapter` restores it bit for bit
