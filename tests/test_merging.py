@@ -690,3 +690,21 @@ def test_weighted_ia3_merges_multiply_the_vectors_raised_to_their_weights():
     weight, lb = query.weight.detach().clone(), query.ia3_l["wia_b"].detach().clone()
     ae.merge_adapter(model, ["wia_a", "wia_b"], weights=[0.0, 1.0])
     torch.testing.assert_close(model.encoder.layer[0].attention.self.query.weight, weight * lb.reshape(-1, 1))
+
+
+@pytest.mark.parametrize("entry, weight", [(-0.5, 0.5), (0.0, -1.0)])
+def test_an_ia3_merge_weight_with_no_real_power_is_refused_by_name(entry, weight):
+    """A fractional weight of an IA3 vector with a negative entry (or a negative weight of a zero entry) has no finite
+    power: refused naming the adapter, the layer and the weight, changing nothing, even with ``safe=False`` (it
+    wrote NaN / infinity into the weight, or with ``safe=True`` was refused as a non-finite weight without the
+    cause)."""
+    model = tiny_bert()
+    ae.add_adapter(model, "nrp_ia3", ae.IA3Config(target_modules=["query"], feedforward_modules=[]))
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.query.ia3_l["nrp_ia3"][2] = entry
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for safe in (True, False):
+        with pytest.raises(ValueError, match=r"'nrp_ia3' has .* in encoder\.layer\.1\.attention\.self\.query: its"):
+            ae.merge_adapter(model, ["nrp_ia3"], weights=[weight], safe=safe)
+        assert ae.list_adapters(model) == ["nrp_ia3"]
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
