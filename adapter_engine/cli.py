@@ -205,7 +205,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     mg.add_argument("--model", required=True, help="base model folder")
     mg.add_argument("--adapter", required=True, action="append", help="adapter folder (PEFT or AdapterHub); repeat")
-    mg.add_argument("--weight", type=finite_float, action="append", help="merge weight per --adapter (default 1.0)")
+    mg.add_argument(
+        "--weight", type=finite_float, action="append",
+        help="merge weight per --adapter (default 1.0): scales a LoRA term, is the power of an IA3 vector",
+    )  # fmt: skip
     mg.add_argument("--combination", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"])
     mg.add_argument("--density", type=fraction, default=0.5, help="TIES / DARE density, in (0, 1]")
     mg.add_argument("--out", required=True, help="output folder for the merged model (and its tokenizer)")

@@ -243,10 +243,7 @@ class AdapterMemoryManager:
                     break
                 busy = [n for n in self._resident if self._refs.get(n, 0) and n not in names]
                 if not busy:
-                    raise ValueError(
-                        f"cannot fit adapters {missing} beside {list(self._resident)} under max_active="
-                        f"{self.max_active}, max_bytes={self.max_bytes}: the rest are pinned or needed by this call"
-                    )
+                    raise ValueError(self._cannot_fit(names, missing))
                 scoped = self._scoped.get(threading.get_ident())
                 if scoped and all(scoped.get(n, 0) >= self._refs[n] for n in busy):  # (it used to wait the timeout)
                     raise RuntimeError(
@@ -488,6 +485,20 @@ class AdapterMemoryManager:
             if total - sum(self._resident[n] for n in idle) > self.max_bytes:
                 return False
         return True
+
+    def _cannot_fit(self, names: list[str], missing: list[str]) -> str:
+        """Why a call's ``names`` cannot fit even with every other call finished: only they and the pinned adapters are
+        left resident, and they exceed ``max_bytes`` (``acquire`` refuses ``max_active`` before). It used to read
+        "cannot fit adapters [] beside [...]" when all of the call's adapters were resident (``missing`` empty)."""
+        sizes = {n: self._resident[n] if n in self._resident else self._size_of(n) for n in names}
+        pinned = {n: self._resident[n] for n in sorted(self._pinned) if n in self._resident and n not in sizes}
+        to_load = f", {missing} to load" if missing else ""
+        beside = f" beside the pinned {pinned} ({sum(pinned.values())} bytes)" if pinned else ""
+        return (
+            f"cannot fit this call's adapters {sizes} ({sum(sizes.values())} bytes{to_load}){beside} under "
+            f"max_bytes={self.max_bytes} (max_active={self.max_active}): nothing else is resident to evict; raise "
+            "max_bytes or run fewer adapters"
+        )
 
     def _over_bytes_alone(self, names: list[str]) -> bool:
         """Whether ``names`` (resident now) and the pinned adapters alone exceed ``max_bytes``: the call cannot fit

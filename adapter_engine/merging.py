@@ -1,7 +1,7 @@
 """Strategy 1, "Merge and FFT": fold adapters into the base weights in place and get a plain HF model back.
 
     merge_adapter(model, "domain")                         # LoRA / IA3: one merge launch per weight shape
-    merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted
+    merge_adapter(model, ["a", "b"], weights=[0.7, 0.3])   # several adapters in the same pass, weighted (IA3: l ** w)
     merge_adapter(model, ["a", "b"], combination="ties", density=0.5)   # TIES / DARE task-vector combinations
     merge_adapter(model, "domain", exact=True)             # keep what is needed for a bit-exact unmerge
     unmerge_adapter(model, "domain")                       # restore the weights (1 ulp, or bit-exact)
@@ -214,7 +214,13 @@ def merge_adapter(
 
     Args:
         names: adapter name(s); default: the active LoRA / IA3 adapters.
-        weights: one multiplier per adapter (default 1.0): ``W += sum_i w_i s_i B_i A_i``.
+        weights: one per adapter (default 1.0). LoRA terms are scaled by them: ``W += sum_i w_i s_i B_i A_i``. IA3
+            vectors are raised to them and multiply: ``W *= prod_i l_i ** w_i`` per feature (the bias too for an
+            output scale), so weight 1 merges what the adapter runs, several IA3 adapters merge as they run
+            together, and weight 0 leaves the weight alone. PEFT's ``add_weighted_adapter`` instead builds one IA3
+            vector ``sum_i w_i l_i`` (with weights 1 and 1, ``l_a + l_b``: not what the two run together). A power
+            with no finite real value (a fractional weight of a negative entry, a negative weight of a zero) is
+            refused, naming the adapter and layer.
         combination: ``"linear"`` (the fused merge kernel: one launch per weight shape), or ``"ties"``,
             ``"dare_linear"``, ``"dare_ties"`` with ``density`` (fraction kept) and ``seed`` (DARE's drops).
         exact: keep a CPU copy of every merged weight so that :func:`unmerge_adapter` restores it bit for bit
@@ -366,6 +372,7 @@ def _collect_layers(model: nn.Module, names: list[str], weights: list[float]) ->
                 ff = module.ia3_feedforward[n]
                 dim = (1 if ff else 0) if not module.fan_in_fan_out else (0 if ff else 1)
                 vec = module.ia3_l[n].detach()
+                _check_ia3_power(vec, w, n, path)
                 layer.ia3.append((vec if w == 1.0 else vec.pow(w), dim, not ff))
         if layer.lora_A or layer.ia3:
             layers.append(layer)
@@ -405,6 +412,19 @@ def _check_not_shared(model: nn.Module, layers: list[_LayerMerge]) -> None:
 
 
 @torch.no_grad()
+def _check_ia3_power(vec: torch.Tensor, weight: float, name: str, path: str) -> None:
+    """Refuse a merge weight that IA3 vector ``vec`` has no finite real power for: a fractional weight of a negative
+    entry, a negative weight of a zero. It gave NaN / infinity, refused as a non-finite weight without the cause
+    (``safe=True``) or written into the weight (``safe=False``)."""
+    negative = not float(weight).is_integer() and bool((vec < 0).any())
+    if negative or (weight < 0 and bool((vec == 0).any())):
+        what = "negative entries" if negative else "zero entries"
+        raise ValueError(
+            f"IA3 adapter {name!r} has {what} in {path}: its merge weight {weight} (the power its vector is raised "
+            "to) has no finite real value there; use an integer weight (a positive one for zeros). Nothing was changed"
+        )
+
+
 def _check_ia3(layers: list[_LayerMerge]) -> None:
     """Raise before anything is written if an IA3 scale makes a weight or bias non-finite. Each scale rounds, as
     ``scale_ia3_`` does; a weight that also takes LoRA terms is checked after them (see :func:`_merge_linear`)."""

@@ -83,6 +83,9 @@ def train_adapter(model: nn.Module, name: str, *, train_head: bool = False) -> l
 class StackedAdapterModel(nn.Module):
     """A base model (any patchable HF model, possibly with merged adapters) with a stack of adapter levels.
 
+    A patched model's own adapters are adopted by the memory manager (routable, ``activate``-able, pushed as a level by
+    ``add_adapter(name)``), but the stack starts at depth 0: those the model runs are switched off, with a warning.
+
     Args:
         base_model: the Hugging Face model; it is patched in place (``self.model``).
         initial_adapter: optional first level: a saved adapter folder, or ``(name, config_or_path)``.
@@ -113,16 +116,31 @@ class StackedAdapterModel(nn.Module):
         self._stacks: dict[str, tuple[str, ...]] = {}
         self._siblings: list[str] = []
         self._head_trained = False
-        if initial_adapter is not None:
-            try:
+        try:
+            self._switch_off_adopted()
+            if initial_adapter is not None:
                 if isinstance(initial_adapter, tuple):
                     self.add_adapter(*initial_adapter)
                 else:
                     path = pathlib.Path(initial_adapter)  # (a folder, even when its name has no separator)
                     self.add_adapter(os.path.basename(os.path.normpath(path)), path)
-            except BaseException:
-                undo()
-                raise
+        except BaseException:
+            undo()
+            raise
+
+    def _switch_off_adopted(self) -> None:
+        """A patched ``base_model`` that runs adapters of its own starts at depth 0 like any other: its active adapters
+        are switched off (they stay resident, the memory manager's, unpinned), with a warning naming them. They used
+        to keep running while ``active_stack`` was ``()`` and ``depth`` 0, unpinned (evictable), until the first level
+        change switched them off; ``initial_adapter`` and :meth:`load` switched them off too."""
+        active = api.active_adapters(self.model)
+        if active:
+            logger.warning(
+                "the model runs adapters %s: a StackedAdapterModel starts at depth 0 (the base), so they are switched "
+                "off; sam.add_adapter(name) pushes one as a level, sam.activate(%r) runs them again",
+                list(active), list(active),
+            )  # fmt: skip
+            api.set_active_adapters(self.model, None)
 
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:

@@ -651,3 +651,60 @@ def test_cli_merge_absorbs_a_bottleneck_adapter_when_asked(tmp_path, capsys):
     merged = ae.load_model(tmp_path / "out").eval()
     assert ae.list_adapters(merged) == ["adapter1"]
     torch.testing.assert_close(hidden(merged), hidden(reference), rtol=0, atol=1e-5)
+
+
+def test_weighted_ia3_merges_multiply_the_vectors_raised_to_their_weights():
+    """The documented semantics of ``weights`` for IA3 (not PEFT's ``add_weighted_adapter``, which sums ``w_i l_i``):
+    the base weight is scaled by ``prod_i l_i ** w_i`` per feature; at weights 1 the merged model computes what the
+    two adapters run together, and weight 0 leaves the weight alone."""
+
+    def two_ia3():
+        model = tiny_bert()
+        for name in ("wia_a", "wia_b"):
+            ae.add_adapter(model, name, ae.IA3Config(target_modules=["query"], feedforward_modules=[]))
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "ia3_l" in key:
+                    p.uniform_(0.5, 1.5)
+        return model
+
+    model = two_ia3()
+    query = model.encoder.layer[0].attention.self.query
+    la, lb = query.ia3_l["wia_a"].detach().clone(), query.ia3_l["wia_b"].detach().clone()
+    weight, bias = query.weight.detach().clone(), query.bias.detach().clone()
+    ae.merge_adapter(model, ["wia_a", "wia_b"], weights=[0.5, 2.0])
+    scale = (la.double() ** 0.5 * lb.double() ** 2.0).reshape(-1, 1)
+    merged = model.encoder.layer[0].attention.self.query
+    torch.testing.assert_close(merged.weight.double(), weight.double() * scale, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(merged.bias.double(), bias.double() * scale[:, 0], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(merged.weight, weight * (0.5 * la + 2.0 * lb).reshape(-1, 1))  # not PEFT's sum
+
+    model = two_ia3()
+    ae.set_active_adapters(model, ["wia_a", "wia_b"])
+    together = hidden(model)
+    ae.merge_adapter(model, ["wia_a", "wia_b"], weights=[1.0, 1.0])
+    torch.testing.assert_close(hidden(model), together, rtol=1e-5, atol=1e-5)
+
+    model = two_ia3()
+    query = model.encoder.layer[0].attention.self.query
+    weight, lb = query.weight.detach().clone(), query.ia3_l["wia_b"].detach().clone()
+    ae.merge_adapter(model, ["wia_a", "wia_b"], weights=[0.0, 1.0])
+    torch.testing.assert_close(model.encoder.layer[0].attention.self.query.weight, weight * lb.reshape(-1, 1))
+
+
+@pytest.mark.parametrize("entry, weight", [(-0.5, 0.5), (0.0, -1.0)])
+def test_an_ia3_merge_weight_with_no_real_power_is_refused_by_name(entry, weight):
+    """A fractional weight of an IA3 vector with a negative entry (or a negative weight of a zero entry) has no finite
+    power: refused naming the adapter, the layer and the weight, changing nothing, even with ``safe=False`` (it
+    wrote NaN / infinity into the weight, or with ``safe=True`` was refused as a non-finite weight without the
+    cause)."""
+    model = tiny_bert()
+    ae.add_adapter(model, "nrp_ia3", ae.IA3Config(target_modules=["query"], feedforward_modules=[]))
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.query.ia3_l["nrp_ia3"][2] = entry
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for safe in (True, False):
+        with pytest.raises(ValueError, match=r"'nrp_ia3' has .* in encoder\.layer\.1\.attention\.self\.query: its"):
+            ae.merge_adapter(model, ["nrp_ia3"], weights=[weight], safe=safe)
+        assert ae.list_adapters(model) == ["nrp_ia3"]
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

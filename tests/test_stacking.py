@@ -459,6 +459,25 @@ def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
+def test_a_patched_model_running_its_own_adapters_starts_at_depth_zero(caplog):
+    """Wrapping a patched model that runs adapters: they are switched off, with a warning naming them, so the stack's
+    view (``active_stack == ()``, depth 0) and the model agree; they used to keep running, unpinned, until the first
+    level change. They stay resident: ``add_adapter(name)`` pushes one as a level and runs it again."""
+    base = tiny()
+    plain = logits(base)
+    ae.add_adapter(base, "own_sw", SEQ_BN)
+    randomise(base, "own_sw")
+    ae.set_active_adapters(base, "own_sw")
+    own = logits(base)
+    with caplog.at_level("WARNING", logger="adapter_engine.stacking"):
+        sam = StackedAdapterModel(base)
+    assert "['own_sw']" in caplog.text and "switched off" in caplog.text
+    assert sam.active_stack == () and sam.depth == 0 and ae.api.active_adapters(sam.model) == ()
+    assert torch.equal(logits(sam), plain) and sam.memory.is_resident("own_sw")
+    assert sam.add_adapter("own_sw") == "own_sw" and sam.active_stack == ("own_sw",)
+    assert torch.equal(logits(sam), own)
+
+
 def test_a_refused_activate_changes_nothing():
     """Two bottleneck structures cannot stack: activate / set_active_adapters raise before the LoRA layers, the
     active list or the pins change, and the outputs stay bit for bit."""

@@ -181,9 +181,29 @@ def test_max_bytes_cap(filled_store):
     with memory.use(["seq_bn5"]):
         assert torch.equal(out(model, "seq_bn5"), expected["seq_bn5"])
     assert "seq_bn2" not in memory.resident() and memory.stats().resident_bytes <= bn + lora
-    with pytest.raises(ValueError, match="cannot fit"):
+    with pytest.raises(ValueError, match=rf"cannot fit this call's adapters .*'seq_bn2'.* under max_bytes={bn + lora}"):
         memory.acquire(["seq_bn2", "seq_bn5", "lora0"])
     assert memory.stats().resident_bytes <= bn + lora
+
+
+def test_a_call_whose_resident_adapters_exceed_max_bytes_is_refused_naming_them_and_their_bytes():
+    """Every adapter of the call is resident (adopted from the model) and together, or beside a pinned one, they exceed
+    ``max_bytes``: the refusal names the call's adapters, their bytes, the pinned ones and the cap. It read "cannot fit
+    adapters [] beside [...]", the empty list being the adapters it still had to load."""
+    model = bert()
+    for name in ("cf_one", "cf_two", "cf_pin"):
+        ae.add_adapter(model, name, ae.LoraConfig(r=2))
+    size = ae.api.adapter_nbytes(model, "cf_one")
+    memory = AdapterMemoryManager(model, max_bytes=3 * size - 1)
+    with pytest.raises(ValueError) as refused:
+        memory.acquire(["cf_one", "cf_two", "cf_pin"])
+    text = str(refused.value)
+    assert "[]" not in text and f"{{'cf_one': {size}, 'cf_two': {size}, 'cf_pin': {size}}} ({3 * size} bytes)" in text
+    assert f"max_bytes={3 * size - 1}" in text
+    memory = AdapterMemoryManager(model, max_bytes=2 * size - 1)  # (evicts one of the three to the host)
+    memory.pin(["cf_pin"])
+    with pytest.raises(ValueError, match=rf"\{{'cf_one': {size}\}} .* beside the pinned \{{'cf_pin': {size}\}}"):
+        memory.acquire(["cf_one"])
 
 
 def test_the_byte_cap_counts_an_adapter_never_loaded_in_the_models_dtype(filled_store):
