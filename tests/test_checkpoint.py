@@ -286,6 +286,22 @@ def test_lora_factors_of_another_rank_than_the_config_are_refused(bert_and_lora,
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_of_layers_the_config_does_not_select_are_refused(bert_and_lora, tmp_path):
+    """A PEFT file with weights for a layer its config's target_modules leaves out (an edited config): PEFT ignores
+    them and load_adapter refuses them, but merge_checkpoint merged them without a word. Refused now, naming the
+    layers; nothing is written."""
+    import shutil
+
+    base_dir, adapter_dir, _ = bert_and_lora
+    edited = tmp_path / "edited"
+    shutil.copytree(adapter_dir, edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query", "value"]}))
+    with pytest.raises(ValueError, match=r"does not select .*'encoder\.layer\.0\.attention\.output\.dense'"):
+        merge_checkpoint(base_dir, edited, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "damage, error, match",
     [
