@@ -31,11 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
-from .api import _feedforward
+from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
 from .kernels import merge_lora_, scale_ia3_
-from .peft_targets import peft_selects
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +176,6 @@ def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
     return any(module_key == c or module_key.endswith(f".{c}") for c in conv1d)
 
 
-def _check_selected(adapter) -> None:
-    """Refuse weights for layers the PEFT config does not select (``target_modules``, ``exclude_modules``,
-    ``layers_to_transform``), as ``load_adapter`` does: PEFT ignores them, and merge_checkpoint merged them."""
-    cfg = adapter.config
-    if adapter.format != "peft" or cfg.target_modules is None:
-        return
-    extra = sorted(m for m in adapter.entries if not peft_selects(cfg, m))
-    if extra:
-        more = " ..." if len(extra) > 4 else ""
-        raise ValueError(
-            f"adapter weights for layers that the config of {adapter.path!r} does not select (target_modules "
-            f"{cfg.target_modules!r}, exclude_modules / layers_to_transform): {extra[:4]}{more}; PEFT would ignore "
-            "them: add them to target_modules in adapter_config.json or remove their weights"
-        )
-
-
 def _plan_updates(
     adapter, keys: set[str], conv1d: set[str] | None = None, prefix: str | None = None
 ) -> dict[str, _Update]:
@@ -211,7 +194,8 @@ def _plan_updates(
         )
     updates: dict[str, _Update] = {}
     _check_all_found(adapter, keys, prefix)
-    _check_selected(adapter)
+    # (weights of layers the config does not select: refused, as load_adapter refuses them; PEFT ignores them)
+    _check_extra(adapter, cfg, {m: m for m in adapter.entries})
     for module, tensors in adapter.entries.items():
         candidates = _candidates(module, keys, prefix)
         if len(candidates) != 1:

@@ -297,7 +297,7 @@ def test_weights_of_layers_the_config_does_not_select_are_refused(bert_and_lora,
     shutil.copytree(adapter_dir, edited)
     config = json.loads((edited / "adapter_config.json").read_text())
     (edited / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query", "value"]}))
-    with pytest.raises(ValueError, match=r"does not select .*'encoder\.layer\.0\.attention\.output\.dense'"):
+    with pytest.raises(ValueError, match=r"does not select: .*'encoder\.layer\.0\.attention\.output\.dense'"):
         merge_checkpoint(base_dir, edited, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
