@@ -302,3 +302,34 @@ def test_full_finetune_with_named_evaluation_sets_selects_by_the_first(tmp_path)
     assert {"eval_a_accuracy", "eval_b_accuracy"} <= set(metrics)
     assert default_training_arguments(str(tmp_path), True, "a_loss").greater_is_better is False
     assert default_training_arguments(str(tmp_path), True, "a_accuracy").greater_is_better is True
+
+
+def test_full_finetune_trains_16_bit_models_through_float32_master_weights(tmp_path):
+    """A bfloat16 model trains as float32 masters, rounded back once at the end (and after a failed run): the run of
+    its float32 copy, rounded. In its own dtype, an AdamW step below half a unit in bf16's last place (8 bits) is
+    lost: far fewer weights moved."""
+    import torch
+
+    from adapter_engine.finetune import full_finetune
+
+    args = {"num_train_epochs": 2, "learning_rate": 1e-5, "per_device_train_batch_size": 4, "use_cpu": True,
+            "output_dir": str(tmp_path / "run")}  # fmt: skip
+    query = lambda model: model.bert.encoder.layer[0].attention.self.query.weight
+    reference = _tiny_classifier().to(torch.bfloat16).float()
+    before = query(reference).detach().to(torch.bfloat16)
+    full_finetune(reference, _Synthetic(64), None, args=args)
+    trained = {}
+    for masters in (True, False):
+        model = _tiny_classifier().to(torch.bfloat16)
+        weight = query(model)
+        full_finetune(model, _Synthetic(64), None, args=args, master_weights=masters)
+        assert query(model) is weight  # the same Parameter, converted in place
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        trained[masters] = weight.detach()
+    assert torch.equal(trained[True], query(reference).detach().to(torch.bfloat16))
+    moved = {m: (w != before).float().mean().item() for m, w in trained.items()}
+    assert moved[False] < moved[True] / 2, moved
+    model = _tiny_classifier().to(torch.float16)
+    with pytest.raises(RuntimeError, match="broken example"):
+        full_finetune(model, _Synthetic(fail_at=3), None, args=args)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
