@@ -10,10 +10,11 @@ ops sum in another order, a few ulp per op).
 import json
 import logging
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -154,3 +155,27 @@ def test_merge_checkpoint_says_it_does_not_merge_the_head(tmp_path, caplog):
         merge_checkpoint(BASES["xlmr"], os.path.join(HEADS, "xlmr_cls"), tmp_path / "merged")
     warned = [r.getMessage() for r in caplog.records if r.name.startswith("adapter_engine")]
     assert any("head" in m and "is not merged" in m and "xlmr_cls" in m for m in warned), warned
+
+
+@pytest.mark.parametrize("case", sorted(MAPPED))
+def test_a_trained_head_is_saved_with_its_new_values(case, expected, tmp_path):
+    """The copy's trained values, not the loaded ones, are saved (and load back). With ADAPTER_ENGINE_EXPORT_DIR set
+    the folders go there for ``make_adapterhub_fixtures.py check-heads`` (AdapterHub loads them: README there)."""
+    base = MAPPED[case][1]
+    model = build(case)
+    name = ae.load_adapter(model, os.path.join(HEADS, case), name=f"{case}_trained", set_active=True)
+    with torch.no_grad():  # (a training step's stand-in)
+        for module in model.modules():
+            if isinstance(module, ModulesToSaveLayer):
+                for p in module.modules_to_save[name].parameters():
+                    p.add_(0.1)
+    out = logits(model, expected, base)
+    assert (out - expected[case]).abs().max() > 1e-2
+    ae.save_adapter(model, name, tmp_path / case, format="adapterhub")
+    fresh = build(case)
+    ae.load_adapter(fresh, tmp_path / case, set_active=True, head=True)
+    torch.testing.assert_close(logits(fresh, expected, base), out, atol=ATOL, rtol=0)
+    export = os.environ.get("ADAPTER_ENGINE_EXPORT_DIR")
+    if export:
+        shutil.copytree(tmp_path / case, os.path.join(export, "heads", case), dirs_exist_ok=True)
+        save_file({"logits": out}, os.path.join(export, "heads", case, "engine_logits.safetensors"))
