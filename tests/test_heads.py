@@ -179,3 +179,13 @@ def test_a_trained_head_is_saved_with_its_new_values(case, expected, tmp_path):
     if export:
         shutil.copytree(tmp_path / case, os.path.join(export, "heads", case), dirs_exist_ok=True)
         save_file({"logits": out}, os.path.join(export, "heads", case, "engine_logits.safetensors"))
+
+
+def test_a_merged_adapter_leaves_its_head_in_a_plain_checkpoint(expected, tmp_path):
+    """Merge and FFT: the LoRA and its head merge into the model, which plain transformers loads with AdapterHub's
+    logits."""
+    model = build("xlmr_cls")
+    ae.merge_adapter(model, ae.load_adapter(model, os.path.join(HEADS, "xlmr_cls")))
+    model.save_pretrained(tmp_path)
+    plain = XLMRobertaForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(plain, expected, "xlmr"), expected["xlmr_cls"], atol=ATOL, rtol=0)
