@@ -62,6 +62,10 @@ def test_a_head_that_maps_onto_the_models_head_loads_there_with_adapterhubs_logi
     before = logits(model, expected, base)
     name = ae.load_adapter(model, os.path.join(HEADS, case), name=f"{case}_h")
     assert torch.equal(logits(model, expected, base), before)  # inactive: the model's own head (and no adapter)
+    with ae.use_adapters([name, None]):  # a per-row route: the head copy for the first row only
+        routed = logits(model, expected, base)
+    torch.testing.assert_close(routed[0], expected[case][0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(routed[1], before[1], atol=ATOL, rtol=0)
     ae.set_active_adapters(model, name)
     torch.testing.assert_close(logits(model, expected, base), expected[case], atol=ATOL, rtol=0)
     assert any(isinstance(m, ModulesToSaveLayer) for m in model.modules())
