@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import (
     BertForSequenceClassification,
@@ -131,6 +132,8 @@ def test_a_loaded_head_is_saved_again_and_loads_back(tmp_path, expected):
         ae.load_adapter(fresh, tmp_path / "peft", name="back", head=True)
     ae.load_adapter(fresh, tmp_path / "peft", name="back", set_active=True)
     torch.testing.assert_close(logits(fresh, expected, "xlmr"), expected["xlmr_cls"], atol=ATOL, rtol=0)
+    peft_model = PeftModel.from_pretrained(build("xlmr_cls"), tmp_path / "peft").eval()  # PEFT loads it too
+    torch.testing.assert_close(logits(peft_model, expected, "xlmr"), expected["xlmr_cls"], atol=ATOL, rtol=0)
     ae.add_adapter(model, "plain", ae.BottleneckConfig.seq_bn(reduction_factor=4))
     ae.save_adapter(model, "plain", tmp_path / "ah", format="adapterhub")  # no head: the old head files go
     assert not (tmp_path / "ah" / "head_config.json").exists()
