@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import heads as hd
 from . import patching as pt
 from ._adapters import _apply_linear, _check_name, _state, unpatch_on_error
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
@@ -201,6 +202,7 @@ def load_adapter(
     *,
     set_active: bool = False,
     autocast_adapter_dtype: bool | None = True,
+    head: bool | None = None,
 ) -> str:
     """Load a PEFT or AdapterHub adapter folder into ``model``; returns its name.
 
@@ -210,6 +212,10 @@ def load_adapter(
     / bfloat16 layers are kept in float32 (the file's fp32 values exactly; computed in the layer's dtype); False
     loads them in the layers' dtype; None as saved (fp32 where the file's tensors are fp32). Bottleneck adapters take
     their layers' dtype, as AdapterHub's do.
+
+    ``head``: an AdapterHub prediction head saved beside the adapter (``head_config.json``) loads as the adapter's
+    trained copy of the model's own head where it maps onto it exactly (see :mod:`adapter_engine.heads`), and is left
+    out with a warning naming the reason otherwise (None, the default); True raises instead; False skips it.
     """
     state = _state(model)
     file = read_adapter(path, name=name, config=config)
@@ -221,17 +227,42 @@ def load_adapter(
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
+        head_plan = _plan_head(model, file, head)
         modules, saved = pt.apply_bottleneck(model, state, name, cfg, plan), []
     else:
         plan = _plan_linear(model, state, file, cfg)
         saved_plan = _plan_saved(model, file, cfg, [p[0] for p in plan])
+        head_plan = _plan_head(model, file, head)
         modules = _apply_linear(model, state, name, cfg, plan, autocast=autocast_adapter_dtype)
         saved = _apply_saved(model, state, name, saved_plan)
-    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules, saved=saved)
+    if head_plan is not None:  # (checked with the rest: a copy of a module no adapter layer holds cannot fail)
+        saved += _apply_saved(model, state, name, head_plan.copies)
+        hd.set_labels(model, head_plan.label2id)
+    state.adapters[name] = AdapterRecord(config=cfg, kind=_kind(cfg), modules=modules, saved=saved,
+                                         head=head_plan.record if head_plan is not None else None)  # fmt: skip
     logger.info("loaded %s adapter %r from %s (%d layers)", file.format, name, file.path, len(modules))
     if set_active:
         set_active_adapters(model, name)
     return name
+
+
+def _plan_head(model: nn.Module, file: AdapterFile, head: bool | None) -> hd.HeadPlan | None:
+    """The AdapterHub prediction head beside the adapter, planned onto the model's head (None: none, or left out)."""
+    saved = hd.read_head(file.path) if file.format == "adapterhub" and head is not False else None
+    if saved is None:
+        if head:
+            raise ValueError(f"head=True, but {file.path!r} holds no AdapterHub prediction head ({hd.HEAD_CONFIG})")
+        if head is False and any(os.path.isfile(os.path.join(file.path, f)) for f in hd.HEAD_FILES):
+            logger.info("head=False: the prediction head in %s is not loaded", file.path)
+        return None
+    plan = hd.plan_head(model, saved)
+    if isinstance(plan, hd.HeadPlan):
+        return plan
+    message = f"{saved.describe()} is not loaded into {type(model).__name__}: {plan}"
+    if head:
+        raise ValueError(f"head=True: {message}")
+    logger.warning("%s; the adapter loads without it", message)
+    return None
 
 
 def _plan_saved(model: nn.Module, file: AdapterFile, cfg: AnyConfig, adapted: list[str]) -> dict[str, dict]:
@@ -625,6 +656,7 @@ def save_adapter(
     record = state.adapters[name]
     if record.kind == "ia3" and format == "adapterhub":
         raise ValueError(f"{name!r} is an IA3 adapter: AdapterHub has no IA3 format, use format='peft'")
+    head = hd.export_head(model, name, record.head) if record.head is not None and format == "adapterhub" else None
     if record.kind == "bottleneck":
         if format != "adapterhub":
             raise ValueError(f"{name!r} is a bottleneck adapter: PEFT has no such format, use format='adapterhub'")
@@ -633,7 +665,7 @@ def save_adapter(
         meta, tensors = _export_peft(model, name, record)
     else:
         meta, tensors = _export_adapterhub_lora(model, state, name, record)
-    return write_adapter(path, format, meta, tensors, safe_serialization=safe_serialization)
+    return write_adapter(path, format, meta, tensors, safe_serialization=safe_serialization, head=head)
 
 
 __all__ = [

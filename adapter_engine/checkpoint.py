@@ -34,6 +34,7 @@ from ._io import atomic_folder_write, copy_module_folders, is_other_format_weigh
 from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
+from .heads import HEAD_FILES
 from .kernels import merge_lora_, scale_ia3_
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,14 @@ def merge_checkpoint(
 
     adapter = read_adapter(adapter_dir)
     updates = _plan_updates(adapter, set(key_info), *_architecture(base_dir))
+    head = [f for f in HEAD_FILES if adapter.format == "adapterhub" and os.path.isfile(os.path.join(adapter.path, f))]
+    if head:  # (a checkpoint has no module to map it onto: load_adapter does, and merge_adapter merges its copy)
+        log.warning(
+            "merge_checkpoint: the AdapterHub prediction head in %s (%s) is not merged: the streamed merge folds the "
+            "LoRA / IA3 weights only; load the task model, load_adapter (which loads a head that maps onto the "
+            "model's) and merge_adapter to merge both",
+            adapter.path, ", ".join(head),
+        )  # fmt: skip
     for key, update in updates.items():
         _check_shapes(key, key_info[key], update)
 

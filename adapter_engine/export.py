@@ -40,6 +40,8 @@ def _export_peft(model: nn.Module, name: str, record: AdapterRecord) -> tuple[di
         copy = model.get_submodule(module_name).modules_to_save[name]
         tensors.update({f"base_model.model.{module_name}.{k}": v for k, v in copy.state_dict().items()})
     meta = cfg.to_dict()
+    if record.saved and not cfg.modules_to_save:  # (an AdapterHub head loaded as copies: PEFT's entries for them)
+        meta["modules_to_save"] = sorted(record.saved)
     if any(model.get_submodule(m).fan_in_fan_out for m in record.modules):
         meta["fan_in_fan_out"] = True  # transformers Conv1D (weight stored (in, out)): PEFT's flag for it
     targets = cfg.target_modules
@@ -99,7 +101,7 @@ def _export_adapterhub_lora(model: nn.Module, state: PatchState, name: str, reco
             f"{name!r} has layers with an r or lora_alpha of their own (rank_pattern / alpha_pattern: {own[:3]}), "
             "which AdapterHub's LoRA format cannot hold (one r and alpha for all layers): save it with format='peft'"
         )
-    if record.saved:
+    if record.saved and record.head is None:  # (an AdapterHub head loaded as copies is saved as that head again)
         raise ValueError(
             f"{name!r} holds trained copies of {record.saved} (PEFT's modules_to_save), which AdapterHub's LoRA format "
             "cannot hold: save it with format='peft'"

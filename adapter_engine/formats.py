@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ._io import replace_entries
 from .config import AnyConfig, coerce_config, config_from_dict
+from .heads import HEAD_CONFIG, HEAD_FILES, HEAD_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -249,15 +250,17 @@ def write_adapter(
     tensors: dict[str, torch.Tensor],
     *,
     safe_serialization: bool | None = None,
+    head: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> str:
-    """Write ``adapter_config.json`` and the weight file of ``fmt``; returns the folder.
+    """Write ``adapter_config.json`` and the weight file of ``fmt`` (and an AdapterHub prediction ``head``: its
+    ``head_config.json`` and weights, ``pytorch_model_head.bin`` or ``model_head.safetensors``); returns the folder.
 
     Default weight file: PEFT ``adapter_model.safetensors``; AdapterHub ``pytorch_adapter.bin`` (what
     ``adapters`` 1.3.0 writes and loads by default; ``safe_serialization=True`` writes ``adapter.safetensors``).
     An adapter already in ``folder`` is replaced as a whole: its weight files of either format and serialization
     are removed (a stale ``adapter_model.safetensors`` would otherwise shadow a new ``adapter_model.bin`` on
-    load). Atomic per file: the new files are written beside the old ones first, so a failed save leaves the
-    folder as it was.
+    load), and so are head files a save without a head would leave behind. Atomic per file: the new files are
+    written beside the old ones first, so a failed save leaves the folder as it was.
     """
     if fmt not in WEIGHTS:
         raise ValueError(f"unknown adapter format {fmt!r}; supported: {list(FORMATS)}")
@@ -271,14 +274,21 @@ def write_adapter(
     safetensors_name, bin_name = WEIGHTS[fmt]
     weights_name = safetensors_name if safe else bin_name
     token = f"{os.getpid()}-{os.urandom(4).hex()}"
-    staged = {name: os.path.join(folder, f".{name}.tmp-{token}") for name in (weights_name, CONFIG_NAME)}
+    files = [(weights_name, tensors), (CONFIG_NAME, meta)]
+    if head is not None:
+        head_meta, head_tensors = head
+        head_tensors = {k: v.detach().to("cpu").contiguous() for k, v in head_tensors.items()}
+        files += [(HEAD_WEIGHTS[0] if safe else HEAD_WEIGHTS[1], head_tensors), (HEAD_CONFIG, head_meta)]
+    staged = {name: os.path.join(folder, f".{name}.tmp-{token}") for name, _ in files}
     try:
-        if safe:
-            save_file(tensors, staged[weights_name], metadata={"format": "pt"})
-        else:
-            torch.save(tensors, staged[weights_name])
-        with open(staged[CONFIG_NAME], "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
+        for name, content in files:
+            if name.endswith(".json"):
+                with open(staged[name], "w", encoding="utf-8") as fh:
+                    json.dump(content, fh, indent=2, sort_keys=True)
+            elif name.endswith(".safetensors"):
+                save_file(content, staged[name], metadata={"format": "pt"})
+            else:
+                torch.save(content, staged[name])
         _commit(folder, staged)
     except BaseException:
         for path in staged.values():
@@ -294,7 +304,7 @@ def _commit(folder: str, staged: dict[str, str]) -> None:
     """The staged files into place, the adapter's other files (another format's weights) away: all or nothing."""
     stale = [
         name
-        for name in (CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws))
+        for name in (CONFIG_NAME, *(w for ws in WEIGHTS.values() for w in ws), *HEAD_FILES)
         if name not in staged and os.path.isfile(os.path.join(folder, name))
     ]
     replace_entries(folder, staged, remove=stale)

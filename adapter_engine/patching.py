@@ -58,6 +58,7 @@ class AdapterRecord:
     kind: str  # "lora" | "ia3" | "bottleneck"
     modules: list[str]
     saved: list[str] = field(default_factory=list)
+    head: dict | None = None  # an AdapterHub prediction head among ``saved``: how to save it again (heads.export_head)
 
 
 @dataclass

@@ -49,6 +49,8 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
             manifest["adapters"][name] = {"kind": record.kind, "config": config, "modules": list(record.modules)}
             if record.saved:  # the modules it holds trained copies of (modules_to_save)
                 manifest["adapters"][name]["saved"] = list(record.saved)
+            if record.head is not None:  # an AdapterHub prediction head among them (to save it as one again)
+                manifest["adapters"][name]["head"] = record.head
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
@@ -138,7 +140,12 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
         config = _where_it_was(config_from_dict(entry["config"]), entry)
         fresh = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
         api.add_adapter(model, name, fresh, autocast_adapter_dtype=entry.get("fp32", True))  # (weights loaded below)
-        pt.get_state(model).adapters[name].config = config  # (its init as saved: 'eva', 'mica', ...)
+        record = pt.get_state(model).adapters[name]
+        record.config = config  # (its init as saved: 'eva', 'mica', ...)
+        for module in [m for m in entry.get("saved") or () if m not in record.saved]:  # (a bottleneck's head copies)
+            pt.wrap_saved(model, pt.get_state(model), module).add_copy(name)
+            record.saved.append(module)
+        record.head = entry.get("head")
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)

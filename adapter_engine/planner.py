@@ -7,8 +7,8 @@
 
 Everything is computed from the config, nothing is downloaded or instantiated:
 
-- **parameters** from the architecture (exact for the registered families: BERT, RoBERTa, DistilBERT, GPT-2,
-  Llama, Mistral, Qwen2, ViT; the task head as ``AutoModelFor...`` builds it);
+- **parameters** from the architecture (exact for the registered families: BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
+  DistilBERT, GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, ViT; the task head as ``AutoModelFor...`` builds it);
 - **memory** = weights + gradients + AdamW state (two fp32 moments; mixed precision keeps fp32 master weights)
   + saved activations for ``batch x seq_len`` tokens + the largest transient. Full fine-tuning saves every
   linear layer's input; with a frozen base only the inputs of non-linear ops (attention, activation functions,
@@ -32,7 +32,11 @@ from typing import Any
 UPDATE_FREQUENCIES = ("daily", "weekly", "monthly", "rarely")
 PRECISIONS = {"fp32": (4, 4), "bf16-mixed": (4, 2), "fp16-mixed": (4, 2)}  # (weight bytes, activation bytes)
 HEADS = ("none", "sequence-classification", "token-classification", "image-classification", "causal-lm")
-MODEL_TYPES = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "vit")  # what model_shape reads
+# what model_shape reads (each count checked against the models transformers builds, tests/test_planner.py)
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "gpt2", "llama", "mistral", "qwen2", "qwen3",
+               "gemma", "vit")  # fmt: skip
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")  # BERT's blocks (post-LN, biases everywhere)
+_ROBERTA_HEAD = ("roberta", "xlm-roberta", "electra")  # sequence classification: dense + out_proj
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class ModelShape:
     out_bias: bool = True  # the attention output projection has a bias (Llama: attention_bias)
     mlp_bias: bool = True  # the MLP projections have biases (Llama: mlp_bias)
     pooler: bool = False  # the base model (AutoModel) has a pooler
+    embedding_size: int = 0  # ELECTRA: embeddings of this width, projected to ``hidden`` (0: ``hidden``)
+    qk_norm: bool = False  # Qwen3: RMSNorm weights (head_dim each) on the queries and keys of every layer
     tied_embeddings: bool = True
     num_labels: int = 2
     image_patches: int = 0  # ViT: patches per image (the sequence is patches + 1)
@@ -144,7 +150,7 @@ def load_config(model: str | os.PathLike):
 
 
 def model_shape(config: Any) -> ModelShape:
-    """Read a transformers config (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen2, ViT)."""
+    """Read a transformers config of one of :data:`MODEL_TYPES`."""
     mt = getattr(config, "model_type", None)
     get = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None)), default)
     hidden = get("hidden_size", "dim", "n_embd")
@@ -153,22 +159,24 @@ def model_shape(config: Any) -> ModelShape:
     if None in (hidden, layers, heads):
         raise ValueError(f"config of model_type {mt!r} lacks hidden size / layers / heads: cannot estimate it")
     common = dict(model_type=mt, hidden=hidden, layers=layers, heads=heads, num_labels=config.num_labels)
-    if mt in ("bert", "roberta", "distilbert", "gpt2"):
+    if mt in (*_BERT_LIKE, "distilbert", "gpt2"):
         inter = get("intermediate_size", "hidden_dim", "n_inner", default=4 * hidden)
+        embedding = get("embedding_size", default=hidden) if mt == "electra" else hidden
         return ModelShape(
             **common, kv_heads=heads, head_dim=hidden // heads, intermediate=inter, vocab=config.vocab_size,
             positions=get("max_position_embeddings", "n_positions"), token_types=get("type_vocab_size", default=0)
-            if mt != "distilbert" else 0, pooler=mt in ("bert", "roberta"),
+            if mt != "distilbert" else 0, pooler=mt in ("bert", "roberta", "xlm-roberta"),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+            embedding_size=embedding if embedding != hidden else 0,
         )  # fmt: skip
-    if mt in ("llama", "mistral", "qwen2"):
+    if mt in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
         kv = get("num_key_value_heads", default=heads)
+        attention_bias = bool(getattr(config, "attention_bias", False))  # (Qwen2's q/k/v always have biases)
         return ModelShape(
             **common, kv_heads=kv, head_dim=get("head_dim", default=hidden // heads),
             intermediate=config.intermediate_size, vocab=config.vocab_size, positions=0, gated_mlp=True,
-            qkv_bias=bool(getattr(config, "attention_bias", False)) or mt == "qwen2",
-            out_bias=bool(getattr(config, "attention_bias", False)) and mt == "llama",
-            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama",
+            qkv_bias=attention_bias or mt == "qwen2", out_bias=attention_bias and mt in ("llama", "qwen3", "gemma"),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama", qk_norm=mt == "qwen3",
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )  # fmt: skip
     if mt == "vit":
@@ -192,7 +200,7 @@ def layer_parameters(s: ModelShape) -> int:
     if s.gated_mlp:
         attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if s.qkv_bias else 0) + out_bias
         mlp = 3 * h * i + ((2 * i + h) if s.mlp_bias else 0)  # gate, up, down
-        return attn + mlp + 2 * h  # two RMSNorm weights
+        return attn + mlp + 2 * h + (2 * s.head_dim if s.qk_norm else 0)  # two RMSNorm weights (+ Qwen3's q/k norms)
     attn = 4 * h * h + (3 * h if s.qkv_bias else 0) + out_bias
     return attn + 2 * h * i + ((i + h) if s.mlp_bias else 0) + 4 * h  # attn, MLP, two LayerNorms
 
@@ -201,8 +209,10 @@ def embedding_parameters(s: ModelShape) -> int:
     h = s.hidden
     if s.model_type == "vit":
         return h + s.positions * h + s.patch_params  # CLS token, positions, patch convolution
-    norm = 0 if s.model_type in ("gpt2",) or s.gated_mlp else 2 * h  # embedding LayerNorm (BERT family)
-    return (s.vocab + s.positions + s.token_types) * h + norm
+    e = s.embedding_size or h
+    norm = 0 if s.model_type in ("gpt2",) or s.gated_mlp else 2 * e  # embedding LayerNorm (BERT family)
+    project = e * h + h if s.embedding_size else 0  # ELECTRA's embeddings_project
+    return (s.vocab + s.positions + s.token_types) * e + norm + project
 
 
 def head_parameters(s: ModelShape, head: str = "none") -> int:
@@ -218,7 +228,7 @@ def head_parameters(s: ModelShape, head: str = "none") -> int:
         if not (s.gated_mlp or s.model_type == "gpt2"):
             raise ValueError(f"head 'causal-lm' is estimated for decoders only, not {s.model_type!r}")
         return 0 if s.tied_embeddings else s.vocab * h
-    if s.model_type == "roberta" and head == "sequence-classification":
+    if s.model_type in _ROBERTA_HEAD and head == "sequence-classification":
         return h * h + h + h * n + n  # dense + out_proj
     if s.model_type == "distilbert" and head == "sequence-classification":
         return h * h + h + h * n + n  # pre_classifier + classifier
@@ -229,7 +239,7 @@ def head_parameters(s: ModelShape, head: str = "none") -> int:
 
 def count_parameters(s: ModelShape, head: str = "none") -> int:
     """Parameters of ``AutoModel`` (``head="none"``) or ``AutoModelFor<head>`` built from the config."""
-    if s.model_type in ("bert", "roberta", "distilbert"):
+    if s.model_type in (*_BERT_LIKE, "distilbert"):
         final_norm = 0  # post-LN blocks: no final norm
     else:
         final_norm = s.hidden * (1 if s.gated_mlp else 2)  # RMSNorm weight / LayerNorm weight and bias

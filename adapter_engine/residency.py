@@ -34,6 +34,7 @@ class AdapterSnapshot:
     nbytes: int
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     layer_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    head: dict | None = None  # an AdapterHub prediction head among ``saved`` (AdapterRecord.head)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -100,7 +101,7 @@ def snapshot_adapter(
     linear = record.kind != "bottleneck"
     layer_dtypes = {m: model.get_submodule(m).weight.dtype for m in record.modules} if linear else {}
     return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name),
-                           saved, layer_dtypes)  # fmt: skip
+                           saved, layer_dtypes, record.head)  # fmt: skip
 
 
 @unpatch_on_error
@@ -126,7 +127,8 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
         modules = _apply_linear(model, state, name, cfg, entries, autocast=None)
     for module_name, tensors in snapshot.saved.items():
         pt.wrap_saved(model, state, module_name).add_copy(name, tensors)
-    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules, saved=list(snapshot.saved))
+    state.adapters[name] = AdapterRecord(config=cfg, kind=snapshot.kind, modules=modules, saved=list(snapshot.saved),
+                                         head=snapshot.head)  # fmt: skip
 
 
 def _converted_like(now: torch.dtype, then: torch.dtype | None, entry: tuple) -> tuple:

@@ -13,12 +13,16 @@ import transformers
 from transformers import (
     BertConfig,
     DistilBertConfig,
+    ElectraConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    Qwen3Config,
     RobertaConfig,
     ViTConfig,
+    XLMRobertaConfig,
 )
 
 import adapter_engine as ae
@@ -37,6 +41,13 @@ CONFIGS = {
     "llama-mlp-bias": lambda: LlamaConfig(**DECODER, mlp_bias=True),
     "mistral": lambda: MistralConfig(**DECODER),
     "qwen2": lambda: Qwen2Config(**DECODER),
+    "xlm-roberta": lambda: XLMRobertaConfig(**SMALL, num_labels=5),
+    "electra": lambda: ElectraConfig(**SMALL, embedding_size=24, num_labels=3),  # embeddings projected 24 -> 48
+    "electra-same-width": lambda: ElectraConfig(**SMALL, embedding_size=48),  # no projection
+    "qwen3": lambda: Qwen3Config(**DECODER, head_dim=16),  # head_dim apart from hidden / heads, q/k norms
+    "qwen3-attention-bias": lambda: Qwen3Config(**DECODER, attention_bias=True),
+    "gemma": lambda: GemmaConfig(**DECODER, head_dim=16),  # tied embeddings by default
+    "gemma-untied-attention-bias": lambda: GemmaConfig(**DECODER, tie_word_embeddings=False, attention_bias=True),
     "vit": lambda: ViTConfig(**{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8),
     "vit-no-qkv-bias": lambda: ViTConfig(
         **{k: v for k, v in SMALL.items() if k != "vocab_size"}, image_size=40, patch_size=8, qkv_bias=False
@@ -54,7 +65,7 @@ AUTO = {
 def heads_for(kind: str) -> list[str]:
     if kind.startswith("vit"):
         return ["none", "image-classification"]
-    decoder = kind.startswith(("gpt2", "llama", "mistral", "qwen2"))
+    decoder = kind.startswith(("gpt2", "llama", "mistral", "qwen", "gemma"))
     return ["none", "sequence-classification", "token-classification"] + (["causal-lm"] if decoder else [])
 
 
