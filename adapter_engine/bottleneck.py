@@ -45,7 +45,11 @@ TRAIN_FUSED = False
 
 class BottleneckStackLayer(StandIn):
     """Base of the sublayer wrappers: an ``adapters`` ModuleDict, an ordered active stack, depth control,
-    per-level switches and per-row stacks. Subclasses define ``forward``."""
+    per-level switches and per-row stacks. Subclasses define ``forward``. An instance is also one of the wrapped
+    module's class and runs its hooks (``wrapping.StandIn.takes_class``): transformers' ``output_attentions`` hooks
+    find the attention sublayers it wraps."""
+
+    takes_class = True
 
     def __init__(self, original: nn.Module):
         super().__init__(original)
@@ -520,5 +524,6 @@ def unwrap_sublayer(parent: nn.Module, name: str) -> nn.Module:
         return child
     if isinstance(child, ResidualOutsideWithAdapters):
         child.remove_hooks()
-    setattr(parent, name, child.original)
-    return child.original
+    original = child.give_back()
+    setattr(parent, name, original)
+    return original

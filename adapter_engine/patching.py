@@ -249,6 +249,7 @@ def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
         for member, tensor in (*current.named_parameters(recurse=False), *current.named_buffers(recurse=False)):
             if getattr(original, member, None) is not tensor:
                 setattr(original, member, tensor)
+        current.give_back()
     original.train(current.training)
     _set_child(model, name, original)
 
