@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from . import api
+from .stacking import train_adapter
 
 
 def add_adapter(
@@ -32,7 +33,12 @@ def add_adapter(
     adapter_name=None)`` (transformers; the name defaults to PEFT's ``"default"``): told apart by the first
     argument, a name (str) or a config object. Adapter weights take the layers' dtype, as transformers' and
     AdapterHub's methods give them (``autocast_adapter_dtype=True``: fp32 masters on 16-bit layers, as
-    :func:`adapter_engine.add_adapter` gives by default, like PEFT)."""
+    :func:`adapter_engine.add_adapter` gives by default, like PEFT).
+
+    The transformers form does what transformers' method does: the new adapter becomes the only active one and the
+    only trainable parameters (the base model and other adapters frozen, as PEFT's ``inject_adapter_in_model`` and
+    ``set_adapter`` leave them), ready for ``Trainer``. It used to add it inactive and freeze nothing: the model ran
+    without it and a ``Trainer`` fine-tuned the whole base instead. The engine / AdapterHub form only adds it."""
     if len(args) > 2:
         raise TypeError(f"add_adapter takes a name and a config, got {len(args)} positional arguments")
     first, second = (*args, None, None)[:2]
@@ -50,7 +56,9 @@ def add_adapter(
     if second is not None and adapter_name is not None:
         raise TypeError("add_adapter(adapter_config, adapter_name): give the name once")
     name = adapter_name or second or "default"
-    return api.add_adapter(model, name, first, autocast_adapter_dtype=autocast_adapter_dtype)
+    api.add_adapter(model, name, first, autocast_adapter_dtype=autocast_adapter_dtype)
+    api.set_active_adapters(model, name)
+    train_adapter(model, name)
 
 
 def load_adapter(

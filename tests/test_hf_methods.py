@@ -1,0 +1,76 @@
+"""transformers' own adapter methods (``PeftAdapterMixin``) on a patched model, against what transformers + PEFT do:
+the active set, which parameters train, outputs, state-dict keys and the errors of each call form.
+
+Tiny random models (BERT with a classification head, GPT-2 and Llama with LM heads), fp32 on the CPU. Outputs of a
+loaded PEFT adapter are compared with PEFT's at 1e-5 absolute (hidden 32, values O(1): the fused op sums in another
+order, a few ulp per op through 2 layers).
+"""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig
+from transformers import LlamaForCausalLM
+
+import adapter_engine as ae
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
+_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+_LLAMA |= dict(vocab_size=64, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BUILD = {
+    "bert": lambda: BertForSequenceClassification(BertConfig(**_BERT)),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)  # fmt: skip
+    ),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA)),
+}
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def make(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return BUILD[arch]().eval()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(ids()).logits
+
+
+def lora(arch: str, **kw) -> "peft.LoraConfig":
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False, **kw)
+
+
+def trainable(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILD))
+def test_add_adapter_in_transformers_form_activates_it_and_trains_it_alone(arch):
+    """transformers' ``model.add_adapter(peft_config)`` activates the new adapter alone and leaves only its weights
+    trainable (PEFT freezes the base and the other adapters). On a patched model it used to add the adapter inactive
+    and freeze nothing: outputs stayed the base model's, and a ``Trainer`` fine-tuned the whole base, not the LoRA.
+    The engine / AdapterHub form ``add_adapter(name, config)`` still only adds."""
+    model = ae.patch(make(arch).train())
+    base = logits(model)
+    model.add_adapter("hfm_add_kept", lora(arch))  # the engine's form: added, inactive, nothing frozen
+    assert model.active_adapters() == [] and trainable(model) == {n for n, _ in model.named_parameters()}
+    model.add_adapter(lora(arch), adapter_name="hfm_add_a")
+    assert model.active_adapters() == ["hfm_add_a"] and model.training
+    own = {n for n, _ in model.named_parameters() if ".hfm_add_a." in n}
+    assert own and trainable(model) == own
+    first = logits(model)
+    assert not torch.allclose(first, base)
+    model.add_adapter(lora(arch))  # transformers' default name; the previous one is switched off and frozen
+    assert model.active_adapters() == ["default"]
+    assert trainable(model) == {n for n, _ in model.named_parameters() if ".default." in n}
+    model.set_adapter("hfm_add_a")
+    torch.testing.assert_close(logits(model), first, atol=0, rtol=0)
