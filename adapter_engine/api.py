@@ -211,9 +211,18 @@ def load_adapter(
     loads them in the layers' dtype; None as saved (fp32 where the file's tensors are fp32). Bottleneck adapters take
     their layers' dtype, as AdapterHub's do.
     """
-    state = _state(model)
     file = read_adapter(path, name=name, config=config)
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
+    return load_adapter_file(model, file, name, set_active=set_active, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+@unpatch_on_error
+@normal_tensors()
+def load_adapter_file(
+    model: nn.Module, file: AdapterFile, name: str, *, set_active: bool = False, autocast_adapter_dtype: bool | None
+) -> str:
+    """:func:`load_adapter` of an adapter already read (:func:`~adapter_engine.formats.read_adapter`) as ``name``."""
+    state = _state(model)
     _check_name(state, name)
     cfg = file.config
     if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)

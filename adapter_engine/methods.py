@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from . import api
+from .formats import read_adapter
 from .stacking import train_adapter
 
 
@@ -67,16 +68,23 @@ def load_adapter(
     name: str | None = None,
     config: Any = None,
     *,
-    set_active: bool = False,
+    set_active: bool | None = None,
     peft_model_id: str | os.PathLike | None = None,
     adapter_name: str | None = None,
     peft_config: Any = None,
+    is_trainable: bool = False,
     autocast_adapter_dtype: bool | None = False,
 ) -> str:
     """:func:`adapter_engine.api.load_adapter`, also under transformers' keyword names (``peft_model_id``,
     ``adapter_name``, ``peft_config``; their positions are the engine's). Adapter weights take the layers' dtype, as
     transformers' method loads them (``autocast_adapter_dtype``: as :func:`adapter_engine.load_adapter`'s, whose
-    default is PEFT's fp32 masters)."""
+    default is PEFT's fp32 masters).
+
+    A PEFT adapter loads as transformers' method loads it: it becomes the only active adapter, the base model and
+    the other adapters are frozen, the adapter itself too unless ``is_trainable=True``, and the model is put in eval
+    mode (it used to load inactive: the model went on giving the base model's outputs). An AdapterHub adapter loads
+    as AdapterHub's method loads it: inactive, nothing frozen. ``set_active=True`` / ``False`` (the engine's form)
+    loads and activates it, or only loads it, whatever its format."""
     values = {}
     pairs = ((path, peft_model_id, "path"), (name, adapter_name, "name"), (config, peft_config, "config"))
     for ours, theirs, label in pairs:
@@ -85,10 +93,17 @@ def load_adapter(
         values[label] = ours if ours is not None else theirs
     if values["path"] is None:
         raise TypeError("load_adapter needs the adapter's folder (path, or transformers' peft_model_id)")
-    return api.load_adapter(
-        model, values["path"], values["name"], values["config"], set_active=set_active,
-        autocast_adapter_dtype=autocast_adapter_dtype,
-    )  # fmt: skip
+    file = read_adapter(values["path"], name=values["name"], config=values["config"])
+    name = values["name"] or file.saved_name or os.path.basename(os.path.normpath(file.path))
+    api.load_adapter_file(model, file, name, set_active=bool(set_active), autocast_adapter_dtype=autocast_adapter_dtype)
+    if set_active is None and file.format == "peft":  # PEFT's inject_adapter_in_model and set_adapter, inference_mode
+        api.set_active_adapters(model, name)
+        train_adapter(model, name)
+        if not is_trainable:
+            for p in api.adapter_parameters(model, name):
+                p.requires_grad_(False)
+            model.eval()
+    return name
 
 
 def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:

@@ -8,8 +8,14 @@ order, a few ulp per op through 2 layers).
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import adapter_engine as ae
 
@@ -20,12 +26,11 @@ _BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_h
 _BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
 _LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
 _LLAMA |= dict(vocab_size=64, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+_GPT2 |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 BUILD = {
     "bert": lambda: BertForSequenceClassification(BertConfig(**_BERT)),
-    "gpt2": lambda: GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-                   attn_pdrop=0.0)  # fmt: skip
-    ),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**_GPT2)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_LLAMA)),
 }
 TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
@@ -74,3 +79,33 @@ def test_add_adapter_in_transformers_form_activates_it_and_trains_it_alone(arch)
     assert trainable(model) == {n for n, _ in model.named_parameters() if ".default." in n}
     model.set_adapter("hfm_add_a")
     torch.testing.assert_close(logits(model), first, atol=0, rtol=0)
+
+
+def saved_peft(arch: str, folder, seed: int = 0) -> torch.Tensor:
+    """Save a PEFT LoRA of ``arch`` (random factors) to ``folder``; returns PEFT's logits with it."""
+    pm = peft.get_peft_model(make(arch), lora(arch))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    pm.save_pretrained(folder)
+    return logits(pm)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILD))
+def test_load_adapter_in_transformers_form_runs_the_adapter_alone_and_frozen(arch, tmp_path):
+    """transformers' ``model.load_adapter(path, adapter_name=...)`` makes the loaded adapter the only active one and
+    freezes the model (the adapter too unless ``is_trainable=True``), in eval mode. On a patched model it used to load
+    the adapter inactive: the outputs stayed the base model's, not PEFT's."""
+    first, second = saved_peft(arch, tmp_path / "one"), saved_peft(arch, tmp_path / "two", seed=1)
+    model = ae.patch(make(arch).train())
+    model.load_adapter(tmp_path / "one", adapter_name="hfm_load_one")
+    assert model.active_adapters() == ["hfm_load_one"] and not model.training and not trainable(model)
+    torch.testing.assert_close(logits(model), first, atol=ATOL, rtol=0)
+    model.load_adapter(peft_model_id=tmp_path / "two", adapter_name="hfm_load_two", is_trainable=True)
+    assert model.active_adapters() == ["hfm_load_two"]
+    assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_load_two." in n}
+    torch.testing.assert_close(logits(model), second, atol=ATOL, rtol=0)
+    model.load_adapter(tmp_path / "one", "hfm_load_kept", set_active=False)  # the engine's form: only loaded
+    assert model.active_adapters() == ["hfm_load_two"]
