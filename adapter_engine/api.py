@@ -510,7 +510,9 @@ def get_adapter_state_dict(
     model: nn.Module, adapter_name: str | None = None, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """transformers' ``model.get_adapter_state_dict()``: the tensors :func:`save_adapter` writes for ``adapter_name``
-    (default: the first active one), PEFT keys for LoRA / IA3, AdapterHub keys for a bottleneck adapter.
+    (default: the first active one), AdapterHub keys for a bottleneck adapter, and for LoRA / IA3 PEFT's keys without
+    their ``base_model.model.`` prefix, as transformers' method gives them (its ``save_pretrained`` and callers add
+    the prefix; the engine used to give it already, so theirs got it twice and PEFT found no weights).
     ``state_dict``: the model's state dict to read them from instead of its parameters (transformers' argument, for
     a state dict gathered elsewhere, e.g. under model parallelism), keyed as ``model.state_dict()``."""
     state = _state(model)
@@ -524,7 +526,8 @@ def get_adapter_state_dict(
     if record.kind == "bottleneck":
         tensors = dict(_export_bottleneck(model, state, adapter_name, record)[1])
     else:
-        tensors = dict(_export_peft(model, adapter_name, record)[1])
+        prefix = "base_model.model."
+        tensors = {k.removeprefix(prefix): v for k, v in _export_peft(model, adapter_name, record)[1].items()}
     return tensors if state_dict is None else _read_from(model, tensors, state_dict)
 
 

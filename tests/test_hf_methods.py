@@ -109,3 +109,24 @@ def test_load_adapter_in_transformers_form_runs_the_adapter_alone_and_frozen(arc
     torch.testing.assert_close(logits(model), second, atol=ATOL, rtol=0)
     model.load_adapter(tmp_path / "one", "hfm_load_kept", set_active=False)  # the engine's form: only loaded
     assert model.active_adapters() == ["hfm_load_two"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_get_adapter_state_dict_has_transformers_keys_and_loads_into_peft(arch):
+    """``get_adapter_state_dict`` gives transformers' keys (PEFT's less ``base_model.model.``, which transformers'
+    ``save_pretrained`` adds): the engine's used to carry the prefix already, so code adding it (as transformers does)
+    wrote keys PEFT does not find. The state dict loads into a PEFT-injected model with the engine's outputs."""
+    extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
+    model = ae.patch(make(arch))
+    model.add_adapter(lora(arch, **extra), adapter_name="hfm_sd")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".hfm_sd." in name:
+                p.normal_(0.0, 0.2)
+    ref = peft.inject_adapter_in_model(lora(arch, **extra), make(arch), adapter_name="hfm_sd")
+    theirs = peft.get_peft_model_state_dict(ref, adapter_name="hfm_sd")  # what transformers' method returns
+    ours = model.get_adapter_state_dict()
+    assert set(ours) == set(theirs)
+    result = peft.set_peft_model_state_dict(ref, ours, "hfm_sd")
+    assert not [k for k in result.missing_keys if "hfm_sd" in k] and not result.unexpected_keys
+    torch.testing.assert_close(logits(ref), logits(model), atol=ATOL, rtol=0)
