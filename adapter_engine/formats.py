@@ -70,7 +70,14 @@ def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
     A path to a file inside the folder is accepted too."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter path {path!r} does not exist")
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None  # a Hub repository id ("owner/name")?
+        hint = (
+            ": adapter-engine loads local folders only; for a Hugging Face Hub adapter, download it first "
+            "(huggingface_hub.snapshot_download) and pass its folder"
+            if hub
+            else ""
+        )
+        raise FileNotFoundError(f"adapter path {path!r} does not exist{hint}")
     if os.path.isfile(path):
         path = os.path.dirname(path) or "."
     if name and os.sep not in name and name not in (".", "..") and _has_any(os.path.join(path, name)):

@@ -74,6 +74,11 @@ def load_adapter(
     peft_config: Any = None,
     is_trainable: bool = False,
     autocast_adapter_dtype: bool | None = False,
+    low_cpu_mem_usage: bool = False,
+    local_files_only: bool = False,
+    hotswap: bool | str = "auto",
+    adapter_kwargs: dict[str, Any] | None = None,
+    **hub_kwargs: Any,
 ) -> str:
     """:func:`adapter_engine.api.load_adapter`, also under transformers' keyword names (``peft_model_id``,
     ``adapter_name``, ``peft_config``; their positions are the engine's). Adapter weights take the layers' dtype, as
@@ -84,7 +89,13 @@ def load_adapter(
     the other adapters are frozen, the adapter itself too unless ``is_trainable=True``, and the model is put in eval
     mode (it used to load inactive: the model went on giving the base model's outputs). An AdapterHub adapter loads
     as AdapterHub's method loads it: inactive, nothing frozen. ``set_active=True`` / ``False`` (the engine's form)
-    loads and activates it, or only loads it, whatever its format."""
+    loads and activates it, or only loads it, whatever its format.
+
+    It reads local folders only: transformers' download options (``token``, ``revision``, ``cache_dir``, ... as
+    keywords or in ``adapter_kwargs``) are refused with a ValueError that says so (they used to fail with a bare
+    "unexpected keyword argument" TypeError), except a ``subfolder``, looked up in the folder.
+    ``low_cpu_mem_usage`` and ``local_files_only`` change nothing (the weights are always put in place, from local
+    files); ``hotswap=True`` (replacing a loaded adapter's weights in place) is refused."""
     values = {}
     pairs = ((path, peft_model_id, "path"), (name, adapter_name, "name"), (config, peft_config, "config"))
     for ours, theirs, label in pairs:
@@ -93,6 +104,7 @@ def load_adapter(
         values[label] = ours if ours is not None else theirs
     if values["path"] is None:
         raise TypeError("load_adapter needs the adapter's folder (path, or transformers' peft_model_id)")
+    values["path"] = _local_folder(values["path"], {**(adapter_kwargs or {}), **hub_kwargs}, hotswap)
     file = read_adapter(values["path"], name=values["name"], config=values["config"])
     name = values["name"] or file.saved_name or os.path.basename(os.path.normpath(file.path))
     api.load_adapter_file(model, file, name, set_active=bool(set_active), autocast_adapter_dtype=autocast_adapter_dtype)
@@ -104,6 +116,33 @@ def load_adapter(
                 p.requires_grad_(False)
             model.eval()
     return name
+
+
+# transformers' download options (``huggingface_hub``'s): what they ask for needs the Hub
+_HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "force_download", "proxies", "resume_download")
+
+
+def _local_folder(path: str | os.PathLike, options: dict[str, Any], hotswap: bool | str) -> str | os.PathLike:
+    """The folder transformers' ``load_adapter`` options point to (``subfolder``), refusing those that need the Hub
+    (a download option with a value), hotswapping and options transformers does not have either."""
+    if hotswap not in ("auto", False):
+        raise ValueError(
+            f"load_adapter: hotswap={hotswap!r} (replacing the weights of a loaded adapter in place) is not supported "
+            "by adapter-engine: delete_adapter(name), then load_adapter the new one"
+        )
+    unknown = sorted(k for k in options if k not in (*_HUB_OPTIONS, "subfolder", "local_files_only", "load_config"))
+    if unknown:
+        raise TypeError(f"load_adapter got unexpected keyword arguments {unknown}")
+    hub = sorted(k for k in options if k != "subfolder" and options[k] not in (None, False))
+    if hub:
+        given = ", ".join(f"{k}={options[k]!r}" if k not in ("token", "use_auth_token") else k for k in hub)
+        raise ValueError(
+            f"load_adapter reads local adapter folders only (adapter-engine does not download from the Hugging Face "
+            f"Hub), so {given} cannot apply: download the adapter first (huggingface_hub.snapshot_download, with "
+            f"those options) and pass its folder ({os.fspath(path)!r} here)"
+        )
+    sub = options.get("subfolder")
+    return os.path.join(path, sub) if sub else path
 
 
 def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:

@@ -130,3 +130,27 @@ def test_get_adapter_state_dict_has_transformers_keys_and_loads_into_peft(arch):
     result = peft.set_peft_model_state_dict(ref, ours, "hfm_sd")
     assert not [k for k in result.missing_keys if "hfm_sd" in k] and not result.unexpected_keys
     torch.testing.assert_close(logits(ref), logits(model), atol=ATOL, rtol=0)
+
+
+def test_load_adapter_takes_transformers_options_and_refuses_hub_downloads_clearly(tmp_path):
+    """transformers' ``load_adapter`` options: ``low_cpu_mem_usage``, ``local_files_only`` and ``hotswap="auto"``
+    load as usual, ``adapter_kwargs={"subfolder": ...}`` finds the adapter below the folder; download options with a
+    value (``token``, ``revision``, ...) and Hub ids are refused naming the reason (they raised a bare "unexpected
+    keyword argument" TypeError), as is ``hotswap=True``; nothing is loaded by a refused call."""
+    saved_peft("bert", tmp_path / "sub" / "one")
+    model = ae.patch(make("bert"))
+    model.load_adapter(tmp_path / "sub" / "one", adapter_name="hfm_opt_a", low_cpu_mem_usage=True, hotswap="auto")
+    model.load_adapter(tmp_path / "sub", adapter_name="hfm_opt_b", adapter_kwargs={"subfolder": "one"})
+    model.load_adapter(tmp_path / "sub" / "one", adapter_name="hfm_opt_c", local_files_only=True, revision=None)
+    refused = [
+        (dict(token="hf_secret"), ValueError, r"local adapter folders only .* so token cannot apply"),
+        (dict(adapter_kwargs={"revision": "v2"}), ValueError, r"so revision='v2' cannot apply.*snapshot_download"),
+        (dict(hotswap=True), ValueError, r"hotswap=True .* not supported"),
+        (dict(device_map="auto"), TypeError, r"unexpected keyword arguments \['device_map'\]"),
+    ]
+    for kwargs, error, match in refused:
+        with pytest.raises(error, match=match):
+            model.load_adapter(tmp_path / "sub" / "one", adapter_name="hfm_opt_no", **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"'someone/some-lora' does not exist: .* local folders only"):
+        model.load_adapter("someone/some-lora", adapter_name="hfm_opt_no")
+    assert model.list_adapters() == ["hfm_opt_a", "hfm_opt_b", "hfm_opt_c"]
