@@ -16,10 +16,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import api
-from .formats import read_adapter
+from .formats import peft_state_dict_adapter, read_adapter
 from .stacking import train_adapter
 
 
@@ -72,6 +73,7 @@ def load_adapter(
     peft_model_id: str | os.PathLike | None = None,
     adapter_name: str | None = None,
     peft_config: Any = None,
+    adapter_state_dict: dict[str, torch.Tensor] | None = None,
     is_trainable: bool = False,
     autocast_adapter_dtype: bool | None = False,
     low_cpu_mem_usage: bool = False,
@@ -89,7 +91,9 @@ def load_adapter(
     the other adapters are frozen, the adapter itself too unless ``is_trainable=True``, and the model is put in eval
     mode (it used to load inactive: the model went on giving the base model's outputs). An AdapterHub adapter loads
     as AdapterHub's method loads it: inactive, nothing frozen. ``set_active=True`` / ``False`` (the engine's form)
-    loads and activates it, or only loads it, whatever its format.
+    loads and activates it, or only loads it, whatever its format. ``adapter_state_dict`` with ``peft_config``
+    (transformers' form, in place of a folder): a PEFT LoRA / IA3 adapter given as tensors, keyed as PEFT saves them
+    or as ``get_adapter_state_dict`` gives them; its name defaults to ``"default"``, as transformers'.
 
     It reads local folders only: transformers' download options (``token``, ``revision``, ``cache_dir``, ... as
     keywords or in ``adapter_kwargs``) are refused with a ValueError that says so (they used to fail with a bare
@@ -102,11 +106,21 @@ def load_adapter(
         if ours is not None and theirs is not None:
             raise TypeError(f"load_adapter got the {label} twice (positional or engine keyword, and transformers')")
         values[label] = ours if ours is not None else theirs
-    if values["path"] is None:
-        raise TypeError("load_adapter needs the adapter's folder (path, or transformers' peft_model_id)")
-    values["path"] = _local_folder(values["path"], {**(adapter_kwargs or {}), **hub_kwargs}, hotswap)
-    file = read_adapter(values["path"], name=values["name"], config=values["config"])
-    name = values["name"] or file.saved_name or os.path.basename(os.path.normpath(file.path))
+    if (values["path"] is None) == (adapter_state_dict is None):
+        raise TypeError(
+            "load_adapter needs the adapter's folder (path, or transformers' peft_model_id) or its tensors "
+            "(adapter_state_dict, with peft_config), not both"
+            if adapter_state_dict is not None
+            else "load_adapter needs the adapter's folder (path, or transformers' peft_model_id)"
+        )
+    subfolder = _check_options({**(adapter_kwargs or {}), **hub_kwargs}, hotswap)
+    if adapter_state_dict is not None:
+        file = peft_state_dict_adapter(adapter_state_dict, values["config"])
+        name = values["name"] or "default"
+    else:
+        path = os.path.join(values["path"], subfolder) if subfolder else values["path"]
+        file = read_adapter(path, name=values["name"], config=values["config"])
+        name = values["name"] or file.saved_name or os.path.basename(os.path.normpath(file.path))
     api.load_adapter_file(model, file, name, set_active=bool(set_active), autocast_adapter_dtype=autocast_adapter_dtype)
     if set_active is None and file.format == "peft":  # PEFT's inject_adapter_in_model and set_adapter, inference_mode
         api.set_active_adapters(model, name)
@@ -122,9 +136,9 @@ def load_adapter(
 _HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "force_download", "proxies", "resume_download")
 
 
-def _local_folder(path: str | os.PathLike, options: dict[str, Any], hotswap: bool | str) -> str | os.PathLike:
-    """The folder transformers' ``load_adapter`` options point to (``subfolder``), refusing those that need the Hub
-    (a download option with a value), hotswapping and options transformers does not have either."""
+def _check_options(options: dict[str, Any], hotswap: bool | str) -> str | None:
+    """Refuse transformers' ``load_adapter`` options that need the Hub (a download option with a value), hotswapping
+    and options transformers does not have either; returns the ``subfolder`` asked for."""
     if hotswap not in ("auto", False):
         raise ValueError(
             f"load_adapter: hotswap={hotswap!r} (replacing the weights of a loaded adapter in place) is not supported "
@@ -139,10 +153,9 @@ def _local_folder(path: str | os.PathLike, options: dict[str, Any], hotswap: boo
         raise ValueError(
             f"load_adapter reads local adapter folders only (adapter-engine does not download from the Hugging Face "
             f"Hub), so {given} cannot apply: download the adapter first (huggingface_hub.snapshot_download, with "
-            f"those options) and pass its folder ({os.fspath(path)!r} here)"
+            "those options) and pass its folder"
         )
-    sub = options.get("subfolder")
-    return os.path.join(path, sub) if sub else path
+    return options.get("subfolder")
 
 
 def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:

@@ -154,3 +154,26 @@ def test_load_adapter_takes_transformers_options_and_refuses_hub_downloads_clear
     with pytest.raises(FileNotFoundError, match=r"'someone/some-lora' does not exist: .* local folders only"):
         model.load_adapter("someone/some-lora", adapter_name="hfm_opt_no")
     assert model.list_adapters() == ["hfm_opt_a", "hfm_opt_b", "hfm_opt_c"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_load_adapter_from_a_state_dict_and_config(arch, tmp_path):
+    """transformers' ``load_adapter(adapter_state_dict=..., peft_config=...)``: an adapter given as tensors (keyed as
+    ``get_adapter_state_dict`` gives them, or as PEFT saves them) loads as from its folder, active, named "default"
+    unless named. It was refused with "unexpected keyword argument 'adapter_state_dict'"."""
+    expected = saved_peft(arch, tmp_path / "one")
+    donor = ae.patch(make(arch))
+    donor.load_adapter(tmp_path / "one", adapter_name="hfm_sdl_donor")
+    given = donor.get_adapter_state_dict()
+    model = ae.patch(make(arch))
+    model.load_adapter(adapter_state_dict=given, peft_config=lora(arch))
+    assert model.active_adapters() == ["default"]
+    torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
+    prefixed = {f"base_model.model.{k}": v for k, v in given.items()}
+    model.load_adapter(adapter_state_dict=prefixed, peft_config=lora(arch), adapter_name="hfm_sdl_b")
+    torch.testing.assert_close(logits(model), expected, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="needs the adapter's config: pass peft_config"):
+        model.load_adapter(adapter_state_dict=given, adapter_name="hfm_sdl_no")
+    with pytest.raises(TypeError, match="not both"):
+        model.load_adapter(tmp_path / "one", adapter_state_dict=given, adapter_name="hfm_sdl_no")
+    assert model.list_adapters() == ["default", "hfm_sdl_b"]
