@@ -555,11 +555,14 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
     tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
     AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError. A
-    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too. Adapters a memory
+    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too. The adapters' manifest
+    (``adapter_engine.json``, as :func:`~adapter_engine.persist.save_model` writes it) goes with them, so that
+    :func:`~adapter_engine.persist.load_model` rebuilds them: without it, it silently loaded the base model alone.
+    Adapters a memory
     manager evicted to host memory are not in the model, so not in the checkpoint: a warning names them
     (``StackedAdapterModel.save`` writes every level and sibling)."""
     from .memory import offloaded_adapters  # (memory imports this module)
-    from .persist import _without_adapter_aliases  # (persist imports this module)
+    from .persist import _without_adapter_aliases, write_manifest  # (persist imports this module)
 
     away = offloaded_adapters(model)
     if away:
@@ -573,7 +576,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     if len(args) < 2:  # (else state_dict came positionally, save_pretrained's third parameter: left as given)
         given = kwargs.get("state_dict")
         kwargs["state_dict"] = _without_adapter_aliases(model.state_dict() if given is None else given)
-    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if _state(model).adapters and (args[0] if args else kwargs.get("is_main_process", True)):
+        write_manifest(model, save_directory)
+    return result
 
 
 def resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
