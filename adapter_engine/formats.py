@@ -86,6 +86,12 @@ def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
         return path
     subs = sorted(d for d in os.listdir(path) if _has_any(os.path.join(path, d)))
     hint = f"; it has adapter subfolders {subs}: pass one of them (or name=)" if subs else ""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a model: save_pretrained's, not save_adapter's
+        hint += (
+            "; it is a model folder (config.json): save_pretrained of a patched model writes the adapters beside the "
+            "base's weights, and adapter_engine.load_model loads it whole; model.save_adapter(name, folder) writes one "
+            "adapter alone"
+        )
     expected = [CONFIG_NAME] + [w for ws in WEIGHTS.values() for w in ws]
     raise ValueError(f"unknown adapter format in {path!r}: none of {expected} found{hint}")
 

@@ -177,3 +177,20 @@ def test_load_adapter_from_a_state_dict_and_config(arch, tmp_path):
     with pytest.raises(TypeError, match="not both"):
         model.load_adapter(tmp_path / "one", adapter_state_dict=given, adapter_name="hfm_sdl_no")
     assert model.list_adapters() == ["default", "hfm_sdl_b"]
+
+
+def test_load_adapter_of_a_save_pretrained_folder_says_how_to_load_it(tmp_path):
+    """transformers' ``save_pretrained`` of a model with adapters writes the adapter alone, which ``load_adapter``
+    loads; a patched model's writes the whole model (adapters beside the base's weights). ``load_adapter`` of that
+    folder said only that no adapter file was found; it now names the folder a model checkpoint and the ways to load
+    or write it, and loads nothing. ``save_adapter`` then ``load_adapter`` round-trips."""
+    model = ae.patch(make("bert"))
+    model.add_adapter(lora("bert"), adapter_name="hfm_sp")
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "model")
+    other = ae.patch(make("bert"))
+    with pytest.raises(ValueError, match=r"model folder \(config.json\).*load_model.*save_adapter"):
+        other.load_adapter(tmp_path / "model", adapter_name="hfm_sp")
+    assert other.list_adapters() == []
+    other.load_adapter(model.save_adapter("hfm_sp", tmp_path / "adapter"), adapter_name="hfm_sp")
+    torch.testing.assert_close(logits(other), expected, atol=ATOL, rtol=0)
