@@ -158,6 +158,20 @@ def _check_options(options: dict[str, Any], hotswap: bool | str) -> str | None:
     return options.get("subfolder")
 
 
+def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
+    """transformers' / PEFT's ``set_adapter``: activate ``adapter_name`` (a name or a list, as
+    :func:`~adapter_engine.api.set_active_adapters`) and, as PEFT's layers do, make the active adapters' weights
+    trainable and the other adapters' frozen; the base model's are left as they are. It used to change only which
+    adapters run: after transformers' ``add_adapter`` of a second adapter (which freezes the first),
+    ``set_adapter(first)`` ran the first one frozen, and a ``Trainer`` trained nothing. (``set_active_adapters``,
+    the engine's and AdapterHub's name, changes only which adapters run.)"""
+    api.set_active_adapters(model, adapter_name)
+    state = api._state(model)
+    for name in state.adapters:
+        for p in api.adapter_parameters(model, name):
+            p.requires_grad_(name in state.active)
+
+
 def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Remove one adapter, or several (transformers' form); every name is checked before any is removed."""
     names = [names] if isinstance(names, str) else list(names)

@@ -194,3 +194,22 @@ def test_load_adapter_of_a_save_pretrained_folder_says_how_to_load_it(tmp_path):
     assert other.list_adapters() == []
     other.load_adapter(model.save_adapter("hfm_sp", tmp_path / "adapter"), adapter_name="hfm_sp")
     torch.testing.assert_close(logits(other), expected, atol=ATOL, rtol=0)
+
+
+def test_set_adapter_trains_the_adapters_it_activates():
+    """transformers' ``set_adapter`` makes the adapters it activates trainable and the others frozen (PEFT's layers
+    do). After two ``add_adapter`` calls (each freezes the rest), ``set_adapter(first)`` ran the first one frozen on
+    a patched model, and a training step changed nothing. ``set_active_adapters`` (the engine's name) still only
+    switches which adapters run."""
+    model = ae.patch(make("bert").train())
+    for name in ("hfm_set_a", "hfm_set_b"):
+        model.add_adapter(peft.LoraConfig(r=4, target_modules=["query", "value"]), adapter_name=name)
+    model.set_adapter("hfm_set_a")
+    assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_set_a." in n}
+    model(ids(), labels=torch.tensor([0, 1])).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".lora_B.hfm_set_a." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.set_adapter(["hfm_set_a", "hfm_set_b"])
+    assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_set_" in n}
+    model.set_active_adapters("hfm_set_b")
+    assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_set_" in n}
