@@ -30,12 +30,14 @@ def add_adapter(
     config: Any = None,
     adapter_name: str | None = None,
     autocast_adapter_dtype: bool = False,
+    adapter_config: Any = None,
 ) -> None:
     """``model.add_adapter(name, config)`` (the engine, AdapterHub) or ``model.add_adapter(adapter_config,
     adapter_name=None)`` (transformers; the name defaults to PEFT's ``"default"``): told apart by the first
-    argument, a name (str) or a config object. Adapter weights take the layers' dtype, as transformers' and
-    AdapterHub's methods give them (``autocast_adapter_dtype=True``: fp32 masters on 16-bit layers, as
-    :func:`adapter_engine.add_adapter` gives by default, like PEFT).
+    argument, a name (str) or a config object (``config=``, or transformers' keyword ``adapter_config=``). Adapter
+    weights take the layers' dtype, as transformers' and AdapterHub's methods give them
+    (``autocast_adapter_dtype=True``: fp32 masters on 16-bit layers, as :func:`adapter_engine.add_adapter` gives by
+    default, like PEFT).
 
     The transformers form does what transformers' method does: the new adapter becomes the only active one and the
     only trainable parameters (the base model and other adapters frozen, as PEFT's ``inject_adapter_in_model`` and
@@ -43,6 +45,10 @@ def add_adapter(
     without it and a ``Trainer`` fine-tuned the whole base instead. The engine / AdapterHub form only adds it."""
     if len(args) > 2:
         raise TypeError(f"add_adapter takes a name and a config, got {len(args)} positional arguments")
+    if adapter_config is not None:  # (transformers' keyword for the config)
+        if config is not None:
+            raise TypeError("add_adapter got the config twice (config= and adapter_config=)")
+        config = adapter_config
     first, second = (*args, None, None)[:2]
     if isinstance(first, str):  # (name, config)
         if adapter_name is not None or (second is not None and config is not None):
@@ -53,7 +59,9 @@ def add_adapter(
         return api.add_adapter(model, first, config, autocast_adapter_dtype=autocast_adapter_dtype)
     if first is None and config is not None:  # add_adapter(config=..., adapter_name=...)
         first = config
-    elif first is None or config is not None:
+    elif first is not None and config is not None:
+        raise TypeError("add_adapter got the config twice (positional, and config= / adapter_config=)")
+    elif first is None:
         raise TypeError("add_adapter needs a config: add_adapter(name, config) or add_adapter(config, adapter_name=)")
     if second is not None and adapter_name is not None:
         raise TypeError("add_adapter(adapter_config, adapter_name): give the name once")
@@ -172,8 +180,14 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
             p.requires_grad_(name in state.active)
 
 
-def delete_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Remove one adapter, or several (transformers' form); every name is checked before any is removed."""
+def delete_adapter(
+    model: nn.Module, names: str | Sequence[str] | None = None, *, adapter_names: str | Sequence[str] | None = None
+) -> None:
+    """Remove one adapter, or several (transformers' form, also under its keyword ``adapter_names``); every name is
+    checked before any is removed."""
+    if (names is None) == (adapter_names is None):
+        raise TypeError("delete_adapter takes the adapter name(s) once: delete_adapter(names) or (adapter_names=)")
+    names = names if names is not None else adapter_names
     names = [names] if isinstance(names, str) else list(names)
     state = api._state(model)
     unknown = [n for n in names if n not in state.adapters]

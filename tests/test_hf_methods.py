@@ -213,3 +213,20 @@ def test_set_adapter_trains_the_adapters_it_activates():
     assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_set_" in n}
     model.set_active_adapters("hfm_set_b")
     assert trainable(model) == {n for n, _ in model.named_parameters() if ".hfm_set_" in n}
+
+
+def test_the_methods_take_transformers_keyword_names():
+    """transformers' keywords: ``add_adapter(adapter_config=...)``, ``set_adapter(adapter_name=...)``,
+    ``delete_adapter(adapter_names=...)``; the first and last raised "unexpected keyword argument"."""
+    model = ae.patch(make("bert"))
+    model.add_adapter(adapter_config=lora("bert"), adapter_name="hfm_kw_a")
+    model.add_adapter("hfm_kw_b", adapter_config=lora("bert"))  # (name, config): the engine's form
+    model.set_adapter(adapter_name=["hfm_kw_a", "hfm_kw_b"])
+    assert model.active_adapters() == ["hfm_kw_a", "hfm_kw_b"]
+    with pytest.raises(TypeError, match="config twice"):
+        model.add_adapter(lora("bert"), adapter_config=lora("bert"), adapter_name="hfm_kw_no")
+    model.delete_adapter(adapter_names=["hfm_kw_a"])
+    model.delete_adapter(adapter_names="hfm_kw_b")
+    assert model.list_adapters() == []
+    with pytest.raises(TypeError, match="name\\(s\\) once"):
+        model.delete_adapter("x", adapter_names="x")
