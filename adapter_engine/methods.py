@@ -4,10 +4,12 @@ transformers' (``PeftAdapterMixin``), so HF code calling them reaches the engine
     model.add_adapter("mine", config)                        # the engine / AdapterHub: (name, config)
     model.add_adapter(peft_config, adapter_name="mine")      # transformers: (adapter_config, adapter_name="default")
     model.load_adapter(path, adapter_name="mine")            # transformers' keyword names (peft_model_id, ...)
+    model.set_adapter(["a", "b"])                            # PEFT's: the active adapters also become trainable
     model.delete_adapter(["a", "b"])                         # transformers deletes several at once
 
 They used to be the functional API bound as is: every transformers form failed with a ``TypeError`` (or took the
-config for the name).
+config for the name). A transformers form also does what transformers' method does to the active set and to which
+weights train (the new or loaded adapter alone, PEFT's freezing of the rest); the engine's forms leave that as is.
 """
 
 from __future__ import annotations
