@@ -217,9 +217,18 @@ def load_adapter(
     trained copy of the model's own head where it maps onto it exactly (see :mod:`adapter_engine.heads`), and is left
     out with a warning naming the reason otherwise (None, the default); True raises instead; False skips it.
     """
-    state = _state(model)
     file = read_adapter(path, name=name, config=config)
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
+    return load_adapter_file(model, file, name, set_active=set_active, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+@unpatch_on_error
+@normal_tensors()
+def load_adapter_file(
+    model: nn.Module, file: AdapterFile, name: str, *, set_active: bool = False, autocast_adapter_dtype: bool | None
+) -> str:
+    """:func:`load_adapter` of an adapter already read (:func:`~adapter_engine.formats.read_adapter`) as ``name``."""
+    state = _state(model)
     _check_name(state, name)
     cfg = file.config
     if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)
@@ -532,7 +541,9 @@ def get_adapter_state_dict(
     model: nn.Module, adapter_name: str | None = None, state_dict: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """transformers' ``model.get_adapter_state_dict()``: the tensors :func:`save_adapter` writes for ``adapter_name``
-    (default: the first active one), PEFT keys for LoRA / IA3, AdapterHub keys for a bottleneck adapter.
+    (default: the first active one), AdapterHub keys for a bottleneck adapter, and for LoRA / IA3 PEFT's keys without
+    their ``base_model.model.`` prefix, as transformers' method gives them (its ``save_pretrained`` and callers add
+    the prefix; the engine used to give it already, so theirs got it twice and PEFT found no weights).
     ``state_dict``: the model's state dict to read them from instead of its parameters (transformers' argument, for
     a state dict gathered elsewhere, e.g. under model parallelism), keyed as ``model.state_dict()``."""
     state = _state(model)
@@ -546,7 +557,8 @@ def get_adapter_state_dict(
     if record.kind == "bottleneck":
         tensors = dict(_export_bottleneck(model, state, adapter_name, record)[1])
     else:
-        tensors = dict(_export_peft(model, adapter_name, record)[1])
+        prefix = "base_model.model."
+        tensors = {k.removeprefix(prefix): v for k, v in _export_peft(model, adapter_name, record)[1].items()}
     return tensors if state_dict is None else _read_from(model, tensors, state_dict)
 
 
@@ -574,11 +586,14 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     ``from_pretrained`` ignores the adapter keys; :func:`~adapter_engine.persist.load_model` reads them back), with a
     tensor an adapter registers under two names (its LayerNorm before the down projection, ``ln_before``, as
     AdapterHub's module does) saved once: safetensors refused the shared tensors with a RuntimeError. A
-    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too. Adapters a memory
+    ``state_dict`` given (``transformers.Trainer`` passes one) loses those second names too. The adapters' manifest
+    (``adapter_engine.json``, as :func:`~adapter_engine.persist.save_model` writes it) goes with them, so that
+    :func:`~adapter_engine.persist.load_model` rebuilds them: without it, it silently loaded the base model alone.
+    Adapters a memory
     manager evicted to host memory are not in the model, so not in the checkpoint: a warning names them
     (``StackedAdapterModel.save`` writes every level and sibling)."""
     from .memory import offloaded_adapters  # (memory imports this module)
-    from .persist import _without_adapter_aliases  # (persist imports this module)
+    from .persist import _without_adapter_aliases, write_manifest  # (persist imports this module)
 
     away = offloaded_adapters(model)
     if away:
@@ -592,7 +607,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: 
     if len(args) < 2:  # (else state_dict came positionally, save_pretrained's third parameter: left as given)
         given = kwargs.get("state_dict")
         kwargs["state_dict"] = _without_adapter_aliases(model.state_dict() if given is None else given)
-    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if _state(model).adapters and (args[0] if args else kwargs.get("is_main_process", True)):
+        write_manifest(model, save_directory)
+    return result
 
 
 def resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._io import replace_entries
-from .config import AnyConfig, coerce_config, config_from_dict
+from .config import AnyConfig, IA3Config, LoraConfig, coerce_config, config_from_dict
 from .heads import HEAD_CONFIG, HEAD_FILES, HEAD_WEIGHTS
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,14 @@ def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
     A path to a file inside the folder is accepted too."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter path {path!r} does not exist")
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None  # a Hub repository id ("owner/name")?
+        hint = (
+            ": adapter-engine loads local folders only; for a Hugging Face Hub adapter, download it first "
+            "(huggingface_hub.snapshot_download) and pass its folder"
+            if hub
+            else ""
+        )
+        raise FileNotFoundError(f"adapter path {path!r} does not exist{hint}")
     if os.path.isfile(path):
         path = os.path.dirname(path) or "."
     if name and os.sep not in name and name not in (".", "..") and _has_any(os.path.join(path, name)):
@@ -80,6 +87,12 @@ def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
         return path
     subs = sorted(d for d in os.listdir(path) if _has_any(os.path.join(path, d)))
     hint = f"; it has adapter subfolders {subs}: pass one of them (or name=)" if subs else ""
+    if os.path.isfile(os.path.join(path, "config.json")):  # a model: save_pretrained's, not save_adapter's
+        hint += (
+            "; it is a model folder (config.json): save_pretrained of a patched model writes the adapters beside the "
+            "base's weights, and adapter_engine.load_model loads it whole; model.save_adapter(name, folder) writes one "
+            "adapter alone"
+        )
     expected = [CONFIG_NAME] + [w for ws in WEIGHTS.values() for w in ws]
     raise ValueError(f"unknown adapter format in {path!r}: none of {expected} found{hint}")
 
@@ -232,6 +245,32 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
             raise type(err)(f"adapter config {cfg_path!r}: {err}") from None
     saved_name = meta.get("name") if (meta and fmt == "adapterhub") else None
     _, tensors = read_tensors(folder, fmt)
+    return parse_adapter(fmt, folder, cfg, meta or {}, tensors, saved_name)
+
+
+def peft_state_dict_adapter(tensors: Any, config: Any) -> AdapterFile:
+    """A PEFT LoRA / IA3 adapter given as tensors and config (transformers' ``load_adapter(adapter_state_dict=,
+    peft_config=)``): keys as PEFT saves them or as transformers' ``get_adapter_state_dict`` gives them (without
+    ``base_model.model.``)."""
+    if config is None:
+        raise ValueError("load_adapter(adapter_state_dict=...) needs the adapter's config: pass peft_config= too")
+    cfg = coerce_config(config)
+    if not isinstance(cfg, (LoraConfig, IA3Config)):
+        raise ValueError(f"adapter_state_dict holds PEFT LoRA / IA3 weights; peft_config is a {type(cfg).__name__}")
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise TypeError(f"adapter_state_dict must be a dict of tensors, got {type(tensors).__name__}")
+    return parse_adapter("peft", "adapter_state_dict", cfg, {}, dict(tensors), None)
+
+
+def parse_adapter(
+    fmt: str,
+    folder: str,
+    cfg: AnyConfig,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    saved_name: str | None,
+) -> AdapterFile:
+    """An :class:`AdapterFile` of ``fmt`` from its config and weights (``folder``: where they came from)."""
     tensors, copies = split_base_copies(tensors) if fmt == "peft" else (tensors, {})
     tensors, saved = split_saved_modules(tensors, getattr(cfg, "modules_to_save", None) if fmt == "peft" else None)
     entries = parse_keys(fmt, tensors, saved_name)
@@ -240,7 +279,7 @@ def read_adapter(path: str | os.PathLike, name: str | None = None, config: Any =
         raise ValueError(f"unexpected weights in the peft adapter file: base weights {unadapted[:4]} of layers "
                          "without adapter weights")  # fmt: skip
     return AdapterFile(format=fmt, path=folder, config=cfg, saved_name=saved_name, entries=entries,
-                       meta=meta or {}, base_copies=copies, saved_modules=saved)  # fmt: skip
+                       meta=meta, base_copies=copies, saved_modules=saved)  # fmt: skip
 
 
 def write_adapter(

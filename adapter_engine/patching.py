@@ -348,7 +348,7 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "load_adapter": hf.load_adapter,  # (these three also take transformers' call forms)
         "add_adapter": hf.add_adapter,
         "set_active_adapters": api.set_active_adapters,
-        "set_adapter": api.set_active_adapters,  # PEFT's name
+        "set_adapter": hf.set_adapter,  # PEFT's name: also makes the active adapters trainable, as PEFT's
         "delete_adapter": hf.delete_adapter,
         "list_adapters": api.list_adapters,
         "save_adapter": api.save_adapter,

@@ -37,6 +37,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
 def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
     """What :func:`save_model` writes, into an existing (temporary) ``folder``: ``save_pretrained`` and the
     manifest :func:`load_model` reads to rebuild the adapters (absorbed bottlenecks, a trained stack)."""
+    # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
+    # before the down projection as AdapterHub's module registers it, is saved once, as safetensors requires; it
+    # writes the manifest of a model with adapters too)
+    model.save_pretrained(folder, **save_kwargs)
+    write_manifest(model, folder)
+
+
+def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Write ``adapter_engine.json`` into ``folder``: the adapters of ``model`` (config, kind, modules) and which are
+    active, for :func:`load_model` to rebuild them over the checkpoint's weights."""
     manifest = {"adapters": {}, "active": [], "absorbed": []}
     if pt.is_patched(model):
         state = pt.get_state(model)
@@ -59,9 +69,6 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
                 manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
-    # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
-    # before the down projection as AdapterHub's module registers it, is saved once, as safetensors requires)
-    model.save_pretrained(folder, **save_kwargs)
     with open(os.path.join(folder, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
 

@@ -298,7 +298,8 @@ def test_transformers_adapter_methods_act_on_the_engines_adapters(tmp_path):
         model.enable_adapters()
         assert model.active_adapters() == ["l", "s"] and torch.equal(out(model, batch), adapted)
     saved = load_file(os.path.join(model.save_adapter("l", tmp_path / "l"), "adapter_model.safetensors"))
-    state = model.get_adapter_state_dict()  # the first active adapter, "l"
+    state = model.get_adapter_state_dict()  # the first active adapter, "l"; PEFT's keys less "base_model.model."
+    state = {f"base_model.model.{k}": v for k, v in state.items()}  # (as transformers' save_pretrained adds it)
     assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
     assert any(".adapters.s." in k for k in model.get_adapter_state_dict("s"))
     # transformers' state_dict= (a state dict gathered elsewhere): the same keys, values read from it

@@ -194,3 +194,23 @@ def test_a_loaded_adapter_whose_config_names_a_data_driven_init_reloads_with_the
     assert ae.patching.get_state(back).adapters["eva_made"].config.init_lora_weights == "eva"
     with torch.no_grad():
         torch.testing.assert_close(back(**BATCH).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_of_a_patched_model_reloads_its_adapters_with_load_model(tmp_path):
+    """``model.save_pretrained`` of a patched model (and so every ``transformers.Trainer`` checkpoint) writes the
+    adapters' weights beside the base's; it now writes their manifest too, so that ``load_model`` rebuilds them. It
+    used to write no manifest, and ``load_model`` of the folder silently gave the base model without its adapters."""
+    model = _classifier_with_bottleneck(ae.BottleneckConfig.seq_bn(reduction_factor=4), seed=0)
+    ae.add_adapter(model, "persist_sp_lora", ae.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    ae.set_active_adapters(model, ["persist_sp_lora", "b"])
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert ae.list_adapters(loaded) == ["b", "persist_sp_lora"]
+    assert loaded.active_adapters() == ["persist_sp_lora", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected, rtol=0, atol=1e-6)
+    merged = ae.patch(BertModel(BertConfig(**TINY)))  # patched, no adapter: a plain checkpoint, as before
+    merged.save_pretrained(tmp_path / "plain")
+    assert sorted(os.listdir(tmp_path / "plain")) == ["config.json", "model.safetensors"]
