@@ -219,13 +219,21 @@ def load_adapter(
     """
     file = read_adapter(path, name=name, config=config)
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
-    return load_adapter_file(model, file, name, set_active=set_active, autocast_adapter_dtype=autocast_adapter_dtype)
+    return load_adapter_file(
+        model, file, name, set_active=set_active, autocast_adapter_dtype=autocast_adapter_dtype, head=head
+    )
 
 
 @unpatch_on_error
 @normal_tensors()
 def load_adapter_file(
-    model: nn.Module, file: AdapterFile, name: str, *, set_active: bool = False, autocast_adapter_dtype: bool | None
+    model: nn.Module,
+    file: AdapterFile,
+    name: str,
+    *,
+    set_active: bool = False,
+    autocast_adapter_dtype: bool | None,
+    head: bool | None = None,
 ) -> str:
     """:func:`load_adapter` of an adapter already read (:func:`~adapter_engine.formats.read_adapter`) as ``name``."""
     state = _state(model)
