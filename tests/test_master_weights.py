@@ -406,6 +406,9 @@ def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
         model, "mw_j", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), autocast_adapter_dtype=False
     )
     saved = _adapter_weights(model, "mw_")
+    with torch.no_grad():  # trained-looking values: fresh ones (B = 0, IA3 = 1) would match an adapter left unloaded
+        for p in saved.values():
+            p.uniform_(0.5, 1.5)
     ae.save_model(model, tmp_path / "ckpt")
     loaded = _adapter_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
     assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
