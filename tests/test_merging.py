@@ -149,6 +149,15 @@ def test_dare_drops_about_one_minus_density_and_is_seeded():
     assert torch.equal(wa, wb)
     changed = (wa != base).float().mean().item()
     assert 0.35 < changed < 0.65  # ~1 - 0.7^2 of the elements get at least one of the two kept entries
+    # each kept entry is rescaled by 1 / density (test_ties_and_dare_follow_peft runs at density 1, where it is 1)
+    one = with_loras()
+    key = "encoder.layer.0.attention.self.query.weight"
+    (lora_a, lora_b, scale), before = lora_terms(one, ["l0"])[key][0], one.state_dict()[key].clone()
+    ae.merge_adapter(one, ["l0"], combination="dare_linear", density=0.3, seed=7)
+    got, delta = one.state_dict()[key] - before, scale * (lora_b @ lora_a)
+    kept = got != 0
+    assert 0.2 < kept.float().mean().item() < 0.4
+    torch.testing.assert_close(got[kept], delta[kept] / 0.3, rtol=1e-5, atol=1e-6)
 
 
 def test_failed_merge_leaves_every_weight_bit_identical():
