@@ -147,6 +147,9 @@ def test_dare_drops_about_one_minus_density_and_is_seeded():
     ae.merge_adapter(b, ["l0", "l1"], combination="dare_linear", density=0.3, seed=7)
     wa, wb = a.encoder.layer[0].attention.self.query.weight, b.encoder.layer[0].attention.self.query.weight
     assert torch.equal(wa, wb)
+    other = with_loras()
+    ae.merge_adapter(other, ["l0", "l1"], combination="dare_linear", density=0.3, seed=8)
+    assert not torch.equal(other.encoder.layer[0].attention.self.query.weight, wa)  # another seed, other drops
     changed = (wa != base).float().mean().item()
     assert 0.35 < changed < 0.65  # ~1 - 0.7^2 of the elements get at least one of the two kept entries
     # each kept entry is rescaled by 1 / density (test_ties_and_dare_follow_peft runs at density 1, where it is 1)
