@@ -84,8 +84,11 @@ def test_exact_merge_restores_bit_for_bit_and_in_order():
     with pytest.raises(ValueError, match="no merged adapter"):
         ae.unmerge_adapter(plain)
     assert vars(plain).keys() == vars(tiny_bert()).keys()  # a refused unmerge leaves nothing on the model
+    ae.set_active_adapters(model, ["l0", "l1", "l2"])
+    adapted = hidden(model)
     ae.merge_adapter(model, "l0", exact=True)
     ae.merge_adapter(model, ["l1", "l2"], exact=True)
+    torch.testing.assert_close(hidden(model), adapted, rtol=0, atol=2e-5)  # (the merges wrote: a no-op restores too)
     with pytest.raises(ValueError, match="unmerge .* first"):
         ae.unmerge_adapter(model, "l0")
     ae.unmerge_adapter(model, "l2")
@@ -107,7 +110,9 @@ def test_unmerge_by_name_undoes_the_latest_merge_of_that_name():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        previous = model.get_parameter("encoder.layer.0.attention.self.query.weight").clone()
         ae.merge_adapter(model, "again", exact=True)
+        assert not torch.equal(model.get_parameter("encoder.layer.0.attention.self.query.weight"), previous)
     assert merged_adapters(model) == ["again", "again"]
     ae.unmerge_adapter(model, "again")
     ae.unmerge_adapter(model, "again")
