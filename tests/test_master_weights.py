@@ -298,7 +298,8 @@ def test_peft_adapters_of_a_16bit_model_are_fp32_and_a_patched_peft_model_runs_t
     for n, g in want_grads.items():
         grad = pm.get_parameter(n).grad
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, g, atol=2e-3, rtol=2e-2, msg=n)
+        # relative to each gradient's size: q_proj's are about 2e-3 at most (measured errors: below 3e-3 of that)
+        torch.testing.assert_close(grad, g, atol=1e-2 * g.abs().max().item(), rtol=2e-2, msg=n)
 
 
 def test_save_load_snapshot_and_store_keep_or_choose_the_adapter_dtype(tmp_path):
