@@ -298,7 +298,8 @@ def test_peft_adapters_of_a_16bit_model_are_fp32_and_a_patched_peft_model_runs_t
     for n, g in want_grads.items():
         grad = pm.get_parameter(n).grad
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, g, atol=2e-3, rtol=2e-2, msg=n)
+        # relative to each gradient's size: q_proj's are about 2e-3 at most (measured errors: below 3e-3 of that)
+        torch.testing.assert_close(grad, g, atol=1e-2 * g.abs().max().item(), rtol=2e-2, msg=n)
 
 
 def test_save_load_snapshot_and_store_keep_or_choose_the_adapter_dtype(tmp_path):
@@ -406,6 +407,9 @@ def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
         model, "mw_j", ae.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), autocast_adapter_dtype=False
     )
     saved = _adapter_weights(model, "mw_")
+    with torch.no_grad():  # trained-looking values: fresh ones (B = 0, IA3 = 1) would match an adapter left unloaded
+        for p in saved.values():
+            p.uniform_(0.5, 1.5)
     ae.save_model(model, tmp_path / "ckpt")
     loaded = _adapter_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
     assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}

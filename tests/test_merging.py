@@ -84,8 +84,11 @@ def test_exact_merge_restores_bit_for_bit_and_in_order():
     with pytest.raises(ValueError, match="no merged adapter"):
         ae.unmerge_adapter(plain)
     assert vars(plain).keys() == vars(tiny_bert()).keys()  # a refused unmerge leaves nothing on the model
+    ae.set_active_adapters(model, ["l0", "l1", "l2"])
+    adapted = hidden(model)
     ae.merge_adapter(model, "l0", exact=True)
     ae.merge_adapter(model, ["l1", "l2"], exact=True)
+    torch.testing.assert_close(hidden(model), adapted, rtol=0, atol=2e-5)  # (the merges wrote: a no-op restores too)
     with pytest.raises(ValueError, match="unmerge .* first"):
         ae.unmerge_adapter(model, "l0")
     ae.unmerge_adapter(model, "l2")
@@ -107,7 +110,9 @@ def test_unmerge_by_name_undoes_the_latest_merge_of_that_name():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        previous = model.get_parameter("encoder.layer.0.attention.self.query.weight").clone()
         ae.merge_adapter(model, "again", exact=True)
+        assert not torch.equal(model.get_parameter("encoder.layer.0.attention.self.query.weight"), previous)
     assert merged_adapters(model) == ["again", "again"]
     ae.unmerge_adapter(model, "again")
     ae.unmerge_adapter(model, "again")
@@ -147,8 +152,20 @@ def test_dare_drops_about_one_minus_density_and_is_seeded():
     ae.merge_adapter(b, ["l0", "l1"], combination="dare_linear", density=0.3, seed=7)
     wa, wb = a.encoder.layer[0].attention.self.query.weight, b.encoder.layer[0].attention.self.query.weight
     assert torch.equal(wa, wb)
+    other = with_loras()
+    ae.merge_adapter(other, ["l0", "l1"], combination="dare_linear", density=0.3, seed=8)
+    assert not torch.equal(other.encoder.layer[0].attention.self.query.weight, wa)  # another seed, other drops
     changed = (wa != base).float().mean().item()
     assert 0.35 < changed < 0.65  # ~1 - 0.7^2 of the elements get at least one of the two kept entries
+    # each kept entry is rescaled by 1 / density (test_ties_and_dare_follow_peft runs at density 1, where it is 1)
+    one = with_loras()
+    key = "encoder.layer.0.attention.self.query.weight"
+    (lora_a, lora_b, scale), before = lora_terms(one, ["l0"])[key][0], one.state_dict()[key].clone()
+    ae.merge_adapter(one, ["l0"], combination="dare_linear", density=0.3, seed=7)
+    got, delta = one.state_dict()[key] - before, scale * (lora_b @ lora_a)
+    kept = got != 0
+    assert 0.2 < kept.float().mean().item() < 0.4
+    torch.testing.assert_close(got[kept], delta[kept] / 0.3, rtol=1e-5, atol=1e-6)
 
 
 def test_failed_merge_leaves_every_weight_bit_identical():

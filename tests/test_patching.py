@@ -486,7 +486,7 @@ def test_gradient_checkpointing_and_train_mode():
 def test_to_dtype_keeps_parameters_shared():
     model, batch = make("bert"), inputs("bert")
     ae.add_adapter(model, "a", ae.LoraConfig(r=4, lora_alpha=8))
-    randomise(model, "lora_B")
+    randomise(model, "lora_B", std=1.0)  # the adapter moves the output by about 0.5: 5x the bf16 tolerance below
     ae.set_active_adapters(model, "a")
     y32 = out(model, batch)
     model.to(torch.bfloat16)

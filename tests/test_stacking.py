@@ -867,9 +867,10 @@ def test_routing_an_adapter_merged_into_the_base_is_refused_not_reloaded_from_th
     ae.merge_adapter(other.model, "mg_lora")
     assert other.memory.resident() == [] and other.memory.pinned == frozenset()
     ae.add_adapter(other.model, "mg_lora", ae.LoraConfig(r=2))  # a new adapter under the merged one's name
-    logits(other, adapter="mg_lora")
+    randomise(other.model, "mg_lora")  # (not B = 0: the store's copy loaded over the merged base must show)
+    new = logits(other, adapter="mg_lora")
     other.memory.evict("mg_lora")
-    logits(other, adapter="mg_lora")  # back from the host: the new one
+    assert torch.equal(logits(other, adapter="mg_lora"), new)  # back from the host: the new one
 
 
 def test_a_sibling_that_cannot_fit_beside_the_running_levels_under_max_bytes_is_refused():
