@@ -52,9 +52,9 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
-            if record.kind in ("lora", "ia3"):  # fp32 (master weights of a 16-bit model), or the layers' dtype
-                weights = api.adapter_parameters(model, name)
-                manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
+            # fp32 (master weights of a 16-bit model), or the layers' dtype
+            weights = api.adapter_parameters(model, name)
+            manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
     # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
@@ -134,10 +134,12 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     plain_keys = set(model.state_dict())
     for name, entry in manifest["adapters"].items():
         # (in the dtype it was saved in: a 16-bit LoRA / IA3 adapter of a 16-bit model came back as fp32 masters,
-        # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default)
+        # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default for LoRA / IA3, the
+        # layers' dtype for bottleneck adapters, which had no masters then)
         config = _where_it_was(config_from_dict(entry["config"]), entry)
         fresh = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
-        api.add_adapter(model, name, fresh, autocast_adapter_dtype=entry.get("fp32", True))  # (weights loaded below)
+        fp32 = entry.get("fp32", entry.get("kind") != "bottleneck")
+        api.add_adapter(model, name, fresh, autocast_adapter_dtype=fp32)  # (weights loaded below)
         pt.get_state(model).adapters[name].config = config  # (its init as saved: 'eva', 'mica', ...)
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)

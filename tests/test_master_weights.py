@@ -635,6 +635,75 @@ def test_bottleneck_masters_save_and_load_exactly(tmp_path):
         assert torch.equal(again(input_ids=_ids()).logits, sam(input_ids=_ids()).logits)
 
 
+def test_bottleneck_masters_are_counted_at_their_bytes_offloaded_and_restored_as_they_were(tmp_path):
+    """A memory manager counts bottleneck masters at their fp32 bytes (twice a 16-bit adapter's). Evicted with
+    offload="drop" after a save to the store, they are kept in host memory (the store loads in the model's dtype)
+    and come back fp32, their values exactly: they were dropped and came back rounded to fp16 (a trained step below
+    its resolution lost), or, kept on the host, were restored in the layers' dtype. A snapshot put back after a
+    conversion of the model takes the layers' new dtype."""
+    model = _bert()
+    store = ae.AdapterStore(tmp_path)
+    ae.add_adapter(model, "mw_a", _BN)
+    ae.add_adapter(model, "mw_b", _BN, autocast_adapter_dtype=False)
+    size = ae.api.adapter_nbytes(model, "mw_a")
+    assert size == 2 * ae.api.adapter_nbytes(model, "mw_b")
+    memory = ae.AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with torch.no_grad():
+        for p in _bn_weights(model, "mw_a.").values():
+            p.add_(1e-5)  # a trained step below fp16's resolution
+    for name in ("mw_b", "mw_a"):
+        store.save(model, name)
+    masters = {n: p.detach().clone() for n, p in _bn_weights(model, "mw_a.").items()}
+    memory.evict("mw_b")
+    assert memory.stats().offloaded == 0  # (16-bit, as the store loads it: dropped)
+    with memory.use(["mw_b"]):  # evicts mw_a
+        assert memory.stats().offloaded == 1 and memory.stats().resident_bytes == size // 2
+    with memory.use(["mw_a"]):
+        back = _bn_weights(model, "mw_a.")
+        assert back.keys() == masters.keys() and all(torch.equal(p, masters[n]) for n, p in back.items())
+        assert {p.dtype for p in back.values()} == {torch.float32} and memory.stats().resident_bytes == size
+    served = _bert()
+    store.load_into(served, "mw_a")
+    assert {p.dtype for p in _bn_weights(served, "mw_a.").values()} == {torch.float16}
+
+    other = _bert()
+    ae.add_adapter(other, "mw_c", _BN)
+    for convert, dtype in ((other.float, torch.float32), (other.half, torch.float16)):
+        snap = ae.api.snapshot_adapter(other, "mw_c")
+        ae.delete_adapter(other, "mw_c")
+        convert()
+        ae.api.restore_adapter(other, "mw_c", snap)
+        assert {p.dtype for p in _bn_weights(other, "mw_c.").values()} == {dtype}, dtype
+
+
+def test_save_model_and_load_model_keep_each_bottleneck_adapters_dtype(tmp_path):
+    """load_model rebuilds bottleneck adapters in the dtype they were saved in, their weights exactly: fp32 masters
+    came back in the layers' dtype. A manifest of an earlier version, without the dtype, had them all in the layers'
+    dtype: they come back so, not as fp32 masters of 16-bit values (twice their memory)."""
+    import json
+
+    model = _bert()
+    ae.add_adapter(model, "mw_m", _BN)
+    ae.add_adapter(model, "mw_h", _BN, autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for p in _bn_weights(model, "mw_").values():
+            p.normal_(0.0, 0.2)
+    saved = {n: p.detach().clone() for n, p in _bn_weights(model, "mw_").items()}
+    ae.save_model(model, tmp_path / "ckpt")
+    loaded = _bn_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
+    assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
+    for n, p in loaded.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
+    ae.delete_adapter(model, "mw_m")
+    ae.save_model(model, tmp_path / "old")
+    manifest = tmp_path / "old" / "adapter_engine.json"
+    entries = json.loads(manifest.read_text())
+    del entries["adapters"]["mw_h"]["fp32"]
+    manifest.write_text(json.dumps(entries))
+    loaded = _bn_weights(ae.load_model(tmp_path / "old", torch_dtype=torch.float16), "mw_")
+    assert loaded and all(p.dtype == torch.float16 and torch.equal(p, saved[n]) for n, p in loaded.items())
+
+
 @pytest.mark.cuda
 def test_cuda_bf16_bottleneck_masters_compute_as_their_bf16_casts():
     """On the GPU, a bf16 model's bottleneck masters: served (the fused kernels, one stack and rows routed to
