@@ -208,10 +208,9 @@ def load_adapter(
 
     ``name`` defaults to the name AdapterHub saved, else the folder's name. ``config`` overrides the saved config.
     Raises ``ValueError`` naming the layer and both shapes when the adapter does not fit the model; nothing is
-    loaded unless everything fits. ``autocast_adapter_dtype`` (PEFT's, same default): LoRA / IA3 weights of float16
-    / bfloat16 layers are kept in float32 (the file's fp32 values exactly; computed in the layer's dtype); False
-    loads them in the layers' dtype; None as saved (fp32 where the file's tensors are fp32). Bottleneck adapters take
-    their layers' dtype, as AdapterHub's do.
+    loaded unless everything fits. ``autocast_adapter_dtype`` (PEFT's, same default): adapter weights (LoRA, IA3,
+    bottleneck) of float16 / bfloat16 layers are kept in float32 (the file's values exactly; computed in the layer's
+    dtype); False loads them in the layers' dtype; None as saved (fp32 where the file's tensors are fp32).
 
     ``head``: an AdapterHub prediction head saved beside the adapter (``head_config.json``) loads as the adapter's
     trained copy of the model's own head where it maps onto it exactly (see :mod:`adapter_engine.heads`), and is left
@@ -245,7 +244,7 @@ def load_adapter_file(
         _check_places(model, state, name, cfg)
         plan = pt.plan_bottleneck(model, state, file.entries, cfg, file.meta)
         head_plan = _plan_head(model, file, head)
-        modules, saved = pt.apply_bottleneck(model, state, name, cfg, plan), []
+        modules, saved = pt.apply_bottleneck(model, state, name, cfg, plan, autocast=autocast_adapter_dtype), []
     else:
         plan = _plan_linear(model, state, file, cfg)
         saved_plan = _plan_saved(model, file, cfg, [p[0] for p in plan])
@@ -371,15 +370,15 @@ def add_adapter(model: nn.Module, name: str, config: Any, *, autocast_adapter_dt
 
     config: :class:`LoraConfig`, :class:`IA3Config`, :class:`BottleneckConfig`, a tutorial :class:`AdapterConfig`,
     a preset name (``"seq_bn"``, ``"double_seq_bn"``, ``"par_bn"``, ``"lora"``) or a config dict of either library.
-    autocast_adapter_dtype (PEFT's, same default): a LoRA / IA3 adapter of float16 / bfloat16 layers gets float32
-    master weights (see :func:`~adapter_engine.lora.adapter_dtype`); False: the layers' dtype.
+    autocast_adapter_dtype (PEFT's, same default): an adapter (LoRA, IA3, bottleneck) of float16 / bfloat16 layers gets
+    float32 master weights (see :func:`~adapter_engine.lora.adapter_dtype`); False: the layers' dtype.
     """
     state = _state(model)
     _check_name(state, name)
     cfg = coerce_config(config)
     if isinstance(cfg, BottleneckConfig):
         _check_places(model, state, name, cfg)
-        modules, saved = pt.add_bottleneck(model, state, name, cfg), []
+        modules, saved = pt.add_bottleneck(model, state, name, cfg, autocast=autocast_adapter_dtype), []
     else:
         spec = state.spec
         default = (spec.lora_targets if isinstance(cfg, LoraConfig) else spec.ia3_targets) if spec else None

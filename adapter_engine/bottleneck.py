@@ -185,24 +185,25 @@ class BottleneckStackLayer(StandIn):
         modules = getattr(names, "modules", None)
         return list(modules) if modules is not None else [self.adapters[n] for n in names]
 
-    def _packed(self, names: list[str], hint: list[list[int]] | None = None) -> PackedStack:
-        """The pack of ``names`` (``hint``: the indices rows use per level; the routed layers read it), made again
-        after an update in place of one of their weights (its version), a change of this layer (``_generation``: an
-        adapter added or deleted, another stack, a conversion in place), a registration anywhere
-        (``registration_epoch``: a weight replaced) or a weight swapped through its module's ``_parameters``, which
-        no registration hook sees (``torch.func.functional_call``)."""
+    def _packed(self, names: list[str], hint: list[list[int]] | None = None, dtype: torch.dtype | None = None):
+        """The pack of ``names`` for activations of ``dtype`` (float32 masters of a 16-bit model packed as their casts
+        to it, :func:`~adapter_engine.bottleneck_adapter.pack_modules`; ``hint``: the indices rows use per level; the
+        routed layers read it), made again after an update in place of one of their weights (its version), a change
+        of this layer (``_generation``: an adapter added or deleted, another stack, a conversion in place), a
+        registration anywhere (``registration_epoch``: a weight replaced) or a weight swapped through its module's
+        ``_parameters``, which no registration hook sees (``torch.func.functional_call``)."""
         names = tuple(names)
         if torch.compiler.is_compiling():
             # traced: the graph packs the weights itself, so it follows their updates in place. No cache: its key
             # reads the weights' versions, which dynamo cannot specialise (inference under no_grad, where the pack
             # is cacheable, failed to compile with fullgraph=True, a graph break per layer without)
-            return pack_modules([self.adapters[n] for n in names])
-        stamp = (self._generation, registration_epoch())
+            return pack_modules([self.adapters[n] for n in names], dtype)
+        stamp = (self._generation, registration_epoch(), dtype)
         memo = self._pack_memo
         weights = [self.adapters[n].packed_tensors() for n in names]
         params = tuple(p for w in weights for p in w)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._training_pack(names, weights, params, stamp)
+            return self._training_pack(names, weights, params, stamp, dtype)
         if (
             memo is not None
             and memo[0] == stamp
@@ -212,21 +213,21 @@ class BottleneckStackLayer(StandIn):
         ):
             return kept(memo[4])  # (a CUDA graph captured now reads it)
         versions = tuple(p._version for p in params)
-        key = ("packed", names, tuple(map(id, params)), versions)
+        key = ("packed", names, tuple(map(id, params)), versions, dtype)
         hit = self._cache.get(key)
         if hit is not None:
             packed = hit[1]
             self._cache = _keep_recent_packs(self._cache, key, *hit)  # (now the most recent)
         else:
             with normal_tensors():  # (a cached pack may be saved for the backward of a later call)
-                packed = pack_modules([self.adapters[n] for n in names])
+                packed = pack_modules([self.adapters[n] for n in names], dtype)
             if capturing(params[0]):  # (one made inside a graph is filled only when it replays)
                 return packed
             self._cache = _keep_recent_packs(self._cache, key, params, packed)
         self._pack_memo = (stamp, names, params, versions, packed)
         return kept(packed)
 
-    def _training_pack(self, names: tuple[str, ...], weights: list[tuple], params: tuple, stamp) -> PackedStack:
+    def _training_pack(self, names: tuple[str, ...], weights: list[tuple], params: tuple, stamp, dtype) -> PackedStack:
         """The differentiable pack of a training call: the frozen adapters' parts are copied once and kept
         (``bottleneck_adapter.split_pack``), and each call concatenates them with the current weights of the adapters
         that train. Copied again after a change of this layer or a registration anywhere (``stamp``), another set of
@@ -236,13 +237,15 @@ class BottleneckStackLayer(StandIn):
         memo = self._train_memo
         if memo is None or memo[:3] != (stamp, names, grads) or _frozen_state(memo[3]) != memo[4]:
             with torch.no_grad():
-                split = split_pack([self.adapters[n] for n in names])
+                split = split_pack([self.adapters[n] for n in names], dtype)
             frozen = tuple(p for p, g in zip(params, grads, strict=True) if not g)
             memo = (stamp, names, grads, frozen, _frozen_state(frozen), split)
             if not capturing(params[0]):
                 self._train_memo = memo
         split = memo[5]
-        return repack(split, weights) if split is not None else pack_modules([self.adapters[n] for n in names])
+        if split is not None:
+            return repack(split, weights)
+        return pack_modules([self.adapters[n] for n in names], dtype)
 
     def _prepare(self, h: torch.Tensor, eps: float):
         """(adapter names, routes, options, per-level hint) for this batch, or None at depth 0 (run the original
@@ -267,7 +270,9 @@ class BottleneckStackLayer(StandIn):
             return _eager_stack(h, y, layer_norm, self._modules_of(names), routes, options, hint)
         ln_w = layer_norm.weight if layer_norm is not None else None
         ln_b = layer_norm.bias if layer_norm is not None else None
-        packed = self._packed(names, hint)
+        # fp32 masters of a 16-bit layer compute as their casts to its dtype, h's; under autocast h's dtype is
+        # autocast's, not the layer's: the weights are packed as they are (an fp32 model's, as before masters)
+        packed = self._packed(names, hint, None if torch.is_autocast_enabled(h.device.type) else h.dtype)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._serve(h, y, ln_w, ln_b, packed, routes, options, hint)
         return bottleneck_stack(h, y, packed, routes, options, ln_w, ln_b, level_adapters=hint)
@@ -376,7 +381,7 @@ def _eager_stack(h, y, layer_norm, adapters: list[BottleneckAdapter], routes, op
     def level(r, a: BottleneckAdapter):
         if options.is_parallel:
             up = a(y)
-            return r + (a.adapter_norm_after(up) if options.ln_after else up)
+            return r + (a.norm_after(up) if options.ln_after else up)
         residual, x = r, r
         if options.original_ln_before:
             t = r + y
@@ -388,8 +393,8 @@ def _eager_stack(h, y, layer_norm, adapters: list[BottleneckAdapter], routes, op
         up = a(x)
         if options.adapter_residual_before_ln:
             out = up + residual
-            return a.adapter_norm_after(out) if options.ln_after else out
-        return (a.adapter_norm_after(up) if options.ln_after else up) + residual
+            return a.norm_after(out) if options.ln_after else out
+        return (a.norm_after(up) if options.ln_after else up) + residual
 
     r = h
     if routes.dim() == 1:

@@ -8,9 +8,20 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels.bottleneck import ACTIVATIONS, PackedStack, StackOptions, pack_adapters
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def as_computed(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` as a bottleneck adapter computes with it on activations of ``dtype``: a float32 master weight of a float16
+    / bfloat16 model (``autocast_adapter_dtype``) cast to that dtype, as autocast casts fp32 weights (differentiable:
+    its gradient arrives in fp32); any other tensor as given."""
+    return t.to(dtype) if t.dtype is torch.float32 and dtype in _HALF else t
+
 
 _TORCH_ACT = {
     0: nn.Identity,
@@ -168,28 +179,64 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Eager ``dropout(scaling * up(act(down(LNb(x)))))``: (..., H) -> (..., H), in the weights' dtype arithmetic
-        (AdapterHub's order: the scaling, then the dropout)."""
-        up = self.adapter_up(self.adapter_down(x)) * self.scaling
+        (AdapterHub's order: the scaling, then the dropout). float32 master weights of a 16-bit ``x`` compute as their
+        casts to ``x``'s dtype (:func:`as_computed`): the same ops as the adapter cast to it, bit for bit."""
+        if x.dtype in _HALF and self.down.weight.dtype is torch.float32:
+            up = self._forward_cast(x) * self.scaling
+        else:
+            up = self.adapter_up(self.adapter_down(x)) * self.scaling
         return self.dropout(up) if self.dropout.p > 0.0 else up
 
+    def _forward_cast(self, x: torch.Tensor) -> torch.Tensor:
+        """``up(act(down(LNb(x))))`` with every weight as :func:`as_computed` gives it (nn.Linear and nn.LayerNorm's
+        own functional calls, on the casts)."""
+        dt = x.dtype
+        if self.options.ln_before:
+            x = _layer_norm(self.adapter_norm_before, x)
+        down, up = self.down, self.adapter_up
+        z = F.linear(x, as_computed(down.weight, dt), as_computed(down.bias, dt))
+        act = self._modules["adapter_down"]._modules["2" if self.options.ln_before else "1"]
+        return F.linear(act(z), as_computed(up.weight, dt), as_computed(up.bias, dt))
 
-def pack_modules(adapters: Sequence[BottleneckAdapter]) -> PackedStack:
-    """The fused op's packed weights of ``adapters`` (stacked along the bottleneck axis, in this order)."""
+    def norm_after(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's own LayerNorm on its output (``ln_after``), float32 masters as their casts to ``x``'s dtype."""
+        return _layer_norm(self.adapter_norm_after, x)
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    if ln.weight.dtype is torch.float32 and x.dtype in _HALF:
+        return F.layer_norm(x, ln.normalized_shape, as_computed(ln.weight, x.dtype), as_computed(ln.bias, x.dtype),
+                            ln.eps)  # fmt: skip
+    return ln(x)
+
+
+def pack_modules(adapters: Sequence[BottleneckAdapter], dtype: torch.dtype | None = None) -> PackedStack:
+    """The fused op's packed weights of ``adapters`` (stacked along the bottleneck axis, in this order) for
+    activations of ``dtype``: float32 masters of a 16-bit model packed as their casts (:func:`as_computed`)."""
     first = adapters[0].options
-    return pack_adapters(
-        [a.down.weight for a in adapters],
-        [a.down.bias for a in adapters],
-        [a.adapter_up.weight for a in adapters],
-        [a.adapter_up.bias for a in adapters],
+
+    def parts(get):
+        return [as_computed(get(a), dtype) for a in adapters]
+
+    def norms(attr):
+        return list(zip(parts(lambda a: getattr(a, attr).weight), parts(lambda a: getattr(a, attr).bias), strict=True))
+
+    packed = pack_adapters(
+        parts(lambda a: a.down.weight),
+        parts(lambda a: a.down.bias),
+        parts(lambda a: a.adapter_up.weight),
+        parts(lambda a: a.adapter_up.bias),
         [a.non_linearity for a in adapters],
         [a.scaling for a in adapters],
-        ln_before=[(a.adapter_norm_before.weight, a.adapter_norm_before.bias) for a in adapters]
-        if first.ln_before
-        else None,
-        ln_after=[(a.adapter_norm_after.weight, a.adapter_norm_after.bias) for a in adapters]
-        if first.ln_after
-        else None,
+        ln_before=norms("adapter_norm_before") if first.ln_before else None,
+        ln_after=norms("adapter_norm_after") if first.ln_after else None,
     )
+    if dtype not in _HALF:
+        return packed
+    # which adapters train, read from the weights themselves: casts made without autograd (split_pack's template)
+    # require no grad, and the fused backward computed no weight gradients for them
+    trainable = tuple(any(t.requires_grad for t in a.packed_tensors()[:4]) for a in adapters)
+    return packed._replace(host=packed.host._replace(trainable=trainable))
 
 
 class TrainingPack(NamedTuple):
@@ -200,15 +247,17 @@ class TrainingPack(NamedTuple):
 
     template: PackedStack
     runs: tuple
+    dtype: torch.dtype | None = None  # the activations' dtype it was packed for (see pack_modules)
 
 
-def split_pack(adapters: Sequence[BottleneckAdapter]) -> TrainingPack | None:
-    """The :class:`TrainingPack` of ``adapters`` (pack order), or None where it saves nothing: no adapter frozen, none
-    training, or adapters with their own LayerNorms (packed whole: :func:`pack_modules`). Called without autograd."""
+def split_pack(adapters: Sequence[BottleneckAdapter], dtype: torch.dtype | None = None) -> TrainingPack | None:
+    """The :class:`TrainingPack` of ``adapters`` (pack order) for activations of ``dtype``, or None where it saves
+    nothing: no adapter frozen, none training, or adapters with their own LayerNorms (packed whole:
+    :func:`pack_modules`). Called without autograd."""
     trains = [any(t.requires_grad for t in a.packed_tensors()) for a in adapters]
     if all(trains) or not any(trains) or adapters[0].options.ln_before or adapters[0].options.ln_after:
         return None
-    template = pack_modules(adapters)
+    template = pack_modules(adapters, dtype)
     offsets, wu_t, runs, start = template.host.offsets, template.wu.t(), [], 0
     for i, train in enumerate([*trains, True]):  # (a sentinel closes the last frozen run)
         if train:
@@ -218,16 +267,17 @@ def split_pack(adapters: Sequence[BottleneckAdapter]) -> TrainingPack | None:
             if i < len(adapters):
                 runs.append(i)
             start = i + 1
-    return TrainingPack(template, tuple(runs))
+    return TrainingPack(template, tuple(runs), dtype)
 
 
 def repack(split: TrainingPack, weights: Sequence[tuple[torch.Tensor, ...]]) -> PackedStack:
     """``split``'s pack with the training adapters' current weights (``weights``: each adapter's ``packed_tensors()``),
-    differentiable with respect to them: the same tensors as :func:`pack_modules` makes, four concatenations."""
+    differentiable with respect to them: the same tensors as :func:`pack_modules` makes, four concatenations (float32
+    masters cast as the template was packed)."""
     wd, bd, wu, bu = [], [], [], []
     for run in split.runs:
         if isinstance(run, int):
-            w = weights[run]
+            w = [as_computed(t, split.dtype) for t in weights[run][:4]]
             run = (w[0], w[1], w[2].t(), w[3].unsqueeze(0))
         wd.append(run[0])
         bd.append(run[1])

@@ -40,10 +40,12 @@ import torch
 from torch import nn
 
 from . import api
+from .bottleneck import BottleneckStackLayer
 from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
 from .merging import merged_adapters
+from .patching import bottleneck_layer_dtype
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
@@ -431,12 +433,14 @@ class AdapterMemoryManager:
         (``AdapterStore.load_into``), so fp32 master weights of a 16-bit model (``add_adapter`` / ``load_adapter``'s
         default) came back rounded to it after a drop, their training below 16-bit resolution lost. Such an adapter
         is kept in host memory instead."""
-        if api._state(self.model).adapters[name].kind == "bottleneck":  # (always in the layers' dtype)
-            return True
         for module, own in adapter_layers(self.model, name):
-            if not isinstance(module, LoraLinear):  # a trained module copy: made from the module, in its dtypes
+            if isinstance(module, BottleneckStackLayer):
+                layer = bottleneck_layer_dtype(module)
+            elif isinstance(module, LoraLinear):
+                layer = module.weight.dtype
+            else:  # a trained module copy: made from the module, in its dtypes
                 continue
-            if any(p.dtype != module.weight.dtype for p in own):
+            if any(p.dtype != layer for p in own):
                 logger.info("adapter %r has fp32 master weights: offload='drop' keeps it in host memory", name)
                 return False
         return True

@@ -32,6 +32,7 @@ from .lora import (
     NOT_LINEAR,
     OWN_FORWARD,
     LoraLinear,
+    adapter_dtype,
     fused_peft_forward,
     has_own_forward,
     is_linear_like,
@@ -535,24 +536,49 @@ def _factory(module: nn.Module) -> dict:
     return {"device": p.device, "dtype": p.dtype} if p is not None else {}
 
 
+def bottleneck_layer_dtype(wrapper: BottleneckStackLayer) -> torch.dtype:
+    """The dtype of a bottleneck sublayer wrapper's own weights (its first parameter, the sublayer's), which the
+    adapters' float32 masters are cast to (``autocast_adapter_dtype``)."""
+    return _factory(wrapper).get("dtype", torch.float32)
+
+
+def _bottleneck_factory(wrapper: BottleneckStackLayer, keep_fp32: bool) -> dict:
+    """A new adapter's device and dtype in ``wrapper``: float32 master weights on a 16-bit sublayer with
+    ``keep_fp32`` (PEFT's ``autocast_adapter_dtype``, :func:`~adapter_engine.lora.adapter_dtype`), else its dtype."""
+    factory = _factory(wrapper)
+    if "dtype" in factory:
+        factory["dtype"] = adapter_dtype(factory["dtype"], keep_fp32)
+    return factory
+
+
 @torch.no_grad()
-def apply_bottleneck(model, state: PatchState, name: str, cfg: BottleneckConfig, plan) -> list[str]:
+def apply_bottleneck(
+    model, state: PatchState, name: str, cfg: BottleneckConfig, plan, autocast: bool | None = False
+) -> list[str]:
+    """Put bottleneck tensors (``plan``: (placement, state dict) entries) into wrapped sublayers. autocast: float32
+    weights on 16-bit sublayers (True), the sublayers' dtype (False), or float32 where the given tensors all are
+    (None: a snapshot or a saved stack put back as it was)."""
     hidden = hidden_size_of(model)
     for place, params in plan:
         wrapper = wrap_bottleneck(model, state, place)
-        adapter = make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **_factory(wrapper))
+        keep = all(v.dtype == torch.float32 for v in params.values()) if autocast is None else autocast
+        adapter = make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **_bottleneck_factory(wrapper, keep))
         adapter.load_state_dict({k: v.to(adapter.down.weight.dtype) for k, v in params.items()})
         wrapper.add_adapter(name, adapter)
     return [place.name for place, _ in plan]
 
 
-def add_bottleneck(model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig) -> list[str]:
+def add_bottleneck(
+    model: nn.Module, state: PatchState, name: str, cfg: BottleneckConfig, autocast: bool = False
+) -> list[str]:
+    """Add a fresh bottleneck adapter at every placement of ``cfg``; ``autocast``: float32 masters on 16-bit layers."""
     where = placements(model, state, cfg)
     hidden = hidden_size_of(model)
     names = []
     for place in where:
         wrapper = wrap_bottleneck(model, state, place)
-        wrapper.add_adapter(name, make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **_factory(wrapper)))
+        factory = _bottleneck_factory(wrapper, autocast)
+        wrapper.add_adapter(name, make_bottleneck(cfg, hidden, cfg.size_for(hidden, place.layer), **factory))
         names.append(place.name)
     return names
 

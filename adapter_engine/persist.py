@@ -64,9 +64,9 @@ def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
-            if record.kind in ("lora", "ia3"):  # fp32 (master weights of a 16-bit model), or the layers' dtype
-                weights = api.adapter_parameters(model, name)
-                manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
+            # fp32 (master weights of a 16-bit model), or the layers' dtype
+            weights = api.adapter_parameters(model, name)
+            manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
     with open(os.path.join(folder, MANIFEST), "w") as fh:
@@ -143,9 +143,11 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     plain_keys = set(model.state_dict())
     for name, entry in manifest["adapters"].items():
         # (in the dtype it was saved in: a 16-bit LoRA / IA3 adapter of a 16-bit model came back as fp32 masters,
-        # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default)
+        # twice its memory; manifests of earlier versions lack "fp32": add_adapter's default for LoRA / IA3, the
+        # layers' dtype for bottleneck adapters, which had no masters then)
         config = _where_it_was(config_from_dict(entry["config"]), entry)
         fresh = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
+<<<<<<< HEAD
         api.add_adapter(model, name, fresh, autocast_adapter_dtype=entry.get("fp32", True))  # (weights loaded below)
         record = pt.get_state(model).adapters[name]
         record.config = config  # (its init as saved: 'eva', 'mica', ...)
@@ -153,6 +155,11 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
             pt.wrap_saved(model, pt.get_state(model), module).add_copy(name)
             record.saved.append(module)
         record.head = entry.get("head")
+=======
+        fp32 = entry.get("fp32", entry.get("kind") != "bottleneck")
+        api.add_adapter(model, name, fresh, autocast_adapter_dtype=fp32)  # (weights loaded below)
+        pt.get_state(model).adapters[name].config = config  # (its init as saved: 'eva', 'mica', ...)
+>>>>>>> s27-bnmaster
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)

@@ -23,8 +23,8 @@ class AdapterSnapshot:
 
     ``entries``: LoRA ``(module, lora_A, lora_B)``, IA3 ``(module, vector, feedforward)``, bottleneck
     ``(module, state_dict)``; tensors detached copies on ``device`` (pinned host memory when asked). ``saved``: the
-    state dicts of its trained module copies (``modules_to_save``), by module. ``layer_dtypes``: each LoRA / IA3
-    layer's weight dtype when the snapshot was taken (see :func:`restore_adapter`).
+    state dicts of its trained module copies (``modules_to_save``), by module. ``layer_dtypes``: each layer's weight
+    dtype when the snapshot was taken (see :func:`restore_adapter`).
     """
 
     config: AnyConfig
@@ -98,8 +98,10 @@ def snapshot_adapter(
         m: {k: copy(v) for k, v in model.get_submodule(m).modules_to_save[name].state_dict().items()}
         for m in record.saved
     }
-    linear = record.kind != "bottleneck"
-    layer_dtypes = {m: model.get_submodule(m).weight.dtype for m in record.modules} if linear else {}
+    if record.kind == "bottleneck":
+        layer_dtypes = {m: pt.bottleneck_layer_dtype(model.get_submodule(m)) for m in record.modules}
+    else:
+        layer_dtypes = {m: model.get_submodule(m).weight.dtype for m in record.modules}
     return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name),
                            saved, layer_dtypes, record.head)  # fmt: skip
 
@@ -108,7 +110,7 @@ def snapshot_adapter(
 def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> None:
     """Put a :class:`AdapterSnapshot` back into ``model`` as adapter ``name`` (on the layers' devices/dtypes).
 
-    LoRA / IA3 weights come back as taken (fp32 masters of a 16-bit layer stay fp32) unless their layer was converted
+    Adapter weights come back as taken (fp32 masters of a 16-bit layer stay fp32) unless their layer was converted
     since (``model.half()``, ``.to(dtype)`` while the adapter was offloaded): then they come back in the layer's new
     dtype, as that conversion would have made them had the adapter stayed in the model. An adapter offloaded from an
     fp32 model used to come back fp32 into the model converted to fp16."""
@@ -120,7 +122,12 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
         missing = [m for m, _ in snapshot.entries if m not in where]
         if missing:
             raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
-        modules = pt.apply_bottleneck(model, state, name, cfg, [(where[m], params) for m, params in snapshot.entries])
+        plan = []
+        for m, params in snapshot.entries:
+            now, then = pt.bottleneck_layer_dtype(model.get_submodule(m)), snapshot.layer_dtypes.get(m)
+            converted = then is not None and now != then
+            plan.append((where[m], {k: v.to(now) for k, v in params.items()} if converted else params))
+        modules = pt.apply_bottleneck(model, state, name, cfg, plan, autocast=None)
     else:
         entries = [_converted_like(model.get_submodule(e[0]).weight.dtype, snapshot.layer_dtypes.get(e[0]), e)
                    for e in snapshot.entries]  # fmt: skip

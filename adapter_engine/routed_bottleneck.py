@@ -67,7 +67,7 @@ class RoutedStackMixin:
         self.__dict__["_layout"] = None
         adapters_changed()
 
-    def _packed(self, names: list[str], hint: list[list[int]] | None = None):
+    def _packed(self, names: list[str], hint: list[list[int]] | None = None, dtype: torch.dtype | None = None):
         """Multi-entry, lock-protected pack cache (the base keeps one entry: threads with different stacks
         would repack on every call). ``names`` may be a :class:`_Group` carrying the adapter modules it was
         built from, so an adapter evicted by another thread meanwhile cannot break this call.
@@ -84,15 +84,15 @@ class RoutedStackMixin:
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(p.requires_grad for a in modules for p in a.packed_tensors())
         ):
-            return super()._packed(list(names))  # traced, or a differentiable pack (never cached)
-        key = tuple(names)
-        used = range(len(key)) if hint is None else sorted({i for level in hint for i in level if i >= 0})
+            return super()._packed(list(names), dtype=dtype)  # traced, or a differentiable pack (never cached)
+        key = (tuple(names), dtype)  # (the dtype its float32 masters are cast to: pack_modules)
+        used = range(len(names)) if hint is None else sorted({i for level in hint for i in level if i >= 0})
         stamp = change_stamp()  # (read before anything it vouches for)
         with self._pack_lock:
             packed, state = self._packs.get(key), self._pack_states.get(key)
         if packed is not None and state[0] == stamp:
             _, weights, versions, every, every_version = state  # (the weights: the same objects while the stamp holds)
-            if len(used) == len(key):  # one C-level pass over every weight
+            if len(used) == len(names):  # one C-level pass over every weight
                 fresh = tuple(map(tensor_version, every)) == every_version
             else:
                 fresh = all(tuple(map(tensor_version, weights[i])) == versions[i] for i in used)
@@ -101,7 +101,7 @@ class RoutedStackMixin:
         weights = tuple(a.packed_tensors() for a in modules)
         versions = tuple(tuple(map(tensor_version, w)) for w in weights)
         with normal_tensors():  # (a later call that autograd records may save them)
-            packed = pack_modules(modules)
+            packed = pack_modules(modules, dtype)
         if capturing(packed.wd):  # made inside a CUDA graph: filled only when it replays, so never cached
             return packed
         every = tuple(t for w in weights for t in w)

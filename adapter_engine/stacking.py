@@ -144,14 +144,14 @@ class StackedAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- building
     def add_adapter(self, name: str, config_or_path: Any = None, *, level: bool = True) -> str:
-        """Push a new level (``level=False``: add a sibling for routing). ``config_or_path``: a config (fresh
-        adapter), an adapter folder (LoRA / IA3 weights kept in the dtype they were saved in), or None to take
-        ``name`` from the memory manager (resident, e.g. loaded by an earlier routed call, or offloaded to the host)
-        or else load it from the store. The new level runs at once (depth = all levels). Returns the name. A
-        refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a sibling
-        when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a level
-        whose structure cannot stack on the others) leaves the model, the levels and the running stack as they were.
-        A config or folder for a name the memory manager already holds (resident, or offloaded to the host) is
+        """Push a new level (``level=False``: add a sibling for routing). ``config_or_path``: a config (fresh adapter;
+        float32 masters on a 16-bit model, as ``add_adapter``'s), an adapter folder (weights kept in the dtype they were
+        saved in), or None to take ``name`` from the memory manager (resident, e.g. loaded by an earlier routed call, or
+        offloaded to the host) or else load it from the store. The new level runs at once (depth = all levels). Returns
+        the name. A refused call (a name taken by a level, sibling or named stack, more levels than ``max_active``, a
+        sibling when the running adapters fill ``max_active`` or leave no room for its bytes under ``max_bytes``, a
+        level whose structure cannot stack on the others) leaves the model, the levels and the running stack as they
+        were. A config or folder for a name the memory manager already holds (resident, or offloaded to the host) is
         refused: it would replace that adapter. So is a name that cannot name a folder (a separator, '.', NUL):
         :meth:`save` writes one per adapter, and refused the whole stack only then, after the level had trained."""
         check_adapter_name(name)
@@ -193,7 +193,7 @@ class StackedAdapterModel(nn.Module):
                 if not os.path.isdir(os.fspath(config_or_path)):
                     raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
-                # (as saved: a 16-bit LoRA / IA3 adapter of a saved stack came back as fp32 masters, twice its bytes)
+                # (as saved: a 16-bit adapter of a saved stack came back as fp32 masters, twice its bytes)
                 api.load_adapter(self.model, config_or_path, name=name, autocast_adapter_dtype=None)
                 self.memory.register(name)
             else:

@@ -1821,7 +1821,7 @@ def test_a_layer_serving_stacks_in_turn_packs_each_once(monkeypatch):
 
     packs = []
     real = bn.pack_modules
-    monkeypatch.setattr(bn, "pack_modules", lambda adapters: packs.append(len(adapters)) or real(adapters))
+    monkeypatch.setattr(bn, "pack_modules", lambda adapters, *a: packs.append(len(adapters)) or real(adapters, *a))
     model = _tiny_bert()
     w = wrap_sublayer(model.encoder.layer[0], "output")
     for n in "abc":  # one rank: a pack's bytes grow with its adapters

@@ -65,7 +65,7 @@ def test_fused_training_keeps_the_frozen_levels_packed_until_they_change(monkeyp
     and every call matches the eager modules with the new weights."""
     splits = []
     real = bn.split_pack
-    monkeypatch.setattr(bn, "split_pack", lambda adapters: splits.append(len(adapters)) or real(adapters))
+    monkeypatch.setattr(bn, "split_pack", lambda adapters, *a: splits.append(len(adapters)) or real(adapters, *a))
     w = _layer()
     x, y, grad_out = torch.randn(2, 5, 64), torch.randn(2, 5, HIDDEN), torch.randn(2, 5, HIDDEN)
     opt = torch.optim.SGD([p for p in w.parameters() if p.requires_grad], lr=0.5)

@@ -19,7 +19,7 @@ import weakref
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import adapter_engine as ae
 from adapter_engine.kernels import lora_linear, lora_linear_reference
@@ -181,6 +181,11 @@ def _adapter_weights(model, name):
     return {n: p for n, p in model.named_parameters() if f".{name}" in n and ("lora_" in n or "ia3_" in n)}
 
 
+def _bn_weights(model, name):
+    """The bottleneck adapter weights whose adapter name starts with ``name``."""
+    return {n: p for n, p in model.named_parameters() if f".adapters.{name}" in n}
+
+
 def test_new_lora_and_ia3_adapters_of_a_16bit_model_keep_fp32_masters_unless_told_not_to():
     model = _llama()
     ae.add_adapter(model, "mw_lora", ae.LoraConfig(r=4, target_modules=_TARGETS))
@@ -192,13 +197,19 @@ def test_new_lora_and_ia3_adapters_of_a_16bit_model_keep_fp32_masters_unless_tol
     for name, want in (("mw_lora", torch.float32), ("mw_ia3", torch.float32), ("mw_half", torch.float16)):
         weights = _adapter_weights(model, name)
         assert weights and {p.dtype for p in weights.values()} == {want}, name
-    bn = [p for n, p in model.named_parameters() if ".mw_bn." in n]
-    assert bn and {p.dtype for p in bn} == {torch.float16}  # bottleneck adapters: the layers' dtype (AdapterHub)
+    # bottleneck adapters too (they took the layers' dtype, as AdapterHub's do, and trained in 16 bits)
+    ae.add_adapter(model, "mw_bnh", "seq_bn", autocast_adapter_dtype=False)
+    for name, want in (("mw_bn", torch.float32), ("mw_bnh", torch.float16)):
+        assert {p.dtype for p in _bn_weights(model, f"{name}.").values()} == {want}, name
     # transformers' methods on a patched model give the layers' dtype, as transformers' own do
     model.add_adapter(ae.LoraConfig(r=2, target_modules=_TARGETS), adapter_name="mw_tfh")
     model.add_adapter("mw_tf32", ae.LoraConfig(r=2, target_modules=_TARGETS), autocast_adapter_dtype=True)
+    model.add_adapter("mw_tfbn", "seq_bn")
+    model.add_adapter("mw_tfbn32", "seq_bn", autocast_adapter_dtype=True)
     assert {p.dtype for p in _adapter_weights(model, "mw_tfh").values()} == {torch.float16}
     assert {p.dtype for p in _adapter_weights(model, "mw_tf32").values()} == {torch.float32}
+    assert {p.dtype for p in _bn_weights(model, "mw_tfbn.").values()} == {torch.float16}
+    assert {p.dtype for p in _bn_weights(model, "mw_tfbn32").values()} == {torch.float32}
     fp32 = _llama(torch.float32)
     ae.add_adapter(fp32, "mw_lora", ae.LoraConfig(r=4, target_modules=_TARGETS))
     assert {p.dtype for p in _adapter_weights(fp32, "mw_lora").values()} == {torch.float32}
@@ -459,6 +470,265 @@ def test_stacked_ia3_vectors_scale_once_by_their_product_as_peft(tmp_path):
         ae.load_adapter(model, tmp_path / name, name=name)  # (PEFT saves each adapter in a folder of its name)
     with torch.no_grad(), ae.use_adapters(ae.Stack("mw_x", "mw_y")):
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+# ------------------------------------------------------------------------------------------------ bottleneck
+_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_BERT |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3)
+_BN = ae.BottleneckConfig.seq_bn(reduction_factor=4)
+_BN_OWN_LNS = ae.BottleneckConfig(reduction_factor=4, ln_before=True, ln_after=True, non_linearity="gelu")
+
+
+def _bert(dtype=torch.float16):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(**_BERT)).to(dtype).eval()
+
+
+def _bn_pair(make, cfg, names):
+    """Two copies of a 16-bit model with bottleneck adapters ``names``: fp32 masters in the first (``add_adapter``'s
+    default), the same random values rounded to 16 bits in the second."""
+    masters, halves = make(), make()
+    for model, autocast in ((masters, True), (halves, False)):
+        for name in names:
+            ae.add_adapter(model, name, cfg, autocast_adapter_dtype=autocast)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in _bn_weights(masters, "mw_").items():
+            p.normal_(1.0 if ("norm" in n and n.endswith("weight")) else 0.0, 0.2)  # (LayerNorm weights about 1)
+            halves.get_parameter(n).copy_(p)
+    assert {p.dtype for p in _bn_weights(masters, "mw_").values()} == {torch.float32}
+    return masters, halves
+
+
+@pytest.mark.parametrize(
+    "make, cfg", [(_bert, _BN), (_llama, _BN), (_bert, _BN_OWN_LNS)], ids=["bert", "llama", "own-layer-norms"]
+)
+def test_bottleneck_masters_compute_as_their_16bit_casts_on_every_path_and_get_fp32_gradients(monkeypatch, make, cfg):
+    """A 16-bit model's bottleneck adapters with fp32 masters: bit for bit the model whose adapters are their fp16
+    casts, served (the fused stack with its cached pack, rows routed to different stacks, the layers' depth control)
+    and training the top of a stack of two (the eager modules, with dropout, and the fused backward): the outputs,
+    and fp32 gradients equal to the casts'. The eager modules failed on fp32 weights and 16-bit activations, and the
+    fused op computed with fp32 weights; the fused backward, whose pack casts the frozen adapter without autograd,
+    computed no gradient for the training one."""
+    import adapter_engine.bottleneck as bn
+    from adapter_engine.bottleneck_adapter import BottleneckAdapter
+
+    ids = _ids()
+    masters, halves = _bn_pair(make, cfg, ("mw_p", "mw_q", "mw_r"))
+    pair = (masters, halves)
+    with torch.no_grad():
+        for spec in (ae.Stack("mw_p", "mw_q"), ["mw_p", ae.Stack("mw_q", "mw_r"), None]):
+            with ae.use_adapters(spec):
+                assert torch.equal(masters(input_ids=ids).logits, halves(input_ids=ids).logits), spec
+        for model in pair:
+            ae.set_active_adapters(model, ["mw_p", "mw_q"])
+        for depth in (1, None):
+            for model in pair:
+                for layer in model.modules():
+                    if isinstance(layer, bn.BottleneckStackLayer):
+                        layer.set_depth(depth)
+            assert torch.equal(masters(input_ids=ids).logits, halves(input_ids=ids).logits), depth
+    for model in pair:
+        ae.train_adapter(model, "mw_q")
+        model.train()
+    for fused, rate in ((False, 0.0), (False, 0.3), (True, 0.0)):
+        monkeypatch.setattr(bn, "TRAIN_FUSED", fused)
+        outs, grads = [], []
+        for model in pair:
+            for module in model.modules():
+                if isinstance(module, BottleneckAdapter):
+                    module.dropout.p = rate
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(5)  # (the same dropout masks)
+            out = model(input_ids=ids).logits
+            out.float().pow(2).mean().backward()
+            outs.append(out)
+            grads.append({n: p.grad for n, p in _bn_weights(model, "mw_q").items()})
+        assert torch.equal(*outs), (fused, rate)
+        assert grads[0] and all(g is not None and g.dtype == torch.float32 for g in grads[0].values())
+        for n, g in grads[0].items():
+            assert torch.equal(g, grads[1][n].float()), (fused, rate, n)
+
+
+def test_an_fp32_model_served_under_autocast_packs_its_bottleneck_weights_as_they_are():
+    """Under bf16 autocast an fp32 model's sublayers output bf16: the fused stack still reads its fp32 weights, as
+    before masters (h's dtype is autocast's there, not the layer's); it packed bf16 copies of them, and its outputs
+    changed."""
+    from adapter_engine.routing import is_routed_layer
+
+    model = _bert(torch.float32)
+    for name in ("mw_a", "mw_b"):
+        ae.add_adapter(model, name, _BN)
+    ae.set_active_adapters(model, ["mw_a", "mw_b"])
+    layers = [m for m in model.modules() if is_routed_layer(m)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), ae.use_adapters(ae.Stack("mw_a", "mw_b")):
+        out = model(input_ids=_ids()).logits
+    packs = [pack for layer in layers for pack in layer._packs.values()]
+    assert out.dtype == torch.bfloat16 and packs and {p.wd.dtype for p in packs} == {torch.float32}
+
+
+def test_training_the_top_of_a_16bit_stack_keeps_its_small_adamw_steps():
+    """The top level of a 2-level StackedAdapterModel on a bf16 BERT trains fp32 masters (``sam.add_adapter``'s
+    default now): 16 AdamW steps at lr 1e-5 change the bf16 value of most of its weights (84%), where the same run on
+    bf16 weights (AdapterHub's, ``autocast_adapter_dtype=False``; every new level before) changes a fifth: the
+    zero-initialised biases; each later step of a weight is below half a bf16 unit and is rounded away. (bf16 on the
+    CPU: training runs the eager modules, torch only.)"""
+    ids = torch.randint(3, 64, (4, 5), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 1])
+    moved = {}
+    for autocast in (True, False):
+        sam = ae.StackedAdapterModel(_bert(torch.bfloat16))
+        sam.add_adapter("mw_g", _BN)
+        if autocast:
+            sam.add_adapter("mw_c", _BN)
+        else:  # (added through the model, then adopted as the next level)
+            ae.add_adapter(sam.model, "mw_c", _BN, autocast_adapter_dtype=False)
+            sam.add_adapter("mw_c")
+        trained = list(sam.train_adapter("mw_c"))
+        params = [sam.model.get_parameter(n) for n in trained]
+        assert params and {p.dtype for p in params} == {torch.float32 if autocast else torch.bfloat16}
+        start = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        sam.model.train()
+        for _ in range(16):
+            opt.zero_grad()
+            sam(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+        changed = sum(int((p.to(torch.bfloat16) != s.to(torch.bfloat16)).sum()) for p, s in zip(params, start))
+        moved[autocast] = changed / sum(p.numel() for p in params)
+    assert moved[True] > 0.7 and moved[False] < 0.3, moved
+
+
+def test_bottleneck_masters_save_and_load_exactly(tmp_path):
+    """``save_adapter`` (AdapterHub's format) writes bottleneck masters in fp32, their values; ``load_adapter`` keeps
+    them (its default and ``None``: as saved) or rounds them to the layers' dtype (``False``); a saved stack comes
+    back with each level's dtype and values, and computes as before."""
+    model = _bert()
+    ae.add_adapter(model, "mw_s", _BN)
+    with torch.no_grad():
+        for p in _bn_weights(model, "mw_s").values():
+            p.normal_(0.0, 0.2)
+    masters = {n.replace(".mw_s.", ".X."): p.detach().clone() for n, p in _bn_weights(model, "mw_s").items()}
+    ae.save_adapter(model, "mw_s", tmp_path / "mw_s", format="adapterhub")
+    saved = torch.load(tmp_path / "mw_s" / "pytorch_adapter.bin", weights_only=True)
+    assert len(saved) == len(masters) and {t.dtype for t in saved.values()} == {torch.float32}
+    for autocast, dtype in ((True, torch.float32), (None, torch.float32), (False, torch.float16)):
+        other = _bert()
+        ae.load_adapter(other, tmp_path / "mw_s", name="mw_l", autocast_adapter_dtype=autocast)
+        loaded = _bn_weights(other, "mw_l")
+        assert len(loaded) == len(masters)
+        for n, p in loaded.items():
+            assert p.dtype == dtype and torch.equal(p, masters[n.replace(".mw_l.", ".X.")].to(dtype)), (autocast, n)
+
+    sam = ae.StackedAdapterModel(_bert())
+    sam.add_adapter("mw_h", tmp_path / "mw_s")  # (a folder: as saved, fp32)
+    ae.add_adapter(sam.model, "mw_k", _BN, autocast_adapter_dtype=False)
+    sam.add_adapter("mw_k")
+    sam.add_adapter("mw_m", _BN)
+    before = {n: p.detach().clone() for n, p in _bn_weights(sam.model, "mw_").items()}
+    assert {n.split(".adapters.mw_")[1][0]: p.dtype for n, p in before.items()} == {
+        "h": torch.float32, "k": torch.float16, "m": torch.float32
+    }  # fmt: skip
+    sam.save(tmp_path / "stack")
+    again = ae.StackedAdapterModel.load(tmp_path / "stack", _bert())
+    after = _bn_weights(again.model, "mw_")
+    assert after.keys() == before.keys()
+    for n, p in after.items():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=_ids()).logits, sam(input_ids=_ids()).logits)
+
+
+def test_bottleneck_masters_are_counted_at_their_bytes_offloaded_and_restored_as_they_were(tmp_path):
+    """A memory manager counts bottleneck masters at their fp32 bytes (twice a 16-bit adapter's). Evicted with
+    offload="drop" after a save to the store, they are kept in host memory (the store loads in the model's dtype)
+    and come back fp32, their values exactly: they were dropped and came back rounded to fp16 (a trained step below
+    its resolution lost), or, kept on the host, were restored in the layers' dtype. A snapshot put back after a
+    conversion of the model takes the layers' new dtype."""
+    model = _bert()
+    store = ae.AdapterStore(tmp_path)
+    ae.add_adapter(model, "mw_a", _BN)
+    ae.add_adapter(model, "mw_b", _BN, autocast_adapter_dtype=False)
+    size = ae.api.adapter_nbytes(model, "mw_a")
+    assert size == 2 * ae.api.adapter_nbytes(model, "mw_b")
+    memory = ae.AdapterMemoryManager(model, store, max_active=1, offload="drop")
+    with torch.no_grad():
+        for p in _bn_weights(model, "mw_a.").values():
+            p.add_(1e-5)  # a trained step below fp16's resolution
+    for name in ("mw_b", "mw_a"):
+        store.save(model, name)
+    masters = {n: p.detach().clone() for n, p in _bn_weights(model, "mw_a.").items()}
+    memory.evict("mw_b")
+    assert memory.stats().offloaded == 0  # (16-bit, as the store loads it: dropped)
+    with memory.use(["mw_b"]):  # evicts mw_a
+        assert memory.stats().offloaded == 1 and memory.stats().resident_bytes == size // 2
+    with memory.use(["mw_a"]):
+        back = _bn_weights(model, "mw_a.")
+        assert back.keys() == masters.keys() and all(torch.equal(p, masters[n]) for n, p in back.items())
+        assert {p.dtype for p in back.values()} == {torch.float32} and memory.stats().resident_bytes == size
+    served = _bert()
+    store.load_into(served, "mw_a")
+    assert {p.dtype for p in _bn_weights(served, "mw_a.").values()} == {torch.float16}
+
+    other = _bert()
+    ae.add_adapter(other, "mw_c", _BN)
+    for convert, dtype in ((other.float, torch.float32), (other.half, torch.float16)):
+        snap = ae.api.snapshot_adapter(other, "mw_c")
+        ae.delete_adapter(other, "mw_c")
+        convert()
+        ae.api.restore_adapter(other, "mw_c", snap)
+        assert {p.dtype for p in _bn_weights(other, "mw_c.").values()} == {dtype}, dtype
+
+
+def test_save_model_and_load_model_keep_each_bottleneck_adapters_dtype(tmp_path):
+    """load_model rebuilds bottleneck adapters in the dtype they were saved in, their weights exactly: fp32 masters
+    came back in the layers' dtype. A manifest of an earlier version, without the dtype, had them all in the layers'
+    dtype: they come back so, not as fp32 masters of 16-bit values (twice their memory)."""
+    import json
+
+    model = _bert()
+    ae.add_adapter(model, "mw_m", _BN)
+    ae.add_adapter(model, "mw_h", _BN, autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for p in _bn_weights(model, "mw_").values():
+            p.normal_(0.0, 0.2)
+    saved = {n: p.detach().clone() for n, p in _bn_weights(model, "mw_").items()}
+    ae.save_model(model, tmp_path / "ckpt")
+    loaded = _bn_weights(ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16), "mw_")
+    assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float16, torch.float32}
+    for n, p in loaded.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
+    ae.delete_adapter(model, "mw_m")
+    ae.save_model(model, tmp_path / "old")
+    manifest = tmp_path / "old" / "adapter_engine.json"
+    entries = json.loads(manifest.read_text())
+    del entries["adapters"]["mw_h"]["fp32"]
+    manifest.write_text(json.dumps(entries))
+    loaded = _bn_weights(ae.load_model(tmp_path / "old", torch_dtype=torch.float16), "mw_")
+    assert loaded and all(p.dtype == torch.float16 and torch.equal(p, saved[n]) for n, p in loaded.items())
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_bottleneck_masters_compute_as_their_bf16_casts():
+    """On the GPU, a bf16 model's bottleneck masters: served (the fused kernels, one stack and rows routed to
+    different stacks) and training the top of two levels, bit for bit the model whose adapters are their bf16 casts,
+    with fp32 gradients equal to the casts'."""
+    ids = _ids().cuda()
+    masters, halves = _bn_pair(lambda: _bert(torch.bfloat16).cuda(), _BN, ("mw_p", "mw_q"))
+    pair = (masters, halves)
+    with torch.no_grad():
+        for spec in (ae.Stack("mw_p", "mw_q"), ["mw_p", ae.Stack("mw_q", "mw_p"), None]):
+            with ae.use_adapters(spec):
+                assert torch.equal(masters(input_ids=ids).logits, halves(input_ids=ids).logits), spec
+    grads = []
+    for model in pair:
+        ae.set_active_adapters(model, ["mw_p", "mw_q"])
+        ae.train_adapter(model, "mw_q")
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in _bn_weights(model, "mw_q").items()})
+    assert grads[0] and all(g.dtype == torch.float32 for g in grads[0].values())
+    for n, g in grads[0].items():
+        assert torch.equal(g, grads[1][n].float()), n
 
 
 @pytest.mark.cuda

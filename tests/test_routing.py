@@ -866,7 +866,9 @@ def test_a_routed_pack_follows_the_adapters_a_call_reads(monkeypatch):
     layers = [m for m in model.modules() if isinstance(m, RoutedStackMixin)]
     packs = []
     pack_modules = routed_bottleneck.pack_modules
-    monkeypatch.setattr(routed_bottleneck, "pack_modules", lambda modules: packs.append(1) or pack_modules(modules))
+    monkeypatch.setattr(
+        routed_bottleneck, "pack_modules", lambda modules, *a: packs.append(1) or pack_modules(modules, *a)
+    )
     batch = ids(3)
 
     def check(spec):

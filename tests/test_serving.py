@@ -251,6 +251,27 @@ def test_fp32_master_loras_of_an_fp16_model_are_served_from_graphs():
     assert (server.stats.captures, server.stats.replays) == (2, 4)  # bottleneck depths 0 and 1: one graph each
 
 
+def test_fp32_master_bottlenecks_of_an_fp16_model_are_served_from_graphs_as_their_fp16_casts():
+    """Bottleneck adapters of an fp16 model keep fp32 master weights (``add_adapter``'s default): the graph serves
+    them from the pack of their fp16 casts made outside the capture, bit for bit as the model whose adapters are those
+    casts is served by its own graph."""
+    servers = []
+    for autocast in (True, False):
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(**_BERT)).eval().half()
+        for name in ("a", "b"):
+            ae.add_adapter(model, name, ae.BottleneckConfig.seq_bn(reduction_factor=4), autocast_adapter_dtype=autocast)
+        torch.manual_seed(1)
+        _randomise(model)
+        servers.append(GraphedServer(model, capture=ReplayCheck()))
+    assert {p.dtype for n, p in servers[0].model.named_parameters() if ".adapters." in n} == {torch.float32}
+    for i, spec in enumerate((["a", ae.Stack("a", "b"), None], ["b", "a", ae.Stack("b", "a")])):
+        batch = ids(3, seed=i)
+        masters, halves = (server(spec, input_ids=batch).last_hidden_state for server in servers)
+        assert masters.dtype == torch.float16 and torch.equal(masters, halves), spec
+    assert [(s.stats.captures, s.stats.replays) for s in servers] == [(1, 2)] * 2
+
+
 def test_rows_a_static_route_cannot_express_are_refused_and_change_nothing():
     model = adapted_bert()
     server = GraphedServer(model, capture=ReplayCheck())
