@@ -147,19 +147,14 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
         # layers' dtype for bottleneck adapters, which had no masters then)
         config = _where_it_was(config_from_dict(entry["config"]), entry)
         fresh = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
-<<<<<<< HEAD
-        api.add_adapter(model, name, fresh, autocast_adapter_dtype=entry.get("fp32", True))  # (weights loaded below)
+        fp32 = entry.get("fp32", entry.get("kind") != "bottleneck")
+        api.add_adapter(model, name, fresh, autocast_adapter_dtype=fp32)  # (weights loaded below)
         record = pt.get_state(model).adapters[name]
         record.config = config  # (its init as saved: 'eva', 'mica', ...)
         for module in [m for m in entry.get("saved") or () if m not in record.saved]:  # (a bottleneck's head copies)
             pt.wrap_saved(model, pt.get_state(model), module).add_copy(name)
             record.saved.append(module)
         record.head = entry.get("head")
-=======
-        fp32 = entry.get("fp32", entry.get("kind") != "bottleneck")
-        api.add_adapter(model, name, fresh, autocast_adapter_dtype=fp32)  # (weights loaded below)
-        pt.get_state(model).adapters[name].config = config  # (its init as saved: 'eva', 'mica', ...)
->>>>>>> s27-bnmaster
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)
