@@ -2,10 +2,10 @@
 members: the wrapped module's children, Parameters and buffers become the wrapper's, under their own names, so the
 model's ``state_dict`` keys stay what they were and ``unpatch`` can hand them back.
 
-A bottleneck layer and ``LoraLinear`` stand in for the module's hooks (:func:`share_hooks`): the wrapped
-module's forward / backward hook dicts are the wrapper's, the same objects, so hooks installed before the wrapping run
-on the wrapper (around whatever it computes: the adapted output), a hook handle made on either removes the hook from
-both, and hooks installed while wrapped stay on the module when it is put back (:func:`return_hooks`).
+Every wrapper (and ``LoraLinear``) stands in for the module's hooks (:func:`share_hooks`): the wrapped module's
+forward / backward hook dicts are the wrapper's, the same objects, so hooks installed before the wrapping run on the
+wrapper (around whatever it computes: the adapted output), a hook handle made on either removes the hook from both,
+and hooks installed while wrapped stay on the module when it is put back (:func:`return_hooks`).
 
 A wrapper class with ``takes_class = True`` (the bottleneck layers) also stands in for the module's class: its
 instances are of a subclass of both the wrapper class and the wrapped module's class (:func:`stand_in_class`), so
@@ -54,8 +54,8 @@ class StandIn(nn.Module):
             self.register_parameter(name, param)
         for name, buf in original.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+        share_hooks(self, original)
         if _combined(type(self)) is not None:
-            share_hooks(self, original)
             # the original's own value of a name its class defines too (a flag with a class default): the class's
             # would now be found first, ahead of the fallback to the original below (the wrapper's names stay its own)
             shadowed = _class_names(type(original)) - _class_names(_combined(type(self))[0])
@@ -71,8 +71,7 @@ class StandIn(nn.Module):
         """The original module, for the caller to put back in the model: it keeps the hooks registered on this
         wrapper (the two share their hook dicts), full backward hooks marked as such."""
         original = self._original
-        if _combined(type(self)) is not None:
-            return_hooks(self, original)
+        return_hooks(self, original)
         return original
 
     def __getattr__(self, name: str):
@@ -99,6 +98,13 @@ def share_hooks(wrapper: nn.Module, original: nn.Module) -> None:
     for name in _CALL_HOOKS:
         wrapper.__dict__[name] = original.__dict__[name]
     wrapper._is_full_backward_hook = original._is_full_backward_hook
+
+
+def unshare_hooks(module: nn.Module) -> None:
+    """Give ``module`` empty hook dicts of its own (a copy of a module whose hooks a wrapper runs around it)."""
+    for name in _CALL_HOOKS:
+        module.__dict__[name] = type(module.__dict__[name])()
+    module._is_full_backward_hook = None
 
 
 def return_hooks(wrapper: nn.Module, original: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Hooks on the modules the engine wraps: a LoRA / IA3 layer (``LoraLinear``) in place of an ``nn.Linear`` / GPT-2
-``Conv1D``. The wrapper shares the module's forward / backward hook dicts (``adapter_engine.wrapping.share_hooks``):
-hooks registered before the wrapping run on it, with its adapted output, their handles remove them, and hooks added
-while wrapped stay on the module that ``unpatch`` or a merge that unpatches gives back. (Bottleneck wrappers:
+``Conv1D``, a module with trained copies (``modules_to_save``, ``ModulesToSaveLayer``). The wrapper shares the
+module's forward / backward hook dicts (``adapter_engine.wrapping.share_hooks``): hooks registered before the
+wrapping run on it, with its adapted output, their handles remove them, and hooks added while wrapped stay on the
+module that ``unpatch`` or a merge that unpatches gives back. (Bottleneck wrappers:
 tests/test_bottleneck_attentions.py.) Tiny random fp32 models; outputs compared bit for bit, with the wrapper's own
 call as the reference.
 """
@@ -146,3 +147,74 @@ def test_a_patched_model_with_hooks_on_its_lora_layers_survives_torch_save_and_d
         ae.unpatch(other)
         other(x)
         assert len(copied.seen) == 3 and len(hook.seen) == 1
+
+
+def roberta() -> nn.Module:
+    """A tiny RoBERTa classifier: its head (``classifier``) holds Linear layers of its own (``dense``, ``out_proj``)."""
+    torch.manual_seed(0)
+    config = tf.RobertaConfig(**_LLAMA, max_position_embeddings=40, pad_token_id=1, num_labels=3)
+    return tf.RobertaForSequenceClassification(config).eval()
+
+
+def test_hooks_on_a_module_with_trained_copies_run_whichever_module_runs_and_their_handles_remove_them():
+    """Before: a hook on ``classifier`` stopped running while no adapter was active (the wrapper ran the original's
+    forward without its hooks), and ran from each copy otherwise (deep copies of it, which the handle did not remove:
+    it kept running after ``handle.remove()``); a hook on ``classifier.dense`` likewise kept running in the copies."""
+    model, x = roberta(), ids()
+    config = ae.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"], init_lora_weights=False)
+    head, head_dense = model.classifier, model.classifier.dense
+    hooks, handles = hook_all(head)
+    inner = Recorder("forward")
+    handles.append(head_dense.register_forward_hook(inner))
+    outputs = []  # (a function, which a deep copy of the hook dicts would share: a hook run twice shows here)
+    handles.append(head.register_forward_hook(lambda module, args, out: outputs.append(out)))
+    ae.add_adapter(model, "copied_head_a", config)
+    ae.add_adapter(model, "copied_head_b", config)
+    copies = model.classifier.modules_to_save
+    with torch.no_grad():
+        for p in copies.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+
+    for calls, active in enumerate(("copied_head_a", "copied_head_b", None), start=1):
+        ae.set_active_adapters(model, active)
+        logits = model(x).logits
+        logits.sum().backward()
+        assert counts(hooks) == {"pre": calls, "forward": calls, "kwargs": calls, "backward": calls}
+        assert len(outputs) == calls and len(inner.seen) == 1  # (copies[...].dense or the original's: the one that ran)
+        ran = copies[active] if active else head  # the module whose output the hooks see: the active copy's
+        (features,), out = hooks["forward"].seen[-1]
+        assert torch.equal(out, logits) and torch.equal(out, type(ran).forward(ran, features))
+        inner.seen.clear()  # (the recompute ran a dense layer too)
+    for handle in handles:
+        handle.remove()
+    for active in ("copied_head_a", None):
+        ae.set_active_adapters(model, active)
+        model(x).logits.sum().backward()
+    assert counts(hooks) == {"pre": calls, "forward": calls, "kwargs": calls, "backward": calls}
+    assert len(outputs) == calls and not inner.seen
+
+    added, _ = hook_all(model.classifier)  # while patched: it stays on the module given back
+    ae.unpatch(model)
+    assert model.classifier is head
+    model(x).logits.sum().backward()
+    assert counts(added) == {"pre": 1, "forward": 1, "kwargs": 1, "backward": 1}
+
+
+@torch.no_grad()
+def test_a_bottleneck_keeps_reading_its_residual_from_a_module_that_gets_trained_copies():
+    """A bottleneck layer reads its residual through a hook on a module of the block (Llama's
+    ``post_attention_layernorm`` for ``par_bn``). Before: once a LoRA adapter with that module in
+    ``modules_to_save`` wrapped it, the hook stopped running and every forward failed ("these adapters read the
+    residual y: pass residual_from=")."""
+    model, x = llama(), ids()
+    ae.add_adapter(model, "residual_reader", "par_bn")
+    for key, p in model.named_parameters():
+        if ".adapters." in key:
+            p.normal_(0.0, 0.5)
+    ae.set_active_adapters(model, "residual_reader")
+    want = model(x).last_hidden_state
+    config = ae.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["post_attention_layernorm"])
+    ae.add_adapter(model, "copied_norms", config)
+    assert torch.equal(model(x).last_hidden_state, want)
+    ae.set_active_adapters(model, ["copied_norms", "residual_reader"])  # (LoRA's B is zero, the copies as they were)
+    torch.testing.assert_close(model(x).last_hidden_state, want, atol=1e-5, rtol=0)
