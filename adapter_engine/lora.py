@@ -36,6 +36,7 @@ from .kernels.lora_inputs import forget_stacks
 from .kernels.lora_linear import StackedLoras, lora_linear
 from .lora_rows import RoutedLoraMixin, _weights, ia3_product, ia3_scaled, lowrank_term
 from .routing import StaticRoute, check_route_names, current_route, routed_under_compile, run_eagerly
+from .wrapping import share_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
 
     Attributes kept from the base layer: ``weight``, ``bias``, ``in_features``, ``out_features`` (and ``nf``,
     ``nx`` for Conv1D, whose weight is stored transposed: ``(in, out)``, ``fan_in_fan_out=True``).
+
+    Hooks: the layer shares the base layer's forward / backward hook dicts (``wrapping.share_hooks``), so a hook on
+    ``q_proj`` registered before the adapter came keeps running, its handle removes it, and one added while wrapped
+    stays on the base layer after ``unpatch`` / a merge that unpatches. It runs around this layer's call: it sees the
+    layer's input and its *adapted* output (LoRA and IA3 applied), the output the model goes on with, which is what a
+    hook that reads ``q_proj``'s output (activation capture, probing) is after. PEFT differs: it keeps the original
+    as ``base_layer`` inside its LoRA layer, so a hook on the original sees the base output only.
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -110,6 +118,7 @@ class LoraLinear(RoutedLoraMixin, nn.Module):
         # serving's every-resident stack: (StackedLoras, the snapshot, names and versions it was made at), _stacked_for
         self._stacked: tuple[StackedLoras, tuple, tuple, tuple] | None = None
         self._snapshot_memo: tuple | None = None  # see _snapshot
+        share_hooks(self, base)  # (the class docstring)
 
     # ------------------------------------------------------------------------------------------- adapters
     def add_lora(

@@ -41,6 +41,7 @@ from .lora import (
 from .routed_bottleneck import RoutedOutputWithAdapters, RoutedResidualOutsideWithAdapters
 from .routing import set_route_owner
 from .saved_modules import ModulesToSaveLayer
+from .wrapping import return_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def _restore(model: nn.Module, name: str, original: nn.Module) -> None:
         current.unmerge()
         original.weight = current.weight
         original.bias = current.bias
+        return_hooks(current, original)  # (the hooks themselves are shared: see LoraLinear)
     elif isinstance(current, (BottleneckStackLayer, ModulesToSaveLayer)):
         if isinstance(current, ResidualOutsideWithAdapters):
             current.remove_hooks()

@@ -20,12 +20,14 @@ from torch import nn
 
 from .changes import adapters_changed
 from .routing import StaticRoute, check_rows, current_route, routed_under_compile, run_eagerly
-from .wrapping import StandIn
+from .wrapping import StandIn, share_hooks, unshare_hooks
 
 
 class ModulesToSaveLayer(StandIn):
     """A module with per-adapter trained copies: ``modules_to_save[name]`` runs instead of the original when adapter
-    ``name`` is active (or routed). The original's weights are this wrapper's, shared."""
+    ``name`` is active (or routed). The original's weights are this wrapper's, shared, and so are its hooks
+    (``wrapping.share_hooks``): a hook on ``classifier`` runs around whichever module runs, the original or a copy.
+    A copy has no hooks of its own; the modules inside it share theirs with the original's (:meth:`add_copy`)."""
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__(original)
@@ -33,8 +35,18 @@ class ModulesToSaveLayer(StandIn):
         self.active_adapters: list[str] = []
 
     def add_copy(self, name: str, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """A trainable copy of the original module for adapter ``name`` (its current weights, or ``state``)."""
+        """A trainable copy of the original module for adapter ``name`` (its current weights, or ``state``).
+
+        Hooks: the copy runs inside this wrapper's call, which runs the original's hooks, so it has none of its own
+        (a deep copy had copies of them: they ran twice, and their handles could not remove them). A module inside
+        it shares the hooks of the original's module of the same name: a hook on ``classifier.dense`` runs
+        whichever of the two runs, and its handle removes it from both."""
         module = copy.deepcopy(self._original)
+        unshare_hooks(module)
+        inner = dict(self._original.named_modules())
+        for path, sub in module.named_modules():
+            if path:
+                share_hooks(sub, inner[path])
         if state is None:  # the module's tensors as they are now, which may not be the original's objects any more
             state = {k: v for k, v in self.state_dict().items() if not k.startswith("modules_to_save.")}
         with torch.no_grad():

@@ -2,12 +2,16 @@
 members: the wrapped module's children, Parameters and buffers become the wrapper's, under their own names, so the
 model's ``state_dict`` keys stay what they were and ``unpatch`` can hand them back.
 
-A wrapper class with ``takes_class = True`` (the bottleneck layers) also stands in for the module's class and hooks:
-its instances are of a subclass of both the wrapper class and the wrapped module's class (:func:`stand_in_class`),
-so ``isinstance`` checks made on the model's modules still find them (transformers 5 records ``output_attentions``
-with forward hooks that it installs, at the first forward that asks, on the modules that are instances of the
-model's attention class), and the wrapped module's forward / backward hook dicts are shared with it (hooks installed
-before the wrapping run on the wrapper; those installed while wrapped stay on the module when it is put back)."""
+Every wrapper (and ``LoraLinear``) stands in for the module's hooks (:func:`share_hooks`): the wrapped module's
+forward / backward hook dicts are the wrapper's, the same objects, so hooks installed before the wrapping run on the
+wrapper (around whatever it computes: the adapted output), a hook handle made on either removes the hook from both,
+and hooks installed while wrapped stay on the module when it is put back (:func:`return_hooks`).
+
+A wrapper class with ``takes_class = True`` (the bottleneck layers) also stands in for the module's class: its
+instances are of a subclass of both the wrapper class and the wrapped module's class (:func:`stand_in_class`), so
+``isinstance`` checks made on the model's modules still find them (transformers 5 records ``output_attentions`` with
+forward hooks that it installs, at the first forward that asks, on the modules that are instances of the model's
+attention class)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# the hook dicts of a module call, shared between a wrapper that takes the module's class and the module
+# the hook dicts of a module call, shared between a wrapper and the module it stands in for
 _CALL_HOOKS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -35,7 +39,7 @@ class StandIn(nn.Module):
     docstring), ``_original`` keeps it (not a child: its children are the wrapper's now), and its plain attributes
     (config, sizes, flags) stay reachable through the wrapper."""
 
-    takes_class = False  # True: instances are also of the original's class and share its hooks (module docstring)
+    takes_class = False  # True: instances are also of the original's class (module docstring)
 
     def __new__(cls, original: nn.Module | None = None, *args, **kwargs):
         if cls.takes_class and isinstance(original, nn.Module):
@@ -50,10 +54,8 @@ class StandIn(nn.Module):
             self.register_parameter(name, param)
         for name, buf in original.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in original._non_persistent_buffers_set)
+        share_hooks(self, original)
         if _combined(type(self)) is not None:
-            for name in _CALL_HOOKS:  # the same dicts: hook handles made on either remove from both
-                self.__dict__[name] = original.__dict__[name]
-            self._is_full_backward_hook = original._is_full_backward_hook
             # the original's own value of a name its class defines too (a flag with a class default): the class's
             # would now be found first, ahead of the fallback to the original below (the wrapper's names stay its own)
             shadowed = _class_names(type(original)) - _class_names(_combined(type(self))[0])
@@ -69,8 +71,7 @@ class StandIn(nn.Module):
         """The original module, for the caller to put back in the model: it keeps the hooks registered on this
         wrapper (the two share their hook dicts), full backward hooks marked as such."""
         original = self._original
-        if _combined(type(self)) is not None:
-            original._is_full_backward_hook = self._is_full_backward_hook
+        return_hooks(self, original)
         return original
 
     def __getattr__(self, name: str):
@@ -89,6 +90,27 @@ class StandIn(nn.Module):
         if bases is None:
             return super().__reduce_ex__(protocol)
         return _new_stand_in, bases, self.__getstate__()
+
+
+def share_hooks(wrapper: nn.Module, original: nn.Module) -> None:
+    """Make ``original``'s forward / backward hook dicts ``wrapper``'s, the same objects (see the module docstring).
+    ``nn.Module.__call__`` checks the wrapper's dicts as it checks any module's: no cost while they are empty."""
+    for name in _CALL_HOOKS:
+        wrapper.__dict__[name] = original.__dict__[name]
+    wrapper._is_full_backward_hook = original._is_full_backward_hook
+
+
+def unshare_hooks(module: nn.Module) -> None:
+    """Give ``module`` empty hook dicts of its own (a copy of a module whose hooks a wrapper runs around it)."""
+    for name in _CALL_HOOKS:
+        module.__dict__[name] = type(module.__dict__[name])()
+    module._is_full_backward_hook = None
+
+
+def return_hooks(wrapper: nn.Module, original: nn.Module) -> None:
+    """Before ``original`` is put back in ``wrapper``'s place: the hooks are its own already (shared dicts); it takes
+    the one thing not shared, whether the backward hooks registered while wrapped are full ones."""
+    original._is_full_backward_hook = wrapper._is_full_backward_hook
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
