@@ -136,17 +136,23 @@ def read_tensors(folder: str, fmt: str) -> tuple[str, dict[str, torch.Tensor]]:
         path = os.path.join(folder, fname)
         if not os.path.isfile(path):
             continue
-        try:
-            if fname.endswith(".safetensors"):
-                tensors = load_file(path, device="cpu")
-            else:
-                tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # safetensors / pickle raise many types for truncated or corrupted data
-            raise ValueError(f"cannot read adapter weights {path!r} (truncated or corrupted?): {err}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise ValueError(f"adapter weights {path!r} are not a dict of tensors")
-        return path, tensors
+        return path, read_weight_file(path, "adapter weights")
     raise FileNotFoundError(f"no {fmt} adapter weights in {folder!r}: expected one of {list(WEIGHTS[fmt])}")
+
+
+def read_weight_file(path: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a ``.bin`` read with ``weights_only=True`` (no pickled code), on the
+    CPU; a corrupted file, or one that is not a dict of tensors, is a ValueError naming ``what`` it held."""
+    try:
+        if path.endswith(".safetensors"):
+            tensors = load_file(path, device="cpu")
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors / pickle raise many types for truncated or corrupted data
+        raise ValueError(f"cannot read {what} {path!r} (truncated or corrupted?): {err}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{what} {path!r} are not a dict of tensors")
+    return tensors
 
 
 def split_base_copies(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

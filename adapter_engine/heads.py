@@ -66,7 +66,7 @@ class HeadPlan:
 
 def read_head(folder: str) -> SavedHead | None:
     """The head saved in adapter folder ``folder`` (None without head files); a corrupted file is a ValueError."""
-    from .formats import read_json  # (formats imports this module)
+    from .formats import read_json, read_weight_file  # (formats imports this module)
 
     weights = next((os.path.join(folder, f) for f in HEAD_WEIGHTS if os.path.isfile(os.path.join(folder, f))), None)
     cfg_path = os.path.join(folder, HEAD_CONFIG)
@@ -75,17 +75,7 @@ def read_head(folder: str) -> SavedHead | None:
     meta = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     if weights is None:
         return SavedHead(cfg_path, meta, {})
-    try:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            tensors = load_file(weights, device="cpu")
-        else:
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors / pickle raise many types for truncated or corrupted data
-        raise ValueError(f"cannot read head weights {weights!r} (truncated or corrupted?): {err}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise ValueError(f"head weights {weights!r} are not a dict of tensors")
+    tensors = read_weight_file(weights, "head weights")
     return SavedHead(weights, meta, tensors)
 
 
