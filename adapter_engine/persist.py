@@ -39,9 +39,10 @@ def write_model(model: nn.Module, folder: str, **save_kwargs) -> None:
     manifest :func:`load_model` reads to rebuild the adapters (absorbed bottlenecks, a trained stack)."""
     # (a patched model's save_pretrained is api.save_pretrained: an adapter tensor registered twice, a LayerNorm
     # before the down projection as AdapterHub's module registers it, is saved once, as safetensors requires; it
-    # writes the manifest of a model with adapters too)
+    # writes the manifest of a model with adapters too: written here for the others)
     model.save_pretrained(folder, **save_kwargs)
-    write_manifest(model, folder)
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        write_manifest(model, folder)
 
 
 def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:

@@ -122,11 +122,9 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
         missing = [m for m, _ in snapshot.entries if m not in where]
         if missing:
             raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
-        plan = []
-        for m, params in snapshot.entries:
-            now, then = pt.bottleneck_layer_dtype(model.get_submodule(m)), snapshot.layer_dtypes.get(m)
-            converted = then is not None and now != then
-            plan.append((where[m], {k: v.to(now) for k, v in params.items()} if converted else params))
+        layer_dtype = lambda m: pt.bottleneck_layer_dtype(model.get_submodule(m))  # noqa: E731
+        plan = [(where[m], _converted_like(layer_dtype(m), snapshot.layer_dtypes.get(m), params))
+                for m, params in snapshot.entries]  # fmt: skip
         modules = pt.apply_bottleneck(model, state, name, cfg, plan, autocast=None)
     else:
         entries = [_converted_like(model.get_submodule(e[0]).weight.dtype, snapshot.layer_dtypes.get(e[0]), e)
@@ -138,11 +136,14 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
                                          head=snapshot.head)  # fmt: skip
 
 
-def _converted_like(now: torch.dtype, then: torch.dtype | None, entry: tuple) -> tuple:
-    """A LoRA / IA3 snapshot entry ``(module, tensors..., [feedforward])`` in ``now``, its layer's dtype, when the
-    layer was in another dtype ``then`` at the snapshot (a module conversion turns every floating weight into it)."""
+def _converted_like(now: torch.dtype, then: torch.dtype | None, entry):
+    """A snapshot entry's tensors (LoRA / IA3: the tuple ``(module, tensors..., [feedforward])``; bottleneck: its
+    state dict) in ``now``, its layer's dtype, when the layer was in another dtype ``then`` at the snapshot (a module
+    conversion turns every floating weight into it)."""
     if then is None or now == then:
         return entry
+    if isinstance(entry, dict):
+        return {k: v.to(now) for k, v in entry.items()}
     return tuple(v.to(now) if isinstance(v, torch.Tensor) else v for v in entry)
 
 
