@@ -22,6 +22,7 @@ from adapter_engine.kernels.lora_linear_tma import TmaTiles, _aligned, tma_fits
 ll = importlib.import_module("adapter_engine.kernels.lora_linear")
 ld = importlib.import_module("adapter_engine.kernels.lora_linear_dispatch")  # the choice of path="auto"
 lk = importlib.import_module("adapter_engine.kernels.lora_linear_launch")  # the launchers
+lt = importlib.import_module("adapter_engine.kernels.lora_linear_tma")  # the persistent kernel
 HALF = [torch.float16, torch.bfloat16]
 pytestmark = pytest.mark.usefixtures("poison")  # kernel outputs start as NaN
 
@@ -204,6 +205,57 @@ def test_empty_batch(launches):
     assert y.shape == (0, 24)
 
 
+def test_a_recorded_persistent_launch_calls_its_compiled_kernel_directly_for_operands_aligned_alike(
+    monkeypatch, direct_stand_in
+):
+    """On a GPU the persistent kernel's first launch of a geometry is recorded with its compiled kernel, and a repeat
+    calls that directly (no per-launch binding of its 44 parameters by Triton): the four descriptors, the pointers and
+    integers in signature order, then the constexprs (a stand-in for the compiled kernel binds them back to the
+    kernel's parameter names and runs it in the interpreter, so a misordered argument gives wrong results). A bias
+    aligned otherwise (Triton specialises a pointer on its 16-byte alignment) is another geometry: Triton's launch."""
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(lt, "_RECORDED", {})
+    x, w, b, As, Bs = _make((37,), 40, 45, [8, 3], torch.float16, grad=False)
+    ids = torch.randint(-1, 2, (37,), dtype=torch.int32)
+    with torch.no_grad():
+        lora_linear(x, w, As, Bs, [0.5, -2.0], b, adapter_ids=ids, path="persistent")
+    ((key, recorded),) = lt._RECORDED.items()
+    assert recorded.compiled is None  # the interpreter's launch returns no compiled kernel
+    lt._RECORDED[key] = stand_in(recorded, 0)  # (the key holds the alignments: nothing left to check per call)
+    x2 = torch.randn(37, 40, dtype=torch.float16)
+    shifted = torch.empty(46, dtype=torch.float16)[1:].copy_(b)  # 2-byte aligned
+    for bias in (b, shifted):
+        up = [a.double() for a in As], [b_.double() for b_ in Bs]
+        want = ll.lora_linear_reference(x2.double(), w.double(), *up, [0.5, -2.0], bias.double(), adapter_ids=ids)
+        with torch.no_grad():
+            got = lora_linear(x2, w, As, Bs, [0.5, -2.0], bias, adapter_ids=ids, path="persistent")
+        assert (got.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
+        assert direct == [(2, 1, 1)]  # called directly once, on its 2 "SMs"; the shifted bias went through Triton
+    assert len(lt._RECORDED) == 2
+
+
+def test_a_first_persistent_launch_records_its_compiled_kernel(monkeypatch, compiled_stand_in):
+    """On a GPU the first launch returns its compiled kernel (``_backend.compiled_kernel``): the recorded launch keeps
+    it, and every later call of the geometry, the shrink fused or from cuBLAS, calls it directly."""
+    from adapter_engine.kernels import _backend
+
+    make, direct = compiled_stand_in
+    stand_in = make(lt._lora_linear_tma_fwd_kernel)
+    monkeypatch.setattr(_backend, "compiled_kernel", lambda launched: stand_in)
+    monkeypatch.setattr(lt, "_RECORDED", {})
+    x, w, b, As, Bs = _make((19,), 32, 40, [8], torch.float16, grad=False)
+    want = ll.lora_linear_reference(x.double(), w.double(), As[0].double(), Bs[0].double(), 0.5, b.double())
+    for fuse in (True, False):
+        monkeypatch.setattr(lk.dispatch, "tma_candidates", lambda *a, fuse=fuse: (TmaTiles(32, 32, 32, 4, 1, fuse, 2),))
+        direct.clear()
+        for calls in (0, 1, 2):
+            with torch.no_grad():
+                got = lora_linear(x, w, As[0], Bs[0], 0.5, b, path="persistent")
+            assert (got.double() - want).abs().max() <= TOL[torch.float16] * want.abs().max()
+            assert len(direct) == calls
+    assert [r.compiled for r in lt._RECORDED.values()] == [stand_in, stand_in]  # one per form of the shrink
+
+
 def test_large_m_choice_times_composition_against_the_tiles(monkeypatch, launches):
     """Above ``fused_max_m`` rows ``"auto"`` times ``"composition"`` against the persistent tiles once per shape and
     keeps the faster (here a CPU timer with made-up costs); without timing (``ADAPTER_ENGINE_AUTOTUNE=0``) it keeps
@@ -268,6 +320,34 @@ def test_a_graph_capture_takes_the_choice_by_gpu_time(monkeypatch, launches):
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA tier
+@pytest.mark.cuda
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused shrink", "cuBLAS shrink"])
+def test_cuda_recorded_persistent_launch_matches_tritons_launch_bit_for_bit(monkeypatch, fuse):
+    """On the GPU the persistent kernel's recorded launch holds the compiled kernel of its first launch and calls it
+    directly from then on (its descriptors, pointers and integers in signature order): its output equals that of
+    the same launch through Triton's launcher bit for bit, for new operands, mixed ids and a bias."""
+    monkeypatch.setattr(lt, "_RECORDED", {})
+    tiles = next(t for t in lt.tma_candidates(True, 16, 4096) if t.fuse_shrink == fuse and t.split_k == 1)
+    monkeypatch.setattr(ld, "tma_candidates", lambda *args: (tiles,))
+    dev, dt, M, K, N = "cuda", torch.bfloat16, 4096, 4096, 4096
+    _, w, b, As, Bs = _make((M,), K, N, [16, 8], dt, grad=False)
+    w, b, As, Bs = w.to(dev), b.to(dev), [a.to(dev) for a in As], [b_.to(dev) for b_ in Bs]
+    ids = torch.randint(-1, 2, (M,), device=dev, dtype=torch.int32)
+    call = lambda x: lora_linear(x, w, As, Bs, [2.0, 0.5], b, adapter_ids=ids, path="persistent")  # noqa: E731
+    with torch.no_grad():
+        call(torch.randn(M, K, device=dev, dtype=dt))
+        ((key, recorded),) = lt._RECORDED.items()
+        assert recorded.compiled is not None
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        direct = call(x)
+        lt._RECORDED[key] = recorded._replace(compiled=None)  # the same launch through Triton's launcher
+        through_triton = call(x)
+        want = ll.lora_linear_reference(x.double(), w.double(), [a.double() for a in As], [b_.double() for b_ in Bs],
+                                        [2.0, 0.5], b.double(), adapter_ids=ids)  # fmt: skip
+    assert torch.equal(direct, through_triton)
+    assert (direct.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["weight-as-stored", "conv1d-layout"])
 @pytest.mark.parametrize("M", [256, 2048])
