@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import DirectLaunch, cdiv, device_lru_cache, launch_recorded, next_pow2, use_triton
+from ._backend import DirectLaunch, cdiv, device_lru_cache, launch_by_signature, launch_recorded, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +473,8 @@ def _plan_expand(y: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> Direc
 
 # (kernel, geometry: sizes, strides, adapter count, rank tile, dtype, device) -> its planned launch. A serving layer
 # calls the shrink and the expand with the same geometry on every batch of a size; the plan's device tensors are
-# fresh allocations (aligned), so only the caller's operands are checked against the recorded alignment.
+# fresh allocations (aligned), so only the caller's operands are checked against the recorded alignment. A training
+# step's weight gradients (``lora_wgrad``) are keyed by their launch_signature instead.
 _RECORDED: dict[tuple, DirectLaunch] = {}
 
 
@@ -501,12 +502,14 @@ def lora_wgrad(p: torch.Tensor, q: torch.Tensor, plan: SegmentPlan, out: torch.T
         return out
     interp = q.device.type != "cuda"
     block_j = 64 if interp else TILES.wgrad_block_j
-    _lora_segmented_wgrad_kernel[(plan.n, cdiv(J, block_j))](
+    args = (
         p, q, plan.order, plan.starts, plan.rank_off, out,
         J,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=64 if interp else TILES.wgrad_block_m, BLOCK_J=block_j, **_meta(q, plan), **_launch(q),
     )  # fmt: skip
+    kwargs = dict(BLOCK_M=64 if interp else TILES.wgrad_block_m, BLOCK_J=block_j, **_meta(q, plan), **_launch(q))
+    launch_by_signature(_RECORDED, ("wgrad", q.device, plan.n, *kwargs.values()), _lora_segmented_wgrad_kernel,
+                        (plan.n, cdiv(J, block_j)), kwargs, args, 6)  # fmt: skip
     return out
 
 

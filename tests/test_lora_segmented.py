@@ -258,6 +258,33 @@ def test_shrink_and_expand_launches_are_recorded_per_geometry_and_their_compiled
     assert len(direct) == 4 and len(ls._RECORDED) == 2
 
 
+def test_weight_gradient_launches_are_recorded_and_their_compiled_kernels_called_directly(monkeypatch, direct_stand_in):
+    """A mixed batch's training step launches the weight-gradient kernel twice (dA_cat from du and x, dB_cat from u and
+    dy, written through a transposed view): each is recorded by its launch signature and repeated for new rows, ids
+    and factors by calling the compiled kernel of its first launch directly (here a stand-in that binds the flat
+    arguments back to the kernel's parameters and runs it in the interpreter)."""
+    stand_in, direct = direct_stand_in
+    monkeypatch.setattr(ls, "_RECORDED", {})
+    M, K, N = 37, 33, 21
+
+    def step():
+        x, w, b, As, Bs = _make((M,), K, N, RANKS, torch.float32)
+        ids = _ids("mixed", M, 4)
+        dy = torch.randn(M, N)
+        got = torch.autograd.grad(lora_linear(x, w, As, Bs, SCALES, b, adapter_ids=ids, path="segmented"), As + Bs, dy)
+        want = torch.autograd.grad(lora_linear_reference(x, w, As, Bs, SCALES, b, adapter_ids=ids), As + Bs, dy)
+        for g, r in zip(got, want, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+    step()
+    wgrads = [key for key in ls._RECORDED if key[0] == "wgrad"]
+    assert len(wgrads) == 2  # dA_cat and dB_cat (J = K and N)
+    for key in wgrads:
+        ls._RECORDED[key] = stand_in(ls._RECORDED[key], 0)  # (the key holds the alignments)
+    step()
+    assert sorted(direct) == sorted(ls._RECORDED[key].grid for key in wgrads)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_bit_for_bit(monkeypatch, M):
@@ -295,6 +322,31 @@ def test_cuda_recorded_launches_call_compiled_kernels_that_match_tritons_launch_
             want = reference[name](x)
         assert torch.equal(direct, through_triton), name
         assert _rel_err(direct, want.double()) < 1e-2, name
+
+
+@pytest.mark.cuda
+def test_cuda_recorded_weight_gradient_launches_match_tritons_launch_bit_for_bit(monkeypatch):
+    """On the GPU a mixed batch's weight-gradient launches, recorded at the first training step, call their compiled
+    kernels directly: the adapters' gradients equal those of the same launches through Triton's launcher bit for
+    bit."""
+    monkeypatch.setattr(ls, "_RECORDED", {})
+    dev, dt, M, K, N = "cuda", torch.bfloat16, 4096, 4096, 4096
+    _, w, b, As, Bs = _make((M,), K, N, [16, 8, 32, 8], dt, grad=False)
+    w, b = w.to(dev), b.to(dev)
+    As, Bs = [a.to(dev).requires_grad_() for a in As], [b_.to(dev).requires_grad_() for b_ in Bs]
+    ids = torch.randint(-1, 4, (M,), device=dev)
+    x, dy = torch.randn(M, K, device=dev, dtype=dt), torch.randn(M, N, device=dev, dtype=dt)
+    step = lambda: torch.autograd.grad(  # noqa: E731
+        lora_linear(x, w, As, Bs, [2.0, 0.5, 0.25, 1.0], b, adapter_ids=ids, path="segmented"), As + Bs, dy
+    )
+    step()
+    wgrads = {key: r for key, r in ls._RECORDED.items() if key[0] == "wgrad"}
+    assert len(wgrads) == 2 and all(r.compiled is not None for r in wgrads.values())
+    direct = step()
+    for key, r in wgrads.items():
+        ls._RECORDED[key] = r._replace(compiled=None)
+    through_triton = step()
+    assert all(torch.equal(d, t) for d, t in zip(direct, through_triton, strict=True))
 
 
 def _compiled(recorded) -> object | None:
