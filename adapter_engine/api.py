@@ -484,7 +484,15 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
     for module_name, module in saved_layers:  # one trained copy per module can run (checked before any change)
         holders = [n for n in names if n in module.modules_to_save]
         if len(holders) > 1:
-            raise ValueError(conflict(holders, repr(module_name)))
+            heads = [n for n in holders if state.adapters[n].head is not None]
+            # AdapterHub runs a Stack of adapters saved with heads through one head: say how to get that here
+            hint = (
+                f"; {heads} hold AdapterHub prediction heads: load all but the one whose head should run with "
+                "load_adapter(..., head=False) to stack them"
+                if heads
+                else ""
+            )
+            raise ValueError(conflict(holders, repr(module_name)) + hint)
     # the bottleneck layers first: set_active_bottlenecks checks every layer (one structure per stack) before it
     # changes any, so a refused stack raises here, before the LoRA layers or state.active change
     pt.set_active_bottlenecks(model, state, [n for n in names if state.adapters[n].kind == "bottleneck"])

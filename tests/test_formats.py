@@ -311,7 +311,8 @@ def test_original_ln_after_false_where_the_block_adds_the_residual_is_refused_at
     """Where the block adds the residual after the sublayer, AdapterHub's adapter layer with original_ln_after=False
     leaves the residual out (adapters 1.3.0 runs such GPT-2 / Llama / DistilBERT adapters); the engine's wrapper
     cannot. Such an adapter used to load, and every forward then raised; it is now refused by the load, naming the
-    option, and nothing is loaded. (ViT's output sublayer adds its residual itself: its attention place is named.)"""
+    option, and nothing is loaded. (ViT's attention place, the first, is named; under transformers 5 its MLP is
+    refused too.)"""
     from transformers import AutoModel
 
     folder = os.path.join(HERE, "fixtures", "adapterhub", "block_level", arch)

@@ -76,6 +76,23 @@ def test_a_head_that_maps_onto_the_models_head_loads_there_with_adapterhubs_logi
     assert torch.equal(logits(model, expected, base), before)
 
 
+def test_a_stack_of_adapters_with_adapterhub_heads_is_refused_with_the_way_to_stack_them(expected):
+    """AdapterHub runs a ``Stack`` of adapters that were each saved with a head through one head; the engine keeps each
+    head as its adapter's trained copy, and only one copy can run. The refusal said only "PEFT refuses this too"
+    (found by stacking AdapterHub adapters saved from a task model); it now names the heads and ``head=False``, which
+    stacks them. The refused call changes nothing."""
+    model = build("bert_static")
+    lower = ae.load_adapter(model, os.path.join(HEADS, "bert_static"), name="stk_heads_lower")
+    upper = ae.load_adapter(model, os.path.join(HEADS, "bert_static"), name="stk_heads_upper")
+    with pytest.raises(ValueError, match=r"hold AdapterHub prediction heads: .*head=False"):
+        ae.set_active_adapters(model, ae.Stack(lower, upper))
+    assert ae.api.active_adapters(model) == ()
+    bare = ae.load_adapter(model, os.path.join(HEADS, "bert_static"), name="stk_heads_bare", head=False)
+    ae.set_active_adapters(model, ae.Stack(bare, upper))  # one head: the upper level's
+    assert ae.api.active_adapters(model) == (bare, upper)
+    assert logits(model, expected, "bert").shape == expected["bert_static"].shape
+
+
 @pytest.mark.parametrize(
     "case, model_of, reason",
     [
