@@ -200,28 +200,12 @@ _even_k = triton.heuristics({"EVEN_K": lambda args: _even_k_of(args["K"], args["
 _fwd_kernel_fixed = _even_k(_lora_linear_fwd_kernel)
 
 
-def _gpu_configs() -> list[triton.Config]:
-    """Candidate tiles per M regime; ``_prune_configs`` keeps those of the call's regime."""
+def _gpu_configs(fp32: bool = False) -> list[triton.Config]:
+    """Candidate tiles per M regime for 16-bit operands (tensor cores), or with ``fp32`` for fp32 operands (IEEE
+    fp32 ``tl.dot``: FMA, no tensor cores); ``_prune_configs`` keeps those of the call's regime."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": 1})]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): three to eight per M regime, to keep the
-        # autotuning compile time of a whole benchmark run within minutes
-        # M <= 16: memory bound, stream W with long K blocks and enough programs to fill 132 SMs. Every program
-        # re-reads its K range of x (and of A_cat, with the fused shrink) from L2: at 16-wide N tiles (256
-        # programs at N = 4096) that is as many bytes as W itself, twice. Split-K gets the programs from K instead:
-        # 128-wide N tiles in 4 or 8 K slices re-read x and A_cat 8x less (graphed on the H100 of session 7, the
-        # unsplit tiles took 1.78x the bare matmul at M = 16, 4096 x 4096). Slices of 3 and 6 are for the waves: one
-        # such program fills an SM's shared memory, and N = 11008 makes 86 tiles, so 4 or 8 slices make 2.6 or 5.2
-        # waves of 132 SMs (the last one 60% or 20% full, while the memory system idles), 3 or 6 slices 1.95 or 3.9
-        # (session 15's H100 streamed W at 1.7-1.8 TB/s there against cuBLAS's 2.2, graphed at M = 1 and 16)
-        (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 1), (16, 64, 128, 4, 5, 1), (16, 16, 256, 4, 4, 1),
-        (16, 128, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4), (16, 128, 128, 4, 3, 6), (16, 128, 128, 4, 3, 3),
-        # M <= 64
-        (32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (32, 128, 128, 4, 4, 4), (64, 128, 128, 8, 3, 4),
-        (32, 128, 128, 4, 4, 3),
-        # M <= 256 and above
-        (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
-    ]  # fmt: skip
+    shapes = _FP32_SHAPES if fp32 else _SHAPES_16_BIT
     return [
         triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": sk}, num_warps=w, num_stages=s
@@ -230,15 +214,56 @@ def _gpu_configs() -> list[triton.Config]:
     ]
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): three to eight per M regime, to keep the autotuning
+# compile time of a whole benchmark run within minutes
+_SHAPES_16_BIT = [
+    # M <= 16: memory bound, stream W with long K blocks and enough programs to fill 132 SMs. Every program
+    # re-reads its K range of x (and of A_cat, with the fused shrink) from L2: at 16-wide N tiles (256
+    # programs at N = 4096) that is as many bytes as W itself, twice. Split-K gets the programs from K instead:
+    # 128-wide N tiles in 4 or 8 K slices re-read x and A_cat 8x less (graphed on the H100 of session 7, the
+    # unsplit tiles took 1.78x the bare matmul at M = 16, 4096 x 4096). Slices of 3 and 6 are for the waves: one
+    # such program fills an SM's shared memory, and N = 11008 makes 86 tiles, so 4 or 8 slices make 2.6 or 5.2
+    # waves of 132 SMs (the last one 60% or 20% full, while the memory system idles), 3 or 6 slices 1.95 or 3.9
+    # (session 15's H100 streamed W at 1.7-1.8 TB/s there against cuBLAS's 2.2, graphed at M = 1 and 16)
+    (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 1), (16, 64, 128, 4, 5, 1), (16, 16, 256, 4, 4, 1),
+    (16, 128, 128, 4, 3, 8), (16, 128, 128, 4, 3, 4), (16, 128, 128, 4, 3, 6), (16, 128, 128, 4, 3, 3),
+    # M <= 64
+    (32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (32, 128, 128, 4, 4, 4), (64, 128, 128, 8, 3, 4),
+    (32, 128, 128, 4, 4, 3),
+    # M <= 256 and above
+    (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1),
+]  # fmt: skip
+
+# fp32 operands: an IEEE fp32 tl.dot is FMA work, each thread holding its share of a whole (BLOCK_M, BLOCK_K) x
+# (BLOCK_K, BLOCK_N) step in registers, and the rank tile's u and epilogue dots in fp32 too. The 16-bit list's tiles,
+# built for fp32 on sm_90 (triton 3.9), spilled 1.5-8 KB of stack per thread from 32 rows up, took 3-6 s each to
+# compile (about 1 s in bf16), and three of them needed more than the 227 KB of shared memory, failing only at launch
+# after their compile. These (K steps of 32 or 64, 8 warps but for one 32-wide tile) spill nothing at rank tiles
+# 16 and 64 and compiled in about a second each (tests/test_codegen.py pins the spills and shared memory). Above 64
+# rows "auto" keeps fp32 on cuBLAS (the persistent kernel is 16-bit only): the 64-row tile serves forced paths.
+_FP32_SHAPES = [
+    (16, 64, 32, 8, 3, 1), (16, 32, 64, 4, 4, 1), (16, 64, 64, 8, 3, 1), (16, 64, 32, 8, 3, 4),  # M <= 16
+    (16, 64, 32, 8, 3, 8),
+    (32, 32, 32, 8, 3, 1), (64, 64, 32, 8, 3, 1),  # M <= 64; above, the 64-row tile alone
+]  # fmt: skip
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs of the call's M regime whose pipelined tiles fit in shared memory (~200 KB on H100)."""
+    """Keep the configs of the call's M regime whose pipelined tiles fit in shared memory (~200 KB on H100). fp32
+    operands (``INPUT_PRECISION="ieee"``) take their own list (``_gpu_configs(fp32=True)``), whatever ``configs``
+    holds: their tiles are twice the bytes and the 16-bit tiles spill there."""
     get = lambda name, default: kwargs.get(name, named_args.get(name, default))
     m, block_r, fuse = get("M_BUCKET", 16), get("BLOCK_R", 16), get("FUSE_SHRINK", True)
-    lo, hi = (16, 16) if m <= 16 else (16, 64) if m <= 64 else (64, 128) if m <= 256 else (128, 256)
+    fp32 = get("INPUT_PRECISION", "tf32") == "ieee"
+    if fp32:
+        configs = _gpu_configs(fp32=True)
+        lo, hi = (16, 16) if m <= 16 else (16, 64) if m <= 64 else (64, 64)
+    else:
+        lo, hi = (16, 16) if m <= 16 else (16, 64) if m <= 64 else (64, 128) if m <= 256 else (128, 256)
 
-    def smem(c):  # bytes per stage of x, W (and A_cat when fused) tiles in 16-bit, times the stages
+    def smem(c):  # bytes per stage of x, W (and A_cat when fused) tiles, times the stages
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return 2 * c.num_stages * bk * (bm + bn + (block_r if fuse else 0))
+        return (4 if fp32 else 2) * c.num_stages * bk * (bm + bn + (block_r if fuse else 0))
 
     keep = [
         c
@@ -390,8 +415,8 @@ def _first_tiled_launch(
         config = _TUNED.get(tuning_key)
         named = {"M_BUCKET": m_bucket, "BLOCK_R": meta["BLOCK_R"], "FUSE_SHRINK": fuse}
         if config is None and (not AUTOTUNE or capturing(x)):  # untimed: the first config (inside a CUDA-graph
-            config = _prune_configs(_gpu_configs(), named)[0].all_kwargs()  # capture, where nothing is timed,
-            settled = not AUTOTUNE  # for it only)
+            config = _prune_configs(_gpu_configs(), named, **meta)[0].all_kwargs()  # capture, where nothing is
+            settled = not AUTOTUNE  # timed, for it only)
             if settled:
                 _TUNED[tuning_key] = config
         if config is None:  # every candidate runs on the same buffers: sized for the largest split-K need
@@ -426,7 +451,7 @@ def _autotune(tuning_key, named, meta, m_bucket, x, weight, lora_A, lora_B, rank
     """The autotuner's first launch for ``tuning_key``: every config of the M regime timed on the same buffers
     (sized for the largest split-K need); the fastest is kept in ``_TUNED``."""
     M, N, R = x.shape[0], lora_B.shape[0], lora_B.shape[1]
-    configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named)]
+    configs = [c.all_kwargs() for c in _prune_configs(_gpu_configs(), named, **meta)]  # (as the autotuner prunes)
     probe = _plan_tiled(M, N, R, m_bucket, dict(meta, **configs[0]), x, weight, lora_A, lora_B, bias,
                         u_out is not None, rows)  # fmt: skip
     probe = probe._replace(split=_split_k_sizes(M, N, meta["BLOCK_R"], configs))

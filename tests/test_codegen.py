@@ -478,23 +478,28 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
 
     block_r, has_ids, fuse = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
     rows = sys.argv[4] == "1"  # each row's own adapter in the epilogue (u by row; a mixed batch's serving)
+    dtype = sys.argv[5]  # of x, W, A_cat, B_cat and y: bf16 (tensor cores) or fp32 (IEEE dots: FMA)
+    precision = "ieee" if dtype == "fp32" else "tf32"
     N = K = 4096
     ptrs = {"ids_ptr": "*i32", "rank_adapter_ptr": "*i32", "rank_scale_ptr": "*fp32", "rank_off_ptr": "*i32",
-            "ws_ptr": "*fp32", "count_ptr": "*i32"}  # the rest: *bf16
+            "ws_ptr": "*fp32", "count_ptr": "*i32"}  # the rest: *bf16 or *fp32
     builds = []
-    for m, store_u in [(m, s) for m in (16, 256) for s in ((False,) if rows else (True, False))]:
-        for c in _prune_configs(_gpu_configs(), {"M_BUCKET": m, "BLOCK_R": block_r, "FUSE_SHRINK": fuse}):
+    row_counts = (16, 64, 256) if dtype == "fp32" else (16, 256)
+    for m, store_u in [(m, s) for m in row_counts for s in ((False,) if rows else (True, False))]:
+        named = {"M_BUCKET": m, "BLOCK_R": block_r, "FUSE_SHRINK": fuse, "INPUT_PRECISION": precision}
+        for c in _prune_configs(_gpu_configs(), named):
             ints = {"M": m, "N": N, "K": K, "R": block_r, "M_BUCKET": m, "stride_xm": K, "stride_wn": K,
                     "stride_ar": K, "stride_bn": block_r, "stride_uim": N if fuse else block_r, "stride_ym": N,
                     "stride_uom": block_r if store_u else N}  # the other strides (unit ones) are 1
             constants = dict(c.kwargs, BLOCK_R=block_r, FUSE_SHRINK=fuse, HAS_BIAS=False, HAS_IDS=has_ids,
-                             STORE_U=store_u, DOT_FP32=False, INPUT_PRECISION="tf32", EVEN_K=True, ROW_ADAPTERS=rows)
+                             STORE_U=store_u, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True,
+                             ROW_ADAPTERS=rows)
             signature, constexprs, attrs = {}, {}, {}
             for i, arg in enumerate(kernel.arg_names):
                 if arg in constants or (arg.startswith("stride_") and arg not in ints):
                     signature[arg], constexprs[(i,)] = "constexpr", constants.get(arg, 1)
                 else:
-                    signature[arg] = ptrs.get(arg, "*bf16") if arg.endswith("_ptr") else "i32"
+                    signature[arg] = ptrs.get(arg, "*" + dtype) if arg.endswith("_ptr") else "i32"
                     attrs[(i,)] = [["tt.divisibility", 16]]
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
@@ -503,6 +508,7 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
             ptx = compiled.asm["ptx"]
             builds.append({"m": m, "store_u": store_u, "tiles": [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                            c.kwargs["BLOCK_K"], c.num_warps, c.num_stages], "regs": regs, "stack": stack,
+                           "local": local, "shared": compiled.metadata.shared,
                            "wgmma": len(re.findall(r"wgmma\\.mma_async", ptx)),
                            "serialized": wgmma_serialized(compiled), "split_k": c.kwargs["SPLIT_K"],
                            "acq_rel_atomics": len(re.findall(r"atom\\.global\\.gpu\\.acq_rel\\.add", ptx)),
@@ -514,9 +520,9 @@ _LORA_TILED = _RESOURCES + textwrap.dedent(
 
 
 @functools.cache
-def _tiled_builds(block_r: int, has_ids: bool, fuse: bool, rows: bool = False) -> list[dict]:
+def _tiled_builds(block_r: int, has_ids: bool, fuse: bool, rows: bool = False, dtype: str = "bf16") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse)), str(int(rows))]
+    args = [sys.executable, "-c", _LORA_TILED, str(block_r), str(int(has_ids)), str(int(fuse)), str(int(rows)), dtype]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -536,6 +542,22 @@ def test_tiled_lora_kernel_keeps_its_wgmma_pipeline(block_r, has_ids, fuse, rows
     for build in builds:
         assert not build["serialized"], build
         assert not rows or build["stack"] == 0, build  # (the adapters' loop spills nothing)
+
+
+@pytest.mark.parametrize(
+    "block_r, has_ids, fuse, rows",
+    [(16, False, True, False), (64, True, False, False), (16, True, False, True)],
+    ids=["one-adapter-fused", "mixed-4-epilogue", "mixed-row-adapters"],
+)  # fmt: skip
+def test_fp32_tiled_builds_neither_spill_nor_overflow_shared_memory(block_r, has_ids, fuse, rows):
+    """fp32 operands (IEEE dots: FMA, no tensor cores) take their own tiles (``_gpu_configs(fp32=True)``): built for
+    every regime the autotuner may time (16, 64 and 256 rows), none spills and each fits the H100's shared memory.
+    The 16-bit tiles, which fp32 took before, spilled up to 8 KB per thread and three needed over 227 KB."""
+    builds = _tiled_builds(block_r, has_ids, fuse, rows, "fp32")
+    assert {b["m"] for b in builds} == {16, 64, 256} and len(builds) >= (8 if rows else 16), builds
+    for build in builds:
+        assert build["stack"] == 0 and build["local"] == 0, build
+        assert build["regs"] <= 255 and build["shared"] <= 227 * 1024, build
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "epilogue"])

@@ -694,7 +694,7 @@ def test_cuda_split_k_tiles(monkeypatch, M):
     for config in configs:
         monkeypatch.setattr(lt, "_TUNED", {})
         monkeypatch.setattr(lt, "_RECORDED", {})  # (each shape's launch is planned again, with this config)
-        monkeypatch.setattr(lt, "_gpu_configs", lambda config=config: [config])
+        monkeypatch.setattr(lt, "_gpu_configs", lambda fp32=False, config=config: [config])
         _assert_bf16_no_worse_than_torch(M, ranks, [2.0, 0.5, 0.25, 1.0], "fused")
 
 
@@ -789,7 +789,7 @@ def test_the_autotuner_times_every_config_on_buffers_sized_for_the_largest_split
     configs = [
         lt.triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": s}) for s in (1, 3)
     ]
-    monkeypatch.setattr(lt, "_gpu_configs", lambda: configs)
+    monkeypatch.setattr(lt, "_gpu_configs", lambda fp32=False: configs)
     monkeypatch.setattr(lt._fwd_kernel_tuned, "configs", configs)
     monkeypatch.setattr(lt._fwd_kernel_tuned, "cache", {})
     monkeypatch.setattr(lt, "_TUNED", {})
