@@ -163,12 +163,20 @@ class SegmentedTiles:
     wgrad_block_j: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    # fp32 operands (IEEE dots: FMA, each thread holding its share of a tile step in registers): at these tiles the
+    # sm_90 builds of the expand spilled 4-12 KB of stack per thread (rank tile 64, or 64-row blocks) and the shrink
+    # 176 bytes (64-row blocks, rank tile 64); 32-row blocks and 32-wide expand tiles spill nothing
+    # (tests/test_codegen.py)
+    fp32_max_block_m: int = 32
+    fp32_expand_block_n: int = 32
 
-    def shrink_block_m(self, m: int) -> int:
-        return 16 if m <= 4096 else 32 if m <= 16384 else 64
+    def shrink_block_m(self, m: int, fp32: bool = False) -> int:
+        block = 16 if m <= 4096 else 32 if m <= 16384 else 64
+        return min(block, self.fp32_max_block_m) if fp32 else block
 
-    def expand_block_m(self, m: int) -> int:
-        return 16 if m <= 256 else 32 if m <= 1024 else 64
+    def expand_block_m(self, m: int, fp32: bool = False) -> int:
+        block = 16 if m <= 256 else 32 if m <= 1024 else 64
+        return min(block, self.fp32_max_block_m) if fp32 else block
 
 
 TILES = SegmentedTiles()
@@ -390,9 +398,9 @@ def _launch(t: torch.Tensor) -> dict:
     return {} if t.device.type != "cuda" else {"num_warps": TILES.num_warps, "num_stages": TILES.num_stages}
 
 
-def _row_blocks(m: int, plan: SegmentPlan, interp: bool, gpu_block_m) -> tuple[int, int]:
+def _row_blocks(m: int, plan: SegmentPlan, interp: bool, gpu_block_m, fp32: bool) -> tuple[int, int]:
     """(BLOCK_M, grid size along rows: an upper bound on the number of one-adapter row blocks)."""
-    block_m = min(64, max(16, next_pow2(m))) if interp else gpu_block_m(m)
+    block_m = min(64, max(16, next_pow2(m))) if interp else gpu_block_m(m, fp32)
     return block_m, cdiv(m, block_m) + plan.n
 
 
@@ -421,7 +429,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, plan: SegmentPlan, by_row
 def _plan_shrink(x: torch.Tensor, plan: SegmentPlan, runtime_args: int, by_row: bool = False) -> DirectLaunch:
     M, K = x.shape
     interp = x.device.type != "cuda"
-    block_m, grid_m = _row_blocks(M, plan, interp, TILES.shrink_block_m)
+    block_m, grid_m = _row_blocks(M, plan, interp, TILES.shrink_block_m, x.dtype == torch.float32)
     block_k = 64 if interp else TILES.shrink_block_k
     kwargs = dict(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_A=max(2, next_pow2(plan.n)), EVEN_K=K % block_k == 0, BY_ROW=by_row,
@@ -465,8 +473,9 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, plan: S
 def _plan_expand(y: torch.Tensor, plan: SegmentPlan, runtime_args: int) -> DirectLaunch:
     M, N = y.shape
     interp = y.device.type != "cuda"
-    block_m, grid_m = _row_blocks(M, plan, interp, TILES.expand_block_m)
-    block_n = 64 if interp else TILES.expand_block_n
+    fp32 = y.dtype == torch.float32
+    block_m, grid_m = _row_blocks(M, plan, interp, TILES.expand_block_m, fp32)
+    block_n = 64 if interp else TILES.fp32_expand_block_n if fp32 else TILES.expand_block_n
     kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_A=max(2, next_pow2(plan.n)), **_meta(y, plan), **_launch(y))
     return DirectLaunch.plan(_lora_segmented_expand_kernel, (grid_m, cdiv(N, block_n)), kwargs, runtime_args)
 

@@ -540,6 +540,8 @@ _COMPILE = textwrap.dedent(
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     TABLES = {"order_ptr": "*i64", "starts_ptr": "*i32", "rank_off_ptr": "*i32"}
+    DT = sys.argv[1]  # the operands' dtype: bf16, or fp32 (IEEE dots, FMA; the launchers' fp32 tiles)
+    FP32 = DT == "fp32"
 
     def build(fn, ptrs, ints, consts, ones):
         # Triton's launcher specialises unit strides to 1 and marks pointers and sizes / strides divisible by 16
@@ -561,25 +563,26 @@ _COMPILE = textwrap.dedent(
 
     T, out = ls.TILES, {}
     for br in (16, 64):
-        common = {"BLOCK_R": br, "DOT_FP32": False, "INPUT_PRECISION": "tf32"}
+        common = {"BLOCK_R": br, "DOT_FP32": False, "INPUT_PRECISION": "ieee" if FP32 else "tf32"}
         for m in (16, 1024, 4096, 32768):  # every row-block size the launchers pick
             for by_row in (False, True) if m == 4096 else (False,):  # (u by row: for the persistent GEMM's epilogue)
                 out[f"shrink m={m} r={br}{' by row' if by_row else ''}"] = build(
                     ls._lora_segmented_shrink_kernel,
-                    {"x_ptr": "*bf16", "a_ptr": "*bf16", "scale_ptr": "*fp32", "u_ptr": "*bf16"},
+                    {"x_ptr": "*" + DT, "a_ptr": "*" + DT, "scale_ptr": "*fp32", "u_ptr": "*" + DT},
                     ["n_adapters", "K", "stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_um", "stride_ur"],
-                    {"BLOCK_M": T.shrink_block_m(m), "BLOCK_K": T.shrink_block_k, "BLOCK_A": 16, **common,
+                    {"BLOCK_M": T.shrink_block_m(m, FP32), "BLOCK_K": T.shrink_block_k, "BLOCK_A": 16, **common,
                      "EVEN_K": True, "BY_ROW": by_row},
                     ("stride_xk", "stride_ak", "stride_ur"))
             out[f"expand m={m} r={br}"] = build(
                 ls._lora_segmented_expand_kernel,
-                {"u_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+                {"u_ptr": "*" + DT, "b_ptr": "*" + DT, "y_ptr": "*" + DT},
                 ["n_adapters", "N", "stride_um", "stride_ur", "stride_bn", "stride_br", "stride_ym", "stride_yn"],
-                {"BLOCK_M": T.expand_block_m(m), "BLOCK_N": T.expand_block_n, "BLOCK_A": 16, **common},
+                {"BLOCK_M": T.expand_block_m(m, FP32), "BLOCK_N": T.fp32_expand_block_n if FP32 else T.expand_block_n,
+                 "BLOCK_A": 16, **common},
                 ("stride_ur", "stride_bn", "stride_yn"))  # B_cat rank-major (forward), A_cat^T (backward)
         out[f"wgrad r={br}"] = build(
             ls._lora_segmented_wgrad_kernel,
-            {"p_ptr": "*bf16", "q_ptr": "*bf16", "out_ptr": "*bf16"},
+            {"p_ptr": "*" + DT, "q_ptr": "*" + DT, "out_ptr": "*" + DT},
             ["J", "stride_pm", "stride_pr", "stride_qm", "stride_qj", "stride_or", "stride_oj"],
             {"BLOCK_M": T.wgrad_block_m, "BLOCK_J": T.wgrad_block_j, **common},
             ("stride_pr", "stride_qj", "stride_oj"))
@@ -595,7 +598,7 @@ def test_sm90_builds_fit_in_registers_and_stream_y_in_16_byte_vectors():
     which reads and writes y (the bulk of its traffic), moves y with 16-byte vector accesses only."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _COMPILE, "bf16"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     builds = json.loads(out.stdout.strip().splitlines()[-1])
     for name, b in builds.items():
@@ -604,6 +607,20 @@ def test_sm90_builds_fit_in_registers_and_stream_y_in_16_byte_vectors():
             stores = {op: n for op, n in b["mem"].items() if op.startswith("st.")}
             assert set(stores) == {"st.global.v4.b32"} and b["mem"].get("ld.global.v4.b32", 0) >= stores[
                 "st.global.v4.b32"], (name, b["mem"])  # fmt: skip
+
+
+def test_sm90_fp32_builds_do_not_spill():
+    """fp32 operands (IEEE dots: FMA, each thread holding its share of a tile step in registers) at the launchers'
+    fp32 tiles, rank tiles 16 and 64, every row-block size: no stack (at the 16-bit tiles the expand spilled 4-12 KB
+    per thread at rank tile 64 or 64-row blocks, and the shrink 176 bytes at 64-row blocks and rank tile 64)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _COMPILE, "fp32"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    builds = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(builds) == 2 * (5 + 4 + 1), builds
+    for name, b in builds.items():
+        assert b["stack"] == 0, (name, b)
 
 
 # ------------------------------------------------------------------------------------------------------ CUDA tier
