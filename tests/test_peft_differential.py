@@ -59,7 +59,7 @@ from adapter_engine.kernels import _backend
 
 peft = pytest.importorskip("peft")
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 OUT_TOL, GRAD_TOL = 2e-5, 1e-4
 
 _NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -241,6 +241,18 @@ class Pair:
     def _stash(self, names: list[str]) -> dict[str, str]:
         return {n: ae.save_adapter(self.model, n, os.path.join(self.tmp, f"stash{self.count}_{n}")) for n in names}
 
+    def _reset_base(self) -> None:
+        """Both sides' base weights back to the base's values exactly, once an unmerge was checked to restore them:
+        each merge / unmerge cycle rounds them (within an ulp of the merged weight, engine and PEFT alike, but not
+        alike), and the drift of several cycles would exceed the tolerance of later comparisons."""
+        base = dict(self.base.named_parameters())
+        with torch.no_grad():
+            for side, prefix in ((self.model, ""), (self.pm, "base_model.model.")):
+                for n, p in side.named_parameters():
+                    key = n.removeprefix(prefix).replace(".base_layer.", ".").replace(".original_module.", ".")
+                    if key in base and p.shape == base[key].shape:
+                        p.copy_(base[key])
+
     def _load_back(self, paths: dict[str, str]) -> None:
         for n, path in paths.items():
             ae.load_adapter(self.model, path, name=n)
@@ -334,6 +346,7 @@ class Pair:
         self.pm.unmerge_adapter()
         with torch.no_grad():
             close(outputs(self.model, self.batch), outputs(self.base, self.batch), "unmerged: the base again")
+        self._reset_base()
         self._load_back(paths)
         self.compare("unmerged and loaded back")
 
@@ -454,6 +467,7 @@ class Pair:
         self.pm.unmerge_adapter()
         with torch.no_grad():
             close(outputs(self.model, self.batch), outputs(self.base, self.batch), "unmerged: the base again")
+        self._reset_base()
         self._load_back(paths)
         self.compare("unmerged and loaded back")
 
@@ -507,8 +521,11 @@ class Pair:
         ae.merge_adapter(self.model, names, weights)
         self.compare(f"merged {names} with weights {weights}")
         ae.unmerge_adapter(self.model)
-        self._load_back(paths)
+        with torch.no_grad():
+            close(outputs(self.model, self.batch), outputs(self.base, self.batch), "unmerged: the base again")
         self.pm.base_model.unmerge_adapter()
+        self._reset_base()
+        self._load_back(paths)
         self.pm.delete_adapter(combo)
         self.pm.base_model.set_adapter(self.active)
         self.compare("after the weighted merge")
