@@ -387,6 +387,8 @@ class Pair:
         except ValueError:  # (the head among the targets while it has copies): the engine refuses it too, unchanged
             # (PEFT's failed add_adapter leaves some of the adapter behind, wrapped layers running it: PEFT is done)
             self.stopped = True
+            if not any(self.configs[n].modules_to_save for n in self.names):
+                return  # PEFT 0.21 keeps the head's wrapper after its last copy was deleted, and refuses LoRA there
             before = ae.list_adapters(self.model), ae.api.active_adapters(self.model)
             with torch.no_grad():
                 ref = outputs(self.model, self.batch)
