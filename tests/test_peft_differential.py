@@ -22,8 +22,9 @@ a per-row ``use_adapters`` route -> each row's adapter alone; inference under no
 
 PEFT 0.21's own quirks the draws avoid (each named where it is avoided): a later IA3 adapter on a layer keeps the
 first one's feedforward flag; a later "all-linear" LoRA wraps the head's ``modules_to_save`` copies (PEFT then cannot
-save it); ``add_adapter`` leaves the layers it wraps in training mode; ``base_model.set_adapter`` leaves
-``PeftModel.active_adapter`` stale.
+save it); ``add_adapter`` leaves the layers it wraps in training mode, and when it raises, part of the adapter behind;
+``base_model.set_adapter`` leaves ``PeftModel.active_adapter`` stale; the head's ``modules_to_save`` wrapper stays
+after its last copy is deleted (and refuses a LoRA on the head, which the engine then takes).
 
 Tolerances (fp32): outputs 2e-5 of max(|output|, 1) (the fused op sums in another order than PEFT's separate
 matmuls, a few ulp per op through two layers, then LayerNorms), or, where PEFT's own rounding is the larger part
