@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,14 +151,17 @@ class _Update:
     ia3_dim: int = 0
 
 
-def _architecture(base_dir: str) -> tuple[set[str] | None, str | None]:
+def _architecture(base_dir: str) -> tuple[set[str] | None, str | None, Callable[[str], str]]:
     """What the checkpoint's architecture (from its ``config.json``) tells about its keys: the module paths
     (relative to the base model) of its transformers ``Conv1D`` layers (GPT-2 family: weight stored ``(in, out)``),
-    and its ``base_model_prefix`` (``"bert"``, ``"transformer"``, ``"model"``). ``(None, None)`` when the
-    architecture cannot be built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted.
-    The model is built on the meta device: no memory, no weights read."""
+    its ``base_model_prefix`` (``"bert"``, ``"transformer"``, ``"model"``), and a checkpoint key's name in the model
+    (transformers 5 saves some models under their checkpoints' older names, ViT's
+    ``vit.encoder.layer.0.attention.attention.query`` for the module ``vit.layers.0.attention.q_proj``, and renames
+    them as it loads them; adapters name the modules). ``(None, None, identity)`` when the architecture cannot be
+    built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted. The model is built on the
+    meta device: no memory, no weights read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        return None, None
+        return None, None, _same
     try:
         from transformers import AutoConfig, AutoModel
         from transformers.pytorch_utils import Conv1D
@@ -167,9 +171,27 @@ def _architecture(base_dir: str) -> tuple[set[str] | None, str | None]:
             model = AutoModel.from_config(config)
     except Exception as err:  # unknown / remote-code architectures raise many types
         log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
-        return None, None
+        return None, None, _same
     conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    return conv1d, getattr(model, "base_model_prefix", None) or None
+    return conv1d, getattr(model, "base_model_prefix", None) or None, _loaded_name(model)
+
+
+def _same(key: str) -> str:
+    return key
+
+
+def _loaded_name(model: torch.nn.Module) -> Callable[[str], str]:
+    """A checkpoint key's name in ``model`` after transformers' key renamings (those ``from_pretrained`` applies:
+    they match keys with or without a task model's prefix); the identity where it has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception as err:  # (a transformers without key conversions saves the model's own names)
+        log.debug("no key renamings for %s (%s)", type(model).__name__, err)
+        return _same
+    return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else _same
 
 
 def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:
@@ -401,7 +423,11 @@ def merge_checkpoint(
     key_info = {key: info for shard in shards for key, info in shard.header.items()}
 
     adapter = read_adapter(adapter_dir)
-    updates = _plan_updates(adapter, set(key_info), *_architecture(base_dir))
+    conv1d, prefix, loaded_name = _architecture(base_dir)
+    names = {loaded_name(key): key for key in key_info}  # (the model's name of each checkpoint key)
+    if len(names) != len(key_info):  # (two keys, one name: not a checkpoint transformers saved; take it as it is)
+        names = {key: key for key in key_info}
+    updates = {names[k]: u for k, u in _plan_updates(adapter, set(names), conv1d, prefix).items()}
     head = [f for f in HEAD_FILES if adapter.format == "adapterhub" and os.path.isfile(os.path.join(adapter.path, f))]
     if head:  # (a checkpoint has no module to map it onto: load_adapter does, and merge_adapter merges its copy)
         log.warning(

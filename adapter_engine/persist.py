@@ -93,7 +93,22 @@ def _without_adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
-def _checkpoint_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
+def _loaded_name(model: nn.Module):
+    """The model's name of a checkpoint key: transformers 5 saves some models under their checkpoints' older names
+    (ViT's ``vit.encoder.layer.0.attention.attention.query``, read back as ``vit.layers.0.attention.q_proj``), the
+    adapter keys beside them too, and renames them as ``from_pretrained`` loaded this model (its key renamings)."""
+    conversions = getattr(model, "_weight_conversions", None) or []
+    try:
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # (a transformers without key conversions saves the model's own names)
+        return lambda key: key
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else (lambda key: key)
+
+
+def _checkpoint_tensors(path: str, keys: set[str], loaded_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """The tensors of ``keys`` (the model's names) in the checkpoint at ``path``; ``loaded_name``: a checkpoint
+    key's name in the model."""
     from safetensors import safe_open
 
     found = {}
@@ -101,8 +116,9 @@ def _checkpoint_tensors(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
     for fname in files:
         with safe_open(os.path.join(path, fname), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key in keys:
-                    found[key] = fh.get_tensor(key)
+                name = key if key in keys else loaded_name(key)
+                if name in keys:
+                    found[name] = fh.get_tensor(key)
     return found
 
 
@@ -159,7 +175,7 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)
-    tensors = _checkpoint_tensors(path, adapter_keys)
+    tensors = _checkpoint_tensors(path, adapter_keys, _loaded_name(model))
     missing = sorted(adapter_keys - set(tensors))
     if missing:
         raise ValueError(f"{path!r} lacks adapter weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")

@@ -562,3 +562,37 @@ def test_streamed_merge_takes_each_layers_rank_and_alpha_from_the_patterns(tmp_p
         expected = peft_model(**_inputs()).last_hidden_state
         got = BertModel.from_pretrained(tmp_path / "merged").eval()(**_inputs()).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_streamed_merge_of_a_vit_saved_under_transformers_older_key_names(tmp_path, kind):
+    """transformers 5 saves a ViT under its checkpoints' older names (``vit.encoder.layer.0.attention.attention.query``
+    for the module ``vit.layers.0.attention.q_proj``, which a PEFT adapter names). The streamed merge now matches the
+    adapter's modules through the renamings ``from_pretrained`` applies and writes the keys as saved; it refused
+    every ViT adapter ("match no weight in the base checkpoint"). With the head's trained copy (modules_to_save)."""
+    import peft
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=24, num_labels=3)  # fmt: skip
+    model = ViTForImageClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    common = dict(target_modules=["q_proj", "fc1", "fc2"], modules_to_save=["classifier"])
+    config = (
+        peft.LoraConfig(r=2, init_lora_weights=False, **common)
+        if kind == "lora"
+        else peft.IA3Config(feedforward_modules=["fc2"], init_ia3_weights=False, **common)
+    )
+    pm = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name or "ia3_l" in name:
+                p.add_(torch.randn(p.shape) * 0.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    merged = ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, pm(pixel_values=pixels).logits,
+                                   rtol=0, atol=1e-5)  # fmt: skip

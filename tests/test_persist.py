@@ -214,3 +214,32 @@ def test_save_pretrained_of_a_patched_model_reloads_its_adapters_with_load_model
     merged = ae.patch(BertModel(BertConfig(**TINY)))  # patched, no adapter: a plain checkpoint, as before
     merged.save_pretrained(tmp_path / "plain")
     assert sorted(os.listdir(tmp_path / "plain")) == ["config.json", "model.safetensors"]
+
+
+def test_a_vit_saved_under_transformers_older_key_names_reloads_its_adapters(tmp_path):
+    """transformers 5 saves a ViT under its checkpoints' older names (``vit.encoder.layer.0.attention.attention.query``
+    for the module ``vit.layers.0.attention.q_proj``), the adapter keys beside them too. ``load_model`` reads them
+    through the renamings ``from_pretrained`` applied; it looked for the module names and failed with "lacks adapter
+    weights" on every ViT saved with adapters."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=24, num_labels=3)  # fmt: skip
+    model = ViTForImageClassification(cfg).eval()
+    lora = ae.LoraConfig(r=2, target_modules=["q_proj", "fc2"], init_lora_weights=False, modules_to_save=["classifier"])
+    ae.add_adapter(model, "persist_vit_lora", lora)
+    ae.add_adapter(model, "persist_vit_bn", "seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_up" in name or "modules_to_save" in name:
+                p.normal_(0, 0.3)
+    ae.set_active_adapters(model, ["persist_vit_lora", "persist_vit_bn"])
+    pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    save_model(model, tmp_path / "vit")
+    loaded = load_model(tmp_path / "vit").eval()
+    assert ae.list_adapters(loaded) == ["persist_vit_lora", "persist_vit_bn"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected, rtol=0, atol=1e-6)
