@@ -1,10 +1,11 @@
-"""Small file-system helpers shared by the savers."""
+"""Small file-system helpers shared by the savers, and the checkpoint key names their loaders read."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterable
 
 # Weight files of formats other than safetensors (and their shard indexes): a saver that writes safetensors must not
 # copy these from the base folder next to its output, where they would be the base's unmerged weights.
@@ -118,3 +119,20 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.remove(path)
+
+
+def same_key(key: str) -> str:
+    return key
+
+
+def renamed_key(conversions: Iterable | None) -> Callable[[str], str]:
+    """A checkpoint key's name in the model, through the key renamings among transformers' weight ``conversions`` (what
+    ``from_pretrained`` applies as it loads: transformers 5 saves some models under their checkpoints' older names,
+    ViT's ``vit.encoder.layer.0.attention.attention.query`` for the module ``vit.layers.0.attention.q_proj``, the
+    adapter keys beside them too); the identity without any (or with a transformers that has no key conversions)."""
+    try:
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return same_key
+    renamings = [c for c in conversions or () if isinstance(c, WeightRenaming)]
+    return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else same_key

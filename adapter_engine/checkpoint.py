@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights
+from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, renamed_key, same_key
 from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
@@ -161,7 +161,7 @@ def _architecture(base_dir: str) -> tuple[set[str] | None, str | None, Callable[
     built (no or custom config): then the adapter's ``fan_in_fan_out`` flag is trusted. The model is built on the
     meta device: no memory, no weights read."""
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        return None, None, _same
+        return None, None, same_key
     try:
         from transformers import AutoConfig, AutoModel
         from transformers.pytorch_utils import Conv1D
@@ -171,27 +171,21 @@ def _architecture(base_dir: str) -> tuple[set[str] | None, str | None, Callable[
             model = AutoModel.from_config(config)
     except Exception as err:  # unknown / remote-code architectures raise many types
         log.debug("cannot build %s's architecture (%s): trusting the adapter's fan_in_fan_out", base_dir, err)
-        return None, None, _same
+        return None, None, same_key
     conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
     return conv1d, getattr(model, "base_model_prefix", None) or None, _loaded_name(model)
 
 
-def _same(key: str) -> str:
-    return key
-
-
 def _loaded_name(model: torch.nn.Module) -> Callable[[str], str]:
-    """A checkpoint key's name in ``model`` after transformers' key renamings (those ``from_pretrained`` applies:
-    they match keys with or without a task model's prefix); the identity where it has none."""
+    """A checkpoint key's name in ``model`` (built from the config) after the key renamings ``from_pretrained`` would
+    apply (they match keys with or without a task model's prefix)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+        return renamed_key(get_model_conversion_mapping(model))
     except Exception as err:  # (a transformers without key conversions saves the model's own names)
         log.debug("no key renamings for %s (%s)", type(model).__name__, err)
-        return _same
-    return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else _same
+        return same_key
 
 
 def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import api
 from . import patching as pt
-from ._io import atomic_folder_write
+from ._io import atomic_folder_write, renamed_key, same_key
 from .config import IA3Config, LoraConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -93,22 +93,9 @@ def _without_adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
-def _loaded_name(model: nn.Module):
-    """The model's name of a checkpoint key: transformers 5 saves some models under their checkpoints' older names
-    (ViT's ``vit.encoder.layer.0.attention.attention.query``, read back as ``vit.layers.0.attention.q_proj``), the
-    adapter keys beside them too, and renames them as ``from_pretrained`` loaded this model (its key renamings)."""
-    conversions = getattr(model, "_weight_conversions", None) or []
-    try:
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # (a transformers without key conversions saves the model's own names)
-        return lambda key: key
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else (lambda key: key)
-
-
-def _checkpoint_tensors(path: str, keys: set[str], loaded_name=lambda key: key) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(path: str, keys: set[str], loaded_name=same_key) -> dict[str, torch.Tensor]:
     """The tensors of ``keys`` (the model's names) in the checkpoint at ``path``; ``loaded_name``: a checkpoint
-    key's name in the model."""
+    key's name in the model (``_io.renamed_key``)."""
     from safetensors import safe_open
 
     found = {}
@@ -175,7 +162,7 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     state_dict = model.state_dict()
     aliases = _adapter_aliases(state_dict)  # (saved once: see save_model)
     adapter_keys = set(state_dict) - plain_keys - set(aliases)
-    tensors = _checkpoint_tensors(path, adapter_keys, _loaded_name(model))
+    tensors = _checkpoint_tensors(path, adapter_keys, renamed_key(getattr(model, "_weight_conversions", None)))
     missing = sorted(adapter_keys - set(tensors))
     if missing:
         raise ValueError(f"{path!r} lacks adapter weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
