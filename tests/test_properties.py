@@ -146,7 +146,7 @@ def _check_lora(data, device, dtype, big, segmented=False, persistent=False):
     scale_of = lambda t: max(t.abs().max().item(), 1e-3) if t.numel() else 1.0
     mag_leaves = [t.detach().double().abs().requires_grad_() for t in leaves]
     y_mag = lora_linear_reference(
-        mag_leaves[0], weight.double().abs(), mag_leaves[1 : 1 + n], mag_leaves[1 + n :], scales,
+        mag_leaves[0], weight.double().abs(), mag_leaves[1 : 1 + n], mag_leaves[1 + n :], [abs(s) for s in scales],
         None if bias is None else bias.double().abs(), adapter_ids=ids,
     )  # fmt: skip
     assert y.shape == y_ref.shape
