@@ -344,6 +344,11 @@ class Pair:
         self.compare(f"merged {self.active} one by one")
         for n in self.rng.sample(self.active, len(self.active)):
             ae.unmerge_adapter(self.model, n)
+        self._unmerged(paths)
+
+    def _unmerged(self, paths) -> None:
+        """After the engine's unmerge: PEFT's too, the base's outputs again, then both sides' base weights reset and
+        the adapters loaded back (``_stash``'s ``paths``)."""
         self.pm.unmerge_adapter()
         with torch.no_grad():
             close(outputs(self.model, self.batch), outputs(self.base, self.batch), "unmerged: the base again")
@@ -467,12 +472,7 @@ class Pair:
         with torch.no_grad():
             close(outputs(plain, self.batch), outputs(self.pm, self.batch), "merged, saved, loaded by transformers")
         ae.unmerge_adapter(self.model)
-        self.pm.unmerge_adapter()
-        with torch.no_grad():
-            close(outputs(self.model, self.batch), outputs(self.base, self.batch), "unmerged: the base again")
-        self._reset_base()
-        self._load_back(paths)
-        self.compare("unmerged and loaded back")
+        self._unmerged(paths)
 
     def op_delete(self) -> None:
         if len(self.names) < 2:
