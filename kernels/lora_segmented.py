@@ -166,7 +166,7 @@ class SegmentedTiles:
     # fp32 operands (IEEE dots: FMA, each thread holding its share of a tile step in registers): at these tiles the
     # sm_90 builds of the expand spilled 4-12 KB of stack per thread (rank tile 64, or 64-row blocks) and the shrink
     # 176 bytes (64-row blocks, rank tile 64); 32-row blocks and 32-wide expand tiles spill nothing
-    # (tests/test_codegen.py)
+    # (tests/test_lora_segmented.py::test_sm90_fp32_builds_do_not_spill)
     fp32_max_block_m: int = 32
     fp32_expand_block_n: int = 32
 
