@@ -45,7 +45,7 @@ from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
 from .merging import merged_adapters
-from .patching import bottleneck_layer_dtype
+from .patching import adapter_layer_dtype
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
@@ -434,12 +434,9 @@ class AdapterMemoryManager:
         default) came back rounded to it after a drop, their training below 16-bit resolution lost. Such an adapter
         is kept in host memory instead."""
         for module, own in adapter_layers(self.model, name):
-            if isinstance(module, BottleneckStackLayer):
-                layer = bottleneck_layer_dtype(module)
-            elif isinstance(module, LoraLinear):
-                layer = module.weight.dtype
-            else:  # a trained module copy: made from the module, in its dtypes
+            if not isinstance(module, (BottleneckStackLayer, LoraLinear)):  # a trained module copy: in its dtypes
                 continue
+            layer = adapter_layer_dtype(module)
             if any(p.dtype != layer for p in own):
                 logger.info("adapter %r has fp32 master weights: offload='drop' keeps it in host memory", name)
                 return False

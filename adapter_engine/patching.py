@@ -538,10 +538,14 @@ def _factory(module: nn.Module) -> dict:
     return {"device": p.device, "dtype": p.dtype} if p is not None else {}
 
 
-def bottleneck_layer_dtype(wrapper: BottleneckStackLayer) -> torch.dtype:
-    """The dtype of a bottleneck sublayer wrapper's own weights (its first parameter, the sublayer's), which the
-    adapters' float32 masters are cast to (``autocast_adapter_dtype``)."""
-    return _factory(wrapper).get("dtype", torch.float32)
+def adapter_layer_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype an adapter layer's own weights are in, which its adapters' float32 masters are cast to
+    (``autocast_adapter_dtype``): a LoRA / IA3 layer's weight's; a bottleneck sublayer wrapper's (or a sublayer's)
+    first parameter's."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, BottleneckStackLayer) or not isinstance(weight, torch.Tensor):
+        return _factory(layer).get("dtype", torch.float32)
+    return weight.dtype
 
 
 def _bottleneck_factory(wrapper: BottleneckStackLayer, keep_fp32: bool) -> dict:

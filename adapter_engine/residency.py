@@ -98,10 +98,7 @@ def snapshot_adapter(
         m: {k: copy(v) for k, v in model.get_submodule(m).modules_to_save[name].state_dict().items()}
         for m in record.saved
     }
-    if record.kind == "bottleneck":
-        layer_dtypes = {m: pt.bottleneck_layer_dtype(model.get_submodule(m)) for m in record.modules}
-    else:
-        layer_dtypes = {m: model.get_submodule(m).weight.dtype for m in record.modules}
+    layer_dtypes = {m: pt.adapter_layer_dtype(model.get_submodule(m)) for m in record.modules}
     return AdapterSnapshot(record.config, record.kind, list(record.modules), entries, adapter_nbytes(model, name),
                            saved, layer_dtypes, record.head)  # fmt: skip
 
@@ -117,18 +114,17 @@ def restore_adapter(model: nn.Module, name: str, snapshot: AdapterSnapshot) -> N
     state = _state(model)
     _check_name(state, name)
     cfg = snapshot.config
+    layer_dtype = lambda m: pt.adapter_layer_dtype(model.get_submodule(m))  # noqa: E731
     if snapshot.kind == "bottleneck":
         where = {p.name: p for p in pt.placements(model, state, cfg)}
         missing = [m for m, _ in snapshot.entries if m not in where]
         if missing:
             raise ValueError(f"adapter {name!r}: this model has no bottleneck place {missing[:4]}")
-        layer_dtype = lambda m: pt.bottleneck_layer_dtype(model.get_submodule(m))  # noqa: E731
         plan = [(where[m], _converted_like(layer_dtype(m), snapshot.layer_dtypes.get(m), params))
                 for m, params in snapshot.entries]  # fmt: skip
         modules = pt.apply_bottleneck(model, state, name, cfg, plan, autocast=None)
     else:
-        entries = [_converted_like(model.get_submodule(e[0]).weight.dtype, snapshot.layer_dtypes.get(e[0]), e)
-                   for e in snapshot.entries]  # fmt: skip
+        entries = [_converted_like(layer_dtype(e[0]), snapshot.layer_dtypes.get(e[0]), e) for e in snapshot.entries]
         modules = _apply_linear(model, state, name, cfg, entries, autocast=None)
     for module_name, tensors in snapshot.saved.items():
         pt.wrap_saved(model, state, module_name).add_copy(name, tensors)
