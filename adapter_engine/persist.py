@@ -95,12 +95,13 @@ def _without_adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def load_state_dict(model: nn.Module, state_dict, strict: bool = True, assign: bool = False):
-    """``model.load_state_dict`` on a patched model: a key the model lacks is read under the name ``from_pretrained``
-    gives it (:func:`~adapter_engine._io.loaded_name`). transformers 5 saves some models under their checkpoints' older
-    names (ViT's ``vit.encoder.layer.0.attention.attention.query`` for ``vit.layers.0.attention.q_proj``, adapter keys
-    beside them too), and ``Trainer`` resumes from a checkpoint, or restores the best one, with a plain
-    ``load_state_dict(strict=False)``: a resumed patched ViT restored none of its adapters (nor the weights of its
-    layers) and went on training from fresh ones, and ``load_best_model_at_end`` kept the last adapters."""
+    """``model.load_state_dict`` on a patched model (and on one ``full_finetune`` trains): a key the model lacks is
+    read under the name ``from_pretrained`` gives it (:func:`~adapter_engine._io.loaded_name`). transformers 5 saves
+    some models under their checkpoints' older names (ViT's ``vit.encoder.layer.0.attention.attention.query`` for
+    ``vit.layers.0.attention.q_proj``, adapter keys beside them too), and ``Trainer`` resumes from a checkpoint, or
+    restores the best one, with a plain ``load_state_dict(strict=False)``: a resumed patched ViT restored none of its
+    adapters (nor the weights of its layers) and went on training from fresh ones, and ``load_best_model_at_end``
+    kept the last adapters."""
     own = set(model.state_dict(keep_vars=True))
     rename = loaded_name(model)
     renamed = OrderedDict()
