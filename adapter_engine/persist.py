@@ -66,8 +66,10 @@ def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
-            # fp32 (master weights of a 16-bit model), or the layers' dtype
-            weights = api.adapter_parameters(model, name)
+            # fp32 (master weights of a 16-bit model), or the layers' dtype: read from the adapter's layers, not from
+            # its trained copies of whole modules (modules_to_save), which keep the module's dtype
+            copies = {id(p) for m in record.saved for p in model.get_submodule(m).modules_to_save[name].parameters()}
+            weights = [p for p in api.adapter_parameters(model, name) if id(p) not in copies]
             manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
