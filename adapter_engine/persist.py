@@ -79,10 +79,16 @@ def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def _adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
     """Adapter keys (``.adapters.``) whose tensor an earlier key of the same adapter module holds -> that key."""
+    return tensor_aliases(state_dict, lambda key: ".adapters." in key)
+
+
+def tensor_aliases(state_dict: dict[str, torch.Tensor], among=lambda key: True) -> dict[str, str]:
+    """Keys (those ``among`` accepts) whose tensor an earlier key holds (the same view of the same memory) -> that
+    key: tied weights, a module registered under two names. (Empty and meta tensors have no memory to share.)"""
     first: dict[tuple, str] = {}
     aliases = {}
     for key, t in state_dict.items():
-        if ".adapters." in key:
+        if among(key) and isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
             ident = (t.data_ptr(), t.shape, t.stride(), t.dtype)
             if ident in first:
                 aliases[key] = first[ident]
