@@ -136,3 +136,18 @@ def renamed_key(conversions: Iterable | None) -> Callable[[str], str]:
         return same_key
     renamings = [c for c in conversions or () if isinstance(c, WeightRenaming)]
     return (lambda key: rename_source_key(key, renamings, [])[0]) if renamings else same_key
+
+
+def loaded_name(model) -> Callable[[str], str]:
+    """:func:`renamed_key` over the conversions ``from_pretrained`` applies to ``model``: those it recorded when it
+    loaded the model, else transformers' registered ones for the model's classes (those ``save_pretrained`` reverts
+    as it saves a model built from its config)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            conversions = get_model_conversion_mapping(model)
+        except Exception:  # (a transformers without key conversions saves the model's own names)
+            return same_key
+    return renamed_key(conversions)

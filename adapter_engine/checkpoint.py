@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, renamed_key, same_key
+from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, same_key
+from ._io import loaded_name as _loaded_name
 from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
@@ -174,18 +175,6 @@ def _architecture(base_dir: str) -> tuple[set[str] | None, str | None, Callable[
         return None, None, same_key
     conv1d = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
     return conv1d, getattr(model, "base_model_prefix", None) or None, _loaded_name(model)
-
-
-def _loaded_name(model: torch.nn.Module) -> Callable[[str], str]:
-    """A checkpoint key's name in ``model`` (built from the config) after the key renamings ``from_pretrained`` would
-    apply (they match keys with or without a task model's prefix)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        return renamed_key(get_model_conversion_mapping(model))
-    except Exception as err:  # (a transformers without key conversions saves the model's own names)
-        log.debug("no key renamings for %s (%s)", type(model).__name__, err)
-        return same_key
 
 
 def _is_conv1d(module_key: str, conv1d: set[str]) -> bool:

@@ -175,6 +175,7 @@ def full_finetune(
             trainable += param.numel()
     log.info("full fine-tuning: %.2fM trainable parameters", trainable / 1e6)
     lowered = _to_float32(model) if master_weights else {}
+    renaming = _read_older_key_names(model)
     try:
         trainer = Trainer(
             model=model,
@@ -190,11 +191,29 @@ def full_finetune(
         if eval_dataset is not None:
             metrics.update(trainer.evaluate())
     finally:
+        if renaming:
+            del model.__dict__["load_state_dict"]
         for param, dtype in lowered.items():
             param.data = param.data.to(dtype)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return _plain(metrics)
+
+
+def _read_older_key_names(model: torch.nn.Module) -> bool:
+    """Give ``model`` (for the run) the ``load_state_dict`` of a patched model, which reads a checkpoint key under the
+    name ``from_pretrained`` gives it (:func:`~adapter_engine.persist.load_state_dict`); ``Trainer`` resumes and
+    restores the best checkpoint through it. transformers 5 saves some models (ViT) under older key names, which a
+    plain ``load_state_dict(strict=False)`` skipped: a resumed ViT went on from its layers' untrained weights. Returns
+    whether it was bound here (a patched model has it already)."""
+    import functools
+
+    from .persist import load_state_dict
+
+    if "load_state_dict" in model.__dict__:
+        return False
+    model.__dict__["load_state_dict"] = functools.partial(load_state_dict, model)
+    return True
 
 
 def _to_float32(model: torch.nn.Module) -> dict[torch.nn.Parameter, torch.dtype]:

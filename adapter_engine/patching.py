@@ -344,7 +344,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _bind_methods(model: nn.Module, state: PatchState) -> None:
-    from . import api  # (api and methods import this module)
+    # (api, methods and persist import this module)
+    from . import api, persist
     from . import methods as hf
 
     methods: dict[str, Callable] = {
@@ -364,6 +365,7 @@ def _bind_methods(model: nn.Module, state: PatchState) -> None:
         "get_adapter_state_dict": api.get_adapter_state_dict,
         "save_pretrained": api.save_pretrained,  # (adapter tensors registered twice are saved once)
         "resize_token_embeddings": api.resize_token_embeddings,  # (refused while the embeddings are wrapped)
+        "load_state_dict": persist.load_state_dict,  # (reads the older names transformers 5 saves some models under)
     }
     for name, func in methods.items():
         # (a partial, not a bound method: a bound method pickles as getattr(model, name), which cannot resolve while

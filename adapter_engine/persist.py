@@ -16,13 +16,14 @@ import dataclasses
 import json
 import logging
 import os
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from . import api
 from . import patching as pt
-from ._io import atomic_folder_write, renamed_key, same_key
+from ._io import atomic_folder_write, loaded_name, renamed_key, same_key
 from .config import IA3Config, LoraConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
             if record.kind == "ia3":  # which layers scale their input: not in the config when its targets were not
                 ff = [m for m in record.modules if model.get_submodule(m).ia3_feedforward[name]]
                 manifest["adapters"][name]["feedforward"] = ff
-            # fp32 (master weights of a 16-bit model), or the layers' dtype
-            weights = api.adapter_parameters(model, name)
+            # fp32 (master weights of a 16-bit model), or the layers' dtype: read from the adapter's layers, not from
+            # its trained copies of whole modules (modules_to_save), which keep the module's dtype
+            copies = {id(p) for m in record.saved for p in model.get_submodule(m).modules_to_save[name].parameters()}
+            weights = [p for p in api.adapter_parameters(model, name) if id(p) not in copies]
             manifest["adapters"][name]["fp32"] = all(p.dtype == torch.float32 for p in weights)
         manifest["active"] = list(state.active)
         manifest["absorbed"] = list(getattr(state, "absorbed", ()))
@@ -76,10 +79,16 @@ def write_manifest(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def _adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
     """Adapter keys (``.adapters.``) whose tensor an earlier key of the same adapter module holds -> that key."""
+    return tensor_aliases(state_dict, lambda key: ".adapters." in key)
+
+
+def tensor_aliases(state_dict: dict[str, torch.Tensor], among=lambda key: True) -> dict[str, str]:
+    """Keys (those ``among`` accepts) whose tensor an earlier key holds (the same view of the same memory) -> that
+    key: tied weights, a module registered under two names. (Empty and meta tensors have no memory to share.)"""
     first: dict[tuple, str] = {}
     aliases = {}
     for key, t in state_dict.items():
-        if ".adapters." in key:
+        if among(key) and isinstance(t, torch.Tensor) and t.numel() and not t.is_meta:
             ident = (t.data_ptr(), t.shape, t.stride(), t.dtype)
             if ident in first:
                 aliases[key] = first[ident]
@@ -91,6 +100,25 @@ def _adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
 def _without_adapter_aliases(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     aliases = _adapter_aliases(state_dict)
     return {k: v for k, v in state_dict.items() if k not in aliases}
+
+
+def load_state_dict(model: nn.Module, state_dict, strict: bool = True, assign: bool = False):
+    """``model.load_state_dict`` on a patched model (and on one ``full_finetune`` trains): a key the model lacks is
+    read under the name ``from_pretrained`` gives it (:func:`~adapter_engine._io.loaded_name`). transformers 5 saves
+    some models under their checkpoints' older names (ViT's ``vit.encoder.layer.0.attention.attention.query`` for
+    ``vit.layers.0.attention.q_proj``, adapter keys beside them too), and ``Trainer`` resumes from a checkpoint, or
+    restores the best one, with a plain ``load_state_dict(strict=False)``: a resumed patched ViT restored none of its
+    adapters (nor the weights of its layers) and went on training from fresh ones, and ``load_best_model_at_end``
+    kept the last adapters."""
+    own = set(model.state_dict(keep_vars=True))
+    rename = loaded_name(model)
+    renamed = OrderedDict()
+    for key, value in state_dict.items():
+        name = key if key in own else rename(key)
+        renamed[name if name in own and name not in state_dict else key] = value
+    if getattr(state_dict, "_metadata", None) is not None:  # (the modules' versions, which torch reads)
+        renamed._metadata = state_dict._metadata
+    return type(model).load_state_dict(model, renamed, strict, assign)
 
 
 def _checkpoint_tensors(path: str, keys: set[str], loaded_name=same_key) -> dict[str, torch.Tensor]:

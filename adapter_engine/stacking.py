@@ -27,6 +27,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
 from .patching import is_patched, patch, unpatch
-from .persist import _adapter_aliases
+from .persist import tensor_aliases
 from .routing import Route, make_route, use_adapters
 from .store import AdapterStore, check_adapter_name
 
@@ -403,15 +404,27 @@ class StackedAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- persistence
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``nn.Module.state_dict`` with each adapter tensor once: a bottleneck adapter's LayerNorm before its down
+        """``nn.Module.state_dict`` with each tensor once: a bottleneck adapter's LayerNorm before its down
         projection is registered twice (``adapter_norm_before`` and ``adapter_down.0``, as AdapterHub's module has
-        it), and safetensors refuses shared tensors. ``transformers.Trainer(model=sam)`` saves checkpoints with
-        ``save_file(sam.state_dict())``: it failed on such a stack ('Some tensors share memory'). Either name loads
-        both (``BottleneckAdapter._load_from_state_dict``), so ``load_state_dict`` and Trainer's resume take it."""
+        it), a model's tied weights (GPT-2's ``lm_head`` and ``wte``) too, and safetensors refuses shared tensors.
+        ``transformers.Trainer(model=sam)`` saves checkpoints with ``save_file(sam.state_dict())``: it failed at the
+        first checkpoint ('Some tensors share memory'). :meth:`load_state_dict` loads such a state dict."""
         state = super().state_dict(*args, **kwargs)
-        for key in _adapter_aliases(state):
+        for key in tensor_aliases(state):
             del state[key]
         return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` of a state dict that holds each shared tensor once (:meth:`state_dict`): a
+        name left out loads from the name kept, so a strict load takes it and ``Trainer``'s resume does not warn of
+        missing keys."""
+        filled = OrderedDict(state_dict)
+        for key, kept in tensor_aliases(super().state_dict(keep_vars=True)).items():
+            if key not in filled and kept in filled:
+                filled[key] = filled[kept]
+        if getattr(state_dict, "_metadata", None) is not None:  # (the modules' versions, which torch reads)
+            filled._metadata = state_dict._metadata
+        return super().load_state_dict(filled, strict, assign)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a

@@ -225,6 +225,36 @@ def test_full_finetune_resumes_from_checkpoint(tmp_path):
                       args={"use_cpu": True})  # fmt: skip
 
 
+def test_full_finetune_resumes_a_vit_with_its_trained_weights(tmp_path):
+    """transformers 5 saves a ViT under older key names (``vit.encoder.layer.0.attention.attention.query`` for
+    ``vit.layers.0.attention.q_proj``), which ``Trainer``'s plain ``load_state_dict(strict=False)`` skipped: a resumed
+    ViT went on from its layers' untrained weights (only its embeddings and head were restored), with a warning. A
+    resumed run now ends with the uninterrupted run's weights, bit for bit, and the model's ``load_state_dict`` is
+    its class's again afterwards."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from adapter_engine.finetune import full_finetune
+
+    def vit():
+        torch.manual_seed(0)
+        cfg = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, num_labels=3)  # fmt: skip
+        return ViTForImageClassification(cfg)
+
+    gen = torch.Generator().manual_seed(2)
+    data = [{"pixel_values": torch.randn(3, 8, 8, generator=gen), "labels": i % 3} for i in range(8)]
+    args = {"per_device_train_batch_size": 4, "use_cpu": True, "num_train_epochs": 2, "save_strategy": "epoch",
+            "learning_rate": 1e-2}  # fmt: skip
+    whole, resumed = vit(), vit()
+    full_finetune(whole, data, None, args={**args, "output_dir": str(tmp_path / "whole")})
+    full_finetune(resumed, data, None, args={**args, "output_dir": str(tmp_path / "resumed")},
+                  resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))  # fmt: skip
+    assert "load_state_dict" not in resumed.__dict__
+    expected = whole.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())
+
+
 class _Labelled(_Synthetic):
     """``_Synthetic`` with multi-hot labels (3 classes: the parities of the first two tokens, and always the third)
     or a regression target."""

@@ -428,6 +428,31 @@ def test_save_model_and_load_model_keep_each_adapters_dtype(tmp_path):
         assert p.dtype == saved[n].dtype and torch.equal(p, saved[n]), n
 
 
+def test_save_model_and_load_model_keep_the_fp32_masters_of_an_adapter_with_a_trained_head_copy(tmp_path):
+    """An adapter with ``modules_to_save`` (the head a ``Trainer`` run trains with it) holds its copy of the head in the
+    model's dtype beside its fp32 masters; the manifest's dtype was read from both, so it said 16 bits and
+    ``load_model`` (of ``save_model``'s or a ``Trainer.save_model`` folder) brought the masters back rounded to 16 bits
+    (and a resumed training trained them so). It is read from the adapter's layers: masters come back as saved."""
+    model = _bert()
+    for name, cfg in (("mw_hl", ae.LoraConfig(r=4, init_lora_weights=False)), ("mw_hi", ae.IA3Config())):
+        cfg.modules_to_save = ["classifier"]
+        ae.add_adapter(model, name, cfg)
+    saved = _adapter_weights(model, "mw_h")
+    with torch.no_grad():  # trained-looking values, not fp16 ones
+        for p in saved.values():
+            p.uniform_(0.5, 1.5)
+    heads = {n: p.detach().clone() for n, p in model.named_parameters() if ".modules_to_save." in n}
+    ae.save_model(model, tmp_path / "ckpt")
+    back = ae.load_model(tmp_path / "ckpt", torch_dtype=torch.float16)
+    loaded = _adapter_weights(back, "mw_h")
+    assert loaded.keys() == saved.keys() and {p.dtype for p in saved.values()} == {torch.float32}
+    for n, p in loaded.items():
+        assert p.dtype == torch.float32 and torch.equal(p, saved[n]), n
+    copies = {n: p for n, p in back.named_parameters() if ".modules_to_save." in n}
+    assert copies.keys() == heads.keys() and all(torch.equal(p, heads[n]) for n, p in copies.items())
+    assert {p.dtype for p in copies.values()} == {torch.float16}
+
+
 def test_a_saved_stack_comes_back_with_each_adapters_dtype(tmp_path):
     """StackedAdapterModel.load (its adapter folders) loads LoRA adapters as saved: a 16-bit one (from a store, or
     made with autocast_adapter_dtype=False) came back as fp32 masters (load_adapter's default), twice its bytes under

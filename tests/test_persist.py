@@ -243,3 +243,58 @@ def test_a_vit_saved_under_transformers_older_key_names_reloads_its_adapters(tmp
     assert ae.list_adapters(loaded) == ["persist_vit_lora", "persist_vit_bn"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_trainer_resumes_a_patched_vit_and_restores_its_best_checkpoint(tmp_path):
+    """transformers 5 saves a ViT under older key names, and ``Trainer`` loads a checkpoint (to resume, or the best
+    one at the end) with a plain ``model.load_state_dict(strict=False)``: a patched ViT restored none of its adapters,
+    so a resumed run went on from fresh ones (its losses and weights differed from the uninterrupted run's from the
+    first resumed step), and ``load_best_model_at_end`` kept the last weights. A patched model's ``load_state_dict``
+    now reads a key under the name ``from_pretrained`` gives it: the resumed run ends with the uninterrupted run's
+    losses and weights bit for bit, and the model ends with the best checkpoint's weights."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+    def build():
+        torch.manual_seed(0)
+        cfg = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, num_labels=3, hidden_dropout_prob=0.1)  # fmt: skip
+        model = ViTForImageClassification(cfg)
+        lora = ae.LoraConfig(r=2, target_modules=["q_proj", "fc2"], modules_to_save=["classifier"])
+        ae.add_adapter(model, "persist_trn_vit_lora", lora)
+        ae.add_adapter(model, "persist_trn_vit_bn", "seq_bn")
+        ae.set_active_adapters(model, ["persist_trn_vit_lora", "persist_trn_vit_bn"])
+        ae.train_adapter(model, "persist_trn_vit_lora")
+        return model
+
+    gen = torch.Generator().manual_seed(2)
+    data = [{"pixel_values": torch.randn(3, 8, 8, generator=gen), "labels": i % 3} for i in range(8)]
+
+    def args(output_dir=str(tmp_path), **kw):
+        return TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_steps=1, disable_tqdm=True, seed=7, data_seed=7, dataloader_num_workers=0, **kw,
+        )  # fmt: skip
+
+    # (a constant metric: the first checkpoint stays the best one)
+    model = build()
+    run = Trainer(model=model, args=args(save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                                         metric_for_best_model="const"),
+                  train_dataset=data, eval_dataset=data[:4], compute_metrics=lambda _: {"const": 0.0})  # fmt: skip
+    run.train()
+    assert run.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    best = load_model(tmp_path / "checkpoint-1").state_dict()
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+    def losses(trainer):
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    whole, resumed = build(), build()
+    run = Trainer(model=whole, args=args(output_dir=str(tmp_path / "whole"), save_steps=1), train_dataset=data)
+    run.train()
+    again = Trainer(
+        model=resumed, args=args(output_dir=str(tmp_path / "whole"), save_strategy="no"), train_dataset=data
+    )
+    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-1"))
+    assert losses(again) == losses(run) and len(losses(run)) == 2
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())

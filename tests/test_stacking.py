@@ -233,6 +233,50 @@ def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_it
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
 
 
+def test_trainer_given_the_stacked_model_of_a_model_with_tied_weights_checkpoints_and_resumes(tmp_path):
+    """``Trainer(model=sam)`` saves checkpoints as ``save_file(sam.state_dict())``; a model with tied weights (GPT-2's
+    ``lm_head`` and ``wte``) put the shared tensor in it under both names, and the first checkpoint failed
+    ('Some tensors share memory'). The state dict holds it once, a strict ``load_state_dict`` of it loads both names,
+    and a resume ends where the uninterrupted run did."""
+    pytest.importorskip("accelerate")
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    def build():
+        torch.manual_seed(0)
+        sam = StackedAdapterModel(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                             n_positions=32)))  # fmt: skip
+        sam.add_adapter("tied_gen", SEQ_BN)
+        randomise(sam.model, "tied_gen")
+        sam.add_adapter("tied_top", SEQ_BN)
+        sam.train_adapter("tied_top")
+        return sam
+
+    gen = torch.Generator().manual_seed(3)
+    data = [{"input_ids": (x := torch.randint(3, 64, (5,), generator=gen)), "labels": x} for _ in range(8)]
+
+    def args(**kw):
+        return TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], **kw,
+        )  # fmt: skip
+
+    sam = build()
+    assert sam.model.lm_head.weight is sam.model.transformer.wte.weight
+    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
+    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    again = build()
+    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+    )
+    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
+    state = sam.state_dict()
+    assert "model.transformer.wte.weight" in state and "model.lm_head.weight" not in state
+    fresh = build()
+    fresh.load_state_dict(state)  # strict: the tied name loads from the one kept
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+
+
 def test_trainer_given_the_stacked_model_checkpoints_activations(tmp_path):
     """``Trainer(model=sam, gradient_checkpointing=True)`` failed at once with AttributeError ('StackedAdapterModel'
     object has no attribute 'gradient_checkpointing_enable'); it now checkpoints the base's layers and trains the top
