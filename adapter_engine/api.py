@@ -668,12 +668,14 @@ def save_adapter(
     model: nn.Module,
     name: str,
     path: str | os.PathLike,
-    format: str = "peft",
+    format: str | None = None,
     *,
     safe_serialization: bool | None = None,
 ) -> str:
     """Save adapter ``name`` so that its home library loads it: ``"peft"`` (LoRA, IA3; ``PeftModel.from_pretrained``)
-    or ``"adapterhub"`` (bottleneck, LoRA; ``model.load_adapter`` of ``adapters``). Returns the folder."""
+    or ``"adapterhub"`` (bottleneck, LoRA; ``model.load_adapter`` of ``adapters``); None (the default): AdapterHub's
+    for a bottleneck adapter, PEFT's for the others (the default was ``"peft"``, which refused every bottleneck
+    adapter). Returns the folder."""
     state = _state(model)
     if name not in state.adapters:
         from .memory import offloaded_adapters  # (memory imports this module)
@@ -684,9 +686,11 @@ def save_adapter(
             else ""
         )
         raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{away}")
+    record = state.adapters[name]
+    if format is None:
+        format = "adapterhub" if record.kind == "bottleneck" else "peft"
     if format not in ("peft", "adapterhub"):
         raise ValueError(f"unknown adapter format {format!r}; supported: 'peft', 'adapterhub'")
-    record = state.adapters[name]
     if record.kind == "ia3" and format == "adapterhub":
         raise ValueError(f"{name!r} is an IA3 adapter: AdapterHub has no IA3 format, use format='peft'")
     head = hd.export_head(model, name, record.head) if record.head is not None and format == "adapterhub" else None

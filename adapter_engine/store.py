@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import api
-from .config import BottleneckConfig, coerce_config
+from .config import coerce_config
 from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
 from .memory import AdapterMemoryManager, MemoryStats  # re-exported: they lived here (memory.py's store is a hint)
 
@@ -161,9 +161,6 @@ class AdapterStore:
         folder = self.path(name)
         if not overwrite and _has_any(folder):
             raise FileExistsError(f"adapter {name!r} already exists in the store at {folder!r}")
-        if format is None:
-            record = api._state(model).adapters.get(name)
-            format = "adapterhub" if record is not None and isinstance(record.config, BottleneckConfig) else "peft"
         folder = api.save_adapter(model, name, folder, format=format)
         for manager in list(self._managers):
             manager._saved_to_store(model, name)

@@ -829,3 +829,24 @@ def test_name_taken_and_missing_path(tmp_path):
     with pytest.raises(ValueError, match="PEFT has no such format"):
         ae.save_adapter(model, "seq", tmp_path / "x", format="peft")
     assert ae.list_adapters(model) == ["seq"]
+
+
+def test_save_adapter_writes_each_adapter_in_its_home_format_by_default(tmp_path):
+    """Without ``format``, a bottleneck adapter is written as AdapterHub's, a LoRA / IA3 one as PEFT's (the default
+    was "peft", which refused every bottleneck adapter), and each loads back with its outputs."""
+    model = tiny_bert()
+    ae.load_adapter(model, os.path.join(TINY, "seq"))
+    ae.add_adapter(model, "lora_home", ae.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    ae.add_adapter(model, "ia3_home", ae.IA3Config(target_modules=["key", "output.dense"]))
+    batch = torch.randint(3, 30, (2, 5), generator=torch.Generator().manual_seed(0))
+    for name, weights in (("seq", "pytorch_adapter.bin"), ("lora_home", "adapter_model.safetensors"),
+                          ("ia3_home", "adapter_model.safetensors")):  # fmt: skip
+        folder = ae.save_adapter(model, name, tmp_path / name)
+        assert os.path.isfile(os.path.join(folder, weights)), os.listdir(folder)
+        ae.set_active_adapters(model, name)
+        with torch.no_grad():
+            expected = model(input_ids=batch).last_hidden_state
+        again = tiny_bert()
+        ae.load_adapter(again, folder, set_active=True)
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=batch).last_hidden_state, expected), name
