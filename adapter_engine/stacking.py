@@ -106,17 +106,17 @@ class StackedAdapterModel(nn.Module):
         super().__init__()
         undo = _undo_for(base_model)
         self.model = base_model if is_patched(base_model) else patch(base_model)
-        if store is not None and not isinstance(store, AdapterStore):
-            store = AdapterStore(store)
-        self.store = store
-        self.memory = AdapterMemoryManager(self.model, store, max_active=max_active, max_bytes=max_bytes,
-                                           offload=offload)  # fmt: skip
         self.levels: list[str] = []
         self._running: list[str] = []
         self._stacks: dict[str, tuple[str, ...]] = {}
         self._siblings: list[str] = []
         self._head_trained = False
-        try:
+        try:  # (a refused store or cap too: it used to leave the base patched)
+            if store is not None and not isinstance(store, AdapterStore):
+                store = AdapterStore(store)
+            self.store = store
+            self.memory = AdapterMemoryManager(self.model, store, max_active=max_active, max_bytes=max_bytes,
+                                               offload=offload)  # fmt: skip
             self._switch_off_adopted()
             if initial_adapter is not None:
                 if isinstance(initial_adapter, tuple):
@@ -502,10 +502,10 @@ def _head_unfrozen(model: nn.Module) -> bool:
 
 
 def _undo_for(base_model: nn.Module):
-    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load` or
-    ``initial_adapter``: unpatched if it is not patched now, else without the adapters added since and with its active
-    adapters again. A saved stack whose second level was missing or corrupted used to leave the base patched, running
-    the levels loaded before the refusal."""
+    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load`,
+    ``initial_adapter``, ``store`` or cap: unpatched if it is not patched now, else without the adapters added since
+    and with its active adapters again. A saved stack whose second level was missing or corrupted used to leave the
+    base patched, running the levels loaded before the refusal."""
     if not is_patched(base_model):
         return lambda: unpatch(base_model)
     before, active = set(api.list_adapters(base_model)), api.active_adapters(base_model)

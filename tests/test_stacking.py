@@ -459,6 +459,28 @@ def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"store": "no_such_store"}, FileNotFoundError, "no_such_store"),
+        ({"max_active": 0}, ValueError, "max_active"),
+        ({"max_bytes": -1}, ValueError, "max_bytes"),
+        ({"offload": "disk"}, ValueError, "offload"),
+    ],
+)
+def test_a_refused_store_or_cap_leaves_the_base_unpatched(tmp_path, kwargs, error, match):
+    """A store folder that does not exist, or a bad cap or offload mode, is refused by the constructor: the base used
+    to stay patched (its layers wrapped, the adapter methods bound over transformers' own)."""
+    base = tiny()
+    plain = logits(base)
+    if "store" in kwargs:
+        kwargs = {"store": tmp_path / kwargs["store"]}
+    with pytest.raises(error, match=match):
+        StackedAdapterModel(base, **kwargs)
+    assert not ae.patching.is_patched(base) and "load_adapter" not in vars(base)
+    assert torch.equal(logits(base), plain)
+
+
 def test_a_patched_model_running_its_own_adapters_starts_at_depth_zero(caplog):
     """Wrapping a patched model that runs adapters: they are switched off, with a warning naming them, so the stack's
     view (``active_stack == ()``, depth 0) and the model agree; they used to keep running, unpinned, until the first
