@@ -54,9 +54,13 @@ class AdapterStore:
 
     def __init__(self, root: str | os.PathLike, *, create: bool = False) -> None:
         root = os.fspath(root)
+        if os.path.lexists(root) and not os.path.isdir(root):  # (create=True too: makedirs said only "File exists")
+            raise NotADirectoryError(f"adapter store directory {root!r} is a file, not a folder")
         if not os.path.isdir(root):
-            if not create:
-                raise FileNotFoundError(f"adapter store directory {root!r} does not exist (pass create=True)")
+            if not create:  # (the hint names the class: StackedAdapterModel(store=) has no create argument)
+                raise FileNotFoundError(
+                    f"adapter store directory {root!r} does not exist (AdapterStore({root!r}, create=True) makes it)"
+                )
             os.makedirs(root, exist_ok=True)
         self.root = root
         self._real_root = os.path.realpath(root)

@@ -123,8 +123,16 @@ def test_store_refuses_symlinks_out_of_the_directory(filled_store, tmp_path):
 
 
 def test_store_requires_an_existing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    """A missing folder names the call that makes it (``StackedAdapterModel(store=...)`` has no ``create``: the hint
+    "pass create=True" sent users to an argument it does not take); a file is named as one, not as missing."""
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(AdapterStore\(.*nope', create=True\) makes it"):
         AdapterStore(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="AdapterStore"):
+        ae.StackedAdapterModel(bert(), store=tmp_path / "nope")
+    (tmp_path / "a_file").write_text("x")
+    for create in (False, True):
+        with pytest.raises(NotADirectoryError, match="a_file' is a file, not a folder"):
+            AdapterStore(tmp_path / "a_file", create=create)
     assert AdapterStore(tmp_path / "new", create=True).names() == []
 
 
