@@ -26,7 +26,7 @@ from torch import nn
 
 from . import heads as hd
 from . import patching as pt
-from ._adapters import _apply_linear, _check_name, _state, unpatch_on_error
+from ._adapters import _apply_linear, _check_name, _state, check_not_meta, unpatch_on_error
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
@@ -237,6 +237,7 @@ def load_adapter_file(
     """:func:`load_adapter` of an adapter already read (:func:`~adapter_engine.formats.read_adapter`) as ``name``."""
     state = _state(model)
     _check_name(state, name)
+    check_not_meta(model, f"cannot load adapter {name!r} from {file.path!r}")
     cfg = file.config
     if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)
         file.entries = {state.spec.from_adapterhub(saved): params for saved, params in file.entries.items()}

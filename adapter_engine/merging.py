@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._adapters import check_not_meta
 from .kernels import merge_lora_many_, scale_ia3_, unmerge_lora_many_
 from .kernels.bottleneck import ACTIVATIONS
 from .lora import LoraLinear
@@ -245,6 +246,7 @@ def merge_adapter(
             "merge_adapter needs a model patched by adapter_engine with adapters loaded (patch + load_adapter)"
         )
     names = _resolve_names(state, names)
+    check_not_meta(model, f"cannot merge {names}")
     if isinstance(weights, (numbers.Number, str, bytes)) or (isinstance(weights, torch.Tensor) and weights.dim() == 0):
         raise TypeError(f"weights must be a sequence of numbers, one per adapter in {names}; got {weights!r}")
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]

@@ -836,6 +836,27 @@ def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_pat
     assert ae.is_patched(patched)
 
 
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_a_model_on_the_meta_device_is_refused_at_load_and_merge(kind, tmp_path):
+    """A model built without its weights (under ``torch.device("meta")``, as accelerate's ``init_empty_weights``
+    builds one): ``load_adapter`` copied the adapter's weights onto meta, so they were lost without a word (a later
+    ``to_empty`` gave them garbage), and ``merge_adapter`` of an adapter added there said every targeted layer shared
+    one weight (all meta tensors sit at address 0). Both are refused naming the meta device; the load leaves the model
+    unpatched."""
+    donor = make("bert")
+    ae.add_adapter(donor, "meta_src", ae.LoraConfig(r=2, init_lora_weights=False) if kind == "lora" else kind)
+    folder = ae.save_adapter(donor, "meta_src", tmp_path / kind, format="peft" if kind == "lora" else "adapterhub")
+    with torch.device("meta"):
+        model = make("bert")
+    with pytest.raises(ValueError, match=r"cannot load adapter 'meta_ld'.* parameters on the meta device"):
+        ae.load_adapter(model, folder, name="meta_ld")
+    assert not ae.is_patched(model)
+    ae.add_adapter(model, "meta_new", ae.LoraConfig(r=2))  # (a fresh adapter on meta is as empty as the model)
+    with pytest.raises(ValueError, match=r"cannot merge \['meta_new'\].* parameters on the meta device"):
+        ae.merge_adapter(model, "meta_new")
+    assert ae.list_adapters(model) == ["meta_new"]
+
+
 def test_a_bottleneck_refused_on_an_unregistered_model_or_a_peft_model_leaves_it_as_it_was():
     """Bottleneck adapters on an architecture without registered placements (Gemma2 here, Llama-like with extra norms
     around each sublayer; this test used Qwen3 before it was registered) are refused at add time naming its
