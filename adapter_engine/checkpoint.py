@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, renamed_key, same_key
+from ._io import (
+    atomic_folder_write,
+    copy_module_folders,
+    is_other_format_weights,
+    renamed_key,
+    same_key,
+    user_path,
+)
 from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
 from .formats import read_adapter
@@ -400,7 +407,7 @@ def merge_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
+    base_dir, out_dir = user_path(base_dir), os.path.abspath(user_path(out_dir))
     device = _usable_device(device)
     if not os.path.isdir(base_dir):
         raise FileNotFoundError(f"base checkpoint folder {base_dir!r} does not exist")

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import api
 from . import patching as pt
-from ._io import atomic_folder_write, renamed_key, same_key
+from ._io import atomic_folder_write, renamed_key, same_key, user_path
 from .config import IA3Config, LoraConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     config (or ``model_class``), then the recorded adapters rebuilt, their weights loaded, the active ones set."""
     import transformers
 
-    path = os.fspath(path)
+    path = user_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist")
     if model_class is None:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api
-from ._io import replace_entries
+from ._io import replace_entries, user_path
 from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
@@ -190,7 +190,7 @@ class StackedAdapterModel(nn.Module):
                 self.store.load_into(self.model, name)  # KeyError when the store does not have it
                 self.memory.register(name, from_store=True)
             elif _names_a_folder(config_or_path):
-                if not os.path.isdir(os.fspath(config_or_path)):
+                if not os.path.isdir(user_path(config_or_path)):
                     raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
                 # (as saved: a 16-bit adapter of a saved stack came back as fp32 masters, twice its bytes)
@@ -426,7 +426,7 @@ class StackedAdapterModel(nn.Module):
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
         the folder as it was (it used to leave earlier adapters rewritten beside a stale ``stack.json``); other
         entries of the folder (the other adapters of a store) are left alone."""
-        root = os.fspath(path)
+        root = user_path(path)
         if os.path.lexists(root) and not os.path.isdir(root):
             raise FileExistsError(f"cannot save a stack to {root!r}: it is a file, not a folder")
         os.makedirs(root, exist_ok=True)
@@ -454,7 +454,7 @@ class StackedAdapterModel(nn.Module):
     def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
         """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``. A
         refused load (a missing or corrupted level, a head of another size) leaves ``base_model`` as it was."""
-        path = os.fspath(path)
+        path = user_path(path)
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import api
+from ._io import user_path
 from .config import BottleneckConfig, coerce_config
 from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
 from .memory import AdapterMemoryManager, MemoryStats  # re-exported: they lived here (memory.py's store is a hint)
@@ -53,7 +54,7 @@ class AdapterStore:
     """
 
     def __init__(self, root: str | os.PathLike, *, create: bool = False) -> None:
-        root = os.fspath(root)
+        root = user_path(root)
         if os.path.lexists(root) and not os.path.isdir(root):  # (create=True too: makedirs said only "File exists")
             raise NotADirectoryError(f"adapter store directory {root!r} is a file, not a folder")
         if not os.path.isdir(root):

@@ -243,3 +243,38 @@ def test_a_vit_saved_under_transformers_older_key_names_reloads_its_adapters(tmp
     assert ae.list_adapters(loaded) == ["persist_vit_lora", "persist_vit_bn"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folder(tmp_path, monkeypatch):
+    """``~/...`` is expanded as a shell does, in every saver and loader: ``save_adapter`` / ``save_model`` /
+    ``StackedAdapterModel.save`` / ``AdapterStore(create=True)`` made a folder literally named ``~`` below the working
+    directory, and the loaders said the path does not exist."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+    ae.add_adapter(model, "tl_lora", ae.LoraConfig(r=2, init_lora_weights=False))
+    ae.set_active_adapters(model, "tl_lora")
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    ae.save_adapter(model, "tl_lora", "~/adapters/tl_lora")
+    save_model(model, "~/ckpt")
+    assert ae.load_adapter(BertForSequenceClassification(model.config), "~/adapters/tl_lora") == "tl_lora"
+    with torch.no_grad():
+        torch.testing.assert_close(load_model("~/ckpt").eval()(**BATCH).logits, expected, rtol=0, atol=1e-6)
+    assert ae.AdapterStore("~/adapters").names() == ["tl_lora"]
+    ae.AdapterStore("~/store", create=True)
+    sam = ae.StackedAdapterModel(BertForSequenceClassification(model.config), store="~/adapters")
+    sam.add_adapter("tl_bn", "seq_bn")
+    sam.save("~/stack")
+    ae.StackedAdapterModel.load("~/stack", BertForSequenceClassification(model.config))
+    BertForSequenceClassification(model.config).save_pretrained(home / "base")
+    from adapter_engine.checkpoint import merge_checkpoint
+    from adapter_engine.planner import load_config
+
+    assert merge_checkpoint("~/base", "~/adapters/tl_lora", "~/merged")["merged"] > 0
+    assert load_config("~/merged").hidden_size == TINY["hidden_size"]
+    assert sorted(p.name for p in home.iterdir()) == ["adapters", "base", "ckpt", "merged", "stack", "store"]
+    assert not any(cwd.iterdir())
