@@ -507,10 +507,18 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
 
 @unpatch_on_error
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (unmerging it first if merged)."""
+    """Remove adapter ``name`` and its weights. A merged adapter is not one any more (:func:`merge_adapter` drops
+    it): :func:`unmerge_adapter` takes its terms out of the weights."""
     state = _state(model)
     if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+        from .merging import merged_adapters
+
+        merged = (
+            f" ({name!r} is merged into the weights: unmerge_adapter(model, {name!r}) takes it out of them)"
+            if name in merged_adapters(model)
+            else ""
+        )
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{merged}")
     record = state.adapters.pop(name)
     for module_name in (*record.modules, *record.saved):
         module = model.get_submodule(module_name)

@@ -327,6 +327,20 @@ def test_merge_refuses_a_repeated_name_before_changing_anything():
         assert torch.equal(v, before[k]), k
 
 
+def test_deleting_a_merged_adapter_says_it_is_merged_and_how_to_take_it_out():
+    """``delete_adapter``'s docstring promised to unmerge a merged adapter first; it answered "no adapter named 'l0'"
+    (a merge drops the adapter). The docstring now says so, and the refusal names the merge and ``unmerge_adapter``."""
+    model = with_loras()
+    ae.merge_adapter(model, "l0")
+    merged = hidden(model)
+    with pytest.raises(ValueError, match=r"'l0' is merged into the weights: unmerge_adapter\(model, 'l0'\)"):
+        ae.delete_adapter(model, "l0")
+    with pytest.raises(ValueError, match=r"no adapter named 'nope'; this model has \['l1'\]$"):
+        ae.delete_adapter(model, "nope")
+    assert torch.equal(hidden(model), merged) and merged_adapters(model) == ["l0"]
+    assert "unmerge_adapter" in ae.delete_adapter.__doc__
+
+
 def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
     """LoRA then IA3 on the same weight: W1 = (W + d) * l; undoing the LoRA first gives W * l + d (l - 1), neither
     W * l nor W. Refused, naming the later merge; LoRA-after-LoRA (additions commute) stays allowed."""
