@@ -216,6 +216,8 @@ def load_adapter(
     trained copy of the model's own head where it maps onto it exactly (see :mod:`adapter_engine.heads`), and is left
     out with a warning naming the reason otherwise (None, the default); True raises instead; False skips it.
     """
+    if name is not None:  # (before the files are read: a name of another type failed inside the reader)
+        _check_name(_state(model), name)
     file = read_adapter(path, name=name, config=config)
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
     return load_adapter_file(

@@ -812,6 +812,8 @@ def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its
     [
         (lambda m, p: ae.add_adapter(m, "bad", ae.LoraConfig(r=2, target_modules=["nope"])), "matches no module"),
         (lambda m, p: ae.load_adapter(m, p / "missing"), "does not exist"),
+        # (a name of another type: a TypeError inside the file reader)
+        (lambda m, p: ae.load_adapter(m, p, name=3), "adapter name must be a non-empty string"),
         (lambda m, p: ae.set_active_adapters(m, "never_added"), "unknown adapters"),
         (lambda m, p: ae.save_adapter(m, "never_saved", p), "no adapter named"),
     ],
