@@ -45,7 +45,7 @@ from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
 from .lora import LoraLinear
 from .merging import merged_adapters
-from .patching import adapter_layer_dtype
+from .patching import adapter_layer_dtype, ensure_patched
 from .residency import adapter_layers
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class AdapterMemoryManager:
         self._load_time = 0.0
         # the model's dtype when the sizes were counted, and the adapter generation when it was last checked (_sync)
         self._dtype, self._generation = _model_dtype(model), adapter_generation()
+        ensure_patched(model)  # (an unpatched model is patched: the manager tracks its adapter layers)
         for name in api.list_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
         if store is not None:

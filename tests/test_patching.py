@@ -838,6 +838,23 @@ def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_pat
     assert ae.is_patched(patched)
 
 
+def test_asking_an_unpatched_model_for_its_adapters_leaves_it_unpatched():
+    """``list_adapters`` / ``active_adapters`` of a plain model (say, to check that a merge left none) patched it:
+    its default targets were wrapped and the adapter methods bound, so that a later ``peft.get_peft_model`` failed
+    ("Target module LoraLinear ... is not supported"). They answer that it has none and leave it as it was; a
+    PeftModel is refused as before, unpatched."""
+    peft = pytest.importorskip("peft")
+    model = make("bert")
+    modules = dict(model.named_modules())
+    assert ae.list_adapters(model) == [] and ae.api.active_adapters(model) == ()
+    assert not ae.is_patched(model) and "add_adapter" not in model.__dict__ and dict(model.named_modules()) == modules
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query"]))
+    for ask in (ae.list_adapters, ae.api.active_adapters):
+        with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
+            ask(pm)
+        assert not ae.is_patched(pm)
+
+
 @pytest.mark.parametrize("kind", ["lora", "seq_bn"])
 def test_a_model_on_the_meta_device_is_refused_at_load_and_merge(kind, tmp_path):
     """A model built without its weights (under ``torch.device("meta")``, as accelerate's ``init_empty_weights``
