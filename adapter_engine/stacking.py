@@ -355,7 +355,15 @@ class StackedAdapterModel(nn.Module):
         """The model's forward; ``adapter=`` routes this call (see :meth:`route`), else the active stack runs."""
         if adapter is _UNSET:
             return self.model(*args, **kwargs)
-        with self.route(adapter):
+        route = make_route(adapter, resolve=self.stack_for)
+        inputs = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "pixel_values")] + list(args[:1])
+        rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+        if route.rows is not None and rows is not None and len(route.rows) != rows:
+            # (named here, before any load: the first adapter layer named itself and listed other models' reasons)
+            raise ValueError(
+                f"adapter= has {len(route.rows)} entries, one per batch row, but the batch has {rows} rows"
+            )
+        with self.route(route):
             return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- training

@@ -459,6 +459,18 @@ def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
+def test_a_per_row_route_of_the_wrong_length_is_named_as_one():
+    """``sam(**batch, adapter=[...])`` with one entry too few: the first adapter layer refused it, named by its wrapper
+    class (``RoutedOutputWithAdapters[BertOutput]``), with OPT's and DeBERTa's reasons. The call now says how many
+    entries and rows there are, before anything runs."""
+    sam, _ = three_levels()
+    with pytest.raises(ValueError, match=r"^adapter= has 2 entries, one per batch row, but the batch has 3 rows$"):
+        sam(input_ids=ids(3), adapter=["paed", None])
+    with pytest.raises(ValueError, match="adapter= has 4 entries"):
+        sam(ids(3), adapter=["paed", None, "general", "cardio"])
+    assert logits(sam, adapter=["paed", None, "general"]).shape == (3, 3)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
