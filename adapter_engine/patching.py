@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .archs import REGISTRY, ArchSpec, base_prefix, block_paths, model_type_of, select_spec
-from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters
+from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters, structure_differences
 from .bottleneck_adapter import BottleneckAdapter
 from .config import BottleneckConfig
 from .lora import (
@@ -591,14 +591,14 @@ def add_bottleneck(
 
 def set_active_bottlenecks(model: nn.Module, state: PatchState, names: list[str]) -> None:
     """Give every bottleneck sublayer its part of the active stack (checked: one structure per stack)."""
-    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
-    for layer in layers:
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, BottleneckStackLayer)}
+    for path, layer in layers.items():
         stack = [n for n in names if n in layer.adapters]
-        options = {layer.adapters[n].options for n in stack}
-        if len(options) > 1:
+        options = {n: layer.adapters[n].options for n in stack}
+        if len(set(options.values())) > 1:
             raise ValueError(
-                f"adapters {stack} cannot run as one stack: their structures differ ({options}); "
-                "AdapterHub stacks adapters of one kind (e.g. seq_bn with seq_bn)"
+                f"adapters {stack} cannot run as one stack in {path!r}: their structures differ "
+                f"({structure_differences(options)}); AdapterHub stacks adapters of one kind (e.g. seq_bn with seq_bn)"
             )
-    for layer in layers:
+    for layer in layers.values():
         layer.set_active_stack([n for n in names if n in layer.adapters])

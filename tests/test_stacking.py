@@ -529,6 +529,21 @@ def test_a_refused_activate_changes_nothing():
     assert ae.api.active_adapters(sam.model) == ("a",) and torch.equal(logits(sam), before)
 
 
+def test_a_stack_of_two_structures_names_the_fields_that_differ():
+    """Adapters of different structures in one stack (activated, or routed in one batch) were refused with the set of
+    their ``StackOptions`` reprs, internal objects that named neither adapter nor the field that differs. The errors
+    name the layer (activated), the fields that differ and each adapter's value."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("ds_p", SEQ_BN, level=False)
+    sam.add_adapter("ds_h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    differ = r"\(original_ln_before: ds_p True, ds_h False\)"
+    with pytest.raises(ValueError, match=rf"in 'bert.encoder.layer.0.output': their structures differ {differ}"):
+        sam.activate(["ds_p", "ds_h"])
+    for route in (["ds_p", "ds_h", None], ae.Stack("ds_p", "ds_h")):
+        with pytest.raises(ValueError, match=rf"mix structural options {differ}.*in separate calls"):
+            logits(sam, adapter=route)
+
+
 def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():
     sam = StackedAdapterModel(tiny(), max_active=2)
     sam.add_adapter("l1", SEQ_BN)
