@@ -480,7 +480,10 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
     names = _parse_active(adapters)
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
-        raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
+        from .merging import merged_hint
+
+        hint = merged_hint(model, unknown)
+        raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}{hint}")
     if len(set(names)) != len(names):
         raise ValueError(f"an adapter appears twice in {names}")
     saved_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveLayer)]
@@ -513,14 +516,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     it): :func:`unmerge_adapter` takes its terms out of the weights."""
     state = _state(model)
     if name not in state.adapters:
-        from .merging import merged_adapters
+        from .merging import merged_hint
 
-        merged = (
-            f" ({name!r} is merged into the weights: unmerge_adapter(model, {name!r}) takes it out of them)"
-            if name in merged_adapters(model)
-            else ""
-        )
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{merged}")
+        hint = merged_hint(model, [name])
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{hint}")
     record = state.adapters.pop(name)
     for module_name in (*record.modules, *record.saved):
         module = model.get_submodule(module_name)
@@ -696,11 +695,12 @@ def save_adapter(
     state = _state(model)
     if name not in state.adapters:
         from .memory import offloaded_adapters  # (memory imports this module)
+        from .merging import merged_hint
 
         away = (
             f" ({name!r} is evicted to host memory by a memory manager: save it inside memory.reading({name!r}))"
             if name in offloaded_adapters(model)
-            else ""
+            else merged_hint(model, [name])
         )
         raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{away}")
     if format not in ("peft", "adapterhub"):

@@ -329,12 +329,19 @@ def test_merge_refuses_a_repeated_name_before_changing_anything():
 
 def test_deleting_a_merged_adapter_says_it_is_merged_and_how_to_take_it_out():
     """``delete_adapter``'s docstring promised to unmerge a merged adapter first; it answered "no adapter named 'l0'"
-    (a merge drops the adapter). The docstring now says so, and the refusal names the merge and ``unmerge_adapter``."""
+    (a merge drops the adapter). The docstring now says so, and the refusal names the merge and ``unmerge_adapter``;
+    so do the other calls that name a merged adapter (merging it again, saving it, activating it)."""
     model = with_loras()
     ae.merge_adapter(model, "l0")
     merged = hidden(model)
-    with pytest.raises(ValueError, match=r"'l0' is merged into the weights: unmerge_adapter\(model, 'l0'\)"):
-        ae.delete_adapter(model, "l0")
+    for call in (
+        lambda: ae.delete_adapter(model, "l0"),
+        lambda: ae.merge_adapter(model, "l0"),
+        lambda: ae.save_adapter(model, "l0", "unused"),
+        lambda: ae.set_active_adapters(model, ["l1", "l0"]),
+    ):
+        with pytest.raises(ValueError, match=r"'l0' is merged into the weights: unmerge_adapter\(model, 'l0'\)"):
+            call()
     with pytest.raises(ValueError, match=r"no adapter named 'nope'; this model has \['l1'\]$"):
         ae.delete_adapter(model, "nope")
     assert torch.equal(hidden(model), merged) and merged_adapters(model) == ["l0"]
