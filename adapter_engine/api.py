@@ -532,6 +532,7 @@ def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters in ``model``, in the order they were added (none in a model that is not patched: asking
     does not patch it; it used to, wrapping its default targets, which a later ``peft.get_peft_model`` refused)."""
     if not pt.is_patched(model) and not pt._is_peft_model(model):
+        pt.refuse_stacked(model)
         return []
     return list(_state(model).adapters)
 
@@ -540,6 +541,7 @@ def list_adapters(model: nn.Module) -> list[str]:
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
     """Names of the adapters ``model`` runs, in order (none in a model that is not patched, which asking leaves so)."""
     if not pt.is_patched(model) and not pt._is_peft_model(model):
+        pt.refuse_stacked(model)
         return ()
     return _state(model).active
 

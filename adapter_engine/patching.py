@@ -268,6 +268,7 @@ def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch nn.Module, got {type(model).__name__}")
+    refuse_stacked(model)
     if is_patched(model):
         if target_modules is not None:
             if _is_peft_model(model):
@@ -298,11 +299,24 @@ def ensure_patched(model: nn.Module) -> PatchState:
     API functions used to as well, so ``load_adapter`` of a T5 / OPT / Falcon PEFT adapter failed although its
     config names its layers."""
     if not is_patched(model):
+        refuse_stacked(model)
         if _is_peft_model(model) or select_spec(model, model_type_of(model)) is not None:
             patch(model)
         else:
             _install(model, PatchState(spec=None, model_type=model_type_of(model)), [])
     return get_state(model)
+
+
+def refuse_stacked(model: nn.Module) -> None:
+    """A :class:`~adapter_engine.stacking.StackedAdapterModel` given where its model belongs (``ae.merge_adapter(sam,
+    ...)``): it was patched as a model of no known type, and the call answered that it has no adapters."""
+    from .stacking import StackedAdapterModel  # (stacking imports this module)
+
+    if isinstance(model, StackedAdapterModel):
+        raise TypeError(
+            "this takes the Hugging Face model, not a StackedAdapterModel: pass sam.model, or use the stack's own "
+            "methods (sam.add_adapter, sam.train_adapter, sam.save, ...), which keep its levels and memory in step"
+        )
 
 
 def _install(model: nn.Module, state: PatchState, names: list[str]) -> nn.Module:

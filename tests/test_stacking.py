@@ -459,6 +459,30 @@ def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
+def test_the_stack_given_where_its_model_belongs_is_refused_naming_sam_model(tmp_path):
+    """``ae.merge_adapter(sam, "level")`` (or ``save_adapter``, ``set_active_adapters``, ``list_adapters``, ...) of
+    the StackedAdapterModel instead of ``sam.model``: the wrapper was patched as a model of no known type, and each
+    call answered "no adapter named 'level'; this model has []" (``add_adapter``: "model_type None is not
+    registered"). Each is refused naming ``sam.model``, and the stack is left as it was."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("sg_level", SEQ_BN)
+    before, state = logits(sam), _state_of(sam)
+    calls = (
+        lambda: ae.merge_adapter(sam, "sg_level", absorb=True),
+        lambda: ae.save_adapter(sam, "sg_level", tmp_path / "out", format="adapterhub"),
+        lambda: ae.set_active_adapters(sam, "sg_level"),
+        lambda: ae.list_adapters(sam),
+        lambda: ae.add_adapter(sam, "sg_new", ae.LoraConfig(r=2)),
+        lambda: ae.train_adapter(sam, "sg_level"),
+        lambda: ae.patch(sam),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match="not a StackedAdapterModel: pass sam.model"):
+            call()
+    assert not ae.is_patched(sam) and _state_of(sam) == state and torch.equal(logits(sam), before)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_per_row_route_of_the_wrong_length_is_named_as_one():
     """``sam(**batch, adapter=[...])`` with one entry too few: the first adapter layer refused it, named by its wrapper
     class (``RoutedOutputWithAdapters[BertOutput]``), with OPT's and DeBERTa's reasons. The call now says how many
