@@ -84,6 +84,8 @@ class PatchState:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is patched (by :func:`patch`, or by an adapter function called on it) and not unpatched since:
+    a merge that leaves no adapter unpatches it, a plain transformers model again."""
     return isinstance(model.__dict__.get(_STATE_ATTR), PatchState)
 
 
