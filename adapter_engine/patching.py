@@ -344,8 +344,9 @@ def _patch_peft(model: nn.Module) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original modules back (adapters dropped, merges undone), methods removed. A model
-    that is not patched is returned unchanged."""
+    """Undo :func:`patch`: original modules back (adapters dropped), methods removed. Merged adapters stay in the
+    weights (:func:`~adapter_engine.merging.unmerge_adapter` still takes them out). A model that is not patched is
+    returned unchanged."""
     if not is_patched(model):
         return model
     state = get_state(model)

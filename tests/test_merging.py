@@ -348,6 +348,20 @@ def test_deleting_a_merged_adapter_says_it_is_merged_and_how_to_take_it_out():
     assert "unmerge_adapter" in ae.delete_adapter.__doc__
 
 
+def test_unpatch_keeps_the_merged_weights_and_unmerge_still_takes_them_out():
+    """``unpatch``'s docstring said it undoes merges; it drops the unmerged adapters and keeps the merged weights (a
+    merge that leaves no adapter unpatches the model itself), and ``unmerge_adapter`` still works after it."""
+    model = with_loras()
+    before = hidden(model)
+    ae.merge_adapter(model, "l0")
+    merged = hidden(model)
+    ae.unpatch(model)
+    assert not ae.is_patched(model) and torch.equal(hidden(model), merged) and merged_adapters(model) == ["l0"]
+    ae.unmerge_adapter(model, "l0")
+    torch.testing.assert_close(hidden(model), before, rtol=0, atol=1e-5)
+    assert "merges undone" not in ae.unpatch.__doc__
+
+
 def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
     """LoRA then IA3 on the same weight: W1 = (W + d) * l; undoing the LoRA first gives W * l + d (l - 1), neither
     W * l nor W. Refused, naming the later merge; LoRA-after-LoRA (additions commute) stays allowed."""
