@@ -133,7 +133,15 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     selected: list[str] = []
     for entry, hits in entries.items():
         if not hits:
-            raise ValueError(f"target_modules entry {entry!r} matches no module of {type(model).__name__}")
+            suffixes = [n for n in names if n.endswith("." + entry)] if isinstance(targets, str) else []
+            more = " ..." if len(suffixes) > 2 else ""
+            hint = (  # (a bare name as a string: PEFT's rule makes it a regex of the whole name)
+                f": a string is a regex that must match a whole module name (PEFT's rule); a list holds name "
+                f"suffixes: [{entry!r}] selects {suffixes[:2]}{more}"
+                if suffixes
+                else ""
+            )
+            raise ValueError(f"target_modules entry {entry!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             mod = modules[n]
             if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):

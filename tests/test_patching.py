@@ -838,6 +838,22 @@ def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_pat
     assert ae.is_patched(patched)
 
 
+def test_a_bare_name_given_as_a_string_target_names_peft_s_regex_rule():
+    """``LoraConfig(target_modules="query")``: a string is one regex that must match a whole module name (PEFT's
+    rule), so it matched nothing, and the error said only that; it now says so and what the list form selects. A
+    regex that matches nothing, as a suffix too, keeps the short message."""
+    model = make("bert")
+    with pytest.raises(
+        ValueError,
+        match=r"'query' matches no module .*a string is a regex that must match a whole "
+        r"module name .*\['query'\] selects \['encoder.layer.0.attention.self.query'",
+    ):
+        ae.add_adapter(model, "str_target", ae.LoraConfig(r=2, target_modules="query"))
+    with pytest.raises(ValueError, match=r"'nope' matches no module of BertModel$"):
+        ae.add_adapter(model, "str_target", ae.LoraConfig(r=2, target_modules="nope"))
+    assert not ae.is_patched(model)
+
+
 def test_asking_an_unpatched_model_for_its_adapters_leaves_it_unpatched():
     """``list_adapters`` / ``active_adapters`` of a plain model (say, to check that a merge left none) patched it:
     its default targets were wrapped and the adapter methods bound, so that a later ``peft.get_peft_model`` failed
