@@ -212,9 +212,10 @@ def _plan_updates(
     all-MiniLM-L6-v2 or the hub's GPT-2 are saved); ``transformers`` loads either into either."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
-        raise ValueError(
-            f"merge_checkpoint folds linear adapters (LoRA, IA3) into weights; {adapter.path!r} holds a "
-            f"{type(cfg).__name__}, whose nonlinearity cannot be folded (use absorb=True in merge_adapter)"
+        raise ValueError(  # (it said the adapter's "nonlinearity cannot be folded": an identity one folds in memory)
+            f"merge_checkpoint streams LoRA / IA3 adapters into the weights; {adapter.path!r} holds a bottleneck "
+            "adapter: load the model and it (load_adapter) and merge it in memory with merge_adapter, or with "
+            "adapter-engine merge (--absorb keeps one whose nonlinearity cannot be folded)"
         )
     updates: dict[str, _Update] = {}
     _check_all_found(adapter, keys, prefix)
