@@ -502,10 +502,11 @@ def plan_bottleneck(
         else:
             found[name] = params
     if unknown:
-        made_for = meta.get("model_type")
+        made_for = meta.get("model_type")  # (unknown for a PEFT file or a config= override: it said "made for None")
+        made_for = f", adapter made for {made_for!r}" if made_for else ""
         raise ValueError(
             f"adapter weights for layers this model has no adapter place for: {sorted(unknown)[:4]} "
-            f"(model_type {state.model_type!r}, adapter made for {made_for!r}; places: {sorted(where)[:2]} ...)"
+            f"(model_type {state.model_type!r}{made_for}; places: {sorted(where)[:2]} ...)"
         )
     missing = sorted(set(where) - set(found))
     if missing:
