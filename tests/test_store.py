@@ -354,6 +354,19 @@ def test_unknown_adapters_and_bad_caps(filled_store):
         AdapterMemoryManager(bert(), store, offload="disk")
 
 
+def test_a_refused_peft_model_is_left_unpatched_and_a_plain_model_is_patched():
+    """A PeftModel is refused (its adapters are PEFT's): it was left patched, its LoRA layers switched to the fused op.
+    A plain model is patched, as the manager tracks its adapter layers."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
+        AdapterMemoryManager(pm)
+    assert not ae.is_patched(pm)
+    model = bert()
+    AdapterMemoryManager(model)
+    assert ae.is_patched(model)
+
+
 def test_adapters_outside_the_store_are_kept_on_the_host_when_dropping(filled_store):
     store, _ = filled_store
     model = bert()
