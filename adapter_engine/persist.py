@@ -30,7 +30,15 @@ MANIFEST = "adapter_engine.json"
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
-    """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder."""
+    """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder.
+
+    A PEFT ``PeftModel`` is refused: its ``save_pretrained`` writes its adapters alone, which :func:`load_model` cannot
+    load (it wrote them with an empty manifest beside them)."""
+    if pt._is_peft_model(model):
+        raise TypeError(
+            "save_model writes a whole model, and a PeftModel's save_pretrained writes its adapters alone: save "
+            "model.merge_and_unload() (the merged model), or the adapters with model.save_pretrained(folder)"
+        )
     return atomic_folder_write(path, lambda folder: write_model(model, folder, **save_kwargs))
 
 

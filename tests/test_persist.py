@@ -107,6 +107,18 @@ def test_load_model_of_a_plain_checkpoint_and_missing_folder(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def test_save_model_of_a_peft_model_is_refused_and_writes_nothing(tmp_path):
+    """``save_model`` of a PeftModel wrote what PEFT's ``save_pretrained`` writes, its adapters alone, with an empty
+    manifest beside them, and returned as if it had saved the model (``load_model`` then failed: no config.json)."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(BertModel(BertConfig(**TINY)), peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TypeError, match=r"a PeftModel's save_pretrained writes its adapters alone: save model.merge"):
+        save_model(pm, tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+    save_model(pm.merge_and_unload(), tmp_path / "ckpt")
+    assert type(load_model(tmp_path / "ckpt")) is BertModel
+
+
 _KILL = textwrap.dedent(
     """
     import sys, time
