@@ -142,6 +142,12 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     path = user_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist")
+    config_file, adapter_file = (os.path.join(path, f) for f in ("config.json", "adapter_config.json"))
+    if not os.path.isfile(config_file) and os.path.isfile(adapter_file):
+        raise ValueError(  # (transformers said the folder's config.json, which it lacks, had no model_type)
+            f"{path!r} is an adapter folder (adapter_config.json, no config.json), not a model: load it into its base "
+            "model with load_adapter(model, path)"
+        )
     if model_class is None:
         config = transformers.AutoConfig.from_pretrained(path)
         names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]

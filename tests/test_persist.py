@@ -119,6 +119,17 @@ def test_save_model_of_a_peft_model_is_refused_and_writes_nothing(tmp_path):
     assert type(load_model(tmp_path / "ckpt")) is BertModel
 
 
+def test_load_model_of_an_adapter_folder_names_it_as_one(tmp_path):
+    """An adapter folder given to ``load_model`` failed inside transformers: "Unrecognized model ... Should have a
+    `model_type` key in its config.json", a file the folder does not have."""
+    model = BertModel(BertConfig(**TINY))
+    ae.add_adapter(model, "lm_lora", ae.LoraConfig(r=2))
+    for fmt in ("peft", "adapterhub"):
+        folder = ae.save_adapter(model, "lm_lora", tmp_path / fmt, format=fmt)
+        with pytest.raises(ValueError, match=r"is an adapter folder .*: load it into its base model with load_adapter"):
+            load_model(folder)
+
+
 _KILL = textwrap.dedent(
     """
     import sys, time
