@@ -64,12 +64,20 @@ def train_adapter(model: nn.Module, name: str, *, train_head: bool = False) -> l
     """Freeze the base and every other adapter of patched ``model``; leave adapter ``name`` (and the task head
     with ``train_head``) trainable. Returns the names of the trainable Parameters.
 
-    It does not change which adapters run: activate the stack the adapter trains on top of first.
+    It does not change which adapters run: activate the stack the adapter trains on top of first. An adapter that is not
+    active gets a warning (it trained nothing, silently: a forward ran without it), unless calls route it.
     """
     params = api.adapter_parameters(model, name)
     head = head_parameters(model)
     if train_head and not head:
         raise ValueError(f"{type(model).__name__} has no task head outside its base model: train_head=True is void")
+    if name not in api.active_adapters(model):
+        logger.warning(
+            "train_adapter: adapter %r is not active, so a forward runs without it and it gets no gradient unless "
+            "calls route it (use_adapters); activate it first (set_active_adapters, with the adapters it trains on "
+            "top of)",
+            name,
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:

@@ -193,6 +193,27 @@ def test_train_adapter_with_the_head_and_trainer(tmp_path):
         ae.train_adapter(bare, "x", train_head=True)
 
 
+def test_training_an_adapter_that_is_not_active_warns(caplog):
+    """``ae.add_adapter`` then ``ae.train_adapter`` without activating the adapter: the forward ran without it, so it
+    got no gradient and training changed nothing, silently. ``train_adapter`` now warns, naming how to activate it;
+    an active adapter (and every ``StackedAdapterModel.train_adapter``, which activates the stack) trains quietly."""
+    model = tiny()
+    ae.add_adapter(model, "ta_idle", SEQ_BN)
+    with caplog.at_level("WARNING", logger="adapter_engine.stacking"):
+        ae.train_adapter(model, "ta_idle")
+    assert "'ta_idle' is not active" in caplog.text and "set_active_adapters" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapter_engine.stacking"):
+        ae.set_active_adapters(model, "ta_idle")
+        ae.train_adapter(model, "ta_idle")
+        sam = StackedAdapterModel(tiny())
+        sam.add_adapter("ta_lvl", SEQ_BN)
+        sam.train_adapter("ta_lvl", train_head=True)
+        sam.add_adapter("ta_sib", SEQ_BN, level=False)
+        sam.train_adapter("ta_sib", on_top_of="ta_lvl")
+    assert "not active" not in caplog.text
+
+
 def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
     """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) saves checkpoints as
     ``save_file(sam.state_dict())``; a level with ``ln_before`` registers its LayerNorm twice, which safetensors
