@@ -63,6 +63,18 @@ def _check_name(state: PatchState, name: Any) -> str:
     return name
 
 
+def check_not_meta(model: nn.Module, what: str) -> None:
+    """Refuse ``what`` (a load or merge) on a model whose parameters are on the meta device (built under
+    ``torch.device("meta")`` or accelerate's ``init_empty_weights``): a load copied the adapter's weights onto meta,
+    losing them without a word, and a merge found every weight at address 0 and called them tied."""
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"{what}: {type(model).__name__} has {len(on_meta)} parameters on the meta device ({on_meta[0]!r}, ...), "
+            "a model built without its weights; load them first (from_pretrained, or to_empty and load_state_dict)"
+        )
+
+
 @torch.no_grad()
 def _apply_linear(
     model: nn.Module, state: PatchState, name: str, cfg: AnyConfig, plan: list[tuple], autocast: bool | None

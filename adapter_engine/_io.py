@@ -56,12 +56,18 @@ def _new_folder(parent: str, prefix: str) -> str:
     raise FileExistsError(f"could not make a new folder {prefix}* in {parent!r}")
 
 
+def user_path(path: str | os.PathLike) -> str:
+    """``path`` as a string with a leading ``~`` expanded to the home folder, as a shell does: the savers wrote a
+    folder literally named ``~`` below the working directory, and the loaders said the path does not exist."""
+    return os.path.expanduser(os.fspath(path))
+
+
 def atomic_folder_write(path: str | os.PathLike, write) -> str:
     """Call ``write(tmp_folder)``, then move the folder to ``path`` (replacing an existing one only at the end).
 
     ``path`` may be a missing path or a folder (replaced); an existing file there is refused (FileExistsError),
     before ``write`` runs."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(user_path(path))
     if os.path.lexists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path!r} is a file, not a folder")
     parent = os.path.dirname(path)

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import heads as hd
 from . import patching as pt
-from ._adapters import _apply_linear, _check_name, _state, unpatch_on_error
+from ._adapters import _apply_linear, _check_name, _state, check_not_meta, unpatch_on_error
 from .archs import adapterhub_lora_modules, base_prefix, block_paths
 from .config import AnyConfig, BottleneckConfig, IA3Config, LoraConfig, Stack, coerce_config
 from .export import _export_adapterhub_lora, _export_bottleneck, _export_peft
@@ -216,6 +216,8 @@ def load_adapter(
     trained copy of the model's own head where it maps onto it exactly (see :mod:`adapter_engine.heads`), and is left
     out with a warning naming the reason otherwise (None, the default); True raises instead; False skips it.
     """
+    if name is not None:  # (before the files are read: a name of another type failed inside the reader)
+        _check_name(_state(model), name)
     file = read_adapter(path, name=name, config=config)
     name = name or file.saved_name or os.path.basename(os.path.normpath(file.path))
     return load_adapter_file(
@@ -237,6 +239,7 @@ def load_adapter_file(
     """:func:`load_adapter` of an adapter already read (:func:`~adapter_engine.formats.read_adapter`) as ``name``."""
     state = _state(model)
     _check_name(state, name)
+    check_not_meta(model, f"cannot load adapter {name!r} from {file.path!r}")
     cfg = file.config
     if file.format == "adapterhub" and state.spec is not None:  # AdapterHub's names for a renamed layout (ViT)
         file.entries = {state.spec.from_adapterhub(saved): params for saved, params in file.entries.items()}
@@ -477,7 +480,10 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
     names = _parse_active(adapters)
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
-        raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}")
+        from .merging import merged_hint
+
+        hint = merged_hint(model, unknown)
+        raise ValueError(f"unknown adapters {unknown}; this model has {list(state.adapters)}{hint}")
     if len(set(names)) != len(names):
         raise ValueError(f"an adapter appears twice in {names}")
     saved_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveLayer)]
@@ -506,10 +512,14 @@ def set_active_adapters(model: nn.Module, adapters: str | Sequence[str] | Stack 
 
 @unpatch_on_error
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (unmerging it first if merged)."""
+    """Remove adapter ``name`` and its weights. A merged adapter is not one any more (:func:`merge_adapter` drops
+    it): :func:`unmerge_adapter` takes its terms out of the weights."""
     state = _state(model)
     if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}")
+        from .merging import merged_hint
+
+        hint = merged_hint(model, [name])
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{hint}")
     record = state.adapters.pop(name)
     for module_name in (*record.modules, *record.saved):
         module = model.get_submodule(module_name)
@@ -517,12 +527,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state.active = tuple(n for n in state.active if n != name)
 
 
+@unpatch_on_error  # (a PeftModel: refused, left as it was)
 def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters in ``model``, in the order they were added."""
+    """Names of the adapters in ``model``, in the order they were added (none in a model that is not patched: asking
+    does not patch it; it used to, wrapping its default targets, which a later ``peft.get_peft_model`` refused)."""
+    if not pt.is_patched(model) and not pt._is_peft_model(model):
+        pt.refuse_stacked(model)
+        return []
     return list(_state(model).adapters)
 
 
+@unpatch_on_error
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """Names of the adapters ``model`` runs, in order (none in a model that is not patched, which asking leaves so)."""
+    if not pt.is_patched(model) and not pt._is_peft_model(model):
+        pt.refuse_stacked(model)
+        return ()
     return _state(model).active
 
 
@@ -679,11 +699,12 @@ def save_adapter(
     state = _state(model)
     if name not in state.adapters:
         from .memory import offloaded_adapters  # (memory imports this module)
+        from .merging import merged_hint
 
         away = (
             f" ({name!r} is evicted to host memory by a memory manager: save it inside memory.reading({name!r}))"
             if name in offloaded_adapters(model)
-            else ""
+            else merged_hint(model, [name])
         )
         raise ValueError(f"no adapter named {name!r}; this model has {list(state.adapters)}{away}")
     record = state.adapters[name]

@@ -175,10 +175,11 @@ class BottleneckStackLayer(StandIn):
         return names, self._cache[key], hint
 
     def _options(self, names: list[str], eps: float) -> StackOptions:
-        opts = {self.adapters[n].options for n in names}
-        if len(opts) > 1:
-            raise ValueError(f"adapters {names} mix structural options {opts}; one stack needs one structure")
-        return _replace(opts.pop(), eps=eps)
+        opts = {n: self.adapters[n].options for n in names}
+        if len(set(opts.values())) > 1:
+            differ = structure_differences(opts)
+            raise ValueError(f"adapters {names} mix structural options ({differ}); one stack needs one structure")
+        return _replace(opts[names[0]], eps=eps)
 
     def _modules_of(self, names: Sequence[str]) -> list[BottleneckAdapter]:
         """The adapters of ``names`` (routed_bottleneck's groups carry the modules they named when the call started)."""
@@ -367,6 +368,14 @@ _data_ptr = torch.Tensor.data_ptr
 def _frozen_state(tensors: tuple) -> tuple:
     """What a kept copy of ``tensors`` depends on: their in-place versions and data pointers."""
     return tuple(map(tensor_version, tensors)), tuple(map(_data_ptr, tensors))
+
+
+def structure_differences(options: dict[str, StackOptions]) -> str:
+    """The structural fields in which adapters (name -> options) differ, each adapter's value named, for the errors
+    that refuse them in one stack: ``original_ln_before: s True, h False`` (a set of the options' reprs named none)."""
+    first = next(iter(options.values()))
+    differ = [f for f in first.__dataclass_fields__ if len({getattr(o, f) for o in options.values()}) > 1]
+    return "; ".join(f"{f}: " + ", ".join(f"{n} {getattr(o, f)!r}" for n, o in options.items()) for f in differ)
 
 
 def _replace(options: StackOptions, **changes) -> StackOptions:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, same_key
+from ._io import atomic_folder_write, copy_module_folders, is_other_format_weights, same_key, user_path
 from ._io import loaded_name as _loaded_name
 from .api import _check_extra, _feedforward
 from .config import IA3Config, LoraConfig
@@ -194,9 +194,10 @@ def _plan_updates(
     all-MiniLM-L6-v2 or the hub's GPT-2 are saved); ``transformers`` loads either into either."""
     cfg = adapter.config
     if not isinstance(cfg, (LoraConfig, IA3Config)):
-        raise ValueError(
-            f"merge_checkpoint folds linear adapters (LoRA, IA3) into weights; {adapter.path!r} holds a "
-            f"{type(cfg).__name__}, whose nonlinearity cannot be folded (use absorb=True in merge_adapter)"
+        raise ValueError(  # (it said the adapter's "nonlinearity cannot be folded": an identity one folds in memory)
+            f"merge_checkpoint streams LoRA / IA3 adapters into the weights; {adapter.path!r} holds a bottleneck "
+            "adapter: load the model and it (load_adapter) and merge it in memory with merge_adapter, or with "
+            "adapter-engine merge (--absorb keeps one whose nonlinearity cannot be folded)"
         )
     updates: dict[str, _Update] = {}
     _check_all_found(adapter, keys, prefix)
@@ -389,7 +390,7 @@ def merge_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
+    base_dir, out_dir = user_path(base_dir), os.path.abspath(user_path(out_dir))
     device = _usable_device(device)
     if not os.path.isdir(base_dir):
         raise FileNotFoundError(f"base checkpoint folder {base_dir!r} does not exist")

@@ -356,6 +356,23 @@ def _check_paths(args) -> None:
         )
 
 
+def _adapter_names(paths: list[str]) -> list[str]:
+    """Each ``--adapter``'s name in the merge, its messages and the manifest of what ``--absorb`` keeps: its folder's
+    name (``load_adapter``'s default), made a valid adapter name and unique. They were ``adapter0``, ``adapter1``,
+    ..., names the user never typed, in errors that named no folder."""
+    import torch.nn as nn
+
+    names: list[str] = []
+    for path in paths:
+        folder = os.path.dirname(path) if os.path.isfile(path) else path  # (a folder's adapter_config.json loads too)
+        stem = re.sub(r"[^0-9A-Za-z_-]+", "_", os.path.basename(os.path.normpath(os.path.abspath(folder))))
+        name, suffix = stem, 1
+        while not name or name in names or hasattr(nn.ModuleDict(), name) or hasattr(nn.ParameterDict(), name):
+            name, suffix = f"{stem or 'adapter'}_{suffix}", suffix + 1
+        names.append(name)
+    return names
+
+
 def _merge(args) -> int:
     import shutil
 
@@ -375,7 +392,7 @@ def _merge(args) -> int:
     # load_model: a checkpoint saved by save_model keeps its adapters (absorbed bottlenecks), a plain one loads plain
     model = _loading("--model", args.model, lambda: load_model(args.model, _model_class(args.model))).to(device)
     params = model.num_parameters()
-    names = [api.load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(args.adapter)]
+    names = [api.load_adapter(model, path, name=name) for path, name in zip(args.adapter, _adapter_names(args.adapter))]
     merge_adapter(model, names, weights, combination=args.combination, density=args.density, absorb=args.absorb)
     absorbed = [n for n in names if pt.is_patched(model) and n in pt.get_state(model).adapters]
     if absorbed:  # they run in the saved model, after the adapters it kept active (in --adapter order)

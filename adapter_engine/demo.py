@@ -76,8 +76,9 @@ DTYPE = torch.float32
 def check_model_dir(path: str, source: str = "model folder") -> str:
     """``path`` if it is a model folder the demo can load offline (config.json, safetensors weights, tokenizer
     files), else a FileNotFoundError naming ``source`` (where the path came from), the folder and what is missing."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{source}: model folder {path!r} does not exist")
+    if not os.path.isdir(path):  # (a file was said not to exist)
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"{source}: model folder {path!r} {what}")
     wanted = {
         "config.json": ("config.json",),
         "model.safetensors (or model.safetensors.index.json)": ("model.safetensors", "model.safetensors.index.json"),

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._io import replace_entries
+from ._io import replace_entries, user_path
 from .config import AnyConfig, IA3Config, LoraConfig, coerce_config, config_from_dict
 from .heads import HEAD_CONFIG, HEAD_FILES, HEAD_WEIGHTS
 
@@ -69,7 +69,7 @@ def find_adapter_dir(path: str | os.PathLike, name: str | None = None) -> str:
     """The folder holding the adapter: ``path/<name>`` when that subfolder holds an adapter (PEFT saves several
     adapters as the default one at the root and the others in subfolders named after them), else ``path`` itself.
     A path to a file inside the folder is accepted too."""
-    path = os.fspath(path)
+    path = user_path(path)
     if not os.path.exists(path):
         hub = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None  # a Hub repository id ("owner/name")?
         hint = (
@@ -309,7 +309,7 @@ def write_adapter(
     """
     if fmt not in WEIGHTS:
         raise ValueError(f"unknown adapter format {fmt!r}; supported: {list(FORMATS)}")
-    folder = os.fspath(folder)
+    folder = user_path(folder)
     if os.path.isfile(folder):
         raise ValueError(f"cannot save an adapter to {folder!r}: it is a file, not a folder")
     created = not os.path.isdir(folder)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import api
+from ._adapters import _state, unpatch_on_error
 from .bottleneck import BottleneckStackLayer
 from .changes import adapter_generation, tensor_version
 from .kernels._backend import normal_tensors
@@ -74,6 +75,12 @@ class MemoryStats:
     @property
     def loads(self) -> int:
         return self.loads_from_cpu + self.loads_from_disk
+
+
+@unpatch_on_error  # (a refused PeftModel is left unpatched: it stayed patched, its LoRA layers running fused)
+def _patched_adapters(model: nn.Module) -> list[str]:
+    """The adapters of ``model``, which is patched first when it is not: the manager tracks its adapter layers."""
+    return list(_state(model).adapters)
 
 
 class AdapterMemoryManager:
@@ -123,7 +130,7 @@ class AdapterMemoryManager:
         self._load_time = 0.0
         # the model's dtype when the sizes were counted, and the adapter generation when it was last checked (_sync)
         self._dtype, self._generation = _model_dtype(model), adapter_generation()
-        for name in api.list_adapters(model):
+        for name in _patched_adapters(model):
             self._resident[name] = self._sizes[name] = api.adapter_nbytes(model, name)
         if store is not None:
             store._managers.add(self)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._adapters import check_not_meta
 from .kernels import merge_lora_many_, scale_ia3_, unmerge_lora_many_
 from .kernels.bottleneck import ACTIVATIONS
 from .lora import LoraLinear
@@ -78,7 +79,16 @@ def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _resolve_names(state, names) -> list[str]:
+def merged_hint(model: nn.Module, names: Sequence[str]) -> str:
+    """For an error about adapter names ``model`` does not have: those of ``names`` merged into its weights (a merge
+    drops the adapter), and how to take them out; else ``""``. They were answered "no adapter named" alone."""
+    merged = [n for n in names if n in merged_adapters(model)]
+    if len(merged) == 1:
+        return f" ({merged[0]!r} is merged into the weights: unmerge_adapter(model, {merged[0]!r}) takes it out)"
+    return f" ({merged} are merged into the weights: unmerge_adapter(model, name) takes each out)" if merged else ""
+
+
+def _resolve_names(model: nn.Module, state, names) -> list[str]:
     if names is None:
         names = [n for n in state.active if state.adapters[n].kind in ("lora", "ia3")]
         if not names:
@@ -92,7 +102,8 @@ def _resolve_names(state, names) -> list[str]:
         raise ValueError(f"adapters {repeated} appear more than once in {names}; name each adapter once")
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
-        raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
+        hint = merged_hint(model, unknown)
+        raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}{hint}")
     return names
 
 
@@ -244,7 +255,8 @@ def merge_adapter(
         raise ValueError(
             "merge_adapter needs a model patched by adapter_engine with adapters loaded (patch + load_adapter)"
         )
-    names = _resolve_names(state, names)
+    names = _resolve_names(model, state, names)
+    check_not_meta(model, f"cannot merge {names}")
     if isinstance(weights, (numbers.Number, str, bytes)) or (isinstance(weights, torch.Tensor) and weights.dim() == 0):
         raise TypeError(f"weights must be a sequence of numbers, one per adapter in {names}; got {weights!r}")
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .archs import REGISTRY, ArchSpec, base_prefix, block_paths, model_type_of, select_spec
-from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters
+from .bottleneck import BottleneckStackLayer, ResidualOutsideWithAdapters, structure_differences
 from .bottleneck_adapter import BottleneckAdapter
 from .config import BottleneckConfig
 from .lora import (
@@ -84,6 +84,8 @@ class PatchState:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is patched (by :func:`patch`, or by an adapter function called on it) and not unpatched since:
+    a merge that leaves no adapter unpatches it, a plain transformers model again."""
     return isinstance(model.__dict__.get(_STATE_ATTR), PatchState)
 
 
@@ -131,7 +133,15 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     selected: list[str] = []
     for entry, hits in entries.items():
         if not hits:
-            raise ValueError(f"target_modules entry {entry!r} matches no module of {type(model).__name__}")
+            suffixes = [n for n in names if n.endswith("." + entry)] if isinstance(targets, str) else []
+            more = " ..." if len(suffixes) > 2 else ""
+            hint = (  # (a bare name as a string: PEFT's rule makes it a regex of the whole name)
+                f": a string is a regex that must match a whole module name (PEFT's rule); a list holds name "
+                f"suffixes: [{entry!r}] selects {suffixes[:2]}{more}"
+                if suffixes
+                else ""
+            )
+            raise ValueError(f"target_modules entry {entry!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             mod = modules[n]
             if not (is_linear_like(mod) or isinstance(mod, LoraLinear)):
@@ -268,6 +278,7 @@ def patch(model: nn.Module, *, target_modules: str | Iterable[str] | None = None
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch nn.Module, got {type(model).__name__}")
+    refuse_stacked(model)
     if is_patched(model):
         if target_modules is not None:
             if _is_peft_model(model):
@@ -298,11 +309,24 @@ def ensure_patched(model: nn.Module) -> PatchState:
     API functions used to as well, so ``load_adapter`` of a T5 / OPT / Falcon PEFT adapter failed although its
     config names its layers."""
     if not is_patched(model):
+        refuse_stacked(model)
         if _is_peft_model(model) or select_spec(model, model_type_of(model)) is not None:
             patch(model)
         else:
             _install(model, PatchState(spec=None, model_type=model_type_of(model)), [])
     return get_state(model)
+
+
+def refuse_stacked(model: nn.Module) -> None:
+    """A :class:`~adapter_engine.stacking.StackedAdapterModel` given where its model belongs (``ae.merge_adapter(sam,
+    ...)``): it was patched as a model of no known type, and the call answered that it has no adapters."""
+    from .stacking import StackedAdapterModel  # (stacking imports this module)
+
+    if isinstance(model, StackedAdapterModel):
+        raise TypeError(
+            "this takes the Hugging Face model, not a StackedAdapterModel: pass sam.model, or use the stack's own "
+            "methods (sam.add_adapter, sam.train_adapter, sam.save, ...), which keep its levels and memory in step"
+        )
 
 
 def _install(model: nn.Module, state: PatchState, names: list[str]) -> nn.Module:
@@ -328,8 +352,9 @@ def _patch_peft(model: nn.Module) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original modules back (adapters dropped, merges undone), methods removed. A model
-    that is not patched is returned unchanged."""
+    """Undo :func:`patch`: original modules back (adapters dropped), methods removed. Merged adapters stay in the
+    weights (:func:`~adapter_engine.merging.unmerge_adapter` still takes them out). A model that is not patched is
+    returned unchanged."""
     if not is_patched(model):
         return model
     state = get_state(model)
@@ -479,10 +504,11 @@ def plan_bottleneck(
         else:
             found[name] = params
     if unknown:
-        made_for = meta.get("model_type")
+        made_for = meta.get("model_type")  # (unknown for a PEFT file or a config= override: it said "made for None")
+        made_for = f", adapter made for {made_for!r}" if made_for else ""
         raise ValueError(
             f"adapter weights for layers this model has no adapter place for: {sorted(unknown)[:4]} "
-            f"(model_type {state.model_type!r}, adapter made for {made_for!r}; places: {sorted(where)[:2]} ...)"
+            f"(model_type {state.model_type!r}{made_for}; places: {sorted(where)[:2]} ...)"
         )
     missing = sorted(set(where) - set(found))
     if missing:
@@ -593,14 +619,14 @@ def add_bottleneck(
 
 def set_active_bottlenecks(model: nn.Module, state: PatchState, names: list[str]) -> None:
     """Give every bottleneck sublayer its part of the active stack (checked: one structure per stack)."""
-    layers = [m for m in model.modules() if isinstance(m, BottleneckStackLayer)]
-    for layer in layers:
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, BottleneckStackLayer)}
+    for path, layer in layers.items():
         stack = [n for n in names if n in layer.adapters]
-        options = {layer.adapters[n].options for n in stack}
-        if len(options) > 1:
+        options = {n: layer.adapters[n].options for n in stack}
+        if len(set(options.values())) > 1:
             raise ValueError(
-                f"adapters {stack} cannot run as one stack: their structures differ ({options}); "
-                "AdapterHub stacks adapters of one kind (e.g. seq_bn with seq_bn)"
+                f"adapters {stack} cannot run as one stack in {path!r}: their structures differ "
+                f"({structure_differences(options)}); AdapterHub stacks adapters of one kind (e.g. seq_bn with seq_bn)"
             )
-    for layer in layers:
+    for layer in layers.values():
         layer.set_active_stack([n for n in names if n in layer.adapters])

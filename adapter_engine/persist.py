@@ -23,7 +23,7 @@ from torch import nn
 
 from . import api
 from . import patching as pt
-from ._io import atomic_folder_write, loaded_name, renamed_key, same_key
+from ._io import atomic_folder_write, loaded_name, renamed_key, same_key, user_path
 from .config import IA3Config, LoraConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,15 @@ MANIFEST = "adapter_engine.json"
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, **save_kwargs) -> str:
-    """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder."""
+    """``model.save_pretrained(path)`` plus the adapter manifest, written atomically; returns the folder.
+
+    A PEFT ``PeftModel`` is refused: its ``save_pretrained`` writes its adapters alone, which :func:`load_model` cannot
+    load (it wrote them with an empty manifest beside them)."""
+    if pt._is_peft_model(model):
+        raise TypeError(
+            "save_model writes a whole model, and a PeftModel's save_pretrained writes its adapters alone: save "
+            "model.merge_and_unload() (the merged model), or the adapters with model.save_pretrained(folder)"
+        )
     return atomic_folder_write(path, lambda folder: write_model(model, folder, **save_kwargs))
 
 
@@ -159,9 +167,15 @@ def load_model(path: str | os.PathLike, model_class=None, **from_pretrained_kwar
     config (or ``model_class``), then the recorded adapters rebuilt, their weights loaded, the active ones set."""
     import transformers
 
-    path = os.fspath(path)
+    path = user_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist")
+    config_file, adapter_file = (os.path.join(path, f) for f in ("config.json", "adapter_config.json"))
+    if not os.path.isfile(config_file) and os.path.isfile(adapter_file):
+        raise ValueError(  # (transformers said the folder's config.json, which it lacks, had no model_type)
+            f"{path!r} is an adapter folder (adapter_config.json, no config.json), not a model: load it into its base "
+            "model with load_adapter(model, path)"
+        )
     if model_class is None:
         config = transformers.AutoConfig.from_pretrained(path)
         names = [n for n in (getattr(config, "architectures", None) or []) if hasattr(transformers, n)]

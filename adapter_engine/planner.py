@@ -135,7 +135,7 @@ def load_config(model: str | os.PathLike):
     """A transformers config from a model folder or a ``config.json`` file (offline)."""
     from transformers import AutoConfig
 
-    path = os.fspath(model)
+    path = os.path.expanduser(os.fspath(model))
     if os.path.isdir(path):
         return AutoConfig.from_pretrained(path)
     if os.path.isfile(path):

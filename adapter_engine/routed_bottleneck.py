@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import BottleneckStackLayer, OutputWithAdapters, ResidualOutsideWithAdapters, same_tensors
+from .bottleneck import (
+    BottleneckStackLayer,
+    OutputWithAdapters,
+    ResidualOutsideWithAdapters,
+    same_tensors,
+    structure_differences,
+)
 from .bottleneck_adapter import pack_modules
 from .changes import adapters_changed, change_stamp, tensor_version
 from .kernels._backend import capturing, int_table, kept, normal_tensors
@@ -175,8 +181,11 @@ class RoutedStackMixin:
             return None
         structure = dict(layout.pairs)
         if len({structure[n] for n in used}) > 1:
-            opts = {resident[n].options for n in used}
-            raise ValueError(f"adapters {used} mix structural options {opts}; one stack needs one structure")
+            differ = structure_differences({n: resident[n].options for n in used})
+            raise ValueError(
+                f"adapters {used} mix structural options ({differ}); one stack needs one structure (route rows "
+                "of different structures in separate calls)"
+            )
         options = dataclasses.replace(resident[used[0]].options, eps=eps)
         trains = torch.is_grad_enabled() and any(p.requires_grad for n in used for p in resident[n].packed_tensors())
         if trains or not self.fused:

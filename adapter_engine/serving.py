@@ -108,6 +108,14 @@ class GraphedServer:
         warmup: int = 2,
         copy_outputs: bool = True,
     ) -> None:
+        from .stacking import StackedAdapterModel
+
+        if isinstance(model, StackedAdapterModel):  # (its levels ran alone, or: "not loaded into the model")
+            raise TypeError(
+                "GraphedServer(model) takes the patched model; for a StackedAdapterModel use "
+                "GraphedServer.for_stacked(sam): its levels route with the levels below them, its memory manager "
+                "keeps them resident"
+            )
         self.model = model
         self._resolve = resolve
         self._memory = memory

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import api
-from ._io import replace_entries
+from ._io import replace_entries, user_path
 from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
@@ -65,12 +65,20 @@ def train_adapter(model: nn.Module, name: str, *, train_head: bool = False) -> l
     """Freeze the base and every other adapter of patched ``model``; leave adapter ``name`` (and the task head
     with ``train_head``) trainable. Returns the names of the trainable Parameters.
 
-    It does not change which adapters run: activate the stack the adapter trains on top of first.
+    It does not change which adapters run: activate the stack the adapter trains on top of first. An adapter that is not
+    active gets a warning (it trained nothing, silently: a forward ran without it), unless calls route it.
     """
     params = api.adapter_parameters(model, name)
     head = head_parameters(model)
     if train_head and not head:
         raise ValueError(f"{type(model).__name__} has no task head outside its base model: train_head=True is void")
+    if name not in api.active_adapters(model):
+        logger.warning(
+            "train_adapter: adapter %r is not active, so a forward runs without it and it gets no gradient unless "
+            "calls route it (use_adapters); activate it first (set_active_adapters, with the adapters it trains on "
+            "top of)",
+            name,
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -107,17 +115,17 @@ class StackedAdapterModel(nn.Module):
         super().__init__()
         undo = _undo_for(base_model)
         self.model = base_model if is_patched(base_model) else patch(base_model)
-        if store is not None and not isinstance(store, AdapterStore):
-            store = AdapterStore(store)
-        self.store = store
-        self.memory = AdapterMemoryManager(self.model, store, max_active=max_active, max_bytes=max_bytes,
-                                           offload=offload)  # fmt: skip
         self.levels: list[str] = []
         self._running: list[str] = []
         self._stacks: dict[str, tuple[str, ...]] = {}
         self._siblings: list[str] = []
         self._head_trained = False
-        try:
+        try:  # (a refused store or cap too: it used to leave the base patched)
+            if store is not None and not isinstance(store, AdapterStore):
+                store = AdapterStore(store)
+            self.store = store
+            self.memory = AdapterMemoryManager(self.model, store, max_active=max_active, max_bytes=max_bytes,
+                                               offload=offload)  # fmt: skip
             self._switch_off_adopted()
             if initial_adapter is not None:
                 if isinstance(initial_adapter, tuple):
@@ -191,7 +199,7 @@ class StackedAdapterModel(nn.Module):
                 self.store.load_into(self.model, name)  # KeyError when the store does not have it
                 self.memory.register(name, from_store=True)
             elif _names_a_folder(config_or_path):
-                if not os.path.isdir(os.fspath(config_or_path)):
+                if not os.path.isdir(user_path(config_or_path)):
                     raise FileNotFoundError(f"adapter folder {os.fspath(config_or_path)!r} for {name!r} does not exist")
                 self.memory.make_room_for_one()
                 # (as saved: a 16-bit adapter of a saved stack came back as fp32 masters, twice its bytes)
@@ -356,7 +364,15 @@ class StackedAdapterModel(nn.Module):
         """The model's forward; ``adapter=`` routes this call (see :meth:`route`), else the active stack runs."""
         if adapter is _UNSET:
             return self.model(*args, **kwargs)
-        with self.route(adapter):
+        route = make_route(adapter, resolve=self.stack_for)
+        inputs = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "pixel_values")] + list(args[:1])
+        rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+        if route.rows is not None and rows is not None and len(route.rows) != rows:
+            # (named here, before any load: the first adapter layer named itself and listed other models' reasons)
+            raise ValueError(
+                f"adapter= has {len(route.rows)} entries, one per batch row, but the batch has {rows} rows"
+            )
+        with self.route(route):
             return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- training
@@ -439,7 +455,7 @@ class StackedAdapterModel(nn.Module):
         folder, the head, ``stack.json``) replaces its earlier version, rolled back if one fails. A failed save leaves
         the folder as it was (it used to leave earlier adapters rewritten beside a stale ``stack.json``); other
         entries of the folder (the other adapters of a store) are left alone."""
-        root = os.fspath(path)
+        root = user_path(path)
         if os.path.lexists(root) and not os.path.isdir(root):
             raise FileExistsError(f"cannot save a stack to {root!r}: it is a file, not a folder")
         os.makedirs(root, exist_ok=True)
@@ -467,7 +483,7 @@ class StackedAdapterModel(nn.Module):
     def load(cls, path: str | os.PathLike, base_model: nn.Module, **kwargs: Any) -> StackedAdapterModel:
         """Rebuild a saved stack on ``base_model`` (the same base it was trained on); ``kwargs`` as ``__init__``. A
         refused load (a missing or corrupted level, a head of another size) leaves ``base_model`` as it was."""
-        path = os.fspath(path)
+        path = user_path(path)
         meta_path = os.path.join(path, STACK_FILE)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path!r} is missing: not a folder written by StackedAdapterModel.save")
@@ -515,10 +531,10 @@ def _head_unfrozen(model: nn.Module) -> bool:
 
 
 def _undo_for(base_model: nn.Module):
-    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load` or
-    ``initial_adapter``: unpatched if it is not patched now, else without the adapters added since and with its active
-    adapters again. A saved stack whose second level was missing or corrupted used to leave the base patched, running
-    the levels loaded before the refusal."""
+    """A function that puts ``base_model`` back as it is now, after a refused :meth:`StackedAdapterModel.load`,
+    ``initial_adapter``, ``store`` or cap: unpatched if it is not patched now, else without the adapters added since
+    and with its active adapters again. A saved stack whose second level was missing or corrupted used to leave the
+    base patched, running the levels loaded before the refusal."""
     if not is_patched(base_model):
         return lambda: unpatch(base_model)
     before, active = set(api.list_adapters(base_model)), api.active_adapters(base_model)

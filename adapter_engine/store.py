@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import api
+from ._io import user_path
 from .config import coerce_config
 from .formats import WEIGHTS, AdapterFile, _has_any, read_adapter
 from .memory import AdapterMemoryManager, MemoryStats  # re-exported: they lived here (memory.py's store is a hint)
@@ -53,10 +54,14 @@ class AdapterStore:
     """
 
     def __init__(self, root: str | os.PathLike, *, create: bool = False) -> None:
-        root = os.fspath(root)
+        root = user_path(root)
+        if os.path.lexists(root) and not os.path.isdir(root):  # (create=True too: makedirs said only "File exists")
+            raise NotADirectoryError(f"adapter store directory {root!r} is a file, not a folder")
         if not os.path.isdir(root):
-            if not create:
-                raise FileNotFoundError(f"adapter store directory {root!r} does not exist (pass create=True)")
+            if not create:  # (the hint names the class: StackedAdapterModel(store=) has no create argument)
+                raise FileNotFoundError(
+                    f"adapter store directory {root!r} does not exist (AdapterStore({root!r}, create=True) makes it)"
+                )
             os.makedirs(root, exist_ok=True)
         self.root = root
         self._real_root = os.path.realpath(root)

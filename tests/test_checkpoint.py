@@ -270,6 +270,25 @@ def test_bad_inputs_name_the_problem(bert_and_lora, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bottleneck_adapter_is_refused_naming_the_in_memory_merge(bert_and_lora, tmp_path):
+    """A bottleneck adapter was refused as one "whose nonlinearity cannot be folded (use absorb=True in
+    merge_adapter)", even one with the identity activation, which merge_adapter folds: the refusal now names the
+    in-memory merge (and the command's) for any bottleneck adapter, and nothing is written."""
+    from transformers import BertConfig, BertModel
+
+    import adapter_engine as ae
+
+    base_dir, _, _ = bert_and_lora
+    model = BertModel(BertConfig(**TINY_BERT))
+    ae.add_adapter(
+        model, "bn_fold", ae.BottleneckConfig.double_seq_bn(non_linearity="identity", original_ln_before=False)
+    )
+    ae.save_adapter(model, "bn_fold", tmp_path / "bn", format="adapterhub")
+    with pytest.raises(ValueError, match=r"holds a bottleneck adapter: .*merge_adapter, or with adapter-engine merge"):
+        merge_checkpoint(base_dir, tmp_path / "bn", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_lora_factors_of_another_rank_than_the_config_are_refused(bert_and_lora, tmp_path):
     """A PEFT adapter whose config says r=8 over rank-4 factors (edited or mixed-up files): load_adapter and PEFT refuse
     it, merge_checkpoint merged it with the scaling lora_alpha / 8, half the trained update, without a word. Refused

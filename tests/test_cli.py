@@ -175,6 +175,23 @@ def test_merge_errors_are_one_line_and_write_nothing(assets, tmp_path, capsys, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "llama_lora", "out"]  # no partial folders left
 
 
+def test_merge_names_each_adapter_after_its_folder(assets, tmp_path, capsys):
+    """The adapters of a merge were named ``adapter0``, ``adapter1``, ...: an error about one (TIES of an IA3
+    adapter, a bottleneck adapter without --absorb) named one of those, which the user never typed, and no folder.
+    Each is now named after its folder (as ``load_adapter`` names it), made unique; the same folder twice merges."""
+    from peft import IA3Config, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    ia3 = IA3Config(target_modules=["query", "value"], feedforward_modules=[], init_ia3_weights=False)
+    get_peft_model(BertForSequenceClassification.from_pretrained(assets / "bert"), ia3).save_pretrained(
+        tmp_path / "my.ia3"
+    )
+    args = ["merge", "--model", assets / "bert", "--adapter", assets / "lora", "--adapter", tmp_path / "my.ia3"]
+    _fails([*args, "--combination", "ties", "--out", tmp_path / "o"], capsys, "['lora', 'my_ia3'] includes IA3")
+    assert main([str(a) for a in args[:-2]] + ["--adapter", str(assets / "lora"), "--out", str(tmp_path / "o")]) == 0
+    assert "merged 2 adapter(s)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["merge", "merge-checkpoint", "finetune", "plan"])
 def test_an_adapter_folder_given_as_the_model_is_named_as_one(assets, capsys, tmp_path, command):
     """--model and --adapter swapped: transformers said the adapter folder's config.json, which it lacks, has no

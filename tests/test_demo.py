@@ -140,6 +140,8 @@ def test_wrong_asset_folders_are_named(packed, tmp_path, monkeypatch, capsys):
     (partial / "config.json").write_text((out / "model" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match=r"--model-dir: .*partial.* lacks model.safetensors .*tokenizer"):
         demo.minilm_path(partial)
+    with pytest.raises(FileNotFoundError, match=r"--model-dir: model folder .*config.json' is a file, not a folder"):
+        demo.minilm_path(out / "model" / "config.json")  # (it was said not to exist)
     monkeypatch.setenv(demo.MODEL_DIR_ENV, str(out / "model"))
     assert demo.minilm_path() == str(out / "model")
     monkeypatch.setenv(data.BBC_DIR_ENV, str(out / "model" / "config.json"))

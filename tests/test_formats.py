@@ -798,6 +798,17 @@ def test_other_architecture():
     assert ae.list_adapters(model) == []
 
 
+def test_a_bottleneck_config_given_over_lora_weights_names_no_unknown_model_type(tmp_path):
+    """``load_adapter(..., config="seq_bn")`` over a PEFT LoRA's weights: the refusal named the LoRA layers and said
+    the adapter was "made for None" (PEFT records no model_type); it leaves that out when unknown."""
+    donor = tiny_bert()
+    ae.add_adapter(donor, "cfg_lora", ae.LoraConfig(r=2))
+    folder = ae.save_adapter(donor, "cfg_lora", tmp_path / "lora", format="peft")
+    with pytest.raises(ValueError, match=r"no adapter place for: .*query.* \(model_type 'bert'; places: ") as err:
+        ae.load_adapter(tiny_bert(), folder, config="seq_bn")
+    assert "None" not in str(err.value)
+
+
 def test_adapterhub_lora_on_gpt2s_fused_attention_is_refused_with_the_reason(tmp_path):
     """AdapterHub's GPT-2 LoRA on q and v splits over the fused c_attn (lora_A (2r, in), lora_B (2 * out / 3, r): the
     layout adapters 1.3.0 saves). It was refused as "made for another architecture or size?"; the error now says

@@ -327,6 +327,41 @@ def test_merge_refuses_a_repeated_name_before_changing_anything():
         assert torch.equal(v, before[k]), k
 
 
+def test_deleting_a_merged_adapter_says_it_is_merged_and_how_to_take_it_out():
+    """``delete_adapter``'s docstring promised to unmerge a merged adapter first; it answered "no adapter named 'l0'"
+    (a merge drops the adapter). The docstring now says so, and the refusal names the merge and ``unmerge_adapter``;
+    so do the other calls that name a merged adapter (merging it again, saving it, activating it)."""
+    model = with_loras()
+    ae.merge_adapter(model, "l0")
+    merged = hidden(model)
+    for call in (
+        lambda: ae.delete_adapter(model, "l0"),
+        lambda: ae.merge_adapter(model, "l0"),
+        lambda: ae.save_adapter(model, "l0", "unused"),
+        lambda: ae.set_active_adapters(model, ["l1", "l0"]),
+    ):
+        with pytest.raises(ValueError, match=r"'l0' is merged into the weights: unmerge_adapter\(model, 'l0'\)"):
+            call()
+    with pytest.raises(ValueError, match=r"no adapter named 'nope'; this model has \['l1'\]$"):
+        ae.delete_adapter(model, "nope")
+    assert torch.equal(hidden(model), merged) and merged_adapters(model) == ["l0"]
+    assert "unmerge_adapter" in ae.delete_adapter.__doc__
+
+
+def test_unpatch_keeps_the_merged_weights_and_unmerge_still_takes_them_out():
+    """``unpatch``'s docstring said it undoes merges; it drops the unmerged adapters and keeps the merged weights (a
+    merge that leaves no adapter unpatches the model itself), and ``unmerge_adapter`` still works after it."""
+    model = with_loras()
+    before = hidden(model)
+    ae.merge_adapter(model, "l0")
+    merged = hidden(model)
+    ae.unpatch(model)
+    assert not ae.is_patched(model) and torch.equal(hidden(model), merged) and merged_adapters(model) == ["l0"]
+    ae.unmerge_adapter(model, "l0")
+    torch.testing.assert_close(hidden(model), before, rtol=0, atol=1e-5)
+    assert "merges undone" not in ae.unpatch.__doc__
+
+
 def test_unmerge_out_of_order_refuses_where_lora_and_ia3_do_not_commute():
     """LoRA then IA3 on the same weight: W1 = (W + d) * l; undoing the LoRA first gives W * l + d (l - 1), neither
     W * l nor W. Refused, naming the later merge; LoRA-after-LoRA (additions commute) stays allowed."""
@@ -666,7 +701,7 @@ def test_cli_merge_absorbs_a_bottleneck_adapter_when_asked(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main([*args, "--absorb"]) == 0
     merged = ae.load_model(tmp_path / "out").eval()
-    assert ae.list_adapters(merged) == ["adapter1"]
+    assert ae.list_adapters(merged) == ["bn"]  # (its folder's name)
     torch.testing.assert_close(hidden(merged), hidden(reference), rtol=0, atol=1e-5)
 
 

@@ -38,3 +38,11 @@ def test_repository_root_on_sys_path_does_not_load_a_second_copy_of_the_kernels(
 
 def test_version():
     assert adapter_engine.__version__
+
+
+def test_every_public_name_has_a_docstring():
+    """``help(adapter_engine)`` and ``help(ae.<name>)`` are a new user's reference: ``is_patched`` had none."""
+    import inspect
+
+    public = [n for n in adapter_engine.__all__ if n != "__version__"]
+    assert [n for n in public if not inspect.getdoc(getattr(adapter_engine, n))] == []

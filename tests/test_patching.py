@@ -812,6 +812,8 @@ def test_api_functions_patch_an_unregistered_model_for_an_adapter_that_names_its
     [
         (lambda m, p: ae.add_adapter(m, "bad", ae.LoraConfig(r=2, target_modules=["nope"])), "matches no module"),
         (lambda m, p: ae.load_adapter(m, p / "missing"), "does not exist"),
+        # (a name of another type: a TypeError inside the file reader)
+        (lambda m, p: ae.load_adapter(m, p, name=3), "adapter name must be a non-empty string"),
         (lambda m, p: ae.set_active_adapters(m, "never_added"), "unknown adapters"),
         (lambda m, p: ae.save_adapter(m, "never_saved", p), "no adapter named"),
     ],
@@ -834,6 +836,60 @@ def test_a_refused_call_leaves_an_unpatched_model_unpatched(call, match, tmp_pat
     with pytest.raises(ValueError, match="unknown adapters"):
         ae.set_active_adapters(patched, "never_added")
     assert ae.is_patched(patched)
+
+
+def test_a_bare_name_given_as_a_string_target_names_peft_s_regex_rule():
+    """``LoraConfig(target_modules="query")``: a string is one regex that must match a whole module name (PEFT's
+    rule), so it matched nothing, and the error said only that; it now says so and what the list form selects. A
+    regex that matches nothing, as a suffix too, keeps the short message."""
+    model = make("bert")
+    with pytest.raises(
+        ValueError,
+        match=r"'query' matches no module .*a string is a regex that must match a whole "
+        r"module name .*\['query'\] selects \['encoder.layer.0.attention.self.query'",
+    ):
+        ae.add_adapter(model, "str_target", ae.LoraConfig(r=2, target_modules="query"))
+    with pytest.raises(ValueError, match=r"'nope' matches no module of BertModel$"):
+        ae.add_adapter(model, "str_target", ae.LoraConfig(r=2, target_modules="nope"))
+    assert not ae.is_patched(model)
+
+
+def test_asking_an_unpatched_model_for_its_adapters_leaves_it_unpatched():
+    """``list_adapters`` / ``active_adapters`` of a plain model (say, to check that a merge left none) patched it:
+    its default targets were wrapped and the adapter methods bound, so that a later ``peft.get_peft_model`` failed
+    ("Target module LoraLinear ... is not supported"). They answer that it has none and leave it as it was; a
+    PeftModel is refused as before, unpatched."""
+    peft = pytest.importorskip("peft")
+    model = make("bert")
+    modules = dict(model.named_modules())
+    assert ae.list_adapters(model) == [] and ae.api.active_adapters(model) == ()
+    assert not ae.is_patched(model) and "add_adapter" not in model.__dict__ and dict(model.named_modules()) == modules
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query"]))
+    for ask in (ae.list_adapters, ae.api.active_adapters):
+        with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
+            ask(pm)
+        assert not ae.is_patched(pm)
+
+
+@pytest.mark.parametrize("kind", ["lora", "seq_bn"])
+def test_a_model_on_the_meta_device_is_refused_at_load_and_merge(kind, tmp_path):
+    """A model built without its weights (under ``torch.device("meta")``, as accelerate's ``init_empty_weights``
+    builds one): ``load_adapter`` copied the adapter's weights onto meta, so they were lost without a word (a later
+    ``to_empty`` gave them garbage), and ``merge_adapter`` of an adapter added there said every targeted layer shared
+    one weight (all meta tensors sit at address 0). Both are refused naming the meta device; the load leaves the model
+    unpatched."""
+    donor = make("bert")
+    ae.add_adapter(donor, "meta_src", ae.LoraConfig(r=2, init_lora_weights=False) if kind == "lora" else kind)
+    folder = ae.save_adapter(donor, "meta_src", tmp_path / kind, format="peft" if kind == "lora" else "adapterhub")
+    with torch.device("meta"):
+        model = make("bert")
+    with pytest.raises(ValueError, match=r"cannot load adapter 'meta_ld'.* parameters on the meta device"):
+        ae.load_adapter(model, folder, name="meta_ld")
+    assert not ae.is_patched(model)
+    ae.add_adapter(model, "meta_new", ae.LoraConfig(r=2))  # (a fresh adapter on meta is as empty as the model)
+    with pytest.raises(ValueError, match=r"cannot merge \['meta_new'\].* parameters on the meta device"):
+        ae.merge_adapter(model, "meta_new")
+    assert ae.list_adapters(model) == ["meta_new"]
 
 
 def test_a_bottleneck_refused_on_an_unregistered_model_or_a_peft_model_leaves_it_as_it_was():

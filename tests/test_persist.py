@@ -107,6 +107,29 @@ def test_load_model_of_a_plain_checkpoint_and_missing_folder(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def test_save_model_of_a_peft_model_is_refused_and_writes_nothing(tmp_path):
+    """``save_model`` of a PeftModel wrote what PEFT's ``save_pretrained`` writes, its adapters alone, with an empty
+    manifest beside them, and returned as if it had saved the model (``load_model`` then failed: no config.json)."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(BertModel(BertConfig(**TINY)), peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TypeError, match=r"a PeftModel's save_pretrained writes its adapters alone: save model.merge"):
+        save_model(pm, tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+    save_model(pm.merge_and_unload(), tmp_path / "ckpt")
+    assert type(load_model(tmp_path / "ckpt")) is BertModel
+
+
+def test_load_model_of_an_adapter_folder_names_it_as_one(tmp_path):
+    """An adapter folder given to ``load_model`` failed inside transformers: "Unrecognized model ... Should have a
+    `model_type` key in its config.json", a file the folder does not have."""
+    model = BertModel(BertConfig(**TINY))
+    ae.add_adapter(model, "lm_lora", ae.LoraConfig(r=2))
+    for fmt in ("peft", "adapterhub"):
+        folder = ae.save_adapter(model, "lm_lora", tmp_path / fmt, format=fmt)
+        with pytest.raises(ValueError, match=r"is an adapter folder .*: load it into its base model with load_adapter"):
+            load_model(folder)
+
+
 _KILL = textwrap.dedent(
     """
     import sys, time
@@ -298,3 +321,38 @@ def test_trainer_resumes_a_patched_vit_and_restores_its_best_checkpoint(tmp_path
     again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-1"))
     assert losses(again) == losses(run) and len(losses(run)) == 2
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folder(tmp_path, monkeypatch):
+    """``~/...`` is expanded as a shell does, in every saver and loader: ``save_adapter`` / ``save_model`` /
+    ``StackedAdapterModel.save`` / ``AdapterStore(create=True)`` made a folder literally named ``~`` below the working
+    directory, and the loaders said the path does not exist."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3)).eval()
+    ae.add_adapter(model, "tl_lora", ae.LoraConfig(r=2, init_lora_weights=False))
+    ae.set_active_adapters(model, "tl_lora")
+    with torch.no_grad():
+        expected = model(**BATCH).logits
+    ae.save_adapter(model, "tl_lora", "~/adapters/tl_lora")
+    save_model(model, "~/ckpt")
+    assert ae.load_adapter(BertForSequenceClassification(model.config), "~/adapters/tl_lora") == "tl_lora"
+    with torch.no_grad():
+        torch.testing.assert_close(load_model("~/ckpt").eval()(**BATCH).logits, expected, rtol=0, atol=1e-6)
+    assert ae.AdapterStore("~/adapters").names() == ["tl_lora"]
+    ae.AdapterStore("~/store", create=True)
+    sam = ae.StackedAdapterModel(BertForSequenceClassification(model.config), store="~/adapters")
+    sam.add_adapter("tl_bn", "seq_bn")
+    sam.save("~/stack")
+    ae.StackedAdapterModel.load("~/stack", BertForSequenceClassification(model.config))
+    BertForSequenceClassification(model.config).save_pretrained(home / "base")
+    from adapter_engine.checkpoint import merge_checkpoint
+    from adapter_engine.planner import load_config
+
+    assert merge_checkpoint("~/base", "~/adapters/tl_lora", "~/merged")["merged"] > 0
+    assert load_config("~/merged").hidden_size == TINY["hidden_size"]
+    assert sorted(p.name for p in home.iterdir()) == ["adapters", "base", "ckpt", "merged", "stack", "store"]
+    assert not any(cwd.iterdir())

@@ -396,6 +396,17 @@ def test_a_stacked_model_with_a_memory_cap(tmp_path):
     assert server.stats.captures >= 2 and sam.memory.stats().evictions >= 1  # a load or an eviction recaptures
 
 
+def test_a_stacked_model_given_as_the_model_is_refused_naming_for_stacked():
+    """``GraphedServer(sam)`` (the README names ``GraphedServer.for_stacked(sam)`` or a patched model) was taken: its
+    levels would route without the levels below them, and its every call said the adapters "are not loaded into the
+    model; known: []"."""
+    sam = StackedAdapterModel(BertForSequenceClassification(BertConfig(**_BERT, num_labels=3)))
+    sam.add_adapter("gs_level", ae.BottleneckConfig.seq_bn(reduction_factor=4))
+    with pytest.raises(TypeError, match=r"for a StackedAdapterModel use GraphedServer.for_stacked\(sam\)"):
+        GraphedServer(sam, capture=ReplayCheck())
+    assert GraphedServer.for_stacked(sam, capture=ReplayCheck())("gs_level", input_ids=ids(2)).logits.shape == (2, 3)
+
+
 def test_cpu_inputs_need_a_capture_stand_in():
     with pytest.raises(ValueError, match="CUDA graphs need CUDA inputs"):
         GraphedServer(adapted_bert())(["a"], input_ids=ids(1))

@@ -193,6 +193,27 @@ def test_train_adapter_with_the_head_and_trainer(tmp_path):
         ae.train_adapter(bare, "x", train_head=True)
 
 
+def test_training_an_adapter_that_is_not_active_warns(caplog):
+    """``ae.add_adapter`` then ``ae.train_adapter`` without activating the adapter: the forward ran without it, so it
+    got no gradient and training changed nothing, silently. ``train_adapter`` now warns, naming how to activate it;
+    an active adapter (and every ``StackedAdapterModel.train_adapter``, which activates the stack) trains quietly."""
+    model = tiny()
+    ae.add_adapter(model, "ta_idle", SEQ_BN)
+    with caplog.at_level("WARNING", logger="adapter_engine.stacking"):
+        ae.train_adapter(model, "ta_idle")
+    assert "'ta_idle' is not active" in caplog.text and "set_active_adapters" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapter_engine.stacking"):
+        ae.set_active_adapters(model, "ta_idle")
+        ae.train_adapter(model, "ta_idle")
+        sam = StackedAdapterModel(tiny())
+        sam.add_adapter("ta_lvl", SEQ_BN)
+        sam.train_adapter("ta_lvl", train_head=True)
+        sam.add_adapter("ta_sib", SEQ_BN, level=False)
+        sam.train_adapter("ta_sib", on_top_of="ta_lvl")
+    assert "not active" not in caplog.text
+
+
 def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
     """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) saves checkpoints as
     ``save_file(sam.state_dict())``; a level with ``ln_before`` registers its LayerNorm twice, which safetensors
@@ -503,6 +524,64 @@ def test_a_refused_stack_load_leaves_the_base_as_it_was(tmp_path):
     assert torch.equal(logits(StackedAdapterModel.load(folder, base)), expected)
 
 
+def test_the_stack_given_where_its_model_belongs_is_refused_naming_sam_model(tmp_path):
+    """``ae.merge_adapter(sam, "level")`` (or ``save_adapter``, ``set_active_adapters``, ``list_adapters``, ...) of
+    the StackedAdapterModel instead of ``sam.model``: the wrapper was patched as a model of no known type, and each
+    call answered "no adapter named 'level'; this model has []" (``add_adapter``: "model_type None is not
+    registered"). Each is refused naming ``sam.model``, and the stack is left as it was."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("sg_level", SEQ_BN)
+    before, state = logits(sam), _state_of(sam)
+    calls = (
+        lambda: ae.merge_adapter(sam, "sg_level", absorb=True),
+        lambda: ae.save_adapter(sam, "sg_level", tmp_path / "out", format="adapterhub"),
+        lambda: ae.set_active_adapters(sam, "sg_level"),
+        lambda: ae.list_adapters(sam),
+        lambda: ae.add_adapter(sam, "sg_new", ae.LoraConfig(r=2)),
+        lambda: ae.train_adapter(sam, "sg_level"),
+        lambda: ae.patch(sam),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match="not a StackedAdapterModel: pass sam.model"):
+            call()
+    assert not ae.is_patched(sam) and _state_of(sam) == state and torch.equal(logits(sam), before)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_per_row_route_of_the_wrong_length_is_named_as_one():
+    """``sam(**batch, adapter=[...])`` with one entry too few: the first adapter layer refused it, named by its wrapper
+    class (``RoutedOutputWithAdapters[BertOutput]``), with OPT's and DeBERTa's reasons. The call now says how many
+    entries and rows there are, before anything runs."""
+    sam, _ = three_levels()
+    with pytest.raises(ValueError, match=r"^adapter= has 2 entries, one per batch row, but the batch has 3 rows$"):
+        sam(input_ids=ids(3), adapter=["paed", None])
+    with pytest.raises(ValueError, match="adapter= has 4 entries"):
+        sam(ids(3), adapter=["paed", None, "general", "cardio"])
+    assert logits(sam, adapter=["paed", None, "general"]).shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"store": "no_such_store"}, FileNotFoundError, "no_such_store"),
+        ({"max_active": 0}, ValueError, "max_active"),
+        ({"max_bytes": -1}, ValueError, "max_bytes"),
+        ({"offload": "disk"}, ValueError, "offload"),
+    ],
+)
+def test_a_refused_store_or_cap_leaves_the_base_unpatched(tmp_path, kwargs, error, match):
+    """A store folder that does not exist, or a bad cap or offload mode, is refused by the constructor: the base used
+    to stay patched (its layers wrapped, the adapter methods bound over transformers' own)."""
+    base = tiny()
+    plain = logits(base)
+    if "store" in kwargs:
+        kwargs = {"store": tmp_path / kwargs["store"]}
+    with pytest.raises(error, match=match):
+        StackedAdapterModel(base, **kwargs)
+    assert not ae.patching.is_patched(base) and "load_adapter" not in vars(base)
+    assert torch.equal(logits(base), plain)
+
+
 def test_a_patched_model_running_its_own_adapters_starts_at_depth_zero(caplog):
     """Wrapping a patched model that runs adapters: they are switched off, with a warning naming them, so the stack's
     view (``active_stack == ()``, depth 0) and the model agree; they used to keep running, unpinned, until the first
@@ -537,6 +616,21 @@ def test_a_refused_activate_changes_nothing():
     with pytest.raises(ValueError, match="cannot run as one stack"):
         ae.set_active_adapters(sam.model, ["lo", "a", "h"])
     assert ae.api.active_adapters(sam.model) == ("a",) and torch.equal(logits(sam), before)
+
+
+def test_a_stack_of_two_structures_names_the_fields_that_differ():
+    """Adapters of different structures in one stack (activated, or routed in one batch) were refused with the set of
+    their ``StackOptions`` reprs, internal objects that named neither adapter nor the field that differs. The errors
+    name the layer (activated), the fields that differ and each adapter's value."""
+    sam = StackedAdapterModel(tiny())
+    sam.add_adapter("ds_p", SEQ_BN, level=False)
+    sam.add_adapter("ds_h", ae.BottleneckConfig.double_seq_bn(reduction_factor=4), level=False)
+    differ = r"\(original_ln_before: ds_p True, ds_h False\)"
+    with pytest.raises(ValueError, match=rf"in 'bert.encoder.layer.0.output': their structures differ {differ}"):
+        sam.activate(["ds_p", "ds_h"])
+    for route in (["ds_p", "ds_h", None], ae.Stack("ds_p", "ds_h")):
+        with pytest.raises(ValueError, match=rf"mix structural options {differ}.*in separate calls"):
+            logits(sam, adapter=route)
 
 
 def test_a_refused_level_leaves_the_model_and_the_stack_as_they_were():

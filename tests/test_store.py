@@ -123,8 +123,16 @@ def test_store_refuses_symlinks_out_of_the_directory(filled_store, tmp_path):
 
 
 def test_store_requires_an_existing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    """A missing folder names the call that makes it (``StackedAdapterModel(store=...)`` has no ``create``: the hint
+    "pass create=True" sent users to an argument it does not take); a file is named as one, not as missing."""
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(AdapterStore\(.*nope', create=True\) makes it"):
         AdapterStore(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="AdapterStore"):
+        ae.StackedAdapterModel(bert(), store=tmp_path / "nope")
+    (tmp_path / "a_file").write_text("x")
+    for create in (False, True):
+        with pytest.raises(NotADirectoryError, match="a_file' is a file, not a folder"):
+            AdapterStore(tmp_path / "a_file", create=create)
     assert AdapterStore(tmp_path / "new", create=True).names() == []
 
 
@@ -344,6 +352,19 @@ def test_unknown_adapters_and_bad_caps(filled_store):
         AdapterMemoryManager(bert(), store, max_active=0)
     with pytest.raises(ValueError, match="offload"):
         AdapterMemoryManager(bert(), store, offload="disk")
+
+
+def test_a_refused_peft_model_is_left_unpatched_and_a_plain_model_is_patched():
+    """A PeftModel is refused (its adapters are PEFT's): it was left patched, its LoRA layers switched to the fused op.
+    A plain model is patched, as the manager tracks its adapter layers."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="keep using PEFT's own adapter API"):
+        AdapterMemoryManager(pm)
+    assert not ae.is_patched(pm)
+    model = bert()
+    AdapterMemoryManager(model)
+    assert ae.is_patched(model)
 
 
 def test_adapters_outside_the_store_are_kept_on_the_host_when_dropping(filled_store):
