@@ -376,7 +376,9 @@ def test_merge_many_of_weights_on_two_devices_merges_each_where_it_lives(monkeyp
     monkeypatch.setattr(merge_module, "use_triton", lambda t: t.data_ptr() in on_kernel)
     planned = []
     real_plan = merge_module.LoraMergePlan
-    monkeypatch.setattr(merge_module, "LoraMergePlan", lambda jobs: planned.extend(j[0] for j in jobs) or real_plan(jobs))
+    monkeypatch.setattr(
+        merge_module, "LoraMergePlan", lambda jobs: planned.extend(j[0] for j in jobs) or real_plan(jobs)
+    )
     if overflow is not None:  # one weight of either kind would overflow fp16: nothing is written, anywhere
         adapters[0 if overflow == "kernel" else 1][0][1][0, 0] = 6e4
     args = ([[a for a, _ in ad] for ad in adapters], [[b for _, b in ad] for ad in adapters])
