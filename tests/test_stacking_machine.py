@@ -2,12 +2,13 @@
 
 A :class:`StackedAdapterModel` with caps (``max_active``, ``max_bytes``) and either eviction mode (``offload="cpu"``
 keeps evicted adapters in host memory, ``"drop"`` reloads unchanged ones from the store) pushes levels and adds
-siblings (fresh, or lazily from an :class:`AdapterStore`), sets depths, activates, routes calls (one adapter, a level's
-stack, or rows mixing them), trains its top level or a sibling a step, evicts, deletes, and saves and reloads the whole
-stack. Whatever was evicted, dropped or reloaded, every call must give what a fresh uncapped model gives with the same
-adapters at the weights they had when last created or trained (saved aside then: the truth), and the manager must keep
-its caps. A lost training step, an adapter reloaded from a stale copy or a wrong stack would change the logits by far
-more than the tolerance: 1e-5 on fp32 logits, as a per-row route and a batch of one row need not round alike.
+siblings (fresh, or lazily from an :class:`AdapterStore`), sets depths, activates, names stacks, routes calls (one
+adapter, a level's stack, a named stack, or rows mixing them), trains its top level or a sibling a step, evicts,
+deletes, and saves and reloads the whole stack. Whatever was evicted, dropped or reloaded, every call must give what a
+fresh uncapped model gives with the same adapters at the weights they had when last created or trained (saved aside
+then: the truth), and the manager must keep its caps. A lost training step, an adapter reloaded from a stale copy or a
+wrong stack would change the logits by far more than the tolerance: 1e-5 on fp32 logits, as a per-row route and a
+batch of one row need not round alike.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class StackMachine(RuleBasedStateMachine):
         self.levels: list[str] = []
         self.siblings: list[str] = []
         self.running: list[str] = []
+        self.stacks: dict[str, tuple[str, ...]] = {}  # named stacks (add_stack), routed by name
         self.fresh = 0
         self.batch = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(1))
 
@@ -131,6 +133,8 @@ class StackMachine(RuleBasedStateMachine):
     def _stack_for(self, entry: str | None) -> tuple[str, ...]:
         if entry is None:
             return ()
+        if entry in self.stacks:
+            return self.stacks[entry]
         if entry in self.levels:
             return tuple(self.levels[: self.levels.index(entry) + 1])
         return (entry,)
@@ -200,9 +204,17 @@ class StackMachine(RuleBasedStateMachine):
             return
         self.running = [n for n in self.levels if n in names] + [n for n in names if n not in self.levels]
 
+    @precondition(lambda self: self._known())
+    @rule(data=st.data())
+    def add_stack(self, data):
+        names = data.draw(st.lists(st.sampled_from(self._known()), min_size=1, max_size=3, unique=True))
+        name = f"stk{len(self.stacks)}-{self.fresh}"
+        self.sam.add_stack(name, names)
+        self.stacks[name] = tuple(names)
+
     @rule(data=st.data())
     def call(self, data):
-        entries = [None, *self._known()]
+        entries = [None, *self._known(), *self.stacks]
         how = data.draw(st.sampled_from(["running", "one", "rows"]))
         if how == "running":
             adapter = "running"
@@ -261,6 +273,7 @@ class StackMachine(RuleBasedStateMachine):
         self.sam.delete_adapter(name)
         (self.levels if name in self.levels else self.siblings).remove(name)
         self.running = [n for n in self.running if n != name]
+        self.stacks = {k: v for k, v in self.stacks.items() if name not in v}
         if name not in STORED:
             del self.truth[name]
         else:  # the store keeps its copy, and a new add takes that one
@@ -272,6 +285,7 @@ class StackMachine(RuleBasedStateMachine):
         self.sam.save(folder)
         self.sam = StackedAdapterModel.load(folder, _base(), store=self.store, **self.caps)
         assert self.sam.levels == self.levels and sorted(self.sam._siblings) == sorted(self.siblings)
+        assert self.sam._stacks == self.stacks
 
     # ------------------------------------------------------------------------------------------- invariants
     @invariant()
