@@ -214,12 +214,40 @@ def test_training_an_adapter_that_is_not_active_warns(caplog):
     assert "not active" not in caplog.text
 
 
-def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
-    """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) saves checkpoints as
-    ``save_file(sam.state_dict())``; a level with ``ln_before`` registers its LayerNorm twice, which safetensors
-    refused ('Some tensors share memory'). The checkpoint now holds it once and a resume ends where the run did."""
+def _trainer_checkpoints_and_resumes(build, data, tmp_path) -> dict[str, torch.Tensor]:
+    """``Trainer(model=sam)`` (README: with ``remove_unused_columns=False``) trains ``build()``'s stack two steps with a
+    checkpoint after each, saved as ``save_file(sam.state_dict())``; a resume of another ``build()`` from the first
+    ends with the uninterrupted run's weights bit for bit. Returns that run's ``sam.state_dict()``, after checking that
+    a strict ``load_state_dict`` of it into a third ``build()`` gives those weights too."""
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
+
+    def args(**kw):
+        return TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
+            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            label_names=["labels"], **kw,
+        )  # fmt: skip
+
+    sam = build()
+    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
+    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    again = build()
+    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+    )
+    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
+    state = sam.state_dict()
+    fresh = build()
+    fresh.load_state_dict(state)  # strict
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+    return state
+
+
+def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_its_own_layer_norm(tmp_path):
+    """A level with ``ln_before`` registers its LayerNorm twice, which safetensors refused in ``Trainer``'s checkpoint
+    ('Some tensors share memory'). The checkpoint now holds it once (either name loads both) and a resume ends where
+    the run did."""
 
     def build():
         sam = StackedAdapterModel(tiny())
@@ -231,41 +259,21 @@ def test_trainer_given_the_stacked_model_checkpoints_and_resumes_a_level_with_it
 
     gen = torch.Generator().manual_seed(3)
     data = [{"input_ids": torch.randint(3, 64, (5,), generator=gen), "labels": i % 3} for i in range(8)]
-
-    def args(**kw):
-        return TrainingArguments(
-            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
-            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-            label_names=["labels"], **kw,
-        )  # fmt: skip
-
-    sam = build()
-    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
-    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
-    again = build()
-    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
-        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
-    )
-    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
-    state = sam.state_dict()
+    state = _trainer_checkpoints_and_resumes(build, data, tmp_path)
     assert any(".adapter_norm_before." in k for k in state) and not any(".adapter_down.0." in k for k in state)
-    fresh = build()
-    fresh.load_state_dict(state)  # strict: either name of the LayerNorm loads both
-    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
 
 
 def test_trainer_given_the_stacked_model_of_a_model_with_tied_weights_checkpoints_and_resumes(tmp_path):
-    """``Trainer(model=sam)`` saves checkpoints as ``save_file(sam.state_dict())``; a model with tied weights (GPT-2's
-    ``lm_head`` and ``wte``) put the shared tensor in it under both names, and the first checkpoint failed
-    ('Some tensors share memory'). The state dict holds it once, a strict ``load_state_dict`` of it loads both names,
-    and a resume ends where the uninterrupted run did."""
-    pytest.importorskip("accelerate")
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    """A model with tied weights (GPT-2's ``lm_head`` and ``wte``) put the shared tensor in ``sam.state_dict()``
+    under both names, and ``Trainer``'s first checkpoint failed ('Some tensors share memory'). The state dict holds
+    it once, a strict ``load_state_dict`` of it loads both names, and a resume ends where the uninterrupted run did."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     def build():
         torch.manual_seed(0)
         sam = StackedAdapterModel(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
                                                              n_positions=32)))  # fmt: skip
+        assert sam.model.lm_head.weight is sam.model.transformer.wte.weight
         sam.add_adapter("tied_gen", SEQ_BN)
         randomise(sam.model, "tied_gen")
         sam.add_adapter("tied_top", SEQ_BN)
@@ -274,28 +282,8 @@ def test_trainer_given_the_stacked_model_of_a_model_with_tied_weights_checkpoint
 
     gen = torch.Generator().manual_seed(3)
     data = [{"input_ids": (x := torch.randint(3, 64, (5,), generator=gen)), "labels": x} for _ in range(8)]
-
-    def args(**kw):
-        return TrainingArguments(
-            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[],
-            use_cpu=True, logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-            label_names=["labels"], **kw,
-        )  # fmt: skip
-
-    sam = build()
-    assert sam.model.lm_head.weight is sam.model.transformer.wte.weight
-    Trainer(model=sam, args=args(save_strategy="steps", save_steps=1), train_dataset=data).train()
-    trained = {n: p.detach().clone() for n, p in sam.named_parameters()}
-    again = build()
-    Trainer(model=again, args=args(save_strategy="no"), train_dataset=data).train(
-        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
-    )
-    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
-    state = sam.state_dict()
+    state = _trainer_checkpoints_and_resumes(build, data, tmp_path)
     assert "model.transformer.wte.weight" in state and "model.lm_head.weight" not in state
-    fresh = build()
-    fresh.load_state_dict(state)  # strict: the tied name loads from the one kept
-    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
 
 
 def test_trainer_given_the_stacked_model_checkpoints_activations(tmp_path):
