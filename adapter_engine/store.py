@@ -113,7 +113,8 @@ class AdapterStore:
         if not _has_any(folder):
             raise KeyError(
                 f"adapter {name!r} is not in the store {self.root!r} (it has {self.names()[:8]}); "
-                "the store never creates untrained adapters implicitly: pass create=<config> to make a fresh one"
+                f"the store never creates untrained adapters implicitly: load_into(model, {name!r}, create=<config>) "
+                "adds a fresh one"
             )
         return folder
 

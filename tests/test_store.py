@@ -89,6 +89,10 @@ def test_store_never_invents_an_adapter(filled_store):
     model = bert()
     with pytest.raises(KeyError, match="never creates untrained adapters"):
         store.load_into(model, "missing")
+    # (read and nbytes_on_disk take no create=: the message names load_into's, which does)
+    for call in (store.read, store.nbytes_on_disk):
+        with pytest.raises(KeyError, match=r"load_into\(model, 'missing', create=<config>\) adds a fresh one"):
+            call("missing")
     assert ae.list_adapters(model) == []
     store.load_into(model, "fresh", create=ae.LoraConfig(r=2))  # explicit: a fresh (B = 0) adapter
     assert "fresh" in ae.list_adapters(model) and "fresh" not in store
