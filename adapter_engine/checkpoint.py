@@ -460,6 +460,7 @@ def merge_checkpoint(
         "shards": len(shards),
         "device": str(device),
     }
-    log.info("merged %d of %d tensors (%.2f GB, %d shards) into %s on %s", len(updates), len(key_info), total / 1e9,
+    # (debug: the CLI prints this summary, and its INFO logging printed it a second time)
+    log.debug("merged %d of %d tensors (%.2f GB, %d shards) into %s on %s", len(updates), len(key_info), total / 1e9,
              len(shards), out_dir, device)  # fmt: skip
     return summary

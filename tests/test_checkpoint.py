@@ -465,13 +465,16 @@ def test_streamed_merge_memory_is_bounded_by_the_largest_tensor(tmp_path):
     assert result["peak_growth"] < bound, (result, time.perf_counter() - t0)
 
 
-def test_cli_merge_checkpoint(bert_and_lora, tmp_path, capsys):
+def test_cli_merge_checkpoint(bert_and_lora, tmp_path, capsys, caplog):
+    """The CLI prints its summary once: the INFO logging it turns on printed the library's copy of it too."""
     from adapter_engine.cli import main
 
     base_dir, adapter_dir, _ = bert_and_lora
-    assert main(["merge-checkpoint", "--model", str(base_dir), "--adapter", str(adapter_dir), "--out",
-                 str(tmp_path / "cli")]) == 0  # fmt: skip
+    with caplog.at_level("INFO", logger="adapter_engine"):
+        assert main(["merge-checkpoint", "--model", str(base_dir), "--adapter", str(adapter_dir), "--out",
+                     str(tmp_path / "cli")]) == 0  # fmt: skip
     assert "merged 8 of" in capsys.readouterr().out
+    assert not [r for r in caplog.records if r.levelname == "INFO" and "merged" in r.getMessage()]
     assert (tmp_path / "cli" / "model.safetensors.index.json").exists()
 
 
