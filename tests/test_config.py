@@ -307,6 +307,17 @@ def test_coerce_presets_and_dicts():
         coerce_config(42)
 
 
+def test_a_lora_dict_without_its_library_type_names_what_to_add():
+    """A dict such as ``{"r": 4, "lora_alpha": 8}`` has no ``peft_type`` or ``architecture``: read as AdapterHub's
+    bottleneck config, it was refused for missing ``reduction_factor`` and the like, naming none of its own fields.
+    The refusal names its LoRA fields and the key to add; with it, it is PEFT's LoRA."""
+    with pytest.raises(ValueError, match=r"LoRA fields \['lora_alpha', 'r'\] but no 'peft_type'.*'peft_type': 'LORA'"):
+        coerce_config({"r": 4, "lora_alpha": 8})
+    assert coerce_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8}) == LoraConfig(r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match="reduction_factor"):  # a bottleneck dict still names its missing fields
+        coerce_config({"mh_adapter": False, "output_adapter": True, "non_linearity": "relu"})
+
+
 def test_an_adapterhub_config_union_names_what_it_joins():
     """AdapterHub's mam preset saves as a ConfigUnion: the refusal names the architectures it joins (it named only
     'union')."""
