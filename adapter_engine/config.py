@@ -492,12 +492,12 @@ def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
             raise ValueError(f"PEFT adapter type {peft_type!r} is not supported; supported: {sorted(kinds)}")
         return kinds[str(peft_type).upper()].from_dict(data)
     arch = data.get("architecture")
-    lora_keys = sorted(k for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in data)
-    if arch is None and lora_keys:  # (read as a bottleneck config, it was refused for missing bottleneck fields)
+    peft_keys = sorted(k for k in ("r", "lora_alpha", "lora_dropout", "target_modules") if k in data)
+    if arch is None and peft_keys:  # (read as a bottleneck config, it was refused for missing bottleneck fields)
         raise ValueError(
-            f"an adapter config dict with LoRA fields {lora_keys} but no 'peft_type' (PEFT's) or 'architecture' "
-            "(AdapterHub's) is ambiguous (a dict without them is read as AdapterHub's bottleneck config): add "
-            "'peft_type': 'LORA' (or 'IA3'), or pass LoraConfig(...)"
+            f"an adapter config dict with PEFT (LoRA / IA3) fields {peft_keys} but no 'peft_type' (PEFT's) or "
+            "'architecture' (AdapterHub's) is ambiguous (a dict without them is read as AdapterHub's bottleneck "
+            "config): add 'peft_type': 'LORA' (or 'IA3'), or pass LoraConfig(...)"
         )
     if arch in (None, "bottleneck"):
         return BottleneckConfig.from_dict(data)

@@ -310,8 +310,9 @@ def test_coerce_presets_and_dicts():
 def test_a_lora_dict_without_its_library_type_names_what_to_add():
     """A dict such as ``{"r": 4, "lora_alpha": 8}`` has no ``peft_type`` or ``architecture``: read as AdapterHub's
     bottleneck config, it was refused for missing ``reduction_factor`` and the like, naming none of its own fields.
-    The refusal names its LoRA fields and the key to add; with it, it is PEFT's LoRA."""
-    with pytest.raises(ValueError, match=r"LoRA fields \['lora_alpha', 'r'\] but no 'peft_type'.*'peft_type': 'LORA'"):
+    The refusal names its PEFT fields and the key to add; with it, it is PEFT's LoRA."""
+    fields = r"PEFT \(LoRA / IA3\) fields \['lora_alpha', 'r'\] but no 'peft_type'"
+    with pytest.raises(ValueError, match=fields + r".*'peft_type': 'LORA'"):
         coerce_config({"r": 4, "lora_alpha": 8})
     assert coerce_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8}) == LoraConfig(r=4, lora_alpha=8)
     with pytest.raises(ValueError, match="reduction_factor"):  # a bottleneck dict still names its missing fields
