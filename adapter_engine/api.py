@@ -531,19 +531,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters in ``model``, in the order they were added (none in a model that is not patched: asking
     does not patch it; it used to, wrapping its default targets, which a later ``peft.get_peft_model`` refused)."""
-    if not pt.is_patched(model) and not pt._is_peft_model(model):
-        pt.refuse_stacked(model)
-        return []
-    return list(_state(model).adapters)
+    return list(_state(model).adapters) if _asks_patched(model) else []
 
 
 @unpatch_on_error
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
     """Names of the adapters ``model`` runs, in order (none in a model that is not patched, which asking leaves so)."""
-    if not pt.is_patched(model) and not pt._is_peft_model(model):
-        pt.refuse_stacked(model)
-        return ()
-    return _state(model).active
+    return _state(model).active if _asks_patched(model) else ()
+
+
+def _asks_patched(model: nn.Module) -> bool:
+    """Whether a question about ``model``'s adapters goes to its patch state: a plain model has none, and asking
+    leaves it unpatched (a PeftModel is patched, and refused; a StackedAdapterModel is refused naming sam.model)."""
+    if pt.is_patched(model) or pt._is_peft_model(model):
+        return True
+    pt.refuse_stacked(model)
+    return False
 
 
 # transformers' adapter methods (``PeftAdapterMixin``), bound on a patched model so that HF code calling them acts on

@@ -82,7 +82,8 @@ def _count_parameters(model: nn.Module) -> int:
 def merged_hint(model: nn.Module, names: Sequence[str]) -> str:
     """For an error about adapter names ``model`` does not have: those of ``names`` merged into its weights (a merge
     drops the adapter), and how to take them out; else ``""``. They were answered "no adapter named" alone."""
-    merged = [n for n in names if n in merged_adapters(model)]
+    done = merged_adapters(model)
+    merged = [n for n in names if n in done]
     if len(merged) == 1:
         return f" ({merged[0]!r} is merged into the weights: unmerge_adapter(model, {merged[0]!r}) takes it out)"
     return f" ({merged} are merged into the weights: unmerge_adapter(model, name) takes each out)" if merged else ""

@@ -120,13 +120,20 @@ def load_state_dict(model: nn.Module, state_dict, strict: bool = True, assign: b
     kept the last adapters."""
     own = set(model.state_dict(keep_vars=True))
     rename = loaded_name(model)
-    renamed = OrderedDict()
+    renamed = {}
     for key, value in state_dict.items():
         name = key if key in own else rename(key)
         renamed[name if name in own and name not in state_dict else key] = value
-    if getattr(state_dict, "_metadata", None) is not None:  # (the modules' versions, which torch reads)
-        renamed._metadata = state_dict._metadata
-    return type(model).load_state_dict(model, renamed, strict, assign)
+    return type(model).load_state_dict(model, like_state_dict(state_dict, renamed), strict, assign)
+
+
+def like_state_dict(state_dict, entries: dict) -> OrderedDict:
+    """``entries`` as a state dict carrying ``state_dict``'s ``_metadata`` (the modules' versions, which torch's
+    ``load_state_dict`` reads), for a load of a state dict with keys renamed or added."""
+    out = OrderedDict(entries)
+    if getattr(state_dict, "_metadata", None) is not None:
+        out._metadata = state_dict._metadata
+    return out
 
 
 def _checkpoint_tensors(path: str, keys: set[str], loaded_name=same_key) -> dict[str, torch.Tensor]:

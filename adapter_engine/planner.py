@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._io import user_path
+
 UPDATE_FREQUENCIES = ("daily", "weekly", "monthly", "rarely")
 PRECISIONS = {"fp32": (4, 4), "bf16-mixed": (4, 2), "fp16-mixed": (4, 2)}  # (weight bytes, activation bytes)
 HEADS = ("none", "sequence-classification", "token-classification", "image-classification", "causal-lm")
@@ -135,7 +137,7 @@ def load_config(model: str | os.PathLike):
     """A transformers config from a model folder or a ``config.json`` file (offline)."""
     from transformers import AutoConfig
 
-    path = os.path.expanduser(os.fspath(model))
+    path = user_path(model)
     if os.path.isdir(path):
         return AutoConfig.from_pretrained(path)
     if os.path.isfile(path):

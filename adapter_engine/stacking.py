@@ -27,7 +27,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,7 +40,7 @@ from .archs import base_prefix
 from .config import Stack
 from .memory import AdapterMemoryManager
 from .patching import is_patched, patch, unpatch
-from .persist import tensor_aliases
+from .persist import like_state_dict, tensor_aliases
 from .routing import Route, make_route, use_adapters
 from .store import AdapterStore, check_adapter_name
 
@@ -434,13 +433,11 @@ class StackedAdapterModel(nn.Module):
         """``nn.Module.load_state_dict`` of a state dict that holds each shared tensor once (:meth:`state_dict`): a
         name left out loads from the name kept, so a strict load takes it and ``Trainer``'s resume does not warn of
         missing keys."""
-        filled = OrderedDict(state_dict)
+        filled = dict(state_dict)
         for key, kept in tensor_aliases(super().state_dict(keep_vars=True)).items():
             if key not in filled and kept in filled:
                 filled[key] = filled[kept]
-        if getattr(state_dict, "_metadata", None) is not None:  # (the modules' versions, which torch reads)
-            filled._metadata = state_dict._metadata
-        return super().load_state_dict(filled, strict, assign)
+        return super().load_state_dict(like_state_dict(state_dict, filled), strict, assign)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write every level and sibling (PEFT or AdapterHub format), the routing stacks, the running stack and a
